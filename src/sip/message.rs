@@ -1,0 +1,808 @@
+//! SIP messages (RFC 3261 §7): start line, header fields in their original order, body.
+//!
+//! Parsing is zero-copy and lazy. [`Message::parse`] splits the start line and header fields of
+//! one received buffer (`bytes::Bytes`) into spans, classifies header names and frames the body
+//! by Content-Length (§18.3); typed values (Via, CSeq, From, ...) are parsed on demand into
+//! borrowed views. [`Message::validate`] checks what a server must check before acting on a
+//! message (§8.1.1, §8.2.2), so RFC 4475's invalid messages are refused with a reason.
+//!
+//! Edits (Via and Record-Route insertion, Request-URI rewrite, header removal) write new text into
+//! a side buffer; every header field that was not edited keeps its original bytes, order, name
+//! spelling and folding, so a proxy forwards what it does not understand untouched (§16.6).
+//! An unedited message serializes to the very bytes it was parsed from.
+
+use std::net::SocketAddr;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use memchr::memchr;
+
+use super::error::{ParseError, Result};
+use super::header::HeaderName;
+use super::method::Method;
+use super::name_addr::{parse_delta_seconds, Contact, NameAddr};
+use super::scan;
+use super::typed::{self, CSeq};
+use super::uri::Uri;
+use super::via::Via;
+
+/// Upper bound on header fields in one message, so hostile input cannot grow the index without
+/// limit beyond what the message size limit already bounds.
+pub const MAX_HEADERS: usize = 512;
+
+/// A range of bytes in the received buffer (`own == false`) or in the edit buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Span {
+    own: bool,
+    start: u32,
+    end: u32,
+}
+
+impl Span {
+    fn orig(start: usize, end: usize) -> Span {
+        Span {
+            own: false,
+            start: start as u32,
+            end: end as u32,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct HeaderEntry {
+    name: HeaderName,
+    /// The whole field as written: name, colon, value, folds; without the final line break.
+    text: Span,
+    raw_name: Span,
+    value: Span,
+}
+
+#[derive(Clone, Debug)]
+enum Kind {
+    Request { method: Method, uri: Span },
+    Response { code: u16, reason: Span },
+}
+
+/// A parsed SIP request or response.
+#[derive(Clone, Debug)]
+pub struct Message {
+    buf: Bytes,
+    own: Vec<u8>,
+    kind: Kind,
+    start_line: Span,
+    headers: Vec<HeaderEntry>,
+    body: Bytes,
+    /// The unedited message is `buf[..wire_end]` minus `wire_start` leading CRLFs.
+    wire_start: usize,
+    wire_end: usize,
+    edited: bool,
+}
+
+/// A header field as seen by callers: its classified name and borrowed text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeaderRef<'a> {
+    pub name: HeaderName,
+    pub raw_name: &'a [u8],
+    /// The value, trimmed; may still contain folds (which count as white space).
+    pub value: &'a [u8],
+    /// The whole field as written (name, colon, value), without its line break.
+    pub text: &'a [u8],
+}
+
+impl HeaderRef<'_> {
+    /// True when this field is called `name` (any case, compact forms included).
+    pub fn is(&self, name: &str) -> bool {
+        match HeaderName::classify(name.as_bytes()) {
+            HeaderName::Other => {
+                self.name == HeaderName::Other && scan::eq_ic(self.raw_name, name.as_bytes())
+            }
+            known => self.name == known,
+        }
+    }
+}
+
+impl Message {
+    /// Parses one message from a datagram or one framed stream message (§7, §18.3).
+    ///
+    /// Leading CRLFs are skipped (§7.5). The body is the Content-Length bytes after the empty
+    /// line; bytes past it are discarded, and a Content-Length larger than what arrived is an
+    /// error (§18.3, RFC 4475 §3.1.1.8 and §3.1.2.2). Without Content-Length the body is the
+    /// rest of the buffer (datagrams only: the stream framer insists on the header).
+    pub fn parse(buf: Bytes) -> Result<Message> {
+        let b = &buf[..];
+        let mut pos = 0;
+        while b[pos..].starts_with(b"\r\n") || b[pos..].starts_with(b"\n") {
+            pos += if b[pos] == b'\r' { 2 } else { 1 };
+        }
+        let wire_start = pos;
+        let (line_end, next) =
+            line_at(b, pos).ok_or(ParseError::bad("start line", "message has no line end"))?;
+        let start_line = Span::orig(pos, line_end);
+        let kind = parse_start_line(&b[pos..line_end], pos)?;
+        pos = next;
+
+        let mut headers: Vec<HeaderEntry> = Vec::with_capacity(16);
+        let mut content_length: Option<usize> = None;
+        let body_start = loop {
+            let Some((end, next)) = line_at(b, pos) else {
+                // The buffer ended without the empty line: tolerate a message that ends right
+                // after its last header line (some keep-alive senders do that).
+                if pos == b.len() {
+                    break pos;
+                }
+                return Err(ParseError::bad(
+                    "headers",
+                    "message ends inside a header line",
+                ));
+            };
+            if end == pos {
+                break next;
+            }
+            if b[pos] == b' ' || b[pos] == b'\t' {
+                let last = headers.last_mut().ok_or(ParseError::bad(
+                    "headers",
+                    "continuation line before any header",
+                ))?;
+                last.text.end = end as u32;
+                // A fold is white space (§7.3.1): the value grows to the last visible byte.
+                if let Some(last_visible) = b[pos..end].iter().rposition(|&c| !scan::is_ws(c)) {
+                    last.value.end = (pos + last_visible + 1) as u32;
+                }
+                pos = next;
+                continue;
+            }
+            if headers.len() >= MAX_HEADERS {
+                return Err(ParseError::bad("headers", "too many header fields"));
+            }
+            let entry = parse_header_line(b, pos, end)?;
+            headers.push(entry);
+            pos = next;
+        };
+        // Values of folded headers started on an empty first line ("Route:\r\n <sip:...>"):
+        // re-trim every value so it starts at its first non-blank byte.
+        for h in &mut headers {
+            let v = &b[h.value.start as usize..h.value.end as usize];
+            let lead = scan::skip_ws(v, 0);
+            h.value.start += lead as u32;
+            if h.name == HeaderName::ContentLength {
+                if content_length.is_some() {
+                    return Err(ParseError::bad(
+                        "Content-Length",
+                        "more than one Content-Length header",
+                    ));
+                }
+                let text = scan::trim_ws(&b[h.value.start as usize..h.value.end as usize]);
+                let n = scan::parse_decimal(text, u32::MAX as u64)
+                    .ok_or(ParseError::bad("Content-Length", "not a valid length"))?;
+                content_length = Some(n as usize);
+            }
+        }
+        let available = b.len() - body_start;
+        let body_len = match content_length {
+            Some(n) if n > available => {
+                return Err(ParseError::bad(
+                    "Content-Length",
+                    "larger than the message body received",
+                ))
+            }
+            Some(n) => n,
+            None => available,
+        };
+        let wire_end = body_start + body_len;
+        let body = buf.slice(body_start..wire_end);
+        Ok(Message {
+            buf,
+            own: Vec::new(),
+            kind,
+            start_line,
+            headers,
+            body,
+            wire_start,
+            wire_end,
+            edited: false,
+        })
+    }
+
+    fn text(&self, s: Span) -> &[u8] {
+        let src: &[u8] = if s.own { &self.own } else { &self.buf };
+        &src[s.start as usize..s.end as usize]
+    }
+
+    fn push_own(&mut self, text: &[u8]) -> Span {
+        let start = self.own.len();
+        self.own.extend_from_slice(text);
+        Span {
+            own: true,
+            start: start as u32,
+            end: self.own.len() as u32,
+        }
+    }
+
+    // ----- start line -------------------------------------------------------------------
+
+    pub fn is_request(&self) -> bool {
+        matches!(self.kind, Kind::Request { .. })
+    }
+
+    pub fn is_response(&self) -> bool {
+        !self.is_request()
+    }
+
+    /// The request method, `None` for a response (see [`Message::cseq`] for its method).
+    pub fn method(&self) -> Option<&Method> {
+        match &self.kind {
+            Kind::Request { method, .. } => Some(method),
+            Kind::Response { .. } => None,
+        }
+    }
+
+    /// The raw Request-URI, `None` for a response.
+    pub fn request_uri_bytes(&self) -> Option<&[u8]> {
+        match &self.kind {
+            Kind::Request { uri, .. } => Some(self.text(*uri)),
+            Kind::Response { .. } => None,
+        }
+    }
+
+    /// The parsed Request-URI (validated at parse time, so this only fails for responses).
+    pub fn request_uri(&self) -> Result<Uri<'_>> {
+        let raw = self
+            .request_uri_bytes()
+            .ok_or(ParseError::bad("Request-URI", "a response has none"))?;
+        Uri::parse(raw)
+    }
+
+    pub fn status(&self) -> Option<u16> {
+        match &self.kind {
+            Kind::Response { code, .. } => Some(*code),
+            Kind::Request { .. } => None,
+        }
+    }
+
+    pub fn reason(&self) -> Option<&[u8]> {
+        match &self.kind {
+            Kind::Response { reason, .. } => Some(self.text(*reason)),
+            Kind::Request { .. } => None,
+        }
+    }
+
+    pub fn start_line(&self) -> &[u8] {
+        self.text(self.start_line)
+    }
+
+    // ----- header access ----------------------------------------------------------------
+
+    pub fn headers(&self) -> impl Iterator<Item = HeaderRef<'_>> + '_ {
+        self.headers.iter().map(|h| self.header_ref(h))
+    }
+
+    fn header_ref(&self, h: &HeaderEntry) -> HeaderRef<'_> {
+        HeaderRef {
+            name: h.name,
+            raw_name: self.text(h.raw_name),
+            value: self.text(h.value),
+            text: self.text(h.text),
+        }
+    }
+
+    /// Number of header fields (lines, not list values).
+    pub fn header_count(&self) -> usize {
+        self.headers.len()
+    }
+
+    /// The value of the first field with this known name.
+    pub fn header(&self, name: HeaderName) -> Option<&[u8]> {
+        self.headers
+            .iter()
+            .find(|h| h.name == name)
+            .map(|h| self.text(h.value))
+    }
+
+    /// Every field called `name` (any name, known or not; case-insensitive).
+    pub fn headers_named<'m>(&'m self, name: &'m str) -> impl Iterator<Item = &'m [u8]> + 'm {
+        self.headers().filter(move |h| h.is(name)).map(|h| h.value)
+    }
+
+    /// All values of a list header across its fields, split at top-level commas (§7.3.1).
+    pub fn values(&self, name: HeaderName) -> impl Iterator<Item = Result<&[u8]>> + '_ {
+        self.headers
+            .iter()
+            .filter(move |h| h.name == name)
+            .flat_map(|h| scan::split_commas(self.text(h.value)))
+    }
+
+    pub fn has(&self, name: HeaderName) -> bool {
+        self.headers.iter().any(|h| h.name == name)
+    }
+
+    fn single(&self, name: HeaderName, ctx: &'static str) -> Result<&[u8]> {
+        self.header(name).ok_or(ParseError::bad(ctx, "missing"))
+    }
+
+    pub fn vias(&self) -> impl Iterator<Item = Result<Via<'_>>> + '_ {
+        self.values(HeaderName::Via)
+            .map(|v| v.map_err(|e| e.in_context("Via")).and_then(Via::parse))
+    }
+
+    pub fn top_via(&self) -> Result<Via<'_>> {
+        self.vias()
+            .next()
+            .unwrap_or(Err(ParseError::bad("Via", "missing")))
+    }
+
+    pub fn from(&self) -> Result<NameAddr<'_>> {
+        NameAddr::parse(self.single(HeaderName::From, "From")?).map_err(|e| e.in_context("From"))
+    }
+
+    pub fn to(&self) -> Result<NameAddr<'_>> {
+        NameAddr::parse(self.single(HeaderName::To, "To")?).map_err(|e| e.in_context("To"))
+    }
+
+    pub fn call_id(&self) -> Result<&[u8]> {
+        typed::parse_call_id(self.single(HeaderName::CallId, "Call-ID")?)
+    }
+
+    pub fn cseq(&self) -> Result<CSeq> {
+        CSeq::parse(self.single(HeaderName::CSeq, "CSeq")?)
+    }
+
+    /// `None` when absent; an out-of-range value is an error (0-255, §20.22).
+    pub fn max_forwards(&self) -> Option<Result<u8>> {
+        self.header(HeaderName::MaxForwards)
+            .map(typed::parse_max_forwards)
+    }
+
+    pub fn contacts(&self) -> impl Iterator<Item = Result<Contact<'_>>> + '_ {
+        self.values(HeaderName::Contact).map(|v| {
+            v.and_then(Contact::parse)
+                .map_err(|e| e.in_context("Contact"))
+        })
+    }
+
+    fn name_addrs(
+        &self,
+        name: HeaderName,
+        ctx: &'static str,
+    ) -> impl Iterator<Item = Result<NameAddr<'_>>> + '_ {
+        self.values(name)
+            .map(move |v| v.and_then(NameAddr::parse).map_err(|e| e.in_context(ctx)))
+    }
+
+    pub fn routes(&self) -> impl Iterator<Item = Result<NameAddr<'_>>> + '_ {
+        self.name_addrs(HeaderName::Route, "Route")
+    }
+
+    pub fn record_routes(&self) -> impl Iterator<Item = Result<NameAddr<'_>>> + '_ {
+        self.name_addrs(HeaderName::RecordRoute, "Record-Route")
+    }
+
+    /// Path (RFC 3327), same grammar as Route.
+    pub fn paths(&self) -> impl Iterator<Item = Result<NameAddr<'_>>> + '_ {
+        self.name_addrs(HeaderName::Path, "Path")
+    }
+
+    /// Expires header in seconds; `None` when absent or malformed (§20.19: treat as absent).
+    pub fn expires(&self) -> Option<u32> {
+        self.header(HeaderName::Expires)
+            .and_then(|v| parse_delta_seconds(scan::trim_ws(v)))
+    }
+
+    /// Option tags of Require, Proxy-Require, Supported or Unsupported.
+    pub fn option_tags(&self, name: HeaderName) -> impl Iterator<Item = Result<&[u8]>> + '_ {
+        self.values(name).map(move |v| {
+            v.and_then(|t| {
+                if scan::is_token(t) {
+                    Ok(t)
+                } else {
+                    Err(ParseError::bad(name.as_str(), "bad option tag"))
+                }
+            })
+        })
+    }
+
+    pub fn content_type(&self) -> Option<&[u8]> {
+        self.header(HeaderName::ContentType)
+    }
+
+    pub fn body(&self) -> &Bytes {
+        &self.body
+    }
+
+    /// The buffer the message was parsed from.
+    pub fn source_bytes(&self) -> &Bytes {
+        &self.buf
+    }
+
+    // ----- validation -------------------------------------------------------------------
+
+    /// Checks a received message before the engine acts on it: the mandatory header fields of
+    /// §8.1.1 are present and well formed, fields that may appear once do (RFC 4475 §3.3.8),
+    /// the CSeq method matches the request method (§8.1.1.5, RFC 4475 §3.1.2.17), the
+    /// Request-URI of a request carries no headers (§19.1.1 table, RFC 4475 §3.1.2.11), and
+    /// every Via, Contact, Route, Record-Route and option tag parses.
+    pub fn validate(&self) -> Result<()> {
+        for (i, h) in self.headers.iter().enumerate() {
+            if h.name.is_single() && self.headers[i + 1..].iter().any(|o| o.name == h.name) {
+                return Err(ParseError::bad(h.name.as_str(), "appears more than once"));
+            }
+        }
+        let mut via_count = 0;
+        for v in self.vias() {
+            v?;
+            via_count += 1;
+        }
+        if via_count == 0 {
+            return Err(ParseError::bad("Via", "missing"));
+        }
+        self.from()?;
+        self.to()?;
+        self.call_id()?;
+        let cseq = self.cseq()?;
+        if let Some(mf) = self.max_forwards() {
+            mf?;
+        }
+        for c in self.contacts() {
+            if let Contact::Addr(a) = c? {
+                if let Some(Err(e)) = Contact::Addr(a).q() {
+                    return Err(e);
+                }
+            }
+        }
+        for r in self
+            .routes()
+            .chain(self.record_routes())
+            .chain(self.paths())
+        {
+            r?;
+        }
+        for name in [
+            HeaderName::Require,
+            HeaderName::ProxyRequire,
+            HeaderName::Supported,
+        ] {
+            for t in self.option_tags(name) {
+                t?;
+            }
+        }
+        if let Kind::Request { method, .. } = &self.kind {
+            if &cseq.method != method {
+                return Err(ParseError::bad(
+                    "CSeq",
+                    "method does not match the request method",
+                ));
+            }
+            if let Uri::Sip(u) = self.request_uri()? {
+                if u.headers.is_some() {
+                    return Err(ParseError::bad("Request-URI", "must not contain headers"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    // ----- edits ------------------------------------------------------------------------
+
+    /// Replaces the Request-URI (§16.6 step 2); `uri` must parse.
+    pub fn set_request_uri(&mut self, uri: &[u8]) -> Result<()> {
+        Uri::parse(uri)?;
+        let Kind::Request { method, .. } = &self.kind else {
+            return Err(ParseError::bad("Request-URI", "a response has none"));
+        };
+        let line = [method.as_str().as_bytes(), b" ", uri, b" SIP/2.0"].concat();
+        let method_len = method.as_str().len();
+        let span = self.push_own(&line);
+        let uri_span = Span {
+            own: true,
+            start: span.start + method_len as u32 + 1,
+            end: span.end - 8,
+        };
+        if let Kind::Request { uri, .. } = &mut self.kind {
+            *uri = uri_span;
+        }
+        self.start_line = span;
+        self.edited = true;
+        Ok(())
+    }
+
+    fn new_entry(&mut self, raw_name: &[u8], value: &[u8]) -> Result<HeaderEntry> {
+        if !scan::is_token(raw_name) {
+            return Err(ParseError::bad("header", "name is not a token"));
+        }
+        if value.iter().any(|&b| b == b'\r' || b == b'\n' || b == 0) {
+            return Err(ParseError::bad(
+                "header",
+                "value contains a line break or NUL",
+            ));
+        }
+        let text = self.push_own(&[raw_name, b": ", value].concat());
+        let name_end = text.start + raw_name.len() as u32;
+        Ok(HeaderEntry {
+            name: HeaderName::classify(raw_name),
+            text,
+            raw_name: Span {
+                own: true,
+                start: text.start,
+                end: name_end,
+            },
+            value: Span {
+                own: true,
+                start: name_end + 2,
+                end: text.end,
+            },
+        })
+    }
+
+    /// Inserts a field above the first field of the same name, or at the top when there is
+    /// none: the position for Via (§16.6 step 8) and Record-Route (§16.6 step 4).
+    pub fn prepend_header(&mut self, name: &str, value: &[u8]) -> Result<()> {
+        let entry = self.new_entry(name.as_bytes(), value)?;
+        let at = self.position_of(name).unwrap_or(0);
+        self.headers.insert(at, entry);
+        self.edited = true;
+        Ok(())
+    }
+
+    /// Adds a field after all others.
+    pub fn append_header(&mut self, name: &str, value: &[u8]) -> Result<()> {
+        let entry = self.new_entry(name.as_bytes(), value)?;
+        self.headers.push(entry);
+        self.edited = true;
+        Ok(())
+    }
+
+    /// Sets the single field `name` to `value`: replaces the first one in place, drops others.
+    pub fn set_header(&mut self, name: &str, value: &[u8]) -> Result<()> {
+        let entry = self.new_entry(name.as_bytes(), value)?;
+        match self.position_of(name) {
+            Some(at) => {
+                self.headers[at] = entry;
+                let mut i = at + 1;
+                while i < self.headers.len() {
+                    if self.header_ref(&self.headers[i]).is(name) {
+                        self.headers.remove(i);
+                    } else {
+                        i += 1;
+                    }
+                }
+            }
+            None => self.headers.push(entry),
+        }
+        self.edited = true;
+        Ok(())
+    }
+
+    /// Removes every field called `name`; returns how many were removed.
+    pub fn remove_headers(&mut self, name: &str) -> usize {
+        let before = self.headers.len();
+        let keep: Vec<HeaderEntry> = self
+            .headers
+            .iter()
+            .filter(|h| !self.header_ref(h).is(name))
+            .copied()
+            .collect();
+        self.headers = keep;
+        let removed = before - self.headers.len();
+        self.edited |= removed > 0;
+        removed
+    }
+
+    fn position_of(&self, name: &str) -> Option<usize> {
+        self.headers
+            .iter()
+            .position(|h| self.header_ref(h).is(name))
+    }
+
+    /// Removes the first value of a list header (the top Via of a response, §16.7 step 3; our
+    /// own Route, §16.4), rewriting only the field that held it. Returns false when absent.
+    pub fn remove_first_value(&mut self, name: HeaderName) -> Result<bool> {
+        self.replace_first_value(name, None)
+    }
+
+    /// Replaces the first value of a list header, e.g. the top Via after adding `received`
+    /// (§18.2.1). Other values sharing its field line are kept as written.
+    pub fn set_first_value(&mut self, name: HeaderName, value: &[u8]) -> Result<bool> {
+        if value.iter().any(|&b| b == b'\r' || b == b'\n') {
+            return Err(ParseError::bad("header", "value contains a line break"));
+        }
+        self.replace_first_value(name, Some(value))
+    }
+
+    fn replace_first_value(&mut self, name: HeaderName, value: Option<&[u8]>) -> Result<bool> {
+        let Some(at) = self.headers.iter().position(|h| h.name == name) else {
+            return Ok(false);
+        };
+        let h = self.headers[at];
+        let field_value = self.text(h.value);
+        let mut parts = scan::split_commas(field_value);
+        parts.next().transpose()?;
+        let rest: Option<Vec<u8>> = match parts.next() {
+            Some(second) => {
+                let second = second?;
+                let offset = second.as_ptr() as usize - field_value.as_ptr() as usize;
+                Some(field_value[offset..].to_vec())
+            }
+            None => None,
+        };
+        let raw_name = self.text(h.raw_name).to_vec();
+        let new_value = match (value, rest) {
+            (Some(v), Some(r)) => Some([v, b", ", &r].concat()),
+            (Some(v), None) => Some(v.to_vec()),
+            (None, Some(r)) => Some(r),
+            (None, None) => None,
+        };
+        match new_value {
+            Some(v) => {
+                let entry = self.new_entry(&raw_name, &v)?;
+                self.headers[at] = entry;
+            }
+            None => {
+                self.headers.remove(at);
+            }
+        }
+        self.edited = true;
+        Ok(true)
+    }
+
+    /// Records the received address and port in the top Via of a request (§18.2.1, RFC 3581
+    /// §4). Returns whether the Via changed.
+    pub fn stamp_received(&mut self, source: SocketAddr) -> Result<bool> {
+        let new_value = match self.top_via()?.with_received(source) {
+            Some(v) => v,
+            None => return Ok(false),
+        };
+        self.set_first_value(HeaderName::Via, &new_value)
+    }
+
+    /// Replaces the body and sets Content-Length (and Content-Type when given).
+    pub fn set_body(&mut self, body: Bytes, content_type: Option<&str>) -> Result<()> {
+        if let Some(ct) = content_type {
+            self.set_header("Content-Type", ct.as_bytes())?;
+        }
+        self.set_header("Content-Length", body.len().to_string().as_bytes())?;
+        self.body = body;
+        self.edited = true;
+        Ok(())
+    }
+
+    /// Adds Content-Length when it is missing, as a stream transport requires (§18.3, §20.14).
+    pub fn ensure_content_length(&mut self) -> Result<()> {
+        if !self.has(HeaderName::ContentLength) {
+            let len = self.body.len().to_string();
+            self.append_header("Content-Length", len.as_bytes())?;
+        }
+        Ok(())
+    }
+
+    // ----- serialization ----------------------------------------------------------------
+
+    /// The message as it goes on the wire. Without edits, these are the received bytes
+    /// (minus leading CRLFs and trailing octets past Content-Length), shared, not copied.
+    pub fn to_bytes(&self) -> Bytes {
+        if !self.edited {
+            return self.buf.slice(self.wire_start..self.wire_end);
+        }
+        let mut out = BytesMut::with_capacity(self.encoded_len());
+        self.write_to(&mut out);
+        out.freeze()
+    }
+
+    fn encoded_len(&self) -> usize {
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|h| (h.text.end - h.text.start) as usize + 2)
+            .sum();
+        (self.start_line.end - self.start_line.start) as usize + 2 + headers + 2 + self.body.len()
+    }
+
+    pub fn write_to(&self, out: &mut BytesMut) {
+        out.reserve(self.encoded_len());
+        out.put_slice(self.text(self.start_line));
+        out.put_slice(b"\r\n");
+        for h in &self.headers {
+            out.put_slice(self.text(h.text));
+            out.put_slice(b"\r\n");
+        }
+        out.put_slice(b"\r\n");
+        out.put_slice(&self.body);
+    }
+}
+
+/// Finds the line starting at `pos`: returns (end of its content, start of the next line).
+/// Accepts CRLF and, for robustness, a bare LF.
+fn line_at(b: &[u8], pos: usize) -> Option<(usize, usize)> {
+    let nl = pos + memchr(b'\n', &b[pos..])?;
+    let end = if nl > pos && b[nl - 1] == b'\r' {
+        nl - 1
+    } else {
+        nl
+    };
+    Some((end, nl + 1))
+}
+
+fn parse_header_line(b: &[u8], pos: usize, end: usize) -> Result<HeaderEntry> {
+    let line = &b[pos..end];
+    let colon =
+        memchr(b':', line).ok_or(ParseError::bad("headers", "header line without a colon"))?;
+    // HCOLON = *( SP / HTAB ) ":" SWS
+    let name_end = line[..colon]
+        .iter()
+        .rposition(|&c| c != b' ' && c != b'\t')
+        .map_or(0, |p| p + 1);
+    let raw_name = &line[..name_end];
+    if !scan::is_token(raw_name) {
+        return Err(ParseError::bad("headers", "header name is not a token"));
+    }
+    let value = scan::trim_ws(&line[colon + 1..]);
+    let value_start = if value.is_empty() {
+        end
+    } else {
+        pos + colon + 1 + scan::skip_ws(&line[colon + 1..], 0)
+    };
+    Ok(HeaderEntry {
+        name: HeaderName::classify(raw_name),
+        text: Span::orig(pos, end),
+        raw_name: Span::orig(pos, pos + name_end),
+        value: Span::orig(value_start, value_start + value.len()),
+    })
+}
+
+/// Request-Line = Method SP Request-URI SP SIP-Version; Status-Line = SIP-Version SP
+/// Status-Code SP Reason-Phrase (§7.1, §7.2). Exactly one SP between elements (RFC 4475
+/// §3.1.2.9, §3.1.2.10).
+fn parse_start_line(line: &[u8], offset: usize) -> Result<Kind> {
+    if line.len() >= 4 && scan::eq_ic(&line[..4], b"SIP/") {
+        return parse_status_line(line, offset);
+    }
+    let sp1 = memchr(b' ', line).ok_or(ParseError::bad("start line", "not a SIP request line"))?;
+    let sp2 = memchr::memrchr(b' ', line)
+        .filter(|&p| p > sp1)
+        .ok_or(ParseError::bad("start line", "not a SIP request line"))?;
+    let method = Method::parse(&line[..sp1]).map_err(|e| e.in_context("start line"))?;
+    check_version(&line[sp2 + 1..])?;
+    let uri = &line[sp1 + 1..sp2];
+    if uri.is_empty() || uri.iter().any(|&c| c == b' ' || c == b'\t') {
+        return Err(ParseError::bad("Request-URI", "contains white space"));
+    }
+    Uri::parse(uri).map_err(|e| e.in_context("Request-URI"))?;
+    Ok(Kind::Request {
+        method,
+        uri: Span::orig(offset + sp1 + 1, offset + sp2),
+    })
+}
+
+fn parse_status_line(line: &[u8], offset: usize) -> Result<Kind> {
+    let sp1 = memchr(b' ', line).ok_or(ParseError::bad("status line", "no status code"))?;
+    check_version(&line[..sp1])?;
+    let rest = &line[sp1 + 1..];
+    let code_end = memchr(b' ', rest).unwrap_or(rest.len());
+    let code = &rest[..code_end];
+    if code.len() != 3 {
+        return Err(ParseError::bad(
+            "status line",
+            "status code is not 3 digits",
+        ));
+    }
+    let code = scan::parse_decimal(code, 699)
+        .filter(|c| *c >= 100)
+        .ok_or(ParseError::bad("status line", "status code out of range"))? as u16;
+    let reason_start = (sp1 + 1 + code_end + 1).min(line.len());
+    Ok(Kind::Response {
+        code,
+        reason: Span::orig(offset + reason_start, offset + line.len()),
+    })
+}
+
+/// SIP-Version is case-insensitive (§7.1); only 2.0 is served (505 otherwise, §21.5.7).
+fn check_version(v: &[u8]) -> Result<()> {
+    if scan::eq_ic(v, b"SIP/2.0") {
+        Ok(())
+    } else if v.len() > 4 && scan::eq_ic(&v[..4], b"SIP/") {
+        Err(ParseError::with_status(
+            505,
+            "start line",
+            "SIP version not supported",
+        ))
+    } else {
+        Err(ParseError::bad("start line", "bad SIP version"))
+    }
+}

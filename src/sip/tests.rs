@@ -1,0 +1,186 @@
+//! Message-level tests of the codec: parse, typed access, edits and byte-exact serialization.
+
+use bytes::Bytes;
+
+use super::*;
+
+const INVITE: &str = "INVITE sip:bob@biloxi.example.com SIP/2.0\r\n\
+Via: SIP/2.0/UDP pc33.atlanta.example.com;branch=z9hG4bK776asdhds;rport\r\n\
+Max-Forwards: 70\r\n\
+To: Bob <sip:bob@biloxi.example.com>\r\n\
+From: Alice <sip:alice@atlanta.example.com>;tag=1928301774\r\n\
+Call-ID: a84b4c76e66710@pc33.atlanta.example.com\r\n\
+CSeq: 314159 INVITE\r\n\
+Contact: <sip:alice@pc33.atlanta.example.com>\r\n\
+X-Custom:   keep   me  exactly \r\n\
+Content-Type: application/sdp\r\n\
+Content-Length: 4\r\n\
+\r\n\
+v=0\n";
+
+fn parse(s: &str) -> Message {
+    Message::parse(Bytes::copy_from_slice(s.as_bytes())).expect("parses")
+}
+
+#[test]
+fn typical_invite() {
+    let m = parse(INVITE);
+    m.validate().unwrap();
+    assert_eq!(m.method(), Some(&Method::Invite));
+    assert_eq!(
+        m.request_uri_bytes(),
+        Some(&b"sip:bob@biloxi.example.com"[..])
+    );
+    assert_eq!(
+        m.top_via().unwrap().branch(),
+        Some(&b"z9hG4bK776asdhds"[..])
+    );
+    assert_eq!(m.from().unwrap().tag(), Some(&b"1928301774"[..]));
+    assert_eq!(m.to().unwrap().tag(), None);
+    assert_eq!(
+        m.call_id().unwrap(),
+        b"a84b4c76e66710@pc33.atlanta.example.com"
+    );
+    assert_eq!(
+        m.cseq().unwrap(),
+        CSeq {
+            seq: 314159,
+            method: Method::Invite
+        }
+    );
+    assert_eq!(m.max_forwards().unwrap().unwrap(), 70);
+    assert_eq!(m.body().as_ref(), b"v=0\n");
+    assert_eq!(
+        m.headers_named("x-custom").next(),
+        Some(&b"keep   me  exactly"[..])
+    );
+}
+
+#[test]
+fn unedited_message_is_byte_exact() {
+    let m = parse(INVITE);
+    assert_eq!(m.to_bytes().as_ref(), INVITE.as_bytes());
+    let mut out = bytes::BytesMut::new();
+    m.write_to(&mut out);
+    assert_eq!(out.as_ref(), INVITE.as_bytes());
+}
+
+#[test]
+fn proxy_edits_touch_only_what_changed() {
+    let mut m = parse(INVITE);
+    m.prepend_header("Via", b"SIP/2.0/UDP proxy.example.com;branch=z9hG4bKnew")
+        .unwrap();
+    m.prepend_header("Record-Route", b"<sip:proxy.example.com;lr>")
+        .unwrap();
+    m.set_request_uri(b"sip:bob@192.0.2.4:5062").unwrap();
+    m.set_header("Max-Forwards", b"69").unwrap();
+    let out = String::from_utf8(m.to_bytes().to_vec()).unwrap();
+    assert!(out.starts_with("INVITE sip:bob@192.0.2.4:5062 SIP/2.0\r\nRecord-Route: <sip:proxy.example.com;lr>\r\nVia: SIP/2.0/UDP proxy.example.com;branch=z9hG4bKnew\r\nVia: SIP/2.0/UDP pc33"), "{out}");
+    assert!(out.contains("\r\nMax-Forwards: 69\r\nTo: Bob"));
+    assert!(out.contains("X-Custom:   keep   me  exactly \r\n"));
+    let again = Message::parse(m.to_bytes()).unwrap();
+    again.validate().unwrap();
+    assert_eq!(again.vias().count(), 2);
+    assert_eq!(
+        again.request_uri().unwrap().as_sip().unwrap().port,
+        Some(5062)
+    );
+}
+
+#[test]
+fn top_via_removed_from_a_combined_line() {
+    let resp = "SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP p1;branch=z9hG4bKa , SIP/2.0/UDP p2;branch=z9hG4bKb\r\nVia: SIP/2.0/UDP p3;branch=z9hG4bKc\r\nFrom: <sip:a@b>;tag=1\r\nTo: <sip:c@d>;tag=2\r\nCall-ID: x\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n";
+    let mut m = parse(resp);
+    assert!(m.remove_first_value(HeaderName::Via).unwrap());
+    let hosts: Vec<String> = m.vias().map(|v| v.unwrap().host.to_string()).collect();
+    assert_eq!(hosts, ["p2", "p3"]);
+    assert!(m.remove_first_value(HeaderName::Via).unwrap());
+    assert!(m.remove_first_value(HeaderName::Via).unwrap());
+    assert!(!m.remove_first_value(HeaderName::Via).unwrap());
+    assert_eq!(m.status(), Some(200));
+}
+
+#[test]
+fn received_and_rport_stamped() {
+    let mut m = parse(INVITE);
+    assert!(m
+        .stamp_received("127.0.0.1:40000".parse().unwrap())
+        .unwrap());
+    let via = m.top_via().unwrap();
+    assert_eq!(via.received(), Some(&b"127.0.0.1"[..]));
+    assert_eq!(via.rport(), Some(Some(40000)));
+    assert_eq!(via.branch(), Some(&b"z9hG4bK776asdhds"[..]));
+}
+
+#[test]
+fn datagram_framing_rules_of_18_3() {
+    // Content-Length larger than what arrived: 400.
+    let short = INVITE.replace("Content-Length: 4", "Content-Length: 40");
+    let e = Message::parse(Bytes::from(short)).unwrap_err();
+    assert_eq!(e.status(), 400);
+    // Bytes past Content-Length are discarded.
+    let extra = format!("{INVITE}GARBAGE");
+    let m = Message::parse(Bytes::from(extra)).unwrap();
+    assert_eq!(m.body().as_ref(), b"v=0\n");
+    assert_eq!(m.to_bytes().as_ref(), INVITE.as_bytes());
+    // No Content-Length in a datagram: the body is the rest.
+    let no_cl = INVITE.replace("Content-Length: 4\r\n", "");
+    assert_eq!(parse(&no_cl).body().as_ref(), b"v=0\n");
+    // Leading CRLFs are ignored (§7.5).
+    let lead = format!("\r\n\r\n{INVITE}");
+    assert_eq!(parse(&lead).to_bytes().as_ref(), INVITE.as_bytes());
+}
+
+#[test]
+fn malformed_start_lines() {
+    for (text, status) in [
+        ("INVITE  sip:a@b SIP/2.0\r\n\r\n", 400),
+        ("INVITE sip:a@b SIP/2.0 \r\n\r\n", 400),
+        ("INVITE <sip:a@b> SIP/2.0\r\n\r\n", 400),
+        ("INVITE sip:a@b SIP/7.0\r\n\r\n", 505),
+        (
+            "SIP/2.0 4294967301 better not break the receiver\r\n\r\n",
+            400,
+        ),
+        ("SIP/2.0 99 Low\r\n\r\n", 400),
+        ("HELLO\r\n\r\n", 400),
+        ("", 400),
+        ("\u{0}\u{1}garbage", 400),
+    ] {
+        let e = Message::parse(Bytes::from(text)).unwrap_err();
+        assert_eq!(e.status(), status, "{text:?}: {e}");
+    }
+    assert_eq!(parse("SIP/2.0 100 \r\n\r\n").reason(), Some(&b""[..]));
+}
+
+#[test]
+fn header_injection_refused() {
+    let mut m = parse(INVITE);
+    assert!(m.append_header("X-A", b"x\r\nVia: evil").is_err());
+    assert!(m.append_header("Bad Name", b"x").is_err());
+}
+
+#[test]
+fn response_builder_copies_and_tags() {
+    let mut req = parse(INVITE);
+    req.stamp_received("127.0.0.1:40000".parse().unwrap())
+        .unwrap();
+    let resp = ResponseBuilder::new(&req, 486, "Busy Here")
+        .to_tag(b"abc")
+        .header("Retry-After", b"30")
+        .build();
+    let r = Message::parse(resp).unwrap();
+    r.validate().unwrap();
+    assert_eq!(r.status(), Some(486));
+    assert_eq!(r.to().unwrap().tag(), Some(&b"abc"[..]));
+    assert_eq!(r.top_via().unwrap().rport(), Some(Some(40000)));
+    assert_eq!(r.cseq().unwrap(), req.cseq().unwrap());
+    assert_eq!(r.headers_named("Retry-After").next(), Some(&b"30"[..]));
+    let trying = Message::parse(
+        ResponseBuilder::new(&req, 100, "Trying")
+            .to_tag(b"abc")
+            .build(),
+    )
+    .unwrap();
+    assert_eq!(trying.to().unwrap().tag(), None);
+}

@@ -1,0 +1,226 @@
+//! The Via header (RFC 3261 §20.42, §18.2.1, RFC 3581): sent-protocol, sent-by, and the branch,
+//! received, rport, maddr and ttl parameters.
+
+use std::net::{IpAddr, SocketAddr};
+
+use super::error::{ParseError, Result};
+use super::params::Params;
+use super::scan;
+use super::uri::{parse_hostport, Host};
+
+/// The branch prefix of RFC 3261 transactions (§8.1.1.7).
+pub const MAGIC_COOKIE: &[u8] = b"z9hG4bK";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Via<'a> {
+    pub protocol: &'a [u8],
+    pub version: &'a [u8],
+    pub transport: &'a [u8],
+    pub host: Host<'a>,
+    pub port: Option<u16>,
+    pub params: Params<'a>,
+    raw: &'a [u8],
+}
+
+impl<'a> Via<'a> {
+    /// Parses one via-parm: sent-protocol LWS sent-by *( SEMI via-params ), where SWS may
+    /// surround the slashes, the colon and the parameters (§25.1).
+    pub fn parse(s: &'a [u8]) -> Result<Via<'a>> {
+        let bad = |d| ParseError::bad("Via", d);
+        let (protocol, i) = token_at(s, 0).ok_or(bad("bad protocol name"))?;
+        let i = expect_slash(s, i).ok_or(bad("bad sent-protocol"))?;
+        let (version, i) = token_at(s, i).ok_or(bad("bad protocol version"))?;
+        let i = expect_slash(s, i).ok_or(bad("bad sent-protocol"))?;
+        let (transport, i) = token_at(s, i).ok_or(bad("bad transport"))?;
+        let host_start = scan::skip_ws(s, i);
+        if host_start == i {
+            return Err(bad("missing space before sent-by"));
+        }
+        let host_end = sent_by_host_end(s, host_start);
+        let mut j = scan::skip_ws(s, host_end);
+        let mut port_text: &[u8] = b"";
+        if s.get(j) == Some(&b':') {
+            let p = scan::skip_ws(s, j + 1);
+            let e = s[p..]
+                .iter()
+                .position(|b| !b.is_ascii_digit())
+                .map_or(s.len(), |x| x + p);
+            port_text = &s[p..e];
+            if port_text.is_empty() {
+                return Err(bad("bad sent-by port"));
+            }
+            j = e;
+        }
+        let (host, _) =
+            parse_hostport(&s[host_start..host_end]).map_err(|e| e.in_context("Via"))?;
+        let port = if port_text.is_empty() {
+            None
+        } else {
+            Some(scan::parse_decimal(port_text, 65535).ok_or(bad("bad sent-by port"))? as u16)
+        };
+        let params = Params::parse_header(&s[j..]).map_err(|e| e.in_context("Via"))?;
+        if params
+            .get("branch")
+            .is_some_and(|v| v.is_none_or(<[u8]>::is_empty))
+        {
+            return Err(bad("empty branch"));
+        }
+        Ok(Via {
+            protocol,
+            version,
+            transport,
+            host,
+            port,
+            params,
+            raw: s,
+        })
+    }
+
+    pub fn raw(&self) -> &'a [u8] {
+        self.raw
+    }
+
+    pub fn branch(&self) -> Option<&'a [u8]> {
+        self.params.value("branch")
+    }
+
+    /// True when the branch starts with the RFC 3261 magic cookie (§17.2.3).
+    pub fn is_rfc3261_branch(&self) -> bool {
+        self.branch().is_some_and(|b| b.starts_with(MAGIC_COOKIE))
+    }
+
+    pub fn received(&self) -> Option<&'a [u8]> {
+        self.params.value("received")
+    }
+
+    /// RFC 3581: `Some(None)` for a bare `rport`, `Some(Some(port))` once filled in.
+    pub fn rport(&self) -> Option<Option<u16>> {
+        self.params.get("rport").map(|v| {
+            v.and_then(|p| scan::parse_decimal(p, 65535))
+                .map(|p| p as u16)
+        })
+    }
+
+    pub fn maddr(&self) -> Option<&'a [u8]> {
+        self.params.value("maddr")
+    }
+
+    /// Where the text of the parameters starts in `raw` (everything before it is kept verbatim
+    /// when the received-side parameters are added).
+    fn params_offset(&self) -> usize {
+        self.raw.len() - self.params.raw().len()
+    }
+
+    /// §18.2.1 and RFC 3581 §4: the top Via value as the server must record it for a request
+    /// received from `source`, or `None` when it needs no change. `received` is added when the
+    /// sent-by host is a name or a different address, or when the client asked for `rport`
+    /// (which is then filled with the source port).
+    pub fn with_received(&self, source: SocketAddr) -> Option<Vec<u8>> {
+        let wants_rport = self.rport().is_some();
+        let host_differs = self.host.ip() != Some(source.ip());
+        if !wants_rport && !host_differs {
+            return None;
+        }
+        let mut out = Vec::with_capacity(self.raw.len() + 40);
+        out.extend_from_slice(scan::trim_ws(&self.raw[..self.params_offset()]));
+        for p in self.params.iter() {
+            if scan::eq_ic(p.name, b"received") || scan::eq_ic(p.name, b"rport") {
+                continue;
+            }
+            out.push(b';');
+            out.extend_from_slice(p.name);
+            if let Some(v) = p.value {
+                out.push(b'=');
+                out.extend_from_slice(v);
+            }
+        }
+        out.extend_from_slice(b";received=");
+        match source.ip() {
+            // via-received uses a bare IPv6address (§25.1), without brackets.
+            IpAddr::V4(a) => out.extend_from_slice(a.to_string().as_bytes()),
+            IpAddr::V6(a) => out.extend_from_slice(a.to_string().as_bytes()),
+        }
+        if wants_rport {
+            out.extend_from_slice(format!(";rport={}", source.port()).as_bytes());
+        }
+        Some(out)
+    }
+}
+
+fn token_at(s: &[u8], i: usize) -> Option<(&[u8], usize)> {
+    let start = scan::skip_ws(s, i);
+    let end = scan::token_end(s, start);
+    (end > start).then(|| (&s[start..end], end))
+}
+
+/// SLASH = SWS "/" SWS
+fn expect_slash(s: &[u8], i: usize) -> Option<usize> {
+    let j = scan::skip_ws(s, i);
+    (s.get(j) == Some(&b'/')).then_some(j + 1)
+}
+
+fn sent_by_host_end(s: &[u8], start: usize) -> usize {
+    if s.get(start) == Some(&b'[') {
+        return s[start..]
+            .iter()
+            .position(|&b| b == b']')
+            .map_or(s.len(), |p| start + p + 1);
+    }
+    s[start..]
+        .iter()
+        .position(|&b| b == b':' || b == b';' || scan::is_ws(b))
+        .map_or(s.len(), |p| start + p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tortuous_via() {
+        let v = Via::parse(
+            b"SIP  / 2.0  / TCP     spindle.example.com   ;\r\n  branch  =   z9hG4bK9ikj8",
+        )
+        .unwrap();
+        assert_eq!(v.transport, b"TCP");
+        assert_eq!(v.host, Host::Domain("spindle.example.com"));
+        assert_eq!(v.branch(), Some(&b"z9hG4bK9ikj8"[..]));
+        assert!(v.is_rfc3261_branch());
+        let v = Via::parse(b"SIP/2.0/UDP [2001:db8::9:1]:5070;branch=z9hG4bKas;rport").unwrap();
+        assert_eq!(v.port, Some(5070));
+        assert_eq!(v.rport(), Some(None));
+        let v = Via::parse(b"SIP/2.0/UDP host : 5062 ;branch=x").unwrap();
+        assert_eq!(v.port, Some(5062));
+    }
+
+    #[test]
+    fn bad_vias() {
+        for bad in [
+            &b"SIP/2.0 host"[..],
+            b"SIP/2.0/UDP",
+            b"SIP/2.0/UDPhost",
+            b"SIP/2.0/UDP host:99999",
+            b"SIP/2.0/UDP host;branch=",
+            b"SIP/2.0/UDP host junk",
+        ] {
+            assert!(Via::parse(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn received_and_rport() {
+        let src: SocketAddr = "192.0.2.7:6000".parse().unwrap();
+        let v = Via::parse(b"SIP/2.0/UDP 192.0.2.7:5060;branch=z9hG4bK1").unwrap();
+        assert_eq!(v.with_received(src), None);
+        let v = Via::parse(b"SIP/2.0/UDP pc.example.com;rport;branch=z9hG4bK1").unwrap();
+        assert_eq!(
+            v.with_received(src).unwrap(),
+            b"SIP/2.0/UDP pc.example.com;branch=z9hG4bK1;received=192.0.2.7;rport=6000"
+        );
+        let v = Via::parse(b"SIP/2.0/UDP 10.0.0.1;branch=z9hG4bK1").unwrap();
+        assert_eq!(
+            v.with_received(src).unwrap(),
+            b"SIP/2.0/UDP 10.0.0.1;branch=z9hG4bK1;received=192.0.2.7"
+        );
+    }
+}
