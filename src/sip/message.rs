@@ -157,12 +157,8 @@ impl Message {
             headers.push(entry);
             pos = next;
         };
-        // Values of folded headers started on an empty first line ("Route:\r\n <sip:...>"):
-        // re-trim every value so it starts at its first non-blank byte.
-        for h in &mut headers {
-            let v = &b[h.value.start as usize..h.value.end as usize];
-            let lead = scan::skip_ws(v, 0);
-            h.value.start += lead as u32;
+        trim_value_starts(b, &mut headers);
+        for h in &headers {
             if h.name == HeaderName::ContentLength {
                 if content_length.is_some() {
                     return Err(ParseError::bad(
@@ -200,6 +196,61 @@ impl Message {
             wire_end,
             edited: false,
         })
+    }
+
+    /// A best-effort reading of a buffer that [`Message::parse`] refused, for the sole purpose
+    /// of answering it with an error (§8.2: a malformed request still deserves a 400 when it can
+    /// be routed back). Header lines that do not parse are skipped; Content-Length is ignored.
+    /// Returns `None` for responses (never answered, §8.1.3.3) and when there is no Via to send
+    /// an answer along.
+    pub fn salvage_request(buf: Bytes) -> Option<Message> {
+        let b = &buf[..];
+        let mut pos = b.iter().position(|&c| c != b'\r' && c != b'\n')?;
+        let (line_end, next) = line_at(b, pos).unwrap_or((b.len(), b.len()));
+        let line = &b[pos..line_end];
+        if line.len() >= 4 && scan::eq_ic(&line[..4], b"SIP/") {
+            return None;
+        }
+        let method_end = scan::token_end(line, 0);
+        let method = Method::parse(&line[..method_end])
+            .unwrap_or(Method::Other(Bytes::from_static(b"UNKNOWN")));
+        let start_line = Span::orig(pos, line_end);
+        let kind = Kind::Request {
+            method,
+            uri: Span::orig(pos, pos),
+        };
+        pos = next;
+        let mut headers: Vec<HeaderEntry> = Vec::new();
+        while let Some((end, next)) = line_at(b, pos) {
+            if end == pos || headers.len() >= MAX_HEADERS {
+                break;
+            }
+            if b[pos] == b' ' || b[pos] == b'\t' {
+                if let Some(last) = headers.last_mut() {
+                    last.text.end = end as u32;
+                    if let Some(v) = b[pos..end].iter().rposition(|&c| !scan::is_ws(c)) {
+                        last.value.end = (pos + v + 1) as u32;
+                    }
+                }
+            } else if let Ok(entry) = parse_header_line(b, pos, end) {
+                headers.push(entry);
+            }
+            pos = next;
+        }
+        trim_value_starts(b, &mut headers);
+        let msg = Message {
+            buf: buf.clone(),
+            own: Vec::new(),
+            kind,
+            start_line,
+            headers,
+            body: Bytes::new(),
+            wire_start: 0,
+            wire_end: 0,
+            edited: true,
+        };
+        msg.top_via().ok()?;
+        Some(msg)
     }
 
     fn text(&self, s: Span) -> &[u8] {
@@ -418,7 +469,7 @@ impl Message {
     /// §8.1.1 are present and well formed, fields that may appear once do (RFC 4475 §3.3.8),
     /// the CSeq method matches the request method (§8.1.1.5, RFC 4475 §3.1.2.17), the
     /// Request-URI of a request carries no headers (§19.1.1 table, RFC 4475 §3.1.2.11), and
-    /// every Via, Contact, Route, Record-Route and option tag parses.
+    /// every Via, Contact, Route, Record-Route, option tag and Date parses.
     pub fn validate(&self) -> Result<()> {
         for (i, h) in self.headers.iter().enumerate() {
             if h.name.is_single() && self.headers[i + 1..].iter().any(|o| o.name == h.name) {
@@ -439,6 +490,9 @@ impl Message {
         let cseq = self.cseq()?;
         if let Some(mf) = self.max_forwards() {
             mf?;
+        }
+        if let Some(date) = self.header(HeaderName::Date) {
+            typed::check_date(date)?;
         }
         for c in self.contacts() {
             if let Contact::Addr(a) = c? {
@@ -704,6 +758,15 @@ impl Message {
         }
         out.put_slice(b"\r\n");
         out.put_slice(&self.body);
+    }
+}
+
+/// Values of folded fields may start on a continuation line ("Route:\r\n <sip:...>"): move
+/// each value's start to its first visible byte.
+fn trim_value_starts(b: &[u8], headers: &mut [HeaderEntry]) {
+    for h in headers {
+        let v = &b[h.value.start as usize..h.value.end as usize];
+        h.value.start += scan::skip_ws(v, 0) as u32;
     }
 }
 

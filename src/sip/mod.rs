@@ -28,4 +28,6 @@ pub use typed::CSeq;
 pub use uri::{Host, SipUri, TelUri, Uri};
 pub use via::Via;
 #[cfg(test)]
+mod rfc4475_tests;
+#[cfg(test)]
 mod tests;

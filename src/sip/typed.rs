@@ -1,4 +1,5 @@
-//! Scalar header values: CSeq (§20.16, §8.1.1.5), Call-ID (§20.8), Max-Forwards (§20.22).
+//! Scalar header values: CSeq (§20.16, §8.1.1.5), Call-ID (§20.8), Max-Forwards (§20.22),
+//! Date (§20.17).
 
 use super::error::{ParseError, Result};
 use super::method::Method;
@@ -55,6 +56,38 @@ pub fn parse_max_forwards(v: &[u8]) -> Result<u8> {
         ))
 }
 
+/// Date = rfc1123-date: wkday "," SP 2DIGIT SP month SP 4DIGIT SP 2DIGIT ":" 2DIGIT ":" 2DIGIT
+/// SP "GMT" (§20.17, §25.1; SIP allows GMT only, RFC 4475 §3.1.2.12).
+pub fn check_date(v: &[u8]) -> Result<()> {
+    const WKDAYS: [&[u8]; 7] = [b"Mon", b"Tue", b"Wed", b"Thu", b"Fri", b"Sat", b"Sun"];
+    const MONTHS: [&[u8]; 12] = [
+        b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct", b"Nov",
+        b"Dec",
+    ];
+    let v = scan::trim_ws(v);
+    let digits = |s: &[u8]| s.iter().all(u8::is_ascii_digit);
+    let ok = v.len() == 29
+        && WKDAYS.contains(&&v[0..3])
+        && &v[3..5] == b", "
+        && digits(&v[5..7])
+        && v[7] == b' '
+        && MONTHS.contains(&&v[8..11])
+        && v[11] == b' '
+        && digits(&v[12..16])
+        && v[16] == b' '
+        && digits(&v[17..19])
+        && v[19] == b':'
+        && digits(&v[20..22])
+        && v[22] == b':'
+        && digits(&v[23..25])
+        && &v[25..] == b" GMT";
+    if ok {
+        Ok(())
+    } else {
+        Err(ParseError::bad("Date", "not an RFC 1123 date in GMT"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -75,5 +108,12 @@ mod tests {
         assert!(parse_call_id(b"a@b@c").is_err());
         assert_eq!(parse_max_forwards(b"0068").unwrap(), 68);
         assert!(parse_max_forwards(b"300").is_err());
+    }
+
+    #[test]
+    fn dates() {
+        assert!(check_date(b"Sat, 13 Nov 2010 23:29:00 GMT").is_ok());
+        assert!(check_date(b"Fri, 01 Jan 2010 16:00:00 EST").is_err());
+        assert!(check_date(b"Fri, 1 Jan 2010 16:00:00 GMT").is_err());
     }
 }

@@ -147,6 +147,21 @@ impl<'a> Via<'a> {
     }
 }
 
+impl Via<'_> {
+    /// Where a response to a request that arrived with this (top) Via from `source` goes over
+    /// an unreliable transport (§18.2.2, RFC 3581 §4): the packet's source address (which is
+    /// what `received` records), at the `rport` port when the client asked for it, else at the
+    /// sent-by port or the transport default. `maddr` is deliberately not followed: on an open
+    /// server it would let any sender reflect responses at a third party.
+    pub fn response_addr(&self, source: SocketAddr, default_port: u16) -> SocketAddr {
+        let port = match self.rport() {
+            Some(_) => source.port(),
+            None => self.port.unwrap_or(default_port),
+        };
+        SocketAddr::new(source.ip(), port)
+    }
+}
+
 fn token_at(s: &[u8], i: usize) -> Option<(&[u8], usize)> {
     let start = scan::skip_ws(s, i);
     let end = scan::token_end(s, start);
