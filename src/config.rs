@@ -1,0 +1,481 @@
+//! Server configuration: a TOML file with documented defaults, overridable from the command
+//! line.
+//!
+//! Owns the shape, defaults and validation of the configuration. Every key is optional; an
+//! unknown key is an error, so a typo cannot silently leave a default in force. See
+//! `moonroute.example.toml` at the repository root for every key with its default.
+//!
+//! Defaults follow RFC 3261 where it has an opinion: port 5060 for UDP and TCP (§18.1.1,
+//! §19.1.2), and a maximum message size above the 65,535-byte UDP limit is pointless for
+//! datagrams but may be raised for streams (§18.3).
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::transport::{ListenAddr, TransportKind};
+
+/// The whole configuration. Field docs give the defaults.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Addresses to listen on. Default: `udp:127.0.0.1:5060` and `tcp:127.0.0.1:5060`.
+    pub listen: Vec<ListenAddr>,
+    /// Domains this server is responsible for. Default: empty, meaning the server treats its
+    /// own listen addresses as its local domains.
+    pub domains: Vec<String>,
+    /// The Lua routing script. Default: `scripts/default.lua`.
+    pub script: PathBuf,
+    /// Where the server keeps its data (registrations, ...). Default: `var`.
+    pub data_dir: PathBuf,
+    /// Log filter: a level (`error`, `warn`, `info`, `debug`, `trace`) or tracing directives
+    /// such as `moonroute::transport=debug,info`. `RUST_LOG` wins if set. Default: `info`.
+    pub log_level: String,
+    /// Event loops (each one OS thread). 0 means one per CPU core. Default: 0.
+    pub workers: usize,
+    /// Resource limits.
+    pub limits: Limits,
+}
+
+/// Resource limits: what bounds the memory a peer can make the server use.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest message accepted, in bytes: a whole datagram, or header block plus body on a
+    /// stream. Default: 65536.
+    pub max_message_size: usize,
+    /// Open TCP connections, inbound and outbound, for the whole server. Beyond it new
+    /// inbound connections are closed at once and new outbound ones are not made.
+    /// Default: 1024.
+    pub max_connections: usize,
+    /// Seconds without traffic after which a TCP connection is closed. Default: 300.
+    pub tcp_idle_timeout_secs: u64,
+    /// Seconds to wait for an outbound TCP connection to be established. Default: 5.
+    pub tcp_connect_timeout_secs: u64,
+    /// Messages queued for sending per connection; a peer that does not read and lets the
+    /// queue fill is disconnected. Default: 256.
+    pub tcp_send_queue: usize,
+}
+
+/// The default SIP port for UDP and TCP (RFC 3261 §19.1.2).
+pub const DEFAULT_SIP_PORT: u16 = 5060;
+
+impl Default for Config {
+    fn default() -> Self {
+        let loopback = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), DEFAULT_SIP_PORT);
+        Config {
+            listen: vec![
+                ListenAddr {
+                    kind: TransportKind::Udp,
+                    addr: loopback,
+                },
+                ListenAddr {
+                    kind: TransportKind::Tcp,
+                    addr: loopback,
+                },
+            ],
+            domains: Vec::new(),
+            script: PathBuf::from("scripts/default.lua"),
+            data_dir: PathBuf::from("var"),
+            log_level: "info".to_owned(),
+            workers: 0,
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_size: 65_536,
+            max_connections: 1024,
+            tcp_idle_timeout_secs: 300,
+            tcp_connect_timeout_secs: 5,
+            tcp_send_queue: 256,
+        }
+    }
+}
+
+/// Values given on the command line; each one that is set replaces the file's value.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Overrides {
+    /// Replaces the whole `listen` list when not empty.
+    pub listen: Vec<ListenAddr>,
+    /// Replaces the whole `domains` list when not empty.
+    pub domains: Vec<String>,
+    pub script: Option<PathBuf>,
+    pub data_dir: Option<PathBuf>,
+    pub log_level: Option<String>,
+    pub workers: Option<usize>,
+}
+
+/// Why a configuration could not be used. The message names the file when there is one.
+#[derive(Debug)]
+pub enum ConfigError {
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    Parse {
+        path: Option<PathBuf>,
+        message: String,
+    },
+    Invalid {
+        path: Option<PathBuf>,
+        message: String,
+    },
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::Read { path, source } => {
+                write!(f, "cannot read config file {}: {source}", path.display())
+            }
+            ConfigError::Parse {
+                path: Some(path),
+                message,
+            } => write!(f, "{}: {message}", path.display()),
+            ConfigError::Parse {
+                path: None,
+                message,
+            } => write!(f, "invalid configuration: {message}"),
+            ConfigError::Invalid {
+                path: Some(path),
+                message,
+            } => write!(f, "{}: {message}", path.display()),
+            ConfigError::Invalid {
+                path: None,
+                message,
+            } => write!(f, "invalid configuration: {message}"),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ConfigError::Read { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let config = Self::parse(&text).map_err(|error| error.in_file(path))?;
+        config.validate().map_err(|error| error.in_file(path))?;
+        Ok(config)
+    }
+
+    /// Parses a configuration from TOML text (not validated: see [`Config::validate`]).
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|error| ConfigError::Parse {
+            path: None,
+            // toml's message already says where (line, column) and what was expected.
+            message: error.to_string().trim_end().to_owned(),
+        })
+    }
+
+    /// Replaces values with those given on the command line.
+    pub fn apply(&mut self, overrides: Overrides) {
+        if !overrides.listen.is_empty() {
+            self.listen = overrides.listen;
+        }
+        if !overrides.domains.is_empty() {
+            self.domains = overrides.domains;
+        }
+        if let Some(script) = overrides.script {
+            self.script = script;
+        }
+        if let Some(data_dir) = overrides.data_dir {
+            self.data_dir = data_dir;
+        }
+        if let Some(log_level) = overrides.log_level {
+            self.log_level = log_level;
+        }
+        if let Some(workers) = overrides.workers {
+            self.workers = workers;
+        }
+    }
+
+    /// Checks what the types cannot: non-empty, non-duplicate listen addresses and limits
+    /// that leave the server able to work.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            path: None,
+            message,
+        };
+        if self.listen.is_empty() {
+            return Err(invalid("listen: at least one address is needed".to_owned()));
+        }
+        for (index, listen) in self.listen.iter().enumerate() {
+            if self.listen[..index].contains(listen) {
+                return Err(invalid(format!("listen: {listen} is listed twice")));
+            }
+        }
+        if let Some(domain) = self.domains.iter().find(|domain| domain.trim().is_empty()) {
+            return Err(invalid(format!("domains: empty domain name {domain:?}")));
+        }
+        if self.log_level.trim().is_empty() {
+            return Err(invalid("log_level: must not be empty".to_owned()));
+        }
+        self.limits.validate().map_err(invalid)
+    }
+
+    /// The number of event loops to run: `workers`, or one per CPU core when it is 0.
+    pub fn worker_count(&self) -> usize {
+        match self.workers {
+            0 => std::thread::available_parallelism().map_or(1, |cores| cores.get()),
+            workers => workers,
+        }
+    }
+}
+
+/// The smallest `max_message_size` accepted: RFC 3261 §18.1.1 expects messages up to
+/// 1300 bytes to be usual, so anything much smaller would reject ordinary traffic.
+pub const MIN_MESSAGE_SIZE: usize = 1024;
+
+impl Limits {
+    fn validate(&self) -> Result<(), String> {
+        if self.max_message_size < MIN_MESSAGE_SIZE {
+            return Err(format!(
+                "limits.max_message_size: {} is below the minimum of {MIN_MESSAGE_SIZE}",
+                self.max_message_size
+            ));
+        }
+        let at_least_one = [
+            ("limits.max_connections", self.max_connections as u64),
+            ("limits.tcp_idle_timeout_secs", self.tcp_idle_timeout_secs),
+            (
+                "limits.tcp_connect_timeout_secs",
+                self.tcp_connect_timeout_secs,
+            ),
+            ("limits.tcp_send_queue", self.tcp_send_queue as u64),
+        ];
+        match at_least_one.iter().find(|(_, value)| *value == 0) {
+            Some((name, _)) => Err(format!("{name}: must be at least 1")),
+            None => Ok(()),
+        }
+    }
+}
+
+impl ConfigError {
+    fn in_file(self, file: &Path) -> ConfigError {
+        match self {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: Some(file.to_owned()),
+                message,
+            },
+            ConfigError::Invalid { message, .. } => ConfigError::Invalid {
+                path: Some(file.to_owned()),
+                message,
+            },
+            read => read,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listen(text: &str) -> ListenAddr {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn an_empty_file_gives_the_defaults() {
+        let config = Config::parse("").unwrap();
+        assert_eq!(config, Config::default());
+        assert_eq!(
+            config.listen,
+            vec![listen("udp:127.0.0.1:5060"), listen("tcp:127.0.0.1:5060")]
+        );
+        assert!(config.domains.is_empty());
+        assert_eq!(config.script, PathBuf::from("scripts/default.lua"));
+        assert_eq!(config.data_dir, PathBuf::from("var"));
+        assert_eq!(config.log_level, "info");
+        assert_eq!(config.workers, 0);
+        assert_eq!(config.limits.max_message_size, 65_536);
+        assert_eq!(config.limits.max_connections, 1024);
+        assert_eq!(config.limits.tcp_idle_timeout_secs, 300);
+        assert_eq!(config.limits.tcp_connect_timeout_secs, 5);
+        assert_eq!(config.limits.tcp_send_queue, 256);
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn parses_every_key() {
+        let config = Config::parse(
+            r#"
+            listen = ["udp:0.0.0.0:5080", "tcp:[::1]:5080"]
+            domains = ["example.com", "example.org"]
+            script = "/etc/moonroute/route.lua"
+            data_dir = "/var/lib/moonroute"
+            log_level = "debug"
+            workers = 3
+
+            [limits]
+            max_message_size = 8192
+            max_connections = 10
+            tcp_idle_timeout_secs = 60
+            tcp_connect_timeout_secs = 2
+            tcp_send_queue = 16
+            "#,
+        )
+        .unwrap();
+        assert_eq!(
+            config.listen,
+            vec![listen("udp:0.0.0.0:5080"), listen("tcp:[::1]:5080")]
+        );
+        assert_eq!(config.domains, ["example.com", "example.org"]);
+        assert_eq!(config.script, PathBuf::from("/etc/moonroute/route.lua"));
+        assert_eq!(config.data_dir, PathBuf::from("/var/lib/moonroute"));
+        assert_eq!(config.log_level, "debug");
+        assert_eq!(config.workers, 3);
+        assert_eq!(config.worker_count(), 3);
+        assert_eq!(
+            config.limits,
+            Limits {
+                max_message_size: 8192,
+                max_connections: 10,
+                tcp_idle_timeout_secs: 60,
+                tcp_connect_timeout_secs: 2,
+                tcp_send_queue: 16,
+            }
+        );
+    }
+
+    #[test]
+    fn a_partial_limits_table_keeps_the_other_defaults() {
+        let config = Config::parse("[limits]\nmax_connections = 7\n").unwrap();
+        assert_eq!(config.limits.max_connections, 7);
+        assert_eq!(config.limits.max_message_size, 65_536);
+        assert_eq!(config.listen, Config::default().listen);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let error = Config::parse("listn = []").unwrap_err().to_string();
+        assert!(error.contains("unknown field `listn`"), "{error}");
+        let error = Config::parse("[limits]\nmax_conections = 1")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("unknown field `max_conections`"), "{error}");
+    }
+
+    #[test]
+    fn bad_values_are_errors_that_say_what_is_wrong() {
+        let error = Config::parse("listen = [\"udp:localhost:5060\"]")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("udp:localhost:5060"), "{error}");
+        let error = Config::parse("workers = -1").unwrap_err().to_string();
+        assert!(error.contains("workers"), "{error}");
+        let error = Config::parse("workers = \"two\"").unwrap_err().to_string();
+        assert!(error.contains("workers"), "{error}");
+    }
+
+    #[test]
+    fn validation_rejects_unusable_values() {
+        let check = |edit: fn(&mut Config), expected: &str| {
+            let mut config = Config::default();
+            edit(&mut config);
+            let error = config.validate().unwrap_err().to_string();
+            assert!(error.contains(expected), "{error}");
+        };
+        check(|c| c.listen.clear(), "at least one address");
+        check(
+            |c| c.listen.push(c.listen[0]),
+            "udp:127.0.0.1:5060 is listed twice",
+        );
+        check(|c| c.domains.push(" ".into()), "empty domain");
+        check(|c| c.log_level.clear(), "log_level");
+        check(|c| c.limits.max_message_size = 100, "max_message_size");
+        check(|c| c.limits.max_connections = 0, "max_connections");
+        check(|c| c.limits.tcp_send_queue = 0, "tcp_send_queue");
+        check(
+            |c| c.limits.tcp_idle_timeout_secs = 0,
+            "tcp_idle_timeout_secs",
+        );
+        check(
+            |c| c.limits.tcp_connect_timeout_secs = 0,
+            "tcp_connect_timeout_secs",
+        );
+    }
+
+    #[test]
+    fn overrides_replace_file_values() {
+        let mut config = Config::parse(
+            "listen = [\"udp:0.0.0.0:5060\"]\ndomains = [\"a.example\"]\nworkers = 4\n",
+        )
+        .unwrap();
+        config.apply(Overrides {
+            listen: vec![listen("tcp:127.0.0.1:5070")],
+            domains: vec!["b.example".into()],
+            script: Some("other.lua".into()),
+            data_dir: Some("/tmp/data".into()),
+            log_level: Some("trace".into()),
+            workers: Some(1),
+        });
+        assert_eq!(config.listen, vec![listen("tcp:127.0.0.1:5070")]);
+        assert_eq!(config.domains, ["b.example"]);
+        assert_eq!(config.script, PathBuf::from("other.lua"));
+        assert_eq!(config.data_dir, PathBuf::from("/tmp/data"));
+        assert_eq!(config.log_level, "trace");
+        assert_eq!(config.workers, 1);
+    }
+
+    #[test]
+    fn empty_overrides_keep_file_values() {
+        let mut config = Config::parse("workers = 4\n").unwrap();
+        let before = config.clone();
+        config.apply(Overrides::default());
+        assert_eq!(config, before);
+    }
+
+    #[test]
+    fn zero_workers_means_one_per_core() {
+        let config = Config::default();
+        assert!(config.worker_count() >= 1);
+    }
+
+    #[test]
+    fn load_reports_the_path_and_the_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("moonroute.toml");
+
+        let missing = Config::load(&path).unwrap_err().to_string();
+        assert!(missing.contains("cannot read config file"), "{missing}");
+        assert!(missing.contains("moonroute.toml"), "{missing}");
+
+        std::fs::write(&path, "workers = 2\nlimits = 5\n").unwrap();
+        let error = Config::load(&path).unwrap_err().to_string();
+        assert!(error.starts_with(&path.display().to_string()), "{error}");
+        assert!(error.contains("limits"), "{error}");
+
+        std::fs::write(&path, "listen = []\n").unwrap();
+        let error = Config::load(&path).unwrap_err().to_string();
+        assert!(error.starts_with(&path.display().to_string()), "{error}");
+        assert!(error.contains("at least one address"), "{error}");
+
+        std::fs::write(&path, "workers = 2\n").unwrap();
+        assert_eq!(Config::load(&path).unwrap().workers, 2);
+    }
+
+    #[test]
+    fn the_example_file_is_valid_and_matches_the_defaults() {
+        let example = include_str!("../moonroute.example.toml");
+        let config = Config::parse(example).unwrap();
+        config.validate().unwrap();
+        assert_eq!(config, Config::default());
+    }
+}

@@ -1,0 +1,25 @@
+//! The server: event loops that run the transports and the sans-IO core.
+//!
+//! Owns the worker model. The server runs one event loop per CPU core: N OS threads, each
+//! with its own single-threaded tokio runtime and its own [`Worker`] (made by the
+//! [`WorkerFactory`] inside that thread). Why one loop per core rather than one multi-threaded
+//! runtime:
+//! - no locks on the hot path: a loop owns its sockets and its Worker's state (transactions,
+//!   dialogs, script state), and only that loop's thread ever touches them;
+//! - the kernel does the load balancing: every loop binds its own UDP socket and TCP listener
+//!   to each listen address with SO_REUSEPORT, and the kernel spreads datagrams and
+//!   connections over them by flow, so one peer's traffic keeps going to the same loop;
+//! - state that must be found again later stays findable: the transaction layer will put the
+//!   owning loop's index into the Via branch parameter (RFC 3261 §8.1.1.7, §17.2.3), so a
+//!   response or retransmission that lands on another loop can be handed to its owner.
+//!
+//! The only state shared between loops is the registry of stream connections, so that a
+//! response can be sent on the connection its request came in on (RFC 3261 §18.2.2).
+//!
+//! [`Worker`]: crate::transport::Worker
+//! [`WorkerFactory`]: crate::transport::WorkerFactory
+
+pub mod core;
+mod workers;
+
+pub use workers::{Server, ServerHandle};

@@ -1,0 +1,301 @@
+//! Starting and stopping the event loops (the model is explained in [`crate::server`]).
+//!
+//! Owns binding every listen address once per loop (SO_REUSEPORT), the loop threads and their
+//! single-threaded runtimes, and shutdown. Sockets are bound on the calling thread before any
+//! loop starts, so [`Server::start`] reports a bad or busy address directly, and returns the
+//! addresses actually bound (port 0 becomes the port the kernel chose).
+
+use std::io;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::{mpsc, Arc};
+use std::thread;
+
+use tokio::sync::watch;
+use tokio::task::LocalSet;
+use tracing::error;
+
+use crate::config::Config;
+use crate::transport::dispatch::{LoopContext, UdpEndpoint};
+use crate::transport::registry::ConnectionRegistry;
+use crate::transport::{tcp, udp, ListenAddr, TransportKind, TransportLimits, WorkerFactory};
+
+/// Starts servers. See [`Server::start`].
+pub struct Server;
+
+/// A running server: its bound addresses, and the way to stop it. Dropping the handle also
+/// stops the server.
+pub struct ServerHandle {
+    listen_addrs: Vec<ListenAddr>,
+    registry: Arc<ConnectionRegistry>,
+    shutdown: watch::Sender<bool>,
+    threads: Vec<thread::JoinHandle<()>>,
+}
+
+impl Server {
+    /// Binds every address of `config.listen` once per event loop and starts the loops,
+    /// each with a Worker from `factory`. Returns once every loop is running.
+    pub fn start(config: &Config, factory: Arc<dyn WorkerFactory>) -> io::Result<ServerHandle> {
+        let workers = config.worker_count();
+        let limits = TransportLimits::from(&config.limits);
+        let (listen_addrs, per_loop) = bind_all(&config.listen, workers)?;
+        let registry = Arc::new(ConnectionRegistry::new(limits.max_connections));
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let mut handle = ServerHandle {
+            listen_addrs,
+            registry: Arc::clone(&registry),
+            shutdown,
+            threads: Vec::with_capacity(workers),
+        };
+        for (index, sockets) in per_loop.into_iter().enumerate() {
+            let setup = LoopSetup {
+                index,
+                sockets,
+                factory: Arc::clone(&factory),
+                registry: Arc::clone(&registry),
+                limits,
+                shutdown: shutdown_rx.clone(),
+                ready: ready_tx.clone(),
+            };
+            let thread = thread::Builder::new()
+                .name(format!("moonroute-loop-{index}"))
+                .spawn(move || run_loop(setup))?;
+            handle.threads.push(thread);
+        }
+        // Only the loops hold senders now: if one dies before reporting, recv fails.
+        drop(ready_tx);
+        for _ in 0..workers {
+            match ready_rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => return Err(error),
+                Err(_) => return Err(io::Error::other("an event loop failed to start")),
+            }
+        }
+        Ok(handle)
+    }
+}
+
+impl ServerHandle {
+    /// The addresses listened on, as bound (port 0 replaced by the chosen port), in the order
+    /// of the configuration.
+    pub fn listen_addrs(&self) -> &[ListenAddr] {
+        &self.listen_addrs
+    }
+
+    /// The first bound address of transport `kind`.
+    pub fn local_addr(&self, kind: TransportKind) -> Option<SocketAddr> {
+        self.listen_addrs
+            .iter()
+            .find(|listen| listen.kind == kind)
+            .map(|listen| listen.addr)
+    }
+
+    /// The number of event loops.
+    pub fn worker_count(&self) -> usize {
+        self.threads.len()
+    }
+
+    /// Open stream connections, inbound and outbound.
+    pub fn connection_count(&self) -> usize {
+        self.registry.len()
+    }
+
+    /// Stops every loop (closing sockets and connections) and waits for their threads.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        self.shutdown.send_replace(true);
+        for thread in self.threads.drain(..) {
+            if thread.join().is_err() {
+                error!("an event loop thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The sockets one loop gets: one of each listen address, with the address it was bound to.
+#[derive(Default)]
+struct LoopSockets {
+    udp: Vec<(SocketAddr, std::net::UdpSocket)>,
+    tcp: Vec<(SocketAddr, std::net::TcpListener)>,
+}
+
+/// Binds every listen address `workers` times. Returns the bound addresses and each loop's
+/// sockets.
+fn bind_all(
+    listen: &[ListenAddr],
+    workers: usize,
+) -> io::Result<(Vec<ListenAddr>, Vec<LoopSockets>)> {
+    check_listen_addrs(listen)?;
+    let mut per_loop: Vec<LoopSockets> = (0..workers).map(|_| LoopSockets::default()).collect();
+    let mut bound_addrs = Vec::with_capacity(listen.len());
+    for &listen in listen {
+        let bound = match listen.kind {
+            TransportKind::Udp => {
+                let (bound, sockets) =
+                    udp::bind_group(listen.addr, workers).map_err(|e| bind_error(listen, e))?;
+                for (sockets_of_loop, socket) in per_loop.iter_mut().zip(sockets) {
+                    sockets_of_loop.udp.push((bound, socket));
+                }
+                bound
+            }
+            TransportKind::Tcp => {
+                let (bound, listeners) =
+                    tcp::bind_group(listen.addr, workers).map_err(|e| bind_error(listen, e))?;
+                for (sockets_of_loop, listener) in per_loop.iter_mut().zip(listeners) {
+                    sockets_of_loop.tcp.push((bound, listener));
+                }
+                bound
+            }
+            TransportKind::Tls => return Err(tls_unsupported(listen)),
+        };
+        bound_addrs.push(ListenAddr {
+            kind: listen.kind,
+            addr: bound,
+        });
+    }
+    Ok((bound_addrs, per_loop))
+}
+
+/// Refuses what binding with SO_REUSEPORT would not: no addresses, duplicates (both would
+/// bind and split the traffic), TLS, and a fixed port another program already holds. Probes
+/// every address before binding any, so our own overlapping listeners cannot trip it.
+fn check_listen_addrs(listen: &[ListenAddr]) -> io::Result<()> {
+    if listen.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "no listen address configured",
+        ));
+    }
+    for (index, &addr) in listen.iter().enumerate() {
+        if addr.kind == TransportKind::Tls {
+            return Err(tls_unsupported(addr));
+        }
+        if addr.addr.port() != 0 && listen[..index].contains(&addr) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{addr} is listed twice"),
+            ));
+        }
+    }
+    for &addr in listen.iter().filter(|addr| addr.addr.port() != 0) {
+        let probe = match addr.kind {
+            TransportKind::Udp => udp::ensure_not_in_use(addr.addr),
+            _ => tcp::ensure_not_in_use(addr.addr),
+        };
+        probe.map_err(|e| bind_error(addr, e))?;
+    }
+    Ok(())
+}
+
+fn bind_error(listen: ListenAddr, error: io::Error) -> io::Error {
+    io::Error::new(error.kind(), format!("cannot listen on {listen}: {error}"))
+}
+
+fn tls_unsupported(listen: ListenAddr) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::Unsupported,
+        format!("cannot listen on {listen}: TLS is not implemented yet"),
+    )
+}
+
+/// Everything a loop thread needs.
+struct LoopSetup {
+    index: usize,
+    sockets: LoopSockets,
+    factory: Arc<dyn WorkerFactory>,
+    registry: Arc<ConnectionRegistry>,
+    limits: TransportLimits,
+    shutdown: watch::Receiver<bool>,
+    ready: mpsc::Sender<io::Result<()>>,
+}
+
+/// The body of a loop thread: a single-threaded runtime running this loop's tasks until
+/// shutdown.
+fn run_loop(setup: LoopSetup) {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            let _ = setup.ready.send(Err(error));
+            return;
+        }
+    };
+    let tasks = LocalSet::new();
+    tasks.block_on(&runtime, serve_until_shutdown(setup));
+    // Dropping the tasks closes their sockets and unregisters their connections, which
+    // needs the runtime's context.
+    let _context = runtime.enter();
+    drop(tasks);
+}
+
+async fn serve_until_shutdown(setup: LoopSetup) {
+    let LoopSetup {
+        index,
+        sockets,
+        factory,
+        registry,
+        limits,
+        mut shutdown,
+        ready,
+    } = setup;
+    let started = start_transports(index, sockets, factory.as_ref(), registry, limits);
+    let running = started.is_ok();
+    // The receiver is gone only if start already failed elsewhere; we stop below anyway.
+    let _ = ready.send(started);
+    drop(ready);
+    if running {
+        // An error means the handle is gone, which also means stop.
+        let _ = shutdown.wait_for(|stop| *stop).await;
+    }
+}
+
+/// Makes this loop's Worker and spawns a receive task per UDP socket and an accept task per
+/// TCP listener.
+fn start_transports(
+    index: usize,
+    sockets: LoopSockets,
+    factory: &dyn WorkerFactory,
+    registry: Arc<ConnectionRegistry>,
+    limits: TransportLimits,
+) -> io::Result<()> {
+    let udp = sockets
+        .udp
+        .into_iter()
+        .map(|(local, socket)| {
+            let socket = tokio::net::UdpSocket::from_std(socket)?;
+            Ok(Rc::new(UdpEndpoint { local, socket }))
+        })
+        .collect::<io::Result<Vec<_>>>()?;
+    let tcp = sockets
+        .tcp
+        .into_iter()
+        .map(|(local, listener)| Ok((local, tokio::net::TcpListener::from_std(listener)?)))
+        .collect::<io::Result<Vec<_>>>()?;
+    let worker = factory.make_worker(index);
+    let ctx = Rc::new(LoopContext::new(
+        index,
+        worker,
+        udp.clone(),
+        registry,
+        limits,
+    ));
+    for endpoint in udp {
+        tokio::task::spawn_local(udp::run_receiver(Rc::clone(&ctx), endpoint));
+    }
+    for (local, listener) in tcp {
+        tokio::task::spawn_local(tcp::run_acceptor(Rc::clone(&ctx), listener, local));
+    }
+    Ok(())
+}

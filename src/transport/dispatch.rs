@@ -1,0 +1,128 @@
+//! One event loop's glue between its sockets and its [`Worker`].
+//!
+//! Owns the loop-local state every transport task of the loop shares: the Worker, the loop's
+//! UDP sockets and the limits. Every input received on the loop goes through
+//! [`LoopContext::handle`]: the Worker turns it into outputs, which are carried out right away
+//! in order (RFC 3261 §18.1 for requests, §18.2.2 for responses).
+//!
+//! Everything here lives on one thread (`Rc`, `RefCell`): the loop never shares its Worker, so
+//! the hot path takes no lock. Only stream connections are reachable from other loops, through
+//! the [`ConnectionRegistry`].
+
+use std::cell::RefCell;
+use std::net::SocketAddr;
+use std::panic::{self, AssertUnwindSafe};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use tokio::net::UdpSocket;
+use tracing::{debug, error, warn};
+
+use super::registry::ConnectionRegistry;
+use super::{tcp, Destination, Input, Output, TransportKind, TransportLimits, Worker};
+
+/// A UDP socket of this loop and the listen address it was bound to.
+pub(crate) struct UdpEndpoint {
+    pub(crate) local: SocketAddr,
+    pub(crate) socket: UdpSocket,
+}
+
+/// The state shared by the transport tasks of one event loop. See the module docs.
+pub(crate) struct LoopContext {
+    pub(crate) index: usize,
+    worker: RefCell<Box<dyn Worker>>,
+    udp: Vec<Rc<UdpEndpoint>>,
+    pub(crate) registry: Arc<ConnectionRegistry>,
+    pub(crate) limits: TransportLimits,
+}
+
+impl LoopContext {
+    pub(crate) fn new(
+        index: usize,
+        worker: Box<dyn Worker>,
+        udp: Vec<Rc<UdpEndpoint>>,
+        registry: Arc<ConnectionRegistry>,
+        limits: TransportLimits,
+    ) -> Self {
+        LoopContext {
+            index,
+            worker: RefCell::new(worker),
+            udp,
+            registry,
+            limits,
+        }
+    }
+
+    /// Runs `input` through the Worker and carries out the outputs, in order.
+    pub(crate) async fn handle(self: &Rc<Self>, input: Input) {
+        let mut outputs = Vec::new();
+        // The borrow ends before any await, so tasks of this loop never contend for it.
+        // A panicking Worker must not take down the task that feeds it (say, a UDP receive
+        // loop): the input is dropped and the loop goes on.
+        let worked = panic::catch_unwind(AssertUnwindSafe(|| {
+            self.worker
+                .borrow_mut()
+                .on_input(input, Instant::now(), &mut outputs)
+        }));
+        if worked.is_err() {
+            error!(
+                worker = self.index,
+                "the Worker panicked; dropping its input and outputs"
+            );
+            return;
+        }
+        self.execute(outputs).await;
+    }
+
+    async fn execute(self: &Rc<Self>, outputs: Vec<Output>) {
+        for output in outputs {
+            match output {
+                Output::Send { dest, data } => self.send(dest, data).await,
+                Output::Close(id) => match self.registry.get(id) {
+                    Some(connection) => connection.close(),
+                    None => debug!(conn = %id, "close requested for a connection already closed"),
+                },
+            }
+        }
+    }
+
+    async fn send(self: &Rc<Self>, dest: Destination, data: Bytes) {
+        match dest.kind {
+            TransportKind::Udp => self.send_udp(dest, data).await,
+            TransportKind::Tcp => tcp::send(self, dest, data),
+            TransportKind::Tls => warn!(
+                dest = %dest.addr,
+                "dropping outgoing message: TLS transport is not implemented"
+            ),
+        }
+    }
+
+    /// Sends from the socket bound to `dest.local` if this loop has one, else from the first
+    /// UDP socket of the destination's address family.
+    async fn send_udp(&self, dest: Destination, data: Bytes) {
+        let Some(endpoint) = self.udp_endpoint_for(&dest) else {
+            warn!(
+                dest = %dest.addr,
+                "dropping outgoing UDP message: no UDP listener of that address family"
+            );
+            return;
+        };
+        if let Err(error) = endpoint.socket.send_to(&data, dest.addr).await {
+            warn!(dest = %dest.addr, local = %endpoint.local, %error, "UDP send failed");
+        }
+    }
+
+    fn udp_endpoint_for(&self, dest: &Destination) -> Option<&UdpEndpoint> {
+        let by_local = dest
+            .local
+            .and_then(|local| self.udp.iter().find(|endpoint| endpoint.local == local));
+        let by_family = || {
+            self.udp
+                .iter()
+                .find(|endpoint| endpoint.local.is_ipv4() == dest.addr.is_ipv4())
+        };
+        by_local.or_else(by_family).map(|endpoint| &**endpoint)
+    }
+}

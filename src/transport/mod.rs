@@ -1,0 +1,354 @@
+//! Transports: what crosses the boundary between the tokio shell and the sans-IO core.
+//!
+//! This module owns the interface contract between the shell (sockets, event loops) and the
+//! core (SIP parsing, transactions, routing): the core is a [`Worker`] that turns an [`Input`]
+//! into [`Output`]s and never touches a socket; the shell receives, frames and sends.
+//!
+//! Submodules:
+//! - [`framing`]: sans-IO message framing of byte streams (RFC 3261 §18.3, §7.5;
+//!   RFC 5626 §3.5.1 CRLF keep-alives).
+//! - `udp`, `tcp`: socket binding, receive loops and sending (RFC 3261 §18.1, §18.2).
+//! - [`registry`]: the process-wide table of open stream connections, so responses go back on
+//!   the connection the request came in on (RFC 3261 §18.2.2) and requests reuse connections.
+//! - `dispatch`: one event loop's glue: runs inputs through its Worker, carries out outputs.
+
+pub mod framing;
+pub mod registry;
+
+pub(crate) mod dispatch;
+pub(crate) mod tcp;
+pub(crate) mod udp;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+/// A SIP transport protocol (RFC 3261 §18; the `transport` value of a Via, §20.42).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TransportKind {
+    Udp,
+    Tcp,
+    /// Reserved: TLS is not implemented yet; listening on it is refused at start.
+    Tls,
+}
+
+impl TransportKind {
+    /// The name used in the Via sent-protocol (RFC 3261 §20.42): `UDP`, `TCP` or `TLS`.
+    pub fn via_name(self) -> &'static str {
+        match self {
+            TransportKind::Udp => "UDP",
+            TransportKind::Tcp => "TCP",
+            TransportKind::Tls => "TLS",
+        }
+    }
+
+    /// Whether the transport is reliable (RFC 3261 §17.1.1.2: timers A/E/G are not used then).
+    pub fn is_reliable(self) -> bool {
+        !matches!(self, TransportKind::Udp)
+    }
+
+    /// Whether messages arrive as a byte stream that must be framed (RFC 3261 §18.3).
+    pub fn is_stream(self) -> bool {
+        !matches!(self, TransportKind::Udp)
+    }
+
+    /// The lower-case scheme used in [`ListenAddr`] strings: `udp`, `tcp` or `tls`.
+    pub fn scheme(self) -> &'static str {
+        match self {
+            TransportKind::Udp => "udp",
+            TransportKind::Tcp => "tcp",
+            TransportKind::Tls => "tls",
+        }
+    }
+}
+
+impl fmt::Display for TransportKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.scheme())
+    }
+}
+
+/// Identifies one stream connection; unique for the life of the process (never reused).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnectionId(pub u64);
+
+impl fmt::Display for ConnectionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "conn-{}", self.0)
+    }
+}
+
+/// A transport and socket address to listen on, written `udp:127.0.0.1:5060`,
+/// `tcp:[::1]:5060` or `tls:0.0.0.0:5061`. The address must be an IP literal with a port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ListenAddr {
+    pub kind: TransportKind,
+    pub addr: SocketAddr,
+}
+
+/// Why a [`ListenAddr`] string was rejected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParseListenAddrError {
+    input: String,
+    reason: &'static str,
+}
+
+impl fmt::Display for ParseListenAddrError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "invalid listen address '{}': {} (expected TRANSPORT:IP:PORT, \
+             e.g. udp:127.0.0.1:5060 or tcp:[::1]:5060)",
+            self.input, self.reason
+        )
+    }
+}
+
+impl std::error::Error for ParseListenAddrError {}
+
+impl FromStr for ListenAddr {
+    type Err = ParseListenAddrError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let error = |reason| ParseListenAddrError {
+            input: s.to_owned(),
+            reason,
+        };
+        let (scheme, addr) = s
+            .split_once(':')
+            .ok_or_else(|| error("missing transport"))?;
+        let kind = [TransportKind::Udp, TransportKind::Tcp, TransportKind::Tls]
+            .into_iter()
+            .find(|kind| kind.scheme().eq_ignore_ascii_case(scheme))
+            .ok_or_else(|| error("unknown transport (use udp, tcp or tls)"))?;
+        let addr = addr
+            .parse()
+            .map_err(|_| error("not an IP address and port"))?;
+        Ok(ListenAddr { kind, addr })
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // SocketAddr's Display already brackets IPv6 addresses.
+        write!(f, "{}:{}", self.kind.scheme(), self.addr)
+    }
+}
+
+impl serde::Serialize for ListenAddr {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for ListenAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Where a message came from.
+#[derive(Clone, Copy, Debug)]
+pub struct Meta {
+    pub kind: TransportKind,
+    /// The peer's address (for streams: the remote end of the connection).
+    pub source: SocketAddr,
+    /// UDP: the address the receiving socket is bound to (as configured, so a wildcard
+    /// listener gives the wildcard address). Streams: the connection's own local address.
+    pub local: SocketAddr,
+    /// The stream connection the message arrived on; `None` for UDP.
+    pub conn: Option<ConnectionId>,
+    /// Index of the event loop (and Worker) that received the message.
+    pub worker: usize,
+}
+
+/// Stream framing failure (RFC 3261 §18.3). `head` is the header block when it was complete
+/// (so the core can build a 400/413), empty otherwise.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FramingError {
+    /// A stream message without Content-Length (mandatory on streams, RFC 3261 §18.3, §20.14).
+    MissingContentLength,
+    /// Content-Length is not a decimal number that fits, or two values disagree (§20.14).
+    BadContentLength,
+    /// Header block plus body would exceed the configured maximum message size.
+    TooLarge { limit: usize },
+    /// No end of the header block within the configured maximum message size.
+    HeadTooLarge { limit: usize },
+}
+
+impl fmt::Display for FramingError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FramingError::MissingContentLength => {
+                f.write_str("stream message without Content-Length (RFC 3261 §18.3)")
+            }
+            FramingError::BadContentLength => f.write_str("invalid Content-Length value"),
+            FramingError::TooLarge { limit } => {
+                write!(f, "message larger than the limit of {limit} bytes")
+            }
+            FramingError::HeadTooLarge { limit } => {
+                write!(f, "no end of header block within {limit} bytes")
+            }
+        }
+    }
+}
+
+impl std::error::Error for FramingError {}
+
+/// What the shell hands to a [`Worker`].
+#[derive(Debug)]
+pub enum Input {
+    /// One complete SIP message: a whole UDP datagram, or exactly one framed stream message.
+    Message { data: Bytes, meta: Meta },
+    /// A stream could not be framed. The connection is closed by the shell after the
+    /// outputs produced for this input are sent.
+    FramingError {
+        head: Bytes,
+        error: FramingError,
+        meta: Meta,
+    },
+}
+
+/// Where to send a message.
+#[derive(Clone, Copy, Debug)]
+pub struct Destination {
+    pub kind: TransportKind,
+    pub addr: SocketAddr,
+    /// send on this connection if it is still open (responses, §18.2.2)
+    pub conn: Option<ConnectionId>,
+    /// send from the listener bound to this local address if there is one
+    pub local: Option<SocketAddr>,
+}
+
+/// What a [`Worker`] asks the shell to do.
+#[derive(Debug, Clone)]
+pub enum Output {
+    Send {
+        dest: Destination,
+        data: Bytes,
+    },
+    /// Close a stream connection once what is already queued on it has been written.
+    Close(ConnectionId),
+}
+
+/// One per event loop; created inside the loop's thread, so it need not be Send.
+pub trait Worker: 'static {
+    fn on_input(&mut self, input: Input, now: Instant, out: &mut Vec<Output>);
+}
+
+/// Makes the [`Worker`] of each event loop; called once per loop, inside the loop's thread.
+pub trait WorkerFactory: Send + Sync + 'static {
+    fn make_worker(&self, index: usize) -> Box<dyn Worker>;
+}
+
+/// Resource limits the transports enforce (from `[limits]` in the configuration).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TransportLimits {
+    /// Largest message accepted: a whole datagram, or header block plus body on a stream.
+    pub max_message_size: usize,
+    /// Open stream connections, inbound and outbound, across all event loops.
+    pub max_connections: usize,
+    /// A connection with no traffic either way for this long is closed; also the longest a
+    /// single write may stall.
+    pub tcp_idle_timeout: Duration,
+    /// How long to wait for an outbound TCP connection to be established.
+    pub tcp_connect_timeout: Duration,
+    /// Messages queued for sending per connection; a peer that lets it fill is disconnected.
+    pub tcp_send_queue: usize,
+}
+
+impl From<&crate::config::Limits> for TransportLimits {
+    fn from(limits: &crate::config::Limits) -> Self {
+        TransportLimits {
+            max_message_size: limits.max_message_size,
+            max_connections: limits.max_connections,
+            tcp_idle_timeout: Duration::from_secs(limits.tcp_idle_timeout_secs),
+            tcp_connect_timeout: Duration::from_secs(limits.tcp_connect_timeout_secs),
+            tcp_send_queue: limits.tcp_send_queue,
+        }
+    }
+}
+
+/// Lets `group_size` sockets, one per event loop, bind the same address (SO_REUSEPORT); the
+/// kernel then spreads datagrams and connections over them by flow.
+#[cfg(unix)]
+pub(crate) fn share_port(socket: &socket2::Socket, _group_size: usize) -> std::io::Result<()> {
+    socket.set_reuse_port(true)
+}
+
+#[cfg(not(unix))]
+pub(crate) fn share_port(_socket: &socket2::Socket, group_size: usize) -> std::io::Result<()> {
+    if group_size > 1 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "more than one worker needs SO_REUSEPORT, which this platform lacks",
+        ));
+    }
+    Ok(())
+}
+
+/// The IP address and port a socket is bound to.
+pub(crate) fn socket_local_addr(socket: &socket2::Socket) -> std::io::Result<SocketAddr> {
+    socket.local_addr()?.as_socket().ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, "socket has no IP address")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_addr_parses_ipv4_ipv6_and_every_transport() {
+        let udp: ListenAddr = "udp:127.0.0.1:5060".parse().unwrap();
+        assert_eq!(udp.kind, TransportKind::Udp);
+        assert_eq!(udp.addr, "127.0.0.1:5060".parse().unwrap());
+        let tcp: ListenAddr = "tcp:[::1]:5060".parse().unwrap();
+        assert_eq!(tcp.kind, TransportKind::Tcp);
+        assert_eq!(tcp.addr, "[::1]:5060".parse().unwrap());
+        let tls: ListenAddr = "TLS:0.0.0.0:5061".parse().unwrap();
+        assert_eq!(tls.kind, TransportKind::Tls);
+    }
+
+    #[test]
+    fn listen_addr_display_round_trips() {
+        for text in ["udp:127.0.0.1:5060", "tcp:[::1]:5060", "tls:0.0.0.0:5061"] {
+            let parsed: ListenAddr = text.parse().unwrap();
+            assert_eq!(parsed.to_string(), text);
+        }
+    }
+
+    #[test]
+    fn listen_addr_rejects_malformed_input() {
+        for bad in [
+            "",
+            "udp",
+            "127.0.0.1:5060",
+            "sctp:127.0.0.1:5060",
+            "udp:127.0.0.1",
+            "udp:localhost:5060",
+            "udp:::1:5060",
+            "udp:127.0.0.1:70000",
+        ] {
+            let error = bad.parse::<ListenAddr>().unwrap_err();
+            assert!(
+                error.to_string().contains("expected TRANSPORT:IP:PORT"),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn transport_kind_names() {
+        assert_eq!(TransportKind::Udp.via_name(), "UDP");
+        assert_eq!(TransportKind::Tcp.via_name(), "TCP");
+        assert_eq!(TransportKind::Tls.via_name(), "TLS");
+        assert!(!TransportKind::Udp.is_reliable());
+        assert!(TransportKind::Tcp.is_reliable());
+        assert!(TransportKind::Tls.is_reliable());
+    }
+}

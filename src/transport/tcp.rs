@@ -1,0 +1,454 @@
+//! TCP: listeners, connection tasks and sending over connections.
+//!
+//! Owns RFC 3261 §18 over a stream transport:
+//! - each event loop accepts on its own listener sharing the port (SO_REUSEPORT); beyond the
+//!   connection limit a connection is accepted and closed at once, with a log line;
+//! - one task per connection reads into a [`StreamFramer`] (§18.3) and hands each message to
+//!   the loop's Worker; a CRLFCRLF keep-alive gets a CRLF pong (RFC 5626 §3.5.1); on a framing
+//!   error the Worker gets [`Input::FramingError`], its replies are flushed, and the
+//!   connection is closed (the stream position is lost);
+//! - responses go back on the connection the request came in on (§18.2.2); a request to a
+//!   peer reuses an open connection to that address or opens one (§18.1.1);
+//! - memory per connection is bounded: the framer holds at most one message, the outbound
+//!   queue at most `tcp_send_queue` messages, and a peer that lets the queue fill or does not
+//!   read a write within the idle timeout is disconnected. Idle connections are closed.
+
+use std::io;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use super::dispatch::LoopContext;
+use super::framing::{Frame, FramingFailure, StreamFramer};
+use super::registry::{ConnectionHandle, LimitReached, Outbound, QueueError, Registration};
+use super::{share_port, socket_local_addr, Destination, FramingError, Input, Meta, TransportKind};
+
+/// Most bytes read from a connection at once; bounds the framer's buffer growth per read.
+const READ_CHUNK: usize = 16 * 1024;
+const LISTEN_BACKLOG: i32 = 1024;
+/// Pause after an accept error such as running out of file descriptors, which would
+/// otherwise repeat at once and spin the loop.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
+/// After a framing error: how long, and how many bytes, to keep reading and discarding so
+/// that closing does not reset the connection before the peer has read our reply.
+const LINGER_TIMEOUT: Duration = Duration::from_secs(2);
+const LINGER_MAX_BYTES: usize = 64 * 1024;
+/// The keep-alive pong (RFC 5626 §3.5.1).
+const PONG: &[u8] = b"\r\n";
+
+/// Binds `count` listeners to `addr`, sharing the port with SO_REUSEPORT. For port 0 the
+/// first listener picks the port and the others join it. Returns the address actually bound.
+pub(crate) fn bind_group(
+    addr: SocketAddr,
+    count: usize,
+) -> io::Result<(SocketAddr, Vec<std::net::TcpListener>)> {
+    let first = bind_one(addr, count)?;
+    let bound = socket_local_addr(&first)?;
+    let mut listeners = vec![first];
+    for _ in 1..count {
+        listeners.push(bind_one(bound, count)?);
+    }
+    let listeners = listeners
+        .into_iter()
+        .map(std::net::TcpListener::from)
+        .collect();
+    Ok((bound, listeners))
+}
+
+fn bind_one(addr: SocketAddr, group_size: usize) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    // A restart must not wait for the previous run's connections in TIME_WAIT.
+    socket.set_reuse_address(true)?;
+    share_port(&socket, group_size)?;
+    if addr.is_ipv6() {
+        // Keep [::] from also taking IPv4 connections, which belong to IPv4 listeners.
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket)
+}
+
+/// Fails if a socket outside this server already listens on `addr`: SO_REUSEPORT would
+/// otherwise let two servers silently split the connections. Only meaningful for a fixed port.
+pub(crate) fn ensure_not_in_use(addr: SocketAddr) -> io::Result<()> {
+    let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    // Tolerates leftovers in TIME_WAIT, but not a listener.
+    probe.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        probe.set_only_v6(true)?;
+    }
+    probe.bind(&addr.into())
+}
+
+/// Accepts connections on `listener` forever, one task per connection.
+pub(crate) async fn run_acceptor(ctx: Rc<LoopContext>, listener: TcpListener, local: SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => accept(&ctx, stream, peer),
+            Err(error) if is_per_connection(&error) => {
+                debug!(%local, %error, "TCP accept failed for one connection");
+            }
+            Err(error) => {
+                warn!(%local, %error, "TCP accept failed; pausing before the next accept");
+                tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+            }
+        }
+    }
+}
+
+/// Errors that concern only the connection being accepted, not the listener.
+fn is_per_connection(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
+    )
+}
+
+fn accept(ctx: &Rc<LoopContext>, stream: TcpStream, peer: SocketAddr) {
+    let queue_len = ctx.limits.tcp_send_queue;
+    match ctx.registry.register(TransportKind::Tcp, peer, queue_len) {
+        Ok(registration) => {
+            debug!(conn = %registration.id(), %peer, worker = ctx.index, "accepted TCP connection");
+            tokio::task::spawn_local(run_connection(Rc::clone(ctx), stream, registration));
+        }
+        Err(LimitReached { limit }) => {
+            warn!(%peer, limit, "refusing TCP connection: connection limit reached");
+            drop(stream);
+        }
+    }
+}
+
+/// Sends `data` over TCP: on `dest.conn` if it is still open (RFC 3261 §18.2.2), else on an
+/// open connection to `dest.addr`, else on a new connection to it.
+pub(crate) fn send(ctx: &Rc<LoopContext>, dest: Destination, data: Bytes) {
+    let by_id = dest.conn.and_then(|id| {
+        let connection = ctx.registry.get(id);
+        if connection.is_none() {
+            debug!(conn = %id, dest = %dest.addr, "connection closed; sending by address instead");
+        }
+        connection
+    });
+    let connection = by_id.or_else(|| ctx.registry.find_peer(TransportKind::Tcp, dest.addr));
+    match connection {
+        Some(connection) => queue_on(&connection, data),
+        None => open_connection(ctx, dest.addr, data),
+    }
+}
+
+fn queue_on(connection: &ConnectionHandle, data: Bytes) {
+    match connection.send(data) {
+        Ok(()) => {}
+        Err(QueueError::Full) => warn!(
+            conn = %connection.id(),
+            peer = %connection.peer(),
+            "send queue full (peer is not reading): dropping the message and closing the connection"
+        ),
+        Err(QueueError::Closed) => debug!(
+            conn = %connection.id(),
+            peer = %connection.peer(),
+            "dropping outgoing message: connection closed"
+        ),
+    }
+}
+
+/// Registers a connection to `peer` at once, so that messages sent while it is being
+/// established queue on it instead of opening more, then connects in a task of this loop.
+fn open_connection(ctx: &Rc<LoopContext>, peer: SocketAddr, first: Bytes) {
+    let queue_len = ctx.limits.tcp_send_queue;
+    let registration = match ctx.registry.register(TransportKind::Tcp, peer, queue_len) {
+        Ok(registration) => registration,
+        Err(LimitReached { limit }) => {
+            warn!(%peer, limit, "dropping outgoing TCP message: connection limit reached");
+            return;
+        }
+    };
+    queue_on(registration.handle(), first);
+    tokio::task::spawn_local(connect_and_run(Rc::clone(ctx), peer, registration));
+}
+
+async fn connect_and_run(ctx: Rc<LoopContext>, peer: SocketAddr, mut registration: Registration) {
+    let connect_timeout = ctx.limits.tcp_connect_timeout;
+    let handle = registration.handle().clone();
+    let connected = tokio::select! {
+        connected = tokio::time::timeout(connect_timeout, TcpStream::connect(peer)) => connected,
+        () = handle.abort_signal().aborted() => {
+            debug!(conn = %handle.id(), %peer, "connection aborted while connecting");
+            return;
+        }
+    };
+    let queued = registration.queue().len();
+    match connected {
+        Ok(Ok(stream)) => {
+            debug!(conn = %handle.id(), %peer, worker = ctx.index, "opened TCP connection");
+            run_connection(ctx, stream, registration).await;
+        }
+        Ok(Err(error)) => {
+            warn!(%peer, %error, queued, "TCP connect failed; dropping the queued messages");
+        }
+        Err(_) => warn!(
+            %peer,
+            timeout_secs = connect_timeout.as_secs(),
+            queued,
+            "TCP connect timed out; dropping the queued messages"
+        ),
+    }
+}
+
+/// Serves one established connection until it closes; the registration is dropped (and the
+/// connection unregistered) when this returns or is cancelled.
+pub(crate) async fn run_connection(
+    ctx: Rc<LoopContext>,
+    stream: TcpStream,
+    registration: Registration,
+) {
+    let handle = registration.handle().clone();
+    let local = match stream.local_addr() {
+        Ok(local) => local,
+        Err(error) => {
+            debug!(conn = %handle.id(), %error, "connection closed before it could be served");
+            return;
+        }
+    };
+    if let Err(error) = stream.set_nodelay(true) {
+        // Only latency suffers; the connection still works.
+        debug!(conn = %handle.id(), %error, "could not set TCP_NODELAY");
+    }
+    let meta = Meta {
+        kind: TransportKind::Tcp,
+        source: handle.peer(),
+        local,
+        conn: Some(handle.id()),
+        worker: ctx.index,
+    };
+    let idle_deadline = Instant::now() + ctx.limits.tcp_idle_timeout;
+    let framer = StreamFramer::new(ctx.limits.max_message_size);
+    let mut connection = Connection {
+        ctx,
+        stream,
+        framer,
+        handle,
+        registration,
+        meta,
+        idle_deadline,
+    };
+    let reason = connection.serve().await;
+    connection.log_close(&reason);
+}
+
+/// Why a connection was closed.
+#[derive(Debug)]
+enum CloseReason {
+    PeerClosed,
+    IdleTimeout,
+    /// `Output::Close`, after what was queued before it had been written.
+    CloseRequested,
+    /// Aborted: the send queue filled up or `abort` was called.
+    Aborted,
+    Framing(FramingError),
+    ReadFailed(io::Error),
+    WriteFailed(io::Error),
+    WriteStalled,
+}
+
+/// What woke a connection's task.
+enum Event {
+    Aborted,
+    Outbound(Option<Outbound>),
+    Read(io::Result<usize>),
+    Idle,
+}
+
+struct Connection {
+    ctx: Rc<LoopContext>,
+    stream: TcpStream,
+    framer: StreamFramer,
+    handle: ConnectionHandle,
+    registration: Registration,
+    meta: Meta,
+    idle_deadline: Instant,
+}
+
+impl Connection {
+    async fn serve(&mut self) -> CloseReason {
+        loop {
+            match self.next_event().await {
+                Event::Aborted => return CloseReason::Aborted,
+                Event::Idle => return CloseReason::IdleTimeout,
+                Event::Outbound(Some(Outbound::Data(data))) => {
+                    if let Err(reason) = self.write(&data).await {
+                        return reason;
+                    }
+                }
+                // The registration keeps a sender alive, so `None` cannot happen; treat it
+                // like a close request anyway.
+                Event::Outbound(Some(Outbound::Close) | None) => {
+                    return CloseReason::CloseRequested
+                }
+                Event::Read(Ok(0)) => return CloseReason::PeerClosed,
+                Event::Read(Ok(_)) => {
+                    self.touch();
+                    if let Some(reason) = self.deliver_frames().await {
+                        return reason;
+                    }
+                }
+                Event::Read(Err(error)) => return CloseReason::ReadFailed(error),
+            }
+        }
+    }
+
+    /// Waits for the next thing to do. Queued writes go before reads, so a peer that sends
+    /// faster than it reads is slowed down rather than buffered.
+    async fn next_event(&mut self) -> Event {
+        let mut read_space = self.framer.read_space(READ_CHUNK).limit(READ_CHUNK);
+        tokio::select! {
+            biased;
+            () = self.handle.abort_signal().aborted() => Event::Aborted,
+            item = self.registration.queue().recv() => Event::Outbound(item),
+            read = self.stream.read_buf(&mut read_space) => Event::Read(read),
+            () = tokio::time::sleep_until(self.idle_deadline) => Event::Idle,
+        }
+    }
+
+    /// Hands every complete message in the framer to the Worker.
+    async fn deliver_frames(&mut self) -> Option<CloseReason> {
+        loop {
+            let frame = match self.framer.next_frame() {
+                Ok(Some(frame)) => frame,
+                Ok(None) => return None,
+                Err(failure) => return Some(self.fail(failure).await),
+            };
+            match frame {
+                Frame::Message(data) => {
+                    let meta = self.meta;
+                    self.ctx.handle(Input::Message { data, meta }).await;
+                }
+                Frame::KeepAlivePing => {
+                    // Queued, so the pong cannot overtake replies queued before it.
+                    if self.handle.send(Bytes::from_static(PONG)).is_err() {
+                        return Some(CloseReason::Aborted);
+                    }
+                }
+            }
+            if self.handle.abort_signal().is_aborted() {
+                return Some(CloseReason::Aborted);
+            }
+        }
+    }
+
+    /// Lets the Worker answer a framing failure, sends its replies, then closes.
+    async fn fail(&mut self, failure: FramingFailure) -> CloseReason {
+        warn!(
+            conn = %self.handle.id(),
+            peer = %self.handle.peer(),
+            error = %failure.error,
+            "cannot frame the stream; closing the connection"
+        );
+        let error = failure.error.clone();
+        let input = Input::FramingError {
+            head: failure.head,
+            error: failure.error,
+            meta: self.meta,
+        };
+        self.ctx.handle(input).await;
+        if let Err(reason) = self.flush_queue().await {
+            return reason;
+        }
+        self.linger().await;
+        CloseReason::Framing(error)
+    }
+
+    /// Writes what is queued now, up to one queue's worth, stopping at a close request.
+    async fn flush_queue(&mut self) -> Result<(), CloseReason> {
+        for _ in 0..self.ctx.limits.tcp_send_queue {
+            match self.registration.queue().try_recv() {
+                Ok(Outbound::Data(data)) => self.write(&data).await?,
+                Ok(Outbound::Close) | Err(_) => break,
+            }
+        }
+        Ok(())
+    }
+
+    /// Half-closes, then reads and discards what the peer still sends for a bounded time:
+    /// closing with unread input would send a RST, and the peer could lose our last reply.
+    async fn linger(&mut self) {
+        if self.stream.shutdown().await.is_err() {
+            return;
+        }
+        let deadline = Instant::now() + LINGER_TIMEOUT;
+        let mut scratch = [0u8; 4096];
+        let mut discarded = 0;
+        while discarded < LINGER_MAX_BYTES {
+            match tokio::time::timeout_at(deadline, self.stream.read(&mut scratch)).await {
+                Ok(Ok(read)) if read > 0 => discarded += read,
+                _ => break,
+            }
+        }
+    }
+
+    /// Writes `data`, giving up if the connection is aborted or the peer does not take it
+    /// within the idle timeout.
+    async fn write(&mut self, data: &[u8]) -> Result<(), CloseReason> {
+        let deadline = Instant::now() + self.ctx.limits.tcp_idle_timeout;
+        let written = tokio::select! {
+            biased;
+            () = self.handle.abort_signal().aborted() => return Err(CloseReason::Aborted),
+            written = tokio::time::timeout_at(deadline, self.stream.write_all(data)) => written,
+        };
+        match written {
+            Ok(Ok(())) => {
+                self.touch();
+                Ok(())
+            }
+            Ok(Err(error)) => Err(CloseReason::WriteFailed(error)),
+            Err(_) => Err(CloseReason::WriteStalled),
+        }
+    }
+
+    fn touch(&mut self) {
+        self.idle_deadline = Instant::now() + self.ctx.limits.tcp_idle_timeout;
+    }
+
+    fn log_close(&self, reason: &CloseReason) {
+        let conn = self.handle.id();
+        let peer = self.handle.peer();
+        let partial = self.framer.buffered_len();
+        match reason {
+            CloseReason::PeerClosed if partial > 0 => debug!(
+                %conn, %peer, discarded = partial,
+                "peer closed the connection in the middle of a message"
+            ),
+            CloseReason::PeerClosed => debug!(%conn, %peer, "peer closed the connection"),
+            CloseReason::IdleTimeout => debug!(
+                %conn, %peer,
+                idle_secs = self.ctx.limits.tcp_idle_timeout.as_secs(),
+                "closing idle connection"
+            ),
+            CloseReason::CloseRequested => debug!(%conn, %peer, "connection closed on request"),
+            CloseReason::Aborted => debug!(%conn, %peer, "connection aborted"),
+            CloseReason::Framing(error) => {
+                debug!(%conn, %peer, %error, "connection closed after a framing error")
+            }
+            CloseReason::ReadFailed(error) => {
+                info!(%conn, %peer, %error, "connection closed: read failed")
+            }
+            CloseReason::WriteFailed(error) => {
+                info!(%conn, %peer, %error, "connection closed: write failed")
+            }
+            CloseReason::WriteStalled => warn!(
+                %conn, %peer,
+                "closing connection: the peer took no data for the idle timeout"
+            ),
+        }
+    }
+}
