@@ -99,7 +99,13 @@ fn run(args: RunArgs) -> Result<(), Box<dyn Error>> {
     for listen in server.listen_addrs() {
         info!(%listen, "listening");
     }
-    info!(workers = server.worker_count(), "moonroute running");
+    info!(
+        workers = server.worker_count(),
+        script = %config.script.display(),
+        data_dir = %config.data_dir.display(),
+        version = env!("CARGO_PKG_VERSION"),
+        "moonroute running"
+    );
 
     let signal = wait_for_termination()?;
     info!(signal, "shutting down");
@@ -116,9 +122,12 @@ fn init_logging(log_level: &str) -> Result<(), Box<dyn Error>> {
         _ => EnvFilter::try_new(log_level)
             .map_err(|error| format!("invalid log_level {log_level:?}: {error}"))?,
     };
+    // Colour only for a person at a terminal: escape codes make log files and journals unreadable.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(ansi)
         .init();
     Ok(())
 }

@@ -22,12 +22,14 @@ use moonroute::transport::{ListenAddr, TransportKind};
 const WAIT: Duration = Duration::from_secs(5);
 
 fn start() -> ServerHandle {
-    let mut config = Config::default();
-    config.listen = vec![
-        "udp:127.0.0.1:0".parse::<ListenAddr>().unwrap(),
-        "tcp:127.0.0.1:0".parse::<ListenAddr>().unwrap(),
-    ];
-    config.workers = 2;
+    let mut config = Config {
+        listen: vec![
+            "udp:127.0.0.1:0".parse::<ListenAddr>().unwrap(),
+            "tcp:127.0.0.1:0".parse::<ListenAddr>().unwrap(),
+        ],
+        workers: 2,
+        ..Config::default()
+    };
     config.limits.max_message_size = 4096;
     let factory = Arc::new(CoreFactory::new(&config));
     Server::start(&config, factory).expect("server starts")

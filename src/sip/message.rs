@@ -450,6 +450,13 @@ impl Message {
         })
     }
 
+    /// The Content-Length value (validated when the message was parsed, §20.14).
+    pub fn content_length(&self) -> Option<u32> {
+        self.header(HeaderName::ContentLength)
+            .and_then(|v| scan::parse_decimal(scan::trim_ws(v), u64::from(u32::MAX)))
+            .map(|n| n as u32)
+    }
+
     pub fn content_type(&self) -> Option<&[u8]> {
         self.header(HeaderName::ContentType)
     }
@@ -672,7 +679,9 @@ impl Message {
             Some(second) => {
                 let second = second?;
                 let offset = second.as_ptr() as usize - field_value.as_ptr() as usize;
-                Some(field_value[offset..].to_vec())
+                let mut rest = Vec::with_capacity(field_value.len() - offset);
+                scan::push_unfolded(&mut rest, &field_value[offset..]);
+                Some(rest)
             }
             None => None,
         };

@@ -67,7 +67,7 @@ impl<'r> ResponseBuilder<'r> {
         }
         for (name, value) in &self.extra {
             put_clean(&mut out, name.as_bytes());
-            out.put_slice(b": ");
+            out.put_slice(if value.is_empty() { b":" } else { b": " });
             put_clean(&mut out, value);
             out.put_slice(b"\r\n");
         }

@@ -226,6 +226,27 @@ impl<'a> Iterator for CommaSplit<'a> {
     }
 }
 
+/// Appends `s` with each white-space run that holds a CR or LF replaced by one SP. A fold is
+/// LWS, equivalent to one SP (§7.3.1), and a value the codec rewrites goes on one line, since
+/// the edit refuses line breaks: RFC 4475 §3.1.1.1 folds its Via, which must still be editable.
+pub fn push_unfolded(out: &mut Vec<u8>, s: &[u8]) {
+    let mut i = 0;
+    while i < s.len() {
+        if is_ws(s[i]) {
+            let end = skip_ws(s, i);
+            if s[i..end].iter().any(|&b| b == b'\r' || b == b'\n') {
+                out.push(b' ');
+            } else {
+                out.extend_from_slice(&s[i..end]);
+            }
+            i = end;
+        } else {
+            out.push(s[i]);
+            i += 1;
+        }
+    }
+}
+
 /// Parses a non-negative decimal with at most `max` as value (no sign, no spaces).
 pub fn parse_decimal(s: &[u8], max: u64) -> Option<u64> {
     if s.is_empty() || s.len() > 20 {

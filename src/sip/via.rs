@@ -122,7 +122,7 @@ impl<'a> Via<'a> {
             return None;
         }
         let mut out = Vec::with_capacity(self.raw.len() + 40);
-        push_unfolded(&mut out, scan::trim_ws(&self.raw[..self.params_offset()]));
+        scan::push_unfolded(&mut out, scan::trim_ws(&self.raw[..self.params_offset()]));
         for p in self.params.iter() {
             if scan::eq_ic(p.name, b"received") || scan::eq_ic(p.name, b"rport") {
                 continue;
@@ -131,7 +131,7 @@ impl<'a> Via<'a> {
             out.extend_from_slice(p.name);
             if let Some(v) = p.value {
                 out.push(b'=');
-                push_unfolded(&mut out, v);
+                scan::push_unfolded(&mut out, v);
             }
         }
         out.extend_from_slice(b";received=");
@@ -159,27 +159,6 @@ impl Via<'_> {
             None => self.port.unwrap_or(default_port),
         };
         SocketAddr::new(source.ip(), port)
-    }
-}
-
-/// The rewritten value goes on one line, and a header value may not hold a line break, yet the
-/// received one may be folded (RFC 4475 §3.1.1.1 folds its Via). A fold is LWS, equivalent to
-/// one SP (§7.3.1), so each white-space run holding a CR or LF becomes one SP.
-fn push_unfolded(out: &mut Vec<u8>, s: &[u8]) {
-    let mut i = 0;
-    while i < s.len() {
-        if scan::is_ws(s[i]) {
-            let end = scan::skip_ws(s, i);
-            if s[i..end].iter().any(|&b| b == b'\r' || b == b'\n') {
-                out.push(b' ');
-            } else {
-                out.extend_from_slice(&s[i..end]);
-            }
-            i = end;
-        } else {
-            out.push(s[i]);
-            i += 1;
-        }
     }
 }
 
