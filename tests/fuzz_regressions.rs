@@ -42,11 +42,12 @@ fn folded_top_via_can_be_stamped() {
     assert_eq!(vias[1].transport, b"UDP");
 }
 
-/// Minimised from a fuzzer crash: bare CRs, which the value scanners count as white space,
-/// inside a Via line holding two values. Rewriting the first value copied the CRs (in it and in
-/// the second value kept after it) into the new line, and the edit refused it.
+/// Minimised from a fuzzer crash: bare CRs inside a Via line holding two values. Rewriting the
+/// first value copied the CRs into the new line and the edit refused it. Folds are now unfolded
+/// on rewrite, and a CR outside CRLF is refused at parse time (a smuggling vector: downstream
+/// parsers may end a line there), so this message gets 400 naming the problem.
 #[test]
-fn bare_cr_in_combined_via_can_be_stamped() {
+fn bare_cr_inside_a_line_is_refused() {
     let text = b"INVITE sip:bob@example.com SIP/2.0\r\n\
 To: <sip:bob@example.com>\n\
 From: <sip:alice@example.com>;tag=1\n\
@@ -54,12 +55,11 @@ Call-ID: r2@example.com\n\
 CSeq: 9\rINVITE\n\
 v: SIP/2.0/UDP\ra.example.com;branch=z9hG4bK1,SIP /2.0/ UDP\r b.example.com;branch=z9hG4bK2\n\
 \n";
-    let m = Message::parse(Bytes::from_static(text)).unwrap();
-    let again = proxy_edits_keep_it_valid(m);
-    let vias: Vec<_> = again.vias().map(Result::unwrap).collect();
-    assert_eq!(vias.len(), 3);
-    assert_eq!(vias[1].received(), Some(&b"127.0.0.1"[..]));
-    assert_eq!(vias[2].branch(), Some(&b"z9hG4bK2"[..]));
+    let e = Message::parse(Bytes::from_static(text)).unwrap_err();
+    assert_eq!(e.status(), 400);
+    assert!(e.to_string().contains("CR"), "{e}");
+    let smuggle = b"OPTIONS sip:a@example.com SIP/2.0\r\nX-A: x\rVia: SIP/2.0/UDP evil\r\n\r\n";
+    assert!(Message::parse(Bytes::from_static(smuggle)).is_err());
 }
 
 /// The response-side twin: removing the top value of a folded Via line kept the rest of the line

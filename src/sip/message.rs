@@ -117,6 +117,7 @@ impl Message {
         let (line_end, next) =
             line_at(b, pos).ok_or(ParseError::bad("start line", "message has no line end"))?;
         let start_line = Span::orig(pos, line_end);
+        refuse_bare_cr(&b[pos..line_end])?;
         let kind = parse_start_line(&b[pos..line_end], pos)?;
         pos = next;
 
@@ -137,6 +138,7 @@ impl Message {
             if end == pos {
                 break next;
             }
+            refuse_bare_cr(&b[pos..end])?;
             if b[pos] == b' ' || b[pos] == b'\t' {
                 let last = headers.last_mut().ok_or(ParseError::bad(
                     "headers",
@@ -776,6 +778,16 @@ fn trim_value_starts(b: &[u8], headers: &mut [HeaderEntry]) {
     for h in headers {
         let v = &b[h.value.start as usize..h.value.end as usize];
         h.value.start += scan::skip_ws(v, 0) as u32;
+    }
+}
+
+/// Lines end in CRLF (§7); a CR anywhere else is refused. Parsers disagree on whether a lone CR
+/// ends a line, and since unedited fields are forwarded byte-exact, accepting one would let a
+/// sender smuggle a header past us into a downstream element that splits there.
+fn refuse_bare_cr(line: &[u8]) -> Result<()> {
+    match memchr(b'\r', line) {
+        Some(_) => Err(ParseError::bad("headers", "CR without LF inside a line")),
+        None => Ok(()),
     }
 }
 
