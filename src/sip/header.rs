@@ -53,6 +53,9 @@ pub enum HeaderName {
     Other,
 }
 
+// `Message::validate` keeps one bit per name in a u64.
+const _: () = assert!((HeaderName::Other as u8) < 64);
+
 /// Longest known full name ("Request-Disposition", "Proxy-Authorization") is 19 bytes.
 const MAX_KNOWN_LEN: usize = 19;
 

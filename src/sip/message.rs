@@ -91,11 +91,30 @@ pub struct HeaderRef<'a> {
 impl HeaderRef<'_> {
     /// True when this field is called `name` (any case, compact forms included).
     pub fn is(&self, name: &str) -> bool {
-        match HeaderName::classify(name.as_bytes()) {
-            HeaderName::Other => {
-                self.name == HeaderName::Other && scan::eq_ic(self.raw_name, name.as_bytes())
-            }
-            known => self.name == known,
+        NameMatch::new(name).matches(self.name, self.raw_name)
+    }
+}
+
+/// A header name to look for, classified once so that scanning the fields compares enums
+/// (§7.3.5: names are case-insensitive; compact forms name the same field).
+#[derive(Clone, Copy)]
+struct NameMatch<'n> {
+    known: HeaderName,
+    raw: &'n [u8],
+}
+
+impl<'n> NameMatch<'n> {
+    fn new(name: &'n str) -> Self {
+        NameMatch {
+            known: HeaderName::classify(name.as_bytes()),
+            raw: name.as_bytes(),
+        }
+    }
+
+    fn matches(&self, name: HeaderName, raw_name: &[u8]) -> bool {
+        match self.known {
+            HeaderName::Other => name == HeaderName::Other && scan::eq_ic(raw_name, self.raw),
+            known => name == known,
         }
     }
 }
@@ -256,8 +275,7 @@ impl Message {
     }
 
     fn text(&self, s: Span) -> &[u8] {
-        let src: &[u8] = if s.own { &self.own } else { &self.buf };
-        &src[s.start as usize..s.end as usize]
+        span_text(&self.buf, &self.own, s)
     }
 
     fn push_own(&mut self, text: &[u8]) -> Span {
@@ -352,7 +370,10 @@ impl Message {
 
     /// Every field called `name` (any name, known or not; case-insensitive).
     pub fn headers_named<'m>(&'m self, name: &'m str) -> impl Iterator<Item = &'m [u8]> + 'm {
-        self.headers().filter(move |h| h.is(name)).map(|h| h.value)
+        let wanted = NameMatch::new(name);
+        self.headers()
+            .filter(move |h| wanted.matches(h.name, h.raw_name))
+            .map(|h| h.value)
     }
 
     /// All values of a list header across its fields, split at top-level commas (§7.3.1).
@@ -480,10 +501,13 @@ impl Message {
     /// Request-URI of a request carries no headers (§19.1.1 table, RFC 4475 §3.1.2.11), and
     /// every Via, Contact, Route, Record-Route, option tag and Date parses.
     pub fn validate(&self) -> Result<()> {
-        for (i, h) in self.headers.iter().enumerate() {
-            if h.name.is_single() && self.headers[i + 1..].iter().any(|o| o.name == h.name) {
+        let mut seen: u64 = 0;
+        for h in self.headers.iter().filter(|h| h.name.is_single()) {
+            let bit = 1u64 << (h.name as u8);
+            if seen & bit != 0 {
                 return Err(ParseError::bad(h.name.as_str(), "appears more than once"));
             }
+            seen |= bit;
         }
         let mut via_count = 0;
         for v in self.vias() {
@@ -576,7 +600,16 @@ impl Message {
                 "value contains a line break or NUL",
             ));
         }
-        let text = self.push_own(&[raw_name, b": ", value].concat());
+        let start = self.own.len();
+        self.own.reserve(raw_name.len() + 2 + value.len());
+        self.own.extend_from_slice(raw_name);
+        self.own.extend_from_slice(b": ");
+        self.own.extend_from_slice(value);
+        let text = Span {
+            own: true,
+            start: start as u32,
+            end: self.own.len() as u32,
+        };
         let name_end = text.start + raw_name.len() as u32;
         Ok(HeaderEntry {
             name: HeaderName::classify(raw_name),
@@ -618,14 +651,13 @@ impl Message {
         match self.position_of(name) {
             Some(at) => {
                 self.headers[at] = entry;
-                let mut i = at + 1;
-                while i < self.headers.len() {
-                    if self.header_ref(&self.headers[i]).is(name) {
-                        self.headers.remove(i);
-                    } else {
-                        i += 1;
-                    }
-                }
+                let wanted = NameMatch::new(name);
+                let (buf, own) = (&self.buf, &self.own);
+                let mut index = 0;
+                self.headers.retain(|h| {
+                    index += 1;
+                    index - 1 <= at || !wanted.matches(h.name, span_text(buf, own, h.raw_name))
+                });
             }
             None => self.headers.push(entry),
         }
@@ -636,22 +668,20 @@ impl Message {
     /// Removes every field called `name`; returns how many were removed.
     pub fn remove_headers(&mut self, name: &str) -> usize {
         let before = self.headers.len();
-        let keep: Vec<HeaderEntry> = self
-            .headers
-            .iter()
-            .filter(|h| !self.header_ref(h).is(name))
-            .copied()
-            .collect();
-        self.headers = keep;
+        let wanted = NameMatch::new(name);
+        let (buf, own) = (&self.buf, &self.own);
+        self.headers
+            .retain(|h| !wanted.matches(h.name, span_text(buf, own, h.raw_name)));
         let removed = before - self.headers.len();
         self.edited |= removed > 0;
         removed
     }
 
     fn position_of(&self, name: &str) -> Option<usize> {
+        let wanted = NameMatch::new(name);
         self.headers
             .iter()
-            .position(|h| self.header_ref(h).is(name))
+            .position(|h| wanted.matches(h.name, self.text(h.raw_name)))
     }
 
     /// Removes the first value of a list header (the top Via of a response, §16.7 step 3; our
@@ -779,6 +809,11 @@ fn trim_value_starts(b: &[u8], headers: &mut [HeaderEntry]) {
         let v = &b[h.value.start as usize..h.value.end as usize];
         h.value.start += scan::skip_ws(v, 0) as u32;
     }
+}
+
+fn span_text<'a>(buf: &'a [u8], own: &'a [u8], s: Span) -> &'a [u8] {
+    let src = if s.own { own } else { buf };
+    &src[s.start as usize..s.end as usize]
 }
 
 /// Lines end in CRLF (§7); a CR anywhere else is refused. Parsers disagree on whether a lone CR

@@ -1,7 +1,8 @@
 //! The Via header (RFC 3261 §20.42, §18.2.1, RFC 3581): sent-protocol, sent-by, and the branch,
 //! received, rport, maddr and ttl parameters.
 
-use std::net::{IpAddr, SocketAddr};
+use std::io::Write;
+use std::net::SocketAddr;
 
 use super::error::{ParseError, Result};
 use super::params::Params;
@@ -134,14 +135,11 @@ impl<'a> Via<'a> {
                 scan::push_unfolded(&mut out, v);
             }
         }
-        out.extend_from_slice(b";received=");
-        match source.ip() {
-            // via-received uses a bare IPv6address (§25.1), without brackets.
-            IpAddr::V4(a) => out.extend_from_slice(a.to_string().as_bytes()),
-            IpAddr::V6(a) => out.extend_from_slice(a.to_string().as_bytes()),
-        }
+        // via-received is a bare address, IPv6 without brackets (§25.1). Writing into a Vec
+        // cannot fail.
+        let _ = write!(out, ";received={}", source.ip());
         if wants_rport {
-            out.extend_from_slice(format!(";rport={}", source.port()).as_bytes());
+            let _ = write!(out, ";rport={}", source.port());
         }
         Some(out)
     }
