@@ -16,7 +16,7 @@ use bytes::Bytes;
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
-use crate::sip::{HeaderName, Message, Method, ParseError, ResponseBuilder, Uri};
+use crate::sip::{HeaderName, Host, Message, Method, ParseError, ResponseBuilder, Uri};
 use crate::transport::{
     Destination, FramingError, Input, Meta, Output, TransportKind, Worker, WorkerFactory,
 };
@@ -56,8 +56,11 @@ impl LocalIdentity {
                 .iter()
                 .any(|l| ip_matches(l.ip(), ip) && port_matches(l.port(), port)),
             None => {
-                let name = sip.host.to_string();
-                let is_domain = self.domains.iter().any(|d| d.eq_ignore_ascii_case(&name));
+                let name = match sip.host {
+                    Host::Domain(name) => name,
+                    Host::Ip(_) => return false,
+                };
+                let is_domain = self.domains.iter().any(|d| d.eq_ignore_ascii_case(name));
                 let is_localhost = name.eq_ignore_ascii_case("localhost")
                     && self
                         .listen
@@ -97,6 +100,7 @@ impl WorkerFactory for CoreFactory {
         Box::new(Core {
             identity: self.identity.clone(),
             tag_hasher: self.tag_hasher.clone(),
+            supported: SUPPORTED.join(", "),
         })
     }
 }
@@ -106,6 +110,8 @@ pub struct Core {
     identity: LocalIdentity,
     /// Shared by all loops, so a retransmitted request gets the same To tag wherever it lands.
     tag_hasher: RandomState,
+    /// The Supported header value, joined once.
+    supported: String,
 }
 
 impl Worker for Core {
@@ -124,6 +130,7 @@ impl Core {
         Core {
             identity,
             tag_hasher: RandomState::new(),
+            supported: SUPPORTED.join(", "),
         }
     }
 
@@ -148,74 +155,75 @@ impl Core {
     }
 
     fn on_request(&self, req: &Message, meta: &Meta, out: &mut Vec<Output>) {
-        let call_id = String::from_utf8_lossy(req.call_id().unwrap_or(b"")).into_owned();
+        // Log fields are formatted only when their level is enabled: nothing is built for them
+        // on the per-request path.
+        let call_id = Lossy(req.call_id().unwrap_or(b""));
         let Some(method) = req.method() else { return };
         if *method == Method::Ack {
             // ACK is never answered (§17.2.1: it ends a transaction, or belongs to a 2xx).
             debug!(%call_id, "absorbing ACK");
             return;
         }
-        if let Some(reply) = self.check_request(req, method) {
-            let (code, reason, extra) = reply;
+        if let Some(refusal) = self.check_request(req, method) {
+            let Refusal {
+                code,
+                reason,
+                unsupported,
+            } = refusal;
             info!(%call_id, %method, source = %meta.source, code, reason, "refusing request");
-            return self.reply(req, meta, code, reason, &extra, out);
+            let extra: &[(&str, &str)] = match &unsupported {
+                Some(tags) => &[("Unsupported", tags.as_str())],
+                None if code == 501 => &[("Allow", ALLOW)],
+                None => &[],
+            };
+            return self.reply(req, meta, code, reason, extra, out);
         }
         debug!(%call_id, source = %meta.source, "answering OPTIONS");
-        let supported = SUPPORTED.join(", ");
-        let extra = [
-            ("Allow", ALLOW.to_string()),
-            ("Accept", "*/*".to_string()),
-            ("Accept-Encoding", "identity".to_string()),
-            ("Accept-Language", "en".to_string()),
-            ("Supported", supported),
-            ("Server", SERVER.to_string()),
-        ];
-        self.reply(req, meta, 200, "OK", &extra, out);
+        self.reply(req, meta, 200, "OK", &self.options_headers(), out);
+    }
+
+    /// §11.2: what an OPTIONS answer tells about this server.
+    fn options_headers(&self) -> [(&'static str, &str); 6] {
+        [
+            ("Allow", ALLOW),
+            ("Accept", "*/*"),
+            ("Accept-Encoding", "identity"),
+            ("Accept-Language", "en"),
+            ("Supported", &self.supported),
+            ("Server", SERVER),
+        ]
     }
 
     /// The checks of §8.2.2 and §16.3 that apply to a server that does not route yet; returns
     /// the refusal, or `None` for an OPTIONS addressed to this server.
-    #[allow(clippy::type_complexity)]
-    fn check_request(
-        &self,
-        req: &Message,
-        method: &Method,
-    ) -> Option<(u16, &'static str, Vec<(&'static str, String)>)> {
+    fn check_request(&self, req: &Message, method: &Method) -> Option<Refusal> {
+        let refuse = |code, reason| {
+            Some(Refusal {
+                code,
+                reason,
+                unsupported: None,
+            })
+        };
         let uri = req.request_uri().ok()?;
         if !uri.is_routable_scheme() {
-            return Some((416, "Unsupported URI Scheme", vec![]));
+            return refuse(416, "Unsupported URI Scheme");
         }
-        let unsupported: Vec<String> = [HeaderName::Require, HeaderName::ProxyRequire]
-            .into_iter()
-            .flat_map(|h| req.option_tags(h))
-            .filter_map(Result::ok)
-            .filter(|tag| {
-                !SUPPORTED
-                    .iter()
-                    .any(|s| s.as_bytes().eq_ignore_ascii_case(tag))
-            })
-            .map(|tag| String::from_utf8_lossy(tag).into_owned())
-            .collect();
-        if !unsupported.is_empty() {
-            return Some((
-                420,
-                "Bad Extension",
-                vec![("Unsupported", unsupported.join(", "))],
-            ));
+        if let Some(tags) = unsupported_option_tags(req) {
+            return Some(Refusal {
+                code: 420,
+                reason: "Bad Extension",
+                unsupported: Some(tags),
+            });
         }
         let for_me = self.identity.is_myself(&uri);
         let max_forwards_zero = matches!(req.max_forwards(), Some(Ok(0)));
         match method {
             // §16.3 step 3: an OPTIONS with Max-Forwards 0 may be answered as its final recipient.
             Method::Options if for_me || max_forwards_zero => None,
-            _ if max_forwards_zero => Some((483, "Too Many Hops", vec![])),
+            _ if max_forwards_zero => refuse(483, "Too Many Hops"),
             // No transactions exist yet, so there is nothing to cancel (§9.2).
-            Method::Cancel => Some((481, "Call/Transaction Does Not Exist", vec![])),
-            _ => Some((
-                501,
-                "Not Implemented (no routing engine yet)",
-                vec![("Allow", ALLOW.to_string())],
-            )),
+            Method::Cancel => refuse(481, "Call/Transaction Does Not Exist"),
+            _ => refuse(501, "Not Implemented (no routing engine yet)"),
         }
     }
 
@@ -283,7 +291,7 @@ impl Core {
         meta: &Meta,
         code: u16,
         reason: &str,
-        extra: &[(&str, String)],
+        extra: &[(&str, &str)],
         out: &mut Vec<Output>,
     ) {
         let Ok(via) = req.top_via() else { return };
@@ -323,6 +331,46 @@ impl Core {
     }
 }
 
+/// Why a request is refused: status, reason phrase, and for 420 the option tags to list in
+/// Unsupported (§8.2.2.3).
+struct Refusal {
+    code: u16,
+    reason: &'static str,
+    unsupported: Option<String>,
+}
+
+/// Require and Proxy-Require tags this build does not support, comma-separated (§8.2.2.3,
+/// §16.3 item 5), or `None` when all are supported.
+fn unsupported_option_tags(req: &Message) -> Option<String> {
+    let mut list = String::new();
+    let tags = [HeaderName::Require, HeaderName::ProxyRequire]
+        .into_iter()
+        .flat_map(|h| req.option_tags(h))
+        .filter_map(Result::ok);
+    for tag in tags {
+        if SUPPORTED
+            .iter()
+            .any(|s| s.as_bytes().eq_ignore_ascii_case(tag))
+        {
+            continue;
+        }
+        if !list.is_empty() {
+            list.push_str(", ");
+        }
+        list.push_str(&String::from_utf8_lossy(tag));
+    }
+    (!list.is_empty()).then_some(list)
+}
+
+/// Bytes from the wire shown in a log field, formatted only if the event is recorded.
+struct Lossy<'a>(&'a [u8]);
+
+impl std::fmt::Display for Lossy<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&String::from_utf8_lossy(self.0))
+    }
+}
+
 /// A reason phrase that names the problem, e.g. "Bad Request (CSeq: method does not match the
 /// request method)".
 fn refusal_reason(error: &ParseError) -> String {
@@ -332,4 +380,47 @@ fn refusal_reason(error: &ParseError) -> String {
         _ => "Bad Request",
     };
     format!("{standard} ({error})")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity(domains: &[&str], listen: &[&str]) -> LocalIdentity {
+        let domains: Vec<String> = domains.iter().map(|d| d.to_string()).collect();
+        LocalIdentity::new(&domains, listen.iter().map(|l| l.parse().unwrap()))
+    }
+
+    fn is_myself(id: &LocalIdentity, uri: &str) -> bool {
+        id.is_myself(&Uri::parse(uri.as_bytes()).unwrap())
+    }
+
+    #[test]
+    fn listen_addresses_and_domains_are_myself() {
+        let id = identity(&["Example.COM"], &["127.0.0.1:5060", "[::1]:5070"]);
+        assert!(is_myself(&id, "sip:127.0.0.1"));
+        assert!(is_myself(&id, "sip:alice@127.0.0.1:5060;transport=tcp"));
+        assert!(!is_myself(&id, "sip:127.0.0.1:5080"));
+        assert!(is_myself(&id, "sip:[::1]:5070"));
+        assert!(!is_myself(&id, "sip:[::1]"));
+        assert!(
+            is_myself(&id, "sip:bob@example.com"),
+            "domains compare case-insensitively"
+        );
+        assert!(!is_myself(&id, "sip:bob@example.org"));
+        assert!(
+            is_myself(&id, "sip:localhost"),
+            "localhost names a loopback listener"
+        );
+        assert!(!is_myself(&id, "tel:+15551234"));
+    }
+
+    #[test]
+    fn wildcard_address_and_port_zero_match_broadly() {
+        let id = identity(&[], &["0.0.0.0:5060", "127.0.0.1:0"]);
+        assert!(is_myself(&id, "sip:192.0.2.10"));
+        assert!(!is_myself(&id, "sip:192.0.2.10:5080"));
+        assert!(is_myself(&id, "sip:127.0.0.1:40000"));
+        assert!(!is_myself(&id, "sip:example.com"));
+    }
 }
