@@ -409,3 +409,38 @@ async fn expect_closed(stream: &mut TcpStream) {
         }
     }
 }
+
+/// The core over IPv6: the answer's Via records the bare IPv6 source (§18.2.1, §25.1) and comes
+/// back to the source port. Skipped, with a note, where ::1 is not configured.
+#[tokio::test]
+async fn options_over_ipv6_loopback() {
+    let Ok(client) = UdpSocket::bind("[::1]:0").await else {
+        eprintln!("skipping: ::1 is not available on this machine");
+        return;
+    };
+    let config = Config {
+        listen: vec!["udp:[::1]:0".parse::<ListenAddr>().unwrap()],
+        workers: 1,
+        ..Config::default()
+    };
+    let server =
+        Server::start(&config, Arc::new(CoreFactory::new(&config))).expect("server starts");
+    let addr = server.local_addr(TransportKind::Udp).unwrap();
+    let local = client.local_addr().unwrap();
+    let req = format!(
+        "OPTIONS sip:{addr} SIP/2.0\r\nVia: SIP/2.0/UDP [::1]:9;branch=z9hG4bKv6;rport\r\n\
+         Max-Forwards: 70\r\nFrom: <sip:t@[::1]>;tag=a\r\nTo: <sip:{addr}>\r\n\
+         Call-ID: v6@{local}\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
+    );
+    client.send_to(req.as_bytes(), addr).await.unwrap();
+    let mut buf = vec![0u8; 65535];
+    let (n, _) = tokio::time::timeout(WAIT, client.recv_from(&mut buf))
+        .await
+        .expect("answer")
+        .unwrap();
+    let resp = Message::parse(Bytes::copy_from_slice(&buf[..n])).unwrap();
+    assert_eq!(resp.status(), Some(200));
+    let via = resp.top_via().unwrap();
+    assert_eq!(via.received(), Some(&b"::1"[..]));
+    assert_eq!(via.rport(), Some(Some(local.port())));
+}
