@@ -297,5 +297,6 @@ fn start_transports(
     for (local, listener) in tcp {
         tokio::task::spawn_local(tcp::run_acceptor(Rc::clone(&ctx), listener, local));
     }
+    tokio::task::spawn_local(ctx.run_timers());
     Ok(())
 }

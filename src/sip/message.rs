@@ -493,6 +493,20 @@ impl Message {
         &self.buf
     }
 
+    /// `part`, a slice borrowed from this message, as owned bytes: shared with the received
+    /// buffer when it lies inside it (no copy), copied when it comes from an edit.
+    pub fn share(&self, part: &[u8]) -> Bytes {
+        let buf_start = self.buf.as_ptr() as usize;
+        let part_start = part.as_ptr() as usize;
+        let inside =
+            part_start >= buf_start && part_start + part.len() <= buf_start + self.buf.len();
+        if inside {
+            self.buf.slice_ref(part)
+        } else {
+            Bytes::copy_from_slice(part)
+        }
+    }
+
     // ----- validation -------------------------------------------------------------------
 
     /// Checks a received message before the engine acts on it: the mandatory header fields of

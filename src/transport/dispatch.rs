@@ -9,7 +9,7 @@
 //! the hot path takes no lock. Only stream connections are reachable from other loops, through
 //! the [`ConnectionRegistry`].
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::panic::{self, AssertUnwindSafe};
 use std::rc::Rc;
@@ -18,6 +18,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use tokio::net::UdpSocket;
+use tokio::sync::Notify;
 use tracing::{debug, error, warn};
 
 use super::registry::ConnectionRegistry;
@@ -33,6 +34,9 @@ pub(crate) struct UdpEndpoint {
 pub(crate) struct LoopContext {
     pub(crate) index: usize,
     worker: RefCell<Box<dyn Worker>>,
+    /// The deadline the timer task sleeps for, so inputs only wake it when it must run sooner.
+    armed_deadline: Cell<Option<Instant>>,
+    timer_changed: Notify,
     udp: Vec<Rc<UdpEndpoint>>,
     pub(crate) registry: Arc<ConnectionRegistry>,
     pub(crate) limits: TransportLimits,
@@ -49,6 +53,8 @@ impl LoopContext {
         LoopContext {
             index,
             worker: RefCell::new(worker),
+            armed_deadline: Cell::new(None),
+            timer_changed: Notify::new(),
             udp,
             registry,
             limits,
@@ -57,23 +63,67 @@ impl LoopContext {
 
     /// Runs `input` through the Worker and carries out the outputs, in order.
     pub(crate) async fn handle(self: &Rc<Self>, input: Input) {
+        let outputs =
+            self.run_worker(|worker, outputs| worker.on_input(input, Instant::now(), outputs));
+        self.rearm_timer_if_earlier();
+        if let Some(outputs) = outputs {
+            self.execute(outputs).await;
+        }
+    }
+
+    /// Calls the Worker. The borrow ends before any await, so tasks of this loop never contend
+    /// for it. A panicking Worker must not take down the task that feeds it (say, a UDP
+    /// receive loop): its input and outputs are dropped and the loop goes on.
+    fn run_worker(
+        &self,
+        call: impl FnOnce(&mut dyn Worker, &mut Vec<Output>),
+    ) -> Option<Vec<Output>> {
         let mut outputs = Vec::new();
-        // The borrow ends before any await, so tasks of this loop never contend for it.
-        // A panicking Worker must not take down the task that feeds it (say, a UDP receive
-        // loop): the input is dropped and the loop goes on.
         let worked = panic::catch_unwind(AssertUnwindSafe(|| {
-            self.worker
-                .borrow_mut()
-                .on_input(input, Instant::now(), &mut outputs)
+            call(&mut **self.worker.borrow_mut(), &mut outputs)
         }));
         if worked.is_err() {
             error!(
                 worker = self.index,
                 "the Worker panicked; dropping its input and outputs"
             );
-            return;
+            return None;
         }
-        self.execute(outputs).await;
+        Some(outputs)
+    }
+
+    /// Wakes the timer task when the Worker now needs it sooner than it is sleeping for.
+    fn rearm_timer_if_earlier(&self) {
+        let wanted = self.worker.borrow().next_deadline();
+        let armed = self.armed_deadline.get();
+        if let Some(wanted) = wanted {
+            if armed.is_none_or(|armed| wanted < armed) {
+                self.armed_deadline.set(Some(wanted));
+                self.timer_changed.notify_one();
+            }
+        }
+    }
+
+    /// This loop's timer task: sleeps until the Worker's next deadline, runs its timers, and
+    /// starts over; wakes early when an input brings the deadline forward.
+    pub(crate) async fn run_timers(self: Rc<Self>) {
+        loop {
+            let deadline = self.worker.borrow().next_deadline();
+            self.armed_deadline.set(deadline);
+            let Some(at) = deadline else {
+                self.timer_changed.notified().await;
+                continue;
+            };
+            tokio::select! {
+                () = tokio::time::sleep_until(at.into()) => {
+                    let outputs = self.run_worker(|worker, outputs| worker.on_timer(Instant::now(), outputs));
+                    if let Some(outputs) = outputs {
+                        self.execute(outputs).await;
+                    }
+                }
+                () = self.timer_changed.notified() => {}
+            }
+        }
     }
 
     async fn execute(self: &Rc<Self>, outputs: Vec<Output>) {

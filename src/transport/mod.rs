@@ -238,6 +238,16 @@ pub enum Output {
 /// One per event loop; created inside the loop's thread, so it need not be Send.
 pub trait Worker: 'static {
     fn on_input(&mut self, input: Input, now: Instant, out: &mut Vec<Output>);
+
+    /// The earliest instant at which [`Worker::on_timer`] must run (the transaction timers of
+    /// RFC 3261 §17 live behind this), or `None` when nothing is scheduled. The shell asks
+    /// again after every input and every timer run.
+    fn next_deadline(&self) -> Option<Instant> {
+        None
+    }
+
+    /// Runs what became due at `now` (at or after the last [`Worker::next_deadline`]).
+    fn on_timer(&mut self, _now: Instant, _out: &mut Vec<Output>) {}
 }
 
 /// Makes the [`Worker`] of each event loop; called once per loop, inside the loop's thread.
