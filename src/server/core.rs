@@ -18,7 +18,7 @@ use tracing::{debug, info, warn};
 use crate::config::Config;
 use crate::sip::{HeaderName, Host, Message, Method, ParseError, ResponseBuilder, Uri};
 use crate::transport::{
-    Destination, FramingError, Input, Meta, Output, TransportKind, Worker, WorkerFactory,
+    response_destination, FramingError, Input, Meta, Output, Worker, WorkerFactory,
 };
 
 /// Methods this build answers itself; grows as the engine issues land.
@@ -295,21 +295,7 @@ impl Core {
         out: &mut Vec<Output>,
     ) {
         let Ok(via) = req.top_via() else { return };
-        let default_port = if meta.kind == TransportKind::Tls {
-            5061
-        } else {
-            5060
-        };
-        let dest = Destination {
-            kind: meta.kind,
-            addr: if meta.kind.is_reliable() {
-                meta.source
-            } else {
-                via.response_addr(meta.source, default_port)
-            },
-            conn: meta.conn,
-            local: Some(meta.local),
-        };
+        let dest = response_destination(&via, meta);
         let tag = self.to_tag(req);
         let mut builder = ResponseBuilder::new(req, code, reason).to_tag(tag.as_bytes());
         for (name, value) in extra {

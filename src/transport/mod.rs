@@ -235,6 +235,29 @@ pub enum Output {
     Close(ConnectionId),
 }
 
+/// Where a response to a request received with `top_via` and `meta` goes (RFC 3261 §18.2.2):
+/// back on the connection for a reliable transport (falling back to the source address if it
+/// has closed), else to the source address at the port the Via asks for (RFC 3581 `rport`,
+/// else sent-by, else the transport's default port), from the socket the request arrived on.
+pub fn response_destination(top_via: &crate::sip::Via<'_>, meta: &Meta) -> Destination {
+    let default_port = if meta.kind == TransportKind::Tls {
+        5061
+    } else {
+        5060
+    };
+    let addr = if meta.kind.is_reliable() {
+        meta.source
+    } else {
+        top_via.response_addr(meta.source, default_port)
+    };
+    Destination {
+        kind: meta.kind,
+        addr,
+        conn: meta.conn,
+        local: Some(meta.local),
+    }
+}
+
 /// One per event loop; created inside the loop's thread, so it need not be Send.
 pub trait Worker: 'static {
     fn on_input(&mut self, input: Input, now: Instant, out: &mut Vec<Output>);

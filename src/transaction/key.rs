@@ -1,0 +1,249 @@
+//! Matching messages to transactions (RFC 3261 §17.1.3, §17.2.3, §9.2).
+//!
+//! Keys hold zero-copy slices of the message that created them ([`Message::share`]), and host
+//! names compare case-insensitively (§19.1.4 applied to sent-by), so building a key for every
+//! received message costs no allocation when the fields were not edited.
+
+use std::hash::{Hash, Hasher};
+
+use bytes::Bytes;
+
+use crate::sip::via::MAGIC_COOKIE;
+use crate::sip::{Host, Message, Method, ParseError};
+
+/// §17.1.3: a response matches a client transaction by the branch of its top Via and the
+/// method of its CSeq (CANCEL shares the INVITE's branch).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ClientKey {
+    pub branch: Bytes,
+    pub method: Method,
+}
+
+impl ClientKey {
+    /// The key of the client transaction a response belongs to.
+    pub fn of_response(response: &Message) -> Result<ClientKey, ParseError> {
+        let via = response.top_via()?;
+        let branch = via.branch().ok_or(ParseError::bad("Via", "no branch"))?;
+        Ok(ClientKey {
+            branch: response.share(branch),
+            method: response.cseq()?.method,
+        })
+    }
+
+    /// The key of a request this element sends (its top Via is ours).
+    pub fn of_request(request: &Message) -> Result<ClientKey, ParseError> {
+        let via = request.top_via()?;
+        let branch = via.branch().ok_or(ParseError::bad("Via", "no branch"))?;
+        let method = request
+            .method()
+            .cloned()
+            .ok_or(ParseError::bad("", "not a request"))?;
+        Ok(ClientKey {
+            branch: request.share(branch),
+            method,
+        })
+    }
+}
+
+/// §17.2.3: the server transaction a request belongs to.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum ServerKey {
+    /// The top Via branch carries the magic cookie: branch, sent-by and method (an ACK matches
+    /// the INVITE it acknowledges).
+    Rfc3261 {
+        branch: Bytes,
+        sent_by: SentBy,
+        method: Method,
+    },
+    /// RFC 2543 fallback (no magic cookie): Request-URI, From tag, Call-ID, CSeq and the whole
+    /// top Via. The To tag is left out: for an INVITE and its retransmissions it is the same,
+    /// and an ACK carries the tag of our response, which the INVITE did not have (§17.2.3 then
+    /// requires it to match that response's tag, which a transaction created by that INVITE
+    /// has sent, so leaving it out matches the same transactions).
+    Rfc2543 {
+        request_uri: Bytes,
+        from_tag: Bytes,
+        call_id: Bytes,
+        cseq: u32,
+        method: Method,
+        top_via: Bytes,
+    },
+}
+
+/// A Via sent-by: host (case-insensitive) and port.
+#[derive(Clone, Debug)]
+pub struct SentBy {
+    pub host: Bytes,
+    pub port: Option<u16>,
+}
+
+impl PartialEq for SentBy {
+    fn eq(&self, other: &Self) -> bool {
+        self.port == other.port && self.host.eq_ignore_ascii_case(&other.host)
+    }
+}
+
+impl Eq for SentBy {}
+
+impl Hash for SentBy {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.port.hash(state);
+        for b in self.host.iter() {
+            state.write_u8(b.to_ascii_lowercase());
+        }
+    }
+}
+
+/// ACK belongs to the INVITE transaction (§17.2.3 rule 3).
+fn matching_method(method: &Method) -> Method {
+    match method {
+        Method::Ack => Method::Invite,
+        other => other.clone(),
+    }
+}
+
+impl ServerKey {
+    pub fn of_request(request: &Message) -> Result<ServerKey, ParseError> {
+        let method = request
+            .method()
+            .ok_or(ParseError::bad("", "not a request"))?;
+        let via = request.top_via()?;
+        match via.branch() {
+            Some(branch) if branch.starts_with(MAGIC_COOKIE) => {
+                let host = match via.host {
+                    Host::Domain(name) => request.share(name.as_bytes()),
+                    Host::Ip(ip) => Bytes::from(ip.to_string()),
+                };
+                Ok(ServerKey::Rfc3261 {
+                    branch: request.share(branch),
+                    sent_by: SentBy {
+                        host,
+                        port: via.port,
+                    },
+                    method: matching_method(method),
+                })
+            }
+            _ => Self::rfc2543(request, method),
+        }
+    }
+
+    fn rfc2543(request: &Message, method: &Method) -> Result<ServerKey, ParseError> {
+        let uri = request
+            .request_uri_bytes()
+            .ok_or(ParseError::bad("", "not a request"))?;
+        let from = request.from()?;
+        let top_via = request.top_via()?.raw();
+        Ok(ServerKey::Rfc2543 {
+            request_uri: request.share(uri),
+            from_tag: from.tag().map(|t| request.share(t)).unwrap_or_default(),
+            call_id: request.share(request.call_id()?),
+            cseq: request.cseq()?.seq,
+            method: matching_method(method),
+            top_via: request.share(top_via),
+        })
+    }
+
+    /// For a CANCEL's key, the key of the INVITE transaction it cancels (§9.2: same matching
+    /// rules, with the method of the request being cancelled).
+    pub fn cancelled_invite(&self) -> ServerKey {
+        let mut key = self.clone();
+        match &mut key {
+            ServerKey::Rfc3261 { method, .. } | ServerKey::Rfc2543 { method, .. } => {
+                *method = Method::Invite
+            }
+        }
+        key
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(text: &str) -> Message {
+        Message::parse(Bytes::from(text.to_string())).unwrap()
+    }
+
+    fn request(method: &str, via: &str, cseq_method: &str) -> Message {
+        msg(&format!(
+            "{method} sip:bob@example.com SIP/2.0\r\nVia: {via}\r\nFrom: <sip:a@example.com>;tag=f1\r\n\
+             To: <sip:bob@example.com>\r\nCall-ID: c1@127.0.0.1\r\nCSeq: 7 {cseq_method}\r\nContent-Length: 0\r\n\r\n"
+        ))
+    }
+
+    const VIA: &str = "SIP/2.0/UDP Host.Example.COM:5060;branch=z9hG4bKabc";
+
+    #[test]
+    fn ack_and_retransmission_match_the_invite_cancel_does_not() {
+        let invite = ServerKey::of_request(&request("INVITE", VIA, "INVITE")).unwrap();
+        let again = ServerKey::of_request(&request(
+            "INVITE",
+            "SIP/2.0/UDP host.example.com:5060;branch=z9hG4bKabc",
+            "INVITE",
+        ))
+        .unwrap();
+        assert_eq!(invite, again, "sent-by host compares case-insensitively");
+        let ack = ServerKey::of_request(&request("ACK", VIA, "ACK")).unwrap();
+        assert_eq!(ack, invite);
+        let cancel = ServerKey::of_request(&request("CANCEL", VIA, "CANCEL")).unwrap();
+        assert_ne!(cancel, invite);
+        assert_eq!(cancel.cancelled_invite(), invite);
+        let other_port = ServerKey::of_request(&request(
+            "INVITE",
+            "SIP/2.0/UDP host.example.com:5062;branch=z9hG4bKabc",
+            "INVITE",
+        ))
+        .unwrap();
+        assert_ne!(
+            other_port, invite,
+            "same branch from another sent-by is another transaction"
+        );
+    }
+
+    #[test]
+    fn rfc2543_requests_match_on_dialog_fields() {
+        let via = "SIP/2.0/UDP 127.0.0.1:5060";
+        let invite = ServerKey::of_request(&request("INVITE", via, "INVITE")).unwrap();
+        assert!(matches!(invite, ServerKey::Rfc2543 { .. }));
+        let ack = ServerKey::of_request(&request("ACK", via, "ACK")).unwrap();
+        assert_eq!(ack, invite);
+        let bye = ServerKey::of_request(&request("BYE", via, "BYE")).unwrap();
+        assert_ne!(bye, invite);
+        let cookie_only = ServerKey::of_request(&request(
+            "INVITE",
+            "SIP/2.0/UDP 127.0.0.1;branch=z9hG4bK",
+            "INVITE",
+        ))
+        .unwrap();
+        assert!(matches!(cookie_only, ServerKey::Rfc3261 { .. }));
+    }
+
+    #[test]
+    fn responses_match_by_branch_and_cseq_method() {
+        let invite = request("INVITE", VIA, "INVITE");
+        let key = ClientKey::of_request(&invite).unwrap();
+        let response = msg(&format!(
+            "SIP/2.0 180 Ringing\r\nVia: {VIA}\r\nFrom: <sip:a@example.com>;tag=f1\r\nTo: <sip:bob@example.com>;tag=t\r\n\
+             Call-ID: c1@127.0.0.1\r\nCSeq: 7 INVITE\r\nContent-Length: 0\r\n\r\n"
+        ));
+        assert_eq!(ClientKey::of_response(&response).unwrap(), key);
+        let cancel_ok = msg(&format!(
+            "SIP/2.0 200 OK\r\nVia: {VIA}\r\nFrom: <sip:a@example.com>;tag=f1\r\nTo: <sip:bob@example.com>;tag=t\r\n\
+             Call-ID: c1@127.0.0.1\r\nCSeq: 7 CANCEL\r\nContent-Length: 0\r\n\r\n"
+        ));
+        assert_ne!(ClientKey::of_response(&cancel_ok).unwrap(), key);
+    }
+
+    #[test]
+    fn keys_share_the_received_buffer() {
+        let invite = request("INVITE", VIA, "INVITE");
+        let ServerKey::Rfc3261 { branch, .. } = ServerKey::of_request(&invite).unwrap() else {
+            panic!()
+        };
+        let buf = invite.source_bytes();
+        let start = buf.as_ptr() as usize;
+        assert!(
+            (branch.as_ptr() as usize) >= start && (branch.as_ptr() as usize) < start + buf.len()
+        );
+    }
+}

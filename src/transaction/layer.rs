@@ -1,0 +1,820 @@
+//! One event loop's transaction layer (RFC 3261 §17): matches every received message to its
+//! transaction (§17.1.3, §17.2.3), creates server transactions for new requests and client
+//! transactions for requests the core sends, drives the four state machines, keeps their timers
+//! in a deadline heap, and tells the core (the transaction user) what it must know.
+//!
+//! Sans-IO like the machines: inputs carry `now`, outputs are [`LayerOutput`]s the shell carries
+//! out. Memory is bounded: live transactions are capped (a new request beyond the cap is answered
+//! 503 with Retry-After, §21.5.4), a terminated transaction is freed at once, and timer entries
+//! of terminated transactions are compacted away once they outnumber the live ones.
+
+use std::cmp::{Ordering, Reverse};
+use std::collections::{BinaryHeap, HashMap};
+use std::time::Instant;
+
+use bytes::Bytes;
+use tracing::{debug, warn};
+
+use super::client_invite::InviteClient;
+use super::client_non_invite::NonInviteClient;
+use super::key::{ClientKey, ServerKey};
+use super::server_invite::InviteServer;
+use super::server_non_invite::NonInviteServer;
+use super::{Action, Event, Timer, TimerValues};
+use crate::sip::{Message, Method, ResponseBuilder};
+use crate::transport::{response_destination, Destination, Meta};
+
+/// Identifies a transaction within one layer (client and server share the numbering).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TxId(pub u64);
+
+#[derive(Clone, Copy, Debug)]
+pub struct LayerConfig {
+    pub timers: TimerValues,
+    /// Live transactions (client + server) this loop keeps at most.
+    pub max_live: usize,
+    /// Send 100 Trying as soon as an INVITE server transaction starts (§16.2: a proxy does,
+    /// since forwarding takes longer than 200 ms whenever the callee is a person).
+    pub send_trying: bool,
+    /// Retry-After seconds in the 503 sent when the cap is reached.
+    pub retry_after_secs: u32,
+}
+
+impl Default for LayerConfig {
+    fn default() -> Self {
+        LayerConfig {
+            timers: TimerValues::default(),
+            max_live: 100_000,
+            send_trying: true,
+            retry_after_secs: 5,
+        }
+    }
+}
+
+/// What the layer tells the core.
+#[derive(Debug)]
+pub enum Upcall {
+    /// A request that started a new server transaction; answer it with [`TransactionLayer::respond`].
+    Request {
+        tx: TxId,
+        request: Message,
+        meta: Meta,
+    },
+    /// A CANCEL, in its own transaction `tx`, with the INVITE server transaction it targets when
+    /// that one is live (§9.2).
+    Cancel {
+        tx: TxId,
+        cancelled: Option<TxId>,
+        request: Message,
+        meta: Meta,
+    },
+    /// An ACK that matched no transaction: the ACK for a 2xx, routed end to end (§13.2.2.4,
+    /// §16.4), or a stray.
+    Ack { request: Message, meta: Meta },
+    /// An event of a client transaction (responses, Timeout, TransportError).
+    Client { tx: TxId, event: Event },
+    /// An event of a server transaction (Ack while Accepted, AckTimeout, TransportError).
+    Server { tx: TxId, event: Event },
+    /// A response that matched no client transaction (§17.1.3); the proxy forwards it
+    /// statelessly or drops it (§16.7, §16.11).
+    StrayResponse { response: Message, meta: Meta },
+    /// The transaction ended and was forgotten.
+    Terminated { tx: TxId },
+}
+
+#[derive(Debug)]
+pub enum LayerOutput {
+    Send { dest: Destination, data: Bytes },
+    Up(Upcall),
+}
+
+/// Why [`TransactionLayer::send_request`] refused to start a client transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendError {
+    /// The live-transaction cap is reached.
+    Overloaded,
+    /// The request has no top Via with a branch (ours must carry one, §8.1.1.7).
+    NoBranch,
+    /// ACK never has a transaction of its own (§17.1.1.3).
+    Ack,
+    /// A transaction with this key is already live.
+    Duplicate,
+}
+
+enum ClientMachine {
+    Invite(InviteClient),
+    NonInvite(NonInviteClient),
+}
+
+enum ServerMachine {
+    Invite(InviteServer),
+    NonInvite(NonInviteServer),
+}
+
+struct ClientEntry {
+    key: ClientKey,
+    machine: ClientMachine,
+    dest: Destination,
+}
+
+struct ServerEntry {
+    key: ServerKey,
+    machine: ServerMachine,
+    dest: Destination,
+}
+
+struct TimerEntry {
+    at: Instant,
+    seq: u64,
+    tx: TxId,
+    timer: Timer,
+}
+
+impl PartialEq for TimerEntry {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at, self.seq) == (other.at, other.seq)
+    }
+}
+impl Eq for TimerEntry {}
+impl PartialOrd for TimerEntry {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for TimerEntry {
+    fn cmp(&self, other: &Self) -> Ordering {
+        (self.at, self.seq).cmp(&(other.at, other.seq))
+    }
+}
+
+pub struct TransactionLayer {
+    config: LayerConfig,
+    next_id: u64,
+    clients: HashMap<TxId, ClientEntry>,
+    client_keys: HashMap<ClientKey, TxId>,
+    servers: HashMap<TxId, ServerEntry>,
+    server_keys: HashMap<ServerKey, TxId>,
+    timers: BinaryHeap<Reverse<TimerEntry>>,
+    timer_seq: u64,
+    /// Reused for every machine call, so driving a machine allocates nothing once warm.
+    scratch: Vec<Action>,
+}
+
+/// Timer entries kept beyond the live ones before the heap is compacted.
+const STALE_TIMER_SLACK: usize = 1024;
+
+impl TransactionLayer {
+    pub fn new(config: LayerConfig) -> Self {
+        TransactionLayer {
+            config,
+            next_id: 1,
+            clients: HashMap::new(),
+            client_keys: HashMap::new(),
+            servers: HashMap::new(),
+            server_keys: HashMap::new(),
+            timers: BinaryHeap::new(),
+            timer_seq: 0,
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Live transactions, client and server.
+    pub fn live(&self) -> usize {
+        self.clients.len() + self.servers.len()
+    }
+
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.timers.peek().map(|Reverse(t)| t.at)
+    }
+
+    fn new_id(&mut self) -> TxId {
+        let id = TxId(self.next_id);
+        self.next_id += 1;
+        id
+    }
+
+    // ----- received requests (§17.2.3) -------------------------------------------------
+
+    /// A validated request from the network: a retransmission or ACK for a live server
+    /// transaction goes to it; anything else starts one (or, for an unmatched ACK, goes up).
+    pub fn on_request(
+        &mut self,
+        request: Message,
+        meta: Meta,
+        now: Instant,
+        out: &mut Vec<LayerOutput>,
+    ) {
+        let key = match ServerKey::of_request(&request) {
+            Ok(key) => key,
+            Err(error) => {
+                warn!(source = %meta.source, %error, "dropping request that cannot be matched");
+                return;
+            }
+        };
+        let is_ack = request.method() == Some(&Method::Ack);
+        if let Some(&tx) = self.server_keys.get(&key) {
+            return self.pass_to_live_server(tx, request, is_ack, now, out);
+        }
+        if is_ack {
+            out.push(LayerOutput::Up(Upcall::Ack { request, meta }));
+            return;
+        }
+        if self.live() >= self.config.max_live {
+            return self.refuse_overloaded(&request, &meta, out);
+        }
+        self.start_server(key, request, meta, now, out);
+    }
+
+    fn pass_to_live_server(
+        &mut self,
+        tx: TxId,
+        request: Message,
+        is_ack: bool,
+        now: Instant,
+        out: &mut Vec<LayerOutput>,
+    ) {
+        let mut actions = std::mem::take(&mut self.scratch);
+        if let Some(entry) = self.servers.get_mut(&tx) {
+            match (&mut entry.machine, is_ack) {
+                (ServerMachine::Invite(m), true) => m.on_ack(request, now, &mut actions),
+                (ServerMachine::Invite(m), false) => m.on_retransmission(now, &mut actions),
+                (ServerMachine::NonInvite(m), false) => m.on_retransmission(now, &mut actions),
+                // An ACK key names INVITE, so it cannot match a non-INVITE transaction.
+                (ServerMachine::NonInvite(_), true) => {}
+            }
+        }
+        self.apply_server(tx, &mut actions, out);
+        self.scratch = actions;
+    }
+
+    fn start_server(
+        &mut self,
+        key: ServerKey,
+        request: Message,
+        meta: Meta,
+        now: Instant,
+        out: &mut Vec<LayerOutput>,
+    ) {
+        let Ok(via) = request.top_via() else { return };
+        let dest = response_destination(&via, &meta);
+        let reliable = meta.kind.is_reliable();
+        let tx = self.new_id();
+        let mut actions = std::mem::take(&mut self.scratch);
+        let method = request.method().cloned();
+        let machine = match method {
+            Some(Method::Invite) => ServerMachine::Invite(InviteServer::start(
+                &request,
+                reliable,
+                self.config.timers,
+                self.config.send_trying,
+                now,
+                &mut actions,
+            )),
+            _ => ServerMachine::NonInvite(NonInviteServer::start(reliable, self.config.timers)),
+        };
+        let cancelled = match method {
+            Some(Method::Cancel) => self.server_keys.get(&key.cancelled_invite()).copied(),
+            _ => None,
+        };
+        self.server_keys.insert(key.clone(), tx);
+        self.servers.insert(tx, ServerEntry { key, machine, dest });
+        self.apply_server(tx, &mut actions, out);
+        self.scratch = actions;
+        let up = match method {
+            Some(Method::Cancel) => Upcall::Cancel {
+                tx,
+                cancelled,
+                request,
+                meta,
+            },
+            _ => Upcall::Request { tx, request, meta },
+        };
+        out.push(LayerOutput::Up(up));
+    }
+
+    /// §21.5.4: 503 with Retry-After when the cap is reached, sent statelessly (a transaction
+    /// for it would defeat the cap).
+    fn refuse_overloaded(&self, request: &Message, meta: &Meta, out: &mut Vec<LayerOutput>) {
+        let Ok(via) = request.top_via() else { return };
+        warn!(source = %meta.source, live = self.live(), "transaction cap reached: answering 503");
+        let retry_after = self.config.retry_after_secs.to_string();
+        let data = ResponseBuilder::new(request, 503, "Service Unavailable")
+            .to_tag(b"mr503")
+            .header("Retry-After", retry_after.as_bytes())
+            .build();
+        out.push(LayerOutput::Send {
+            dest: response_destination(&via, meta),
+            data,
+        });
+    }
+
+    /// A response from the core for server transaction `tx` (§17.2.1, §17.2.2).
+    pub fn respond(
+        &mut self,
+        tx: TxId,
+        status: u16,
+        response: Bytes,
+        now: Instant,
+        out: &mut Vec<LayerOutput>,
+    ) {
+        let mut actions = std::mem::take(&mut self.scratch);
+        match self.servers.get_mut(&tx).map(|e| &mut e.machine) {
+            Some(ServerMachine::Invite(m)) => m.respond(status, response, now, &mut actions),
+            Some(ServerMachine::NonInvite(m)) => m.respond(status, response, now, &mut actions),
+            None => debug!(
+                tx = tx.0,
+                status, "response for a transaction that has ended"
+            ),
+        }
+        self.apply_server(tx, &mut actions, out);
+        self.scratch = actions;
+    }
+
+    // ----- requests the core sends, and their responses (§17.1) ---------------------------
+
+    /// Starts a client transaction for `request` (whose top Via is ours) towards `dest`.
+    pub fn send_request(
+        &mut self,
+        request: Message,
+        dest: Destination,
+        now: Instant,
+        out: &mut Vec<LayerOutput>,
+    ) -> Result<TxId, SendError> {
+        let method = request.method().cloned();
+        if method == Some(Method::Ack) {
+            return Err(SendError::Ack);
+        }
+        let key = ClientKey::of_request(&request).map_err(|_| SendError::NoBranch)?;
+        if self.client_keys.contains_key(&key) {
+            return Err(SendError::Duplicate);
+        }
+        if self.live() >= self.config.max_live {
+            return Err(SendError::Overloaded);
+        }
+        let tx = self.new_id();
+        let reliable = dest.kind.is_reliable();
+        let mut actions = std::mem::take(&mut self.scratch);
+        let timers = self.config.timers;
+        let machine = match method {
+            Some(Method::Invite) => ClientMachine::Invite(InviteClient::start(
+                request,
+                reliable,
+                timers,
+                now,
+                &mut actions,
+            )),
+            _ => ClientMachine::NonInvite(NonInviteClient::start(
+                request,
+                reliable,
+                timers,
+                now,
+                &mut actions,
+            )),
+        };
+        self.client_keys.insert(key.clone(), tx);
+        self.clients.insert(tx, ClientEntry { key, machine, dest });
+        self.apply_client(tx, &mut actions, out);
+        self.scratch = actions;
+        Ok(tx)
+    }
+
+    /// A response from the network: to its client transaction, or up as a stray.
+    pub fn on_response(
+        &mut self,
+        response: Message,
+        meta: Meta,
+        now: Instant,
+        out: &mut Vec<LayerOutput>,
+    ) {
+        let tx = ClientKey::of_response(&response)
+            .ok()
+            .and_then(|k| self.client_keys.get(&k).copied());
+        let Some(tx) = tx else {
+            out.push(LayerOutput::Up(Upcall::StrayResponse { response, meta }));
+            return;
+        };
+        let mut actions = std::mem::take(&mut self.scratch);
+        match self.clients.get_mut(&tx).map(|e| &mut e.machine) {
+            Some(ClientMachine::Invite(m)) => m.on_response(response, now, &mut actions),
+            Some(ClientMachine::NonInvite(m)) => m.on_response(response, now, &mut actions),
+            None => {}
+        }
+        self.apply_client(tx, &mut actions, out);
+        self.scratch = actions;
+    }
+
+    /// The INVITE a client transaction sent, for building its CANCEL (§9.1).
+    pub fn client_request(&self, tx: TxId) -> Option<&Message> {
+        self.clients.get(&tx).map(|e| match &e.machine {
+            ClientMachine::Invite(m) => m.request(),
+            ClientMachine::NonInvite(m) => m.request(),
+        })
+    }
+
+    /// The shell could not send for transaction `tx` (§17.1.4, §17.2.4).
+    pub fn on_transport_error(&mut self, tx: TxId, out: &mut Vec<LayerOutput>) {
+        let mut actions = std::mem::take(&mut self.scratch);
+        if let Some(entry) = self.clients.get_mut(&tx) {
+            match &mut entry.machine {
+                ClientMachine::Invite(m) => m.on_transport_error(&mut actions),
+                ClientMachine::NonInvite(m) => m.on_transport_error(&mut actions),
+            }
+            self.apply_client(tx, &mut actions, out);
+        } else if let Some(entry) = self.servers.get_mut(&tx) {
+            match &mut entry.machine {
+                ServerMachine::Invite(m) => m.on_transport_error(&mut actions),
+                ServerMachine::NonInvite(m) => m.on_transport_error(&mut actions),
+            }
+            self.apply_server(tx, &mut actions, out);
+        }
+        self.scratch = actions;
+    }
+
+    // ----- timers ---------------------------------------------------------------------------
+
+    /// Fires every timer due at `now`, in deadline order.
+    pub fn on_timer(&mut self, now: Instant, out: &mut Vec<LayerOutput>) {
+        while let Some(Reverse(next)) = self.timers.peek() {
+            if next.at > now {
+                break;
+            }
+            let Some(Reverse(entry)) = self.timers.pop() else {
+                break;
+            };
+            self.fire(entry.tx, entry.timer, now, out);
+        }
+    }
+
+    fn fire(&mut self, tx: TxId, timer: Timer, now: Instant, out: &mut Vec<LayerOutput>) {
+        let mut actions = std::mem::take(&mut self.scratch);
+        if let Some(entry) = self.clients.get_mut(&tx) {
+            match &mut entry.machine {
+                ClientMachine::Invite(m) => m.on_timer(timer, now, &mut actions),
+                ClientMachine::NonInvite(m) => m.on_timer(timer, now, &mut actions),
+            }
+            self.apply_client(tx, &mut actions, out);
+        } else if let Some(entry) = self.servers.get_mut(&tx) {
+            match &mut entry.machine {
+                ServerMachine::Invite(m) => m.on_timer(timer, now, &mut actions),
+                ServerMachine::NonInvite(m) => m.on_timer(timer, now, &mut actions),
+            }
+            self.apply_server(tx, &mut actions, out);
+        }
+        // else: the transaction ended before its timer; nothing to do.
+        self.scratch = actions;
+    }
+
+    fn schedule(&mut self, tx: TxId, timer: Timer, at: Instant) {
+        self.timer_seq += 1;
+        self.timers.push(Reverse(TimerEntry {
+            at,
+            seq: self.timer_seq,
+            tx,
+            timer,
+        }));
+        if self.timers.len() > 4 * self.live() + STALE_TIMER_SLACK {
+            self.compact_timers();
+        }
+    }
+
+    /// Drops the entries of transactions that have ended, keeping memory proportional to the
+    /// live transactions even when many end before their timers (reliable transports).
+    fn compact_timers(&mut self) {
+        let (clients, servers) = (&self.clients, &self.servers);
+        let live: Vec<Reverse<TimerEntry>> = std::mem::take(&mut self.timers)
+            .into_iter()
+            .filter(|Reverse(t)| clients.contains_key(&t.tx) || servers.contains_key(&t.tx))
+            .collect();
+        self.timers = BinaryHeap::from(live);
+    }
+
+    // ----- carrying out a machine's actions --------------------------------------------
+
+    fn apply_client(&mut self, tx: TxId, actions: &mut Vec<Action>, out: &mut Vec<LayerOutput>) {
+        // Taken first: a machine may send and terminate in one step (e.g. a final response
+        // over a reliable transport).
+        let dest = self.clients.get(&tx).map(|e| e.dest);
+        for action in actions.drain(..) {
+            match action {
+                Action::Send(data) => {
+                    if let Some(dest) = dest {
+                        out.push(LayerOutput::Send { dest, data });
+                    }
+                }
+                Action::StartTimer { timer, at } => self.schedule(tx, timer, at),
+                Action::Deliver(event) => out.push(LayerOutput::Up(Upcall::Client { tx, event })),
+                Action::Terminated => {
+                    if let Some(entry) = self.clients.remove(&tx) {
+                        self.client_keys.remove(&entry.key);
+                        out.push(LayerOutput::Up(Upcall::Terminated { tx }));
+                    }
+                }
+            }
+        }
+    }
+
+    fn apply_server(&mut self, tx: TxId, actions: &mut Vec<Action>, out: &mut Vec<LayerOutput>) {
+        // Taken first: a machine may send and terminate in one step (e.g. a final response
+        // over a reliable transport).
+        let dest = self.servers.get(&tx).map(|e| e.dest);
+        for action in actions.drain(..) {
+            match action {
+                Action::Send(data) => {
+                    if let Some(dest) = dest {
+                        out.push(LayerOutput::Send { dest, data });
+                    }
+                }
+                Action::StartTimer { timer, at } => self.schedule(tx, timer, at),
+                Action::Deliver(event) => out.push(LayerOutput::Up(Upcall::Server { tx, event })),
+                Action::Terminated => {
+                    if let Some(entry) = self.servers.remove(&tx) {
+                        self.server_keys.remove(&entry.key);
+                        out.push(LayerOutput::Up(Upcall::Terminated { tx }));
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::transport::TransportKind;
+
+    fn meta(kind: TransportKind) -> Meta {
+        Meta {
+            kind,
+            source: "127.0.0.1:5070".parse().unwrap(),
+            local: "127.0.0.1:5060".parse().unwrap(),
+            conn: None,
+            worker: 0,
+        }
+    }
+
+    fn request(method: &str, branch: &str, cseq_method: &str) -> Message {
+        let text = format!(
+            "{method} sip:bob@127.0.0.1:5080 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:5070;branch={branch}\r\n\
+             Max-Forwards: 70\r\nFrom: <sip:alice@example.com>;tag=a1\r\nTo: <sip:bob@example.com>\r\n\
+             Call-ID: layer-test@127.0.0.1\r\nCSeq: 1 {cseq_method}\r\nContent-Length: 0\r\n\r\n"
+        );
+        Message::parse(Bytes::from(text)).unwrap()
+    }
+
+    fn response_to(req: &Message, code: u16) -> Message {
+        Message::parse(
+            ResponseBuilder::new(req, code, "Test")
+                .to_tag(b"b1")
+                .build(),
+        )
+        .unwrap()
+    }
+
+    fn sends(out: &[LayerOutput]) -> Vec<u16> {
+        out.iter()
+            .filter_map(|o| match o {
+                LayerOutput::Send { data, .. } => {
+                    Message::parse(data.clone()).ok().and_then(|m| m.status())
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn layer() -> TransactionLayer {
+        TransactionLayer::new(LayerConfig::default())
+    }
+
+    #[test]
+    fn invite_gets_trying_retransmission_is_absorbed_and_ack_matches() {
+        let mut l = layer();
+        let now = Instant::now();
+        let mut out = Vec::new();
+        let invite = request("INVITE", "z9hG4bKinv1", "INVITE");
+        l.on_request(invite.clone(), meta(TransportKind::Udp), now, &mut out);
+        assert_eq!(sends(&out), [100], "100 Trying at once (§16.2)");
+        let tx = match out.last() {
+            Some(LayerOutput::Up(Upcall::Request { tx, .. })) => *tx,
+            other => panic!("{other:?}"),
+        };
+        out.clear();
+        l.on_request(invite.clone(), meta(TransportKind::Udp), now, &mut out);
+        assert_eq!(
+            sends(&out),
+            [100],
+            "retransmission answered with the last provisional"
+        );
+        assert!(
+            !out.iter().any(|o| matches!(o, LayerOutput::Up(_))),
+            "and not passed up"
+        );
+        out.clear();
+        let busy = ResponseBuilder::new(&invite, 486, "Busy Here")
+            .to_tag(b"b1")
+            .build();
+        l.respond(tx, 486, busy, now, &mut out);
+        assert_eq!(sends(&out), [486]);
+        out.clear();
+        l.on_request(
+            request("ACK", "z9hG4bKinv1", "ACK"),
+            meta(TransportKind::Udp),
+            now,
+            &mut out,
+        );
+        assert!(out.is_empty(), "ACK for the 486 is absorbed: {out:?}");
+        // Timer I (T4) ends it.
+        l.on_timer(now + Duration::from_secs(6), &mut out);
+        assert!(out
+            .iter()
+            .any(|o| matches!(o, LayerOutput::Up(Upcall::Terminated { tx: t }) if *t == tx)));
+        assert_eq!(l.live(), 0);
+    }
+
+    #[test]
+    fn unmatched_ack_goes_up_and_cancel_names_its_invite() {
+        let mut l = layer();
+        let now = Instant::now();
+        let mut out = Vec::new();
+        l.on_request(
+            request("ACK", "z9hG4bKother", "ACK"),
+            meta(TransportKind::Udp),
+            now,
+            &mut out,
+        );
+        assert!(matches!(
+            out.as_slice(),
+            [LayerOutput::Up(Upcall::Ack { .. })]
+        ));
+        out.clear();
+        l.on_request(
+            request("INVITE", "z9hG4bKc1", "INVITE"),
+            meta(TransportKind::Udp),
+            now,
+            &mut out,
+        );
+        let invite_tx = out.iter().find_map(|o| match o {
+            LayerOutput::Up(Upcall::Request { tx, .. }) => Some(*tx),
+            _ => None,
+        });
+        out.clear();
+        l.on_request(
+            request("CANCEL", "z9hG4bKc1", "CANCEL"),
+            meta(TransportKind::Udp),
+            now,
+            &mut out,
+        );
+        match out.last() {
+            Some(LayerOutput::Up(Upcall::Cancel { cancelled, .. })) => {
+                assert_eq!(*cancelled, invite_tx)
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn client_transaction_delivers_responses_and_times_out() {
+        let mut l = layer();
+        let now = Instant::now();
+        let mut out = Vec::new();
+        let dest = Destination {
+            kind: TransportKind::Udp,
+            addr: "127.0.0.1:5080".parse().unwrap(),
+            conn: None,
+            local: None,
+        };
+        let options = request("OPTIONS", "z9hG4bKcli1", "OPTIONS");
+        let tx = l
+            .send_request(options.clone(), dest, now, &mut out)
+            .unwrap();
+        assert!(matches!(out.as_slice(), [LayerOutput::Send { .. }]));
+        assert_eq!(
+            l.send_request(options.clone(), dest, now, &mut out),
+            Err(SendError::Duplicate)
+        );
+        out.clear();
+        l.on_response(
+            response_to(&options, 200),
+            meta(TransportKind::Udp),
+            now,
+            &mut out,
+        );
+        assert!(out.iter().any(|o| matches!(o, LayerOutput::Up(Upcall::Client { tx: t, event: Event::Response(_) }) if *t == tx)));
+        out.clear();
+        // A response nobody asked for is stray.
+        let stray = response_to(&request("OPTIONS", "z9hG4bKnobody", "OPTIONS"), 200);
+        l.on_response(stray, meta(TransportKind::Udp), now, &mut out);
+        assert!(matches!(
+            out.as_slice(),
+            [LayerOutput::Up(Upcall::StrayResponse { .. })]
+        ));
+
+        // An unanswered INVITE: A retransmits, B (64*T1) times out.
+        out.clear();
+        let invite = request("INVITE", "z9hG4bKcli2", "INVITE");
+        let tx = l.send_request(invite, dest, now, &mut out).unwrap();
+        let mut t = now;
+        let mut timeouts = 0;
+        let mut sent = 0;
+        while let Some(at) = l.next_deadline() {
+            t = at.max(t);
+            out.clear();
+            l.on_timer(t, &mut out);
+            sent += out
+                .iter()
+                .filter(|o| matches!(o, LayerOutput::Send { .. }))
+                .count();
+            timeouts += out
+                .iter()
+                .filter(|o| matches!(o, LayerOutput::Up(Upcall::Client { tx: x, event: Event::Timeout }) if *x == tx))
+                .count();
+        }
+        assert_eq!(timeouts, 1);
+        assert_eq!(sent, 6, "A fires at 0.5, 1.5, 3.5, 7.5, 15.5 and 31.5 s (intervals doubling from T1), then B at 32 s");
+        assert_eq!(l.live(), 0);
+    }
+
+    #[test]
+    fn cap_answers_503_with_retry_after() {
+        let mut l = TransactionLayer::new(LayerConfig {
+            max_live: 1,
+            ..LayerConfig::default()
+        });
+        let now = Instant::now();
+        let mut out = Vec::new();
+        l.on_request(
+            request("OPTIONS", "z9hG4bKcap1", "OPTIONS"),
+            meta(TransportKind::Udp),
+            now,
+            &mut out,
+        );
+        out.clear();
+        l.on_request(
+            request("OPTIONS", "z9hG4bKcap2", "OPTIONS"),
+            meta(TransportKind::Udp),
+            now,
+            &mut out,
+        );
+        let LayerOutput::Send { data, .. } = &out[0] else {
+            panic!("{out:?}")
+        };
+        let answer = Message::parse(data.clone()).unwrap();
+        assert_eq!(answer.status(), Some(503));
+        assert_eq!(answer.headers_named("Retry-After").next(), Some(&b"5"[..]));
+        assert_eq!(l.live(), 1);
+    }
+
+    #[test]
+    fn timer_heap_stays_proportional_to_live_transactions() {
+        let mut l = layer();
+        let now = Instant::now();
+        let mut out = Vec::new();
+        for i in 0..20_000 {
+            let req = request("OPTIONS", &format!("z9hG4bKmany{i}"), "OPTIONS");
+            l.on_request(req.clone(), meta(TransportKind::Udp), now, &mut out);
+            let tx = TxId(l.next_id - 1);
+            l.respond(
+                tx,
+                200,
+                ResponseBuilder::new(&req, 200, "OK").build(),
+                now,
+                &mut out,
+            );
+            out.clear();
+        }
+        // Every transaction waits in Completed for Timer J: all live, one timer each.
+        assert_eq!(l.live(), 20_000);
+        l.on_timer(now + Duration::from_secs(40), &mut out);
+        assert_eq!(l.live(), 0);
+        assert!(l.timers.is_empty());
+        // Over a reliable transport they end at once; their stale timers get compacted.
+        for i in 0..20_000 {
+            let mut m = meta(TransportKind::Tcp);
+            m.conn = Some(crate::transport::ConnectionId(1));
+            let req = request("INVITE", &format!("z9hG4bKrel{i}"), "INVITE");
+            l.on_request(req.clone(), m, now, &mut out);
+            let tx = TxId(l.next_id - 1);
+            l.respond(
+                tx,
+                486,
+                ResponseBuilder::new(&req, 486, "Busy").to_tag(b"x").build(),
+                now,
+                &mut out,
+            );
+            l.on_request(
+                request("ACK", &format!("z9hG4bKrel{i}"), "ACK"),
+                m,
+                now,
+                &mut out,
+            );
+            out.clear();
+        }
+        assert_eq!(l.live(), 0);
+        assert!(
+            l.timers.len() <= STALE_TIMER_SLACK + 4,
+            "{} timer entries kept",
+            l.timers.len()
+        );
+    }
+}
