@@ -37,6 +37,60 @@ pub struct Config {
     pub workers: usize,
     /// Resource limits.
     pub limits: Limits,
+    /// Transaction and proxy timers.
+    pub timers: Timers,
+}
+
+/// Transaction timers (RFC 3261 §17.1.1.1, table 4) and the proxy's INVITE timeout, Timer C
+/// (§16.8). The RFC defaults suit the public Internet; shorter values are for tests and labs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Timers {
+    /// T1, the round-trip estimate, in milliseconds. Default: 500.
+    pub t1_ms: u64,
+    /// T2, the longest retransmit interval, in milliseconds. Default: 4000.
+    pub t2_ms: u64,
+    /// T4, the longest time a message lives in the network, in milliseconds. Default: 5000.
+    pub t4_ms: u64,
+    /// Timer C, in seconds: an INVITE branch with no final response is cancelled after it
+    /// (§16.8 requires more than 3 minutes). Default: 181.
+    pub timer_c_secs: u64,
+}
+
+impl Default for Timers {
+    fn default() -> Self {
+        Timers {
+            t1_ms: 500,
+            t2_ms: 4000,
+            t4_ms: 5000,
+            timer_c_secs: 181,
+        }
+    }
+}
+
+impl Timers {
+    fn validate(&self) -> Result<(), String> {
+        if self.t1_ms == 0 || self.t4_ms == 0 || self.timer_c_secs == 0 {
+            return Err("timers: t1_ms, t4_ms and timer_c_secs must be at least 1".to_owned());
+        }
+        if self.t2_ms < self.t1_ms {
+            return Err(format!(
+                "timers.t2_ms: {} is below t1_ms ({})",
+                self.t2_ms, self.t1_ms
+            ));
+        }
+        Ok(())
+    }
+
+    /// The values the transaction layer uses.
+    pub fn transaction_timers(&self) -> crate::transaction::TimerValues {
+        use std::time::Duration;
+        crate::transaction::TimerValues {
+            t1: Duration::from_millis(self.t1_ms),
+            t2: Duration::from_millis(self.t2_ms),
+            t4: Duration::from_millis(self.t4_ms),
+        }
+    }
 }
 
 /// Resource limits: what bounds the memory a peer can make the server use.
@@ -57,6 +111,9 @@ pub struct Limits {
     /// Messages queued for sending per connection; a peer that does not read and lets the
     /// queue fill is disconnected. Default: 256.
     pub tcp_send_queue: usize,
+    /// Live SIP transactions per event loop; beyond it new requests are answered 503 with
+    /// Retry-After instead of exhausting memory (about 2.2 KB each). Default: 100000.
+    pub max_transactions: usize,
 }
 
 /// The default SIP port for UDP and TCP (RFC 3261 §19.1.2).
@@ -82,6 +139,7 @@ impl Default for Config {
             log_level: "info".to_owned(),
             workers: 0,
             limits: Limits::default(),
+            timers: Timers::default(),
         }
     }
 }
@@ -94,6 +152,7 @@ impl Default for Limits {
             tcp_idle_timeout_secs: 300,
             tcp_connect_timeout_secs: 5,
             tcp_send_queue: 256,
+            max_transactions: 100_000,
         }
     }
 }
@@ -227,7 +286,8 @@ impl Config {
         if self.log_level.trim().is_empty() {
             return Err(invalid("log_level: must not be empty".to_owned()));
         }
-        self.limits.validate().map_err(invalid)
+        self.limits.validate().map_err(invalid)?;
+        self.timers.validate().map_err(invalid)
     }
 
     /// The number of event loops to run: `workers`, or one per CPU core when it is 0.
@@ -259,6 +319,7 @@ impl Limits {
                 self.tcp_connect_timeout_secs,
             ),
             ("limits.tcp_send_queue", self.tcp_send_queue as u64),
+            ("limits.max_transactions", self.max_transactions as u64),
         ];
         match at_least_one.iter().find(|(_, value)| *value == 0) {
             Some((name, _)) => Err(format!("{name}: must be at least 1")),
@@ -350,6 +411,7 @@ mod tests {
                 tcp_idle_timeout_secs: 60,
                 tcp_connect_timeout_secs: 2,
                 tcp_send_queue: 16,
+                max_transactions: Limits::default().max_transactions,
             }
         );
     }
@@ -469,6 +531,23 @@ mod tests {
 
         std::fs::write(&path, "workers = 2\n").unwrap();
         assert_eq!(Config::load(&path).unwrap().workers, 2);
+    }
+
+    #[test]
+    fn timers_are_checked() {
+        let config =
+            Config::parse("[timers]\nt1_ms = 50\nt2_ms = 400\ntimer_c_secs = 3\n").unwrap();
+        config.validate().unwrap();
+        assert_eq!(
+            config.timers.transaction_timers().t1,
+            std::time::Duration::from_millis(50)
+        );
+        let bad = Config::parse("[timers]\nt1_ms = 500\nt2_ms = 100\n").unwrap();
+        assert!(bad.validate().unwrap_err().to_string().contains("t2_ms"));
+        assert!(
+            Config::parse("[timers]\nt3_ms = 1\n").is_err(),
+            "unknown keys are errors"
+        );
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! the test sends an OPTIONS probe from the same socket right after it and checks that the
 //! first answer to arrive is the probe's (one socket's flow is handled in order by one loop).
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,7 +17,7 @@ use tokio::net::{TcpStream, UdpSocket};
 use moonroute::config::Config;
 use moonroute::server::core::CoreFactory;
 use moonroute::server::{Server, ServerHandle};
-use moonroute::sip::{HeaderName, Message};
+use moonroute::sip::{HeaderName, Message, Method};
 use moonroute::transport::{ListenAddr, TransportKind};
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -35,10 +36,17 @@ fn start() -> ServerHandle {
     Server::start(&config, factory).expect("server starts")
 }
 
+/// A UDP user agent client as the RFC wants one: it ACKs every non-2xx final response to an
+/// INVITE (§17.1.1.3) and absorbs retransmitted final responses (§17.1.1.2 Completed state), so
+/// the server's Timer G retransmissions never stand in for the next answer.
 struct Udp {
     socket: UdpSocket,
     server: SocketAddr,
     seq: u32,
+    /// (Call-ID, CSeq number, status) of every final response already received.
+    finals_seen: HashSet<(Vec<u8>, u32, u16)>,
+    /// ACK refused INVITEs as soon as the answer arrives (a test may hold the ACK back).
+    auto_ack: bool,
 }
 
 impl Udp {
@@ -48,6 +56,8 @@ impl Udp {
             socket,
             server: server.local_addr(TransportKind::Udp).unwrap(),
             seq: 0,
+            finals_seen: HashSet::new(),
+            auto_ack: true,
         }
     }
 
@@ -59,14 +69,70 @@ impl Udp {
         self.socket.send_to(data, self.server).await.unwrap();
     }
 
-    async fn recv(&self) -> Message {
+    /// The next datagram from the server, as it came (a final response is still recorded and,
+    /// for a refused INVITE, ACKed).
+    async fn recv_raw(&mut self) -> Message {
+        self.receive().await.0
+    }
+
+    /// The next answer that is not a retransmission of a final response already seen.
+    async fn recv(&mut self) -> Message {
+        loop {
+            let (answer, new) = self.receive().await;
+            if new {
+                return answer;
+            }
+        }
+    }
+
+    /// Reads one datagram; says whether it is new (false for a repeated final response).
+    async fn receive(&mut self) -> (Message, bool) {
         let mut buf = vec![0u8; 65535];
         let (n, from) = tokio::time::timeout(WAIT, self.socket.recv_from(&mut buf))
             .await
             .expect("an answer within the timeout")
             .unwrap();
         assert_eq!(from, self.server, "answers come from the listening socket");
-        Message::parse(Bytes::copy_from_slice(&buf[..n])).expect("the server's answer parses")
+        let answer =
+            Message::parse(Bytes::copy_from_slice(&buf[..n])).expect("the server's answer parses");
+        let status = answer.status().unwrap();
+        // Answers to malformed requests may lack Call-ID or CSeq: nothing to match them by,
+        // and they come from no transaction, so they are never retransmitted.
+        let mut new = true;
+        if let (true, Ok(call_id), Ok(cseq)) = (status >= 200, answer.call_id(), answer.cseq()) {
+            new = self
+                .finals_seen
+                .insert((call_id.to_vec(), cseq.seq, status));
+            if self.auto_ack && status >= 300 && cseq.method == Method::Invite {
+                self.ack(&answer).await;
+            }
+        }
+        (answer, new)
+    }
+
+    /// ACK for a non-2xx final response to an INVITE (§17.1.1.3), built from the response: the
+    /// Request-URI is not checked by the server's matching (§17.2.3 uses the Via), so the To URI
+    /// stands in for it.
+    async fn ack(&self, response: &Message) {
+        let header =
+            |name| String::from_utf8_lossy(response.header(name).unwrap_or(b"")).into_owned();
+        let via = response
+            .headers()
+            .find(|h| h.name == HeaderName::Via)
+            .map(|h| String::from_utf8_lossy(h.value).into_owned());
+        let to_uri = response
+            .to()
+            .map(|t| String::from_utf8_lossy(t.uri.raw()).into_owned())
+            .unwrap_or_default();
+        let ack = format!(
+            "ACK {to_uri} SIP/2.0\r\nVia: {}\r\nMax-Forwards: 70\r\nFrom: {}\r\nTo: {}\r\nCall-ID: {}\r\nCSeq: {} ACK\r\nContent-Length: 0\r\n\r\n",
+            via.unwrap_or_default(),
+            header(HeaderName::From),
+            header(HeaderName::To),
+            header(HeaderName::CallId),
+            response.cseq().map(|c| c.seq).unwrap_or(0),
+        );
+        self.send(ack.as_bytes()).await;
     }
 
     /// A request from this socket, with `rport` so the answer comes back here.
@@ -146,7 +212,8 @@ async fn retransmitted_options_gets_the_same_to_tag() {
     udp.send(req.as_bytes()).await;
     let first = udp.recv().await;
     udp.send(req.as_bytes()).await;
-    let second = udp.recv().await;
+    // Read as it comes: the retransmitted answer is the point here.
+    let second = udp.recv_raw().await;
     assert_eq!(first.to().unwrap().tag(), second.to().unwrap().tag());
 }
 
@@ -443,4 +510,40 @@ async fn options_over_ipv6_loopback() {
     let via = resp.top_via().unwrap();
     assert_eq!(via.received(), Some(&b"::1"[..]));
     assert_eq!(via.rport(), Some(Some(local.port())));
+}
+
+/// The transaction layer end to end: an INVITE refused with a non-2xx final is answered from an
+/// INVITE server transaction, whose Timer G retransmits the answer over UDP (driven by the
+/// shell's timer hook) until the ACK arrives (§17.2.1). Short timers from the config keep it
+/// quick.
+#[tokio::test]
+async fn refused_invite_is_retransmitted_until_acked() {
+    let mut config = Config {
+        listen: vec!["udp:127.0.0.1:0".parse::<ListenAddr>().unwrap()],
+        workers: 1,
+        ..Config::default()
+    };
+    config.timers.t1_ms = 40;
+    config.timers.t2_ms = 160;
+    let server = Server::start(&config, Arc::new(CoreFactory::new(&config))).unwrap();
+    let mut udp = Udp::new(&server).await;
+    udp.auto_ack = false;
+    let invite = udp.request("INVITE", "sip:bob@example.com", "");
+    udp.send(invite.as_bytes()).await;
+    let first = udp.recv_raw().await;
+    assert_eq!(first.status(), Some(501));
+    let again = udp.recv_raw().await;
+    assert_eq!(
+        again.status(),
+        Some(501),
+        "Timer G retransmits the final response"
+    );
+    assert_eq!(again.to().unwrap().tag(), first.to().unwrap().tag());
+    // The retransmitted INVITE is answered from the transaction too, not re-decided.
+    udp.send(invite.as_bytes()).await;
+    udp.auto_ack = true;
+    udp.ack(&first).await;
+    // After the ACK the transaction is Confirmed: a probe is answered, and whatever 501 was
+    // already in flight is the last one (the UAC helper absorbs it as a retransmission).
+    assert_eq!(udp.answers_before_probe(b"").await, Vec::<u16>::new());
 }

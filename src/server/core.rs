@@ -1,5 +1,6 @@
-//! The server core until the transaction layer and the Lua engine land: a sans-IO, stateless
-//! responder. It answers OPTIONS addressed to this server with 200 (RFC 3261 §11.2), refuses
+//! The server core until the proxy core and the Lua engine land: a sans-IO responder behind the
+//! transaction layer (RFC 3261 §17), so retransmissions are absorbed and answered from their
+//! transaction. It answers OPTIONS addressed to this server with 200 (RFC 3261 §11.2), refuses
 //! every other request with a clear error, and turns malformed input into 400/413/505 with a
 //! reason phrase naming the problem, or drops it with a log line when no answer can be routed.
 //!
@@ -17,6 +18,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::sip::{HeaderName, Host, Message, Method, ParseError, ResponseBuilder, Uri};
+use crate::transaction::layer::{LayerConfig, LayerOutput, TransactionLayer, Upcall};
 use crate::transport::{
     response_destination, FramingError, Input, Meta, Output, Worker, WorkerFactory,
 };
@@ -83,88 +85,160 @@ fn port_matches(listen: u16, port: u16) -> bool {
 pub struct CoreFactory {
     identity: LocalIdentity,
     tag_hasher: RandomState,
+    layer: LayerConfig,
 }
 
 impl CoreFactory {
     pub fn new(config: &Config) -> CoreFactory {
         let identity = LocalIdentity::new(&config.domains, config.listen.iter().map(|l| l.addr));
+        let layer = LayerConfig {
+            timers: config.timers.transaction_timers(),
+            max_live: config.limits.max_transactions,
+            // This core answers at once, so no 100 Trying is needed (§17.2.1: only when the
+            // answer takes longer than 200 ms). The proxy will turn it on.
+            send_trying: false,
+            ..LayerConfig::default()
+        };
         CoreFactory {
             identity,
             tag_hasher: RandomState::new(),
+            layer,
         }
     }
 }
 
 impl WorkerFactory for CoreFactory {
     fn make_worker(&self, _index: usize) -> Box<dyn Worker> {
-        Box::new(Core {
-            identity: self.identity.clone(),
-            tag_hasher: self.tag_hasher.clone(),
-            supported: SUPPORTED.join(", "),
-        })
+        let mut core = Core::new(self.identity.clone(), self.layer);
+        core.tag_hasher = self.tag_hasher.clone();
+        Box::new(core)
     }
 }
 
-/// One event loop's core. Stateless today; it will own the loop's transactions.
+/// One event loop's core: its transaction layer and what answers the requests it delivers.
 pub struct Core {
     identity: LocalIdentity,
     /// Shared by all loops, so a retransmitted request gets the same To tag wherever it lands.
     tag_hasher: RandomState,
     /// The Supported header value, joined once.
     supported: String,
+    transactions: TransactionLayer,
+    /// Reused for every call into the layer.
+    pending: Vec<LayerOutput>,
 }
 
 impl Worker for Core {
-    fn on_input(&mut self, input: Input, _now: Instant, out: &mut Vec<Output>) {
+    fn on_input(&mut self, input: Input, now: Instant, out: &mut Vec<Output>) {
         match input {
-            Input::Message { data, meta } => self.on_message(data, &meta, out),
+            Input::Message { data, meta } => self.on_message(data, meta, now, out),
             Input::FramingError { head, error, meta } => {
                 self.on_framing_error(head, &error, &meta, out)
             }
         }
     }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        self.transactions.next_deadline()
+    }
+
+    fn on_timer(&mut self, now: Instant, out: &mut Vec<Output>) {
+        let mut pending = std::mem::take(&mut self.pending);
+        self.transactions.on_timer(now, &mut pending);
+        self.drain(pending, now, out);
+    }
 }
 
 impl Core {
-    pub fn new(identity: LocalIdentity) -> Core {
+    pub fn new(identity: LocalIdentity, layer: LayerConfig) -> Core {
         Core {
             identity,
             tag_hasher: RandomState::new(),
             supported: SUPPORTED.join(", "),
+            transactions: TransactionLayer::new(layer),
+            pending: Vec::new(),
         }
     }
 
-    fn on_message(&mut self, data: Bytes, meta: &Meta, out: &mut Vec<Output>) {
+    fn on_message(&mut self, data: Bytes, meta: Meta, now: Instant, out: &mut Vec<Output>) {
         let mut msg = match Message::parse(data.clone()) {
             Ok(m) => m,
-            Err(e) => return self.refuse_unparsable(data, e, meta, out),
+            Err(e) => return self.refuse_unparsable(data, e, &meta, out),
         };
+        let mut pending = std::mem::take(&mut self.pending);
         if msg.is_response() {
-            // No client transactions exist yet, so every response is stray (§16.11 lets a
-            // stateless element drop what it cannot route).
-            debug!(source = %meta.source, status = msg.status(), "dropping response: no transaction");
-            return;
+            self.transactions.on_response(msg, meta, now, &mut pending);
+            return self.drain(pending, now, out);
         }
         if let Err(e) = msg.stamp_received(meta.source) {
-            return self.refuse(&msg, e, meta, out);
+            self.pending = pending;
+            return self.refuse(&msg, e, &meta, out);
         }
         if let Err(e) = msg.validate() {
-            return self.refuse(&msg, e, meta, out);
+            // Answered statelessly: a request this broken may not even yield a transaction key.
+            self.pending = pending;
+            return self.refuse(&msg, e, &meta, out);
         }
-        self.on_request(&msg, meta, out);
+        self.transactions.on_request(msg, meta, now, &mut pending);
+        self.drain(pending, now, out);
     }
 
-    fn on_request(&self, req: &Message, meta: &Meta, out: &mut Vec<Output>) {
+    /// Carries out what the transaction layer asked for; answering a request it delivered may
+    /// make it ask for more, so this runs until nothing is left.
+    fn drain(&mut self, mut pending: Vec<LayerOutput>, now: Instant, out: &mut Vec<Output>) {
+        let mut next = Vec::new();
+        while !pending.is_empty() {
+            for output in pending.drain(..) {
+                match output {
+                    LayerOutput::Send { dest, data } => out.push(Output::Send { dest, data }),
+                    LayerOutput::Up(up) => self.on_upcall(up, now, &mut next),
+                }
+            }
+            std::mem::swap(&mut pending, &mut next);
+        }
+        self.pending = pending;
+    }
+
+    fn on_upcall(&mut self, up: Upcall, now: Instant, next: &mut Vec<LayerOutput>) {
+        match up {
+            Upcall::Request { tx, request, meta } => {
+                let (code, response) = self.answer(&request, &meta);
+                self.transactions.respond(tx, code, response, now, next);
+            }
+            Upcall::Cancel {
+                tx,
+                cancelled,
+                request,
+                meta,
+            } => {
+                // §9.2: 200 when the INVITE's transaction exists (this core has always
+                // answered it already, so the CANCEL has no further effect), else 481.
+                let (code, reason) = match cancelled {
+                    Some(_) => (200, "OK"),
+                    None => (481, "Call/Transaction Does Not Exist"),
+                };
+                debug!(source = %meta.source, code, "answering CANCEL");
+                let response = self.build_response(&request, code, reason, &[]);
+                self.transactions.respond(tx, code, response, now, next);
+            }
+            Upcall::Ack { request, .. } => {
+                // An ACK that matched no transaction: for a 2xx, which this core never sends.
+                debug!(call_id = %Lossy(request.call_id().unwrap_or(b"")), "absorbing ACK");
+            }
+            Upcall::StrayResponse { response, meta } => {
+                // §16.11 lets an element drop what it cannot route; the proxy will forward.
+                debug!(source = %meta.source, status = response.status(), "dropping response: no transaction");
+            }
+            Upcall::Client { .. } | Upcall::Server { .. } | Upcall::Terminated { .. } => {}
+        }
+    }
+
+    /// The answer to a request delivered by the transaction layer: its status and bytes.
+    fn answer(&self, req: &Message, meta: &Meta) -> (u16, Bytes) {
         // Log fields are formatted only when their level is enabled: nothing is built for them
         // on the per-request path.
         let call_id = Lossy(req.call_id().unwrap_or(b""));
-        let Some(method) = req.method() else { return };
-        if *method == Method::Ack {
-            // ACK is never answered (§17.2.1: it ends a transaction, or belongs to a 2xx).
-            debug!(%call_id, "absorbing ACK");
-            return;
-        }
-        if let Some(refusal) = self.check_request(req, method) {
+        let method = req.method().cloned().unwrap_or(Method::Options);
+        if let Some(refusal) = self.check_request(req, &method) {
             let Refusal {
                 code,
                 reason,
@@ -176,10 +250,13 @@ impl Core {
                 None if code == 501 => &[("Allow", ALLOW)],
                 None => &[],
             };
-            return self.reply(req, meta, code, reason, extra, out);
+            return (code, self.build_response(req, code, reason, extra));
         }
         debug!(%call_id, source = %meta.source, "answering OPTIONS");
-        self.reply(req, meta, 200, "OK", &self.options_headers(), out);
+        (
+            200,
+            self.build_response(req, 200, "OK", &self.options_headers()),
+        )
     }
 
     /// §11.2: what an OPTIONS answer tells about this server.
@@ -221,8 +298,6 @@ impl Core {
             // §16.3 step 3: an OPTIONS with Max-Forwards 0 may be answered as its final recipient.
             Method::Options if for_me || max_forwards_zero => None,
             _ if max_forwards_zero => refuse(483, "Too Many Hops"),
-            // No transactions exist yet, so there is nothing to cancel (§9.2).
-            Method::Cancel => refuse(481, "Call/Transaction Does Not Exist"),
             _ => refuse(501, "Not Implemented (no routing engine yet)"),
         }
     }
@@ -285,6 +360,23 @@ impl Core {
         }
     }
 
+    /// A response to `req` with a To tag stable across its retransmissions.
+    fn build_response(
+        &self,
+        req: &Message,
+        code: u16,
+        reason: &str,
+        extra: &[(&str, &str)],
+    ) -> Bytes {
+        let tag = self.to_tag(req);
+        let mut builder = ResponseBuilder::new(req, code, reason).to_tag(tag.as_bytes());
+        for (name, value) in extra {
+            builder = builder.header(name, value.as_bytes());
+        }
+        builder.build()
+    }
+
+    /// A stateless answer, for requests too malformed to have a transaction (§8.2, §16.11).
     fn reply(
         &self,
         req: &Message,
@@ -295,15 +387,10 @@ impl Core {
         out: &mut Vec<Output>,
     ) {
         let Ok(via) = req.top_via() else { return };
-        let dest = response_destination(&via, meta);
-        let tag = self.to_tag(req);
-        let mut builder = ResponseBuilder::new(req, code, reason).to_tag(tag.as_bytes());
-        for (name, value) in extra {
-            builder = builder.header(name, value.as_bytes());
-        }
+        let data = self.build_response(req, code, reason, extra);
         out.push(Output::Send {
-            dest,
-            data: builder.build(),
+            dest: response_destination(&via, meta),
+            data,
         });
     }
 
