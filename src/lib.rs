@@ -1,6 +1,7 @@
 //! moonroute: a scriptable SIP server. A Rust engine (codec, transports, transactions, proxy,
 //! registrar) whose routing decisions are made by a Lua script.
 pub mod config;
+pub mod proxy;
 pub mod server;
 pub mod sip;
 pub mod transaction;

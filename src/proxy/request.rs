@@ -1,0 +1,918 @@
+//! The request side of a proxy (RFC 3261 §16.3, §16.4, §16.6): validation, route
+//! preprocessing, the forwarded copy, its next hop, and the branch / loop-detection hash.
+//!
+//! Order of use for one received request: `Message::validate` (§16.3 item 1), [`check_request`]
+//! (items 2, 3, 5), [`detect_loop`] (item 4), [`preprocess_routes`] (§16.4), target selection by
+//! the caller (§16.5), then per target [`branch_for`] + [`forward_copy`] + [`next_hop`] (§16.6).
+//! [`branch_for`] and [`detect_loop`] must see the request in the same state (as received, after
+//! `stamp_received` if the caller stamps, before [`preprocess_routes`]), or a loop will not be
+//! recognised: the hash covers the Route header, which preprocessing edits.
+
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::net::SocketAddr;
+
+use crate::server::core::LocalIdentity;
+use crate::sip::header::HeaderName;
+use crate::sip::scan;
+use crate::sip::uri::Uri;
+use crate::sip::via::MAGIC_COOKIE;
+use crate::sip::{Host, Message, NameAddr, ParseError, Via};
+use crate::transport::TransportKind;
+
+/// Max-Forwards a proxy adds when the request has none (§16.6 step 3).
+const DEFAULT_MAX_FORWARDS: u8 = 70;
+
+/// What the proxy is, for these rules: which URIs and Via sent-bys name it (via the server's
+/// [`LocalIdentity`]) and what it writes into Record-Route and Via on each local interface.
+#[derive(Clone, Debug)]
+pub struct ProxyIdentity {
+    local: LocalIdentity,
+    /// `host[:port]` to advertise instead of the socket address for one local interface (a
+    /// wildcard listener or NAT'ed address must not leak into Record-Route / Via).
+    advertised: Vec<(TransportKind, SocketAddr, String)>,
+}
+
+impl ProxyIdentity {
+    pub fn new(local: LocalIdentity) -> Self {
+        ProxyIdentity {
+            local,
+            advertised: Vec::new(),
+        }
+    }
+
+    /// Advertises `host_port` (e.g. `"proxy.example.com:5060"`) for the interface `(kind, addr)`
+    /// in Record-Route and Via, instead of the socket address.
+    pub fn advertise(mut self, kind: TransportKind, addr: SocketAddr, host_port: &str) -> Self {
+        self.advertised.push((kind, addr, host_port.to_owned()));
+        self
+    }
+
+    pub fn local(&self) -> &LocalIdentity {
+        &self.local
+    }
+
+    /// Whether `uri` names this proxy (§16.4: Request-URI and Route checks).
+    pub fn is_myself(&self, uri: &Uri<'_>) -> bool {
+        self.local.is_myself(uri)
+    }
+
+    /// `host:port` this proxy writes for the interface (Via sent-by, Record-Route host).
+    fn host_port(&self, kind: TransportKind, addr: SocketAddr) -> String {
+        self.advertised
+            .iter()
+            .find(|(k, a, _)| *k == kind && *a == addr)
+            .map_or_else(|| addr.to_string(), |(_, _, hp)| hp.clone())
+    }
+
+    /// The URI this proxy puts into Record-Route for one interface, always with `lr`
+    /// (§16.6 step 4: a proxy compliant with RFC 3261 is a loose router), and with the transport
+    /// spelled out so the next request in the dialog arrives on the same transport.
+    pub fn record_route_uri(&self, kind: TransportKind, addr: SocketAddr) -> String {
+        format!(
+            "sip:{};transport={};lr",
+            self.host_port(kind, addr),
+            kind.scheme()
+        )
+    }
+
+    /// Whether a Via sent-by names this proxy: `host:port` is one of our addresses or domains.
+    fn is_my_via(&self, via: &Via<'_>) -> bool {
+        let default_port = if via.transport.eq_ignore_ascii_case(b"TLS") {
+            5061
+        } else {
+            5060
+        };
+        let uri = format!("sip:{}:{}", via.host, via.port.unwrap_or(default_port));
+        match Uri::parse(uri.as_bytes()) {
+            Ok(u) => self.local.is_myself(&u),
+            Err(_) => false,
+        }
+    }
+}
+
+/// Why a request is refused before forwarding: the status and reason phrase to answer with, and
+/// for 420 the value of the Unsupported header (§20.40).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejection {
+    pub code: u16,
+    pub reason: &'static str,
+    pub unsupported: Option<String>,
+}
+
+impl Rejection {
+    fn new(code: u16, reason: &'static str) -> Self {
+        Rejection {
+            code,
+            reason,
+            unsupported: None,
+        }
+    }
+}
+
+/// §16.3 items 2, 3 and 5. Item 1 (syntax) is `Message::validate`, item 4 (loops) is
+/// [`detect_loop`], item 6 (authorization) is the caller's.
+///
+/// - item 2: a Request-URI scheme the proxy cannot route is answered 416 (sip, sips and tel
+///   are routable).
+/// - item 3: Max-Forwards 0 must not be forwarded: 483. For OPTIONS the proxy MAY instead answer
+///   as the final recipient (§11); this still returns 483 so a caller that does not special-case
+///   OPTIONS never forwards it, and the caller may check the method and answer 200 instead.
+/// - item 5: every Proxy-Require option tag must be in `supported`, else 420 listing the
+///   unsupported tags (compared ignoring case; duplicates listed once).
+pub fn check_request(req: &Message, supported: &[&str]) -> Result<(), Rejection> {
+    let uri = req
+        .request_uri()
+        .map_err(|_| Rejection::new(400, "Bad Request-URI"))?;
+    if !uri.is_routable_scheme() {
+        return Err(Rejection::new(416, "Unsupported URI Scheme"));
+    }
+    if let Some(mf) = req.max_forwards() {
+        let mf = mf.map_err(|_| Rejection::new(400, "Bad Max-Forwards"))?;
+        if mf == 0 {
+            return Err(Rejection::new(483, "Too Many Hops"));
+        }
+    }
+    let mut unsupported: Vec<&[u8]> = Vec::new();
+    for tag in req.option_tags(HeaderName::ProxyRequire) {
+        let tag = tag.map_err(|_| Rejection::new(400, "Bad Proxy-Require"))?;
+        let known = supported
+            .iter()
+            .any(|s| s.as_bytes().eq_ignore_ascii_case(tag));
+        if !known && !unsupported.iter().any(|u| u.eq_ignore_ascii_case(tag)) {
+            unsupported.push(tag);
+        }
+    }
+    if !unsupported.is_empty() {
+        // Option tags are tokens (checked by option_tags), hence ASCII.
+        let list: Vec<String> = unsupported
+            .iter()
+            .map(|t| String::from_utf8_lossy(t).into_owned())
+            .collect();
+        return Err(Rejection {
+            code: 420,
+            reason: "Bad Extension",
+            unsupported: Some(list.join(", ")),
+        });
+    }
+    Ok(())
+}
+
+/// All Route values, each as written (trimmed), in order.
+fn route_values(req: &Message) -> Result<Vec<Vec<u8>>, ParseError> {
+    req.values(HeaderName::Route)
+        .map(|v| v.map(<[u8]>::to_vec).map_err(|e| e.in_context("Route")))
+        .collect()
+}
+
+/// Replaces the whole Route list by `values`, in one field at the position of the first Route
+/// field (relative order is all §7.3.1 requires), or removes Route when the list is empty.
+fn set_routes(req: &mut Message, values: &[Vec<u8>]) -> Result<(), ParseError> {
+    if values.is_empty() {
+        req.remove_headers("Route");
+        return Ok(());
+    }
+    req.set_header("Route", &values.join(&b", "[..]))
+}
+
+/// The URI of one Route value (for the Request-URI: name-addr brackets and header parameters
+/// are not part of it).
+fn route_uri(value: &[u8]) -> Result<Vec<u8>, ParseError> {
+    let na = NameAddr::parse(value).map_err(|e| e.in_context("Route"))?;
+    Ok(na.uri.raw().to_vec())
+}
+
+/// Whether a Request-URI is one this proxy placed in Record-Route and a strict router copied
+/// there (§16.4): it names us, has no user part (our Record-Route URIs never do, so a request
+/// for `bob@our-domain` is not mistaken for one) and carries `lr` (ours always do).
+fn is_my_record_route(uri: &Uri<'_>, me: &ProxyIdentity) -> bool {
+    match uri.as_sip() {
+        Some(sip) => sip.user.is_none() && sip.has_lr() && me.is_myself(uri),
+        None => false,
+    }
+}
+
+/// §16.4 route information preprocessing. Returns whether the request changed.
+///
+/// 1. If the Request-URI is a value this proxy placed in Record-Route, the previous hop was a
+///    strict router: the real Request-URI is the last Route value; move it there and drop it
+///    from Route.
+/// 2. If the top Route names this proxy, remove it. When the value after it names this proxy
+///    too but is a different URI, it is the second half of a double Record-Route (RFC 5658,
+///    one entry per interface) and is removed as well; the same URI twice is a deliberate
+///    spiral through this proxy and is left for the next pass.
+///
+/// `maddr` handling of §16.4 (Request-URI maddr naming us) is not implemented.
+pub fn preprocess_routes(req: &mut Message, me: &ProxyIdentity) -> Result<bool, ParseError> {
+    let mut routes = route_values(req)?;
+    // Without a Route there is no saved Request-URI to restore: leave the request as it is.
+    let strict_prev_hop = is_my_record_route(&req.request_uri()?, me) && !routes.is_empty();
+    if strict_prev_hop {
+        if let Some(last) = routes.pop() {
+            let uri = route_uri(&last)?;
+            req.set_request_uri(&uri)?;
+        }
+    }
+    let mut removed: Vec<Vec<u8>> = Vec::new();
+    while removed.len() < 2 {
+        let Some(top) = routes.first() else { break };
+        let na = NameAddr::parse(top).map_err(|e| e.in_context("Route"))?;
+        if !me.is_myself(&na.uri) {
+            break;
+        }
+        let same_as_removed = removed.iter().any(|r| {
+            NameAddr::parse(r).is_ok_and(|prev| match (prev.uri.as_sip(), na.uri.as_sip()) {
+                (Some(a), Some(b)) => a.equivalent(b),
+                _ => false,
+            })
+        });
+        if same_as_removed {
+            break;
+        }
+        removed.push(routes.remove(0));
+    }
+    let changed = strict_prev_hop || !removed.is_empty();
+    if changed {
+        set_routes(req, &routes)?;
+    }
+    Ok(changed)
+}
+
+/// What [`forward_copy`] needs for one target (§16.6).
+#[derive(Clone, Copy, Debug)]
+pub struct ForwardSpec<'a> {
+    /// The new Request-URI (§16.6 step 2).
+    pub target: &'a [u8],
+    /// Insert Record-Route (step 4), e.g. for dialog-creating requests.
+    pub record_route: bool,
+    /// Transport and local address the request arrived on.
+    pub inbound: (TransportKind, SocketAddr),
+    /// Transport and local address the copy leaves from.
+    pub outbound: (TransportKind, SocketAddr),
+    /// From [`branch_for`]; must be a token (§20.42).
+    pub branch: &'a str,
+    pub me: &'a ProxyIdentity,
+}
+
+/// §16.6 steps 1-8 and 10: the copy of `req` forwarded to one target.
+///
+/// - step 1: copy; step 2: Request-URI = `target`.
+/// - step 3: Max-Forwards decremented, or 70 added. A request with 0 is refused with 483
+///   ([`check_request`] should have caught it).
+/// - step 4: Record-Route with `lr` on top when asked; two entries (outbound interface above
+///   inbound, RFC 5658) when the interfaces' URIs differ, so each side of the dialog routes to
+///   the interface it can reach.
+/// - step 6: if the top Route has no `lr` the next hop is a strict router: the Request-URI goes
+///   to the end of Route and the top Route becomes the Request-URI.
+/// - step 8: our Via on top with `branch`.
+/// - step 10: Content-Length added for a stream transport (§18.3).
+///
+/// Step 5 (extra headers) is the caller's; steps 7 and 9 are [`next_hop`] and the client
+/// transaction.
+pub fn forward_copy(req: &Message, spec: &ForwardSpec) -> Result<Message, ParseError> {
+    if !scan::is_token(spec.branch.as_bytes()) {
+        return Err(ParseError::with_status(500, "Via", "branch is not a token"));
+    }
+    let mut out = req.clone();
+    out.set_request_uri(spec.target)?;
+
+    match req.max_forwards().transpose()? {
+        Some(0) => {
+            return Err(ParseError::with_status(
+                483,
+                "Max-Forwards",
+                "request must not be forwarded",
+            ))
+        }
+        Some(n) => out.set_header("Max-Forwards", (n - 1).to_string().as_bytes())?,
+        None => out.append_header("Max-Forwards", DEFAULT_MAX_FORWARDS.to_string().as_bytes())?,
+    }
+
+    if spec.record_route {
+        let (in_kind, in_addr) = spec.inbound;
+        let (out_kind, out_addr) = spec.outbound;
+        let inbound_uri = spec.me.record_route_uri(in_kind, in_addr);
+        let outbound_uri = spec.me.record_route_uri(out_kind, out_addr);
+        if inbound_uri != outbound_uri {
+            out.prepend_header("Record-Route", format!("<{inbound_uri}>").as_bytes())?;
+        }
+        out.prepend_header("Record-Route", format!("<{outbound_uri}>").as_bytes())?;
+    }
+
+    let mut routes = route_values(&out)?;
+    if let Some(top) = routes.first() {
+        let na = NameAddr::parse(top).map_err(|e| e.in_context("Route"))?;
+        let loose = na.uri.as_sip().is_some_and(|u| u.has_lr());
+        if !loose {
+            let new_ruri = na.uri.raw().to_vec();
+            let old_ruri = out.request_uri_bytes().unwrap_or_default().to_vec();
+            routes.remove(0);
+            routes.push([&b"<"[..], &old_ruri, b">"].concat());
+            out.set_request_uri(&new_ruri)?;
+            set_routes(&mut out, &routes)?;
+        }
+    }
+
+    let (out_kind, out_addr) = spec.outbound;
+    let via = format!(
+        "SIP/2.0/{} {};branch={}",
+        out_kind.via_name(),
+        spec.me.host_port(out_kind, out_addr),
+        spec.branch
+    );
+    out.prepend_header("Via", via.as_bytes())?;
+
+    if out_kind.is_stream() {
+        out.ensure_content_length()?;
+    }
+    Ok(out)
+}
+
+/// Where a forwarded copy goes first (§16.6 step 7): what RFC 3263 resolution starts from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NextHop {
+    /// `maddr` when present (RFC 3263 §4), else the URI host; an IPv6 address without brackets.
+    pub host: String,
+    /// `None`: resolve (SRV) or use the default port.
+    pub port: Option<u16>,
+    /// The URI's `transport` parameter; `None` when absent.
+    pub transport: Option<TransportKind>,
+    /// A `sips:` URI: must be reached over TLS.
+    pub secure: bool,
+}
+
+/// §16.6 step 7: the top Route's URI if there is a Route, else the Request-URI. Call it on the
+/// copy from [`forward_copy`] (strict-router post-processing has run then).
+///
+/// Errors carry the status to answer with: 416 for a scheme that is not sip/sips, 404 for a
+/// `tel:` URI with no Route (nothing says where to send it), 503 for a transport this proxy
+/// does not speak.
+pub fn next_hop(req: &Message) -> Result<NextHop, ParseError> {
+    let routes = route_values(req)?;
+    let raw: Vec<u8> = match routes.first() {
+        Some(top) => route_uri(top)?,
+        None => req.request_uri()?.raw().to_vec(),
+    };
+    let uri = Uri::parse(&raw)?;
+    let sip = match uri {
+        Uri::Sip(s) => s,
+        Uri::Tel(_) => {
+            return Err(ParseError::with_status(
+                404,
+                "Request-URI",
+                "no route for a tel URI",
+            ))
+        }
+        Uri::Other { .. } => {
+            return Err(ParseError::with_status(
+                416,
+                "Request-URI",
+                "unsupported URI scheme",
+            ))
+        }
+    };
+    let host = match sip.maddr() {
+        Some(m) if !m.is_empty() => {
+            let h = Host::parse(m).map_err(|e| e.in_context("maddr"))?;
+            host_string(&h)
+        }
+        _ => host_string(&sip.host),
+    };
+    let transport = match sip.transport() {
+        None => None,
+        Some(t) if t.eq_ignore_ascii_case(b"udp") => Some(TransportKind::Udp),
+        Some(t) if t.eq_ignore_ascii_case(b"tcp") => Some(TransportKind::Tcp),
+        Some(t) if t.eq_ignore_ascii_case(b"tls") => Some(TransportKind::Tls),
+        Some(_) => {
+            return Err(ParseError::with_status(
+                503,
+                "transport",
+                "unsupported transport",
+            ))
+        }
+    };
+    Ok(NextHop {
+        host,
+        port: sip.port,
+        transport,
+        secure: sip.secure,
+    })
+}
+
+fn host_string(h: &Host<'_>) -> String {
+    match h.ip() {
+        Some(ip) => ip.to_string(),
+        None => h.to_string(),
+    }
+}
+
+/// The loop-detection hash (§16.6 step 8) of `req`, taking `top_via` as the top Via it had when
+/// received. Fields: To tag, From tag, Call-ID, CSeq number, Request-URI, top Via,
+/// Proxy-Require, Proxy-Authorization and Route. Each is hashed with its length so adjacent
+/// fields cannot run into each other. Of the top Via only sent-protocol transport, sent-by and
+/// branch count: `received`/`rport` are added by the receiving proxy (§18.2.1) and must not turn
+/// a loop into a spiral. The hash is SipHash with fixed keys: stable within one build, which is
+/// what matching our own Vias needs.
+fn loop_hash(req: &Message, top_via: Option<&Via<'_>>) -> String {
+    let mut h = DefaultHasher::new();
+    req.to().ok().and_then(|n| n.tag()).hash(&mut h);
+    req.from().ok().and_then(|n| n.tag()).hash(&mut h);
+    req.call_id().ok().hash(&mut h);
+    req.cseq().ok().map(|c| c.seq).hash(&mut h);
+    req.request_uri_bytes().hash(&mut h);
+    match top_via {
+        Some(v) => {
+            let transport = v.transport.to_ascii_uppercase();
+            Some((transport, v.host.to_string(), v.port, v.branch())).hash(&mut h)
+        }
+        None => None::<()>.hash(&mut h),
+    }
+    for name in [
+        HeaderName::ProxyRequire,
+        HeaderName::ProxyAuthorization,
+        HeaderName::Route,
+    ] {
+        name.as_str().hash(&mut h);
+        for v in req.values(name) {
+            v.ok().hash(&mut h);
+        }
+    }
+    format!("{:016x}", h.finish())
+}
+
+/// §16.6 step 8: the branch for one forwarded copy: the magic cookie, the loop-detection hash of
+/// the request (§16.3 item 4), `.`, then `unique`, which the caller makes unique per branch
+/// (stateful) or derives from the request (stateless, §16.11, so a retransmission gets the same
+/// branch). Characters of `unique` outside token are dropped so the branch stays a token.
+pub fn branch_for(req: &Message, unique: &str) -> String {
+    let top = req.top_via().ok();
+    let hash = loop_hash(req, top.as_ref());
+    let mut b = String::with_capacity(MAGIC_COOKIE.len() + hash.len() + 1 + unique.len());
+    b.push_str("z9hG4bK");
+    b.push_str(&hash);
+    b.push('.');
+    b.extend(
+        unique
+            .chars()
+            .filter(|c| c.is_ascii() && scan::is_token_char(*c as u8)),
+    );
+    b
+}
+
+/// §16.3 item 4: true when the request has looped. For every Via this proxy inserted (sent-by
+/// is ours) with one of our branches, the hash is recomputed with the Via below it as the top
+/// Via — the one that was on top when we forwarded it — and compared with the hash in the
+/// branch. Equal: same request, same routing fields: a loop (answer 482). Different: the
+/// Request-URI or routing fields changed in between: a spiral, allowed.
+pub fn detect_loop(req: &Message, me: &ProxyIdentity) -> bool {
+    let vias: Vec<Via<'_>> = req.vias().filter_map(Result::ok).collect();
+    for (i, via) in vias.iter().enumerate() {
+        if !me.is_my_via(via) {
+            continue;
+        }
+        let Some(hash) = via
+            .branch()
+            .and_then(|b| b.strip_prefix(MAGIC_COOKIE))
+            .and_then(|rest| rest.split(|&c| c == b'.').next())
+        else {
+            continue;
+        };
+        if loop_hash(req, vias.get(i + 1)).as_bytes() == hash {
+            return true;
+        }
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    const US_UDP: (TransportKind, SocketAddr) = (
+        TransportKind::Udp,
+        SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 5060),
+    );
+    const US_TCP: (TransportKind, SocketAddr) = (
+        TransportKind::Tcp,
+        SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 5060),
+    );
+
+    fn me() -> ProxyIdentity {
+        ProxyIdentity::new(LocalIdentity::new(&[], [US_UDP.1]))
+    }
+
+    /// A request with `ruri`, the usual mandatory headers, then `extra` lines (CRLF-joined).
+    fn req_text(method: &str, ruri: &str, extra: &[&str]) -> String {
+        let mut s = format!(
+            "{method} {ruri} SIP/2.0\r\n\
+             Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKuac1\r\n\
+             To: <sip:bob@example.com>\r\n\
+             From: <sip:alice@example.com>;tag=a1\r\n\
+             Call-ID: c1@127.0.0.1\r\n\
+             CSeq: 1 {method}\r\n"
+        );
+        for e in extra {
+            s.push_str(e);
+            s.push_str("\r\n");
+        }
+        s.push_str("\r\n");
+        s
+    }
+
+    fn parse(text: &str) -> Message {
+        let m = Message::parse(Bytes::from(text.to_owned())).expect("test message parses");
+        m.validate().expect("test message is valid");
+        m
+    }
+
+    fn req(method: &str, ruri: &str, extra: &[&str]) -> Message {
+        parse(&req_text(method, ruri, extra))
+    }
+
+    fn routes(m: &Message) -> Vec<String> {
+        m.values(HeaderName::Route)
+            .map(|v| String::from_utf8_lossy(v.unwrap()).into_owned())
+            .collect()
+    }
+
+    fn rruri(m: &Message) -> String {
+        String::from_utf8_lossy(m.request_uri_bytes().unwrap()).into_owned()
+    }
+
+    fn spec<'a>(target: &'a str, me: &'a ProxyIdentity) -> ForwardSpec<'a> {
+        ForwardSpec {
+            target: target.as_bytes(),
+            record_route: false,
+            inbound: US_UDP,
+            outbound: US_UDP,
+            branch: "z9hG4bKtest",
+            me,
+        }
+    }
+
+    // ----- check_request ------------------------------------------------------------------
+
+    #[test]
+    fn check_accepts_sip_and_tel() {
+        let sip = req("INVITE", "sip:bob@example.com", &["Max-Forwards: 70"]);
+        assert_eq!(check_request(&sip, &[]), Ok(()));
+        let tel = req("INVITE", "tel:+15551234567", &[]);
+        assert_eq!(check_request(&tel, &[]), Ok(()));
+    }
+
+    #[test]
+    fn check_unknown_scheme_is_416() {
+        let r = req("INVITE", "urn:service:sos", &[]);
+        assert_eq!(check_request(&r, &[]).unwrap_err().code, 416);
+    }
+
+    #[test]
+    fn check_max_forwards_zero_is_483() {
+        let r = req("INVITE", "sip:bob@example.com", &["Max-Forwards: 0"]);
+        let e = check_request(&r, &[]).unwrap_err();
+        assert_eq!((e.code, e.reason), (483, "Too Many Hops"));
+        let r = req("INVITE", "sip:bob@example.com", &["Max-Forwards: 1"]);
+        assert_eq!(check_request(&r, &[]), Ok(()));
+    }
+
+    #[test]
+    fn check_proxy_require_unknown_is_420_with_tags() {
+        let r = req(
+            "INVITE",
+            "sip:bob@example.com",
+            &["Proxy-Require: foo, bar", "Proxy-Require: baz, BAR"],
+        );
+        let e = check_request(&r, &["foo"]).unwrap_err();
+        assert_eq!(e.code, 420);
+        assert_eq!(e.unsupported.as_deref(), Some("bar, baz"));
+        assert_eq!(check_request(&r, &["foo", "bar", "baz"]), Ok(()));
+    }
+
+    // ----- preprocess_routes --------------------------------------------------------------
+
+    #[test]
+    fn preprocess_removes_our_top_route() {
+        let mut r = req(
+            "INVITE",
+            "sip:bob@example.com",
+            &["Route: <sip:127.0.0.1:5060;lr>, <sip:127.0.0.1:5070;lr>"],
+        );
+        assert!(preprocess_routes(&mut r, &me()).unwrap());
+        assert_eq!(routes(&r), ["<sip:127.0.0.1:5070;lr>"]);
+        assert_eq!(rruri(&r), "sip:bob@example.com");
+        // Nothing of ours left: no change.
+        assert!(!preprocess_routes(&mut r, &me()).unwrap());
+    }
+
+    #[test]
+    fn preprocess_removes_both_halves_of_double_record_route() {
+        let mut r = req(
+            "BYE",
+            "sip:bob@example.com",
+            &["Route: <sip:127.0.0.1:5060;transport=udp;lr>, \
+               <sip:127.0.0.1:5060;transport=tcp;lr>, <sip:example.com;lr>"],
+        );
+        assert!(preprocess_routes(&mut r, &me()).unwrap());
+        assert_eq!(routes(&r), ["<sip:example.com;lr>"]);
+    }
+
+    #[test]
+    fn preprocess_strict_router_restores_request_uri() {
+        let mut r = req(
+            "BYE",
+            "sip:127.0.0.1:5060;transport=udp;lr",
+            &[
+                "Route: <sip:127.0.0.1:5070;lr>",
+                "Route: <sip:bob@example.com>",
+            ],
+        );
+        assert!(preprocess_routes(&mut r, &me()).unwrap());
+        assert_eq!(rruri(&r), "sip:bob@example.com");
+        assert_eq!(routes(&r), ["<sip:127.0.0.1:5070;lr>"]);
+        r.validate().unwrap();
+    }
+
+    #[test]
+    fn preprocess_our_record_route_uri_without_route_is_unchanged() {
+        let mut r = req("BYE", "sip:127.0.0.1:5060;transport=udp;lr", &[]);
+        assert!(!preprocess_routes(&mut r, &me()).unwrap());
+        assert_eq!(rruri(&r), "sip:127.0.0.1:5060;transport=udp;lr");
+    }
+
+    #[test]
+    fn preprocess_leaves_requests_for_our_users_alone() {
+        // Addressed to a user at our address: not a Record-Route value of ours.
+        let mut r = req(
+            "INVITE",
+            "sip:bob@127.0.0.1:5060",
+            &["Route: <sip:example.com;lr>"],
+        );
+        assert!(!preprocess_routes(&mut r, &me()).unwrap());
+        assert_eq!(rruri(&r), "sip:bob@127.0.0.1:5060");
+    }
+
+    // ----- forward_copy -------------------------------------------------------------------
+
+    #[test]
+    fn forward_rewrites_only_what_16_6_says() {
+        let r = req(
+            "INVITE",
+            "sip:bob@example.com",
+            &[
+                "Max-Forwards: 70",
+                "X-Custom:   odd   spacing",
+                "Content-Length: 0",
+            ],
+        );
+        let me = me();
+        let mut s = spec("sip:bob@127.0.0.1:5080", &me);
+        s.record_route = true;
+        let out = forward_copy(&r, &s).unwrap();
+        let text = String::from_utf8(out.to_bytes().to_vec()).unwrap();
+        assert_eq!(
+            text,
+            "INVITE sip:bob@127.0.0.1:5080 SIP/2.0\r\n\
+             Record-Route: <sip:127.0.0.1:5060;transport=udp;lr>\r\n\
+             Via: SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bKtest\r\n\
+             Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKuac1\r\n\
+             To: <sip:bob@example.com>\r\n\
+             From: <sip:alice@example.com>;tag=a1\r\n\
+             Call-ID: c1@127.0.0.1\r\n\
+             CSeq: 1 INVITE\r\n\
+             Max-Forwards: 69\r\n\
+             X-Custom:   odd   spacing\r\n\
+             Content-Length: 0\r\n\r\n"
+        );
+        let reparsed = parse(&text);
+        assert_eq!(
+            reparsed.top_via().unwrap().branch(),
+            Some(&b"z9hG4bKtest"[..])
+        );
+        // The original is untouched.
+        assert_eq!(rruri(&r), "sip:bob@example.com");
+    }
+
+    #[test]
+    fn forward_adds_max_forwards_70_when_absent() {
+        let r = req("OPTIONS", "sip:bob@example.com", &[]);
+        let me = me();
+        let out = forward_copy(&r, &spec("sip:bob@example.com", &me)).unwrap();
+        assert_eq!(out.max_forwards().unwrap().unwrap(), 70);
+        assert!(out.record_routes().next().is_none());
+    }
+
+    #[test]
+    fn forward_refuses_max_forwards_zero() {
+        let r = req("OPTIONS", "sip:bob@example.com", &["Max-Forwards: 0"]);
+        let me = me();
+        let e = forward_copy(&r, &spec("sip:bob@example.com", &me)).unwrap_err();
+        assert_eq!(e.status(), 483);
+    }
+
+    #[test]
+    fn forward_double_record_route_when_transports_differ() {
+        let r = req(
+            "INVITE",
+            "sip:bob@example.com",
+            &["Record-Route: <sip:example.com;lr>"],
+        );
+        let me = me();
+        let mut s = spec("sip:bob@example.com", &me);
+        s.record_route = true;
+        s.outbound = US_TCP;
+        let out = forward_copy(&r, &s).unwrap();
+        let rr: Vec<String> = out
+            .values(HeaderName::RecordRoute)
+            .map(|v| String::from_utf8_lossy(v.unwrap()).into_owned())
+            .collect();
+        assert_eq!(
+            rr,
+            [
+                "<sip:127.0.0.1:5060;transport=tcp;lr>",
+                "<sip:127.0.0.1:5060;transport=udp;lr>",
+                "<sip:example.com;lr>",
+            ]
+        );
+        // Our Via names the outbound transport; TCP needs Content-Length (absent before).
+        let via = out.top_via().unwrap();
+        assert_eq!(via.transport, b"TCP");
+        assert!(r.content_length().is_none());
+        assert_eq!(out.content_length(), Some(0));
+    }
+
+    #[test]
+    fn forward_udp_does_not_add_content_length() {
+        let r = req("MESSAGE", "sip:bob@example.com", &[]);
+        let me = me();
+        let out = forward_copy(&r, &spec("sip:bob@example.com", &me)).unwrap();
+        assert!(out.content_length().is_none());
+    }
+
+    #[test]
+    fn forward_strict_next_hop_route_postprocessing() {
+        let r = req(
+            "BYE",
+            "sip:bob@example.com",
+            &["Route: <sip:127.0.0.1:5070>, <sip:example.com;lr>"],
+        );
+        let me = me();
+        let out = forward_copy(&r, &spec("sip:bob@example.com", &me)).unwrap();
+        assert_eq!(rruri(&out), "sip:127.0.0.1:5070");
+        assert_eq!(
+            routes(&out),
+            ["<sip:example.com;lr>", "<sip:bob@example.com>"]
+        );
+        let hop = next_hop(&out).unwrap();
+        assert_eq!((hop.host.as_str(), hop.port), ("example.com", None));
+    }
+
+    #[test]
+    fn forward_loose_next_hop_keeps_routes() {
+        let r = req(
+            "BYE",
+            "sip:bob@example.com",
+            &["Route: <sip:127.0.0.1:5070;lr>"],
+        );
+        let me = me();
+        let out = forward_copy(&r, &spec("sip:bob@example.com", &me)).unwrap();
+        assert_eq!(rruri(&out), "sip:bob@example.com");
+        assert_eq!(routes(&out), ["<sip:127.0.0.1:5070;lr>"]);
+    }
+
+    #[test]
+    fn forward_refuses_a_non_token_branch() {
+        let r = req("BYE", "sip:bob@example.com", &[]);
+        let me = me();
+        let mut s = spec("sip:bob@example.com", &me);
+        s.branch = "z9hG4bK bad;x=1";
+        assert!(forward_copy(&r, &s).is_err());
+    }
+
+    // ----- next_hop -----------------------------------------------------------------------
+
+    #[test]
+    fn next_hop_from_top_route() {
+        let r = req(
+            "INVITE",
+            "sip:bob@example.com",
+            &["Route: <sip:example.com:5070;transport=TCP;lr>, <sip:127.0.0.1;lr>"],
+        );
+        let hop = next_hop(&r).unwrap();
+        assert_eq!(
+            hop,
+            NextHop {
+                host: "example.com".into(),
+                port: Some(5070),
+                transport: Some(TransportKind::Tcp),
+                secure: false,
+            }
+        );
+    }
+
+    #[test]
+    fn next_hop_from_request_uri() {
+        let r = req("INVITE", "sips:bob@example.com", &[]);
+        let hop = next_hop(&r).unwrap();
+        assert_eq!(
+            hop,
+            NextHop {
+                host: "example.com".into(),
+                port: None,
+                transport: None,
+                secure: true,
+            }
+        );
+        let r = req(
+            "INVITE",
+            "sip:bob@example.com;maddr=127.0.0.1;transport=udp",
+            &[],
+        );
+        let hop = next_hop(&r).unwrap();
+        assert_eq!(hop.host, "127.0.0.1");
+        assert_eq!(hop.transport, Some(TransportKind::Udp));
+    }
+
+    #[test]
+    fn next_hop_errors() {
+        let tel = req("INVITE", "tel:+15551234567", &[]);
+        assert_eq!(next_hop(&tel).unwrap_err().status(), 404);
+        let sctp = req("INVITE", "sip:bob@example.com;transport=sctp", &[]);
+        assert_eq!(next_hop(&sctp).unwrap_err().status(), 503);
+    }
+
+    // ----- branch_for / detect_loop -------------------------------------------------------
+
+    #[test]
+    fn branch_is_stable_across_retransmissions() {
+        let text = req_text("INVITE", "sip:bob@example.com", &["Max-Forwards: 70"]);
+        let a = branch_for(&parse(&text), "0");
+        let b = branch_for(&parse(&text), "0");
+        assert_eq!(a, b);
+        assert!(a.starts_with("z9hG4bK"));
+        assert!(scan::is_token(a.as_bytes()));
+        // Max-Forwards is not a loop-detection field.
+        let c = branch_for(
+            &req("INVITE", "sip:bob@example.com", &["Max-Forwards: 12"]),
+            "0",
+        );
+        assert_eq!(a, c);
+    }
+
+    #[test]
+    fn branch_changes_with_request_uri_and_unique_part() {
+        let a = branch_for(&req("INVITE", "sip:bob@example.com", &[]), "0");
+        let b = branch_for(&req("INVITE", "sip:carol@example.com", &[]), "0");
+        assert_ne!(a, b);
+        let c = branch_for(&req("INVITE", "sip:bob@example.com", &[]), "1");
+        assert_ne!(a, c);
+        // Same loop hash, different unique part.
+        assert_eq!(a.split('.').next(), c.split('.').next());
+        // Characters outside token are dropped.
+        let d = branch_for(&req("INVITE", "sip:bob@example.com", &[]), "x y;z");
+        assert!(d.ends_with(".xyz"));
+    }
+
+    /// Forwards `r` unchanged in Request-URI, then lets another proxy at 127.0.0.1:5070 send it
+    /// back to us with `ruri` (same = loop, different = spiral). With `stamp`, the top Via of
+    /// `r` gets `received` after the branch was computed, as §18.2.1 stamping would.
+    fn come_back(r: &Message, ruri: &str, stamp: bool) -> Message {
+        let me = me();
+        let branch = branch_for(r, "1");
+        let mut r = r.clone();
+        if stamp {
+            assert!(r.stamp_received("127.0.0.2:5070".parse().unwrap()).unwrap());
+        }
+        let target = rruri(&r);
+        let mut s = spec(&target, &me);
+        s.branch = &branch;
+        let mut out = forward_copy(&r, &s).unwrap();
+        out.set_request_uri(ruri.as_bytes()).unwrap();
+        out.prepend_header("Via", b"SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKother")
+            .unwrap();
+        parse(std::str::from_utf8(&out.to_bytes()).unwrap())
+    }
+
+    #[test]
+    fn detect_loop_finds_a_loop() {
+        let r = req("INVITE", "sip:bob@example.com", &["Max-Forwards: 70"]);
+        assert!(!detect_loop(&r, &me()));
+        let back = come_back(&r, "sip:bob@example.com", false);
+        assert!(detect_loop(&back, &me()));
+    }
+
+    #[test]
+    fn detect_loop_allows_a_spiral() {
+        let r = req("INVITE", "sip:bob@example.com", &["Max-Forwards: 70"]);
+        let back = come_back(&r, "sip:carol@example.com", false);
+        assert!(!detect_loop(&back, &me()));
+    }
+
+    #[test]
+    fn detect_loop_ignores_received_stamping() {
+        let r = req("INVITE", "sip:bob@example.com", &["Max-Forwards: 70"]);
+        let mut back = come_back(&r, "sip:bob@example.com", false);
+        back.stamp_received("127.0.0.2:5070".parse().unwrap())
+            .unwrap();
+        assert!(detect_loop(&back, &me()));
+    }
+}

@@ -1,0 +1,994 @@
+//! The response context of a stateful proxy (RFC 3261 §16.7, amended by RFC 6026 for 2xx),
+//! with forking order (§16.6, §8.1.3.4), Timer C (§16.8) and CANCEL handling (§16.10): sans-IO,
+//! no sockets, no clock.
+//!
+//! One [`ResponseContext`] exists per proxied request. It owns the set of branches (one client
+//! transaction each, run by the caller), decides which responses go upstream and when, and
+//! which branches to start or cancel. Like the transaction machines it takes an explicit `now`
+//! and pushes [`ContextAction`]s; Timer C is never cancelled: a firing that no longer applies
+//! (the branch finished, or the timer was reset later) is ignored.
+//!
+//! Forking order: targets are grouped by q value; the highest group is tried in parallel and a
+//! lower group only once every branch of the higher ones has failed — the "groups of decreasing
+//! q-values serially, each group in parallel" approach of §8.1.3.4, which §16.6 leaves open
+//! ("the proxy MAY process the targets in any order").
+//!
+//! When the last branch of the last group fails and new branches are still allowed, the context
+//! does not answer upstream by itself: it emits [`ContextAction::BranchSetFailed`] so the core
+//! (a script's failure route) may call [`ResponseContext::add_targets`] (serial forking /
+//! failover) or [`ResponseContext::send_final`] (which emits [`ContextAction::FinalUpstream`]).
+//! After a 6xx (§16.7 step 5: "MUST NOT create any new branches") or an upstream CANCEL
+//! (§16.10) no branch may be added, so the final goes upstream at once.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::VecDeque;
+use std::hash::{Hash, Hasher};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::sip::{HeaderName, Message, ResponseBuilder};
+
+/// How long a branch that was CANCELled on Timer C (§16.8) may take to send its final response
+/// before it counts as a 408: 64*T1 with the default T1, the same bound as Timers B and F.
+/// Without it a downstream that never answers the CANCEL would keep the context alive forever,
+/// since an INVITE client transaction in Proceeding has no timeout of its own (§17.1.1.2).
+const CANCEL_GRACE: Duration = Duration::from_secs(32);
+
+/// Index of a branch in its context, in the order the branches were started.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BranchId(pub usize);
+
+/// Where a branch stands, as the context sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BranchState {
+    /// Request sent, nothing heard yet: a CANCEL may not be sent yet (§9.1).
+    Pending,
+    /// Got a provisional response (any 1xx, 100 included): CANCEL is allowed (§9.1).
+    Proceeding,
+    /// Got a final response, or counts as a 408 (Timer B/F, transport error, Timer C).
+    Done,
+}
+
+/// One target of the target set (§16.5).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    pub uri: Bytes,
+    /// The q value in thousandths (Contact "q" parameter, §20.10); 1000 when absent.
+    pub q: u16,
+}
+
+/// One thing the caller must do, in order.
+#[derive(Debug)]
+pub enum ContextAction {
+    /// Start a client transaction for this target (the caller builds the copy, §16.6).
+    StartBranch { branch: BranchId, target: Target },
+    /// Forward this response upstream now (1xx except 100, every 2xx; §16.7 step 5, RFC 6026
+    /// §8.2); its top Via is already removed (§16.7 step 3).
+    ForwardUpstream(Message),
+    /// Send CANCEL on these branches (§16.7 step 10 after a 2xx or a 6xx, §16.8 Timer C,
+    /// §16.10 upstream CANCEL). Only branches that got a provisional response are listed
+    /// (§9.1); the others are listed later, when their first provisional arrives.
+    Cancel(Vec<BranchId>),
+    /// Timer C for an INVITE branch (§16.8): call `on_timer_c(branch, now)` at `at`. A firing
+    /// that no longer applies is ignored, so the caller never cancels it.
+    StartTimerC { branch: BranchId, at: Instant },
+    /// Every branch has failed, no 2xx went upstream and new branches are still allowed. The
+    /// caller now calls `add_targets` (a new serial group) or `send_final`. `best` is the
+    /// response `send_final` would send right now (§16.7 steps 6-7 applied), for inspection.
+    BranchSetFailed { best: Message },
+    /// The best final response goes upstream (§16.7 steps 6-9); the context sends no other
+    /// final except 2xx to INVITE that still arrive (§16.7 step 5).
+    FinalUpstream(Message),
+}
+
+struct Branch {
+    state: BranchState,
+    /// A CANCEL is wanted for this branch (step 10, §16.10) but may wait for a provisional.
+    cancel_wanted: bool,
+    cancel_sent: bool,
+    /// The branch was given up without a final (Timer C with nothing heard): a provisional
+    /// that still arrives is answered with a CANCEL so the callee stops ringing.
+    abandoned: bool,
+    /// The current Timer C deadline; earlier firings are stale (§16.8 resets it on 1xx).
+    timer_c_at: Option<Instant>,
+}
+
+/// A final non-2xx response kept for choosing the best one (§16.7 step 4).
+struct Stored {
+    code: u16,
+    /// `None` is a 408 the branch counts as (§16.8, Timer B/F, transport error): synthesized
+    /// only if it is chosen.
+    response: Option<Message>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Branches are running or about to be started.
+    Running,
+    /// `BranchSetFailed` was emitted; waiting for `add_targets` or `send_final`.
+    AwaitingDecision,
+    /// A final response (a 2xx or the best non-2xx) went upstream.
+    FinalSent,
+}
+
+/// The response context of one proxied request (§16.7).
+pub struct ResponseContext {
+    request: Message,
+    is_invite: bool,
+    timer_c: Duration,
+    branches: Vec<Branch>,
+    /// Serial groups not started yet, highest q first.
+    groups: VecDeque<Vec<Target>>,
+    stored: Vec<Stored>,
+    /// A 6xx arrived or upstream CANCELled: no new branches (§16.7 step 5, §16.10).
+    closed: bool,
+    phase: Phase,
+}
+
+impl ResponseContext {
+    /// Creates the context and starts the highest-q group of `targets` in parallel (§16.6,
+    /// §8.1.3.4); lower groups follow serially. `is_invite` enables Timer C (§16.6 step 11,
+    /// §16.8) and CANCELs (§9.1: non-INVITE requests are not cancelled). `request` is the
+    /// request as received, used to synthesize 408 and 500 (§16.7 step 6). With no targets
+    /// at all the set has failed at once: `BranchSetFailed` with a 408.
+    pub fn new(
+        request: Message,
+        targets: Vec<Target>,
+        is_invite: bool,
+        timer_c: Duration,
+        now: Instant,
+        out: &mut Vec<ContextAction>,
+    ) -> ResponseContext {
+        let mut ctx = ResponseContext {
+            request,
+            is_invite,
+            timer_c,
+            branches: Vec::new(),
+            groups: VecDeque::new(),
+            stored: Vec::new(),
+            closed: false,
+            phase: Phase::Running,
+        };
+        ctx.groups.extend(group_by_q(targets));
+        ctx.advance(now, out);
+        ctx
+    }
+
+    /// A response arrived on `branch` from its client transaction (§16.7).
+    ///
+    /// The top Via is removed (step 3); a response that carries no other Via was not for
+    /// forwarding, so a final one only ends its branch and a provisional one is dropped. Then:
+    /// 100 is absorbed (step 5); other 1xx reset Timer C (step 2) and go upstream until a final
+    /// has been sent (step 5); every 2xx goes upstream, to INVITE even after a final (RFC 6026
+    /// §8.2), and CANCELs the other branches (step 10); 3xx-6xx are stored (step 4), a 6xx also
+    /// CANCELs the other branches and closes the set (steps 5, 10); once no branch is left the
+    /// best response is chosen (step 6).
+    pub fn on_response(
+        &mut self,
+        branch: BranchId,
+        mut response: Message,
+        now: Instant,
+        out: &mut Vec<ContextAction>,
+    ) {
+        let Some(code) = response.status() else {
+            return;
+        };
+        let Some(state) = self.branches.get(branch.0).map(|b| b.state) else {
+            return;
+        };
+        // §16.7 step 3: if no Via is left the response was addressed to this element.
+        let forwardable = matches!(response.remove_first_value(HeaderName::Via), Ok(true))
+            && response.has(HeaderName::Via);
+        match code {
+            100..=199 => self.on_provisional(branch, code, response, forwardable, now, out),
+            200..=299 => {
+                self.finish_branch(branch);
+                // RFC 6026 §8.2: every 2xx to INVITE is forwarded, even after a final went
+                // upstream; for other methods only until the first final (step 5).
+                if forwardable && (self.is_invite || self.phase != Phase::FinalSent) {
+                    out.push(ContextAction::ForwardUpstream(response));
+                }
+                self.phase = Phase::FinalSent;
+                self.groups.clear();
+                // Step 10: the call is answered, the other branches are no longer wanted.
+                self.cancel_pending(out);
+            }
+            _ => {
+                if state == BranchState::Done {
+                    // A final was already counted for this branch (e.g. a 487 after Timer C).
+                    return;
+                }
+                self.finish_branch(branch);
+                if forwardable {
+                    self.stored.push(Stored {
+                        code,
+                        response: Some(response),
+                    });
+                }
+                if code >= 600 {
+                    // Step 5: no new branches; step 10: SHOULD cancel the pending ones.
+                    self.closed = true;
+                    self.groups.clear();
+                    self.cancel_pending(out);
+                }
+                self.advance(now, out);
+            }
+        }
+    }
+
+    fn on_provisional(
+        &mut self,
+        branch: BranchId,
+        code: u16,
+        response: Message,
+        forwardable: bool,
+        now: Instant,
+        out: &mut Vec<ContextAction>,
+    ) {
+        let (is_invite, timer_c) = (self.is_invite, self.timer_c);
+        let Some(b) = self.branches.get_mut(branch.0) else {
+            return;
+        };
+        if b.state == BranchState::Pending {
+            b.state = BranchState::Proceeding;
+        }
+        // §9.1: a CANCEL wanted earlier could not be sent before a provisional arrived.
+        if is_invite && (b.cancel_wanted || b.abandoned) && !b.cancel_sent {
+            b.cancel_sent = true;
+            out.push(ContextAction::Cancel(vec![branch]));
+        }
+        if b.state == BranchState::Done {
+            return;
+        }
+        // §16.7 step 2: only 101-199 reset Timer C; a 100 says nothing about the callee.
+        if is_invite && code > 100 && !b.cancel_sent {
+            let at = now + timer_c;
+            b.timer_c_at = Some(at);
+            out.push(ContextAction::StartTimerC { branch, at });
+        }
+        // Step 5: 100 is hop-by-hop; other provisionals go up until a final has been sent.
+        if code > 100 && forwardable && self.phase != Phase::FinalSent {
+            out.push(ContextAction::ForwardUpstream(response));
+        }
+    }
+
+    /// The branch's client transaction timed out (Timer B/F) or hit a transport error: the
+    /// branch counts as a 408 (§16.7 step 6, §16.8, §17.1.4).
+    pub fn on_branch_failed(
+        &mut self,
+        branch: BranchId,
+        now: Instant,
+        out: &mut Vec<ContextAction>,
+    ) {
+        if self.branch_state(branch) == Some(BranchState::Pending)
+            || self.branch_state(branch) == Some(BranchState::Proceeding)
+        {
+            self.fail_as_408(branch);
+            self.advance(now, out);
+        }
+    }
+
+    /// Timer C fired for `branch` (§16.8). A stale firing is ignored. If the branch got a
+    /// provisional it is CANCELled and given [`CANCEL_GRACE`] to send its final (the 487); if
+    /// it got nothing, or the grace ran out, it counts as a 408.
+    pub fn on_timer_c(&mut self, branch: BranchId, now: Instant, out: &mut Vec<ContextAction>) {
+        let Some(b) = self.branches.get_mut(branch.0) else {
+            return;
+        };
+        match b.timer_c_at {
+            Some(at) if now >= at && b.state != BranchState::Done => {}
+            _ => return,
+        }
+        if b.state == BranchState::Proceeding && !b.cancel_sent {
+            b.cancel_wanted = true;
+            b.cancel_sent = true;
+            let at = now + CANCEL_GRACE;
+            b.timer_c_at = Some(at);
+            out.push(ContextAction::Cancel(vec![branch]));
+            out.push(ContextAction::StartTimerC { branch, at });
+            return;
+        }
+        // Nothing heard (§16.8: "as if the transaction received a 408"), or the CANCEL was
+        // not answered in time.
+        b.abandoned = true;
+        self.fail_as_408(branch);
+        self.advance(now, out);
+    }
+
+    /// A CANCEL matching the request arrived from upstream (§16.10): every pending branch is
+    /// CANCELled and no new branch is started. The branches' finals (typically 487) then make
+    /// up the best response as usual. If the core was still deciding after `BranchSetFailed`,
+    /// the final goes upstream now.
+    pub fn cancel_all(&mut self, out: &mut Vec<ContextAction>) {
+        self.closed = true;
+        self.groups.clear();
+        self.cancel_pending(out);
+        if self.phase == Phase::AwaitingDecision {
+            self.send_final(out);
+        }
+    }
+
+    /// Adds targets as new serial groups (grouped by q like in `new`), tried after the groups
+    /// already queued. Ignored once a final went upstream or the set is closed (6xx, upstream
+    /// CANCEL). After `BranchSetFailed` this starts the new group at once; with an empty
+    /// `targets` the context keeps waiting for `send_final`.
+    pub fn add_targets(
+        &mut self,
+        targets: Vec<Target>,
+        now: Instant,
+        out: &mut Vec<ContextAction>,
+    ) {
+        if self.closed || self.phase == Phase::FinalSent || targets.is_empty() {
+            return;
+        }
+        self.groups.extend(group_by_q(targets));
+        if self.phase == Phase::AwaitingDecision {
+            self.phase = Phase::Running;
+        }
+        self.advance(now, out);
+    }
+
+    /// After `BranchSetFailed`: sends the best final response upstream (§16.7 steps 6-9).
+    /// Does nothing in any other phase.
+    pub fn send_final(&mut self, out: &mut Vec<ContextAction>) {
+        if self.phase != Phase::AwaitingDecision {
+            return;
+        }
+        self.phase = Phase::FinalSent;
+        if let Some(best) = self.best_response() {
+            out.push(ContextAction::FinalUpstream(best));
+        }
+    }
+
+    /// True once a final response went upstream and no branch is still waiting for its own
+    /// final. 2xx retransmissions to INVITE may still arrive while the client transactions
+    /// linger in Accepted (RFC 6026); the caller may keep feeding them until those terminate.
+    pub fn is_finished(&self) -> bool {
+        self.phase == Phase::FinalSent && self.branches.iter().all(|b| b.state == BranchState::Done)
+    }
+
+    pub fn branch_state(&self, branch: BranchId) -> Option<BranchState> {
+        self.branches.get(branch.0).map(|b| b.state)
+    }
+
+    fn finish_branch(&mut self, branch: BranchId) {
+        if let Some(b) = self.branches.get_mut(branch.0) {
+            b.state = BranchState::Done;
+        }
+    }
+
+    fn fail_as_408(&mut self, branch: BranchId) {
+        self.finish_branch(branch);
+        self.stored.push(Stored {
+            code: 408,
+            response: None,
+        });
+    }
+
+    /// Marks every unfinished branch as to be CANCELled and emits the CANCELs allowed now
+    /// (§9.1: only after a provisional). Non-INVITE requests are never cancelled (§9.1).
+    fn cancel_pending(&mut self, out: &mut Vec<ContextAction>) {
+        let mut now_sendable = Vec::new();
+        for (i, b) in self.branches.iter_mut().enumerate() {
+            if b.state == BranchState::Done || b.cancel_wanted {
+                continue;
+            }
+            b.cancel_wanted = true;
+            if self.is_invite && b.state == BranchState::Proceeding {
+                b.cancel_sent = true;
+                now_sendable.push(BranchId(i));
+            }
+        }
+        if !now_sendable.is_empty() {
+            out.push(ContextAction::Cancel(now_sendable));
+        }
+    }
+
+    /// Called whenever a branch may have ended: starts the next serial group when the current
+    /// ones have all failed, or reports the failed set (§16.7 step 6: the final is sent only
+    /// when every client transaction of the context is done).
+    fn advance(&mut self, now: Instant, out: &mut Vec<ContextAction>) {
+        if self.phase != Phase::Running
+            || self.branches.iter().any(|b| b.state != BranchState::Done)
+        {
+            return;
+        }
+        if !self.closed {
+            if let Some(group) = self.groups.pop_front() {
+                self.start_group(group, now, out);
+                return;
+            }
+        }
+        if self.closed {
+            self.phase = Phase::AwaitingDecision;
+            self.send_final(out);
+        } else if let Some(best) = self.best_response() {
+            self.phase = Phase::AwaitingDecision;
+            out.push(ContextAction::BranchSetFailed { best });
+        } else {
+            // The request cannot even yield a synthesized response (it parsed once, so this
+            // is not expected): answer nothing rather than loop.
+            self.phase = Phase::FinalSent;
+        }
+    }
+
+    fn start_group(&mut self, group: Vec<Target>, now: Instant, out: &mut Vec<ContextAction>) {
+        for target in group {
+            let branch = BranchId(self.branches.len());
+            let timer_c_at = self.is_invite.then(|| now + self.timer_c);
+            self.branches.push(Branch {
+                state: BranchState::Pending,
+                cancel_wanted: false,
+                cancel_sent: false,
+                abandoned: false,
+                timer_c_at,
+            });
+            out.push(ContextAction::StartBranch { branch, target });
+            // §16.6 step 11: Timer C starts with the INVITE branch.
+            if let Some(at) = timer_c_at {
+                out.push(ContextAction::StartTimerC { branch, at });
+            }
+        }
+    }
+
+    /// §16.7 steps 6-7: a 6xx if any (the first received); else the lowest class, within it
+    /// the first received, except that in 4xx a response that helps resubmission (401, 407,
+    /// 415, 420, 484) is preferred and in 5xx anything is preferred over 503. A chosen 503
+    /// becomes a synthesized 500, none at all a synthesized 408. A 401/407 gets the
+    /// WWW-Authenticate and Proxy-Authenticate values of every other 401/407 (step 7).
+    fn best_response(&self) -> Option<Message> {
+        let rank = |s: &Stored| -> (u8, u8) {
+            let class = if s.code >= 600 {
+                0
+            } else {
+                (s.code / 100) as u8
+            };
+            let preference = match s.code {
+                401 | 407 | 415 | 420 | 484 => 0,
+                503 => 2,
+                _ => 1,
+            };
+            (class, preference)
+        };
+        // min_by_key keeps the first of equal keys: first received wins ties.
+        let Some((index, chosen)) = self.stored.iter().enumerate().min_by_key(|(_, s)| rank(s))
+        else {
+            return self.synthesize(408, "Request Timeout");
+        };
+        let mut best = match (&chosen.response, chosen.code) {
+            (_, 503) => return self.synthesize(500, "Server Internal Error"),
+            (Some(response), _) => response.clone(),
+            (None, code) => return self.synthesize(code, "Request Timeout"),
+        };
+        if matches!(chosen.code, 401 | 407) {
+            for (i, other) in self.stored.iter().enumerate() {
+                let Some(response) = other.response.as_ref().filter(|_| i != index) else {
+                    continue;
+                };
+                if !matches!(other.code, 401 | 407) {
+                    continue;
+                }
+                for name in ["WWW-Authenticate", "Proxy-Authenticate"] {
+                    for value in response.headers_named(name) {
+                        // The value came from a parsed message, so it has no line break;
+                        // should it fail anyway, that one challenge is dropped.
+                        let _ = best.append_header(name, value);
+                    }
+                }
+            }
+        }
+        Some(best)
+    }
+
+    /// A response generated by this proxy (§16.7 step 6). Its To tag is derived from the
+    /// request so that the same request always gets the same tag (§8.2.6.2).
+    fn synthesize(&self, code: u16, reason: &str) -> Option<Message> {
+        let mut hasher = DefaultHasher::new();
+        self.request.header(HeaderName::Via).hash(&mut hasher);
+        self.request.header(HeaderName::CallId).hash(&mut hasher);
+        self.request.header(HeaderName::From).hash(&mut hasher);
+        let tag = format!("mr{:016x}", hasher.finish());
+        let bytes = ResponseBuilder::new(&self.request, code, reason)
+            .to_tag(tag.as_bytes())
+            .build();
+        Message::parse(bytes).ok()
+    }
+}
+
+/// Sorts targets by decreasing q (stable, so equal q keep their order) and splits them into
+/// groups of equal q (§8.1.3.4).
+fn group_by_q(mut targets: Vec<Target>) -> Vec<Vec<Target>> {
+    targets.sort_by_key(|t| std::cmp::Reverse(t.q));
+    let mut groups: Vec<Vec<Target>> = Vec::new();
+    for target in targets {
+        match groups.last_mut() {
+            Some(group) if group.first().is_some_and(|t| t.q == target.q) => group.push(target),
+            _ => groups.push(vec![target]),
+        }
+    }
+    groups
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const REQUEST: &[u8] = b"INVITE sip:bob@example.com SIP/2.0\r\n\
+Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKup1\r\n\
+Max-Forwards: 70\r\n\
+From: <sip:alice@example.com>;tag=a1\r\n\
+To: <sip:bob@example.com>\r\n\
+Call-ID: c1@127.0.0.1\r\n\
+CSeq: 1 INVITE\r\n\
+Contact: <sip:alice@127.0.0.1:5070>\r\n\
+Content-Length: 0\r\n\r\n";
+
+    const TIMER_C: Duration = Duration::from_secs(180);
+
+    fn request() -> Message {
+        Message::parse(Bytes::from_static(REQUEST)).unwrap()
+    }
+
+    /// A response from downstream: it carries the proxy's Via above the upstream one.
+    fn resp(code: u16, extra: &[(&str, &[u8])]) -> Message {
+        let mut forwarded = request();
+        forwarded
+            .prepend_header("Via", b"SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bKproxy")
+            .unwrap();
+        let mut builder = ResponseBuilder::new(&forwarded, code, "Test").to_tag(b"down");
+        for (name, value) in extra {
+            builder = builder.header(name, value);
+        }
+        Message::parse(builder.build()).unwrap()
+    }
+
+    fn target(uri: &'static str, q: u16) -> Target {
+        Target {
+            uri: Bytes::from_static(uri.as_bytes()),
+            q,
+        }
+    }
+
+    fn invite(targets: Vec<Target>, now: Instant) -> (ResponseContext, Vec<ContextAction>) {
+        let mut out = Vec::new();
+        let ctx = ResponseContext::new(request(), targets, true, TIMER_C, now, &mut out);
+        (ctx, out)
+    }
+
+    fn started(out: &[ContextAction]) -> Vec<(usize, &[u8])> {
+        out.iter()
+            .filter_map(|a| match a {
+                ContextAction::StartBranch { branch, target } => Some((branch.0, &target.uri[..])),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn forwarded(out: &[ContextAction]) -> Vec<u16> {
+        out.iter()
+            .filter_map(|a| match a {
+                ContextAction::ForwardUpstream(m) => m.status(),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn cancels(out: &[ContextAction]) -> Vec<usize> {
+        out.iter()
+            .filter_map(|a| match a {
+                ContextAction::Cancel(b) => Some(b.iter().map(|b| b.0).collect::<Vec<_>>()),
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    }
+
+    fn set_failed(out: &[ContextAction]) -> Option<&Message> {
+        out.iter().find_map(|a| match a {
+            ContextAction::BranchSetFailed { best } => Some(best),
+            _ => None,
+        })
+    }
+
+    fn final_up(out: &[ContextAction]) -> Option<&Message> {
+        out.iter().find_map(|a| match a {
+            ContextAction::FinalUpstream(m) => Some(m),
+            _ => None,
+        })
+    }
+
+    fn two_parallel(now: Instant) -> ResponseContext {
+        invite(
+            vec![
+                target("sip:a@127.0.0.1", 1000),
+                target("sip:b@127.0.0.1", 1000),
+            ],
+            now,
+        )
+        .0
+    }
+
+    #[test]
+    fn start_arms_timer_c_and_100_is_absorbed() {
+        let t0 = Instant::now();
+        let (mut ctx, out) = invite(vec![target("sip:a@127.0.0.1", 1000)], t0);
+        assert_eq!(started(&out), vec![(0, &b"sip:a@127.0.0.1"[..])]);
+        assert!(out.iter().any(|a| matches!(a,
+            ContextAction::StartTimerC { branch: BranchId(0), at } if *at == t0 + TIMER_C)));
+        let mut out = Vec::new();
+        ctx.on_response(BranchId(0), resp(100, &[]), t0, &mut out);
+        assert!(out.is_empty(), "{out:?}");
+        assert_eq!(ctx.branch_state(BranchId(0)), Some(BranchState::Proceeding));
+    }
+
+    #[test]
+    fn provisional_forwarded_without_top_via_and_resets_timer_c() {
+        let t0 = Instant::now();
+        let (mut ctx, _) = invite(vec![target("sip:a@127.0.0.1", 1000)], t0);
+        let mut out = Vec::new();
+        let t1 = t0 + Duration::from_secs(5);
+        ctx.on_response(BranchId(0), resp(180, &[]), t1, &mut out);
+        let Some(ContextAction::ForwardUpstream(m)) = out
+            .iter()
+            .find(|a| matches!(a, ContextAction::ForwardUpstream(_)))
+        else {
+            panic!("not forwarded: {out:?}");
+        };
+        assert_eq!(m.status(), Some(180));
+        assert_eq!(m.vias().count(), 1);
+        assert_eq!(m.top_via().unwrap().branch(), Some(&b"z9hG4bKup1"[..]));
+        assert!(out.iter().any(|a| matches!(a,
+            ContextAction::StartTimerC { at, .. } if *at == t1 + TIMER_C)));
+    }
+
+    #[test]
+    fn a_2xx_is_forwarded_and_cancels_the_other_branches() {
+        let t0 = Instant::now();
+        let (mut ctx, _) = invite(
+            vec![
+                target("sip:a@127.0.0.1", 1000),
+                target("sip:b@127.0.0.1", 1000),
+                target("sip:c@127.0.0.1", 1000),
+            ],
+            t0,
+        );
+        let mut out = Vec::new();
+        ctx.on_response(BranchId(1), resp(180, &[]), t0, &mut out);
+        out.clear();
+        ctx.on_response(BranchId(0), resp(200, &[]), t0, &mut out);
+        assert_eq!(forwarded(&out), vec![200]);
+        // Branch 2 heard nothing yet: its CANCEL waits for a provisional (§9.1).
+        assert_eq!(cancels(&out), vec![1]);
+        out.clear();
+        ctx.on_response(BranchId(2), resp(180, &[]), t0, &mut out);
+        assert_eq!(cancels(&out), vec![2]);
+        assert!(forwarded(&out).is_empty(), "1xx after a final: {out:?}");
+        out.clear();
+        ctx.on_response(BranchId(1), resp(487, &[]), t0, &mut out);
+        assert!(!ctx.is_finished());
+        ctx.on_response(BranchId(2), resp(487, &[]), t0, &mut out);
+        assert!(out.is_empty(), "no non-2xx final after a 2xx: {out:?}");
+        assert!(ctx.is_finished());
+    }
+
+    #[test]
+    fn every_2xx_is_forwarded() {
+        let t0 = Instant::now();
+        let mut ctx = two_parallel(t0);
+        let mut out = Vec::new();
+        ctx.on_response(BranchId(0), resp(200, &[]), t0, &mut out);
+        ctx.on_response(BranchId(1), resp(200, &[]), t0, &mut out);
+        // A retransmitted 2xx on the same branch too (RFC 6026).
+        ctx.on_response(BranchId(0), resp(200, &[]), t0, &mut out);
+        assert_eq!(forwarded(&out), vec![200, 200, 200]);
+        assert!(ctx.is_finished());
+    }
+
+    #[test]
+    fn failed_set_picks_lowest_class_first_received() {
+        let t0 = Instant::now();
+        let (mut ctx, _) = invite(
+            vec![
+                target("sip:a@127.0.0.1", 1000),
+                target("sip:b@127.0.0.1", 1000),
+                target("sip:c@127.0.0.1", 1000),
+            ],
+            t0,
+        );
+        let mut out = Vec::new();
+        ctx.on_response(BranchId(0), resp(500, &[]), t0, &mut out);
+        ctx.on_response(BranchId(1), resp(486, &[]), t0, &mut out);
+        assert!(out.is_empty());
+        ctx.on_response(BranchId(2), resp(404, &[]), t0, &mut out);
+        assert_eq!(set_failed(&out).and_then(Message::status), Some(486));
+        assert!(final_up(&out).is_none());
+        out.clear();
+        ctx.send_final(&mut out);
+        assert_eq!(final_up(&out).and_then(Message::status), Some(486));
+        assert!(ctx.is_finished());
+    }
+
+    #[test]
+    fn a_6xx_wins_cancels_and_closes_the_set() {
+        let t0 = Instant::now();
+        let (mut ctx, _) = invite(
+            vec![
+                target("sip:a@127.0.0.1", 1000),
+                target("sip:b@127.0.0.1", 1000),
+                target("sip:c@127.0.0.1", 1000),
+                target("sip:later@127.0.0.1", 500),
+            ],
+            t0,
+        );
+        let mut out = Vec::new();
+        ctx.on_response(BranchId(0), resp(180, &[]), t0, &mut out);
+        ctx.on_response(BranchId(1), resp(404, &[]), t0, &mut out);
+        out.clear();
+        ctx.on_response(BranchId(2), resp(603, &[]), t0, &mut out);
+        assert!(forwarded(&out).is_empty(), "6xx is not forwarded at once");
+        assert_eq!(cancels(&out), vec![0]);
+        out.clear();
+        ctx.on_response(BranchId(0), resp(487, &[]), t0, &mut out);
+        assert!(started(&out).is_empty(), "no new branches after a 6xx");
+        assert!(set_failed(&out).is_none());
+        assert_eq!(final_up(&out).and_then(Message::status), Some(603));
+        out.clear();
+        ctx.add_targets(vec![target("sip:x@127.0.0.1", 1000)], t0, &mut out);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn a_2xx_after_a_6xx_still_wins() {
+        let t0 = Instant::now();
+        let mut ctx = two_parallel(t0);
+        let mut out = Vec::new();
+        ctx.on_response(BranchId(0), resp(600, &[]), t0, &mut out);
+        ctx.on_response(BranchId(1), resp(200, &[]), t0, &mut out);
+        assert_eq!(forwarded(&out), vec![200]);
+        assert!(final_up(&out).is_none());
+        assert!(ctx.is_finished());
+    }
+
+    #[test]
+    fn a_503_becomes_500() {
+        let t0 = Instant::now();
+        let (mut ctx, _) = invite(vec![target("sip:a@127.0.0.1", 1000)], t0);
+        let mut out = Vec::new();
+        ctx.on_response(BranchId(0), resp(503, &[]), t0, &mut out);
+        let best = set_failed(&out).unwrap();
+        assert_eq!(best.status(), Some(500));
+        assert_eq!(best.top_via().unwrap().branch(), Some(&b"z9hG4bKup1"[..]));
+        assert!(best.to().unwrap().tag().is_some());
+    }
+
+    #[test]
+    fn challenges_of_all_401_and_407_are_aggregated() {
+        let t0 = Instant::now();
+        let (mut ctx, _) = invite(
+            vec![
+                target("sip:a@127.0.0.1", 1000),
+                target("sip:b@127.0.0.1", 1000),
+                target("sip:c@127.0.0.1", 1000),
+            ],
+            t0,
+        );
+        let mut out = Vec::new();
+        ctx.on_response(BranchId(0), resp(404, &[]), t0, &mut out);
+        let www: &[u8] = b"Digest realm=\"a.example.com\", nonce=\"1\"";
+        let proxy: &[u8] = b"Digest realm=\"b.example.com\", nonce=\"2\"";
+        ctx.on_response(
+            BranchId(1),
+            resp(401, &[("WWW-Authenticate", www)]),
+            t0,
+            &mut out,
+        );
+        ctx.on_response(
+            BranchId(2),
+            resp(407, &[("Proxy-Authenticate", proxy)]),
+            t0,
+            &mut out,
+        );
+        let best = set_failed(&out).unwrap();
+        assert_eq!(best.status(), Some(401));
+        assert_eq!(
+            best.headers_named("WWW-Authenticate").collect::<Vec<_>>(),
+            vec![www]
+        );
+        assert_eq!(
+            best.headers_named("Proxy-Authenticate").collect::<Vec<_>>(),
+            vec![proxy]
+        );
+    }
+
+    #[test]
+    fn timer_c_after_provisional_cancels_and_stale_firings_are_ignored() {
+        let t0 = Instant::now();
+        let (mut ctx, _) = invite(vec![target("sip:a@127.0.0.1", 1000)], t0);
+        let mut out = Vec::new();
+        let t1 = t0 + Duration::from_secs(10);
+        ctx.on_response(BranchId(0), resp(180, &[]), t1, &mut out);
+        out.clear();
+        // The timer armed at the start is stale: the 180 reset it.
+        ctx.on_timer_c(BranchId(0), t0 + TIMER_C, &mut out);
+        assert!(out.is_empty(), "{out:?}");
+        ctx.on_timer_c(BranchId(0), t1 + TIMER_C, &mut out);
+        assert_eq!(cancels(&out), vec![0]);
+        assert!(out.iter().any(|a| matches!(a,
+            ContextAction::StartTimerC { at, .. } if *at == t1 + TIMER_C + CANCEL_GRACE)));
+        out.clear();
+        ctx.on_response(BranchId(0), resp(487, &[]), t1 + TIMER_C, &mut out);
+        assert_eq!(set_failed(&out).and_then(Message::status), Some(487));
+    }
+
+    #[test]
+    fn timer_c_without_provisional_counts_as_408() {
+        let t0 = Instant::now();
+        let (mut ctx, _) = invite(vec![target("sip:a@127.0.0.1", 1000)], t0);
+        let mut out = Vec::new();
+        ctx.on_timer_c(BranchId(0), t0 + TIMER_C, &mut out);
+        let best = set_failed(&out).unwrap();
+        assert_eq!(best.status(), Some(408));
+        out.clear();
+        // A late provisional is not forwarded; the abandoned branch is CANCELled.
+        ctx.on_response(BranchId(0), resp(180, &[]), t0 + TIMER_C, &mut out);
+        assert_eq!(cancels(&out), vec![0]);
+        assert!(forwarded(&out).is_empty());
+    }
+
+    #[test]
+    fn failed_branch_synthesizes_408() {
+        let t0 = Instant::now();
+        let (mut ctx, _) = invite(vec![target("sip:a@127.0.0.1", 1000)], t0);
+        let mut out = Vec::new();
+        ctx.on_branch_failed(BranchId(0), t0, &mut out);
+        let best = set_failed(&out).unwrap();
+        assert_eq!(best.status(), Some(408));
+        assert_eq!(best.vias().count(), 1);
+        assert_eq!(best.call_id().unwrap(), b"c1@127.0.0.1");
+        assert!(best.to().unwrap().tag().is_some());
+        // A second failure report for the same branch changes nothing.
+        out.clear();
+        ctx.on_branch_failed(BranchId(0), t0, &mut out);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn lower_q_group_starts_only_after_higher_group_failed() {
+        let t0 = Instant::now();
+        let (mut ctx, out) = invite(
+            vec![
+                target("sip:low1@127.0.0.1", 500),
+                target("sip:high1@127.0.0.1", 1000),
+                target("sip:high2@127.0.0.1", 1000),
+                target("sip:low2@127.0.0.1", 500),
+            ],
+            t0,
+        );
+        assert_eq!(
+            started(&out),
+            vec![
+                (0, &b"sip:high1@127.0.0.1"[..]),
+                (1, &b"sip:high2@127.0.0.1"[..])
+            ]
+        );
+        let mut out = Vec::new();
+        ctx.on_response(BranchId(0), resp(486, &[]), t0, &mut out);
+        assert!(started(&out).is_empty());
+        let t1 = t0 + Duration::from_secs(3);
+        ctx.on_branch_failed(BranchId(1), t1, &mut out);
+        assert_eq!(
+            started(&out),
+            vec![
+                (2, &b"sip:low1@127.0.0.1"[..]),
+                (3, &b"sip:low2@127.0.0.1"[..])
+            ]
+        );
+        assert!(out.iter().any(|a| matches!(a,
+            ContextAction::StartTimerC { branch: BranchId(3), at } if *at == t1 + TIMER_C)));
+        assert!(set_failed(&out).is_none());
+    }
+
+    #[test]
+    fn add_targets_after_failed_set_starts_a_new_group() {
+        let t0 = Instant::now();
+        let (mut ctx, _) = invite(vec![target("sip:a@127.0.0.1", 1000)], t0);
+        let mut out = Vec::new();
+        ctx.on_response(BranchId(0), resp(486, &[]), t0, &mut out);
+        assert!(set_failed(&out).is_some());
+        out.clear();
+        ctx.add_targets(
+            vec![target("sip:voicemail@example.com", 1000)],
+            t0,
+            &mut out,
+        );
+        assert_eq!(started(&out), vec![(1, &b"sip:voicemail@example.com"[..])]);
+        out.clear();
+        ctx.on_response(BranchId(1), resp(200, &[]), t0, &mut out);
+        assert_eq!(forwarded(&out), vec![200]);
+        assert!(ctx.is_finished());
+    }
+
+    #[test]
+    fn upstream_cancel_cancels_pending_branches_and_487_goes_up() {
+        let t0 = Instant::now();
+        let (mut ctx, _) = invite(
+            vec![
+                target("sip:a@127.0.0.1", 1000),
+                target("sip:b@127.0.0.1", 1000),
+                target("sip:later@127.0.0.1", 500),
+            ],
+            t0,
+        );
+        let mut out = Vec::new();
+        ctx.on_response(BranchId(0), resp(180, &[]), t0, &mut out);
+        out.clear();
+        ctx.cancel_all(&mut out);
+        assert_eq!(cancels(&out), vec![0]);
+        out.clear();
+        ctx.on_response(BranchId(0), resp(487, &[]), t0, &mut out);
+        assert!(out.is_empty(), "{out:?}");
+        ctx.on_response(BranchId(1), resp(180, &[]), t0, &mut out);
+        assert_eq!(cancels(&out), vec![1]);
+        out.clear();
+        ctx.on_response(BranchId(1), resp(487, &[]), t0, &mut out);
+        assert!(started(&out).is_empty(), "no new group after CANCEL");
+        assert_eq!(final_up(&out).and_then(Message::status), Some(487));
+        assert!(ctx.is_finished());
+    }
+
+    #[test]
+    fn upstream_cancel_while_deciding_sends_the_final() {
+        let t0 = Instant::now();
+        let (mut ctx, _) = invite(vec![target("sip:a@127.0.0.1", 1000)], t0);
+        let mut out = Vec::new();
+        ctx.on_response(BranchId(0), resp(480, &[]), t0, &mut out);
+        assert!(set_failed(&out).is_some());
+        out.clear();
+        ctx.cancel_all(&mut out);
+        assert_eq!(final_up(&out).and_then(Message::status), Some(480));
+    }
+
+    #[test]
+    fn non_invite_has_no_timer_c_or_cancel() {
+        let t0 = Instant::now();
+        let mut out = Vec::new();
+        let mut ctx = ResponseContext::new(
+            request(),
+            vec![
+                target("sip:a@127.0.0.1", 1000),
+                target("sip:b@127.0.0.1", 1000),
+            ],
+            false,
+            TIMER_C,
+            t0,
+            &mut out,
+        );
+        assert!(!out
+            .iter()
+            .any(|a| matches!(a, ContextAction::StartTimerC { .. })));
+        out.clear();
+        ctx.on_response(BranchId(0), resp(180, &[]), t0, &mut out);
+        ctx.on_response(BranchId(0), resp(200, &[]), t0, &mut out);
+        ctx.on_response(BranchId(1), resp(200, &[]), t0, &mut out);
+        assert_eq!(forwarded(&out), vec![180, 200]);
+        assert!(cancels(&out).is_empty());
+    }
+
+    #[test]
+    fn no_targets_fails_with_408() {
+        let (_, out) = invite(Vec::new(), Instant::now());
+        assert_eq!(set_failed(&out).and_then(Message::status), Some(408));
+    }
+
+    #[test]
+    fn responses_for_unknown_branches_are_ignored() {
+        let t0 = Instant::now();
+        let (mut ctx, _) = invite(vec![target("sip:a@127.0.0.1", 1000)], t0);
+        let mut out = Vec::new();
+        ctx.on_response(BranchId(7), resp(200, &[]), t0, &mut out);
+        ctx.on_timer_c(BranchId(7), t0 + TIMER_C, &mut out);
+        ctx.on_branch_failed(BranchId(7), t0, &mut out);
+        assert!(out.is_empty());
+    }
+}
