@@ -178,8 +178,23 @@ impl Core {
             self.pending = pending;
             return self.refuse(&msg, e, &meta, out);
         }
-        self.transactions.on_request(msg, meta, now, &mut pending);
-        self.drain(pending, now, out);
+        if needs_transaction(&msg) {
+            self.transactions.on_request(msg, meta, now, &mut pending);
+            return self.drain(pending, now, out);
+        }
+        self.pending = pending;
+        // §8.2.7 stateless UAS: a non-INVITE request this core answers itself gets its answer
+        // without a transaction. The To tag is derived from the request, so a retransmission
+        // is answered identically; keeping a transaction for Timer J (32 s over UDP) would cost
+        // ~2 KB per request for nothing, and cap OPTIONS keep-alives at a few thousand per second.
+        let (code, response) = self.answer(&msg, &meta);
+        if let Ok(via) = msg.top_via() {
+            out.push(Output::Send {
+                dest: response_destination(&via, &meta),
+                data: response,
+            });
+        }
+        debug!(code, "answered statelessly");
     }
 
     /// Carries out what the transaction layer asked for; answering a request it delivered may
@@ -402,6 +417,16 @@ impl Core {
         let h = self.tag_hasher.hash_one((call_id, from_tag, branch));
         format!("mr{h:016x}")
     }
+}
+
+/// INVITE needs its final response retransmitted until the ACK (§17.2.1), an ACK must find
+/// the INVITE it acknowledges, and a CANCEL the INVITE it cancels (§9.2); every other request
+/// this core answers itself is answered statelessly (§8.2.7).
+fn needs_transaction(request: &Message) -> bool {
+    matches!(
+        request.method(),
+        Some(Method::Invite | Method::Ack | Method::Cancel)
+    )
 }
 
 /// Why a request is refused: status, reason phrase, and for 420 the option tags to list in

@@ -156,6 +156,8 @@ pub struct TransactionLayer {
     server_keys: HashMap<ServerKey, TxId>,
     timers: BinaryHeap<Reverse<TimerEntry>>,
     timer_seq: u64,
+    /// Requests refused because of the cap, for a log line that cannot become a flood.
+    overload_refusals: u64,
     /// Reused for every machine call, so driving a machine allocates nothing once warm.
     scratch: Vec<Action>,
 }
@@ -174,6 +176,7 @@ impl TransactionLayer {
             server_keys: HashMap::new(),
             timers: BinaryHeap::new(),
             timer_seq: 0,
+            overload_refusals: 0,
             scratch: Vec::new(),
         }
     }
@@ -294,9 +297,18 @@ impl TransactionLayer {
 
     /// §21.5.4: 503 with Retry-After when the cap is reached, sent statelessly (a transaction
     /// for it would defeat the cap).
-    fn refuse_overloaded(&self, request: &Message, meta: &Meta, out: &mut Vec<LayerOutput>) {
+    fn refuse_overloaded(&mut self, request: &Message, meta: &Meta, out: &mut Vec<LayerOutput>) {
         let Ok(via) = request.top_via() else { return };
-        warn!(source = %meta.source, live = self.live(), "transaction cap reached: answering 503");
+        self.overload_refusals += 1;
+        // One line per thousand refusals: under overload the log must not add to the load.
+        if self.overload_refusals % 1000 == 1 {
+            warn!(
+                source = %meta.source,
+                live = self.live(),
+                refused_so_far = self.overload_refusals,
+                "transaction cap reached: answering 503 with Retry-After"
+            );
+        }
         let retry_after = self.config.retry_after_secs.to_string();
         let data = ResponseBuilder::new(request, 503, "Service Unavailable")
             .to_tag(b"mr503")
