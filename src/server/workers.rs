@@ -18,7 +18,9 @@ use tracing::error;
 use crate::config::Config;
 use crate::transport::dispatch::{LoopContext, UdpEndpoint};
 use crate::transport::registry::ConnectionRegistry;
-use crate::transport::{tcp, udp, ListenAddr, TransportKind, TransportLimits, WorkerFactory};
+use crate::transport::{
+    tcp, udp, Input, ListenAddr, TransportKind, TransportLimits, WorkerFactory,
+};
 
 /// Starts servers. See [`Server::start`].
 pub struct Server;
@@ -42,6 +44,7 @@ impl Server {
         let registry = Arc::new(ConnectionRegistry::new(limits.max_connections));
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (ready_tx, ready_rx) = mpsc::channel();
+        let (hand_over, mut hand_over_queues) = hand_over_channels(workers);
         let mut handle = ServerHandle {
             listen_addrs,
             registry: Arc::clone(&registry),
@@ -57,6 +60,8 @@ impl Server {
                 limits,
                 shutdown: shutdown_rx.clone(),
                 ready: ready_tx.clone(),
+                hand_over: Arc::clone(&hand_over),
+                hand_over_queue: hand_over_queues.remove(0),
             };
             let thread = thread::Builder::new()
                 .name(format!("moonroute-loop-{index}"))
@@ -217,6 +222,24 @@ struct LoopSetup {
     limits: TransportLimits,
     shutdown: watch::Receiver<bool>,
     ready: mpsc::Sender<io::Result<()>>,
+    hand_over: Arc<[tokio::sync::mpsc::Sender<Input>]>,
+    hand_over_queue: tokio::sync::mpsc::Receiver<Input>,
+}
+
+/// Inputs one loop may hold for another before hand-overs are dropped: bounds memory when a
+/// loop falls behind.
+const HAND_OVER_QUEUE: usize = 4096;
+
+fn hand_over_channels(
+    workers: usize,
+) -> (
+    Arc<[tokio::sync::mpsc::Sender<Input>]>,
+    Vec<tokio::sync::mpsc::Receiver<Input>>,
+) {
+    let (senders, receivers): (Vec<_>, Vec<_>) = (0..workers)
+        .map(|_| tokio::sync::mpsc::channel(HAND_OVER_QUEUE))
+        .unzip();
+    (senders.into(), receivers)
 }
 
 /// The body of a loop thread: a single-threaded runtime running this loop's tasks until
@@ -249,8 +272,17 @@ async fn serve_until_shutdown(setup: LoopSetup) {
         limits,
         mut shutdown,
         ready,
+        hand_over,
+        hand_over_queue,
     } = setup;
-    let started = start_transports(index, sockets, factory.as_ref(), registry, limits);
+    let started = start_transports(
+        index,
+        sockets,
+        factory.as_ref(),
+        registry,
+        limits,
+        (hand_over, hand_over_queue),
+    );
     let running = started.is_ok();
     // The receiver is gone only if start already failed elsewhere; we stop below anyway.
     let _ = ready.send(started);
@@ -269,6 +301,10 @@ fn start_transports(
     factory: &dyn WorkerFactory,
     registry: Arc<ConnectionRegistry>,
     limits: TransportLimits,
+    (hand_over, hand_over_queue): (
+        Arc<[tokio::sync::mpsc::Sender<Input>]>,
+        tokio::sync::mpsc::Receiver<Input>,
+    ),
 ) -> io::Result<()> {
     let udp = sockets
         .udp
@@ -290,6 +326,7 @@ fn start_transports(
         udp.clone(),
         registry,
         limits,
+        hand_over,
     ));
     for endpoint in udp {
         tokio::task::spawn_local(udp::run_receiver(Rc::clone(&ctx), endpoint));
@@ -297,6 +334,7 @@ fn start_transports(
     for (local, listener) in tcp {
         tokio::task::spawn_local(tcp::run_acceptor(Rc::clone(&ctx), listener, local));
     }
+    tokio::task::spawn_local(Rc::clone(&ctx).run_hand_overs(hand_over_queue));
     tokio::task::spawn_local(ctx.run_timers());
     Ok(())
 }

@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use tokio::net::UdpSocket;
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, Notify};
 use tracing::{debug, error, warn};
 
 use super::registry::ConnectionRegistry;
@@ -40,6 +40,8 @@ pub(crate) struct LoopContext {
     udp: Vec<Rc<UdpEndpoint>>,
     pub(crate) registry: Arc<ConnectionRegistry>,
     pub(crate) limits: TransportLimits,
+    /// Every loop's hand-over queue, this one's included, by loop index.
+    hand_over: Arc<[mpsc::Sender<Input>]>,
 }
 
 impl LoopContext {
@@ -49,6 +51,7 @@ impl LoopContext {
         udp: Vec<Rc<UdpEndpoint>>,
         registry: Arc<ConnectionRegistry>,
         limits: TransportLimits,
+        hand_over: Arc<[mpsc::Sender<Input>]>,
     ) -> Self {
         LoopContext {
             index,
@@ -58,6 +61,28 @@ impl LoopContext {
             udp,
             registry,
             limits,
+            hand_over,
+        }
+    }
+
+    fn hand_over(&self, worker: usize, input: Input) {
+        let Some(queue) = self.hand_over.get(worker) else {
+            warn!(
+                from = self.index,
+                to = worker,
+                "dropping hand-over to an event loop that does not exist"
+            );
+            return;
+        };
+        if let Err(error) = queue.try_send(input) {
+            warn!(from = self.index, to = worker, %error, "dropping hand-over: the loop's queue is full or closed");
+        }
+    }
+
+    /// Receives what other loops hand over and runs it through this loop's Worker.
+    pub(crate) async fn run_hand_overs(self: Rc<Self>, mut queue: mpsc::Receiver<Input>) {
+        while let Some(input) = queue.recv().await {
+            self.handle(input).await;
         }
     }
 
@@ -130,6 +155,7 @@ impl LoopContext {
         for output in outputs {
             match output {
                 Output::Send { dest, data } => self.send(dest, data).await,
+                Output::HandOver { worker, input } => self.hand_over(worker, input),
                 Output::Close(id) => match self.registry.get(id) {
                     Some(connection) => connection.close(),
                     None => debug!(conn = %id, "close requested for a connection already closed"),

@@ -200,7 +200,7 @@ impl fmt::Display for FramingError {
 impl std::error::Error for FramingError {}
 
 /// What the shell hands to a [`Worker`].
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Input {
     /// One complete SIP message: a whole UDP datagram, or exactly one framed stream message.
     Message { data: Bytes, meta: Meta },
@@ -233,6 +233,14 @@ pub enum Output {
     },
     /// Close a stream connection once what is already queued on it has been written.
     Close(ConnectionId),
+    /// This input belongs to another event loop (e.g. a response for a transaction that loop
+    /// owns, found by the loop index in the branch): pass it there. Loops share no state, so
+    /// this is how they cooperate; a full hand-over queue drops the input with a log line
+    /// (UDP retransmissions recover it).
+    HandOver {
+        worker: usize,
+        input: Input,
+    },
 }
 
 /// Where a response to a request received with `top_via` and `meta` goes (RFC 3261 §18.2.2):
