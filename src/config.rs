@@ -39,6 +39,21 @@ pub struct Config {
     pub limits: Limits,
     /// Transaction and proxy timers.
     pub timers: Timers,
+    /// The built-in router, used until routing scripts land.
+    pub proxy: Proxy,
+}
+
+/// The built-in router (until the Lua engine routes): where requests that are not for this
+/// server go. Both off by default: the server then answers them 501.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Proxy {
+    /// A SIP URI every new request (but OPTIONS to this server) is relayed to, statefully and
+    /// Record-Routed, e.g. `"sip:127.0.0.1:5080"`. Empty: none. Default: empty.
+    pub static_route: String,
+    /// Relay requests for other hosts to their Request-URI (an open relay: for labs and tests
+    /// on loopback). Default: false.
+    pub relay_to_request_uri: bool,
 }
 
 /// Transaction timers (RFC 3261 §17.1.1.1, table 4) and the proxy's INVITE timeout, Timer C
@@ -64,6 +79,21 @@ impl Default for Timers {
             t2_ms: 4000,
             t4_ms: 5000,
             timer_c_secs: 181,
+        }
+    }
+}
+
+impl Proxy {
+    fn validate(&self) -> Result<(), String> {
+        let route = self.static_route.trim();
+        if route.is_empty() {
+            return Ok(());
+        }
+        match crate::sip::Uri::parse(route.as_bytes()) {
+            Ok(uri) if uri.as_sip().is_some() => Ok(()),
+            _ => Err(format!(
+                "proxy.static_route: {route:?} is not a sip: or sips: URI"
+            )),
         }
     }
 }
@@ -140,6 +170,7 @@ impl Default for Config {
             workers: 0,
             limits: Limits::default(),
             timers: Timers::default(),
+            proxy: Proxy::default(),
         }
     }
 }
@@ -168,6 +199,7 @@ pub struct Overrides {
     pub data_dir: Option<PathBuf>,
     pub log_level: Option<String>,
     pub workers: Option<usize>,
+    pub static_route: Option<String>,
 }
 
 /// Why a configuration could not be used. The message names the file when there is one.
@@ -263,6 +295,9 @@ impl Config {
         if let Some(workers) = overrides.workers {
             self.workers = workers;
         }
+        if let Some(route) = overrides.static_route {
+            self.proxy.static_route = route;
+        }
     }
 
     /// Checks what the types cannot: non-empty, non-duplicate listen addresses and limits
@@ -287,7 +322,8 @@ impl Config {
             return Err(invalid("log_level: must not be empty".to_owned()));
         }
         self.limits.validate().map_err(invalid)?;
-        self.timers.validate().map_err(invalid)
+        self.timers.validate().map_err(invalid)?;
+        self.proxy.validate().map_err(invalid)
     }
 
     /// The number of event loops to run: `workers`, or one per CPU core when it is 0.
@@ -487,7 +523,16 @@ mod tests {
             data_dir: Some("/tmp/data".into()),
             log_level: Some("trace".into()),
             workers: Some(1),
+            static_route: Some("sip:127.0.0.1:5080".into()),
         });
+        assert_eq!(config.proxy.static_route, "sip:127.0.0.1:5080");
+        config.validate().unwrap();
+        config.proxy.static_route = "mailto:x@example.com".into();
+        assert!(config
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("static_route"));
         assert_eq!(config.listen, vec![listen("tcp:127.0.0.1:5070")]);
         assert_eq!(config.domains, ["b.example"]);
         assert_eq!(config.script, PathBuf::from("other.lua"));

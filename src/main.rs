@@ -53,6 +53,10 @@ struct RunArgs {
     /// Event loops; 0 means one per CPU core.
     #[arg(long, value_name = "N")]
     workers: Option<usize>,
+    /// Relay every new request (but OPTIONS to this server) to this SIP URI, e.g.
+    /// sip:127.0.0.1:5080 (the built-in router, until routing scripts land).
+    #[arg(long, value_name = "URI")]
+    static_route: Option<String>,
 }
 
 impl RunArgs {
@@ -64,6 +68,7 @@ impl RunArgs {
             data_dir: self.data_dir,
             log_level: self.log_level,
             workers: self.workers,
+            static_route: self.static_route,
         };
         (self.config, overrides)
     }

@@ -8,8 +8,10 @@
 //!
 //! [`Message`]: crate::sip::Message
 
+pub mod relay;
 pub mod request;
 pub mod response_context;
+pub mod router;
 
 pub use request::{
     branch_for, check_request, detect_loop, forward_copy, next_hop, preprocess_routes, ForwardSpec,

@@ -97,8 +97,8 @@ struct Branch {
 /// A final non-2xx response kept for choosing the best one (§16.7 step 4).
 struct Stored {
     code: u16,
-    /// `None` is a 408 the branch counts as (§16.8, Timer B/F, transport error): synthesized
-    /// only if it is chosen.
+    /// `None`: the branch counts as this code without a response of its own (408 for Timer
+    /// B/F/C, 503 for an unreachable next hop); synthesized only if it is chosen.
     response: Option<Message>,
 }
 
@@ -265,6 +265,27 @@ impl ResponseContext {
             || self.branch_state(branch) == Some(BranchState::Proceeding)
         {
             self.fail_as_408(branch);
+            self.advance(now, out);
+        }
+    }
+
+    /// The branch could not be sent (no route to its next hop, or a transport error): it counts
+    /// as a 503 (§8.1.3.1), which becomes a 500 if it is the best response (§16.7 step 6).
+    pub fn on_branch_unreachable(
+        &mut self,
+        branch: BranchId,
+        now: Instant,
+        out: &mut Vec<ContextAction>,
+    ) {
+        if matches!(
+            self.branch_state(branch),
+            Some(BranchState::Pending | BranchState::Proceeding)
+        ) {
+            self.finish_branch(branch);
+            self.stored.push(Stored {
+                code: 503,
+                response: None,
+            });
             self.advance(now, out);
         }
     }
@@ -990,5 +1011,29 @@ Content-Length: 0\r\n\r\n";
         ctx.on_timer_c(BranchId(7), t0 + TIMER_C, &mut out);
         ctx.on_branch_failed(BranchId(7), t0, &mut out);
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn unreachable_branch_counts_as_503_and_goes_up_as_500() {
+        let now = Instant::now();
+        let mut out = Vec::new();
+        let mut ctx = ResponseContext::new(
+            request(),
+            vec![Target {
+                uri: Bytes::from_static(b"sip:bob@127.0.0.1:5080"),
+                q: 1000,
+            }],
+            true,
+            Duration::from_secs(181),
+            now,
+            &mut out,
+        );
+        out.clear();
+        ctx.on_branch_unreachable(BranchId(0), now, &mut out);
+        let best = out.iter().find_map(|a| match a {
+            ContextAction::BranchSetFailed { best } => Some(best.status()),
+            _ => None,
+        });
+        assert_eq!(best, Some(Some(500)));
     }
 }

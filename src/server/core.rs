@@ -11,16 +11,19 @@
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
 use std::net::{IpAddr, SocketAddr};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
+use crate::proxy::relay::{owner_of_branch, Handled, Relay};
+use crate::proxy::router::BuiltinRouter;
+use crate::proxy::ProxyIdentity;
 use crate::sip::{HeaderName, Host, Message, Method, ParseError, ResponseBuilder, Uri};
 use crate::transaction::layer::{LayerConfig, LayerOutput, TransactionLayer, Upcall};
 use crate::transport::{
-    response_destination, FramingError, Input, Meta, Output, Worker, WorkerFactory,
+    response_destination, FramingError, Input, ListenAddr, Meta, Output, Worker, WorkerFactory,
 };
 
 /// Methods this build answers itself; grows as the engine issues land.
@@ -83,39 +86,72 @@ fn port_matches(listen: u16, port: u16) -> bool {
 }
 
 pub struct CoreFactory {
-    identity: LocalIdentity,
+    domains: Vec<String>,
+    listen: Vec<ListenAddr>,
     tag_hasher: RandomState,
     layer: LayerConfig,
+    timer_c: Duration,
+    router: BuiltinRouter,
 }
 
 impl CoreFactory {
     pub fn new(config: &Config) -> CoreFactory {
-        let identity = LocalIdentity::new(&config.domains, config.listen.iter().map(|l| l.addr));
         let layer = LayerConfig {
             timers: config.timers.transaction_timers(),
             max_live: config.limits.max_transactions,
-            // This core answers at once, so no 100 Trying is needed (§17.2.1: only when the
-            // answer takes longer than 200 ms). The proxy will turn it on.
+            // A relayed INVITE gets its 100 Trying from the relay (§16.2); what this core
+            // answers itself is answered at once (§17.2.1's 200 ms rule).
             send_trying: false,
             ..LayerConfig::default()
         };
+        let static_route = config.proxy.static_route.trim();
+        let router = BuiltinRouter {
+            static_route: (!static_route.is_empty()).then(|| Bytes::from(static_route.to_owned())),
+            relay_to_request_uri: config.proxy.relay_to_request_uri,
+        };
         CoreFactory {
-            identity,
+            domains: config.domains.clone(),
+            listen: config.listen.clone(),
             tag_hasher: RandomState::new(),
             layer,
+            timer_c: Duration::from_secs(config.timers.timer_c_secs),
+            router,
         }
+    }
+
+    fn core(&self, index: usize, loops: usize, bound: &[ListenAddr]) -> Core {
+        let identity = LocalIdentity::new(&self.domains, bound.iter().map(|l| l.addr));
+        let relay = Relay::new(
+            ProxyIdentity::new(identity.clone()),
+            SUPPORTED.to_vec(),
+            index,
+            bound.to_vec(),
+            self.timer_c,
+            Box::new(self.router.clone()),
+        );
+        let mut core = Core::new(identity, self.layer, relay, index, loops);
+        core.tag_hasher = self.tag_hasher.clone();
+        core
     }
 }
 
 impl WorkerFactory for CoreFactory {
-    fn make_worker(&self, _index: usize) -> Box<dyn Worker> {
-        let mut core = Core::new(self.identity.clone(), self.layer);
-        core.tag_hasher = self.tag_hasher.clone();
-        Box::new(core)
+    fn make_worker(&self, index: usize) -> Box<dyn Worker> {
+        Box::new(self.core(index, 1, &self.listen))
+    }
+
+    fn make_bound_worker(
+        &self,
+        index: usize,
+        loops: usize,
+        bound: &[ListenAddr],
+    ) -> Box<dyn Worker> {
+        Box::new(self.core(index, loops, bound))
     }
 }
 
-/// One event loop's core: its transaction layer and what answers the requests it delivers.
+/// One event loop's core: its transaction layer, its relay (the stateful proxy), and what
+/// answers the requests addressed to the server itself.
 pub struct Core {
     identity: LocalIdentity,
     /// Shared by all loops, so a retransmitted request gets the same To tag wherever it lands.
@@ -123,6 +159,9 @@ pub struct Core {
     /// The Supported header value, joined once.
     supported: String,
     transactions: TransactionLayer,
+    relay: Relay,
+    loop_index: usize,
+    loops: usize,
     /// Reused for every call into the layer.
     pending: Vec<LayerOutput>,
 }
@@ -138,23 +177,40 @@ impl Worker for Core {
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        self.transactions.next_deadline()
+        match (
+            self.transactions.next_deadline(),
+            self.relay.next_deadline(),
+        ) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     fn on_timer(&mut self, now: Instant, out: &mut Vec<Output>) {
         let mut pending = std::mem::take(&mut self.pending);
         self.transactions.on_timer(now, &mut pending);
+        self.relay
+            .on_timer(now, &mut self.transactions, &mut pending);
         self.drain(pending, now, out);
     }
 }
 
 impl Core {
-    pub fn new(identity: LocalIdentity, layer: LayerConfig) -> Core {
+    pub fn new(
+        identity: LocalIdentity,
+        layer: LayerConfig,
+        relay: Relay,
+        loop_index: usize,
+        loops: usize,
+    ) -> Core {
         Core {
             identity,
             tag_hasher: RandomState::new(),
             supported: SUPPORTED.join(", "),
             transactions: TransactionLayer::new(layer),
+            relay,
+            loop_index,
+            loops,
             pending: Vec::new(),
         }
     }
@@ -164,37 +220,65 @@ impl Core {
             Ok(m) => m,
             Err(e) => return self.refuse_unparsable(data, e, &meta, out),
         };
-        let mut pending = std::mem::take(&mut self.pending);
         if msg.is_response() {
+            if let Some(owner) = self.owner_elsewhere(&msg) {
+                // The kernel picked this loop for the flow; the transaction lives in `owner`.
+                out.push(Output::HandOver {
+                    worker: owner,
+                    input: Input::Message { data, meta },
+                });
+                return;
+            }
+            let mut pending = std::mem::take(&mut self.pending);
             self.transactions.on_response(msg, meta, now, &mut pending);
             return self.drain(pending, now, out);
         }
         if let Err(e) = msg.stamp_received(meta.source) {
-            self.pending = pending;
             return self.refuse(&msg, e, &meta, out);
         }
         if let Err(e) = msg.validate() {
             // Answered statelessly: a request this broken may not even yield a transaction key.
-            self.pending = pending;
             return self.refuse(&msg, e, &meta, out);
         }
-        if needs_transaction(&msg) {
-            self.transactions.on_request(msg, meta, now, &mut pending);
-            return self.drain(pending, now, out);
+        if self.is_for_me_options(&msg) {
+            // §8.2.7 stateless UAS: OPTIONS to this server (keep-alives, monitoring) gets its
+            // answer without a transaction. The To tag is derived from the request, so a
+            // retransmission is answered identically; a transaction would hold ~2 KB for
+            // Timer J's 32 s per request and cap keep-alives at a few thousand per second.
+            let (code, response) = self.answer(&msg, &meta);
+            if let Ok(via) = msg.top_via() {
+                out.push(Output::Send {
+                    dest: response_destination(&via, &meta),
+                    data: response,
+                });
+            }
+            debug!(code, "answered statelessly");
+            return;
         }
-        self.pending = pending;
-        // §8.2.7 stateless UAS: a non-INVITE request this core answers itself gets its answer
-        // without a transaction. The To tag is derived from the request, so a retransmission
-        // is answered identically; keeping a transaction for Timer J (32 s over UDP) would cost
-        // ~2 KB per request for nothing, and cap OPTIONS keep-alives at a few thousand per second.
-        let (code, response) = self.answer(&msg, &meta);
-        if let Ok(via) = msg.top_via() {
-            out.push(Output::Send {
-                dest: response_destination(&via, &meta),
-                data: response,
-            });
+        let mut pending = std::mem::take(&mut self.pending);
+        self.transactions.on_request(msg, meta, now, &mut pending);
+        self.drain(pending, now, out);
+    }
+
+    /// The loop owning the client transaction of a response, when it is not this one.
+    fn owner_elsewhere(&self, response: &Message) -> Option<usize> {
+        let via = response.top_via().ok()?;
+        let owner = owner_of_branch(via.branch()?)?;
+        (owner != self.loop_index && owner < self.loops).then_some(owner)
+    }
+
+    /// OPTIONS for this server (§11), or with Max-Forwards 0 (§16.3 step 3: answered as its
+    /// final recipient).
+    fn is_for_me_options(&self, request: &Message) -> bool {
+        if request.method() != Some(&Method::Options) {
+            return false;
         }
-        debug!(code, "answered statelessly");
+        let max_forwards_zero = matches!(request.max_forwards(), Some(Ok(0)));
+        let for_me = request
+            .request_uri()
+            .is_ok_and(|u| self.identity.is_myself(&u));
+        let in_dialog = request.to().is_ok_and(|t| t.tag().is_some());
+        max_forwards_zero || (for_me && !in_dialog)
     }
 
     /// Carries out what the transaction layer asked for; answering a request it delivered may
@@ -216,8 +300,29 @@ impl Core {
     fn on_upcall(&mut self, up: Upcall, now: Instant, next: &mut Vec<LayerOutput>) {
         match up {
             Upcall::Request { tx, request, meta } => {
-                let (code, response) = self.answer(&request, &meta);
-                self.transactions.respond(tx, code, response, now, next);
+                let handled = self.relay.on_request(
+                    tx,
+                    request.clone(),
+                    meta,
+                    now,
+                    &mut self.transactions,
+                    next,
+                );
+                if let Handled::Reply {
+                    code,
+                    reason,
+                    unsupported,
+                } = handled
+                {
+                    info!(call_id = %Lossy(request.call_id().unwrap_or(b"")), code, %reason, "answering request");
+                    let extra: &[(&str, &str)] = match &unsupported {
+                        Some(tags) => &[("Unsupported", tags.as_str())],
+                        None if code == 501 => &[("Allow", ALLOW)],
+                        None => &[],
+                    };
+                    let response = self.build_response(&request, code, &reason, extra);
+                    self.transactions.respond(tx, code, response, now, next);
+                }
             }
             Upcall::Cancel {
                 tx,
@@ -225,8 +330,8 @@ impl Core {
                 request,
                 meta,
             } => {
-                // §9.2: 200 when the INVITE's transaction exists (this core has always
-                // answered it already, so the CANCEL has no further effect), else 481.
+                // §9.2 / §16.10: 200 when the INVITE's transaction exists, then its branches are
+                // cancelled; 481 otherwise.
                 let (code, reason) = match cancelled {
                     Some(_) => (200, "OK"),
                     None => (481, "Call/Transaction Does Not Exist"),
@@ -234,16 +339,21 @@ impl Core {
                 debug!(source = %meta.source, code, "answering CANCEL");
                 let response = self.build_response(&request, code, reason, &[]);
                 self.transactions.respond(tx, code, response, now, next);
+                if let Some(invite) = cancelled {
+                    self.relay.cancel(invite, now, &mut self.transactions, next);
+                }
             }
-            Upcall::Ack { request, .. } => {
-                // An ACK that matched no transaction: for a 2xx, which this core never sends.
-                debug!(call_id = %Lossy(request.call_id().unwrap_or(b"")), "absorbing ACK");
+            Upcall::Ack { request, meta } => self.relay.forward_ack(request, meta, next),
+            Upcall::Client { tx, event } => {
+                self.relay
+                    .on_client_event(tx, event, now, &mut self.transactions, next)
             }
             Upcall::StrayResponse { response, meta } => {
-                // §16.11 lets an element drop what it cannot route; the proxy will forward.
+                // §16.11 lets an element drop what it cannot route.
                 debug!(source = %meta.source, status = response.status(), "dropping response: no transaction");
             }
-            Upcall::Client { .. } | Upcall::Server { .. } | Upcall::Terminated { .. } => {}
+            Upcall::Terminated { tx } => self.relay.on_terminated(tx),
+            Upcall::Server { .. } => {}
         }
     }
 
@@ -417,16 +527,6 @@ impl Core {
         let h = self.tag_hasher.hash_one((call_id, from_tag, branch));
         format!("mr{h:016x}")
     }
-}
-
-/// INVITE needs its final response retransmitted until the ACK (§17.2.1), an ACK must find
-/// the INVITE it acknowledges, and a CANCEL the INVITE it cancels (§9.2); every other request
-/// this core answers itself is answered statelessly (§8.2.7).
-fn needs_transaction(request: &Message) -> bool {
-    matches!(
-        request.method(),
-        Some(Method::Invite | Method::Ack | Method::Cancel)
-    )
 }
 
 /// Why a request is refused: status, reason phrase, and for 420 the option tags to list in

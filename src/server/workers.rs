@@ -62,6 +62,8 @@ impl Server {
                 ready: ready_tx.clone(),
                 hand_over: Arc::clone(&hand_over),
                 hand_over_queue: hand_over_queues.remove(0),
+                bound: handle.listen_addrs.clone(),
+                loops: workers,
             };
             let thread = thread::Builder::new()
                 .name(format!("moonroute-loop-{index}"))
@@ -224,6 +226,8 @@ struct LoopSetup {
     ready: mpsc::Sender<io::Result<()>>,
     hand_over: Arc<[tokio::sync::mpsc::Sender<Input>]>,
     hand_over_queue: tokio::sync::mpsc::Receiver<Input>,
+    bound: Vec<ListenAddr>,
+    loops: usize,
 }
 
 /// Inputs one loop may hold for another before hand-overs are dropped: bounds memory when a
@@ -274,11 +278,14 @@ async fn serve_until_shutdown(setup: LoopSetup) {
         ready,
         hand_over,
         hand_over_queue,
+        bound,
+        loops,
     } = setup;
+    let worker = factory.make_bound_worker(index, loops, &bound);
     let started = start_transports(
         index,
         sockets,
-        factory.as_ref(),
+        worker,
         registry,
         limits,
         (hand_over, hand_over_queue),
@@ -298,7 +305,7 @@ async fn serve_until_shutdown(setup: LoopSetup) {
 fn start_transports(
     index: usize,
     sockets: LoopSockets,
-    factory: &dyn WorkerFactory,
+    worker: Box<dyn crate::transport::Worker>,
     registry: Arc<ConnectionRegistry>,
     limits: TransportLimits,
     (hand_over, hand_over_queue): (
@@ -319,7 +326,6 @@ fn start_transports(
         .into_iter()
         .map(|(local, listener)| Ok((local, tokio::net::TcpListener::from_std(listener)?)))
         .collect::<io::Result<Vec<_>>>()?;
-    let worker = factory.make_worker(index);
     let ctx = Rc::new(LoopContext::new(
         index,
         worker,

@@ -227,15 +227,30 @@ fn deliver(event: Event, out: &mut Vec<Action>) {
 /// A field missing from either message (which a well-formed pair never lacks) is left out
 /// rather than invented.
 pub fn ack_for_non_2xx(request: &Message, response: &Message) -> Bytes {
-    // Room for a typical ACK; it grows for long Route sets.
+    same_hop_request("ACK", request, response)
+}
+
+/// §9.1: the CANCEL for `invite`: Request-URI, Call-ID, To, From and the CSeq number of the
+/// INVITE (method CANCEL), exactly one Via equal to the INVITE's top Via (so it reaches the same
+/// hop and matches its server transaction, §9.2), the INVITE's Route headers, Max-Forwards 70,
+/// no body.
+pub fn cancel_for(invite: &Message) -> Bytes {
+    same_hop_request("CANCEL", invite, invite)
+}
+
+/// A request that follows `request` to the same next hop as part of its exchange (ACK for a
+/// non-2xx final, CANCEL): its Request-URI, top Via alone, Route set, From, Call-ID and CSeq
+/// number, with To taken from `to_source`.
+fn same_hop_request(method: &str, request: &Message, to_source: &Message) -> Bytes {
+    // Room for a typical request of this kind; it grows for long Route sets.
     let mut out = Vec::with_capacity(512);
-    out.extend_from_slice(b"ACK ");
+    out.extend_from_slice(method.as_bytes());
+    out.push(b' ');
     out.extend_from_slice(request.request_uri_bytes().unwrap_or_default());
     out.extend_from_slice(b" SIP/2.0\r\n");
     if let Some(Ok(top_via)) = request.values(HeaderName::Via).next() {
         out.extend_from_slice(b"Via: ");
-        // The top Via may share its line with others or be folded; the ACK gets it alone, on
-        // one line.
+        // The top Via may share its line with others or be folded; it goes alone, on one line.
         scan::push_unfolded(&mut out, top_via);
         out.extend_from_slice(b"\r\n");
     }
@@ -244,10 +259,10 @@ pub fn ack_for_non_2xx(request: &Message, response: &Message) -> Bytes {
     }
     out.extend_from_slice(b"Max-Forwards: 70\r\n");
     copy_field(&mut out, request, HeaderName::From);
-    copy_field(&mut out, response, HeaderName::To);
+    copy_field(&mut out, to_source, HeaderName::To);
     copy_field(&mut out, request, HeaderName::CallId);
     if let Ok(cseq) = request.cseq() {
-        out.extend_from_slice(format!("CSeq: {} ACK\r\n", cseq.seq).as_bytes());
+        out.extend_from_slice(format!("CSeq: {} {method}\r\n", cseq.seq).as_bytes());
     }
     out.extend_from_slice(b"Content-Length: 0\r\n\r\n");
     Bytes::from(out)
@@ -802,5 +817,29 @@ CSeq: 42 CANCEL\r\nContent-Length: 0\r\n\r\n",
         );
         tx.on_response(reply, Instant::now(), &mut out);
         assert_eq!(tx.state(), InviteClientState::Calling, "no CSeq: ignored");
+    }
+
+    #[test]
+    fn cancel_follows_section_9_1() {
+        let invite = Message::parse(Bytes::from_static(
+            b"INVITE sip:bob@127.0.0.1:5080 SIP/2.0\r\n\
+Via: SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bKcancelme, SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKup\r\n\
+Route: <sip:127.0.0.1:5090;lr>\r\nMax-Forwards: 69\r\nFrom: <sip:alice@example.com>;tag=a\r\n\
+To: <sip:bob@example.com>\r\nCall-ID: c@127.0.0.1\r\nCSeq: 4 INVITE\r\nContent-Length: 0\r\n\r\n",
+        ))
+        .unwrap();
+        let cancel = Message::parse(cancel_for(&invite)).unwrap();
+        cancel.validate().unwrap();
+        assert_eq!(cancel.method(), Some(&Method::Cancel));
+        assert_eq!(cancel.request_uri_bytes(), invite.request_uri_bytes());
+        assert_eq!(cancel.vias().count(), 1);
+        assert_eq!(
+            cancel.top_via().unwrap().branch(),
+            Some(&b"z9hG4bKcancelme"[..])
+        );
+        assert_eq!(cancel.cseq().unwrap().seq, 4);
+        assert_eq!(cancel.routes().count(), 1);
+        assert_eq!(cancel.to().unwrap().tag(), None);
+        assert_eq!(cancel.call_id().unwrap(), b"c@127.0.0.1");
     }
 }

@@ -284,6 +284,18 @@ pub trait Worker: 'static {
 /// Makes the [`Worker`] of each event loop; called once per loop, inside the loop's thread.
 pub trait WorkerFactory: Send + Sync + 'static {
     fn make_worker(&self, index: usize) -> Box<dyn Worker>;
+
+    /// Like [`WorkerFactory::make_worker`], also told the addresses actually bound (port 0
+    /// resolved) and how many loops run: what a Worker needs to write its own address into Via
+    /// and Record-Route and to hand inputs to other loops.
+    fn make_bound_worker(
+        &self,
+        index: usize,
+        _loops: usize,
+        _bound: &[ListenAddr],
+    ) -> Box<dyn Worker> {
+        self.make_worker(index)
+    }
 }
 
 /// Resource limits the transports enforce (from `[limits]` in the configuration).

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Relay SIPp calls through a release moonroute acting as a stateful proxy, on loopback only.
+#
+#   bench/calls.sh [RATE] [CALLS]        defaults: 500 calls/s, 20000 calls
+#
+# UAC SIPp (127.0.0.1:15070) -> moonroute (udp:127.0.0.1:15060) -> UAS SIPp (127.0.0.1:15080).
+# Each call is INVITE/100/180/200/ACK/BYE/200 (bench/call-uac.xml, bench/call-uas.xml); ACK and
+# BYE follow the Record-Route set back through the proxy. The server runs one event loop pinned
+# to CPU 0 and both SIPp instances share CPU 1, so the figure that matters is the server's CPU
+# time per 1000 calls (utime+stime from /proc), not the rate SIPp can offer.
+# Bounded: CALLS calls, and SIPp gives up after $TIMEOUT (default 120s).
+# Environment: HOLD_MS (pause between ACK and BYE, default 0), RURI (INVITE Request-URI, default
+# sip:uas@127.0.0.1:$PORT), TIMEOUT, PORT, UAS_PORT, UAC_PORT.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source bench/lib.sh
+rate=${1:-500}
+calls=${2:-20000}
+port=${PORT:-15060}
+uas_port=${UAS_PORT:-15080}
+timeout=${TIMEOUT:-120s}
+need_sipp
+cargo build --release --quiet
+bin=target/release/moonroute
+
+# --static-route URI comes with the stateful-proxy wiring (not merged yet): it makes moonroute
+# relay every request it is not the target of to URI. Until the binary knows it, stop here with a
+# clear message instead of benchmarking something else.
+if ! "$bin" run --help 2>/dev/null | grep -q -- '--static-route'; then
+  echo "moonroute has no 'run --static-route URI' option yet: it arrives with the stateful proxy" >&2
+  echo "wiring. Until then, check the scenarios with bench/calls-selftest.sh." >&2
+  exit 1
+fi
+
+work=$(mktemp -d /tmp/moonroute-calls.XXXXXX)
+UAS_PID= UAC_PID= server=
+cleanup() { stop_pid "$UAC_PID"; stop_pid "$UAS_PID"; stop_pid "$server"; }
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+start_uas "$uas_port" "$calls" "$timeout" "$work"
+taskset -c 0 "$bin" run --listen "udp:127.0.0.1:$port" --workers 1 \
+  --static-route "sip:127.0.0.1:$uas_port" --log-level warn 2>"$work/moonroute.log" &
+server=$!
+if ! wait_udp_port "$port" || ! kill -0 "$server" 2>/dev/null; then
+  echo "moonroute did not start on udp:127.0.0.1:$port:" >&2
+  cat "$work/moonroute.log" >&2
+  exit 1
+fi
+
+ticks=$(getconf CLK_TCK)
+cpu_before=$(cpu_ticks "$server")
+start=$(date +%s.%N)
+run_uac "$port" "$rate" "$calls" "$timeout" "$work"
+end=$(date +%s.%N)
+cpu_after=$(cpu_ticks "$server")
+stop_pid "$UAS_PID"; UAS_PID=
+
+print_call_stats "$work"
+wall=$(echo "$end - $start" | bc -l)
+cpu_s=$(echo "($cpu_after - $cpu_before) / $ticks" | bc -l)
+printf 'wall: %.2f s  offered: %s calls/s  achieved: %.1f calls/s\n' \
+  "$wall" "$rate" "$(echo "$OK / $wall" | bc -l)"
+if [ "$OK" -gt 0 ]; then
+  printf 'server CPU: %.2f s  => %.3f CPU s per 1000 calls  => %.0f calls/s per core at 100%% CPU\n' \
+    "$cpu_s" "$(echo "$cpu_s * 1000 / $OK" | bc -l)" \
+    "$(if [ "$(echo "$cpu_s > 0" | bc)" = 1 ]; then echo "$OK / $cpu_s" | bc -l; else echo 0; fi)"
+else
+  printf 'server CPU: %.2f s  (no successful call)\n' "$cpu_s"
+fi
+if [ "$FAILED" != 0 ]; then
+  echo "some calls failed: SIPp logs and error files kept in $work" >&2
+  exit 1
+fi
+rm -rf "$work"

@@ -1,0 +1,825 @@
+//! A SIP user agent on real loopback sockets, for integration tests: enough of a UAC and a UAS
+//! (RFC 3261 §8, §12, §13, §17) to drive calls through the proxy and check what comes out.
+//!
+//! One `TestUa` is one user (`alice`, `bob`) on one transport. It sends requests to its
+//! outbound proxy when it has one (else to the host:port of the Request-URI), in-dialog requests
+//! to the first Route hop. It never retransmits (tests run on loopback), but it behaves like a
+//! transaction layer on the receiving side:
+//! - non-2xx final responses to an INVITE are ACKed automatically, every time one arrives
+//!   (§17.1.1.3), and a retransmitted final response is absorbed;
+//! - a retransmitted 2xx to an INVITE that was ACKed gets the same ACK again (§13.2.2.4);
+//! - a retransmitted request is absorbed and answered with the last response sent for it.
+//!
+//! Messages that arrive while the test waits for the other kind (a BYE while waiting for a
+//! response) are kept in order for the next `recv_request` / `recv_response`. Every wait is
+//! bounded by a timeout and panics with the UA's name when nothing comes.
+//!
+//! Out of scope: strict routing (every Route is treated as loose, `;lr`), DNS names (hops must
+//! be IP literals), authentication, PRACK, forking to several 2xx (each 2xx can be ACKed, but
+//! only the one passed to `ack_2xx` makes a `Dialog`).
+
+#![allow(dead_code)] // each test binary uses a different part of the UA
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::{Future, IntoFuture};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::mpsc;
+
+use moonroute::sip::{Contact, HeaderName, Message, Method, NameAddr, ResponseBuilder, Uri};
+
+/// Default wait for `expect_response` / `expect_request`.
+pub const WAIT: Duration = Duration::from_secs(5);
+
+/// The body of INVITEs and of 2xx answers to them.
+pub fn sdp(user: &str) -> String {
+    format!(
+        "v=0\r\no={user} 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n\
+         m=audio 49170 RTP/AVP 0\r\n"
+    )
+}
+
+/// Process-wide counter for branches, tags and Call-IDs (tests run in parallel).
+fn unique() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Where a SIP URI (or a name-addr holding one) points: its host must be an IP literal.
+pub fn hop_addr(uri_or_name_addr: &str) -> SocketAddr {
+    let bytes = uri_or_name_addr.as_bytes();
+    let uri = match NameAddr::parse(bytes) {
+        Ok(na) => na.uri,
+        Err(_) => Uri::parse(bytes).unwrap_or_else(|e| panic!("bad URI {uri_or_name_addr}: {e}")),
+    };
+    let sip = uri
+        .as_sip()
+        .unwrap_or_else(|| panic!("not a SIP URI: {uri_or_name_addr}"));
+    let ip = sip
+        .host
+        .ip()
+        .unwrap_or_else(|| panic!("test hops must be IP literals: {uri_or_name_addr}"));
+    SocketAddr::new(ip, sip.port.unwrap_or(5060))
+}
+
+/// The dialog state of §12: what a UA needs to send requests inside a call.
+#[derive(Clone, Debug)]
+pub struct Dialog {
+    pub call_id: String,
+    pub local_tag: String,
+    pub remote_tag: String,
+    /// From of requests we send (name-addr with our tag).
+    pub local: String,
+    /// To of requests we send (name-addr with the peer's tag).
+    pub remote: String,
+    /// Route header values in the order they are written (§12.1.1, §12.1.2).
+    pub route_set: Vec<String>,
+    /// The peer's Contact URI: Request-URI of in-dialog requests.
+    pub remote_target: String,
+    pub local_cseq: u32,
+    pub remote_cseq: Option<u32>,
+}
+
+impl Dialog {
+    /// The UAC's view after a dialog-creating response (§12.1.2): route set is the response's
+    /// Record-Route reversed.
+    pub fn from_uac(request: &Message, response: &Message) -> Dialog {
+        let mut route_set = record_routes(response);
+        route_set.reverse();
+        let remote = text(response.header(HeaderName::To).expect("To"));
+        Dialog {
+            call_id: text(request.call_id().expect("Call-ID")),
+            local_tag: text(request.from().expect("From").tag().expect("From tag")),
+            remote_tag: text(
+                response
+                    .to()
+                    .expect("To")
+                    .tag()
+                    .expect("To tag in the response"),
+            ),
+            local: text(request.header(HeaderName::From).expect("From")),
+            remote,
+            route_set,
+            remote_target: contact_uri(response).expect("Contact in the response"),
+            local_cseq: request.cseq().expect("CSeq").seq,
+            remote_cseq: None,
+        }
+    }
+
+    /// The UAS's view after answering (§12.1.1): route set is the request's Record-Route in
+    /// order.
+    pub fn from_uas(request: &Message, response: &Message) -> Dialog {
+        Dialog {
+            call_id: text(request.call_id().expect("Call-ID")),
+            local_tag: text(
+                response
+                    .to()
+                    .expect("To")
+                    .tag()
+                    .expect("To tag in the response"),
+            ),
+            remote_tag: text(request.from().expect("From").tag().expect("From tag")),
+            local: text(response.header(HeaderName::To).expect("To")),
+            remote: text(request.header(HeaderName::From).expect("From")),
+            route_set: record_routes(request),
+            remote_target: contact_uri(request).expect("Contact in the request"),
+            local_cseq: 0,
+            remote_cseq: Some(request.cseq().expect("CSeq").seq),
+        }
+    }
+
+    /// Where in-dialog requests go: the first Route hop, else the remote target.
+    pub fn next_hop(&self) -> SocketAddr {
+        hop_addr(self.route_set.first().unwrap_or(&self.remote_target))
+    }
+}
+
+/// Record-Route values, one per entry, in message order.
+fn record_routes(m: &Message) -> Vec<String> {
+    m.values(HeaderName::RecordRoute)
+        .map(|v| text(v.expect("Record-Route parses")))
+        .collect()
+}
+
+fn contact_uri(m: &Message) -> Option<String> {
+    match m.contacts().next()?.ok()? {
+        Contact::Addr(addr) => Some(text(addr.uri.raw())),
+        Contact::Star => None,
+    }
+}
+
+/// The top Via branch and CSeq method: what identifies a transaction (§17.1.3, §17.2.3).
+fn tx_key(m: &Message) -> (Vec<u8>, String) {
+    let branch = m.top_via().ok().and_then(|v| v.branch()).unwrap_or(b"");
+    let method = m.cseq().map(|c| c.method.as_str().to_string());
+    (branch.to_vec(), method.unwrap_or_default())
+}
+
+enum Inbound {
+    /// A TCP connection (accepted or opened), keyed by the peer address.
+    Connected(SocketAddr, OwnedWriteHalf),
+    Message(Message, SocketAddr),
+}
+
+enum Net {
+    Udp(Arc<UdpSocket>),
+    Tcp(HashMap<SocketAddr, OwnedWriteHalf>),
+}
+
+/// A request this UA sent, kept to build its ACK or CANCEL.
+struct Sent {
+    request: Message,
+    dest: SocketAddr,
+}
+
+pub struct TestUa {
+    pub name: String,
+    /// The address in our Via and Contact: the UDP socket, TCP listener or connection.
+    pub local: SocketAddr,
+    /// Where out-of-dialog requests go; `None`: the host:port of the Request-URI.
+    pub outbound: Option<SocketAddr>,
+    /// Absorb retransmitted requests (answering with the last response sent). On by default.
+    pub absorb_retransmissions: bool,
+    /// ACK non-2xx final responses to INVITE as they arrive. On by default.
+    pub auto_ack: bool,
+    net: Net,
+    inbound_tx: mpsc::UnboundedSender<Inbound>,
+    inbound: mpsc::UnboundedReceiver<Inbound>,
+    pending: VecDeque<Message>,
+    cseq: u32,
+    sent: HashMap<(Vec<u8>, String), Sent>,
+    finals_seen: HashSet<(Vec<u8>, String, u16)>,
+    /// ACKs of 2xx responses, by (Call-ID, CSeq number), to repeat on a retransmitted 2xx.
+    acks_sent: HashMap<(Vec<u8>, u32), (Bytes, SocketAddr)>,
+    /// Where each received request came from (connection or datagram source).
+    sources: HashMap<(Vec<u8>, String), SocketAddr>,
+    /// The last response to each received request, to repeat on a retransmission.
+    answered: HashMap<(Vec<u8>, String), Bytes>,
+    /// Our To tag per (Call-ID, From tag): stable for every response in a dialog.
+    to_tags: HashMap<(Vec<u8>, Vec<u8>), String>,
+}
+
+impl TestUa {
+    /// A UA on a UDP socket bound to 127.0.0.1:0, without an outbound proxy.
+    pub async fn udp(name: &str) -> TestUa {
+        let socket = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind UDP"));
+        let local = socket.local_addr().unwrap();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let reader = (socket.clone(), tx.clone());
+        tokio::spawn(async move {
+            let (socket, tx) = reader;
+            let mut buf = vec![0u8; 65535];
+            while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+                // Garbage is dropped, as a transport would (§18.3 / §16.3 leave it unanswered).
+                if let Ok(m) = Message::parse(Bytes::copy_from_slice(&buf[..n])) {
+                    if tx.send(Inbound::Message(m, from)).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        TestUa::with_net(name, local, Net::Udp(socket), tx, rx)
+    }
+
+    /// A UA with one TCP connection to `proxy`, which is also its outbound proxy. Its Via and
+    /// Contact carry the connection's local address, so requests can reach it over the same
+    /// connection.
+    pub async fn tcp(name: &str, proxy: SocketAddr) -> TestUa {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let stream = TcpStream::connect(proxy).await.expect("connect TCP");
+        let local = stream.local_addr().unwrap();
+        let mut ua = TestUa::with_net(name, local, Net::Tcp(HashMap::new()), tx, rx);
+        ua.adopt(stream, proxy);
+        ua.outbound = Some(proxy);
+        ua
+    }
+
+    /// A UA listening for TCP connections on 127.0.0.1:0 (a callee); it opens connections of
+    /// its own for the requests it sends.
+    pub async fn tcp_listener(name: &str) -> TestUa {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind TCP");
+        let local = listener.local_addr().unwrap();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let accept_tx = tx.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, peer)) = listener.accept().await {
+                let (read, write) = stream.into_split();
+                if accept_tx.send(Inbound::Connected(peer, write)).is_err() {
+                    return;
+                }
+                tokio::spawn(read_stream(read, peer, accept_tx.clone()));
+            }
+        });
+        TestUa::with_net(name, local, Net::Tcp(HashMap::new()), tx, rx)
+    }
+
+    fn with_net(
+        name: &str,
+        local: SocketAddr,
+        net: Net,
+        inbound_tx: mpsc::UnboundedSender<Inbound>,
+        inbound: mpsc::UnboundedReceiver<Inbound>,
+    ) -> TestUa {
+        TestUa {
+            name: name.to_string(),
+            local,
+            outbound: None,
+            absorb_retransmissions: true,
+            auto_ack: true,
+            net,
+            inbound_tx,
+            inbound,
+            pending: VecDeque::new(),
+            cseq: 0,
+            sent: HashMap::new(),
+            finals_seen: HashSet::new(),
+            acks_sent: HashMap::new(),
+            sources: HashMap::new(),
+            answered: HashMap::new(),
+            to_tags: HashMap::new(),
+        }
+    }
+
+    /// Sets the outbound proxy (builder style).
+    pub fn via_proxy(mut self, proxy: SocketAddr) -> TestUa {
+        self.outbound = Some(proxy);
+        self
+    }
+
+    fn adopt(&mut self, stream: TcpStream, peer: SocketAddr) {
+        let (read, write) = stream.into_split();
+        tokio::spawn(read_stream(read, peer, self.inbound_tx.clone()));
+        if let Net::Tcp(conns) = &mut self.net {
+            conns.insert(peer, write);
+        }
+    }
+
+    fn transport(&self) -> &'static str {
+        match self.net {
+            Net::Udp(_) => "UDP",
+            Net::Tcp(_) => "TCP",
+        }
+    }
+
+    /// `sip:name@host:port`, with `;transport=tcp` over TCP.
+    pub fn uri(&self) -> String {
+        let tp = if matches!(self.net, Net::Tcp(_)) {
+            ";transport=tcp"
+        } else {
+            ""
+        };
+        format!("sip:{}@{}{tp}", self.name, self.local)
+    }
+
+    fn contact(&self) -> String {
+        format!("<{}>", self.uri())
+    }
+
+    fn new_branch(&self) -> String {
+        format!("z9hG4bK-{}-{}-{}", self.name, self.local.port(), unique())
+    }
+
+    /// Sends raw bytes to `dest` (over TCP: the connection to it, opened when needed).
+    pub async fn send_raw(&mut self, data: &[u8], dest: SocketAddr) {
+        match &mut self.net {
+            Net::Udp(socket) => {
+                socket.send_to(data, dest).await.expect("UDP send");
+            }
+            Net::Tcp(conns) => {
+                if !conns.contains_key(&dest) {
+                    let stream = TcpStream::connect(dest).await.expect("connect TCP");
+                    self.adopt(stream, dest);
+                }
+                let Net::Tcp(conns) = &mut self.net else {
+                    unreachable!()
+                };
+                let conn = conns.get_mut(&dest).expect("connection");
+                conn.write_all(data).await.expect("TCP send");
+            }
+        }
+    }
+
+    // ----- UAC ------------------------------------------------------------------------------
+
+    /// An out-of-dialog request; add headers or a body, then `.await` it (or `.send().await`).
+    pub fn request(&mut self, method: &str, request_uri: &str) -> Outgoing<'_> {
+        Outgoing {
+            ua: self,
+            method: method.to_string(),
+            request_uri: request_uri.to_string(),
+            headers: Vec::new(),
+            body: None,
+            dialog: None,
+            dest: None,
+        }
+    }
+
+    /// An INVITE with an SDP offer.
+    pub fn invite(&mut self, request_uri: &str) -> Outgoing<'_> {
+        let offer = sdp(&self.name);
+        self.request("INVITE", request_uri)
+            .body("application/sdp", &offer)
+    }
+
+    pub fn options(&mut self, request_uri: &str) -> Outgoing<'_> {
+        self.request("OPTIONS", request_uri)
+    }
+
+    /// A request inside `dialog` (CSeq + 1, Route set, remote target), sent to the first Route
+    /// hop. Takes the dialog by `&mut` to advance its CSeq.
+    pub fn in_dialog<'a>(&'a mut self, method: &str, dialog: &'a mut Dialog) -> Outgoing<'a> {
+        dialog.local_cseq += 1;
+        let uri = dialog.remote_target.clone();
+        let mut out = self.request(method, &uri);
+        out.dialog = Some(dialog.clone());
+        out
+    }
+
+    /// BYE inside `dialog`.
+    pub async fn bye(&mut self, dialog: &mut Dialog) -> Message {
+        self.in_dialog("BYE", dialog).send().await
+    }
+
+    /// The ACK for a 2xx to our INVITE (§13.2.2.4): a transaction of its own with the INVITE's
+    /// CSeq number, sent along the route set learnt from the response. Returns the dialog.
+    pub async fn ack_2xx(&mut self, response: &Message) -> Dialog {
+        let status = response.status().expect("a response");
+        assert!(
+            (200..300).contains(&status),
+            "ack_2xx wants a 2xx, got {status}"
+        );
+        let invite = &self
+            .sent
+            .get(&tx_key(response))
+            .expect("a response to our INVITE")
+            .request;
+        let dialog = Dialog::from_uac(invite, response);
+        let mut for_ack = dialog.clone();
+        for_ack.local_cseq -= 1; // the ACK repeats the INVITE's number
+        let ack = self.in_dialog("ACK", &mut for_ack).send().await;
+        let key = (ack.call_id().unwrap().to_vec(), dialog.local_cseq);
+        self.acks_sent
+            .insert(key, (ack.source_bytes().clone(), dialog.next_hop()));
+        dialog
+    }
+
+    /// CANCEL of a pending request we sent (§9.1): same Request-URI, Call-ID, From, To, CSeq
+    /// number, top Via and Route, sent where the request went.
+    pub async fn cancel(&mut self, request: &Message) -> Message {
+        let Sent {
+            request: original,
+            dest,
+        } = self
+            .sent
+            .get(&tx_key(request))
+            .expect("cancel a request this UA sent");
+        let dest = *dest;
+        let cancel = derived_request(original, "CANCEL", original.header(HeaderName::To));
+        self.send_request(cancel, dest).await
+    }
+
+    /// The ACK of a non-2xx final response to INVITE (§17.1.1.3): same branch, Request-URI,
+    /// Route; To from the response.
+    async fn ack_non_2xx(&mut self, response: &Message) {
+        let Some(Sent {
+            request: invite,
+            dest,
+        }) = self.sent.get(&tx_key(response))
+        else {
+            return; // not ours (a test sending raw INVITEs): nothing to ACK with
+        };
+        let ack = derived_request(invite, "ACK", response.header(HeaderName::To));
+        let dest = *dest;
+        self.send_raw(ack.as_bytes(), dest).await;
+    }
+
+    async fn send_request(&mut self, request: String, dest: SocketAddr) -> Message {
+        self.send_raw(request.as_bytes(), dest).await;
+        let msg = Message::parse(Bytes::from(request)).expect("the UA's own request parses");
+        self.sent.insert(
+            tx_key(&msg),
+            Sent {
+                request: msg.clone(),
+                dest,
+            },
+        );
+        msg
+    }
+
+    /// The next response (a request arriving meanwhile is kept for `recv_request`). Final
+    /// responses seen before are absorbed.
+    pub async fn recv_response(&mut self, timeout: Duration) -> Message {
+        if let Some(i) = self.pending.iter().position(|m| m.is_response()) {
+            return self.pending.remove(i).unwrap();
+        }
+        self.recv_until(timeout, Message::is_response).await
+    }
+
+    /// The next response, which must have status `code`.
+    pub async fn expect_response(&mut self, code: u16) -> Message {
+        let response = self.recv_response(WAIT).await;
+        expect_status(&response, code);
+        response
+    }
+
+    /// Responses until the final one (skipping provisionals), which must have status `code`.
+    pub async fn expect_final(&mut self, code: u16) -> Message {
+        loop {
+            let response = self.recv_response(WAIT).await;
+            if response.status().unwrap() >= 200 {
+                expect_status(&response, code);
+                return response;
+            }
+        }
+    }
+
+    // ----- UAS ------------------------------------------------------------------------------
+
+    /// The next request (a response arriving meanwhile is kept for `recv_response`).
+    pub async fn recv_request(&mut self, timeout: Duration) -> Message {
+        if let Some(i) = self.pending.iter().position(|m| m.is_request()) {
+            return self.pending.remove(i).unwrap();
+        }
+        self.recv_until(timeout, Message::is_request).await
+    }
+
+    /// The next request, which must be a `method`.
+    pub async fn expect_request(&mut self, method: &str) -> Message {
+        let request = self.recv_request(WAIT).await;
+        let got = request.method().unwrap().as_str();
+        assert_eq!(
+            got,
+            method,
+            "{}: expected a {method}, got\n{}",
+            self.name,
+            show(&request)
+        );
+        request
+    }
+
+    /// Answers `request` (§8.2.6): a stable To tag per dialog, Record-Route copied into 1xx/2xx
+    /// to INVITE (§12.1.1), Contact in those and in every 2xx, an SDP answer in a 2xx to
+    /// INVITE. Sent where the request came from (§18.2.2). Returns the response sent.
+    pub async fn respond(&mut self, request: &Message, code: u16, reason: &str) -> Message {
+        self.respond_with(request, code, reason, &[]).await
+    }
+
+    /// `respond` with extra header fields.
+    pub async fn respond_with(
+        &mut self,
+        request: &Message,
+        code: u16,
+        reason: &str,
+        extra: &[(&str, &str)],
+    ) -> Message {
+        let key = tx_key(request);
+        let source = *self
+            .sources
+            .get(&key)
+            .expect("respond to a request this UA received");
+        let is_invite = request.method() == Some(&Method::Invite);
+        let dialog_key = (
+            request.call_id().expect("Call-ID").to_vec(),
+            request
+                .from()
+                .ok()
+                .and_then(|f| f.tag())
+                .unwrap_or(b"")
+                .to_vec(),
+        );
+        let tag = self
+            .to_tags
+            .entry(dialog_key)
+            .or_insert_with(|| format!("{}-{}", self.name, unique()))
+            .clone();
+        let contact = self.contact();
+        let answer = sdp(&self.name);
+        let record_routes: Vec<&[u8]> = request.headers_named("Record-Route").collect();
+        let mut builder = ResponseBuilder::new(request, code, reason).to_tag(tag.as_bytes());
+        if is_invite && (101..300).contains(&code) {
+            for rr in &record_routes {
+                builder = builder.header("Record-Route", rr);
+            }
+        }
+        if (is_invite && (101..300).contains(&code)) || (200..300).contains(&code) {
+            builder = builder.header("Contact", contact.as_bytes());
+        }
+        for (name, value) in extra {
+            builder = builder.header(name, value.as_bytes());
+        }
+        if is_invite && (200..300).contains(&code) {
+            builder = builder.body("application/sdp", answer.as_bytes());
+        }
+        let bytes = builder.build();
+        let dest = match self.net {
+            Net::Udp(_) => request.top_via().expect("Via").response_addr(source, 5060),
+            Net::Tcp(_) => source,
+        };
+        self.send_raw(&bytes, dest).await;
+        self.answered.insert(key, bytes.clone());
+        Message::parse(bytes).expect("the UA's own response parses")
+    }
+
+    // ----- receiving ------------------------------------------------------------------------
+
+    /// Reads until a message `wanted` accepts arrives; others are queued.
+    async fn recv_until(&mut self, timeout: Duration, wanted: fn(&Message) -> bool) -> Message {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let next = tokio::time::timeout_at(deadline, self.inbound.recv()).await;
+            let inbound = next
+                .unwrap_or_else(|_| panic!("{}: nothing arrived within {timeout:?}", self.name))
+                .expect("the UA's readers live as long as the UA");
+            let (message, source) = match inbound {
+                Inbound::Connected(peer, write) => {
+                    if let Net::Tcp(conns) = &mut self.net {
+                        conns.insert(peer, write);
+                    }
+                    continue;
+                }
+                Inbound::Message(m, source) => (m, source),
+            };
+            let Some(message) = self.transaction_layer(message, source).await else {
+                continue;
+            };
+            if wanted(&message) {
+                return message;
+            }
+            self.pending.push_back(message);
+        }
+    }
+
+    /// What a transaction layer does with an arriving message; `None` when it is absorbed.
+    async fn transaction_layer(&mut self, mut m: Message, source: SocketAddr) -> Option<Message> {
+        let key = tx_key(&m);
+        if m.is_request() {
+            if self.absorb_retransmissions && self.sources.contains_key(&key) {
+                if let Some(last) = self.answered.get(&key).cloned() {
+                    let dest = match self.net {
+                        Net::Udp(_) => m.top_via().ok()?.response_addr(source, 5060),
+                        Net::Tcp(_) => source,
+                    };
+                    self.send_raw(&last, dest).await;
+                }
+                return None;
+            }
+            m.stamp_received(source).expect("Via is stampable"); // §18.2.1
+            self.sources.insert(key, source);
+            return Some(m);
+        }
+        let status = m.status().unwrap();
+        if status < 200 {
+            return Some(m);
+        }
+        let is_invite = key.1 == "INVITE";
+        if is_invite && status >= 300 && self.auto_ack {
+            self.ack_non_2xx(&m).await;
+        }
+        let new = self.finals_seen.insert((key.0, key.1, status));
+        if !new && is_invite && status < 300 {
+            let ack_key = (m.call_id().ok()?.to_vec(), m.cseq().ok()?.seq);
+            if let Some((ack, dest)) = self.acks_sent.get(&ack_key).cloned() {
+                self.send_raw(&ack, dest).await;
+            }
+        }
+        new.then_some(m)
+    }
+}
+
+/// An ACK or CANCEL built from the request it refers to (§9.1, §17.1.1.3).
+fn derived_request(original: &Message, method: &str, to: Option<&[u8]>) -> String {
+    let header = |name| text(original.header(name).unwrap_or(b""));
+    let top_via = original.values(HeaderName::Via).next().unwrap().unwrap();
+    let mut out = format!(
+        "{method} {} SIP/2.0\r\nVia: {}\r\nMax-Forwards: 70\r\n",
+        text(original.request_uri_bytes().unwrap()),
+        text(top_via)
+    );
+    for route in original.headers_named("Route") {
+        out += &format!("Route: {}\r\n", text(route));
+    }
+    out += &format!(
+        "From: {}\r\nTo: {}\r\nCall-ID: {}\r\nCSeq: {} {method}\r\nContent-Length: 0\r\n\r\n",
+        header(HeaderName::From),
+        text(to.unwrap_or(b"")),
+        header(HeaderName::CallId),
+        original.cseq().unwrap().seq
+    );
+    out
+}
+
+/// A request being put together; `.await` sends it and returns it as sent.
+pub struct Outgoing<'u> {
+    ua: &'u mut TestUa,
+    method: String,
+    request_uri: String,
+    headers: Vec<(String, String)>,
+    body: Option<(String, String)>,
+    dialog: Option<Dialog>,
+    dest: Option<SocketAddr>,
+}
+
+impl Outgoing<'_> {
+    pub fn header(mut self, name: &str, value: &str) -> Self {
+        self.headers.push((name.to_string(), value.to_string()));
+        self
+    }
+
+    pub fn body(mut self, content_type: &str, body: &str) -> Self {
+        self.body = Some((content_type.to_string(), body.to_string()));
+        self
+    }
+
+    pub fn no_body(mut self) -> Self {
+        self.body = None;
+        self
+    }
+
+    /// Sends to `dest` instead of the outbound proxy / Route hop / Request-URI.
+    pub fn to(mut self, dest: SocketAddr) -> Self {
+        self.dest = Some(dest);
+        self
+    }
+
+    pub async fn send(self) -> Message {
+        let ua = self.ua;
+        let method = &self.method;
+        let local = ua.local;
+        let (from, to, call_id, cseq, routes, hop) = match &self.dialog {
+            Some(d) => (
+                d.local.clone(),
+                d.remote.clone(),
+                d.call_id.clone(),
+                d.local_cseq,
+                d.route_set.clone(),
+                d.next_hop(),
+            ),
+            None => {
+                ua.cseq += 1;
+                let n = unique();
+                let hop = ua.outbound.unwrap_or_else(|| hop_addr(&self.request_uri));
+                (
+                    format!("<sip:{}@{local}>;tag={}-{n}", ua.name, ua.name),
+                    format!("<{}>", self.request_uri),
+                    format!("{n}-{}-{}@{}", ua.name, local.port(), local.ip()),
+                    ua.cseq,
+                    Vec::new(),
+                    hop,
+                )
+            }
+        };
+        let mut request = format!(
+            "{method} {} SIP/2.0\r\nVia: SIP/2.0/{} {local};branch={};rport\r\n\
+             Max-Forwards: 70\r\n",
+            self.request_uri,
+            ua.transport(),
+            ua.new_branch()
+        );
+        for route in &routes {
+            request += &format!("Route: {route}\r\n");
+        }
+        request += &format!(
+            "From: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n\
+             Contact: {}\r\n",
+            ua.contact()
+        );
+        for (name, value) in &self.headers {
+            request += &format!("{name}: {value}\r\n");
+        }
+        let body = match &self.body {
+            Some((content_type, body)) => {
+                request += &format!("Content-Type: {content_type}\r\n");
+                body.as_str()
+            }
+            None => "",
+        };
+        request += &format!("Content-Length: {}\r\n\r\n{body}", body.len());
+        ua.send_request(request, self.dest.unwrap_or(hop)).await
+    }
+}
+
+impl<'u> IntoFuture for Outgoing<'u> {
+    type Output = Message;
+    type IntoFuture = Pin<Box<dyn Future<Output = Message> + Send + 'u>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(self.send())
+    }
+}
+
+/// Reads one TCP connection, splitting messages by Content-Length (§18.3), until it closes.
+async fn read_stream(
+    mut read: OwnedReadHalf,
+    peer: SocketAddr,
+    tx: mpsc::UnboundedSender<Inbound>,
+) {
+    let mut buf = BytesMut::with_capacity(8192);
+    loop {
+        while let Some(frame) = next_frame(&mut buf) {
+            let message = Message::parse(frame).expect("a framed message parses");
+            if tx.send(Inbound::Message(message, peer)).is_err() {
+                return;
+            }
+        }
+        match read.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Takes one whole message off the front of `buf`, skipping CRLF keep-alives (RFC 5626 §3.5.1);
+/// `None` until one has fully arrived. A message without Content-Length counts as bodiless.
+pub fn next_frame(buf: &mut BytesMut) -> Option<Bytes> {
+    while buf.starts_with(b"\r\n") {
+        buf.advance(2);
+    }
+    let head_end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let head = String::from_utf8_lossy(&buf[..head_end]);
+    let body_len = head
+        .split("\r\n")
+        .filter_map(|line| line.split_once(':'))
+        .find(|(name, _)| {
+            let name = name.trim();
+            name.eq_ignore_ascii_case("content-length") || name.eq_ignore_ascii_case("l")
+        })
+        .map_or(0, |(_, value)| {
+            value.trim().parse::<usize>().expect("Content-Length")
+        });
+    if buf.len() < head_end + body_len {
+        return None;
+    }
+    Some(buf.split_to(head_end + body_len).freeze())
+}
+
+/// The message as text, for assertion messages.
+pub fn show(m: &Message) -> String {
+    text(&m.to_bytes())
+}
+
+/// Asserts a response's status code, showing the whole response when it differs.
+pub fn expect_status(response: &Message, code: u16) {
+    assert_eq!(
+        response.status(),
+        Some(code),
+        "expected {code}, got\n{}",
+        show(response)
+    );
+}
+
+/// The first value of a header field as text (any name, case-insensitive).
+pub fn header_text(m: &Message, name: &str) -> Option<String> {
+    m.headers_named(name).next().map(text)
+}
