@@ -11,6 +11,7 @@
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -18,7 +19,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::proxy::relay::{owner_of_branch, Handled, Relay};
-use crate::proxy::router::BuiltinRouter;
+use crate::proxy::router::{BuiltinRouter, Router};
 use crate::proxy::ProxyIdentity;
 use crate::sip::{HeaderName, Host, Message, Method, ParseError, ResponseBuilder, Uri};
 use crate::transaction::layer::{LayerConfig, LayerOutput, TransactionLayer, Upcall};
@@ -85,13 +86,17 @@ fn port_matches(listen: u16, port: u16) -> bool {
     listen == 0 || listen == port
 }
 
+/// Makes the Router of each event loop (one per loop: routers keep per-loop state, like the Lua
+/// states will).
+pub type RouterFactory = Arc<dyn Fn(usize) -> Box<dyn Router> + Send + Sync>;
+
 pub struct CoreFactory {
     domains: Vec<String>,
     listen: Vec<ListenAddr>,
     tag_hasher: RandomState,
     layer: LayerConfig,
     timer_c: Duration,
-    router: BuiltinRouter,
+    router: RouterFactory,
 }
 
 impl CoreFactory {
@@ -105,10 +110,11 @@ impl CoreFactory {
             ..LayerConfig::default()
         };
         let static_route = config.proxy.static_route.trim();
-        let router = BuiltinRouter {
+        let builtin = BuiltinRouter {
             static_route: (!static_route.is_empty()).then(|| Bytes::from(static_route.to_owned())),
             relay_to_request_uri: config.proxy.relay_to_request_uri,
         };
+        let router: RouterFactory = Arc::new(move |_| Box::new(builtin.clone()));
         CoreFactory {
             domains: config.domains.clone(),
             listen: config.listen.clone(),
@@ -116,6 +122,14 @@ impl CoreFactory {
             layer,
             timer_c: Duration::from_secs(config.timers.timer_c_secs),
             router,
+        }
+    }
+
+    /// The same core with routing decided by `router` (tests, and the script engine later).
+    pub fn with_router(config: &Config, router: RouterFactory) -> CoreFactory {
+        CoreFactory {
+            router,
+            ..CoreFactory::new(config)
         }
     }
 
@@ -127,7 +141,7 @@ impl CoreFactory {
             index,
             bound.to_vec(),
             self.timer_c,
-            Box::new(self.router.clone()),
+            (self.router)(index),
         );
         let mut core = Core::new(identity, self.layer, relay, index, loops);
         core.tag_hasher = self.tag_hasher.clone();
