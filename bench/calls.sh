@@ -39,7 +39,8 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 start_uas "$uas_port" "$calls" "$timeout" "$work"
-taskset -c 0 "$bin" run --listen "udp:127.0.0.1:$port" --workers 1 \
+# WORKERS=2 (with SERVER_CPUS=0,1) checks the hand-over of responses between event loops.
+taskset -c "${SERVER_CPUS:-0}" "$bin" run --listen "udp:127.0.0.1:$port" --workers "${WORKERS:-1}" \
   --static-route "sip:127.0.0.1:$uas_port" --log-level warn 2>"$work/moonroute.log" &
 server=$!
 if ! wait_udp_port "$port" || ! kill -0 "$server" 2>/dev/null; then

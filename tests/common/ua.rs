@@ -363,6 +363,7 @@ impl TestUa {
             body: None,
             dialog: None,
             dest: None,
+            max_forwards: 70,
         }
     }
 
@@ -669,9 +670,16 @@ pub struct Outgoing<'u> {
     body: Option<(String, String)>,
     dialog: Option<Dialog>,
     dest: Option<SocketAddr>,
+    max_forwards: u32,
 }
 
 impl Outgoing<'_> {
+    /// Max-Forwards of the request (70 unless set).
+    pub fn max_forwards(mut self, value: u32) -> Self {
+        self.max_forwards = value;
+        self
+    }
+
     pub fn header(mut self, name: &str, value: &str) -> Self {
         self.headers.push((name.to_string(), value.to_string()));
         self
@@ -722,10 +730,11 @@ impl Outgoing<'_> {
         };
         let mut request = format!(
             "{method} {} SIP/2.0\r\nVia: SIP/2.0/{} {local};branch={};rport\r\n\
-             Max-Forwards: 70\r\n",
+             Max-Forwards: {}\r\n",
             self.request_uri,
             ua.transport(),
-            ua.new_branch()
+            ua.new_branch(),
+            self.max_forwards
         );
         for route in &routes {
             request += &format!("Route: {route}\r\n");
