@@ -568,3 +568,27 @@ async fn callee_hangs_up_through_the_proxy() {
     alice.respond(&bye, 200, "OK").await;
     bob.expect_response(200).await;
 }
+
+/// A next hop the shell cannot reach (TCP connect refused) is reported back at once
+/// (§8.1.3.1): the branch counts as 503 and the caller gets 500 without waiting for Timer B.
+#[tokio::test]
+async fn refused_tcp_next_hop_gets_500_at_once() {
+    let server = start(&relay_config());
+    let proxy = udp_addr(&server);
+    let closed = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap()
+    };
+    let mut alice = TestUa::udp("alice").await.via_proxy(proxy);
+    alice
+        .invite(&format!("sip:bob@{closed};transport=tcp"))
+        .await;
+    let started = std::time::Instant::now();
+    let answer = alice.expect_final(500).await;
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "answered by the transport error, not Timer B (32 s)"
+    );
+    assert_eq!(via_count(&answer), 1);
+    probe_is_next(&mut alice, proxy).await;
+}

@@ -43,6 +43,10 @@ enum Seen {
         error: FramingError,
         meta: Meta,
     },
+    Unreachable {
+        kind: TransportKind,
+        addr: SocketAddr,
+    },
 }
 
 /// A Worker driven by the message it gets:
@@ -89,6 +93,9 @@ impl Worker for ScriptedWorker {
                 let reply = format!("SIP/2.0 {status}\r\nContent-Length: 0\r\n\r\n");
                 out.push(reply_to(&meta, Bytes::from(reply)));
                 let _ = self.seen.send(Seen::FramingError { head, error, meta });
+            }
+            Input::Unreachable { kind, addr } => {
+                let _ = self.seen.send(Seen::Unreachable { kind, addr });
             }
         }
     }
@@ -578,4 +585,30 @@ async fn shutdown_closes_connections() {
     read_message(&mut stream, &mut framer).await;
     harness.server.shutdown();
     assert!(read_to_close(&mut stream).await.is_empty());
+}
+
+/// §8.1.3.1 / §17.1.4: a send the shell cannot carry out is reported to the Worker that asked
+/// for it, so the core can fail the transaction instead of waiting for its timer.
+#[tokio::test]
+async fn tcp_connect_refused_is_reported_to_the_worker() {
+    let mut harness = start_default();
+    // A port that was free a moment ago and has no listener now: connect is refused.
+    let closed = {
+        let probe = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        probe.local_addr().unwrap()
+    };
+    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let forward = format!("FORWARD {closed} nobody home");
+    client
+        .send_to(forward.as_bytes(), harness.addr(TransportKind::Udp))
+        .await
+        .unwrap();
+    let _ = harness.next_message().await;
+    match harness.next_seen().await {
+        Seen::Unreachable { kind, addr } => {
+            assert_eq!(kind, TransportKind::Tcp);
+            assert_eq!(addr, closed);
+        }
+        other => panic!("expected an Unreachable report, got {other:?}"),
+    }
 }

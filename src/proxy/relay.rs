@@ -280,6 +280,28 @@ impl Relay {
         self.apply(server, actions, now, layer, out);
     }
 
+    /// The shell could not send to `(kind, addr)`: every branch heading there has a transport
+    /// error (§8.1.3.1, §17.1.4), which its response context counts as a 503.
+    pub fn on_unreachable(
+        &mut self,
+        kind: TransportKind,
+        addr: SocketAddr,
+        layer: &mut TransactionLayer,
+        out: &mut Vec<LayerOutput>,
+    ) {
+        let failed: Vec<TxId> = self
+            .calls
+            .values()
+            .flat_map(|call| call.branches.iter().flatten())
+            .filter(|(_, dest)| dest.kind == kind && dest.addr == addr)
+            .map(|(tx, _)| *tx)
+            .collect();
+        for tx in failed {
+            // The events come back through the layer as Upcall::Client and reach the branch.
+            layer.on_transport_error(tx, out);
+        }
+    }
+
     /// A transaction ended: forget what pointed at it. A call lives as long as its server
     /// transaction, so every 2xx of every fork still reaches it (RFC 6026: they all go up).
     pub fn on_terminated(&mut self, tx: TxId) {

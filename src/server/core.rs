@@ -187,6 +187,12 @@ impl Worker for Core {
             Input::FramingError { head, error, meta } => {
                 self.on_framing_error(head, &error, &meta, out)
             }
+            Input::Unreachable { kind, addr } => {
+                let mut pending = std::mem::take(&mut self.pending);
+                self.relay
+                    .on_unreachable(kind, addr, &mut self.transactions, &mut pending);
+                self.drain(pending, now, out);
+            }
         }
     }
 

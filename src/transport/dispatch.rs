@@ -166,28 +166,43 @@ impl LoopContext {
 
     async fn send(self: &Rc<Self>, dest: Destination, data: Bytes) {
         match dest.kind {
-            TransportKind::Udp => self.send_udp(dest, data).await,
+            TransportKind::Udp => {
+                if !self.send_udp(dest, data).await {
+                    self.report_unreachable(TransportKind::Udp, dest.addr);
+                }
+            }
             TransportKind::Tcp => tcp::send(self, dest, data),
-            TransportKind::Tls => warn!(
-                dest = %dest.addr,
-                "dropping outgoing message: TLS transport is not implemented"
-            ),
+            TransportKind::Tls => {
+                warn!(dest = %dest.addr, "dropping outgoing message: TLS transport is not implemented");
+                self.report_unreachable(TransportKind::Tls, dest.addr);
+            }
         }
     }
 
+    /// Tells this loop's Worker that `addr` could not be reached. Delivered from a task of its
+    /// own, since it may be discovered while the Worker's outputs are being carried out.
+    pub(crate) fn report_unreachable(self: &Rc<Self>, kind: TransportKind, addr: SocketAddr) {
+        let ctx = Rc::clone(self);
+        tokio::task::spawn_local(
+            async move { ctx.handle(Input::Unreachable { kind, addr }).await },
+        );
+    }
+
     /// Sends from the socket bound to `dest.local` if this loop has one, else from the first
-    /// UDP socket of the destination's address family.
-    async fn send_udp(&self, dest: Destination, data: Bytes) {
+    /// UDP socket of the destination's address family. False when it could not be sent.
+    async fn send_udp(&self, dest: Destination, data: Bytes) -> bool {
         let Some(endpoint) = self.udp_endpoint_for(&dest) else {
             warn!(
                 dest = %dest.addr,
                 "dropping outgoing UDP message: no UDP listener of that address family"
             );
-            return;
+            return false;
         };
         if let Err(error) = endpoint.socket.send_to(&data, dest.addr).await {
             warn!(dest = %dest.addr, local = %endpoint.local, %error, "UDP send failed");
+            return false;
         }
+        true
     }
 
     fn udp_endpoint_for(&self, dest: &Destination) -> Option<&UdpEndpoint> {

@@ -211,6 +211,13 @@ pub enum Input {
         error: FramingError,
         meta: Meta,
     },
+    /// Messages to this peer could not be sent (TCP connect refused or timed out, the
+    /// connection limit, a UDP send error, no listener for the transport): the Worker fails the
+    /// transactions sending there (RFC 3261 §8.1.3.1, §17.1.4). Reported to the loop that sent.
+    Unreachable {
+        kind: TransportKind,
+        addr: SocketAddr,
+    },
 }
 
 /// Where to send a message.

@@ -170,6 +170,7 @@ fn open_connection(ctx: &Rc<LoopContext>, peer: SocketAddr, first: Bytes) {
         Ok(registration) => registration,
         Err(LimitReached { limit }) => {
             warn!(%peer, limit, "dropping outgoing TCP message: connection limit reached");
+            ctx.report_unreachable(TransportKind::Tcp, peer);
             return;
         }
     };
@@ -195,13 +196,17 @@ async fn connect_and_run(ctx: Rc<LoopContext>, peer: SocketAddr, mut registratio
         }
         Ok(Err(error)) => {
             warn!(%peer, %error, queued, "TCP connect failed; dropping the queued messages");
+            ctx.report_unreachable(TransportKind::Tcp, peer);
         }
-        Err(_) => warn!(
-            %peer,
-            timeout_secs = connect_timeout.as_secs(),
-            queued,
-            "TCP connect timed out; dropping the queued messages"
-        ),
+        Err(_) => {
+            warn!(
+                %peer,
+                timeout_secs = connect_timeout.as_secs(),
+                queued,
+                "TCP connect timed out; dropping the queued messages"
+            );
+            ctx.report_unreachable(TransportKind::Tcp, peer);
+        }
     }
 }
 
