@@ -503,9 +503,26 @@ impl TransactionLayer {
     // ----- carrying out a machine's actions --------------------------------------------
 
     fn apply_client(&mut self, tx: TxId, actions: &mut Vec<Action>, out: &mut Vec<LayerOutput>) {
+        self.apply(Side::Client, tx, actions, out);
+    }
+
+    fn apply_server(&mut self, tx: TxId, actions: &mut Vec<Action>, out: &mut Vec<LayerOutput>) {
+        self.apply(Side::Server, tx, actions, out);
+    }
+
+    fn apply(
+        &mut self,
+        side: Side,
+        tx: TxId,
+        actions: &mut Vec<Action>,
+        out: &mut Vec<LayerOutput>,
+    ) {
         // Taken first: a machine may send and terminate in one step (e.g. a final response
         // over a reliable transport).
-        let dest = self.clients.get(&tx).map(|e| e.dest);
+        let dest = match side {
+            Side::Client => self.clients.get(&tx).map(|e| e.dest),
+            Side::Server => self.servers.get(&tx).map(|e| e.dest),
+        };
         for action in actions.drain(..) {
             match action {
                 Action::Send(data) => {
@@ -514,10 +531,15 @@ impl TransactionLayer {
                     }
                 }
                 Action::StartTimer { timer, at } => self.schedule(tx, timer, at),
-                Action::Deliver(event) => out.push(LayerOutput::Up(Upcall::Client { tx, event })),
+                Action::Deliver(event) => {
+                    let up = match side {
+                        Side::Client => Upcall::Client { tx, event },
+                        Side::Server => Upcall::Server { tx, event },
+                    };
+                    out.push(LayerOutput::Up(up));
+                }
                 Action::Terminated => {
-                    if let Some(entry) = self.clients.remove(&tx) {
-                        self.client_keys.remove(&entry.key);
+                    if self.forget(side, tx) {
                         out.push(LayerOutput::Up(Upcall::Terminated { tx }));
                     }
                 }
@@ -525,28 +547,27 @@ impl TransactionLayer {
         }
     }
 
-    fn apply_server(&mut self, tx: TxId, actions: &mut Vec<Action>, out: &mut Vec<LayerOutput>) {
-        // Taken first: a machine may send and terminate in one step (e.g. a final response
-        // over a reliable transport).
-        let dest = self.servers.get(&tx).map(|e| e.dest);
-        for action in actions.drain(..) {
-            match action {
-                Action::Send(data) => {
-                    if let Some(dest) = dest {
-                        out.push(LayerOutput::Send { dest, data });
-                    }
-                }
-                Action::StartTimer { timer, at } => self.schedule(tx, timer, at),
-                Action::Deliver(event) => out.push(LayerOutput::Up(Upcall::Server { tx, event })),
-                Action::Terminated => {
-                    if let Some(entry) = self.servers.remove(&tx) {
-                        self.server_keys.remove(&entry.key);
-                        out.push(LayerOutput::Up(Upcall::Terminated { tx }));
-                    }
-                }
-            }
+    /// Frees a terminated transaction and its key; false if it was already gone.
+    fn forget(&mut self, side: Side, tx: TxId) -> bool {
+        match side {
+            Side::Client => self
+                .clients
+                .remove(&tx)
+                .map(|e| self.client_keys.remove(&e.key))
+                .is_some(),
+            Side::Server => self
+                .servers
+                .remove(&tx)
+                .map(|e| self.server_keys.remove(&e.key))
+                .is_some(),
         }
     }
+}
+
+#[derive(Clone, Copy)]
+enum Side {
+    Client,
+    Server,
 }
 
 #[cfg(test)]
