@@ -331,36 +331,11 @@ v=0\n";
         }
     }
 
-    /// A deterministic driver: keeps the pending timers, jumps the fake clock to the earliest
-    /// deadline and fires it. Nothing sleeps.
-    struct Sim {
-        start: Instant,
-        now: Instant,
-        /// Pending timers in the order they were started (ties fire in that order).
-        timers: Vec<(Instant, Timer)>,
-        /// Every Send, with its time since start.
-        sends: Vec<(Duration, Bytes)>,
-        events: Vec<Event>,
-        terminations: usize,
-        tx: InviteClient,
-    }
+    type Sim = crate::transaction::sim::Sim<InviteClient>;
 
     impl Sim {
         fn start(reliable: bool, timers: TimerValues) -> Sim {
-            let start = Instant::now();
-            let mut out = Vec::new();
-            let tx = InviteClient::start(invite(), reliable, timers, start, &mut out);
-            let mut sim = Sim {
-                start,
-                now: start,
-                timers: Vec::new(),
-                sends: Vec::new(),
-                events: Vec::new(),
-                terminations: 0,
-                tx,
-            };
-            sim.absorb(out);
-            sim
+            Sim::start_with(|now, out| InviteClient::start(invite(), reliable, timers, now, out))
         }
 
         fn unreliable() -> Sim {
@@ -371,82 +346,8 @@ v=0\n";
             Sim::start(true, TimerValues::default())
         }
 
-        fn absorb(&mut self, out: Vec<Action>) {
-            for action in out {
-                match action {
-                    Action::Send(bytes) => self.sends.push((self.elapsed(), bytes)),
-                    Action::StartTimer { timer, at } => {
-                        assert!(at >= self.now, "{timer:?} started in the past");
-                        self.timers.push((at, timer));
-                    }
-                    Action::Deliver(event) => self.events.push(event),
-                    Action::Terminated => self.terminations += 1,
-                }
-            }
-        }
-
-        fn elapsed(&self) -> Duration {
-            self.now - self.start
-        }
-
-        /// Fires the earliest pending timer; false when none is left.
-        fn fire_next(&mut self) -> bool {
-            let Some(index) = (0..self.timers.len()).min_by_key(|&i| (self.timers[i].0, i)) else {
-                return false;
-            };
-            let (at, timer) = self.timers.remove(index);
-            self.now = at;
-            let mut out = Vec::new();
-            self.tx.on_timer(timer, self.now, &mut out);
-            self.absorb(out);
-            true
-        }
-
-        /// Fires every timer due up to `offset` after start, then sets the clock there.
-        fn advance_to(&mut self, offset: Duration) {
-            let until = self.start + offset;
-            while self.timers.iter().any(|&(at, _)| at <= until) {
-                self.fire_next();
-            }
-            self.now = until;
-        }
-
-        fn run_until_idle(&mut self) {
-            while self.fire_next() {}
-        }
-
         fn receive(&mut self, message: Message) {
-            let mut out = Vec::new();
-            self.tx.on_response(message, self.now, &mut out);
-            self.absorb(out);
-        }
-
-        fn transport_error(&mut self) {
-            let mut out = Vec::new();
-            self.tx.on_transport_error(&mut out);
-            self.absorb(out);
-        }
-
-        fn pending(&self, timer: Timer) -> Vec<Duration> {
-            self.timers
-                .iter()
-                .filter(|&&(_, t)| t == timer)
-                .map(|&(at, _)| at - self.start)
-                .collect()
-        }
-
-        fn send_times(&self) -> Vec<Duration> {
-            self.sends.iter().map(|(t, _)| *t).collect()
-        }
-
-        fn delivered_statuses(&self) -> Vec<u16> {
-            self.events
-                .iter()
-                .filter_map(|e| match e {
-                    Event::Response(r) => r.status(),
-                    _ => None,
-                })
-                .collect()
+            self.step(|tx, now, out| tx.on_response(message, now, out));
         }
 
         fn state(&self) -> InviteClientState {
@@ -476,7 +377,7 @@ v=0\n";
     #[test]
     fn timer_a_doubles_until_timer_b_times_out_with_default_timers() {
         let mut sim = Sim::unreliable();
-        sim.run_until_idle();
+        sim.run_all();
         // Retransmission k goes out at (2^k - 1)*T1: T1, 3T1, 7T1, 15T1, 31T1, 63T1 all come
         // before B at 64*T1, the seventh (127T1) after it. So 6 retransmissions, 7 sends.
         let expected: Vec<Duration> = [0, 500, 1_500, 3_500, 7_500, 15_500, 31_500]
@@ -500,7 +401,7 @@ v=0\n";
     fn timer_a_follows_custom_t1() {
         let mut sim = Sim::start(false, short_timers());
         assert_eq!(sim.pending(Timer::B), vec![ms(640)]);
-        sim.run_until_idle();
+        sim.run_all();
         let expected: Vec<Duration> = [0, 10, 30, 70, 150, 310, 630].into_iter().map(ms).collect();
         assert_eq!(sim.send_times(), expected);
         assert_eq!(sim.events.len(), 1);
@@ -512,7 +413,7 @@ v=0\n";
     fn reliable_transport_never_retransmits_and_times_out_on_b() {
         let mut sim = Sim::reliable();
         assert!(sim.pending(Timer::A).is_empty());
-        sim.run_until_idle();
+        sim.run_all();
         assert_eq!(sim.send_times(), vec![ms(0)]);
         assert_eq!(sim.elapsed(), ms(32_000));
         assert_eq!(sim.events.len(), 1);
@@ -529,7 +430,7 @@ v=0\n";
         sim.receive(response(180, "t"));
         sim.receive(response(183, "t"));
         assert_eq!(sim.state(), InviteClientState::Proceeding);
-        sim.run_until_idle();
+        sim.run_all();
         assert_eq!(sim.send_times(), vec![ms(0), ms(500)]);
         assert_eq!(sim.delivered_statuses(), vec![100, 180, 183]);
         assert_eq!(sim.events.len(), 3, "Timer B in Proceeding is ignored");
@@ -618,7 +519,7 @@ v=0\n";
         sim.receive(response(180, "t"));
         sim.advance_to(ms(2_000));
         sim.receive(response(603, "t"));
-        sim.run_until_idle();
+        sim.run_all();
         assert_eq!(sim.state(), InviteClientState::Terminated);
         assert_eq!(sim.terminations, 1);
         assert_eq!(sim.delivered_statuses(), vec![180, 603]);
@@ -642,7 +543,7 @@ v=0\n";
         assert_eq!(sim.sends.len(), 2, "INVITE and ACK");
         assert!(sim.pending(Timer::D).is_empty());
         sim.receive(response(500, "t"));
-        sim.run_until_idle();
+        sim.run_all();
         assert_eq!(
             sim.sends.len(),
             2,
@@ -670,7 +571,7 @@ v=0\n";
             1,
             "no ACK for a 2xx and no retransmission after it"
         );
-        sim.run_until_idle();
+        sim.run_all();
         assert_eq!(sim.state(), InviteClientState::Terminated);
         assert_eq!(sim.terminations, 1);
         assert_eq!(sim.events.len(), 3, "Timer B in Accepted is ignored");
@@ -702,7 +603,7 @@ v=0\n";
         let mut sim = Sim::start(false, short_timers());
         sim.receive(response(200, "t"));
         assert_eq!(sim.pending(Timer::M), vec![ms(640)]);
-        sim.run_until_idle();
+        sim.run_all();
         assert_eq!(sim.send_times(), vec![ms(0)]);
         assert_eq!(sim.terminations, 1);
     }
@@ -716,7 +617,7 @@ v=0\n";
         assert!(matches!(sim.events.as_slice(), [Event::TransportError]));
         assert_eq!(sim.terminations, 1);
         sim.transport_error();
-        sim.run_until_idle();
+        sim.run_all();
         assert_eq!(sim.send_times(), vec![ms(0), ms(500)]);
         assert_eq!(sim.events.len(), 1);
         assert_eq!(sim.terminations, 1);

@@ -188,7 +188,7 @@ fn deliver(event: Event, out: &mut Vec<Action>) {
 
 #[cfg(test)]
 mod tests {
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     use bytes::Bytes;
 
@@ -238,36 +238,13 @@ Content-Length: 0\r\n\
         millis.iter().copied().map(ms).collect()
     }
 
-    /// A deterministic driver: keeps the pending timers, jumps the fake clock to the earliest
-    /// deadline and fires it. Nothing sleeps.
-    struct Sim {
-        start: Instant,
-        now: Instant,
-        /// Pending timers in the order they were started (ties fire in that order).
-        timers: Vec<(Instant, Timer)>,
-        /// Every Send, with its time since start.
-        sends: Vec<(Duration, Bytes)>,
-        events: Vec<Event>,
-        terminations: usize,
-        tx: NonInviteClient,
-    }
+    type Sim = crate::transaction::sim::Sim<NonInviteClient>;
 
     impl Sim {
         fn start(reliable: bool, timers: TimerValues) -> Sim {
-            let start = Instant::now();
-            let mut out = Vec::new();
-            let tx = NonInviteClient::start(options(), reliable, timers, start, &mut out);
-            let mut sim = Sim {
-                start,
-                now: start,
-                timers: Vec::new(),
-                sends: Vec::new(),
-                events: Vec::new(),
-                terminations: 0,
-                tx,
-            };
-            sim.absorb(out);
-            sim
+            Sim::start_with(|now, out| {
+                NonInviteClient::start(options(), reliable, timers, now, out)
+            })
         }
 
         fn unreliable() -> Sim {
@@ -278,89 +255,8 @@ Content-Length: 0\r\n\
             Sim::start(true, TimerValues::default())
         }
 
-        fn absorb(&mut self, out: Vec<Action>) {
-            for action in out {
-                match action {
-                    Action::Send(bytes) => self.sends.push((self.elapsed(), bytes)),
-                    Action::StartTimer { timer, at } => {
-                        assert!(at >= self.now, "{timer:?} started in the past");
-                        self.timers.push((at, timer));
-                    }
-                    Action::Deliver(event) => self.events.push(event),
-                    Action::Terminated => self.terminations += 1,
-                }
-            }
-        }
-
-        fn elapsed(&self) -> Duration {
-            self.now - self.start
-        }
-
-        /// Fires the earliest pending timer; false when none is left.
-        fn fire_next(&mut self) -> bool {
-            let Some(index) = (0..self.timers.len()).min_by_key(|&i| (self.timers[i].0, i)) else {
-                return false;
-            };
-            let (at, timer) = self.timers.remove(index);
-            self.now = at;
-            let mut out = Vec::new();
-            self.tx.on_timer(timer, self.now, &mut out);
-            self.absorb(out);
-            true
-        }
-
-        /// Fires every timer due up to `offset` after start, then sets the clock there.
-        fn advance_to(&mut self, offset: Duration) {
-            let until = self.start + offset;
-            while self.timers.iter().any(|&(at, _)| at <= until) {
-                self.fire_next();
-            }
-            self.now = until;
-        }
-
-        fn run_until_idle(&mut self) {
-            while self.fire_next() {}
-        }
-
         fn receive(&mut self, message: Message) {
-            let mut out = Vec::new();
-            self.tx.on_response(message, self.now, &mut out);
-            self.absorb(out);
-        }
-
-        fn transport_error(&mut self) {
-            let mut out = Vec::new();
-            self.tx.on_transport_error(&mut out);
-            self.absorb(out);
-        }
-
-        fn pending(&self, timer: Timer) -> Vec<Duration> {
-            self.timers
-                .iter()
-                .filter(|&&(_, t)| t == timer)
-                .map(|&(at, _)| at - self.start)
-                .collect()
-        }
-
-        fn send_times(&self) -> Vec<Duration> {
-            self.sends.iter().map(|(t, _)| *t).collect()
-        }
-
-        fn delivered_statuses(&self) -> Vec<u16> {
-            self.events
-                .iter()
-                .filter_map(|e| match e {
-                    Event::Response(r) => r.status(),
-                    _ => None,
-                })
-                .collect()
-        }
-
-        fn timeouts(&self) -> usize {
-            self.events
-                .iter()
-                .filter(|e| matches!(e, Event::Timeout))
-                .count()
+            self.step(|tx, now, out| tx.on_response(message, now, out));
         }
 
         fn state(&self) -> NonInviteClientState {
@@ -382,7 +278,7 @@ Content-Length: 0\r\n\
     #[test]
     fn timer_e_doubles_up_to_t2_until_timer_f_times_out() {
         let mut sim = Sim::unreliable();
-        sim.run_until_idle();
+        sim.run_all();
         // Intervals 0.5, 1, 2, 4 s, then 4 s (T2) until F at 32 s: 10 retransmissions.
         let expected = durations(&[
             0, 500, 1_500, 3_500, 7_500, 11_500, 15_500, 19_500, 23_500, 27_500, 31_500,
@@ -404,7 +300,7 @@ Content-Length: 0\r\n\
     fn timer_e_follows_custom_timers() {
         let mut sim = Sim::start(false, short_timers());
         assert_eq!(sim.pending(Timer::F), vec![ms(640)]);
-        sim.run_until_idle();
+        sim.run_all();
         let mut expected = durations(&[0, 10, 30, 70]);
         expected.extend((1..=14).map(|k| ms(70 + 40 * k)));
         assert_eq!(sim.send_times(), expected, "capped at T2 = 40 ms");
@@ -416,7 +312,7 @@ Content-Length: 0\r\n\
     fn reliable_transport_never_retransmits_and_times_out_on_f() {
         let mut sim = Sim::reliable();
         assert!(sim.pending(Timer::E).is_empty());
-        sim.run_until_idle();
+        sim.run_all();
         assert_eq!(sim.send_times(), vec![ms(0)]);
         assert_eq!(sim.elapsed(), ms(32_000));
         assert_eq!(sim.timeouts(), 1);
@@ -431,7 +327,7 @@ Content-Length: 0\r\n\
         assert_eq!(sim.state(), NonInviteClientState::Proceeding);
         sim.advance_to(ms(5_000));
         sim.receive(response(180));
-        sim.run_until_idle();
+        sim.run_all();
         // The E armed in Trying (at 1.5 s) fires in Proceeding; from then on every T2.
         let expected = durations(&[
             0, 500, 1_500, 5_500, 9_500, 13_500, 17_500, 21_500, 25_500, 29_500,
@@ -447,7 +343,7 @@ Content-Length: 0\r\n\
     fn proceeding_on_reliable_transport_times_out_on_f() {
         let mut sim = Sim::reliable();
         sim.receive(response(100));
-        sim.run_until_idle();
+        sim.run_all();
         assert_eq!(sim.send_times(), vec![ms(0)]);
         assert_eq!(sim.delivered_statuses(), vec![100]);
         assert_eq!(sim.timeouts(), 1);
@@ -469,7 +365,7 @@ Content-Length: 0\r\n\
             vec![200],
             "Completed absorbs responses"
         );
-        sim.run_until_idle();
+        sim.run_all();
         assert_eq!(
             sim.send_times(),
             vec![ms(0), ms(500)],
@@ -515,7 +411,7 @@ Content-Length: 0\r\n\
         assert_eq!(sim.terminations, 1);
         assert!(sim.pending(Timer::K).is_empty());
         sim.receive(response(486));
-        sim.run_until_idle();
+        sim.run_all();
         assert_eq!(sim.delivered_statuses(), vec![100, 486]);
         assert_eq!(sim.events.len(), 2);
         assert_eq!(sim.terminations, 1);
@@ -533,7 +429,7 @@ Content-Length: 0\r\n\
             assert!(matches!(sim.events.last(), Some(Event::TransportError)));
             assert_eq!(sim.terminations, 1);
             sim.transport_error();
-            sim.run_until_idle();
+            sim.run_all();
             assert_eq!(sim.send_times(), vec![ms(0)]);
             assert_eq!(sim.terminations, 1);
             assert_eq!(sim.timeouts(), 0);

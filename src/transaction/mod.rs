@@ -19,6 +19,8 @@ pub mod key;
 pub mod layer;
 pub mod server_invite;
 pub mod server_non_invite;
+#[cfg(test)]
+mod sim;
 
 use std::time::{Duration, Instant};
 

@@ -298,13 +298,6 @@ mod tests {
             .build()
     }
 
-    fn status_of(bytes: &Bytes) -> u16 {
-        Message::parse(bytes.clone())
-            .expect("sent response parses")
-            .status()
-            .expect("sent message is a response")
-    }
-
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
     }
@@ -317,65 +310,17 @@ mod tests {
         }
     }
 
-    /// A simulated driver: applies actions, keeps pending timers, and moves a fake clock to
-    /// the earliest deadline to fire it. Timers are never removed except by firing.
-    struct Sim {
-        tx: InviteServer,
-        epoch: Instant,
-        now: Instant,
-        pending: Vec<(Instant, Timer)>,
-        started: Vec<(Duration, Timer)>,
-        sent: Vec<(Duration, u16)>,
-        events: Vec<Event>,
-        terminations: usize,
-    }
+    type Sim = crate::transaction::sim::Sim<InviteServer>;
 
     impl Sim {
         fn new(reliable: bool, timers: TimerValues, send_trying: bool) -> Sim {
-            let epoch = Instant::now();
-            let mut out = Vec::new();
-            let tx = InviteServer::start(&invite(), reliable, timers, send_trying, epoch, &mut out);
-            let mut sim = Sim {
-                tx,
-                epoch,
-                now: epoch,
-                pending: Vec::new(),
-                started: Vec::new(),
-                sent: Vec::new(),
-                events: Vec::new(),
-                terminations: 0,
-            };
-            sim.apply(out);
-            sim
+            Sim::start_with(|now, out| {
+                InviteServer::start(&invite(), reliable, timers, send_trying, now, out)
+            })
         }
 
         fn udp() -> Sim {
             Sim::new(false, TimerValues::default(), true)
-        }
-
-        fn elapsed(&self) -> Duration {
-            self.now - self.epoch
-        }
-
-        fn apply(&mut self, out: Vec<Action>) {
-            for action in out {
-                match action {
-                    Action::Send(bytes) => self.sent.push((self.elapsed(), status_of(&bytes))),
-                    Action::StartTimer { timer, at } => {
-                        assert!(at >= self.now, "{timer:?} started in the past");
-                        self.started.push((at - self.epoch, timer));
-                        self.pending.push((at, timer));
-                    }
-                    Action::Deliver(event) => self.events.push(event),
-                    Action::Terminated => self.terminations += 1,
-                }
-            }
-        }
-
-        fn step(&mut self, input: impl FnOnce(&mut InviteServer, Instant, &mut Vec<Action>)) {
-            let mut out = Vec::new();
-            input(&mut self.tx, self.now, &mut out);
-            self.apply(out);
         }
 
         fn respond(&mut self, status: u16) {
@@ -389,59 +334,6 @@ mod tests {
 
         fn ack(&mut self) {
             self.step(|tx, now, out| tx.on_ack(ack(), now, out));
-        }
-
-        fn transport_error(&mut self) {
-            self.step(|tx, _, out| tx.on_transport_error(out));
-        }
-
-        /// Fires the earliest pending timer (ties in the order they were started).
-        fn fire_next(&mut self) -> Option<Timer> {
-            let index = (0..self.pending.len()).min_by_key(|&i| self.pending[i].0)?;
-            let (at, timer) = self.pending.remove(index);
-            self.now = at;
-            self.step(|tx, now, out| tx.on_timer(timer, now, out));
-            Some(timer)
-        }
-
-        /// Fires every timer due by `elapsed` after the start, then sets the clock there.
-        fn run_until(&mut self, elapsed: Duration) {
-            let until = self.epoch + elapsed;
-            while self.pending.iter().any(|(at, _)| *at <= until) {
-                self.fire_next();
-            }
-            self.now = until;
-        }
-
-        /// Fires every pending timer, stale ones included, until none is left.
-        fn run_all(&mut self) {
-            for _ in 0..10_000 {
-                if self.fire_next().is_none() {
-                    return;
-                }
-            }
-            panic!("timers never stop");
-        }
-
-        fn statuses(&self) -> Vec<u16> {
-            self.sent.iter().map(|(_, status)| *status).collect()
-        }
-
-        fn send_times_of(&self, status: u16) -> Vec<Duration> {
-            let sent = self.sent.iter().filter(|(_, s)| *s == status);
-            sent.map(|(at, _)| *at).collect()
-        }
-
-        fn started_count(&self, timer: Timer) -> usize {
-            self.started.iter().filter(|(_, t)| *t == timer).count()
-        }
-
-        fn ack_timeouts(&self) -> usize {
-            let timeouts = self
-                .events
-                .iter()
-                .filter(|e| matches!(e, Event::AckTimeout));
-            timeouts.count()
         }
     }
 
@@ -473,10 +365,10 @@ mod tests {
     fn start_without_trying_sends_nothing_and_retransmission_gets_nothing() {
         for reliable in [false, true] {
             let mut sim = Sim::new(reliable, TimerValues::default(), false);
-            assert!(sim.sent.is_empty());
+            assert!(sim.sends.is_empty());
             assert!(sim.pending.is_empty());
             sim.retransmission();
-            assert!(sim.sent.is_empty());
+            assert!(sim.sends.is_empty());
             assert_eq!(sim.tx.state(), InviteServerState::Proceeding);
         }
     }
@@ -550,17 +442,17 @@ mod tests {
     fn ack_stops_g_and_confirmed_absorbs_until_i() {
         let mut sim = Sim::udp();
         sim.respond(486);
-        sim.run_until(ms(1000)); // G at 500 ms resent once
+        sim.advance_to(ms(1000)); // G at 500 ms resent once
         sim.ack();
         assert_eq!(sim.tx.state(), InviteServerState::Confirmed);
         assert!(sim.started.contains(&(ms(1000 + 5000), Timer::I)), "I = T4");
         sim.ack();
         sim.retransmission();
         sim.respond(200);
-        sim.run_until(ms(5999));
+        sim.advance_to(ms(5999));
         assert_eq!(sim.tx.state(), InviteServerState::Confirmed);
         assert!(sim.events.is_empty(), "ACKs are absorbed");
-        sim.run_until(ms(6000));
+        sim.advance_to(ms(6000));
         assert_eq!(sim.tx.state(), InviteServerState::Terminated);
         sim.run_all(); // the stale G and H
         assert_eq!(sim.send_times_of(486), [ms(0), ms(500)]);
@@ -574,7 +466,7 @@ mod tests {
         sim.respond(486);
         assert_eq!(sim.started_count(Timer::G), 0);
         assert_eq!(sim.started, [(ms(32_000), Timer::H)]);
-        sim.run_until(ms(2000));
+        sim.advance_to(ms(2000));
         sim.ack();
         assert_eq!(sim.tx.state(), InviteServerState::Terminated, "I = 0");
         assert_eq!(sim.terminations, 1);
@@ -590,9 +482,9 @@ mod tests {
     fn h_without_ack_delivers_ack_timeout_once_on_reliable() {
         let mut sim = Sim::new(true, short_timers(), false);
         sim.respond(500);
-        sim.run_until(ms(639));
+        sim.advance_to(ms(639));
         assert_eq!(sim.tx.state(), InviteServerState::Completed);
-        sim.run_until(ms(640));
+        sim.advance_to(ms(640));
         assert_eq!(sim.tx.state(), InviteServerState::Terminated);
         assert_eq!(sim.statuses(), [500], "no G on a reliable transport");
         assert_eq!(sim.ack_timeouts(), 1);
@@ -641,7 +533,7 @@ mod tests {
     fn accepted_sends_further_2xx_and_ignores_other_responses() {
         let mut sim = Sim::udp();
         sim.respond(200);
-        sim.run_until(ms(500));
+        sim.advance_to(ms(500));
         sim.respond(200);
         sim.respond(202);
         sim.respond(180);
@@ -655,9 +547,9 @@ mod tests {
         for reliable in [false, true] {
             let mut sim = Sim::new(reliable, short_timers(), true);
             sim.respond(200);
-            sim.run_until(ms(639));
+            sim.advance_to(ms(639));
             assert_eq!(sim.tx.state(), InviteServerState::Accepted);
-            sim.run_until(ms(640));
+            sim.advance_to(ms(640));
             assert_eq!(sim.tx.state(), InviteServerState::Terminated);
             assert_eq!(sim.terminations, 1);
             assert!(sim.events.is_empty());
@@ -694,7 +586,7 @@ mod tests {
         for status in [0, 99, 700, 999] {
             sim.respond(status);
         }
-        assert!(sim.sent.is_empty());
+        assert!(sim.sends.is_empty());
         assert!(sim.pending.is_empty());
         assert_eq!(sim.tx.state(), InviteServerState::Proceeding);
     }
@@ -712,12 +604,12 @@ mod tests {
     fn accepted_survives_a_transport_error_and_still_absorbs_the_invite() {
         let mut sim = Sim::udp();
         sim.respond(200);
-        let sent_before = sim.sent.len();
+        let sent_before = sim.sends.len();
         sim.transport_error();
         assert_eq!(sim.tx.state(), InviteServerState::Accepted);
         assert!(matches!(sim.events[..], [Event::TransportError]));
         sim.retransmission();
-        assert_eq!(sim.sent.len(), sent_before, "the INVITE is still absorbed");
+        assert_eq!(sim.sends.len(), sent_before, "the INVITE is still absorbed");
         sim.run_all();
         assert_eq!(
             sim.tx.state(),
@@ -742,7 +634,7 @@ mod tests {
             let mut sim = Sim::udp();
             setup(&mut sim);
             assert_eq!(sim.tx.state(), state);
-            let sent_before = sim.sent.len();
+            let sent_before = sim.sends.len();
             sim.transport_error();
             assert_eq!(sim.tx.state(), InviteServerState::Terminated);
             assert!(
@@ -754,7 +646,11 @@ mod tests {
             sim.run_all();
             assert_eq!(sim.events.len(), 1, "{state:?}: informed once");
             assert_eq!(sim.terminations, 1, "{state:?}: terminated once");
-            assert_eq!(sim.sent.len(), sent_before, "{state:?}: nothing sent after");
+            assert_eq!(
+                sim.sends.len(),
+                sent_before,
+                "{state:?}: nothing sent after"
+            );
         }
     }
 

@@ -164,13 +164,6 @@ mod tests {
             .build()
     }
 
-    fn status_of(bytes: &Bytes) -> u16 {
-        Message::parse(bytes.clone())
-            .expect("sent response parses")
-            .status()
-            .expect("sent message is a response")
-    }
-
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
     }
@@ -183,53 +176,11 @@ mod tests {
         }
     }
 
-    /// A simulated driver: applies actions, keeps pending timers, and moves a fake clock to
-    /// the earliest deadline to fire it. Timers are never removed except by firing.
-    struct Sim {
-        tx: NonInviteServer,
-        epoch: Instant,
-        now: Instant,
-        pending: Vec<(Instant, Timer)>,
-        started: Vec<(Duration, Timer)>,
-        sent: Vec<u16>,
-        events: Vec<Event>,
-        terminations: usize,
-    }
+    type Sim = crate::transaction::sim::Sim<NonInviteServer>;
 
     impl Sim {
         fn new(reliable: bool, timers: TimerValues) -> Sim {
-            let epoch = Instant::now();
-            Sim {
-                tx: NonInviteServer::start(reliable, timers),
-                epoch,
-                now: epoch,
-                pending: Vec::new(),
-                started: Vec::new(),
-                sent: Vec::new(),
-                events: Vec::new(),
-                terminations: 0,
-            }
-        }
-
-        fn apply(&mut self, out: Vec<Action>) {
-            for action in out {
-                match action {
-                    Action::Send(bytes) => self.sent.push(status_of(&bytes)),
-                    Action::StartTimer { timer, at } => {
-                        assert!(at >= self.now, "{timer:?} started in the past");
-                        self.started.push((at - self.epoch, timer));
-                        self.pending.push((at, timer));
-                    }
-                    Action::Deliver(event) => self.events.push(event),
-                    Action::Terminated => self.terminations += 1,
-                }
-            }
-        }
-
-        fn step(&mut self, input: impl FnOnce(&mut NonInviteServer, Instant, &mut Vec<Action>)) {
-            let mut out = Vec::new();
-            input(&mut self.tx, self.now, &mut out);
-            self.apply(out);
+            Sim::start_with(|_, _| NonInviteServer::start(reliable, timers))
         }
 
         fn respond(&mut self, status: u16) {
@@ -240,29 +191,6 @@ mod tests {
         fn retransmission(&mut self) {
             self.step(|tx, now, out| tx.on_retransmission(now, out));
         }
-
-        fn transport_error(&mut self) {
-            self.step(|tx, _, out| tx.on_transport_error(out));
-        }
-
-        fn fire(&mut self, timer: Timer) {
-            self.step(|tx, now, out| tx.on_timer(timer, now, out));
-        }
-
-        /// Fires every timer due by `elapsed` after the start (earliest first, ties in the
-        /// order they were started), then sets the clock there.
-        fn run_until(&mut self, elapsed: Duration) {
-            let until = self.epoch + elapsed;
-            while let Some(index) = (0..self.pending.len())
-                .filter(|&i| self.pending[i].0 <= until)
-                .min_by_key(|&i| self.pending[i].0)
-            {
-                let (at, timer) = self.pending.remove(index);
-                self.now = at;
-                self.fire(timer);
-            }
-            self.now = until;
-        }
     }
 
     #[test]
@@ -272,7 +200,7 @@ mod tests {
             assert_eq!(sim.tx.state(), NonInviteServerState::Trying);
             sim.retransmission();
             sim.retransmission();
-            assert!(sim.sent.is_empty());
+            assert!(sim.sends.is_empty());
             assert!(sim.started.is_empty());
             assert_eq!(sim.tx.state(), NonInviteServerState::Trying);
         }
@@ -288,7 +216,7 @@ mod tests {
             sim.respond(182);
             assert_eq!(sim.tx.state(), NonInviteServerState::Proceeding);
             sim.retransmission();
-            assert_eq!(sim.sent, [100, 100, 182, 182]);
+            assert_eq!(sim.statuses(), [100, 100, 182, 182]);
             assert!(sim.started.is_empty(), "provisionals start no timer");
         }
     }
@@ -300,13 +228,13 @@ mod tests {
             if provisional_first {
                 sim.respond(180);
             }
-            sim.run_until(ms(100));
+            sim.advance_to(ms(100));
             sim.respond(200);
             assert_eq!(sim.tx.state(), NonInviteServerState::Completed);
             assert_eq!(sim.started, [(ms(100 + 32_000), Timer::J)]);
-            sim.run_until(ms(32_099));
+            sim.advance_to(ms(32_099));
             assert_eq!(sim.tx.state(), NonInviteServerState::Completed);
-            sim.run_until(ms(32_100));
+            sim.advance_to(ms(32_100));
             assert_eq!(sim.tx.state(), NonInviteServerState::Terminated);
             assert_eq!(sim.terminations, 1);
             assert!(sim.events.is_empty());
@@ -318,7 +246,7 @@ mod tests {
         let mut sim = Sim::new(false, short_timers());
         sim.respond(404);
         assert_eq!(sim.started, [(ms(640), Timer::J)]);
-        sim.run_until(ms(640));
+        sim.advance_to(ms(640));
         assert_eq!(sim.tx.state(), NonInviteServerState::Terminated);
         assert_eq!(sim.terminations, 1);
     }
@@ -333,7 +261,7 @@ mod tests {
             sim.respond(status);
         }
         sim.retransmission();
-        assert_eq!(sim.sent, [180, 486, 486, 486]);
+        assert_eq!(sim.statuses(), [180, 486, 486, 486]);
         assert_eq!(sim.tx.state(), NonInviteServerState::Completed);
         assert_eq!(sim.started.len(), 1, "J only, once");
     }
@@ -358,7 +286,7 @@ mod tests {
             } else {
                 &[200]
             };
-            assert_eq!(sim.sent, expected);
+            assert_eq!(sim.statuses(), expected);
             assert!(sim.events.is_empty());
             assert_eq!(sim.terminations, 1);
         }
@@ -370,7 +298,7 @@ mod tests {
         for status in [0, 99, 700, 999] {
             sim.respond(status);
         }
-        assert!(sim.sent.is_empty());
+        assert!(sim.sends.is_empty());
         assert!(sim.started.is_empty());
         assert_eq!(sim.tx.state(), NonInviteServerState::Trying);
     }
@@ -387,7 +315,7 @@ mod tests {
             let mut sim = Sim::new(false, TimerValues::default());
             setup(&mut sim);
             assert_eq!(sim.tx.state(), state);
-            let sent_before = sim.sent.len();
+            let sent_before = sim.sends.len();
             sim.transport_error();
             assert_eq!(sim.tx.state(), NonInviteServerState::Terminated);
             assert!(
@@ -397,10 +325,14 @@ mod tests {
             sim.transport_error();
             sim.retransmission();
             sim.respond(200);
-            sim.run_until(ms(60_000));
+            sim.advance_to(ms(60_000));
             assert_eq!(sim.events.len(), 1, "{state:?}: informed once");
             assert_eq!(sim.terminations, 1, "{state:?}: terminated once");
-            assert_eq!(sim.sent.len(), sent_before, "{state:?}: nothing sent after");
+            assert_eq!(
+                sim.sends.len(),
+                sent_before,
+                "{state:?}: nothing sent after"
+            );
         }
     }
 
@@ -418,10 +350,10 @@ mod tests {
             sim.fire(timer);
         }
         assert_eq!(sim.tx.state(), NonInviteServerState::Completed);
-        sim.run_until(ms(640));
+        sim.advance_to(ms(640));
         sim.fire(Timer::J);
         assert_eq!(sim.terminations, 1);
-        assert_eq!(sim.sent, [180, 200]);
+        assert_eq!(sim.statuses(), [180, 200]);
         assert!(sim.events.is_empty());
     }
 }
