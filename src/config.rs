@@ -41,6 +41,78 @@ pub struct Config {
     pub timers: Timers,
     /// The built-in router, used until routing scripts land.
     pub proxy: Proxy,
+    /// Limits and reloading of the Lua routing script.
+    pub lua: Lua,
+    /// The local control socket (`moonroute ctl`).
+    pub control: Control,
+    /// Registrar rules (RFC 3261 §10.3).
+    pub registrar: Registrar,
+}
+
+/// Limits and reloading of the routing script (see `docs/scripting.md`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Lua {
+    /// Lua VM instructions one hook call may run before it is stopped with an error (the
+    /// request then gets 500). Default: 1000000.
+    pub max_instructions: u64,
+    /// Memory one Lua state (one per event loop) may allocate, in MiB. Default: 64.
+    pub memory_limit_mb: usize,
+    /// Reload the script when its file changes. Default: true.
+    pub watch: bool,
+    /// How long the file must stay unchanged before a reload, in milliseconds: an editor's
+    /// save is several file events. Default: 200.
+    pub reload_debounce_ms: u64,
+}
+
+impl Default for Lua {
+    fn default() -> Self {
+        Lua {
+            max_instructions: 1_000_000,
+            memory_limit_mb: 64,
+            watch: true,
+            reload_debounce_ms: 200,
+        }
+    }
+}
+
+/// The control socket `moonroute ctl` talks to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Control {
+    /// Path of the Unix socket (mode 0600), relative to the working directory unless
+    /// absolute. Empty: no control socket. Default: `var/moonroute.ctl`.
+    pub socket: PathBuf,
+}
+
+impl Default for Control {
+    fn default() -> Self {
+        Control {
+            socket: PathBuf::from("var/moonroute.ctl"),
+        }
+    }
+}
+
+/// Registrar rules (RFC 3261 §10.3).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Registrar {
+    /// Expiry of a binding whose REGISTER names none, in seconds. Default: 3600.
+    pub default_expires: u32,
+    /// Shortest expiry accepted; shorter ones get 423 Interval Too Brief. Default: 60.
+    pub min_expires: u32,
+    /// Longest expiry granted; longer ones are lowered to it. Default: 86400.
+    pub max_expires: u32,
+}
+
+impl Default for Registrar {
+    fn default() -> Self {
+        Registrar {
+            default_expires: 3600,
+            min_expires: 60,
+            max_expires: 86400,
+        }
+    }
 }
 
 /// The built-in router (until the Lua engine routes): where requests that are not for this
@@ -95,6 +167,36 @@ impl Proxy {
                 "proxy.static_route: {route:?} is not a sip: or sips: URI"
             )),
         }
+    }
+}
+
+impl Lua {
+    fn validate(&self) -> Result<(), String> {
+        if self.max_instructions < 1000 {
+            return Err("lua.max_instructions: at least 1000".to_owned());
+        }
+        if self.memory_limit_mb == 0 {
+            return Err("lua.memory_limit_mb: at least 1".to_owned());
+        }
+        Ok(())
+    }
+}
+
+impl Registrar {
+    fn validate(&self) -> Result<(), String> {
+        if self.min_expires == 0 || self.min_expires > self.max_expires {
+            return Err(format!(
+                "registrar: need 1 <= min_expires ({}) <= max_expires ({})",
+                self.min_expires, self.max_expires
+            ));
+        }
+        if !(self.min_expires..=self.max_expires).contains(&self.default_expires) {
+            return Err(format!(
+                "registrar.default_expires: {} is outside min_expires..=max_expires",
+                self.default_expires
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -171,6 +273,9 @@ impl Default for Config {
             limits: Limits::default(),
             timers: Timers::default(),
             proxy: Proxy::default(),
+            lua: Lua::default(),
+            control: Control::default(),
+            registrar: Registrar::default(),
         }
     }
 }
@@ -200,6 +305,7 @@ pub struct Overrides {
     pub log_level: Option<String>,
     pub workers: Option<usize>,
     pub static_route: Option<String>,
+    pub control_socket: Option<PathBuf>,
 }
 
 /// Why a configuration could not be used. The message names the file when there is one.
@@ -295,6 +401,9 @@ impl Config {
         if let Some(workers) = overrides.workers {
             self.workers = workers;
         }
+        if let Some(socket) = overrides.control_socket {
+            self.control.socket = socket;
+        }
         if let Some(route) = overrides.static_route {
             self.proxy.static_route = route;
         }
@@ -323,7 +432,9 @@ impl Config {
         }
         self.limits.validate().map_err(invalid)?;
         self.timers.validate().map_err(invalid)?;
-        self.proxy.validate().map_err(invalid)
+        self.proxy.validate().map_err(invalid)?;
+        self.lua.validate().map_err(invalid)?;
+        self.registrar.validate().map_err(invalid)
     }
 
     /// The number of event loops to run: `workers`, or one per CPU core when it is 0.
@@ -524,6 +635,7 @@ mod tests {
             log_level: Some("trace".into()),
             workers: Some(1),
             static_route: Some("sip:127.0.0.1:5080".into()),
+            control_socket: Some("/tmp/ctl".into()),
         });
         assert_eq!(config.proxy.static_route, "sip:127.0.0.1:5080");
         config.validate().unwrap();

@@ -1,7 +1,11 @@
 //! moonroute: a scriptable SIP server. A Rust engine (codec, transports, transactions, proxy,
 //! registrar) whose routing decisions are made by a Lua script.
 pub mod config;
+pub mod control;
+pub mod location;
 pub mod proxy;
+pub mod registrar;
+pub mod script;
 pub mod server;
 pub mod sip;
 pub mod transaction;

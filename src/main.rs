@@ -57,6 +57,9 @@ struct RunArgs {
     /// sip:127.0.0.1:5080 (the built-in router, until routing scripts land).
     #[arg(long, value_name = "URI")]
     static_route: Option<String>,
+    /// The control socket for `moonroute ctl` (an empty value disables it).
+    #[arg(long, value_name = "PATH")]
+    control_socket: Option<PathBuf>,
 }
 
 impl RunArgs {
@@ -69,6 +72,7 @@ impl RunArgs {
             log_level: self.log_level,
             workers: self.workers,
             static_route: self.static_route,
+            control_socket: self.control_socket,
         };
         (self.config, overrides)
     }

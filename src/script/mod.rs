@@ -1,0 +1,4 @@
+//! The Lua routing engine (being written).
+
+pub mod kv;
+pub mod watch;
