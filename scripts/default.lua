@@ -1,9 +1,58 @@
--- scripts/default.lua: the routing script moonroute runs when none is configured.
+-- moonroute default routing script: a registrar and stateful proxy for this server's domains
+-- (config `domains`, or its listen addresses when none are configured). It is Kamailio's
+-- classic default configuration, translated: every primitive is described in
+-- docs/scripting.md. Edit it while the server runs: the change is live within a second, and a
+-- broken version is refused while this one keeps serving.
 --
--- The Lua routing engine is not wired in yet. Until it is, the server itself answers OPTIONS
--- addressed to it with 200 and refuses every other request (501, or 416/420/483/400 when the
--- request calls for that). This file is already the configured default so that deployments keep
--- their path when the engine lands; its content will become the classic registrar + proxy.
+-- Already done by the engine before on_request runs: parsing and sanity checks (400),
+-- Max-Forwards (483), Require/Proxy-Require (420), loop detection (482), removing our own
+-- Route entries (RFC 3261 §16.4), OPTIONS to the server itself, retransmissions, and CANCEL
+-- of a request being relayed.
 
 function on_request(req)
+  -- Requests inside a dialog follow the route set the dialog recorded.
+  if req:has_to_tag() then
+    return in_dialog(req)
+  end
+
+  -- A CANCEL that matched no transaction here (RFC 3261 §9.2).
+  if req:is_method("CANCEL") then
+    return req:reply(481, "Call/Transaction Does Not Exist")
+  end
+
+  -- Requests for other domains: only our own users may send them out (no open relay).
+  -- Until digest authentication lands, "our own" means a From URI in our domains.
+  if not req:is_myself(req.ruri) then
+    if not req:is_myself(req.from_uri) then
+      return req:reply(403, "Relaying Forbidden")
+    end
+    req:record_route()
+    return req:t_relay()
+  end
+
+  if req:is_method("REGISTER") then
+    return req:save("location")
+  end
+
+  -- Stay in the path of the dialogs we set up, so in-dialog requests come back through us.
+  if req:is_method("INVITE", "SUBSCRIBE", "REFER") then
+    req:record_route()
+  end
+
+  -- Fork to every registered contact of the user (highest q first, RFC 3261 §16.6).
+  if req:lookup("location") == 0 then
+    return req:reply(404, "Not Found")
+  end
+  return req:t_relay()
+end
+
+function in_dialog(req)
+  if req:loose_route() then
+    return req:t_relay()
+  end
+  if req:is_method("ACK") then
+    -- An ACK for a 2xx without a route set through us is not ours to route.
+    return req:drop()
+  end
+  return req:reply(404, "Not Here")
 end

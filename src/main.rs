@@ -10,7 +10,15 @@ use clap::{Args, Parser, Subcommand};
 use tracing::info;
 use tracing_subscriber::EnvFilter;
 
+use std::time::Duration;
+
 use moonroute::config::{Config, Overrides};
+use moonroute::control::{ControlServer, Reply};
+use moonroute::location::MemoryLocation;
+use moonroute::registrar::{Registrar, Rules};
+use moonroute::script::kv::KvStore;
+use moonroute::script::watch::ScriptWatcher;
+use moonroute::script::{offline, Limits, ScriptHost, Services, KV_MAX_KEYS};
 use moonroute::server::core::CoreFactory;
 use moonroute::server::Server;
 use moonroute::transport::ListenAddr;
@@ -26,6 +34,56 @@ struct Cli {
 enum Command {
     /// Run the server (the default when no command is given).
     Run(RunArgs),
+    /// Check a routing script without starting a server: it must compile, run its top-level
+    /// code and define on_request. Exit code 0 when valid, 1 with file:line otherwise.
+    Check {
+        /// The Lua script.
+        script: PathBuf,
+    },
+    /// Run a routing script on one SIP message, without any network, and print what it
+    /// decided (reply, targets, header changes, per-transaction vars, logs).
+    Test(TestArgs),
+    /// Send a command to the running server over its control socket, e.g. `ctl reload`.
+    Ctl(CtlArgs),
+}
+
+#[derive(Args, Debug)]
+struct TestArgs {
+    /// The Lua script to run, or with --lua, a Lua test file.
+    script: PathBuf,
+    /// The SIP message (a file holding the request as it arrives on the wire; bare LF line
+    /// ends are accepted).
+    #[arg(long, value_name = "FILE", required_unless_present = "lua")]
+    message: Option<PathBuf>,
+    /// Location fixture: one `AOR CONTACT [q=Q] [expires=SECONDS]` per line.
+    #[arg(long, value_name = "FILE")]
+    location: Option<PathBuf>,
+    /// Where the message comes from, as transport:ip:port.
+    #[arg(
+        long,
+        value_name = "TRANSPORT:IP:PORT",
+        default_value = "udp:127.0.0.1:5070"
+    )]
+    source: ListenAddr,
+    /// A domain the server is responsible for (repeatable).
+    #[arg(long = "domain", value_name = "NAME")]
+    domains: Vec<String>,
+    /// SCRIPT is a Lua test file using `moonroute.run(...)` (see docs/scripting.md).
+    #[arg(long)]
+    lua: bool,
+}
+
+#[derive(Args, Debug)]
+struct CtlArgs {
+    /// Configuration file naming the control socket.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// The control socket (overrides the configuration).
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// The command and its arguments: reload, status.
+    #[arg(required = true, trailing_var_arg = true)]
+    command: Vec<String>,
 }
 
 /// Flags of `run`; each one given overrides the configuration file.
@@ -83,6 +141,9 @@ fn main() -> ExitCode {
     let args = match cli.command {
         Some(Command::Run(args)) => args,
         None => RunArgs::default(),
+        Some(Command::Check { script }) => return check(&script),
+        Some(Command::Test(args)) => return test(args),
+        Some(Command::Ctl(args)) => return ctl(args),
     };
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
@@ -103,7 +164,26 @@ fn run(args: RunArgs) -> Result<(), Box<dyn Error>> {
     config.validate()?;
     init_logging(&config.log_level)?;
 
-    let factory = Arc::new(CoreFactory::new(&config));
+    let services = Arc::new(Services {
+        kv: Arc::new(KvStore::new(KV_MAX_KEYS)),
+        registrar: Some(Arc::new(Registrar::new(
+            Arc::new(MemoryLocation::new(LOCATION_MAX_BINDINGS)),
+            Rules::from(&config.registrar),
+        ))),
+    });
+    let host = ScriptHost::load(
+        &config.script,
+        Limits::from(&config.lua),
+        services,
+        &config.domains,
+    )?;
+    let builtin = CoreFactory::new(&config);
+    let factory = if builtin.relays() {
+        info!("[proxy] static_route/relay_to_request_uri set: the built-in router replaces the script");
+        Arc::new(builtin)
+    } else {
+        Arc::new(CoreFactory::with_router(&config, host.router_factory()))
+    };
     let server = Server::start(&config, factory)?;
     for listen in server.listen_addrs() {
         info!(%listen, "listening");
@@ -111,16 +191,144 @@ fn run(args: RunArgs) -> Result<(), Box<dyn Error>> {
     info!(
         workers = server.worker_count(),
         script = %config.script.display(),
+        script_version = host.version(),
         data_dir = %config.data_dir.display(),
         version = env!("CARGO_PKG_VERSION"),
         "moonroute running"
     );
 
-    let signal = wait_for_termination()?;
+    let signal = serve_until_termination(&config, &host)?;
     info!(signal, "shutting down");
     server.shutdown();
     info!("stopped");
     Ok(())
+}
+
+/// Most bindings the in-memory location store holds.
+const LOCATION_MAX_BINDINGS: usize = 1_000_000;
+
+fn check(script: &std::path::Path) -> ExitCode {
+    match offline::check(script) {
+        Ok(summary) => {
+            println!("{summary}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("{error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn test(args: TestArgs) -> ExitCode {
+    let result = if args.lua {
+        offline::run_lua_tests(&args.script)
+    } else {
+        let options = offline::TestOptions {
+            source: args.source,
+            domains: args.domains,
+            location: args.location,
+        };
+        let message = args.message.unwrap_or_default();
+        offline::test_message(&args.script, &message, &options)
+    };
+    match result {
+        Ok(report) => {
+            print!("{report}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("{error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn ctl(args: CtlArgs) -> ExitCode {
+    let socket = match (args.socket, args.config) {
+        (Some(socket), _) => socket,
+        (None, Some(path)) => match Config::load(&path) {
+            Ok(config) => config.control.socket,
+            Err(error) => {
+                eprintln!("moonroute: {error}");
+                return ExitCode::from(2);
+            }
+        },
+        (None, None) => Config::default().control.socket,
+    };
+    let code = moonroute::control::ctl_main(&socket, &args.command);
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
+}
+
+/// Runs the server's management side until SIGINT or SIGTERM: reloads on SIGHUP, on a change
+/// of the script file, and on `moonroute ctl reload`. Returns the terminating signal's name.
+fn serve_until_termination(
+    config: &Config,
+    host: &Arc<ScriptHost>,
+) -> Result<&'static str, Box<dyn Error>> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let _control = match config.control.socket.as_os_str().is_empty() {
+            true => None,
+            false => {
+                let server =
+                    ControlServer::bind(&config.control.socket, control_handler(host.clone()))
+                        .await
+                        .map_err(|e| {
+                            format!("control socket {}: {e}", config.control.socket.display())
+                        })?;
+                info!(socket = %config.control.socket.display(), "control socket ready");
+                Some(server)
+            }
+        };
+        if config.lua.watch {
+            let mut watcher = ScriptWatcher::start(
+                &config.script,
+                Duration::from_millis(config.lua.reload_debounce_ms),
+            )?;
+            let host = host.clone();
+            tokio::spawn(async move {
+                loop {
+                    watcher.changed().await;
+                    info!(script = %host.path().display(), "script file changed");
+                    let _ = host.reload();
+                }
+            });
+        }
+        wait_for_signals(host).await.map_err(Into::into)
+    })
+}
+
+fn control_handler(host: Arc<ScriptHost>) -> moonroute::control::Handler {
+    Arc::new(
+        move |args: &[String]| match args.first().map(String::as_str) {
+            Some("reload") => match host.reload() {
+                Ok(version) => Reply::ok(format!(
+                    "script {} reloaded: version {version}",
+                    host.path().display()
+                )),
+                Err(error) => Reply::error(format!(
+                    "script refused, version {} keeps serving: {error}",
+                    host.version()
+                )),
+            },
+            Some("status") => {
+                let (reloads, failed) = host.reload_counts();
+                Reply::ok(format!(
+                "moonroute {}\nscript: {} (version {})\nreloads: {reloads} accepted, {failed} refused\n",
+                env!("CARGO_PKG_VERSION"),
+                host.path().display(),
+                host.version()
+            ))
+            }
+            Some(other) => Reply::error(format!(
+                "unknown command {other:?}; commands: reload, status"
+            )),
+            None => Reply::error("no command given; commands: reload, status"),
+        },
+    )
 }
 
 /// Logs to stderr, filtered by `RUST_LOG` if set, else by the configured `log_level`.
@@ -141,26 +349,29 @@ fn init_logging(log_level: &str) -> Result<(), Box<dyn Error>> {
     Ok(())
 }
 
-/// Blocks until SIGINT or SIGTERM; returns the signal's name.
-fn wait_for_termination() -> std::io::Result<&'static str> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(async {
-        #[cfg(unix)]
-        {
-            use tokio::signal::unix::{signal, SignalKind};
-            let mut terminate = signal(SignalKind::terminate())?;
+/// Waits for SIGINT or SIGTERM (returning its name), reloading the script on every SIGHUP.
+async fn wait_for_signals(host: &Arc<ScriptHost>) -> std::io::Result<&'static str> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut terminate = signal(SignalKind::terminate())?;
+        let mut hangup = signal(SignalKind::hangup())?;
+        loop {
             tokio::select! {
-                result = tokio::signal::ctrl_c() => result.map(|()| "SIGINT"),
-                _ = terminate.recv() => Ok("SIGTERM"),
+                result = tokio::signal::ctrl_c() => return result.map(|()| "SIGINT"),
+                _ = terminate.recv() => return Ok("SIGTERM"),
+                _ = hangup.recv() => {
+                    info!("SIGHUP: reloading the script");
+                    let _ = host.reload();
+                }
             }
         }
-        #[cfg(not(unix))]
-        {
-            tokio::signal::ctrl_c().await.map(|()| "interrupt")
-        }
-    })
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = host;
+        tokio::signal::ctrl_c().await.map(|()| "interrupt")
+    }
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use common::ua::{expect_status, show, Dialog, TestUa, WAIT};
 use moonroute::config::Config;
 use moonroute::proxy::response_context::Target;
-use moonroute::proxy::router::{Decision, Router};
+use moonroute::proxy::router::{Decision, FailureDecision, RouteHandle, RouteInfo, Routed, Router};
 use moonroute::server::core::CoreFactory;
 use moonroute::server::{Server, ServerHandle};
 use moonroute::sip::{HeaderName, Message};
@@ -49,7 +49,7 @@ fn start_with<R: Router + Clone + Send + Sync + 'static>(
 ) -> ServerHandle {
     let factory = CoreFactory::with_router(
         config,
-        Arc::new(move |_loop_index| Box::new(router.clone()) as Box<dyn Router>),
+        Arc::new(move |_loop_index, _: &_| Box::new(router.clone()) as Box<dyn Router>),
     );
     Server::start(config, Arc::new(factory)).expect("server starts")
 }
@@ -74,22 +74,29 @@ struct TestRouter {
 }
 
 impl Router for TestRouter {
-    fn route(&mut self, request: &Message, _meta: &Meta) -> Decision {
+    fn route(&mut self, request: &mut Message, _meta: &Meta, _info: RouteInfo) -> Routed {
         let in_dialog = request.to().is_ok_and(|to| to.tag().is_some());
         if in_dialog {
             return Decision::Relay {
                 targets: Vec::new(),
                 record_route: false,
-            };
+            }
+            .into();
         }
         Decision::Relay {
             targets: self.first.clone(),
             record_route: true,
         }
+        .into()
     }
 
-    fn on_failure(&mut self, _request: &Message, _best: &Message) -> Vec<Target> {
-        std::mem::take(&mut self.then)
+    fn on_failure(
+        &mut self,
+        _handle: Option<RouteHandle>,
+        _request: &Message,
+        _best: &Message,
+    ) -> FailureDecision {
+        FailureDecision::Targets(std::mem::take(&mut self.then))
     }
 }
 

@@ -1,1 +1,378 @@
-//! Placeholder: being written.
+//! The location service: owns the storage of bindings and their lookup.
+//!
+//! A binding associates an address-of-record (AOR) with a contact address (RFC 3261 §10: "a
+//! location service" holding bindings, created and updated by a registrar, read by a proxy
+//! routing to the AOR, §16.5). Each binding also keeps what a proxy needs to reach the contact
+//! later: the source the REGISTER came from and the socket it arrived on (for contacts behind
+//! NAT), the Path route set it was registered through (RFC 3327 §5.3), and the RFC 5626
+//! `+sip.instance` / `reg-id` of the registering UA.
+//!
+//! This module only keeps bindings; what they become after a REGISTER is decided by
+//! [`crate::registrar`] (§10.3), which also defines the AOR normalization used as the key.
+//! [`LocationStore`] is the interface; [`MemoryLocation`] is the in-memory implementation
+//! (a persistent one will implement the same trait).
+//!
+//! # Fixture format
+//!
+//! [`MemoryLocation::from_fixture`] (used by `moonroute test --location FIXTURE`) reads one
+//! binding per line:
+//!
+//! ```text
+//! # AOR                      CONTACT                          options
+//! sip:alice@example.com      sip:alice@192.0.2.10:5060        q=0.5 expires=600
+//! sip:alice@example.com      sip:alice@198.51.100.7:5070;transport=tcp
+//! sip:bob@example.com        sip:bob@192.0.2.20               # a trailing comment
+//! ```
+//!
+//! - fields are separated by white space; blank lines are ignored;
+//! - `#` at the start of a line or after white space starts a comment (a `#` inside a URI,
+//!   such as in `tel:*21#`, does not);
+//! - `AOR` is a `sip:` or `sips:` URI, normalized like a REGISTER's To
+//!   ([`crate::registrar::aor_of`]);
+//! - `CONTACT` is a bare URI (no `<>`, no display name);
+//! - options: `q=QVALUE` (RFC 3261 §20.10 qvalue, default 1) and `expires=SECONDS` (default
+//!   3600, counted from the `now` given to the loader; 0 gives an already expired binding);
+//! - the same contact twice for one AOR is an error.
+
+use std::collections::hash_map::RandomState;
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use crate::sip::name_addr::parse_qvalue;
+use crate::sip::Uri;
+use crate::transport::TransportKind;
+
+/// One contact address bound to an address-of-record (RFC 3261 §10.3 step 7: the binding
+/// records the contact, its expiry, its q-value and the Call-ID and CSeq of the request that
+/// last wrote it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Binding {
+    /// The normalized address-of-record ([`crate::registrar::aor_of`]).
+    pub aor: String,
+    /// The contact URI as registered: the URI only, without the `<>`, display name or header
+    /// parameters of the Contact field.
+    pub contact: String,
+    /// When the binding expires (wall clock, so that a persistent store survives restarts).
+    pub expires_at: SystemTime,
+    /// The q-value in thousandths (RFC 3261 §20.10), 1000 when the Contact had none.
+    pub q: u16,
+    pub call_id: String,
+    pub cseq: u32,
+    /// Transport and source address the REGISTER came from.
+    pub received: Option<(TransportKind, SocketAddr)>,
+    /// Our socket the REGISTER arrived on.
+    pub local: Option<SocketAddr>,
+    /// The Path header field values of the REGISTER, in order (RFC 3327 §5.3).
+    pub path: Vec<String>,
+    /// The `+sip.instance` Contact parameter without its quotes, e.g. `<urn:uuid:...>`
+    /// (RFC 5626 §4.1).
+    pub instance: Option<String>,
+    /// The `reg-id` Contact parameter (RFC 5626 §4.2).
+    pub reg_id: Option<u32>,
+    /// The User-Agent header field of the REGISTER.
+    pub user_agent: Option<String>,
+}
+
+impl Binding {
+    /// True while the binding has not expired.
+    pub fn is_live(&self, now: SystemTime) -> bool {
+        self.expires_at > now
+    }
+}
+
+/// Storage of bindings, keyed by normalized AOR. Implementations are shared by every event
+/// loop, hence `Send + Sync`; calls are short and never block on I/O for long.
+pub trait LocationStore: Send + Sync {
+    /// Unexpired bindings of `aor`, highest q first (stable by registration order).
+    fn lookup(&self, aor: &str, now: SystemTime) -> Vec<Binding>;
+
+    /// Replaces the whole binding list of `aor` (empty = remove the AOR). Returns an error
+    /// string if the store refuses (e.g. a capacity limit); the AOR is then left unchanged.
+    fn replace(&self, aor: &str, bindings: Vec<Binding>) -> Result<(), String>;
+
+    /// Removes expired bindings; returns how many.
+    fn sweep(&self, now: SystemTime) -> usize;
+
+    /// Number of bindings stored (expired ones not yet swept included).
+    fn count(&self) -> usize;
+
+    /// Read-modify-write of one AOR: `f` gets the unexpired bindings of `aor` and returns the
+    /// new list to store, or `None` to leave the AOR untouched. RFC 3261 §10.3 wants binding
+    /// updates committed all at once; implementations should make this atomic with respect to
+    /// other updates of the same AOR (two REGISTERs for one AOR handled on two event loops must
+    /// not lose one another's bindings). The default implementation is [`lookup`] then
+    /// [`replace`], which is not.
+    ///
+    /// [`lookup`]: LocationStore::lookup
+    /// [`replace`]: LocationStore::replace
+    fn update(
+        &self,
+        aor: &str,
+        now: SystemTime,
+        f: &mut dyn FnMut(Vec<Binding>) -> Option<Vec<Binding>>,
+    ) -> Result<(), String> {
+        match f(self.lookup(aor, now)) {
+            Some(bindings) => self.replace(aor, bindings),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Number of shards of [`MemoryLocation`]: enough that event loops on different threads
+/// rarely wait for one another.
+const SHARDS: usize = 32;
+
+/// The default bound on the number of bindings a [`MemoryLocation`] holds.
+pub const DEFAULT_MAX_BINDINGS: usize = 1_000_000;
+
+/// Expiry of a fixture binding without `expires=`, in seconds.
+const FIXTURE_DEFAULT_EXPIRES: u64 = 3600;
+
+type Shard = HashMap<String, Vec<Binding>>;
+
+/// In-memory [`LocationStore`]: AORs spread over 32 mutex-protected shards by hash; each AOR's
+/// bindings kept in registration order. The total number of bindings is bounded so that a
+/// flood of registrations cannot exhaust memory.
+pub struct MemoryLocation {
+    shards: Vec<Mutex<Shard>>,
+    hasher: RandomState,
+    count: AtomicUsize,
+    max_bindings: usize,
+}
+
+impl Default for MemoryLocation {
+    fn default() -> Self {
+        MemoryLocation::new(DEFAULT_MAX_BINDINGS)
+    }
+}
+
+impl std::fmt::Debug for MemoryLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryLocation")
+            .field("count", &self.count())
+            .field("max_bindings", &self.max_bindings)
+            .finish()
+    }
+}
+
+impl MemoryLocation {
+    /// An empty store holding at most `max_bindings` bindings; beyond it
+    /// [`LocationStore::replace`] refuses to grow an AOR.
+    pub fn new(max_bindings: usize) -> MemoryLocation {
+        MemoryLocation {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            hasher: RandomState::new(),
+            count: AtomicUsize::new(0),
+            max_bindings,
+        }
+    }
+
+    pub fn max_bindings(&self) -> usize {
+        self.max_bindings
+    }
+
+    /// Loads bindings from the fixture format described in the module documentation; `now`
+    /// is the time `expires=` counts from. Errors name the offending line.
+    pub fn from_fixture(text: &str, now: SystemTime) -> Result<MemoryLocation, String> {
+        let mut by_aor: HashMap<String, Vec<Binding>> = HashMap::new();
+        for (index, line) in text.lines().enumerate() {
+            let number = index + 1;
+            let Some(binding) =
+                parse_fixture_line(line, number, now).map_err(|e| format!("line {number}: {e}"))?
+            else {
+                continue;
+            };
+            let slot = by_aor.entry(binding.aor.clone()).or_default();
+            if slot.iter().any(|b| b.contact == binding.contact) {
+                return Err(format!(
+                    "line {number}: {} is already bound to {}",
+                    binding.contact, binding.aor
+                ));
+            }
+            slot.push(binding);
+        }
+        let store = MemoryLocation::default();
+        for (aor, bindings) in by_aor {
+            store.replace(&aor, bindings)?;
+        }
+        Ok(store)
+    }
+
+    /// Stores `bindings` in the locked shard, keeping the global count within bounds.
+    fn store_locked(
+        &self,
+        shard: &mut Shard,
+        aor: &str,
+        bindings: Vec<Binding>,
+    ) -> Result<(), String> {
+        let old = shard.get(aor).map_or(0, Vec::len);
+        let new = bindings.len();
+        if new > old {
+            let grow = new - old;
+            let max = self.max_bindings;
+            self.count
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    n.checked_add(grow).filter(|total| *total <= max)
+                })
+                .map_err(|_| format!("location store full ({max} bindings)"))?;
+        } else {
+            self.count.fetch_sub(old - new, Ordering::AcqRel);
+        }
+        if bindings.is_empty() {
+            shard.remove(aor);
+        } else {
+            shard.insert(aor.to_owned(), bindings);
+        }
+        Ok(())
+    }
+
+    fn shard(&self, aor: &str) -> MutexGuard<'_, Shard> {
+        let index = (self.hasher.hash_one(aor) % SHARDS as u64) as usize;
+        lock(&self.shards[index])
+    }
+}
+
+/// Locks a shard. A poisoned mutex (a panic while holding it, which no code path here can
+/// cause) still holds consistent data: every write is a single insert or remove.
+fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
+    shard
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Unexpired bindings, highest q first; the sort is stable, so equal q keep registration
+/// order.
+fn live_sorted(bindings: &[Binding], now: SystemTime) -> Vec<Binding> {
+    let mut live: Vec<Binding> = bindings
+        .iter()
+        .filter(|b| b.is_live(now))
+        .cloned()
+        .collect();
+    live.sort_by_key(|b| std::cmp::Reverse(b.q));
+    live
+}
+
+impl LocationStore for MemoryLocation {
+    fn lookup(&self, aor: &str, now: SystemTime) -> Vec<Binding> {
+        self.shard(aor)
+            .get(aor)
+            .map_or_else(Vec::new, |b| live_sorted(b, now))
+    }
+
+    fn replace(&self, aor: &str, bindings: Vec<Binding>) -> Result<(), String> {
+        let mut shard = self.shard(aor);
+        self.store_locked(&mut shard, aor, bindings)
+    }
+
+    fn sweep(&self, now: SystemTime) -> usize {
+        let mut removed = 0;
+        for shard in &self.shards {
+            let mut shard = lock(shard);
+            shard.retain(|_, bindings| {
+                let before = bindings.len();
+                bindings.retain(|b| b.is_live(now));
+                removed += before - bindings.len();
+                !bindings.is_empty()
+            });
+        }
+        self.count.fetch_sub(removed, Ordering::AcqRel);
+        removed
+    }
+
+    fn count(&self) -> usize {
+        self.count.load(Ordering::Acquire)
+    }
+
+    /// Atomic per AOR: the shard stays locked while `f` runs (`f` is the registrar's
+    /// sans-IO rules: no I/O, no waiting).
+    fn update(
+        &self,
+        aor: &str,
+        now: SystemTime,
+        f: &mut dyn FnMut(Vec<Binding>) -> Option<Vec<Binding>>,
+    ) -> Result<(), String> {
+        let mut shard = self.shard(aor);
+        let current: Vec<Binding> = shard.get(aor).map_or_else(Vec::new, |b| {
+            b.iter().filter(|b| b.is_live(now)).cloned().collect()
+        });
+        match f(current) {
+            Some(bindings) => self.store_locked(&mut shard, aor, bindings),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Drops a comment: `#` at the start of the line or after white space.
+fn strip_comment(line: &str) -> &str {
+    let bytes = line.as_bytes();
+    let cut = bytes
+        .iter()
+        .enumerate()
+        .find(|&(i, &b)| b == b'#' && (i == 0 || bytes[i - 1].is_ascii_whitespace()))
+        .map_or(line.len(), |(i, _)| i);
+    &line[..cut]
+}
+
+/// One fixture line: `Ok(None)` for a blank or comment line.
+fn parse_fixture_line(
+    line: &str,
+    number: usize,
+    now: SystemTime,
+) -> Result<Option<Binding>, String> {
+    let mut fields = strip_comment(line).split_whitespace();
+    let Some(aor_text) = fields.next() else {
+        return Ok(None);
+    };
+    let aor = Uri::parse(aor_text.as_bytes())
+        .ok()
+        .and_then(|u| crate::registrar::aor_of(&u))
+        .ok_or_else(|| format!("'{aor_text}' is not a sip: or sips: address-of-record"))?;
+    let contact = fields.next().ok_or("missing CONTACT after the AOR")?;
+    if Uri::parse(contact.as_bytes()).is_err() {
+        return Err(format!("'{contact}' is not a valid URI"));
+    }
+    let mut q = 1000;
+    let mut expires = FIXTURE_DEFAULT_EXPIRES;
+    for option in fields {
+        match option.split_once('=') {
+            Some(("q", v)) => {
+                q = parse_qvalue(v.as_bytes())
+                    .ok_or_else(|| format!("bad q value '{v}' (0 to 1, 3 decimals)"))?;
+            }
+            Some(("expires", v)) => {
+                expires = v
+                    .parse()
+                    .map_err(|_| format!("bad expires '{v}' (seconds)"))?;
+            }
+            _ => {
+                return Err(format!(
+                    "unknown option '{option}' (expected q=QVALUE or expires=SECONDS)"
+                ))
+            }
+        }
+    }
+    let expires_at = now
+        .checked_add(Duration::from_secs(expires))
+        .ok_or_else(|| format!("expires={expires} is too far in the future"))?;
+    Ok(Some(Binding {
+        aor,
+        contact: contact.to_owned(),
+        expires_at,
+        q,
+        call_id: format!("fixture-line-{number}"),
+        cseq: 0,
+        received: None,
+        local: None,
+        path: Vec::new(),
+        instance: None,
+        reg_id: None,
+        user_agent: None,
+    }))
+}
+
+#[cfg(test)]
+mod tests;

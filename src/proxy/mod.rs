@@ -14,6 +14,6 @@ pub mod response_context;
 pub mod router;
 
 pub use request::{
-    branch_for, check_request, detect_loop, forward_copy, next_hop, preprocess_routes, ForwardSpec,
-    NextHop, ProxyIdentity, Rejection,
+    branch_for, check_request, detect_loop, forward_copy, is_our_stateless_branch, next_hop,
+    preprocess_routes, stateless_branch, ForwardSpec, NextHop, ProxyIdentity, Rejection,
 };

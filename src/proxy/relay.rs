@@ -17,14 +17,16 @@ use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+
 use tracing::{debug, info, warn};
 
 use super::request::{
-    branch_for, check_request, detect_loop, forward_copy, next_hop, preprocess_routes, ForwardSpec,
-    NextHop, ProxyIdentity,
+    branch_for, check_request, detect_loop, forward_copy, next_hop, preprocess_routes,
+    stateless_branch, ForwardSpec, NextHop, ProxyIdentity,
 };
 use super::response_context::{BranchId, ContextAction, ResponseContext, Target};
-use super::router::{Decision, Router};
+use super::router::{BranchEdit, Decision, FailureDecision, RouteHandle, RouteInfo, Router};
 use crate::sip::{Message, Method, ResponseBuilder};
 use crate::transaction::client_invite::cancel_for;
 use crate::transaction::layer::{LayerOutput, TransactionLayer, TxId};
@@ -36,11 +38,14 @@ use crate::transport::{Destination, ListenAddr, Meta, TransportKind};
 pub enum Handled {
     /// It is being relayed; its answer will come through the server transaction.
     Relayed,
+    /// It was forwarded statelessly or dropped: its server transaction was abandoned.
+    Done,
     /// Answer it here (the caller builds the response).
     Reply {
         code: u16,
         reason: Cow<'static, str>,
         unsupported: Option<String>,
+        headers: Vec<(String, String)>,
     },
 }
 
@@ -53,6 +58,8 @@ struct Call {
     branch_base: String,
     inbound: (TransportKind, SocketAddr),
     record_route: bool,
+    /// The router's handle for the later hooks of this request.
+    handle: Option<RouteHandle>,
     /// The client transaction and destination of each branch, by BranchId.
     branches: Vec<Option<(TxId, Destination)>>,
 }
@@ -135,6 +142,7 @@ impl Relay {
                 code: r.code,
                 reason: Cow::Borrowed(r.reason),
                 unsupported: r.unsupported,
+                headers: Vec::new(),
             };
         }
         if detect_loop(&request, &self.me) {
@@ -142,37 +150,40 @@ impl Relay {
         }
         // The loop hash covers the request as received, before its Route is consumed.
         let branch_base = branch_for(&request, "");
-        if preprocess_routes(&mut request, &self.me).is_err() {
+        let had_route = request.routes().next().is_some();
+        let Ok(consumed_own_route) = preprocess_routes(&mut request, &self.me) else {
             return reply(400, "Bad Request (Route)");
-        }
-        let (targets, record_route) = match self.router.route(&request, &meta) {
-            Decision::Reply { code, reason } => {
-                return Handled::Reply {
-                    code,
-                    reason,
-                    unsupported: None,
-                };
-            }
+        };
+        let info = RouteInfo {
+            had_route,
+            consumed_own_route,
+        };
+        let routed = self.router.route(&mut request, &meta, info);
+        let handle = routed.handle;
+        let (targets, record_route) = match routed.decision {
             Decision::Relay {
                 targets,
                 record_route,
             } => (targets, record_route),
+            other => {
+                if let Some(handle) = handle {
+                    self.router.release(handle);
+                }
+                return self.carry_out_stateless(tx, other, &request, &meta, layer, out);
+            }
         };
         let targets = match targets.is_empty() {
             false => targets,
-            true => {
-                let has_route = request.routes().next().is_some();
-                let for_me = request.request_uri().is_ok_and(|u| self.me.is_myself(&u));
-                if for_me && !has_route {
+            true => match self.request_uri_target(&request) {
+                Some(target) => vec![target],
+                None => {
+                    if let Some(handle) = handle {
+                        self.router.release(handle);
+                    }
                     // Nowhere to send it but to ourselves.
                     return reply(404, "Not Found");
                 }
-                let uri = request
-                    .request_uri_bytes()
-                    .map(|u| request.share(u))
-                    .unwrap_or_default();
-                vec![Target { uri, q: 1000 }]
-            }
+            },
         };
         let is_invite = request.method() == Some(&Method::Invite);
         if is_invite {
@@ -199,11 +210,123 @@ impl Relay {
                 branch_base,
                 inbound,
                 record_route,
+                handle,
                 branches: Vec::new(),
             },
         );
         self.apply(tx, actions, now, layer, out);
         Handled::Relayed
+    }
+
+    /// The Request-URI as the only target (§16.5), unless it names this proxy and no Route is
+    /// left to follow.
+    fn request_uri_target(&self, request: &Message) -> Option<Target> {
+        let has_route = request.routes().next().is_some();
+        let for_me = request.request_uri().is_ok_and(|u| self.me.is_myself(&u));
+        if for_me && !has_route {
+            return None;
+        }
+        let uri = request.request_uri_bytes().map(|u| request.share(u))?;
+        Some(Target { uri, q: 1000 })
+    }
+
+    /// A decision that keeps no response context: a reply (through the server transaction),
+    /// a stateless forward (§16.11) or a drop; the last two abandon the server transaction.
+    fn carry_out_stateless(
+        &mut self,
+        tx: TxId,
+        decision: Decision,
+        request: &Message,
+        meta: &Meta,
+        layer: &mut TransactionLayer,
+        out: &mut Vec<LayerOutput>,
+    ) -> Handled {
+        match decision {
+            Decision::Reply {
+                code,
+                reason,
+                headers,
+            } => {
+                return Handled::Reply {
+                    code,
+                    reason,
+                    unsupported: None,
+                    headers,
+                }
+            }
+            Decision::Forward {
+                target,
+                record_route,
+            } => self.forward_stateless(request, target, record_route, meta, out),
+            Decision::Drop | Decision::Relay { .. } => {
+                debug!(call_id = %String::from_utf8_lossy(request.call_id().unwrap_or(b"")), "dropping request as the router decided");
+            }
+        }
+        layer.abandon_server(tx);
+        Handled::Done
+    }
+
+    /// §16.11: forwards `request` to `target` (or its Request-URI) without a transaction.
+    fn forward_stateless(
+        &self,
+        request: &Message,
+        target: Option<Bytes>,
+        record_route: bool,
+        meta: &Meta,
+        out: &mut Vec<LayerOutput>,
+    ) {
+        let target = match target {
+            Some(uri) => Target { uri, q: 1000 },
+            None => match self.request_uri_target(request) {
+                Some(target) => target,
+                None => return debug!("not forwarding a request addressed to this proxy"),
+            },
+        };
+        let branch = stateless_branch(request);
+        let inbound = (meta.kind, meta.local);
+        match self.build_branch(request, &target.uri, &branch, inbound, record_route) {
+            Ok((copy, dest)) => out.push(LayerOutput::Send {
+                dest,
+                data: copy.to_bytes(),
+            }),
+            Err(reason) => {
+                info!(target = %String::from_utf8_lossy(&target.uri), reason, "cannot forward statelessly")
+            }
+        }
+    }
+
+    /// A CANCEL that matched no transaction (§16.10: it "MUST statelessly forward" it; the
+    /// INVITE may have been forwarded statelessly). The router decides where, as for any
+    /// request; a router that does not forward it has it answered (481 by default).
+    pub fn on_unmatched_cancel(
+        &mut self,
+        tx: TxId,
+        mut request: Message,
+        meta: Meta,
+        layer: &mut TransactionLayer,
+        out: &mut Vec<LayerOutput>,
+    ) -> Handled {
+        let had_route = request.routes().next().is_some();
+        let Ok(consumed_own_route) = preprocess_routes(&mut request, &self.me) else {
+            return reply(400, "Bad Request (Route)");
+        };
+        let info = RouteInfo {
+            had_route,
+            consumed_own_route,
+        };
+        let routed = self.router.route(&mut request, &meta, info);
+        if let Some(handle) = routed.handle {
+            self.router.release(handle);
+        }
+        let decision = match routed.decision {
+            // Stateful relay of a CANCEL without its INVITE makes no sense: forward it.
+            Decision::Relay { targets, .. } => Decision::Forward {
+                target: targets.into_iter().next().map(|t| t.uri),
+                record_route: false,
+            },
+            other => other,
+        };
+        self.carry_out_stateless(tx, decision, &request, &meta, layer, out)
     }
 
     /// A CANCEL from upstream matched INVITE server transaction `invite` (§16.10).
@@ -221,32 +344,45 @@ impl Relay {
         self.apply(invite, actions, now, layer, out);
     }
 
-    /// An ACK that matched no transaction: the ACK for a 2xx, forwarded statelessly along its
-    /// route (§16.11, §13.2.2.4); one addressed to us is absorbed.
+    /// An ACK that matched no transaction: the ACK for a 2xx (or for a non-2xx of a request
+    /// forwarded statelessly), forwarded statelessly along its route (§16.11, §13.2.2.4) where
+    /// the router says; one addressed to us is absorbed. An ACK is never answered.
     pub fn forward_ack(&mut self, mut ack: Message, meta: Meta, out: &mut Vec<LayerOutput>) {
         if detect_loop(&ack, &self.me) {
             debug!("dropping looped ACK");
             return;
         }
-        let branch = branch_for(&ack, "ack");
-        if preprocess_routes(&mut ack, &self.me).is_err() {
+        let had_route = ack.routes().next().is_some();
+        let Ok(consumed_own_route) = preprocess_routes(&mut ack, &self.me) else {
             return;
-        }
+        };
         let for_me = ack.request_uri().is_ok_and(|u| self.me.is_myself(&u));
         if for_me && ack.routes().next().is_none() {
             debug!("absorbing ACK addressed to this proxy");
             return;
         }
-        let Some(target) = ack.request_uri_bytes().map(|u| ack.share(u)) else {
-            return;
+        let info = RouteInfo {
+            had_route,
+            consumed_own_route,
         };
-        match self.build_branch(&ack, &target, &branch, (meta.kind, meta.local), false) {
-            Ok((copy, dest)) => out.push(LayerOutput::Send {
-                dest,
-                data: copy.to_bytes(),
-            }),
-            Err(reason) => debug!(reason, "dropping ACK: no next hop"),
+        let routed = self.router.route(&mut ack, &meta, info);
+        if let Some(handle) = routed.handle {
+            self.router.release(handle);
         }
+        let (target, record_route) = match routed.decision {
+            Decision::Relay {
+                targets,
+                record_route,
+            } => (targets.into_iter().next().map(|t| t.uri), record_route),
+            Decision::Forward {
+                target,
+                record_route,
+            } => (target, record_route),
+            Decision::Reply { .. } | Decision::Drop => {
+                return debug!("dropping ACK as the router decided");
+            }
+        };
+        self.forward_stateless(&ack, target, record_route, &meta, out);
     }
 
     // ----- client transaction events ------------------------------------------------
@@ -266,8 +402,15 @@ impl Relay {
         if let Some(call) = self.calls.get_mut(&server) {
             match event {
                 Event::Response(response) => {
-                    call.context
-                        .on_response(branch, response, now, &mut actions)
+                    let provisional = response.status().is_some_and(|c| c < 200);
+                    let keep = match call.handle {
+                        Some(handle) => self.router.on_reply(handle, &call.request, &response),
+                        None => true,
+                    };
+                    if keep || !provisional {
+                        call.context
+                            .on_response(branch, response, now, &mut actions)
+                    }
                 }
                 Event::Timeout => call.context.on_branch_failed(branch, now, &mut actions),
                 Event::TransportError => {
@@ -306,7 +449,9 @@ impl Relay {
     /// transaction, so every 2xx of every fork still reaches it (RFC 6026: they all go up).
     pub fn on_terminated(&mut self, tx: TxId) {
         self.branch_of.remove(&tx);
-        self.calls.remove(&tx);
+        if let Some(handle) = self.calls.remove(&tx).and_then(|call| call.handle) {
+            self.router.release(handle);
+        }
     }
 
     pub fn on_timer(
@@ -362,11 +507,11 @@ impl Relay {
                     let Some(call) = self.calls.get_mut(&server) else {
                         continue;
                     };
-                    let targets = self.router.on_failure(&call.request, &best);
-                    if targets.is_empty() {
-                        call.context.send_final(&mut more);
-                    } else {
-                        call.context.add_targets(targets, now, &mut more);
+                    match self.router.on_failure(call.handle, &call.request, &best) {
+                        FailureDecision::Targets(targets) if !targets.is_empty() => {
+                            call.context.add_targets(targets, now, &mut more)
+                        }
+                        _ => call.context.send_final(&mut more),
                     }
                 }
             }
@@ -393,13 +538,27 @@ impl Relay {
             "{}{}.{}",
             call.branch_base, self.loop_index, self.next_unique
         );
-        let built = self.build_branch(
-            &call.request,
-            &target.uri,
-            &branch_id,
-            call.inbound,
-            call.record_route,
-        );
+        let edit = match call.handle {
+            Some(handle) => self.router.on_branch(handle, &call.request, target),
+            None => BranchEdit::Unchanged,
+        };
+        let built = match &edit {
+            BranchEdit::Unchanged => self.build_branch(
+                &call.request,
+                &target.uri,
+                &branch_id,
+                call.inbound,
+                call.record_route,
+            ),
+            BranchEdit::Edited(request) => {
+                let uri = request
+                    .request_uri_bytes()
+                    .map(|u| request.share(u))
+                    .unwrap_or_else(|| target.uri.clone());
+                self.build_branch(request, &uri, &branch_id, call.inbound, call.record_route)
+            }
+            BranchEdit::Skip => Err("skipped by the router"),
+        };
         let sent = built.and_then(|(copy, dest)| {
             layer
                 .send_request(copy, dest, now, out)
@@ -512,6 +671,7 @@ fn reply(code: u16, reason: &'static str) -> Handled {
         code,
         reason: Cow::Borrowed(reason),
         unsupported: None,
+        headers: Vec::new(),
     }
 }
 

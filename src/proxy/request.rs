@@ -458,6 +458,61 @@ pub fn branch_for(req: &Message, unique: &str) -> String {
     b
 }
 
+/// §16.11: the branch of a statelessly forwarded copy. It must be the same for every
+/// retransmission, and the CANCEL (§9.1) and the ACK for a non-2xx (§17.1.1.3) of a forwarded
+/// INVITE must get the INVITE's branch, or the next hop could not match them. All three carry
+/// the INVITE's top Via branch, Call-ID and Request-URI, so the branch hashes those (and the
+/// top Via's sent-by, as a branch is only unique per sender).
+///
+/// The branch also carries a keyed hash (a per-process secret) of the Via it sits above and
+/// the Call-ID: a response that matches no transaction is relayed statelessly only when its
+/// branch proves we forwarded the request ([`is_our_stateless_branch`]); otherwise anyone
+/// could make the proxy reflect forged responses to a third party.
+pub fn stateless_branch(req: &Message) -> String {
+    let top = req.top_via().ok();
+    let mut h = DefaultHasher::new();
+    match &top {
+        Some(v) => Some((v.host.to_string(), v.port, v.branch())).hash(&mut h),
+        None => None::<()>.hash(&mut h),
+    }
+    req.call_id().ok().hash(&mut h);
+    req.request_uri_bytes().hash(&mut h);
+    let mac = stateless_mac(top.as_ref(), req.call_id().ok());
+    format!("z9hG4bK{:016x}.{mac:016x}.sl", h.finish())
+}
+
+/// True when the top Via of `response` carries a branch [`stateless_branch`] made for the Via
+/// below it: the request went out through a stateless forward of this process.
+pub fn is_our_stateless_branch(response: &Message) -> bool {
+    let mut vias = response.vias();
+    let Some(Ok(top)) = vias.next() else {
+        return false;
+    };
+    let Some(mac) = top
+        .branch()
+        .and_then(|b| b.strip_prefix(MAGIC_COOKIE))
+        .and_then(|b| b.strip_suffix(b".sl"))
+        .and_then(|b| b.get(17..))
+        .and_then(|m| std::str::from_utf8(m).ok())
+        .and_then(|m| u64::from_str_radix(m, 16).ok())
+    else {
+        return false;
+    };
+    let below = match vias.next() {
+        Some(Ok(via)) => via,
+        _ => return false,
+    };
+    stateless_mac(Some(&below), response.call_id().ok()) == mac
+}
+
+fn stateless_mac(via: Option<&Via<'_>>, call_id: Option<&[u8]>) -> u64 {
+    static KEY: std::sync::OnceLock<std::collections::hash_map::RandomState> =
+        std::sync::OnceLock::new();
+    let key = KEY.get_or_init(std::collections::hash_map::RandomState::new);
+    let via = via.map(|v| (v.host.to_string(), v.port, v.branch()));
+    std::hash::BuildHasher::hash_one(key, (via, call_id))
+}
+
 /// §16.3 item 4: true when the request has looped. For every Via this proxy inserted (sent-by
 /// is ours) with one of our branches, the hash is recomputed with the Via below it as the top
 /// Via — the one that was on top when we forwarded it — and compared with the hash in the

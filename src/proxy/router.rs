@@ -15,27 +15,126 @@ use crate::transport::Meta;
 /// What to do with a new request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
-    /// Answer it here with this status.
+    /// Answer it here with this status and extra headers (e.g. Contact for a 3xx).
     Reply {
         code: u16,
         reason: Cow<'static, str>,
+        headers: Vec<(String, String)>,
     },
     /// Relay it statefully (§16.5-§16.7). An empty target set means the Request-URI (§16.5).
     Relay {
         targets: Vec<Target>,
         record_route: bool,
     },
+    /// Forward it statelessly (§16.11) to `target`, or to its Request-URI when `None`: no
+    /// transaction is kept, so a retransmission is routed again and responses are relayed by
+    /// their Via alone.
+    Forward {
+        target: Option<Bytes>,
+        record_route: bool,
+    },
+    /// Discard it without an answer.
+    Drop,
 }
 
-pub trait Router {
-    /// Decides for a request that passed the §16.3 checks and §16.4 route preprocessing.
-    fn route(&mut self, request: &Message, meta: &Meta) -> Decision;
-
-    /// Every branch failed and `best` would go upstream; targets returned here are tried next
-    /// (a new serial group), none sends `best` (Kamailio's failure_route).
-    fn on_failure(&mut self, _request: &Message, _best: &Message) -> Vec<Target> {
-        Vec::new()
+impl Decision {
+    pub fn reply(code: u16, reason: impl Into<Cow<'static, str>>) -> Decision {
+        Decision::Reply {
+            code,
+            reason: reason.into(),
+            headers: Vec::new(),
+        }
     }
+}
+
+/// What the relay knows about a new request beyond the message itself.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RouteInfo {
+    /// The request arrived with a Route header set (after §16.4 removed our own entries it is
+    /// routed by what is left, or by its Request-URI): Kamailio's `loose_route()` is true.
+    pub had_route: bool,
+    /// §16.4 removed a Route entry naming this proxy (or undid a strict router's rewrite).
+    pub consumed_own_route: bool,
+}
+
+/// A router's handle on one routed request, given back in the later hooks of its transaction
+/// (so per-transaction state such as script variables survives until it ends).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RouteHandle(pub u64);
+
+/// The decision for a new request, and the handle for its later hooks (none when the router
+/// keeps no per-transaction state).
+#[derive(Debug)]
+pub struct Routed {
+    pub decision: Decision,
+    pub handle: Option<RouteHandle>,
+}
+
+impl From<Decision> for Routed {
+    fn from(decision: Decision) -> Routed {
+        Routed {
+            decision,
+            handle: None,
+        }
+    }
+}
+
+/// What becomes of one outgoing branch.
+#[derive(Debug)]
+pub enum BranchEdit {
+    /// Send the copy as the proxy built it.
+    Unchanged,
+    /// Send this request instead (its Request-URI is the branch's target; §16.6 copies it).
+    Edited(Message),
+    /// Do not send this branch: it counts as failed, like an unreachable next hop (503).
+    Skip,
+}
+
+/// What a router answers when a branch set failed.
+#[derive(Debug, Default)]
+pub enum FailureDecision {
+    /// Send the best response upstream (§16.7 step 6).
+    #[default]
+    SendBest,
+    /// Try these targets next (a new serial group: failover, voicemail).
+    Targets(Vec<Target>),
+}
+
+/// The seam between the engine and routing policy. One router per event loop; it sees the
+/// requests and responses of its own loop only.
+pub trait Router {
+    /// Decides for a request that passed the §16.3 checks and §16.4 route preprocessing. The
+    /// router may edit the request (Request-URI, headers) before it is relayed.
+    fn route(&mut self, request: &mut Message, meta: &Meta, info: RouteInfo) -> Routed;
+
+    /// A branch is about to be sent to `target` (Kamailio's branch_route).
+    fn on_branch(
+        &mut self,
+        _handle: RouteHandle,
+        _request: &Message,
+        _target: &Target,
+    ) -> BranchEdit {
+        BranchEdit::Unchanged
+    }
+
+    /// A response arrived on a branch (Kamailio's onreply_route); false drops it. Only
+    /// provisional responses may be dropped: a final one always completes its branch.
+    fn on_reply(&mut self, _handle: RouteHandle, _request: &Message, _response: &Message) -> bool {
+        true
+    }
+
+    /// Every branch failed and `best` would go upstream (Kamailio's failure_route).
+    fn on_failure(
+        &mut self,
+        _handle: Option<RouteHandle>,
+        _request: &Message,
+        _best: &Message,
+    ) -> FailureDecision {
+        FailureDecision::SendBest
+    }
+
+    /// The transaction of `handle` ended; no hook will see it again.
+    fn release(&mut self, _handle: RouteHandle) {}
 }
 
 /// The router used until scripts route. Unless a static route or `relay_to_request_uri` is
@@ -53,7 +152,17 @@ pub struct BuiltinRouter {
 }
 
 impl Router for BuiltinRouter {
-    fn route(&mut self, request: &Message, _meta: &Meta) -> Decision {
+    fn route(&mut self, request: &mut Message, _meta: &Meta, _info: RouteInfo) -> Routed {
+        self.decide(request).into()
+    }
+}
+
+impl BuiltinRouter {
+    fn decide(&self, request: &Message) -> Decision {
+        if !self.relays() && request.method() == Some(&Method::Cancel) {
+            // A CANCEL that matched no transaction (§9.2).
+            return Decision::reply(481, "Call/Transaction Does Not Exist");
+        }
         if !self.relays() {
             // Not configured to proxy: nothing leaves this server (RFC 4475's messages name
             // foreign hosts, and a default install must not be a relay).
@@ -84,9 +193,7 @@ impl Router for BuiltinRouter {
         }
         not_implemented()
     }
-}
 
-impl BuiltinRouter {
     /// Whether any relaying is configured.
     pub fn relays(&self) -> bool {
         self.static_route.is_some() || self.relay_to_request_uri
@@ -94,8 +201,5 @@ impl BuiltinRouter {
 }
 
 fn not_implemented() -> Decision {
-    Decision::Reply {
-        code: 501,
-        reason: Cow::Borrowed("Not Implemented (no routing engine yet)"),
-    }
+    Decision::reply(501, "Not Implemented (no routing configured)")
 }

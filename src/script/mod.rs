@@ -1,4 +1,91 @@
-//! The Lua routing engine (being written).
+//! The Lua routing engine: every routing decision is made by the operator's script, in the
+//! spirit of Kamailio's route blocks (RFC 3261 §16.5-§16.7 are the engine's; *which* targets,
+//! *whether* to record-route, answer, redirect or forward statelessly is the script's).
+//!
+//! Owns:
+//! - `engine`: one Lua 5.4 state per event loop (no locks, nothing shared between loops), the
+//!   sandbox, the instruction budget and memory limit that stop a runaway script, and errors
+//!   that point at the script's file and line.
+//! - `api`: what a script sees: the `req`/`res`/`branch` objects and the `sip` table.
+//! - `router`: [`ScriptRouter`], the engine behind the proxy's `Router` seam, with per-
+//!   transaction variables (`req.vars`) and version pinning; [`ScriptHost`], the shared
+//!   current version and hot reload (validate in a fresh state, then every loop switches).
+//! - `offline`: `moonroute check` and `moonroute test` (a script run on one message without a
+//!   network).
+//! - `kv`: the store behind `sip.kv`, shared by all loops.
+//! - `watch`: the file watcher that triggers reloads.
+//!
+//! Hooks run synchronously on their event loop. No primitive waits on I/O yet (the location
+//! store answers from memory); primitives that will (DNS resolution, a durable registrar
+//! write) are to be made yielding coroutines so a hook never blocks its loop.
 
+pub mod api;
+pub mod engine;
 pub mod kv;
+pub mod offline;
+pub mod router;
 pub mod watch;
+
+use std::borrow::Cow;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use crate::proxy::response_context::Target;
+use crate::sip::Message;
+use crate::transport::Meta;
+
+pub use engine::{Engine, Limits, ScriptError, ScriptSource};
+pub use router::{ScriptHost, ScriptRouter};
+
+/// Keys `sip.kv` holds at most, across all loops (bounded memory).
+pub const KV_MAX_KEYS: usize = 1_000_000;
+
+/// What scripts share across loops: the `sip.kv` store and the registrar.
+pub struct Services {
+    pub kv: Arc<kv::KvStore>,
+    pub registrar: Option<Arc<crate::registrar::Registrar>>,
+}
+
+impl Default for Services {
+    fn default() -> Self {
+        Services {
+            kv: Arc::new(kv::KvStore::new(KV_MAX_KEYS)),
+            registrar: None,
+        }
+    }
+}
+
+impl Services {
+    /// The unexpired contacts registered for the AOR of `uri`, highest q first.
+    pub fn location_lookup(&self, uri: &str, now: SystemTime) -> Vec<Target> {
+        let Some(registrar) = &self.registrar else {
+            return Vec::new();
+        };
+        registrar
+            .lookup(uri, now)
+            .into_iter()
+            .map(|b| Target {
+                uri: bytes::Bytes::from(b.contact),
+                q: b.q,
+            })
+            .collect()
+    }
+
+    /// Processes a REGISTER (§10.3): the status, reason and headers of the answer.
+    pub fn registrar_save(
+        &self,
+        request: &Message,
+        meta: &Meta,
+        now: SystemTime,
+    ) -> (u16, Cow<'static, str>, Vec<(String, String)>) {
+        let Some(registrar) = &self.registrar else {
+            return (
+                501,
+                Cow::Borrowed("Not Implemented (no registrar configured)"),
+                Vec::new(),
+            );
+        };
+        let result = registrar.save(request, meta, now);
+        (result.code, Cow::Owned(result.reason), result.headers)
+    }
+}

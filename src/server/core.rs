@@ -20,11 +20,12 @@ use tracing::{debug, info, warn};
 use crate::config::Config;
 use crate::proxy::relay::{owner_of_branch, Handled, Relay};
 use crate::proxy::router::{BuiltinRouter, Router};
-use crate::proxy::ProxyIdentity;
+use crate::proxy::{is_our_stateless_branch, ProxyIdentity};
 use crate::sip::{HeaderName, Host, Message, Method, ParseError, ResponseBuilder, Uri};
-use crate::transaction::layer::{LayerConfig, LayerOutput, TransactionLayer, Upcall};
+use crate::transaction::layer::{LayerConfig, LayerOutput, TransactionLayer, TxId, Upcall};
 use crate::transport::{
-    response_destination, FramingError, Input, ListenAddr, Meta, Output, Worker, WorkerFactory,
+    response_destination, FramingError, Input, ListenAddr, Meta, Output, TransportKind, Worker,
+    WorkerFactory,
 };
 
 /// Methods this build answers itself; grows as the engine issues land.
@@ -88,7 +89,7 @@ fn port_matches(listen: u16, port: u16) -> bool {
 
 /// Makes the Router of each event loop (one per loop: routers keep per-loop state, like the Lua
 /// states will).
-pub type RouterFactory = Arc<dyn Fn(usize) -> Box<dyn Router> + Send + Sync>;
+pub type RouterFactory = Arc<dyn Fn(usize, &LocalIdentity) -> Box<dyn Router> + Send + Sync>;
 
 pub struct CoreFactory {
     domains: Vec<String>,
@@ -97,6 +98,7 @@ pub struct CoreFactory {
     layer: LayerConfig,
     timer_c: Duration,
     router: RouterFactory,
+    builtin_relays: bool,
 }
 
 impl CoreFactory {
@@ -114,7 +116,8 @@ impl CoreFactory {
             static_route: (!static_route.is_empty()).then(|| Bytes::from(static_route.to_owned())),
             relay_to_request_uri: config.proxy.relay_to_request_uri,
         };
-        let router: RouterFactory = Arc::new(move |_| Box::new(builtin.clone()));
+        let builtin_relays = builtin.relays();
+        let router: RouterFactory = Arc::new(move |_, _| Box::new(builtin.clone()));
         CoreFactory {
             domains: config.domains.clone(),
             listen: config.listen.clone(),
@@ -122,7 +125,13 @@ impl CoreFactory {
             layer,
             timer_c: Duration::from_secs(config.timers.timer_c_secs),
             router,
+            builtin_relays,
         }
+    }
+
+    /// Whether the `[proxy]` built-in router is configured to relay anything.
+    pub fn relays(&self) -> bool {
+        self.builtin_relays
     }
 
     /// The same core with routing decided by `router` (tests, and the script engine later).
@@ -141,7 +150,7 @@ impl CoreFactory {
             index,
             bound.to_vec(),
             self.timer_c,
-            (self.router)(index),
+            (self.router)(index, &identity),
         );
         let mut core = Core::new(identity, self.layer, relay, index, loops);
         core.tag_hasher = self.tag_hasher.clone();
@@ -328,40 +337,34 @@ impl Core {
                     &mut self.transactions,
                     next,
                 );
-                if let Handled::Reply {
-                    code,
-                    reason,
-                    unsupported,
-                } = handled
-                {
-                    info!(call_id = %Lossy(request.call_id().unwrap_or(b"")), code, %reason, "answering request");
-                    let extra: &[(&str, &str)] = match &unsupported {
-                        Some(tags) => &[("Unsupported", tags.as_str())],
-                        None if code == 501 => &[("Allow", ALLOW)],
-                        None => &[],
-                    };
-                    let response = self.build_response(&request, code, &reason, extra);
-                    self.transactions.respond(tx, code, response, now, next);
-                }
+                self.answer_if_asked(tx, &request, handled, now, next);
             }
             Upcall::Cancel {
                 tx,
-                cancelled,
+                cancelled: Some(invite),
                 request,
                 meta,
             } => {
-                // §9.2 / §16.10: 200 when the INVITE's transaction exists, then its branches are
-                // cancelled; 481 otherwise.
-                let (code, reason) = match cancelled {
-                    Some(_) => (200, "OK"),
-                    None => (481, "Call/Transaction Does Not Exist"),
-                };
-                debug!(source = %meta.source, code, "answering CANCEL");
-                let response = self.build_response(&request, code, reason, &[]);
-                self.transactions.respond(tx, code, response, now, next);
-                if let Some(invite) = cancelled {
-                    self.relay.cancel(invite, now, &mut self.transactions, next);
-                }
+                // §9.2 / §16.10: 200 for the CANCEL, then the INVITE's branches are cancelled.
+                debug!(source = %meta.source, "answering CANCEL");
+                let response = self.build_response(&request, 200, "OK", &[]);
+                self.transactions.respond(tx, 200, response, now, next);
+                self.relay.cancel(invite, now, &mut self.transactions, next);
+            }
+            Upcall::Cancel {
+                tx,
+                cancelled: None,
+                request,
+                meta,
+            } => {
+                let handled = self.relay.on_unmatched_cancel(
+                    tx,
+                    request.clone(),
+                    meta,
+                    &mut self.transactions,
+                    next,
+                );
+                self.answer_if_asked(tx, &request, handled, now, next);
             }
             Upcall::Ack { request, meta } => self.relay.forward_ack(request, meta, next),
             Upcall::Client { tx, event } => {
@@ -369,12 +372,79 @@ impl Core {
                     .on_client_event(tx, event, now, &mut self.transactions, next)
             }
             Upcall::StrayResponse { response, meta } => {
-                // §16.11 lets an element drop what it cannot route.
-                debug!(source = %meta.source, status = response.status(), "dropping response: no transaction");
+                self.forward_stray_response(response, &meta, next)
             }
             Upcall::Terminated { tx } => self.relay.on_terminated(tx),
             Upcall::Server { .. } => {}
         }
+    }
+
+    /// Sends the answer the relay asked for, if it asked for one.
+    fn answer_if_asked(
+        &mut self,
+        tx: TxId,
+        request: &Message,
+        handled: Handled,
+        now: Instant,
+        next: &mut Vec<LayerOutput>,
+    ) {
+        let Handled::Reply {
+            code,
+            reason,
+            unsupported,
+            headers,
+        } = handled
+        else {
+            return;
+        };
+        info!(call_id = %Lossy(request.call_id().unwrap_or(b"")), code, %reason, "answering request");
+        let mut extra: Vec<(&str, &str)> = headers
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.as_str()))
+            .collect();
+        match &unsupported {
+            Some(tags) => extra.push(("Unsupported", tags.as_str())),
+            None if code == 501 => extra.push(("Allow", ALLOW)),
+            None => {}
+        }
+        let response = self.build_response(request, code, &reason, &extra);
+        self.transactions.respond(tx, code, response, now, next);
+    }
+
+    /// §16.11: a response that matches no transaction is forwarded statelessly when its top Via
+    /// is ours and its branch proves the request went out through a stateless forward of this
+    /// process: that Via is removed and the response goes where the next one says (§18.2.2).
+    /// Anything else is dropped (forged responses are not reflected).
+    fn forward_stray_response(
+        &self,
+        mut response: Message,
+        meta: &Meta,
+        next: &mut Vec<LayerOutput>,
+    ) {
+        let ours = response.top_via().is_ok_and(|via| {
+            let uri = match via.port {
+                Some(port) => format!("sip:{}:{port}", via.host),
+                None => format!("sip:{}", via.host),
+            };
+            Uri::parse(uri.as_bytes()).is_ok_and(|u| self.identity.is_myself(&u))
+        });
+        let ours = ours && is_our_stateless_branch(&response);
+        if !ours || !matches!(response.remove_first_value(HeaderName::Via), Ok(true)) {
+            debug!(source = %meta.source, status = response.status(), "dropping response: no transaction");
+            return;
+        }
+        let Ok(via) = response.top_via() else {
+            debug!(source = %meta.source, "dropping response addressed to this server");
+            return;
+        };
+        let Some(dest) = stateless_response_destination(&via) else {
+            debug!(source = %meta.source, "dropping response: its Via names no address");
+            return;
+        };
+        next.push(LayerOutput::Send {
+            dest,
+            data: response.to_bytes(),
+        });
     }
 
     /// The answer to a request delivered by the transaction layer: its status and bytes.
@@ -547,6 +617,31 @@ impl Core {
         let h = self.tag_hasher.hash_one((call_id, from_tag, branch));
         format!("mr{h:016x}")
     }
+}
+
+/// Where a statelessly forwarded response goes (§18.2.2): the Via's received/rport when the
+/// previous hop recorded them, else its sent-by, which must be an IP literal (no DNS yet).
+/// A reliable transport reuses the connection the request came in on when it is still open.
+fn stateless_response_destination(
+    via: &crate::sip::Via<'_>,
+) -> Option<crate::transport::Destination> {
+    let kind = [TransportKind::Udp, TransportKind::Tcp, TransportKind::Tls]
+        .into_iter()
+        .find(|k| k.via_name().as_bytes().eq_ignore_ascii_case(via.transport))?;
+    let default_port = if kind == TransportKind::Tls {
+        5061
+    } else {
+        5060
+    };
+    let sent_by = via.host.ip()?;
+    let source = SocketAddr::new(sent_by, via.port.unwrap_or(default_port));
+    let addr = via.response_addr(source, default_port);
+    Some(crate::transport::Destination {
+        kind,
+        addr,
+        conn: None,
+        local: None,
+    })
 }
 
 /// Why a request is refused: status, reason phrase, and for 420 the option tags to list in

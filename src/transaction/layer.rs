@@ -547,6 +547,13 @@ impl TransactionLayer {
         }
     }
 
+    /// Ends server transaction `tx` without a response: the request was forwarded statelessly
+    /// or dropped by the routing script (§16.11: a stateless proxy keeps no transaction, so a
+    /// retransmission is routed again). Its timers fire into nothing and are compacted away.
+    pub fn abandon_server(&mut self, tx: TxId) {
+        self.forget(Side::Server, tx);
+    }
+
     /// Frees a terminated transaction and its key; false if it was already gone.
     fn forget(&mut self, side: Side, tx: TxId) -> bool {
         match side {

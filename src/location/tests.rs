@@ -1,0 +1,239 @@
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use super::*;
+
+fn t0() -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(1_700_000_000)
+}
+
+fn binding(aor: &str, contact: &str, q: u16, expires_in: u64) -> Binding {
+    Binding {
+        aor: aor.to_owned(),
+        contact: contact.to_owned(),
+        expires_at: t0() + Duration::from_secs(expires_in),
+        q,
+        call_id: "c1".to_owned(),
+        cseq: 1,
+        received: None,
+        local: None,
+        path: Vec::new(),
+        instance: None,
+        reg_id: None,
+        user_agent: None,
+    }
+}
+
+fn contacts(bindings: &[Binding]) -> Vec<&str> {
+    bindings.iter().map(|b| b.contact.as_str()).collect()
+}
+
+const ALICE: &str = "sip:alice@example.com";
+
+#[test]
+fn lookup_orders_by_q_then_registration_order() {
+    let store = MemoryLocation::default();
+    store
+        .replace(
+            ALICE,
+            vec![
+                binding(ALICE, "sip:a@192.0.2.1", 500, 60),
+                binding(ALICE, "sip:b@192.0.2.2", 1000, 60),
+                binding(ALICE, "sip:c@192.0.2.3", 500, 60),
+                binding(ALICE, "sip:d@192.0.2.4", 1000, 60),
+                binding(ALICE, "sip:e@192.0.2.5", 0, 60),
+            ],
+        )
+        .unwrap();
+    assert_eq!(
+        contacts(&store.lookup(ALICE, t0())),
+        [
+            "sip:b@192.0.2.2",
+            "sip:d@192.0.2.4",
+            "sip:a@192.0.2.1",
+            "sip:c@192.0.2.3",
+            "sip:e@192.0.2.5"
+        ]
+    );
+    assert!(store.lookup("sip:bob@example.com", t0()).is_empty());
+}
+
+#[test]
+fn lookup_filters_expired_bindings() {
+    let store = MemoryLocation::default();
+    store
+        .replace(
+            ALICE,
+            vec![
+                binding(ALICE, "sip:a@192.0.2.1", 1000, 10),
+                binding(ALICE, "sip:b@192.0.2.2", 1000, 100),
+            ],
+        )
+        .unwrap();
+    let later = t0() + Duration::from_secs(10);
+    assert_eq!(contacts(&store.lookup(ALICE, later)), ["sip:b@192.0.2.2"]);
+    // Expired but not swept: still counted.
+    assert_eq!(store.count(), 2);
+    assert!(store
+        .lookup(ALICE, t0() + Duration::from_secs(100))
+        .is_empty());
+}
+
+#[test]
+fn sweep_removes_expired_bindings_and_empty_aors() {
+    let store = MemoryLocation::default();
+    let bob = "sip:bob@example.com";
+    store
+        .replace(
+            ALICE,
+            vec![
+                binding(ALICE, "sip:a@192.0.2.1", 1000, 10),
+                binding(ALICE, "sip:b@192.0.2.2", 1000, 100),
+            ],
+        )
+        .unwrap();
+    store
+        .replace(bob, vec![binding(bob, "sip:b@192.0.2.9", 1000, 5)])
+        .unwrap();
+    assert_eq!(store.count(), 3);
+    assert_eq!(store.sweep(t0()), 0);
+    assert_eq!(store.sweep(t0() + Duration::from_secs(10)), 2);
+    assert_eq!(store.count(), 1);
+    let total_aors: usize = store.shards.iter().map(|s| lock(s).len()).sum();
+    assert_eq!(total_aors, 1, "bob's emptied AOR is gone");
+    assert_eq!(store.sweep(t0() + Duration::from_secs(1000)), 1);
+    assert_eq!(store.count(), 0);
+}
+
+#[test]
+fn replace_with_empty_list_removes_the_aor() {
+    let store = MemoryLocation::default();
+    store
+        .replace(ALICE, vec![binding(ALICE, "sip:a@192.0.2.1", 1000, 10)])
+        .unwrap();
+    assert_eq!(store.count(), 1);
+    store.replace(ALICE, Vec::new()).unwrap();
+    assert_eq!(store.count(), 0);
+    assert!(store.lookup(ALICE, t0()).is_empty());
+}
+
+#[test]
+fn capacity_limit_refuses_growth_only() {
+    let store = MemoryLocation::new(2);
+    let bob = "sip:bob@example.com";
+    store
+        .replace(
+            ALICE,
+            vec![
+                binding(ALICE, "sip:a@192.0.2.1", 1000, 10),
+                binding(ALICE, "sip:b@192.0.2.2", 1000, 10),
+            ],
+        )
+        .unwrap();
+    let err = store
+        .replace(bob, vec![binding(bob, "sip:b@192.0.2.9", 1000, 5)])
+        .unwrap_err();
+    assert!(err.contains("full"), "{err}");
+    assert!(store.lookup(bob, t0()).is_empty());
+    // Replacing without growing is always allowed, and shrinking frees room.
+    store
+        .replace(ALICE, vec![binding(ALICE, "sip:c@192.0.2.3", 1000, 10)])
+        .unwrap();
+    store
+        .replace(bob, vec![binding(bob, "sip:b@192.0.2.9", 1000, 5)])
+        .unwrap();
+    assert_eq!(store.count(), 2);
+}
+
+#[test]
+fn update_sees_live_bindings_and_can_leave_the_aor_alone() {
+    let store = MemoryLocation::default();
+    store
+        .replace(
+            ALICE,
+            vec![
+                binding(ALICE, "sip:a@192.0.2.1", 500, 5),
+                binding(ALICE, "sip:b@192.0.2.2", 1000, 100),
+            ],
+        )
+        .unwrap();
+    let now = t0() + Duration::from_secs(5);
+    let mut seen = Vec::new();
+    store
+        .update(ALICE, now, &mut |current| {
+            seen = current;
+            None
+        })
+        .unwrap();
+    assert_eq!(contacts(&seen), ["sip:b@192.0.2.2"]);
+    assert_eq!(store.count(), 2, "None leaves the AOR untouched");
+    store
+        .update(ALICE, now, &mut |mut current| {
+            current.push(binding(ALICE, "sip:c@192.0.2.3", 1000, 100));
+            Some(current)
+        })
+        .unwrap();
+    assert_eq!(store.count(), 2, "the expired binding was dropped");
+    assert_eq!(
+        contacts(&store.lookup(ALICE, now)),
+        ["sip:b@192.0.2.2", "sip:c@192.0.2.3"]
+    );
+}
+
+#[test]
+fn fixture_loader() {
+    let text = "\
+# registrations for the routing tests
+sip:alice@EXAMPLE.com   sip:alice@192.0.2.10:5060   q=0.5 expires=600
+sip:alice@example.com;transport=tcp  sip:alice@198.51.100.7:5070;transport=tcp
+
+   sip:bob@example.com  tel:*21#   # a tel contact with a '#'
+sip:carol@example.com sip:carol@192.0.2.30 expires=0
+";
+    let store = MemoryLocation::from_fixture(text, t0()).unwrap();
+    assert_eq!(store.count(), 4);
+    let alice = store.lookup("sip:alice@example.com", t0());
+    assert_eq!(
+        contacts(&alice),
+        [
+            "sip:alice@198.51.100.7:5070;transport=tcp",
+            "sip:alice@192.0.2.10:5060"
+        ]
+    );
+    assert_eq!(alice[1].q, 500);
+    assert_eq!(alice[1].expires_at, t0() + Duration::from_secs(600));
+    assert_eq!(alice[0].q, 1000);
+    assert_eq!(alice[0].expires_at, t0() + Duration::from_secs(3600));
+    assert_eq!(alice[0].aor, "sip:alice@example.com");
+    assert!(store.lookup("sip:Alice@example.com", t0()).is_empty());
+    assert_eq!(
+        contacts(&store.lookup("sip:bob@example.com", t0())),
+        ["tel:*21#"]
+    );
+    assert!(store.lookup("sip:carol@example.com", t0()).is_empty());
+}
+
+#[test]
+fn fixture_errors_name_the_line() {
+    let cases = [
+        ("tel:+123 sip:a@192.0.2.1", "line 1:"),
+        ("sip:a@example.com", "missing CONTACT"),
+        ("sip:a@example.com <sip:a@192.0.2.1>", "not a valid URI"),
+        ("\nsip:a@example.com sip:a@192.0.2.1 q=2", "line 2: bad q"),
+        (
+            "sip:a@example.com sip:a@192.0.2.1 expires=-1",
+            "bad expires",
+        ),
+        (
+            "sip:a@example.com sip:a@192.0.2.1 weight=3",
+            "unknown option",
+        ),
+        (
+            "sip:a@example.com sip:a@192.0.2.1\nsip:a@EXAMPLE.COM sip:a@192.0.2.1",
+            "line 2: sip:a@192.0.2.1 is already bound",
+        ),
+    ];
+    for (text, expected) in cases {
+        let err = MemoryLocation::from_fixture(text, t0()).unwrap_err();
+        assert!(err.contains(expected), "{text:?}: {err}");
+    }
+}

@@ -1,0 +1,525 @@
+//! Scripts without a network: `moonroute check SCRIPT` (does it load?) and
+//! `moonroute test SCRIPT --message FILE.sip` (what does it decide for this message?), plus
+//! `moonroute test --lua FILE`, where a Lua test file calls `moonroute.run{...}` and asserts
+//! on the outcome, so operators can unit-test their routing policy in CI.
+//!
+//! A test run does what the server does before `on_request` (received/rport stamping, §16.3
+//! checks are left out, §16.4 route preprocessing) and then runs the hook in a fresh state
+//! with a location store loaded from a fixture; nothing is sent anywhere.
+
+use std::cell::RefCell;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use mlua::{Lua, Table, Value};
+
+use super::api::{Role, ScriptMsg};
+use super::engine::{Engine, Env, Limits, LogSink, ScriptError, ScriptSource};
+use super::kv::KvStore;
+use super::router::{read_source, undecided};
+use super::{Services, KV_MAX_KEYS};
+use crate::location::MemoryLocation;
+use crate::proxy::router::{Decision, RouteInfo};
+use crate::proxy::{preprocess_routes, ProxyIdentity};
+use crate::registrar::{Registrar, Rules};
+use crate::server::core::LocalIdentity;
+use crate::sip::Message;
+use crate::transport::{ListenAddr, Meta, TransportKind};
+
+/// The address an offline run pretends to listen on.
+const LOCAL: &str = "127.0.0.1:5060";
+
+/// `moonroute check`: loads the script as a reload would; a one-line summary or the error.
+pub fn check(path: &Path) -> Result<String, ScriptError> {
+    let source = read_source(path, 1)?;
+    let env = Env {
+        identity: LocalIdentity::default(),
+        services: Arc::new(Services::default()),
+        log: LogSink::Capture(Rc::default()),
+    };
+    let engine = Engine::load(&source, Limits::default(), env)?;
+    let hooks = engine.hooks();
+    let mut defined = vec!["on_request"];
+    for (name, present) in [
+        ("on_reply", hooks.on_reply.is_some()),
+        ("on_failure", hooks.on_failure.is_some()),
+        ("on_branch", hooks.on_branch.is_some()),
+    ] {
+        if present {
+            defined.push(name);
+        }
+    }
+    Ok(format!("{}: ok ({})", source.name, defined.join(", ")))
+}
+
+/// Options of a test run.
+#[derive(Clone, Debug)]
+pub struct TestOptions {
+    pub source: ListenAddr,
+    pub domains: Vec<String>,
+    /// A location fixture file.
+    pub location: Option<PathBuf>,
+}
+
+impl Default for TestOptions {
+    fn default() -> Self {
+        TestOptions {
+            source: ListenAddr {
+                kind: TransportKind::Udp,
+                addr: ([127, 0, 0, 1], 5070).into(),
+            },
+            domains: Vec::new(),
+            location: None,
+        }
+    }
+}
+
+/// A script variable's value, as a test shows it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum VarValue {
+    Str(String),
+    Int(i64),
+    Num(f64),
+    Bool(bool),
+    /// Tables and functions, shown by `tostring`.
+    Other(String),
+}
+
+/// What one run decided.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    pub request_line: String,
+    /// `reply`, `relay`, `forward` or `drop`.
+    pub decision: &'static str,
+    /// The primitive that decided, or `None` when the script decided nothing.
+    pub primitive: Option<&'static str>,
+    pub code: Option<u16>,
+    pub reason: Option<String>,
+    pub reply_headers: Vec<(String, String)>,
+    pub targets: Vec<(String, u16)>,
+    pub record_route: bool,
+    pub ruri_before: String,
+    pub ruri_after: String,
+    pub headers_added: Vec<String>,
+    pub headers_removed: Vec<String>,
+    pub vars: Vec<(String, VarValue)>,
+    pub logs: Vec<String>,
+    /// The hook failed (the server answers 500).
+    pub error: Option<String>,
+}
+
+/// `moonroute test SCRIPT --message FILE`: runs the script and formats the outcome.
+pub fn test_message(
+    script: &Path,
+    message: &Path,
+    options: &TestOptions,
+) -> Result<String, ScriptError> {
+    let text = std::fs::read(message)
+        .map_err(|e| ScriptError(format!("cannot read message {}: {e}", message.display())))?;
+    let location = match &options.location {
+        Some(path) => Some(std::fs::read_to_string(path).map_err(|e| {
+            ScriptError(format!(
+                "cannot read location fixture {}: {e}",
+                path.display()
+            ))
+        })?),
+        None => None,
+    };
+    let source = read_source(script, 1)?;
+    let outcome = run_once(&source, &text, location.as_deref(), options)?;
+    Ok(format_outcome(&source.name, &outcome))
+}
+
+/// Runs `on_request` of `source` once on `message`.
+pub fn run_once(
+    source: &ScriptSource,
+    message: &[u8],
+    location: Option<&str>,
+    options: &TestOptions,
+) -> Result<Outcome, ScriptError> {
+    let mut request = parse_message(message)?;
+    let local: std::net::SocketAddr = LOCAL.parse().map_err(|_| ScriptError("bad local".into()))?;
+    let meta = Meta {
+        kind: options.source.kind,
+        source: options.source.addr,
+        local,
+        conn: None,
+        worker: 0,
+    };
+    request
+        .stamp_received(meta.source)
+        .map_err(|e| ScriptError(format!("the message's Via: {e}")))?;
+    let identity = LocalIdentity::new(&options.domains, [local]);
+    let had_route = request.routes().next().is_some();
+    let consumed_own_route = preprocess_routes(&mut request, &ProxyIdentity::new(identity.clone()))
+        .map_err(|e| ScriptError(format!("the message's Route: {e}")))?;
+    let logs = Rc::new(RefCell::new(Vec::new()));
+    let env = Env {
+        identity,
+        services: Arc::new(services(location)?),
+        log: LogSink::Capture(logs.clone()),
+    };
+    let engine = Engine::load(source, Limits::default(), env)?;
+    let before = request.clone();
+    let mut state = ScriptMsg::new(request, Role::Request);
+    state.meta = Some(meta);
+    state.info = RouteInfo {
+        had_route,
+        consumed_own_route,
+    };
+    let vars = engine
+        .lua()
+        .create_table()
+        .map_err(|e| ScriptError(e.to_string()))?;
+    state.vars = Some(vars.clone());
+    let ud = engine
+        .lua()
+        .create_userdata(state)
+        .map_err(|e| ScriptError(e.to_string()))?;
+    let result = engine.call(&engine.hooks().on_request, ud.clone());
+    let state = ud
+        .take::<ScriptMsg>()
+        .map_err(|e| ScriptError(format!("the request object was lost: {e}")))?;
+    let mut outcome = describe_state(&before, state, &vars);
+    outcome.logs = logs.borrow().clone();
+    if let Err(e) = result {
+        outcome.decision = "reply";
+        outcome.primitive = None;
+        outcome.code = Some(500);
+        outcome.reason = Some("Server Internal Error".into());
+        outcome.error = Some(e.0);
+    }
+    Ok(outcome)
+}
+
+fn parse_message(text: &[u8]) -> Result<Message, ScriptError> {
+    let mut text = text.to_vec();
+    // Files written by hand often end without the empty line that closes the header block.
+    if !text.windows(2).any(|w| w == b"\n\n") && !text.windows(4).any(|w| w == b"\r\n\r\n") {
+        while text.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+            text.pop();
+        }
+        text.extend_from_slice(b"\r\n\r\n");
+    }
+    let message = Message::parse(Bytes::from(text))
+        .map_err(|e| ScriptError(format!("the message does not parse: {e}")))?;
+    if !message.is_request() {
+        return Err(ScriptError(
+            "the message is a response; on_request needs a request".into(),
+        ));
+    }
+    message
+        .validate()
+        .map_err(|e| ScriptError(format!("the message is invalid: {e}")))?;
+    Ok(message)
+}
+
+fn services(location: Option<&str>) -> Result<Services, ScriptError> {
+    let store = match location {
+        Some(text) => MemoryLocation::from_fixture(text, SystemTime::now())
+            .map_err(|e| ScriptError(format!("location fixture: {e}")))?,
+        None => MemoryLocation::new(100_000),
+    };
+    Ok(Services {
+        kv: Arc::new(KvStore::new(KV_MAX_KEYS)),
+        registrar: Some(Arc::new(Registrar::new(
+            Arc::new(store),
+            Rules::from(&crate::config::Registrar::default()),
+        ))),
+    })
+}
+
+fn describe_state(before: &Message, state: ScriptMsg, vars: &Table) -> Outcome {
+    let after = &state.msg;
+    let (added, removed) = header_changes(before, after);
+    let primitive = state.decision.as_ref().map(|(_, p)| *p);
+    let decision = match state.decision {
+        Some((d, _)) => d,
+        None => undecided(&after.method().cloned(), after),
+    };
+    let mut outcome = Outcome {
+        request_line: String::from_utf8_lossy(before.start_line()).into_owned(),
+        decision: "",
+        primitive,
+        code: None,
+        reason: None,
+        reply_headers: Vec::new(),
+        targets: Vec::new(),
+        record_route: state.record_route,
+        ruri_before: lossy(before.request_uri_bytes().unwrap_or_default()),
+        ruri_after: lossy(after.request_uri_bytes().unwrap_or_default()),
+        headers_added: added,
+        headers_removed: removed,
+        vars: table_entries(vars),
+        logs: Vec::new(),
+        error: None,
+    };
+    let as_targets = |targets: &[crate::proxy::response_context::Target]| {
+        targets.iter().map(|t| (lossy(&t.uri), t.q)).collect()
+    };
+    match decision {
+        Decision::Reply {
+            code,
+            reason,
+            headers,
+        } => {
+            outcome.decision = "reply";
+            outcome.code = Some(code);
+            outcome.reason = Some(reason.into_owned());
+            outcome.reply_headers = headers;
+            outcome.targets = as_targets(&state.targets);
+        }
+        Decision::Relay {
+            targets,
+            record_route,
+        } => {
+            outcome.decision = "relay";
+            outcome.record_route = record_route;
+            outcome.targets = if targets.is_empty() {
+                vec![(outcome.ruri_after.clone(), 1000)]
+            } else {
+                as_targets(&targets)
+            };
+        }
+        Decision::Forward {
+            target,
+            record_route,
+        } => {
+            outcome.decision = "forward";
+            outcome.record_route = record_route;
+            outcome.targets = vec![(
+                target.map_or_else(|| outcome.ruri_after.clone(), |t| lossy(&t)),
+                1000,
+            )];
+        }
+        Decision::Drop => outcome.decision = "drop",
+    }
+    outcome
+}
+
+fn lossy(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Headers present after but not before (added), and before but not after (removed), as
+/// `Name: value` lines; a header changed in place shows in both.
+fn header_changes(before: &Message, after: &Message) -> (Vec<String>, Vec<String>) {
+    let lines = |m: &Message| -> Vec<String> {
+        m.headers()
+            .map(|h| format!("{}: {}", lossy(h.raw_name), lossy(h.value)))
+            .collect()
+    };
+    let (old, new) = (lines(before), lines(after));
+    let mut removed = old.clone();
+    let mut added = Vec::new();
+    for line in new {
+        match removed.iter().position(|l| *l == line) {
+            Some(i) => {
+                removed.remove(i);
+            }
+            None => added.push(line),
+        }
+    }
+    (added, removed)
+}
+
+fn table_entries(table: &Table) -> Vec<(String, VarValue)> {
+    let mut entries: Vec<(String, VarValue)> = table
+        .pairs::<Value, Value>()
+        .filter_map(Result::ok)
+        .map(|(k, v)| {
+            let key = k.to_string().unwrap_or_else(|_| "?".into());
+            let value = match v {
+                Value::String(s) => VarValue::Str(s.to_string_lossy()),
+                Value::Integer(i) => VarValue::Int(i),
+                Value::Number(n) => VarValue::Num(n),
+                Value::Boolean(b) => VarValue::Bool(b),
+                other => VarValue::Other(other.to_string().unwrap_or_else(|_| "?".into())),
+            };
+            (key, value)
+        })
+        .collect();
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    entries
+}
+
+fn format_outcome(script: &str, o: &Outcome) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "script:    {script}");
+    let _ = writeln!(s, "request:   {}", o.request_line);
+    if let Some(error) = &o.error {
+        let _ = writeln!(s, "error:     {error}");
+    }
+    let by = o
+        .primitive
+        .map(|p| format!(" (req:{p})"))
+        .unwrap_or_else(|| " (no decision: engine default)".into());
+    match o.decision {
+        "reply" => {
+            let _ = writeln!(
+                s,
+                "decision:  reply {} {}{by}",
+                o.code.unwrap_or_default(),
+                o.reason.as_deref().unwrap_or_default()
+            );
+            for (name, value) in &o.reply_headers {
+                let _ = writeln!(s, "  header:  {name}: {value}");
+            }
+        }
+        other => {
+            let _ = writeln!(s, "decision:  {other}{by}");
+        }
+    }
+    if o.decision != "drop" && o.decision != "reply" {
+        let _ = writeln!(
+            s,
+            "record-route: {}",
+            if o.record_route { "yes" } else { "no" }
+        );
+    }
+    if !o.targets.is_empty() {
+        let _ = writeln!(s, "targets:");
+        for (uri, q) in &o.targets {
+            let _ = writeln!(s, "  {uri} (q={})", f64::from(*q) / 1000.0);
+        }
+    }
+    if o.ruri_before != o.ruri_after {
+        let _ = writeln!(s, "request-uri: {} -> {}", o.ruri_before, o.ruri_after);
+    }
+    for line in &o.headers_added {
+        let _ = writeln!(s, "+ {line}");
+    }
+    for line in &o.headers_removed {
+        let _ = writeln!(s, "- {line}");
+    }
+    if !o.vars.is_empty() {
+        let _ = writeln!(s, "vars:");
+        for (key, value) in &o.vars {
+            let shown = match value {
+                VarValue::Str(v) => format!("{v:?}"),
+                VarValue::Int(v) => v.to_string(),
+                VarValue::Num(v) => v.to_string(),
+                VarValue::Bool(v) => v.to_string(),
+                VarValue::Other(v) => v.clone(),
+            };
+            let _ = writeln!(s, "  {key} = {shown}");
+        }
+    }
+    if !o.logs.is_empty() {
+        let _ = writeln!(s, "logs:");
+        for line in &o.logs {
+            let _ = writeln!(s, "  {line}");
+        }
+    }
+    s
+}
+
+// ----- Lua test files --------------------------------------------------------------------
+
+/// `moonroute test --lua FILE`: runs a Lua test file in which `moonroute.run{script=...,
+/// message=..., location=..., source=..., domains={...}}` returns the outcome as a table.
+/// The file fails on the first Lua error (e.g. a failed `assert`), reported with file:line.
+pub fn run_lua_tests(path: &Path) -> Result<String, ScriptError> {
+    let test = read_source(path, 1)?;
+    let lua = Lua::new();
+    let runs = Rc::new(std::cell::Cell::new(0u32));
+    let counter = runs.clone();
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let run = lua
+        .create_function(move |lua, spec: Table| {
+            counter.set(counter.get() + 1);
+            lua_run(lua, &base, &spec)
+        })
+        .map_err(|e| ScriptError(e.to_string()))?;
+    let moonroute = lua.create_table().map_err(|e| ScriptError(e.to_string()))?;
+    moonroute
+        .set("run", run)
+        .map_err(|e| ScriptError(e.to_string()))?;
+    lua.globals()
+        .set("moonroute", moonroute)
+        .map_err(|e| ScriptError(e.to_string()))?;
+    lua.load(test.text.as_str())
+        .set_name(format!("@{}", test.name))
+        .exec()
+        .map_err(|e| super::engine::describe(&e, &test.name))?;
+    Ok(format!("{}: ok ({} runs)\n", test.name, runs.get()))
+}
+
+fn lua_run(lua: &Lua, base: &Path, spec: &Table) -> mlua::Result<Table> {
+    let script: String = spec.get("script")?;
+    let message: String = spec.get("message")?;
+    let location: Option<String> = spec.get("location")?;
+    let mut options = TestOptions::default();
+    if let Some(source) = spec.get::<Option<String>>("source")? {
+        options.source = source
+            .parse()
+            .map_err(|e| mlua::Error::runtime(format!("moonroute.run: source: {e}")))?;
+    }
+    if let Some(domains) = spec.get::<Option<Vec<String>>>("domains")? {
+        options.domains = domains;
+    }
+    // Scripts are found relative to the working directory first, then to the test file.
+    let script_path = {
+        let direct = PathBuf::from(&script);
+        if direct.exists() {
+            direct
+        } else {
+            base.join(&script)
+        }
+    };
+    let source = read_source(&script_path, 1).map_err(|e| mlua::Error::runtime(e.0))?;
+    let message = message.replace("\r\n", "\n").replace('\n', "\r\n");
+    let outcome = run_once(
+        &source,
+        message.trim_start().as_bytes(),
+        location.as_deref(),
+        &options,
+    )
+    .map_err(|e| mlua::Error::runtime(format!("moonroute.run: {e}")))?;
+    outcome_table(lua, &outcome)
+}
+
+fn outcome_table(lua: &Lua, o: &Outcome) -> mlua::Result<Table> {
+    let t = lua.create_table()?;
+    t.set("decision", o.decision)?;
+    t.set("primitive", o.primitive)?;
+    t.set("code", o.code)?;
+    t.set("reason", o.reason.clone())?;
+    t.set("error", o.error.clone())?;
+    t.set("record_route", o.record_route)?;
+    t.set("ruri", o.ruri_after.clone())?;
+    let headers = lua.create_table()?;
+    for (name, value) in &o.reply_headers {
+        headers.push(format!("{name}: {value}"))?;
+    }
+    t.set("reply_headers", headers)?;
+    t.set(
+        "targets",
+        lua.create_sequence_from(o.targets.iter().map(|(uri, _)| uri.clone()))?,
+    )?;
+    t.set(
+        "headers_added",
+        lua.create_sequence_from(o.headers_added.clone())?,
+    )?;
+    t.set(
+        "headers_removed",
+        lua.create_sequence_from(o.headers_removed.clone())?,
+    )?;
+    t.set("logs", lua.create_sequence_from(o.logs.clone())?)?;
+    let vars = lua.create_table()?;
+    for (key, value) in &o.vars {
+        match value {
+            VarValue::Str(v) => vars.set(key.as_str(), v.as_str())?,
+            VarValue::Int(v) => vars.set(key.as_str(), *v)?,
+            VarValue::Num(v) => vars.set(key.as_str(), *v)?,
+            VarValue::Bool(v) => vars.set(key.as_str(), *v)?,
+            VarValue::Other(v) => vars.set(key.as_str(), v.as_str())?,
+        }
+    }
+    t.set("vars", vars)?;
+    Ok(t)
+}

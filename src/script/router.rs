@@ -1,0 +1,462 @@
+//! The script behind the proxy's [`Router`] seam, and hot reload.
+//!
+//! [`ScriptHost`] (one per server, shared by the loops) holds the current script version.
+//! A reload reads the file and loads it into a fresh, throwaway Lua state: syntax, top-level
+//! code and `on_request` are checked *before* anything switches. Only an accepted version is
+//! published; a broken one is refused with its `file:line` error and the old version keeps
+//! serving.
+//!
+//! [`ScriptRouter`] (one per event loop) notices a new version at its next request and loads
+//! it into a fresh state of its own (Lua states never cross threads). A request's later hooks
+//! (`on_branch`, `on_reply`, `on_failure`) run in the state that ran its `on_request`, with
+//! the same `req.vars` table, whatever reloads happen meanwhile; an old state is dropped when
+//! its last transaction ends (reference counting).
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::Bytes;
+use mlua::Table;
+use tracing::{debug, error, info, warn};
+
+use super::api::{Role, ScriptMsg};
+use super::engine::{Engine, Env, Limits, LogSink, ScriptError, ScriptSource};
+use super::Services;
+use crate::proxy::response_context::Target;
+use crate::proxy::router::{
+    BranchEdit, Decision, FailureDecision, RouteHandle, RouteInfo, Routed, Router,
+};
+use crate::server::core::{LocalIdentity, RouterFactory};
+use crate::sip::{Message, Method};
+use crate::transport::Meta;
+
+/// The script shared by all event loops: the current version and how to reload it.
+pub struct ScriptHost {
+    path: PathBuf,
+    limits: Limits,
+    services: Arc<Services>,
+    domains: Vec<String>,
+    current: Mutex<Arc<ScriptSource>>,
+    /// The current version number, read by every loop before each request (one atomic load).
+    version: AtomicU64,
+    reloads: AtomicU64,
+    failed_reloads: AtomicU64,
+}
+
+impl ScriptHost {
+    /// Loads and checks the script at `path`; the server does not start without a valid one.
+    pub fn load(
+        path: &Path,
+        limits: Limits,
+        services: Arc<Services>,
+        domains: &[String],
+    ) -> Result<Arc<ScriptHost>, ScriptError> {
+        let host = ScriptHost {
+            path: path.to_owned(),
+            limits,
+            services,
+            domains: domains.to_vec(),
+            current: Mutex::new(Arc::new(ScriptSource {
+                name: String::new(),
+                text: String::new(),
+                version: 0,
+            })),
+            version: AtomicU64::new(0),
+            reloads: AtomicU64::new(0),
+            failed_reloads: AtomicU64::new(0),
+        };
+        let source = host.read_and_check(1)?;
+        host.publish(source);
+        Ok(Arc::new(host))
+    }
+
+    /// Reads the file again and switches every loop to it if it is valid; returns the new
+    /// version. On error the old version keeps serving.
+    pub fn reload(&self) -> Result<u64, ScriptError> {
+        let next = self.version() + 1;
+        let started = Instant::now();
+        match self.read_and_check(next) {
+            Ok(source) => {
+                self.publish(source);
+                self.reloads.fetch_add(1, Ordering::Relaxed);
+                info!(
+                    script = %self.path.display(),
+                    version = next,
+                    check_us = started.elapsed().as_micros() as u64,
+                    "script reloaded"
+                );
+                Ok(next)
+            }
+            Err(e) => {
+                self.failed_reloads.fetch_add(1, Ordering::Relaxed);
+                error!(error = %e, version = self.version(), "script refused; the running version keeps serving");
+                Err(e)
+            }
+        }
+    }
+
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
+    }
+
+    /// Accepted and refused reloads since start.
+    pub fn reload_counts(&self) -> (u64, u64) {
+        (
+            self.reloads.load(Ordering::Relaxed),
+            self.failed_reloads.load(Ordering::Relaxed),
+        )
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn services(&self) -> &Arc<Services> {
+        &self.services
+    }
+
+    /// The current version's source.
+    pub fn current(&self) -> Arc<ScriptSource> {
+        self.current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// A factory giving each event loop its own [`ScriptRouter`].
+    pub fn router_factory(self: &Arc<Self>) -> RouterFactory {
+        let host = self.clone();
+        Arc::new(move |loop_index, identity: &LocalIdentity| {
+            Box::new(ScriptRouter::new(
+                host.clone(),
+                identity.clone(),
+                loop_index,
+            )) as Box<dyn Router>
+        })
+    }
+
+    fn read_and_check(&self, version: u64) -> Result<ScriptSource, ScriptError> {
+        let source = read_source(&self.path, version)?;
+        let env = Env {
+            identity: LocalIdentity::new(&self.domains, []),
+            services: self.services.clone(),
+            log: LogSink::Tracing,
+        };
+        Engine::load(&source, self.limits, env)?;
+        Ok(source)
+    }
+
+    fn publish(&self, source: ScriptSource) {
+        let version = source.version;
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(source);
+        self.version.store(version, Ordering::Release);
+    }
+}
+
+/// Reads a script file into a [`ScriptSource`].
+pub fn read_source(path: &Path, version: u64) -> Result<ScriptSource, ScriptError> {
+    let name = path.display().to_string();
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ScriptError(format!("cannot read script {name}: {e}")))?;
+    Ok(ScriptSource {
+        name,
+        text,
+        version,
+    })
+}
+
+/// Per-transaction state kept between hooks.
+struct Pinned {
+    engine: Rc<Engine>,
+    vars: Table,
+}
+
+/// One event loop's script runner.
+pub struct ScriptRouter {
+    host: Arc<ScriptHost>,
+    identity: LocalIdentity,
+    loop_index: usize,
+    engine: Option<Rc<Engine>>,
+    calls: HashMap<u64, Pinned>,
+    next_handle: u64,
+    /// Stands in for a request while the script holds it (cheap to clone: shared bytes).
+    placeholder: Message,
+    log: LogSink,
+}
+
+impl ScriptRouter {
+    pub fn new(host: Arc<ScriptHost>, identity: LocalIdentity, loop_index: usize) -> Self {
+        ScriptRouter {
+            host,
+            identity,
+            loop_index,
+            engine: None,
+            calls: HashMap::new(),
+            next_handle: 0,
+            placeholder: placeholder(),
+            log: LogSink::Tracing,
+        }
+    }
+
+    /// Sends `sip.log` output to `lines` instead of the log (offline runs).
+    pub fn capture_logs(&mut self, lines: Rc<RefCell<Vec<String>>>) {
+        self.log = LogSink::Capture(lines);
+        self.engine = None;
+    }
+
+    /// Transactions whose hooks still need their script state.
+    pub fn pinned(&self) -> usize {
+        self.calls.len()
+    }
+
+    /// The engine for new requests: the host's current version, loaded into this loop's own
+    /// fresh state when it changed. If that fails (it passed the host's check, so only a
+    /// resource problem can cause it) the loop keeps its previous version.
+    fn current_engine(&mut self) -> Option<Rc<Engine>> {
+        let wanted = self.host.version();
+        if let Some(engine) = &self.engine {
+            if engine.version() == wanted {
+                return Some(engine.clone());
+            }
+        }
+        let source = self.host.current();
+        let env = Env {
+            identity: self.identity.clone(),
+            services: self.host.services.clone(),
+            log: self.log.clone(),
+        };
+        let started = Instant::now();
+        match Engine::load(&source, self.host.limits, env) {
+            Ok(engine) => {
+                info!(
+                    loop_index = self.loop_index,
+                    version = engine.version(),
+                    pause_us = started.elapsed().as_micros() as u64,
+                    "event loop switched to script version"
+                );
+                self.engine = Some(Rc::new(engine));
+            }
+            Err(e) => {
+                error!(loop_index = self.loop_index, error = %e, "cannot load the new script version in this event loop; keeping the old one");
+            }
+        }
+        self.engine.clone()
+    }
+
+    fn pin(&mut self, engine: Rc<Engine>, vars: Table) -> RouteHandle {
+        self.next_handle += 1;
+        self.calls.insert(self.next_handle, Pinned { engine, vars });
+        RouteHandle(self.next_handle)
+    }
+
+    /// Runs `on_request` and returns the message object as the script left it.
+    fn run_on_request(
+        &mut self,
+        engine: &Engine,
+        request: Message,
+        meta: &Meta,
+        info: RouteInfo,
+        vars: Table,
+    ) -> Result<ScriptMsg, Box<(ScriptError, Message)>> {
+        let mut state = ScriptMsg::new(request, Role::Request);
+        state.meta = Some(*meta);
+        state.info = info;
+        state.vars = Some(vars);
+        let lua = engine.lua();
+        let ud = match lua.create_userdata(state) {
+            Ok(ud) => ud,
+            Err(e) => {
+                return Err(Box::new((
+                    ScriptError(e.to_string()),
+                    self.placeholder.clone(),
+                )))
+            }
+        };
+        let result = engine.call(&engine.hooks().on_request, ud.clone());
+        let state = match ud.take::<ScriptMsg>() {
+            Ok(state) => state,
+            Err(e) => {
+                return Err(Box::new((
+                    ScriptError(format!(
+                        "{}: the request object was lost: {e}",
+                        engine.name()
+                    )),
+                    self.placeholder.clone(),
+                )))
+            }
+        };
+        match result {
+            Ok(()) => Ok(state),
+            Err(e) => Err(Box::new((e, state.msg))),
+        }
+    }
+}
+
+impl Router for ScriptRouter {
+    fn route(&mut self, request: &mut Message, meta: &Meta, info: RouteInfo) -> Routed {
+        let Some(engine) = self.current_engine() else {
+            return Decision::reply(500, "Server Internal Error (no routing script)").into();
+        };
+        let method = request.method().cloned();
+        let Ok(vars) = engine.lua().create_table() else {
+            return Decision::reply(500, "Server Internal Error (script out of memory)").into();
+        };
+        let taken = std::mem::replace(request, self.placeholder.clone());
+        let state = match self.run_on_request(&engine, taken, meta, info, vars.clone()) {
+            Ok(state) => state,
+            Err(failed) => {
+                let (e, msg) = *failed;
+                *request = msg;
+                error!(call_id = %call_id(request), error = %e, "on_request failed");
+                return match method {
+                    Some(Method::Ack) => Decision::Drop.into(),
+                    _ => Decision::reply(500, "Server Internal Error").into(),
+                };
+            }
+        };
+        *request = state.msg;
+        let decision = match state.decision {
+            Some((decision, _)) => decision,
+            None => undecided(&method, request),
+        };
+        let keeps_state = matches!(decision, Decision::Relay { .. })
+            && (engine.hooks().on_reply.is_some()
+                || engine.hooks().on_failure.is_some()
+                || engine.hooks().on_branch.is_some());
+        let handle = keeps_state.then(|| self.pin(engine, vars));
+        Routed { decision, handle }
+    }
+
+    fn on_branch(&mut self, handle: RouteHandle, request: &Message, target: &Target) -> BranchEdit {
+        let Some(pinned) = self.calls.get(&handle.0) else {
+            return BranchEdit::Unchanged;
+        };
+        let Some(hook) = pinned.engine.hooks().on_branch.clone() else {
+            return BranchEdit::Unchanged;
+        };
+        let engine = pinned.engine.clone();
+        let mut copy = request.clone();
+        if copy.set_request_uri(&target.uri).is_err() {
+            return BranchEdit::Unchanged;
+        }
+        let req = view(request.clone(), Role::View, &pinned.vars);
+        let branch = view(copy, Role::Branch, &pinned.vars);
+        let lua = engine.lua();
+        let (Ok(req), Ok(branch)) = (lua.create_userdata(req), lua.create_userdata(branch)) else {
+            return BranchEdit::Unchanged;
+        };
+        if let Err(e) = engine.call(&hook, (req.clone(), branch.clone())) {
+            error!(call_id = %call_id(request), error = %e, "on_branch failed; sending the branch unchanged");
+            return BranchEdit::Unchanged;
+        }
+        drop(req.take::<ScriptMsg>());
+        match branch.take::<ScriptMsg>() {
+            Ok(b) if b.dropped => BranchEdit::Skip,
+            Ok(b) if b.edited => BranchEdit::Edited(b.msg),
+            _ => BranchEdit::Unchanged,
+        }
+    }
+
+    fn on_reply(&mut self, handle: RouteHandle, request: &Message, response: &Message) -> bool {
+        let Some(pinned) = self.calls.get(&handle.0) else {
+            return true;
+        };
+        let Some(hook) = pinned.engine.hooks().on_reply.clone() else {
+            return true;
+        };
+        let engine = pinned.engine.clone();
+        let req = view(request.clone(), Role::View, &pinned.vars);
+        let res = view(response.clone(), Role::Response, &pinned.vars);
+        let lua = engine.lua();
+        let (Ok(req), Ok(res)) = (lua.create_userdata(req), lua.create_userdata(res)) else {
+            return true;
+        };
+        if let Err(e) = engine.call(&hook, (req.clone(), res.clone())) {
+            error!(call_id = %call_id(request), error = %e, "on_reply failed; passing the response on");
+            return true;
+        }
+        drop(req.take::<ScriptMsg>());
+        let dropped = res.take::<ScriptMsg>().is_ok_and(|r| r.dropped);
+        if dropped && response.status().is_some_and(|c| c >= 200) {
+            warn!(call_id = %call_id(request), "on_reply: a final response cannot be dropped; passing it on");
+        }
+        !dropped
+    }
+
+    fn on_failure(
+        &mut self,
+        handle: Option<RouteHandle>,
+        request: &Message,
+        best: &Message,
+    ) -> FailureDecision {
+        let Some(pinned) = handle.and_then(|h| self.calls.get(&h.0)) else {
+            return FailureDecision::SendBest;
+        };
+        let Some(hook) = pinned.engine.hooks().on_failure.clone() else {
+            return FailureDecision::SendBest;
+        };
+        let engine = pinned.engine.clone();
+        let req = view(request.clone(), Role::Failure, &pinned.vars);
+        let res = view(best.clone(), Role::Response, &pinned.vars);
+        let lua = engine.lua();
+        let (Ok(req), Ok(res)) = (lua.create_userdata(req), lua.create_userdata(res)) else {
+            return FailureDecision::SendBest;
+        };
+        if let Err(e) = engine.call(&hook, (req.clone(), res.clone())) {
+            error!(call_id = %call_id(request), error = %e, "on_failure failed; sending the best response");
+            return FailureDecision::SendBest;
+        }
+        drop(res.take::<ScriptMsg>());
+        match req.take::<ScriptMsg>() {
+            Ok(ScriptMsg {
+                decision: Some((Decision::Relay { targets, .. }, _)),
+                ..
+            }) => FailureDecision::Targets(targets),
+            _ => FailureDecision::SendBest,
+        }
+    }
+
+    fn release(&mut self, handle: RouteHandle) {
+        if self.calls.remove(&handle.0).is_none() {
+            debug!(handle = handle.0, "released an unknown route handle");
+        }
+    }
+}
+
+fn view(msg: Message, role: Role, vars: &Table) -> ScriptMsg {
+    let mut state = ScriptMsg::new(msg, role);
+    state.vars = Some(vars.clone());
+    state
+}
+
+/// What happens to a request the script neither answered nor relayed: an ACK is dropped (it is
+/// never answered), a CANCEL that matched nothing gets 481 (§9.2), anything else 500 with a
+/// warning, so a forgotten branch in a script shows up in the log instead of as a silent
+/// timeout at the caller.
+pub(crate) fn undecided(method: &Option<Method>, request: &Message) -> Decision {
+    match method {
+        Some(Method::Ack) => Decision::Drop,
+        Some(Method::Cancel) => Decision::reply(481, "Call/Transaction Does Not Exist"),
+        _ => {
+            warn!(call_id = %call_id(request), method = ?method, "on_request returned without a decision; answering 500");
+            Decision::reply(500, "Server Internal Error (no routing decision)")
+        }
+    }
+}
+
+fn call_id(request: &Message) -> String {
+    String::from_utf8_lossy(request.call_id().unwrap_or(b"")).into_owned()
+}
+
+fn placeholder() -> Message {
+    const TEXT: &[u8] = b"OPTIONS sip:placeholder.invalid SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1;branch=z9hG4bKplaceholder\r\nFrom: <sip:placeholder.invalid>;tag=p\r\nTo: <sip:placeholder.invalid>\r\nCall-ID: placeholder\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n";
+    match Message::parse(Bytes::from_static(TEXT)) {
+        Ok(m) => m,
+        Err(e) => unreachable!("the placeholder request is valid: {e}"),
+    }
+}
