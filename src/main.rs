@@ -14,11 +14,8 @@ use std::time::Duration;
 
 use moonroute::config::{Config, Overrides};
 use moonroute::control::{ControlServer, Reply};
-use moonroute::location::MemoryLocation;
-use moonroute::registrar::{Registrar, Rules};
-use moonroute::script::kv::KvStore;
 use moonroute::script::watch::ScriptWatcher;
-use moonroute::script::{offline, Limits, ScriptHost, Services, KV_MAX_KEYS};
+use moonroute::script::{offline, ScriptHost};
 use moonroute::server::core::CoreFactory;
 use moonroute::server::Server;
 use moonroute::transport::ListenAddr;
@@ -164,19 +161,7 @@ fn run(args: RunArgs) -> Result<(), Box<dyn Error>> {
     config.validate()?;
     init_logging(&config.log_level)?;
 
-    let services = Arc::new(Services {
-        kv: Arc::new(KvStore::new(KV_MAX_KEYS)),
-        registrar: Some(Arc::new(Registrar::new(
-            Arc::new(MemoryLocation::new(LOCATION_MAX_BINDINGS)),
-            Rules::from(&config.registrar),
-        ))),
-    });
-    let host = ScriptHost::load(
-        &config.script,
-        Limits::from(&config.lua),
-        services,
-        &config.domains,
-    )?;
+    let host = ScriptHost::from_config(&config)?;
     let builtin = CoreFactory::new(&config);
     let factory = if builtin.relays() {
         info!("[proxy] static_route/relay_to_request_uri set: the built-in router replaces the script");
@@ -203,9 +188,6 @@ fn run(args: RunArgs) -> Result<(), Box<dyn Error>> {
     info!("stopped");
     Ok(())
 }
-
-/// Most bindings the in-memory location store holds.
-const LOCATION_MAX_BINDINGS: usize = 1_000_000;
 
 fn check(script: &std::path::Path) -> ExitCode {
     match offline::check(script) {

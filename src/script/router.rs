@@ -35,6 +35,9 @@ use crate::server::core::{LocalIdentity, RouterFactory};
 use crate::sip::{Message, Method};
 use crate::transport::Meta;
 
+/// Most bindings the in-memory location store holds (bounded memory).
+pub const LOCATION_MAX_BINDINGS: usize = 1_000_000;
+
 /// The script shared by all event loops: the current version and how to reload it.
 pub struct ScriptHost {
     path: PathBuf,
@@ -73,6 +76,25 @@ impl ScriptHost {
         let source = host.read_and_check(1)?;
         host.publish(source);
         Ok(Arc::new(host))
+    }
+
+    /// The script named by `config`, with the services a server gives it: a fresh `sip.kv`
+    /// store and the registrar over an in-memory location store.
+    pub fn from_config(config: &crate::config::Config) -> Result<Arc<ScriptHost>, ScriptError> {
+        let registrar = crate::registrar::Registrar::new(
+            Arc::new(crate::location::MemoryLocation::new(LOCATION_MAX_BINDINGS)),
+            crate::registrar::Rules::from(&config.registrar),
+        );
+        let services = Services {
+            kv: Arc::new(super::kv::KvStore::new(super::KV_MAX_KEYS)),
+            registrar: Some(Arc::new(registrar)),
+        };
+        ScriptHost::load(
+            &config.script,
+            Limits::from(&config.lua),
+            Arc::new(services),
+            &config.domains,
+        )
     }
 
     /// Reads the file again and switches every loop to it if it is valid; returns the new
