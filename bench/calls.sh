@@ -11,6 +11,9 @@
 # Bounded: CALLS calls, and SIPp gives up after $TIMEOUT (default 120s).
 # Environment: HOLD_MS (pause between ACK and BYE, default 0), RURI (INVITE Request-URI, default
 # sip:uas@127.0.0.1:$PORT), TIMEOUT, PORT, UAS_PORT, UAC_PORT.
+# ROUTER=script routes with a Lua script (bench/relay.lua: record_route + t_relay to the UAS,
+# loose_route for in-dialog requests) instead of the built-in --static-route router, to measure
+# what the script engine costs per call.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.sh
@@ -23,15 +26,6 @@ need_sipp
 cargo build --release --quiet
 bin=target/release/moonroute
 
-# --static-route URI comes with the stateful-proxy wiring (not merged yet): it makes moonroute
-# relay every request it is not the target of to URI. Until the binary knows it, stop here with a
-# clear message instead of benchmarking something else.
-if ! "$bin" run --help 2>/dev/null | grep -q -- '--static-route'; then
-  echo "moonroute has no 'run --static-route URI' option yet: it arrives with the stateful proxy" >&2
-  echo "wiring. Until then, check the scenarios with bench/calls-selftest.sh." >&2
-  exit 1
-fi
-
 work=$(mktemp -d /tmp/moonroute-calls.XXXXXX)
 UAS_PID= UAC_PID= server=
 cleanup() { stop_pid "$UAC_PID"; stop_pid "$UAS_PID"; stop_pid "$server"; }
@@ -40,8 +34,14 @@ trap 'exit 130' INT TERM
 
 start_uas "$uas_port" "$calls" "$timeout" "$work"
 # WORKERS=2 (with SERVER_CPUS=0,1) checks the hand-over of responses between event loops.
+if [ "${ROUTER:-builtin}" = script ]; then
+  sed "s/@UAS_PORT@/$uas_port/" bench/relay.lua >"$work/relay.lua"
+  routing=(--script "$work/relay.lua")
+else
+  routing=(--static-route "sip:127.0.0.1:$uas_port")
+fi
 taskset -c "${SERVER_CPUS:-0}" "$bin" run --listen "udp:127.0.0.1:$port" --workers "${WORKERS:-1}" \
-  --static-route "sip:127.0.0.1:$uas_port" --log-level warn 2>"$work/moonroute.log" &
+  "${routing[@]}" --control-socket "$work/ctl" --log-level warn 2>"$work/moonroute.log" &
 server=$!
 if ! wait_udp_port "$port" || ! kill -0 "$server" 2>/dev/null; then
   echo "moonroute did not start on udp:127.0.0.1:$port:" >&2

@@ -279,8 +279,27 @@ fn serve_until_termination(
                 }
             });
         }
+        tokio::spawn(sweep_expired(host.clone()));
         wait_for_signals(host).await.map_err(Into::into)
     })
+}
+
+/// Removes expired `sip.kv` entries and registrations every few seconds, so memory follows
+/// what is live (lookups already ignore expired entries).
+async fn sweep_expired(host: Arc<ScriptHost>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        let services = host.services();
+        let keys = services.kv.sweep(std::time::Instant::now());
+        let bindings = services
+            .registrar
+            .as_ref()
+            .map_or(0, |r| r.store().sweep(std::time::SystemTime::now()));
+        if keys + bindings > 0 {
+            tracing::debug!(keys, bindings, "expired entries removed");
+        }
+    }
 }
 
 fn control_handler(host: Arc<ScriptHost>) -> moonroute::control::Handler {

@@ -354,10 +354,13 @@ fn format_outcome(script: &str, o: &Outcome) -> String {
     if let Some(error) = &o.error {
         let _ = writeln!(s, "error:     {error}");
     }
-    let by = o
-        .primitive
-        .map(|p| format!(" (req:{p})"))
-        .unwrap_or_else(|| " (no decision: engine default)".into());
+    let by = match &o.error {
+        Some(_) => " (the hook failed)".to_string(),
+        None => o
+            .primitive
+            .map(|p| format!(" (req:{p})"))
+            .unwrap_or_else(|| " (no decision: engine default)".into()),
+    };
     match o.decision {
         "reply" => {
             let _ = writeln!(
@@ -522,4 +525,164 @@ fn outcome_table(lua: &Lua, o: &Outcome) -> mlua::Result<Table> {
     }
     t.set("vars", vars)?;
     Ok(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const INVITE: &[u8] = b"INVITE sip:bob@127.0.0.1:5060 SIP/2.0\r\n\
+Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK-unit-1\r\n\
+Max-Forwards: 70\r\n\
+From: <sip:alice@127.0.0.1:5060>;tag=a1\r\n\
+To: <sip:bob@127.0.0.1:5060>\r\n\
+Call-ID: unit-1@127.0.0.1\r\n\
+CSeq: 1 INVITE\r\n\
+Content-Length: 0\r\n\r\n";
+
+    fn source(text: &str) -> ScriptSource {
+        ScriptSource {
+            name: "unit.lua".into(),
+            text: text.into(),
+            version: 1,
+        }
+    }
+
+    fn run(text: &str) -> Outcome {
+        run_once(&source(text), INVITE, None, &TestOptions::default()).unwrap()
+    }
+
+    fn load_error(text: &str) -> String {
+        let env = Env {
+            identity: LocalIdentity::default(),
+            services: Arc::new(Services::default()),
+            log: LogSink::Capture(Rc::default()),
+        };
+        match Engine::load(&source(text), Limits::default(), env) {
+            Ok(_) => panic!("loaded"),
+            Err(e) => e.0,
+        }
+    }
+
+    #[test]
+    fn load_errors_name_file_and_line() {
+        assert_eq!(
+            load_error("\n\nfunction on_request(req) return req:reply(404 end"),
+            "unit.lua:3: ')' expected near 'end'"
+        );
+        assert!(load_error("x = 1").contains("on_request is not defined"));
+        assert!(load_error("on_request = 5").contains("must be a function"));
+        assert!(load_error("\nerror('top level fails')").starts_with("unit.lua:2: top level fails"));
+        assert!(load_error("while true do end\nfunction on_request() end")
+            .contains("instruction budget exceeded"));
+    }
+
+    #[test]
+    fn runtime_errors_name_the_scripts_line() {
+        let o = run("function on_request(req)\n  local x = nil\n  return x.y\nend");
+        assert_eq!(o.code, Some(500));
+        let error = o.error.unwrap();
+        assert!(error.starts_with("unit.lua:3:"), "{error}");
+        // Raised in Rust (a bad argument): the line comes from the traceback.
+        let o = run("function on_request(req)\n\n  req:reply('nope')\nend");
+        let error = o.error.unwrap();
+        assert!(error.starts_with("unit.lua:3:"), "{error}");
+        let o = run("function on_request(req)\n  req:append_header('Via', 'x')\nend");
+        let error = o.error.unwrap();
+        assert!(
+            error.starts_with("unit.lua:2:") && error.contains("managed by the engine"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn runaway_and_memory_hungry_hooks_are_stopped() {
+        let o = run("function on_request(req) while true do end end");
+        assert!(o.error.unwrap().contains("instruction budget exceeded"));
+        let o = run("function on_request(req) local t = {} for i = 1, 1e9 do t[i] = i end end");
+        let error = o.error.unwrap();
+        assert!(
+            error.contains("memory") || error.contains("budget"),
+            "{error}"
+        );
+        let o = run("function f() return f() + 1 end function on_request(req) f() end");
+        let error = o.error.unwrap();
+        assert!(
+            error.contains("stack overflow") || error.contains("budget"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn one_decision_per_call() {
+        let o = run("function on_request(req) req:reply(404) req:t_relay() end");
+        let error = o.error.unwrap();
+        assert!(error.contains("already handled by req:reply"), "{error}");
+    }
+
+    #[test]
+    fn decisions_and_edits_are_reported() {
+        let o = run("function on_request(req)
+               req.vars.who = req.from_uri
+               req.ruri_user = 'robert'
+               req:append_header('X-Test', 'yes')
+               req:record_route()
+               sip.log('info', 'routing', req.method)
+               return req:fork({'sip:a@127.0.0.1:5080', 'sip:b@127.0.0.1:5081'}, {mode = 'serial'})
+             end");
+        assert_eq!(o.error, None);
+        assert_eq!(o.decision, "relay");
+        assert_eq!(o.primitive, Some("fork"));
+        assert!(o.record_route);
+        assert_eq!(
+            o.targets,
+            vec![
+                ("sip:a@127.0.0.1:5080".to_string(), 1000),
+                ("sip:b@127.0.0.1:5081".to_string(), 999)
+            ]
+        );
+        assert_eq!(o.ruri_after, "sip:robert@127.0.0.1:5060");
+        assert_eq!(o.headers_added, ["X-Test: yes"]);
+        assert_eq!(
+            o.vars,
+            [(
+                "who".to_string(),
+                VarValue::Str("sip:alice@127.0.0.1:5060".into())
+            )]
+        );
+        assert_eq!(o.logs, ["info unit.lua:6: routing INVITE"]);
+    }
+
+    #[test]
+    fn no_decision_is_a_500() {
+        let o = run("function on_request(req) end");
+        assert_eq!((o.decision, o.code), ("reply", Some(500)));
+        assert_eq!(o.primitive, None);
+    }
+
+    #[test]
+    fn kv_is_shared_and_counts() {
+        let o = run("function on_request(req)
+               sip.kv.set('greeting', 'hi', 10)
+               req.vars.n = sip.kv.incr('calls') + sip.kv.incr('calls')
+               req.vars.g = sip.kv.get('greeting')
+               return req:drop()
+             end");
+        assert_eq!(o.error, None);
+        assert_eq!(o.decision, "drop");
+        assert!(o.vars.contains(&("n".to_string(), VarValue::Int(3))));
+        assert!(o
+            .vars
+            .contains(&("g".to_string(), VarValue::Str("hi".into()))));
+    }
+
+    #[test]
+    fn the_sandbox_has_no_io() {
+        let o = run("function on_request(req) io.open('/etc/passwd') end");
+        assert!(o.error.is_some());
+        let o = run("function on_request(req) os.execute('true') end");
+        assert!(o.error.is_some());
+        let o = run("function on_request(req) req.vars.t = os.time() return req:drop() end");
+        assert_eq!(o.error, None);
+    }
 }
