@@ -2,7 +2,7 @@
 -- for its users with 302 Moved Temporarily listing their registered contacts, instead of
 -- relaying it. The caller then tries the contacts itself.
 --
--- Run it with: cargo run --release -- --script scripts/redirect.lua
+-- Run it with: cargo run --release -- run --script scripts/redirect.lua
 
 function on_request(req)
   if req:is_method("ACK") then

@@ -1,9 +1,9 @@
 -- moonroute stateless forwarder and load balancer (RFC 3261 §16.11): every request goes to
--- one of NEXT_HOPS, chosen by a hash of its Call-ID so that all requests of a call (INVITE,
+-- one of NEXT_HOPS (its Request-URI unchanged), chosen by a hash of its Call-ID so that all requests of a call (INVITE,
 -- ACK, CANCEL, BYE) take the same way. No transaction is kept: retransmissions are forwarded
 -- again, and responses find their way back by their Via headers alone.
 --
--- Run it with: cargo run --release -- --script scripts/stateless.lua
+-- Run it with: cargo run --release -- run --script scripts/stateless.lua
 -- and edit NEXT_HOPS to point at your servers.
 
 NEXT_HOPS = {
@@ -21,8 +21,10 @@ local function hash(text)
 end
 
 function on_request(req)
-  -- Inside a dialog the Request-URI (or the Route set) already names the next hop.
-  if req:has_to_tag() then
+  -- Inside a dialog the Request-URI (or the Route set) already names the next hop. An ACK
+  -- for a non-2xx answer carries a To tag too, but belongs to the INVITE's hop (§17.1.1.3),
+  -- so it takes the same hash as the INVITE below.
+  if req:has_to_tag() and not req:is_method("ACK") then
     return req:forward()
   end
   local hop = NEXT_HOPS[hash(req.call_id or "") % #NEXT_HOPS + 1]

@@ -39,7 +39,7 @@ pub struct Config {
     pub limits: Limits,
     /// Transaction and proxy timers.
     pub timers: Timers,
-    /// The built-in router, used until routing scripts land.
+    /// The built-in router (labs and benchmarks): when it relays, it replaces the script.
     pub proxy: Proxy,
     /// Limits and reloading of the Lua routing script.
     pub lua: Lua,
@@ -115,8 +115,8 @@ impl Default for Registrar {
     }
 }
 
-/// The built-in router (until the Lua engine routes): where requests that are not for this
-/// server go. Both off by default: the server then answers them 501.
+/// The built-in router, for labs and benchmarks: when it relays (either key set) it replaces
+/// the routing script. Both off by default: the script routes.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Proxy {

@@ -109,7 +109,7 @@ struct RunArgs {
     #[arg(long, value_name = "N")]
     workers: Option<usize>,
     /// Relay every new request (but OPTIONS to this server) to this SIP URI, e.g.
-    /// sip:127.0.0.1:5080 (the built-in router, until routing scripts land).
+    /// sip:127.0.0.1:5080 (the built-in router, for labs: it replaces the routing script).
     #[arg(long, value_name = "URI")]
     static_route: Option<String>,
     /// The control socket for `moonroute ctl` (an empty value disables it).

@@ -4,7 +4,7 @@
 //! This module owns the Unix stream socket (by default `var/moonroute.ctl`, see
 //! [`crate::config::Control`]), the wire protocol spoken on it, and both ends of it: the
 //! [`ControlServer`] the running server listens with, and the blocking client ([`send`],
-//! [`ctl_main`]) behind `moonroute ctl`. It does not know any command: what `reload` or `stats`
+//! [`ctl_main`]) behind `moonroute ctl`. It does not know any command: what `reload` or `status`
 //! mean is decided by the [`Handler`] the caller installs.
 //!
 //! # Wire protocol
@@ -21,12 +21,12 @@
 //! ```text
 //! client → server      server → client
 //! reload\n             ok\n
-//! \n                   script scripts/default.lua reloaded (generation 4)\n
+//! \n                   script scripts/default.lua reloaded: version 4\n
 //! ```
 //!
 //! A malformed request (too large, not UTF-8, cut short, too slow) is answered `error` with a
 //! sentence saying what is wrong. The protocol is simple enough to drive by hand:
-//! `printf 'stats\n\n' | nc -U var/moonroute.ctl`.
+//! `printf 'status\n\n' | nc -U var/moonroute.ctl`.
 //!
 //! # Security
 //!

@@ -22,8 +22,8 @@ use bytes::Bytes;
 use tracing::{debug, info, warn};
 
 use super::request::{
-    branch_for, check_request, detect_loop, forward_copy, next_hop, preprocess_routes,
-    stateless_branch, ForwardSpec, NextHop, ProxyIdentity,
+    branch_for, check_request, detect_loop, forward_copy, next_hop, next_hop_of_uri,
+    preprocess_routes, stateless_branch, ForwardSpec, NextHop, ProxyIdentity,
 };
 use super::response_context::{BranchId, ContextAction, ResponseContext, Target};
 use super::router::{BranchEdit, Decision, FailureDecision, RouteHandle, RouteInfo, Router};
@@ -266,31 +266,42 @@ impl Relay {
         Handled::Done
     }
 
-    /// §16.11: forwards `request` to `target` (or its Request-URI) without a transaction.
+    /// §16.11: forwards `request` without a transaction, to `destination` when given (the
+    /// Request-URI is left as it is, like Kamailio's `forward(uri)` / `$du`), else where its
+    /// Route set or Request-URI says.
     fn forward_stateless(
         &self,
         request: &Message,
-        target: Option<Bytes>,
+        destination: Option<Bytes>,
         record_route: bool,
         meta: &Meta,
         out: &mut Vec<LayerOutput>,
     ) {
-        let target = match target {
-            Some(uri) => Target { uri, q: 1000 },
-            None => match self.request_uri_target(request) {
-                Some(target) => target,
-                None => return debug!("not forwarding a request addressed to this proxy"),
-            },
+        let Some(ruri) = self.request_uri_target(request).map(|t| t.uri).or_else(|| {
+            // Addressed to us with nothing to follow: only an explicit destination helps.
+            destination.as_ref()?;
+            request.request_uri_bytes().map(|u| request.share(u))
+        }) else {
+            return debug!("not forwarding a request addressed to this proxy");
         };
         let branch = stateless_branch(request);
         let inbound = (meta.kind, meta.local);
-        match self.build_branch(request, &target.uri, &branch, inbound, record_route) {
+        let built = self.build_branch_to(
+            request,
+            &ruri,
+            destination.as_deref(),
+            &branch,
+            inbound,
+            record_route,
+        );
+        match built {
             Ok((copy, dest)) => out.push(LayerOutput::Send {
                 dest,
                 data: copy.to_bytes(),
             }),
             Err(reason) => {
-                info!(target = %String::from_utf8_lossy(&target.uri), reason, "cannot forward statelessly")
+                let to = destination.as_deref().unwrap_or(&ruri);
+                info!(target = %String::from_utf8_lossy(to), reason, "cannot forward statelessly")
             }
         }
     }
@@ -407,9 +418,12 @@ impl Relay {
                         Some(handle) => self.router.on_reply(handle, &call.request, &response),
                         None => true,
                     };
-                    if keep || !provisional {
-                        call.context
-                            .on_response(branch, response, now, &mut actions)
+                    call.context
+                        .on_response(branch, response, now, &mut actions);
+                    if provisional && !keep {
+                        // Dropped by the script: the branch still counts as Proceeding (CANCEL
+                        // allowed, Timer C reset), only the upstream copy is withheld.
+                        actions.retain(|a| !matches!(a, ContextAction::ForwardUpstream(r) if r.status().is_some_and(|c| c < 200)));
                     }
                 }
                 Event::Timeout => call.context.on_branch_failed(branch, now, &mut actions),
@@ -595,6 +609,20 @@ impl Relay {
         inbound: (TransportKind, SocketAddr),
         record_route: bool,
     ) -> Result<(Message, Destination), &'static str> {
+        self.build_branch_to(request, target, None, branch, inbound, record_route)
+    }
+
+    /// [`Relay::build_branch`], sent to `destination` instead of the copy's own next hop
+    /// when one is given.
+    fn build_branch_to(
+        &self,
+        request: &Message,
+        target: &[u8],
+        destination: Option<&[u8]>,
+        branch: &str,
+        inbound: (TransportKind, SocketAddr),
+        record_route: bool,
+    ) -> Result<(Message, Destination), &'static str> {
         let spec = |outbound| ForwardSpec {
             target,
             record_route,
@@ -606,7 +634,10 @@ impl Relay {
         // A first copy tells the next hop (Route or the new Request-URI), and so the transport.
         let first =
             forward_copy(request, &spec(inbound)).map_err(|_| "cannot build the forwarded copy")?;
-        let hop = next_hop(&first).map_err(|_| "no next hop")?;
+        let hop = match destination {
+            Some(uri) => next_hop_of_uri(uri).map_err(|_| "the destination is not a SIP URI")?,
+            None => next_hop(&first).map_err(|_| "no next hop")?,
+        };
         let (kind, addr) = resolve(&hop)?;
         let local = self
             .local_for(kind, addr)

@@ -352,7 +352,13 @@ pub fn next_hop(req: &Message) -> Result<NextHop, ParseError> {
         Some(top) => route_uri(top)?,
         None => req.request_uri()?.raw().to_vec(),
     };
-    let uri = Uri::parse(&raw)?;
+    next_hop_of_uri(&raw)
+}
+
+/// The next hop named by one URI: a Route value, a Request-URI, or a destination set apart
+/// from both (Kamailio's `$du`, used by a stateless `forward(uri)`).
+pub fn next_hop_of_uri(raw: &[u8]) -> Result<NextHop, ParseError> {
+    let uri = Uri::parse(raw)?;
     let sip = match uri {
         Uri::Sip(s) => s,
         Uri::Tel(_) => {

@@ -1,8 +1,9 @@
 //! The seam between the engine and routing policy: for each new request the router decides
-//! (answer it here, or relay it statefully to a target set), and when a branch set fails it may
-//! add targets (serial forking, failover). The Lua engine will sit behind this trait; until it
-//! lands, [`BuiltinRouter`] drives the proxy (record-route and relay to the Request-URI or to a
-//! static next hop), in the spirit of a minimal Kamailio route block.
+//! (answer it here, relay it statefully to a target set, forward it statelessly, or drop it);
+//! it may edit each outgoing branch, see every response, and add targets when a branch set
+//! fails (serial forking, failover). The Lua engine (`crate::script::ScriptRouter`) sits behind
+//! this trait; [`BuiltinRouter`] is the scriptless router of the `[proxy]` config section
+//! (record-route and relay to the Request-URI or to a static next hop) for labs and benchmarks.
 
 use std::borrow::Cow;
 
@@ -26,9 +27,10 @@ pub enum Decision {
         targets: Vec<Target>,
         record_route: bool,
     },
-    /// Forward it statelessly (§16.11) to `target`, or to its Request-URI when `None`: no
-    /// transaction is kept, so a retransmission is routed again and responses are relayed by
-    /// their Via alone.
+    /// Forward it statelessly (§16.11): to `target` when given (the next hop only: the
+    /// Request-URI is not rewritten, like Kamailio's `forward(uri)`), else where its Route set
+    /// or Request-URI says. No transaction is kept, so a retransmission is routed again and
+    /// responses are relayed by their Via alone.
     Forward {
         target: Option<Bytes>,
         record_route: bool,

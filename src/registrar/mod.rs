@@ -223,10 +223,11 @@ enum Slot {
 ///   binding;
 /// - the same Call-ID with the *same* CSeq is taken for a retransmission of the request that
 ///   wrote the binding (CSeq numbers are unique per request within a Call-ID, §8.1.1.5):
-///   nothing changes and the 200 lists the bindings again. §10.3 would fail it, assuming a
-///   server transaction absorbs retransmissions (§17.2.2); this server answers REGISTER
-///   statelessly, so answering again is what that transaction would have done, where a 500
-///   would tell a UA whose 200 was lost that its registration failed;
+///   nothing changes and the 200 lists the bindings again. §10.3 would fail it, assuming the
+///   server transaction absorbed every retransmission (§17.2.2); one that arrives after the
+///   transaction ended (a late copy, or a path through another loop) is answered as that
+///   transaction would have answered it, where a 500 would tell a UA whose 200 was lost that
+///   its registration failed;
 /// - a result of more than [`MAX_BINDINGS_PER_AOR`] bindings: 403.
 ///
 /// Every stored binding records the request's Call-ID and CSeq (step 7), its source

@@ -517,9 +517,16 @@ fn add_decisions<M: UserDataMethods<ScriptMsg>>(methods: &mut M) {
     });
     methods.add_method_mut("forward", |_, m, uri: Option<String>| {
         m.require(&[Role::Request], "forward")?;
+        // forward(uri): `uri` is the next hop only (Kamailio's $du), the Request-URI stays.
+        // forward() after lookup(): the first contact becomes the Request-URI, as t_relay does.
         let target = match uri {
             Some(uri) => Some(Bytes::from(sip_uri(&uri, "forward")?)),
-            None => m.targets.first().map(|t| t.uri.clone()),
+            None => {
+                if let Some(first) = m.targets.first().map(|t| t.uri.clone()) {
+                    m.set_ruri(&String::from_utf8_lossy(&first), "forward")?;
+                }
+                None
+            }
         };
         let record_route = m.record_route;
         m.decide(

@@ -85,6 +85,19 @@ impl Services {
                 Vec::new(),
             );
         };
+        // The registrar is the UAS here: §8.2.2.3, Require must list only what we support.
+        let unsupported: Vec<String> = request
+            .option_tags(crate::sip::HeaderName::Require)
+            .filter_map(Result::ok)
+            .map(|t| String::from_utf8_lossy(t).into_owned())
+            .collect();
+        if !unsupported.is_empty() {
+            return (
+                420,
+                Cow::Borrowed("Bad Extension"),
+                vec![("Unsupported".to_owned(), unsupported.join(", "))],
+            );
+        }
         let result = registrar.save(request, meta, now);
         (result.code, Cow::Owned(result.reason), result.headers)
     }

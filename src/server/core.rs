@@ -513,7 +513,7 @@ impl Core {
             // §16.3 step 3: an OPTIONS with Max-Forwards 0 may be answered as its final recipient.
             Method::Options if for_me || max_forwards_zero => None,
             _ if max_forwards_zero => refuse(483, "Too Many Hops"),
-            _ => refuse(501, "Not Implemented (no routing engine yet)"),
+            _ => refuse(501, "Not Implemented"),
         }
     }
 

@@ -1,0 +1,197 @@
+-- Unit tests of scripts/default.lua (and tests/data/scripts/vars.lua) without a network:
+--   moonroute test --lua tests/data/scripts/default_test.lua
+-- run from the repository root. Each moonroute.run{} runs on_request once on a message, with
+-- the server pretending to listen on udp:127.0.0.1:5060 and the message coming from
+-- 127.0.0.1:5070; a failed assert stops the file with its file:line.
+
+local LOCATION = [[
+# AOR                   CONTACT                   options
+sip:bob@127.0.0.1:5060  sip:bob@127.0.0.1:5080    q=1.0
+sip:bob@127.0.0.1:5060  sip:bob@127.0.0.1:5081    q=0.5
+]]
+
+local DEFAULT = "scripts/default.lua"
+
+-- A request as text; `to_tag` makes it an in-dialog request.
+local function message(method, ruri, from, to_tag, extra)
+  local lines = {
+    method .. " " .. ruri .. " SIP/2.0",
+    "Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK-lua-" .. method,
+    "Max-Forwards: 70",
+    "From: <" .. from .. ">;tag=a1",
+    "To: <" .. ruri .. ">" .. (to_tag and (";tag=" .. to_tag) or ""),
+    "Call-ID: lua-test-" .. method .. "@127.0.0.1",
+    "CSeq: 1 " .. method,
+    "Contact: <sip:alice@127.0.0.1:5070>",
+  }
+  for _, line in ipairs(extra or {}) do
+    lines[#lines + 1] = line
+  end
+  lines[#lines + 1] = "Content-Length: 0"
+  return table.concat(lines, "\r\n") .. "\r\n\r\n"
+end
+
+local function contains(list, wanted)
+  for _, item in ipairs(list) do
+    if item == wanted then
+      return true
+    end
+  end
+  return false
+end
+
+-- An INVITE for a registered user forks to every contact, highest q first, Record-Routed.
+local r = moonroute.run{
+  script = DEFAULT,
+  location = LOCATION,
+  message = [[
+INVITE sip:bob@127.0.0.1:5060 SIP/2.0
+Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK-lua-1
+Max-Forwards: 70
+From: "Alice" <sip:alice@127.0.0.1:5060>;tag=a1
+To: <sip:bob@127.0.0.1:5060>
+Call-ID: lua-test-1@127.0.0.1
+CSeq: 1 INVITE
+Contact: <sip:alice@127.0.0.1:5070>
+Content-Length: 0
+]],
+}
+assert(r.error == nil, r.error)
+assert(r.decision == "relay", "INVITE to bob: " .. r.decision)
+assert(r.primitive == "t_relay")
+assert(r.record_route == true, "an INVITE is Record-Routed")
+assert(#r.targets == 2, "both of bob's contacts")
+assert(r.targets[1] == "sip:bob@127.0.0.1:5080", r.targets[1])
+assert(r.targets[2] == "sip:bob@127.0.0.1:5081", r.targets[2])
+assert(r.code == nil)
+assert(next(r.vars) == nil, "default.lua keeps no per-transaction variables")
+
+-- A MESSAGE is relayed too, but not Record-Routed.
+r = moonroute.run{
+  script = DEFAULT,
+  location = LOCATION,
+  message = message("MESSAGE", "sip:bob@127.0.0.1:5060", "sip:alice@127.0.0.1:5060"),
+}
+assert(r.decision == "relay" and #r.targets == 2)
+assert(r.record_route == false, "only dialog-creating requests are Record-Routed")
+
+-- A user without bindings: 404.
+r = moonroute.run{
+  script = DEFAULT,
+  location = LOCATION,
+  message = message("INVITE", "sip:carol@127.0.0.1:5060", "sip:alice@127.0.0.1:5060"),
+}
+assert(r.decision == "reply", r.decision)
+assert(r.code == 404, tostring(r.code))
+assert(r.reason == "Not Found")
+assert(r.primitive == "reply")
+
+-- A foreign domain from a foreign user: no open relay.
+r = moonroute.run{
+  script = DEFAULT,
+  message = message("INVITE", "sip:bob@example.org", "sip:mallory@example.net"),
+}
+assert(r.decision == "reply" and r.code == 403, tostring(r.code))
+assert(r.reason == "Relaying Forbidden", r.reason)
+
+-- A foreign domain from one of our users: relayed to the Request-URI, Record-Routed.
+r = moonroute.run{
+  script = DEFAULT,
+  message = message("INVITE", "sip:bob@example.org", "sip:alice@127.0.0.1:5060"),
+}
+assert(r.decision == "relay", r.decision)
+assert(#r.targets == 1 and r.targets[1] == "sip:bob@example.org", r.targets[1])
+assert(r.record_route == true)
+
+-- A REGISTER is saved; the 200 lists the binding and a Date.
+r = moonroute.run{
+  script = DEFAULT,
+  message = message("REGISTER", "sip:127.0.0.1:5060", "sip:carol@127.0.0.1:5060", nil, {
+    "Expires: 600",
+  }),
+}
+assert(r.decision == "reply" and r.code == 200, tostring(r.code))
+assert(r.primitive == "save", tostring(r.primitive))
+local contact, date = false, false
+for _, header in ipairs(r.reply_headers) do
+  if header:find("^Contact: <sip:alice@127.0.0.1:5070>;expires=") then
+    contact = true
+  end
+  if header:find("^Date: ") then
+    date = true
+  end
+end
+assert(contact, "the 200 lists the new binding")
+assert(date, "the 200 has a Date")
+
+-- Too short an interval: 423 with Min-Expires.
+r = moonroute.run{
+  script = DEFAULT,
+  message = message("REGISTER", "sip:127.0.0.1:5060", "sip:carol@127.0.0.1:5060", nil, {
+    "Expires: 10",
+  }),
+}
+assert(r.code == 423, tostring(r.code))
+assert(contains(r.reply_headers, "Min-Expires: 60"), "Min-Expires: 60")
+
+-- A CANCEL that matched nothing: 481.
+r = moonroute.run{
+  script = DEFAULT,
+  message = message("CANCEL", "sip:bob@127.0.0.1:5060", "sip:alice@127.0.0.1:5060"),
+}
+assert(r.code == 481, tostring(r.code))
+
+-- In-dialog requests without a Route through us: 404, and an ACK is dropped.
+r = moonroute.run{
+  script = DEFAULT,
+  message = message("BYE", "sip:bob@127.0.0.1:5080", "sip:alice@127.0.0.1:5060", "b1"),
+}
+assert(r.decision == "reply" and r.code == 404 and r.reason == "Not Here", tostring(r.code))
+r = moonroute.run{
+  script = DEFAULT,
+  message = message("ACK", "sip:bob@127.0.0.1:5080", "sip:alice@127.0.0.1:5060", "b1"),
+}
+assert(r.decision == "drop", r.decision)
+
+-- In-dialog requests with our Route: relayed to the Request-URI (loose routing).
+r = moonroute.run{
+  script = DEFAULT,
+  message = message("BYE", "sip:bob@127.0.0.1:5080", "sip:alice@127.0.0.1:5060", "b1", {
+    "Route: <sip:127.0.0.1:5060;lr>",
+  }),
+}
+assert(r.decision == "relay", r.decision)
+assert(r.targets[1] == "sip:bob@127.0.0.1:5080", r.targets[1])
+
+-- Per-transaction variables and header edits (vars.lua).
+r = moonroute.run{
+  script = "vars.lua", -- found next to this file
+  location = LOCATION,
+  message = message("INVITE", "sip:bob@127.0.0.1:5060", "sip:alice@127.0.0.1:5060"),
+}
+assert(r.decision == "relay" and #r.targets == 2)
+assert(r.vars.caller == "sip:alice@127.0.0.1:5060", tostring(r.vars.caller))
+assert(r.vars.method == "INVITE")
+assert(r.vars.contacts == 2, tostring(r.vars.contacts))
+assert(r.vars.voicemail == nil)
+assert(contains(r.headers_added, "X-Caller: sip:alice@127.0.0.1:5060"), "X-Caller added")
+assert(#r.logs == 1, "one log line")
+assert(r.logs[1]:find("vars.lua:13: contacts found: 2", 1, true), r.logs[1])
+
+r = moonroute.run{
+  script = "vars.lua",
+  location = LOCATION,
+  message = message("INVITE", "sip:carol@127.0.0.1:5060", "sip:alice@127.0.0.1:5060"),
+}
+assert(r.vars.voicemail == true and r.vars.contacts == 0)
+assert(r.targets[1] == "sip:voicemail@127.0.0.1:5090", r.targets[1])
+
+-- A script error is reported, and the server would answer 500.
+r = moonroute.run{
+  script = "errors.lua",
+  message = message("MESSAGE", "sip:bob@127.0.0.1:5060", "sip:alice@127.0.0.1:5060", nil, {
+    "X-Test: boom",
+  }),
+}
+assert(r.code == 500, tostring(r.code))
+assert(r.error and r.error:find("errors.lua:7: boom", 1, true), tostring(r.error))
