@@ -150,13 +150,8 @@ impl Relay {
         }
         // The loop hash covers the request as received, before its Route is consumed.
         let branch_base = branch_for(&request, "");
-        let had_route = request.routes().next().is_some();
-        let Ok(consumed_own_route) = preprocess_routes(&mut request, &self.me) else {
+        let Some(info) = self.preprocess(&mut request) else {
             return reply(400, "Bad Request (Route)");
-        };
-        let info = RouteInfo {
-            had_route,
-            consumed_own_route,
         };
         let routed = self.router.route(&mut request, &meta, info);
         let handle = routed.handle;
@@ -216,6 +211,16 @@ impl Relay {
         );
         self.apply(tx, actions, now, layer, out);
         Handled::Relayed
+    }
+
+    /// §16.4 route preprocessing, and what it tells the router; `None` for a malformed Route.
+    fn preprocess(&self, request: &mut Message) -> Option<RouteInfo> {
+        let had_route = request.routes().next().is_some();
+        let consumed_own_route = preprocess_routes(request, &self.me).ok()?;
+        Some(RouteInfo {
+            had_route,
+            consumed_own_route,
+        })
     }
 
     /// The Request-URI as the only target (§16.5), unless it names this proxy and no Route is
@@ -317,13 +322,8 @@ impl Relay {
         layer: &mut TransactionLayer,
         out: &mut Vec<LayerOutput>,
     ) -> Handled {
-        let had_route = request.routes().next().is_some();
-        let Ok(consumed_own_route) = preprocess_routes(&mut request, &self.me) else {
+        let Some(info) = self.preprocess(&mut request) else {
             return reply(400, "Bad Request (Route)");
-        };
-        let info = RouteInfo {
-            had_route,
-            consumed_own_route,
         };
         let routed = self.router.route(&mut request, &meta, info);
         if let Some(handle) = routed.handle {
@@ -363,8 +363,7 @@ impl Relay {
             debug!("dropping looped ACK");
             return;
         }
-        let had_route = ack.routes().next().is_some();
-        let Ok(consumed_own_route) = preprocess_routes(&mut ack, &self.me) else {
+        let Some(info) = self.preprocess(&mut ack) else {
             return;
         };
         let for_me = ack.request_uri().is_ok_and(|u| self.me.is_myself(&u));
@@ -372,10 +371,6 @@ impl Relay {
             debug!("absorbing ACK addressed to this proxy");
             return;
         }
-        let info = RouteInfo {
-            had_route,
-            consumed_own_route,
-        };
         let routed = self.router.route(&mut ack, &meta, info);
         if let Some(handle) = routed.handle {
             self.router.release(handle);
