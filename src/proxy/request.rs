@@ -383,12 +383,10 @@ pub fn next_hop_of_uri(raw: &[u8]) -> Result<NextHop, ParseError> {
         }
         _ => host_string(&sip.host),
     };
-    let transport = match sip.transport() {
+    let transport = match sip.transport().map(TransportKind::from_name) {
         None => None,
-        Some(t) if t.eq_ignore_ascii_case(b"udp") => Some(TransportKind::Udp),
-        Some(t) if t.eq_ignore_ascii_case(b"tcp") => Some(TransportKind::Tcp),
-        Some(t) if t.eq_ignore_ascii_case(b"tls") => Some(TransportKind::Tls),
-        Some(_) => {
+        Some(Some(kind)) => Some(kind),
+        Some(None) => {
             return Err(ParseError::with_status(
                 503,
                 "transport",

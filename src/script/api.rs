@@ -174,6 +174,12 @@ impl std::fmt::Display for RuriParts {
     }
 }
 
+/// The state's [`Env`], set by [`install`].
+fn env<'a>(lua: &'a Lua, primitive: &str) -> mlua::Result<mlua::AppDataRef<'a, Env>> {
+    lua.app_data_ref::<Env>()
+        .ok_or_else(|| runtime(format!("{primitive}: no engine environment")))
+}
+
 pub fn runtime(message: impl Into<String>) -> mlua::Error {
     mlua::Error::runtime(message.into())
 }
@@ -381,9 +387,7 @@ fn add_accessors<M: UserDataMethods<ScriptMsg>>(methods: &mut M) {
         Ok(names.iter().any(|n| n.eq_ignore_ascii_case(method)))
     });
     methods.add_method("is_myself", |lua, _, uri: String| {
-        let env = lua
-            .app_data_ref::<Env>()
-            .ok_or_else(|| runtime("is_myself: no engine environment"))?;
+        let env = env(lua, "is_myself")?;
         let trimmed = uri
             .trim()
             .trim_start_matches('<')
@@ -585,9 +589,7 @@ fn add_location<M: UserDataMethods<ScriptMsg>>(methods: &mut M) {
         "lookup",
         |lua, m, (_table, uri): (Option<String>, Option<String>)| {
             m.require(&[Role::Request, Role::Failure], "lookup")?;
-            let env = lua
-                .app_data_ref::<Env>()
-                .ok_or_else(|| runtime("lookup: no engine environment"))?;
+            let env = env(lua, "lookup")?;
             let aor = match uri {
                 Some(uri) => uri,
                 None => m.msg.request_uri_bytes().map(lossy).unwrap_or_default(),
@@ -602,9 +604,7 @@ fn add_location<M: UserDataMethods<ScriptMsg>>(methods: &mut M) {
         if m.msg.method() != Some(&Method::Register) {
             return Err(runtime("save: only a REGISTER can be saved"));
         }
-        let env = lua
-            .app_data_ref::<Env>()
-            .ok_or_else(|| runtime("save: no engine environment"))?;
+        let env = env(lua, "save")?;
         let meta = m
             .meta
             .ok_or_else(|| runtime("save: no transport information"))?;

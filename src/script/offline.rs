@@ -17,10 +17,10 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use mlua::{Lua, Table, Value};
 
-use super::api::{Role, ScriptMsg};
+use super::api::ScriptMsg;
 use super::engine::{Engine, Env, Limits, LogSink, ScriptError, ScriptSource};
 use super::kv::KvStore;
-use super::router::{read_source, undecided};
+use super::router::{read_source, run_request_hook, undecided};
 use super::{Services, KV_MAX_KEYS};
 use crate::location::MemoryLocation;
 use crate::proxy::router::{Decision, RouteInfo};
@@ -165,9 +165,7 @@ pub fn run_once(
     };
     let engine = Engine::load(source, Limits::default(), env)?;
     let before = request.clone();
-    let mut state = ScriptMsg::new(request, Role::Request);
-    state.meta = Some(meta);
-    state.info = RouteInfo {
+    let info = RouteInfo {
         had_route,
         consumed_own_route,
     };
@@ -175,15 +173,7 @@ pub fn run_once(
         .lua()
         .create_table()
         .map_err(|e| ScriptError(e.to_string()))?;
-    state.vars = Some(vars.clone());
-    let ud = engine
-        .lua()
-        .create_userdata(state)
-        .map_err(|e| ScriptError(e.to_string()))?;
-    let result = engine.call(&engine.hooks().on_request, ud.clone());
-    let state = ud
-        .take::<ScriptMsg>()
-        .map_err(|e| ScriptError(format!("the request object was lost: {e}")))?;
+    let (state, result) = run_request_hook(&engine, request, &meta, info, vars.clone())?;
     let mut outcome = describe_state(&before, state, &vars);
     outcome.logs = logs.borrow().clone();
     if let Err(e) = result {

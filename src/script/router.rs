@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::Bytes;
-use mlua::Table;
+use mlua::{Function, Table};
 use tracing::{debug, error, info, warn};
 
 use super::api::{Role, ScriptMsg};
@@ -270,51 +270,38 @@ impl ScriptRouter {
         self.engine.clone()
     }
 
+    /// The engine, one of its hooks and the vars of the transaction behind `handle`, when that
+    /// hook is defined.
+    fn pinned_hook(
+        &self,
+        handle: RouteHandle,
+        pick: impl Fn(&super::engine::Hooks) -> &Option<Function>,
+    ) -> Option<(Rc<Engine>, Function, Table)> {
+        let pinned = self.calls.get(&handle.0)?;
+        let hook = pick(pinned.engine.hooks()).clone()?;
+        Some((pinned.engine.clone(), hook, pinned.vars.clone()))
+    }
+
     fn pin(&mut self, engine: Rc<Engine>, vars: Table) -> RouteHandle {
         self.next_handle += 1;
         self.calls.insert(self.next_handle, Pinned { engine, vars });
         RouteHandle(self.next_handle)
     }
 
-    /// Runs `on_request` and returns the message object as the script left it.
+    /// Runs `on_request`; on failure the request comes back with the error (a placeholder if
+    /// the message object itself was lost).
     fn run_on_request(
-        &mut self,
+        &self,
         engine: &Engine,
         request: Message,
         meta: &Meta,
         info: RouteInfo,
         vars: Table,
     ) -> Result<ScriptMsg, Box<(ScriptError, Message)>> {
-        let mut state = ScriptMsg::new(request, Role::Request);
-        state.meta = Some(*meta);
-        state.info = info;
-        state.vars = Some(vars);
-        let lua = engine.lua();
-        let ud = match lua.create_userdata(state) {
-            Ok(ud) => ud,
-            Err(e) => {
-                return Err(Box::new((
-                    ScriptError(e.to_string()),
-                    self.placeholder.clone(),
-                )))
-            }
-        };
-        let result = engine.call(&engine.hooks().on_request, ud.clone());
-        let state = match ud.take::<ScriptMsg>() {
-            Ok(state) => state,
-            Err(e) => {
-                return Err(Box::new((
-                    ScriptError(format!(
-                        "{}: the request object was lost: {e}",
-                        engine.name()
-                    )),
-                    self.placeholder.clone(),
-                )))
-            }
-        };
-        match result {
-            Ok(()) => Ok(state),
-            Err(e) => Err(Box::new((e, state.msg))),
+        match run_request_hook(engine, request, meta, info, vars) {
+            Ok((state, Ok(()))) => Ok(state),
+            Ok((state, Err(e))) => Err(Box::new((e, state.msg))),
+            Err(e) => Err(Box::new((e, self.placeholder.clone()))),
         }
     }
 }
@@ -355,55 +342,31 @@ impl Router for ScriptRouter {
     }
 
     fn on_branch(&mut self, handle: RouteHandle, request: &Message, target: &Target) -> BranchEdit {
-        let Some(pinned) = self.calls.get(&handle.0) else {
+        let Some((engine, hook, vars)) = self.pinned_hook(handle, |h| &h.on_branch) else {
             return BranchEdit::Unchanged;
         };
-        let Some(hook) = pinned.engine.hooks().on_branch.clone() else {
-            return BranchEdit::Unchanged;
-        };
-        let engine = pinned.engine.clone();
         let mut copy = request.clone();
         if copy.set_request_uri(&target.uri).is_err() {
             return BranchEdit::Unchanged;
         }
-        let req = view(request.clone(), Role::View, &pinned.vars);
-        let branch = view(copy, Role::Branch, &pinned.vars);
-        let lua = engine.lua();
-        let (Ok(req), Ok(branch)) = (lua.create_userdata(req), lua.create_userdata(branch)) else {
-            return BranchEdit::Unchanged;
-        };
-        if let Err(e) = engine.call(&hook, (req.clone(), branch.clone())) {
-            error!(call_id = %call_id(request), error = %e, "on_branch failed; sending the branch unchanged");
-            return BranchEdit::Unchanged;
-        }
-        drop(req.take::<ScriptMsg>());
-        match branch.take::<ScriptMsg>() {
-            Ok(b) if b.dropped => BranchEdit::Skip,
-            Ok(b) if b.edited => BranchEdit::Edited(b.msg),
+        let pair = [(request.clone(), Role::View), (copy, Role::Branch)];
+        match call_pair(&engine, &hook, &vars, pair, "on_branch", request) {
+            Some([_, b]) if b.dropped => BranchEdit::Skip,
+            Some([_, b]) if b.edited => BranchEdit::Edited(b.msg),
             _ => BranchEdit::Unchanged,
         }
     }
 
     fn on_reply(&mut self, handle: RouteHandle, request: &Message, response: &Message) -> bool {
-        let Some(pinned) = self.calls.get(&handle.0) else {
+        let Some((engine, hook, vars)) = self.pinned_hook(handle, |h| &h.on_reply) else {
             return true;
         };
-        let Some(hook) = pinned.engine.hooks().on_reply.clone() else {
-            return true;
-        };
-        let engine = pinned.engine.clone();
-        let req = view(request.clone(), Role::View, &pinned.vars);
-        let res = view(response.clone(), Role::Response, &pinned.vars);
-        let lua = engine.lua();
-        let (Ok(req), Ok(res)) = (lua.create_userdata(req), lua.create_userdata(res)) else {
-            return true;
-        };
-        if let Err(e) = engine.call(&hook, (req.clone(), res.clone())) {
-            error!(call_id = %call_id(request), error = %e, "on_reply failed; passing the response on");
-            return true;
-        }
-        drop(req.take::<ScriptMsg>());
-        let dropped = res.take::<ScriptMsg>().is_ok_and(|r| r.dropped);
+        let pair = [
+            (request.clone(), Role::View),
+            (response.clone(), Role::Response),
+        ];
+        let dropped = call_pair(&engine, &hook, &vars, pair, "on_reply", request)
+            .is_some_and(|[_, res]| res.dropped);
         if dropped && response.status().is_some_and(|c| c >= 200) {
             warn!(call_id = %call_id(request), "on_reply: a final response cannot be dropped; passing it on");
         }
@@ -416,29 +379,22 @@ impl Router for ScriptRouter {
         request: &Message,
         best: &Message,
     ) -> FailureDecision {
-        let Some(pinned) = handle.and_then(|h| self.calls.get(&h.0)) else {
+        let Some((engine, hook, vars)) =
+            handle.and_then(|h| self.pinned_hook(h, |hooks| &hooks.on_failure))
+        else {
             return FailureDecision::SendBest;
         };
-        let Some(hook) = pinned.engine.hooks().on_failure.clone() else {
-            return FailureDecision::SendBest;
-        };
-        let engine = pinned.engine.clone();
-        let req = view(request.clone(), Role::Failure, &pinned.vars);
-        let res = view(best.clone(), Role::Response, &pinned.vars);
-        let lua = engine.lua();
-        let (Ok(req), Ok(res)) = (lua.create_userdata(req), lua.create_userdata(res)) else {
-            return FailureDecision::SendBest;
-        };
-        if let Err(e) = engine.call(&hook, (req.clone(), res.clone())) {
-            error!(call_id = %call_id(request), error = %e, "on_failure failed; sending the best response");
-            return FailureDecision::SendBest;
-        }
-        drop(res.take::<ScriptMsg>());
-        match req.take::<ScriptMsg>() {
-            Ok(ScriptMsg {
-                decision: Some((Decision::Relay { targets, .. }, _)),
-                ..
-            }) => FailureDecision::Targets(targets),
+        let pair = [
+            (request.clone(), Role::Failure),
+            (best.clone(), Role::Response),
+        ];
+        match call_pair(&engine, &hook, &vars, pair, "on_failure", request) {
+            Some(
+                [ScriptMsg {
+                    decision: Some((Decision::Relay { targets, .. }, _)),
+                    ..
+                }, _],
+            ) => FailureDecision::Targets(targets),
             _ => FailureDecision::SendBest,
         }
     }
@@ -450,10 +406,55 @@ impl Router for ScriptRouter {
     }
 }
 
-fn view(msg: Message, role: Role, vars: &Table) -> ScriptMsg {
-    let mut state = ScriptMsg::new(msg, role);
-    state.vars = Some(vars.clone());
-    state
+/// Calls `on_request` with `request` as `req`: the message object as the script left it and
+/// the hook's result, or an error when the object could not be made or taken back.
+pub(crate) fn run_request_hook(
+    engine: &Engine,
+    request: Message,
+    meta: &Meta,
+    info: RouteInfo,
+    vars: Table,
+) -> Result<(ScriptMsg, Result<(), ScriptError>), ScriptError> {
+    let mut state = ScriptMsg::new(request, Role::Request);
+    state.meta = Some(*meta);
+    state.info = info;
+    state.vars = Some(vars);
+    let ud = engine
+        .lua()
+        .create_userdata(state)
+        .map_err(|e| ScriptError(e.to_string()))?;
+    let result = engine.call(&engine.hooks().on_request, ud.clone());
+    let state = ud.take::<ScriptMsg>().map_err(|e| {
+        ScriptError(format!(
+            "{}: the request object was lost: {e}",
+            engine.name()
+        ))
+    })?;
+    Ok((state, result))
+}
+
+/// Calls a later hook with two message objects sharing the transaction's vars; returns them as
+/// the script left them, or `None` when the hook failed (logged: the engine's default applies).
+fn call_pair(
+    engine: &Engine,
+    hook: &Function,
+    vars: &Table,
+    messages: [(Message, Role); 2],
+    name: &str,
+    request: &Message,
+) -> Option<[ScriptMsg; 2]> {
+    let lua = engine.lua();
+    let [a, b] = messages.map(|(msg, role)| {
+        let mut state = ScriptMsg::new(msg, role);
+        state.vars = Some(vars.clone());
+        lua.create_userdata(state)
+    });
+    let (a, b) = (a.ok()?, b.ok()?);
+    if let Err(e) = engine.call(hook, (a.clone(), b.clone())) {
+        error!(call_id = %call_id(request), error = %e, hook = name, "hook failed; the engine's default applies");
+        return None;
+    }
+    Some([a.take::<ScriptMsg>().ok()?, b.take::<ScriptMsg>().ok()?])
 }
 
 /// What happens to a request the script neither answered nor relayed: an ACK is dropped (it is

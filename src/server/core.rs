@@ -625,9 +625,7 @@ impl Core {
 fn stateless_response_destination(
     via: &crate::sip::Via<'_>,
 ) -> Option<crate::transport::Destination> {
-    let kind = [TransportKind::Udp, TransportKind::Tcp, TransportKind::Tls]
-        .into_iter()
-        .find(|k| k.via_name().as_bytes().eq_ignore_ascii_case(via.transport))?;
+    let kind = TransportKind::from_name(via.transport)?;
     let default_port = if kind == TransportKind::Tls {
         5061
     } else {

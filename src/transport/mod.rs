@@ -45,6 +45,13 @@ impl TransportKind {
         }
     }
 
+    /// The transport a Via sent-protocol or a URI `transport` parameter names (any case).
+    pub fn from_name(name: &[u8]) -> Option<TransportKind> {
+        [TransportKind::Udp, TransportKind::Tcp, TransportKind::Tls]
+            .into_iter()
+            .find(|k| k.via_name().as_bytes().eq_ignore_ascii_case(name))
+    }
+
     /// Whether the transport is reliable (RFC 3261 §17.1.1.2: timers A/E/G are not used then).
     pub fn is_reliable(self) -> bool {
         !matches!(self, TransportKind::Udp)
