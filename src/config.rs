@@ -47,6 +47,52 @@ pub struct Config {
     pub control: Control,
     /// Registrar rules (RFC 3261 §10.3).
     pub registrar: Registrar,
+    /// The location database (registrations).
+    pub location: Location,
+}
+
+/// Which location store keeps registrations, and its limits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LocationBackend {
+    /// Durable: sled under `<data_dir>/location`; a 200 to REGISTER is sent only once the
+    /// binding is flushed to disk.
+    Sled,
+    /// In memory only: registrations are lost on restart (labs, tests).
+    Memory,
+}
+
+/// The location database.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Location {
+    /// `"sled"` (durable, under `<data_dir>/location`) or `"memory"`. Default: `"sled"`.
+    pub store: LocationBackend,
+    /// Most bindings held, across all AORs; beyond it REGISTERs that add bindings get 500.
+    /// Default: 1000000.
+    pub max_bindings: usize,
+    /// sled's page cache, in MiB (lookups never read the disk: this only speeds up writes).
+    /// Default: 16.
+    pub cache_mb: u64,
+}
+
+impl Default for Location {
+    fn default() -> Self {
+        Location {
+            store: LocationBackend::Sled,
+            max_bindings: 1_000_000,
+            cache_mb: 16,
+        }
+    }
+}
+
+impl Location {
+    fn validate(&self) -> Result<(), String> {
+        if self.max_bindings == 0 || self.cache_mb == 0 {
+            return Err("location: max_bindings and cache_mb must be at least 1".to_owned());
+        }
+        Ok(())
+    }
 }
 
 /// Limits and reloading of the routing script (see `docs/scripting.md`).
@@ -276,6 +322,7 @@ impl Default for Config {
             lua: Lua::default(),
             control: Control::default(),
             registrar: Registrar::default(),
+            location: Location::default(),
         }
     }
 }
@@ -434,7 +481,8 @@ impl Config {
         self.timers.validate().map_err(invalid)?;
         self.proxy.validate().map_err(invalid)?;
         self.lua.validate().map_err(invalid)?;
-        self.registrar.validate().map_err(invalid)
+        self.registrar.validate().map_err(invalid)?;
+        self.location.validate().map_err(invalid)
     }
 
     /// The number of event loops to run: `workers`, or one per CPU core when it is 0.

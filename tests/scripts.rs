@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use common::ua::{expect_status, header_text, show, TestUa, WAIT};
-use moonroute::config::Config;
+use moonroute::config::{Config, LocationBackend};
 use moonroute::script::engine::{Env, LogSink};
 use moonroute::script::{Engine, Limits, ScriptHost, Services};
 use moonroute::server::core::{CoreFactory, LocalIdentity};
@@ -50,6 +50,9 @@ fn config(script: &Path) -> Config {
     };
     config.control.socket = PathBuf::new();
     config.lua.watch = false;
+    // The durable store has its own tests (tests/registrar.rs); here registrations live in
+    // memory, so parallel tests share no data directory.
+    config.location.store = LocationBackend::Memory;
     config
 }
 

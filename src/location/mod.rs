@@ -9,8 +9,10 @@
 //!
 //! This module only keeps bindings; what they become after a REGISTER is decided by
 //! [`crate::registrar`] (§10.3), which also defines the AOR normalization used as the key.
-//! [`LocationStore`] is the interface; [`MemoryLocation`] is the in-memory implementation
-//! (a persistent one will implement the same trait).
+//! [`LocationStore`] is the interface. [`MemoryLocation`] keeps bindings in memory only;
+//! [`SledLocation`] is the durable store: the same in-memory index serves every lookup, and
+//! each change is also written to sled, made durable by group commit ([`commit`]), in the
+//! record format of [`record`].
 //!
 //! # Fixture format
 //!
@@ -41,6 +43,13 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
+
+pub mod commit;
+pub mod record;
+mod sled_store;
+
+pub use commit::{Commit, CommitState, CommitTicket};
+pub use sled_store::{LoadReport, SledLocation};
 
 use crate::sip::name_addr::parse_qvalue;
 use crate::sip::Uri;
@@ -85,39 +94,69 @@ impl Binding {
 }
 
 /// Storage of bindings, keyed by normalized AOR. Implementations are shared by every event
-/// loop, hence `Send + Sync`; calls are short and never block on I/O for long.
+/// loop, hence `Send + Sync`; calls are short and never wait for the disk: a durable store
+/// returns a [`Commit`] ticket that says when the write is on disk, and the caller holds its
+/// acknowledgement until then.
+///
+/// This is the boundary a shared backend for several nodes would implement; the registrar,
+/// the script API and the control socket see nothing else.
 pub trait LocationStore: Send + Sync {
-    /// Unexpired bindings of `aor`, highest q first (stable by registration order).
+    /// Unexpired bindings of `aor`, highest q first (stable by registration order). Served
+    /// from memory.
     fn lookup(&self, aor: &str, now: SystemTime) -> Vec<Binding>;
 
     /// Replaces the whole binding list of `aor` (empty = remove the AOR). Returns an error
-    /// string if the store refuses (e.g. a capacity limit); the AOR is then left unchanged.
-    fn replace(&self, aor: &str, bindings: Vec<Binding>) -> Result<(), String>;
+    /// string if the store refuses (e.g. a capacity limit, a write error); the AOR is then
+    /// left unchanged.
+    fn replace(&self, aor: &str, bindings: Vec<Binding>) -> Result<Commit, String>;
 
-    /// Removes expired bindings; returns how many.
+    /// Removes expired bindings (from memory and from disk); returns how many.
     fn sweep(&self, now: SystemTime) -> usize;
 
     /// Number of bindings stored (expired ones not yet swept included).
     fn count(&self) -> usize;
 
+    /// Every AOR that has bindings (expired ones not yet swept included), sorted.
+    fn aors(&self) -> Vec<String>;
+
     /// Read-modify-write of one AOR: `f` gets the unexpired bindings of `aor` and returns the
     /// new list to store, or `None` to leave the AOR untouched. RFC 3261 §10.3 wants binding
-    /// updates committed all at once; implementations should make this atomic with respect to
-    /// other updates of the same AOR (two REGISTERs for one AOR handled on two event loops must
-    /// not lose one another's bindings). The default implementation is [`lookup`] then
-    /// [`replace`], which is not.
+    /// updates committed all at once; implementations make this atomic with respect to other
+    /// updates of the same AOR (two REGISTERs for one AOR handled on two event loops must not
+    /// lose one another's bindings).
     ///
-    /// [`lookup`]: LocationStore::lookup
-    /// [`replace`]: LocationStore::replace
+    /// The [`Commit`] says when what `f` saw and wrote is durable; with `None` from `f` it
+    /// still covers the writes `f` saw, so an answer listing them waits for them too.
     fn update(
         &self,
         aor: &str,
         now: SystemTime,
         f: &mut dyn FnMut(Vec<Binding>) -> Option<Vec<Binding>>,
-    ) -> Result<(), String> {
-        match f(self.lookup(aor, now)) {
-            Some(bindings) => self.replace(aor, bindings),
-            None => Ok(()),
+    ) -> Result<Commit, String>;
+}
+
+/// The store `[location]` asks for: [`SledLocation`] in `<data_dir>/location` (created if
+/// missing, loaded before this returns) or a [`MemoryLocation`].
+pub fn open_configured(
+    config: &crate::config::Location,
+    data_dir: &std::path::Path,
+) -> Result<std::sync::Arc<dyn LocationStore>, String> {
+    use crate::config::LocationBackend;
+    match config.store {
+        LocationBackend::Memory => Ok(std::sync::Arc::new(MemoryLocation::new(
+            config.max_bindings,
+        ))),
+        LocationBackend::Sled => {
+            let dir = data_dir.join("location");
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            let (store, _report) = SledLocation::open(
+                &dir,
+                config.max_bindings,
+                config.cache_mb.saturating_mul(1024 * 1024),
+                SystemTime::now(),
+            )?;
+            Ok(std::sync::Arc::new(store))
         }
     }
 }
@@ -256,26 +295,64 @@ fn live_sorted(bindings: &[Binding], now: SystemTime) -> Vec<Binding> {
     live
 }
 
-impl LocationStore for MemoryLocation {
-    fn lookup(&self, aor: &str, now: SystemTime) -> Vec<Binding> {
-        self.shard(aor)
-            .get(aor)
-            .map_or_else(Vec::new, |b| live_sorted(b, now))
+/// Writes an AOR's new binding list to a store's backing medium (empty: remove the AOR),
+/// called with the AOR's shard locked, before memory changes: a write that fails leaves
+/// memory as it was.
+pub type Persist<'a> = &'a mut dyn FnMut(&str, &[Binding]) -> Result<(), String>;
+
+impl MemoryLocation {
+    /// [`LocationStore::update`], with `persist` called before a new list is kept. Returns
+    /// whether a new list was stored.
+    pub fn update_persisting(
+        &self,
+        aor: &str,
+        now: SystemTime,
+        f: &mut dyn FnMut(Vec<Binding>) -> Option<Vec<Binding>>,
+        persist: Persist<'_>,
+    ) -> Result<bool, String> {
+        let mut shard = self.shard(aor);
+        let current: Vec<Binding> = shard.get(aor).map_or_else(Vec::new, |b| {
+            b.iter().filter(|b| b.is_live(now)).cloned().collect()
+        });
+        match f(current) {
+            Some(bindings) => {
+                self.check_capacity(&shard, aor, bindings.len())?;
+                persist(aor, &bindings)?;
+                self.store_locked(&mut shard, aor, bindings)?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
     }
 
-    fn replace(&self, aor: &str, bindings: Vec<Binding>) -> Result<(), String> {
+    /// [`LocationStore::replace`], with `persist` called first.
+    pub fn replace_persisting(
+        &self,
+        aor: &str,
+        bindings: Vec<Binding>,
+        persist: Persist<'_>,
+    ) -> Result<(), String> {
         let mut shard = self.shard(aor);
+        self.check_capacity(&shard, aor, bindings.len())?;
+        persist(aor, &bindings)?;
         self.store_locked(&mut shard, aor, bindings)
     }
 
-    fn sweep(&self, now: SystemTime) -> usize {
+    /// [`LocationStore::sweep`], with `persist` told each AOR that lost bindings. A failed
+    /// write is logged and memory is swept anyway: expired bindings are ignored on load.
+    pub fn sweep_persisting(&self, now: SystemTime, persist: Persist<'_>) -> usize {
         let mut removed = 0;
         for shard in &self.shards {
             let mut shard = lock(shard);
-            shard.retain(|_, bindings| {
+            shard.retain(|aor, bindings| {
                 let before = bindings.len();
                 bindings.retain(|b| b.is_live(now));
-                removed += before - bindings.len();
+                if bindings.len() < before {
+                    removed += before - bindings.len();
+                    if let Err(error) = persist(aor, bindings) {
+                        tracing::warn!(%aor, %error, "location store: could not remove expired bindings from disk");
+                    }
+                }
                 !bindings.is_empty()
             });
         }
@@ -283,8 +360,53 @@ impl LocationStore for MemoryLocation {
         removed
     }
 
+    /// Refuses a list that would grow the store past its bound (checked again, atomically,
+    /// when stored; this early check keeps a refused write off the disk).
+    fn check_capacity(&self, shard: &Shard, aor: &str, new: usize) -> Result<(), String> {
+        let old = shard.get(aor).map_or(0, Vec::len);
+        let total = self.count.load(Ordering::Acquire);
+        if new > old && total.saturating_add(new - old) > self.max_bindings {
+            return Err(format!(
+                "location store full ({} bindings)",
+                self.max_bindings
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn no_persist(_: &str, _: &[Binding]) -> Result<(), String> {
+    Ok(())
+}
+
+impl LocationStore for MemoryLocation {
+    fn lookup(&self, aor: &str, now: SystemTime) -> Vec<Binding> {
+        self.shard(aor)
+            .get(aor)
+            .map_or_else(Vec::new, |b| live_sorted(b, now))
+    }
+
+    fn replace(&self, aor: &str, bindings: Vec<Binding>) -> Result<Commit, String> {
+        self.replace_persisting(aor, bindings, &mut no_persist)
+            .map(|()| Commit::Done)
+    }
+
+    fn sweep(&self, now: SystemTime) -> usize {
+        self.sweep_persisting(now, &mut no_persist)
+    }
+
     fn count(&self) -> usize {
         self.count.load(Ordering::Acquire)
+    }
+
+    fn aors(&self) -> Vec<String> {
+        let mut aors: Vec<String> = self
+            .shards
+            .iter()
+            .flat_map(|shard| lock(shard).keys().cloned().collect::<Vec<_>>())
+            .collect();
+        aors.sort();
+        aors
     }
 
     /// Atomic per AOR: the shard stays locked while `f` runs (`f` is the registrar's
@@ -294,15 +416,9 @@ impl LocationStore for MemoryLocation {
         aor: &str,
         now: SystemTime,
         f: &mut dyn FnMut(Vec<Binding>) -> Option<Vec<Binding>>,
-    ) -> Result<(), String> {
-        let mut shard = self.shard(aor);
-        let current: Vec<Binding> = shard.get(aor).map_or_else(Vec::new, |b| {
-            b.iter().filter(|b| b.is_live(now)).cloned().collect()
-        });
-        match f(current) {
-            Some(bindings) => self.store_locked(&mut shard, aor, bindings),
-            None => Ok(()),
-        }
+    ) -> Result<Commit, String> {
+        self.update_persisting(aor, now, f, &mut no_persist)
+            .map(|_| Commit::Done)
     }
 }
 

@@ -12,6 +12,8 @@
 //! makes the branch fail as unreachable (503, which goes upstream as 500).
 
 use std::borrow::Cow;
+
+use crate::location::CommitTicket;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -46,6 +48,8 @@ pub enum Handled {
         reason: Cow<'static, str>,
         unsupported: Option<String>,
         headers: Vec<(String, String)>,
+        /// Send it only once this write is on disk.
+        wait_for: Option<CommitTicket>,
     },
 }
 
@@ -143,6 +147,7 @@ impl Relay {
                 reason: Cow::Borrowed(r.reason),
                 unsupported: r.unsupported,
                 headers: Vec::new(),
+                wait_for: None,
             };
         }
         if detect_loop(&request, &self.me) {
@@ -251,12 +256,14 @@ impl Relay {
                 code,
                 reason,
                 headers,
+                wait_for,
             } => {
                 return Handled::Reply {
                     code,
                     reason,
                     unsupported: None,
                     headers,
+                    wait_for,
                 }
             }
             Decision::Forward {
@@ -698,6 +705,7 @@ fn reply(code: u16, reason: &'static str) -> Handled {
         reason: Cow::Borrowed(reason),
         unsupported: None,
         headers: Vec::new(),
+        wait_for: None,
     }
 }
 

@@ -7,6 +7,8 @@
 
 use std::borrow::Cow;
 
+use crate::location::CommitTicket;
+
 use bytes::Bytes;
 
 use super::response_context::Target;
@@ -21,6 +23,9 @@ pub enum Decision {
         code: u16,
         reason: Cow<'static, str>,
         headers: Vec<(String, String)>,
+        /// Send it only once this write is on disk (a registrar's 200, §10.3); `None`: at
+        /// once.
+        wait_for: Option<CommitTicket>,
     },
     /// Relay it statefully (§16.5-§16.7). An empty target set means the Request-URI (§16.5).
     Relay {
@@ -45,6 +50,7 @@ impl Decision {
             code,
             reason: reason.into(),
             headers: Vec::new(),
+            wait_for: None,
         }
     }
 }

@@ -29,7 +29,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 
 use crate::config;
-use crate::location::{Binding, LocationStore};
+use crate::location::{Binding, Commit, LocationStore};
 use crate::sip::{scan, Contact, HeaderName, Message, Method, NameAddr, ResponseBuilder, Uri};
 use crate::transport::Meta;
 
@@ -595,6 +595,9 @@ pub struct SaveResult {
     pub bindings: Vec<Binding>,
     /// With a 200: whether the store was written.
     pub changed: bool,
+    /// With a 200: when what the response lists is durable. The 200 must not be sent before
+    /// (the registrar's promise: an acknowledged binding survives a crash).
+    pub commit: Commit,
 }
 
 impl SaveResult {
@@ -621,6 +624,7 @@ impl SaveResult {
             aor,
             bindings: Vec::new(),
             changed: false,
+            commit: Commit::Done,
         }
     }
 }
@@ -676,8 +680,11 @@ impl Registrar {
                 format!("Server Internal Error (location store: {e})"),
                 Vec::new(),
             ),
-            (Ok(()), Some(o)) => Self::result(req, now, aor, o),
-            (Ok(()), None) => SaveResult::refused(
+            (Ok(commit), Some(o)) => SaveResult {
+                commit,
+                ..Self::result(req, now, aor, o)
+            },
+            (Ok(_), None) => SaveResult::refused(
                 aor,
                 500,
                 "Server Internal Error (location store did not run the update)".to_owned(),
@@ -695,6 +702,7 @@ impl Registrar {
                 aor,
                 bindings,
                 changed,
+                commit: Commit::Done,
             },
             Outcome::Refused {
                 code,

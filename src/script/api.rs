@@ -461,6 +461,7 @@ fn add_decisions<M: UserDataMethods<ScriptMsg>>(methods: &mut M) {
                     code,
                     reason: Cow::Owned(reason),
                     headers,
+                    wait_for: None,
                 },
                 "reply",
             )
@@ -570,6 +571,7 @@ fn add_decisions<M: UserDataMethods<ScriptMsg>>(methods: &mut M) {
                 code,
                 reason: Cow::Borrowed(default_reason(code)),
                 headers,
+                wait_for: None,
             },
             "redirect",
         )
@@ -608,17 +610,14 @@ fn add_location<M: UserDataMethods<ScriptMsg>>(methods: &mut M) {
         let meta = m
             .meta
             .ok_or_else(|| runtime("save: no transport information"))?;
-        let (code, reason, headers) = env
+        let decision = env
             .services
             .registrar_save(&m.msg, &meta, SystemTime::now());
-        m.decide(
-            Decision::Reply {
-                code,
-                reason,
-                headers,
-            },
-            "save",
-        )?;
+        let code = match &decision {
+            Decision::Reply { code, .. } => *code,
+            _ => 500,
+        };
+        m.decide(decision, "save")?;
         Ok(code)
     });
 }

@@ -31,6 +31,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use crate::proxy::response_context::Target;
+use crate::proxy::router::Decision;
 use crate::sip::Message;
 use crate::transport::Meta;
 
@@ -71,19 +72,12 @@ impl Services {
             .collect()
     }
 
-    /// Processes a REGISTER (§10.3): the status, reason and headers of the answer.
-    pub fn registrar_save(
-        &self,
-        request: &Message,
-        meta: &Meta,
-        now: SystemTime,
-    ) -> (u16, Cow<'static, str>, Vec<(String, String)>) {
+    /// Processes a REGISTER (§10.3): the answer to send, as a reply decision. A durable
+    /// store's 200 carries the write it waits for: it is sent only once the bindings it lists
+    /// are on disk.
+    pub fn registrar_save(&self, request: &Message, meta: &Meta, now: SystemTime) -> Decision {
         let Some(registrar) = &self.registrar else {
-            return (
-                501,
-                Cow::Borrowed("Not Implemented (no registrar configured)"),
-                Vec::new(),
-            );
+            return Decision::reply(501, "Not Implemented (no registrar configured)");
         };
         // The registrar is the UAS here: §8.2.2.3, Require must list only what we support.
         let unsupported: Vec<String> = request
@@ -92,13 +86,19 @@ impl Services {
             .map(|t| String::from_utf8_lossy(t).into_owned())
             .collect();
         if !unsupported.is_empty() {
-            return (
-                420,
-                Cow::Borrowed("Bad Extension"),
-                vec![("Unsupported".to_owned(), unsupported.join(", "))],
-            );
+            return Decision::Reply {
+                code: 420,
+                reason: Cow::Borrowed("Bad Extension"),
+                headers: vec![("Unsupported".to_owned(), unsupported.join(", "))],
+                wait_for: None,
+            };
         }
         let result = registrar.save(request, meta, now);
-        (result.code, Cow::Owned(result.reason), result.headers)
+        Decision::Reply {
+            code: result.code,
+            reason: Cow::Owned(result.reason),
+            headers: result.headers,
+            wait_for: result.commit.ticket(),
+        }
     }
 }

@@ -256,6 +256,7 @@ fn describe_state(before: &Message, state: ScriptMsg, vars: &Table) -> Outcome {
             code,
             reason,
             headers,
+            ..
         } => {
             outcome.decision = "reply";
             outcome.code = Some(code);

@@ -35,9 +35,6 @@ use crate::server::core::{LocalIdentity, RouterFactory};
 use crate::sip::{Message, Method};
 use crate::transport::Meta;
 
-/// Most bindings the in-memory location store holds (bounded memory).
-pub const LOCATION_MAX_BINDINGS: usize = 1_000_000;
-
 /// The script shared by all event loops: the current version and how to reload it.
 pub struct ScriptHost {
     path: PathBuf,
@@ -79,10 +76,13 @@ impl ScriptHost {
     }
 
     /// The script named by `config`, with the services a server gives it: a fresh `sip.kv`
-    /// store and the registrar over an in-memory location store.
+    /// store and the registrar over the configured location store (`[location]`; the durable
+    /// one is loaded from disk here, before the server answers anything).
     pub fn from_config(config: &crate::config::Config) -> Result<Arc<ScriptHost>, ScriptError> {
+        let store = crate::location::open_configured(&config.location, &config.data_dir)
+            .map_err(ScriptError)?;
         let registrar = crate::registrar::Registrar::new(
-            Arc::new(crate::location::MemoryLocation::new(LOCATION_MAX_BINDINGS)),
+            store,
             crate::registrar::Rules::from(&config.registrar),
         );
         let services = Services {

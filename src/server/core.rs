@@ -9,15 +9,18 @@
 //! came from.
 
 use std::collections::hash_map::RandomState;
+use std::collections::VecDeque;
 use std::hash::BuildHasher;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
+use crate::location::{CommitState, CommitTicket};
 use crate::proxy::relay::{owner_of_branch, Handled, Relay};
 use crate::proxy::router::{BuiltinRouter, Router};
 use crate::proxy::{is_our_stateless_branch, ProxyIdentity};
@@ -187,6 +190,10 @@ pub struct Core {
     loops: usize,
     /// Reused for every call into the layer.
     pending: Vec<LayerOutput>,
+    /// Answers waiting for a durable write, oldest first.
+    parked: VecDeque<Parked>,
+    /// Notified by the location store's flusher after each flush.
+    wake: Arc<Notify>,
 }
 
 impl Worker for Core {
@@ -202,17 +209,23 @@ impl Worker for Core {
                     .on_unreachable(kind, addr, &mut self.transactions, &mut pending);
                 self.drain(pending, now, out);
             }
+            Input::Wake => {
+                let mut pending = std::mem::take(&mut self.pending);
+                self.release_parked(now, &mut pending);
+                self.drain(pending, now, out);
+            }
         }
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        match (
+        [
             self.transactions.next_deadline(),
             self.relay.next_deadline(),
-        ) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+            self.parked.front().map(|p| p.deadline),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     fn on_timer(&mut self, now: Instant, out: &mut Vec<Output>) {
@@ -220,9 +233,29 @@ impl Worker for Core {
         self.transactions.on_timer(now, &mut pending);
         self.relay
             .on_timer(now, &mut self.transactions, &mut pending);
+        self.release_parked(now, &mut pending);
         self.drain(pending, now, out);
     }
+
+    fn wake_signal(&self) -> Option<Arc<Notify>> {
+        Some(Arc::clone(&self.wake))
+    }
 }
+
+/// An answer held until the write it reports is on disk (a registrar's 200, RFC 3261 §10.3).
+struct Parked {
+    tx: TxId,
+    request: Message,
+    code: u16,
+    response: Bytes,
+    ticket: CommitTicket,
+    /// After this the answer becomes a 500: the disk is not keeping up.
+    deadline: Instant,
+}
+
+/// How long an answer may wait for its disk flush before the request gets 500 instead; far
+/// beyond a flush's milliseconds, well within a client's Timer F (64*T1).
+const PARK_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Core {
     pub fn new(
@@ -241,6 +274,8 @@ impl Core {
             loop_index,
             loops,
             pending: Vec::new(),
+            parked: VecDeque::new(),
+            wake: Arc::new(Notify::new()),
         }
     }
 
@@ -393,6 +428,7 @@ impl Core {
             reason,
             unsupported,
             headers,
+            wait_for,
         } = handled
         else {
             return;
@@ -408,7 +444,57 @@ impl Core {
             None => {}
         }
         let response = self.build_response(request, code, &reason, &extra);
-        self.transactions.respond(tx, code, response, now, next);
+        match wait_for {
+            Some(ticket) if ticket.state() != CommitState::Durable => {
+                ticket.subscribe(&self.wake);
+                self.parked.push_back(Parked {
+                    tx,
+                    request: request.clone(),
+                    code,
+                    response,
+                    ticket,
+                    deadline: now + PARK_TIMEOUT,
+                });
+                // The flush may have completed before the subscription.
+                self.release_parked(now, next);
+            }
+            _ => self.transactions.respond(tx, code, response, now, next),
+        }
+    }
+
+    /// Sends the parked answers whose writes are on disk; those whose flush failed or timed
+    /// out get 500 instead (the bindings may not survive a crash, so no 200 may promise it).
+    fn release_parked(&mut self, now: Instant, next: &mut Vec<LayerOutput>) {
+        let mut index = 0;
+        while index < self.parked.len() {
+            let failure = match self.parked[index].ticket.state() {
+                CommitState::Durable => None,
+                CommitState::Failed(error) => Some(error),
+                CommitState::Pending if now >= self.parked[index].deadline => {
+                    Some("disk flush timed out".to_owned())
+                }
+                CommitState::Pending => {
+                    index += 1;
+                    continue;
+                }
+            };
+            let Some(parked) = self.parked.remove(index) else {
+                break;
+            };
+            match failure {
+                None => {
+                    self.transactions
+                        .respond(parked.tx, parked.code, parked.response, now, next)
+                }
+                Some(error) => {
+                    warn!(call_id = %Lossy(parked.request.call_id().unwrap_or(b"")), %error, "location store write not durable: answering 500");
+                    let reason = format!("Server Internal Error (location store: {error})");
+                    let response = self.build_response(&parked.request, 500, &reason, &[]);
+                    self.transactions
+                        .respond(parked.tx, 500, response, now, next);
+                }
+            }
+        }
     }
 
     /// §16.11: a response that matches no transaction is forwarded statelessly when its top Via

@@ -341,6 +341,9 @@ fn start_transports(
         tokio::task::spawn_local(tcp::run_acceptor(Rc::clone(&ctx), listener, local));
     }
     tokio::task::spawn_local(Rc::clone(&ctx).run_hand_overs(hand_over_queue));
+    if let Some(signal) = ctx.wake_signal() {
+        tokio::task::spawn_local(Rc::clone(&ctx).run_wakes(signal));
+    }
     tokio::task::spawn_local(ctx.run_timers());
     Ok(())
 }

@@ -80,6 +80,18 @@ impl LoopContext {
     }
 
     /// Receives what other loops hand over and runs it through this loop's Worker.
+    /// Feeds the Worker an [`Input::Wake`] each time its wake signal is notified.
+    pub(crate) async fn run_wakes(self: Rc<Self>, signal: Arc<Notify>) {
+        loop {
+            signal.notified().await;
+            self.handle(Input::Wake).await;
+        }
+    }
+
+    pub(crate) fn wake_signal(&self) -> Option<Arc<Notify>> {
+        self.worker.borrow().wake_signal()
+    }
+
     pub(crate) async fn run_hand_overs(self: Rc<Self>, mut queue: mpsc::Receiver<Input>) {
         while let Some(input) = queue.recv().await {
             self.handle(input).await;

@@ -1,0 +1,330 @@
+//! Group commit: when a write to a durable store is on disk.
+//!
+//! The registrar promises that a 200 (OK) to a REGISTER is sent only once the bindings it lists
+//! are stored durably (a crash must not lose an acknowledged registration). Flushing per
+//! request would cap registrations at the disk's flush rate, so writes are numbered and one
+//! flusher thread makes them durable in batches: every write that completed before a flush
+//! started is covered by it, and those arriving during a flush share the next one.
+//!
+//! A writer gets a [`CommitTicket`] (its write's number). The event loop that holds the answer
+//! parks it, subscribes its wake signal ([`CommitTicket::subscribe`]), and sends the answer
+//! once [`CommitTicket::state`] says durable. Blocking callers (the control socket) use
+//! [`CommitTicket::wait`].
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+
+/// Where a write stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CommitState {
+    /// Written, not yet flushed.
+    Pending,
+    /// On disk.
+    Durable,
+    /// The flush covering it failed: the write may be lost.
+    Failed(String),
+}
+
+/// What a store write needs before it may be acknowledged.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Commit {
+    /// Nothing more: the store is not durable, or nothing was written.
+    Done,
+    /// Durable once this ticket says so.
+    Pending(CommitTicket),
+}
+
+impl Commit {
+    /// The ticket to wait for, if any.
+    pub fn ticket(self) -> Option<CommitTicket> {
+        match self {
+            Commit::Done => None,
+            Commit::Pending(ticket) => Some(ticket),
+        }
+    }
+
+    /// Blocks until durable (at most `timeout`); for callers that are not event loops.
+    pub fn wait(&self, timeout: Duration) -> Result<(), String> {
+        match self {
+            Commit::Done => Ok(()),
+            Commit::Pending(ticket) => ticket.wait(timeout),
+        }
+    }
+}
+
+/// A numbered write of a [`CommitLog`].
+#[derive(Clone)]
+pub struct CommitTicket {
+    seq: u64,
+    log: Arc<CommitLog>,
+}
+
+impl std::fmt::Debug for CommitTicket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CommitTicket")
+            .field("seq", &self.seq)
+            .finish()
+    }
+}
+
+impl PartialEq for CommitTicket {
+    fn eq(&self, other: &Self) -> bool {
+        self.seq == other.seq && Arc::ptr_eq(&self.log, &other.log)
+    }
+}
+
+impl Eq for CommitTicket {}
+
+impl CommitTicket {
+    pub fn state(&self) -> CommitState {
+        self.log.state_of(self.seq)
+    }
+
+    /// Asks for `signal` to be notified after every flush from now on (once per signal: an
+    /// event loop subscribes its one signal the first time it parks an answer).
+    pub fn subscribe(&self, signal: &Arc<Notify>) {
+        self.log.subscribe(signal);
+    }
+
+    /// Blocks until the write is durable, its flush failed, or `timeout` passed.
+    pub fn wait(&self, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        let mut progress = self.log.lock();
+        loop {
+            match self.log.state_locked(self.seq, &progress) {
+                CommitState::Durable => return Ok(()),
+                CommitState::Failed(e) => return Err(e),
+                CommitState::Pending => {}
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err("timed out waiting for the disk flush".to_owned());
+            }
+            progress = self
+                .log
+                .flushed
+                .wait_timeout(progress, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+}
+
+/// What the flusher has done so far.
+#[derive(Default)]
+struct Progress {
+    /// Every write numbered up to this is durable.
+    durable: u64,
+    /// Writes up to this number were covered by a failed flush, with its error.
+    failed: Option<(u64, String)>,
+    /// Set when the store closes: the flusher does one last flush and exits.
+    closing: bool,
+}
+
+/// The numbering of writes and the flusher's progress, shared by the store, its flusher thread
+/// and every ticket.
+#[derive(Default)]
+pub struct CommitLog {
+    /// The number of the last completed write.
+    written: AtomicU64,
+    progress: Mutex<Progress>,
+    /// Signalled when a write wants a flush (or the store closes).
+    wanted: Condvar,
+    /// Signalled after every flush.
+    flushed: Condvar,
+    subscribers: Mutex<Vec<Arc<Notify>>>,
+}
+
+impl CommitLog {
+    pub fn new() -> Arc<CommitLog> {
+        Arc::new(CommitLog::default())
+    }
+
+    /// Numbers a write that has just completed (call it after the write, so a flush that
+    /// starts later covers it) and wakes the flusher.
+    pub fn written(self: &Arc<Self>) -> CommitTicket {
+        let seq = self.written.fetch_add(1, Ordering::AcqRel) + 1;
+        // Taking the lock orders this notification after the flusher's check of `written`.
+        drop(self.lock());
+        self.wanted.notify_one();
+        CommitTicket {
+            seq,
+            log: Arc::clone(self),
+        }
+    }
+
+    /// A ticket for every write completed so far (none when nothing was ever written): what a
+    /// reader waits for before acknowledging what it read.
+    pub fn barrier(self: &Arc<Self>) -> Option<CommitTicket> {
+        let seq = self.written.load(Ordering::Acquire);
+        (seq > 0).then(|| CommitTicket {
+            seq,
+            log: Arc::clone(self),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Progress> {
+        self.progress.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn state_of(&self, seq: u64) -> CommitState {
+        let progress = self.lock();
+        self.state_locked(seq, &progress)
+    }
+
+    fn state_locked(&self, seq: u64, progress: &Progress) -> CommitState {
+        if seq <= progress.durable {
+            return CommitState::Durable;
+        }
+        match &progress.failed {
+            Some((through, error)) if seq <= *through => CommitState::Failed(error.clone()),
+            _ => CommitState::Pending,
+        }
+    }
+
+    fn subscribe(&self, signal: &Arc<Notify>) {
+        let mut subscribers = self.subscribers.lock().unwrap_or_else(|p| p.into_inner());
+        if !subscribers.iter().any(|s| Arc::ptr_eq(s, signal)) {
+            subscribers.push(Arc::clone(signal));
+        }
+    }
+
+    /// The flusher's body: waits for unflushed writes, flushes them with `flush` (which must
+    /// make every write completed before it was called durable), publishes the result, and
+    /// repeats until [`CommitLog::close`]. Writes arriving during a flush share the next one.
+    pub fn run_flusher(&self, mut flush: impl FnMut() -> Result<(), String>) {
+        loop {
+            let (target, closing) = {
+                let mut progress = self.lock();
+                loop {
+                    let written = self.written.load(Ordering::Acquire);
+                    let covered = progress
+                        .durable
+                        .max(progress.failed.as_ref().map_or(0, |f| f.0));
+                    if written > covered || progress.closing {
+                        break (written, progress.closing);
+                    }
+                    progress = self
+                        .wanted
+                        .wait(progress)
+                        .unwrap_or_else(|p| p.into_inner());
+                }
+            };
+            let result = flush();
+            {
+                let mut progress = self.lock();
+                match result {
+                    Ok(()) => progress.durable = progress.durable.max(target),
+                    Err(error) => {
+                        tracing::error!(%error, "location store: flush to disk failed; the registrations waiting for it get 500");
+                        progress.failed = Some((target, error));
+                    }
+                }
+            }
+            self.flushed.notify_all();
+            let subscribers = self.subscribers.lock().unwrap_or_else(|p| p.into_inner());
+            for signal in subscribers.iter() {
+                signal.notify_one();
+            }
+            if closing {
+                return;
+            }
+        }
+    }
+
+    /// Makes the flusher do a last flush and return.
+    pub fn close(&self) {
+        self.lock().closing = true;
+        self.wanted.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    #[test]
+    fn writes_are_durable_after_the_flush_that_follows_them() {
+        let log = CommitLog::new();
+        let flushes = Arc::new(AtomicUsize::new(0));
+        let flusher = {
+            let (log, flushes) = (Arc::clone(&log), Arc::clone(&flushes));
+            std::thread::spawn(move || {
+                log.run_flusher(|| {
+                    flushes.fetch_add(1, Ordering::SeqCst);
+                    Ok(())
+                })
+            })
+        };
+        let tickets: Vec<CommitTicket> = (0..100).map(|_| log.written()).collect();
+        for t in &tickets {
+            t.wait(Duration::from_secs(10)).unwrap();
+            assert_eq!(t.state(), CommitState::Durable);
+        }
+        log.close();
+        flusher.join().unwrap();
+        let n = flushes.load(Ordering::SeqCst);
+        assert!((1..=101).contains(&n), "{n} flushes");
+    }
+
+    #[test]
+    fn a_failed_flush_fails_its_writes_and_later_ones_can_succeed() {
+        let log = CommitLog::new();
+        let first = log.written();
+        let mut calls = 0;
+        let flusher = {
+            let log = Arc::clone(&log);
+            std::thread::spawn(move || {
+                log.run_flusher(move || {
+                    calls += 1;
+                    if calls == 1 {
+                        Err("disk full".to_owned())
+                    } else {
+                        Ok(())
+                    }
+                })
+            })
+        };
+        assert_eq!(
+            first.wait(Duration::from_secs(10)).unwrap_err(),
+            "disk full"
+        );
+        let second = log.written();
+        second.wait(Duration::from_secs(10)).unwrap();
+        log.close();
+        flusher.join().unwrap();
+    }
+
+    #[test]
+    fn subscribers_are_notified_after_a_flush() {
+        let log = CommitLog::new();
+        let signal = Arc::new(Notify::new());
+        let ticket = log.written();
+        ticket.subscribe(&signal);
+        ticket.subscribe(&signal);
+        assert_eq!(log.subscribers.lock().unwrap().len(), 1);
+        let flusher = {
+            let log = Arc::clone(&log);
+            std::thread::spawn(move || log.run_flusher(|| Ok(())))
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            tokio::time::timeout(Duration::from_secs(10), async {
+                while ticket.state() != CommitState::Durable {
+                    signal.notified().await;
+                }
+            })
+            .await
+            .unwrap();
+        });
+        log.close();
+        flusher.join().unwrap();
+    }
+}

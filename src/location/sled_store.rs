@@ -1,0 +1,373 @@
+//! [`SledLocation`]: the durable location store.
+//!
+//! Memory serves every lookup ([`MemoryLocation`], sharded, no global lock); sled keeps one
+//! record per AOR ([`super::record`]) in the tree `bindings`, written while the AOR's shard is
+//! locked so the disk sees an AOR's versions in the order memory does. Writes are not flushed
+//! one by one: a flusher thread flushes batches ([`super::commit`]) and the registrar's 200
+//! (OK) waits for the flush that covers its write (RFC 3261 §10.3 makes the 200 the promise
+//! that the bindings are stored).
+//!
+//! Opening loads every unexpired binding into memory before returning, so a server answers
+//! nothing before its registrations are back; expired records are removed, corrupt or foreign
+//! ones reported (with their key) and skipped, and left on disk for inspection.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use tracing::{info, warn};
+
+use super::commit::{Commit, CommitLog};
+use super::{record, Binding, LocationStore, MemoryLocation};
+
+/// The sled tree holding the records.
+const TREE: &str = "bindings";
+
+/// What opening found on disk.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LoadReport {
+    pub aors: usize,
+    pub bindings: usize,
+    /// Bindings found expired and removed.
+    pub expired: usize,
+    /// Records that could not be read (reported and skipped).
+    pub corrupt: usize,
+    pub elapsed: Duration,
+}
+
+/// The durable [`LocationStore`].
+pub struct SledLocation {
+    index: MemoryLocation,
+    tree: sled::Tree,
+    db: sled::Db,
+    log: Arc<CommitLog>,
+    flusher: Mutex<Option<JoinHandle<()>>>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for SledLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SledLocation")
+            .field("path", &self.path)
+            .field("count", &self.index.count())
+            .finish()
+    }
+}
+
+impl SledLocation {
+    /// Opens (or creates) the store in directory `dir`, loads it and starts the flusher.
+    /// `max_bindings` bounds memory as for [`MemoryLocation::new`]; `cache_bytes` is sled's
+    /// page cache. Fails when the directory cannot be opened (another process holds it, no
+    /// permission, not a sled database); never because of a bad record.
+    pub fn open(
+        dir: &Path,
+        max_bindings: usize,
+        cache_bytes: u64,
+        now: SystemTime,
+    ) -> Result<(SledLocation, LoadReport), String> {
+        let started = Instant::now();
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_bytes)
+            // Our flusher decides when to flush; sled's own timer would only add flushes.
+            .flush_every_ms(None)
+            .open()
+            .map_err(|e| format!("cannot open the location database {}: {e}", dir.display()))?;
+        let tree = db
+            .open_tree(TREE)
+            .map_err(|e| format!("cannot open the location database {}: {e}", dir.display()))?;
+        let index = MemoryLocation::new(max_bindings);
+        let mut report = load(&tree, &index, now);
+        // Removals of expired records must not wait for the first registration's flush.
+        db.flush()
+            .map_err(|e| format!("location database {}: {e}", dir.display()))?;
+        report.elapsed = started.elapsed();
+        info!(
+            path = %dir.display(),
+            aors = report.aors,
+            bindings = report.bindings,
+            expired = report.expired,
+            corrupt = report.corrupt,
+            ms = report.elapsed.as_millis() as u64,
+            "location database loaded"
+        );
+        let log = CommitLog::new();
+        let flusher = {
+            let (log, db) = (Arc::clone(&log), db.clone());
+            std::thread::Builder::new()
+                .name("moonroute-location-flush".to_owned())
+                .spawn(move || log.run_flusher(|| db.flush().map(drop).map_err(|e| e.to_string())))
+                .map_err(|e| format!("cannot start the location flusher: {e}"))?
+        };
+        let store = SledLocation {
+            index,
+            tree,
+            db,
+            log,
+            flusher: Mutex::new(Some(flusher)),
+            path: dir.to_owned(),
+        };
+        Ok((store, report))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes one AOR's record (or removes it when `bindings` is empty).
+    fn persist(tree: &sled::Tree, aor: &str, bindings: &[Binding]) -> Result<(), String> {
+        let result = if bindings.is_empty() {
+            tree.remove(aor.as_bytes()).map(drop)
+        } else {
+            tree.insert(aor.as_bytes(), record::encode(bindings))
+                .map(drop)
+        };
+        result.map_err(|e| format!("write to disk failed: {e}"))
+    }
+
+    /// The commit a caller waits for: its own write, or with `wrote` false the last write
+    /// made so far (what it may have read).
+    fn commit(&self, wrote: bool) -> Commit {
+        let ticket = if wrote {
+            Some(self.log.written())
+        } else {
+            self.log.barrier()
+        };
+        match ticket {
+            Some(t) if t.state() != super::CommitState::Durable => Commit::Pending(t),
+            _ => Commit::Done,
+        }
+    }
+
+    /// Bytes sled holds on disk (for operators' status output).
+    pub fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+}
+
+/// Reads every record into `index`; removes expired bindings from disk.
+fn load(tree: &sled::Tree, index: &MemoryLocation, now: SystemTime) -> LoadReport {
+    let mut report = LoadReport::default();
+    for entry in tree.iter() {
+        let (key, value) = match entry {
+            Ok(kv) => kv,
+            Err(error) => {
+                warn!(%error, "location database: unreadable entry skipped");
+                report.corrupt += 1;
+                continue;
+            }
+        };
+        let key_text = String::from_utf8_lossy(&key).into_owned();
+        let bindings = match record::decode(&key, &value) {
+            Ok(b) => b,
+            Err(error) => {
+                warn!(key = %key_text, %error, "location database: corrupt or foreign record skipped (left on disk)");
+                report.corrupt += 1;
+                continue;
+            }
+        };
+        let total = bindings.len();
+        let live: Vec<Binding> = bindings.into_iter().filter(|b| b.is_live(now)).collect();
+        report.expired += total - live.len();
+        if live.len() < total {
+            if let Err(error) = SledLocation::persist(tree, &key_text, &live) {
+                warn!(key = %key_text, %error, "location database: could not remove expired bindings");
+            }
+        }
+        if live.is_empty() {
+            continue;
+        }
+        let count = live.len();
+        match index.replace(&key_text, live) {
+            Ok(_) => {
+                report.aors += 1;
+                report.bindings += count;
+            }
+            Err(error) => {
+                warn!(key = %key_text, %error, "location database: record not loaded");
+            }
+        }
+    }
+    report
+}
+
+impl LocationStore for SledLocation {
+    fn lookup(&self, aor: &str, now: SystemTime) -> Vec<Binding> {
+        self.index.lookup(aor, now)
+    }
+
+    fn replace(&self, aor: &str, bindings: Vec<Binding>) -> Result<Commit, String> {
+        let tree = &self.tree;
+        self.index
+            .replace_persisting(aor, bindings, &mut |aor, b| Self::persist(tree, aor, b))?;
+        Ok(self.commit(true))
+    }
+
+    fn sweep(&self, now: SystemTime) -> usize {
+        let tree = &self.tree;
+        self.index
+            .sweep_persisting(now, &mut |aor, b| Self::persist(tree, aor, b))
+    }
+
+    fn count(&self) -> usize {
+        self.index.count()
+    }
+
+    fn aors(&self) -> Vec<String> {
+        self.index.aors()
+    }
+
+    fn update(
+        &self,
+        aor: &str,
+        now: SystemTime,
+        f: &mut dyn FnMut(Vec<Binding>) -> Option<Vec<Binding>>,
+    ) -> Result<Commit, String> {
+        let tree = &self.tree;
+        let wrote = self
+            .index
+            .update_persisting(aor, now, f, &mut |aor, b| Self::persist(tree, aor, b))?;
+        Ok(self.commit(wrote))
+    }
+}
+
+impl Drop for SledLocation {
+    /// A last flush, then the flusher stops (so the directory can be opened again at once).
+    fn drop(&mut self) {
+        self.log.close();
+        let flusher = self
+            .flusher
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(flusher) = flusher {
+            if flusher.join().is_err() {
+                warn!("location flusher panicked");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::location::CommitState;
+
+    fn binding(aor: &str, contact: &str, secs: u64, now: SystemTime) -> Binding {
+        Binding {
+            aor: aor.to_owned(),
+            contact: contact.to_owned(),
+            expires_at: record::to_stored_precision(now + Duration::from_secs(secs)),
+            q: 1000,
+            call_id: "c".to_owned(),
+            cseq: 1,
+            received: None,
+            local: None,
+            path: Vec::new(),
+            instance: None,
+            reg_id: None,
+            user_agent: None,
+        }
+    }
+
+    fn open(dir: &Path, now: SystemTime) -> (SledLocation, LoadReport) {
+        SledLocation::open(dir, 1000, 1 << 20, now).unwrap()
+    }
+
+    #[test]
+    fn bindings_survive_a_reopen_and_expired_ones_do_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = SystemTime::now();
+        {
+            let (store, report) = open(dir.path(), now);
+            assert_eq!(
+                report,
+                LoadReport {
+                    elapsed: report.elapsed,
+                    ..LoadReport::default()
+                }
+            );
+            let a = "sip:a@example.com";
+            let commit = store
+                .replace(a, vec![binding(a, "sip:a@192.0.2.1", 600, now)])
+                .unwrap();
+            commit.wait(Duration::from_secs(10)).unwrap();
+            let b = "sip:b@example.com";
+            store
+                .replace(
+                    b,
+                    vec![
+                        binding(b, "sip:b@192.0.2.2", 600, now),
+                        binding(b, "sip:b@192.0.2.3", 5, now),
+                    ],
+                )
+                .unwrap()
+                .wait(Duration::from_secs(10))
+                .unwrap();
+        }
+        let later = now + Duration::from_secs(60);
+        let (store, report) = open(dir.path(), later);
+        assert_eq!(
+            (report.aors, report.bindings, report.expired, report.corrupt),
+            (2, 2, 1, 0)
+        );
+        assert_eq!(store.lookup("sip:a@example.com", later).len(), 1);
+        assert_eq!(
+            store.lookup("sip:b@example.com", later)[0].contact,
+            "sip:b@192.0.2.2"
+        );
+        assert_eq!(store.aors(), ["sip:a@example.com", "sip:b@example.com"]);
+    }
+
+    #[test]
+    fn a_corrupt_record_is_skipped_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = SystemTime::now();
+        {
+            let (store, _) = open(dir.path(), now);
+            let a = "sip:a@example.com";
+            store
+                .replace(a, vec![binding(a, "sip:a@192.0.2.1", 600, now)])
+                .unwrap()
+                .wait(Duration::from_secs(10))
+                .unwrap();
+            store
+                .tree
+                .insert("sip:junk@example.com", &b"garbage"[..])
+                .unwrap();
+            store.tree.insert(&[0xff, 0x00][..], &b"MRB1"[..]).unwrap();
+        }
+        let (store, report) = open(dir.path(), now);
+        assert_eq!((report.bindings, report.corrupt), (1, 2));
+        assert_eq!(store.count(), 1);
+    }
+
+    #[test]
+    fn update_waits_for_a_flush_and_sweep_reaches_the_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = SystemTime::now();
+        {
+            let (store, _) = open(dir.path(), now);
+            let a = "sip:a@example.com";
+            let commit = store
+                .update(a, now, &mut |_| {
+                    Some(vec![binding(a, "sip:a@192.0.2.1", 10, now)])
+                })
+                .unwrap();
+            if let Commit::Pending(ticket) = &commit {
+                ticket.wait(Duration::from_secs(10)).unwrap();
+                assert_eq!(ticket.state(), CommitState::Durable);
+            }
+            // A read-only update after a durable write has nothing to wait for.
+            assert!(matches!(
+                store.update(a, now, &mut |_| None).unwrap(),
+                Commit::Done
+            ));
+            assert_eq!(store.sweep(now + Duration::from_secs(11)), 1);
+            assert_eq!(store.count(), 0);
+        }
+        let (_store, report) = open(dir.path(), now);
+        assert_eq!((report.bindings, report.expired), (0, 0));
+    }
+}
