@@ -59,10 +59,7 @@ fn udp_addr(server: &ServerHandle) -> SocketAddr {
 }
 
 fn target(ua: &TestUa) -> Target {
-    Target {
-        uri: Bytes::from(ua.uri()),
-        q: 1000,
-    }
+    Target::new(Bytes::from(ua.uri()), 1000)
 }
 
 /// A router relaying new requests to `first` (Record-Routed) and in-dialog ones to their

@@ -114,6 +114,18 @@ async fn register(
     contacts: &[String],
     expires: Option<u32>,
 ) -> Message {
+    register_with(ua, registrar, aor, contacts, expires, &[]).await
+}
+
+/// [`register`] with extra header field lines (`Name: value`).
+async fn register_with(
+    ua: &mut TestUa,
+    registrar: SocketAddr,
+    aor: &str,
+    contacts: &[String],
+    expires: Option<u32>,
+    extra: &[String],
+) -> Message {
     let transport = if ua.uri().contains(";transport=tcp") {
         "TCP"
     } else {
@@ -135,6 +147,10 @@ async fn register(
     }
     if let Some(expires) = expires {
         request += &format!("Expires: {expires}\r\n");
+    }
+    for line in extra {
+        request += line;
+        request += "\r\n";
     }
     request += "Content-Length: 0\r\n\r\n";
     ua.send_raw(request.as_bytes(), registrar).await;
@@ -268,6 +284,52 @@ async fn default_registered_user_is_called_through_the_proxy() {
     assert_eq!(header_values(&query, "Contact").len(), 1);
 
     call(&mut carol, &mut alice, &alice_aor, &proxy.udp.to_string()).await;
+}
+
+/// RFC 3327 §5.3: a contact registered through an edge proxy (Path) is reached through it:
+/// the Path values become the request's Route set, so the INVITE goes to the edge first.
+#[tokio::test]
+async fn default_lookup_routes_through_the_registered_path() {
+    let proxy = start_script(&repo_path("scripts/default.lua"));
+    let alice = TestUa::udp("alice").await;
+    let mut edge = TestUa::udp("edge").await;
+    let mut carol = TestUa::udp("carol").await.via_proxy(proxy.udp);
+    let alice_aor = aor("alice", proxy.udp);
+    let path = format!("<sip:{};lr>", edge.local);
+    let ok = register_with(
+        &mut edge,
+        proxy.udp,
+        &alice_aor,
+        &[format!("<{}>", alice.uri())],
+        Some(600),
+        &[format!("Path: {path}")],
+    )
+    .await;
+    expect_status(&ok, 200);
+    assert_eq!(
+        header_values(&ok, "Path"),
+        std::slice::from_ref(&path),
+        "{}",
+        show(&ok)
+    );
+
+    carol.invite(&alice_aor).await;
+    let at_edge = edge.expect_request("INVITE").await;
+    assert_eq!(
+        at_edge.request_uri_bytes(),
+        Some(alice.uri().as_bytes()),
+        "{}",
+        show(&at_edge)
+    );
+    assert_eq!(
+        header_values(&at_edge, "Route"),
+        [path],
+        "{}",
+        show(&at_edge)
+    );
+    edge.respond(&at_edge, 486, "Busy Here").await;
+    carol.expect_final(486).await;
+    edge.expect_request("ACK").await;
 }
 
 #[tokio::test]

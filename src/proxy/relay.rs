@@ -24,7 +24,7 @@ use bytes::Bytes;
 use tracing::{debug, info, warn};
 
 use super::request::{
-    branch_for, check_request, detect_loop, forward_copy, next_hop, next_hop_of_uri,
+    branch_for, check_request, detect_loop, forward_copy, next_hop, next_hop_of_uri, preload_route,
     preprocess_routes, stateless_branch, ForwardSpec, NextHop, ProxyIdentity,
 };
 use super::response_context::{BranchId, ContextAction, ResponseContext, Target};
@@ -237,7 +237,7 @@ impl Relay {
             return None;
         }
         let uri = request.request_uri_bytes().map(|u| request.share(u))?;
-        Some(Target { uri, q: 1000 })
+        Some(Target::new(uri, 1000))
     }
 
     /// A decision that keeps no response context: a reply (through the server transaction),
@@ -558,6 +558,17 @@ impl Relay {
             Some(handle) => self.router.on_branch(handle, &call.request, target),
             None => BranchEdit::Unchanged,
         };
+        let edit = match (edit, target.route.is_empty()) {
+            (BranchEdit::Unchanged, false) => match preload_route(&call.request, &target.route) {
+                Ok(request) => BranchEdit::Edited(with_request_uri(request, &target.uri)),
+                Err(_) => BranchEdit::Skip,
+            },
+            (BranchEdit::Edited(request), false) => match preload_route(&request, &target.route) {
+                Ok(request) => BranchEdit::Edited(request),
+                Err(_) => BranchEdit::Skip,
+            },
+            (edit, _) => edit,
+        };
         let built = match &edit {
             BranchEdit::Unchanged => self.build_branch(
                 &call.request,
@@ -697,6 +708,14 @@ impl Relay {
             debug!(error = ?e, "CANCEL not sent");
         }
     }
+}
+
+/// `request` addressed to `uri` (the target's Request-URI, §16.6 step 2), for a branch copy
+/// edited before [`Relay::build_branch`] (which then takes the Request-URI from the copy).
+/// An unusable URI is left for the branch build to refuse.
+fn with_request_uri(mut request: Message, uri: &[u8]) -> Message {
+    let _ = request.set_request_uri(uri);
+    request
 }
 
 fn reply(code: u16, reason: &'static str) -> Handled {

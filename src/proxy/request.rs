@@ -327,6 +327,20 @@ pub fn forward_copy(req: &Message, spec: &ForwardSpec) -> Result<Message, ParseE
     Ok(out)
 }
 
+/// `req` with `route` placed above its Route header fields, in order (the first value ends up
+/// on top): the pre-loaded route set of a target, e.g. the Path a contact was registered
+/// through (RFC 3327 §5.3: the proxy "MUST include the Path header field values as Route
+/// header field values in the request, in the same order"). Each value must be a name-addr
+/// (`<sip:edge.example.com;lr>`), as Path values are.
+pub fn preload_route(req: &Message, route: &[bytes::Bytes]) -> Result<Message, ParseError> {
+    let mut out = req.clone();
+    for value in route.iter().rev() {
+        NameAddr::parse(value).map_err(|e| e.in_context("Path"))?;
+        out.prepend_header("Route", value)?;
+    }
+    Ok(out)
+}
+
 /// Where a forwarded copy goes first (§16.6 step 7): what RFC 3263 resolution starts from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NextHop {
@@ -823,6 +837,34 @@ mod tests {
         );
         let hop = next_hop(&out).unwrap();
         assert_eq!((hop.host.as_str(), hop.port), ("example.com", None));
+    }
+
+    #[test]
+    fn preloaded_route_goes_on_top_in_order_and_sets_the_next_hop() {
+        let r = req(
+            "INVITE",
+            "sip:bob@example.com",
+            &["Route: <sip:192.0.2.9;lr>"],
+        );
+        let path = [
+            Bytes::from_static(b"<sip:127.0.0.1:5090;lr>"),
+            Bytes::from_static(b"<sip:edge2.example.com;lr>"),
+        ];
+        let me = me();
+        let loaded = preload_route(&r, &path).unwrap();
+        let out = forward_copy(&loaded, &spec("sip:bob@192.0.2.7:5062", &me)).unwrap();
+        assert_eq!(rruri(&out), "sip:bob@192.0.2.7:5062");
+        assert_eq!(
+            routes(&out),
+            [
+                "<sip:127.0.0.1:5090;lr>",
+                "<sip:edge2.example.com;lr>",
+                "<sip:192.0.2.9;lr>"
+            ]
+        );
+        let hop = next_hop(&out).unwrap();
+        assert_eq!((hop.host.as_str(), hop.port), ("127.0.0.1", Some(5090)));
+        assert!(preload_route(&r, &[Bytes::from_static(b"<not a uri")]).is_err());
     }
 
     #[test]

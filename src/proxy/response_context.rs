@@ -56,6 +56,20 @@ pub struct Target {
     pub uri: Bytes,
     /// The q value in thousandths (Contact "q" parameter, §20.10); 1000 when absent.
     pub q: u16,
+    /// A pre-loaded route set for this target, Route values in order (top first): the Path
+    /// a contact was registered through (RFC 3327 §5.3). Usually empty.
+    pub route: Vec<Bytes>,
+}
+
+impl Target {
+    /// A target without a pre-loaded route.
+    pub fn new(uri: Bytes, q: u16) -> Target {
+        Target {
+            uri,
+            q,
+            route: Vec::new(),
+        }
+    }
 }
 
 /// One thing the caller must do, in order.
@@ -565,10 +579,7 @@ Content-Length: 0\r\n\r\n";
     }
 
     fn target(uri: &'static str, q: u16) -> Target {
-        Target {
-            uri: Bytes::from_static(uri.as_bytes()),
-            q,
-        }
+        Target::new(Bytes::from_static(uri.as_bytes()), q)
     }
 
     fn invite(targets: Vec<Target>, now: Instant) -> (ResponseContext, Vec<ContextAction>) {
@@ -1019,10 +1030,10 @@ Content-Length: 0\r\n\r\n";
         let mut out = Vec::new();
         let mut ctx = ResponseContext::new(
             request(),
-            vec![Target {
-                uri: Bytes::from_static(b"sip:bob@127.0.0.1:5080"),
-                q: 1000,
-            }],
+            vec![Target::new(
+                Bytes::from_static(b"sip:bob@127.0.0.1:5080"),
+                1000,
+            )],
             true,
             Duration::from_secs(181),
             now,

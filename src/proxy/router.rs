@@ -186,10 +186,7 @@ impl BuiltinRouter {
         let record_route = request.method() != Some(&Method::Register);
         if let Some(route) = &self.static_route {
             return Decision::Relay {
-                targets: vec![Target {
-                    uri: route.clone(),
-                    q: 1000,
-                }],
+                targets: vec![Target::new(route.clone(), 1000)],
                 record_route,
             };
         }

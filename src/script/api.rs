@@ -247,10 +247,7 @@ fn header_value(value: &str, primitive: &str) -> mlua::Result<()> {
 /// Targets from a Lua value: a URI string, a list of URIs, or a list of `{uri=, q=}`.
 fn targets_from(value: Value, primitive: &str) -> mlua::Result<Vec<Target>> {
     let one = |uri: &str, q: u16| -> mlua::Result<Target> {
-        Ok(Target {
-            uri: Bytes::from(sip_uri(uri, primitive)?),
-            q,
-        })
+        Ok(Target::new(Bytes::from(sip_uri(uri, primitive)?), q))
     };
     match value {
         Value::Nil => Ok(Vec::new()),
@@ -476,7 +473,7 @@ fn add_decisions<M: UserDataMethods<ScriptMsg>>(methods: &mut M) {
         if targets.is_empty() && m.role == Role::Failure {
             // In a failure route the Request-URI may have been rewritten (voicemail...).
             let uri = m.msg.request_uri_bytes().map(|u| m.msg.share(u));
-            targets.extend(uri.map(|uri| Target { uri, q: 1000 }));
+            targets.extend(uri.map(|uri| Target::new(uri, 1000)));
         }
         let record_route = m.record_route;
         m.decide(

@@ -15,9 +15,11 @@
 //! - `kv`: the store behind `sip.kv`, shared by all loops.
 //! - `watch`: the file watcher that triggers reloads.
 //!
-//! Hooks run synchronously on their event loop. No primitive waits on I/O yet (the location
-//! store answers from memory); primitives that will (DNS resolution, a durable registrar
-//! write) are to be made yielding coroutines so a hook never blocks its loop.
+//! Hooks run synchronously on their event loop. No primitive waits on I/O: the location store
+//! answers from memory, and `save` returns before its write is on disk (the 200 it decided
+//! carries a commit ticket, and the server core holds it until the flush). Primitives that
+//! must wait for an answer (DNS resolution) are to be made yielding coroutines so a hook never
+//! blocks its loop.
 
 pub mod api;
 pub mod engine;
@@ -68,6 +70,7 @@ impl Services {
             .map(|b| Target {
                 uri: bytes::Bytes::from(b.contact),
                 q: b.q,
+                route: b.path.into_iter().map(bytes::Bytes::from).collect(),
             })
             .collect()
     }
