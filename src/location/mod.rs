@@ -340,23 +340,38 @@ impl MemoryLocation {
 
     /// [`LocationStore::sweep`], with `persist` told each AOR that lost bindings. A failed
     /// write is logged and memory is swept anyway: expired bindings are ignored on load.
+    /// A shard is locked once to find its AORs with expired bindings, then once per such AOR,
+    /// so a large sweep never holds a shard (and the event loops using it) for more than one
+    /// AOR's write.
     pub fn sweep_persisting(&self, now: SystemTime, persist: Persist<'_>) -> usize {
         let mut removed = 0;
         for shard in &self.shards {
-            let mut shard = lock(shard);
-            shard.retain(|aor, bindings| {
+            let expiring: Vec<String> = lock(shard)
+                .iter()
+                .filter(|(_, bindings)| bindings.iter().any(|b| !b.is_live(now)))
+                .map(|(aor, _)| aor.clone())
+                .collect();
+            for aor in expiring {
+                let mut shard = lock(shard);
+                let Some(bindings) = shard.get_mut(&aor) else {
+                    continue;
+                };
                 let before = bindings.len();
                 bindings.retain(|b| b.is_live(now));
-                if bindings.len() < before {
-                    removed += before - bindings.len();
-                    if let Err(error) = persist(aor, bindings) {
-                        tracing::warn!(%aor, %error, "location store: could not remove expired bindings from disk");
-                    }
+                let gone = before - bindings.len();
+                if gone == 0 {
+                    continue;
                 }
-                !bindings.is_empty()
-            });
+                removed += gone;
+                self.count.fetch_sub(gone, Ordering::AcqRel);
+                if let Err(error) = persist(&aor, bindings) {
+                    tracing::warn!(%aor, %error, "location store: could not remove expired bindings from disk");
+                }
+                if bindings.is_empty() {
+                    shard.remove(&aor);
+                }
+            }
         }
-        self.count.fetch_sub(removed, Ordering::AcqRel);
         removed
     }
 
