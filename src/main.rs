@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use tracing::info;
 use tracing_subscriber::EnvFilter;
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use moonroute::config::{Config, Overrides};
 use moonroute::control::{ControlServer, Reply};
@@ -78,7 +78,8 @@ struct CtlArgs {
     /// The control socket (overrides the configuration).
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
-    /// The command and its arguments: reload, status.
+    /// The command and its arguments: reload, status, ul show [AOR], ul rm AOR [CONTACT],
+    /// ul add AOR CONTACT [EXPIRES], ul count.
     #[arg(required = true, trailing_var_arg = true)]
     command: Vec<String>,
 }
@@ -290,17 +291,30 @@ async fn sweep_expired(host: Arc<ScriptHost>) {
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     loop {
         tick.tick().await;
-        let services = host.services();
-        let keys = services.kv.sweep(std::time::Instant::now());
-        let bindings = services
-            .registrar
-            .as_ref()
-            .map_or(0, |r| r.store().sweep(std::time::SystemTime::now()));
-        if keys + bindings > 0 {
-            tracing::debug!(keys, bindings, "expired entries removed");
+        let services = host.services().clone();
+        // The location sweep writes to disk: off this runtime, which also serves the control
+        // socket and the signals.
+        let swept = tokio::task::spawn_blocking(move || {
+            let keys = services.kv.sweep(std::time::Instant::now());
+            let bindings = services
+                .registrar
+                .as_ref()
+                .map_or(0, |r| r.store().sweep(std::time::SystemTime::now()));
+            (keys, bindings)
+        })
+        .await;
+        match swept {
+            Ok((keys, bindings)) if keys + bindings > 0 => {
+                tracing::debug!(keys, bindings, "expired entries removed");
+            }
+            Ok(_) => {}
+            Err(error) => tracing::error!(%error, "the sweep of expired entries failed"),
         }
     }
 }
+
+/// What `moonroute ctl` can ask, for the error replies.
+const COMMANDS: &str = "reload, status, ul show|rm|add|count";
 
 fn control_handler(host: Arc<ScriptHost>) -> moonroute::control::Handler {
     Arc::new(
@@ -317,17 +331,29 @@ fn control_handler(host: Arc<ScriptHost>) -> moonroute::control::Handler {
             },
             Some("status") => {
                 let (reloads, failed) = host.reload_counts();
+                let bindings = host
+                    .services()
+                    .registrar
+                    .as_ref()
+                    .map_or(0, |r| r.store().count());
                 Reply::ok(format!(
-                "moonroute {}\nscript: {} (version {})\nreloads: {reloads} accepted, {failed} refused\n",
+                "moonroute {}\nscript: {} (version {})\nreloads: {reloads} accepted, {failed} refused\nlocation: {bindings} bindings\n",
                 env!("CARGO_PKG_VERSION"),
                 host.path().display(),
                 host.version()
             ))
             }
-            Some(other) => Reply::error(format!(
-                "unknown command {other:?}; commands: reload, status"
-            )),
-            None => Reply::error("no command given; commands: reload, status"),
+            // The control server runs this handler on tokio's blocking pool (spawn_blocking),
+            // never on a SIP event loop: `ul`'s wait for the disk flush (at most 10 s, see
+            // `control::ul`) blocks only that pool thread, so no `block_in_place` is needed.
+            Some("ul") => match &host.services().registrar {
+                Some(registrar) => {
+                    moonroute::control::ul::command(&args[1..], registrar, SystemTime::now())
+                }
+                None => Reply::error("ul: this server has no registrar (no location database)"),
+            },
+            Some(other) => Reply::error(format!("unknown command {other:?}; commands: {COMMANDS}")),
+            None => Reply::error(format!("no command given; commands: {COMMANDS}")),
         },
     )
 }
@@ -433,6 +459,35 @@ mod tests {
         assert_eq!(overrides.data_dir, Some(PathBuf::from("d")));
         assert_eq!(overrides.log_level.as_deref(), Some("debug"));
         assert_eq!(overrides.workers, Some(2));
+    }
+
+    #[test]
+    fn ctl_passes_the_ul_arguments_through() {
+        let cli = Cli::try_parse_from([
+            "moonroute",
+            "ctl",
+            "--socket",
+            "x.ctl",
+            "ul",
+            "add",
+            "sip:alice@example.com",
+            "<sip:alice@192.0.2.1;transport=tcp>",
+            "0",
+        ])
+        .unwrap();
+        let Some(Command::Ctl(args)) = cli.command else {
+            panic!("expected ctl");
+        };
+        assert_eq!(
+            args.command,
+            [
+                "ul",
+                "add",
+                "sip:alice@example.com",
+                "<sip:alice@192.0.2.1;transport=tcp>",
+                "0"
+            ]
+        );
     }
 
     #[test]

@@ -4,8 +4,11 @@
 //! This module owns the Unix stream socket (by default `var/moonroute.ctl`, see
 //! [`crate::config::Control`]), the wire protocol spoken on it, and both ends of it: the
 //! [`ControlServer`] the running server listens with, and the blocking client ([`send`],
-//! [`ctl_main`]) behind `moonroute ctl`. It does not know any command: what `reload` or `status`
-//! mean is decided by the [`Handler`] the caller installs.
+//! [`ctl_main`]) behind `moonroute ctl`. The socket itself does not know any command: what
+//! `reload` or `status` mean is decided by the [`Handler`] the caller installs.
+//!
+//! - [`ul`]: the `ul show|rm|add|count` commands on the location database (Kamailio's
+//!   `kamctl ul`), which `moonroute`'s handler runs for `ul`.
 //!
 //! # Wire protocol
 //!
@@ -35,6 +38,7 @@
 
 mod client;
 mod server;
+pub mod ul;
 
 use std::sync::Arc;
 use std::time::Duration;
