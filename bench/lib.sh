@@ -88,3 +88,206 @@ print_call_stats() {
     | sed 's/^ResponseTimeRepartitioninvite_//' | tr '\n' ' ' | sed 's/^/ /'
   echo
 }
+
+# --- registrar and location benches (register.sh, location_scale.sh) ---
+
+# moonroute_bin: the binary to run. MOONROUTE=path uses that one as is; otherwise builds the
+# release binary (cargo build --release) and uses it from ${CARGO_TARGET_DIR:-target}.
+moonroute_bin() {
+  if [ -n "${MOONROUTE:-}" ]; then
+    [ -x "$MOONROUTE" ] || { echo "MOONROUTE=$MOONROUTE is not an executable" >&2; return 1; }
+    echo "$MOONROUTE"
+  else
+    cargo build --release --quiet >&2
+    echo "${CARGO_TARGET_DIR:-target}/release/moonroute"
+  fi
+}
+
+# need_free_udp_port PORT: fail when something already listens on udp PORT. The server binds
+# with SO_REUSEPORT, so a second server on the same port would start and share the load.
+need_free_udp_port() {
+  if ss -Hulnp "sport = :$1" 2>/dev/null | grep -q .; then
+    echo "udp port $1 is already in use (another server or bench?); set PORT/SIPP_PORT:" >&2
+    ss -Hulnp "sport = :$1" >&2
+    exit 1
+  fi
+}
+
+# need_alive PID LOG: exit 1, showing the end of LOG, when the server PID is gone.
+need_alive() {
+  if ! kill -0 "$1" 2>/dev/null; then
+    echo "moonroute exited during the run; the end of its log:" >&2
+    tail -20 "$2" >&2
+    exit 1
+  fi
+}
+
+# du_kb DIR: disk usage of DIR in kB (0 when it does not exist).
+du_kb() { if [ -e "$1" ]; then du -sk "$1" | cut -f1; else echo 0; fi; }
+
+# rss_kb PID / hwm_kb PID: VmRSS / VmHWM (peak RSS) of PID in kB.
+rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
+hwm_kb() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status"; }
+
+# cpu_snapshot: "busy total" jiffies of cpu0 and cpu1 from /proc/stat, one line
+# ("b0 t0 b1 t1"); busy excludes idle and iowait. cpu_busy_pct BEFORE AFTER prints the busy
+# percentage of each CPU in between: what the whole machine (not only the bench) did there.
+# Busy time is sampled at the timer tick while idle time is exact (tickless kernels), so work
+# in short bursts (a server answering datagrams) is undercounted; a compiler hogging a CPU
+# shows. sched_wait_ms PID below is the exact measure of contention for the server.
+cpu_snapshot() {
+  awk '$1 == "cpu0" || $1 == "cpu1" { busy = $2+$3+$4+$7+$8+$9; printf "%d %d ", busy, busy+$5+$6 }
+       END { print "" }' /proc/stat
+}
+cpu_busy_pct() {
+  local -a b=($1) a=($2)
+  awk -v b0="${b[0]}" -v t0="${b[1]}" -v b1="${b[2]}" -v t1="${b[3]}" \
+      -v a0="${a[0]}" -v u0="${a[1]}" -v a1="${a[2]}" -v u1="${a[3]}" 'BEGIN {
+    printf "cpu0 %.0f%% busy, cpu1 %.0f%% busy", \
+      (u0 > t0 ? 100 * (a0 - b0) / (u0 - t0) : 0), (u1 > t1 ? 100 * (a1 - b1) / (u1 - t1) : 0) }'
+}
+
+# udp_counters: "RcvbufErrors SndbufErrors" of the network namespace (/proc/net/snmp): UDP
+# datagrams dropped because a socket's buffer was full, by every socket of the machine (on an
+# otherwise quiet loopback: the bench's). udp_drops BEFORE AFTER prints the difference.
+udp_counters() {
+  awk '$1 == "Udp:" { if (!h) { for (i = 2; i <= NF; i++) col[$i] = i; h = 1 }
+                      else { print $col["RcvbufErrors"], $col["SndbufErrors"] } }' /proc/net/snmp
+}
+udp_drops() {
+  local -a b=($1) a=($2)
+  echo "receive-buffer drops $((a[0] - b[0])), send-buffer drops $((a[1] - b[1]))"
+}
+
+# socket_drops PORT: datagrams the kernel dropped on the UDP socket(s) bound to 127.0.0.1:PORT
+# (ss skmem d), summed; empty when nothing listens.
+socket_drops() {
+  ss -Huanm "sport = :$1" 2>/dev/null | grep -oE 'skmem:\([^)]*\)' | grep -oE ',d[0-9]+' | tr -d ',d' \
+    | awk '{ s += $1; n++ } END { if (n) print s }'
+}
+
+# sched_wait_ms PID: milliseconds the threads of PID (those alive now) have spent runnable but
+# waiting for a CPU (field 2 of /proc/PID/task/*/schedstat, exact): with the server pinned to
+# one CPU, time another task (another process, or one of its own threads) held that CPU.
+sched_wait_ms() {
+  cat /proc/"$1"/task/*/schedstat 2>/dev/null | awk '{ s += $2 } END { printf "%d", s / 1e6 }'
+}
+
+# thread_times PID: one line per thread of PID: "TID NAME RUN_NS WAIT_NS" (schedstat: time on
+# a CPU, time runnable but waiting). thread_times_diff BEFORE_FILE AFTER_FILE prints, per thread
+# name (threads of one name summed), the CPU and run-queue milliseconds in between.
+thread_times() {
+  local t
+  for t in /proc/"$1"/task/*; do
+    [ -r "$t/schedstat" ] || continue
+    echo "${t##*/} $(tr ' ' '_' <"$t/comm") $(cut -d' ' -f1,2 "$t/schedstat")"
+  done 2>/dev/null
+}
+thread_times_diff() {
+  awk 'NR == FNR { run[$1] = $3; wait[$1] = $4; next }
+       { r[$2] += ($3 - run[$1]) / 1e6; w[$2] += ($4 - wait[$1]) / 1e6 }
+       END { for (n in r) if (r[n] >= 1 || w[n] >= 1) printf " %s %.0f/%.0f", n, r[n], w[n] }' "$1" "$2"
+}
+
+# write_location_config FILE: a moonroute config for the registrar benches, from the variables
+# PORT, DATA_DIR, CTL, STORE (sled|memory), WORKERS, LOG_LEVEL, MAX_BINDINGS, CACHE_MB, and
+# MAX_TRANSACTIONS when set (limits.max_transactions; the server's default otherwise).
+# default.lua registers AORs of the listen address; no script watcher.
+write_location_config() {
+  if [ -n "${MAX_TRANSACTIONS:-}" ]; then
+    printf '[limits]\nmax_transactions = %s\n\n' "$MAX_TRANSACTIONS" >"$1.limits"
+  else
+    : >"$1.limits"
+  fi
+  cat >"$1" <<TOML
+listen = ["udp:127.0.0.1:$PORT"]
+script = "$PWD/scripts/default.lua"
+data_dir = "$DATA_DIR"
+log_level = "$LOG_LEVEL"
+workers = $WORKERS
+
+[lua]
+watch = false
+
+[control]
+socket = "$CTL"
+
+[location]
+store = "$STORE"
+max_bindings = $MAX_BINDINGS
+cache_mb = $CACHE_MB
+
+TOML
+  cat "$1.limits" >>"$1" && rm -f "$1.limits"
+}
+
+# stop_server PID [SECONDS]: SIGTERM, then wait (bounded, default 30 s) for it to exit; KILL
+# if it does not. Prints "exited in X s (status N)" or "KILLED after X s". Only for processes
+# the script started.
+stop_server() {
+  local pid=$1 limit=${2:-30} t0 status=0
+  [ -n "$pid" ] || return 0
+  kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || status=$?; echo "already exited (status $status)"; return 0; }
+  t0=$(date +%s.%N)
+  kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 1 $((limit * 20))); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.05
+  done
+  if kill -0 "$pid" 2>/dev/null; then
+    kill -9 "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    printf 'KILLED after %.1f s (SIGTERM ignored)\n' "$(echo "$(date +%s.%N) - $t0" | bc -l)"
+    return 1
+  fi
+  wait "$pid" 2>/dev/null || status=$?
+  printf 'exited in %.2f s (status %s)\n' "$(echo "$(date +%s.%N) - $t0" | bc -l)" "$status"
+}
+
+# run_register_uac DEST_PORT RATE COUNT TIMEOUT DIR: SIPp on CPU 1 (127.0.0.1:$SIPP_PORT,
+# default 15170) sending COUNT REGISTERs at RATE/s to udp 127.0.0.1:DEST_PORT, at most
+# $MAX_CALLS (default 5000) outstanding. bench/register_uac.xml (a new AOR u<call_number> per
+# call), or with $USERS set bench/register_refresh_uac.xml over USERS users reused round-robin.
+# SIPp's default BYE for an aborted call is off: a REGISTER has no dialog to end.
+# Background + wait, so an EXIT trap can stop it (UAC_PID).
+run_register_uac() {
+  local dport=$1 rate=$2 count=$3 timeout=$4 dir=$5 scenario=(-sf bench/register_uac.xml)
+  if [ -n "${USERS:-}" ]; then
+    { echo SEQUENTIAL; seq -f 'r%g' 1 "$USERS"; } >"$dir/users.csv"
+    scenario=(-sf bench/register_refresh_uac.xml -inf "$dir/users.csv")
+  fi
+  taskset -c 1 sipp "${scenario[@]}" -i 127.0.0.1 -p "${SIPP_PORT:-15170}" \
+    -r "$rate" -m "$count" -l "${MAX_CALLS:-5000}" -default_behaviors all,-bye \
+    -timeout "$timeout" -timeout_error -trace_stat -fd 1 -stf "$dir/uac-stat.csv" \
+    -trace_err -error_file "$dir/uac-errors.log" \
+    127.0.0.1:"$dport" -nostdin >"$dir/uac.log" 2>&1 &
+  UAC_PID=$!
+  wait "$UAC_PID" || true
+  UAC_PID=
+}
+
+# print_register_stats DIR: counts from the SIPp stat file (sets OK and FAILED), the kinds of
+# failure, retransmissions, the REGISTER->200 response-time repartition, and the status lines
+# of unexpected responses found in the SIPp error file.
+print_register_stats() {
+  local dir=$1 f col v extra=
+  OK=$(stat_field "$dir/uac-stat.csv" 'SuccessfulCall(C)' || echo 0)
+  FAILED=$(stat_field "$dir/uac-stat.csv" 'FailedCall(C)' || echo '?')
+  for col in 'Retransmissions(C)' 'FailedMaxUDPRetrans(C)' 'FailedUnexpectedMessage(C)' \
+             'FailedCallRejected(C)' 'FailedCmdNotSent(C)' 'FailedRegexpDoesntMatch(C)' \
+             'FailedOutboundCongestion(C)' 'FailedTimeoutOnRecv(C)' 'FailedTimeoutOnSend(C)' \
+             'OutOfCallMsgs(C)' 'DeadCallMsgs(C)' 'AutoAnswered(C)'; do
+    v=$(stat_field "$dir/uac-stat.csv" "$col" 2>/dev/null || true)
+    if [ -n "$v" ] && [ "$v" != 0 ]; then extra+=" ${col%(C)}=$v"; fi
+  done
+  printf 'REGISTER ok: %s  failed: %s%s\n' "$OK" "$FAILED" "${extra:+  (}${extra# }${extra:+)}"
+  printf 'REGISTER->200 response time (ms buckets: count):'
+  stat_columns "$dir/uac-stat.csv" 'ResponseTimeRepartitionregister_' \
+    | sed 's/^ResponseTimeRepartitionregister_//' | tr '\n' ' ' | sed 's/^/ /'
+  echo
+  f=$dir/uac-errors.log
+  if [ -s "$f" ]; then
+    echo "unexpected responses in the SIPp error file (status: occurrences):" \
+      "$(grep -aoE "received 'SIP/2\.0 [0-9]{3}" "$f" | sort | uniq -c | awk '{printf " %s: %s", $4, $1}')"
+  fi
+}

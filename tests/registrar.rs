@@ -234,7 +234,13 @@ impl Register {
     /// Sends it from `ua` to `registrar` and returns the answer (there are no provisional
     /// responses to a REGISTER here). Asserts the answer is this request's.
     async fn send(self, ua: &mut TestUa, registrar: SocketAddr) -> Message {
-        let n = unique();
+        let request = self.raw(ua.local, registrar, unique());
+        ua.send_raw(request.as_bytes(), registrar).await;
+        self.answer(ua).await
+    }
+
+    /// The request's text, from `local` to `registrar`; `n` makes its branch and From tag.
+    fn raw(&self, local: SocketAddr, registrar: SocketAddr, n: u64) -> String {
         let mut request = format!(
             "REGISTER sip:{registrar} SIP/2.0\r\n\
              Via: SIP/2.0/UDP {};branch=z9hG4bK-reg-{n};rport\r\n\
@@ -243,7 +249,7 @@ impl Register {
              To: <{}>\r\n\
              Call-ID: {}\r\n\
              CSeq: {} REGISTER\r\n",
-            ua.local, self.aor, self.aor, self.call_id, self.cseq
+            local, self.aor, self.aor, self.call_id, self.cseq
         );
         for contact in &self.contacts {
             request += &format!("Contact: {contact}\r\n");
@@ -255,7 +261,11 @@ impl Register {
             request += &format!("{name}: {value}\r\n");
         }
         request += "Content-Length: 0\r\n\r\n";
-        ua.send_raw(request.as_bytes(), registrar).await;
+        request
+    }
+
+    /// The next response `ua` gets, asserted to answer this request.
+    async fn answer(&self, ua: &mut TestUa) -> Message {
         let response = ua.recv_response(WAIT).await;
         let cseq = response.cseq().unwrap();
         assert!(
@@ -730,6 +740,44 @@ async fn same_call_id_with_lower_cseq_is_refused() {
         .await;
     expect_status(&ok, 200);
     assert_eq!(listed(&ok), vec![]);
+}
+
+/// A retransmitted REGISTER (the same datagram again, after its 200) gets the same answer and
+/// changes nothing. The registrar keeps no transaction once it has answered (like Kamailio's
+/// stateless reply), so the copy runs the script again and the registrar recognizes the
+/// request it already applied by its Call-ID and CSeq.
+#[tokio::test]
+async fn a_retransmitted_register_gets_the_same_answer() {
+    let (proxy, _dir) = start_fresh();
+    // A plain socket: a test UA would absorb the second 200 as a retransmission.
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let local = socket.local_addr().unwrap();
+    let contact = format!("sip:rita@{local}");
+    let rita = aor("rita");
+    let raw = Register::new(&rita)
+        .contact(&format!("<{contact}>"))
+        .expires(600)
+        .raw(local, proxy.udp, unique());
+    let mut answers = Vec::new();
+    for _ in 0..2 {
+        socket.send_to(raw.as_bytes(), proxy.udp).await.unwrap();
+        let mut buf = vec![0; 65536];
+        let (n, _) = tokio::time::timeout(WAIT, socket.recv_from(&mut buf))
+            .await
+            .expect("an answer to the REGISTER")
+            .unwrap();
+        buf.truncate(n);
+        answers.push(Message::parse(bytes::Bytes::from(buf)).unwrap());
+    }
+    let (first, second) = (&answers[0], &answers[1]);
+    expect_status(first, 200);
+    expect_status(second, 200);
+    assert_eq!(first.to().unwrap().tag(), second.to().unwrap().tag());
+    let uris = |m: &Message| listed(m).into_iter().map(|l| l.uri).collect::<Vec<_>>();
+    assert_eq!(uris(first), std::slice::from_ref(&contact));
+    assert_eq!(uris(second), [contact]);
+    let mut ua = TestUa::udp("rita").await;
+    assert_eq!(query(&mut ua, proxy.udp, &rita).await.len(), 1);
 }
 
 // ----- expiry --------------------------------------------------------------------------------

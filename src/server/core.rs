@@ -458,7 +458,28 @@ impl Core {
                 // The flush may have completed before the subscription.
                 self.release_parked(now, next);
             }
-            _ => self.transactions.respond(tx, code, response, now, next),
+            _ => self.send_answer(tx, request, code, response, now, next),
+        }
+    }
+
+    /// Sends an answer decided here through its server transaction. A REGISTER's transaction
+    /// then ends at once, as with Kamailio's `sl_send_reply` (§8.2.7 allows a stateless UAS):
+    /// kept, it would hold ~2 KB for Timer J's 32 s per registration and cap a loop at a few
+    /// thousand registrations per second. A retransmission runs the script again, and the
+    /// registrar answers a request it already applied (same Call-ID and CSeq) with the same
+    /// 200 without writing anything (see `registrar::process`).
+    fn send_answer(
+        &mut self,
+        tx: TxId,
+        request: &Message,
+        code: u16,
+        response: Bytes,
+        now: Instant,
+        next: &mut Vec<LayerOutput>,
+    ) {
+        self.transactions.respond(tx, code, response, now, next);
+        if code >= 200 && request.method() == Some(&Method::Register) {
+            self.transactions.abandon_server(tx);
         }
     }
 
@@ -482,16 +503,19 @@ impl Core {
                 break;
             };
             match failure {
-                None => {
-                    self.transactions
-                        .respond(parked.tx, parked.code, parked.response, now, next)
-                }
+                None => self.send_answer(
+                    parked.tx,
+                    &parked.request,
+                    parked.code,
+                    parked.response,
+                    now,
+                    next,
+                ),
                 Some(error) => {
                     warn!(call_id = %Lossy(parked.request.call_id().unwrap_or(b"")), %error, "location store write not durable: answering 500");
                     let reason = format!("Server Internal Error (location store: {error})");
                     let response = self.build_response(&parked.request, 500, &reason, &[]);
-                    self.transactions
-                        .respond(parked.tx, 500, response, now, next);
+                    self.send_answer(parked.tx, &parked.request, 500, response, now, next);
                 }
             }
         }

@@ -52,9 +52,19 @@ fn bind_one(addr: SocketAddr, group_size: usize) -> io::Result<Socket> {
         socket.set_only_v6(true)?;
     }
     socket.set_nonblocking(true)?;
+    // Best effort: the kernel caps it at net.core.rmem_max (and doubles it for bookkeeping).
+    // A failure leaves the default, which only makes bursts likelier to drop.
+    let _ = socket.set_recv_buffer_size(RECV_BUFFER);
     socket.bind(&addr.into())?;
     Ok(socket)
 }
+
+/// The receive buffer asked for each UDP socket. The Linux default (~208 KiB, ~300 SIP
+/// datagrams with their overhead) overflows when a loop pauses for a millisecond or two under
+/// load (a hash map growing, a flush): every dropped datagram costs the sender a 500 ms
+/// retransmission (T1). 4 MiB holds a few thousand datagrams; Kamailio raises its buffer for
+/// the same reason.
+const RECV_BUFFER: usize = 4 << 20;
 
 /// Fails if a socket outside this server already holds `addr`: SO_REUSEPORT would otherwise
 /// let two servers silently split the traffic. Only meaningful for a fixed port.

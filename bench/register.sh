@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# Load the registrar of a release moonroute with SIPp REGISTERs, on loopback only.
+#
+#   bench/register.sh [RATE] [COUNT]        defaults: 2000 REGISTER/s, 20000 REGISTERs
+#
+# SIPp (127.0.0.1:15170, CPU 1) -> moonroute (udp:127.0.0.1:15160, scripts/default.lua, CPU 0).
+# Each REGISTER adds a new AOR sip:u<N>@127.0.0.1:15160 with one binding (bench/register_uac.xml);
+# with USERS=U the same U AORs are registered round-robin (bench/register_refresh_uac.xml), so
+# after the first U every REGISTER refreshes a binding. The server starts on a fresh temporary
+# data_dir with its own temporary config (location.store = $STORE, no script watcher, control
+# socket in the temporary directory, log_level warn) and is stopped with SIGTERM at the end.
+# With the durable store (sled, the default) the 200 OK waits for the group-commit flush that
+# covers the write, so the response time includes that wait.
+#
+# Prints: achieved REGISTER/s, successful/failed REGISTERs (and SIPp's failure kinds and
+# retransmissions), the REGISTER->200 response-time repartition, the server's CPU time over the
+# run (utime+stime from /proc/PID/stat) and per 1000 REGISTERs, how long it waited for its CPU
+# (run-queue time: another process or one of its own threads held CPU 0) and the busy share of
+# CPU 0 and CPU 1 (other processes included: check the machine is not loaded), UDP datagrams
+# dropped on full socket buffers (each one costs SIPp a retransmission, 500 ms), its RSS at
+# the end, the store size on disk, and how long the SIGTERM shutdown took.
+# Bounded: COUNT REGISTERs at most $MAX_CALLS outstanding, and SIPp gives up after $TIMEOUT.
+#
+# Environment: STORE (sled|memory, default sled), WORKERS (event loops, default 1),
+# SERVER_CPUS (taskset list for the server, default 0), USERS (refresh mode, see above),
+# MAX_CALLS (SIPp -l, default 5000), TIMEOUT (SIPp -timeout, default 3 x COUNT/RATE + 30 s),
+# CACHE_MB (sled page cache, default 16), MAX_BINDINGS (default 1000000 or 2 x COUNT),
+# MAX_TRANSACTIONS (limits.max_transactions; default: the server's, 100000 per event loop. Each
+# REGISTER's transaction lives 32 s after its 200 (Timer J = 64 x T1 over UDP), so beyond
+# about 100000 REGISTERs in 32 s the server answers 503),
+# PORT (default 15160), SIPP_PORT (default 15170), MOONROUTE (binary to run; default: build and
+# run target/release/moonroute), KEEP=1 keeps the temporary directory.
+# Exits 1 when any REGISTER failed (the SIPp logs and the server log are then kept).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source bench/lib.sh
+rate=${1:-2000}
+count=${2:-20000}
+PORT=${PORT:-15160}
+need_free_udp_port "$PORT"
+need_free_udp_port "${SIPP_PORT:-15170}"
+STORE=${STORE:-sled}
+WORKERS=${WORKERS:-1}
+LOG_LEVEL=${LOG_LEVEL:-warn}
+CACHE_MB=${CACHE_MB:-16}
+MAX_BINDINGS=${MAX_BINDINGS:-$(( 2 * count > 1000000 ? 2 * count : 1000000 ))}
+timeout=${TIMEOUT:-$(( 3 * count / rate + 30 ))s}
+need_sipp
+bin=$(moonroute_bin)
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/moonroute-register.XXXXXX")
+DATA_DIR=$work/data
+CTL=$work/ctl
+UAC_PID= server=
+cleanup() {
+  stop_pid "$UAC_PID"
+  if [ -n "$server" ]; then stop_server "$server" >/dev/null || true; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+write_location_config "$work/moonroute.toml"
+taskset -c "${SERVER_CPUS:-0}" "$bin" run --config "$work/moonroute.toml" 2>"$work/moonroute.log" &
+server=$!
+if ! wait_udp_port "$PORT" 200 || ! kill -0 "$server" 2>/dev/null; then
+  echo "moonroute did not start on udp:127.0.0.1:$PORT:" >&2
+  cat "$work/moonroute.log" >&2
+  exit 1
+fi
+
+echo "moonroute $bin: store=$STORE workers=$WORKERS (CPU ${SERVER_CPUS:-0}), SIPp on CPU 1;" \
+  "offered $rate REGISTER/s x $count${USERS:+ over $USERS users (refresh)}"
+echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
+rss_start=$(rss_kb "$server")
+ticks=$(getconf CLK_TCK)
+cpu_before=$(cpu_ticks "$server")
+snap_before=$(cpu_snapshot)
+wait_before=$(sched_wait_ms "$server")
+thread_times "$server" >"$work/threads-before"
+udp_before=$(udp_counters)
+start=$(date +%s.%N)
+run_register_uac "$PORT" "$rate" "$count" "$timeout" "$work"
+end=$(date +%s.%N)
+need_alive "$server" "$work/moonroute.log"
+snap_after=$(cpu_snapshot)
+wait_after=$(sched_wait_ms "$server")
+thread_times "$server" >"$work/threads-after"
+udp_after=$(udp_counters)
+drops=$(socket_drops "$PORT")
+cpu_after=$(cpu_ticks "$server")
+rss_end=$(rss_kb "$server")
+hwm_end=$(hwm_kb "$server")
+du_live=$(du_kb "$DATA_DIR")
+
+print_register_stats "$work"
+wall=$(echo "$end - $start" | bc -l)
+cpu_s=$(echo "($cpu_after - $cpu_before) / $ticks" | bc -l)
+printf 'wall: %.2f s  offered: %s REGISTER/s  achieved: %.1f REGISTER/s (successful / wall)\n' \
+  "$wall" "$rate" "$(echo "$OK / $wall" | bc -l)"
+if [ "$OK" -gt 0 ]; then
+  printf 'server CPU: %.2f s  => %.1f CPU ms per 1000 REGISTERs  => %.0f REGISTER/s per core at 100%% CPU\n' \
+    "$cpu_s" "$(echo "$cpu_s * 1000000 / $OK" | bc -l)" \
+    "$(if [ "$(echo "$cpu_s > 0" | bc)" = 1 ]; then echo "$OK / $cpu_s" | bc -l; else echo 0; fi)"
+else
+  printf 'server CPU: %.2f s  (no successful REGISTER)\n' "$cpu_s"
+fi
+echo "server waited for its CPU (run queue) $((wait_after - wait_before)) ms over the run;" \
+  "machine (tick-sampled): $(cpu_busy_pct "$snap_before" "$snap_after");" \
+  "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "server threads over the run (name CPU ms/run-queue ms):$(thread_times_diff "$work/threads-before" "$work/threads-after")"
+echo "UDP over the run (all sockets): $(udp_drops "$udp_before" "$udp_after");" \
+  "dropped on the server's socket: ${drops:-?}"
+echo "server RSS: ${rss_start} kB at start, ${rss_end} kB at the end (peak ${hwm_end} kB)"
+# `ctl ul count` where the binary has it: what the store holds (unexpired bindings).
+if counts=$("$bin" ctl --socket "$CTL" ul count 2>/dev/null) && [[ $counts == *bindings* ]]; then
+  echo "location (ctl ul count): $(echo "$counts" | tr '\n' ' ')"
+fi
+printf 'server stop (SIGTERM): '
+stop_server "$server" 30 || true
+server=
+du_stopped=$(du_kb "$DATA_DIR")
+echo "store on disk (du -sk data_dir): ${du_live} kB while running, ${du_stopped} kB after the stop"
+warnings=$(grep -c . "$work/moonroute.log" || true)
+if [ "$warnings" != 0 ]; then
+  echo "server log: $warnings lines at $LOG_LEVEL or above, first ones:"
+  head -5 "$work/moonroute.log" | cut -c1-300
+fi
+if [ "$FAILED" != 0 ] || [ "$OK" = 0 ]; then
+  echo "some REGISTERs failed: SIPp logs, error file and server log kept in $work" >&2
+  exit 1
+fi
+if [ -n "${KEEP:-}" ]; then echo "kept $work"; else rm -rf "$work"; fi
