@@ -136,6 +136,7 @@ pub struct CommitLog {
     /// Signalled after every flush.
     flushed: Condvar,
     subscribers: Mutex<Vec<Arc<Notify>>>,
+    flushes: AtomicU64,
 }
 
 impl CommitLog {
@@ -194,8 +195,14 @@ impl CommitLog {
 
     /// The flusher's body: waits for unflushed writes, flushes them with `flush` (which must
     /// make every write completed before it was called durable), publishes the result, and
-    /// repeats until [`CommitLog::close`]. Writes arriving during a flush share the next one.
-    pub fn run_flusher(&self, mut flush: impl FnMut() -> Result<(), String>) {
+    /// repeats until [`CommitLog::close`]. Writes arriving during a flush share the next one;
+    /// flushes start at least `min_interval` apart.
+    pub fn run_flusher(
+        &self,
+        min_interval: Duration,
+        mut flush: impl FnMut() -> Result<(), String>,
+    ) {
+        let mut last_start = None;
         loop {
             let (target, closing) = {
                 let mut progress = self.lock();
@@ -213,6 +220,16 @@ impl CommitLog {
                         .unwrap_or_else(|p| p.into_inner());
                 }
             };
+            // Under load, writes keep coming while a flush runs; flushing again at once would
+            // cover a handful each. Spacing flush starts by `min_interval` lets a batch grow
+            // (a quiet store flushes at once: its last flush is long past).
+            if let Some(wait) =
+                last_start.and_then(|t: Instant| min_interval.checked_sub(t.elapsed()))
+            {
+                std::thread::sleep(wait);
+            }
+            last_start = Some(Instant::now());
+            self.flushes.fetch_add(1, Ordering::Relaxed);
             let result = flush();
             {
                 let mut progress = self.lock();
@@ -235,6 +252,14 @@ impl CommitLog {
         }
     }
 
+    /// Flushes done so far, and writes numbered: their ratio is the average batch.
+    pub fn stats(&self) -> (u64, u64) {
+        (
+            self.flushes.load(Ordering::Relaxed),
+            self.written.load(Ordering::Relaxed),
+        )
+    }
+
     /// Makes the flusher do a last flush and return.
     pub fn close(&self) {
         self.lock().closing = true;
@@ -254,7 +279,7 @@ mod tests {
         let flusher = {
             let (log, flushes) = (Arc::clone(&log), Arc::clone(&flushes));
             std::thread::spawn(move || {
-                log.run_flusher(|| {
+                log.run_flusher(Duration::ZERO, || {
                     flushes.fetch_add(1, Ordering::SeqCst);
                     Ok(())
                 })
@@ -279,7 +304,7 @@ mod tests {
         let flusher = {
             let log = Arc::clone(&log);
             std::thread::spawn(move || {
-                log.run_flusher(move || {
+                log.run_flusher(Duration::ZERO, move || {
                     calls += 1;
                     if calls == 1 {
                         Err("disk full".to_owned())
@@ -309,7 +334,7 @@ mod tests {
         assert_eq!(log.subscribers.lock().unwrap().len(), 1);
         let flusher = {
             let log = Arc::clone(&log);
-            std::thread::spawn(move || log.run_flusher(|| Ok(())))
+            std::thread::spawn(move || log.run_flusher(Duration::ZERO, || Ok(())))
         };
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
