@@ -61,7 +61,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::Reply;
 use crate::location::{Binding, Commit, LocationStore};
-use crate::registrar::{aor_of, Registrar, MAX_BINDINGS_PER_AOR};
+use crate::registrar::{aor_of, format_q, Registrar, MAX_BINDINGS_PER_AOR};
 use crate::sip::name_addr::parse_delta_seconds;
 use crate::sip::{NameAddr, Uri};
 
@@ -206,23 +206,12 @@ fn write_binding(out: &mut String, b: &Binding, now: SystemTime) {
 
 /// `<uri>;expires=SECONDS_LEFT;q=Q`, the seconds rounded up as in a REGISTER's 200.
 fn contact_line(b: &Binding, now: SystemTime) -> String {
-    let left = b.expires_at.duration_since(now).unwrap_or(Duration::ZERO);
-    let secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
-    format!("<{}>;expires={secs};q={}", clean(&b.contact), format_q(b.q))
-}
-
-/// A q-value in thousandths as a qvalue (RFC 3261 §25.1): 1000 → `1`, 500 → `0.5`, 0 → `0`.
-fn format_q(q: u16) -> String {
-    if q >= 1000 {
-        return "1".to_owned();
-    }
-    let frac = format!("{q:03}");
-    let frac = frac.trim_end_matches('0');
-    if frac.is_empty() {
-        "0".to_owned()
-    } else {
-        format!("0.{frac}")
-    }
+    format!(
+        "<{}>;expires={};q={}",
+        clean(&b.contact),
+        b.seconds_left(now),
+        format_q(b.q)
+    )
 }
 
 /// `text` with control characters (a folded header's line break...) shown as spaces.

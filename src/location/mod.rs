@@ -91,6 +91,16 @@ impl Binding {
     pub fn is_live(&self, now: SystemTime) -> bool {
         self.expires_at > now
     }
+
+    /// Seconds until it expires, rounded up (what a REGISTER's 200 lists, §10.3 step 8);
+    /// 0 once expired.
+    pub fn seconds_left(&self, now: SystemTime) -> u64 {
+        let left = self
+            .expires_at
+            .duration_since(now)
+            .unwrap_or(Duration::ZERO);
+        left.as_secs() + u64::from(left.subsec_nanos() > 0)
+    }
 }
 
 /// Storage of bindings, keyed by normalized AOR. Implementations are shared by every event

@@ -523,8 +523,7 @@ fn build_response(
 }
 
 fn contact_value(b: &Binding, now: SystemTime) -> String {
-    let left = b.expires_at.duration_since(now).unwrap_or(Duration::ZERO);
-    let secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+    let secs = b.seconds_left(now);
     let mut v = format!("<{}>;expires={}", b.contact, secs.min(u64::from(u32::MAX)));
     if b.q < 1000 {
         v.push_str(";q=");
@@ -534,7 +533,7 @@ fn contact_value(b: &Binding, now: SystemTime) -> String {
 }
 
 /// A q-value in thousandths as a qvalue (§25.1): 500 → `0.5`, 0 → `0`, 1000 → `1`.
-fn format_q(q: u16) -> String {
+pub fn format_q(q: u16) -> String {
     if q >= 1000 {
         return "1".to_owned();
     }
