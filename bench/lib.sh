@@ -266,6 +266,46 @@ run_register_uac() {
   UAC_PID=
 }
 
+# bench_workdir NAME: a fresh temporary directory $work (with $DATA_DIR and the control socket
+# path $CTL in it) and traps that stop SIPp ($UAC_PID) and the server ($server) on exit.
+bench_workdir() {
+  work=$(mktemp -d "${TMPDIR:-/tmp}/moonroute-$1.XXXXXX")
+  DATA_DIR=$work/data
+  CTL=$work/ctl
+  UAC_PID= server=
+  trap bench_cleanup EXIT
+  trap 'exit 130' INT TERM
+}
+
+bench_cleanup() {
+  stop_pid "$UAC_PID"
+  if [ -n "$server" ]; then stop_server "$server" >/dev/null || true; fi
+}
+
+# measured_register_run PORT RATE COUNT TIMEOUT DIR SERVER_LOG: run_register_uac against the
+# server $server with snapshots around it: sets cpu_before/cpu_after (CPU ticks),
+# snap_before/snap_after (machine CPU), wait_before/wait_after (run-queue ms), udp_before/
+# udp_after, drops (on the server's socket), start/end (wall clock); writes DIR/threads-before
+# and DIR/threads-after; exits when the server died during the run.
+measured_register_run() {
+  local port=$1 rate=$2 count=$3 timeout=$4 dir=$5 log=$6
+  cpu_before=$(cpu_ticks "$server")
+  snap_before=$(cpu_snapshot)
+  wait_before=$(sched_wait_ms "$server")
+  thread_times "$server" >"$dir/threads-before"
+  udp_before=$(udp_counters)
+  start=$(date +%s.%N)
+  run_register_uac "$port" "$rate" "$count" "$timeout" "$dir"
+  end=$(date +%s.%N)
+  need_alive "$server" "$log"
+  snap_after=$(cpu_snapshot)
+  wait_after=$(sched_wait_ms "$server")
+  thread_times "$server" >"$dir/threads-after"
+  udp_after=$(udp_counters)
+  drops=$(socket_drops "$port")
+  cpu_after=$(cpu_ticks "$server")
+}
+
 # print_register_stats DIR: counts from the SIPp stat file (sets OK and FAILED), the kinds of
 # failure, retransmissions, the REGISTER->200 response-time repartition, and the status lines
 # of unexpected responses found in the SIPp error file.

@@ -6,9 +6,9 @@
 # 1. Starts a release moonroute (scripts/default.lua, location.store = sled on a fresh
 #    temporary data_dir, max_bindings well above N, one worker on CPU 0), records its RSS, has
 #    SIPp (CPU 1) register N distinct AORs (bench/register_uac.xml: sip:u<i>@127.0.0.1:PORT, one
-#    binding each, Expires 3600) at $RATE REGISTER/s and records the RSS again. That RSS also
-#    holds the REGISTERs' server transactions, which live 64 x T1 = 32 s after their 200
-#    (Timer J over UDP), so it is taken a third time $SETTLE s later (default 34; 0 skips it).
+#    binding each, Expires 3600) at $RATE REGISTER/s and records the RSS again (a REGISTER's
+#    server transaction ends with its answer, so this is bindings plus what the burst left in
+#    the allocator); with SETTLE=S it is taken a third time S s later (default 0: skipped).
 #    Each difference over the successful REGISTERs is reported as bytes per binding (the
 #    in-memory index, sled's page cache up to cache_mb, what the allocator keeps).
 # 2. Stops it with SIGTERM (timed) and restarts it on the same data_dir: the restart time is
@@ -21,8 +21,7 @@
 # after 120 s.
 #
 # Environment: RATE (default 5000; lower it if REGISTERs fail), MAX_CALLS (SIPp -l, default
-# 5000), MAX_TRANSACTIONS (limits.max_transactions, default max(100000, 1.5 x N): all N
-# REGISTER transactions may be live at once), TIMEOUT (SIPp -timeout, default 3 x N/RATE +
+# 5000), MAX_TRANSACTIONS (limits.max_transactions; default: the server's), TIMEOUT (SIPp -timeout, default 3 x N/RATE +
 # 30 s), SETTLE, STORE (default sled; memory measures the in-memory store alone and skips the
 # restart), WORKERS (default 1), CACHE_MB (default 16), PORT (default 15160), SIPP_PORT
 # (default 15170), MOONROUTE (binary; default: build and run target/release/moonroute),
@@ -42,24 +41,12 @@ WORKERS=${WORKERS:-1}
 LOG_LEVEL=${LOG_LEVEL:-warn,moonroute::location=info}
 CACHE_MB=${CACHE_MB:-16}
 MAX_BINDINGS=${MAX_BINDINGS:-$(( 4 * n > 1000000 ? 4 * n : 1000000 ))}
-# Each REGISTER's server transaction lives 64 x T1 = 32 s after its 200 (Timer J, UDP), so all
-# N can be live at once: room for them, above the default cap of 100000 per event loop.
-MAX_TRANSACTIONS=${MAX_TRANSACTIONS:-$(( 3 * n / 2 > 100000 ? 3 * n / 2 : 100000 ))}
-settle=${SETTLE:-34}
+settle=${SETTLE:-0}
 timeout=${TIMEOUT:-$(( 3 * n / rate + 30 ))s}
 need_sipp
 bin=$(moonroute_bin)
 
-work=$(mktemp -d "${TMPDIR:-/tmp}/moonroute-location-scale.XXXXXX")
-DATA_DIR=$work/data
-CTL=$work/ctl
-UAC_PID= server=
-cleanup() {
-  stop_pid "$UAC_PID"
-  if [ -n "$server" ]; then stop_server "$server" >/dev/null || true; fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+bench_workdir location-scale
 write_location_config "$work/moonroute.toml"
 status=0
 
@@ -93,21 +80,7 @@ start_server "$work/moonroute-1.log"
 sleep 0.5
 rss0=$(rss_kb "$server")
 ticks=$(getconf CLK_TCK)
-cpu_before=$(cpu_ticks "$server")
-snap_before=$(cpu_snapshot)
-wait_before=$(sched_wait_ms "$server")
-thread_times "$server" >"$work/threads-before"
-udp_before=$(udp_counters)
-start=$(date +%s.%N)
-run_register_uac "$PORT" "$rate" "$n" "$timeout" "$work"
-end=$(date +%s.%N)
-need_alive "$server" "$work/moonroute-1.log"
-snap_after=$(cpu_snapshot)
-wait_after=$(sched_wait_ms "$server")
-thread_times "$server" >"$work/threads-after"
-udp_after=$(udp_counters)
-drops=$(socket_drops "$PORT")
-cpu_after=$(cpu_ticks "$server")
+measured_register_run "$PORT" "$rate" "$n" "$timeout" "$work" "$work/moonroute-1.log"
 sleep 0.5
 rss1=$(rss_kb "$server")
 hwm1=$(hwm_kb "$server")
@@ -131,7 +104,7 @@ ul_count
 if [ "$settle" -gt 0 ]; then
   sleep "$settle"
   rss_settled=$(rss_kb "$server")
-  printf '  server RSS %s s later (REGISTER transactions ended, Timer J = 32 s; the allocator may keep their memory): %s kB => %.0f bytes per binding\n' \
+  printf '  server RSS %s s later (the allocator may keep what the burst used): %s kB => %.0f bytes per binding\n' \
     "$settle" "$rss_settled" \
     "$(if [ "$OK" -gt 0 ]; then echo "($rss_settled - $rss0) * 1024 / $OK" | bc -l; else echo 0; fi)"
 fi

@@ -25,9 +25,8 @@
 # SERVER_CPUS (taskset list for the server, default 0), USERS (refresh mode, see above),
 # MAX_CALLS (SIPp -l, default 5000), TIMEOUT (SIPp -timeout, default 3 x COUNT/RATE + 30 s),
 # CACHE_MB (sled page cache, default 16), MAX_BINDINGS (default 1000000 or 2 x COUNT),
-# MAX_TRANSACTIONS (limits.max_transactions; default: the server's, 100000 per event loop. Each
-# REGISTER's transaction lives 32 s after its 200 (Timer J = 64 x T1 over UDP), so beyond
-# about 100000 REGISTERs in 32 s the server answers 503),
+# MAX_TRANSACTIONS (limits.max_transactions; default: the server's. A REGISTER's transaction
+# ends with its answer, so registrations alone do not approach it),
 # PORT (default 15160), SIPP_PORT (default 15170), MOONROUTE (binary to run; default: build and
 # run target/release/moonroute), KEEP=1 keeps the temporary directory.
 # Exits 1 when any REGISTER failed (the SIPp logs and the server log are then kept).
@@ -48,16 +47,7 @@ timeout=${TIMEOUT:-$(( 3 * count / rate + 30 ))s}
 need_sipp
 bin=$(moonroute_bin)
 
-work=$(mktemp -d "${TMPDIR:-/tmp}/moonroute-register.XXXXXX")
-DATA_DIR=$work/data
-CTL=$work/ctl
-UAC_PID= server=
-cleanup() {
-  stop_pid "$UAC_PID"
-  if [ -n "$server" ]; then stop_server "$server" >/dev/null || true; fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+bench_workdir register
 
 write_location_config "$work/moonroute.toml"
 taskset -c "${SERVER_CPUS:-0}" "$bin" run --config "$work/moonroute.toml" 2>"$work/moonroute.log" &
@@ -73,21 +63,7 @@ echo "moonroute $bin: store=$STORE workers=$WORKERS (CPU ${SERVER_CPUS:-0}), SIP
 echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 rss_start=$(rss_kb "$server")
 ticks=$(getconf CLK_TCK)
-cpu_before=$(cpu_ticks "$server")
-snap_before=$(cpu_snapshot)
-wait_before=$(sched_wait_ms "$server")
-thread_times "$server" >"$work/threads-before"
-udp_before=$(udp_counters)
-start=$(date +%s.%N)
-run_register_uac "$PORT" "$rate" "$count" "$timeout" "$work"
-end=$(date +%s.%N)
-need_alive "$server" "$work/moonroute.log"
-snap_after=$(cpu_snapshot)
-wait_after=$(sched_wait_ms "$server")
-thread_times "$server" >"$work/threads-after"
-udp_after=$(udp_counters)
-drops=$(socket_drops "$PORT")
-cpu_after=$(cpu_ticks "$server")
+measured_register_run "$PORT" "$rate" "$count" "$timeout" "$work" "$work/moonroute.log"
 rss_end=$(rss_kb "$server")
 hwm_end=$(hwm_kb "$server")
 du_live=$(du_kb "$DATA_DIR")
