@@ -342,26 +342,15 @@ fn add(
         return remove(registrar.store().as_ref(), aor, Some(contact), now);
     }
     let expires = asked.min(rules.max_expires);
-    let binding = Binding {
-        aor: key.clone(),
-        contact: bare.to_owned(),
-        expires_at: now
-            .checked_add(Duration::from_secs(u64::from(expires)))
-            .unwrap_or(now),
-        q: 1000,
-        call_id: format!(
-            "ctl-{}-{}",
-            now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis()),
-            ADDED.fetch_add(1, Ordering::Relaxed) + 1
-        ),
-        cseq: 1,
-        received: None,
-        local: None,
-        path: Vec::new(),
-        instance: None,
-        reg_id: None,
-        user_agent: None,
-    };
+    let call_id = format!(
+        "ctl-{}-{}",
+        now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis()),
+        ADDED.fetch_add(1, Ordering::Relaxed) + 1
+    );
+    let expires_at = now
+        .checked_add(Duration::from_secs(u64::from(expires)))
+        .unwrap_or(now);
+    let binding = Binding::new(&key, bare, expires_at, 1000, call_id, 1);
     let line = contact_line(&binding, now);
     let mut replaced = false;
     let mut full = false;

@@ -87,6 +87,32 @@ pub struct Binding {
 }
 
 impl Binding {
+    /// A binding known only by what a REGISTER must give (its contact, expiry, q, Call-ID and
+    /// CSeq): no source address, socket, Path, instance or User-Agent (a fixture, `ctl ul add`).
+    pub fn new(
+        aor: &str,
+        contact: &str,
+        expires_at: SystemTime,
+        q: u16,
+        call_id: String,
+        cseq: u32,
+    ) -> Binding {
+        Binding {
+            aor: aor.to_owned(),
+            contact: contact.to_owned(),
+            expires_at,
+            q,
+            call_id,
+            cseq,
+            received: None,
+            local: None,
+            path: Vec::new(),
+            instance: None,
+            reg_id: None,
+            user_agent: None,
+        }
+    }
+
     /// True while the binding has not expired.
     pub fn is_live(&self, now: SystemTime) -> bool {
         self.expires_at > now
@@ -499,20 +525,14 @@ fn parse_fixture_line(
     let expires_at = now
         .checked_add(Duration::from_secs(expires))
         .ok_or_else(|| format!("expires={expires} is too far in the future"))?;
-    Ok(Some(Binding {
-        aor,
-        contact: contact.to_owned(),
+    Ok(Some(Binding::new(
+        &aor,
+        contact,
         expires_at,
         q,
-        call_id: format!("fixture-line-{number}"),
-        cseq: 0,
-        received: None,
-        local: None,
-        path: Vec::new(),
-        instance: None,
-        reg_id: None,
-        user_agent: None,
-    }))
+        format!("fixture-line-{number}"),
+        0,
+    )))
 }
 
 #[cfg(test)]

@@ -268,20 +268,14 @@ mod tests {
     use crate::location::CommitState;
 
     fn binding(aor: &str, contact: &str, secs: u64, now: SystemTime) -> Binding {
-        Binding {
-            aor: aor.to_owned(),
-            contact: contact.to_owned(),
-            expires_at: record::to_stored_precision(now + Duration::from_secs(secs)),
-            q: 1000,
-            call_id: "c".to_owned(),
-            cseq: 1,
-            received: None,
-            local: None,
-            path: Vec::new(),
-            instance: None,
-            reg_id: None,
-            user_agent: None,
-        }
+        Binding::new(
+            aor,
+            contact,
+            record::to_stored_precision(now + Duration::from_secs(secs)),
+            1000,
+            "c".to_owned(),
+            1,
+        )
     }
 
     fn open(dir: &Path, now: SystemTime) -> (SledLocation, LoadReport) {

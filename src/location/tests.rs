@@ -7,20 +7,14 @@ fn t0() -> SystemTime {
 }
 
 fn binding(aor: &str, contact: &str, q: u16, expires_in: u64) -> Binding {
-    Binding {
-        aor: aor.to_owned(),
-        contact: contact.to_owned(),
-        expires_at: t0() + Duration::from_secs(expires_in),
+    Binding::new(
+        aor,
+        contact,
+        t0() + Duration::from_secs(expires_in),
         q,
-        call_id: "c1".to_owned(),
-        cseq: 1,
-        received: None,
-        local: None,
-        path: Vec::new(),
-        instance: None,
-        reg_id: None,
-        user_agent: None,
-    }
+        "c1".to_owned(),
+        1,
+    )
 }
 
 fn contacts(bindings: &[Binding]) -> Vec<&str> {
