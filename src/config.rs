@@ -49,6 +49,81 @@ pub struct Config {
     pub registrar: Registrar,
     /// The location database (registrations).
     pub location: Location,
+    /// TLS: the server's certificate, and how peers' certificates are verified.
+    pub tls: Tls,
+    /// DNS resolution of next hops (RFC 3263).
+    pub dns: Dns,
+}
+
+/// TLS (RFC 3261 §26.2, RFC 5922): the certificate presented on `tls:` listeners, and how the
+/// certificates of servers we connect to are verified.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Tls {
+    /// PEM file with the certificate chain (leaf first). Needed when a `tls:` address is
+    /// listened on. Default: empty.
+    pub certificate: PathBuf,
+    /// PEM file with the private key of `certificate`. Default: empty.
+    pub private_key: PathBuf,
+    /// PEM bundle of CA certificates that server certificates are verified against. Empty:
+    /// the system's roots. Default: empty.
+    pub ca_file: PathBuf,
+    /// Longest a TLS handshake may take, in milliseconds. Default: 5000.
+    pub handshake_timeout_ms: u64,
+}
+
+impl Default for Tls {
+    fn default() -> Self {
+        Tls {
+            certificate: PathBuf::new(),
+            private_key: PathBuf::new(),
+            ca_file: PathBuf::new(),
+            handshake_timeout_ms: 5000,
+        }
+    }
+}
+
+impl Tls {
+    fn validate(&self) -> Result<(), String> {
+        if self.handshake_timeout_ms == 0 {
+            return Err("tls.handshake_timeout_ms: must be at least 1".to_owned());
+        }
+        Ok(())
+    }
+}
+
+/// DNS resolution of next hops (RFC 3263).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Dns {
+    /// Name servers to ask, as `IP:PORT`. Empty: those of `/etc/resolv.conf`. Default: empty.
+    pub nameservers: Vec<SocketAddr>,
+    /// How long to wait for one answer, in milliseconds. Default: 2000.
+    pub timeout_ms: u64,
+    /// Most answers kept in the cache (entries live for their TTL). Default: 4096.
+    pub cache_size: usize,
+    /// Longest a negative answer (no such name or record) is cached, in seconds. Default: 30.
+    pub negative_ttl_secs: u64,
+}
+
+impl Default for Dns {
+    fn default() -> Self {
+        Dns {
+            nameservers: Vec::new(),
+            timeout_ms: 2000,
+            cache_size: 4096,
+            negative_ttl_secs: 30,
+        }
+    }
+}
+
+impl Dns {
+    fn validate(&self) -> Result<(), String> {
+        if self.timeout_ms == 0 || self.cache_size == 0 {
+            return Err("dns: timeout_ms and cache_size must be at least 1".to_owned());
+        }
+        Ok(())
+    }
 }
 
 /// Which location store keeps registrations, and its limits.
@@ -323,6 +398,8 @@ impl Default for Config {
             control: Control::default(),
             registrar: Registrar::default(),
             location: Location::default(),
+            tls: Tls::default(),
+            dns: Dns::default(),
         }
     }
 }
@@ -482,7 +559,9 @@ impl Config {
         self.proxy.validate().map_err(invalid)?;
         self.lua.validate().map_err(invalid)?;
         self.registrar.validate().map_err(invalid)?;
-        self.location.validate().map_err(invalid)
+        self.location.validate().map_err(invalid)?;
+        self.tls.validate().map_err(invalid)?;
+        self.dns.validate().map_err(invalid)
     }
 
     /// The number of event loops to run: `workers`, or one per CPU core when it is 0.

@@ -2,6 +2,7 @@
 //! registrar) whose routing decisions are made by a Lua script.
 pub mod config;
 pub mod control;
+pub mod dns;
 pub mod location;
 pub mod proxy;
 pub mod registrar;

@@ -41,6 +41,7 @@ impl Worker for PassAlong {
             addr: meta.source,
             conn: None,
             local: Some(meta.local),
+            tls_name: None,
         };
         let text = format!("HANDLED BY {} RECEIVED BY {}", self.index, meta.worker);
         out.push(Output::Send {

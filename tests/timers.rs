@@ -54,6 +54,7 @@ impl Worker for AlarmWorker {
                 addr: source,
                 conn: None,
                 local: None,
+                tls_name: None,
             };
             out.push(Output::Send {
                 dest,

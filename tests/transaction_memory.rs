@@ -84,13 +84,16 @@ fn bytes_per_live_transaction() {
         addr: "127.0.0.1:5080".parse().unwrap(),
         conn: None,
         local: None,
+        tls_name: None,
     };
     let before = LIVE_BYTES.load(Ordering::Relaxed);
     for i in 0..N {
         // Distinct branches from the server side: these are "ours".
         let text = String::from_utf8_lossy(&invite(i)).replace("z9hG4bKmem", "z9hG4bKout");
         let request = Message::parse(Bytes::from(text)).unwrap();
-        layer.send_request(request, dest, now, &mut out).unwrap();
+        layer
+            .send_request(request, dest.clone(), now, &mut out)
+            .unwrap();
         out.iter()
             .for_each(|o| assert!(matches!(o, LayerOutput::Send { .. })));
         out.clear();

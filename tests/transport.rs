@@ -112,6 +112,7 @@ fn reply_to(meta: &Meta, data: Bytes) -> Output {
         addr,
         conn: meta.conn,
         local: Some(meta.local),
+        tls_name: None,
     };
     Output::Send { dest, data }
 }
@@ -125,6 +126,7 @@ fn forward(target: &[u8], datagram: &[u8]) -> Output {
         addr,
         conn: None,
         local: None,
+        tls_name: None,
     };
     Output::Send {
         dest,

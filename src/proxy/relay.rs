@@ -588,7 +588,7 @@ impl Relay {
         };
         let sent = built.and_then(|(copy, dest)| {
             layer
-                .send_request(copy, dest, now, out)
+                .send_request(copy, dest.clone(), now, out)
                 .map(|tx| (tx, dest))
                 .map_err(|e| {
                     warn!(error = ?e, "cannot start a client transaction");
@@ -668,6 +668,7 @@ impl Relay {
                 addr,
                 conn: None,
                 local: Some(local),
+                tls_name: None,
             },
         ))
     }
@@ -692,7 +693,7 @@ impl Relay {
             .calls
             .get(&server)
             .and_then(|c| c.branches.get(branch.0))
-            .copied()
+            .cloned()
         else {
             return;
         };

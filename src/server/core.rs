@@ -749,6 +749,7 @@ fn stateless_response_destination(
         addr,
         conn: None,
         local: None,
+        tls_name: None,
     })
 }
 

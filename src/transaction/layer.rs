@@ -520,14 +520,17 @@ impl TransactionLayer {
         // Taken first: a machine may send and terminate in one step (e.g. a final response
         // over a reliable transport).
         let dest = match side {
-            Side::Client => self.clients.get(&tx).map(|e| e.dest),
-            Side::Server => self.servers.get(&tx).map(|e| e.dest),
+            Side::Client => self.clients.get(&tx).map(|e| e.dest.clone()),
+            Side::Server => self.servers.get(&tx).map(|e| e.dest.clone()),
         };
         for action in actions.drain(..) {
             match action {
                 Action::Send(data) => {
-                    if let Some(dest) = dest {
-                        out.push(LayerOutput::Send { dest, data });
+                    if let Some(dest) = &dest {
+                        out.push(LayerOutput::Send {
+                            dest: dest.clone(),
+                            data,
+                        });
                     }
                 }
                 Action::StartTimer { timer, at } => self.schedule(tx, timer, at),
@@ -723,14 +726,15 @@ mod tests {
             addr: "127.0.0.1:5080".parse().unwrap(),
             conn: None,
             local: None,
+            tls_name: None,
         };
         let options = request("OPTIONS", "z9hG4bKcli1", "OPTIONS");
         let tx = l
-            .send_request(options.clone(), dest, now, &mut out)
+            .send_request(options.clone(), dest.clone(), now, &mut out)
             .unwrap();
         assert!(matches!(out.as_slice(), [LayerOutput::Send { .. }]));
         assert_eq!(
-            l.send_request(options.clone(), dest, now, &mut out),
+            l.send_request(options.clone(), dest.clone(), now, &mut out),
             Err(SendError::Duplicate)
         );
         out.clear();

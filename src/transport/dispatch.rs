@@ -179,7 +179,7 @@ impl LoopContext {
     async fn send(self: &Rc<Self>, dest: Destination, data: Bytes) {
         match dest.kind {
             TransportKind::Udp => {
-                if !self.send_udp(dest, data).await {
+                if !self.send_udp(&dest, data).await {
                     self.report_unreachable(TransportKind::Udp, dest.addr);
                 }
             }
@@ -202,8 +202,8 @@ impl LoopContext {
 
     /// Sends from the socket bound to `dest.local` if this loop has one, else from the first
     /// UDP socket of the destination's address family. False when it could not be sent.
-    async fn send_udp(&self, dest: Destination, data: Bytes) -> bool {
-        let Some(endpoint) = self.udp_endpoint_for(&dest) else {
+    async fn send_udp(&self, dest: &Destination, data: Bytes) -> bool {
+        let Some(endpoint) = self.udp_endpoint_for(dest) else {
             warn!(
                 dest = %dest.addr,
                 "dropping outgoing UDP message: no UDP listener of that address family"

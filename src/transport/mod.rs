@@ -17,6 +17,7 @@ pub mod registry;
 
 pub(crate) mod dispatch;
 pub(crate) mod tcp;
+pub(crate) mod tls;
 pub(crate) mod udp;
 
 use std::fmt;
@@ -231,7 +232,7 @@ pub enum Input {
 }
 
 /// Where to send a message.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Destination {
     pub kind: TransportKind,
     pub addr: SocketAddr,
@@ -239,6 +240,10 @@ pub struct Destination {
     pub conn: Option<ConnectionId>,
     /// send from the listener bound to this local address if there is one
     pub local: Option<SocketAddr>,
+    /// TLS only: the SIP domain the peer's certificate must match when a new connection is
+    /// opened (RFC 5922 §4: the host of the URI that was resolved, not the SRV target).
+    /// `None` for responses and for other transports.
+    pub tls_name: Option<std::sync::Arc<str>>,
 }
 
 /// What a [`Worker`] asks the shell to do.
@@ -280,6 +285,7 @@ pub fn response_destination(top_via: &crate::sip::Via<'_>, meta: &Meta) -> Desti
         addr,
         conn: meta.conn,
         local: Some(meta.local),
+        tls_name: None,
     }
 }
 
