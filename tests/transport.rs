@@ -97,7 +97,7 @@ impl Worker for ScriptedWorker {
             Input::Unreachable { kind, addr } => {
                 let _ = self.seen.send(Seen::Unreachable { kind, addr });
             }
-            Input::Wake => {}
+            Input::Wake | Input::Resolved { .. } => {}
         }
     }
 }

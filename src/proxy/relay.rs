@@ -8,15 +8,21 @@
 //!
 //! Branches this proxy creates carry the owning loop's index (`z9hG4bK<hash>.<loop>.<n>`), so a
 //! response that the kernel delivers to another loop can be handed back ([`owner_of_branch`]).
-//! Next hops must be IP literals (or `localhost`) until RFC 3263 resolution lands; another host
-//! makes the branch fail as unreachable (503, which goes upstream as 500).
+//!
+//! Next hops (RFC 3263): an IP literal is used at once; a host name is handed to the shell to
+//! resolve ([`Relay::take_resolves`] → [`Relay::on_resolved`]) while the branch waits, so the
+//! loop never blocks on DNS. A branch then works through the ordered addresses (§4.3): on a
+//! transport error, a timeout (Timer B/F) or a 503 it moves to the next address with a new
+//! client transaction and branch ID; the response context and the script see only the
+//! outcome of the last attempt. With no address left the branch counts as unreachable (503,
+//! which goes upstream as 500).
 
 use std::borrow::Cow;
 
 use crate::location::CommitTicket;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -27,8 +33,9 @@ use super::request::{
     branch_for, check_request, detect_loop, forward_copy, next_hop, next_hop_of_uri, preload_route,
     preprocess_routes, stateless_branch, ForwardSpec, NextHop, ProxyIdentity,
 };
-use super::response_context::{BranchId, ContextAction, ResponseContext, Target};
+use super::response_context::{BranchId, BranchState, ContextAction, ResponseContext, Target};
 use super::router::{BranchEdit, Decision, FailureDecision, RouteHandle, RouteInfo, Router};
+use crate::dns::{self, Candidate, ResolveError};
 use crate::sip::{Message, Method, ResponseBuilder};
 use crate::transaction::client_invite::cancel_for;
 use crate::transaction::layer::{LayerOutput, TransactionLayer, TxId};
@@ -64,9 +71,48 @@ struct Call {
     record_route: bool,
     /// The router's handle for the later hooks of this request.
     handle: Option<RouteHandle>,
-    /// The client transaction and destination of each branch, by BranchId.
-    branches: Vec<Option<(TxId, Destination)>>,
+    /// Each branch's attempts, by BranchId.
+    branches: Vec<Option<BranchRun>>,
+    /// A CANCEL came from upstream (§16.10): branches not yet sent are not sent.
+    cancelled: bool,
 }
+
+/// One branch working through the addresses of its next hop (RFC 3263 §4.3): one client
+/// transaction at a time, each with a new branch ID; only the last outcome reaches the
+/// response context.
+struct BranchRun {
+    /// The branch's own copy of the request when the router edited it (else the call's).
+    request: Option<Message>,
+    /// The branch's Request-URI (§16.6 step 2).
+    uri: Bytes,
+    /// The current attempt's client transaction and destination; `None` while resolving.
+    current: Option<(TxId, Destination)>,
+    /// Addresses not tried yet, in order.
+    remaining: VecDeque<Candidate>,
+}
+
+/// What waits for a DNS answer.
+enum Resolving {
+    Branch {
+        server: TxId,
+        branch: BranchId,
+    },
+    /// A stateless forward (§16.11) or an ACK for a 2xx: sent to the first usable address.
+    Forward(Box<StatelessForward>),
+}
+
+struct StatelessForward {
+    request: Message,
+    uri: Bytes,
+    branch: String,
+    inbound: (TransportKind, SocketAddr),
+    record_route: bool,
+}
+
+/// Most DNS resolutions one loop waits for at once; beyond it new branches fail as
+/// unreachable (503) and stateless forwards are dropped, so a flood of requests for names
+/// that never answer cannot grow memory without bound.
+const MAX_RESOLVING: usize = 10_000;
 
 pub struct Relay {
     me: ProxyIdentity,
@@ -80,6 +126,11 @@ pub struct Relay {
     /// Client transaction → (server transaction, branch).
     branch_of: HashMap<TxId, (TxId, BranchId)>,
     timer_c_queue: BinaryHeap<Reverse<(Instant, TxId, usize)>>,
+    /// DNS resolutions asked for and not answered yet, by id.
+    resolving: HashMap<u64, Resolving>,
+    next_resolve: u64,
+    /// Resolutions to ask the shell for; see [`Relay::take_resolves`].
+    resolve_requests: Vec<(u64, dns::Query)>,
 }
 
 /// The loop index in a branch this proxy created, if it is one.
@@ -117,6 +168,9 @@ impl Relay {
             calls: HashMap::new(),
             branch_of: HashMap::new(),
             timer_c_queue: BinaryHeap::new(),
+            resolving: HashMap::new(),
+            next_resolve: 0,
+            resolve_requests: Vec::new(),
         }
     }
 
@@ -212,6 +266,7 @@ impl Relay {
                 record_route,
                 handle,
                 branches: Vec::new(),
+                cancelled: false,
             },
         );
         self.apply(tx, actions, now, layer, out);
@@ -282,7 +337,7 @@ impl Relay {
     /// Request-URI is left as it is, like Kamailio's `forward(uri)` / `$du`), else where its
     /// Route set or Request-URI says.
     fn forward_stateless(
-        &self,
+        &mut self,
         request: &Message,
         destination: Option<Bytes>,
         record_route: bool,
@@ -296,26 +351,70 @@ impl Relay {
         }) else {
             return debug!("not forwarding a request addressed to this proxy");
         };
-        let branch = stateless_branch(request);
-        let inbound = (meta.kind, meta.local);
-        let built = self.build_branch_to(
-            request,
-            &ruri,
-            destination.as_deref(),
-            &branch,
-            inbound,
+        let forward = StatelessForward {
+            request: request.clone(),
+            uri: ruri,
+            branch: stateless_branch(request),
+            inbound: (meta.kind, meta.local),
             record_route,
-        );
-        match built {
-            Ok((copy, dest)) => out.push(LayerOutput::Send {
-                dest,
-                data: copy.to_bytes(),
-            }),
-            Err(reason) => {
-                let to = destination.as_deref().unwrap_or(&ruri);
-                info!(target = %String::from_utf8_lossy(to), reason, "cannot forward statelessly")
+        };
+        let planned = first_copy(
+            &self.me,
+            &forward.parts(),
+            forward.inbound,
+            forward.record_route,
+        )
+        .and_then(|first| {
+            let hop = match destination.as_deref() {
+                Some(uri) => {
+                    next_hop_of_uri(uri).map_err(|_| "the destination is not a SIP URI")?
+                }
+                None => next_hop(&first).map_err(|_| "no next hop")?,
+            };
+            Ok((first, hop))
+        });
+        let (first, hop) = match planned {
+            Ok(planned) => planned,
+            Err(reason) => return forward_failed(&forward, destination.as_deref(), reason),
+        };
+        let query = query_of(&hop);
+        match dns::numeric(&query) {
+            Some(Ok(candidates)) => self.send_stateless(&forward, Some(first), &candidates, out),
+            Some(Err(error)) => info!(%error, "cannot forward statelessly"),
+            None => {
+                self.ask_resolve(query, Resolving::Forward(Box::new(forward)));
             }
         }
+    }
+
+    /// Sends a stateless forward to the first of `candidates` we have a listener for; `first`
+    /// is the copy built for the inbound transport, reused when that is how it leaves.
+    fn send_stateless(
+        &self,
+        forward: &StatelessForward,
+        mut first: Option<Message>,
+        candidates: &[Candidate],
+        out: &mut Vec<LayerOutput>,
+    ) {
+        for candidate in candidates {
+            let built = copy_for(
+                &self.me,
+                &self.bound,
+                &forward.parts(),
+                first.take(),
+                candidate,
+                forward.inbound,
+                forward.record_route,
+            );
+            if let Ok((copy, dest)) = built {
+                out.push(LayerOutput::Send {
+                    dest,
+                    data: copy.to_bytes(),
+                });
+                return;
+            }
+        }
+        forward_failed(forward, None, "no listener for any address of the next hop");
     }
 
     /// A CANCEL that matched no transaction (§16.10: it "MUST statelessly forward" it; the
@@ -357,7 +456,17 @@ impl Relay {
     ) {
         let mut actions = Vec::new();
         if let Some(call) = self.calls.get_mut(&invite) {
+            call.cancelled = true;
             call.context.cancel_all(&mut actions);
+            // A branch still resolving was never sent: it ends as the CANCEL asks (§16.10).
+            let unsent = call.branches.iter().enumerate().filter_map(|(index, run)| {
+                run.as_ref()
+                    .filter(|run| run.current.is_none())
+                    .map(|_| BranchId(index))
+            });
+            for branch in unsent.collect::<Vec<_>>() {
+                call.context.on_branch_ended(branch, 487, now, &mut actions);
+            }
         }
         self.apply(invite, actions, now, layer, out);
     }
@@ -411,6 +520,14 @@ impl Relay {
         let Some(&(server, branch)) = self.branch_of.get(&client) else {
             return;
         };
+        let fails_over = match &event {
+            Event::Timeout | Event::TransportError => true,
+            Event::Response(response) => response.status() == Some(503),
+            Event::Ack(_) | Event::AckTimeout => false,
+        };
+        if fails_over && self.fail_over(server, branch, client, now, layer, out) {
+            return;
+        }
         let mut actions = Vec::new();
         if let Some(call) = self.calls.get_mut(&server) {
             match event {
@@ -452,6 +569,7 @@ impl Relay {
             .calls
             .values()
             .flat_map(|call| call.branches.iter().flatten())
+            .filter_map(|run| run.current.as_ref())
             .filter(|(_, dest)| dest.kind == kind && dest.addr == addr)
             .map(|(tx, _)| *tx)
             .collect();
@@ -546,14 +664,9 @@ impl Relay {
         out: &mut Vec<LayerOutput>,
         more: &mut Vec<ContextAction>,
     ) {
-        let Some(call) = self.calls.get(&server) else {
+        let Some(call) = self.calls.get_mut(&server) else {
             return;
         };
-        self.next_unique += 1;
-        let branch_id = format!(
-            "{}{}.{}",
-            call.branch_base, self.loop_index, self.next_unique
-        );
         let edit = match call.handle {
             Some(handle) => self.router.on_branch(handle, &call.request, target),
             None => BranchEdit::Unchanged,
@@ -569,116 +682,269 @@ impl Relay {
             },
             (edit, _) => edit,
         };
-        let built = match &edit {
-            BranchEdit::Unchanged => self.build_branch(
-                &call.request,
-                &target.uri,
-                &branch_id,
-                call.inbound,
-                call.record_route,
-            ),
+        let (request, uri) = match edit {
+            BranchEdit::Unchanged => (None, target.uri.clone()),
             BranchEdit::Edited(request) => {
                 let uri = request
                     .request_uri_bytes()
                     .map(|u| request.share(u))
                     .unwrap_or_else(|| target.uri.clone());
-                self.build_branch(request, &uri, &branch_id, call.inbound, call.record_route)
+                (Some(request), uri)
             }
-            BranchEdit::Skip => Err("skipped by the router"),
+            BranchEdit::Skip => {
+                info!(target = %String::from_utf8_lossy(&target.uri), "branch skipped by the router");
+                return call.context.on_branch_unreachable(branch, now, more);
+            }
         };
-        let sent = built.and_then(|(copy, dest)| {
-            layer
-                .send_request(copy, dest.clone(), now, out)
-                .map(|tx| (tx, dest))
-                .map_err(|e| {
-                    warn!(error = ?e, "cannot start a client transaction");
-                    "transaction layer refused"
-                })
+        self.next_unique += 1;
+        let branch_id = format!(
+            "{}{}.{}",
+            call.branch_base, self.loop_index, self.next_unique
+        );
+        let parts = CopyParts {
+            request: request.as_ref().unwrap_or(&call.request),
+            uri: &uri,
+            branch: &branch_id,
+        };
+        let planned = first_copy(&self.me, &parts, call.inbound, call.record_route)
+            .and_then(|first| Ok((next_hop(&first).map_err(|_| "no next hop")?, first)));
+        if call.branches.len() <= branch.0 {
+            call.branches.resize_with(branch.0 + 1, || None);
+        }
+        call.branches[branch.0] = Some(BranchRun {
+            request,
+            uri,
+            current: None,
+            remaining: VecDeque::new(),
         });
-        let Some(call) = self.calls.get_mut(&server) else {
-            return;
+        let (hop, first) = match planned {
+            Ok(planned) => planned,
+            Err(reason) => return self.branch_unreachable(server, branch, reason, now, more),
         };
-        match sent {
-            Ok((client, dest)) => {
-                if call.branches.len() <= branch.0 {
-                    call.branches.resize(branch.0 + 1, None);
+        let query = query_of(&hop);
+        match dns::numeric(&query) {
+            Some(Ok(candidates)) => {
+                if let Some(run) = self.run_mut(server, branch) {
+                    run.remaining = candidates.into();
                 }
-                call.branches[branch.0] = Some((client, dest));
-                self.branch_of.insert(client, (server, branch));
+                self.attempt(
+                    server,
+                    branch,
+                    Some((first, branch_id)),
+                    now,
+                    layer,
+                    out,
+                    more,
+                );
             }
-            Err(reason) => {
-                info!(target = %String::from_utf8_lossy(&target.uri), reason, "branch unreachable");
-                call.context.on_branch_unreachable(branch, now, more);
+            Some(Err(error)) => {
+                info!(host = %hop.host, %error, "next hop unusable");
+                self.branch_unreachable(server, branch, "next hop unusable", now, more)
+            }
+            None => {
+                if !self.ask_resolve(query, Resolving::Branch { server, branch }) {
+                    self.branch_unreachable(
+                        server,
+                        branch,
+                        "too many DNS lookups in flight",
+                        now,
+                        more,
+                    )
+                }
             }
         }
     }
 
-    /// The copy for one target and where it goes (§16.6 steps 1-8, 10).
-    fn build_branch(
-        &self,
-        request: &Message,
-        target: &[u8],
-        branch: &str,
-        inbound: (TransportKind, SocketAddr),
-        record_route: bool,
-    ) -> Result<(Message, Destination), &'static str> {
-        self.build_branch_to(request, target, None, branch, inbound, record_route)
+    fn run_mut(&mut self, server: TxId, branch: BranchId) -> Option<&mut BranchRun> {
+        self.calls
+            .get_mut(&server)?
+            .branches
+            .get_mut(branch.0)?
+            .as_mut()
     }
 
-    /// [`Relay::build_branch`], sent to `destination` instead of the copy's own next hop
-    /// when one is given.
-    fn build_branch_to(
-        &self,
-        request: &Message,
-        target: &[u8],
-        destination: Option<&[u8]>,
-        branch: &str,
-        inbound: (TransportKind, SocketAddr),
-        record_route: bool,
-    ) -> Result<(Message, Destination), &'static str> {
-        let spec = |outbound| ForwardSpec {
-            target,
-            record_route,
-            inbound,
-            outbound,
-            branch,
-            me: &self.me,
+    fn branch_unreachable(
+        &mut self,
+        server: TxId,
+        branch: BranchId,
+        reason: &str,
+        now: Instant,
+        more: &mut Vec<ContextAction>,
+    ) {
+        if let Some(call) = self.calls.get_mut(&server) {
+            let uri = call
+                .branches
+                .get(branch.0)
+                .and_then(Option::as_ref)
+                .map(|run| &run.uri);
+            info!(target = %String::from_utf8_lossy(uri.map_or(&b""[..], |u| u)), reason, "branch unreachable");
+            call.context.on_branch_unreachable(branch, now, more);
+        }
+    }
+
+    /// Sends the branch to the next of its remaining addresses that takes it (RFC 3263 §4.3),
+    /// with a new branch ID unless `first` brings the copy built for the first attempt. With
+    /// no address left the branch is unreachable (503).
+    #[allow(clippy::too_many_arguments)]
+    fn attempt(
+        &mut self,
+        server: TxId,
+        branch: BranchId,
+        mut first: Option<(Message, String)>,
+        now: Instant,
+        layer: &mut TransactionLayer,
+        out: &mut Vec<LayerOutput>,
+        more: &mut Vec<ContextAction>,
+    ) {
+        let branch_id = match &first {
+            Some((_, id)) => id.clone(),
+            None => {
+                self.next_unique += 1;
+                let base = self
+                    .calls
+                    .get(&server)
+                    .map_or("", |c| c.branch_base.as_str());
+                format!("{base}{}.{}", self.loop_index, self.next_unique)
+            }
         };
-        // A first copy tells the next hop (Route or the new Request-URI), and so the transport.
-        let first =
-            forward_copy(request, &spec(inbound)).map_err(|_| "cannot build the forwarded copy")?;
-        let hop = match destination {
-            Some(uri) => next_hop_of_uri(uri).map_err(|_| "the destination is not a SIP URI")?,
-            None => next_hop(&first).map_err(|_| "no next hop")?,
+        let (me, bound) = (&self.me, &self.bound);
+        let Some(call) = self.calls.get_mut(&server) else {
+            return;
         };
-        let (kind, addr) = resolve(&hop)?;
-        let local = self
-            .local_for(kind, addr)
-            .ok_or("no listener for the next hop's transport")?;
-        let copy = if (kind, local) == inbound {
-            first
-        } else {
-            forward_copy(request, &spec((kind, local)))
-                .map_err(|_| "cannot build the forwarded copy")?
+        let Some(Some(run)) = call.branches.get_mut(branch.0) else {
+            return;
         };
-        Ok((
-            copy,
-            Destination {
-                kind,
-                addr,
-                conn: None,
-                local: Some(local),
-                tls_name: None,
+        while let Some(candidate) = run.remaining.pop_front() {
+            let parts = CopyParts {
+                request: run.request.as_ref().unwrap_or(&call.request),
+                uri: &run.uri,
+                branch: &branch_id,
+            };
+            let first_copy = first.take().map(|(copy, _)| copy);
+            let built = copy_for(
+                me,
+                bound,
+                &parts,
+                first_copy,
+                &candidate,
+                call.inbound,
+                call.record_route,
+            );
+            let (copy, dest) = match built {
+                Ok(built) => built,
+                Err(reason) => {
+                    debug!(addr = %candidate.addr, transport = %candidate.kind, reason, "skipping address");
+                    continue;
+                }
+            };
+            match layer.send_request(copy, dest.clone(), now, out) {
+                Ok(client) => {
+                    debug!(addr = %dest.addr, transport = %dest.kind, "branch sent");
+                    run.current = Some((client, dest));
+                    self.branch_of.insert(client, (server, branch));
+                    return;
+                }
+                Err(error) => warn!(?error, "cannot start a client transaction"),
+            }
+        }
+        let uri = String::from_utf8_lossy(&run.uri).into_owned();
+        info!(target = %uri, "branch unreachable: no address of its next hop could be used");
+        call.context.on_branch_unreachable(branch, now, more);
+    }
+
+    /// RFC 3263 §4.3: the current attempt of a branch failed (transport error, timeout or
+    /// 503); if the branch has addresses left it moves on, unseen by the response context.
+    /// False when there is nothing to fail over to: the outcome then goes to the context.
+    fn fail_over(
+        &mut self,
+        server: TxId,
+        branch: BranchId,
+        client: TxId,
+        now: Instant,
+        layer: &mut TransactionLayer,
+        out: &mut Vec<LayerOutput>,
+    ) -> bool {
+        let Some(call) = self.calls.get_mut(&server) else {
+            return false;
+        };
+        let open = matches!(
+            call.context.branch_state(branch),
+            Some(BranchState::Pending | BranchState::Proceeding)
+        );
+        let Some(Some(run)) = call.branches.get_mut(branch.0) else {
+            return false;
+        };
+        let is_current = run.current.as_ref().is_some_and(|(tx, _)| *tx == client);
+        if call.cancelled || !open || !is_current || run.remaining.is_empty() {
+            return false;
+        }
+        if let Some((_, dest)) = run.current.take() {
+            info!(addr = %dest.addr, transport = %dest.kind, left = run.remaining.len(), "next hop failed; trying its next address");
+        }
+        self.branch_of.remove(&client);
+        let mut more = Vec::new();
+        self.attempt(server, branch, None, now, layer, out, &mut more);
+        self.apply(server, more, now, layer, out);
+        true
+    }
+
+    /// The shell's answer to resolution `id` ([`Relay::take_resolves`]).
+    pub fn on_resolved(
+        &mut self,
+        id: u64,
+        result: Result<Vec<Candidate>, ResolveError>,
+        now: Instant,
+        layer: &mut TransactionLayer,
+        out: &mut Vec<LayerOutput>,
+    ) {
+        match self.resolving.remove(&id) {
+            None => {}
+            Some(Resolving::Forward(forward)) => match result {
+                Ok(candidates) => self.send_stateless(&forward, None, &candidates, out),
+                Err(error) => forward_failed(&forward, None, &error.to_string()),
             },
-        ))
+            Some(Resolving::Branch { server, branch }) => {
+                let waiting = self.calls.get(&server).is_some_and(|call| {
+                    call.context.branch_state(branch) == Some(BranchState::Pending)
+                });
+                if !waiting {
+                    // Timer C, or a CANCEL, ended the branch while it was resolving.
+                    return;
+                }
+                let mut more = Vec::new();
+                match result {
+                    Ok(candidates) => {
+                        if let Some(run) = self.run_mut(server, branch) {
+                            run.remaining = candidates.into();
+                        }
+                        self.attempt(server, branch, None, now, layer, out, &mut more);
+                    }
+                    Err(error) => {
+                        self.branch_unreachable(server, branch, &error.to_string(), now, &mut more)
+                    }
+                }
+                self.apply(server, more, now, layer, out);
+            }
+        }
     }
 
-    /// Our listening address for `kind` in the family of `dest`.
-    fn local_for(&self, kind: TransportKind, dest: SocketAddr) -> Option<SocketAddr> {
-        self.bound
-            .iter()
-            .find(|l| l.kind == kind && l.addr.is_ipv4() == dest.is_ipv4())
-            .map(|l| l.addr)
+    /// The DNS resolutions the relay needs, each to be answered with [`Relay::on_resolved`].
+    /// The caller drains this after every call into the relay.
+    pub fn take_resolves(&mut self) -> Vec<(u64, dns::Query)> {
+        std::mem::take(&mut self.resolve_requests)
+    }
+
+    fn ask_resolve(&mut self, query: dns::Query, what: Resolving) -> bool {
+        if self.resolving.len() >= MAX_RESOLVING {
+            warn!(host = %query.host, limit = MAX_RESOLVING, "too many DNS lookups in flight");
+            return false;
+        }
+        self.next_resolve += 1;
+        let id = self.next_resolve;
+        debug!(host = %query.host, id, "resolving next hop");
+        self.resolving.insert(id, what);
+        self.resolve_requests.push((id, query));
+        true
     }
 
     fn cancel_branch(
@@ -689,11 +955,11 @@ impl Relay {
         layer: &mut TransactionLayer,
         out: &mut Vec<LayerOutput>,
     ) {
-        let Some(Some((client, dest))) = self
+        let Some((client, dest)) = self
             .calls
             .get(&server)
             .and_then(|c| c.branches.get(branch.0))
-            .cloned()
+            .and_then(|run| run.as_ref()?.current.clone())
         else {
             return;
         };
@@ -729,26 +995,103 @@ fn reply(code: u16, reason: &'static str) -> Handled {
     }
 }
 
-/// The next hop's transport and address. Without RFC 3263 resolution (a later issue) only IP
-/// literals and `localhost` are reachable.
-fn resolve(hop: &NextHop) -> Result<(TransportKind, SocketAddr), &'static str> {
-    let kind = match hop.transport {
-        Some(kind) => kind,
-        None if hop.secure => TransportKind::Tls,
-        None => TransportKind::Udp,
-    };
-    if kind == TransportKind::Tls {
-        return Err("TLS is not available yet");
+/// What a forwarded copy is built from.
+struct CopyParts<'a> {
+    request: &'a Message,
+    /// The new Request-URI (§16.6 step 2).
+    uri: &'a [u8],
+    branch: &'a str,
+}
+
+impl StatelessForward {
+    fn parts(&self) -> CopyParts<'_> {
+        CopyParts {
+            request: &self.request,
+            uri: &self.uri,
+            branch: &self.branch,
+        }
     }
-    let ip: IpAddr = if hop.host.eq_ignore_ascii_case("localhost") {
-        IpAddr::V4(Ipv4Addr::LOCALHOST)
-    } else {
-        hop.host
-            .parse()
-            .map_err(|_| "next hop is a host name and DNS is not available yet")?
+}
+
+fn spec<'a>(
+    me: &'a ProxyIdentity,
+    parts: &'a CopyParts<'a>,
+    inbound: (TransportKind, SocketAddr),
+    outbound: (TransportKind, SocketAddr),
+    record_route: bool,
+) -> ForwardSpec<'a> {
+    ForwardSpec {
+        target: parts.uri,
+        record_route,
+        inbound,
+        outbound,
+        branch: parts.branch,
+        me,
+    }
+}
+
+/// The copy as it would leave on the inbound transport (§16.6 steps 1-8): it names the next
+/// hop (Route or the new Request-URI), and is the copy sent when that is how it leaves.
+fn first_copy(
+    me: &ProxyIdentity,
+    parts: &CopyParts<'_>,
+    inbound: (TransportKind, SocketAddr),
+    record_route: bool,
+) -> Result<Message, &'static str> {
+    forward_copy(
+        parts.request,
+        &spec(me, parts, inbound, inbound, record_route),
+    )
+    .map_err(|_| "cannot build the forwarded copy")
+}
+
+/// The copy for one address of the next hop and where it goes: from our listener of that
+/// transport and address family (its Via and Record-Route name it, §16.6 steps 4 and 8).
+fn copy_for(
+    me: &ProxyIdentity,
+    bound: &[ListenAddr],
+    parts: &CopyParts<'_>,
+    first: Option<Message>,
+    candidate: &Candidate,
+    inbound: (TransportKind, SocketAddr),
+    record_route: bool,
+) -> Result<(Message, Destination), &'static str> {
+    let local = bound
+        .iter()
+        .find(|l| l.kind == candidate.kind && l.addr.is_ipv4() == candidate.addr.is_ipv4())
+        .map(|l| l.addr)
+        .ok_or("no listener for the next hop's transport")?;
+    let outbound = (candidate.kind, local);
+    let copy = match first {
+        Some(first) if outbound == inbound => first,
+        _ => forward_copy(
+            parts.request,
+            &spec(me, parts, inbound, outbound, record_route),
+        )
+        .map_err(|_| "cannot build the forwarded copy")?,
     };
-    let port = hop.port.unwrap_or(if hop.secure { 5061 } else { 5060 });
-    Ok((kind, SocketAddr::new(ip, port)))
+    let dest = Destination {
+        kind: candidate.kind,
+        addr: candidate.addr,
+        conn: None,
+        local: Some(local),
+        tls_name: candidate.tls_name.clone(),
+    };
+    Ok((copy, dest))
+}
+
+fn query_of(hop: &NextHop) -> dns::Query {
+    dns::Query {
+        host: hop.host.clone(),
+        port: hop.port,
+        transport: hop.transport,
+        secure: hop.secure,
+    }
+}
+
+fn forward_failed(forward: &StatelessForward, destination: Option<&[u8]>, reason: &str) {
+    let to = destination.unwrap_or(&forward.uri);
+    info!(target = %String::from_utf8_lossy(to), reason, "cannot forward statelessly");
 }
 
 #[cfg(test)]

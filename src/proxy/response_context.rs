@@ -291,13 +291,25 @@ impl ResponseContext {
         now: Instant,
         out: &mut Vec<ContextAction>,
     ) {
+        self.on_branch_ended(branch, 503, now, out);
+    }
+
+    /// The branch ended without a response of its own and counts as `code`: 503 when it
+    /// could not be sent, 487 when a CANCEL came before it was (§16.10).
+    pub fn on_branch_ended(
+        &mut self,
+        branch: BranchId,
+        code: u16,
+        now: Instant,
+        out: &mut Vec<ContextAction>,
+    ) {
         if matches!(
             self.branch_state(branch),
             Some(BranchState::Pending | BranchState::Proceeding)
         ) {
             self.finish_branch(branch);
             self.stored.push(Stored {
-                code: 503,
+                code,
                 response: None,
             });
             self.advance(now, out);
@@ -494,6 +506,7 @@ impl ResponseContext {
         let mut best = match (&chosen.response, chosen.code) {
             (_, 503) => return self.synthesize(500, "Server Internal Error"),
             (Some(response), _) => response.clone(),
+            (None, 487) => return self.synthesize(487, "Request Terminated"),
             (None, code) => return self.synthesize(code, "Request Timeout"),
         };
         if matches!(chosen.code, 401 | 407) {

@@ -214,6 +214,12 @@ impl Worker for Core {
                 self.release_parked(now, &mut pending);
                 self.drain(pending, now, out);
             }
+            Input::Resolved { id, result } => {
+                let mut pending = std::mem::take(&mut self.pending);
+                self.relay
+                    .on_resolved(id, result, now, &mut self.transactions, &mut pending);
+                self.drain(pending, now, out);
+            }
         }
     }
 
@@ -359,6 +365,9 @@ impl Core {
             std::mem::swap(&mut pending, &mut next);
         }
         self.pending = pending;
+        for (id, query) in self.relay.take_resolves() {
+            out.push(Output::Resolve { id, query });
+        }
     }
 
     fn on_upcall(&mut self, up: Upcall, now: Instant, next: &mut Vec<LayerOutput>) {

@@ -16,7 +16,7 @@ use tokio::task::LocalSet;
 use tracing::error;
 
 use crate::config::Config;
-use crate::transport::dispatch::{LoopContext, UdpEndpoint};
+use crate::transport::dispatch::{LoopContext, LoopDns, UdpEndpoint};
 use crate::transport::registry::ConnectionRegistry;
 use crate::transport::{
     tcp, udp, Input, ListenAddr, TransportKind, TransportLimits, WorkerFactory,
@@ -64,6 +64,7 @@ impl Server {
                 hand_over_queue: hand_over_queues.remove(0),
                 bound: handle.listen_addrs.clone(),
                 loops: workers,
+                dns: config.dns.clone(),
             };
             let thread = thread::Builder::new()
                 .name(format!("moonroute-loop-{index}"))
@@ -228,6 +229,7 @@ struct LoopSetup {
     hand_over_queue: tokio::sync::mpsc::Receiver<Input>,
     bound: Vec<ListenAddr>,
     loops: usize,
+    dns: crate::config::Dns,
 }
 
 /// Inputs one loop may hold for another before hand-overs are dropped: bounds memory when a
@@ -280,8 +282,15 @@ async fn serve_until_shutdown(setup: LoopSetup) {
         hand_over_queue,
         bound,
         loops,
+        dns,
     } = setup;
     let worker = factory.make_bound_worker(index, loops, &bound);
+    let mut supported: Vec<TransportKind> = Vec::new();
+    for listen in &bound {
+        if !supported.contains(&listen.kind) {
+            supported.push(listen.kind);
+        }
+    }
     let started = start_transports(
         index,
         sockets,
@@ -289,6 +298,7 @@ async fn serve_until_shutdown(setup: LoopSetup) {
         registry,
         limits,
         (hand_over, hand_over_queue),
+        LoopDns::new(dns, supported),
     );
     let running = started.is_ok();
     // The receiver is gone only if start already failed elsewhere; we stop below anyway.
@@ -312,6 +322,7 @@ fn start_transports(
         Arc<[tokio::sync::mpsc::Sender<Input>]>,
         tokio::sync::mpsc::Receiver<Input>,
     ),
+    dns: LoopDns,
 ) -> io::Result<()> {
     let udp = sockets
         .udp
@@ -333,6 +344,7 @@ fn start_transports(
         registry,
         limits,
         hand_over,
+        dns,
     ));
     for endpoint in udp {
         tokio::task::spawn_local(udp::run_receiver(Rc::clone(&ctx), endpoint));

@@ -23,6 +23,7 @@ use tracing::{debug, error, warn};
 
 use super::registry::ConnectionRegistry;
 use super::{tcp, Destination, Input, Output, TransportKind, TransportLimits, Worker};
+use crate::dns::{Query, ResolveError, Resolver};
 
 /// A UDP socket of this loop and the listen address it was bound to.
 pub(crate) struct UdpEndpoint {
@@ -42,6 +43,38 @@ pub(crate) struct LoopContext {
     pub(crate) limits: TransportLimits,
     /// Every loop's hand-over queue, this one's included, by loop index.
     hand_over: Arc<[mpsc::Sender<Input>]>,
+    dns: LoopDns,
+}
+
+/// This loop's DNS resolver (RFC 3263), made on first use so a server that never resolves a
+/// name never reads the system's resolver configuration.
+pub(crate) struct LoopDns {
+    config: crate::config::Dns,
+    /// The transports this server has listeners for: the only ones worth resolving to.
+    supported: Vec<TransportKind>,
+    resolver: std::cell::OnceCell<Result<Resolver, ResolveError>>,
+}
+
+impl LoopDns {
+    pub(crate) fn new(config: crate::config::Dns, supported: Vec<TransportKind>) -> LoopDns {
+        LoopDns {
+            config,
+            supported,
+            resolver: std::cell::OnceCell::new(),
+        }
+    }
+
+    fn resolver(&self) -> Result<Resolver, ResolveError> {
+        self.resolver
+            .get_or_init(|| {
+                let made = Resolver::from_config(&self.config);
+                if let Err(error) = &made {
+                    error!(%error, "cannot set up DNS resolution; host names cannot be reached");
+                }
+                made
+            })
+            .clone()
+    }
 }
 
 impl LoopContext {
@@ -52,6 +85,7 @@ impl LoopContext {
         registry: Arc<ConnectionRegistry>,
         limits: TransportLimits,
         hand_over: Arc<[mpsc::Sender<Input>]>,
+        dns: LoopDns,
     ) -> Self {
         LoopContext {
             index,
@@ -62,6 +96,7 @@ impl LoopContext {
             registry,
             limits,
             hand_over,
+            dns,
         }
     }
 
@@ -172,6 +207,7 @@ impl LoopContext {
                     Some(connection) => connection.close(),
                     None => debug!(conn = %id, "close requested for a connection already closed"),
                 },
+                Output::Resolve { id, query } => self.resolve(id, query),
             }
         }
     }
@@ -189,6 +225,21 @@ impl LoopContext {
                 self.report_unreachable(TransportKind::Tls, dest.addr);
             }
         }
+    }
+
+    /// Locates `query` in a task of this loop, and hands the answer to the Worker.
+    fn resolve(self: &Rc<Self>, id: u64, query: Query) {
+        let ctx = Rc::clone(self);
+        tokio::task::spawn_local(async move {
+            let result = match ctx.dns.resolver() {
+                Ok(resolver) => resolver.locate(&query, &ctx.dns.supported).await,
+                Err(error) => Err(error),
+            };
+            if let Err(error) = &result {
+                debug!(host = %query.host, %error, "next hop not resolved");
+            }
+            ctx.handle(Input::Resolved { id, result }).await;
+        });
     }
 
     /// Tells this loop's Worker that `addr` could not be reached. Delivered from a task of its

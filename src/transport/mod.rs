@@ -229,6 +229,12 @@ pub enum Input {
     /// The Worker's [`Worker::wake_signal`] was notified: something it waits for outside the
     /// loop (a durable write) may be done.
     Wake,
+    /// The answer to [`Output::Resolve`] `id`: the next hop's addresses in the order to try
+    /// them (RFC 3263 §4), or why there are none. Delivered to the loop that asked.
+    Resolved {
+        id: u64,
+        result: Result<Vec<crate::dns::Candidate>, crate::dns::ResolveError>,
+    },
 }
 
 /// Where to send a message.
@@ -262,6 +268,12 @@ pub enum Output {
     HandOver {
         worker: usize,
         input: Input,
+    },
+    /// Locate this next hop in the DNS (RFC 3263) without blocking the loop, and answer with
+    /// [`Input::Resolved`] carrying the same `id`.
+    Resolve {
+        id: u64,
+        query: crate::dns::Query,
     },
 }
 
