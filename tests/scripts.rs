@@ -1543,3 +1543,45 @@ fn lua_test_file_failing_assert_reports_file_and_line() {
         describe(&output)
     );
 }
+
+/// A MESSAGE from `ua` to the proxy carrying X-Hop and X-Test.
+async fn message_via(ua: &mut TestUa, proxy: SocketAddr, hop: &str, test: &str) -> Message {
+    ua.request("MESSAGE", &aor("anyone", proxy))
+        .to(proxy)
+        .header("X-Hop", hop)
+        .header("X-Test", test)
+        .await
+}
+
+#[tokio::test]
+async fn sip_resolve_suspends_on_request_until_the_answer() {
+    let proxy = start_script(&repo_path("tests/data/scripts/resolve.lua"));
+    let mut alice = TestUa::udp("alice").await.via_proxy(proxy.udp);
+    let mut bob = TestUa::udp("bob").await;
+    let bob_hop = format!("sip:{}", bob.local);
+
+    // The answer, as the script sees it.
+    message_via(&mut alice, proxy.udp, &bob_hop, "show").await;
+    let shown = alice.expect_final(200).await;
+    let port = bob.local.port();
+    assert_eq!(
+        text(shown.reason().unwrap()),
+        format!("sip:127.0.0.1:{port};transport=udp|udp|127.0.0.1|{port}")
+    );
+
+    // Relayed to the resolved address, once or after two suspensions, with req.vars kept.
+    for test in ["relay", "twice"] {
+        message_via(&mut alice, proxy.udp, &bob_hop, test).await;
+        let incoming = bob.expect_request("MESSAGE").await;
+        assert_eq!(header_text(&incoming, "X-Vars").as_deref(), Some("kept"));
+        bob.respond(&incoming, 200, "OK").await;
+        // on_reply's sip.resolve is an error; the 200 still goes up.
+        alice.expect_final(200).await;
+    }
+
+    // A bad URI is an error at the script's line: 500, and the server goes on.
+    message_via(&mut alice, proxy.udp, &bob_hop, "bad").await;
+    alice.expect_final(500).await;
+    message_via(&mut alice, proxy.udp, &bob_hop, "show").await;
+    alice.expect_final(200).await;
+}

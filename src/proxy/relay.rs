@@ -34,7 +34,9 @@ use super::request::{
     preprocess_routes, stateless_branch, ForwardSpec, NextHop, ProxyIdentity,
 };
 use super::response_context::{BranchId, BranchState, ContextAction, ResponseContext, Target};
-use super::router::{BranchEdit, Decision, FailureDecision, RouteHandle, RouteInfo, Router};
+use super::router::{
+    BranchEdit, Decision, FailureDecision, RouteHandle, RouteInfo, Routed, Router,
+};
 use crate::dns::{self, Candidate, ResolveError};
 use crate::sip::{Message, Method, ResponseBuilder};
 use crate::transaction::client_invite::cancel_for;
@@ -99,6 +101,27 @@ enum Resolving {
     },
     /// A stateless forward (§16.11) or an ACK for a 2xx: sent to the first usable address.
     Forward(Box<StatelessForward>),
+    /// A request whose router waits for the answer (`sip.resolve`).
+    Route(Box<Suspended>),
+}
+
+/// What a routed request is on its way to.
+enum Purpose {
+    /// A new request in server transaction `tx` (§16.5-§16.7); `branch_base` is the loop
+    /// hash of the request as received (§16.3 item 4).
+    Request { tx: TxId, branch_base: String },
+    /// A CANCEL that matched no transaction, in its own server transaction (§16.10).
+    Cancel { tx: TxId },
+    /// An ACK for a 2xx, forwarded statelessly (§16.11).
+    Ack,
+}
+
+/// A request waiting, with its router, for a DNS answer.
+struct Suspended {
+    purpose: Purpose,
+    request: Message,
+    meta: Meta,
+    handle: RouteHandle,
 }
 
 struct StatelessForward {
@@ -213,6 +236,92 @@ impl Relay {
             return reply(400, "Bad Request (Route)");
         };
         let routed = self.router.route(&mut request, &meta, info);
+        let purpose = Purpose::Request { tx, branch_base };
+        self.after_route(purpose, request, meta, routed, now, layer, out)
+            .unwrap_or(Handled::Done)
+    }
+
+    /// Carries out what the router decided for a request, a CANCEL or an ACK; a
+    /// [`Decision::Resolve`] suspends it until [`Relay::on_resolved`]. The answer the caller
+    /// owes (none for an ACK).
+    #[allow(clippy::too_many_arguments)]
+    fn after_route(
+        &mut self,
+        purpose: Purpose,
+        request: Message,
+        meta: Meta,
+        routed: Routed,
+        now: Instant,
+        layer: &mut TransactionLayer,
+        out: &mut Vec<LayerOutput>,
+    ) -> Option<Handled> {
+        let Routed { decision, handle } = routed;
+        if let Decision::Resolve { query } = decision {
+            return self.suspend(purpose, request, meta, handle, query);
+        }
+        let routed = Routed { decision, handle };
+        match purpose {
+            Purpose::Request { tx, branch_base } => {
+                Some(self.relay_routed(tx, branch_base, request, meta, routed, now, layer, out))
+            }
+            Purpose::Cancel { tx } => {
+                Some(self.cancel_routed(tx, &request, &meta, routed, layer, out))
+            }
+            Purpose::Ack => {
+                self.ack_routed(&request, &meta, routed, out);
+                None
+            }
+        }
+    }
+
+    /// The router waits for DNS (`sip.resolve`): the request waits with it.
+    fn suspend(
+        &mut self,
+        purpose: Purpose,
+        request: Message,
+        meta: Meta,
+        handle: Option<RouteHandle>,
+        query: dns::Query,
+    ) -> Option<Handled> {
+        let answer = match purpose {
+            Purpose::Ack => None,
+            _ => Some(reply(503, "Service Unavailable (too many DNS lookups)")),
+        };
+        let Some(handle) = handle else {
+            warn!("the router asked for DNS without a handle to resume; dropping the request");
+            return answer.map(|_| reply(500, "Server Internal Error"));
+        };
+        let suspended = Suspended {
+            purpose,
+            request,
+            meta,
+            handle,
+        };
+        let asked = self.ask_resolve(query, Resolving::Route(Box::new(suspended)));
+        match asked {
+            Ok(()) => Some(Handled::Relayed),
+            Err(what) => {
+                if let Resolving::Route(suspended) = what {
+                    self.router.release(suspended.handle);
+                }
+                answer
+            }
+        }
+    }
+
+    /// §16.5-§16.7 for a routed request in server transaction `tx`.
+    #[allow(clippy::too_many_arguments)]
+    fn relay_routed(
+        &mut self,
+        tx: TxId,
+        branch_base: String,
+        request: Message,
+        meta: Meta,
+        routed: Routed,
+        now: Instant,
+        layer: &mut TransactionLayer,
+        out: &mut Vec<LayerOutput>,
+    ) -> Handled {
         let handle = routed.handle;
         let (targets, record_route) = match routed.decision {
             Decision::Relay {
@@ -325,7 +434,7 @@ impl Relay {
                 target,
                 record_route,
             } => self.forward_stateless(request, target, record_route, meta, out),
-            Decision::Drop | Decision::Relay { .. } => {
+            Decision::Drop | Decision::Relay { .. } | Decision::Resolve { .. } => {
                 debug!(call_id = %String::from_utf8_lossy(request.call_id().unwrap_or(b"")), "dropping request as the router decided");
             }
         }
@@ -382,7 +491,8 @@ impl Relay {
             Some(Ok(candidates)) => self.send_stateless(&forward, Some(first), &candidates, out),
             Some(Err(error)) => info!(%error, "cannot forward statelessly"),
             None => {
-                self.ask_resolve(query, Resolving::Forward(Box::new(forward)));
+                // Too many lookups in flight: already logged, and the sender retransmits.
+                let _ = self.ask_resolve(query, Resolving::Forward(Box::new(forward)));
             }
         }
     }
@@ -425,6 +535,7 @@ impl Relay {
         tx: TxId,
         mut request: Message,
         meta: Meta,
+        now: Instant,
         layer: &mut TransactionLayer,
         out: &mut Vec<LayerOutput>,
     ) -> Handled {
@@ -432,6 +543,27 @@ impl Relay {
             return reply(400, "Bad Request (Route)");
         };
         let routed = self.router.route(&mut request, &meta, info);
+        self.after_route(
+            Purpose::Cancel { tx },
+            request,
+            meta,
+            routed,
+            now,
+            layer,
+            out,
+        )
+        .unwrap_or(Handled::Done)
+    }
+
+    fn cancel_routed(
+        &mut self,
+        tx: TxId,
+        request: &Message,
+        meta: &Meta,
+        routed: Routed,
+        layer: &mut TransactionLayer,
+        out: &mut Vec<LayerOutput>,
+    ) -> Handled {
         if let Some(handle) = routed.handle {
             self.router.release(handle);
         }
@@ -443,7 +575,7 @@ impl Relay {
             },
             other => other,
         };
-        self.carry_out_stateless(tx, decision, &request, &meta, layer, out)
+        self.carry_out_stateless(tx, decision, request, meta, layer, out)
     }
 
     /// A CANCEL from upstream matched INVITE server transaction `invite` (§16.10).
@@ -474,7 +606,14 @@ impl Relay {
     /// An ACK that matched no transaction: the ACK for a 2xx (or for a non-2xx of a request
     /// forwarded statelessly), forwarded statelessly along its route (§16.11, §13.2.2.4) where
     /// the router says; one addressed to us is absorbed. An ACK is never answered.
-    pub fn forward_ack(&mut self, mut ack: Message, meta: Meta, out: &mut Vec<LayerOutput>) {
+    pub fn forward_ack(
+        &mut self,
+        mut ack: Message,
+        meta: Meta,
+        now: Instant,
+        layer: &mut TransactionLayer,
+        out: &mut Vec<LayerOutput>,
+    ) {
         if detect_loop(&ack, &self.me) {
             debug!("dropping looped ACK");
             return;
@@ -488,6 +627,16 @@ impl Relay {
             return;
         }
         let routed = self.router.route(&mut ack, &meta, info);
+        self.after_route(Purpose::Ack, ack, meta, routed, now, layer, out);
+    }
+
+    fn ack_routed(
+        &mut self,
+        ack: &Message,
+        meta: &Meta,
+        routed: Routed,
+        out: &mut Vec<LayerOutput>,
+    ) {
         if let Some(handle) = routed.handle {
             self.router.release(handle);
         }
@@ -500,11 +649,11 @@ impl Relay {
                 target,
                 record_route,
             } => (target, record_route),
-            Decision::Reply { .. } | Decision::Drop => {
+            Decision::Reply { .. } | Decision::Drop | Decision::Resolve { .. } => {
                 return debug!("dropping ACK as the router decided");
             }
         };
-        self.forward_stateless(&ack, target, record_route, &meta, out);
+        self.forward_stateless(ack, target, record_route, meta, out);
     }
 
     // ----- client transaction events ------------------------------------------------
@@ -742,7 +891,10 @@ impl Relay {
                 self.branch_unreachable(server, branch, "next hop unusable", now, more)
             }
             None => {
-                if !self.ask_resolve(query, Resolving::Branch { server, branch }) {
+                if self
+                    .ask_resolve(query, Resolving::Branch { server, branch })
+                    .is_err()
+                {
                     self.branch_unreachable(
                         server,
                         branch,
@@ -889,6 +1041,8 @@ impl Relay {
     }
 
     /// The shell's answer to resolution `id` ([`Relay::take_resolves`]).
+    /// Returns the answer the caller owes a request whose router was waiting for it: its
+    /// server transaction, the request, and what to answer.
     pub fn on_resolved(
         &mut self,
         id: u64,
@@ -896,12 +1050,34 @@ impl Relay {
         now: Instant,
         layer: &mut TransactionLayer,
         out: &mut Vec<LayerOutput>,
-    ) {
+    ) -> Option<(TxId, Message, Handled)> {
         match self.resolving.remove(&id) {
-            None => {}
+            None => None,
+            Some(Resolving::Route(suspended)) => {
+                let Suspended {
+                    purpose,
+                    mut request,
+                    meta,
+                    handle,
+                } = *suspended;
+                let routed = self.router.resume(handle, &mut request, result);
+                let tx = match &purpose {
+                    Purpose::Request { tx, .. } | Purpose::Cancel { tx } => Some(*tx),
+                    Purpose::Ack => None,
+                };
+                let original = request.clone();
+                let handled = self.after_route(purpose, request, meta, routed, now, layer, out);
+                tx.zip(handled).map(|(tx, handled)| (tx, original, handled))
+            }
             Some(Resolving::Forward(forward)) => match result {
-                Ok(candidates) => self.send_stateless(&forward, None, &candidates, out),
-                Err(error) => forward_failed(&forward, None, &error.to_string()),
+                Ok(candidates) => {
+                    self.send_stateless(&forward, None, &candidates, out);
+                    None
+                }
+                Err(error) => {
+                    forward_failed(&forward, None, &error.to_string());
+                    None
+                }
             },
             Some(Resolving::Branch { server, branch }) => {
                 let waiting = self.calls.get(&server).is_some_and(|call| {
@@ -909,7 +1085,7 @@ impl Relay {
                 });
                 if !waiting {
                     // Timer C, or a CANCEL, ended the branch while it was resolving.
-                    return;
+                    return None;
                 }
                 let mut more = Vec::new();
                 match result {
@@ -924,6 +1100,7 @@ impl Relay {
                     }
                 }
                 self.apply(server, more, now, layer, out);
+                None
             }
         }
     }
@@ -934,17 +1111,19 @@ impl Relay {
         std::mem::take(&mut self.resolve_requests)
     }
 
-    fn ask_resolve(&mut self, query: dns::Query, what: Resolving) -> bool {
+    /// Asks the shell to resolve `query` for `what`; gives `what` back when too many
+    /// resolutions are in flight already.
+    fn ask_resolve(&mut self, query: dns::Query, what: Resolving) -> Result<(), Resolving> {
         if self.resolving.len() >= MAX_RESOLVING {
             warn!(host = %query.host, limit = MAX_RESOLVING, "too many DNS lookups in flight");
-            return false;
+            return Err(what);
         }
         self.next_resolve += 1;
         let id = self.next_resolve;
         debug!(host = %query.host, id, "resolving next hop");
         self.resolving.insert(id, what);
         self.resolve_requests.push((id, query));
-        true
+        Ok(())
     }
 
     fn cancel_branch(

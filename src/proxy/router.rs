@@ -42,6 +42,10 @@ pub enum Decision {
     },
     /// Discard it without an answer.
     Drop,
+    /// Not decided yet: the router waits for the DNS answer to `query` (the script called
+    /// `sip.resolve`). The relay resolves it off the loop and calls [`Router::resume`] with
+    /// the answer and the [`Routed::handle`] given with this decision.
+    Resolve { query: crate::dns::Query },
 }
 
 impl Decision {
@@ -143,6 +147,18 @@ pub trait Router {
 
     /// The transaction of `handle` ended; no hook will see it again.
     fn release(&mut self, _handle: RouteHandle) {}
+
+    /// Continues a [`Decision::Resolve`] with the DNS answer; `request` is the one given to
+    /// [`Router::route`] (the router gives back its edited copy). The handle of the result
+    /// replaces `handle`, which the router has released if the result carries none.
+    fn resume(
+        &mut self,
+        _handle: RouteHandle,
+        _request: &mut Message,
+        _answer: Result<Vec<crate::dns::Candidate>, crate::dns::ResolveError>,
+    ) -> Routed {
+        Decision::reply(500, "Server Internal Error (nothing to resume)").into()
+    }
 }
 
 /// The router used until scripts route. Unless a static route or `relay_to_request_uri` is

@@ -690,9 +690,94 @@ pub fn install(lua: &Lua, script: Rc<str>, env: Env) -> mlua::Result<()> {
     })?;
     lua.globals().set("print", print)?;
     sip.set("kv", kv_table(lua)?)?;
+    sip.set("resolve", resolve_function(lua)?)?;
     lua.globals().set("sip", sip)?;
     lua.set_app_data(env);
     Ok(())
+}
+
+/// A DNS query `sip.resolve` hands to the engine by yielding it (see [`resolve_function`]).
+pub struct ResolveRequest(pub crate::dns::Query);
+
+impl UserData for ResolveRequest {}
+
+/// `sip.resolve(uri)`: the ordered RFC 3263 targets of `uri`'s next hop. The query is built in
+/// Rust (a bad URI is an error at the script's line) and yielded to the engine, which
+/// suspends the hook without blocking the loop and resumes it with the answer: a list of
+/// `{transport, host, port, uri}` tables, or `nil, message`. Only `on_request` may call it,
+/// since only it runs in a coroutine the engine owns.
+fn resolve_function(lua: &Lua) -> mlua::Result<mlua::Function> {
+    let query = lua.create_function(|_, uri: mlua::LuaString| {
+        let hop = crate::proxy::request::next_hop_of_uri(&uri.as_bytes()).map_err(|e| {
+            mlua::Error::runtime(format!("sip.resolve: not a SIP URI with a host: {e}"))
+        })?;
+        Ok(ResolveRequest(crate::dns::Query {
+            host: hop.host,
+            port: hop.port,
+            transport: hop.transport,
+            secure: hop.secure,
+        }))
+    })?;
+    lua.load(
+        r#"
+        local query, yield, yieldable = ...
+        return function(uri)
+            if not yieldable() then
+                error("sip.resolve: only on_request may resolve (it waits for DNS)", 2)
+            end
+            return yield(query(uri))
+        end
+        "#,
+    )
+    .set_name("=sip.resolve")
+    .call((
+        query,
+        lua.globals()
+            .get::<Table>("coroutine")?
+            .get::<mlua::Function>("yield")?,
+        lua.globals()
+            .get::<Table>("coroutine")?
+            .get::<mlua::Function>("isyieldable")?,
+    ))
+}
+
+/// What `sip.resolve` returns for `answer`: a list of target tables, or `nil, message`.
+pub fn resolve_answer(
+    lua: &Lua,
+    answer: &Result<Vec<crate::dns::Candidate>, crate::dns::ResolveError>,
+) -> mlua::Result<mlua::MultiValue> {
+    let candidates = match answer {
+        Ok(candidates) => candidates,
+        Err(error) => {
+            return Ok(mlua::MultiValue::from_vec(vec![
+                Value::Nil,
+                Value::String(lua.create_string(error.to_string())?),
+            ]))
+        }
+    };
+    let list = lua.create_table_with_capacity(candidates.len(), 0)?;
+    for candidate in candidates {
+        let entry = lua.create_table_with_capacity(0, 4)?;
+        let transport = candidate.kind.scheme();
+        let host = candidate.addr.ip().to_string();
+        let host_ref = match candidate.addr {
+            std::net::SocketAddr::V6(_) => format!("[{host}]"),
+            std::net::SocketAddr::V4(_) => host.clone(),
+        };
+        let port = candidate.addr.port();
+        entry.set("transport", transport)?;
+        entry.set("host", host)?;
+        entry.set("port", port)?;
+        entry.set(
+            "uri",
+            format!("sip:{host_ref}:{port};transport={transport}"),
+        )?;
+        if let Some(name) = &candidate.tls_name {
+            entry.set("tls_name", name.as_ref())?;
+        }
+        list.push(entry)?;
+    }
+    Ok(mlua::MultiValue::from_vec(vec![Value::Table(list)]))
 }
 
 fn write_log(lua: &Lua, script: &str, level: &str, parts: &[Value]) -> mlua::Result<()> {

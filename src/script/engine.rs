@@ -14,7 +14,11 @@ use std::fmt;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use mlua::{Function, HookTriggers, IntoLuaMulti, Lua, LuaOptions, StdLib, Value, VmState};
+use mlua::thread::ThreadStatus;
+use mlua::{
+    Function, HookTriggers, IntoLuaMulti, Lua, LuaOptions, MultiValue, StdLib, Thread, Value,
+    VmState,
+};
 
 use super::api;
 use super::Services;
@@ -91,6 +95,15 @@ pub struct Env {
 }
 
 /// The hooks a script defines (§ "Entry points" of docs/scripting.md).
+/// How a hook run by [`Engine::start`] stopped.
+#[derive(Debug)]
+pub enum Step {
+    /// It returned.
+    Finished,
+    /// It called `sip.resolve` and waits for the answer to this query.
+    Resolve(crate::dns::Query),
+}
+
 pub struct Hooks {
     pub on_request: Function,
     pub on_reply: Option<Function>,
@@ -164,6 +177,47 @@ impl Engine {
     }
 
     /// Bytes the state uses now.
+    /// Runs `hook` in a coroutine of its own, so that `sip.resolve` can suspend it until its
+    /// DNS answer arrives ([`Engine::resume`]). The instruction budget covers this run.
+    pub fn start(
+        &self,
+        hook: &Function,
+        args: impl IntoLuaMulti,
+    ) -> Result<(Step, Thread), ScriptError> {
+        let thread = self
+            .lua
+            .create_thread(hook.clone())
+            .map_err(|e| describe(&e, &self.name))?;
+        let step = self.resume(&thread, args)?;
+        Ok((step, thread))
+    }
+
+    /// Continues a hook [`Engine::start`] left suspended, with `args` as what `sip.resolve`
+    /// returns. The instruction budget starts afresh: waiting cost the script nothing.
+    pub fn resume(&self, thread: &Thread, args: impl IntoLuaMulti) -> Result<Step, ScriptError> {
+        self.slices_left.set(self.slices);
+        let yielded = thread
+            .resume::<MultiValue>(args)
+            .map_err(|e| describe(&e, &self.name))?;
+        if thread.status() != ThreadStatus::Resumable {
+            return Ok(Step::Finished);
+        }
+        match yielded.front() {
+            Some(Value::UserData(ud)) => match ud.borrow::<api::ResolveRequest>() {
+                Ok(request) => Ok(Step::Resolve(request.0.clone())),
+                Err(_) => Err(self.stray_yield()),
+            },
+            _ => Err(self.stray_yield()),
+        }
+    }
+
+    fn stray_yield(&self) -> ScriptError {
+        ScriptError(format!(
+            "{}: the hook yielded (coroutine.yield) outside sip.resolve",
+            self.name
+        ))
+    }
+
     pub fn used_memory(&self) -> usize {
         self.lua.used_memory()
     }

@@ -20,8 +20,12 @@ use mlua::{Lua, Table, Value};
 use super::api::ScriptMsg;
 use super::engine::{Engine, Env, Limits, LogSink, ScriptError, ScriptSource};
 use super::kv::KvStore;
-use super::router::{read_source, run_request_hook, undecided};
+use super::router::{
+    read_source, resume_request_hook, run_request_hook, undecided, RequestRun,
+    MAX_RESOLVES_PER_REQUEST,
+};
 use super::{Services, KV_MAX_KEYS};
+use crate::dns::{Candidate, Query, ResolveError, Resolver};
 use crate::location::MemoryLocation;
 use crate::proxy::router::{Decision, RouteInfo};
 use crate::proxy::{preprocess_routes, ProxyIdentity};
@@ -173,7 +177,26 @@ pub fn run_once(
         .lua()
         .create_table()
         .map_err(|e| ScriptError(e.to_string()))?;
-    let (state, result) = run_request_hook(&engine, request, &meta, info, vars.clone())?;
+    let mut run = run_request_hook(&engine, request, &meta, info, vars.clone())?;
+    let mut resolves = 0;
+    let (state, result) = loop {
+        match run {
+            RequestRun::Done(state, result) => break (state, result),
+            RequestRun::Suspended {
+                query,
+                thread,
+                request,
+            } => {
+                resolves += 1;
+                let answer = if resolves > MAX_RESOLVES_PER_REQUEST {
+                    Err(ResolveError::Failed("too many sip.resolve calls".into()))
+                } else {
+                    resolve_offline(&query)
+                };
+                run = resume_request_hook(&engine, thread, request, &answer)?;
+            }
+        }
+    };
     let mut outcome = describe_state(&before, state, &vars);
     outcome.logs = logs.borrow().clone();
     if let Err(e) = result {
@@ -288,8 +311,27 @@ fn describe_state(before: &Message, state: ScriptMsg, vars: &Table) -> Outcome {
             )];
         }
         Decision::Drop => outcome.decision = "drop",
+        // Offline runs answer sip.resolve themselves, so the hook never ends suspended.
+        Decision::Resolve { .. } => outcome.decision = "resolve",
     }
     outcome
+}
+
+/// `sip.resolve` in an offline run: IP literals and `localhost` are answered at once; a host
+/// name is looked up with the system's resolver configuration.
+fn resolve_offline(query: &Query) -> Result<Vec<Candidate>, ResolveError> {
+    if let Some(answer) = crate::dns::numeric(query) {
+        return answer;
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| ResolveError::Failed(e.to_string()))?;
+    let transports = [TransportKind::Udp, TransportKind::Tcp, TransportKind::Tls];
+    runtime.block_on(async {
+        let resolver = Resolver::from_config(&crate::config::Dns::default())?;
+        resolver.locate(query, &transports).await
+    })
 }
 
 fn lossy(bytes: &[u8]) -> String {

@@ -21,11 +21,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::Bytes;
-use mlua::{Function, Table};
+use mlua::{AnyUserData, Function, Table, Thread};
 use tracing::{debug, error, info, warn};
 
 use super::api::{Role, ScriptMsg};
-use super::engine::{Engine, Env, Limits, LogSink, ScriptError, ScriptSource};
+use super::engine::{Engine, Env, Limits, LogSink, ScriptError, ScriptSource, Step};
 use super::Services;
 use crate::proxy::response_context::Target;
 use crate::proxy::router::{
@@ -196,7 +196,22 @@ pub fn read_source(path: &Path, version: u64) -> Result<ScriptSource, ScriptErro
 struct Pinned {
     engine: Rc<Engine>,
     vars: Table,
+    /// `on_request` waiting in `sip.resolve` for its DNS answer.
+    suspended: Option<Suspension>,
 }
+
+/// An `on_request` run suspended in `sip.resolve`.
+struct Suspension {
+    thread: Thread,
+    request: AnyUserData,
+    method: Option<Method>,
+    /// `sip.resolve` calls this request made so far.
+    resolves: u32,
+}
+
+/// Most `sip.resolve` calls one request may make: each holds the request for a DNS round trip,
+/// so a script resolving in a loop would otherwise hold it forever.
+pub(crate) const MAX_RESOLVES_PER_REQUEST: u32 = 16;
 
 /// One event loop's script runner.
 pub struct ScriptRouter {
@@ -284,25 +299,99 @@ impl ScriptRouter {
 
     fn pin(&mut self, engine: Rc<Engine>, vars: Table) -> RouteHandle {
         self.next_handle += 1;
-        self.calls.insert(self.next_handle, Pinned { engine, vars });
+        let pinned = Pinned {
+            engine,
+            vars,
+            suspended: None,
+        };
+        self.calls.insert(self.next_handle, pinned);
         RouteHandle(self.next_handle)
     }
 
-    /// Runs `on_request`; on failure the request comes back with the error (a placeholder if
-    /// the message object itself was lost).
-    fn run_on_request(
-        &self,
-        engine: &Engine,
-        request: Message,
-        meta: &Meta,
-        info: RouteInfo,
+    /// Turns the end of an `on_request` run into the routing decision. `handle` is the pin a
+    /// resumed run already has; it is kept only if the later hooks need it.
+    fn conclude(
+        &mut self,
+        engine: Rc<Engine>,
         vars: Table,
-    ) -> Result<ScriptMsg, Box<(ScriptError, Message)>> {
-        match run_request_hook(engine, request, meta, info, vars) {
-            Ok((state, Ok(()))) => Ok(state),
-            Ok((state, Err(e))) => Err(Box::new((e, state.msg))),
-            Err(e) => Err(Box::new((e, self.placeholder.clone()))),
-        }
+        run: Result<RequestRun, ScriptError>,
+        method: Option<Method>,
+        request: &mut Message,
+        (handle, resolves_before): (Option<RouteHandle>, u32),
+    ) -> Routed {
+        let unpin = |router: &mut Self| {
+            if let Some(handle) = handle {
+                router.calls.remove(&handle.0);
+            }
+        };
+        let state = match run {
+            Ok(RequestRun::Done(state, Ok(()))) => state,
+            Ok(RequestRun::Suspended {
+                query,
+                thread,
+                request: ud,
+            }) => {
+                let handle = handle.unwrap_or_else(|| self.pin(engine, vars));
+                let resolves = resolves_before + 1;
+                if resolves > MAX_RESOLVES_PER_REQUEST {
+                    self.calls.remove(&handle.0);
+                    error!(
+                        limit = MAX_RESOLVES_PER_REQUEST,
+                        "on_request called sip.resolve too often; answering 500"
+                    );
+                    return failed_decision(&method);
+                }
+                if let Some(pinned) = self.calls.get_mut(&handle.0) {
+                    pinned.suspended = Some(Suspension {
+                        thread,
+                        request: ud,
+                        method,
+                        resolves,
+                    });
+                }
+                return Routed {
+                    decision: Decision::Resolve { query },
+                    handle: Some(handle),
+                };
+            }
+            Ok(RequestRun::Done(state, Err(e))) => {
+                *request = state.msg;
+                unpin(self);
+                error!(call_id = %call_id(request), error = %e, "on_request failed");
+                return failed_decision(&method);
+            }
+            Err(e) => {
+                unpin(self);
+                error!(call_id = %call_id(request), error = %e, "on_request failed");
+                return failed_decision(&method);
+            }
+        };
+        *request = state.msg;
+        let decision = match state.decision {
+            Some((decision, _)) => decision,
+            None => undecided(&method, request),
+        };
+        let keeps_state = matches!(decision, Decision::Relay { .. })
+            && (engine.hooks().on_reply.is_some()
+                || engine.hooks().on_failure.is_some()
+                || engine.hooks().on_branch.is_some());
+        let handle = match (keeps_state, handle) {
+            (true, Some(handle)) => Some(handle),
+            (true, None) => Some(self.pin(engine, vars)),
+            (false, _) => {
+                unpin(self);
+                None
+            }
+        };
+        Routed { decision, handle }
+    }
+}
+
+/// The answer to a request whose `on_request` failed: 500, except that an ACK is dropped.
+fn failed_decision(method: &Option<Method>) -> Routed {
+    match method {
+        Some(Method::Ack) => Decision::Drop.into(),
+        _ => Decision::reply(500, "Server Internal Error").into(),
     }
 }
 
@@ -316,29 +405,29 @@ impl Router for ScriptRouter {
             return Decision::reply(500, "Server Internal Error (script out of memory)").into();
         };
         let taken = std::mem::replace(request, self.placeholder.clone());
-        let state = match self.run_on_request(&engine, taken, meta, info, vars.clone()) {
-            Ok(state) => state,
-            Err(failed) => {
-                let (e, msg) = *failed;
-                *request = msg;
-                error!(call_id = %call_id(request), error = %e, "on_request failed");
-                return match method {
-                    Some(Method::Ack) => Decision::Drop.into(),
-                    _ => Decision::reply(500, "Server Internal Error").into(),
-                };
-            }
+        let run = run_request_hook(&engine, taken, meta, info, vars.clone());
+        self.conclude(engine, vars, run, method, request, (None, 0))
+    }
+
+    fn resume(
+        &mut self,
+        handle: RouteHandle,
+        request: &mut Message,
+        answer: Result<Vec<crate::dns::Candidate>, crate::dns::ResolveError>,
+    ) -> Routed {
+        let Some(pinned) = self.calls.get_mut(&handle.0) else {
+            return Decision::reply(500, "Server Internal Error (nothing to resume)").into();
         };
-        *request = state.msg;
-        let decision = match state.decision {
-            Some((decision, _)) => decision,
-            None => undecided(&method, request),
+        let Some(suspension) = pinned.suspended.take() else {
+            self.calls.remove(&handle.0);
+            return Decision::reply(500, "Server Internal Error (nothing to resume)").into();
         };
-        let keeps_state = matches!(decision, Decision::Relay { .. })
-            && (engine.hooks().on_reply.is_some()
-                || engine.hooks().on_failure.is_some()
-                || engine.hooks().on_branch.is_some());
-        let handle = keeps_state.then(|| self.pin(engine, vars));
-        Routed { decision, handle }
+        let engine = pinned.engine.clone();
+        let vars = pinned.vars.clone();
+        let resolves = suspension.resolves;
+        let method = suspension.method.clone();
+        let run = resume_request_hook(&engine, suspension.thread, suspension.request, &answer);
+        self.conclude(engine, vars, run, method, request, (Some(handle), resolves))
     }
 
     fn on_branch(&mut self, handle: RouteHandle, request: &Message, target: &Target) -> BranchEdit {
@@ -406,15 +495,29 @@ impl Router for ScriptRouter {
     }
 }
 
-/// Calls `on_request` with `request` as `req`: the message object as the script left it and
-/// the hook's result, or an error when the object could not be made or taken back.
+/// How a run of `on_request` ended.
+// Not boxed: the value lives for one call and boxing `Done` would allocate per request.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum RequestRun {
+    /// It returned, or failed: the message object as the script left it, and the result.
+    Done(ScriptMsg, Result<(), ScriptError>),
+    /// It waits in `sip.resolve` for the answer to `query` ([`resume_request_hook`]).
+    Suspended {
+        query: crate::dns::Query,
+        thread: Thread,
+        request: AnyUserData,
+    },
+}
+
+/// Calls `on_request` with `request` as `req`, in a coroutine so `sip.resolve` can suspend it.
+/// An error when the message object could not be made or taken back.
 pub(crate) fn run_request_hook(
     engine: &Engine,
     request: Message,
     meta: &Meta,
     info: RouteInfo,
     vars: Table,
-) -> Result<(ScriptMsg, Result<(), ScriptError>), ScriptError> {
+) -> Result<RequestRun, ScriptError> {
     let mut state = ScriptMsg::new(request, Role::Request);
     state.meta = Some(*meta);
     state.info = info;
@@ -423,14 +526,46 @@ pub(crate) fn run_request_hook(
         .lua()
         .create_userdata(state)
         .map_err(|e| ScriptError(e.to_string()))?;
-    let result = engine.call(&engine.hooks().on_request, ud.clone());
+    let step = engine.start(&engine.hooks().on_request, ud.clone());
+    settle(engine, ud, step)
+}
+
+/// Continues an `on_request` suspended in `sip.resolve`, which returns `answer`.
+pub(crate) fn resume_request_hook(
+    engine: &Engine,
+    thread: Thread,
+    request: AnyUserData,
+    answer: &Result<Vec<crate::dns::Candidate>, crate::dns::ResolveError>,
+) -> Result<RequestRun, ScriptError> {
+    let values =
+        super::api::resolve_answer(engine.lua(), answer).map_err(|e| ScriptError(e.to_string()))?;
+    let step = engine.resume(&thread, values).map(|step| (step, thread));
+    settle(engine, request, step)
+}
+
+fn settle(
+    engine: &Engine,
+    ud: AnyUserData,
+    step: Result<(Step, Thread), ScriptError>,
+) -> Result<RequestRun, ScriptError> {
+    let result = match step {
+        Ok((Step::Resolve(query), thread)) => {
+            return Ok(RequestRun::Suspended {
+                query,
+                thread,
+                request: ud,
+            })
+        }
+        Ok((Step::Finished, _)) => Ok(()),
+        Err(e) => Err(e),
+    };
     let state = ud.take::<ScriptMsg>().map_err(|e| {
         ScriptError(format!(
             "{}: the request object was lost: {e}",
             engine.name()
         ))
     })?;
-    Ok((state, result))
+    Ok(RequestRun::Done(state, result))
 }
 
 /// Calls a later hook with two message objects sharing the transaction's vars; returns them as

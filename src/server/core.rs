@@ -216,8 +216,12 @@ impl Worker for Core {
             }
             Input::Resolved { id, result } => {
                 let mut pending = std::mem::take(&mut self.pending);
-                self.relay
-                    .on_resolved(id, result, now, &mut self.transactions, &mut pending);
+                let owed =
+                    self.relay
+                        .on_resolved(id, result, now, &mut self.transactions, &mut pending);
+                if let Some((tx, request, handled)) = owed {
+                    self.answer_if_asked(tx, &request, handled, now, &mut pending);
+                }
                 self.drain(pending, now, out);
             }
         }
@@ -405,12 +409,16 @@ impl Core {
                     tx,
                     request.clone(),
                     meta,
+                    now,
                     &mut self.transactions,
                     next,
                 );
                 self.answer_if_asked(tx, &request, handled, now, next);
             }
-            Upcall::Ack { request, meta } => self.relay.forward_ack(request, meta, next),
+            Upcall::Ack { request, meta } => {
+                self.relay
+                    .forward_ack(request, meta, now, &mut self.transactions, next)
+            }
             Upcall::Client { tx, event } => {
                 self.relay
                     .on_client_event(tx, event, now, &mut self.transactions, next)
