@@ -23,8 +23,9 @@ use crate::transport::{ListenAddr, TransportKind};
 pub struct Config {
     /// Addresses to listen on. Default: `udp:127.0.0.1:5060` and `tcp:127.0.0.1:5060`.
     pub listen: Vec<ListenAddr>,
-    /// Domains this server is responsible for. Default: empty, meaning the server treats its
-    /// own listen addresses as its local domains.
+    /// Domains this server is responsible for; an IP literal (IPv6 with or without brackets)
+    /// names that address on any port. Default: empty, meaning the server treats its own listen
+    /// addresses as its local domains.
     pub domains: Vec<String>,
     /// The Lua routing script. Default: `scripts/default.lua`.
     pub script: PathBuf,

@@ -61,7 +61,7 @@ impl ProxyIdentity {
         self.advertised
             .iter()
             .find(|(k, a, _)| *k == kind && *a == addr)
-            .map_or_else(|| addr.to_string(), |(_, _, hp)| hp.clone())
+            .map_or_else(|| sip_host_port(addr), |(_, _, hp)| hp.clone())
     }
 
     /// The URI this proxy puts into Record-Route for one interface, always with `lr`
@@ -87,6 +87,16 @@ impl ProxyIdentity {
             Ok(u) => self.local.is_myself(&u),
             Err(_) => false,
         }
+    }
+}
+
+/// A socket address as a SIP hostport (§25.1): `192.0.2.1:5060`, `[2001:db8::1]:5060` (an
+/// IPv6reference). The scope of a link-local IPv6 address is not part of the grammar and is
+/// left out, as is the flow label.
+fn sip_host_port(addr: SocketAddr) -> String {
+    match addr {
+        SocketAddr::V4(v4) => v4.to_string(),
+        SocketAddr::V6(v6) => format!("[{}]:{}", v6.ip(), v6.port()),
     }
 }
 
@@ -939,6 +949,144 @@ mod tests {
         assert_eq!(next_hop(&tel).unwrap_err().status(), 404);
         let sctp = req("INVITE", "sip:bob@example.com;transport=sctp", &[]);
         assert_eq!(next_hop(&sctp).unwrap_err().status(), 503);
+    }
+
+    // ----- IPv6 ---------------------------------------------------------------------------
+
+    const V6_UDP: (TransportKind, SocketAddr) = (
+        TransportKind::Udp,
+        SocketAddr::new(std::net::IpAddr::V6(std::net::Ipv6Addr::LOCALHOST), 5060),
+    );
+
+    fn me_v4_and_v6() -> ProxyIdentity {
+        ProxyIdentity::new(LocalIdentity::new(&[], [US_UDP.1, V6_UDP.1]))
+    }
+
+    #[test]
+    fn ipv6_via_and_record_route_are_ipv6_references() {
+        let r = req("INVITE", "sip:bob@[::1]:5080", &[]);
+        let me = me_v4_and_v6();
+        let mut s = spec("sip:bob@[::1]:5080", &me);
+        s.record_route = true;
+        s.inbound = V6_UDP;
+        s.outbound = V6_UDP;
+        let out = forward_copy(&r, &s).unwrap();
+        let text = String::from_utf8(out.to_bytes().to_vec()).unwrap();
+        assert!(
+            text.contains("\r\nVia: SIP/2.0/UDP [::1]:5060;branch=z9hG4bKtest\r\n"),
+            "{text}"
+        );
+        assert_eq!(
+            out.values(HeaderName::RecordRoute)
+                .map(|v| String::from_utf8_lossy(v.unwrap()).into_owned())
+                .collect::<Vec<_>>(),
+            ["<sip:[::1]:5060;transport=udp;lr>"]
+        );
+        let reparsed = parse(&text);
+        let via = reparsed.top_via().unwrap();
+        assert_eq!(via.host, Host::Ip(V6_UDP.1.ip()));
+        assert!(me.is_my_via(&via));
+    }
+
+    #[test]
+    fn a_link_local_scope_is_not_written() {
+        let addr: SocketAddr = "[fe80::1%7]:5060".parse().unwrap();
+        assert_eq!(sip_host_port(addr), "[fe80::1]:5060");
+        assert_eq!(sip_host_port(US_UDP.1), "127.0.0.1:5060");
+    }
+
+    #[test]
+    fn mixed_family_relay_record_routes_twice() {
+        // In over IPv4, out over IPv6: the interfaces' URIs differ (§16.6 step 4, RFC 5658).
+        let r = req("INVITE", "sip:bob@[::1]:5080", &[]);
+        let me = me_v4_and_v6();
+        let mut s = spec("sip:bob@[::1]:5080", &me);
+        s.record_route = true;
+        s.outbound = V6_UDP;
+        let out = forward_copy(&r, &s).unwrap();
+        let rr: Vec<String> = out
+            .values(HeaderName::RecordRoute)
+            .map(|v| String::from_utf8_lossy(v.unwrap()).into_owned())
+            .collect();
+        assert_eq!(
+            rr,
+            [
+                "<sip:[::1]:5060;transport=udp;lr>",
+                "<sip:127.0.0.1:5060;transport=udp;lr>"
+            ]
+        );
+        // Coming back (the UAC's route set is the reverse), both halves are ours and removed.
+        let mut back = req(
+            "BYE",
+            "sip:bob@[::1]:5080",
+            &["Route: <sip:127.0.0.1:5060;transport=udp;lr>, \
+               <sip:[0:0:0:0:0:0:0:1]:5060;transport=udp;lr>"],
+        );
+        assert!(preprocess_routes(&mut back, &me).unwrap());
+        assert!(routes(&back).is_empty());
+    }
+
+    #[test]
+    fn preprocess_removes_our_ipv6_route_in_any_spelling() {
+        let me = me_v4_and_v6();
+        for ours in ["<sip:[::1]:5060;lr>", "<sip:[0::1]:5060;transport=udp;lr>"] {
+            let mut r = req(
+                "BYE",
+                "sip:bob@[::1]:5080",
+                &[&format!("Route: {ours}, <sip:[2001:db8::5];lr>")],
+            );
+            assert!(preprocess_routes(&mut r, &me).unwrap(), "{ours}");
+            assert_eq!(routes(&r), ["<sip:[2001:db8::5];lr>"]);
+            let hop = next_hop(&r).unwrap();
+            assert_eq!((hop.host.as_str(), hop.port), ("2001:db8::5", None));
+        }
+        // Another port on our address is not us.
+        let mut r = req("BYE", "sip:bob@[::1]:5080", &["Route: <sip:[::1]:5070;lr>"]);
+        assert!(!preprocess_routes(&mut r, &me).unwrap());
+        // A strict router put our IPv6 Record-Route into the Request-URI.
+        let mut r = req(
+            "BYE",
+            "sip:[::1]:5060;transport=udp;lr",
+            &["Route: <sip:bob@[::1]:5080>"],
+        );
+        assert!(preprocess_routes(&mut r, &me).unwrap());
+        assert_eq!(rruri(&r), "sip:bob@[::1]:5080");
+    }
+
+    #[test]
+    fn next_hop_of_an_ipv6_uri_is_the_bare_address() {
+        let hop = next_hop(&req("INVITE", "sip:bob@[::1]:5080;transport=tcp", &[])).unwrap();
+        assert_eq!(
+            hop,
+            NextHop {
+                host: "::1".into(),
+                port: Some(5080),
+                transport: Some(TransportKind::Tcp),
+                secure: false,
+            }
+        );
+        let hop = next_hop(&req(
+            "INVITE",
+            "sip:bob@example.com;maddr=[2001:db8::9]",
+            &[],
+        ))
+        .unwrap();
+        assert_eq!((hop.host.as_str(), hop.port), ("2001:db8::9", None));
+        let hop = next_hop(&req("INVITE", "sip:[0:0:0:0:0:0:0:1]", &[])).unwrap();
+        assert_eq!(hop.host.parse::<std::net::IpAddr>().unwrap(), V6_UDP.1.ip());
+    }
+
+    #[test]
+    fn detect_loop_over_ipv6() {
+        let me = me_v4_and_v6();
+        let r = req("INVITE", "sip:bob@example.com", &["Max-Forwards: 70"]);
+        let branch = branch_for(&r, "1");
+        let mut s = spec("sip:bob@example.com", &me);
+        s.branch = &branch;
+        s.outbound = V6_UDP;
+        let out = forward_copy(&r, &s).unwrap();
+        let back = parse(std::str::from_utf8(&out.to_bytes()).unwrap());
+        assert!(detect_loop(&back, &me));
     }
 
     // ----- branch_for / detect_loop -------------------------------------------------------

@@ -39,10 +39,16 @@ pub const SUPPORTED: &[&str] = &[];
 pub const SERVER: &str = concat!("moonroute ", env!("CARGO_PKG_VERSION"));
 
 /// Which URIs name this server (Kamailio's `myself`): a configured domain, or one of the
-/// listen addresses (any port when listening on port 0; a wildcard listener matches any IP).
+/// listen addresses (any port when listening on port 0; a wildcard listener matches any IP of
+/// its family). IP addresses compare as addresses, so `[::1]`, `[0:0:0:0:0:0:0:1]` and
+/// `[::ffff:127.0.0.1]` / `127.0.0.1` (RFC 5118 §4.9) are each one address. A configured
+/// domain that is an IP literal (`192.0.2.1`, `2001:db8::1` or `[2001:db8::1]`, e.g. a public
+/// address in front of a NAT) names this server on any port, as a domain name does.
 #[derive(Clone, Debug, Default)]
 pub struct LocalIdentity {
     domains: Vec<String>,
+    /// The domains that are IP literals, parsed.
+    domain_ips: Vec<IpAddr>,
     listen: Vec<SocketAddr>,
 }
 
@@ -50,6 +56,7 @@ impl LocalIdentity {
     pub fn new(domains: &[String], listen: impl IntoIterator<Item = SocketAddr>) -> Self {
         LocalIdentity {
             domains: domains.to_vec(),
+            domain_ips: domains.iter().filter_map(|d| ip_literal(d)).collect(),
             listen: listen.into_iter().collect(),
         }
     }
@@ -61,10 +68,14 @@ impl LocalIdentity {
         let default_port = if sip.secure { 5061 } else { 5060 };
         let port = sip.port.unwrap_or(default_port);
         match sip.host.ip() {
-            Some(ip) => self
-                .listen
-                .iter()
-                .any(|l| ip_matches(l.ip(), ip) && port_matches(l.port(), port)),
+            Some(ip) => {
+                let ip = ip.to_canonical();
+                self.domain_ips.contains(&ip)
+                    || self
+                        .listen
+                        .iter()
+                        .any(|l| ip_matches(l.ip(), ip) && port_matches(l.port(), port))
+            }
             None => {
                 let name = match sip.host {
                     Host::Domain(name) => name,
@@ -82,8 +93,20 @@ impl LocalIdentity {
     }
 }
 
+/// `ip` (canonical: an IPv4-mapped IPv6 address is its IPv4 address) is a listener's address,
+/// or the listener is the wildcard of its family (IPv6 listeners are IPv6-only).
 fn ip_matches(listen: IpAddr, ip: IpAddr) -> bool {
-    listen == ip || listen.is_unspecified()
+    let listen = listen.to_canonical();
+    listen == ip || (listen.is_unspecified() && listen.is_ipv4() == ip.is_ipv4())
+}
+
+/// A configured domain that is an IP address, IPv6 with or without brackets; canonical.
+fn ip_literal(domain: &str) -> Option<IpAddr> {
+    let bare = domain
+        .strip_prefix('[')
+        .and_then(|d| d.strip_suffix(']'))
+        .unwrap_or(domain);
+    bare.parse::<IpAddr>().ok().map(|ip| ip.to_canonical())
 }
 
 fn port_matches(listen: u16, port: u16) -> bool {
@@ -758,9 +781,7 @@ fn stateless_response_destination(
     } else {
         5060
     };
-    let sent_by = via.host.ip()?;
-    let source = SocketAddr::new(sent_by, via.port.unwrap_or(default_port));
-    let addr = via.response_addr(source, default_port);
+    let addr = via.recorded_response_addr(default_port)?;
     Some(crate::transport::Destination {
         kind,
         addr,
@@ -852,6 +873,58 @@ mod tests {
             "localhost names a loopback listener"
         );
         assert!(!is_myself(&id, "tel:+15551234"));
+    }
+
+    #[test]
+    fn ipv6_addresses_compare_as_addresses() {
+        let id = identity(&[], &["[::1]:5060", "127.0.0.1:5070"]);
+        for uri in [
+            "sip:[::1]",
+            "sip:[::1]:5060",
+            "sip:[0:0:0:0:0:0:0:1]:5060;lr",
+            "sip:[0::0:1];transport=tcp",
+            "sip:alice@[::1]:5060",
+            // RFC 5118 §4.9: an IPv4-mapped IPv6 address is the IPv4 address.
+            "sip:[::ffff:127.0.0.1]:5070",
+        ] {
+            assert!(is_myself(&id, uri), "{uri}");
+        }
+        for uri in [
+            "sip:[::1]:5070",
+            "sip:[::2]:5060",
+            "sip:[::ffff:127.0.0.1]:5060",
+        ] {
+            assert!(!is_myself(&id, uri), "{uri}");
+        }
+    }
+
+    #[test]
+    fn ip_literal_domains_match_with_or_without_brackets() {
+        let id = identity(
+            &["[2001:DB8::1]", "2001:db8::2", "192.0.2.1"],
+            &["[::1]:5060"],
+        );
+        for uri in [
+            "sip:alice@[2001:db8::1]",
+            "sip:[2001:db8:0:0:0:0:0:1]:5080",
+            "sip:alice@[2001:db8::2]",
+            "sip:192.0.2.1:5062",
+            "sip:[::ffff:192.0.2.1]",
+        ] {
+            assert!(is_myself(&id, uri), "{uri}");
+        }
+        assert!(!is_myself(&id, "sip:[2001:db8::3]"));
+        assert!(!is_myself(&id, "sip:example.com"));
+    }
+
+    #[test]
+    fn a_wildcard_listener_matches_only_its_family() {
+        let id = identity(&[], &["[::]:5060"]);
+        assert!(is_myself(&id, "sip:[2001:db8::7]"));
+        assert!(!is_myself(&id, "sip:192.0.2.10"));
+        let id = identity(&[], &["0.0.0.0:5060"]);
+        assert!(is_myself(&id, "sip:192.0.2.10"));
+        assert!(!is_myself(&id, "sip:[2001:db8::7]"));
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! received, rport, maddr and ttl parameters.
 
 use std::io::Write;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use super::error::{ParseError, Result};
 use super::params::Params;
@@ -94,6 +94,20 @@ impl<'a> Via<'a> {
         self.params.value("received")
     }
 
+    /// The `received` address as an IP. RFC 3261 §25.1 writes it bare (`received =
+    /// IPv4address / IPv6address`), and so does [`Via::with_received`]; the bracketed IPv6
+    /// reference some implementations write (`received=[2001:db8::9:255]`) is accepted too, as
+    /// RFC 5118 §4.5 asks. `None` when absent or not an address.
+    pub fn received_ip(&self) -> Option<IpAddr> {
+        let value = self.received()?;
+        let (inner, bracketed) = match value.strip_prefix(b"[").and_then(|v| v.strip_suffix(b"]")) {
+            Some(inner) => (inner, true),
+            None => (value, false),
+        };
+        let ip: IpAddr = std::str::from_utf8(inner).ok()?.parse().ok()?;
+        (!bracketed || ip.is_ipv6()).then_some(ip)
+    }
+
     /// RFC 3581: `Some(None)` for a bare `rport`, `Some(Some(port))` once filled in.
     pub fn rport(&self) -> Option<Option<u16>> {
         self.params.get("rport").map(|v| {
@@ -157,6 +171,19 @@ impl Via<'_> {
             None => self.port.unwrap_or(default_port),
         };
         SocketAddr::new(source.ip(), port)
+    }
+
+    /// Where a response goes by this Via alone, as a proxy that kept no state for the request
+    /// must send it (§18.2.2, RFC 3581 §4): the `received` address when the previous hop
+    /// recorded one, else the sent-by host (which must then be an IP literal: `None` for a
+    /// name), at the filled-in `rport` port, else the sent-by port, else `default_port`.
+    pub fn recorded_response_addr(&self, default_port: u16) -> Option<SocketAddr> {
+        let ip = self.received_ip().or_else(|| self.host.ip())?;
+        let port = match self.rport() {
+            Some(Some(port)) => port,
+            _ => self.port.unwrap_or(default_port),
+        };
+        Some(SocketAddr::new(ip, port))
     }
 }
 
@@ -235,5 +262,72 @@ mod tests {
             v.with_received(src).unwrap(),
             b"SIP/2.0/UDP 10.0.0.1;branch=z9hG4bK1;received=192.0.2.7"
         );
+    }
+
+    #[test]
+    fn ipv6_received_is_written_bare_and_read_in_both_forms() {
+        // §18.2.1 for an IPv6 source: the sent-by stays an IPv6 reference, received is the
+        // bare IPv6address of §25.1 (RFC 5118 §4.5), rport the source port.
+        let src: SocketAddr = "[::1]:6000".parse().unwrap();
+        let v = Via::parse(b"SIP/2.0/UDP [2001:db8::9:1]:5070;branch=z9hG4bK1;rport").unwrap();
+        let stamped = v.with_received(src).unwrap();
+        assert_eq!(
+            stamped,
+            b"SIP/2.0/UDP [2001:db8::9:1]:5070;branch=z9hG4bK1;received=::1;rport=6000"
+        );
+        let v = Via::parse(&stamped).unwrap();
+        assert_eq!(v.host, Host::Ip("2001:db8::9:1".parse().unwrap()));
+        assert_eq!(v.received_ip(), Some(src.ip()));
+        assert_eq!(v.recorded_response_addr(5060), Some(src));
+        // The same address in another spelling needs no received (compared as addresses).
+        let v = Via::parse(b"SIP/2.0/UDP [0:0:0:0:0:0:0:1]:6000;branch=z9hG4bK1").unwrap();
+        assert_eq!(v.with_received(src), None);
+        // RFC 5118 §4.5: both forms of received are accepted.
+        for text in [
+            &b"SIP/2.0/UDP [2001:db8::9:1];received=[2001:db8::9:255];branch=z9hG4bKas3-111"[..],
+            b"SIP/2.0/UDP [2001:db8::9:1];received=2001:db8::9:255;branch=z9hG4bKas3",
+        ] {
+            let v = Via::parse(text).unwrap();
+            assert_eq!(v.received_ip(), Some("2001:db8::9:255".parse().unwrap()));
+            assert_eq!(
+                v.recorded_response_addr(5060),
+                Some("[2001:db8::9:255]:5060".parse().unwrap())
+            );
+        }
+        // Restamping replaces a bracketed received by the bare form.
+        let v = Via::parse(b"SIP/2.0/UDP [2001:db8::9:1];received=[2001:db8::9:255]").unwrap();
+        assert_eq!(
+            v.with_received(src).unwrap(),
+            b"SIP/2.0/UDP [2001:db8::9:1];received=::1"
+        );
+        // Brackets around an IPv4 address, or no address at all, are not a received address.
+        let v = Via::parse(b"SIP/2.0/UDP h;received=[192.0.2.1]").unwrap();
+        assert_eq!(v.received_ip(), None);
+        let v = Via::parse(b"SIP/2.0/UDP h;received=somehost").unwrap();
+        assert_eq!(v.received_ip(), None);
+        assert_eq!(v.recorded_response_addr(5060), None);
+    }
+
+    #[test]
+    fn recorded_response_addr_follows_received_and_filled_rport() {
+        // §18.2.2 / RFC 3581 §4 for a response routed by the Via alone.
+        let v = Via::parse(b"SIP/2.0/UDP 10.0.0.1:5070;received=192.0.2.7;rport=6000").unwrap();
+        assert_eq!(
+            v.recorded_response_addr(5060),
+            Some("192.0.2.7:6000".parse().unwrap())
+        );
+        let v = Via::parse(b"SIP/2.0/UDP 10.0.0.1:5070;received=192.0.2.7").unwrap();
+        assert_eq!(
+            v.recorded_response_addr(5060),
+            Some("192.0.2.7:5070".parse().unwrap())
+        );
+        // A bare rport (never filled in) falls back to the sent-by port.
+        let v = Via::parse(b"SIP/2.0/TLS [::1];rport").unwrap();
+        assert_eq!(
+            v.recorded_response_addr(5061),
+            Some("[::1]:5061".parse().unwrap())
+        );
+        let v = Via::parse(b"SIP/2.0/UDP pc.example.com:5070").unwrap();
+        assert_eq!(v.recorded_response_addr(5060), None);
     }
 }

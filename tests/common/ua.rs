@@ -214,7 +214,13 @@ pub struct TestUa {
 impl TestUa {
     /// A UA on a UDP socket bound to 127.0.0.1:0, without an outbound proxy.
     pub async fn udp(name: &str) -> TestUa {
-        let socket = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind UDP"));
+        TestUa::udp_on(name, SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    /// A UA on a UDP socket bound to `bind` (e.g. `[::1]:0` for IPv6), without an outbound
+    /// proxy. Its Via, Contact and URI carry the bound address (`[::1]:port` for IPv6).
+    pub async fn udp_on(name: &str, bind: SocketAddr) -> TestUa {
+        let socket = Arc::new(UdpSocket::bind(bind).await.expect("bind UDP"));
         let local = socket.local_addr().unwrap();
         let (tx, rx) = mpsc::unbounded_channel();
         let reader = (socket.clone(), tx.clone());
@@ -249,7 +255,12 @@ impl TestUa {
     /// A UA listening for TCP connections on 127.0.0.1:0 (a callee); it opens connections of
     /// its own for the requests it sends.
     pub async fn tcp_listener(name: &str) -> TestUa {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind TCP");
+        TestUa::tcp_listener_on(name, SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    /// [`TestUa::tcp_listener`] on `bind` (e.g. `[::1]:0` for IPv6).
+    pub async fn tcp_listener_on(name: &str, bind: SocketAddr) -> TestUa {
+        let listener = TcpListener::bind(bind).await.expect("bind TCP");
         let local = listener.local_addr().unwrap();
         let (tx, rx) = mpsc::unbounded_channel();
         let accept_tx = tx.clone();
