@@ -538,6 +538,20 @@ async fn answers_are_cached_positive_and_negative() {
 }
 
 #[tokio::test]
+async fn negative_ttl_caps_negative_caching() {
+    let dns = DnsServer::start(Vec::new());
+    let config = moonroute::config::Dns {
+        negative_ttl_secs: 0,
+        ..dns.config(500)
+    };
+    let r = Resolver::from_config(&config).unwrap();
+    locate(&r, &query("nowhere.test"), ALL).await.unwrap_err();
+    let asked = dns.total_queries();
+    locate(&r, &query("nowhere.test"), ALL).await.unwrap_err();
+    assert_eq!(dns.total_queries(), 2 * asked, "{:?}", dns.query_log());
+}
+
+#[tokio::test]
 async fn silent_server_fails_in_bounded_time() {
     let dns = DnsServer::start(vec![Record::a("silent.test", v4(1), 60)]);
     for name in [

@@ -8,7 +8,9 @@
 //!   `SIP+D2U`, `SIP+D2T`, `SIPS+D2T`, flags `s`, by order then preference), each naming an SRV
 //!   name; else SRV lookups `_sip._udp`, `_sip._tcp`, `_sips._tcp` of the host (`sips:`: only
 //!   `_sips._tcp`), tried in that order (UDP, TCP, TLS: the order is the client's choice in §4.1;
-//!   UDP first as the `sip:` default); else A/AAAA of the host with UDP (`sips:`: TLS).
+//!   UDP first as the `sip:` default); else A/AAAA of the host with UDP (`sips:`: TLS). Usable
+//!   NAPTR records whose SRV names give no candidate fall through to the SRV step too. Without
+//!   UDP listeners a `sip:` URI falls back to TCP rather than UDP.
 //! * §4.2, port: with an explicit port no SRV is used (A/AAAA of the host, that port); SRV
 //!   records give port and target; without SRV, 5060 (5061 for TLS).
 //! * SRV records are ordered per RFC 2782 (priority, then weighted random choice), then each
@@ -652,6 +654,21 @@ mod tests {
             numeric_among(&q("192.0.2.1", None, None, true), &[Udp, Tcp]),
             Some(Err(ResolveError::NoUsableTransport))
         );
+    }
+
+    #[test]
+    fn system_configuration_builds_or_says_why() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            match Resolver::from_config(&crate::config::Dns::default()) {
+                Ok(r) => assert!(r.deadline() > Duration::ZERO),
+                Err(ResolveError::Failed(why)) => assert!(why.contains("resolv.conf"), "{why}"),
+                Err(other) => panic!("{other:?}"),
+            }
+        });
     }
 
     #[test]
