@@ -93,7 +93,11 @@ impl Tls {
     }
 }
 
-/// DNS resolution of next hops (RFC 3263).
+/// DNS resolution of next hops (RFC 3263), by [`crate::dns::Resolver`].
+///
+/// With `nameservers` set, names are absolute (no `search`/`ndots` of resolv.conf) and
+/// `/etc/hosts` is not read; each query is tried twice (UDP, TCP when an answer is truncated).
+/// One resolution of a next hop ends within 7 × `timeout_ms`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Dns {
@@ -103,7 +107,8 @@ pub struct Dns {
     pub timeout_ms: u64,
     /// Most answers kept in the cache (entries live for their TTL). Default: 4096.
     pub cache_size: usize,
-    /// Longest a negative answer (no such name or record) is cached, in seconds. Default: 30.
+    /// Longest a negative answer (no such name or record) is cached, in seconds: the SOA's
+    /// negative TTL (RFC 2308) capped at this; 0 disables negative caching. Default: 30.
     pub negative_ttl_secs: u64,
 }
 
