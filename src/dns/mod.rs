@@ -119,19 +119,27 @@ impl std::error::Error for ResolveError {}
 
 /// The host as an IP address, if it is a literal (brackets tolerated) or `localhost`, with the
 /// host without brackets.
-fn literal(host: &str) -> Option<(IpAddr, &str)> {
+/// The addresses an IP literal (or `localhost`: 127.0.0.1, then ::1, so a server listening
+/// only on IPv6 still reaches it) stands for, and the host as written without brackets. An
+/// IPv4-mapped IPv6 address is its IPv4 address (RFC 5118 §4.9).
+fn literal(host: &str) -> Option<(Vec<IpAddr>, &str)> {
     if host.eq_ignore_ascii_case("localhost") {
-        return Some((IpAddr::V4(Ipv4Addr::LOCALHOST), host));
+        let both = vec![
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+        ];
+        return Some((both, host));
     }
     let bare = host
         .strip_prefix('[')
         .and_then(|h| h.strip_suffix(']'))
         .unwrap_or(host);
-    Some((bare.parse().ok()?, bare))
+    let ip: IpAddr = bare.parse().ok()?;
+    Some((vec![ip.to_canonical()], bare))
 }
 
-/// No DNS needed: `host` is an IP literal (or "localhost" → 127.0.0.1, as the proxy does
-/// today). Returns Some(result) with the single candidate (transport: the given one, else TLS for
+/// No DNS needed: `host` is an IP literal (or "localhost" → 127.0.0.1 then ::1). Returns
+/// Some(result) with the candidate (transport: the given one, else TLS for
 /// secure, else UDP; port: given, else 5061 for TLS else 5060), or None when DNS is needed.
 ///
 /// For `sips:`, `transport=tcp` gives TLS and `transport=udp` is an error (see
@@ -146,7 +154,7 @@ fn numeric_among(
     query: &Query,
     supported: &[TransportKind],
 ) -> Option<Result<Vec<Candidate>, ResolveError>> {
-    let (ip, bare) = literal(&query.host)?;
+    let (ips, bare) = literal(&query.host)?;
     let kind = match select::given_transport(query) {
         Err(e) => return Some(Err(e)),
         Ok(Some(kind)) => Some(kind),
@@ -156,11 +164,16 @@ fn numeric_among(
         return Some(Err(ResolveError::NoUsableTransport));
     };
     let port = query.port.unwrap_or(select::default_port(kind));
-    Some(Ok(vec![Candidate {
-        kind,
-        addr: SocketAddr::new(ip, port),
-        tls_name: (kind == TransportKind::Tls).then(|| Arc::from(bare)),
-    }]))
+    let tls_name: Option<Arc<str>> = (kind == TransportKind::Tls).then(|| Arc::from(bare));
+    let candidates = ips
+        .into_iter()
+        .map(|ip| Candidate {
+            kind,
+            addr: SocketAddr::new(ip, port),
+            tls_name: tls_name.clone(),
+        })
+        .collect();
+    Some(Ok(candidates))
 }
 
 /// RFC 3263 resolver: hickory's resolver and cache, plus the NAPTR/SRV/A logic.
@@ -619,7 +632,15 @@ mod tests {
         );
         assert_eq!(
             numeric(&q("LocalHost", Some(5080), None, false)),
-            Some(Ok(vec![cand(Udp, "127.0.0.1:5080", None)]))
+            Some(Ok(vec![
+                cand(Udp, "127.0.0.1:5080", None),
+                cand(Udp, "[::1]:5080", None)
+            ]))
+        );
+        // RFC 5118 §4.9: an IPv4-mapped address is the IPv4 address.
+        assert_eq!(
+            numeric(&q("[::ffff:192.0.2.1]", None, None, false)),
+            Some(Ok(vec![cand(Udp, "192.0.2.1:5060", None)]))
         );
         assert_eq!(numeric(&q("example.test", None, None, false)), None);
         assert_eq!(
