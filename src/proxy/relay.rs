@@ -652,6 +652,9 @@ impl Relay {
             None => next_hop(&first).map_err(|_| "no next hop")?,
         };
         let (kind, addr) = resolve(&hop)?;
+        // RFC 5922 §4: the certificate must prove the domain the URI names.
+        let tls_name =
+            (kind == TransportKind::Tls).then(|| std::sync::Arc::from(hop.host.as_str()));
         let local = self
             .local_for(kind, addr)
             .ok_or("no listener for the next hop's transport")?;
@@ -668,7 +671,7 @@ impl Relay {
                 addr,
                 conn: None,
                 local: Some(local),
-                tls_name: None,
+                tls_name,
             },
         ))
     }
@@ -737,9 +740,6 @@ fn resolve(hop: &NextHop) -> Result<(TransportKind, SocketAddr), &'static str> {
         None if hop.secure => TransportKind::Tls,
         None => TransportKind::Udp,
     };
-    if kind == TransportKind::Tls {
-        return Err("TLS is not available yet");
-    }
     let ip: IpAddr = if hop.host.eq_ignore_ascii_case("localhost") {
         IpAddr::V4(Ipv4Addr::LOCALHOST)
     } else {

@@ -22,7 +22,8 @@ use tokio::sync::{mpsc, Notify};
 use tracing::{debug, error, warn};
 
 use super::registry::ConnectionRegistry;
-use super::{tcp, Destination, Input, Output, TransportKind, TransportLimits, Worker};
+use super::tls::TlsContext;
+use super::{tcp, tls, Destination, Input, Output, TransportKind, TransportLimits, Worker};
 
 /// A UDP socket of this loop and the listen address it was bound to.
 pub(crate) struct UdpEndpoint {
@@ -40,6 +41,10 @@ pub(crate) struct LoopContext {
     udp: Vec<Rc<UdpEndpoint>>,
     pub(crate) registry: Arc<ConnectionRegistry>,
     pub(crate) limits: TransportLimits,
+    /// The server's TLS configurations, shared by every loop.
+    pub(crate) tls: Arc<TlsContext>,
+    /// TLS handshakes of accepted connections in progress on this loop.
+    pub(crate) tls_handshakes: Cell<usize>,
     /// Every loop's hand-over queue, this one's included, by loop index.
     hand_over: Arc<[mpsc::Sender<Input>]>,
 }
@@ -51,6 +56,7 @@ impl LoopContext {
         udp: Vec<Rc<UdpEndpoint>>,
         registry: Arc<ConnectionRegistry>,
         limits: TransportLimits,
+        tls: Arc<TlsContext>,
         hand_over: Arc<[mpsc::Sender<Input>]>,
     ) -> Self {
         LoopContext {
@@ -61,6 +67,8 @@ impl LoopContext {
             udp,
             registry,
             limits,
+            tls,
+            tls_handshakes: Cell::new(0),
             hand_over,
         }
     }
@@ -184,10 +192,7 @@ impl LoopContext {
                 }
             }
             TransportKind::Tcp => tcp::send(self, dest, data),
-            TransportKind::Tls => {
-                warn!(dest = %dest.addr, "dropping outgoing message: TLS transport is not implemented");
-                self.report_unreachable(TransportKind::Tls, dest.addr);
-            }
+            TransportKind::Tls => tls::send(self, dest, data),
         }
     }
 
