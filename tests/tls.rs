@@ -517,3 +517,48 @@ fn start_up_errors_name_the_problem() {
     // The same files, consistent, start.
     drop(start(&config(&files, &ca, &leaf)));
 }
+
+/// Beyond `max_handshakes` handshakes in progress on a loop, a new TLS connection is closed at
+/// once; the ones in progress keep their slot and can still complete.
+#[tokio::test]
+async fn handshakes_beyond_the_cap_are_refused_at_once() {
+    let (files, ca) = (Files::new(), Ca::new("test CA"));
+    let mut config = config(&files, &ca, &ca.localhost());
+    config.workers = 1;
+    config.tls.max_handshakes = 1;
+    let server = start(&config);
+    let proxy = tls_addr(&server);
+    let slow = TcpStream::connect(proxy).await.unwrap();
+    let mut refused = TcpStream::connect(proxy).await.unwrap();
+    let started = Instant::now();
+    read_until_closed(&mut refused, WAIT).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "refused at once, not by the handshake timeout"
+    );
+    // The first client, silent so far, still completes its handshake and is served.
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = ca.connector().connect(name, slow).await.expect("handshake");
+    let options = format!(
+        "OPTIONS sip:{proxy} SIP/2.0\r\nVia: SIP/2.0/TLS 127.0.0.1:9;branch=z9hG4bK-cap\r\n\
+         Max-Forwards: 70\r\nFrom: <sip:a@127.0.0.1>;tag=1\r\nTo: <sip:{proxy}>\r\n\
+         Call-ID: cap\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
+    );
+    tls.write_all(options.as_bytes()).await.unwrap();
+    tls.flush().await.unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(WAIT, tls.read(&mut buf))
+            .await
+            .expect("an answer")
+            .unwrap();
+        assert!(n > 0, "closed without an answer");
+        answer.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        answer.starts_with(b"SIP/2.0 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+}
