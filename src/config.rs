@@ -71,6 +71,9 @@ pub struct Tls {
     pub ca_file: PathBuf,
     /// Longest a TLS handshake may take, in milliseconds. Default: 5000.
     pub handshake_timeout_ms: u64,
+    /// TLS handshakes of accepted connections in progress at once, per event loop; beyond it
+    /// new TLS connections are closed at once. Default: 256.
+    pub max_handshakes: usize,
 }
 
 impl Default for Tls {
@@ -80,6 +83,7 @@ impl Default for Tls {
             private_key: PathBuf::new(),
             ca_file: PathBuf::new(),
             handshake_timeout_ms: 5000,
+            max_handshakes: 256,
         }
     }
 }
@@ -88,6 +92,9 @@ impl Tls {
     fn validate(&self) -> Result<(), String> {
         if self.handshake_timeout_ms == 0 {
             return Err("tls.handshake_timeout_ms: must be at least 1".to_owned());
+        }
+        if self.max_handshakes == 0 {
+            return Err("tls.max_handshakes: must be at least 1".to_owned());
         }
         Ok(())
     }

@@ -135,6 +135,9 @@ impl RunArgs {
 }
 
 fn main() -> ExitCode {
+    // The process-wide rustls provider, for any TLS use that does not name one (moonroute's
+    // own configurations name ring explicitly). An error only means one is installed already.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     let args = match cli.command {
         Some(Command::Run(args)) => args,

@@ -16,8 +16,9 @@ use tokio::task::LocalSet;
 use tracing::error;
 
 use crate::config::Config;
-use crate::transport::dispatch::{LoopContext, LoopDns, UdpEndpoint};
+use crate::transport::dispatch::{LoopContext, LoopDns, Shared, UdpEndpoint};
 use crate::transport::registry::ConnectionRegistry;
+use crate::transport::tls::TlsContext;
 use crate::transport::{
     tcp, udp, Input, ListenAddr, TransportKind, TransportLimits, WorkerFactory,
 };
@@ -36,10 +37,14 @@ pub struct ServerHandle {
 
 impl Server {
     /// Binds every address of `config.listen` once per event loop and starts the loops,
-    /// each with a Worker from `factory`. Returns once every loop is running.
+    /// each with a Worker from `factory`. Returns once every loop is running. Fails with a
+    /// message naming the problem for an address that cannot be listened on and for TLS
+    /// files (`[tls]`) that cannot be used.
     pub fn start(config: &Config, factory: Arc<dyn WorkerFactory>) -> io::Result<ServerHandle> {
         let workers = config.worker_count();
         let limits = TransportLimits::from(&config.limits);
+        let listens_tls = config.listen.iter().any(|l| l.kind == TransportKind::Tls);
+        let tls = Arc::new(TlsContext::new(&config.tls, listens_tls)?);
         let (listen_addrs, per_loop) = bind_all(&config.listen, workers)?;
         let registry = Arc::new(ConnectionRegistry::new(limits.max_connections));
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -58,6 +63,7 @@ impl Server {
                 factory: Arc::clone(&factory),
                 registry: Arc::clone(&registry),
                 limits,
+                tls: Arc::clone(&tls),
                 shutdown: shutdown_rx.clone(),
                 ready: ready_tx.clone(),
                 hand_over: Arc::clone(&hand_over),
@@ -134,7 +140,8 @@ impl Drop for ServerHandle {
 #[derive(Default)]
 struct LoopSockets {
     udp: Vec<(SocketAddr, std::net::UdpSocket)>,
-    tcp: Vec<(SocketAddr, std::net::TcpListener)>,
+    /// TCP and TLS listeners (TLS runs over TCP), with their transport.
+    streams: Vec<(TransportKind, SocketAddr, std::net::TcpListener)>,
 }
 
 /// Binds every listen address `workers` times. Returns the bound addresses and each loop's
@@ -156,15 +163,14 @@ fn bind_all(
                 }
                 bound
             }
-            TransportKind::Tcp => {
+            TransportKind::Tcp | TransportKind::Tls => {
                 let (bound, listeners) =
                     tcp::bind_group(listen.addr, workers).map_err(|e| bind_error(listen, e))?;
                 for (sockets_of_loop, listener) in per_loop.iter_mut().zip(listeners) {
-                    sockets_of_loop.tcp.push((bound, listener));
+                    sockets_of_loop.streams.push((listen.kind, bound, listener));
                 }
                 bound
             }
-            TransportKind::Tls => return Err(tls_unsupported(listen)),
         };
         bound_addrs.push(ListenAddr {
             kind: listen.kind,
@@ -175,7 +181,8 @@ fn bind_all(
 }
 
 /// Refuses what binding with SO_REUSEPORT would not: no addresses, duplicates (both would
-/// bind and split the traffic), TLS, and a fixed port another program already holds. Probes
+/// bind and split the traffic; `tcp:` and `tls:` on one address too, both being TCP), and a
+/// fixed port another program already holds. Probes
 /// every address before binding any, so our own overlapping listeners cannot trip it.
 fn check_listen_addrs(listen: &[ListenAddr]) -> io::Result<()> {
     if listen.is_empty() {
@@ -185,13 +192,22 @@ fn check_listen_addrs(listen: &[ListenAddr]) -> io::Result<()> {
         ));
     }
     for (index, &addr) in listen.iter().enumerate() {
-        if addr.kind == TransportKind::Tls {
-            return Err(tls_unsupported(addr));
-        }
         if addr.addr.port() != 0 && listen[..index].contains(&addr) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!("{addr} is listed twice"),
+            ));
+        }
+        let shares_tcp_port = |other: &ListenAddr| {
+            other.addr == addr.addr && other.kind.is_stream() && other.kind != addr.kind
+        };
+        if addr.addr.port() != 0
+            && addr.kind.is_stream()
+            && listen[..index].iter().any(shares_tcp_port)
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("tcp: and tls: cannot both listen on {}", addr.addr),
             ));
         }
     }
@@ -209,13 +225,6 @@ fn bind_error(listen: ListenAddr, error: io::Error) -> io::Error {
     io::Error::new(error.kind(), format!("cannot listen on {listen}: {error}"))
 }
 
-fn tls_unsupported(listen: ListenAddr) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::Unsupported,
-        format!("cannot listen on {listen}: TLS is not implemented yet"),
-    )
-}
-
 /// Everything a loop thread needs.
 struct LoopSetup {
     index: usize,
@@ -223,6 +232,7 @@ struct LoopSetup {
     factory: Arc<dyn WorkerFactory>,
     registry: Arc<ConnectionRegistry>,
     limits: TransportLimits,
+    tls: Arc<TlsContext>,
     shutdown: watch::Receiver<bool>,
     ready: mpsc::Sender<io::Result<()>>,
     hand_over: Arc<[tokio::sync::mpsc::Sender<Input>]>,
@@ -276,6 +286,7 @@ async fn serve_until_shutdown(setup: LoopSetup) {
         factory,
         registry,
         limits,
+        tls,
         mut shutdown,
         ready,
         hand_over,
@@ -291,15 +302,14 @@ async fn serve_until_shutdown(setup: LoopSetup) {
             supported.push(listen.kind);
         }
     }
-    let started = start_transports(
-        index,
-        sockets,
-        worker,
+    let shared = Shared {
         registry,
         limits,
-        (hand_over, hand_over_queue),
-        LoopDns::new(dns, supported),
-    );
+        tls,
+        hand_over,
+    };
+    let dns = LoopDns::new(dns, supported);
+    let started = start_transports(index, sockets, worker, shared, hand_over_queue, dns);
     let running = started.is_ok();
     // The receiver is gone only if start already failed elsewhere; we stop below anyway.
     let _ = ready.send(started);
@@ -311,17 +321,13 @@ async fn serve_until_shutdown(setup: LoopSetup) {
 }
 
 /// Makes this loop's Worker and spawns a receive task per UDP socket and an accept task per
-/// TCP listener.
+/// TCP or TLS listener.
 fn start_transports(
     index: usize,
     sockets: LoopSockets,
     worker: Box<dyn crate::transport::Worker>,
-    registry: Arc<ConnectionRegistry>,
-    limits: TransportLimits,
-    (hand_over, hand_over_queue): (
-        Arc<[tokio::sync::mpsc::Sender<Input>]>,
-        tokio::sync::mpsc::Receiver<Input>,
-    ),
+    shared: Shared,
+    hand_over_queue: tokio::sync::mpsc::Receiver<Input>,
     dns: LoopDns,
 ) -> io::Result<()> {
     let udp = sockets
@@ -332,25 +338,19 @@ fn start_transports(
             Ok(Rc::new(UdpEndpoint { local, socket }))
         })
         .collect::<io::Result<Vec<_>>>()?;
-    let tcp = sockets
-        .tcp
+    let streams = sockets
+        .streams
         .into_iter()
-        .map(|(local, listener)| Ok((local, tokio::net::TcpListener::from_std(listener)?)))
+        .map(|(kind, local, listener)| {
+            Ok((kind, local, tokio::net::TcpListener::from_std(listener)?))
+        })
         .collect::<io::Result<Vec<_>>>()?;
-    let ctx = Rc::new(LoopContext::new(
-        index,
-        worker,
-        udp.clone(),
-        registry,
-        limits,
-        hand_over,
-        dns,
-    ));
+    let ctx = Rc::new(LoopContext::new(index, worker, udp.clone(), shared, dns));
     for endpoint in udp {
         tokio::task::spawn_local(udp::run_receiver(Rc::clone(&ctx), endpoint));
     }
-    for (local, listener) in tcp {
-        tokio::task::spawn_local(tcp::run_acceptor(Rc::clone(&ctx), listener, local));
+    for (kind, local, listener) in streams {
+        tokio::task::spawn_local(tcp::run_acceptor(Rc::clone(&ctx), listener, local, kind));
     }
     tokio::task::spawn_local(Rc::clone(&ctx).run_hand_overs(hand_over_queue));
     if let Some(signal) = ctx.wake_signal() {

@@ -22,7 +22,8 @@ use tokio::sync::{mpsc, Notify};
 use tracing::{debug, error, warn};
 
 use super::registry::ConnectionRegistry;
-use super::{tcp, Destination, Input, Output, TransportKind, TransportLimits, Worker};
+use super::tls::TlsContext;
+use super::{tcp, tls, Destination, Input, Output, TransportKind, TransportLimits, Worker};
 use crate::dns::{Query, ResolveError, Resolver};
 
 /// A UDP socket of this loop and the listen address it was bound to.
@@ -41,6 +42,10 @@ pub(crate) struct LoopContext {
     udp: Vec<Rc<UdpEndpoint>>,
     pub(crate) registry: Arc<ConnectionRegistry>,
     pub(crate) limits: TransportLimits,
+    /// The server's TLS configurations, shared by every loop.
+    pub(crate) tls: Arc<TlsContext>,
+    /// TLS handshakes of accepted connections in progress on this loop.
+    pub(crate) tls_handshakes: Cell<usize>,
     /// Every loop's hand-over queue, this one's included, by loop index.
     hand_over: Arc<[mpsc::Sender<Input>]>,
     dns: LoopDns,
@@ -77,16 +82,29 @@ impl LoopDns {
     }
 }
 
+/// What every event loop of a server shares.
+pub(crate) struct Shared {
+    pub(crate) registry: Arc<ConnectionRegistry>,
+    pub(crate) limits: TransportLimits,
+    pub(crate) tls: Arc<TlsContext>,
+    /// Every loop's hand-over queue, by loop index.
+    pub(crate) hand_over: Arc<[mpsc::Sender<Input>]>,
+}
+
 impl LoopContext {
     pub(crate) fn new(
         index: usize,
         worker: Box<dyn Worker>,
         udp: Vec<Rc<UdpEndpoint>>,
-        registry: Arc<ConnectionRegistry>,
-        limits: TransportLimits,
-        hand_over: Arc<[mpsc::Sender<Input>]>,
+        shared: Shared,
         dns: LoopDns,
     ) -> Self {
+        let Shared {
+            registry,
+            limits,
+            tls,
+            hand_over,
+        } = shared;
         LoopContext {
             index,
             worker: RefCell::new(worker),
@@ -95,6 +113,8 @@ impl LoopContext {
             udp,
             registry,
             limits,
+            tls,
+            tls_handshakes: Cell::new(0),
             hand_over,
             dns,
         }
@@ -220,10 +240,7 @@ impl LoopContext {
                 }
             }
             TransportKind::Tcp => tcp::send(self, dest, data),
-            TransportKind::Tls => {
-                warn!(dest = %dest.addr, "dropping outgoing message: TLS transport is not implemented");
-                self.report_unreachable(TransportKind::Tls, dest.addr);
-            }
+            TransportKind::Tls => tls::send(self, dest, data),
         }
     }
 

@@ -7,7 +7,10 @@
 //! Submodules:
 //! - [`framing`]: sans-IO message framing of byte streams (RFC 3261 §18.3, §7.5;
 //!   RFC 5626 §3.5.1 CRLF keep-alives).
-//! - `udp`, `tcp`: socket binding, receive loops and sending (RFC 3261 §18.1, §18.2).
+//! - `udp`, `tcp`: socket binding, receive loops and sending (RFC 3261 §18.1, §18.2); the TCP
+//!   connection task serves any byte stream.
+//! - `tls`: TLS over TCP (RFC 3261 §26.2) with rustls: listeners, handshakes, and the RFC 5922
+//!   check of the certificates of servers we connect to.
 //! - [`registry`]: the process-wide table of open stream connections, so responses go back on
 //!   the connection the request came in on (RFC 3261 §18.2.2) and requests reuse connections.
 //! - `dispatch`: one event loop's glue: runs inputs through its Worker, carries out outputs.
@@ -32,7 +35,7 @@ use bytes::Bytes;
 pub enum TransportKind {
     Udp,
     Tcp,
-    /// Reserved: TLS is not implemented yet; listening on it is refused at start.
+    /// TLS over TCP (RFC 3261 §26.2); `[tls]` in the configuration.
     Tls,
 }
 

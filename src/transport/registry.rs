@@ -5,7 +5,10 @@
 //!   on (RFC 3261 §18.2.2), whichever loop produces it;
 //! - (transport, peer address) → [`ConnectionId`], so a request to a peer that already has an
 //!   open connection reuses it instead of opening another (RFC 3261 §18.1.1 leaves this to the
-//!   implementation; RFC 5923 describes the same reuse for servers).
+//!   implementation; RFC 5923 describes the same reuse for servers);
+//! - (transport, peer address, verified name) → [`ConnectionId`] for TLS connections this
+//!   server opened: a request that needs the peer to be a given SIP domain (RFC 5922) reuses
+//!   only a connection whose certificate was checked against that domain.
 //!
 //! It also enforces the connection limit. A handle carries a bounded outbound queue: when a
 //! peer stops reading and its queue fills, the connection is aborted rather than buffering
@@ -77,6 +80,9 @@ pub struct ConnectionHandle {
     id: ConnectionId,
     kind: TransportKind,
     peer: SocketAddr,
+    /// TLS connections we open: the name the peer's certificate is verified against
+    /// (lower case). `None` for accepted connections and plain TCP.
+    name: Option<Arc<str>>,
     queue: mpsc::Sender<Outbound>,
     abort: Arc<AbortSignal>,
 }
@@ -92,6 +98,12 @@ impl ConnectionHandle {
 
     pub fn peer(&self) -> SocketAddr {
         self.peer
+    }
+
+    /// The name the peer's certificate is (being) verified against, for TLS connections this
+    /// server opened.
+    pub fn verified_name(&self) -> Option<&str> {
+        self.name.as_deref()
     }
 
     /// Queues `data` for sending. A full queue means the peer is not reading: the connection
@@ -140,6 +152,7 @@ pub struct LimitReached {
 struct Tables {
     by_id: HashMap<ConnectionId, ConnectionHandle>,
     by_peer: HashMap<(TransportKind, SocketAddr), ConnectionId>,
+    by_name: HashMap<(TransportKind, SocketAddr, Arc<str>), ConnectionId>,
 }
 
 /// The table of open stream connections shared by all event loops. See the module docs.
@@ -181,6 +194,19 @@ impl ConnectionRegistry {
         tables.by_id.get(id).cloned()
     }
 
+    /// The most recently registered open connection to `peer` over `kind` that was opened
+    /// for `name` (as given to [`ConnectionRegistry::register_named`], lower case).
+    pub fn find_named(
+        &self,
+        kind: TransportKind,
+        peer: SocketAddr,
+        name: &Arc<str>,
+    ) -> Option<ConnectionHandle> {
+        let tables = self.lock();
+        let id = tables.by_name.get(&(kind, peer, Arc::clone(name)))?;
+        tables.by_id.get(id).cloned()
+    }
+
     /// Registers a new connection with an outbound queue of `queue_len` messages, unless the
     /// connection limit is reached. Dropping the [`Registration`] unregisters it.
     pub(crate) fn register(
@@ -188,6 +214,18 @@ impl ConnectionRegistry {
         kind: TransportKind,
         peer: SocketAddr,
         queue_len: usize,
+    ) -> Result<Registration, LimitReached> {
+        self.register_named(kind, peer, queue_len, None)
+    }
+
+    /// [`ConnectionRegistry::register`] for a connection opened to a peer that must prove
+    /// `name` (TLS, RFC 5922); found again with [`ConnectionRegistry::find_named`].
+    pub(crate) fn register_named(
+        self: &Arc<Self>,
+        kind: TransportKind,
+        peer: SocketAddr,
+        queue_len: usize,
+        name: Option<Arc<str>>,
     ) -> Result<Registration, LimitReached> {
         let mut tables = self.lock();
         if tables.by_id.len() >= self.max_connections {
@@ -201,11 +239,15 @@ impl ConnectionRegistry {
             id,
             kind,
             peer,
+            name: name.clone(),
             queue: sender,
             abort: Arc::default(),
         };
         tables.by_id.insert(id, handle.clone());
         tables.by_peer.insert((kind, peer), id);
+        if let Some(name) = name {
+            tables.by_name.insert((kind, peer, name), id);
+        }
         Ok(Registration {
             registry: Arc::clone(self),
             handle,
@@ -219,6 +261,12 @@ impl ConnectionRegistry {
         let key = (handle.kind, handle.peer);
         if tables.by_peer.get(&key) == Some(&handle.id) {
             tables.by_peer.remove(&key);
+        }
+        if let Some(name) = &handle.name {
+            let key = (handle.kind, handle.peer, Arc::clone(name));
+            if tables.by_name.get(&key) == Some(&handle.id) {
+                tables.by_name.remove(&key);
+            }
         }
     }
 
@@ -283,6 +331,35 @@ mod tests {
         drop(registration);
         assert!(registry.get(id).is_none());
         assert!(registry.find_peer(TransportKind::Tcp, peer(1)).is_none());
+        assert!(registry.is_empty());
+    }
+
+    #[test]
+    fn named_connections_are_found_by_name_and_address() {
+        let registry = Arc::new(ConnectionRegistry::new(4));
+        let a: Arc<str> = Arc::from("a.example");
+        let b: Arc<str> = Arc::from("b.example");
+        let inbound = registry.register(TransportKind::Tls, peer(1), 1).unwrap();
+        let named = registry
+            .register_named(TransportKind::Tls, peer(1), 1, Some(Arc::clone(&a)))
+            .unwrap();
+        assert_eq!(named.handle().verified_name(), Some("a.example"));
+        let found = registry.find_named(TransportKind::Tls, peer(1), &a);
+        assert_eq!(found.map(|h| h.id()), Some(named.id()));
+        assert!(registry
+            .find_named(TransportKind::Tls, peer(1), &b)
+            .is_none());
+        assert!(registry
+            .find_named(TransportKind::Tls, peer(2), &a)
+            .is_none());
+        // By address alone, the newest connection of either kind.
+        let newest = registry.find_peer(TransportKind::Tls, peer(1));
+        assert_eq!(newest.map(|h| h.id()), Some(named.id()));
+        drop(named);
+        assert!(registry
+            .find_named(TransportKind::Tls, peer(1), &a)
+            .is_none());
+        drop(inbound);
         assert!(registry.is_empty());
     }
 

@@ -1,4 +1,6 @@
-//! TCP: listeners, connection tasks and sending over connections.
+//! TCP: listeners, connection tasks and sending over connections. The connection task is
+//! generic over the stream, so TLS connections (`tls`) are served by the same code once their
+//! handshake is done.
 //!
 //! Owns RFC 3261 §18 over a stream transport:
 //! - each event loop accepts on its own listener sharing the port (SO_REUSEPORT); beyond the
@@ -20,7 +22,7 @@ use std::time::Duration;
 
 use bytes::{BufMut, Bytes};
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
@@ -89,16 +91,25 @@ pub(crate) fn ensure_not_in_use(addr: SocketAddr) -> io::Result<()> {
     probe.bind(&addr.into())
 }
 
-/// Accepts connections on `listener` forever, one task per connection.
-pub(crate) async fn run_acceptor(ctx: Rc<LoopContext>, listener: TcpListener, local: SocketAddr) {
+/// Accepts connections on `listener` forever, one task per connection. `kind` is the
+/// listener's transport: TCP connections are served at once, TLS ones after their handshake.
+pub(crate) async fn run_acceptor(
+    ctx: Rc<LoopContext>,
+    listener: TcpListener,
+    local: SocketAddr,
+    kind: TransportKind,
+) {
     loop {
         match listener.accept().await {
-            Ok((stream, peer)) => accept(&ctx, stream, peer),
+            Ok((stream, peer)) => match kind {
+                TransportKind::Tls => super::tls::accept(&ctx, stream, peer),
+                _ => accept(&ctx, stream, peer),
+            },
             Err(error) if is_per_connection(&error) => {
-                debug!(%local, %error, "TCP accept failed for one connection");
+                debug!(%local, %error, %kind, "accept failed for one connection");
             }
             Err(error) => {
-                warn!(%local, %error, "TCP accept failed; pausing before the next accept");
+                warn!(%local, %error, %kind, "accept failed; pausing before the next accept");
                 tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
             }
         }
@@ -132,21 +143,32 @@ fn accept(ctx: &Rc<LoopContext>, stream: TcpStream, peer: SocketAddr) {
 /// Sends `data` over TCP: on `dest.conn` if it is still open (RFC 3261 §18.2.2), else on an
 /// open connection to `dest.addr`, else on a new connection to it.
 pub(crate) fn send(ctx: &Rc<LoopContext>, dest: Destination, data: Bytes) {
-    let by_id = dest.conn.and_then(|id| {
-        let connection = ctx.registry.get(id);
-        if connection.is_none() {
-            debug!(conn = %id, dest = %dest.addr, "connection closed; sending by address instead");
-        }
-        connection
-    });
-    let connection = by_id.or_else(|| ctx.registry.find_peer(TransportKind::Tcp, dest.addr));
+    let connection = connection_by_id(ctx, &dest)
+        .or_else(|| ctx.registry.find_peer(TransportKind::Tcp, dest.addr));
     match connection {
         Some(connection) => queue_on(&connection, data),
-        None => open_connection(ctx, dest.addr, data),
+        None => {
+            let Some(registration) =
+                register_outbound(ctx, TransportKind::Tcp, dest.addr, None, data)
+            else {
+                return;
+            };
+            tokio::task::spawn_local(connect_and_run(Rc::clone(ctx), dest.addr, registration));
+        }
     }
 }
 
-fn queue_on(connection: &ConnectionHandle, data: Bytes) {
+/// The connection `dest.conn` names, if it is still open.
+pub(crate) fn connection_by_id(ctx: &LoopContext, dest: &Destination) -> Option<ConnectionHandle> {
+    let id = dest.conn?;
+    let connection = ctx.registry.get(id);
+    if connection.is_none() {
+        debug!(conn = %id, dest = %dest.addr, "connection closed; sending by address instead");
+    }
+    connection
+}
+
+pub(crate) fn queue_on(connection: &ConnectionHandle, data: Bytes) {
     match connection.send(data) {
         Ok(()) => {}
         Err(QueueError::Full) => warn!(
@@ -162,75 +184,122 @@ fn queue_on(connection: &ConnectionHandle, data: Bytes) {
     }
 }
 
-/// Registers a connection to `peer` at once, so that messages sent while it is being
-/// established queue on it instead of opening more, then connects in a task of this loop.
-fn open_connection(ctx: &Rc<LoopContext>, peer: SocketAddr, first: Bytes) {
+/// Registers a connection to `peer` at once, with `first` queued on it, so that messages sent
+/// while it is being established queue on it instead of opening more. The caller connects in
+/// a task of this loop. `None` (reported unreachable) at the connection limit.
+pub(crate) fn register_outbound(
+    ctx: &Rc<LoopContext>,
+    kind: TransportKind,
+    peer: SocketAddr,
+    name: Option<std::sync::Arc<str>>,
+    first: Bytes,
+) -> Option<Registration> {
     let queue_len = ctx.limits.tcp_send_queue;
-    let registration = match ctx.registry.register(TransportKind::Tcp, peer, queue_len) {
-        Ok(registration) => registration,
-        Err(LimitReached { limit }) => {
-            warn!(%peer, limit, "dropping outgoing TCP message: connection limit reached");
-            ctx.report_unreachable(TransportKind::Tcp, peer);
-            return;
+    match ctx.registry.register_named(kind, peer, queue_len, name) {
+        Ok(registration) => {
+            queue_on(registration.handle(), first);
+            Some(registration)
         }
-    };
-    queue_on(registration.handle(), first);
-    tokio::task::spawn_local(connect_and_run(Rc::clone(ctx), peer, registration));
+        Err(LimitReached { limit }) => {
+            warn!(%peer, %kind, limit, "dropping outgoing message: connection limit reached");
+            ctx.report_unreachable(kind, peer);
+            None
+        }
+    }
 }
 
-async fn connect_and_run(ctx: Rc<LoopContext>, peer: SocketAddr, mut registration: Registration) {
+/// Opens the TCP connection of `registration` (a `kind` connection to `peer`) within the
+/// connect timeout. On failure the queued messages are dropped and `peer` is reported
+/// unreachable over `kind`; `None` then, and also when the connection is aborted meanwhile.
+pub(crate) async fn connect(
+    ctx: &Rc<LoopContext>,
+    kind: TransportKind,
+    peer: SocketAddr,
+    registration: &mut Registration,
+) -> Option<TcpStream> {
     let connect_timeout = ctx.limits.tcp_connect_timeout;
     let handle = registration.handle().clone();
     let connected = tokio::select! {
         connected = tokio::time::timeout(connect_timeout, TcpStream::connect(peer)) => connected,
         () = handle.abort_signal().aborted() => {
             debug!(conn = %handle.id(), %peer, "connection aborted while connecting");
-            return;
+            return None;
         }
     };
     let queued = registration.queue().len();
     match connected {
         Ok(Ok(stream)) => {
-            debug!(conn = %handle.id(), %peer, worker = ctx.index, "opened TCP connection");
-            run_connection(ctx, stream, registration).await;
+            debug!(conn = %handle.id(), %peer, %kind, worker = ctx.index, "opened TCP connection");
+            Some(stream)
         }
         Ok(Err(error)) => {
-            warn!(%peer, %error, queued, "TCP connect failed; dropping the queued messages");
-            ctx.report_unreachable(TransportKind::Tcp, peer);
+            warn!(%peer, %kind, %error, queued, "TCP connect failed; dropping the queued messages");
+            ctx.report_unreachable(kind, peer);
+            None
         }
         Err(_) => {
             warn!(
                 %peer,
+                %kind,
                 timeout_secs = connect_timeout.as_secs(),
                 queued,
                 "TCP connect timed out; dropping the queued messages"
             );
-            ctx.report_unreachable(TransportKind::Tcp, peer);
+            ctx.report_unreachable(kind, peer);
+            None
         }
     }
 }
 
-/// Serves one established connection until it closes; the registration is dropped (and the
-/// connection unregistered) when this returns or is cancelled.
+async fn connect_and_run(ctx: Rc<LoopContext>, peer: SocketAddr, mut registration: Registration) {
+    if let Some(stream) = connect(&ctx, TransportKind::Tcp, peer, &mut registration).await {
+        run_connection(ctx, stream, registration).await;
+    }
+}
+
+/// Serves one established TCP connection until it closes; the registration is dropped (and
+/// the connection unregistered) when this returns or is cancelled.
 pub(crate) async fn run_connection(
     ctx: Rc<LoopContext>,
     stream: TcpStream,
     registration: Registration,
 ) {
-    let handle = registration.handle().clone();
+    if let Some(local) = prepare(&stream, registration.handle()) {
+        serve_stream(ctx, stream, TransportKind::Tcp, local, registration).await;
+    }
+}
+
+/// Readies a new TCP connection (TCP_NODELAY) and returns its local address; `None` when it
+/// has already closed.
+pub(crate) fn prepare(stream: &TcpStream, handle: &ConnectionHandle) -> Option<SocketAddr> {
     let local = match stream.local_addr() {
         Ok(local) => local,
         Err(error) => {
             debug!(conn = %handle.id(), %error, "connection closed before it could be served");
-            return;
+            return None;
         }
     };
     if let Err(error) = stream.set_nodelay(true) {
         // Only latency suffers; the connection still works.
         debug!(conn = %handle.id(), %error, "could not set TCP_NODELAY");
     }
+    Some(local)
+}
+
+/// Serves one established stream connection of transport `kind` (a TCP stream, or TLS over
+/// one) until it closes: framing, the send queue, keep-alive pongs, the idle timeout. `local`
+/// is the connection's own address. The registration is dropped (and the connection
+/// unregistered) when this returns or is cancelled.
+pub(crate) async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
+    ctx: Rc<LoopContext>,
+    stream: S,
+    kind: TransportKind,
+    local: SocketAddr,
+    registration: Registration,
+) {
+    let handle = registration.handle().clone();
     let meta = Meta {
-        kind: TransportKind::Tcp,
+        kind,
         source: handle.peer(),
         local,
         conn: Some(handle.id()),
@@ -274,9 +343,9 @@ enum Event {
     Idle,
 }
 
-struct Connection {
+struct Connection<S> {
     ctx: Rc<LoopContext>,
-    stream: TcpStream,
+    stream: S,
     framer: StreamFramer,
     handle: ConnectionHandle,
     registration: Registration,
@@ -284,7 +353,7 @@ struct Connection {
     idle_deadline: Instant,
 }
 
-impl Connection {
+impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     async fn serve(&mut self) -> CloseReason {
         loop {
             match self.next_event().await {
@@ -402,13 +471,19 @@ impl Connection {
     }
 
     /// Writes `data`, giving up if the connection is aborted or the peer does not take it
-    /// within the idle timeout.
+    /// within the idle timeout. Flushes: a TLS stream may hold back part of a record
+    /// otherwise (a plain TCP stream has nothing to flush).
     async fn write(&mut self, data: &[u8]) -> Result<(), CloseReason> {
         let deadline = Instant::now() + self.ctx.limits.tcp_idle_timeout;
+        let stream = &mut self.stream;
+        let write_and_flush = async move {
+            stream.write_all(data).await?;
+            stream.flush().await
+        };
         let written = tokio::select! {
             biased;
             () = self.handle.abort_signal().aborted() => return Err(CloseReason::Aborted),
-            written = tokio::time::timeout_at(deadline, self.stream.write_all(data)) => written,
+            written = tokio::time::timeout_at(deadline, write_and_flush) => written,
         };
         match written {
             Ok(Ok(())) => {

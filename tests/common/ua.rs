@@ -1,7 +1,8 @@
 //! A SIP user agent on real loopback sockets, for integration tests: enough of a UAC and a UAS
 //! (RFC 3261 §8, §12, §13, §17) to drive calls through the proxy and check what comes out.
 //!
-//! One `TestUa` is one user (`alice`, `bob`) on one transport. It sends requests to its
+//! One `TestUa` is one user (`alice`, `bob`) on one transport (UDP, TCP, or TLS with a rustls
+//! configuration the test provides). It sends requests to its
 //! outbound proxy when it has one (else to the host:port of the Request-URI), in-dialog requests
 //! to the first Route hop. It never retransmits (tests run on loopback), but it behaves like a
 //! transaction layer on the receiving side:
@@ -29,8 +30,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 
@@ -167,15 +167,19 @@ fn tx_key(m: &Message) -> (Vec<u8>, String) {
     (branch.to_vec(), method.unwrap_or_default())
 }
 
+/// The sending half of a stream connection (TCP, or TLS over TCP).
+type Writer = Box<dyn AsyncWrite + Unpin + Send>;
+
 enum Inbound {
-    /// A TCP connection (accepted or opened), keyed by the peer address.
-    Connected(SocketAddr, OwnedWriteHalf),
+    /// A stream connection (accepted or opened), keyed by the peer address.
+    Connected(SocketAddr, Writer),
     Message(Message, SocketAddr),
 }
 
 enum Net {
     Udp(Arc<UdpSocket>),
-    Tcp(HashMap<SocketAddr, OwnedWriteHalf>),
+    /// Stream connections by peer address.
+    Tcp(HashMap<SocketAddr, Writer>),
 }
 
 /// A request this UA sent, kept to build its ACK or CANCEL.
@@ -195,6 +199,9 @@ pub struct TestUa {
     /// ACK non-2xx final responses to INVITE as they arrive. On by default.
     pub auto_ack: bool,
     net: Net,
+    /// The stream connections are TLS: Via says `TLS`, the URI `;transport=tls`. A TLS UA only
+    /// sends on connections it already has (it cannot open new ones).
+    tls: bool,
     inbound_tx: mpsc::UnboundedSender<Inbound>,
     inbound: mpsc::UnboundedReceiver<Inbound>,
     pending: VecDeque<Message>,
@@ -252,6 +259,60 @@ impl TestUa {
         ua
     }
 
+    /// A UA with one TLS connection to `proxy` (its outbound proxy), the server's certificate
+    /// checked by `connector` for `server_name`. Like [`TestUa::tcp`] otherwise.
+    pub async fn tls(
+        name: &str,
+        proxy: SocketAddr,
+        connector: tokio_rustls::TlsConnector,
+        server_name: &str,
+    ) -> TestUa {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let stream = TcpStream::connect(proxy).await.expect("connect TCP");
+        let local = stream.local_addr().unwrap();
+        let server_name = rustls::pki_types::ServerName::try_from(server_name.to_owned())
+            .expect("a valid server name");
+        let stream = connector
+            .connect(server_name, stream)
+            .await
+            .expect("TLS handshake with the proxy");
+        let mut ua = TestUa::with_net(name, local, Net::Tcp(HashMap::new()), tx, rx);
+        ua.tls = true;
+        ua.adopt(stream, proxy);
+        ua.outbound = Some(proxy);
+        ua
+    }
+
+    /// A UA accepting TLS connections on 127.0.0.1:0 with `acceptor` (a callee). It answers on
+    /// the connections requests come in on and never opens connections of its own.
+    pub async fn tls_listener(name: &str, acceptor: tokio_rustls::TlsAcceptor) -> TestUa {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind TCP");
+        let local = listener.local_addr().unwrap();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let accept_tx = tx.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, peer)) = listener.accept().await {
+                let (acceptor, accept_tx) = (acceptor.clone(), accept_tx.clone());
+                tokio::spawn(async move {
+                    // A failed handshake (a client that refuses our certificate) is no message.
+                    let Ok(stream) = acceptor.accept(stream).await else {
+                        return;
+                    };
+                    let (read, write) = tokio::io::split(stream);
+                    if accept_tx
+                        .send(Inbound::Connected(peer, Box::new(write)))
+                        .is_ok()
+                    {
+                        read_stream(read, peer, accept_tx).await;
+                    }
+                });
+            }
+        });
+        let mut ua = TestUa::with_net(name, local, Net::Tcp(HashMap::new()), tx, rx);
+        ua.tls = true;
+        ua
+    }
+
     /// A UA listening for TCP connections on 127.0.0.1:0 (a callee); it opens connections of
     /// its own for the requests it sends.
     pub async fn tcp_listener(name: &str) -> TestUa {
@@ -267,7 +328,10 @@ impl TestUa {
         tokio::spawn(async move {
             while let Ok((stream, peer)) = listener.accept().await {
                 let (read, write) = stream.into_split();
-                if accept_tx.send(Inbound::Connected(peer, write)).is_err() {
+                if accept_tx
+                    .send(Inbound::Connected(peer, Box::new(write)))
+                    .is_err()
+                {
                     return;
                 }
                 tokio::spawn(read_stream(read, peer, accept_tx.clone()));
@@ -290,6 +354,7 @@ impl TestUa {
             absorb_retransmissions: true,
             auto_ack: true,
             net,
+            tls: false,
             inbound_tx,
             inbound,
             pending: VecDeque::new(),
@@ -309,27 +374,31 @@ impl TestUa {
         self
     }
 
-    fn adopt(&mut self, stream: TcpStream, peer: SocketAddr) {
-        let (read, write) = stream.into_split();
+    fn adopt<S>(&mut self, stream: S, peer: SocketAddr)
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let (read, write) = tokio::io::split(stream);
         tokio::spawn(read_stream(read, peer, self.inbound_tx.clone()));
         if let Net::Tcp(conns) = &mut self.net {
-            conns.insert(peer, write);
+            conns.insert(peer, Box::new(write));
         }
     }
 
     fn transport(&self) -> &'static str {
         match self.net {
             Net::Udp(_) => "UDP",
+            Net::Tcp(_) if self.tls => "TLS",
             Net::Tcp(_) => "TCP",
         }
     }
 
-    /// `sip:name@host:port`, with `;transport=tcp` over TCP.
+    /// `sip:name@host:port`, with `;transport=tcp` over TCP and `;transport=tls` over TLS.
     pub fn uri(&self) -> String {
-        let tp = if matches!(self.net, Net::Tcp(_)) {
-            ";transport=tcp"
-        } else {
-            ""
+        let tp = match self.net {
+            Net::Udp(_) => "",
+            Net::Tcp(_) if self.tls => ";transport=tls",
+            Net::Tcp(_) => ";transport=tcp",
         };
         format!("sip:{}@{}{tp}", self.name, self.local)
     }
@@ -350,6 +419,7 @@ impl TestUa {
             }
             Net::Tcp(conns) => {
                 if !conns.contains_key(&dest) {
+                    assert!(!self.tls, "{}: no TLS connection to {dest}", self.name);
                     let stream = TcpStream::connect(dest).await.expect("connect TCP");
                     self.adopt(stream, dest);
                 }
@@ -358,6 +428,7 @@ impl TestUa {
                 };
                 let conn = conns.get_mut(&dest).expect("connection");
                 conn.write_all(data).await.expect("TCP send");
+                conn.flush().await.expect("TCP flush");
             }
         }
     }
@@ -779,9 +850,9 @@ impl<'u> IntoFuture for Outgoing<'u> {
     }
 }
 
-/// Reads one TCP connection, splitting messages by Content-Length (§18.3), until it closes.
+/// Reads one stream connection, splitting messages by Content-Length (§18.3), until it closes.
 async fn read_stream(
-    mut read: OwnedReadHalf,
+    mut read: impl AsyncRead + Unpin,
     peer: SocketAddr,
     tx: mpsc::UnboundedSender<Inbound>,
 ) {
