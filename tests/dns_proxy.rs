@@ -325,3 +325,45 @@ async fn a_script_sees_the_ordered_targets_of_sip_resolve() {
         show(&unresolved)
     );
 }
+
+#[tokio::test]
+async fn a_hook_waiting_for_dns_blocks_nothing_and_an_invite_gets_100_at_once() {
+    let dns = DnsServer::start(vec![Record::a("slow.test", LOCALHOST, TTL)]);
+    dns.silence("slow.test");
+    let dir = TempDir::new().unwrap();
+    let script = dir.path().join("resolve.lua");
+    std::fs::copy(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/scripts/resolve.lua"),
+        &script,
+    )
+    .unwrap();
+    let mut config = config(&dns);
+    config.proxy.relay_to_request_uri = false;
+    config.dns.timeout_ms = 200;
+    config.script = script;
+    let host = ScriptHost::from_config(&config).expect("the script loads");
+    let factory = CoreFactory::with_router(&config, host.router_factory());
+    let server = Server::start(&config, Arc::new(factory)).expect("server starts");
+    let proxy = server.local_addr(TransportKind::Udp).unwrap();
+
+    let mut alice = TestUa::udp("alice").await.via_proxy(proxy);
+    let invite = alice
+        .invite("sip:anyone@127.0.0.1")
+        .header("X-Hop", "sip:slow.test:5060")
+        .await;
+    let trying = alice.expect_response(100).await;
+    assert_eq!(trying.call_id(), invite.call_id());
+
+    // The loop serves others while the INVITE's hook waits for the silent name server.
+    let mut bob = TestUa::udp("bob").await.via_proxy(proxy);
+    bob.request("MESSAGE", "sip:anyone@127.0.0.1")
+        .header("X-Hop", "sip:127.0.0.1:5999")
+        .header("X-Test", "show")
+        .await;
+    bob.expect_final(200).await;
+
+    // The lookup gives up; the script answers.
+    let unresolved = alice.expect_final(502).await;
+    assert_eq!(unresolved.call_id(), invite.call_id());
+    assert!(dns.queries("slow.test", RecordType::A) >= 1);
+}

@@ -108,8 +108,13 @@ enum Resolving {
 /// What a routed request is on its way to.
 enum Purpose {
     /// A new request in server transaction `tx` (§16.5-§16.7); `branch_base` is the loop
-    /// hash of the request as received (§16.3 item 4).
-    Request { tx: TxId, branch_base: String },
+    /// hash of the request as received (§16.3 item 4). `trying`: an INVITE's 100 Trying,
+    /// until it is sent (when relayed, or at once when the router waits for DNS).
+    Request {
+        tx: TxId,
+        branch_base: String,
+        trying: Option<Bytes>,
+    },
     /// A CANCEL that matched no transaction, in its own server transaction (§16.10).
     Cancel { tx: TxId },
     /// An ACK for a 2xx, forwarded statelessly (§16.11).
@@ -235,8 +240,15 @@ impl Relay {
         let Some(info) = self.preprocess(&mut request) else {
             return reply(400, "Bad Request (Route)");
         };
+        // Built before the router takes the request: a router waiting for DNS holds it.
+        let trying = (request.method() == Some(&Method::Invite))
+            .then(|| ResponseBuilder::new(&request, 100, "Trying").build());
         let routed = self.router.route(&mut request, &meta, info);
-        let purpose = Purpose::Request { tx, branch_base };
+        let purpose = Purpose::Request {
+            tx,
+            branch_base,
+            trying,
+        };
         self.after_route(purpose, request, meta, routed, now, layer, out)
             .unwrap_or(Handled::Done)
     }
@@ -257,12 +269,18 @@ impl Relay {
     ) -> Option<Handled> {
         let Routed { decision, handle } = routed;
         if let Decision::Resolve { query } = decision {
+            let purpose = self.trying_while_waiting(purpose, now, layer, out);
             return self.suspend(purpose, request, meta, handle, query);
         }
         let routed = Routed { decision, handle };
         match purpose {
-            Purpose::Request { tx, branch_base } => {
-                Some(self.relay_routed(tx, branch_base, request, meta, routed, now, layer, out))
+            Purpose::Request {
+                tx,
+                branch_base,
+                trying,
+            } => {
+                let request_tx = (tx, branch_base, trying);
+                Some(self.relay_routed(request_tx, request, meta, routed, now, layer, out))
             }
             Purpose::Cancel { tx } => {
                 Some(self.cancel_routed(tx, &request, &meta, routed, layer, out))
@@ -271,6 +289,32 @@ impl Relay {
                 self.ack_routed(&request, &meta, routed, out);
                 None
             }
+        }
+    }
+
+    /// An INVITE waiting for DNS gets its 100 Trying now (§16.2, §17.2.1: within 200 ms), so
+    /// the caller stops retransmitting however long the lookup takes.
+    fn trying_while_waiting(
+        &mut self,
+        purpose: Purpose,
+        now: Instant,
+        layer: &mut TransactionLayer,
+        out: &mut Vec<LayerOutput>,
+    ) -> Purpose {
+        match purpose {
+            Purpose::Request {
+                tx,
+                branch_base,
+                trying: Some(trying),
+            } => {
+                layer.respond(tx, 100, trying, now, out);
+                Purpose::Request {
+                    tx,
+                    branch_base,
+                    trying: None,
+                }
+            }
+            other => other,
         }
     }
 
@@ -313,8 +357,7 @@ impl Relay {
     #[allow(clippy::too_many_arguments)]
     fn relay_routed(
         &mut self,
-        tx: TxId,
-        branch_base: String,
+        (tx, branch_base, trying): (TxId, String, Option<Bytes>),
         request: Message,
         meta: Meta,
         routed: Routed,
@@ -348,13 +391,12 @@ impl Relay {
                 }
             },
         };
-        let is_invite = request.method() == Some(&Method::Invite);
-        if is_invite {
-            // §16.2: a stateful proxy answers an INVITE it forwards with 100 Trying at once, so
-            // the upstream client stops retransmitting (§17.1.1.2).
-            let trying = ResponseBuilder::new(&request, 100, "Trying").build();
+        if let Some(trying) = trying {
+            // §16.2: a stateful proxy answers an INVITE it forwards with 100 Trying at once,
+            // so the upstream client stops retransmitting (§17.1.1.2).
             layer.respond(tx, 100, trying, now, out);
         }
+        let is_invite = request.method() == Some(&Method::Invite);
         let mut actions = Vec::new();
         let context = ResponseContext::new(
             request.clone(),
