@@ -20,7 +20,6 @@ use moonroute::server::core::CoreFactory;
 use moonroute::server::{Server, ServerHandle};
 use moonroute::sip::Message;
 use moonroute::transport::{ListenAddr, TransportKind};
-use tempfile::TempDir;
 
 const LOCALHOST: Ipv4Addr = Ipv4Addr::LOCALHOST;
 const TTL: u32 = 300;
@@ -47,6 +46,18 @@ fn config(dns: &DnsServer) -> Config {
 
 fn start(config: &Config) -> (ServerHandle, SocketAddr) {
     let server = Server::start(config, Arc::new(CoreFactory::new(config))).expect("server starts");
+    let udp = server.local_addr(TransportKind::Udp).unwrap();
+    (server, udp)
+}
+
+/// The proxy routed by `tests/data/scripts/resolve.lua` (`sip.resolve` of the X-Hop header).
+fn start_script(mut config: Config) -> (ServerHandle, SocketAddr) {
+    config.proxy.relay_to_request_uri = false;
+    config.script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/scripts/resolve.lua");
+    let host = ScriptHost::from_config(&config).expect("the script loads");
+    let factory = CoreFactory::with_router(&config, host.router_factory());
+    let server = Server::start(&config, Arc::new(factory)).expect("server starts");
     let udp = server.local_addr(TransportKind::Udp).unwrap();
     (server, udp)
 }
@@ -285,20 +296,7 @@ async fn a_script_sees_the_ordered_targets_of_sip_resolve() {
         Record::a("one.lb.test", Ipv4Addr::new(127, 0, 0, 11), TTL),
         Record::a("two.lb.test", Ipv4Addr::new(127, 0, 0, 12), TTL),
     ]);
-    let dir = TempDir::new().unwrap();
-    let script = dir.path().join("resolve.lua");
-    std::fs::copy(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/scripts/resolve.lua"),
-        &script,
-    )
-    .unwrap();
-    let mut config = config(&dns);
-    config.proxy.relay_to_request_uri = false;
-    config.script = script;
-    let host = ScriptHost::from_config(&config).expect("the script loads");
-    let factory = CoreFactory::with_router(&config, host.router_factory());
-    let server = Server::start(&config, Arc::new(factory)).expect("server starts");
-    let proxy = server.local_addr(TransportKind::Udp).unwrap();
+    let (_server, proxy) = start_script(config(&dns));
     let mut alice = TestUa::udp("alice").await.via_proxy(proxy);
     alice
         .request("MESSAGE", "sip:anyone@127.0.0.1")
@@ -330,21 +328,9 @@ async fn a_script_sees_the_ordered_targets_of_sip_resolve() {
 async fn a_hook_waiting_for_dns_blocks_nothing_and_an_invite_gets_100_at_once() {
     let dns = DnsServer::start(vec![Record::a("slow.test", LOCALHOST, TTL)]);
     dns.silence("slow.test");
-    let dir = TempDir::new().unwrap();
-    let script = dir.path().join("resolve.lua");
-    std::fs::copy(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/scripts/resolve.lua"),
-        &script,
-    )
-    .unwrap();
     let mut config = config(&dns);
-    config.proxy.relay_to_request_uri = false;
     config.dns.timeout_ms = 200;
-    config.script = script;
-    let host = ScriptHost::from_config(&config).expect("the script loads");
-    let factory = CoreFactory::with_router(&config, host.router_factory());
-    let server = Server::start(&config, Arc::new(factory)).expect("server starts");
-    let proxy = server.local_addr(TransportKind::Udp).unwrap();
+    let (_server, proxy) = start_script(config);
 
     let mut alice = TestUa::udp("alice").await.via_proxy(proxy);
     let invite = alice
