@@ -120,7 +120,13 @@ pub struct Engine {
     /// Budget slices left in the running call; the instruction hook counts it down.
     slices_left: Rc<Cell<u64>>,
     slices: u64,
+    /// Finished coroutines kept for reuse (see [`Engine::recycle`]).
+    spare_threads: RefCell<Vec<Thread>>,
 }
+
+/// Finished coroutines an engine keeps for reuse: one is enough for the request path (a hook
+/// finishes before the next starts), a few more cover hooks suspended in `sip.resolve`.
+const SPARE_THREADS: usize = 8;
 
 impl Engine {
     /// Builds a fresh state, runs the script's top-level code (within the instruction budget)
@@ -149,6 +155,7 @@ impl Engine {
             name,
             slices_left,
             slices,
+            spare_threads: RefCell::new(Vec::new()),
         })
     }
 
@@ -184,12 +191,23 @@ impl Engine {
         hook: &Function,
         args: impl IntoLuaMulti,
     ) -> Result<(Step, Thread), ScriptError> {
-        let thread = self
-            .lua
-            .create_thread(hook.clone())
-            .map_err(|e| describe(&e, &self.name))?;
+        let spare = self.spare_threads.borrow_mut().pop();
+        let thread = match spare {
+            Some(thread) => thread.reset(hook.clone()).map(|()| thread),
+            None => self.lua.create_thread(hook.clone()),
+        }
+        .map_err(|e| describe(&e, &self.name))?;
         let step = self.resume(&thread, args)?;
         Ok((step, thread))
+    }
+
+    /// Gives back the coroutine of a hook that returned, for [`Engine::start`] to reuse:
+    /// resetting one costs a fraction of creating one.
+    pub fn recycle(&self, thread: Thread) {
+        let mut spare = self.spare_threads.borrow_mut();
+        if spare.len() < SPARE_THREADS && thread.status() == ThreadStatus::Finished {
+            spare.push(thread);
+        }
     }
 
     /// Continues a hook [`Engine::start`] left suspended, with `args` as what `sip.resolve`

@@ -556,7 +556,10 @@ fn settle(
                 request: ud,
             })
         }
-        Ok((Step::Finished, _)) => Ok(()),
+        Ok((Step::Finished, thread)) => {
+            engine.recycle(thread);
+            Ok(())
+        }
         Err(e) => Err(e),
     };
     let state = ud.take::<ScriptMsg>().map_err(|e| {
