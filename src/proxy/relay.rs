@@ -888,10 +888,7 @@ impl Relay {
             }
         };
         self.next_unique += 1;
-        let branch_id = format!(
-            "{}{}.{}",
-            call.branch_base, self.loop_index, self.next_unique
-        );
+        let branch_id = branch_id(&call.branch_base, self.loop_index, self.next_unique);
         let parts = CopyParts {
             request: request.as_ref().unwrap_or(&call.request),
             uri: &uri,
@@ -998,7 +995,7 @@ impl Relay {
                     .calls
                     .get(&server)
                     .map_or("", |c| c.branch_base.as_str());
-                format!("{base}{}.{}", self.loop_index, self.next_unique)
+                branch_id(base, self.loop_index, self.next_unique)
             }
         };
         let (me, bound) = (&self.me, &self.bound);
@@ -1214,6 +1211,12 @@ fn reply(code: u16, reason: &'static str) -> Handled {
         headers: Vec::new(),
         wait_for: None,
     }
+}
+
+/// The Via branch of one attempt: the request's loop hash, then the owning loop and a
+/// counter, so [`owner_of_branch`] can hand responses back.
+fn branch_id(base: &str, loop_index: usize, unique: u64) -> String {
+    format!("{base}{loop_index}.{unique}")
 }
 
 /// What a forwarded copy is built from.

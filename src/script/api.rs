@@ -759,19 +759,12 @@ pub fn resolve_answer(
     for candidate in candidates {
         let entry = lua.create_table_with_capacity(0, 4)?;
         let transport = candidate.kind.scheme();
-        let host = candidate.addr.ip().to_string();
-        let host_ref = match candidate.addr {
-            std::net::SocketAddr::V6(_) => format!("[{host}]"),
-            std::net::SocketAddr::V4(_) => host.clone(),
-        };
-        let port = candidate.addr.port();
         entry.set("transport", transport)?;
-        entry.set("host", host)?;
-        entry.set("port", port)?;
-        entry.set(
-            "uri",
-            format!("sip:{host_ref}:{port};transport={transport}"),
-        )?;
+        entry.set("host", candidate.addr.ip().to_string())?;
+        entry.set("port", candidate.addr.port())?;
+        // SocketAddr's Display brackets IPv6, as a SIP hostport needs (RFC 3261 §25.1).
+        let uri = format!("sip:{};transport={transport}", candidate.addr);
+        entry.set("uri", uri)?;
         if let Some(name) = &candidate.tls_name {
             entry.set("tls_name", name.as_ref())?;
         }
