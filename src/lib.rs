@@ -1,8 +1,10 @@
 //! moonroute: a scriptable SIP server. A Rust engine (codec, transports, transactions, proxy,
 //! registrar) whose routing decisions are made by a Lua script.
+pub mod auth;
 pub mod config;
 pub mod control;
 pub mod dns;
+pub mod flood;
 pub mod location;
 pub mod proxy;
 pub mod registrar;

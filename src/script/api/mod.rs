@@ -18,6 +18,10 @@ use bytes::Bytes;
 use mlua::{Lua, Table, UserData, UserDataFields, UserDataMethods, Value, Variadic};
 use tracing::{debug, error, info, warn};
 
+mod auth;
+mod flood;
+mod nat;
+
 use super::engine::{Env, LogSink};
 use super::kv::{KvError, KvValue};
 use crate::proxy::response_context::Target;
@@ -57,6 +61,10 @@ pub struct ScriptMsg {
     pub edited: bool,
     /// `drop()` on a response or branch.
     pub dropped: bool,
+    /// What `req:authorize` found in this call (digest authentication, `auth`).
+    pub auth: Option<crate::auth::Verdict>,
+    /// `req:nat_detect()` found the sender behind a NAT in this call (`nat`).
+    pub nated: bool,
 }
 
 impl ScriptMsg {
@@ -72,6 +80,8 @@ impl ScriptMsg {
             record_route: false,
             edited: false,
             dropped: false,
+            auth: None,
+            nated: false,
         }
     }
 
@@ -366,6 +376,9 @@ impl UserData for ScriptMsg {
         add_edits(methods);
         add_decisions(methods);
         add_location(methods);
+        auth::add_methods(methods);
+        nat::add_methods(methods);
+        flood::add_methods(methods);
     }
 }
 
@@ -691,6 +704,9 @@ pub fn install(lua: &Lua, script: Rc<str>, env: Env) -> mlua::Result<()> {
     lua.globals().set("print", print)?;
     sip.set("kv", kv_table(lua)?)?;
     sip.set("resolve", resolve_function(lua)?)?;
+    auth::install(lua, &sip)?;
+    nat::install(lua, &sip)?;
+    flood::install(lua, &sip)?;
     lua.globals().set("sip", sip)?;
     lua.set_app_data(env);
     Ok(())
