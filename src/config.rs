@@ -54,6 +54,59 @@ pub struct Config {
     pub tls: Tls,
     /// DNS resolution of next hops (RFC 3263).
     pub dns: Dns,
+    /// NAT traversal: RFC 3581 `rport` and keep-alives of NATed registrations.
+    pub nat: Nat,
+}
+
+/// NAT traversal (RFC 3581; keep-alives as in RFC 5626 §4.4.1). See `src/nat/`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Nat {
+    /// Act on every request as if its top Via had `rport` (RFC 3581 §4; Kamailio's
+    /// `force_rport()`): `received` and `rport=<source port>` are recorded, and responses go
+    /// to the packet's source address and port even when the client did not ask. Phones
+    /// behind a NAT rarely listen where their Via says. Default: true.
+    pub force_rport: bool,
+    /// Seconds between keep-alives to each binding registered through a NAT (OPTIONS over
+    /// UDP, CRLFCRLF on a TCP/TLS connection); 0 turns keep-alives off. Default: 30.
+    pub keepalive_interval_secs: u64,
+    /// The interval in milliseconds instead, when not 0 (tests and labs). Default: 0.
+    pub keepalive_interval_ms: u64,
+    /// Consecutive unanswered keep-alives (or failed stream writes) after which a NATed
+    /// binding is removed from the location store. Default: 3.
+    pub keepalive_failures: u32,
+}
+
+impl Default for Nat {
+    fn default() -> Self {
+        Nat {
+            force_rport: true,
+            keepalive_interval_secs: 30,
+            keepalive_interval_ms: 0,
+            keepalive_failures: 3,
+        }
+    }
+}
+
+impl Nat {
+    /// The keep-alive interval, `None` when keep-alives are off.
+    pub fn keepalive_interval(&self) -> Option<std::time::Duration> {
+        let interval = match self.keepalive_interval_ms {
+            0 => std::time::Duration::from_secs(self.keepalive_interval_secs),
+            ms => std::time::Duration::from_millis(ms),
+        };
+        (!interval.is_zero()).then_some(interval)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.keepalive_failures == 0 {
+            return Err("nat.keepalive_failures: must be at least 1".to_owned());
+        }
+        if self.keepalive_interval_secs > 86_400 || self.keepalive_interval_ms > 86_400_000 {
+            return Err("nat: a keep-alive interval is at most one day".to_owned());
+        }
+        Ok(())
+    }
 }
 
 /// TLS (RFC 3261 §26.2, RFC 5922): the certificate presented on `tls:` listeners, and how the
@@ -413,6 +466,7 @@ impl Default for Config {
             location: Location::default(),
             tls: Tls::default(),
             dns: Dns::default(),
+            nat: Nat::default(),
         }
     }
 }
@@ -574,7 +628,8 @@ impl Config {
         self.registrar.validate().map_err(invalid)?;
         self.location.validate().map_err(invalid)?;
         self.tls.validate().map_err(invalid)?;
-        self.dns.validate().map_err(invalid)
+        self.dns.validate().map_err(invalid)?;
+        self.nat.validate().map_err(invalid)
     }
 
     /// The number of event loops to run: `workers`, or one per CPU core when it is 0.

@@ -42,6 +42,7 @@ impl Worker for PassAlong {
             conn: None,
             local: Some(meta.local),
             tls_name: None,
+            reuse_only: false,
         };
         let text = format!("HANDLED BY {} RECEIVED BY {}", self.index, meta.worker);
         out.push(Output::Send {

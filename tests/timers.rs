@@ -55,6 +55,7 @@ impl Worker for AlarmWorker {
                 conn: None,
                 local: None,
                 tls_name: None,
+                reuse_only: false,
             };
             out.push(Output::Send {
                 dest,

@@ -85,6 +85,7 @@ fn bytes_per_live_transaction() {
         conn: None,
         local: None,
         tls_name: None,
+        reuse_only: false,
     };
     let before = LIVE_BYTES.load(Ordering::Relaxed);
     for i in 0..N {

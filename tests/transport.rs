@@ -113,6 +113,7 @@ fn reply_to(meta: &Meta, data: Bytes) -> Output {
         conn: meta.conn,
         local: Some(meta.local),
         tls_name: None,
+        reuse_only: false,
     };
     Output::Send { dest, data }
 }
@@ -127,6 +128,7 @@ fn forward(target: &[u8], datagram: &[u8]) -> Output {
         conn: None,
         local: None,
         tls_name: None,
+        reuse_only: false,
     };
     Output::Send {
         dest,

@@ -1300,6 +1300,7 @@ fn copy_for(
         conn: None,
         local: Some(local),
         tls_name: candidate.tls_name.clone(),
+        reuse_only: false,
     };
     Ok((copy, dest))
 }

@@ -788,6 +788,7 @@ fn stateless_response_destination(
         conn: None,
         local: None,
         tls_name: None,
+        reuse_only: false,
     })
 }
 

@@ -754,7 +754,13 @@ impl Message {
     /// Records the received address and port in the top Via of a request (§18.2.1, RFC 3581
     /// §4). Returns whether the Via changed.
     pub fn stamp_received(&mut self, source: SocketAddr) -> Result<bool> {
-        let new_value = match self.top_via()?.with_received(source) {
+        self.stamp_received_rport(source, false)
+    }
+
+    /// [`Message::stamp_received`] with RFC 3581 `rport` forced on (as if the top Via had a
+    /// bare `rport`) when `force_rport`: see [`Via::with_received_rport`].
+    pub fn stamp_received_rport(&mut self, source: SocketAddr, force_rport: bool) -> Result<bool> {
+        let new_value = match self.top_via()?.with_received_rport(source, force_rport) {
             Some(v) => v,
             None => return Ok(false),
         };
@@ -782,6 +788,11 @@ impl Message {
     }
 
     // ----- serialization ----------------------------------------------------------------
+
+    /// Whether the message was changed since it was parsed.
+    pub fn is_edited(&self) -> bool {
+        self.edited
+    }
 
     /// The message as it goes on the wire. Without edits, these are the received bytes
     /// (minus leading CRLFs and trailing octets past Content-Length), shared, not copied.

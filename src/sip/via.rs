@@ -131,9 +131,23 @@ impl<'a> Via<'a> {
     /// sent-by host is a name or a different address, or when the client asked for `rport`
     /// (which is then filled with the source port).
     pub fn with_received(&self, source: SocketAddr) -> Option<Vec<u8>> {
-        let wants_rport = self.rport().is_some();
+        self.with_received_rport(source, false)
+    }
+
+    /// [`Via::with_received`], and with `force_rport` as if the client had asked for `rport`
+    /// (Kamailio's `force_rport()`, for clients behind a NAT that do not implement RFC 3581):
+    /// `received` and `rport=<source port>` are recorded, so the response goes back to the
+    /// packet's source address and port. A value already filled in with the same port and
+    /// address needs no change.
+    pub fn with_received_rport(&self, source: SocketAddr, force_rport: bool) -> Option<Vec<u8>> {
+        let wants_rport = force_rport || self.rport().is_some();
         let host_differs = self.host.ip() != Some(source.ip());
         if !wants_rport && !host_differs {
+            return None;
+        }
+        let already =
+            self.rport() == Some(Some(source.port())) && self.received_ip() == Some(source.ip());
+        if force_rport && already {
             return None;
         }
         let mut out = Vec::with_capacity(self.raw.len() + 40);

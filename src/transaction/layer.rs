@@ -727,6 +727,7 @@ mod tests {
             conn: None,
             local: None,
             tls_name: None,
+            reuse_only: false,
         };
         let options = request("OPTIONS", "z9hG4bKcli1", "OPTIONS");
         let tx = l

@@ -253,6 +253,11 @@ pub struct Destination {
     /// opened (RFC 5922 §4: the host of the URI that was resolved, not the SRV target).
     /// `None` for responses and for other transports.
     pub tls_name: Option<std::sync::Arc<str>>,
+    /// Streams only: send on an open connection to `addr` or not at all (reported
+    /// unreachable), never open a new one. A contact behind a NAT is reached only through the
+    /// connection it registered on (RFC 5626 §5.3): a connection opened to its public address
+    /// would reach the NAT, not the phone.
+    pub reuse_only: bool,
 }
 
 /// What a [`Worker`] asks the shell to do.
@@ -301,6 +306,7 @@ pub fn response_destination(top_via: &crate::sip::Via<'_>, meta: &Meta) -> Desti
         conn: meta.conn,
         local: Some(meta.local),
         tls_name: None,
+        reuse_only: false,
     }
 }
 

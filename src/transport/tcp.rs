@@ -147,6 +147,7 @@ pub(crate) fn send(ctx: &Rc<LoopContext>, dest: Destination, data: Bytes) {
         .or_else(|| ctx.registry.find_peer(TransportKind::Tcp, dest.addr));
     match connection {
         Some(connection) => queue_on(&connection, data),
+        None if dest.reuse_only => no_connection(ctx, &dest),
         None => {
             let Some(registration) =
                 register_outbound(ctx, TransportKind::Tcp, dest.addr, None, data)
@@ -156,6 +157,13 @@ pub(crate) fn send(ctx: &Rc<LoopContext>, dest: Destination, data: Bytes) {
             tokio::task::spawn_local(connect_and_run(Rc::clone(ctx), dest.addr, registration));
         }
     }
+}
+
+/// A message that may only use an open connection ([`Destination::reuse_only`]) found none:
+/// the sender is told, as for a refused connection.
+pub(crate) fn no_connection(ctx: &Rc<LoopContext>, dest: &Destination) {
+    debug!(dest = %dest.addr, transport = %dest.kind, "no open connection to the peer (not opening one): unreachable");
+    ctx.report_unreachable(dest.kind, dest.addr);
 }
 
 /// The connection `dest.conn` names, if it is still open.

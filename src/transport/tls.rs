@@ -427,6 +427,9 @@ pub(crate) fn send(ctx: &Rc<LoopContext>, dest: Destination, data: Bytes) {
     if let Some(connection) = existing {
         return tcp::queue_on(&connection, data);
     }
+    if dest.reuse_only {
+        return tcp::no_connection(ctx, &dest);
+    }
     let Some(registration) =
         tcp::register_outbound(ctx, TransportKind::Tls, dest.addr, Some(key), data)
     else {
@@ -522,6 +525,7 @@ mod tests {
             conn: None,
             local: None,
             tls_name: tls_name.map(Arc::from),
+            reuse_only: false,
         }
     }
 

@@ -1,0 +1,280 @@
+//! NAT traversal: the sans-IO rules (no sockets, no clock).
+//!
+//! Owns:
+//! - [`detect`]: whether a request's sender is behind a NAT, from what the request says about
+//!   itself (top Via, first Contact) against the address its packet came from; Kamailio's
+//!   `nat_uac_test` with one sensible set of checks (see [`NatCheck`]).
+//! - [`is_private`]: the addresses that cannot be reached from the Internet: RFC 1918,
+//!   RFC 6598 shared address space (carrier-grade NAT), link-local (RFC 3927), IPv6 unique
+//!   local (RFC 4193) and link-local (RFC 4291 §2.5.6).
+//! - [`contact_with_source`]: a Contact value whose URI host:port is replaced by the source
+//!   address (Kamailio's `fix_nated_contact`).
+//! - [`keepalive`]: the keep-alive scheduler for bindings registered through a NAT (which
+//!   bindings to probe, when, and which failed and must be removed).
+//!
+//! What the rest of the server does with them: RFC 3581 `received`/`rport` are stamped by the
+//! core on every request (`[nat] force_rport`, `req:force_rport()`); a REGISTER saved as NATed
+//! stores its binding with [`crate::location::Binding::nated`], and `lookup` then routes to
+//! the binding's received address (a destination override, like Kamailio's `$du`), on the
+//! connection the REGISTER came on for TCP/TLS (RFC 5626 §5.3 reaches a flow, not an address).
+
+pub mod keepalive;
+
+use std::net::{IpAddr, SocketAddr};
+
+use crate::sip::{Contact, HeaderName, Message};
+use crate::transport::TransportKind;
+
+/// Addresses that are not globally reachable: a Contact or Via naming one was written by a UA
+/// behind a NAT (or on a private network the server cannot route to).
+pub fn is_private(ip: IpAddr) -> bool {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            v4.is_private() // RFC 1918: 10/8, 172.16/12, 192.168/16
+                || (a == 100 && (64..128).contains(&b)) // RFC 6598: 100.64/10
+                || v4.is_link_local() // RFC 3927: 169.254/16
+        }
+        IpAddr::V6(v6) => {
+            let first = v6.segments()[0];
+            (first & 0xfe00) == 0xfc00 // RFC 4193: fc00::/7
+                || (first & 0xffc0) == 0xfe80 // RFC 4291: fe80::/10
+        }
+    }
+}
+
+/// What [`detect`] checked, each true when it points at a NAT.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatCheck {
+    /// The first Contact's host is a private address ([`is_private`]) while the packet did
+    /// not come from that address.
+    pub contact_private: bool,
+    /// The top Via's sent-by host is a private address other than the source address.
+    pub via_private: bool,
+    /// The top Via's sent-by differs from where the packet came from: another IP address, or
+    /// over UDP another port (streams use ephemeral source ports, so only the IP counts).
+    pub via_differs: bool,
+    /// The first Contact's host:port differs from the source in the same way (an IP-literal
+    /// host only: a name is not resolved).
+    pub contact_differs: bool,
+}
+
+impl NatCheck {
+    /// True when any check points at a NAT.
+    pub fn is_nated(&self) -> bool {
+        self.contact_private || self.via_private || self.via_differs || self.contact_differs
+    }
+
+    /// The checks that matched, for a log line: e.g. `contact-private,via-differs`.
+    pub fn reasons(&self) -> String {
+        let names = [
+            (self.contact_private, "contact-private"),
+            (self.via_private, "via-private"),
+            (self.via_differs, "via-differs"),
+            (self.contact_differs, "contact-differs"),
+        ];
+        let matched: Vec<&str> = names.iter().filter(|(m, _)| *m).map(|(_, n)| *n).collect();
+        matched.join(",")
+    }
+}
+
+/// Whether `request`, received from `source` over `kind`, comes from behind a NAT: its top
+/// Via or first Contact names a private address or another address (and, over UDP, another
+/// port) than the packet's source. A Contact `*` or one that does not parse is not looked at
+/// (the registrar and the proxy judge those).
+pub fn detect(request: &Message, source: SocketAddr, kind: TransportKind) -> NatCheck {
+    let mut check = NatCheck::default();
+    let default_port = if kind == TransportKind::Tls {
+        5061
+    } else {
+        5060
+    };
+    let differs = |ip: IpAddr, port: Option<u16>| {
+        ip.to_canonical() != source.ip().to_canonical()
+            || (!kind.is_stream() && port.unwrap_or(default_port) != source.port())
+    };
+    let private_elsewhere = |ip: IpAddr| is_private(ip) && ip.to_canonical() != source.ip();
+    if let Ok(via) = request.top_via() {
+        match via.host.ip() {
+            Some(ip) => {
+                check.via_private = private_elsewhere(ip);
+                check.via_differs = differs(ip, via.port);
+            }
+            // A name in the Via is a UA that cannot say its address: compare nothing.
+            None => {}
+        }
+    }
+    let first_contact = request.values(HeaderName::Contact).next();
+    if let Some(Ok(value)) = first_contact {
+        if let Ok(Contact::Addr(addr)) = Contact::parse(value) {
+            if let Some(sip) = addr.uri.as_sip() {
+                if let Some(ip) = sip.host.ip() {
+                    check.contact_private = private_elsewhere(ip);
+                    check.contact_differs = differs(ip, sip.port);
+                }
+            }
+        }
+    }
+    check
+}
+
+/// `value` (one Contact header field value) with its URI's host and port replaced by
+/// `source` (Kamailio's `fix_nated_contact`): user, parameters (`transport`, `ob`...), URI
+/// headers, display name and header parameters stay. `None` for `*`, a value that does not
+/// parse, or a URI that is not sip:/sips:.
+pub fn contact_with_source(value: &[u8], source: SocketAddr) -> Option<Vec<u8>> {
+    let Ok(Contact::Addr(addr)) = Contact::parse(value) else {
+        return None;
+    };
+    let sip = addr.uri.as_sip()?;
+    let raw = addr.uri.raw();
+    // `raw` is a slice of `value`: where it starts, found from the two addresses.
+    let start = (raw.as_ptr() as usize).checked_sub(value.as_ptr() as usize)?;
+    if start + raw.len() > value.len() {
+        return None;
+    }
+    let mut uri = Vec::with_capacity(raw.len() + 24);
+    uri.extend_from_slice(if sip.secure { b"sips:" } else { b"sip:" });
+    if let Some(user) = sip.user {
+        uri.extend_from_slice(user);
+        if let Some(password) = sip.password {
+            uri.push(b':');
+            uri.extend_from_slice(password);
+        }
+        uri.push(b'@');
+    }
+    // SocketAddr's Display brackets an IPv6 address, as a hostport needs (§25.1).
+    let source = SocketAddr::new(source.ip().to_canonical(), source.port());
+    uri.extend_from_slice(source.to_string().as_bytes());
+    uri.extend_from_slice(sip.params.raw());
+    if let Some(headers) = sip.headers {
+        uri.push(b'?');
+        uri.extend_from_slice(headers);
+    }
+    // Without angle brackets the field's parameters follow the URI (§20.10): they stay too.
+    let mut out = Vec::with_capacity(value.len() + 24);
+    out.extend_from_slice(&value[..start]);
+    out.extend_from_slice(&uri);
+    out.extend_from_slice(&value[start + raw.len()..]);
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn request(via: &str, contact: &str) -> Message {
+        let text = format!(
+            "REGISTER sip:example.com SIP/2.0\r\nVia: SIP/2.0/UDP {via};branch=z9hG4bK1\r\n\
+             Max-Forwards: 70\r\nFrom: <sip:a@example.com>;tag=1\r\nTo: <sip:a@example.com>\r\n\
+             Call-ID: c1\r\nCSeq: 1 REGISTER\r\nContact: {contact}\r\nContent-Length: 0\r\n\r\n"
+        );
+        Message::parse(Bytes::from(text)).unwrap()
+    }
+
+    #[test]
+    fn private_ranges() {
+        for ip in [
+            "10.1.2.3",
+            "172.16.0.1",
+            "172.31.255.255",
+            "192.168.1.10",
+            "100.64.0.1",
+            "100.127.255.254",
+            "169.254.7.7",
+            "fc00::1",
+            "fd12:3456::1",
+            "fe80::1",
+            "::ffff:192.168.0.1",
+        ] {
+            assert!(is_private(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in [
+            "192.0.2.1",
+            "172.32.0.1",
+            "100.128.0.1",
+            "100.63.255.255",
+            "8.8.8.8",
+            "127.0.0.2",
+            "2001:db8::1",
+            "fec0::1",
+        ] {
+            assert!(!is_private(ip.parse().unwrap()), "{ip}");
+        }
+    }
+
+    #[test]
+    fn a_client_behind_a_nat_is_detected() {
+        let req = request("192.168.1.10:5060", "<sip:alice@192.168.1.10:5060>");
+        let check = detect(&req, addr("127.0.0.2:40000"), TransportKind::Udp);
+        assert!(check.is_nated());
+        assert!(check.contact_private && check.via_private);
+        assert!(check.via_differs && check.contact_differs);
+        assert_eq!(
+            check.reasons(),
+            "contact-private,via-private,via-differs,contact-differs"
+        );
+    }
+
+    #[test]
+    fn a_client_saying_where_it_is_is_not_nated() {
+        let req = request("192.0.2.7:5070", "<sip:alice@192.0.2.7:5070;transport=udp>");
+        assert!(!detect(&req, addr("192.0.2.7:5070"), TransportKind::Udp).is_nated());
+        // Default port 5060 when the Via and Contact omit it.
+        let req = request("192.0.2.7", "<sip:alice@192.0.2.7>");
+        assert!(!detect(&req, addr("192.0.2.7:5060"), TransportKind::Udp).is_nated());
+        // A private network the server is on is not a NAT.
+        let req = request("10.0.0.5:5060", "<sip:alice@10.0.0.5:5060>");
+        assert!(!detect(&req, addr("10.0.0.5:5060"), TransportKind::Udp).is_nated());
+    }
+
+    #[test]
+    fn port_mismatch_counts_on_udp_only() {
+        let req = request("192.0.2.7:5060", "<sip:alice@192.0.2.7:5060>");
+        let check = detect(&req, addr("192.0.2.7:31000"), TransportKind::Udp);
+        assert!(check.via_differs && check.contact_differs && !check.contact_private);
+        // Streams come from ephemeral ports.
+        assert!(!detect(&req, addr("192.0.2.7:31000"), TransportKind::Tcp).is_nated());
+        assert!(detect(&req, addr("198.51.100.1:31000"), TransportKind::Tcp).is_nated());
+    }
+
+    #[test]
+    fn names_and_stars_are_not_judged() {
+        let req = request("pc.example.com:5060", "*");
+        assert!(!detect(&req, addr("192.0.2.7:5060"), TransportKind::Udp).is_nated());
+    }
+
+    #[test]
+    fn contact_rewrite_keeps_everything_but_host_and_port() {
+        let source = addr("203.0.113.9:40123");
+        let cases = [
+            (
+                "\"Alice\" <sip:alice@192.168.1.10:5060;transport=udp;ob>;expires=60;+sip.instance=\"<urn:x>\"",
+                "\"Alice\" <sip:alice@203.0.113.9:40123;transport=udp;ob>;expires=60;+sip.instance=\"<urn:x>\"",
+            ),
+            ("<sip:192.168.1.10>", "<sip:203.0.113.9:40123>"),
+            (
+                "<sips:bob:pw@[fd00::5]:5061?X-a=b>",
+                "<sips:bob:pw@203.0.113.9:40123?X-a=b>",
+            ),
+            (
+                "sip:carol@10.0.0.1:5062;expires=30",
+                "sip:carol@203.0.113.9:40123;expires=30",
+            ),
+        ];
+        for (before, after) in cases {
+            let out = contact_with_source(before.as_bytes(), source).unwrap();
+            assert_eq!(String::from_utf8(out).unwrap(), after, "{before}");
+        }
+        let v6 = contact_with_source(b"<sip:a@10.0.0.1>", addr("[2001:db8::1]:5060")).unwrap();
+        assert_eq!(v6, b"<sip:a@[2001:db8::1]:5060>");
+        assert!(contact_with_source(b"*", source).is_none());
+        assert!(contact_with_source(b"<tel:+1555>", source).is_none());
+        assert!(contact_with_source(b"<sip:a@", source).is_none());
+    }
+}
