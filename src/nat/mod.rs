@@ -95,13 +95,10 @@ pub fn detect(request: &Message, source: SocketAddr, kind: TransportKind) -> Nat
     };
     let private_elsewhere = |ip: IpAddr| is_private(ip) && ip.to_canonical() != source.ip();
     if let Ok(via) = request.top_via() {
-        match via.host.ip() {
-            Some(ip) => {
-                check.via_private = private_elsewhere(ip);
-                check.via_differs = differs(ip, via.port);
-            }
-            // A name in the Via is a UA that cannot say its address: compare nothing.
-            None => {}
+        // A name in the Via is a UA that cannot say its address: nothing to compare.
+        if let Some(ip) = via.host.ip() {
+            check.via_private = private_elsewhere(ip);
+            check.via_differs = differs(ip, via.port);
         }
     }
     let first_contact = request.values(HeaderName::Contact).next();
