@@ -171,7 +171,11 @@ fn run(args: RunArgs) -> Result<(), Box<dyn Error>> {
         info!("[proxy] static_route/relay_to_request_uri set: the built-in router replaces the script");
         Arc::new(builtin)
     } else {
-        Arc::new(CoreFactory::with_router(&config, host.router_factory()))
+        let factory = CoreFactory::with_router(&config, host.router_factory());
+        match &host.services().registrar {
+            Some(registrar) => Arc::new(factory.with_keepalives(registrar.store().clone())),
+            None => Arc::new(factory),
+        }
     };
     let server = Server::start(&config, factory)?;
     for listen in server.listen_addrs() {

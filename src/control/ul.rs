@@ -471,6 +471,7 @@ mod tests {
             instance: Some("<urn:uuid:00000000-0000-1000-8000-000a95a0e128>".to_owned()),
             reg_id: Some(1),
             user_agent: Some("softphone/1.0\r\n x".to_owned()),
+            nated: false,
         }
     }
 

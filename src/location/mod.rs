@@ -84,6 +84,10 @@ pub struct Binding {
     pub reg_id: Option<u32>,
     /// The User-Agent header field of the REGISTER.
     pub user_agent: Option<String>,
+    /// Registered from behind a NAT (`req:fix_nated_contact()` or `req:nat_detect()` before
+    /// `req:save()`): requests reach the contact through `received`, not its own address,
+    /// and it gets keep-alives ([`crate::nat::keepalive`]).
+    pub nated: bool,
 }
 
 impl Binding {
@@ -110,6 +114,7 @@ impl Binding {
             instance: None,
             reg_id: None,
             user_agent: None,
+            nated: false,
         }
     }
 

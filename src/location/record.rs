@@ -1,8 +1,10 @@
 //! The on-disk form of one AOR's bindings (a [`super::SledLocation`] record).
 //!
-//! Key: the normalized AOR (UTF-8). Value: the magic `MRB1` (moonroute bindings, version 1),
+//! Key: the normalized AOR (UTF-8). Value: the magic `MRB2` (moonroute bindings, version 2),
 //! a `u16` binding count, then per binding, in registration order, its fields in
-//! [`super::Binding`]'s order. Strings are a `u32` length plus UTF-8 bytes; optional fields a
+//! [`super::Binding`]'s order; the last, a flags byte (bit 0: `nated`), is what version 2
+//! added. Version 1 records (`MRB1`, written before NAT traversal, without the flags byte)
+//! are still read, as bindings without flags; they are rewritten as version 2 when changed. Strings are a `u32` length plus UTF-8 bytes; optional fields a
 //! presence byte (0 or 1) then the value; integers big-endian; the expiry in milliseconds since
 //! the Unix epoch; socket addresses as text (`1.2.3.4:5060`, `[::1]:5060`).
 //!
@@ -16,15 +18,24 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use super::Binding;
 use crate::transport::TransportKind;
 
-const MAGIC: &[u8; 4] = b"MRB1";
+const MAGIC: &[u8; 4] = b"MRB2";
+const MAGIC_V1: &[u8; 4] = b"MRB1";
+
+/// Bit 0 of the flags byte: the binding was registered from behind a NAT.
+const FLAG_NATED: u8 = 1;
 
 /// Longest string field accepted when decoding: far beyond any real contact or Path, small
 /// enough that a corrupt length cannot ask for gigabytes.
 const MAX_FIELD: usize = 64 * 1024;
 
 pub fn encode(bindings: &[Binding]) -> Vec<u8> {
+    encode_version(bindings, 2)
+}
+
+/// The record in format `version` (1 only to test that old records stay readable).
+fn encode_version(bindings: &[Binding], version: u8) -> Vec<u8> {
     let mut out = Vec::with_capacity(64 + bindings.len() * 256);
-    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(if version == 1 { MAGIC_V1 } else { MAGIC });
     put_u16(&mut out, bindings.len().min(usize::from(u16::MAX)) as u16);
     for b in bindings.iter().take(usize::from(u16::MAX)) {
         put_str(&mut out, &b.contact);
@@ -52,6 +63,9 @@ pub fn encode(bindings: &[Binding]) -> Vec<u8> {
             out.extend_from_slice(&id.to_be_bytes())
         });
         put_opt(&mut out, b.user_agent.as_ref(), |out, s| put_str(out, s));
+        if version >= 2 {
+            out.push(if b.nated { FLAG_NATED } else { 0 });
+        }
     }
     out
 }
@@ -62,13 +76,15 @@ pub fn decode(key: &[u8], value: &[u8]) -> Result<Vec<Binding>, String> {
         .map_err(|_| "key is not UTF-8".to_owned())?
         .to_owned();
     let mut r = Reader { data: value };
-    if r.take(4)? != MAGIC {
-        return Err("not a moonroute binding record (bad magic)".to_owned());
-    }
+    let version = match r.take(4)? {
+        m if m == MAGIC => 2,
+        m if m == MAGIC_V1 => 1,
+        _ => return Err("not a moonroute binding record (bad magic)".to_owned()),
+    };
     let count = r.u16()?;
     let mut bindings = Vec::with_capacity(usize::from(count).min(1024));
     for _ in 0..count {
-        bindings.push(r.binding(&aor)?);
+        bindings.push(r.binding(&aor, version)?);
     }
     if !r.data.is_empty() {
         return Err(format!("{} trailing bytes", r.data.len()));
@@ -152,7 +168,7 @@ impl<'a> Reader<'a> {
             .map_err(|_| format!("bad socket address {text:?}"))
     }
 
-    fn binding(&mut self, aor: &str) -> Result<Binding, String> {
+    fn binding(&mut self, aor: &str, version: u8) -> Result<Binding, String> {
         let contact = self.string()?;
         let expires_at = UNIX_EPOCH + Duration::from_millis(self.u64()?);
         let q = self.u16()?;
@@ -192,6 +208,10 @@ impl<'a> Reader<'a> {
         } else {
             None
         };
+        let flags = if version >= 2 { self.take(1)?[0] } else { 0 };
+        if flags & !FLAG_NATED != 0 {
+            return Err(format!("unknown binding flags {flags:#04x}"));
+        }
         Ok(Binding {
             aor: aor.to_owned(),
             contact,
@@ -205,6 +225,7 @@ impl<'a> Reader<'a> {
             instance,
             reg_id,
             user_agent,
+            nated: flags & FLAG_NATED != 0,
         })
     }
 }
@@ -239,6 +260,7 @@ mod tests {
             instance: Some("<urn:uuid:00000000-0000-1000-8000-000A95A0E128>".to_owned()),
             reg_id: Some(1),
             user_agent: Some("softphone/1.0".to_owned()),
+            nated: true,
         }
     }
 
@@ -252,6 +274,7 @@ mod tests {
             instance: None,
             reg_id: None,
             user_agent: None,
+            nated: false,
             ..full()
         }
     }
@@ -262,6 +285,35 @@ mod tests {
         let data = encode(&bindings);
         assert_eq!(decode(b"sip:alice@example.com", &data).unwrap(), bindings);
         assert_eq!(decode(b"sip:x@y", &encode(&[])).unwrap(), Vec::new());
+    }
+
+    #[test]
+    fn version_1_records_stay_readable() {
+        let old = encode_version(&[full(), bare()], 1);
+        assert_eq!(&old[..4], b"MRB1");
+        let read = decode(b"sip:alice@example.com", &old).unwrap();
+        let expected = vec![
+            Binding {
+                nated: false,
+                ..full()
+            },
+            bare(),
+        ];
+        assert_eq!(read, expected, "a version 1 binding has no flags");
+        // Written back, it is a version 2 record.
+        let new = encode(&read);
+        assert_eq!(&new[..4], b"MRB2");
+        assert_eq!(decode(b"sip:alice@example.com", &new).unwrap(), expected);
+        for n in 0..old.len() {
+            assert!(decode(b"sip:a@b", &old[..n]).is_err(), "prefix {n}");
+        }
+    }
+
+    #[test]
+    fn unknown_flags_are_an_error() {
+        let mut data = encode(&[bare()]);
+        *data.last_mut().unwrap() = 0x80;
+        assert!(decode(b"sip:a@b", &data).is_err());
     }
 
     #[test]

@@ -20,10 +20,11 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 
+use crate::location::LocationStore;
 use crate::transport::TransportKind;
 
 /// The Via branch of every keep-alive OPTIONS starts with this: the RFC 3261 magic cookie and
@@ -232,6 +233,46 @@ pub fn options_request(
         agent = crate::server::core::SERVER,
     );
     Bytes::from(text)
+}
+
+/// The NATed bindings of `store` with a received address, as keep-alive peers. Reads the
+/// store's memory index (every AOR: the cost of a round grows with the store).
+pub fn nated_peers(store: &dyn LocationStore, now: SystemTime) -> Vec<Peer> {
+    let mut peers = Vec::new();
+    for aor in store.aors() {
+        for binding in store.lookup(&aor, now) {
+            if let (true, Some((kind, addr))) = (binding.nated, binding.received) {
+                peers.push(Peer {
+                    aor: binding.aor,
+                    contact: binding.contact,
+                    kind,
+                    addr,
+                    local: binding.local,
+                });
+            }
+        }
+    }
+    peers
+}
+
+/// Removes `peer`'s binding from `store` (durably, through [`LocationStore::update`]) if it is
+/// still the one probed: same contact, still NATed at the same received address (a phone
+/// that re-registered from elsewhere meanwhile keeps its new binding). Whether it was removed.
+pub fn remove_binding(
+    store: &dyn LocationStore,
+    peer: &Peer,
+    now: SystemTime,
+) -> Result<bool, String> {
+    let mut removed = false;
+    store.update(&peer.aor, now, &mut |mut bindings| {
+        let before = bindings.len();
+        bindings.retain(|b| {
+            !(b.contact == peer.contact && b.nated && b.received == Some((peer.kind, peer.addr)))
+        });
+        removed = bindings.len() < before;
+        removed.then_some(bindings)
+    })?;
+    Ok(removed)
 }
 
 #[cfg(test)]

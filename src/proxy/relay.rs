@@ -42,7 +42,7 @@ use crate::sip::{Message, Method, ResponseBuilder};
 use crate::transaction::client_invite::cancel_for;
 use crate::transaction::layer::{LayerOutput, TransactionLayer, TxId};
 use crate::transaction::Event;
-use crate::transport::{Destination, ListenAddr, Meta, TransportKind};
+use crate::transport::{response_destination, Destination, ListenAddr, Meta, TransportKind};
 
 /// What became of a request handed to the relay.
 #[derive(Debug, PartialEq, Eq)]
@@ -91,6 +91,9 @@ struct BranchRun {
     current: Option<(TxId, Destination)>,
     /// Addresses not tried yet, in order.
     remaining: VecDeque<Candidate>,
+    /// The target's destination override (a contact behind a NAT): sent there only, on an
+    /// open connection for streams ([`Destination::reuse_only`]).
+    pinned: bool,
 }
 
 /// What waits for a DNS answer.
@@ -365,6 +368,12 @@ impl Relay {
         layer: &mut TransactionLayer,
         out: &mut Vec<LayerOutput>,
     ) -> Handled {
+        if request.is_edited() {
+            // The router may have changed the top Via (`req:force_rport()`): responses follow.
+            if let Ok(via) = request.top_via() {
+                layer.set_response_destination(tx, response_destination(&via, &meta));
+            }
+        }
         let handle = routed.handle;
         let (targets, record_route) = match routed.decision {
             Decision::Relay {
@@ -894,6 +903,38 @@ impl Relay {
             uri: &uri,
             branch: &branch_id,
         };
+        // A Path (the route) wins over the received address (RFC 5626 §5.3 order).
+        let pinned = target.destination.filter(|_| target.route.is_empty());
+        if let Some((kind, addr)) = pinned {
+            let first = first_copy(&self.me, &parts, call.inbound, call.record_route);
+            if call.branches.len() <= branch.0 {
+                call.branches.resize_with(branch.0 + 1, || None);
+            }
+            let only = Candidate {
+                kind,
+                addr,
+                tls_name: None,
+            };
+            call.branches[branch.0] = Some(BranchRun {
+                request,
+                uri,
+                current: None,
+                remaining: VecDeque::from([only]),
+                pinned: true,
+            });
+            return match first {
+                Ok(first) => self.attempt(
+                    server,
+                    branch,
+                    Some((first, branch_id)),
+                    now,
+                    layer,
+                    out,
+                    more,
+                ),
+                Err(reason) => self.branch_unreachable(server, branch, reason, now, more),
+            };
+        }
         let planned = first_copy(&self.me, &parts, call.inbound, call.record_route)
             .and_then(|first| Ok((next_hop(&first).map_err(|_| "no next hop")?, first)));
         if call.branches.len() <= branch.0 {
@@ -904,6 +945,7 @@ impl Relay {
             uri,
             current: None,
             remaining: VecDeque::new(),
+            pinned: false,
         });
         let (hop, first) = match planned {
             Ok(planned) => planned,
@@ -1022,7 +1064,13 @@ impl Relay {
                 call.record_route,
             );
             let (copy, dest) = match built {
-                Ok(built) => built,
+                Ok((copy, dest)) => (
+                    copy,
+                    Destination {
+                        reuse_only: run.pinned && dest.kind.is_stream(),
+                        ..dest
+                    },
+                ),
                 Err(reason) => {
                     debug!(addr = %candidate.addr, transport = %candidate.kind, reason, "skipping address");
                     continue;

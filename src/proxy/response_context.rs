@@ -59,6 +59,11 @@ pub struct Target {
     /// A pre-loaded route set for this target, Route values in order (top first): the Path
     /// a contact was registered through (RFC 3327 §5.3). Usually empty.
     pub route: Vec<Bytes>,
+    /// Where to send the branch instead of where its Request-URI or route says (Kamailio's
+    /// `$du`): the address a contact behind a NAT registered from, on the connection it
+    /// registered on for TCP/TLS (never a new one). Ignored when `route` is not empty: a Path
+    /// wins (RFC 3327 §5.3, RFC 5626 §5.3 order).
+    pub destination: Option<(crate::transport::TransportKind, std::net::SocketAddr)>,
 }
 
 impl Target {
@@ -68,6 +73,7 @@ impl Target {
             uri,
             q,
             route: Vec::new(),
+            destination: None,
         }
     }
 }

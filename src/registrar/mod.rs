@@ -243,6 +243,19 @@ pub fn process(
     rules: &Rules,
     now: SystemTime,
 ) -> Outcome {
+    process_from(req, meta, false, current, rules, now)
+}
+
+/// [`process`] for a REGISTER whose sender is behind a NAT when `nated`: the bindings it
+/// writes are marked [`Binding::nated`] (reached through their received address, kept alive).
+pub fn process_from(
+    req: &Message,
+    meta: &Meta,
+    nated: bool,
+    current: &[Binding],
+    rules: &Rules,
+    now: SystemTime,
+) -> Outcome {
     if req.method() != Some(&Method::Register) {
         return refuse(500, "Server Internal Error (registrar: not a REGISTER)");
     }
@@ -335,6 +348,7 @@ pub fn process(
             instance: r.instance,
             reg_id: r.reg_id,
             user_agent: user_agent.clone(),
+            nated,
         });
         let matches: Vec<usize> = (0..live.len())
             .filter(|&i| stored_matches(&live[i], parsed[i].as_ref(), &r.uri))
@@ -654,6 +668,18 @@ impl Registrar {
     /// requires when a commit fails. Does not send anything: the caller answers with
     /// [`SaveResult::response`], or with its code, reason and headers.
     pub fn save(&self, req: &Message, meta: &Meta, now: SystemTime) -> SaveResult {
+        self.save_from(req, meta, false, now)
+    }
+
+    /// [`Registrar::save`] of a REGISTER whose sender is behind a NAT when `nated`
+    /// ([`process_from`]).
+    pub fn save_from(
+        &self,
+        req: &Message,
+        meta: &Meta,
+        nated: bool,
+        now: SystemTime,
+    ) -> SaveResult {
         let aor = req.to().ok().and_then(|to| aor_of(&to.uri));
         let Some(key) = aor.clone() else {
             // No AOR: `process` refuses at step 5 without looking at bindings.
@@ -661,7 +687,7 @@ impl Registrar {
         };
         let mut outcome = None;
         let stored = self.store.update(&key, now, &mut |current| {
-            let o = process(req, meta, &current, &self.rules, now);
+            let o = process_from(req, meta, nated, &current, &self.rules, now);
             let write = match &o {
                 Outcome::Updated {
                     bindings,

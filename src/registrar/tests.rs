@@ -97,6 +97,7 @@ fn stored(contact: &str, call_id: &str, cseq: u32, expires_in: u64) -> Binding {
         instance: None,
         reg_id: None,
         user_agent: None,
+        nated: false,
     }
 }
 
@@ -183,6 +184,7 @@ fn new_binding_records_the_request() {
             instance: Some("<urn:uuid:00000000-0000-1000-8000-000A95A0E128>".to_owned()),
             reg_id: Some(1),
             user_agent: Some("phone/1.0".to_owned()),
+            nated: false,
         }]
     );
 }

@@ -67,10 +67,19 @@ impl Services {
         registrar
             .lookup(uri, now)
             .into_iter()
-            .map(|b| Target {
-                uri: bytes::Bytes::from(b.contact),
-                q: b.q,
-                route: b.path.into_iter().map(bytes::Bytes::from).collect(),
+            .map(|b| {
+                // A NATed contact is reached through the address it registered from, unless
+                // a Path leads there (the edge proxy owns the flow then).
+                let destination = match (b.nated, b.path.is_empty()) {
+                    (true, true) => b.received,
+                    _ => None,
+                };
+                Target {
+                    uri: bytes::Bytes::from(b.contact),
+                    q: b.q,
+                    route: b.path.into_iter().map(bytes::Bytes::from).collect(),
+                    destination,
+                }
             })
             .collect()
     }
@@ -78,7 +87,15 @@ impl Services {
     /// Processes a REGISTER (§10.3): the answer to send, as a reply decision. A durable
     /// store's 200 carries the write it waits for: it is sent only once the bindings it lists
     /// are on disk.
-    pub fn registrar_save(&self, request: &Message, meta: &Meta, now: SystemTime) -> Decision {
+    /// `nated`: the sender is behind a NAT (`req:fix_nated_contact()`/`req:nat_detect()`), its
+    /// bindings are stored as reached through their received address.
+    pub fn registrar_save(
+        &self,
+        request: &Message,
+        meta: &Meta,
+        nated: bool,
+        now: SystemTime,
+    ) -> Decision {
         let Some(registrar) = &self.registrar else {
             return Decision::reply(501, "Not Implemented (no registrar configured)");
         };
@@ -96,7 +113,7 @@ impl Services {
                 wait_for: None,
             };
         }
-        let result = registrar.save(request, meta, now);
+        let result = registrar.save_from(request, meta, nated, now);
         Decision::Reply {
             code: result.code,
             reason: Cow::Owned(result.reason),

@@ -13,14 +13,15 @@ use std::collections::VecDeque;
 use std::hash::BuildHasher;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
-use crate::location::{CommitState, CommitTicket};
+use crate::location::{CommitState, CommitTicket, LocationStore};
+use crate::nat::keepalive::{self, Action as KeepaliveAction, Peer, Scheduler};
 use crate::proxy::relay::{owner_of_branch, Handled, Relay};
 use crate::proxy::router::{BuiltinRouter, Router};
 use crate::proxy::{is_our_stateless_branch, ProxyIdentity};
@@ -125,6 +126,13 @@ pub struct CoreFactory {
     timer_c: Duration,
     router: RouterFactory,
     builtin_relays: bool,
+    /// `[nat] force_rport`.
+    force_rport: bool,
+    /// `[nat]` keep-alives, with the store whose NATed bindings get them (see
+    /// [`CoreFactory::with_keepalives`]).
+    keepalive: Option<(Duration, u32, Arc<dyn LocationStore>)>,
+    /// The `[nat]` keep-alive interval and failure count, `None` when off.
+    keepalive_config: Option<(Duration, u32)>,
 }
 
 impl CoreFactory {
@@ -152,7 +160,22 @@ impl CoreFactory {
             timer_c: Duration::from_secs(config.timers.timer_c_secs),
             router,
             builtin_relays,
+            force_rport: config.nat.force_rport,
+            keepalive: None,
+            keepalive_config: config
+                .nat
+                .keepalive_interval()
+                .map(|interval| (interval, config.nat.keepalive_failures)),
         }
+    }
+
+    /// Sends `[nat]` keep-alives to the NATed bindings of `store` (from the first event loop;
+    /// bindings whose keep-alives fail are removed from it). Nothing when keep-alives are off.
+    pub fn with_keepalives(mut self, store: Arc<dyn LocationStore>) -> CoreFactory {
+        self.keepalive = self
+            .keepalive_config
+            .map(|(interval, failures)| (interval, failures, store));
+        self
     }
 
     /// Whether the `[proxy]` built-in router is configured to relay anything.
@@ -180,6 +203,18 @@ impl CoreFactory {
         );
         let mut core = Core::new(identity, self.layer, relay, index, loops);
         core.tag_hasher = self.tag_hasher.clone();
+        core.force_rport = self.force_rport;
+        if index == 0 {
+            // One loop probes every NATed binding; answers find it by the loop in the branch.
+            core.keepalive =
+                self.keepalive
+                    .as_ref()
+                    .map(|(interval, failures, store)| Keepalives {
+                        scheduler: Scheduler::new(*interval, *failures, Instant::now()),
+                        store: Arc::clone(store),
+                        nonce: self.tag_hasher.hash_one(index),
+                    });
+        }
         core
     }
 }
@@ -217,6 +252,18 @@ pub struct Core {
     parked: VecDeque<Parked>,
     /// Notified by the location store's flusher after each flush.
     wake: Arc<Notify>,
+    /// RFC 3581 `rport` on every request (`[nat] force_rport`).
+    force_rport: bool,
+    /// Keep-alives of NATed bindings (the first loop only).
+    keepalive: Option<Keepalives>,
+}
+
+/// The keep-alives one loop sends: the schedule, and the store it reads and prunes.
+struct Keepalives {
+    scheduler: Scheduler,
+    store: Arc<dyn LocationStore>,
+    /// Makes the keep-alives' Call-IDs and From tags differ across restarts.
+    nonce: u64,
 }
 
 impl Worker for Core {
@@ -227,6 +274,9 @@ impl Worker for Core {
                 self.on_framing_error(head, &error, &meta, out)
             }
             Input::Unreachable { kind, addr } => {
+                if let Some(keepalive) = &mut self.keepalive {
+                    keepalive.scheduler.on_unreachable(kind, addr);
+                }
                 let mut pending = std::mem::take(&mut self.pending);
                 self.relay
                     .on_unreachable(kind, addr, &mut self.transactions, &mut pending);
@@ -255,6 +305,7 @@ impl Worker for Core {
             self.transactions.next_deadline(),
             self.relay.next_deadline(),
             self.parked.front().map(|p| p.deadline),
+            self.keepalive.as_ref().map(|k| k.scheduler.next_deadline()),
         ]
         .into_iter()
         .flatten()
@@ -268,6 +319,7 @@ impl Worker for Core {
             .on_timer(now, &mut self.transactions, &mut pending);
         self.release_parked(now, &mut pending);
         self.drain(pending, now, out);
+        self.keepalive_round(now, out);
     }
 
     fn wake_signal(&self) -> Option<Arc<Notify>> {
@@ -309,6 +361,8 @@ impl Core {
             pending: Vec::new(),
             parked: VecDeque::new(),
             wake: Arc::new(Notify::new()),
+            force_rport: false,
+            keepalive: None,
         }
     }
 
@@ -326,11 +380,14 @@ impl Core {
                 });
                 return;
             }
+            if self.is_keepalive_answer(&msg) {
+                return;
+            }
             let mut pending = std::mem::take(&mut self.pending);
             self.transactions.on_response(msg, meta, now, &mut pending);
             return self.drain(pending, now, out);
         }
-        if let Err(e) = msg.stamp_received(meta.source) {
+        if let Err(e) = msg.stamp_received_rport(meta.source, self.force_rport) {
             return self.refuse(&msg, e, &meta, out);
         }
         if let Err(e) = msg.validate() {
@@ -355,6 +412,72 @@ impl Core {
         let mut pending = std::mem::take(&mut self.pending);
         self.transactions.on_request(msg, meta, now, &mut pending);
         self.drain(pending, now, out);
+    }
+
+    /// A response to one of this loop's keep-alive OPTIONS (any status proves the binding
+    /// alive); consumed here, before the transaction layer, which never saw the request.
+    fn is_keepalive_answer(&mut self, response: &Message) -> bool {
+        let Some(keepalive) = &mut self.keepalive else {
+            return false;
+        };
+        let seq = response
+            .top_via()
+            .ok()
+            .and_then(|via| via.branch().and_then(keepalive::seq_of_branch));
+        match seq {
+            Some(seq) => {
+                if !keepalive.scheduler.on_response(seq) {
+                    debug!(seq, "keep-alive answer for no current probe: ignored");
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Runs a keep-alive round when one is due: probes every NATed binding of the store, and
+    /// removes those whose probes failed too often (one log line each).
+    fn keepalive_round(&mut self, now: Instant, out: &mut Vec<Output>) {
+        let Some(keepalive) = &mut self.keepalive else {
+            return;
+        };
+        if now < keepalive.scheduler.next_deadline() {
+            return;
+        }
+        let wall = SystemTime::now();
+        let peers = keepalive::nated_peers(&*keepalive.store, wall);
+        let mut actions = Vec::new();
+        keepalive.scheduler.on_round(now, peers, &mut actions);
+        for action in actions {
+            match action {
+                KeepaliveAction::SendOptions { peer, seq } => {
+                    let local = peer.local.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
+                    let branch = keepalive::branch(self.loop_index, seq);
+                    let data =
+                        keepalive::options_request(&peer, local, &branch, seq, keepalive.nonce);
+                    out.push(Output::Send {
+                        dest: keepalive_destination(&peer, false),
+                        data,
+                    });
+                }
+                KeepaliveAction::SendPing { peer } => out.push(Output::Send {
+                    dest: keepalive_destination(&peer, true),
+                    data: Bytes::from_static(b"\r\n\r\n"),
+                }),
+                KeepaliveAction::Remove { peer, failures } => {
+                    let removed = keepalive::remove_binding(&*keepalive.store, &peer, wall);
+                    match removed {
+                        Ok(true) => {
+                            warn!(aor = %peer.aor, contact = %peer.contact, received = %peer.addr, transport = %peer.kind, failures, "NAT keep-alives failed: binding removed")
+                        }
+                        Ok(false) => {}
+                        Err(error) => {
+                            warn!(aor = %peer.aor, contact = %peer.contact, %error, "NAT keep-alives failed but the binding could not be removed")
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// The loop owning the client transaction of a response, when it is not this one.
@@ -790,6 +913,19 @@ fn stateless_response_destination(
         tls_name: None,
         reuse_only: false,
     })
+}
+
+/// Where a keep-alive goes: the binding's received address, from the socket it registered
+/// on; a stream ping only on an open connection.
+fn keepalive_destination(peer: &Peer, stream: bool) -> crate::transport::Destination {
+    crate::transport::Destination {
+        kind: peer.kind,
+        addr: peer.addr,
+        conn: None,
+        local: peer.local,
+        tls_name: None,
+        reuse_only: stream,
+    }
 }
 
 /// Why a request is refused: status, reason phrase, and for 420 the option tags to list in

@@ -320,6 +320,15 @@ impl TransactionLayer {
         });
     }
 
+    /// Sends the responses of server transaction `tx` to `dest` from now on: the request's top
+    /// Via was changed after the transaction started (a script's `req:force_rport()`, RFC 3581
+    /// §4). Unknown transactions are ignored.
+    pub fn set_response_destination(&mut self, tx: TxId, dest: Destination) {
+        if let Some(entry) = self.servers.get_mut(&tx) {
+            entry.dest = dest;
+        }
+    }
+
     /// A response from the core for server transaction `tx` (§17.2.1, §17.2.2).
     pub fn respond(
         &mut self,

@@ -622,7 +622,7 @@ fn add_location<M: UserDataMethods<ScriptMsg>>(methods: &mut M) {
             .ok_or_else(|| runtime("save: no transport information"))?;
         let decision = env
             .services
-            .registrar_save(&m.msg, &meta, SystemTime::now());
+            .registrar_save(&m.msg, &meta, m.nated, SystemTime::now());
         let code = match &decision {
             Decision::Reply { code, .. } => *code,
             _ => 500,
