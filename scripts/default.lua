@@ -10,6 +10,11 @@
 -- of a request being relayed.
 
 function on_request(req)
+  -- NAT traversal (Kamailio's route[NATDETECT]): the engine already records received/rport
+  -- ([nat] force_rport); a phone whose Via or Contact is not where its packets come from is
+  -- behind a NAT.
+  local nated = req:nat_detect()
+
   -- Requests inside a dialog follow the route set the dialog recorded.
   if req:has_to_tag() then
     return in_dialog(req)
@@ -31,12 +36,20 @@ function on_request(req)
   end
 
   if req:is_method("REGISTER") then
+    if nated then
+      -- Keep the Contact; the binding is reached through the address the REGISTER came from.
+      req:fix_nated_contact()
+    end
     return req:save("location")
   end
 
   -- Stay in the path of the dialogs we set up, so in-dialog requests come back through us.
   if req:is_method("INVITE", "SUBSCRIBE", "REFER") then
     req:record_route()
+    if nated then
+      -- The callee's requests in this dialog must go where the caller really is.
+      req:fix_nated_contact()
+    end
   end
 
   -- Fork to every registered contact of the user (highest q first, RFC 3261 §16.6).

@@ -62,10 +62,12 @@ pub struct Config {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Nat {
-    /// Act on every request as if its top Via had `rport` (RFC 3581 §4; Kamailio's
-    /// `force_rport()`): `received` and `rport=<source port>` are recorded, and responses go
-    /// to the packet's source address and port even when the client did not ask. Phones
-    /// behind a NAT rarely listen where their Via says. Default: true.
+    /// Act on every UDP request as if its top Via had `rport` (RFC 3581 §4; Kamailio's
+    /// `force_rport()`): unless the Via already names the source address and port,
+    /// `received` and `rport=<source port>` are recorded, and responses go to the packet's
+    /// source address and port even when the client did not ask. Phones behind a NAT rarely
+    /// listen where their Via says. (Over TCP/TLS responses use the connection anyway.)
+    /// Default: true.
     pub force_rport: bool,
     /// Seconds between keep-alives to each binding registered through a NAT (OPTIONS over
     /// UDP, CRLFCRLF on a TCP/TLS connection); 0 turns keep-alives off. Default: 30.

@@ -54,15 +54,12 @@ pub struct NatCheck {
     /// The top Via's sent-by differs from where the packet came from: another IP address, or
     /// over UDP another port (streams use ephemeral source ports, so only the IP counts).
     pub via_differs: bool,
-    /// The first Contact's host:port differs from the source in the same way (an IP-literal
-    /// host only: a name is not resolved).
-    pub contact_differs: bool,
 }
 
 impl NatCheck {
     /// True when any check points at a NAT.
     pub fn is_nated(&self) -> bool {
-        self.contact_private || self.via_private || self.via_differs || self.contact_differs
+        self.contact_private || self.via_private || self.via_differs
     }
 
     /// The checks that matched, for a log line: e.g. `contact-private,via-differs`.
@@ -71,17 +68,17 @@ impl NatCheck {
             (self.contact_private, "contact-private"),
             (self.via_private, "via-private"),
             (self.via_differs, "via-differs"),
-            (self.contact_differs, "contact-differs"),
         ];
         let matched: Vec<&str> = names.iter().filter(|(m, _)| *m).map(|(_, n)| *n).collect();
         matched.join(",")
     }
 }
 
-/// Whether `request`, received from `source` over `kind`, comes from behind a NAT: its top
-/// Via or first Contact names a private address or another address (and, over UDP, another
-/// port) than the packet's source. A Contact `*` or one that does not parse is not looked at
-/// (the registrar and the proxy judge those).
+/// Whether `request`, received from `source` over `kind`, comes from behind a NAT: its first
+/// Contact names a private address, or its top Via names a private address or another
+/// address (over UDP: or another port) than the packet's source. A Contact's port is not
+/// compared: a REGISTER may bind contacts of other devices (§10.2.1). A Contact `*` or one
+/// that does not parse is not looked at (the registrar and the proxy judge those).
 pub fn detect(request: &Message, source: SocketAddr, kind: TransportKind) -> NatCheck {
     let mut check = NatCheck::default();
     let default_port = if kind == TransportKind::Tls {
@@ -107,7 +104,6 @@ pub fn detect(request: &Message, source: SocketAddr, kind: TransportKind) -> Nat
             if let Some(sip) = addr.uri.as_sip() {
                 if let Some(ip) = sip.host.ip() {
                     check.contact_private = private_elsewhere(ip);
-                    check.contact_differs = differs(ip, sip.port);
                 }
             }
         }
@@ -211,11 +207,8 @@ mod tests {
         let check = detect(&req, addr("127.0.0.2:40000"), TransportKind::Udp);
         assert!(check.is_nated());
         assert!(check.contact_private && check.via_private);
-        assert!(check.via_differs && check.contact_differs);
-        assert_eq!(
-            check.reasons(),
-            "contact-private,via-private,via-differs,contact-differs"
-        );
+        assert!(check.via_differs);
+        assert_eq!(check.reasons(), "contact-private,via-private,via-differs");
     }
 
     #[test]
@@ -234,7 +227,10 @@ mod tests {
     fn port_mismatch_counts_on_udp_only() {
         let req = request("192.0.2.7:5060", "<sip:alice@192.0.2.7:5060>");
         let check = detect(&req, addr("192.0.2.7:31000"), TransportKind::Udp);
-        assert!(check.via_differs && check.contact_differs && !check.contact_private);
+        assert!(check.via_differs && !check.contact_private);
+        // A contact of another device (third-party registration) is no NAT.
+        let req = request("192.0.2.7:5060", "<sip:alice@198.51.100.9:5070>");
+        assert!(!detect(&req, addr("192.0.2.7:5060"), TransportKind::Udp).is_nated());
         // Streams come from ephemeral ports.
         assert!(!detect(&req, addr("192.0.2.7:31000"), TransportKind::Tcp).is_nated());
         assert!(detect(&req, addr("198.51.100.1:31000"), TransportKind::Tcp).is_nated());

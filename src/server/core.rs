@@ -387,7 +387,9 @@ impl Core {
             self.transactions.on_response(msg, meta, now, &mut pending);
             return self.drain(pending, now, out);
         }
-        if let Err(e) = msg.stamp_received_rport(meta.source, self.force_rport) {
+        // Forced on datagrams only: a stream's responses go back on its connection anyway.
+        let force_rport = self.force_rport && meta.kind == TransportKind::Udp;
+        if let Err(e) = msg.stamp_received_rport(meta.source, force_rport) {
             return self.refuse(&msg, e, &meta, out);
         }
         if let Err(e) = msg.validate() {

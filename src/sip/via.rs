@@ -140,8 +140,16 @@ impl<'a> Via<'a> {
     /// packet's source address and port. A value already filled in with the same port and
     /// address needs no change.
     pub fn with_received_rport(&self, source: SocketAddr, force_rport: bool) -> Option<Vec<u8>> {
-        let wants_rport = force_rport || self.rport().is_some();
         let host_differs = self.host.ip() != Some(source.ip());
+        let default_port = if scan::eq_ic(self.transport, b"TLS") {
+            5061
+        } else {
+            5060
+        };
+        // Forcing changes nothing for a client already where its Via says.
+        let port_differs = self.port.unwrap_or(default_port) != source.port();
+        let force_rport = force_rport && (host_differs || port_differs);
+        let wants_rport = force_rport || self.rport().is_some();
         if !wants_rport && !host_differs {
             return None;
         }
