@@ -177,7 +177,9 @@ fn write_binding(out: &mut String, b: &Binding, now: SystemTime) {
     let _ = writeln!(out, "    Call-ID: {}", clean(&b.call_id));
     let _ = writeln!(out, "    CSeq: {}", b.cseq);
     if let Some((kind, addr)) = &b.received {
-        let _ = writeln!(out, "    Received: {}:{addr}", kind.scheme());
+        // A NATed binding is reached there (and kept alive), not at its contact's address.
+        let nat = if b.nated { " (NAT: routed here)" } else { "" };
+        let _ = writeln!(out, "    Received: {}:{addr}{nat}", kind.scheme());
     }
     if let Some(local) = &b.local {
         // The REGISTER arrived on our socket of the transport it came over.
