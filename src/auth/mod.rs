@@ -21,6 +21,7 @@ pub mod replay;
 pub mod subscribers;
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::sip::{Message, Method, Uri};
@@ -131,12 +132,12 @@ impl Settings {
 pub struct Authenticator {
     nonces: nonce::Nonces,
     replay: replay::ReplayTable,
-    subscribers: Subscribers,
+    subscribers: Arc<Subscribers>,
     algorithms: Vec<Algorithm>,
 }
 
 impl Authenticator {
-    pub fn new(settings: &Settings, subscribers: Subscribers) -> Authenticator {
+    pub fn new(settings: &Settings, subscribers: Arc<Subscribers>) -> Authenticator {
         let mut algorithms = settings.algorithms.clone();
         if algorithms.is_empty() {
             algorithms = vec![Algorithm::Sha256, Algorithm::Md5];
@@ -151,7 +152,7 @@ impl Authenticator {
 
     /// Opens the subscriber table under `data_dir` (`<data_dir>/subscribers`).
     pub fn open(settings: &Settings, data_dir: &Path) -> Result<Authenticator, String> {
-        let subscribers = Subscribers::open(&data_dir.join("subscribers"))?;
+        let subscribers = Subscribers::open_shared(&data_dir.join("subscribers"))?;
         Ok(Authenticator::new(settings, subscribers))
     }
 
@@ -163,28 +164,7 @@ impl Authenticator {
     /// per configured algorithm, preferred (SHA-256) first, each with its own nonce, `qop="auth"`
     /// and `stale=true` when the last credentials were valid but their nonce stale.
     pub fn challenge(&self, realm: &str, role: Role, stale: bool, now: SystemTime) -> Challenge {
-        let (code, reason) = role.status();
-        let headers = self
-            .algorithms
-            .iter()
-            .map(|algorithm| {
-                let mut value = format!(
-                    "Digest realm=\"{}\", nonce=\"{}\", qop=\"auth\", algorithm={}",
-                    quote_escape(realm),
-                    self.nonces.issue(realm, now),
-                    algorithm.name()
-                );
-                if stale {
-                    value.push_str(", stale=true");
-                }
-                (role.challenge_header().to_owned(), value)
-            })
-            .collect();
-        Challenge {
-            code,
-            reason,
-            headers,
-        }
+        challenge_with(&self.nonces, &self.algorithms, realm, role, stale, now)
     }
 
     /// Checks the request's credentials for `realm` at `now` (RFC 3261 §22.2-§22.3, RFC 2617
@@ -258,6 +238,55 @@ impl Authenticator {
     /// Drops the replay table's expired entries (the server's periodic sweep).
     pub fn sweep(&self, now: SystemTime) {
         self.replay.sweep(nonce::seconds(now));
+    }
+}
+
+/// A challenge from a throwaway nonce key with both algorithms, for a script run without a
+/// server (`moonroute test`): it shows what would be sent; nothing can answer it.
+pub fn offline_challenge(realm: &str, role: Role, stale: bool, now: SystemTime) -> Challenge {
+    static OFFLINE: std::sync::OnceLock<nonce::Nonces> = std::sync::OnceLock::new();
+    let nonces = OFFLINE.get_or_init(|| nonce::Nonces::new(b"", Duration::from_secs(300)));
+    challenge_with(
+        nonces,
+        &[Algorithm::Sha256, Algorithm::Md5],
+        realm,
+        role,
+        stale,
+        now,
+    )
+}
+
+/// The challenge for `realm` (RFC 3261 §22.1, RFC 2617 §3.2.1, RFC 8760 §2.4): one header per
+/// algorithm in `algorithms`' order, each with its own nonce, `qop="auth"`, and `stale=true`
+/// when asked.
+fn challenge_with(
+    nonces: &nonce::Nonces,
+    algorithms: &[Algorithm],
+    realm: &str,
+    role: Role,
+    stale: bool,
+    now: SystemTime,
+) -> Challenge {
+    let (code, reason) = role.status();
+    let headers = algorithms
+        .iter()
+        .map(|algorithm| {
+            let mut value = format!(
+                "Digest realm=\"{}\", nonce=\"{}\", qop=\"auth\", algorithm={}",
+                quote_escape(realm),
+                nonces.issue(realm, now),
+                algorithm.name()
+            );
+            if stale {
+                value.push_str(", stale=true");
+            }
+            (role.challenge_header().to_owned(), value)
+        })
+        .collect();
+    Challenge {
+        code,
+        reason,
+        headers,
     }
 }
 

@@ -10,7 +10,8 @@
 //! realm (RFC 2617 §3.2.2) and the realm may differ from the domain. Reads come from sled's
 //! cache; writes are flushed before `add`/`remove` return.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
 
 use super::digest::Algorithm;
 
@@ -122,6 +123,28 @@ impl Subscribers {
             .open_tree("by_realm")
             .map_err(|e| format!("subscriber table {}: {e}", path.display()))?;
         Ok(Subscribers { db, by_realm })
+    }
+
+    /// The table at `path`, shared with any other user of the same path in this process
+    /// (sled locks its files: two servers of one process on one data directory, as tests
+    /// run them, share the table instead of failing). Closed when the last user drops it.
+    pub fn open_shared(path: &Path) -> Result<Arc<Subscribers>, String> {
+        static OPEN: Mutex<Vec<(PathBuf, Weak<Subscribers>)>> = Mutex::new(Vec::new());
+        std::fs::create_dir_all(path)
+            .map_err(|e| format!("subscriber table {}: {e}", path.display()))?;
+        let key = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+        let mut open = OPEN.lock().unwrap_or_else(|e| e.into_inner());
+        open.retain(|(_, table)| table.strong_count() > 0);
+        if let Some(table) = open
+            .iter()
+            .find(|(p, _)| *p == key)
+            .and_then(|(_, t)| t.upgrade())
+        {
+            return Ok(table);
+        }
+        let table = Arc::new(Subscribers::open(path)?);
+        open.push((key, Arc::downgrade(&table)));
+        Ok(table)
     }
 
     /// Adds or replaces `user@domain`; returns whether it replaced one.
