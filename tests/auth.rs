@@ -445,3 +445,102 @@ async fn ack_non_2xx(ua: &mut TestUa, invite: &Request, response: &Message, to: 
     );
     ua.send_raw(ack.as_bytes(), to).await;
 }
+
+/// `moonroute ctl user add|list|rm` against a running `moonroute run`, over its control
+/// socket: the password comes from stdin, the listing shows users and realms only.
+#[test]
+fn ctl_user_commands_over_the_control_socket() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::{Command, Stdio};
+
+    let dir = TempDir::new().unwrap();
+    let socket = dir.path().join("ctl.sock");
+    let config = dir.path().join("moonroute.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = [\"udp:127.0.0.1:0\"]\nworkers = 1\nscript = {:?}\ndata_dir = {:?}\n\
+             log_level = \"info\"\n[control]\nsocket = {:?}\n[lua]\nwatch = false\n",
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/default.lua"),
+            dir.path().join("data"),
+            socket,
+        ),
+    )
+    .unwrap();
+    let mut server = Command::new(env!("CARGO_BIN_EXE_moonroute"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start moonroute");
+    // Wait for the log line saying the socket is ready (bounded).
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let stderr = server.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("control socket ready") {
+                let _ = ready_tx.send(());
+            }
+        }
+    });
+    let ready = ready_rx.recv_timeout(Duration::from_secs(20));
+    let ctl = |args: &[&str], stdin: &str| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_moonroute"))
+            .arg("ctl")
+            .arg("--socket")
+            .arg(&socket)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        let output = child.wait_with_output().unwrap();
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned()
+                + &String::from_utf8_lossy(&output.stderr),
+        )
+    };
+    let result = std::panic::catch_unwind(|| {
+        ready.expect("the control socket is ready");
+        let (ok, out) = ctl(&["user", "add", "alice@Moonroute.test"], "s3cret\n");
+        assert!(ok, "{out}");
+        assert!(out.contains("alice@moonroute.test added"), "{out}");
+        let (ok, out) = ctl(
+            &["user", "add", "bob@moonroute.test", "pw", "--realm", "voip"],
+            "",
+        );
+        assert!(ok, "{out}");
+        let (ok, out) = ctl(&["user", "list"], "");
+        assert!(ok, "{out}");
+        assert_eq!(
+            out,
+            "alice@moonroute.test realm=moonroute.test\nbob@moonroute.test realm=voip\n"
+        );
+        let (ok, out) = ctl(&["user", "rm", "bob@moonroute.test"], "");
+        assert!(ok, "{out}");
+        let (ok, _) = ctl(&["user", "rm", "bob@moonroute.test"], "");
+        assert!(!ok, "a second rm finds nothing");
+    });
+    let _ = server.kill();
+    let _ = server.wait();
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+    // The HA1s computed by the ctl client are the right ones.
+    let table =
+        moonroute::auth::Subscribers::open(&dir.path().join("data").join("subscribers")).unwrap();
+    assert_eq!(
+        table.find("alice", DOMAIN),
+        Some(Subscriber::with_password("alice", DOMAIN, "s3cret"))
+    );
+}
