@@ -117,6 +117,9 @@ impl Subscribers {
         let db = sled::Config::new()
             .path(path)
             .cache_capacity(4 * 1024 * 1024)
+            // Every write is flushed before it returns: no background flusher, which would
+            // also hold the file lock for a while after the table is dropped.
+            .flush_every_ms(None)
             .open()
             .map_err(|e| format!("subscriber table {}: {e}", path.display()))?;
         let by_realm = db
