@@ -199,9 +199,15 @@ write_location_config() {
   else
     : >"$1.limits"
   fi
+  local script="$PWD/scripts/default.lua"
+  if [ -z "${AUTH:-}" ]; then
+    # The shipped script authenticates; SIPp's plain REGISTERs carry no credentials.
+    script="$(dirname "$1")/default-noauth.lua"
+    default_script_without_auth >"$script"
+  fi
   cat >"$1" <<TOML
 listen = ["udp:127.0.0.1:$PORT"]
-script = "$PWD/scripts/default.lua"
+script = "$script"
 data_dir = "$DATA_DIR"
 log_level = "$LOG_LEVEL"
 workers = $WORKERS
@@ -219,6 +225,29 @@ cache_mb = $CACHE_MB
 
 TOML
   cat "$1.limits" >>"$1" && rm -f "$1.limits"
+  if [ -n "${AUTH:-}" ]; then
+    # SIPp's [authentication] does MD5 only.
+    printf '[auth]\nalgorithms = ["MD5"]\n' >>"$1"
+  fi
+}
+
+# default_script_without_auth: scripts/default.lua with `local AUTHENTICATE = true` flipped to
+# false, on stdout (for benches whose clients send no credentials).
+default_script_without_auth() {
+  grep -q '^local AUTHENTICATE = true' scripts/default.lua || {
+    echo "scripts/default.lua has no 'local AUTHENTICATE = true' line" >&2
+    return 1
+  }
+  sed 's/^local AUTHENTICATE = true/local AUTHENTICATE = false/' scripts/default.lua
+}
+
+# provision_users BIN CTL USERS: `ctl user add rN@127.0.0.1 bench-pw` for N in 1..USERS (the
+# users of bench/register_auth_uac.xml; realm = the To host of their REGISTERs).
+provision_users() {
+  local n
+  for n in $(seq 1 "$3"); do
+    "$1" ctl --socket "$2" user add "r$n@127.0.0.1" bench-pw >/dev/null
+  done
 }
 
 # stop_server PID [SECONDS]: SIGTERM, then wait (bounded, default 30 s) for it to exit; KILL
@@ -255,6 +284,9 @@ run_register_uac() {
   if [ -n "${USERS:-}" ]; then
     { echo SEQUENTIAL; seq -f 'r%g' 1 "$USERS"; } >"$dir/users.csv"
     scenario=(-sf bench/register_refresh_uac.xml -inf "$dir/users.csv")
+    if [ -n "${AUTH:-}" ]; then
+      scenario=(-sf bench/register_auth_uac.xml -inf "$dir/users.csv")
+    fi
   fi
   taskset -c 1 sipp "${scenario[@]}" -i 127.0.0.1 -p "${SIPP_PORT:-15170}" \
     -r "$rate" -m "$count" -l "${MAX_CALLS:-5000}" -default_behaviors all,-bye \

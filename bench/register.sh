@@ -21,6 +21,10 @@
 # the end, the store size on disk, and how long the SIGTERM shutdown took.
 # Bounded: COUNT REGISTERs at most $MAX_CALLS outstanding, and SIPp gives up after $TIMEOUT.
 #
+# AUTH=1 (needs USERS=U): the shipped default.lua authenticates every REGISTER ([auth]
+# algorithms = ["MD5"], SIPp's only one); users r1..rU are provisioned with `ctl user add`
+# before the run and bench/register_auth_uac.xml answers each 401 (two REGISTERs per
+# registration). Without AUTH the script is default.lua with AUTHENTICATE = false.
 # Environment: STORE (sled|memory, default sled), WORKERS (event loops, default 1),
 # SERVER_CPUS (taskset list for the server, default 0), USERS (refresh mode, see above),
 # MAX_CALLS (SIPp -l, default 5000), TIMEOUT (SIPp -timeout, default 3 x COUNT/RATE + 30 s),
@@ -58,6 +62,12 @@ if ! wait_udp_port "$PORT" 200 || ! kill -0 "$server" 2>/dev/null; then
   exit 1
 fi
 
+if [ -n "${AUTH:-}" ]; then
+  [ -n "${USERS:-}" ] || { echo "AUTH=1 needs USERS=U (the provisioned users)" >&2; exit 2; }
+  t0=$(date +%s.%N)
+  provision_users "$bin" "$CTL" "$USERS"
+  printf 'provisioned %s users with ctl user add in %.1f s\n' "$USERS" "$(echo "$(date +%s.%N) - $t0" | bc -l)"
+fi
 echo "moonroute $bin: store=$STORE workers=$WORKERS (CPU ${SERVER_CPUS:-0}), SIPp on CPU 1;" \
   "offered $rate REGISTER/s x $count${USERS:+ over $USERS users (refresh)}"
 echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -9,6 +9,13 @@
 -- Route entries (RFC 3261 §16.4), OPTIONS to the server itself, retransmissions, and CANCEL
 -- of a request being relayed.
 
+-- Digest authentication (RFC 3261 §22) of our own users, Kamailio's `#!define WITH_AUTH`:
+-- a REGISTER is challenged with 401 and a request whose From is in our domains with 407;
+-- users are provisioned with `moonroute ctl user add USER@DOMAIN`. Set it to false for a lab
+-- where anyone may register any AOR of our domains and "our users" means a From in our
+-- domains.
+local AUTHENTICATE = true
+
 function on_request(req)
   -- NAT traversal (Kamailio's route[NATDETECT]): the engine already records received/rport
   -- ([nat] force_rport); a phone whose Via or Contact is not where its packets come from is
@@ -25,8 +32,12 @@ function on_request(req)
     return req:reply(481, "Call/Transaction Does Not Exist")
   end
 
-  -- Requests for other domains: only our own users may send them out (no open relay).
-  -- Until digest authentication lands, "our own" means a From URI in our domains.
+  if AUTHENTICATE and not authenticate(req) then
+    return
+  end
+
+  -- Requests for other domains: only our own users may send them out (no open relay). With
+  -- AUTHENTICATE, a From in our domains has been authenticated above.
   if not req:is_myself(req.ruri) then
     if not req:is_myself(req.from_uri) then
       return req:reply(403, "Relaying Forbidden")
@@ -57,6 +68,34 @@ function on_request(req)
     return req:reply(404, "Not Found")
   end
   return req:t_relay()
+end
+
+-- Authenticates a REGISTER (401), and a request from one of our domains (407). Returns true
+-- when the request may be routed; otherwise it has been answered. Requests from outside to
+-- our users are not challenged (they cannot have credentials here); on_request refuses to
+-- relay them elsewhere.
+function authenticate(req)
+  if req:is_method("ACK") then
+    -- An ACK cannot be challenged (§22.1); one outside a dialog and a transaction is stray.
+    req:drop()
+    return false
+  end
+  if not req:is_method("REGISTER") and not req:is_myself(req.from_uri) then
+    return true
+  end
+  -- The realm is the To host for REGISTER, the From host otherwise.
+  if not req:authorize() then
+    req:auth_challenge()
+    return false
+  end
+  -- The credentials must be those of the AOR registered (To) or of the caller (From).
+  if not req:check_from() then
+    req:reply(403, "Forbidden auth ID")
+    return false
+  end
+  -- Our credentials are not for the next hop.
+  req:consume_credentials()
+  return true
 end
 
 function in_dialog(req)

@@ -56,6 +56,8 @@ pub struct Config {
     pub dns: Dns,
     /// NAT traversal: RFC 3581 `rport` and keep-alives of NATed registrations.
     pub nat: Nat,
+    /// Digest authentication (RFC 3261 §22): nonces and algorithms.
+    pub auth: Auth,
 }
 
 /// NAT traversal (RFC 3581; keep-alives as in RFC 5626 §4.4.1). See `src/nat/`.
@@ -189,6 +191,65 @@ impl Dns {
     fn validate(&self) -> Result<(), String> {
         if self.timeout_ms == 0 || self.cache_size == 0 {
             return Err("dns: timeout_ms and cache_size must be at least 1".to_owned());
+        }
+        Ok(())
+    }
+}
+
+/// Digest authentication (RFC 3261 §22, RFC 8760), by [`crate::auth::Authenticator`]. The
+/// subscribers are in `<data_dir>/subscribers` (`moonroute ctl user add`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Auth {
+    /// The key nonces are signed with (HMAC-SHA256). Empty: a random key at each start, so
+    /// nonces issued before a restart come back stale (one more round trip per client).
+    /// Servers sharing a secret accept each other's nonces. Default: empty.
+    pub secret: String,
+    /// How long a nonce is fresh, in seconds; after it credentials get a new challenge with
+    /// `stale=true`. Default: 300.
+    pub nonce_expires_secs: u64,
+    /// Algorithms offered, preferred first: `"SHA-256"`, `"MD5"` (RFC 8760). One challenge
+    /// header each. Default: `["SHA-256", "MD5"]`.
+    pub algorithms: Vec<String>,
+    /// Most nonces whose counts are tracked against replay; beyond it the oldest is forgotten
+    /// (its next use is answered stale). Default: 100000.
+    pub max_tracked_nonces: usize,
+}
+
+impl Default for Auth {
+    fn default() -> Self {
+        Auth {
+            secret: String::new(),
+            nonce_expires_secs: 300,
+            algorithms: vec!["SHA-256".to_owned(), "MD5".to_owned()],
+            max_tracked_nonces: 100_000,
+        }
+    }
+}
+
+impl Auth {
+    fn validate(&self) -> Result<(), String> {
+        if !(1..=86_400).contains(&self.nonce_expires_secs) {
+            return Err("auth.nonce_expires_secs: must be 1 to 86400".to_owned());
+        }
+        if self.max_tracked_nonces == 0 {
+            return Err("auth.max_tracked_nonces: must be at least 1".to_owned());
+        }
+        if self.algorithms.is_empty() {
+            return Err("auth.algorithms: at least one of \"SHA-256\", \"MD5\"".to_owned());
+        }
+        for (index, name) in self.algorithms.iter().enumerate() {
+            let Some(algorithm) = crate::auth::Algorithm::parse(name) else {
+                return Err(format!(
+                    "auth.algorithms: {name:?} is not supported (\"SHA-256\" or \"MD5\")"
+                ));
+            };
+            if self.algorithms[..index]
+                .iter()
+                .any(|other| crate::auth::Algorithm::parse(other) == Some(algorithm))
+            {
+                return Err(format!("auth.algorithms: {name:?} is listed twice"));
+            }
         }
         Ok(())
     }
@@ -469,6 +530,7 @@ impl Default for Config {
             tls: Tls::default(),
             dns: Dns::default(),
             nat: Nat::default(),
+            auth: Auth::default(),
         }
     }
 }
@@ -631,7 +693,8 @@ impl Config {
         self.location.validate().map_err(invalid)?;
         self.tls.validate().map_err(invalid)?;
         self.dns.validate().map_err(invalid)?;
-        self.nat.validate().map_err(invalid)
+        self.nat.validate().map_err(invalid)?;
+        self.auth.validate().map_err(invalid)
     }
 
     /// The number of event loops to run: `workers`, or one per CPU core when it is 0.
@@ -856,6 +919,26 @@ mod tests {
         let before = config.clone();
         config.apply(Overrides::default());
         assert_eq!(config, before);
+    }
+
+    #[test]
+    fn auth_is_checked() {
+        let config = Config::parse("[auth]\nalgorithms = [\"MD5\"]\n").unwrap();
+        config.validate().unwrap();
+        for bad in [
+            "[auth]\nalgorithms = []\n",
+            "[auth]\nalgorithms = [\"MD5-sess\"]\n",
+            "[auth]\nalgorithms = [\"md5\", \"MD5\"]\n",
+            "[auth]\nnonce_expires_secs = 0\n",
+            "[auth]\nmax_tracked_nonces = 0\n",
+        ] {
+            let error = Config::parse(bad)
+                .unwrap()
+                .validate()
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains("auth."), "{bad}: {error}");
+        }
     }
 
     #[test]

@@ -79,7 +79,8 @@ struct CtlArgs {
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
     /// The command and its arguments: reload, status, ul show [AOR], ul rm AOR [CONTACT],
-    /// ul add AOR CONTACT [EXPIRES], ul count.
+    /// ul add AOR CONTACT [EXPIRES], ul count, user add USER@DOMAIN [PASSWORD] [--realm
+    /// REALM] (the password is read from stdin when not given), user rm USER@DOMAIN, user list.
     #[arg(required = true, trailing_var_arg = true)]
     command: Vec<String>,
 }
@@ -246,7 +247,18 @@ fn ctl(args: CtlArgs) -> ExitCode {
         },
         (None, None) => Config::default().control.socket,
     };
-    let code = moonroute::control::ctl_main(&socket, &args.command);
+    // `user add`: the password becomes HA1 values here; it never reaches the socket.
+    let command = match moonroute::control::user::client_args(&args.command, || {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line).map(|_| line)
+    }) {
+        Ok(command) => command,
+        Err(error) => {
+            eprintln!("moonroute: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let code = moonroute::control::ctl_main(&socket, &command);
     ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
 
@@ -303,6 +315,9 @@ async fn sweep_expired(host: Arc<ScriptHost>) {
         // socket and the signals.
         let swept = tokio::task::spawn_blocking(move || {
             let keys = services.kv.sweep(std::time::Instant::now());
+            if let Some(auth) = &services.auth {
+                auth.sweep(std::time::SystemTime::now());
+            }
             let bindings = services
                 .registrar
                 .as_ref()
@@ -321,7 +336,7 @@ async fn sweep_expired(host: Arc<ScriptHost>) {
 }
 
 /// What `moonroute ctl` can ask, for the error replies.
-const COMMANDS: &str = "reload, status, ul show|rm|add|count";
+const COMMANDS: &str = "reload, status, ul show|rm|add|count, user add|rm|list";
 
 fn control_handler(host: Arc<ScriptHost>) -> moonroute::control::Handler {
     Arc::new(
@@ -358,6 +373,10 @@ fn control_handler(host: Arc<ScriptHost>) -> moonroute::control::Handler {
                     moonroute::control::ul::command(&args[1..], registrar, SystemTime::now())
                 }
                 None => Reply::error("ul: this server has no registrar (no location database)"),
+            },
+            Some("user") => match &host.services().auth {
+                Some(auth) => moonroute::control::user::command(&args[1..], auth),
+                None => Reply::error("user: this server has no subscriber table"),
             },
             Some(other) => Reply::error(format!("unknown command {other:?}; commands: {COMMANDS}")),
             None => Reply::error(format!("no command given; commands: {COMMANDS}")),

@@ -418,7 +418,7 @@ async fn register_over_ipv6_then_call_the_contact() {
     }
     const DOMAIN: &str = "moonroute.test";
     let (server, _host) = start_script(
-        &repo_path("scripts/default.lua"),
+        &common::default_script_without_auth(),
         &["udp:[::1]:0"],
         &[DOMAIN],
     );

@@ -69,7 +69,16 @@ fn free_udp_port() -> u16 {
 
 /// The configuration file of the server under test.
 fn write_config(dir: &Path, port: u16, data_dir: &Path) -> PathBuf {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/default.lua");
+    // scripts/default.lua without authentication (the REGISTERs carry no credentials).
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/default.lua");
+    let text = std::fs::read_to_string(shipped).expect("scripts/default.lua");
+    assert!(text.contains("local AUTHENTICATE = true"));
+    let script = dir.join("default-without-auth.lua");
+    std::fs::write(
+        &script,
+        text.replacen("local AUTHENTICATE = true", "local AUTHENTICATE = false", 1),
+    )
+    .expect("write the script copy");
     let toml = format!(
         "listen = [\"udp:127.0.0.1:{port}\"]\n\
          workers = 2\n\

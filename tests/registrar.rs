@@ -64,10 +64,6 @@ impl Running {
     }
 }
 
-fn repo_path(relative: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
-}
-
 /// Two event loops on an ephemeral UDP port of 127.0.0.1, routed by scripts/default.lua,
 /// registrations in sled under `data_dir`; no control socket, no file watcher.
 fn config(data_dir: &Path) -> Config {
@@ -75,7 +71,7 @@ fn config(data_dir: &Path) -> Config {
         listen: vec!["udp:127.0.0.1:0".parse::<ListenAddr>().unwrap()],
         domains: vec![DOMAIN.to_owned()],
         workers: 2,
-        script: repo_path("scripts/default.lua"),
+        script: common::default_script_without_auth(),
         data_dir: data_dir.to_path_buf(),
         ..Config::default()
     };

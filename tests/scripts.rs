@@ -256,7 +256,7 @@ fn describe(output: &Output) -> String {
 
 #[tokio::test]
 async fn default_registered_user_is_called_through_the_proxy() {
-    let proxy = start_script(&repo_path("scripts/default.lua"));
+    let proxy = start_script(&common::default_script_without_auth());
     let mut alice = TestUa::udp("alice").await;
     let mut carol = TestUa::udp("carol").await.via_proxy(proxy.udp);
     let alice_aor = aor("alice", proxy.udp);
@@ -290,7 +290,7 @@ async fn default_registered_user_is_called_through_the_proxy() {
 /// the Path values become the request's Route set, so the INVITE goes to the edge first.
 #[tokio::test]
 async fn default_lookup_routes_through_the_registered_path() {
-    let proxy = start_script(&repo_path("scripts/default.lua"));
+    let proxy = start_script(&common::default_script_without_auth());
     let alice = TestUa::udp("alice").await;
     let mut edge = TestUa::udp("edge").await;
     let mut carol = TestUa::udp("carol").await.via_proxy(proxy.udp);
@@ -334,7 +334,7 @@ async fn default_lookup_routes_through_the_registered_path() {
 
 #[tokio::test]
 async fn default_unregistered_user_gets_404() {
-    let proxy = start_script(&repo_path("scripts/default.lua"));
+    let proxy = start_script(&common::default_script_without_auth());
     let mut carol = TestUa::udp("carol").await.via_proxy(proxy.udp);
     carol.invite(&aor("nobody", proxy.udp)).await;
     let answer = carol.expect_final(404).await;
@@ -355,7 +355,7 @@ async fn default_unregistered_user_gets_404() {
 /// §8.1.3.4): the lower one only rings once the higher one has failed.
 #[tokio::test]
 async fn default_forks_serially_by_decreasing_q() {
-    let proxy = start_script(&repo_path("scripts/default.lua"));
+    let proxy = start_script(&common::default_script_without_auth());
     let mut first = TestUa::udp("alice").await;
     let mut second = TestUa::udp("alice").await;
     let mut marker = TestUa::udp("marker").await;
@@ -409,7 +409,7 @@ async fn default_forks_serially_by_decreasing_q() {
 /// Contacts with equal q values ring in parallel; the 200 of one cancels the other.
 #[tokio::test]
 async fn default_forks_in_parallel_for_equal_q() {
-    let proxy = start_script(&repo_path("scripts/default.lua"));
+    let proxy = start_script(&common::default_script_without_auth());
     let mut first = TestUa::udp("alice").await;
     let mut second = TestUa::udp("alice").await;
     let mut carol = TestUa::udp("carol").await.via_proxy(proxy.udp);
@@ -440,7 +440,7 @@ async fn default_forks_in_parallel_for_equal_q() {
 
 #[tokio::test]
 async fn default_refuses_open_relay() {
-    let proxy = start_script(&repo_path("scripts/default.lua"));
+    let proxy = start_script(&common::default_script_without_auth());
     let mut carol = TestUa::udp("carol").await.via_proxy(proxy.udp);
     let mut bob = TestUa::udp("bob").await;
     // Carol's From (her own address) is not in our domain, nor is the Request-URI.
@@ -478,7 +478,7 @@ async fn default_refuses_open_relay() {
 
 #[tokio::test]
 async fn default_register_interval_too_brief_gets_423() {
-    let mut config = config(&repo_path("scripts/default.lua"));
+    let mut config = config(&common::default_script_without_auth());
     config.registrar.min_expires = 60;
     let proxy = start(&config);
     let mut alice = TestUa::udp("alice").await;
@@ -516,7 +516,7 @@ async fn default_register_interval_too_brief_gets_423() {
 /// one to the registered `;transport=tcp` contact.
 #[tokio::test]
 async fn default_call_over_tcp() {
-    let mut config = config(&repo_path("scripts/default.lua"));
+    let mut config = config(&common::default_script_without_auth());
     config.listen = vec![
         "udp:127.0.0.1:0".parse().unwrap(),
         "tcp:127.0.0.1:0".parse().unwrap(),
@@ -1050,7 +1050,7 @@ async fn branch_drop_skips_a_target() {
 /// An upstream CANCEL of a call routed by default.lua reaches the ringing contact.
 #[tokio::test]
 async fn default_cancel_of_a_ringing_call() {
-    let proxy = start_script(&repo_path("scripts/default.lua"));
+    let proxy = start_script(&common::default_script_without_auth());
     let mut alice = TestUa::udp("alice").await;
     let mut carol = TestUa::udp("carol").await.via_proxy(proxy.udp);
     let alice_aor = aor("alice", proxy.udp);
@@ -1523,7 +1523,7 @@ fn lua_test_file_failing_assert_reports_file_and_line() {
             "local r = moonroute.run{{\n  script = {:?},\n  message = [[\n\
              OPTIONS sip:nobody@127.0.0.1:5060 SIP/2.0\n\
              Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK-fail\n\
-             From: <sip:alice@127.0.0.1:5060>;tag=a\n\
+             From: <sip:alice@example.net>;tag=a\n\
              To: <sip:nobody@127.0.0.1:5060>\n\
              Call-ID: fail@127.0.0.1\n\
              CSeq: 1 OPTIONS\n\

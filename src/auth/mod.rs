@@ -7,10 +7,319 @@
 //! protection by nonce-count, verifying `Authorization`/`Proxy-Authorization` credentials
 //! against the subscriber table (HA1 values in sled under the data directory, never
 //! plaintext passwords), in constant time.
+//!
+//! - `digest`: the credentials grammar and the response computation (MD5, SHA-256);
+//! - `nonce`: stateless nonces;
+//! - `replay`: nonce-count tracking;
+//! - `subscribers`: the subscriber table;
+//! - here, [`Authenticator`]: the challenge and the verdict on a request, sans-IO (an explicit
+//!   `now`), shared by every event loop.
+
+pub mod digest;
+pub mod nonce;
+pub mod replay;
+pub mod subscribers;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use crate::sip::{Message, Method, Uri};
+
+pub use digest::Algorithm;
+pub use subscribers::{Subscriber, Subscribers};
 
 /// The outcome of checking a request's credentials for one realm.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Verdict {
     /// The credentials are valid: the authenticated user and realm.
     Authorized { user: String, realm: String },
+    /// No Digest credentials for this realm in the request.
+    NoCredentials,
+    /// Valid credentials with an expired (or forgotten) nonce: challenge again with
+    /// `stale=true` (RFC 2617 §3.2.1).
+    Stale,
+    /// The credentials are refused, and why (for logs, never sent to the client).
+    Refused(&'static str),
 }
+
+impl Verdict {
+    /// The reason a script gets with `nil` (and logs show).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Verdict::Authorized { .. } => "authorized",
+            Verdict::NoCredentials => "no credentials",
+            Verdict::Stale => "stale nonce",
+            Verdict::Refused(reason) => reason,
+        }
+    }
+}
+
+/// Who challenges (RFC 3261 §22.1-§22.3): the registrar/UAS answers 401 with
+/// `WWW-Authenticate` and reads `Authorization`; a proxy answers 407 with
+/// `Proxy-Authenticate` and reads `Proxy-Authorization`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Registrar,
+    Proxy,
+}
+
+impl Role {
+    /// REGISTER is the registrar's; every other method the proxy's.
+    pub fn of(method: Option<&Method>) -> Role {
+        match method {
+            Some(Method::Register) => Role::Registrar,
+            _ => Role::Proxy,
+        }
+    }
+
+    pub fn status(self) -> (u16, &'static str) {
+        match self {
+            Role::Registrar => (401, "Unauthorized"),
+            Role::Proxy => (407, "Proxy Authentication Required"),
+        }
+    }
+
+    pub fn challenge_header(self) -> &'static str {
+        match self {
+            Role::Registrar => "WWW-Authenticate",
+            Role::Proxy => "Proxy-Authenticate",
+        }
+    }
+
+    pub fn credentials_header(self) -> &'static str {
+        match self {
+            Role::Registrar => "Authorization",
+            Role::Proxy => "Proxy-Authorization",
+        }
+    }
+}
+
+/// A challenge to send: status, and one header per algorithm.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Challenge {
+    pub code: u16,
+    pub reason: &'static str,
+    pub headers: Vec<(String, String)>,
+}
+
+/// What the authenticator is built from (`[auth]`).
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub secret: Vec<u8>,
+    pub nonce_lifetime: Duration,
+    /// In order of preference (RFC 8760 §2.4: the server lists its preferred first).
+    pub algorithms: Vec<Algorithm>,
+    pub max_tracked_nonces: usize,
+}
+
+impl Settings {
+    pub fn from_config(config: &crate::config::Auth) -> Settings {
+        Settings {
+            secret: config.secret.as_bytes().to_vec(),
+            nonce_lifetime: Duration::from_secs(config.nonce_expires_secs),
+            algorithms: config
+                .algorithms
+                .iter()
+                .filter_map(|a| Algorithm::parse(a))
+                .collect(),
+            max_tracked_nonces: config.max_tracked_nonces,
+        }
+    }
+}
+
+/// Challenges and checks credentials; one per server, shared by the event loops.
+pub struct Authenticator {
+    nonces: nonce::Nonces,
+    replay: replay::ReplayTable,
+    subscribers: Arc<Subscribers>,
+    algorithms: Vec<Algorithm>,
+}
+
+impl Authenticator {
+    pub fn new(settings: &Settings, subscribers: Arc<Subscribers>) -> Authenticator {
+        let mut algorithms = settings.algorithms.clone();
+        if algorithms.is_empty() {
+            algorithms = vec![Algorithm::Sha256, Algorithm::Md5];
+        }
+        Authenticator {
+            nonces: nonce::Nonces::new(&settings.secret, settings.nonce_lifetime),
+            replay: replay::ReplayTable::new(settings.max_tracked_nonces),
+            subscribers,
+            algorithms,
+        }
+    }
+
+    /// Opens the subscriber table under `data_dir` (`<data_dir>/subscribers`).
+    pub fn open(settings: &Settings, data_dir: &Path) -> Result<Authenticator, String> {
+        let subscribers = Subscribers::open_shared(&data_dir.join("subscribers"))?;
+        Ok(Authenticator::new(settings, subscribers))
+    }
+
+    pub fn subscribers(&self) -> &Subscribers {
+        &self.subscribers
+    }
+
+    /// The challenge for `realm` (RFC 3261 §22.1, RFC 2617 §3.2.1, RFC 8760 §2.4): one header
+    /// per configured algorithm, preferred (SHA-256) first, each with its own nonce, `qop="auth"`
+    /// and `stale=true` when the last credentials were valid but their nonce stale.
+    pub fn challenge(&self, realm: &str, role: Role, stale: bool, now: SystemTime) -> Challenge {
+        challenge_with(&self.nonces, &self.algorithms, realm, role, stale, now)
+    }
+
+    /// Checks the request's credentials for `realm` at `now` (RFC 3261 §22.2-§22.3, RFC 2617
+    /// §3.2.2): realm, username, digest `uri` against the Request-URI, algorithm, qop, nonce,
+    /// nonce count, and the response, compared in constant time.
+    pub fn authorize(&self, request: &Message, realm: &str, now: SystemTime) -> Verdict {
+        let role = Role::of(request.method());
+        let Some(value) = credentials_for(request, role, realm) else {
+            return Verdict::NoCredentials;
+        };
+        let credentials = match digest::parse(value) {
+            Ok(c) => c,
+            Err(digest::ParseError::UnsupportedQop) => return Verdict::Refused("unsupported qop"),
+            Err(_) => return Verdict::Refused("malformed credentials"),
+        };
+        let algorithm = match credentials.algorithm.as_deref() {
+            None => Some(Algorithm::Md5),
+            Some(token) => Algorithm::parse(token),
+        };
+        let Some(algorithm) = algorithm.filter(|a| self.algorithms.contains(a)) else {
+            return Verdict::Refused("unsupported algorithm");
+        };
+        if !uri_matches(request, &credentials.uri) {
+            return Verdict::Refused("uri does not match the Request-URI");
+        }
+        let (nonce, stale) = match self.nonces.check(&credentials.nonce, realm, now) {
+            nonce::Check::Fresh(n) => (n, false),
+            nonce::Check::Stale(n) => (n, true),
+            nonce::Check::Forged => return Verdict::Refused("nonce not issued by this server"),
+        };
+        let Some(subscriber) = self.subscribers.find(&credentials.username, realm) else {
+            return Verdict::Refused("unknown user");
+        };
+        let method = request.method().map(Method::as_str).unwrap_or_default();
+        let expected =
+            digest::expected_response(algorithm, subscriber.ha1(algorithm), method, &credentials);
+        let given = credentials.response.to_ascii_lowercase();
+        if given.len() != algorithm.hex_len()
+            || !digest::constant_time_eq(expected.as_bytes(), given.as_bytes())
+        {
+            return Verdict::Refused("wrong password");
+        }
+        // Only a correct response is told its nonce is stale (RFC 2617 §3.2.1 `stale`).
+        if stale {
+            return Verdict::Stale;
+        }
+        let fingerprint = self.replay.fingerprint(
+            request.call_id().unwrap_or_default(),
+            request.cseq().map_or(0, |c| c.seq),
+            request
+                .top_via()
+                .ok()
+                .and_then(|v| v.branch())
+                .unwrap_or_default(),
+        );
+        let expires_at = nonce.expires_at(self.nonces.lifetime());
+        let nc = credentials.qop.as_ref().map(|q| q.nc);
+        match self
+            .replay
+            .record(&nonce, expires_at, nc, fingerprint, nonce::seconds(now))
+        {
+            replay::Use::Fresh => Verdict::Authorized {
+                user: credentials.username,
+                realm: realm.to_owned(),
+            },
+            replay::Use::Replayed => Verdict::Refused("replayed nonce"),
+            replay::Use::Forgotten => Verdict::Stale,
+        }
+    }
+
+    /// Drops the replay table's expired entries (the server's periodic sweep).
+    pub fn sweep(&self, now: SystemTime) {
+        self.replay.sweep(nonce::seconds(now));
+    }
+}
+
+/// A challenge from a throwaway nonce key with both algorithms, for a script run without a
+/// server (`moonroute test`): it shows what would be sent; nothing can answer it.
+pub fn offline_challenge(realm: &str, role: Role, stale: bool, now: SystemTime) -> Challenge {
+    static OFFLINE: std::sync::OnceLock<nonce::Nonces> = std::sync::OnceLock::new();
+    let nonces = OFFLINE.get_or_init(|| nonce::Nonces::new(b"", Duration::from_secs(300)));
+    challenge_with(
+        nonces,
+        &[Algorithm::Sha256, Algorithm::Md5],
+        realm,
+        role,
+        stale,
+        now,
+    )
+}
+
+/// The challenge for `realm` (RFC 3261 §22.1, RFC 2617 §3.2.1, RFC 8760 §2.4): one header per
+/// algorithm in `algorithms`' order, each with its own nonce, `qop="auth"`, and `stale=true`
+/// when asked.
+fn challenge_with(
+    nonces: &nonce::Nonces,
+    algorithms: &[Algorithm],
+    realm: &str,
+    role: Role,
+    stale: bool,
+    now: SystemTime,
+) -> Challenge {
+    let (code, reason) = role.status();
+    let headers = algorithms
+        .iter()
+        .map(|algorithm| {
+            let mut value = format!(
+                "Digest realm=\"{}\", nonce=\"{}\", qop=\"auth\", algorithm={}",
+                quote_escape(realm),
+                nonces.issue(realm, now),
+                algorithm.name()
+            );
+            if stale {
+                value.push_str(", stale=true");
+            }
+            (role.challenge_header().to_owned(), value)
+        })
+        .collect();
+    Challenge {
+        code,
+        reason,
+        headers,
+    }
+}
+
+/// The credentials value of `role`'s header whose realm is `realm` (RFC 3261 §22.3: a request
+/// may carry credentials for several realms; the others are not ours).
+pub fn credentials_for<'m>(request: &'m Message, role: Role, realm: &str) -> Option<&'m [u8]> {
+    request
+        .headers_named(role.credentials_header())
+        .find(|value| digest::realm_of(value).is_some_and(|r| r == realm))
+}
+
+/// The digest `uri` names the Request-URI (RFC 2617 §3.2.2.5; RFC 3261 §22.4): byte-equal, or
+/// equivalent under §19.1.4 for SIP URIs.
+fn uri_matches(request: &Message, digest_uri: &str) -> bool {
+    let Some(ruri) = request.request_uri_bytes() else {
+        return false;
+    };
+    if ruri == digest_uri.as_bytes() {
+        return true;
+    }
+    match (Uri::parse(ruri), Uri::parse(digest_uri.as_bytes())) {
+        (Ok(a), Ok(b)) => match (a.as_sip(), b.as_sip()) {
+            (Some(a), Some(b)) => a.equivalent(b),
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
+/// `text` with `"` and `\` escaped for a quoted-string (RFC 3261 §25.1).
+fn quote_escape(text: &str) -> String {
+    text.replace('\\', "\\\\").replace('"', "\\\"")
+}
+
+#[cfg(test)]
+mod tests;

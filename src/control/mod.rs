@@ -39,6 +39,7 @@
 mod client;
 mod server;
 pub mod ul;
+pub mod user;
 
 use std::sync::Arc;
 use std::time::Duration;

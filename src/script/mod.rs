@@ -43,10 +43,13 @@ pub use router::{ScriptHost, ScriptRouter};
 /// Keys `sip.kv` holds at most, across all loops (bounded memory).
 pub const KV_MAX_KEYS: usize = 1_000_000;
 
-/// What scripts share across loops: the `sip.kv` store and the registrar.
+/// What scripts share across loops: the `sip.kv` store, the registrar and the digest
+/// authenticator.
 pub struct Services {
     pub kv: Arc<kv::KvStore>,
     pub registrar: Option<Arc<crate::registrar::Registrar>>,
+    /// Digest authentication (`req:authorize`); `None` offline (`moonroute test`).
+    pub auth: Option<Arc<crate::auth::Authenticator>>,
 }
 
 impl Default for Services {
@@ -54,6 +57,7 @@ impl Default for Services {
         Services {
             kv: Arc::new(kv::KvStore::new(KV_MAX_KEYS)),
             registrar: None,
+            auth: None,
         }
     }
 }

@@ -76,8 +76,9 @@ impl ScriptHost {
     }
 
     /// The script named by `config`, with the services a server gives it: a fresh `sip.kv`
-    /// store and the registrar over the configured location store (`[location]`; the durable
-    /// one is loaded from disk here, before the server answers anything).
+    /// store, the registrar over the configured location store (`[location]`; the durable
+    /// one is loaded from disk here, before the server answers anything) and the digest
+    /// authenticator over `<data_dir>/subscribers` (`[auth]`).
     pub fn from_config(config: &crate::config::Config) -> Result<Arc<ScriptHost>, ScriptError> {
         let store = crate::location::open_configured(&config.location, &config.data_dir)
             .map_err(ScriptError)?;
@@ -85,9 +86,15 @@ impl ScriptHost {
             store,
             crate::registrar::Rules::from(&config.registrar),
         );
+        let auth = crate::auth::Authenticator::open(
+            &crate::auth::Settings::from_config(&config.auth),
+            &config.data_dir,
+        )
+        .map_err(ScriptError)?;
         let services = Services {
             kv: Arc::new(super::kv::KvStore::new(super::KV_MAX_KEYS)),
             registrar: Some(Arc::new(registrar)),
+            auth: Some(Arc::new(auth)),
         };
         ScriptHost::load(
             &config.script,

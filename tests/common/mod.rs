@@ -2,3 +2,31 @@
 
 pub mod dns_server;
 pub mod ua;
+
+pub mod auth;
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+/// `scripts/default.lua` with `local AUTHENTICATE = true` flipped to `false`, for the tests
+/// that are not about authentication (they register and call without credentials). Written
+/// once per test binary under Cargo's temporary directory for integration tests.
+#[allow(dead_code)] // not every test binary runs the default script
+pub fn default_script_without_auth() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/default.lua");
+        let text = std::fs::read_to_string(&shipped).expect("scripts/default.lua");
+        const FLAG: &str = "local AUTHENTICATE = true";
+        assert!(text.contains(FLAG), "scripts/default.lua has `{FLAG}`");
+        let text = text.replacen(FLAG, "local AUTHENTICATE = false", 1);
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+        let path = dir.join("default-without-auth.lua");
+        // Test binaries run in parallel: write aside, then rename (atomic).
+        let aside = dir.join(format!("default-without-auth.lua.{}", std::process::id()));
+        std::fs::write(&aside, text).expect("write the script copy");
+        std::fs::rename(&aside, &path).expect("rename the script copy");
+        path
+    })
+    .clone()
+}

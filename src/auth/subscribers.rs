@@ -1,0 +1,284 @@
+//! The subscriber table: who may authenticate, with what (Kamailio's `subscriber` table).
+//!
+//! A sled database of its own at `<data_dir>/subscribers` (separate from the location store).
+//! Key `user@domain` (domain lowercased, user as given: user parts are case-sensitive, RFC
+//! 3261 §19.1.4); value a small checked text record: the realm and the HA1 for each algorithm,
+//! `H(user ":" realm ":" password)` (RFC 2617 §3.2.2.2, RFC 8760 §2.3). The password itself is
+//! never stored, nor sent to the server (the `ctl` client computes the HA1s).
+//!
+//! A second tree indexes `user@realm` → `user@domain`, since credentials name a user and a
+//! realm (RFC 2617 §3.2.2) and the realm may differ from the domain. Reads come from sled's
+//! cache; writes are flushed before `add`/`remove` return.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
+
+use super::digest::Algorithm;
+
+const RECORD_MAGIC: &str = "moonroute-subscriber 1";
+
+/// One subscriber's credentials.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Subscriber {
+    pub realm: String,
+    /// Lowercase hex HA1 with MD5 (32 digits).
+    pub ha1_md5: String,
+    /// Lowercase hex HA1 with SHA-256 (64 digits).
+    pub ha1_sha256: String,
+}
+
+impl Subscriber {
+    /// The credentials of `user` in `realm` with `password` (what `ctl user add` computes).
+    pub fn with_password(user: &str, realm: &str, password: &str) -> Subscriber {
+        Subscriber {
+            realm: realm.to_owned(),
+            ha1_md5: Algorithm::Md5.ha1(user, realm, password),
+            ha1_sha256: Algorithm::Sha256.ha1(user, realm, password),
+        }
+    }
+
+    pub fn ha1(&self, algorithm: Algorithm) -> &str {
+        match algorithm {
+            Algorithm::Md5 => &self.ha1_md5,
+            Algorithm::Sha256 => &self.ha1_sha256,
+        }
+    }
+
+    /// Checks the fields (realm printable, HA1s lowercase hex of the right length).
+    pub fn validate(&self) -> Result<(), String> {
+        if self.realm.is_empty() || self.realm.chars().any(|c| c.is_control() || c == '"') {
+            return Err(format!("invalid realm {:?}", self.realm));
+        }
+        let hex_of = |s: &str, len: usize| {
+            s.len() == len
+                && s.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        };
+        if !hex_of(&self.ha1_md5, 32) || !hex_of(&self.ha1_sha256, 64) {
+            return Err("HA1 values must be 32 (MD5) and 64 (SHA-256) lowercase hex digits".into());
+        }
+        Ok(())
+    }
+
+    fn encode(&self) -> String {
+        format!(
+            "{RECORD_MAGIC}\n{}\n{}\n{}\n",
+            self.realm, self.ha1_md5, self.ha1_sha256
+        )
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Subscriber> {
+        let text = std::str::from_utf8(bytes).ok()?;
+        let mut lines = text.split('\n');
+        if lines.next()? != RECORD_MAGIC {
+            return None;
+        }
+        let subscriber = Subscriber {
+            realm: lines.next()?.to_owned(),
+            ha1_md5: lines.next()?.to_owned(),
+            ha1_sha256: lines.next()?.to_owned(),
+        };
+        subscriber.validate().ok()?;
+        Some(subscriber)
+    }
+}
+
+/// `user@domain` checked and normalized (an optional `sip:` prefix dropped, domain
+/// lowercased): `(user, domain)`.
+pub fn split_user(user_at_domain: &str) -> Result<(String, String), String> {
+    let text = user_at_domain.trim();
+    let text = text
+        .strip_prefix("sip:")
+        .or_else(|| text.strip_prefix("sips:"))
+        .unwrap_or(text);
+    let (user, domain) = text
+        .rsplit_once('@')
+        .ok_or_else(|| format!("{user_at_domain:?} is not USER@DOMAIN"))?;
+    let bad = |s: &str| {
+        s.is_empty()
+            || s.chars()
+                .any(|c| c.is_control() || c.is_whitespace() || c == '"' || c == '@')
+    };
+    if bad(user) || bad(domain) || domain.contains([':', ';', '/']) {
+        return Err(format!("{user_at_domain:?} is not USER@DOMAIN"));
+    }
+    Ok((user.to_owned(), domain.to_ascii_lowercase()))
+}
+
+/// The table.
+pub struct Subscribers {
+    db: sled::Db,
+    by_realm: sled::Tree,
+}
+
+impl Subscribers {
+    /// Opens (creating) the table at `path` (`<data_dir>/subscribers`).
+    pub fn open(path: &Path) -> Result<Subscribers, String> {
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(4 * 1024 * 1024)
+            // Every write is flushed before it returns: no background flusher, which would
+            // also hold the file lock for a while after the table is dropped.
+            .flush_every_ms(None)
+            .open()
+            .map_err(|e| format!("subscriber table {}: {e}", path.display()))?;
+        let by_realm = db
+            .open_tree("by_realm")
+            .map_err(|e| format!("subscriber table {}: {e}", path.display()))?;
+        Ok(Subscribers { db, by_realm })
+    }
+
+    /// The table at `path`, shared with any other user of the same path in this process
+    /// (sled locks its files: two servers of one process on one data directory, as tests
+    /// run them, share the table instead of failing). Closed when the last user drops it.
+    pub fn open_shared(path: &Path) -> Result<Arc<Subscribers>, String> {
+        static OPEN: Mutex<Vec<(PathBuf, Weak<Subscribers>)>> = Mutex::new(Vec::new());
+        std::fs::create_dir_all(path)
+            .map_err(|e| format!("subscriber table {}: {e}", path.display()))?;
+        let key = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+        let mut open = OPEN.lock().unwrap_or_else(|e| e.into_inner());
+        open.retain(|(_, table)| table.strong_count() > 0);
+        if let Some(table) = open
+            .iter()
+            .find(|(p, _)| *p == key)
+            .and_then(|(_, t)| t.upgrade())
+        {
+            return Ok(table);
+        }
+        let table = Arc::new(Subscribers::open(path)?);
+        open.push((key, Arc::downgrade(&table)));
+        Ok(table)
+    }
+
+    /// Adds or replaces `user@domain`; returns whether it replaced one.
+    pub fn add(&self, user_at_domain: &str, subscriber: &Subscriber) -> Result<bool, String> {
+        let (user, domain) = split_user(user_at_domain)?;
+        subscriber.validate()?;
+        let key = format!("{user}@{domain}");
+        let old = self.remove_index(&key)?;
+        self.db
+            .insert(key.as_bytes(), subscriber.encode().as_bytes())
+            .map_err(db_error)?;
+        self.by_realm
+            .insert(
+                format!("{user}@{}", subscriber.realm).as_bytes(),
+                key.as_bytes(),
+            )
+            .map_err(db_error)?;
+        self.db.flush().map_err(db_error)?;
+        Ok(old)
+    }
+
+    /// Removes `user@domain`; returns whether it existed.
+    pub fn remove(&self, user_at_domain: &str) -> Result<bool, String> {
+        let (user, domain) = split_user(user_at_domain)?;
+        let key = format!("{user}@{domain}");
+        let existed = self.remove_index(&key)?;
+        self.db.remove(key.as_bytes()).map_err(db_error)?;
+        self.db.flush().map_err(db_error)?;
+        Ok(existed)
+    }
+
+    /// Every subscriber as `(user@domain, realm)`, sorted by key.
+    pub fn list(&self) -> Vec<(String, String)> {
+        self.db
+            .iter()
+            .filter_map(Result::ok)
+            .filter_map(|(key, value)| {
+                let key = String::from_utf8(key.to_vec()).ok()?;
+                Some((key, Subscriber::decode(&value)?.realm))
+            })
+            .collect()
+    }
+
+    /// The credentials of `username` in `realm` (what a digest response names).
+    pub fn find(&self, username: &str, realm: &str) -> Option<Subscriber> {
+        let key = self
+            .by_realm
+            .get(format!("{username}@{realm}").as_bytes())
+            .ok()??;
+        let subscriber = Subscriber::decode(&self.db.get(&key).ok()??)?;
+        (subscriber.realm == realm).then_some(subscriber)
+    }
+
+    /// Removes the realm index entry of `key`; returns whether `key` had a record.
+    fn remove_index(&self, key: &str) -> Result<bool, String> {
+        let Some(old) = self.db.get(key.as_bytes()).map_err(db_error)? else {
+            return Ok(false);
+        };
+        if let (Some(old), Some((user, _))) = (Subscriber::decode(&old), key.rsplit_once('@')) {
+            self.by_realm
+                .remove(format!("{user}@{}", old.realm).as_bytes())
+                .map_err(db_error)?;
+        }
+        Ok(true)
+    }
+}
+
+fn db_error(e: sled::Error) -> String {
+    format!("subscriber table: {e}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn add_find_list_remove() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let table = Subscribers::open(&dir.path().join("subscribers")).unwrap();
+        let alice = Subscriber::with_password("alice", "example.com", "secret");
+        assert!(!table.add("alice@Example.COM", &alice).unwrap());
+        assert_eq!(table.find("alice", "example.com"), Some(alice.clone()));
+        assert_eq!(
+            table.find("Alice", "example.com"),
+            None,
+            "users are case-sensitive"
+        );
+        // Another realm than the domain.
+        let bob = Subscriber::with_password("bob", "voip", "pw");
+        table.add("sip:bob@example.com", &bob).unwrap();
+        assert_eq!(table.find("bob", "voip"), Some(bob));
+        assert_eq!(table.find("bob", "example.com"), None);
+        // Replacing moves the realm index.
+        let bob2 = Subscriber::with_password("bob", "example.com", "pw2");
+        assert!(table.add("bob@example.com", &bob2).unwrap());
+        assert_eq!(table.find("bob", "voip"), None);
+        assert_eq!(table.find("bob", "example.com"), Some(bob2));
+        assert_eq!(
+            table.list(),
+            vec![
+                ("alice@example.com".to_owned(), "example.com".to_owned()),
+                ("bob@example.com".to_owned(), "example.com".to_owned())
+            ]
+        );
+        assert!(table.remove("alice@example.com").unwrap());
+        assert!(!table.remove("alice@example.com").unwrap());
+        assert_eq!(table.find("alice", "example.com"), None);
+        drop(table);
+        // Durable.
+        let table = Subscribers::open(&dir.path().join("subscribers")).unwrap();
+        assert_eq!(table.list().len(), 1);
+    }
+
+    #[test]
+    fn bad_names_and_records_are_refused() {
+        for bad in ["alice", "@x", "alice@", "a b@x", "alice@x:5060", "a@b@"] {
+            assert!(split_user(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            split_user("sip:Al@X.org").unwrap(),
+            ("Al".to_owned(), "x.org".to_owned())
+        );
+        let mut s = Subscriber::with_password("a", "r", "p");
+        s.ha1_md5 = "zz".into();
+        assert!(s.validate().is_err());
+        assert_eq!(Subscriber::decode(b"garbage"), None);
+        let good = Subscriber::with_password("a", "r", "p");
+        assert_eq!(Subscriber::decode(good.encode().as_bytes()), Some(good));
+        // The password never appears in the record.
+        assert!(!Subscriber::with_password("a", "r", "hunter2")
+            .encode()
+            .contains("hunter2"));
+    }
+}

@@ -1,0 +1,280 @@
+//! The authenticator on whole requests, with explicit time.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+
+use super::digest::{expected_response, Credentials, QopAuth};
+use super::*;
+
+const REALM: &str = "example.com";
+
+fn at(secs: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(secs)
+}
+
+fn authenticator(algorithms: &[Algorithm]) -> (Authenticator, tempfile::TempDir) {
+    let dir = tempfile::TempDir::new().unwrap();
+    let settings = Settings {
+        secret: b"test secret".to_vec(),
+        nonce_lifetime: Duration::from_secs(300),
+        algorithms: algorithms.to_vec(),
+        max_tracked_nonces: 1000,
+    };
+    let auth = Authenticator::open(&settings, dir.path()).unwrap();
+    auth.subscribers()
+        .add(
+            "alice@example.com",
+            &Subscriber::with_password("alice", REALM, "wonderland"),
+        )
+        .unwrap();
+    (auth, dir)
+}
+
+/// The nonce of the challenge header for `algorithm`.
+fn nonce_of(challenge: &Challenge, algorithm: Algorithm) -> String {
+    let (_, value) = challenge
+        .headers
+        .iter()
+        .find(|(_, v)| v.ends_with(&format!("algorithm={}", algorithm.name())))
+        .expect("a header for the algorithm");
+    let start = value.find("nonce=\"").unwrap() + 7;
+    value[start..start + 64].to_owned()
+}
+
+struct Answer<'a> {
+    method: &'a str,
+    ruri: &'a str,
+    uri: &'a str,
+    password: &'a str,
+    nonce: &'a str,
+    algorithm: Algorithm,
+    nc: Option<u32>,
+    branch: &'a str,
+    cseq: u32,
+}
+
+impl Answer<'_> {
+    fn request(&self) -> Message {
+        let credentials = Credentials {
+            username: "alice".into(),
+            realm: REALM.into(),
+            nonce: self.nonce.into(),
+            uri: self.uri.into(),
+            response: String::new(),
+            algorithm: Some(self.algorithm.name().into()),
+            opaque: None,
+            qop: self.nc.map(|nc| QopAuth {
+                nc_text: format!("{nc:08x}"),
+                nc,
+                cnonce: "0a4f113b".into(),
+            }),
+        };
+        let ha1 = self.algorithm.ha1("alice", REALM, self.password);
+        let response = expected_response(self.algorithm, &ha1, self.method, &credentials);
+        let qop = match &credentials.qop {
+            Some(q) => format!(", qop=auth, nc={}, cnonce=\"{}\"", q.nc_text, q.cnonce),
+            None => String::new(),
+        };
+        let header = match self.method {
+            "REGISTER" => "Authorization",
+            _ => "Proxy-Authorization",
+        };
+        let text = format!(
+            "{method} {ruri} SIP/2.0\r\n\
+             Via: SIP/2.0/UDP 192.0.2.1:5060;branch={branch}\r\n\
+             From: <sip:alice@example.com>;tag=1\r\n\
+             To: <sip:alice@example.com>\r\n\
+             Call-ID: call-1\r\n\
+             CSeq: {cseq} {method}\r\n\
+             {header}: Digest username=\"alice\", realm=\"{REALM}\", nonce=\"{nonce}\", \
+             uri=\"{uri}\", response=\"{response}\", algorithm={alg}{qop}\r\n\
+             Content-Length: 0\r\n\r\n",
+            method = self.method,
+            ruri = self.ruri,
+            branch = self.branch,
+            cseq = self.cseq,
+            nonce = self.nonce,
+            uri = self.uri,
+            alg = self.algorithm.name(),
+        );
+        Message::parse(Bytes::from(text)).unwrap()
+    }
+}
+
+fn register<'a>(nonce: &'a str, algorithm: Algorithm) -> Answer<'a> {
+    Answer {
+        method: "REGISTER",
+        ruri: "sip:example.com",
+        uri: "sip:example.com",
+        password: "wonderland",
+        nonce,
+        algorithm,
+        nc: Some(1),
+        branch: "z9hG4bK-1",
+        cseq: 1,
+    }
+}
+
+fn authorized() -> Verdict {
+    Verdict::Authorized {
+        user: "alice".into(),
+        realm: REALM.into(),
+    }
+}
+
+#[test]
+fn challenge_lists_sha256_first_then_md5() {
+    let (auth, _dir) = authenticator(&[Algorithm::Sha256, Algorithm::Md5]);
+    let challenge = auth.challenge(REALM, Role::Registrar, false, at(1000));
+    assert_eq!((challenge.code, challenge.reason), (401, "Unauthorized"));
+    assert_eq!(challenge.headers.len(), 2);
+    assert_eq!(challenge.headers[0].0, "WWW-Authenticate");
+    assert!(challenge.headers[0]
+        .1
+        .starts_with("Digest realm=\"example.com\", nonce=\""));
+    assert!(challenge.headers[0]
+        .1
+        .ends_with("qop=\"auth\", algorithm=SHA-256"));
+    assert!(challenge.headers[1].1.ends_with("algorithm=MD5"));
+    let proxy = auth.challenge(REALM, Role::Proxy, true, at(1000));
+    assert_eq!(proxy.code, 407);
+    assert_eq!(proxy.headers[0].0, "Proxy-Authenticate");
+    assert!(proxy.headers[0].1.ends_with(", stale=true"));
+}
+
+#[test]
+fn both_algorithms_authorize_and_replays_are_refused() {
+    let (auth, _dir) = authenticator(&[Algorithm::Sha256, Algorithm::Md5]);
+    let challenge = auth.challenge(REALM, Role::Registrar, false, at(1000));
+    for algorithm in [Algorithm::Sha256, Algorithm::Md5] {
+        let nonce = nonce_of(&challenge, algorithm);
+        let first = register(&nonce, algorithm);
+        assert_eq!(
+            auth.authorize(&first.request(), REALM, at(1001)),
+            authorized()
+        );
+        // The same request again (a retransmission): the same verdict.
+        assert_eq!(
+            auth.authorize(&first.request(), REALM, at(1002)),
+            authorized()
+        );
+        // The same nc from another request: a replay.
+        let replay = Answer {
+            branch: "z9hG4bK-2",
+            cseq: 2,
+            ..register(&nonce, algorithm)
+        };
+        assert_eq!(
+            auth.authorize(&replay.request(), REALM, at(1002)),
+            Verdict::Refused("replayed nonce")
+        );
+        let next = Answer {
+            nc: Some(2),
+            ..replay
+        };
+        assert_eq!(
+            auth.authorize(&next.request(), REALM, at(1003)),
+            authorized()
+        );
+    }
+}
+
+#[test]
+fn refusals_say_why() {
+    let (auth, _dir) = authenticator(&[Algorithm::Md5]);
+    let challenge = auth.challenge(REALM, Role::Registrar, false, at(1000));
+    let nonce = nonce_of(&challenge, Algorithm::Md5);
+    let wrong = Answer {
+        password: "guess",
+        ..register(&nonce, Algorithm::Md5)
+    };
+    assert_eq!(
+        auth.authorize(&wrong.request(), REALM, at(1001)),
+        Verdict::Refused("wrong password")
+    );
+    let sha = register(&nonce, Algorithm::Sha256);
+    assert_eq!(
+        auth.authorize(&sha.request(), REALM, at(1001)),
+        Verdict::Refused("unsupported algorithm")
+    );
+    let elsewhere = Answer {
+        uri: "sip:other.example.com",
+        ..register(&nonce, Algorithm::Md5)
+    };
+    assert_eq!(
+        auth.authorize(&elsewhere.request(), REALM, at(1001)),
+        Verdict::Refused("uri does not match the Request-URI")
+    );
+    // Equivalent under §19.1.4: host case differs.
+    let equivalent = Answer {
+        uri: "sip:EXAMPLE.com",
+        ..register(&nonce, Algorithm::Md5)
+    };
+    assert_eq!(
+        auth.authorize(&equivalent.request(), REALM, at(1001)),
+        authorized()
+    );
+    let zeros = "0".repeat(64);
+    let forged = register(&zeros, Algorithm::Md5);
+    assert_eq!(
+        auth.authorize(&forged.request(), REALM, at(1001)),
+        Verdict::Refused("nonce not issued by this server")
+    );
+    // Credentials for another realm are not ours.
+    assert_eq!(
+        auth.authorize(
+            &register(&nonce, Algorithm::Md5).request(),
+            "other",
+            at(1001)
+        ),
+        Verdict::NoCredentials
+    );
+}
+
+#[test]
+fn an_expired_nonce_with_a_good_response_is_stale() {
+    let (auth, _dir) = authenticator(&[Algorithm::Md5]);
+    let challenge = auth.challenge(REALM, Role::Registrar, false, at(1000));
+    let nonce = nonce_of(&challenge, Algorithm::Md5);
+    assert_eq!(
+        auth.authorize(&register(&nonce, Algorithm::Md5).request(), REALM, at(1300)),
+        Verdict::Stale
+    );
+    let wrong = Answer {
+        password: "guess",
+        ..register(&nonce, Algorithm::Md5)
+    };
+    assert_eq!(
+        auth.authorize(&wrong.request(), REALM, at(1300)),
+        Verdict::Refused("wrong password"),
+        "stale only for a correct response"
+    );
+}
+
+#[test]
+fn without_qop_a_nonce_is_one_time() {
+    let (auth, _dir) = authenticator(&[Algorithm::Md5]);
+    let challenge = auth.challenge(REALM, Role::Proxy, false, at(1000));
+    let nonce = nonce_of(&challenge, Algorithm::Md5);
+    let invite = Answer {
+        method: "INVITE",
+        ruri: "sip:bob@example.com",
+        uri: "sip:bob@example.com",
+        nc: None,
+        ..register(&nonce, Algorithm::Md5)
+    };
+    assert_eq!(
+        auth.authorize(&invite.request(), REALM, at(1001)),
+        authorized()
+    );
+    let again = Answer {
+        branch: "z9hG4bK-9",
+        cseq: 9,
+        ..invite
+    };
+    assert_eq!(
+        auth.authorize(&again.request(), REALM, at(1001)),
+        Verdict::Refused("replayed nonce")
+    );
+}
