@@ -24,6 +24,10 @@ function on_request(req)
 
   -- Requests inside a dialog follow the route set the dialog recorded.
   if req:has_to_tag() then
+    if nated then
+      -- A target refresh (re-INVITE, UPDATE) from a NATed phone: as for its INVITE below.
+      req:fix_nated_contact()
+    end
     return in_dialog(req)
   end
 
@@ -107,4 +111,13 @@ function in_dialog(req)
     return req:drop()
   end
   return req:reply(404, "Not Here")
+end
+
+-- Responses (Kamailio's onreply_route): a callee behind a NAT answers with a Contact it cannot
+-- be reached at; the caller's ACK, BYE and re-INVITEs come through us (record_route) to that
+-- Contact, so it becomes the address the answer came from.
+function on_reply(req, res)
+  if res:nat_detect() then
+    res:fix_nated_contact()
+  end
 end

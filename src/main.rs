@@ -68,6 +68,10 @@ struct TestArgs {
     /// SCRIPT is a Lua test file using `moonroute.run(...)` (see docs/scripting.md).
     #[arg(long)]
     lua: bool,
+    /// Stamp received/rport only when the Via asks for rport, as the server does with
+    /// `[nat] force_rport = false` (by default rport is recorded on every UDP request).
+    #[arg(long)]
+    no_force_rport: bool,
 }
 
 #[derive(Args, Debug)]
@@ -219,6 +223,7 @@ fn test(args: TestArgs) -> ExitCode {
             source: args.source,
             domains: args.domains,
             location: args.location,
+            force_rport: !args.no_force_rport,
         };
         let message = args.message.unwrap_or_default();
         offline::test_message(&args.script, &message, &options)

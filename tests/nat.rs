@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use common::ua::{expect_status, header_text, show, TestUa, WAIT};
+use common::ua::{expect_status, header_text, show, Dialog, TestUa, WAIT};
 use moonroute::config::{Config, LocationBackend};
 use moonroute::location::LocationStore;
 use moonroute::script::ScriptHost;
@@ -373,4 +373,160 @@ async fn without_force_rport_the_script_asks_for_it() {
     socket.send_to(request.as_bytes(), proxy.udp).await.unwrap();
     let response = response_at(&socket).await;
     expect_status(&response, 404);
+}
+
+// ----- in-dialog requests to NATed phones (res:fix_nated_contact in on_reply) -------------
+
+/// The script the dialog tests run: the shipped default. Kept in one place so the tests can
+/// be pointed at a copy (e.g. one with authentication switched off) when the default changes.
+const DIALOG_SCRIPT: &str = "scripts/default.lua";
+
+/// A plain phone on 127.0.0.3 (no NAT), registered as `user`.
+async fn registered_phone(proxy: &Running, user: &str) -> TestUa {
+    let mut ua = TestUa::udp_on(user, SocketAddr::from(([127, 0, 0, 3], 0))).await;
+    register(&mut ua, user, Some(proxy.udp)).await;
+    ua.outbound = Some(proxy.udp);
+    ua
+}
+
+/// The URI host:port of a Contact header value.
+fn contact_hostport(m: &Message) -> String {
+    let contact = header_text(m, "Contact").expect("Contact");
+    let uri = contact.trim_start_matches('<');
+    let after_user = uri.split_once('@').map_or(uri, |(_, rest)| rest);
+    after_user.split([';', '>', '?']).next().unwrap().to_owned()
+}
+
+/// A NATed callee (UDP, 127.0.0.2 claiming 192.168.1.10) answers 200; the caller's ACK and
+/// BYE, record-routed through the proxy, reach it at its real address, and the BYE's 200
+/// comes back. The Contact is checked before the ACK is sent: a failing fix must not make
+/// the proxy send to the private address.
+async fn nated_callee_dialog(script: &str) {
+    let proxy = start(script, |_| {});
+    let (mut alice, public) = nated_udp_phone("alice").await;
+    register(&mut alice, "alice", Some(proxy.udp)).await;
+    let mut bob = registered_phone(&proxy, "bob").await;
+
+    let _invite = bob.invite(&aor("alice")).send().await;
+    let incoming = alice.expect_request("INVITE").await;
+    assert!(
+        header_text(&incoming, "Record-Route").is_some(),
+        "{}",
+        show(&incoming)
+    );
+    let sent = alice.respond(&incoming, 200, "OK").await;
+    assert_eq!(contact_hostport(&sent), PRIVATE, "{}", show(&sent));
+    let ok = bob.expect_final(200).await;
+    assert_eq!(
+        contact_hostport(&ok),
+        public.to_string(),
+        "the callee's Contact is where its answer came from\n{}",
+        show(&ok)
+    );
+    assert!(
+        header_text(&ok, "Contact").is_some_and(|c| c.starts_with("<sip:alice@")),
+        "the user part stays\n{}",
+        show(&ok)
+    );
+
+    let mut dialog = bob.ack_2xx(&ok).await;
+    assert_eq!(
+        dialog.next_hop(),
+        proxy.udp,
+        "the ACK goes through the proxy"
+    );
+    let ack = alice.expect_request("ACK").await;
+    assert_eq!(
+        text(ack.request_uri_bytes().unwrap()),
+        format!("sip:alice@{public}"),
+        "{}",
+        show(&ack)
+    );
+    let _bye = bob.bye(&mut dialog).await;
+    let bye = alice.expect_request("BYE").await;
+    alice.respond(&bye, 200, "OK").await;
+    bob.expect_final(200).await;
+}
+
+#[tokio::test]
+async fn ack_and_bye_reach_a_nated_callee() {
+    nated_callee_dialog(DIALOG_SCRIPT).await;
+}
+
+/// A NATed caller (its INVITE's Contact fixed by `req:fix_nated_contact`): the callee's BYE
+/// reaches it through the proxy.
+async fn nated_caller_dialog(script: &str) {
+    let proxy = start(script, |_| {});
+    let mut bob = registered_phone(&proxy, "bob").await;
+    let (mut alice, public) = nated_udp_phone("alice").await;
+    alice.outbound = Some(proxy.udp);
+
+    let _invite = alice.invite(&aor("bob")).send().await;
+    let incoming = bob.expect_request("INVITE").await;
+    assert_eq!(contact_hostport(&incoming), public.to_string());
+    let answer = bob.respond(&incoming, 200, "OK").await;
+    let ok = alice.expect_final(200).await;
+    assert_eq!(
+        contact_hostport(&ok),
+        contact_hostport(&answer),
+        "a callee that is not NATed keeps its Contact\n{}",
+        show(&ok)
+    );
+    let _dialog = alice.ack_2xx(&ok).await;
+    bob.expect_request("ACK").await;
+
+    let mut dialog = Dialog::from_uas(&incoming, &answer);
+    assert_eq!(
+        dialog.next_hop(),
+        proxy.udp,
+        "the BYE goes through the proxy"
+    );
+    let _bye = bob.bye(&mut dialog).await;
+    let bye = alice.expect_request("BYE").await;
+    assert_eq!(
+        text(bye.request_uri_bytes().unwrap()),
+        format!("sip:alice@{public}")
+    );
+    alice.respond(&bye, 200, "OK").await;
+    bob.expect_final(200).await;
+}
+
+#[tokio::test]
+async fn the_callee_bye_reaches_a_nated_caller() {
+    nated_caller_dialog(DIALOG_SCRIPT).await;
+}
+
+/// Over TCP: the NATed callee's fixed Contact names its connection's address (an ephemeral
+/// port), and the ACK and BYE go on that very connection.
+#[tokio::test]
+async fn over_tcp_in_dialog_requests_use_the_callee_connection() {
+    let proxy = start(DIALOG_SCRIPT, |_| {});
+    let mut alice = TestUa::tcp("alice", proxy.tcp).await;
+    let public = alice.local;
+    alice.local = PRIVATE.parse().unwrap();
+    register(&mut alice, "alice", None).await;
+    let connections = proxy.server.connection_count();
+    let mut bob = registered_phone(&proxy, "bob").await;
+
+    let _invite = bob.invite(&aor("alice")).send().await;
+    let incoming = alice.expect_request("INVITE").await;
+    alice.respond(&incoming, 200, "OK").await;
+    let ok = bob.expect_final(200).await;
+    assert_eq!(contact_hostport(&ok), public.to_string(), "{}", show(&ok));
+    assert!(
+        header_text(&ok, "Contact").is_some_and(|c| c.contains(";transport=tcp")),
+        "{}",
+        show(&ok)
+    );
+    let mut dialog = bob.ack_2xx(&ok).await;
+    alice.expect_request("ACK").await;
+    let _bye = bob.bye(&mut dialog).await;
+    let bye = alice.expect_request("BYE").await;
+    alice.respond(&bye, 200, "OK").await;
+    bob.expect_final(200).await;
+    assert_eq!(
+        proxy.server.connection_count(),
+        connections,
+        "no new connection was opened"
+    );
 }

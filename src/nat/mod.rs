@@ -4,6 +4,9 @@
 //! - [`detect`]: whether a request's sender is behind a NAT, from what the request says about
 //!   itself (top Via, first Contact) against the address its packet came from; Kamailio's
 //!   `nat_uac_test` with one sensible set of checks (see [`NatCheck`]).
+//! - [`detect_response`]: the same for a response a proxy received from a UAS (Contact
+//!   private, or answered from elsewhere than the request was sent to), and
+//!   [`response_contact_is_target`]: which responses' Contacts may be fixed.
 //! - [`is_private`]: the addresses that cannot be reached from the Internet: RFC 1918,
 //!   RFC 6598 shared address space (carrier-grade NAT), link-local (RFC 3927), IPv6 unique
 //!   local (RFC 4193) and link-local (RFC 4291 §2.5.6).
@@ -54,12 +57,15 @@ pub struct NatCheck {
     /// The top Via's sent-by differs from where the packet came from: another IP address, or
     /// over UDP another port (streams use ephemeral source ports, so only the IP counts).
     pub via_differs: bool,
+    /// Responses ([`detect_response`]): the response came from another address than its
+    /// request was sent to (over UDP: or another port).
+    pub source_differs: bool,
 }
 
 impl NatCheck {
     /// True when any check points at a NAT.
     pub fn is_nated(&self) -> bool {
-        self.contact_private || self.via_private || self.via_differs
+        self.contact_private || self.via_private || self.via_differs || self.source_differs
     }
 
     /// The checks that matched, for a log line: e.g. `contact-private,via-differs`.
@@ -68,6 +74,7 @@ impl NatCheck {
             (self.contact_private, "contact-private"),
             (self.via_private, "via-private"),
             (self.via_differs, "via-differs"),
+            (self.source_differs, "source-differs"),
         ];
         let matched: Vec<&str> = names.iter().filter(|(m, _)| *m).map(|(_, n)| *n).collect();
         matched.join(",")
@@ -98,17 +105,50 @@ pub fn detect(request: &Message, source: SocketAddr, kind: TransportKind) -> Nat
             check.via_differs = differs(ip, via.port);
         }
     }
-    let first_contact = request.values(HeaderName::Contact).next();
-    if let Some(Ok(value)) = first_contact {
-        if let Ok(Contact::Addr(addr)) = Contact::parse(value) {
-            if let Some(sip) = addr.uri.as_sip() {
-                if let Some(ip) = sip.host.ip() {
-                    check.contact_private = private_elsewhere(ip);
-                }
-            }
-        }
-    }
+    check.contact_private = contact_private(request, source);
     check
+}
+
+/// Whether the first Contact of `message` names a private address ([`is_private`]) other than
+/// `source`'s.
+fn contact_private(message: &Message, source: SocketAddr) -> bool {
+    let Some(Ok(value)) = message.values(HeaderName::Contact).next() else {
+        return false;
+    };
+    let Ok(Contact::Addr(addr)) = Contact::parse(value) else {
+        return false;
+    };
+    let ip = addr.uri.as_sip().and_then(|sip| sip.host.ip());
+    ip.is_some_and(|ip| is_private(ip) && ip.to_canonical() != source.ip().to_canonical())
+}
+
+/// Whether `response`, received from `source` over `kind` on a branch whose request was sent
+/// to `sent_to`, comes from a UAS behind a NAT (Kamailio's `nat_uac_test` in an
+/// `onreply_route`): its first Contact names a private address other than the source, or it
+/// came from another address than the request went to (over UDP: or another port; streams
+/// answer on the connection, so only a new IP counts). The Via is ours and says nothing.
+pub fn detect_response(
+    response: &Message,
+    source: SocketAddr,
+    kind: TransportKind,
+    sent_to: SocketAddr,
+) -> NatCheck {
+    let ip_differs = source.ip().to_canonical() != sent_to.ip().to_canonical();
+    NatCheck {
+        contact_private: contact_private(response, source),
+        source_differs: ip_differs || (!kind.is_stream() && source.port() != sent_to.port()),
+        ..NatCheck::default()
+    }
+}
+
+/// Whether a response's Contact is a remote target a proxy may fix for a NAT: a provisional
+/// (101-199) or 2xx response, which set the dialog's remote target (RFC 3261 §12.1.2, §12.2.1.2
+/// for target refreshes), and not to a REGISTER (its 200 lists the bindings, §10.3 step 8). A
+/// 3xx's Contacts are redirect targets (§8.1.3.4): never rewritten.
+pub fn response_contact_is_target(response: &Message) -> bool {
+    let status_fits = response.status().is_some_and(|c| (101..300).contains(&c));
+    let method = response.cseq().ok().map(|c| c.method);
+    status_fits && method.is_some_and(|m| m != crate::sip::Method::Register)
 }
 
 /// `value` (one Contact header field value) with its URI's host and port replaced by
@@ -269,5 +309,71 @@ mod tests {
         assert!(contact_with_source(b"*", source).is_none());
         assert!(contact_with_source(b"<tel:+1555>", source).is_none());
         assert!(contact_with_source(b"<sip:a@", source).is_none());
+    }
+
+    fn response(status: &str, cseq: &str, contact: &str) -> Message {
+        let text = format!(
+            "SIP/2.0 {status}\r\nVia: SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bK1\r\n\
+             From: <sip:a@example.com>;tag=1\r\nTo: <sip:b@example.com>;tag=2\r\n\
+             Call-ID: c1\r\nCSeq: {cseq}\r\nContact: {contact}\r\nContent-Length: 0\r\n\r\n"
+        );
+        Message::parse(Bytes::from(text)).unwrap()
+    }
+
+    #[test]
+    fn a_uas_behind_a_nat_is_detected_from_its_response() {
+        let sent_to = addr("127.0.0.2:40000");
+        let ok = response("200 OK", "1 INVITE", "<sip:bob@192.168.1.10:5060>");
+        let check = detect_response(&ok, sent_to, TransportKind::Udp, sent_to);
+        assert!(check.contact_private && !check.source_differs);
+        assert_eq!(check.reasons(), "contact-private");
+        // A public Contact from where the request went: no NAT.
+        let ok = response("200 OK", "1 INVITE", "<sip:bob@127.0.0.2:40000>");
+        assert!(!detect_response(&ok, sent_to, TransportKind::Udp, sent_to).is_nated());
+        // Answered from another port (UDP) or another address: a NAT between.
+        let elsewhere = addr("127.0.0.2:40001");
+        let check = detect_response(&ok, elsewhere, TransportKind::Udp, sent_to);
+        assert_eq!(check.reasons(), "source-differs");
+        assert!(!detect_response(&ok, elsewhere, TransportKind::Tcp, sent_to).is_nated());
+        let other_ip = addr("127.0.0.9:40000");
+        assert!(detect_response(&ok, other_ip, TransportKind::Tcp, sent_to).is_nated());
+    }
+
+    #[test]
+    fn only_dialog_targets_are_fixed_in_responses() {
+        let c = "<sip:bob@192.168.1.10>";
+        assert!(response_contact_is_target(&response(
+            "200 OK", "1 INVITE", c
+        )));
+        assert!(response_contact_is_target(&response(
+            "180 Ringing",
+            "1 INVITE",
+            c
+        )));
+        assert!(response_contact_is_target(&response(
+            "202 Accepted",
+            "1 SUBSCRIBE",
+            c
+        )));
+        assert!(!response_contact_is_target(&response(
+            "100 Trying",
+            "1 INVITE",
+            c
+        )));
+        assert!(!response_contact_is_target(&response(
+            "302 Moved",
+            "1 INVITE",
+            c
+        )));
+        assert!(!response_contact_is_target(&response(
+            "200 OK",
+            "1 REGISTER",
+            c
+        )));
+        assert!(!response_contact_is_target(&response(
+            "486 Busy Here",
+            "1 INVITE",
+            c
+        )));
     }
 }

@@ -35,7 +35,7 @@ use super::request::{
 };
 use super::response_context::{BranchId, BranchState, ContextAction, ResponseContext, Target};
 use super::router::{
-    BranchEdit, Decision, FailureDecision, RouteHandle, RouteInfo, Routed, Router,
+    BranchEdit, Decision, FailureDecision, ReplySource, RouteHandle, RouteInfo, Routed, Router,
 };
 use crate::dns::{self, Candidate, ResolveError};
 use crate::sip::{Message, Method, ResponseBuilder};
@@ -709,10 +709,13 @@ impl Relay {
 
     // ----- client transaction events ------------------------------------------------
 
+    /// An event of a branch's client transaction; `source` is where a response came from
+    /// ([`crate::transaction::layer::Upcall::Client`]), given to the router's `on_reply`.
     pub fn on_client_event(
         &mut self,
         client: TxId,
         event: Event,
+        source: Option<Meta>,
         now: Instant,
         layer: &mut TransactionLayer,
         out: &mut Vec<LayerOutput>,
@@ -731,10 +734,21 @@ impl Relay {
         let mut actions = Vec::new();
         if let Some(call) = self.calls.get_mut(&server) {
             match event {
-                Event::Response(response) => {
+                Event::Response(mut response) => {
                     let provisional = response.status().is_some_and(|c| c < 200);
                     let keep = match call.handle {
-                        Some(handle) => self.router.on_reply(handle, &call.request, &response),
+                        Some(handle) => {
+                            let sent_to = call
+                                .branches
+                                .get(branch.0)
+                                .and_then(|run| run.as_ref()?.current.as_ref())
+                                .map(|(_, dest)| dest.addr);
+                            let source = source
+                                .zip(sent_to)
+                                .map(|(meta, sent_to)| ReplySource { meta, sent_to });
+                            self.router
+                                .on_reply(handle, &call.request, &mut response, source)
+                        }
                         None => true,
                     };
                     call.context

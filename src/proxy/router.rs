@@ -6,6 +6,7 @@
 //! (record-route and relay to the Request-URI or to a static next hop) for labs and benchmarks.
 
 use std::borrow::Cow;
+use std::net::SocketAddr;
 
 use crate::location::CommitTicket;
 
@@ -69,6 +70,16 @@ pub struct RouteInfo {
     pub consumed_own_route: bool,
 }
 
+/// Where a response given to [`Router::on_reply`] came from: what a NAT check needs.
+#[derive(Clone, Copy, Debug)]
+pub struct ReplySource {
+    /// The packet's transport information (its source address, transport, connection).
+    pub meta: Meta,
+    /// Where the branch's request was sent (the next hop's address, for a contact behind a
+    /// NAT the address its REGISTER came from).
+    pub sent_to: SocketAddr,
+}
+
 /// A router's handle on one routed request, given back in the later hooks of its transaction
 /// (so per-transaction state such as script variables survives until it ends).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -130,8 +141,16 @@ pub trait Router {
     }
 
     /// A response arrived on a branch (Kamailio's onreply_route); false drops it. Only
-    /// provisional responses may be dropped: a final one always completes its branch.
-    fn on_reply(&mut self, _handle: RouteHandle, _request: &Message, _response: &Message) -> bool {
+    /// provisional responses may be dropped: a final one always completes its branch. The
+    /// router may rewrite the response's Contact (a UAS behind a NAT, `res:fix_nated_contact`):
+    /// what it leaves in `response` is what the response context keeps and forwards.
+    fn on_reply(
+        &mut self,
+        _handle: RouteHandle,
+        _request: &Message,
+        _response: &mut Message,
+        _source: Option<ReplySource>,
+    ) -> bool {
         true
     }
 

@@ -67,6 +67,9 @@ pub struct TestOptions {
     pub domains: Vec<String>,
     /// A location fixture file.
     pub location: Option<PathBuf>,
+    /// Stamp `rport` on UDP requests as if asked for, as the server does with `[nat]
+    /// force_rport` (its default, true).
+    pub force_rport: bool,
 }
 
 impl Default for TestOptions {
@@ -78,6 +81,7 @@ impl Default for TestOptions {
             },
             domains: Vec::new(),
             location: None,
+            force_rport: crate::config::Nat::default().force_rport,
         }
     }
 }
@@ -154,8 +158,10 @@ pub fn run_once(
         conn: None,
         worker: 0,
     };
+    // As the server core does (`src/server/core.rs`): forced on datagrams only.
+    let force_rport = options.force_rport && meta.kind == TransportKind::Udp;
     request
-        .stamp_received(meta.source)
+        .stamp_received_rport(meta.source, force_rport)
         .map_err(|e| ScriptError(format!("the message's Via: {e}")))?;
     let identity = LocalIdentity::new(&options.domains, [local]);
     let had_route = request.routes().next().is_some();
@@ -499,6 +505,9 @@ fn lua_run(lua: &Lua, base: &Path, spec: &Table) -> mlua::Result<Table> {
     if let Some(domains) = spec.get::<Option<Vec<String>>>("domains")? {
         options.domains = domains;
     }
+    if let Some(force_rport) = spec.get::<Option<bool>>("force_rport")? {
+        options.force_rport = force_rport;
+    }
     // Scripts are found relative to the working directory first, then to the test file.
     let script_path = {
         let direct = PathBuf::from(&script);
@@ -584,6 +593,31 @@ Content-Length: 0\r\n\r\n";
 
     fn run(text: &str) -> Outcome {
         run_once(&source(text), INVITE, None, &TestOptions::default()).unwrap()
+    }
+
+    #[test]
+    fn udp_requests_get_rport_as_the_server_gives_it() {
+        let script = source(
+            "function on_request(req) req.vars.via = req:header('Via') return req:reply(404) end",
+        );
+        let mut options = TestOptions {
+            source: "udp:127.0.0.1:40000".parse().unwrap(),
+            ..TestOptions::default()
+        };
+        let via = |o: Outcome| match o.vars.into_iter().find(|(k, _)| k == "via") {
+            Some((_, VarValue::Str(via))) => via,
+            other => panic!("{other:?}"),
+        };
+        let forced = via(run_once(&script, INVITE, None, &options).unwrap());
+        assert!(forced.ends_with(";rport=40000"), "{forced}");
+        options.force_rport = false;
+        let plain = via(run_once(&script, INVITE, None, &options).unwrap());
+        assert!(!plain.contains("rport"), "{plain}");
+        // Streams: never forced (their responses go back on the connection).
+        options.force_rport = true;
+        options.source = "tcp:127.0.0.1:40000".parse().unwrap();
+        let stream = via(run_once(&script, INVITE, None, &options).unwrap());
+        assert!(!stream.contains("rport"), "{stream}");
     }
 
     fn load_error(text: &str) -> String {

@@ -29,7 +29,7 @@ use super::engine::{Engine, Env, Limits, LogSink, ScriptError, ScriptSource, Ste
 use super::Services;
 use crate::proxy::response_context::Target;
 use crate::proxy::router::{
-    BranchEdit, Decision, FailureDecision, RouteHandle, RouteInfo, Routed, Router,
+    BranchEdit, Decision, FailureDecision, ReplySource, RouteHandle, RouteInfo, Routed, Router,
 };
 use crate::server::core::{LocalIdentity, RouterFactory};
 use crate::sip::{Message, Method};
@@ -453,7 +453,13 @@ impl Router for ScriptRouter {
         }
     }
 
-    fn on_reply(&mut self, handle: RouteHandle, request: &Message, response: &Message) -> bool {
+    fn on_reply(
+        &mut self,
+        handle: RouteHandle,
+        request: &Message,
+        response: &mut Message,
+        source: Option<ReplySource>,
+    ) -> bool {
         let Some((engine, hook, vars)) = self.pinned_hook(handle, |h| &h.on_reply) else {
             return true;
         };
@@ -461,8 +467,26 @@ impl Router for ScriptRouter {
             (request.clone(), Role::View),
             (response.clone(), Role::Response),
         ];
-        let dropped = call_pair(&engine, &hook, &vars, pair, "on_reply", request)
-            .is_some_and(|[_, res]| res.dropped);
+        let with_source = |res: &mut ScriptMsg| {
+            res.meta = source.map(|s| s.meta);
+            res.sent_to = source.map(|s| s.sent_to);
+        };
+        let mut dropped = false;
+        if let Some([_, res]) = call_pair_with(
+            &engine,
+            &hook,
+            &vars,
+            pair,
+            with_source,
+            "on_reply",
+            request,
+        ) {
+            dropped = res.dropped;
+            if res.edited {
+                // `res:fix_nated_contact()`: the rewritten response is the one forwarded.
+                *response = res.msg;
+            }
+        }
         if dropped && response.status().is_some_and(|c| c >= 200) {
             warn!(call_id = %call_id(request), "on_reply: a final response cannot be dropped; passing it on");
         }
@@ -588,12 +612,28 @@ fn call_pair(
     name: &str,
     request: &Message,
 ) -> Option<[ScriptMsg; 2]> {
+    call_pair_with(engine, hook, vars, messages, |_| {}, name, request)
+}
+
+/// [`call_pair`], with `prepare` filling in the second message object before the call (the
+/// transport information of a response).
+fn call_pair_with(
+    engine: &Engine,
+    hook: &Function,
+    vars: &Table,
+    messages: [(Message, Role); 2],
+    prepare: impl FnOnce(&mut ScriptMsg),
+    name: &str,
+    request: &Message,
+) -> Option<[ScriptMsg; 2]> {
     let lua = engine.lua();
-    let [a, b] = messages.map(|(msg, role)| {
-        let mut state = ScriptMsg::new(msg, role);
-        state.vars = Some(vars.clone());
-        lua.create_userdata(state)
-    });
+    let [(msg_a, role_a), (msg_b, role_b)] = messages;
+    let mut a = ScriptMsg::new(msg_a, role_a);
+    a.vars = Some(vars.clone());
+    let mut b = ScriptMsg::new(msg_b, role_b);
+    b.vars = Some(vars.clone());
+    prepare(&mut b);
+    let [a, b] = [a, b].map(|state| lua.create_userdata(state));
     let (a, b) = (a.ok()?, b.ok()?);
     if let Err(e) = engine.call(hook, (a.clone(), b.clone())) {
         error!(call_id = %call_id(request), error = %e, hook = name, "hook failed; the engine's default applies");

@@ -567,9 +567,9 @@ impl Core {
                 self.relay
                     .forward_ack(request, meta, now, &mut self.transactions, next)
             }
-            Upcall::Client { tx, event } => {
+            Upcall::Client { tx, event, source } => {
                 self.relay
-                    .on_client_event(tx, event, now, &mut self.transactions, next)
+                    .on_client_event(tx, event, source, now, &mut self.transactions, next)
             }
             Upcall::StrayResponse { response, meta } => {
                 self.forward_stray_response(response, &meta, next)

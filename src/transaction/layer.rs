@@ -71,8 +71,14 @@ pub enum Upcall {
     /// An ACK that matched no transaction: the ACK for a 2xx, routed end to end (§13.2.2.4,
     /// §16.4), or a stray.
     Ack { request: Message, meta: Meta },
-    /// An event of a client transaction (responses, Timeout, TransportError).
-    Client { tx: TxId, event: Event },
+    /// An event of a client transaction (responses, Timeout, TransportError). `source` is
+    /// the transport information of the response that caused it (`None` for the others): a
+    /// proxy checking for a NATed UAS compares it with the response's Contact.
+    Client {
+        tx: TxId,
+        event: Event,
+        source: Option<Meta>,
+    },
     /// An event of a server transaction (Ack while Accepted, AckTimeout, TransportError).
     Server { tx: TxId, event: Event },
     /// A response that matched no client transaction (§17.1.3); the proxy forwards it
@@ -420,7 +426,7 @@ impl TransactionLayer {
             Some(ClientMachine::NonInvite(m)) => m.on_response(response, now, &mut actions),
             None => {}
         }
-        self.apply_client(tx, &mut actions, out);
+        self.apply(Side::Client, tx, &mut actions, Some(meta), out);
         self.scratch = actions;
     }
 
@@ -512,11 +518,11 @@ impl TransactionLayer {
     // ----- carrying out a machine's actions --------------------------------------------
 
     fn apply_client(&mut self, tx: TxId, actions: &mut Vec<Action>, out: &mut Vec<LayerOutput>) {
-        self.apply(Side::Client, tx, actions, out);
+        self.apply(Side::Client, tx, actions, None, out);
     }
 
     fn apply_server(&mut self, tx: TxId, actions: &mut Vec<Action>, out: &mut Vec<LayerOutput>) {
-        self.apply(Side::Server, tx, actions, out);
+        self.apply(Side::Server, tx, actions, None, out);
     }
 
     fn apply(
@@ -524,6 +530,7 @@ impl TransactionLayer {
         side: Side,
         tx: TxId,
         actions: &mut Vec<Action>,
+        source: Option<Meta>,
         out: &mut Vec<LayerOutput>,
     ) {
         // Taken first: a machine may send and terminate in one step (e.g. a final response
@@ -545,7 +552,10 @@ impl TransactionLayer {
                 Action::StartTimer { timer, at } => self.schedule(tx, timer, at),
                 Action::Deliver(event) => {
                     let up = match side {
-                        Side::Client => Upcall::Client { tx, event },
+                        Side::Client => {
+                            let source = source.filter(|_| matches!(event, Event::Response(_)));
+                            Upcall::Client { tx, event, source }
+                        }
                         Side::Server => Upcall::Server { tx, event },
                     };
                     out.push(LayerOutput::Up(up));
@@ -754,7 +764,7 @@ mod tests {
             now,
             &mut out,
         );
-        assert!(out.iter().any(|o| matches!(o, LayerOutput::Up(Upcall::Client { tx: t, event: Event::Response(_) }) if *t == tx)));
+        assert!(out.iter().any(|o| matches!(o, LayerOutput::Up(Upcall::Client { tx: t, event: Event::Response(_), .. }) if *t == tx)));
         out.clear();
         // A response nobody asked for is stray.
         let stray = response_to(&request("OPTIONS", "z9hG4bKnobody", "OPTIONS"), 200);
@@ -781,7 +791,7 @@ mod tests {
                 .count();
             timeouts += out
                 .iter()
-                .filter(|o| matches!(o, LayerOutput::Up(Upcall::Client { tx: x, event: Event::Timeout }) if *x == tx))
+                .filter(|o| matches!(o, LayerOutput::Up(Upcall::Client { tx: x, event: Event::Timeout, .. }) if *x == tx))
                 .count();
         }
         assert_eq!(timeouts, 1);

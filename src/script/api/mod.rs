@@ -41,7 +41,8 @@ pub enum Role {
     View,
     /// `branch` in `on_branch`: Request-URI and header edits, `drop`.
     Branch,
-    /// `res` in `on_reply` and `on_failure`: read-only, `drop` (provisional only).
+    /// `res` in `on_reply` and `on_failure`: read-only, `drop` (provisional only); in
+    /// `on_reply` also `fix_nated_contact`.
     Response,
 }
 
@@ -65,6 +66,8 @@ pub struct ScriptMsg {
     pub auth: Option<crate::auth::Verdict>,
     /// `req:nat_detect()` found the sender behind a NAT in this call (`nat`).
     pub nated: bool,
+    /// `res` in `on_reply`: where its branch's request was sent (`res:nat_detect()`).
+    pub sent_to: Option<std::net::SocketAddr>,
 }
 
 impl ScriptMsg {
@@ -82,6 +85,7 @@ impl ScriptMsg {
             dropped: false,
             auth: None,
             nated: false,
+            sent_to: None,
         }
     }
 
