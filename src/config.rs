@@ -54,6 +54,49 @@ pub struct Config {
     pub tls: Tls,
     /// DNS resolution of next hops (RFC 3263).
     pub dns: Dns,
+    /// The per-source rate limiter behind `sip.pike_check` (flood protection).
+    pub pike: Pike,
+}
+
+/// The per-source request rate limiter scripts query with `sip.pike_check` /
+/// `req:pike_check` (Kamailio's `pike`; [`crate::flood::pike`]). It only counts: what happens
+/// to a flagged source is the script's decision.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Pike {
+    /// The sampling window, in milliseconds (Kamailio's `sampling_time_unit`). Default: 2000.
+    pub window_ms: u64,
+    /// Requests one source (an IPv4 address, an IPv6 /64) may send per window; one more flags
+    /// it until a whole window passes within the limit (Kamailio's `reqs_density_per_unit`).
+    /// Default: 200, far above Kamailio's 30: a desk phone with 60 BLF keys sends ~130
+    /// SUBSCRIBEs (with their digest challenges) when it boots, and a small office's phones
+    /// often share one public address; 100 requests/s sustained is still a flood.
+    pub max_requests: u32,
+    /// Sources tracked at once (about 50 bytes each). When the table is full, idle sources
+    /// make room; a new source that still finds no room is not rate-limited (logged).
+    /// Default: 100000.
+    pub max_tracked_ips: usize,
+}
+
+impl Default for Pike {
+    fn default() -> Self {
+        Pike {
+            window_ms: 2000,
+            max_requests: 200,
+            max_tracked_ips: 100_000,
+        }
+    }
+}
+
+impl Pike {
+    fn validate(&self) -> Result<(), String> {
+        if self.window_ms == 0 || self.max_requests == 0 || self.max_tracked_ips == 0 {
+            return Err(
+                "pike: window_ms, max_requests and max_tracked_ips must be at least 1".to_owned(),
+            );
+        }
+        Ok(())
+    }
 }
 
 /// TLS (RFC 3261 §26.2, RFC 5922): the certificate presented on `tls:` listeners, and how the
@@ -380,6 +423,12 @@ pub struct Limits {
     /// Live SIP transactions per event loop; beyond it new requests are answered 503 with
     /// Retry-After instead of exhausting memory (about 2.2 KB each). Default: 100000.
     pub max_transactions: usize,
+    /// Requests one event loop may hold waiting for something outside the loop: answers
+    /// waiting for their registration to reach the disk, and requests whose script waits for
+    /// DNS (`sip.resolve`). Beyond it new requests are answered 503 with Retry-After before
+    /// the script runs, so a slow disk or DNS server makes clients back off instead of
+    /// retransmitting into a growing queue. Default: 2000.
+    pub max_backlog: usize,
 }
 
 /// The default SIP port for UDP and TCP (RFC 3261 §19.1.2).
@@ -413,6 +462,7 @@ impl Default for Config {
             location: Location::default(),
             tls: Tls::default(),
             dns: Dns::default(),
+            pike: Pike::default(),
         }
     }
 }
@@ -426,6 +476,7 @@ impl Default for Limits {
             tcp_connect_timeout_secs: 5,
             tcp_send_queue: 256,
             max_transactions: 100_000,
+            max_backlog: 2000,
         }
     }
 }
@@ -574,6 +625,7 @@ impl Config {
         self.registrar.validate().map_err(invalid)?;
         self.location.validate().map_err(invalid)?;
         self.tls.validate().map_err(invalid)?;
+        self.pike.validate().map_err(invalid)?;
         self.dns.validate().map_err(invalid)
     }
 
@@ -607,6 +659,7 @@ impl Limits {
             ),
             ("limits.tcp_send_queue", self.tcp_send_queue as u64),
             ("limits.max_transactions", self.max_transactions as u64),
+            ("limits.max_backlog", self.max_backlog as u64),
         ];
         match at_least_one.iter().find(|(_, value)| *value == 0) {
             Some((name, _)) => Err(format!("{name}: must be at least 1")),
@@ -699,6 +752,7 @@ mod tests {
                 tcp_connect_timeout_secs: 2,
                 tcp_send_queue: 16,
                 max_transactions: Limits::default().max_transactions,
+                max_backlog: Limits::default().max_backlog,
             }
         );
     }
@@ -750,6 +804,9 @@ mod tests {
         check(|c| c.log_level.clear(), "log_level");
         check(|c| c.limits.max_message_size = 100, "max_message_size");
         check(|c| c.limits.max_connections = 0, "max_connections");
+        check(|c| c.limits.max_backlog = 0, "max_backlog");
+        check(|c| c.pike.window_ms = 0, "pike");
+        check(|c| c.pike.max_requests = 0, "pike");
         check(|c| c.limits.tcp_send_queue = 0, "tcp_send_queue");
         check(
             |c| c.limits.tcp_idle_timeout_secs = 0,

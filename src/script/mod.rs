@@ -43,10 +43,13 @@ pub use router::{ScriptHost, ScriptRouter};
 /// Keys `sip.kv` holds at most, across all loops (bounded memory).
 pub const KV_MAX_KEYS: usize = 1_000_000;
 
-/// What scripts share across loops: the `sip.kv` store and the registrar.
+/// What scripts share across loops: the `sip.kv` store, the registrar and the `pike` rate
+/// limiter.
 pub struct Services {
     pub kv: Arc<kv::KvStore>,
     pub registrar: Option<Arc<crate::registrar::Registrar>>,
+    /// Per-source request rates (`sip.pike_check`).
+    pub pike: Arc<crate::flood::Pike>,
 }
 
 impl Default for Services {
@@ -54,6 +57,7 @@ impl Default for Services {
         Services {
             kv: Arc::new(kv::KvStore::new(KV_MAX_KEYS)),
             registrar: None,
+            pike: Arc::new(crate::flood::Pike::default()),
         }
     }
 }

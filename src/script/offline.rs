@@ -243,6 +243,7 @@ fn services(location: Option<&str>) -> Result<Services, ScriptError> {
             Arc::new(store),
             Rules::from(&crate::config::Registrar::default()),
         ))),
+        pike: Arc::new(crate::flood::Pike::default()),
     })
 }
 

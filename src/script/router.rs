@@ -88,6 +88,7 @@ impl ScriptHost {
         let services = Services {
             kv: Arc::new(super::kv::KvStore::new(super::KV_MAX_KEYS)),
             registrar: Some(Arc::new(registrar)),
+            pike: Arc::new(crate::flood::Pike::new((&config.pike).into())),
         };
         ScriptHost::load(
             &config.script,
