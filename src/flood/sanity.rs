@@ -8,8 +8,9 @@
 //!   formed, single-valued headers at most once (§7.3.1, §20), Max-Forwards a number
 //!   (§20.22), the CSeq method equal to the request method (§8.1.1.5, §20.16), no headers in
 //!   the Request-URI (§19.1.5);
-//! - Max-Forwards present, as §8.1.1 requires of every request (with To, From, CSeq, Call-ID
-//!   and Via);
+//! - not Max-Forwards' presence, although §8.1.1 makes it mandatory for a UAC: a proxy must
+//!   pass a request without one (§16.3 step 3) and add it (§16.6 step 3), and Kamailio's
+//!   `sanity_check` does not require it either;
 //! - the Request-URI's scheme is sip, sips (§19.1) or tel (RFC 3966): anything else is 416
 //!   (§8.2.2.1);
 //! - an INVITE has exactly one Contact, a SIP or SIPS URI (§8.1.1.8);
@@ -43,9 +44,6 @@ pub fn check(request: &Message) -> Result<(), Insane> {
         code: e.status(),
         reason: e.to_string(),
     })?;
-    if !request.has(HeaderName::MaxForwards) {
-        return Err(Insane::bad("Max-Forwards: missing"));
-    }
     check_request_uri(request)?;
     if *method == Method::Invite {
         check_invite_contact(request)?;
@@ -121,7 +119,6 @@ Content-Length: 0
     fn required_headers_are_required() {
         for header in [
             "Via: SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bK1\n",
-            "Max-Forwards: 70\n",
             "From: <sip:alice@example.com>;tag=1\n",
             "To: <sip:bob@example.com>\n",
             "Call-ID: c1\n",
@@ -133,6 +130,11 @@ Content-Length: 0
             let name = header.split(':').next().unwrap();
             assert!(why.contains(name), "without {name}: {why}");
         }
+    }
+
+    #[test]
+    fn max_forwards_may_be_missing_as_a_proxy_must_accept() {
+        assert_eq!(check(&with("Max-Forwards: 70\n", "")), Ok(()));
     }
 
     #[test]

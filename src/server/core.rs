@@ -125,6 +125,7 @@ pub struct CoreFactory {
     timer_c: Duration,
     router: RouterFactory,
     builtin_relays: bool,
+    max_backlog: usize,
 }
 
 impl CoreFactory {
@@ -152,6 +153,7 @@ impl CoreFactory {
             timer_c: Duration::from_secs(config.timers.timer_c_secs),
             router,
             builtin_relays,
+            max_backlog: config.limits.max_backlog,
         }
     }
 
@@ -180,6 +182,7 @@ impl CoreFactory {
         );
         let mut core = Core::new(identity, self.layer, relay, index, loops);
         core.tag_hasher = self.tag_hasher.clone();
+        core.max_backlog = self.max_backlog;
         core
     }
 }
@@ -217,6 +220,8 @@ pub struct Core {
     parked: VecDeque<Parked>,
     /// Notified by the location store's flusher after each flush.
     wake: Arc<Notify>,
+    /// `limits.max_backlog`: see [`Core::backlog`].
+    max_backlog: usize,
 }
 
 impl Worker for Core {
@@ -309,7 +314,16 @@ impl Core {
             pending: Vec::new(),
             parked: VecDeque::new(),
             wake: Arc::new(Notify::new()),
+            max_backlog: crate::config::Limits::default().max_backlog,
         }
+    }
+
+    /// Requests this loop holds while waiting for something outside it: answers parked until
+    /// their write is on disk, and requests or branches waiting for DNS. Either queue grows
+    /// when what it waits for is slower than the arrival rate; past `limits.max_backlog` new
+    /// requests are refused with 503 (see [`TransactionLayer::set_backlog_full`]).
+    fn backlog(&self) -> usize {
+        self.parked.len() + self.relay.resolving()
     }
 
     fn on_message(&mut self, data: Bytes, meta: Meta, now: Instant, out: &mut Vec<Output>) {
@@ -353,6 +367,8 @@ impl Core {
             return;
         }
         let mut pending = std::mem::take(&mut self.pending);
+        self.transactions
+            .set_backlog_full(self.backlog() >= self.max_backlog);
         self.transactions.on_request(msg, meta, now, &mut pending);
         self.drain(pending, now, out);
     }
