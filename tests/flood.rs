@@ -313,3 +313,70 @@ async fn the_default_script_refuses_insane_requests_with_the_reason() {
         );
     }
 }
+
+// ----- the primitives, one hook run each (moonroute test's engine) ---------------------------
+
+const INVITE: &[u8] = b"INVITE sip:bob@127.0.0.1:5060 SIP/2.0\r\n\
+Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK-prim\r\n\
+Max-Forwards: 70\r\n\
+From: <sip:alice@127.0.0.1>;tag=a\r\n\
+To: <sip:bob@127.0.0.1>\r\n\
+Call-ID: prim@127.0.0.1\r\n\
+CSeq: 1 INVITE\r\n\
+Contact: <sip:alice@127.0.0.1:5070>\r\n\
+Content-Length: 0\r\n\r\n";
+
+fn run(script: &str) -> moonroute::script::offline::Outcome {
+    let source = moonroute::script::ScriptSource {
+        name: "flood_test.lua".to_owned(),
+        text: script.to_owned(),
+        version: 1,
+    };
+    moonroute::script::offline::run_once(&source, INVITE, None, &Default::default())
+        .expect("the script loads and the message parses")
+}
+
+#[test]
+fn pike_check_counts_per_source_and_says_true_over_the_limit() {
+    // The default limit is 200 per 2 s: the 201st request of one source is over it.
+    let outcome = run(r#"
+        function on_request(req)
+          for i = 1, 200 do
+            if req:pike_check() then return req:reply(500, "early " .. i) end
+          end
+          local other = sip.pike_check("192.0.2.1")
+          local v6 = sip.pike_check("[2001:db8::1]")
+          return req:reply(200, tostring(req:pike_check()) .. " " .. tostring(other) .. " " .. tostring(v6))
+        end
+    "#);
+    assert_eq!(outcome.error, None);
+    assert_eq!(outcome.reason.as_deref(), Some("true false false"));
+}
+
+#[test]
+fn pike_check_of_something_not_an_ip_is_an_error_at_the_line() {
+    let outcome = run("function on_request(req)\n  sip.pike_check('example.com')\nend\n");
+    let error = outcome.error.expect("an error");
+    assert!(error.contains("flood_test.lua:2"), "{error}");
+    assert!(error.contains("not an IP address"), "{error}");
+}
+
+#[test]
+fn sanity_reports_what_an_edit_broke() {
+    let outcome = run(r#"
+        function on_request(req)
+          local ok = req:sanity()
+          assert(ok == true, "the request is sane as received")
+          req:set_header("Expires", "soon")
+          local ok, why, code = req:sanity()
+          if not ok then return req:reply(code, why) end
+          return req:reply(200)
+        end
+    "#);
+    assert_eq!(outcome.error, None);
+    assert_eq!(outcome.code, Some(400));
+    assert_eq!(
+        outcome.reason.as_deref(),
+        Some("Expires: not a number of seconds")
+    );
+}
