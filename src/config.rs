@@ -429,6 +429,12 @@ pub struct Limits {
     /// the script runs, so a slow disk or DNS server makes clients back off instead of
     /// retransmitting into a growing queue. Default: 2000.
     pub max_backlog: usize,
+    /// How long, in milliseconds, an event loop may go without catching up with a UDP
+    /// socket's receive queue (the queue never ran empty meanwhile). Beyond it the loop is
+    /// overloaded: new requests are answered 503 with Retry-After until it catches up, while
+    /// responses, ACKs, CANCELs and retransmissions of accepted requests are still served.
+    /// 0: off. Default: 500 (T1: by then the clients are retransmitting).
+    pub max_receive_lag_ms: u64,
 }
 
 /// The default SIP port for UDP and TCP (RFC 3261 §19.1.2).
@@ -477,7 +483,16 @@ impl Default for Limits {
             tcp_send_queue: 256,
             max_transactions: 100_000,
             max_backlog: 2000,
+            max_receive_lag_ms: 500,
         }
+    }
+}
+
+impl Limits {
+    /// `max_receive_lag_ms` as a duration; `None` when it is 0 (off).
+    pub fn max_receive_lag(&self) -> Option<std::time::Duration> {
+        (self.max_receive_lag_ms > 0)
+            .then(|| std::time::Duration::from_millis(self.max_receive_lag_ms))
     }
 }
 
@@ -753,6 +768,7 @@ mod tests {
                 tcp_send_queue: 16,
                 max_transactions: Limits::default().max_transactions,
                 max_backlog: Limits::default().max_backlog,
+                max_receive_lag_ms: Limits::default().max_receive_lag_ms,
             }
         );
     }

@@ -4,7 +4,9 @@
 //!   with zero failures, during and after the flood; the ban ends after its TTL.
 //! - the overload answer: with `limits.max_backlog` requests waiting for DNS, a new request
 //!   gets 503 with Retry-After before the script runs, while OPTIONS to the server itself is
-//!   still answered.
+//!   still answered; and, driving the core directly with an explicit receive lag, a loop
+//!   behind its UDP queue for longer than `limits.max_receive_lag_ms` refuses new requests
+//!   with 503 but still answers retransmissions.
 //! - `req:sanity()` through the default script: requests the engine accepts but the stricter
 //!   checks refuse get the reason in a 400 (or 416).
 //!
@@ -379,4 +381,71 @@ fn sanity_reports_what_an_edit_broke() {
         outcome.reason.as_deref(),
         Some("Expires: not a number of seconds")
     );
+}
+
+// ----- the receive-lag limit, driven through the core (sans-IO) ------------------------------
+
+fn message_from(n: u32, source: SocketAddr) -> Bytes {
+    Bytes::from(format!(
+        "MESSAGE sip:nobody@{DOMAIN} SIP/2.0\r\n\
+         Via: SIP/2.0/UDP {source};branch=z9hG4bK-lag-{n}\r\n\
+         Max-Forwards: 70\r\n\
+         From: <sip:alice@{DOMAIN}>;tag=l{n}\r\n\
+         To: <sip:nobody@{DOMAIN}>\r\n\
+         Call-ID: lag-{n}@127.0.0.1\r\n\
+         CSeq: 1 MESSAGE\r\n\
+         Content-Length: 0\r\n\r\n"
+    ))
+}
+
+/// The statuses of the responses among `outputs`.
+fn sent_statuses(outputs: &[moonroute::transport::Output]) -> Vec<(u16, Option<String>)> {
+    outputs
+        .iter()
+        .filter_map(|o| match o {
+            moonroute::transport::Output::Send { data, .. } => {
+                let m = Message::parse(data.clone()).ok()?;
+                Some((m.status()?, header_text(&m, "Retry-After")))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_loop_behind_its_udp_queue_refuses_new_requests_but_answers_retransmissions() {
+    use moonroute::transport::{Input, Meta, WorkerFactory};
+    let mut config = config(&repo_path("scripts/default.lua"));
+    config.limits.max_receive_lag_ms = 500;
+    let host = ScriptHost::from_config(&config).expect("the script loads");
+    let factory = CoreFactory::with_router(&config, host.router_factory());
+    let mut core = factory.make_worker(0);
+    let source: SocketAddr = "127.0.0.5:5070".parse().unwrap();
+    let meta = Meta {
+        kind: TransportKind::Udp,
+        source,
+        local: "127.0.0.1:5060".parse().unwrap(),
+        conn: None,
+        worker: 0,
+    };
+    let deliver = |core: &mut Box<dyn moonroute::transport::Worker>, data: Bytes| {
+        let mut out = Vec::new();
+        core.on_input(Input::Message { data, meta }, Instant::now(), &mut out);
+        sent_statuses(&out)
+    };
+
+    // Caught up: the script answers (nobody is registered).
+    core.set_receive_lag(Duration::from_millis(100));
+    assert_eq!(deliver(&mut core, message_from(1, source)), [(404, None)]);
+    // 600 ms behind: a new request is refused before the script, with Retry-After...
+    core.set_receive_lag(Duration::from_millis(600));
+    assert_eq!(
+        deliver(&mut core, message_from(2, source)),
+        [(503, Some("5".to_owned()))]
+    );
+    // ...while a retransmission of an accepted request still gets its answer (§17.2.2).
+    assert_eq!(deliver(&mut core, message_from(1, source)), [(404, None)]);
+    // Caught up again: served.
+    core.set_receive_lag(Duration::ZERO);
+    assert_eq!(deliver(&mut core, message_from(3, source)), [(404, None)]);
 }

@@ -5,8 +5,10 @@
 //!   by every event loop.
 //! - [`sanity`]: the request checks behind `req:sanity()` (Kamailio's `sanity_check`).
 //! - The overload answer itself lives where the queues are: the transaction layer's cap on
-//!   live transactions and the core's backlog limit (`[limits] max_backlog`, see
-//!   [`crate::server::core`]); both answer new requests 503 with Retry-After statelessly.
+//!   live transactions, and the core's limits on its backlog (`limits.max_backlog`) and on
+//!   how far behind its UDP receive queue the loop is (`limits.max_receive_lag_ms`, measured
+//!   by the UDP receive loop); see `server::core`. All answer new requests 503 with
+//!   Retry-After statelessly.
 
 pub mod pike;
 pub mod sanity;

@@ -126,6 +126,7 @@ pub struct CoreFactory {
     router: RouterFactory,
     builtin_relays: bool,
     max_backlog: usize,
+    max_receive_lag: Option<Duration>,
 }
 
 impl CoreFactory {
@@ -154,6 +155,7 @@ impl CoreFactory {
             router,
             builtin_relays,
             max_backlog: config.limits.max_backlog,
+            max_receive_lag: config.limits.max_receive_lag(),
         }
     }
 
@@ -183,6 +185,7 @@ impl CoreFactory {
         let mut core = Core::new(identity, self.layer, relay, index, loops);
         core.tag_hasher = self.tag_hasher.clone();
         core.max_backlog = self.max_backlog;
+        core.max_receive_lag = self.max_receive_lag;
         core
     }
 }
@@ -222,6 +225,9 @@ pub struct Core {
     wake: Arc<Notify>,
     /// `limits.max_backlog`: see [`Core::backlog`].
     max_backlog: usize,
+    /// `limits.max_receive_lag_ms` (`None`: off), and the lag the shell last reported.
+    max_receive_lag: Option<Duration>,
+    receive_lag: Duration,
 }
 
 impl Worker for Core {
@@ -278,6 +284,10 @@ impl Worker for Core {
     fn wake_signal(&self) -> Option<Arc<Notify>> {
         Some(Arc::clone(&self.wake))
     }
+
+    fn set_receive_lag(&mut self, lag: Duration) {
+        self.receive_lag = lag;
+    }
 }
 
 /// An answer held until the write it reports is on disk (a registrar's 200, RFC 3261 §10.3).
@@ -315,13 +325,34 @@ impl Core {
             parked: VecDeque::new(),
             wake: Arc::new(Notify::new()),
             max_backlog: crate::config::Limits::default().max_backlog,
+            max_receive_lag: crate::config::Limits::default().max_receive_lag(),
+            receive_lag: Duration::ZERO,
         }
+    }
+
+    /// Why new requests are refused now, if they are: too much work waiting outside the loop
+    /// ([`Core::backlog`]), or a UDP receive queue the loop has not caught up with for longer
+    /// than `limits.max_receive_lag_ms` (its clients are retransmitting into it: serving new
+    /// requests would only make every request late).
+    fn shedding(&self) -> Option<&'static str> {
+        if self.backlog() >= self.max_backlog {
+            return Some(
+                "limits.max_backlog reached (answers waiting for the disk, requests waiting for DNS)",
+            );
+        }
+        if self
+            .max_receive_lag
+            .is_some_and(|max| self.receive_lag >= max)
+        {
+            return Some("limits.max_receive_lag_ms reached (the loop is behind its UDP queue)");
+        }
+        None
     }
 
     /// Requests this loop holds while waiting for something outside it: answers parked until
     /// their write is on disk, and requests or branches waiting for DNS. Either queue grows
     /// when what it waits for is slower than the arrival rate; past `limits.max_backlog` new
-    /// requests are refused with 503 (see [`TransactionLayer::set_backlog_full`]).
+    /// requests are refused with 503 (see [`Core::shedding`]).
     fn backlog(&self) -> usize {
         self.parked.len() + self.relay.resolving()
     }
@@ -367,8 +398,7 @@ impl Core {
             return;
         }
         let mut pending = std::mem::take(&mut self.pending);
-        self.transactions
-            .set_backlog_full(self.backlog() >= self.max_backlog);
+        self.transactions.set_shedding(self.shedding());
         self.transactions.on_request(msg, meta, now, &mut pending);
         self.drain(pending, now, out);
     }

@@ -158,10 +158,9 @@ pub struct TransactionLayer {
     timer_seq: u64,
     /// Requests refused because of the cap, for a log line that cannot become a flood.
     overload_refusals: u64,
-    /// The core's backlog is past its limit: new requests are refused (see
-    /// [`TransactionLayer::set_backlog_full`]).
-    backlog_full: bool,
-    /// Requests refused because of the backlog, for the same kind of log line.
+    /// Why the core is shedding new requests, if it is (see [`TransactionLayer::set_shedding`]).
+    shedding: Option<&'static str>,
+    /// Requests refused while shedding, for the same kind of log line.
     backlog_refusals: u64,
     /// Reused for every machine call, so driving a machine allocates nothing once warm.
     scratch: Vec<Action>,
@@ -182,18 +181,19 @@ impl TransactionLayer {
             timers: BinaryHeap::new(),
             timer_seq: 0,
             overload_refusals: 0,
-            backlog_full: false,
+            shedding: None,
             backlog_refusals: 0,
             scratch: Vec::new(),
         }
     }
 
-    /// Whether the core's backlog (work waiting outside the loop) is past its limit. While it
-    /// is, requests that would start a server transaction, but CANCEL, get a stateless 503
-    /// with Retry-After (RFC 3261 §21.5.4); ACKs, CANCELs, responses and retransmissions of
-    /// live transactions are handled as usual, so work already accepted can finish.
-    pub fn set_backlog_full(&mut self, full: bool) {
-        self.backlog_full = full;
+    /// Whether the core is past one of its overload limits, and which (for the log line).
+    /// While it is, requests that would start a server transaction, but CANCEL, get a
+    /// stateless 503 with Retry-After (RFC 3261 §21.5.4); ACKs, CANCELs, responses and
+    /// retransmissions of live transactions are handled as usual, so work already accepted
+    /// can finish.
+    pub fn set_shedding(&mut self, reason: Option<&'static str>) {
+        self.shedding = reason;
     }
 
     /// Live transactions, client and server.
@@ -240,8 +240,10 @@ impl TransactionLayer {
         if self.live() >= self.config.max_live {
             return self.refuse_overloaded(&request, &meta, out);
         }
-        if self.backlog_full && request.method() != Some(&Method::Cancel) {
-            return self.refuse_backlogged(&request, &meta, out);
+        if let Some(reason) = self.shedding {
+            if request.method() != Some(&Method::Cancel) {
+                return self.refuse_shedding(reason, &request, &meta, out);
+            }
         }
         self.start_server(key, request, meta, now, out);
     }
@@ -330,16 +332,21 @@ impl TransactionLayer {
         self.send_503(request, &via, meta, out);
     }
 
-    /// Like [`TransactionLayer::refuse_overloaded`], for the core's backlog limit.
-    fn refuse_backlogged(&mut self, request: &Message, meta: &Meta, out: &mut Vec<LayerOutput>) {
+    /// Like [`TransactionLayer::refuse_overloaded`], for the core's own limits.
+    fn refuse_shedding(
+        &mut self,
+        reason: &'static str,
+        request: &Message,
+        meta: &Meta,
+        out: &mut Vec<LayerOutput>,
+    ) {
         let Ok(via) = request.top_via() else { return };
         self.backlog_refusals += 1;
         if self.backlog_refusals % 1000 == 1 {
             warn!(
                 source = %meta.source,
                 refused_so_far = self.backlog_refusals,
-                "backlog limit reached (limits.max_backlog: answers waiting for the disk or \
-                 requests waiting for DNS): answering 503 with Retry-After"
+                "{reason}: answering new requests 503 with Retry-After"
             );
         }
         self.send_503(request, &via, meta, out);
@@ -865,7 +872,7 @@ mod tests {
             out.last(),
             Some(LayerOutput::Up(Upcall::Request { .. }))
         ));
-        l.set_backlog_full(true);
+        l.set_shedding(Some("test"));
         let sent_503 = |out: &[LayerOutput]| {
             out.iter().any(|o| match o {
                 LayerOutput::Send { data, .. } => {
@@ -915,7 +922,7 @@ mod tests {
             Some(LayerOutput::Up(Upcall::Ack { .. }))
         ));
         // Below the limit again: served.
-        l.set_backlog_full(false);
+        l.set_shedding(None);
         out.clear();
         l.on_request(
             request("OPTIONS", "z9hG4bKbl4", "OPTIONS"),

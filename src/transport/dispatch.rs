@@ -153,6 +153,12 @@ impl LoopContext {
         }
     }
 
+    /// Tells the Worker how far behind its UDP receive queue it is (see
+    /// [`Worker::set_receive_lag`]).
+    pub(crate) fn set_receive_lag(&self, lag: std::time::Duration) {
+        self.worker.borrow_mut().set_receive_lag(lag);
+    }
+
     /// Runs `input` through the Worker and carries out the outputs, in order.
     pub(crate) async fn handle(self: &Rc<Self>, input: Input) {
         let outputs =
