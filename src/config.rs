@@ -433,7 +433,10 @@ pub struct Limits {
     /// socket's receive queue (the queue never ran empty meanwhile). Beyond it the loop is
     /// overloaded: new requests are answered 503 with Retry-After until it catches up, while
     /// responses, ACKs, CANCELs and retransmissions of accepted requests are still served.
-    /// 0: off. Default: 500 (T1: by then the clients are retransmitting).
+    /// The time since the queue was last empty bounds the wait of the datagrams in it from
+    /// above, so a loop near saturation, or one starved of CPU by other processes, can pass it
+    /// while its requests wait much less: hence off by default. 500 (T1, when clients start
+    /// retransmitting) to 2000 suit a dedicated host. 0: off. Default: 0.
     pub max_receive_lag_ms: u64,
 }
 
@@ -483,7 +486,7 @@ impl Default for Limits {
             tcp_send_queue: 256,
             max_transactions: 100_000,
             max_backlog: 2000,
-            max_receive_lag_ms: 500,
+            max_receive_lag_ms: 0,
         }
     }
 }
