@@ -10,7 +10,7 @@
 # routing script is bench/relay.lua plus a busy loop of $WORK Lua iterations per request (an
 # expensive script: database lookups, many rules), which makes the server the bottleneck.
 # The run is made once with limits.max_receive_lag_ms = $LAG_MS (default 500) and once with
-# it off (0, the server's default). With the limit, a loop that has not caught up with its UDP queue for that long
+# it off (0; the server's default is 500). With the limit, a loop that has not caught up with its UDP queue for that long
 # answers new INVITEs 503 (SIPp counts those calls as failed, it does not retry) and keeps
 # serving the calls it accepted; without it, every INVITE is accepted and the queue, the
 # response times and the retransmissions grow until calls time out.
@@ -93,7 +93,8 @@ TOML
   printf 'wall: %.2f s  offered: %s calls/s  goodput: %.1f successful calls/s\n' \
     "$wall" "$rate" "$(echo "$OK / $wall" | bc -l)"
   printf 'failure kinds:'
-  stat_columns "$dir/uac-stat.csv" 'Failed' | grep -v '=0$' | grep -v '^FailedCall(P)' | tr '\n' ' ' | sed 's/^/ /'
+  { stat_columns "$dir/uac-stat.csv" 'Failed' | grep -v '=0$' | grep -v '^FailedCall(P)' || true; } \
+    | tr '\n' ' ' | sed 's/^/ /'
   echo
   printf 'server CPU: %.2f s  kernel drops on the server socket: %s  overload log lines: %s\n' \
     "$(echo "($cpu_after - $cpu_before) / $ticks" | bc -l)" "$((drops_after - drops_before))" \

@@ -435,8 +435,8 @@ pub struct Limits {
     /// responses, ACKs, CANCELs and retransmissions of accepted requests are still served.
     /// The time since the queue was last empty bounds the wait of the datagrams in it from
     /// above, so a loop near saturation, or one starved of CPU by other processes, can pass it
-    /// while its requests wait much less: hence off by default. 500 (T1, when clients start
-    /// retransmitting) to 2000 suit a dedicated host. 0: off. Default: 0.
+    /// while its requests wait less (a few 503s that were not needed; see bench/README.md).
+    /// 0: off. Default: 500 (T1: by then clients start retransmitting).
     pub max_receive_lag_ms: u64,
 }
 
@@ -486,7 +486,7 @@ impl Default for Limits {
             tcp_send_queue: 256,
             max_transactions: 100_000,
             max_backlog: 2000,
-            max_receive_lag_ms: 0,
+            max_receive_lag_ms: 500,
         }
     }
 }
