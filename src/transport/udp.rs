@@ -91,7 +91,7 @@ pub(crate) async fn run_receiver(ctx: Rc<LoopContext>, endpoint: Rc<UdpEndpoint>
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
                 // Caught up: the queue is empty.
                 busy_since = None;
-                ctx.set_receive_lag(Duration::ZERO);
+                ctx.set_receive_lag(endpoint.local, Duration::ZERO);
                 endpoint.socket.recv_from(&mut buf).await
             }
             queued => {
@@ -110,7 +110,10 @@ pub(crate) async fn run_receiver(ctx: Rc<LoopContext>, endpoint: Rc<UdpEndpoint>
             }
         };
         let now = Instant::now();
-        ctx.set_receive_lag(now.duration_since(*busy_since.get_or_insert(now)));
+        ctx.set_receive_lag(
+            endpoint.local,
+            now.duration_since(*busy_since.get_or_insert(now)),
+        );
         let datagram = &buf[..len];
         if !accept_datagram(&ctx, datagram, source) {
             continue;
