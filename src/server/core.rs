@@ -228,6 +228,8 @@ pub struct Core {
     /// `limits.max_receive_lag_ms` (`None`: off), and the lag the shell last reported.
     max_receive_lag: Option<Duration>,
     receive_lag: Duration,
+    /// The largest backlog seen, for a debug line at each new power of two.
+    backlog_high_water: usize,
 }
 
 impl Worker for Core {
@@ -327,6 +329,7 @@ impl Core {
             max_backlog: crate::config::Limits::default().max_backlog,
             max_receive_lag: crate::config::Limits::default().max_receive_lag(),
             receive_lag: Duration::ZERO,
+            backlog_high_water: 0,
         }
     }
 
@@ -334,8 +337,21 @@ impl Core {
     /// ([`Core::backlog`]), or a UDP receive queue the loop has not caught up with for longer
     /// than `limits.max_receive_lag_ms` (its clients are retransmitting into it: serving new
     /// requests would only make every request late).
-    fn shedding(&self) -> Option<&'static str> {
-        if self.backlog() >= self.max_backlog {
+    fn shedding(&mut self) -> Option<&'static str> {
+        let backlog = self.backlog();
+        if backlog > self.backlog_high_water {
+            self.backlog_high_water = backlog;
+            // Each power of two once: how deep the queues get under a given load, cheaply.
+            if backlog.is_power_of_two() {
+                debug!(
+                    loop_index = self.loop_index,
+                    backlog,
+                    limit = self.max_backlog,
+                    "backlog high-water mark"
+                );
+            }
+        }
+        if backlog >= self.max_backlog {
             return Some(
                 "limits.max_backlog reached (answers waiting for the disk, requests waiting for DNS)",
             );
@@ -398,7 +414,8 @@ impl Core {
             return;
         }
         let mut pending = std::mem::take(&mut self.pending);
-        self.transactions.set_shedding(self.shedding());
+        let shedding = self.shedding();
+        self.transactions.set_shedding(shedding);
         self.transactions.on_request(msg, meta, now, &mut pending);
         self.drain(pending, now, out);
     }
