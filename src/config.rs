@@ -72,9 +72,9 @@ pub struct Pike {
     /// SUBSCRIBEs (with their digest challenges) when it boots, and a small office's phones
     /// often share one public address; 100 requests/s sustained is still a flood.
     pub max_requests: u32,
-    /// Sources tracked at once (about 50 bytes each). When the table is full, idle sources
-    /// make room; a new source that still finds no room is not rate-limited (logged).
-    /// Default: 100000.
+    /// Sources tracked at once (40 bytes each, 50 to 100 with the hash table's spare room).
+    /// When the table is full, idle sources make room; a new source that still finds no room
+    /// is not rate-limited (logged). Default: 100000.
     pub max_tracked_ips: usize,
 }
 

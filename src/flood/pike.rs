@@ -16,9 +16,10 @@
 //! IPv4 address.
 //!
 //! Bounded memory: at most `max_tracked_ips` sources are tracked (split evenly over the shards;
-//! about 50 bytes each). A source that is new when its shard is full first makes the shard drop
-//! its idle entries (those whose state is the same as an untracked source's: no request in the
-//! current window and not flagged), at most twice per window. If the shard is still full, the
+//! 40 bytes each, 50 to 100 with the hash table's spare room). A source that is new when its
+//! shard is full first makes the shard drop its idle entries (those whose state is the same as
+//! an untracked source's: no request in the current window and not flagged), at most twice
+//! per window. If the shard is still full, the
 //! new source is *not tracked* and its requests pass (`pike_check` is false): the limiter fails
 //! open, so a flood of spoofed addresses cannot make it refuse legitimate sources; the flagged
 //! sources already tracked stay flagged. Such requests are counted and logged (rate-limited).
