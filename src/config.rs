@@ -748,9 +748,25 @@ mod tests {
             tcp_idle_timeout_secs = 60
             tcp_connect_timeout_secs = 2
             tcp_send_queue = 16
+            max_backlog = 50
+            max_receive_lag_ms = 0
+
+            [pike]
+            window_ms = 500
+            max_requests = 20
+            max_tracked_ips = 1000
             "#,
         )
         .unwrap();
+        assert_eq!(
+            config.pike,
+            Pike {
+                window_ms: 500,
+                max_requests: 20,
+                max_tracked_ips: 1000,
+            }
+        );
+        assert_eq!(config.limits.max_receive_lag(), None);
         assert_eq!(
             config.listen,
             vec![listen("udp:0.0.0.0:5080"), listen("tcp:[::1]:5080")]
@@ -770,8 +786,8 @@ mod tests {
                 tcp_connect_timeout_secs: 2,
                 tcp_send_queue: 16,
                 max_transactions: Limits::default().max_transactions,
-                max_backlog: Limits::default().max_backlog,
-                max_receive_lag_ms: Limits::default().max_receive_lag_ms,
+                max_backlog: 50,
+                max_receive_lag_ms: 0,
             }
         );
     }
