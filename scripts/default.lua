@@ -16,7 +16,37 @@
 -- domains.
 local AUTHENTICATE = true
 
+-- Flood protection: sources not rate-limited (this host: local gateways and media servers,
+-- and the benchmarks in bench/), and how long a source over the rate limit ([pike] in the
+-- configuration) stays banned. Add your own gateways, as Kamailio's allow_trusted() would.
+local TRUSTED = { ["127.0.0.1"] = true, ["::1"] = true }
+local BAN_SECONDS = 300
+
 function on_request(req)
+  -- Flood protection (Kamailio's pike + htable "ipban"): a banned source is ignored; a source
+  -- over the rate limit is banned for BAN_SECONDS, with one log line.
+  if not TRUSTED[req.src_ip] then
+    local ban = "ipban:" .. req.src_ip
+    if sip.kv.get(ban) then
+      return req:drop()
+    end
+    if req:pike_check() then
+      sip.kv.set(ban, 1, BAN_SECONDS)
+      sip.log("warn", "pike: banning " .. req.src_ip .. " for " .. BAN_SECONDS .. " s")
+      return req:drop()
+    end
+  end
+
+  -- Stricter than the engine's own checks (Kamailio's sanity_check): one SIP Contact in an
+  -- INVITE, a sip/sips/tel Request-URI, Content-Length matching the body, Expires a number...
+  local ok, why, code = req:sanity()
+  if not ok then
+    if req:is_method("ACK") then
+      return req:drop()
+    end
+    return req:reply(code, why)
+  end
+
   -- NAT traversal (Kamailio's route[NATDETECT]): the engine already records received/rport
   -- ([nat] force_rport); a phone whose Via or Contact is not where its packets come from is
   -- behind a NAT.

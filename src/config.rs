@@ -58,6 +58,8 @@ pub struct Config {
     pub nat: Nat,
     /// Digest authentication (RFC 3261 §22): nonces and algorithms.
     pub auth: Auth,
+    /// The per-source rate limiter behind `sip.pike_check` (flood protection).
+    pub pike: Pike,
 }
 
 /// NAT traversal (RFC 3581; keep-alives as in RFC 5626 §4.4.1). See `src/nat/`.
@@ -92,6 +94,36 @@ impl Default for Nat {
     }
 }
 
+/// The per-source request rate limiter scripts query with `sip.pike_check` /
+/// `req:pike_check` (Kamailio's `pike`; [`crate::flood::pike`]). It only counts: what happens
+/// to a flagged source is the script's decision.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Pike {
+    /// The sampling window, in milliseconds (Kamailio's `sampling_time_unit`). Default: 2000.
+    pub window_ms: u64,
+    /// Requests one source (an IPv4 address, an IPv6 /64) may send per window; one more flags
+    /// it until a whole window passes within the limit (Kamailio's `reqs_density_per_unit`).
+    /// Default: 200, far above Kamailio's 30: a desk phone with 60 BLF keys sends ~130
+    /// SUBSCRIBEs (with their digest challenges) when it boots, and a small office's phones
+    /// often share one public address; 100 requests/s sustained is still a flood.
+    pub max_requests: u32,
+    /// Sources tracked at once (40 bytes each, 50 to 100 with the hash table's spare room).
+    /// When the table is full, idle sources make room; a new source that still finds no room
+    /// is not rate-limited (logged). Default: 100000.
+    pub max_tracked_ips: usize,
+}
+
+impl Default for Pike {
+    fn default() -> Self {
+        Pike {
+            window_ms: 2000,
+            max_requests: 200,
+            max_tracked_ips: 100_000,
+        }
+    }
+}
+
 impl Nat {
     /// The keep-alive interval, `None` when keep-alives are off.
     pub fn keepalive_interval(&self) -> Option<std::time::Duration> {
@@ -108,6 +140,17 @@ impl Nat {
         }
         if self.keepalive_interval_secs > 86_400 || self.keepalive_interval_ms > 86_400_000 {
             return Err("nat: a keep-alive interval is at most one day".to_owned());
+        }
+        Ok(())
+    }
+}
+
+impl Pike {
+    fn validate(&self) -> Result<(), String> {
+        if self.window_ms == 0 || self.max_requests == 0 || self.max_tracked_ips == 0 {
+            return Err(
+                "pike: window_ms, max_requests and max_tracked_ips must be at least 1".to_owned(),
+            );
         }
         Ok(())
     }
@@ -496,6 +539,21 @@ pub struct Limits {
     /// Live SIP transactions per event loop; beyond it new requests are answered 503 with
     /// Retry-After instead of exhausting memory (about 2.2 KB each). Default: 100000.
     pub max_transactions: usize,
+    /// Requests one event loop may hold waiting for something outside the loop: answers
+    /// waiting for their registration to reach the disk, and requests whose script waits for
+    /// DNS (`sip.resolve`). Beyond it new requests are answered 503 with Retry-After before
+    /// the script runs, so a slow disk or DNS server makes clients back off instead of
+    /// retransmitting into a growing queue. Default: 2000.
+    pub max_backlog: usize,
+    /// How long, in milliseconds, an event loop may go without catching up with a UDP
+    /// socket's receive queue (the queue never ran empty meanwhile). Beyond it the loop is
+    /// overloaded: new requests are answered 503 with Retry-After until it catches up, while
+    /// responses, ACKs, CANCELs and retransmissions of accepted requests are still served.
+    /// The time since the queue was last empty bounds the wait of the datagrams in it from
+    /// above, so a loop near saturation, or one starved of CPU by other processes, can pass it
+    /// while its requests wait less (a few 503s that were not needed; see bench/README.md).
+    /// 0: off. Default: 500 (T1: by then clients start retransmitting).
+    pub max_receive_lag_ms: u64,
 }
 
 /// The default SIP port for UDP and TCP (RFC 3261 §19.1.2).
@@ -531,6 +589,7 @@ impl Default for Config {
             dns: Dns::default(),
             nat: Nat::default(),
             auth: Auth::default(),
+            pike: Pike::default(),
         }
     }
 }
@@ -544,7 +603,17 @@ impl Default for Limits {
             tcp_connect_timeout_secs: 5,
             tcp_send_queue: 256,
             max_transactions: 100_000,
+            max_backlog: 2000,
+            max_receive_lag_ms: 500,
         }
+    }
+}
+
+impl Limits {
+    /// `max_receive_lag_ms` as a duration; `None` when it is 0 (off).
+    pub fn max_receive_lag(&self) -> Option<std::time::Duration> {
+        (self.max_receive_lag_ms > 0)
+            .then(|| std::time::Duration::from_millis(self.max_receive_lag_ms))
     }
 }
 
@@ -694,7 +763,8 @@ impl Config {
         self.tls.validate().map_err(invalid)?;
         self.dns.validate().map_err(invalid)?;
         self.nat.validate().map_err(invalid)?;
-        self.auth.validate().map_err(invalid)
+        self.auth.validate().map_err(invalid)?;
+        self.pike.validate().map_err(invalid)
     }
 
     /// The number of event loops to run: `workers`, or one per CPU core when it is 0.
@@ -727,6 +797,7 @@ impl Limits {
             ),
             ("limits.tcp_send_queue", self.tcp_send_queue as u64),
             ("limits.max_transactions", self.max_transactions as u64),
+            ("limits.max_backlog", self.max_backlog as u64),
         ];
         match at_least_one.iter().find(|(_, value)| *value == 0) {
             Some((name, _)) => Err(format!("{name}: must be at least 1")),
@@ -797,9 +868,25 @@ mod tests {
             tcp_idle_timeout_secs = 60
             tcp_connect_timeout_secs = 2
             tcp_send_queue = 16
+            max_backlog = 50
+            max_receive_lag_ms = 0
+
+            [pike]
+            window_ms = 500
+            max_requests = 20
+            max_tracked_ips = 1000
             "#,
         )
         .unwrap();
+        assert_eq!(
+            config.pike,
+            Pike {
+                window_ms: 500,
+                max_requests: 20,
+                max_tracked_ips: 1000,
+            }
+        );
+        assert_eq!(config.limits.max_receive_lag(), None);
         assert_eq!(
             config.listen,
             vec![listen("udp:0.0.0.0:5080"), listen("tcp:[::1]:5080")]
@@ -819,6 +906,8 @@ mod tests {
                 tcp_connect_timeout_secs: 2,
                 tcp_send_queue: 16,
                 max_transactions: Limits::default().max_transactions,
+                max_backlog: 50,
+                max_receive_lag_ms: 0,
             }
         );
     }
@@ -870,6 +959,9 @@ mod tests {
         check(|c| c.log_level.clear(), "log_level");
         check(|c| c.limits.max_message_size = 100, "max_message_size");
         check(|c| c.limits.max_connections = 0, "max_connections");
+        check(|c| c.limits.max_backlog = 0, "max_backlog");
+        check(|c| c.pike.window_ms = 0, "pike");
+        check(|c| c.pike.max_requests = 0, "pike");
         check(|c| c.limits.tcp_send_queue = 0, "tcp_send_queue");
         check(
             |c| c.limits.tcp_idle_timeout_secs = 0,

@@ -157,9 +157,17 @@ impl Request {
                 nc,
             },
         );
+        // Other headers (an INVITE's Contact) stay; earlier credentials are replaced.
+        let mut headers: Vec<(String, String)> = self
+            .headers
+            .iter()
+            .filter(|(name, _)| name != header)
+            .cloned()
+            .collect();
+        headers.push((header.to_owned(), credentials));
         Request {
             cseq: self.cseq + 1,
-            headers: vec![(header.to_owned(), credentials)],
+            headers,
             method: self.method,
             ruri: self.ruri.clone(),
             from_user: self.from_user.clone(),

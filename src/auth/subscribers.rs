@@ -145,9 +145,26 @@ impl Subscribers {
         {
             return Ok(table);
         }
-        let table = Arc::new(Subscribers::open(path)?);
+        let table = Arc::new(Self::open_when_released(path)?);
         open.push((key, Arc::downgrade(&table)));
         Ok(table)
+    }
+
+    /// Opens the table, waiting up to a second for a previous user of this process whose last
+    /// reference was just dropped: its `Db` may still be closing and holding sled's file lock.
+    /// Another process holding the lock is reported once that second is over.
+    fn open_when_released(path: &Path) -> Result<Subscribers, String> {
+        const TRIES: u32 = 50;
+        let mut tries = 0;
+        loop {
+            match Subscribers::open(path) {
+                Err(e) if e.contains("lock") && tries < TRIES => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Adds or replaces `user@domain`; returns whether it replaced one.

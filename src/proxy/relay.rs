@@ -1206,6 +1206,11 @@ impl Relay {
         }
     }
 
+    /// Requests and branches waiting for a DNS answer.
+    pub fn resolving(&self) -> usize {
+        self.resolving.len()
+    }
+
     /// The DNS resolutions the relay needs, each to be answered with [`Relay::on_resolved`].
     /// The caller drains this after every call into the relay.
     pub fn take_resolves(&mut self) -> Vec<(u64, dns::Query)> {

@@ -43,13 +43,15 @@ pub use router::{ScriptHost, ScriptRouter};
 /// Keys `sip.kv` holds at most, across all loops (bounded memory).
 pub const KV_MAX_KEYS: usize = 1_000_000;
 
-/// What scripts share across loops: the `sip.kv` store, the registrar and the digest
-/// authenticator.
+/// What scripts share across loops: the `sip.kv` store, the registrar, the digest
+/// authenticator and the `pike` rate limiter.
 pub struct Services {
     pub kv: Arc<kv::KvStore>,
     pub registrar: Option<Arc<crate::registrar::Registrar>>,
     /// Digest authentication (`req:authorize`); `None` offline (`moonroute test`).
     pub auth: Option<Arc<crate::auth::Authenticator>>,
+    /// Per-source request rates (`sip.pike_check`).
+    pub pike: Arc<crate::flood::Pike>,
 }
 
 impl Default for Services {
@@ -58,6 +60,7 @@ impl Default for Services {
             kv: Arc::new(kv::KvStore::new(KV_MAX_KEYS)),
             registrar: None,
             auth: None,
+            pike: Arc::new(crate::flood::Pike::default()),
         }
     }
 }

@@ -250,6 +250,7 @@ fn services(location: Option<&str>) -> Result<Services, ScriptError> {
             Rules::from(&crate::config::Registrar::default()),
         ))),
         auth: None,
+        pike: Arc::new(crate::flood::Pike::default()),
     })
 }
 

@@ -95,6 +95,7 @@ impl ScriptHost {
             kv: Arc::new(super::kv::KvStore::new(super::KV_MAX_KEYS)),
             registrar: Some(Arc::new(registrar)),
             auth: Some(Arc::new(auth)),
+            pike: Arc::new(crate::flood::Pike::new((&config.pike).into())),
         };
         ScriptHost::load(
             &config.script,

@@ -133,6 +133,8 @@ pub struct CoreFactory {
     keepalive: Option<(Duration, u32, Arc<dyn LocationStore>)>,
     /// The `[nat]` keep-alive interval and failure count, `None` when off.
     keepalive_config: Option<(Duration, u32)>,
+    max_backlog: usize,
+    max_receive_lag: Option<Duration>,
 }
 
 impl CoreFactory {
@@ -166,6 +168,8 @@ impl CoreFactory {
                 .nat
                 .keepalive_interval()
                 .map(|interval| (interval, config.nat.keepalive_failures)),
+            max_backlog: config.limits.max_backlog,
+            max_receive_lag: config.limits.max_receive_lag(),
         }
     }
 
@@ -215,6 +219,8 @@ impl CoreFactory {
                         nonce: self.tag_hasher.hash_one(index),
                     });
         }
+        core.max_backlog = self.max_backlog;
+        core.max_receive_lag = self.max_receive_lag;
         core
     }
 }
@@ -252,6 +258,13 @@ pub struct Core {
     parked: VecDeque<Parked>,
     /// Notified by the location store's flusher after each flush.
     wake: Arc<Notify>,
+    /// `limits.max_backlog`: see [`Core::backlog`].
+    max_backlog: usize,
+    /// `limits.max_receive_lag_ms` (`None`: off), and the lag the shell last reported.
+    max_receive_lag: Option<Duration>,
+    receive_lag: Duration,
+    /// The largest backlog seen, for a debug line at each new power of two.
+    backlog_high_water: usize,
     /// RFC 3581 `rport` on every request (`[nat] force_rport`).
     force_rport: bool,
     /// Keep-alives of NATed bindings (the first loop only).
@@ -325,6 +338,10 @@ impl Worker for Core {
     fn wake_signal(&self) -> Option<Arc<Notify>> {
         Some(Arc::clone(&self.wake))
     }
+
+    fn set_receive_lag(&mut self, lag: Duration) {
+        self.receive_lag = lag;
+    }
 }
 
 /// An answer held until the write it reports is on disk (a registrar's 200, RFC 3261 §10.3).
@@ -363,7 +380,51 @@ impl Core {
             wake: Arc::new(Notify::new()),
             force_rport: false,
             keepalive: None,
+            max_backlog: crate::config::Limits::default().max_backlog,
+            max_receive_lag: crate::config::Limits::default().max_receive_lag(),
+            receive_lag: Duration::ZERO,
+            backlog_high_water: 0,
         }
+    }
+
+    /// Why new requests are refused now, if they are: too much work waiting outside the loop
+    /// ([`Core::backlog`]), or a UDP receive queue the loop has not caught up with for longer
+    /// than `limits.max_receive_lag_ms` (its clients are retransmitting into it: serving new
+    /// requests would only make every request late).
+    fn shedding(&mut self) -> Option<&'static str> {
+        let backlog = self.backlog();
+        if backlog > self.backlog_high_water {
+            self.backlog_high_water = backlog;
+            // Each power of two once: how deep the queues get under a given load, cheaply.
+            if backlog.is_power_of_two() {
+                debug!(
+                    loop_index = self.loop_index,
+                    backlog,
+                    limit = self.max_backlog,
+                    "backlog high-water mark"
+                );
+            }
+        }
+        if backlog >= self.max_backlog {
+            return Some(
+                "limits.max_backlog reached (answers waiting for the disk, requests waiting for DNS)",
+            );
+        }
+        if self
+            .max_receive_lag
+            .is_some_and(|max| self.receive_lag >= max)
+        {
+            return Some("limits.max_receive_lag_ms reached (the loop is behind its UDP queue)");
+        }
+        None
+    }
+
+    /// Requests this loop holds while waiting for something outside it: answers parked until
+    /// their write is on disk, and requests or branches waiting for DNS. Either queue grows
+    /// when what it waits for is slower than the arrival rate; past `limits.max_backlog` new
+    /// requests are refused with 503 (see [`Core::shedding`]).
+    fn backlog(&self) -> usize {
+        self.parked.len() + self.relay.resolving()
     }
 
     fn on_message(&mut self, data: Bytes, meta: Meta, now: Instant, out: &mut Vec<Output>) {
@@ -412,6 +473,8 @@ impl Core {
             return;
         }
         let mut pending = std::mem::take(&mut self.pending);
+        let shedding = self.shedding();
+        self.transactions.set_shedding(shedding);
         self.transactions.on_request(msg, meta, now, &mut pending);
         self.drain(pending, now, out);
     }

@@ -164,6 +164,10 @@ pub struct TransactionLayer {
     timer_seq: u64,
     /// Requests refused because of the cap, for a log line that cannot become a flood.
     overload_refusals: u64,
+    /// Why the core is shedding new requests, if it is (see [`TransactionLayer::set_shedding`]).
+    shedding: Option<&'static str>,
+    /// Requests refused while shedding, for the same kind of log line.
+    backlog_refusals: u64,
     /// Reused for every machine call, so driving a machine allocates nothing once warm.
     scratch: Vec<Action>,
 }
@@ -183,8 +187,19 @@ impl TransactionLayer {
             timers: BinaryHeap::new(),
             timer_seq: 0,
             overload_refusals: 0,
+            shedding: None,
+            backlog_refusals: 0,
             scratch: Vec::new(),
         }
+    }
+
+    /// Whether the core is past one of its overload limits, and which (for the log line).
+    /// While it is, requests that would start a server transaction, but CANCEL, get a
+    /// stateless 503 with Retry-After (RFC 3261 §21.5.4); ACKs, CANCELs, responses and
+    /// retransmissions of live transactions are handled as usual, so work already accepted
+    /// can finish.
+    pub fn set_shedding(&mut self, reason: Option<&'static str>) {
+        self.shedding = reason;
     }
 
     /// Live transactions, client and server.
@@ -230,6 +245,11 @@ impl TransactionLayer {
         }
         if self.live() >= self.config.max_live {
             return self.refuse_overloaded(&request, &meta, out);
+        }
+        if let Some(reason) = self.shedding {
+            if request.method() != Some(&Method::Cancel) {
+                return self.refuse_shedding(reason, &request, &meta, out);
+            }
         }
         self.start_server(key, request, meta, now, out);
     }
@@ -315,13 +335,45 @@ impl TransactionLayer {
                 "transaction cap reached: answering 503 with Retry-After"
             );
         }
+        self.send_503(request, &via, meta, out);
+    }
+
+    /// Like [`TransactionLayer::refuse_overloaded`], for the core's own limits.
+    fn refuse_shedding(
+        &mut self,
+        reason: &'static str,
+        request: &Message,
+        meta: &Meta,
+        out: &mut Vec<LayerOutput>,
+    ) {
+        let Ok(via) = request.top_via() else { return };
+        self.backlog_refusals += 1;
+        if self.backlog_refusals % 1000 == 1 {
+            warn!(
+                source = %meta.source,
+                refused_so_far = self.backlog_refusals,
+                "{reason}: answering new requests 503 with Retry-After"
+            );
+        }
+        self.send_503(request, &via, meta, out);
+    }
+
+    /// A stateless 503 with Retry-After (§21.5.4): the client retries later, elsewhere if it
+    /// can (RFC 3263 §4.3), instead of retransmitting into a server that cannot keep up.
+    fn send_503(
+        &self,
+        request: &Message,
+        via: &crate::sip::Via<'_>,
+        meta: &Meta,
+        out: &mut Vec<LayerOutput>,
+    ) {
         let retry_after = self.config.retry_after_secs.to_string();
         let data = ResponseBuilder::new(request, 503, "Service Unavailable")
             .to_tag(b"mr503")
             .header("Retry-After", retry_after.as_bytes())
             .build();
         out.push(LayerOutput::Send {
-            dest: response_destination(&via, meta),
+            dest: response_destination(via, meta),
             data,
         });
     }
@@ -827,6 +879,81 @@ mod tests {
         assert_eq!(answer.status(), Some(503));
         assert_eq!(answer.headers_named("Retry-After").next(), Some(&b"5"[..]));
         assert_eq!(l.live(), 1);
+    }
+
+    #[test]
+    fn a_full_backlog_refuses_new_requests_but_not_retransmissions_acks_or_cancels() {
+        let mut l = layer();
+        let now = Instant::now();
+        let mut out = Vec::new();
+        let invite = request("INVITE", "z9hG4bKbl1", "INVITE");
+        l.on_request(invite.clone(), meta(TransportKind::Udp), now, &mut out);
+        assert!(matches!(
+            out.last(),
+            Some(LayerOutput::Up(Upcall::Request { .. }))
+        ));
+        l.set_shedding(Some("test"));
+        let sent_503 = |out: &[LayerOutput]| {
+            out.iter().any(|o| match o {
+                LayerOutput::Send { data, .. } => {
+                    let answer = Message::parse(data.clone()).unwrap();
+                    answer.status() == Some(503)
+                        && answer.headers_named("Retry-After").next() == Some(&b"5"[..])
+                }
+                _ => false,
+            })
+        };
+        // A new request: 503 with Retry-After, no transaction.
+        out.clear();
+        let live = l.live();
+        l.on_request(
+            request("OPTIONS", "z9hG4bKbl2", "OPTIONS"),
+            meta(TransportKind::Udp),
+            now,
+            &mut out,
+        );
+        assert!(sent_503(&out), "{out:?}");
+        assert_eq!(l.live(), live);
+        // The INVITE's retransmission is absorbed by its transaction, its CANCEL goes up.
+        out.clear();
+        l.on_request(invite, meta(TransportKind::Udp), now, &mut out);
+        assert!(!sent_503(&out), "{out:?}");
+        out.clear();
+        l.on_request(
+            request("CANCEL", "z9hG4bKbl1", "CANCEL"),
+            meta(TransportKind::Udp),
+            now,
+            &mut out,
+        );
+        assert!(matches!(
+            out.last(),
+            Some(LayerOutput::Up(Upcall::Cancel { .. }))
+        ));
+        // A stray ACK still goes up (it may be the ACK of a 2xx, routed end to end).
+        out.clear();
+        l.on_request(
+            request("ACK", "z9hG4bKbl3", "ACK"),
+            meta(TransportKind::Udp),
+            now,
+            &mut out,
+        );
+        assert!(matches!(
+            out.last(),
+            Some(LayerOutput::Up(Upcall::Ack { .. }))
+        ));
+        // Below the limit again: served.
+        l.set_shedding(None);
+        out.clear();
+        l.on_request(
+            request("OPTIONS", "z9hG4bKbl4", "OPTIONS"),
+            meta(TransportKind::Udp),
+            now,
+            &mut out,
+        );
+        assert!(matches!(
+            out.last(),
+            Some(LayerOutput::Up(Upcall::Request { .. }))
+        ));
     }
 
     #[test]

@@ -46,6 +46,9 @@ pub(crate) struct LoopContext {
     pub(crate) tls: Arc<TlsContext>,
     /// TLS handshakes of accepted connections in progress on this loop.
     pub(crate) tls_handshakes: Cell<usize>,
+    /// The receive lag of each UDP socket of this loop, by local address (see
+    /// [`LoopContext::set_receive_lag`]).
+    receive_lags: RefCell<Vec<(SocketAddr, std::time::Duration)>>,
     /// Every loop's hand-over queue, this one's included, by loop index.
     hand_over: Arc<[mpsc::Sender<Input>]>,
     dns: LoopDns,
@@ -115,6 +118,7 @@ impl LoopContext {
             limits,
             tls,
             tls_handshakes: Cell::new(0),
+            receive_lags: RefCell::new(Vec::new()),
             hand_over,
             dns,
         }
@@ -151,6 +155,20 @@ impl LoopContext {
         while let Some(input) = queue.recv().await {
             self.handle(input).await;
         }
+    }
+
+    /// Records how far behind the queue of its UDP socket `local` the loop is, and tells the
+    /// Worker the largest lag over the loop's sockets (see [`Worker::set_receive_lag`]).
+    pub(crate) fn set_receive_lag(&self, local: SocketAddr, lag: std::time::Duration) {
+        let worst = {
+            let mut lags = self.receive_lags.borrow_mut();
+            match lags.iter_mut().find(|(addr, _)| *addr == local) {
+                Some(entry) => entry.1 = lag,
+                None => lags.push((local, lag)),
+            }
+            lags.iter().map(|(_, lag)| *lag).max().unwrap_or_default()
+        };
+        self.worker.borrow_mut().set_receive_lag(worst);
     }
 
     /// Runs `input` through the Worker and carries out the outputs, in order.

@@ -330,6 +330,12 @@ pub trait Worker: 'static {
     fn wake_signal(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
         None
     }
+
+    /// How long this loop has been receiving from a UDP socket whose queue never ran empty:
+    /// zero when it has caught up. Told before each datagram and whenever the socket drains;
+    /// a loop that has not caught up for long is overloaded (its clients are retransmitting
+    /// into the queue). Default: ignored.
+    fn set_receive_lag(&mut self, _lag: Duration) {}
 }
 
 /// Makes the [`Worker`] of each event loop; called once per loop, inside the loop's thread.
