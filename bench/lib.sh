@@ -285,6 +285,10 @@ run_register_uac() {
     { echo SEQUENTIAL; seq -f 'r%g' 1 "$USERS"; } >"$dir/users.csv"
     scenario=(-sf bench/register_refresh_uac.xml -inf "$dir/users.csv")
     if [ -n "${AUTH:-}" ]; then
+      # field1: SIPp's [authentication] keyword per user (see bench/register_auth_uac.xml).
+      { echo SEQUENTIAL
+        seq -f 'r%g' 1 "$USERS" | awk '{ printf "%s;[authentication username=%s password=bench-pw]\n", $1, $1 }'
+      } >"$dir/users.csv"
       scenario=(-sf bench/register_auth_uac.xml -inf "$dir/users.csv")
     fi
   fi

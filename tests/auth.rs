@@ -39,12 +39,17 @@ struct Running {
 /// The shipped default.lua over sled in a fresh data directory, with alice and bob
 /// provisioned (passwords `alice-pw`, `bob-pw`).
 fn start() -> Running {
+    start_with_script("scripts/default.lua")
+}
+
+/// As [`start`], routed by `script` (relative to the crate root).
+fn start_with_script(script: &str) -> Running {
     let dir = TempDir::new().unwrap();
     let mut config = Config {
         listen: vec!["udp:127.0.0.1:0".parse::<ListenAddr>().unwrap()],
         domains: vec![DOMAIN.to_owned()],
         workers: 2,
-        script: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/default.lua"),
+        script: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(script),
         data_dir: dir.path().to_path_buf(),
         ..Config::default()
     };
@@ -383,6 +388,48 @@ async fn credentials_for_another_aor_or_uri_are_refused() {
     let (_, refused) = mismatched.send(&mut ua, running.udp).await;
     expect_status(&refused, 401);
     assert_eq!(bindings(&running, "alice"), 0);
+}
+
+#[tokio::test]
+async fn check_from_compares_the_subscribers_domain_not_the_realm() {
+    // carol@moonroute.test authenticates in realm "voip" (`ctl user add --realm voip`): her
+    // AOR's host is the subscriber's domain, not the realm.
+    let running = start_with_script("tests/data/scripts/auth_realm.lua");
+    running
+        .host
+        .services()
+        .auth
+        .as_ref()
+        .unwrap()
+        .subscribers()
+        .add(
+            &format!("carol@{DOMAIN}"),
+            &Subscriber::with_password("carol", "voip", "carol-pw"),
+        )
+        .unwrap();
+    let mut ua = TestUa::udp("carol").await;
+    let request = Request::register("carol", &ua, running.udp);
+    let (_, challenge) = request.send(&mut ua, running.udp).await;
+    expect_status(&challenge, 401);
+    let list = challenges(&challenge, "WWW-Authenticate");
+    assert_eq!(list[0].realm, "voip");
+    let (_, ok) = request
+        .answered(&list[0], "carol", "carol-pw", 1)
+        .send(&mut ua, running.udp)
+        .await;
+    expect_status(&ok, 200);
+    assert_eq!(bindings(&running, "carol"), 1);
+
+    // Her credentials for another AOR of the domain are still refused.
+    let request = Request::register("bob", &ua, running.udp);
+    let (_, challenge) = request.send(&mut ua, running.udp).await;
+    let list = challenges(&challenge, "WWW-Authenticate");
+    let (_, forbidden) = request
+        .answered(&list[0], "carol", "carol-pw", 1)
+        .send(&mut ua, running.udp)
+        .await;
+    expect_status(&forbidden, 403);
+    assert_eq!(bindings(&running, "bob"), 0);
 }
 
 #[tokio::test]

@@ -417,6 +417,29 @@ mod tests {
     }
 
     #[test]
+    fn sipp_3_6_1_credentials_as_sent() {
+        // SIPp 3.6.1's [authentication] answer to a moonroute 401 (bench/register_auth_uac.xml,
+        // captured with -trace_msg): no space after the commas, qop and nc unquoted,
+        // algorithm last. User r1, realm 127.0.0.1, password bench-pw, method REGISTER.
+        let credentials = parse(
+            b"Digest username=\"r1\",realm=\"127.0.0.1\",cnonce=\"6b8b4567\",nc=00000001,\
+              qop=auth,uri=\"sip:127.0.0.1:15460\",\
+              nonce=\"000000006b016a10da68f85021463f70f7a30c88d90dac7894f213d618db1a6f\",\
+              response=\"605fd9988e6a8ef3a6c289210b5d7dba\",algorithm=MD5",
+        )
+        .unwrap();
+        assert_eq!(credentials.username, "r1");
+        assert_eq!(credentials.uri, "sip:127.0.0.1:15460");
+        assert_eq!(credentials.algorithm.as_deref(), Some("MD5"));
+        assert_eq!(credentials.qop.as_ref().unwrap().cnonce, "6b8b4567");
+        let ha1 = Algorithm::Md5.ha1("r1", "127.0.0.1", "bench-pw");
+        assert_eq!(
+            expected_response(Algorithm::Md5, &ha1, "REGISTER", &credentials),
+            credentials.response
+        );
+    }
+
+    #[test]
     fn names_are_case_insensitive_and_escapes_unquoted() {
         let c = parse(br#"digest USERNAME="a\"b", Realm=r, NONCE="n", Uri="sip:x", Response="00""#)
             .unwrap();

@@ -32,8 +32,14 @@ pub use subscribers::{Subscriber, Subscribers};
 /// The outcome of checking a request's credentials for one realm.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Verdict {
-    /// The credentials are valid: the authenticated user and realm.
-    Authorized { user: String, realm: String },
+    /// The credentials are valid: the authenticated user, the realm they were checked for,
+    /// and the subscriber's domain (lowercase; the host of the user's AOR, which differs from
+    /// the realm for a subscriber added with `--realm`).
+    Authorized {
+        user: String,
+        realm: String,
+        domain: String,
+    },
     /// No Digest credentials for this realm in the request.
     NoCredentials,
     /// Valid credentials with an expired (or forgotten) nonce: challenge again with
@@ -195,7 +201,10 @@ impl Authenticator {
             nonce::Check::Stale(n) => (n, true),
             nonce::Check::Forged => return Verdict::Refused("nonce not issued by this server"),
         };
-        let Some(subscriber) = self.subscribers.find(&credentials.username, realm) else {
+        let Some((domain, subscriber)) = self
+            .subscribers
+            .find_with_domain(&credentials.username, realm)
+        else {
             return Verdict::Refused("unknown user");
         };
         let method = request.method().map(Method::as_str).unwrap_or_default();
@@ -229,6 +238,7 @@ impl Authenticator {
             replay::Use::Fresh => Verdict::Authorized {
                 user: credentials.username,
                 realm: realm.to_owned(),
+                domain,
             },
             replay::Use::Replayed => Verdict::Refused("replayed nonce"),
             replay::Use::Forgotten => Verdict::Stale,

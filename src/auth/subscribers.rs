@@ -210,12 +210,20 @@ impl Subscribers {
 
     /// The credentials of `username` in `realm` (what a digest response names).
     pub fn find(&self, username: &str, realm: &str) -> Option<Subscriber> {
+        self.find_with_domain(username, realm)
+            .map(|(_, subscriber)| subscriber)
+    }
+
+    /// The credentials of `username` in `realm` and the subscriber's domain (lowercase): the
+    /// host its AOR must have, which is not the realm when it was added with `--realm`.
+    pub fn find_with_domain(&self, username: &str, realm: &str) -> Option<(String, Subscriber)> {
         let key = self
             .by_realm
             .get(format!("{username}@{realm}").as_bytes())
             .ok()??;
         let subscriber = Subscriber::decode(&self.db.get(&key).ok()??)?;
-        (subscriber.realm == realm).then_some(subscriber)
+        let (_, domain) = std::str::from_utf8(&key).ok()?.rsplit_once('@')?;
+        (subscriber.realm == realm).then(|| (domain.to_owned(), subscriber))
     }
 
     /// Removes the realm index entry of `key`; returns whether `key` had a record.
@@ -255,7 +263,11 @@ mod tests {
         // Another realm than the domain.
         let bob = Subscriber::with_password("bob", "voip", "pw");
         table.add("sip:bob@example.com", &bob).unwrap();
-        assert_eq!(table.find("bob", "voip"), Some(bob));
+        assert_eq!(table.find("bob", "voip"), Some(bob.clone()));
+        assert_eq!(
+            table.find_with_domain("bob", "voip"),
+            Some(("example.com".to_owned(), bob))
+        );
         assert_eq!(table.find("bob", "example.com"), None);
         // Replacing moves the realm index.
         let bob2 = Subscriber::with_password("bob", "example.com", "pw2");

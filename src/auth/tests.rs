@@ -120,6 +120,7 @@ fn authorized() -> Verdict {
     Verdict::Authorized {
         user: "alice".into(),
         realm: REALM.into(),
+        domain: "example.com".into(),
     }
 }
 

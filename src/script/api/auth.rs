@@ -54,7 +54,7 @@ pub(super) fn add_methods<M: UserDataMethods<ScriptMsg>>(methods: &mut M) {
         };
         log_verdict(m, &realm, &verdict);
         let result = match &verdict {
-            Verdict::Authorized { user, realm } => MultiValue::from_vec(vec![Value::String(
+            Verdict::Authorized { user, realm, .. } => MultiValue::from_vec(vec![Value::String(
                 lua.create_string(format!("{user}@{realm}"))?,
             )]),
             other => MultiValue::from_vec(vec![
@@ -90,7 +90,7 @@ pub(super) fn add_methods<M: UserDataMethods<ScriptMsg>>(methods: &mut M) {
     });
     methods.add_method("check_from", |_, m, ()| {
         m.require(&[Role::Request], "check_from")?;
-        let Some(Verdict::Authorized { user, realm }) = &m.auth else {
+        let Some(Verdict::Authorized { user, domain, .. }) = &m.auth else {
             return Ok(false);
         };
         let name_addr = match m.msg.method() {
@@ -103,8 +103,10 @@ pub(super) fn add_methods<M: UserDataMethods<ScriptMsg>>(methods: &mut M) {
         let Some(uri) = name_addr.uri.as_sip() else {
             return Ok(false);
         };
-        // User parts are case-sensitive, hosts are not (RFC 3261 §19.1.4).
-        Ok(uri.user == Some(user.as_bytes()) && uri.host.to_string().eq_ignore_ascii_case(realm))
+        // The subscriber's domain, not the realm, is its AOR's host (they differ for a
+        // subscriber added with --realm). User parts are case-sensitive, hosts are not (RFC
+        // 3261 §19.1.4).
+        Ok(uri.user == Some(user.as_bytes()) && uri.host.to_string().eq_ignore_ascii_case(domain))
     });
 }
 
