@@ -363,8 +363,13 @@ fn control_handler(host: Arc<ScriptHost>) -> moonroute::control::Handler {
                     .registrar
                     .as_ref()
                     .map_or(0, |r| r.store().count());
+                let subscribers = host
+                    .services()
+                    .auth
+                    .as_ref()
+                    .map_or(0, |a| a.subscribers().count());
                 Reply::ok(format!(
-                "moonroute {}\nscript: {} (version {})\nreloads: {reloads} accepted, {failed} refused\nlocation: {bindings} bindings\n",
+                "moonroute {}\nscript: {} (version {})\nreloads: {reloads} accepted, {failed} refused\nlocation: {bindings} bindings\nsubscribers: {subscribers}\n",
                 env!("CARGO_PKG_VERSION"),
                 host.path().display(),
                 host.version()

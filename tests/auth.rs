@@ -585,6 +585,8 @@ fn ctl_user_commands_over_the_control_socket() {
         assert!(ok, "{out}");
         let (ok, _) = ctl(&["user", "rm", "bob@moonroute.test"], "");
         assert!(!ok, "a second rm finds nothing");
+        let (ok, out) = ctl(&["status"], "");
+        assert!(ok && out.contains("subscribers: 1\n"), "{out}");
     });
     let _ = server.kill();
     let _ = server.wait();

@@ -196,6 +196,11 @@ impl Subscribers {
         Ok(existed)
     }
 
+    /// How many subscribers there are.
+    pub fn count(&self) -> usize {
+        self.db.len()
+    }
+
     /// Every subscriber as `(user@domain, realm)`, sorted by key.
     pub fn list(&self) -> Vec<(String, String)> {
         self.db
