@@ -172,6 +172,18 @@ impl Subscribers {
         let (user, domain) = split_user(user_at_domain)?;
         subscriber.validate()?;
         let key = format!("{user}@{domain}");
+        // A digest response names only user and realm (RFC 2617 §3.2.2), so they must name one
+        // subscriber: another domain's user of the same name cannot share the realm.
+        let index = format!("{user}@{}", subscriber.realm);
+        if let Some(holder) = self.by_realm.get(index.as_bytes()).map_err(db_error)? {
+            if holder.as_ref() != key.as_bytes() {
+                return Err(format!(
+                    "{user} in realm {} is already {}: use another realm (--realm)",
+                    subscriber.realm,
+                    String::from_utf8_lossy(&holder)
+                ));
+            }
+        }
         let old = self.remove_index(&key)?;
         self.db
             .insert(key.as_bytes(), subscriber.encode().as_bytes())
@@ -252,6 +264,24 @@ fn db_error(e: sled::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_user_name_per_realm() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let table = Subscribers::open(&dir.path().join("subscribers")).unwrap();
+        let in_voip = Subscriber::with_password("bob", "voip", "pw");
+        table.add("bob@a.example", &in_voip).unwrap();
+        let refused = table.add("bob@b.example", &in_voip).unwrap_err();
+        assert!(refused.contains("already bob@a.example"), "{refused}");
+        // Replacing the holder itself is fine, and so is another realm.
+        assert!(table.add("bob@a.example", &in_voip).unwrap());
+        let own_realm = Subscriber::with_password("bob", "b.example", "pw");
+        table.add("bob@b.example", &own_realm).unwrap();
+        assert_eq!(
+            table.find_with_domain("bob", "voip").unwrap().0,
+            "a.example"
+        );
+    }
 
     #[test]
     fn add_find_list_remove() {
