@@ -612,3 +612,134 @@ async fn keepalives_keep_the_binding_of_a_nated_phone_that_answers() {
     let _invite = authenticated_invite(&mut bob, "bob", &aor("alice"), "MD5").await;
     answered_call(&mut alice, &mut bob, public, proxy.udp).await;
 }
+
+#[tokio::test]
+async fn a_nated_caller_is_challenged_at_its_public_address_and_reached_in_the_dialog() {
+    let proxy = start(|_| {});
+    let mut bob = plain_bob(&proxy).await;
+    register(&mut bob, "bob", "MD5").await;
+    let (mut alice, public) = nated_alice(&proxy).await;
+    // No registration: a caller need not be registered. The 407 comes to her public
+    // address (rport, RFC 3581 §4), where her answer goes from.
+    let _invite = authenticated_invite(&mut alice, "alice", &aor("bob"), "SHA-256").await;
+    let incoming = bob.expect_request("INVITE").await;
+    assert!(header_text(&incoming, "Proxy-Authorization").is_none());
+    assert_eq!(
+        contact_hostport(&incoming),
+        public.to_string(),
+        "the NATed caller's Contact is where it sends from\n{}",
+        show(&incoming)
+    );
+    let answer = bob.respond(&incoming, 200, "OK").await;
+    let ok = alice.expect_final(200).await;
+    let _dialog = alice.ack_2xx(&ok).await;
+    bob.expect_request("ACK").await;
+    // The callee hangs up: its BYE (no credentials: in dialog) reaches alice through the NAT.
+    let mut dialog = common::ua::Dialog::from_uas(&incoming, &answer);
+    assert_eq!(
+        dialog.next_hop(),
+        proxy.udp,
+        "the BYE goes through the proxy"
+    );
+    let _bye = bob.bye(&mut dialog).await;
+    let bye = alice.expect_request("BYE").await;
+    assert_eq!(
+        text(bye.request_uri_bytes().unwrap()),
+        format!("sip:alice@{public}")
+    );
+    alice.respond(&bye, 200, "OK").await;
+    bob.expect_final(200).await;
+}
+
+#[tokio::test]
+async fn an_authenticated_invite_to_a_nated_phone_can_be_cancelled() {
+    let proxy = start(|_| {});
+    let (mut alice, _public) = nated_alice(&proxy).await;
+    register(&mut alice, "alice", "SHA-256").await;
+    let mut bob = plain_bob(&proxy).await;
+    let (invite, _) = authenticated_invite(&mut bob, "bob", &aor("alice"), "MD5").await;
+    let incoming = alice.expect_request("INVITE").await;
+    alice.respond(&incoming, 180, "Ringing").await;
+    // 100 Trying from the proxy first, then the callee's 180.
+    while bob.recv_response(WAIT).await.status() != Some(180) {}
+    // A CANCEL cannot be challenged (RFC 3261 §22.1): it has no credentials and must pass.
+    bob.cancel(&invite).await;
+    let cancel = alice.expect_request("CANCEL").await;
+    alice.respond(&cancel, 200, "OK").await;
+    alice.respond(&incoming, 487, "Request Terminated").await;
+    let mut finals = Vec::new();
+    while finals.len() < 2 {
+        let response = bob.recv_response(WAIT).await;
+        if response.status().unwrap() >= 200 {
+            finals.push((
+                response.status().unwrap(),
+                text(response.cseq().unwrap().method.as_str().as_bytes()),
+            ));
+        }
+    }
+    finals.sort();
+    assert_eq!(
+        finals,
+        [(200, "CANCEL".to_owned()), (487, "INVITE".to_owned())]
+    );
+    alice.expect_request("ACK").await;
+}
+
+#[tokio::test]
+async fn a_stranger_may_call_our_users_without_credentials_but_not_register_them() {
+    let proxy = start(|_| {});
+    let (mut alice, _public) = nated_alice(&proxy).await;
+    register(&mut alice, "alice", "SHA-256").await;
+    // A call from outside (From in a foreign domain) to our user: not challenged (it cannot
+    // have credentials here), delivered.
+    let mut eve = TestUa::udp_on("eve", SocketAddr::from((STRANGER_IP, 0))).await;
+    eve.from_domain = Some("elsewhere.example".to_owned());
+    eve.outbound = Some(proxy.udp);
+    eve.invite(&aor("alice")).await;
+    let incoming = alice.expect_request("INVITE").await;
+    alice.respond(&incoming, 486, "Busy Here").await;
+    eve.expect_final(486).await;
+    // Registering alice's AOR to the stranger's phone: challenged, never accepted.
+    let mut hijack = TestUa::udp_on("alice", SocketAddr::from((STRANGER_IP, 0))).await;
+    hijack.outbound = Some(proxy.udp);
+    hijack
+        .request("REGISTER", &aor("alice"))
+        .header("Expires", "600")
+        .await;
+    hijack.expect_final(401).await;
+    assert_eq!(proxy.bindings("alice").len(), 1, "only alice's own binding");
+}
+
+#[tokio::test]
+async fn a_nat_rebinding_moves_the_binding_and_an_unregister_removes_it() {
+    let proxy = start(|_| {});
+    let (mut alice, first_public) = nated_alice(&proxy).await;
+    let (registration, mut credentials) = register(&mut alice, "alice", "SHA-256").await;
+    // The NAT gives the phone a new public port (its mapping expired): the refresh (same
+    // Call-ID, CSeq + 1, the same nonce with nc + 1) comes from there.
+    let (mut moved, public) = nated_alice(&proxy).await;
+    assert_ne!(public, first_public);
+    let registration = refresh(&mut moved, &registration, &mut credentials).await;
+    let stored = proxy.bindings("alice");
+    assert_eq!(stored.len(), 1, "the same contact, one binding: {stored:?}");
+    assert_eq!(stored[0].received, Some((TransportKind::Udp, public)));
+    // Calls now reach the new mapping.
+    let mut bob = plain_bob(&proxy).await;
+    let _invite = authenticated_invite(&mut bob, "bob", &aor("alice"), "MD5").await;
+    answered_call(&mut moved, &mut bob, public, proxy.udp).await;
+
+    // Unregistering (Expires: 0, RFC 3261 §10.2.2) the contact the phone registered.
+    let value = credentials.next("REGISTER", &aor("alice"));
+    moved
+        .request("REGISTER", &aor("alice"))
+        .retry_of(&registration)
+        .header("Expires", "0")
+        .header("Authorization", &value)
+        .await;
+    moved.expect_final(200).await;
+    assert!(
+        proxy.bindings("alice").is_empty(),
+        "{:?}",
+        proxy.bindings("alice")
+    );
+}
