@@ -743,3 +743,48 @@ async fn a_nat_rebinding_moves_the_binding_and_an_unregister_removes_it() {
         proxy.bindings("alice")
     );
 }
+
+#[tokio::test]
+async fn the_nated_callee_refreshes_the_target_and_hangs_up_without_credentials() {
+    let proxy = start(|_| {});
+    let (mut alice, public) = nated_alice(&proxy).await;
+    register(&mut alice, "alice", "SHA-256").await;
+    let mut bob = plain_bob(&proxy).await;
+    register(&mut bob, "bob", "MD5").await;
+    let _invite = authenticated_invite(&mut bob, "bob", &aor("alice"), "MD5").await;
+    let incoming = alice.expect_request("INVITE").await;
+    let answer = alice.respond(&incoming, 200, "OK").await;
+    let ok = bob.expect_final(200).await;
+    let _ = bob.ack_2xx(&ok).await;
+    alice.expect_request("ACK").await;
+
+    // Alice's re-INVITE (a target refresh, RFC 3261 §12.2) with her private Contact: not
+    // challenged (in dialog), her Contact fixed to where she sends from.
+    let mut dialog = common::ua::Dialog::from_uas(&incoming, &answer);
+    assert_eq!(dialog.next_hop(), proxy.udp, "through the proxy");
+    let sdp = common::ua::sdp("alice");
+    let _reinvite = alice
+        .in_dialog("INVITE", &mut dialog)
+        .body("application/sdp", &sdp)
+        .await;
+    let reinvite = bob.expect_request("INVITE").await;
+    assert_eq!(
+        contact_hostport(&reinvite),
+        public.to_string(),
+        "{}",
+        show(&reinvite)
+    );
+    bob.respond(&reinvite, 200, "OK").await;
+    let ok = alice.expect_final(200).await;
+    let mut for_ack = dialog.clone();
+    for_ack.local_cseq -= 1;
+    let _ = ok;
+    alice.in_dialog("ACK", &mut for_ack).no_body().await;
+    bob.expect_request("ACK").await;
+
+    // Alice hangs up: her BYE reaches bob, his 200 comes back to her public address.
+    let _bye = alice.bye(&mut dialog).await;
+    let bye = bob.expect_request("BYE").await;
+    bob.respond(&bye, 200, "OK").await;
+    alice.expect_final(200).await;
+}
