@@ -775,10 +775,10 @@ async fn the_nated_callee_refreshes_the_target_and_hangs_up_without_credentials(
         show(&reinvite)
     );
     bob.respond(&reinvite, 200, "OK").await;
-    let ok = alice.expect_final(200).await;
+    alice.expect_final(200).await;
+    // The ACK of the re-INVITE's 2xx repeats its CSeq number (§13.2.2.4).
     let mut for_ack = dialog.clone();
     for_ack.local_cseq -= 1;
-    let _ = ok;
     alice.in_dialog("ACK", &mut for_ack).no_body().await;
     bob.expect_request("ACK").await;
 
