@@ -27,7 +27,7 @@ use moonroute::location::{Binding, LocationStore};
 use moonroute::script::ScriptHost;
 use moonroute::server::core::CoreFactory;
 use moonroute::server::{Server, ServerHandle};
-use moonroute::sip::Message;
+use moonroute::sip::{HeaderName, Message};
 use moonroute::transport::{ListenAddr, TransportKind};
 use tempfile::TempDir;
 use tokio::net::UdpSocket;
@@ -787,4 +787,34 @@ async fn the_nated_callee_refreshes_the_target_and_hangs_up_without_credentials(
     let bye = bob.expect_request("BYE").await;
     bob.respond(&bye, 200, "OK").await;
     alice.expect_final(200).await;
+}
+
+#[tokio::test]
+async fn a_nated_phone_unregisters_every_contact_with_a_star() {
+    let proxy = start(|_| {});
+    let (mut alice, _public) = nated_alice(&proxy).await;
+    let (registration, mut credentials) = register(&mut alice, "alice", "SHA-256").await;
+    // `Contact: *` with Expires 0 (RFC 3261 §10.2.2): TestUa always writes its own Contact,
+    // so the request is written here, in the registration's Call-ID with CSeq + 1.
+    let value = credentials.next("REGISTER", &aor("alice"));
+    let header = |name| text(registration.header(name).unwrap());
+    let request = format!(
+        "REGISTER {aor} SIP/2.0\r\n\
+         Via: SIP/2.0/UDP {PRIVATE};branch=z9hG4bK-star-1;rport\r\n\
+         Max-Forwards: 70\r\n\
+         From: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} REGISTER\r\n\
+         Contact: *\r\nExpires: 0\r\nAuthorization: {value}\r\nContent-Length: 0\r\n\r\n",
+        aor = aor("alice"),
+        from = header(HeaderName::From),
+        to = header(HeaderName::To),
+        call_id = header(HeaderName::CallId),
+        cseq = registration.cseq().unwrap().seq + 1,
+    );
+    alice.send_raw(request.as_bytes(), proxy.udp).await;
+    alice.expect_final(200).await;
+    assert!(
+        proxy.bindings("alice").is_empty(),
+        "{:?}",
+        proxy.bindings("alice")
+    );
 }
