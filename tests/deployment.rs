@@ -818,3 +818,41 @@ async fn a_nated_phone_unregisters_every_contact_with_a_star() {
         proxy.bindings("alice")
     );
 }
+
+/// A foreign SIP server at `bind`, on UDP: a UAS the proxy relays to by IP.
+async fn foreign_phone(name: &str, bind: [u8; 4]) -> TestUa {
+    TestUa::udp_on(name, SocketAddr::from((bind, 0))).await
+}
+
+#[tokio::test]
+async fn a_nated_phone_calling_another_domain_is_reached_by_the_far_end() {
+    let proxy = start(|_| {});
+    let (mut alice, public) = nated_alice(&proxy).await;
+    let mut carol = foreign_phone("carol", [127, 0, 0, 6]).await;
+    let target = carol.uri();
+    // Our user, authenticated, calls out: relayed (From in our domain), record-routed.
+    let _invite = authenticated_invite(&mut alice, "alice", &target, "SHA-256").await;
+    let incoming = carol.expect_request("INVITE").await;
+    assert!(header_text(&incoming, "Proxy-Authorization").is_none());
+    assert_eq!(
+        contact_hostport(&incoming),
+        public.to_string(),
+        "the NATed caller's Contact is where it sends from, as for calls to our users\n{}",
+        show(&incoming)
+    );
+    let answer = carol.respond(&incoming, 200, "OK").await;
+    let ok = alice.expect_final(200).await;
+    let _dialog = alice.ack_2xx(&ok).await;
+    carol.expect_request("ACK").await;
+    // The far end hangs up: its BYE comes through us and reaches alice through her NAT.
+    let mut dialog = common::ua::Dialog::from_uas(&incoming, &answer);
+    assert_eq!(
+        dialog.next_hop(),
+        proxy.udp,
+        "the BYE goes through the proxy"
+    );
+    let _bye = carol.bye(&mut dialog).await;
+    let bye = alice.expect_request("BYE").await;
+    alice.respond(&bye, 200, "OK").await;
+    carol.expect_final(200).await;
+}
