@@ -856,3 +856,30 @@ async fn a_nated_phone_calling_another_domain_is_reached_by_the_far_end() {
     alice.respond(&bye, 200, "OK").await;
     carol.expect_final(200).await;
 }
+
+#[tokio::test]
+async fn a_reused_nonce_count_is_challenged_again() {
+    let proxy = start(|_| {});
+    let (mut alice, _public) = nated_alice(&proxy).await;
+    register(&mut alice, "alice", "SHA-256").await;
+    let mut bob = plain_bob(&proxy).await;
+    let (_, mut credentials) = authenticated_invite(&mut bob, "bob", &aor("alice"), "MD5").await;
+    let incoming = alice.expect_request("INVITE").await;
+    alice.respond(&incoming, 486, "Busy Here").await;
+    bob.expect_final(486).await;
+    alice.expect_request("ACK").await; // the proxy's, for the 486 (§17.1.1.3)
+
+    // A new INVITE (not a retransmission) with the nonce count already used: a replay
+    // (RFC 2617 §3.2.2: the server detects replays by its own copy of nc), challenged anew.
+    credentials.nc -= 1;
+    invite_with(&mut bob, &aor("alice"), &mut credentials).await;
+    let required = bob.expect_final(407).await;
+    let fresh = challenge(&required, "Proxy-Authenticate", "MD5");
+    assert_ne!(fresh.nonce, credentials.challenge.nonce, "a new nonce");
+    // The next count with the same nonce is accepted again.
+    invite_with(&mut bob, &aor("alice"), &mut credentials).await;
+    let incoming = alice.expect_request("INVITE").await;
+    alice.respond(&incoming, 486, "Busy Here").await;
+    bob.expect_final(486).await;
+    alice.expect_request("ACK").await; // the proxy's, for the 486 (§17.1.1.3)
+}
