@@ -8,6 +8,19 @@
 //! 192.168.1.10:5060), 127.0.0.3 (bob, not NATed), 127.0.0.4 (a stranger) and 127.0.0.5 (a
 //! flooder); never on 127.0.0.1, which the script trusts (no rate limit).
 //!
+//! What a deployment relies on, together: REGISTER challenged (401) and accepted with SHA-256
+//! and MD5, refreshed and unregistered with the same nonce and nc + 1; calls from our users
+//! challenged (407), delivered without our credentials to the NATed phone's registered
+//! contact at its public address (UDP, and TCP on its registering connection), Contacts of
+//! NATed callers and callees rewritten, ACK/BYE/re-INVITE through Record-Route; strangers
+//! refused (403 relay, 407 forever with wrong credentials, 401 for our AORs); a flood banned
+//! while the phones keep working; keep-alives answered keep the binding.
+//!
+//! In-dialog requests are not challenged: default.lua routes them by `loose_route` before
+//! authentication, as Kamailio's default configuration does (`route(WITHINDLG)` before
+//! `route(AUTH)`): a UA cannot answer a challenge to an ACK, and re-challenging every BYE
+//! would cost a round trip per request for nothing the initial INVITE did not prove.
+//!
 //! Nothing sleeps: every wait is for a message, bounded by a timeout; waiting for the absence
 //! of a message is a bounded wait too.
 
