@@ -77,6 +77,11 @@ function on_request(req)
       return req:reply(403, "Relaying Forbidden")
     end
     req:record_route()
+    if nated then
+      -- As for calls to our users below: the far end's requests in this dialog come back
+      -- through us to the caller's Contact, which must be where the caller really is.
+      req:fix_nated_contact()
+    end
     return req:t_relay()
   end
 

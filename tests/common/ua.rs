@@ -198,6 +198,9 @@ pub struct TestUa {
     pub absorb_retransmissions: bool,
     /// ACK non-2xx final responses to INVITE as they arrive. On by default.
     pub auto_ack: bool,
+    /// The host of the From URI of out-of-dialog requests (`sip:name@domain`, the user's AOR,
+    /// which digest authentication checks); `None`: the UA's own address.
+    pub from_domain: Option<String>,
     net: Net,
     /// The stream connections are TLS: Via says `TLS`, the URI `;transport=tls`. A TLS UA only
     /// sends on connections it already has (it cannot open new ones).
@@ -353,6 +356,7 @@ impl TestUa {
             outbound: None,
             absorb_retransmissions: true,
             auto_ack: true,
+            from_domain: None,
             net,
             tls: false,
             inbound_tx,
@@ -444,6 +448,7 @@ impl TestUa {
             headers: Vec::new(),
             body: None,
             dialog: None,
+            retry: None,
             dest: None,
             max_forwards: 70,
         }
@@ -751,6 +756,8 @@ pub struct Outgoing<'u> {
     headers: Vec<(String, String)>,
     body: Option<(String, String)>,
     dialog: Option<Dialog>,
+    /// The request this one repeats (with credentials, or a REGISTER refresh).
+    retry: Option<Message>,
     dest: Option<SocketAddr>,
     max_forwards: u32,
 }
@@ -777,6 +784,14 @@ impl Outgoing<'_> {
         self
     }
 
+    /// The request again after a 401/407 (RFC 3261 §8.1.3.5, §22.2), or a REGISTER refresh
+    /// (§10.2.4): the Call-ID, From (with its tag) and To of `previous`, its CSeq plus one,
+    /// a new branch.
+    pub fn retry_of(mut self, previous: &Message) -> Self {
+        self.retry = Some(previous.clone());
+        self
+    }
+
     /// Sends to `dest` instead of the outbound proxy / Route hop / Request-URI.
     pub fn to(mut self, dest: SocketAddr) -> Self {
         self.dest = Some(dest);
@@ -800,8 +815,9 @@ impl Outgoing<'_> {
                 ua.cseq += 1;
                 let n = unique();
                 let hop = ua.outbound.unwrap_or_else(|| hop_addr(&self.request_uri));
+                let from_host = ua.from_domain.clone().unwrap_or_else(|| local.to_string());
                 (
-                    format!("<sip:{}@{local}>;tag={}-{n}", ua.name, ua.name),
+                    format!("<sip:{}@{from_host}>;tag={}-{n}", ua.name, ua.name),
                     format!("<{}>", self.request_uri),
                     format!("{n}-{}-{}@{}", ua.name, local.port(), local.ip()),
                     ua.cseq,
@@ -809,6 +825,15 @@ impl Outgoing<'_> {
                     hop,
                 )
             }
+        };
+        let (from, to, call_id, cseq) = match &self.retry {
+            Some(previous) => (
+                text(previous.header(HeaderName::From).expect("From")),
+                text(previous.header(HeaderName::To).expect("To")),
+                text(previous.call_id().expect("Call-ID")),
+                previous.cseq().expect("CSeq").seq + 1,
+            ),
+            None => (from, to, call_id, cseq),
         };
         let mut request = format!(
             "{method} {} SIP/2.0\r\nVia: SIP/2.0/{} {local};branch={};rport\r\n\
