@@ -28,7 +28,9 @@
 # Then a summary with the ratios. Bounded: CALLS calls per run, SIPp gives up after $TIMEOUT.
 # Environment: MODES, PORT (15060), UAS_PORT (15080), UAC_PORT (15070), TIMEOUT (120s),
 # HOLD_MS (0), MAX_CALLS (SIPp -l, 5000), MOONROUTE=path (else cargo build --release),
-# KEEP=1 (keep the work directory).
+# KEEP=1 (keep the work directory), PERF=1 (perf record of the server's stacks during each run, at
+# PERF_FREQ Hz, default 999, stacks by PERF_CALLGRAPH, default dwarf: the release build has no
+# frame pointers; implies keeping the work directory).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.sh
@@ -48,7 +50,7 @@ UAS_PID= UAC_PID= server=
 cleanup() {
   stop_pid "$UAC_PID"; stop_pid "$UAS_PID"
   if [ -n "$server" ]; then stop_server "$server" >/dev/null || true; fi
-  if [ -z "${KEEP:-}" ] && [ "${failed_runs:-1}" = 0 ]; then rm -rf "$work"; fi
+  if [ -z "${KEEP:-}${PERF:-}" ] && [ "${failed_runs:-1}" = 0 ]; then rm -rf "$work"; fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -132,7 +134,20 @@ run_mode() {
   wait_before=$(sched_wait_ms "$server")
   snap_before=$(cpu_snapshot)
   start=$(date +%s.%N)
+  local perf_pid=
+  if [ -n "${PERF:-}" ]; then
+    # Samples the server's call stacks during the UAC run (perf on CPU 1 with SIPp; stopped
+    # with SIGINT right after the run). Read with: perf report -i DIR/perf.data --no-children
+    taskset -c 1 perf record -F "${PERF_FREQ:-999}" --call-graph "${PERF_CALLGRAPH:-dwarf}" -p "$server" -o "$dir/perf.data" \
+      >"$dir/perf.log" 2>&1 &
+    perf_pid=$!
+  fi
   UAC_SCENARIO=$scenario RURI=$ruri UAC_AUTH_URI=$auth_uri run_uac "$port" "$rate" "$calls" "$timeout" "$dir"
+  if [ -n "$perf_pid" ]; then
+    kill -INT "$perf_pid" 2>/dev/null || true
+    wait "$perf_pid" 2>/dev/null || true
+    echo "perf samples: $dir/perf.data"
+  fi
   end=$(date +%s.%N)
   need_alive "$server" "$dir/moonroute.log"
   cpu_after=$(cpu_ticks "$server")
