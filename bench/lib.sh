@@ -61,12 +61,15 @@ start_uas() {
 # run_uac DEST_PORT RATE CALLS TIMEOUT DIR: the calling SIPp (bench/call-uac.xml) on CPU 1,
 # sending to udp 127.0.0.1:DEST_PORT from 127.0.0.1:$UAC_PORT (default 15070) at RATE calls/s,
 # CALLS calls, hold time $HOLD_MS (default 0), INVITE Request-URI $RURI (default
-# sip:uas@127.0.0.1:DEST_PORT). Runs in the background so the EXIT trap can stop it
-# (UAC_PID), and waits for it. Its exit code is not an error here: the stat file says what happened.
+# sip:uas@127.0.0.1:DEST_PORT), scenario $UAC_SCENARIO (default bench/call-uac.xml), and with
+# $UAC_AUTH_URI set SIPp's -auth_uri (the digest uri its [authentication] puts after "sip:";
+# SIPp's default is remote_ip:remote_port, which matches no Request-URI with a user). Runs in the
+# background so the EXIT trap can stop it (UAC_PID), and waits for it. Its exit code is not an
+# error here: the stat file says what happened.
 run_uac() {
   local dport=$1 rate=$2 calls=$3 timeout=$4 dir=$5
-  taskset -c 1 sipp -sf bench/call-uac.xml -i 127.0.0.1 -p "${UAC_PORT:-15070}" \
-    -key ruri "${RURI:-sip:uas@127.0.0.1:$dport}" -r "$rate" -m "$calls" -l "${MAX_CALLS:-5000}" -d "${HOLD_MS:-0}" \
+  taskset -c 1 sipp -sf "${UAC_SCENARIO:-bench/call-uac.xml}" -i 127.0.0.1 -p "${UAC_PORT:-15070}" \
+    -key ruri "${RURI:-sip:uas@127.0.0.1:$dport}" ${UAC_AUTH_URI:+-auth_uri "$UAC_AUTH_URI"} -r "$rate" -m "$calls" -l "${MAX_CALLS:-5000}" -d "${HOLD_MS:-0}" \
     -timeout "$timeout" -timeout_error -trace_stat -stf "$dir/uac-stat.csv" \
     -trace_err -error_file "$dir/uac-errors.log" \
     127.0.0.1:"$dport" -nostdin >"$dir/uac.log" 2>&1 &
