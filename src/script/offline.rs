@@ -165,7 +165,7 @@ pub fn run_once(
         .map_err(|e| ScriptError(format!("the message's Via: {e}")))?;
     let identity = LocalIdentity::new(&options.domains, [local]);
     let had_route = request.routes().next().is_some();
-    let consumed_own_route = preprocess_routes(&mut request, &ProxyIdentity::new(identity.clone()))
+    let done = preprocess_routes(&mut request, &ProxyIdentity::new(identity.clone()))
         .map_err(|e| ScriptError(format!("the message's Route: {e}")))?;
     let logs = Rc::new(RefCell::new(Vec::new()));
     let env = Env {
@@ -177,7 +177,8 @@ pub fn run_once(
     let before = request.clone();
     let info = RouteInfo {
         had_route,
-        consumed_own_route,
+        consumed_own_route: done.consumed_own_route,
+        own_route_signed: done.signed,
     };
     let vars = engine
         .lua()
