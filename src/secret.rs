@@ -15,6 +15,7 @@ use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use ring::rand::{SecureRandom, SystemRandom};
 
@@ -55,7 +56,10 @@ fn create(data_dir: &Path) -> std::io::Result<()> {
     SystemRandom::new()
         .fill(&mut key)
         .map_err(|_| std::io::Error::other("no random numbers from the system"))?;
-    let temp = data_dir.join(format!(".{KEY_FILE}.{}.tmp", std::process::id()));
+    // Unique per process and per call: threads of one process may race here too.
+    static ATTEMPT: AtomicU64 = AtomicU64::new(0);
+    let attempt = ATTEMPT.fetch_add(1, Ordering::Relaxed);
+    let temp = data_dir.join(format!(".{KEY_FILE}.{}.{attempt}.tmp", std::process::id()));
     let written = (|| {
         let mut file = OpenOptions::new()
             .write(true)
@@ -109,6 +113,19 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         assert_eq!(load_or_create(dir.path()).unwrap(), first);
         // No temporary file is left behind.
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn racing_threads_agree_on_one_key() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let keys: Vec<Vec<u8>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| scope.spawn(|| load_or_create(dir.path()).unwrap()))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(keys.iter().all(|k| *k == keys[0]));
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 

@@ -192,9 +192,10 @@ fn vias(m: &Message) -> Vec<String> {
         .collect()
 }
 
+/// The Record-Route values, without our signature (checked by `without_signature`).
 fn record_routes(m: &Message) -> Vec<String> {
     m.headers_named("Record-Route")
-        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .map(|v| common::without_signature(&String::from_utf8_lossy(v)))
         .collect()
 }
 
