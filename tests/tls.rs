@@ -267,7 +267,8 @@ async fn call_in_over_tls_out_over_udp() {
 
     let mut dialog = alice.ack_2xx(&answer).await;
     assert_eq!(
-        dialog.route_set[0], rr[1],
+        common::without_signature(&dialog.route_set[0]),
+        rr[1],
         "alice's first hop is the TLS side"
     );
     bob.expect_request("ACK").await;
