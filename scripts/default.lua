@@ -137,6 +137,9 @@ function authenticate(req)
   return true
 end
 
+-- In-dialog requests are not authenticated (an ACK cannot be challenged): loose_route() is
+-- true only for a Route this server signed for the dialog when it Record-Routed it, so a
+-- stranger's To tag and `Route: <sip:us;lr>` get the 404 below, not a relay.
 function in_dialog(req)
   if req:loose_route() then
     return req:t_relay()

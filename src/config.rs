@@ -29,7 +29,8 @@ pub struct Config {
     pub domains: Vec<String>,
     /// The Lua routing script. Default: `scripts/default.lua`.
     pub script: PathBuf,
-    /// Where the server keeps its data (registrations, ...). Default: `var`.
+    /// Where the server keeps its data (registrations, subscribers, the server key
+    /// `secret`: `crate::secret`). Default: `var`.
     pub data_dir: PathBuf,
     /// Log filter: a level (`error`, `warn`, `info`, `debug`, `trace`) or tracing directives
     /// such as `moonroute::transport=debug,info`. `RUST_LOG` wins if set. Default: `info`.
@@ -244,9 +245,10 @@ impl Dns {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Auth {
-    /// The key nonces are signed with (HMAC-SHA256). Empty: a random key at each start, so
-    /// nonces issued before a restart come back stale (one more round trip per client).
-    /// Servers sharing a secret accept each other's nonces. Default: empty.
+    /// The server key when set: digest nonces and Record-Route signatures (HMAC-SHA256) are
+    /// signed with it. Empty: the key in `<data_dir>/secret`, created at the first start
+    /// (`crate::secret`), so nonces and dialogs survive restarts either way. Servers sharing a
+    /// key accept each other's nonces and route each other's dialogs. Default: empty.
     pub secret: String,
     /// How long a nonce is fresh, in seconds; after it credentials get a new challenge with
     /// `stale=true`. Default: 300.

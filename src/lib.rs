@@ -10,6 +10,7 @@ pub mod nat;
 pub mod proxy;
 pub mod registrar;
 pub mod script;
+pub mod secret;
 pub mod server;
 pub mod sip;
 pub mod transaction;

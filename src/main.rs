@@ -14,6 +14,7 @@ use std::time::{Duration, SystemTime};
 
 use moonroute::config::{Config, Overrides};
 use moonroute::control::{ControlServer, Reply};
+use moonroute::proxy::RouteSigner;
 use moonroute::script::watch::ScriptWatcher;
 use moonroute::script::{offline, ScriptHost};
 use moonroute::server::core::CoreFactory;
@@ -171,12 +172,16 @@ fn run(args: RunArgs) -> Result<(), Box<dyn Error>> {
     init_logging(&config.log_level)?;
 
     let host = ScriptHost::from_config(&config)?;
-    let builtin = CoreFactory::new(&config);
+    // Record-Route signatures survive restarts: the key is `[auth] secret` or
+    // `<data_dir>/secret` (created at the first start).
+    let signer = RouteSigner::new(&moonroute::secret::server_key(&config)?);
+    let builtin = CoreFactory::new(&config).with_route_signer(signer.clone());
     let factory = if builtin.relays() {
         info!("[proxy] static_route/relay_to_request_uri set: the built-in router replaces the script");
         Arc::new(builtin)
     } else {
-        let factory = CoreFactory::with_router(&config, host.router_factory());
+        let factory =
+            CoreFactory::with_router(&config, host.router_factory()).with_route_signer(signer);
         match &host.services().registrar {
             Some(registrar) => Arc::new(factory.with_keepalives(registrar.store().clone())),
             None => Arc::new(factory),

@@ -19,7 +19,11 @@
 //! In-dialog requests are not challenged: default.lua routes them by `loose_route` before
 //! authentication, as Kamailio's default configuration does (`route(WITHINDLG)` before
 //! `route(AUTH)`): a UA cannot answer a challenge to an ACK, and re-challenging every BYE
-//! would cost a round trip per request for nothing the initial INVITE did not prove.
+//! would cost a round trip per request for nothing the initial INVITE did not prove. What
+//! makes that safe: `loose_route()` is true only for a Route this proxy signed for the dialog
+//! (`src/proxy/route_sign.rs`), so a stranger's hand-written in-dialog request with
+//! `Route: <sip:proxy;lr>` or a tampered signature is answered 404 and relayed nowhere, while
+//! the signing key (`<data_dir>/secret`) keeps dialogs routable across a restart.
 //!
 //! Nothing sleeps: every wait is for a message, bounded by a timeout; waiting for the absence
 //! of a message is a bounded wait too.
@@ -37,6 +41,7 @@ use common::ua::{header_text, show, TestUa, WAIT};
 use moonroute::auth::Subscriber;
 use moonroute::config::{Config, LocationBackend};
 use moonroute::location::{Binding, LocationStore};
+use moonroute::proxy::RouteSigner;
 use moonroute::script::ScriptHost;
 use moonroute::server::core::CoreFactory;
 use moonroute::server::{Server, ServerHandle};
@@ -89,7 +94,22 @@ fn text(b: &[u8]) -> String {
 /// The shipped default.lua on UDP and TCP of 127.0.0.1, sled in a fresh data directory,
 /// keep-alives on, alice and bob provisioned; `edit` adjusts the configuration.
 fn start(edit: impl FnOnce(&mut Config)) -> Running {
-    let dir = TempDir::new().unwrap();
+    start_in(TempDir::new().unwrap(), edit)
+}
+
+impl Running {
+    /// Stops the server (its event loops joined, its stores closed) and gives back the data
+    /// directory, to start again on it.
+    fn stop(self) -> TempDir {
+        drop(self.server);
+        drop(self.host);
+        self._dir
+    }
+}
+
+/// As [`start`], on the data directory `dir` (which may hold a previous run's data and key),
+/// wired as `moonroute run` wires it: Record-Route signed with the server key.
+fn start_in(dir: TempDir, edit: impl FnOnce(&mut Config)) -> Running {
     let mut config = Config {
         listen: vec![
             "udp:127.0.0.1:0".parse::<ListenAddr>().unwrap(),
@@ -117,7 +137,10 @@ fn start(edit: impl FnOnce(&mut Config)) -> Running {
             .unwrap();
     }
     let store = host.services().registrar.as_ref().unwrap().store().clone();
-    let factory = CoreFactory::with_router(&config, host.router_factory()).with_keepalives(store);
+    let signer = RouteSigner::new(&moonroute::secret::server_key(&config).unwrap());
+    let factory = CoreFactory::with_router(&config, host.router_factory())
+        .with_keepalives(store)
+        .with_route_signer(signer);
     let server = Server::start(&config, Arc::new(factory)).expect("server starts");
     Running {
         udp: server.local_addr(TransportKind::Udp).unwrap(),
@@ -455,6 +478,143 @@ async fn strangers_cannot_relay_nor_pass_as_our_users() {
         required = mallory.expect_final(407).await;
     }
     nothing_arrives(&foreign, Duration::from_millis(300)).await;
+}
+
+/// An in-dialog MESSAGE a stranger writes by hand: a To tag, a Route naming the proxy, and a
+/// Request-URI on a foreign host.
+fn crafted_in_dialog_message(from: SocketAddr, route: &str, request_uri: &str, n: u32) -> String {
+    format!(
+        "MESSAGE {request_uri} SIP/2.0\r\n\
+         Via: SIP/2.0/UDP {from};branch=z9hG4bK-crafted-{n};rport\r\n\
+         Max-Forwards: 70\r\n\
+         Route: {route}\r\n\
+         From: <sip:eve@elsewhere.example>;tag=e{n}\r\n\
+         To: <{request_uri}>;tag=v{n}\r\n\
+         Call-ID: crafted-{n}@{}\r\n\
+         CSeq: 1 MESSAGE\r\n\
+         Content-Type: text/plain\r\n\
+         Content-Length: 5\r\n\r\nhello",
+        from.ip()
+    )
+}
+
+/// The hole found by the end-to-end tests: a stranger's in-dialog request with `Route: <us;lr>`
+/// and a foreign Request-URI used to be relayed by `loose_route()` before any authentication.
+/// Our Record-Route entries are signed now; a Route naming us without our signature (none, a
+/// forged one, or one in any spelling of our address) is not loose-routed: 404, nothing out.
+#[tokio::test]
+async fn a_crafted_in_dialog_request_from_a_stranger_is_not_relayed() {
+    let proxy = start(|_| {});
+    let (foreign, foreign_addr) = listening_host([127, 0, 0, 6]).await;
+    let victim = format!("sip:victim@{foreign_addr}");
+    let mut eve = TestUa::udp_on("eve", SocketAddr::from((STRANGER_IP, 0))).await;
+    let routes = [
+        format!("<sip:{};lr>", proxy.udp),
+        format!("<sip:{};transport=udp;lr>", proxy.udp),
+        format!("<sip:{};transport=udp;lr;mrs=0123456789abcdef>", proxy.udp),
+        format!("<sip:{DOMAIN};lr>"),
+    ];
+    for (n, route) in (1..).zip(&routes) {
+        let message = crafted_in_dialog_message(eve.local, route, &victim, n);
+        eve.send_raw(message.as_bytes(), proxy.udp).await;
+        let refused = eve.expect_final(404).await;
+        assert_eq!(
+            refused.reason().map(text).as_deref(),
+            Some("Not Here"),
+            "{route}"
+        );
+    }
+    nothing_arrives(&foreign, Duration::from_millis(300)).await;
+}
+
+/// A stranger calls our user (allowed, not challenged) and so learns our signed Record-Route;
+/// changing one digit of the signature to send into the dialog elsewhere is refused, and the
+/// dialog itself keeps working.
+#[tokio::test]
+async fn a_tampered_route_signature_is_refused() {
+    let proxy = start(|_| {});
+    let mut bob = plain_bob(&proxy).await;
+    register(&mut bob, "bob", "MD5").await;
+    let (foreign, foreign_addr) = listening_host([127, 0, 0, 6]).await;
+
+    let mut eve = TestUa::udp_on("eve", SocketAddr::from((STRANGER_IP, 0))).await;
+    eve.from_domain = Some("elsewhere.example".to_owned());
+    eve.outbound = Some(proxy.udp);
+    eve.invite(&aor("bob")).await;
+    let incoming = bob.expect_request("INVITE").await;
+    bob.respond(&incoming, 200, "OK").await;
+    let ok = eve.expect_final(200).await;
+    let mut dialog = eve.ack_2xx(&ok).await;
+    bob.expect_request("ACK").await;
+    assert_eq!(dialog.route_set.len(), 1, "{:?}", dialog.route_set);
+    let signed = dialog.route_set[0].clone();
+    assert!(
+        signed.contains(";mrs="),
+        "our Record-Route is signed: {signed}"
+    );
+
+    let mut tampered = dialog.clone();
+    let at = signed.find(";mrs=").unwrap() + ";mrs=".len();
+    let digit = if signed.as_bytes()[at] == b'0' {
+        "1"
+    } else {
+        "0"
+    };
+    tampered.route_set[0] = format!("{}{digit}{}", &signed[..at], &signed[at + 1..]);
+    tampered.remote_target = format!("sip:victim@{foreign_addr}");
+    eve.in_dialog("MESSAGE", &mut tampered)
+        .body("text/plain", "hello")
+        .await;
+    eve.expect_final(404).await;
+    nothing_arrives(&foreign, Duration::from_millis(300)).await;
+
+    // The untouched route set still routes: the BYE reaches bob.
+    eve.bye(&mut dialog).await;
+    let bye = bob.expect_request("BYE").await;
+    bob.respond(&bye, 200, "OK").await;
+    eve.expect_final(200).await;
+}
+
+/// Dialogs outlive a restart of the proxy: the key signing Record-Route is kept in
+/// `<data_dir>/secret`, so a BYE carrying the Route issued before the restart is routed after
+/// it by the new process.
+#[tokio::test]
+async fn in_dialog_routing_survives_a_restart() {
+    let first = start(|_| {});
+    let (udp, tcp) = (first.udp, first.tcp);
+    let mut bob = plain_bob(&first).await;
+    register(&mut bob, "bob", "MD5").await;
+    let mut eve = TestUa::udp_on("eve", SocketAddr::from((STRANGER_IP, 0))).await;
+    eve.from_domain = Some("elsewhere.example".to_owned());
+    eve.outbound = Some(udp);
+    eve.invite(&aor("bob")).await;
+    let incoming = bob.expect_request("INVITE").await;
+    bob.respond(&incoming, 200, "OK").await;
+    let ok = eve.expect_final(200).await;
+    let mut dialog = eve.ack_2xx(&ok).await;
+    bob.expect_request("ACK").await;
+    let dir = first.stop();
+    assert!(
+        dir.path().join("secret").exists(),
+        "the key is in the data directory"
+    );
+
+    // The same data directory and addresses (the route set names them).
+    let _second = start_in(dir, |config| {
+        config.listen = vec![
+            format!("udp:{udp}").parse::<ListenAddr>().unwrap(),
+            format!("tcp:{tcp}").parse::<ListenAddr>().unwrap(),
+        ];
+    });
+    eve.bye(&mut dialog).await;
+    let bye = bob.expect_request("BYE").await;
+    assert!(
+        bye.headers_named("Route").next().is_none(),
+        "our Route entry was consumed\n{}",
+        show(&bye)
+    );
+    bob.respond(&bye, 200, "OK").await;
+    eve.expect_final(200).await;
 }
 
 /// A bare UDP sender for the flood: it counts answers instead of running transactions.

@@ -11,9 +11,12 @@
 pub mod relay;
 pub mod request;
 pub mod response_context;
+pub mod route_sign;
 pub mod router;
 
 pub use request::{
     branch_for, check_request, detect_loop, forward_copy, is_our_stateless_branch, next_hop,
-    preprocess_routes, stateless_branch, ForwardSpec, NextHop, ProxyIdentity, Rejection,
+    preprocess_routes, stateless_branch, ForwardSpec, NextHop, Preprocessed, ProxyIdentity,
+    Rejection,
 };
+pub use route_sign::RouteSigner;

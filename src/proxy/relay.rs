@@ -436,10 +436,11 @@ impl Relay {
     /// §16.4 route preprocessing, and what it tells the router; `None` for a malformed Route.
     fn preprocess(&self, request: &mut Message) -> Option<RouteInfo> {
         let had_route = request.routes().next().is_some();
-        let consumed_own_route = preprocess_routes(request, &self.me).ok()?;
+        let done = preprocess_routes(request, &self.me).ok()?;
         Some(RouteInfo {
             had_route,
-            consumed_own_route,
+            consumed_own_route: done.consumed_own_route,
+            own_route_signed: done.signed,
         })
     }
 

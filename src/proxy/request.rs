@@ -11,6 +11,7 @@
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::net::SocketAddr;
 
+use super::route_sign::{RouteSigner, SIGNATURE_PARAM};
 use crate::server::core::LocalIdentity;
 use crate::sip::header::HeaderName;
 use crate::sip::scan;
@@ -30,14 +31,25 @@ pub struct ProxyIdentity {
     /// `host[:port]` to advertise instead of the socket address for one local interface (a
     /// wildcard listener or NAT'ed address must not leak into Record-Route / Via).
     advertised: Vec<(TransportKind, SocketAddr, String)>,
+    /// Signs our Record-Route entries and recognises them in Route (`route_sign`).
+    signer: RouteSigner,
 }
 
 impl ProxyIdentity {
+    /// A proxy whose Record-Route signatures use a random key (they do not survive the
+    /// process); [`ProxyIdentity::with_signer`] gives it the server's persistent one.
     pub fn new(local: LocalIdentity) -> Self {
         ProxyIdentity {
             local,
             advertised: Vec::new(),
+            signer: RouteSigner::random(),
         }
+    }
+
+    /// Signs Record-Route with `signer` (from the server key, `crate::secret`).
+    pub fn with_signer(mut self, signer: RouteSigner) -> Self {
+        self.signer = signer;
+        self
     }
 
     /// Advertises `host_port` (e.g. `"proxy.example.com:5060"`) for the interface `(kind, addr)`
@@ -65,14 +77,50 @@ impl ProxyIdentity {
     }
 
     /// The URI this proxy puts into Record-Route for one interface, always with `lr`
-    /// (§16.6 step 4: a proxy compliant with RFC 3261 is a loose router), and with the transport
-    /// spelled out so the next request in the dialog arrives on the same transport.
-    pub fn record_route_uri(&self, kind: TransportKind, addr: SocketAddr) -> String {
+    /// (§16.6 step 4: a proxy compliant with RFC 3261 is a loose router), with the transport
+    /// spelled out so the next request in the dialog arrives on the same transport, and with
+    /// the dialog's `signature` ([`ProxyIdentity::record_route_signature`]).
+    pub fn record_route_uri(
+        &self,
+        kind: TransportKind,
+        addr: SocketAddr,
+        signature: &str,
+    ) -> String {
         format!(
-            "sip:{};transport={};lr",
+            "sip:{};transport={};lr;{SIGNATURE_PARAM}={signature}",
             self.host_port(kind, addr),
             kind.scheme()
         )
+    }
+
+    /// The signature our Record-Route entries carry for the dialog `req` creates: over its
+    /// Call-ID and From tag (`route_sign`). A request without them (malformed, or RFC 2543
+    /// without a tag) is signed over what it has.
+    pub fn record_route_signature(&self, req: &Message) -> String {
+        let call_id = req.call_id().unwrap_or_default();
+        let from = req.from().ok();
+        let tag = from.as_ref().and_then(|f| f.tag()).unwrap_or_default();
+        self.signer.sign(call_id, tag)
+    }
+
+    /// Whether `uri` (one of our Route entries, or a Request-URI a strict router put there)
+    /// carries a signature we issued for the dialog of `req`: over its Call-ID and its From or
+    /// To tag, whichever is the original caller's.
+    fn signed_for(&self, uri: &Uri<'_>, req: &Message) -> bool {
+        let Some(signature) = uri.as_sip().and_then(|u| u.param(SIGNATURE_PARAM)) else {
+            return false;
+        };
+        let Ok(call_id) = req.call_id() else {
+            return false;
+        };
+        let from = req.from().ok();
+        let to = req.to().ok();
+        let tags: Vec<&[u8]> = [from.as_ref(), to.as_ref()]
+            .into_iter()
+            .flatten()
+            .filter_map(|na| na.tag())
+            .collect();
+        self.signer.verify(signature, call_id, &tags)
     }
 
     /// Whether a Via sent-by names this proxy: `host:port` is one of our addresses or domains.
@@ -201,7 +249,18 @@ fn is_my_record_route(uri: &Uri<'_>, me: &ProxyIdentity) -> bool {
     }
 }
 
-/// §16.4 route information preprocessing. Returns whether the request changed.
+/// What [`preprocess_routes`] did and found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Preprocessed {
+    /// A Route entry naming this proxy was removed, or a strict router's rewrite undone: the
+    /// request changed.
+    pub consumed_own_route: bool,
+    /// What was consumed carried a valid signature (`route_sign`): the route set is one this
+    /// proxy issued for this dialog. A Route naming us without one was written by someone else.
+    pub signed: bool,
+}
+
+/// §16.4 route information preprocessing.
 ///
 /// 1. If the Request-URI is a value this proxy placed in Record-Route, the previous hop was a
 ///    strict router: the real Request-URI is the last Route value; move it there and drop it
@@ -211,11 +270,19 @@ fn is_my_record_route(uri: &Uri<'_>, me: &ProxyIdentity) -> bool {
 ///    one entry per interface) and is removed as well; the same URI twice is a deliberate
 ///    spiral through this proxy and is left for the next pass.
 ///
+/// Whether what was removed (or the Request-URI a strict router wrote) carries our signature is
+/// reported in [`Preprocessed::signed`]; the entries are removed either way, as §16.4 says.
+///
 /// `maddr` handling of §16.4 (Request-URI maddr naming us) is not implemented.
-pub fn preprocess_routes(req: &mut Message, me: &ProxyIdentity) -> Result<bool, ParseError> {
+pub fn preprocess_routes(
+    req: &mut Message,
+    me: &ProxyIdentity,
+) -> Result<Preprocessed, ParseError> {
     let mut routes = route_values(req)?;
     // Without a Route there is no saved Request-URI to restore: leave the request as it is.
-    let strict_prev_hop = is_my_record_route(&req.request_uri()?, me) && !routes.is_empty();
+    let request_uri = req.request_uri()?;
+    let strict_prev_hop = is_my_record_route(&request_uri, me) && !routes.is_empty();
+    let mut signed = strict_prev_hop && me.signed_for(&request_uri, req);
     if strict_prev_hop {
         if let Some(last) = routes.pop() {
             let uri = route_uri(&last)?;
@@ -238,13 +305,17 @@ pub fn preprocess_routes(req: &mut Message, me: &ProxyIdentity) -> Result<bool, 
         if same_as_removed {
             break;
         }
+        signed = signed || me.signed_for(&na.uri, req);
         removed.push(routes.remove(0));
     }
     let changed = strict_prev_hop || !removed.is_empty();
     if changed {
         set_routes(req, &routes)?;
     }
-    Ok(changed)
+    Ok(Preprocessed {
+        consumed_own_route: changed,
+        signed,
+    })
 }
 
 /// What [`forward_copy`] needs for one target (§16.6).
@@ -268,7 +339,7 @@ pub struct ForwardSpec<'a> {
 /// - step 1: copy; step 2: Request-URI = `target`.
 /// - step 3: Max-Forwards decremented, or 70 added. A request with 0 is refused with 483
 ///   ([`check_request`] should have caught it).
-/// - step 4: Record-Route with `lr` on top when asked; two entries (outbound interface above
+/// - step 4: Record-Route with `lr` and our signature (`route_sign`) on top when asked; two entries (outbound interface above
 ///   inbound, RFC 5658) when the interfaces' URIs differ, so each side of the dialog routes to
 ///   the interface it can reach.
 /// - step 6: if the top Route has no `lr` the next hop is a strict router: the Request-URI goes
@@ -300,8 +371,9 @@ pub fn forward_copy(req: &Message, spec: &ForwardSpec) -> Result<Message, ParseE
     if spec.record_route {
         let (in_kind, in_addr) = spec.inbound;
         let (out_kind, out_addr) = spec.outbound;
-        let inbound_uri = spec.me.record_route_uri(in_kind, in_addr);
-        let outbound_uri = spec.me.record_route_uri(out_kind, out_addr);
+        let signature = spec.me.record_route_signature(req);
+        let inbound_uri = spec.me.record_route_uri(in_kind, in_addr, &signature);
+        let outbound_uri = spec.me.record_route_uri(out_kind, out_addr, &signature);
         if inbound_uri != outbound_uri {
             out.prepend_header("Record-Route", format!("<{inbound_uri}>").as_bytes())?;
         }
@@ -580,8 +652,23 @@ mod tests {
         SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 5060),
     );
 
+    /// The key of the test proxies' Record-Route signatures.
+    const TEST_KEY: &[u8] = b"test key";
+
+    /// Our signature for the test messages' dialog (Call-ID c1@127.0.0.1, From tag a1).
+    const SIG: &str = "6a8b2d315c719832";
+
+    fn signer() -> RouteSigner {
+        RouteSigner::new(TEST_KEY)
+    }
+
     fn me() -> ProxyIdentity {
-        ProxyIdentity::new(LocalIdentity::new(&[], [US_UDP.1]))
+        ProxyIdentity::new(LocalIdentity::new(&[], [US_UDP.1])).with_signer(signer())
+    }
+
+    #[test]
+    fn the_test_signature_is_the_dialogs() {
+        assert_eq!(signer().sign(b"c1@127.0.0.1", b"a1"), SIG);
     }
 
     /// A request with `ruri`, the usual mandatory headers, then `extra` lines (CRLF-joined).
@@ -680,11 +767,11 @@ mod tests {
             "sip:bob@example.com",
             &["Route: <sip:127.0.0.1:5060;lr>, <sip:127.0.0.1:5070;lr>"],
         );
-        assert!(preprocess_routes(&mut r, &me()).unwrap());
+        assert!(preprocess_routes(&mut r, &me()).unwrap().consumed_own_route);
         assert_eq!(routes(&r), ["<sip:127.0.0.1:5070;lr>"]);
         assert_eq!(rruri(&r), "sip:bob@example.com");
         // Nothing of ours left: no change.
-        assert!(!preprocess_routes(&mut r, &me()).unwrap());
+        assert!(!preprocess_routes(&mut r, &me()).unwrap().consumed_own_route);
     }
 
     #[test]
@@ -695,7 +782,7 @@ mod tests {
             &["Route: <sip:127.0.0.1:5060;transport=udp;lr>, \
                <sip:127.0.0.1:5060;transport=tcp;lr>, <sip:example.com;lr>"],
         );
-        assert!(preprocess_routes(&mut r, &me()).unwrap());
+        assert!(preprocess_routes(&mut r, &me()).unwrap().consumed_own_route);
         assert_eq!(routes(&r), ["<sip:example.com;lr>"]);
     }
 
@@ -709,7 +796,7 @@ mod tests {
                 "Route: <sip:bob@example.com>",
             ],
         );
-        assert!(preprocess_routes(&mut r, &me()).unwrap());
+        assert!(preprocess_routes(&mut r, &me()).unwrap().consumed_own_route);
         assert_eq!(rruri(&r), "sip:bob@example.com");
         assert_eq!(routes(&r), ["<sip:127.0.0.1:5070;lr>"]);
         r.validate().unwrap();
@@ -718,7 +805,7 @@ mod tests {
     #[test]
     fn preprocess_our_record_route_uri_without_route_is_unchanged() {
         let mut r = req("BYE", "sip:127.0.0.1:5060;transport=udp;lr", &[]);
-        assert!(!preprocess_routes(&mut r, &me()).unwrap());
+        assert!(!preprocess_routes(&mut r, &me()).unwrap().consumed_own_route);
         assert_eq!(rruri(&r), "sip:127.0.0.1:5060;transport=udp;lr");
     }
 
@@ -730,8 +817,105 @@ mod tests {
             "sip:bob@127.0.0.1:5060",
             &["Route: <sip:example.com;lr>"],
         );
-        assert!(!preprocess_routes(&mut r, &me()).unwrap());
+        assert!(!preprocess_routes(&mut r, &me()).unwrap().consumed_own_route);
         assert_eq!(rruri(&r), "sip:bob@127.0.0.1:5060");
+    }
+
+    #[test]
+    fn preprocess_reports_our_signature_in_either_direction() {
+        let ours = format!("Route: <sip:127.0.0.1:5060;transport=udp;lr;mrs={SIG}>");
+        // Caller → callee: the caller's tag a1 is in From.
+        let mut r = req("BYE", "sip:bob@example.com", &[&ours]);
+        let done = preprocess_routes(&mut r, &me()).unwrap();
+        assert!(done.consumed_own_route && done.signed);
+        // Callee → caller: From and To swapped, a1 is in To.
+        let text = req_text("BYE", "sip:alice@example.com", &[&ours])
+            .replace(
+                "To: <sip:bob@example.com>",
+                "To: <sip:alice@example.com>;tag=a1",
+            )
+            .replace(
+                "From: <sip:alice@example.com>;tag=a1",
+                "From: <sip:bob@example.com>;tag=b9",
+            );
+        let mut r = parse(&text);
+        assert!(preprocess_routes(&mut r, &me()).unwrap().signed);
+    }
+
+    #[test]
+    fn preprocess_removes_but_does_not_trust_unsigned_or_tampered_routes() {
+        let tampered = format!("{}0", &SIG[..15]);
+        let tampered = if tampered == SIG {
+            format!("{}1", &SIG[..15])
+        } else {
+            tampered
+        };
+        for route in [
+            "Route: <sip:127.0.0.1:5060;lr>".to_owned(),
+            format!("Route: <sip:127.0.0.1:5060;lr;mrs={tampered}>"),
+            "Route: <sip:127.0.0.1:5060;lr;mrs>".to_owned(),
+        ] {
+            let mut r = req("MESSAGE", "sip:victim@127.0.0.6:5060", &[&route]);
+            let done = preprocess_routes(&mut r, &me()).unwrap();
+            assert!(done.consumed_own_route && !done.signed, "{route}");
+            assert!(routes(&r).is_empty());
+        }
+        // Another dialog's signature (another Call-ID) is not this one's.
+        let other = signer().sign(b"other@127.0.0.1", b"a1");
+        let mut r = req(
+            "BYE",
+            "sip:bob@example.com",
+            &[&format!("Route: <sip:127.0.0.1:5060;lr;mrs={other}>")],
+        );
+        assert!(!preprocess_routes(&mut r, &me()).unwrap().signed);
+        // Another server's key.
+        let stranger = ProxyIdentity::new(LocalIdentity::new(&[], [US_UDP.1]));
+        let mut r = req(
+            "BYE",
+            "sip:bob@example.com",
+            &[&format!("Route: <sip:127.0.0.1:5060;lr;mrs={SIG}>")],
+        );
+        assert!(!preprocess_routes(&mut r, &stranger).unwrap().signed);
+        // A route set that does not start with us: nothing consumed, nothing signed.
+        let mut r = req(
+            "BYE",
+            "sip:bob@example.com",
+            &["Route: <sip:example.com;lr>"],
+        );
+        assert_eq!(
+            preprocess_routes(&mut r, &me()).unwrap(),
+            Preprocessed::default()
+        );
+    }
+
+    #[test]
+    fn preprocess_strict_router_signature_is_in_the_request_uri() {
+        let mut r = req(
+            "BYE",
+            &format!("sip:127.0.0.1:5060;transport=udp;lr;mrs={SIG}"),
+            &["Route: <sip:bob@example.com>"],
+        );
+        let done = preprocess_routes(&mut r, &me()).unwrap();
+        assert!(done.consumed_own_route && done.signed);
+        assert_eq!(rruri(&r), "sip:bob@example.com");
+    }
+
+    #[test]
+    fn a_record_route_we_write_is_one_we_accept() {
+        let invite = req("INVITE", "sip:bob@example.com", &[]);
+        let me = me();
+        let mut s = spec("sip:bob@example.com", &me);
+        s.record_route = true;
+        let out = forward_copy(&invite, &s).unwrap();
+        let rr = out
+            .values(HeaderName::RecordRoute)
+            .next()
+            .unwrap()
+            .unwrap()
+            .to_vec();
+        let route = format!("Route: {}", String::from_utf8_lossy(&rr));
+        let mut bye = req("BYE", "sip:bob@example.com", &[&route]);
+        assert!(preprocess_routes(&mut bye, &me).unwrap().signed);
     }
 
     // ----- forward_copy -------------------------------------------------------------------
@@ -755,7 +939,7 @@ mod tests {
         assert_eq!(
             text,
             "INVITE sip:bob@127.0.0.1:5080 SIP/2.0\r\n\
-             Record-Route: <sip:127.0.0.1:5060;transport=udp;lr>\r\n\
+             Record-Route: <sip:127.0.0.1:5060;transport=udp;lr;mrs=6a8b2d315c719832>\r\n\
              Via: SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bKtest\r\n\
              Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKuac1\r\n\
              To: <sip:bob@example.com>\r\n\
@@ -811,8 +995,8 @@ mod tests {
         assert_eq!(
             rr,
             [
-                "<sip:127.0.0.1:5060;transport=tcp;lr>",
-                "<sip:127.0.0.1:5060;transport=udp;lr>",
+                "<sip:127.0.0.1:5060;transport=tcp;lr;mrs=6a8b2d315c719832>",
+                "<sip:127.0.0.1:5060;transport=udp;lr;mrs=6a8b2d315c719832>",
                 "<sip:example.com;lr>",
             ]
         );
@@ -959,7 +1143,7 @@ mod tests {
     );
 
     fn me_v4_and_v6() -> ProxyIdentity {
-        ProxyIdentity::new(LocalIdentity::new(&[], [US_UDP.1, V6_UDP.1]))
+        ProxyIdentity::new(LocalIdentity::new(&[], [US_UDP.1, V6_UDP.1])).with_signer(signer())
     }
 
     #[test]
@@ -980,7 +1164,7 @@ mod tests {
             out.values(HeaderName::RecordRoute)
                 .map(|v| String::from_utf8_lossy(v.unwrap()).into_owned())
                 .collect::<Vec<_>>(),
-            ["<sip:[::1]:5060;transport=udp;lr>"]
+            ["<sip:[::1]:5060;transport=udp;lr;mrs=6a8b2d315c719832>"]
         );
         let reparsed = parse(&text);
         let via = reparsed.top_via().unwrap();
@@ -1011,18 +1195,21 @@ mod tests {
         assert_eq!(
             rr,
             [
-                "<sip:[::1]:5060;transport=udp;lr>",
-                "<sip:127.0.0.1:5060;transport=udp;lr>"
+                "<sip:[::1]:5060;transport=udp;lr;mrs=6a8b2d315c719832>",
+                "<sip:127.0.0.1:5060;transport=udp;lr;mrs=6a8b2d315c719832>"
             ]
         );
         // Coming back (the UAC's route set is the reverse), both halves are ours and removed.
         let mut back = req(
             "BYE",
             "sip:bob@[::1]:5080",
-            &["Route: <sip:127.0.0.1:5060;transport=udp;lr>, \
-               <sip:[0:0:0:0:0:0:0:1]:5060;transport=udp;lr>"],
+            &[
+                "Route: <sip:127.0.0.1:5060;transport=udp;lr;mrs=6a8b2d315c719832>, \
+               <sip:[0:0:0:0:0:0:0:1]:5060;transport=udp;lr;mrs=6a8b2d315c719832>",
+            ],
         );
-        assert!(preprocess_routes(&mut back, &me).unwrap());
+        let done = preprocess_routes(&mut back, &me).unwrap();
+        assert!(done.consumed_own_route && done.signed);
         assert!(routes(&back).is_empty());
     }
 
@@ -1035,21 +1222,24 @@ mod tests {
                 "sip:bob@[::1]:5080",
                 &[&format!("Route: {ours}, <sip:[2001:db8::5];lr>")],
             );
-            assert!(preprocess_routes(&mut r, &me).unwrap(), "{ours}");
+            assert!(
+                preprocess_routes(&mut r, &me).unwrap().consumed_own_route,
+                "{ours}"
+            );
             assert_eq!(routes(&r), ["<sip:[2001:db8::5];lr>"]);
             let hop = next_hop(&r).unwrap();
             assert_eq!((hop.host.as_str(), hop.port), ("2001:db8::5", None));
         }
         // Another port on our address is not us.
         let mut r = req("BYE", "sip:bob@[::1]:5080", &["Route: <sip:[::1]:5070;lr>"]);
-        assert!(!preprocess_routes(&mut r, &me).unwrap());
+        assert!(!preprocess_routes(&mut r, &me).unwrap().consumed_own_route);
         // A strict router put our IPv6 Record-Route into the Request-URI.
         let mut r = req(
             "BYE",
             "sip:[::1]:5060;transport=udp;lr",
             &["Route: <sip:bob@[::1]:5080>"],
         );
-        assert!(preprocess_routes(&mut r, &me).unwrap());
+        assert!(preprocess_routes(&mut r, &me).unwrap().consumed_own_route);
         assert_eq!(rruri(&r), "sip:bob@[::1]:5080");
     }
 

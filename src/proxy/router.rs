@@ -63,11 +63,14 @@ impl Decision {
 /// What the relay knows about a new request beyond the message itself.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RouteInfo {
-    /// The request arrived with a Route header set (after §16.4 removed our own entries it is
-    /// routed by what is left, or by its Request-URI): Kamailio's `loose_route()` is true.
+    /// The request arrived with a Route header set.
     pub had_route: bool,
     /// §16.4 removed a Route entry naming this proxy (or undid a strict router's rewrite).
     pub consumed_own_route: bool,
+    /// What §16.4 removed carried our Record-Route signature (`route_sign`): the request
+    /// follows a route set this proxy issued for its dialog, and is routed by what is left of
+    /// it, or by its Request-URI. The script's `loose_route()` is this.
+    pub own_route_signed: bool,
 }
 
 /// Where a response given to [`Router::on_reply`] came from: what a NAT check needs.

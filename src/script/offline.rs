@@ -6,6 +6,10 @@
 //! A test run does what the server does before `on_request` (received/rport stamping, §16.3
 //! checks are left out, §16.4 route preprocessing) and then runs the hook in a fresh state
 //! with a location store loaded from a fixture; nothing is sent anywhere.
+//!
+//! Record-Route signatures (`crate::proxy::route_sign`) use the fixed key [`OFFLINE_KEY`]
+//! here, not the server's: a test file gets the signature of a dialog from
+//! `moonroute.route_signature(call_id, caller_tag)` to write a Route the "server" accepts.
 
 use std::cell::RefCell;
 use std::fmt::Write as _;
@@ -28,6 +32,10 @@ use super::{Services, KV_MAX_KEYS};
 use crate::dns::{Candidate, Query, ResolveError, Resolver};
 use crate::location::MemoryLocation;
 use crate::proxy::router::{Decision, RouteInfo};
+use crate::proxy::RouteSigner;
+
+/// The key offline runs sign and check Record-Route with (never a server's).
+pub const OFFLINE_KEY: &[u8] = b"moonroute offline test key";
 use crate::proxy::{preprocess_routes, ProxyIdentity};
 use crate::registrar::{Registrar, Rules};
 use crate::server::core::LocalIdentity;
@@ -165,7 +173,8 @@ pub fn run_once(
         .map_err(|e| ScriptError(format!("the message's Via: {e}")))?;
     let identity = LocalIdentity::new(&options.domains, [local]);
     let had_route = request.routes().next().is_some();
-    let consumed_own_route = preprocess_routes(&mut request, &ProxyIdentity::new(identity.clone()))
+    let me = ProxyIdentity::new(identity.clone()).with_signer(RouteSigner::new(OFFLINE_KEY));
+    let done = preprocess_routes(&mut request, &me)
         .map_err(|e| ScriptError(format!("the message's Route: {e}")))?;
     let logs = Rc::new(RefCell::new(Vec::new()));
     let env = Env {
@@ -177,7 +186,8 @@ pub fn run_once(
     let before = request.clone();
     let info = RouteInfo {
         had_route,
-        consumed_own_route,
+        consumed_own_route: done.consumed_own_route,
+        own_route_signed: done.signed,
     };
     let vars = engine
         .lua()
@@ -479,9 +489,19 @@ pub fn run_lua_tests(path: &Path) -> Result<String, ScriptError> {
             lua_run(lua, &base, &spec)
         })
         .map_err(|e| ScriptError(e.to_string()))?;
+    let route_signature = lua
+        .create_function(
+            |_, (call_id, caller_tag): (mlua::LuaString, mlua::LuaString)| {
+                Ok(RouteSigner::new(OFFLINE_KEY).sign(&call_id.as_bytes(), &caller_tag.as_bytes()))
+            },
+        )
+        .map_err(|e| ScriptError(e.to_string()))?;
     let moonroute = lua.create_table().map_err(|e| ScriptError(e.to_string()))?;
     moonroute
         .set("run", run)
+        .map_err(|e| ScriptError(e.to_string()))?;
+    moonroute
+        .set("route_signature", route_signature)
         .map_err(|e| ScriptError(e.to_string()))?;
     lua.globals()
         .set("moonroute", moonroute)

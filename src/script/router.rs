@@ -86,11 +86,14 @@ impl ScriptHost {
             store,
             crate::registrar::Rules::from(&config.registrar),
         );
-        let auth = crate::auth::Authenticator::open(
-            &crate::auth::Settings::from_config(&config.auth),
-            &config.data_dir,
-        )
-        .map_err(ScriptError)?;
+        // Nonces are signed with the server key (`[auth] secret`, else `<data_dir>/secret`), so
+        // they survive a restart: phones are not answered `stale` after one.
+        let settings = crate::auth::Settings {
+            secret: crate::secret::server_key(config).map_err(ScriptError)?,
+            ..crate::auth::Settings::from_config(&config.auth)
+        };
+        let auth =
+            crate::auth::Authenticator::open(&settings, &config.data_dir).map_err(ScriptError)?;
         let services = Services {
             kv: Arc::new(super::kv::KvStore::new(super::KV_MAX_KEYS)),
             registrar: Some(Arc::new(registrar)),

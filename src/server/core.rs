@@ -24,7 +24,7 @@ use crate::location::{CommitState, CommitTicket, LocationStore};
 use crate::nat::keepalive::{self, Action as KeepaliveAction, Peer, Scheduler};
 use crate::proxy::relay::{owner_of_branch, Handled, Relay};
 use crate::proxy::router::{BuiltinRouter, Router};
-use crate::proxy::{is_our_stateless_branch, ProxyIdentity};
+use crate::proxy::{is_our_stateless_branch, ProxyIdentity, RouteSigner};
 use crate::sip::{HeaderName, Host, Message, Method, ParseError, ResponseBuilder, Uri};
 use crate::transaction::layer::{LayerConfig, LayerOutput, TransactionLayer, TxId, Upcall};
 use crate::transport::{
@@ -135,6 +135,9 @@ pub struct CoreFactory {
     keepalive_config: Option<(Duration, u32)>,
     max_backlog: usize,
     max_receive_lag: Option<Duration>,
+    /// Signs Record-Route; one for all event loops, so any of them recognises the Route
+    /// entries another wrote (see [`CoreFactory::with_route_signer`]).
+    route_signer: RouteSigner,
 }
 
 impl CoreFactory {
@@ -170,7 +173,16 @@ impl CoreFactory {
                 .map(|interval| (interval, config.nat.keepalive_failures)),
             max_backlog: config.limits.max_backlog,
             max_receive_lag: config.limits.max_receive_lag(),
+            route_signer: RouteSigner::random(),
         }
+    }
+
+    /// Signs Record-Route with `signer`, from the server key (`crate::secret::server_key`), so
+    /// dialogs stay routable across restarts and across servers sharing the key. Without it
+    /// the key is random per process.
+    pub fn with_route_signer(mut self, signer: RouteSigner) -> CoreFactory {
+        self.route_signer = signer;
+        self
     }
 
     /// Sends `[nat]` keep-alives to the NATed bindings of `store` (from the first event loop;
@@ -198,7 +210,7 @@ impl CoreFactory {
     fn core(&self, index: usize, loops: usize, bound: &[ListenAddr]) -> Core {
         let identity = LocalIdentity::new(&self.domains, bound.iter().map(|l| l.addr));
         let relay = Relay::new(
-            ProxyIdentity::new(identity.clone()),
+            ProxyIdentity::new(identity.clone()).with_signer(self.route_signer.clone()),
             SUPPORTED.to_vec(),
             index,
             bound.to_vec(),

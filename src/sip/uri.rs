@@ -230,6 +230,11 @@ impl<'a> SipUri<'a> {
         self.params.has("lr")
     }
 
+    /// The value of the URI parameter `name` (empty for a parameter without a value).
+    pub fn param(&self, name: &str) -> Option<&'a [u8]> {
+        self.params.value(name)
+    }
+
     pub fn maddr(&self) -> Option<&'a [u8]> {
         self.params.value("maddr")
     }

@@ -450,8 +450,32 @@ fn add_edits<M: UserDataMethods<ScriptMsg>>(methods: &mut M) {
     });
     methods.add_method("loose_route", |_, m, ()| {
         m.require(&[Role::Request], "loose_route")?;
-        Ok(m.info.had_route)
+        Ok(loose_route(m))
     });
+}
+
+/// `loose_route()`: true only when the request came with a Route set this proxy issued for
+/// its dialog (§16.4 removed our entry and it carried our signature, `proxy::route_sign`). A
+/// Route naming us without a valid signature was not written by us: the request is not routed
+/// by it (else anyone could relay anywhere with a To tag and `Route: <sip:us;lr>`). A Route set
+/// that does not start with us is not ours to follow either.
+fn loose_route(m: &ScriptMsg) -> bool {
+    let info = m.info;
+    if info.own_route_signed {
+        return true;
+    }
+    if info.consumed_own_route {
+        info!(
+            call_id = %String::from_utf8_lossy(m.msg.call_id().unwrap_or_default()),
+            "loose_route: Route not issued by us (no valid signature), not loose-routed"
+        );
+    } else if info.had_route {
+        debug!(
+            call_id = %String::from_utf8_lossy(m.msg.call_id().unwrap_or_default()),
+            "loose_route: the top Route does not name this proxy, not loose-routed"
+        );
+    }
+    false
 }
 
 fn add_decisions<M: UserDataMethods<ScriptMsg>>(methods: &mut M) {

@@ -148,15 +148,30 @@ r = moonroute.run{
 }
 assert(r.decision == "drop", r.decision)
 
--- In-dialog requests with our Route: relayed to the Request-URI (loose routing).
+-- In-dialog requests with our signed Route (what our Record-Route said): relayed to the
+-- Request-URI (loose routing). The dialog's caller tag is a1 (From, see message()).
+local sig = moonroute.route_signature("lua-test-BYE@127.0.0.1", "a1")
 r = moonroute.run{
   script = DEFAULT,
   message = message("BYE", "sip:bob@127.0.0.1:5080", "sip:alice@127.0.0.1:5060", "b1", {
-    "Route: <sip:127.0.0.1:5060;lr>",
+    "Route: <sip:127.0.0.1:5060;transport=udp;lr;mrs=" .. sig .. ">",
   }),
 }
 assert(r.decision == "relay", r.decision)
 assert(r.targets[1] == "sip:bob@127.0.0.1:5080", r.targets[1])
+
+-- A Route naming us that we did not sign (no signature, or another dialog's) is not ours to
+-- follow: 404, nothing relayed (else anyone could relay anywhere with a To tag).
+for _, route in ipairs{
+  "Route: <sip:127.0.0.1:5060;lr>",
+  "Route: <sip:127.0.0.1:5060;lr;mrs=" .. moonroute.route_signature("other", "a1") .. ">",
+} do
+  r = moonroute.run{
+    script = DEFAULT,
+    message = message("MESSAGE", "sip:victim@127.0.0.6:5060", "sip:x@127.0.0.4", "t1", {route}),
+  }
+  assert(r.decision == "reply" and r.code == 404, route .. ": " .. tostring(r.code))
+end
 
 -- Per-transaction variables and header edits (vars.lua).
 r = moonroute.run{
