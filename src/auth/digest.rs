@@ -14,6 +14,7 @@
 
 use md5::{Digest as _, Md5};
 use ring::digest::{digest, SHA256};
+use std::borrow::Cow;
 
 /// Longest credentials value accepted (a real one is a few hundred bytes).
 pub const MAX_CREDENTIALS_LEN: usize = 4096;
@@ -153,7 +154,7 @@ impl std::fmt::Display for ParseError {
 
 /// The realm named in a Digest credentials value, cheaply, to pick the value for a realm
 /// without judging the rest (a malformed value for another realm is not ours to refuse).
-pub fn realm_of(value: &[u8]) -> Option<String> {
+pub fn realm_of(value: &[u8]) -> Option<Cow<'_, str>> {
     let params = split_params(value).ok()?;
     params
         .into_iter()
@@ -174,13 +175,19 @@ pub fn parse(value: &[u8]) -> Result<Credentials, ParseError> {
     let mut qop = None;
     let mut nc = None;
     let mut cnonce = None;
-    let mut seen: Vec<String> = Vec::with_capacity(params.len());
-    for (name, value) in params {
-        let lower = name.to_ascii_lowercase();
-        if seen.contains(&lower) {
+    for (index, (name, value)) in params.iter().enumerate() {
+        if params[..index]
+            .iter()
+            .any(|(earlier, _)| earlier.eq_ignore_ascii_case(name))
+        {
             return Err(ParseError::Malformed("a parameter is repeated"));
         }
-        let slot = match lower.as_str() {
+        let mut buf = [0u8; 16];
+        // Longer names are auth-param extensions: ignored like the others below.
+        let Some(lower) = lowercase_short(name, &mut buf) else {
+            continue;
+        };
+        let slot = match lower {
             "username" => &mut username,
             "realm" => &mut realm,
             "nonce" => &mut nonce,
@@ -192,13 +199,9 @@ pub fn parse(value: &[u8]) -> Result<Credentials, ParseError> {
             "nc" => &mut nc,
             "cnonce" => &mut cnonce,
             // auth-param extensions are ignored (RFC 2617 §3.2.2).
-            _ => {
-                seen.push(lower);
-                continue;
-            }
+            _ => continue,
         };
-        *slot = Some(value);
-        seen.push(lower);
+        *slot = Some(value.clone().into_owned());
     }
     let required = |v: Option<String>, what: &'static str| v.ok_or(ParseError::Malformed(what));
     let qop = match qop {
@@ -234,9 +237,17 @@ pub fn parse(value: &[u8]) -> Result<Credentials, ParseError> {
     })
 }
 
+/// `name` in lowercase in `buf` without allocating, `None` when longer than `buf`.
+fn lowercase_short<'b>(name: &str, buf: &'b mut [u8; 16]) -> Option<&'b str> {
+    let out = buf.get_mut(..name.len())?;
+    out.copy_from_slice(name.as_bytes());
+    out.make_ascii_lowercase();
+    std::str::from_utf8(out).ok()
+}
+
 /// `Digest` and its `name=value` pairs, values unquoted (RFC 2617 §3.2.2, RFC 3261 §25.1
 /// `auth-param`, `quoted-string` with `\` escapes).
-fn split_params(value: &[u8]) -> Result<Vec<(String, String)>, ParseError> {
+fn split_params(value: &[u8]) -> Result<Vec<(&str, Cow<'_, str>)>, ParseError> {
     if value.len() > MAX_CREDENTIALS_LEN {
         return Err(ParseError::Malformed("too long"));
     }
@@ -266,9 +277,11 @@ fn split_params(value: &[u8]) -> Result<Vec<(String, String)>, ParseError> {
         let value = if cursor.peek() == Some(b'"') {
             cursor.quoted()?
         } else {
-            cursor
-                .token()
-                .ok_or(ParseError::Malformed("a parameter value"))?
+            Cow::Borrowed(
+                cursor
+                    .token()
+                    .ok_or(ParseError::Malformed("a parameter value"))?,
+            )
         };
         if value.len() > MAX_VALUE_LEN {
             return Err(ParseError::Malformed("a parameter value is too long"));
@@ -292,7 +305,7 @@ struct Cursor<'a> {
     at: usize,
 }
 
-impl Cursor<'_> {
+impl<'a> Cursor<'a> {
     fn peek(&self) -> Option<u8> {
         self.bytes.get(self.at).copied()
     }
@@ -311,18 +324,34 @@ impl Cursor<'_> {
         }
     }
 
-    /// A token (RFC 3261 §25.1).
-    fn token(&mut self) -> Option<String> {
+    /// A token (RFC 3261 §25.1), borrowed.
+    fn token(&mut self) -> Option<&'a str> {
         let start = self.at;
         while self.peek().is_some_and(crate::sip::scan::is_token_char) {
             self.at += 1;
         }
-        (self.at > start).then(|| String::from_utf8_lossy(&self.bytes[start..self.at]).into_owned())
+        // Token characters are ASCII, so the slice is valid UTF-8.
+        (self.at > start)
+            .then(|| std::str::from_utf8(&self.bytes[start..self.at]).ok())
+            .flatten()
     }
 
     /// A quoted-string, unescaped (`\` quotes the next character, RFC 3261 §25.1
-    /// `quoted-pair`).
-    fn quoted(&mut self) -> Result<String, ParseError> {
+    /// `quoted-pair`): borrowed when it has no escapes, as nearly every value does.
+    fn quoted(&mut self) -> Result<Cow<'a, str>, ParseError> {
+        let body = &self.bytes[self.at + 1..];
+        if let Some(end) = memchr::memchr2(b'"', b'\\', body) {
+            if body[end] == b'"' {
+                self.at += end + 2;
+                return std::str::from_utf8(&body[..end])
+                    .map(Cow::Borrowed)
+                    .map_err(|_| ParseError::Malformed("not UTF-8"));
+            }
+        }
+        self.quoted_with_escapes().map(Cow::Owned)
+    }
+
+    fn quoted_with_escapes(&mut self) -> Result<String, ParseError> {
         self.at += 1; // the opening quote
         let mut out = Vec::new();
         loop {
@@ -460,6 +489,8 @@ mod tests {
             b"Digest username=\"a\\",
             b"Digest username=a username=b",
             b"Digest username=a, username=b, realm=r, nonce=n, uri=u, response=r",
+            b"Digest username=a, USERNAME=b, realm=r, nonce=n, uri=u, response=r",
+            b"Digest username=a, realm=r, nonce=n, uri=u, response=r, Some-Extension=1, some-extension=2",
             b"Digest username=a, realm=r, nonce=n, uri=u",
             b"Digest username=a, realm=r, nonce=n, uri=u, response=r, qop=auth",
             b"Digest username=a, realm=r, nonce=n, uri=u, response=r, qop=auth, nc=1, cnonce=c",
