@@ -9,7 +9,7 @@
 # to CPU 0 and both SIPp instances share CPU 1, so the figure that matters is the server's CPU
 # time per 1000 calls (utime+stime from /proc), not the rate SIPp can offer.
 # Bounded: CALLS calls, and SIPp gives up after $TIMEOUT (default 120s).
-# Environment: HOLD_MS (pause between ACK and BYE, default 0), RURI (INVITE Request-URI, default
+# Environment: MOONROUTE (the binary; default: cargo build --release), HOLD_MS (pause between ACK and BYE, default 0), RURI (INVITE Request-URI, default
 # sip:uas@127.0.0.1:$PORT), TIMEOUT, PORT, UAS_PORT, UAC_PORT.
 # ROUTER=script routes with a Lua script (bench/relay.lua: record_route + t_relay to the UAS,
 # loose_route for in-dialog requests) instead of the built-in --static-route router, to measure
@@ -23,8 +23,7 @@ port=${PORT:-15060}
 uas_port=${UAS_PORT:-15080}
 timeout=${TIMEOUT:-120s}
 need_sipp
-cargo build --release --quiet
-bin=target/release/moonroute
+bin=$(moonroute_bin)
 
 work=$(mktemp -d /tmp/moonroute-calls.XXXXXX)
 UAS_PID= UAC_PID= server=
