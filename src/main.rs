@@ -56,6 +56,10 @@ struct TestArgs {
     /// Location fixture: one `AOR CONTACT [q=Q] [expires=SECONDS]` per line.
     #[arg(long, value_name = "FILE")]
     location: Option<PathBuf>,
+    /// Subscriber fixture: one `USER@DOMAIN PASSWORD [REALM]` per line (plaintext: for tests
+    /// only); with it, `req:authorize` checks credentials.
+    #[arg(long, value_name = "FILE")]
+    subscribers: Option<PathBuf>,
     /// Where the message comes from, as transport:ip:port.
     #[arg(
         long,
@@ -229,6 +233,8 @@ fn test(args: TestArgs) -> ExitCode {
             domains: args.domains,
             location: args.location,
             force_rport: !args.no_force_rport,
+            subscribers: args.subscribers,
+            clock: None,
         };
         let message = args.message.unwrap_or_default();
         offline::test_message(&args.script, &message, &options)

@@ -1501,6 +1501,81 @@ fn test_command_shows_the_decision_for_a_message() {
     );
 }
 
+/// `--subscribers`: the challenge's nonce (signed with the fixed offline secret) is answered in
+/// a second run, and the REGISTER is saved.
+#[test]
+fn test_command_authenticates_against_a_subscriber_fixture() {
+    let run = |message: &str| {
+        moonroute(&[
+            "test",
+            "scripts/default.lua",
+            "--message",
+            message,
+            "--subscribers",
+            "tests/data/scripts/subscribers.txt",
+        ])
+    };
+    let output = run("tests/data/scripts/register.sip");
+    assert!(output.status.success(), "{}", describe(&output));
+    let stdout = text(&output.stdout);
+    assert!(
+        stdout.contains("decision:  reply 401 Unauthorized (req:auth_challenge)"),
+        "{}",
+        describe(&output)
+    );
+    let challenge = stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("header:  WWW-Authenticate: "))
+        .expect("a challenge");
+    let answer = moonroute::auth::digest::answer(
+        challenge.as_bytes(),
+        &moonroute::auth::digest::Answer {
+            username: "alice",
+            password: "alice-secret",
+            method: "REGISTER",
+            uri: "sip:127.0.0.1:5060",
+            nc: 1,
+            cnonce: "c1",
+        },
+    )
+    .unwrap();
+    let register = std::fs::read_to_string(repo_path("tests/data/scripts/register.sip")).unwrap();
+    let register = register.replacen(
+        "Expires: 600\n",
+        &format!("Expires: 600\nAuthorization: {answer}\n"),
+        1,
+    );
+    let dir = TempDir::new().unwrap();
+    let answered = write_script(&dir, "answered.sip", &register);
+    let output = run(answered.to_str().unwrap());
+    assert!(
+        text(&output.stdout).contains("decision:  reply 200 OK (req:save)"),
+        "{}",
+        describe(&output)
+    );
+
+    // A broken fixture is refused with its line.
+    let broken = write_script(
+        &dir,
+        "broken.txt",
+        "alice@127.0.0.1 pw\nalice-without-domain pw\n",
+    );
+    let output = moonroute(&[
+        "test",
+        "scripts/default.lua",
+        "--message",
+        "tests/data/scripts/register.sip",
+        "--subscribers",
+        broken.to_str().unwrap(),
+    ]);
+    assert_eq!(output.status.code(), Some(1), "{}", describe(&output));
+    assert!(
+        text(&output.stderr).contains("subscriber fixture: line 2:"),
+        "{}",
+        describe(&output)
+    );
+}
+
 #[test]
 fn lua_test_file_passes() {
     let output = moonroute(&["test", "--lua", "tests/data/scripts/default_test.lua"]);

@@ -405,9 +405,140 @@ pub fn expected_response(
     algorithm.hash_hex(input.as_bytes())
 }
 
+/// What a client needs to answer a challenge (the UAC side of RFC 2617 §3.2.2), for tests.
+#[derive(Clone, Debug)]
+pub struct Answer<'a> {
+    pub username: &'a str,
+    pub password: &'a str,
+    pub method: &'a str,
+    pub uri: &'a str,
+    /// The nonce count (`nc`), used when the challenge offers `qop="auth"`.
+    pub nc: u32,
+    pub cnonce: &'a str,
+}
+
+/// The `Authorization`/`Proxy-Authorization` value answering `challenge` (a
+/// `WWW-Authenticate`/`Proxy-Authenticate` value, RFC 3261 §25.1 `challenge`): its realm,
+/// nonce, algorithm (MD5 when absent, RFC 2617 §3.2.1) and opaque, `qop=auth` with `nc` and
+/// `cnonce` when the challenge offers it (RFC 2617 §3.2.2), and the response computed as
+/// [`expected_response`] does. What a UA does; the server never needs it (offline tests do).
+pub fn answer(challenge: &[u8], answer: &Answer<'_>) -> Result<String, String> {
+    let params = split_params(challenge).map_err(|e| format!("the challenge: {e}"))?;
+    let param = |name: &str| {
+        params
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_ref())
+    };
+    let realm = param("realm").ok_or("the challenge has no realm")?;
+    let nonce = param("nonce").ok_or("the challenge has no nonce")?;
+    let algorithm = match param("algorithm") {
+        None => Algorithm::Md5,
+        Some(token) => {
+            Algorithm::parse(token).ok_or_else(|| format!("unsupported algorithm {token:?}"))?
+        }
+    };
+    // qop-options is a quoted, comma-separated list (RFC 2617 §3.2.1).
+    let offers_auth = param("qop").is_some_and(|options| {
+        options
+            .split(',')
+            .any(|option| option.trim().eq_ignore_ascii_case("auth"))
+    });
+    if answer.nc == 0 {
+        return Err("nc counts from 1".into());
+    }
+    let credentials = Credentials {
+        username: answer.username.to_owned(),
+        realm: realm.to_owned(),
+        nonce: nonce.to_owned(),
+        uri: answer.uri.to_owned(),
+        response: String::new(),
+        algorithm: Some(algorithm.name().to_owned()),
+        opaque: param("opaque").map(str::to_owned),
+        qop: offers_auth.then(|| QopAuth {
+            nc_text: format!("{:08x}", answer.nc),
+            nc: answer.nc,
+            cnonce: answer.cnonce.to_owned(),
+        }),
+    };
+    let ha1 = algorithm.ha1(answer.username, realm, answer.password);
+    let response = expected_response(algorithm, &ha1, answer.method, &credentials);
+    let quoted = |s: &str| format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""));
+    let mut value = format!(
+        "Digest username={}, realm={}, nonce={}, uri={}, response=\"{response}\", algorithm={}",
+        quoted(answer.username),
+        quoted(realm),
+        quoted(nonce),
+        quoted(answer.uri),
+        algorithm.name()
+    );
+    if let Some(qop) = &credentials.qop {
+        value.push_str(&format!(
+            ", qop=auth, nc={}, cnonce={}",
+            qop.nc_text,
+            quoted(&qop.cnonce)
+        ));
+    }
+    if let Some(opaque) = &credentials.opaque {
+        value.push_str(&format!(", opaque={}", quoted(opaque)));
+    }
+    Ok(value)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn answers_the_rfc_2617_example_challenge() {
+        // RFC 2617 §3.5: the challenge and the response it gives.
+        let challenge = br#"Digest realm="testrealm@host.com", qop="auth,auth-int",
+            nonce="dcd98b7102dd2f0e8b11d0f600bfb0c093", opaque="5ccc069c403ebaf9f0171e9517f40e41""#;
+        let answer = Answer {
+            username: "Mufasa",
+            password: "Circle Of Life",
+            method: "GET",
+            uri: "/dir/index.html",
+            nc: 1,
+            cnonce: "0a4f113b",
+        };
+        let value = super::answer(challenge, &answer).unwrap();
+        let credentials = parse(value.as_bytes()).unwrap();
+        assert_eq!(credentials.response, "6629fae49393a05397450978507c4ef1");
+        assert_eq!(
+            credentials.opaque.as_deref(),
+            Some("5ccc069c403ebaf9f0171e9517f40e41")
+        );
+        assert_eq!(credentials.qop.unwrap().nc_text, "00000001");
+        // SHA-256, no qop (RFC 2069 form), quotes escaped.
+        let value = super::answer(
+            br#"Digest realm="a\"b", nonce="n", algorithm=SHA-256"#,
+            &Answer {
+                username: "u\\x",
+                ..answer.clone()
+            },
+        )
+        .unwrap();
+        let credentials = parse(value.as_bytes()).unwrap();
+        assert_eq!(
+            (credentials.realm.as_str(), credentials.username.as_str()),
+            ("a\"b", "u\\x")
+        );
+        assert_eq!(credentials.qop, None);
+        let ha1 = Algorithm::Sha256.ha1("u\\x", "a\"b", "Circle Of Life");
+        assert_eq!(
+            credentials.response,
+            expected_response(Algorithm::Sha256, &ha1, "GET", &credentials)
+        );
+        for bad in [
+            &b"Basic x"[..],
+            b"Digest nonce=n",
+            b"Digest realm=r",
+            b"Digest realm=r, nonce=n, algorithm=MD5-sess",
+        ] {
+            assert!(super::answer(bad, &answer).is_err());
+        }
+    }
 
     #[test]
     fn rfc_2617_example_response() {

@@ -128,6 +128,55 @@ impl Subscribers {
         Ok(Subscribers { db, by_realm })
     }
 
+    /// A table of its own in a temporary sled database, deleted when dropped: what an offline
+    /// run (`moonroute test --subscribers`) loads its fixture into. The same table as the
+    /// server's, not a second backend: lookups and the one-user-per-realm rule are the same.
+    pub fn temporary() -> Result<Subscribers, String> {
+        let db = sled::Config::new()
+            .temporary(true)
+            .cache_capacity(1024 * 1024)
+            .flush_every_ms(None)
+            .open()
+            .map_err(|e| format!("temporary subscriber table: {e}"))?;
+        let by_realm = db
+            .open_tree("by_realm")
+            .map_err(|e| format!("temporary subscriber table: {e}"))?;
+        Ok(Subscribers { db, by_realm })
+    }
+
+    /// A temporary table (see [`Subscribers::temporary`]) holding a test fixture: one
+    /// `USER@DOMAIN PASSWORD [REALM]` per line (the realm defaults to the domain), blank lines
+    /// and `#` comments ignored. Plaintext passwords: for test fixtures only, never a server.
+    pub fn from_fixture(text: &str) -> Result<Subscribers, String> {
+        let table = Subscribers::temporary()?;
+        for (index, line) in text.lines().enumerate() {
+            let number = index + 1;
+            let line = strip_comment(line);
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (user_at_domain, password, realm) = match fields[..] {
+                [] => continue,
+                [user, password] => (user, password, None),
+                [user, password, realm] => (user, password, Some(realm)),
+                _ => {
+                    return Err(format!(
+                        "line {number}: expected USER@DOMAIN PASSWORD [REALM]"
+                    ))
+                }
+            };
+            let (user, domain) =
+                split_user(user_at_domain).map_err(|e| format!("line {number}: {e}"))?;
+            let realm = realm.unwrap_or(&domain);
+            let subscriber = Subscriber::with_password(&user, realm, password);
+            if table
+                .add(user_at_domain, &subscriber)
+                .map_err(|e| format!("line {number}: {e}"))?
+            {
+                return Err(format!("line {number}: {user}@{domain} is listed twice"));
+            }
+        }
+        Ok(table)
+    }
+
     /// The table at `path`, shared with any other user of the same path in this process
     /// (sled locks its files: two servers of one process on one data directory, as tests
     /// run them, share the table instead of failing). Closed when the last user drops it.
@@ -257,6 +306,19 @@ impl Subscribers {
     }
 }
 
+/// `line` without a `#` comment (at the start or after white space, as in the location
+/// fixture: a `#` inside a password is kept).
+fn strip_comment(line: &str) -> &str {
+    let mut previous_blank = true;
+    for (at, c) in line.char_indices() {
+        if c == '#' && previous_blank {
+            return &line[..at];
+        }
+        previous_blank = c.is_whitespace();
+    }
+    line
+}
+
 fn db_error(e: sled::Error) -> String {
     format!("subscriber table: {e}")
 }
@@ -323,6 +385,34 @@ mod tests {
         // Durable.
         let table = Subscribers::open(&dir.path().join("subscribers")).unwrap();
         assert_eq!(table.list().len(), 1);
+    }
+
+    #[test]
+    fn fixtures_load_into_a_temporary_table() {
+        let table = Subscribers::from_fixture(
+            "# user@domain  password  [realm]\n\
+             alice@Example.com  s3cret\n\
+             \n\
+             bob@example.com    pa#ss   voip   # a comment\n",
+        )
+        .unwrap();
+        assert_eq!(
+            table.find("alice", "example.com"),
+            Some(Subscriber::with_password("alice", "example.com", "s3cret"))
+        );
+        assert_eq!(
+            table.find_with_domain("bob", "voip"),
+            Some((
+                "example.com".to_owned(),
+                Subscriber::with_password("bob", "voip", "pa#ss")
+            ))
+        );
+        let error = |text: &str| Subscribers::from_fixture(text).err().unwrap();
+        assert!(error("alice@x").starts_with("line 1: expected"));
+        assert!(error("\nalice@x a b c").starts_with("line 2: expected"));
+        assert!(error("alice pw").contains("not USER@DOMAIN"));
+        assert!(error("a@x p\na@x q").contains("listed twice"));
+        assert!(error("a@x p r\na@y q r").contains("already a@x"));
     }
 
     #[test]

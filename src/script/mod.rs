@@ -52,6 +52,10 @@ pub struct Services {
     pub auth: Option<Arc<crate::auth::Authenticator>>,
     /// Per-source request rates (`sip.pike_check`).
     pub pike: Arc<crate::flood::Pike>,
+    /// The wall-clock time primitives see (digest nonces, location expiry): `None` is the
+    /// system clock (the server); a test run may pretend another time (`moonroute.run{time =
+    /// ...}`), e.g. to find a nonce stale.
+    pub clock: Option<SystemTime>,
 }
 
 impl Default for Services {
@@ -61,11 +65,17 @@ impl Default for Services {
             registrar: None,
             auth: None,
             pike: Arc::new(crate::flood::Pike::default()),
+            clock: None,
         }
     }
 }
 
 impl Services {
+    /// The time primitives use: the system clock unless a test run set [`Services::clock`].
+    pub fn now(&self) -> SystemTime {
+        self.clock.unwrap_or_else(SystemTime::now)
+    }
+
     /// The unexpired contacts registered for the AOR of `uri`, highest q first.
     pub fn location_lookup(&self, uri: &str, now: SystemTime) -> Vec<Target> {
         let Some(registrar) = &self.registrar else {

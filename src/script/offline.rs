@@ -10,6 +10,12 @@
 //! Record-Route signatures (`crate::proxy::route_sign`) use the fixed key [`OFFLINE_KEY`]
 //! here, not the server's: a test file gets the signature of a dialog from
 //! `moonroute.route_signature(call_id, caller_tag)` to write a Route the "server" accepts.
+//!
+//! Digest authentication (RFC 3261 §22) is checked against a subscriber fixture
+//! (`--subscribers`, `moonroute.run{subscribers = ...}`) loaded into a temporary subscriber
+//! table, with nonces signed by the fixed [`OFFLINE_AUTH_SECRET`]: a nonce from one run's
+//! challenge is valid in the next, and `moonroute.digest{...}` computes the credentials a UA
+//! would send (RFC 2617 §3.2.2, RFC 8760). Without a fixture there is no authenticator.
 
 use std::cell::RefCell;
 use std::fmt::Write as _;
@@ -29,6 +35,7 @@ use super::router::{
     MAX_RESOLVES_PER_REQUEST,
 };
 use super::{Services, KV_MAX_KEYS};
+use crate::auth::{Authenticator, Subscribers};
 use crate::dns::{Candidate, Query, ResolveError, Resolver};
 use crate::location::MemoryLocation;
 use crate::proxy::router::{Decision, RouteInfo};
@@ -36,6 +43,9 @@ use crate::proxy::RouteSigner;
 
 /// The key offline runs sign and check Record-Route with (never a server's).
 pub const OFFLINE_KEY: &[u8] = b"moonroute offline test key";
+/// The secret offline runs sign digest nonces with (never a server's), the same for every
+/// run: a challenge's nonce from one run is accepted by the next.
+pub const OFFLINE_AUTH_SECRET: &[u8] = b"moonroute offline digest nonce secret";
 use crate::proxy::{preprocess_routes, ProxyIdentity};
 use crate::registrar::{Registrar, Rules};
 use crate::server::core::LocalIdentity;
@@ -78,6 +88,11 @@ pub struct TestOptions {
     /// Stamp `rport` on UDP requests as if asked for, as the server does with `[nat]
     /// force_rport` (its default, true).
     pub force_rport: bool,
+    /// A subscriber fixture file (`USER@DOMAIN PASSWORD [REALM]` per line): with it, the run
+    /// has an authenticator; without, `authorize` finds none.
+    pub subscribers: Option<PathBuf>,
+    /// The time the run pretends it is (digest nonces, location expiry); `None`: the clock.
+    pub clock: Option<SystemTime>,
 }
 
 impl Default for TestOptions {
@@ -90,6 +105,8 @@ impl Default for TestOptions {
             domains: Vec::new(),
             location: None,
             force_rport: crate::config::Nat::default().force_rport,
+            subscribers: None,
+            clock: None,
         }
     }
 }
@@ -136,25 +153,51 @@ pub fn test_message(
 ) -> Result<String, ScriptError> {
     let text = std::fs::read(message)
         .map_err(|e| ScriptError(format!("cannot read message {}: {e}", message.display())))?;
-    let location = match &options.location {
-        Some(path) => Some(std::fs::read_to_string(path).map_err(|e| {
-            ScriptError(format!(
-                "cannot read location fixture {}: {e}",
-                path.display()
-            ))
-        })?),
-        None => None,
+    let read_fixture = |path: &Option<PathBuf>, what: &str| match path {
+        Some(path) => std::fs::read_to_string(path)
+            .map(Some)
+            .map_err(|e| ScriptError(format!("cannot read {what} {}: {e}", path.display()))),
+        None => Ok(None),
+    };
+    let location = read_fixture(&options.location, "location fixture")?;
+    let subscribers = read_fixture(&options.subscribers, "subscriber fixture")?;
+    let fixtures = Fixtures {
+        location: location.as_deref(),
+        subscribers: subscribers.as_deref(),
     };
     let source = read_source(script, 1)?;
-    let outcome = run_once(&source, &text, location.as_deref(), options)?;
+    let outcome = run_with(&source, &text, &fixtures, options)?;
     Ok(format_outcome(&source.name, &outcome))
 }
 
-/// Runs `on_request` of `source` once on `message`.
+/// The fixtures of a run, as text.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Fixtures<'a> {
+    /// The location store (`MemoryLocation::from_fixture`'s format).
+    pub location: Option<&'a str>,
+    /// The subscriber table (`Subscribers::from_fixture`'s format).
+    pub subscribers: Option<&'a str>,
+}
+
+/// Runs `on_request` of `source` once on `message`, with a location fixture only.
 pub fn run_once(
     source: &ScriptSource,
     message: &[u8],
     location: Option<&str>,
+    options: &TestOptions,
+) -> Result<Outcome, ScriptError> {
+    let fixtures = Fixtures {
+        location,
+        subscribers: None,
+    };
+    run_with(source, message, &fixtures, options)
+}
+
+/// Runs `on_request` of `source` once on `message` with `fixtures`.
+pub fn run_with(
+    source: &ScriptSource,
+    message: &[u8],
+    fixtures: &Fixtures<'_>,
     options: &TestOptions,
 ) -> Result<Outcome, ScriptError> {
     let mut request = parse_message(message)?;
@@ -179,7 +222,7 @@ pub fn run_once(
     let logs = Rc::new(RefCell::new(Vec::new()));
     let env = Env {
         identity,
-        services: Arc::new(services(location)?),
+        services: Arc::new(services(fixtures, options.clock)?),
         log: LogSink::Capture(logs.clone()),
     };
     let engine = Engine::load(source, Limits::default(), env)?;
@@ -247,9 +290,10 @@ fn parse_message(text: &[u8]) -> Result<Message, ScriptError> {
     Ok(message)
 }
 
-fn services(location: Option<&str>) -> Result<Services, ScriptError> {
-    let store = match location {
-        Some(text) => MemoryLocation::from_fixture(text, SystemTime::now())
+fn services(fixtures: &Fixtures<'_>, clock: Option<SystemTime>) -> Result<Services, ScriptError> {
+    let now = clock.unwrap_or_else(SystemTime::now);
+    let store = match fixtures.location {
+        Some(text) => MemoryLocation::from_fixture(text, now)
             .map_err(|e| ScriptError(format!("location fixture: {e}")))?,
         None => MemoryLocation::new(100_000),
     };
@@ -259,9 +303,26 @@ fn services(location: Option<&str>) -> Result<Services, ScriptError> {
             Arc::new(store),
             Rules::from(&crate::config::Registrar::default()),
         ))),
-        auth: None,
+        auth: fixtures.subscribers.map(authenticator).transpose()?,
         pike: Arc::new(crate::flood::Pike::default()),
+        clock,
     })
+}
+
+/// The authenticator of a run with a subscriber fixture: the server's defaults (`[auth]`:
+/// SHA-256 and MD5, 300 s nonces) with [`OFFLINE_AUTH_SECRET`]. A fresh replay table per run,
+/// as each run is a fresh server.
+fn authenticator(fixture: &str) -> Result<Arc<Authenticator>, ScriptError> {
+    let subscribers = Subscribers::from_fixture(fixture)
+        .map_err(|e| ScriptError(format!("subscriber fixture: {e}")))?;
+    let settings = crate::auth::Settings {
+        secret: OFFLINE_AUTH_SECRET.to_vec(),
+        ..crate::auth::Settings::from_config(&crate::config::Auth::default())
+    };
+    Ok(Arc::new(Authenticator::new(
+        &settings,
+        Arc::new(subscribers),
+    )))
 }
 
 fn describe_state(before: &Message, state: ScriptMsg, vars: &Table) -> Outcome {
@@ -475,7 +536,8 @@ fn format_outcome(script: &str, o: &Outcome) -> String {
 // ----- Lua test files --------------------------------------------------------------------
 
 /// `moonroute test --lua FILE`: runs a Lua test file in which `moonroute.run{script=...,
-/// message=..., location=..., source=..., domains={...}}` returns the outcome as a table.
+/// message=..., location=..., subscribers=..., time=..., source=..., domains={...}}` returns
+/// the outcome as a table, and `moonroute.digest{...}` answers a challenge.
 /// The file fails on the first Lua error (e.g. a failed `assert`), reported with file:line.
 pub fn run_lua_tests(path: &Path) -> Result<String, ScriptError> {
     let test = read_source(path, 1)?;
@@ -503,6 +565,12 @@ pub fn run_lua_tests(path: &Path) -> Result<String, ScriptError> {
     moonroute
         .set("route_signature", route_signature)
         .map_err(|e| ScriptError(e.to_string()))?;
+    let digest = lua
+        .create_function(|_, spec: Table| lua_digest(&spec))
+        .map_err(|e| ScriptError(e.to_string()))?;
+    moonroute
+        .set("digest", digest)
+        .map_err(|e| ScriptError(e.to_string()))?;
     lua.globals()
         .set("moonroute", moonroute)
         .map_err(|e| ScriptError(e.to_string()))?;
@@ -517,7 +585,16 @@ fn lua_run(lua: &Lua, base: &Path, spec: &Table) -> mlua::Result<Table> {
     let script: String = spec.get("script")?;
     let message: String = spec.get("message")?;
     let location: Option<String> = spec.get("location")?;
+    let subscribers: Option<String> = spec.get("subscribers")?;
     let mut options = TestOptions::default();
+    if let Some(time) = spec.get::<Option<f64>>("time")? {
+        if !(time.is_finite() && time >= 0.0) {
+            return Err(mlua::Error::runtime(
+                "moonroute.run: time must be seconds since the epoch (os.time())",
+            ));
+        }
+        options.clock = Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs_f64(time));
+    }
     if let Some(source) = spec.get::<Option<String>>("source")? {
         options.source = source
             .parse()
@@ -540,14 +617,59 @@ fn lua_run(lua: &Lua, base: &Path, spec: &Table) -> mlua::Result<Table> {
     };
     let source = read_source(&script_path, 1).map_err(|e| mlua::Error::runtime(e.0))?;
     let message = message.replace("\r\n", "\n").replace('\n', "\r\n");
-    let outcome = run_once(
+    let fixtures = Fixtures {
+        location: location.as_deref(),
+        subscribers: subscribers.as_deref(),
+    };
+    let outcome = run_with(
         &source,
         message.trim_start().as_bytes(),
-        location.as_deref(),
+        &fixtures,
         &options,
     )
     .map_err(|e| mlua::Error::runtime(format!("moonroute.run: {e}")))?;
     outcome_table(lua, &outcome)
+}
+
+/// `moonroute.digest{challenge=..., user=..., password=..., method=..., uri=..., nc=1,
+/// cnonce=...}`: the credentials value a UA would send (`crate::auth::digest::answer`).
+/// `challenge` is a challenge value, or a `reply_headers` entry (`"WWW-Authenticate: Digest
+/// ..."`).
+fn lua_digest(spec: &Table) -> mlua::Result<String> {
+    let field = |name: &str| -> mlua::Result<String> {
+        spec.get::<Option<String>>(name)?
+            .ok_or_else(|| mlua::Error::runtime(format!("moonroute.digest: {name} is required")))
+    };
+    let challenge = field("challenge")?;
+    let challenge = match challenge.split_once(':') {
+        Some((name, value))
+            if name.trim().eq_ignore_ascii_case("WWW-Authenticate")
+                || name.trim().eq_ignore_ascii_case("Proxy-Authenticate") =>
+        {
+            value.trim()
+        }
+        _ => challenge.trim(),
+    };
+    let (user, password, method, uri) = (
+        field("user")?,
+        field("password")?,
+        field("method")?,
+        field("uri")?,
+    );
+    let nc = spec.get::<Option<u32>>("nc")?.unwrap_or(1);
+    let cnonce = spec
+        .get::<Option<String>>("cnonce")?
+        .unwrap_or_else(|| "moonroute-test".to_owned());
+    let answer = crate::auth::digest::Answer {
+        username: &user,
+        password: &password,
+        method: &method,
+        uri: &uri,
+        nc,
+        cnonce: &cnonce,
+    };
+    crate::auth::digest::answer(challenge.as_bytes(), &answer)
+        .map_err(|e| mlua::Error::runtime(format!("moonroute.digest: {e}")))
 }
 
 fn outcome_table(lua: &Lua, o: &Outcome) -> mlua::Result<Table> {

@@ -7,10 +7,8 @@
 //! `Authorization`), every other request the proxy's (407, `Proxy-Authenticate`,
 //! `Proxy-Authorization`). Only `on_request` may use them.
 
-use std::borrow::Cow;
-use std::time::SystemTime;
-
 use mlua::{Lua, MultiValue, Table, UserDataMethods, Value};
+use std::borrow::Cow;
 use tracing::{debug, info};
 
 use super::{env, runtime, Role, ScriptMsg};
@@ -30,8 +28,9 @@ pub(super) fn add_methods<M: UserDataMethods<ScriptMsg>>(methods: &mut M) {
         let realm = realm_or_default(m, realm, "auth_challenge")?;
         let role = auth::Role::of(m.msg.method());
         let stale = m.auth == Some(Verdict::Stale);
-        let now = SystemTime::now();
-        let challenge = match &env(lua, "auth_challenge")?.services.auth {
+        let services = &env(lua, "auth_challenge")?.services;
+        let now = services.now();
+        let challenge = match &services.auth {
             Some(authenticator) => authenticator.challenge(&realm, role, stale, now),
             None => auth::offline_challenge(&realm, role, stale, now),
         };
@@ -48,8 +47,9 @@ pub(super) fn add_methods<M: UserDataMethods<ScriptMsg>>(methods: &mut M) {
     methods.add_method_mut("authorize", |lua, m, realm: Option<String>| {
         m.require(&[Role::Request], "authorize")?;
         let realm = realm_or_default(m, realm, "authorize")?;
-        let verdict = match &env(lua, "authorize")?.services.auth {
-            Some(authenticator) => authenticator.authorize(&m.msg, &realm, SystemTime::now()),
+        let services = &env(lua, "authorize")?.services;
+        let verdict = match &services.auth {
+            Some(authenticator) => authenticator.authorize(&m.msg, &realm, services.now()),
             None => Verdict::Refused("no authenticator (a script run without a server)"),
         };
         log_verdict(m, &realm, &verdict);

@@ -12,7 +12,7 @@
 
 use std::borrow::Cow;
 use std::rc::Rc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use mlua::{Lua, Table, UserData, UserDataFields, UserDataMethods, Value, Variadic};
@@ -634,7 +634,7 @@ fn add_location<M: UserDataMethods<ScriptMsg>>(methods: &mut M) {
                 Some(uri) => uri,
                 None => m.msg.request_uri_bytes().map(lossy).unwrap_or_default(),
             };
-            let bindings = env.services.location_lookup(&aor, SystemTime::now());
+            let bindings = env.services.location_lookup(&aor, env.services.now());
             m.targets = bindings;
             Ok(m.targets.len())
         },
@@ -650,7 +650,7 @@ fn add_location<M: UserDataMethods<ScriptMsg>>(methods: &mut M) {
             .ok_or_else(|| runtime("save: no transport information"))?;
         let decision = env
             .services
-            .registrar_save(&m.msg, &meta, m.nated, SystemTime::now());
+            .registrar_save(&m.msg, &meta, m.nated, env.services.now());
         let code = match &decision {
             Decision::Reply { code, .. } => *code,
             _ => 500,

@@ -4,9 +4,11 @@
 -- the server pretending to listen on udp:127.0.0.1:5060 and the message coming from
 -- 127.0.0.1:5070; a failed assert stops the file with its file:line.
 --
--- default.lua authenticates (AUTHENTICATE = true): offline there is no subscriber table, so
--- requests from our users and REGISTERs are challenged; routing is tested with callers from
--- outside, which are not challenged. Registration itself is covered by tests/registrar.rs.
+-- default.lua authenticates (AUTHENTICATE = true). Without `subscribers` a run has no
+-- subscriber table, so requests from our users and REGISTERs are only challenged; routing is
+-- tested with callers from outside, which are not challenged. The authenticated paths run with
+-- the SUBSCRIBERS fixture: a challenge's nonce is valid in the next run (offline nonces are
+-- signed with a fixed secret), and moonroute.digest{} computes the credentials a phone would.
 
 local LOCATION = [[
 # AOR                   CONTACT                   options
@@ -205,3 +207,121 @@ r = moonroute.run{
 }
 assert(r.code == 500, tostring(r.code))
 assert(r.error and r.error:find("errors.lua:7: boom", 1, true), tostring(r.error))
+
+-- ----- Digest authentication with a subscriber fixture ---------------------------------------
+
+-- USER@DOMAIN PASSWORD [REALM]: plaintext, for tests only (the server's table holds HA1s).
+local SUBSCRIBERS = [[
+alice@127.0.0.1   alice-secret
+carol@127.0.0.1   carol-secret
+]]
+
+-- A REGISTER of `aor` (To = From = the AOR), with extra header lines.
+local function register(aor, extra)
+  local lines = {
+    "REGISTER sip:127.0.0.1:5060 SIP/2.0",
+    "Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK-lua-reg",
+    "Max-Forwards: 70",
+    "From: <" .. aor .. ">;tag=r1",
+    "To: <" .. aor .. ">",
+    "Call-ID: lua-test-register@127.0.0.1",
+    "CSeq: 1 REGISTER",
+    "Contact: <sip:carol@127.0.0.1:5070>",
+    "Expires: 600",
+  }
+  for _, line in ipairs(extra or {}) do
+    lines[#lines + 1] = line
+  end
+  lines[#lines + 1] = "Content-Length: 0"
+  return table.concat(lines, "\r\n") .. "\r\n\r\n"
+end
+
+local CAROL = "sip:carol@127.0.0.1:5060"
+
+-- First round: no credentials, a challenge (SHA-256 first, then MD5), nothing saved.
+r = moonroute.run{script = DEFAULT, subscribers = SUBSCRIBERS, message = register(CAROL)}
+assert(r.code == 401 and r.primitive == "auth_challenge", tostring(r.code))
+local challenge, md5_challenge = r.reply_headers[1], r.reply_headers[2]
+assert(md5_challenge:find("algorithm=MD5$"), md5_challenge)
+assert(challenge:find("algorithm=SHA%-256$") and not challenge:find("stale"), challenge)
+
+-- The answer with the right password: saved (200, the binding in the reply's Contact).
+local function credentials(args)
+  return moonroute.digest{
+    challenge = args.challenge or challenge,
+    user = args.user or "carol",
+    password = args.password or "carol-secret",
+    method = args.method or "REGISTER",
+    uri = args.uri or "sip:127.0.0.1:5060",
+    nc = 1,
+  }
+end
+r = moonroute.run{
+  script = DEFAULT,
+  subscribers = SUBSCRIBERS,
+  message = register(CAROL, {"Authorization: " .. credentials{}}),
+}
+assert(r.error == nil, r.error)
+assert(r.code == 200 and r.primitive == "save", tostring(r.code) .. " " .. tostring(r.primitive))
+assert(contains(r.reply_headers, "Contact: <sip:carol@127.0.0.1:5070>;expires=600"), r.reply_headers[1])
+
+-- The MD5 challenge works as well.
+r = moonroute.run{
+  script = DEFAULT,
+  subscribers = SUBSCRIBERS,
+  message = register(CAROL, {"Authorization: " .. credentials{challenge = md5_challenge}}),
+}
+assert(r.code == 200, tostring(r.code))
+
+-- A wrong password: challenged again (a fresh nonce, not stale).
+r = moonroute.run{
+  script = DEFAULT,
+  subscribers = SUBSCRIBERS,
+  message = register(CAROL, {"Authorization: " .. credentials{password = "guess"}}),
+}
+assert(r.code == 401 and r.primitive == "auth_challenge", tostring(r.code))
+assert(not r.reply_headers[1]:find("stale"), r.reply_headers[1])
+
+-- Valid credentials of another subscriber than the AOR registered: 403 (check_from).
+r = moonroute.run{
+  script = DEFAULT,
+  subscribers = SUBSCRIBERS,
+  message = register("sip:alice@127.0.0.1:5060", {"Authorization: " .. credentials{}}),
+}
+assert(r.code == 403 and r.reason == "Forbidden auth ID", tostring(r.code))
+
+-- The same credentials an hour later: the nonce has expired (300 s), the response is right,
+-- so the challenge says stale=true (the phone retries without asking its user).
+r = moonroute.run{
+  script = DEFAULT,
+  subscribers = SUBSCRIBERS,
+  time = os.time() + 3600,
+  message = register(CAROL, {"Authorization: " .. credentials{}}),
+}
+assert(r.code == 401, tostring(r.code))
+assert(r.reply_headers[1]:find(", stale=true"), r.reply_headers[1])
+
+-- An INVITE from one of our users: 407 first, then relayed with the answer, and the
+-- Proxy-Authorization (ours) removed before it goes on.
+local invite = function(extra)
+  return message("INVITE", "sip:bob@127.0.0.1:5060", "sip:alice@127.0.0.1:5060", nil, extra)
+end
+r = moonroute.run{script = DEFAULT, subscribers = SUBSCRIBERS, location = LOCATION, message = invite()}
+assert(r.code == 407, tostring(r.code))
+assert(r.reply_headers[1]:find("^Proxy%-Authenticate: "), r.reply_headers[1])
+local authorization = "Proxy-Authorization: " .. credentials{
+  challenge = r.reply_headers[1],
+  user = "alice",
+  password = "alice-secret",
+  method = "INVITE",
+  uri = "sip:bob@127.0.0.1:5060",
+}
+r = moonroute.run{
+  script = DEFAULT,
+  subscribers = SUBSCRIBERS,
+  location = LOCATION,
+  message = invite({authorization}),
+}
+assert(r.error == nil, r.error)
+assert(r.decision == "relay" and #r.targets == 2, r.decision)
+assert(contains(r.headers_removed, authorization), "the credentials are consumed")
