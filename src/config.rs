@@ -1026,6 +1026,20 @@ mod tests {
     }
 
     #[test]
+    fn keepalive_batch_is_checked() {
+        let config = Config::parse("[nat]\nkeepalive_batch = 500\n").unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.nat.keepalive_batch, 500);
+        assert_eq!(Config::default().nat.keepalive_batch, 100);
+        let error = Config::parse("[nat]\nkeepalive_batch = 0\n")
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("nat.keepalive_batch"), "{error}");
+    }
+
+    #[test]
     fn auth_is_checked() {
         let config = Config::parse("[auth]\nalgorithms = [\"MD5\"]\n").unwrap();
         config.validate().unwrap();

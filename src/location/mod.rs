@@ -232,9 +232,10 @@ const FIXTURE_DEFAULT_EXPIRES: u64 = 3600;
 /// after any AOR in `O(log n)`.
 type Shard = BTreeMap<String, Vec<Binding>>;
 
-/// In-memory [`LocationStore`]: AORs spread over 32 mutex-protected shards by hash; each AOR's
-/// bindings kept in registration order. The total number of bindings is bounded so that a
-/// flood of registrations cannot exhaust memory.
+/// In-memory [`LocationStore`]: AORs spread over 32 mutex-protected shards by hash, each
+/// ordered by name (for [`LocationStore::aors_page`]); each AOR's bindings kept in
+/// registration order. The total number of bindings is bounded so that a flood of
+/// registrations cannot exhaust memory.
 pub struct MemoryLocation {
     shards: Vec<Mutex<Shard>>,
     hasher: RandomState,
