@@ -82,6 +82,12 @@ pub struct Nat {
     /// Consecutive unanswered keep-alives (or failed stream writes) after which a NATed
     /// binding is removed from the location store. Default: 3.
     pub keepalive_failures: u32,
+    /// AORs read from the location store per keep-alive tick, whose NATed bindings are then
+    /// probed: each interval's probes are spread over `ceil(bindings / batch)` ticks evenly
+    /// spaced across the interval, so the event loop never reads (nor sends) more than one
+    /// batch at a time (100k bindings, 30 s: 1000 ticks of 100 AORs, one every 30 ms).
+    /// At least 1. Default: 100.
+    pub keepalive_batch: usize,
 }
 
 impl Default for Nat {
@@ -91,6 +97,7 @@ impl Default for Nat {
             keepalive_interval_secs: 30,
             keepalive_interval_ms: 0,
             keepalive_failures: 3,
+            keepalive_batch: 100,
         }
     }
 }
@@ -138,6 +145,9 @@ impl Nat {
     fn validate(&self) -> Result<(), String> {
         if self.keepalive_failures == 0 {
             return Err("nat.keepalive_failures: must be at least 1".to_owned());
+        }
+        if self.keepalive_batch == 0 {
+            return Err("nat.keepalive_batch: must be at least 1".to_owned());
         }
         if self.keepalive_interval_secs > 86_400 || self.keepalive_interval_ms > 86_400_000 {
             return Err("nat: a keep-alive interval is at most one day".to_owned());
@@ -1013,6 +1023,20 @@ mod tests {
         let before = config.clone();
         config.apply(Overrides::default());
         assert_eq!(config, before);
+    }
+
+    #[test]
+    fn keepalive_batch_is_checked() {
+        let config = Config::parse("[nat]\nkeepalive_batch = 500\n").unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.nat.keepalive_batch, 500);
+        assert_eq!(Config::default().nat.keepalive_batch, 100);
+        let error = Config::parse("[nat]\nkeepalive_batch = 0\n")
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("nat.keepalive_batch"), "{error}");
     }
 
     #[test]

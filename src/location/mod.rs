@@ -37,7 +37,7 @@
 //! - the same contact twice for one AOR is an error.
 
 use std::collections::hash_map::RandomState;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::hash::BuildHasher;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -160,6 +160,13 @@ pub trait LocationStore: Send + Sync {
     /// Every AOR that has bindings (expired ones not yet swept included), sorted.
     fn aors(&self) -> Vec<String>;
 
+    /// A slice of a walk over the AORs: up to `limit` (at least 1) AORs from `cursor` on (start
+    /// with [`AorCursor::default`]), and where the walk resumes (`None`: it is over). Every AOR
+    /// present for the whole walk is listed exactly once; one added or removed meanwhile may
+    /// or may not be. The order is the store's own. For callers that must visit a large store
+    /// without holding it (or an event loop) for long: NAT keep-alives.
+    fn aors_page(&self, cursor: &AorCursor, limit: usize) -> (Vec<String>, Option<AorCursor>);
+
     /// Read-modify-write of one AOR: `f` gets the unexpired bindings of `aor` and returns the
     /// new list to store, or `None` to leave the AOR untouched. RFC 3261 §10.3 wants binding
     /// updates committed all at once; implementations make this atomic with respect to other
@@ -174,6 +181,15 @@ pub trait LocationStore: Send + Sync {
         now: SystemTime,
         f: &mut dyn FnMut(Vec<Binding>) -> Option<Vec<Binding>>,
     ) -> Result<Commit, String>;
+}
+
+/// Where a walk over a store's AORs resumes ([`LocationStore::aors_page`]); opaque.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AorCursor {
+    /// The shard the walk is in.
+    shard: usize,
+    /// The last AOR listed from that shard (`None`: none yet).
+    after: Option<String>,
 }
 
 /// The store `[location]` asks for: [`SledLocation`] in `<data_dir>/location` (created if
@@ -212,11 +228,14 @@ pub const DEFAULT_MAX_BINDINGS: usize = 1_000_000;
 /// Expiry of a fixture binding without `expires=`, in seconds.
 const FIXTURE_DEFAULT_EXPIRES: u64 = 3600;
 
-type Shard = HashMap<String, Vec<Binding>>;
+/// One shard's AORs, ordered by name so that [`LocationStore::aors_page`] can resume a walk
+/// after any AOR in `O(log n)`.
+type Shard = BTreeMap<String, Vec<Binding>>;
 
-/// In-memory [`LocationStore`]: AORs spread over 32 mutex-protected shards by hash; each AOR's
-/// bindings kept in registration order. The total number of bindings is bounded so that a
-/// flood of registrations cannot exhaust memory.
+/// In-memory [`LocationStore`]: AORs spread over 32 mutex-protected shards by hash, each
+/// ordered by name (for [`LocationStore::aors_page`]); each AOR's bindings kept in
+/// registration order. The total number of bindings is bounded so that a flood of
+/// registrations cannot exhaust memory.
 pub struct MemoryLocation {
     shards: Vec<Mutex<Shard>>,
     hasher: RandomState,
@@ -244,7 +263,7 @@ impl MemoryLocation {
     /// [`LocationStore::replace`] refuses to grow an AOR.
     pub fn new(max_bindings: usize) -> MemoryLocation {
         MemoryLocation {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS).map(|_| Mutex::new(BTreeMap::new())).collect(),
             hasher: RandomState::new(),
             count: AtomicUsize::new(0),
             max_bindings,
@@ -463,6 +482,37 @@ impl LocationStore for MemoryLocation {
             .collect();
         aors.sort();
         aors
+    }
+
+    /// Shard by shard, each in name order: one shard locked at a time, for `O(log n + limit)`.
+    fn aors_page(&self, cursor: &AorCursor, limit: usize) -> (Vec<String>, Option<AorCursor>) {
+        use std::ops::Bound::{Excluded, Unbounded};
+        let limit = limit.max(1);
+        let mut page = Vec::with_capacity(limit.min(1024));
+        let mut shard_index = cursor.shard;
+        let mut after = cursor.after.clone();
+        while shard_index < SHARDS {
+            let shard = lock(&self.shards[shard_index]);
+            let from = after.as_deref().map_or(Unbounded, Excluded);
+            let wanted = limit - page.len();
+            page.extend(
+                shard
+                    .range::<str, _>((from, Unbounded))
+                    .take(wanted)
+                    .map(|(aor, _)| aor.clone()),
+            );
+            if page.len() == limit {
+                let last = page.last().cloned();
+                let next = AorCursor {
+                    shard: shard_index,
+                    after: last,
+                };
+                return (page, Some(next));
+            }
+            shard_index += 1;
+            after = None;
+        }
+        (page, None)
     }
 
     /// Atomic per AOR: the shard stays locked while `f` runs (`f` is the registrar's

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tracing::{info, warn};
 
 use super::commit::{Commit, CommitLog};
-use super::{record, Binding, LocationStore, MemoryLocation};
+use super::{record, AorCursor, Binding, LocationStore, MemoryLocation};
 
 /// The sled tree holding the records.
 const TREE: &str = "bindings";
@@ -227,6 +227,10 @@ impl LocationStore for SledLocation {
 
     fn aors(&self) -> Vec<String> {
         self.index.aors()
+    }
+
+    fn aors_page(&self, cursor: &AorCursor, limit: usize) -> (Vec<String>, Option<AorCursor>) {
+        self.index.aors_page(cursor, limit)
     }
 
     fn update(

@@ -231,3 +231,71 @@ fn fixture_errors_name_the_line() {
         assert!(err.contains(expected), "{text:?}: {err}");
     }
 }
+
+/// Walks `store` in pages of `limit`, returning the pages.
+fn walk(store: &dyn LocationStore, limit: usize) -> Vec<Vec<String>> {
+    let mut pages = Vec::new();
+    let mut cursor = AorCursor::default();
+    loop {
+        let (page, next) = store.aors_page(&cursor, limit);
+        assert!(page.len() <= limit.max(1));
+        pages.push(page);
+        match next {
+            Some(next) => cursor = next,
+            None => return pages,
+        }
+    }
+}
+
+#[test]
+fn a_paged_walk_lists_every_aor_once_in_bounded_pages() {
+    let store = MemoryLocation::default();
+    for i in 0..1000 {
+        let aor = format!("sip:u{i}@example.com");
+        store
+            .replace(&aor, vec![binding(&aor, "sip:x@192.0.2.1", 1000, 60)])
+            .unwrap();
+    }
+    for limit in [1, 7, 100, 5000] {
+        let mut seen: Vec<String> = walk(&store, limit).into_iter().flatten().collect();
+        seen.sort();
+        assert_eq!(seen, store.aors(), "limit {limit}");
+    }
+    assert_eq!(
+        walk(&MemoryLocation::default(), 10),
+        vec![Vec::<String>::new()]
+    );
+}
+
+#[test]
+fn a_paged_walk_survives_changes_between_pages() {
+    let store = MemoryLocation::default();
+    for i in 0..200 {
+        let aor = format!("sip:u{i}@example.com");
+        store
+            .replace(&aor, vec![binding(&aor, "sip:x@192.0.2.1", 1000, 60)])
+            .unwrap();
+    }
+    let (first, mut cursor) = store.aors_page(&AorCursor::default(), 50);
+    // The AOR the cursor stands on leaves, another one arrives: the walk goes on.
+    let gone = first.last().unwrap().clone();
+    store.replace(&gone, Vec::new()).unwrap();
+    store
+        .replace(
+            "sip:new@example.com",
+            vec![binding("sip:new@example.com", "sip:n@192.0.2.2", 1000, 60)],
+        )
+        .unwrap();
+    let mut seen = first.clone();
+    while let Some(at) = cursor {
+        let (page, next) = store.aors_page(&at, 50);
+        seen.extend(page);
+        cursor = next;
+    }
+    let unique: std::collections::HashSet<&String> = seen.iter().collect();
+    assert_eq!(unique.len(), seen.len(), "no AOR twice");
+    for i in 0..200 {
+        let aor = format!("sip:u{i}@example.com");
+        assert!(seen.contains(&aor), "{aor} present throughout is listed");
+    }
+}

@@ -21,7 +21,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::location::{CommitState, CommitTicket, LocationStore};
-use crate::nat::keepalive::{self, Action as KeepaliveAction, Peer, Scheduler};
+use crate::nat::keepalive::{self, Action as KeepaliveAction, Peer, Scheduler, Settings};
 use crate::proxy::relay::{owner_of_branch, Handled, Relay};
 use crate::proxy::router::{BuiltinRouter, Router};
 use crate::proxy::{is_our_stateless_branch, ProxyIdentity, RouteSigner};
@@ -130,9 +130,9 @@ pub struct CoreFactory {
     force_rport: bool,
     /// `[nat]` keep-alives, with the store whose NATed bindings get them (see
     /// [`CoreFactory::with_keepalives`]).
-    keepalive: Option<(Duration, u32, Arc<dyn LocationStore>)>,
-    /// The `[nat]` keep-alive interval and failure count, `None` when off.
-    keepalive_config: Option<(Duration, u32)>,
+    keepalive: Option<(Settings, Arc<dyn LocationStore>)>,
+    /// The `[nat]` keep-alive settings, `None` when off.
+    keepalive_config: Option<Settings>,
     max_backlog: usize,
     max_receive_lag: Option<Duration>,
     /// Signs Record-Route; one for all event loops, so any of them recognises the Route
@@ -167,10 +167,11 @@ impl CoreFactory {
             builtin_relays,
             force_rport: config.nat.force_rport,
             keepalive: None,
-            keepalive_config: config
-                .nat
-                .keepalive_interval()
-                .map(|interval| (interval, config.nat.keepalive_failures)),
+            keepalive_config: config.nat.keepalive_interval().map(|interval| Settings {
+                interval,
+                max_failures: config.nat.keepalive_failures,
+                batch: config.nat.keepalive_batch,
+            }),
             max_backlog: config.limits.max_backlog,
             max_receive_lag: config.limits.max_receive_lag(),
             route_signer: RouteSigner::random(),
@@ -188,9 +189,7 @@ impl CoreFactory {
     /// Sends `[nat]` keep-alives to the NATed bindings of `store` (from the first event loop;
     /// bindings whose keep-alives fail are removed from it). Nothing when keep-alives are off.
     pub fn with_keepalives(mut self, store: Arc<dyn LocationStore>) -> CoreFactory {
-        self.keepalive = self
-            .keepalive_config
-            .map(|(interval, failures)| (interval, failures, store));
+        self.keepalive = self.keepalive_config.map(|settings| (settings, store));
         self
     }
 
@@ -222,14 +221,11 @@ impl CoreFactory {
         core.force_rport = self.force_rport;
         if index == 0 {
             // One loop probes every NATed binding; answers find it by the loop in the branch.
-            core.keepalive =
-                self.keepalive
-                    .as_ref()
-                    .map(|(interval, failures, store)| Keepalives {
-                        scheduler: Scheduler::new(*interval, *failures, Instant::now()),
-                        store: Arc::clone(store),
-                        nonce: self.tag_hasher.hash_one(index),
-                    });
+            core.keepalive = self.keepalive.as_ref().map(|(settings, store)| Keepalives {
+                scheduler: Scheduler::new(*settings, Instant::now()),
+                store: Arc::clone(store),
+                nonce: self.tag_hasher.hash_one(index),
+            });
         }
         core.max_backlog = self.max_backlog;
         core.max_receive_lag = self.max_receive_lag;
@@ -512,8 +508,8 @@ impl Core {
         }
     }
 
-    /// Runs a keep-alive round when one is due: probes every NATed binding of the store, and
-    /// removes those whose probes failed too often (one log line each).
+    /// Runs a keep-alive tick when one is due: probes the NATed bindings of the next slice of
+    /// the store, and removes those whose probes failed too often (one log line each).
     fn keepalive_round(&mut self, now: Instant, out: &mut Vec<Output>) {
         let Some(keepalive) = &mut self.keepalive else {
             return;
@@ -522,9 +518,10 @@ impl Core {
             return;
         }
         let wall = SystemTime::now();
-        let peers = keepalive::nated_peers(&*keepalive.store, wall);
         let mut actions = Vec::new();
-        keepalive.scheduler.on_round(now, peers, &mut actions);
+        keepalive
+            .scheduler
+            .on_tick(now, &*keepalive.store, wall, &mut actions);
         for action in actions {
             match action {
                 KeepaliveAction::SendOptions { peer, seq } => {
