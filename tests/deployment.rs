@@ -35,8 +35,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use bytes::Bytes;
 use common::auth::{answer_challenge, Answer, Challenge};
+use common::flood::Flooder;
 use common::ua::{header_text, show, TestUa, WAIT};
 use moonroute::auth::Subscriber;
 use moonroute::config::{Config, LocationBackend};
@@ -49,7 +49,6 @@ use moonroute::sip::{HeaderName, Message};
 use moonroute::transport::{ListenAddr, TransportKind};
 use tempfile::TempDir;
 use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
 
 const DOMAIN: &str = "moonroute.test";
 /// What the phone behind the NAT believes its address is.
@@ -617,75 +616,6 @@ async fn in_dialog_routing_survives_a_restart() {
     eve.expect_final(200).await;
 }
 
-/// A bare UDP sender for the flood: it counts answers instead of running transactions.
-struct Flooder {
-    socket: Arc<UdpSocket>,
-    local: SocketAddr,
-    statuses: mpsc::UnboundedReceiver<u16>,
-    sent: u32,
-}
-
-impl Flooder {
-    async fn bind(ip: [u8; 4]) -> Flooder {
-        let socket = Arc::new(UdpSocket::bind(SocketAddr::from((ip, 0))).await.unwrap());
-        let local = socket.local_addr().unwrap();
-        let (tx, statuses) = mpsc::unbounded_channel();
-        let reader = socket.clone();
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 65535];
-            while let Ok((n, _)) = reader.recv_from(&mut buf).await {
-                let status = Message::parse(Bytes::copy_from_slice(&buf[..n]))
-                    .ok()
-                    .and_then(|m| m.status());
-                if let Some(status) = status {
-                    if tx.send(status).is_err() {
-                        return;
-                    }
-                }
-            }
-        });
-        Flooder {
-            socket,
-            local,
-            statuses,
-            sent: 0,
-        }
-    }
-
-    /// One new MESSAGE claiming a From in our domain: the script challenges it (407), the
-    /// most expensive answer it gives a stranger.
-    async fn send(&mut self, server: SocketAddr) {
-        self.sent += 1;
-        let n = self.sent;
-        let local = self.local;
-        let request = format!(
-            "MESSAGE sip:alice@{DOMAIN} SIP/2.0\r\n\
-             Via: SIP/2.0/UDP {local};branch=z9hG4bK-flood-{n};rport\r\n\
-             Max-Forwards: 70\r\n\
-             From: <sip:flooder@{DOMAIN}>;tag=f{n}\r\n\
-             To: <sip:alice@{DOMAIN}>\r\n\
-             Call-ID: flood-{n}@{}\r\n\
-             CSeq: 1 MESSAGE\r\n\
-             Content-Length: 0\r\n\r\n",
-            local.ip()
-        );
-        self.socket
-            .send_to(request.as_bytes(), server)
-            .await
-            .unwrap();
-    }
-
-    /// Counts answers until none arrives for `quiet`.
-    async fn drain(&mut self, quiet: Duration) -> usize {
-        let mut count = 0;
-        while let Ok(Some(status)) = tokio::time::timeout(quiet, self.statuses.recv()).await {
-            assert_eq!(status, 407, "the flooder is challenged until banned");
-            count += 1;
-        }
-        count
-    }
-}
-
 #[tokio::test]
 async fn a_flood_does_not_disturb_registered_phones_and_gets_banned() {
     const FLOOD: u32 = 600;
@@ -707,10 +637,10 @@ async fn a_flood_does_not_disturb_registered_phones_and_gets_banned() {
 
     // The flood, as fast as the socket takes it; every 100 requests alice refreshes her
     // registration and bob calls her, both reusing their nonce with nc + 1 (no challenge).
-    let mut flooder = Flooder::bind(FLOODER_IP).await;
+    let mut flooder = Flooder::bind(FLOODER_IP, DOMAIN).await;
     let mut exchanges = 0;
     for n in 1..=FLOOD {
-        flooder.send(proxy.udp).await;
+        flooder.send(proxy.udp, "alice").await;
         if n % 100 == 0 {
             registration = refresh(&mut alice, &registration, &mut alice_credentials).await;
             invite_with(&mut bob, &aor("alice"), &mut bob_credentials).await;
@@ -728,7 +658,7 @@ async fn a_flood_does_not_disturb_registered_phones_and_gets_banned() {
 
     // The flooder was challenged up to pike's limit (at most twice it, should the burst
     // straddle two windows), then banned: its requests are dropped.
-    let answered = flooder.drain(Duration::from_millis(500)).await;
+    let answered = flooder.drain(Duration::from_millis(500), 407).await;
     assert!(
         (LIMIT as usize..=2 * LIMIT as usize).contains(&answered),
         "answered {answered} of {FLOOD} flood requests"
@@ -738,8 +668,12 @@ async fn a_flood_does_not_disturb_registered_phones_and_gets_banned() {
         proxy.host.services().kv.get(&ban, Instant::now()).is_some(),
         "{ban} in sip.kv"
     );
-    flooder.send(proxy.udp).await;
-    assert_eq!(flooder.drain(Duration::from_millis(300)).await, 0, "banned");
+    flooder.send(proxy.udp, "alice").await;
+    assert_eq!(
+        flooder.drain(Duration::from_millis(300), 407).await,
+        0,
+        "banned"
+    );
 
     // The phones are served after the flood too, and were never banned.
     refresh(&mut alice, &registration, &mut alice_credentials).await;

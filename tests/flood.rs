@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::dns_server::{DnsServer, RecordType};
+use common::flood::Flooder;
 use common::ua::{expect_status, header_text, TestUa, WAIT};
 use moonroute::config::{Config, LocationBackend};
 use moonroute::script::ScriptHost;
@@ -30,8 +31,6 @@ use moonroute::server::{Server, ServerHandle};
 use moonroute::sip::Message;
 use moonroute::transport::{ListenAddr, TransportKind};
 use tempfile::TempDir;
-use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
 
 const DOMAIN: &str = "moonroute.test";
 
@@ -76,84 +75,6 @@ fn default_script_with_ban(dir: &TempDir, seconds: u32) -> PathBuf {
     path
 }
 
-/// A bare UDP sender for the flood: it counts answers instead of running transactions.
-struct Flooder {
-    socket: Arc<UdpSocket>,
-    local: SocketAddr,
-    statuses: mpsc::UnboundedReceiver<u16>,
-    sent: u32,
-}
-
-impl Flooder {
-    async fn bind(ip: [u8; 4]) -> Flooder {
-        let socket = Arc::new(UdpSocket::bind(SocketAddr::from((ip, 0))).await.unwrap());
-        let local = socket.local_addr().unwrap();
-        let (tx, statuses) = mpsc::unbounded_channel();
-        let reader = socket.clone();
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 65535];
-            while let Ok((n, _)) = reader.recv_from(&mut buf).await {
-                let status = Message::parse(Bytes::copy_from_slice(&buf[..n]))
-                    .ok()
-                    .and_then(|m| m.status());
-                if let Some(status) = status {
-                    if tx.send(status).is_err() {
-                        return;
-                    }
-                }
-            }
-        });
-        Flooder {
-            socket,
-            local,
-            statuses,
-            sent: 0,
-        }
-    }
-
-    /// One new MESSAGE for a user who is not registered (the script answers 404; an OPTIONS
-    /// would be answered by the core itself, as it is addressed to our domain).
-    async fn send(&mut self, server: SocketAddr) {
-        self.sent += 1;
-        let n = self.sent;
-        let local = self.local;
-        let request = format!(
-            "MESSAGE sip:nobody@{DOMAIN} SIP/2.0\r\n\
-             Via: SIP/2.0/UDP {local};branch=z9hG4bK-flood-{n};rport\r\n\
-             Max-Forwards: 70\r\n\
-             From: <sip:flooder@{DOMAIN}>;tag=f{n}\r\n\
-             To: <sip:nobody@{DOMAIN}>\r\n\
-             Call-ID: flood-{n}-{}@{}\r\n\
-             CSeq: 1 MESSAGE\r\n\
-             Content-Length: 0\r\n\r\n",
-            local.port(),
-            local.ip()
-        );
-        self.socket
-            .send_to(request.as_bytes(), server)
-            .await
-            .unwrap();
-    }
-
-    /// The next answer within `wait`, if any.
-    async fn answer(&mut self, wait: Duration) -> Option<u16> {
-        tokio::time::timeout(wait, self.statuses.recv())
-            .await
-            .ok()
-            .flatten()
-    }
-
-    /// Counts answers until none arrives for `quiet`.
-    async fn drain(&mut self, quiet: Duration) -> usize {
-        let mut count = 0;
-        while let Some(status) = self.answer(quiet).await {
-            assert_eq!(status, 404, "the flooder asks for an unknown user");
-            count += 1;
-        }
-        count
-    }
-}
-
 /// `carol` registers, then `dave` sends her a MESSAGE through the proxy (both UAs' outbound
 /// proxy), which she answers.
 /// Any failure panics: the legitimate source must be served every time.
@@ -187,7 +108,7 @@ async fn a_flooding_source_is_banned_while_a_legitimate_source_is_served() {
     config.limits.max_receive_lag_ms = 0;
     let (_server, server) = start(&config);
 
-    let mut flooder = Flooder::bind([127, 0, 0, 2]).await;
+    let mut flooder = Flooder::bind([127, 0, 0, 2], DOMAIN).await;
     let legit: SocketAddr = "127.0.0.3:0".parse().unwrap();
     let mut carol = TestUa::udp_on("carol", legit).await;
     let mut dave = TestUa::udp_on("dave", legit).await;
@@ -199,7 +120,7 @@ async fn a_flooding_source_is_banned_while_a_legitimate_source_is_served() {
     let flood_started = Instant::now();
     let mut exchanges = 0;
     for n in 1..=FLOOD {
-        flooder.send(server).await;
+        flooder.send(server, "nobody").await;
         if n % 50 == 0 {
             legitimate_exchange(&mut carol, &mut dave).await;
             exchanges += 1;
@@ -207,12 +128,12 @@ async fn a_flooding_source_is_banned_while_a_legitimate_source_is_served() {
     }
     // The first LIMIT requests were answered; from the next one on, the source is banned and
     // its requests are dropped.
-    let answered = flooder.drain(Duration::from_millis(500)).await;
+    let answered = flooder.drain(Duration::from_millis(500), 404).await;
     assert_eq!(
         answered, LIMIT as usize,
         "answered {answered} of {FLOOD} flood requests"
     );
-    flooder.send(server).await;
+    flooder.send(server, "nobody").await;
     assert_eq!(
         flooder.answer(Duration::from_millis(300)).await,
         None,
@@ -232,7 +153,7 @@ async fn a_flooding_source_is_banned_while_a_legitimate_source_is_served() {
     let deadline = Instant::now() + Duration::from_secs(10);
     let served_again = loop {
         assert!(Instant::now() < deadline, "the ban never ended");
-        flooder.send(server).await;
+        flooder.send(server, "nobody").await;
         if let Some(status) = flooder.answer(Duration::from_millis(100)).await {
             assert_eq!(status, 404);
             break Instant::now();
