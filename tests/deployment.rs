@@ -737,25 +737,32 @@ async fn a_nated_caller_is_challenged_at_its_public_address_and_reached_in_the_d
         "the NATed caller's Contact is where it sends from\n{}",
         show(&incoming)
     );
-    let answer = bob.respond(&incoming, 200, "OK").await;
-    let ok = alice.expect_final(200).await;
-    let _dialog = alice.ack_2xx(&ok).await;
-    bob.expect_request("ACK").await;
     // The callee hangs up: its BYE (no credentials: in dialog) reaches alice through the NAT.
-    let mut dialog = common::ua::Dialog::from_uas(&incoming, &answer);
-    assert_eq!(
-        dialog.next_hop(),
-        proxy.udp,
-        "the BYE goes through the proxy"
-    );
-    let _bye = bob.bye(&mut dialog).await;
-    let bye = alice.expect_request("BYE").await;
+    let bye = callee_hangs_up_on(&mut alice, &mut bob, &incoming, proxy.udp).await;
     assert_eq!(
         text(bye.request_uri_bytes().unwrap()),
         format!("sip:alice@{public}")
     );
     alice.respond(&bye, 200, "OK").await;
     bob.expect_final(200).await;
+}
+
+/// The callee answers `incoming` 200, the NATed caller ACKs, then the callee sends BYE, which
+/// must go through the proxy (its Record-Route) and reach the caller: returns that BYE.
+async fn callee_hangs_up_on(
+    caller: &mut TestUa,
+    callee: &mut TestUa,
+    incoming: &Message,
+    proxy: SocketAddr,
+) -> Message {
+    let answer = callee.respond(incoming, 200, "OK").await;
+    let ok = caller.expect_final(200).await;
+    let _dialog = caller.ack_2xx(&ok).await;
+    callee.expect_request("ACK").await;
+    let mut dialog = common::ua::Dialog::from_uas(incoming, &answer);
+    assert_eq!(dialog.next_hop(), proxy, "the BYE goes through the proxy");
+    let _bye = callee.bye(&mut dialog).await;
+    caller.expect_request("BYE").await
 }
 
 #[tokio::test]
@@ -947,19 +954,8 @@ async fn a_nated_phone_calling_another_domain_is_reached_by_the_far_end() {
         "the NATed caller's Contact is where it sends from, as for calls to our users\n{}",
         show(&incoming)
     );
-    let answer = carol.respond(&incoming, 200, "OK").await;
-    let ok = alice.expect_final(200).await;
-    let _dialog = alice.ack_2xx(&ok).await;
-    carol.expect_request("ACK").await;
     // The far end hangs up: its BYE comes through us and reaches alice through her NAT.
-    let mut dialog = common::ua::Dialog::from_uas(&incoming, &answer);
-    assert_eq!(
-        dialog.next_hop(),
-        proxy.udp,
-        "the BYE goes through the proxy"
-    );
-    let _bye = carol.bye(&mut dialog).await;
-    let bye = alice.expect_request("BYE").await;
+    let bye = callee_hangs_up_on(&mut alice, &mut carol, &incoming, proxy.udp).await;
     alice.respond(&bye, 200, "OK").await;
     carol.expect_final(200).await;
 }
