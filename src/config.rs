@@ -35,6 +35,9 @@ pub struct Config {
     /// Log filter: a level (`error`, `warn`, `info`, `debug`, `trace`) or tracing directives
     /// such as `moonroute::transport=debug,info`. `RUST_LOG` wins if set. Default: `info`.
     pub log_level: String,
+    /// Log line format: `human` (default; coloured at a terminal) or `json` (one object per
+    /// line, for log shippers).
+    pub log_format: LogFormat,
     /// Event loops (each one OS thread). 0 means one per CPU core. Default: 0.
     pub workers: usize,
     /// Resource limits.
@@ -47,6 +50,8 @@ pub struct Config {
     pub lua: Lua,
     /// The local control socket (`moonroute ctl`).
     pub control: Control,
+    /// The Prometheus metrics endpoint.
+    pub metrics: Metrics,
     /// Registrar rules (RFC 3261 §10.3).
     pub registrar: Registrar,
     /// The location database (registrations).
@@ -398,6 +403,57 @@ impl Default for Control {
     }
 }
 
+/// How log lines are written (`log_format`, `--log-format`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// `tracing`'s human-readable lines, coloured only when stderr is a terminal.
+    #[default]
+    Human,
+    /// One JSON object per line (timestamp, level, target, fields, spans).
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "human" => Ok(LogFormat::Human),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!(
+                "unknown log format {other:?}: expected human or json"
+            )),
+        }
+    }
+}
+
+/// The Prometheus text endpoint (`GET /metrics` over HTTP/1.1): see `crate::metrics`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Metrics {
+    /// `IP:PORT` to serve metrics on, e.g. `127.0.0.1:9060`. Empty (the default): off.
+    /// Metrics name users and peers' addresses: keep it on loopback, or behind a firewall.
+    pub listen: String,
+}
+
+impl Metrics {
+    /// The address to serve on; `None` when off.
+    pub fn listen_addr(&self) -> Option<std::net::SocketAddr> {
+        self.listen.trim().parse().ok()
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let listen = self.listen.trim();
+        if !listen.is_empty() && listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(format!(
+                "metrics.listen: {listen:?} is not IP:PORT (e.g. \"127.0.0.1:9060\"; empty turns metrics off)"
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Registrar rules (RFC 3261 §10.3).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -589,12 +645,14 @@ impl Default for Config {
             script: PathBuf::from("scripts/default.lua"),
             data_dir: PathBuf::from("var"),
             log_level: "info".to_owned(),
+            log_format: LogFormat::Human,
             workers: 0,
             limits: Limits::default(),
             timers: Timers::default(),
             proxy: Proxy::default(),
             lua: Lua::default(),
             control: Control::default(),
+            metrics: Metrics::default(),
             registrar: Registrar::default(),
             location: Location::default(),
             tls: Tls::default(),
@@ -642,6 +700,9 @@ pub struct Overrides {
     pub workers: Option<usize>,
     pub static_route: Option<String>,
     pub control_socket: Option<PathBuf>,
+    pub log_format: Option<LogFormat>,
+    /// `metrics.listen`; an empty value turns metrics off.
+    pub metrics_listen: Option<String>,
 }
 
 /// Why a configuration could not be used. The message names the file when there is one.
@@ -743,6 +804,12 @@ impl Config {
         if let Some(route) = overrides.static_route {
             self.proxy.static_route = route;
         }
+        if let Some(format) = overrides.log_format {
+            self.log_format = format;
+        }
+        if let Some(listen) = overrides.metrics_listen {
+            self.metrics.listen = listen;
+        }
     }
 
     /// Checks what the types cannot: non-empty, non-duplicate listen addresses and limits
@@ -770,6 +837,7 @@ impl Config {
         self.timers.validate().map_err(invalid)?;
         self.proxy.validate().map_err(invalid)?;
         self.lua.validate().map_err(invalid)?;
+        self.metrics.validate().map_err(invalid)?;
         self.registrar.validate().map_err(invalid)?;
         self.location.validate().map_err(invalid)?;
         self.tls.validate().map_err(invalid)?;
@@ -1000,6 +1068,7 @@ mod tests {
             workers: Some(1),
             static_route: Some("sip:127.0.0.1:5080".into()),
             control_socket: Some("/tmp/ctl".into()),
+            ..Overrides::default()
         });
         assert_eq!(config.proxy.static_route, "sip:127.0.0.1:5080");
         config.validate().unwrap();
@@ -1110,6 +1179,30 @@ mod tests {
         let example = include_str!("../moonroute.example.toml");
         let config = Config::parse(example).unwrap();
         config.validate().unwrap();
-        assert_eq!(config, Config::default());
+        // The one difference: the example turns the metrics endpoint on (off by default).
+        let mut expected = Config::default();
+        expected.metrics.listen = "127.0.0.1:9060".to_owned();
+        assert_eq!(config, expected);
+    }
+
+    #[test]
+    fn metrics_listen_and_log_format() {
+        let config =
+            Config::parse("log_format = \"json\"\n[metrics]\nlisten = \"127.0.0.1:9060\"\n")
+                .unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.log_format, LogFormat::Json);
+        assert_eq!(
+            config.metrics.listen_addr(),
+            Some("127.0.0.1:9060".parse().unwrap())
+        );
+        assert_eq!(Config::default().metrics.listen_addr(), None);
+        let bad = Config::parse("[metrics]\nlisten = \"localhost\"\n").unwrap();
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("metrics.listen"));
+        assert!(Config::parse("log_format = \"xml\"\n").is_err());
     }
 }

@@ -139,6 +139,7 @@ impl RunArgs {
             workers: self.workers,
             static_route: self.static_route,
             control_socket: self.control_socket,
+            ..Overrides::default()
         };
         (self.config, overrides)
     }
