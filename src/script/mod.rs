@@ -44,7 +44,7 @@ pub use router::{ScriptHost, ScriptRouter};
 pub const KV_MAX_KEYS: usize = 1_000_000;
 
 /// What scripts share across loops: the `sip.kv` store, the registrar, the digest
-/// authenticator and the `pike` rate limiter.
+/// authenticator, the `pike` rate limiter and the metrics registry.
 pub struct Services {
     pub kv: Arc<kv::KvStore>,
     pub registrar: Option<Arc<crate::registrar::Registrar>>,
@@ -52,6 +52,9 @@ pub struct Services {
     pub auth: Option<Arc<crate::auth::Authenticator>>,
     /// Per-source request rates (`sip.pike_check`).
     pub pike: Arc<crate::flood::Pike>,
+    /// The server's metrics (`sip.metrics`, and the engine's own families): one registry per
+    /// server, so the engine's families and the script's are served together.
+    pub metrics: Arc<crate::metrics::Registry>,
     /// The wall-clock time primitives see (digest nonces, location expiry): `None` is the
     /// system clock (the server); a test run may pretend another time (`moonroute.run{time =
     /// ...}`), e.g. to find a nonce stale.
@@ -65,6 +68,7 @@ impl Default for Services {
             registrar: None,
             auth: None,
             pike: Arc::new(crate::flood::Pike::default()),
+            metrics: crate::metrics::Registry::new(),
             clock: None,
         }
     }

@@ -305,6 +305,7 @@ fn services(fixtures: &Fixtures<'_>, clock: Option<SystemTime>) -> Result<Servic
         ))),
         auth: fixtures.subscribers.map(authenticator).transpose()?,
         pike: Arc::new(crate::flood::Pike::default()),
+        metrics: crate::metrics::Registry::new(),
         clock,
     })
 }

@@ -99,6 +99,7 @@ impl ScriptHost {
             registrar: Some(Arc::new(registrar)),
             auth: Some(Arc::new(auth)),
             pike: Arc::new(crate::flood::Pike::new((&config.pike).into())),
+            metrics: crate::metrics::Registry::new(),
             clock: None,
         };
         ScriptHost::load(
