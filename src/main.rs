@@ -14,6 +14,8 @@ use std::time::{Duration, SystemTime};
 
 use moonroute::config::{Config, Overrides};
 use moonroute::control::{ControlServer, Reply};
+use moonroute::metrics::http::MetricsEndpoint;
+use moonroute::metrics::EngineMetrics;
 use moonroute::proxy::RouteSigner;
 use moonroute::script::watch::ScriptWatcher;
 use moonroute::script::{offline, ScriptHost};
@@ -87,7 +89,8 @@ struct CtlArgs {
     /// The control socket (overrides the configuration).
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
-    /// The command and its arguments: reload, status, ul show [AOR], ul rm AOR [CONTACT],
+    /// The command and its arguments: reload, status, stats [PREFIX] (metric samples, e.g.
+    /// `stats moonroute_transactions`), ul show [AOR], ul rm AOR [CONTACT],
     /// ul add AOR CONTACT [EXPIRES], ul count, user add USER@DOMAIN [PASSWORD] [--realm
     /// REALM] (the password is read from stdin when not given), user rm USER@DOMAIN, user list.
     #[arg(required = true, trailing_var_arg = true)]
@@ -126,6 +129,10 @@ struct RunArgs {
     /// The control socket for `moonroute ctl` (an empty value disables it).
     #[arg(long, value_name = "PATH")]
     control_socket: Option<PathBuf>,
+    /// Serve Prometheus metrics (GET /metrics) on this address, e.g. 127.0.0.1:9060 (an
+    /// empty value turns the endpoint off).
+    #[arg(long, value_name = "IP:PORT")]
+    metrics_listen: Option<String>,
 }
 
 impl RunArgs {
@@ -139,6 +146,7 @@ impl RunArgs {
             workers: self.workers,
             static_route: self.static_route,
             control_socket: self.control_socket,
+            metrics_listen: self.metrics_listen,
             ..Overrides::default()
         };
         (self.config, overrides)
@@ -180,13 +188,17 @@ fn run(args: RunArgs) -> Result<(), Box<dyn Error>> {
     // Record-Route signatures survive restarts: the key is `[auth] secret` or
     // `<data_dir>/secret` (created at the first start).
     let signer = RouteSigner::new(&moonroute::secret::server_key(&config)?);
-    let builtin = CoreFactory::new(&config).with_route_signer(signer.clone());
+    let metrics = EngineMetrics::register(&host.services().metrics);
+    let builtin = CoreFactory::new(&config)
+        .with_route_signer(signer.clone())
+        .with_metrics(Arc::clone(&metrics));
     let factory = if builtin.relays() {
         info!("[proxy] static_route/relay_to_request_uri set: the built-in router replaces the script");
         Arc::new(builtin)
     } else {
-        let factory =
-            CoreFactory::with_router(&config, host.router_factory()).with_route_signer(signer);
+        let factory = CoreFactory::with_router(&config, host.router_factory())
+            .with_route_signer(signer)
+            .with_metrics(Arc::clone(&metrics));
         match &host.services().registrar {
             Some(registrar) => Arc::new(factory.with_keepalives(registrar.store().clone())),
             None => Arc::new(factory),
@@ -205,7 +217,7 @@ fn run(args: RunArgs) -> Result<(), Box<dyn Error>> {
         "moonroute running"
     );
 
-    let signal = serve_until_termination(&config, &host)?;
+    let signal = serve_until_termination(&config, &host, &metrics)?;
     info!(signal, "shutting down");
     server.shutdown();
     info!("stopped");
@@ -284,20 +296,29 @@ fn ctl(args: CtlArgs) -> ExitCode {
 fn serve_until_termination(
     config: &Config,
     host: &Arc<ScriptHost>,
+    metrics: &Arc<EngineMetrics>,
 ) -> Result<&'static str, Box<dyn Error>> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async {
+        let _metrics_endpoint = match config.metrics.listen_addr() {
+            None => None,
+            Some(addr) => Some(
+                MetricsEndpoint::bind(addr, Arc::clone(metrics.registry()))
+                    .await
+                    .map_err(|e| format!("cannot serve metrics on {addr} (metrics.listen): {e}"))?,
+            ),
+        };
         let _control = match config.control.socket.as_os_str().is_empty() {
             true => None,
             false => {
-                let server =
-                    ControlServer::bind(&config.control.socket, control_handler(host.clone()))
-                        .await
-                        .map_err(|e| {
-                            format!("control socket {}: {e}", config.control.socket.display())
-                        })?;
+                let handler = control_handler(host.clone(), Arc::clone(metrics));
+                let server = ControlServer::bind(&config.control.socket, handler)
+                    .await
+                    .map_err(|e| {
+                        format!("control socket {}: {e}", config.control.socket.display())
+                    })?;
                 info!(socket = %config.control.socket.display(), "control socket ready");
                 Some(server)
             }
@@ -353,9 +374,12 @@ async fn sweep_expired(host: Arc<ScriptHost>) {
 }
 
 /// What `moonroute ctl` can ask, for the error replies.
-const COMMANDS: &str = "reload, status, ul show|rm|add|count, user add|rm|list";
+const COMMANDS: &str = "reload, status, stats [PREFIX], ul show|rm|add|count, user add|rm|list";
 
-fn control_handler(host: Arc<ScriptHost>) -> moonroute::control::Handler {
+fn control_handler(
+    host: Arc<ScriptHost>,
+    metrics: Arc<EngineMetrics>,
+) -> moonroute::control::Handler {
     Arc::new(
         move |args: &[String]| match args.first().map(String::as_str) {
             Some("reload") => match host.reload() {
@@ -381,12 +405,15 @@ fn control_handler(host: Arc<ScriptHost>) -> moonroute::control::Handler {
                     .as_ref()
                     .map_or(0, |a| a.subscribers().count());
                 Reply::ok(format!(
-                "moonroute {}\nscript: {} (version {})\nreloads: {reloads} accepted, {failed} refused\nlocation: {bindings} bindings\nsubscribers: {subscribers}\n",
+                "moonroute {}\nuptime: {}\nscript: {} (version {})\nreloads: {reloads} accepted, {failed} refused\nlive transactions: {}\nlocation: {bindings} bindings\nsubscribers: {subscribers}\n",
                 env!("CARGO_PKG_VERSION"),
+                uptime_text(metrics.uptime()),
                 host.path().display(),
-                host.version()
+                host.version(),
+                metrics.transactions.live(),
             ))
             }
+            Some("stats") => moonroute::control::stats::command(&args[1..], metrics.registry()),
             // The control server runs this handler on tokio's blocking pool (spawn_blocking),
             // never on a SIP event loop: `ul`'s wait for the disk flush (at most 10 s, see
             // `control::ul`) blocks only that pool thread, so no `block_in_place` is needed.
@@ -404,6 +431,21 @@ fn control_handler(host: Arc<ScriptHost>) -> moonroute::control::Handler {
             None => Reply::error(format!("no command given; commands: {COMMANDS}")),
         },
     )
+}
+
+/// An uptime as `2d 3h 4m 5s` (days and hours only when non-zero), then in seconds.
+fn uptime_text(uptime: Duration) -> String {
+    let secs = uptime.as_secs();
+    let (days, hours, minutes, seconds) =
+        (secs / 86_400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
+    let mut text = String::new();
+    if days > 0 {
+        text.push_str(&format!("{days}d "));
+    }
+    if days > 0 || hours > 0 {
+        text.push_str(&format!("{hours}h "));
+    }
+    format!("{text}{minutes}m {seconds}s ({secs} s)")
 }
 
 /// Logs to stderr, filtered by `RUST_LOG` if set, else by the configured `log_level`.
@@ -535,6 +577,27 @@ mod tests {
                 "<sip:alice@192.0.2.1;transport=tcp>",
                 "0"
             ]
+        );
+    }
+
+    #[test]
+    fn metrics_listen_flag_becomes_an_override() {
+        let cli = Cli::try_parse_from(["moonroute", "run", "--metrics-listen", "127.0.0.1:9061"])
+            .unwrap();
+        let Some(Command::Run(args)) = cli.command else {
+            panic!("expected run");
+        };
+        let (_, overrides) = args.into_parts();
+        assert_eq!(overrides.metrics_listen.as_deref(), Some("127.0.0.1:9061"));
+    }
+
+    #[test]
+    fn uptime_reads_as_days_hours_minutes_seconds() {
+        assert_eq!(uptime_text(Duration::from_secs(5)), "0m 5s (5 s)");
+        assert_eq!(uptime_text(Duration::from_secs(3723)), "1h 2m 3s (3723 s)");
+        assert_eq!(
+            uptime_text(Duration::from_secs(2 * 86_400 + 7)),
+            "2d 0h 0m 7s (172807 s)"
         );
     }
 

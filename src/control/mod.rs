@@ -7,6 +7,7 @@
 //! [`ctl_main`]) behind `moonroute ctl`. The socket itself does not know any command: what
 //! `reload` or `status` mean is decided by the [`Handler`] the caller installs.
 //!
+//! - [`stats`]: `stats [PREFIX]`, the metric samples.
 //! - [`ul`]: the `ul show|rm|add|count` commands on the location database (Kamailio's
 //!   `kamctl ul`), which `moonroute`'s handler runs for `ul`.
 //!
@@ -38,6 +39,7 @@
 
 mod client;
 mod server;
+pub mod stats;
 pub mod ul;
 pub mod user;
 

@@ -45,6 +45,7 @@ use hickory_resolver::net::NetError;
 use hickory_resolver::proto::rr::{Name, RData, RecordType};
 use hickory_resolver::TokioResolver;
 
+use crate::metrics::engine::{DnsMetrics, DnsType};
 use crate::transport::TransportKind;
 use select::{Candidates, Plan, XorShift};
 
@@ -191,6 +192,8 @@ struct Inner {
     absolute: bool,
     rng: Mutex<XorShift>,
     deadline: Duration,
+    /// Lookups and failures by record type (`moonroute_dns_*`).
+    metrics: DnsMetrics,
 }
 
 impl Resolver {
@@ -258,6 +261,7 @@ impl Resolver {
                 // Three rounds (NAPTR; SRVs in parallel; addresses in parallel) of up to
                 // `tries` timeouts each, plus one timeout of slack.
                 deadline: timeout.saturating_mul(tries.saturating_mul(3).saturating_add(1)),
+                metrics: DnsMetrics::default(),
             }),
         })
     }
@@ -266,6 +270,16 @@ impl Resolver {
     /// orders in tests). Call before cloning: clones share the generator.
     pub fn with_srv_seed(self, seed: u64) -> Resolver {
         *self.inner.rng.lock().unwrap_or_else(|e| e.into_inner()) = XorShift::new(seed);
+        self
+    }
+
+    /// The same resolver counting its lookups into `metrics`. Call before cloning (clones
+    /// made earlier keep counting into the previous handles).
+    pub fn with_metrics(mut self, metrics: DnsMetrics) -> Resolver {
+        match Arc::get_mut(&mut self.inner) {
+            Some(inner) => inner.metrics = metrics,
+            None => tracing::debug!("DNS metrics set on a shared resolver: ignored"),
+        }
         self
     }
 
@@ -363,6 +377,17 @@ fn random_seed() -> u64 {
     hasher.finish()
 }
 
+/// The metrics label of the record types RFC 3263 resolution looks up.
+fn dns_type(rtype: RecordType) -> Option<DnsType> {
+    match rtype {
+        RecordType::NAPTR => Some(DnsType::Naptr),
+        RecordType::SRV => Some(DnsType::Srv),
+        RecordType::A => Some(DnsType::A),
+        RecordType::AAAA => Some(DnsType::Aaaa),
+        _ => None,
+    }
+}
+
 /// The outcome of one lookup.
 enum Answer {
     Records(Lookup),
@@ -416,13 +441,21 @@ impl Walk<'_> {
         if spent {
             return self.fail(format!("more than {MAX_QUERIES} lookups needed"));
         }
+        let counted = dns_type(rtype);
+        if let Some(counted) = counted {
+            self.inner.metrics.lookup(counted);
+        }
         let lookup = self.inner.dns.lookup(name.clone(), rtype);
-        match tokio::time::timeout_at(self.deadline, lookup).await {
+        let answer = match tokio::time::timeout_at(self.deadline, lookup).await {
             Ok(Ok(lookup)) => Answer::Records(lookup),
             Ok(Err(e)) if e.is_no_records_found() => Answer::Empty,
             Ok(Err(e)) => self.fail(format!("{name} {rtype}: {}", describe(&e))),
             Err(_) => self.fail(format!("{name} {rtype}: resolution took too long")),
+        };
+        if let (Answer::Failed, Some(counted)) = (&answer, counted) {
+            self.inner.metrics.failure(counted);
         }
+        answer
     }
 
     /// NAPTR of the host (§4.1), then the SRV records each usable one names.

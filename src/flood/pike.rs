@@ -34,6 +34,8 @@ use std::time::{Duration, Instant};
 
 use tracing::warn;
 
+use crate::metrics::Counter;
+
 /// Mutexes the table is split into.
 pub const SHARDS: usize = 32;
 
@@ -178,6 +180,8 @@ pub struct Pike {
     hasher: RandomState,
     /// Requests of sources that could not be tracked (the table was full).
     untracked: AtomicU64,
+    /// Checks that found the source over the limit (`moonroute_pike_blocks_total`).
+    blocks: Counter,
 }
 
 impl Pike {
@@ -197,7 +201,14 @@ impl Pike {
             shards,
             hasher: RandomState::new(),
             untracked: AtomicU64::new(0),
+            blocks: Counter::default(),
         }
+    }
+
+    /// Counts every check that finds its source over the limit into `counter`.
+    pub fn with_blocks_counter(mut self, counter: Counter) -> Pike {
+        self.blocks = counter;
+        self
     }
 
     pub fn rules(&self) -> &PikeRules {
@@ -216,7 +227,12 @@ impl Pike {
                 .unwrap_or_else(PoisonError::into_inner)
                 .check(source, now, &self.rules);
         match verdict {
-            Some(over) => over,
+            Some(over) => {
+                if over {
+                    self.blocks.inc();
+                }
+                over
+            }
             None => {
                 self.note_untracked(ip);
                 false

@@ -17,6 +17,11 @@
 //! Memory is bounded: a family holds at most [`MAX_SERIES_PER_FAMILY`] label sets; further
 //! ones get a detached handle that counts but is never exported (with one warning).
 
+pub mod engine;
+pub mod http;
+
+pub use engine::EngineMetrics;
+
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

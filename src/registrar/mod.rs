@@ -30,6 +30,7 @@ use bytes::Bytes;
 
 use crate::config;
 use crate::location::{Binding, Commit, LocationStore};
+use crate::metrics::Counter;
 use crate::sip::{scan, Contact, HeaderName, Message, Method, NameAddr, ResponseBuilder, Uri};
 use crate::transport::Meta;
 
@@ -647,11 +648,23 @@ impl SaveResult {
 pub struct Registrar {
     store: Arc<dyn LocationStore>,
     rules: Rules,
+    /// REGISTERs answered 200 (`moonroute_registrations_total`).
+    registrations: Counter,
 }
 
 impl Registrar {
     pub fn new(store: Arc<dyn LocationStore>, rules: Rules) -> Registrar {
-        Registrar { store, rules }
+        Registrar {
+            store,
+            rules,
+            registrations: Counter::default(),
+        }
+    }
+
+    /// Counts every REGISTER answered 200 (retransmissions included) into `counter`.
+    pub fn with_registrations_counter(mut self, counter: Counter) -> Registrar {
+        self.registrations = counter;
+        self
     }
 
     pub fn store(&self) -> &Arc<dyn LocationStore> {
@@ -680,6 +693,14 @@ impl Registrar {
         nated: bool,
         now: SystemTime,
     ) -> SaveResult {
+        let result = self.update_from(req, meta, nated, now);
+        if result.is_success() {
+            self.registrations.inc();
+        }
+        result
+    }
+
+    fn update_from(&self, req: &Message, meta: &Meta, nated: bool, now: SystemTime) -> SaveResult {
         let aor = req.to().ok().and_then(|to| aor_of(&to.uri));
         let Some(key) = aor.clone() else {
             // No AOR: `process` refuses at step 5 without looking at bindings.

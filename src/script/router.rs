@@ -82,10 +82,13 @@ impl ScriptHost {
     pub fn from_config(config: &crate::config::Config) -> Result<Arc<ScriptHost>, ScriptError> {
         let store = crate::location::open_configured(&config.location, &config.data_dir)
             .map_err(ScriptError)?;
+        let metrics = crate::metrics::Registry::new();
+        let engine = register_service_metrics(&metrics, &store);
         let registrar = crate::registrar::Registrar::new(
             store,
             crate::registrar::Rules::from(&config.registrar),
-        );
+        )
+        .with_registrations_counter(engine.registrations);
         // Nonces are signed with the server key (`[auth] secret`, else `<data_dir>/secret`), so
         // they survive a restart: phones are not answered `stale` after one.
         let settings = crate::auth::Settings {
@@ -98,8 +101,11 @@ impl ScriptHost {
             kv: Arc::new(super::kv::KvStore::new(super::KV_MAX_KEYS)),
             registrar: Some(Arc::new(registrar)),
             auth: Some(Arc::new(auth)),
-            pike: Arc::new(crate::flood::Pike::new((&config.pike).into())),
-            metrics: crate::metrics::Registry::new(),
+            pike: Arc::new(
+                crate::flood::Pike::new((&config.pike).into())
+                    .with_blocks_counter(engine.pike_blocks),
+            ),
+            metrics,
             clock: None,
         };
         ScriptHost::load(
@@ -672,5 +678,35 @@ fn placeholder() -> Message {
     match Message::parse(Bytes::from_static(TEXT)) {
         Ok(m) => m,
         Err(e) => unreachable!("the placeholder request is valid: {e}"),
+    }
+}
+
+/// The engine counters of the shared services, registered in the server's registry.
+struct ServiceMetrics {
+    registrations: crate::metrics::Counter,
+    pike_blocks: crate::metrics::Counter,
+}
+
+/// `moonroute_location_bindings` (read from the store at scrape time),
+/// `moonroute_registrations_total` and `moonroute_pike_blocks_total`.
+fn register_service_metrics(
+    metrics: &crate::metrics::Registry,
+    store: &Arc<dyn crate::location::LocationStore>,
+) -> ServiceMetrics {
+    let bindings = Arc::downgrade(store);
+    metrics.gauge_fn(
+        "moonroute_location_bindings",
+        "Registered contacts (bindings) in the location store, all AORs, expired ones not yet swept included.",
+        move || bindings.upgrade().map_or(0.0, |store| store.count() as f64),
+    );
+    ServiceMetrics {
+        registrations: metrics.counter(
+            "moonroute_registrations_total",
+            "REGISTER requests the registrar answered 200 (new, refreshed, removed or queried bindings; retransmissions included).",
+        ),
+        pike_blocks: metrics.counter(
+            "moonroute_pike_blocks_total",
+            "Requests sip.pike_check found over the [pike] rate limit of their source.",
+        ),
     }
 }

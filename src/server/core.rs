@@ -21,6 +21,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::location::{CommitState, CommitTicket, LocationStore};
+use crate::metrics::EngineMetrics;
 use crate::nat::keepalive::{self, Action as KeepaliveAction, Peer, Scheduler, Settings};
 use crate::proxy::relay::{owner_of_branch, Handled, Relay};
 use crate::proxy::router::{BuiltinRouter, Router};
@@ -138,6 +139,8 @@ pub struct CoreFactory {
     /// Signs Record-Route; one for all event loops, so any of them recognises the Route
     /// entries another wrote (see [`CoreFactory::with_route_signer`]).
     route_signer: RouteSigner,
+    /// The engine's metric handles, shared by every loop (see [`CoreFactory::with_metrics`]).
+    metrics: Arc<EngineMetrics>,
 }
 
 impl CoreFactory {
@@ -175,7 +178,15 @@ impl CoreFactory {
             max_backlog: config.limits.max_backlog,
             max_receive_lag: config.limits.max_receive_lag(),
             route_signer: RouteSigner::random(),
+            metrics: EngineMetrics::detached(),
         }
+    }
+
+    /// Counts into `metrics` (the server's registry, see `metrics::engine`): the loops and
+    /// the transport shell. Without it the counts go to a registry nobody serves.
+    pub fn with_metrics(mut self, metrics: Arc<EngineMetrics>) -> CoreFactory {
+        self.metrics = metrics;
+        self
     }
 
     /// Signs Record-Route with `signer`, from the server key (`crate::secret::server_key`), so
@@ -229,6 +240,9 @@ impl CoreFactory {
         }
         core.max_backlog = self.max_backlog;
         core.max_receive_lag = self.max_receive_lag;
+        core.transactions
+            .set_metrics(self.metrics.transactions.clone());
+        core.metrics = Arc::clone(&self.metrics);
         core
     }
 }
@@ -245,6 +259,10 @@ impl WorkerFactory for CoreFactory {
         bound: &[ListenAddr],
     ) -> Box<dyn Worker> {
         Box::new(self.core(index, loops, bound))
+    }
+
+    fn metrics(&self) -> Option<Arc<EngineMetrics>> {
+        Some(Arc::clone(&self.metrics))
     }
 }
 
@@ -277,6 +295,8 @@ pub struct Core {
     force_rport: bool,
     /// Keep-alives of NATed bindings (the first loop only).
     keepalive: Option<Keepalives>,
+    /// Requests and responses received, parse errors (the server's handles, shared).
+    metrics: Arc<EngineMetrics>,
 }
 
 /// The keep-alives one loop sends: the schedule, and the store it reads and prunes.
@@ -392,6 +412,7 @@ impl Core {
             max_receive_lag: crate::config::Limits::default().max_receive_lag(),
             receive_lag: Duration::ZERO,
             backlog_high_water: 0,
+            metrics: EngineMetrics::detached(),
         }
     }
 
@@ -438,16 +459,23 @@ impl Core {
     fn on_message(&mut self, data: Bytes, meta: Meta, now: Instant, out: &mut Vec<Output>) {
         let mut msg = match Message::parse(data.clone()) {
             Ok(m) => m,
-            Err(e) => return self.refuse_unparsable(data, e, &meta, out),
+            Err(e) => {
+                self.metrics.transport.parse_error(meta.kind);
+                return self.refuse_unparsable(data, e, &meta, out);
+            }
         };
         if msg.is_response() {
             if let Some(owner) = self.owner_elsewhere(&msg) {
-                // The kernel picked this loop for the flow; the transaction lives in `owner`.
+                // The kernel picked this loop for the flow; the transaction lives in `owner`
+                // (which counts it).
                 out.push(Output::HandOver {
                     worker: owner,
                     input: Input::Message { data, meta },
                 });
                 return;
+            }
+            if let Some(code) = msg.status() {
+                self.metrics.responses_received.inc(code);
             }
             if self.is_keepalive_answer(&msg) {
                 return;
@@ -456,13 +484,18 @@ impl Core {
             self.transactions.on_response(msg, meta, now, &mut pending);
             return self.drain(pending, now, out);
         }
+        if let Some(method) = msg.method() {
+            self.metrics.request_received(method);
+        }
         // Forced on datagrams only: a stream's responses go back on its connection anyway.
         let force_rport = self.force_rport && meta.kind == TransportKind::Udp;
         if let Err(e) = msg.stamp_received_rport(meta.source, force_rport) {
+            self.metrics.transport.parse_error(meta.kind);
             return self.refuse(&msg, e, &meta, out);
         }
         if let Err(e) = msg.validate() {
             // Answered statelessly: a request this broken may not even yield a transaction key.
+            self.metrics.transport.parse_error(meta.kind);
             return self.refuse(&msg, e, &meta, out);
         }
         if self.is_for_me_options(&msg) {
@@ -897,6 +930,7 @@ impl Core {
         meta: &Meta,
         out: &mut Vec<Output>,
     ) {
+        self.metrics.transport.parse_error(meta.kind);
         let (code, reason) = match error {
             FramingError::TooLarge { .. } => (413, format!("Request Entity Too Large ({error})")),
             FramingError::MissingContentLength => (

@@ -16,6 +16,7 @@ use tokio::task::LocalSet;
 use tracing::error;
 
 use crate::config::Config;
+use crate::metrics::EngineMetrics;
 use crate::transport::dispatch::{LoopContext, LoopDns, Shared, UdpEndpoint};
 use crate::transport::registry::ConnectionRegistry;
 use crate::transport::tls::TlsContext;
@@ -47,6 +48,9 @@ impl Server {
         let tls = Arc::new(TlsContext::new(&config.tls, listens_tls)?);
         let (listen_addrs, per_loop) = bind_all(&config.listen, workers)?;
         let registry = Arc::new(ConnectionRegistry::new(limits.max_connections));
+        let metrics = factory.metrics().unwrap_or_else(EngineMetrics::detached);
+        let open = Arc::downgrade(&registry);
+        metrics.connections_open(move |kind| open.upgrade().map_or(0, |r| r.count_of(kind)));
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (ready_tx, ready_rx) = mpsc::channel();
         let (hand_over, mut hand_over_queues) = hand_over_channels(workers);
@@ -71,6 +75,7 @@ impl Server {
                 bound: handle.listen_addrs.clone(),
                 loops: workers,
                 dns: config.dns.clone(),
+                metrics: Arc::clone(&metrics),
             };
             let thread = thread::Builder::new()
                 .name(format!("moonroute-loop-{index}"))
@@ -240,6 +245,7 @@ struct LoopSetup {
     bound: Vec<ListenAddr>,
     loops: usize,
     dns: crate::config::Dns,
+    metrics: Arc<EngineMetrics>,
 }
 
 /// Inputs one loop may hold for another before hand-overs are dropped: bounds memory when a
@@ -294,6 +300,7 @@ async fn serve_until_shutdown(setup: LoopSetup) {
         bound,
         loops,
         dns,
+        metrics,
     } = setup;
     let worker = factory.make_bound_worker(index, loops, &bound);
     let mut supported: Vec<TransportKind> = Vec::new();
@@ -302,13 +309,14 @@ async fn serve_until_shutdown(setup: LoopSetup) {
             supported.push(listen.kind);
         }
     }
+    let dns = LoopDns::new(dns, supported, metrics.dns.clone());
     let shared = Shared {
         registry,
         limits,
         tls,
         hand_over,
+        metrics,
     };
-    let dns = LoopDns::new(dns, supported);
     let started = start_transports(index, sockets, worker, shared, hand_over_queue, dns);
     let running = started.is_ok();
     // The receiver is gone only if start already failed elsewhere; we stop below anyway.

@@ -21,6 +21,7 @@ use super::key::{ClientKey, ServerKey};
 use super::server_invite::InviteServer;
 use super::server_non_invite::NonInviteServer;
 use super::{Action, Event, Timer, TimerValues};
+use crate::metrics::engine::{OverloadReason, TransactionKind, TransactionMetrics};
 use crate::sip::{Message, Method, ResponseBuilder};
 use crate::transport::{response_destination, Destination, Meta};
 
@@ -170,6 +171,15 @@ pub struct TransactionLayer {
     backlog_refusals: u64,
     /// Reused for every machine call, so driving a machine allocates nothing once warm.
     scratch: Vec<Action>,
+    /// Transactions created, timed out, live; retransmissions; overload refusals.
+    metrics: TransactionMetrics,
+}
+
+impl Drop for TransactionLayer {
+    fn drop(&mut self) {
+        // The live gauge is shared by every loop: take this loop's share out of it.
+        self.metrics.ended(self.live());
+    }
 }
 
 /// Timer entries kept beyond the live ones before the heap is compacted.
@@ -190,7 +200,15 @@ impl TransactionLayer {
             shedding: None,
             backlog_refusals: 0,
             scratch: Vec::new(),
+            metrics: TransactionMetrics::default(),
         }
+    }
+
+    /// Counts into `metrics` (the server's `moonroute_transactions_*`, retransmission and
+    /// overload families) from now on; call before the first transaction.
+    pub fn set_metrics(&mut self, metrics: TransactionMetrics) {
+        debug_assert_eq!(self.live(), 0, "metrics set after transactions started");
+        self.metrics = metrics;
     }
 
     /// Whether the core is past one of its overload limits, and which (for the log line).
@@ -263,6 +281,9 @@ impl TransactionLayer {
         out: &mut Vec<LayerOutput>,
     ) {
         let mut actions = std::mem::take(&mut self.scratch);
+        if !is_ack {
+            self.metrics.retransmissions_received.inc();
+        }
         if let Some(entry) = self.servers.get_mut(&tx) {
             match (&mut entry.machine, is_ack) {
                 (ServerMachine::Invite(m), true) => m.on_ack(request, now, &mut actions),
@@ -271,6 +292,10 @@ impl TransactionLayer {
                 // An ACK key names INVITE, so it cannot match a non-INVITE transaction.
                 (ServerMachine::NonInvite(_), true) => {}
             }
+        }
+        if !is_ack {
+            // §17.2.1/§17.2.2: the last response, sent again for the retransmitted request.
+            self.count_resends(&actions);
         }
         self.apply_server(tx, &mut actions, out);
         self.scratch = actions;
@@ -305,6 +330,10 @@ impl TransactionLayer {
             Some(Method::Cancel) => self.server_keys.get(&key.cancelled_invite()).copied(),
             _ => None,
         };
+        self.metrics.created(match machine {
+            ServerMachine::Invite(_) => TransactionKind::InviteServer,
+            ServerMachine::NonInvite(_) => TransactionKind::NonInviteServer,
+        });
         self.server_keys.insert(key.clone(), tx);
         self.servers.insert(tx, ServerEntry { key, machine, dest });
         self.apply_server(tx, &mut actions, out);
@@ -326,6 +355,7 @@ impl TransactionLayer {
     fn refuse_overloaded(&mut self, request: &Message, meta: &Meta, out: &mut Vec<LayerOutput>) {
         let Ok(via) = request.top_via() else { return };
         self.overload_refusals += 1;
+        self.metrics.overloaded(OverloadReason::MaxTransactions);
         // One line per thousand refusals: under overload the log must not add to the load.
         if self.overload_refusals % 1000 == 1 {
             warn!(
@@ -348,6 +378,7 @@ impl TransactionLayer {
     ) {
         let Ok(via) = request.top_via() else { return };
         self.backlog_refusals += 1;
+        self.metrics.overloaded(overload_reason(reason));
         if self.backlog_refusals % 1000 == 1 {
             warn!(
                 source = %meta.source,
@@ -450,6 +481,10 @@ impl TransactionLayer {
                 &mut actions,
             )),
         };
+        self.metrics.created(match machine {
+            ClientMachine::Invite(_) => TransactionKind::InviteClient,
+            ClientMachine::NonInvite(_) => TransactionKind::NonInviteClient,
+        });
         self.client_keys.insert(key.clone(), tx);
         self.clients.insert(tx, ClientEntry { key, machine, dest });
         self.apply_client(tx, &mut actions, out);
@@ -531,12 +566,16 @@ impl TransactionLayer {
                 ClientMachine::Invite(m) => m.on_timer(timer, now, &mut actions),
                 ClientMachine::NonInvite(m) => m.on_timer(timer, now, &mut actions),
             }
+            // Timers A and E: the request sent again.
+            self.count_resends(&actions);
             self.apply_client(tx, &mut actions, out);
         } else if let Some(entry) = self.servers.get_mut(&tx) {
             match &mut entry.machine {
                 ServerMachine::Invite(m) => m.on_timer(timer, now, &mut actions),
                 ServerMachine::NonInvite(m) => m.on_timer(timer, now, &mut actions),
             }
+            // Timer G: the final response sent again.
+            self.count_resends(&actions);
             self.apply_server(tx, &mut actions, out);
         }
         // else: the transaction ended before its timer; nothing to do.
@@ -591,6 +630,13 @@ impl TransactionLayer {
             Side::Client => self.clients.get(&tx).map(|e| e.dest.clone()),
             Side::Server => self.servers.get(&tx).map(|e| e.dest.clone()),
         };
+        let client_kind = match side {
+            Side::Client => self.clients.get(&tx).map(|e| match e.machine {
+                ClientMachine::Invite(_) => TransactionKind::InviteClient,
+                ClientMachine::NonInvite(_) => TransactionKind::NonInviteClient,
+            }),
+            Side::Server => None,
+        };
         for action in actions.drain(..) {
             match action {
                 Action::Send(data) => {
@@ -603,6 +649,13 @@ impl TransactionLayer {
                 }
                 Action::StartTimer { timer, at } => self.schedule(tx, timer, at),
                 Action::Deliver(event) => {
+                    match (&event, client_kind) {
+                        (Event::Timeout, Some(kind)) => self.metrics.timed_out(kind),
+                        (Event::AckTimeout, _) => {
+                            self.metrics.timed_out(TransactionKind::InviteServer)
+                        }
+                        _ => {}
+                    }
                     let up = match side {
                         Side::Client => {
                             let source = source.filter(|_| matches!(event, Event::Response(_)));
@@ -628,8 +681,28 @@ impl TransactionLayer {
         self.forget(Side::Server, tx);
     }
 
+    /// Counts the sends among `actions`: a machine driven by a timer or by a retransmitted
+    /// request only ever sends something again.
+    fn count_resends(&self, actions: &[Action]) {
+        let sends = actions
+            .iter()
+            .filter(|a| matches!(a, Action::Send(_)))
+            .count();
+        if sends > 0 {
+            self.metrics.retransmissions_sent.add(sends as u64);
+        }
+    }
+
     /// Frees a terminated transaction and its key; false if it was already gone.
     fn forget(&mut self, side: Side, tx: TxId) -> bool {
+        let forgotten = self.forget_entry(side, tx);
+        if forgotten {
+            self.metrics.ended(1);
+        }
+        forgotten
+    }
+
+    fn forget_entry(&mut self, side: Side, tx: TxId) -> bool {
         match side {
             Side::Client => self
                 .clients
@@ -642,6 +715,16 @@ impl TransactionLayer {
                 .map(|e| self.server_keys.remove(&e.key))
                 .is_some(),
         }
+    }
+}
+
+/// The limit a shedding reason names (see [`TransactionLayer::set_shedding`]): the reasons
+/// start with their `limits.*` key.
+fn overload_reason(reason: &str) -> OverloadReason {
+    if reason.starts_with("limits.max_receive_lag") {
+        OverloadReason::MaxReceiveLag
+    } else {
+        OverloadReason::MaxBacklog
     }
 }
 

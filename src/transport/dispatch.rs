@@ -25,6 +25,8 @@ use super::registry::ConnectionRegistry;
 use super::tls::TlsContext;
 use super::{tcp, tls, Destination, Input, Output, TransportKind, TransportLimits, Worker};
 use crate::dns::{Query, ResolveError, Resolver};
+use crate::metrics::engine::{response_code, DnsMetrics};
+use crate::metrics::EngineMetrics;
 
 /// A UDP socket of this loop and the listen address it was bound to.
 pub(crate) struct UdpEndpoint {
@@ -52,6 +54,8 @@ pub(crate) struct LoopContext {
     /// Every loop's hand-over queue, this one's included, by loop index.
     hand_over: Arc<[mpsc::Sender<Input>]>,
     dns: LoopDns,
+    /// The server's metric handles (messages, responses sent, connections).
+    pub(crate) metrics: Arc<EngineMetrics>,
 }
 
 /// This loop's DNS resolver (RFC 3263), made on first use so a server that never resolves a
@@ -61,21 +65,28 @@ pub(crate) struct LoopDns {
     /// The transports this server has listeners for: the only ones worth resolving to.
     supported: Vec<TransportKind>,
     resolver: std::cell::OnceCell<Result<Resolver, ResolveError>>,
+    metrics: DnsMetrics,
 }
 
 impl LoopDns {
-    pub(crate) fn new(config: crate::config::Dns, supported: Vec<TransportKind>) -> LoopDns {
+    pub(crate) fn new(
+        config: crate::config::Dns,
+        supported: Vec<TransportKind>,
+        metrics: DnsMetrics,
+    ) -> LoopDns {
         LoopDns {
             config,
             supported,
             resolver: std::cell::OnceCell::new(),
+            metrics,
         }
     }
 
     fn resolver(&self) -> Result<Resolver, ResolveError> {
         self.resolver
             .get_or_init(|| {
-                let made = Resolver::from_config(&self.config);
+                let made = Resolver::from_config(&self.config)
+                    .map(|resolver| resolver.with_metrics(self.metrics.clone()));
                 if let Err(error) = &made {
                     error!(%error, "cannot set up DNS resolution; host names cannot be reached");
                 }
@@ -92,6 +103,7 @@ pub(crate) struct Shared {
     pub(crate) tls: Arc<TlsContext>,
     /// Every loop's hand-over queue, by loop index.
     pub(crate) hand_over: Arc<[mpsc::Sender<Input>]>,
+    pub(crate) metrics: Arc<EngineMetrics>,
 }
 
 impl LoopContext {
@@ -107,6 +119,7 @@ impl LoopContext {
             limits,
             tls,
             hand_over,
+            metrics,
         } = shared;
         LoopContext {
             index,
@@ -121,6 +134,7 @@ impl LoopContext {
             receive_lags: RefCell::new(Vec::new()),
             hand_over,
             dns,
+            metrics,
         }
     }
 
@@ -251,6 +265,10 @@ impl LoopContext {
     }
 
     async fn send(self: &Rc<Self>, dest: Destination, data: Bytes) {
+        self.metrics.transport.message_out(dest.kind);
+        if let Some(code) = response_code(&data) {
+            self.metrics.responses_sent.inc(code);
+        }
         match dest.kind {
             TransportKind::Udp => {
                 if !self.send_udp(&dest, data).await {

@@ -353,6 +353,12 @@ pub trait WorkerFactory: Send + Sync + 'static {
     ) -> Box<dyn Worker> {
         self.make_worker(index)
     }
+
+    /// The engine's metric handles the transport shell counts into (messages, connections,
+    /// DNS); `None`: a registry of its own that nobody serves.
+    fn metrics(&self) -> Option<std::sync::Arc<crate::metrics::EngineMetrics>> {
+        None
+    }
 }
 
 /// Resource limits the transports enforce (from `[limits]` in the configuration).

@@ -178,6 +178,15 @@ impl ConnectionRegistry {
         self.len() == 0
     }
 
+    /// Open connections of one transport (walks the table: for statistics, not the hot path).
+    pub fn count_of(&self, kind: TransportKind) -> usize {
+        self.lock()
+            .by_id
+            .values()
+            .filter(|handle| handle.kind == kind)
+            .count()
+    }
+
     pub fn max_connections(&self) -> usize {
         self.max_connections
     }

@@ -130,6 +130,9 @@ fn accept(ctx: &Rc<LoopContext>, stream: TcpStream, peer: SocketAddr) {
     let queue_len = ctx.limits.tcp_send_queue;
     match ctx.registry.register(TransportKind::Tcp, peer, queue_len) {
         Ok(registration) => {
+            ctx.metrics
+                .transport
+                .connection_opened(TransportKind::Tcp, true);
             debug!(conn = %registration.id(), %peer, worker = ctx.index, "accepted TCP connection");
             tokio::task::spawn_local(run_connection(Rc::clone(ctx), stream, registration));
         }
@@ -237,6 +240,7 @@ pub(crate) async fn connect(
     let queued = registration.queue().len();
     match connected {
         Ok(Ok(stream)) => {
+            ctx.metrics.transport.connection_opened(kind, false);
             debug!(conn = %handle.id(), %peer, %kind, worker = ctx.index, "opened TCP connection");
             Some(stream)
         }
@@ -413,6 +417,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             match frame {
                 Frame::Message(data) => {
                     let meta = self.meta;
+                    self.ctx.metrics.transport.message_in(meta.kind);
                     self.ctx.handle(Input::Message { data, meta }).await;
                 }
                 Frame::KeepAlivePing => {

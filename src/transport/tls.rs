@@ -352,6 +352,9 @@ pub(crate) fn accept(ctx: &Rc<LoopContext>, stream: TcpStream, peer: SocketAddr)
     let queue_len = ctx.limits.tcp_send_queue;
     match ctx.registry.register(TransportKind::Tls, peer, queue_len) {
         Ok(registration) => {
+            ctx.metrics
+                .transport
+                .connection_opened(TransportKind::Tls, true);
             debug!(conn = %registration.id(), %peer, worker = ctx.index, "accepted TLS connection");
             let task = accept_and_serve(Rc::clone(ctx), acceptor, stream, registration, slot);
             tokio::task::spawn_local(task);

@@ -125,6 +125,7 @@ pub(crate) async fn run_receiver(ctx: Rc<LoopContext>, endpoint: Rc<UdpEndpoint>
             conn: None,
             worker: ctx.index,
         };
+        ctx.metrics.transport.message_in(TransportKind::Udp);
         let data = Bytes::copy_from_slice(datagram);
         ctx.handle(Input::Message { data, meta }).await;
     }

@@ -1,0 +1,630 @@
+//! The engine's own metric families (`moonroute_*`), registered once per server and handed
+//! to the parts that count: the server core (requests and responses), the transaction layer
+//! (RFC 3261 §17: transactions created, timed out, retransmissions), the transport shell
+//! (messages, parse errors, connections), DNS (RFC 3263 lookups) and the overload limits.
+//!
+//! Every handle is resolved here, at start: the hot path only does relaxed atomic adds on
+//! handles it already holds (an array index per method, transport or status code), never a
+//! lock or an allocation. Parts built without a registry (unit tests, `moonroute test`) get
+//! [`EngineMetrics::detached`], whose handles count into a registry nobody renders.
+//!
+//! The families whose values already live elsewhere are read at scrape time instead:
+//! uptime, open connections (the connection registry), location bindings (the store).
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::{Counter, Exposition, Kind, Registry};
+use crate::sip::Method;
+use crate::transport::TransportKind;
+
+/// Status codes counted one by one (RFC 3261 §7.2, §21: 100 to 699).
+const FIRST_CODE: u16 = 100;
+const LAST_CODE: u16 = 699;
+
+/// Methods with a label of their own; any extension method counts as `other` (the label set
+/// stays bounded whatever peers send).
+const METHODS: [&str; 15] = [
+    "INVITE",
+    "ACK",
+    "BYE",
+    "CANCEL",
+    "REGISTER",
+    "OPTIONS",
+    "INFO",
+    "UPDATE",
+    "PRACK",
+    "SUBSCRIBE",
+    "NOTIFY",
+    "REFER",
+    "MESSAGE",
+    "PUBLISH",
+    "other",
+];
+
+fn method_index(method: &Method) -> usize {
+    match method {
+        Method::Invite => 0,
+        Method::Ack => 1,
+        Method::Bye => 2,
+        Method::Cancel => 3,
+        Method::Register => 4,
+        Method::Options => 5,
+        Method::Info => 6,
+        Method::Update => 7,
+        Method::Prack => 8,
+        Method::Subscribe => 9,
+        Method::Notify => 10,
+        Method::Refer => 11,
+        Method::Message => 12,
+        Method::Publish => 13,
+        Method::Other(_) => 14,
+    }
+}
+
+const TRANSPORTS: [TransportKind; 3] = [TransportKind::Udp, TransportKind::Tcp, TransportKind::Tls];
+
+fn transport_index(kind: TransportKind) -> usize {
+    match kind {
+        TransportKind::Udp => 0,
+        TransportKind::Tcp => 1,
+        TransportKind::Tls => 2,
+    }
+}
+
+fn transport_label(kind: TransportKind) -> &'static str {
+    match kind {
+        TransportKind::Udp => "udp",
+        TransportKind::Tcp => "tcp",
+        TransportKind::Tls => "tls",
+    }
+}
+
+/// The four transaction machines of RFC 3261 §17, as the `kind` label names them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TransactionKind {
+    InviteServer,
+    NonInviteServer,
+    InviteClient,
+    NonInviteClient,
+}
+
+impl TransactionKind {
+    const ALL: [TransactionKind; 4] = [
+        TransactionKind::InviteServer,
+        TransactionKind::NonInviteServer,
+        TransactionKind::InviteClient,
+        TransactionKind::NonInviteClient,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            TransactionKind::InviteServer => "invite_server",
+            TransactionKind::NonInviteServer => "non_invite_server",
+            TransactionKind::InviteClient => "invite_client",
+            TransactionKind::NonInviteClient => "non_invite_client",
+        }
+    }
+}
+
+/// Why a new request was refused with 503 (RFC 3261 §21.5.4): the configuration key of the
+/// limit that was reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OverloadReason {
+    /// `limits.max_transactions`.
+    MaxTransactions,
+    /// `limits.max_backlog`.
+    MaxBacklog,
+    /// `limits.max_receive_lag_ms`.
+    MaxReceiveLag,
+}
+
+impl OverloadReason {
+    const ALL: [OverloadReason; 3] = [
+        OverloadReason::MaxTransactions,
+        OverloadReason::MaxBacklog,
+        OverloadReason::MaxReceiveLag,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            OverloadReason::MaxTransactions => "max_transactions",
+            OverloadReason::MaxBacklog => "max_backlog",
+            OverloadReason::MaxReceiveLag => "max_receive_lag_ms",
+        }
+    }
+}
+
+/// DNS record types looked up by RFC 3263 resolution.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DnsType {
+    Naptr,
+    Srv,
+    A,
+    Aaaa,
+}
+
+impl DnsType {
+    const ALL: [DnsType; 4] = [DnsType::Naptr, DnsType::Srv, DnsType::A, DnsType::Aaaa];
+
+    fn label(self) -> &'static str {
+        match self {
+            DnsType::Naptr => "NAPTR",
+            DnsType::Srv => "SRV",
+            DnsType::A => "A",
+            DnsType::Aaaa => "AAAA",
+        }
+    }
+}
+
+/// One counter per status code 100..=699, rendered at scrape time for the codes seen only
+/// (600 mostly-zero series would drown the useful ones). Clones share the counts.
+#[derive(Clone, Debug)]
+pub struct StatusCounters(Arc<[Counter]>);
+
+impl Default for StatusCounters {
+    fn default() -> Self {
+        StatusCounters(
+            (FIRST_CODE..=LAST_CODE)
+                .map(|_| Counter::default())
+                .collect(),
+        )
+    }
+}
+
+impl StatusCounters {
+    /// Counts one response with this status code; codes outside 100..=699 are not counted
+    /// (the parser refuses them).
+    pub fn inc(&self, code: u16) {
+        if let Some(counter) = code
+            .checked_sub(FIRST_CODE)
+            .and_then(|index| self.0.get(usize::from(index)))
+        {
+            counter.inc();
+        }
+    }
+
+    pub fn get(&self, code: u16) -> u64 {
+        code.checked_sub(FIRST_CODE)
+            .and_then(|index| self.0.get(usize::from(index)))
+            .map_or(0, Counter::get)
+    }
+
+    /// The samples of the codes counted at least once, ascending, as `name{code="NNN"}`.
+    pub fn write(&self, out: &mut Exposition, name: &str) {
+        for (code, counter) in (FIRST_CODE..=LAST_CODE).zip(self.0.iter()) {
+            let value = counter.get();
+            if value > 0 {
+                out.sample(name, &[("code", &code.to_string())], value as f64);
+            }
+        }
+    }
+
+    fn register(registry: &Registry, name: &str, help: &str) -> StatusCounters {
+        let counters = StatusCounters::default();
+        let rendered = counters.clone();
+        let owned = name.to_owned();
+        registry.collect(
+            name,
+            help,
+            Kind::Counter,
+            Box::new(move |out| rendered.write(out, &owned)),
+        );
+        counters
+    }
+}
+
+/// The counters of the transaction layer (RFC 3261 §17), one set per server.
+#[derive(Clone, Debug, Default)]
+pub struct TransactionMetrics {
+    created: [Counter; 4],
+    timed_out: [Counter; 4],
+    /// Retransmitted requests absorbed by a live server transaction (§17.2.1, §17.2.2).
+    pub retransmissions_received: Counter,
+    /// Requests and responses a transaction sent again (Timers A, E, G; a response repeated
+    /// for a retransmitted request).
+    pub retransmissions_sent: Counter,
+    /// Live transactions of every loop (each layer adds what it creates and subtracts what
+    /// it frees).
+    live: Arc<AtomicI64>,
+    overload: [Counter; 3],
+}
+
+impl TransactionMetrics {
+    pub fn created(&self, kind: TransactionKind) {
+        self.created[kind as usize].inc();
+        self.live.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `count` transactions of this layer were freed.
+    pub fn ended(&self, count: usize) {
+        self.live
+            .fetch_sub(i64::try_from(count).unwrap_or(i64::MAX), Ordering::Relaxed);
+    }
+
+    pub fn timed_out(&self, kind: TransactionKind) {
+        self.timed_out[kind as usize].inc();
+    }
+
+    pub fn overloaded(&self, reason: OverloadReason) {
+        self.overload[reason as usize].inc();
+    }
+
+    /// Live transactions over all loops of the server.
+    pub fn live(&self) -> u64 {
+        u64::try_from(self.live.load(Ordering::Relaxed)).unwrap_or(0)
+    }
+
+    pub fn created_count(&self, kind: TransactionKind) -> u64 {
+        self.created[kind as usize].get()
+    }
+}
+
+/// The transport shell's counters, by transport.
+#[derive(Clone, Debug, Default)]
+pub struct TransportMetrics {
+    messages_in: [Counter; 3],
+    messages_out: [Counter; 3],
+    parse_errors: [Counter; 3],
+    opened_inbound: [Counter; 3],
+    opened_outbound: [Counter; 3],
+}
+
+impl TransportMetrics {
+    pub fn message_in(&self, kind: TransportKind) {
+        self.messages_in[transport_index(kind)].inc();
+    }
+
+    pub fn message_out(&self, kind: TransportKind) {
+        self.messages_out[transport_index(kind)].inc();
+    }
+
+    pub fn parse_error(&self, kind: TransportKind) {
+        self.parse_errors[transport_index(kind)].inc();
+    }
+
+    pub fn connection_opened(&self, kind: TransportKind, inbound: bool) {
+        let counters = match inbound {
+            true => &self.opened_inbound,
+            false => &self.opened_outbound,
+        };
+        counters[transport_index(kind)].inc();
+    }
+}
+
+/// DNS lookups (RFC 3263), by record type.
+#[derive(Clone, Debug, Default)]
+pub struct DnsMetrics {
+    lookups: [Counter; 4],
+    failures: [Counter; 4],
+}
+
+impl DnsMetrics {
+    pub fn lookup(&self, rtype: DnsType) {
+        self.lookups[rtype as usize].inc();
+    }
+
+    /// A lookup that got no answer (timeout, server failure); NXDOMAIN and NODATA are answers.
+    pub fn failure(&self, rtype: DnsType) {
+        self.failures[rtype as usize].inc();
+    }
+}
+
+/// Every engine handle of one server. See the module docs.
+#[derive(Debug)]
+pub struct EngineMetrics {
+    registry: Arc<Registry>,
+    requests_received: [Counter; METHODS.len()],
+    pub responses_received: StatusCounters,
+    pub responses_sent: StatusCounters,
+    pub transactions: TransactionMetrics,
+    pub transport: TransportMetrics,
+    pub dns: DnsMetrics,
+    started: Instant,
+}
+
+impl EngineMetrics {
+    /// Registers every engine family in `registry` (once per server) and returns the handles.
+    pub fn register(registry: &Arc<Registry>) -> Arc<EngineMetrics> {
+        register_build_info(registry);
+        EngineMetrics::register_counting(registry)
+    }
+
+    /// Handles counting into a private registry: for servers and tests that export nothing.
+    pub fn detached() -> Arc<EngineMetrics> {
+        EngineMetrics::register_counting(&Registry::new())
+    }
+
+    /// Every family but the build information (which starts a Lua state to ask its version).
+    fn register_counting(registry: &Arc<Registry>) -> Arc<EngineMetrics> {
+        let started = Instant::now();
+        registry.gauge_fn(
+            "moonroute_uptime_seconds",
+            "Seconds since this server started.",
+            move || started.elapsed().as_secs_f64(),
+        );
+        let requests = counter_family(
+            registry,
+            "moonroute_requests_received_total",
+            "SIP requests received, retransmissions included, by method (extension methods count as \"other\").",
+            "method",
+        );
+        let requests_received = METHODS.map(|method| requests.with(&[method]));
+        let responses_received = StatusCounters::register(
+            registry,
+            "moonroute_responses_received_total",
+            "SIP responses received, by status code (codes never seen are not listed).",
+        );
+        let responses_sent = StatusCounters::register(
+            registry,
+            "moonroute_responses_sent_total",
+            "SIP responses sent (answered here or relayed), retransmissions included, by status code.",
+        );
+        Arc::new(EngineMetrics {
+            registry: Arc::clone(registry),
+            requests_received,
+            responses_received,
+            responses_sent,
+            transactions: register_transactions(registry),
+            transport: register_transport(registry),
+            dns: register_dns(registry),
+            started,
+        })
+    }
+
+    /// The registry these handles belong to.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    pub fn request_received(&self, method: &Method) {
+        self.requests_received[method_index(method)].inc();
+    }
+
+    pub fn uptime(&self) -> std::time::Duration {
+        self.started.elapsed()
+    }
+
+    /// `moonroute_connections_open{transport}`, read at scrape time from `count` (open
+    /// connections of a transport). Replaces an earlier reader (a restarted server).
+    pub fn connections_open(&self, count: impl Fn(TransportKind) -> usize + Send + Sync + 'static) {
+        self.registry.collect(
+            "moonroute_connections_open",
+            "Open TCP and TLS connections (inbound and outbound), by transport.",
+            Kind::Gauge,
+            Box::new(move |out| {
+                for kind in [TransportKind::Tcp, TransportKind::Tls] {
+                    let name = "moonroute_connections_open";
+                    out.sample(
+                        name,
+                        &[("transport", transport_label(kind))],
+                        count(kind) as f64,
+                    );
+                }
+            }),
+        );
+    }
+}
+
+fn counter_family(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    label: &str,
+) -> Arc<super::Family<Counter>> {
+    registry
+        .counter_family(name, help, &[label])
+        .unwrap_or_else(|error| panic!("{error}"))
+}
+
+fn register_build_info(registry: &Registry) {
+    let info = registry
+        .gauge_family(
+            "moonroute_build_info",
+            "Always 1: the moonroute version and the Lua version its scripts run on.",
+            &["version", "lua"],
+        )
+        .unwrap_or_else(|error| panic!("{error}"));
+    info.with(&[env!("CARGO_PKG_VERSION"), &lua_version()])
+        .set(1.0);
+}
+
+/// The Lua version scripts run on, e.g. "Lua 5.4" (its `_VERSION`).
+pub fn lua_version() -> String {
+    mlua::Lua::new()
+        .globals()
+        .get::<String>("_VERSION")
+        .unwrap_or_else(|_| "Lua".to_owned())
+}
+
+fn register_transactions(registry: &Registry) -> TransactionMetrics {
+    let created = counter_family(
+        registry,
+        "moonroute_transactions_created_total",
+        "SIP transactions started (RFC 3261 section 17), by kind.",
+        "kind",
+    );
+    let timed_out = counter_family(
+        registry,
+        "moonroute_transactions_timed_out_total",
+        "Transactions that timed out: client transactions without a final response (Timer B/F), INVITE server transactions without the ACK of their error response (Timer H).",
+        "kind",
+    );
+    let retransmissions = counter_family(
+        registry,
+        "moonroute_retransmissions_total",
+        "Retransmissions: requests received again by a live server transaction, and requests or responses a transaction sent again.",
+        "direction",
+    );
+    let overload = counter_family(
+        registry,
+        "moonroute_overload_rejections_total",
+        "New requests refused with 503 and Retry-After because a limit was reached, by limit (the limits.* key).",
+        "reason",
+    );
+    let metrics = TransactionMetrics {
+        created: TransactionKind::ALL.map(|kind| created.with(&[kind.label()])),
+        timed_out: TransactionKind::ALL.map(|kind| timed_out.with(&[kind.label()])),
+        retransmissions_received: retransmissions.with(&["received"]),
+        retransmissions_sent: retransmissions.with(&["sent"]),
+        live: Arc::default(),
+        overload: OverloadReason::ALL.map(|reason| overload.with(&[reason.label()])),
+    };
+    let live = Arc::clone(&metrics.live);
+    registry.gauge_fn(
+        "moonroute_transactions_live",
+        "Live SIP transactions, client and server, over all event loops.",
+        move || live.load(Ordering::Relaxed).max(0) as f64,
+    );
+    metrics
+}
+
+fn register_transport(registry: &Registry) -> TransportMetrics {
+    let messages = registry
+        .counter_family(
+            "moonroute_messages_total",
+            "SIP messages received (in) and sent (out), by transport.",
+            &["transport", "direction"],
+        )
+        .unwrap_or_else(|error| panic!("{error}"));
+    let parse_errors = counter_family(
+        registry,
+        "moonroute_parse_errors_total",
+        "Received messages refused or dropped as malformed (unparsable, invalid, or broken stream framing), by transport.",
+        "transport",
+    );
+    let opened = registry
+        .counter_family(
+            "moonroute_connections_opened_total",
+            "TCP and TLS connections opened, accepted (inbound) or connected (outbound), by transport.",
+            &["transport", "direction"],
+        )
+        .unwrap_or_else(|error| panic!("{error}"));
+    let each = |family: &super::Family<Counter>, second: Option<&str>| {
+        TRANSPORTS.map(|kind| match second {
+            Some(value) => family.with(&[transport_label(kind), value]),
+            None => family.with(&[transport_label(kind)]),
+        })
+    };
+    let streams_only = |family: &super::Family<Counter>, direction: &str| {
+        // UDP has no connections: its handle is detached, so no udp series is exported.
+        TRANSPORTS.map(|kind| match kind {
+            TransportKind::Udp => Counter::default(),
+            _ => family.with(&[transport_label(kind), direction]),
+        })
+    };
+    TransportMetrics {
+        messages_in: each(&messages, Some("in")),
+        messages_out: each(&messages, Some("out")),
+        parse_errors: each(&parse_errors, None),
+        opened_inbound: streams_only(&opened, "inbound"),
+        opened_outbound: streams_only(&opened, "outbound"),
+    }
+}
+
+fn register_dns(registry: &Registry) -> DnsMetrics {
+    let lookups = counter_family(
+        registry,
+        "moonroute_dns_lookups_total",
+        "DNS lookups issued to locate next hops (RFC 3263), cache hits included, by record type.",
+        "type",
+    );
+    let failures = counter_family(
+        registry,
+        "moonroute_dns_failures_total",
+        "DNS lookups that got no answer (timeout, server failure); NXDOMAIN and empty answers are not failures.",
+        "type",
+    );
+    DnsMetrics {
+        lookups: DnsType::ALL.map(|rtype| lookups.with(&[rtype.label()])),
+        failures: DnsType::ALL.map(|rtype| failures.with(&[rtype.label()])),
+    }
+}
+
+/// The status code of an outgoing message when it is a response (`SIP/2.0 NNN ...`): read
+/// from the first bytes only, so counting what is sent costs no parse.
+pub fn response_code(data: &[u8]) -> Option<u16> {
+    let rest = data.strip_prefix(b"SIP/2.0 ")?;
+    match rest {
+        [a, b, c, ..] if a.is_ascii_digit() && b.is_ascii_digit() && c.is_ascii_digit() => {
+            Some(u16::from(a - b'0') * 100 + u16::from(b - b'0') * 10 + u16::from(c - b'0'))
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_counters_render_only_the_codes_seen() {
+        let registry = Registry::new();
+        let counters = StatusCounters::register(&registry, "x_responses_total", "Responses.");
+        counters.inc(180);
+        counters.inc(200);
+        counters.inc(200);
+        counters.inc(699);
+        counters.inc(99);
+        counters.inc(700);
+        assert_eq!(counters.get(200), 2);
+        assert_eq!(counters.get(700), 0);
+        assert_eq!(
+            registry.render(),
+            "# HELP x_responses_total Responses.\n# TYPE x_responses_total counter\n\
+             x_responses_total{code=\"180\"} 1\nx_responses_total{code=\"200\"} 2\n\
+             x_responses_total{code=\"699\"} 1\n"
+        );
+    }
+
+    #[test]
+    fn response_codes_are_read_from_the_status_line() {
+        assert_eq!(response_code(b"SIP/2.0 180 Ringing\r\n"), Some(180));
+        assert_eq!(response_code(b"SIP/2.0 603 Decline\r\n"), Some(603));
+        assert_eq!(response_code(b"INVITE sip:a@b SIP/2.0\r\n"), None);
+        assert_eq!(response_code(b"SIP/2.0 2x0 Odd\r\n"), None);
+        assert_eq!(response_code(b"SIP/2.0 20"), None);
+        assert_eq!(response_code(b"\r\n\r\n"), None);
+    }
+
+    #[test]
+    fn every_engine_family_is_registered_with_its_labels() {
+        let registry = Registry::new();
+        let metrics = EngineMetrics::register(&registry);
+        metrics.request_received(&Method::Other(bytes::Bytes::from_static(b"FOO")));
+        metrics.transactions.created(TransactionKind::InviteServer);
+        metrics.transactions.ended(1);
+        metrics.connections_open(|_| 0);
+        let text = registry.render();
+        for family in [
+            "moonroute_build_info",
+            "moonroute_uptime_seconds",
+            "moonroute_requests_received_total",
+            "moonroute_responses_received_total",
+            "moonroute_responses_sent_total",
+            "moonroute_transactions_live",
+            "moonroute_transactions_created_total",
+            "moonroute_transactions_timed_out_total",
+            "moonroute_retransmissions_total",
+            "moonroute_messages_total",
+            "moonroute_parse_errors_total",
+            "moonroute_connections_open",
+            "moonroute_connections_opened_total",
+            "moonroute_dns_lookups_total",
+            "moonroute_dns_failures_total",
+            "moonroute_overload_rejections_total",
+        ] {
+            assert!(
+                text.contains(&format!("# TYPE {family} ")),
+                "{family} in\n{text}"
+            );
+        }
+        assert!(text.contains("moonroute_requests_received_total{method=\"other\"} 1\n"));
+        assert!(text.contains("moonroute_transactions_created_total{kind=\"invite_server\"} 1\n"));
+        assert!(text.contains("moonroute_transactions_live 0\n"));
+        assert!(text.contains("moonroute_build_info{version=\""), "{text}");
+        assert!(text.contains(",lua=\"Lua 5.4\"} 1\n"), "{text}");
+        assert!(!text.contains("transport=\"udp\",direction=\"inbound\""));
+    }
+}
