@@ -605,3 +605,31 @@ fn ctl_stats_and_status_and_the_endpoint_of_the_real_binary() {
         std::panic::resume_unwind(panic);
     }
 }
+
+#[test]
+fn a_metrics_address_in_use_stops_the_start_with_a_sentence() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let dir = TempDir::new().unwrap();
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/default.lua");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_moonroute"))
+        .args(["run", "--listen", "udp:127.0.0.1:0", "--control-socket"])
+        .arg(dir.path().join("ctl.sock"))
+        .arg("--script")
+        .arg(&script)
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["--metrics-listen", &addr])
+        .env("RUST_LOG", "off")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run moonroute");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.starts_with(&format!(
+            "moonroute: cannot serve metrics on {addr} (metrics.listen): "
+        )),
+        "{stderr}"
+    );
+}
