@@ -633,3 +633,85 @@ fn a_metrics_address_in_use_stops_the_start_with_a_sentence() {
         "{stderr}"
     );
 }
+
+// ----- DNS -----------------------------------------------------------------------------------
+
+/// `moonroute_dns_lookups_total` counts each lookup RFC 3263 resolution issues, by type (as
+/// many as the name server saw for an answered name: no retries were needed), and
+/// `moonroute_dns_failures_total` the ones left unanswered (a silent name server), not the
+/// empty answers.
+#[tokio::test]
+async fn dns_lookups_and_failures_are_counted_by_record_type() {
+    use common::dns_server::{DnsServer, Record, RecordType};
+    use moonroute::dns::{Query, Resolver};
+
+    let dns = DnsServer::start(vec![Record::a(
+        "plain.test",
+        std::net::Ipv4Addr::new(192, 0, 2, 7),
+        60,
+    )]);
+    let registry = moonroute::metrics::Registry::new();
+    let metrics = EngineMetrics::register(&registry);
+    let resolver = Resolver::from_config(&dns.config(200))
+        .unwrap()
+        .with_metrics(metrics.dns.clone());
+    let query = |host: &str| Query {
+        host: host.to_owned(),
+        port: None,
+        transport: None,
+        secure: false,
+    };
+    let found = tokio::time::timeout(
+        WAIT,
+        resolver.locate(&query("plain.test"), &[TransportKind::Udp]),
+    )
+    .await
+    .expect("in time");
+    assert!(found.is_ok(), "{found:?}");
+    let after_plain = samples(&registry.render());
+    let types = [
+        ("NAPTR", RecordType::NAPTR),
+        ("SRV", RecordType::SRV),
+        ("A", RecordType::A),
+        ("AAAA", RecordType::AAAA),
+    ];
+    let served = |rtype| {
+        dns.query_log()
+            .iter()
+            .filter(|(_, t, _)| *t == rtype)
+            .map(|(_, _, n)| n)
+            .sum::<usize>() as f64
+    };
+    for (label, rtype) in types {
+        let lookups = after_plain[&format!("moonroute_dns_lookups_total{{type=\"{label}\"}}")];
+        assert_eq!(lookups, served(rtype), "{label}: {:?}", dns.query_log());
+        assert_eq!(
+            after_plain[&format!("moonroute_dns_failures_total{{type=\"{label}\"}}")],
+            0.0,
+            "{label}"
+        );
+    }
+    assert!(after_plain["moonroute_dns_lookups_total{type=\"A\"}"] >= 1.0);
+
+    dns.silence("silent.test");
+    let failed = tokio::time::timeout(
+        WAIT,
+        resolver.locate(&query("silent.test"), &[TransportKind::Udp]),
+    )
+    .await
+    .expect("in time");
+    assert!(failed.is_err(), "{failed:?}");
+    let after_silent = samples(&registry.render());
+    assert_moved(
+        "silent name server",
+        &after_plain,
+        &after_silent,
+        &[
+            ("moonroute_dns_failures_total{type=\"NAPTR\"}", 1.0),
+            ("moonroute_dns_failures_total{type=\"A\"}", 1.0),
+            ("moonroute_dns_failures_total{type=\"AAAA\"}", 1.0),
+            // _sip._udp.silent.test is answered (no such name): not a failure.
+            ("moonroute_dns_failures_total{type=\"SRV\"}", 0.0),
+        ],
+    );
+}

@@ -259,6 +259,14 @@ impl TransactionMetrics {
     pub fn created_count(&self, kind: TransactionKind) -> u64 {
         self.created[kind as usize].get()
     }
+
+    pub fn timed_out_count(&self, kind: TransactionKind) -> u64 {
+        self.timed_out[kind as usize].get()
+    }
+
+    pub fn overload_count(&self, reason: OverloadReason) -> u64 {
+        self.overload[reason as usize].get()
+    }
 }
 
 /// The transport shell's counters, by transport.

@@ -935,6 +935,101 @@ mod tests {
     }
 
     #[test]
+    fn metrics_count_transactions_retransmissions_timeouts_and_refusals() {
+        let metrics = TransactionMetrics::default();
+        let mut l = TransactionLayer::new(LayerConfig {
+            max_live: 2,
+            ..LayerConfig::default()
+        });
+        l.set_metrics(metrics.clone());
+        let now = Instant::now();
+        let mut out = Vec::new();
+        // A server transaction, its response, a retransmission of the request: absorbed,
+        // answered again (§17.2.2).
+        let options = request("OPTIONS", "z9hG4bKmet1", "OPTIONS");
+        l.on_request(options.clone(), meta(TransportKind::Udp), now, &mut out);
+        let Some(LayerOutput::Up(Upcall::Request { tx, .. })) = out.pop() else {
+            panic!("{out:?}")
+        };
+        l.respond(
+            tx,
+            200,
+            response_to(&options, 200).to_bytes(),
+            now,
+            &mut out,
+        );
+        out.clear();
+        l.on_request(options, meta(TransportKind::Udp), now, &mut out);
+        assert!(
+            matches!(out.as_slice(), [LayerOutput::Send { .. }]),
+            "{out:?}"
+        );
+        assert_eq!(metrics.retransmissions_received.get(), 1);
+        assert_eq!(metrics.retransmissions_sent.get(), 1);
+        assert_eq!(metrics.created_count(TransactionKind::NonInviteServer), 1);
+        assert_eq!(metrics.live(), 1);
+
+        // An unanswered INVITE: Timer A sends it 6 more times, Timer B times it out.
+        let dest = Destination {
+            kind: TransportKind::Udp,
+            addr: "127.0.0.1:5080".parse().unwrap(),
+            conn: None,
+            local: None,
+            tls_name: None,
+            reuse_only: false,
+        };
+        let invite = request("INVITE", "z9hG4bKmet2", "INVITE");
+        l.send_request(invite, dest, now, &mut out).unwrap();
+        assert_eq!(metrics.created_count(TransactionKind::InviteClient), 1);
+        assert_eq!(metrics.live(), 2);
+        // The cap (2) is reached: a new request is refused with 503.
+        out.clear();
+        l.on_request(
+            request("OPTIONS", "z9hG4bKmet3", "OPTIONS"),
+            meta(TransportKind::Udp),
+            now,
+            &mut out,
+        );
+        assert_eq!(metrics.overload_count(OverloadReason::MaxTransactions), 1);
+        let mut t = now;
+        while let Some(at) = l.next_deadline() {
+            t = at.max(t);
+            l.on_timer(t, &mut out);
+        }
+        assert_eq!(metrics.timed_out_count(TransactionKind::InviteClient), 1);
+        assert_eq!(metrics.retransmissions_sent.get(), 1 + 6);
+        assert_eq!(metrics.live(), 0, "both ended");
+
+        l.set_shedding(Some("limits.max_backlog reached (test)"));
+        l.on_request(
+            request("OPTIONS", "z9hG4bKmet4", "OPTIONS"),
+            meta(TransportKind::Udp),
+            t,
+            &mut out,
+        );
+        assert_eq!(metrics.overload_count(OverloadReason::MaxBacklog), 1);
+        drop(l);
+        assert_eq!(metrics.live(), 0);
+    }
+
+    #[test]
+    fn dropping_a_layer_takes_its_live_transactions_out_of_the_gauge() {
+        let metrics = TransactionMetrics::default();
+        let mut l = layer();
+        l.set_metrics(metrics.clone());
+        let mut out = Vec::new();
+        l.on_request(
+            request("OPTIONS", "z9hG4bKdrop", "OPTIONS"),
+            meta(TransportKind::Udp),
+            Instant::now(),
+            &mut out,
+        );
+        assert_eq!(metrics.live(), 1);
+        drop(l);
+        assert_eq!(metrics.live(), 0);
+    }
+
+    #[test]
     fn cap_answers_503_with_retry_after() {
         let mut l = TransactionLayer::new(LayerConfig {
             max_live: 1,
