@@ -325,6 +325,17 @@ mod tests {
     }
 
     #[test]
+    fn every_over_limit_verdict_counts_one_block() {
+        let blocks = Counter::default();
+        let pike = Pike::new(rules(10, 100)).with_blocks_counter(blocks.clone());
+        let t0 = Instant::now();
+        assert!(!burst(&pike, v4(1), 10, t0));
+        assert_eq!(blocks.get(), 0, "within the limit");
+        assert!(burst(&pike, v4(1), 3, t0));
+        assert_eq!(blocks.get(), 3, "the 11th, 12th and 13th requests");
+    }
+
+    #[test]
     fn the_flag_stays_until_a_window_passes_within_the_limit() {
         let pike = Pike::new(rules(10, 100));
         let t0 = Instant::now();
