@@ -460,17 +460,27 @@ impl Message {
             .and_then(|v| parse_delta_seconds(scan::trim_ws(v)))
     }
 
-    /// Option tags of Require, Proxy-Require, Supported or Unsupported.
+    /// Option tags of Require, Proxy-Require, Supported or Unsupported. An empty Supported
+    /// header is valid and names no tag (§20.37, §25.1: `Supported = ... HCOLON [option-tag
+    /// *(COMMA option-tag)]`; baresip 1.0 sends `Supported:` in its INVITEs); the other three
+    /// need at least one tag.
     pub fn option_tags(&self, name: HeaderName) -> impl Iterator<Item = Result<&[u8]>> + '_ {
-        self.values(name).map(move |v| {
-            v.and_then(|t| {
-                if scan::is_token(t) {
-                    Ok(t)
-                } else {
-                    Err(ParseError::bad(name.as_str(), "bad option tag"))
-                }
+        self.headers
+            .iter()
+            .filter(move |h| h.name == name)
+            .filter(move |h| {
+                name != HeaderName::Supported || !scan::trim_ws(self.text(h.value)).is_empty()
             })
-        })
+            .flat_map(|h| scan::split_commas(self.text(h.value)))
+            .map(move |v| {
+                v.and_then(|t| {
+                    if scan::is_token(t) {
+                        Ok(t)
+                    } else {
+                        Err(ParseError::bad(name.as_str(), "bad option tag"))
+                    }
+                })
+            })
     }
 
     /// The Content-Length value (validated when the message was parsed, §20.14).

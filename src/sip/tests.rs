@@ -184,3 +184,30 @@ fn response_builder_copies_and_tags() {
     .unwrap();
     assert_eq!(trying.to().unwrap().tag(), None);
 }
+
+/// An empty Supported header lists no extension (§20.37, §25.1 `[option-tag *(COMMA
+/// option-tag)]`): baresip 1.0's INVITEs carry one and were refused 400 (found by
+/// .ci/interop). Require needs a tag: an empty one is still refused.
+#[test]
+fn empty_supported_is_valid_but_empty_require_is_not() {
+    let with = |header: &str| parse(&INVITE.replace("Max-Forwards: 70\r\n", header));
+    let empty_supported = with("Max-Forwards: 70\r\nSupported:\r\n");
+    empty_supported.validate().unwrap();
+    assert_eq!(
+        empty_supported.option_tags(HeaderName::Supported).count(),
+        0
+    );
+    with("Max-Forwards: 70\r\nSupported: \t\r\n")
+        .validate()
+        .unwrap();
+    let listed = with("Max-Forwards: 70\r\nSupported: replaces, timer\r\n");
+    let tags: Vec<_> = listed
+        .option_tags(HeaderName::Supported)
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(tags, [&b"replaces"[..], &b"timer"[..]]);
+    assert!(with("Max-Forwards: 70\r\nRequire:\r\n").validate().is_err());
+    assert!(with("Max-Forwards: 70\r\nSupported: a b\r\n")
+        .validate()
+        .is_err());
+}
