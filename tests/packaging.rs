@@ -602,12 +602,22 @@ struct Running {
     /// Receives the exit status once the process has exited.
     exited: mpsc::Receiver<std::process::ExitStatus>,
     status: Option<std::process::ExitStatus>,
+    /// Its log (stderr) so far, and a signal for each new line.
+    log: std::sync::Arc<(std::sync::Mutex<String>, std::sync::Condvar)>,
 }
 
 impl Running {
     fn start(args: &[String]) -> Running {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_moonroute"))
-            .args(args)
+        let mut command = Command::new(env!("CARGO_BIN_EXE_moonroute"));
+        command.args(args);
+        Running::spawn(command, None)
+    }
+
+    /// Runs `command`, which is moonroute or runs it; with `pid_file`, the command writes
+    /// moonroute's pid there before the server starts (the signals go to that process).
+    fn spawn(mut command: Command, pid_file: Option<&Path>) -> Running {
+        let description = format!("{command:?}");
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -615,37 +625,77 @@ impl Running {
             .expect("start moonroute");
         let (ready_tx, ready_rx) = mpsc::channel();
         let stderr = child.stderr.take().unwrap();
+        let log = std::sync::Arc::new((std::sync::Mutex::new(String::new()), Default::default()));
+        let writer = log.clone();
         std::thread::spawn(move || {
-            let mut log = String::new();
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("control socket ready") {
-                    let _ = ready_tx.send(Ok(()));
+                let ready = line.contains("control socket ready");
+                let (text, new_line): &(std::sync::Mutex<String>, std::sync::Condvar) = &writer;
+                text.lock().unwrap().push_str(&(line + "\n"));
+                new_line.notify_all();
+                if ready {
+                    let _ = ready_tx.send(true);
                 }
-                log.push_str(&line);
-                log.push('\n');
             }
-            let _ = ready_tx.send(Err(log));
+            let _ = ready_tx.send(false);
         });
-        let pid = child.id();
         let (exited_tx, exited) = mpsc::channel();
+        let mut running = Running {
+            pid: child.id(),
+            exited,
+            status: None,
+            log,
+        };
         std::thread::spawn(move || {
             if let Ok(status) = child.wait() {
                 let _ = exited_tx.send(status);
             }
         });
-        let mut running = Running {
-            pid,
-            exited,
-            status: None,
-        };
-        match ready_rx.recv_timeout(PATIENCE) {
-            Ok(Ok(())) => running,
-            Ok(Err(log)) => {
-                running.status = running.exited.recv_timeout(PATIENCE).ok();
-                panic!("moonroute {args:?} exited before its control socket was ready:\n{log}");
-            }
-            Err(_) => panic!("moonroute {args:?}: no control socket within {PATIENCE:?}"),
+        let ready = ready_rx.recv_timeout(PATIENCE);
+        if let Some(pid) = pid_file.and_then(|path| std::fs::read_to_string(path).ok()) {
+            running.pid = pid.trim().parse().expect("a pid");
         }
+        match ready {
+            Ok(true) => running,
+            Ok(false) => {
+                running.status = running.exited.recv_timeout(PATIENCE).ok();
+                panic!(
+                    "{description} exited before its control socket was ready:\n{}",
+                    running.log()
+                );
+            }
+            Err(_) => panic!("{description}: no control socket within {PATIENCE:?}"),
+        }
+    }
+
+    fn log(&self) -> String {
+        self.log.0.lock().unwrap().clone()
+    }
+
+    /// Waits until the log has `count` lines containing `needle`.
+    fn wait_for_log(&self, needle: &str, count: usize) {
+        let (text, new_line) = &*self.log;
+        let (log, timeout) = new_line
+            .wait_timeout_while(text.lock().unwrap(), PATIENCE, |log| {
+                log.matches(needle).count() < count
+            })
+            .unwrap();
+        assert!(
+            !timeout.timed_out(),
+            "no {needle:?} (x{count}) in the log within {PATIENCE:?}:\n{log}"
+        );
+    }
+
+    /// The address it listens on for `transport` ("udp", "tcp"), from its log.
+    fn listen_addr(&self, transport: &str) -> SocketAddr {
+        let needle = format!("listening listen={transport}:");
+        let log = self.log();
+        let line = log
+            .lines()
+            .find(|line| line.contains(&needle))
+            .unwrap_or_else(|| panic!("no {needle:?} in the log:\n{log}"));
+        let (_, addr) = line.split_once(&needle).unwrap();
+        addr.split_whitespace().next().unwrap().parse().unwrap()
     }
 
     /// Sends `signal` (e.g. "TERM") and returns the exit status.
@@ -769,4 +819,213 @@ fn run_shipped_args(command: &[String], shipped_config: &str, config: &Path) -> 
             false => arg.clone(),
         })
         .collect()
+}
+
+// ---- the sandbox, from the inside ---------------------------------------------------------
+
+/// The system calls a `SystemCallFilter=` list allows: its groups expanded by
+/// `systemd-analyze syscall-filter`, minus those of `~` lists.
+fn allowed_system_calls(filters: &[&str]) -> BTreeSet<String> {
+    fn expand(entry: &str) -> BTreeSet<String> {
+        if !entry.starts_with('@') {
+            return BTreeSet::from([entry.to_owned()]);
+        }
+        let output = Command::new("systemd-analyze")
+            .args(["syscall-filter", entry])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", text(&output));
+        String::from_utf8(output.stdout)
+            .unwrap()
+            .lines()
+            .skip(1)
+            .map(str::trim)
+            .filter(|line| !line.is_empty() && !line.starts_with('#'))
+            .flat_map(expand)
+            .collect()
+    }
+    let mut allowed = BTreeSet::new();
+    let mut denied = BTreeSet::new();
+    for filter in filters {
+        match filter.strip_prefix('~') {
+            Some(list) => denied.extend(list.split_whitespace().flat_map(expand)),
+            None => allowed.extend(filter.split_whitespace().flat_map(expand)),
+        }
+    }
+    &allowed - &denied
+}
+
+/// What an strace log (`strace -f -o`) shows a program did after it was executed: the system
+/// calls by name, and the breaches of the unit's other limits.
+fn traced_breaches(trace: &str, program: &str, allowed: &BTreeSet<String>) -> Vec<String> {
+    let exec = format!("execve(\"{program}\"");
+    let start = trace
+        .lines()
+        .position(|line| line.contains(&exec))
+        .unwrap_or_else(|| panic!("no {exec} in the trace"));
+    let families = ["AF_INET,", "AF_INET6,", "AF_UNIX,"];
+    let mut breaches = Vec::new();
+    for line in trace.lines().skip(start + 1) {
+        // "PID name(args...) = result", or "PID <... name resumed>...".
+        let Some(call) = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|word| word.split_once('('))
+            .map(|(name, _)| name)
+        else {
+            continue;
+        };
+        if call.is_empty() || !call.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            continue;
+        }
+        if !allowed.contains(call) {
+            breaches.push(format!("SystemCallFilter: {line}"));
+        }
+        // MemoryDenyWriteExecute: no mapping both writable and executable.
+        if matches!(call, "mmap" | "mprotect" | "pkey_mprotect")
+            && line.contains("PROT_WRITE")
+            && line.contains("PROT_EXEC")
+        {
+            breaches.push(format!("MemoryDenyWriteExecute: {line}"));
+        }
+        if matches!(call, "socket" | "socketpair")
+            && !families
+                .iter()
+                .any(|family| line.contains(&format!("({family}")))
+        {
+            breaches.push(format!("RestrictAddressFamilies: {line}"));
+        }
+    }
+    breaches
+}
+
+/// Whether `strace` can trace here (installed, and ptrace allowed).
+fn strace_works() -> bool {
+    Command::new("strace")
+        .args(["-o", "/dev/null", "true"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success())
+}
+
+/// A minimal OPTIONS to `to` (RFC 3261 §11) from `from`, over `transport`.
+fn options(transport: &str, from: SocketAddr, to: SocketAddr, call_id: &str) -> String {
+    format!(
+        "OPTIONS sip:{to} SIP/2.0\r\n\
+         Via: SIP/2.0/{} {from};branch=z9hG4bK{call_id};rport\r\n\
+         Max-Forwards: 70\r\n\
+         From: <sip:packaging@{from}>;tag={call_id}\r\n\
+         To: <sip:{to}>\r\n\
+         Call-ID: {call_id}\r\n\
+         CSeq: 1 OPTIONS\r\n\
+         Content-Length: 0\r\n\r\n",
+        transport.to_ascii_uppercase()
+    )
+}
+
+/// The unit's SystemCallFilter, MemoryDenyWriteExecute and RestrictAddressFamilies, checked
+/// without systemd: the server runs the shipped config under strace through start, SIP over
+/// UDP and TCP, `ctl status`, `ctl reload` (itself traced: it is ExecReload), a reload on a
+/// script change, and SIGTERM, and every system call it made must be one the unit allows.
+/// Skipped, saying so, without strace (or ptrace) or systemd-analyze.
+#[test]
+fn the_server_stays_within_the_units_system_call_filter() {
+    if !strace_works()
+        || Command::new("systemd-analyze")
+            .arg("--version")
+            .output()
+            .is_err()
+    {
+        eprintln!("strace or systemd-analyze unavailable: the unit's filters are not checked");
+        return;
+    }
+    let unit = Unit::load();
+    let allowed = allowed_system_calls(&unit.all("SystemCallFilter"));
+    assert!(allowed.contains("epoll_wait") && !allowed.contains("reboot"));
+    for (key, value) in [
+        ("MemoryDenyWriteExecute", "yes"),
+        ("RestrictAddressFamilies", "AF_INET AF_INET6 AF_UNIX"),
+    ] {
+        assert_eq!(
+            unit.one(key),
+            value,
+            "the checks below assume {key}={value}"
+        );
+    }
+    let dir = TempDir::new().unwrap();
+    let config = relocate(&repo_file("contrib/moonroute.toml"), dir.path());
+    let binary = env!("CARGO_BIN_EXE_moonroute");
+    let trace = dir.path().join("server.trace");
+    let pid_file = dir.path().join("server.pid");
+    let mut command = Command::new("strace");
+    command
+        .args(["-f", "-qq", "-o"])
+        .arg(&trace)
+        .args(["sh", "-c", "echo $$ > \"$0\" && exec \"$@\""])
+        .arg(&pid_file)
+        .arg(binary)
+        .args(["run", "--config"])
+        .arg(&config);
+    let mut server = Running::spawn(command, Some(&pid_file));
+
+    // SIP over UDP and TCP: any answer will do.
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp.set_read_timeout(Some(PATIENCE)).unwrap();
+    let to = server.listen_addr("udp");
+    let request = options("udp", udp.local_addr().unwrap(), to, "packaging-udp");
+    udp.send_to(request.as_bytes(), to).unwrap();
+    let mut buffer = [0u8; 4096];
+    let (size, _) = udp.recv_from(&mut buffer).expect("an answer over UDP");
+    assert!(buffer[..size].starts_with(b"SIP/2.0 "));
+    {
+        use std::io::{Read, Write};
+        let to = server.listen_addr("tcp");
+        let mut tcp = std::net::TcpStream::connect(to).unwrap();
+        tcp.set_read_timeout(Some(PATIENCE)).unwrap();
+        let request = options("tcp", tcp.local_addr().unwrap(), to, "packaging-tcp");
+        tcp.write_all(request.as_bytes()).unwrap();
+        let size = tcp.read(&mut buffer).expect("an answer over TCP");
+        assert!(buffer[..size].starts_with(b"SIP/2.0 "));
+    }
+
+    let ctl = |args: &[&str], trace: Option<&Path>| {
+        let mut command = match trace {
+            Some(trace) => {
+                let mut command = Command::new("strace");
+                command.args(["-f", "-qq", "-o"]).arg(trace).arg(binary);
+                command
+            }
+            None => Command::new(binary),
+        };
+        let output = command
+            .arg("ctl")
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "ctl {args:?}: {}", text(&output));
+    };
+    let ctl_trace = dir.path().join("ctl.trace");
+    ctl(&["reload"], Some(&ctl_trace));
+    ctl(&["status"], None);
+    let script = Config::load(&config).unwrap().script;
+    let mut text_of_script = std::fs::read_to_string(&script).unwrap();
+    text_of_script.push_str("\n-- edited\n");
+    std::fs::write(&script, text_of_script).unwrap();
+    server.wait_for_log("script reloaded", 2);
+
+    let exit = server.stop_with("TERM");
+    assert!(exit.success(), "SIGTERM: {exit}");
+    let mut breaches = traced_breaches(&std::fs::read_to_string(&trace).unwrap(), binary, &allowed);
+    breaches.extend(traced_breaches(
+        &std::fs::read_to_string(&ctl_trace).unwrap(),
+        binary,
+        &allowed,
+    ));
+    assert!(
+        breaches.is_empty(),
+        "outside the unit's sandbox:\n{}",
+        breaches.join("\n")
+    );
 }
