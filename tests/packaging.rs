@@ -582,8 +582,8 @@ fn relocate(config_text: &str, dir: &Path) -> PathBuf {
             "{listen}"
         );
     }
-    let expected: Option<SocketAddr> = config.metrics.listen_addr();
-    assert!(expected.is_none_or(|addr| addr.ip().is_loopback() && addr.port() == 0));
+    let metrics: Option<SocketAddr> = config.metrics.listen_addr();
+    assert!(metrics.is_none_or(|addr| addr.ip().is_loopback() && addr.port() == 0));
     assert!(config.data_dir.starts_with(dir) && config.control.socket.starts_with(dir));
     std::fs::copy(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/default.lua"),
