@@ -23,8 +23,28 @@ use moonroute::server::core::CoreFactory;
 use moonroute::server::Server;
 use moonroute::transport::ListenAddr;
 
+/// `moonroute -V`: the version and the release of the embedded Lua (see build.rs).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (Lua ",
+    env!("MOONROUTE_LUA_RELEASE"),
+    ")"
+);
+
+/// `moonroute --version`: [`VERSION`], then the git commit it was built from when known.
+static LONG_VERSION: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| match env!("MOONROUTE_GIT_COMMIT") {
+        "" => VERSION.to_owned(),
+        commit => format!("{VERSION}\ncommit {commit}"),
+    });
+
 #[derive(Parser, Debug)]
-#[command(name = "moonroute", version, about = "A scriptable SIP server")]
+#[command(
+    name = "moonroute",
+    version = VERSION,
+    long_version = LONG_VERSION.as_str(),
+    about = "A scriptable SIP server"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
