@@ -12,7 +12,7 @@ use tracing_subscriber::EnvFilter;
 
 use std::time::{Duration, SystemTime};
 
-use moonroute::config::{Config, Overrides};
+use moonroute::config::{Config, LogFormat, Overrides};
 use moonroute::control::{ControlServer, Reply};
 use moonroute::proxy::RouteSigner;
 use moonroute::script::watch::ScriptWatcher;
@@ -126,6 +126,9 @@ struct RunArgs {
     /// The control socket for `moonroute ctl` (an empty value disables it).
     #[arg(long, value_name = "PATH")]
     control_socket: Option<PathBuf>,
+    /// Log line format: human (the default) or json (one object per line).
+    #[arg(long, value_name = "FORMAT")]
+    log_format: Option<LogFormat>,
 }
 
 impl RunArgs {
@@ -139,6 +142,7 @@ impl RunArgs {
             workers: self.workers,
             static_route: self.static_route,
             control_socket: self.control_socket,
+            log_format: self.log_format,
             ..Overrides::default()
         };
         (self.config, overrides)
@@ -174,7 +178,7 @@ fn run(args: RunArgs) -> Result<(), Box<dyn Error>> {
     };
     config.apply(overrides);
     config.validate()?;
-    init_logging(&config.log_level)?;
+    init_logging(&config.log_level, config.log_format)?;
 
     let host = ScriptHost::from_config(&config)?;
     // Record-Route signatures survive restarts: the key is `[auth] secret` or
@@ -406,21 +410,33 @@ fn control_handler(host: Arc<ScriptHost>) -> moonroute::control::Handler {
     )
 }
 
-/// Logs to stderr, filtered by `RUST_LOG` if set, else by the configured `log_level`.
-fn init_logging(log_level: &str) -> Result<(), Box<dyn Error>> {
+/// Logs to stderr, filtered by `RUST_LOG` if set, else by the configured `log_level`, as
+/// human-readable lines or (`log_format = "json"`) one JSON object per line: timestamp, level,
+/// target, the event's fields (top-level keys), and the current span's fields under `span` (the
+/// `sip` span's `call_id` on every line about one message).
+fn init_logging(log_level: &str, format: LogFormat) -> Result<(), Box<dyn Error>> {
     let filter = match std::env::var("RUST_LOG") {
         Ok(directives) if !directives.is_empty() => EnvFilter::try_new(&directives)
             .map_err(|error| format!("invalid RUST_LOG {directives:?}: {error}"))?,
         _ => EnvFilter::try_new(log_level)
             .map_err(|error| format!("invalid log_level {log_level:?}: {error}"))?,
     };
-    // Colour only for a person at a terminal: escape codes make log files and journals unreadable.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+        // Colour only for a person at a terminal: escape codes make log files and journals
+        // unreadable.
+        LogFormat::Human => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
     Ok(())
 }
 
