@@ -743,7 +743,8 @@ impl Relay {
         if let Some(call) = self.calls.get_mut(&server) {
             match event {
                 Event::Response(mut response) => {
-                    let provisional = response.status().is_some_and(|c| c < 200);
+                    let status = response.status().unwrap_or(0);
+                    let provisional = status < 200;
                     let keep = match call.handle {
                         Some(handle) => {
                             let sent_to = call
@@ -762,6 +763,7 @@ impl Relay {
                     call.context
                         .on_response(branch, response, now, &mut actions);
                     if provisional && !keep {
+                        info!(target: REFUSED, call_id = %call_id(&call.request), source = source.map(|meta| tracing::field::display(meta.source)), status, reason = "the routing script dropped it in on_reply (not forwarded upstream)", "response dropped");
                         // Dropped by the script: the branch still counts as Proceeding (CANCEL
                         // allowed, Timer C reset), only the upstream copy is withheld.
                         actions.retain(|a| !matches!(a, ContextAction::ForwardUpstream(r) if r.status().is_some_and(|c| c < 200)));
