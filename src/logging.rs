@@ -37,13 +37,15 @@ pub fn call_id(message: &Message) -> Lossy<'_> {
     Lossy(message.call_id().unwrap_or(b""))
 }
 
-/// The span of one message's processing: `sip{call_id=...}`. Disabled (and free) when the
-/// `info` level is off for this module.
+/// The span of one message's processing: `sip{call_id=...}`. At level ERROR so that it is
+/// enabled whatever `log_level` lets through (a span's level only decides whether the span
+/// exists, not which events inside it are shown): with `log_level = "warn"` the warnings
+/// about a message still carry its Call-ID. Off only with `log_level = "off"`.
 pub fn message_span(message: &Message) -> tracing::Span {
-    tracing::info_span!("sip", call_id = %call_id(message))
+    tracing::error_span!("sip", call_id = %call_id(message))
 }
 
 /// [`message_span`] for a Call-ID already extracted.
 pub fn call_span(call_id: &[u8]) -> tracing::Span {
-    tracing::info_span!("sip", call_id = %Lossy(call_id))
+    tracing::error_span!("sip", call_id = %Lossy(call_id))
 }

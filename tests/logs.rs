@@ -44,12 +44,16 @@ struct Server {
 }
 
 impl Server {
-    fn start(format: &str, level: &str) -> Server {
+    /// `port` 0: an ephemeral port, read from the `listening` line (which `level` must show).
+    fn start(format: &str, level: &str, port: u16) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let script = dir.path().join("route.lua");
         std::fs::write(&script, SCRIPT).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_moonroute"))
-            .args(["run", "--listen", "udp:127.0.0.1:0", "--workers", "1"])
+            .arg("run")
+            .arg("--listen")
+            .arg(format!("udp:127.0.0.1:{port}"))
+            .args(["--workers", "1"])
             .arg("--script")
             .arg(&script)
             .arg("--data-dir")
@@ -77,9 +81,12 @@ impl Server {
             child,
             lines,
             seen: Vec::new(),
-            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
             _dir: dir,
         };
+        if port != 0 {
+            return server;
+        }
         let listening = server.wait_for("the listening line", |l| {
             l.contains("listening") && l.contains("udp:127.0.0.1:")
         });
@@ -134,6 +141,37 @@ fn call_id_of(line: &Value) -> Option<&str> {
 
 fn parse(line: &str) -> Value {
     serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON object ({e}): {line}"))
+}
+
+/// Sends OPTIONS to the server (answered statelessly) until one is answered: it is up.
+/// Bounded: 50 probes, each waiting at most 200 ms for its answer.
+async fn wait_until_answering(server: SocketAddr) {
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let from = socket.local_addr().unwrap();
+    for n in 0..50 {
+        let probe = format!(
+            "OPTIONS sip:{server} SIP/2.0\r\n\
+             Via: SIP/2.0/UDP {from};branch=z9hG4bK-probe-{n}\r\n\
+             Max-Forwards: 70\r\n\
+             From: <sip:probe@127.0.0.1>;tag=p{n}\r\n\
+             To: <sip:{server}>\r\n\
+             Call-ID: probe-{n}\r\n\
+             CSeq: 1 OPTIONS\r\n\
+             Content-Length: 0\r\n\r\n"
+        );
+        // A refused send (nothing bound yet) is what is being waited out.
+        let _ = socket.send_to(probe.as_bytes(), server).await;
+        let mut buf = [0u8; 2048];
+        let answer = tokio::time::timeout(
+            std::time::Duration::from_millis(200),
+            socket.recv_from(&mut buf),
+        )
+        .await;
+        if matches!(answer, Ok(Ok(_))) {
+            return;
+        }
+    }
+    panic!("the server at {server} never answered OPTIONS");
 }
 
 /// A REGISTER of `ua`'s contact for `aor`, with `call_id`; returns the status.
@@ -191,7 +229,7 @@ async fn send_malformed(server: &mut Server, call_id: &str) -> Vec<String> {
 
 #[tokio::test]
 async fn json_lines_carry_the_call_id_and_one_refusal_line_per_malformed_message() {
-    let mut server = Server::start("json", "debug");
+    let mut server = Server::start("json", "debug", 0);
     let proxy = server.addr;
     let mut alice = TestUa::udp("alice").await.via_proxy(proxy);
     let mut bob = TestUa::udp("bob").await;
@@ -306,7 +344,21 @@ async fn json_lines_carry_the_call_id_and_one_refusal_line_per_malformed_message
 
 #[tokio::test]
 async fn human_lines_can_be_grepped_by_call_id() {
-    let mut server = Server::start("human", "info");
+    // Only warnings, the script's lines and the refusals: the `sip` span (and its Call-ID)
+    // is there whatever the level.
+    // A free port (the `listening` line is not shown at this level); the REGISTER is
+    // retransmitted until the server answers.
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut server = Server::start(
+        "human",
+        "warn,moonroute::script=info,moonroute::refused=info",
+        port,
+    );
+    wait_until_answering(server.addr).await;
     let proxy = server.addr;
     let mut bob = TestUa::udp("bob").await;
     assert_eq!(
