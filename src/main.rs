@@ -504,6 +504,8 @@ mod tests {
             "debug",
             "--workers",
             "2",
+            "--log-format",
+            "json",
         ])
         .unwrap();
         let Some(Command::Run(args)) = cli.command else {
@@ -523,6 +525,15 @@ mod tests {
         assert_eq!(overrides.data_dir, Some(PathBuf::from("d")));
         assert_eq!(overrides.log_level.as_deref(), Some("debug"));
         assert_eq!(overrides.workers, Some(2));
+        assert_eq!(overrides.log_format, Some(LogFormat::Json));
+    }
+
+    #[test]
+    fn an_unknown_log_format_is_rejected() {
+        let error = Cli::try_parse_from(["moonroute", "run", "--log-format", "xml"])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("expected human or json"), "{error}");
     }
 
     #[test]
