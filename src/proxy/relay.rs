@@ -763,7 +763,7 @@ impl Relay {
                     call.context
                         .on_response(branch, response, now, &mut actions);
                     if provisional && !keep {
-                        info!(target: REFUSED, call_id = %call_id(&call.request), source = source.map(|meta| tracing::field::display(meta.source)), status, reason = "the routing script dropped it in on_reply (not forwarded upstream)", "response dropped");
+                        info!(target: REFUSED, call_id = %call_id(&call.request), source = source.map(|meta| tracing::field::display(meta.source)), transport = source.map(|meta| tracing::field::display(meta.kind)), status, reason = "the routing script dropped it in on_reply (not forwarded upstream)", "response dropped");
                         // Dropped by the script: the branch still counts as Proceeding (CANCEL
                         // allowed, Timer C reset), only the upstream copy is withheld.
                         actions.retain(|a| !matches!(a, ContextAction::ForwardUpstream(r) if r.status().is_some_and(|c| c < 200)));
