@@ -1,6 +1,7 @@
 //! What the Lua engine costs per request: `ScriptRouter::route` (the `on_request` hook with a
 //! userdata request, per-transaction vars and the decision read back) for a proxy script in
-//! the style of bench/relay.lua, and for the smallest possible script as a floor.
+//! the style of bench/relay.lua, and for the smallest possible script as a floor; and what a
+//! `sip.metrics` counter adds to the floor, cached at top level or looked up per call.
 //!
 //! Run with `cargo bench --bench script -- --warm-up-time 1 --measurement-time 3`.
 
@@ -42,6 +43,20 @@ end
 
 const MINIMAL: &str = "function on_request(req) return req:drop() end";
 
+/// `sip.metrics`: a handle created at top level and incremented in the hook (the documented
+/// way), against the same counter looked up in every call.
+const METRICS_CACHED: &str = r#"
+local seen = sip.metrics.counter("bench_requests_total", {dir = "in"})
+function on_request(req) seen:inc() return req:drop() end
+"#;
+
+const METRICS_LOOKUP: &str = r#"
+function on_request(req)
+  sip.metrics.counter("bench_requests_total", {dir = "in"}):inc()
+  return req:drop()
+end
+"#;
+
 fn router(dir: &tempfile::TempDir, name: &str, text: &str) -> ScriptRouter {
     let path = dir.path().join(name);
     std::fs::File::create(&path)
@@ -65,7 +80,12 @@ fn bench(c: &mut Criterion) {
     };
     let mut group = c.benchmark_group("script");
     group.throughput(Throughput::Elements(1));
-    for (name, text) in [("proxy", PROXY), ("minimal", MINIMAL)] {
+    for (name, text) in [
+        ("proxy", PROXY),
+        ("minimal", MINIMAL),
+        ("metrics_cached", METRICS_CACHED),
+        ("metrics_lookup", METRICS_LOOKUP),
+    ] {
         let mut router = router(&dir, &format!("{name}.lua"), text);
         group.bench_function(format!("route_{name}"), |b| {
             b.iter(|| {

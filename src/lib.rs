@@ -6,6 +6,7 @@ pub mod control;
 pub mod dns;
 pub mod flood;
 pub mod location;
+pub mod logging;
 pub mod metrics;
 pub mod nat;
 pub mod proxy;

@@ -12,7 +12,7 @@ use tracing_subscriber::EnvFilter;
 
 use std::time::{Duration, SystemTime};
 
-use moonroute::config::{Config, Overrides};
+use moonroute::config::{Config, LogFormat, Overrides};
 use moonroute::control::{ControlServer, Reply};
 use moonroute::metrics::http::MetricsEndpoint;
 use moonroute::metrics::EngineMetrics;
@@ -153,6 +153,9 @@ struct RunArgs {
     /// empty value turns the endpoint off).
     #[arg(long, value_name = "IP:PORT")]
     metrics_listen: Option<String>,
+    /// Log line format: human (the default) or json (one object per line).
+    #[arg(long, value_name = "FORMAT")]
+    log_format: Option<LogFormat>,
 }
 
 impl RunArgs {
@@ -167,6 +170,7 @@ impl RunArgs {
             static_route: self.static_route,
             control_socket: self.control_socket,
             metrics_listen: self.metrics_listen,
+            log_format: self.log_format,
             ..Overrides::default()
         };
         (self.config, overrides)
@@ -202,7 +206,7 @@ fn run(args: RunArgs) -> Result<(), Box<dyn Error>> {
     };
     config.apply(overrides);
     config.validate()?;
-    init_logging(&config.log_level)?;
+    init_logging(&config.log_level, config.log_format)?;
 
     let host = ScriptHost::from_config(&config)?;
     // Record-Route signatures survive restarts: the key is `[auth] secret` or
@@ -468,21 +472,33 @@ fn uptime_text(uptime: Duration) -> String {
     format!("{text}{minutes}m {seconds}s ({secs} s)")
 }
 
-/// Logs to stderr, filtered by `RUST_LOG` if set, else by the configured `log_level`.
-fn init_logging(log_level: &str) -> Result<(), Box<dyn Error>> {
+/// Logs to stderr, filtered by `RUST_LOG` if set, else by the configured `log_level`, as
+/// human-readable lines or (`log_format = "json"`) one JSON object per line: timestamp, level,
+/// target, the event's fields (top-level keys), and the current span's fields under `span` (the
+/// `sip` span's `call_id` on every line about one message).
+fn init_logging(log_level: &str, format: LogFormat) -> Result<(), Box<dyn Error>> {
     let filter = match std::env::var("RUST_LOG") {
         Ok(directives) if !directives.is_empty() => EnvFilter::try_new(&directives)
             .map_err(|error| format!("invalid RUST_LOG {directives:?}: {error}"))?,
         _ => EnvFilter::try_new(log_level)
             .map_err(|error| format!("invalid log_level {log_level:?}: {error}"))?,
     };
-    // Colour only for a person at a terminal: escape codes make log files and journals unreadable.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+        // Colour only for a person at a terminal: escape codes make log files and journals
+        // unreadable.
+        LogFormat::Human => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
     Ok(())
 }
 
@@ -550,6 +566,8 @@ mod tests {
             "debug",
             "--workers",
             "2",
+            "--log-format",
+            "json",
         ])
         .unwrap();
         let Some(Command::Run(args)) = cli.command else {
@@ -569,6 +587,15 @@ mod tests {
         assert_eq!(overrides.data_dir, Some(PathBuf::from("d")));
         assert_eq!(overrides.log_level.as_deref(), Some("debug"));
         assert_eq!(overrides.workers, Some(2));
+        assert_eq!(overrides.log_format, Some(LogFormat::Json));
+    }
+
+    #[test]
+    fn an_unknown_log_format_is_rejected() {
+        let error = Cli::try_parse_from(["moonroute", "run", "--log-format", "xml"])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("expected human or json"), "{error}");
     }
 
     #[test]

@@ -38,6 +38,7 @@ use super::router::{
     BranchEdit, Decision, FailureDecision, ReplySource, RouteHandle, RouteInfo, Routed, Router,
 };
 use crate::dns::{self, Candidate, ResolveError};
+use crate::logging::{call_id, REFUSED};
 use crate::sip::{Message, Method, ResponseBuilder};
 use crate::transaction::client_invite::cancel_for;
 use crate::transaction::layer::{LayerOutput, TransactionLayer, TxId};
@@ -487,7 +488,7 @@ impl Relay {
                 record_route,
             } => self.forward_stateless(request, target, record_route, meta, out),
             Decision::Drop | Decision::Relay { .. } | Decision::Resolve { .. } => {
-                debug!(call_id = %String::from_utf8_lossy(request.call_id().unwrap_or(b"")), "dropping request as the router decided");
+                info!(target: REFUSED, call_id = %call_id(request), source = %meta.source, transport = %meta.kind, reason = "the routing script dropped it (no answer sent)", "request dropped");
             }
         }
         layer.abandon_server(tx);
@@ -510,7 +511,7 @@ impl Relay {
             destination.as_ref()?;
             request.request_uri_bytes().map(|u| request.share(u))
         }) else {
-            return debug!("not forwarding a request addressed to this proxy");
+            return info!(target: REFUSED, call_id = %call_id(request), source = %meta.source, transport = %meta.kind, reason = "addressed to this proxy with no Route to follow: nothing to forward it to", "request dropped");
         };
         let forward = StatelessForward {
             request: request.clone(),
@@ -541,7 +542,9 @@ impl Relay {
         let query = query_of(&hop);
         match dns::numeric(&query) {
             Some(Ok(candidates)) => self.send_stateless(&forward, Some(first), &candidates, out),
-            Some(Err(error)) => info!(%error, "cannot forward statelessly"),
+            Some(Err(error)) => {
+                forward_failed(&forward, destination.as_deref(), &error.to_string())
+            }
             None => {
                 // Too many lookups in flight: already logged, and the sender retransmits.
                 let _ = self.ask_resolve(query, Resolving::Forward(Box::new(forward)));
@@ -666,17 +669,21 @@ impl Relay {
         layer: &mut TransactionLayer,
         out: &mut Vec<LayerOutput>,
     ) {
+        let dropped = |ack: &Message, reason: &str| {
+            info!(target: REFUSED, call_id = %call_id(ack), source = %meta.source, transport = %meta.kind, reason, "ACK dropped");
+        };
         if detect_loop(&ack, &self.me) {
-            debug!("dropping looped ACK");
-            return;
+            return dropped(
+                &ack,
+                "loop detected (RFC 3261 §16.3 item 4); an ACK is never answered",
+            );
         }
         let Some(info) = self.preprocess(&mut ack) else {
-            return;
+            return dropped(&ack, "its Route set cannot be processed");
         };
         let for_me = ack.request_uri().is_ok_and(|u| self.me.is_myself(&u));
         if for_me && ack.routes().next().is_none() {
-            debug!("absorbing ACK addressed to this proxy");
-            return;
+            return dropped(&ack, "addressed to this proxy with no Route: it acknowledges no transaction or dialog here");
         }
         let routed = self.router.route(&mut ack, &meta, info);
         self.after_route(Purpose::Ack, ack, meta, routed, now, layer, out);
@@ -702,7 +709,7 @@ impl Relay {
                 record_route,
             } => (target, record_route),
             Decision::Reply { .. } | Decision::Drop | Decision::Resolve { .. } => {
-                return debug!("dropping ACK as the router decided");
+                return info!(target: REFUSED, call_id = %call_id(ack), source = %meta.source, transport = %meta.kind, reason = "the routing script dropped it", "ACK dropped");
             }
         };
         self.forward_stateless(ack, target, record_route, meta, out);
@@ -736,7 +743,8 @@ impl Relay {
         if let Some(call) = self.calls.get_mut(&server) {
             match event {
                 Event::Response(mut response) => {
-                    let provisional = response.status().is_some_and(|c| c < 200);
+                    let status = response.status().unwrap_or(0);
+                    let provisional = status < 200;
                     let keep = match call.handle {
                         Some(handle) => {
                             let sent_to = call
@@ -755,6 +763,7 @@ impl Relay {
                     call.context
                         .on_response(branch, response, now, &mut actions);
                     if provisional && !keep {
+                        info!(target: REFUSED, call_id = %call_id(&call.request), source = source.map(|meta| tracing::field::display(meta.source)), transport = source.map(|meta| tracing::field::display(meta.kind)), status, reason = "the routing script dropped it in on_reply (not forwarded upstream)", "response dropped");
                         // Dropped by the script: the branch still counts as Proceeding (CANCEL
                         // allowed, Timer C reset), only the upstream copy is withheld.
                         actions.retain(|a| !matches!(a, ContextAction::ForwardUpstream(r) if r.status().is_some_and(|c| c < 200)));
@@ -815,9 +824,12 @@ impl Relay {
             }
             self.timer_c_queue.pop();
             let mut actions = Vec::new();
+            let mut span = None;
             if let Some(call) = self.calls.get_mut(&server) {
+                span = Some(crate::logging::message_span(&call.request));
                 call.context.on_timer_c(BranchId(branch), now, &mut actions);
             }
+            let _entered = span.as_ref().map(tracing::Span::enter);
             self.apply(server, actions, now, layer, out);
         }
     }
@@ -1152,7 +1164,7 @@ impl Relay {
         now: Instant,
         layer: &mut TransactionLayer,
         out: &mut Vec<LayerOutput>,
-    ) -> Option<(TxId, Message, Handled)> {
+    ) -> Option<(TxId, Message, Meta, Handled)> {
         match self.resolving.remove(&id) {
             None => None,
             Some(Resolving::Route(suspended)) => {
@@ -1169,7 +1181,8 @@ impl Relay {
                 };
                 let original = request.clone();
                 let handled = self.after_route(purpose, request, meta, routed, now, layer, out);
-                tx.zip(handled).map(|(tx, handled)| (tx, original, handled))
+                tx.zip(handled)
+                    .map(|(tx, handled)| (tx, original, meta, handled))
             }
             Some(Resolving::Forward(forward)) => match result {
                 Ok(candidates) => {
@@ -1382,9 +1395,29 @@ fn query_of(hop: &NextHop) -> dns::Query {
     }
 }
 
+/// The one line of a stateless forward (§16.11: an ACK for a 2xx, or the script's `forward`)
+/// that could not be sent: the message is dropped.
 fn forward_failed(forward: &StatelessForward, destination: Option<&[u8]>, reason: &str) {
     let to = destination.unwrap_or(&forward.uri);
-    info!(target = %String::from_utf8_lossy(to), reason, "cannot forward statelessly");
+    info!(target: REFUSED, call_id = %call_id(&forward.request), to = %String::from_utf8_lossy(to), reason = %format_args!("cannot forward statelessly: {reason}"), "message dropped");
+}
+
+impl Relay {
+    /// The Call-ID of the request DNS answer `id` resumes (for its log span).
+    pub fn call_id_of_resolution(&self, id: u64) -> Option<&[u8]> {
+        let request = match self.resolving.get(&id)? {
+            Resolving::Branch { server, .. } => &self.calls.get(server)?.request,
+            Resolving::Forward(forward) => &forward.request,
+            Resolving::Route(suspended) => &suspended.request,
+        };
+        request.call_id().ok()
+    }
+
+    /// The Call-ID of the request a client transaction (a branch) carries.
+    pub fn call_id_of_client(&self, client: TxId) -> Option<&[u8]> {
+        let (server, _) = self.branch_of.get(&client)?;
+        self.calls.get(server)?.request.call_id().ok()
+    }
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -27,6 +28,7 @@ use tracing::{debug, error, info, warn};
 use super::api::{Role, ScriptMsg};
 use super::engine::{Engine, Env, Limits, LogSink, ScriptError, ScriptSource, Step};
 use super::Services;
+use crate::metrics::{Counter, Gauge, Histogram, Registry, DURATION_BUCKETS};
 use crate::proxy::response_context::Target;
 use crate::proxy::router::{
     BranchEdit, Decision, FailureDecision, ReplySource, RouteHandle, RouteInfo, Routed, Router,
@@ -44,8 +46,86 @@ pub struct ScriptHost {
     current: Mutex<Arc<ScriptSource>>,
     /// The current version number, read by every loop before each request (one atomic load).
     version: AtomicU64,
-    reloads: AtomicU64,
-    failed_reloads: AtomicU64,
+    /// `moonroute_script_reloads_total`, `moonroute_script_reload_failures_total`.
+    reloads: Counter,
+    failed_reloads: Counter,
+    /// `moonroute_script_version`.
+    version_gauge: Gauge,
+    /// Calls, errors and duration of each hook.
+    hook_metrics: HookMetrics,
+}
+
+/// The hooks whose calls are counted and timed, in [`HookMetrics`] order.
+const HOOKS: [&str; 4] = ["on_request", "on_reply", "on_failure", "on_branch"];
+
+/// `moonroute_script_hook_calls_total{hook}`, `..._errors_total{hook}` and
+/// `moonroute_script_hook_duration_seconds{hook}`, resolved once per hook so a call costs
+/// three relaxed atomic updates and two clock reads.
+pub(crate) struct HookMetrics([HookCells; 4]);
+
+/// The metric handles of one hook.
+pub(crate) struct HookCells {
+    /// The hook's name, for its log lines.
+    name: &'static str,
+    calls: Counter,
+    errors: Counter,
+    duration: Histogram,
+}
+
+impl HookMetrics {
+    fn new(registry: &Registry) -> HookMetrics {
+        let calls = registry
+            .counter_family(
+                "moonroute_script_hook_calls_total",
+                "Calls of each script hook.",
+                &["hook"],
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+        let errors = registry
+            .counter_family(
+                "moonroute_script_hook_errors_total",
+                "Script hook calls that failed: Lua errors, instruction budget or memory limit exhausted.",
+                &["hook"],
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+        let duration = registry
+            .histogram_family(
+                "moonroute_script_hook_duration_seconds",
+                "Time spent in each script hook call.",
+                &["hook"],
+                DURATION_BUCKETS,
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+        HookMetrics(HOOKS.map(|hook| HookCells {
+            name: hook,
+            calls: calls.with(&[hook]),
+            errors: errors.with(&[hook]),
+            duration: duration.with(&[hook]),
+        }))
+    }
+
+    /// The handles of hook `name` (one of [`HOOKS`]).
+    pub(crate) fn of(&self, name: &str) -> &HookCells {
+        let index = HOOKS.iter().position(|h| *h == name).unwrap_or(0);
+        &self.0[index]
+    }
+}
+
+impl HookCells {
+    /// One finished call (or slice, for a hook resumed after `sip.resolve`) of the hook.
+    fn record(&self, started: Instant, failed: bool, new_call: bool) {
+        if new_call {
+            self.calls.inc();
+        }
+        if failed {
+            self.errors.inc();
+        }
+        self.duration.observe_duration(elapsed_since(started));
+    }
+}
+
+fn elapsed_since(started: Instant) -> Duration {
+    Instant::now().saturating_duration_since(started)
 }
 
 impl ScriptHost {
@@ -56,6 +136,20 @@ impl ScriptHost {
         services: Arc<Services>,
         domains: &[String],
     ) -> Result<Arc<ScriptHost>, ScriptError> {
+        let registry = &services.metrics;
+        let reloads = registry.counter(
+            "moonroute_script_reloads_total",
+            "Script reloads accepted since start.",
+        );
+        let failed_reloads = registry.counter(
+            "moonroute_script_reload_failures_total",
+            "Script reloads refused since start (the running version kept serving).",
+        );
+        let version_gauge = registry.gauge(
+            "moonroute_script_version",
+            "Version number of the script serving new requests (1 at start, +1 per accepted reload).",
+        );
+        let hook_metrics = HookMetrics::new(registry);
         let host = ScriptHost {
             path: path.to_owned(),
             limits,
@@ -67,8 +161,10 @@ impl ScriptHost {
                 version: 0,
             })),
             version: AtomicU64::new(0),
-            reloads: AtomicU64::new(0),
-            failed_reloads: AtomicU64::new(0),
+            reloads,
+            failed_reloads,
+            version_gauge,
+            hook_metrics,
         };
         let source = host.read_and_check(1)?;
         host.publish(source);
@@ -124,7 +220,7 @@ impl ScriptHost {
         match self.read_and_check(next) {
             Ok(source) => {
                 self.publish(source);
-                self.reloads.fetch_add(1, Ordering::Relaxed);
+                self.reloads.inc();
                 info!(
                     script = %self.path.display(),
                     version = next,
@@ -134,7 +230,7 @@ impl ScriptHost {
                 Ok(next)
             }
             Err(e) => {
-                self.failed_reloads.fetch_add(1, Ordering::Relaxed);
+                self.failed_reloads.inc();
                 error!(error = %e, version = self.version(), "script refused; the running version keeps serving");
                 Err(e)
             }
@@ -147,10 +243,7 @@ impl ScriptHost {
 
     /// Accepted and refused reloads since start.
     pub fn reload_counts(&self) -> (u64, u64) {
-        (
-            self.reloads.load(Ordering::Relaxed),
-            self.failed_reloads.load(Ordering::Relaxed),
-        )
+        (self.reloads.get(), self.failed_reloads.get())
     }
 
     pub fn path(&self) -> &Path {
@@ -196,6 +289,7 @@ impl ScriptHost {
         let version = source.version;
         *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(source);
         self.version.store(version, Ordering::Release);
+        self.version_gauge.set(version as f64);
     }
 }
 
@@ -424,7 +518,12 @@ impl Router for ScriptRouter {
             return Decision::reply(500, "Server Internal Error (script out of memory)").into();
         };
         let taken = std::mem::replace(request, self.placeholder.clone());
+        let started = Instant::now();
         let run = run_request_hook(&engine, taken, meta, info, vars.clone());
+        self.host
+            .hook_metrics
+            .of("on_request")
+            .record(started, run_failed(&run), true);
         self.conclude(engine, vars, run, method, request, (None, 0))
     }
 
@@ -445,7 +544,12 @@ impl Router for ScriptRouter {
         let vars = pinned.vars.clone();
         let resolves = suspension.resolves;
         let method = suspension.method.clone();
+        let started = Instant::now();
         let run = resume_request_hook(&engine, suspension.thread, suspension.request, &answer);
+        self.host
+            .hook_metrics
+            .of("on_request")
+            .record(started, run_failed(&run), false);
         self.conclude(engine, vars, run, method, request, (Some(handle), resolves))
     }
 
@@ -458,7 +562,14 @@ impl Router for ScriptRouter {
             return BranchEdit::Unchanged;
         }
         let pair = [(request.clone(), Role::View), (copy, Role::Branch)];
-        match call_pair(&engine, &hook, &vars, pair, "on_branch", request) {
+        match call_pair(
+            &engine,
+            &hook,
+            &vars,
+            pair,
+            request,
+            self.host.hook_metrics.of("on_branch"),
+        ) {
             Some([_, b]) if b.dropped => BranchEdit::Skip,
             Some([_, b]) if b.edited => BranchEdit::Edited(b.msg),
             _ => BranchEdit::Unchanged,
@@ -490,8 +601,8 @@ impl Router for ScriptRouter {
             &vars,
             pair,
             with_source,
-            "on_reply",
             request,
+            self.host.hook_metrics.of("on_reply"),
         ) {
             dropped = res.dropped;
             if res.edited {
@@ -520,7 +631,14 @@ impl Router for ScriptRouter {
             (request.clone(), Role::Failure),
             (best.clone(), Role::Response),
         ];
-        match call_pair(&engine, &hook, &vars, pair, "on_failure", request) {
+        match call_pair(
+            &engine,
+            &hook,
+            &vars,
+            pair,
+            request,
+            self.host.hook_metrics.of("on_failure"),
+        ) {
             Some(
                 [ScriptMsg {
                     decision: Some((Decision::Relay { targets, .. }, _)),
@@ -621,10 +739,10 @@ fn call_pair(
     hook: &Function,
     vars: &Table,
     messages: [(Message, Role); 2],
-    name: &str,
     request: &Message,
+    metrics: &HookCells,
 ) -> Option<[ScriptMsg; 2]> {
-    call_pair_with(engine, hook, vars, messages, |_| {}, name, request)
+    call_pair_with(engine, hook, vars, messages, |_| {}, request, metrics)
 }
 
 /// [`call_pair`], with `prepare` filling in the second message object before the call (the
@@ -635,9 +753,10 @@ fn call_pair_with(
     vars: &Table,
     messages: [(Message, Role); 2],
     prepare: impl FnOnce(&mut ScriptMsg),
-    name: &str,
     request: &Message,
+    metrics: &HookCells,
 ) -> Option<[ScriptMsg; 2]> {
+    let name = metrics.name;
     let lua = engine.lua();
     let [(msg_a, role_a), (msg_b, role_b)] = messages;
     let mut a = ScriptMsg::new(msg_a, role_a);
@@ -647,11 +766,19 @@ fn call_pair_with(
     prepare(&mut b);
     let [a, b] = [a, b].map(|state| lua.create_userdata(state));
     let (a, b) = (a.ok()?, b.ok()?);
-    if let Err(e) = engine.call(hook, (a.clone(), b.clone())) {
+    let started = Instant::now();
+    let result = engine.call(hook, (a.clone(), b.clone()));
+    metrics.record(started, result.is_err(), true);
+    if let Err(e) = result {
         error!(call_id = %call_id(request), error = %e, hook = name, "hook failed; the engine's default applies");
         return None;
     }
     Some([a.take::<ScriptMsg>().ok()?, b.take::<ScriptMsg>().ok()?])
+}
+
+/// Whether an `on_request` run ended in a Lua error (budget and memory exhaustion included).
+fn run_failed(run: &Result<RequestRun, ScriptError>) -> bool {
+    matches!(run, Err(_) | Ok(RequestRun::Done(_, Err(_))))
 }
 
 /// What happens to a request the script neither answered nor relayed: an ACK is dropped (it is

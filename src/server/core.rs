@@ -21,6 +21,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::location::{CommitState, CommitTicket, LocationStore};
+use crate::logging::{self, Lossy, REFUSED};
 use crate::metrics::EngineMetrics;
 use crate::nat::keepalive::{self, Action as KeepaliveAction, Peer, Scheduler, Settings};
 use crate::proxy::relay::{owner_of_branch, Handled, Relay};
@@ -297,6 +298,9 @@ pub struct Core {
     keepalive: Option<Keepalives>,
     /// Requests and responses received, parse errors (the server's handles, shared).
     metrics: Arc<EngineMetrics>,
+    /// Set while timers or transport failures (not a received message) drive the layer: the
+    /// branch events they cause enter their request's log span themselves.
+    timer_driven: bool,
 }
 
 /// The keep-alives one loop sends: the schedule, and the store it reads and prunes.
@@ -319,9 +323,11 @@ impl Worker for Core {
                     keepalive.scheduler.on_unreachable(kind, addr);
                 }
                 let mut pending = std::mem::take(&mut self.pending);
+                self.timer_driven = true;
                 self.relay
                     .on_unreachable(kind, addr, &mut self.transactions, &mut pending);
                 self.drain(pending, now, out);
+                self.timer_driven = false;
             }
             Input::Wake => {
                 let mut pending = std::mem::take(&mut self.pending);
@@ -329,12 +335,15 @@ impl Worker for Core {
                 self.drain(pending, now, out);
             }
             Input::Resolved { id, result } => {
+                // A DNS answer resumes one message's routing: its lines carry that Call-ID.
+                let span = self.relay.call_id_of_resolution(id).map(logging::call_span);
+                let _entered = span.as_ref().map(tracing::Span::enter);
                 let mut pending = std::mem::take(&mut self.pending);
                 let owed =
                     self.relay
                         .on_resolved(id, result, now, &mut self.transactions, &mut pending);
-                if let Some((tx, request, handled)) = owed {
-                    self.answer_if_asked(tx, &request, handled, now, &mut pending);
+                if let Some((tx, request, meta, handled)) = owed {
+                    self.answer_if_asked(tx, &request, &meta, handled, now, &mut pending);
                 }
                 self.drain(pending, now, out);
             }
@@ -355,11 +364,13 @@ impl Worker for Core {
 
     fn on_timer(&mut self, now: Instant, out: &mut Vec<Output>) {
         let mut pending = std::mem::take(&mut self.pending);
+        self.timer_driven = true;
         self.transactions.on_timer(now, &mut pending);
         self.relay
             .on_timer(now, &mut self.transactions, &mut pending);
         self.release_parked(now, &mut pending);
         self.drain(pending, now, out);
+        self.timer_driven = false;
         self.keepalive_round(now, out);
     }
 
@@ -408,6 +419,7 @@ impl Core {
             wake: Arc::new(Notify::new()),
             force_rport: false,
             keepalive: None,
+            timer_driven: false,
             max_backlog: crate::config::Limits::default().max_backlog,
             max_receive_lag: crate::config::Limits::default().max_receive_lag(),
             receive_lag: Duration::ZERO,
@@ -464,6 +476,10 @@ impl Core {
                 return self.refuse_unparsable(data, e, &meta, out);
             }
         };
+        // Everything logged about this message, down to the script's `sip.log`, carries its
+        // Call-ID (see `crate::logging`).
+        let span = logging::message_span(&msg);
+        let _entered = span.enter();
         if msg.is_response() {
             if let Some(owner) = self.owner_elsewhere(&msg) {
                 // The kernel picked this loop for the flow; the transaction lives in `owner`
@@ -638,7 +654,7 @@ impl Core {
                     &mut self.transactions,
                     next,
                 );
-                self.answer_if_asked(tx, &request, handled, now, next);
+                self.answer_if_asked(tx, &request, &meta, handled, now, next);
             }
             Upcall::Cancel {
                 tx,
@@ -666,13 +682,20 @@ impl Core {
                     &mut self.transactions,
                     next,
                 );
-                self.answer_if_asked(tx, &request, handled, now, next);
+                self.answer_if_asked(tx, &request, &meta, handled, now, next);
             }
             Upcall::Ack { request, meta } => {
                 self.relay
                     .forward_ack(request, meta, now, &mut self.transactions, next)
             }
             Upcall::Client { tx, event, source } => {
+                // A timer's event (Timer B/F, a transport failure) runs outside any message's
+                // span: enter the span of the request the branch carries.
+                let span = match self.timer_driven {
+                    true => self.relay.call_id_of_client(tx).map(logging::call_span),
+                    false => None,
+                };
+                let _entered = span.as_ref().map(tracing::Span::enter);
                 self.relay
                     .on_client_event(tx, event, source, now, &mut self.transactions, next)
             }
@@ -689,6 +712,7 @@ impl Core {
         &mut self,
         tx: TxId,
         request: &Message,
+        meta: &Meta,
         handled: Handled,
         now: Instant,
         next: &mut Vec<LayerOutput>,
@@ -703,7 +727,13 @@ impl Core {
         else {
             return;
         };
-        info!(call_id = %Lossy(request.call_id().unwrap_or(b"")), code, %reason, "answering request");
+        // A refusal the router decided gets the one `moonroute::refused` line; answers that are
+        // routine (2xx, the 401/407 of digest authentication) stay at debug.
+        if code >= 300 && code != 401 && code != 407 {
+            info!(target: REFUSED, call_id = %logging::call_id(request), source = %meta.source, transport = %meta.kind, code, reason = %format_args!("answered {code} {reason}"), "request refused");
+        } else {
+            debug!(code, %reason, "answering request");
+        }
         let mut extra: Vec<(&str, &str)> = headers
             .iter()
             .map(|(name, value)| (name.as_str(), value.as_str()))
@@ -809,17 +839,21 @@ impl Core {
             Uri::parse(uri.as_bytes()).is_ok_and(|u| self.identity.is_myself(&u))
         });
         let ours = ours && is_our_stateless_branch(&response);
+        let status = response.status().unwrap_or(0);
+        let dropped = |response: &Message, reason: &str| {
+            info!(target: REFUSED, call_id = %logging::call_id(response), source = %meta.source, transport = %meta.kind, status, reason, "response dropped");
+        };
         if !ours || !matches!(response.remove_first_value(HeaderName::Via), Ok(true)) {
-            debug!(source = %meta.source, status = response.status(), "dropping response: no transaction");
-            return;
+            return dropped(&response, "no transaction matches it and its top Via is not a stateless forward of this server");
         }
         let Ok(via) = response.top_via() else {
-            debug!(source = %meta.source, "dropping response addressed to this server");
-            return;
+            return dropped(
+                &response,
+                "addressed to this server, which sent no such request",
+            );
         };
         let Some(dest) = stateless_response_destination(&via) else {
-            debug!(source = %meta.source, "dropping response: its Via names no address");
-            return;
+            return dropped(&response, "its next Via names no address to forward it to");
         };
         next.push(LayerOutput::Send {
             dest,
@@ -839,7 +873,7 @@ impl Core {
                 reason,
                 unsupported,
             } = refusal;
-            info!(%call_id, %method, source = %meta.source, code, reason, "refusing request");
+            info!(target: REFUSED, %call_id, %method, source = %meta.source, transport = %meta.kind, code, reason, "request refused");
             let extra: &[(&str, &str)] = match &unsupported {
                 Some(tags) => &[("Unsupported", tags.as_str())],
                 None if code == 501 => &[("Allow", ALLOW)],
@@ -907,19 +941,25 @@ impl Core {
         match Message::salvage_request(data) {
             Some(req) => self.refuse(&req, error, meta, out),
             None => {
-                warn!(source = %meta.source, transport = %meta.kind, %error, "dropping unparsable message: no answer can be routed")
+                warn!(target: REFUSED, source = %meta.source, transport = %meta.kind, reason = %format_args!("unparsable ({error}); no answer can be routed"), "message dropped")
             }
         }
     }
 
     fn refuse(&self, req: &Message, error: ParseError, meta: &Meta, out: &mut Vec<Output>) {
+        let call_id = req.call_id().ok().map(Lossy);
+        let call_id = call_id.as_ref().map(tracing::field::display);
         if req.method() == Some(&Method::Ack) {
-            warn!(source = %meta.source, %error, "dropping malformed ACK (never answered)");
+            warn!(target: REFUSED, call_id, source = %meta.source, transport = %meta.kind, reason = %format_args!("malformed ACK ({error}); an ACK is never answered"), "message dropped");
             return;
         }
         let code = error.status();
         let reason = refusal_reason(&error);
-        info!(source = %meta.source, transport = %meta.kind, code, %error, "refusing malformed request");
+        if req.top_via().is_err() {
+            warn!(target: REFUSED, call_id, source = %meta.source, transport = %meta.kind, %reason, "message dropped: no Via to answer to");
+            return;
+        }
+        info!(target: REFUSED, call_id, source = %meta.source, transport = %meta.kind, code, %reason, "request refused");
         self.reply(req, meta, code, &reason, &[], out);
     }
 
@@ -944,10 +984,12 @@ impl Core {
         };
         match (code, Message::salvage_request(head)) {
             (0, _) | (_, None) => {
-                warn!(source = %meta.source, %error, "closing stream: framing lost, no answer possible")
+                warn!(target: REFUSED, source = %meta.source, transport = %meta.kind, reason = %format_args!("stream framing lost ({error}); no answer possible, connection closed"), "message dropped")
             }
             (code, Some(req)) => {
-                info!(source = %meta.source, code, %error, "refusing stream message and closing");
+                let call_id = req.call_id().ok().map(Lossy);
+                let call_id = call_id.as_ref().map(tracing::field::display);
+                info!(target: REFUSED, call_id, source = %meta.source, transport = %meta.kind, code, reason = %format_args!("{reason}; connection closed"), "request refused");
                 self.reply(&req, meta, code, &reason, &[], out);
             }
         }
@@ -1065,15 +1107,6 @@ fn unsupported_option_tags(req: &Message) -> Option<String> {
         list.push_str(&String::from_utf8_lossy(tag));
     }
     (!list.is_empty()).then_some(list)
-}
-
-/// Bytes from the wire shown in a log field, formatted only if the event is recorded.
-struct Lossy<'a>(&'a [u8]);
-
-impl std::fmt::Display for Lossy<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&String::from_utf8_lossy(self.0))
-    }
 }
 
 /// A reason phrase that names the problem, e.g. "Bad Request (CSeq: method does not match the

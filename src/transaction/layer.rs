@@ -21,6 +21,7 @@ use super::key::{ClientKey, ServerKey};
 use super::server_invite::InviteServer;
 use super::server_non_invite::NonInviteServer;
 use super::{Action, Event, Timer, TimerValues};
+use crate::logging::{call_id, REFUSED};
 use crate::metrics::engine::{OverloadReason, TransactionKind, TransactionMetrics};
 use crate::sip::{Message, Method, ResponseBuilder};
 use crate::transport::{response_destination, Destination, Meta};
@@ -249,7 +250,7 @@ impl TransactionLayer {
         let key = match ServerKey::of_request(&request) {
             Ok(key) => key,
             Err(error) => {
-                warn!(source = %meta.source, %error, "dropping request that cannot be matched");
+                warn!(target: REFUSED, call_id = %call_id(&request), source = %meta.source, transport = %meta.kind, reason = %format_args!("no transaction key can be built ({error})"), "message dropped");
                 return;
             }
         };
@@ -356,15 +357,19 @@ impl TransactionLayer {
         let Ok(via) = request.top_via() else { return };
         self.overload_refusals += 1;
         self.metrics.overloaded(OverloadReason::MaxTransactions);
-        // One line per thousand refusals: under overload the log must not add to the load.
-        if self.overload_refusals % 1000 == 1 {
-            warn!(
-                source = %meta.source,
-                live = self.live(),
-                refused_so_far = self.overload_refusals,
-                "transaction cap reached: answering 503 with Retry-After"
-            );
-        }
+        // One line per refused request, as for any refusal (`moonroute::refused=error` in
+        // `log_level` silences them when the log itself would add to the load).
+        warn!(
+            target: REFUSED,
+            call_id = %call_id(request),
+            source = %meta.source,
+            transport = %meta.kind,
+            code = 503,
+            live = self.live(),
+            refused_so_far = self.overload_refusals,
+            reason = "limits.max_transactions reached: answered 503 with Retry-After",
+            "request refused"
+        );
         self.send_503(request, &via, meta, out);
     }
 
@@ -379,13 +384,16 @@ impl TransactionLayer {
         let Ok(via) = request.top_via() else { return };
         self.backlog_refusals += 1;
         self.metrics.overloaded(overload_reason(reason));
-        if self.backlog_refusals % 1000 == 1 {
-            warn!(
-                source = %meta.source,
-                refused_so_far = self.backlog_refusals,
-                "{reason}: answering new requests 503 with Retry-After"
-            );
-        }
+        warn!(
+            target: REFUSED,
+            call_id = %call_id(request),
+            source = %meta.source,
+            transport = %meta.kind,
+            code = 503,
+            refused_so_far = self.backlog_refusals,
+            reason = %format_args!("{reason}: answered 503 with Retry-After"),
+            "request refused"
+        );
         self.send_503(request, &via, meta, out);
     }
 

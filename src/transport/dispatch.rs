@@ -148,7 +148,7 @@ impl LoopContext {
             return;
         };
         if let Err(error) = queue.try_send(input) {
-            warn!(from = self.index, to = worker, %error, "dropping hand-over: the loop's queue is full or closed");
+            warn!(target: crate::logging::REFUSED, from = self.index, to = worker, reason = %format_args!("hand-over to the event loop owning its transaction failed ({error})"), "message dropped");
         }
     }
 

@@ -435,7 +435,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
 
     /// Lets the Worker answer a framing failure, sends its replies, then closes.
     async fn fail(&mut self, failure: FramingFailure) -> CloseReason {
-        warn!(
+        // The Worker logs the one `moonroute::refused` line (with the answer it sends, if any).
+        debug!(
             conn = %self.handle.id(),
             peer = %self.handle.peer(),
             error = %failure.error,

@@ -136,10 +136,13 @@ fn accept_datagram(ctx: &LoopContext, datagram: &[u8], source: SocketAddr) -> bo
     let limit = ctx.limits.max_message_size;
     if datagram.len() > limit {
         warn!(
+            target: crate::logging::REFUSED,
             %source,
+            transport = "udp",
             len = datagram.len(),
             limit,
-            "dropping UDP datagram larger than max_message_size"
+            reason = "datagram larger than limits.max_message_size",
+            "message dropped"
         );
         return false;
     }

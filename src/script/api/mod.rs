@@ -20,6 +20,7 @@ use tracing::{debug, error, info, warn};
 
 mod auth;
 mod flood;
+mod metrics;
 mod nat;
 
 use super::engine::{Env, LogSink};
@@ -735,6 +736,7 @@ pub fn install(lua: &Lua, script: Rc<str>, env: Env) -> mlua::Result<()> {
     auth::install(lua, &sip)?;
     nat::install(lua, &sip)?;
     flood::install(lua, &sip)?;
+    metrics::install(lua, &sip)?;
     lua.globals().set("sip", sip)?;
     lua.set_app_data(env);
     Ok(())

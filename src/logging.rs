@@ -1,0 +1,51 @@
+//! Log conventions shared by the engine: the `sip` span that gives every event about one
+//! message its `call_id`, and the `moonroute::refused` target of the one line each dropped or
+//! refused message gets.
+//!
+//! An operator greps a Call-ID and sees the whole call: every event logged while a message is
+//! processed (parsing, transaction layer, relay, script hooks, registrar, Lua `sip.log`) runs
+//! inside [`message_span`], whose `call_id` field the human format prints as
+//! `sip{call_id=...}:` and the JSON format as `"span":{"call_id":...}`. Work that is not
+//! driven by a received message (transaction timers, Timer C, DNS answers, parked answers)
+//! enters the span of the message it concerns, or names `call_id` explicitly.
+//!
+//! Dropped or refused messages (unparsable, malformed, too large, loops, responses with no
+//! transaction, overload 503, the script's drops and refusals) are logged exactly once, with
+//! target [`REFUSED`], fields `source`, `transport`, `code` when answered, `call_id` when
+//! known, and a `reason` sentence; `log_level = "info,moonroute::refused=warn"` quietens them.
+
+use crate::sip::Message;
+
+/// The target of the one line per dropped or refused message.
+pub const REFUSED: &str = "moonroute::refused";
+
+/// Bytes from the wire shown in a log field (lossy UTF-8), formatted only if the event or
+/// span is recorded.
+pub struct Lossy<'a>(pub &'a [u8]);
+
+impl std::fmt::Display for Lossy<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match std::str::from_utf8(self.0) {
+            Ok(text) => f.write_str(text),
+            Err(_) => f.write_str(&String::from_utf8_lossy(self.0)),
+        }
+    }
+}
+
+/// The Call-ID of `message` as a log field value (empty when it has none).
+pub fn call_id(message: &Message) -> Lossy<'_> {
+    Lossy(message.call_id().unwrap_or(b""))
+}
+
+/// The span of one message's processing: `sip{call_id=...}`. At level ERROR so that it is
+/// enabled whatever `log_level` lets through (a span's level only decides whether the span
+/// exists, not which events inside it are shown): with `log_level = "warn"` the warnings
+/// about a message still carry its Call-ID. Off only with `log_level = "off"`.
+pub fn message_span(message: &Message) -> tracing::Span {
+    tracing::error_span!("sip", call_id = %call_id(message))
+}
+
+/// [`message_span`] for a Call-ID already extracted.
+pub fn call_span(call_id: &[u8]) -> tracing::Span {
+    tracing::error_span!("sip", call_id = %Lossy(call_id))
+}
