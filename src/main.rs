@@ -171,7 +171,6 @@ impl RunArgs {
             control_socket: self.control_socket,
             metrics_listen: self.metrics_listen,
             log_format: self.log_format,
-            ..Overrides::default()
         };
         (self.config, overrides)
     }
