@@ -510,18 +510,7 @@ fn ctl_user_commands_over_the_control_socket() {
 
     let dir = TempDir::new().unwrap();
     let socket = dir.path().join("ctl.sock");
-    let config = dir.path().join("moonroute.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "listen = [\"udp:127.0.0.1:0\"]\nworkers = 1\nscript = {:?}\ndata_dir = {:?}\n\
-             log_level = \"info\"\n[control]\nsocket = {:?}\n[lua]\nwatch = false\n",
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/default.lua"),
-            dir.path().join("data"),
-            socket,
-        ),
-    )
-    .unwrap();
+    let config = common::write_binary_config(dir.path(), &socket);
     let mut server = Command::new(env!("CARGO_BIN_EXE_moonroute"))
         .args(["run", "--config"])
         .arg(&config)

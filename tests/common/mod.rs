@@ -47,3 +47,23 @@ pub fn without_signature(value: &str) -> String {
     assert_eq!(len, 16, "a 16-hex-digit signature in {value}");
     format!("{}{}", &value[..at], &sig[len..])
 }
+
+/// Writes `<dir>/moonroute.toml` for a run of the real binary: one UDP listener on a free
+/// port of 127.0.0.1, one event loop, the shipped `default.lua` (not watched), data in
+/// `<dir>/data`, the control socket at `socket`. Returns the file's path.
+#[allow(dead_code)] // not every test binary starts the real binary
+pub fn write_binary_config(dir: &std::path::Path, socket: &std::path::Path) -> PathBuf {
+    let config = dir.join("moonroute.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = [\"udp:127.0.0.1:0\"]\nworkers = 1\nscript = {:?}\ndata_dir = {:?}\n\
+             log_level = \"info\"\n[control]\nsocket = {:?}\n[lua]\nwatch = false\n",
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/default.lua"),
+            dir.join("data"),
+            socket,
+        ),
+    )
+    .unwrap();
+    config
+}
