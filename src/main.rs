@@ -147,7 +147,8 @@ struct RunArgs {
     #[arg(long, value_name = "URI")]
     static_route: Option<String>,
     /// The control socket for `moonroute ctl` (an empty value disables it).
-    #[arg(long, value_name = "PATH")]
+    // clap's PathBuf parser refuses "", which is the documented way to turn the socket off.
+    #[arg(long, value_name = "PATH", value_parser = path_or_empty)]
     control_socket: Option<PathBuf>,
     /// Serve Prometheus metrics (GET /metrics) on this address, e.g. 127.0.0.1:9060 (an
     /// empty value turns the endpoint off).
@@ -174,6 +175,11 @@ impl RunArgs {
         };
         (self.config, overrides)
     }
+}
+
+/// A path argument that may be empty (meaning "off").
+fn path_or_empty(text: &str) -> Result<PathBuf, std::convert::Infallible> {
+    Ok(PathBuf::from(text))
 }
 
 fn main() -> ExitCode {
@@ -645,6 +651,16 @@ mod tests {
             uptime_text(Duration::from_secs(2 * 86_400 + 7)),
             "2d 0h 0m 7s (172807 s)"
         );
+    }
+
+    #[test]
+    fn an_empty_control_socket_turns_it_off() {
+        let cli = Cli::try_parse_from(["moonroute", "run", "--control-socket", ""]).unwrap();
+        let Some(Command::Run(args)) = cli.command else {
+            panic!("expected run");
+        };
+        let (_, overrides) = args.into_parts();
+        assert_eq!(overrides.control_socket, Some(PathBuf::new()));
     }
 
     #[test]
