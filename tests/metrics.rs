@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::exposition::assert_valid_exposition;
 use common::ua::{expect_status, header_text, TestUa, WAIT};
 use moonroute::config::{Config, LocationBackend};
 use moonroute::metrics::http::MetricsEndpoint;
@@ -109,51 +110,6 @@ async fn scrape(addr: SocketAddr) -> BTreeMap<String, f64> {
     );
     assert_valid_exposition(body);
     samples(body)
-}
-
-/// Checks the text format line by line: every family has exactly one `# HELP` then one
-/// `# TYPE`, every sample belongs to the family announced above it (a histogram's
-/// `_bucket`/`_sum`/`_count`), and every sample line is `name[{labels}] value`.
-fn assert_valid_exposition(text: &str) {
-    let mut helps = std::collections::HashSet::new();
-    let mut types = std::collections::HashSet::new();
-    let mut current: Option<(String, String)> = None;
-    assert!(text.ends_with('\n'), "the body ends with a line feed");
-    for line in text.lines() {
-        if let Some(rest) = line.strip_prefix("# HELP ") {
-            let (name, help) = rest.split_once(' ').expect("HELP name text");
-            assert!(!help.is_empty(), "empty HELP for {name}");
-            assert!(helps.insert(name.to_owned()), "HELP twice for {name}");
-        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
-            let (name, kind) = rest.split_once(' ').expect("TYPE name kind");
-            assert!(helps.contains(name), "TYPE before HELP for {name}");
-            assert!(types.insert(name.to_owned()), "TYPE twice for {name}");
-            assert!(
-                ["counter", "gauge", "histogram"].contains(&kind),
-                "type {kind} of {name}"
-            );
-            current = Some((name.to_owned(), kind.to_owned()));
-        } else {
-            assert!(!line.starts_with('#'), "unexpected comment {line}");
-            let (family, kind) = current.as_ref().expect("sample before any TYPE");
-            let name_end = line.find(['{', ' ']).expect("a sample name");
-            let name = &line[..name_end];
-            let allowed = match kind.as_str() {
-                "histogram" => ["_bucket", "_sum", "_count"]
-                    .iter()
-                    .any(|suffix| name == format!("{family}{suffix}")),
-                _ => name == family,
-            };
-            assert!(allowed, "sample {name} under family {family}");
-            let (series, value) = line.rsplit_once(' ').expect("a value");
-            if series.contains('{') {
-                assert!(series.ends_with('}'), "labels closed in {line}");
-            }
-            let parsed = matches!(value, "NaN" | "+Inf" | "-Inf") || value.parse::<f64>().is_ok();
-            assert!(parsed, "value of {line}");
-        }
-    }
-    assert_eq!(helps, types, "every HELP has its TYPE");
 }
 
 fn samples(text: &str) -> BTreeMap<String, f64> {

@@ -1,42 +1,8 @@
 use super::*;
 
-/// Checks the text format line by line: every sample belongs to the family announced by the
-/// closest `# TYPE` above it, and every family has exactly one HELP and one TYPE.
-fn assert_valid_exposition(text: &str) {
-    let mut helps = std::collections::HashSet::new();
-    let mut types = std::collections::HashSet::new();
-    let mut current: Option<(String, String)> = None;
-    for line in text.lines() {
-        if let Some(rest) = line.strip_prefix("# HELP ") {
-            let name = rest.split(' ').next().unwrap();
-            assert!(helps.insert(name.to_owned()), "HELP twice for {name}");
-        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
-            let mut parts = rest.split(' ');
-            let name = parts.next().unwrap().to_owned();
-            let kind = parts.next().unwrap().to_owned();
-            assert!(helps.contains(&name), "TYPE before HELP for {name}");
-            assert!(types.insert(name.clone()), "TYPE twice for {name}");
-            current = Some((name, kind));
-        } else {
-            let (family, kind) = current.as_ref().expect("sample before any TYPE");
-            let name_end = line.find(['{', ' ']).unwrap();
-            let name = &line[..name_end];
-            let allowed = match kind.as_str() {
-                "histogram" => ["_bucket", "_sum", "_count"]
-                    .iter()
-                    .any(|suffix| name == format!("{family}{suffix}")),
-                _ => name == family,
-            };
-            assert!(allowed, "sample {name} under family {family}");
-            let value = line.rsplit(' ').next().unwrap();
-            assert!(
-                value.parse::<f64>().is_ok() || ["NaN", "+Inf", "-Inf"].contains(&value),
-                "bad value in {line:?}"
-            );
-        }
-    }
-    assert_eq!(helps, types);
-}
+#[path = "../../tests/common/exposition.rs"]
+mod exposition;
+use exposition::assert_valid_exposition;
 
 #[test]
 fn counters_gauges_and_histograms_render_in_the_text_format() {

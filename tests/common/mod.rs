@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests.
 
 pub mod dns_server;
+pub mod exposition;
 pub mod flood;
 pub mod ua;
 
