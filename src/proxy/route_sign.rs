@@ -55,6 +55,7 @@ use ring::hmac;
 use tracing::info;
 
 use crate::auth::digest::hex;
+use crate::sip::scan::{push_unfolded, split_commas};
 use crate::sip::{Contact, HeaderName, Host, Message, Method, NameAddr, ParseError, Uri};
 
 /// The URI parameter holding the signature.
@@ -307,31 +308,47 @@ impl RouteSigner {
         is_mine: impl Fn(&Uri<'_>) -> bool,
         now: SystemTime,
     ) -> bool {
-        match self.resigned_record_route(response, is_mine, now) {
-            Ok(Some(value)) => response.set_header("Record-Route", &value).is_ok(),
-            Ok(None) => false,
+        let fields = match self.resigned_fields(response, is_mine, now) {
+            Ok(fields) => fields,
             Err(error) => {
                 info!(%error, "a response's Record-Route does not parse: removed before forwarding it");
-                response.remove_headers("Record-Route") > 0
+                return response.remove_headers("Record-Route") > 0;
+            }
+        };
+        for (index, value) in &fields {
+            if response
+                .set_nth_header(HeaderName::RecordRoute, *index, value)
+                .is_err()
+            {
+                return response.remove_headers("Record-Route") > 0;
             }
         }
+        !fields.is_empty()
     }
 
-    /// The whole Record-Route value of `response` with our topmost callee's copies re-signed;
-    /// `None` when there are none.
-    fn resigned_record_route(
+    /// The Record-Route fields of `response` that hold our topmost callee's copies, by their
+    /// index among the Record-Route fields, with those re-signed (the other values of the
+    /// field kept, the field lines kept apart as the callee wrote them).
+    fn resigned_fields(
         &self,
         response: &Message,
         is_mine: impl Fn(&Uri<'_>) -> bool,
         now: SystemTime,
-    ) -> Result<Option<Vec<u8>>, ParseError> {
-        let values: Vec<&[u8]> = response
-            .values(HeaderName::RecordRoute)
-            .collect::<Result<_, _>>()?;
-        // Our entries: (index, where the signature starts in the value).
+    ) -> Result<Vec<(usize, Vec<u8>)>, ParseError> {
+        // Every value, with the index of its field.
+        let mut values: Vec<(usize, &[u8])> = Vec::new();
+        let fields = response
+            .headers()
+            .filter(|h| h.name == HeaderName::RecordRoute);
+        for (field, header) in fields.enumerate() {
+            for value in split_commas(header.value) {
+                values.push((field, value?));
+            }
+        }
+        // Our entries: (index in `values`, where the signature starts in the value).
         let mut ours: Vec<(usize, usize)> = Vec::with_capacity(2);
         let mut group: Option<&[u8]> = None;
-        for (index, value) in values.iter().enumerate() {
+        for (index, (_, value)) in values.iter().enumerate() {
             let na = NameAddr::parse(value)?;
             let callees_copy = na
                 .uri
@@ -363,7 +380,7 @@ impl RouteSigner {
             }
         }
         let Some(&(first, _)) = ours.first() else {
-            return Ok(None);
+            return Ok(Vec::new());
         };
         let from = response.from().ok();
         let to = response.to().ok();
@@ -377,24 +394,35 @@ impl RouteSigner {
         let rest: Vec<&[u8]> = values[..first]
             .iter()
             .rev()
-            .map(|value| uri_of_route(value).ok_or(ParseError::bad("Record-Route", "bad value")))
+            .map(|(_, value)| {
+                uri_of_route(value).ok_or(ParseError::bad("Record-Route", "bad value"))
+            })
             .collect::<Result<_, _>>()?;
         let token = self.sign(&binding, rest, self.expiry(now));
-        let mut out = Vec::with_capacity(values.iter().map(|v| v.len() + 2).sum());
-        for (index, value) in values.iter().enumerate() {
-            if index > 0 {
-                out.extend_from_slice(b", ");
-            }
-            match ours.iter().find(|(i, _)| *i == index) {
-                Some(&(_, offset)) => {
-                    out.extend_from_slice(&value[..offset]);
-                    out.extend_from_slice(token.as_bytes());
-                    out.extend_from_slice(&value[offset + TOKEN_LEN..]);
-                }
-                None => out.extend_from_slice(value),
+        let mut fields: Vec<(usize, Vec<u8>)> = Vec::with_capacity(2);
+        for &(index, _) in &ours {
+            let field = values[index].0;
+            if fields.iter().all(|(f, _)| *f != field) {
+                fields.push((field, Vec::new()));
             }
         }
-        Ok(Some(out))
+        for (field, text) in &mut fields {
+            let in_field = values.iter().enumerate().filter(|(_, (f, _))| f == field);
+            for (n, (index, (_, value))) in in_field.enumerate() {
+                if n > 0 {
+                    text.extend_from_slice(b", ");
+                }
+                match ours.iter().find(|(i, _)| *i == index) {
+                    Some(&(_, offset)) => {
+                        push_unfolded(text, &value[..offset]);
+                        text.extend_from_slice(token.as_bytes());
+                        push_unfolded(text, &value[offset + TOKEN_LEN..]);
+                    }
+                    None => push_unfolded(text, value),
+                }
+            }
+        }
+        Ok(fields)
     }
 
     /// Judges an in-dialog request after §16.4 consumed our Route entries: `signature` is what
@@ -962,6 +990,9 @@ mod tests {
             values[1]
         );
         assert_eq!(values[2], "<sip:up.example.com;lr>");
+        let fields: Vec<&[u8]> = response.headers_named("Record-Route").collect();
+        assert_eq!(fields.len(), 2, "the field lines are kept apart");
+        assert_eq!(fields[0], b"<sip:down.example.com;lr>");
         // Done once: a caller's copy is not rewritten again.
         assert!(!signer.sign_response(&mut response, is_us, at(T0)));
         // Not ours, or not a callee's copy of ours: untouched.
