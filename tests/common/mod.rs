@@ -45,7 +45,7 @@ pub fn without_signature(value: &str) -> String {
     let len = sig
         .find(|c: char| !c.is_ascii_alphanumeric() && c != '.')
         .unwrap_or(sig.len());
-    let token = sig[..len].as_bytes();
+    let token = &sig.as_bytes()[..len];
     let well_formed = len == 26
         && matches!(token[0], b'q' | b's')
         && token[9] == b'.'

@@ -167,6 +167,9 @@ fn tx_key(m: &Message) -> (Vec<u8>, String) {
     (branch.to_vec(), method.unwrap_or_default())
 }
 
+/// Which 2xx an ACK answers: Call-ID, CSeq number, To tag.
+type AckKey = (Vec<u8>, u32, Vec<u8>);
+
 /// The sending half of a stream connection (TCP, or TLS over TCP).
 type Writer = Box<dyn AsyncWrite + Unpin + Send>;
 
@@ -215,7 +218,7 @@ pub struct TestUa {
     finals_seen: HashSet<(Vec<u8>, String, u16, Vec<u8>)>,
     /// ACKs of 2xx responses, by (Call-ID, CSeq number, To tag), to repeat on a retransmitted
     /// 2xx.
-    acks_sent: HashMap<(Vec<u8>, u32, Vec<u8>), (Bytes, SocketAddr)>,
+    acks_sent: HashMap<AckKey, (Bytes, SocketAddr)>,
     /// Where each received request came from (connection or datagram source).
     sources: HashMap<(Vec<u8>, String), SocketAddr>,
     /// The last response to each received request, to repeat on a retransmission.
