@@ -264,10 +264,7 @@ async fn a_captured_route_reaches_nobody_else(kind: TransportKind) {
     let mut dialog = eve.ack_2xx(&ok).await;
     bob.expect_request("ACK").await;
     probe_foreign(&mut eve, &dialog, &foreign, kind).await;
-    eve.bye(&mut dialog).await;
-    let bye = bob.expect_request("BYE").await;
-    bob.respond(&bye, 200, "OK").await;
-    eve.expect_final(200).await;
+    hang_up(&mut eve, &mut dialog, &mut bob).await;
     foreign.receives_nothing().await;
 }
 
@@ -292,6 +289,30 @@ async fn answered_call(alice: &mut TestUa, bob: &mut TestUa) -> (Dialog, Dialog)
     let ack = bob.expect_request("ACK").await;
     assert_eq!(ack.cseq().unwrap().seq, invite.cseq().unwrap().seq);
     (dialog, Dialog::from_uas(&incoming, &answer))
+}
+
+/// A BYE from `from` in `dialog`, reaching `to` (its next request) through us, answered 200.
+async fn hang_up(from: &mut TestUa, dialog: &mut Dialog, to: &mut TestUa) {
+    from.bye(dialog).await;
+    let bye = to.expect_request("BYE").await;
+    assert_eq!(
+        bye.headers_named("Via").count(),
+        2,
+        "the BYE through the proxy"
+    );
+    to.respond(&bye, 200, "OK").await;
+    from.expect_final(200).await;
+}
+
+/// Two calls from alice to bob: in the first each re-INVITEs and bob hangs up, in the second
+/// alice hangs up; every in-dialog request through us.
+async fn dialogs_route_both_ways(alice: &mut TestUa, bob: &mut TestUa) {
+    let (mut alices, mut bobs) = answered_call(alice, bob).await;
+    reinvite(alice, &mut alices, bob).await;
+    reinvite(bob, &mut bobs, alice).await;
+    hang_up(bob, &mut bobs, alice).await;
+    let (mut alices, _) = answered_call(alice, bob).await;
+    hang_up(alice, &mut alices, bob).await;
 }
 
 /// `dialog`'s first Route (ours) with `signature` instead of the one it carries.
@@ -402,19 +423,7 @@ async fn calls_with_reinvites_and_bye_from_either_side_still_route() {
     let mut bob = registered_bob(&proxy).await;
     let mut alice = phone("alice", ALICE_IP, &proxy, DOMAIN).await;
 
-    let (mut alices, mut bobs) = answered_call(&mut alice, &mut bob).await;
-    reinvite(&mut alice, &mut alices, &mut bob).await;
-    reinvite(&mut bob, &mut bobs, &mut alice).await;
-    bob.bye(&mut bobs).await;
-    let bye = alice.expect_request("BYE").await;
-    alice.respond(&bye, 200, "OK").await;
-    bob.expect_final(200).await;
-
-    let (mut alices, _) = answered_call(&mut alice, &mut bob).await;
-    alice.bye(&mut alices).await;
-    let bye = bob.expect_request("BYE").await;
-    bob.respond(&bye, 200, "OK").await;
-    alice.expect_final(200).await;
+    dialogs_route_both_ways(&mut alice, &mut bob).await;
 }
 
 #[tokio::test]
@@ -456,14 +465,8 @@ async fn a_fork_answered_by_two_phones_gives_each_dialog_its_own_route() {
     }
 
     // Each BYE reaches its own phone (and is the next request each sees).
-    alice.bye(&mut one).await;
-    let bye = bob.expect_request("BYE").await;
-    bob.respond(&bye, 200, "OK").await;
-    alice.expect_final(200).await;
-    alice.bye(&mut two).await;
-    let bye = bob2.expect_request("BYE").await;
-    bob2.respond(&bye, 200, "OK").await;
-    alice.expect_final(200).await;
+    hang_up(&mut alice, &mut one, &mut bob).await;
+    hang_up(&mut alice, &mut two, &mut bob2).await;
 }
 
 #[tokio::test]
@@ -492,10 +495,8 @@ async fn a_double_record_route_across_udp_and_tcp_routes_both_ways() {
     );
 
     reinvite(&mut alice, &mut alices, &mut bob).await;
-    bob.bye(&mut bobs).await;
-    let bye = alice.expect_request("BYE").await;
-    alice.respond(&bye, 200, "OK").await;
-    bob.expect_final(200).await;
+    reinvite(&mut bob, &mut bobs, &mut alice).await;
+    hang_up(&mut bob, &mut bobs, &mut alice).await;
 }
 
 #[tokio::test]
@@ -508,23 +509,14 @@ async fn a_nated_callee_whose_contact_was_fixed_still_routes() {
     register(&mut bob, "bob").await;
     let mut alice = phone("alice", ALICE_IP, &proxy, DOMAIN).await;
 
-    let (mut alices, mut bobs) = answered_call(&mut alice, &mut bob).await;
+    let (mut alices, _) = answered_call(&mut alice, &mut bob).await;
     assert!(
         alices.remote_target.contains(&public.to_string()),
         "on_reply's fix_nated_contact rewrote bob's Contact to {public}: {}",
         alices.remote_target
     );
-    reinvite(&mut alice, &mut alices, &mut bob).await;
-    bob.bye(&mut bobs).await;
-    let bye = alice.expect_request("BYE").await;
-    alice.respond(&bye, 200, "OK").await;
-    bob.expect_final(200).await;
-
-    let (mut alices, _) = answered_call(&mut alice, &mut bob).await;
-    alice.bye(&mut alices).await;
-    let bye = bob.expect_request("BYE").await;
-    bob.respond(&bye, 200, "OK").await;
-    alice.expect_final(200).await;
+    hang_up(&mut alice, &mut alices, &mut bob).await;
+    dialogs_route_both_ways(&mut alice, &mut bob).await;
 }
 
 #[tokio::test]
@@ -555,9 +547,6 @@ async fn a_stateless_forward_signs_the_response_for_the_caller() {
         .await;
     alice.expect_final(404).await;
     dialog.local_cseq = probe.local_cseq;
-    alice.bye(&mut dialog).await;
-    let bye = bob.expect_request("BYE").await;
-    bob.respond(&bye, 200, "OK").await;
-    alice.expect_final(200).await;
+    hang_up(&mut alice, &mut dialog, &mut bob).await;
     foreign.receives_nothing().await;
 }

@@ -758,99 +758,128 @@ mod tests {
         let (q, s) = both_copies();
         let signer = signer();
         let now = at(T0 + 60);
-        // Bob (callee) → alice: her Contact, her tag in To, then the upstream proxy.
-        let bye = in_dialog(
-            "BYE",
-            "sip:alice@192.0.2.1:5062;transport=udp",
-            "b1",
-            "a1",
-            &["<sip:up.example.com;lr>"],
-        );
-        assert_eq!(signer.check(&bye, signature(&q), now), Verdict::Valid);
-        // Alice (caller) → bob: his Contact, her tag in From, his in To, then the downstream proxy.
-        let bye = in_dialog(
-            "BYE",
-            "sip:bob@192.0.2.2:5080",
-            "a1",
-            "b1",
-            &["<sip:down.example.com;lr>"],
-        );
-        assert_eq!(signer.check(&bye, signature(&s), now), Verdict::Valid);
-
-        // The probe: alice sends with her copy to a host that is not bob's.
-        let probe = in_dialog(
-            "MESSAGE",
-            "sip:+15551234567@127.0.0.9",
-            "a1",
-            "b1",
-            &["<sip:down.example.com;lr>"],
-        );
-        assert_eq!(signer.check(&probe, signature(&s), now), Verdict::Mismatch);
-        // Bob's host with another port, or a maddr elsewhere: not bob.
-        for ruri in [
-            "sip:bob@192.0.2.2:5081",
-            "sip:bob@192.0.2.2",
-            "sip:bob@192.0.2.2:5080;maddr=127.0.0.9",
-        ] {
-            let probe = in_dialog("INVITE", ruri, "a1", "b1", &["<sip:down.example.com;lr>"]);
-            assert_eq!(
-                signer.check(&probe, signature(&s), now),
+        const UP: &[&str] = &["<sip:up.example.com;lr>"];
+        const DOWN: &[&str] = &["<sip:down.example.com;lr>"];
+        let alices = |method, ruri, to_tag, rest| in_dialog(method, ruri, "a1", to_tag, rest);
+        let bobs = "sip:bob@192.0.2.2:5080";
+        let cases: [(&str, &String, Message, Verdict); 14] = [
+            // Bob (callee) → alice: her Contact, her tag in To, then the upstream proxy.
+            (
+                "bob's BYE",
+                &q,
+                in_dialog(
+                    "BYE",
+                    "sip:alice@192.0.2.1:5062;transport=udp",
+                    "b1",
+                    "a1",
+                    UP,
+                ),
+                Verdict::Valid,
+            ),
+            // Alice (caller) → bob: his Contact, her tag in From, his in To, then downstream.
+            (
+                "alice's BYE",
+                &s,
+                alices("BYE", bobs, "b1", DOWN),
+                Verdict::Valid,
+            ),
+            // The probe: alice with her copy to a host that is not bob's.
+            (
+                "the probe",
+                &s,
+                alices("MESSAGE", "sip:+15551234567@127.0.0.9", "b1", DOWN),
                 Verdict::Mismatch,
-                "{ruri}"
+            ),
+            // Bob's host with another port, or a maddr elsewhere: not bob.
+            (
+                "another port",
+                &s,
+                alices("INVITE", "sip:bob@192.0.2.2:5081", "b1", DOWN),
+                Verdict::Mismatch,
+            ),
+            (
+                "no port",
+                &s,
+                alices("INVITE", "sip:bob@192.0.2.2", "b1", DOWN),
+                Verdict::Mismatch,
+            ),
+            (
+                "a maddr",
+                &s,
+                alices(
+                    "INVITE",
+                    "sip:bob@192.0.2.2:5080;maddr=127.0.0.9",
+                    "b1",
+                    DOWN,
+                ),
+                Verdict::Mismatch,
+            ),
+            // Another user or parameters on bob's host and port: a target refresh may do that.
+            (
+                "a refreshed target",
+                &s,
+                alices(
+                    "INVITE",
+                    "sip:bob-2@192.0.2.2:5080;transport=tcp;ob",
+                    "b1",
+                    DOWN,
+                ),
+                Verdict::Valid,
+            ),
+            // Another route after ours, one more, or none: not the dialog's route set.
+            (
+                "another route",
+                &s,
+                alices("MESSAGE", bobs, "b1", &["<sip:127.0.0.9;lr>"]),
+                Verdict::Mismatch,
+            ),
+            (
+                "one more route",
+                &s,
+                alices("MESSAGE", bobs, "b1", &[DOWN[0], "<sip:127.0.0.9;lr>"]),
+                Verdict::Mismatch,
+            ),
+            (
+                "no route",
+                &s,
+                alices("MESSAGE", bobs, "b1", &[]),
+                Verdict::Mismatch,
+            ),
+            // The same route in another case is the same route.
+            (
+                "a route in capitals",
+                &s,
+                alices("BYE", bobs, "b1", &["<sip:DOWN.example.com;LR>"]),
+                Verdict::Valid,
+            ),
+            // Another tag: another dialog.
+            (
+                "another tag",
+                &s,
+                alices("BYE", bobs, "b2", DOWN),
+                Verdict::Mismatch,
+            ),
+            // Each copy only in its holder's direction.
+            (
+                "the wrong copy",
+                &q,
+                alices("BYE", bobs, "b1", DOWN),
+                Verdict::Mismatch,
+            ),
+            (
+                "bob with alice's copy",
+                &s,
+                in_dialog("BYE", "sip:alice@192.0.2.1:5062", "b1", "a1", UP),
+                Verdict::Mismatch,
+            ),
+        ];
+        for (what, copy, request, expected) in cases {
+            assert_eq!(
+                signer.check(&request, signature(copy), now),
+                expected,
+                "{what}"
             );
         }
-        // Another user or parameters on bob's host and port: a target refresh may do that.
-        let refreshed = in_dialog(
-            "INVITE",
-            "sip:bob-2@192.0.2.2:5080;transport=tcp;ob",
-            "a1",
-            "b1",
-            &["<sip:down.example.com;lr>"],
-        );
-        assert_eq!(signer.check(&refreshed, signature(&s), now), Verdict::Valid);
-        // Another route after ours, one more, or none: not the dialog's route set.
-        for rest in [
-            &["<sip:127.0.0.9;lr>"][..],
-            &["<sip:down.example.com;lr>", "<sip:127.0.0.9;lr>"],
-            &[],
-        ] {
-            let probe = in_dialog("MESSAGE", "sip:bob@192.0.2.2:5080", "a1", "b1", rest);
-            assert_eq!(
-                signer.check(&probe, signature(&s), now),
-                Verdict::Mismatch,
-                "{rest:?}"
-            );
-        }
-        // The same route in another case is the same route.
-        let shouting = in_dialog(
-            "BYE",
-            "sip:bob@192.0.2.2:5080",
-            "a1",
-            "b1",
-            &["<sip:DOWN.example.com;LR>"],
-        );
-        assert_eq!(signer.check(&shouting, signature(&s), now), Verdict::Valid);
-        // Another Call-ID or tag: another dialog.
-        let other = in_dialog(
-            "BYE",
-            "sip:bob@192.0.2.2:5080",
-            "a1",
-            "b2",
-            &["<sip:down.example.com;lr>"],
-        );
-        assert_eq!(signer.check(&other, signature(&s), now), Verdict::Mismatch);
-        // Each copy only in its holder's direction.
-        let swapped = in_dialog(
-            "BYE",
-            "sip:bob@192.0.2.2:5080",
-            "a1",
-            "b1",
-            &["<sip:down.example.com;lr>"],
-        );
-        assert_eq!(
-            signer.check(&swapped, signature(&q), now),
-            Verdict::Mismatch
-        );
     }
 
     #[test]
