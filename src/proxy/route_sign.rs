@@ -346,7 +346,7 @@ impl RouteSigner {
             }
         }
         // Our entries: (index in `values`, where the signature starts in the value).
-        let mut ours: Vec<(usize, usize)> = Vec::with_capacity(2);
+        let mut ours: Vec<(usize, usize)> = Vec::new();
         let mut group: Option<&[u8]> = None;
         for (index, (_, value)) in values.iter().enumerate() {
             let na = NameAddr::parse(value)?;
@@ -1063,26 +1063,17 @@ mod tests {
         assert_eq!(sig(&values[2]), outer, "the outer pass rewrites its own");
         // The outer pass's context then rewrites its entry, bound to the entries above it.
         assert!(signer.sign_response(&mut response, is_us, at(T0)));
-        let outer_sig = {
-            let v = response
-                .values(HeaderName::RecordRoute)
-                .nth(2)
-                .unwrap()
-                .unwrap();
-            let v = std::str::from_utf8(v).unwrap();
-            sig(v)
-        };
+        let rewritten = response.values(HeaderName::RecordRoute).nth(2).unwrap();
+        let outer_sig = sig(std::str::from_utf8(rewritten.unwrap()).unwrap());
         assert!(outer_sig.starts_with('s'));
-        let inner_entry = &values[1];
-        let outer_uri = &inner_entry[1..inner_entry.len() - 1];
-        let first_uri = &values[0][1..values[0].len() - 1];
-        // The caller's request at the outer pass: the inner entries (reversed) remain.
+        // The caller's request at the outer pass: the inner pass's entries (reversed) remain.
+        let (inner_tcp, inner_udp) = (&values[0], &values[1]);
         let bye = in_dialog(
             "BYE",
             "sip:bob@192.0.2.2:5080",
             "a1",
             "b1",
-            &[&format!("<{outer_uri}>"), &format!("<{first_uri}>")],
+            &[inner_udp, inner_tcp],
         );
         assert_eq!(
             signer.check(&bye, signature(&outer_sig), at(T0)),
