@@ -370,3 +370,42 @@ print_register_stats() {
       "$(grep -aoE "received 'SIP/2\.0 [0-9]{3}" "$f" | sort | uniq -c | awk '{printf " %s: %s", $4, $1}')"
   fi
 }
+
+# --- Kamailio side by side (bench/compare.sh, bench/overload.sh) ---
+
+# need_kamailio: fail early with an install hint.
+need_kamailio() {
+  command -v kamailio >/dev/null && [ -e /usr/lib/x86_64-linux-gnu/kamailio/modules/app_lua.so ] || {
+    echo "kamailio with app_lua not found: apt-get install kamailio kamailio-lua-modules" >&2
+    exit 1
+  }
+}
+
+# start_kamailio DIR PORT CHILDREN CPUS: Kamailio 5.6 (bench/kamailio/kamailio.cfg +
+# kamailio.lua: registrar in memory, record-route, location lookup, t_relay) on udp
+# 127.0.0.1:PORT with CHILDREN UDP workers, in the foreground of a background job pinned to
+# the taskset list CPUS; log in DIR/kamailio.log. Sets server (the main process; its children
+# are found by kamailio_pids).
+start_kamailio() {
+  local dir=$1 port=$2 children=$3 cpus=$4
+  sed -e "s|@SCRIPT@|$PWD/bench/kamailio/kamailio.lua|" -e "s|@CHILDREN@|$children|" \
+    bench/kamailio/kamailio.cfg >"$dir/kamailio.cfg"
+  taskset -c "$cpus" kamailio -f "$dir/kamailio.cfg" -l "udp:127.0.0.1:$port" -DD -E \
+    -m "${KAMAILIO_SHM_MB:-512}" -M 16 -Y "$dir" -P "$dir/kamailio.pid" >"$dir/kamailio.log" 2>&1 &
+  server=$!
+  if ! wait_udp_port "$port" 200 || ! kill -0 "$server" 2>/dev/null; then
+    echo "kamailio did not start on udp:127.0.0.1:$port:" >&2
+    tail -20 "$dir/kamailio.log" >&2
+    return 1
+  fi
+}
+
+# kamailio_pids PID: PID and its child processes (Kamailio's workers, timers, attendant).
+kamailio_pids() { echo "$1" $(ps -o pid= --ppid "$1"); }
+
+# tree_cpu_ticks PID: utime+stime of PID and its children (one process for moonroute).
+tree_cpu_ticks() {
+  local p s=0
+  for p in $(kamailio_pids "$1"); do s=$((s + $(cpu_ticks "$p" 2>/dev/null || echo 0))); done
+  echo "$s"
+}
