@@ -286,18 +286,37 @@ fn new_state(name: &Rc<str>, env: Env) -> mlua::Result<Lua> {
 /// `mode` argument forced to `"t"`. Lua checks the mode on the chunk's first byte, so this
 /// holds for a string and for a reader function alike; a binary chunk gets `nil` and
 /// "attempt to load a binary chunk (mode is 't')", as from any `load` refusing a mode.
+///
+/// The replacement is Lua, so that it behaves as `load` in every other way: its arguments are
+/// checked first, with Lua's messages at the caller's line (the real `load` then raises
+/// nothing: a reader's errors are returned, not raised), and the count of arguments is kept,
+/// since an `env` given as nil (a chunk without globals) differs from no `env`.
 fn load_text_only(lua: &Lua) -> mlua::Result<()> {
-    let load: Function = lua.globals().get("load")?;
-    let text_only = lua.create_function(move |lua, mut args: MultiValue| {
-        // load(chunk [, chunkname [, mode [, env]]]): the count of arguments is kept, since an
-        // `env` given as nil (a chunk without globals) differs from no `env`.
-        while args.len() < 3 {
-            args.push_back(Value::Nil);
-        }
-        args[2] = Value::String(lua.create_string("t")?);
-        load.call::<MultiValue>(args)
-    })?;
-    lua.globals().set("load", text_only)
+    const TEXT_ONLY: &str = r#"
+        local load, type, error = ...
+        local function check_optional_string(value, position)
+          local kind = type(value)
+          if value ~= nil and kind ~= "string" and kind ~= "number" then
+            error(("bad argument #%d to 'load' (string expected, got %s)"):format(position, kind), 3)
+          end
+        end
+        return function(chunk, chunkname, mode, ...)
+          check_optional_string(mode, 3)
+          check_optional_string(chunkname, 2)
+          local kind = type(chunk)
+          if kind ~= "string" and kind ~= "number" and kind ~= "function" then
+            error(("bad argument #1 to 'load' (function expected, got %s)"):format(kind), 2)
+          end
+          return load(chunk, chunkname, "t", ...)
+        end
+    "#;
+    let globals = lua.globals();
+    let text_only: Function = lua.load(TEXT_ONLY).set_name("=load").call((
+        globals.get::<Function>("load")?,
+        globals.get::<Function>("type")?,
+        globals.get::<Function>("error")?,
+    ))?;
+    globals.set("load", text_only)
 }
 
 /// Counts instructions in slices of [`BUDGET_SLICE`] and stops the call that overruns.
@@ -507,6 +526,13 @@ mod tests {
                   end)()),
                   tostring(select(2, pcall(load("error('e')", "=named")))),
                   tostring(select(2, load("x x", "=named"))),
+                  -- Wrong arguments: Lua's messages, at the caller's line.
+                  tostring(select(2, pcall(load, {}))),
+                  tostring(select(2, pcall(load("load('x', {})", "=caller")))),
+                  tostring(select(2, pcall(load("load('x', 'n', true)", "=caller")))),
+                  -- A reader's error is returned (with the position and traceback the
+                  -- host's message handler gives any error).
+                  select(2, load(function() error("reader failed") end)):match("reader failed"),
                 }
                 "#,
             )
@@ -521,6 +547,10 @@ mod tests {
                 "read",
                 "named:1: e",
                 "named:1: syntax error near 'x'",
+                "bad argument #1 to 'load' (function expected, got table)",
+                "caller:1: bad argument #2 to 'load' (string expected, got table)",
+                "caller:1: bad argument #3 to 'load' (string expected, got boolean)",
+                "reader failed",
             ]
         );
     }
