@@ -141,7 +141,7 @@ fn restrict_tree(root: &Path) -> (usize, usize) {
 /// configuration file the server was started with, if any.
 pub fn startup_warnings(config: &Config, config_file: Option<&Path>) -> Vec<String> {
     let mut warnings = Vec::new();
-    let mut check = |path: &Path, bits: u32, what: &str, fix: &str| {
+    let mut check = |path: &Path, bits: u32, what: &str, why: &str, fix: &str| {
         let Ok(meta) = fs::metadata(path) else {
             return;
         };
@@ -154,14 +154,15 @@ pub fn startup_warnings(config: &Config, config_file: Option<&Path>) -> Vec<Stri
                 "other users"
             };
             warnings.push(format!(
-                "{what} {path} is readable by {who} (mode {mode:04o}): chmod {fix} {path}"
+                "{what} {path}{why} is readable by {who} (mode {mode:04o}): chmod {fix} {path}"
             ));
         }
     };
     check(
         &config.data_dir,
         GROUP_AND_OTHERS,
-        "the data directory (subscribers' HA1s, the server key)",
+        "the data directory",
+        " (the subscribers' HA1s, the server key)",
         "700",
     );
     if config.auth.secret.is_empty() {
@@ -169,13 +170,15 @@ pub fn startup_warnings(config: &Config, config_file: Option<&Path>) -> Vec<Stri
             &config.data_dir.join(crate::secret::KEY_FILE),
             GROUP_AND_OTHERS,
             "the server key",
+            "",
             "600",
         );
     } else if let Some(file) = config_file {
         check(
             file,
             OTHERS,
-            "the configuration file holding [auth] secret",
+            "the configuration file",
+            " (it holds [auth] secret)",
             "o-rwx",
         );
     }
@@ -184,6 +187,7 @@ pub fn startup_warnings(config: &Config, config_file: Option<&Path>) -> Vec<Stri
             &config.tls.private_key,
             OTHERS,
             "the TLS private key",
+            "",
             "o-rwx",
         );
     }
@@ -316,7 +320,7 @@ mod tests {
         set_mode(&file, 0o644);
         let warnings = startup_warnings(&config, Some(&file));
         assert_eq!(warnings.len(), 2, "{warnings:?}");
-        assert!(warnings[0].contains("[auth] secret") && warnings[0].contains("chmod o-rwx"));
+        assert!(warnings[0].contains("holds [auth] secret") && warnings[0].contains("chmod o-rwx"));
         assert!(warnings[1].contains("TLS private key") && warnings[1].contains("all users"));
     }
 }
