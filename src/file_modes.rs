@@ -105,13 +105,19 @@ pub fn seal_store(dir: &Path) {
     }
 }
 
-/// Removes group and other access from `root` and everything under it (symbolic links are not
-/// followed); returns how many modes changed and how many could not be changed.
+/// Removes group and other access from `root` and everything under it (symbolic links under
+/// it are not followed; `root` itself may be one, as sled follows it); returns how many modes
+/// changed and how many could not be changed.
 fn restrict_tree(root: &Path) -> (usize, usize) {
     let (mut changed, mut failed) = (0, 0);
     let mut pending = vec![root.to_path_buf()];
     while let Some(path) = pending.pop() {
-        let Ok(meta) = fs::symlink_metadata(&path) else {
+        let meta = if path == root {
+            fs::metadata(&path)
+        } else {
+            fs::symlink_metadata(&path)
+        };
+        let Ok(meta) = meta else {
             continue;
         };
         if meta.is_dir() {
