@@ -531,7 +531,7 @@ impl Relay {
                 Some(uri) => {
                     next_hop_of_uri(uri).map_err(|_| "the destination is not a SIP URI")?
                 }
-                None => next_hop(&first).map_err(|_| "no next hop")?,
+                None => next_hop(&forward.request, &forward.uri).map_err(|_| "no next hop")?,
             };
             Ok((first, hop))
         });
@@ -962,8 +962,11 @@ impl Relay {
                 Err(reason) => self.branch_unreachable(server, branch, reason, now, more),
             };
         }
-        let planned = first_copy(&self.me, &parts, call.inbound, call.record_route)
-            .and_then(|first| Ok((next_hop(&first).map_err(|_| "no next hop")?, first)));
+        let planned =
+            first_copy(&self.me, &parts, call.inbound, call.record_route).and_then(|first| {
+                let hop = next_hop(parts.request, parts.uri).map_err(|_| "no next hop")?;
+                Ok((hop, first))
+            });
         if call.branches.len() <= branch.0 {
             call.branches.resize_with(branch.0 + 1, || None);
         }
@@ -1335,8 +1338,9 @@ fn spec<'a>(
     }
 }
 
-/// The copy as it would leave on the inbound transport (§16.6 steps 1-8): it names the next
-/// hop (Route or the new Request-URI), and is the copy sent when that is how it leaves.
+/// The copy as it would leave on the inbound transport (§16.6 steps 1-8), sent when that is
+/// how it leaves. Its next hop is [`next_hop`] of the request it was built from (step 6 may
+/// have moved a strict router's URI from Route into its Request-URI).
 fn first_copy(
     me: &ProxyIdentity,
     parts: &CopyParts<'_>,

@@ -347,8 +347,8 @@ pub struct ForwardSpec<'a> {
 /// - step 8: our Via on top with `branch`.
 /// - step 10: Content-Length added for a stream transport (§18.3).
 ///
-/// Step 5 (extra headers) is the caller's; steps 7 and 9 are [`next_hop`] and the client
-/// transaction.
+/// Step 5 (extra headers) is the caller's; steps 7 and 9 are [`next_hop`] (of `req`, not of
+/// the copy: see there) and the client transaction.
 pub fn forward_copy(req: &Message, spec: &ForwardSpec) -> Result<Message, ParseError> {
     if !scan::is_token(spec.branch.as_bytes()) {
         return Err(ParseError::with_status(500, "Via", "branch is not a token"));
@@ -436,19 +436,23 @@ pub struct NextHop {
     pub secure: bool,
 }
 
-/// §16.6 step 7: the top Route's URI if there is a Route, else the Request-URI. Call it on the
-/// copy from [`forward_copy`] (strict-router post-processing has run then).
+/// §16.6 step 7: where `req` goes first when it is forwarded to `target` (the new
+/// Request-URI of step 2): the URI of its top Route if it has one, else `target`.
+///
+/// Call it on the request **before** [`forward_copy`]. A top Route without `lr` names a strict
+/// router: step 6 moves that URI into the copy's Request-URI, and step 7 then says "the proxy
+/// MUST apply those procedures to the Request-URI", which is the same URI. On the copy after
+/// step 6 the top Route is the hop *after* the strict router, which must not be skipped.
 ///
 /// Errors carry the status to answer with: 416 for a scheme that is not sip/sips, 404 for a
 /// `tel:` URI with no Route (nothing says where to send it), 503 for a transport this proxy
 /// does not speak.
-pub fn next_hop(req: &Message) -> Result<NextHop, ParseError> {
+pub fn next_hop(req: &Message, target: &[u8]) -> Result<NextHop, ParseError> {
     let routes = route_values(req)?;
-    let raw: Vec<u8> = match routes.first() {
-        Some(top) => route_uri(top)?,
-        None => req.request_uri()?.raw().to_vec(),
-    };
-    next_hop_of_uri(&raw)
+    match routes.first() {
+        Some(top) => next_hop_of_uri(&route_uri(top)?),
+        None => next_hop_of_uri(target),
+    }
 }
 
 /// The next hop named by one URI: a Route value, a Request-URI, or a destination set apart
@@ -697,6 +701,11 @@ mod tests {
 
     fn req(method: &str, ruri: &str, extra: &[&str]) -> Message {
         parse(&req_text(method, ruri, extra))
+    }
+
+    /// Where `r` goes forwarded to its own Request-URI.
+    fn hop_of(r: &Message) -> Result<NextHop, ParseError> {
+        next_hop(r, r.request_uri_bytes().unwrap())
     }
 
     fn routes(m: &Message) -> Vec<String> {
@@ -1029,8 +1038,40 @@ mod tests {
             routes(&out),
             ["<sip:example.com;lr>", "<sip:bob@example.com>"]
         );
-        let hop = next_hop(&out).unwrap();
-        assert_eq!((hop.host.as_str(), hop.port), ("example.com", None));
+        // §16.6 step 7: after the rewrite the request goes to the strict router, not past it.
+        let hop = next_hop(&r, b"sip:bob@example.com").unwrap();
+        assert_eq!((hop.host.as_str(), hop.port), ("127.0.0.1", Some(5070)));
+    }
+
+    #[test]
+    fn a_strict_route_to_a_new_target_is_rewritten_once_and_is_the_next_hop() {
+        // A pre-loaded Route without `lr` in front of a registered contact: steps 6-7 together,
+        // never half of them (the contact must not become the next hop with the strict
+        // router's URI as its Request-URI).
+        let r = req(
+            "MESSAGE",
+            "sip:alice@example.com",
+            &["Route: <sip:127.0.0.9:5099;transport=tcp>"],
+        );
+        let me = me();
+        let target = b"sip:alice@127.0.0.1:5090";
+        let out = forward_copy(&r, &spec("sip:alice@127.0.0.1:5090", &me)).unwrap();
+        assert_eq!(rruri(&out), "sip:127.0.0.9:5099;transport=tcp");
+        assert_eq!(routes(&out), ["<sip:alice@127.0.0.1:5090>"]);
+        let hop = next_hop(&r, target).unwrap();
+        assert_eq!(
+            hop,
+            NextHop {
+                host: "127.0.0.9".into(),
+                port: Some(5099),
+                transport: Some(TransportKind::Tcp),
+                secure: false,
+            }
+        );
+        // Without a Route the target is the next hop.
+        let plain = req("MESSAGE", "sip:alice@example.com", &[]);
+        let hop = next_hop(&plain, target).unwrap();
+        assert_eq!((hop.host.as_str(), hop.port), ("127.0.0.1", Some(5090)));
     }
 
     #[test]
@@ -1056,7 +1097,7 @@ mod tests {
                 "<sip:192.0.2.9;lr>"
             ]
         );
-        let hop = next_hop(&out).unwrap();
+        let hop = next_hop(&loaded, b"sip:bob@192.0.2.7:5062").unwrap();
         assert_eq!((hop.host.as_str(), hop.port), ("127.0.0.1", Some(5090)));
         assert!(preload_route(&r, &[Bytes::from_static(b"<not a uri")]).is_err());
     }
@@ -1092,7 +1133,7 @@ mod tests {
             "sip:bob@example.com",
             &["Route: <sip:example.com:5070;transport=TCP;lr>, <sip:127.0.0.1;lr>"],
         );
-        let hop = next_hop(&r).unwrap();
+        let hop = hop_of(&r).unwrap();
         assert_eq!(
             hop,
             NextHop {
@@ -1107,7 +1148,7 @@ mod tests {
     #[test]
     fn next_hop_from_request_uri() {
         let r = req("INVITE", "sips:bob@example.com", &[]);
-        let hop = next_hop(&r).unwrap();
+        let hop = hop_of(&r).unwrap();
         assert_eq!(
             hop,
             NextHop {
@@ -1122,7 +1163,7 @@ mod tests {
             "sip:bob@example.com;maddr=127.0.0.1;transport=udp",
             &[],
         );
-        let hop = next_hop(&r).unwrap();
+        let hop = hop_of(&r).unwrap();
         assert_eq!(hop.host, "127.0.0.1");
         assert_eq!(hop.transport, Some(TransportKind::Udp));
     }
@@ -1130,9 +1171,9 @@ mod tests {
     #[test]
     fn next_hop_errors() {
         let tel = req("INVITE", "tel:+15551234567", &[]);
-        assert_eq!(next_hop(&tel).unwrap_err().status(), 404);
+        assert_eq!(hop_of(&tel).unwrap_err().status(), 404);
         let sctp = req("INVITE", "sip:bob@example.com;transport=sctp", &[]);
-        assert_eq!(next_hop(&sctp).unwrap_err().status(), 503);
+        assert_eq!(hop_of(&sctp).unwrap_err().status(), 503);
     }
 
     // ----- IPv6 ---------------------------------------------------------------------------
@@ -1227,7 +1268,7 @@ mod tests {
                 "{ours}"
             );
             assert_eq!(routes(&r), ["<sip:[2001:db8::5];lr>"]);
-            let hop = next_hop(&r).unwrap();
+            let hop = hop_of(&r).unwrap();
             assert_eq!((hop.host.as_str(), hop.port), ("2001:db8::5", None));
         }
         // Another port on our address is not us.
@@ -1245,7 +1286,7 @@ mod tests {
 
     #[test]
     fn next_hop_of_an_ipv6_uri_is_the_bare_address() {
-        let hop = next_hop(&req("INVITE", "sip:bob@[::1]:5080;transport=tcp", &[])).unwrap();
+        let hop = hop_of(&req("INVITE", "sip:bob@[::1]:5080;transport=tcp", &[])).unwrap();
         assert_eq!(
             hop,
             NextHop {
@@ -1255,14 +1296,14 @@ mod tests {
                 secure: false,
             }
         );
-        let hop = next_hop(&req(
+        let hop = hop_of(&req(
             "INVITE",
             "sip:bob@example.com;maddr=[2001:db8::9]",
             &[],
         ))
         .unwrap();
         assert_eq!((hop.host.as_str(), hop.port), ("2001:db8::9", None));
-        let hop = next_hop(&req("INVITE", "sip:[0:0:0:0:0:0:0:1]", &[])).unwrap();
+        let hop = hop_of(&req("INVITE", "sip:[0:0:0:0:0:0:0:1]", &[])).unwrap();
         assert_eq!(hop.host.parse::<std::net::IpAddr>().unwrap(), V6_UDP.1.ip());
     }
 
