@@ -487,7 +487,12 @@ impl Relay {
                 target,
                 record_route,
             } => self.forward_stateless(request, target, record_route, meta, out),
-            Decision::Drop | Decision::Relay { .. } | Decision::Resolve { .. } => {
+            Decision::Drop {
+                reason: Some(reason),
+            } => {
+                info!(target: REFUSED, call_id = %call_id(request), source = %meta.source, transport = %meta.kind, reason = %format_args!("the routing script dropped it: {reason}"), "request dropped");
+            }
+            Decision::Drop { reason: None } | Decision::Relay { .. } | Decision::Resolve { .. } => {
                 info!(target: REFUSED, call_id = %call_id(request), source = %meta.source, transport = %meta.kind, reason = "the routing script dropped it (no answer sent)", "request dropped");
             }
         }
@@ -708,7 +713,12 @@ impl Relay {
                 target,
                 record_route,
             } => (target, record_route),
-            Decision::Reply { .. } | Decision::Drop | Decision::Resolve { .. } => {
+            Decision::Drop {
+                reason: Some(reason),
+            } => {
+                return info!(target: REFUSED, call_id = %call_id(ack), source = %meta.source, transport = %meta.kind, reason = %format_args!("the routing script dropped it: {reason}"), "ACK dropped");
+            }
+            Decision::Reply { .. } | Decision::Drop { .. } | Decision::Resolve { .. } => {
                 return info!(target: REFUSED, call_id = %call_id(ack), source = %meta.source, transport = %meta.kind, reason = "the routing script dropped it", "ACK dropped");
             }
         };

@@ -318,6 +318,46 @@ pub fn preprocess_routes(
     })
 }
 
+/// The Route values of `req` as it is now, in order, sharing the message's bytes: what
+/// [`remove_preloaded_route`] later recognises.
+pub fn route_set(req: &Message) -> Result<Vec<bytes::Bytes>, ParseError> {
+    req.values(HeaderName::Route)
+        .map(|v| v.map(|v| req.share(v)).map_err(|e| e.in_context("Route")))
+        .collect()
+}
+
+/// Removes a route set the sender pre-loaded from the top of `req`'s Route, so the request is
+/// not sent where the sender chose (§16.6 step 7 would follow it: the top Route is the next
+/// hop). `preloaded` is what [`route_set`] gave after §16.4 ([`preprocess_routes`]) removed
+/// our own entries. Removed only while the request still starts with exactly those values: a
+/// router that rewrote Route itself took the decision, and what it added below them stays.
+/// Returns whether anything was removed.
+///
+/// RFC 3261 lets a proxy follow a pre-loaded Route (§16.4, §16.6 steps 6-7), and a proxy
+/// relaying for anyone who asks becomes an open relay and a port scanner by it; Kamailio's
+/// default configuration removes Route from initial requests for this reason
+/// (`remove_hf("Route")`). Routing policy decides who may pre-load a route; this is the
+/// mechanism.
+pub fn remove_preloaded_route(
+    req: &mut Message,
+    preloaded: &[bytes::Bytes],
+) -> Result<bool, ParseError> {
+    if preloaded.is_empty() {
+        return Ok(false);
+    }
+    let routes = route_values(req)?;
+    let unchanged = routes.len() >= preloaded.len()
+        && routes
+            .iter()
+            .zip(preloaded)
+            .all(|(now, before)| now[..] == before[..]);
+    if !unchanged {
+        return Ok(false);
+    }
+    set_routes(req, &routes[preloaded.len()..])?;
+    Ok(true)
+}
+
 /// What [`forward_copy`] needs for one target (§16.6).
 #[derive(Clone, Copy, Debug)]
 pub struct ForwardSpec<'a> {
@@ -1122,6 +1162,51 @@ mod tests {
         let mut s = spec("sip:bob@example.com", &me);
         s.branch = "z9hG4bK bad;x=1";
         assert!(forward_copy(&r, &s).is_err());
+    }
+
+    // ----- remove_preloaded_route -----------------------------------------------------------
+
+    #[test]
+    fn a_preloaded_route_is_removed_while_it_is_unchanged() {
+        let mut r = req(
+            "MESSAGE",
+            "sip:alice@127.0.0.1",
+            &[
+                "Route: <sip:127.0.0.1:5060;lr>, <sip:127.0.0.9;lr>",
+                "Route: <sip:127.0.0.8>",
+            ],
+        );
+        let me = me();
+        let done = preprocess_routes(&mut r, &me).unwrap();
+        assert!(done.consumed_own_route && !done.signed);
+        let preloaded = route_set(&r).unwrap();
+        assert_eq!(preloaded, ["<sip:127.0.0.9;lr>", "<sip:127.0.0.8>"]);
+
+        // Untouched: all of it goes.
+        let mut untouched = r.clone();
+        assert!(remove_preloaded_route(&mut untouched, &preloaded).unwrap());
+        assert!(routes(&untouched).is_empty());
+        assert_eq!(hop_of(&untouched).unwrap().host, "127.0.0.1");
+
+        // A Route the router appended below stays.
+        let mut appended = r.clone();
+        appended
+            .append_header("Route", b"<sip:192.0.2.1;lr>")
+            .unwrap();
+        assert!(remove_preloaded_route(&mut appended, &preloaded).unwrap());
+        assert_eq!(routes(&appended), ["<sip:192.0.2.1;lr>"]);
+
+        // A router that replaced or removed Route decided: nothing more is removed.
+        let mut replaced = r.clone();
+        replaced.set_header("Route", b"<sip:192.0.2.1;lr>").unwrap();
+        assert!(!remove_preloaded_route(&mut replaced, &preloaded).unwrap());
+        assert_eq!(routes(&replaced), ["<sip:192.0.2.1;lr>"]);
+        let mut removed = r.clone();
+        removed.remove_headers("Route");
+        assert!(!remove_preloaded_route(&mut removed, &preloaded).unwrap());
+
+        // Nothing pre-loaded: nothing to do.
+        assert!(!remove_preloaded_route(&mut r.clone(), &[]).unwrap());
     }
 
     // ----- next_hop -----------------------------------------------------------------------
