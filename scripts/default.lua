@@ -109,10 +109,11 @@ function on_request(req)
   if ROUTE_PEERS[req.src_ip] then
     req:follow_preloaded_route()
   else
-    local route = req:header("Route")
-    if route then
+    local route = req:headers("Route")
+    if #route > 0 then
       req:remove_header("Route")
-      sip.log("info", "pre-loaded Route removed, not followed:", route, "from", req.src_ip)
+      sip.log("info", "pre-loaded Route removed, not followed:", table.concat(route, ", "),
+        "from", req.src_ip)
     end
   end
 
