@@ -1234,8 +1234,8 @@ mod tests {
             ],
         );
         let me = me();
-        let done = preprocess_routes(&mut r, &me).unwrap();
-        assert!(done.consumed_own_route && !done.signed);
+        let (done, verdict) = preprocess_and_check(&mut r, &me);
+        assert!(done.consumed_own_route && verdict == Verdict::Unsigned);
         let preloaded = route_set(&r).unwrap();
         assert_eq!(preloaded, ["<sip:127.0.0.9;lr>", "<sip:127.0.0.8>"]);
 
