@@ -484,7 +484,7 @@ async fn in_dialog_requests_follow_our_signed_route_set_and_nothing_else() {
     carol.bye(&mut dialog).await;
     let bye = edge.expect_request("BYE").await;
     let routes: Vec<String> = bye.headers_named("Route").map(text).collect();
-    assert_eq!(routes, [edge_route.clone()], "{}", show(&bye));
+    assert_eq!(routes, [edge_route], "{}", show(&bye));
     assert_eq!(bye.request_uri_bytes(), Some(alice.uri().as_bytes()));
     edge.respond(&bye, 200, "OK").await;
     carol.expect_final(200).await;

@@ -165,10 +165,6 @@ pub struct Relay {
     next_resolve: u64,
     /// Resolutions to ask the shell for; see [`Relay::take_resolves`].
     resolve_requests: Vec<(u64, dns::Query)>,
-    /// The wall clock, the one clock the relay reads itself: Record-Route signatures expire
-    /// in wall-clock time, as they outlive the process and other servers check them
-    /// (`route_sign`). [`SystemTime::now`] unless a test sets another.
-    wall_clock: fn() -> SystemTime,
 }
 
 /// The loop index in a branch this proxy created, if it is one.
@@ -209,14 +205,7 @@ impl Relay {
             resolving: HashMap::new(),
             next_resolve: 0,
             resolve_requests: Vec::new(),
-            wall_clock: SystemTime::now,
         }
-    }
-
-    /// The same relay reading the wall time from `clock` (tests of signature expiry).
-    pub fn with_wall_clock(mut self, clock: fn() -> SystemTime) -> Relay {
-        self.wall_clock = clock;
-        self
     }
 
     pub fn next_deadline(&self) -> Option<Instant> {
@@ -452,7 +441,7 @@ impl Relay {
     fn preprocess(&self, request: &mut Message) -> Option<RouteInfo> {
         let had_route = request.routes().next().is_some();
         let done = preprocess_routes(request, &self.me).ok()?;
-        let signature = self.me.check_route(request, &done, (self.wall_clock)());
+        let signature = self.me.check_route(request, &done, wall_clock());
         Some(RouteInfo {
             had_route,
             consumed_own_route: done.consumed_own_route,
@@ -464,8 +453,7 @@ impl Relay {
     /// §16.7 step 8 for a response relayed statelessly (§16.11, the answer to a `forward()`):
     /// our callee's copies in its Record-Route become the caller's, as for a stateful one.
     pub fn sign_stray_response(&self, response: &mut Message) {
-        self.me
-            .sign_response_record_route(response, (self.wall_clock)());
+        self.me.sign_response_record_route(response, wall_clock());
     }
 
     /// The Request-URI as the only target (§16.5), unless it names this proxy and no Route is
@@ -547,7 +535,7 @@ impl Relay {
             branch: stateless_branch(request),
             inbound: (meta.kind, meta.local),
             record_route,
-            now: (self.wall_clock)(),
+            now: wall_clock(),
         };
         let planned = first_copy(
             &self.me,
@@ -796,7 +784,7 @@ impl Relay {
                     };
                     // After the router: the caller's copy binds the Contact it left.
                     self.me
-                        .sign_response_record_route(&mut response, (self.wall_clock)());
+                        .sign_response_record_route(&mut response, wall_clock());
                     call.context
                         .on_response(branch, response, now, &mut actions);
                     if provisional && !keep {
@@ -966,7 +954,7 @@ impl Relay {
             request: request.as_ref().unwrap_or(&call.request),
             uri: &uri,
             branch: &branch_id,
-            now: (self.wall_clock)(),
+            now: wall_clock(),
         };
         // A Path (the route) wins over the received address (RFC 5626 §5.3 order).
         let pinned = target.destination.filter(|_| target.route.is_empty());
@@ -1108,7 +1096,7 @@ impl Relay {
                 branch_id(base, self.loop_index, self.next_unique)
             }
         };
-        let (me, bound, now_wall) = (&self.me, &self.bound, (self.wall_clock)());
+        let (me, bound, now_wall) = (&self.me, &self.bound, wall_clock());
         let Some(call) = self.calls.get_mut(&server) else {
             return;
         };
@@ -1324,6 +1312,13 @@ impl Relay {
 fn with_request_uri(mut request: Message, uri: &[u8]) -> Message {
     let _ = request.set_request_uri(uri);
     request
+}
+
+/// The wall-clock time, the one clock the relay reads itself: Record-Route signatures expire in
+/// wall-clock time, as they outlive the process and other servers check them (`route_sign`,
+/// whose functions take it as an explicit `now`).
+fn wall_clock() -> SystemTime {
+    SystemTime::now()
 }
 
 fn reply(code: u16, reason: &'static str) -> Handled {
