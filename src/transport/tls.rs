@@ -402,6 +402,8 @@ async fn accept_and_serve(
             debug!(conn = %handle.id(), %peer, %error, "TLS handshake failed; closing")
         }
         Err(_) => {
+            // The address's pending place is free once this is logged.
+            drop(registration);
             ctx.metrics
                 .transport
                 .connection_timed_out(TransportKind::Tls, StreamTimeout::Handshake);

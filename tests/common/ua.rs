@@ -182,6 +182,22 @@ enum Net {
     Tcp(HashMap<SocketAddr, Writer>),
 }
 
+/// A TCP connection to `server` from `source` (any port), within [`WAIT`].
+pub async fn connect_from(source: std::net::IpAddr, server: SocketAddr) -> TcpStream {
+    let socket = match source {
+        std::net::IpAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+        std::net::IpAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+    }
+    .expect("a TCP socket");
+    socket
+        .bind(SocketAddr::new(source, 0))
+        .unwrap_or_else(|error| panic!("bind {source}: {error}"));
+    tokio::time::timeout(WAIT, socket.connect(server))
+        .await
+        .expect("connected in time")
+        .expect("connected")
+}
+
 /// A request this UA sent, kept to build its ACK or CANCEL.
 struct Sent {
     request: Message,
@@ -255,6 +271,17 @@ impl TestUa {
     pub async fn tcp(name: &str, proxy: SocketAddr) -> TestUa {
         let (tx, rx) = mpsc::unbounded_channel();
         let stream = TcpStream::connect(proxy).await.expect("connect TCP");
+        let local = stream.local_addr().unwrap();
+        let mut ua = TestUa::with_net(name, local, Net::Tcp(HashMap::new()), tx, rx);
+        ua.adopt(stream, proxy);
+        ua.outbound = Some(proxy);
+        ua
+    }
+
+    /// [`TestUa::tcp`] from the local address `source` (e.g. 127.0.0.2, another client host).
+    pub async fn tcp_from(name: &str, source: std::net::IpAddr, proxy: SocketAddr) -> TestUa {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let stream = connect_from(source, proxy).await;
         let local = stream.local_addr().unwrap();
         let mut ua = TestUa::with_net(name, local, Net::Tcp(HashMap::new()), tx, rx);
         ua.adopt(stream, proxy);
