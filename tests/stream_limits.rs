@@ -19,13 +19,13 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 
 use common::refused_log;
-use common::ua::{connect_from, TestUa, WAIT};
+use common::ua::{connect_from, read_until_closed, TestUa, WAIT};
 use moonroute::config::Config;
 use moonroute::metrics::engine::{ConnectionRefusal, StreamTimeout};
 use moonroute::metrics::EngineMetrics;
@@ -102,22 +102,23 @@ fn trickle(mut writer: OwnedWriteHalf, bytes: Vec<u8>) -> JoinHandle<()> {
     })
 }
 
-/// Reads until the server closes the connection (a reset counts); panics if it stays open
-/// for [`WAIT`]. Returns what was read.
-async fn until_closed(reader: &mut (impl AsyncReadExt + Unpin)) -> Vec<u8> {
-    let mut seen = Vec::new();
-    let closed = tokio::time::timeout(WAIT, async {
-        let mut buf = [0u8; 4096];
-        loop {
-            match reader.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => seen.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await;
-    assert!(closed.is_ok(), "the server kept the connection open");
-    seen
+/// Waits for the server to close `reader`'s connection without an answer, and checks that
+/// this was no sooner than `deadline_ms` after `started` (the deadline, not something else).
+async fn dropped_at_deadline(
+    reader: &mut (impl AsyncRead + Unpin),
+    started: Instant,
+    deadline_ms: u64,
+) {
+    assert!(
+        read_until_closed(reader, WAIT).await.is_empty(),
+        "no answer"
+    );
+    let took = started.elapsed();
+    let deadline = Duration::from_millis(deadline_ms);
+    assert!(
+        took >= deadline,
+        "closed after {took:?}, before {deadline:?}"
+    );
 }
 
 /// An OPTIONS for the server itself, answered 200 by the core.
@@ -204,12 +205,7 @@ async fn a_header_block_trickling_past_its_deadline_is_dropped() {
         running.tcp
     );
     let trickler = trickle(writer, head.into_bytes());
-    assert!(until_closed(&mut reader).await.is_empty(), "no answer");
-    let took = started.elapsed();
-    assert!(
-        took >= Duration::from_millis(HEADER_MS),
-        "closed after {took:?}"
-    );
+    dropped_at_deadline(&mut reader, started, HEADER_MS).await;
     let line = refused
         .expect(
             "127.0.0.3",
@@ -255,12 +251,7 @@ async fn a_body_trickling_past_its_deadline_is_dropped() {
     let started = Instant::now();
     writer.write_all(head.as_bytes()).await.unwrap();
     let trickler = trickle(writer, vec![b'x'; 50]);
-    assert!(until_closed(&mut reader).await.is_empty(), "no answer");
-    let took = started.elapsed();
-    assert!(
-        took >= Duration::from_millis(MESSAGE_MS),
-        "closed after {took:?}"
-    );
+    dropped_at_deadline(&mut reader, started, MESSAGE_MS).await;
     refused
         .expect(
             "127.0.0.4",
@@ -285,8 +276,7 @@ async fn a_connection_that_never_sends_a_message_is_dropped() {
     let running = start(&short_deadlines());
     let started = Instant::now();
     let mut silent = connect_from(ip("127.0.0.5"), running.tcp).await;
-    assert!(until_closed(&mut silent).await.is_empty());
-    assert!(started.elapsed() >= Duration::from_millis(HEADER_MS));
+    dropped_at_deadline(&mut silent, started, HEADER_MS).await;
     refused
         .expect(
             "127.0.0.5",
@@ -311,7 +301,7 @@ async fn connections_beyond_the_per_address_limit_are_refused() {
         held.push(ua);
     }
     let mut third = connect_from(ip("127.0.0.6"), running.tcp).await;
-    assert!(until_closed(&mut third).await.is_empty());
+    assert!(read_until_closed(&mut third, WAIT).await.is_empty());
     refused
         .expect(
             "127.0.0.6",
@@ -352,7 +342,7 @@ async fn outbound_connections_open_while_inbound_slots_are_full() {
         silent.push(connect_from(ip("127.0.0.7"), running.tcp).await);
     }
     let mut extra = connect_from(ip("127.0.0.7"), running.tcp).await;
-    assert!(until_closed(&mut extra).await.is_empty());
+    assert!(read_until_closed(&mut extra, WAIT).await.is_empty());
     refused
         .expect(
             "127.0.0.7",

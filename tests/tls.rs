@@ -24,7 +24,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
-use common::ua::{connect_from, show, TestUa, WAIT};
+use common::ua::{connect_from, read_until_closed, show, TestUa, WAIT};
 use moonroute::config::Config;
 use moonroute::metrics::engine::{ConnectionRefusal, StreamTimeout};
 use moonroute::metrics::EngineMetrics;
@@ -200,24 +200,6 @@ fn record_routes(m: &Message) -> Vec<String> {
     m.headers_named("Record-Route")
         .map(|v| common::without_signature(&String::from_utf8_lossy(v)))
         .collect()
-}
-
-/// Reads `stream` until the peer closes it (or resets it); panics if it stays open for
-/// `within`. Returns what was read.
-async fn read_until_closed(stream: &mut TcpStream, within: Duration) -> Vec<u8> {
-    let mut seen = Vec::new();
-    let closed = tokio::time::timeout(within, async {
-        let mut buf = [0u8; 4096];
-        loop {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => seen.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await;
-    assert!(closed.is_ok(), "the server kept the connection open");
-    seen
 }
 
 // ----- tests ----------------------------------------------------------------------------------

@@ -447,7 +447,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                         return reason;
                     }
                     let progress = self.framer.progress();
-                    self.clock.observe(progress, std::time::Instant::now());
+                    self.clock.observe(progress, Instant::now().into_std());
                 }
                 Event::Read(Err(error)) => return CloseReason::ReadFailed(error),
             }

@@ -198,6 +198,24 @@ pub async fn connect_from(source: std::net::IpAddr, server: SocketAddr) -> TcpSt
         .expect("connected")
 }
 
+/// Reads `stream` until the peer closes it (or resets it); panics if it stays open for
+/// `within`. Returns what was read.
+pub async fn read_until_closed(stream: &mut (impl AsyncRead + Unpin), within: Duration) -> Vec<u8> {
+    let mut seen = Vec::new();
+    let closed = tokio::time::timeout(within, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the server kept the connection open");
+    seen
+}
+
 /// A request this UA sent, kept to build its ACK or CANCEL.
 struct Sent {
     request: Message,
