@@ -442,12 +442,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 }
                 Event::Read(Ok(0)) => return CloseReason::PeerClosed,
                 Event::Read(Ok(_)) => {
-                    self.touch();
+                    let arrived = self.touch();
                     if let Some(reason) = self.deliver_frames().await {
                         return reason;
                     }
+                    // A message started by these bytes started when they arrived.
                     let progress = self.framer.progress();
-                    self.clock.observe(progress, Instant::now().into_std());
+                    self.clock.observe(progress, arrived.into_std());
                 }
                 Event::Read(Err(error)) => return CloseReason::ReadFailed(error),
             }
@@ -583,8 +584,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
     }
 
-    fn touch(&mut self) {
-        self.idle_deadline = Instant::now() + self.ctx.limits.tcp_idle_timeout;
+    /// Restarts the idle timeout now, and returns now.
+    fn touch(&mut self) -> Instant {
+        let now = Instant::now();
+        self.idle_deadline = now + self.ctx.limits.tcp_idle_timeout;
+        now
     }
 
     fn log_close(&self, reason: &CloseReason) {
