@@ -172,18 +172,6 @@ pub struct ConnectionLimits {
     pub max_pending_per_source: usize,
 }
 
-impl ConnectionLimits {
-    /// Only the overall limit (every connection may be inbound, from any one address).
-    pub fn total(max_connections: usize) -> ConnectionLimits {
-        ConnectionLimits {
-            max_connections,
-            max_inbound: max_connections,
-            max_per_source: max_connections,
-            max_pending_per_source: max_connections,
-        }
-    }
-}
-
 /// Which limit refused a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Limit {
@@ -265,7 +253,8 @@ struct Tables {
 }
 
 impl Tables {
-    /// The limit an accepted connection from `source` would exceed, the closest one first.
+    /// The limit an accepted connection from `source` would exceed; those of the address
+    /// first, as the ones it is to blame for.
     fn inbound_refusal(&self, limits: &ConnectionLimits, source: Source) -> Option<LimitReached> {
         let count = self.by_source.get(&source);
         let pending = count.map_or(0, |count| count.pending);
@@ -320,10 +309,6 @@ impl ConnectionRegistry {
             .count()
     }
 
-    pub fn limits(&self) -> ConnectionLimits {
-        self.limits
-    }
-
     /// Accepted connections open.
     pub fn inbound_len(&self) -> usize {
         self.lock().inbound
@@ -342,7 +327,7 @@ impl ConnectionRegistry {
     }
 
     /// The most recently registered open connection to `peer` over `kind` that was opened
-    /// for `name` (as given to [`ConnectionRegistry::register_named`], lower case).
+    /// for `name` (as given to [`ConnectionRegistry::register_outbound`], lower case).
     pub fn find_named(
         &self,
         kind: TransportKind,
@@ -532,6 +517,16 @@ impl Drop for Registration {
 mod tests {
     use super::*;
 
+    /// Only the overall limit (every connection may be inbound, from any one address).
+    fn total(max_connections: usize) -> ConnectionLimits {
+        ConnectionLimits {
+            max_connections,
+            max_inbound: max_connections,
+            max_per_source: max_connections,
+            max_pending_per_source: max_connections,
+        }
+    }
+
     fn peer(port: u16) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], port))
     }
@@ -553,7 +548,7 @@ mod tests {
 
     #[test]
     fn registers_looks_up_and_unregisters_on_drop() {
-        let registry = Arc::new(ConnectionRegistry::new(ConnectionLimits::total(4)));
+        let registry = Arc::new(ConnectionRegistry::new(total(4)));
         let registration = registry
             .register_inbound(TransportKind::Tcp, peer(1), 2)
             .unwrap();
@@ -574,7 +569,7 @@ mod tests {
 
     #[test]
     fn named_connections_are_found_by_name_and_address() {
-        let registry = Arc::new(ConnectionRegistry::new(ConnectionLimits::total(4)));
+        let registry = Arc::new(ConnectionRegistry::new(total(4)));
         let a: Arc<str> = Arc::from("a.example");
         let b: Arc<str> = Arc::from("b.example");
         let inbound = registry
@@ -605,7 +600,7 @@ mod tests {
 
     #[test]
     fn refuses_beyond_the_limit() {
-        let registry = Arc::new(ConnectionRegistry::new(ConnectionLimits::total(2)));
+        let registry = Arc::new(ConnectionRegistry::new(total(2)));
         let _a = registry
             .register_inbound(TransportKind::Tcp, peer(1), 1)
             .unwrap();
@@ -629,7 +624,7 @@ mod tests {
 
     #[test]
     fn ids_are_unique() {
-        let registry = Arc::new(ConnectionRegistry::new(ConnectionLimits::total(8)));
+        let registry = Arc::new(ConnectionRegistry::new(total(8)));
         let a = registry
             .register_inbound(TransportKind::Tcp, peer(1), 1)
             .unwrap();
@@ -649,7 +644,7 @@ mod tests {
 
     #[test]
     fn a_full_queue_aborts_the_connection() {
-        let registry = Arc::new(ConnectionRegistry::new(ConnectionLimits::total(1)));
+        let registry = Arc::new(ConnectionRegistry::new(total(1)));
         let mut registration = registry
             .register_inbound(TransportKind::Tcp, peer(1), 1)
             .unwrap();
@@ -669,7 +664,7 @@ mod tests {
 
     #[test]
     fn sending_to_a_closed_connection_fails() {
-        let registry = Arc::new(ConnectionRegistry::new(ConnectionLimits::total(1)));
+        let registry = Arc::new(ConnectionRegistry::new(total(1)));
         let registration = registry
             .register_inbound(TransportKind::Tcp, peer(1), 1)
             .unwrap();
