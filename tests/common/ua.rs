@@ -216,6 +216,31 @@ pub async fn read_until_closed(stream: &mut (impl AsyncRead + Unpin), within: Du
     seen
 }
 
+/// Watches connections whose fate the test knows only in number (say, one of several
+/// accepted by different event loops is refused, whichever came last): reports the index of
+/// each as the peer closes it. Each stays open, read and discarded, until then (or until the
+/// test ends).
+pub fn watch_closes(streams: Vec<TcpStream>) -> mpsc::UnboundedReceiver<usize> {
+    let (closed, closes) = mpsc::unbounded_channel();
+    for (index, mut stream) in streams.into_iter().enumerate() {
+        let closed = closed.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 4096];
+            while let Ok(1..) = stream.read(&mut buf).await {}
+            let _ = closed.send(index);
+        });
+    }
+    closes
+}
+
+/// The next index from [`watch_closes`]; panics if no connection closes within `within`.
+pub async fn next_close(closes: &mut mpsc::UnboundedReceiver<usize>, within: Duration) -> usize {
+    tokio::time::timeout(within, closes.recv())
+        .await
+        .expect("a connection closed in time")
+        .expect("still watching")
+}
+
 /// A request this UA sent, kept to build its ACK or CANCEL.
 struct Sent {
     request: Message,
