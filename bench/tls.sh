@@ -60,7 +60,7 @@ trap 'exit 130' INT TERM
 
 "$load" certs --out "$work/certs" >/dev/null
 # The shipped script authenticates; the load's REGISTERs and calls carry no credentials.
-sed 's/^local AUTHENTICATE = true/local AUTHENTICATE = false/' scripts/default.lua >"$work/default-noauth.lua"
+default_script_without_auth >"$work/default-noauth.lua"
 cat >"$work/moonroute.toml" <<TOML
 listen = ["udp:127.0.0.1:$udp_port", "tls:127.0.0.1:$tls_port", "tcp:127.0.0.1:$tcp_port"]
 script = "$work/default-noauth.lua"

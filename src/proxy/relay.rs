@@ -487,7 +487,12 @@ impl Relay {
                 target,
                 record_route,
             } => self.forward_stateless(request, target, record_route, meta, out),
-            Decision::Drop | Decision::Relay { .. } | Decision::Resolve { .. } => {
+            Decision::Drop {
+                reason: Some(reason),
+            } => {
+                info!(target: REFUSED, call_id = %call_id(request), source = %meta.source, transport = %meta.kind, reason = %format_args!("the routing script dropped it: {reason}"), "request dropped");
+            }
+            Decision::Drop { reason: None } | Decision::Relay { .. } | Decision::Resolve { .. } => {
                 info!(target: REFUSED, call_id = %call_id(request), source = %meta.source, transport = %meta.kind, reason = "the routing script dropped it (no answer sent)", "request dropped");
             }
         }
@@ -531,7 +536,7 @@ impl Relay {
                 Some(uri) => {
                     next_hop_of_uri(uri).map_err(|_| "the destination is not a SIP URI")?
                 }
-                None => next_hop(&first).map_err(|_| "no next hop")?,
+                None => next_hop(&forward.request, &forward.uri).map_err(|_| "no next hop")?,
             };
             Ok((first, hop))
         });
@@ -708,7 +713,12 @@ impl Relay {
                 target,
                 record_route,
             } => (target, record_route),
-            Decision::Reply { .. } | Decision::Drop | Decision::Resolve { .. } => {
+            Decision::Drop {
+                reason: Some(reason),
+            } => {
+                return info!(target: REFUSED, call_id = %call_id(ack), source = %meta.source, transport = %meta.kind, reason = %format_args!("the routing script dropped it: {reason}"), "ACK dropped");
+            }
+            Decision::Reply { .. } | Decision::Drop { .. } | Decision::Resolve { .. } => {
                 return info!(target: REFUSED, call_id = %call_id(ack), source = %meta.source, transport = %meta.kind, reason = "the routing script dropped it", "ACK dropped");
             }
         };
@@ -962,8 +972,11 @@ impl Relay {
                 Err(reason) => self.branch_unreachable(server, branch, reason, now, more),
             };
         }
-        let planned = first_copy(&self.me, &parts, call.inbound, call.record_route)
-            .and_then(|first| Ok((next_hop(&first).map_err(|_| "no next hop")?, first)));
+        let planned =
+            first_copy(&self.me, &parts, call.inbound, call.record_route).and_then(|first| {
+                let hop = next_hop(parts.request, parts.uri).map_err(|_| "no next hop")?;
+                Ok((hop, first))
+            });
         if call.branches.len() <= branch.0 {
             call.branches.resize_with(branch.0 + 1, || None);
         }
@@ -1335,8 +1348,9 @@ fn spec<'a>(
     }
 }
 
-/// The copy as it would leave on the inbound transport (§16.6 steps 1-8): it names the next
-/// hop (Route or the new Request-URI), and is the copy sent when that is how it leaves.
+/// The copy as it would leave on the inbound transport (§16.6 steps 1-8), sent when that is
+/// how it leaves. Its next hop is [`next_hop`] of the request it was built from (step 6 may
+/// have moved a strict router's URI from Route into its Request-URI).
 fn first_copy(
     me: &ProxyIdentity,
     parts: &CopyParts<'_>,

@@ -318,6 +318,46 @@ pub fn preprocess_routes(
     })
 }
 
+/// The Route values of `req` as it is now, in order, sharing the message's bytes: what
+/// [`remove_preloaded_route`] later recognises.
+pub fn route_set(req: &Message) -> Result<Vec<bytes::Bytes>, ParseError> {
+    req.values(HeaderName::Route)
+        .map(|v| v.map(|v| req.share(v)).map_err(|e| e.in_context("Route")))
+        .collect()
+}
+
+/// Removes a route set the sender pre-loaded from the top of `req`'s Route, so the request is
+/// not sent where the sender chose (§16.6 step 7 would follow it: the top Route is the next
+/// hop). `preloaded` is what [`route_set`] gave after §16.4 ([`preprocess_routes`]) removed
+/// our own entries. Removed only while the request still starts with exactly those values: a
+/// router that rewrote Route itself took the decision, and what it added below them stays.
+/// Returns whether anything was removed.
+///
+/// RFC 3261 lets a proxy follow a pre-loaded Route (§16.4, §16.6 steps 6-7), and a proxy
+/// relaying for anyone who asks becomes an open relay and a port scanner by it; Kamailio's
+/// default configuration removes Route from initial requests for this reason
+/// (`remove_hf("Route")`). Routing policy decides who may pre-load a route; this is the
+/// mechanism.
+pub fn remove_preloaded_route(
+    req: &mut Message,
+    preloaded: &[bytes::Bytes],
+) -> Result<bool, ParseError> {
+    if preloaded.is_empty() {
+        return Ok(false);
+    }
+    let routes = route_values(req)?;
+    let unchanged = routes.len() >= preloaded.len()
+        && routes
+            .iter()
+            .zip(preloaded)
+            .all(|(now, before)| now[..] == before[..]);
+    if !unchanged {
+        return Ok(false);
+    }
+    set_routes(req, &routes[preloaded.len()..])?;
+    Ok(true)
+}
+
 /// What [`forward_copy`] needs for one target (§16.6).
 #[derive(Clone, Copy, Debug)]
 pub struct ForwardSpec<'a> {
@@ -347,8 +387,8 @@ pub struct ForwardSpec<'a> {
 /// - step 8: our Via on top with `branch`.
 /// - step 10: Content-Length added for a stream transport (§18.3).
 ///
-/// Step 5 (extra headers) is the caller's; steps 7 and 9 are [`next_hop`] and the client
-/// transaction.
+/// Step 5 (extra headers) is the caller's; steps 7 and 9 are [`next_hop`] (of `req`, not of
+/// the copy: see there) and the client transaction.
 pub fn forward_copy(req: &Message, spec: &ForwardSpec) -> Result<Message, ParseError> {
     if !scan::is_token(spec.branch.as_bytes()) {
         return Err(ParseError::with_status(500, "Via", "branch is not a token"));
@@ -436,19 +476,23 @@ pub struct NextHop {
     pub secure: bool,
 }
 
-/// §16.6 step 7: the top Route's URI if there is a Route, else the Request-URI. Call it on the
-/// copy from [`forward_copy`] (strict-router post-processing has run then).
+/// §16.6 step 7: where `req` goes first when it is forwarded to `target` (the new
+/// Request-URI of step 2): the URI of its top Route if it has one, else `target`.
+///
+/// Call it on the request **before** [`forward_copy`]. A top Route without `lr` names a strict
+/// router: step 6 moves that URI into the copy's Request-URI, and step 7 then says "the proxy
+/// MUST apply those procedures to the Request-URI", which is the same URI. On the copy after
+/// step 6 the top Route is the hop *after* the strict router, which must not be skipped.
 ///
 /// Errors carry the status to answer with: 416 for a scheme that is not sip/sips, 404 for a
 /// `tel:` URI with no Route (nothing says where to send it), 503 for a transport this proxy
 /// does not speak.
-pub fn next_hop(req: &Message) -> Result<NextHop, ParseError> {
+pub fn next_hop(req: &Message, target: &[u8]) -> Result<NextHop, ParseError> {
     let routes = route_values(req)?;
-    let raw: Vec<u8> = match routes.first() {
-        Some(top) => route_uri(top)?,
-        None => req.request_uri()?.raw().to_vec(),
-    };
-    next_hop_of_uri(&raw)
+    match routes.first() {
+        Some(top) => next_hop_of_uri(&route_uri(top)?),
+        None => next_hop_of_uri(target),
+    }
 }
 
 /// The next hop named by one URI: a Route value, a Request-URI, or a destination set apart
@@ -697,6 +741,11 @@ mod tests {
 
     fn req(method: &str, ruri: &str, extra: &[&str]) -> Message {
         parse(&req_text(method, ruri, extra))
+    }
+
+    /// Where `r` goes forwarded to its own Request-URI.
+    fn hop_of(r: &Message) -> Result<NextHop, ParseError> {
+        next_hop(r, r.request_uri_bytes().unwrap())
     }
 
     fn routes(m: &Message) -> Vec<String> {
@@ -1029,8 +1078,40 @@ mod tests {
             routes(&out),
             ["<sip:example.com;lr>", "<sip:bob@example.com>"]
         );
-        let hop = next_hop(&out).unwrap();
-        assert_eq!((hop.host.as_str(), hop.port), ("example.com", None));
+        // §16.6 step 7: after the rewrite the request goes to the strict router, not past it.
+        let hop = next_hop(&r, b"sip:bob@example.com").unwrap();
+        assert_eq!((hop.host.as_str(), hop.port), ("127.0.0.1", Some(5070)));
+    }
+
+    #[test]
+    fn a_strict_route_to_a_new_target_is_rewritten_once_and_is_the_next_hop() {
+        // A pre-loaded Route without `lr` in front of a registered contact: steps 6-7 together,
+        // never half of them (the contact must not become the next hop with the strict
+        // router's URI as its Request-URI).
+        let r = req(
+            "MESSAGE",
+            "sip:alice@example.com",
+            &["Route: <sip:127.0.0.9:5099;transport=tcp>"],
+        );
+        let me = me();
+        let target = b"sip:alice@127.0.0.1:5090";
+        let out = forward_copy(&r, &spec("sip:alice@127.0.0.1:5090", &me)).unwrap();
+        assert_eq!(rruri(&out), "sip:127.0.0.9:5099;transport=tcp");
+        assert_eq!(routes(&out), ["<sip:alice@127.0.0.1:5090>"]);
+        let hop = next_hop(&r, target).unwrap();
+        assert_eq!(
+            hop,
+            NextHop {
+                host: "127.0.0.9".into(),
+                port: Some(5099),
+                transport: Some(TransportKind::Tcp),
+                secure: false,
+            }
+        );
+        // Without a Route the target is the next hop.
+        let plain = req("MESSAGE", "sip:alice@example.com", &[]);
+        let hop = next_hop(&plain, target).unwrap();
+        assert_eq!((hop.host.as_str(), hop.port), ("127.0.0.1", Some(5090)));
     }
 
     #[test]
@@ -1056,7 +1137,7 @@ mod tests {
                 "<sip:192.0.2.9;lr>"
             ]
         );
-        let hop = next_hop(&out).unwrap();
+        let hop = next_hop(&loaded, b"sip:bob@192.0.2.7:5062").unwrap();
         assert_eq!((hop.host.as_str(), hop.port), ("127.0.0.1", Some(5090)));
         assert!(preload_route(&r, &[Bytes::from_static(b"<not a uri")]).is_err());
     }
@@ -1083,6 +1164,51 @@ mod tests {
         assert!(forward_copy(&r, &s).is_err());
     }
 
+    // ----- remove_preloaded_route -----------------------------------------------------------
+
+    #[test]
+    fn a_preloaded_route_is_removed_while_it_is_unchanged() {
+        let mut r = req(
+            "MESSAGE",
+            "sip:alice@127.0.0.1",
+            &[
+                "Route: <sip:127.0.0.1:5060;lr>, <sip:127.0.0.9;lr>",
+                "Route: <sip:127.0.0.8>",
+            ],
+        );
+        let me = me();
+        let done = preprocess_routes(&mut r, &me).unwrap();
+        assert!(done.consumed_own_route && !done.signed);
+        let preloaded = route_set(&r).unwrap();
+        assert_eq!(preloaded, ["<sip:127.0.0.9;lr>", "<sip:127.0.0.8>"]);
+
+        // Untouched: all of it goes.
+        let mut untouched = r.clone();
+        assert!(remove_preloaded_route(&mut untouched, &preloaded).unwrap());
+        assert!(routes(&untouched).is_empty());
+        assert_eq!(hop_of(&untouched).unwrap().host, "127.0.0.1");
+
+        // A Route the router appended below stays.
+        let mut appended = r.clone();
+        appended
+            .append_header("Route", b"<sip:192.0.2.1;lr>")
+            .unwrap();
+        assert!(remove_preloaded_route(&mut appended, &preloaded).unwrap());
+        assert_eq!(routes(&appended), ["<sip:192.0.2.1;lr>"]);
+
+        // A router that replaced or removed Route decided: nothing more is removed.
+        let mut replaced = r.clone();
+        replaced.set_header("Route", b"<sip:192.0.2.1;lr>").unwrap();
+        assert!(!remove_preloaded_route(&mut replaced, &preloaded).unwrap());
+        assert_eq!(routes(&replaced), ["<sip:192.0.2.1;lr>"]);
+        let mut removed = r.clone();
+        removed.remove_headers("Route");
+        assert!(!remove_preloaded_route(&mut removed, &preloaded).unwrap());
+
+        // Nothing pre-loaded: nothing to do.
+        assert!(!remove_preloaded_route(&mut r.clone(), &[]).unwrap());
+    }
+
     // ----- next_hop -----------------------------------------------------------------------
 
     #[test]
@@ -1092,7 +1218,7 @@ mod tests {
             "sip:bob@example.com",
             &["Route: <sip:example.com:5070;transport=TCP;lr>, <sip:127.0.0.1;lr>"],
         );
-        let hop = next_hop(&r).unwrap();
+        let hop = hop_of(&r).unwrap();
         assert_eq!(
             hop,
             NextHop {
@@ -1107,7 +1233,7 @@ mod tests {
     #[test]
     fn next_hop_from_request_uri() {
         let r = req("INVITE", "sips:bob@example.com", &[]);
-        let hop = next_hop(&r).unwrap();
+        let hop = hop_of(&r).unwrap();
         assert_eq!(
             hop,
             NextHop {
@@ -1122,7 +1248,7 @@ mod tests {
             "sip:bob@example.com;maddr=127.0.0.1;transport=udp",
             &[],
         );
-        let hop = next_hop(&r).unwrap();
+        let hop = hop_of(&r).unwrap();
         assert_eq!(hop.host, "127.0.0.1");
         assert_eq!(hop.transport, Some(TransportKind::Udp));
     }
@@ -1130,9 +1256,9 @@ mod tests {
     #[test]
     fn next_hop_errors() {
         let tel = req("INVITE", "tel:+15551234567", &[]);
-        assert_eq!(next_hop(&tel).unwrap_err().status(), 404);
+        assert_eq!(hop_of(&tel).unwrap_err().status(), 404);
         let sctp = req("INVITE", "sip:bob@example.com;transport=sctp", &[]);
-        assert_eq!(next_hop(&sctp).unwrap_err().status(), 503);
+        assert_eq!(hop_of(&sctp).unwrap_err().status(), 503);
     }
 
     // ----- IPv6 ---------------------------------------------------------------------------
@@ -1227,7 +1353,7 @@ mod tests {
                 "{ours}"
             );
             assert_eq!(routes(&r), ["<sip:[2001:db8::5];lr>"]);
-            let hop = next_hop(&r).unwrap();
+            let hop = hop_of(&r).unwrap();
             assert_eq!((hop.host.as_str(), hop.port), ("2001:db8::5", None));
         }
         // Another port on our address is not us.
@@ -1245,7 +1371,7 @@ mod tests {
 
     #[test]
     fn next_hop_of_an_ipv6_uri_is_the_bare_address() {
-        let hop = next_hop(&req("INVITE", "sip:bob@[::1]:5080;transport=tcp", &[])).unwrap();
+        let hop = hop_of(&req("INVITE", "sip:bob@[::1]:5080;transport=tcp", &[])).unwrap();
         assert_eq!(
             hop,
             NextHop {
@@ -1255,14 +1381,14 @@ mod tests {
                 secure: false,
             }
         );
-        let hop = next_hop(&req(
+        let hop = hop_of(&req(
             "INVITE",
             "sip:bob@example.com;maddr=[2001:db8::9]",
             &[],
         ))
         .unwrap();
         assert_eq!((hop.host.as_str(), hop.port), ("2001:db8::9", None));
-        let hop = next_hop(&req("INVITE", "sip:[0:0:0:0:0:0:0:1]", &[])).unwrap();
+        let hop = hop_of(&req("INVITE", "sip:[0:0:0:0:0:0:0:1]", &[])).unwrap();
         assert_eq!(hop.host.parse::<std::net::IpAddr>().unwrap(), V6_UDP.1.ip());
     }
 

@@ -41,8 +41,9 @@ pub enum Decision {
         target: Option<Bytes>,
         record_route: bool,
     },
-    /// Discard it without an answer.
-    Drop,
+    /// Discard it without an answer; `reason` goes into the one `moonroute::refused` log
+    /// line (default: the router dropped it).
+    Drop { reason: Option<Cow<'static, str>> },
     /// Not decided yet: the router waits for the DNS answer to `query` (the script called
     /// `sip.resolve`). The relay resolves it off the loop and calls [`Router::resume`] with
     /// the answer and the [`Routed::handle`] given with this decision.
@@ -57,6 +58,11 @@ impl Decision {
             headers: Vec::new(),
             wait_for: None,
         }
+    }
+
+    /// Discard it without an answer, for no reason worth logging beyond the router's choice.
+    pub fn drop() -> Decision {
+        Decision::Drop { reason: None }
     }
 }
 

@@ -31,8 +31,8 @@ use super::api::ScriptMsg;
 use super::engine::{Engine, Env, Limits, LogSink, ScriptError, ScriptSource};
 use super::kv::KvStore;
 use super::router::{
-    read_source, resume_request_hook, run_request_hook, undecided, RequestRun,
-    MAX_RESOLVES_PER_REQUEST,
+    guard_preloaded_route, read_source, resume_request_hook, run_request_hook, undecided,
+    RequestRun, MAX_RESOLVES_PER_REQUEST,
 };
 use super::{Services, KV_MAX_KEYS};
 use crate::auth::{Authenticator, Subscribers};
@@ -326,14 +326,16 @@ fn authenticator(fixture: &str) -> Result<Arc<Authenticator>, ScriptError> {
     )))
 }
 
-fn describe_state(before: &Message, state: ScriptMsg, vars: &Table) -> Outcome {
+fn describe_state(before: &Message, mut state: ScriptMsg, vars: &Table) -> Outcome {
+    let primitive = state.decision.as_ref().map(|(_, p)| *p);
+    let decision = match state.decision.take() {
+        Some((d, _)) => d,
+        None => undecided(&state.msg.method().cloned(), &state.msg),
+    };
+    // As the server does: a pre-loaded Route the script did not choose to follow is removed.
+    guard_preloaded_route(&mut state, &decision);
     let after = &state.msg;
     let (added, removed) = header_changes(before, after);
-    let primitive = state.decision.as_ref().map(|(_, p)| *p);
-    let decision = match state.decision {
-        Some((d, _)) => d,
-        None => undecided(&after.method().cloned(), after),
-    };
     let mut outcome = Outcome {
         request_line: String::from_utf8_lossy(before.start_line()).into_owned(),
         decision: "",
@@ -390,7 +392,10 @@ fn describe_state(before: &Message, state: ScriptMsg, vars: &Table) -> Outcome {
                 1000,
             )];
         }
-        Decision::Drop => outcome.decision = "drop",
+        Decision::Drop { reason } => {
+            outcome.decision = "drop";
+            outcome.reason = reason.map(std::borrow::Cow::into_owned);
+        }
         // Offline runs answer sip.resolve themselves, so the hook never ends suspended.
         Decision::Resolve { .. } => outcome.decision = "resolve",
     }
@@ -485,6 +490,10 @@ fn format_outcome(script: &str, o: &Outcome) -> String {
             for (name, value) in &o.reply_headers {
                 let _ = writeln!(s, "  header:  {name}: {value}");
             }
+        }
+        "drop" if o.reason.is_some() => {
+            let reason = o.reason.as_deref().unwrap_or_default();
+            let _ = writeln!(s, "decision:  drop ({reason}){by}");
         }
         other => {
             let _ = writeln!(s, "decision:  {other}{by}");
@@ -863,6 +872,68 @@ Content-Length: 0\r\n\r\n";
             )]
         );
         assert_eq!(o.logs, ["info unit.lua:6: routing INVITE"]);
+    }
+
+    /// [`INVITE`] with `route` as its Route header field.
+    fn invite_with_route(route: &str) -> Vec<u8> {
+        let text = String::from_utf8_lossy(INVITE).replacen(
+            "Max-Forwards: 70\r\n",
+            &format!("Max-Forwards: 70\r\nRoute: {route}\r\n"),
+            1,
+        );
+        text.into_bytes()
+    }
+
+    #[test]
+    fn a_preloaded_route_is_followed_only_when_the_script_says_so() {
+        let options = TestOptions::default();
+        let run_on = |script: &str, route: &str| {
+            run_once(&source(script), &invite_with_route(route), None, &options).unwrap()
+        };
+        let foreign = "<sip:127.0.0.9:5099;transport=tcp;lr>";
+        // Relayed without a word about it: the engine removes it.
+        let o = run_on("function on_request(req) return req:t_relay() end", foreign);
+        assert_eq!(o.decision, "relay");
+        assert_eq!(o.headers_removed, [format!("Route: {foreign}")]);
+        // Opted in: it stays, and follow_preloaded_route() says there was one.
+        let o = run_on(
+            "function on_request(req)
+               req.vars.had = req:follow_preloaded_route()
+               return req:t_relay()
+             end",
+            foreign,
+        );
+        assert!(o.headers_removed.is_empty(), "{:?}", o.headers_removed);
+        assert_eq!(o.vars, [("had".to_string(), VarValue::Bool(true))]);
+        // A Route the script adds below the sender's is the script's: only the sender's goes.
+        let o = run_on(
+            "function on_request(req)
+               req:append_header('Route', '<sip:127.0.0.1:5090;lr>')
+               return req:forward()
+             end",
+            foreign,
+        );
+        assert_eq!(o.decision, "forward");
+        assert_eq!(o.headers_removed, [format!("Route: {foreign}")]);
+        assert_eq!(o.headers_added, ["Route: <sip:127.0.0.1:5090;lr>"]);
+        // Our own entry is consumed by §16.4 before the script runs: nothing is pre-loaded.
+        let o = run_on(
+            "function on_request(req)
+               req.vars.had = req:follow_preloaded_route()
+               return req:reply(404)
+             end",
+            &format!("<sip:{LOCAL};lr>"),
+        );
+        assert_eq!(o.vars, [("had".to_string(), VarValue::Bool(false))]);
+    }
+
+    #[test]
+    fn a_drop_may_give_its_reason() {
+        let o = run("function on_request(req) return req:drop('scanner user agent') end");
+        assert_eq!(o.decision, "drop");
+        assert_eq!(o.reason.as_deref(), Some("scanner user agent"));
+        let o = run("function on_request(req) return req:drop('two\\r\\nlines') end");
+        assert!(o.error.unwrap().contains("CR, LF or NUL"));
     }
 
     #[test]

@@ -611,15 +611,17 @@ impl Core {
     }
 
     /// OPTIONS for this server (§11), or with Max-Forwards 0 (§16.3 step 3: answered as its
-    /// final recipient).
+    /// final recipient). §11: "If the OPTIONS is addressed to a proxy server, the Request-URI
+    /// is set without a user part"; one with a user part (`sip:100@us`, a scanner's favourite
+    /// probe) asks about a user's UA and goes to the routing script like any request.
     fn is_for_me_options(&self, request: &Message) -> bool {
         if request.method() != Some(&Method::Options) {
             return false;
         }
         let max_forwards_zero = matches!(request.max_forwards(), Some(Ok(0)));
-        let for_me = request
-            .request_uri()
-            .is_ok_and(|u| self.identity.is_myself(&u));
+        let for_me = request.request_uri().is_ok_and(|u| {
+            u.as_sip().is_some_and(|sip| sip.user.is_none()) && self.identity.is_myself(&u)
+        });
         let in_dialog = request.to().is_ok_and(|t| t.tag().is_some());
         max_forwards_zero || (for_me && !in_dialog)
     }

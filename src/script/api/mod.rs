@@ -69,6 +69,13 @@ pub struct ScriptMsg {
     pub nated: bool,
     /// `res` in `on_reply`: where its branch's request was sent (`res:nat_detect()`).
     pub sent_to: Option<std::net::SocketAddr>,
+    /// `req` in `on_request`: the Route values the request had when the hook began (after
+    /// §16.4), unless they continue a route set this server issued (`loose_route()`): a route
+    /// the sender pre-loaded. The engine does not follow it unless the script calls
+    /// `req:follow_preloaded_route()` (`script::router`, `proxy::request::remove_preloaded_route`).
+    pub preloaded_route: Vec<Bytes>,
+    /// `req:follow_preloaded_route()` was called.
+    pub follows_preloaded_route: bool,
 }
 
 impl ScriptMsg {
@@ -87,6 +94,8 @@ impl ScriptMsg {
             auth: None,
             nated: false,
             sent_to: None,
+            preloaded_route: Vec::new(),
+            follows_preloaded_route: false,
         }
     }
 
@@ -453,6 +462,11 @@ fn add_edits<M: UserDataMethods<ScriptMsg>>(methods: &mut M) {
         m.require(&[Role::Request], "loose_route")?;
         Ok(loose_route(m))
     });
+    methods.add_method_mut("follow_preloaded_route", |_, m, ()| {
+        m.require(&[Role::Request], "follow_preloaded_route")?;
+        m.follows_preloaded_route = true;
+        Ok(!m.preloaded_route.is_empty())
+    });
 }
 
 /// `loose_route()`: true only when the request came with a Route set this proxy issued for
@@ -615,8 +629,14 @@ fn add_decisions<M: UserDataMethods<ScriptMsg>>(methods: &mut M) {
             "redirect",
         )
     });
-    methods.add_method_mut("drop", |_, m, ()| match m.role {
-        Role::Request => m.decide(Decision::Drop, "drop"),
+    methods.add_method_mut("drop", |_, m, reason: Option<String>| match m.role {
+        Role::Request => {
+            if let Some(reason) = &reason {
+                header_value(reason, "drop")?;
+            }
+            let reason = reason.map(Cow::Owned);
+            m.decide(Decision::Drop { reason }, "drop")
+        }
         Role::Response | Role::Branch => {
             m.dropped = true;
             Ok(())

@@ -325,3 +325,38 @@ r = moonroute.run{
 assert(r.error == nil, r.error)
 assert(r.decision == "relay" and #r.targets == 2, r.decision)
 assert(contains(r.headers_removed, authorization), "the credentials are consumed")
+
+-- A stranger's pre-loaded Route is removed before routing (issue 17): the MESSAGE goes to bob's
+-- contacts, not to the host the stranger named (loose, strict, a TCP port, behind an unsigned
+-- Route naming us), and default.lua says so in the log.
+for _, route in ipairs{
+  "<sip:127.0.0.9;lr>",
+  "<sip:127.0.0.9>",
+  "<sip:127.0.0.9:3306;transport=tcp;lr>",
+  "<sip:127.0.0.1:5060;lr>, <sip:127.0.0.9;lr>",
+} do
+  r = moonroute.run{
+    script = DEFAULT,
+    location = LOCATION,
+    source = "udp:192.0.2.66:5070",
+    message = message("MESSAGE", "sip:bob@127.0.0.1:5060", "sip:eve@example.net", nil,
+      {"Route: " .. route}),
+  }
+  assert(r.error == nil, r.error)
+  assert(r.decision == "relay" and #r.targets == 2, route .. ": " .. r.decision)
+  local left = route:gsub("^<sip:127%.0%.0%.1:5060;lr>, ", "")
+  assert(contains(r.headers_removed, "Route: " .. left), route .. ": Route removed")
+  assert(r.logs[1]:find("pre-loaded Route removed, not followed: " .. left, 1, true), r.logs[1])
+end
+
+-- Well-known scanners get no answer, whatever they ask (the reason goes to the log line).
+for _, agent in ipairs{"friendly-scanner", "SIPVicious/0.3.4", "sipcli/v1.8", "VaxSIPUserAgent/3.1"} do
+  r = moonroute.run{
+    script = DEFAULT,
+    location = LOCATION,
+    message = message("INVITE", "sip:bob@127.0.0.1:5060", "sip:eve@example.net", nil,
+      {"User-Agent: " .. agent}),
+  }
+  assert(r.decision == "drop", agent .. ": " .. r.decision)
+  assert(r.reason:find("^scanner user agent "), r.reason)
+end
