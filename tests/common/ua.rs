@@ -185,6 +185,65 @@ enum Net {
     Tcp(HashMap<SocketAddr, Writer>),
 }
 
+/// A TCP connection to `server` from `source` (any port), within [`WAIT`].
+pub async fn connect_from(source: std::net::IpAddr, server: SocketAddr) -> TcpStream {
+    let socket = match source {
+        std::net::IpAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+        std::net::IpAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+    }
+    .expect("a TCP socket");
+    socket
+        .bind(SocketAddr::new(source, 0))
+        .unwrap_or_else(|error| panic!("bind {source}: {error}"));
+    tokio::time::timeout(WAIT, socket.connect(server))
+        .await
+        .expect("connected in time")
+        .expect("connected")
+}
+
+/// Reads `stream` until the peer closes it (or resets it); panics if it stays open for
+/// `within`. Returns what was read.
+pub async fn read_until_closed(stream: &mut (impl AsyncRead + Unpin), within: Duration) -> Vec<u8> {
+    let mut seen = Vec::new();
+    let closed = tokio::time::timeout(within, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the server kept the connection open");
+    seen
+}
+
+/// Watches connections whose fate the test knows only in number (say, one of several
+/// accepted by different event loops is refused, whichever came last): reports the index of
+/// each as the peer closes it. Each stays open, read and discarded, until then (or until the
+/// test ends).
+pub fn watch_closes(streams: Vec<TcpStream>) -> mpsc::UnboundedReceiver<usize> {
+    let (closed, closes) = mpsc::unbounded_channel();
+    for (index, mut stream) in streams.into_iter().enumerate() {
+        let closed = closed.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 4096];
+            while let Ok(1..) = stream.read(&mut buf).await {}
+            let _ = closed.send(index);
+        });
+    }
+    closes
+}
+
+/// The next index from [`watch_closes`]; panics if no connection closes within `within`.
+pub async fn next_close(closes: &mut mpsc::UnboundedReceiver<usize>, within: Duration) -> usize {
+    tokio::time::timeout(within, closes.recv())
+        .await
+        .expect("a connection closed in time")
+        .expect("still watching")
+}
+
 /// A request this UA sent, kept to build its ACK or CANCEL.
 struct Sent {
     request: Message,
@@ -261,6 +320,17 @@ impl TestUa {
     pub async fn tcp(name: &str, proxy: SocketAddr) -> TestUa {
         let (tx, rx) = mpsc::unbounded_channel();
         let stream = TcpStream::connect(proxy).await.expect("connect TCP");
+        let local = stream.local_addr().unwrap();
+        let mut ua = TestUa::with_net(name, local, Net::Tcp(HashMap::new()), tx, rx);
+        ua.adopt(stream, proxy);
+        ua.outbound = Some(proxy);
+        ua
+    }
+
+    /// [`TestUa::tcp`] from the local address `source` (e.g. 127.0.0.2, another client host).
+    pub async fn tcp_from(name: &str, source: std::net::IpAddr, proxy: SocketAddr) -> TestUa {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let stream = connect_from(source, proxy).await;
         let local = stream.local_addr().unwrap();
         let mut ua = TestUa::with_net(name, local, Net::Tcp(HashMap::new()), tx, rx);
         ua.adopt(stream, proxy);
