@@ -476,9 +476,10 @@ impl Default for Registrar {
     }
 }
 
-/// The built-in router, for labs and benchmarks: when it relays (either key set) it replaces
-/// the routing script. Both off by default: the script routes.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// The proxy. `static_route` and `relay_to_request_uri` are the built-in router, for labs and
+/// benchmarks: when it relays (either key set) it replaces the routing script. Both off by
+/// default: the script routes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Proxy {
     /// A SIP URI every new request (but OPTIONS to this server) is relayed to, statefully and
@@ -487,6 +488,20 @@ pub struct Proxy {
     /// Relay requests for other hosts to their Request-URI (an open relay: for labs and tests
     /// on loopback). Default: false.
     pub relay_to_request_uri: bool,
+    /// How long, in seconds, a Record-Route signature routes its dialog
+    /// (`crate::proxy::route_sign`): the longest a dialog through this server can last; after
+    /// it only BYE is routed. 60 to 31536000 (a year). Default: 43200 (12 hours).
+    pub record_route_lifetime_secs: u64,
+}
+
+impl Default for Proxy {
+    fn default() -> Self {
+        Proxy {
+            static_route: String::new(),
+            relay_to_request_uri: false,
+            record_route_lifetime_secs: crate::proxy::route_sign::DEFAULT_LIFETIME.as_secs(),
+        }
+    }
 }
 
 /// Transaction timers (RFC 3261 §17.1.1.1, table 4) and the proxy's INVITE timeout, Timer C
@@ -517,7 +532,15 @@ impl Default for Timers {
 }
 
 impl Proxy {
+    /// `record_route_lifetime_secs` as a duration.
+    pub fn record_route_lifetime(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.record_route_lifetime_secs)
+    }
+
     fn validate(&self) -> Result<(), String> {
+        if !(60..=31_536_000).contains(&self.record_route_lifetime_secs) {
+            return Err("proxy.record_route_lifetime_secs: 60 to 31536000 (a year)".to_owned());
+        }
         let route = self.static_route.trim();
         if route.is_empty() {
             return Ok(());
@@ -1297,6 +1320,23 @@ mod tests {
             Config::parse("[timers]\nt3_ms = 1\n").is_err(),
             "unknown keys are errors"
         );
+    }
+
+    #[test]
+    fn record_route_lifetime_is_checked() {
+        assert_eq!(Config::default().proxy.record_route_lifetime_secs, 43_200);
+        let config = Config::parse("[proxy]\nrecord_route_lifetime_secs = 7200\n").unwrap();
+        config.validate().unwrap();
+        assert_eq!(
+            config.proxy.record_route_lifetime(),
+            std::time::Duration::from_secs(7200)
+        );
+        for bad in [0, 59, 31_536_001] {
+            let config =
+                Config::parse(&format!("[proxy]\nrecord_route_lifetime_secs = {bad}\n")).unwrap();
+            let error = config.validate().unwrap_err().to_string();
+            assert!(error.contains("record_route_lifetime_secs"), "{error}");
+        }
     }
 
     #[test]

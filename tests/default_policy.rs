@@ -39,7 +39,7 @@ use moonroute::config::{Config, LocationBackend};
 use moonroute::script::ScriptHost;
 use moonroute::server::core::CoreFactory;
 use moonroute::server::{Server, ServerHandle};
-use moonroute::sip::Message;
+use moonroute::sip::{Message, ResponseBuilder};
 use moonroute::transport::{ListenAddr, TransportKind};
 use tempfile::TempDir;
 use tokio::net::{TcpListener, UdpSocket};
@@ -441,9 +441,11 @@ async fn a_registered_path_is_the_only_route_followed() {
 }
 
 /// In a dialog this server record-routed, the route set it signed is followed to the end,
-/// including a hop after this server (here an edge proxy the caller's route set lists next),
-/// for a caller from outside too. A hand-written in-dialog request with a foreign Route (with
-/// or without an unsigned Route naming us on top) is answered 404 and goes nowhere.
+/// including a hop after this server (here an edge proxy in front of alice, which
+/// Record-Routed above us), for a caller from outside too; a hop the caller adds after ours is
+/// not followed (the signature binds the rest of the route set, `src/proxy/route_sign.rs`). A
+/// hand-written in-dialog request with a foreign Route (with or without an unsigned Route naming
+/// us on top) is answered 404 and goes nowhere.
 #[tokio::test]
 async fn in_dialog_requests_follow_our_signed_route_set_and_nothing_else() {
     let proxy = start(&repo_path("scripts/default.lua"), |_| {});
@@ -454,31 +456,42 @@ async fn in_dialog_requests_follow_our_signed_route_set_and_nothing_else() {
 
     carol.invite(&aor("alice")).await;
     let incoming = alice.expect_request("INVITE").await;
-    alice.respond(&incoming, 200, "OK").await;
+    // The 200 as it leaves the edge proxy: the edge's Record-Route above ours.
+    let edge_route = format!("<sip:{};lr>", edge.local);
+    let ours = header_text(&incoming, "Record-Route").unwrap();
+    let ok = ResponseBuilder::new(&incoming, 200, "OK")
+        .to_tag(b"alice-edge")
+        .header("Record-Route", edge_route.as_bytes())
+        .header("Record-Route", ours.as_bytes())
+        .header("Contact", format!("<{}>", alice.uri()).as_bytes())
+        .build();
+    alice.send_raw(&ok, proxy.udp).await;
     let answered = carol.expect_final(200).await;
     let mut dialog = carol.ack_2xx(&answered).await;
-    alice.expect_request("ACK").await;
-    assert_eq!(dialog.route_set.len(), 1, "{:?}", dialog.route_set);
+    assert_eq!(dialog.route_set.len(), 2, "{:?}", dialog.route_set);
     assert!(
         dialog.route_set[0].contains(";mrs="),
         "{:?}",
         dialog.route_set
     );
+    assert_eq!(dialog.route_set[1], edge_route);
 
-    // The route set goes on past us: the BYE is relayed to the next hop it names.
-    dialog.route_set.push(format!("<sip:{};lr>", edge.local));
+    // The route set goes on past us: the ACK and the BYE are relayed to the next hop it names.
+    let ack = edge.expect_request("ACK").await;
+    assert_eq!(ack.request_uri_bytes(), Some(alice.uri().as_bytes()));
+    let mut longer = dialog.clone();
+    longer.route_set.push(format!("<sip:{};lr>", alice.local));
     carol.bye(&mut dialog).await;
     let bye = edge.expect_request("BYE").await;
     let routes: Vec<String> = bye.headers_named("Route").map(text).collect();
-    assert_eq!(
-        routes,
-        [format!("<sip:{};lr>", edge.local)],
-        "{}",
-        show(&bye)
-    );
+    assert_eq!(routes, [edge_route], "{}", show(&bye));
     assert_eq!(bye.request_uri_bytes(), Some(alice.uri().as_bytes()));
     edge.respond(&bye, 200, "OK").await;
     carol.expect_final(200).await;
+    // A hop the caller added after the signed route set: not followed.
+    longer.local_cseq = dialog.local_cseq;
+    carol.bye(&mut longer).await;
+    carol.expect_final(404).await;
 
     // A stranger's own "dialog": a To tag and a Route of its choosing, sent to us.
     for (n, (name, route)) in foreign.routes(proxy.udp).into_iter().enumerate() {

@@ -73,10 +73,14 @@ pub struct RouteInfo {
     pub had_route: bool,
     /// §16.4 removed a Route entry naming this proxy (or undid a strict router's rewrite).
     pub consumed_own_route: bool,
-    /// What §16.4 removed carried our Record-Route signature (`route_sign`): the request
-    /// follows a route set this proxy issued for its dialog, and is routed by what is left of
-    /// it, or by its Request-URI. The script's `loose_route()` is this.
+    /// What §16.4 removed carried our Record-Route signature (`route_sign`) for this request:
+    /// its dialog, its Request-URI's host and port and its remaining Route, not expired (or
+    /// expired, for a BYE). The request follows a route set this proxy issued for its dialog,
+    /// and is routed by what is left of it, or by its Request-URI. The script's
+    /// `loose_route()` is this.
     pub own_route_signed: bool,
+    /// What the signature check found, for the log when the request is not routed.
+    pub signature: super::route_sign::Verdict,
 }
 
 /// Where a response given to [`Router::on_reply`] came from: what a NAT check needs.

@@ -8,8 +8,9 @@
 //! with a location store loaded from a fixture; nothing is sent anywhere.
 //!
 //! Record-Route signatures (`crate::proxy::route_sign`) use the fixed key [`OFFLINE_KEY`]
-//! here, not the server's: a test file gets the signature of a dialog from
-//! `moonroute.route_signature(call_id, caller_tag)` to write a Route the "server" accepts.
+//! here, not the server's: a test file gets the signature for an in-dialog request from
+//! `moonroute.route_signature{call_id=..., from_tag=..., to_tag=..., ruri=...}` to write a
+//! Route the "server" accepts.
 //!
 //! Digest authentication (RFC 3261 §22) is checked against a subscriber fixture
 //! (`--subscribers`, `moonroute.run{subscribers = ...}`) loaded into a temporary subscriber
@@ -38,6 +39,7 @@ use super::{Services, KV_MAX_KEYS};
 use crate::auth::{Authenticator, Subscribers};
 use crate::dns::{Candidate, Query, ResolveError, Resolver};
 use crate::location::MemoryLocation;
+use crate::proxy::route_sign::{Binding, Holder};
 use crate::proxy::router::{Decision, RouteInfo};
 use crate::proxy::RouteSigner;
 
@@ -49,7 +51,7 @@ pub const OFFLINE_AUTH_SECRET: &[u8] = b"moonroute offline digest nonce secret";
 use crate::proxy::{preprocess_routes, ProxyIdentity};
 use crate::registrar::{Registrar, Rules};
 use crate::server::core::LocalIdentity;
-use crate::sip::Message;
+use crate::sip::{Message, Uri};
 use crate::transport::{ListenAddr, Meta, TransportKind};
 
 /// The address an offline run pretends to listen on.
@@ -219,6 +221,11 @@ pub fn run_with(
     let me = ProxyIdentity::new(identity.clone()).with_signer(RouteSigner::new(OFFLINE_KEY));
     let done = preprocess_routes(&mut request, &me)
         .map_err(|e| ScriptError(format!("the message's Route: {e}")))?;
+    let signature = me.check_route(
+        &request,
+        &done,
+        options.clock.unwrap_or_else(SystemTime::now),
+    );
     let logs = Rc::new(RefCell::new(Vec::new()));
     let env = Env {
         identity,
@@ -230,7 +237,8 @@ pub fn run_with(
     let info = RouteInfo {
         had_route,
         consumed_own_route: done.consumed_own_route,
-        own_route_signed: done.signed,
+        own_route_signed: signature.routes(request.method()),
+        signature,
     };
     let vars = engine
         .lua()
@@ -562,11 +570,7 @@ pub fn run_lua_tests(path: &Path) -> Result<String, ScriptError> {
         })
         .map_err(|e| ScriptError(e.to_string()))?;
     let route_signature = lua
-        .create_function(
-            |_, (call_id, caller_tag): (mlua::LuaString, mlua::LuaString)| {
-                Ok(RouteSigner::new(OFFLINE_KEY).sign(&call_id.as_bytes(), &caller_tag.as_bytes()))
-            },
-        )
+        .create_function(|_, spec: Value| lua_route_signature(spec))
         .map_err(|e| ScriptError(e.to_string()))?;
     let moonroute = lua.create_table().map_err(|e| ScriptError(e.to_string()))?;
     moonroute
@@ -639,6 +643,69 @@ fn lua_run(lua: &Lua, base: &Path, spec: &Table) -> mlua::Result<Table> {
     )
     .map_err(|e| mlua::Error::runtime(format!("moonroute.run: {e}")))?;
     outcome_table(lua, &outcome)
+}
+
+/// `moonroute.route_signature{call_id=..., from_tag=..., to_tag=..., ruri=..., routes={...},
+/// expires=...}`: the `mrs` value offline runs accept in a Route of ours on an in-dialog request
+/// with that Call-ID, From tag, To tag, Request-URI (its host and port count) and Route entries
+/// after ours (`routes`, default none), until `expires` (seconds since the epoch; default a
+/// lifetime from now). It is the copy a caller holds (`route_sign`); it works in either
+/// direction, as it binds the tags as the request carries them.
+fn lua_route_signature(spec: Value) -> mlua::Result<String> {
+    let Value::Table(spec) = spec else {
+        return Err(mlua::Error::runtime(
+            "moonroute.route_signature: give a table {call_id=..., from_tag=..., to_tag=..., \
+             ruri=..., routes={...}}: the signature binds the dialog's tags, the Request-URI's \
+             host and port and the Route after ours",
+        ));
+    };
+    let text = |name: &str| -> mlua::Result<String> {
+        spec.get::<Option<String>>(name)?.ok_or_else(|| {
+            mlua::Error::runtime(format!("moonroute.route_signature: `{name}` is missing"))
+        })
+    };
+    let (call_id, from_tag, to_tag, ruri) = (
+        text("call_id")?,
+        text("from_tag")?,
+        text("to_tag")?,
+        text("ruri")?,
+    );
+    let routes: Vec<String> = spec
+        .get::<Option<Vec<String>>>("routes")?
+        .unwrap_or_default();
+    let target = Uri::parse(ruri.as_bytes())
+        .map_err(|e| mlua::Error::runtime(format!("moonroute.route_signature: ruri: {e}")))?;
+    let signer = RouteSigner::new(OFFLINE_KEY);
+    let expires = match spec.get::<Option<f64>>("expires")? {
+        Some(at) if at.is_finite() && at >= 0.0 => at as u64,
+        Some(_) => {
+            return Err(mlua::Error::runtime(
+                "moonroute.route_signature: expires must be seconds since the epoch",
+            ))
+        }
+        None => signer.expiry(SystemTime::now()),
+    };
+    let binding = Binding {
+        holder: Holder::Caller,
+        call_id: call_id.as_bytes(),
+        caller_tag: from_tag.as_bytes(),
+        callee_tag: to_tag.as_bytes(),
+        target: Some(target),
+    };
+    let rest: Vec<&[u8]> = routes
+        .iter()
+        .map(|route| route_uri_text(route.as_bytes()))
+        .collect();
+    Ok(signer.sign(&binding, rest, expires))
+}
+
+/// The URI of a Route value written as `<uri>` (or a bare URI).
+fn route_uri_text(value: &[u8]) -> &[u8] {
+    let value = value.trim_ascii();
+    value
+        .strip_prefix(b"<")
+        .and_then(|rest| rest.split(|&b| b == b'>').next())
+        .unwrap_or(value)
 }
 
 /// `moonroute.digest{challenge=..., user=..., password=..., method=..., uri=..., nc=1,

@@ -140,6 +140,8 @@ pub struct CoreFactory {
     /// Signs Record-Route; one for all event loops, so any of them recognises the Route
     /// entries another wrote (see [`CoreFactory::with_route_signer`]).
     route_signer: RouteSigner,
+    /// `[proxy] record_route_lifetime_secs`, given to the signer.
+    route_lifetime: Duration,
     /// The engine's metric handles, shared by every loop (see [`CoreFactory::with_metrics`]).
     metrics: Arc<EngineMetrics>,
 }
@@ -178,7 +180,8 @@ impl CoreFactory {
             }),
             max_backlog: config.limits.max_backlog,
             max_receive_lag: config.limits.max_receive_lag(),
-            route_signer: RouteSigner::random(),
+            route_signer: RouteSigner::random().with_lifetime(config.proxy.record_route_lifetime()),
+            route_lifetime: config.proxy.record_route_lifetime(),
             metrics: EngineMetrics::detached(),
         }
     }
@@ -192,9 +195,9 @@ impl CoreFactory {
 
     /// Signs Record-Route with `signer`, from the server key (`crate::secret::server_key`), so
     /// dialogs stay routable across restarts and across servers sharing the key. Without it
-    /// the key is random per process.
+    /// the key is random per process. Its signatures live `[proxy] record_route_lifetime_secs`.
     pub fn with_route_signer(mut self, signer: RouteSigner) -> CoreFactory {
-        self.route_signer = signer;
+        self.route_signer = signer.with_lifetime(self.route_lifetime);
         self
     }
 
@@ -848,6 +851,7 @@ impl Core {
         if !ours || !matches!(response.remove_first_value(HeaderName::Via), Ok(true)) {
             return dropped(&response, "no transaction matches it and its top Via is not a stateless forward of this server");
         }
+        self.relay.sign_stray_response(&mut response);
         let Ok(via) = response.top_via() else {
             return dropped(
                 &response,
