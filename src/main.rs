@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
-use tracing::info;
+use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
 use std::time::{Duration, SystemTime};
@@ -212,6 +212,9 @@ fn run(args: RunArgs) -> Result<(), Box<dyn Error>> {
     config.apply(overrides);
     config.validate()?;
     init_logging(&config.log_level, config.log_format)?;
+    for deprecated in config.limits.deprecations() {
+        warn!("{deprecated}");
+    }
 
     let host = ScriptHost::from_config(&config)?;
     // Record-Route signatures survive restarts: the key is `[auth] secret` or
