@@ -7,6 +7,7 @@ pub mod dns;
 pub mod flood;
 pub mod location;
 pub mod logging;
+pub mod memory;
 pub mod metrics;
 pub mod nat;
 pub mod proxy;

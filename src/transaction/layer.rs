@@ -16,11 +16,10 @@
 //! whole received message alive for the 32 s of Timers J, L and M. A terminated transaction
 //! is freed at once; timer entries of terminated transactions are compacted away once they
 //! outnumber the live ones, and the maps give back their room when they are mostly empty
-//! again after a burst.
+//! again after a burst ([`crate::memory`]).
 
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BinaryHeap, HashMap};
-use std::hash::Hash;
 use std::mem::size_of;
 use std::time::Instant;
 
@@ -34,6 +33,7 @@ use super::server_invite::InviteServer;
 use super::server_non_invite::NonInviteServer;
 use super::{Action, Event, Timer, TimerValues};
 use crate::logging::{call_id, REFUSED};
+use crate::memory::{shrink_heap_if_sparse, shrink_if_sparse};
 use crate::metrics::engine::{OverloadReason, TransactionKind, TransactionMetrics};
 use crate::sip::{Message, Method, ResponseBuilder};
 use crate::transport::{response_destination, Destination, Meta};
@@ -685,7 +685,7 @@ impl TransactionLayer {
             };
             self.fire(entry.tx, entry.timer, now, out);
         }
-        shrink_if_sparse_heap(&mut self.timers);
+        shrink_heap_if_sparse(&mut self.timers);
     }
 
     fn fire(&mut self, tx: TxId, timer: Timer, now: Instant, out: &mut Vec<LayerOutput>) {
@@ -733,7 +733,7 @@ impl TransactionLayer {
             .filter(|Reverse(t)| clients.contains_key(&t.tx) || servers.contains_key(&t.tx))
             .collect();
         let mut timers = BinaryHeap::from(live);
-        shrink_if_sparse_heap(&mut timers);
+        shrink_heap_if_sparse(&mut timers);
         self.timers = timers;
     }
 
@@ -881,25 +881,6 @@ impl TransactionLayer {
         self.charged -= charged;
         self.metrics.release_memory(charged);
         true
-    }
-}
-
-/// Maps smaller than this are left alone: shrinking them would save little and churn a lot.
-const SHRINK_ABOVE: usize = 256;
-
-/// Gives a map's room back once it is a quarter full: a burst of transactions grows the maps
-/// (and `HashMap` never shrinks by itself), and the room would stay allocated, idle, after the
-/// burst. Keeping twice the entries left leaves room to grow again without rehashing at once;
-/// the quarter threshold makes the occasional rehash cost O(1) per removal on average.
-fn shrink_if_sparse<K: Eq + Hash, V>(map: &mut HashMap<K, V>) {
-    if map.capacity() > SHRINK_ABOVE && map.len() < map.capacity() / 4 {
-        map.shrink_to(map.len() * 2);
-    }
-}
-
-fn shrink_if_sparse_heap<T: Ord>(heap: &mut BinaryHeap<T>) {
-    if heap.capacity() > SHRINK_ABOVE && heap.len() < heap.capacity() / 4 {
-        heap.shrink_to(heap.len() * 2);
     }
 }
 
