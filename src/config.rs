@@ -604,12 +604,13 @@ pub struct Limits {
     /// Messages queued for sending per connection; a peer that does not read and lets the
     /// queue fill is disconnected. Default: 256.
     pub tcp_send_queue: usize,
-    /// Memory, in MiB, that the live SIP transactions of all event loops may hold together
-    /// (charged per transaction from what it keeps; `moonroute_transactions_memory_bytes`
-    /// shows the figure). Beyond it new requests are answered 503 with Retry-After instead of
-    /// exhausting memory. A completed call leaves about 1.5 KB of transactions for their 32 s
-    /// wait states (RFC 3261 §17 Timers J, K; RFC 6026 Timers L, M; bench/README.md has the
-    /// figures), so the default holds some 3,000 calls/s. Default: 256.
+    /// Memory, in MiB, that the live SIP transactions of all event loops, with the proxy
+    /// state of the requests they carry, may hold together (charged per transaction from what
+    /// it keeps; `moonroute_transactions_memory_bytes` shows the figure). Beyond it new
+    /// requests are answered 503 with Retry-After instead of exhausting memory. A completed
+    /// call relayed by `scripts/default.lua` keeps about 6 KB for the 32 s of its transactions'
+    /// wait states (RFC 3261 §17 Timers J, K; RFC 6026 Timers L, M; see bench/README.md), so
+    /// the default holds some 2,500 calls/s. Default: 512.
     pub transaction_memory_mb: usize,
     /// Deprecated, use `transaction_memory_mb`: live SIP transactions per event loop, beyond
     /// which new requests are answered 503 with Retry-After. Unset by default; when set it
@@ -681,7 +682,7 @@ impl Default for Limits {
             tcp_idle_timeout_secs: 300,
             tcp_connect_timeout_secs: 5,
             tcp_send_queue: 256,
-            transaction_memory_mb: 256,
+            transaction_memory_mb: 512,
             max_transactions: None,
             max_backlog: 2000,
             max_receive_lag_ms: 500,
@@ -1033,8 +1034,8 @@ mod tests {
     #[test]
     fn transaction_memory_replaces_max_transactions_which_still_works_with_a_warning() {
         let config = Config::parse("").unwrap();
-        assert_eq!(config.limits.transaction_memory_mb, 256);
-        assert_eq!(config.limits.transaction_memory(), 256 << 20);
+        assert_eq!(config.limits.transaction_memory_mb, 512);
+        assert_eq!(config.limits.transaction_memory(), 512 << 20);
         assert_eq!(config.limits.max_transactions, None);
         assert!(config.limits.deprecations().is_empty());
 

@@ -232,6 +232,7 @@ fn bytes_per_completed_call_while_lingering_and_after() {
         bench.call(i);
     }
     let lingering = metrics.transactions.live();
+    let charged = metrics.transactions.memory_bytes() as isize;
     let held = LIVE_BYTES.load(Ordering::Relaxed) - before;
     bench.run_timers(bench.now + Duration::from_secs(40));
     assert_eq!(metrics.transactions.live(), 0, "every transaction ended");
@@ -239,15 +240,22 @@ fn bytes_per_completed_call_while_lingering_and_after() {
     let per_call = held / CALLS as isize;
     println!(
         "{CALLS} completed calls through default.lua: {lingering} lingering transactions, \
-         {held} bytes held ({per_call} per call, {} per lingering transaction); \
-         {idle} bytes still held once they ended",
-        held / lingering.max(1) as isize
+         {held} bytes held ({per_call} per call, {} per lingering transaction; the \
+         transactions are charged {} per call); {idle} bytes still held once they ended",
+        held / lingering.max(1) as isize,
+        charged / CALLS as isize
     );
     // About 1.5 times what was measured (5,958 bytes per call; 18,114 before the wait
     // states were made lean), and a loop that gives back what the calls held once their
     // transactions are gone (it kept 8,714 bytes per call before its maps shrank; what is
     // left is mostly Lua garbage not collected yet).
     assert!(per_call < 9_000, "{per_call} bytes per completed call");
+    // limits.transaction_memory_mb means megabytes: the charge is within a quarter of it.
+    let charged_per_call = charged / CALLS as isize;
+    assert!(
+        charged_per_call * 4 >= per_call * 3 && charged_per_call * 3 <= per_call * 4,
+        "charged {charged_per_call} bytes per call, measured {per_call}"
+    );
     assert!(
         idle < 1_500 * CALLS as isize,
         "{idle} bytes kept once the calls' transactions ended"

@@ -81,6 +81,36 @@ struct Call {
     cancelled: bool,
 }
 
+/// What the script keeps for a call it routed (its pinned state: the `vars` table, the request
+/// objects it made, the router's entry), as measured by `tests/call_memory.rs`.
+const SCRIPT_STATE_BYTES: usize = 640;
+
+impl Call {
+    /// Heap bytes this call keeps, charged to its server transaction against the memory
+    /// budget (`limits.transaction_memory_mb`): an estimate from what it holds now, which
+    /// `tests/call_memory.rs` checks against what is measured.
+    fn footprint(&self) -> usize {
+        let branches: usize = self
+            .branches
+            .iter()
+            .flatten()
+            .map(|run| {
+                run.request.as_ref().map_or(0, Message::heap_bytes)
+                    + run.remaining.capacity() * std::mem::size_of::<Candidate>()
+            })
+            .sum();
+        let slot = std::mem::size_of::<(TxId, Box<Call>)>() * 3 / 2;
+        std::mem::size_of::<Call>()
+            + slot
+            + self.request.heap_bytes()
+            + self.branch_base.capacity()
+            + self.branches.capacity() * std::mem::size_of::<Option<BranchRun>>()
+            + branches
+            + self.context.heap_bytes()
+            + self.handle.map_or(0, |_| SCRIPT_STATE_BYTES)
+    }
+}
+
 /// One branch working through the addresses of its next hop (RFC 3263 §4.3): one client
 /// transaction at a time, each with a new branch ID; only the last outcome reaches the
 /// response context.
@@ -959,6 +989,8 @@ impl Relay {
             queue.extend(more);
         }
         self.settle(server);
+        let kept = self.calls.get(&server).map_or(0, |call| call.footprint());
+        layer.charge_user_state(server, kept);
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -430,6 +430,26 @@ impl ResponseContext {
         }
     }
 
+    /// Heap bytes this context keeps (see the relay's memory budget charge).
+    pub fn heap_bytes(&self) -> usize {
+        let stored: usize = self
+            .stored
+            .iter()
+            .map(|s| {
+                std::mem::size_of::<Stored>() + s.response.as_ref().map_or(0, Message::heap_bytes)
+            })
+            .sum();
+        let groups: usize = self
+            .groups
+            .iter()
+            .map(|g| g.len() * std::mem::size_of::<Target>())
+            .sum();
+        self.request.as_ref().map_or(0, Message::heap_bytes)
+            + self.branches.capacity() * std::mem::size_of::<Branch>()
+            + stored
+            + groups
+    }
+
     /// When Timer C of `branch` is due now (earlier firings are stale).
     pub fn timer_c_at(&self, branch: BranchId) -> Option<Instant> {
         self.branches.get(branch.0).and_then(|b| b.timer_c_at)

@@ -8,7 +8,8 @@
 //!
 //! Memory is bounded by a budget in bytes (`limits.transaction_memory_mb`), shared by the
 //! layers of all event loops: each transaction is charged what it holds (its entry, its key,
-//! the messages it may send again), recomputed whenever it changes state, and a new request
+//! the messages it may send again) and what its user keeps for it (the proxy's call state,
+//! [`TransactionLayer::charge_user_state`]), recomputed whenever it changes, and a new request
 //! arriving while the live transactions hold the budget is answered 503 with Retry-After
 //! (§21.5.4). Transactions stay lean in their wait states: once a final response has been
 //! sent or received, a machine keeps only what absorbing retransmissions needs (the last
@@ -72,7 +73,7 @@ impl Default for LayerConfig {
 }
 
 /// `limits.transaction_memory_mb`'s default, in bytes.
-pub const DEFAULT_MEMORY_BUDGET: usize = 256 << 20;
+pub const DEFAULT_MEMORY_BUDGET: usize = 512 << 20;
 
 /// What the layer tells the core.
 #[derive(Debug)]
@@ -153,6 +154,9 @@ struct ServerEntry {
     machine: ServerMachine,
     dest: Destination,
     charged: usize,
+    /// What the transaction user keeps for this transaction (the proxy's call state), charged
+    /// with it: see [`TransactionLayer::charge_user_state`].
+    user_state: usize,
 }
 
 /// Bytes a transaction costs besides what its machine and key hold: its boxed entry, its
@@ -176,7 +180,7 @@ impl ServerEntry {
             ServerMachine::Invite(m) => m.retained_bytes(),
             ServerMachine::NonInvite(m) => m.retained_bytes(),
         };
-        SERVER_ENTRY_COST + self.key.heap_bytes() + machine
+        SERVER_ENTRY_COST + self.key.heap_bytes() + machine + self.user_state
     }
 }
 
@@ -431,6 +435,7 @@ impl TransactionLayer {
             machine,
             dest,
             charged: 0,
+            user_state: 0,
         };
         self.servers.insert(tx, Box::new(entry));
         self.apply_server(tx, &mut actions, out);
@@ -522,6 +527,17 @@ impl TransactionLayer {
             dest: response_destination(via, meta),
             data,
         });
+    }
+
+    /// Charges server transaction `tx` `bytes` more, for what the transaction user keeps as
+    /// long as it lives (the proxy's state of a relayed request): the budget then bounds the
+    /// memory a request costs, not only its transaction's. Replaces the previous figure;
+    /// unknown transactions are ignored.
+    pub fn charge_user_state(&mut self, tx: TxId, bytes: usize) {
+        if let Some(entry) = self.servers.get_mut(&tx) {
+            entry.user_state = bytes;
+            self.recharge(Side::Server, tx);
+        }
     }
 
     /// Sends the responses of server transaction `tx` to `dest` from now on: the request's top
