@@ -923,6 +923,18 @@ mod tests {
     use super::*;
     use crate::transport::TransportKind;
 
+    /// The next hop of the client transactions these tests start.
+    fn destination(kind: TransportKind) -> Destination {
+        Destination {
+            kind,
+            addr: "127.0.0.1:5080".parse().unwrap(),
+            conn: None,
+            local: None,
+            tls_name: None,
+            reuse_only: false,
+        }
+    }
+
     fn meta(kind: TransportKind) -> Meta {
         Meta {
             kind,
@@ -1057,14 +1069,7 @@ mod tests {
         let mut l = layer();
         let now = Instant::now();
         let mut out = Vec::new();
-        let dest = Destination {
-            kind: TransportKind::Udp,
-            addr: "127.0.0.1:5080".parse().unwrap(),
-            conn: None,
-            local: None,
-            tls_name: None,
-            reuse_only: false,
-        };
+        let dest = destination(TransportKind::Udp);
         let options = request("OPTIONS", "z9hG4bKcli1", "OPTIONS");
         let tx = l
             .send_request(options.clone(), dest.clone(), now, &mut out)
@@ -1152,14 +1157,7 @@ mod tests {
         assert_eq!(metrics.live(), 1);
 
         // An unanswered INVITE: Timer A sends it 6 more times, Timer B times it out.
-        let dest = Destination {
-            kind: TransportKind::Udp,
-            addr: "127.0.0.1:5080".parse().unwrap(),
-            conn: None,
-            local: None,
-            tls_name: None,
-            reuse_only: false,
-        };
+        let dest = destination(TransportKind::Udp);
         let invite = request("INVITE", "z9hG4bKmet2", "INVITE");
         l.send_request(invite, dest, now, &mut out).unwrap();
         assert_eq!(metrics.created_count(TransactionKind::InviteClient), 1);
@@ -1270,14 +1268,7 @@ mod tests {
         assert_eq!(refused, [503], "{out:?}");
         assert_eq!(metrics.overload_count(OverloadReason::TransactionMemory), 1);
         // A client transaction of a request already accepted gets a quarter more room.
-        let dest = Destination {
-            kind: TransportKind::Udp,
-            addr: "127.0.0.1:5080".parse().unwrap(),
-            conn: None,
-            local: None,
-            tls_name: None,
-            reuse_only: false,
-        };
+        let dest = destination(TransportKind::Udp);
         let bye = request("BYE", "z9hG4bKbudgetc", "BYE");
         assert!(l.send_request(bye, dest, now, &mut out).is_ok());
         // Timer J ends them all: the budget is free again.
@@ -1315,14 +1306,7 @@ mod tests {
         let mut out = Vec::new();
         let mut tcp = meta(TransportKind::Tcp);
         tcp.conn = Some(crate::transport::ConnectionId(7));
-        let dest = Destination {
-            kind: TransportKind::Tcp,
-            addr: "127.0.0.1:5080".parse().unwrap(),
-            conn: None,
-            local: None,
-            tls_name: None,
-            reuse_only: false,
-        };
+        let dest = destination(TransportKind::Tcp);
         let ended = |out: &[LayerOutput]| {
             out.iter()
                 .any(|o| matches!(o, LayerOutput::Up(Upcall::Terminated { .. })))
