@@ -23,8 +23,9 @@
 # otherwise, or when calls or registrations failed beyond FAIL_PCT % (default 1; a shared
 # machine drops a few).
 #
-# Environment: CAPACITY (calls/s one loop carries through default.lua without auth at 100 % of
-# a core, default 2800: see bench/README.md "Memory over time"), SAMPLE (10 s), IDLE (90 s),
+# Environment: CAPACITY (calls/s this bench setup carries without failures: the server, and
+# SIPp on one core, which is the limit; default 2000, what calls_default.sh noauth ran without a
+# failure on a quiet machine, bench/README.md), SAMPLE (10 s), IDLE (90 s),
 # WARMUP, TOLERANCE, FAIL_PCT, USERS (2000), HOLD_MS (0), PORT (15060), UAS_PORT (15080),
 # UAC_PORT (15070), SIPP_PORT (15170), METRICS_PORT (19060), MAX_CALLS (SIPp -l, 5000),
 # MOONROUTE=path (else cargo build --release), OUT=dir (where soak-rss.dat/.svg go; default
@@ -33,7 +34,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.sh
 duration=${1:-1800}
-capacity=${CAPACITY:-2800}
+capacity=${CAPACITY:-2000}
 call_rate=${2:-$((capacity * 7 / 10))}
 reg_rate=${3:-$((call_rate / 5))}
 sample=${SAMPLE:-10}

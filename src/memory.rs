@@ -46,10 +46,11 @@ mod tests {
         );
         assert_eq!(map.len(), 10);
         let mut small: HashMap<u32, u8> = (0..200).map(|i| (i, 0)).collect();
-        let room = small.capacity();
         small.retain(|&k, _| k < 2);
         shrink_if_sparse(&mut small);
-        assert_eq!(small.capacity(), room);
+        // (`capacity` counts the slots removals left as tombstones out, so it moved anyway;
+        // a shrink would have brought it down to a handful.)
+        assert!(small.capacity() > 64, "{}", small.capacity());
 
         let mut heap: BinaryHeap<u64> = (0..10_000).collect();
         while heap.len() > 10 {
