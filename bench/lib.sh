@@ -194,14 +194,17 @@ thread_times_diff() {
 
 # write_location_config FILE: a moonroute config for the registrar benches, from the variables
 # PORT, DATA_DIR, CTL, STORE (sled|memory), WORKERS, LOG_LEVEL, MAX_BINDINGS, CACHE_MB, and
-# MAX_TRANSACTIONS when set (limits.max_transactions; the server's default otherwise).
+# TRANSACTION_MEMORY_MB when set (limits.transaction_memory_mb; the server's default otherwise),
+# and MAX_TRANSACTIONS when set (limits.max_transactions, deprecated: the server warns).
 # default.lua (bench_default_script: 127.0.0.1 trusted) registers AORs of the listen address;
 # no script watcher.
 write_location_config() {
-  if [ -n "${MAX_TRANSACTIONS:-}" ]; then
-    printf '[limits]\nmax_transactions = %s\n\n' "$MAX_TRANSACTIONS" >"$1.limits"
-  else
-    : >"$1.limits"
+  : >"$1.limits"
+  if [ -n "${TRANSACTION_MEMORY_MB:-}${MAX_TRANSACTIONS:-}" ]; then
+    echo '[limits]' >>"$1.limits"
+    [ -z "${TRANSACTION_MEMORY_MB:-}" ] || echo "transaction_memory_mb = $TRANSACTION_MEMORY_MB" >>"$1.limits"
+    [ -z "${MAX_TRANSACTIONS:-}" ] || echo "max_transactions = $MAX_TRANSACTIONS" >>"$1.limits"
+    echo >>"$1.limits"
   fi
   local script
   if [ -z "${AUTH:-}" ]; then

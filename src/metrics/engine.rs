@@ -114,7 +114,9 @@ impl TransactionKind {
 /// limit that was reached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OverloadReason {
-    /// `limits.max_transactions`.
+    /// `limits.transaction_memory_mb`.
+    TransactionMemory,
+    /// `limits.max_transactions` (deprecated).
     MaxTransactions,
     /// `limits.max_backlog`.
     MaxBacklog,
@@ -123,7 +125,8 @@ pub enum OverloadReason {
 }
 
 impl OverloadReason {
-    const ALL: [OverloadReason; 3] = [
+    const ALL: [OverloadReason; 4] = [
+        OverloadReason::TransactionMemory,
         OverloadReason::MaxTransactions,
         OverloadReason::MaxBacklog,
         OverloadReason::MaxReceiveLag,
@@ -131,6 +134,7 @@ impl OverloadReason {
 
     fn label(self) -> &'static str {
         match self {
+            OverloadReason::TransactionMemory => "transaction_memory_mb",
             OverloadReason::MaxTransactions => "max_transactions",
             OverloadReason::MaxBacklog => "max_backlog",
             OverloadReason::MaxReceiveLag => "max_receive_lag_ms",
@@ -298,7 +302,10 @@ pub struct TransactionMetrics {
     /// Live transactions of every loop (each layer adds what it creates and subtracts what
     /// it frees).
     live: Arc<AtomicI64>,
-    overload: [Counter; 3],
+    /// Bytes the live transactions of every loop are charged against
+    /// `limits.transaction_memory_mb` (see `transaction::layer`).
+    memory: Arc<AtomicI64>,
+    overload: [Counter; 4],
 }
 
 impl TransactionMetrics {
@@ -311,6 +318,22 @@ impl TransactionMetrics {
     pub fn ended(&self, count: usize) {
         self.live
             .fetch_sub(i64::try_from(count).unwrap_or(i64::MAX), Ordering::Relaxed);
+    }
+
+    /// A transaction's charge changed from `before` to `now` bytes.
+    pub fn charge_memory(&self, before: usize, now: usize) {
+        let delta = i64::try_from(now).unwrap_or(i64::MAX) - i64::try_from(before).unwrap_or(0);
+        self.memory.fetch_add(delta, Ordering::Relaxed);
+    }
+
+    /// Transactions charged `bytes` in all were freed.
+    pub fn release_memory(&self, bytes: usize) {
+        self.charge_memory(bytes, 0);
+    }
+
+    /// Bytes charged to the live transactions of every loop.
+    pub fn memory_bytes(&self) -> u64 {
+        u64::try_from(self.memory.load(Ordering::Relaxed)).unwrap_or(0)
     }
 
     pub fn timed_out(&self, kind: TransactionKind) {
@@ -569,6 +592,7 @@ fn register_transactions(registry: &Registry) -> TransactionMetrics {
         retransmissions_received: retransmissions.with(&["received"]),
         retransmissions_sent: retransmissions.with(&["sent"]),
         live: Arc::default(),
+        memory: Arc::default(),
         overload: OverloadReason::ALL.map(|reason| overload.with(&[reason.label()])),
     };
     let live = Arc::clone(&metrics.live);
@@ -576,6 +600,12 @@ fn register_transactions(registry: &Registry) -> TransactionMetrics {
         "moonroute_transactions_live",
         "Live SIP transactions, client and server, over all event loops.",
         move || live.load(Ordering::Relaxed).max(0) as f64,
+    );
+    let memory = Arc::clone(&metrics.memory);
+    registry.gauge_fn(
+        "moonroute_transactions_memory_bytes",
+        "Bytes held by the live transactions of all event loops, as charged against limits.transaction_memory_mb (new requests get 503 beyond it).",
+        move || memory.load(Ordering::Relaxed).max(0) as f64,
     );
     metrics
 }
@@ -727,6 +757,7 @@ mod tests {
             "moonroute_responses_received_total",
             "moonroute_responses_sent_total",
             "moonroute_transactions_live",
+            "moonroute_transactions_memory_bytes",
             "moonroute_transactions_created_total",
             "moonroute_transactions_timed_out_total",
             "moonroute_retransmissions_total",

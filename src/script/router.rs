@@ -684,6 +684,7 @@ impl Router for ScriptRouter {
         if self.calls.remove(&handle.0).is_none() {
             debug!(handle = handle.0, "released an unknown route handle");
         }
+        crate::memory::shrink_if_sparse(&mut self.calls);
     }
 }
 

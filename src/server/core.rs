@@ -150,7 +150,8 @@ impl CoreFactory {
     pub fn new(config: &Config) -> CoreFactory {
         let layer = LayerConfig {
             timers: config.timers.transaction_timers(),
-            max_live: config.limits.max_transactions,
+            memory_budget: config.limits.transaction_memory(),
+            max_live: config.limits.max_transactions.unwrap_or(usize::MAX),
             // A relayed INVITE gets its 100 Trying from the relay (§16.2); what this core
             // answers itself is answered at once (§17.2.1's 200 ms rule).
             send_trying: false,

@@ -503,6 +503,15 @@ impl Message {
         &self.buf
     }
 
+    /// Heap bytes this message keeps alive: the buffer it was parsed from, its header index
+    /// and the text of its edits (what a transaction holding it costs; see
+    /// `transaction::layer`'s memory budget).
+    pub fn heap_bytes(&self) -> usize {
+        self.buf.len()
+            + self.headers.capacity() * std::mem::size_of::<HeaderEntry>()
+            + self.own.capacity()
+    }
+
     /// `part`, a slice borrowed from this message, as owned bytes: shared with the received
     /// buffer when it lies inside it (no copy), copied when it comes from an edit.
     pub fn share(&self, part: &[u8]) -> Bytes {
