@@ -19,6 +19,7 @@
 //! [`Worker`]: crate::transport::Worker
 //! [`WorkerFactory`]: crate::transport::WorkerFactory
 
+pub mod affinity;
 pub mod core;
 mod workers;
 

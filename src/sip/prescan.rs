@@ -1,0 +1,240 @@
+//! Reading the few fields that decide where a message is processed, before (and without) a full
+//! parse: whether it is a response, its method, its Call-ID.
+//!
+//! Owns nothing the parser ([`crate::sip::Message::parse`]) does not also decide: these
+//! functions follow its line rules (leading CRLFs skipped, §7.5; lines end in CRLF or a bare
+//! LF; a line starting with SP or HTAB continues the previous header field, §7.3.1; the header
+//! block ends at the first empty line, §7) and return the same bytes the parser would, so a
+//! retransmission (the same bytes) always gets the same answer. They never allocate and never
+//! fail loudly: on anything they cannot read they answer `None`, and the full parser, which
+//! runs next, refuses the message with the proper error.
+//!
+//! The Call-ID is returned as its exact bytes: RFC 3261 §20.8 compares Call-IDs byte by byte
+//! (case-sensitively), so no normalisation is needed for two copies of one request to agree.
+
+use memchr::memchr;
+
+use super::scan;
+
+/// The number of CR and LF bytes the message starts with (§7.5: skipped by the parser).
+fn leading_crlf_len(message: &[u8]) -> usize {
+    message
+        .iter()
+        .position(|&b| b != b'\r' && b != b'\n')
+        .unwrap_or(message.len())
+}
+
+/// The line starting at `pos`: the end of its content (before CRLF or LF) and the start of the
+/// next line; `None` without an LF (the parser refuses a message that ends inside a line).
+fn line_at(message: &[u8], pos: usize) -> Option<(usize, usize)> {
+    let lf = pos + memchr(b'\n', &message[pos..])?;
+    let end = if lf > pos && message[lf - 1] == b'\r' {
+        lf - 1
+    } else {
+        lf
+    };
+    Some((end, lf + 1))
+}
+
+/// Whether `message` starts like a response: its first line begins with `SIP/` in any case
+/// (§7.2, as the parser tells a Status-Line from a Request-Line).
+pub fn is_response(message: &[u8]) -> bool {
+    let start = &message[leading_crlf_len(message)..];
+    start.len() >= 4 && scan::eq_ic(&start[..4], b"SIP/")
+}
+
+/// The method token of a request: the first line up to its first SP (§7.1; method names are
+/// case-sensitive, so `OPTIONS` and `options` are different methods). For a response this is
+/// its SIP-Version; `None` when the first line has no SP.
+pub fn method(message: &[u8]) -> Option<&[u8]> {
+    let start = leading_crlf_len(message);
+    let (end, _) = line_at(message, start)?;
+    let line = &message[start..end];
+    memchr(b' ', line).map(|sp| &line[..sp])
+}
+
+/// The value of the first Call-ID header field (long form `Call-ID` or compact form `i`, any
+/// case, §7.3.3, §20.8), trimmed of white space, continuation lines included; `None` when the
+/// header block has none before a line the parser would refuse (one without an LF), or when
+/// it is empty.
+pub fn call_id(message: &[u8]) -> Option<&[u8]> {
+    let (_, mut pos) = line_at(message, leading_crlf_len(message))?;
+    loop {
+        let (end, next) = line_at(message, pos)?;
+        if end == pos {
+            return None; // the empty line ending the header block: the body is not searched
+        }
+        let line = &message[pos..end];
+        if let Some(value_start) = call_id_value_start(line) {
+            let value_end = continuation_end(message, end, next)?;
+            let value = scan::trim_ws(&message[pos + value_start..value_end]);
+            return (!value.is_empty()).then_some(value);
+        }
+        pos = next;
+    }
+}
+
+/// Where the value of a Call-ID header line starts (just past the colon), or `None` when the
+/// line is another header field or a continuation line. HCOLON allows SP and HTAB before the
+/// colon (§7.3.1, §25.1).
+fn call_id_value_start(line: &[u8]) -> Option<usize> {
+    if !matches!(line.first(), Some(b'c' | b'C' | b'i' | b'I')) {
+        return None;
+    }
+    let colon = memchr(b':', line)?;
+    let name = &line[..colon];
+    let name_len = name
+        .iter()
+        .rposition(|&b| b != b' ' && b != b'\t')
+        .map_or(0, |last| last + 1);
+    let name = &name[..name_len];
+    (scan::eq_ic(name, b"call-id") || scan::eq_ic(name, b"i")).then_some(colon + 1)
+}
+
+/// The end of a header field's value whose first line ends at `end` (the next line starting at
+/// `next`): the end of its last continuation line (§7.3.1: a line starting with SP or HTAB
+/// continues the field).
+/// `None` when a continuation line has no LF.
+fn continuation_end(message: &[u8], mut end: usize, mut next: usize) -> Option<usize> {
+    while matches!(message.get(next), Some(b' ' | b'\t')) {
+        (end, next) = line_at(message, next)?;
+    }
+    Some(end)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sip::Message;
+    use bytes::Bytes;
+
+    /// The Call-ID the full parser finds, for comparison.
+    fn parsed_call_id(message: &[u8]) -> Option<Vec<u8>> {
+        let parsed = Message::parse(Bytes::copy_from_slice(message)).ok()?;
+        parsed
+            .header(crate::sip::HeaderName::CallId)
+            .map(|v| scan::trim_ws(v).to_vec())
+    }
+
+    const INVITE: &[u8] = b"INVITE sip:bob@example.com SIP/2.0\r\n\
+Via: SIP/2.0/UDP 127.0.0.1:5062;branch=z9hG4bK776a;rport\r\n\
+Max-Forwards: 70\r\n\
+To: <sip:bob@example.com>\r\n\
+From: <sip:alice@example.com>;tag=1928301774\r\n\
+Call-Info: <http://example.com/x>\r\n\
+CSeq: 1 INVITE\r\n\
+Call-ID: a84b4c76e66710@127.0.0.1\r\n\
+Contact: <sip:alice@127.0.0.1:5062>\r\n\
+Content-Length: 0\r\n\r\n";
+
+    #[test]
+    fn finds_the_call_id_as_the_parser_does() {
+        assert_eq!(call_id(INVITE), Some(&b"a84b4c76e66710@127.0.0.1"[..]));
+        assert_eq!(
+            parsed_call_id(INVITE).as_deref(),
+            Some(&b"a84b4c76e66710@127.0.0.1"[..])
+        );
+        assert_eq!(method(INVITE), Some(&b"INVITE"[..]));
+        assert!(!is_response(INVITE));
+    }
+
+    #[test]
+    fn compact_form_any_case_spaces_before_the_colon_and_bare_lf() {
+        for message in [
+            &b"BYE sip:a@b SIP/2.0\r\ni: xyz@h\r\nCSeq: 2 BYE\r\n\r\n"[..],
+            b"BYE sip:a@b SIP/2.0\r\nI  :\txyz@h  \r\n\r\n",
+            b"BYE sip:a@b SIP/2.0\r\nCALL-ID: xyz@h\r\n\r\n",
+            b"BYE sip:a@b SIP/2.0\ncall-id:xyz@h\n\n",
+            b"\r\n\r\nBYE sip:a@b SIP/2.0\r\nCall-Id: xyz@h\r\n",
+        ] {
+            assert_eq!(
+                call_id(message),
+                Some(&b"xyz@h"[..]),
+                "{}",
+                String::from_utf8_lossy(message)
+            );
+            assert_eq!(
+                parsed_call_id(message).as_deref(),
+                Some(&b"xyz@h"[..]),
+                "{}",
+                String::from_utf8_lossy(message)
+            );
+        }
+    }
+
+    #[test]
+    fn a_folded_value_runs_over_its_continuation_lines() {
+        let message = b"ACK sip:a@b SIP/2.0\r\nCall-ID:\r\n  folded@h\r\n\tCSeq-like: no\r\nCSeq: 1 ACK\r\n\r\n";
+        assert_eq!(call_id(message), Some(&b"folded@h\r\n\tCSeq-like: no"[..]));
+        assert_eq!(
+            parsed_call_id(message).as_deref(),
+            call_id(message),
+            "the same bytes as the parser"
+        );
+    }
+
+    #[test]
+    fn headers_that_only_look_alike_are_not_the_call_id() {
+        for message in [
+            // Call-Info, a continuation line, a body line, and an "i" parameter are not it.
+            &b"INVITE sip:a@b SIP/2.0\r\nCall-Info: <http://x>\r\n i: fake\r\nIn-Reply-To: r@h\r\n\r\nCall-ID: body@h\r\n"[..],
+            b"INVITE sip:a@b SIP/2.0\r\nCall-IDx: no@h\r\nid: no@h\r\n\r\n",
+            b"MESSAGE sip:a@b SIP/2.0\r\nCall-ID:   \r\n\r\n",
+            b"OPTIONS sip:a@b SIP/2.0",
+            b"BYE sip:a@b SIP/2.0\r\nCall-ID: no-line-end@h",
+            b"Call-ID: start-line@h\r\n\r\n",
+            b"",
+            b"\r\n\r\n",
+        ] {
+            assert_eq!(call_id(message), None, "{}", String::from_utf8_lossy(message));
+        }
+    }
+
+    #[test]
+    fn the_first_call_id_wins() {
+        let message = b"BYE sip:a@b SIP/2.0\r\nCall-ID: first@h\r\ni: second@h\r\n\r\n";
+        assert_eq!(call_id(message), Some(&b"first@h"[..]));
+    }
+
+    #[test]
+    fn responses_and_methods() {
+        assert!(is_response(b"SIP/2.0 200 OK\r\nCall-ID: x\r\n\r\n"));
+        assert!(is_response(b"\r\nsip/2.0 180 Ringing\r\n\r\n"));
+        assert!(!is_response(b"SIP"));
+        assert_eq!(
+            method(b"\r\nOPTIONS sip:a SIP/2.0\r\n"),
+            Some(&b"OPTIONS"[..])
+        );
+        assert_eq!(method(b"options sip:a SIP/2.0\r\n"), Some(&b"options"[..]));
+        assert_eq!(method(b"GARBAGE\r\n"), None);
+        assert_eq!(method(b"OPTIONS sip:a SIP/2.0"), None, "no line end");
+        assert_eq!(method(b""), None);
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic_and_agree_with_the_parser() {
+        // A cheap exhaustive sweep over short mixes of the bytes that matter to the scanner.
+        let alphabet: &[u8] = b"i:\r\n \tC";
+        let mut message = Vec::new();
+        for seed in 0u32..50_000 {
+            message.clear();
+            message.extend_from_slice(b"BYE sip:a@b SIP/2.0\r\n");
+            let mut n = seed;
+            while n > 0 {
+                message.push(alphabet[(n % alphabet.len() as u32) as usize]);
+                n /= alphabet.len() as u32;
+            }
+            let found = call_id(&message);
+            if let Some(parsed) = parsed_call_id(&message) {
+                if !parsed.is_empty() {
+                    assert_eq!(
+                        found,
+                        Some(&parsed[..]),
+                        "{:?}",
+                        String::from_utf8_lossy(&message)
+                    );
+                }
+            }
+        }
+    }
+}
