@@ -192,4 +192,101 @@ mod tests {
             "no Call-ID: refused here"
         );
     }
+
+    /// The rule as the core applies it: a core of a server with two loops, fed received
+    /// messages with an explicit `now`.
+    mod in_the_core {
+        use std::time::Instant;
+
+        use bytes::Bytes;
+
+        use super::{loop_of_call_id, meta};
+        use crate::config::Config;
+        use crate::server::core::CoreFactory;
+        use crate::transport::{Input, Output, Worker, WorkerFactory};
+
+        fn core(index: usize) -> Box<dyn Worker> {
+            let config = Config::default();
+            CoreFactory::new(&config).make_bound_worker(index, 2, &config.listen)
+        }
+
+        /// A Call-ID that loop `owner` of 2 owns.
+        fn call_id_of_loop(owner: usize) -> String {
+            (0..)
+                .map(|n| format!("{n}-affinity@127.0.0.1"))
+                .find(|c| loop_of_call_id(c.as_bytes(), 2) == owner)
+                .unwrap()
+        }
+
+        fn request(method: &str, uri: &str, call_id: &str) -> Bytes {
+            Bytes::from(format!(
+                "{method} {uri} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK-a1;rport\r\n\
+                 Max-Forwards: 70\r\nFrom: <sip:a@127.0.0.1>;tag=1\r\nTo: <{uri}>\r\n\
+                 Call-ID: {call_id}\r\nCSeq: 1 {method}\r\nContent-Length: 0\r\n\r\n"
+            ))
+        }
+
+        fn run(core: &mut dyn Worker, data: &Bytes, received_by: usize) -> Vec<Output> {
+            let mut out = Vec::new();
+            let input = Input::Message {
+                data: data.clone(),
+                meta: meta(received_by),
+            };
+            core.on_input(input, Instant::now(), &mut out);
+            out
+        }
+
+        fn handed_to(out: &[Output]) -> Option<usize> {
+            match out {
+                [Output::HandOver { worker, .. }] => Some(*worker),
+                _ => None,
+            }
+        }
+
+        #[test]
+        fn a_request_goes_to_its_call_ids_loop_which_handles_it() {
+            let invite = request("INVITE", "sip:bob@example.com", &call_id_of_loop(1));
+            let out = run(&mut *core(0), &invite, 0);
+            let [Output::HandOver { worker: 1, input }] = &out[..] else {
+                panic!("handed to loop 1: {out:?}");
+            };
+            let Input::Message { data, meta } = input else {
+                panic!("{input:?}");
+            };
+            assert_eq!(data, &invite, "the bytes as received, unparsed");
+            assert_eq!(meta.worker, 0, "still says which loop received it");
+            // Loop 1 handles it (this server relays nothing: 501), and never passes it on.
+            let out = run(&mut *core(1), &invite, 0);
+            assert_eq!(handed_to(&out), None, "{out:?}");
+            assert!(matches!(out.as_slice(), [Output::Send { .. }]), "{out:?}");
+            // The loop that owns it handles what it receives itself.
+            let out = run(&mut *core(1), &invite, 1);
+            assert_eq!(handed_to(&out), None, "{out:?}");
+        }
+
+        #[test]
+        fn options_for_this_server_are_answered_where_they_land() {
+            let call_id = call_id_of_loop(1);
+            let ping = request("OPTIONS", "sip:127.0.0.1:5060", &call_id);
+            let out = run(&mut *core(0), &ping, 0);
+            assert!(matches!(out.as_slice(), [Output::Send { .. }]), "{out:?}");
+            let relayed = request("OPTIONS", "sip:bob@example.com", &call_id);
+            assert_eq!(handed_to(&run(&mut *core(0), &relayed, 0)), Some(1));
+        }
+
+        #[test]
+        fn a_request_without_a_call_id_is_refused_where_it_lands() {
+            let broken = Bytes::from_static(
+                b"INVITE sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK-a2\r\n\
+                  From: <sip:a@127.0.0.1>;tag=1\r\nTo: <sip:bob@example.com>\r\nCSeq: 1 INVITE\r\n\r\n",
+            );
+            for receiver in 0..2 {
+                let out = run(&mut *core(receiver), &broken, receiver);
+                assert!(
+                    matches!(out.as_slice(), [Output::Send { .. }]),
+                    "a 400: {out:?}"
+                );
+            }
+        }
+    }
 }
