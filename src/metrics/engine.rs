@@ -277,6 +277,8 @@ pub struct TransportMetrics {
     parse_errors: [Counter; 3],
     opened_inbound: [Counter; 3],
     opened_outbound: [Counter; 3],
+    hand_overs: Counter,
+    hand_overs_dropped: Counter,
 }
 
 impl TransportMetrics {
@@ -298,6 +300,16 @@ impl TransportMetrics {
             false => &self.opened_outbound,
         };
         counters[transport_index(kind)].inc();
+    }
+
+    /// A received message passed to the event loop that owns its transaction or dialog.
+    pub fn handed_over(&self) {
+        self.hand_overs.inc();
+    }
+
+    /// A hand-over dropped: the owning loop's queue was full.
+    pub fn hand_over_dropped(&self) {
+        self.hand_overs_dropped.inc();
     }
 }
 
@@ -528,6 +540,14 @@ fn register_transport(registry: &Registry) -> TransportMetrics {
         parse_errors: each(&parse_errors, None),
         opened_inbound: streams_only(&opened, "inbound"),
         opened_outbound: streams_only(&opened, "outbound"),
+        hand_overs: registry.counter(
+            "moonroute_hand_overs_total",
+            "Received messages passed to the event loop that owns their dialog (requests, by Call-ID) or client transaction (responses, by branch).",
+        ),
+        hand_overs_dropped: registry.counter(
+            "moonroute_hand_overs_dropped_total",
+            "Hand-overs dropped because the owning event loop's queue was full (a loop falling behind).",
+        ),
     }
 }
 
@@ -619,6 +639,8 @@ mod tests {
             "moonroute_parse_errors_total",
             "moonroute_connections_open",
             "moonroute_connections_opened_total",
+            "moonroute_hand_overs_total",
+            "moonroute_hand_overs_dropped_total",
             "moonroute_dns_lookups_total",
             "moonroute_dns_failures_total",
             "moonroute_overload_rejections_total",

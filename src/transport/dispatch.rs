@@ -34,6 +34,11 @@ pub(crate) struct UdpEndpoint {
     pub(crate) socket: UdpSocket,
 }
 
+/// Hand-overs a loop holds before sending them without waiting for its task to yield: bounds
+/// the delay a long burst adds to the first of them (and what is held), while one wake-up of
+/// the receiving loop still serves many.
+const HAND_OVER_BATCH: usize = 32;
+
 /// The state shared by the transport tasks of one event loop. See the module docs.
 pub(crate) struct LoopContext {
     pub(crate) index: usize,
@@ -53,6 +58,10 @@ pub(crate) struct LoopContext {
     receive_lags: RefCell<Vec<(SocketAddr, std::time::Duration)>>,
     /// Every loop's hand-over queue, this one's included, by loop index.
     hand_over: Arc<[mpsc::Sender<Input>]>,
+    /// Hand-overs decided while the current task runs, sent when it yields (see
+    /// [`LoopContext::hand_over`]), and the signal that wakes the task sending them.
+    hand_overs_waiting: RefCell<Vec<(usize, Input)>>,
+    hand_overs_queued: Notify,
     dns: LoopDns,
     /// The server's metric handles (messages, responses sent, connections).
     pub(crate) metrics: Arc<EngineMetrics>,
@@ -133,22 +142,65 @@ impl LoopContext {
             tls_handshakes: Cell::new(0),
             receive_lags: RefCell::new(Vec::new()),
             hand_over,
+            hand_overs_waiting: RefCell::new(Vec::new()),
+            hand_overs_queued: Notify::new(),
             dns,
             metrics,
         }
     }
 
+    /// Passes `input` to loop `worker`. Not at once: waking another loop's thread costs a
+    /// system call and a context switch, so what a burst of received messages hands over goes
+    /// in one go when the task that received them yields (its socket is drained, or its tokio
+    /// budget spent), or once [`HAND_OVER_BATCH`] are waiting. The receiving loop is woken
+    /// once per batch, not once per message. Order is kept.
     fn hand_over(&self, worker: usize, input: Input) {
-        let Some(queue) = self.hand_over.get(worker) else {
-            warn!(
-                from = self.index,
-                to = worker,
-                "dropping hand-over to an event loop that does not exist"
-            );
-            return;
+        let waiting = {
+            let mut waiting = self.hand_overs_waiting.borrow_mut();
+            waiting.push((worker, input));
+            waiting.len()
         };
-        if let Err(error) = queue.try_send(input) {
-            warn!(target: crate::logging::REFUSED, from = self.index, to = worker, reason = %format_args!("hand-over to the event loop owning its transaction failed ({error})"), "message dropped");
+        if waiting == 1 {
+            self.hand_overs_queued.notify_one();
+        } else if waiting >= HAND_OVER_BATCH {
+            self.send_hand_overs();
+        }
+    }
+
+    /// This loop's task sending the waiting hand-overs: runs when the task that queued them
+    /// yields.
+    pub(crate) async fn run_hand_over_sender(self: Rc<Self>) {
+        loop {
+            self.hand_overs_queued.notified().await;
+            self.send_hand_overs();
+        }
+    }
+
+    /// Puts the waiting hand-overs on their loops' queues; a full queue drops the input (UDP
+    /// retransmissions recover it) with one log line.
+    fn send_hand_overs(&self) {
+        let mut batch = std::mem::take(&mut *self.hand_overs_waiting.borrow_mut());
+        for (worker, input) in batch.drain(..) {
+            let Some(queue) = self.hand_over.get(worker) else {
+                warn!(
+                    from = self.index,
+                    to = worker,
+                    "dropping hand-over to an event loop that does not exist"
+                );
+                continue;
+            };
+            match queue.try_send(input) {
+                Ok(()) => self.metrics.transport.handed_over(),
+                Err(error) => {
+                    self.metrics.transport.hand_over_dropped();
+                    warn!(target: crate::logging::REFUSED, from = self.index, to = worker, reason = %format_args!("hand-over to the event loop owning its transaction failed ({error})"), "message dropped");
+                }
+            }
+        }
+        // Keep the allocation for the next batch (nothing is queued while sending).
+        let mut waiting = self.hand_overs_waiting.borrow_mut();
+        if waiting.is_empty() {
+            *waiting = batch;
         }
     }
 
