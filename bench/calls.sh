@@ -58,6 +58,7 @@ cpu_after=$(cpu_ticks "$server")
 stop_pid "$UAS_PID"; UAS_PID=
 
 print_call_stats "$work"
+print_hand_overs "$bin" "$work/ctl" "$OK"
 wall=$(echo "$end - $start" | bc -l)
 cpu_s=$(echo "($cpu_after - $cpu_before) / $ticks" | bc -l)
 printf 'wall: %.2f s  offered: %s calls/s  achieved: %.1f calls/s\n' \
