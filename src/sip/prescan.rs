@@ -56,50 +56,53 @@ pub fn method(message: &[u8]) -> Option<&[u8]> {
 /// The value of the first Call-ID header field (long form `Call-ID` or compact form `i`, any
 /// case, §7.3.3, §20.8), trimmed of white space, continuation lines included; `None` when the
 /// header block has none before a line the parser would refuse (one without an LF), or when
-/// it is empty.
+/// it is empty. One pass over the line ends; only the first bytes of each line are looked at.
 pub fn call_id(message: &[u8]) -> Option<&[u8]> {
-    let (_, mut pos) = line_at(message, leading_crlf_len(message))?;
-    loop {
-        let (end, next) = line_at(message, pos)?;
-        if end == pos {
+    let head = &message[leading_crlf_len(message)..];
+    let mut line_ends = memchr::memchr_iter(b'\n', head);
+    let mut line_start = line_ends.next()? + 1; // past the start line
+    while let Some(lf) = line_ends.next() {
+        let line = without_cr(&head[line_start..lf]);
+        if line.is_empty() {
             return None; // the empty line ending the header block: the body is not searched
         }
-        let line = &message[pos..end];
         if let Some(value_start) = call_id_value_start(line) {
-            let value_end = continuation_end(message, end, next)?;
-            let value = scan::trim_ws(&message[pos + value_start..value_end]);
+            // The value goes on over the continuation lines that follow (§7.3.1).
+            let mut value_end = line_start + line.len();
+            let mut next = lf + 1;
+            while matches!(head.get(next), Some(b' ' | b'\t')) {
+                let lf = line_ends.next()?;
+                value_end = next + without_cr(&head[next..lf]).len();
+                next = lf + 1;
+            }
+            let value = scan::trim_ws(&head[line_start + value_start..value_end]);
             return (!value.is_empty()).then_some(value);
         }
-        pos = next;
+        line_start = lf + 1;
     }
+    None
+}
+
+/// A line without the CR of its CRLF.
+fn without_cr(line: &[u8]) -> &[u8] {
+    line.strip_suffix(b"\r").unwrap_or(line)
 }
 
 /// Where the value of a Call-ID header line starts (just past the colon), or `None` when the
 /// line is another header field or a continuation line. HCOLON allows SP and HTAB before the
-/// colon (§7.3.1, §25.1).
+/// colon (§7.3.1, §25.1); a name followed by anything else is another header (`Call-Info`,
+/// `Call-IDx`, `id`).
 fn call_id_value_start(line: &[u8]) -> Option<usize> {
-    if !matches!(line.first(), Some(b'c' | b'C' | b'i' | b'I')) {
-        return None;
-    }
-    let colon = memchr(b':', line)?;
-    let name = &line[..colon];
-    let name_len = name
-        .iter()
-        .rposition(|&b| b != b' ' && b != b'\t')
-        .map_or(0, |last| last + 1);
-    let name = &name[..name_len];
-    (scan::eq_ic(name, b"call-id") || scan::eq_ic(name, b"i")).then_some(colon + 1)
-}
-
-/// The end of a header field's value whose first line ends at `end` (the next line starting at
-/// `next`): the end of its last continuation line (§7.3.1: a line starting with SP or HTAB
-/// continues the field).
-/// `None` when a continuation line has no LF.
-fn continuation_end(message: &[u8], mut end: usize, mut next: usize) -> Option<usize> {
-    while matches!(message.get(next), Some(b' ' | b'\t')) {
-        (end, next) = line_at(message, next)?;
-    }
-    Some(end)
+    let name_len = match line.first()? {
+        b'i' | b'I' => 1,
+        b'c' | b'C' if line.len() >= 7 && scan::eq_ic(&line[..7], b"call-id") => 7,
+        _ => return None,
+    };
+    let colon = name_len
+        + line[name_len..]
+            .iter()
+            .position(|&b| b != b' ' && b != b'\t')?;
+    (line[colon] == b':').then_some(colon + 1)
 }
 
 #[cfg(test)]
@@ -212,28 +215,40 @@ Content-Length: 0\r\n\r\n";
     }
 
     #[test]
-    fn arbitrary_bytes_never_panic_and_agree_with_the_parser() {
-        // A cheap exhaustive sweep over short mixes of the bytes that matter to the scanner.
-        let alphabet: &[u8] = b"i:\r\n \tC";
+    fn arbitrary_mixes_never_panic_and_agree_with_the_parser() {
+        // Every short sequence of the pieces that matter to the scanner (an exhaustive sweep
+        // over the first 200,000 numbers written in base 10): wherever the parser finds a
+        // Call-ID, the pre-scan finds the same bytes.
+        let pieces: [&[u8]; 10] = [
+            b"i",
+            b":",
+            b"\r\n",
+            b"\n",
+            b" ",
+            b"\t",
+            b"Call-ID",
+            b"x@h",
+            b"\r",
+            b"CSeq: 1 BYE",
+        ];
         let mut message = Vec::new();
-        for seed in 0u32..50_000 {
+        let mut compared = 0;
+        for seed in 0u32..200_000 {
             message.clear();
             message.extend_from_slice(b"BYE sip:a@b SIP/2.0\r\n");
             let mut n = seed;
             while n > 0 {
-                message.push(alphabet[(n % alphabet.len() as u32) as usize]);
-                n /= alphabet.len() as u32;
+                message.extend_from_slice(pieces[(n % 10) as usize]);
+                n /= 10;
             }
             let found = call_id(&message);
-            if let Some(parsed) = parsed_call_id(&message) {
-                if !parsed.is_empty() {
-                    assert_eq!(
-                        found,
-                        Some(&parsed[..]),
-                        "{:?}",
-                        String::from_utf8_lossy(&message)
-                    );
-                }
+            if let Some(parsed) = parsed_call_id(&message).filter(|p| !p.is_empty()) {
+                assert_eq!(
+                    found,
+                    Some(&parsed[..]),
+                    "{:?}",
+                    String::from_utf8_lossy(&message)
+                );
             }
         }
     }
