@@ -11,7 +11,9 @@
 # Bounded: CALLS calls, and SIPp gives up after $TIMEOUT (default 120s).
 # Environment: MOONROUTE (the binary; default: cargo build --release), HOLD_MS (pause between ACK and BYE, default 0), RURI (INVITE Request-URI, default
 # sip:uas@127.0.0.1:$PORT), TIMEOUT, PORT, UAS_PORT, UAC_PORT, LOG_LEVEL (the server's --log-level,
-# default warn; info is what a default deployment logs).
+# default warn; info is what a default deployment logs), CONFIG (a configuration file for settings
+# without a flag, e.g. [limits]; the flags above override it), WORKERS (event loops, default 1)
+# and SERVER_CPUS (the server's taskset CPU list, default 0).
 # ROUTER=script routes with a Lua script (bench/relay.lua: record_route + t_relay to the UAS,
 # loose_route for in-dialog requests) instead of the built-in --static-route router, to measure
 # what the script engine costs per call.
@@ -40,7 +42,7 @@ if [ "${ROUTER:-builtin}" = script ]; then
 else
   routing=(--static-route "sip:127.0.0.1:$uas_port")
 fi
-taskset -c "${SERVER_CPUS:-0}" "$bin" run --listen "udp:127.0.0.1:$port" --workers "${WORKERS:-1}" \
+taskset -c "${SERVER_CPUS:-0}" "$bin" run ${CONFIG:+--config "$CONFIG"} --listen "udp:127.0.0.1:$port" --workers "${WORKERS:-1}" \
   "${routing[@]}" --control-socket "$work/ctl" --log-level "${LOG_LEVEL:-warn}" 2>"$work/moonroute.log" &
 server=$!
 if ! wait_udp_port "$port" || ! kill -0 "$server" 2>/dev/null; then

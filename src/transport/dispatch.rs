@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::panic::{self, AssertUnwindSafe};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::net::UdpSocket;
@@ -27,6 +27,15 @@ use super::{tcp, tls, Destination, Input, Output, TransportKind, TransportLimits
 use crate::dns::{Query, ResolveError, Resolver};
 use crate::metrics::engine::{response_code, DnsMetrics};
 use crate::metrics::EngineMetrics;
+
+/// A queue a loop receives from, whose lag it measures.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum LagSource {
+    /// The UDP socket bound to this listen address.
+    Udp(SocketAddr),
+    /// What other loops hand over.
+    HandOvers,
+}
 
 /// A UDP socket of this loop and the listen address it was bound to.
 pub(crate) struct UdpEndpoint {
@@ -53,9 +62,9 @@ pub(crate) struct LoopContext {
     pub(crate) tls: Arc<TlsContext>,
     /// TLS handshakes of accepted connections in progress on this loop.
     pub(crate) tls_handshakes: Cell<usize>,
-    /// The receive lag of each UDP socket of this loop, by local address (see
+    /// The receive lag of each receive queue of this loop (see
     /// [`LoopContext::set_receive_lag`]).
-    receive_lags: RefCell<Vec<(SocketAddr, std::time::Duration)>>,
+    receive_lags: RefCell<Vec<(LagSource, Duration)>>,
     /// Every loop's hand-over queue, this one's included, by loop index.
     hand_over: Arc<[mpsc::Sender<Input>]>,
     /// Hand-overs decided while the current task runs, sent when it yields (see
@@ -204,7 +213,6 @@ impl LoopContext {
         }
     }
 
-    /// Receives what other loops hand over and runs it through this loop's Worker.
     /// Feeds the Worker an [`Input::Wake`] each time its wake signal is notified.
     pub(crate) async fn run_wakes(self: Rc<Self>, signal: Arc<Notify>) {
         loop {
@@ -217,20 +225,51 @@ impl LoopContext {
         self.worker.borrow().wake_signal()
     }
 
+    /// Receives what other loops hand over and runs it through this loop's Worker. Its queue
+    /// counts as one more receive queue: how long it has not been found empty is a receive lag
+    /// (see [`LoopContext::set_receive_lag`]), so a loop falling behind the work handed to it
+    /// refuses new requests as it does when behind its own socket, instead of letting the
+    /// queue fill and drop.
     pub(crate) async fn run_hand_overs(self: Rc<Self>, mut queue: mpsc::Receiver<Input>) {
-        while let Some(input) = queue.recv().await {
+        let mut busy_since: Option<Instant> = None;
+        loop {
+            let input = match queue.try_recv() {
+                Ok(input) => {
+                    // Like a UDP socket with datagrams waiting: let the loop's other tasks run.
+                    tokio::task::coop::consume_budget().await;
+                    input
+                }
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    busy_since = None;
+                    self.set_lag(LagSource::HandOvers, Duration::ZERO);
+                    match queue.recv().await {
+                        Some(input) => input,
+                        None => return,
+                    }
+                }
+                Err(mpsc::error::TryRecvError::Disconnected) => return,
+            };
+            let now = Instant::now();
+            self.set_lag(
+                LagSource::HandOvers,
+                now.duration_since(*busy_since.get_or_insert(now)),
+            );
             self.handle(input).await;
         }
     }
 
     /// Records how far behind the queue of its UDP socket `local` the loop is, and tells the
-    /// Worker the largest lag over the loop's sockets (see [`Worker::set_receive_lag`]).
-    pub(crate) fn set_receive_lag(&self, local: SocketAddr, lag: std::time::Duration) {
+    /// Worker the largest lag over the loop's receive queues (see [`Worker::set_receive_lag`]).
+    pub(crate) fn set_receive_lag(&self, local: SocketAddr, lag: Duration) {
+        self.set_lag(LagSource::Udp(local), lag);
+    }
+
+    fn set_lag(&self, source: LagSource, lag: Duration) {
         let worst = {
             let mut lags = self.receive_lags.borrow_mut();
-            match lags.iter_mut().find(|(addr, _)| *addr == local) {
+            match lags.iter_mut().find(|(known, _)| *known == source) {
                 Some(entry) => entry.1 = lag,
-                None => lags.push((local, lag)),
+                None => lags.push((source, lag)),
             }
             lags.iter().map(|(_, lag)| *lag).max().unwrap_or_default()
         };
