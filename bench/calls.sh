@@ -35,7 +35,8 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 start_uas "$uas_port" "$calls" "$timeout" "$work"
-# WORKERS=2 (with SERVER_CPUS=0,1) checks the hand-over of responses between event loops.
+# WORKERS=2 (with SERVER_CPUS=0,1) runs two event loops: requests go to their Call-ID's loop and
+# responses to their client transaction's, handed over when the kernel delivers them elsewhere.
 if [ "${ROUTER:-builtin}" = script ]; then
   sed "s/@UAS_PORT@/$uas_port/" bench/relay.lua >"$work/relay.lua"
   routing=(--script "$work/relay.lua")
