@@ -12,38 +12,11 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use moonroute::server::affinity::loop_of_call_id;
 use moonroute::sip::{prescan, Message};
 
-const SDP: &str = "v=0\r\no=- 2890844526 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\n\
-t=0 0\r\nm=audio 49172 RTP/AVP 0 8 101\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:8 PCMA/8000\r\n\
-a=rtpmap:101 telephone-event/8000\r\na=sendrecv\r\n";
+mod messages;
+use messages::invite;
 
-/// An INVITE as a proxy receives it after one hop (the `codec` bench's), Call-ID after six
-/// header lines.
-fn invite() -> Bytes {
-    Bytes::from(format!(
-        "INVITE sip:bob@example.com SIP/2.0\r\n\
-Via: SIP/2.0/UDP p1.example.com;branch=z9hG4bK2d4790\r\n\
-Via: SIP/2.0/UDP 127.0.0.1:5062;branch=z9hG4bK776a;rport\r\n\
-Max-Forwards: 69\r\n\
-To: <sip:bob@example.com>\r\n\
-From: <sip:alice@example.com>;tag=1928301774\r\n\
-Call-ID: a84b4c76e66710@127.0.0.1\r\n\
-CSeq: 1 INVITE\r\n\
-Contact: <sip:alice@127.0.0.1:5062>\r\n\
-Record-Route: <sip:p2.example.com;lr>\r\n\
-Record-Route: <sip:p1.example.com;lr>\r\n\
-Allow: INVITE, ACK, CANCEL, BYE\r\n\
-Supported: timer\r\n\
-User-Agent: bench/1.0\r\n\
-Content-Type: application/sdp\r\n\
-Content-Length: {}\r\n\
-\r\n\
-{SDP}",
-        SDP.len()
-    ))
-}
-
-/// The same INVITE with its Call-ID last of 16 header lines, in compact form: the longest
-/// search a realistic request makes.
+/// The `codec` bench's INVITE (Call-ID after six header lines) with its Call-ID moved last of
+/// 16 header lines, in compact form: the longest search a realistic request makes.
 fn invite_call_id_last() -> Bytes {
     let text = String::from_utf8(invite().to_vec()).unwrap();
     let text = text

@@ -168,14 +168,33 @@ async fn stray_acks_from_8_ports_are_absorbed_with_4_loops() {
 /// puts on a loop other than the INVITE's with probability (loops-1)/loops each time.
 const CANCEL_ROUNDS: usize = 4;
 
-/// The callee's side of a cancelled call: 200 to the CANCEL, 487 to the INVITE (§9.2), and the
-/// proxy's ACK of the 487.
-async fn callee_accepts_cancel(bob: &mut TestUa, incoming_invite: &Message) {
+/// An INVITE from `alice` to `bob` through the proxy, ringing: the INVITE sent and as received.
+async fn ringing_call(alice: &mut TestUa, bob: &mut TestUa) -> (Message, Message) {
+    let invite = alice.invite(&bob.uri()).await;
+    let incoming = bob.expect_request("INVITE").await;
+    bob.respond(&incoming, 180, "Ringing").await;
+    alice.expect_response(100).await;
+    alice.expect_response(180).await;
+    (invite, incoming)
+}
+
+/// The rest of a call cancelled from elsewhere, once the canceller got `ok`: it is the 200 to
+/// the CANCEL; the callee gets the CANCEL, answers it 200 and the INVITE 487 (§9.2), and gets
+/// the proxy's ACK of the 487; the caller gets the 487.
+async fn cancel_completes(
+    ok: &Message,
+    alice: &mut TestUa,
+    bob: &mut TestUa,
+    incoming_invite: &Message,
+) {
+    expect_status(ok, 200);
+    assert_eq!(ok.cseq().unwrap().method.as_str(), "CANCEL");
     let cancel = bob.expect_request("CANCEL").await;
     bob.respond(&cancel, 200, "OK").await;
     bob.respond(incoming_invite, 487, "Request Terminated")
         .await;
     bob.expect_request("ACK").await;
+    alice.expect_final(487).await;
 }
 
 async fn cancel_from_another_port(loops: usize) {
@@ -184,12 +203,7 @@ async fn cancel_from_another_port(loops: usize) {
     let mut alice = TestUa::udp("alice").await.via_proxy(proxy);
     let mut bob = TestUa::udp("bob").await;
     for _ in 0..CANCEL_ROUNDS {
-        let invite = alice.invite(&bob.uri()).await;
-        let incoming = bob.expect_request("INVITE").await;
-        bob.respond(&incoming, 180, "Ringing").await;
-        alice.expect_response(100).await;
-        alice.expect_response(180).await;
-
+        let (invite, incoming) = ringing_call(&mut alice, &mut bob).await;
         let canceller = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let cancel = derived_request(&invite, "CANCEL", invite.header(HeaderName::To));
         canceller.send_to(cancel.as_bytes(), proxy).await.unwrap();
@@ -200,11 +214,7 @@ async fn cancel_from_another_port(loops: usize) {
             .expect("a 200 to the CANCEL from its own port")
             .unwrap();
         let ok = Message::parse(Bytes::copy_from_slice(&buf[..len])).unwrap();
-        expect_status(&ok, 200);
-        assert_eq!(ok.cseq().unwrap().method.as_str(), "CANCEL");
-
-        callee_accepts_cancel(&mut bob, &incoming).await;
-        alice.expect_final(487).await;
+        cancel_completes(&ok, &mut alice, &mut bob, &incoming).await;
     }
     server.shutdown();
 }
@@ -241,23 +251,14 @@ async fn cancel_on_another_connection(loops: usize) {
     let mut alice = TestUa::tcp("alice", proxy).await;
     let mut bob = TestUa::udp("bob").await;
     for _ in 0..CANCEL_ROUNDS {
-        let invite = alice.invite(&bob.uri()).await;
-        let incoming = bob.expect_request("INVITE").await;
-        bob.respond(&incoming, 180, "Ringing").await;
-        alice.expect_response(100).await;
-        alice.expect_response(180).await;
-
+        let (invite, incoming) = ringing_call(&mut alice, &mut bob).await;
         let mut second = TcpStream::connect(proxy).await.unwrap();
         let cancel = derived_request(&invite, "CANCEL", invite.header(HeaderName::To));
         second.write_all(cancel.as_bytes()).await.unwrap();
         // §18.2.2: the 200 goes back on the connection the CANCEL came in on.
         let ok = read_message(&mut second, &mut BytesMut::new()).await;
-        expect_status(&ok, 200);
-        assert_eq!(ok.cseq().unwrap().method.as_str(), "CANCEL");
-
-        callee_accepts_cancel(&mut bob, &incoming).await;
-        // ... and the 487 on the INVITE's connection.
-        alice.expect_final(487).await;
+        // The 487 comes on the INVITE's connection.
+        cancel_completes(&ok, &mut alice, &mut bob, &incoming).await;
     }
     server.shutdown();
 }
