@@ -9,7 +9,7 @@
 #      (CPU 1)                   (1 worker, CPU 0)                 (CPU 1)
 #
 # Runs (MODES, default "auth noauth relay"), each on a fresh server and data_dir:
-#   auth    scripts/default.lua as shipped, [auth] algorithms = ["MD5"] (SIPp's digest is MD5
+#   auth    scripts/default.lua as shipped (but for TRUSTED, below), [auth] algorithms = ["MD5"] (SIPp's digest is MD5
 #           only). Users caller@127.0.0.1 and callee@127.0.0.1 (password bench-pw) are
 #           provisioned with `moonroute ctl user add`; the callee registers with digest auth
 #           (bench/register_callee.xml: REGISTER -> 401 -> REGISTER -> 200) from the UAS port,
@@ -20,7 +20,9 @@
 #           sip:callee@127.0.0.1:PORT (INVITE -> 100/180/200 -> ACK -> BYE -> 200).
 #   relay   bench/relay.lua (record_route + t_relay to the UAS, loose_route in dialog: what
 #           bench/calls.sh ROUTER=script runs), no registration, bench/call-uac.xml.
-# The caller is on 127.0.0.1, which default.lua trusts (no pike check): a benchmark shortcut.
+# The caller is on 127.0.0.1, which every mode's copy of default.lua puts in TRUSTED (no pike
+# check; bench_default_script in bench/lib.sh): a benchmark shortcut. The shipped script
+# trusts nobody.
 #
 # Per run: calls ok/failed, achieved calls/s, the server's CPU (utime+stime from /proc) in ms per
 # call, its run-queue wait (time another task held CPU 0), how busy both CPUs were, and the
@@ -108,7 +110,7 @@ run_mode() {
   local mode=$1 dir=$work/$1 script
   mkdir -p "$dir"
   case $mode in
-    auth) script=$PWD/scripts/default.lua ;;
+    auth) script=$dir/default.lua; bench_default_script >"$script" ;;
     noauth) script=$dir/default-noauth.lua; default_script_without_auth >"$script" ;;
     relay) script=$dir/relay.lua; sed "s/@UAS_PORT@/$uas_port/" bench/relay.lua >"$script" ;;
     *) echo "unknown mode $mode (auth, noauth, relay)" >&2; exit 1 ;;

@@ -60,7 +60,7 @@ trap 'exit 130' INT TERM
 
 "$load" certs --out "$work/certs" >/dev/null
 # The shipped script authenticates; the load's REGISTERs and calls carry no credentials.
-sed 's/^local AUTHENTICATE = true/local AUTHENTICATE = false/' scripts/default.lua >"$work/default-noauth.lua"
+default_script_without_auth >"$work/default-noauth.lua"
 cat >"$work/moonroute.toml" <<TOML
 listen = ["udp:127.0.0.1:$udp_port", "tls:127.0.0.1:$tls_port", "tcp:127.0.0.1:$tcp_port"]
 script = "$work/default-noauth.lua"
@@ -82,6 +82,13 @@ store = "memory"
 
 [limits]
 max_connections = $((idle + 1000))
+# Every connection here comes from 127.0.0.1, and the idle ones never send a message: the
+# per-address limits and the first-message deadline are lifted for the measurement.
+max_inbound_connections = $((idle + 1000))
+max_connections_per_ip = $((idle + 1000))
+max_pending_connections_per_ip = $((idle + 1000))
+tcp_header_timeout_ms = $(((timeout + 30) * 1000))
+tcp_message_timeout_ms = $(((timeout + 30) * 1000))
 
 [tls]
 certificate = "$work/certs/server.pem"

@@ -1,15 +1,19 @@
-//! Proxy request path costs of signed Record-Route (`src/proxy/route_sign.rs`): one HMAC when
-//! a request is record-routed, one or two when an in-dialog request's Route is checked.
+//! Proxy path costs of signed Record-Route (`src/proxy/route_sign.rs`): one HMAC when a
+//! request is record-routed, one when a response's Record-Route is re-signed for the caller
+//! (§16.7 step 8), one when an in-dialog request's Route is checked.
 //!
 //! Run with `cargo bench --bench proxy -- --warm-up-time 1 --measurement-time 3`. Each group
 //! counts one request per iteration.
 
 use std::hint::black_box;
 use std::net::SocketAddr;
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use moonroute::proxy::{forward_copy, preprocess_routes, ForwardSpec, ProxyIdentity, RouteSigner};
+use moonroute::proxy::{
+    forward_copy, preprocess_routes, ForwardSpec, ProxyIdentity, RouteSigner, Verdict,
+};
 use moonroute::server::core::LocalIdentity;
 use moonroute::sip::Message;
 use moonroute::transport::TransportKind;
@@ -40,7 +44,22 @@ fn invite() -> Message {
     ))
 }
 
-/// The callee's BYE: the caller's tag is in To, so verification tries From first, then To.
+/// The callee's 200 as it comes back: our Record-Route (the callee's copy) echoed.
+fn ok(signature: &str) -> Message {
+    message(format!(
+        "SIP/2.0 200 OK\r\n\
+         Via: SIP/2.0/UDP 127.0.0.1:5062;branch=z9hG4bK776a;rport\r\n\
+         Record-Route: <sip:{US};transport=udp;lr;mrs={signature}>\r\n\
+         To: <sip:bob@example.com>;tag=b77\r\n\
+         From: <sip:alice@example.com>;tag=1928301774\r\n\
+         Call-ID: {CALL_ID}\r\n\
+         CSeq: 1 INVITE\r\n\
+         Contact: <sip:bob@127.0.0.1:5080>\r\n\
+         Content-Length: 0\r\n\r\n"
+    ))
+}
+
+/// The callee's BYE: to the caller's Contact, the caller's tag in To (the callee's copy).
 fn bye(signature: &str) -> Message {
     message(format!(
         "BYE sip:alice@127.0.0.1:5062 SIP/2.0\r\n\
@@ -62,11 +81,12 @@ fn bench(c: &mut Criterion) {
     group.throughput(Throughput::Elements(1));
 
     let signer = RouteSigner::new(b"bench");
+    let request = invite();
+    let now = SystemTime::now();
     group.bench_function("sign", |b| {
-        b.iter(|| signer.sign(black_box(CALL_ID.as_bytes()), black_box(b"1928301774")))
+        b.iter(|| signer.sign_request(black_box(&request), now))
     });
 
-    let request = invite();
     for record_route in [false, true] {
         let spec = ForwardSpec {
             target: b"sip:bob@127.0.0.1:5080",
@@ -75,6 +95,7 @@ fn bench(c: &mut Criterion) {
             outbound: (TransportKind::Udp, udp),
             branch: "z9hG4bKbench",
             me: &me,
+            now,
         };
         let name = if record_route {
             "forward_copy_record_routed"
@@ -86,20 +107,33 @@ fn bench(c: &mut Criterion) {
         });
     }
 
-    let signature = signer.sign(CALL_ID.as_bytes(), b"1928301774");
+    let signature = signer.sign_request(&request, now);
+    let answered = ok(&signature);
+    group.bench_function("sign_response", |b| {
+        b.iter_batched(
+            || answered.clone(),
+            |mut m| assert!(me.sign_response_record_route(&mut m, now)),
+            BatchSize::SmallInput,
+        )
+    });
+
+    let check = |m: &mut Message| {
+        let done = preprocess_routes(m, &me).unwrap();
+        me.check_route(m, &done, now)
+    };
     let signed = bye(&signature);
     group.bench_function("preprocess_signed_route", |b| {
         b.iter_batched(
             || signed.clone(),
-            |mut m| assert!(preprocess_routes(&mut m, &me).unwrap().signed),
+            |mut m| assert_eq!(check(&mut m), Verdict::Valid),
             BatchSize::SmallInput,
         )
     });
-    let forged = bye("0123456789abcdef");
+    let forged = bye("q6553f100.0123456789abcdef");
     group.bench_function("preprocess_forged_route", |b| {
         b.iter_batched(
             || forged.clone(),
-            |mut m| assert!(!preprocess_routes(&mut m, &me).unwrap().signed),
+            |mut m| assert_eq!(check(&mut m), Verdict::Mismatch),
             BatchSize::SmallInput,
         )
     });

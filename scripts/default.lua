@@ -7,7 +7,8 @@
 -- Already done by the engine before on_request runs: parsing and sanity checks (400),
 -- Max-Forwards (483), Require/Proxy-Require (420), loop detection (482), removing our own
 -- Route entries (RFC 3261 §16.4), OPTIONS to the server itself, retransmissions, and CANCEL
--- of a request being relayed.
+-- of a request being relayed. What this policy refuses, and how to open it for peers of your
+-- own, is in docs/scripting.md, "Securing a deployment".
 
 -- Digest authentication (RFC 3261 §22) of our own users, Kamailio's `#!define WITH_AUTH`:
 -- a REGISTER is challenged with 401 and a request whose From is in our domains with 407;
@@ -16,11 +17,37 @@
 -- domains.
 local AUTHENTICATE = true
 
--- Flood protection: sources not rate-limited (this host: local gateways and media servers,
--- and the benchmarks in bench/), and how long a source over the rate limit ([pike] in the
--- configuration) stays banned. Add your own gateways, as Kamailio's allow_trusted() would.
-local TRUSTED = { ["127.0.0.1"] = true, ["::1"] = true }
+-- Flood protection: source addresses that are not rate-limited, and how long a source over
+-- the rate limit ([pike] in the configuration) stays banned. Empty as shipped. List only
+-- machines of your own whose every request you trust, such as a PSTN gateway or a media
+-- server: { ["192.0.2.30"] = true }, as Kamailio's allow_trusted() would. Never list an
+-- address that forwards other people's requests: behind a TLS terminator, WebSocket gateway
+-- or SBC on this host every client comes from 127.0.0.1, and listing it turns flood
+-- protection off for all of them.
+local TRUSTED = {}
 local BAN_SECONDS = 300
+
+-- Peers allowed to choose the next hop with a pre-loaded Route on the requests they send
+-- here (RFC 3261 §16.6 step 7): an SBC or edge proxy of your own, by source address, e.g.
+-- { ["192.0.2.20"] = true }. Empty as shipped: anyone else's pre-loaded Route is removed, as
+-- Kamailio's default configuration does (remove_hf("Route")); following it would relay the
+-- request wherever the sender points (an open relay, and a port scanner of every host this
+-- server reaches). Our own Route entries are consumed by the engine before on_request runs,
+-- and a registered contact's Path is added after this, when the request is relayed.
+local ROUTE_PEERS = {}
+
+-- User agents of well-known SIP scanners (SIPVicious and its kin), lower case, found anywhere
+-- in the User-Agent header: their requests are dropped without an answer, as Kamailio's
+-- default configuration does (friendly|scanner|sipcli|sipvicious|VaxSIPUserAgent|pplsip).
+-- Each drop is one moonroute::refused log line and counts in scanner_requests_dropped_total.
+local SCANNERS = {
+  "friendly-scanner", "friendly-request", "scanner", "sipvicious", "sipcli",
+  "vaxsipuseragent", "vaxipuseragent", "pplsip", "sundayddr", "sip-scan",
+}
+local scanner_drops = sip.metrics.counter{
+  name = "scanner_requests_dropped_total",
+  help = "Requests from well-known SIP scanners (User-Agent) that scripts/default.lua dropped.",
+}
 
 function on_request(req)
   -- Flood protection (Kamailio's pike + htable "ipban"): a banned source is ignored; a source
@@ -35,6 +62,13 @@ function on_request(req)
       sip.log("warn", "pike: banning " .. req.src_ip .. " for " .. BAN_SECONDS .. " s")
       return req:drop()
     end
+  end
+
+  -- Scanners get no answer: an answer tells them a SIP server is here.
+  local scanner = scanner_of(req:header("User-Agent"))
+  if scanner then
+    scanner_drops:inc()
+    return req:drop("scanner user agent " .. scanner)
   end
 
   -- Stricter than the engine's own checks (Kamailio's sanity_check): one SIP Contact in an
@@ -68,6 +102,19 @@ function on_request(req)
 
   if AUTHENTICATE and not authenticate(req) then
     return
+  end
+
+  -- A new request is routed by its Request-URI (and the contacts registered for it), never
+  -- by a Route its sender pre-loaded, unless the sender is one of ROUTE_PEERS.
+  if ROUTE_PEERS[req.src_ip] then
+    req:follow_preloaded_route()
+  else
+    local route = req:headers("Route")
+    if #route > 0 then
+      req:remove_header("Route")
+      sip.log("info", "pre-loaded Route removed, not followed:", table.concat(route, ", "),
+        "from", req.src_ip)
+    end
   end
 
   -- Requests for other domains: only our own users may send them out (no open relay). With
@@ -107,6 +154,20 @@ function on_request(req)
     return req:reply(404, "Not Found")
   end
   return req:t_relay()
+end
+
+-- The SCANNERS entry found in a User-Agent value, or nil.
+function scanner_of(user_agent)
+  if not user_agent then
+    return nil
+  end
+  local ua = user_agent:lower()
+  for _, name in ipairs(SCANNERS) do
+    if ua:find(name, 1, true) then
+      return name
+    end
+  end
+  return nil
 end
 
 -- Authenticates a REGISTER (401), and a request from one of our domains (407). Returns true

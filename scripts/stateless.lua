@@ -25,6 +25,10 @@ function on_request(req)
   -- for a non-2xx answer carries a To tag too, but belongs to the INVITE's hop (§17.1.1.3),
   -- so it takes the same hash as the INVITE below.
   if req:has_to_tag() and not req:is_method("ACK") then
+    -- The Route set a UA sends here is followed as it came (the engine would remove it, see
+    -- req:follow_preloaded_route() in docs/scripting.md): this forwarder serves the network
+    -- in front of NEXT_HOPS and relays what it is sent, so keep it off the open internet.
+    req:follow_preloaded_route()
     return req:forward()
   end
   local hop = NEXT_HOPS[hash(req.call_id or "") % #NEXT_HOPS + 1]

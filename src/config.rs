@@ -476,9 +476,10 @@ impl Default for Registrar {
     }
 }
 
-/// The built-in router, for labs and benchmarks: when it relays (either key set) it replaces
-/// the routing script. Both off by default: the script routes.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// The proxy. `static_route` and `relay_to_request_uri` are the built-in router, for labs and
+/// benchmarks: when it relays (either key set) it replaces the routing script. Both off by
+/// default: the script routes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Proxy {
     /// A SIP URI every new request (but OPTIONS to this server) is relayed to, statefully and
@@ -487,6 +488,20 @@ pub struct Proxy {
     /// Relay requests for other hosts to their Request-URI (an open relay: for labs and tests
     /// on loopback). Default: false.
     pub relay_to_request_uri: bool,
+    /// How long, in seconds, a Record-Route signature routes its dialog
+    /// (`crate::proxy::route_sign`): the longest a dialog through this server can last; after
+    /// it only BYE is routed. 60 to 31536000 (a year). Default: 43200 (12 hours).
+    pub record_route_lifetime_secs: u64,
+}
+
+impl Default for Proxy {
+    fn default() -> Self {
+        Proxy {
+            static_route: String::new(),
+            relay_to_request_uri: false,
+            record_route_lifetime_secs: crate::proxy::route_sign::DEFAULT_LIFETIME.as_secs(),
+        }
+    }
 }
 
 /// Transaction timers (RFC 3261 §17.1.1.1, table 4) and the proxy's INVITE timeout, Timer C
@@ -517,7 +532,15 @@ impl Default for Timers {
 }
 
 impl Proxy {
+    /// `record_route_lifetime_secs` as a duration.
+    pub fn record_route_lifetime(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.record_route_lifetime_secs)
+    }
+
     fn validate(&self) -> Result<(), String> {
+        if !(60..=31_536_000).contains(&self.record_route_lifetime_secs) {
+            return Err("proxy.record_route_lifetime_secs: 60 to 31536000 (a year)".to_owned());
+        }
         let route = self.static_route.trim();
         if route.is_empty() {
             return Ok(());
@@ -622,6 +645,26 @@ pub struct Limits {
     /// while its requests wait less (a few 503s that were not needed; see bench/README.md).
     /// 0: off. Default: 500 (T1: by then clients start retransmitting).
     pub max_receive_lag_ms: u64,
+    /// Accepted (inbound) TCP and TLS connections at once; the rest of `max_connections` is
+    /// kept for connections this server opens, so clients cannot starve them. Default (when
+    /// absent): `max_connections` minus an eighth, rounded up (896 of 1024).
+    pub max_inbound_connections: Option<usize>,
+    /// Accepted connections from one IP address (IPv6: one /64). Default (when absent): an
+    /// eighth of the inbound connections, at least 1 (112).
+    pub max_connections_per_ip: Option<usize>,
+    /// Accepted connections from one IP address (IPv6: one /64) that have not yet delivered a
+    /// complete SIP message: TLS handshake, or first message, in progress. Default (when
+    /// absent): a thirty-second of the inbound connections, between 1 and 32 (28).
+    pub max_pending_connections_per_ip: Option<usize>,
+    /// Milliseconds within which the header block of a message on a TCP or TLS connection
+    /// must be complete, from its first byte; on an accepted connection the first message's
+    /// clock starts when the connection is ready (TLS handshake done), so a client that
+    /// connects and says nothing is closed too. Default: 10000.
+    pub tcp_header_timeout_ms: u64,
+    /// Milliseconds within which a whole message (header block and body) on a TCP or TLS
+    /// connection must be complete, from its first byte. At least `tcp_header_timeout_ms`.
+    /// Default: 20000.
+    pub tcp_message_timeout_ms: u64,
 }
 
 /// The default SIP port for UDP and TCP (RFC 3261 §19.1.2).
@@ -675,6 +718,11 @@ impl Default for Limits {
             max_transactions: 100_000,
             max_backlog: 2000,
             max_receive_lag_ms: 500,
+            max_inbound_connections: None,
+            max_connections_per_ip: None,
+            max_pending_connections_per_ip: None,
+            tcp_header_timeout_ms: 10_000,
+            tcp_message_timeout_ms: 20_000,
         }
     }
 }
@@ -684,6 +732,28 @@ impl Limits {
     pub fn max_receive_lag(&self) -> Option<std::time::Duration> {
         (self.max_receive_lag_ms > 0)
             .then(|| std::time::Duration::from_millis(self.max_receive_lag_ms))
+    }
+
+    /// `max_inbound_connections`, or its default: all of `max_connections` but an eighth
+    /// (rounded up), at least 1.
+    pub fn inbound_connections(&self) -> usize {
+        self.max_inbound_connections.unwrap_or_else(|| {
+            let reserved = self.max_connections.div_ceil(8);
+            self.max_connections.saturating_sub(reserved).max(1)
+        })
+    }
+
+    /// `max_connections_per_ip`, or its default: an eighth of the inbound connections.
+    pub fn connections_per_ip(&self) -> usize {
+        self.max_connections_per_ip
+            .unwrap_or_else(|| (self.inbound_connections() / 8).max(1))
+    }
+
+    /// `max_pending_connections_per_ip`, or its default: a thirty-second of the inbound
+    /// connections, between 1 and 32.
+    pub fn pending_connections_per_ip(&self) -> usize {
+        self.max_pending_connections_per_ip
+            .unwrap_or_else(|| (self.inbound_connections() / 32).clamp(1, 32))
     }
 }
 
@@ -878,11 +948,38 @@ impl Limits {
             ("limits.tcp_send_queue", self.tcp_send_queue as u64),
             ("limits.max_transactions", self.max_transactions as u64),
             ("limits.max_backlog", self.max_backlog as u64),
+            ("limits.tcp_header_timeout_ms", self.tcp_header_timeout_ms),
+            // Absent: derived, and never 0.
+            (
+                "limits.max_inbound_connections",
+                self.max_inbound_connections.map_or(1, |v| v as u64),
+            ),
+            (
+                "limits.max_connections_per_ip",
+                self.max_connections_per_ip.map_or(1, |v| v as u64),
+            ),
+            (
+                "limits.max_pending_connections_per_ip",
+                self.max_pending_connections_per_ip.map_or(1, |v| v as u64),
+            ),
         ];
-        match at_least_one.iter().find(|(_, value)| *value == 0) {
-            Some((name, _)) => Err(format!("{name}: must be at least 1")),
-            None => Ok(()),
+        if let Some((name, _)) = at_least_one.iter().find(|(_, value)| *value == 0) {
+            return Err(format!("{name}: must be at least 1"));
         }
+        if self.inbound_connections() > self.max_connections {
+            return Err(format!(
+                "limits.max_inbound_connections: {} is above limits.max_connections ({})",
+                self.inbound_connections(),
+                self.max_connections
+            ));
+        }
+        if self.tcp_message_timeout_ms < self.tcp_header_timeout_ms {
+            return Err(format!(
+                "limits.tcp_message_timeout_ms: {} is below limits.tcp_header_timeout_ms ({})",
+                self.tcp_message_timeout_ms, self.tcp_header_timeout_ms
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -928,6 +1025,11 @@ mod tests {
         assert_eq!(config.limits.tcp_idle_timeout_secs, 300);
         assert_eq!(config.limits.tcp_connect_timeout_secs, 5);
         assert_eq!(config.limits.tcp_send_queue, 256);
+        assert_eq!(config.limits.inbound_connections(), 896);
+        assert_eq!(config.limits.connections_per_ip(), 112);
+        assert_eq!(config.limits.pending_connections_per_ip(), 28);
+        assert_eq!(config.limits.tcp_header_timeout_ms, 10_000);
+        assert_eq!(config.limits.tcp_message_timeout_ms, 20_000);
         config.validate().unwrap();
     }
 
@@ -950,6 +1052,11 @@ mod tests {
             tcp_send_queue = 16
             max_backlog = 50
             max_receive_lag_ms = 0
+            max_inbound_connections = 8
+            max_connections_per_ip = 3
+            max_pending_connections_per_ip = 2
+            tcp_header_timeout_ms = 1500
+            tcp_message_timeout_ms = 2500
 
             [pike]
             window_ms = 500
@@ -988,8 +1095,37 @@ mod tests {
                 max_transactions: Limits::default().max_transactions,
                 max_backlog: 50,
                 max_receive_lag_ms: 0,
+                max_inbound_connections: Some(8),
+                max_connections_per_ip: Some(3),
+                max_pending_connections_per_ip: Some(2),
+                tcp_header_timeout_ms: 1500,
+                tcp_message_timeout_ms: 2500,
             }
         );
+    }
+
+    #[test]
+    fn connection_limits_left_out_scale_with_max_connections() {
+        let derived = |max_connections| {
+            let limits = Limits {
+                max_connections,
+                ..Limits::default()
+            };
+            (
+                limits.inbound_connections(),
+                limits.connections_per_ip(),
+                limits.pending_connections_per_ip(),
+            )
+        };
+        // The server: one address can no longer hold every slot.
+        assert_eq!(derived(20), (17, 2, 1));
+        assert_eq!(derived(1), (1, 1, 1));
+        assert_eq!(derived(100_000), (87_500, 10_937, 32));
+        let set = Limits {
+            max_connections_per_ip: Some(500),
+            ..Limits::default()
+        };
+        assert_eq!(set.connections_per_ip(), 500);
     }
 
     #[test]
@@ -1050,6 +1186,18 @@ mod tests {
         check(
             |c| c.limits.tcp_connect_timeout_secs = 0,
             "tcp_connect_timeout_secs",
+        );
+        check(
+            |c| c.limits.max_pending_connections_per_ip = Some(0),
+            "max_pending_connections_per_ip: must be at least 1",
+        );
+        check(
+            |c| c.limits.max_inbound_connections = Some(2000),
+            "max_inbound_connections: 2000 is above limits.max_connections (1024)",
+        );
+        check(
+            |c| c.limits.tcp_message_timeout_ms = 5000,
+            "tcp_message_timeout_ms: 5000 is below limits.tcp_header_timeout_ms (10000)",
         );
     }
 
@@ -1172,6 +1320,23 @@ mod tests {
             Config::parse("[timers]\nt3_ms = 1\n").is_err(),
             "unknown keys are errors"
         );
+    }
+
+    #[test]
+    fn record_route_lifetime_is_checked() {
+        assert_eq!(Config::default().proxy.record_route_lifetime_secs, 43_200);
+        let config = Config::parse("[proxy]\nrecord_route_lifetime_secs = 7200\n").unwrap();
+        config.validate().unwrap();
+        assert_eq!(
+            config.proxy.record_route_lifetime(),
+            std::time::Duration::from_secs(7200)
+        );
+        for bad in [0, 59, 31_536_001] {
+            let config =
+                Config::parse(&format!("[proxy]\nrecord_route_lifetime_secs = {bad}\n")).unwrap();
+            let error = config.validate().unwrap_err().to_string();
+            assert!(error.contains("record_route_lifetime_secs"), "{error}");
+        }
     }
 
     #[test]

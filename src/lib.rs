@@ -4,6 +4,7 @@ pub mod auth;
 pub mod config;
 pub mod control;
 pub mod dns;
+pub mod file_modes;
 pub mod flood;
 pub mod location;
 pub mod logging;

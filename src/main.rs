@@ -212,6 +212,8 @@ fn run(args: RunArgs) -> Result<(), Box<dyn Error>> {
     config.apply(overrides);
     config.validate()?;
     init_logging(&config.log_level, config.log_format)?;
+    // What an operator set up and others can read (what moonroute creates is private anyway).
+    moonroute::file_modes::warn_at_start(&config, config_file.as_deref());
 
     let host = ScriptHost::from_config(&config)?;
     // Record-Route signatures survive restarts: the key is `[auth] secret` or

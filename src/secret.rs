@@ -7,13 +7,14 @@
 //! BYE carries the Route we signed before it. Servers behind one load balancer (or sharing a
 //! domain) must share the key: set the same `[auth] secret`, or copy the file.
 //!
-//! The file is created with mode 0600, atomically: written to a temporary name and linked to
+//! The file is created with mode 0600 (the data directory, when it creates it, 0700:
+//! `crate::file_modes`), atomically: written to a temporary name and linked to
 //! `secret` only when complete, so two servers starting on one data directory agree on one key
 //! and a crash never leaves half a key.
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -51,7 +52,7 @@ pub fn load_or_create(data_dir: &Path) -> Result<Vec<u8>, String> {
 /// Writes a new random key to a temporary file and links it to `secret`; when another process
 /// linked its key first, that one stays (the caller reads whichever won).
 fn create(data_dir: &Path) -> std::io::Result<()> {
-    fs::create_dir_all(data_dir)?;
+    crate::file_modes::create_private_dir(data_dir)?;
     let mut key = [0u8; KEY_LEN];
     SystemRandom::new()
         .fill(&mut key)
@@ -65,8 +66,10 @@ fn create(data_dir: &Path) -> std::io::Result<()> {
             .write(true)
             .create(true)
             .truncate(true)
-            .mode(0o600)
+            .mode(crate::file_modes::PRIVATE_FILE)
             .open(&temp)?;
+        // Exactly 0600 whatever the umask (which can only have removed bits from it).
+        file.set_permissions(fs::Permissions::from_mode(crate::file_modes::PRIVATE_FILE))?;
         writeln!(file, "{}", crate::auth::digest::hex(&key))?;
         file.sync_all()
     })();
@@ -134,6 +137,12 @@ mod tests {
         let dir = tempfile::TempDir::new().unwrap();
         let nested = dir.path().join("a/b");
         assert_eq!(load_or_create(&nested).unwrap().len(), KEY_LEN);
+        let mode = fs::metadata(&nested).unwrap().permissions().mode();
+        assert_eq!(
+            mode & 0o777,
+            0o700,
+            "the data directory it creates is private"
+        );
     }
 
     #[test]

@@ -501,87 +501,133 @@ async fn ack_non_2xx(ua: &mut TestUa, invite: &Request, response: &Message, to: 
     ua.send_raw(ack.as_bytes(), to).await;
 }
 
+/// `moonroute run --config CONFIG` started through `sh` with `umask 022`, as from a shell in a
+/// checkout (the README's `cargo run --release`); stopped when dropped. Its stderr is kept.
+struct BinaryServer {
+    child: std::process::Child,
+    log: Arc<std::sync::Mutex<String>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl BinaryServer {
+    /// Starts the server and waits (bounded) for the log line saying its control socket is
+    /// ready, which comes after the data directory, the key and both databases are open.
+    fn start(config: &std::path::Path) -> BinaryServer {
+        use std::io::{BufRead, BufReader};
+        use std::process::{Command, Stdio};
+        let mut child = Command::new("sh")
+            .args(["-c", "umask 022 && exec \"$0\" run --config \"$1\""])
+            .arg(env!("CARGO_BIN_EXE_moonroute"))
+            .arg(config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start moonroute");
+        let log = Arc::new(std::sync::Mutex::new(String::new()));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        let lines = Arc::clone(&log);
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let ready = line.contains("control socket ready");
+                lines.lock().unwrap().push_str(&(line + "\n"));
+                if ready {
+                    let _ = ready_tx.send(());
+                }
+            }
+        });
+        let mut server = BinaryServer {
+            child,
+            log,
+            reader: Some(reader),
+        };
+        if ready_rx.recv_timeout(Duration::from_secs(20)).is_err() {
+            panic!("the control socket is not ready:\n{}", server.stop());
+        }
+        server
+    }
+
+    /// Stops the server; returns everything it logged.
+    fn stop(&mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+        self.log.lock().unwrap().clone()
+    }
+}
+
+impl Drop for BinaryServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// `moonroute ctl --socket SOCKET ARGS...` with `stdin` as its input: whether it succeeded,
+/// and its output (stdout then stderr).
+fn ctl(socket: &std::path::Path, args: &[&str], stdin: &str) -> (bool, String) {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_moonroute"))
+        .arg("ctl")
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned()
+            + &String::from_utf8_lossy(&output.stderr),
+    )
+}
+
 /// `moonroute ctl user add|list|rm` against a running `moonroute run`, over its control
 /// socket: the password comes from stdin, the listing shows users and realms only.
 #[test]
 fn ctl_user_commands_over_the_control_socket() {
-    use std::io::{BufRead, BufReader, Write};
-    use std::process::{Command, Stdio};
-
     let dir = TempDir::new().unwrap();
     let socket = dir.path().join("ctl.sock");
     let config = common::write_binary_config(dir.path(), &socket);
-    let mut server = Command::new(env!("CARGO_BIN_EXE_moonroute"))
-        .args(["run", "--config"])
-        .arg(&config)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start moonroute");
-    // Wait for the log line saying the socket is ready (bounded).
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let stderr = server.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("control socket ready") {
-                let _ = ready_tx.send(());
-            }
-        }
-    });
-    let ready = ready_rx.recv_timeout(Duration::from_secs(20));
-    let ctl = |args: &[&str], stdin: &str| {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_moonroute"))
-            .arg("ctl")
-            .arg("--socket")
-            .arg(&socket)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(stdin.as_bytes())
-            .unwrap();
-        let output = child.wait_with_output().unwrap();
-        (
-            output.status.success(),
-            String::from_utf8_lossy(&output.stdout).into_owned()
-                + &String::from_utf8_lossy(&output.stderr),
-        )
-    };
-    let result = std::panic::catch_unwind(|| {
-        ready.expect("the control socket is ready");
-        let (ok, out) = ctl(&["user", "add", "alice@Moonroute.test"], "s3cret\n");
-        assert!(ok, "{out}");
-        assert!(out.contains("alice@moonroute.test added"), "{out}");
-        let (ok, out) = ctl(
-            &["user", "add", "bob@moonroute.test", "pw", "--realm", "voip"],
-            "",
-        );
-        assert!(ok, "{out}");
-        let (ok, out) = ctl(&["user", "list"], "");
-        assert!(ok, "{out}");
-        assert_eq!(
-            out,
-            "alice@moonroute.test realm=moonroute.test\nbob@moonroute.test realm=voip\n"
-        );
-        let (ok, out) = ctl(&["user", "rm", "bob@moonroute.test"], "");
-        assert!(ok, "{out}");
-        let (ok, _) = ctl(&["user", "rm", "bob@moonroute.test"], "");
-        assert!(!ok, "a second rm finds nothing");
-        let (ok, out) = ctl(&["status"], "");
-        assert!(ok && out.contains("subscribers: 1\n"), "{out}");
-    });
-    let _ = server.kill();
-    let _ = server.wait();
-    if let Err(panic) = result {
-        std::panic::resume_unwind(panic);
-    }
+    let mut server = BinaryServer::start(&config);
+    let (ok, out) = ctl(
+        &socket,
+        &["user", "add", "alice@Moonroute.test"],
+        "s3cret\n",
+    );
+    assert!(ok, "{out}");
+    assert!(out.contains("alice@moonroute.test added"), "{out}");
+    let (ok, out) = ctl(
+        &socket,
+        &["user", "add", "bob@moonroute.test", "pw", "--realm", "voip"],
+        "",
+    );
+    assert!(ok, "{out}");
+    let (ok, out) = ctl(&socket, &["user", "list"], "");
+    assert!(ok, "{out}");
+    assert_eq!(
+        out,
+        "alice@moonroute.test realm=moonroute.test\nbob@moonroute.test realm=voip\n"
+    );
+    let (ok, out) = ctl(&socket, &["user", "rm", "bob@moonroute.test"], "");
+    assert!(ok, "{out}");
+    let (ok, _) = ctl(&socket, &["user", "rm", "bob@moonroute.test"], "");
+    assert!(!ok, "a second rm finds nothing");
+    let (ok, out) = ctl(&socket, &["status"], "");
+    assert!(ok && out.contains("subscribers: 1\n"), "{out}");
+    server.stop();
     // The HA1s computed by the ctl client are the right ones.
     let table =
         moonroute::auth::Subscribers::open(&dir.path().join("data").join("subscribers")).unwrap();
@@ -589,4 +635,117 @@ fn ctl_user_commands_over_the_control_socket() {
         table.find("alice", DOMAIN),
         Some(Subscriber::with_password("alice", DOMAIN, "s3cret"))
     );
+}
+
+// ----- secrets on disk -----------------------------------------------------------------------
+
+/// The permission bits of `path` and of everything under it (links not followed).
+fn modes_under(path: &std::path::Path) -> Vec<(PathBuf, std::fs::FileType, u32)> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::symlink_metadata(path).unwrap();
+    let mut modes = vec![(
+        path.to_path_buf(),
+        meta.file_type(),
+        meta.permissions().mode() & 0o7777,
+    )];
+    if meta.is_dir() {
+        for entry in std::fs::read_dir(path).unwrap() {
+            modes.extend(modes_under(&entry.unwrap().path()));
+        }
+    }
+    modes
+}
+
+fn set_mode(path: &std::path::Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// Issue 17: under umask 022, a first start and `ctl user add` leave nothing in the data
+/// directory that another user can read: the directory, the databases (sled's own files
+/// included) and their directories, the server key, the control socket.
+#[test]
+fn a_first_start_under_umask_022_keeps_the_data_directory_private() {
+    let dir = TempDir::new().unwrap();
+    let data = dir.path().join("data");
+    // As the default configuration has it: the control socket inside the data directory.
+    let socket = data.join("moonroute.ctl");
+    let config = common::write_binary_config(dir.path(), &socket);
+    let mut server = BinaryServer::start(&config);
+    let (ok, out) = ctl(
+        &socket,
+        &["user", "add", "alice@moonroute.test"],
+        "s3cret\n",
+    );
+    assert!(ok, "{out}");
+    let modes = modes_under(&data);
+    let log = server.stop();
+
+    for name in ["secret", "subscribers/db", "location/db", "moonroute.ctl"] {
+        assert!(
+            modes.iter().any(|(path, _, _)| *path == data.join(name)),
+            "{name} exists: {modes:?}"
+        );
+    }
+    for (path, kind, mode) in &modes {
+        let private = if kind.is_dir() { 0o700 } else { 0o600 };
+        // The socket was removed when the server stopped, after its mode was read.
+        assert_eq!(*mode, private, "{} is {mode:04o}", path.display());
+    }
+    assert!(
+        !log.contains("readable by"),
+        "nothing to warn about:\n{log}"
+    );
+}
+
+/// What earlier versions left under umask 022 (a 0755 data directory, an exposed subscriber
+/// table) and a key an operator copied in with mode 0644: the table, moonroute's own, is made
+/// private when opened, with a warning; the directory and the key, which the operator may
+/// have set up so, are only warned about, each with the `chmod` that fixes it.
+#[test]
+fn exposed_files_left_by_an_earlier_version_are_fixed_or_reported() {
+    let dir = TempDir::new().unwrap();
+    let data = dir.path().join("data");
+    let table = data.join("subscribers");
+    {
+        let subscribers = moonroute::auth::Subscribers::open(&table).unwrap();
+        let alice = Subscriber::with_password("alice", DOMAIN, "s3cret");
+        subscribers.add("alice@moonroute.test", &alice).unwrap();
+    }
+    for (path, kind, _) in modes_under(&data) {
+        set_mode(&path, if kind.is_dir() { 0o755 } else { 0o644 });
+    }
+    let key = data.join("secret");
+    std::fs::write(&key, format!("{}\n", "ab".repeat(32))).unwrap();
+    set_mode(&key, 0o644);
+
+    let socket = dir.path().join("ctl.sock");
+    let config = common::write_binary_config(dir.path(), &socket);
+    let mut server = BinaryServer::start(&config);
+    let (ok, out) = ctl(&socket, &["user", "list"], "");
+    assert!(ok && out.contains("alice@moonroute.test"), "{out}");
+    let log = server.stop();
+
+    for (path, kind, mode) in modes_under(&table) {
+        let private = if kind.is_dir() { 0o700 } else { 0o600 };
+        assert_eq!(mode, private, "{} is {mode:04o}", path.display());
+    }
+    assert!(
+        log.contains("database directory was open to other users")
+            && log.contains(&table.display().to_string()),
+        "{log}"
+    );
+    let mode = |path: &std::path::Path| modes_under(path)[0].2;
+    assert_eq!(mode(&data), 0o755, "the data directory keeps its mode");
+    assert_eq!(mode(&key), 0o644, "the key keeps its mode");
+    let data_dir_warning = format!(
+        "is readable by other users (mode 0755): chmod 700 {}",
+        data.display()
+    );
+    let key_warning = format!(
+        "is readable by other users (mode 0644): chmod 600 {}",
+        key.display()
+    );
+    assert!(log.contains(&data_dir_warning), "{log}");
+    assert!(log.contains(&key_warning), "{log}");
 }

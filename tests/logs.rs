@@ -403,3 +403,81 @@ async fn human_lines_can_be_grepped_by_call_id() {
         grep[0]
     );
 }
+
+/// An in-dialog request whose Record-Route signature expired (`src/proxy/route_sign.rs`) gets
+/// one `info` line saying so, with how long ago and its Call-ID, then the one refusal line of
+/// the script's answer. The signature is written here with the key the server made in its data
+/// directory, as the server would have written it 90 s too early.
+#[tokio::test]
+async fn an_expired_route_signature_is_logged_with_its_age() {
+    use moonroute::proxy::route_sign::{Binding, Holder};
+    use moonroute::proxy::RouteSigner;
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    let mut server = Server::start("json", "info", 0);
+    wait_until_answering(server.addr).await;
+    let key = moonroute::secret::load_or_create(&server._dir.path().join("data")).unwrap();
+    let target = "sip:bob@127.0.0.1:9";
+    let binding = Binding {
+        holder: Holder::Caller,
+        call_id: b"logtest-expired",
+        caller_tag: b"a1",
+        callee_tag: b"b1",
+        target: Some(moonroute::sip::Uri::parse(target.as_bytes()).unwrap()),
+    };
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let signature = RouteSigner::new(&key).sign(&binding, [], now - 90);
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let from = socket.local_addr().unwrap();
+    let message = format!(
+        "MESSAGE {target} SIP/2.0\r\n\
+         Via: SIP/2.0/UDP {from};branch=z9hG4bK-expired;rport\r\n\
+         Max-Forwards: 70\r\n\
+         Route: <sip:{};transport=udp;lr;mrs={signature}>\r\n\
+         From: <sip:alice@127.0.0.1>;tag=a1\r\n\
+         To: <sip:bob@127.0.0.1>;tag=b1\r\n\
+         Call-ID: logtest-expired\r\n\
+         CSeq: 2 MESSAGE\r\n\
+         Content-Length: 0\r\n\r\n",
+        server.addr
+    );
+    socket
+        .send_to(message.as_bytes(), server.addr)
+        .await
+        .unwrap();
+    let start = server.seen.len();
+    server.wait_for("the refusal of the MESSAGE", |l| {
+        l.contains("logtest-expired") && l.contains("moonroute::refused")
+    });
+    let about: Vec<Value> = server.seen[start..]
+        .iter()
+        .map(|l| parse(l))
+        .filter(|l| call_id_of(l) == Some("logtest-expired"))
+        .collect();
+    let expired: Vec<&Value> = about
+        .iter()
+        .filter(|l| l["message"].as_str().is_some_and(|m| m.contains("expired")))
+        .collect();
+    assert_eq!(expired.len(), 1, "{about:?}");
+    let line = expired[0];
+    assert_eq!(line["level"], "INFO", "{line}");
+    assert!(
+        line["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("record_route_lifetime_secs")),
+        "{line}"
+    );
+    let ago = line["ago_secs"].as_u64().unwrap_or(0);
+    assert!((90..=150).contains(&ago), "{line}");
+    assert_eq!(
+        about
+            .iter()
+            .filter(|l| l["target"] == "moonroute::refused")
+            .count(),
+        1,
+        "{about:?}"
+    );
+}

@@ -166,10 +166,23 @@ async fn call_through(alice: &mut TestUa, bob: &mut TestUa, request_uri: &str, p
     assert_eq!(via_count(&ringing), 1, "the proxy's Via is removed");
     let answer = alice.expect_response(200).await;
     assert_eq!(via_count(&answer), 1, "the proxy's Via is removed");
+    // Back in the 2xx, our entry re-signed for the caller (§16.7 step 8, `route_sign`): the
+    // callee holds the request's copy (`q`), the caller the response's (`s`).
+    let unsigned = |values: Vec<String>| -> Vec<String> {
+        values
+            .iter()
+            .map(|v| common::without_signature(v))
+            .collect()
+    };
+    let answered = record_routes(&answer);
     assert_eq!(
-        record_routes(&answer),
-        rr,
+        unsigned(answered.clone()),
+        unsigned(rr.clone()),
         "Record-Route comes back in the 2xx"
+    );
+    assert!(
+        rr[0].contains(";mrs=q") && answered[0].contains(";mrs=s"),
+        "{rr:?} {answered:?}"
     );
 
     let mut dialog = alice.ack_2xx(&answer).await;

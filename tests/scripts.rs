@@ -219,7 +219,19 @@ async fn call(caller: &mut TestUa, callee: &mut TestUa, request_uri: &str, proxy
     assert_eq!(via_count(&ringing), 1);
     let answer = caller.expect_response(200).await;
     assert_eq!(via_count(&answer), 1);
-    assert_eq!(header_values(&answer, "Record-Route"), rr);
+    // Our entry comes back re-signed for the caller (§16.7 step 8, `route_sign`).
+    let unsigned = |values: Vec<String>| -> Vec<String> {
+        values
+            .iter()
+            .map(|v| common::without_signature(v))
+            .collect()
+    };
+    let answered = header_values(&answer, "Record-Route");
+    assert_eq!(unsigned(answered.clone()), unsigned(rr.clone()));
+    assert!(
+        rr[0].contains(";mrs=q") && answered[0].contains(";mrs=s"),
+        "{rr:?} {answered:?}"
+    );
 
     let mut dialog = caller.ack_2xx(&answer).await;
     assert!(!dialog.route_set.is_empty(), "the dialog goes through us");
@@ -801,6 +813,120 @@ fn limits_name_themselves_in_the_error() {
     );
     let boom = fail(Limits::default(), "boom");
     assert!(boom.contains(&format!("{name}:7: boom")), "{boom}");
+}
+
+/// tests/data/scripts/sandbox.lua, written to `dir` with its placeholder replaced by a real
+/// binary chunk of the embedded Lua: `string.dump` in an unsandboxed state, of a function that
+/// returns "Escaped". That state loads and runs the chunk, so what refuses it in the sandbox is
+/// the text-only `load`, not a chunk from another Lua version.
+fn sandbox_script(dir: &TempDir) -> PathBuf {
+    let free = mlua::Lua::new();
+    let chunk: mlua::LuaString = free
+        .load("return string.dump(function() return 'Escaped' end)")
+        .eval()
+        .expect("string.dump outside the sandbox");
+    let chunk = chunk.as_bytes().to_vec();
+    let escaped: String = free
+        .load(&chunk[..])
+        .set_mode(mlua::chunk::ChunkMode::Binary)
+        .call(())
+        .expect("the chunk loads and runs outside the sandbox");
+    assert_eq!(escaped, "Escaped");
+    // Decimal escapes of three digits: never read together with a following digit.
+    let literal: String = chunk.iter().map(|b| format!("\\{b:03}")).collect();
+    let text = std::fs::read_to_string(repo_path("tests/data/scripts/sandbox.lua"))
+        .unwrap()
+        .replacen("@BYTECODE@", &literal, 1);
+    write_script(dir, "sandbox.lua", &text)
+}
+
+/// Lua does not verify bytecode (a crafted chunk escapes the VM): a hook that makes bytecode
+/// (`string.dump` is gone) or loads it, from a string or a reader function, fails like any
+/// script error (500), and the request after it is served. Text chunks still load, whatever
+/// mode they ask for.
+#[tokio::test]
+async fn bytecode_is_refused_in_a_hook_and_text_still_loads() {
+    let dir = TempDir::new().unwrap();
+    let proxy = start_script(&sandbox_script(&dir));
+    let mut alice = TestUa::udp("alice").await.via_proxy(proxy.udp);
+    for probe in ["dump", "bytecode", "reader"] {
+        message_answered(&mut alice, proxy.udp, probe, 500).await;
+        message_answered(&mut alice, proxy.udp, "", 200).await;
+    }
+    let text = message_answered(&mut alice, proxy.udp, "text", 200).await;
+    assert_eq!(text.reason(), Some(&b"Text loads"[..]));
+}
+
+/// The same probes through `moonroute test`, which prints the hook's error: each names the
+/// script's file and the line of the probe.
+#[test]
+fn bytecode_probes_fail_at_the_scripts_line() {
+    let dir = TempDir::new().unwrap();
+    let script = sandbox_script(&dir);
+    let probe = |what: &str| {
+        let message = dir.path().join(format!("{what}.sip"));
+        std::fs::write(
+            &message,
+            format!(
+                "MESSAGE sip:anyone@127.0.0.1:5060 SIP/2.0\n\
+                 Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK-{what}\n\
+                 Max-Forwards: 70\n\
+                 From: <sip:alice@example.net>;tag=a\n\
+                 To: <sip:anyone@127.0.0.1:5060>\n\
+                 Call-ID: {what}@127.0.0.1\n\
+                 CSeq: 1 MESSAGE\n\
+                 X-Test: {what}\n\
+                 Content-Length: 0\n\n"
+            ),
+        )
+        .unwrap();
+        let output = moonroute(&[
+            "test",
+            script.to_str().unwrap(),
+            "--message",
+            message.to_str().unwrap(),
+        ]);
+        assert!(output.status.success(), "{}", describe(&output));
+        text(&output.stdout)
+    };
+    let name = script.display();
+    for (what, expected) in [
+        ("dump", format!("error:     {name}:9: ")),
+        (
+            "bytecode",
+            format!("error:     {name}:12: attempt to load a binary chunk (mode is 't')"),
+        ),
+        (
+            "reader",
+            format!("error:     {name}:21: attempt to load a binary chunk (mode is 't')"),
+        ),
+    ] {
+        let stdout = probe(what);
+        assert!(stdout.contains(&expected), "{what}: {stdout}");
+        assert!(
+            stdout.contains("decision:  reply 500 Server Internal Error (the hook failed)"),
+            "{what}: {stdout}"
+        );
+    }
+    assert!(
+        probe("dump").contains("attempt to call a nil value (field 'dump')"),
+        "string.dump is nil"
+    );
+    assert!(probe("text").contains("decision:  reply 200 Text loads"));
+
+    // `moonroute check` runs the top-level code: a script that dumps there is refused.
+    let dumping = write_script(
+        &dir,
+        "dumping.lua",
+        "function on_request(req) end\nlocal chunk = string.dump(on_request)\n",
+    );
+    let output = moonroute(&["check", dumping.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(1), "{}", describe(&output));
+    assert!(
+        text(&output.stderr).contains(&format!("{}:2:", dumping.display())),
+        "{}",
+        describe(&output)
+    );
 }
 
 // ----- 6: hooks and per-transaction variables ------------------------------------------------

@@ -24,11 +24,14 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
-use common::ua::{show, TestUa, WAIT};
+use common::ua::{connect_from, next_close, read_until_closed, show, watch_closes, TestUa, WAIT};
 use moonroute::config::Config;
+use moonroute::metrics::engine::{ConnectionRefusal, StreamTimeout};
+use moonroute::metrics::EngineMetrics;
 use moonroute::server::core::CoreFactory;
 use moonroute::server::{Server, ServerHandle};
 use moonroute::sip::{HeaderName, Message};
+use moonroute::transport::registry::Limit;
 use moonroute::transport::{ListenAddr, TransportKind};
 
 // ----- certificates ---------------------------------------------------------------------------
@@ -197,24 +200,6 @@ fn record_routes(m: &Message) -> Vec<String> {
     m.headers_named("Record-Route")
         .map(|v| common::without_signature(&String::from_utf8_lossy(v)))
         .collect()
-}
-
-/// Reads `stream` until the peer closes it (or resets it); panics if it stays open for
-/// `within`. Returns what was read.
-async fn read_until_closed(stream: &mut TcpStream, within: Duration) -> Vec<u8> {
-    let mut seen = Vec::new();
-    let closed = tokio::time::timeout(within, async {
-        let mut buf = [0u8; 4096];
-        loop {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => seen.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await;
-    assert!(closed.is_ok(), "the server kept the connection open");
-    seen
 }
 
 // ----- tests ----------------------------------------------------------------------------------
@@ -563,4 +548,64 @@ async fn handshakes_beyond_the_cap_are_refused_at_once() {
         "{}",
         String::from_utf8_lossy(&answer)
     );
+}
+
+/// Clients on 127.0.0.2 that connect to the TLS port and stall their handshake: the address
+/// holds at most `max_pending_connections_per_ip` of them (the next is refused at once, with
+/// its refused line), each is dropped at the handshake timeout (refused line, counted), and a
+/// client on 127.0.0.1 completes its handshake and is served meanwhile. Once they are gone
+/// the address may connect again.
+#[tokio::test]
+async fn stalled_handshakes_are_bounded_per_address() {
+    let mut refused = common::refused_log::subscribe();
+    let (files, ca) = (Files::new(), Ca::new("test CA"));
+    let mut config = config(&files, &ca, &ca.localhost());
+    config.tls.handshake_timeout_ms = 1500;
+    config.limits.max_pending_connections_per_ip = Some(2);
+    let metrics = EngineMetrics::detached();
+    let factory = CoreFactory::new(&config).with_metrics(Arc::clone(&metrics));
+    let server = Server::start(&config, Arc::new(factory)).expect("server starts");
+    let proxy = tls_addr(&server);
+    let stranger = "127.0.0.2".parse().unwrap();
+
+    // Three for two places: whichever is accepted last (two event loops accept) is refused.
+    let mut stalled = Vec::new();
+    for _ in 0..3 {
+        stalled.push(connect_from(stranger, proxy).await);
+    }
+    let mut closes = watch_closes(stalled);
+    next_close(&mut closes, WAIT).await;
+    // At once, by the limit, not by the handshake timeout:
+    refused
+        .expect(
+            "127.0.0.2",
+            "limits.max_pending_connections_per_ip (2) reached",
+            WAIT,
+        )
+        .await;
+
+    let mut alice = TestUa::tls("alice", proxy, ca.connector(), "localhost").await;
+    let options = alice.options(&format!("sip:{proxy}")).await;
+    let answer = alice.expect_response(200).await;
+    assert_eq!(answer.call_id().unwrap(), options.call_id().unwrap());
+
+    for _ in 0..2 {
+        next_close(&mut closes, WAIT).await;
+    }
+    for _ in 0..2 {
+        let reason = "TLS handshake not finished within 1500 ms (tls.handshake_timeout_ms)";
+        refused.expect("127.0.0.2", reason, WAIT).await;
+    }
+    let transport = &metrics.transport;
+    let pending = ConnectionRefusal::Limit(Limit::PendingConnectionsPerIp);
+    assert_eq!(transport.refused_count(TransportKind::Tls, pending), 1);
+    let handshake = StreamTimeout::Handshake;
+    assert_eq!(transport.timed_out_count(TransportKind::Tls, handshake), 2);
+
+    let again = connect_from(stranger, proxy).await;
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    ca.connector()
+        .connect(name, again)
+        .await
+        .expect("127.0.0.2 may connect again once its stalled handshakes are gone");
 }

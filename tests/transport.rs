@@ -163,6 +163,9 @@ fn test_config(listen: &[&str]) -> Config {
     };
     config.limits.max_message_size = MAX_MESSAGE;
     config.limits.max_connections = 16;
+    // Every client here is on 127.0.0.1 (the per-address limits have tests of their own).
+    config.limits.max_connections_per_ip = Some(16);
+    config.limits.max_pending_connections_per_ip = Some(16);
     config.limits.tcp_idle_timeout_secs = 30;
     config.limits.tcp_connect_timeout_secs = 2;
     config.limits.tcp_send_queue = SEND_QUEUE;
@@ -429,6 +432,7 @@ async fn tcp_message_above_the_size_limit_is_too_large_and_closes() {
 async fn tcp_connections_beyond_the_limit_are_refused() {
     let mut config = test_config(&["tcp:127.0.0.1:0"]);
     config.limits.max_connections = 2;
+    config.limits.max_inbound_connections = Some(2);
     let mut harness = start(config);
     let mut framer = StreamFramer::new(MAX_MESSAGE);
 

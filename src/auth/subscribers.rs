@@ -112,8 +112,12 @@ pub struct Subscribers {
 }
 
 impl Subscribers {
-    /// Opens (creating) the table at `path` (`<data_dir>/subscribers`).
+    /// Opens (creating) the table at `path` (`<data_dir>/subscribers`): a directory and files
+    /// only its owner can read, whatever the umask (HA1s are password equivalents;
+    /// `crate::file_modes`).
     pub fn open(path: &Path) -> Result<Subscribers, String> {
+        crate::file_modes::prepare_store(path)
+            .map_err(|e| format!("subscriber table {}: {e}", path.display()))?;
         let db = sled::Config::new()
             .path(path)
             .cache_capacity(4 * 1024 * 1024)
@@ -125,6 +129,7 @@ impl Subscribers {
         let by_realm = db
             .open_tree("by_realm")
             .map_err(|e| format!("subscriber table {}: {e}", path.display()))?;
+        crate::file_modes::seal_store(path);
         Ok(Subscribers { db, by_realm })
     }
 
@@ -182,7 +187,7 @@ impl Subscribers {
     /// run them, share the table instead of failing). Closed when the last user drops it.
     pub fn open_shared(path: &Path) -> Result<Arc<Subscribers>, String> {
         static OPEN: Mutex<Vec<(PathBuf, Weak<Subscribers>)>> = Mutex::new(Vec::new());
-        std::fs::create_dir_all(path)
+        crate::file_modes::prepare_store(path)
             .map_err(|e| format!("subscriber table {}: {e}", path.display()))?;
         let key = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
         let mut open = OPEN.lock().unwrap_or_else(|e| e.into_inner());

@@ -50,9 +50,9 @@ impl Default for Settings {
 }
 
 impl ControlServer {
-    /// Binds the socket at `path` (creating its parent directory), with mode 0600, and serves
-    /// it on the current tokio runtime until dropped or shut down. Each command runs `handler`
-    /// on a blocking thread.
+    /// Binds the socket at `path` (creating its parent directory, 0700, when missing), with
+    /// mode 0600, and serves it on the current tokio runtime until dropped or shut down. Each
+    /// command runs `handler` on a blocking thread.
     ///
     /// A stale socket file left by a crashed server is replaced. Fails if another live server
     /// answers on `path` ("another moonroute is using the control socket PATH"), if `path`
@@ -73,7 +73,8 @@ impl ControlServer {
             ));
         }
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(|e| {
+            // A directory made for the socket holds nothing but it: private, as the socket.
+            crate::file_modes::create_private_dir(parent).map_err(|e| {
                 with_context(
                     &e,
                     format!(

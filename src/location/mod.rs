@@ -192,8 +192,8 @@ pub struct AorCursor {
     after: Option<String>,
 }
 
-/// The store `[location]` asks for: [`SledLocation`] in `<data_dir>/location` (created if
-/// missing, loaded before this returns) or a [`MemoryLocation`].
+/// The store `[location]` asks for: [`SledLocation`] in `<data_dir>/location` (created
+/// private if missing, loaded before this returns) or a [`MemoryLocation`].
 pub fn open_configured(
     config: &crate::config::Location,
     data_dir: &std::path::Path,
@@ -205,8 +205,6 @@ pub fn open_configured(
         ))),
         LocationBackend::Sled => {
             let dir = data_dir.join("location");
-            std::fs::create_dir_all(&dir)
-                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
             let (store, _report) = SledLocation::open(
                 &dir,
                 config.max_bindings,

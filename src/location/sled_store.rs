@@ -63,7 +63,8 @@ impl std::fmt::Debug for SledLocation {
 }
 
 impl SledLocation {
-    /// Opens (or creates) the store in directory `dir`, loads it and starts the flusher.
+    /// Opens (or creates, mode 0700: `crate::file_modes`) the store in directory `dir`, loads
+    /// it and starts the flusher.
     /// `max_bindings` bounds memory as for [`MemoryLocation::new`]; `cache_bytes` is sled's
     /// page cache. Fails when the directory cannot be opened (another process holds it, no
     /// permission, not a sled database); never because of a bad record.
@@ -74,6 +75,9 @@ impl SledLocation {
         now: SystemTime,
     ) -> Result<(SledLocation, LoadReport), String> {
         let started = Instant::now();
+        // Private whatever the umask: who is registered where is nobody else's business.
+        crate::file_modes::prepare_store(dir)
+            .map_err(|e| format!("cannot open the location database {}: {e}", dir.display()))?;
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(cache_bytes)
@@ -84,6 +88,7 @@ impl SledLocation {
         let tree = db
             .open_tree(TREE)
             .map_err(|e| format!("cannot open the location database {}: {e}", dir.display()))?;
+        crate::file_modes::seal_store(dir);
         let index = MemoryLocation::new(max_bindings);
         let mut report = load(&tree, &index, now);
         // Removals of expired records must not wait for the first registration's flush.

@@ -17,6 +17,8 @@ use std::time::Instant;
 
 use super::{Counter, Exposition, Kind, Registry};
 use crate::sip::Method;
+use crate::transport::message_clock::Overdue;
+use crate::transport::registry::Limit;
 use crate::transport::TransportKind;
 
 /// Status codes counted one by one (RFC 3261 §7.2, §21: 100 to 699).
@@ -132,6 +134,74 @@ impl OverloadReason {
             OverloadReason::MaxTransactions => "max_transactions",
             OverloadReason::MaxBacklog => "max_backlog",
             OverloadReason::MaxReceiveLag => "max_receive_lag_ms",
+        }
+    }
+}
+
+/// Why an accepted TCP or TLS connection was closed at once: the key of the limit reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnectionRefusal {
+    /// A `[limits]` connection limit (`crate::transport::registry`).
+    Limit(Limit),
+    /// `tls.max_handshakes` on the accepting event loop.
+    MaxHandshakes,
+}
+
+impl ConnectionRefusal {
+    const ALL: [ConnectionRefusal; 5] = [
+        ConnectionRefusal::Limit(Limit::Connections),
+        ConnectionRefusal::Limit(Limit::InboundConnections),
+        ConnectionRefusal::Limit(Limit::ConnectionsPerIp),
+        ConnectionRefusal::Limit(Limit::PendingConnectionsPerIp),
+        ConnectionRefusal::MaxHandshakes,
+    ];
+
+    fn index(self) -> usize {
+        match self {
+            ConnectionRefusal::Limit(Limit::Connections) => 0,
+            ConnectionRefusal::Limit(Limit::InboundConnections) => 1,
+            ConnectionRefusal::Limit(Limit::ConnectionsPerIp) => 2,
+            ConnectionRefusal::Limit(Limit::PendingConnectionsPerIp) => 3,
+            ConnectionRefusal::MaxHandshakes => 4,
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            ConnectionRefusal::Limit(limit) => limit.key(),
+            ConnectionRefusal::MaxHandshakes => "max_handshakes",
+        }
+    }
+}
+
+/// Why a TCP or TLS connection was closed for being too slow: the key of the bound missed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamTimeout {
+    /// A message did not arrive whole in time (`crate::transport::message_clock`).
+    Message(Overdue),
+    /// `tls.handshake_timeout_ms`, on an accepted connection.
+    Handshake,
+}
+
+impl StreamTimeout {
+    const ALL: [StreamTimeout; 3] = [
+        StreamTimeout::Message(Overdue::Header),
+        StreamTimeout::Message(Overdue::Message),
+        StreamTimeout::Handshake,
+    ];
+
+    fn index(self) -> usize {
+        match self {
+            StreamTimeout::Message(Overdue::Header) => 0,
+            StreamTimeout::Message(Overdue::Message) => 1,
+            StreamTimeout::Handshake => 2,
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            StreamTimeout::Message(overdue) => overdue.key(),
+            StreamTimeout::Handshake => "handshake_timeout_ms",
         }
     }
 }
@@ -277,6 +347,10 @@ pub struct TransportMetrics {
     parse_errors: [Counter; 3],
     opened_inbound: [Counter; 3],
     opened_outbound: [Counter; 3],
+    /// By transport, then [`ConnectionRefusal::index`].
+    refused: [[Counter; 5]; 3],
+    /// By transport, then [`StreamTimeout::index`].
+    timed_out: [[Counter; 3]; 3],
     hand_overs: Counter,
     hand_overs_dropped: Counter,
 }
@@ -300,6 +374,24 @@ impl TransportMetrics {
             false => &self.opened_outbound,
         };
         counters[transport_index(kind)].inc();
+    }
+
+    /// An accepted connection was closed at once because of `reason`.
+    pub fn connection_refused(&self, kind: TransportKind, reason: ConnectionRefusal) {
+        self.refused[transport_index(kind)][reason.index()].inc();
+    }
+
+    /// A connection was closed because of the slowness `reason`.
+    pub fn connection_timed_out(&self, kind: TransportKind, reason: StreamTimeout) {
+        self.timed_out[transport_index(kind)][reason.index()].inc();
+    }
+
+    pub fn refused_count(&self, kind: TransportKind, reason: ConnectionRefusal) -> u64 {
+        self.refused[transport_index(kind)][reason.index()].get()
+    }
+
+    pub fn timed_out_count(&self, kind: TransportKind, reason: StreamTimeout) -> u64 {
+        self.timed_out[transport_index(kind)][reason.index()].get()
     }
 
     /// A received message passed to the event loop that owns its transaction or dialog.
@@ -527,19 +619,42 @@ fn register_transport(registry: &Registry) -> TransportMetrics {
             None => family.with(&[transport_label(kind)]),
         })
     };
-    let streams_only = |family: &super::Family<Counter>, direction: &str| {
+    let stream_counter = |family: &super::Family<Counter>, kind, second: &str| match kind {
         // UDP has no connections: its handle is detached, so no udp series is exported.
-        TRANSPORTS.map(|kind| match kind {
-            TransportKind::Udp => Counter::default(),
-            _ => family.with(&[transport_label(kind), direction]),
-        })
+        TransportKind::Udp => Counter::default(),
+        _ => family.with(&[transport_label(kind), second]),
     };
+    let streams_only = |family: &super::Family<Counter>, direction: &str| {
+        TRANSPORTS.map(|kind| stream_counter(family, kind, direction))
+    };
+    let refused = registry
+        .counter_family(
+            "moonroute_connections_refused_total",
+            "Accepted TCP and TLS connections closed at once because a limit was reached, by transport and limit (the limits.* or tls.* key).",
+            &["transport", "reason"],
+        )
+        .unwrap_or_else(|error| panic!("{error}"));
+    let timed_out = registry
+        .counter_family(
+            "moonroute_connections_timed_out_total",
+            "TCP and TLS connections closed because a message did not arrive whole in time (tcp_header_timeout_ms, tcp_message_timeout_ms) or a TLS handshake did not finish in time (handshake_timeout_ms), by transport and limit.",
+            &["transport", "reason"],
+        )
+        .unwrap_or_else(|error| panic!("{error}"));
+    let refused = TRANSPORTS.map(|kind| {
+        ConnectionRefusal::ALL.map(|reason| stream_counter(&refused, kind, reason.label()))
+    });
+    let timed_out = TRANSPORTS.map(|kind| {
+        StreamTimeout::ALL.map(|reason| stream_counter(&timed_out, kind, reason.label()))
+    });
     TransportMetrics {
         messages_in: each(&messages, Some("in")),
         messages_out: each(&messages, Some("out")),
         parse_errors: each(&parse_errors, None),
         opened_inbound: streams_only(&opened, "inbound"),
         opened_outbound: streams_only(&opened, "outbound"),
+        refused,
+        timed_out,
         hand_overs: registry.counter(
             "moonroute_hand_overs_total",
             "Received messages passed to the event loop that owns their dialog (requests, by Call-ID) or client transaction (responses, by branch).",
@@ -639,6 +754,8 @@ mod tests {
             "moonroute_parse_errors_total",
             "moonroute_connections_open",
             "moonroute_connections_opened_total",
+            "moonroute_connections_refused_total",
+            "moonroute_connections_timed_out_total",
             "moonroute_hand_overs_total",
             "moonroute_hand_overs_dropped_total",
             "moonroute_dns_lookups_total",
@@ -656,5 +773,29 @@ mod tests {
         assert!(text.contains("moonroute_build_info{version=\""), "{text}");
         assert!(text.contains(",lua=\"Lua 5.4\"} 1\n"), "{text}");
         assert!(!text.contains("transport=\"udp\",direction=\"inbound\""));
+        assert!(!text.contains("transport=\"udp\",reason="));
+    }
+
+    #[test]
+    fn connection_refusals_and_timeouts_are_counted_by_transport_and_key() {
+        let registry = Registry::new();
+        let metrics = EngineMetrics::register(&registry);
+        let transport = &metrics.transport;
+        let per_ip = ConnectionRefusal::Limit(Limit::PendingConnectionsPerIp);
+        transport.connection_refused(TransportKind::Tls, per_ip);
+        transport.connection_refused(TransportKind::Tcp, ConnectionRefusal::MaxHandshakes);
+        transport.connection_timed_out(TransportKind::Tcp, StreamTimeout::Message(Overdue::Header));
+        assert_eq!(transport.refused_count(TransportKind::Tls, per_ip), 1);
+        assert_eq!(transport.refused_count(TransportKind::Tcp, per_ip), 0);
+        let text = registry.render();
+        for sample in [
+            "moonroute_connections_refused_total{transport=\"tls\",reason=\"max_pending_connections_per_ip\"} 1\n",
+            "moonroute_connections_refused_total{transport=\"tcp\",reason=\"max_handshakes\"} 1\n",
+            "moonroute_connections_refused_total{transport=\"tcp\",reason=\"max_inbound_connections\"} 0\n",
+            "moonroute_connections_timed_out_total{transport=\"tcp\",reason=\"tcp_header_timeout_ms\"} 1\n",
+            "moonroute_connections_timed_out_total{transport=\"tls\",reason=\"handshake_timeout_ms\"} 0\n",
+        ] {
+            assert!(text.contains(sample), "{sample} in\n{text}");
+        }
     }
 }

@@ -19,4 +19,4 @@ pub use request::{
     preprocess_routes, stateless_branch, ForwardSpec, NextHop, Preprocessed, ProxyIdentity,
     Rejection,
 };
-pub use route_sign::RouteSigner;
+pub use route_sign::{RouteSigner, Verdict};

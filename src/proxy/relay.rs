@@ -23,7 +23,7 @@ use crate::location::CommitTicket;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 
@@ -139,6 +139,8 @@ struct StatelessForward {
     branch: String,
     inbound: (TransportKind, SocketAddr),
     record_route: bool,
+    /// The wall-clock time it was routed (what its Record-Route signature counts from).
+    now: SystemTime,
 }
 
 /// Most DNS resolutions one loop waits for at once; beyond it new branches fail as
@@ -434,15 +436,24 @@ impl Relay {
         Handled::Relayed
     }
 
-    /// §16.4 route preprocessing, and what it tells the router; `None` for a malformed Route.
+    /// §16.4 route preprocessing and the check of our signature on what it consumed
+    /// (`route_sign`), and what they tell the router; `None` for a malformed Route.
     fn preprocess(&self, request: &mut Message) -> Option<RouteInfo> {
         let had_route = request.routes().next().is_some();
         let done = preprocess_routes(request, &self.me).ok()?;
+        let signature = self.me.check_route(request, &done, wall_clock());
         Some(RouteInfo {
             had_route,
             consumed_own_route: done.consumed_own_route,
-            own_route_signed: done.signed,
+            own_route_signed: signature.routes(request.method()),
+            signature,
         })
+    }
+
+    /// §16.7 step 8 for a response relayed statelessly (§16.11, the answer to a `forward()`):
+    /// our callee's copies in its Record-Route become the caller's, as for a stateful one.
+    pub fn sign_stray_response(&self, response: &mut Message) {
+        self.me.sign_response_record_route(response, wall_clock());
     }
 
     /// The Request-URI as the only target (§16.5), unless it names this proxy and no Route is
@@ -487,7 +498,12 @@ impl Relay {
                 target,
                 record_route,
             } => self.forward_stateless(request, target, record_route, meta, out),
-            Decision::Drop | Decision::Relay { .. } | Decision::Resolve { .. } => {
+            Decision::Drop {
+                reason: Some(reason),
+            } => {
+                info!(target: REFUSED, call_id = %call_id(request), source = %meta.source, transport = %meta.kind, reason = %format_args!("the routing script dropped it: {reason}"), "request dropped");
+            }
+            Decision::Drop { reason: None } | Decision::Relay { .. } | Decision::Resolve { .. } => {
                 info!(target: REFUSED, call_id = %call_id(request), source = %meta.source, transport = %meta.kind, reason = "the routing script dropped it (no answer sent)", "request dropped");
             }
         }
@@ -519,6 +535,7 @@ impl Relay {
             branch: stateless_branch(request),
             inbound: (meta.kind, meta.local),
             record_route,
+            now: wall_clock(),
         };
         let planned = first_copy(
             &self.me,
@@ -531,7 +548,7 @@ impl Relay {
                 Some(uri) => {
                     next_hop_of_uri(uri).map_err(|_| "the destination is not a SIP URI")?
                 }
-                None => next_hop(&first).map_err(|_| "no next hop")?,
+                None => next_hop(&forward.request, &forward.uri).map_err(|_| "no next hop")?,
             };
             Ok((first, hop))
         });
@@ -708,7 +725,12 @@ impl Relay {
                 target,
                 record_route,
             } => (target, record_route),
-            Decision::Reply { .. } | Decision::Drop | Decision::Resolve { .. } => {
+            Decision::Drop {
+                reason: Some(reason),
+            } => {
+                return info!(target: REFUSED, call_id = %call_id(ack), source = %meta.source, transport = %meta.kind, reason = %format_args!("the routing script dropped it: {reason}"), "ACK dropped");
+            }
+            Decision::Reply { .. } | Decision::Drop { .. } | Decision::Resolve { .. } => {
                 return info!(target: REFUSED, call_id = %call_id(ack), source = %meta.source, transport = %meta.kind, reason = "the routing script dropped it", "ACK dropped");
             }
         };
@@ -760,6 +782,9 @@ impl Relay {
                         }
                         None => true,
                     };
+                    // After the router: the caller's copy binds the Contact it left.
+                    self.me
+                        .sign_response_record_route(&mut response, wall_clock());
                     call.context
                         .on_response(branch, response, now, &mut actions);
                     if provisional && !keep {
@@ -929,6 +954,7 @@ impl Relay {
             request: request.as_ref().unwrap_or(&call.request),
             uri: &uri,
             branch: &branch_id,
+            now: wall_clock(),
         };
         // A Path (the route) wins over the received address (RFC 5626 §5.3 order).
         let pinned = target.destination.filter(|_| target.route.is_empty());
@@ -962,8 +988,11 @@ impl Relay {
                 Err(reason) => self.branch_unreachable(server, branch, reason, now, more),
             };
         }
-        let planned = first_copy(&self.me, &parts, call.inbound, call.record_route)
-            .and_then(|first| Ok((next_hop(&first).map_err(|_| "no next hop")?, first)));
+        let planned =
+            first_copy(&self.me, &parts, call.inbound, call.record_route).and_then(|first| {
+                let hop = next_hop(parts.request, parts.uri).map_err(|_| "no next hop")?;
+                Ok((hop, first))
+            });
         if call.branches.len() <= branch.0 {
             call.branches.resize_with(branch.0 + 1, || None);
         }
@@ -1067,7 +1096,7 @@ impl Relay {
                 branch_id(base, self.loop_index, self.next_unique)
             }
         };
-        let (me, bound) = (&self.me, &self.bound);
+        let (me, bound, now_wall) = (&self.me, &self.bound, wall_clock());
         let Some(call) = self.calls.get_mut(&server) else {
             return;
         };
@@ -1079,6 +1108,7 @@ impl Relay {
                 request: run.request.as_ref().unwrap_or(&call.request),
                 uri: &run.uri,
                 branch: &branch_id,
+                now: now_wall,
             };
             let first_copy = first.take().map(|(copy, _)| copy);
             let built = copy_for(
@@ -1284,6 +1314,13 @@ fn with_request_uri(mut request: Message, uri: &[u8]) -> Message {
     request
 }
 
+/// The wall-clock time, the one clock the relay reads itself: Record-Route signatures expire in
+/// wall-clock time, as they outlive the process and other servers check them (`route_sign`,
+/// whose functions take it as an explicit `now`).
+fn wall_clock() -> SystemTime {
+    SystemTime::now()
+}
+
 fn reply(code: u16, reason: &'static str) -> Handled {
     Handled::Reply {
         code,
@@ -1306,6 +1343,8 @@ struct CopyParts<'a> {
     /// The new Request-URI (§16.6 step 2).
     uri: &'a [u8],
     branch: &'a str,
+    /// The wall-clock time, for the Record-Route signature.
+    now: SystemTime,
 }
 
 impl StatelessForward {
@@ -1314,6 +1353,7 @@ impl StatelessForward {
             request: &self.request,
             uri: &self.uri,
             branch: &self.branch,
+            now: self.now,
         }
     }
 }
@@ -1332,11 +1372,13 @@ fn spec<'a>(
         outbound,
         branch: parts.branch,
         me,
+        now: parts.now,
     }
 }
 
-/// The copy as it would leave on the inbound transport (§16.6 steps 1-8): it names the next
-/// hop (Route or the new Request-URI), and is the copy sent when that is how it leaves.
+/// The copy as it would leave on the inbound transport (§16.6 steps 1-8), sent when that is
+/// how it leaves. Its next hop is [`next_hop`] of the request it was built from (step 6 may
+/// have moved a strict router's URI from Route into its Request-URI).
 fn first_copy(
     me: &ProxyIdentity,
     parts: &CopyParts<'_>,

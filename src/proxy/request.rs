@@ -10,8 +10,9 @@
 
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::net::SocketAddr;
+use std::time::SystemTime;
 
-use super::route_sign::{RouteSigner, SIGNATURE_PARAM};
+use super::route_sign::{RouteSigner, Signature, Verdict, SIGNATURE_PARAM};
 use crate::server::core::LocalIdentity;
 use crate::sip::header::HeaderName;
 use crate::sip::scan;
@@ -93,34 +94,30 @@ impl ProxyIdentity {
         )
     }
 
-    /// The signature our Record-Route entries carry for the dialog `req` creates: over its
-    /// Call-ID and From tag (`route_sign`). A request without them (malformed, or RFC 2543
-    /// without a tag) is signed over what it has.
-    pub fn record_route_signature(&self, req: &Message) -> String {
-        let call_id = req.call_id().unwrap_or_default();
-        let from = req.from().ok();
-        let tag = from.as_ref().and_then(|f| f.tag()).unwrap_or_default();
-        self.signer.sign(call_id, tag)
+    /// The signature our Record-Route entries in the copy of `req` forwarded to the callee
+    /// carry, written at `now`: the callee's copy (`route_sign`), over its Call-ID, From tag,
+    /// Contact and Record-Route so far, with an expiry. A request without them (malformed, or
+    /// RFC 2543 without a tag) is signed over what it has.
+    pub fn record_route_signature(&self, req: &Message, now: SystemTime) -> String {
+        self.signer.sign_request(req, now)
     }
 
-    /// Whether `uri` (one of our Route entries, or a Request-URI a strict router put there)
-    /// carries a signature we issued for the dialog of `req`: over its Call-ID and its From or
-    /// To tag, whichever is the original caller's.
-    fn signed_for(&self, uri: &Uri<'_>, req: &Message) -> bool {
-        let Some(signature) = uri.as_sip().and_then(|u| u.param(SIGNATURE_PARAM)) else {
-            return false;
-        };
-        let Ok(call_id) = req.call_id() else {
-            return false;
-        };
-        let from = req.from().ok();
-        let to = req.to().ok();
-        let tags: Vec<&[u8]> = [from.as_ref(), to.as_ref()]
-            .into_iter()
-            .flatten()
-            .filter_map(|na| na.tag())
-            .collect();
-        self.signer.verify(signature, call_id, &tags)
+    /// §16.7 step 8: re-signs our entries in the Record-Route of a response about to go
+    /// upstream as the caller's copy (`route_sign`), bound to the response's tags and Contact
+    /// (as the router left it, e.g. after `fix_nated_contact`). Returns whether it changed.
+    pub fn sign_response_record_route(&self, response: &mut Message, now: SystemTime) -> bool {
+        self.signer
+            .sign_response(response, |uri| self.local.is_myself(uri), now)
+    }
+
+    /// Judges the route set of `req` after [`preprocess_routes`] returned `done` for it: whether
+    /// what it consumed carried our signature for this request's dialog, Request-URI and
+    /// remaining Route, valid at `now` (`route_sign`).
+    pub fn check_route(&self, req: &Message, done: &Preprocessed, now: SystemTime) -> Verdict {
+        if !done.consumed_own_route {
+            return Verdict::NotOurs;
+        }
+        self.signer.check(req, done.signature, now)
     }
 
     /// Whether a Via sent-by names this proxy: `host:port` is one of our addresses or domains.
@@ -255,9 +252,9 @@ pub struct Preprocessed {
     /// A Route entry naming this proxy was removed, or a strict router's rewrite undone: the
     /// request changed.
     pub consumed_own_route: bool,
-    /// What was consumed carried a valid signature (`route_sign`): the route set is one this
-    /// proxy issued for this dialog. A Route naming us without one was written by someone else.
-    pub signed: bool,
+    /// The signature (`route_sign`) of what was consumed, `None` when it carried none; whether
+    /// it is ours for this request is [`ProxyIdentity::check_route`]'s to say.
+    pub signature: Option<Signature>,
 }
 
 /// §16.4 route information preprocessing.
@@ -266,12 +263,14 @@ pub struct Preprocessed {
 ///    strict router: the real Request-URI is the last Route value; move it there and drop it
 ///    from Route.
 /// 2. If the top Route names this proxy, remove it. When the value after it names this proxy
-///    too but is a different URI, it is the second half of a double Record-Route (RFC 5658,
-///    one entry per interface) and is removed as well; the same URI twice is a deliberate
-///    spiral through this proxy and is left for the next pass.
+///    too but is a different URI with the same signature, it is the second half of a double
+///    Record-Route (RFC 5658, one entry per interface) and is removed as well; the same URI
+///    twice, or another signature (another pass's entry), is a spiral through this proxy and is
+///    left for the next pass.
 ///
-/// Whether what was removed (or the Request-URI a strict router wrote) carries our signature is
-/// reported in [`Preprocessed::signed`]; the entries are removed either way, as §16.4 says.
+/// The signature of what was removed (or of the Request-URI a strict router wrote) is reported
+/// in [`Preprocessed::signature`] for [`ProxyIdentity::check_route`]; the entries are removed
+/// whatever it is, as §16.4 says.
 ///
 /// `maddr` handling of §16.4 (Request-URI maddr naming us) is not implemented.
 pub fn preprocess_routes(
@@ -282,7 +281,8 @@ pub fn preprocess_routes(
     // Without a Route there is no saved Request-URI to restore: leave the request as it is.
     let request_uri = req.request_uri()?;
     let strict_prev_hop = is_my_record_route(&request_uri, me) && !routes.is_empty();
-    let mut signed = strict_prev_hop && me.signed_for(&request_uri, req);
+    // The signature of the entries consumed so far, once one is.
+    let mut group = strict_prev_hop.then(|| Signature::of(&request_uri));
     if strict_prev_hop {
         if let Some(last) = routes.pop() {
             let uri = route_uri(&last)?;
@@ -302,10 +302,12 @@ pub fn preprocess_routes(
                 _ => false,
             })
         });
-        if same_as_removed {
+        let signature = Signature::of(&na.uri);
+        let another_pass = group.is_some_and(|first| first != signature);
+        if same_as_removed || another_pass {
             break;
         }
-        signed = signed || me.signed_for(&na.uri, req);
+        group.get_or_insert(signature);
         removed.push(routes.remove(0));
     }
     let changed = strict_prev_hop || !removed.is_empty();
@@ -314,8 +316,48 @@ pub fn preprocess_routes(
     }
     Ok(Preprocessed {
         consumed_own_route: changed,
-        signed,
+        signature: group.flatten(),
     })
+}
+
+/// The Route values of `req` as it is now, in order, sharing the message's bytes: what
+/// [`remove_preloaded_route`] later recognises.
+pub fn route_set(req: &Message) -> Result<Vec<bytes::Bytes>, ParseError> {
+    req.values(HeaderName::Route)
+        .map(|v| v.map(|v| req.share(v)).map_err(|e| e.in_context("Route")))
+        .collect()
+}
+
+/// Removes a route set the sender pre-loaded from the top of `req`'s Route, so the request is
+/// not sent where the sender chose (§16.6 step 7 would follow it: the top Route is the next
+/// hop). `preloaded` is what [`route_set`] gave after §16.4 ([`preprocess_routes`]) removed
+/// our own entries. Removed only while the request still starts with exactly those values: a
+/// router that rewrote Route itself took the decision, and what it added below them stays.
+/// Returns whether anything was removed.
+///
+/// RFC 3261 lets a proxy follow a pre-loaded Route (§16.4, §16.6 steps 6-7), and a proxy
+/// relaying for anyone who asks becomes an open relay and a port scanner by it; Kamailio's
+/// default configuration removes Route from initial requests for this reason
+/// (`remove_hf("Route")`). Routing policy decides who may pre-load a route; this is the
+/// mechanism.
+pub fn remove_preloaded_route(
+    req: &mut Message,
+    preloaded: &[bytes::Bytes],
+) -> Result<bool, ParseError> {
+    if preloaded.is_empty() {
+        return Ok(false);
+    }
+    let routes = route_values(req)?;
+    let unchanged = routes.len() >= preloaded.len()
+        && routes
+            .iter()
+            .zip(preloaded)
+            .all(|(now, before)| now[..] == before[..]);
+    if !unchanged {
+        return Ok(false);
+    }
+    set_routes(req, &routes[preloaded.len()..])?;
+    Ok(true)
 }
 
 /// What [`forward_copy`] needs for one target (§16.6).
@@ -332,6 +374,8 @@ pub struct ForwardSpec<'a> {
     /// From [`branch_for`]; must be a token (§20.42).
     pub branch: &'a str,
     pub me: &'a ProxyIdentity,
+    /// The wall-clock time: a Record-Route signature expires a lifetime after it.
+    pub now: SystemTime,
 }
 
 /// §16.6 steps 1-8 and 10: the copy of `req` forwarded to one target.
@@ -339,16 +383,16 @@ pub struct ForwardSpec<'a> {
 /// - step 1: copy; step 2: Request-URI = `target`.
 /// - step 3: Max-Forwards decremented, or 70 added. A request with 0 is refused with 483
 ///   ([`check_request`] should have caught it).
-/// - step 4: Record-Route with `lr` and our signature (`route_sign`) on top when asked; two entries (outbound interface above
-///   inbound, RFC 5658) when the interfaces' URIs differ, so each side of the dialog routes to
-///   the interface it can reach.
+/// - step 4: Record-Route with `lr` and our signature (the callee's copy, `route_sign`) on top
+///   when asked; two entries (outbound interface above inbound, RFC 5658) when the interfaces'
+///   URIs differ, so each side of the dialog routes to the interface it can reach.
 /// - step 6: if the top Route has no `lr` the next hop is a strict router: the Request-URI goes
 ///   to the end of Route and the top Route becomes the Request-URI.
 /// - step 8: our Via on top with `branch`.
 /// - step 10: Content-Length added for a stream transport (§18.3).
 ///
-/// Step 5 (extra headers) is the caller's; steps 7 and 9 are [`next_hop`] and the client
-/// transaction.
+/// Step 5 (extra headers) is the caller's; steps 7 and 9 are [`next_hop`] (of `req`, not of
+/// the copy: see there) and the client transaction.
 pub fn forward_copy(req: &Message, spec: &ForwardSpec) -> Result<Message, ParseError> {
     if !scan::is_token(spec.branch.as_bytes()) {
         return Err(ParseError::with_status(500, "Via", "branch is not a token"));
@@ -371,7 +415,7 @@ pub fn forward_copy(req: &Message, spec: &ForwardSpec) -> Result<Message, ParseE
     if spec.record_route {
         let (in_kind, in_addr) = spec.inbound;
         let (out_kind, out_addr) = spec.outbound;
-        let signature = spec.me.record_route_signature(req);
+        let signature = spec.me.record_route_signature(req, spec.now);
         let inbound_uri = spec.me.record_route_uri(in_kind, in_addr, &signature);
         let outbound_uri = spec.me.record_route_uri(out_kind, out_addr, &signature);
         if inbound_uri != outbound_uri {
@@ -436,19 +480,23 @@ pub struct NextHop {
     pub secure: bool,
 }
 
-/// §16.6 step 7: the top Route's URI if there is a Route, else the Request-URI. Call it on the
-/// copy from [`forward_copy`] (strict-router post-processing has run then).
+/// §16.6 step 7: where `req` goes first when it is forwarded to `target` (the new
+/// Request-URI of step 2): the URI of its top Route if it has one, else `target`.
+///
+/// Call it on the request **before** [`forward_copy`]. A top Route without `lr` names a strict
+/// router: step 6 moves that URI into the copy's Request-URI, and step 7 then says "the proxy
+/// MUST apply those procedures to the Request-URI", which is the same URI. On the copy after
+/// step 6 the top Route is the hop *after* the strict router, which must not be skipped.
 ///
 /// Errors carry the status to answer with: 416 for a scheme that is not sip/sips, 404 for a
 /// `tel:` URI with no Route (nothing says where to send it), 503 for a transport this proxy
 /// does not speak.
-pub fn next_hop(req: &Message) -> Result<NextHop, ParseError> {
+pub fn next_hop(req: &Message, target: &[u8]) -> Result<NextHop, ParseError> {
     let routes = route_values(req)?;
-    let raw: Vec<u8> = match routes.first() {
-        Some(top) => route_uri(top)?,
-        None => req.request_uri()?.raw().to_vec(),
-    };
-    next_hop_of_uri(&raw)
+    match routes.first() {
+        Some(top) => next_hop_of_uri(&route_uri(top)?),
+        None => next_hop_of_uri(target),
+    }
 }
 
 /// The next hop named by one URI: a Route value, a Request-URI, or a destination set apart
@@ -655,8 +703,10 @@ mod tests {
     /// The key of the test proxies' Record-Route signatures.
     const TEST_KEY: &[u8] = b"test key";
 
-    /// Our signature for the test messages' dialog (Call-ID c1@127.0.0.1, From tag a1).
-    const SIG: &str = "6a8b2d315c719832";
+    /// The wall-clock time the tests run at.
+    fn now() -> SystemTime {
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000)
+    }
 
     fn signer() -> RouteSigner {
         RouteSigner::new(TEST_KEY)
@@ -666,9 +716,39 @@ mod tests {
         ProxyIdentity::new(LocalIdentity::new(&[], [US_UDP.1])).with_signer(signer())
     }
 
-    #[test]
-    fn the_test_signature_is_the_dialogs() {
-        assert_eq!(signer().sign(b"c1@127.0.0.1", b"a1"), SIG);
+    /// Our signature in the copy of `r` forwarded now (the callee's copy).
+    fn sig_of(r: &Message) -> String {
+        me().record_route_signature(r, now())
+    }
+
+    /// The caller's INVITE of the dialog the signature tests use: Contact alice@127.0.0.1:5070.
+    fn invite_with_contact() -> Message {
+        req(
+            "INVITE",
+            "sip:bob@example.com",
+            &["Contact: <sip:alice@127.0.0.1:5070>"],
+        )
+    }
+
+    /// The callee's request in that dialog (to alice's Contact, her tag a1 in To), with `route`.
+    fn callees_request(method: &str, route: &str) -> Message {
+        let text = req_text(method, "sip:alice@127.0.0.1:5070", &[route])
+            .replace(
+                "To: <sip:bob@example.com>",
+                "To: <sip:alice@example.com>;tag=a1",
+            )
+            .replace(
+                "From: <sip:alice@example.com>;tag=a1",
+                "From: <sip:bob@example.com>;tag=b9",
+            );
+        parse(&text)
+    }
+
+    /// §16.4, then the check of what it consumed.
+    fn preprocess_and_check(r: &mut Message, me: &ProxyIdentity) -> (Preprocessed, Verdict) {
+        let done = preprocess_routes(r, me).unwrap();
+        let verdict = me.check_route(r, &done, now());
+        (done, verdict)
     }
 
     /// A request with `ruri`, the usual mandatory headers, then `extra` lines (CRLF-joined).
@@ -699,6 +779,11 @@ mod tests {
         parse(&req_text(method, ruri, extra))
     }
 
+    /// Where `r` goes forwarded to its own Request-URI.
+    fn hop_of(r: &Message) -> Result<NextHop, ParseError> {
+        next_hop(r, r.request_uri_bytes().unwrap())
+    }
+
     fn routes(m: &Message) -> Vec<String> {
         m.values(HeaderName::Route)
             .map(|v| String::from_utf8_lossy(v.unwrap()).into_owned())
@@ -717,6 +802,7 @@ mod tests {
             outbound: US_UDP,
             branch: "z9hG4bKtest",
             me,
+            now: now(),
         }
     }
 
@@ -822,87 +908,103 @@ mod tests {
     }
 
     #[test]
-    fn preprocess_reports_our_signature_in_either_direction() {
-        let ours = format!("Route: <sip:127.0.0.1:5060;transport=udp;lr;mrs={SIG}>");
-        // Caller → callee: the caller's tag a1 is in From.
-        let mut r = req("BYE", "sip:bob@example.com", &[&ours]);
-        let done = preprocess_routes(&mut r, &me()).unwrap();
-        assert!(done.consumed_own_route && done.signed);
-        // Callee → caller: From and To swapped, a1 is in To.
-        let text = req_text("BYE", "sip:alice@example.com", &[&ours])
-            .replace(
-                "To: <sip:bob@example.com>",
-                "To: <sip:alice@example.com>;tag=a1",
-            )
-            .replace(
-                "From: <sip:alice@example.com>;tag=a1",
-                "From: <sip:bob@example.com>;tag=b9",
-            );
-        let mut r = parse(&text);
-        assert!(preprocess_routes(&mut r, &me()).unwrap().signed);
-    }
-
-    #[test]
-    fn preprocess_removes_but_does_not_trust_unsigned_or_tampered_routes() {
-        let tampered = format!("{}0", &SIG[..15]);
-        let tampered = if tampered == SIG {
-            format!("{}1", &SIG[..15])
-        } else {
-            tampered
-        };
-        for route in [
-            "Route: <sip:127.0.0.1:5060;lr>".to_owned(),
-            format!("Route: <sip:127.0.0.1:5060;lr;mrs={tampered}>"),
-            "Route: <sip:127.0.0.1:5060;lr;mrs>".to_owned(),
-        ] {
-            let mut r = req("MESSAGE", "sip:victim@127.0.0.6:5060", &[&route]);
-            let done = preprocess_routes(&mut r, &me()).unwrap();
-            assert!(done.consumed_own_route && !done.signed, "{route}");
-            assert!(routes(&r).is_empty());
-        }
-        // Another dialog's signature (another Call-ID) is not this one's.
-        let other = signer().sign(b"other@127.0.0.1", b"a1");
-        let mut r = req(
-            "BYE",
-            "sip:bob@example.com",
-            &[&format!("Route: <sip:127.0.0.1:5060;lr;mrs={other}>")],
+    fn preprocess_reports_the_signature_and_check_route_judges_it() {
+        let sig = sig_of(&invite_with_contact());
+        let ours = format!("Route: <sip:127.0.0.1:5060;transport=udp;lr;mrs={sig}>");
+        let mut bye = callees_request("BYE", &ours);
+        let (done, verdict) = preprocess_and_check(&mut bye, &me());
+        assert!(done.consumed_own_route);
+        assert_eq!(done.signature, Some(Signature::parse(sig.as_bytes())));
+        assert_eq!(verdict, Verdict::Valid);
+        assert!(routes(&bye).is_empty());
+        // The same Route on a request to another host: not for this dialog's party.
+        let elsewhere = req_text("MESSAGE", "sip:victim@127.0.0.6:5060", &[&ours]).replace(
+            "To: <sip:bob@example.com>",
+            "To: <sip:alice@example.com>;tag=a1",
         );
-        assert!(!preprocess_routes(&mut r, &me()).unwrap().signed);
-        // Another server's key.
-        let stranger = ProxyIdentity::new(LocalIdentity::new(&[], [US_UDP.1]));
-        let mut r = req(
-            "BYE",
-            "sip:bob@example.com",
-            &[&format!("Route: <sip:127.0.0.1:5060;lr;mrs={SIG}>")],
-        );
-        assert!(!preprocess_routes(&mut r, &stranger).unwrap().signed);
-        // A route set that does not start with us: nothing consumed, nothing signed.
+        let (_, verdict) = preprocess_and_check(&mut parse(&elsewhere), &me());
+        assert_eq!(verdict, Verdict::Mismatch);
+        // Nothing of ours consumed: not ours to judge.
         let mut r = req(
             "BYE",
             "sip:bob@example.com",
             &["Route: <sip:example.com;lr>"],
         );
-        assert_eq!(
-            preprocess_routes(&mut r, &me()).unwrap(),
-            Preprocessed::default()
+        let (done, verdict) = preprocess_and_check(&mut r, &me());
+        assert_eq!(done, Preprocessed::default());
+        assert_eq!(verdict, Verdict::NotOurs);
+    }
+
+    #[test]
+    fn preprocess_removes_but_does_not_trust_unsigned_or_tampered_routes() {
+        let sig = sig_of(&invite_with_contact());
+        let last = if sig.ends_with('0') { '1' } else { '0' };
+        let tampered = format!("{}{last}", &sig[..sig.len() - 1]);
+        for (route, expected) in [
+            (
+                "Route: <sip:127.0.0.1:5060;lr>".to_owned(),
+                Verdict::Unsigned,
+            ),
+            (
+                format!("Route: <sip:127.0.0.1:5060;lr;mrs={tampered}>"),
+                Verdict::Mismatch,
+            ),
+            (
+                "Route: <sip:127.0.0.1:5060;lr;mrs>".to_owned(),
+                Verdict::Mismatch,
+            ),
+        ] {
+            let mut r = callees_request("MESSAGE", &route);
+            let (done, verdict) = preprocess_and_check(&mut r, &me());
+            assert!(done.consumed_own_route, "{route}");
+            assert_eq!(verdict, expected, "{route}");
+            assert!(routes(&r).is_empty());
+        }
+        // Another server's key.
+        let stranger = ProxyIdentity::new(LocalIdentity::new(&[], [US_UDP.1]));
+        let mut r = callees_request("BYE", &format!("Route: <sip:127.0.0.1:5060;lr;mrs={sig}>"));
+        assert_eq!(preprocess_and_check(&mut r, &stranger).1, Verdict::Mismatch);
+    }
+
+    #[test]
+    fn preprocess_leaves_another_passs_entry_for_the_next_pass() {
+        // A spiral: two passes through us, each with its own signature, one after the other.
+        let first = "<sip:127.0.0.1:5060;transport=udp;lr;mrs=q6553f100.0000000000000001>";
+        let second = "<sip:127.0.0.1:5060;transport=tcp;lr;mrs=q6553f100.0000000000000002>";
+        let mut r = req(
+            "BYE",
+            "sip:bob@example.com",
+            &[&format!("Route: {first}, {second}")],
         );
+        let done = preprocess_routes(&mut r, &me()).unwrap();
+        assert!(done.consumed_own_route);
+        assert_eq!(routes(&r), [second]);
+        // The two halves of a double Record-Route share one signature: both go.
+        let other_half = first.replace("transport=udp", "transport=tcp");
+        let mut r = req(
+            "BYE",
+            "sip:bob@example.com",
+            &[&format!("Route: {first}, {other_half}")],
+        );
+        preprocess_routes(&mut r, &me()).unwrap();
+        assert!(routes(&r).is_empty());
     }
 
     #[test]
     fn preprocess_strict_router_signature_is_in_the_request_uri() {
-        let mut r = req(
-            "BYE",
-            &format!("sip:127.0.0.1:5060;transport=udp;lr;mrs={SIG}"),
-            &["Route: <sip:bob@example.com>"],
-        );
-        let done = preprocess_routes(&mut r, &me()).unwrap();
-        assert!(done.consumed_own_route && done.signed);
-        assert_eq!(rruri(&r), "sip:bob@example.com");
+        let sig = sig_of(&invite_with_contact());
+        let mut r = callees_request("BYE", "Route: <sip:alice@127.0.0.1:5070>");
+        r.set_request_uri(format!("sip:127.0.0.1:5060;transport=udp;lr;mrs={sig}").as_bytes())
+            .unwrap();
+        let (done, verdict) = preprocess_and_check(&mut r, &me());
+        assert!(done.consumed_own_route);
+        assert_eq!(verdict, Verdict::Valid);
+        assert_eq!(rruri(&r), "sip:alice@127.0.0.1:5070");
     }
 
     #[test]
     fn a_record_route_we_write_is_one_we_accept() {
-        let invite = req("INVITE", "sip:bob@example.com", &[]);
+        let invite = invite_with_contact();
         let me = me();
         let mut s = spec("sip:bob@example.com", &me);
         s.record_route = true;
@@ -914,8 +1016,8 @@ mod tests {
             .unwrap()
             .to_vec();
         let route = format!("Route: {}", String::from_utf8_lossy(&rr));
-        let mut bye = req("BYE", "sip:bob@example.com", &[&route]);
-        assert!(preprocess_routes(&mut bye, &me).unwrap().signed);
+        let mut bye = callees_request("BYE", &route);
+        assert_eq!(preprocess_and_check(&mut bye, &me).1, Verdict::Valid);
     }
 
     // ----- forward_copy -------------------------------------------------------------------
@@ -936,10 +1038,12 @@ mod tests {
         s.record_route = true;
         let out = forward_copy(&r, &s).unwrap();
         let text = String::from_utf8(out.to_bytes().to_vec()).unwrap();
+        let sig = sig_of(&r);
         assert_eq!(
             text,
-            "INVITE sip:bob@127.0.0.1:5080 SIP/2.0\r\n\
-             Record-Route: <sip:127.0.0.1:5060;transport=udp;lr;mrs=6a8b2d315c719832>\r\n\
+            format!(
+                "INVITE sip:bob@127.0.0.1:5080 SIP/2.0\r\n\
+             Record-Route: <sip:127.0.0.1:5060;transport=udp;lr;mrs={sig}>\r\n\
              Via: SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bKtest\r\n\
              Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKuac1\r\n\
              To: <sip:bob@example.com>\r\n\
@@ -949,6 +1053,7 @@ mod tests {
              Max-Forwards: 69\r\n\
              X-Custom:   odd   spacing\r\n\
              Content-Length: 0\r\n\r\n"
+            )
         );
         let reparsed = parse(&text);
         assert_eq!(
@@ -992,12 +1097,13 @@ mod tests {
             .values(HeaderName::RecordRoute)
             .map(|v| String::from_utf8_lossy(v.unwrap()).into_owned())
             .collect();
+        let sig = sig_of(&r);
         assert_eq!(
             rr,
             [
-                "<sip:127.0.0.1:5060;transport=tcp;lr;mrs=6a8b2d315c719832>",
-                "<sip:127.0.0.1:5060;transport=udp;lr;mrs=6a8b2d315c719832>",
-                "<sip:example.com;lr>",
+                format!("<sip:127.0.0.1:5060;transport=tcp;lr;mrs={sig}>"),
+                format!("<sip:127.0.0.1:5060;transport=udp;lr;mrs={sig}>"),
+                "<sip:example.com;lr>".to_owned(),
             ]
         );
         // Our Via names the outbound transport; TCP needs Content-Length (absent before).
@@ -1029,8 +1135,40 @@ mod tests {
             routes(&out),
             ["<sip:example.com;lr>", "<sip:bob@example.com>"]
         );
-        let hop = next_hop(&out).unwrap();
-        assert_eq!((hop.host.as_str(), hop.port), ("example.com", None));
+        // §16.6 step 7: after the rewrite the request goes to the strict router, not past it.
+        let hop = next_hop(&r, b"sip:bob@example.com").unwrap();
+        assert_eq!((hop.host.as_str(), hop.port), ("127.0.0.1", Some(5070)));
+    }
+
+    #[test]
+    fn a_strict_route_to_a_new_target_is_rewritten_once_and_is_the_next_hop() {
+        // A pre-loaded Route without `lr` in front of a registered contact: steps 6-7 together,
+        // never half of them (the contact must not become the next hop with the strict
+        // router's URI as its Request-URI).
+        let r = req(
+            "MESSAGE",
+            "sip:alice@example.com",
+            &["Route: <sip:127.0.0.9:5099;transport=tcp>"],
+        );
+        let me = me();
+        let target = b"sip:alice@127.0.0.1:5090";
+        let out = forward_copy(&r, &spec("sip:alice@127.0.0.1:5090", &me)).unwrap();
+        assert_eq!(rruri(&out), "sip:127.0.0.9:5099;transport=tcp");
+        assert_eq!(routes(&out), ["<sip:alice@127.0.0.1:5090>"]);
+        let hop = next_hop(&r, target).unwrap();
+        assert_eq!(
+            hop,
+            NextHop {
+                host: "127.0.0.9".into(),
+                port: Some(5099),
+                transport: Some(TransportKind::Tcp),
+                secure: false,
+            }
+        );
+        // Without a Route the target is the next hop.
+        let plain = req("MESSAGE", "sip:alice@example.com", &[]);
+        let hop = next_hop(&plain, target).unwrap();
+        assert_eq!((hop.host.as_str(), hop.port), ("127.0.0.1", Some(5090)));
     }
 
     #[test]
@@ -1056,7 +1194,7 @@ mod tests {
                 "<sip:192.0.2.9;lr>"
             ]
         );
-        let hop = next_hop(&out).unwrap();
+        let hop = next_hop(&loaded, b"sip:bob@192.0.2.7:5062").unwrap();
         assert_eq!((hop.host.as_str(), hop.port), ("127.0.0.1", Some(5090)));
         assert!(preload_route(&r, &[Bytes::from_static(b"<not a uri")]).is_err());
     }
@@ -1083,6 +1221,51 @@ mod tests {
         assert!(forward_copy(&r, &s).is_err());
     }
 
+    // ----- remove_preloaded_route -----------------------------------------------------------
+
+    #[test]
+    fn a_preloaded_route_is_removed_while_it_is_unchanged() {
+        let mut r = req(
+            "MESSAGE",
+            "sip:alice@127.0.0.1",
+            &[
+                "Route: <sip:127.0.0.1:5060;lr>, <sip:127.0.0.9;lr>",
+                "Route: <sip:127.0.0.8>",
+            ],
+        );
+        let me = me();
+        let (done, verdict) = preprocess_and_check(&mut r, &me);
+        assert!(done.consumed_own_route && verdict == Verdict::Unsigned);
+        let preloaded = route_set(&r).unwrap();
+        assert_eq!(preloaded, ["<sip:127.0.0.9;lr>", "<sip:127.0.0.8>"]);
+
+        // Untouched: all of it goes.
+        let mut untouched = r.clone();
+        assert!(remove_preloaded_route(&mut untouched, &preloaded).unwrap());
+        assert!(routes(&untouched).is_empty());
+        assert_eq!(hop_of(&untouched).unwrap().host, "127.0.0.1");
+
+        // A Route the router appended below stays.
+        let mut appended = r.clone();
+        appended
+            .append_header("Route", b"<sip:192.0.2.1;lr>")
+            .unwrap();
+        assert!(remove_preloaded_route(&mut appended, &preloaded).unwrap());
+        assert_eq!(routes(&appended), ["<sip:192.0.2.1;lr>"]);
+
+        // A router that replaced or removed Route decided: nothing more is removed.
+        let mut replaced = r.clone();
+        replaced.set_header("Route", b"<sip:192.0.2.1;lr>").unwrap();
+        assert!(!remove_preloaded_route(&mut replaced, &preloaded).unwrap());
+        assert_eq!(routes(&replaced), ["<sip:192.0.2.1;lr>"]);
+        let mut removed = r.clone();
+        removed.remove_headers("Route");
+        assert!(!remove_preloaded_route(&mut removed, &preloaded).unwrap());
+
+        // Nothing pre-loaded: nothing to do.
+        assert!(!remove_preloaded_route(&mut r.clone(), &[]).unwrap());
+    }
+
     // ----- next_hop -----------------------------------------------------------------------
 
     #[test]
@@ -1092,7 +1275,7 @@ mod tests {
             "sip:bob@example.com",
             &["Route: <sip:example.com:5070;transport=TCP;lr>, <sip:127.0.0.1;lr>"],
         );
-        let hop = next_hop(&r).unwrap();
+        let hop = hop_of(&r).unwrap();
         assert_eq!(
             hop,
             NextHop {
@@ -1107,7 +1290,7 @@ mod tests {
     #[test]
     fn next_hop_from_request_uri() {
         let r = req("INVITE", "sips:bob@example.com", &[]);
-        let hop = next_hop(&r).unwrap();
+        let hop = hop_of(&r).unwrap();
         assert_eq!(
             hop,
             NextHop {
@@ -1122,7 +1305,7 @@ mod tests {
             "sip:bob@example.com;maddr=127.0.0.1;transport=udp",
             &[],
         );
-        let hop = next_hop(&r).unwrap();
+        let hop = hop_of(&r).unwrap();
         assert_eq!(hop.host, "127.0.0.1");
         assert_eq!(hop.transport, Some(TransportKind::Udp));
     }
@@ -1130,9 +1313,9 @@ mod tests {
     #[test]
     fn next_hop_errors() {
         let tel = req("INVITE", "tel:+15551234567", &[]);
-        assert_eq!(next_hop(&tel).unwrap_err().status(), 404);
+        assert_eq!(hop_of(&tel).unwrap_err().status(), 404);
         let sctp = req("INVITE", "sip:bob@example.com;transport=sctp", &[]);
-        assert_eq!(next_hop(&sctp).unwrap_err().status(), 503);
+        assert_eq!(hop_of(&sctp).unwrap_err().status(), 503);
     }
 
     // ----- IPv6 ---------------------------------------------------------------------------
@@ -1164,7 +1347,10 @@ mod tests {
             out.values(HeaderName::RecordRoute)
                 .map(|v| String::from_utf8_lossy(v.unwrap()).into_owned())
                 .collect::<Vec<_>>(),
-            ["<sip:[::1]:5060;transport=udp;lr;mrs=6a8b2d315c719832>"]
+            [format!(
+                "<sip:[::1]:5060;transport=udp;lr;mrs={}>",
+                sig_of(&r)
+            )]
         );
         let reparsed = parse(&text);
         let via = reparsed.top_via().unwrap();
@@ -1182,7 +1368,11 @@ mod tests {
     #[test]
     fn mixed_family_relay_record_routes_twice() {
         // In over IPv4, out over IPv6: the interfaces' URIs differ (§16.6 step 4, RFC 5658).
-        let r = req("INVITE", "sip:bob@[::1]:5080", &[]);
+        let r = req(
+            "INVITE",
+            "sip:bob@[::1]:5080",
+            &["Contact: <sip:alice@127.0.0.1:5070>"],
+        );
         let me = me_v4_and_v6();
         let mut s = spec("sip:bob@[::1]:5080", &me);
         s.record_route = true;
@@ -1192,24 +1382,46 @@ mod tests {
             .values(HeaderName::RecordRoute)
             .map(|v| String::from_utf8_lossy(v.unwrap()).into_owned())
             .collect();
+        let sig = sig_of(&r);
         assert_eq!(
             rr,
             [
-                "<sip:[::1]:5060;transport=udp;lr;mrs=6a8b2d315c719832>",
-                "<sip:127.0.0.1:5060;transport=udp;lr;mrs=6a8b2d315c719832>"
+                format!("<sip:[::1]:5060;transport=udp;lr;mrs={sig}>"),
+                format!("<sip:127.0.0.1:5060;transport=udp;lr;mrs={sig}>"),
             ]
         );
-        // Coming back (the UAC's route set is the reverse), both halves are ours and removed.
-        let mut back = req(
-            "BYE",
-            "sip:bob@[::1]:5080",
-            &[
-                "Route: <sip:127.0.0.1:5060;transport=udp;lr;mrs=6a8b2d315c719832>, \
-               <sip:[0:0:0:0:0:0:0:1]:5060;transport=udp;lr;mrs=6a8b2d315c719832>",
-            ],
+        // The callee's 2xx echoes both; going upstream both become the caller's copy (§16.7
+        // step 8), bound to the callee's tag and Contact.
+        let mut ok = parse(&format!(
+            "SIP/2.0 200 OK\r\n\
+             Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKuac1\r\n\
+             Record-Route: {}, {}\r\n\
+             To: <sip:bob@example.com>;tag=b1\r\n\
+             From: <sip:alice@example.com>;tag=a1\r\n\
+             Call-ID: c1@127.0.0.1\r\n\
+             CSeq: 1 INVITE\r\n\
+             Contact: <sip:bob@[::1]:5080>\r\n\r\n",
+            rr[0], rr[1]
+        ));
+        assert!(me.sign_response_record_route(&mut ok, now()));
+        let mut callers: Vec<String> = ok
+            .values(HeaderName::RecordRoute)
+            .map(|v| String::from_utf8_lossy(v.unwrap()).into_owned())
+            .collect();
+        assert_eq!(callers.len(), 2);
+        assert!(callers.iter().all(|v| v.contains(";mrs=s")), "{callers:?}");
+        // Coming back (the UAC's route set is the reverse, our IPv6 address spelled another
+        // way), both halves are ours and removed, and the signature holds.
+        callers.reverse();
+        let route = format!("Route: {}", callers.join(", ")).replace("[::1]", "[0:0:0:0:0:0:0:1]");
+        let text = req_text("BYE", "sip:bob@[::1]:5080", &[&route]).replace(
+            "To: <sip:bob@example.com>",
+            "To: <sip:bob@example.com>;tag=b1",
         );
-        let done = preprocess_routes(&mut back, &me).unwrap();
-        assert!(done.consumed_own_route && done.signed);
+        let mut back = parse(&text);
+        let (done, verdict) = preprocess_and_check(&mut back, &me);
+        assert!(done.consumed_own_route);
+        assert_eq!(verdict, Verdict::Valid);
         assert!(routes(&back).is_empty());
     }
 
@@ -1227,7 +1439,7 @@ mod tests {
                 "{ours}"
             );
             assert_eq!(routes(&r), ["<sip:[2001:db8::5];lr>"]);
-            let hop = next_hop(&r).unwrap();
+            let hop = hop_of(&r).unwrap();
             assert_eq!((hop.host.as_str(), hop.port), ("2001:db8::5", None));
         }
         // Another port on our address is not us.
@@ -1245,7 +1457,7 @@ mod tests {
 
     #[test]
     fn next_hop_of_an_ipv6_uri_is_the_bare_address() {
-        let hop = next_hop(&req("INVITE", "sip:bob@[::1]:5080;transport=tcp", &[])).unwrap();
+        let hop = hop_of(&req("INVITE", "sip:bob@[::1]:5080;transport=tcp", &[])).unwrap();
         assert_eq!(
             hop,
             NextHop {
@@ -1255,14 +1467,14 @@ mod tests {
                 secure: false,
             }
         );
-        let hop = next_hop(&req(
+        let hop = hop_of(&req(
             "INVITE",
             "sip:bob@example.com;maddr=[2001:db8::9]",
             &[],
         ))
         .unwrap();
         assert_eq!((hop.host.as_str(), hop.port), ("2001:db8::9", None));
-        let hop = next_hop(&req("INVITE", "sip:[0:0:0:0:0:0:0:1]", &[])).unwrap();
+        let hop = hop_of(&req("INVITE", "sip:[0:0:0:0:0:0:0:1]", &[])).unwrap();
         assert_eq!(hop.host.parse::<std::net::IpAddr>().unwrap(), V6_UDP.1.ip());
     }
 

@@ -41,8 +41,9 @@ pub enum Decision {
         target: Option<Bytes>,
         record_route: bool,
     },
-    /// Discard it without an answer.
-    Drop,
+    /// Discard it without an answer; `reason` goes into the one `moonroute::refused` log
+    /// line (default: the router dropped it).
+    Drop { reason: Option<Cow<'static, str>> },
     /// Not decided yet: the router waits for the DNS answer to `query` (the script called
     /// `sip.resolve`). The relay resolves it off the loop and calls [`Router::resume`] with
     /// the answer and the [`Routed::handle`] given with this decision.
@@ -58,6 +59,11 @@ impl Decision {
             wait_for: None,
         }
     }
+
+    /// Discard it without an answer, for no reason worth logging beyond the router's choice.
+    pub fn drop() -> Decision {
+        Decision::Drop { reason: None }
+    }
 }
 
 /// What the relay knows about a new request beyond the message itself.
@@ -67,10 +73,14 @@ pub struct RouteInfo {
     pub had_route: bool,
     /// §16.4 removed a Route entry naming this proxy (or undid a strict router's rewrite).
     pub consumed_own_route: bool,
-    /// What §16.4 removed carried our Record-Route signature (`route_sign`): the request
-    /// follows a route set this proxy issued for its dialog, and is routed by what is left of
-    /// it, or by its Request-URI. The script's `loose_route()` is this.
+    /// What §16.4 removed carried our Record-Route signature (`route_sign`) for this request:
+    /// its dialog, its Request-URI's host and port and its remaining Route, not expired (or
+    /// expired, for a BYE). The request follows a route set this proxy issued for its dialog,
+    /// and is routed by what is left of it, or by its Request-URI. The script's
+    /// `loose_route()` is this.
     pub own_route_signed: bool,
+    /// What the signature check found, for the log when the request is not routed.
+    pub signature: super::route_sign::Verdict,
 }
 
 /// Where a response given to [`Router::on_reply`] came from: what a NAT check needs.

@@ -7,13 +7,19 @@
 //!
 //! The sandbox loads `string`, `table`, `math`, `utf8`, `coroutine` and a reduced `os`
 //! (`time`, `clock`, `date`, `difftime`). There is no `io`, `require`, `dofile` or `loadfile`:
-//! a hook must never block its event loop on the file system, and a script is one file.
+//! a hook must never block its event loop on the file system, and a script is one file. Only
+//! Lua source text is ever loaded (the script, and chunks given to `load`), never bytecode:
+//! Lua does not verify bytecode, and a crafted binary chunk reads and writes memory outside
+//! the VM, the classic escape from a Lua sandbox. So `string.dump` is removed too. The list
+//! of what a script can reach is in docs/scripting.md ("The sandbox"), checked against the
+//! state by a test.
 
 use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::rc::Rc;
 use std::sync::Arc;
 
+use mlua::chunk::ChunkMode;
 use mlua::thread::ThreadStatus;
 use mlua::{
     Function, HookTriggers, IntoLuaMulti, Lua, LuaOptions, MultiValue, StdLib, Thread, Value,
@@ -145,6 +151,7 @@ impl Engine {
             .map_err(|e| describe(&e, &name))?;
         lua.load(source.text.as_str())
             .set_name(format!("@{}", source.name))
+            .set_mode(ChunkMode::Text)
             .exec()
             .map_err(|e| describe(&e, &name))?;
         let hooks = find_hooks(&lua, &name)?;
@@ -262,11 +269,54 @@ fn new_state(name: &Rc<str>, env: Env) -> mlua::Result<Lua> {
     ] {
         os.set(unsafe_fn, Value::Nil)?;
     }
-    for blocking in ["dofile", "loadfile"] {
-        globals.set(blocking, Value::Nil)?;
+    // `warn` would do nothing (the state has no warning function): sip.log("warn", ...) logs.
+    for removed in ["dofile", "loadfile", "warn"] {
+        globals.set(removed, Value::Nil)?;
     }
+    // The only way to make bytecode, which `load` would refuse anyway.
+    globals
+        .get::<mlua::Table>("string")?
+        .set("dump", Value::Nil)?;
+    load_text_only(&lua)?;
     api::install(&lua, name.clone(), env)?;
     Ok(lua)
+}
+
+/// Replaces `load` with one that loads text chunks only: the base library's `load` with its
+/// `mode` argument forced to `"t"`. Lua checks the mode on the chunk's first byte, so this
+/// holds for a string and for a reader function alike; a binary chunk gets `nil` and
+/// "attempt to load a binary chunk (mode is 't')", as from any `load` refusing a mode.
+///
+/// The replacement is Lua, so that it behaves as `load` in every other way: its arguments are
+/// checked first, with Lua's messages at the caller's line (the real `load` then raises
+/// nothing: a reader's errors are returned, not raised), and the count of arguments is kept,
+/// since an `env` given as nil (a chunk without globals) differs from no `env`.
+fn load_text_only(lua: &Lua) -> mlua::Result<()> {
+    const TEXT_ONLY: &str = r#"
+        local load, type, error = ...
+        local function check_optional_string(value, position)
+          local kind = type(value)
+          if value ~= nil and kind ~= "string" and kind ~= "number" then
+            error(("bad argument #%d to 'load' (string expected, got %s)"):format(position, kind), 3)
+          end
+        end
+        return function(chunk, chunkname, mode, ...)
+          check_optional_string(mode, 3)
+          check_optional_string(chunkname, 2)
+          local kind = type(chunk)
+          if kind ~= "string" and kind ~= "number" and kind ~= "function" then
+            error(("bad argument #1 to 'load' (function expected, got %s)"):format(kind), 2)
+          end
+          return load(chunk, chunkname, "t", ...)
+        end
+    "#;
+    let globals = lua.globals();
+    let text_only: Function = lua.load(TEXT_ONLY).set_name("=load").call((
+        globals.get::<Function>("load")?,
+        globals.get::<Function>("type")?,
+        globals.get::<Function>("error")?,
+    ))?;
+    globals.set("load", text_only)
 }
 
 /// Counts instructions in slices of [`BUDGET_SLICE`] and stops the call that overruns.
@@ -373,4 +423,202 @@ fn location_in(traceback: &str, script: &str) -> Option<String> {
         let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
         (!digits.is_empty()).then(|| format!("{script}:{digits}"))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    fn engine(text: &str) -> Engine {
+        let env = Env {
+            identity: LocalIdentity::default(),
+            services: Arc::new(Services::default()),
+            log: LogSink::Tracing,
+        };
+        let source = ScriptSource {
+            name: "sandbox.lua".into(),
+            text: text.into(),
+            version: 1,
+        };
+        Engine::load(&source, Limits::default(), env).expect("the script loads")
+    }
+
+    /// A real binary chunk of this Lua, made outside the sandbox (where it loads and runs).
+    fn bytecode() -> Vec<u8> {
+        let free = Lua::new();
+        let chunk: mlua::LuaString = free
+            .load("return string.dump(function() return 'escaped' end)")
+            .eval()
+            .unwrap();
+        let chunk = chunk.as_bytes().to_vec();
+        let ran: String = free
+            .load(&chunk[..])
+            .set_mode(ChunkMode::Binary)
+            .call(())
+            .unwrap();
+        assert_eq!(ran, "escaped");
+        chunk
+    }
+
+    #[test]
+    fn load_refuses_binary_chunks_whatever_mode_or_reader() {
+        let engine = engine("function on_request(req) end");
+        let lua = engine.lua();
+        lua.globals()
+            .set("BYTES", lua.create_string(bytecode()).unwrap())
+            .unwrap();
+        let refusals: Vec<String> = lua
+            .load(
+                r#"
+                local function bytewise()
+                  local i = 0
+                  return function()
+                    i = i + 1
+                    return i <= #BYTES and BYTES:sub(i, i) or nil
+                  end
+                end
+                local out = {}
+                for _, attempt in ipairs {
+                  function() return load(BYTES) end,
+                  function() return load(BYTES, "=x", "b") end,
+                  function() return load(BYTES, "=x", "bt", {}) end,
+                  function() return load(bytewise(), "=x", "b") end,
+                } do
+                  local chunk, message = attempt()
+                  out[#out + 1] = tostring(chunk) .. " " .. message
+                end
+                return out
+                "#,
+            )
+            .eval()
+            .unwrap();
+        assert_eq!(
+            refusals,
+            vec!["nil attempt to load a binary chunk (mode is 't')"; 4]
+        );
+        let gone: bool = lua
+            .load("return string.dump == nil and ('').dump == nil and warn == nil")
+            .eval()
+            .unwrap();
+        assert!(gone, "string.dump and warn are removed");
+    }
+
+    #[test]
+    fn load_still_takes_text_as_lua_does() {
+        let engine = engine("function on_request(req) end\nX = 7\n");
+        let results: Vec<String> = engine
+            .lua()
+            .load(
+                r#"
+                local reader_done = false
+                return {
+                  -- The mode asked for is ignored: text is text.
+                  tostring(load("return X", "=c", "b")()),
+                  -- An env table, and an env given as nil (a chunk without globals).
+                  tostring(load("return X", "=c", "t", {X = 5})()),
+                  tostring(select(2, pcall(load("return X", "=c", "t", nil)))),
+                  -- A reader function, the chunk name in errors, syntax errors.
+                  tostring(load(function()
+                    if reader_done then return nil end
+                    reader_done = true
+                    return "return 'read'"
+                  end)()),
+                  tostring(select(2, pcall(load("error('e')", "=named")))),
+                  tostring(select(2, load("x x", "=named"))),
+                  -- Wrong arguments: Lua's messages, at the caller's line.
+                  tostring(select(2, pcall(load, {}))),
+                  tostring(select(2, pcall(load("load('x', {})", "=caller")))),
+                  tostring(select(2, pcall(load("load('x', 'n', true)", "=caller")))),
+                  -- A reader's error is returned (with the position and traceback the
+                  -- host's message handler gives any error).
+                  select(2, load(function() error("reader failed") end)):match("reader failed"),
+                }
+                "#,
+            )
+            .eval()
+            .unwrap();
+        assert_eq!(
+            results,
+            [
+                "7",
+                "5",
+                "c:1: attempt to index a nil value (upvalue '_ENV')",
+                "read",
+                "named:1: e",
+                "named:1: syntax error near 'x'",
+                "bad argument #1 to 'load' (function expected, got table)",
+                "caller:1: bad argument #2 to 'load' (string expected, got table)",
+                "caller:1: bad argument #3 to 'load' (string expected, got boolean)",
+                "reader failed",
+            ]
+        );
+    }
+
+    /// What docs/scripting.md "The sandbox" lists: the names in backquotes of its table rows,
+    /// each row's first cell naming a table (`globals` for the globals).
+    fn documented() -> BTreeSet<String> {
+        let doc = include_str!("../../docs/scripting.md");
+        let start = doc.find("\n### The sandbox\n").expect("a sandbox section");
+        let section = &doc[start + 1..];
+        let end = section[4..].find("\n#").map_or(section.len(), |e| e + 4);
+        let mut names = BTreeSet::new();
+        for row in section[..end].lines().filter(|l| l.starts_with("| ")) {
+            let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+            let (Some(table), Some(members)) = (cells.get(1), cells.get(2)) else {
+                continue;
+            };
+            // The header and separator rows name no table in backquotes.
+            let prefix = match table.strip_prefix('`').and_then(|t| t.strip_suffix('`')) {
+                _ if *table == "globals" => String::new(),
+                Some(name) => {
+                    names.insert(name.to_owned());
+                    format!("{name}.")
+                }
+                None => continue,
+            };
+            let identifiers = members.split('`').skip(1).step_by(2).filter(|name| {
+                !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            });
+            names.extend(identifiers.map(|name| format!("{prefix}{name}")));
+        }
+        names
+    }
+
+    #[test]
+    fn the_sandbox_is_exactly_what_the_docs_list() {
+        let engine = engine("function on_request(req) end");
+        let present: Vec<String> = engine
+            .lua()
+            .load(
+                r#"
+                local names = {}
+                local function walk(prefix, t, depth)
+                  for key, value in pairs(t) do
+                    local name = prefix .. key
+                    if name ~= "on_request" and name ~= "_G" then
+                      names[#names + 1] = name
+                      if type(value) == "table" and depth < 3 then
+                        walk(name .. ".", value, depth + 1)
+                      end
+                    end
+                  end
+                end
+                walk("", _G, 1)
+                names[#names + 1] = "_G"
+                return names
+                "#,
+            )
+            .eval()
+            .unwrap();
+        let present: BTreeSet<String> = present.into_iter().collect();
+        let documented = documented();
+        let undocumented: Vec<_> = present.difference(&documented).collect();
+        let missing: Vec<_> = documented.difference(&present).collect();
+        assert!(
+            undocumented.is_empty() && missing.is_empty(),
+            "in the state but not in docs/scripting.md: {undocumented:?}\n\
+             in docs/scripting.md but not in the state: {missing:?}"
+        );
+    }
 }

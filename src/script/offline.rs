@@ -8,8 +8,9 @@
 //! with a location store loaded from a fixture; nothing is sent anywhere.
 //!
 //! Record-Route signatures (`crate::proxy::route_sign`) use the fixed key [`OFFLINE_KEY`]
-//! here, not the server's: a test file gets the signature of a dialog from
-//! `moonroute.route_signature(call_id, caller_tag)` to write a Route the "server" accepts.
+//! here, not the server's: a test file gets the signature for an in-dialog request from
+//! `moonroute.route_signature{call_id=..., from_tag=..., to_tag=..., ruri=...}` to write a
+//! Route the "server" accepts.
 //!
 //! Digest authentication (RFC 3261 §22) is checked against a subscriber fixture
 //! (`--subscribers`, `moonroute.run{subscribers = ...}`) loaded into a temporary subscriber
@@ -31,13 +32,14 @@ use super::api::ScriptMsg;
 use super::engine::{Engine, Env, Limits, LogSink, ScriptError, ScriptSource};
 use super::kv::KvStore;
 use super::router::{
-    read_source, resume_request_hook, run_request_hook, undecided, RequestRun,
-    MAX_RESOLVES_PER_REQUEST,
+    guard_preloaded_route, read_source, resume_request_hook, run_request_hook, undecided,
+    RequestRun, MAX_RESOLVES_PER_REQUEST,
 };
 use super::{Services, KV_MAX_KEYS};
 use crate::auth::{Authenticator, Subscribers};
 use crate::dns::{Candidate, Query, ResolveError, Resolver};
 use crate::location::MemoryLocation;
+use crate::proxy::route_sign::{Binding, Holder};
 use crate::proxy::router::{Decision, RouteInfo};
 use crate::proxy::RouteSigner;
 
@@ -49,7 +51,7 @@ pub const OFFLINE_AUTH_SECRET: &[u8] = b"moonroute offline digest nonce secret";
 use crate::proxy::{preprocess_routes, ProxyIdentity};
 use crate::registrar::{Registrar, Rules};
 use crate::server::core::LocalIdentity;
-use crate::sip::Message;
+use crate::sip::{Message, Uri};
 use crate::transport::{ListenAddr, Meta, TransportKind};
 
 /// The address an offline run pretends to listen on.
@@ -219,6 +221,11 @@ pub fn run_with(
     let me = ProxyIdentity::new(identity.clone()).with_signer(RouteSigner::new(OFFLINE_KEY));
     let done = preprocess_routes(&mut request, &me)
         .map_err(|e| ScriptError(format!("the message's Route: {e}")))?;
+    let signature = me.check_route(
+        &request,
+        &done,
+        options.clock.unwrap_or_else(SystemTime::now),
+    );
     let logs = Rc::new(RefCell::new(Vec::new()));
     let env = Env {
         identity,
@@ -230,7 +237,8 @@ pub fn run_with(
     let info = RouteInfo {
         had_route,
         consumed_own_route: done.consumed_own_route,
-        own_route_signed: done.signed,
+        own_route_signed: signature.routes(request.method()),
+        signature,
     };
     let vars = engine
         .lua()
@@ -326,14 +334,16 @@ fn authenticator(fixture: &str) -> Result<Arc<Authenticator>, ScriptError> {
     )))
 }
 
-fn describe_state(before: &Message, state: ScriptMsg, vars: &Table) -> Outcome {
+fn describe_state(before: &Message, mut state: ScriptMsg, vars: &Table) -> Outcome {
+    let primitive = state.decision.as_ref().map(|(_, p)| *p);
+    let decision = match state.decision.take() {
+        Some((d, _)) => d,
+        None => undecided(&state.msg.method().cloned(), &state.msg),
+    };
+    // As the server does: a pre-loaded Route the script did not choose to follow is removed.
+    guard_preloaded_route(&mut state, &decision);
     let after = &state.msg;
     let (added, removed) = header_changes(before, after);
-    let primitive = state.decision.as_ref().map(|(_, p)| *p);
-    let decision = match state.decision {
-        Some((d, _)) => d,
-        None => undecided(&after.method().cloned(), after),
-    };
     let mut outcome = Outcome {
         request_line: String::from_utf8_lossy(before.start_line()).into_owned(),
         decision: "",
@@ -390,7 +400,10 @@ fn describe_state(before: &Message, state: ScriptMsg, vars: &Table) -> Outcome {
                 1000,
             )];
         }
-        Decision::Drop => outcome.decision = "drop",
+        Decision::Drop { reason } => {
+            outcome.decision = "drop";
+            outcome.reason = reason.map(std::borrow::Cow::into_owned);
+        }
         // Offline runs answer sip.resolve themselves, so the hook never ends suspended.
         Decision::Resolve { .. } => outcome.decision = "resolve",
     }
@@ -486,6 +499,10 @@ fn format_outcome(script: &str, o: &Outcome) -> String {
                 let _ = writeln!(s, "  header:  {name}: {value}");
             }
         }
+        "drop" if o.reason.is_some() => {
+            let reason = o.reason.as_deref().unwrap_or_default();
+            let _ = writeln!(s, "decision:  drop ({reason}){by}");
+        }
         other => {
             let _ = writeln!(s, "decision:  {other}{by}");
         }
@@ -553,11 +570,7 @@ pub fn run_lua_tests(path: &Path) -> Result<String, ScriptError> {
         })
         .map_err(|e| ScriptError(e.to_string()))?;
     let route_signature = lua
-        .create_function(
-            |_, (call_id, caller_tag): (mlua::LuaString, mlua::LuaString)| {
-                Ok(RouteSigner::new(OFFLINE_KEY).sign(&call_id.as_bytes(), &caller_tag.as_bytes()))
-            },
-        )
+        .create_function(|_, spec: Value| lua_route_signature(spec))
         .map_err(|e| ScriptError(e.to_string()))?;
     let moonroute = lua.create_table().map_err(|e| ScriptError(e.to_string()))?;
     moonroute
@@ -630,6 +643,69 @@ fn lua_run(lua: &Lua, base: &Path, spec: &Table) -> mlua::Result<Table> {
     )
     .map_err(|e| mlua::Error::runtime(format!("moonroute.run: {e}")))?;
     outcome_table(lua, &outcome)
+}
+
+/// `moonroute.route_signature{call_id=..., from_tag=..., to_tag=..., ruri=..., routes={...},
+/// expires=...}`: the `mrs` value offline runs accept in a Route of ours on an in-dialog request
+/// with that Call-ID, From tag, To tag, Request-URI (its host and port count) and Route entries
+/// after ours (`routes`, default none), until `expires` (seconds since the epoch; default a
+/// lifetime from now). It is the copy a caller holds (`route_sign`); it works in either
+/// direction, as it binds the tags as the request carries them.
+fn lua_route_signature(spec: Value) -> mlua::Result<String> {
+    let Value::Table(spec) = spec else {
+        return Err(mlua::Error::runtime(
+            "moonroute.route_signature: give a table {call_id=..., from_tag=..., to_tag=..., \
+             ruri=..., routes={...}}: the signature binds the dialog's tags, the Request-URI's \
+             host and port and the Route after ours",
+        ));
+    };
+    let text = |name: &str| -> mlua::Result<String> {
+        spec.get::<Option<String>>(name)?.ok_or_else(|| {
+            mlua::Error::runtime(format!("moonroute.route_signature: `{name}` is missing"))
+        })
+    };
+    let (call_id, from_tag, to_tag, ruri) = (
+        text("call_id")?,
+        text("from_tag")?,
+        text("to_tag")?,
+        text("ruri")?,
+    );
+    let routes: Vec<String> = spec
+        .get::<Option<Vec<String>>>("routes")?
+        .unwrap_or_default();
+    let target = Uri::parse(ruri.as_bytes())
+        .map_err(|e| mlua::Error::runtime(format!("moonroute.route_signature: ruri: {e}")))?;
+    let signer = RouteSigner::new(OFFLINE_KEY);
+    let expires = match spec.get::<Option<f64>>("expires")? {
+        Some(at) if at.is_finite() && at >= 0.0 => at as u64,
+        Some(_) => {
+            return Err(mlua::Error::runtime(
+                "moonroute.route_signature: expires must be seconds since the epoch",
+            ))
+        }
+        None => signer.expiry(SystemTime::now()),
+    };
+    let binding = Binding {
+        holder: Holder::Caller,
+        call_id: call_id.as_bytes(),
+        caller_tag: from_tag.as_bytes(),
+        callee_tag: to_tag.as_bytes(),
+        target: Some(target),
+    };
+    let rest: Vec<&[u8]> = routes
+        .iter()
+        .map(|route| route_uri_text(route.as_bytes()))
+        .collect();
+    Ok(signer.sign(&binding, rest, expires))
+}
+
+/// The URI of a Route value written as `<uri>` (or a bare URI).
+fn route_uri_text(value: &[u8]) -> &[u8] {
+    let value = value.trim_ascii();
+    value
+        .strip_prefix(b"<")
+        .and_then(|rest| rest.split(|&b| b == b'>').next())
+        .unwrap_or(value)
 }
 
 /// `moonroute.digest{challenge=..., user=..., password=..., method=..., uri=..., nc=1,
@@ -863,6 +939,68 @@ Content-Length: 0\r\n\r\n";
             )]
         );
         assert_eq!(o.logs, ["info unit.lua:6: routing INVITE"]);
+    }
+
+    /// [`INVITE`] with `route` as its Route header field.
+    fn invite_with_route(route: &str) -> Vec<u8> {
+        let text = String::from_utf8_lossy(INVITE).replacen(
+            "Max-Forwards: 70\r\n",
+            &format!("Max-Forwards: 70\r\nRoute: {route}\r\n"),
+            1,
+        );
+        text.into_bytes()
+    }
+
+    #[test]
+    fn a_preloaded_route_is_followed_only_when_the_script_says_so() {
+        let options = TestOptions::default();
+        let run_on = |script: &str, route: &str| {
+            run_once(&source(script), &invite_with_route(route), None, &options).unwrap()
+        };
+        let foreign = "<sip:127.0.0.9:5099;transport=tcp;lr>";
+        // Relayed without a word about it: the engine removes it.
+        let o = run_on("function on_request(req) return req:t_relay() end", foreign);
+        assert_eq!(o.decision, "relay");
+        assert_eq!(o.headers_removed, [format!("Route: {foreign}")]);
+        // Opted in: it stays, and follow_preloaded_route() says there was one.
+        let o = run_on(
+            "function on_request(req)
+               req.vars.had = req:follow_preloaded_route()
+               return req:t_relay()
+             end",
+            foreign,
+        );
+        assert!(o.headers_removed.is_empty(), "{:?}", o.headers_removed);
+        assert_eq!(o.vars, [("had".to_string(), VarValue::Bool(true))]);
+        // A Route the script adds below the sender's is the script's: only the sender's goes.
+        let o = run_on(
+            "function on_request(req)
+               req:append_header('Route', '<sip:127.0.0.1:5090;lr>')
+               return req:forward()
+             end",
+            foreign,
+        );
+        assert_eq!(o.decision, "forward");
+        assert_eq!(o.headers_removed, [format!("Route: {foreign}")]);
+        assert_eq!(o.headers_added, ["Route: <sip:127.0.0.1:5090;lr>"]);
+        // Our own entry is consumed by §16.4 before the script runs: nothing is pre-loaded.
+        let o = run_on(
+            "function on_request(req)
+               req.vars.had = req:follow_preloaded_route()
+               return req:reply(404)
+             end",
+            &format!("<sip:{LOCAL};lr>"),
+        );
+        assert_eq!(o.vars, [("had".to_string(), VarValue::Bool(false))]);
+    }
+
+    #[test]
+    fn a_drop_may_give_its_reason() {
+        let o = run("function on_request(req) return req:drop('scanner user agent') end");
+        assert_eq!(o.decision, "drop");
+        assert_eq!(o.reason.as_deref(), Some("scanner user agent"));
+        let o = run("function on_request(req) return req:drop('two\\r\\nlines') end");
+        assert!(o.error.unwrap().contains("CR, LF or NUL"));
     }
 
     #[test]

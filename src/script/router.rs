@@ -29,6 +29,7 @@ use super::api::{Role, ScriptMsg};
 use super::engine::{Engine, Env, Limits, LogSink, ScriptError, ScriptSource, Step};
 use super::Services;
 use crate::metrics::{Counter, Gauge, Histogram, Registry, DURATION_BUCKETS};
+use crate::proxy::request::{remove_preloaded_route, route_set};
 use crate::proxy::response_context::Target;
 use crate::proxy::router::{
     BranchEdit, Decision, FailureDecision, ReplySource, RouteHandle, RouteInfo, Routed, Router,
@@ -479,11 +480,13 @@ impl ScriptRouter {
                 return failed_decision(&method);
             }
         };
-        *request = state.msg;
-        let decision = match state.decision {
+        let mut state = state;
+        let decision = match state.decision.take() {
             Some((decision, _)) => decision,
-            None => undecided(&method, request),
+            None => undecided(&method, &state.msg),
         };
+        guard_preloaded_route(&mut state, &decision);
+        *request = state.msg;
         let keeps_state = matches!(decision, Decision::Relay { .. })
             && (engine.hooks().on_reply.is_some()
                 || engine.hooks().on_failure.is_some()
@@ -500,10 +503,38 @@ impl ScriptRouter {
     }
 }
 
+/// Keeps a request the script relays or forwards from following a Route its sender pre-loaded,
+/// unless the script asked for it with `req:follow_preloaded_route()`: RFC 3261 §16.6 step 7
+/// would send it to the top Route, wherever the sender pointed it (an open relay, and with
+/// `;transport=tcp` and a port, a port scanner of the hosts this server reaches). A route set
+/// this server issued (`loose_route()`) is not pre-loaded and is followed; a Route the script
+/// wrote itself is its own decision (`remove_preloaded_route`). One `info` line per request
+/// whose Route is removed.
+pub(crate) fn guard_preloaded_route(state: &mut ScriptMsg, decision: &Decision) {
+    let relays = matches!(decision, Decision::Relay { .. } | Decision::Forward { .. });
+    if !relays || state.follows_preloaded_route || state.preloaded_route.is_empty() {
+        return;
+    }
+    if let Ok(true) = remove_preloaded_route(&mut state.msg, &state.preloaded_route) {
+        let route = state
+            .preloaded_route
+            .iter()
+            .map(|v| String::from_utf8_lossy(v))
+            .collect::<Vec<_>>()
+            .join(", ");
+        info!(
+            call_id = %call_id(&state.msg),
+            source = state.meta.map(|m| tracing::field::display(m.source)),
+            route,
+            "pre-loaded Route removed, not followed (the script did not call req:follow_preloaded_route())"
+        );
+    }
+}
+
 /// The answer to a request whose `on_request` failed: 500, except that an ACK is dropped.
 fn failed_decision(method: &Option<Method>) -> Routed {
     match method {
-        Some(Method::Ack) => Decision::Drop.into(),
+        Some(Method::Ack) => Decision::drop().into(),
         _ => Decision::reply(500, "Server Internal Error").into(),
     }
 }
@@ -683,6 +714,10 @@ pub(crate) fn run_request_hook(
     state.meta = Some(*meta);
     state.info = info;
     state.vars = Some(vars);
+    if info.had_route && !info.own_route_signed {
+        // Parsed by §16.4 already; only requests that still carry a Route pay for this.
+        state.preloaded_route = route_set(&state.msg).unwrap_or_default();
+    }
     let ud = engine
         .lua()
         .create_userdata(state)
@@ -787,7 +822,7 @@ fn run_failed(run: &Result<RequestRun, ScriptError>) -> bool {
 /// timeout at the caller.
 pub(crate) fn undecided(method: &Option<Method>, request: &Message) -> Decision {
     match method {
-        Some(Method::Ack) => Decision::Drop,
+        Some(Method::Ack) => Decision::drop(),
         Some(Method::Cancel) => Decision::reply(481, "Call/Transaction Does Not Exist"),
         _ => {
             warn!(call_id = %call_id(request), method = ?method, "on_request returned without a decision; answering 500");

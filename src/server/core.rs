@@ -141,6 +141,8 @@ pub struct CoreFactory {
     /// Signs Record-Route; one for all event loops, so any of them recognises the Route
     /// entries another wrote (see [`CoreFactory::with_route_signer`]).
     route_signer: RouteSigner,
+    /// `[proxy] record_route_lifetime_secs`, given to the signer.
+    route_lifetime: Duration,
     /// The engine's metric handles, shared by every loop (see [`CoreFactory::with_metrics`]).
     metrics: Arc<EngineMetrics>,
 }
@@ -179,7 +181,8 @@ impl CoreFactory {
             }),
             max_backlog: config.limits.max_backlog,
             max_receive_lag: config.limits.max_receive_lag(),
-            route_signer: RouteSigner::random(),
+            route_signer: RouteSigner::random().with_lifetime(config.proxy.record_route_lifetime()),
+            route_lifetime: config.proxy.record_route_lifetime(),
             metrics: EngineMetrics::detached(),
         }
     }
@@ -193,9 +196,9 @@ impl CoreFactory {
 
     /// Signs Record-Route with `signer`, from the server key (`crate::secret::server_key`), so
     /// dialogs stay routable across restarts and across servers sharing the key. Without it
-    /// the key is random per process.
+    /// the key is random per process. Its signatures live `[proxy] record_route_lifetime_secs`.
     pub fn with_route_signer(mut self, signer: RouteSigner) -> CoreFactory {
-        self.route_signer = signer;
+        self.route_signer = signer.with_lifetime(self.route_lifetime);
         self
     }
 
@@ -621,15 +624,17 @@ impl Core {
     }
 
     /// OPTIONS for this server (§11), or with Max-Forwards 0 (§16.3 step 3: answered as its
-    /// final recipient).
+    /// final recipient). §11: "If the OPTIONS is addressed to a proxy server, the Request-URI
+    /// is set without a user part"; one with a user part (`sip:100@us`, a scanner's favourite
+    /// probe) asks about a user's UA and goes to the routing script like any request.
     fn is_for_me_options(&self, request: &Message) -> bool {
         if request.method() != Some(&Method::Options) {
             return false;
         }
         let max_forwards_zero = matches!(request.max_forwards(), Some(Ok(0)));
-        let for_me = request
-            .request_uri()
-            .is_ok_and(|u| self.identity.is_myself(&u));
+        let for_me = request.request_uri().is_ok_and(|u| {
+            u.as_sip().is_some_and(|sip| sip.user.is_none()) && self.identity.is_myself(&u)
+        });
         let in_dialog = request.to().is_ok_and(|t| t.tag().is_some());
         max_forwards_zero || (for_me && !in_dialog)
     }
@@ -856,6 +861,7 @@ impl Core {
         if !ours || !matches!(response.remove_first_value(HeaderName::Via), Ok(true)) {
             return dropped(&response, "no transaction matches it and its top Via is not a stateless forward of this server");
         }
+        self.relay.sign_stray_response(&mut response);
         let Ok(via) = response.top_via() else {
             return dropped(
                 &response,

@@ -47,7 +47,7 @@ impl Server {
         let listens_tls = config.listen.iter().any(|l| l.kind == TransportKind::Tls);
         let tls = Arc::new(TlsContext::new(&config.tls, listens_tls)?);
         let (listen_addrs, per_loop) = bind_all(&config.listen, workers)?;
-        let registry = Arc::new(ConnectionRegistry::new(limits.max_connections));
+        let registry = Arc::new(ConnectionRegistry::new(limits.connections));
         let metrics = factory.metrics().unwrap_or_else(EngineMetrics::detached);
         let open = Arc::downgrade(&registry);
         metrics.connections_open(move |kind| open.upgrade().map_or(0, |r| r.count_of(kind)));

@@ -708,6 +708,28 @@ impl Message {
             .position(|h| wanted.matches(h.name, self.text(h.raw_name)))
     }
 
+    /// Replaces the value of the `index`-th field called `name` (counting from 0 among the
+    /// fields of that name), in place: other fields and their order are kept, e.g. one
+    /// Record-Route field line a proxy rewrites (§16.7 step 8). Returns false when there is no
+    /// such field.
+    pub fn set_nth_header(&mut self, name: HeaderName, index: usize, value: &[u8]) -> Result<bool> {
+        let Some(at) = self
+            .headers
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| h.name == name)
+            .nth(index)
+            .map(|(at, _)| at)
+        else {
+            return Ok(false);
+        };
+        let raw_name = self.text(self.headers[at].raw_name).to_vec();
+        let entry = self.new_entry(&raw_name, value)?;
+        self.headers[at] = entry;
+        self.edited = true;
+        Ok(true)
+    }
+
     /// Removes the first value of a list header (the top Via of a response, §16.7 step 3; our
     /// own Route, §16.4), rewriting only the field that held it. Returns false when absent.
     pub fn remove_first_value(&mut self, name: HeaderName) -> Result<bool> {

@@ -101,6 +101,25 @@ fn top_via_removed_from_a_combined_line() {
 }
 
 #[test]
+fn one_field_of_several_is_replaced_in_place() {
+    let resp = "SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP p1;branch=z9hG4bKa\r\nrecord-route: <sip:p3;lr>\r\nRecord-Route: <sip:p2;lr>, <sip:p1;lr>\r\nFrom: <sip:a@b>;tag=1\r\nTo: <sip:c@d>;tag=2\r\nCall-ID: x\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n";
+    let mut m = parse(resp);
+    assert!(m
+        .set_nth_header(HeaderName::RecordRoute, 1, b"<sip:p2;lr;x=1>, <sip:p1;lr>")
+        .unwrap());
+    assert!(!m
+        .set_nth_header(HeaderName::RecordRoute, 2, b"<sip:p0>")
+        .unwrap());
+    let text = String::from_utf8(m.to_bytes().to_vec()).unwrap();
+    assert!(
+        text.contains(
+            "\r\nrecord-route: <sip:p3;lr>\r\nRecord-Route: <sip:p2;lr;x=1>, <sip:p1;lr>\r\nFrom:"
+        ),
+        "{text}"
+    );
+}
+
+#[test]
 fn received_and_rport_stamped() {
     let mut m = parse(INVITE);
     assert!(m

@@ -1,4 +1,4 @@
-//! Sans-IO framing of SIP messages on byte streams (TCP now, TLS later).
+//! Sans-IO framing of SIP messages on byte streams (TCP, TLS, any stream transport).
 //!
 //! Owns the rules that cut a byte stream into messages, RFC 3261 §18.3: the header block ends
 //! at the first empty line, and the body is exactly Content-Length bytes, so Content-Length is
@@ -22,6 +22,7 @@
 use bytes::{Buf, Bytes, BytesMut};
 use memchr::memchr;
 
+use super::message_clock::MessageProgress;
 use super::FramingError;
 
 /// One unit cut from the stream.
@@ -122,6 +123,19 @@ impl StreamFramer {
     /// True when no partial message is buffered (a clean point to close the stream).
     pub fn is_idle(&self) -> bool {
         self.buf.is_empty()
+    }
+
+    /// Where the message being received stands, once [`StreamFramer::next_frame`] has
+    /// returned `Ok(None)`: the start of a CRLF keep-alive is not a message yet (RFC 5626
+    /// §3.5.1), anything else is a header block until its empty line.
+    pub fn progress(&self) -> MessageProgress {
+        if self.layout.is_some() {
+            MessageProgress::Body
+        } else if PING.starts_with(&self.buf) {
+            MessageProgress::Between
+        } else {
+            MessageProgress::Head
+        }
     }
 
     /// The next frame, `Ok(None)` if more bytes are needed, or the failure that poisons the
@@ -601,6 +615,27 @@ mod tests {
             bytewise.unwrap_err().error,
             FramingError::HeadTooLarge { limit }
         );
+    }
+
+    #[test]
+    fn progress_tells_keep_alives_header_blocks_and_bodies_apart() {
+        let mut framer = StreamFramer::new(LIMIT);
+        assert_eq!(framer.progress(), MessageProgress::Between);
+        for (bytes, expected) in [
+            (b"\r\n".as_slice(), MessageProgress::Between),
+            (b"\r\n", MessageProgress::Between),
+            (b"\r\nOPT", MessageProgress::Head),
+            (
+                b"IONS sip:a@b SIP/2.0\r\nContent-Length: 2\r\n\r\n",
+                MessageProgress::Body,
+            ),
+            (b"o", MessageProgress::Body),
+            (b"k", MessageProgress::Between),
+        ] {
+            framer.push(bytes);
+            while let Some(_frame) = framer.next_frame().unwrap() {}
+            assert_eq!(framer.progress(), expected, "after {bytes:?}");
+        }
     }
 
     #[test]

@@ -7,15 +7,19 @@
 //! Submodules:
 //! - [`framing`]: sans-IO message framing of byte streams (RFC 3261 §18.3, §7.5;
 //!   RFC 5626 §3.5.1 CRLF keep-alives).
+//! - [`message_clock`]: sans-IO deadlines for a message to arrive whole on a byte stream, so
+//!   a slow sender cannot hold a connection without ever delivering a message.
 //! - `udp`, `tcp`: socket binding, receive loops and sending (RFC 3261 §18.1, §18.2); the TCP
 //!   connection task serves any byte stream.
 //! - `tls`: TLS over TCP (RFC 3261 §26.2) with rustls: listeners, handshakes, and the RFC 5922
 //!   check of the certificates of servers we connect to.
 //! - [`registry`]: the process-wide table of open stream connections, so responses go back on
-//!   the connection the request came in on (RFC 3261 §18.2.2) and requests reuse connections.
+//!   the connection the request came in on (RFC 3261 §18.2.2) and requests reuse connections;
+//!   it enforces the connection limits, overall, for inbound connections and per source.
 //! - `dispatch`: one event loop's glue: runs inputs through its Worker, carries out outputs.
 
 pub mod framing;
+pub mod message_clock;
 pub mod registry;
 
 pub(crate) mod dispatch;
@@ -366,8 +370,6 @@ pub trait WorkerFactory: Send + Sync + 'static {
 pub struct TransportLimits {
     /// Largest message accepted: a whole datagram, or header block plus body on a stream.
     pub max_message_size: usize,
-    /// Open stream connections, inbound and outbound, across all event loops.
-    pub max_connections: usize,
     /// A connection with no traffic either way for this long is closed; also the longest a
     /// single write may stall.
     pub tcp_idle_timeout: Duration,
@@ -375,16 +377,29 @@ pub struct TransportLimits {
     pub tcp_connect_timeout: Duration,
     /// Messages queued for sending per connection; a peer that lets it fill is disconnected.
     pub tcp_send_queue: usize,
+    /// The bounds on open stream connections, overall and per source address.
+    pub connections: registry::ConnectionLimits,
+    /// How long one message may take to arrive on a stream.
+    pub message_timeouts: message_clock::MessageTimeouts,
 }
 
 impl From<&crate::config::Limits> for TransportLimits {
     fn from(limits: &crate::config::Limits) -> Self {
         TransportLimits {
             max_message_size: limits.max_message_size,
-            max_connections: limits.max_connections,
             tcp_idle_timeout: Duration::from_secs(limits.tcp_idle_timeout_secs),
             tcp_connect_timeout: Duration::from_secs(limits.tcp_connect_timeout_secs),
             tcp_send_queue: limits.tcp_send_queue,
+            connections: registry::ConnectionLimits {
+                max_connections: limits.max_connections,
+                max_inbound: limits.inbound_connections(),
+                max_per_source: limits.connections_per_ip(),
+                max_pending_per_source: limits.pending_connections_per_ip(),
+            },
+            message_timeouts: message_clock::MessageTimeouts {
+                header: Duration::from_millis(limits.tcp_header_timeout_ms),
+                message: Duration::from_millis(limits.tcp_message_timeout_ms),
+            },
         }
     }
 }

@@ -3,8 +3,10 @@
 //! handshake is done.
 //!
 //! Owns RFC 3261 §18 over a stream transport:
-//! - each event loop accepts on its own listener sharing the port (SO_REUSEPORT); beyond the
-//!   connection limit a connection is accepted and closed at once, with a log line;
+//! - each event loop accepts on its own listener sharing the port (SO_REUSEPORT); beyond a
+//!   connection limit of the registry (overall, inbound, per source address, pending per
+//!   source address) a connection is accepted and closed at once, with one
+//!   `moonroute::refused` line, and counted;
 //! - one task per connection reads into a [`StreamFramer`] (§18.3) and hands each message to
 //!   the loop's Worker; a CRLFCRLF keep-alive gets a CRLF pong (RFC 5626 §3.5.1); on a framing
 //!   error the Worker gets [`Input::FramingError`], its replies are flushed, and the
@@ -13,7 +15,12 @@
 //!   peer reuses an open connection to that address or opens one (§18.1.1);
 //! - memory per connection is bounded: the framer holds at most one message, the outbound
 //!   queue at most `tcp_send_queue` messages, and a peer that lets the queue fill or does not
-//!   read a write within the idle timeout is disconnected. Idle connections are closed.
+//!   read a write within the idle timeout is disconnected. Idle connections are closed;
+//! - time per message is bounded ([`MessageClock`]): a message whose header block, or whole
+//!   body, is not in within its deadline is dropped with its connection (one
+//!   `moonroute::refused` line, counted), so a peer trickling bytes cannot hold a connection
+//!   slot; an accepted connection must deliver its first message within the header deadline
+//!   of being ready, and counts as pending for its source address until it does.
 
 use std::io;
 use std::net::SocketAddr;
@@ -29,8 +36,11 @@ use tracing::{debug, info, warn};
 
 use super::dispatch::LoopContext;
 use super::framing::{Frame, FramingFailure, StreamFramer};
+use super::message_clock::{MessageClock, MessageProgress, Overdue};
 use super::registry::{ConnectionHandle, LimitReached, Outbound, QueueError, Registration};
 use super::{share_port, socket_local_addr, Destination, FramingError, Input, Meta, TransportKind};
+use crate::logging::REFUSED;
+use crate::metrics::engine::{ConnectionRefusal, StreamTimeout};
 
 /// Most bytes read from a connection at once; bounds the framer's buffer growth per read.
 const READ_CHUNK: usize = 16 * 1024;
@@ -128,7 +138,10 @@ fn is_per_connection(error: &io::Error) -> bool {
 
 fn accept(ctx: &Rc<LoopContext>, stream: TcpStream, peer: SocketAddr) {
     let queue_len = ctx.limits.tcp_send_queue;
-    match ctx.registry.register(TransportKind::Tcp, peer, queue_len) {
+    match ctx
+        .registry
+        .register_inbound(TransportKind::Tcp, peer, queue_len)
+    {
         Ok(registration) => {
             ctx.metrics
                 .transport
@@ -136,11 +149,38 @@ fn accept(ctx: &Rc<LoopContext>, stream: TcpStream, peer: SocketAddr) {
             debug!(conn = %registration.id(), %peer, worker = ctx.index, "accepted TCP connection");
             tokio::task::spawn_local(run_connection(Rc::clone(ctx), stream, registration));
         }
-        Err(LimitReached { limit }) => {
-            warn!(%peer, limit, "refusing TCP connection: connection limit reached");
-            drop(stream);
-        }
+        // Dropping the stream closes it.
+        Err(reached) => refuse_limit(ctx, TransportKind::Tcp, peer, reached),
     }
+}
+
+/// Logs and counts an accepted connection that a registry limit refused; the caller closes it.
+pub(crate) fn refuse_limit(
+    ctx: &LoopContext,
+    kind: TransportKind,
+    peer: SocketAddr,
+    reached: LimitReached,
+) {
+    refuse(
+        ctx,
+        kind,
+        peer,
+        ConnectionRefusal::Limit(reached.limit),
+        &reached,
+    );
+}
+
+/// Logs (the one `moonroute::refused` line) and counts an accepted connection closed at once
+/// because of `refusal`, said in `reason`; the caller closes it.
+pub(crate) fn refuse(
+    ctx: &LoopContext,
+    kind: TransportKind,
+    peer: SocketAddr,
+    refusal: ConnectionRefusal,
+    reason: &dyn std::fmt::Display,
+) {
+    ctx.metrics.transport.connection_refused(kind, refusal);
+    warn!(target: REFUSED, source = %peer, transport = %kind, reason = %format_args!("{reason}; connection closed at once"), "connection refused");
 }
 
 /// Sends `data` over TCP: on `dest.conn` if it is still open (RFC 3261 §18.2.2), else on an
@@ -206,13 +246,13 @@ pub(crate) fn register_outbound(
     first: Bytes,
 ) -> Option<Registration> {
     let queue_len = ctx.limits.tcp_send_queue;
-    match ctx.registry.register_named(kind, peer, queue_len, name) {
+    match ctx.registry.register_outbound(kind, peer, queue_len, name) {
         Ok(registration) => {
             queue_on(registration.handle(), first);
             Some(registration)
         }
-        Err(LimitReached { limit }) => {
-            warn!(%peer, %kind, limit, "dropping outgoing message: connection limit reached");
+        Err(reached) => {
+            warn!(%peer, %kind, %reached, "dropping outgoing message: connection limit reached");
             ctx.report_unreachable(kind, peer);
             None
         }
@@ -299,9 +339,9 @@ pub(crate) fn prepare(stream: &TcpStream, handle: &ConnectionHandle) -> Option<S
 }
 
 /// Serves one established stream connection of transport `kind` (a TCP stream, or TLS over
-/// one) until it closes: framing, the send queue, keep-alive pongs, the idle timeout. `local`
-/// is the connection's own address. The registration is dropped (and the connection
-/// unregistered) when this returns or is cancelled.
+/// one) until it closes: framing, the send queue, keep-alive pongs, the idle timeout, the
+/// message deadlines. `local` is the connection's own address. The registration is dropped
+/// (and the connection unregistered) when this returns or is cancelled.
 pub(crate) async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
     ctx: Rc<LoopContext>,
     stream: S,
@@ -317,7 +357,14 @@ pub(crate) async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
         conn: Some(handle.id()),
         worker: ctx.index,
     };
-    let idle_deadline = Instant::now() + ctx.limits.tcp_idle_timeout;
+    let now = Instant::now();
+    let idle_deadline = now + ctx.limits.tcp_idle_timeout;
+    let timeouts = ctx.limits.message_timeouts;
+    // Only an accepted connection is pending here, and it owes its first message.
+    let clock = match registration.is_pending() {
+        true => MessageClock::inbound(timeouts, now.into_std()),
+        false => MessageClock::outbound(timeouts),
+    };
     let framer = StreamFramer::new(ctx.limits.max_message_size);
     let mut connection = Connection {
         ctx,
@@ -327,6 +374,7 @@ pub(crate) async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
         registration,
         meta,
         idle_deadline,
+        clock,
     };
     let reason = connection.serve().await;
     connection.log_close(&reason);
@@ -337,6 +385,8 @@ pub(crate) async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
 enum CloseReason {
     PeerClosed,
     IdleTimeout,
+    /// A message did not arrive whole in time.
+    Overdue(Overdue),
     /// `Output::Close`, after what was queued before it had been written.
     CloseRequested,
     /// Aborted: the send queue filled up or `abort` was called.
@@ -352,7 +402,14 @@ enum Event {
     Aborted,
     Outbound(Option<Outbound>),
     Read(io::Result<usize>),
+    Timer(Timer),
+}
+
+/// The timer a connection's task sleeps on: whichever comes first.
+#[derive(Clone, Copy)]
+enum Timer {
     Idle,
+    Overdue(Overdue),
 }
 
 struct Connection<S> {
@@ -363,6 +420,7 @@ struct Connection<S> {
     registration: Registration,
     meta: Meta,
     idle_deadline: Instant,
+    clock: MessageClock,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
@@ -370,7 +428,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         loop {
             match self.next_event().await {
                 Event::Aborted => return CloseReason::Aborted,
-                Event::Idle => return CloseReason::IdleTimeout,
+                Event::Timer(Timer::Idle) => return CloseReason::IdleTimeout,
+                Event::Timer(Timer::Overdue(overdue)) => return CloseReason::Overdue(overdue),
                 Event::Outbound(Some(Outbound::Data(data))) => {
                     if let Err(reason) = self.write(&data).await {
                         return reason;
@@ -383,10 +442,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 }
                 Event::Read(Ok(0)) => return CloseReason::PeerClosed,
                 Event::Read(Ok(_)) => {
-                    self.touch();
+                    let arrived = self.touch();
                     if let Some(reason) = self.deliver_frames().await {
                         return reason;
                     }
+                    // A message started by these bytes started when they arrived.
+                    let progress = self.framer.progress();
+                    self.clock.observe(progress, arrived.into_std());
                 }
                 Event::Read(Err(error)) => return CloseReason::ReadFailed(error),
             }
@@ -396,13 +458,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// Waits for the next thing to do. Queued writes go before reads, so a peer that sends
     /// faster than it reads is slowed down rather than buffered.
     async fn next_event(&mut self) -> Event {
+        let (wake_at, timer) = self.next_timer();
         let mut read_space = self.framer.read_space(READ_CHUNK).limit(READ_CHUNK);
         tokio::select! {
             biased;
             () = self.handle.abort_signal().aborted() => Event::Aborted,
             item = self.registration.queue().recv() => Event::Outbound(item),
             read = self.stream.read_buf(&mut read_space) => Event::Read(read),
-            () = tokio::time::sleep_until(self.idle_deadline) => Event::Idle,
+            () = tokio::time::sleep_until(wake_at) => Event::Timer(timer),
+        }
+    }
+
+    /// The idle deadline, or the message deadline when that comes first.
+    fn next_timer(&self) -> (Instant, Timer) {
+        match self.clock.deadline() {
+            Some((due, overdue)) if Instant::from_std(due) < self.idle_deadline => {
+                (Instant::from_std(due), Timer::Overdue(overdue))
+            }
+            _ => (self.idle_deadline, Timer::Idle),
         }
     }
 
@@ -417,6 +490,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             match frame {
                 Frame::Message(data) => {
                     let meta = self.meta;
+                    self.clock.message_received();
+                    self.registration.proven();
                     self.ctx.metrics.transport.message_in(meta.kind);
                     self.ctx.handle(Input::Message { data, meta }).await;
                 }
@@ -509,8 +584,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
     }
 
-    fn touch(&mut self) {
-        self.idle_deadline = Instant::now() + self.ctx.limits.tcp_idle_timeout;
+    /// Restarts the idle timeout now, and returns now.
+    fn touch(&mut self) -> Instant {
+        let now = Instant::now();
+        self.idle_deadline = now + self.ctx.limits.tcp_idle_timeout;
+        now
     }
 
     fn log_close(&self, reason: &CloseReason) {
@@ -528,6 +606,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 idle_secs = self.ctx.limits.tcp_idle_timeout.as_secs(),
                 "closing idle connection"
             ),
+            CloseReason::Overdue(overdue) => self.report_overdue(*overdue),
             CloseReason::CloseRequested => debug!(%conn, %peer, "connection closed on request"),
             CloseReason::Aborted => debug!(%conn, %peer, "connection aborted"),
             CloseReason::Framing(error) => {
@@ -544,5 +623,42 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 "closing connection: the peer took no data for the idle timeout"
             ),
         }
+    }
+
+    /// The one `moonroute::refused` line, and the count, of a message that did not arrive
+    /// whole in time.
+    fn report_overdue(&self, overdue: Overdue) {
+        let kind = self.meta.kind;
+        let timeouts = self.ctx.limits.message_timeouts;
+        let what = match (overdue, self.framer.progress()) {
+            (Overdue::Header, MessageProgress::Between) => format!(
+                "no SIP message within {} ms of connecting",
+                timeouts.header.as_millis()
+            ),
+            (Overdue::Header, _) => format!(
+                "header block not complete within {} ms of its first byte",
+                timeouts.header.as_millis()
+            ),
+            (Overdue::Message, _) => format!(
+                "message body not complete within {} ms of its first byte",
+                timeouts.message.as_millis()
+            ),
+        };
+        self.ctx
+            .metrics
+            .transport
+            .connection_timed_out(kind, StreamTimeout::Message(overdue));
+        warn!(
+            target: REFUSED,
+            source = %self.meta.source,
+            transport = %kind,
+            conn = %self.handle.id(),
+            reason = %format_args!(
+                "{what} (limits.{}); {} bytes discarded, connection closed",
+                overdue.key(),
+                self.framer.buffered_len()
+            ),
+            "message dropped"
+        );
     }
 }

@@ -6,10 +6,14 @@
 //!   connect to are verified against (`ca_file`, else the system's roots). Every configuration
 //!   names the ring provider explicitly, so nothing depends on a process-wide default;
 //! - accepting: `tls:` listeners bind and accept like TCP ones (`tcp::run_acceptor`); each
-//!   accepted connection is registered at once (it counts toward `max_connections`), then its
-//!   handshake runs within `handshake_timeout_ms`, and at most `max_handshakes` run at a time on
-//!   one event loop, so slow, silent or plaintext clients cannot pin resources. A failed
-//!   handshake is logged at debug level and the connection closed;
+//!   accepted connection is registered at once, under the registry's limits (it counts toward
+//!   `max_connections`, `max_inbound_connections`, and, for its source address, toward
+//!   `max_connections_per_ip` and, until its first SIP message, `max_pending_connections_per_ip`:
+//!   so one address can only stall a few handshakes), then its handshake runs within
+//!   `handshake_timeout_ms`, and at most `max_handshakes` run at a time on one event loop, so
+//!   slow, silent or plaintext clients cannot pin resources. A refused connection and a
+//!   handshake that times out get one `moonroute::refused` line and are counted; a failed
+//!   handshake (garbage, plaintext) is logged at debug level and the connection closed;
 //! - sending: a response goes back on its connection (§18.2.2). A request reuses a connection
 //!   this server opened and verified for the same name (and address), else a new one is
 //!   opened: registered at once so messages queue meanwhile, TCP connect within the connect
@@ -49,9 +53,11 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tracing::{debug, warn};
 
 use super::dispatch::LoopContext;
-use super::registry::{LimitReached, Registration};
+use super::registry::Registration;
 use super::{tcp, Destination, TransportKind};
 use crate::config;
+use crate::logging::REFUSED;
+use crate::metrics::engine::{ConnectionRefusal, StreamTimeout};
 
 /// The TLS configurations of one server, shared by its event loops.
 pub(crate) struct TlsContext {
@@ -336,33 +342,34 @@ impl Drop for HandshakeSlot {
 }
 
 /// A connection accepted on a `tls:` listener: registered, then served after its handshake.
+/// Dropping `stream` closes a refused one.
 pub(crate) fn accept(ctx: &Rc<LoopContext>, stream: TcpStream, peer: SocketAddr) {
     let Some(acceptor) = ctx.tls.acceptor.clone() else {
         warn!(%peer, "refusing TLS connection: no server certificate configured");
         return;
     };
-    let Some(slot) = HandshakeSlot::take(ctx) else {
-        warn!(
-            %peer,
-            limit = ctx.tls.max_handshakes,
-            "refusing TLS connection: too many handshakes in progress on this loop"
-        );
-        return;
-    };
     let queue_len = ctx.limits.tcp_send_queue;
-    match ctx.registry.register(TransportKind::Tls, peer, queue_len) {
-        Ok(registration) => {
-            ctx.metrics
-                .transport
-                .connection_opened(TransportKind::Tls, true);
-            debug!(conn = %registration.id(), %peer, worker = ctx.index, "accepted TLS connection");
-            let task = accept_and_serve(Rc::clone(ctx), acceptor, stream, registration, slot);
-            tokio::task::spawn_local(task);
-        }
-        Err(LimitReached { limit }) => {
-            warn!(%peer, limit, "refusing TLS connection: connection limit reached");
-        }
-    }
+    let registration = match ctx
+        .registry
+        .register_inbound(TransportKind::Tls, peer, queue_len)
+    {
+        Ok(registration) => registration,
+        Err(reached) => return tcp::refuse_limit(ctx, TransportKind::Tls, peer, reached),
+    };
+    let Some(slot) = HandshakeSlot::take(ctx) else {
+        let reason = format!(
+            "tls.max_handshakes ({}) handshakes in progress on this event loop",
+            ctx.tls.max_handshakes
+        );
+        let refusal = ConnectionRefusal::MaxHandshakes;
+        return tcp::refuse(ctx, TransportKind::Tls, peer, refusal, &reason);
+    };
+    ctx.metrics
+        .transport
+        .connection_opened(TransportKind::Tls, true);
+    debug!(conn = %registration.id(), %peer, worker = ctx.index, "accepted TLS connection");
+    let task = accept_and_serve(Rc::clone(ctx), acceptor, stream, registration, slot);
+    tokio::task::spawn_local(task);
 }
 
 async fn accept_and_serve(
@@ -394,12 +401,24 @@ async fn accept_and_serve(
         Ok(Err(error)) => {
             debug!(conn = %handle.id(), %peer, %error, "TLS handshake failed; closing")
         }
-        Err(_) => debug!(
-            conn = %handle.id(),
-            %peer,
-            timeout_ms = timeout.as_millis(),
-            "TLS handshake timed out; closing"
-        ),
+        Err(_) => {
+            // The address's pending place is free once this is logged.
+            drop(registration);
+            ctx.metrics
+                .transport
+                .connection_timed_out(TransportKind::Tls, StreamTimeout::Handshake);
+            warn!(
+                target: REFUSED,
+                source = %peer,
+                transport = %TransportKind::Tls,
+                conn = %handle.id(),
+                reason = %format_args!(
+                    "TLS handshake not finished within {} ms (tls.handshake_timeout_ms); connection closed",
+                    timeout.as_millis()
+                ),
+                "connection dropped"
+            );
+        }
     }
 }
 

@@ -3,6 +3,7 @@
 pub mod dns_server;
 pub mod exposition;
 pub mod flood;
+pub mod refused_log;
 pub mod ua;
 
 pub mod auth;
@@ -33,9 +34,9 @@ pub fn default_script_without_auth() -> PathBuf {
     .clone()
 }
 
-/// A Record-Route value without this proxy's signature parameter (`;mrs=` and 16 hex digits,
-/// `src/proxy/route_sign.rs`), so the rest can be compared exactly; a value without one is
-/// returned as it is.
+/// A Record-Route value without this proxy's signature parameter (`;mrs=`, the copy letter `q`
+/// or `s`, 8 hex digits of expiry, `.`, 16 hex digits, `src/proxy/route_sign.rs`), so the rest
+/// can be compared exactly; a value without one is returned as it is.
 #[allow(dead_code)] // not every test binary compares Record-Route values
 pub fn without_signature(value: &str) -> String {
     let Some(at) = value.find(";mrs=") else {
@@ -43,9 +44,17 @@ pub fn without_signature(value: &str) -> String {
     };
     let sig = &value[at + 5..];
     let len = sig
-        .find(|c: char| !c.is_ascii_hexdigit())
+        .find(|c: char| !c.is_ascii_alphanumeric() && c != '.')
         .unwrap_or(sig.len());
-    assert_eq!(len, 16, "a 16-hex-digit signature in {value}");
+    let token = &sig.as_bytes()[..len];
+    let well_formed = len == 26
+        && matches!(token[0], b'q' | b's')
+        && token[9] == b'.'
+        && token[1..9]
+            .iter()
+            .chain(&token[10..])
+            .all(u8::is_ascii_hexdigit);
+    assert!(well_formed, "a signature `[qs]<8 hex>.<16 hex>` in {value}");
     format!("{}{}", &value[..at], &sig[len..])
 }
 

@@ -16,8 +16,8 @@
 //! bounded by a timeout and panics with the UA's name when nothing comes.
 //!
 //! Out of scope: strict routing (every Route is treated as loose, `;lr`), DNS names (hops must
-//! be IP literals), authentication, PRACK, forking to several 2xx (each 2xx can be ACKed, but
-//! only the one passed to `ack_2xx` makes a `Dialog`).
+//! be IP literals), authentication, PRACK. A forked INVITE answered by several callees yields
+//! one 2xx per To tag (RFC 6026), each ACKed into its own `Dialog` by `ack_2xx`.
 
 #![allow(dead_code)] // each test binary uses a different part of the UA
 
@@ -167,6 +167,9 @@ fn tx_key(m: &Message) -> (Vec<u8>, String) {
     (branch.to_vec(), method.unwrap_or_default())
 }
 
+/// Which 2xx an ACK answers: Call-ID, CSeq number, To tag.
+type AckKey = (Vec<u8>, u32, Vec<u8>);
+
 /// The sending half of a stream connection (TCP, or TLS over TCP).
 type Writer = Box<dyn AsyncWrite + Unpin + Send>;
 
@@ -180,6 +183,65 @@ enum Net {
     Udp(Arc<UdpSocket>),
     /// Stream connections by peer address.
     Tcp(HashMap<SocketAddr, Writer>),
+}
+
+/// A TCP connection to `server` from `source` (any port), within [`WAIT`].
+pub async fn connect_from(source: std::net::IpAddr, server: SocketAddr) -> TcpStream {
+    let socket = match source {
+        std::net::IpAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+        std::net::IpAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+    }
+    .expect("a TCP socket");
+    socket
+        .bind(SocketAddr::new(source, 0))
+        .unwrap_or_else(|error| panic!("bind {source}: {error}"));
+    tokio::time::timeout(WAIT, socket.connect(server))
+        .await
+        .expect("connected in time")
+        .expect("connected")
+}
+
+/// Reads `stream` until the peer closes it (or resets it); panics if it stays open for
+/// `within`. Returns what was read.
+pub async fn read_until_closed(stream: &mut (impl AsyncRead + Unpin), within: Duration) -> Vec<u8> {
+    let mut seen = Vec::new();
+    let closed = tokio::time::timeout(within, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the server kept the connection open");
+    seen
+}
+
+/// Watches connections whose fate the test knows only in number (say, one of several
+/// accepted by different event loops is refused, whichever came last): reports the index of
+/// each as the peer closes it. Each stays open, read and discarded, until then (or until the
+/// test ends).
+pub fn watch_closes(streams: Vec<TcpStream>) -> mpsc::UnboundedReceiver<usize> {
+    let (closed, closes) = mpsc::unbounded_channel();
+    for (index, mut stream) in streams.into_iter().enumerate() {
+        let closed = closed.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 4096];
+            while let Ok(1..) = stream.read(&mut buf).await {}
+            let _ = closed.send(index);
+        });
+    }
+    closes
+}
+
+/// The next index from [`watch_closes`]; panics if no connection closes within `within`.
+pub async fn next_close(closes: &mut mpsc::UnboundedReceiver<usize>, within: Duration) -> usize {
+    tokio::time::timeout(within, closes.recv())
+        .await
+        .expect("a connection closed in time")
+        .expect("still watching")
 }
 
 /// A request this UA sent, kept to build its ACK or CANCEL.
@@ -210,9 +272,12 @@ pub struct TestUa {
     pending: VecDeque<Message>,
     cseq: u32,
     sent: HashMap<(Vec<u8>, String), Sent>,
-    finals_seen: HashSet<(Vec<u8>, String, u16)>,
-    /// ACKs of 2xx responses, by (Call-ID, CSeq number), to repeat on a retransmitted 2xx.
-    acks_sent: HashMap<(Vec<u8>, u32), (Bytes, SocketAddr)>,
+    /// Final responses seen, by transaction, status and To tag (two callees of a forked
+    /// INVITE each send a 2xx: they are two answers, not a retransmission).
+    finals_seen: HashSet<(Vec<u8>, String, u16, Vec<u8>)>,
+    /// ACKs of 2xx responses, by (Call-ID, CSeq number, To tag), to repeat on a retransmitted
+    /// 2xx.
+    acks_sent: HashMap<AckKey, (Bytes, SocketAddr)>,
     /// Where each received request came from (connection or datagram source).
     sources: HashMap<(Vec<u8>, String), SocketAddr>,
     /// The last response to each received request, to repeat on a retransmission.
@@ -255,6 +320,17 @@ impl TestUa {
     pub async fn tcp(name: &str, proxy: SocketAddr) -> TestUa {
         let (tx, rx) = mpsc::unbounded_channel();
         let stream = TcpStream::connect(proxy).await.expect("connect TCP");
+        let local = stream.local_addr().unwrap();
+        let mut ua = TestUa::with_net(name, local, Net::Tcp(HashMap::new()), tx, rx);
+        ua.adopt(stream, proxy);
+        ua.outbound = Some(proxy);
+        ua
+    }
+
+    /// [`TestUa::tcp`] from the local address `source` (e.g. 127.0.0.2, another client host).
+    pub async fn tcp_from(name: &str, source: std::net::IpAddr, proxy: SocketAddr) -> TestUa {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let stream = connect_from(source, proxy).await;
         let local = stream.local_addr().unwrap();
         let mut ua = TestUa::with_net(name, local, Net::Tcp(HashMap::new()), tx, rx);
         ua.adopt(stream, proxy);
@@ -497,7 +573,11 @@ impl TestUa {
         let mut for_ack = dialog.clone();
         for_ack.local_cseq -= 1; // the ACK repeats the INVITE's number
         let ack = self.in_dialog("ACK", &mut for_ack).send().await;
-        let key = (ack.call_id().unwrap().to_vec(), dialog.local_cseq);
+        let key = (
+            ack.call_id().unwrap().to_vec(),
+            dialog.local_cseq,
+            dialog.remote_tag.clone().into_bytes(),
+        );
         self.acks_sent
             .insert(key, (ack.source_bytes().clone(), dialog.next_hop()));
         dialog
@@ -715,9 +795,12 @@ impl TestUa {
         if is_invite && status >= 300 && self.auto_ack {
             self.ack_non_2xx(&m).await;
         }
-        let new = self.finals_seen.insert((key.0, key.1, status));
+        let to_tag = m.to().ok().and_then(|to| to.tag()).unwrap_or(b"").to_vec();
+        let new = self
+            .finals_seen
+            .insert((key.0, key.1, status, to_tag.clone()));
         if !new && is_invite && status < 300 {
-            let ack_key = (m.call_id().ok()?.to_vec(), m.cseq().ok()?.seq);
+            let ack_key = (m.call_id().ok()?.to_vec(), m.cseq().ok()?.seq, to_tag);
             if let Some((ack, dest)) = self.acks_sent.get(&ack_key).cloned() {
                 self.send_raw(&ack, dest).await;
             }

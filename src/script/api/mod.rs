@@ -27,6 +27,7 @@ use super::engine::{Env, LogSink};
 use super::kv::{KvError, KvValue};
 use crate::proxy::response_context::Target;
 use crate::proxy::router::{Decision, RouteInfo};
+use crate::proxy::Verdict;
 use crate::sip::{Message, Method, Uri};
 use crate::transport::Meta;
 
@@ -69,6 +70,13 @@ pub struct ScriptMsg {
     pub nated: bool,
     /// `res` in `on_reply`: where its branch's request was sent (`res:nat_detect()`).
     pub sent_to: Option<std::net::SocketAddr>,
+    /// `req` in `on_request`: the Route values the request had when the hook began (after
+    /// §16.4), unless they continue a route set this server issued (`loose_route()`): a route
+    /// the sender pre-loaded. The engine does not follow it unless the script calls
+    /// `req:follow_preloaded_route()` (`script::router`, `proxy::request::remove_preloaded_route`).
+    pub preloaded_route: Vec<Bytes>,
+    /// `req:follow_preloaded_route()` was called.
+    pub follows_preloaded_route: bool,
 }
 
 impl ScriptMsg {
@@ -87,6 +95,8 @@ impl ScriptMsg {
             auth: None,
             nated: false,
             sent_to: None,
+            preloaded_route: Vec::new(),
+            follows_preloaded_route: false,
         }
     }
 
@@ -453,30 +463,59 @@ fn add_edits<M: UserDataMethods<ScriptMsg>>(methods: &mut M) {
         m.require(&[Role::Request], "loose_route")?;
         Ok(loose_route(m))
     });
+    methods.add_method_mut("follow_preloaded_route", |_, m, ()| {
+        m.require(&[Role::Request], "follow_preloaded_route")?;
+        m.follows_preloaded_route = true;
+        Ok(!m.preloaded_route.is_empty())
+    });
 }
 
 /// `loose_route()`: true only when the request came with a Route set this proxy issued for
-/// its dialog (§16.4 removed our entry and it carried our signature, `proxy::route_sign`). A
-/// Route naming us without a valid signature was not written by us: the request is not routed
-/// by it (else anyone could relay anywhere with a To tag and `Route: <sip:us;lr>`). A Route set
-/// that does not start with us is not ours to follow either.
+/// its dialog: §16.4 removed our entry, and its signature (`proxy::route_sign`) matches this
+/// request's dialog, Request-URI host and port and remaining Route, and has not expired (an
+/// expired one still routes a BYE, so the dialog can end). A Route naming us without such a
+/// signature is not followed (else anyone could relay anywhere with a To tag and
+/// `Route: <sip:us;lr>`), and one `info` line says why. A Route set that does not start with us
+/// is not ours to follow either.
 fn loose_route(m: &ScriptMsg) -> bool {
     let info = m.info;
-    if info.own_route_signed {
-        return true;
+    let call_id = String::from_utf8_lossy(m.msg.call_id().unwrap_or_default());
+    match (info.signature, info.own_route_signed) {
+        (Verdict::Expired { ago_secs }, true) => info!(
+            %call_id, ago_secs,
+            "loose_route: Record-Route signature expired {ago_secs} s ago; the BYE is still routed so the dialog can end"
+        ),
+        (Verdict::Legacy { .. }, true) => info!(
+            %call_id,
+            "loose_route: Record-Route signature in the old format (no expiry, no target); the BYE is routed during the upgrade grace period"
+        ),
+        (_, true) => {}
+        (Verdict::Expired { ago_secs }, false) => info!(
+            %call_id, ago_secs,
+            "loose_route: Record-Route signature expired {ago_secs} s ago ([proxy] record_route_lifetime_secs): not loose-routed, only a BYE would be"
+        ),
+        (Verdict::Legacy { in_grace }, false) => info!(
+            %call_id, in_grace,
+            "loose_route: Record-Route signature in the old format (no expiry, no target): not loose-routed, only a BYE would be, and only within record_route_lifetime_secs of the server's start"
+        ),
+        (Verdict::Mismatch, false) => info!(
+            %call_id,
+            "loose_route: Route signature does not match this request's dialog, Request-URI host and port or remaining Route (forged, another dialog's, or its peer moved by a target refresh): not loose-routed"
+        ),
+        (Verdict::Unsigned, false) => info!(
+            %call_id,
+            "loose_route: Route names this server without a signature, not issued by us: not loose-routed"
+        ),
+        (Verdict::NotOurs | Verdict::Valid, false) => {
+            if info.had_route {
+                debug!(
+                    %call_id,
+                    "loose_route: the top Route does not name this proxy, not loose-routed"
+                );
+            }
+        }
     }
-    if info.consumed_own_route {
-        info!(
-            call_id = %String::from_utf8_lossy(m.msg.call_id().unwrap_or_default()),
-            "loose_route: Route not issued by us (no valid signature), not loose-routed"
-        );
-    } else if info.had_route {
-        debug!(
-            call_id = %String::from_utf8_lossy(m.msg.call_id().unwrap_or_default()),
-            "loose_route: the top Route does not name this proxy, not loose-routed"
-        );
-    }
-    false
+    info.own_route_signed
 }
 
 fn add_decisions<M: UserDataMethods<ScriptMsg>>(methods: &mut M) {
@@ -615,8 +654,14 @@ fn add_decisions<M: UserDataMethods<ScriptMsg>>(methods: &mut M) {
             "redirect",
         )
     });
-    methods.add_method_mut("drop", |_, m, ()| match m.role {
-        Role::Request => m.decide(Decision::Drop, "drop"),
+    methods.add_method_mut("drop", |_, m, reason: Option<String>| match m.role {
+        Role::Request => {
+            if let Some(reason) = &reason {
+                header_value(reason, "drop")?;
+            }
+            let reason = reason.map(Cow::Owned);
+            m.decide(Decision::Drop { reason }, "drop")
+        }
         Role::Response | Role::Branch => {
             m.dropped = true;
             Ok(())

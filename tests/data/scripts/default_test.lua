@@ -151,8 +151,12 @@ r = moonroute.run{
 assert(r.decision == "drop", r.decision)
 
 -- In-dialog requests with our signed Route (what our Record-Route said): relayed to the
--- Request-URI (loose routing). The dialog's caller tag is a1 (From, see message()).
-local sig = moonroute.route_signature("lua-test-BYE@127.0.0.1", "a1")
+-- Request-URI (loose routing). The signature binds the dialog (Call-ID, From tag a1 as in
+-- message(), To tag b1), the Request-URI's host and port and the Route after ours (none).
+local sig = moonroute.route_signature{
+  call_id = "lua-test-BYE@127.0.0.1", from_tag = "a1", to_tag = "b1",
+  ruri = "sip:bob@127.0.0.1:5080",
+}
 r = moonroute.run{
   script = DEFAULT,
   message = message("BYE", "sip:bob@127.0.0.1:5080", "sip:alice@127.0.0.1:5060", "b1", {
@@ -162,11 +166,18 @@ r = moonroute.run{
 assert(r.decision == "relay", r.decision)
 assert(r.targets[1] == "sip:bob@127.0.0.1:5080", r.targets[1])
 
--- A Route naming us that we did not sign (no signature, or another dialog's) is not ours to
--- follow: 404, nothing relayed (else anyone could relay anywhere with a To tag).
+-- A Route naming us that we did not sign (no signature, or another dialog's), or ours for
+-- another Request-URI host (the dialog's peer is not there), is not ours to follow: 404,
+-- nothing relayed (else anyone could relay anywhere with a To tag).
+local function signed_route(call_id, ruri)
+  return "Route: <sip:127.0.0.1:5060;lr;mrs=" .. moonroute.route_signature{
+    call_id = call_id, from_tag = "a1", to_tag = "t1", ruri = ruri,
+  } .. ">"
+end
 for _, route in ipairs{
   "Route: <sip:127.0.0.1:5060;lr>",
-  "Route: <sip:127.0.0.1:5060;lr;mrs=" .. moonroute.route_signature("other", "a1") .. ">",
+  signed_route("other", "sip:victim@127.0.0.6:5060"),
+  signed_route("lua-test-MESSAGE@127.0.0.1", "sip:x@127.0.0.4"),
 } do
   r = moonroute.run{
     script = DEFAULT,
@@ -174,6 +185,22 @@ for _, route in ipairs{
   }
   assert(r.decision == "reply" and r.code == 404, route .. ": " .. tostring(r.code))
 end
+-- An expired signature routes a BYE only (so the dialog can still end).
+local expired = "Route: <sip:127.0.0.1:5060;transport=udp;lr;mrs=" .. moonroute.route_signature{
+  call_id = "lua-test-BYE@127.0.0.1", from_tag = "a1", to_tag = "b1",
+  ruri = "sip:bob@127.0.0.1:5080", expires = os.time() - 60,
+} .. ">"
+r = moonroute.run{
+  script = DEFAULT,
+  message = message("BYE", "sip:bob@127.0.0.1:5080", "sip:alice@127.0.0.1:5060", "b1", {expired}),
+}
+assert(r.decision == "relay", r.decision)
+r = moonroute.run{
+  script = DEFAULT,
+  message = message("BYE", "sip:bob@127.0.0.1:5080", "sip:alice@127.0.0.1:5060", "b1", {expired})
+    :gsub("^BYE ", "INFO "):gsub("CSeq: 1 BYE", "CSeq: 1 INFO"),
+}
+assert(r.decision == "reply" and r.code == 404, tostring(r.code))
 
 -- Per-transaction variables and header edits (vars.lua).
 r = moonroute.run{
@@ -325,3 +352,38 @@ r = moonroute.run{
 assert(r.error == nil, r.error)
 assert(r.decision == "relay" and #r.targets == 2, r.decision)
 assert(contains(r.headers_removed, authorization), "the credentials are consumed")
+
+-- A stranger's pre-loaded Route is removed before routing (issue 17): the MESSAGE goes to bob's
+-- contacts, not to the host the stranger named (loose, strict, a TCP port, behind an unsigned
+-- Route naming us), and default.lua says so in the log.
+for _, route in ipairs{
+  "<sip:127.0.0.9;lr>",
+  "<sip:127.0.0.9>",
+  "<sip:127.0.0.9:3306;transport=tcp;lr>",
+  "<sip:127.0.0.1:5060;lr>, <sip:127.0.0.9;lr>",
+} do
+  r = moonroute.run{
+    script = DEFAULT,
+    location = LOCATION,
+    source = "udp:192.0.2.66:5070",
+    message = message("MESSAGE", "sip:bob@127.0.0.1:5060", "sip:eve@example.net", nil,
+      {"Route: " .. route}),
+  }
+  assert(r.error == nil, r.error)
+  assert(r.decision == "relay" and #r.targets == 2, route .. ": " .. r.decision)
+  local left = route:gsub("^<sip:127%.0%.0%.1:5060;lr>, ", "")
+  assert(contains(r.headers_removed, "Route: " .. left), route .. ": Route removed")
+  assert(r.logs[1]:find("pre-loaded Route removed, not followed: " .. left, 1, true), r.logs[1])
+end
+
+-- Well-known scanners get no answer, whatever they ask (the reason goes to the log line).
+for _, agent in ipairs{"friendly-scanner", "SIPVicious/0.3.4", "sipcli/v1.8", "VaxSIPUserAgent/3.1"} do
+  r = moonroute.run{
+    script = DEFAULT,
+    location = LOCATION,
+    message = message("INVITE", "sip:bob@127.0.0.1:5060", "sip:eve@example.net", nil,
+      {"User-Agent: " .. agent}),
+  }
+  assert(r.decision == "drop", agent .. ": " .. r.decision)
+  assert(r.reason:find("^scanner user agent "), r.reason)
+end
