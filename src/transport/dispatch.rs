@@ -45,7 +45,7 @@ pub(crate) struct UdpEndpoint {
 
 /// Hand-overs a loop holds before sending them without waiting for its task to yield: bounds
 /// the delay a long burst adds to the first of them (and what is held), while one wake-up of
-/// the receiving loop still serves many.
+/// the owning loop still serves many.
 const HAND_OVER_BATCH: usize = 32;
 
 /// The state shared by the transport tasks of one event loop. See the module docs.
@@ -161,8 +161,8 @@ impl LoopContext {
     /// Passes `input` to loop `worker`. Not at once: waking another loop's thread costs a
     /// system call and a context switch, so what a burst of received messages hands over goes
     /// in one go when the task that received them yields (its socket is drained, or its tokio
-    /// budget spent), or once [`HAND_OVER_BATCH`] are waiting. The receiving loop is woken
-    /// once per batch, not once per message. Order is kept.
+    /// budget spent), or once [`HAND_OVER_BATCH`] are waiting. The owning loop is woken once
+    /// per batch (at most), not once per message. Order is kept.
     fn hand_over(&self, worker: usize, input: Input) {
         let waiting = {
             let mut waiting = self.hand_overs_waiting.borrow_mut();
