@@ -92,6 +92,19 @@ print_call_stats() {
   echo
 }
 
+# print_hand_overs BIN CTL CALLS: messages one event loop handed to another (the loop owning
+# their dialog or client transaction), in all and per call, from `moonroute ctl stats`; nothing
+# for a build without the counter (before issue 16) or with one loop.
+print_hand_overs() {
+  local bin=$1 ctl=$2 calls=$3 stats handed dropped
+  stats=$("$bin" ctl --socket "$ctl" stats moonroute_hand_overs 2>/dev/null) || return 0
+  handed=$(awk '$1 == "moonroute_hand_overs_total" { print $2 }' <<<"$stats")
+  dropped=$(awk '$1 == "moonroute_hand_overs_dropped_total" { print $2 }' <<<"$stats")
+  [ -n "$handed" ] || return 0
+  printf 'hand-overs between event loops: %s (%.2f per call), dropped: %s\n' "$handed" \
+    "$(if [ "$calls" -gt 0 ]; then echo "$handed / $calls" | bc -l; else echo 0; fi)" "${dropped:-0}"
+}
+
 # --- registrar and location benches (register.sh, location_scale.sh) ---
 
 # moonroute_bin: the binary to run. MOONROUTE=path uses that one as is; otherwise builds the

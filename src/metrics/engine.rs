@@ -374,6 +374,8 @@ pub struct TransportMetrics {
     refused: [[Counter; 5]; 3],
     /// By transport, then [`StreamTimeout::index`].
     timed_out: [[Counter; 3]; 3],
+    hand_overs: Counter,
+    hand_overs_dropped: Counter,
 }
 
 impl TransportMetrics {
@@ -413,6 +415,16 @@ impl TransportMetrics {
 
     pub fn timed_out_count(&self, kind: TransportKind, reason: StreamTimeout) -> u64 {
         self.timed_out[transport_index(kind)][reason.index()].get()
+    }
+
+    /// A received message passed to the event loop that owns its transaction or dialog.
+    pub fn handed_over(&self) {
+        self.hand_overs.inc();
+    }
+
+    /// A hand-over dropped: the owning loop's queue was full.
+    pub fn hand_over_dropped(&self) {
+        self.hand_overs_dropped.inc();
     }
 }
 
@@ -673,6 +685,14 @@ fn register_transport(registry: &Registry) -> TransportMetrics {
         opened_outbound: streams_only(&opened, "outbound"),
         refused,
         timed_out,
+        hand_overs: registry.counter(
+            "moonroute_hand_overs_total",
+            "Received messages passed to the event loop that owns their dialog (requests, by Call-ID) or client transaction (responses, by branch).",
+        ),
+        hand_overs_dropped: registry.counter(
+            "moonroute_hand_overs_dropped_total",
+            "Hand-overs dropped because the owning event loop's queue was full (a loop falling behind).",
+        ),
     }
 }
 
@@ -767,6 +787,8 @@ mod tests {
             "moonroute_connections_opened_total",
             "moonroute_connections_refused_total",
             "moonroute_connections_timed_out_total",
+            "moonroute_hand_overs_total",
+            "moonroute_hand_overs_dropped_total",
             "moonroute_dns_lookups_total",
             "moonroute_dns_failures_total",
             "moonroute_overload_rejections_total",

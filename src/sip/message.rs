@@ -894,7 +894,7 @@ fn refuse_bare_cr(line: &[u8]) -> Result<()> {
 
 /// Finds the line starting at `pos`: returns (end of its content, start of the next line).
 /// Accepts CRLF and, for robustness, a bare LF.
-fn line_at(b: &[u8], pos: usize) -> Option<(usize, usize)> {
+pub(super) fn line_at(b: &[u8], pos: usize) -> Option<(usize, usize)> {
     let nl = pos + memchr(b'\n', &b[pos..])?;
     let end = if nl > pos && b[nl - 1] == b'\r' {
         nl - 1
