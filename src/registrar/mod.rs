@@ -12,9 +12,10 @@
 //!    script's decision, before it calls `save()`;
 //! 2. `Require` is checked by the server core (420) before the script runs;
 //! 3. and 4. authentication and authorization (401, 403): the script's;
-//! 5. the AOR is taken from To and normalized ([`aor_of`]); a To that does not parse is a
-//!    400, a To that is not a `sip:`/`sips:` URI a 404 (it cannot be an AOR here). Whether the
-//!    AOR belongs to the Request-URI's domain is again the script's policy;
+//! 5. the AOR is taken from To and normalized ([`aor_of`]; the port of our own domains is
+//!    dropped, [`AorRule`]); a To that does not parse is a 400, a To that is not a
+//!    `sip:`/`sips:` URI a 404 (it cannot be an AOR here). Whether the AOR belongs to the
+//!    Request-URI's domain is again the script's policy;
 //! 6. `Contact: *` (with `Expires: 0` and nothing else, else 400) removes every binding,
 //!    subject to the Call-ID/CSeq rule of step 7;
 //! 7. each contact is added, refreshed or removed ([`process`] documents the details);
