@@ -243,6 +243,42 @@ async fn basic_call_over_a_static_route() {
     .await;
 }
 
+/// The built-in router's static route is where initial requests go, whatever Route their
+/// sender pre-loaded: a MESSAGE with `Route: <sip:127.0.0.9:PORT;lr>` (127.0.0.9 standing in
+/// for a foreign host) reaches the static route without that Route, and nothing reaches the
+/// foreign host (RFC 3261 §16.6 step 7 would have sent it there).
+#[tokio::test]
+async fn a_static_route_ignores_a_preloaded_route() {
+    let foreign = tokio::net::UdpSocket::bind("127.0.0.9:0").await.unwrap();
+    let foreign_port = foreign.local_addr().unwrap().port();
+    let mut bob = TestUa::udp("bob").await;
+    let mut config = config();
+    config.proxy.static_route = bob.uri();
+    let server = start(&config);
+    let proxy = udp_addr(&server);
+    let mut stranger = TestUa::udp("stranger").await.via_proxy(proxy);
+    stranger
+        .request("MESSAGE", &format!("sip:bob@{proxy}"))
+        .body("text/plain", "hello")
+        .header("Route", &format!("<sip:127.0.0.9:{foreign_port};lr>"))
+        .await;
+    let incoming = bob.expect_request("MESSAGE").await;
+    assert!(
+        incoming.headers_named("Route").next().is_none(),
+        "the pre-loaded Route is not passed on\n{}",
+        show(&incoming)
+    );
+    bob.respond(&incoming, 200, "OK").await;
+    stranger.expect_final(200).await;
+    let mut buf = [0u8; 2048];
+    let reached = tokio::time::timeout(
+        std::time::Duration::from_millis(300),
+        foreign.recv_from(&mut buf),
+    )
+    .await;
+    assert!(reached.is_err(), "the foreign host was reached");
+}
+
 #[tokio::test]
 async fn basic_call_from_tcp_to_udp() {
     let server = start(&relay_config());
