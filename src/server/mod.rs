@@ -20,6 +20,7 @@
 //! [`WorkerFactory`]: crate::transport::WorkerFactory
 
 pub mod core;
+pub mod identity;
 mod workers;
 
 pub use workers::{Server, ServerHandle};
