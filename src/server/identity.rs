@@ -134,16 +134,20 @@ impl LocalIdentity {
     }
 
     /// The listener a message on `local` belongs to: the one bound there, else the wildcard
-    /// listener of that family and port (a stream connection it accepted, or opened from it).
+    /// listener of that family and port (a stream connection it accepted), else for a stream a
+    /// listener of that family on its IP or the wildcard (a connection this server opened,
+    /// from an ephemeral port: the peer reaches us at the listener, not there).
     fn listener_of(&self, kind: TransportKind, local: SocketAddr) -> Option<&ListenAddr> {
-        let same_kind = || self.listeners.iter().filter(move |l| l.kind == kind);
-        same_kind().find(|l| l.addr == local).or_else(|| {
-            same_kind().find(|l| {
-                l.addr.ip().is_unspecified()
-                    && l.addr.is_ipv4() == local.is_ipv4()
-                    && l.addr.port() == local.port()
-            })
-        })
+        let same_kind = || {
+            self.listeners
+                .iter()
+                .filter(move |l| l.kind == kind && l.addr.is_ipv4() == local.is_ipv4())
+        };
+        let covers = |l: &&ListenAddr| l.addr.ip() == local.ip() || l.addr.ip().is_unspecified();
+        same_kind()
+            .find(|l| l.addr == local)
+            .or_else(|| same_kind().find(|l| covers(l) && l.addr.port() == local.port()))
+            .or_else(|| same_kind().find(|l| kind.is_stream() && covers(l)))
     }
 }
 
@@ -351,7 +355,13 @@ mod tests {
             sent_by(&id, tcp, "[2001:db8::1]:5060"),
             "[2001:db8::1]:5060"
         );
-        assert_eq!(sent_by(&id, tcp, "127.0.0.1:40000"), "127.0.0.1:40000");
+        // A connection this server opened (from an ephemeral port): its listener's address.
+        assert_eq!(sent_by(&id, tcp, "192.0.2.1:40000"), "sip.example.com:5070");
+        assert_eq!(
+            sent_by(&id, tcp, "[2001:db8::1]:40000"),
+            "[2001:db8::1]:40000"
+        );
+        assert_eq!(sent_by(&id, udp, "192.0.2.1:40000"), "192.0.2.1:40000");
         // Not knowing the socket: the first listener of the transport and family.
         let v4_peer = "192.0.2.99:5060".parse().unwrap();
         assert_eq!(
