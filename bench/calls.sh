@@ -11,7 +11,9 @@
 # Bounded: CALLS calls, and SIPp gives up after $TIMEOUT (default 120s).
 # Environment: MOONROUTE (the binary; default: cargo build --release), HOLD_MS (pause between ACK and BYE, default 0), RURI (INVITE Request-URI, default
 # sip:uas@127.0.0.1:$PORT), TIMEOUT, PORT, UAS_PORT, UAC_PORT, LOG_LEVEL (the server's --log-level,
-# default warn; info is what a default deployment logs).
+# default warn; info is what a default deployment logs), CONFIG (a configuration file for settings
+# without a flag, e.g. [limits]; the flags above override it), WORKERS (event loops, default 1)
+# and SERVER_CPUS (the server's taskset CPU list, default 0).
 # ROUTER=script routes with a Lua script (bench/relay.lua: record_route + t_relay to the UAS,
 # loose_route for in-dialog requests) instead of the built-in --static-route router, to measure
 # what the script engine costs per call.
@@ -33,14 +35,15 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 start_uas "$uas_port" "$calls" "$timeout" "$work"
-# WORKERS=2 (with SERVER_CPUS=0,1) checks the hand-over of responses between event loops.
+# WORKERS=2 (with SERVER_CPUS=0,1) runs two event loops: requests go to their Call-ID's loop and
+# responses to their client transaction's, handed over when the kernel delivers them elsewhere.
 if [ "${ROUTER:-builtin}" = script ]; then
   sed "s/@UAS_PORT@/$uas_port/" bench/relay.lua >"$work/relay.lua"
   routing=(--script "$work/relay.lua")
 else
   routing=(--static-route "sip:127.0.0.1:$uas_port")
 fi
-taskset -c "${SERVER_CPUS:-0}" "$bin" run --listen "udp:127.0.0.1:$port" --workers "${WORKERS:-1}" \
+taskset -c "${SERVER_CPUS:-0}" "$bin" run ${CONFIG:+--config "$CONFIG"} --listen "udp:127.0.0.1:$port" --workers "${WORKERS:-1}" \
   "${routing[@]}" --control-socket "$work/ctl" --log-level "${LOG_LEVEL:-warn}" 2>"$work/moonroute.log" &
 server=$!
 if ! wait_udp_port "$port" || ! kill -0 "$server" 2>/dev/null; then
@@ -58,6 +61,7 @@ cpu_after=$(cpu_ticks "$server")
 stop_pid "$UAS_PID"; UAS_PID=
 
 print_call_stats "$work"
+print_hand_overs "$bin" "$work/ctl" "$OK"
 wall=$(echo "$end - $start" | bc -l)
 cpu_s=$(echo "($cpu_after - $cpu_before) / $ticks" | bc -l)
 printf 'wall: %.2f s  offered: %s calls/s  achieved: %.1f calls/s\n' \

@@ -30,6 +30,8 @@
 # Then a summary with the ratios. Bounded: CALLS calls per run, SIPp gives up after $TIMEOUT.
 # Environment: MODES, PORT (15060), UAS_PORT (15080), UAC_PORT (15070), TIMEOUT (120s),
 # HOLD_MS (0), MAX_CALLS (SIPp -l, 5000), MOONROUTE=path (else cargo build --release),
+# WORKERS (event loops, default 1) and SERVER_CPUS (the server's taskset CPU list, default 0;
+# WORKERS=2 SERVER_CPUS=0,1 is the default deployment's two loops, unpinned),
 # KEEP=1 (keep the work directory), PERF=1 (perf record of the server's stacks during each run, at
 # PERF_FREQ Hz, default 999, stacks by PERF_CALLGRAPH, default dwarf: the release build has no
 # frame pointers; implies keeping the work directory).
@@ -66,7 +68,7 @@ listen = ["udp:127.0.0.1:$port"]
 script = "$2"
 data_dir = "$1/data"
 log_level = "warn"
-workers = 1
+workers = ${WORKERS:-1}
 
 [lua]
 watch = false
@@ -80,9 +82,9 @@ algorithms = ["MD5"]
 TOML
 }
 
-# start_server DIR: moonroute on CPU 0 with DIR/moonroute.toml; sets server.
+# start_server DIR: moonroute on $SERVER_CPUS (CPU 0) with DIR/moonroute.toml; sets server.
 start_server() {
-  taskset -c 0 "$bin" run --config "$1/moonroute.toml" 2>"$1/moonroute.log" &
+  taskset -c "${SERVER_CPUS:-0}" "$bin" run --config "$1/moonroute.toml" 2>"$1/moonroute.log" &
   server=$!
   if ! wait_udp_port "$port" || ! kill -0 "$server" 2>/dev/null; then
     echo "moonroute did not start on udp:127.0.0.1:$port:" >&2
@@ -168,6 +170,7 @@ run_mode() {
     "$cpu_s" "$per_call" "$(if [ "$(echo "$per_call > 0" | bc)" = 1 ]; then echo "1000 / $per_call" | bc -l; else echo 0; fi)"
   printf 'server run-queue wait: %s ms; %s\n' "$((wait_after - wait_before))" \
     "$(cpu_busy_pct "$snap_before" "$snap_after")"
+  print_hand_overs "$bin" "$dir/ctl" "$OK"
   local warnings
   warnings=$(grep -c . "$dir/moonroute.log" || true)
   [ "$warnings" = 0 ] || echo "server log: $warnings lines (warn and above), in $dir/moonroute.log"

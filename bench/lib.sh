@@ -92,6 +92,19 @@ print_call_stats() {
   echo
 }
 
+# print_hand_overs BIN CTL CALLS: messages one event loop handed to another (the loop owning
+# their dialog or client transaction), in all and per call, from `moonroute ctl stats`; nothing
+# for a build without the counter (before issue 16) or with one loop.
+print_hand_overs() {
+  local bin=$1 ctl=$2 calls=$3 stats handed dropped
+  stats=$("$bin" ctl --socket "$ctl" stats moonroute_hand_overs 2>/dev/null) || return 0
+  handed=$(awk '$1 == "moonroute_hand_overs_total" { print $2 }' <<<"$stats")
+  dropped=$(awk '$1 == "moonroute_hand_overs_dropped_total" { print $2 }' <<<"$stats")
+  [ -n "$handed" ] || return 0
+  printf 'hand-overs between event loops: %s (%.2f per call), dropped: %s\n' "$handed" \
+    "$(if [ "$calls" -gt 0 ]; then echo "$handed / $calls" | bc -l; else echo 0; fi)" "${dropped:-0}"
+}
+
 # --- registrar and location benches (register.sh, location_scale.sh) ---
 
 # moonroute_bin: the binary to run. MOONROUTE=path uses that one as is; otherwise builds the
@@ -194,14 +207,17 @@ thread_times_diff() {
 
 # write_location_config FILE: a moonroute config for the registrar benches, from the variables
 # PORT, DATA_DIR, CTL, STORE (sled|memory), WORKERS, LOG_LEVEL, MAX_BINDINGS, CACHE_MB, and
-# MAX_TRANSACTIONS when set (limits.max_transactions; the server's default otherwise).
+# TRANSACTION_MEMORY_MB when set (limits.transaction_memory_mb; the server's default otherwise),
+# and MAX_TRANSACTIONS when set (limits.max_transactions, deprecated: the server warns).
 # default.lua (bench_default_script: 127.0.0.1 trusted) registers AORs of the listen address;
 # no script watcher.
 write_location_config() {
-  if [ -n "${MAX_TRANSACTIONS:-}" ]; then
-    printf '[limits]\nmax_transactions = %s\n\n' "$MAX_TRANSACTIONS" >"$1.limits"
-  else
-    : >"$1.limits"
+  : >"$1.limits"
+  if [ -n "${TRANSACTION_MEMORY_MB:-}${MAX_TRANSACTIONS:-}" ]; then
+    echo '[limits]' >>"$1.limits"
+    [ -z "${TRANSACTION_MEMORY_MB:-}" ] || echo "transaction_memory_mb = $TRANSACTION_MEMORY_MB" >>"$1.limits"
+    [ -z "${MAX_TRANSACTIONS:-}" ] || echo "max_transactions = $MAX_TRANSACTIONS" >>"$1.limits"
+    echo >>"$1.limits"
   fi
   local script
   if [ -z "${AUTH:-}" ]; then

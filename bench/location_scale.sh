@@ -21,7 +21,7 @@
 # after 120 s.
 #
 # Environment: RATE (default 5000; lower it if REGISTERs fail), MAX_CALLS (SIPp -l, default
-# 5000), MAX_TRANSACTIONS (limits.max_transactions; default: the server's), TIMEOUT (SIPp -timeout, default 3 x N/RATE +
+# 5000), TRANSACTION_MEMORY_MB (limits.transaction_memory_mb), MAX_TRANSACTIONS (limits.max_transactions, deprecated; default: the server's), TIMEOUT (SIPp -timeout, default 3 x N/RATE +
 # 30 s), SETTLE, STORE (default sled; memory measures the in-memory store alone and skips the
 # restart), WORKERS (default 1), CACHE_MB (default 16), PORT (default 15160), SIPP_PORT
 # (default 15170), MOONROUTE (binary; default: build and run target/release/moonroute),

@@ -29,7 +29,7 @@
 # SERVER_CPUS (taskset list for the server, default 0), USERS (refresh mode, see above),
 # MAX_CALLS (SIPp -l, default 5000), TIMEOUT (SIPp -timeout, default 3 x COUNT/RATE + 30 s),
 # CACHE_MB (sled page cache, default 16), MAX_BINDINGS (default 1000000 or 2 x COUNT),
-# MAX_TRANSACTIONS (limits.max_transactions; default: the server's. A REGISTER's transaction
+# TRANSACTION_MEMORY_MB (limits.transaction_memory_mb), MAX_TRANSACTIONS (limits.max_transactions, deprecated; default: the server's. A REGISTER's transaction
 # ends with its answer, so registrations alone do not approach it),
 # PORT (default 15160), SIPP_PORT (default 15170), MOONROUTE (binary to run; default: build and
 # run target/release/moonroute), KEEP=1 keeps the temporary directory.

@@ -71,8 +71,10 @@ function on_request(req)
     return req:drop("scanner user agent " .. scanner)
   end
 
-  -- Stricter than the engine's own checks (Kamailio's sanity_check): one SIP Contact in an
-  -- INVITE, a sip/sips/tel Request-URI, Content-Length matching the body, Expires a number...
+  -- Kamailio's sanity_check() defaults, on top of the engine's own checks: a sip/sips/tel
+  -- Request-URI, Content-Length matching the body, Expires a number, CSeq under 2^31... An
+  -- RFC 2543 phone's INVITE (no Contact, no branch cookie) passes, as RFC 4475 §3.4.1 asks;
+  -- req:sanity{invite_contact = true, via_branch = true} refuses it.
   local ok, why, code = req:sanity()
   if not ok then
     if req:is_method("ACK") then

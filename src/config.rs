@@ -633,9 +633,19 @@ pub struct Limits {
     /// Messages queued for sending per connection; a peer that does not read and lets the
     /// queue fill is disconnected. Default: 256.
     pub tcp_send_queue: usize,
-    /// Live SIP transactions per event loop; beyond it new requests are answered 503 with
-    /// Retry-After instead of exhausting memory (about 2.2 KB each). Default: 100000.
-    pub max_transactions: usize,
+    /// Memory, in MiB, that the live SIP transactions of all event loops, with the proxy
+    /// state of the requests they carry, may hold together (charged per transaction from what
+    /// it keeps; `moonroute_transactions_memory_bytes` shows the figure). Beyond it new
+    /// requests are answered 503 with Retry-After instead of exhausting memory. A completed
+    /// call relayed by `scripts/default.lua` keeps about 6 KB for the 32 s of its transactions'
+    /// wait states (RFC 3261 §17 Timers J, K; RFC 6026 Timers L, M; see bench/README.md), so
+    /// the default holds some 2,500 calls/s. Default: 512.
+    pub transaction_memory_mb: usize,
+    /// Deprecated, use `transaction_memory_mb`: live SIP transactions per event loop, beyond
+    /// which new requests are answered 503 with Retry-After. Unset by default; when set it
+    /// applies besides the memory budget, and the server warns at start.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_transactions: Option<usize>,
     /// Requests one event loop may hold waiting for something outside the loop: answers
     /// waiting for their registration to reach the disk, and requests whose script waits for
     /// DNS (`sip.resolve`). Beyond it new requests are answered 503 with Retry-After before
@@ -716,7 +726,8 @@ impl Default for Limits {
             tcp_idle_timeout_secs: 300,
             tcp_connect_timeout_secs: 5,
             tcp_send_queue: 256,
-            max_transactions: 100_000,
+            transaction_memory_mb: 512,
+            max_transactions: None,
             max_backlog: 2000,
             max_receive_lag_ms: 500,
             max_inbound_connections: None,
@@ -729,6 +740,26 @@ impl Default for Limits {
 }
 
 impl Limits {
+    /// `transaction_memory_mb` in bytes.
+    pub fn transaction_memory(&self) -> usize {
+        self.transaction_memory_mb.saturating_mul(1 << 20)
+    }
+
+    /// What an operator should change in `[limits]`, one line per deprecated key set.
+    pub fn deprecations(&self) -> Vec<String> {
+        self.max_transactions
+            .map(|n| {
+                format!(
+                    "limits.max_transactions ({n}) is deprecated and will go: transactions are \
+                     bounded by limits.transaction_memory_mb ({} MiB) now; it still caps each \
+                     event loop at {n} live transactions until removed from the configuration",
+                    self.transaction_memory_mb
+                )
+            })
+            .into_iter()
+            .collect()
+    }
+
     /// `max_receive_lag_ms` as a duration; `None` when it is 0 (off).
     pub fn max_receive_lag(&self) -> Option<std::time::Duration> {
         (self.max_receive_lag_ms > 0)
@@ -984,7 +1015,14 @@ impl Limits {
                 self.tcp_connect_timeout_secs,
             ),
             ("limits.tcp_send_queue", self.tcp_send_queue as u64),
-            ("limits.max_transactions", self.max_transactions as u64),
+            (
+                "limits.transaction_memory_mb",
+                self.transaction_memory_mb as u64,
+            ),
+            (
+                "limits.max_transactions",
+                self.max_transactions.map_or(1, |n| n as u64),
+            ),
             ("limits.max_backlog", self.max_backlog as u64),
             ("limits.tcp_header_timeout_ms", self.tcp_header_timeout_ms),
             // Absent: derived, and never 0.
@@ -1147,6 +1185,7 @@ mod tests {
                 tcp_idle_timeout_secs: 60,
                 tcp_connect_timeout_secs: 2,
                 tcp_send_queue: 16,
+                transaction_memory_mb: Limits::default().transaction_memory_mb,
                 max_transactions: Limits::default().max_transactions,
                 max_backlog: 50,
                 max_receive_lag_ms: 0,
@@ -1181,6 +1220,35 @@ mod tests {
             ..Limits::default()
         };
         assert_eq!(set.connections_per_ip(), 500);
+    }
+
+    #[test]
+    fn transaction_memory_replaces_max_transactions_which_still_works_with_a_warning() {
+        let config = Config::parse("").unwrap();
+        assert_eq!(config.limits.transaction_memory_mb, 512);
+        assert_eq!(config.limits.transaction_memory(), 512 << 20);
+        assert_eq!(config.limits.max_transactions, None);
+        assert!(config.limits.deprecations().is_empty());
+
+        let config =
+            Config::parse("[limits]\ntransaction_memory_mb = 64\nmax_transactions = 5000\n")
+                .unwrap();
+        assert_eq!(config.limits.transaction_memory(), 64 << 20);
+        assert_eq!(config.limits.max_transactions, Some(5000));
+        let warnings = config.limits.deprecations();
+        assert_eq!(warnings.len(), 1);
+        assert!(
+            warnings[0].contains("limits.max_transactions (5000) is deprecated")
+                && warnings[0].contains("limits.transaction_memory_mb (64 MiB)"),
+            "{warnings:?}"
+        );
+        for zero in ["transaction_memory_mb = 0", "max_transactions = 0"] {
+            let error = Config::parse(&format!("[limits]\n{zero}\n"))
+                .and_then(|c| c.validate().map(|_| c))
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains("must be at least 1"), "{zero}: {error}");
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod file_modes;
 pub mod flood;
 pub mod location;
 pub mod logging;
+pub mod memory;
 pub mod metrics;
 pub mod nat;
 pub mod proxy;

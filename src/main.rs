@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
-use tracing::info;
+use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
 use std::time::{Duration, SystemTime};
@@ -237,6 +237,9 @@ fn run(args: RunArgs) -> Result<(), Box<dyn Error>> {
     init_logging(&config.log_level, config.log_format)?;
     // What an operator set up and others can read (what moonroute creates is private anyway).
     moonroute::file_modes::warn_at_start(&config, config_file.as_deref());
+    for deprecated in config.limits.deprecations() {
+        warn!("{deprecated}");
+    }
 
     let host = ScriptHost::from_config(&config)?;
     // Record-Route signatures survive restarts: the key is `[auth] secret` or

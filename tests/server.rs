@@ -2,7 +2,10 @@
 //! ephemeral ports, driven over real UDP and TCP sockets. Nothing here sleeps: every wait is for
 //! a datagram or a stream event, bounded by a timeout. To prove that a message got no answer,
 //! the test sends an OPTIONS probe from the same socket right after it and checks that the
-//! first answer to arrive is the probe's (one socket's flow is handled in order by one loop).
+//! first answer to arrive is the probe's. That needs a server with one event loop
+//! ([`start_one_loop`]), which handles one socket's datagrams in order: with several, a request
+//! goes to the loop of its Call-ID (`tests/affinity.rs`) while an OPTIONS for the server is
+//! answered by the loop that received it, so the probe's answer may overtake.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -22,13 +25,23 @@ use moonroute::transport::{ListenAddr, TransportKind};
 
 const WAIT: Duration = Duration::from_secs(5);
 
+/// The server with two event loops.
 fn start() -> ServerHandle {
+    start_with_loops(2)
+}
+
+/// The server with one event loop, for the tests that probe (see the module docs).
+fn start_one_loop() -> ServerHandle {
+    start_with_loops(1)
+}
+
+fn start_with_loops(loops: usize) -> ServerHandle {
     let mut config = Config {
         listen: vec![
             "udp:127.0.0.1:0".parse::<ListenAddr>().unwrap(),
             "tcp:127.0.0.1:0".parse::<ListenAddr>().unwrap(),
         ],
-        workers: 2,
+        workers: loops,
         ..Config::default()
     };
     config.limits.max_message_size = 4096;
@@ -281,7 +294,7 @@ async fn requests_the_core_cannot_serve_get_clear_errors() {
 
 #[tokio::test]
 async fn ack_and_responses_are_never_answered() {
-    let server = start();
+    let server = start_one_loop();
     let mut udp = Udp::new(&server).await;
     let ack = udp.request("ACK", "sip:bob@example.com", "");
     assert_eq!(
@@ -298,7 +311,7 @@ async fn ack_and_responses_are_never_answered() {
 
 #[tokio::test]
 async fn malformed_datagrams_get_400_with_a_reason_or_are_dropped() {
-    let server = start();
+    let server = start_one_loop();
     let mut udp = Udp::new(&server).await;
     let good = udp.request("OPTIONS", "sip:x@example.com", "");
     let bad_cseq = good.replace("CSeq: 1 OPTIONS", "CSeq: 1 INVITE");
@@ -401,7 +414,7 @@ fn expected_answer(file: &str) -> Option<u16> {
 /// ours; the server answers the source address, so nothing leaves this machine).
 #[tokio::test]
 async fn rfc4475_messages_over_udp() {
-    let server = start();
+    let server = start_one_loop();
     let mut udp = Udp::new(&server).await;
     let mut files: Vec<_> = std::fs::read_dir(rfc4475_dir())
         .unwrap()

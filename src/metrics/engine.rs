@@ -114,7 +114,9 @@ impl TransactionKind {
 /// limit that was reached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OverloadReason {
-    /// `limits.max_transactions`.
+    /// `limits.transaction_memory_mb`.
+    TransactionMemory,
+    /// `limits.max_transactions` (deprecated).
     MaxTransactions,
     /// `limits.max_backlog`.
     MaxBacklog,
@@ -123,7 +125,8 @@ pub enum OverloadReason {
 }
 
 impl OverloadReason {
-    const ALL: [OverloadReason; 3] = [
+    const ALL: [OverloadReason; 4] = [
+        OverloadReason::TransactionMemory,
         OverloadReason::MaxTransactions,
         OverloadReason::MaxBacklog,
         OverloadReason::MaxReceiveLag,
@@ -131,6 +134,7 @@ impl OverloadReason {
 
     fn label(self) -> &'static str {
         match self {
+            OverloadReason::TransactionMemory => "transaction_memory_mb",
             OverloadReason::MaxTransactions => "max_transactions",
             OverloadReason::MaxBacklog => "max_backlog",
             OverloadReason::MaxReceiveLag => "max_receive_lag_ms",
@@ -298,7 +302,10 @@ pub struct TransactionMetrics {
     /// Live transactions of every loop (each layer adds what it creates and subtracts what
     /// it frees).
     live: Arc<AtomicI64>,
-    overload: [Counter; 3],
+    /// Bytes the live transactions of every loop are charged against
+    /// `limits.transaction_memory_mb` (see `transaction::layer`).
+    memory: Arc<AtomicI64>,
+    overload: [Counter; 4],
 }
 
 impl TransactionMetrics {
@@ -311,6 +318,22 @@ impl TransactionMetrics {
     pub fn ended(&self, count: usize) {
         self.live
             .fetch_sub(i64::try_from(count).unwrap_or(i64::MAX), Ordering::Relaxed);
+    }
+
+    /// A transaction's charge changed from `before` to `now` bytes.
+    pub fn charge_memory(&self, before: usize, now: usize) {
+        let delta = i64::try_from(now).unwrap_or(i64::MAX) - i64::try_from(before).unwrap_or(0);
+        self.memory.fetch_add(delta, Ordering::Relaxed);
+    }
+
+    /// Transactions charged `bytes` in all were freed.
+    pub fn release_memory(&self, bytes: usize) {
+        self.charge_memory(bytes, 0);
+    }
+
+    /// Bytes charged to the live transactions of every loop.
+    pub fn memory_bytes(&self) -> u64 {
+        u64::try_from(self.memory.load(Ordering::Relaxed)).unwrap_or(0)
     }
 
     pub fn timed_out(&self, kind: TransactionKind) {
@@ -351,6 +374,8 @@ pub struct TransportMetrics {
     refused: [[Counter; 5]; 3],
     /// By transport, then [`StreamTimeout::index`].
     timed_out: [[Counter; 3]; 3],
+    hand_overs: Counter,
+    hand_overs_dropped: Counter,
 }
 
 impl TransportMetrics {
@@ -390,6 +415,16 @@ impl TransportMetrics {
 
     pub fn timed_out_count(&self, kind: TransportKind, reason: StreamTimeout) -> u64 {
         self.timed_out[transport_index(kind)][reason.index()].get()
+    }
+
+    /// A received message passed to the event loop that owns its transaction or dialog.
+    pub fn handed_over(&self) {
+        self.hand_overs.inc();
+    }
+
+    /// A hand-over dropped: the owning loop's queue was full.
+    pub fn hand_over_dropped(&self) {
+        self.hand_overs_dropped.inc();
     }
 }
 
@@ -569,6 +604,7 @@ fn register_transactions(registry: &Registry) -> TransactionMetrics {
         retransmissions_received: retransmissions.with(&["received"]),
         retransmissions_sent: retransmissions.with(&["sent"]),
         live: Arc::default(),
+        memory: Arc::default(),
         overload: OverloadReason::ALL.map(|reason| overload.with(&[reason.label()])),
     };
     let live = Arc::clone(&metrics.live);
@@ -576,6 +612,12 @@ fn register_transactions(registry: &Registry) -> TransactionMetrics {
         "moonroute_transactions_live",
         "Live SIP transactions, client and server, over all event loops.",
         move || live.load(Ordering::Relaxed).max(0) as f64,
+    );
+    let memory = Arc::clone(&metrics.memory);
+    registry.gauge_fn(
+        "moonroute_transactions_memory_bytes",
+        "Bytes held by the live transactions of all event loops, as charged against limits.transaction_memory_mb (new requests get 503 beyond it).",
+        move || memory.load(Ordering::Relaxed).max(0) as f64,
     );
     metrics
 }
@@ -643,6 +685,14 @@ fn register_transport(registry: &Registry) -> TransportMetrics {
         opened_outbound: streams_only(&opened, "outbound"),
         refused,
         timed_out,
+        hand_overs: registry.counter(
+            "moonroute_hand_overs_total",
+            "Received messages passed to the event loop that owns their dialog (requests, by Call-ID) or client transaction (responses, by branch).",
+        ),
+        hand_overs_dropped: registry.counter(
+            "moonroute_hand_overs_dropped_total",
+            "Hand-overs dropped because the owning event loop's queue was full (a loop falling behind).",
+        ),
     }
 }
 
@@ -727,6 +777,7 @@ mod tests {
             "moonroute_responses_received_total",
             "moonroute_responses_sent_total",
             "moonroute_transactions_live",
+            "moonroute_transactions_memory_bytes",
             "moonroute_transactions_created_total",
             "moonroute_transactions_timed_out_total",
             "moonroute_retransmissions_total",
@@ -736,6 +787,8 @@ mod tests {
             "moonroute_connections_opened_total",
             "moonroute_connections_refused_total",
             "moonroute_connections_timed_out_total",
+            "moonroute_hand_overs_total",
+            "moonroute_hand_overs_dropped_total",
             "moonroute_dns_lookups_total",
             "moonroute_dns_failures_total",
             "moonroute_overload_rejections_total",

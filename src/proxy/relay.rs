@@ -39,6 +39,7 @@ use super::router::{
 };
 use crate::dns::{self, Candidate, ResolveError};
 use crate::logging::{call_id, Throttle, REFUSED};
+use crate::memory::{shrink_heap_if_sparse, shrink_if_sparse};
 use crate::sip::{Message, Method, ResponseBuilder};
 use crate::transaction::client_invite::cancel_for;
 use crate::transaction::layer::{LayerOutput, TransactionLayer, TxId};
@@ -78,6 +79,36 @@ struct Call {
     branches: Vec<Option<BranchRun>>,
     /// A CANCEL came from upstream (§16.10): branches not yet sent are not sent.
     cancelled: bool,
+}
+
+/// What the script keeps for a call it routed (its pinned state: the `vars` table, the request
+/// objects it made, the router's entry), as measured by `tests/call_memory.rs`.
+const SCRIPT_STATE_BYTES: usize = 640;
+
+impl Call {
+    /// Heap bytes this call keeps, charged to its server transaction against the memory
+    /// budget (`limits.transaction_memory_mb`): an estimate from what it holds now, which
+    /// `tests/call_memory.rs` checks against what is measured.
+    fn footprint(&self) -> usize {
+        let branches: usize = self
+            .branches
+            .iter()
+            .flatten()
+            .map(|run| {
+                run.request.as_ref().map_or(0, Message::heap_bytes)
+                    + run.remaining.capacity() * std::mem::size_of::<Candidate>()
+            })
+            .sum();
+        let slot = std::mem::size_of::<(TxId, Box<Call>)>() * 3 / 2;
+        std::mem::size_of::<Call>()
+            + slot
+            + self.request.heap_bytes()
+            + self.branch_base.capacity()
+            + self.branches.capacity() * std::mem::size_of::<Option<BranchRun>>()
+            + branches
+            + self.context.heap_bytes()
+            + self.handle.map_or(0, |_| SCRIPT_STATE_BYTES)
+    }
 }
 
 /// One branch working through the addresses of its next hop (RFC 3263 §4.3): one client
@@ -143,6 +174,9 @@ struct StatelessForward {
     now: SystemTime,
 }
 
+/// Timer C entries kept beyond four per call before the queue is compacted.
+const STALE_TIMER_C_SLACK: usize = 1024;
+
 /// Most DNS resolutions one loop waits for at once; beyond it new branches fail as
 /// unreachable (503) and stateless forwards are dropped, so a flood of requests for names
 /// that never answer cannot grow memory without bound.
@@ -156,7 +190,8 @@ pub struct Relay {
     timer_c: Duration,
     router: Box<dyn Router>,
     next_unique: u64,
-    calls: HashMap<TxId, Call>,
+    /// Boxed: a call is large, and the map's spare slots should not be.
+    calls: HashMap<TxId, Box<Call>>,
     /// Client transaction → (server transaction, branch).
     branch_of: HashMap<TxId, (TxId, BranchId)>,
     timer_c_queue: BinaryHeap<Reverse<(Instant, TxId, usize)>>,
@@ -174,6 +209,16 @@ pub struct Relay {
 const CALLEE_MISTAKE_LOG_PERIOD: Duration = Duration::from_secs(600);
 /// Callee addresses remembered for that, per event loop.
 const CALLEE_MISTAKE_LOG_KEYS: usize = 1024;
+
+/// Room in a call's branch list for `branch`, exactly: most calls have one branch, and a
+/// `Vec` left to grow by itself would allocate four (Rust's least capacity) and keep them for
+/// the call's 32 s after its 2xx.
+fn make_room(branches: &mut Vec<Option<BranchRun>>, branch: BranchId) {
+    if branches.len() <= branch.0 {
+        branches.reserve_exact(branch.0 + 1 - branches.len());
+        branches.resize_with(branch.0 + 1, || None);
+    }
+}
 
 /// The loop index in a branch this proxy created, if it is one.
 pub fn owner_of_branch(branch: &[u8]) -> Option<usize> {
@@ -428,19 +473,17 @@ impl Relay {
             &mut actions,
         );
         let inbound = (meta.kind, meta.local);
-        self.calls.insert(
-            tx,
-            Call {
-                context,
-                request,
-                branch_base,
-                inbound,
-                record_route,
-                handle,
-                branches: Vec::new(),
-                cancelled: false,
-            },
-        );
+        let call = Call {
+            context,
+            request,
+            branch_base,
+            inbound,
+            record_route,
+            handle,
+            branches: Vec::new(),
+            cancelled: false,
+        };
+        self.calls.insert(tx, Box::new(call));
         self.apply(tx, actions, now, layer, out);
         Handled::Relayed
     }
@@ -845,13 +888,59 @@ impl Relay {
         }
     }
 
-    /// A transaction ended: forget what pointed at it. A call lives as long as its server
-    /// transaction, so every 2xx of every fork still reaches it (RFC 6026: they all go up).
+    /// A transaction ended: forget what pointed at it. An INVITE call answered with a 2xx
+    /// lives as long as its server transaction, so every 2xx of every fork still reaches it
+    /// (RFC 6026: they all go up); other calls are gone by then (see [`Relay::settle`]).
     pub fn on_terminated(&mut self, tx: TxId) {
         self.branch_of.remove(&tx);
-        if let Some(handle) = self.calls.remove(&tx).and_then(|call| call.handle) {
+        shrink_if_sparse(&mut self.branch_of);
+        if let Some(call) = self.calls.remove(&tx) {
+            self.forget(call);
+        }
+    }
+
+    /// Frees a call, or slims it, once its response context is finished (§16.7: a final
+    /// response went upstream and every branch has its own). Its server transaction lingers
+    /// 32 s more (Timer J, or RFC 6026's L for an INVITE), absorbing retransmissions by
+    /// itself: a call whose context would act on nothing that can still arrive
+    /// ([`ResponseContext::is_settled`]) goes now, with the script's state for it; an INVITE
+    /// answered with a 2xx keeps what forwarding further 2xx needs (the request and the
+    /// script's state, for `on_reply`) and lets go of the rest.
+    fn settle(&mut self, server: TxId) {
+        let Some(call) = self.calls.get_mut(&server) else {
+            return;
+        };
+        if !call.context.is_finished() {
+            return;
+        }
+        if call.context.is_settled() {
+            if let Some(call) = self.calls.remove(&server) {
+                for (client, _) in call
+                    .branches
+                    .iter()
+                    .flatten()
+                    .filter_map(|r| r.current.as_ref())
+                {
+                    self.branch_of.remove(client);
+                }
+                self.forget(call);
+            }
+            return;
+        }
+        call.context.shed();
+        for run in call.branches.iter_mut().flatten() {
+            run.request = None;
+            run.remaining = VecDeque::new();
+        }
+    }
+
+    /// Releases what a call held outside itself, and the maps' room once mostly empty.
+    fn forget(&mut self, call: Box<Call>) {
+        if let Some(handle) = call.handle {
             self.router.release(handle);
         }
+        shrink_if_sparse(&mut self.calls);
+        shrink_if_sparse(&mut self.branch_of);
     }
 
     pub fn on_timer(
@@ -874,6 +963,24 @@ impl Relay {
             let _entered = span.as_ref().map(tracing::Span::enter);
             self.apply(server, actions, now, layer, out);
         }
+        shrink_heap_if_sparse(&mut self.timer_c_queue);
+    }
+
+    /// Timer C is never cancelled (§16.8 resets it on every provisional, and a call ends long
+    /// before its 3 minutes): entries of calls gone or of an earlier reset are dropped once
+    /// they outnumber the calls, or at 1,000 calls/s the queue would hold 180,000 of them.
+    fn compact_timer_c(&mut self) {
+        let calls = &self.calls;
+        let due: Vec<_> = std::mem::take(&mut self.timer_c_queue)
+            .into_iter()
+            .filter(|Reverse((at, server, branch))| {
+                calls
+                    .get(server)
+                    .is_some_and(|call| call.context.timer_c_at(BranchId(*branch)) == Some(*at))
+            })
+            .collect();
+        self.timer_c_queue = BinaryHeap::from(due);
+        shrink_heap_if_sparse(&mut self.timer_c_queue);
     }
 
     // ----- carrying out the response context's actions ------------------------------
@@ -905,6 +1012,9 @@ impl Relay {
                 }
                 ContextAction::StartTimerC { branch, at } => {
                     self.timer_c_queue.push(Reverse((at, server, branch.0)));
+                    if self.timer_c_queue.len() > 4 * self.calls.len() + STALE_TIMER_C_SLACK {
+                        self.compact_timer_c();
+                    }
                 }
                 ContextAction::BranchSetFailed { best } => {
                     let Some(call) = self.calls.get_mut(&server) else {
@@ -920,6 +1030,9 @@ impl Relay {
             }
             queue.extend(more);
         }
+        self.settle(server);
+        let kept = self.calls.get(&server).map_or(0, |call| call.footprint());
+        layer.charge_user_state(server, kept);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -977,9 +1090,7 @@ impl Relay {
         let pinned = target.destination.filter(|_| target.route.is_empty());
         if let Some((kind, addr)) = pinned {
             let first = first_copy(&self.me, &parts, call.inbound, call.record_route);
-            if call.branches.len() <= branch.0 {
-                call.branches.resize_with(branch.0 + 1, || None);
-            }
+            make_room(&mut call.branches, branch);
             let only = Candidate {
                 kind,
                 addr,
@@ -1010,9 +1121,7 @@ impl Relay {
                 let hop = next_hop(parts.request, parts.uri).map_err(|_| "no next hop")?;
                 Ok((hop, first))
             });
-        if call.branches.len() <= branch.0 {
-            call.branches.resize_with(branch.0 + 1, || None);
-        }
+        make_room(&mut call.branches, branch);
         call.branches[branch.0] = Some(BranchRun {
             request,
             uri,

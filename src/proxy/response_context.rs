@@ -134,7 +134,9 @@ enum Phase {
 
 /// The response context of one proxied request (§16.7).
 pub struct ResponseContext {
-    request: Message,
+    /// The request as received, for synthesized responses; let go once a final went
+    /// upstream (see [`ResponseContext::shed`]).
+    request: Option<Message>,
     is_invite: bool,
     timer_c: Duration,
     branches: Vec<Branch>,
@@ -144,6 +146,9 @@ pub struct ResponseContext {
     /// A 6xx arrived or upstream CANCELled: no new branches (§16.7 step 5, §16.10).
     closed: bool,
     phase: Phase,
+    /// A 2xx went upstream: its retransmissions, and 2xx of other forks, may still come
+    /// (RFC 6026 §8.2) and go up too.
+    answered: bool,
 }
 
 impl ResponseContext {
@@ -161,7 +166,7 @@ impl ResponseContext {
         out: &mut Vec<ContextAction>,
     ) -> ResponseContext {
         let mut ctx = ResponseContext {
-            request,
+            request: Some(request),
             is_invite,
             timer_c,
             branches: Vec::new(),
@@ -169,6 +174,7 @@ impl ResponseContext {
             stored: Vec::new(),
             closed: false,
             phase: Phase::Running,
+            answered: false,
         };
         ctx.groups.extend(group_by_q(targets));
         ctx.advance(now, out);
@@ -213,6 +219,7 @@ impl ResponseContext {
                 // upstream; for other methods only until the first final (step 5).
                 if forwardable && (self.is_invite || self.phase != Phase::FinalSent) {
                     out.push(ContextAction::ForwardUpstream(response));
+                    self.answered = true;
                 }
                 self.phase = Phase::FinalSent;
                 self.groups.clear();
@@ -244,9 +251,13 @@ impl ResponseContext {
     }
 
     /// Gives `response`, left without any Via, the Vias of the request as received, in
-    /// order; `false` if one could not be written (the response is then not forwarded).
+    /// order; `false` if one could not be written, or the request was already let go (a
+    /// late 2xx after the final went upstream): the response is then not forwarded.
     fn restore_vias(&self, response: &mut Message) -> bool {
-        let vias: Vec<&[u8]> = self.request.headers_named("Via").collect();
+        let Some(request) = self.request.as_ref() else {
+            return false;
+        };
+        let vias: Vec<&[u8]> = request.headers_named("Via").collect();
         // Each goes above the previous one: inserted bottom first, they end up in order.
         !vias.is_empty()
             && vias
@@ -419,6 +430,53 @@ impl ResponseContext {
         self.phase == Phase::FinalSent && self.branches.iter().all(|b| b.state == BranchState::Done)
     }
 
+    /// True once nothing that can still arrive would make this context act: it is finished,
+    /// and it is not an INVITE answered with a 2xx (whose retransmissions and other forks'
+    /// 2xx still go up, RFC 6026 §8.2) nor has a branch given up on Timer C before any
+    /// provisional (one that comes late gets its CANCEL, §16.8). Its state can then go: a
+    /// late response of its branches is one the context would drop anyway.
+    pub fn is_settled(&self) -> bool {
+        let cancel_owed = self.branches.iter().any(|b| b.abandoned && !b.cancel_sent);
+        self.is_finished() && !(self.is_invite && (self.answered || cancel_owed))
+    }
+
+    /// Lets go of what only choosing the final response needed (the stored responses, the
+    /// groups not started, the request kept to synthesize one) once a final went upstream:
+    /// an answered INVITE lingers with its 2xx forwarding for 64*T1 (RFC 6026), and need not
+    /// keep them that long.
+    pub fn shed(&mut self) {
+        if self.phase == Phase::FinalSent {
+            self.request = None;
+            self.stored = Vec::new();
+            self.groups = VecDeque::new();
+        }
+    }
+
+    /// Heap bytes this context keeps (see the relay's memory budget charge).
+    pub fn heap_bytes(&self) -> usize {
+        let stored: usize = self
+            .stored
+            .iter()
+            .map(|s| {
+                std::mem::size_of::<Stored>() + s.response.as_ref().map_or(0, Message::heap_bytes)
+            })
+            .sum();
+        let groups: usize = self
+            .groups
+            .iter()
+            .map(|g| g.len() * std::mem::size_of::<Target>())
+            .sum();
+        self.request.as_ref().map_or(0, Message::heap_bytes)
+            + self.branches.capacity() * std::mem::size_of::<Branch>()
+            + stored
+            + groups
+    }
+
+    /// When Timer C of `branch` is due now (earlier firings are stale).
+    pub fn timer_c_at(&self, branch: BranchId) -> Option<Instant> {
+        self.branches.get(branch.0).and_then(|b| b.timer_c_at)
+    }
+
     pub fn branch_state(&self, branch: BranchId) -> Option<BranchState> {
         self.branches.get(branch.0).map(|b| b.state)
     }
@@ -556,12 +614,13 @@ impl ResponseContext {
     /// A response generated by this proxy (§16.7 step 6). Its To tag is derived from the
     /// request so that the same request always gets the same tag (§8.2.6.2).
     fn synthesize(&self, code: u16, reason: &str) -> Option<Message> {
+        let request = self.request.as_ref()?;
         let mut hasher = DefaultHasher::new();
-        self.request.header(HeaderName::Via).hash(&mut hasher);
-        self.request.header(HeaderName::CallId).hash(&mut hasher);
-        self.request.header(HeaderName::From).hash(&mut hasher);
+        request.header(HeaderName::Via).hash(&mut hasher);
+        request.header(HeaderName::CallId).hash(&mut hasher);
+        request.header(HeaderName::From).hash(&mut hasher);
         let tag = format!("mr{:016x}", hasher.finish());
-        let bytes = ResponseBuilder::new(&self.request, code, reason)
+        let bytes = ResponseBuilder::new(request, code, reason)
             .to_tag(tag.as_bytes())
             .build();
         Message::parse(bytes).ok()

@@ -26,7 +26,8 @@ use crate::nat::keepalive::{self, Action as KeepaliveAction, Peer, Scheduler, Se
 use crate::proxy::relay::{owner_of_branch, Handled, Relay};
 use crate::proxy::router::{BuiltinRouter, Router};
 use crate::proxy::{is_our_stateless_branch, ProxyIdentity, RouteSigner};
-use crate::sip::{HeaderName, Message, Method, ParseError, ResponseBuilder, Uri};
+use crate::server::affinity::Affinity;
+use crate::sip::{prescan, HeaderName, Message, Method, ParseError, ResponseBuilder, Uri};
 use crate::transaction::layer::{LayerConfig, LayerOutput, TransactionLayer, TxId, Upcall};
 use crate::transport::{
     response_destination, FramingError, Input, ListenAddr, Meta, Output, TransportKind, Worker,
@@ -78,7 +79,8 @@ impl CoreFactory {
     pub fn new(config: &Config) -> CoreFactory {
         let layer = LayerConfig {
             timers: config.timers.transaction_timers(),
-            max_live: config.limits.max_transactions,
+            memory_budget: config.limits.transaction_memory(),
+            max_live: config.limits.max_transactions.unwrap_or(usize::MAX),
             // A relayed INVITE gets its 100 Trying from the relay (§16.2); what this core
             // answers itself is answered at once (§17.2.1's 200 ms rule).
             send_trying: false,
@@ -218,6 +220,8 @@ pub struct Core {
     relay: Relay,
     loop_index: usize,
     loops: usize,
+    /// Which loop handles a received request.
+    affinity: Affinity,
     /// Reused for every call into the layer.
     pending: Vec<LayerOutput>,
     /// Answers waiting for a durable write, oldest first.
@@ -353,6 +357,7 @@ impl Core {
             relay,
             loop_index,
             loops,
+            affinity: Affinity::new(loop_index, loops),
             pending: Vec::new(),
             parked: VecDeque::new(),
             wake: Arc::new(Notify::new()),
@@ -408,6 +413,13 @@ impl Core {
     }
 
     fn on_message(&mut self, data: Bytes, meta: Meta, now: Instant, out: &mut Vec<Output>) {
+        // A request belongs to the loop of its Call-ID (see `server::affinity`), found before
+        // parsing. An OPTIONS may be for this server, answered statelessly wherever it lands:
+        // parsed first to tell.
+        let owner = self.affinity.request_owner_elsewhere(&data, &meta);
+        if let Some(owner) = owner.filter(|_| prescan::method(&data) != Some(b"OPTIONS")) {
+            return hand_over(owner, data, meta, out);
+        }
         let mut msg = match Message::parse(data.clone()) {
             Ok(m) => m,
             Err(e) => {
@@ -423,11 +435,7 @@ impl Core {
             if let Some(owner) = self.owner_elsewhere(&msg) {
                 // The kernel picked this loop for the flow; the transaction lives in `owner`
                 // (which counts it).
-                out.push(Output::HandOver {
-                    worker: owner,
-                    input: Input::Message { data, meta },
-                });
-                return;
+                return hand_over(owner, data, meta, out);
             }
             if let Some(code) = msg.status() {
                 self.metrics.responses_received.inc(code);
@@ -438,6 +446,9 @@ impl Core {
             let mut pending = std::mem::take(&mut self.pending);
             self.transactions.on_response(msg, meta, now, &mut pending);
             return self.drain(pending, now, out);
+        }
+        if let Some(owner) = owner.filter(|_| !self.is_for_me_options(&msg)) {
+            return hand_over(owner, data, meta, out);
         }
         if let Some(method) = msg.method() {
             self.metrics.request_received(method);
@@ -982,6 +993,14 @@ impl Core {
         let h = self.tag_hasher.hash_one((call_id, from_tag, branch));
         format!("mr{h:016x}")
     }
+}
+
+/// Passes a received message to event loop `owner`, which handles it as if it had received it.
+fn hand_over(owner: usize, data: Bytes, meta: Meta, out: &mut Vec<Output>) {
+    out.push(Output::HandOver {
+        worker: owner,
+        input: Input::Message { data, meta },
+    });
 }
 
 /// Where a statelessly forwarded response goes (§18.2.2): the Via's received/rport when the

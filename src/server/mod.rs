@@ -9,9 +9,12 @@
 //! - the kernel does the load balancing: every loop binds its own UDP socket and TCP listener
 //!   to each listen address with SO_REUSEPORT, and the kernel spreads datagrams and
 //!   connections over them by flow, so one peer's traffic keeps going to the same loop;
-//! - state that must be found again later stays findable: the transaction layer will put the
-//!   owning loop's index into the Via branch parameter (RFC 3261 §8.1.1.7, §17.2.3), so a
-//!   response or retransmission that lands on another loop can be handed to its owner.
+//! - state that must be found again later stays findable: a request belongs to the loop its
+//!   Call-ID hashes to, whatever port or connection it comes from ([`affinity`]: a whole
+//!   dialog, its transactions' retransmissions, CANCELs and ACKs on one loop, RFC 3261
+//!   §17.2.3), and a response to the loop whose index the relay put in the Via branch
+//!   (§8.1.1.7); a loop that receives another's message hands it over (in batches, so a burst
+//!   wakes the other loop once).
 //!
 //! The only state shared between loops is the registry of stream connections, so that a
 //! response can be sent on the connection its request came in on (RFC 3261 §18.2.2).
@@ -19,6 +22,7 @@
 //! [`Worker`]: crate::transport::Worker
 //! [`WorkerFactory`]: crate::transport::WorkerFactory
 
+pub mod affinity;
 pub mod core;
 pub mod identity;
 mod workers;

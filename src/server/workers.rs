@@ -362,6 +362,7 @@ fn start_transports(
         tokio::task::spawn_local(tcp::run_acceptor(Rc::clone(&ctx), listener, local, kind));
     }
     tokio::task::spawn_local(Rc::clone(&ctx).run_hand_overs(hand_over_queue));
+    tokio::task::spawn_local(Rc::clone(&ctx).run_hand_over_sender());
     if let Some(signal) = ctx.wake_signal() {
         tokio::task::spawn_local(Rc::clone(&ctx).run_wakes(signal));
     }

@@ -503,6 +503,15 @@ impl Message {
         &self.buf
     }
 
+    /// Heap bytes this message keeps alive: the buffer it was parsed from, its header index
+    /// and the text of its edits (what a transaction holding it costs; see
+    /// `transaction::layer`'s memory budget).
+    pub fn heap_bytes(&self) -> usize {
+        self.buf.len()
+            + self.headers.capacity() * std::mem::size_of::<HeaderEntry>()
+            + self.own.capacity()
+    }
+
     /// `part`, a slice borrowed from this message, as owned bytes: shared with the received
     /// buffer when it lies inside it (no copy), copied when it comes from an edit.
     pub fn share(&self, part: &[u8]) -> Bytes {
@@ -885,7 +894,7 @@ fn refuse_bare_cr(line: &[u8]) -> Result<()> {
 
 /// Finds the line starting at `pos`: returns (end of its content, start of the next line).
 /// Accepts CRLF and, for robustness, a bare LF.
-fn line_at(b: &[u8], pos: usize) -> Option<(usize, usize)> {
+pub(super) fn line_at(b: &[u8], pos: usize) -> Option<(usize, usize)> {
     let nl = pos + memchr(b'\n', &b[pos..])?;
     let end = if nl > pos && b[nl - 1] == b'\r' {
         nl - 1

@@ -11,6 +11,7 @@ pub mod message;
 pub mod method;
 pub mod name_addr;
 pub mod params;
+pub mod prescan;
 pub mod response;
 pub(crate) mod scan;
 pub mod typed;

@@ -49,7 +49,9 @@ impl<'r> ResponseBuilder<'r> {
     }
 
     pub fn build(&self) -> Bytes {
-        let mut out = BytesMut::with_capacity(512 + self.body.map_or(0, |b| b.1.len()));
+        // Sized to fit: a response kept by a transaction for 32 s (Timer J) keeps its whole
+        // allocation, not just the bytes written.
+        let mut out = BytesMut::with_capacity(self.encoded_len_bound());
         out.put_slice(b"SIP/2.0 ");
         out.put_slice(self.code.to_string().as_bytes());
         out.put_u8(b' ');
@@ -87,6 +89,37 @@ impl<'r> ResponseBuilder<'r> {
         out.freeze()
     }
 
+    /// At least the length [`ResponseBuilder::build`] writes (a To tag is counted whether
+    /// or not it is added).
+    fn encoded_len_bound(&self) -> usize {
+        const CRLF: usize = 2;
+        let status_line = "SIP/2.0 ".len() + 5 + self.reason.len() + CRLF;
+        let copied: usize = self
+            .request
+            .headers()
+            .map(|h| match h.name {
+                HeaderName::Via | HeaderName::From | HeaderName::CallId | HeaderName::CSeq => {
+                    h.text.len() + CRLF
+                }
+                HeaderName::To => {
+                    let tag = self.to_tag.map_or(0, |t| ";tag=".len() + t.len());
+                    h.raw_name.len() + ": ".len() + h.value.len() + tag + CRLF
+                }
+                HeaderName::Timestamp if self.code == 100 => h.text.len() + CRLF,
+                _ => 0,
+            })
+            .sum();
+        let extra: usize = self
+            .extra
+            .iter()
+            .map(|(name, value)| name.len() + ": ".len() + value.len() + CRLF)
+            .sum();
+        let body = self.body.map_or(0, |(ct, body)| {
+            "Content-Type: ".len() + ct.len() + CRLF + body.len()
+        });
+        status_line + copied + extra + body + "Content-Length: ".len() + 20 + 2 * CRLF
+    }
+
     fn put_to(&self, out: &mut BytesMut, raw_name: &[u8], value: &[u8]) {
         out.put_slice(raw_name);
         out.put_slice(b": ");
@@ -110,5 +143,37 @@ fn put_line(out: &mut BytesMut, text: &[u8]) {
 fn put_clean(out: &mut BytesMut, text: &[u8]) {
     for &b in text {
         out.put_u8(if b == b'\r' || b == b'\n' { b' ' } else { b });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_buffer_is_sized_to_the_response() {
+        let request = Message::parse(Bytes::from_static(
+            b"INVITE sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKr1\r\n\
+              Via: SIP/2.0/UDP 127.0.0.1:5080;branch=z9hG4bKr0\r\nMax-Forwards: 70\r\n\
+              From: <sip:alice@example.com>;tag=a1\r\nTo: <sip:bob@example.com>\r\n\
+              Call-ID: r1@127.0.0.1\r\nCSeq: 1 INVITE\r\nTimestamp: 54\r\nContent-Length: 0\r\n\r\n",
+        ))
+        .unwrap();
+        for builder in [
+            ResponseBuilder::new(&request, 100, "Trying"),
+            ResponseBuilder::new(&request, 486, "Busy Here").to_tag(b"t1"),
+            ResponseBuilder::new(&request, 200, "OK")
+                .to_tag(b"t2")
+                .header("Contact", b"<sip:bob@127.0.0.1>")
+                .body("application/sdp", b"v=0\r\n"),
+        ] {
+            let built = builder.build();
+            let bound = builder.encoded_len_bound();
+            assert!(
+                bound >= built.len() && bound - built.len() < 32,
+                "{bound} for {}",
+                built.len()
+            );
+        }
     }
 }

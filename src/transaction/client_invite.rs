@@ -42,12 +42,15 @@ pub enum InviteClientState {
 
 /// One INVITE client transaction. Sans-IO: every input takes `now`, every output is an
 /// [`Action`] pushed to `out`.
+///
+/// Lean once answered: the INVITE (parsed and serialized) is kept only while it may be sent
+/// again or CANCELled (Calling, Proceeding); Completed keeps the ACK it resends, Accepted
+/// nothing but the state (RFC 6026 §8.4 passes every 2xx up, which needs no request).
 #[derive(Debug)]
 pub struct InviteClient {
-    request: Message,
-    /// The INVITE as serialized once at start. A retransmission is "the message previously sent
-    /// to the transport layer" passed once more (§17.1.1.2), so it is these very bytes.
-    wire: Bytes,
+    /// The INVITE while no final response has arrived; boxed so that a transaction waiting
+    /// in Completed or Accepted carries a pointer's worth of it.
+    outgoing: Option<Box<Outgoing>>,
     reliable: bool,
     timers: TimerValues,
     state: InviteClientState,
@@ -56,6 +59,33 @@ pub struct InviteClient {
     /// The ACK sent for the non-2xx final response, resent for each retransmission of that
     /// response while Completed (§17.1.1.2).
     ack: Option<Bytes>,
+}
+
+/// A request a client transaction has sent and may send again.
+#[derive(Debug)]
+pub(super) struct Outgoing {
+    pub(super) request: Message,
+    /// The request as serialized once at start. A retransmission is "the message previously
+    /// sent to the transport layer" passed once more (§17.1.1.2), so it is these very bytes.
+    pub(super) wire: Bytes,
+}
+
+impl Outgoing {
+    pub(super) fn new(request: Message) -> Box<Outgoing> {
+        let wire = request.to_bytes();
+        Box::new(Outgoing { request, wire })
+    }
+
+    /// Heap bytes it holds: the parsed request, and the serialized one unless it is a slice
+    /// of the same buffer (an unedited request).
+    pub(super) fn retained_bytes(&self) -> usize {
+        let buf = self.request.source_bytes();
+        let start = buf.as_ptr() as usize;
+        let wire = self.wire.as_ptr() as usize;
+        let shared = wire >= start && wire + self.wire.len() <= start + buf.len();
+        let serialized = if shared { 0 } else { self.wire.len() };
+        std::mem::size_of::<Outgoing>() + self.request.heap_bytes() + serialized
+    }
 }
 
 impl InviteClient {
@@ -68,15 +98,14 @@ impl InviteClient {
         now: Instant,
         out: &mut Vec<Action>,
     ) -> InviteClient {
-        let wire = request.to_bytes();
-        out.push(Action::Send(wire.clone()));
+        let outgoing = Outgoing::new(request);
+        out.push(Action::Send(outgoing.wire.clone()));
         if !reliable {
             out.push(start_timer(Timer::A, now + timers.t1));
         }
         out.push(start_timer(Timer::B, now + timers.t1x64()));
         InviteClient {
-            request,
-            wire,
+            outgoing: Some(outgoing),
             reliable,
             timers,
             state: InviteClientState::Calling,
@@ -141,9 +170,17 @@ impl InviteClient {
         self.state
     }
 
-    /// The INVITE as sent (the proxy builds CANCEL from it, §9.1).
-    pub fn request(&self) -> &Message {
-        &self.request
+    /// The INVITE as sent, while no final response has arrived (the proxy builds CANCEL
+    /// from it, §9.1; once answered there is nothing left to cancel).
+    pub fn request(&self) -> Option<&Message> {
+        self.outgoing.as_ref().map(|o| &o.request)
+    }
+
+    /// Heap bytes this transaction holds beyond its own struct (the memory budget's share of
+    /// it, see `layer`).
+    pub fn retained_bytes(&self) -> usize {
+        let outgoing = self.outgoing.as_ref().map_or(0, |o| o.retained_bytes());
+        outgoing + self.ack.as_ref().map_or(0, Bytes::len)
     }
 
     /// §17.1.1.2: a provisional response moves Calling to Proceeding (which stops
@@ -157,6 +194,7 @@ impl InviteClient {
     /// Timer M (64*T1), during which further 2xx (retransmissions, other forks) reach the TU too.
     fn accept(&mut self, response: Message, now: Instant, out: &mut Vec<Action>) {
         self.state = InviteClientState::Accepted;
+        self.outgoing = None;
         deliver(Event::Response(response), out);
         out.push(start_timer(Timer::M, now + self.timers.t1x64()));
     }
@@ -165,7 +203,10 @@ impl InviteClient {
     /// TU, and enters Completed for Timer D to absorb its retransmissions; Timer D is zero on a
     /// reliable transport, so that case terminates at once.
     fn complete(&mut self, response: Message, now: Instant, out: &mut Vec<Action>) {
-        let ack = ack_for_non_2xx(&self.request, &response);
+        let Some(outgoing) = self.outgoing.take() else {
+            return;
+        };
+        let ack = ack_for_non_2xx(&outgoing.request, &response);
         out.push(Action::Send(ack.clone()));
         deliver(Event::Response(response), out);
         if self.reliable {
@@ -187,7 +228,9 @@ impl InviteClient {
 
     /// §17.1.1.2: Timer A resends the INVITE and is reset with twice its previous interval.
     fn retransmit(&mut self, now: Instant, out: &mut Vec<Action>) {
-        out.push(Action::Send(self.wire.clone()));
+        if let Some(outgoing) = &self.outgoing {
+            out.push(Action::Send(outgoing.wire.clone()));
+        }
         self.retransmit_interval = self.retransmit_interval.saturating_mul(2);
         out.push(start_timer(Timer::A, now + self.retransmit_interval));
     }
@@ -196,6 +239,7 @@ impl InviteClient {
         if self.state != InviteClientState::Terminated {
             self.state = InviteClientState::Terminated;
             self.ack = None;
+            self.outgoing = None;
             out.push(Action::Terminated);
         }
     }
@@ -371,7 +415,7 @@ v=0\n";
         assert_eq!(sim.sends[0].1, invite().to_bytes());
         assert_eq!(sim.pending(Timer::A), vec![ms(500)]);
         assert_eq!(sim.pending(Timer::B), vec![ms(32_000)]);
-        assert_eq!(sim.tx.request().cseq().unwrap().seq, 42);
+        assert_eq!(sim.tx.request().unwrap().cseq().unwrap().seq, 42);
     }
 
     #[test]

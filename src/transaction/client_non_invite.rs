@@ -14,10 +14,9 @@
 
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-
+use super::client_invite::Outgoing;
 use super::{Action, Event, Timer, TimerValues};
-use crate::sip::Message;
+use crate::sip::{Message, Method};
 
 /// The states of figure 6.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,12 +29,16 @@ pub enum NonInviteClientState {
 
 /// One non-INVITE client transaction. Sans-IO: every input takes `now`, every output is an
 /// [`Action`] pushed to `out`.
+///
+/// Lean once answered: the request is kept only while it may be sent again (Trying,
+/// Proceeding); Completed, which only absorbs retransmissions of the final response, keeps its
+/// method alone.
 #[derive(Debug)]
 pub struct NonInviteClient {
-    request: Message,
-    /// The request as serialized once at start: a retransmission passes "the message previously
-    /// sent to the transport layer" once more (§17.1.1.2, used by §17.1.2.2).
-    wire: Bytes,
+    /// The request while no final response has arrived (boxed: see [`Outgoing`]).
+    outgoing: Option<Box<Outgoing>>,
+    /// The request's method, which every response's CSeq must name (§17.1.3).
+    method: Option<Method>,
     reliable: bool,
     timers: TimerValues,
     state: NonInviteClientState,
@@ -54,15 +57,16 @@ impl NonInviteClient {
         now: Instant,
         out: &mut Vec<Action>,
     ) -> NonInviteClient {
-        let wire = request.to_bytes();
-        out.push(Action::Send(wire.clone()));
+        let method = request.method().cloned();
+        let outgoing = Outgoing::new(request);
+        out.push(Action::Send(outgoing.wire.clone()));
         if !reliable {
             out.push(start_timer(Timer::E, now + timers.t1));
         }
         out.push(start_timer(Timer::F, now + timers.t1x64()));
         NonInviteClient {
-            request,
-            wire,
+            outgoing: Some(outgoing),
+            method,
             reliable,
             timers,
             state: NonInviteClientState::Trying,
@@ -118,9 +122,15 @@ impl NonInviteClient {
         self.state
     }
 
-    /// The request as sent.
-    pub fn request(&self) -> &Message {
-        &self.request
+    /// The request as sent, while no final response has arrived.
+    pub fn request(&self) -> Option<&Message> {
+        self.outgoing.as_ref().map(|o| &o.request)
+    }
+
+    /// Heap bytes this transaction holds beyond its own struct (the memory budget's share of
+    /// it, see `layer`).
+    pub fn retained_bytes(&self) -> usize {
+        self.outgoing.as_ref().map_or(0, |o| o.retained_bytes())
     }
 
     /// The status of a response that can belong to this transaction: it has a CSeq whose
@@ -129,7 +139,7 @@ impl NonInviteClient {
     fn response_status(&self, response: &Message) -> Option<u16> {
         let status = response.status()?;
         let cseq = response.cseq().ok()?;
-        match self.request.method() {
+        match &self.method {
             Some(method) if *method != cseq.method => None,
             _ => Some(status),
         }
@@ -147,6 +157,7 @@ impl NonInviteClient {
     /// absorbs its retransmissions; Timer K is zero on a reliable transport, so that case
     /// terminates at once.
     fn complete(&mut self, response: Message, now: Instant, out: &mut Vec<Action>) {
+        self.outgoing = None;
         deliver(Event::Response(response), out);
         if self.reliable {
             self.terminate(out);
@@ -159,7 +170,9 @@ impl NonInviteClient {
     /// §17.1.2.2: Timer E resends the request. In Trying it is reset with MIN(2*interval, T2);
     /// in Proceeding with T2.
     fn retransmit(&mut self, now: Instant, out: &mut Vec<Action>) {
-        out.push(Action::Send(self.wire.clone()));
+        if let Some(outgoing) = &self.outgoing {
+            out.push(Action::Send(outgoing.wire.clone()));
+        }
         self.retransmit_interval = match self.state {
             NonInviteClientState::Proceeding => self.timers.t2,
             _ => self
@@ -173,6 +186,7 @@ impl NonInviteClient {
     fn terminate(&mut self, out: &mut Vec<Action>) {
         if self.state != NonInviteClientState::Terminated {
             self.state = NonInviteClientState::Terminated;
+            self.outgoing = None;
             out.push(Action::Terminated);
         }
     }
@@ -272,7 +286,7 @@ Content-Length: 0\r\n\
         assert_eq!(sim.sends[0].1, options().to_bytes());
         assert_eq!(sim.pending(Timer::E), vec![ms(500)]);
         assert_eq!(sim.pending(Timer::F), vec![ms(32_000)]);
-        assert_eq!(sim.tx.request().cseq().unwrap().seq, 7);
+        assert_eq!(sim.tx.request().unwrap().cseq().unwrap().seq, 7);
     }
 
     #[test]

@@ -55,19 +55,23 @@ pub enum ServerKey {
         sent_by: SentBy,
         method: Method,
     },
-    /// RFC 2543 fallback (no magic cookie): Request-URI, From tag, Call-ID, CSeq and the whole
-    /// top Via. The To tag is left out: for an INVITE and its retransmissions it is the same,
-    /// and an ACK carries the tag of our response, which the INVITE did not have (§17.2.3 then
-    /// requires it to match that response's tag, which a transaction created by that INVITE
-    /// has sent, so leaving it out matches the same transactions).
-    Rfc2543 {
-        request_uri: Bytes,
-        from_tag: Bytes,
-        call_id: Bytes,
-        cseq: u32,
-        method: Method,
-        top_via: Bytes,
-    },
+    /// RFC 2543 fallback (no magic cookie), boxed: rare, and larger than the usual key.
+    Rfc2543(Box<Rfc2543Key>),
+}
+
+/// RFC 2543 matching: Request-URI, From tag, Call-ID, CSeq and the whole top Via. The To tag
+/// is left out: for an INVITE and its retransmissions it is the same, and an ACK carries the
+/// tag of our response, which the INVITE did not have (§17.2.3 then requires it to match that
+/// response's tag, which a transaction created by that INVITE has sent, so leaving it out
+/// matches the same transactions).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Rfc2543Key {
+    pub request_uri: Bytes,
+    pub from_tag: Bytes,
+    pub call_id: Bytes,
+    pub cseq: u32,
+    pub method: Method,
+    pub top_via: Bytes,
 }
 
 /// A Via sent-by: host (case-insensitive) and port.
@@ -91,6 +95,25 @@ impl Hash for SentBy {
         for b in self.host.iter() {
             state.write_u8(b.to_ascii_lowercase());
         }
+    }
+}
+
+/// Several short byte strings copied into one buffer, then sliced out of it.
+struct Copied(Vec<u8>);
+
+impl Copied {
+    fn with_capacity(capacity: usize) -> Copied {
+        Copied(Vec::with_capacity(capacity))
+    }
+
+    fn push(&mut self, part: &[u8]) -> std::ops::Range<usize> {
+        let start = self.0.len();
+        self.0.extend_from_slice(part);
+        start..self.0.len()
+    }
+
+    fn freeze(self) -> Bytes {
+        Bytes::from(self.0)
     }
 }
 
@@ -133,14 +156,70 @@ impl ServerKey {
             .ok_or(ParseError::bad("", "not a request"))?;
         let from = request.from()?;
         let top_via = request.top_via()?.raw();
-        Ok(ServerKey::Rfc2543 {
+        Ok(ServerKey::Rfc2543(Box::new(Rfc2543Key {
             request_uri: request.share(uri),
             from_tag: from.tag().map(|t| request.share(t)).unwrap_or_default(),
             call_id: request.share(request.call_id()?),
             cseq: request.cseq()?.seq,
             method: matching_method(method),
             top_via: request.share(top_via),
-        })
+        })))
+    }
+
+    /// The same key holding copies of its few bytes instead of slices of the request: a key
+    /// that outlives its request (a transaction lingering for 32 s after its final response)
+    /// then keeps tens of bytes alive, not the whole received message. One allocation.
+    pub fn detached(&self) -> ServerKey {
+        match self {
+            ServerKey::Rfc3261 {
+                branch,
+                sent_by,
+                method,
+            } => {
+                let mut copy = Copied::with_capacity(branch.len() + sent_by.host.len());
+                let branch = copy.push(branch);
+                let host = copy.push(&sent_by.host);
+                let copy = copy.freeze();
+                ServerKey::Rfc3261 {
+                    branch: copy.slice(branch),
+                    sent_by: SentBy {
+                        host: copy.slice(host),
+                        port: sent_by.port,
+                    },
+                    method: method.clone(),
+                }
+            }
+            ServerKey::Rfc2543(key) => {
+                let parts = [&key.request_uri, &key.from_tag, &key.call_id, &key.top_via];
+                let mut copy = Copied::with_capacity(parts.iter().map(|p| p.len()).sum());
+                let [uri, tag, call_id, via] = parts.map(|part| copy.push(part));
+                let copy = copy.freeze();
+                ServerKey::Rfc2543(Box::new(Rfc2543Key {
+                    request_uri: copy.slice(uri),
+                    from_tag: copy.slice(tag),
+                    call_id: copy.slice(call_id),
+                    cseq: key.cseq,
+                    method: key.method.clone(),
+                    top_via: copy.slice(via),
+                }))
+            }
+        }
+    }
+
+    /// Heap bytes a detached key holds (the memory budget's share of it).
+    pub fn heap_bytes(&self) -> usize {
+        match self {
+            ServerKey::Rfc3261 {
+                branch, sent_by, ..
+            } => branch.len() + sent_by.host.len(),
+            ServerKey::Rfc2543(key) => {
+                std::mem::size_of::<Rfc2543Key>()
+                    + key.request_uri.len()
+                    + key.from_tag.len()
+                    + key.call_id.len()
+                    + key.top_via.len()
+            }
+        }
     }
 
     /// For a CANCEL's key, the key of the INVITE transaction it cancels (§9.2: same matching
@@ -148,9 +227,8 @@ impl ServerKey {
     pub fn cancelled_invite(&self) -> ServerKey {
         let mut key = self.clone();
         match &mut key {
-            ServerKey::Rfc3261 { method, .. } | ServerKey::Rfc2543 { method, .. } => {
-                *method = Method::Invite
-            }
+            ServerKey::Rfc3261 { method, .. } => *method = Method::Invite,
+            ServerKey::Rfc2543(key) => key.method = Method::Invite,
         }
         key
     }
@@ -204,7 +282,7 @@ mod tests {
     fn rfc2543_requests_match_on_dialog_fields() {
         let via = "SIP/2.0/UDP 127.0.0.1:5060";
         let invite = ServerKey::of_request(&request("INVITE", via, "INVITE")).unwrap();
-        assert!(matches!(invite, ServerKey::Rfc2543 { .. }));
+        assert!(matches!(invite, ServerKey::Rfc2543(_)));
         let ack = ServerKey::of_request(&request("ACK", via, "ACK")).unwrap();
         assert_eq!(ack, invite);
         let bye = ServerKey::of_request(&request("BYE", via, "BYE")).unwrap();
@@ -232,6 +310,34 @@ mod tests {
              Call-ID: c1@127.0.0.1\r\nCSeq: 7 CANCEL\r\nContent-Length: 0\r\n\r\n"
         ));
         assert_ne!(ClientKey::of_response(&cancel_ok).unwrap(), key);
+    }
+
+    #[test]
+    fn a_detached_key_equals_the_original_and_shares_nothing_with_the_request() {
+        for via in [VIA, "SIP/2.0/UDP 127.0.0.1:5060"] {
+            let invite = request("INVITE", via, "INVITE");
+            let key = ServerKey::of_request(&invite).unwrap();
+            let detached = key.detached();
+            assert_eq!(detached, key);
+            let [a, b] = [&key, &detached].map(|k| {
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                k.hash(&mut h);
+                h.finish()
+            });
+            assert_eq!(a, b, "same hash");
+            let buf = invite.source_bytes().as_ptr_range();
+            let inside = |b: &Bytes| buf.contains(&b.as_ptr());
+            match &detached {
+                ServerKey::Rfc3261 {
+                    branch, sent_by, ..
+                } => {
+                    assert!(!inside(branch) && !inside(&sent_by.host))
+                }
+                ServerKey::Rfc2543(k) => {
+                    assert!(!inside(&k.request_uri) && !inside(&k.call_id) && !inside(&k.top_via))
+                }
+            }
+        }
     }
 
     #[test]

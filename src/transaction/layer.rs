@@ -4,12 +4,24 @@
 //! in a deadline heap, and tells the core (the transaction user) what it must know.
 //!
 //! Sans-IO like the machines: inputs carry `now`, outputs are [`LayerOutput`]s the shell carries
-//! out. Memory is bounded: live transactions are capped (a new request beyond the cap is answered
-//! 503 with Retry-After, §21.5.4), a terminated transaction is freed at once, and timer entries
-//! of terminated transactions are compacted away once they outnumber the live ones.
+//! out.
+//!
+//! Memory is bounded by a budget in bytes (`limits.transaction_memory_mb`), shared by the
+//! layers of all event loops: each transaction is charged what it holds (its entry, its key,
+//! the messages it may send again) and what its user keeps for it (the proxy's call state,
+//! [`TransactionLayer::charge_user_state`]), recomputed whenever it changes, and a new request
+//! arriving while the live transactions hold the budget is answered 503 with Retry-After
+//! (§21.5.4). Transactions stay lean in their wait states: once a final response has been
+//! sent or received, a machine keeps only what absorbing retransmissions needs (the last
+//! response, or an ACK), and keys are copied out of the request so they do not keep the
+//! whole received message alive for the 32 s of Timers J, L and M. A terminated transaction
+//! is freed at once; timer entries of terminated transactions are compacted away once they
+//! outnumber the live ones, and the maps give back their room when they are mostly empty
+//! again after a burst ([`crate::memory`]).
 
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BinaryHeap, HashMap};
+use std::mem::size_of;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -22,6 +34,7 @@ use super::server_invite::InviteServer;
 use super::server_non_invite::NonInviteServer;
 use super::{Action, Event, Timer, TimerValues};
 use crate::logging::{call_id, REFUSED};
+use crate::memory::{shrink_heap_if_sparse, shrink_if_sparse};
 use crate::metrics::engine::{OverloadReason, TransactionKind, TransactionMetrics};
 use crate::sip::{Message, Method, ResponseBuilder};
 use crate::transport::{response_destination, Destination, Meta};
@@ -33,7 +46,12 @@ pub struct TxId(pub u64);
 #[derive(Clone, Copy, Debug)]
 pub struct LayerConfig {
     pub timers: TimerValues,
-    /// Live transactions (client + server) this loop keeps at most.
+    /// Bytes the live transactions of every loop may hold together (see the module doc); a
+    /// new request beyond it is refused with 503. Client transactions, which only requests
+    /// already accepted start, may go a quarter beyond it before they are refused too.
+    pub memory_budget: usize,
+    /// Live transactions (client + server) this loop keeps at most: the deprecated
+    /// `limits.max_transactions`, off (`usize::MAX`) unless configured.
     pub max_live: usize,
     /// Send 100 Trying as soon as an INVITE server transaction starts (§16.2: a proxy does,
     /// since forwarding takes longer than 200 ms whenever the callee is a person).
@@ -46,12 +64,16 @@ impl Default for LayerConfig {
     fn default() -> Self {
         LayerConfig {
             timers: TimerValues::default(),
-            max_live: 100_000,
+            memory_budget: DEFAULT_MEMORY_BUDGET,
+            max_live: usize::MAX,
             send_trying: true,
             retry_after_secs: 5,
         }
     }
 }
+
+/// `limits.transaction_memory_mb`'s default, in bytes.
+pub const DEFAULT_MEMORY_BUDGET: usize = 512 << 20;
 
 /// What the layer tells the core.
 #[derive(Debug)]
@@ -99,7 +121,7 @@ pub enum LayerOutput {
 /// Why [`TransactionLayer::send_request`] refused to start a client transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SendError {
-    /// The live-transaction cap is reached.
+    /// The memory budget (or the deprecated live-transaction cap) is exhausted.
     Overloaded,
     /// The request has no top Via with a branch (ours must carry one, §8.1.1.7).
     NoBranch,
@@ -123,12 +145,53 @@ struct ClientEntry {
     key: ClientKey,
     machine: ClientMachine,
     dest: Destination,
+    /// What this transaction is charged against the memory budget now.
+    charged: usize,
 }
 
 struct ServerEntry {
     key: ServerKey,
     machine: ServerMachine,
     dest: Destination,
+    charged: usize,
+    /// What the transaction user keeps for this transaction (the proxy's call state), charged
+    /// with it: see [`TransactionLayer::charge_user_state`].
+    user_state: usize,
+}
+
+/// Bytes a transaction costs besides what its machine and key hold: its boxed entry, its
+/// share of the two map slots that find it (by id and by key) at the maps' usual fill (a map
+/// grows by doubling and runs between 7/16 and 7/8 full: about 3/2 slots per entry), a
+/// timer entry or two, and the allocator's overhead on its few allocations. The figures of
+/// `tests/transaction_memory.rs` check the estimate against what is measured.
+const fn entry_cost(entry: usize, key: usize) -> usize {
+    const ALLOCATOR: usize = 4 * 16;
+    let slots = (size_of::<(TxId, Box<ServerEntry>)>() + key + size_of::<TxId>() + 2) * 3 / 2;
+    let timers = 2 * size_of::<TimerEntry>() * 3 / 2;
+    entry + slots + timers + ALLOCATOR
+}
+
+const SERVER_ENTRY_COST: usize = entry_cost(size_of::<ServerEntry>(), size_of::<ServerKey>());
+const CLIENT_ENTRY_COST: usize = entry_cost(size_of::<ClientEntry>(), size_of::<ClientKey>());
+
+impl ServerEntry {
+    fn footprint(&self) -> usize {
+        let machine = match &self.machine {
+            ServerMachine::Invite(m) => m.retained_bytes(),
+            ServerMachine::NonInvite(m) => m.retained_bytes(),
+        };
+        SERVER_ENTRY_COST + self.key.heap_bytes() + machine + self.user_state
+    }
+}
+
+impl ClientEntry {
+    fn footprint(&self) -> usize {
+        let machine = match &self.machine {
+            ClientMachine::Invite(m) => m.retained_bytes(),
+            ClientMachine::NonInvite(m) => m.retained_bytes(),
+        };
+        CLIENT_ENTRY_COST + self.key.branch.len() + machine
+    }
 }
 
 struct TimerEntry {
@@ -158,10 +221,12 @@ impl Ord for TimerEntry {
 pub struct TransactionLayer {
     config: LayerConfig,
     next_id: u64,
-    clients: HashMap<TxId, ClientEntry>,
+    clients: HashMap<TxId, Box<ClientEntry>>,
     client_keys: HashMap<ClientKey, TxId>,
-    servers: HashMap<TxId, ServerEntry>,
+    servers: HashMap<TxId, Box<ServerEntry>>,
     server_keys: HashMap<ServerKey, TxId>,
+    /// What this layer's transactions are charged in all (its share of the budget).
+    charged: usize,
     timers: BinaryHeap<Reverse<TimerEntry>>,
     timer_seq: u64,
     /// Requests refused because of the cap, for a log line that cannot become a flood.
@@ -178,8 +243,9 @@ pub struct TransactionLayer {
 
 impl Drop for TransactionLayer {
     fn drop(&mut self) {
-        // The live gauge is shared by every loop: take this loop's share out of it.
+        // The live and memory gauges are shared by every loop: take this loop's share out.
         self.metrics.ended(self.live());
+        self.metrics.release_memory(self.charged);
     }
 }
 
@@ -195,6 +261,7 @@ impl TransactionLayer {
             client_keys: HashMap::new(),
             servers: HashMap::new(),
             server_keys: HashMap::new(),
+            charged: 0,
             timers: BinaryHeap::new(),
             timer_seq: 0,
             overload_refusals: 0,
@@ -224,6 +291,31 @@ impl TransactionLayer {
     /// Live transactions, client and server.
     pub fn live(&self) -> usize {
         self.clients.len() + self.servers.len()
+    }
+
+    /// Bytes this layer's live transactions are charged against the memory budget.
+    pub fn charged_bytes(&self) -> usize {
+        self.charged
+    }
+
+    /// The limit a new transaction would pass, if any: the memory budget (held by the live
+    /// transactions of every loop; client transactions get a quarter more, see
+    /// [`LayerConfig::memory_budget`]) or the deprecated count cap of this loop.
+    fn exhausted(&self, side: Side) -> Option<&'static str> {
+        let budget = match side {
+            Side::Server => self.config.memory_budget,
+            Side::Client => self
+                .config
+                .memory_budget
+                .saturating_add(self.config.memory_budget / 4),
+        };
+        if self.metrics.memory_bytes() >= budget as u64 {
+            Some("limits.transaction_memory_mb reached")
+        } else if self.live() >= self.config.max_live {
+            Some("limits.max_transactions reached")
+        } else {
+            None
+        }
     }
 
     pub fn next_deadline(&self) -> Option<Instant> {
@@ -262,8 +354,8 @@ impl TransactionLayer {
             out.push(LayerOutput::Up(Upcall::Ack { request, meta }));
             return;
         }
-        if self.live() >= self.config.max_live {
-            return self.refuse_overloaded(&request, &meta, out);
+        if let Some(limit) = self.exhausted(Side::Server) {
+            return self.refuse_overloaded(limit, &request, &meta, out);
         }
         if let Some(reason) = self.shedding {
             if request.method() != Some(&Method::Cancel) {
@@ -335,8 +427,17 @@ impl TransactionLayer {
             ServerMachine::Invite(_) => TransactionKind::InviteServer,
             ServerMachine::NonInvite(_) => TransactionKind::NonInviteServer,
         });
+        // The stored key must not keep the request's buffer alive once the request is gone.
+        let key = key.detached();
         self.server_keys.insert(key.clone(), tx);
-        self.servers.insert(tx, ServerEntry { key, machine, dest });
+        let entry = ServerEntry {
+            key,
+            machine,
+            dest,
+            charged: 0,
+            user_state: 0,
+        };
+        self.servers.insert(tx, Box::new(entry));
         self.apply_server(tx, &mut actions, out);
         self.scratch = actions;
         let up = match method {
@@ -353,10 +454,20 @@ impl TransactionLayer {
 
     /// §21.5.4: 503 with Retry-After when the cap is reached, sent statelessly (a transaction
     /// for it would defeat the cap).
-    fn refuse_overloaded(&mut self, request: &Message, meta: &Meta, out: &mut Vec<LayerOutput>) {
+    fn refuse_overloaded(
+        &mut self,
+        limit: &'static str,
+        request: &Message,
+        meta: &Meta,
+        out: &mut Vec<LayerOutput>,
+    ) {
         let Ok(via) = request.top_via() else { return };
         self.overload_refusals += 1;
-        self.metrics.overloaded(OverloadReason::MaxTransactions);
+        self.metrics
+            .overloaded(match limit.starts_with("limits.max_transactions") {
+                true => OverloadReason::MaxTransactions,
+                false => OverloadReason::TransactionMemory,
+            });
         // One line per refused request, as for any refusal (`moonroute::refused=error` in
         // `log_level` silences them when the log itself would add to the load).
         warn!(
@@ -366,8 +477,9 @@ impl TransactionLayer {
             transport = %meta.kind,
             code = 503,
             live = self.live(),
+            memory_mb = self.metrics.memory_bytes() >> 20,
             refused_so_far = self.overload_refusals,
-            reason = "limits.max_transactions reached: answered 503 with Retry-After",
+            reason = %format_args!("{limit}: answered 503 with Retry-After"),
             "request refused"
         );
         self.send_503(request, &via, meta, out);
@@ -415,6 +527,17 @@ impl TransactionLayer {
             dest: response_destination(via, meta),
             data,
         });
+    }
+
+    /// Charges server transaction `tx` `bytes` more, for what the transaction user keeps as
+    /// long as it lives (the proxy's state of a relayed request): the budget then bounds the
+    /// memory a request costs, not only its transaction's. Replaces the previous figure;
+    /// unknown transactions are ignored.
+    pub fn charge_user_state(&mut self, tx: TxId, bytes: usize) {
+        if let Some(entry) = self.servers.get_mut(&tx) {
+            entry.user_state = bytes;
+            self.recharge(Side::Server, tx);
+        }
     }
 
     /// Sends the responses of server transaction `tx` to `dest` from now on: the request's top
@@ -466,7 +589,7 @@ impl TransactionLayer {
         if self.client_keys.contains_key(&key) {
             return Err(SendError::Duplicate);
         }
-        if self.live() >= self.config.max_live {
+        if self.exhausted(Side::Client).is_some() {
             return Err(SendError::Overloaded);
         }
         let tx = self.new_id();
@@ -493,8 +616,20 @@ impl TransactionLayer {
             ClientMachine::Invite(_) => TransactionKind::InviteClient,
             ClientMachine::NonInvite(_) => TransactionKind::NonInviteClient,
         });
+        // Our branch is usually in an edit of the request (the Via we added), but a request
+        // sent as it was received would otherwise stay alive through its key.
+        let key = ClientKey {
+            branch: Bytes::copy_from_slice(&key.branch),
+            method: key.method,
+        };
         self.client_keys.insert(key.clone(), tx);
-        self.clients.insert(tx, ClientEntry { key, machine, dest });
+        let entry = ClientEntry {
+            key,
+            machine,
+            dest,
+            charged: 0,
+        };
+        self.clients.insert(tx, Box::new(entry));
         self.apply_client(tx, &mut actions, out);
         self.scratch = actions;
         Ok(tx)
@@ -526,8 +661,9 @@ impl TransactionLayer {
     }
 
     /// The INVITE a client transaction sent, for building its CANCEL (§9.1).
+    /// `None` once the transaction has its final response (there is nothing left to cancel).
     pub fn client_request(&self, tx: TxId) -> Option<&Message> {
-        self.clients.get(&tx).map(|e| match &e.machine {
+        self.clients.get(&tx).and_then(|e| match &e.machine {
             ClientMachine::Invite(m) => m.request(),
             ClientMachine::NonInvite(m) => m.request(),
         })
@@ -565,6 +701,7 @@ impl TransactionLayer {
             };
             self.fire(entry.tx, entry.timer, now, out);
         }
+        shrink_heap_if_sparse(&mut self.timers);
     }
 
     fn fire(&mut self, tx: TxId, timer: Timer, now: Instant, out: &mut Vec<LayerOutput>) {
@@ -611,7 +748,9 @@ impl TransactionLayer {
             .into_iter()
             .filter(|Reverse(t)| clients.contains_key(&t.tx) || servers.contains_key(&t.tx))
             .collect();
-        self.timers = BinaryHeap::from(live);
+        let mut timers = BinaryHeap::from(live);
+        shrink_heap_if_sparse(&mut timers);
+        self.timers = timers;
     }
 
     // ----- carrying out a machine's actions --------------------------------------------
@@ -680,6 +819,33 @@ impl TransactionLayer {
                 }
             }
         }
+        self.recharge(side, tx);
+    }
+
+    /// Charges transaction `tx` what it holds now (after a step of its machine, which may
+    /// have kept or let go of a message).
+    fn recharge(&mut self, side: Side, tx: TxId) {
+        let (charged, now) = match side {
+            Side::Client => match self.clients.get_mut(&tx) {
+                Some(e) => {
+                    let now = e.footprint();
+                    (&mut e.charged, now)
+                }
+                None => return,
+            },
+            Side::Server => match self.servers.get_mut(&tx) {
+                Some(e) => {
+                    let now = e.footprint();
+                    (&mut e.charged, now)
+                }
+                None => return,
+            },
+        };
+        let before = std::mem::replace(charged, now);
+        if now != before {
+            self.charged = self.charged + now - before;
+            self.metrics.charge_memory(before, now);
+        }
     }
 
     /// Ends server transaction `tx` without a response: the request was forwarded statelessly
@@ -711,18 +877,26 @@ impl TransactionLayer {
     }
 
     fn forget_entry(&mut self, side: Side, tx: TxId) -> bool {
-        match side {
-            Side::Client => self
-                .clients
-                .remove(&tx)
-                .map(|e| self.client_keys.remove(&e.key))
-                .is_some(),
-            Side::Server => self
-                .servers
-                .remove(&tx)
-                .map(|e| self.server_keys.remove(&e.key))
-                .is_some(),
-        }
+        let charged = match side {
+            Side::Client => self.clients.remove(&tx).map(|e| {
+                self.client_keys.remove(&e.key);
+                shrink_if_sparse(&mut self.clients);
+                shrink_if_sparse(&mut self.client_keys);
+                e.charged
+            }),
+            Side::Server => self.servers.remove(&tx).map(|e| {
+                self.server_keys.remove(&e.key);
+                shrink_if_sparse(&mut self.servers);
+                shrink_if_sparse(&mut self.server_keys);
+                e.charged
+            }),
+        };
+        let Some(charged) = charged else {
+            return false;
+        };
+        self.charged -= charged;
+        self.metrics.release_memory(charged);
+        true
     }
 }
 
@@ -748,6 +922,18 @@ mod tests {
 
     use super::*;
     use crate::transport::TransportKind;
+
+    /// The next hop of the client transactions these tests start.
+    fn destination(kind: TransportKind) -> Destination {
+        Destination {
+            kind,
+            addr: "127.0.0.1:5080".parse().unwrap(),
+            conn: None,
+            local: None,
+            tls_name: None,
+            reuse_only: false,
+        }
+    }
 
     fn meta(kind: TransportKind) -> Meta {
         Meta {
@@ -883,14 +1069,7 @@ mod tests {
         let mut l = layer();
         let now = Instant::now();
         let mut out = Vec::new();
-        let dest = Destination {
-            kind: TransportKind::Udp,
-            addr: "127.0.0.1:5080".parse().unwrap(),
-            conn: None,
-            local: None,
-            tls_name: None,
-            reuse_only: false,
-        };
+        let dest = destination(TransportKind::Udp);
         let options = request("OPTIONS", "z9hG4bKcli1", "OPTIONS");
         let tx = l
             .send_request(options.clone(), dest.clone(), now, &mut out)
@@ -978,14 +1157,7 @@ mod tests {
         assert_eq!(metrics.live(), 1);
 
         // An unanswered INVITE: Timer A sends it 6 more times, Timer B times it out.
-        let dest = Destination {
-            kind: TransportKind::Udp,
-            addr: "127.0.0.1:5080".parse().unwrap(),
-            conn: None,
-            local: None,
-            tls_name: None,
-            reuse_only: false,
-        };
+        let dest = destination(TransportKind::Udp);
         let invite = request("INVITE", "z9hG4bKmet2", "INVITE");
         l.send_request(invite, dest, now, &mut out).unwrap();
         assert_eq!(metrics.created_count(TransactionKind::InviteClient), 1);
@@ -1065,6 +1237,140 @@ mod tests {
         assert_eq!(answer.status(), Some(503));
         assert_eq!(answer.headers_named("Retry-After").next(), Some(&b"5"[..]));
         assert_eq!(l.live(), 1);
+    }
+
+    #[test]
+    fn the_memory_budget_answers_503_and_frees_up_as_transactions_end() {
+        let metrics = TransactionMetrics::default();
+        let mut l = TransactionLayer::new(LayerConfig {
+            memory_budget: 4096,
+            ..LayerConfig::default()
+        });
+        l.set_metrics(metrics.clone());
+        let now = Instant::now();
+        let mut out = Vec::new();
+        let mut accepted = 0;
+        for i in 0..20 {
+            let req = request("OPTIONS", &format!("z9hG4bKbudget{i}"), "OPTIONS");
+            l.on_request(req.clone(), meta(TransportKind::Udp), now, &mut out);
+            let Some(LayerOutput::Up(Upcall::Request { tx, .. })) = out.last() else {
+                break;
+            };
+            let tx = *tx;
+            accepted += 1;
+            l.respond(tx, 200, response_to(&req, 200).to_bytes(), now, &mut out);
+            out.clear();
+        }
+        assert!((2..20).contains(&accepted), "{accepted} accepted");
+        assert_eq!(metrics.memory_bytes(), l.charged_bytes() as u64);
+        assert!(l.charged_bytes() >= 4096);
+        let refused = sends(&out);
+        assert_eq!(refused, [503], "{out:?}");
+        assert_eq!(metrics.overload_count(OverloadReason::TransactionMemory), 1);
+        // A client transaction of a request already accepted gets a quarter more room.
+        let dest = destination(TransportKind::Udp);
+        let bye = request("BYE", "z9hG4bKbudgetc", "BYE");
+        assert!(l.send_request(bye, dest, now, &mut out).is_ok());
+        // Timer J ends them all: the budget is free again.
+        l.on_timer(now + Duration::from_secs(40), &mut out);
+        assert_eq!(
+            (l.live(), l.charged_bytes(), metrics.memory_bytes()),
+            (0, 0, 0)
+        );
+        out.clear();
+        l.on_request(
+            request("OPTIONS", "z9hG4bKbudgetz", "OPTIONS"),
+            meta(TransportKind::Udp),
+            now + Duration::from_secs(40),
+            &mut out,
+        );
+        assert!(matches!(
+            out.last(),
+            Some(LayerOutput::Up(Upcall::Request { .. }))
+        ));
+        drop(l);
+        assert_eq!(
+            metrics.memory_bytes(),
+            0,
+            "a dropped layer takes its share out"
+        );
+    }
+
+    /// RFC 3261 §17.1.1.2, §17.1.2.2, §17.2.1, §17.2.2: Timers D, K, I and J are zero over
+    /// reliable transports, so those wait states end at once; RFC 6026's Accepted states
+    /// (Timers L and M) last 64*T1 on every transport, since a 2xx from another fork or the
+    /// TU may still come.
+    #[test]
+    fn over_a_reliable_transport_the_wait_states_of_rfc_3261_last_no_time() {
+        let now = Instant::now();
+        let mut out = Vec::new();
+        let mut tcp = meta(TransportKind::Tcp);
+        tcp.conn = Some(crate::transport::ConnectionId(7));
+        let dest = destination(TransportKind::Tcp);
+        let ended = |out: &[LayerOutput]| {
+            out.iter()
+                .any(|o| matches!(o, LayerOutput::Up(Upcall::Terminated { .. })))
+        };
+        let mut l = layer();
+
+        // Non-INVITE server: the final response ends it (Timer J = 0).
+        let options = request("OPTIONS", "z9hG4bKrelj", "OPTIONS");
+        l.on_request(options.clone(), tcp, now, &mut out);
+        let Some(LayerOutput::Up(Upcall::Request { tx, .. })) = out.pop() else {
+            panic!()
+        };
+        l.respond(
+            tx,
+            200,
+            response_to(&options, 200).to_bytes(),
+            now,
+            &mut out,
+        );
+        assert!(ended(&out) && l.live() == 0, "J");
+        out.clear();
+
+        // INVITE server: the ACK of its 486 ends it (Timer I = 0).
+        let invite = request("INVITE", "z9hG4bKreli", "INVITE");
+        l.on_request(invite.clone(), tcp, now, &mut out);
+        let Some(LayerOutput::Up(Upcall::Request { tx, .. })) = out.pop() else {
+            panic!()
+        };
+        l.respond(tx, 486, response_to(&invite, 486).to_bytes(), now, &mut out);
+        l.on_request(request("ACK", "z9hG4bKreli", "ACK"), tcp, now, &mut out);
+        assert!(ended(&out) && l.live() == 0, "I");
+        out.clear();
+
+        // Non-INVITE client: its final response ends it (Timer K = 0).
+        let bye = request("BYE", "z9hG4bKrelk", "BYE");
+        l.send_request(bye.clone(), dest.clone(), now, &mut out)
+            .unwrap();
+        l.on_response(response_to(&bye, 200), tcp, now, &mut out);
+        assert!(ended(&out) && l.live() == 0, "K");
+        out.clear();
+
+        // INVITE client: a non-2xx ends it once ACKed (Timer D = 0).
+        let invite = request("INVITE", "z9hG4bKreld", "INVITE");
+        l.send_request(invite.clone(), dest.clone(), now, &mut out)
+            .unwrap();
+        l.on_response(response_to(&invite, 486), tcp, now, &mut out);
+        assert!(ended(&out) && l.live() == 0, "D");
+        out.clear();
+
+        // Accepted (RFC 6026): both sides wait 64*T1 whatever the transport.
+        let invite = request("INVITE", "z9hG4bKrell", "INVITE");
+        l.on_request(invite.clone(), tcp, now, &mut out);
+        let Some(LayerOutput::Up(Upcall::Request { tx, .. })) = out.pop() else {
+            panic!()
+        };
+        l.respond(tx, 200, response_to(&invite, 200).to_bytes(), now, &mut out);
+        let outgoing = request("INVITE", "z9hG4bKrelm", "INVITE");
+        l.send_request(outgoing.clone(), dest, now, &mut out)
+            .unwrap();
+        l.on_response(response_to(&outgoing, 200), tcp, now, &mut out);
+        assert_eq!(l.live(), 2, "L and M");
+        let t1x64 = TimerValues::default().t1x64();
+        l.on_timer(now + t1x64, &mut out);
+        assert_eq!(l.live(), 0);
     }
 
     #[test]

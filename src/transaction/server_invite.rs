@@ -199,6 +199,21 @@ impl InviteServer {
         }
     }
 
+    /// Heap bytes this transaction holds beyond its own struct: the response it would send
+    /// again (the memory budget's share of it, see `layer`).
+    pub fn retained_bytes(&self) -> usize {
+        match &self.phase {
+            Phase::Proceeding {
+                last_provisional: Some(response),
+            }
+            | Phase::Completed {
+                final_response: response,
+                ..
+            } => response.len(),
+            _ => 0,
+        }
+    }
+
     pub fn state(&self) -> InviteServerState {
         match self.phase {
             Phase::Proceeding { .. } => InviteServerState::Proceeding,

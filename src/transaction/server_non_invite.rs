@@ -108,6 +108,20 @@ impl NonInviteServer {
         }
     }
 
+    /// Heap bytes this transaction holds beyond its own struct: the response it would send
+    /// again (the memory budget's share of it, see `layer`).
+    pub fn retained_bytes(&self) -> usize {
+        match &self.phase {
+            Phase::Proceeding {
+                last_provisional: response,
+            }
+            | Phase::Completed {
+                final_response: response,
+            } => response.len(),
+            Phase::Trying | Phase::Terminated => 0,
+        }
+    }
+
     pub fn state(&self) -> NonInviteServerState {
         match self.phase {
             Phase::Trying => NonInviteServerState::Trying,

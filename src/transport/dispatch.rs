@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::panic::{self, AssertUnwindSafe};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::net::UdpSocket;
@@ -28,11 +28,25 @@ use crate::dns::{Query, ResolveError, Resolver};
 use crate::metrics::engine::{response_code, DnsMetrics};
 use crate::metrics::EngineMetrics;
 
+/// A queue a loop receives from, whose lag it measures.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum LagSource {
+    /// The UDP socket bound to this listen address.
+    Udp(SocketAddr),
+    /// What other loops hand over.
+    HandOvers,
+}
+
 /// A UDP socket of this loop and the listen address it was bound to.
 pub(crate) struct UdpEndpoint {
     pub(crate) local: SocketAddr,
     pub(crate) socket: UdpSocket,
 }
+
+/// Hand-overs a loop holds before sending them without waiting for its task to yield: bounds
+/// the delay a long burst adds to the first of them (and what is held), while one wake-up of
+/// the owning loop still serves many.
+const HAND_OVER_BATCH: usize = 32;
 
 /// The state shared by the transport tasks of one event loop. See the module docs.
 pub(crate) struct LoopContext {
@@ -48,11 +62,15 @@ pub(crate) struct LoopContext {
     pub(crate) tls: Arc<TlsContext>,
     /// TLS handshakes of accepted connections in progress on this loop.
     pub(crate) tls_handshakes: Cell<usize>,
-    /// The receive lag of each UDP socket of this loop, by local address (see
+    /// The receive lag of each receive queue of this loop (see
     /// [`LoopContext::set_receive_lag`]).
-    receive_lags: RefCell<Vec<(SocketAddr, std::time::Duration)>>,
+    receive_lags: RefCell<Vec<(LagSource, Duration)>>,
     /// Every loop's hand-over queue, this one's included, by loop index.
     hand_over: Arc<[mpsc::Sender<Input>]>,
+    /// Hand-overs decided while the current task runs, sent when it yields (see
+    /// [`LoopContext::hand_over`]), and the signal that wakes the task sending them.
+    hand_overs_waiting: RefCell<Vec<(usize, Input)>>,
+    hand_overs_queued: Notify,
     dns: LoopDns,
     /// The server's metric handles (messages, responses sent, connections).
     pub(crate) metrics: Arc<EngineMetrics>,
@@ -133,26 +151,68 @@ impl LoopContext {
             tls_handshakes: Cell::new(0),
             receive_lags: RefCell::new(Vec::new()),
             hand_over,
+            hand_overs_waiting: RefCell::new(Vec::new()),
+            hand_overs_queued: Notify::new(),
             dns,
             metrics,
         }
     }
 
+    /// Passes `input` to loop `worker`. Not at once: waking another loop's thread costs a
+    /// system call and a context switch, so what a burst of received messages hands over goes
+    /// in one go when the task that received them yields (its socket is drained, or its tokio
+    /// budget spent), or once [`HAND_OVER_BATCH`] are waiting. The owning loop is woken once
+    /// per batch (at most), not once per message. Order is kept.
     fn hand_over(&self, worker: usize, input: Input) {
-        let Some(queue) = self.hand_over.get(worker) else {
-            warn!(
-                from = self.index,
-                to = worker,
-                "dropping hand-over to an event loop that does not exist"
-            );
-            return;
+        let waiting = {
+            let mut waiting = self.hand_overs_waiting.borrow_mut();
+            waiting.push((worker, input));
+            waiting.len()
         };
-        if let Err(error) = queue.try_send(input) {
-            warn!(target: crate::logging::REFUSED, from = self.index, to = worker, reason = %format_args!("hand-over to the event loop owning its transaction failed ({error})"), "message dropped");
+        if waiting == 1 {
+            self.hand_overs_queued.notify_one();
+        } else if waiting >= HAND_OVER_BATCH {
+            self.send_hand_overs();
         }
     }
 
-    /// Receives what other loops hand over and runs it through this loop's Worker.
+    /// This loop's task sending the waiting hand-overs: runs when the task that queued them
+    /// yields.
+    pub(crate) async fn run_hand_over_sender(self: Rc<Self>) {
+        loop {
+            self.hand_overs_queued.notified().await;
+            self.send_hand_overs();
+        }
+    }
+
+    /// Puts the waiting hand-overs on their loops' queues; a full queue drops the input (UDP
+    /// retransmissions recover it) with one log line.
+    fn send_hand_overs(&self) {
+        let mut batch = std::mem::take(&mut *self.hand_overs_waiting.borrow_mut());
+        for (worker, input) in batch.drain(..) {
+            let Some(queue) = self.hand_over.get(worker) else {
+                warn!(
+                    from = self.index,
+                    to = worker,
+                    "dropping hand-over to an event loop that does not exist"
+                );
+                continue;
+            };
+            match queue.try_send(input) {
+                Ok(()) => self.metrics.transport.handed_over(),
+                Err(error) => {
+                    self.metrics.transport.hand_over_dropped();
+                    warn!(target: crate::logging::REFUSED, from = self.index, to = worker, reason = %format_args!("hand-over to the event loop owning its transaction failed ({error})"), "message dropped");
+                }
+            }
+        }
+        // Keep the allocation for the next batch (nothing is queued while sending).
+        let mut waiting = self.hand_overs_waiting.borrow_mut();
+        if waiting.is_empty() {
+            *waiting = batch;
+        }
+    }
+
     /// Feeds the Worker an [`Input::Wake`] each time its wake signal is notified.
     pub(crate) async fn run_wakes(self: Rc<Self>, signal: Arc<Notify>) {
         loop {
@@ -165,20 +225,51 @@ impl LoopContext {
         self.worker.borrow().wake_signal()
     }
 
+    /// Receives what other loops hand over and runs it through this loop's Worker. Its queue
+    /// counts as one more receive queue: how long it has not been found empty is a receive lag
+    /// (see [`LoopContext::set_receive_lag`]), so a loop falling behind the work handed to it
+    /// refuses new requests as it does when behind its own socket, instead of letting the
+    /// queue fill and drop.
     pub(crate) async fn run_hand_overs(self: Rc<Self>, mut queue: mpsc::Receiver<Input>) {
-        while let Some(input) = queue.recv().await {
+        let mut busy_since: Option<Instant> = None;
+        loop {
+            let input = match queue.try_recv() {
+                Ok(input) => {
+                    // Like a UDP socket with datagrams waiting: let the loop's other tasks run.
+                    tokio::task::coop::consume_budget().await;
+                    input
+                }
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    busy_since = None;
+                    self.set_lag(LagSource::HandOvers, Duration::ZERO);
+                    match queue.recv().await {
+                        Some(input) => input,
+                        None => return,
+                    }
+                }
+                Err(mpsc::error::TryRecvError::Disconnected) => return,
+            };
+            let now = Instant::now();
+            self.set_lag(
+                LagSource::HandOvers,
+                now.duration_since(*busy_since.get_or_insert(now)),
+            );
             self.handle(input).await;
         }
     }
 
     /// Records how far behind the queue of its UDP socket `local` the loop is, and tells the
-    /// Worker the largest lag over the loop's sockets (see [`Worker::set_receive_lag`]).
-    pub(crate) fn set_receive_lag(&self, local: SocketAddr, lag: std::time::Duration) {
+    /// Worker the largest lag over the loop's receive queues (see [`Worker::set_receive_lag`]).
+    pub(crate) fn set_receive_lag(&self, local: SocketAddr, lag: Duration) {
+        self.set_lag(LagSource::Udp(local), lag);
+    }
+
+    fn set_lag(&self, source: LagSource, lag: Duration) {
         let worst = {
             let mut lags = self.receive_lags.borrow_mut();
-            match lags.iter_mut().find(|(addr, _)| *addr == local) {
+            match lags.iter_mut().find(|(known, _)| *known == source) {
                 Some(entry) => entry.1 = lag,
-                None => lags.push((local, lag)),
+                None => lags.push((source, lag)),
             }
             lags.iter().map(|(_, lag)| *lag).max().unwrap_or_default()
         };

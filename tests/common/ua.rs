@@ -810,7 +810,7 @@ impl TestUa {
 }
 
 /// An ACK or CANCEL built from the request it refers to (§9.1, §17.1.1.3).
-fn derived_request(original: &Message, method: &str, to: Option<&[u8]>) -> String {
+pub fn derived_request(original: &Message, method: &str, to: Option<&[u8]>) -> String {
     let header = |name| text(original.header(name).unwrap_or(b""));
     let top_via = original.values(HeaderName::Via).next().unwrap().unwrap();
     let mut out = format!(

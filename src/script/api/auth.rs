@@ -14,6 +14,7 @@ use tracing::{debug, info};
 use super::{env, runtime, Role, ScriptMsg};
 use crate::auth::{self, Verdict};
 use crate::proxy::router::Decision;
+use crate::registrar::AorRule;
 use crate::sip::Method;
 
 pub(super) fn add_methods<M: UserDataMethods<ScriptMsg>>(methods: &mut M) {
@@ -88,7 +89,7 @@ pub(super) fn add_methods<M: UserDataMethods<ScriptMsg>>(methods: &mut M) {
         }
         Ok(ours.len())
     });
-    methods.add_method("check_from", |_, m, ()| {
+    methods.add_method("check_from", |lua, m, ()| {
         m.require(&[Role::Request], "check_from")?;
         let Some(Verdict::Authorized { user, domain, .. }) = &m.auth else {
             return Ok(false);
@@ -103,10 +104,21 @@ pub(super) fn add_methods<M: UserDataMethods<ScriptMsg>>(methods: &mut M) {
         let Some(uri) = name_addr.uri.as_sip() else {
             return Ok(false);
         };
+        // The AOR claimed and the subscriber's, named as the registrar names them: user parts
+        // unescaped and case-sensitive, hosts not (RFC 3261 §19.1.4), our own port dropped.
         // The subscriber's domain, not the realm, is its AOR's host (they differ for a
-        // subscriber added with --realm). User parts are case-sensitive, hosts are not (RFC
-        // 3261 §19.1.4).
-        Ok(uri.user == Some(user.as_bytes()) && uri.host.to_string().eq_ignore_ascii_case(domain))
+        // subscriber added with --realm).
+        let env = env(lua, "check_from")?;
+        let own_rule;
+        let aors = match &env.services.registrar {
+            Some(registrar) => registrar.aor_rule(),
+            None => {
+                own_rule = AorRule::new(env.identity.clone());
+                &own_rule
+            }
+        };
+        let claimed = aors.of(&name_addr.uri);
+        Ok(claimed.is_some() && claimed == aors.of_user(uri.secure, user, domain))
     });
 }
 
