@@ -100,10 +100,7 @@ pub struct TestOptions {
 impl Default for TestOptions {
     fn default() -> Self {
         TestOptions {
-            source: ListenAddr {
-                kind: TransportKind::Udp,
-                addr: ([127, 0, 0, 1], 5070).into(),
-            },
+            source: ListenAddr::new(TransportKind::Udp, ([127, 0, 0, 1], 5070).into()),
             domains: Vec::new(),
             location: None,
             force_rport: crate::config::Nat::default().force_rport,

@@ -24,6 +24,7 @@
 
 pub mod affinity;
 pub mod core;
+pub mod identity;
 mod workers;
 
 pub use workers::{Server, ServerHandle};
