@@ -523,7 +523,7 @@ impl Core {
             self.metrics.transport.parse_error(meta.kind);
             return self.refuse(&msg, e, &meta, out);
         }
-        if let Err(e) = msg.validate() {
+        if let Err(e) = msg.check_valid() {
             // Answered statelessly: a request this broken may not even yield a transaction key.
             self.metrics.transport.parse_error(meta.kind);
             return self.refuse(&msg, e, &meta, out);

@@ -75,6 +75,10 @@ pub struct Message {
     wire_start: usize,
     wire_end: usize,
     edited: bool,
+    /// [`Message::check_valid`] passed and nothing was edited since: [`Message::validate`] has
+    /// nothing left to find (the core validates every request on receipt; `req:sanity()` then
+    /// costs nothing for a message the script has not touched).
+    valid: bool,
 }
 
 /// A header field as seen by callers: its classified name and borrowed text.
@@ -216,6 +220,7 @@ impl Message {
             wire_start,
             wire_end,
             edited: false,
+            valid: false,
         })
     }
 
@@ -269,6 +274,7 @@ impl Message {
             wire_start: 0,
             wire_end: 0,
             edited: true,
+            valid: false,
         };
         msg.top_via().ok()?;
         Some(msg)
@@ -534,6 +540,9 @@ impl Message {
     /// Request-URI of a request carries no headers (§19.1.1 table, RFC 4475 §3.1.2.11), and
     /// every Via, Contact, Route, Record-Route, option tag and Date parses.
     pub fn validate(&self) -> Result<()> {
+        if self.valid {
+            return Ok(());
+        }
         let mut seen: u64 = 0;
         for h in self.headers.iter().filter(|h| h.name.is_single()) {
             let bit = 1u64 << (h.name as u8);
@@ -599,7 +608,22 @@ impl Message {
         Ok(())
     }
 
+    /// [`Message::validate`], remembering a success until the next edit, so that later checks
+    /// of the unedited message (the script's `req:sanity()`) do not parse it all again.
+    pub fn check_valid(&mut self) -> Result<()> {
+        self.validate()?;
+        self.valid = true;
+        Ok(())
+    }
+
     // ----- edits ------------------------------------------------------------------------
+
+    /// Every edit goes through here: the message is no longer its received bytes, and what
+    /// [`Message::check_valid`] found no longer holds.
+    fn touched(&mut self) {
+        self.edited = true;
+        self.valid = false;
+    }
 
     /// Replaces the Request-URI (§16.6 step 2); `uri` must parse.
     pub fn set_request_uri(&mut self, uri: &[u8]) -> Result<()> {
@@ -619,7 +643,7 @@ impl Message {
             *uri = uri_span;
         }
         self.start_line = span;
-        self.edited = true;
+        self.touched();
         Ok(())
     }
 
@@ -666,7 +690,7 @@ impl Message {
         let entry = self.new_entry(name.as_bytes(), value)?;
         let at = self.position_of(name).unwrap_or(0);
         self.headers.insert(at, entry);
-        self.edited = true;
+        self.touched();
         Ok(())
     }
 
@@ -674,7 +698,7 @@ impl Message {
     pub fn append_header(&mut self, name: &str, value: &[u8]) -> Result<()> {
         let entry = self.new_entry(name.as_bytes(), value)?;
         self.headers.push(entry);
-        self.edited = true;
+        self.touched();
         Ok(())
     }
 
@@ -694,7 +718,7 @@ impl Message {
             }
             None => self.headers.push(entry),
         }
-        self.edited = true;
+        self.touched();
         Ok(())
     }
 
@@ -706,7 +730,9 @@ impl Message {
         self.headers
             .retain(|h| !wanted.matches(h.name, span_text(buf, own, h.raw_name)));
         let removed = before - self.headers.len();
-        self.edited |= removed > 0;
+        if removed > 0 {
+            self.touched();
+        }
         removed
     }
 
@@ -735,7 +761,7 @@ impl Message {
         let raw_name = self.text(self.headers[at].raw_name).to_vec();
         let entry = self.new_entry(&raw_name, value)?;
         self.headers[at] = entry;
-        self.edited = true;
+        self.touched();
         Ok(true)
     }
 
@@ -788,7 +814,7 @@ impl Message {
                 self.headers.remove(at);
             }
         }
-        self.edited = true;
+        self.touched();
         Ok(true)
     }
 
@@ -815,7 +841,7 @@ impl Message {
         }
         self.set_header("Content-Length", body.len().to_string().as_bytes())?;
         self.body = body;
-        self.edited = true;
+        self.touched();
         Ok(())
     }
 

@@ -230,3 +230,19 @@ fn empty_supported_is_valid_but_empty_require_is_not() {
         .validate()
         .is_err());
 }
+
+#[test]
+fn a_checked_message_is_checked_again_after_an_edit() {
+    let mut m = parse(INVITE);
+    m.check_valid().unwrap();
+    m.validate().unwrap();
+    // An edit that breaks the message must be caught by the next check, not hidden by the
+    // remembered success.
+    m.append_header("CSeq", b"1 INVITE").unwrap();
+    assert!(m.validate().is_err());
+    assert!(m.check_valid().is_err());
+    let mut m = parse(INVITE);
+    m.check_valid().unwrap();
+    m.set_first_value(HeaderName::From, b"<sip:alice@atlanta.example.com").unwrap();
+    assert!(m.validate().is_err());
+}
