@@ -69,13 +69,11 @@ impl<'a> Host<'a> {
         if s.is_empty() || !s.iter().all(|&b| scan::is_hostname_char(b)) {
             return Err(ParseError::bad("host", "bad host name"));
         }
+        if let Some(v4) = parse_ipv4(s) {
+            return Ok(Host::Ip(IpAddr::V4(v4)));
+        }
         // Hostname characters are ASCII, so this conversion cannot fail.
         let text = std::str::from_utf8(s).map_err(|_| ParseError::bad("host", "bad host name"))?;
-        if s.iter().all(|b| b.is_ascii_digit() || *b == b'.') {
-            if let Ok(v4) = text.parse::<Ipv4Addr>() {
-                return Ok(Host::Ip(IpAddr::V4(v4)));
-            }
-        }
         Ok(Host::Domain(text))
     }
 
@@ -96,6 +94,29 @@ impl<'a> Host<'a> {
     }
 }
 
+/// IPv4address (§25.1) as the standard library reads it (`"1.2.3.4".parse::<Ipv4Addr>()`: four
+/// decimal octets of at most three digits, no leading zero, each at most 255), without going
+/// through `str` and the general address parser: every host of every URI and Via is tried.
+fn parse_ipv4(s: &[u8]) -> Option<Ipv4Addr> {
+    let mut octets = [0u8; 4];
+    let mut parts = s.split(|&b| b == b'.');
+    for octet in &mut octets {
+        let part = parts.next()?;
+        let well_formed = !part.is_empty()
+            && part.len() <= 3
+            && (part.len() == 1 || part[0] != b'0')
+            && part.iter().all(u8::is_ascii_digit);
+        if !well_formed {
+            return None;
+        }
+        let value = part
+            .iter()
+            .fold(0u16, |acc, &d| acc * 10 + u16::from(d - b'0'));
+        *octet = u8::try_from(value).ok()?;
+    }
+    parts.next().is_none().then_some(Ipv4Addr::from(octets))
+}
+
 impl fmt::Display for Host<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -109,10 +130,7 @@ impl fmt::Display for Host<'_> {
 impl<'a> Uri<'a> {
     /// Parses a URI. Whitespace anywhere inside is an error (RFC 4475 §3.1.2.8).
     pub fn parse(s: &'a [u8]) -> Result<Uri<'a>> {
-        let colon = s
-            .iter()
-            .position(|&b| b == b':')
-            .ok_or(ParseError::bad("URI", "no scheme"))?;
+        let colon = memchr::memchr(b':', s).ok_or(ParseError::bad("URI", "no scheme"))?;
         let scheme = &s[..colon];
         if !is_scheme(scheme) {
             return Err(ParseError::bad("URI", "bad scheme"));
@@ -178,7 +196,7 @@ impl<'a> SipUri<'a> {
             ));
         }
         // '@' is allowed neither in params nor headers, so the first one ends the userinfo.
-        let (user, password, after_user) = match rest.iter().position(|&b| b == b'@') {
+        let (user, password, after_user) = match memchr::memchr(b'@', rest) {
             Some(at) => {
                 let userinfo = &rest[..at];
                 let (user, password) = match userinfo.iter().position(|&b| b == b':') {
@@ -321,10 +339,7 @@ fn split_hostport(s: &[u8]) -> Result<(&[u8], &[u8])> {
     } else {
         0
     };
-    let end = s[search_from..]
-        .iter()
-        .position(|&b| b == b';' || b == b'?')
-        .map_or(s.len(), |p| p + search_from);
+    let end = memchr::memchr2(b';', b'?', &s[search_from..]).map_or(s.len(), |p| p + search_from);
     Ok((&s[..end], &s[end..]))
 }
 
@@ -390,6 +405,34 @@ mod tests {
         match Uri::parse(s.as_bytes()).unwrap() {
             Uri::Sip(u) => u,
             other => panic!("not sip: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn ipv4_hosts_read_as_the_standard_library_reads_them() {
+        let cases = [
+            "1.2.3.4", "0.0.0.0", "255.255.255.255", "256.1.1.1", "01.2.3.4", "1.2.3", "1.2.3.4.5",
+            "1..3.4", ".1.2.3", "1.2.3.", "1234.1.1.1", "10.0.0.1", "127.000.0.1", "9.99.199.249",
+            "", "1.2.3.4a",
+        ];
+        for case in cases {
+            assert_eq!(
+                parse_ipv4(case.as_bytes()),
+                case.parse::<Ipv4Addr>().ok(),
+                "{case:?}"
+            );
+        }
+        // Every combination of short digit runs, against the standard parser.
+        let parts = ["0", "00", "1", "9", "10", "99", "100", "255", "256", "300", "999", "0001"];
+        for a in parts {
+            for b in parts {
+                let text = format!("{a}.{b}.{a}.{b}");
+                assert_eq!(
+                    parse_ipv4(text.as_bytes()),
+                    text.parse::<Ipv4Addr>().ok(),
+                    "{text:?}"
+                );
+            }
         }
     }
 
