@@ -84,6 +84,48 @@ impl<'a> Host<'a> {
         }
     }
 
+    /// Calls `f` with the host as [`fmt::Display`] writes it (an IPv6 address in brackets),
+    /// without allocating: for hashes and keys made of a host's text on the per-message path.
+    pub fn with_text<R>(&self, f: impl FnOnce(&str) -> R) -> R {
+        match self {
+            Host::Domain(d) => f(d),
+            Host::Ip(IpAddr::V4(a)) => {
+                // At most "255.255.255.255".
+                let mut buf = [0u8; 15];
+                let mut len = 0;
+                for (i, octet) in a.octets().into_iter().enumerate() {
+                    if i > 0 {
+                        buf[len] = b'.';
+                        len += 1;
+                    }
+                    let digits = [octet / 100, octet / 10 % 10, octet % 10];
+                    let skip = if octet >= 100 {
+                        0
+                    } else if octet >= 10 {
+                        1
+                    } else {
+                        2
+                    };
+                    for d in &digits[skip..] {
+                        buf[len] = b'0' + d;
+                        len += 1;
+                    }
+                }
+                f(std::str::from_utf8(&buf[..len]).unwrap_or_default())
+            }
+            Host::Ip(IpAddr::V6(_)) => {
+                // "[" + at most 45 characters of an IPv6 address + "]".
+                let mut buf = [0u8; 47];
+                let mut rest = &mut buf[..];
+                let len = match std::io::Write::write_fmt(&mut rest, format_args!("{self}")) {
+                    Ok(()) => 47 - rest.len(),
+                    Err(_) => 0,
+                };
+                f(std::str::from_utf8(&buf[..len]).unwrap_or_default())
+            }
+        }
+    }
+
     /// §19.1.4: host comparison is case-insensitive; an IP equals only the same IP.
     pub fn eq_host(&self, other: &Host<'_>) -> bool {
         match (self, other) {
@@ -405,6 +447,19 @@ mod tests {
         match Uri::parse(s.as_bytes()).unwrap() {
             Uri::Sip(u) => u,
             other => panic!("not sip: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn host_text_is_what_display_writes() {
+        let hosts = [
+            "0.0.0.0", "1.2.3.4", "10.20.30.40", "127.0.0.1", "255.255.255.255", "100.9.99.0",
+            "[::1]", "[2001:db8::9:255]", "[ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255]",
+            "example.com",
+        ];
+        for text in hosts {
+            let host = Host::parse(text.as_bytes()).unwrap();
+            assert_eq!(host.with_text(str::to_owned), host.to_string(), "{text}");
         }
     }
 
