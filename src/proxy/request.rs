@@ -676,7 +676,10 @@ fn stateless_mac(via: Option<&Via<'_>>, call_id: Option<&[u8]>) -> u64 {
         Some(v) => v.host.with_text(|host| {
             std::hash::BuildHasher::hash_one(key, (Some((host, v.port, v.branch())), call_id))
         }),
-        None => std::hash::BuildHasher::hash_one(key, (None::<(&str, Option<u16>, Option<&[u8]>)>, call_id)),
+        None => std::hash::BuildHasher::hash_one(
+            key,
+            (None::<(&str, Option<u16>, Option<&[u8]>)>, call_id),
+        ),
     }
 }
 
@@ -1543,7 +1546,11 @@ mod tests {
                     v.ok().hash(&mut h);
                 }
             }
-            assert_eq!(loop_hash(&r, Some(&top)), format!("{:016x}", h.finish()), "{via}");
+            assert_eq!(
+                loop_hash(&r, Some(&top)),
+                format!("{:016x}", h.finish()),
+                "{via}"
+            );
         }
     }
 

@@ -625,6 +625,24 @@ impl Message {
         self.valid = false;
     }
 
+    /// After removing fields or values of `name`: what [`Message::validate`] checks of the
+    /// others still holds (every remaining value was checked, and nothing it counts can appear
+    /// more often), unless `name` is one a message cannot be without. Proxies remove their own
+    /// Route entry (§16.4) from every in-dialog request before the script's `req:sanity()`.
+    fn removed(&mut self, name: HeaderName) {
+        let mandatory = matches!(
+            name,
+            HeaderName::Via
+                | HeaderName::From
+                | HeaderName::To
+                | HeaderName::CallId
+                | HeaderName::CSeq
+        );
+        let valid = self.valid && !mandatory;
+        self.touched();
+        self.valid = valid;
+    }
+
     /// Replaces the Request-URI (§16.6 step 2); `uri` must parse.
     pub fn set_request_uri(&mut self, uri: &[u8]) -> Result<()> {
         Uri::parse(uri)?;
@@ -731,7 +749,7 @@ impl Message {
             .retain(|h| !wanted.matches(h.name, span_text(buf, own, h.raw_name)));
         let removed = before - self.headers.len();
         if removed > 0 {
-            self.touched();
+            self.removed(HeaderName::classify(name.as_bytes()));
         }
         removed
     }
@@ -814,7 +832,10 @@ impl Message {
                 self.headers.remove(at);
             }
         }
-        self.touched();
+        match value {
+            Some(_) => self.touched(),
+            None => self.removed(name),
+        }
         Ok(true)
     }
 
@@ -1015,5 +1036,43 @@ fn check_version(v: &[u8]) -> Result<()> {
         ))
     } else {
         Err(ParseError::bad("start line", "bad SIP version"))
+    }
+}
+
+#[cfg(test)]
+mod validity_memo_tests {
+    use super::*;
+
+    const INVITE: &str = "INVITE sip:bob@biloxi.example.com SIP/2.0\r\n\
+Via: SIP/2.0/UDP pc33.atlanta.example.com;branch=z9hG4bK776asdhds\r\n\
+Max-Forwards: 70\r\n\
+To: Bob <sip:bob@biloxi.example.com>\r\n\
+From: Alice <sip:alice@atlanta.example.com>;tag=1928301774\r\n\
+Call-ID: a84b4c76e66710@pc33.atlanta.example.com\r\n\
+CSeq: 314159 INVITE\r\n\
+Content-Length: 0\r\n\
+\r\n";
+
+    #[test]
+    fn removing_an_optional_value_keeps_the_check_but_removing_a_mandatory_one_does_not() {
+        let text = INVITE.replace(
+            "Max-Forwards: 70\r\n",
+            "Max-Forwards: 70\r\nRoute: <sip:p1.example.com;lr>, <sip:p2.example.com;lr>\r\n",
+        );
+        let mut m = Message::parse(Bytes::from(text)).unwrap();
+        m.check_valid().unwrap();
+        assert!(m.remove_first_value(HeaderName::Route).unwrap());
+        assert_eq!(m.routes().count(), 1);
+        assert!(m.valid);
+        assert_eq!(m.remove_headers("route"), 1);
+        assert!(m.valid);
+        m.validate().unwrap();
+        assert_eq!(m.remove_headers("Call-ID"), 1);
+        assert!(!m.valid);
+        assert!(m.validate().is_err());
+        let mut m = Message::parse(Bytes::from_static(INVITE.as_bytes())).unwrap();
+        m.check_valid().unwrap();
+        assert!(m.remove_first_value(HeaderName::Via).unwrap());
+        assert!(m.validate().is_err());
     }
 }

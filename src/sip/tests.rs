@@ -243,6 +243,7 @@ fn a_checked_message_is_checked_again_after_an_edit() {
     assert!(m.check_valid().is_err());
     let mut m = parse(INVITE);
     m.check_valid().unwrap();
-    m.set_first_value(HeaderName::From, b"<sip:alice@atlanta.example.com").unwrap();
+    m.set_first_value(HeaderName::From, b"<sip:alice@atlanta.example.com")
+        .unwrap();
     assert!(m.validate().is_err());
 }
