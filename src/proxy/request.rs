@@ -562,8 +562,8 @@ fn host_string(h: &Host<'_>) -> String {
 /// what matching our own Vias needs.
 fn loop_hash(req: &Message, top_via: Option<&Via<'_>>) -> String {
     let mut h = DefaultHasher::new();
-    req.to().ok().and_then(|n| n.tag()).hash(&mut h);
-    req.from().ok().and_then(|n| n.tag()).hash(&mut h);
+    req.to_tag().hash(&mut h);
+    req.from_tag().hash(&mut h);
     req.call_id().ok().hash(&mut h);
     req.cseq().ok().map(|c| c.seq).hash(&mut h);
     req.request_uri_bytes().hash(&mut h);

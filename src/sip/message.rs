@@ -20,6 +20,7 @@ use super::error::{ParseError, Result};
 use super::header::HeaderName;
 use super::method::Method;
 use super::name_addr::{parse_delta_seconds, Contact, NameAddr};
+use super::params::Params;
 use super::scan;
 use super::typed::{self, CSeq};
 use super::uri::Uri;
@@ -415,6 +416,29 @@ impl Message {
 
     pub fn to(&self) -> Result<NameAddr<'_>> {
         NameAddr::parse(self.single(HeaderName::To, "To")?).map_err(|e| e.in_context("To"))
+    }
+
+    /// The From tag: `self.from().ok().and_then(|f| f.tag())`, without parsing the URI once
+    /// the message is known valid (see [`Message::check_valid`]).
+    pub fn from_tag(&self) -> Option<&[u8]> {
+        self.tag_of(HeaderName::From, Self::from)
+    }
+
+    /// The To tag: `self.to().ok().and_then(|t| t.tag())` (see [`Message::from_tag`]).
+    pub fn to_tag(&self) -> Option<&[u8]> {
+        self.tag_of(HeaderName::To, Self::to)
+    }
+
+    fn tag_of<'m>(
+        &'m self,
+        name: HeaderName,
+        parsed: fn(&'m Self) -> Result<NameAddr<'m>>,
+    ) -> Option<&'m [u8]> {
+        if !self.valid {
+            return parsed(self).ok().and_then(|n| n.tag());
+        }
+        let value = self.header(name)?;
+        Params::from_validated(NameAddr::header_params_of_valid(value)).value("tag")
     }
 
     pub fn call_id(&self) -> Result<&[u8]> {

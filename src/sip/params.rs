@@ -64,6 +64,11 @@ impl<'a> Params<'a> {
         Ok(params)
     }
 
+    /// A parameter section already validated as part of its value (the value parsed before).
+    pub(crate) fn from_validated(raw: &'a [u8]) -> Params<'a> {
+        Params { raw }
+    }
+
     pub fn raw(&self) -> &'a [u8] {
         self.raw
     }

@@ -361,15 +361,11 @@ impl UserData for ScriptMsg {
         fields.add_field_method_get("from_uri", |_, m| {
             Ok(m.msg.from().ok().map(|n| lossy(n.uri.raw())))
         });
-        fields.add_field_method_get("from_tag", |_, m| {
-            Ok(m.msg.from().ok().and_then(|n| n.tag().map(lossy)))
-        });
+        fields.add_field_method_get("from_tag", |_, m| Ok(m.msg.from_tag().map(lossy)));
         fields.add_field_method_get("to_uri", |_, m| {
             Ok(m.msg.to().ok().map(|n| lossy(n.uri.raw())))
         });
-        fields.add_field_method_get("to_tag", |_, m| {
-            Ok(m.msg.to().ok().and_then(|n| n.tag().map(lossy)))
-        });
+        fields.add_field_method_get("to_tag", |_, m| Ok(m.msg.to_tag().map(lossy)));
         fields.add_field_method_get("call_id", |_, m| Ok(m.msg.call_id().ok().map(lossy)));
         fields.add_field_method_get("cseq", |_, m| Ok(m.msg.cseq().ok().map(|c| c.seq)));
         fields.add_field_method_get("cseq_method", |_, m| {
@@ -404,9 +400,7 @@ fn add_accessors<M: UserDataMethods<ScriptMsg>>(methods: &mut M) {
     methods.add_method("headers", |lua, m, name: String| {
         lua.create_sequence_from(m.msg.headers_named(&name).map(lossy))
     });
-    methods.add_method("has_to_tag", |_, m, ()| {
-        Ok(m.msg.to().is_ok_and(|to| to.tag().is_some()))
-    });
+    methods.add_method("has_to_tag", |_, m, ()| Ok(m.msg.to_tag().is_some()));
     methods.add_method("is_method", |_, m, names: Variadic<String>| {
         let method = m.msg.method().map(Method::as_str).unwrap_or_default();
         Ok(names.iter().any(|n| n.eq_ignore_ascii_case(method)))
