@@ -11,6 +11,7 @@
 //! spelling and folding, so a proxy forwards what it does not understand untouched (§16.6).
 //! An unedited message serializes to the very bytes it was parsed from.
 
+use std::cell::OnceCell;
 use std::net::SocketAddr;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -24,7 +25,7 @@ use super::params::Params;
 use super::scan;
 use super::typed::{self, CSeq};
 use super::uri::Uri;
-use super::via::Via;
+use super::via::{Via, ViaLayout};
 
 /// Upper bound on header fields in one message, so hostile input cannot grow the index without
 /// limit beyond what the message size limit already bounds.
@@ -80,6 +81,10 @@ pub struct Message {
     /// nothing left to find (the core validates every request on receipt; `req:sanity()` then
     /// costs nothing for a message the script has not touched).
     valid: bool,
+    /// The top Via as parsed the first time it was asked for since the last edit: the core,
+    /// the transaction layer, the proxy and the script each read it, and parsing it once is
+    /// enough. `None` inside: it did not parse.
+    top_via: OnceCell<Option<ViaLayout>>,
 }
 
 /// A header field as seen by callers: its classified name and borrowed text.
@@ -222,6 +227,7 @@ impl Message {
             wire_end,
             edited: false,
             valid: false,
+            top_via: OnceCell::new(),
         })
     }
 
@@ -276,6 +282,7 @@ impl Message {
             wire_end: 0,
             edited: true,
             valid: false,
+            top_via: OnceCell::new(),
         };
         msg.top_via().ok()?;
         Some(msg)
@@ -405,9 +412,22 @@ impl Message {
     }
 
     pub fn top_via(&self) -> Result<Via<'_>> {
-        self.vias()
+        let first = self.headers.iter().find(|h| h.name == HeaderName::Via);
+        let Some(first) = first.map(|h| self.text(h.value)) else {
+            return Err(ParseError::bad("Via", "missing"));
+        };
+        if let Some(Some(layout)) = self.top_via.get() {
+            return Ok(Via::rebuild(layout, first));
+        }
+        let via = self
+            .vias()
             .next()
-            .unwrap_or(Err(ParseError::bad("Via", "missing")))
+            .unwrap_or(Err(ParseError::bad("Via", "missing")));
+        // Only a success is kept: the error is rebuilt (rare, and it carries its own text).
+        if let Ok(v) = &via {
+            let _ = self.top_via.set(Some(v.layout(first)));
+        }
+        via
     }
 
     pub fn from(&self) -> Result<NameAddr<'_>> {
@@ -647,6 +667,7 @@ impl Message {
     fn touched(&mut self) {
         self.edited = true;
         self.valid = false;
+        self.top_via.take();
     }
 
     /// After removing fields or values of `name`: what [`Message::validate`] checks of the
