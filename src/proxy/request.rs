@@ -127,11 +127,8 @@ impl ProxyIdentity {
         } else {
             5060
         };
-        let uri = format!("sip:{}:{}", via.host, via.port.unwrap_or(default_port));
-        match Uri::parse(uri.as_bytes()) {
-            Ok(u) => self.local.is_myself(&u),
-            Err(_) => false,
-        }
+        self.local
+            .is_my_host_port(&via.host, via.port.unwrap_or(default_port))
     }
 }
 

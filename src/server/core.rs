@@ -70,8 +70,13 @@ impl LocalIdentity {
             return false;
         };
         let default_port = if sip.secure { 5061 } else { 5060 };
-        let port = sip.port.unwrap_or(default_port);
-        match sip.host.ip() {
+        self.is_my_host_port(&sip.host, sip.port.unwrap_or(default_port))
+    }
+
+    /// Whether `host`:`port` names this server: one of its domains (any port), or the address
+    /// and port of one of its listeners (`localhost` for a loopback listener).
+    pub fn is_my_host_port(&self, host: &Host<'_>, port: u16) -> bool {
+        match host.ip() {
             Some(ip) => {
                 let ip = ip.to_canonical();
                 self.domain_ips.contains(&ip)
@@ -81,7 +86,7 @@ impl LocalIdentity {
                         .any(|l| ip_matches(l.ip(), ip) && port_matches(l.port(), port))
             }
             None => {
-                let name = match sip.host {
+                let name = match *host {
                     Host::Domain(name) => name,
                     Host::Ip(_) => return false,
                 };

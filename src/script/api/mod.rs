@@ -11,6 +11,7 @@
 //! request that was already answered.
 
 use std::borrow::Cow;
+use std::net::IpAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -28,7 +29,7 @@ use super::kv::{KvError, KvValue};
 use crate::proxy::response_context::Target;
 use crate::proxy::router::{Decision, RouteInfo};
 use crate::proxy::Verdict;
-use crate::sip::{Message, Method, Uri};
+use crate::sip::{Host, Message, Method, Uri};
 use crate::transport::Meta;
 
 /// Which hook a message object belongs to: what it may do.
@@ -371,8 +372,14 @@ impl UserData for ScriptMsg {
         fields.add_field_method_get("cseq_method", |_, m| {
             Ok(m.msg.cseq().ok().map(|c| c.method.as_str().to_owned()))
         });
-        fields.add_field_method_get("src_ip", |_, m| {
-            Ok(m.meta.map(|x| x.source.ip().to_string()))
+        fields.add_field_method_get("src_ip", |lua, m| {
+            m.meta
+                .map(|x| match x.source.ip() {
+                    // Read for every request by the shipped script: written without `fmt`.
+                    ip @ IpAddr::V4(_) => Host::Ip(ip).with_text(|text| lua.create_string(text)),
+                    ip => lua.create_string(ip.to_string()),
+                })
+                .transpose()
         });
         fields.add_field_method_get("src_port", |_, m| Ok(m.meta.map(|x| x.source.port())));
         fields.add_field_method_get("transport", |_, m| {
