@@ -73,9 +73,10 @@ pub struct Message {
     start_line: Span,
     headers: Vec<HeaderEntry>,
     body: Bytes,
-    /// The unedited message is `buf[..wire_end]` minus `wire_start` leading CRLFs.
-    wire_start: usize,
-    wire_end: usize,
+    /// The unedited message is `buf[..wire_end]` minus `wire_start` leading CRLFs (offsets as
+    /// small as a `Span`'s: kept small, a message fits in the events that carry it).
+    wire_start: u32,
+    wire_end: u32,
     edited: bool,
     /// [`Message::check_valid`] passed and nothing was edited since: [`Message::validate`] has
     /// nothing left to find (the core validates every request on receipt; `req:sanity()` then
@@ -83,8 +84,10 @@ pub struct Message {
     valid: bool,
     /// The top Via as parsed the first time it was asked for since the last edit: the core,
     /// the transaction layer, the proxy and the script each read it, and parsing it once is
-    /// enough. `None` inside: it did not parse.
-    top_via: OnceCell<Option<ViaLayout>>,
+    /// enough (a top Via that does not parse is not kept: the error is found again). Boxed:
+    /// messages travel inside events and transaction state, which a layout kept inline would
+    /// make ~80 bytes larger.
+    top_via: OnceCell<Box<ViaLayout>>,
 }
 
 /// A header field as seen by callers: its classified name and borrowed text.
@@ -223,8 +226,8 @@ impl Message {
             start_line,
             headers,
             body,
-            wire_start,
-            wire_end,
+            wire_start: wire_start as u32,
+            wire_end: wire_end as u32,
             edited: false,
             valid: false,
             top_via: OnceCell::new(),
@@ -416,16 +419,15 @@ impl Message {
         let Some(first) = first.map(|h| self.text(h.value)) else {
             return Err(ParseError::bad("Via", "missing"));
         };
-        if let Some(Some(layout)) = self.top_via.get() {
+        if let Some(layout) = self.top_via.get() {
             return Ok(Via::rebuild(layout, first));
         }
         let via = self
             .vias()
             .next()
             .unwrap_or(Err(ParseError::bad("Via", "missing")));
-        // Only a success is kept: the error is rebuilt (rare, and it carries its own text).
         if let Ok(v) = &via {
-            let _ = self.top_via.set(Some(v.layout(first)));
+            let _ = self.top_via.set(Box::new(v.layout(first)));
         }
         via
     }
@@ -931,7 +933,9 @@ impl Message {
     /// (minus leading CRLFs and trailing octets past Content-Length), shared, not copied.
     pub fn to_bytes(&self) -> Bytes {
         if !self.edited {
-            return self.buf.slice(self.wire_start..self.wire_end);
+            return self
+                .buf
+                .slice(self.wire_start as usize..self.wire_end as usize);
         }
         let mut out = BytesMut::with_capacity(self.encoded_len());
         self.write_to(&mut out);
