@@ -459,7 +459,7 @@ impl Core {
             self.metrics.transport.parse_error(meta.kind);
             return self.refuse(&msg, e, &meta, out);
         }
-        if let Err(e) = msg.validate() {
+        if let Err(e) = msg.check_valid() {
             // Answered statelessly: a request this broken may not even yield a transaction key.
             self.metrics.transport.parse_error(meta.kind);
             return self.refuse(&msg, e, &meta, out);
@@ -572,7 +572,7 @@ impl Core {
         let for_me = request.request_uri().is_ok_and(|u| {
             u.as_sip().is_some_and(|sip| sip.user.is_none()) && self.identity.is_myself(&u)
         });
-        let in_dialog = request.to().is_ok_and(|t| t.tag().is_some());
+        let in_dialog = request.to_tag().is_some();
         max_forwards_zero || (for_me && !in_dialog)
     }
 
@@ -987,7 +987,7 @@ impl Core {
 
     /// A To tag stable for one request and its retransmissions (§8.2.6.2, §17.2.1).
     fn to_tag(&self, req: &Message) -> String {
-        let from_tag = req.from().ok().and_then(|f| f.tag()).unwrap_or(b"");
+        let from_tag = req.from_tag().unwrap_or(b"");
         let branch = req.top_via().ok().and_then(|v| v.branch()).unwrap_or(b"");
         let call_id = req.header(HeaderName::CallId).unwrap_or(b"");
         let h = self.tag_hasher.hash_one((call_id, from_tag, branch));
