@@ -12,6 +12,13 @@
 //!   Only a loop that has worked `limits.overload_after_ms` without idling once is
 //!   overloaded. One late sample or a burst refuses nothing. Hand-overs from other loops,
 //!   timers and TCP are work of the loop like its UDP socket: idle means all of them drained.
+//! - **A loop catching up is not overloaded.** Where the shell tells the bytes waiting in the
+//!   loop's receive queues, an interval in which they shrank by [`CATCHING_UP`] or more counts
+//!   as catching up: it adds nothing to the saturation and does not raise the refused share
+//!   (a backlog shrinking slower than that would keep requests waiting past T1 for seconds). After a stall (another
+//!   process holding the CPU, a burst) the loop drains what piled up without refusing, and
+//!   while shedding, the share stops growing once it is enough for the backlog to shrink,
+//!   instead of overshooting until the backlog is gone.
 //! - **Time another process holds the CPU is not the loop's saturation.** Where the system
 //!   tells the thread's CPU time, saturation is counted in it, not in wall time: a loop
 //!   stalled for a second by a CPU hog next to it, then catching up, has worked a fraction of
@@ -36,7 +43,7 @@
 
 use std::time::{Duration, Instant};
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::transport::LoadSample;
 
@@ -55,6 +62,20 @@ const TARGET_BUSY: f64 = 0.99;
 
 /// Below this the loop stops shedding.
 const MIN_SHED: f64 = 0.01;
+
+/// How much of the queued bytes must go in an interval for a saturated loop to count as
+/// catching up (a backlog at least halves in 1.4 s).
+const CATCHING_UP: f64 = 0.05;
+
+/// Whether the backlog shrank enough from `before` to `now` (see [`CATCHING_UP`]).
+fn catching_up(before: Option<u64>, now: Option<u64>) -> bool {
+    match (before, now) {
+        (Some(before), Some(now)) => {
+            (now as f64) <= before as f64 * (1.0 - CATCHING_UP) && now < before
+        }
+        _ => false,
+    }
+}
 
 /// The most ever refused: the loop keeps admitting some new work, so the shedding can see it
 /// end.
@@ -109,12 +130,24 @@ impl Overload {
         }
         let busy = sample.busy.saturating_sub(last.busy).as_secs_f64() / elapsed.as_secs_f64();
         let busy = busy.clamp(0.0, 1.0);
+        if self.shed > 0.0 {
+            debug!(
+                loop_index = self.loop_index,
+                busy_pct = (busy * 100.0).round() as u64,
+                idled = sample.idles > last.idles,
+                refused_pct = (self.shed * 100.0).round() as u64,
+                "overload sample"
+            );
+        }
         if sample.idles > last.idles {
             self.saturated = Duration::ZERO;
             if self.shed > 0.0 {
                 self.settled = true;
                 self.relieve(busy, sample.at);
             }
+            return;
+        }
+        if catching_up(last.queued, sample.queued) {
             return;
         }
         // The loop worked the whole interval: for as long as it had a CPU.
@@ -200,6 +233,8 @@ mod tests {
         busy: Duration,
         /// Time the loop ran: busy but not hogged.
         cpu: Duration,
+        /// Whether the samples tell the queue (its bytes: 1,000 per request).
+        queue_known: bool,
         idles: u64,
         admitted: f64,
         refused: f64,
@@ -224,6 +259,7 @@ mod tests {
                 queue: 0.0,
                 busy: Duration::ZERO,
                 cpu: Duration::ZERO,
+                queue_known: true,
                 idles: 0,
                 admitted: 0.0,
                 refused: 0.0,
@@ -275,6 +311,7 @@ mod tests {
             if (self.now - self.start).as_millis() % SAMPLE_INTERVAL.as_millis() == 0 {
                 let mut sample = LoadSample::new(self.now, self.busy, self.idles);
                 sample.cpu = Some(self.cpu);
+                sample.queued = self.queue_known.then_some((self.queue * 1000.0) as u64);
                 self.overload.on_sample(sample);
             }
         }

@@ -39,6 +39,10 @@ pub(crate) struct UdpEndpoint {
 /// the owning loop still serves many.
 const HAND_OVER_BATCH: usize = 32;
 
+/// What a hand-over waiting for a loop counts as in its backlog (see
+/// [`LoopContext::run_load_sampler`]): about what a SIP datagram takes in a socket's queue.
+const HAND_OVER_BYTES: u64 = 2048;
+
 /// The state shared by the transport tasks of one event loop. See the module docs.
 pub(crate) struct LoopContext {
     pub(crate) index: usize,
@@ -47,6 +51,8 @@ pub(crate) struct LoopContext {
     armed_deadline: Cell<Option<Instant>>,
     timer_changed: Notify,
     udp: Vec<Rc<UdpEndpoint>>,
+    /// The UDP sockets as the kernel lists them, for their queues' load samples.
+    udp_ids: Vec<load::UdpSocketId>,
     pub(crate) registry: Arc<ConnectionRegistry>,
     pub(crate) limits: TransportLimits,
     /// The server's TLS configurations, shared by every loop.
@@ -132,6 +138,10 @@ impl LoopContext {
             worker: RefCell::new(worker),
             armed_deadline: Cell::new(None),
             timer_changed: Notify::new(),
+            udp_ids: udp
+                .iter()
+                .filter_map(|e| load::UdpSocketId::of(&e.socket, e.local.is_ipv6()))
+                .collect(),
             udp,
             registry,
             limits,
@@ -242,7 +252,14 @@ impl LoopContext {
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticks.tick().await;
-            let sample = load::sample(Instant::now());
+            let mut sample = load::sample(Instant::now(), &self.udp_ids);
+            if let (Some(queued), Some(own)) = (&mut sample.queued, self.hand_over.get(self.index))
+            {
+                // Hand-overs waiting for this loop are backlog too: counted at about what a
+                // datagram holds in the kernel's accounting.
+                let waiting = own.max_capacity() - own.capacity();
+                *queued += waiting as u64 * HAND_OVER_BYTES;
+            }
             self.worker.borrow_mut().on_load(sample);
         }
     }

@@ -9,6 +9,11 @@
 //! time the loop could not serve its queues. Linux tells that time apart
 //! (`/proc/thread-self/schedstat`), which the overload log line reports.
 //!
+//! What waits in the kernel for the loop is measured too: the bytes queued on its UDP
+//! sockets (`/proc/net/udp`, the `rx_queue` of each socket, found by inode), read once per
+//! sample: whether that backlog grows or shrinks tells a loop falling behind from one
+//! catching up.
+//!
 //! The counters live in the loop thread's thread-local storage; [`sample`] reads them from a
 //! task of the same loop.
 
@@ -58,8 +63,8 @@ pub(crate) fn on_unpark() {
     });
 }
 
-/// This thread's counters at `now`.
-pub(crate) fn sample(now: Instant) -> LoadSample {
+/// This thread's counters at `now`, and the bytes queued on the UDP sockets `udp`.
+pub(crate) fn sample(now: Instant, udp: &[UdpSocketId]) -> LoadSample {
     let m = METER.with(Cell::get);
     let busy = m.busy
         + m.woke
@@ -69,7 +74,70 @@ pub(crate) fn sample(now: Instant) -> LoadSample {
         sample.cpu = Some(cpu);
         sample.cpu_wait = Some(cpu_wait);
     }
+    sample.queued = udp_queued(udp);
     sample
+}
+
+/// A UDP socket as `/proc/net/udp` lists it: its inode, and whether it is IPv6 (`udp6`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct UdpSocketId {
+    pub(crate) inode: u64,
+    pub(crate) ipv6: bool,
+}
+
+impl UdpSocketId {
+    /// `None` where the system does not tell (no `/proc`).
+    pub(crate) fn of(socket: &impl std::os::fd::AsRawFd, ipv6: bool) -> Option<UdpSocketId> {
+        use std::os::unix::fs::MetadataExt;
+        let fd = socket.as_raw_fd();
+        let inode = std::fs::metadata(format!("/proc/self/fd/{fd}")).ok()?.ino();
+        Some(UdpSocketId { inode, ipv6 })
+    }
+}
+
+/// Bytes waiting in the receive queues of `sockets` (kernel accounting, overhead included);
+/// `None` when unknown.
+fn udp_queued(sockets: &[UdpSocketId]) -> Option<u64> {
+    if sockets.is_empty() {
+        return None;
+    }
+    let mut total = 0;
+    for (ipv6, table) in [(false, "/proc/net/udp"), (true, "/proc/net/udp6")] {
+        let inodes: Vec<u64> = sockets
+            .iter()
+            .filter(|s| s.ipv6 == ipv6)
+            .map(|s| s.inode)
+            .collect();
+        if inodes.is_empty() {
+            continue;
+        }
+        let text = std::fs::read_to_string(table).ok()?;
+        total += rx_queues(&text, &inodes)?;
+    }
+    Some(total)
+}
+
+/// The sum of the `rx_queue` of the sockets with `inodes` in a `/proc/net/udp` table; `None`
+/// unless all of them are listed.
+fn rx_queues(table: &str, inodes: &[u64]) -> Option<u64> {
+    let mut found = 0;
+    let mut total = 0;
+    for line in table.lines().skip(1) {
+        let fields: Vec<&str> = line.split_ascii_whitespace().collect();
+        let (Some(queues), Some(inode)) = (fields.get(4), fields.get(9)) else {
+            continue;
+        };
+        if !inode
+            .parse()
+            .is_ok_and(|inode: u64| inodes.contains(&inode))
+        {
+            continue;
+        }
+        let rx = queues.split_once(':')?.1;
+        total += u64::from_str_radix(rx, 16).ok()?;
+        found += 1;
+    }
+    (found == inodes.len()).then_some(total)
 }
 
 /// This thread's time on a CPU and time runnable waiting for one (Linux; `None` elsewhere or
@@ -96,10 +164,10 @@ mod tests {
         std::thread::spawn(|| {
             let start = Instant::now();
             on_unpark();
-            let before_park = sample(Instant::now());
+            let before_park = sample(Instant::now(), &[]);
             assert_eq!(before_park.idles, 0);
             on_park();
-            let parked = sample(start + Duration::from_secs(3600));
+            let parked = sample(start + Duration::from_secs(3600), &[]);
             assert_eq!(parked.idles, 1);
             assert!(
                 parked.busy < Duration::from_secs(60),
@@ -109,6 +177,26 @@ mod tests {
         })
         .join()
         .unwrap();
+    }
+
+    #[test]
+    fn udp_queues_are_read_by_inode() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops\n\
+            \x20 12: 0100007F:3B16 00000000:0000 07 00000000:00000A00 00:00000000 00000000     0        0 4242 2 0000000000000000 0\n\
+            \x20 13: 0100007F:3B17 00000000:0000 07 00000000:00000100 00:00000000 00000000     0        0 4243 2 0000000000000000 0\n";
+        assert_eq!(rx_queues(table, &[4242]), Some(0xA00));
+        assert_eq!(rx_queues(table, &[4242, 4243]), Some(0xB00));
+        assert_eq!(rx_queues(table, &[4244]), None);
+        // This process's own socket, through the real table.
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        if let Some(id) = UdpSocketId::of(&socket, false) {
+            let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            sender
+                .send_to(b"queued", socket.local_addr().unwrap())
+                .unwrap();
+            let queued = udp_queued(&[id]).expect("listed in /proc/net/udp");
+            assert!(queued > 0, "{queued}");
+        }
     }
 
     #[test]

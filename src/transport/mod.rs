@@ -182,6 +182,9 @@ pub struct LoadSample {
     /// The thread's time runnable but waiting while other threads held the CPU, when the
     /// system tells.
     pub cpu_wait: Option<Duration>,
+    /// Bytes waiting in the loop's UDP receive queues now (kernel accounting), when the system
+    /// tells.
+    pub queued: Option<u64>,
 }
 
 impl LoadSample {
@@ -192,6 +195,7 @@ impl LoadSample {
             idles,
             cpu: None,
             cpu_wait: None,
+            queued: None,
         }
     }
 }
