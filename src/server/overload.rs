@@ -29,8 +29,9 @@
 //!   leaves the loop idle right after. Instead a fraction `p` of new out-of-dialog requests is
 //!   refused: it starts at [`STEP`] and grows by [`STEP`] for each interval the loop is still
 //!   saturated (in proportion to the CPU it got), so it finds the excess of the offered load
-//!   within a second or two; once an interval had idle time it grows by [`FINE_STEP`] only,
-//!   so it stays near the share where admitted load and capacity balance.
+//!   within a second or two. Once near the balance it grows by [`FINE_STEP`] only: when the
+//!   backlog is known, while it stays level (the share is about right, not yet enough to
+//!   drain it); when it is not, once the loop had idle time since shedding started.
 //! - **Recovery is proportional to the spare time.** In an interval with idle time, busy a
 //!   fraction `u`, the admitted load is scaled towards [`TARGET_BUSY`]:
 //!   `1 - p' = (1 - p) * TARGET_BUSY / u`, so a load that fell away ends the shedding in one
@@ -91,7 +92,8 @@ pub struct Overload {
     saturated: Duration,
     /// The fraction of new requests refused now.
     shed: f64,
-    /// Whether the loop idled since shedding started: the share is near the balance.
+    /// Whether the loop idled since shedding started: the share is near the balance (used when
+    /// the backlog is not known).
     settled: bool,
     /// Since when, and the largest fraction, for the line logged when shedding ends.
     shedding_since: Option<Instant>,
@@ -157,7 +159,12 @@ impl Overload {
         };
         self.saturated += worked;
         if self.shed > 0.0 {
-            let step = if self.settled { FINE_STEP } else { STEP };
+            let step = match (last.queued, sample.queued) {
+                (Some(before), Some(now)) if now <= before => FINE_STEP,
+                (Some(_), Some(_)) => STEP,
+                _ if self.settled => FINE_STEP,
+                _ => STEP,
+            };
             let share = worked.as_secs_f64() / elapsed.as_secs_f64();
             self.shed = (self.shed + step * share).min(MAX_SHED);
             self.peak = self.peak.max(self.shed);
