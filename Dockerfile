@@ -1,8 +1,9 @@
 # moonroute's container image: a release build on Debian bookworm, run as a non-root user.
 #
 #   docker build -t moonroute .
-#   docker run -d --name moonroute -p 5060:5060/udp -p 5060:5060/tcp \
-#       -p 127.0.0.1:9060:9060 -v moonroute-data:/var/lib/moonroute moonroute
+#   docker run -d --name moonroute -e MOONROUTE_ADVERTISE=sip.example.com:5060 \
+#       -p 5060:5060/udp -p 5060:5060/tcp -p 127.0.0.1:9060:9060 \
+#       -v moonroute-data:/var/lib/moonroute moonroute
 #   docker exec moonroute moonroute ctl --config /etc/moonroute/moonroute.toml status
 #
 # See README.md, "Deploying", for the configuration and the script.
@@ -32,6 +33,8 @@ RUN apt-get update \
     && install -d -o moonroute -g moonroute -m 0700 /var/lib/moonroute \
     && install -d -o moonroute -g moonroute -m 0750 /run/moonroute
 COPY --from=builder /usr/local/bin/moonroute /usr/local/bin/moonroute
+# It listens on every address of the container and advertises MOONROUTE_ADVERTISE, the
+# address phones and peers reach the host at (given at `docker run -e`).
 COPY contrib/docker.toml /etc/moonroute/moonroute.toml
 COPY scripts/default.lua /etc/moonroute/default.lua
 

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 use criterion::{criterion_group, criterion_main, Criterion};
 use moonroute::location::{Binding, LocationStore, MemoryLocation};
 use moonroute::nat::keepalive::{self, Action, Scheduler, Settings};
+use moonroute::server::identity::SentBy;
 use moonroute::transport::TransportKind;
 
 /// A memory store with `n` NATed UDP bindings, one per AOR, as `req:fix_nated_contact()`
@@ -54,8 +55,8 @@ fn send_and_answer(scheduler: &mut Scheduler, actions: Vec<Action>) -> usize {
     for action in actions {
         if let Action::SendOptions { peer, seq } = action {
             let branch = keepalive::branch(0, seq);
-            let local = peer.local.expect("local");
-            bytes += keepalive::options_request(&peer, local, &branch, seq, 7).len();
+            let source = SentBy::of_socket(peer.local.expect("local"));
+            bytes += keepalive::options_request(&peer, &source, &branch, seq, 7).len();
             scheduler.on_response(seq);
         }
     }

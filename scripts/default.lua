@@ -44,6 +44,17 @@ local SCANNERS = {
   "friendly-scanner", "friendly-request", "scanner", "sipvicious", "sipcli",
   "vaxsipuseragent", "vaxipuseragent", "pplsip", "sundayddr", "sip-scan",
 }
+-- Phones that give up on a digest challenge offering SHA-256 (RFC 8760), even beside MD5,
+-- by Lua patterns on the User-Agent header: baresip before 3.12 (its libre computes MD5
+-- only), such as Debian 12's baresip 1.0. They are challenged with MD5 alone, as OpenSIPS's
+-- www_challenge(realm, qop, "MD5") or Kamailio's auth_algorithm("MD5") would; every other
+-- phone with [auth] algorithms, SHA-256 first. This changes what is offered, never what is
+-- accepted ([auth] algorithms): a client claiming to be one of these gets nothing it could
+-- not have by answering MD5 to the full challenge. Without MD5 in [auth] algorithms they are
+-- offered SHA-256 and cannot register.
+local MD5_ONLY_AGENTS = {
+  "^baresip v[0-2]%.", "^baresip v3%.%d%.", "^baresip v3%.1[01]%.",
+}
 local scanner_drops = sip.metrics.counter{
   name = "scanner_requests_dropped_total",
   help = "Requests from well-known SIP scanners (User-Agent) that scripts/default.lua dropped.",
@@ -71,8 +82,10 @@ function on_request(req)
     return req:drop("scanner user agent " .. scanner)
   end
 
-  -- Stricter than the engine's own checks (Kamailio's sanity_check): one SIP Contact in an
-  -- INVITE, a sip/sips/tel Request-URI, Content-Length matching the body, Expires a number...
+  -- Kamailio's sanity_check() defaults, on top of the engine's own checks: a sip/sips/tel
+  -- Request-URI, Content-Length matching the body, Expires a number, CSeq under 2^31... An
+  -- RFC 2543 phone's INVITE (no Contact, no branch cookie) passes, as RFC 4475 §3.4.1 asks;
+  -- req:sanity{invite_contact = true, via_branch = true} refuses it.
   local ok, why, code = req:sanity()
   if not ok then
     if req:is_method("ACK") then
@@ -170,6 +183,16 @@ function scanner_of(user_agent)
   return nil
 end
 
+-- True for a User-Agent in MD5_ONLY_AGENTS.
+function md5_only(user_agent)
+  for _, pattern in ipairs(MD5_ONLY_AGENTS) do
+    if user_agent and user_agent:find(pattern) then
+      return true
+    end
+  end
+  return false
+end
+
 -- Authenticates a REGISTER (401), and a request from one of our domains (407). Returns true
 -- when the request may be routed; otherwise it has been answered. Requests from outside to
 -- our users are not challenged (they cannot have credentials here); on_request refuses to
@@ -185,7 +208,7 @@ function authenticate(req)
   end
   -- The realm is the To host for REGISTER, the From host otherwise.
   if not req:authorize() then
-    req:auth_challenge()
+    req:auth_challenge(nil, md5_only(req:header("User-Agent")) and { "MD5" } or nil)
     return false
   end
   -- The credentials must be those of the AOR registered (To) or of the caller (From).

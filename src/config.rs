@@ -15,14 +15,20 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::transport::{ListenAddr, TransportKind};
+use crate::transport::{Advertise, ListenAddr, TransportKind};
 
 /// The whole configuration. Field docs give the defaults.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// Addresses to listen on. Default: `udp:127.0.0.1:5060` and `tcp:127.0.0.1:5060`.
+    /// Addresses to listen on, each with what it advertises when that is not its own
+    /// (`udp:0.0.0.0:5060,advertise=sip.example.com`). Default: `udp:127.0.0.1:5060` and
+    /// `tcp:127.0.0.1:5060`.
     pub listen: Vec<ListenAddr>,
+    /// `HOST[:PORT]` advertised by every listener without an `advertise=` of its own
+    /// (Kamailio's `advertised_address` / `advertised_port`); without a port each listener
+    /// advertises its own. Default: none.
+    pub advertise: Option<Advertise>,
     /// Domains this server is responsible for; an IP literal (IPv6 with or without brackets)
     /// names that address on any port. Default: empty, meaning the server treats its own listen
     /// addresses as its local domains.
@@ -688,15 +694,10 @@ impl Default for Config {
         let loopback = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), DEFAULT_SIP_PORT);
         Config {
             listen: vec![
-                ListenAddr {
-                    kind: TransportKind::Udp,
-                    addr: loopback,
-                },
-                ListenAddr {
-                    kind: TransportKind::Tcp,
-                    addr: loopback,
-                },
+                ListenAddr::new(TransportKind::Udp, loopback),
+                ListenAddr::new(TransportKind::Tcp, loopback),
             ],
+            advertise: None,
             domains: Vec::new(),
             script: PathBuf::from("scripts/default.lua"),
             data_dir: PathBuf::from("var"),
@@ -804,6 +805,8 @@ impl Limits {
 pub struct Overrides {
     /// Replaces the whole `listen` list when not empty.
     pub listen: Vec<ListenAddr>,
+    /// Replaces `advertise` (`--advertise`, `MOONROUTE_ADVERTISE`).
+    pub advertise: Option<Advertise>,
     /// Replaces the whole `domains` list when not empty.
     pub domains: Vec<String>,
     pub script: Option<PathBuf>,
@@ -895,6 +898,9 @@ impl Config {
         if !overrides.listen.is_empty() {
             self.listen = overrides.listen;
         }
+        if let Some(advertise) = overrides.advertise {
+            self.advertise = Some(advertise);
+        }
         if !overrides.domains.is_empty() {
             self.domains = overrides.domains;
         }
@@ -924,8 +930,8 @@ impl Config {
         }
     }
 
-    /// Checks what the types cannot: non-empty, non-duplicate listen addresses and limits
-    /// that leave the server able to work.
+    /// Checks what the types cannot: non-empty, non-duplicate listen addresses, an advertised
+    /// address for every wildcard listener, and limits that leave the server able to work.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |message: String| ConfigError::Invalid {
             path: None,
@@ -935,10 +941,12 @@ impl Config {
             return Err(invalid("listen: at least one address is needed".to_owned()));
         }
         for (index, listen) in self.listen.iter().enumerate() {
-            if self.listen[..index].contains(listen) {
-                return Err(invalid(format!("listen: {listen} is listed twice")));
+            if self.listen[..index].iter().any(|l| l.same_socket(listen)) {
+                let socket = listen.socket();
+                return Err(invalid(format!("listen: {socket} is listed twice")));
             }
         }
+        self.check_advertised().map_err(invalid)?;
         if let Some(domain) = self.domains.iter().find(|domain| domain.trim().is_empty()) {
             return Err(invalid(format!("domains: empty domain name {domain:?}")));
         }
@@ -957,6 +965,36 @@ impl Config {
         self.nat.validate().map_err(invalid)?;
         self.auth.validate().map_err(invalid)?;
         self.pike.validate().map_err(invalid)
+    }
+
+    /// What `listen` advertises (its own `advertise=`, else the global `advertise`), `None`
+    /// when it advertises its socket address.
+    pub fn advertise_of<'a>(&'a self, listen: &'a ListenAddr) -> Option<&'a Advertise> {
+        listen.advertise.as_ref().or(self.advertise.as_ref())
+    }
+
+    /// A wildcard listener (`0.0.0.0`, `[::]`) must advertise an address: Via, Record-Route
+    /// and keep-alives would carry the wildcard, which no peer can send to. Refused whatever
+    /// the script does: it decides per request, may be reloaded into one that relays at any
+    /// time, and keep-alives to NATed phones need the address too.
+    fn check_advertised(&self) -> Result<(), String> {
+        let Some(listen) = self
+            .listen
+            .iter()
+            .find(|l| l.addr.ip().is_unspecified() && self.advertise_of(l).is_none())
+        else {
+            return Ok(());
+        };
+        let socket = listen.socket();
+        Err(format!(
+            "listen: {socket} listens on every address, and no address is advertised for it: \
+             Via, Record-Route and NAT keep-alives would carry {ip}, which peers cannot send \
+             to. Name the address phones and peers reach this server at: \
+             \"{socket},advertise=HOST[:PORT]\" in listen, advertise = \"HOST[:PORT]\" for \
+             every listener, or --advertise HOST[:PORT] (MOONROUTE_ADVERTISE); or listen on \
+             that address itself",
+            ip = listen.addr.ip(),
+        ))
     }
 
     /// The number of event loops to run: `workers`, or one per CPU core when it is 0.
@@ -1086,7 +1124,8 @@ mod tests {
     fn parses_every_key() {
         let config = Config::parse(
             r#"
-            listen = ["udp:0.0.0.0:5080", "tcp:[::1]:5080"]
+            listen = ["udp:0.0.0.0:5080,advertise=edge.example.com:5090", "tcp:[::1]:5080"]
+            advertise = "sip.example.com"
             domains = ["example.com", "example.org"]
             script = "/etc/moonroute/route.lua"
             data_dir = "/var/lib/moonroute"
@@ -1125,7 +1164,23 @@ mod tests {
         assert_eq!(config.limits.overload_after(), None);
         assert_eq!(
             config.listen,
-            vec![listen("udp:0.0.0.0:5080"), listen("tcp:[::1]:5080")]
+            vec![
+                listen("udp:0.0.0.0:5080,advertise=edge.example.com:5090"),
+                listen("tcp:[::1]:5080")
+            ]
+        );
+        assert_eq!(config.advertise, Some("sip.example.com".parse().unwrap()));
+        assert_eq!(
+            config
+                .advertise_of(&config.listen[0])
+                .map(|a| a.to_string()),
+            Some("edge.example.com:5090".to_owned())
+        );
+        assert_eq!(
+            config
+                .advertise_of(&config.listen[1])
+                .map(|a| a.to_string()),
+            Some("sip.example.com".to_owned())
         );
         assert_eq!(config.domains, ["example.com", "example.org"]);
         assert_eq!(config.script, PathBuf::from("/etc/moonroute/route.lua"));
@@ -1271,7 +1326,7 @@ mod tests {
         };
         check(|c| c.listen.clear(), "at least one address");
         check(
-            |c| c.listen.push(c.listen[0]),
+            |c| c.listen.push(c.listen[0].clone()),
             "udp:127.0.0.1:5060 is listed twice",
         );
         check(|c| c.domains.push(" ".into()), "empty domain");
@@ -1301,6 +1356,48 @@ mod tests {
         check(
             |c| c.limits.tcp_message_timeout_ms = 5000,
             "tcp_message_timeout_ms: 5000 is below limits.tcp_header_timeout_ms (10000)",
+        );
+    }
+
+    #[test]
+    fn a_wildcard_listener_must_advertise_an_address() {
+        let refused = |text: &str| {
+            let config = Config::parse(text).unwrap();
+            config.validate().unwrap_err().to_string()
+        };
+        let error = refused("listen = [\"udp:127.0.0.1:5060\", \"tcp:[::]:5060\"]");
+        assert!(
+            error.contains("listen: tcp:[::]:5060 listens on every address")
+                && error.contains("\"tcp:[::]:5060,advertise=HOST[:PORT]\"")
+                && error.contains("--advertise")
+                && error.contains("MOONROUTE_ADVERTISE"),
+            "says which listener and every way to fix it: {error}"
+        );
+        for fixed in [
+            "listen = [\"udp:0.0.0.0:5060,advertise=203.0.113.7\"]",
+            "listen = [\"udp:0.0.0.0:5060\"]\nadvertise = \"sip.example.com\"",
+            "listen = [\"udp:192.0.2.1:5060\"]",
+        ] {
+            Config::parse(fixed).unwrap().validate().unwrap();
+        }
+        let mut config = Config::parse("listen = [\"udp:0.0.0.0:5060\"]").unwrap();
+        config.apply(Overrides {
+            advertise: Some("sip.example.com:5080".parse().unwrap()),
+            ..Overrides::default()
+        });
+        config.validate().unwrap();
+        let error = Config::parse("advertise = \"0.0.0.0\"")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("advertise"), "{error}");
+        // Two listeners on one socket are one listener, whatever they advertise.
+        let error = refused(
+            "listen = [\"udp:0.0.0.0:5060,advertise=a.example\", \
+             \"udp:0.0.0.0:5060,advertise=b.example\"]",
+        );
+        assert!(
+            error.contains("udp:0.0.0.0:5060 is listed twice"),
+            "{error}"
         );
     }
 

@@ -13,6 +13,8 @@
 //! transaction, overload 503, the script's drops and refusals) are logged exactly once, with
 //! target [`REFUSED`], fields `source`, `transport`, `code` when answered, `call_id` when
 //! known, and a `reason` sentence; `log_level = "info,moonroute::refused=warn"` quietens them.
+//! What a peer keeps doing wrong but is worked around is logged once per peer per period
+//! ([`Throttle`]).
 
 use crate::sip::Message;
 
@@ -48,4 +50,74 @@ pub fn message_span(message: &Message) -> tracing::Span {
 /// [`message_span`] for a Call-ID already extracted.
 pub fn call_span(call_id: &[u8]) -> tracing::Span {
     tracing::error_span!("sip", call_id = %Lossy(call_id))
+}
+
+/// At most one line per key per `period`, for what a peer keeps doing wrong (a callee's
+/// malformed answers): the first occurrence is logged, the repeats within the period are not,
+/// so a busy peer cannot flood the log. Sans-IO: the caller gives `now`. At most `capacity`
+/// keys are remembered; when full, those logged more than a period ago are forgotten, and if
+/// none is, new keys are not logged until one is (memory stays bounded whatever the peers).
+#[derive(Debug)]
+pub struct Throttle<K> {
+    period: std::time::Duration,
+    capacity: usize,
+    logged_at: std::collections::HashMap<K, std::time::Instant>,
+}
+
+impl<K: std::hash::Hash + Eq> Throttle<K> {
+    pub fn new(period: std::time::Duration, capacity: usize) -> Throttle<K> {
+        Throttle {
+            period,
+            capacity,
+            logged_at: std::collections::HashMap::new(),
+        }
+    }
+
+    /// Whether a line about `key` is due at `now` (then it is counted as logged).
+    pub fn allow(&mut self, key: K, now: std::time::Instant) -> bool {
+        let period = self.period;
+        let recent = |at: &std::time::Instant| now.saturating_duration_since(*at) < period;
+        if self.logged_at.get(&key).is_some_and(recent) {
+            return false;
+        }
+        if !self.logged_at.contains_key(&key) && self.logged_at.len() >= self.capacity {
+            self.logged_at.retain(|_, at| recent(at));
+            if self.logged_at.len() >= self.capacity {
+                return false;
+            }
+        }
+        self.logged_at.insert(key, now);
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_key_is_logged_once_per_period() {
+        let mut throttle = Throttle::new(Duration::from_secs(60), 8);
+        let t0 = Instant::now();
+        assert!(throttle.allow("a", t0));
+        assert!(!throttle.allow("a", t0 + Duration::from_secs(59)));
+        assert!(throttle.allow("b", t0 + Duration::from_secs(1)));
+        assert!(throttle.allow("a", t0 + Duration::from_secs(60)));
+        assert!(!throttle.allow("a", t0 + Duration::from_secs(61)));
+    }
+
+    #[test]
+    fn memory_stays_bounded() {
+        let mut throttle = Throttle::new(Duration::from_secs(60), 2);
+        let t0 = Instant::now();
+        assert!(throttle.allow(1, t0));
+        assert!(throttle.allow(2, t0));
+        // Full of recent keys: a new one is not logged (nor remembered).
+        assert!(!throttle.allow(3, t0 + Duration::from_secs(1)));
+        assert_eq!(throttle.logged_at.len(), 2);
+        // Once the old ones are a period old, they make room.
+        assert!(throttle.allow(3, t0 + Duration::from_secs(60)));
+        assert_eq!(throttle.logged_at.len(), 1);
+    }
 }

@@ -21,7 +21,7 @@ use moonroute::script::watch::ScriptWatcher;
 use moonroute::script::{offline, ScriptHost};
 use moonroute::server::core::CoreFactory;
 use moonroute::server::Server;
-use moonroute::transport::ListenAddr;
+use moonroute::transport::{Advertise, ListenAddr};
 
 /// `moonroute -V`: the version and the release of the embedded Lua (see build.rs).
 const VERSION: &str = concat!(
@@ -123,10 +123,17 @@ struct RunArgs {
     /// Configuration file (TOML). Without it, the defaults are used.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Address to listen on, e.g. udp:127.0.0.1:5060 or tcp:[::1]:5060 (repeatable;
-    /// replaces the file's list).
-    #[arg(long, value_name = "TRANSPORT:IP:PORT")]
+    /// Address to listen on, e.g. udp:127.0.0.1:5060 or tcp:[::1]:5060, with what it
+    /// advertises when that is not its own: udp:0.0.0.0:5060,advertise=sip.example.com:5060
+    /// (repeatable; replaces the file's list).
+    #[arg(long, value_name = "TRANSPORT:IP:PORT[,advertise=HOST[:PORT]]")]
     listen: Vec<ListenAddr>,
+    /// The address peers reach this server at, for every listener without an advertise= of
+    /// its own (in Via, Record-Route and keep-alives); without a port, each listener's own.
+    // An empty value (`-e MOONROUTE_ADVERTISE=` with nothing after it) is no address: a
+    // wildcard listener is then refused with the message saying how to name one.
+    #[arg(long, value_name = "HOST[:PORT]", env = "MOONROUTE_ADVERTISE", value_parser = advertise_or_empty)]
+    advertise: Option<AdvertiseArg>,
     /// The Lua routing script.
     #[arg(long, value_name = "FILE")]
     script: Option<PathBuf>,
@@ -163,6 +170,7 @@ impl RunArgs {
     fn into_parts(self) -> (Option<PathBuf>, Overrides) {
         let overrides = Overrides {
             listen: self.listen,
+            advertise: self.advertise.and_then(|arg| arg.0),
             domains: self.domains,
             script: self.script,
             data_dir: self.data_dir,
@@ -174,6 +182,21 @@ impl RunArgs {
             log_format: self.log_format,
         };
         (self.config, overrides)
+    }
+}
+
+/// `--advertise`: an address, or none when empty.
+#[derive(Clone, Debug)]
+struct AdvertiseArg(Option<Advertise>);
+
+fn advertise_or_empty(text: &str) -> Result<AdvertiseArg, String> {
+    match text.trim() {
+        "" => Ok(AdvertiseArg(None)),
+        text => text
+            .parse()
+            .map(Some)
+            .map(AdvertiseArg)
+            .map_err(|e| e.to_string()),
     }
 }
 
@@ -240,7 +263,10 @@ fn run(args: RunArgs) -> Result<(), Box<dyn Error>> {
     };
     let server = Server::start(&config, factory)?;
     for listen in server.listen_addrs() {
-        info!(%listen, "listening");
+        let advertise = config
+            .advertise_of(listen)
+            .map(|a| format!("{}:{}", a.host(), a.port_for(listen.addr.port())));
+        info!(listen = %listen.socket(), advertise, "listening");
     }
     info!(
         workers = server.worker_count(),
@@ -666,6 +692,40 @@ mod tests {
         };
         let (_, overrides) = args.into_parts();
         assert_eq!(overrides.control_socket, Some(PathBuf::new()));
+    }
+
+    #[test]
+    fn advertised_addresses_are_flags_too() {
+        let cli = Cli::try_parse_from([
+            "moonroute",
+            "run",
+            "--listen",
+            "udp:0.0.0.0:5060,advertise=sip.example.com:5060",
+            "--listen",
+            "tcp:0.0.0.0:5060",
+            "--advertise",
+            "203.0.113.7",
+        ])
+        .unwrap();
+        let Some(Command::Run(args)) = cli.command else {
+            panic!("expected run");
+        };
+        let (_, overrides) = args.into_parts();
+        assert_eq!(
+            overrides.listen[0].advertise,
+            Some("sip.example.com:5060".parse().unwrap())
+        );
+        assert_eq!(overrides.listen[1].advertise, None);
+        assert_eq!(overrides.advertise, Some("203.0.113.7".parse().unwrap()));
+        let error = Cli::try_parse_from(["moonroute", "run", "--advertise", "0.0.0.0"])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("expected HOST[:PORT]"), "{error}");
+        let cli = Cli::try_parse_from(["moonroute", "run", "--advertise", ""]).unwrap();
+        let Some(Command::Run(args)) = cli.command else {
+            panic!("expected run");
+        };
+        assert_eq!(args.into_parts().1.advertise, None, "empty: none");
     }
 
     #[test]

@@ -270,6 +270,30 @@ async fn register_is_challenged_and_accepted_with_sha256_and_md5() {
     assert_eq!(bindings(&running, "bob"), 1);
 }
 
+/// default.lua's MD5_ONLY_AGENTS: a phone that gives up on a challenge offering SHA-256
+/// (baresip before 3.12) gets MD5 alone, and registers with it.
+#[tokio::test]
+async fn a_phone_without_sha256_is_challenged_with_md5_alone() {
+    let running = start();
+    let mut ua = TestUa::udp("alice").await;
+    let mut request = Request::register("alice", &ua, running.udp);
+    request.headers.push((
+        "User-Agent".to_owned(),
+        "baresip v1.0.0 (x86_64/linux)".to_owned(),
+    ));
+    let (_, challenge) = request.send(&mut ua, running.udp).await;
+    expect_status(&challenge, 401);
+    let list = challenges(&challenge, "WWW-Authenticate");
+    assert_eq!(list.len(), 1, "{}", show(&challenge));
+    assert_eq!(list[0].algorithm, "MD5");
+    let (_, ok) = request
+        .answered(&list[0], "alice", "alice-pw", 1)
+        .send(&mut ua, running.udp)
+        .await;
+    expect_status(&ok, 200);
+    assert_eq!(bindings(&running, "alice"), 1);
+}
+
 #[tokio::test]
 async fn wrong_password_is_challenged_again_and_nothing_is_saved() {
     let running = start();

@@ -987,3 +987,160 @@ async fn a_reused_nonce_count_is_challenged_again() {
     bob.expect_final(486).await;
     alice.expect_request("ACK").await; // the proxy's, for the 486 (§17.1.1.3)
 }
+
+// ---- a wildcard listener advertising its address (issue 18 item 2) -----------------------
+
+/// What the wildcard listeners of [`start_advertising`] advertise: another loopback address,
+/// which a wildcard socket receives on but which no socket of the server is bound to, so a
+/// message reaching it was sent where the server said it was.
+const ADVERTISED_IP: [u8; 4] = [127, 0, 0, 9];
+
+/// [`start`] listening on `0.0.0.0` (UDP and TCP, free ports) and advertising 127.0.0.9 at
+/// each listener's own port; `udp` and `tcp` are where the phones first send (127.0.0.1: the
+/// tests send to loopback only), the advertised addresses are returned beside.
+fn start_advertising(edit: impl FnOnce(&mut Config)) -> (Running, SocketAddr, SocketAddr) {
+    let mut proxy = start(|config| {
+        config.listen = vec![
+            "udp:0.0.0.0:0,advertise=127.0.0.9".parse().unwrap(),
+            "tcp:0.0.0.0:0,advertise=127.0.0.9".parse().unwrap(),
+        ];
+        edit(config);
+    });
+    assert!(proxy.udp.ip().is_unspecified() && proxy.tcp.ip().is_unspecified());
+    let advertised_udp = SocketAddr::from((ADVERTISED_IP, proxy.udp.port()));
+    let advertised_tcp = SocketAddr::from((ADVERTISED_IP, proxy.tcp.port()));
+    proxy.udp.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    proxy.tcp.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    (proxy, advertised_udp, advertised_tcp)
+}
+
+/// `message`'s top Via is sent by `via`, its Record-Route entries (signatures aside) start
+/// with `record_route`, and the wildcard appears nowhere.
+fn assert_names_us_as(message: &Message, via: SocketAddr, record_route: &[String]) {
+    let shown = show(message);
+    let top = message.top_via().unwrap();
+    assert_eq!(
+        (top.host.to_string(), top.port),
+        (via.ip().to_string(), Some(via.port())),
+        "our Via names the advertised address\n{shown}"
+    );
+    let rr = record_route_entries(message);
+    assert_eq!(rr[..record_route.len()], record_route[..], "\n{shown}");
+    assert!(!shown.contains("0.0.0.0"), "the wildcard leaked\n{shown}");
+}
+
+/// The Record-Route entries of `message`, in order, without their signatures.
+fn record_route_entries(message: &Message) -> Vec<String> {
+    message
+        .values(HeaderName::RecordRoute)
+        .map(|v| common::without_signature(&text(v.unwrap())))
+        .collect()
+}
+
+/// Our Record-Route entry for `advertised` over `transport`, without its signature.
+fn rr_entry(advertised: SocketAddr, transport: &str) -> String {
+    format!("<sip:{advertised};transport={transport};lr>")
+}
+
+#[tokio::test]
+async fn behind_a_wildcard_listener_calls_and_keepalives_carry_the_advertised_address() {
+    let (proxy, at_udp, _) = start_advertising(|config| {
+        config.nat.keepalive_interval_ms = 100;
+    });
+    let (mut alice, _public) = nated_alice(&proxy).await;
+    register(&mut alice, "alice", "SHA-256").await;
+    // The keep-alive's Via, From and Call-ID name the advertised address, where its answer
+    // comes back to.
+    let probe = alice.expect_request("OPTIONS").await;
+    assert_names_us_as(&probe, at_udp, &[]);
+    assert!(
+        header_text(&probe, "From").unwrap().contains("@127.0.0.9>"),
+        "{}",
+        show(&probe)
+    );
+    alice.respond(&probe, 200, "OK").await;
+
+    let mut bob = plain_bob(&proxy).await;
+    register(&mut bob, "bob", "MD5").await;
+    authenticated_invite(&mut bob, "bob", &aor("alice"), "MD5").await;
+    let incoming = request_between_probes(&mut alice, "INVITE").await;
+    let record_route = [rr_entry(at_udp, "udp")];
+    assert_names_us_as(&incoming, at_udp, &record_route);
+    // Alice answers where our Via says; bob learns the route set from the 200.
+    alice.respond(&incoming, 200, "OK").await;
+    let ok = bob.expect_final(200).await;
+    assert_eq!(record_route_entries(&ok), record_route);
+    let mut dialog = bob.ack_2xx(&ok).await;
+    assert_eq!(
+        dialog.next_hop(),
+        at_udp,
+        "in the dialog, bob sends to the advertised address"
+    );
+    request_between_probes(&mut alice, "ACK").await;
+    bob.bye(&mut dialog).await;
+    let bye = request_between_probes(&mut alice, "BYE").await;
+    assert_names_us_as(&bye, at_udp, &[]);
+    alice.respond(&bye, 200, "OK").await;
+    bob.expect_final(200).await;
+}
+
+#[tokio::test]
+async fn a_caller_on_a_wildcard_tcp_listener_is_record_routed_at_the_advertised_address() {
+    let (proxy, at_udp, at_tcp) = start_advertising(|_| {});
+    let (mut alice, _public) = nated_alice(&proxy).await;
+    register(&mut alice, "alice", "SHA-256").await;
+    // Bob's connection to 127.0.0.1 has that local address on our side: what the wildcard
+    // listener advertises goes into the Record-Route for his side all the same.
+    let mut bob = TestUa::tcp("bob", proxy.tcp).await;
+    bob.from_domain = Some(DOMAIN.to_owned());
+    register(&mut bob, "bob", "MD5").await;
+    authenticated_invite(&mut bob, "bob", &aor("alice"), "MD5").await;
+    let incoming = request_between_probes(&mut alice, "INVITE").await;
+    // Two entries (RFC 5658): alice's side over UDP on top, bob's side over TCP below.
+    assert_names_us_as(
+        &incoming,
+        at_udp,
+        &[rr_entry(at_udp, "udp"), rr_entry(at_tcp, "tcp")],
+    );
+    alice.respond(&incoming, 200, "OK").await;
+    let ok = bob.expect_final(200).await;
+    let mut dialog = bob.ack_2xx(&ok).await;
+    assert_eq!(
+        dialog.next_hop(),
+        at_tcp,
+        "bob's side of the route is over TCP"
+    );
+    request_between_probes(&mut alice, "ACK").await;
+    bob.bye(&mut dialog).await;
+    let bye = request_between_probes(&mut alice, "BYE").await;
+    alice.respond(&bye, 200, "OK").await;
+    bob.expect_final(200).await;
+}
+
+#[tokio::test]
+async fn the_advertised_name_names_the_server() {
+    let proxy = start(|config| {
+        config.listen = vec![
+            "udp:127.0.0.1:0,advertise=sip.moonroute.test:5099"
+                .parse()
+                .unwrap(),
+            "tcp:127.0.0.1:0,advertise=sip.moonroute.test:5099"
+                .parse()
+                .unwrap(),
+        ];
+    });
+    let mut eve = TestUa::udp_on("eve", SocketAddr::from((STRANGER_IP, 0))).await;
+    eve.from_domain = Some("elsewhere.example".to_owned());
+    eve.outbound = Some(proxy.udp);
+    // Addressed to the server by its advertised name: answered by the server itself (§11).
+    eve.options("sip:sip.moonroute.test:5099").await;
+    let answer = eve.expect_final(200).await;
+    assert!(
+        header_text(&answer, "Server").is_some_and(|s| s.starts_with("moonroute")),
+        "{}",
+        show(&answer)
+    );
+    // The same name at another port is another host: relaying there is refused.
+    eve.options("sip:sip.moonroute.test:5098").await;
+    eve.expect_final(403).await;
+}

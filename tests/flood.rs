@@ -105,7 +105,7 @@ async fn a_flooding_source_is_banned_while_a_legitimate_source_is_served() {
     config.pike.max_requests = LIMIT;
     // What is tested is the script's ban. A debug build on a loaded machine can be 500 ms
     // behind its socket during the burst, and would then (rightly) refuse new requests from
-    // the legitimate source too; the receive-lag limit has its own test below.
+    // the legitimate source too; overload control has its own test below.
     config.limits.overload_after_ms = 0;
     let (_server, server) = start(&config);
 
@@ -213,15 +213,22 @@ async fn the_default_script_refuses_insane_requests_with_the_reason() {
     let local = alice.local;
     // Requests the engine accepts, but req:sanity() does not.
     let cases = [
-        ("INVITE", "", "Contact: missing in INVITE", 400),
+        (
+            "INVITE",
+            2147483648u32,
+            "",
+            "CSeq: number not less than 2^31",
+            400,
+        ),
         (
             "REGISTER",
+            1,
             "Expires: soon\r\n",
             "Expires: not a number of seconds",
             400,
         ),
     ];
-    for (n, (method, extra, reason, code)) in cases.into_iter().enumerate() {
+    for (n, (method, cseq, extra, reason, code)) in cases.into_iter().enumerate() {
         let request = format!(
             "{method} sip:{DOMAIN} SIP/2.0\r\n\
              Via: SIP/2.0/UDP {local};branch=z9hG4bK-insane-{n};rport\r\n\
@@ -229,7 +236,7 @@ async fn the_default_script_refuses_insane_requests_with_the_reason() {
              From: <sip:alice@{DOMAIN}>;tag=a{n}\r\n\
              To: <sip:alice@{DOMAIN}>\r\n\
              Call-ID: insane-{n}@127.0.0.1\r\n\
-             CSeq: 1 {method}\r\n\
+             CSeq: {cseq} {method}\r\n\
              {extra}Content-Length: 0\r\n\r\n"
         );
         alice.send_raw(request.as_bytes(), server).await;
@@ -308,6 +315,58 @@ fn sanity_reports_what_an_edit_broke() {
         outcome.reason.as_deref(),
         Some("Expires: not a number of seconds")
     );
+}
+
+/// RFC 4475 §3.4.1's RFC 2543 INVITE (no Contact, no Max-Forwards, no branch cookie).
+const INVITE_2543: &[u8] = include_bytes!("data/rfc4475/inv2543.sip");
+
+#[test]
+fn sanity_flags_turn_on_the_stricter_checks() {
+    let source = moonroute::script::ScriptSource {
+        name: "flood_test.lua".to_owned(),
+        text: r#"
+        function on_request(req)
+          local results = {}
+          for _, flags in ipairs({ {}, { invite_contact = true }, { via_branch = true },
+                                   { invite_contact = false, via_branch = false } }) do
+            local ok, why, code = req:sanity(flags)
+            results[#results + 1] = ok and "ok" or (code .. " " .. why)
+          end
+          assert(req:sanity() == true, "the defaults accept it")
+          return req:reply(200, table.concat(results, "; "))
+        end
+    "#
+        .to_owned(),
+        version: 1,
+    };
+    let outcome =
+        moonroute::script::offline::run_once(&source, INVITE_2543, None, &Default::default())
+            .expect("the script loads and the message parses");
+    assert_eq!(outcome.error, None);
+    assert_eq!(
+        outcome.reason.as_deref(),
+        Some("ok; 400 Contact: missing in INVITE; 400 Via: no branch; ok")
+    );
+}
+
+#[test]
+fn a_misspelt_sanity_flag_is_an_error_at_the_line() {
+    for (call, expected) in [
+        (
+            "req:sanity({invite_contacts = true})",
+            "unknown flag \"invite_contacts\"",
+        ),
+        (
+            "req:sanity({via_branch = 1})",
+            "via_branch is true or false",
+        ),
+        ("req:sanity({true})", "flags are named"),
+    ] {
+        let outcome = run(&format!("function on_request(req)\n  {call}\nend\n"));
+        let error = outcome.error.expect("an error");
+        assert!(error.contains("flood_test.lua:2"), "{error}");
+        assert!(error.contains(expected), "{call}: {error}");
+    }
 }
 
 // ----- overload control, driven through the core (sans-IO) -----------------------------------

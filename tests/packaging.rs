@@ -17,7 +17,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use moonroute::config::Config;
+use moonroute::config::{Config, Overrides};
 use tempfile::TempDir;
 
 /// How long the server may take to start, or to stop after SIGTERM (a debug build on a busy
@@ -491,7 +491,15 @@ fn the_image_is_multi_stage_non_root_and_runs_its_baked_config() {
         config_argument(&command.join(" ")),
         Some(config_path.as_str())
     );
-    let config = Config::parse(&repo_file("contrib/docker.toml")).unwrap();
+    let mut config = Config::parse(&repo_file("contrib/docker.toml")).unwrap();
+    // On every address of the container, it advertises what `docker run -e
+    // MOONROUTE_ADVERTISE=...` names; without it, it refuses to start and says so.
+    let refusal = config.validate().unwrap_err().to_string();
+    assert!(refusal.contains("MOONROUTE_ADVERTISE"), "{refusal}");
+    config.apply(Overrides {
+        advertise: Some("sip.example.com:5060".parse().unwrap()),
+        ..Overrides::default()
+    });
     config.validate().unwrap();
     assert_eq!(
         config.script.to_str(),

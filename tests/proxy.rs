@@ -243,6 +243,42 @@ async fn basic_call_over_a_static_route() {
     .await;
 }
 
+/// The built-in router's static route is where initial requests go, whatever Route their
+/// sender pre-loaded: a MESSAGE with `Route: <sip:127.0.0.9:PORT;lr>` (127.0.0.9 standing in
+/// for a foreign host) reaches the static route without that Route, and nothing reaches the
+/// foreign host (RFC 3261 §16.6 step 7 would have sent it there).
+#[tokio::test]
+async fn a_static_route_ignores_a_preloaded_route() {
+    let foreign = tokio::net::UdpSocket::bind("127.0.0.9:0").await.unwrap();
+    let foreign_port = foreign.local_addr().unwrap().port();
+    let mut bob = TestUa::udp("bob").await;
+    let mut config = config();
+    config.proxy.static_route = bob.uri();
+    let server = start(&config);
+    let proxy = udp_addr(&server);
+    let mut stranger = TestUa::udp("stranger").await.via_proxy(proxy);
+    stranger
+        .request("MESSAGE", &format!("sip:bob@{proxy}"))
+        .body("text/plain", "hello")
+        .header("Route", &format!("<sip:127.0.0.9:{foreign_port};lr>"))
+        .await;
+    let incoming = bob.expect_request("MESSAGE").await;
+    assert!(
+        incoming.headers_named("Route").next().is_none(),
+        "the pre-loaded Route is not passed on\n{}",
+        show(&incoming)
+    );
+    bob.respond(&incoming, 200, "OK").await;
+    stranger.expect_final(200).await;
+    let mut buf = [0u8; 2048];
+    let reached = tokio::time::timeout(
+        std::time::Duration::from_millis(300),
+        foreign.recv_from(&mut buf),
+    )
+    .await;
+    assert!(reached.is_err(), "the foreign host was reached");
+}
+
 #[tokio::test]
 async fn basic_call_from_tcp_to_udp() {
     let server = start(&relay_config());
@@ -297,6 +333,77 @@ async fn cancel_of_a_ringing_call() {
         got,
         vec![("CANCEL".to_string(), 200), ("INVITE".to_string(), 487)]
     );
+    probe_is_next(&mut alice, proxy).await;
+}
+
+/// A sloppy callee (issue 18 item 4) answers the CANCEL with 200, then the INVITE with a 487
+/// whose only Via is the one of our CANCEL (the proxy's: §9.1 gives a CANCEL one Via). The
+/// 487 matches the branch's INVITE client transaction: the caller gets it, with the Vias of
+/// its INVITE, not a synthesized 408; twice in a row (the mistake is logged once, and only
+/// the log is throttled).
+#[tokio::test]
+async fn a_487_carrying_only_the_proxys_via_reaches_the_caller() {
+    // One event loop: each loop keeps its own log throttle.
+    let server = start(&Config {
+        workers: 1,
+        ..relay_config()
+    });
+    let proxy = udp_addr(&server);
+    let mut alice = TestUa::udp("alice").await.via_proxy(proxy);
+    let mut bob = TestUa::udp("bob").await;
+    let mut log = common::refused_log::subscribe();
+    for _ in 0..2 {
+        let invite = alice.invite(&bob.uri()).await;
+        let incoming = bob.expect_request("INVITE").await;
+        let ringing = bob.respond(&incoming, 180, "Ringing").await;
+        alice.expect_response(100).await;
+        alice.expect_response(180).await;
+        alice.cancel(&invite).await;
+        let cancel = bob.expect_request("CANCEL").await;
+        bob.respond(&cancel, 200, "OK").await;
+
+        let mut sloppy = Message::parse(
+            moonroute::sip::ResponseBuilder::new(&incoming, 487, "Request Terminated")
+                .to_tag(ringing.to().unwrap().tag().unwrap())
+                .build(),
+        )
+        .unwrap();
+        sloppy.remove_headers("Via");
+        let cancel_via = cancel.header(HeaderName::Via).unwrap();
+        sloppy.prepend_header("Via", cancel_via).unwrap();
+        assert_eq!(via_count(&sloppy), 1, "{}", show(&sloppy));
+        bob.send_raw(&sloppy.to_bytes(), proxy).await;
+        let ack = bob.expect_request("ACK").await;
+        assert_eq!(
+            ack.top_via().unwrap().branch(),
+            incoming.top_via().unwrap().branch(),
+            "the proxy's client transaction took the 487 as its own and ACKed it"
+        );
+
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            let r = alice.recv_response(WAIT).await;
+            got.push((method_of_response(&r), r.status().unwrap(), r));
+        }
+        got.sort_by_key(|(method, status, _)| (method.clone(), *status));
+        let statuses: Vec<(&str, u16)> = got.iter().map(|(m, s, _)| (m.as_str(), *s)).collect();
+        assert_eq!(statuses, [("CANCEL", 200), ("INVITE", 487)]);
+        let terminated = &got[1].2;
+        assert_eq!(via_count(terminated), 1, "{}", show(terminated));
+        assert_eq!(
+            terminated.top_via().unwrap().branch(),
+            invite.top_via().unwrap().branch(),
+            "the 487 carries the caller's Via\n{}",
+            show(terminated)
+        );
+        assert_eq!(
+            terminated.to().unwrap().tag(),
+            ringing.to().unwrap().tag(),
+            "the callee's 487, not one the proxy made up"
+        );
+    }
+    // Logged before the first 487 went up, once for both.
+    assert_eq!(log.count_logged(bob.local, "only this proxy's Via"), 1);
     probe_is_next(&mut alice, proxy).await;
 }
 

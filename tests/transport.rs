@@ -570,10 +570,7 @@ async fn a_port_held_by_another_socket_is_refused() {
     let squatter = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let taken = squatter.local_addr().unwrap();
     let mut config = test_config(&[]);
-    config.listen = vec![ListenAddr {
-        kind: TransportKind::Udp,
-        addr: taken,
-    }];
+    config.listen = vec![ListenAddr::new(TransportKind::Udp, taken)];
     let (seen, _) = mpsc::unbounded_channel();
     let error = Server::start(&config, Arc::new(ScriptedFactory { seen }))
         .err()

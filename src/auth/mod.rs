@@ -33,12 +33,14 @@ pub use subscribers::{Subscriber, Subscribers};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Verdict {
     /// The credentials are valid: the authenticated user, the realm they were checked for,
-    /// and the subscriber's domain (lowercase; the host of the user's AOR, which differs from
-    /// the realm for a subscriber added with `--realm`).
+    /// the subscriber's domain (lowercase; the host of the user's AOR, which differs from
+    /// the realm for a subscriber added with `--realm`), and the algorithm of the response
+    /// (for logs: which phones still answer with MD5).
     Authorized {
         user: String,
         realm: String,
         domain: String,
+        algorithm: Algorithm,
     },
     /// No Digest credentials for this realm in the request.
     NoCredentials,
@@ -173,6 +175,22 @@ impl Authenticator {
         challenge_with(&self.nonces, &self.algorithms, realm, role, stale, now)
     }
 
+    /// The challenge for `realm` offering only `wanted`, in its order, as far as `[auth]
+    /// algorithms` enables them (see [`offered`]): for phones that give up on a challenge
+    /// offering an algorithm they lack, even beside one they have. What [`Self::authorize`]
+    /// accepts is `[auth] algorithms` still: narrowing an offer changes no verdict.
+    pub fn challenge_offering(
+        &self,
+        wanted: &[Algorithm],
+        realm: &str,
+        role: Role,
+        stale: bool,
+        now: SystemTime,
+    ) -> Challenge {
+        let algorithms = offered(&self.algorithms, wanted);
+        challenge_with(&self.nonces, &algorithms, realm, role, stale, now)
+    }
+
     /// Checks the request's credentials for `realm` at `now` (RFC 3261 §22.2-§22.3, RFC 2617
     /// §3.2.2): realm, username, digest `uri` against the Request-URI, algorithm, qop, nonce,
     /// nonce count, and the response, compared in constant time.
@@ -239,6 +257,7 @@ impl Authenticator {
                 user: credentials.username,
                 realm: realm.to_owned(),
                 domain,
+                algorithm,
             },
             replay::Use::Replayed => Verdict::Refused("replayed nonce"),
             replay::Use::Forgotten => Verdict::Stale,
@@ -251,19 +270,38 @@ impl Authenticator {
     }
 }
 
-/// A challenge from a throwaway nonce key with both algorithms, for a script run without a
-/// server (`moonroute test`): it shows what would be sent; nothing can answer it.
-pub fn offline_challenge(realm: &str, role: Role, stale: bool, now: SystemTime) -> Challenge {
+/// A challenge from a throwaway nonce key with both algorithms (or those of `wanted`, as
+/// [`Authenticator::challenge_offering`] narrows them), for a script run without a server
+/// (`moonroute test`): it shows what would be sent; nothing can answer it.
+pub fn offline_challenge(
+    wanted: Option<&[Algorithm]>,
+    realm: &str,
+    role: Role,
+    stale: bool,
+    now: SystemTime,
+) -> Challenge {
     static OFFLINE: std::sync::OnceLock<nonce::Nonces> = std::sync::OnceLock::new();
     let nonces = OFFLINE.get_or_init(|| nonce::Nonces::new(b"", Duration::from_secs(300)));
-    challenge_with(
-        nonces,
-        &[Algorithm::Sha256, Algorithm::Md5],
-        realm,
-        role,
-        stale,
-        now,
-    )
+    let both = [Algorithm::Sha256, Algorithm::Md5];
+    let algorithms = offered(&both, wanted.unwrap_or(&both));
+    challenge_with(nonces, &algorithms, realm, role, stale, now)
+}
+
+/// The algorithms a narrowed challenge offers: those of `wanted` that `enabled` has, in
+/// `wanted`'s order, once each (RFC 8760 §2.4: the server's preferred first). When `enabled`
+/// has none of them, `enabled` itself: the client can answer neither offer, and a challenge
+/// never names an algorithm the server would refuse.
+fn offered(enabled: &[Algorithm], wanted: &[Algorithm]) -> Vec<Algorithm> {
+    let mut algorithms: Vec<Algorithm> = Vec::with_capacity(enabled.len());
+    for algorithm in wanted {
+        if enabled.contains(algorithm) && !algorithms.contains(algorithm) {
+            algorithms.push(*algorithm);
+        }
+    }
+    if algorithms.is_empty() {
+        algorithms = enabled.to_vec();
+    }
+    algorithms
 }
 
 /// The challenge for `realm` (RFC 3261 §22.1, RFC 2617 §3.2.1, RFC 8760 §2.4): one header per

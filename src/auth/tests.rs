@@ -116,11 +116,12 @@ fn register<'a>(nonce: &'a str, algorithm: Algorithm) -> Answer<'a> {
     }
 }
 
-fn authorized() -> Verdict {
+fn authorized(algorithm: Algorithm) -> Verdict {
     Verdict::Authorized {
         user: "alice".into(),
         realm: REALM.into(),
         domain: "example.com".into(),
+        algorithm,
     }
 }
 
@@ -153,12 +154,12 @@ fn both_algorithms_authorize_and_replays_are_refused() {
         let first = register(&nonce, algorithm);
         assert_eq!(
             auth.authorize(&first.request(), REALM, at(1001)),
-            authorized()
+            authorized(algorithm)
         );
         // The same request again (a retransmission): the same verdict.
         assert_eq!(
             auth.authorize(&first.request(), REALM, at(1002)),
-            authorized()
+            authorized(algorithm)
         );
         // The same nc from another request: a replay.
         let replay = Answer {
@@ -176,7 +177,7 @@ fn both_algorithms_authorize_and_replays_are_refused() {
         };
         assert_eq!(
             auth.authorize(&next.request(), REALM, at(1003)),
-            authorized()
+            authorized(algorithm)
         );
     }
 }
@@ -214,7 +215,7 @@ fn refusals_say_why() {
     };
     assert_eq!(
         auth.authorize(&equivalent.request(), REALM, at(1001)),
-        authorized()
+        authorized(Algorithm::Md5)
     );
     let zeros = "0".repeat(64);
     let forged = register(&zeros, Algorithm::Md5);
@@ -267,7 +268,7 @@ fn without_qop_a_nonce_is_one_time() {
     };
     assert_eq!(
         auth.authorize(&invite.request(), REALM, at(1001)),
-        authorized()
+        authorized(Algorithm::Md5)
     );
     let again = Answer {
         branch: "z9hG4bK-9",
@@ -278,4 +279,45 @@ fn without_qop_a_nonce_is_one_time() {
         auth.authorize(&again.request(), REALM, at(1001)),
         Verdict::Refused("replayed nonce")
     );
+}
+
+#[test]
+fn a_narrowed_challenge_offers_the_wanted_algorithms_that_are_enabled() {
+    let (auth, _dir) = authenticator(&[Algorithm::Sha256, Algorithm::Md5]);
+    let names = |challenge: &Challenge| -> Vec<String> {
+        challenge
+            .headers
+            .iter()
+            .map(|(_, value)| value.rsplit("algorithm=").next().unwrap().to_owned())
+            .collect()
+    };
+    let md5 = auth.challenge_offering(&[Algorithm::Md5], REALM, Role::Registrar, false, at(1000));
+    assert_eq!(names(&md5), ["MD5"]);
+    assert_eq!(md5.headers[0].0, "WWW-Authenticate");
+    // The list's order, each algorithm once; `stale` as in any challenge.
+    let reordered = auth.challenge_offering(
+        &[Algorithm::Md5, Algorithm::Sha256, Algorithm::Md5],
+        REALM,
+        Role::Proxy,
+        false,
+        at(1000),
+    );
+    assert_eq!(names(&reordered), ["MD5", "SHA-256"]);
+    // What is accepted is [auth] algorithms still: SHA-256 credentials on the nonce of an
+    // MD5-only challenge are as good as any (a client could have answered the full one).
+    let nonce = nonce_of(&md5, Algorithm::Md5);
+    assert_eq!(
+        auth.authorize(
+            &register(&nonce, Algorithm::Sha256).request(),
+            REALM,
+            at(1001)
+        ),
+        authorized(Algorithm::Sha256)
+    );
+    // None of the wanted ones enabled: the enabled ones (a challenge never offers what the
+    // server would refuse).
+    let (sha256_only, _dir) = authenticator(&[Algorithm::Sha256]);
+    let fallback =
+        sha256_only.challenge_offering(&[Algorithm::Md5], REALM, Role::Registrar, false, at(1000));
+    assert_eq!(names(&fallback), ["SHA-256"]);
 }

@@ -9,8 +9,10 @@
 //!   [`MAX_LISTED_AORS`] AORs (and about [`MAX_LISTING_BYTES`]), then a line
 //!   `... N more AORs not listed (ul show AOR shows one)`. With no binding at all the body
 //!   is `no bindings`;
-//! - `ul show AOR` lists one AOR (normalized with [`aor_of`], so `sip:Alice@EXAMPLE.com`
-//!   finds `sip:Alice@example.com`); an error `AOR ... not found` when it has no binding;
+//! - `ul show AOR` lists one AOR (normalized by the registrar's [`AorRule`], as a REGISTER's
+//!   To is, so `sip:Alice@EXAMPLE.com` finds `sip:Alice@example.com`, and with a listener on
+//!   127.0.0.1:5060 `sip:bob@127.0.0.1:5060` finds `sip:bob@127.0.0.1`); an error
+//!   `AOR ... not found` when it has no binding;
 //! - `ul rm AOR [CONTACT]` removes every binding of the AOR, or the one whose contact is
 //!   equivalent to CONTACT (RFC 3261 §19.1.4); an error when nothing matched;
 //! - `ul add AOR CONTACT [EXPIRES]` adds a binding, or replaces the one with an equivalent
@@ -61,9 +63,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::Reply;
 use crate::location::{Binding, Commit, LocationStore};
-use crate::registrar::{aor_of, format_q, Registrar, MAX_BINDINGS_PER_AOR};
+use crate::registrar::{format_q, AorRule, Registrar, MAX_BINDINGS_PER_AOR};
 use crate::sip::name_addr::parse_delta_seconds;
-use crate::sip::{NameAddr, Uri};
+use crate::sip::Uri;
 
 /// The most AORs an unfiltered `ul show` lists.
 pub const MAX_LISTED_AORS: usize = 1000;
@@ -89,9 +91,9 @@ pub fn command(args: &[String], registrar: &Registrar, now: SystemTime) -> Reply
     let store = registrar.store().as_ref();
     let result = match args.as_slice() {
         ["show"] => Ok(show_all(store, now, MAX_LISTED_AORS, MAX_LISTING_BYTES)),
-        ["show", aor] => show_one(store, aor, now),
-        ["rm", aor] => remove(store, aor, None, now),
-        ["rm", aor, contact] => remove(store, aor, Some(contact), now),
+        ["show", aor] => show_one(registrar, aor, now),
+        ["rm", aor] => remove(registrar, aor, None, now),
+        ["rm", aor, contact] => remove(registrar, aor, Some(contact), now),
         ["add", aor, contact] => add(registrar, aor, contact, None, now),
         ["add", aor, contact, expires] => add(registrar, aor, contact, Some(expires), now),
         ["count"] => Ok(count(store, now)),
@@ -154,9 +156,9 @@ fn show_all(
     out
 }
 
-fn show_one(store: &dyn LocationStore, aor: &str, now: SystemTime) -> Result<String, String> {
-    let key = parse_aor(aor)?;
-    let bindings = store.lookup(&key, now);
+fn show_one(registrar: &Registrar, aor: &str, now: SystemTime) -> Result<String, String> {
+    let key = parse_aor(registrar.aor_rule(), aor)?;
+    let bindings = registrar.store().lookup(&key, now);
     if bindings.is_empty() {
         return Err(format!("AOR {key} not found"));
     }
@@ -253,14 +255,8 @@ fn unbracket(text: &str) -> &str {
 }
 
 /// The normalized AOR of `text` (a URI or a name-addr), as a REGISTER's To gives it.
-fn parse_aor(text: &str) -> Result<String, String> {
-    let bytes = text.trim().as_bytes();
-    let uri = match Uri::parse(bytes) {
-        Ok(uri) => Some(uri),
-        Err(_) => NameAddr::parse(bytes).ok().map(|n| n.uri),
-    };
-    uri.as_ref()
-        .and_then(aor_of)
+fn parse_aor(aors: &AorRule, text: &str) -> Result<String, String> {
+    aors.of_text(text)
         .ok_or_else(|| format!("{text:?} is not a sip: or sips: address-of-record"))
 }
 
@@ -292,15 +288,15 @@ fn durable(commit: Commit, aor: &str, done: String) -> Result<String, String> {
 }
 
 fn remove(
-    store: &dyn LocationStore,
+    registrar: &Registrar,
     aor: &str,
     contact: Option<&str>,
     now: SystemTime,
 ) -> Result<String, String> {
-    let key = parse_aor(aor)?;
+    let key = parse_aor(registrar.aor_rule(), aor)?;
     let wanted = contact.map(parse_contact).transpose()?;
     let mut removed = 0;
-    let commit = store_update(store, &key, now, &mut |current| {
+    let commit = store_update(registrar.store().as_ref(), &key, now, &mut |current| {
         let before = current.len();
         let kept: Vec<Binding> = match &wanted {
             None => Vec::new(),
@@ -332,7 +328,7 @@ fn add(
     expires: Option<&str>,
     now: SystemTime,
 ) -> Result<String, String> {
-    let key = parse_aor(aor)?;
+    let key = parse_aor(registrar.aor_rule(), aor)?;
     let (bare, uri) = parse_contact(contact)?;
     let rules = registrar.rules();
     let asked = match expires {
@@ -341,7 +337,7 @@ fn add(
             .ok_or_else(|| format!("{text:?} is not an expiry in seconds"))?,
     };
     if asked == 0 {
-        return remove(registrar.store().as_ref(), aor, Some(contact), now);
+        return remove(registrar, aor, Some(contact), now);
     }
     let expires = asked.min(rules.max_expires);
     let call_id = format!(

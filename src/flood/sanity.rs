@@ -1,23 +1,41 @@
-//! `req:sanity()`: the checks of Kamailio's `sanity_check()`, for a request as the script sees
-//! it (possibly edited). The engine already refuses malformed requests before the script runs
+//! `req:sanity()`: the checks of Kamailio's `sanity_check()` with its module defaults, for a
+//! request as the script sees it (possibly edited), and stricter checks a script may ask for.
+//! The engine already refuses malformed requests before the script runs
 //! ([`Message::validate`] in the server core); this is for scripts that edited the message or
 //! want the stricter rules below, which a proxy would otherwise tolerate.
 //!
-//! What is checked, and where the rule comes from:
+//! What [`check`] checks by default (Kamailio's `default_checks`: Request-URI version and
+//! scheme, required headers, CSeq method and value, Content-Length, Expires, Proxy-Require,
+//! digest credentials), and where each rule comes from:
 //! - everything [`Message::validate`] checks: Via, From, To, Call-ID and CSeq present and well
 //!   formed, single-valued headers at most once (§7.3.1, §20), Max-Forwards a number
 //!   (§20.22), the CSeq method equal to the request method (§8.1.1.5, §20.16), no headers in
-//!   the Request-URI (§19.1.5);
-//! - not Max-Forwards' presence, although §8.1.1 makes it mandatory for a UAC: a proxy must
-//!   pass a request without one (§16.3 step 3) and add it (§16.6 step 3), and Kamailio's
-//!   `sanity_check` does not require it either;
+//!   the Request-URI (§19.1.5), Contact, Route and option tags well formed when present;
+//! - the CSeq number under 2^31 (§8.1.1.5: "MUST be less than 2**31"; Kamailio's CSeq value
+//!   check);
 //! - the Request-URI's scheme is sip, sips (§19.1) or tel (RFC 3966): anything else is 416
 //!   (§8.2.2.1);
-//! - an INVITE has exactly one Contact, a SIP or SIPS URI (§8.1.1.8);
 //! - Content-Length, when present, equals the body's length (§20.14, §18.3);
 //! - Expires, when present, is a number of seconds (§20.19).
+//!
+//! Not checked by default, so that an RFC 2543 request passes (RFC 4475 §3.4.1: an INVITE
+//! with no Contact, no Max-Forwards and no branch cookie "should be accepted by RFC 3261
+//! elements which want to maintain backwards compatibility"), as Kamailio's defaults let it:
+//! - Max-Forwards' presence, although §8.1.1 makes it mandatory for a UAC: a proxy must pass a
+//!   request without one (§16.3 step 3) and add it (§16.6 step 3);
+//! - an INVITE's Contact (§8.1.1.8 is a UAC's duty; RFC 2543 made it optional). Opt-in:
+//!   [`Strict::invite_contact`];
+//! - the top Via's branch and its magic cookie (§8.1.1.7; RFC 2543 had neither). Opt-in:
+//!   [`Strict::via_branch`].
+//!
+//! Kamailio's Proxy-Require check is the engine's here (420 before the script runs, §16.3
+//! step 5), its digest credentials check `req:authorize()`'s (malformed credentials are
+//! refused there).
 
 use crate::sip::{Contact, HeaderName, Message, Method, Uri};
+
+/// §8.1.1.5: a CSeq number "MUST be less than 2**31".
+const CSEQ_LIMIT: u32 = 1 << 31;
 
 /// Why a request failed [`check`]: the status to answer with and what is wrong.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -35,8 +53,24 @@ impl Insane {
     }
 }
 
-/// Checks `request` (see the module docs).
+/// The checks a script may add to the defaults (`req:sanity{invite_contact = true}`): each
+/// refuses requests RFC 3261 UACs never send but RFC 2543 ones may.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Strict {
+    /// An INVITE has exactly one Contact, a SIP or SIPS URI (§8.1.1.8).
+    pub invite_contact: bool,
+    /// The top Via has a branch starting with the magic cookie `z9hG4bK` (§8.1.1.7; Kamailio's
+    /// checks 1<<14, a branch, and 1<<15, its cookie).
+    pub via_branch: bool,
+}
+
+/// Checks `request` with the defaults (see the module docs).
 pub fn check(request: &Message) -> Result<(), Insane> {
+    check_with(request, Strict::default())
+}
+
+/// Checks `request` with the defaults and the `strict` checks asked for.
+pub fn check_with(request: &Message, strict: Strict) -> Result<(), Insane> {
     let method = request
         .method()
         .ok_or_else(|| Insane::bad("not a request"))?;
@@ -45,7 +79,11 @@ pub fn check(request: &Message) -> Result<(), Insane> {
         reason: e.to_string(),
     })?;
     check_request_uri(request)?;
-    if *method == Method::Invite {
+    check_cseq_number(request)?;
+    if strict.via_branch {
+        check_via_branch(request)?;
+    }
+    if strict.invite_contact && *method == Method::Invite {
         check_invite_contact(request)?;
     }
     if let Some(length) = request.content_length() {
@@ -66,6 +104,23 @@ fn check_request_uri(request: &Message) -> Result<(), Insane> {
             code: 416,
             reason: "Request-URI: unsupported URI scheme".to_owned(),
         }),
+        Err(e) => Err(Insane::bad(e.to_string())),
+    }
+}
+
+fn check_cseq_number(request: &Message) -> Result<(), Insane> {
+    match request.cseq() {
+        Ok(cseq) if cseq.seq < CSEQ_LIMIT => Ok(()),
+        Ok(_) => Err(Insane::bad("CSeq: number not less than 2^31")),
+        Err(e) => Err(Insane::bad(e.to_string())),
+    }
+}
+
+fn check_via_branch(request: &Message) -> Result<(), Insane> {
+    match request.top_via() {
+        Ok(via) if via.is_rfc3261_branch() => Ok(()),
+        Ok(via) if via.branch().is_none() => Err(Insane::bad("Via: no branch")),
+        Ok(_) => Err(Insane::bad("Via: branch without the z9hG4bK cookie")),
         Err(e) => Err(Insane::bad(e.to_string())),
     }
 }
@@ -123,7 +178,6 @@ Content-Length: 0
             "To: <sip:bob@example.com>\n",
             "Call-ID: c1\n",
             "CSeq: 1 INVITE\n",
-            "Contact: <sip:alice@192.0.2.1>\n",
         ] {
             let message = with(header, "");
             let why = reason(&message);
@@ -174,15 +228,84 @@ Content-Length: 0
         );
     }
 
+    fn strict_reason(message: &Message, strict: Strict) -> String {
+        check_with(message, strict).unwrap_err().reason
+    }
+
+    const INVITE_CONTACT: Strict = Strict {
+        invite_contact: true,
+        via_branch: false,
+    };
+    const VIA_BRANCH: Strict = Strict {
+        invite_contact: false,
+        via_branch: true,
+    };
+
     #[test]
-    fn an_invite_has_one_sip_contact() {
+    fn an_invite_has_one_sip_contact_when_asked() {
+        let none = with("Contact: <sip:alice@192.0.2.1>\n", "");
+        assert_eq!(check(&none), Ok(()), "not by default");
+        assert_eq!(
+            strict_reason(&none, INVITE_CONTACT),
+            "Contact: missing in INVITE"
+        );
         let two = with(
             "Contact: <sip:alice@192.0.2.1>",
             "Contact: <sip:alice@192.0.2.1>, <sip:alice@192.0.2.2>",
         );
-        assert!(reason(&two).contains("more than one"));
+        assert_eq!(check(&two), Ok(()));
+        assert!(strict_reason(&two, INVITE_CONTACT).contains("more than one"));
         let tel = with("Contact: <sip:alice@192.0.2.1>", "Contact: <tel:+15551234>");
-        assert!(reason(&tel).contains("SIP or SIPS"));
+        assert!(strict_reason(&tel, INVITE_CONTACT).contains("SIP or SIPS"));
+        assert_eq!(check_with(&request(INVITE), INVITE_CONTACT), Ok(()));
+        // Only INVITE needs one.
+        let bye = request(
+            &INVITE
+                .replace("INVITE", "BYE")
+                .replace("Contact: <sip:alice@192.0.2.1>\n", ""),
+        );
+        assert_eq!(check_with(&bye, INVITE_CONTACT), Ok(()));
+    }
+
+    #[test]
+    fn a_via_branch_with_the_cookie_when_asked() {
+        let none = with(";branch=z9hG4bK1", "");
+        assert_eq!(check(&none), Ok(()), "not by default");
+        assert_eq!(strict_reason(&none, VIA_BRANCH), "Via: no branch");
+        let old = with(";branch=z9hG4bK1", ";branch=1");
+        assert_eq!(check(&old), Ok(()));
+        assert_eq!(
+            strict_reason(&old, VIA_BRANCH),
+            "Via: branch without the z9hG4bK cookie"
+        );
+        assert_eq!(check_with(&request(INVITE), VIA_BRANCH), Ok(()));
+    }
+
+    #[test]
+    fn an_rfc_2543_invite_passes_the_defaults() {
+        // RFC 4475 §3.4.1: no Contact, no Max-Forwards, no branch, no From tag.
+        let message = Message::parse(Bytes::from_static(include_bytes!(
+            "../../tests/data/rfc4475/inv2543.sip"
+        )))
+        .expect("parses");
+        assert_eq!(check(&message), Ok(()));
+        assert_eq!(strict_reason(&message, VIA_BRANCH), "Via: no branch");
+        assert_eq!(
+            strict_reason(&message, INVITE_CONTACT),
+            "Contact: missing in INVITE"
+        );
+    }
+
+    #[test]
+    fn the_cseq_number_is_under_2_to_the_31() {
+        assert_eq!(
+            check(&with("CSeq: 1 INVITE", "CSeq: 2147483647 INVITE")),
+            Ok(())
+        );
+        assert_eq!(
+            reason(&with("CSeq: 1 INVITE", "CSeq: 2147483648 INVITE")),
+            "CSeq: number not less than 2^31"
+        );
     }
 
     #[test]

@@ -29,8 +29,8 @@
 //! - fields are separated by white space; blank lines are ignored;
 //! - `#` at the start of a line or after white space starts a comment (a `#` inside a URI,
 //!   such as in `tel:*21#`, does not);
-//! - `AOR` is a `sip:` or `sips:` URI, normalized like a REGISTER's To
-//!   ([`crate::registrar::aor_of`]);
+//! - `AOR` is a `sip:` or `sips:` URI, normalized like a REGISTER's To (the [`AorKeys`]
+//!   given to the loader, [`crate::registrar::AorRule`]);
 //! - `CONTACT` is a bare URI (no `<>`, no display name);
 //! - options: `q=QVALUE` (RFC 3261 §20.10 qvalue, default 1) and `expires=SECONDS` (default
 //!   3600, counted from the `now` given to the loader; 0 gives an already expired binding);
@@ -60,7 +60,7 @@ use crate::transport::TransportKind;
 /// last wrote it).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Binding {
-    /// The normalized address-of-record ([`crate::registrar::aor_of`]).
+    /// The normalized address-of-record ([`crate::registrar::aor_of`]): the store's key.
     pub aor: String,
     /// The contact URI as registered: the URI only, without the `<>`, display name or header
     /// parameters of the Contact field.
@@ -134,6 +134,20 @@ impl Binding {
     }
 }
 
+/// How the registrar names AORs, as a store needs to know it: the key an AOR is stored under,
+/// and one binding list from the lists of two keys that name one AOR. A durable store opened
+/// with a rule that names some stored keys differently (they were written under an older
+/// rule, or before a domain was configured) moves them to their key, merging with what is
+/// there ([`SledLocation::open_rekeyed`]). Implemented by [`crate::registrar::AorRule`].
+pub trait AorKeys: Send + Sync {
+    /// The key of `aor` (a URI, or a stored key), `None` when it is not an AOR.
+    fn key_of(&self, aor: &str) -> Option<String>;
+
+    /// The bindings of one AOR from those `kept` under its key and those `moved` there from
+    /// another key.
+    fn merge(&self, kept: Vec<Binding>, moved: Vec<Binding>) -> Vec<Binding>;
+}
+
 /// Storage of bindings, keyed by normalized AOR. Implementations are shared by every event
 /// loop, hence `Send + Sync`; calls are short and never wait for the disk: a durable store
 /// returns a [`Commit`] ticket that says when the write is on disk, and the caller holds its
@@ -193,10 +207,12 @@ pub struct AorCursor {
 }
 
 /// The store `[location]` asks for: [`SledLocation`] in `<data_dir>/location` (created
-/// private if missing, loaded before this returns) or a [`MemoryLocation`].
+/// private if missing, loaded before this returns, its keys migrated to `keys`) or a
+/// [`MemoryLocation`].
 pub fn open_configured(
     config: &crate::config::Location,
     data_dir: &std::path::Path,
+    keys: &dyn AorKeys,
 ) -> Result<std::sync::Arc<dyn LocationStore>, String> {
     use crate::config::LocationBackend;
     match config.store {
@@ -205,11 +221,12 @@ pub fn open_configured(
         ))),
         LocationBackend::Sled => {
             let dir = data_dir.join("location");
-            let (store, _report) = SledLocation::open(
+            let (store, _report) = SledLocation::open_rekeyed(
                 &dir,
                 config.max_bindings,
                 config.cache_mb.saturating_mul(1024 * 1024),
                 SystemTime::now(),
+                keys,
             )?;
             Ok(std::sync::Arc::new(store))
         }
@@ -273,13 +290,18 @@ impl MemoryLocation {
     }
 
     /// Loads bindings from the fixture format described in the module documentation; `now`
-    /// is the time `expires=` counts from. Errors name the offending line.
-    pub fn from_fixture(text: &str, now: SystemTime) -> Result<MemoryLocation, String> {
+    /// is the time `expires=` counts from, `keys` names the AORs. Errors name the offending
+    /// line.
+    pub fn from_fixture(
+        text: &str,
+        now: SystemTime,
+        keys: &dyn AorKeys,
+    ) -> Result<MemoryLocation, String> {
         let mut by_aor: HashMap<String, Vec<Binding>> = HashMap::new();
         for (index, line) in text.lines().enumerate() {
             let number = index + 1;
-            let Some(binding) =
-                parse_fixture_line(line, number, now).map_err(|e| format!("line {number}: {e}"))?
+            let Some(binding) = parse_fixture_line(line, number, now, keys)
+                .map_err(|e| format!("line {number}: {e}"))?
             else {
                 continue;
             };
@@ -542,6 +564,7 @@ fn parse_fixture_line(
     line: &str,
     number: usize,
     now: SystemTime,
+    keys: &dyn AorKeys,
 ) -> Result<Option<Binding>, String> {
     let mut fields = strip_comment(line).split_whitespace();
     let Some(aor_text) = fields.next() else {
@@ -549,7 +572,7 @@ fn parse_fixture_line(
     };
     let aor = Uri::parse(aor_text.as_bytes())
         .ok()
-        .and_then(|u| crate::registrar::aor_of(&u))
+        .and(keys.key_of(aor_text))
         .ok_or_else(|| format!("'{aor_text}' is not a sip: or sips: address-of-record"))?;
     let contact = fields.next().ok_or("missing CONTACT after the AOR")?;
     if Uri::parse(contact.as_bytes()).is_err() {

@@ -10,6 +10,13 @@
 //! Opening loads every unexpired binding into memory before returning, so a server answers
 //! nothing before its registrations are back; expired records are removed, corrupt or foreign
 //! ones reported (with their key) and skipped, and left on disk for inspection.
+//!
+//! Opened with the registrar's [`AorKeys`] ([`SledLocation::open_rekeyed`]), loading also
+//! moves every record stored under a key the rule now spells differently (a port of our own
+//! domain, kept in keys written before the registrar dropped it) to its key, merged with the
+//! bindings already there. Each move is one atomic sled batch (write the merged record, remove
+//! the old key): a crash leaves every key either moved or not, and the next open finishes the
+//! work; a store whose keys are all current is left as it is (idempotent).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -19,7 +26,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tracing::{info, warn};
 
 use super::commit::{Commit, CommitLog};
-use super::{record, AorCursor, Binding, LocationStore, MemoryLocation};
+use super::{record, AorCursor, AorKeys, Binding, LocationStore, MemoryLocation};
 
 /// The sled tree holding the records.
 const TREE: &str = "bindings";
@@ -40,6 +47,8 @@ pub struct LoadReport {
     pub expired: usize,
     /// Records that could not be read (reported and skipped).
     pub corrupt: usize,
+    /// Records moved to the key the AOR rule gives them (merged with what was there).
+    pub rekeyed: usize,
     pub elapsed: Duration,
 }
 
@@ -64,7 +73,7 @@ impl std::fmt::Debug for SledLocation {
 
 impl SledLocation {
     /// Opens (or creates, mode 0700: `crate::file_modes`) the store in directory `dir`, loads
-    /// it and starts the flusher.
+    /// it and starts the flusher; stored keys are used as they are.
     /// `max_bindings` bounds memory as for [`MemoryLocation::new`]; `cache_bytes` is sled's
     /// page cache. Fails when the directory cannot be opened (another process holds it, no
     /// permission, not a sled database); never because of a bad record.
@@ -73,6 +82,28 @@ impl SledLocation {
         max_bindings: usize,
         cache_bytes: u64,
         now: SystemTime,
+    ) -> Result<(SledLocation, LoadReport), String> {
+        Self::open_with(dir, max_bindings, cache_bytes, now, None)
+    }
+
+    /// [`SledLocation::open`], moving each record whose key `keys` spells differently to its
+    /// key (see the module documentation).
+    pub fn open_rekeyed(
+        dir: &Path,
+        max_bindings: usize,
+        cache_bytes: u64,
+        now: SystemTime,
+        keys: &dyn AorKeys,
+    ) -> Result<(SledLocation, LoadReport), String> {
+        Self::open_with(dir, max_bindings, cache_bytes, now, Some(keys))
+    }
+
+    fn open_with(
+        dir: &Path,
+        max_bindings: usize,
+        cache_bytes: u64,
+        now: SystemTime,
+        keys: Option<&dyn AorKeys>,
     ) -> Result<(SledLocation, LoadReport), String> {
         let started = Instant::now();
         // Private whatever the umask: who is registered where is nobody else's business.
@@ -90,8 +121,9 @@ impl SledLocation {
             .map_err(|e| format!("cannot open the location database {}: {e}", dir.display()))?;
         crate::file_modes::seal_store(dir);
         let index = MemoryLocation::new(max_bindings);
-        let mut report = load(&tree, &index, now);
-        // Removals of expired records must not wait for the first registration's flush.
+        let mut report = load(&tree, &index, now, keys);
+        // Removals of expired records and moves of keys must not wait for the first
+        // registration's flush.
         db.flush()
             .map_err(|e| format!("location database {}: {e}", dir.display()))?;
         report.elapsed = started.elapsed();
@@ -101,6 +133,7 @@ impl SledLocation {
             bindings = report.bindings,
             expired = report.expired,
             corrupt = report.corrupt,
+            rekeyed = report.rekeyed,
             ms = report.elapsed.as_millis() as u64,
             "location database loaded"
         );
@@ -162,9 +195,23 @@ impl SledLocation {
     }
 }
 
-/// Reads every record into `index`; removes expired bindings from disk.
-fn load(tree: &sled::Tree, index: &MemoryLocation, now: SystemTime) -> LoadReport {
+/// A record to move to another key once every record is loaded.
+struct Move {
+    from: String,
+    to: String,
+    live: Vec<Binding>,
+}
+
+/// Reads every record into `index`; removes expired bindings from disk; moves the records
+/// whose key `keys` spells differently.
+fn load(
+    tree: &sled::Tree,
+    index: &MemoryLocation,
+    now: SystemTime,
+    keys: Option<&dyn AorKeys>,
+) -> LoadReport {
     let mut report = LoadReport::default();
+    let mut moves = Vec::new();
     for entry in tree.iter() {
         let (key, value) = match entry {
             Ok(kv) => kv,
@@ -186,6 +233,18 @@ fn load(tree: &sled::Tree, index: &MemoryLocation, now: SystemTime) -> LoadRepor
         let total = bindings.len();
         let live: Vec<Binding> = bindings.into_iter().filter(|b| b.is_live(now)).collect();
         report.expired += total - live.len();
+        let new_key = keys
+            .and_then(|k| k.key_of(&key_text))
+            .filter(|new_key| *new_key != key_text);
+        if let Some(to) = new_key {
+            // Moved once the walk is over: its target may not be loaded yet.
+            moves.push(Move {
+                from: key_text,
+                to,
+                live,
+            });
+            continue;
+        }
         if live.len() < total {
             if let Err(error) = SledLocation::persist(tree, &key_text, &live) {
                 warn!(key = %key_text, %error, "location database: could not remove expired bindings");
@@ -205,7 +264,74 @@ fn load(tree: &sled::Tree, index: &MemoryLocation, now: SystemTime) -> LoadRepor
             }
         }
     }
+    if let Some(keys) = keys {
+        for one in moves {
+            move_record(tree, index, now, keys, one, &mut report);
+        }
+    }
     report
+}
+
+/// Moves one record to its key, merged with the target's live bindings, in one atomic batch;
+/// then the target's merged list replaces what memory holds for it. A target record that
+/// cannot be read leaves the record where it is (loaded under its old key, reported).
+fn move_record(
+    tree: &sled::Tree,
+    index: &MemoryLocation,
+    now: SystemTime,
+    keys: &dyn AorKeys,
+    one: Move,
+    report: &mut LoadReport,
+) {
+    let Move { from, to, live } = one;
+    let there = match tree.get(to.as_bytes()) {
+        Ok(None) => Ok(Vec::new()),
+        Ok(Some(value)) => record::decode(to.as_bytes(), &value),
+        Err(error) => Err(error.to_string()),
+    };
+    let there: Vec<Binding> = match there {
+        Ok(bindings) => bindings.into_iter().filter(|b| b.is_live(now)).collect(),
+        Err(error) => {
+            warn!(key = %from, to = %to, %error, "location database: record not moved to its key (the record there is unreadable); loaded as it is");
+            if !live.is_empty() {
+                if let Err(error) = index.replace(&from, live) {
+                    warn!(key = %from, %error, "location database: record not loaded");
+                }
+            }
+            return;
+        }
+    };
+    let before = there.len();
+    let mut merged = keys.merge(there, live);
+    for b in &mut merged {
+        b.aor.clone_from(&to);
+    }
+    let mut batch = sled::Batch::default();
+    batch.remove(from.as_bytes());
+    if merged.is_empty() {
+        batch.remove(to.as_bytes());
+    } else {
+        batch.insert(to.as_bytes(), record::encode(&merged));
+    }
+    if let Err(error) = tree.apply_batch(batch) {
+        warn!(key = %from, to = %to, %error, "location database: record not moved to its key");
+        return;
+    }
+    report.rekeyed += 1;
+    info!(key = %from, to = %to, bindings = merged.len(), "location database: record moved to its key");
+    if merged.is_empty() {
+        return;
+    }
+    let count = merged.len();
+    match index.replace(&to, merged) {
+        Ok(_) => {
+            report.aors += usize::from(before == 0);
+            report.bindings += count - before;
+        }
+        Err(error) => {
+            warn!(key = %to, %error, "location database: record not loaded");
+        }
+    }
 }
 
 impl LocationStore for SledLocation {
@@ -357,6 +483,129 @@ mod tests {
         let (store, report) = open(dir.path(), now);
         assert_eq!((report.bindings, report.corrupt), (1, 2));
         assert_eq!(store.count(), 1);
+    }
+
+    /// Writes `records` (key, contacts) as an older server would have: keys as given.
+    fn write_records(dir: &Path, now: SystemTime, records: &[(&str, &[&str])]) {
+        let (store, _) = open(dir, now);
+        for (key, contacts) in records {
+            let bindings = contacts.iter().map(|c| binding(key, c, 600, now)).collect();
+            store
+                .replace(key, bindings)
+                .unwrap()
+                .wait(Duration::from_secs(10))
+                .unwrap();
+        }
+    }
+
+    fn home() -> crate::registrar::AorRule {
+        crate::registrar::AorRule::new(crate::server::core::LocalIdentity::new(
+            &["example.com".to_owned()],
+            ["127.0.0.1:5060".parse().unwrap()],
+        ))
+    }
+
+    fn open_home(dir: &Path, now: SystemTime) -> (SledLocation, LoadReport) {
+        SledLocation::open_rekeyed(dir, 1000, 1 << 20, now, &home()).unwrap()
+    }
+
+    fn contacts_of(store: &SledLocation, aor: &str, now: SystemTime) -> Vec<String> {
+        let mut contacts: Vec<String> = store
+            .lookup(aor, now)
+            .into_iter()
+            .map(|b| {
+                assert_eq!(b.aor, aor);
+                b.contact
+            })
+            .collect();
+        contacts.sort();
+        contacts
+    }
+
+    #[test]
+    fn keys_with_our_port_move_to_their_aor_and_merge() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = SystemTime::now();
+        write_records(
+            dir.path(),
+            now,
+            &[
+                ("sip:u@127.0.0.1", &["sip:u@192.0.2.1", "sip:u@192.0.2.2"]),
+                (
+                    "sip:u@127.0.0.1:5060",
+                    &["sip:u@192.0.2.2", "sip:u@192.0.2.3"],
+                ),
+                ("sip:v@example.com:5060", &["sip:v@192.0.2.4"]),
+                ("sip:v@example.com:5070", &["sip:v@192.0.2.5"]),
+                ("sip:w@127.0.0.1:5080", &["sip:w@192.0.2.6"]),
+            ],
+        );
+        let (store, report) = open_home(dir.path(), now);
+        assert_eq!(
+            (report.rekeyed, report.aors, report.bindings, report.corrupt),
+            (3, 3, 6, 0)
+        );
+        assert_eq!(
+            store.aors(),
+            [
+                "sip:u@127.0.0.1",
+                "sip:v@example.com",
+                "sip:w@127.0.0.1:5080"
+            ]
+        );
+        assert_eq!(store.count(), 6);
+        assert_eq!(
+            contacts_of(&store, "sip:u@127.0.0.1", now),
+            ["sip:u@192.0.2.1", "sip:u@192.0.2.2", "sip:u@192.0.2.3"]
+        );
+        assert_eq!(
+            contacts_of(&store, "sip:v@example.com", now),
+            ["sip:v@192.0.2.4", "sip:v@192.0.2.5"]
+        );
+        drop(store);
+
+        // On disk too, and a second open has nothing left to move.
+        let (store, report) = open_home(dir.path(), now);
+        assert_eq!((report.rekeyed, report.aors, report.bindings), (0, 3, 6));
+        assert_eq!(contacts_of(&store, "sip:u@127.0.0.1", now).len(), 3);
+        let keys: Vec<String> = store
+            .tree
+            .iter()
+            .keys()
+            .map(|k| String::from_utf8(k.unwrap().to_vec()).unwrap())
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "sip:u@127.0.0.1",
+                "sip:v@example.com",
+                "sip:w@127.0.0.1:5080"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_key_whose_target_is_unreadable_stays_where_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = SystemTime::now();
+        write_records(
+            dir.path(),
+            now,
+            &[("sip:u@127.0.0.1:5060", &["sip:u@192.0.2.1"])],
+        );
+        {
+            let (store, _) = open(dir.path(), now);
+            store
+                .tree
+                .insert("sip:u@127.0.0.1", &b"garbage"[..])
+                .unwrap();
+            store.db.flush().unwrap();
+        }
+        let (store, report) = open_home(dir.path(), now);
+        assert_eq!((report.rekeyed, report.corrupt), (0, 1));
+        // Loaded under its old key (listed by `ctl ul show`), the unreadable record kept.
+        assert_eq!(store.aors(), ["sip:u@127.0.0.1:5060"]);
+        assert!(store.tree.get("sip:u@127.0.0.1").unwrap().is_some());
     }
 
     #[test]

@@ -1,6 +1,8 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::*;
+use crate::registrar::AorRule;
+use crate::server::core::LocalIdentity;
 
 fn t0() -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(1_700_000_000)
@@ -183,7 +185,7 @@ sip:alice@example.com;transport=tcp  sip:alice@198.51.100.7:5070;transport=tcp
    sip:bob@example.com  tel:*21#   # a tel contact with a '#'
 sip:carol@example.com sip:carol@192.0.2.30 expires=0
 ";
-    let store = MemoryLocation::from_fixture(text, t0()).unwrap();
+    let store = MemoryLocation::from_fixture(text, t0(), &AorRule::default()).unwrap();
     assert_eq!(store.count(), 4);
     let alice = store.lookup("sip:alice@example.com", t0());
     assert_eq!(
@@ -207,6 +209,22 @@ sip:carol@example.com sip:carol@192.0.2.30 expires=0
 }
 
 #[test]
+fn fixture_aors_follow_the_rule_given() {
+    let text = "\
+sip:alice@127.0.0.1:5060   sip:alice@192.0.2.10
+sip:alice@127.0.0.1        sip:alice@192.0.2.11
+sip:bob@127.0.0.1:5080     sip:bob@192.0.2.20
+";
+    let home = AorRule::new(LocalIdentity::new(&[], ["127.0.0.1:5060".parse().unwrap()]));
+    let store = MemoryLocation::from_fixture(text, t0(), &home).unwrap();
+    assert_eq!(
+        store.aors(),
+        ["sip:alice@127.0.0.1", "sip:bob@127.0.0.1:5080"]
+    );
+    assert_eq!(store.lookup("sip:alice@127.0.0.1", t0()).len(), 2);
+}
+
+#[test]
 fn fixture_errors_name_the_line() {
     let cases = [
         ("tel:+123 sip:a@192.0.2.1", "line 1:"),
@@ -227,7 +245,7 @@ fn fixture_errors_name_the_line() {
         ),
     ];
     for (text, expected) in cases {
-        let err = MemoryLocation::from_fixture(text, t0()).unwrap_err();
+        let err = MemoryLocation::from_fixture(text, t0(), &AorRule::default()).unwrap_err();
         assert!(err.contains(expected), "{text:?}: {err}");
     }
 }

@@ -41,6 +41,7 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 
 use crate::location::{AorCursor, LocationStore};
+use crate::server::identity::SentBy;
 use crate::transport::TransportKind;
 
 /// The Via branch of every keep-alive OPTIONS starts with this: the RFC 3261 magic cookie and
@@ -333,26 +334,24 @@ pub fn seq_of_branch(branch: &[u8]) -> Option<u64> {
 }
 
 /// The keep-alive OPTIONS for `peer` (RFC 3261 §11.1, §8.1.1): Request-URI the registered
-/// contact, Via naming `local` (our socket the binding registered on) with `rport` so the
-/// answer comes back through the NAT, `Max-Forwards: 70`, From/To/Call-ID/CSeq of a request
-/// outside any dialog. `nonce` makes Call-IDs unique across restarts.
+/// contact, Via naming `source` (what we advertise for the socket the binding registered on,
+/// `crate::server::identity`) with `rport` so the answer comes back through the NAT,
+/// `Max-Forwards: 70`, From/To/Call-ID/CSeq of a request outside any dialog, in our host.
+/// `nonce` makes Call-IDs unique across restarts.
 pub fn options_request(
     peer: &Peer,
-    local: SocketAddr,
+    source: &SentBy<'_>,
     branch: &str,
     seq: u64,
     nonce: u64,
 ) -> Bytes {
     let mut text = String::with_capacity(400);
-    let host = match local.ip() {
-        std::net::IpAddr::V6(ip) => format!("[{ip}]"),
-        std::net::IpAddr::V4(ip) => ip.to_string(),
-    };
+    let host = &source.host;
     // Writing into a String cannot fail.
     let _ = write!(
         text,
         "OPTIONS {contact} SIP/2.0\r\n\
-         Via: SIP/2.0/{transport} {local};branch={branch};rport\r\n\
+         Via: SIP/2.0/{transport} {source};branch={branch};rport\r\n\
          Max-Forwards: 70\r\n\
          From: <sip:keepalive@{host}>;tag=ka{nonce:x}\r\n\
          To: <{contact}>\r\n\
@@ -779,9 +778,23 @@ mod tests {
             Some(1),
             "the response is handed to the loop that sent the probe"
         );
-        let data = options_request(&p, "127.0.0.1:5060".parse().unwrap(), &b, 42, 7);
+        let source = SentBy {
+            host: "sip.example.com".into(),
+            port: 5062,
+        };
+        let data = options_request(&p, &source, &b, 42, 7);
         let m = Message::parse(data).unwrap();
         m.validate().unwrap();
+        let via = m.top_via().unwrap();
+        assert_eq!(
+            (via.host.to_string(), via.port),
+            ("sip.example.com".to_owned(), Some(5062))
+        );
+        assert!(m.call_id().unwrap().ends_with(b"@sip.example.com"));
+        assert_eq!(
+            m.from().unwrap().uri.raw(),
+            b"sip:keepalive@sip.example.com"
+        );
         assert_eq!(m.request_uri_bytes().unwrap(), p.contact.as_bytes());
         assert_eq!(m.max_forwards(), Some(Ok(70)));
         assert_eq!(m.top_via().unwrap().branch().unwrap(), b.as_bytes());

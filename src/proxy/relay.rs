@@ -38,7 +38,7 @@ use super::router::{
     BranchEdit, Decision, FailureDecision, ReplySource, RouteHandle, RouteInfo, Routed, Router,
 };
 use crate::dns::{self, Candidate, ResolveError};
-use crate::logging::{call_id, REFUSED};
+use crate::logging::{call_id, Throttle, REFUSED};
 use crate::memory::{shrink_heap_if_sparse, shrink_if_sparse};
 use crate::sip::{Message, Method, ResponseBuilder};
 use crate::transaction::client_invite::cancel_for;
@@ -200,7 +200,15 @@ pub struct Relay {
     next_resolve: u64,
     /// Resolutions to ask the shell for; see [`Relay::take_resolves`].
     resolve_requests: Vec<(u64, dns::Query)>,
+    /// Callees whose answer carried only our Via, logged once per address per period (per
+    /// event loop: a callee answering calls of several loops is logged by each).
+    callee_mistakes: Throttle<SocketAddr>,
 }
+
+/// How long a callee's answers carrying only our Via go unlogged after one was logged.
+const CALLEE_MISTAKE_LOG_PERIOD: Duration = Duration::from_secs(600);
+/// Callee addresses remembered for that, per event loop.
+const CALLEE_MISTAKE_LOG_KEYS: usize = 1024;
 
 /// Room in a call's branch list for `branch`, exactly: most calls have one branch, and a
 /// `Vec` left to grow by itself would allocate four (Rust's least capacity) and keep them for
@@ -250,6 +258,7 @@ impl Relay {
             resolving: HashMap::new(),
             next_resolve: 0,
             resolve_requests: Vec::new(),
+            callee_mistakes: Throttle::new(CALLEE_MISTAKE_LOG_PERIOD, CALLEE_MISTAKE_LOG_KEYS),
         }
     }
 
@@ -828,8 +837,16 @@ impl Relay {
                     // After the router: the caller's copy binds the Contact it left.
                     self.me
                         .sign_response_record_route(&mut response, wall_clock());
-                    call.context
-                        .on_response(branch, response, now, &mut actions);
+                    let only_our_via =
+                        call.context
+                            .on_response(branch, response, now, &mut actions);
+                    if only_our_via {
+                        let callee = source.map(|meta| meta.source);
+                        let key = callee.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
+                        if self.callee_mistakes.allow(key, now) {
+                            warn!(call_id = %call_id(&call.request), source = callee.map(tracing::field::display), transport = source.map(|meta| tracing::field::display(meta.kind)), status, reason = %format_args!("the callee answered with only this proxy's Via (as if to our CANCEL, RFC 3261 §9.1); relayed upstream with the request's Vias, code kept; its next such answers go unlogged for {} s", CALLEE_MISTAKE_LOG_PERIOD.as_secs()), "callee's response repaired");
+                        }
+                    }
                     if provisional && !keep {
                         info!(target: REFUSED, call_id = %call_id(&call.request), source = source.map(|meta| tracing::field::display(meta.source)), transport = source.map(|meta| tracing::field::display(meta.kind)), status, reason = "the routing script dropped it in on_reply (not forwarded upstream)", "response dropped");
                         // Dropped by the script: the branch still counts as Proceeding (CANCEL

@@ -24,14 +24,12 @@ use crate::transport::TransportKind;
 /// Max-Forwards a proxy adds when the request has none (§16.6 step 3).
 const DEFAULT_MAX_FORWARDS: u8 = 70;
 
-/// What the proxy is, for these rules: which URIs and Via sent-bys name it (via the server's
-/// [`LocalIdentity`]) and what it writes into Record-Route and Via on each local interface.
+/// What the proxy is, for these rules: which URIs and Via sent-bys name it and what it
+/// writes into Record-Route and Via on each local interface (both the server's
+/// [`LocalIdentity`]: an advertised address, never a wildcard one).
 #[derive(Clone, Debug)]
 pub struct ProxyIdentity {
     local: LocalIdentity,
-    /// `host[:port]` to advertise instead of the socket address for one local interface (a
-    /// wildcard listener or NAT'ed address must not leak into Record-Route / Via).
-    advertised: Vec<(TransportKind, SocketAddr, String)>,
     /// Signs our Record-Route entries and recognises them in Route (`route_sign`).
     signer: RouteSigner,
 }
@@ -42,7 +40,6 @@ impl ProxyIdentity {
     pub fn new(local: LocalIdentity) -> Self {
         ProxyIdentity {
             local,
-            advertised: Vec::new(),
             signer: RouteSigner::random(),
         }
     }
@@ -50,13 +47,6 @@ impl ProxyIdentity {
     /// Signs Record-Route with `signer` (from the server key, `crate::secret`).
     pub fn with_signer(mut self, signer: RouteSigner) -> Self {
         self.signer = signer;
-        self
-    }
-
-    /// Advertises `host_port` (e.g. `"proxy.example.com:5060"`) for the interface `(kind, addr)`
-    /// in Record-Route and Via, instead of the socket address.
-    pub fn advertise(mut self, kind: TransportKind, addr: SocketAddr, host_port: &str) -> Self {
-        self.advertised.push((kind, addr, host_port.to_owned()));
         self
     }
 
@@ -71,10 +61,7 @@ impl ProxyIdentity {
 
     /// `host:port` this proxy writes for the interface (Via sent-by, Record-Route host).
     fn host_port(&self, kind: TransportKind, addr: SocketAddr) -> String {
-        self.advertised
-            .iter()
-            .find(|(k, a, _)| *k == kind && *a == addr)
-            .map_or_else(|| sip_host_port(addr), |(_, _, hp)| hp.clone())
+        self.local.sent_by(kind, Some(addr), addr).to_string()
     }
 
     /// The URI this proxy puts into Record-Route for one interface, always with `lr`
@@ -132,16 +119,6 @@ impl ProxyIdentity {
             Ok(u) => self.local.is_myself(&u),
             Err(_) => false,
         }
-    }
-}
-
-/// A socket address as a SIP hostport (§25.1): `192.0.2.1:5060`, `[2001:db8::1]:5060` (an
-/// IPv6reference). The scope of a link-local IPv6 address is not part of the grammar and is
-/// left out, as is the flow label.
-fn sip_host_port(addr: SocketAddr) -> String {
-    match addr {
-        SocketAddr::V4(v4) => v4.to_string(),
-        SocketAddr::V6(v6) => format!("[{}]:{}", v6.ip(), v6.port()),
     }
 }
 
@@ -1356,13 +1333,6 @@ mod tests {
         let via = reparsed.top_via().unwrap();
         assert_eq!(via.host, Host::Ip(V6_UDP.1.ip()));
         assert!(me.is_my_via(&via));
-    }
-
-    #[test]
-    fn a_link_local_scope_is_not_written() {
-        let addr: SocketAddr = "[fe80::1%7]:5060".parse().unwrap();
-        assert_eq!(sip_host_port(addr), "[fe80::1]:5060");
-        assert_eq!(sip_host_port(US_UDP.1), "127.0.0.1:5060");
     }
 
     #[test]

@@ -183,8 +183,12 @@ impl ResponseContext {
 
     /// A response arrived on `branch` from its client transaction (§16.7).
     ///
-    /// The top Via is removed (step 3); a response that carries no other Via was not for
-    /// forwarding, so a final one only ends its branch and a provisional one is dropped. Then:
+    /// The top Via is removed (step 3). A response that carries no other Via would be "meant
+    /// for this element" (step 3), but this one matched a branch's client transaction, whose
+    /// request carried the upstream Vias below ours: the callee answered with only our Via
+    /// (e.g. a 487 built from our CANCEL's, which has only ours, §9.1). It goes on with the
+    /// Vias of the request as received (the server transaction's, §16.7 step 9), its code
+    /// kept; `true` is returned so the caller can log the callee's mistake. Then:
     /// 100 is absorbed (step 5); other 1xx reset Timer C (step 2) and go upstream until a final
     /// has been sent (step 5); every 2xx goes upstream, to INVITE even after a final (RFC 6026
     /// §8.2), and CANCELs the other branches (step 10); 3xx-6xx are stored (step 4), a 6xx also
@@ -196,16 +200,17 @@ impl ResponseContext {
         mut response: Message,
         now: Instant,
         out: &mut Vec<ContextAction>,
-    ) {
+    ) -> bool {
         let Some(code) = response.status() else {
-            return;
+            return false;
         };
         let Some(state) = self.branches.get(branch.0).map(|b| b.state) else {
-            return;
+            return false;
         };
-        // §16.7 step 3: if no Via is left the response was addressed to this element.
-        let forwardable = matches!(response.remove_first_value(HeaderName::Via), Ok(true))
-            && response.has(HeaderName::Via);
+        let ours_removed = matches!(response.remove_first_value(HeaderName::Via), Ok(true));
+        let only_ours = ours_removed && !response.has(HeaderName::Via);
+        let repaired = only_ours && self.restore_vias(&mut response);
+        let forwardable = ours_removed && (!only_ours || repaired);
         match code {
             100..=199 => self.on_provisional(branch, code, response, forwardable, now, out),
             200..=299 => {
@@ -224,7 +229,7 @@ impl ResponseContext {
             _ => {
                 if state == BranchState::Done {
                     // A final was already counted for this branch (e.g. a 487 after Timer C).
-                    return;
+                    return repaired;
                 }
                 self.finish_branch(branch);
                 if forwardable {
@@ -242,6 +247,23 @@ impl ResponseContext {
                 self.advance(now, out);
             }
         }
+        repaired
+    }
+
+    /// Gives `response`, left without any Via, the Vias of the request as received, in
+    /// order; `false` if one could not be written, or the request was already let go (a
+    /// late 2xx after the final went upstream): the response is then not forwarded.
+    fn restore_vias(&self, response: &mut Message) -> bool {
+        let Some(request) = self.request.as_ref() else {
+            return false;
+        };
+        let vias: Vec<&[u8]> = request.headers_named("Via").collect();
+        // Each goes above the previous one: inserted bottom first, they end up in order.
+        !vias.is_empty()
+            && vias
+                .iter()
+                .rev()
+                .all(|via| response.prepend_header("Via", via).is_ok())
     }
 
     fn on_provisional(
@@ -1085,6 +1107,63 @@ Content-Length: 0\r\n\r\n";
     fn no_targets_fails_with_408() {
         let (_, out) = invite(Vec::new(), Instant::now());
         assert_eq!(set_failed(&out).and_then(Message::status), Some(408));
+    }
+
+    /// A response carrying only the proxy's Via, as a callee builds it from our CANCEL.
+    fn with_only_our_via(code: u16) -> Message {
+        let mut ours = resp(code, &[]);
+        ours.remove_headers("Via");
+        ours.prepend_header("Via", b"SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bKproxy")
+            .unwrap();
+        Message::parse(ours.to_bytes()).unwrap()
+    }
+
+    #[test]
+    fn a_final_with_only_our_via_goes_up_with_the_requests_vias() {
+        let t0 = Instant::now();
+        // Three upstream Vias, two in one field: all go back, in order.
+        let received = String::from_utf8(REQUEST.to_vec()).unwrap().replace(
+            "Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKup1\r\n",
+            "Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKup1;received=127.0.0.2;rport=5072, \
+             SIP/2.0/TCP 192.0.2.1;branch=z9hG4bKup2\r\nv: SIP/2.0/UDP 192.0.2.2;branch=z9hG4bKup3\r\n",
+        );
+        let request = Message::parse(Bytes::from(received)).unwrap();
+        let upstream: Vec<String> = request
+            .values(HeaderName::Via)
+            .map(|v| String::from_utf8_lossy(v.unwrap()).into_owned())
+            .collect();
+        assert_eq!(upstream.len(), 3);
+        let mut out = Vec::new();
+        let targets = vec![target("sip:a@127.0.0.1", 1000)];
+        let mut ctx = ResponseContext::new(request, targets, true, TIMER_C, t0, &mut out);
+        out.clear();
+        // A 180 the same way is repaired and forwarded too.
+        assert!(ctx.on_response(BranchId(0), with_only_our_via(180), t0, &mut out));
+        assert_eq!(forwarded(&out), vec![180]);
+        ctx.cancel_all(&mut out);
+        out.clear();
+        assert!(ctx.on_response(BranchId(0), with_only_our_via(487), t0, &mut out));
+        let up = final_up(&out).expect("the 487 goes up, not a synthesized 408");
+        assert_eq!(up.status(), Some(487));
+        let vias: Vec<String> = up
+            .values(HeaderName::Via)
+            .map(|v| String::from_utf8_lossy(v.unwrap()).into_owned())
+            .collect();
+        assert_eq!(vias, upstream);
+        assert_eq!(
+            up.header(HeaderName::To),
+            resp(487, &[]).header(HeaderName::To)
+        );
+        // A well-formed response reports nothing.
+        let (mut ctx, _) = invite(vec![target("sip:a@127.0.0.1", 1000)], t0);
+        out.clear();
+        assert!(!ctx.on_response(BranchId(0), resp(486, &[]), t0, &mut out));
+        assert_eq!(
+            final_up(&out)
+                .or(set_failed(&out))
+                .and_then(Message::status),
+            Some(486)
+        );
     }
 
     #[test]

@@ -13,7 +13,7 @@ use crate::location::CommitTicket;
 use bytes::Bytes;
 
 use super::response_context::Target;
-use crate::sip::{Message, Method};
+use crate::sip::{HeaderName, Message, Method};
 use crate::transport::Meta;
 
 /// What to do with a new request.
@@ -197,7 +197,10 @@ pub trait Router {
 /// configured it relays nothing and answers 501. When relaying:
 /// - in-dialog requests (To tag present) go to their Request-URI (the route set was already
 ///   consumed by §16.4 preprocessing): Kamailio's `loose_route(); t_relay()`;
-/// - with a static route, every other request goes there, Record-Routed;
+/// - with a static route, every other request goes there, Record-Routed, after losing any
+///   Route its sender pre-loaded (RFC 3261 §16.6 step 7 would otherwise send it wherever the
+///   sender pointed it: an open relay; the script router's `req:follow_preloaded_route()` is
+///   the opt-in there, the built-in router has none);
 /// - with `relay_to_request_uri`, requests for other hosts go to their Request-URI,
 ///   Record-Routed (an open relay: for tests and labs on loopback);
 /// - anything else is answered 501, as before the proxy existed.
@@ -208,9 +211,28 @@ pub struct BuiltinRouter {
 }
 
 impl Router for BuiltinRouter {
-    fn route(&mut self, request: &mut Message, _meta: &Meta, _info: RouteInfo) -> Routed {
-        self.decide(request).into()
+    fn route(&mut self, request: &mut Message, meta: &Meta, _info: RouteInfo) -> Routed {
+        let decision = self.decide(request);
+        if self.static_route.is_some() && matches!(decision, Decision::Relay { .. }) {
+            drop_preloaded_route(request, meta);
+        }
+        decision.into()
     }
+}
+
+/// Removes the Route headers an initial request still carries once §16.4 took ours off: its
+/// sender pre-loaded them, and the static route is where such requests go. In-dialog requests
+/// keep theirs (the route set of a dialog this proxy Record-Routed).
+fn drop_preloaded_route(request: &mut Message, meta: &Meta) {
+    let in_dialog = request.to().is_ok_and(|to| to.tag().is_some());
+    if in_dialog || request.values(HeaderName::Route).next().is_none() {
+        return;
+    }
+    request.remove_headers("Route");
+    tracing::info!(
+        source = %meta.source,
+        "pre-loaded Route removed, not followed (the built-in router relays to its static route)"
+    );
 }
 
 impl BuiltinRouter {

@@ -12,9 +12,10 @@
 //!    script's decision, before it calls `save()`;
 //! 2. `Require` is checked by the server core (420) before the script runs;
 //! 3. and 4. authentication and authorization (401, 403): the script's;
-//! 5. the AOR is taken from To and normalized ([`aor_of`]); a To that does not parse is a
-//!    400, a To that is not a `sip:`/`sips:` URI a 404 (it cannot be an AOR here). Whether the
-//!    AOR belongs to the Request-URI's domain is again the script's policy;
+//! 5. the AOR is taken from To and normalized ([`aor_of`]; the port of our own domains is
+//!    dropped, [`AorRule`]); a To that does not parse is a 400, a To that is not a
+//!    `sip:`/`sips:` URI a 404 (it cannot be an AOR here). Whether the AOR belongs to the
+//!    Request-URI's domain is again the script's policy;
 //! 6. `Contact: *` (with `Expires: 0` and nothing else, else 400) removes every binding,
 //!    subject to the Call-ID/CSeq rule of step 7;
 //! 7. each contact is added, refreshed or removed ([`process`] documents the details);
@@ -29,8 +30,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 
 use crate::config;
-use crate::location::{Binding, Commit, LocationStore};
+use crate::location::{AorKeys, Binding, Commit, LocationStore};
 use crate::metrics::Counter;
+use crate::server::core::LocalIdentity;
 use crate::sip::{scan, Contact, HeaderName, Message, Method, NameAddr, ResponseBuilder, Uri};
 use crate::transport::Meta;
 
@@ -102,7 +104,7 @@ fn refuse(code: u16, reason: &'static str) -> Outcome {
 /// The address-of-record of a To URI, normalized as RFC 3261 §10.3 step 5 asks ("all URI
 /// parameters MUST be removed (including the user-param), and any escaped characters MUST be
 /// converted to their unescaped form"), so that every spelling of one AOR finds the same
-/// bindings:
+/// bindings. `home` says which host:port names this server ([`LocalIdentity::is_myself`]).
 ///
 /// - `sip:` or `sips:`, lower-cased; the two stay distinct AORs (§19.1.4: a SIP and a SIPS URI
 ///   are never equivalent). Any other scheme (`tel:`, ...) is not an AOR: `None`;
@@ -112,29 +114,140 @@ fn refuse(code: u16, reason: &'static str) -> Outcome {
 /// - the password is dropped: it is not part of the identity (§19.1.1 calls it NOT
 ///   RECOMMENDED) and must not end up in a storage key or a log line;
 /// - the host is lower-cased (§19.1.4); IPv6 addresses are written in their canonical form;
-/// - the port is kept when present: §10.3 removes only parameters, and §19.1.4 makes
-///   `sip:bob@example.com:5070` a different URI from `sip:bob@example.com` (an absent port
-///   is not the same as 5060), so they are different AORs;
+/// - the port is dropped when the URI names this server (`home`: one of our domains on any
+///   port, or one of our listen addresses on its port), kept otherwise. For a domain we are
+///   responsible for (§10.3 step 1), the host:port that names us *is* the domain: the port
+///   says how to reach us, not who the user is, so with a listener on 127.0.0.1:5060
+///   `sip:bob@127.0.0.1` and `sip:bob@127.0.0.1:5060` are one AOR, `sip:bob@127.0.0.1`
+///   (Kamailio's and OpenSIPS's usrloc key on user@domain alike; SIPp's stock UAC dials
+///   `sip:service@host:port`, and many phones put the port in their AOR). For any other
+///   domain §19.1.4 stands: `sip:bob@example.org:5070` is not `sip:bob@example.org` (an
+///   absent port is not the same as 5060), so they stay different AORs;
 /// - URI parameters and headers are dropped (§10.3 step 5).
-pub fn aor_of(uri: &Uri) -> Option<String> {
+pub fn aor_of(uri: &Uri, home: &LocalIdentity) -> Option<String> {
     let sip = uri.as_sip()?;
     let mut aor = String::with_capacity(sip.raw().len());
     aor.push_str(if sip.secure { "sips:" } else { "sip:" });
     if let Some(user) = sip.user {
-        for &b in scan::unescape(user).iter() {
-            if is_bare_user_char(b) {
-                aor.push(char::from(b));
-            } else {
-                aor.push_str(&format!("%{b:02X}"));
-            }
-        }
+        push_user(&mut aor, &scan::unescape(user));
         aor.push('@');
     }
     aor.push_str(&sip.host.to_string().to_ascii_lowercase());
     if let Some(port) = sip.port {
-        aor.push_str(&format!(":{port}"));
+        if !home.is_myself(uri) {
+            aor.push_str(&format!(":{port}"));
+        }
     }
     Some(aor)
+}
+
+/// How this server names an address-of-record: [`aor_of`] with the domains it is responsible
+/// for (its configured `domains` and listen addresses). The one rule behind `req:save()`,
+/// `req:lookup()`, `req:check_from()`, `moonroute ctl ul` and the location store's keys, so
+/// every path finds the same bindings for one user. The default has no home domain: every
+/// port is kept (the strict §19.1.4 reading).
+#[derive(Clone, Debug, Default)]
+pub struct AorRule {
+    home: LocalIdentity,
+}
+
+impl AorRule {
+    /// The rule for a server named by `home` (its configured domains and listen addresses).
+    pub fn new(home: LocalIdentity) -> AorRule {
+        AorRule { home }
+    }
+
+    /// The server identity whose AORs are port-free.
+    pub fn home(&self) -> &LocalIdentity {
+        &self.home
+    }
+
+    /// The normalized AOR of `uri` ([`aor_of`]).
+    pub fn of(&self, uri: &Uri) -> Option<String> {
+        aor_of(uri, &self.home)
+    }
+
+    /// The normalized AOR of `text`, a URI (`sip:alice@x`) or a name-addr (`<sip:alice@x>`,
+    /// `"Alice" <sip:alice@x>`), surrounding white space ignored; `None` for anything else.
+    pub fn of_text(&self, text: &str) -> Option<String> {
+        let text = text.trim().as_bytes();
+        match Uri::parse(text) {
+            Ok(uri) => self.of(&uri),
+            Err(_) => NameAddr::parse(text).ok().and_then(|n| self.of(&n.uri)),
+        }
+    }
+}
+
+impl AorRule {
+    /// The AOR of a subscriber `user@domain` (as `moonroute ctl user add` names one) in the
+    /// `sips:` scheme when `secure`, else `sip:`; `None` when `domain` is no host.
+    pub fn of_user(&self, secure: bool, user: &str, domain: &str) -> Option<String> {
+        let mut uri = String::with_capacity(user.len() + domain.len() + 6);
+        uri.push_str(if secure { "sips:" } else { "sip:" });
+        push_user(&mut uri, user.as_bytes());
+        uri.push('@');
+        uri.push_str(domain);
+        Uri::parse(uri.as_bytes()).ok().and_then(|u| self.of(&u))
+    }
+}
+
+impl AorKeys for AorRule {
+    fn key_of(&self, aor: &str) -> Option<String> {
+        self.of_text(aor)
+    }
+
+    fn merge(&self, kept: Vec<Binding>, moved: Vec<Binding>) -> Vec<Binding> {
+        merge_bindings(kept, moved)
+    }
+}
+
+/// The bindings of two spellings of one AOR as one list, for the location store's key
+/// migration (two keys stored before [`aor_of`] dropped our port, `sip:bob@127.0.0.1` and
+/// `sip:bob@127.0.0.1:5060`, are one AOR now; neither list may be lost): `kept`'s bindings in
+/// order, then `moved`'s whose contact none of them has. Contacts compare as a REGISTER's do
+/// (§19.1.4, [`same_contact`]); of two bindings of one contact the one written last takes the
+/// first one's place: with one Call-ID, the higher CSeq (so the UA's next REGISTER is not
+/// refused as out of order, §10.3 step 7), else the later expiry. The result may hold more
+/// than [`MAX_BINDINGS_PER_AOR`]: such an AOR can still be refreshed and cleaned up.
+pub fn merge_bindings(kept: Vec<Binding>, moved: Vec<Binding>) -> Vec<Binding> {
+    let mut merged = kept;
+    for binding in moved {
+        let uri = Uri::parse(binding.contact.as_bytes()).ok();
+        let twin = merged.iter().position(|old| match &uri {
+            Some(uri) => {
+                let old_uri = Uri::parse(old.contact.as_bytes()).ok();
+                stored_matches(old, old_uri.as_ref(), uri)
+            }
+            None => old.contact == binding.contact,
+        });
+        match twin {
+            Some(at) if written_after(&binding, &merged[at]) => merged[at] = binding,
+            Some(_) => {}
+            None => merged.push(binding),
+        }
+    }
+    merged
+}
+
+/// Whether `a` was written after `b`, two bindings of one contact ([`merge_bindings`]).
+fn written_after(a: &Binding, b: &Binding) -> bool {
+    if a.call_id == b.call_id {
+        a.cseq > b.cseq
+    } else {
+        a.expires_at > b.expires_at
+    }
+}
+
+/// Appends the user part `user` (unescaped bytes), escaping what may not appear bare (§25.1)
+/// in upper-case hex.
+fn push_user(out: &mut String, user: &[u8]) {
+    for &b in user {
+        if is_bare_user_char(b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
 }
 
 /// unreserved / user-unreserved (RFC 3261 §25.1): what a user part may contain unescaped.
@@ -202,7 +315,7 @@ enum Slot {
 /// result). The rules, in the order they are checked:
 ///
 /// - not a REGISTER: 500 (a script error, not the client's);
-/// - To malformed: 400; To not `sip:`/`sips:`: 404 (step 5);
+/// - To malformed: 400; To not `sip:`/`sips:`: 404 (step 5); else its AOR by `aors`;
 /// - Call-ID, CSeq or Contact malformed: 400;
 /// - no Contact: a query, the bindings are returned unchanged (§10.2.3, step 6);
 /// - `Contact: *` needs `Expires: 0` and no other Contact, else 400; it removes every binding
@@ -240,11 +353,12 @@ enum Slot {
 pub fn process(
     req: &Message,
     meta: &Meta,
+    aors: &AorRule,
     current: &[Binding],
     rules: &Rules,
     now: SystemTime,
 ) -> Outcome {
-    process_from(req, meta, false, current, rules, now)
+    process_from(req, meta, false, aors, current, rules, now)
 }
 
 /// [`process`] for a REGISTER whose sender is behind a NAT when `nated`: the bindings it
@@ -253,6 +367,7 @@ pub fn process_from(
     req: &Message,
     meta: &Meta,
     nated: bool,
+    aors: &AorRule,
     current: &[Binding],
     rules: &Rules,
     now: SystemTime,
@@ -263,7 +378,7 @@ pub fn process_from(
     let Ok(to) = req.to() else {
         return refuse(400, "Bad Request (To: malformed)");
     };
-    let Some(aor) = aor_of(&to.uri) else {
+    let Some(aor) = aors.of(&to.uri) else {
         return refuse(404, "Not Found (To: not a sip or sips address-of-record)");
     };
     let Ok(call_id) = req.call_id() else {
@@ -648,17 +763,28 @@ impl SaveResult {
 pub struct Registrar {
     store: Arc<dyn LocationStore>,
     rules: Rules,
+    /// How AORs are named (the store's keys).
+    aors: AorRule,
     /// REGISTERs answered 200 (`moonroute_registrations_total`).
     registrations: Counter,
 }
 
 impl Registrar {
+    /// A registrar whose AORs keep every port ([`AorRule::default`]) until
+    /// [`Registrar::with_aor_rule`] names the server's domains.
     pub fn new(store: Arc<dyn LocationStore>, rules: Rules) -> Registrar {
         Registrar {
             store,
             rules,
+            aors: AorRule::default(),
             registrations: Counter::default(),
         }
+    }
+
+    /// AORs named by `aors`: the rule the store's keys were migrated to when it opened.
+    pub fn with_aor_rule(mut self, aors: AorRule) -> Registrar {
+        self.aors = aors;
+        self
     }
 
     /// Counts every REGISTER answered 200 (retransmissions included) into `counter`.
@@ -673,6 +799,11 @@ impl Registrar {
 
     pub fn rules(&self) -> &Rules {
         &self.rules
+    }
+
+    /// How this registrar names AORs.
+    pub fn aor_rule(&self) -> &AorRule {
+        &self.aors
     }
 
     /// Handles a REGISTER (RFC 3261 §10.3 steps 5 to 8): reads the AOR's bindings, applies
@@ -701,14 +832,15 @@ impl Registrar {
     }
 
     fn update_from(&self, req: &Message, meta: &Meta, nated: bool, now: SystemTime) -> SaveResult {
-        let aor = req.to().ok().and_then(|to| aor_of(&to.uri));
+        let aor = req.to().ok().and_then(|to| self.aors.of(&to.uri));
         let Some(key) = aor.clone() else {
             // No AOR: `process` refuses at step 5 without looking at bindings.
-            return Self::result(req, now, None, process(req, meta, &[], &self.rules, now));
+            let refusal = process(req, meta, &self.aors, &[], &self.rules, now);
+            return Self::result(req, now, None, refusal);
         };
         let mut outcome = None;
         let stored = self.store.update(&key, now, &mut |current| {
-            let o = process_from(req, meta, nated, &current, &self.rules, now);
+            let o = process_from(req, meta, nated, &self.aors, &current, &self.rules, now);
             let write = match &o {
                 Outcome::Updated {
                     bindings,
@@ -759,15 +891,13 @@ impl Registrar {
     }
 
     /// The unexpired bindings of an AOR, highest q first. `aor_uri` is a URI (`sip:alice@x`)
-    /// or a name-addr (`<sip:alice@x>`), normalized with [`aor_of`] first; anything else has
-    /// no bindings.
+    /// or a name-addr (`<sip:alice@x>`), normalized by the [`AorRule`] first (so a Request-URI
+    /// `sip:bob@127.0.0.1:5060` finds the bindings of `sip:bob@127.0.0.1` when that names us);
+    /// anything else has no bindings.
     pub fn lookup(&self, aor_uri: &str, now: SystemTime) -> Vec<Binding> {
-        let text = aor_uri.trim().as_bytes();
-        let aor = match Uri::parse(text) {
-            Ok(uri) => aor_of(&uri),
-            Err(_) => NameAddr::parse(text).ok().and_then(|n| aor_of(&n.uri)),
-        };
-        aor.map_or_else(Vec::new, |aor| self.store.lookup(&aor, now))
+        self.aors
+            .of_text(aor_uri)
+            .map_or_else(Vec::new, |aor| self.store.lookup(&aor, now))
     }
 }
 

@@ -62,7 +62,7 @@ fn register(call_id: &str, cseq: u32, extra: &str) -> Message {
 }
 
 fn run(req: &Message, current: &[Binding]) -> Outcome {
-    process(req, &meta(), current, &rules(), t0())
+    process(req, &meta(), &AorRule::default(), current, &rules(), t0())
 }
 
 fn updated(o: Outcome) -> (Vec<Binding>, bool) {
@@ -113,7 +113,26 @@ fn expiries(bindings: &[Binding]) -> Vec<u64> {
 }
 
 fn aor(uri: &str) -> Option<String> {
-    aor_of(&Uri::parse(uri.as_bytes()).unwrap())
+    aor_of(
+        &Uri::parse(uri.as_bytes()).unwrap(),
+        &LocalIdentity::default(),
+    )
+}
+
+/// No home domain: every port is kept.
+fn strict() -> AorRule {
+    AorRule::default()
+}
+
+/// A server listening on 127.0.0.1:5060 and [::1]:5070, responsible for example.com.
+fn home() -> AorRule {
+    AorRule::new(LocalIdentity::new(
+        &["example.com".to_owned()],
+        [
+            "127.0.0.1:5060".parse().unwrap(),
+            "[::1]:5070".parse().unwrap(),
+        ],
+    ))
 }
 
 #[test]
@@ -149,6 +168,123 @@ fn aor_normalization() {
     assert_ne!(aor("sip:Alice@example.com"), aor("sip:alice@example.com"));
     assert_eq!(aor("tel:+15551234"), None);
     assert_eq!(aor("mailto:alice@example.com"), None);
+}
+
+#[test]
+fn aors_of_our_own_domains_are_port_free() {
+    let home = home();
+    let of = |uri: &str| home.of_text(uri).unwrap();
+    for (input, expected) in [
+        // A listen address names us on its port; 5060 is sip's default (§19.1.1).
+        ("sip:u1@127.0.0.1", "sip:u1@127.0.0.1"),
+        ("sip:u1@127.0.0.1:5060", "sip:u1@127.0.0.1"),
+        ("sip:u1@127.0.0.1:5060;transport=udp", "sip:u1@127.0.0.1"),
+        ("<sip:u1@127.0.0.1:5060>", "sip:u1@127.0.0.1"),
+        ("sip:u1@[::1]:5070", "sip:u1@[::1]"),
+        ("sip:u1@[0:0:0:0:0:0:0:1]:5070", "sip:u1@[::1]"),
+        // A configured domain names us on any port.
+        ("sip:bob@Example.COM:5080", "sip:bob@example.com"),
+        ("sips:bob@example.com:5061", "sips:bob@example.com"),
+        // Not us: the port is part of the address (§19.1.4).
+        ("sip:u1@127.0.0.1:5080", "sip:u1@127.0.0.1:5080"),
+        ("sip:u1@[::1]:5060", "sip:u1@[::1]:5060"),
+        ("sip:bob@example.org:5060", "sip:bob@example.org:5060"),
+        ("sip:bob@example.org", "sip:bob@example.org"),
+    ] {
+        assert_eq!(of(input), expected, "{input}");
+        assert_eq!(of(expected), expected, "{input}: idempotent");
+    }
+    // sips: defaults to 5061, which is not one of our listeners on 127.0.0.1.
+    assert_eq!(of("sips:u1@127.0.0.1:5060"), "sips:u1@127.0.0.1");
+    assert_eq!(of("sips:u1@127.0.0.1:5061"), "sips:u1@127.0.0.1:5061");
+    // The strict rule keeps every port.
+    assert_eq!(
+        strict().of_text("sip:u1@127.0.0.1:5060").unwrap(),
+        "sip:u1@127.0.0.1:5060"
+    );
+}
+
+#[test]
+fn a_subscribers_aor_follows_the_same_rule() {
+    let home = home();
+    assert_eq!(
+        home.of_user(false, "alice", "127.0.0.1").as_deref(),
+        Some("sip:alice@127.0.0.1")
+    );
+    assert_eq!(
+        home.of_user(true, "a b", "example.com").as_deref(),
+        Some("sips:a%20b@example.com")
+    );
+    assert_eq!(
+        home.of_user(false, "a b", "example.com"),
+        home.of_text("sip:a%20b@example.com:5090")
+    );
+    assert_eq!(home.of_user(false, "alice", "not a host"), None);
+}
+
+#[test]
+fn register_and_lookup_agree_on_our_port() {
+    let reg = registrar(MemoryLocation::default()).with_aor_rule(home());
+    for (to, calls) in [
+        (
+            "<sip:u1@127.0.0.1>",
+            ["sip:u1@127.0.0.1:5060", "sip:u1@127.0.0.1"],
+        ),
+        (
+            "<sip:u2@127.0.0.1:5060>",
+            ["sip:u2@127.0.0.1", "sip:u2@127.0.0.1:5060"],
+        ),
+    ] {
+        let req = register_to(to, to, 1, "Contact: <sip:u@192.0.2.10>\r\n");
+        let result = reg.save(&req, &meta(), t0());
+        assert_eq!(result.code, 200, "{to}");
+        for call in calls {
+            assert_eq!(
+                contacts(&reg.lookup(call, t0())),
+                ["sip:u@192.0.2.10"],
+                "{to}: {call}"
+            );
+        }
+    }
+    assert_eq!(reg.store().aors(), ["sip:u1@127.0.0.1", "sip:u2@127.0.0.1"]);
+    // Another server's port on our address is another AOR.
+    assert!(reg.lookup("sip:u1@127.0.0.1:5080", t0()).is_empty());
+}
+
+#[test]
+fn merging_two_spellings_keeps_every_contact_once() {
+    let kept = vec![
+        stored("sip:a@192.0.2.1", "c1", 5, 600),
+        stored("sip:b@192.0.2.2", "c2", 1, 600),
+        stored("sip:c@host.example.com", "c3", 1, 600),
+    ];
+    let moved = vec![
+        // The same Call-ID with a higher CSeq: written later, it wins (in a's place).
+        stored("sip:a@192.0.2.1", "c1", 7, 300),
+        // Another Call-ID: the later expiry wins, here the one kept.
+        stored("sip:b@192.0.2.2", "c9", 1, 60),
+        // User parts are case-sensitive (§19.1.4): another contact.
+        stored("sip:B@192.0.2.2", "c9", 1, 60),
+        // Equivalent by §19.1.4 (host case), another Call-ID, a later expiry: it wins.
+        stored("sip:c@Host.Example.COM", "c8", 1, 900),
+        stored("sip:d@192.0.2.4", "c4", 1, 600),
+    ];
+    let merged = merge_bindings(kept, moved);
+    assert_eq!(
+        contacts(&merged),
+        [
+            "sip:a@192.0.2.1",
+            "sip:b@192.0.2.2",
+            "sip:c@Host.Example.COM",
+            "sip:B@192.0.2.2",
+            "sip:d@192.0.2.4",
+        ]
+    );
+    assert_eq!(merged[0].cseq, 7);
+    assert_eq!(merged[1].call_id, "c2");
+    assert_eq!(merged[2].call_id, "c8");
+    // Idempotent: merging the result with itself changes nothing.
+    assert_eq!(merge_bindings(merged.clone(), merged.clone()), merged);
 }
 
 #[test]
@@ -257,10 +393,10 @@ fn too_brief_gets_423_with_min_expires() {
         max_expires: 86400,
     };
     let req = register("c1", 1, "Contact: <sip:a@192.0.2.10>;expires=5000\r\n");
-    let (bindings, _) = updated(process(&req, &meta(), &[], &long_min, t0()));
+    let (bindings, _) = updated(process(&req, &meta(), &strict(), &[], &long_min, t0()));
     assert_eq!(expiries(&bindings), [5000]);
     let req = register("c1", 1, "Contact: <sip:a@192.0.2.10>;expires=3599\r\n");
-    let (code, _, headers) = refused(process(&req, &meta(), &[], &long_min, t0()));
+    let (code, _, headers) = refused(process(&req, &meta(), &strict(), &[], &long_min, t0()));
     assert_eq!(code, 423);
     assert_eq!(headers, [("Min-Expires".to_owned(), "7200".to_owned())]);
 }

@@ -49,7 +49,7 @@ pub const OFFLINE_KEY: &[u8] = b"moonroute offline test key";
 /// run: a challenge's nonce from one run is accepted by the next.
 pub const OFFLINE_AUTH_SECRET: &[u8] = b"moonroute offline digest nonce secret";
 use crate::proxy::{preprocess_routes, ProxyIdentity};
-use crate::registrar::{Registrar, Rules};
+use crate::registrar::{AorRule, Registrar, Rules};
 use crate::server::core::LocalIdentity;
 use crate::sip::{Message, Uri};
 use crate::transport::{ListenAddr, Meta, TransportKind};
@@ -100,10 +100,7 @@ pub struct TestOptions {
 impl Default for TestOptions {
     fn default() -> Self {
         TestOptions {
-            source: ListenAddr {
-                kind: TransportKind::Udp,
-                addr: ([127, 0, 0, 1], 5070).into(),
-            },
+            source: ListenAddr::new(TransportKind::Udp, ([127, 0, 0, 1], 5070).into()),
             domains: Vec::new(),
             location: None,
             force_rport: crate::config::Nat::default().force_rport,
@@ -228,8 +225,8 @@ pub fn run_with(
     );
     let logs = Rc::new(RefCell::new(Vec::new()));
     let env = Env {
+        services: Arc::new(services(fixtures, options.clock, &identity)?),
         identity,
-        services: Arc::new(services(fixtures, options.clock)?),
         log: LogSink::Capture(logs.clone()),
     };
     let engine = Engine::load(source, Limits::default(), env)?;
@@ -298,19 +295,27 @@ fn parse_message(text: &[u8]) -> Result<Message, ScriptError> {
     Ok(message)
 }
 
-fn services(fixtures: &Fixtures<'_>, clock: Option<SystemTime>) -> Result<Services, ScriptError> {
+fn services(
+    fixtures: &Fixtures<'_>,
+    clock: Option<SystemTime>,
+    identity: &LocalIdentity,
+) -> Result<Services, ScriptError> {
     let now = clock.unwrap_or_else(SystemTime::now);
+    let aors = AorRule::new(identity.clone());
     let store = match fixtures.location {
-        Some(text) => MemoryLocation::from_fixture(text, now)
+        Some(text) => MemoryLocation::from_fixture(text, now, &aors)
             .map_err(|e| ScriptError(format!("location fixture: {e}")))?,
         None => MemoryLocation::new(100_000),
     };
     Ok(Services {
         kv: Arc::new(KvStore::new(KV_MAX_KEYS)),
-        registrar: Some(Arc::new(Registrar::new(
-            Arc::new(store),
-            Rules::from(&crate::config::Registrar::default()),
-        ))),
+        registrar: Some(Arc::new(
+            Registrar::new(
+                Arc::new(store),
+                Rules::from(&crate::config::Registrar::default()),
+            )
+            .with_aor_rule(aors),
+        )),
         auth: fixtures.subscribers.map(authenticator).transpose()?,
         pike: Arc::new(crate::flood::Pike::default()),
         metrics: crate::metrics::Registry::new(),

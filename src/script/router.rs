@@ -177,7 +177,14 @@ impl ScriptHost {
     /// one is loaded from disk here, before the server answers anything) and the digest
     /// authenticator over `<data_dir>/subscribers` (`[auth]`).
     pub fn from_config(config: &crate::config::Config) -> Result<Arc<ScriptHost>, ScriptError> {
-        let store = crate::location::open_configured(&config.location, &config.data_dir)
+        // AORs of our own domains are port-free; the stored keys follow the rule before the
+        // first lookup. The listen addresses as configured: one on port 0 names us on any
+        // port (the port is chosen when the loops bind, after the store is loaded).
+        let aors = crate::registrar::AorRule::new(LocalIdentity::new(
+            &config.domains,
+            config.listen.iter().map(|l| l.addr),
+        ));
+        let store = crate::location::open_configured(&config.location, &config.data_dir, &aors)
             .map_err(ScriptError)?;
         let metrics = crate::metrics::Registry::new();
         let engine = register_service_metrics(&metrics, &store);
@@ -185,6 +192,7 @@ impl ScriptHost {
             store,
             crate::registrar::Rules::from(&config.registrar),
         )
+        .with_aor_rule(aors)
         .with_registrations_counter(engine.registrations);
         // Nonces are signed with the server key (`[auth] secret`, else `<data_dir>/secret`), so
         // they survive a restart: phones are not answered `stale` after one.

@@ -11,7 +11,6 @@
 use std::collections::hash_map::RandomState;
 use std::collections::VecDeque;
 use std::hash::BuildHasher;
-use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -29,7 +28,7 @@ use crate::proxy::router::{BuiltinRouter, Router};
 use crate::proxy::{is_our_stateless_branch, ProxyIdentity, RouteSigner};
 use crate::server::affinity::Affinity;
 use crate::server::overload::Overload;
-use crate::sip::{prescan, HeaderName, Host, Message, Method, ParseError, ResponseBuilder, Uri};
+use crate::sip::{prescan, HeaderName, Message, Method, ParseError, ResponseBuilder, Uri};
 use crate::transaction::layer::{
     LayerConfig, LayerOutput, Shedding, TransactionLayer, TxId, Upcall,
 };
@@ -45,80 +44,7 @@ pub const ALLOW: &str = "OPTIONS";
 pub const SUPPORTED: &[&str] = &[];
 pub const SERVER: &str = concat!("moonroute ", env!("CARGO_PKG_VERSION"));
 
-/// Which URIs name this server (Kamailio's `myself`): a configured domain, or one of the
-/// listen addresses (any port when listening on port 0; a wildcard listener matches any IP of
-/// its family). IP addresses compare as addresses, so `[::1]`, `[0:0:0:0:0:0:0:1]` and
-/// `[::ffff:127.0.0.1]` / `127.0.0.1` (RFC 5118 §4.9) are each one address. A configured
-/// domain that is an IP literal (`192.0.2.1`, `2001:db8::1` or `[2001:db8::1]`, e.g. a public
-/// address in front of a NAT) names this server on any port, as a domain name does.
-#[derive(Clone, Debug, Default)]
-pub struct LocalIdentity {
-    domains: Vec<String>,
-    /// The domains that are IP literals, parsed.
-    domain_ips: Vec<IpAddr>,
-    listen: Vec<SocketAddr>,
-}
-
-impl LocalIdentity {
-    pub fn new(domains: &[String], listen: impl IntoIterator<Item = SocketAddr>) -> Self {
-        LocalIdentity {
-            domains: domains.to_vec(),
-            domain_ips: domains.iter().filter_map(|d| ip_literal(d)).collect(),
-            listen: listen.into_iter().collect(),
-        }
-    }
-
-    pub fn is_myself(&self, uri: &Uri<'_>) -> bool {
-        let Some(sip) = uri.as_sip() else {
-            return false;
-        };
-        let default_port = if sip.secure { 5061 } else { 5060 };
-        let port = sip.port.unwrap_or(default_port);
-        match sip.host.ip() {
-            Some(ip) => {
-                let ip = ip.to_canonical();
-                self.domain_ips.contains(&ip)
-                    || self
-                        .listen
-                        .iter()
-                        .any(|l| ip_matches(l.ip(), ip) && port_matches(l.port(), port))
-            }
-            None => {
-                let name = match sip.host {
-                    Host::Domain(name) => name,
-                    Host::Ip(_) => return false,
-                };
-                let is_domain = self.domains.iter().any(|d| d.eq_ignore_ascii_case(name));
-                let is_localhost = name.eq_ignore_ascii_case("localhost")
-                    && self
-                        .listen
-                        .iter()
-                        .any(|l| l.ip().is_loopback() && port_matches(l.port(), port));
-                is_domain || is_localhost
-            }
-        }
-    }
-}
-
-/// `ip` (canonical: an IPv4-mapped IPv6 address is its IPv4 address) is a listener's address,
-/// or the listener is the wildcard of its family (IPv6 listeners are IPv6-only).
-fn ip_matches(listen: IpAddr, ip: IpAddr) -> bool {
-    let listen = listen.to_canonical();
-    listen == ip || (listen.is_unspecified() && listen.is_ipv4() == ip.is_ipv4())
-}
-
-/// A configured domain that is an IP address, IPv6 with or without brackets; canonical.
-fn ip_literal(domain: &str) -> Option<IpAddr> {
-    let bare = domain
-        .strip_prefix('[')
-        .and_then(|d| d.strip_suffix(']'))
-        .unwrap_or(domain);
-    bare.parse::<IpAddr>().ok().map(|ip| ip.to_canonical())
-}
-
-fn port_matches(listen: u16, port: u16) -> bool {
-    listen == 0 || listen == port
-}
+pub use super::identity::LocalIdentity;
 
 /// Makes the Router of each event loop (one per loop: routers keep per-loop state, like the Lua
 /// states will).
@@ -127,6 +53,8 @@ pub type RouterFactory = Arc<dyn Fn(usize, &LocalIdentity) -> Box<dyn Router> + 
 pub struct CoreFactory {
     domains: Vec<String>,
     listen: Vec<ListenAddr>,
+    /// The global `advertise`, for listeners without their own.
+    advertise: Option<crate::transport::Advertise>,
     tag_hasher: RandomState,
     layer: LayerConfig,
     timer_c: Duration,
@@ -172,6 +100,7 @@ impl CoreFactory {
         CoreFactory {
             domains: config.domains.clone(),
             listen: config.listen.clone(),
+            advertise: config.advertise.clone(),
             tag_hasher: RandomState::new(),
             layer,
             timer_c: Duration::from_secs(config.timers.timer_c_secs),
@@ -228,12 +157,19 @@ impl CoreFactory {
     }
 
     fn core(&self, index: usize, loops: usize, bound: &[ListenAddr]) -> Core {
-        let identity = LocalIdentity::new(&self.domains, bound.iter().map(|l| l.addr));
+        let bound: Vec<ListenAddr> = bound
+            .iter()
+            .map(|l| ListenAddr {
+                advertise: l.advertise.clone().or_else(|| self.advertise.clone()),
+                ..l.clone()
+            })
+            .collect();
+        let identity = LocalIdentity::of_listeners(&self.domains, &bound);
         let relay = Relay::new(
             ProxyIdentity::new(identity.clone()).with_signer(self.route_signer.clone()),
             SUPPORTED.to_vec(),
             index,
-            bound.to_vec(),
+            bound,
             self.timer_c,
             (self.router)(index, &identity),
         );
@@ -593,10 +529,10 @@ impl Core {
         for action in actions {
             match action {
                 KeepaliveAction::SendOptions { peer, seq } => {
-                    let local = peer.local.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
+                    let source = self.identity.sent_by(peer.kind, peer.local, peer.addr);
                     let branch = keepalive::branch(self.loop_index, seq);
                     let data =
-                        keepalive::options_request(&peer, local, &branch, seq, keepalive.nonce);
+                        keepalive::options_request(&peer, &source, &branch, seq, keepalive.nonce);
                     out.push(Output::Send {
                         dest: keepalive_destination(&peer, false),
                         data,
@@ -1148,99 +1084,4 @@ fn refusal_reason(error: &ParseError) -> String {
         _ => "Bad Request",
     };
     format!("{standard} ({error})")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn identity(domains: &[&str], listen: &[&str]) -> LocalIdentity {
-        let domains: Vec<String> = domains.iter().map(|d| d.to_string()).collect();
-        LocalIdentity::new(&domains, listen.iter().map(|l| l.parse().unwrap()))
-    }
-
-    fn is_myself(id: &LocalIdentity, uri: &str) -> bool {
-        id.is_myself(&Uri::parse(uri.as_bytes()).unwrap())
-    }
-
-    #[test]
-    fn listen_addresses_and_domains_are_myself() {
-        let id = identity(&["Example.COM"], &["127.0.0.1:5060", "[::1]:5070"]);
-        assert!(is_myself(&id, "sip:127.0.0.1"));
-        assert!(is_myself(&id, "sip:alice@127.0.0.1:5060;transport=tcp"));
-        assert!(!is_myself(&id, "sip:127.0.0.1:5080"));
-        assert!(is_myself(&id, "sip:[::1]:5070"));
-        assert!(!is_myself(&id, "sip:[::1]"));
-        assert!(
-            is_myself(&id, "sip:bob@example.com"),
-            "domains compare case-insensitively"
-        );
-        assert!(!is_myself(&id, "sip:bob@example.org"));
-        assert!(
-            is_myself(&id, "sip:localhost"),
-            "localhost names a loopback listener"
-        );
-        assert!(!is_myself(&id, "tel:+15551234"));
-    }
-
-    #[test]
-    fn ipv6_addresses_compare_as_addresses() {
-        let id = identity(&[], &["[::1]:5060", "127.0.0.1:5070"]);
-        for uri in [
-            "sip:[::1]",
-            "sip:[::1]:5060",
-            "sip:[0:0:0:0:0:0:0:1]:5060;lr",
-            "sip:[0::0:1];transport=tcp",
-            "sip:alice@[::1]:5060",
-            // RFC 5118 §4.9: an IPv4-mapped IPv6 address is the IPv4 address.
-            "sip:[::ffff:127.0.0.1]:5070",
-        ] {
-            assert!(is_myself(&id, uri), "{uri}");
-        }
-        for uri in [
-            "sip:[::1]:5070",
-            "sip:[::2]:5060",
-            "sip:[::ffff:127.0.0.1]:5060",
-        ] {
-            assert!(!is_myself(&id, uri), "{uri}");
-        }
-    }
-
-    #[test]
-    fn ip_literal_domains_match_with_or_without_brackets() {
-        let id = identity(
-            &["[2001:DB8::1]", "2001:db8::2", "192.0.2.1"],
-            &["[::1]:5060"],
-        );
-        for uri in [
-            "sip:alice@[2001:db8::1]",
-            "sip:[2001:db8:0:0:0:0:0:1]:5080",
-            "sip:alice@[2001:db8::2]",
-            "sip:192.0.2.1:5062",
-            "sip:[::ffff:192.0.2.1]",
-        ] {
-            assert!(is_myself(&id, uri), "{uri}");
-        }
-        assert!(!is_myself(&id, "sip:[2001:db8::3]"));
-        assert!(!is_myself(&id, "sip:example.com"));
-    }
-
-    #[test]
-    fn a_wildcard_listener_matches_only_its_family() {
-        let id = identity(&[], &["[::]:5060"]);
-        assert!(is_myself(&id, "sip:[2001:db8::7]"));
-        assert!(!is_myself(&id, "sip:192.0.2.10"));
-        let id = identity(&[], &["0.0.0.0:5060"]);
-        assert!(is_myself(&id, "sip:192.0.2.10"));
-        assert!(!is_myself(&id, "sip:[2001:db8::7]"));
-    }
-
-    #[test]
-    fn wildcard_address_and_port_zero_match_broadly() {
-        let id = identity(&[], &["0.0.0.0:5060", "127.0.0.1:0"]);
-        assert!(is_myself(&id, "sip:192.0.2.10"));
-        assert!(!is_myself(&id, "sip:192.0.2.10:5080"));
-        assert!(is_myself(&id, "sip:127.0.0.1:40000"));
-        assert!(!is_myself(&id, "sip:example.com"));
-    }
 }

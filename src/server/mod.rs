@@ -27,6 +27,7 @@
 
 pub mod affinity;
 pub mod core;
+pub mod identity;
 pub mod overload;
 mod workers;
 

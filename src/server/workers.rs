@@ -158,7 +158,7 @@ fn bind_all(
     check_listen_addrs(listen)?;
     let mut per_loop: Vec<LoopSockets> = (0..workers).map(|_| LoopSockets::default()).collect();
     let mut bound_addrs = Vec::with_capacity(listen.len());
-    for &listen in listen {
+    for listen in listen {
         let bound = match listen.kind {
             TransportKind::Udp => {
                 let (bound, sockets) =
@@ -178,8 +178,8 @@ fn bind_all(
             }
         };
         bound_addrs.push(ListenAddr {
-            kind: listen.kind,
             addr: bound,
+            ..listen.clone()
         });
     }
     Ok((bound_addrs, per_loop))
@@ -196,11 +196,11 @@ fn check_listen_addrs(listen: &[ListenAddr]) -> io::Result<()> {
             "no listen address configured",
         ));
     }
-    for (index, &addr) in listen.iter().enumerate() {
-        if addr.addr.port() != 0 && listen[..index].contains(&addr) {
+    for (index, addr) in listen.iter().enumerate() {
+        if addr.addr.port() != 0 && listen[..index].iter().any(|l| l.same_socket(addr)) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("{addr} is listed twice"),
+                format!("{} is listed twice", addr.socket()),
             ));
         }
         let shares_tcp_port = |other: &ListenAddr| {
@@ -216,7 +216,7 @@ fn check_listen_addrs(listen: &[ListenAddr]) -> io::Result<()> {
             ));
         }
     }
-    for &addr in listen.iter().filter(|addr| addr.addr.port() != 0) {
+    for addr in listen.iter().filter(|addr| addr.addr.port() != 0) {
         let probe = match addr.kind {
             TransportKind::Udp => udp::ensure_not_in_use(addr.addr),
             _ => tcp::ensure_not_in_use(addr.addr),
@@ -226,8 +226,9 @@ fn check_listen_addrs(listen: &[ListenAddr]) -> io::Result<()> {
     Ok(())
 }
 
-fn bind_error(listen: ListenAddr, error: io::Error) -> io::Error {
-    io::Error::new(error.kind(), format!("cannot listen on {listen}: {error}"))
+fn bind_error(listen: &ListenAddr, error: io::Error) -> io::Error {
+    let socket = listen.socket();
+    io::Error::new(error.kind(), format!("cannot listen on {socket}: {error}"))
 }
 
 /// Everything a loop thread needs.

@@ -5,6 +5,8 @@
 //! into [`Output`]s and never touches a socket; the shell receives, frames and sends.
 //!
 //! Submodules:
+//! - [`advertise`]: the address a listener tells peers to reach it at, when it is not its
+//!   socket address (a wildcard listener, a NAT, a container's port mapping).
 //! - [`framing`]: sans-IO message framing of byte streams (RFC 3261 §18.3, §7.5;
 //!   RFC 5626 §3.5.1 CRLF keep-alives).
 //! - [`message_clock`]: sans-IO deadlines for a message to arrive whole on a byte stream, so
@@ -19,6 +21,7 @@
 //! - `dispatch`: one event loop's glue: runs inputs through its Worker, carries out outputs.
 //! - `load`: how busy each event loop is ([`LoadSample`]), for the Worker's overload control.
 
+pub mod advertise;
 pub mod framing;
 pub mod message_clock;
 pub mod registry;
@@ -35,6 +38,8 @@ use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+
+pub use advertise::Advertise;
 
 /// A SIP transport protocol (RFC 3261 §18; the `transport` value of a Via, §20.42).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -99,26 +104,60 @@ impl fmt::Display for ConnectionId {
 }
 
 /// A transport and socket address to listen on, written `udp:127.0.0.1:5060`,
-/// `tcp:[::1]:5060` or `tls:0.0.0.0:5061`. The address must be an IP literal with a port.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// `tcp:[::1]:5060` or `tls:0.0.0.0:5061`; the address must be an IP literal with a port.
+/// `,advertise=HOST[:PORT]` after it names the address peers reach the listener at
+/// ([`Advertise`]): `udp:0.0.0.0:5060,advertise=sip.example.com:5060`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ListenAddr {
     pub kind: TransportKind,
     pub addr: SocketAddr,
+    /// What Via, Record-Route and keep-alives carry for this listener instead of `addr`.
+    pub advertise: Option<Advertise>,
+}
+
+impl ListenAddr {
+    /// A listener on `addr` advertising nothing but its own address.
+    pub fn new(kind: TransportKind, addr: SocketAddr) -> ListenAddr {
+        ListenAddr {
+            kind,
+            addr,
+            advertise: None,
+        }
+    }
+
+    /// Whether this and `other` are the same socket (whatever they advertise).
+    pub fn same_socket(&self, other: &ListenAddr) -> bool {
+        self.kind == other.kind && self.addr == other.addr
+    }
+
+    /// `transport:ip:port`, without what it advertises (log fields, error messages).
+    pub fn socket(&self) -> impl fmt::Display + '_ {
+        SocketText(self)
+    }
+}
+
+struct SocketText<'a>(&'a ListenAddr);
+
+impl fmt::Display for SocketText<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // SocketAddr's Display already brackets IPv6 addresses.
+        write!(f, "{}:{}", self.0.kind.scheme(), self.0.addr)
+    }
 }
 
 /// Why a [`ListenAddr`] string was rejected.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParseListenAddrError {
     input: String,
-    reason: &'static str,
+    reason: String,
 }
 
 impl fmt::Display for ParseListenAddrError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "invalid listen address '{}': {} (expected TRANSPORT:IP:PORT, \
-             e.g. udp:127.0.0.1:5060 or tcp:[::1]:5060)",
+            "invalid listen address '{}': {} (expected TRANSPORT:IP:PORT[,advertise=HOST[:PORT]], \
+             e.g. udp:127.0.0.1:5060, tcp:[::1]:5060 or udp:0.0.0.0:5060,advertise=sip.example.com)",
             self.input, self.reason
         )
     }
@@ -130,11 +169,15 @@ impl FromStr for ListenAddr {
     type Err = ParseListenAddrError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let error = |reason| ParseListenAddrError {
+        let error = |reason: &str| ParseListenAddrError {
             input: s.to_owned(),
-            reason,
+            reason: reason.to_owned(),
         };
-        let (scheme, addr) = s
+        let (socket, options) = match s.split_once(',') {
+            Some((socket, options)) => (socket, Some(options)),
+            None => (s, None),
+        };
+        let (scheme, addr) = socket
             .split_once(':')
             .ok_or_else(|| error("missing transport"))?;
         let kind = [TransportKind::Udp, TransportKind::Tcp, TransportKind::Tls]
@@ -144,14 +187,35 @@ impl FromStr for ListenAddr {
         let addr = addr
             .parse()
             .map_err(|_| error("not an IP address and port"))?;
-        Ok(ListenAddr { kind, addr })
+        let mut listen = ListenAddr::new(kind, addr);
+        for option in options.into_iter().flat_map(|o| o.split(',')) {
+            let value = match option.split_once('=') {
+                Some((key, value)) if key.trim().eq_ignore_ascii_case("advertise") => value.trim(),
+                _ => {
+                    return Err(error(&format!(
+                        "unknown option '{option}' (only advertise=)"
+                    )))
+                }
+            };
+            if listen.advertise.is_some() {
+                return Err(error("advertise= given twice"));
+            }
+            let advertise = value
+                .parse()
+                .map_err(|e: advertise::ParseAdvertiseError| error(&e.to_string()))?;
+            listen.advertise = Some(advertise);
+        }
+        Ok(listen)
     }
 }
 
 impl fmt::Display for ListenAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // SocketAddr's Display already brackets IPv6 addresses.
-        write!(f, "{}:{}", self.kind.scheme(), self.addr)
+        write!(f, "{}", self.socket())?;
+        if let Some(advertise) = &self.advertise {
+            write!(f, ",advertise={advertise}")?;
+        }
+        Ok(())
     }
 }
 
@@ -502,6 +566,37 @@ mod tests {
                 error.to_string().contains("expected TRANSPORT:IP:PORT"),
                 "{bad}"
             );
+        }
+    }
+
+    #[test]
+    fn listen_addr_carries_an_advertised_address() {
+        let wildcard: ListenAddr = "udp:0.0.0.0:5060,advertise=sip.example.com:5080"
+            .parse()
+            .unwrap();
+        assert_eq!(wildcard.addr, "0.0.0.0:5060".parse().unwrap());
+        let advertise = wildcard.advertise.as_ref().unwrap();
+        assert_eq!(
+            (advertise.host(), advertise.port_for(5060)),
+            ("sip.example.com", 5080)
+        );
+        assert_eq!(
+            wildcard.to_string(),
+            "udp:0.0.0.0:5060,advertise=sip.example.com:5080"
+        );
+        assert_eq!(wildcard.socket().to_string(), "udp:0.0.0.0:5060");
+        let v6: ListenAddr = "TCP:[::]:5060, Advertise=[2001:db8::7]".parse().unwrap();
+        assert_eq!(v6.to_string(), "tcp:[::]:5060,advertise=[2001:db8::7]");
+        assert!(v6.same_socket(&"tcp:[::]:5060".parse().unwrap()));
+        for bad in [
+            "udp:0.0.0.0:5060,advertise=",
+            "udp:0.0.0.0:5060,advertise=0.0.0.0",
+            "udp:0.0.0.0:5060,advertise=a.example,advertise=b.example",
+            "udp:0.0.0.0:5060,adverise=a.example",
+            "udp:0.0.0.0:5060,",
+        ] {
+            let error = bad.parse::<ListenAddr>().unwrap_err().to_string();
+            assert!(error.contains("advertise"), "{bad}: {error}");
         }
     }
 

@@ -29,7 +29,8 @@ pub fn subscribe() -> RefusedLines {
         tracing_subscriber::fmt()
             .json()
             .flatten_event(true)
-            .with_env_filter("moonroute::refused=info")
+            // The relay's line about a peer's mistake it worked around (once per peer).
+            .with_env_filter("moonroute::refused=info,moonroute::proxy::relay=warn")
             .with_writer(Capture(sender.clone()))
             .try_init()
             .expect("the refused-line capture is this binary's only tracing subscriber");
@@ -58,6 +59,25 @@ impl RefusedLines {
         })
         .await;
         found.unwrap_or_else(|_| panic!("no refused line from {ip} with {reason:?} in {within:?}"))
+    }
+
+    /// How many of the lines logged so far came from `source` (exactly) with a `reason`
+    /// containing `reason`; they are consumed. For lines logged before an event the test has
+    /// seen (the server logs before it sends): nothing is waited for.
+    pub fn count_logged(&mut self, source: std::net::SocketAddr, reason: &str) -> usize {
+        let source = source.to_string();
+        let mut count = 0;
+        loop {
+            match self.0.try_recv() {
+                Ok(line) => {
+                    let from = line["source"].as_str().unwrap_or_default();
+                    let said = line["reason"].as_str().unwrap_or_default();
+                    count += usize::from(from == source && said.contains(reason));
+                }
+                Err(broadcast::error::TryRecvError::Lagged(_)) => continue,
+                Err(_) => return count,
+            }
+        }
     }
 }
 

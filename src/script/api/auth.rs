@@ -14,36 +14,14 @@ use tracing::{debug, info};
 use super::{env, runtime, Role, ScriptMsg};
 use crate::auth::{self, Verdict};
 use crate::proxy::router::Decision;
+use crate::registrar::AorRule;
 use crate::sip::Method;
 
+/// `auth_challenge(realm, algorithms)`: both optional.
+type ChallengeArgs = (Option<String>, Option<Table>);
+
 pub(super) fn add_methods<M: UserDataMethods<ScriptMsg>>(methods: &mut M) {
-    methods.add_method_mut("auth_challenge", |lua, m, realm: Option<String>| {
-        m.require(&[Role::Request], "auth_challenge")?;
-        if matches!(m.msg.method(), Some(Method::Ack | Method::Cancel)) {
-            // §22.1: ACK and CANCEL are never challenged (they cannot be resubmitted).
-            return Err(runtime(
-                "auth_challenge: an ACK or CANCEL cannot be challenged (RFC 3261 §22.1)",
-            ));
-        }
-        let realm = realm_or_default(m, realm, "auth_challenge")?;
-        let role = auth::Role::of(m.msg.method());
-        let stale = m.auth == Some(Verdict::Stale);
-        let services = &env(lua, "auth_challenge")?.services;
-        let now = services.now();
-        let challenge = match &services.auth {
-            Some(authenticator) => authenticator.challenge(&realm, role, stale, now),
-            None => auth::offline_challenge(&realm, role, stale, now),
-        };
-        m.decide(
-            Decision::Reply {
-                code: challenge.code,
-                reason: Cow::Borrowed(challenge.reason),
-                headers: challenge.headers,
-                wait_for: None,
-            },
-            "auth_challenge",
-        )
-    });
+    methods.add_method_mut("auth_challenge", auth_challenge);
     methods.add_method_mut("authorize", |lua, m, realm: Option<String>| {
         m.require(&[Role::Request], "authorize")?;
         let realm = realm_or_default(m, realm, "authorize")?;
@@ -88,7 +66,7 @@ pub(super) fn add_methods<M: UserDataMethods<ScriptMsg>>(methods: &mut M) {
         }
         Ok(ours.len())
     });
-    methods.add_method("check_from", |_, m, ()| {
+    methods.add_method("check_from", |lua, m, ()| {
         m.require(&[Role::Request], "check_from")?;
         let Some(Verdict::Authorized { user, domain, .. }) = &m.auth else {
             return Ok(false);
@@ -103,16 +81,64 @@ pub(super) fn add_methods<M: UserDataMethods<ScriptMsg>>(methods: &mut M) {
         let Some(uri) = name_addr.uri.as_sip() else {
             return Ok(false);
         };
+        // The AOR claimed and the subscriber's, named as the registrar names them: user parts
+        // unescaped and case-sensitive, hosts not (RFC 3261 §19.1.4), our own port dropped.
         // The subscriber's domain, not the realm, is its AOR's host (they differ for a
-        // subscriber added with --realm). User parts are case-sensitive, hosts are not (RFC
-        // 3261 §19.1.4).
-        Ok(uri.user == Some(user.as_bytes()) && uri.host.to_string().eq_ignore_ascii_case(domain))
+        // subscriber added with --realm).
+        let env = env(lua, "check_from")?;
+        let own_rule;
+        let aors = match &env.services.registrar {
+            Some(registrar) => registrar.aor_rule(),
+            None => {
+                own_rule = AorRule::new(env.identity.clone());
+                &own_rule
+            }
+        };
+        let claimed = aors.of(&name_addr.uri);
+        Ok(claimed.is_some() && claimed == aors.of_user(uri.secure, user, domain))
     });
 }
 
 /// Adds this module's functions to the `sip` table.
 pub(super) fn install(_lua: &Lua, _sip: &Table) -> mlua::Result<()> {
     Ok(())
+}
+
+/// `req:auth_challenge(realm, algorithms)`: the 401/407 decision (RFC 3261 §22.1-§22.3).
+fn auth_challenge(
+    lua: &Lua,
+    m: &mut ScriptMsg,
+    (realm, algorithms): ChallengeArgs,
+) -> mlua::Result<()> {
+    m.require(&[Role::Request], "auth_challenge")?;
+    if matches!(m.msg.method(), Some(Method::Ack | Method::Cancel)) {
+        // §22.1: ACK and CANCEL are never challenged (they cannot be resubmitted).
+        return Err(runtime(
+            "auth_challenge: an ACK or CANCEL cannot be challenged (RFC 3261 §22.1)",
+        ));
+    }
+    let realm = realm_or_default(m, realm, "auth_challenge")?;
+    let wanted = algorithms.map(algorithm_list).transpose()?;
+    let role = auth::Role::of(m.msg.method());
+    let stale = m.auth == Some(Verdict::Stale);
+    let services = &env(lua, "auth_challenge")?.services;
+    let now = services.now();
+    let challenge = match (&services.auth, &wanted) {
+        (Some(authenticator), None) => authenticator.challenge(&realm, role, stale, now),
+        (Some(authenticator), Some(wanted)) => {
+            authenticator.challenge_offering(wanted, &realm, role, stale, now)
+        }
+        (None, wanted) => auth::offline_challenge(wanted.as_deref(), &realm, role, stale, now),
+    };
+    m.decide(
+        Decision::Reply {
+            code: challenge.code,
+            reason: Cow::Borrowed(challenge.reason),
+            headers: challenge.headers,
+            wait_for: None,
+        },
+        "auth_challenge",
+    )
 }
 
 /// `realm`, or the default: the To host for REGISTER, the From host otherwise (Kamailio's).
@@ -146,6 +172,32 @@ fn realm_or_default(m: &ScriptMsg, realm: Option<String>, primitive: &str) -> ml
         })
 }
 
+/// `auth_challenge`'s list of algorithm names (`{"MD5"}`): a non-empty sequence of
+/// `"SHA-256"` or `"MD5"` (case-insensitive, RFC 2617 §3.2.1), anything else an error.
+fn algorithm_list(names: Table) -> mlua::Result<Vec<auth::Algorithm>> {
+    let mut algorithms = Vec::new();
+    for name in names.sequence_values::<Value>() {
+        let algorithm = match name? {
+            Value::String(name) => name.to_str().ok().and_then(|n| auth::Algorithm::parse(&n)),
+            _ => None,
+        };
+        match algorithm {
+            Some(algorithm) => algorithms.push(algorithm),
+            None => {
+                return Err(runtime(
+                    "auth_challenge: algorithms must be a list of \"SHA-256\" or \"MD5\"",
+                ))
+            }
+        }
+    }
+    if algorithms.is_empty() {
+        return Err(runtime(
+            "auth_challenge: an empty list of algorithms (omit it to offer [auth] algorithms)",
+        ));
+    }
+    Ok(algorithms)
+}
+
 /// Refusals at info (an operator looks for them), the ordinary first round at debug. The
 /// credentials are never logged.
 fn log_verdict(m: &ScriptMsg, realm: &str, verdict: &Verdict) {
@@ -158,7 +210,9 @@ fn log_verdict(m: &ScriptMsg, realm: &str, verdict: &Verdict) {
         Verdict::Refused(reason) => {
             info!(%source, method, realm, reason, "authentication refused")
         }
-        Verdict::Authorized { user, .. } => debug!(%source, method, realm, user, "authorized"),
+        Verdict::Authorized {
+            user, algorithm, ..
+        } => debug!(%source, method, realm, user, algorithm = algorithm.name(), "authorized"),
         other => debug!(%source, method, realm, reason = other.reason(), "not authorized"),
     }
 }

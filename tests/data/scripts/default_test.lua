@@ -235,6 +235,21 @@ r = moonroute.run{
 assert(r.code == 500, tostring(r.code))
 assert(r.error and r.error:find("errors.lua:7: boom", 1, true), tostring(r.error))
 
+-- auth_challenge offers the algorithms moonroute has, or says which line asked for others.
+for test, wanted in pairs{
+  ["sha512"] = 'errors.lua:21: auth_challenge: algorithms must be a list of "SHA-256" or "MD5"',
+  ["no algorithms"] = "errors.lua:23: auth_challenge: an empty list of algorithms",
+} do
+  r = moonroute.run{
+    script = "errors.lua",
+    message = message("MESSAGE", "sip:bob@127.0.0.1:5060", "sip:alice@127.0.0.1:5060", nil, {
+      "X-Test: " .. test,
+    }),
+  }
+  assert(r.code == 500, tostring(r.code))
+  assert(r.error and r.error:find(wanted, 1, true), tostring(r.error))
+end
+
 -- ----- Digest authentication with a subscriber fixture ---------------------------------------
 
 -- USER@DOMAIN PASSWORD [REALM]: plaintext, for tests only (the server's table holds HA1s).
@@ -297,6 +312,48 @@ r = moonroute.run{
   script = DEFAULT,
   subscribers = SUBSCRIBERS,
   message = register(CAROL, {"Authorization: " .. credentials{challenge = md5_challenge}}),
+}
+assert(r.code == 200, tostring(r.code))
+
+-- A phone that gives up on a challenge offering SHA-256 (baresip before 3.12) is challenged
+-- with MD5 alone; later versions, and other phones, with SHA-256 then MD5.
+for agent, offered in pairs{
+  ["baresip v1.0.0 (x86_64/linux)"] = "MD5",
+  ["baresip v2.12.0 (armv7l/linux)"] = "MD5",
+  ["baresip v3.11.0 (x86_64/linux)"] = "MD5",
+  ["baresip v3.12.0 (x86_64/linux)"] = "SHA-256 MD5",
+  ["baresip v10.0.0 (x86_64/linux)"] = "SHA-256 MD5",
+  ["Linphone-Desktop/5.1.65 (belle-sip/5.1.65)"] = "SHA-256 MD5",
+} do
+  r = moonroute.run{
+    script = DEFAULT,
+    subscribers = SUBSCRIBERS,
+    message = register(CAROL, {"User-Agent: " .. agent}),
+  }
+  assert(r.code == 401 and r.primitive == "auth_challenge", agent .. ": " .. tostring(r.code))
+  local algorithms = {}
+  for _, header in ipairs(r.reply_headers) do
+    if header:find("^WWW%-Authenticate: ") then
+      algorithms[#algorithms + 1] = header:match("algorithm=([%w-]+)$")
+    end
+  end
+  assert(table.concat(algorithms, " ") == offered, agent .. ": " .. table.concat(algorithms, " "))
+  -- Its answer registers it.
+  local answer = credentials{challenge = r.reply_headers[1]}
+  r = moonroute.run{
+    script = DEFAULT,
+    subscribers = SUBSCRIBERS,
+    message = register(CAROL, {"User-Agent: " .. agent, "Authorization: " .. answer}),
+  }
+  assert(r.code == 200, agent .. ": " .. tostring(r.code))
+end
+
+-- The User-Agent narrows the offer, never what is accepted: SHA-256 credentials from a phone
+-- calling itself baresip 1.0 are as good as any.
+r = moonroute.run{
+  script = DEFAULT,
+  subscribers = SUBSCRIBERS,
+  message = register(CAROL, {"User-Agent: baresip v1.0.0", "Authorization: " .. credentials{}}),
 }
 assert(r.code == 200, tostring(r.code))
 

@@ -17,6 +17,10 @@ function on_request(req)
     return req:reply(203)
   elseif what == "undecided" then
     return
+  elseif what == "sha512" then
+    return req:auth_challenge(nil, { "SHA-512-256" })
+  elseif what == "no algorithms" then
+    return req:auth_challenge(nil, {})
   end
   return req:reply(200, "Fine")
 end
