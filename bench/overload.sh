@@ -10,7 +10,7 @@
 # Servers (one event loop / one UDP worker, pinned to CPU 0; SIPp alone needs about a core at
 # 3,000 calls/s, so it gets the other one):
 #   moonroute      scripts/default.lua without authentication (bench/lib.sh's copy), memory
-#                  location store, default [limits] (overload_after_ms = 2000);
+#                  location store, default [limits] (overload_after_ms = 1000);
 #   moonroute-off  the same with limits.overload_after_ms = 0: no overload control;
 #   kamailio       bench/kamailio/kamailio.cfg + kamailio.lua (the same routing in KEMI Lua;
 #                  Kamailio has no overload control in that configuration).

@@ -658,7 +658,7 @@ pub struct Limits {
     /// share that grows while it stays saturated and falls as soon as it has time to spare
     /// (`server::overload`); responses, ACKs, CANCELs, retransmissions and requests inside a
     /// dialog are always served. Shorter saturations (a burst, another process holding the
-    /// CPU for a moment) refuse nothing. 0: off. Default: 2000.
+    /// CPU for a moment) refuse nothing. 0: off. Default: 1000.
     pub overload_after_ms: u64,
     /// Deprecated, use `overload_after_ms`: when set, its value is used as
     /// `overload_after_ms` (0: off), and the server warns at start.
@@ -732,7 +732,7 @@ impl Default for Limits {
             transaction_memory_mb: 512,
             max_transactions: None,
             max_backlog: 2000,
-            overload_after_ms: 2000,
+            overload_after_ms: 1000,
             max_receive_lag_ms: None,
             max_inbound_connections: None,
             max_connections_per_ip: None,
@@ -1239,7 +1239,7 @@ mod tests {
         let config = Config::parse("").unwrap();
         assert_eq!(
             config.limits.overload_after(),
-            Some(std::time::Duration::from_secs(2))
+            Some(std::time::Duration::from_secs(1))
         );
         let config = Config::parse("[limits]\nmax_receive_lag_ms = 0\n").unwrap();
         assert_eq!(config.limits.overload_after(), None);
