@@ -27,7 +27,9 @@
 # A server's CPU is utime+stime of all its processes from /proc over the SIPp run. Each run
 # starts a fresh server. Bounded: every SIPp run has a call count and a -timeout.
 # Environment: PORT (15260), UAS_PORT (15280), UAC_PORT (15270), SIPP_PORT (15370), TIMEOUT
-# (SIPp, default 120s), MOONROUTE (binary; else cargo build --release), KEEP=1 (keep logs).
+# (SIPp, default 120s), MOONROUTE (binary; else cargo build --release), KEEP=1 (keep logs),
+# SYSCALLS=1 (count the server's system calls per call / REGISTER with `perf stat`; it adds
+# to their cost, so compare CPU from runs without it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.sh
@@ -54,10 +56,10 @@ esac
 kamailio_children=$([ "$loops" = 0 ] && echo 2 || echo "$loops")
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/moonroute-compare.XXXXXX")
-UAS_PID= UAC_PID= server=
+UAS_PID= UAC_PID= server= PERF_PID=
 failed_runs=0
 cleanup() {
-  stop_pid "$UAC_PID"; stop_pid "$UAS_PID"
+  stop_pid "$UAC_PID"; stop_pid "$UAS_PID"; stop_pid "$PERF_PID"
   stop_pid "$server"
   if [ -z "${KEEP:-}" ] && [ "$failed_runs" = 0 ]; then rm -rf "$work"; fi
 }
@@ -102,19 +104,42 @@ start_named() {
 # "NAME KIND ok failed cpu_ms_per_item" to $work/summary, from the stat file $dir/uac-stat.csv.
 measure() {
   local name=$1 kind=$2 dir=$3; shift 3
-  local before after ok failed cpu_s per
+  local before after ok failed cpu_s per switches_before switches_after
   before=$(tree_cpu_ticks "$server")
+  switches_before=$(tree_context_switches "$server")
+  [ -z "${SYSCALLS:-}" ] || start_syscall_count "$dir"
   "$@"
+  [ -z "${SYSCALLS:-}" ] || stop_syscall_count
   after=$(tree_cpu_ticks "$server")
+  switches_after=$(tree_context_switches "$server")
   ok=$(stat_field "$dir/uac-stat.csv" 'SuccessfulCall(C)' || echo 0)
   failed=$(stat_field "$dir/uac-stat.csv" 'FailedCall(C)' || echo '?')
   cpu_s=$(echo "($after - $before) / $ticks" | bc -l)
   per=$(if [ "$ok" -gt 0 ]; then echo "$cpu_s * 1000 / $ok" | bc -l; else echo 0; fi)
-  printf '%s %s: ok %s failed %s, server CPU %.2f s = %.3f ms per %s\n' \
-    "$name" "$kind" "$ok" "$failed" "$cpu_s" "$per" "${kind%s}"
+  printf '%s %s: ok %s failed %s, server CPU %.2f s = %.3f ms per %s, %.1f context switches per %s\n' \
+    "$name" "$kind" "$ok" "$failed" "$cpu_s" "$per" "${kind%s}" \
+    "$(if [ "$ok" -gt 0 ]; then echo "($switches_after - $switches_before) / $ok" | bc -l; else echo 0; fi)" "${kind%s}"
   printf '%s %s %s %s %.4f\n' "$name" "$kind" "$ok" "$failed" "$per" >>"$work/summary"
+  if [ -n "${SYSCALLS:-}" ] && [ "$ok" -gt 0 ]; then
+    printf '%s %s: %.1f system calls per %s\n' "$name" "$kind" \
+      "$(echo "$(syscall_count "$dir") / $ok" | bc -l)" "${kind%s}"
+  fi
   [ "$failed" = 0 ] || failed_runs=$((failed_runs + 1))
 }
+
+# SYSCALLS=1: the server's system calls over the run, counted by `perf stat` on the
+# raw_syscalls:sys_enter tracepoint (every process of the server).
+start_syscall_count() {
+  perf stat -x, -e raw_syscalls:sys_enter -p "$(kamailio_pids "$server" | tr ' ' ,)" \
+    -o "$1/syscalls.csv" >/dev/null 2>&1 &
+  PERF_PID=$!
+}
+stop_syscall_count() {
+  kill -INT "$PERF_PID" 2>/dev/null || true
+  wait "$PERF_PID" 2>/dev/null || true
+  PERF_PID=
+}
+syscall_count() { awk -F, '$3 == "raw_syscalls:sys_enter" { print $1 }' "$1/syscalls.csv"; }
 
 calls_run() {
   local name=$1 dir=$work/$1-calls-$2
@@ -130,6 +155,10 @@ calls_run() {
   UAS_PID=$!
   wait_udp_port "$uas_port" || { echo "the UAS SIPp did not start" >&2; exit 1; }
   measure "$name" calls "$dir" run_uac_on "$port" "$call_rate" "$calls" "$timeout" "$dir"
+  if [ "$name" = moonroute ]; then
+    print_udp_batches "$bin" "$dir/ctl"
+    print_hand_overs "$bin" "$dir/ctl" "$(stat_field "$dir/uac-stat.csv" 'SuccessfulCall(C)' || echo 0)"
+  fi
   stop_pid "$UAS_PID"; UAS_PID=
   stop_pid "$server"; server=
 }

@@ -105,6 +105,31 @@ print_hand_overs() {
     "$(if [ "$calls" -gt 0 ]; then echo "$handed / $calls" | bc -l; else echo 0; fi)" "${dropped:-0}"
 }
 
+# print_udp_batches BIN CTL: UDP datagrams per system call (moonroute_udp_batch_size from
+# `moonroute ctl stats`), received and sent: calls, datagrams, mean, and how many calls moved
+# 1, 2, 3-4, 5-8, 9-16, 17-32 datagrams; nothing for a build without the histogram.
+print_udp_batches() {
+  local stats
+  stats=$("$1" ctl --socket "$2" stats moonroute_udp_batch_size 2>/dev/null) || return 0
+  awk '
+    match($0, /direction="[a-z]+"/) {
+      dir = substr($0, RSTART + 11, RLENGTH - 12)
+      if ($1 ~ /_bucket/ && match($1, /le="[^"]+"/)) { le = substr($1, RSTART + 4, RLENGTH - 5); cum[dir, le] = $2 }
+      if ($1 ~ /_sum/) sum[dir] = $2
+      if ($1 ~ /_count/) { count[dir] = $2; dirs[dir] = 1 }
+    }
+    END {
+      for (d in dirs) {
+        if (count[d] == 0) continue
+        printf "UDP %s: %d system calls, %d datagrams, %.2f per call; calls with 1/2/3-4/5-8/9-16/17-32:", \
+          (d == "in" ? "received" : "sent"), count[d], sum[d], sum[d] / count[d]
+        prev = 0; n = split("1 2 4 8 16 32", les, " ")
+        for (i = 1; i <= n; i++) { printf " %d", cum[d, les[i]] - prev; prev = cum[d, les[i]] }
+        print ""
+      }
+    }' <<<"$stats"
+}
+
 # --- registrar and location benches (register.sh, location_scale.sh) ---
 
 # moonroute_bin: the binary to run. MOONROUTE=path uses that one as is; otherwise builds the
@@ -441,4 +466,13 @@ tree_cpu_ticks() {
   local p s=0
   for p in $(kamailio_pids "$1"); do s=$((s + $(cpu_ticks "$p" 2>/dev/null || echo 0))); done
   echo "$s"
+}
+
+# tree_context_switches PID: voluntary and involuntary context switches of every thread of PID
+# and of its children, summed (a voluntary one is a thread going to sleep: each costs a
+# wake-up later).
+tree_context_switches() {
+  local p
+  for p in $(kamailio_pids "$1"); do cat /proc/"$p"/task/*/status 2>/dev/null; done \
+    | awk '/^(non)?voluntary_ctxt_switches:/ { s += $2 } END { printf "%d", s }'
 }

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::{Counter, Exposition, Kind, Registry};
+use super::{Counter, Exposition, Histogram, Kind, Registry};
 use crate::sip::Method;
 use crate::transport::message_clock::Overdue;
 use crate::transport::registry::Limit;
@@ -376,6 +376,28 @@ pub struct TransportMetrics {
     timed_out: [[Counter; 3]; 3],
     hand_overs: Counter,
     hand_overs_dropped: Counter,
+    udp_batches: UdpBatchSizes,
+}
+
+/// Upper bounds of the UDP batch-size buckets: datagrams per system call (`udp_batch`'s
+/// batches hold at most 32).
+const UDP_BATCH_BOUNDS: [f64; 6] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0];
+
+/// Datagrams per receive and per send system call on UDP sockets.
+#[derive(Clone, Debug)]
+struct UdpBatchSizes {
+    received: Histogram,
+    sent: Histogram,
+}
+
+impl Default for UdpBatchSizes {
+    fn default() -> Self {
+        let bounds: Arc<[f64]> = UDP_BATCH_BOUNDS.into();
+        UdpBatchSizes {
+            received: Histogram::new(Arc::clone(&bounds)),
+            sent: Histogram::new(bounds),
+        }
+    }
 }
 
 impl TransportMetrics {
@@ -425,6 +447,16 @@ impl TransportMetrics {
     /// A hand-over dropped: the owning loop's queue was full.
     pub fn hand_over_dropped(&self) {
         self.hand_overs_dropped.inc();
+    }
+
+    /// One system call received `datagrams` UDP datagrams.
+    pub fn udp_received_batch(&self, datagrams: usize) {
+        self.udp_batches.received.observe(datagrams as f64);
+    }
+
+    /// One system call sent `datagrams` UDP datagrams.
+    pub fn udp_sent_batch(&self, datagrams: usize) {
+        self.udp_batches.sent.observe(datagrams as f64);
     }
 }
 
@@ -693,6 +725,22 @@ fn register_transport(registry: &Registry) -> TransportMetrics {
             "moonroute_hand_overs_dropped_total",
             "Hand-overs dropped because the owning event loop's queue was full (a loop falling behind).",
         ),
+        udp_batches: register_udp_batches(registry),
+    }
+}
+
+fn register_udp_batches(registry: &Registry) -> UdpBatchSizes {
+    let family = registry
+        .histogram_family(
+            "moonroute_udp_batch_size",
+            "UDP datagrams per system call: received per recvmmsg (in), sent per sendmmsg or sendto (out).",
+            &["direction"],
+            &UDP_BATCH_BOUNDS,
+        )
+        .unwrap_or_else(|error| panic!("{error}"));
+    UdpBatchSizes {
+        received: family.with(&["in"]),
+        sent: family.with(&["out"]),
     }
 }
 
@@ -789,6 +837,7 @@ mod tests {
             "moonroute_connections_timed_out_total",
             "moonroute_hand_overs_total",
             "moonroute_hand_overs_dropped_total",
+            "moonroute_udp_batch_size",
             "moonroute_dns_lookups_total",
             "moonroute_dns_failures_total",
             "moonroute_overload_rejections_total",

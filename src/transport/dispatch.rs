@@ -2,8 +2,11 @@
 //!
 //! Owns the loop-local state every transport task of the loop shares: the Worker, the loop's
 //! UDP sockets and the limits. Every input received on the loop goes through
-//! [`LoopContext::handle`]: the Worker turns it into outputs, which are carried out right away
-//! in order (RFC 3261 §18.1 for requests, §18.2.2 for responses).
+//! [`LoopContext::handle`] (or [`LoopContext::process`] for a batch): the Worker turns it into
+//! outputs, which are carried out in order (RFC 3261 §18.1 for requests, §18.2.2 for
+//! responses). UDP datagrams wait in the loop's outbox until the input, or the batch of
+//! inputs received together, has been handled, and then leave in one system call per socket
+//! (`udp_batch`).
 //!
 //! Everything here lives on one thread (`Rc`, `RefCell`): the loop never shares its Worker, so
 //! the hot path takes no lock. Only stream connections are reachable from other loops, through
@@ -23,6 +26,7 @@ use tracing::{debug, error, warn};
 
 use super::registry::ConnectionRegistry;
 use super::tls::TlsContext;
+use super::udp_batch::{Flush, Outbox};
 use super::{load, tcp, tls, Destination, Input, Output, TransportKind, TransportLimits, Worker};
 use crate::dns::{Query, ResolveError, Resolver};
 use crate::metrics::engine::{response_code, DnsMetrics};
@@ -51,6 +55,8 @@ pub(crate) struct LoopContext {
     armed_deadline: Cell<Option<Instant>>,
     timer_changed: Notify,
     udp: Vec<Rc<UdpEndpoint>>,
+    /// Datagrams to send from `udp`, waiting for [`LoopContext::flush_udp`].
+    udp_outbox: RefCell<Outbox>,
     /// The UDP sockets as the kernel lists them, for their queues' load samples.
     udp_ids: Vec<load::UdpSocketId>,
     pub(crate) registry: Arc<ConnectionRegistry>,
@@ -143,6 +149,7 @@ impl LoopContext {
                 .filter_map(|e| load::UdpSocketId::of(&e.socket, e.local.is_ipv6()))
                 .collect(),
             udp,
+            udp_outbox: RefCell::new(Outbox::default()),
             registry,
             limits,
             tls,
@@ -226,21 +233,22 @@ impl LoopContext {
     /// them is work of this loop like its own socket's: the loop is idle only once this queue
     /// is drained too, so a loop falling behind the work handed to it is overloaded (see
     /// `server::overload`).
+    /// What is waiting is handled as one batch (at most [`HAND_OVER_BATCH`]): its UDP
+    /// outputs leave together.
     pub(crate) async fn run_hand_overs(self: Rc<Self>, mut queue: mpsc::Receiver<Input>) {
-        loop {
-            let input = match queue.try_recv() {
-                Ok(input) => {
-                    // Like a UDP socket with datagrams waiting: let the loop's other tasks run.
-                    tokio::task::coop::consume_budget().await;
-                    input
-                }
-                Err(mpsc::error::TryRecvError::Empty) => match queue.recv().await {
-                    Some(input) => input,
-                    None => return,
-                },
-                Err(mpsc::error::TryRecvError::Disconnected) => return,
-            };
-            self.handle(input).await;
+        while let Some(first) = queue.recv().await {
+            self.process(first);
+            let mut handled = 1;
+            while handled < HAND_OVER_BATCH {
+                let Ok(input) = queue.try_recv() else { break };
+                self.process(input);
+                handled += 1;
+            }
+            self.flush_udp().await;
+            // Like a UDP socket with datagrams waiting: let the loop's other tasks run.
+            for _ in 1..handled {
+                tokio::task::coop::consume_budget().await;
+            }
         }
     }
 
@@ -266,11 +274,19 @@ impl LoopContext {
 
     /// Runs `input` through the Worker and carries out the outputs, in order.
     pub(crate) async fn handle(self: &Rc<Self>, input: Input) {
+        self.process(input);
+        self.flush_udp().await;
+    }
+
+    /// Runs `input` through the Worker and carries out the outputs, in order, except that UDP
+    /// datagrams wait in the outbox for [`LoopContext::flush_udp`]: a task handling a batch of
+    /// inputs flushes once after the batch.
+    pub(crate) fn process(self: &Rc<Self>, input: Input) {
         let outputs =
             self.run_worker(|worker, outputs| worker.on_input(input, Instant::now(), outputs));
         self.rearm_timer_if_earlier();
         if let Some(outputs) = outputs {
-            self.execute(outputs).await;
+            self.execute(outputs);
         }
     }
 
@@ -321,7 +337,8 @@ impl LoopContext {
                 () = tokio::time::sleep_until(at.into()) => {
                     let outputs = self.run_worker(|worker, outputs| worker.on_timer(Instant::now(), outputs));
                     if let Some(outputs) = outputs {
-                        self.execute(outputs).await;
+                        self.execute(outputs);
+                        self.flush_udp().await;
                     }
                 }
                 () = self.timer_changed.notified() => {}
@@ -329,10 +346,10 @@ impl LoopContext {
         }
     }
 
-    async fn execute(self: &Rc<Self>, outputs: Vec<Output>) {
+    fn execute(self: &Rc<Self>, outputs: Vec<Output>) {
         for output in outputs {
             match output {
-                Output::Send { dest, data } => self.send(dest, data).await,
+                Output::Send { dest, data } => self.send(dest, data),
                 Output::HandOver { worker, input } => self.hand_over(worker, input),
                 Output::Close(id) => match self.registry.get(id) {
                     Some(connection) => connection.close(),
@@ -343,17 +360,13 @@ impl LoopContext {
         }
     }
 
-    async fn send(self: &Rc<Self>, dest: Destination, data: Bytes) {
+    fn send(self: &Rc<Self>, dest: Destination, data: Bytes) {
         self.metrics.transport.message_out(dest.kind);
         if let Some(code) = response_code(&data) {
             self.metrics.responses_sent.inc(code);
         }
         match dest.kind {
-            TransportKind::Udp => {
-                if !self.send_udp(&dest, data).await {
-                    self.report_unreachable(TransportKind::Udp, dest.addr);
-                }
-            }
+            TransportKind::Udp => self.queue_udp(&dest, data),
             TransportKind::Tcp => tcp::send(self, dest, data),
             TransportKind::Tls => tls::send(self, dest, data),
         }
@@ -383,32 +396,58 @@ impl LoopContext {
         );
     }
 
-    /// Sends from the socket bound to `dest.local` if this loop has one, else from the first
-    /// UDP socket of the destination's address family. False when it could not be sent.
-    async fn send_udp(&self, dest: &Destination, data: Bytes) -> bool {
-        let Some(endpoint) = self.udp_endpoint_for(dest) else {
+    /// Queues a datagram for the socket bound to `dest.local` if this loop has one, else for
+    /// the first UDP socket of the destination's address family; reports the destination
+    /// unreachable when there is none.
+    fn queue_udp(self: &Rc<Self>, dest: &Destination, data: Bytes) {
+        let Some(socket) = self.udp_endpoint_for(dest) else {
             warn!(
                 dest = %dest.addr,
                 "dropping outgoing UDP message: no UDP listener of that address family"
             );
-            return false;
+            self.report_unreachable(TransportKind::Udp, dest.addr);
+            return;
         };
-        if let Err(error) = endpoint.socket.send_to(&data, dest.addr).await {
-            warn!(dest = %dest.addr, local = %endpoint.local, %error, "UDP send failed");
-            return false;
-        }
-        true
+        self.udp_outbox.borrow_mut().push(socket, dest.addr, data);
     }
 
-    fn udp_endpoint_for(&self, dest: &Destination) -> Option<&UdpEndpoint> {
+    /// Sends the datagrams waiting in the outbox, in order (see `udp_batch`); waits while a
+    /// socket's send buffer is full. A datagram the kernel refuses is dropped with a log line
+    /// and its destination reported unreachable to the Worker.
+    pub(crate) async fn flush_udp(self: &Rc<Self>) {
+        if self.udp_outbox.borrow().is_empty() {
+            return;
+        }
+        loop {
+            let flush = self.udp_outbox.borrow_mut().send_queued(
+                |index| self.udp.get(index).map(|endpoint| &endpoint.socket),
+                |count| self.metrics.transport.udp_sent_batch(count),
+                |dest, error| {
+                    warn!(%dest, %error, "UDP send failed");
+                    self.report_unreachable(TransportKind::Udp, dest);
+                },
+            );
+            let Flush::Blocked(index) = flush else { return };
+            let Some(endpoint) = self.udp.get(index) else {
+                return;
+            };
+            if let Err(error) = endpoint.socket.writable().await {
+                warn!(local = %endpoint.local, %error, "UDP socket not writable");
+                return;
+            }
+        }
+    }
+
+    /// The index in `udp` of the socket to send `dest` from.
+    fn udp_endpoint_for(&self, dest: &Destination) -> Option<usize> {
         let by_local = dest
             .local
-            .and_then(|local| self.udp.iter().find(|endpoint| endpoint.local == local));
+            .and_then(|local| self.udp.iter().position(|endpoint| endpoint.local == local));
         let by_family = || {
             self.udp
                 .iter()
-                .find(|endpoint| endpoint.local.is_ipv4() == dest.addr.is_ipv4())
+                .position(|endpoint| endpoint.local.is_ipv4() == dest.addr.is_ipv4())
         };
-        by_local.or_else(by_family).map(|endpoint| &**endpoint)
+        by_local.or_else(by_family)
     }
 }

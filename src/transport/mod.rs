@@ -18,6 +18,8 @@
 //! - [`registry`]: the process-wide table of open stream connections, so responses go back on
 //!   the connection the request came in on (RFC 3261 §18.2.2) and requests reuse connections;
 //!   it enforces the connection limits, overall, for inbound connections and per source.
+//! - `udp_batch`: UDP datagrams received and sent many per system call (`recvmmsg`,
+//!   `sendmmsg`).
 //! - `dispatch`: one event loop's glue: runs inputs through its Worker, carries out outputs.
 //! - `load`: how busy each event loop is ([`LoadSample`]), for the Worker's overload control.
 
@@ -31,6 +33,7 @@ pub(crate) mod load;
 pub(crate) mod tcp;
 pub(crate) mod tls;
 pub(crate) mod udp;
+pub(crate) mod udp_batch;
 
 use std::fmt;
 use std::net::SocketAddr;

@@ -9,10 +9,12 @@
 //! Each event loop binds its own socket to the same address with SO_REUSEPORT, so the kernel
 //! spreads datagrams over the loops by flow and no loop waits on another.
 //!
-//! A datagram is received into a reusable 64 KiB buffer and handed over as a compact copy:
-//! the core may keep a message for a whole transaction (up to 32 s, RFC 3261 §17.1.1.2), and
-//! a zero-copy slice would pin the entire receive buffer that long. Copying ~1 KiB costs far
-//! less than the recvfrom call.
+//! The datagrams queued on a socket are received together, into reusable 64 KiB buffers
+//! (`udp_batch`: one `recvmmsg` per batch), handled one by one in arrival order, and what they
+//! make the loop send leaves together once the batch is handled. Each is handed on as a
+//! compact copy: the core may keep a message for a whole transaction (up to 32 s, RFC 3261
+//! §17.1.1.2), and a zero-copy slice would pin the entire receive buffer that long. Copying
+//! ~1 KiB costs far less than the system call.
 
 use std::io;
 use std::net::SocketAddr;
@@ -23,10 +25,8 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tracing::{debug, warn};
 
 use super::dispatch::{LoopContext, UdpEndpoint};
+use super::udp_batch::Inbox;
 use super::{Input, Meta, TransportKind};
-
-/// The largest UDP payload; a datagram cannot be bigger.
-const MAX_DATAGRAM: usize = 65_535;
 
 /// Binds `count` UDP sockets to `addr`, sharing the port with SO_REUSEPORT. For port 0 the
 /// first socket picks the port and the others join it. Returns the address actually bound.
@@ -76,45 +76,53 @@ pub(crate) fn ensure_not_in_use(addr: SocketAddr) -> io::Result<()> {
     probe.bind(&addr.into())
 }
 
-/// Receives datagrams on `endpoint` forever, handing each to the loop's Worker. (How busy
-/// this keeps the loop is measured for the whole loop, see `transport::load`.)
+/// Receives datagrams on `endpoint` forever, a batch of those queued at a time, handing each
+/// to the loop's Worker, then sending what they produced. (How busy this keeps the loop is
+/// measured for the whole loop, see `transport::load`.)
 pub(crate) async fn run_receiver(ctx: Rc<LoopContext>, endpoint: Rc<UdpEndpoint>) {
-    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let mut inbox = Inbox::new();
     loop {
-        let received = match endpoint.socket.try_recv_from(&mut buf) {
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                endpoint.socket.recv_from(&mut buf).await
-            }
-            queued => {
-                // A datagram that was already waiting never suspends the task: give the
-                // loop's other tasks (timers, hand-overs) their turn when the budget is spent.
-                tokio::task::coop::consume_budget().await;
-                queued
-            }
-        };
-        let (len, source) = match received {
-            Ok(received) => received,
-            Err(error) => {
-                // Transient (e.g. a queued ICMP error); the socket itself stays usable.
-                debug!(local = %endpoint.local, %error, "UDP receive error");
-                continue;
-            }
-        };
-        let datagram = &buf[..len];
-        if !accept_datagram(&ctx, datagram, source) {
+        if let Err(error) = inbox.receive(&endpoint.socket).await {
+            // Transient (e.g. a queued ICMP error); the socket itself stays usable.
+            debug!(local = %endpoint.local, %error, "UDP receive error");
             continue;
         }
-        let meta = Meta {
-            kind: TransportKind::Udp,
-            source,
-            local: endpoint.local,
-            conn: None,
-            worker: ctx.index,
-        };
-        ctx.metrics.transport.message_in(TransportKind::Udp);
-        let data = Bytes::copy_from_slice(datagram);
-        ctx.handle(Input::Message { data, meta }).await;
+        ctx.metrics.transport.udp_received_batch(inbox.len());
+        for (datagram, source) in inbox.datagrams() {
+            handle_datagram(&ctx, &endpoint, datagram, source);
+        }
+        ctx.flush_udp().await;
+        if inbox.was_full() {
+            // Datagrams are still waiting, so the task would not suspend: give the loop's
+            // other tasks (timers, hand-overs) their turn when the budget is spent, as if
+            // each datagram had been one receive.
+            for _ in 0..inbox.len() {
+                tokio::task::coop::consume_budget().await;
+            }
+        }
     }
+}
+
+/// Passes one received datagram to the Worker (its outputs wait in the loop's outbox).
+fn handle_datagram(
+    ctx: &Rc<LoopContext>,
+    endpoint: &UdpEndpoint,
+    datagram: &[u8],
+    source: SocketAddr,
+) {
+    if !accept_datagram(ctx, datagram, source) {
+        return;
+    }
+    let meta = Meta {
+        kind: TransportKind::Udp,
+        source,
+        local: endpoint.local,
+        conn: None,
+        worker: ctx.index,
+    };
+    ctx.metrics.transport.message_in(TransportKind::Udp);
+    let data = Bytes::copy_from_slice(datagram);
+    ctx.process(Input::Message { data, meta });
 }
 
 /// Whether a datagram should reach the Worker; logs why not.
