@@ -264,8 +264,11 @@ impl Outbox {
 mod tests {
     use super::*;
 
+    /// A socket tokio knows to be writable (it learns so from the reactor, not at bind).
     async fn bound() -> UdpSocket {
-        UdpSocket::bind("127.0.0.1:0").await.unwrap()
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        socket.writable().await.unwrap();
+        socket
     }
 
     fn runtime() -> tokio::runtime::Runtime {
