@@ -2,11 +2,10 @@
 //!
 //! Owns the loop-local state every transport task of the loop shares: the Worker, the loop's
 //! UDP sockets and the limits. Every input received on the loop goes through
-//! [`LoopContext::handle`] (or [`LoopContext::process`] for a batch): the Worker turns it into
-//! outputs, which are carried out in order (RFC 3261 §18.1 for requests, §18.2.2 for
-//! responses). UDP datagrams wait in the loop's outbox until the input, or the batch of
-//! inputs received together, has been handled, and then leave in one system call per socket
-//! (`udp_batch`).
+//! [`LoopContext::handle`] (or [`LoopContext::process`] then [`LoopContext::flush_udp`]): the
+//! Worker turns it into outputs, which are carried out in order (RFC 3261 §18.1 for requests,
+//! §18.2.2 for responses). UDP datagrams wait in the loop's outbox until the input has been
+//! handled, and then leave in one system call per socket (`udp_batch`).
 //!
 //! Everything here lives on one thread (`Rc`, `RefCell`): the loop never shares its Worker, so
 //! the hot path takes no lock. Only stream connections are reachable from other loops, through
@@ -233,22 +232,21 @@ impl LoopContext {
     /// them is work of this loop like its own socket's: the loop is idle only once this queue
     /// is drained too, so a loop falling behind the work handed to it is overloaded (see
     /// `server::overload`).
-    /// What is waiting is handled as one batch (at most [`HAND_OVER_BATCH`]): its UDP
-    /// outputs leave together.
     pub(crate) async fn run_hand_overs(self: Rc<Self>, mut queue: mpsc::Receiver<Input>) {
-        while let Some(first) = queue.recv().await {
-            self.process(first);
-            let mut handled = 1;
-            while handled < HAND_OVER_BATCH {
-                let Ok(input) = queue.try_recv() else { break };
-                self.process(input);
-                handled += 1;
-            }
-            self.flush_udp().await;
-            // Like a UDP socket with datagrams waiting: let the loop's other tasks run.
-            for _ in 1..handled {
-                tokio::task::coop::consume_budget().await;
-            }
+        loop {
+            let input = match queue.try_recv() {
+                Ok(input) => {
+                    // Like a UDP socket with datagrams waiting: let the loop's other tasks run.
+                    tokio::task::coop::consume_budget().await;
+                    input
+                }
+                Err(mpsc::error::TryRecvError::Empty) => match queue.recv().await {
+                    Some(input) => input,
+                    None => return,
+                },
+                Err(mpsc::error::TryRecvError::Disconnected) => return,
+            };
+            self.handle(input).await;
         }
     }
 
@@ -279,8 +277,7 @@ impl LoopContext {
     }
 
     /// Runs `input` through the Worker and carries out the outputs, in order, except that UDP
-    /// datagrams wait in the outbox for [`LoopContext::flush_udp`]: a task handling a batch of
-    /// inputs flushes once after the batch.
+    /// datagrams wait in the outbox for [`LoopContext::flush_udp`].
     pub(crate) fn process(self: &Rc<Self>, input: Input) {
         let outputs =
             self.run_worker(|worker, outputs| worker.on_input(input, Instant::now(), outputs));
