@@ -171,18 +171,40 @@ function on_request(req)
   return req:t_relay()
 end
 
+-- scanner_of's answers (a SCANNERS entry, or false) by User-Agent value, so a phone's every
+-- request does not search its User-Agent for each entry again. Bounded: values longer than
+-- SCANNER_MEMO_LONGEST are not kept, and the memo starts afresh once it holds
+-- SCANNER_MEMO_ENTRIES (a sender varying its User-Agent only gets the search run, as it
+-- would without the memo).
+local SCANNER_MEMO_ENTRIES = 1024
+local SCANNER_MEMO_LONGEST = 256
+local scanner_memo, scanner_memo_entries = {}, 0
+
 -- The SCANNERS entry found in a User-Agent value, or nil.
 function scanner_of(user_agent)
   if not user_agent then
     return nil
   end
+  local known = scanner_memo[user_agent]
+  if known ~= nil then
+    return known or nil
+  end
+  local found = false
   local ua = user_agent:lower()
   for _, name in ipairs(SCANNERS) do
     if ua:find(name, 1, true) then
-      return name
+      found = name
+      break
     end
   end
-  return nil
+  if #user_agent <= SCANNER_MEMO_LONGEST then
+    if scanner_memo_entries >= SCANNER_MEMO_ENTRIES then
+      scanner_memo, scanner_memo_entries = {}, 0
+    end
+    scanner_memo[user_agent] = found
+    scanner_memo_entries = scanner_memo_entries + 1
+  end
+  return found or nil
 end
 
 -- True for a User-Agent in MD5_ONLY_AGENTS.
