@@ -375,16 +375,26 @@ pub fn process_from(
     rules: &Rules,
     now: SystemTime,
 ) -> Outcome {
+    match request_aor(req, aors) {
+        Ok(aor) => process_for_aor(req, meta, nated, &aor, current, rules, now),
+        Err(refusal) => refusal,
+    }
+}
+
+/// Step 5: the normalized AOR of a REGISTER's To, or the refusal (a request that is not a
+/// REGISTER first, as in [`process_for_aor`]).
+fn request_aor(req: &Message, aors: &AorRule) -> Result<String, Outcome> {
     if req.method() != Some(&Method::Register) {
-        return refuse(500, "Server Internal Error (registrar: not a REGISTER)");
+        return Err(refuse(
+            500,
+            "Server Internal Error (registrar: not a REGISTER)",
+        ));
     }
     let Ok(to) = req.to() else {
-        return refuse(400, "Bad Request (To: malformed)");
+        return Err(refuse(400, "Bad Request (To: malformed)"));
     };
-    let Some(aor) = aors.of(&to.uri) else {
-        return refuse(404, "Not Found (To: not a sip or sips address-of-record)");
-    };
-    process_for_aor(req, meta, nated, &aor, current, rules, now)
+    aors.of(&to.uri)
+        .ok_or_else(|| refuse(404, "Not Found (To: not a sip or sips address-of-record)"))
 }
 
 /// [`process_from`] once step 5 has given `aor`, the normalized AOR of the request's To (the
