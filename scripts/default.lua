@@ -61,16 +61,19 @@ local scanner_drops = sip.metrics.counter{
 }
 
 function on_request(req)
+  -- Read once: every field read and method call on req crosses into the engine.
+  local src_ip = req.src_ip
+
   -- Flood protection (Kamailio's pike + htable "ipban"): a banned source is ignored; a source
   -- over the rate limit is banned for BAN_SECONDS, with one log line.
-  if not TRUSTED[req.src_ip] then
-    local ban = "ipban:" .. req.src_ip
+  if not TRUSTED[src_ip] then
+    local ban = "ipban:" .. src_ip
     if sip.kv.get(ban) then
       return req:drop()
     end
     if req:pike_check() then
       sip.kv.set(ban, 1, BAN_SECONDS)
-      sip.log("warn", "pike: banning " .. req.src_ip .. " for " .. BAN_SECONDS .. " s")
+      sip.log("warn", "pike: banning " .. src_ip .. " for " .. BAN_SECONDS .. " s")
       return req:drop()
     end
   end
@@ -119,15 +122,14 @@ function on_request(req)
 
   -- A new request is routed by its Request-URI (and the contacts registered for it), never
   -- by a Route its sender pre-loaded, unless the sender is one of ROUTE_PEERS.
-  if ROUTE_PEERS[req.src_ip] then
+  if ROUTE_PEERS[src_ip] then
     req:follow_preloaded_route()
-  else
+  elseif req:header("Route") then
+    -- (req:headers builds a table: only for a request that has a Route to log.)
     local route = req:headers("Route")
-    if #route > 0 then
-      req:remove_header("Route")
-      sip.log("info", "pre-loaded Route removed, not followed:", table.concat(route, ", "),
-        "from", req.src_ip)
-    end
+    req:remove_header("Route")
+    sip.log("info", "pre-loaded Route removed, not followed:", table.concat(route, ", "),
+      "from", src_ip)
   end
 
   -- Requests for other domains: only our own users may send them out (no open relay). With
@@ -169,18 +171,40 @@ function on_request(req)
   return req:t_relay()
 end
 
+-- scanner_of's answers (a SCANNERS entry, or false) by User-Agent value, so a phone's every
+-- request does not search its User-Agent for each entry again. Bounded: values longer than
+-- SCANNER_MEMO_LONGEST are not kept, and the memo starts afresh once it holds
+-- SCANNER_MEMO_ENTRIES (a sender varying its User-Agent only gets the search run, as it
+-- would without the memo).
+local SCANNER_MEMO_ENTRIES = 1024
+local SCANNER_MEMO_LONGEST = 256
+local scanner_memo, scanner_memo_entries = {}, 0
+
 -- The SCANNERS entry found in a User-Agent value, or nil.
 function scanner_of(user_agent)
   if not user_agent then
     return nil
   end
+  local known = scanner_memo[user_agent]
+  if known ~= nil then
+    return known or nil
+  end
+  local found = false
   local ua = user_agent:lower()
   for _, name in ipairs(SCANNERS) do
     if ua:find(name, 1, true) then
-      return name
+      found = name
+      break
     end
   end
-  return nil
+  if #user_agent <= SCANNER_MEMO_LONGEST then
+    if scanner_memo_entries >= SCANNER_MEMO_ENTRIES then
+      scanner_memo, scanner_memo_entries = {}, 0
+    end
+    scanner_memo[user_agent] = found
+    scanner_memo_entries = scanner_memo_entries + 1
+  end
+  return found or nil
 end
 
 -- True for a User-Agent in MD5_ONLY_AGENTS.
