@@ -14,11 +14,9 @@
 //!   timers and TCP are work of the loop like its UDP socket: idle means all of them drained.
 //! - **A loop catching up is not overloaded.** Where the shell tells the bytes waiting in the
 //!   loop's receive queues, an interval in which they shrank by [`CATCHING_UP`] or more counts
-//!   as catching up: it adds nothing to the saturation and does not raise the refused share
-//!   (a backlog shrinking slower than that would keep requests waiting past T1 for seconds). After a stall (another
-//!   process holding the CPU, a burst) the loop drains what piled up without refusing, and
-//!   while shedding, the share stops growing once it is enough for the backlog to shrink,
-//!   instead of overshooting until the backlog is gone.
+//!   as catching up: it adds nothing to the saturation (a backlog shrinking slower than that
+//!   would keep requests waiting past T1 for seconds). After a stall (another process holding
+//!   the CPU, a burst) the loop drains what piled up without refusing.
 //! - **Time another process holds the CPU is not the loop's saturation.** Where the system
 //!   tells the thread's CPU time, saturation is counted in it, not in wall time: a loop
 //!   stalled for a second by a CPU hog next to it, then catching up, has worked a fraction of
@@ -27,11 +25,21 @@
 //! - **A share is refused, not everything** (RFC 7339's loss-based algorithm). Refusing all
 //!   new requests the moment a threshold is crossed turns a late sample into a 503 storm and
 //!   leaves the loop idle right after. Instead a fraction `p` of new out-of-dialog requests is
-//!   refused: it starts at [`STEP`] and grows by [`STEP`] for each interval the loop is still
-//!   saturated (in proportion to the CPU it got), so it finds the excess of the offered load
-//!   within a second or two. Once near the balance it grows by [`FINE_STEP`] only: when the
-//!   backlog is known, while it stays level (the share is about right, not yet enough to
-//!   drain it); when it is not, once the loop had idle time since shedding started.
+//!   refused.
+//! - **The share follows the loop's rates, not fixed steps.** Where the backlog is known, in
+//!   each saturated interval the admitted share `1 - p` is scaled by what the loop handled
+//!   over what arrived (handled plus the backlog's growth, in messages), less a fifth of the
+//!   backlog ([`DRAIN`]): the share meets the excess of the offered load within an interval
+//!   or two of the start, and as the backlog left by the start shrinks, the share comes down
+//!   with it instead of holding its peak until the backlog is gone (which let the share swing
+//!   between 20 % and 98 % with a loop sharing its CPU, and requests wait past T1). At most
+//!   halved or raised by half per interval ([`SCALE_RANGE`]). Where the backlog is not known
+//!   it starts at [`STEP`] and grows by [`STEP`] for each saturated interval (in proportion to
+//!   the CPU the loop got), by [`FINE_STEP`] once the loop had idle time since shedding
+//!   started.
+//! - **A loop starved of CPU sheds too.** Twice `limits.overload_after_ms` of wall time
+//!   without idling (and without catching up) starts the shedding however little CPU the loop
+//!   got: its clients' requests wait all the same.
 //! - **Recovery is proportional to the spare time.** In an interval with idle time, busy a
 //!   fraction `u`, the admitted load is scaled towards [`TARGET_BUSY`]:
 //!   `1 - p' = (1 - p) * TARGET_BUSY / u`, so a load that fell away ends the shedding in one
