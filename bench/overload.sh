@@ -20,7 +20,7 @@
 #
 # Per series: the capacity is measured first (CAPACITY given: used for every series): calls at
 # $PROBE_RATE/s for $PROBE_SECS s give an estimate, 1 s / (server CPU per call); then a
-# zero-failure search ($SEARCH_STEPS bisections between 0.5x and 1.5x the estimate, $SEARCH_SECS
+# zero-failure search ($SEARCH_STEPS bisections between 0 and 1.5x the estimate, $SEARCH_SECS
 # s each, on a fresh server) finds the highest rate with every call successful: that is the
 # capacity (SEARCH_STEPS=0: the estimate). Then a run per point of $POINTS (multiples of the
 # capacity), $SECS s each, on a fresh server: successful calls/s (goodput), 503s received by
@@ -176,10 +176,12 @@ tree_sched_wait_ms() {
 }
 
 # search_capacity SERIES ESTIMATE: the highest rate at which every call of a $search_secs s run
-# succeeds, bisecting $search_steps times between 0.5x and 1.5x ESTIMATE; sets capacity.
+# succeeds, bisecting $search_steps times between 0 and 1.5x ESTIMATE (the first try is 0.75x);
+# sets capacity. When no rate tried succeeded (the machine too busy), says so and keeps
+# ESTIMATE.
 search_capacity() {
-  local name=$1 estimate=$2 lo hi mid step
-  lo=$(echo "$estimate / 2" | bc); hi=$(echo "$estimate * 3 / 2" | bc)
+  local name=$1 estimate=$2 lo=0 hi mid step
+  hi=$(echo "$estimate * 3 / 2" | bc)
   for step in $(seq 1 "$search_steps"); do
     mid=$(((lo + hi) / 2))
     call_run "$name" "$mid" "$((mid * search_secs))" "$work/$name-search-$step"
@@ -187,7 +189,12 @@ search_capacity() {
       "$(cut -d' ' -f1 /proc/loadavg)"
     if [ "$failed" = 0 ] && [ "$ok" -gt 0 ]; then lo=$mid; else hi=$mid; fi
   done
-  capacity=$lo
+  if [ "$lo" -gt 0 ]; then
+    capacity=$lo
+  else
+    echo "$name: no rate tried ran without a failed call (is the machine busy?): using the estimate" >&2
+    capacity=$estimate
+  fi
 }
 
 # share_trace SERIES X DIR: the refused share of each 100 ms sample of the run in DIR (the
@@ -264,7 +271,7 @@ set ylabel "refused %"
 set key top right
 set grid
 set yrange [0:100]
-plot for [x in "$points"] "$share_dat" using (strcol(1) eq "moonroute" && strcol(2) eq x ? \$3 : 1/0):4 with linespoints title x."x"
+plot for [pt in "$points"] "$share_dat" using (strcol(1) eq "moonroute" && strcol(2) eq pt ? \$3 : 1/0):4 with linespoints title pt."x"
 GNUPLOT
 fi
 echo "wrote $dat, $share_dat, $out/overload.svg and $out/overload-share.svg"
