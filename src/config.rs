@@ -653,10 +653,11 @@ pub struct Limits {
     /// retransmitting into a growing queue. Default: 2000.
     pub max_backlog: usize,
     /// How long, in milliseconds, an event loop must stay saturated (never idle: its UDP
-    /// sockets, hand-over queue, connections and timers never all drained) before it sheds
-    /// load. Then it answers a share of new out-of-dialog requests 503 with Retry-After, a
-    /// share that grows while it stays saturated and falls as soon as it has time to spare
-    /// (`server::overload`); responses, ACKs, CANCELs, retransmissions and requests inside a
+    /// sockets, hand-over queue, connections and timers never all drained), in CPU time, or
+    /// twice that in wall time, before it sheds load. Then it answers a share of new
+    /// out-of-dialog requests 503 with Retry-After, set every 100 ms from the messages it
+    /// handled against those that arrived while it stays saturated, falling as soon as it has
+    /// time to spare (`server::overload`); responses, ACKs, CANCELs, retransmissions and requests inside a
     /// dialog are always served. Shorter saturations (a burst, another process holding the
     /// CPU for a moment) refuse nothing. 0: off. Default: 1000.
     pub overload_after_ms: u64,

@@ -261,7 +261,10 @@ struct Keepalives {
 impl Worker for Core {
     fn on_input(&mut self, input: Input, now: Instant, out: &mut Vec<Output>) {
         match input {
-            Input::Message { data, meta } => self.on_message(data, meta, now, out),
+            Input::Message { data, meta } => {
+                self.overload.on_message();
+                self.on_message(data, meta, now, out)
+            }
             Input::FramingError { head, error, meta } => {
                 self.on_framing_error(head, &error, &meta, out)
             }
