@@ -322,10 +322,11 @@ mod tests {
 
     #[test]
     fn version_1_records_stay_readable() {
-        // One binding for both sides: full() reads the clock, and two readings can straddle a
-        // tick of the stored precision on a busy machine.
+        // One value of each for both sides: full() and bare() read the clock, and two readings
+        // can straddle a tick of the stored precision on a busy machine.
         let full = full();
-        let old = encode_version(&[full.clone(), bare()], 1);
+        let bare = bare();
+        let old = encode_version(&[full.clone(), bare.clone()], 1);
         assert_eq!(&old[..4], b"MRB1");
         let read = decode(b"sip:alice@example.com", &old).unwrap();
         let expected = vec![
@@ -333,7 +334,7 @@ mod tests {
                 nated: false,
                 ..full
             },
-            bare(),
+            bare,
         ];
         assert_eq!(read, expected, "a version 1 binding has no flags");
         // Written back, it is a version 2 record.
