@@ -19,6 +19,8 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::table::{Dialog, Side};
@@ -302,6 +304,77 @@ impl CdrFile {
         self.file = open_append(&self.path)?;
         self.size = 0;
         Ok(())
+    }
+}
+
+/// Where the event loops put their CDRs: `<data_dir>/cdr.jsonl`, opened at the first record
+/// (a server whose script tracks no dialog creates no file). Shared by every loop; a record
+/// costs one `write` under the lock. A write that fails is logged and counted, and the call
+/// goes on.
+pub struct CdrSink {
+    dir: PathBuf,
+    max_size: u64,
+    keep: usize,
+    failed_attempts: bool,
+    file: Mutex<Option<CdrFile>>,
+    written: AtomicU64,
+    lost: AtomicU64,
+}
+
+impl CdrSink {
+    /// The sink of `[dialog]`; `None` when `cdr = false`.
+    pub fn from_config(config: &crate::config::Config) -> Option<Arc<CdrSink>> {
+        let dialog = &config.dialog;
+        dialog.cdr.then(|| {
+            Arc::new(CdrSink {
+                dir: config.data_dir.clone(),
+                max_size: dialog.cdr_max_mb.saturating_mul(1 << 20),
+                keep: dialog.cdr_keep,
+                failed_attempts: dialog.cdr_failed_attempts,
+                file: Mutex::new(None),
+                written: AtomicU64::new(0),
+                lost: AtomicU64::new(0),
+            })
+        })
+    }
+
+    /// Appends `cdr` (a failed attempt only when configured).
+    pub fn write(&self, cdr: &Cdr) {
+        if !cdr.answered() && !self.failed_attempts {
+            return;
+        }
+        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        if file.is_none() {
+            match CdrFile::open(&self.dir, self.max_size, self.keep) {
+                Ok(opened) => *file = Some(opened),
+                Err(e) => return self.lost(cdr, &e),
+            }
+        }
+        if let Some(open) = file.as_mut() {
+            match open.append(cdr) {
+                Ok(()) => {
+                    self.written.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    // Reopened at the next record (the directory may have been fixed).
+                    *file = None;
+                    self.lost(cdr, &e);
+                }
+            }
+        }
+    }
+
+    /// Records written and lost since start.
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.written.load(Ordering::Relaxed),
+            self.lost.load(Ordering::Relaxed),
+        )
+    }
+
+    fn lost(&self, cdr: &Cdr, error: &io::Error) {
+        self.lost.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(call_id = %cdr.call_id, dir = %self.dir.display(), %error, "CDR not written");
     }
 }
 

@@ -8,6 +8,7 @@
 //! - `profiles`: counts of live dialogs per (profile, value), shared by every loop, for
 //!   concurrent-call limits per user, trunk or tenant.
 //! - `cdr`: the record of an ended dialog, as a JSON line, and the rotated file it goes to.
+//! - `tracker`: what the relay calls: relayed messages in, CDRs out to the sink.
 //!
 //! The messages themselves are read by [`new_dialog`] and [`tags`], so the table needs no
 //! codec.
@@ -15,12 +16,14 @@
 pub mod cdr;
 pub mod profiles;
 pub mod table;
+pub mod tracker;
 
 #[cfg(test)]
 mod tests;
 
-pub use cdr::{Cdr, CdrFile, EndReason};
+pub use cdr::{Cdr, CdrFile, CdrSink, EndReason};
 pub use profiles::{Membership, Profiles};
+pub use tracker::{DialogTracker, SharedTable};
 pub use table::{
     Bye, Dialog, DialogId, DialogTable, Expired, Known, Limits, NewDialog, Refusal, Side, Stamp,
     State,

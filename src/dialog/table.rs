@@ -416,6 +416,8 @@ pub struct DialogTable {
     next_id: u64,
     memory: usize,
     counters: Counters,
+    /// CDRs of dialogs ended where no caller takes them (see [`DialogTable::defer`]).
+    deferred: Vec<Cdr>,
 }
 
 impl DialogTable {
@@ -429,6 +431,25 @@ impl DialogTable {
             next_id: 1,
             memory: 0,
             counters: Counters::default(),
+            deferred: Vec::new(),
+        }
+    }
+
+    /// Keeps `cdr` for the shell to take with [`DialogTable::take_deferred`] (a call ended
+    /// by the script, which has no sink).
+    pub fn defer(&mut self, cdr: Cdr) {
+        self.deferred.push(cdr);
+    }
+
+    pub fn take_deferred(&mut self) -> Vec<Cdr> {
+        std::mem::take(&mut self.deferred)
+    }
+
+    /// Forgets an early dialog whose INVITE was not relayed and not answered by us (dropped,
+    /// forwarded statelessly): no call was attempted, so no CDR.
+    pub fn abandon(&mut self, id: DialogId) {
+        if self.dialogs.get(&id).is_some_and(|d| d.state == State::Early) {
+            self.remove(id);
         }
     }
 
@@ -620,6 +641,16 @@ impl DialogTable {
         let deadline = dialog.deadline(&self.limits);
         self.timers.push(Reverse((deadline, id)));
         Ok(())
+    }
+
+    /// The caller's target as the relayed INVITE carried it (after the script's edits, such
+    /// as `fix_nated_contact`): the Contact the callee's requests will be addressed to.
+    pub fn set_caller_contact(&mut self, id: DialogId, contact: Option<Bytes>) {
+        if let (Some(dialog), Some(contact)) = (self.dialogs.get_mut(&id), contact) {
+            let before = dialog.footprint();
+            dialog.caller.contact = Some(contact);
+            self.memory = (self.memory + dialog.footprint()).saturating_sub(before);
+        }
     }
 
     /// A CANCEL for the INVITE was relayed: its final response ends the call as cancelled.

@@ -37,6 +37,7 @@ use super::response_context::{BranchId, BranchState, ContextAction, ResponseCont
 use super::router::{
     BranchEdit, Decision, FailureDecision, ReplySource, RouteHandle, RouteInfo, Routed, Router,
 };
+use crate::dialog::DialogTracker;
 use crate::dns::{self, Candidate, ResolveError};
 use crate::logging::{call_id, Throttle, REFUSED};
 use crate::memory::{shrink_heap_if_sparse, shrink_if_sparse};
@@ -203,6 +204,8 @@ pub struct Relay {
     /// Callees whose answer carried only our Via, logged once per address per period (per
     /// event loop: a callee answering calls of several loops is logged by each).
     callee_mistakes: Throttle<SocketAddr>,
+    /// This loop's dialogs (`crate::dialog`), shared with the router; `None`: not tracked.
+    dialogs: Option<DialogTracker>,
 }
 
 /// How long a callee's answers carrying only our Via go unlogged after one was logged.
@@ -259,11 +262,20 @@ impl Relay {
             next_resolve: 0,
             resolve_requests: Vec::new(),
             callee_mistakes: Throttle::new(CALLEE_MISTAKE_LOG_PERIOD, CALLEE_MISTAKE_LOG_KEYS),
+            dialogs: None,
         }
     }
 
+    /// Tracks the dialogs the router manages (`req:dlg_manage()`) in `dialogs`.
+    pub fn with_dialogs(mut self, dialogs: DialogTracker) -> Relay {
+        self.dialogs = Some(dialogs);
+        self
+    }
+
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.timer_c_queue.peek().map(|Reverse((at, _, _))| *at)
+        let timer_c = self.timer_c_queue.peek().map(|Reverse((at, _, _))| *at);
+        let dialogs = self.dialogs.as_ref().and_then(DialogTracker::next_deadline);
+        timer_c.into_iter().chain(dialogs).min()
     }
 
     /// Relayed requests still in progress.
@@ -304,6 +316,7 @@ impl Relay {
         let trying = (request.method() == Some(&Method::Invite))
             .then(|| ResponseBuilder::new(&request, 100, "Trying").build());
         let routed = self.router.route(&mut request, &meta, info);
+        self.dialogs_after_router();
         let purpose = Purpose::Request {
             tx,
             branch_base,
@@ -444,6 +457,9 @@ impl Relay {
                 return self.carry_out_stateless(tx, other, &request, &meta, layer, out);
             }
         };
+        if let Some(dialogs) = &self.dialogs {
+            dialogs.on_relayed_request(&request, now);
+        }
         let targets = match targets.is_empty() {
             false => targets,
             true => match self.request_uri_target(&request) {
@@ -712,6 +728,9 @@ impl Relay {
     ) {
         let mut actions = Vec::new();
         if let Some(call) = self.calls.get_mut(&invite) {
+            if let Some(dialogs) = &self.dialogs {
+                dialogs.on_cancel(&call.request);
+            }
             call.cancelled = true;
             call.context.cancel_all(&mut actions);
             // A branch still resolving was never sent: it ends as the CANCEL asks (§16.10).
@@ -964,6 +983,21 @@ impl Relay {
             self.apply(server, actions, now, layer, out);
         }
         shrink_heap_if_sparse(&mut self.timer_c_queue);
+        if let Some(dialogs) = &self.dialogs {
+            for bye in dialogs.on_timer(now) {
+                // Proxy-made BYEs are the next step of issue 22; until then the call is ended
+                // in the CDR only, and said so.
+                warn!(call_id = %String::from_utf8_lossy(&bye.call_id), party = bye.to_side.as_str(), "dialog max duration reached: BYE not sent (not implemented yet)");
+            }
+        }
+    }
+
+    /// Writes the CDRs of calls the router's decision ended (a dialog managed, then answered
+    /// by the script itself).
+    fn dialogs_after_router(&self) {
+        if let Some(dialogs) = &self.dialogs {
+            dialogs.flush();
+        }
     }
 
     /// Timer C is never cancelled (§16.8 resets it on every provisional, and a call ends long
@@ -1002,6 +1036,9 @@ impl Relay {
                 }
                 ContextAction::ForwardUpstream(response)
                 | ContextAction::FinalUpstream(response) => {
+                    if let (Some(dialogs), Some(call)) = (&self.dialogs, self.calls.get(&server)) {
+                        dialogs.on_upstream_response(&call.request, &response, now);
+                    }
                     let status = response.status().unwrap_or(500);
                     layer.respond(server, status, response.to_bytes(), now, out);
                 }
@@ -1331,6 +1368,7 @@ impl Relay {
                     handle,
                 } = *suspended;
                 let routed = self.router.resume(handle, &mut request, result);
+                self.dialogs_after_router();
                 let tx = match &purpose {
                     Purpose::Request { tx, .. } | Purpose::Cancel { tx } => Some(*tx),
                     Purpose::Ack => None,

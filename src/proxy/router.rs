@@ -180,6 +180,11 @@ pub trait Router {
     /// The transaction of `handle` ended; no hook will see it again.
     fn release(&mut self, _handle: RouteHandle) {}
 
+    /// Gives the router its event loop's dialog table (`crate::dialog`), where the script's
+    /// `req:dlg_manage()` creates dialogs the relay then follows. Routers that manage no
+    /// dialogs ignore it.
+    fn attach_dialogs(&mut self, _dialogs: crate::dialog::SharedTable) {}
+
     /// Continues a [`Decision::Resolve`] with the DNS answer; `request` is the one given to
     /// [`Router::route`] (the router gives back its edited copy). The handle of the result
     /// replaces `handle`, which the router has released if the result carries none.

@@ -73,6 +73,27 @@ pub struct CoreFactory {
     route_lifetime: Duration,
     /// The engine's metric handles, shared by every loop (see [`CoreFactory::with_metrics`]).
     metrics: Arc<EngineMetrics>,
+    /// `[dialog]`: each loop's dialog table limits, the profile counts all loops share, and
+    /// the CDR file.
+    dialogs: DialogSetup,
+}
+
+/// What each loop's dialog table is made with (`crate::dialog`).
+struct DialogSetup {
+    limits: crate::dialog::Limits,
+    profiles: Arc<crate::dialog::Profiles>,
+    cdr: Option<Arc<crate::dialog::CdrSink>>,
+}
+
+impl DialogSetup {
+    fn tracker(&self, router: &mut dyn Router) -> crate::dialog::DialogTracker {
+        let table = std::rc::Rc::new(std::cell::RefCell::new(crate::dialog::DialogTable::new(
+            self.limits,
+            Arc::clone(&self.profiles),
+        )));
+        router.attach_dialogs(std::rc::Rc::clone(&table));
+        crate::dialog::DialogTracker::new(table, self.cdr.clone())
+    }
 }
 
 impl CoreFactory {
@@ -114,6 +135,11 @@ impl CoreFactory {
             route_signer: RouteSigner::random().with_lifetime(config.proxy.record_route_lifetime()),
             route_lifetime: config.proxy.record_route_lifetime(),
             metrics: EngineMetrics::detached(),
+            dialogs: DialogSetup {
+                limits: config.dialog.limits(),
+                profiles: crate::dialog::Profiles::new(),
+                cdr: crate::dialog::CdrSink::from_config(config),
+            },
         }
     }
 
@@ -161,14 +187,17 @@ impl CoreFactory {
             })
             .collect();
         let identity = LocalIdentity::of_listeners(&self.domains, &bound);
+        let mut router = (self.router)(index, &identity);
+        let dialogs = self.dialogs.tracker(router.as_mut());
         let relay = Relay::new(
             ProxyIdentity::new(identity.clone()).with_signer(self.route_signer.clone()),
             SUPPORTED.to_vec(),
             index,
             bound,
             self.timer_c,
-            (self.router)(index, &identity),
-        );
+            router,
+        )
+        .with_dialogs(dialogs);
         let mut core = Core::new(identity, self.layer, relay, index, loops);
         core.tag_hasher = self.tag_hasher.clone();
         core.force_rport = self.force_rport;

@@ -1,0 +1,155 @@
+//! The relay's side of dialog tracking: reads the messages the proxy relays (RFC 3261 §16)
+//! into [`DialogTable`] events, and hands ended calls to the CDR sink. The relay calls it at
+//! four points: a response going upstream, a CANCEL, an in-dialog request relayed, its timer.
+//!
+//! The table is shared, on one event loop, with that loop's router (the script creates dialogs
+//! with `req:dlg_manage()`): hence `Rc<RefCell<..>>`. No borrow is held across a call into the
+//! router, so the two never meet.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
+use tracing::{info, warn};
+
+use super::{Bye, Cdr, CdrSink, DialogTable, Stamp};
+use crate::sip::{Contact, HeaderName, Message, Method};
+
+/// One event loop's dialog table, shared by its relay and its router.
+pub type SharedTable = Rc<RefCell<DialogTable>>;
+
+pub struct DialogTracker {
+    table: SharedTable,
+    sink: Option<Arc<CdrSink>>,
+}
+
+fn stamp(now: Instant) -> Stamp {
+    Stamp {
+        at: now,
+        wall: SystemTime::now(),
+    }
+}
+
+impl DialogTracker {
+    pub fn new(table: SharedTable, sink: Option<Arc<CdrSink>>) -> DialogTracker {
+        DialogTracker { table, sink }
+    }
+
+    pub fn table(&self) -> &SharedTable {
+        &self.table
+    }
+
+    /// A response to the relayed `request` goes upstream: for a managed INVITE, its dialog
+    /// becomes early (1xx with a To tag), confirmed (2xx) or ends (a failure, or the 487
+    /// after a CANCEL).
+    pub fn on_upstream_response(&self, request: &Message, response: &Message, now: Instant) {
+        if request.method() != Some(&Method::Invite) {
+            return;
+        }
+        let cdr = {
+            let mut table = self.table.borrow_mut();
+            let Some(id) = initial_key(request).and_then(|(c, f)| table.find(c, f)) else {
+                return;
+            };
+            let status = response.status().unwrap_or(0);
+            if (200..300).contains(&status) {
+                table.set_caller_contact(id, first_contact(request));
+            }
+            let to_tag = response.to().ok().and_then(|to| to.tag());
+            let contact = first_contact(response);
+            let record_route = response
+                .values(HeaderName::RecordRoute)
+                .filter_map(Result::ok)
+                .map(|v| response.share(v))
+                .collect();
+            table.on_invite_response(
+                id,
+                status,
+                to_tag,
+                contact.clone(),
+                record_route,
+                contact,
+                stamp(now),
+            )
+        };
+        self.write(cdr);
+    }
+
+    /// A CANCEL matched the relayed `invite` (§16.10).
+    pub fn on_cancel(&self, invite: &Message) {
+        let mut table = self.table.borrow_mut();
+        if let Some(id) = initial_key(invite).and_then(|(c, f)| table.find(c, f)) {
+            table.on_cancel(id);
+        }
+    }
+
+    /// An in-dialog request is relayed: a BYE ends its call.
+    pub fn on_relayed_request(&self, request: &Message, now: Instant) {
+        let Some((call_id, from_tag, to_tag)) = super::tags(request) else {
+            return;
+        };
+        let cdr = {
+            let mut table = self.table.borrow_mut();
+            if table.is_empty() {
+                return;
+            }
+            let is_bye = request.method() == Some(&Method::Bye);
+            let cseq = request.cseq().map_or(0, |c| c.seq);
+            table.on_request(call_id, from_tag, to_tag, is_bye, cseq, stamp(now))
+        };
+        self.write(cdr);
+    }
+
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.table.borrow_mut().next_deadline()
+    }
+
+    /// Runs the table's deadlines; returns the BYEs of calls cut by their max duration.
+    pub fn on_timer(&self, now: Instant) -> Vec<Bye> {
+        let expired = self.table.borrow_mut().on_timer(stamp(now));
+        let mut byes = Vec::new();
+        for ended in expired {
+            if !ended.byes.is_empty() {
+                info!(call_id = %ended.cdr.call_id, reason = ended.cdr.reason.as_str(), "dialog ended by the proxy");
+            }
+            self.write(Some(ended.cdr));
+            byes.extend(ended.byes);
+        }
+        byes
+    }
+
+    /// Writes the CDRs the router's decisions ended (see [`DialogTable::defer`]).
+    pub fn flush(&self) {
+        let deferred = self.table.borrow_mut().take_deferred();
+        for cdr in deferred {
+            self.write(Some(cdr));
+        }
+    }
+
+    fn write(&self, cdr: Option<Cdr>) {
+        if let (Some(cdr), Some(sink)) = (cdr, &self.sink) {
+            sink.write(&cdr);
+        }
+    }
+}
+
+/// Call-ID and From tag of an initial request (no To tag): its dialog's key.
+fn initial_key(request: &Message) -> Option<(&[u8], &[u8])> {
+    if request.to().ok()?.tag().is_some() {
+        return None;
+    }
+    Some((request.call_id().ok()?, request.from().ok()?.tag()?))
+}
+
+fn first_contact(message: &Message) -> Option<Bytes> {
+    match message.contacts().next()? {
+        Ok(Contact::Addr(addr)) => Some(message.share(addr.uri.raw())),
+        Ok(Contact::Star) => None,
+        Err(e) => {
+            warn!(error = %e, "unreadable Contact in a dialog's message");
+            None
+        }
+    }
+}
