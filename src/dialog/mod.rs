@@ -23,11 +23,11 @@ mod tests;
 
 pub use cdr::{Cdr, CdrFile, CdrSink, EndReason};
 pub use profiles::{Membership, Profiles};
-pub use tracker::{DialogTracker, SharedTable};
 pub use table::{
     Bye, Dialog, DialogId, DialogTable, Expired, Known, Limits, NewDialog, Refusal, Side, Stamp,
     State,
 };
+pub use tracker::{DialogTracker, SharedTable};
 
 use bytes::Bytes;
 

@@ -355,14 +355,30 @@ pub enum Known {
     WrongTarget,
     /// The dialog ended (other than a lingering BYE).
     Ended,
-    /// No dialog with these Call-ID and tags.
+    /// A dialog is tracked for this Call-ID and one of the tags, but the other tag is not
+    /// its party's: not a request of the dialog.
     Unknown,
+    /// No dialog is tracked with this Call-ID and either tag (one this proxy did not manage,
+    /// or that ended more than [`Limits::linger`] ago).
+    Untracked,
 }
 
 impl Known {
     /// What `req:dlg_known()` answers.
     pub fn admits(self) -> bool {
         matches!(self, Known::Yes(_) | Known::EndedBye(_))
+    }
+
+    /// Why it does not admit, for `req:dlg_known()`'s second value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Known::Yes(_) => "confirmed",
+            Known::EndedBye(_) => "ending",
+            Known::WrongTarget => "wrong_target",
+            Known::Ended => "ended",
+            Known::Unknown => "unknown",
+            Known::Untracked => "untracked",
+        }
     }
 }
 
@@ -409,8 +425,8 @@ pub struct DialogTable {
     limits: Limits,
     profiles: Arc<Profiles>,
     dialogs: HashMap<DialogId, Dialog>,
-    /// (Call-ID, caller's From tag) → dialog.
-    index: HashMap<(Bytes, Bytes), DialogId>,
+    /// Call-ID → its dialogs (one, but for a caller reusing a Call-ID with another From tag).
+    index: HashMap<Bytes, Vec<DialogId>>,
     /// Deadlines, possibly stale: an entry counts only if the dialog still has that deadline.
     timers: BinaryHeap<Reverse<(Instant, DialogId)>>,
     next_id: u64,
@@ -448,7 +464,11 @@ impl DialogTable {
     /// Forgets an early dialog whose INVITE was not relayed and not answered by us (dropped,
     /// forwarded statelessly): no call was attempted, so no CDR.
     pub fn abandon(&mut self, id: DialogId) {
-        if self.dialogs.get(&id).is_some_and(|d| d.state == State::Early) {
+        if self
+            .dialogs
+            .get(&id)
+            .is_some_and(|d| d.state == State::Early)
+        {
             self.remove(id);
         }
     }
@@ -489,17 +509,18 @@ impl DialogTable {
 
     /// The dialog of an initial INVITE, by its Call-ID and From tag.
     pub fn find(&self, call_id: &[u8], from_tag: &[u8]) -> Option<DialogId> {
-        self.index
-            .get(&(
-                Bytes::copy_from_slice(call_id),
-                Bytes::copy_from_slice(from_tag),
-            ))
-            .copied()
+        self.by_call_id(call_id)
+            .find(|d| d.from_tag == from_tag)
+            .map(|d| d.id)
     }
 
     /// The dialogs of `call_id` (for `ctl dlg show|end`).
-    pub fn by_call_id<'a>(&'a self, call_id: &'a [u8]) -> impl Iterator<Item = &'a Dialog> + 'a {
-        self.dialogs.values().filter(move |d| d.call_id == call_id)
+    pub fn by_call_id<'a>(&'a self, call_id: &[u8]) -> impl Iterator<Item = &'a Dialog> + 'a {
+        self.index
+            .get(call_id)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.dialogs.get(id))
     }
 
     /// Tracks the dialog of an initial INVITE (`req:dlg_manage()`). Managing the same INVITE
@@ -509,8 +530,7 @@ impl DialogTable {
         if new.from_tag.is_empty() {
             return Err(Refusal::NoFromTag);
         }
-        let key = (new.call_id.clone(), new.from_tag.clone());
-        if let Some(&id) = self.index.get(&key) {
+        if let Some(id) = self.find(&new.call_id, &new.from_tag) {
             if self.dialogs[&id].state != State::Terminated {
                 return Ok(id);
             }
@@ -560,7 +580,10 @@ impl DialogTable {
         self.counters.created += 1;
         self.timers
             .push(Reverse((dialog.deadline(&self.limits), id)));
-        self.index.insert(key, id);
+        self.index
+            .entry(dialog.call_id.clone())
+            .or_default()
+            .push(id);
         self.dialogs.insert(id, dialog);
         Ok(id)
     }
@@ -653,6 +676,35 @@ impl DialogTable {
         }
     }
 
+    /// A target refresh (§12.2: a re-INVITE or UPDATE, or its 2xx) from `side` of the dialog
+    /// of these tags carried `contact`: its requests now go there.
+    pub fn refresh_target(
+        &mut self,
+        call_id: &[u8],
+        from_tag: &[u8],
+        to_tag: &[u8],
+        sender_is_requester: bool,
+        contact: Bytes,
+    ) {
+        let Some((dialog, side)) = self.leg(call_id, from_tag, to_tag) else {
+            return;
+        };
+        if !dialog.is_main_leg(side, from_tag, to_tag) || dialog.state != State::Confirmed {
+            return;
+        }
+        let id = dialog.id;
+        let Some(dialog) = self.dialogs.get_mut(&id) else {
+            return;
+        };
+        let before = dialog.footprint();
+        let refreshed = match (side, sender_is_requester) {
+            (Side::Caller, true) | (Side::Callee, false) => &mut dialog.caller,
+            (Side::Callee, true) | (Side::Caller, false) => &mut dialog.callee,
+        };
+        refreshed.contact = Some(contact);
+        self.memory = (self.memory + dialog.footprint()).saturating_sub(before);
+    }
+
     /// A CANCEL for the INVITE was relayed: its final response ends the call as cancelled.
     pub fn on_cancel(&mut self, id: DialogId) {
         if let Some(dialog) = self.dialogs.get_mut(&id) {
@@ -741,7 +793,10 @@ impl DialogTable {
         request_uri: &[u8],
     ) -> Known {
         let Some((dialog, side)) = self.leg(call_id, from_tag, to_tag) else {
-            return Known::Unknown;
+            return match self.index.contains_key(call_id) {
+                true => Known::Unknown,
+                false => Known::Untracked,
+            };
         };
         let target = match side {
             Side::Caller => dialog
@@ -893,8 +948,12 @@ impl DialogTable {
     fn remove(&mut self, id: DialogId) {
         if let Some(dialog) = self.dialogs.remove(&id) {
             self.memory = self.memory.saturating_sub(dialog.footprint());
-            self.index
-                .remove(&(dialog.call_id.clone(), dialog.from_tag.clone()));
+            if let Some(ids) = self.index.get_mut(&dialog.call_id) {
+                ids.retain(|other| *other != id);
+                if ids.is_empty() {
+                    self.index.remove(&dialog.call_id);
+                }
+            }
             crate::memory::shrink_if_sparse(&mut self.dialogs);
             crate::memory::shrink_if_sparse(&mut self.index);
         }
@@ -933,13 +992,24 @@ fn byes_of(dialog: &Dialog) -> Vec<Bye> {
     ]
 }
 
-/// Whether `request_uri` names `target` (§19.1.4 equivalence for SIP URIs, bytes otherwise).
+/// Where a SIP URI sends its requests: its `maddr`, else its host (§19.1.1).
+fn host_of<'a>(uri: &crate::sip::SipUri<'a>) -> crate::sip::Host<'a> {
+    uri.maddr()
+        .and_then(|m| crate::sip::Host::parse(m).ok())
+        .unwrap_or_else(|| uri.host.clone())
+}
+
+/// Whether `request_uri` reaches the party whose target is `target`: same host (or `maddr`)
+/// and port, as the signed Record-Route binds it (`proxy::route_sign`), so a target refresh
+/// that changes only the user part or parameters keeps working. Non-SIP URIs compare whole.
 fn same_target(target: &[u8], request_uri: &[u8]) -> bool {
-    match (Uri::parse(target), Uri::parse(request_uri)) {
-        (Ok(a), Ok(b)) => match (a.as_sip(), b.as_sip()) {
-            (Some(a), Some(b)) => a.equivalent(b),
-            _ => target.eq_ignore_ascii_case(request_uri),
-        },
-        _ => false,
-    }
+    let (Ok(a), Ok(b)) = (Uri::parse(target), Uri::parse(request_uri)) else {
+        return false;
+    };
+    let (Some(a), Some(b)) = (a.as_sip(), b.as_sip()) else {
+        return target.eq_ignore_ascii_case(request_uri);
+    };
+    let default_port = |u: &crate::sip::SipUri<'_>| if u.secure { 5061 } else { 5060 };
+    host_of(a).eq_host(&host_of(b))
+        && a.port.unwrap_or(default_port(a)) == b.port.unwrap_or(default_port(b))
 }

@@ -285,13 +285,39 @@ fn the_in_dialog_check_admits_the_parties_only() {
     );
     assert_eq!(
         table.known(b"other", b"ftag", b"ttag", true, CALLEE.as_bytes()),
-        Known::Unknown
+        Known::Untracked
     );
     assert_eq!(
         table.known(b"c1", b"ftag", b"ttag", false, b"sip:victim@127.0.0.9"),
         Known::WrongTarget
     );
     assert!(!Known::WrongTarget.admits());
+    // The user part and parameters may change (a target refresh); host and port may not.
+    assert_eq!(
+        table.known(
+            b"c1",
+            b"ftag",
+            b"ttag",
+            false,
+            b"sip:other@127.0.0.1:5080;ob"
+        ),
+        Known::Yes(Side::Caller)
+    );
+    assert_eq!(
+        table.known(b"c1", b"ftag", b"ttag", false, b"sip:bob@127.0.0.1:5081"),
+        Known::WrongTarget
+    );
+    table.refresh_target(
+        b"c1",
+        b"ttag",
+        b"ftag",
+        true,
+        Bytes::from_static(b"sip:bob@127.0.0.1:5081"),
+    );
+    assert_eq!(
+        table.known(b"c1", b"ftag", b"ttag", false, b"sip:bob@127.0.0.1:5081"),
+        Known::Yes(Side::Caller)
+    );
     // After the BYE: only a BYE passes, during the linger; then nothing.
     let end = t0().after(Duration::from_secs(9));
     table.on_request(b"c1", b"ftag", b"ttag", true, 2, end);
@@ -306,7 +332,7 @@ fn the_in_dialog_check_admits_the_parties_only() {
     table.on_timer(end.after(Limits::default().linger));
     assert_eq!(
         table.known(b"c1", b"ftag", b"ttag", true, CALLEE.as_bytes()),
-        Known::Unknown
+        Known::Untracked
     );
 }
 

@@ -45,6 +45,7 @@ impl DialogTracker {
     /// becomes early (1xx with a To tag), confirmed (2xx) or ends (a failure, or the 487
     /// after a CANCEL).
     pub fn on_upstream_response(&self, request: &Message, response: &Message, now: Instant) {
+        self.refresh_from_response(request, response);
         if request.method() != Some(&Method::Invite) {
             return;
         }
@@ -77,6 +78,25 @@ impl DialogTracker {
         self.write(cdr);
     }
 
+    /// The 2xx to an in-dialog target refresh carries the answerer's new target.
+    fn refresh_from_response(&self, request: &Message, response: &Message) {
+        if !is_target_refresh(request)
+            || !response.status().is_some_and(|s| (200..300).contains(&s))
+        {
+            return;
+        }
+        let Some((call_id, from_tag, to_tag)) = super::tags(request) else {
+            return;
+        };
+        let mut table = self.table.borrow_mut();
+        if table.is_empty() {
+            return;
+        }
+        if let Some(contact) = first_contact(response) {
+            table.refresh_target(call_id, from_tag, to_tag, false, contact);
+        }
+    }
+
     /// A CANCEL matched the relayed `invite` (§16.10).
     pub fn on_cancel(&self, invite: &Message) {
         let mut table = self.table.borrow_mut();
@@ -94,6 +114,11 @@ impl DialogTracker {
             let mut table = self.table.borrow_mut();
             if table.is_empty() {
                 return;
+            }
+            if is_target_refresh(request) {
+                if let Some(contact) = first_contact(request) {
+                    table.refresh_target(call_id, from_tag, to_tag, true, contact);
+                }
             }
             let is_bye = request.method() == Some(&Method::Bye);
             let cseq = request.cseq().map_or(0, |c| c.seq);
@@ -133,6 +158,11 @@ impl DialogTracker {
             sink.write(&cdr);
         }
     }
+}
+
+/// Whether `request` may change its sender's target (§12.2.1.2: re-INVITE; RFC 3311 UPDATE).
+fn is_target_refresh(request: &Message) -> bool {
+    matches!(request.method(), Some(Method::Invite | Method::Update))
 }
 
 /// Call-ID and From tag of an initial request (no To tag): its dialog's key.

@@ -83,7 +83,8 @@ pub fn settle_managed(lua: &Lua, current: Current, routed: &Routed) {
                 at: Instant::now(),
                 wall: SystemTime::now(),
             };
-            if let Some(cdr) = table.on_invite_response(id, *code, None, None, Vec::new(), None, now)
+            if let Some(cdr) =
+                table.on_invite_response(id, *code, None, None, Vec::new(), None, now)
             {
                 table.defer(cdr);
             }
@@ -145,10 +146,10 @@ pub(super) fn add_methods<M: UserDataMethods<ScriptMsg>>(methods: &mut M) {
     methods.add_method("dlg_known", |lua, m, ()| {
         m.require(&[Role::Request], "dlg_known")?;
         let Some((call_id, from_tag, to_tag)) = crate::dialog::tags(&m.msg) else {
-            return Ok(false);
+            return Ok((false, Some("not_in_dialog")));
         };
         let Some(uri) = m.msg.request_uri_bytes() else {
-            return Ok(false);
+            return Ok((false, Some("not_in_dialog")));
         };
         let is_bye = m.msg.method() == Some(&Method::Bye);
         let dialogs = dialogs(lua);
@@ -164,7 +165,10 @@ pub(super) fn add_methods<M: UserDataMethods<ScriptMsg>>(methods: &mut M) {
                 managed: false,
             };
         }
-        Ok(known.admits())
+        Ok(match known.admits() {
+            true => (true, None),
+            false => (false, Some(known.as_str())),
+        })
     });
 }
 
@@ -177,14 +181,13 @@ impl UserData for Vars {
             let id = current(lua, "sip.dlg.vars")?;
             let dialogs = dialogs(lua);
             let table = dialogs.table.borrow();
-            Ok(table
-                .get(id)
-                .and_then(|d| d.var(&name))
-                .map(str::to_owned))
+            Ok(table.get(id).and_then(|d| d.var(&name)).map(str::to_owned))
         });
         methods.add_meta_method(
             MetaMethod::NewIndex,
-            |lua, _, (name, value): (String, Value)| set_var(lua, "sip.dlg.vars", &name, value, false),
+            |lua, _, (name, value): (String, Value)| {
+                set_var(lua, "sip.dlg.vars", &name, value, false)
+            },
         );
     }
 }
@@ -214,20 +217,18 @@ pub(super) fn install(lua: &Lua, sip: &Table) -> mlua::Result<()> {
     let dlg = lua.create_table()?;
     dlg.set(
         "profile_add",
-        lua.create_function(
-            |lua, (name, value, limit): (String, String, Option<u32>)| {
-                let id = current(lua, "sip.dlg.profile_add")?;
-                let joined = dialogs(lua)
-                    .table
-                    .borrow_mut()
-                    .join_profile(id, &name, &value, limit);
-                match joined {
-                    Ok(()) => Ok(true),
-                    Err(Refusal::ProfileFull { .. }) => Ok(false),
-                    Err(e) => Err(runtime(format!("sip.dlg.profile_add: {}", e.as_str()))),
-                }
-            },
-        )?,
+        lua.create_function(|lua, (name, value, limit): (String, String, Option<u32>)| {
+            let id = current(lua, "sip.dlg.profile_add")?;
+            let joined = dialogs(lua)
+                .table
+                .borrow_mut()
+                .join_profile(id, &name, &value, limit);
+            match joined {
+                Ok(()) => Ok(true),
+                Err(Refusal::ProfileFull { .. }) => Ok(false),
+                Err(e) => Err(runtime(format!("sip.dlg.profile_add: {}", e.as_str()))),
+            }
+        })?,
     )?;
     dlg.set(
         "profile_count",
