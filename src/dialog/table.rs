@@ -996,7 +996,7 @@ fn byes_of(dialog: &Dialog) -> Vec<Bye> {
 fn host_of<'a>(uri: &crate::sip::SipUri<'a>) -> crate::sip::Host<'a> {
     uri.maddr()
         .and_then(|m| crate::sip::Host::parse(m).ok())
-        .unwrap_or_else(|| uri.host.clone())
+        .unwrap_or(uri.host)
 }
 
 /// Whether `request_uri` reaches the party whose target is `target`: same host (or `maddr`)
