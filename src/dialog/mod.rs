@@ -8,12 +8,14 @@
 //! - `profiles`: counts of live dialogs per (profile, value), shared by every loop, for
 //!   concurrent-call limits per user, trunk or tenant.
 //! - `cdr`: the record of an ended dialog, as a JSON line, and the rotated file it goes to.
+//! - `metrics`: calls by state, created, ended by reason, refused, profile sizes.
 //! - `tracker`: what the relay calls: relayed messages in, CDRs out to the sink.
 //!
 //! The messages themselves are read by [`new_dialog`] and [`tags`], so the table needs no
 //! codec.
 
 pub mod cdr;
+pub mod metrics;
 pub mod profiles;
 pub mod table;
 pub mod tracker;
@@ -22,6 +24,7 @@ pub mod tracker;
 mod tests;
 
 pub use cdr::{Cdr, CdrFile, CdrSink, EndReason};
+pub use metrics::DialogMetrics;
 pub use profiles::{Membership, Profiles};
 pub use table::{
     Bye, Dialog, DialogId, DialogTable, Expired, Known, Limits, NewDialog, Refusal, Side, Stamp,

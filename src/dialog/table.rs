@@ -34,6 +34,7 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 
 use super::cdr::{Cdr, EndReason};
+use super::metrics::DialogMetrics;
 use super::profiles::{JoinError, Membership, Profiles};
 use crate::sip::Uri;
 use crate::transport::TransportKind;
@@ -434,6 +435,22 @@ pub struct DialogTable {
     counters: Counters,
     /// CDRs of dialogs ended where no caller takes them (see [`DialogTable::defer`]).
     deferred: Vec<Cdr>,
+    /// Shared by every loop's table.
+    metrics: Arc<DialogMetrics>,
+}
+
+impl Drop for DialogTable {
+    /// A loop stopping takes its calls out of the shared gauges (its profile memberships
+    /// leave by themselves).
+    fn drop(&mut self) {
+        for dialog in self.dialogs.values() {
+            match dialog.state {
+                State::Early => self.metrics.early.add(-1.0),
+                State::Confirmed => self.metrics.confirmed.add(-1.0),
+                State::Terminated => {}
+            }
+        }
+    }
 }
 
 impl DialogTable {
@@ -448,7 +465,14 @@ impl DialogTable {
             memory: 0,
             counters: Counters::default(),
             deferred: Vec::new(),
+            metrics: DialogMetrics::detached(),
         }
+    }
+
+    /// Counts into `metrics` (the server's, see `dialog::metrics`).
+    pub fn with_metrics(mut self, metrics: Arc<DialogMetrics>) -> DialogTable {
+        self.metrics = metrics;
+        self
     }
 
     /// Keeps `cdr` for the shell to take with [`DialogTable::take_deferred`] (a call ended
@@ -569,15 +593,19 @@ impl DialogTable {
         let size = dialog.footprint();
         if self.dialogs.len() >= self.limits.max_dialogs {
             self.counters.refused += 1;
+            self.metrics.refused.inc();
             return Err(Refusal::TooMany);
         }
         if self.memory + size > self.limits.memory_budget {
             self.counters.refused += 1;
+            self.metrics.refused.inc();
             return Err(Refusal::OutOfMemory);
         }
         self.next_id += 1;
         self.memory += size;
         self.counters.created += 1;
+        self.metrics.created.inc();
+        self.metrics.early.add(1.0);
         self.timers
             .push(Reverse((dialog.deadline(&self.limits), id)));
         self.index
@@ -743,6 +771,8 @@ impl DialogTable {
                     return None;
                 };
                 dialog.state = State::Confirmed;
+                self.metrics.early.add(-1.0);
+                self.metrics.confirmed.add(1.0);
                 dialog.to_tag = Some(Bytes::copy_from_slice(tag));
                 dialog.fork_tags.retain(|t| t != tag);
                 dialog.callee.contact = contact;
@@ -942,6 +972,12 @@ impl DialogTable {
         let dialog = &self.dialogs[&id];
         let reason = dialog.end_reason.unwrap_or(EndReason::Timeout);
         self.counters.ended[reason.index()] += 1;
+        self.metrics.ended[reason.index()].inc();
+        // Confirmed is the state with an answer: what the dialog was until now.
+        match dialog.answered {
+            Some(_) => self.metrics.confirmed.add(-1.0),
+            None => self.metrics.early.add(-1.0),
+        }
         Cdr::of(dialog)
     }
 

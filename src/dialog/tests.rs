@@ -454,3 +454,54 @@ fn an_invite_is_read_into_a_new_dialog() {
     let message = crate::sip::Message::parse(Bytes::from(without_tag)).unwrap();
     assert!(new_dialog(&message, &meta).is_none());
 }
+
+#[test]
+fn metrics_count_calls_by_state_and_reason_and_profiles_without_their_values() {
+    let registry = crate::metrics::Registry::new();
+    let profiles = Profiles::new();
+    let metrics = DialogMetrics::register(&registry, &profiles);
+    let mut table =
+        DialogTable::new(Limits::default(), Arc::clone(&profiles)).with_metrics(metrics);
+    let up = established(&mut table, "up");
+    table.join_profile(up, "caller", "alice", None).unwrap();
+    let ringing = table.manage(invite("ringing"), t0()).unwrap();
+    table.join_profile(ringing, "caller", "bob", None).unwrap();
+    let done = established(&mut table, "done");
+    table.on_request(b"done", b"ttag", b"ftag", true, 1, t0());
+    let text = registry.render();
+    for line in [
+        "moonroute_dialogs{state=\"early\"} 1",
+        "moonroute_dialogs{state=\"confirmed\"} 1",
+        "moonroute_dialogs_created_total 3",
+        "moonroute_dialogs_ended_total{reason=\"callee_bye\"} 1",
+        "moonroute_dialog_profile_calls{profile=\"caller\"} 2",
+        "moonroute_dialog_profile_values{profile=\"caller\"} 2",
+    ] {
+        assert!(text.contains(line), "{line} in\n{text}");
+    }
+    assert!(!text.contains("alice"), "values are not labels");
+    let _ = done;
+    drop(table);
+    let text = registry.render();
+    assert!(
+        text.contains("moonroute_dialogs{state=\"early\"} 0"),
+        "{text}"
+    );
+    assert!(
+        text.contains("moonroute_dialogs{state=\"confirmed\"} 0"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_typical_call_holds_well_under_a_kibibyte() {
+    let mut table = table();
+    let id = established(&mut table, "a84b4c76e66710@pc33.example.com");
+    table
+        .join_profile(id, "caller", "sip:alice@example.com", Some(2))
+        .unwrap();
+    table.set_var(id, "tenant", "acme", true).unwrap();
+    let footprint = table.get(id).unwrap().footprint();
+    assert_eq!(table.memory(), footprint);
+    assert!(footprint < 1024, "{footprint} bytes");
+}

@@ -83,14 +83,14 @@ struct DialogSetup {
     limits: crate::dialog::Limits,
     profiles: Arc<crate::dialog::Profiles>,
     cdr: Option<Arc<crate::dialog::CdrSink>>,
+    metrics: Arc<crate::dialog::DialogMetrics>,
 }
 
 impl DialogSetup {
     fn tracker(&self, router: &mut dyn Router) -> crate::dialog::DialogTracker {
-        let table = std::rc::Rc::new(std::cell::RefCell::new(crate::dialog::DialogTable::new(
-            self.limits,
-            Arc::clone(&self.profiles),
-        )));
+        let table = crate::dialog::DialogTable::new(self.limits, Arc::clone(&self.profiles))
+            .with_metrics(Arc::clone(&self.metrics));
+        let table = std::rc::Rc::new(std::cell::RefCell::new(table));
         router.attach_dialogs(std::rc::Rc::clone(&table));
         crate::dialog::DialogTracker::new(table, self.cdr.clone())
     }
@@ -139,6 +139,7 @@ impl CoreFactory {
                 limits: config.dialog.limits(),
                 profiles: crate::dialog::Profiles::new(),
                 cdr: crate::dialog::CdrSink::from_config(config),
+                metrics: crate::dialog::DialogMetrics::detached(),
             },
         }
     }
@@ -146,6 +147,8 @@ impl CoreFactory {
     /// Counts into `metrics` (the server's registry, see `metrics::engine`): the loops and
     /// the transport shell. Without it the counts go to a registry nobody serves.
     pub fn with_metrics(mut self, metrics: Arc<EngineMetrics>) -> CoreFactory {
+        self.dialogs.metrics =
+            crate::dialog::DialogMetrics::register(metrics.registry(), &self.dialogs.profiles);
         self.metrics = metrics;
         self
     }
