@@ -8,6 +8,7 @@
 //! - `profiles`: counts of live dialogs per (profile, value), shared by every loop, for
 //!   concurrent-call limits per user, trunk or tenant.
 //! - `cdr`: the record of an ended dialog, as a JSON line, and the rotated file it goes to.
+//! - `directory`: the summaries of every loop's calls, for `moonroute ctl dlg`.
 //! - `metrics`: calls by state, created, ended by reason, refused, profile sizes.
 //! - `tracker`: what the relay calls: relayed messages in, CDRs out to the sink.
 //!
@@ -15,6 +16,7 @@
 //! codec.
 
 pub mod cdr;
+pub mod directory;
 pub mod metrics;
 pub mod profiles;
 pub mod table;
@@ -24,6 +26,7 @@ pub mod tracker;
 mod tests;
 
 pub use cdr::{Cdr, CdrFile, CdrSink, EndReason};
+pub use directory::{Directory, Summary};
 pub use metrics::DialogMetrics;
 pub use profiles::{Membership, Profiles};
 pub use table::{

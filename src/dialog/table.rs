@@ -34,6 +34,7 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 
 use super::cdr::{Cdr, EndReason};
+use super::directory::Directory;
 use super::metrics::DialogMetrics;
 use super::profiles::{JoinError, Membership, Profiles};
 use crate::sip::Uri;
@@ -437,12 +438,19 @@ pub struct DialogTable {
     deferred: Vec<Cdr>,
     /// Shared by every loop's table.
     metrics: Arc<DialogMetrics>,
+    /// Where `ctl dlg` reads this loop's calls, and the loop's index there.
+    directory: Option<(Arc<Directory>, usize)>,
 }
 
 impl Drop for DialogTable {
     /// A loop stopping takes its calls out of the shared gauges (its profile memberships
     /// leave by themselves).
     fn drop(&mut self) {
+        if let Some((directory, loop_index)) = &self.directory {
+            for id in self.dialogs.keys() {
+                directory.remove(*loop_index, *id);
+            }
+        }
         for dialog in self.dialogs.values() {
             match dialog.state {
                 State::Early => self.metrics.early.add(-1.0),
@@ -466,6 +474,21 @@ impl DialogTable {
             counters: Counters::default(),
             deferred: Vec::new(),
             metrics: DialogMetrics::detached(),
+            directory: None,
+        }
+    }
+
+    /// Publishes this loop's calls (index `loop_index`) in `directory` for `ctl dlg`.
+    pub fn with_directory(mut self, directory: Arc<Directory>, loop_index: usize) -> DialogTable {
+        self.directory = Some((directory, loop_index));
+        self
+    }
+
+    fn publish(&self, id: DialogId) {
+        if let (Some((directory, loop_index)), Some(dialog)) =
+            (&self.directory, self.dialogs.get(&id))
+        {
+            directory.publish(*loop_index, dialog);
         }
     }
 
@@ -613,6 +636,7 @@ impl DialogTable {
             .or_default()
             .push(id);
         self.dialogs.insert(id, dialog);
+        self.publish(id);
         Ok(id)
     }
 
@@ -759,6 +783,7 @@ impl DialogTable {
         let dialog = self.dialogs.get_mut(&id)?;
         let before = dialog.footprint();
         let mut ended = false;
+        let mut answered = false;
         match (dialog.state, status) {
             (State::Early, 101..=199) => {
                 if let Some(tag) = to_tag {
@@ -773,6 +798,7 @@ impl DialogTable {
                 dialog.state = State::Confirmed;
                 self.metrics.early.add(-1.0);
                 self.metrics.confirmed.add(1.0);
+                answered = true;
                 dialog.to_tag = Some(Bytes::copy_from_slice(tag));
                 dialog.fork_tags.retain(|t| t != tag);
                 dialog.callee.contact = contact;
@@ -803,6 +829,9 @@ impl DialogTable {
         }
         let after = dialog.footprint();
         self.memory = (self.memory + after).saturating_sub(before);
+        if answered {
+            self.publish(id);
+        }
         if ended {
             Some(self.ended(id))
         } else {
@@ -969,6 +998,7 @@ impl DialogTable {
     }
 
     fn ended(&mut self, id: DialogId) -> Cdr {
+        self.publish(id);
         let dialog = &self.dialogs[&id];
         let reason = dialog.end_reason.unwrap_or(EndReason::Timeout);
         self.counters.ended[reason.index()] += 1;
@@ -983,6 +1013,9 @@ impl DialogTable {
 
     fn remove(&mut self, id: DialogId) {
         if let Some(dialog) = self.dialogs.remove(&id) {
+            if let Some((directory, loop_index)) = &self.directory {
+                directory.remove(*loop_index, id);
+            }
             self.memory = self.memory.saturating_sub(dialog.footprint());
             if let Some(ids) = self.index.get_mut(&dialog.call_id) {
                 ids.retain(|other| *other != id);

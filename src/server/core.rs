@@ -84,12 +84,14 @@ struct DialogSetup {
     profiles: Arc<crate::dialog::Profiles>,
     cdr: Option<Arc<crate::dialog::CdrSink>>,
     metrics: Arc<crate::dialog::DialogMetrics>,
+    directory: Arc<crate::dialog::Directory>,
 }
 
 impl DialogSetup {
-    fn tracker(&self, router: &mut dyn Router) -> crate::dialog::DialogTracker {
+    fn tracker(&self, index: usize, router: &mut dyn Router) -> crate::dialog::DialogTracker {
         let table = crate::dialog::DialogTable::new(self.limits, Arc::clone(&self.profiles))
-            .with_metrics(Arc::clone(&self.metrics));
+            .with_metrics(Arc::clone(&self.metrics))
+            .with_directory(Arc::clone(&self.directory), index);
         let table = std::rc::Rc::new(std::cell::RefCell::new(table));
         router.attach_dialogs(std::rc::Rc::clone(&table));
         crate::dialog::DialogTracker::new(table, self.cdr.clone())
@@ -140,6 +142,7 @@ impl CoreFactory {
                 profiles: crate::dialog::Profiles::new(),
                 cdr: crate::dialog::CdrSink::from_config(config),
                 metrics: crate::dialog::DialogMetrics::detached(),
+                directory: crate::dialog::Directory::new(),
             },
         }
     }
@@ -168,6 +171,11 @@ impl CoreFactory {
         self
     }
 
+    /// The calls every loop tracks, for `moonroute ctl dlg`.
+    pub fn dialog_directory(&self) -> Arc<crate::dialog::Directory> {
+        Arc::clone(&self.dialogs.directory)
+    }
+
     /// Whether the `[proxy]` built-in router is configured to relay anything.
     pub fn relays(&self) -> bool {
         self.builtin_relays
@@ -191,7 +199,7 @@ impl CoreFactory {
             .collect();
         let identity = LocalIdentity::of_listeners(&self.domains, &bound);
         let mut router = (self.router)(index, &identity);
-        let dialogs = self.dialogs.tracker(router.as_mut());
+        let dialogs = self.dialogs.tracker(index, router.as_mut());
         let relay = Relay::new(
             ProxyIdentity::new(identity.clone()).with_signer(self.route_signer.clone()),
             SUPPORTED.to_vec(),
