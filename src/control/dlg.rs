@@ -161,24 +161,11 @@ fn clean(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dialog::{DialogTable, Limits, NewDialog, Profiles, Stamp};
-    use crate::transport::TransportKind;
+    use crate::dialog::tests::invite;
+    use crate::dialog::{DialogTable, Limits, Profiles, Stamp};
     use bytes::Bytes;
+    use std::sync::Arc;
     use std::time::{Duration, Instant};
-
-    fn invite(call_id: &str) -> NewDialog {
-        NewDialog {
-            call_id: Bytes::copy_from_slice(call_id.as_bytes()),
-            from_uri: Bytes::from_static(b"sip:alice@example.com"),
-            from_tag: Bytes::from_static(b"ft"),
-            to_uri: Bytes::from_static(b"sip:bob@example.com"),
-            caller_contact: Some(Bytes::from_static(b"sip:alice@192.0.2.4")),
-            caller_cseq: 1,
-            source: "192.0.2.4:5060".parse().unwrap(),
-            transport: TransportKind::Udp,
-            request_uri: Bytes::from_static(b"sip:bob@example.com"),
-        }
-    }
 
     fn args(words: &[&str]) -> Vec<String> {
         words.iter().map(|w| w.to_string()).collect()
@@ -217,8 +204,8 @@ mod tests {
         assert_eq!(
             reply.text,
             "calls: 2 (1 early, 1 confirmed)\n\
-             up  @x confirmed 62s sip:alice@example.com -> sip:bob@example.com from udp:192.0.2.4:5060\n\
-             ringing early 57s sip:alice@example.com -> sip:bob@example.com from udp:192.0.2.4:5060\n"
+             up  @x confirmed 62s sip:alice@example.com -> sip:bob@example.com from udp:127.0.0.1:5070\n\
+             ringing early 57s sip:alice@example.com -> sip:bob@example.com from udp:127.0.0.1:5070\n"
         );
         let reply = command(&args(&["list", "ring"]), &directory, now);
         assert!(
@@ -232,6 +219,7 @@ mod tests {
         for line in [
             "  State: confirmed\n",
             "  To: <sip:bob@example.com>;tag=tt\n",
+            "  From: <sip:alice@example.com>;tag=ftag\n",
             "  Callee: sip:bob@192.0.2.5\n",
             "  Answered: 1700000002.000 (60s ago)\n",
             "  Profiles: caller=alice\n",
@@ -253,6 +241,4 @@ mod tests {
             "early: 0\nconfirmed: 1\n"
         );
     }
-
-    use std::sync::Arc;
 }

@@ -23,7 +23,7 @@ pub mod table;
 pub mod tracker;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 pub use cdr::{Cdr, CdrFile, CdrSink, EndReason};
 pub use directory::{Directory, Summary};

@@ -21,7 +21,8 @@ fn t0() -> Stamp {
     }
 }
 
-fn invite(call_id: &str) -> NewDialog {
+/// The INVITE of alice (127.0.0.1:5070, From tag `ftag`) to bob, as a new dialog.
+pub(crate) fn invite(call_id: &str) -> NewDialog {
     NewDialog {
         call_id: Bytes::copy_from_slice(call_id.as_bytes()),
         from_uri: Bytes::from_static(b"sip:alice@example.com"),
