@@ -13,9 +13,11 @@ mod common;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Instant;
 
 use common::ua::{Dialog, TestUa};
 use moonroute::config::{Config, LocationBackend};
+use moonroute::script::kv::KvValue;
 use moonroute::script::ScriptHost;
 use moonroute::server::core::CoreFactory;
 use moonroute::server::{Server, ServerHandle};
@@ -265,6 +267,12 @@ function on_request(req)
   end
   return req:t_relay()
 end
+
+-- A custom sink: what ended, in sip.kv.
+function on_dialog_end(dlg)
+  sip.kv.set("ended:" .. dlg.call_id, table.concat({dlg.reason, dlg.status, dlg.hangup or "-",
+    dlg.extra.calls_before or "-", dlg.answer and "answered" or "unanswered"}, " "))
+end
 "#;
 
 #[tokio::test]
@@ -279,10 +287,24 @@ async fn a_per_user_limit_of_two_refuses_the_third_call_and_admits_it_after_a_ha
 
     let (mut first, _) = answered_call(&mut alice, &mut bob, &bob_uri).await;
     let (_second, _) = answered_call(&mut alice, &mut bob, &bob_uri).await;
-    alice.invite(&bob_uri).await;
+    let third = alice.invite(&bob_uri).await;
     alice.expect_final(486).await;
     hang_up(&mut alice, &mut first, &mut bob).await;
     let (_fourth, _) = answered_call(&mut alice, &mut bob, &bob_uri).await;
+
+    // The script's on_dialog_end saw both ends.
+    let ended = |call_id: &str| match proxy
+        .host
+        .services()
+        .kv
+        .get(&format!("ended:{call_id}"), Instant::now())
+    {
+        Some(KvValue::Str(text)) => text,
+        other => panic!("on_dialog_end did not record {call_id}: {other:?}"),
+    };
+    let third_id = String::from_utf8_lossy(third.call_id().unwrap()).into_owned();
+    assert_eq!(ended(&third_id), "failed 486 - - unanswered");
+    assert_eq!(ended(&first.call_id), "caller_bye 200 caller 0 answered");
 
     let lines = cdrs(&proxy);
     assert_eq!(

@@ -75,7 +75,7 @@ impl DialogTracker {
                 stamp(now),
             )
         };
-        self.write(cdr);
+        self.defer(cdr);
     }
 
     /// The 2xx to an in-dialog target refresh carries the answerer's new target.
@@ -124,7 +124,7 @@ impl DialogTracker {
             let cseq = request.cseq().map_or(0, |c| c.seq);
             table.on_request(call_id, from_tag, to_tag, is_bye, cseq, stamp(now))
         };
-        self.write(cdr);
+        self.defer(cdr);
     }
 
     pub fn next_deadline(&self) -> Option<Instant> {
@@ -139,23 +139,29 @@ impl DialogTracker {
             if !ended.byes.is_empty() {
                 info!(call_id = %ended.cdr.call_id, reason = ended.cdr.reason.as_str(), "dialog ended by the proxy");
             }
-            self.write(Some(ended.cdr));
+            self.defer(Some(ended.cdr));
             byes.extend(ended.byes);
         }
         byes
     }
 
-    /// Writes the CDRs the router's decisions ended (see [`DialogTable::defer`]).
-    pub fn flush(&self) {
-        let deferred = self.table.borrow_mut().take_deferred();
-        for cdr in deferred {
-            self.write(Some(cdr));
+    /// The records of the calls ended since the last call, by the relay's events or by the
+    /// router's decisions (see [`DialogTable::defer`]): the relay gives each to the router's
+    /// `on_dialog_end`, then to [`DialogTracker::write`]. Empty (and no allocation) when none.
+    pub fn take_ended(&self) -> Vec<Cdr> {
+        self.table.borrow_mut().take_deferred()
+    }
+
+    /// Appends `cdr` to the CDR file (when `[dialog] cdr` is on).
+    pub fn write(&self, cdr: &Cdr) {
+        if let Some(sink) = &self.sink {
+            sink.write(cdr);
         }
     }
 
-    fn write(&self, cdr: Option<Cdr>) {
-        if let (Some(cdr), Some(sink)) = (cdr, &self.sink) {
-            sink.write(&cdr);
+    fn defer(&self, cdr: Option<Cdr>) {
+        if let Some(cdr) = cdr {
+            self.table.borrow_mut().defer(cdr);
         }
     }
 }

@@ -459,6 +459,7 @@ impl Relay {
         };
         if let Some(dialogs) = &self.dialogs {
             dialogs.on_relayed_request(&request, now);
+            self.dialogs_after_router();
         }
         let targets = match targets.is_empty() {
             false => targets,
@@ -989,14 +990,20 @@ impl Relay {
                 // in the CDR only, and said so.
                 warn!(call_id = %String::from_utf8_lossy(&bye.call_id), party = bye.to_side.as_str(), "dialog max duration reached: BYE not sent (not implemented yet)");
             }
+            self.dialogs_after_router();
         }
     }
 
-    /// Writes the CDRs of calls the router's decision ended (a dialog managed, then answered
-    /// by the script itself).
-    fn dialogs_after_router(&self) {
-        if let Some(dialogs) = &self.dialogs {
-            dialogs.flush();
+    /// Hands the records of the calls that just ended (by the relay's events, or by the
+    /// router's decision: a dialog managed, then answered by the script itself) to the router's
+    /// `on_dialog_end` and to the CDR file.
+    fn dialogs_after_router(&mut self) {
+        let Some(dialogs) = &self.dialogs else {
+            return;
+        };
+        for cdr in dialogs.take_ended() {
+            self.router.on_dialog_end(&cdr);
+            dialogs.write(&cdr);
         }
     }
 
@@ -1038,6 +1045,7 @@ impl Relay {
                 | ContextAction::FinalUpstream(response) => {
                     if let (Some(dialogs), Some(call)) = (&self.dialogs, self.calls.get(&server)) {
                         dialogs.on_upstream_response(&call.request, &response, now);
+                        self.dialogs_after_router();
                     }
                     let status = response.status().unwrap_or(500);
                     layer.respond(server, status, response.to_bytes(), now, out);

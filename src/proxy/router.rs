@@ -185,6 +185,10 @@ pub trait Router {
     /// dialogs ignore it.
     fn attach_dialogs(&mut self, _dialogs: crate::dialog::SharedTable) {}
 
+    /// A tracked call ended; `cdr` is its record (the script's `on_dialog_end`), written to
+    /// the CDR file as well.
+    fn on_dialog_end(&mut self, _cdr: &crate::dialog::Cdr) {}
+
     /// Continues a [`Decision::Resolve`] with the DNS answer; `request` is the one given to
     /// [`Router::route`] (the router gives back its edited copy). The handle of the result
     /// replaces `handle`, which the router has released if the result carries none.

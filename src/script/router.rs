@@ -58,12 +58,18 @@ pub struct ScriptHost {
 }
 
 /// The hooks whose calls are counted and timed, in [`HookMetrics`] order.
-const HOOKS: [&str; 4] = ["on_request", "on_reply", "on_failure", "on_branch"];
+const HOOKS: [&str; 5] = [
+    "on_request",
+    "on_reply",
+    "on_failure",
+    "on_branch",
+    "on_dialog_end",
+];
 
 /// `moonroute_script_hook_calls_total{hook}`, `..._errors_total{hook}` and
 /// `moonroute_script_hook_duration_seconds{hook}`, resolved once per hook so a call costs
 /// three relaxed atomic updates and two clock reads.
-pub(crate) struct HookMetrics([HookCells; 4]);
+pub(crate) struct HookMetrics([HookCells; HOOKS.len()]);
 
 /// The metric handles of one hook.
 pub(crate) struct HookCells {
@@ -717,6 +723,26 @@ impl Router for ScriptRouter {
                 }, _],
             ) => FailureDecision::Targets(targets),
             _ => FailureDecision::SendBest,
+        }
+    }
+
+    fn on_dialog_end(&mut self, cdr: &crate::dialog::Cdr) {
+        let Some(engine) = self.current_engine() else {
+            return;
+        };
+        let Some(hook) = engine.hooks().on_dialog_end.clone() else {
+            return;
+        };
+        let started = Instant::now();
+        let result = dialog_api::cdr_table(engine.lua(), cdr)
+            .map_err(|e| ScriptError(e.to_string()))
+            .and_then(|dlg| engine.call(&hook, dlg));
+        self.host
+            .hook_metrics
+            .of("on_dialog_end")
+            .record(started, result.is_err(), true);
+        if let Err(e) = result {
+            error!(call_id = %cdr.call_id, error = %e, "on_dialog_end failed");
         }
     }
 

@@ -213,6 +213,39 @@ fn set_var(lua: &Lua, primitive: &str, name: &str, value: Value, acc: bool) -> m
         .map_err(|e| runtime(format!("{primitive}: {name}: {}", e.as_str())))
 }
 
+/// The `dlg` given to `on_dialog_end(dlg)`: the CDR's fields (times as Unix seconds, `answer`
+/// and `hangup` nil for an unanswered call, `extra` a table).
+pub fn cdr_table(lua: &Lua, cdr: &crate::dialog::Cdr) -> mlua::Result<Table> {
+    let seconds = |t: SystemTime| {
+        t.duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64()
+    };
+    let dlg = lua.create_table()?;
+    dlg.set("call_id", cdr.call_id.as_str())?;
+    dlg.set("from_uri", cdr.from_uri.as_str())?;
+    dlg.set("from_tag", cdr.from_tag.as_str())?;
+    dlg.set("to_uri", cdr.to_uri.as_str())?;
+    dlg.set("to_tag", cdr.to_tag.as_deref())?;
+    dlg.set("src", cdr.src.as_str())?;
+    dlg.set("ruri", cdr.ruri.as_str())?;
+    dlg.set("dst", cdr.dst.as_deref())?;
+    dlg.set("start", seconds(cdr.start))?;
+    dlg.set("answer", cdr.answer.map(seconds))?;
+    dlg.set("end", seconds(cdr.end))?;
+    dlg.set("duration", cdr.duration())?;
+    dlg.set("setup", cdr.setup())?;
+    dlg.set("status", cdr.status)?;
+    dlg.set("reason", cdr.reason.as_str())?;
+    dlg.set("hangup", cdr.answered().then(|| cdr.reason.hangup()))?;
+    let extra = lua.create_table()?;
+    for (name, value) in &cdr.extra {
+        extra.set(name.as_str(), value.as_str())?;
+    }
+    dlg.set("extra", extra)?;
+    Ok(dlg)
+}
+
 pub(super) fn install(lua: &Lua, sip: &Table) -> mlua::Result<()> {
     let dlg = lua.create_table()?;
     dlg.set(
