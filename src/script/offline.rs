@@ -72,6 +72,7 @@ pub fn check(path: &Path) -> Result<String, ScriptError> {
         ("on_reply", hooks.on_reply.is_some()),
         ("on_failure", hooks.on_failure.is_some()),
         ("on_branch", hooks.on_branch.is_some()),
+        ("on_dialog_end", hooks.on_dialog_end.is_some()),
     ] {
         if present {
             defined.push(name);
