@@ -255,7 +255,7 @@ impl BuiltinRouter {
             // foreign hosts, and a default install must not be a relay).
             return not_implemented();
         }
-        let in_dialog = request.to().is_ok_and(|to| to.tag().is_some());
+        let in_dialog = request.to_tag().is_some();
         if in_dialog {
             return Decision::Relay {
                 targets: Vec::new(),
