@@ -83,7 +83,7 @@ pub struct Dialog {
     /// Most dialogs tracked per event loop; `req:dlg_manage()` returns false past it.
     /// Default: 100000.
     pub max_dialogs: usize,
-    /// Most memory the dialogs of one event loop may hold, in MiB (about 1 KiB per call with
+    /// Most memory the dialogs of one event loop may hold, in MiB (about 2 KiB per call with
     /// a few variables). Default: 256.
     pub memory_mb: usize,
     /// A dialog still up this many seconds after it began is forgotten (its BYE was lost),

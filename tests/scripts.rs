@@ -53,6 +53,8 @@ fn config(script: &Path) -> Config {
     // The durable store has its own tests (tests/registrar.rs); here registrations live in
     // memory, so parallel tests share no data directory.
     config.location.store = LocationBackend::Memory;
+    // No CDR file in the working directory's default data_dir (tests/dialog.rs covers it).
+    config.dialog.cdr = false;
     config
 }
 

@@ -15,6 +15,8 @@ pub struct DialogMetrics {
     pub created: Counter,
     pub refused: Counter,
     pub ended: [Counter; EndReason::COUNT],
+    /// Bytes the tables hold (`[dialog] memory_mb` counts them per loop).
+    pub memory: Gauge,
 }
 
 impl DialogMetrics {
@@ -77,6 +79,10 @@ impl DialogMetrics {
                 "req:dlg_manage() refusals: the dialog table full ([dialog] max_dialogs, memory_mb).",
             ),
             ended: EndReason::ALL.map(|reason| ended.with(&[reason.as_str()])),
+            memory: registry.gauge(
+                "moonroute_dialogs_memory_bytes",
+                "Bytes held by the tracked calls of all event loops, as counted against [dialog] memory_mb.",
+            ),
         })
     }
 

@@ -42,7 +42,8 @@ use crate::sip::Message;
 use crate::transport::Meta;
 
 /// The caller's side of the dialog an initial INVITE would create (what
-/// [`DialogTable::manage`] takes). `None` for a request without From tag (§8.1.1.3), with a
+/// [`DialogTable::manage`] takes). Its fields are copies: a slice shared with the received
+/// packet would keep the whole packet for the dialog's life, unaccounted. `None` for a request without From tag (§8.1.1.3), with a
 /// To tag (not initial, §12.1), or with unreadable From/To/Call-ID/CSeq.
 pub fn new_dialog(invite: &Message, meta: &Meta) -> Option<NewDialog> {
     let from = invite.from().ok()?;
@@ -56,14 +57,14 @@ pub fn new_dialog(invite: &Message, meta: &Meta) -> Option<NewDialog> {
         .next()
         .and_then(Result::ok)
         .and_then(|c| match c {
-            Contact::Addr(addr) => Some(invite.share(addr.uri.raw())),
+            Contact::Addr(addr) => Some(Bytes::copy_from_slice(addr.uri.raw())),
             Contact::Star => None,
         });
     Some(NewDialog {
-        call_id: invite.share(invite.call_id().ok()?),
-        from_uri: invite.share(from.uri.raw()),
-        from_tag: invite.share(from_tag),
-        to_uri: invite.share(to.uri.raw()),
+        call_id: Bytes::copy_from_slice(invite.call_id().ok()?),
+        from_uri: Bytes::copy_from_slice(from.uri.raw()),
+        from_tag: Bytes::copy_from_slice(from_tag),
+        to_uri: Bytes::copy_from_slice(to.uri.raw()),
         caller_contact: contact,
         caller_cseq: invite.cseq().ok()?.seq,
         source: meta.source,

@@ -250,11 +250,24 @@ pub struct Dialog {
 }
 
 impl Dialog {
-    /// Heap and inline bytes this dialog holds: what the memory budget counts.
+    /// Heap and inline bytes this dialog holds: what the memory budget counts. Besides the
+    /// dialog's own fields: its slot in the table (counted twice: a hash map keeps up to as
+    /// much room spare), its `ctl dlg` summary (`directory`, the same strings again), its
+    /// index entry and timer entries.
     pub fn footprint(&self) -> usize {
         let bytes = |b: &Bytes| b.len();
         let opt = |b: &Option<Bytes>| b.as_ref().map_or(0, Bytes::len);
-        std::mem::size_of::<Dialog>()
+        const TIMER_AND_INDEX_ENTRIES: usize = 6 * 32;
+        2 * std::mem::size_of::<Dialog>()
+            + std::mem::size_of::<super::directory::Summary>()
+            + TIMER_AND_INDEX_ENTRIES
+            + bytes(&self.call_id)
+            + bytes(&self.from_uri)
+            + bytes(&self.from_tag)
+            + bytes(&self.to_uri)
+            + opt(&self.to_tag)
+            + opt(&self.callee.contact)
+            + 64
             + bytes(&self.call_id)
             + bytes(&self.from_uri)
             + bytes(&self.from_tag)
@@ -446,6 +459,7 @@ impl Drop for DialogTable {
     /// A loop stopping takes its calls out of the shared gauges (its profile memberships
     /// leave by themselves).
     fn drop(&mut self) {
+        self.metrics.memory.add(-(self.memory as f64));
         if let Some((directory, loop_index)) = &self.directory {
             for id in self.dialogs.keys() {
                 directory.remove(*loop_index, *id);
@@ -625,7 +639,7 @@ impl DialogTable {
             return Err(Refusal::OutOfMemory);
         }
         self.next_id += 1;
-        self.memory += size;
+        account(&mut self.memory, &self.metrics, |held| held + size);
         self.counters.created += 1;
         self.metrics.created.inc();
         self.metrics.early.add(1.0);
@@ -674,7 +688,9 @@ impl DialogTable {
                 acc,
             }),
         }
-        self.memory = (self.memory + grows).saturating_sub(shrinks);
+        account(&mut self.memory, &self.metrics, |held| {
+            (held + grows).saturating_sub(shrinks)
+        });
         Ok(())
     }
 
@@ -702,7 +718,9 @@ impl DialogTable {
             return Err(Refusal::TooLarge);
         }
         let membership = self.profiles.join(name, value, limit)?;
-        self.memory += membership.footprint();
+        account(&mut self.memory, &self.metrics, |held| {
+            held + membership.footprint()
+        });
         dialog.profiles.push(membership);
         Ok(())
     }
@@ -724,7 +742,9 @@ impl DialogTable {
         if let (Some(dialog), Some(contact)) = (self.dialogs.get_mut(&id), contact) {
             let before = dialog.footprint();
             dialog.caller.contact = Some(contact);
-            self.memory = (self.memory + dialog.footprint()).saturating_sub(before);
+            account(&mut self.memory, &self.metrics, |held| {
+                (held + dialog.footprint()).saturating_sub(before)
+            });
         }
     }
 
@@ -754,7 +774,9 @@ impl DialogTable {
             (Side::Callee, true) | (Side::Caller, false) => &mut dialog.callee,
         };
         refreshed.contact = Some(contact);
-        self.memory = (self.memory + dialog.footprint()).saturating_sub(before);
+        account(&mut self.memory, &self.metrics, |held| {
+            (held + dialog.footprint()).saturating_sub(before)
+        });
     }
 
     /// A CANCEL for the INVITE was relayed: its final response ends the call as cancelled.
@@ -828,7 +850,9 @@ impl DialogTable {
             _ => {}
         }
         let after = dialog.footprint();
-        self.memory = (self.memory + after).saturating_sub(before);
+        account(&mut self.memory, &self.metrics, |held| {
+            (held + after).saturating_sub(before)
+        });
         if answered {
             self.publish(id);
         }
@@ -906,7 +930,9 @@ impl DialogTable {
             return None;
         }
         let freed = dialog.terminate(EndReason::Bye(side), now);
-        self.memory = self.memory.saturating_sub(freed);
+        account(&mut self.memory, &self.metrics, |held| {
+            held.saturating_sub(freed)
+        });
         self.timers
             .push(Reverse((dialog.deadline(&self.limits), id)));
         Some(self.ended(id))
@@ -922,7 +948,9 @@ impl DialogTable {
             State::Early => Vec::new(),
         };
         let freed = dialog.terminate(EndReason::Control, now);
-        self.memory = self.memory.saturating_sub(freed);
+        account(&mut self.memory, &self.metrics, |held| {
+            held.saturating_sub(freed)
+        });
         self.timers
             .push(Reverse((dialog.deadline(&self.limits), id)));
         Some(Expired {
@@ -973,7 +1001,9 @@ impl DialogTable {
                 _ => (EndReason::Timeout, Vec::new()),
             };
             let freed = dialog.terminate(reason, now);
-            self.memory = self.memory.saturating_sub(freed);
+            account(&mut self.memory, &self.metrics, |held| {
+                held.saturating_sub(freed)
+            });
             self.timers
                 .push(Reverse((dialog.deadline(&self.limits), id)));
             expired.push(Expired {
@@ -1016,7 +1046,9 @@ impl DialogTable {
             if let Some((directory, loop_index)) = &self.directory {
                 directory.remove(*loop_index, id);
             }
-            self.memory = self.memory.saturating_sub(dialog.footprint());
+            account(&mut self.memory, &self.metrics, |held| {
+                held.saturating_sub(dialog.footprint())
+            });
             if let Some(ids) = self.index.get_mut(&dialog.call_id) {
                 ids.retain(|other| *other != id);
                 if ids.is_empty() {
@@ -1027,6 +1059,13 @@ impl DialogTable {
             crate::memory::shrink_if_sparse(&mut self.index);
         }
     }
+}
+
+/// Sets a table's bytes held to `change(held)`, and the shared gauge by the difference.
+fn account(held: &mut usize, metrics: &DialogMetrics, change: impl FnOnce(usize) -> usize) {
+    let now = change(*held);
+    metrics.memory.add(now as f64 - *held as f64);
+    *held = now;
 }
 
 /// The BYEs that end a confirmed call: to the callee in the caller's name, to the caller in

@@ -63,7 +63,7 @@ impl DialogTracker {
             let record_route = response
                 .values(HeaderName::RecordRoute)
                 .filter_map(Result::ok)
-                .map(|v| response.share(v))
+                .map(Bytes::copy_from_slice)
                 .collect();
             table.on_invite_response(
                 id,
@@ -179,9 +179,10 @@ fn initial_key(request: &Message) -> Option<(&[u8], &[u8])> {
     Some((request.call_id().ok()?, request.from().ok()?.tag()?))
 }
 
+/// A copy of the first Contact URI (not shared with the packet: see [`super::new_dialog`]).
 fn first_contact(message: &Message) -> Option<Bytes> {
     match message.contacts().next()? {
-        Ok(Contact::Addr(addr)) => Some(message.share(addr.uri.raw())),
+        Ok(Contact::Addr(addr)) => Some(Bytes::copy_from_slice(addr.uri.raw())),
         Ok(Contact::Star) => None,
         Err(e) => {
             warn!(error = %e, "unreadable Contact in a dialog's message");
