@@ -89,6 +89,10 @@ pub struct Dialog {
     /// A dialog still up this many seconds after it began is forgotten (its BYE was lost),
     /// without BYEs (Kamailio's `default_timeout`). Default: 43200 (12 h).
     pub lifetime_secs: u64,
+    /// A tracked call is ended with a BYE to both parties this many seconds after its
+    /// answer, unless the script sets its own (`req:dlg_set_timeout`). 0: no limit (the
+    /// default).
+    pub max_duration_secs: u64,
     /// Write a CDR per ended dialog to `<data_dir>/cdr.jsonl`. Default: true.
     pub cdr: bool,
     /// Also a CDR per failed call attempt (CANCEL, 4xx-6xx, no answer). Default: true.
@@ -105,6 +109,7 @@ impl Default for Dialog {
             max_dialogs: 100_000,
             memory_mb: 256,
             lifetime_secs: 43_200,
+            max_duration_secs: 0,
             cdr: true,
             cdr_failed_attempts: true,
             cdr_max_mb: 100,
@@ -133,6 +138,8 @@ impl Dialog {
             max_dialogs: self.max_dialogs,
             memory_budget: self.memory_mb.saturating_mul(1 << 20),
             lifetime: Duration::from_secs(self.lifetime_secs),
+            default_max_duration: (self.max_duration_secs > 0)
+                .then(|| Duration::from_secs(self.max_duration_secs)),
             ..crate::dialog::Limits::default()
         }
     }

@@ -438,7 +438,7 @@ async fn sweep_expired(host: Arc<ScriptHost>) {
 
 /// What `moonroute ctl` can ask, for the error replies.
 const COMMANDS: &str =
-    "reload, status, stats [PREFIX], ul show|rm|add|count, user add|rm|list, dlg list|show|count";
+    "reload, status, stats [PREFIX], ul show|rm|add|count, user add|rm|list, dlg list|show|end|count";
 
 fn control_handler(
     host: Arc<ScriptHost>,

@@ -17,11 +17,16 @@
 //! - `dlg show CALL-ID`: every detail of the calls with that Call-ID, ended ones included; an
 //!   error when there is none.
 //! - `dlg count`: `early: N` and `confirmed: N` lines.
+//! - `dlg end CALL-ID`: ends the confirmed calls with that Call-ID as Kamailio's `dlg.end_dlg`
+//!   does: the loop owning each call (the request is queued to it and wakes it) sends a BYE
+//!   to both parties and writes a CDR with reason `ctl`. One line per call, `CALL-ID: ended:
+//!   BYE sent to caller and callee`, once the BYEs are sent (not answered). An early call is
+//!   left alone (the caller may CANCEL it), said so in an error.
 //!
 //! Control characters in values are shown as spaces, so every field stays on its line.
 
 use std::fmt::Write as _;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::Reply;
 use crate::dialog::{Directory, State, Summary};
@@ -35,11 +40,14 @@ pub fn command(args: &[String], directory: &Directory, now: SystemTime) -> Reply
         ["list"] => list(directory, None, now),
         ["list", filter] => list(directory, Some(filter), now),
         ["show", call_id] => show(directory, call_id, now),
+        ["end", call_id] => end(directory, call_id),
         ["count"] => {
             let (early, confirmed) = counts(&directory.list());
             Reply::ok(format!("early: {early}\nconfirmed: {confirmed}\n"))
         }
-        _ => Reply::error("usage: dlg list [FILTER] | dlg show CALL-ID | dlg count"),
+        _ => Reply::error(
+            "usage: dlg list [FILTER] | dlg show CALL-ID | dlg end CALL-ID | dlg count",
+        ),
     }
 }
 
@@ -86,6 +94,42 @@ fn list(directory: &Directory, filter: Option<&str>, now: SystemTime) -> Reply {
         );
     }
     Reply::ok(out)
+}
+
+/// How long `dlg end` waits for a loop to send its BYEs: a loop answers at its next wake-up,
+/// in milliseconds even under load; a stuck one is reported, not waited for.
+const END_WAIT: Duration = Duration::from_secs(5);
+
+fn end(directory: &Directory, call_id: &str) -> Reply {
+    let calls: Vec<Summary> = directory
+        .list()
+        .into_iter()
+        .filter(|c| c.call_id == call_id && c.state != State::Terminated)
+        .collect();
+    if calls.is_empty() {
+        return Reply::error(format!("no live call with Call-ID {call_id:?} is tracked"));
+    }
+    let mut out = String::new();
+    let mut failed = false;
+    for call in &calls {
+        let answer = directory.request_end(call).map_err(str::to_owned).and_then(|answer| {
+            answer
+                .recv_timeout(END_WAIT)
+                .unwrap_or_else(|_| Err("its event loop did not answer in 5 s".to_owned()))
+        });
+        let line = match answer {
+            Ok(done) => done,
+            Err(why) => {
+                failed = true;
+                format!("not ended: {why}")
+            }
+        };
+        let _ = writeln!(out, "{}: {line}", clean(&call.call_id));
+    }
+    match failed {
+        true => Reply::error(out.trim_end().to_owned()),
+        false => Reply::ok(out),
+    }
 }
 
 fn show(directory: &Directory, call_id: &str, now: SystemTime) -> Reply {

@@ -10,11 +10,13 @@
 //! - `cdr`: the record of an ended dialog, as a JSON line, and the rotated file it goes to.
 //! - `directory`: the summaries of every loop's calls, for `moonroute ctl dlg`.
 //! - `metrics`: calls by state, created, ended by reason, refused, profile sizes.
-//! - `tracker`: what the relay calls: relayed messages in, CDRs out to the sink.
+//! - `bye`: the BYEs the proxy sends to end a call (max duration, `ctl dlg end`).
+//! - `tracker`: what the relay calls: relayed messages in, CDRs and BYEs out.
 //!
 //! The messages themselves are read by [`new_dialog`] and [`tags`], so the table needs no
 //! codec.
 
+pub mod bye;
 pub mod cdr;
 pub mod directory;
 pub mod metrics;
@@ -69,6 +71,7 @@ pub fn new_dialog(invite: &Message, meta: &Meta) -> Option<NewDialog> {
         caller_cseq: invite.cseq().ok()?.seq,
         source: meta.source,
         transport: meta.kind,
+        conn: meta.conn,
         request_uri: Bytes::copy_from_slice(invite.request_uri_bytes()?),
     })
 }

@@ -38,7 +38,7 @@ use super::directory::Directory;
 use super::metrics::DialogMetrics;
 use super::profiles::{JoinError, Membership, Profiles};
 use crate::sip::Uri;
-use crate::transport::TransportKind;
+use crate::transport::{ConnectionId, Destination, TransportKind};
 
 /// The monotonic instant (deadlines) and the wall-clock time (CDRs) of an event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -150,6 +150,8 @@ pub struct NewDialog {
     /// Where the INVITE came from (the CDR's caller source; BYEs to the caller go there).
     pub source: SocketAddr,
     pub transport: TransportKind,
+    /// The stream connection the INVITE came on (a BYE to the caller goes back on it).
+    pub conn: Option<ConnectionId>,
     /// The Request-URI the INVITE arrived with.
     pub request_uri: Bytes,
 }
@@ -232,9 +234,13 @@ pub struct Dialog {
     pub callee: Party,
     pub caller_source: SocketAddr,
     pub caller_transport: TransportKind,
+    pub caller_conn: Option<ConnectionId>,
     pub request_uri: Bytes,
     /// Where the answered branch was sent (the CDR's callee target).
     pub callee_target: Option<Bytes>,
+    /// The transport address the answered branch was sent to: the next hop toward the
+    /// callee, where a proxy-made BYE to it goes.
+    pub callee_hop: Option<Destination>,
     /// The 2xx's Record-Route values, top first (§12.1.2).
     pub route_set: Vec<Bytes>,
     pub created: Stamp,
@@ -415,8 +421,10 @@ pub struct Bye {
     /// The dialog's full route set (top first, ours among them): the sender keeps the part on
     /// the receiving party's side of this proxy.
     pub route_set: Vec<Bytes>,
-    /// For the caller: where its INVITE came from (reaches it behind a NAT).
-    pub destination: Option<(TransportKind, SocketAddr)>,
+    /// Where to send it: for the caller, where its INVITE came from (on the same connection
+    /// for streams: reaches it behind a NAT); for the callee, where the answered branch went.
+    /// `None` when that is unknown (the BYE is not sent).
+    pub destination: Option<Destination>,
 }
 
 /// A dialog ended by the clock.
@@ -503,6 +511,14 @@ impl DialogTable {
             (&self.directory, self.dialogs.get(&id))
         {
             directory.publish(*loop_index, dialog);
+        }
+    }
+
+    /// `ctl dlg end` requests for this loop's calls (see `directory`).
+    pub fn take_end_requests(&self) -> Vec<super::directory::EndRequest> {
+        match &self.directory {
+            Some((directory, loop_index)) => directory.take_end_requests(*loop_index),
+            None => Vec::new(),
         }
     }
 
@@ -614,8 +630,10 @@ impl DialogTable {
             callee: Party::default(),
             caller_source: new.source,
             caller_transport: new.transport,
+            caller_conn: new.conn,
             request_uri: new.request_uri,
             callee_target: None,
+            callee_hop: None,
             route_set: Vec::new(),
             created: now,
             answered: None,
@@ -725,15 +743,35 @@ impl DialogTable {
         Ok(())
     }
 
-    /// Sets the max duration (`req:dlg_set_timeout`), counted from the answer (from now for
-    /// a call already answered: Kamailio's `dlg_set_timeout` counts from the call). Zero
-    /// removes it.
-    pub fn set_max_duration(&mut self, id: DialogId, max: Duration) -> Result<(), Refusal> {
+    /// Sets the max duration (`req:dlg_set_timeout`), counted from the answer; for a call
+    /// already answered, `max` from `now` (as Kamailio's `dlg_set_timeout` on a confirmed
+    /// dialog). Zero removes it.
+    pub fn set_max_duration(
+        &mut self,
+        id: DialogId,
+        max: Duration,
+        now: Instant,
+    ) -> Result<(), Refusal> {
         let dialog = self.dialogs.get_mut(&id).ok_or(Refusal::Unknown)?;
-        dialog.max_duration = (!max.is_zero()).then_some(max);
+        if dialog.state == State::Terminated {
+            return Err(Refusal::Unknown);
+        }
+        let since_answer = dialog
+            .answered
+            .map_or(Duration::ZERO, |a| now.saturating_duration_since(a.at));
+        dialog.max_duration = (!max.is_zero()).then(|| since_answer + max);
         let deadline = dialog.deadline(&self.limits);
         self.timers.push(Reverse((deadline, id)));
         Ok(())
+    }
+
+    /// The answered branch of an early dialog was sent to `hop` (a 2xx came back through it).
+    pub fn set_callee_hop(&mut self, id: DialogId, hop: Destination) {
+        if let Some(dialog) = self.dialogs.get_mut(&id) {
+            if dialog.state == State::Early {
+                dialog.callee_hop = Some(hop);
+            }
+        }
     }
 
     /// The caller's target as the relayed INVITE carried it (after the script's edits, such
@@ -1083,7 +1121,14 @@ fn byes_of(dialog: &Dialog) -> Vec<Bye> {
             to_tag: dialog.from_tag.clone(),
             cseq: dialog.callee.cseq.saturating_add(1),
             route_set: dialog.route_set.clone(),
-            destination: Some((dialog.caller_transport, dialog.caller_source)),
+            destination: Some(Destination {
+                kind: dialog.caller_transport,
+                addr: dialog.caller_source,
+                conn: dialog.caller_conn,
+                local: None,
+                tls_name: None,
+                reuse_only: dialog.caller_transport.is_stream(),
+            }),
         },
         Bye {
             to_side: Side::Callee,
@@ -1095,7 +1140,7 @@ fn byes_of(dialog: &Dialog) -> Vec<Bye> {
             to_tag: callee_tag,
             cseq: dialog.caller.cseq.saturating_add(1),
             route_set: dialog.route_set.clone(),
-            destination: None,
+            destination: dialog.callee_hop.clone(),
         },
     ]
 }

@@ -32,6 +32,7 @@ pub(crate) fn invite(call_id: &str) -> NewDialog {
         caller_cseq: 1,
         source: "127.0.0.1:5070".parse().unwrap(),
         transport: TransportKind::Udp,
+        conn: None,
         request_uri: Bytes::from_static(b"sip:bob@example.com"),
     }
 }
@@ -216,7 +217,9 @@ fn a_per_user_limit_of_two_refuses_the_third_call_and_admits_it_after_a_hangup()
 fn max_duration_cuts_the_call_with_a_bye_to_each_party() {
     let mut table = table();
     let id = established(&mut table, "long");
-    table.set_max_duration(id, Duration::from_secs(60)).unwrap();
+    table
+        .set_max_duration(id, Duration::from_secs(60), t0().after(Duration::from_secs(2)).at)
+        .unwrap();
     // The caller sent CSeq 5 since (a re-INVITE); the callee nothing.
     let later = t0().after(Duration::from_secs(10));
     assert!(table
@@ -238,9 +241,10 @@ fn max_duration_cuts_the_call_with_a_bye_to_each_party() {
         (&b"ttag"[..], &b"ftag"[..])
     );
     assert_eq!(to_caller.cseq, 1);
+    let to_caller_at = to_caller.destination.as_ref().unwrap();
     assert_eq!(
-        to_caller.destination,
-        Some((TransportKind::Udp, "127.0.0.1:5070".parse().unwrap()))
+        (to_caller_at.kind, to_caller_at.addr),
+        (TransportKind::Udp, "127.0.0.1:5070".parse().unwrap())
     );
     let to_callee = byes.iter().find(|b| b.to_side == Side::Callee).unwrap();
     assert_eq!(to_callee.request_uri.as_deref(), Some(CALLEE.as_bytes()));
@@ -505,4 +509,30 @@ fn a_typical_call_is_counted_about_two_kibibytes() {
     let footprint = table.get(id).unwrap().footprint();
     assert_eq!(table.memory(), footprint);
     assert!((1024..3072).contains(&footprint), "{footprint} bytes");
+}
+
+#[test]
+fn max_duration_counts_from_the_answer_or_from_when_it_is_set_on_an_answered_call() {
+    let mut table = table();
+    // Set on the INVITE: counted from the answer (t0 + 2 s).
+    let id = table.manage(invite("before"), t0()).unwrap();
+    table
+        .set_max_duration(id, Duration::from_secs(30), t0().at)
+        .unwrap();
+    assert_eq!(table.next_deadline(), Some(t0().after(Duration::from_secs(300)).at));
+    answer(&mut table, id, "ttag", t0().after(Duration::from_secs(2)));
+    assert_eq!(table.next_deadline(), Some(t0().after(Duration::from_secs(32)).at));
+    // Set again 10 s into the call (a re-INVITE's hook): 30 s from then.
+    table
+        .set_max_duration(id, Duration::from_secs(30), t0().after(Duration::from_secs(12)).at)
+        .unwrap();
+    assert_eq!(table.next_deadline(), Some(t0().after(Duration::from_secs(42)).at));
+    // Zero removes it: the lifetime is what is left.
+    table
+        .set_max_duration(id, Duration::ZERO, t0().after(Duration::from_secs(12)).at)
+        .unwrap();
+    assert_eq!(
+        table.next_deadline(),
+        Some(t0().at + Limits::default().lifetime)
+    );
 }

@@ -1,12 +1,16 @@
 //! The relay's side of dialog tracking: reads the messages the proxy relays (RFC 3261 §16)
 //! into [`DialogTable`] events, and hands ended calls to the CDR sink. The relay calls it at
 //! four points: a response going upstream, a CANCEL, an in-dialog request relayed, its timer.
+//! It also ends calls itself (max duration, `ctl dlg end`): the relay sends the BYEs it returns
+//! through client transactions and reports their outcome back ([`DialogTracker::bye_sent`],
+//! [`DialogTracker::on_bye_response`]) for the log.
 //!
 //! The table is shared, on one event loop, with that loop's router (the script creates dialogs
 //! with `req:dlg_manage()`): hence `Rc<RefCell<..>>`. No borrow is held across a call into the
 //! router, so the two never meet.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -14,8 +18,10 @@ use std::time::{Instant, SystemTime};
 use bytes::Bytes;
 use tracing::{info, warn};
 
-use super::{Bye, Cdr, CdrSink, DialogTable, Stamp};
+use super::{Bye, Cdr, CdrSink, DialogId, DialogTable, Expired, Side, Stamp, State};
 use crate::sip::{Contact, HeaderName, Message, Method};
+use crate::transaction::layer::TxId;
+use crate::transport::Destination;
 
 /// One event loop's dialog table, shared by its relay and its router.
 pub type SharedTable = Rc<RefCell<DialogTable>>;
@@ -23,6 +29,9 @@ pub type SharedTable = Rc<RefCell<DialogTable>>;
 pub struct DialogTracker {
     table: SharedTable,
     sink: Option<Arc<CdrSink>>,
+    /// The proxy's BYEs waiting for their final response: Call-ID and party, for the log.
+    /// One entry per BYE for at most its transaction's life (Timer F, 32 s).
+    byes: HashMap<TxId, (Bytes, Side)>,
 }
 
 fn stamp(now: Instant) -> Stamp {
@@ -34,7 +43,11 @@ fn stamp(now: Instant) -> Stamp {
 
 impl DialogTracker {
     pub fn new(table: SharedTable, sink: Option<Arc<CdrSink>>) -> DialogTracker {
-        DialogTracker { table, sink }
+        DialogTracker {
+            table,
+            sink,
+            byes: HashMap::new(),
+        }
     }
 
     pub fn table(&self) -> &SharedTable {
@@ -134,15 +147,82 @@ impl DialogTracker {
     /// Runs the table's deadlines; returns the BYEs of calls cut by their max duration.
     pub fn on_timer(&self, now: Instant) -> Vec<Bye> {
         let expired = self.table.borrow_mut().on_timer(stamp(now));
-        let mut byes = Vec::new();
-        for ended in expired {
-            if !ended.byes.is_empty() {
-                info!(call_id = %ended.cdr.call_id, reason = ended.cdr.reason.as_str(), "dialog ended by the proxy");
+        expired.into_iter().flat_map(|e| self.ended_here(e)).collect()
+    }
+
+    /// Ends confirmed call `id` from outside (`ctl dlg end`): returns its BYEs, or why not.
+    /// An early call is left alone (Kamailio's `dlg.end_dlg` too): a CANCEL is the caller's to
+    /// send, and its INVITE ends by itself.
+    pub fn end(&self, id: DialogId, now: Instant) -> Result<Vec<Bye>, &'static str> {
+        let state = self.table.borrow().get(id).map(|d| d.state);
+        match state {
+            None | Some(State::Terminated) => Err("no such call (it ended)"),
+            Some(State::Early) => Err("the call is not answered yet (only the caller can cancel it)"),
+            Some(State::Confirmed) => {
+                let ended = self.table.borrow_mut().end(id, stamp(now));
+                Ok(ended.map(|e| self.ended_here(e)).unwrap_or_default())
             }
-            self.defer(Some(ended.cdr));
-            byes.extend(ended.byes);
         }
-        byes
+    }
+
+    /// `ctl dlg end` requests for this loop (see `directory`).
+    pub fn take_end_requests(&self) -> Vec<super::directory::EndRequest> {
+        self.table.borrow().take_end_requests()
+    }
+
+    /// A call this proxy ended: logged, its CDR queued, its BYEs returned for the relay.
+    fn ended_here(&self, ended: Expired) -> Vec<Bye> {
+        if !ended.byes.is_empty() {
+            info!(call_id = %ended.cdr.call_id, reason = ended.cdr.reason.as_str(), "dialog ended by the proxy: BYE to both parties");
+        }
+        self.defer(Some(ended.cdr));
+        ended.byes
+    }
+
+    /// A 2xx to the managed `invite` came back through a branch sent to `hop`: a BYE to the
+    /// callee will go there.
+    pub fn on_answer_hop(&self, invite: &Message, hop: &Destination) {
+        let mut table = self.table.borrow_mut();
+        if table.is_empty() || invite.method() != Some(&Method::Invite) {
+            return;
+        }
+        if let Some(id) = initial_key(invite).and_then(|(c, f)| table.find(c, f)) {
+            table.set_callee_hop(id, hop.clone());
+        }
+    }
+
+    /// The relay sent `bye` in client transaction `tx`.
+    pub fn bye_sent(&mut self, tx: TxId, bye: &Bye) {
+        self.byes.insert(tx, (bye.call_id.clone(), bye.to_side));
+    }
+
+    /// A response (or `None`: a timeout or transport error) to one of the proxy's BYEs.
+    /// Returns false when `tx` is not one of them.
+    pub fn on_bye_response(&mut self, tx: TxId, status: Option<u16>) -> bool {
+        if status.is_some_and(|s| s < 200) {
+            return self.byes.contains_key(&tx);
+        }
+        let Some((call_id, side)) = self.byes.remove(&tx) else {
+            return false;
+        };
+        crate::memory::shrink_if_sparse(&mut self.byes);
+        let call_id = String::from_utf8_lossy(&call_id);
+        match status {
+            Some(status) => {
+                info!(call_id = %call_id, party = side.as_str(), status, "the proxy's BYE was answered")
+            }
+            None => {
+                warn!(call_id = %call_id, party = side.as_str(), "the proxy's BYE got no answer (timeout or transport error)")
+            }
+        }
+        true
+    }
+
+    /// Transaction `tx` ended (its BYE's answer may never have come).
+    pub fn on_terminated(&mut self, tx: TxId) {
+        if self.byes.remove(&tx).is_some() {
+            crate::memory::shrink_if_sparse(&mut self.byes);
+        }
     }
 
     /// The records of the calls ended since the last call, by the relay's events or by the

@@ -823,6 +823,13 @@ impl Relay {
         out: &mut Vec<LayerOutput>,
     ) {
         let Some(&(server, branch)) = self.branch_of.get(&client) else {
+            if let Some(dialogs) = &mut self.dialogs {
+                let status = match &event {
+                    Event::Response(response) => response.status(),
+                    _ => None,
+                };
+                dialogs.on_bye_response(client, status);
+            }
             return;
         };
         let fails_over = match &event {
@@ -839,6 +846,15 @@ impl Relay {
                 Event::Response(mut response) => {
                     let status = response.status().unwrap_or(0);
                     let provisional = status < 200;
+                    if let (Some(dialogs), true) = (&self.dialogs, (200..300).contains(&status)) {
+                        let answered_via = call
+                            .branches
+                            .get(branch.0)
+                            .and_then(|run| run.as_ref()?.current.as_ref());
+                        if let Some((_, hop)) = answered_via {
+                            dialogs.on_answer_hop(&call.request, hop);
+                        }
+                    }
                     let keep = match call.handle {
                         Some(handle) => {
                             let sent_to = call
@@ -912,6 +928,9 @@ impl Relay {
     /// lives as long as its server transaction, so every 2xx of every fork still reaches it
     /// (RFC 6026: they all go up); other calls are gone by then (see [`Relay::settle`]).
     pub fn on_terminated(&mut self, tx: TxId) {
+        if let Some(dialogs) = &mut self.dialogs {
+            dialogs.on_terminated(tx);
+        }
         self.branch_of.remove(&tx);
         shrink_if_sparse(&mut self.branch_of);
         if let Some(call) = self.calls.remove(&tx) {
@@ -985,13 +1004,99 @@ impl Relay {
         }
         shrink_heap_if_sparse(&mut self.timer_c_queue);
         if let Some(dialogs) = &self.dialogs {
-            for bye in dialogs.on_timer(now) {
-                // Proxy-made BYEs are the next step of issue 22; until then the call is ended
-                // in the CDR only, and said so.
-                warn!(call_id = %String::from_utf8_lossy(&bye.call_id), party = bye.to_side.as_str(), "dialog max duration reached: BYE not sent (not implemented yet)");
-            }
+            let byes = dialogs.on_timer(now);
+            self.send_byes(byes, now, layer, out);
             self.dialogs_after_router();
         }
+    }
+
+    /// Carries out the `ctl dlg end` requests waiting for this loop (the shell's wake-up):
+    /// each confirmed call is ended with BYEs, and the control client told what was done.
+    pub fn on_wake(&mut self, now: Instant, layer: &mut TransactionLayer, out: &mut Vec<LayerOutput>) {
+        let Some(dialogs) = &self.dialogs else {
+            return;
+        };
+        for request in dialogs.take_end_requests() {
+            let Some(dialogs) = &self.dialogs else {
+                return;
+            };
+            let answer = match dialogs.end(request.id, now) {
+                Ok(byes) => {
+                    let sent = self.send_byes(byes, now, layer, out);
+                    Ok(format!("ended: BYE sent to {}", sent.join(" and ")))
+                }
+                Err(why) => Err(why.to_owned()),
+            };
+            // The client may have given up waiting: nothing to tell then.
+            let _ = request.reply.send(answer);
+        }
+        self.dialogs_after_router();
+    }
+
+    /// Sends the proxy's BYEs (`crate::dialog::bye`) through client transactions: to the
+    /// party's recorded address, from our listener of that transport and family, along the
+    /// route set on its side of us. Returns the parties they went to.
+    fn send_byes(
+        &mut self,
+        byes: Vec<crate::dialog::Bye>,
+        now: Instant,
+        layer: &mut TransactionLayer,
+        out: &mut Vec<LayerOutput>,
+    ) -> Vec<&'static str> {
+        let mut sent = Vec::new();
+        for bye in byes {
+            let call_id = String::from_utf8_lossy(&bye.call_id).into_owned();
+            let party = bye.to_side.as_str();
+            let Some(mut dest) = bye.destination.clone() else {
+                warn!(call_id, party, "BYE not sent: no address known for the party");
+                continue;
+            };
+            let Some(local) = self
+                .bound
+                .iter()
+                .find(|l| l.kind == dest.kind && l.addr.is_ipv4() == dest.addr.is_ipv4())
+                .map(|l| l.addr)
+            else {
+                warn!(call_id, party, transport = %dest.kind, "BYE not sent: no listener for the party's transport");
+                continue;
+            };
+            dest.local = Some(local);
+            self.next_unique += 1;
+            let base = format!(
+                "z9hG4bK{:016x}.",
+                std::hash::BuildHasher::hash_one(
+                    &std::collections::hash_map::RandomState::new(),
+                    (&bye.call_id, party)
+                )
+            );
+            let via = format!(
+                "SIP/2.0/{} {};branch={}",
+                dest.kind.via_name(),
+                self.me.local().sent_by(dest.kind, Some(local), dest.addr),
+                branch_id(&base, self.loop_index, self.next_unique)
+            );
+            let me = &self.me;
+            let routes = bye.routes(|value| {
+                crate::sip::NameAddr::parse(value).is_ok_and(|na| me.is_myself(&na.uri))
+            });
+            let Some(message) = bye.render(&via, &routes).and_then(|b| Message::parse(b).ok())
+            else {
+                warn!(call_id, party, "BYE not sent: no target URI known for the party");
+                continue;
+            };
+            let addr = dest.addr;
+            match layer.send_request(message, dest, now, out) {
+                Ok(tx) => {
+                    info!(call_id, party, %addr, "BYE sent");
+                    if let Some(dialogs) = &mut self.dialogs {
+                        dialogs.bye_sent(tx, &bye);
+                    }
+                    sent.push(party);
+                }
+                Err(error) => warn!(call_id, party, ?error, "BYE not sent"),
+            }
+        }
+        sent
     }
 
     /// Hands the records of the calls that just ended (by the relay's events, or by the

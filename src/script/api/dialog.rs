@@ -1,5 +1,6 @@
 //! Dialog primitives over [`crate::dialog`] (Kamailio's `dialog` module):
-//! `req:dlg_manage()` and `req:dlg_known()` in `on_request`, and `sip.dlg`: `profile_add`,
+//! `req:dlg_manage()`, `req:dlg_known()` and `req:dlg_set_timeout(seconds)` in `on_request`,
+//! and `sip.dlg`: `profile_add`,
 //! `profile_count`, `vars`, `acc`.
 //!
 //! The *current dialog* is the one `req:dlg_manage()` created or `req:dlg_known()` matched
@@ -13,7 +14,7 @@
 
 use std::cell::RefCell;
 use std::rc::Rc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use mlua::{Lua, MetaMethod, Table, UserData, UserDataMethods, Value};
 use tracing::warn;
@@ -22,6 +23,10 @@ use super::{runtime, Role, ScriptMsg};
 use crate::dialog::{DialogId, DialogTable, Known, Limits, Profiles, Refusal, SharedTable, Stamp};
 use crate::proxy::router::{Decision, Routed};
 use crate::sip::Method;
+
+/// The longest max duration `req:dlg_set_timeout` takes: 30 days (a dialog is forgotten after
+/// `[dialog] lifetime_secs` anyway).
+const MAX_TIMEOUT_SECS: f64 = 30.0 * 86_400.0;
 
 /// A Lua state's view of its loop's dialog table (app data).
 pub struct LoopDialogs {
@@ -142,6 +147,20 @@ pub(super) fn add_methods<M: UserDataMethods<ScriptMsg>>(methods: &mut M) {
                 Ok((false, Some(refusal.as_str())))
             }
         }
+    });
+    methods.add_method("dlg_set_timeout", |lua, m, seconds: f64| {
+        m.require(&[Role::Request], "dlg_set_timeout")?;
+        if !(0.0..=MAX_TIMEOUT_SECS).contains(&seconds) {
+            return Err(runtime(format!(
+                "dlg_set_timeout: seconds must be from 0 (no limit) to {MAX_TIMEOUT_SECS}, not {seconds}"
+            )));
+        }
+        let id = current(lua, "dlg_set_timeout")?;
+        dialogs(lua)
+            .table
+            .borrow_mut()
+            .set_max_duration(id, Duration::from_secs_f64(seconds), Instant::now())
+            .map_err(|e| runtime(format!("dlg_set_timeout: {}", e.as_str())))
     });
     methods.add_method("dlg_known", |lua, m, ()| {
         m.require(&[Role::Request], "dlg_known")?;
