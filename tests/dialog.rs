@@ -17,6 +17,7 @@ use std::time::Instant;
 
 use common::ua::{Dialog, TestUa};
 use moonroute::config::{Config, LocationBackend};
+use moonroute::dialog::Directory;
 use moonroute::script::kv::KvValue;
 use moonroute::script::ScriptHost;
 use moonroute::server::core::CoreFactory;
@@ -36,11 +37,18 @@ struct Running {
     host: Arc<ScriptHost>,
     udp: SocketAddr,
     dir: TempDir,
+    /// What `moonroute ctl dlg` reads and sends its end requests through.
+    dialogs: Arc<Directory>,
 }
 
 /// `script` on UDP of 127.0.0.1, two event loops, data (registrations, CDRs) in a fresh
 /// directory.
 fn start(script: &Path) -> Running {
+    start_with(script, |_| {})
+}
+
+/// [`start`], with `edit` applied to the configuration first.
+fn start_with(script: &Path, edit: impl FnOnce(&mut Config)) -> Running {
     let dir = TempDir::new().unwrap();
     let mut config = Config {
         listen: vec!["udp:127.0.0.1:0".parse::<ListenAddr>().unwrap()],
@@ -53,15 +61,18 @@ fn start(script: &Path) -> Running {
     config.control.socket = PathBuf::new();
     config.lua.watch = false;
     config.location.store = LocationBackend::Memory;
+    edit(&mut config);
     config.validate().unwrap();
     let host = ScriptHost::from_config(&config).expect("the script loads");
     let factory = CoreFactory::with_router(&config, host.router_factory());
+    let dialogs = factory.dialog_directory();
     let server = Server::start(&config, Arc::new(factory)).expect("server starts");
     Running {
         udp: server.local_addr(TransportKind::Udp).unwrap(),
         _server: server,
         host,
         dir,
+        dialogs,
     }
 }
 
@@ -335,4 +346,95 @@ async fn dialogs_survive_a_script_reload() {
     let lines = cdrs(&proxy);
     assert_eq!(lines.len(), 1, "{lines:#?}");
     assert_eq!(field(&lines[0], "reason"), "\"callee_bye\"");
+}
+
+/// The BYE the proxy sends `ua` in the name of its peer, answered 200: it names `ua`'s dialog
+/// (Call-ID, `ua`'s tag in To, the peer's in From) and comes from the proxy.
+async fn bye_from_the_proxy(ua: &mut TestUa, dialog: &Dialog, proxy: &Running) -> Message {
+    // Generous: the max-duration timer fires a second after the answer, and a loaded machine
+    // may run it late.
+    let bye = ua.recv_request(std::time::Duration::from_secs(20)).await;
+    assert_eq!(bye.method(), Some(&moonroute::sip::Method::Bye), "{bye:?}");
+    let (call_id, from_tag, to_tag) = moonroute::dialog::tags(&bye).expect("in-dialog BYE");
+    assert_eq!(call_id, dialog.call_id.as_bytes());
+    assert_eq!(from_tag, dialog.remote_tag.as_bytes(), "in the peer's name");
+    assert_eq!(to_tag, dialog.local_tag.as_bytes());
+    let via = String::from_utf8_lossy(bye.header(moonroute::sip::HeaderName::Via).unwrap())
+        .into_owned();
+    assert!(
+        via.contains(&proxy.udp.to_string()),
+        "one Via, the proxy's: {via}"
+    );
+    ua.respond(&bye, 200, "OK").await;
+    bye
+}
+
+/// A CDR is written when the call ends, before its BYEs leave: once both BYEs are in, the
+/// call's one line is on file.
+fn only_cdr(proxy: &Running) -> String {
+    let lines = cdrs(proxy);
+    assert_eq!(lines.len(), 1, "one CDR: {lines:#?}");
+    lines[0].clone()
+}
+
+#[tokio::test]
+async fn max_duration_cuts_the_call_with_a_bye_to_each_party() {
+    let proxy = start_with(&common::default_script_without_auth(), |config| {
+        config.dialog.max_duration_secs = 1;
+    });
+    let mut bob = registered_bob(&proxy).await;
+    let mut alice = phone("alice", ALICE_IP, &proxy, DOMAIN).await;
+
+    let (alices, bobs) = answered_call(&mut alice, &mut bob, &aor("bob")).await;
+    // Nobody hangs up: a second after the answer the proxy does, to both (within WAIT).
+    let to_alice = bye_from_the_proxy(&mut alice, &alices, &proxy).await;
+    let to_bob = bye_from_the_proxy(&mut bob, &bobs, &proxy).await;
+    // Each in the name of the other party, with that party's next CSeq (neither sent a
+    // request since the INVITE, CSeq 1 on both sides: bob never sent one).
+    assert_eq!(to_bob.cseq().unwrap().seq, alices.local_cseq + 1);
+    assert_eq!(to_alice.cseq().unwrap().seq, 1);
+
+    let line = only_cdr(&proxy);
+    assert_eq!(field(&line, "reason"), "\"max_duration\"", "{line}");
+    assert_eq!(field(&line, "hangup"), "\"proxy\"", "{line}");
+    let duration = number(&line, "duration");
+    assert!(
+        (1.0..30.0).contains(&duration),
+        "cut a second after the answer (a loaded machine may be late, never early): {line}"
+    );
+}
+
+#[tokio::test]
+async fn ctl_dlg_end_hangs_up_a_call_from_outside() {
+    let proxy = start(&common::default_script_without_auth());
+    let mut bob = registered_bob(&proxy).await;
+    let mut alice = phone("alice", ALICE_IP, &proxy, DOMAIN).await;
+    let (alices, bobs) = answered_call(&mut alice, &mut bob, &aor("bob")).await;
+
+    // What `moonroute ctl dlg end CALL-ID` runs, off the event loops as the control socket
+    // runs it: queued to the loop owning the call, answered once its BYEs are sent.
+    let end = |call_id: String| {
+        let dialogs = Arc::clone(&proxy.dialogs);
+        tokio::task::spawn_blocking(move || {
+            moonroute::control::dlg::command(
+                &["end".to_owned(), call_id],
+                &dialogs,
+                std::time::SystemTime::now(),
+            )
+        })
+    };
+    let reply = end(alices.call_id.clone()).await.unwrap();
+    assert!(reply.ok, "{}", reply.text);
+    assert_eq!(
+        reply.text,
+        format!("{}: ended: BYE sent to caller and callee\n", alices.call_id)
+    );
+    bye_from_the_proxy(&mut alice, &alices, &proxy).await;
+    bye_from_the_proxy(&mut bob, &bobs, &proxy).await;
+    let line = only_cdr(&proxy);
+    assert_eq!(field(&line, "reason"), "\"ctl\"", "{line}");
+
+    // Ended: a second `end` finds no live call, and the parties' own BYEs find no dialog.
+    let again = end(alices.call_id.clone()).await.unwrap();
+    assert!(!again.ok && again.text.contains("no live call"), "{}", again.text);
 }
