@@ -231,6 +231,10 @@ async fn a_stranger_holding_a_captured_route_reaches_nobody_and_nothing_passes_a
     let mut mallory = phone("mallory", MALLORY_IP, &proxy, "elsewhere.example").await;
 
     let (mut eves, bobs) = answered_call(&mut eve, &mut bob, &aor("bob")).await;
+    // Both copies of our Record-Route say the call is tracked (`t`, `u`): once the table
+    // forgets the call (32 s after it ends), they still tell `dlg_known()` it ended.
+    assert!(bobs.route_set.iter().any(|r| r.contains(";mrs=t")), "{:?}", bobs.route_set);
+    assert!(eves.route_set.iter().any(|r| r.contains(";mrs=u")), "{:?}", eves.route_set);
     // Mallory holds bob's copy of the Record-Route (it binds the Call-ID and eve's tag, not
     // bob's) and sends eve a BYE in bob's name with a tag of her own: the signature passes,
     // the dialog does not know her.

@@ -374,13 +374,16 @@ pub enum Known {
     EndedBye(Side),
     /// Its tags match a dialog, but its Request-URI is not the other party's target.
     WrongTarget,
-    /// The dialog ended (other than a lingering BYE).
+    /// The dialog ended (other than a lingering BYE), or its route set says this server
+    /// tracked it and it is gone.
     Ended,
     /// A dialog is tracked for this Call-ID and one of the tags, but the other tag is not
     /// its party's: not a request of the dialog.
     Unknown,
-    /// No dialog is tracked with this Call-ID and either tag (one this proxy did not manage,
-    /// or that ended more than [`Limits::linger`] ago).
+    /// No dialog is tracked with this Call-ID and either tag: one this proxy did not manage
+    /// (or managed before it restarted). A call that ended more than [`Limits::linger`] ago
+    /// is gone from the table too; its signed Route tells it apart (`proxy::route_sign`,
+    /// "Tracked calls"), and `req:dlg_known()` says `ended` for it.
     Untracked,
 }
 

@@ -110,6 +110,13 @@ impl DialogTracker {
         }
     }
 
+    /// Whether the dialog of initial INVITE `invite` is tracked (its Record-Route signature
+    /// says so, `proxy::route_sign`).
+    pub fn tracks(&self, invite: &Message) -> bool {
+        let table = self.table.borrow();
+        !table.is_empty() && initial_key(invite).is_some_and(|(c, f)| table.find(c, f).is_some())
+    }
+
     /// A CANCEL matched the relayed `invite` (§16.10).
     pub fn on_cancel(&self, invite: &Message) {
         let mut table = self.table.borrow_mut();

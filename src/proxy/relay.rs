@@ -74,6 +74,8 @@ struct Call {
     branch_base: String,
     inbound: (TransportKind, SocketAddr),
     record_route: bool,
+    /// Its Record-Route signature marks a call the script tracks (`route_sign`).
+    tracked: bool,
     /// The router's handle for the later hooks of this request.
     handle: Option<RouteHandle>,
     /// Each branch's attempts, by BranchId.
@@ -490,12 +492,16 @@ impl Relay {
             &mut actions,
         );
         let inbound = (meta.kind, meta.local);
+        let tracked = record_route
+            && is_invite
+            && self.dialogs.as_ref().is_some_and(|d| d.tracks(&request));
         let call = Call {
             context,
             request,
             branch_base,
             inbound,
             record_route,
+            tracked,
             handle,
             branches: Vec::new(),
             cancelled: false,
@@ -511,11 +517,13 @@ impl Relay {
         let had_route = request.routes().next().is_some();
         let done = preprocess_routes(request, &self.me).ok()?;
         let signature = self.me.check_route(request, &done, wall_clock());
+        let own_route_signed = signature.routes(request.method());
         Some(RouteInfo {
             had_route,
             consumed_own_route: done.consumed_own_route,
-            own_route_signed: signature.routes(request.method()),
+            own_route_signed,
             signature,
+            tracked_call: own_route_signed && self.me.signed_for_tracked_call(&done),
         })
     }
 
@@ -1235,6 +1243,7 @@ impl Relay {
             uri: &uri,
             branch: &branch_id,
             now: wall_clock(),
+            tracked: call.tracked,
         };
         // A Path (the route) wins over the received address (RFC 5626 §5.3 order).
         let pinned = target.destination.filter(|_| target.route.is_empty());
@@ -1385,6 +1394,7 @@ impl Relay {
                 uri: &run.uri,
                 branch: &branch_id,
                 now: now_wall,
+                tracked: call.tracked,
             };
             let first_copy = first.take().map(|(copy, _)| copy);
             let built = copy_for(
@@ -1622,6 +1632,8 @@ struct CopyParts<'a> {
     branch: &'a str,
     /// The wall-clock time, for the Record-Route signature.
     now: SystemTime,
+    /// The signature marks a call the script tracks.
+    tracked: bool,
 }
 
 impl StatelessForward {
@@ -1631,6 +1643,7 @@ impl StatelessForward {
             uri: &self.uri,
             branch: &self.branch,
             now: self.now,
+            tracked: false,
         }
     }
 }
@@ -1645,6 +1658,7 @@ fn spec<'a>(
     ForwardSpec {
         target: parts.uri,
         record_route,
+        tracked: parts.tracked,
         inbound,
         outbound,
         branch: parts.branch,

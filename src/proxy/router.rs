@@ -81,6 +81,10 @@ pub struct RouteInfo {
     pub own_route_signed: bool,
     /// What the signature check found, for the log when the request is not routed.
     pub signature: super::route_sign::Verdict,
+    /// That signature was written by this server, since it started, for a call the script
+    /// tracked (`req:dlg_manage()`): if the dialog table no longer knows the call, it ended
+    /// (`req:dlg_known()` says `ended`, not `untracked`).
+    pub tracked_call: bool,
 }
 
 /// Where a response given to [`Router::on_reply`] came from: what a NAT check needs.

@@ -173,7 +173,12 @@ pub(super) fn add_methods<M: UserDataMethods<ScriptMsg>>(methods: &mut M) {
         let is_bye = m.msg.method() == Some(&Method::Bye);
         let dialogs = dialogs(lua);
         let table = dialogs.table.borrow();
-        let known = table.known(call_id, from_tag, to_tag, is_bye, uri);
+        let mut known = table.known(call_id, from_tag, to_tag, is_bye, uri);
+        if known == Known::Untracked && m.info.tracked_call {
+            // Its route set says this server tracked the call since it started, and the
+            // table forgot it after its linger: it ended (`proxy::route_sign`).
+            known = Known::Ended;
+        }
         if let Known::Yes(side) | Known::EndedBye(side) = known {
             let caller_tag = match side {
                 crate::dialog::Side::Caller => from_tag,
