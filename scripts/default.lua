@@ -240,8 +240,10 @@ end
 --
 -- A call this server tracks (track_call) is also checked against its dialog: its requests must
 -- come from one of its two parties and go to the other, and stop when it ends (481), so a
--- captured Route reaches nobody outside the call. A dialog it does not track (a subscription,
--- a call set up before this process started) is routed on its signed Route alone.
+-- captured Route reaches nobody outside the call, and nobody after it (its signed Route says
+-- it was tracked: "ended" even once the table forgot it). A dialog it does not track (a
+-- subscription, a call set up before this process started) is routed on its signed Route
+-- alone.
 function in_dialog(req)
   if req:loose_route() then
     local known, why = req:dlg_known()
