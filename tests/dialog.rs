@@ -442,3 +442,42 @@ async fn ctl_dlg_end_hangs_up_a_call_from_outside() {
     let again = end(alices.call_id.clone()).await.unwrap();
     assert!(!again.ok && again.text.contains("no live call"), "{}", again.text);
 }
+
+/// Record-routes, tracks every INVITE and cuts it half a second after the answer.
+const SHORT_CALLS_SCRIPT: &str = r#"
+function on_request(req)
+  if req:has_to_tag() then
+    if req:loose_route() then
+      return req:t_relay()
+    end
+    return req:reply(404, "Not Here")
+  end
+  if req:is_method("INVITE") then
+    req:record_route()
+    req:dlg_manage()
+    local ok, err = pcall(function() req:dlg_set_timeout(-1) end)
+    assert(not ok and tostring(err):find("seconds must be from 0"), tostring(err))
+    req:dlg_set_timeout(0.5)
+  end
+  return req:t_relay()
+end
+"#;
+
+#[tokio::test]
+async fn the_script_s_timeout_wins_over_the_configured_one() {
+    let dir = TempDir::new().unwrap();
+    let script = dir.path().join("short.lua");
+    std::fs::write(&script, SHORT_CALLS_SCRIPT).unwrap();
+    let proxy = start_with(&script, |config| config.dialog.max_duration_secs = 3600);
+    let mut bob = phone("bob", BOB_IP, &proxy, DOMAIN).await;
+    let mut alice = phone("alice", ALICE_IP, &proxy, DOMAIN).await;
+    let bob_uri = bob.uri();
+
+    let (alices, bobs) = answered_call(&mut alice, &mut bob, &bob_uri).await;
+    bye_from_the_proxy(&mut alice, &alices, &proxy).await;
+    bye_from_the_proxy(&mut bob, &bobs, &proxy).await;
+    let line = only_cdr(&proxy);
+    assert_eq!(field(&line, "reason"), "\"max_duration\"", "{line}");
+    let duration = number(&line, "duration");
+    assert!((0.5..30.0).contains(&duration), "{line}");
+}
