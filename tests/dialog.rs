@@ -233,8 +233,16 @@ async fn a_stranger_holding_a_captured_route_reaches_nobody_and_nothing_passes_a
     let (mut eves, bobs) = answered_call(&mut eve, &mut bob, &aor("bob")).await;
     // Both copies of our Record-Route say the call is tracked (`t`, `u`): once the table
     // forgets the call (32 s after it ends), they still tell `dlg_known()` it ended.
-    assert!(bobs.route_set.iter().any(|r| r.contains(";mrs=t")), "{:?}", bobs.route_set);
-    assert!(eves.route_set.iter().any(|r| r.contains(";mrs=u")), "{:?}", eves.route_set);
+    assert!(
+        bobs.route_set.iter().any(|r| r.contains(";mrs=t")),
+        "{:?}",
+        bobs.route_set
+    );
+    assert!(
+        eves.route_set.iter().any(|r| r.contains(";mrs=u")),
+        "{:?}",
+        eves.route_set
+    );
     // Mallory holds bob's copy of the Record-Route (it binds the Call-ID and eve's tag, not
     // bob's) and sends eve a BYE in bob's name with a tag of her own: the signature passes,
     // the dialog does not know her.
@@ -363,8 +371,8 @@ async fn bye_from_the_proxy(ua: &mut TestUa, dialog: &Dialog, proxy: &Running) -
     assert_eq!(call_id, dialog.call_id.as_bytes());
     assert_eq!(from_tag, dialog.remote_tag.as_bytes(), "in the peer's name");
     assert_eq!(to_tag, dialog.local_tag.as_bytes());
-    let via = String::from_utf8_lossy(bye.header(moonroute::sip::HeaderName::Via).unwrap())
-        .into_owned();
+    let via =
+        String::from_utf8_lossy(bye.header(moonroute::sip::HeaderName::Via).unwrap()).into_owned();
     assert!(
         via.contains(&proxy.udp.to_string()),
         "one Via, the proxy's: {via}"
@@ -440,7 +448,11 @@ async fn ctl_dlg_end_hangs_up_a_call_from_outside() {
 
     // Ended: a second `end` finds no live call, and the parties' own BYEs find no dialog.
     let again = end(alices.call_id.clone()).await.unwrap();
-    assert!(!again.ok && again.text.contains("no live call"), "{}", again.text);
+    assert!(
+        !again.ok && again.text.contains("no live call"),
+        "{}",
+        again.text
+    );
 }
 
 /// Record-routes, tracks every INVITE and cuts it half a second after the answer.

@@ -73,7 +73,10 @@ mod tests {
             to_uri: Bytes::from_static(b"sip:bob@example.com"),
             to_tag: Bytes::from_static(b"ttag"),
             cseq: 7,
-            route_set: route_set.iter().map(|r| Bytes::from_static(r.as_bytes())).collect(),
+            route_set: route_set
+                .iter()
+                .map(|r| Bytes::from_static(r.as_bytes()))
+                .collect(),
             destination: None,
         }
     }
@@ -86,8 +89,14 @@ mod tests {
             .unwrap();
         let message = crate::sip::Message::parse(text).unwrap();
         assert_eq!(message.method(), Some(&crate::sip::Method::Bye));
-        assert_eq!(message.request_uri_bytes(), Some(&b"sip:bob@192.0.2.5:5080"[..]));
-        assert_eq!(crate::dialog::tags(&message), Some((&b"c1"[..], &b"ftag"[..], &b"ttag"[..])));
+        assert_eq!(
+            message.request_uri_bytes(),
+            Some(&b"sip:bob@192.0.2.5:5080"[..])
+        );
+        assert_eq!(
+            crate::dialog::tags(&message),
+            Some((&b"c1"[..], &b"ftag"[..], &b"ttag"[..]))
+        );
         assert_eq!(message.cseq().unwrap().seq, 7);
     }
 
@@ -112,6 +121,8 @@ mod tests {
         };
         assert_eq!(routes(Side::Callee), ["<sip:b1;lr>", "<sip:b2;lr>"]);
         assert_eq!(routes(Side::Caller), ["<sip:a1;lr>"]);
-        assert!(bye(Side::Caller, &["<sip:other;lr>"]).routes(mine).is_empty());
+        assert!(bye(Side::Caller, &["<sip:other;lr>"])
+            .routes(mine)
+            .is_empty());
     }
 }

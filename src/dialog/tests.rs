@@ -218,7 +218,11 @@ fn max_duration_cuts_the_call_with_a_bye_to_each_party() {
     let mut table = table();
     let id = established(&mut table, "long");
     table
-        .set_max_duration(id, Duration::from_secs(60), t0().after(Duration::from_secs(2)).at)
+        .set_max_duration(
+            id,
+            Duration::from_secs(60),
+            t0().after(Duration::from_secs(2)).at,
+        )
         .unwrap();
     // The caller sent CSeq 5 since (a re-INVITE); the callee nothing.
     let later = t0().after(Duration::from_secs(10));
@@ -519,14 +523,27 @@ fn max_duration_counts_from_the_answer_or_from_when_it_is_set_on_an_answered_cal
     table
         .set_max_duration(id, Duration::from_secs(30), t0().at)
         .unwrap();
-    assert_eq!(table.next_deadline(), Some(t0().after(Duration::from_secs(300)).at));
+    assert_eq!(
+        table.next_deadline(),
+        Some(t0().after(Duration::from_secs(300)).at)
+    );
     answer(&mut table, id, "ttag", t0().after(Duration::from_secs(2)));
-    assert_eq!(table.next_deadline(), Some(t0().after(Duration::from_secs(32)).at));
+    assert_eq!(
+        table.next_deadline(),
+        Some(t0().after(Duration::from_secs(32)).at)
+    );
     // Set again 10 s into the call (a re-INVITE's hook): 30 s from then.
     table
-        .set_max_duration(id, Duration::from_secs(30), t0().after(Duration::from_secs(12)).at)
+        .set_max_duration(
+            id,
+            Duration::from_secs(30),
+            t0().after(Duration::from_secs(12)).at,
+        )
         .unwrap();
-    assert_eq!(table.next_deadline(), Some(t0().after(Duration::from_secs(42)).at));
+    assert_eq!(
+        table.next_deadline(),
+        Some(t0().after(Duration::from_secs(42)).at)
+    );
     // Zero removes it: the lifetime is what is left.
     table
         .set_max_duration(id, Duration::ZERO, t0().after(Duration::from_secs(12)).at)

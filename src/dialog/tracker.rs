@@ -154,7 +154,10 @@ impl DialogTracker {
     /// Runs the table's deadlines; returns the BYEs of calls cut by their max duration.
     pub fn on_timer(&self, now: Instant) -> Vec<Bye> {
         let expired = self.table.borrow_mut().on_timer(stamp(now));
-        expired.into_iter().flat_map(|e| self.ended_here(e)).collect()
+        expired
+            .into_iter()
+            .flat_map(|e| self.ended_here(e))
+            .collect()
     }
 
     /// Ends confirmed call `id` from outside (`ctl dlg end`): returns its BYEs, or why not.
@@ -164,7 +167,9 @@ impl DialogTracker {
         let state = self.table.borrow().get(id).map(|d| d.state);
         match state {
             None | Some(State::Terminated) => Err("no such call (it ended)"),
-            Some(State::Early) => Err("the call is not answered yet (only the caller can cancel it)"),
+            Some(State::Early) => {
+                Err("the call is not answered yet (only the caller can cancel it)")
+            }
             Some(State::Confirmed) => {
                 let ended = self.table.borrow_mut().end(id, stamp(now));
                 Ok(ended.map(|e| self.ended_here(e)).unwrap_or_default())

@@ -492,9 +492,8 @@ impl Relay {
             &mut actions,
         );
         let inbound = (meta.kind, meta.local);
-        let tracked = record_route
-            && is_invite
-            && self.dialogs.as_ref().is_some_and(|d| d.tracks(&request));
+        let tracked =
+            record_route && is_invite && self.dialogs.as_ref().is_some_and(|d| d.tracks(&request));
         let call = Call {
             context,
             request,
@@ -1020,7 +1019,12 @@ impl Relay {
 
     /// Carries out the `ctl dlg end` requests waiting for this loop (the shell's wake-up):
     /// each confirmed call is ended with BYEs, and the control client told what was done.
-    pub fn on_wake(&mut self, now: Instant, layer: &mut TransactionLayer, out: &mut Vec<LayerOutput>) {
+    pub fn on_wake(
+        &mut self,
+        now: Instant,
+        layer: &mut TransactionLayer,
+        out: &mut Vec<LayerOutput>,
+    ) {
         let Some(dialogs) = &self.dialogs else {
             return;
         };
@@ -1056,7 +1060,10 @@ impl Relay {
             let call_id = String::from_utf8_lossy(&bye.call_id).into_owned();
             let party = bye.to_side.as_str();
             let Some(mut dest) = bye.destination.clone() else {
-                warn!(call_id, party, "BYE not sent: no address known for the party");
+                warn!(
+                    call_id,
+                    party, "BYE not sent: no address known for the party"
+                );
                 continue;
             };
             let Some(local) = self
@@ -1087,9 +1094,14 @@ impl Relay {
             let routes = bye.routes(|value| {
                 crate::sip::NameAddr::parse(value).is_ok_and(|na| me.is_myself(&na.uri))
             });
-            let Some(message) = bye.render(&via, &routes).and_then(|b| Message::parse(b).ok())
+            let Some(message) = bye
+                .render(&via, &routes)
+                .and_then(|b| Message::parse(b).ok())
             else {
-                warn!(call_id, party, "BYE not sent: no target URI known for the party");
+                warn!(
+                    call_id,
+                    party, "BYE not sent: no target URI known for the party"
+                );
                 continue;
             };
             let addr = dest.addr;

@@ -215,7 +215,9 @@ impl CoreFactory {
         .with_dialogs(dialogs);
         let mut core = Core::new(identity, self.layer, relay, index, loops);
         // `ctl dlg end` reaches this loop's calls through its wake signal.
-        self.dialogs.directory.attach_loop(index, Arc::clone(&core.wake));
+        self.dialogs
+            .directory
+            .attach_loop(index, Arc::clone(&core.wake));
         core.tag_hasher = self.tag_hasher.clone();
         core.force_rport = self.force_rport;
         if index == 0 {
@@ -321,7 +323,8 @@ impl Worker for Core {
             Input::Wake => {
                 let mut pending = std::mem::take(&mut self.pending);
                 self.release_parked(now, &mut pending);
-                self.relay.on_wake(now, &mut self.transactions, &mut pending);
+                self.relay
+                    .on_wake(now, &mut self.transactions, &mut pending);
                 self.drain(pending, now, out);
             }
             Input::Resolved { id, result } => {

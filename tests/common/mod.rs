@@ -54,7 +54,10 @@ pub fn without_signature(value: &str) -> String {
             .iter()
             .chain(&token[10..])
             .all(u8::is_ascii_hexdigit);
-    assert!(well_formed, "a signature `[qstu]<8 hex>.<16 hex>` in {value}");
+    assert!(
+        well_formed,
+        "a signature `[qstu]<8 hex>.<16 hex>` in {value}"
+    );
     format!("{}{}", &value[..at], &sig[len..])
 }
 
