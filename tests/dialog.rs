@@ -76,6 +76,15 @@ fn start_with(script: &Path, edit: impl FnOnce(&mut Config)) -> Running {
     }
 }
 
+/// [`start_with`] the script `text` (in the returned directory, to keep while it runs).
+fn start_script(text: &str, edit: impl FnOnce(&mut Config)) -> (TempDir, Running) {
+    let dir = TempDir::new().unwrap();
+    let script = dir.path().join("script.lua");
+    std::fs::write(&script, text).unwrap();
+    let proxy = start_with(&script, edit);
+    (dir, proxy)
+}
+
 /// The CDR lines written so far.
 fn cdrs(proxy: &Running) -> Vec<String> {
     std::fs::read_to_string(proxy.dir.path().join("cdr.jsonl"))
@@ -300,10 +309,7 @@ end
 
 #[tokio::test]
 async fn a_per_user_limit_of_two_refuses_the_third_call_and_admits_it_after_a_hangup() {
-    let dir = TempDir::new().unwrap();
-    let script = dir.path().join("limit.lua");
-    std::fs::write(&script, LIMITING_SCRIPT).unwrap();
-    let proxy = start(&script);
+    let (_script, proxy) = start_script(LIMITING_SCRIPT, |_| {});
     let mut bob = phone("bob", BOB_IP, &proxy, DOMAIN).await;
     let mut alice = phone("alice", ALICE_IP, &proxy, DOMAIN).await;
     let bob_uri = bob.uri();
@@ -477,10 +483,9 @@ end
 
 #[tokio::test]
 async fn the_script_s_timeout_wins_over_the_configured_one() {
-    let dir = TempDir::new().unwrap();
-    let script = dir.path().join("short.lua");
-    std::fs::write(&script, SHORT_CALLS_SCRIPT).unwrap();
-    let proxy = start_with(&script, |config| config.dialog.max_duration_secs = 3600);
+    let (_script, proxy) = start_script(SHORT_CALLS_SCRIPT, |config| {
+        config.dialog.max_duration_secs = 3600
+    });
     let mut bob = phone("bob", BOB_IP, &proxy, DOMAIN).await;
     let mut alice = phone("alice", ALICE_IP, &proxy, DOMAIN).await;
     let bob_uri = bob.uri();

@@ -778,10 +778,15 @@ mod tests {
 
     /// The callee's copy for [`invite`] and the caller's for [`ok`], both written at T0.
     fn both_copies() -> (String, String) {
+        copies(false, T0)
+    }
+
+    /// [`both_copies`] for a tracked call or not, written at `secs`.
+    fn copies(tracked: bool, secs: u64) -> (String, String) {
         let signer = signer();
-        let q = signer.sign_request(&invite(), at(T0));
+        let q = signer.sign_request_for(&invite(), tracked, at(secs));
         let mut response = ok(&q);
-        assert!(signer.sign_response(&mut response, is_us, at(T0)));
+        assert!(signer.sign_response(&mut response, is_us, at(secs)));
         let ours = response
             .values(HeaderName::RecordRoute)
             .nth(1)
@@ -811,19 +816,8 @@ mod tests {
     #[test]
     fn a_tracked_call_s_copies_say_so_and_only_this_run_calls_them_its_own() {
         let signer = signer();
-        let t = signer.sign_request_for(&invite(), true, at(T0 + 10));
+        let (t, u) = copies(true, T0 + 10);
         assert!(t.starts_with('t'), "{t}");
-        let mut response = ok(&t);
-        assert!(signer.sign_response(&mut response, is_us, at(T0 + 10)));
-        let ours = response
-            .values(HeaderName::RecordRoute)
-            .nth(1)
-            .unwrap()
-            .unwrap()
-            .to_vec();
-        let ours = String::from_utf8(ours).unwrap();
-        let start = ours.find("mrs=").unwrap() + 4;
-        let u = ours[start..start + TOKEN_LEN].to_owned();
         assert!(u.starts_with('u'), "{u}");
         // Alice's BYE with her (caller's) copy: valid, and the call was tracked by this run.
         let bye = in_dialog(
