@@ -55,6 +55,20 @@ impl Stamp {
         }
     }
 
+    /// The event loop's `now` (taken when its current batch of work began, possibly a few
+    /// milliseconds ago under load) with the wall-clock time of that same instant, so a CDR's
+    /// times agree with the deadlines: a call cut at its max duration lasts that long in its
+    /// CDR, not that less the loop's delay.
+    pub fn at(now: Instant) -> Stamp {
+        let since = Instant::now().saturating_duration_since(now);
+        Stamp {
+            at: now,
+            wall: SystemTime::now()
+                .checked_sub(since)
+                .unwrap_or(SystemTime::UNIX_EPOCH),
+        }
+    }
+
     /// This stamp moved `by` later on both clocks (tests, simulated time).
     pub fn after(self, by: Duration) -> Stamp {
         Stamp {

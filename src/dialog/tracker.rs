@@ -13,7 +13,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use bytes::Bytes;
 use tracing::{info, warn};
@@ -35,10 +35,7 @@ pub struct DialogTracker {
 }
 
 fn stamp(now: Instant) -> Stamp {
-    Stamp {
-        at: now,
-        wall: SystemTime::now(),
-    }
+    Stamp::at(now)
 }
 
 impl DialogTracker {

@@ -84,10 +84,7 @@ pub fn settle_managed(lua: &Lua, current: Current, routed: &Routed) {
     match &routed.decision {
         Decision::Relay { .. } | Decision::Resolve { .. } => {}
         Decision::Reply { code, .. } if *code >= 300 => {
-            let now = Stamp {
-                at: Instant::now(),
-                wall: SystemTime::now(),
-            };
+            let now = Stamp::now();
             if let Some(cdr) =
                 table.on_invite_response(id, *code, None, None, Vec::new(), None, now)
             {
@@ -129,10 +126,7 @@ pub(super) fn add_methods<M: UserDataMethods<ScriptMsg>>(methods: &mut M) {
             return Ok((false, Some(Refusal::NoFromTag.as_str())));
         };
         let dialogs = dialogs(lua);
-        let now = Stamp {
-            at: Instant::now(),
-            wall: SystemTime::now(),
-        };
+        let now = Stamp::now();
         let created = dialogs.table.borrow_mut().manage(new, now);
         match created {
             Ok(id) => {
