@@ -172,14 +172,17 @@ function on_request(req)
 end
 
 -- Tracks a call this server record-routes (Kamailio's dlg_manage): `moonroute ctl dlg`, the
--- CDR in <data_dir>/cdr.jsonl, and req:dlg_known() for its in-dialog requests. A full dialog
--- table is logged and the call goes on untracked. To limit a user to two calls at once:
---   if not sip.dlg.profile_add("caller", req.from_uri, 2) then
+-- CDR in <data_dir>/cdr.jsonl, and req:dlg_known() for its in-dialog requests. True when the
+-- call is tracked; a full dialog table is logged and the call goes on untracked. To limit a
+-- user to two calls at once (across event loops), replace each `track_call(req)` line above
+-- with these two (README, "Calls"):
+--   if track_call(req) and not sip.dlg.profile_add("caller", req.from_uri, 2) then
 --     return req:reply(486, "Busy Here") end
 function track_call(req)
   if req:is_method("INVITE") then
-    req:dlg_manage()
+    return req:dlg_manage()
   end
+  return false
 end
 
 -- The SCANNERS entry found in a User-Agent value, or nil.

@@ -498,3 +498,45 @@ async fn the_script_s_timeout_wins_over_the_configured_one() {
     let duration = number(&line, "duration");
     assert!((0.5..30.0).contains(&duration), "{line}");
 }
+
+/// The README's two Lua lines ("Calls: dialogs, limits, CDRs"), in place of each
+/// `track_call(req)` line of scripts/default.lua (digest authentication off).
+fn default_script_with_the_readme_limit(dir: &Path) -> PathBuf {
+    let readme = include_str!("../README.md");
+    let section = &readme[readme
+        .find("### Calls: dialogs, limits, CDRs")
+        .expect("the section")..];
+    let block = &section[section.find("```lua\n").expect("a Lua block") + 7..];
+    let lines = &block[..block.find("```").expect("its end")];
+    let script = std::fs::read_to_string(common::default_script_without_auth()).unwrap();
+    let indented = |indent: &str| {
+        lines
+            .lines()
+            .map(|line| format!("{indent}{line}\n"))
+            .collect::<String>()
+    };
+    let limited = script.replace("    track_call(req)\n", &indented("    "));
+    assert_eq!(
+        limited.matches("profile_add(\"caller\"").count(),
+        3,
+        "two call sites and the comment"
+    );
+    let path = dir.join("default-limited.lua");
+    std::fs::write(&path, limited).unwrap();
+    path
+}
+
+#[tokio::test]
+async fn the_readme_s_two_lines_limit_a_user_of_default_lua_to_two_calls() {
+    let dir = TempDir::new().unwrap();
+    let proxy = start(&default_script_with_the_readme_limit(dir.path()));
+    let mut bob = registered_bob(&proxy).await;
+    let mut alice = phone("alice", ALICE_IP, &proxy, DOMAIN).await;
+
+    let (mut first, _) = answered_call(&mut alice, &mut bob, &aor("bob")).await;
+    let _second = answered_call(&mut alice, &mut bob, &aor("bob")).await;
+    alice.invite(&aor("bob")).await;
+    alice.expect_final(486).await;
+    hang_up(&mut alice, &mut first, &mut bob).await;
+    let _fourth = answered_call(&mut alice, &mut bob, &aor("bob")).await;
+}
