@@ -3,7 +3,7 @@
 # without auth, once with dialog tracking (as shipped: req:dlg_manage() on every call it
 # record-routes) and once without (MODES "dlg nodlg"), each on a fresh server. Loopback only.
 #
-#   bench/dialog_memory.sh [CALLS] [RATE]     defaults: 10000 calls at 500 calls/s, held 30 s
+#   bench/dialog_memory.sh [CALLS] [RATE]     defaults: 10000 calls at 500 calls/s, held 28 s (bench/call-uas.xml waits 30 s for the BYE)
 #
 # UAC SIPp 127.0.0.1:$UAC_PORT --> moonroute udp:127.0.0.1:$PORT --> UAS SIPp 127.0.0.1:$UAS_PORT
 #      (CPU 1)                      (1 worker, CPU 0)                     (CPU 1)
@@ -15,7 +15,7 @@
 # difference between the two runs per call: what tracking a held call costs in RSS (the
 # transactions and everything else are the same in both). Bounded: CALLS calls per run, SIPp
 # gives up after $TIMEOUT.
-# Environment: MODES ("dlg nodlg"), HOLD_MS (30000), SETTLE_S (4), PORT (24060), UAS_PORT
+# Environment: MODES ("dlg nodlg"), HOLD_MS (28000), SETTLE_S (4), PORT (24060), UAS_PORT
 # (24080), UAC_PORT (24070), TIMEOUT (180s), MOONROUTE=path (else cargo build --release),
 # KEEP=1 (keep the work directory).
 set -euo pipefail
@@ -23,7 +23,7 @@ cd "$(dirname "$0")/.."
 source bench/lib.sh
 calls=${1:-10000}
 rate=${2:-500}
-hold_ms=${HOLD_MS:-30000}
+hold_ms=${HOLD_MS:-28000}
 settle_s=${SETTLE_S:-4}
 port=${PORT:-24060}
 uas_port=${UAS_PORT:-24080}
