@@ -144,6 +144,7 @@ function on_request(req)
       -- through us to the caller's Contact, which must be where the caller really is.
       req:fix_nated_contact()
     end
+    track_call(req)
     return req:t_relay()
   end
 
@@ -162,6 +163,7 @@ function on_request(req)
       -- The callee's requests in this dialog must go where the caller really is.
       req:fix_nated_contact()
     end
+    track_call(req)
   end
 
   -- Fork to every registered contact of the user (highest q first, RFC 3261 §16.6).
@@ -169,6 +171,20 @@ function on_request(req)
     return req:reply(404, "Not Found")
   end
   return req:t_relay()
+end
+
+-- Tracks a call this server record-routes (Kamailio's dlg_manage): `moonroute ctl dlg`, the
+-- CDR in <data_dir>/cdr.jsonl, and req:dlg_known() for its in-dialog requests. True when the
+-- call is tracked; a full dialog table is logged and the call goes on untracked. To limit a
+-- user to two calls at once (across event loops), replace each `track_call(req)` line above
+-- with these two (README, "Calls"):
+--   if track_call(req) and not sip.dlg.profile_add("caller", req.from_uri, 2) then
+--     return req:reply(486, "Busy Here") end
+function track_call(req)
+  if req:is_method("INVITE") then
+    return req:dlg_manage()
+  end
+  return false
 end
 
 -- scanner_of's answers (a SCANNERS entry, or false) by User-Agent value, so a phone's every
@@ -248,9 +264,23 @@ end
 -- In-dialog requests are not authenticated (an ACK cannot be challenged): loose_route() is
 -- true only for a Route this server signed for the dialog when it Record-Routed it, so a
 -- stranger's To tag and `Route: <sip:us;lr>` get the 404 below, not a relay.
+--
+-- A call this server tracks (track_call) is also checked against its dialog: its requests must
+-- come from one of its two parties and go to the other, and stop when it ends (481), so a
+-- captured Route reaches nobody outside the call, and nobody after it (its signed Route says
+-- it was tracked: "ended" even once the table forgot it). A dialog it does not track (a
+-- subscription, a call set up before this process started) is routed on its signed Route
+-- alone.
 function in_dialog(req)
   if req:loose_route() then
-    return req:t_relay()
+    local known, why = req:dlg_known()
+    if known or why == "untracked" then
+      return req:t_relay()
+    end
+    if req:is_method("ACK") then
+      return req:drop("ACK outside its dialog (" .. why .. ")")
+    end
+    return req:reply(481, "Call/Transaction Does Not Exist")
   end
   if req:is_method("ACK") then
     -- An ACK for a 2xx without a route set through us is not ours to route.

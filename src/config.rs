@@ -72,6 +72,77 @@ pub struct Config {
     pub auth: Auth,
     /// The per-source rate limiter behind `sip.pike_check` (flood protection).
     pub pike: Pike,
+    /// Dialog tracking (`req:dlg_manage()`), call limits and CDRs: `crate::dialog`.
+    pub dialog: Dialog,
+}
+
+/// Dialog tracking and accounting (`crate::dialog`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Dialog {
+    /// Most dialogs tracked per event loop; `req:dlg_manage()` returns false past it.
+    /// Default: 100000.
+    pub max_dialogs: usize,
+    /// Most memory the dialogs of one event loop may hold, in MiB (about 2 KiB per call with
+    /// a few variables). Default: 256.
+    pub memory_mb: usize,
+    /// A dialog still up this many seconds after it began is forgotten (its BYE was lost),
+    /// without BYEs (Kamailio's `default_timeout`). Default: 43200 (12 h).
+    pub lifetime_secs: u64,
+    /// A tracked call is ended with a BYE to both parties this many seconds after its
+    /// answer, unless the script sets its own (`req:dlg_set_timeout`). 0: no limit (the
+    /// default).
+    pub max_duration_secs: u64,
+    /// Write a CDR per ended dialog to `<data_dir>/cdr.jsonl`. Default: true.
+    pub cdr: bool,
+    /// Also a CDR per failed call attempt (CANCEL, 4xx-6xx, no answer). Default: true.
+    pub cdr_failed_attempts: bool,
+    /// The CDR file is rotated past this many MiB. Default: 100.
+    pub cdr_max_mb: u64,
+    /// Rotated CDR files kept (`cdr.jsonl.1` ... `.N`). Default: 10.
+    pub cdr_keep: usize,
+}
+
+impl Default for Dialog {
+    fn default() -> Self {
+        Dialog {
+            max_dialogs: 100_000,
+            memory_mb: 256,
+            lifetime_secs: 43_200,
+            max_duration_secs: 0,
+            cdr: true,
+            cdr_failed_attempts: true,
+            cdr_max_mb: 100,
+            cdr_keep: 10,
+        }
+    }
+}
+
+impl Dialog {
+    fn validate(&self) -> Result<(), String> {
+        if self.max_dialogs == 0 || self.memory_mb == 0 || self.lifetime_secs == 0 {
+            return Err(
+                "dialog: max_dialogs, memory_mb and lifetime_secs must be at least 1".to_owned(),
+            );
+        }
+        if self.cdr_max_mb == 0 {
+            return Err("dialog: cdr_max_mb must be at least 1".to_owned());
+        }
+        Ok(())
+    }
+
+    /// The dialog table's limits.
+    pub fn limits(&self) -> crate::dialog::Limits {
+        use std::time::Duration;
+        crate::dialog::Limits {
+            max_dialogs: self.max_dialogs,
+            memory_budget: self.memory_mb.saturating_mul(1 << 20),
+            lifetime: Duration::from_secs(self.lifetime_secs),
+            default_max_duration: (self.max_duration_secs > 0)
+                .then(|| Duration::from_secs(self.max_duration_secs)),
+            ..crate::dialog::Limits::default()
+        }
+    }
 }
 
 /// NAT traversal (RFC 3581; keep-alives as in RFC 5626 §4.4.1). See `src/nat/`.
@@ -718,6 +789,7 @@ impl Default for Config {
             nat: Nat::default(),
             auth: Auth::default(),
             pike: Pike::default(),
+            dialog: Dialog::default(),
         }
     }
 }
@@ -965,7 +1037,8 @@ impl Config {
         self.dns.validate().map_err(invalid)?;
         self.nat.validate().map_err(invalid)?;
         self.auth.validate().map_err(invalid)?;
-        self.pike.validate().map_err(invalid)
+        self.pike.validate().map_err(invalid)?;
+        self.dialog.validate().map_err(invalid)
     }
 
     /// What `listen` advertises (its own `advertise=`, else the global `advertise`), `None`

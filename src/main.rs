@@ -261,6 +261,7 @@ fn run(args: RunArgs) -> Result<(), Box<dyn Error>> {
             None => Arc::new(factory),
         }
     };
+    let dialogs = factory.dialog_directory();
     let server = Server::start(&config, factory)?;
     for listen in server.listen_addrs() {
         let advertise = config
@@ -277,7 +278,7 @@ fn run(args: RunArgs) -> Result<(), Box<dyn Error>> {
         "moonroute running"
     );
 
-    let signal = serve_until_termination(&config, &host, &metrics)?;
+    let signal = serve_until_termination(&config, &host, &metrics, &dialogs)?;
     info!(signal, "shutting down");
     server.shutdown();
     info!("stopped");
@@ -357,6 +358,7 @@ fn serve_until_termination(
     config: &Config,
     host: &Arc<ScriptHost>,
     metrics: &Arc<EngineMetrics>,
+    dialogs: &Arc<moonroute::dialog::Directory>,
 ) -> Result<&'static str, Box<dyn Error>> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -373,7 +375,8 @@ fn serve_until_termination(
         let _control = match config.control.socket.as_os_str().is_empty() {
             true => None,
             false => {
-                let handler = control_handler(host.clone(), Arc::clone(metrics));
+                let handler =
+                    control_handler(host.clone(), Arc::clone(metrics), Arc::clone(dialogs));
                 let server = ControlServer::bind(&config.control.socket, handler)
                     .await
                     .map_err(|e| {
@@ -434,11 +437,13 @@ async fn sweep_expired(host: Arc<ScriptHost>) {
 }
 
 /// What `moonroute ctl` can ask, for the error replies.
-const COMMANDS: &str = "reload, status, stats [PREFIX], ul show|rm|add|count, user add|rm|list";
+const COMMANDS: &str =
+    "reload, status, stats [PREFIX], ul show|rm|add|count, user add|rm|list, dlg list|show|end|count";
 
 fn control_handler(
     host: Arc<ScriptHost>,
     metrics: Arc<EngineMetrics>,
+    dialogs: Arc<moonroute::dialog::Directory>,
 ) -> moonroute::control::Handler {
     Arc::new(
         move |args: &[String]| match args.first().map(String::as_str) {
@@ -474,6 +479,9 @@ fn control_handler(
             ))
             }
             Some("stats") => moonroute::control::stats::command(&args[1..], metrics.registry()),
+            Some("dlg") => {
+                moonroute::control::dlg::command(&args[1..], &dialogs, SystemTime::now())
+            }
             // The control server runs this handler on tokio's blocking pool (spawn_blocking),
             // never on a SIP event loop: `ul`'s wait for the disk flush (at most 10 s, see
             // `control::ul`) blocks only that pool thread, so no `block_in_place` is needed.

@@ -8,6 +8,7 @@
 //! `reload` or `status` mean is decided by the [`Handler`] the caller installs.
 //!
 //! - [`stats`]: `stats [PREFIX]`, the metric samples.
+//! - [`dlg`]: `dlg list|show|count`, the calls the event loops track.
 //! - [`ul`]: the `ul show|rm|add|count` commands on the location database (Kamailio's
 //!   `kamctl ul`), which `moonroute`'s handler runs for `ul`.
 //!
@@ -38,6 +39,7 @@
 //! on every connection: only the socket's owner (and root) may send commands.
 
 mod client;
+pub mod dlg;
 mod server;
 pub mod stats;
 pub mod ul;

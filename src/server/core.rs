@@ -77,6 +77,29 @@ pub struct CoreFactory {
     route_lifetime: Duration,
     /// The engine's metric handles, shared by every loop (see [`CoreFactory::with_metrics`]).
     metrics: Arc<EngineMetrics>,
+    /// `[dialog]`: each loop's dialog table limits, the profile counts all loops share, and
+    /// the CDR file.
+    dialogs: DialogSetup,
+}
+
+/// What each loop's dialog table is made with (`crate::dialog`).
+struct DialogSetup {
+    limits: crate::dialog::Limits,
+    profiles: Arc<crate::dialog::Profiles>,
+    cdr: Option<Arc<crate::dialog::CdrSink>>,
+    metrics: Arc<crate::dialog::DialogMetrics>,
+    directory: Arc<crate::dialog::Directory>,
+}
+
+impl DialogSetup {
+    fn tracker(&self, index: usize, router: &mut dyn Router) -> crate::dialog::DialogTracker {
+        let table = crate::dialog::DialogTable::new(self.limits, Arc::clone(&self.profiles))
+            .with_metrics(Arc::clone(&self.metrics))
+            .with_directory(Arc::clone(&self.directory), index);
+        let table = std::rc::Rc::new(std::cell::RefCell::new(table));
+        router.attach_dialogs(std::rc::Rc::clone(&table));
+        crate::dialog::DialogTracker::new(table, self.cdr.clone())
+    }
 }
 
 impl CoreFactory {
@@ -118,12 +141,21 @@ impl CoreFactory {
             route_signer: RouteSigner::random().with_lifetime(config.proxy.record_route_lifetime()),
             route_lifetime: config.proxy.record_route_lifetime(),
             metrics: EngineMetrics::detached(),
+            dialogs: DialogSetup {
+                limits: config.dialog.limits(),
+                profiles: crate::dialog::Profiles::new(),
+                cdr: crate::dialog::CdrSink::from_config(config),
+                metrics: crate::dialog::DialogMetrics::detached(),
+                directory: crate::dialog::Directory::new(),
+            },
         }
     }
 
     /// Counts into `metrics` (the server's registry, see `metrics::engine`): the loops and
     /// the transport shell. Without it the counts go to a registry nobody serves.
     pub fn with_metrics(mut self, metrics: Arc<EngineMetrics>) -> CoreFactory {
+        self.dialogs.metrics =
+            crate::dialog::DialogMetrics::register(metrics.registry(), &self.dialogs.profiles);
         self.metrics = metrics;
         self
     }
@@ -141,6 +173,11 @@ impl CoreFactory {
     pub fn with_keepalives(mut self, store: Arc<dyn LocationStore>) -> CoreFactory {
         self.keepalive = self.keepalive_config.map(|settings| (settings, store));
         self
+    }
+
+    /// The calls every loop tracks, for `moonroute ctl dlg`.
+    pub fn dialog_directory(&self) -> Arc<crate::dialog::Directory> {
+        Arc::clone(&self.dialogs.directory)
     }
 
     /// Whether the `[proxy]` built-in router is configured to relay anything.
@@ -165,15 +202,22 @@ impl CoreFactory {
             })
             .collect();
         let identity = LocalIdentity::of_listeners(&self.domains, &bound);
+        let mut router = (self.router)(index, &identity);
+        let dialogs = self.dialogs.tracker(index, router.as_mut());
         let relay = Relay::new(
             ProxyIdentity::new(identity.clone()).with_signer(self.route_signer.clone()),
             SUPPORTED.to_vec(),
             index,
             bound,
             self.timer_c,
-            (self.router)(index, &identity),
-        );
+            router,
+        )
+        .with_dialogs(dialogs);
         let mut core = Core::new(identity, self.layer, relay, index, loops);
+        // `ctl dlg end` reaches this loop's calls through its wake signal.
+        self.dialogs
+            .directory
+            .attach_loop(index, Arc::clone(&core.wake));
         core.tag_hasher = self.tag_hasher.clone();
         core.force_rport = self.force_rport;
         if index == 0 {
@@ -282,6 +326,8 @@ impl Worker for Core {
             Input::Wake => {
                 let mut pending = std::mem::take(&mut self.pending);
                 self.release_parked(now, &mut pending);
+                self.relay
+                    .on_wake(now, &mut self.transactions, &mut pending);
                 self.drain(pending, now, out);
             }
             Input::Resolved { id, result } => {
