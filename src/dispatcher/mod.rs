@@ -240,6 +240,17 @@ impl Dispatcher {
         Ok(dispatcher)
     }
 
+    /// A dispatcher without sets (`sip.ds.select` finds none): offline runs, tests.
+    pub fn empty() -> Dispatcher {
+        Dispatcher {
+            rules: Rules::default(),
+            configured: Vec::new(),
+            file: None,
+            table: RwLock::new(Arc::new(Table::default())),
+            random: AtomicU64::new(seed_from_clock()),
+        }
+    }
+
     /// The `[dispatcher]` section of `config`.
     pub fn from_config(config: &crate::config::Dispatcher) -> Result<Dispatcher, String> {
         Dispatcher::new(

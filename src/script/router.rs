@@ -211,6 +211,10 @@ impl ScriptHost {
                     .with_blocks_counter(engine.pike_blocks),
             ),
             metrics,
+            dispatcher: Arc::new(
+                crate::dispatcher::Dispatcher::from_config(&config.dispatcher)
+                    .map_err(ScriptError)?,
+            ),
             clock: None,
         };
         ScriptHost::load(

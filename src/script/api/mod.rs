@@ -19,6 +19,7 @@ use mlua::{Lua, Table, UserData, UserDataFields, UserDataMethods, Value, Variadi
 use tracing::{debug, error, info, warn};
 
 mod auth;
+mod dispatcher;
 mod flood;
 mod metrics;
 mod nat;
@@ -394,6 +395,7 @@ impl UserData for ScriptMsg {
         auth::add_methods(methods);
         nat::add_methods(methods);
         flood::add_methods(methods);
+        dispatcher::add_methods(methods);
     }
 }
 
@@ -782,6 +784,7 @@ pub fn install(lua: &Lua, script: Rc<str>, env: Env) -> mlua::Result<()> {
     nat::install(lua, &sip)?;
     flood::install(lua, &sip)?;
     metrics::install(lua, &sip)?;
+    dispatcher::install(lua, &sip)?;
     lua.globals().set("sip", sip)?;
     lua.set_app_data(env);
     Ok(())
