@@ -235,3 +235,20 @@ async fn a_call_id_hash_keeps_every_request_of_a_call_on_one_destination() {
         "12 calls all hashed to one of three"
     );
 }
+
+#[test]
+fn the_shipped_balancer_script_passes_moonroute_check() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/balancer.lua");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_moonroute"))
+        .arg("check")
+        .arg(&script)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("ok (on_request, on_failure)"), "{stdout}");
+}
