@@ -776,15 +776,18 @@ pub struct Limits {
     /// the script runs, so a slow disk or DNS server makes clients back off instead of
     /// retransmitting into a growing queue. Default: 2000.
     pub max_backlog: usize,
-    /// How long, in milliseconds, an event loop may go without catching up with a UDP
-    /// socket's receive queue (the queue never ran empty meanwhile). Beyond it the loop is
-    /// overloaded: new requests are answered 503 with Retry-After until it catches up, while
-    /// responses, ACKs, CANCELs and retransmissions of accepted requests are still served.
-    /// The time since the queue was last empty bounds the wait of the datagrams in it from
-    /// above, so a loop near saturation, or one starved of CPU by other processes, can pass it
-    /// while its requests wait less (a few 503s that were not needed; see bench/README.md).
-    /// 0: off. Default: 500 (T1: by then clients start retransmitting).
-    pub max_receive_lag_ms: u64,
+    /// How long, in milliseconds, an event loop must stay saturated (never idle: its UDP
+    /// sockets, hand-over queue, connections and timers never all drained) before it sheds
+    /// load. Then it answers a share of new out-of-dialog requests 503 with Retry-After, a
+    /// share that grows while it stays saturated and falls as soon as it has time to spare
+    /// (`server::overload`); responses, ACKs, CANCELs, retransmissions and requests inside a
+    /// dialog are always served. Shorter saturations (a burst, another process holding the
+    /// CPU for a moment) refuse nothing. 0: off. Default: 1000.
+    pub overload_after_ms: u64,
+    /// Deprecated, use `overload_after_ms`: when set, its value is used as
+    /// `overload_after_ms` (0: off), and the server warns at start.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_receive_lag_ms: Option<u64>,
     /// Accepted (inbound) TCP and TLS connections at once; the rest of `max_connections` is
     /// kept for connections this server opens, so clients cannot starve them. Default (when
     /// absent): `max_connections` minus an eighth, rounded up (896 of 1024).
@@ -854,7 +857,8 @@ impl Default for Limits {
             transaction_memory_mb: 512,
             max_transactions: None,
             max_backlog: 2000,
-            max_receive_lag_ms: 500,
+            overload_after_ms: 1000,
+            max_receive_lag_ms: None,
             max_inbound_connections: None,
             max_connections_per_ip: None,
             max_pending_connections_per_ip: None,
@@ -872,23 +876,30 @@ impl Limits {
 
     /// What an operator should change in `[limits]`, one line per deprecated key set.
     pub fn deprecations(&self) -> Vec<String> {
-        self.max_transactions
-            .map(|n| {
-                format!(
-                    "limits.max_transactions ({n}) is deprecated and will go: transactions are \
-                     bounded by limits.transaction_memory_mb ({} MiB) now; it still caps each \
-                     event loop at {n} live transactions until removed from the configuration",
-                    self.transaction_memory_mb
-                )
-            })
-            .into_iter()
-            .collect()
+        let transactions = self.max_transactions.map(|n| {
+            format!(
+                "limits.max_transactions ({n}) is deprecated and will go: transactions are \
+                 bounded by limits.transaction_memory_mb ({} MiB) now; it still caps each \
+                 event loop at {n} live transactions until removed from the configuration",
+                self.transaction_memory_mb
+            )
+        });
+        let lag = self.max_receive_lag_ms.map(|ms| {
+            format!(
+                "limits.max_receive_lag_ms ({ms}) is deprecated and will go: an event loop \
+                 sheds load after limits.overload_after_ms of saturation now; {ms} is used as \
+                 limits.overload_after_ms until removed from the configuration"
+            )
+        });
+        transactions.into_iter().chain(lag).collect()
     }
 
-    /// `max_receive_lag_ms` as a duration; `None` when it is 0 (off).
-    pub fn max_receive_lag(&self) -> Option<std::time::Duration> {
-        (self.max_receive_lag_ms > 0)
-            .then(|| std::time::Duration::from_millis(self.max_receive_lag_ms))
+    /// How long an event loop must be saturated before it sheds load
+    /// (`overload_after_ms`, or the deprecated `max_receive_lag_ms` when set); `None` when
+    /// 0 (off).
+    pub fn overload_after(&self) -> Option<std::time::Duration> {
+        let ms = self.max_receive_lag_ms.unwrap_or(self.overload_after_ms);
+        (ms > 0).then(|| std::time::Duration::from_millis(ms))
     }
 
     /// `max_inbound_connections`, or its default: all of `max_connections` but an eighth
@@ -1254,7 +1265,7 @@ mod tests {
             tcp_connect_timeout_secs = 2
             tcp_send_queue = 16
             max_backlog = 50
-            max_receive_lag_ms = 0
+            overload_after_ms = 0
             max_inbound_connections = 8
             max_connections_per_ip = 3
             max_pending_connections_per_ip = 2
@@ -1276,7 +1287,7 @@ mod tests {
                 max_tracked_ips: 1000,
             }
         );
-        assert_eq!(config.limits.max_receive_lag(), None);
+        assert_eq!(config.limits.overload_after(), None);
         assert_eq!(
             config.listen,
             vec![
@@ -1314,7 +1325,8 @@ mod tests {
                 transaction_memory_mb: Limits::default().transaction_memory_mb,
                 max_transactions: Limits::default().max_transactions,
                 max_backlog: 50,
-                max_receive_lag_ms: 0,
+                overload_after_ms: 0,
+                max_receive_lag_ms: None,
                 max_inbound_connections: Some(8),
                 max_connections_per_ip: Some(3),
                 max_pending_connections_per_ip: Some(2),
@@ -1346,6 +1358,29 @@ mod tests {
             ..Limits::default()
         };
         assert_eq!(set.connections_per_ip(), 500);
+    }
+
+    #[test]
+    fn overload_after_replaces_max_receive_lag_which_still_works_with_a_warning() {
+        let config = Config::parse("").unwrap();
+        assert_eq!(
+            config.limits.overload_after(),
+            Some(std::time::Duration::from_secs(1))
+        );
+        let config = Config::parse("[limits]\nmax_receive_lag_ms = 0\n").unwrap();
+        assert_eq!(config.limits.overload_after(), None);
+        let warnings = config.limits.deprecations();
+        assert_eq!(warnings.len(), 1);
+        assert!(
+            warnings[0].contains("limits.max_receive_lag_ms (0) is deprecated"),
+            "{warnings:?}"
+        );
+        let config = Config::parse("[limits]\noverload_after_ms = 2500\n").unwrap();
+        assert_eq!(
+            config.limits.overload_after(),
+            Some(std::time::Duration::from_millis(2500))
+        );
+        assert!(config.limits.deprecations().is_empty());
     }
 
     #[test]

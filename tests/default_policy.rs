@@ -678,7 +678,7 @@ async fn loopback_is_not_exempt_from_flood_protection() {
         // One window for the whole test, however slow the machine.
         c.pike.window_ms = 60_000;
         // What is tested is the script's ban, not the engine's receive-lag shedding.
-        c.limits.max_receive_lag_ms = 0;
+        c.limits.overload_after_ms = 0;
     });
     let mut guesser = Flooder::bind([127, 0, 0, 1], DOMAIN).await;
     for _ in 0..3 * LIMIT {

@@ -626,7 +626,7 @@ async fn a_flood_does_not_disturb_registered_phones_and_gets_banned() {
         // What is tested is the script's ban. A debug build on a loaded machine can be
         // 500 ms behind its socket during the burst and would then (rightly) refuse the
         // phones' new requests too; tests/flood.rs tests the receive-lag limit.
-        config.limits.max_receive_lag_ms = 0;
+        config.limits.overload_after_ms = 0;
     });
     let (mut alice, public) = nated_alice(&proxy).await;
     let (mut registration, mut alice_credentials) = register(&mut alice, "alice", "SHA-256").await;

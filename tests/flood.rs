@@ -4,9 +4,10 @@
 //!   with zero failures, during and after the flood; the ban ends after its TTL.
 //! - the overload answer: with `limits.max_backlog` requests waiting for DNS, a new request
 //!   gets 503 with Retry-After before the script runs, while OPTIONS to the server itself is
-//!   still answered; and, driving the core directly with an explicit receive lag, a loop
-//!   behind its UDP queue for longer than `limits.max_receive_lag_ms` refuses new requests
-//!   with 503 but still answers retransmissions.
+//!   still answered; and, driving the core directly with load samples in simulated time, a
+//!   loop saturated for longer than `limits.overload_after_ms` refuses new requests with 503
+//!   but still serves retransmissions and requests inside a dialog, and serves everything
+//!   again once it has time to spare.
 //! - `req:sanity()` through the default script: requests the engine accepts but the stricter
 //!   checks refuse get the reason in a 400 (or 416).
 //!
@@ -104,8 +105,8 @@ async fn a_flooding_source_is_banned_while_a_legitimate_source_is_served() {
     config.pike.max_requests = LIMIT;
     // What is tested is the script's ban. A debug build on a loaded machine can be 500 ms
     // behind its socket during the burst, and would then (rightly) refuse new requests from
-    // the legitimate source too; the receive-lag limit has its own test below.
-    config.limits.max_receive_lag_ms = 0;
+    // the legitimate source too; overload control has its own test below.
+    config.limits.overload_after_ms = 0;
     let (_server, server) = start(&config);
 
     let mut flooder = Flooder::bind([127, 0, 0, 2], DOMAIN).await;
@@ -368,7 +369,7 @@ fn a_misspelt_sanity_flag_is_an_error_at_the_line() {
     }
 }
 
-// ----- the receive-lag limit, driven through the core (sans-IO) ------------------------------
+// ----- overload control, driven through the core (sans-IO) -----------------------------------
 
 fn message_from(n: u32, source: SocketAddr) -> Bytes {
     Bytes::from(format!(
@@ -398,10 +399,10 @@ fn sent_statuses(outputs: &[moonroute::transport::Output]) -> Vec<(u16, Option<S
 }
 
 #[test]
-fn a_loop_behind_its_udp_queue_refuses_new_requests_but_answers_retransmissions() {
-    use moonroute::transport::{Input, Meta, WorkerFactory};
+fn a_saturated_loop_refuses_new_requests_but_serves_retransmissions_and_dialogs() {
+    use moonroute::transport::{Input, LoadSample, Meta, WorkerFactory};
     let mut config = config(&common::default_script_without_auth());
-    config.limits.max_receive_lag_ms = 500;
+    config.limits.overload_after_ms = 500;
     let host = ScriptHost::from_config(&config).expect("the script loads");
     let factory = CoreFactory::with_router(&config, host.router_factory());
     let mut core = factory.make_worker(0);
@@ -418,19 +419,45 @@ fn a_loop_behind_its_udp_queue_refuses_new_requests_but_answers_retransmissions(
         core.on_input(Input::Message { data, meta }, Instant::now(), &mut out);
         sent_statuses(&out)
     };
+    // The shell's samples, every 100 ms of simulated time: busy `busy_ms` of each, idle in
+    // each or never.
+    let t0 = Instant::now();
+    let mut clock = (t0, Duration::ZERO, 0u64);
+    let mut run =
+        |core: &mut Box<dyn moonroute::transport::Worker>, ms: u64, busy_ms: u64, idle: bool| {
+            for _ in 0..ms / 100 {
+                clock.0 += Duration::from_millis(100);
+                clock.1 += Duration::from_millis(busy_ms);
+                clock.2 += u64::from(idle);
+                core.on_load(LoadSample::new(clock.0, clock.1, clock.2));
+            }
+        };
 
-    // Caught up: the script answers (nobody is registered).
-    core.set_receive_lag(Duration::from_millis(100));
+    // Busy 90% but idle now and then: not overloaded, whatever the work.
+    run(&mut core, 5000, 90, true);
     assert_eq!(deliver(&mut core, message_from(1, source)), [(404, None)]);
-    // 600 ms behind: a new request is refused before the script, with Retry-After...
-    core.set_receive_lag(Duration::from_millis(600));
+    // 400 ms without idling: not yet.
+    run(&mut core, 400, 100, false);
+    assert_eq!(deliver(&mut core, message_from(2, source)), [(404, None)]);
+    // Saturated for 3 s: nearly every new request is refused before the script, with
+    // Retry-After...
+    run(&mut core, 2600, 100, false);
     assert_eq!(
-        deliver(&mut core, message_from(2, source)),
+        deliver(&mut core, message_from(3, source)),
         [(503, Some("5".to_owned()))]
     );
-    // ...while a retransmission of an accepted request still gets its answer (§17.2.2).
+    // ...while a retransmission of an accepted request still gets its answer (§17.2.2)...
     assert_eq!(deliver(&mut core, message_from(1, source)), [(404, None)]);
-    // Caught up again: served.
-    core.set_receive_lag(Duration::ZERO);
-    assert_eq!(deliver(&mut core, message_from(3, source)), [(404, None)]);
+    // ...and a request inside a dialog still reaches the script (which has no such dialog).
+    let in_dialog = String::from_utf8(message_from(4, source).to_vec())
+        .unwrap()
+        .replace(
+            &format!("To: <sip:nobody@{DOMAIN}>"),
+            &format!("To: <sip:nobody@{DOMAIN}>;tag=d4"),
+        );
+    let answer = deliver(&mut core, Bytes::from(in_dialog));
+    assert!(answer.iter().all(|(code, _)| *code != 503), "{answer:?}");
+    // Half idle again: the admitted share doubles each 100 ms, all served within a second.
+    run(&mut core, 1000, 50, true);
+    assert_eq!(deliver(&mut core, message_from(5, source)), [(404, None)]);
 }

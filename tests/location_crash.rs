@@ -98,7 +98,7 @@ fn write_config(dir: &Path, port: u16, data_dir: &Path) -> PathBuf {
          # Bursts of 200 REGISTERs at a debug build on a busy machine can keep a loop\n\
          # behind its UDP queue for 500 ms; this test is about durability, not shedding.\n\
          [limits]\n\
-         max_receive_lag_ms = 0\n\
+         overload_after_ms = 0\n\
          \n\
          # The REGISTERs all come from 127.0.0.1, which default.lua does not exempt from\n\
          # flood protection: a round is thousands of them in seconds.\n\

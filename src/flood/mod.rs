@@ -5,9 +5,9 @@
 //!   by every event loop.
 //! - [`sanity`]: the request checks behind `req:sanity()` (Kamailio's `sanity_check`).
 //! - The overload answer itself lives where the queues are: the transaction layer's cap on
-//!   live transactions, and the core's limits on its backlog (`limits.max_backlog`) and on
-//!   how far behind its UDP receive queue the loop is (`limits.max_receive_lag_ms`, measured
-//!   by the UDP receive loop); see `server::core`. All answer new requests 503 with
+//!   live transactions, the core's limit on its backlog (`limits.max_backlog`), and each
+//!   event loop's overload control (`limits.overload_after_ms`, decided in `server::overload`
+//!   from what the shell measures in `transport::load`). All answer new requests 503 with
 //!   Retry-After statelessly.
 
 pub mod pike;

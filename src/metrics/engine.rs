@@ -120,8 +120,8 @@ pub enum OverloadReason {
     MaxTransactions,
     /// `limits.max_backlog`.
     MaxBacklog,
-    /// `limits.max_receive_lag_ms`.
-    MaxReceiveLag,
+    /// `limits.overload_after_ms`: an event loop saturated (see `server::overload`).
+    Saturated,
 }
 
 impl OverloadReason {
@@ -129,7 +129,7 @@ impl OverloadReason {
         OverloadReason::TransactionMemory,
         OverloadReason::MaxTransactions,
         OverloadReason::MaxBacklog,
-        OverloadReason::MaxReceiveLag,
+        OverloadReason::Saturated,
     ];
 
     fn label(self) -> &'static str {
@@ -137,7 +137,7 @@ impl OverloadReason {
             OverloadReason::TransactionMemory => "transaction_memory_mb",
             OverloadReason::MaxTransactions => "max_transactions",
             OverloadReason::MaxBacklog => "max_backlog",
-            OverloadReason::MaxReceiveLag => "max_receive_lag_ms",
+            OverloadReason::Saturated => "overload_after_ms",
         }
     }
 }

@@ -114,11 +114,8 @@ impl ProxyIdentity {
         } else {
             5060
         };
-        let uri = format!("sip:{}:{}", via.host, via.port.unwrap_or(default_port));
-        match Uri::parse(uri.as_bytes()) {
-            Ok(u) => self.local.is_myself(&u),
-            Err(_) => false,
-        }
+        self.local
+            .is_my_host_port(&via.host, via.port.unwrap_or(default_port))
     }
 }
 
@@ -539,16 +536,29 @@ fn host_string(h: &Host<'_>) -> String {
 /// what matching our own Vias needs.
 fn loop_hash(req: &Message, top_via: Option<&Via<'_>>) -> String {
     let mut h = DefaultHasher::new();
-    req.to().ok().and_then(|n| n.tag()).hash(&mut h);
-    req.from().ok().and_then(|n| n.tag()).hash(&mut h);
+    req.to_tag().hash(&mut h);
+    req.from_tag().hash(&mut h);
     req.call_id().ok().hash(&mut h);
     req.cseq().ok().map(|c| c.seq).hash(&mut h);
     req.request_uri_bytes().hash(&mut h);
+    // Hashed as (transport in upper case, host text, port, branch), borrowed: a `[u8]` hashes
+    // as the `Vec<u8>` and a `str` as the `String` this once allocated, so branches are the
+    // same as before.
     match top_via {
-        Some(v) => {
-            let transport = v.transport.to_ascii_uppercase();
-            Some((transport, v.host.to_string(), v.port, v.branch())).hash(&mut h)
-        }
+        Some(v) => v.host.with_text(|host| {
+            let mut upper = [0u8; 16];
+            match upper.get_mut(..v.transport.len()) {
+                Some(upper) => {
+                    upper.copy_from_slice(v.transport);
+                    upper.make_ascii_uppercase();
+                    Some((&*upper, host, v.port, v.branch())).hash(&mut h)
+                }
+                None => {
+                    let upper = v.transport.to_ascii_uppercase();
+                    Some((&upper[..], host, v.port, v.branch())).hash(&mut h)
+                }
+            }
+        }),
         None => None::<()>.hash(&mut h),
     }
     for name in [
@@ -597,7 +607,9 @@ pub fn stateless_branch(req: &Message) -> String {
     let top = req.top_via().ok();
     let mut h = DefaultHasher::new();
     match &top {
-        Some(v) => Some((v.host.to_string(), v.port, v.branch())).hash(&mut h),
+        Some(v) => v
+            .host
+            .with_text(|host| Some((host, v.port, v.branch())).hash(&mut h)),
         None => None::<()>.hash(&mut h),
     }
     req.call_id().ok().hash(&mut h);
@@ -634,8 +646,15 @@ fn stateless_mac(via: Option<&Via<'_>>, call_id: Option<&[u8]>) -> u64 {
     static KEY: std::sync::OnceLock<std::collections::hash_map::RandomState> =
         std::sync::OnceLock::new();
     let key = KEY.get_or_init(std::collections::hash_map::RandomState::new);
-    let via = via.map(|v| (v.host.to_string(), v.port, v.branch()));
-    std::hash::BuildHasher::hash_one(key, (via, call_id))
+    match via {
+        Some(v) => v.host.with_text(|host| {
+            std::hash::BuildHasher::hash_one(key, (Some((host, v.port, v.branch())), call_id))
+        }),
+        None => std::hash::BuildHasher::hash_one(
+            key,
+            (None::<(&str, Option<u16>, Option<&[u8]>)>, call_id),
+        ),
+    }
 }
 
 /// §16.3 item 4: true when the request has looped. For every Via this proxy inserted (sent-by
@@ -1462,6 +1481,45 @@ mod tests {
     }
 
     // ----- branch_for / detect_loop -------------------------------------------------------
+
+    /// The branch hash as it was computed before it stopped allocating (host and transport as
+    /// owned strings): branches, and so loop detection across a restart onto the new build, stay
+    /// the same.
+    #[test]
+    fn loop_hash_hashes_what_the_allocating_form_hashed() {
+        for via in [
+            "SIP/2.0/udp 192.0.2.1:5060;branch=z9hG4bKabc",
+            "SIP/2.0/TLS [2001:db8::1];branch=z9hG4bKdef",
+            "SIP/2.0/tcp client.example.com:5070;branch=z9hG4bKxyz;rport",
+        ] {
+            let r = req("INVITE", "sip:bob@example.com", &[&format!("Via: {via}")]);
+            // The Via under test is the second one (below the helper's own).
+            let top = r.vias().nth(1).unwrap().unwrap();
+            let mut h = DefaultHasher::new();
+            r.to().ok().and_then(|n| n.tag()).hash(&mut h);
+            r.from().ok().and_then(|n| n.tag()).hash(&mut h);
+            r.call_id().ok().hash(&mut h);
+            r.cseq().ok().map(|c| c.seq).hash(&mut h);
+            r.request_uri_bytes().hash(&mut h);
+            let transport = top.transport.to_ascii_uppercase();
+            Some((transport, top.host.to_string(), top.port, top.branch())).hash(&mut h);
+            for name in [
+                HeaderName::ProxyRequire,
+                HeaderName::ProxyAuthorization,
+                HeaderName::Route,
+            ] {
+                name.as_str().hash(&mut h);
+                for v in r.values(name) {
+                    v.ok().hash(&mut h);
+                }
+            }
+            assert_eq!(
+                loop_hash(&r, Some(&top)),
+                format!("{:016x}", h.finish()),
+                "{via}"
+            );
+        }
+    }
 
     #[test]
     fn branch_is_stable_across_retransmissions() {

@@ -212,20 +212,14 @@ pub struct BuiltinRouter {
 
 impl Router for BuiltinRouter {
     fn route(&mut self, request: &mut Message, meta: &Meta, _info: RouteInfo) -> Routed {
-        let decision = self.decide(request);
-        if self.static_route.is_some() && matches!(decision, Decision::Relay { .. }) {
-            drop_preloaded_route(request, meta);
-        }
-        decision.into()
+        self.decide(request, meta).into()
     }
 }
 
 /// Removes the Route headers an initial request still carries once §16.4 took ours off: its
-/// sender pre-loaded them, and the static route is where such requests go. In-dialog requests
-/// keep theirs (the route set of a dialog this proxy Record-Routed).
+/// sender pre-loaded them, and the static route is where such requests go.
 fn drop_preloaded_route(request: &mut Message, meta: &Meta) {
-    let in_dialog = request.to().is_ok_and(|to| to.tag().is_some());
-    if in_dialog || request.values(HeaderName::Route).next().is_none() {
+    if request.values(HeaderName::Route).next().is_none() {
         return;
     }
     request.remove_headers("Route");
@@ -236,7 +230,7 @@ fn drop_preloaded_route(request: &mut Message, meta: &Meta) {
 }
 
 impl BuiltinRouter {
-    fn decide(&self, request: &Message) -> Decision {
+    fn decide(&self, request: &mut Message, meta: &Meta) -> Decision {
         if !self.relays() && request.method() == Some(&Method::Cancel) {
             // A CANCEL that matched no transaction (§9.2).
             return Decision::reply(481, "Call/Transaction Does Not Exist");
@@ -246,7 +240,7 @@ impl BuiltinRouter {
             // foreign hosts, and a default install must not be a relay).
             return not_implemented();
         }
-        let in_dialog = request.to().is_ok_and(|to| to.tag().is_some());
+        let in_dialog = request.to_tag().is_some();
         if in_dialog {
             return Decision::Relay {
                 targets: Vec::new(),
@@ -255,6 +249,7 @@ impl BuiltinRouter {
         }
         let record_route = request.method() != Some(&Method::Register);
         if let Some(route) = &self.static_route {
+            drop_preloaded_route(request, meta);
             return Decision::Relay {
                 targets: vec![Target::new(route.clone(), 1000)],
                 record_route,

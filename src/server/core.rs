@@ -27,11 +27,14 @@ use crate::proxy::relay::{owner_of_branch, Handled, Relay};
 use crate::proxy::router::{BuiltinRouter, Router};
 use crate::proxy::{is_our_stateless_branch, ProxyIdentity, RouteSigner};
 use crate::server::affinity::Affinity;
+use crate::server::overload::Overload;
 use crate::sip::{prescan, HeaderName, Message, Method, ParseError, ResponseBuilder, Uri};
-use crate::transaction::layer::{LayerConfig, LayerOutput, TransactionLayer, TxId, Upcall};
+use crate::transaction::layer::{
+    LayerConfig, LayerOutput, Shedding, TransactionLayer, TxId, Upcall,
+};
 use crate::transport::{
-    response_destination, FramingError, Input, ListenAddr, Meta, Output, TransportKind, Worker,
-    WorkerFactory,
+    response_destination, FramingError, Input, ListenAddr, LoadSample, Meta, Output, TransportKind,
+    Worker, WorkerFactory,
 };
 
 /// Methods this build answers itself; grows as the engine issues land.
@@ -65,7 +68,8 @@ pub struct CoreFactory {
     /// The `[nat]` keep-alive settings, `None` when off.
     keepalive_config: Option<Settings>,
     max_backlog: usize,
-    max_receive_lag: Option<Duration>,
+    /// `limits.overload_after_ms` (`None`: off).
+    overload_after: Option<Duration>,
     /// Signs Record-Route; one for all event loops, so any of them recognises the Route
     /// entries another wrote (see [`CoreFactory::with_route_signer`]).
     route_signer: RouteSigner,
@@ -110,7 +114,7 @@ impl CoreFactory {
                 batch: config.nat.keepalive_batch,
             }),
             max_backlog: config.limits.max_backlog,
-            max_receive_lag: config.limits.max_receive_lag(),
+            overload_after: config.limits.overload_after(),
             route_signer: RouteSigner::random().with_lifetime(config.proxy.record_route_lifetime()),
             route_lifetime: config.proxy.record_route_lifetime(),
             metrics: EngineMetrics::detached(),
@@ -181,7 +185,7 @@ impl CoreFactory {
             });
         }
         core.max_backlog = self.max_backlog;
-        core.max_receive_lag = self.max_receive_lag;
+        core.overload = Overload::new(self.overload_after, index);
         core.transactions
             .set_metrics(self.metrics.transactions.clone());
         core.metrics = Arc::clone(&self.metrics);
@@ -230,9 +234,9 @@ pub struct Core {
     wake: Arc<Notify>,
     /// `limits.max_backlog`: see [`Core::backlog`].
     max_backlog: usize,
-    /// `limits.max_receive_lag_ms` (`None`: off), and the lag the shell last reported.
-    max_receive_lag: Option<Duration>,
-    receive_lag: Duration,
+    /// Whether this loop is saturated, and what share of new requests it refuses
+    /// (`limits.overload_after_ms`).
+    overload: Overload,
     /// The largest backlog seen, for a debug line at each new power of two.
     backlog_high_water: usize,
     /// RFC 3581 `rport` on every request (`[nat] force_rport`).
@@ -321,8 +325,8 @@ impl Worker for Core {
         Some(Arc::clone(&self.wake))
     }
 
-    fn set_receive_lag(&mut self, lag: Duration) {
-        self.receive_lag = lag;
+    fn on_load(&mut self, sample: LoadSample) {
+        self.overload.on_sample(sample);
     }
 }
 
@@ -365,18 +369,20 @@ impl Core {
             keepalive: None,
             timer_driven: false,
             max_backlog: crate::config::Limits::default().max_backlog,
-            max_receive_lag: crate::config::Limits::default().max_receive_lag(),
-            receive_lag: Duration::ZERO,
+            overload: Overload::new(
+                crate::config::Limits::default().overload_after(),
+                loop_index,
+            ),
             backlog_high_water: 0,
             metrics: EngineMetrics::detached(),
         }
     }
 
-    /// Why new requests are refused now, if they are: too much work waiting outside the loop
-    /// ([`Core::backlog`]), or a UDP receive queue the loop has not caught up with for longer
-    /// than `limits.max_receive_lag_ms` (its clients are retransmitting into it: serving new
-    /// requests would only make every request late).
-    fn shedding(&mut self) -> Option<&'static str> {
+    /// Why new requests are refused now, if they are, and what share: all of them while too
+    /// much work waits outside the loop ([`Core::backlog`]); the share [`Overload`] decides
+    /// while the loop itself is saturated (`limits.overload_after_ms`: serving every new
+    /// request would only make every request late, and their clients retransmit).
+    fn shedding(&mut self) -> Option<Shedding> {
         let backlog = self.backlog();
         if backlog > self.backlog_high_water {
             self.backlog_high_water = backlog;
@@ -391,17 +397,16 @@ impl Core {
             }
         }
         if backlog >= self.max_backlog {
-            return Some(
-                "limits.max_backlog reached (answers waiting for the disk, requests waiting for DNS)",
-            );
+            return Some(Shedding {
+                reason: "limits.max_backlog reached (answers waiting for the disk, requests waiting for DNS)",
+                fraction: 1.0,
+            });
         }
-        if self
-            .max_receive_lag
-            .is_some_and(|max| self.receive_lag >= max)
-        {
-            return Some("limits.max_receive_lag_ms reached (the loop is behind its UDP queue)");
-        }
-        None
+        let fraction = self.overload.shed_fraction();
+        (fraction > 0.0).then_some(Shedding {
+            reason: "limits.overload_after_ms: the event loop is saturated",
+            fraction,
+        })
     }
 
     /// Requests this loop holds while waiting for something outside it: answers parked until
@@ -459,7 +464,7 @@ impl Core {
             self.metrics.transport.parse_error(meta.kind);
             return self.refuse(&msg, e, &meta, out);
         }
-        if let Err(e) = msg.validate() {
+        if let Err(e) = msg.check_valid() {
             // Answered statelessly: a request this broken may not even yield a transaction key.
             self.metrics.transport.parse_error(meta.kind);
             return self.refuse(&msg, e, &meta, out);
@@ -572,7 +577,7 @@ impl Core {
         let for_me = request.request_uri().is_ok_and(|u| {
             u.as_sip().is_some_and(|sip| sip.user.is_none()) && self.identity.is_myself(&u)
         });
-        let in_dialog = request.to().is_ok_and(|t| t.tag().is_some());
+        let in_dialog = request.to_tag().is_some();
         max_forwards_zero || (for_me && !in_dialog)
     }
 
@@ -987,7 +992,7 @@ impl Core {
 
     /// A To tag stable for one request and its retransmissions (§8.2.6.2, §17.2.1).
     fn to_tag(&self, req: &Message) -> String {
-        let from_tag = req.from().ok().and_then(|f| f.tag()).unwrap_or(b"");
+        let from_tag = req.from_tag().unwrap_or(b"");
         let branch = req.top_via().ok().and_then(|v| v.branch()).unwrap_or(b"");
         let call_id = req.header(HeaderName::CallId).unwrap_or(b"");
         let h = self.tag_hasher.hash_one((call_id, from_tag, branch));

@@ -59,8 +59,14 @@ impl LocalIdentity {
             return false;
         };
         let default_port = if sip.secure { 5061 } else { 5060 };
-        let port = sip.port.unwrap_or(default_port);
-        match sip.host.ip() {
+        self.is_my_host_port(&sip.host, sip.port.unwrap_or(default_port))
+    }
+
+    /// Whether `host`:`port` names this server: one of its domains (any port), the address
+    /// and port of one of its listeners (`localhost` for a loopback listener), or what a
+    /// listener advertises.
+    pub fn is_my_host_port(&self, host: &Host<'_>, port: u16) -> bool {
+        match host.ip() {
             Some(ip) => {
                 let ip = ip.to_canonical();
                 self.domain_ips.contains(&ip)
@@ -71,7 +77,7 @@ impl LocalIdentity {
                     || self.advertises(port, |advertised| advertised.ip() == Some(ip))
             }
             None => {
-                let name = match sip.host {
+                let name = match *host {
                     Host::Domain(name) => name,
                     Host::Ip(_) => return false,
                 };

@@ -16,6 +16,9 @@
 //!   (§8.1.1.7); a loop that receives another's message hands it over (in batches, so a burst
 //!   wakes the other loop once).
 //!
+//! Each loop watches its own load ([`overload`]): a loop saturated for long refuses a share
+//! of new requests with 503, measured by the shell (`transport::load`).
+//!
 //! The only state shared between loops is the registry of stream connections, so that a
 //! response can be sent on the connection its request came in on (RFC 3261 §18.2.2).
 //!
@@ -25,6 +28,7 @@
 pub mod affinity;
 pub mod core;
 pub mod identity;
+pub mod overload;
 mod workers;
 
 pub use workers::{Server, ServerHandle};

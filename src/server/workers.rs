@@ -21,7 +21,7 @@ use crate::transport::dispatch::{LoopContext, LoopDns, Shared, UdpEndpoint};
 use crate::transport::registry::ConnectionRegistry;
 use crate::transport::tls::TlsContext;
 use crate::transport::{
-    tcp, udp, Input, ListenAddr, TransportKind, TransportLimits, WorkerFactory,
+    load, tcp, udp, Input, ListenAddr, TransportKind, TransportLimits, WorkerFactory,
 };
 
 /// Starts servers. See [`Server::start`].
@@ -266,10 +266,13 @@ fn hand_over_channels(
 }
 
 /// The body of a loop thread: a single-threaded runtime running this loop's tasks until
-/// shutdown.
+/// shutdown. The runtime tells `transport::load` when the loop goes idle and wakes.
 fn run_loop(setup: LoopSetup) {
+    load::on_unpark();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        .on_thread_park(load::on_park)
+        .on_thread_unpark(load::on_unpark)
         .build()
     {
         Ok(runtime) => runtime,
@@ -366,6 +369,7 @@ fn start_transports(
     if let Some(signal) = ctx.wake_signal() {
         tokio::task::spawn_local(Rc::clone(&ctx).run_wakes(signal));
     }
+    tokio::task::spawn_local(Rc::clone(&ctx).run_load_sampler());
     tokio::task::spawn_local(ctx.run_timers());
     Ok(())
 }

@@ -11,6 +11,7 @@
 //! spelling and folding, so a proxy forwards what it does not understand untouched (§16.6).
 //! An unedited message serializes to the very bytes it was parsed from.
 
+use std::cell::OnceCell;
 use std::net::SocketAddr;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -20,10 +21,11 @@ use super::error::{ParseError, Result};
 use super::header::HeaderName;
 use super::method::Method;
 use super::name_addr::{parse_delta_seconds, Contact, NameAddr};
+use super::params::Params;
 use super::scan;
 use super::typed::{self, CSeq};
 use super::uri::Uri;
-use super::via::Via;
+use super::via::{Via, ViaLayout};
 
 /// Upper bound on header fields in one message, so hostile input cannot grow the index without
 /// limit beyond what the message size limit already bounds.
@@ -71,10 +73,21 @@ pub struct Message {
     start_line: Span,
     headers: Vec<HeaderEntry>,
     body: Bytes,
-    /// The unedited message is `buf[..wire_end]` minus `wire_start` leading CRLFs.
-    wire_start: usize,
-    wire_end: usize,
+    /// The unedited message is `buf[..wire_end]` minus `wire_start` leading CRLFs (offsets as
+    /// small as a `Span`'s: kept small, a message fits in the events that carry it).
+    wire_start: u32,
+    wire_end: u32,
     edited: bool,
+    /// [`Message::check_valid`] passed and nothing was edited since: [`Message::validate`] has
+    /// nothing left to find (the core validates every request on receipt; `req:sanity()` then
+    /// costs nothing for a message the script has not touched).
+    valid: bool,
+    /// The top Via as parsed the first time it was asked for since the last edit: the core,
+    /// the transaction layer, the proxy and the script each read it, and parsing it once is
+    /// enough (a top Via that does not parse is not kept: the error is found again). Boxed:
+    /// messages travel inside events and transaction state, which a layout kept inline would
+    /// make ~80 bytes larger.
+    top_via: OnceCell<Box<ViaLayout>>,
 }
 
 /// A header field as seen by callers: its classified name and borrowed text.
@@ -213,9 +226,11 @@ impl Message {
             start_line,
             headers,
             body,
-            wire_start,
-            wire_end,
+            wire_start: wire_start as u32,
+            wire_end: wire_end as u32,
             edited: false,
+            valid: false,
+            top_via: OnceCell::new(),
         })
     }
 
@@ -269,6 +284,8 @@ impl Message {
             wire_start: 0,
             wire_end: 0,
             edited: true,
+            valid: false,
+            top_via: OnceCell::new(),
         };
         msg.top_via().ok()?;
         Some(msg)
@@ -398,9 +415,21 @@ impl Message {
     }
 
     pub fn top_via(&self) -> Result<Via<'_>> {
-        self.vias()
+        let first = self.headers.iter().find(|h| h.name == HeaderName::Via);
+        let Some(first) = first.map(|h| self.text(h.value)) else {
+            return Err(ParseError::bad("Via", "missing"));
+        };
+        if let Some(layout) = self.top_via.get() {
+            return Ok(Via::rebuild(layout, first));
+        }
+        let via = self
+            .vias()
             .next()
-            .unwrap_or(Err(ParseError::bad("Via", "missing")))
+            .unwrap_or(Err(ParseError::bad("Via", "missing")));
+        if let Ok(v) = &via {
+            let _ = self.top_via.set(Box::new(v.layout(first)));
+        }
+        via
     }
 
     pub fn from(&self) -> Result<NameAddr<'_>> {
@@ -409,6 +438,29 @@ impl Message {
 
     pub fn to(&self) -> Result<NameAddr<'_>> {
         NameAddr::parse(self.single(HeaderName::To, "To")?).map_err(|e| e.in_context("To"))
+    }
+
+    /// The From tag: `self.from().ok().and_then(|f| f.tag())`, without parsing the URI once
+    /// the message is known valid (see [`Message::check_valid`]).
+    pub fn from_tag(&self) -> Option<&[u8]> {
+        self.tag_of(HeaderName::From, Self::from)
+    }
+
+    /// The To tag: `self.to().ok().and_then(|t| t.tag())` (see [`Message::from_tag`]).
+    pub fn to_tag(&self) -> Option<&[u8]> {
+        self.tag_of(HeaderName::To, Self::to)
+    }
+
+    fn tag_of<'m>(
+        &'m self,
+        name: HeaderName,
+        parsed: fn(&'m Self) -> Result<NameAddr<'m>>,
+    ) -> Option<&'m [u8]> {
+        if !self.valid {
+            return parsed(self).ok().and_then(|n| n.tag());
+        }
+        let value = self.header(name)?;
+        Params::from_validated(NameAddr::header_params_of_valid(value)).value("tag")
     }
 
     pub fn call_id(&self) -> Result<&[u8]> {
@@ -534,6 +586,9 @@ impl Message {
     /// Request-URI of a request carries no headers (§19.1.1 table, RFC 4475 §3.1.2.11), and
     /// every Via, Contact, Route, Record-Route, option tag and Date parses.
     pub fn validate(&self) -> Result<()> {
+        if self.valid {
+            return Ok(());
+        }
         let mut seen: u64 = 0;
         for h in self.headers.iter().filter(|h| h.name.is_single()) {
             let bit = 1u64 << (h.name as u8);
@@ -599,7 +654,41 @@ impl Message {
         Ok(())
     }
 
+    /// [`Message::validate`], remembering a success until the next edit, so that later checks
+    /// of the unedited message (the script's `req:sanity()`) do not parse it all again.
+    pub fn check_valid(&mut self) -> Result<()> {
+        self.validate()?;
+        self.valid = true;
+        Ok(())
+    }
+
     // ----- edits ------------------------------------------------------------------------
+
+    /// Every edit goes through here: the message is no longer its received bytes, and what
+    /// [`Message::check_valid`] found no longer holds.
+    fn touched(&mut self) {
+        self.edited = true;
+        self.valid = false;
+        self.top_via.take();
+    }
+
+    /// After removing fields or values of `name`: what [`Message::validate`] checks of the
+    /// others still holds (every remaining value was checked, and nothing it counts can appear
+    /// more often), unless `name` is one a message cannot be without. Proxies remove their own
+    /// Route entry (§16.4) from every in-dialog request before the script's `req:sanity()`.
+    fn removed(&mut self, name: HeaderName) {
+        let mandatory = matches!(
+            name,
+            HeaderName::Via
+                | HeaderName::From
+                | HeaderName::To
+                | HeaderName::CallId
+                | HeaderName::CSeq
+        );
+        let valid = self.valid && !mandatory;
+        self.touched();
+        self.valid = valid;
+    }
 
     /// Replaces the Request-URI (§16.6 step 2); `uri` must parse.
     pub fn set_request_uri(&mut self, uri: &[u8]) -> Result<()> {
@@ -619,7 +708,7 @@ impl Message {
             *uri = uri_span;
         }
         self.start_line = span;
-        self.edited = true;
+        self.touched();
         Ok(())
     }
 
@@ -666,7 +755,7 @@ impl Message {
         let entry = self.new_entry(name.as_bytes(), value)?;
         let at = self.position_of(name).unwrap_or(0);
         self.headers.insert(at, entry);
-        self.edited = true;
+        self.touched();
         Ok(())
     }
 
@@ -674,7 +763,7 @@ impl Message {
     pub fn append_header(&mut self, name: &str, value: &[u8]) -> Result<()> {
         let entry = self.new_entry(name.as_bytes(), value)?;
         self.headers.push(entry);
-        self.edited = true;
+        self.touched();
         Ok(())
     }
 
@@ -694,7 +783,7 @@ impl Message {
             }
             None => self.headers.push(entry),
         }
-        self.edited = true;
+        self.touched();
         Ok(())
     }
 
@@ -706,7 +795,9 @@ impl Message {
         self.headers
             .retain(|h| !wanted.matches(h.name, span_text(buf, own, h.raw_name)));
         let removed = before - self.headers.len();
-        self.edited |= removed > 0;
+        if removed > 0 {
+            self.removed(HeaderName::classify(name.as_bytes()));
+        }
         removed
     }
 
@@ -735,7 +826,7 @@ impl Message {
         let raw_name = self.text(self.headers[at].raw_name).to_vec();
         let entry = self.new_entry(&raw_name, value)?;
         self.headers[at] = entry;
-        self.edited = true;
+        self.touched();
         Ok(true)
     }
 
@@ -788,7 +879,10 @@ impl Message {
                 self.headers.remove(at);
             }
         }
-        self.edited = true;
+        match value {
+            Some(_) => self.touched(),
+            None => self.removed(name),
+        }
         Ok(true)
     }
 
@@ -815,7 +909,7 @@ impl Message {
         }
         self.set_header("Content-Length", body.len().to_string().as_bytes())?;
         self.body = body;
-        self.edited = true;
+        self.touched();
         Ok(())
     }
 
@@ -839,7 +933,9 @@ impl Message {
     /// (minus leading CRLFs and trailing octets past Content-Length), shared, not copied.
     pub fn to_bytes(&self) -> Bytes {
         if !self.edited {
-            return self.buf.slice(self.wire_start..self.wire_end);
+            return self
+                .buf
+                .slice(self.wire_start as usize..self.wire_end as usize);
         }
         let mut out = BytesMut::with_capacity(self.encoded_len());
         self.write_to(&mut out);
@@ -989,5 +1085,43 @@ fn check_version(v: &[u8]) -> Result<()> {
         ))
     } else {
         Err(ParseError::bad("start line", "bad SIP version"))
+    }
+}
+
+#[cfg(test)]
+mod validity_memo_tests {
+    use super::*;
+
+    const INVITE: &str = "INVITE sip:bob@biloxi.example.com SIP/2.0\r\n\
+Via: SIP/2.0/UDP pc33.atlanta.example.com;branch=z9hG4bK776asdhds\r\n\
+Max-Forwards: 70\r\n\
+To: Bob <sip:bob@biloxi.example.com>\r\n\
+From: Alice <sip:alice@atlanta.example.com>;tag=1928301774\r\n\
+Call-ID: a84b4c76e66710@pc33.atlanta.example.com\r\n\
+CSeq: 314159 INVITE\r\n\
+Content-Length: 0\r\n\
+\r\n";
+
+    #[test]
+    fn removing_an_optional_value_keeps_the_check_but_removing_a_mandatory_one_does_not() {
+        let text = INVITE.replace(
+            "Max-Forwards: 70\r\n",
+            "Max-Forwards: 70\r\nRoute: <sip:p1.example.com;lr>, <sip:p2.example.com;lr>\r\n",
+        );
+        let mut m = Message::parse(Bytes::from(text)).unwrap();
+        m.check_valid().unwrap();
+        assert!(m.remove_first_value(HeaderName::Route).unwrap());
+        assert_eq!(m.routes().count(), 1);
+        assert!(m.valid);
+        assert_eq!(m.remove_headers("route"), 1);
+        assert!(m.valid);
+        m.validate().unwrap();
+        assert_eq!(m.remove_headers("Call-ID"), 1);
+        assert!(!m.valid);
+        assert!(m.validate().is_err());
+        let mut m = Message::parse(Bytes::from_static(INVITE.as_bytes())).unwrap();
+        m.check_valid().unwrap();
+        assert!(m.remove_first_value(HeaderName::Via).unwrap());
+        assert!(m.validate().is_err());
     }
 }

@@ -89,6 +89,32 @@ impl<'a> NameAddr<'a> {
         })
     }
 
+    /// The header parameters of a value [`NameAddr::parse`] accepts (of which they are the
+    /// `params`), found without parsing the URI: after the `>` closing the URI in name-addr
+    /// form, after the URI (its first `;` or white space) in addr-spec form.
+    pub(crate) fn header_params_of_valid(s: &'a [u8]) -> &'a [u8] {
+        let display_end = match s.first() {
+            Some(b'"') => scan::quoted_string_end(s, 0).unwrap_or(s.len()),
+            _ => 0,
+        };
+        match memchr::memchr(b'<', &s[display_end..]) {
+            Some(lt) => {
+                let uri_start = display_end + lt;
+                match memchr::memchr(b'>', &s[uri_start..]) {
+                    Some(gt) => &s[uri_start + gt + 1..],
+                    None => b"",
+                }
+            }
+            None => {
+                let end = s
+                    .iter()
+                    .position(|&b| b == b';' || scan::is_ws(b))
+                    .unwrap_or(s.len());
+                &s[end..]
+            }
+        }
+    }
+
     pub fn tag(&self) -> Option<&'a [u8]> {
         self.params.value("tag")
     }
@@ -180,6 +206,33 @@ pub fn parse_qvalue(v: &[u8]) -> Option<u16> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn header_params_found_without_the_uri_are_the_parsed_ones() {
+        let values: [&[u8]; 10] = [
+            b"Alice <sip:alice@atlanta.example.com>;tag=1928301774",
+            b"<sip:bob@biloxi.example.com>",
+            b"\"A <quoted> \\\" name\" <sip:a@b;tag=uri-param>;tag=header ; x=1",
+            b"sip:carol@chicago.example.com;tag=addr-spec",
+            b"sip:carol@chicago.example.com ;tag = spaced",
+            b"sip:carol@chicago.example.com",
+            b"Bob Smith <sips:bob@[2001:db8::1]:5061;transport=tls>;tag=v6",
+            b"<tel:+1-201-555-0123>;tag=tel",
+            b"<sip:a@b>;TAG=upper",
+            b"<sip:a@b>;x=\";tag=quoted\";tag=real",
+        ];
+        for v in values {
+            let parsed = NameAddr::parse(v).unwrap();
+            let fast = Params::from_validated(NameAddr::header_params_of_valid(v));
+            assert_eq!(
+                fast.value("tag"),
+                parsed.tag(),
+                "{}",
+                String::from_utf8_lossy(v)
+            );
+            assert_eq!(fast, parsed.params);
+        }
+    }
 
     #[test]
     fn forms() {

@@ -124,7 +124,7 @@ impl<'r> ResponseBuilder<'r> {
         out.put_slice(raw_name);
         out.put_slice(b": ");
         out.put_slice(value);
-        let has_tag = self.request.to().is_ok_and(|t| t.tag().is_some());
+        let has_tag = self.request.to_tag().is_some();
         if let (false, true, Some(tag)) = (has_tag, self.code > 100, self.to_tag) {
             out.put_slice(b";tag=");
             put_clean(out, tag);

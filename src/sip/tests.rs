@@ -230,3 +230,42 @@ fn empty_supported_is_valid_but_empty_require_is_not() {
         .validate()
         .is_err());
 }
+
+#[test]
+fn a_checked_message_is_checked_again_after_an_edit() {
+    let mut m = parse(INVITE);
+    m.check_valid().unwrap();
+    m.validate().unwrap();
+    // An edit that breaks the message must be caught by the next check, not hidden by the
+    // remembered success.
+    m.append_header("CSeq", b"1 INVITE").unwrap();
+    assert!(m.validate().is_err());
+    assert!(m.check_valid().is_err());
+    let mut m = parse(INVITE);
+    m.check_valid().unwrap();
+    m.set_first_value(HeaderName::From, b"<sip:alice@atlanta.example.com")
+        .unwrap();
+    assert!(m.validate().is_err());
+}
+
+#[test]
+fn the_top_via_read_again_after_an_edit_is_the_new_one() {
+    let mut m = parse(INVITE);
+    let first = m.top_via().unwrap();
+    assert_eq!(first.branch(), Some(&b"z9hG4bK776asdhds"[..]));
+    // Read twice: the kept layout gives the same parts.
+    assert_eq!(m.top_via().unwrap(), m.vias().next().unwrap().unwrap());
+    m.stamp_received("192.0.2.7:5071".parse().unwrap()).unwrap();
+    let stamped = m.top_via().unwrap();
+    assert_eq!(stamped.received(), Some(&b"192.0.2.7"[..]));
+    assert_eq!(stamped, m.vias().next().unwrap().unwrap());
+    m.prepend_header("Via", b"SIP/2.0/TCP [2001:db8::1]:5062;branch=z9hG4bKtop")
+        .unwrap();
+    let top = m.top_via().unwrap();
+    assert_eq!(top.branch(), Some(&b"z9hG4bKtop"[..]));
+    assert_eq!(top.port, Some(5062));
+    assert_eq!(m.top_via().unwrap(), top);
+    assert!(m.remove_first_value(HeaderName::Via).unwrap());
+    assert_eq!(m.top_via().unwrap(), m.vias().next().unwrap().unwrap());
+    assert_eq!(m.top_via().unwrap().received(), Some(&b"192.0.2.7"[..]));
+}

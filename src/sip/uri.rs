@@ -69,13 +69,11 @@ impl<'a> Host<'a> {
         if s.is_empty() || !s.iter().all(|&b| scan::is_hostname_char(b)) {
             return Err(ParseError::bad("host", "bad host name"));
         }
+        if let Some(v4) = parse_ipv4(s) {
+            return Ok(Host::Ip(IpAddr::V4(v4)));
+        }
         // Hostname characters are ASCII, so this conversion cannot fail.
         let text = std::str::from_utf8(s).map_err(|_| ParseError::bad("host", "bad host name"))?;
-        if s.iter().all(|b| b.is_ascii_digit() || *b == b'.') {
-            if let Ok(v4) = text.parse::<Ipv4Addr>() {
-                return Ok(Host::Ip(IpAddr::V4(v4)));
-            }
-        }
         Ok(Host::Domain(text))
     }
 
@@ -83,6 +81,48 @@ impl<'a> Host<'a> {
         match self {
             Host::Ip(ip) => Some(*ip),
             Host::Domain(_) => None,
+        }
+    }
+
+    /// Calls `f` with the host as [`fmt::Display`] writes it (an IPv6 address in brackets),
+    /// without allocating: for hashes and keys made of a host's text on the per-message path.
+    pub fn with_text<R>(&self, f: impl FnOnce(&str) -> R) -> R {
+        match self {
+            Host::Domain(d) => f(d),
+            Host::Ip(IpAddr::V4(a)) => {
+                // At most "255.255.255.255".
+                let mut buf = [0u8; 15];
+                let mut len = 0;
+                for (i, octet) in a.octets().into_iter().enumerate() {
+                    if i > 0 {
+                        buf[len] = b'.';
+                        len += 1;
+                    }
+                    let digits = [octet / 100, octet / 10 % 10, octet % 10];
+                    let skip = if octet >= 100 {
+                        0
+                    } else if octet >= 10 {
+                        1
+                    } else {
+                        2
+                    };
+                    for d in &digits[skip..] {
+                        buf[len] = b'0' + d;
+                        len += 1;
+                    }
+                }
+                f(std::str::from_utf8(&buf[..len]).unwrap_or_default())
+            }
+            Host::Ip(IpAddr::V6(_)) => {
+                // "[" + at most 45 characters of an IPv6 address + "]".
+                let mut buf = [0u8; 47];
+                let mut rest = &mut buf[..];
+                let len = match std::io::Write::write_fmt(&mut rest, format_args!("{self}")) {
+                    Ok(()) => 47 - rest.len(),
+                    Err(_) => 0,
+                };
+                f(std::str::from_utf8(&buf[..len]).unwrap_or_default())
+            }
         }
     }
 
@@ -94,6 +134,29 @@ impl<'a> Host<'a> {
             _ => false,
         }
     }
+}
+
+/// IPv4address (§25.1) as the standard library reads it (`"1.2.3.4".parse::<Ipv4Addr>()`: four
+/// decimal octets of at most three digits, no leading zero, each at most 255), without going
+/// through `str` and the general address parser: every host of every URI and Via is tried.
+fn parse_ipv4(s: &[u8]) -> Option<Ipv4Addr> {
+    let mut octets = [0u8; 4];
+    let mut parts = s.split(|&b| b == b'.');
+    for octet in &mut octets {
+        let part = parts.next()?;
+        let well_formed = !part.is_empty()
+            && part.len() <= 3
+            && (part.len() == 1 || part[0] != b'0')
+            && part.iter().all(u8::is_ascii_digit);
+        if !well_formed {
+            return None;
+        }
+        let value = part
+            .iter()
+            .fold(0u16, |acc, &d| acc * 10 + u16::from(d - b'0'));
+        *octet = u8::try_from(value).ok()?;
+    }
+    parts.next().is_none().then_some(Ipv4Addr::from(octets))
 }
 
 impl fmt::Display for Host<'_> {
@@ -109,10 +172,7 @@ impl fmt::Display for Host<'_> {
 impl<'a> Uri<'a> {
     /// Parses a URI. Whitespace anywhere inside is an error (RFC 4475 §3.1.2.8).
     pub fn parse(s: &'a [u8]) -> Result<Uri<'a>> {
-        let colon = s
-            .iter()
-            .position(|&b| b == b':')
-            .ok_or(ParseError::bad("URI", "no scheme"))?;
+        let colon = memchr::memchr(b':', s).ok_or(ParseError::bad("URI", "no scheme"))?;
         let scheme = &s[..colon];
         if !is_scheme(scheme) {
             return Err(ParseError::bad("URI", "bad scheme"));
@@ -178,7 +238,7 @@ impl<'a> SipUri<'a> {
             ));
         }
         // '@' is allowed neither in params nor headers, so the first one ends the userinfo.
-        let (user, password, after_user) = match rest.iter().position(|&b| b == b'@') {
+        let (user, password, after_user) = match memchr::memchr(b'@', rest) {
             Some(at) => {
                 let userinfo = &rest[..at];
                 let (user, password) = match userinfo.iter().position(|&b| b == b':') {
@@ -321,10 +381,7 @@ fn split_hostport(s: &[u8]) -> Result<(&[u8], &[u8])> {
     } else {
         0
     };
-    let end = s[search_from..]
-        .iter()
-        .position(|&b| b == b';' || b == b'?')
-        .map_or(s.len(), |p| p + search_from);
+    let end = memchr::memchr2(b';', b'?', &s[search_from..]).map_or(s.len(), |p| p + search_from);
     Ok((&s[..end], &s[end..]))
 }
 
@@ -390,6 +447,69 @@ mod tests {
         match Uri::parse(s.as_bytes()).unwrap() {
             Uri::Sip(u) => u,
             other => panic!("not sip: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn host_text_is_what_display_writes() {
+        let hosts = [
+            "0.0.0.0",
+            "1.2.3.4",
+            "10.20.30.40",
+            "127.0.0.1",
+            "255.255.255.255",
+            "100.9.99.0",
+            "[::1]",
+            "[2001:db8::9:255]",
+            "[ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255]",
+            "example.com",
+        ];
+        for text in hosts {
+            let host = Host::parse(text.as_bytes()).unwrap();
+            assert_eq!(host.with_text(str::to_owned), host.to_string(), "{text}");
+        }
+    }
+
+    #[test]
+    fn ipv4_hosts_read_as_the_standard_library_reads_them() {
+        let cases = [
+            "1.2.3.4",
+            "0.0.0.0",
+            "255.255.255.255",
+            "256.1.1.1",
+            "01.2.3.4",
+            "1.2.3",
+            "1.2.3.4.5",
+            "1..3.4",
+            ".1.2.3",
+            "1.2.3.",
+            "1234.1.1.1",
+            "10.0.0.1",
+            "127.000.0.1",
+            "9.99.199.249",
+            "",
+            "1.2.3.4a",
+        ];
+        for case in cases {
+            assert_eq!(
+                parse_ipv4(case.as_bytes()),
+                case.parse::<Ipv4Addr>().ok(),
+                "{case:?}"
+            );
+        }
+        // Every combination of short digit runs, against the standard parser.
+        let parts = [
+            "0", "00", "1", "9", "10", "99", "100", "255", "256", "300", "999", "0001",
+        ];
+        for a in parts {
+            for b in parts {
+                let text = format!("{a}.{b}.{a}.{b}");
+                assert_eq!(
+                    parse_ipv4(text.as_bytes()),
+                    text.parse::<Ipv4Addr>().ok(),
+                    "{text:?}"
+                );
+            }
         }
     }
 

@@ -181,6 +181,73 @@ impl<'a> Via<'a> {
     }
 }
 
+/// Where the parts of a parsed [`Via`] lie in its value: kept by a message so that the top Via,
+/// read by nearly every layer, is parsed once ([`Via::rebuild`] puts it back together).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ViaLayout {
+    protocol: (u32, u32),
+    version: (u32, u32),
+    transport: (u32, u32),
+    host: HostLayout,
+    port: Option<u16>,
+    params: (u32, u32),
+    raw: (u32, u32),
+}
+
+#[derive(Clone, Copy, Debug)]
+enum HostLayout {
+    Domain((u32, u32)),
+    Ip(IpAddr),
+}
+
+/// `part`'s place in `base` (of which it is a sub-slice).
+fn place(base: &[u8], part: &[u8]) -> (u32, u32) {
+    let start = (part.as_ptr() as usize).saturating_sub(base.as_ptr() as usize);
+    (start as u32, (start + part.len()) as u32)
+}
+
+fn at(base: &[u8], (start, end): (u32, u32)) -> &[u8] {
+    base.get(start as usize..end as usize).unwrap_or_default()
+}
+
+impl<'a> Via<'a> {
+    /// The layout of this Via, parsed from a slice of `base`.
+    pub(crate) fn layout(&self, base: &[u8]) -> ViaLayout {
+        ViaLayout {
+            protocol: place(base, self.protocol),
+            version: place(base, self.version),
+            transport: place(base, self.transport),
+            host: match self.host {
+                Host::Domain(name) => HostLayout::Domain(place(base, name.as_bytes())),
+                Host::Ip(ip) => HostLayout::Ip(ip),
+            },
+            port: self.port,
+            params: place(base, self.params.raw()),
+            raw: place(base, self.raw),
+        }
+    }
+
+    /// The Via `layout` describes, over the same `base` it was taken from (the caller keeps
+    /// the two together: a message drops its layouts on every edit).
+    pub(crate) fn rebuild(layout: &ViaLayout, base: &'a [u8]) -> Via<'a> {
+        Via {
+            protocol: at(base, layout.protocol),
+            version: at(base, layout.version),
+            transport: at(base, layout.transport),
+            host: match layout.host {
+                // A host name is ASCII (checked when parsed).
+                HostLayout::Domain(span) => {
+                    Host::Domain(std::str::from_utf8(at(base, span)).unwrap_or_default())
+                }
+                HostLayout::Ip(ip) => Host::Ip(ip),
+            },
+            port: layout.port,
+            params: Params::from_validated(at(base, layout.params)),
+            raw: at(base, layout.raw),
+        }
+    }
+}
+
 impl Via<'_> {
     /// Where a response to a request that arrived with this (top) Via from `source` goes over
     /// an unreliable transport (§18.2.2, RFC 3581 §4): the packet's source address (which is

@@ -5,6 +5,7 @@
 //! received message costs no allocation when the fields were not edited.
 
 use std::hash::{Hash, Hasher};
+use std::net::IpAddr;
 
 use bytes::Bytes;
 
@@ -135,6 +136,10 @@ impl ServerKey {
             Some(branch) if branch.starts_with(MAGIC_COOKIE) => {
                 let host = match via.host {
                     Host::Domain(name) => request.share(name.as_bytes()),
+                    // An IPv4 address is written without `fmt` (every request builds a key).
+                    Host::Ip(IpAddr::V4(_)) => via
+                        .host
+                        .with_text(|text| Bytes::copy_from_slice(text.as_bytes())),
                     Host::Ip(ip) => Bytes::from(ip.to_string()),
                 };
                 Ok(ServerKey::Rfc3261 {

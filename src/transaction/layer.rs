@@ -231,8 +231,12 @@ pub struct TransactionLayer {
     timer_seq: u64,
     /// Requests refused because of the cap, for a log line that cannot become a flood.
     overload_refusals: u64,
-    /// Why the core is shedding new requests, if it is (see [`TransactionLayer::set_shedding`]).
-    shedding: Option<&'static str>,
+    /// Why the core is shedding new requests, if it is, and what share (see
+    /// [`TransactionLayer::set_shedding`]).
+    shedding: Option<Shedding>,
+    /// The refusals owed so far: grows by the share for each sheddable request, one request is
+    /// refused each time it reaches 1 (so the refusals are spread evenly, not in bursts).
+    shed_credit: f64,
     /// Requests refused while shedding, for the same kind of log line.
     backlog_refusals: u64,
     /// Reused for every machine call, so driving a machine allocates nothing once warm.
@@ -266,6 +270,7 @@ impl TransactionLayer {
             timer_seq: 0,
             overload_refusals: 0,
             shedding: None,
+            shed_credit: 0.0,
             backlog_refusals: 0,
             scratch: Vec::new(),
             metrics: TransactionMetrics::default(),
@@ -279,13 +284,36 @@ impl TransactionLayer {
         self.metrics = metrics;
     }
 
-    /// Whether the core is past one of its overload limits, and which (for the log line).
-    /// While it is, requests that would start a server transaction, but CANCEL, get a
-    /// stateless 503 with Retry-After (RFC 3261 §21.5.4); ACKs, CANCELs, responses and
-    /// retransmissions of live transactions are handled as usual, so work already accepted
-    /// can finish.
-    pub fn set_shedding(&mut self, reason: Option<&'static str>) {
-        self.shedding = reason;
+    /// Whether the core is past one of its overload limits, which (for the log line), and
+    /// what share of the new requests to refuse. While it is, that share of the requests that
+    /// would start a server transaction outside a dialog, but CANCEL, get a stateless 503 with
+    /// Retry-After (RFC 3261 §21.5.4), spread evenly. ACKs, CANCELs, responses,
+    /// retransmissions of live transactions and requests inside a dialog (a To tag, §12.2.2:
+    /// a BYE, a re-INVITE) are handled as usual: they finish work already accepted, and
+    /// refusing them would only make their senders retransmit (RFC 6357 §4).
+    pub fn set_shedding(&mut self, shedding: Option<Shedding>) {
+        match (self.shedding, shedding) {
+            (_, None) => self.shed_credit = 0.0,
+            // Half a refusal owed from the start: the share is met to the nearest request.
+            (None, Some(_)) => self.shed_credit = 0.5,
+            (Some(_), Some(_)) => {}
+        }
+        self.shedding = shedding;
+    }
+
+    /// Why to refuse `request` (a new server transaction, not an ACK) while shedding, if it
+    /// must be refused.
+    fn sheds(&mut self, request: &Message) -> Option<&'static str> {
+        let shedding = self.shedding?;
+        if request.method() == Some(&Method::Cancel) || in_dialog(request) {
+            return None;
+        }
+        self.shed_credit += shedding.fraction;
+        if self.shed_credit < 1.0 {
+            return None;
+        }
+        self.shed_credit -= 1.0;
+        Some(shedding.reason)
     }
 
     /// Live transactions, client and server.
@@ -351,16 +379,20 @@ impl TransactionLayer {
             return self.pass_to_live_server(tx, request, is_ack, now, out);
         }
         if is_ack {
+            if acknowledges_our_503(&request) {
+                // §17.2.1: the ACK of a non-2xx final response is hop by hop, ours to absorb;
+                // the 503 was stateless, so no transaction does it (nor the script).
+                debug!("ACK of a stateless 503 absorbed");
+                return;
+            }
             out.push(LayerOutput::Up(Upcall::Ack { request, meta }));
             return;
         }
         if let Some(limit) = self.exhausted(Side::Server) {
             return self.refuse_overloaded(limit, &request, &meta, out);
         }
-        if let Some(reason) = self.shedding {
-            if request.method() != Some(&Method::Cancel) {
-                return self.refuse_shedding(reason, &request, &meta, out);
-            }
+        if let Some(reason) = self.sheds(&request) {
+            return self.refuse_shedding(reason, &request, &meta, out);
         }
         self.start_server(key, request, meta, now, out);
     }
@@ -520,7 +552,7 @@ impl TransactionLayer {
     ) {
         let retry_after = self.config.retry_after_secs.to_string();
         let data = ResponseBuilder::new(request, 503, "Service Unavailable")
-            .to_tag(b"mr503")
+            .to_tag(STATELESS_503_TAG)
             .header("Retry-After", retry_after.as_bytes())
             .build();
         out.push(LayerOutput::Send {
@@ -903,11 +935,33 @@ impl TransactionLayer {
 /// The limit a shedding reason names (see [`TransactionLayer::set_shedding`]): the reasons
 /// start with their `limits.*` key.
 fn overload_reason(reason: &str) -> OverloadReason {
-    if reason.starts_with("limits.max_receive_lag") {
-        OverloadReason::MaxReceiveLag
+    if reason.starts_with("limits.overload_after_ms") {
+        OverloadReason::Saturated
     } else {
         OverloadReason::MaxBacklog
     }
+}
+
+/// Why and how much the core sheds (see [`TransactionLayer::set_shedding`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Shedding {
+    /// The limit, starting with its `limits.*` key, for the log line and the metric.
+    pub reason: &'static str,
+    /// The share of new requests to refuse, from 0 to 1 (everything).
+    pub fraction: f64,
+}
+
+/// The To tag of the 503s sent without a transaction, recognised in their ACKs.
+const STATELESS_503_TAG: &[u8] = b"mr503";
+
+/// A request inside a dialog: its To has a tag (RFC 3261 §12.2.2).
+fn in_dialog(request: &Message) -> bool {
+    request.to().is_ok_and(|to| to.tag().is_some())
+}
+
+/// An ACK for a 503 this layer sent without a transaction (its To tag is ours).
+fn acknowledges_our_503(ack: &Message) -> bool {
+    ack.to().is_ok_and(|to| to.tag() == Some(STATELESS_503_TAG))
 }
 
 #[derive(Clone, Copy)]
@@ -976,6 +1030,97 @@ mod tests {
 
     fn layer() -> TransactionLayer {
         TransactionLayer::new(LayerConfig::default())
+    }
+
+    fn shed_all(reason: &'static str) -> Option<Shedding> {
+        Some(Shedding {
+            reason,
+            fraction: 1.0,
+        })
+    }
+
+    /// `request` with a To tag: inside a dialog.
+    fn in_dialog_request(method: &str, branch: &str) -> Message {
+        let text = String::from_utf8(request(method, branch, method).to_bytes().to_vec())
+            .unwrap()
+            .replace(
+                "To: <sip:bob@example.com>",
+                "To: <sip:bob@example.com>;tag=b1",
+            );
+        Message::parse(Bytes::from(text)).unwrap()
+    }
+
+    #[test]
+    fn shedding_a_share_refuses_evenly_and_never_inside_a_dialog() {
+        let mut l = layer();
+        let now = Instant::now();
+        let mut out = Vec::new();
+        l.set_shedding(Some(Shedding {
+            reason: "limits.overload_after_ms (test)",
+            fraction: 0.25,
+        }));
+        let mut refused = Vec::new();
+        for n in 0..8 {
+            out.clear();
+            let branch = format!("z9hG4bKshare{n}");
+            l.on_request(
+                request("INVITE", &branch, "INVITE"),
+                meta(TransportKind::Udp),
+                now,
+                &mut out,
+            );
+            refused.push(sends(&out) == [503]);
+            // A BYE inside a dialog in between is never refused.
+            out.clear();
+            l.on_request(
+                in_dialog_request("BYE", &format!("z9hG4bKbye{n}")),
+                meta(TransportKind::Udp),
+                now,
+                &mut out,
+            );
+            assert!(
+                matches!(out.last(), Some(LayerOutput::Up(Upcall::Request { .. }))),
+                "{out:?}"
+            );
+        }
+        assert_eq!(
+            refused,
+            [false, true, false, false, false, true, false, false]
+        );
+    }
+
+    #[test]
+    fn the_ack_of_a_stateless_503_is_absorbed() {
+        let mut l = layer();
+        let now = Instant::now();
+        let mut out = Vec::new();
+        l.set_shedding(shed_all("test"));
+        let invite = request("INVITE", "z9hG4bKack503", "INVITE");
+        l.on_request(invite.clone(), meta(TransportKind::Udp), now, &mut out);
+        let answer = match out.as_slice() {
+            [LayerOutput::Send { data, .. }] => Message::parse(data.clone()).unwrap(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(answer.status(), Some(503));
+        let tag = answer.to().unwrap().tag().unwrap().to_vec();
+        // The client's ACK (§17.1.1.3: its To is the response's, with our tag).
+        let ack = String::from_utf8(request("ACK", "z9hG4bKack503", "ACK").to_bytes().to_vec())
+            .unwrap()
+            .replace(
+                "To: <sip:bob@example.com>",
+                &format!(
+                    "To: <sip:bob@example.com>;tag={}",
+                    String::from_utf8(tag).unwrap()
+                ),
+            );
+        out.clear();
+        l.on_request(
+            Message::parse(Bytes::from(ack)).unwrap(),
+            meta(TransportKind::Udp),
+            now,
+            &mut out,
+        );
+        assert!(out.is_empty(), "{out:?}");
     }
 
     #[test]
@@ -1180,7 +1325,7 @@ mod tests {
         assert_eq!(metrics.retransmissions_sent.get(), 1 + 6);
         assert_eq!(metrics.live(), 0, "both ended");
 
-        l.set_shedding(Some("limits.max_backlog reached (test)"));
+        l.set_shedding(shed_all("limits.max_backlog reached (test)"));
         l.on_request(
             request("OPTIONS", "z9hG4bKmet4", "OPTIONS"),
             meta(TransportKind::Udp),
@@ -1384,7 +1529,7 @@ mod tests {
             out.last(),
             Some(LayerOutput::Up(Upcall::Request { .. }))
         ));
-        l.set_shedding(Some("test"));
+        l.set_shedding(shed_all("test"));
         let sent_503 = |out: &[LayerOutput]| {
             out.iter().any(|o| match o {
                 LayerOutput::Send { data, .. } => {

@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::panic::{self, AssertUnwindSafe};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use tokio::net::UdpSocket;
@@ -23,19 +23,10 @@ use tracing::{debug, error, warn};
 
 use super::registry::ConnectionRegistry;
 use super::tls::TlsContext;
-use super::{tcp, tls, Destination, Input, Output, TransportKind, TransportLimits, Worker};
+use super::{load, tcp, tls, Destination, Input, Output, TransportKind, TransportLimits, Worker};
 use crate::dns::{Query, ResolveError, Resolver};
 use crate::metrics::engine::{response_code, DnsMetrics};
 use crate::metrics::EngineMetrics;
-
-/// A queue a loop receives from, whose lag it measures.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum LagSource {
-    /// The UDP socket bound to this listen address.
-    Udp(SocketAddr),
-    /// What other loops hand over.
-    HandOvers,
-}
 
 /// A UDP socket of this loop and the listen address it was bound to.
 pub(crate) struct UdpEndpoint {
@@ -48,6 +39,10 @@ pub(crate) struct UdpEndpoint {
 /// the owning loop still serves many.
 const HAND_OVER_BATCH: usize = 32;
 
+/// What a hand-over waiting for a loop counts as in its backlog (see
+/// [`LoopContext::run_load_sampler`]): about what a SIP datagram takes in a socket's queue.
+const HAND_OVER_BYTES: u64 = 2048;
+
 /// The state shared by the transport tasks of one event loop. See the module docs.
 pub(crate) struct LoopContext {
     pub(crate) index: usize,
@@ -56,15 +51,14 @@ pub(crate) struct LoopContext {
     armed_deadline: Cell<Option<Instant>>,
     timer_changed: Notify,
     udp: Vec<Rc<UdpEndpoint>>,
+    /// The UDP sockets as the kernel lists them, for their queues' load samples.
+    udp_ids: Vec<load::UdpSocketId>,
     pub(crate) registry: Arc<ConnectionRegistry>,
     pub(crate) limits: TransportLimits,
     /// The server's TLS configurations, shared by every loop.
     pub(crate) tls: Arc<TlsContext>,
     /// TLS handshakes of accepted connections in progress on this loop.
     pub(crate) tls_handshakes: Cell<usize>,
-    /// The receive lag of each receive queue of this loop (see
-    /// [`LoopContext::set_receive_lag`]).
-    receive_lags: RefCell<Vec<(LagSource, Duration)>>,
     /// Every loop's hand-over queue, this one's included, by loop index.
     hand_over: Arc<[mpsc::Sender<Input>]>,
     /// Hand-overs decided while the current task runs, sent when it yields (see
@@ -144,12 +138,15 @@ impl LoopContext {
             worker: RefCell::new(worker),
             armed_deadline: Cell::new(None),
             timer_changed: Notify::new(),
+            udp_ids: udp
+                .iter()
+                .filter_map(|e| load::UdpSocketId::of(&e.socket, e.local.is_ipv6()))
+                .collect(),
             udp,
             registry,
             limits,
             tls,
             tls_handshakes: Cell::new(0),
-            receive_lags: RefCell::new(Vec::new()),
             hand_over,
             hand_overs_waiting: RefCell::new(Vec::new()),
             hand_overs_queued: Notify::new(),
@@ -225,13 +222,11 @@ impl LoopContext {
         self.worker.borrow().wake_signal()
     }
 
-    /// Receives what other loops hand over and runs it through this loop's Worker. Its queue
-    /// counts as one more receive queue: how long it has not been found empty is a receive lag
-    /// (see [`LoopContext::set_receive_lag`]), so a loop falling behind the work handed to it
-    /// refuses new requests as it does when behind its own socket, instead of letting the
-    /// queue fill and drop.
+    /// Receives what other loops hand over and runs it through this loop's Worker. Handling
+    /// them is work of this loop like its own socket's: the loop is idle only once this queue
+    /// is drained too, so a loop falling behind the work handed to it is overloaded (see
+    /// `server::overload`).
     pub(crate) async fn run_hand_overs(self: Rc<Self>, mut queue: mpsc::Receiver<Input>) {
-        let mut busy_since: Option<Instant> = None;
         loop {
             let input = match queue.try_recv() {
                 Ok(input) => {
@@ -239,41 +234,34 @@ impl LoopContext {
                     tokio::task::coop::consume_budget().await;
                     input
                 }
-                Err(mpsc::error::TryRecvError::Empty) => {
-                    busy_since = None;
-                    self.set_lag(LagSource::HandOvers, Duration::ZERO);
-                    match queue.recv().await {
-                        Some(input) => input,
-                        None => return,
-                    }
-                }
+                Err(mpsc::error::TryRecvError::Empty) => match queue.recv().await {
+                    Some(input) => input,
+                    None => return,
+                },
                 Err(mpsc::error::TryRecvError::Disconnected) => return,
             };
-            let now = Instant::now();
-            self.set_lag(
-                LagSource::HandOvers,
-                now.duration_since(*busy_since.get_or_insert(now)),
-            );
             self.handle(input).await;
         }
     }
 
-    /// Records how far behind the queue of its UDP socket `local` the loop is, and tells the
-    /// Worker the largest lag over the loop's receive queues (see [`Worker::set_receive_lag`]).
-    pub(crate) fn set_receive_lag(&self, local: SocketAddr, lag: Duration) {
-        self.set_lag(LagSource::Udp(local), lag);
-    }
-
-    fn set_lag(&self, source: LagSource, lag: Duration) {
-        let worst = {
-            let mut lags = self.receive_lags.borrow_mut();
-            match lags.iter_mut().find(|(known, _)| *known == source) {
-                Some(entry) => entry.1 = lag,
-                None => lags.push((source, lag)),
+    /// Gives the Worker the loop's load counters every [`load::SAMPLE_INTERVAL`] (see
+    /// [`Worker::on_load`]). A saturated loop still runs it on time: tokio checks its timers
+    /// between tasks.
+    pub(crate) async fn run_load_sampler(self: Rc<Self>) {
+        let mut ticks = tokio::time::interval(load::SAMPLE_INTERVAL);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            let mut sample = load::sample(Instant::now(), &self.udp_ids);
+            if let (Some(queued), Some(own)) = (&mut sample.queued, self.hand_over.get(self.index))
+            {
+                // Hand-overs waiting for this loop are backlog too: counted at about what a
+                // datagram holds in the kernel's accounting.
+                let waiting = own.max_capacity() - own.capacity();
+                *queued += waiting as u64 * HAND_OVER_BYTES;
             }
-            lags.iter().map(|(_, lag)| *lag).max().unwrap_or_default()
-        };
-        self.worker.borrow_mut().set_receive_lag(worst);
+            self.worker.borrow_mut().on_load(sample);
+        }
     }
 
     /// Runs `input` through the Worker and carries out the outputs, in order.

@@ -19,6 +19,7 @@
 //!   the connection the request came in on (RFC 3261 §18.2.2) and requests reuse connections;
 //!   it enforces the connection limits, overall, for inbound connections and per source.
 //! - `dispatch`: one event loop's glue: runs inputs through its Worker, carries out outputs.
+//! - `load`: how busy each event loop is ([`LoadSample`]), for the Worker's overload control.
 
 pub mod advertise;
 pub mod framing;
@@ -26,6 +27,7 @@ pub mod message_clock;
 pub mod registry;
 
 pub(crate) mod dispatch;
+pub(crate) mod load;
 pub(crate) mod tcp;
 pub(crate) mod tls;
 pub(crate) mod udp;
@@ -230,6 +232,38 @@ impl<'de> serde::Deserialize<'de> for ListenAddr {
     }
 }
 
+/// An event loop's load counters at an instant, cumulative since the loop started (the shell
+/// measures them, see `load`; `server::overload` decides on them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoadSample {
+    pub at: Instant,
+    /// Time the loop had work: not parked waiting for input.
+    pub busy: Duration,
+    /// How many times the loop went idle (parked with every queue drained).
+    pub idles: u64,
+    /// The thread's time on a CPU, when the system tells.
+    pub cpu: Option<Duration>,
+    /// The thread's time runnable but waiting while other threads held the CPU, when the
+    /// system tells.
+    pub cpu_wait: Option<Duration>,
+    /// Bytes waiting in the loop's UDP receive queues now (kernel accounting), when the system
+    /// tells.
+    pub queued: Option<u64>,
+}
+
+impl LoadSample {
+    pub fn new(at: Instant, busy: Duration, idles: u64) -> LoadSample {
+        LoadSample {
+            at,
+            busy,
+            idles,
+            cpu: None,
+            cpu_wait: None,
+            queued: None,
+        }
+    }
+}
+
 /// Where a message came from.
 #[derive(Clone, Copy, Debug)]
 pub struct Meta {
@@ -399,11 +433,9 @@ pub trait Worker: 'static {
         None
     }
 
-    /// How long this loop has been receiving from a UDP socket whose queue never ran empty:
-    /// zero when it has caught up. Told before each datagram and whenever the socket drains;
-    /// a loop that has not caught up for long is overloaded (its clients are retransmitting
-    /// into the queue). Default: ignored.
-    fn set_receive_lag(&mut self, _lag: Duration) {}
+    /// The loop's load counters, every `load::SAMPLE_INTERVAL` (100 ms) or so while it runs:
+    /// what overload control decides on. Default: ignored.
+    fn on_load(&mut self, _sample: LoadSample) {}
 }
 
 /// Makes the [`Worker`] of each event loop; called once per loop, inside the loop's thread.

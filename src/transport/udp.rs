@@ -17,7 +17,6 @@
 use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use socket2::{Domain, Protocol, Socket, Type};
@@ -77,21 +76,13 @@ pub(crate) fn ensure_not_in_use(addr: SocketAddr) -> io::Result<()> {
     probe.bind(&addr.into())
 }
 
-/// Receives datagrams on `endpoint` forever, handing each to the loop's Worker.
-///
-/// It also measures how far behind the socket's queue the loop is: the time since the queue
-/// was last found empty (the *receive lag*, given to the Worker before each datagram). Under
-/// a load the loop can carry, the queue drains between bursts and the lag stays near zero;
-/// past it, the queue never drains and the lag grows without bound.
+/// Receives datagrams on `endpoint` forever, handing each to the loop's Worker. (How busy
+/// this keeps the loop is measured for the whole loop, see `transport::load`.)
 pub(crate) async fn run_receiver(ctx: Rc<LoopContext>, endpoint: Rc<UdpEndpoint>) {
     let mut buf = vec![0u8; MAX_DATAGRAM];
-    let mut busy_since: Option<Instant> = None;
     loop {
         let received = match endpoint.socket.try_recv_from(&mut buf) {
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                // Caught up: the queue is empty.
-                busy_since = None;
-                ctx.set_receive_lag(endpoint.local, Duration::ZERO);
                 endpoint.socket.recv_from(&mut buf).await
             }
             queued => {
@@ -109,11 +100,6 @@ pub(crate) async fn run_receiver(ctx: Rc<LoopContext>, endpoint: Rc<UdpEndpoint>
                 continue;
             }
         };
-        let now = Instant::now();
-        ctx.set_receive_lag(
-            endpoint.local,
-            now.duration_since(*busy_since.get_or_insert(now)),
-        );
         let datagram = &buf[..len];
         if !accept_datagram(&ctx, datagram, source) {
             continue;

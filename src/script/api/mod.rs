@@ -11,6 +11,7 @@
 //! request that was already answered.
 
 use std::borrow::Cow;
+use std::net::IpAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -29,7 +30,7 @@ use super::kv::{KvError, KvValue};
 use crate::proxy::response_context::Target;
 use crate::proxy::router::{Decision, RouteInfo};
 use crate::proxy::Verdict;
-use crate::sip::{Message, Method, Uri};
+use crate::sip::{Host, Message, Method, Uri};
 use crate::transport::Meta;
 
 /// Which hook a message object belongs to: what it may do.
@@ -362,22 +363,24 @@ impl UserData for ScriptMsg {
         fields.add_field_method_get("from_uri", |_, m| {
             Ok(m.msg.from().ok().map(|n| lossy(n.uri.raw())))
         });
-        fields.add_field_method_get("from_tag", |_, m| {
-            Ok(m.msg.from().ok().and_then(|n| n.tag().map(lossy)))
-        });
+        fields.add_field_method_get("from_tag", |_, m| Ok(m.msg.from_tag().map(lossy)));
         fields.add_field_method_get("to_uri", |_, m| {
             Ok(m.msg.to().ok().map(|n| lossy(n.uri.raw())))
         });
-        fields.add_field_method_get("to_tag", |_, m| {
-            Ok(m.msg.to().ok().and_then(|n| n.tag().map(lossy)))
-        });
+        fields.add_field_method_get("to_tag", |_, m| Ok(m.msg.to_tag().map(lossy)));
         fields.add_field_method_get("call_id", |_, m| Ok(m.msg.call_id().ok().map(lossy)));
         fields.add_field_method_get("cseq", |_, m| Ok(m.msg.cseq().ok().map(|c| c.seq)));
         fields.add_field_method_get("cseq_method", |_, m| {
             Ok(m.msg.cseq().ok().map(|c| c.method.as_str().to_owned()))
         });
-        fields.add_field_method_get("src_ip", |_, m| {
-            Ok(m.meta.map(|x| x.source.ip().to_string()))
+        fields.add_field_method_get("src_ip", |lua, m| {
+            m.meta
+                .map(|x| match x.source.ip() {
+                    // Read for every request by the shipped script: written without `fmt`.
+                    ip @ IpAddr::V4(_) => Host::Ip(ip).with_text(|text| lua.create_string(text)),
+                    ip => lua.create_string(ip.to_string()),
+                })
+                .transpose()
         });
         fields.add_field_method_get("src_port", |_, m| Ok(m.meta.map(|x| x.source.port())));
         fields.add_field_method_get("transport", |_, m| {
@@ -406,9 +409,7 @@ fn add_accessors<M: UserDataMethods<ScriptMsg>>(methods: &mut M) {
     methods.add_method("headers", |lua, m, name: String| {
         lua.create_sequence_from(m.msg.headers_named(&name).map(lossy))
     });
-    methods.add_method("has_to_tag", |_, m, ()| {
-        Ok(m.msg.to().is_ok_and(|to| to.tag().is_some()))
-    });
+    methods.add_method("has_to_tag", |_, m, ()| Ok(m.msg.to_tag().is_some()));
     methods.add_method("is_method", |_, m, names: Variadic<String>| {
         let method = m.msg.method().map(Method::as_str).unwrap_or_default();
         Ok(names.iter().any(|n| n.eq_ignore_ascii_case(method)))
