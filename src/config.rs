@@ -159,6 +159,7 @@ impl Dispatcher {
             up_after: self.up_after,
             alive: codes("alive_codes", &self.alive_codes)?,
             mark_on: codes("mark_on", &self.mark_on)?,
+            method: self.probe_method.clone(),
         })
     }
 

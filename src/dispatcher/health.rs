@@ -102,6 +102,8 @@ pub struct Rules {
     pub alive: CodeSet,
     /// Failures of a call that mark its destination `inactive` at once.
     pub mark_on: CodeSet,
+    /// The probe request's method (`OPTIONS` unless configured).
+    pub method: String,
 }
 
 impl Default for Rules {
@@ -113,6 +115,7 @@ impl Default for Rules {
             up_after: 2,
             alive: CodeSet::parse(&DEFAULT_ALIVE.map(str::to_owned)).unwrap_or_default(),
             mark_on: CodeSet::parse(&DEFAULT_MARK_ON.map(str::to_owned)).unwrap_or_default(),
+            method: "OPTIONS".to_owned(),
         }
     }
 }

@@ -8,17 +8,21 @@
 //!   (hashes, round robin, random, priority, weighted, call load).
 //! - `health`: each destination's state (`active`, `inactive`, `probing`, `disabled`) and how
 //!   probes, failed calls and the operator move it, with explicit `now`.
+//! - `probe`: the probe requests of the first event loop, as client transactions (RFC 3261
+//!   §11, §17.1), and their outcomes fed back into `health`.
 //! - [`Dispatcher`]: the sets serving now, shared by every event loop (reads take a read lock
 //!   and atomics; a reload swaps the whole table), the counters per destination, and the
 //!   probe schedule the server's shell carries out.
 //!
-//! Nothing here does I/O except [`Dispatcher::reload`] reading the sets file. What a selection
+//! Nothing here does I/O except [`Dispatcher::reload`] reading the sets file (`probe` asks
+//! the loop to send and resolve). What a selection
 //! means for a request (RFC 3261 §16.5: the destinations become the target set; §16.7 step 6
 //! and §16.6: on a failure the next one is tried as a new branch of the same transaction) is
 //! bound in `script::api::dispatcher`.
 
 pub mod algorithm;
 pub mod health;
+pub mod probe;
 pub mod set;
 
 use std::collections::HashMap;
@@ -220,6 +224,8 @@ pub struct Dispatcher {
     table: RwLock<Arc<Table>>,
     /// State of the `random` algorithm's generator.
     random: AtomicU64,
+    /// Counts state changes; watchers (`ctl`, tests) wake on each.
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl Dispatcher {
@@ -235,6 +241,7 @@ impl Dispatcher {
             file,
             table: RwLock::new(Arc::new(Table::default())),
             random: AtomicU64::new(seed_from_clock()),
+            changes: tokio::sync::watch::Sender::new(0),
         };
         dispatcher.reload()?;
         Ok(dispatcher)
@@ -248,6 +255,7 @@ impl Dispatcher {
             file: None,
             table: RwLock::new(Arc::new(Table::default())),
             random: AtomicU64::new(seed_from_clock()),
+            changes: tokio::sync::watch::Sender::new(0),
         }
     }
 
@@ -398,7 +406,7 @@ impl Dispatcher {
     pub fn mark(&self, uri: &str, state: State, by: &str) -> Result<(), String> {
         let destination = self.destination(uri)?;
         let transition = destination.health().mark(state);
-        log_transition(&destination.uri, transition, by);
+        self.changed(&destination.uri, transition, by);
         Ok(())
     }
 
@@ -407,7 +415,7 @@ impl Dispatcher {
     pub fn call_failed(&self, uri: &str, code: u16) {
         if let Ok(destination) = self.destination(uri) {
             let transition = destination.health().call_failed(code, &self.rules);
-            log_transition(
+            self.changed(
                 &destination.uri,
                 transition,
                 &format!("a call failed with {code}"),
@@ -484,7 +492,7 @@ impl Dispatcher {
             let transition = health.probe_expired(now, &self.rules);
             let send = health.due(now, &self.rules);
             drop(health);
-            log_transition(&destination.uri, transition, "a probe timed out");
+            self.changed(&destination.uri, transition, "a probe timed out");
             if send {
                 due.push(destination.uri.clone());
             }
@@ -498,7 +506,7 @@ impl Dispatcher {
             let transition = destination
                 .health()
                 .probe_answered(outcome, now, &self.rules);
-            log_transition(&destination.uri, transition, &format!("probe: {outcome}"));
+            self.changed(&destination.uri, transition, &format!("probe: {outcome}"));
         }
     }
 }
@@ -532,15 +540,24 @@ fn view(set: u32, member: &Member, now: Instant) -> DestinationView {
     }
 }
 
-/// One line per state change: operators grep for these when a gateway flaps.
-fn log_transition(uri: &str, transition: Option<Transition>, cause: &str) {
-    let Some(Transition { from, to }) = transition else {
-        return;
-    };
-    if to == State::Inactive {
-        warn!(destination = uri, %from, %to, cause, "dispatcher destination down");
-    } else {
-        info!(destination = uri, %from, %to, cause, "dispatcher destination state changed");
+impl Dispatcher {
+    /// One line per state change (operators grep for these when a gateway flaps), and a
+    /// wake-up for the watchers of [`Dispatcher::watch`].
+    fn changed(&self, uri: &str, transition: Option<Transition>, cause: &str) {
+        let Some(Transition { from, to }) = transition else {
+            return;
+        };
+        if to == State::Inactive {
+            warn!(destination = uri, %from, %to, cause, "dispatcher destination down");
+        } else {
+            info!(destination = uri, %from, %to, cause, "dispatcher destination state changed");
+        }
+        self.changes.send_modify(|n| *n += 1);
+    }
+
+    /// Changes with every change of a destination's state (its value counts them).
+    pub fn watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 }
 
