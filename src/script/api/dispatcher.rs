@@ -30,6 +30,18 @@ const CURSOR_KEY: &str = "moonroute.dispatcher.cursor";
 struct Cursor {
     current: Arc<str>,
     remaining: Vec<Arc<str>>,
+    /// An INVITE: counted as a call in progress at `current` (`call_load`) until the
+    /// transaction ends ([`end_call`]) or fails over.
+    call: Option<Arc<Dispatcher>>,
+}
+
+impl Cursor {
+    /// The call, if one is counted, leaves `current`.
+    fn end_call(&mut self) {
+        if let Some(dispatcher) = self.call.take() {
+            dispatcher.call_ended(&self.current);
+        }
+    }
 }
 
 impl UserData for Cursor {}
@@ -46,7 +58,14 @@ pub(super) fn add_methods<M: UserDataMethods<ScriptMsg>>(methods: &mut M) {
         };
         let first = order.remove(0);
         m.targets = vec![target(m, &first)];
-        store_cursor(lua, m, first.clone(), order)?;
+        if let Some(previous) = cursor(lua, m)? {
+            previous.borrow_mut::<Cursor>()?.end_call();
+        }
+        let call = is_call(m).then(|| {
+            dispatcher.call_started(&first);
+            dispatcher.clone()
+        });
+        store_cursor(lua, m, first.clone(), order, call)?;
         Ok(MultiValue::from_vec(vec![Value::String(
             lua.create_string(&*first)?,
         )]))
@@ -64,10 +83,16 @@ pub(super) fn add_methods<M: UserDataMethods<ScriptMsg>>(methods: &mut M) {
             dispatcher.call_failed(&cursor.current, status);
         }
         let current = cursor.current.clone();
+        let counted = cursor.call.is_some();
+        cursor.end_call();
         match dispatcher.next(Some(&current), &mut cursor.remaining) {
             Some(next) => {
                 m.targets = vec![target(m, &next)];
                 cursor.current = next.clone();
+                if counted {
+                    dispatcher.call_started(&next);
+                    cursor.call = Some(dispatcher);
+                }
                 Ok(Some(next.to_string()))
             }
             None => Ok(None),
@@ -97,12 +122,48 @@ fn store_cursor(
     m: &ScriptMsg,
     current: Arc<str>,
     remaining: Vec<Arc<str>>,
+    call: Option<Arc<Dispatcher>>,
 ) -> mlua::Result<()> {
-    let Some(vars) = &m.vars else {
-        return Ok(()); // no later hook can ask
+    let mut cursor = Cursor {
+        current,
+        remaining,
+        call,
     };
-    let cursor = lua.create_userdata(Cursor { current, remaining })?;
+    let Some(vars) = &m.vars else {
+        cursor.end_call(); // nothing would end it
+        return Ok(());
+    };
+    let cursor = lua.create_userdata(cursor)?;
     vars.raw_set(cursor_key(lua)?, cursor)
+}
+
+/// A call is an INVITE (its transaction lasts while the call is set up; `call_load` counts
+/// them). Other requests are routed but not counted.
+fn is_call(m: &ScriptMsg) -> bool {
+    m.msg.method() == Some(&crate::sip::Method::Invite)
+}
+
+/// Whether the transaction whose vars are `vars` counts a call at a destination: its state
+/// must then be kept until the transaction ends, for [`end_call`].
+pub(crate) fn holds_call(lua: &Lua, vars: &Table) -> bool {
+    let Ok(key) = cursor_key(lua) else {
+        return false;
+    };
+    let cursor: Option<AnyUserData> = vars.raw_get(key).ok().flatten();
+    cursor
+        .and_then(|c| c.borrow::<Cursor>().ok().map(|c| c.call.is_some()))
+        .unwrap_or(false)
+}
+
+/// The transaction whose vars are `vars` ended: the call it counted, if any, ends.
+pub(crate) fn end_call(lua: &Lua, vars: &Table) {
+    let Ok(key) = cursor_key(lua) else {
+        return;
+    };
+    let cursor: Option<AnyUserData> = vars.raw_get(key).ok().flatten();
+    if let Some(mut cursor) = cursor.and_then(|c| c.borrow_mut::<Cursor>().ok()) {
+        cursor.end_call();
+    }
 }
 
 fn cursor(lua: &Lua, m: &ScriptMsg) -> mlua::Result<Option<AnyUserData>> {

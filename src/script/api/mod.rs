@@ -20,7 +20,7 @@ use mlua::{Lua, Table, UserData, UserDataFields, UserDataMethods, Value, Variadi
 use tracing::{debug, error, info, warn};
 
 mod auth;
-mod dispatcher;
+pub(crate) mod dispatcher;
 mod flood;
 mod metrics;
 mod nat;
