@@ -8,6 +8,8 @@
 //! `reload` or `status` mean is decided by the [`Handler`] the caller installs.
 //!
 //! - [`stats`]: `stats [PREFIX]`, the metric samples.
+//! - [`ds`]: `ds list|set|reload`, the dispatcher's destinations (Kamailio's
+//!   `dispatcher.list`, `dispatcher.set_state`, `dispatcher.reload`).
 //! - [`ul`]: the `ul show|rm|add|count` commands on the location database (Kamailio's
 //!   `kamctl ul`), which `moonroute`'s handler runs for `ul`.
 //!
@@ -38,6 +40,7 @@
 //! on every connection: only the socket's owner (and root) may send commands.
 
 mod client;
+pub mod ds;
 mod server;
 pub mod stats;
 pub mod ul;
