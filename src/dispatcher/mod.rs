@@ -511,6 +511,87 @@ impl Dispatcher {
     }
 }
 
+/// Destinations the metrics list at most (each is five to eight series).
+pub const MAX_METRIC_DESTINATIONS: usize = 2_000;
+
+/// The families of `moonroute_dispatcher_*`, read from `dispatcher` at each scrape (nothing
+/// is counted twice on the call path): per destination URI, its state (one series per state,
+/// 1 for the current one), calls in progress, requests sent, failovers and failed probes.
+/// Without `dispatcher` (dropped) they are empty.
+pub fn register_metrics(registry: &crate::metrics::Registry, dispatcher: &Arc<Dispatcher>) {
+    use crate::metrics::Kind;
+    type Read = fn(&DestinationView) -> f64;
+    let families: [(&str, &str, Kind, Read); 4] = [
+        (
+            "moonroute_dispatcher_calls",
+            "INVITE transactions in progress through this node per dispatcher destination (call_load uses them).",
+            Kind::Gauge,
+            |v| v.calls as f64,
+        ),
+        (
+            "moonroute_dispatcher_sent_total",
+            "Requests the dispatcher sent to a destination, first or on failover.",
+            Kind::Counter,
+            |v| v.sent as f64,
+        ),
+        (
+            "moonroute_dispatcher_failovers_total",
+            "Failures at a destination that moved a request on to the next one (req:ds_next).",
+            Kind::Counter,
+            |v| v.failovers as f64,
+        ),
+        (
+            "moonroute_dispatcher_probes_failed_total",
+            "Probes of a destination that failed (timeout, unreachable, an answer not in alive_codes).",
+            Kind::Counter,
+            |v| v.probes_failed as f64,
+        ),
+    ];
+    for (name, help, kind, read) in families {
+        let weak = Arc::downgrade(dispatcher);
+        registry.collect(
+            name,
+            help,
+            kind,
+            Box::new(move |out| {
+                for view in metric_views(&weak) {
+                    out.sample(name, &[("destination", &view.uri)], read(&view));
+                }
+            }),
+        );
+    }
+    let weak = Arc::downgrade(dispatcher);
+    registry.collect(
+        "moonroute_dispatcher_state",
+        "A dispatcher destination's state: 1 for the current one of active, inactive, probing, disabled.",
+        Kind::Gauge,
+        Box::new(move |out| {
+            for view in metric_views(&weak) {
+                for state in [State::Active, State::Inactive, State::Probing, State::Disabled] {
+                    let labels = [("destination", view.uri.as_str()), ("state", state.name())];
+                    let value = if view.state == state { 1.0 } else { 0.0 };
+                    out.sample("moonroute_dispatcher_state", &labels, value);
+                }
+            }
+        }),
+    );
+}
+
+/// Every destination once (a URI in several sets is one destination), at most
+/// [`MAX_METRIC_DESTINATIONS`].
+fn metric_views(dispatcher: &std::sync::Weak<Dispatcher>) -> Vec<DestinationView> {
+    let Some(dispatcher) = dispatcher.upgrade() else {
+        return Vec::new();
+    };
+    let mut seen = std::collections::HashSet::new();
+    dispatcher
+        .list(None, Instant::now())
+        .into_iter()
+        .filter(|v| seen.insert(v.uri.clone()))
+        .take(MAX_METRIC_DESTINATIONS)
+        .collect()
+}
+
 fn candidate(member: &Member) -> Candidate {
     Candidate {
         weight: member.weight,

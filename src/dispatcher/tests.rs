@@ -336,3 +336,40 @@ fn hash_keys_come_from_the_request() {
     assert_eq!(target_uri("sip:ivr@127.0.0.1", ruri), "sip:ivr@127.0.0.1");
     assert_eq!(target_uri(A, None), A);
 }
+
+#[test]
+fn metrics_show_each_destination_once_with_its_state_and_counters() {
+    let mut sets = three([1, 1, 1]);
+    sets.push(SetConfig {
+        id: 2,
+        destinations: vec![destination(A, 1, 0)],
+    });
+    let dispatcher = Arc::new(active(sets));
+    dispatcher.mark(B, State::Inactive, "test").unwrap();
+    let mut order = dispatcher.select(1, Algorithm::Priority, None).unwrap();
+    let first = order.remove(0);
+    dispatcher.call_started(&first);
+    dispatcher.next(Some(&first), &mut order);
+    let registry = crate::metrics::Registry::new();
+    register_metrics(&registry, &dispatcher);
+    let text = registry.render();
+    let line = |prefix: &str| {
+        let lines: Vec<&str> = text.lines().filter(|l| l.starts_with(prefix)).collect();
+        assert_eq!(lines.len(), 1, "{prefix} in\n{text}");
+        lines[0].rsplit(' ').next().unwrap().to_owned()
+    };
+    let sample = |name: &str, uri: &str| line(&format!("{name}{{destination=\"{uri}\"}}"));
+    assert_eq!(sample("moonroute_dispatcher_calls", &first), "1");
+    assert_eq!(sample("moonroute_dispatcher_sent_total", &first), "1");
+    assert_eq!(sample("moonroute_dispatcher_failovers_total", &first), "1");
+    assert_eq!(sample("moonroute_dispatcher_probes_failed_total", A), "0");
+    let state = |uri: &str, state: &str| {
+        line(&format!(
+            "moonroute_dispatcher_state{{destination=\"{uri}\",state=\"{state}\"}}"
+        ))
+    };
+    assert_eq!(state(B, "inactive"), "1");
+    assert_eq!(state(B, "active"), "0");
+    assert_eq!(state(C, "active"), "1");
+    assert!(text.contains("# TYPE moonroute_dispatcher_failovers_total counter"));
+}

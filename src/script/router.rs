@@ -202,6 +202,10 @@ impl ScriptHost {
         };
         let auth =
             crate::auth::Authenticator::open(&settings, &config.data_dir).map_err(ScriptError)?;
+        let dispatcher = Arc::new(
+            crate::dispatcher::Dispatcher::from_config(&config.dispatcher).map_err(ScriptError)?,
+        );
+        crate::dispatcher::register_metrics(&metrics, &dispatcher);
         let services = Services {
             kv: Arc::new(super::kv::KvStore::new(super::KV_MAX_KEYS)),
             registrar: Some(Arc::new(registrar)),
@@ -211,10 +215,7 @@ impl ScriptHost {
                     .with_blocks_counter(engine.pike_blocks),
             ),
             metrics,
-            dispatcher: Arc::new(
-                crate::dispatcher::Dispatcher::from_config(&config.dispatcher)
-                    .map_err(ScriptError)?,
-            ),
+            dispatcher,
             clock: None,
         };
         ScriptHost::load(
