@@ -1,8 +1,10 @@
 //! The dispatcher end to end: a server routed by a script using `req:ds_select` and
-//! `req:ds_next`, three test UAS destinations on loopback UDP sockets, a caller. Covers the
-//! distribution of an algorithm, failover with no failed request at the caller (a destination
-//! answering 503 is marked down and gets nothing more), and Call-ID stickiness. Probing is off
-//! here (its state machine has simulated-time tests in `src/dispatcher/`). Nothing sleeps.
+//! `req:ds_next` (or the shipped `scripts/balancer.lua`), three test UAS destinations on
+//! loopback UDP sockets, a caller. Covers the distribution of each algorithm, failover with no
+//! failed request at the caller (a destination answering 503, or falling silent mid-run, is
+//! marked down and gets nothing more), OPTIONS probing taking a silent destination down within
+//! its interval and bringing it back, and Call-ID stickiness. Nothing sleeps: state changes are
+//! awaited on `Dispatcher::watch` with generous timeouts.
 
 mod common;
 
@@ -24,7 +26,8 @@ use tokio::sync::mpsc;
 const SCRIPT: &str = r#"
 function on_request(req)
     local algorithm = req:header("X-Algorithm") or "round_robin"
-    local destination, why = req:ds_select(1, algorithm)
+    local set = tonumber(req:header("X-Set") or "1")
+    local destination, why = req:ds_select(set, algorithm)
     if not destination then
         req:reply(503, "No Destination")
         return
@@ -45,28 +48,62 @@ struct Running {
     udp: SocketAddr,
 }
 
-/// A destination: a UAS answering every request with `answer`, reporting its index.
+/// What a destination answers calls with; [`SILENT`]: nothing, not even probes (a gateway
+/// whose plug was pulled).
+const SILENT: u16 = 0;
+
+/// A destination: a UAS answering every request with `answer` and reporting the index of the
+/// destination for each new request but probes (OPTIONS) and ACKs (retransmissions are
+/// absorbed by the UA).
 struct Destination {
     uri: String,
     answer: Arc<AtomicU16>,
 }
 
+/// Each destination runs on a thread of its own (a `Message` is not `Sync`, so a UA's task
+/// cannot move between threads), for as long as the test process.
 async fn destinations(count: usize, seen: mpsc::UnboundedSender<usize>) -> Vec<Destination> {
     let mut out = Vec::new();
     for index in 0..count {
-        let mut ua = TestUa::udp(&format!("gw{index}")).await;
         let answer = Arc::new(AtomicU16::new(200));
         let code = answer.clone();
         let seen = seen.clone();
+        let (address, bound) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(serve_destination(index, code, seen, address));
+        });
         out.push(Destination {
-            uri: format!("sip:{}", ua.local),
+            uri: format!("sip:{}", bound.await.unwrap()),
             answer,
         });
-        tokio::spawn(async move {
+    }
+    out
+}
+
+async fn serve_destination(
+    index: usize,
+    code: Arc<AtomicU16>,
+    seen: mpsc::UnboundedSender<usize>,
+    address: tokio::sync::oneshot::Sender<SocketAddr>,
+) {
+    let mut ua = TestUa::udp(&format!("gw{index}")).await;
+    let _ = address.send(ua.local);
+    {
+        {
             loop {
-                let request = ua.recv_request(Duration::from_secs(120)).await;
-                let _ = seen.send(index);
+                let request = ua.recv_request(Duration::from_secs(600)).await;
                 let code = code.load(Ordering::Relaxed);
+                let method = request.method().map(|m| m.as_str().to_owned());
+                if code == SILENT || method.as_deref() == Some("ACK") {
+                    continue;
+                }
+                if method.as_deref() != Some("OPTIONS") {
+                    let _ = seen.send(index);
+                }
                 let reason = if code == 200 {
                     "OK"
                 } else {
@@ -74,42 +111,97 @@ async fn destinations(count: usize, seen: mpsc::UnboundedSender<usize>) -> Vec<D
                 };
                 ua.respond(&request, code, reason).await;
             }
-        });
+        }
     }
-    out
+}
+
+/// How a lab server is set up.
+struct Setup<'a> {
+    script: &'a Path,
+    /// Set 1: every destination with weight 1; set 2: the same with weights 1, 2, 3...
+    destinations: &'a [Destination],
+    /// `(interval, timeout)` in ms; `None`: probing off (destinations start active).
+    probing: Option<(u64, u64)>,
+    /// T1 in ms: Timer B/F (64*T1) is when a silent destination's call fails over.
+    t1_ms: u64,
+}
+
+impl Setup<'_> {
+    fn new<'a>(script: &'a Path, destinations: &'a [Destination]) -> Setup<'a> {
+        Setup {
+            script,
+            destinations,
+            probing: None,
+            t1_ms: 500,
+        }
+    }
 }
 
 fn start(script: &Path, destinations: &[Destination]) -> Running {
+    start_with(Setup::new(script, destinations))
+}
+
+fn start_with(setup: Setup<'_>) -> Running {
     let mut config = Config {
         listen: vec!["udp:127.0.0.1:0".parse::<ListenAddr>().unwrap()],
         workers: 2,
-        script: script.to_path_buf(),
+        script: setup.script.to_path_buf(),
         ..Config::default()
     };
     config.control.socket = PathBuf::new();
     config.lua.watch = false;
     config.location.store = LocationBackend::Memory;
-    config.dispatcher.probe_interval_secs = 0;
-    config.dispatcher.set = vec![SetConfig {
-        id: 1,
-        destinations: destinations
+    config.timers.t1_ms = setup.t1_ms;
+    match setup.probing {
+        None => config.dispatcher.probe_interval_secs = 0,
+        Some((interval, timeout)) => {
+            config.dispatcher.probe_interval_ms = interval;
+            config.dispatcher.probe_timeout_ms = timeout;
+        }
+    }
+    let set = |id: u32, weight: &dyn Fn(usize) -> u32| SetConfig {
+        id,
+        destinations: setup
+            .destinations
             .iter()
-            .map(|d| DestinationConfig {
+            .enumerate()
+            .map(|(i, d)| DestinationConfig {
                 uri: d.uri.clone(),
-                weight: 1,
+                weight: weight(i),
                 priority: 0,
                 attrs: String::new(),
             })
             .collect(),
-    }];
+    };
+    config.dispatcher.set = vec![set(1, &|_| 1), set(2, &|i| i as u32 + 1)];
     let host = ScriptHost::from_config(&config).expect("the script loads");
-    let factory = CoreFactory::with_router(&config, host.router_factory());
+    let factory = CoreFactory::with_router(&config, host.router_factory())
+        .with_dispatcher(Arc::clone(&host.services().dispatcher));
     let server = Server::start(&config, Arc::new(factory)).expect("server starts");
     Running {
         udp: server.local_addr(TransportKind::Udp).unwrap(),
         _server: server,
         host,
     }
+}
+
+/// Waits until `uri` is in `state`; returns how long that took. Panics after `within`.
+async fn wait_state(running: &Running, uri: &str, state: State, within: Duration) -> Duration {
+    let dispatcher = &running.host.services().dispatcher;
+    let mut changes = dispatcher.watch();
+    let started = std::time::Instant::now();
+    let reached = tokio::time::timeout(within, async {
+        while dispatcher.state(uri) != Some(state) {
+            changes.changed().await.expect("the dispatcher lives");
+        }
+    })
+    .await;
+    assert!(
+        reached.is_ok(),
+        "{uri} still {:?} after {within:?}, not {state}",
+        dispatcher.state(uri)
+    );
+    started.elapsed()
 }
 
 fn script(dir: &tempfile::TempDir) -> PathBuf {
@@ -124,15 +216,28 @@ async fn message(
     proxy: SocketAddr,
     algorithm: &str,
 ) -> moonroute::sip::Message {
+    let (sent, answer) = message_in(caller, proxy, 1, algorithm, WAIT).await;
+    expect_status(&answer, 200);
+    sent
+}
+
+/// A MESSAGE to set `set` through the proxy, and its answer within `wait`.
+async fn message_in(
+    caller: &mut TestUa,
+    proxy: SocketAddr,
+    set: u32,
+    algorithm: &str,
+    wait: Duration,
+) -> (moonroute::sip::Message, moonroute::sip::Message) {
     let sent = caller
         .request("MESSAGE", &format!("sip:gateway@{proxy}"))
         .header("X-Algorithm", algorithm)
+        .header("X-Set", &set.to_string())
         .to(proxy)
         .await;
-    let answer = caller.recv_response(WAIT).await;
+    let answer = caller.recv_response(wait).await;
     assert_eq!(answer.call_id().unwrap(), sent.call_id().unwrap());
-    expect_status(&answer, 200);
-    sent
+    (sent, answer)
 }
 
 /// The index of the destination that got the request just sent (and its failovers).
@@ -251,4 +356,177 @@ fn the_shipped_balancer_script_passes_moonroute_check() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(stdout.contains("ok (on_request, on_failure)"), "{stdout}");
+}
+
+/// Every algorithm over real sockets: round robin and weighted exactly (their counters are
+/// shared by the event loops), the hashes and random within a tolerance, priority all to the
+/// first, call load evenly (each MESSAGE ends before the next: no load, ties broken in turn).
+#[tokio::test]
+async fn each_algorithm_spreads_calls_as_it_should() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tx, mut seen) = mpsc::unbounded_channel();
+    let gateways = destinations(3, tx).await;
+    let server = start(&script(&dir), &gateways);
+    let mut caller = TestUa::udp("caller").await;
+    let proxy = server.udp;
+    macro_rules! spread {
+        ($set:expr, $algorithm:expr, $calls:expr) => {{
+            let mut counts = [0usize; 3];
+            for _ in 0..$calls {
+                let (_, answer) = message_in(&mut caller, proxy, $set, $algorithm, WAIT).await;
+                expect_status(&answer, 200);
+                counts[received(&mut seen).await] += 1;
+            }
+            counts
+        }};
+    }
+    assert_eq!(spread!(2, "weighted", 600), [100, 200, 300]);
+    assert_eq!(spread!(1, "4", 300), [100, 100, 100]);
+    let priority = spread!(1, "priority", 30);
+    assert_eq!(
+        priority.iter().filter(|c| **c == 30).count(),
+        1,
+        "{priority:?}"
+    );
+    for (set, algorithm, expected) in [
+        (1, "call_id", [200.0, 200.0, 200.0]),
+        (2, "call_id", [100.0, 200.0, 300.0]),
+        (1, "random", [200.0, 200.0, 200.0]),
+    ] {
+        let counts = spread!(set, algorithm, 600);
+        for (count, expected) in counts.iter().zip(expected) {
+            // Binomial: 3.5 standard deviations at most (sd = 12.2 for 200 of 600).
+            let tolerance = 3.5 * (expected * (1.0 - expected / 600.0_f64)).sqrt();
+            assert!(
+                (*count as f64 - expected).abs() <= tolerance,
+                "{algorithm} on set {set}: {counts:?}, expected about {expected} each"
+            );
+        }
+    }
+    let load = spread!(1, "call_load", 30);
+    assert!(
+        load.iter().all(|c| *c > 0),
+        "call_load starves one: {load:?}"
+    );
+}
+
+/// Probing with real sockets: destinations never probed start `probing`, become `active` at
+/// their first answer; one that falls silent is `inactive` within its interval plus the
+/// timeout and gets no calls; when it answers again (up_after = 2 answers) it is used again.
+#[tokio::test]
+async fn a_silent_destination_is_probed_down_within_its_interval_and_comes_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tx, mut seen) = mpsc::unbounded_channel();
+    let gateways = destinations(3, tx).await;
+    let (interval, timeout) = (300, 200);
+    let server = start_with(Setup {
+        probing: Some((interval, timeout)),
+        ..Setup::new(&script(&dir), &gateways)
+    });
+    // Margins for a loaded 2-core box: what takes milliseconds may take seconds.
+    let margin = Duration::from_secs(10);
+    for gateway in &gateways {
+        wait_state(&server, &gateway.uri, State::Active, margin).await;
+    }
+    gateways[1].answer.store(SILENT, Ordering::Relaxed);
+    let down = wait_state(&server, &gateways[1].uri, State::Inactive, margin).await;
+    eprintln!(
+        "silent destination down after {down:?} (interval {interval} ms, timeout {timeout} ms)"
+    );
+    let view = |uri: &str| {
+        server
+            .host
+            .services()
+            .dispatcher
+            .list(Some(1), std::time::Instant::now())
+            .into_iter()
+            .find(|v| v.uri == uri)
+            .unwrap()
+    };
+    assert!(view(&gateways[1].uri).probes_failed >= 1);
+    let mut caller = TestUa::udp("caller").await;
+    for _ in 0..30 {
+        message(&mut caller, server.udp, "round_robin").await;
+        assert_ne!(
+            received(&mut seen).await,
+            1,
+            "a down destination got a call"
+        );
+    }
+
+    gateways[1].answer.store(200, Ordering::Relaxed);
+    let up = wait_state(&server, &gateways[1].uri, State::Active, margin).await;
+    eprintln!("destination back after {up:?} (up_after 2)");
+    let mut back = 0;
+    for _ in 0..30 {
+        message(&mut caller, server.udp, "round_robin").await;
+        back += usize::from(received(&mut seen).await == 1);
+    }
+    assert_eq!(back, 10);
+    let last = view(&gateways[1].uri).last_probe.expect("probed");
+    assert_eq!(last.0, moonroute::dispatcher::ProbeOutcome::Reply(200));
+}
+
+/// A destination pulled mid-run: the calls it had fail over when their transaction times
+/// out (Timer F = 64*T1), probes take it down meanwhile, and no call fails at the caller.
+#[tokio::test]
+async fn a_destination_pulled_mid_run_costs_no_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tx, mut seen) = mpsc::unbounded_channel();
+    let gateways = destinations(3, tx).await;
+    let t1_ms = 100;
+    let server = start_with(Setup {
+        probing: Some((300, 200)),
+        t1_ms,
+        ..Setup::new(&script(&dir), &gateways)
+    });
+    let margin = Duration::from_secs(10);
+    for gateway in &gateways {
+        wait_state(&server, &gateway.uri, State::Active, margin).await;
+    }
+    let mut caller = TestUa::udp("caller").await;
+    // The answer of a call stuck at the silent destination comes after 64*T1 and a failover.
+    let wait = Duration::from_millis(64 * t1_ms) + margin;
+    let (mut answered, mut to_silent) = (0, 0);
+    for call in 0..60 {
+        if call == 20 {
+            gateways[2].answer.store(SILENT, Ordering::Relaxed);
+        }
+        let was_down =
+            server.host.services().dispatcher.state(&gateways[2].uri) == Some(State::Inactive);
+        let (_, answer) = message_in(&mut caller, server.udp, 1, "round_robin", wait).await;
+        expect_status(&answer, 200);
+        answered += 1;
+        // The silent one reports nothing: whoever answered is one of the others.
+        let destination = received(&mut seen).await;
+        if call >= 20 {
+            assert_ne!(
+                destination, 2,
+                "call {call} answered by the silent destination"
+            );
+            to_silent += usize::from(!was_down);
+        }
+    }
+    assert_eq!(answered, 60, "every call answered 200");
+    let dispatcher = &server.host.services().dispatcher;
+    assert_eq!(dispatcher.state(&gateways[2].uri), Some(State::Inactive));
+    let listing = moonroute::control::ds::command(
+        &["list".to_owned(), "1".to_owned()],
+        dispatcher,
+        std::time::Instant::now(),
+    );
+    let line = listing
+        .text
+        .lines()
+        .find(|l| l.contains(&gateways[2].uri))
+        .unwrap()
+        .to_owned();
+    assert!(line.contains("state=inactive"), "{line}");
+    let metrics = server.host.services().metrics.render();
+    let state = format!(
+        "moonroute_dispatcher_state{{destination=\"{}\",state=\"inactive\"}} 1",
+        gateways[2].uri
+    );
+    assert!(metrics.contains(&state), "{metrics}");
+    eprintln!("{to_silent} calls started before the silent destination was marked down; {line}");
 }
