@@ -530,3 +530,76 @@ async fn a_destination_pulled_mid_run_costs_no_call() {
     assert!(metrics.contains(&state), "{metrics}");
     eprintln!("{to_silent} calls started before the silent destination was marked down; {line}");
 }
+
+/// The shipped `scripts/balancer.lua`, with the test's caller allowed: INVITE calls (ACK,
+/// BYE) through it to three destinations, one pulled mid-run. Every call is answered 200,
+/// each BYE reaches the destination of its INVITE, the pulled one is taken down, and the
+/// calls in progress are counted per destination (`call_load`).
+#[tokio::test]
+async fn the_shipped_balancer_keeps_every_call_when_a_destination_is_pulled() {
+    let dir = tempfile::tempdir().unwrap();
+    let shipped =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/balancer.lua"))
+            .unwrap();
+    let allowed = shipped.replace(
+        "local CALLERS = {}",
+        "local CALLERS = { [\"127.0.0.1\"] = true }",
+    );
+    assert_ne!(
+        allowed, shipped,
+        "balancer.lua lists its callers in CALLERS"
+    );
+    let script = dir.path().join("balancer.lua");
+    std::fs::write(&script, allowed).unwrap();
+    let (tx, mut seen) = mpsc::unbounded_channel();
+    let gateways = destinations(3, tx).await;
+    let t1_ms = 100;
+    let server = start_with(Setup {
+        probing: Some((300, 200)),
+        t1_ms,
+        ..Setup::new(&script, &gateways)
+    });
+    let margin = Duration::from_secs(10);
+    for gateway in &gateways {
+        wait_state(&server, &gateway.uri, State::Active, margin).await;
+    }
+    let dispatcher = &server.host.services().dispatcher;
+    let mut caller = TestUa::udp("caller").await;
+    let wait = Duration::from_millis(64 * t1_ms) + margin;
+    let mut used = [0; 3];
+    for call in 0..30 {
+        if call == 10 {
+            gateways[0].answer.store(SILENT, Ordering::Relaxed);
+        }
+        caller
+            .invite(&format!("sip:+15551234@{}", server.udp))
+            .to(server.udp)
+            .await;
+        let answer = loop {
+            let response = caller.recv_response(wait).await;
+            if response.status().unwrap() >= 200 {
+                break response;
+            }
+        };
+        expect_status(&answer, 200);
+        let destination = received(&mut seen).await;
+        used[destination] += 1;
+        let in_progress: u64 = dispatcher
+            .list(Some(1), std::time::Instant::now())
+            .iter()
+            .map(|v| v.calls)
+            .sum();
+        assert!(in_progress >= 1, "the INVITE just answered is in progress");
+        let mut dialog = caller.ack_2xx(&answer).await;
+        caller.bye(&mut dialog).await;
+        caller.expect_final(200).await;
+        assert_eq!(
+            received(&mut seen).await,
+            destination,
+            "the BYE of call {call} went elsewhere than its INVITE"
+        );
+    }
+    assert_eq!(dispatcher.state(&gateways[0].uri), Some(State::Inactive));
+    assert_eq!(used.iter().sum::<usize>(), 30);
+    assert!(used[1] > 0 && used[2] > 0, "{used:?}");
+}
