@@ -95,8 +95,7 @@ fn router(dir: &tempfile::TempDir, name: &str, text: &str) -> ScriptRouter {
         dispatcher: Arc::new(dispatcher(3)),
         ..Services::default()
     };
-    let host =
-        ScriptHost::load(&path, Limits::default(), Arc::new(services), &[]).expect("loads");
+    let host = ScriptHost::load(&path, Limits::default(), Arc::new(services), &[]).expect("loads");
     let identity = LocalIdentity::new(&[], ["127.0.0.1:5060".parse().expect("addr")]);
     ScriptRouter::new(host, identity, 0)
 }

@@ -603,3 +603,45 @@ async fn the_shipped_balancer_keeps_every_call_when_a_destination_is_pulled() {
     assert_eq!(used.iter().sum::<usize>(), 30);
     assert!(used[1] > 0 && used[2] > 0, "{used:?}");
 }
+
+/// The README's walk-through: its configuration parses and validates, with three gateways
+/// probed, and the copied balancer with a caller listed passes `moonroute check`.
+#[test]
+fn the_readme_balancer_walkthrough_holds() {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let section = readme
+        .split("## Load balancing gateways")
+        .nth(1)
+        .expect("the README has the walk-through");
+    let toml = section
+        .split("```toml\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("a toml block");
+    let config = Config::parse(toml).expect("the README's configuration parses");
+    config.validate().expect("and validates");
+    assert_eq!(config.script, Path::new("balancer.lua"));
+    assert_eq!(config.dispatcher.set[0].destinations.len(), 3);
+    assert!(config.dispatcher.probe_interval().is_some());
+
+    let dir = tempfile::tempdir().unwrap();
+    let shipped =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/balancer.lua"))
+            .unwrap();
+    let script = dir.path().join("balancer.lua");
+    std::fs::write(
+        &script,
+        shipped.replace(
+            "local CALLERS = {}",
+            "local CALLERS = { [\"192.0.2.20\"] = true }",
+        ),
+    )
+    .unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_moonroute"))
+        .arg("check")
+        .arg(&script)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+}
