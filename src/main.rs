@@ -112,7 +112,8 @@ struct CtlArgs {
     /// The command and its arguments: reload, status, stats [PREFIX] (metric samples, e.g.
     /// `stats moonroute_transactions`), ul show [AOR], ul rm AOR [CONTACT],
     /// ul add AOR CONTACT [EXPIRES], ul count, user add USER@DOMAIN [PASSWORD] [--realm
-    /// REALM] (the password is read from stdin when not given), user rm USER@DOMAIN, user list.
+    /// REALM] (the password is read from stdin when not given), user rm USER@DOMAIN, user list,
+    /// ds list [SET], ds set URI active|inactive|disabled|probing, ds reload.
     #[arg(required = true, trailing_var_arg = true)]
     command: Vec<String>,
 }
@@ -255,7 +256,8 @@ fn run(args: RunArgs) -> Result<(), Box<dyn Error>> {
     } else {
         let factory = CoreFactory::with_router(&config, host.router_factory())
             .with_route_signer(signer)
-            .with_metrics(Arc::clone(&metrics));
+            .with_metrics(Arc::clone(&metrics))
+            .with_dispatcher(Arc::clone(&host.services().dispatcher));
         match &host.services().registrar {
             Some(registrar) => Arc::new(factory.with_keepalives(registrar.store().clone())),
             None => Arc::new(factory),
@@ -438,7 +440,8 @@ async fn sweep_expired(host: Arc<ScriptHost>) {
 
 /// What `moonroute ctl` can ask, for the error replies.
 const COMMANDS: &str =
-    "reload, status, stats [PREFIX], ul show|rm|add|count, user add|rm|list, dlg list|show|end|count";
+    "reload, status, stats [PREFIX], ul show|rm|add|count, user add|rm|list, dlg list|show|end|count, \
+     ds list|set|reload";
 
 fn control_handler(
     host: Arc<ScriptHost>,
@@ -495,6 +498,11 @@ fn control_handler(
                 Some(auth) => moonroute::control::user::command(&args[1..], auth),
                 None => Reply::error("user: this server has no subscriber table"),
             },
+            Some("ds") => moonroute::control::ds::command(
+                &args[1..],
+                &host.services().dispatcher,
+                std::time::Instant::now(),
+            ),
             Some(other) => Reply::error(format!("unknown command {other:?}; commands: {COMMANDS}")),
             None => Reply::error(format!("no command given; commands: {COMMANDS}")),
         },

@@ -321,6 +321,7 @@ fn services(
         auth: fixtures.subscribers.map(authenticator).transpose()?,
         pike: Arc::new(crate::flood::Pike::default()),
         metrics: crate::metrics::Registry::new(),
+        dispatcher: Arc::new(crate::dispatcher::Dispatcher::empty()),
         clock,
     })
 }

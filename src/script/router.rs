@@ -209,6 +209,10 @@ impl ScriptHost {
         };
         let auth =
             crate::auth::Authenticator::open(&settings, &config.data_dir).map_err(ScriptError)?;
+        let dispatcher = Arc::new(
+            crate::dispatcher::Dispatcher::from_config(&config.dispatcher).map_err(ScriptError)?,
+        );
+        crate::dispatcher::register_metrics(&metrics, &dispatcher);
         let services = Services {
             kv: Arc::new(super::kv::KvStore::new(super::KV_MAX_KEYS)),
             registrar: Some(Arc::new(registrar)),
@@ -218,6 +222,7 @@ impl ScriptHost {
                     .with_blocks_counter(engine.pike_blocks),
             ),
             metrics,
+            dispatcher,
             clock: None,
         };
         ScriptHost::load(
@@ -508,11 +513,13 @@ impl ScriptRouter {
             }
             Ok(RequestRun::Done(state, Err(e))) => {
                 *request = state.msg;
+                super::api::dispatcher::end_call(engine.lua(), &vars);
                 unpin(self);
                 error!(call_id = %call_id(request), error = %e, "on_request failed");
                 return failed_decision(&method);
             }
             Err(e) => {
+                super::api::dispatcher::end_call(engine.lua(), &vars);
                 unpin(self);
                 error!(call_id = %call_id(request), error = %e, "on_request failed");
                 return failed_decision(&method);
@@ -525,14 +532,18 @@ impl ScriptRouter {
         };
         guard_preloaded_route(&mut state, &decision);
         *request = state.msg;
+        // A call counted at a dispatcher destination is counted until the transaction ends
+        // (`release`).
         let keeps_state = matches!(decision, Decision::Relay { .. })
             && (engine.hooks().on_reply.is_some()
                 || engine.hooks().on_failure.is_some()
-                || engine.hooks().on_branch.is_some());
+                || engine.hooks().on_branch.is_some()
+                || super::api::dispatcher::holds_call(engine.lua(), &vars));
         let handle = match (keeps_state, handle) {
             (true, Some(handle)) => Some(handle),
             (true, None) => Some(self.pin(engine, vars)),
             (false, _) => {
+                super::api::dispatcher::end_call(engine.lua(), &vars);
                 unpin(self);
                 None
             }
@@ -754,8 +765,9 @@ impl Router for ScriptRouter {
     }
 
     fn release(&mut self, handle: RouteHandle) {
-        if self.calls.remove(&handle.0).is_none() {
-            debug!(handle = handle.0, "released an unknown route handle");
+        match self.calls.remove(&handle.0) {
+            Some(pinned) => super::api::dispatcher::end_call(pinned.engine.lua(), &pinned.vars),
+            None => debug!(handle = handle.0, "released an unknown route handle"),
         }
         crate::memory::shrink_if_sparse(&mut self.calls);
     }

@@ -21,6 +21,7 @@ use tracing::{debug, error, info, warn};
 
 mod auth;
 pub mod dialog;
+pub(crate) mod dispatcher;
 mod flood;
 mod metrics;
 mod nat;
@@ -399,6 +400,7 @@ impl UserData for ScriptMsg {
         nat::add_methods(methods);
         flood::add_methods(methods);
         dialog::add_methods(methods);
+        dispatcher::add_methods(methods);
     }
 }
 
@@ -786,6 +788,7 @@ pub fn install(lua: &Lua, script: Rc<str>, env: Env) -> mlua::Result<()> {
     flood::install(lua, &sip)?;
     dialog::install(lua, &sip)?;
     metrics::install(lua, &sip)?;
+    dispatcher::install(lua, &sip)?;
     lua.globals().set("sip", sip)?;
     lua.set_app_data(env);
     Ok(())
