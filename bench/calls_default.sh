@@ -18,6 +18,9 @@
 #   noauth  the same script with `local AUTHENTICATE = false` (a sed copy, as bench/lib.sh
 #           does); the callee registers without a challenge; calls are bench/call-uac.xml to
 #           sip:callee@127.0.0.1:PORT (INVITE -> 100/180/200 -> ACK -> BYE -> 200).
+#   nodlg   noauth without dialog tracking (default.lua's req:dlg_manage() commented out: no
+#           dialog table entry, profile, `ctl dlg` summary or CDR line per call): noauth / nodlg
+#           is what tracking a call costs.
 #   relay   bench/relay.lua (record_route + t_relay to the UAS, loose_route in dialog: what
 #           bench/calls.sh ROUTER=script runs), no registration, bench/call-uac.xml.
 # The caller is on 127.0.0.1, which every mode's copy of default.lua puts in TRUSTED (no pike
@@ -112,8 +115,9 @@ run_mode() {
   case $mode in
     auth) script=$dir/default.lua; bench_default_script >"$script" ;;
     noauth) script=$dir/default-noauth.lua; default_script_without_auth >"$script" ;;
+    nodlg) script=$dir/default-nodlg.lua; default_script_without_dialogs >"$script" ;;
     relay) script=$dir/relay.lua; sed "s/@UAS_PORT@/$uas_port/" bench/relay.lua >"$script" ;;
-    *) echo "unknown mode $mode (auth, noauth, relay)" >&2; exit 1 ;;
+    *) echo "unknown mode $mode (auth, noauth, nodlg, relay)" >&2; exit 1 ;;
   esac
   write_config "$dir" "$script"
   start_server "$dir"
@@ -127,7 +131,7 @@ run_mode() {
       # The digest uri must be the INVITE's Request-URI (RFC 3261 §22.4; the server checks it).
       auth_uri="callee@127.0.0.1:$port"
       ;;
-    noauth) register_callee "$dir" ;;
+    noauth | nodlg) register_callee "$dir" ;;
     relay) ruri="sip:uas@127.0.0.1:$port" ;;
   esac
   start_uas "$uas_port" "$calls" "$timeout" "$dir"
@@ -200,6 +204,7 @@ ratio() {
 ratio auth noauth
 ratio auth relay
 ratio noauth relay
+ratio noauth nodlg
 if [ "$failed_runs" != 0 ]; then
   echo "some calls failed: SIPp logs and error files kept in $work" >&2
   exit 1

@@ -302,6 +302,17 @@ default_script_without_auth() {
   bench_default_script | sed 's/^local AUTHENTICATE = true/local AUTHENTICATE = false/'
 }
 
+# default_script_without_dialogs: default_script_without_auth that tracks no call (its
+# track_call's req:dlg_manage() commented out): what a call costs without dialog tracking and
+# CDRs (calls_default.sh MODES=nodlg, dialog_memory.sh).
+default_script_without_dialogs() {
+  grep -q '^    return req:dlg_manage()$' scripts/default.lua || {
+    echo "scripts/default.lua has no '    return req:dlg_manage()' line" >&2
+    return 1
+  }
+  default_script_without_auth | sed 's/^    return req:dlg_manage()$/    return false -- req:dlg_manage() (not tracked: bench)/'
+}
+
 # provision_users BIN CTL USERS: `ctl user add rN@127.0.0.1 bench-pw` for N in 1..USERS (the
 # users of bench/register_auth_uac.xml; realm = the To host of their REGISTERs).
 provision_users() {

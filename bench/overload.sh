@@ -19,18 +19,22 @@
 # expensive script: database lookups, many rules), which makes the server the bottleneck.
 #
 # Per series: the capacity is measured first (CAPACITY given: used for every series): calls at
-# $PROBE_RATE/s for $PROBE_SECS s, capacity = 1 s / (server CPU per call) (the server has its
-# CPU to itself; the estimate is low, per-call cost falls with batching at higher rates).
-# Then a run per point of $POINTS (multiples of the capacity), $SECS s each, on a fresh
-# server: successful calls/s (goodput), 503s received by the UAC, calls timed out, SIPp
-# retransmissions, datagrams the kernel dropped on the server's socket, server CPU.
-# Writes $OUT/overload.dat (one line per run) and $OUT/overload.svg (gnuplot): goodput and
-# 503/s against offered load, both relative to the series' capacity. Prints the table and the
-# load average before each run (other work on the machine distorts the figures).
+# $PROBE_RATE/s for $PROBE_SECS s give an estimate, 1 s / (server CPU per call); then a
+# zero-failure search ($SEARCH_STEPS bisections between 0 and 1.5x the estimate, $SEARCH_SECS
+# s each, on a fresh server) finds the highest rate with every call successful: that is the
+# capacity (SEARCH_STEPS=0: the estimate). Then a run per point of $POINTS (multiples of the
+# capacity), $SECS s each, on a fresh server: successful calls/s (goodput), 503s received by
+# the UAC, calls timed out, SIPp retransmissions, datagrams the kernel dropped on the server's
+# socket, server CPU, and the share of the server's runnable time it waited for CPU 0 (other
+# processes held it). Writes $OUT/overload.dat (one line per run), $OUT/overload.svg
+# (gnuplot): goodput and 503/s against offered load, both relative to the series' capacity,
+# and for moonroute $OUT/overload-share.dat / overload-share.svg: the refused share of each
+# 100 ms sample while shedding, per point (from the server's debug log). Prints the table and
+# the load average before each run (other work on the machine distorts the figures).
 # Bounded: each run offers rate x SECS calls, at most $MAX_CALLS (3000) outstanding, and SIPp
 # gives up after SECS + 30 s.
 # Environment: WORK (20000), POINTS ("0.5 0.75 1 1.25 1.5 2"), SECS (15), PROBE_RATE (200),
-# PROBE_SECS (10), SERIES ("moonroute moonroute-off kamailio"), PORT (15460), UAS_PORT (15480),
+# PROBE_SECS (10), SEARCH_STEPS (5), SEARCH_SECS (10), SERIES ("moonroute moonroute-off kamailio"), PORT (15460), UAS_PORT (15480),
 # UAC_PORT (15470), OUT (target/bench), MOONROUTE (binary; else cargo build --release),
 # KEEP=1 (keep the work directory).
 set -euo pipefail
@@ -42,6 +46,8 @@ points=${POINTS:-0.5 0.75 1 1.25 1.5 2}
 secs=${SECS:-15}
 probe_rate=${PROBE_RATE:-200}
 probe_secs=${PROBE_SECS:-10}
+search_steps=${SEARCH_STEPS:-5}
+search_secs=${SEARCH_SECS:-10}
 series=${SERIES:-moonroute moonroute-off kamailio}
 port=${PORT:-15460}
 uas_port=${UAS_PORT:-15480}
@@ -91,7 +97,7 @@ start_server() {
 listen = ["udp:127.0.0.1:$port"]
 script = "$work/default-noauth.lua"
 data_dir = "$dir/data"
-log_level = "${LOG_LEVEL:-warn,moonroute::refused=error}"
+log_level = "${LOG_LEVEL:-warn,moonroute::refused=error,moonroute::server::overload=debug}"
 workers = 1
 
 [limits]
@@ -117,9 +123,9 @@ TOML
 }
 
 # call_run SERIES RATE CALLS DIR: a fresh server, the callee registered, CALLS calls at RATE/s.
-# Sets ok failed rejected timeouts retrans drops cpu_s wall.
+# Sets ok failed rejected timeouts retrans drops cpu_s wall wait_pct.
 call_run() {
-  local name=$1 rate=$2 calls=$3 dir=$4 before after d_before d_after start end
+  local name=$1 rate=$2 calls=$3 dir=$4 before after d_before d_after start end w_before w_after
   mkdir -p "$dir"
   start_server "$name" "$dir"
   if ! taskset -c 1 sipp -sf bench/register_callee.xml -i 127.0.0.1 -p "$uas_port" -m 1 \
@@ -132,6 +138,7 @@ call_run() {
   UAS_PID=$!
   wait_udp_port "$uas_port" || { echo "the UAS SIPp did not start" >&2; exit 1; }
   before=$(tree_cpu_ticks "$server")
+  w_before=$(tree_sched_wait_ms "$server")
   d_before=$(socket_drops "$port"); d_before=${d_before:-0}
   start=$(date +%s.%N)
   taskset -c 1 sipp -sf bench/call-uac.xml -i 127.0.0.1 -p "$UAC_PORT" \
@@ -144,6 +151,7 @@ call_run() {
   end=$(date +%s.%N)
   need_alive "$server" "$dir/server.log"
   after=$(tree_cpu_ticks "$server")
+  w_after=$(tree_sched_wait_ms "$server")
   d_after=$(socket_drops "$port"); d_after=${d_after:-0}
   stop_pid "$UAS_PID"; UAS_PID=
   stop_pid "$server"; server=
@@ -156,12 +164,60 @@ call_run() {
   drops=$((d_after - d_before))
   cpu_s=$(echo "($after - $before) / $ticks" | bc -l)
   wall=$(echo "$end - $start" | bc -l)
+  # Of the time the server was runnable (on CPU 0 or waiting for it), the share it waited.
+  wait_pct=$(echo "100 * ($w_after - $w_before) / ($w_after - $w_before + 1000 * $cpu_s + 0.001)" | bc -l)
+}
+
+# tree_sched_wait_ms PID: sched_wait_ms over PID and its children (Kamailio's processes).
+tree_sched_wait_ms() {
+  local p s=0
+  for p in $(kamailio_pids "$1"); do s=$((s + $(sched_wait_ms "$p" 2>/dev/null || echo 0))); done
+  echo "$s"
+}
+
+# search_capacity SERIES ESTIMATE: the highest rate at which every call of a $search_secs s run
+# succeeds, bisecting $search_steps times between 0 and 1.5x ESTIMATE (the first try is 0.75x);
+# sets capacity. When no rate tried succeeded (the machine too busy), says so and keeps
+# ESTIMATE.
+search_capacity() {
+  local name=$1 estimate=$2 lo=0 hi mid step
+  hi=$(echo "$estimate * 3 / 2" | bc)
+  for step in $(seq 1 "$search_steps"); do
+    mid=$(((lo + hi) / 2))
+    call_run "$name" "$mid" "$((mid * search_secs))" "$work/$name-search-$step"
+    printf '%s: search %s: %s calls/s: %s ok, %s failed (load %s)\n' "$name" "$step" "$mid" "$ok" "$failed" \
+      "$(cut -d' ' -f1 /proc/loadavg)"
+    if [ "$failed" = 0 ] && [ "$ok" -gt 0 ]; then lo=$mid; else hi=$mid; fi
+  done
+  if [ "$lo" -gt 0 ]; then
+    capacity=$lo
+  else
+    echo "$name: no rate tried ran without a failed call (is the machine busy?): using the estimate" >&2
+    capacity=$estimate
+  fi
+}
+
+# share_trace SERIES X DIR: the refused share of each 100 ms sample of the run in DIR (the
+# server's "overload sample" debug lines), appended to $share_dat as "series x t_s pct busy".
+share_trace() {
+  local name=$1 x=$2 dir=$3
+  grep -a 'overload sample' "$dir/server.log" 2>/dev/null | sed 's/\x1b\[[0-9;]*m//g' | awk -v s="$name" -v x="$x" '
+    { split($1, t, "T"); split(t[2], hms, ":"); sec = hms[1] * 3600 + hms[2] * 60 + hms[3]
+      if (t0 == "") t0 = sec
+      pct = ""; busy = ""
+      for (i = 2; i <= NF; i++) {
+        if ($i ~ /^refused_pct=/) { sub(/^refused_pct=/, "", $i); pct = $i }
+        if ($i ~ /^busy_pct=/) { sub(/^busy_pct=/, "", $i); busy = $i }
+      }
+      if (pct != "") printf "%s %s %.1f %s %s\n", s, x, sec - t0, pct, busy }' >>"$share_dat" || true
 }
 
 dat=$out/overload.dat
-printf '# series x capacity offered_per_s ok failed rejected_503 timeouts retransmissions drops cpu_s wall_s goodput_per_s loadavg1\n' >"$dat"
+share_dat=$out/overload-share.dat
+printf '# series x capacity offered_per_s ok failed rejected_503 timeouts retransmissions drops cpu_s wall_s goodput_per_s loadavg1 cpu_wait_pct\n' >"$dat"
+printf '# series x seconds_from_first_shedding_sample refused_pct busy_pct\n' >"$share_dat"
 echo "moonroute $bin, Kamailio $(kamailio -v 2>/dev/null | head -1 | cut -d' ' -f2-3); WORK=$work_iterations; server on CPU 0, SIPp on CPU 1"
-printf '%-14s %5s %8s %8s %7s %7s %6s %8s %8s %7s %6s %9s %8s\n' series x offered ok failed 503 timeout retrans drops cpu_s util goodput/s loadavg
+printf '%-14s %5s %8s %8s %7s %7s %6s %8s %8s %7s %6s %9s %8s %6s\n' series x offered ok failed 503 timeout retrans drops cpu_s util goodput/s loadavg waitcpu
 for name in $series; do
   if [ -n "$capacity_given" ]; then
     capacity=$capacity_given
@@ -172,17 +228,22 @@ for name in $series; do
       KEEP=1; exit 1
     fi
     capacity=$(echo "$ok / $cpu_s" | bc)
-    echo "$name: capacity $capacity calls/s (CPU $(printf '%.3f' "$(echo "$cpu_s * 1000 / $ok" | bc -l)") ms per call at $probe_rate calls/s)"
+    echo "$name: capacity estimate $capacity calls/s (CPU $(printf '%.3f' "$(echo "$cpu_s * 1000 / $ok" | bc -l)") ms per call at $probe_rate calls/s)"
+    if [ "$search_steps" -gt 0 ]; then
+      search_capacity "$name" "$capacity"
+      echo "$name: capacity $capacity calls/s (the highest rate without a failed call)"
+    fi
   fi
   for x in $points; do
     rate=$(printf '%.0f' "$(echo "$capacity * $x" | bc -l)")
     load=$(cut -d' ' -f1 /proc/loadavg)
     call_run "$name" "$rate" "$((rate * secs))" "$work/$name-$x"
     goodput=$(echo "$ok / $secs" | bc -l)
-    printf '%-14s %5s %8s %8s %7s %7s %6s %8s %8s %7.2f %5.0f%% %9.0f %8s\n' "$name" "$x" "$rate" "$ok" "$failed" \
-      "$rejected" "$timeouts" "$retrans" "$drops" "$cpu_s" "$(echo "100 * $cpu_s / $wall" | bc -l)" "$goodput" "$load"
-    printf '%s %s %s %s %s %s %s %s %s %s %.3f %.3f %.1f %s\n' "$name" "$x" "$capacity" "$rate" "$ok" "$failed" \
-      "$rejected" "$timeouts" "$retrans" "$drops" "$cpu_s" "$wall" "$goodput" "$load" >>"$dat"
+    printf '%-14s %5s %8s %8s %7s %7s %6s %8s %8s %7.2f %5.0f%% %9.0f %8s %5.0f%%\n' "$name" "$x" "$rate" "$ok" "$failed" \
+      "$rejected" "$timeouts" "$retrans" "$drops" "$cpu_s" "$(echo "100 * $cpu_s / $wall" | bc -l)" "$goodput" "$load" "$wait_pct"
+    printf '%s %s %s %s %s %s %s %s %s %s %.3f %.3f %.1f %s %.0f\n' "$name" "$x" "$capacity" "$rate" "$ok" "$failed" \
+      "$rejected" "$timeouts" "$retrans" "$drops" "$cpu_s" "$wall" "$goodput" "$load" "$wait_pct" >>"$dat"
+    share_trace "$name" "$x" "$work/$name-$x"
   done
 done
 
@@ -200,4 +261,17 @@ plot x title "offered" with lines dashtype 2 linecolor "gray", \
   for [s in "$series"] "$dat" using (strcol(1) eq s ? \$2 : 1/0):(\$13 / \$3) with linespoints linewidth 2 title s." goodput", \
   for [s in "$series"] "$dat" using (strcol(1) eq s ? \$2 : 1/0):(\$7 / \$12 / \$3) with points pointtype 6 title s." 503/s"
 GNUPLOT
-echo "wrote $dat and $out/overload.svg"
+if grep -q '^moonroute ' "$share_dat"; then
+  gnuplot <<GNUPLOT
+set terminal svg size 900,420 font "sans,12" background "white"
+set output "$out/overload-share.svg"
+set title "moonroute: refused share of new requests per 100 ms sample while shedding"
+set xlabel "seconds from the first shedding sample of the run"
+set ylabel "refused %"
+set key top right
+set grid
+set yrange [0:100]
+plot for [pt in "$points"] "$share_dat" using (strcol(1) eq "moonroute" && strcol(2) eq pt ? \$3 : 1/0):4 with linespoints title pt."x"
+GNUPLOT
+fi
+echo "wrote $dat, $share_dat, $out/overload.svg and $out/overload-share.svg"

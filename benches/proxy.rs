@@ -91,6 +91,7 @@ fn bench(c: &mut Criterion) {
         let spec = ForwardSpec {
             target: b"sip:bob@127.0.0.1:5080",
             record_route,
+            tracked: false,
             inbound: (TransportKind::Udp, udp),
             outbound: (TransportKind::Udp, udp),
             branch: "z9hG4bKbench",

@@ -1,7 +1,11 @@
 //! What the Lua engine costs per request: `ScriptRouter::route` (the `on_request` hook with a
 //! userdata request, per-transaction vars and the decision read back) for a proxy script in
 //! the style of bench/relay.lua, and for the smallest possible script as a floor; and what a
-//! `sip.metrics` counter adds to the floor, cached at top level or looked up per call.
+//! `sip.metrics` counter adds to the floor, cached at top level or looked up per call; and a
+//! REGISTER of a new AOR through the shipped `scripts/default.lua` without authentication (as
+//! `bench/compare.sh` runs it: 127.0.0.1 trusted) into an in-memory registrar, the whole
+//! `on_request` of a registration (flood and scanner checks, `req:sanity()`, `nat_detect`,
+//! `is_myself`, `save`) without the network or the disk.
 //!
 //! Run with `cargo bench --bench script -- --warm-up-time 1 --measurement-time 3`.
 
@@ -10,8 +14,10 @@ use std::io::Write;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use moonroute::location::MemoryLocation;
 use moonroute::proxy::router::{RouteInfo, Router};
+use moonroute::registrar::{AorRule, Registrar, Rules};
 use moonroute::script::{Limits, ScriptHost, ScriptRouter, Services};
 use moonroute::server::core::LocalIdentity;
 use moonroute::sip::Message;
@@ -58,14 +64,60 @@ end
 "#;
 
 fn router(dir: &tempfile::TempDir, name: &str, text: &str) -> ScriptRouter {
+    router_with(dir, name, text, Services::default())
+}
+
+fn router_with(
+    dir: &tempfile::TempDir,
+    name: &str,
+    text: &str,
+    services: Services,
+) -> ScriptRouter {
     let path = dir.path().join(name);
     std::fs::File::create(&path)
         .and_then(|mut f| f.write_all(text.as_bytes()))
         .expect("script written");
-    let host = ScriptHost::load(&path, Limits::default(), Arc::new(Services::default()), &[])
-        .expect("script loads");
-    let identity = LocalIdentity::new(&[], ["127.0.0.1:5060".parse().expect("addr")]);
-    ScriptRouter::new(host, identity, 0)
+    let host =
+        ScriptHost::load(&path, Limits::default(), Arc::new(services), &[]).expect("script loads");
+    ScriptRouter::new(host, identity(), 0)
+}
+
+fn identity() -> LocalIdentity {
+    LocalIdentity::new(&[], ["127.0.0.1:5060".parse().expect("addr")])
+}
+
+/// scripts/default.lua as bench/lib.sh's `default_script_without_auth` makes it.
+fn default_without_auth() -> String {
+    let text = include_str!("../scripts/default.lua");
+    assert!(
+        text.contains("\nlocal TRUSTED = {}\n") && text.contains("\nlocal AUTHENTICATE = true\n")
+    );
+    text.replace(
+        "\nlocal TRUSTED = {}\n",
+        "\nlocal TRUSTED = { [\"127.0.0.1\"] = true }\n",
+    )
+    .replace(
+        "\nlocal AUTHENTICATE = true\n",
+        "\nlocal AUTHENTICATE = false\n",
+    )
+}
+
+/// A REGISTER of `sip:u<user>@127.0.0.1` (bench/register_uac.xml's).
+fn register(user: u64) -> Message {
+    let text = format!(
+        "REGISTER sip:127.0.0.1:5060 SIP/2.0\r\n\
+         Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK-r{user};rport=5070;received=127.0.0.1\r\n\
+         Max-Forwards: 70\r\n\
+         From: <sip:u{user}@127.0.0.1:5060>;tag=t{user}\r\n\
+         To: <sip:u{user}@127.0.0.1:5060>\r\n\
+         Call-ID: reg-{user}@127.0.0.1\r\n\
+         CSeq: 1 REGISTER\r\n\
+         Contact: <sip:u{user}@127.0.0.1:5070>\r\n\
+         Expires: 3600\r\n\
+         User-Agent: SIPp register bench\r\n\
+         Content-Length: 0\r\n\r\n"
+    );
+    Message::parse(Bytes::from(text)).expect("parses")
 }
 
 fn bench(c: &mut Criterion) {
@@ -95,6 +147,27 @@ fn bench(c: &mut Criterion) {
         });
     }
     group.bench_function("message_clone", |b| b.iter(|| black_box(invite.clone())));
+
+    let registrar = Registrar::new(Arc::new(MemoryLocation::new(10_000_000)), Rules::default())
+        .with_aor_rule(AorRule::new(identity()));
+    let services = Services {
+        registrar: Some(Arc::new(registrar)),
+        ..Services::default()
+    };
+    let mut router = router_with(&dir, "default.lua", &default_without_auth(), services);
+    let mut user = 0;
+    group.bench_function("route_default_register", |b| {
+        b.iter_batched(
+            || {
+                // A new AOR each time (a write, as in bench/register.sh), parsed outside the
+                // measurement.
+                user += 1;
+                register(user)
+            },
+            |mut request| black_box(router.route(&mut request, &meta, RouteInfo::default())),
+            BatchSize::SmallInput,
+        )
+    });
     group.finish();
 }
 

@@ -61,16 +61,19 @@ local scanner_drops = sip.metrics.counter{
 }
 
 function on_request(req)
+  -- Read once: every field read and method call on req crosses into the engine.
+  local src_ip = req.src_ip
+
   -- Flood protection (Kamailio's pike + htable "ipban"): a banned source is ignored; a source
   -- over the rate limit is banned for BAN_SECONDS, with one log line.
-  if not TRUSTED[req.src_ip] then
-    local ban = "ipban:" .. req.src_ip
+  if not TRUSTED[src_ip] then
+    local ban = "ipban:" .. src_ip
     if sip.kv.get(ban) then
       return req:drop()
     end
     if req:pike_check() then
       sip.kv.set(ban, 1, BAN_SECONDS)
-      sip.log("warn", "pike: banning " .. req.src_ip .. " for " .. BAN_SECONDS .. " s")
+      sip.log("warn", "pike: banning " .. src_ip .. " for " .. BAN_SECONDS .. " s")
       return req:drop()
     end
   end
@@ -119,15 +122,14 @@ function on_request(req)
 
   -- A new request is routed by its Request-URI (and the contacts registered for it), never
   -- by a Route its sender pre-loaded, unless the sender is one of ROUTE_PEERS.
-  if ROUTE_PEERS[req.src_ip] then
+  if ROUTE_PEERS[src_ip] then
     req:follow_preloaded_route()
-  else
+  elseif req:header("Route") then
+    -- (req:headers builds a table: only for a request that has a Route to log.)
     local route = req:headers("Route")
-    if #route > 0 then
-      req:remove_header("Route")
-      sip.log("info", "pre-loaded Route removed, not followed:", table.concat(route, ", "),
-        "from", req.src_ip)
-    end
+    req:remove_header("Route")
+    sip.log("info", "pre-loaded Route removed, not followed:", table.concat(route, ", "),
+      "from", src_ip)
   end
 
   -- Requests for other domains: only our own users may send them out (no open relay). With
@@ -142,6 +144,7 @@ function on_request(req)
       -- through us to the caller's Contact, which must be where the caller really is.
       req:fix_nated_contact()
     end
+    track_call(req)
     return req:t_relay()
   end
 
@@ -160,6 +163,7 @@ function on_request(req)
       -- The callee's requests in this dialog must go where the caller really is.
       req:fix_nated_contact()
     end
+    track_call(req)
   end
 
   -- Fork to every registered contact of the user (highest q first, RFC 3261 §16.6).
@@ -169,18 +173,54 @@ function on_request(req)
   return req:t_relay()
 end
 
+-- Tracks a call this server record-routes (Kamailio's dlg_manage): `moonroute ctl dlg`, the
+-- CDR in <data_dir>/cdr.jsonl, and req:dlg_known() for its in-dialog requests. True when the
+-- call is tracked; a full dialog table is logged and the call goes on untracked. To limit a
+-- user to two calls at once (across event loops), replace each `track_call(req)` line above
+-- with these two (README, "Calls"):
+--   if track_call(req) and not sip.dlg.profile_add("caller", req.from_uri, 2) then
+--     return req:reply(486, "Busy Here") end
+function track_call(req)
+  if req:is_method("INVITE") then
+    return req:dlg_manage()
+  end
+  return false
+end
+
+-- scanner_of's answers (a SCANNERS entry, or false) by User-Agent value, so a phone's every
+-- request does not search its User-Agent for each entry again. Bounded: values longer than
+-- SCANNER_MEMO_LONGEST are not kept, and the memo starts afresh once it holds
+-- SCANNER_MEMO_ENTRIES (a sender varying its User-Agent only gets the search run, as it
+-- would without the memo).
+local SCANNER_MEMO_ENTRIES = 1024
+local SCANNER_MEMO_LONGEST = 256
+local scanner_memo, scanner_memo_entries = {}, 0
+
 -- The SCANNERS entry found in a User-Agent value, or nil.
 function scanner_of(user_agent)
   if not user_agent then
     return nil
   end
+  local known = scanner_memo[user_agent]
+  if known ~= nil then
+    return known or nil
+  end
+  local found = false
   local ua = user_agent:lower()
   for _, name in ipairs(SCANNERS) do
     if ua:find(name, 1, true) then
-      return name
+      found = name
+      break
     end
   end
-  return nil
+  if #user_agent <= SCANNER_MEMO_LONGEST then
+    if scanner_memo_entries >= SCANNER_MEMO_ENTRIES then
+      scanner_memo, scanner_memo_entries = {}, 0
+    end
+    scanner_memo[user_agent] = found
+    scanner_memo_entries = scanner_memo_entries + 1
+  end
+  return found or nil
 end
 
 -- True for a User-Agent in MD5_ONLY_AGENTS.
@@ -224,9 +264,23 @@ end
 -- In-dialog requests are not authenticated (an ACK cannot be challenged): loose_route() is
 -- true only for a Route this server signed for the dialog when it Record-Routed it, so a
 -- stranger's To tag and `Route: <sip:us;lr>` get the 404 below, not a relay.
+--
+-- A call this server tracks (track_call) is also checked against its dialog: its requests must
+-- come from one of its two parties and go to the other, and stop when it ends (481), so a
+-- captured Route reaches nobody outside the call, and nobody after it (its signed Route says
+-- it was tracked: "ended" even once the table forgot it). A dialog it does not track (a
+-- subscription, a call set up before this process started) is routed on its signed Route
+-- alone.
 function in_dialog(req)
   if req:loose_route() then
-    return req:t_relay()
+    local known, why = req:dlg_known()
+    if known or why == "untracked" then
+      return req:t_relay()
+    end
+    if req:is_method("ACK") then
+      return req:drop("ACK outside its dialog (" .. why .. ")")
+    end
+    return req:reply(481, "Call/Transaction Does Not Exist")
   end
   if req:is_method("ACK") then
     -- An ACK for a 2xx without a route set through us is not ours to route.

@@ -72,6 +72,202 @@ pub struct Config {
     pub auth: Auth,
     /// The per-source rate limiter behind `sip.pike_check` (flood protection).
     pub pike: Pike,
+    /// Dialog tracking (`req:dlg_manage()`), call limits and CDRs: `crate::dialog`.
+    pub dialog: Dialog,
+    /// Destination sets for load balancing and failover (`sip.ds`), and their probing.
+    pub dispatcher: Dispatcher,
+}
+
+/// Dialog tracking and accounting (`crate::dialog`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Dialog {
+    /// Most dialogs tracked per event loop; `req:dlg_manage()` returns false past it.
+    /// Default: 100000.
+    pub max_dialogs: usize,
+    /// Most memory the dialogs of one event loop may hold, in MiB (about 2 KiB per call with
+    /// a few variables). Default: 256.
+    pub memory_mb: usize,
+    /// A dialog still up this many seconds after it began is forgotten (its BYE was lost),
+    /// without BYEs (Kamailio's `default_timeout`). Default: 43200 (12 h).
+    pub lifetime_secs: u64,
+    /// A tracked call is ended with a BYE to both parties this many seconds after its
+    /// answer, unless the script sets its own (`req:dlg_set_timeout`). 0: no limit (the
+    /// default).
+    pub max_duration_secs: u64,
+    /// Write a CDR per ended dialog to `<data_dir>/cdr.jsonl`. Default: true.
+    pub cdr: bool,
+    /// Also a CDR per failed call attempt (CANCEL, 4xx-6xx, no answer). Default: true.
+    pub cdr_failed_attempts: bool,
+    /// The CDR file is rotated past this many MiB. Default: 100.
+    pub cdr_max_mb: u64,
+    /// Rotated CDR files kept (`cdr.jsonl.1` ... `.N`). Default: 10.
+    pub cdr_keep: usize,
+}
+
+impl Default for Dialog {
+    fn default() -> Self {
+        Dialog {
+            max_dialogs: 100_000,
+            memory_mb: 256,
+            lifetime_secs: 43_200,
+            max_duration_secs: 0,
+            cdr: true,
+            cdr_failed_attempts: true,
+            cdr_max_mb: 100,
+            cdr_keep: 10,
+        }
+    }
+}
+
+/// The dispatcher (`src/dispatcher/`): destination sets, the probes that watch them and when
+/// a failed call takes a destination out. Kamailio's `dispatcher` module parameters.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Dispatcher {
+    /// A file of `[[set]]` tables (same shape as `[[dispatcher.set]]`), read at start and
+    /// again by `moonroute ctl ds reload`; a bad file is refused and the old sets keep
+    /// serving. Relative to the working directory. Default: none.
+    pub sets_file: Option<PathBuf>,
+    /// Seconds between probes of each destination; 0 turns probing off (destinations are
+    /// then trusted: they start `active`). Default: 10.
+    pub probe_interval_secs: u64,
+    /// The interval in milliseconds instead, when not 0 (tests and labs). Default: 0.
+    pub probe_interval_ms: u64,
+    /// A probe without a final answer after this many milliseconds failed (its transaction's
+    /// retransmissions, RFC 3261 §17.1.2.2, cover a lost datagram well before). At most the
+    /// interval. Default: 4000.
+    pub probe_timeout_ms: u64,
+    /// The probe request's method (Kamailio's `ds_ping_method`). Default: `OPTIONS`.
+    pub probe_method: String,
+    /// Failed probes in a row that take an `active` destination down (Kamailio's
+    /// `ds_probing_threshhold`). Default: 1.
+    pub down_after: u32,
+    /// Alive answers in a row that bring an `inactive` destination back (Kamailio's
+    /// `ds_inactive_threshhold`): a gateway that just rebooted often answers OPTIONS before
+    /// it takes calls. Default: 2.
+    pub up_after: u32,
+    /// Probe answers that prove a destination alive: codes (`"404"`) or classes (`"2xx"`)
+    /// (Kamailio's `ds_ping_reply_codes`). Default: `["2xx", "401", "403", "404", "405",
+    /// "407", "501"]`: a SIP stack that answers at all, but not 408, 480, 503 or 6xx.
+    pub alive_codes: Vec<String>,
+    /// Call failures that take the destination down at once (the script reports them with
+    /// `req:ds_next(res.status)` or `sip.ds.mark`): codes, classes or `"timeout"` (a 408).
+    /// Default: `["timeout", "503"]`.
+    pub mark_on: Vec<String>,
+    /// The destination sets. Default: none.
+    pub set: Vec<crate::dispatcher::SetConfig>,
+}
+
+impl Default for Dispatcher {
+    fn default() -> Self {
+        Dispatcher {
+            sets_file: None,
+            probe_interval_secs: 10,
+            probe_interval_ms: 0,
+            probe_timeout_ms: 4000,
+            probe_method: "OPTIONS".to_owned(),
+            down_after: 1,
+            up_after: 2,
+            alive_codes: crate::dispatcher::health::DEFAULT_ALIVE
+                .map(str::to_owned)
+                .to_vec(),
+            mark_on: crate::dispatcher::health::DEFAULT_MARK_ON
+                .map(str::to_owned)
+                .to_vec(),
+            set: Vec::new(),
+        }
+    }
+}
+
+impl Dialog {
+    fn validate(&self) -> Result<(), String> {
+        if self.max_dialogs == 0 || self.memory_mb == 0 || self.lifetime_secs == 0 {
+            return Err(
+                "dialog: max_dialogs, memory_mb and lifetime_secs must be at least 1".to_owned(),
+            );
+        }
+        if self.cdr_max_mb == 0 {
+            return Err("dialog: cdr_max_mb must be at least 1".to_owned());
+        }
+        Ok(())
+    }
+
+    /// The dialog table's limits.
+    pub fn limits(&self) -> crate::dialog::Limits {
+        use std::time::Duration;
+        crate::dialog::Limits {
+            max_dialogs: self.max_dialogs,
+            memory_budget: self.memory_mb.saturating_mul(1 << 20),
+            lifetime: Duration::from_secs(self.lifetime_secs),
+            default_max_duration: (self.max_duration_secs > 0)
+                .then(|| Duration::from_secs(self.max_duration_secs)),
+            ..crate::dialog::Limits::default()
+        }
+    }
+}
+
+impl Dispatcher {
+    /// The probe interval, `None` when probing is off.
+    pub fn probe_interval(&self) -> Option<std::time::Duration> {
+        let interval = match self.probe_interval_ms {
+            0 => std::time::Duration::from_secs(self.probe_interval_secs),
+            ms => std::time::Duration::from_millis(ms),
+        };
+        (!interval.is_zero()).then_some(interval)
+    }
+
+    /// The health rules of `src/dispatcher/health.rs`.
+    pub fn rules(&self) -> Result<crate::dispatcher::Rules, String> {
+        let codes = |key: &str, items: &[String]| {
+            crate::dispatcher::health::CodeSet::parse(items)
+                .map_err(|e| format!("dispatcher.{key}: {e}"))
+        };
+        Ok(crate::dispatcher::Rules {
+            interval: self.probe_interval(),
+            timeout: std::time::Duration::from_millis(self.probe_timeout_ms),
+            down_after: self.down_after,
+            up_after: self.up_after,
+            alive: codes("alive_codes", &self.alive_codes)?,
+            mark_on: codes("mark_on", &self.mark_on)?,
+            method: self.probe_method.clone(),
+        })
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.down_after == 0 || self.up_after == 0 {
+            return Err("dispatcher: down_after and up_after must be at least 1".to_owned());
+        }
+        if self.probe_interval_secs > 86_400 || self.probe_interval_ms > 86_400_000 {
+            return Err("dispatcher: the probe interval is at most one day".to_owned());
+        }
+        if let Some(interval) = self.probe_interval() {
+            let timeout = std::time::Duration::from_millis(self.probe_timeout_ms);
+            if timeout.is_zero() || timeout > interval {
+                return Err(
+                    "dispatcher.probe_timeout_ms: must be 1 ms up to the probe interval".to_owned(),
+                );
+            }
+        }
+        let method = self.probe_method.as_bytes();
+        if method.is_empty() || !method.iter().all(u8::is_ascii_uppercase) {
+            return Err(format!(
+                "dispatcher.probe_method: {:?} is not a method name (OPTIONS, INFO...)",
+                self.probe_method
+            ));
+        }
+        if matches!(
+            self.probe_method.as_str(),
+            "INVITE" | "ACK" | "CANCEL" | "REGISTER"
+        ) {
+            return Err(format!(
+                "dispatcher.probe_method: {} would start a call, a dialog or a registration",
+                self.probe_method
+            ));
+        }
+        self.rules()?;
+        crate::dispatcher::set::validate(&self.set)
+    }
 }
 
 /// NAT traversal (RFC 3581; keep-alives as in RFC 5626 §4.4.1). See `src/nat/`.
@@ -653,10 +849,11 @@ pub struct Limits {
     /// retransmitting into a growing queue. Default: 2000.
     pub max_backlog: usize,
     /// How long, in milliseconds, an event loop must stay saturated (never idle: its UDP
-    /// sockets, hand-over queue, connections and timers never all drained) before it sheds
-    /// load. Then it answers a share of new out-of-dialog requests 503 with Retry-After, a
-    /// share that grows while it stays saturated and falls as soon as it has time to spare
-    /// (`server::overload`); responses, ACKs, CANCELs, retransmissions and requests inside a
+    /// sockets, hand-over queue, connections and timers never all drained), in CPU time, or
+    /// twice that in wall time, before it sheds load. Then it answers a share of new
+    /// out-of-dialog requests 503 with Retry-After, set every 100 ms from the messages it
+    /// handled against those that arrived while it stays saturated, falling as soon as it has
+    /// time to spare (`server::overload`); responses, ACKs, CANCELs, retransmissions and requests inside a
     /// dialog are always served. Shorter saturations (a burst, another process holding the
     /// CPU for a moment) refuse nothing. 0: off. Default: 1000.
     pub overload_after_ms: u64,
@@ -717,6 +914,8 @@ impl Default for Config {
             nat: Nat::default(),
             auth: Auth::default(),
             pike: Pike::default(),
+            dialog: Dialog::default(),
+            dispatcher: Dispatcher::default(),
         }
     }
 }
@@ -964,7 +1163,9 @@ impl Config {
         self.dns.validate().map_err(invalid)?;
         self.nat.validate().map_err(invalid)?;
         self.auth.validate().map_err(invalid)?;
-        self.pike.validate().map_err(invalid)
+        self.pike.validate().map_err(invalid)?;
+        self.dialog.validate().map_err(invalid)?;
+        self.dispatcher.validate().map_err(invalid)
     }
 
     /// What `listen` advertises (its own `advertise=`, else the global `advertise`), `None`
@@ -1537,6 +1738,47 @@ mod tests {
             let error = config.validate().unwrap_err().to_string();
             assert!(error.contains("record_route_lifetime_secs"), "{error}");
         }
+    }
+
+    #[test]
+    fn dispatcher_sets_and_rules_parse_and_bad_ones_are_refused() {
+        let config = Config::parse(
+            "[dispatcher]\nprobe_interval_ms = 500\nprobe_timeout_ms = 300\n\
+             alive_codes = [\"2xx\", \"404\"]\n\
+             [[dispatcher.set]]\nid = 1\n\
+             destinations = [{ uri = \"sip:127.0.0.1:5071\", weight = 2 }]\n",
+        )
+        .unwrap();
+        config.validate().unwrap();
+        let rules = config.dispatcher.rules().unwrap();
+        assert_eq!(rules.interval, Some(std::time::Duration::from_millis(500)));
+        assert!(rules.alive.contains(404) && !rules.alive.contains(501));
+        assert_eq!(config.dispatcher.set[0].destinations[0].weight, 2);
+        let check = |text: &str, expected: &str| {
+            let error = Config::parse(text)
+                .map_err(|e| e.to_string())
+                .and_then(|c| c.validate().map_err(|e| e.to_string()))
+                .unwrap_err();
+            assert!(error.contains(expected), "{text}: {error}");
+        };
+        check("[dispatcher]\ndown_after = 0\n", "down_after");
+        check(
+            "[dispatcher]\nprobe_timeout_ms = 20000\n",
+            "probe_timeout_ms",
+        );
+        check("[dispatcher]\nprobe_method = \"INVITE\"\n", "probe_method");
+        check(
+            "[dispatcher]\nprobe_method = \"opt ions\"\n",
+            "probe_method",
+        );
+        check(
+            "[dispatcher]\nmark_on = [\"5xx\", \"later\"]\n",
+            "dispatcher.mark_on",
+        );
+        check(
+            "[[dispatcher.set]]\nid = 3\ndestinations = []\n",
+            "dispatcher set 3: no destinations",
+        );
     }
 
     #[test]

@@ -3,6 +3,8 @@
 pub mod auth;
 pub mod config;
 pub mod control;
+pub mod dialog;
+pub mod dispatcher;
 pub mod dns;
 pub mod file_modes;
 pub mod flood;

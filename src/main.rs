@@ -112,7 +112,8 @@ struct CtlArgs {
     /// The command and its arguments: reload, status, stats [PREFIX] (metric samples, e.g.
     /// `stats moonroute_transactions`), ul show [AOR], ul rm AOR [CONTACT],
     /// ul add AOR CONTACT [EXPIRES], ul count, user add USER@DOMAIN [PASSWORD] [--realm
-    /// REALM] (the password is read from stdin when not given), user rm USER@DOMAIN, user list.
+    /// REALM] (the password is read from stdin when not given), user rm USER@DOMAIN, user list,
+    /// ds list [SET], ds set URI active|inactive|disabled|probing, ds reload.
     #[arg(required = true, trailing_var_arg = true)]
     command: Vec<String>,
 }
@@ -255,12 +256,14 @@ fn run(args: RunArgs) -> Result<(), Box<dyn Error>> {
     } else {
         let factory = CoreFactory::with_router(&config, host.router_factory())
             .with_route_signer(signer)
-            .with_metrics(Arc::clone(&metrics));
+            .with_metrics(Arc::clone(&metrics))
+            .with_dispatcher(Arc::clone(&host.services().dispatcher));
         match &host.services().registrar {
             Some(registrar) => Arc::new(factory.with_keepalives(registrar.store().clone())),
             None => Arc::new(factory),
         }
     };
+    let dialogs = factory.dialog_directory();
     let server = Server::start(&config, factory)?;
     for listen in server.listen_addrs() {
         let advertise = config
@@ -277,7 +280,7 @@ fn run(args: RunArgs) -> Result<(), Box<dyn Error>> {
         "moonroute running"
     );
 
-    let signal = serve_until_termination(&config, &host, &metrics)?;
+    let signal = serve_until_termination(&config, &host, &metrics, &dialogs)?;
     info!(signal, "shutting down");
     server.shutdown();
     info!("stopped");
@@ -357,6 +360,7 @@ fn serve_until_termination(
     config: &Config,
     host: &Arc<ScriptHost>,
     metrics: &Arc<EngineMetrics>,
+    dialogs: &Arc<moonroute::dialog::Directory>,
 ) -> Result<&'static str, Box<dyn Error>> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -373,7 +377,8 @@ fn serve_until_termination(
         let _control = match config.control.socket.as_os_str().is_empty() {
             true => None,
             false => {
-                let handler = control_handler(host.clone(), Arc::clone(metrics));
+                let handler =
+                    control_handler(host.clone(), Arc::clone(metrics), Arc::clone(dialogs));
                 let server = ControlServer::bind(&config.control.socket, handler)
                     .await
                     .map_err(|e| {
@@ -434,11 +439,14 @@ async fn sweep_expired(host: Arc<ScriptHost>) {
 }
 
 /// What `moonroute ctl` can ask, for the error replies.
-const COMMANDS: &str = "reload, status, stats [PREFIX], ul show|rm|add|count, user add|rm|list";
+const COMMANDS: &str =
+    "reload, status, stats [PREFIX], ul show|rm|add|count, user add|rm|list, dlg list|show|end|count, \
+     ds list|set|reload";
 
 fn control_handler(
     host: Arc<ScriptHost>,
     metrics: Arc<EngineMetrics>,
+    dialogs: Arc<moonroute::dialog::Directory>,
 ) -> moonroute::control::Handler {
     Arc::new(
         move |args: &[String]| match args.first().map(String::as_str) {
@@ -474,6 +482,9 @@ fn control_handler(
             ))
             }
             Some("stats") => moonroute::control::stats::command(&args[1..], metrics.registry()),
+            Some("dlg") => {
+                moonroute::control::dlg::command(&args[1..], &dialogs, SystemTime::now())
+            }
             // The control server runs this handler on tokio's blocking pool (spawn_blocking),
             // never on a SIP event loop: `ul`'s wait for the disk flush (at most 10 s, see
             // `control::ul`) blocks only that pool thread, so no `block_in_place` is needed.
@@ -487,6 +498,11 @@ fn control_handler(
                 Some(auth) => moonroute::control::user::command(&args[1..], auth),
                 None => Reply::error("user: this server has no subscriber table"),
             },
+            Some("ds") => moonroute::control::ds::command(
+                &args[1..],
+                &host.services().dispatcher,
+                std::time::Instant::now(),
+            ),
             Some(other) => Reply::error(format!("unknown command {other:?}; commands: {COMMANDS}")),
             None => Reply::error(format!("no command given; commands: {COMMANDS}")),
         },

@@ -90,6 +90,8 @@ fn start_script(
     config.control.socket = PathBuf::new();
     config.lua.watch = false;
     config.location.store = LocationBackend::Memory;
+    // No CDR file in the working directory's default data_dir (tests/dialog.rs covers it).
+    config.dialog.cdr = false;
     let host = ScriptHost::from_config(&config).expect("the script loads");
     let factory = CoreFactory::with_router(&config, host.router_factory());
     let server = Server::start(&config, Arc::new(factory)).expect("server starts");

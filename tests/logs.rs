@@ -420,6 +420,7 @@ async fn an_expired_route_signature_is_logged_with_its_age() {
     let target = "sip:bob@127.0.0.1:9";
     let binding = Binding {
         holder: Holder::Caller,
+        tracked: false,
         call_id: b"logtest-expired",
         caller_tag: b"a1",
         callee_tag: b"b1",

@@ -252,9 +252,10 @@ async fn a_captured_route_reaches_nobody_else(kind: TransportKind) {
     let eves = record_routes(&ringing);
     assert_eq!(eves.len(), if kind == TransportKind::Tcp { 2 } else { 1 });
     assert!(
-        bobs.iter().all(|v| signature_of(v).starts_with('q'))
-            && eves.iter().all(|v| signature_of(v).starts_with('s')),
-        "the callee holds the request's copy, the caller the response's: {bobs:?} {eves:?}"
+        bobs.iter().all(|v| signature_of(v).starts_with('t'))
+            && eves.iter().all(|v| signature_of(v).starts_with('u')),
+        "the callee holds the request's copy, the caller the response's, both of a call \
+         default.lua tracks (`t`, `u` rather than `q`, `s`): {bobs:?} {eves:?}"
     );
     probe_foreign(&mut eve, &early, &foreign, kind).await;
 
@@ -336,6 +337,7 @@ async fn expired_forged_and_old_signatures_are_refused() {
     let target = dialog.remote_target.clone();
     let binding = Binding {
         holder: Holder::Caller,
+        tracked: false,
         call_id: dialog.call_id.as_bytes(),
         caller_tag: dialog.local_tag.as_bytes(),
         callee_tag: dialog.remote_tag.as_bytes(),

@@ -113,10 +113,13 @@ async fn dropped_at_deadline(
         "no answer"
     );
     let took = started.elapsed();
+    // An accepted connection's first message is timed from the accept, which comes before
+    // `connect` returns here (by some milliseconds on a loaded machine: 995.9 ms was seen for
+    // a 1 s deadline): a tenth of the deadline is the margin, and any earlier is a failure.
     let deadline = Duration::from_millis(deadline_ms);
     assert!(
-        took >= deadline,
-        "closed after {took:?}, before {deadline:?}"
+        took >= deadline.mul_f64(0.9),
+        "closed after {took:?}, well before {deadline:?}"
     );
 }
 

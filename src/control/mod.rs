@@ -8,6 +8,9 @@
 //! `reload` or `status` mean is decided by the [`Handler`] the caller installs.
 //!
 //! - [`stats`]: `stats [PREFIX]`, the metric samples.
+//! - [`dlg`]: `dlg list|show|count|end`, the calls the event loops track.
+//! - [`ds`]: `ds list|set|reload`, the dispatcher's destinations (Kamailio's
+//!   `dispatcher.list`, `dispatcher.set_state`, `dispatcher.reload`).
 //! - [`ul`]: the `ul show|rm|add|count` commands on the location database (Kamailio's
 //!   `kamctl ul`), which `moonroute`'s handler runs for `ul`.
 //!
@@ -38,6 +41,8 @@
 //! on every connection: only the socket's owner (and root) may send commands.
 
 mod client;
+pub mod dlg;
+pub mod ds;
 mod server;
 pub mod stats;
 pub mod ul;

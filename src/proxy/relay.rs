@@ -37,6 +37,7 @@ use super::response_context::{BranchId, BranchState, ContextAction, ResponseCont
 use super::router::{
     BranchEdit, Decision, FailureDecision, ReplySource, RouteHandle, RouteInfo, Routed, Router,
 };
+use crate::dialog::DialogTracker;
 use crate::dns::{self, Candidate, ResolveError};
 use crate::logging::{call_id, Throttle, REFUSED};
 use crate::memory::{shrink_heap_if_sparse, shrink_if_sparse};
@@ -73,6 +74,8 @@ struct Call {
     branch_base: String,
     inbound: (TransportKind, SocketAddr),
     record_route: bool,
+    /// Its Record-Route signature marks a call the script tracks (`route_sign`).
+    tracked: bool,
     /// The router's handle for the later hooks of this request.
     handle: Option<RouteHandle>,
     /// Each branch's attempts, by BranchId.
@@ -203,6 +206,8 @@ pub struct Relay {
     /// Callees whose answer carried only our Via, logged once per address per period (per
     /// event loop: a callee answering calls of several loops is logged by each).
     callee_mistakes: Throttle<SocketAddr>,
+    /// This loop's dialogs (`crate::dialog`), shared with the router; `None`: not tracked.
+    dialogs: Option<DialogTracker>,
 }
 
 /// How long a callee's answers carrying only our Via go unlogged after one was logged.
@@ -259,11 +264,20 @@ impl Relay {
             next_resolve: 0,
             resolve_requests: Vec::new(),
             callee_mistakes: Throttle::new(CALLEE_MISTAKE_LOG_PERIOD, CALLEE_MISTAKE_LOG_KEYS),
+            dialogs: None,
         }
     }
 
+    /// Tracks the dialogs the router manages (`req:dlg_manage()`) in `dialogs`.
+    pub fn with_dialogs(mut self, dialogs: DialogTracker) -> Relay {
+        self.dialogs = Some(dialogs);
+        self
+    }
+
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.timer_c_queue.peek().map(|Reverse((at, _, _))| *at)
+        let timer_c = self.timer_c_queue.peek().map(|Reverse((at, _, _))| *at);
+        let dialogs = self.dialogs.as_ref().and_then(DialogTracker::next_deadline);
+        timer_c.into_iter().chain(dialogs).min()
     }
 
     /// Relayed requests still in progress.
@@ -304,6 +318,7 @@ impl Relay {
         let trying = (request.method() == Some(&Method::Invite))
             .then(|| ResponseBuilder::new(&request, 100, "Trying").build());
         let routed = self.router.route(&mut request, &meta, info);
+        self.dialogs_after_router();
         let purpose = Purpose::Request {
             tx,
             branch_base,
@@ -444,6 +459,10 @@ impl Relay {
                 return self.carry_out_stateless(tx, other, &request, &meta, layer, out);
             }
         };
+        if let Some(dialogs) = &self.dialogs {
+            dialogs.on_relayed_request(&request, now);
+            self.dialogs_after_router();
+        }
         let targets = match targets.is_empty() {
             false => targets,
             true => match self.request_uri_target(&request) {
@@ -473,12 +492,15 @@ impl Relay {
             &mut actions,
         );
         let inbound = (meta.kind, meta.local);
+        let tracked =
+            record_route && is_invite && self.dialogs.as_ref().is_some_and(|d| d.tracks(&request));
         let call = Call {
             context,
             request,
             branch_base,
             inbound,
             record_route,
+            tracked,
             handle,
             branches: Vec::new(),
             cancelled: false,
@@ -494,11 +516,13 @@ impl Relay {
         let had_route = request.routes().next().is_some();
         let done = preprocess_routes(request, &self.me).ok()?;
         let signature = self.me.check_route(request, &done, wall_clock());
+        let own_route_signed = signature.routes(request.method());
         Some(RouteInfo {
             had_route,
             consumed_own_route: done.consumed_own_route,
-            own_route_signed: signature.routes(request.method()),
+            own_route_signed,
             signature,
+            tracked_call: own_route_signed && self.me.signed_for_tracked_call(&done),
         })
     }
 
@@ -712,6 +736,9 @@ impl Relay {
     ) {
         let mut actions = Vec::new();
         if let Some(call) = self.calls.get_mut(&invite) {
+            if let Some(dialogs) = &self.dialogs {
+                dialogs.on_cancel(&call.request);
+            }
             call.cancelled = true;
             call.context.cancel_all(&mut actions);
             // A branch still resolving was never sent: it ends as the CANCEL asks (§16.10).
@@ -803,6 +830,13 @@ impl Relay {
         out: &mut Vec<LayerOutput>,
     ) {
         let Some(&(server, branch)) = self.branch_of.get(&client) else {
+            if let Some(dialogs) = &mut self.dialogs {
+                let status = match &event {
+                    Event::Response(response) => response.status(),
+                    _ => None,
+                };
+                dialogs.on_bye_response(client, status);
+            }
             return;
         };
         let fails_over = match &event {
@@ -819,6 +853,15 @@ impl Relay {
                 Event::Response(mut response) => {
                     let status = response.status().unwrap_or(0);
                     let provisional = status < 200;
+                    if let (Some(dialogs), true) = (&self.dialogs, (200..300).contains(&status)) {
+                        let answered_via = call
+                            .branches
+                            .get(branch.0)
+                            .and_then(|run| run.as_ref()?.current.as_ref());
+                        if let Some((_, hop)) = answered_via {
+                            dialogs.on_answer_hop(&call.request, hop);
+                        }
+                    }
                     let keep = match call.handle {
                         Some(handle) => {
                             let sent_to = call
@@ -892,6 +935,9 @@ impl Relay {
     /// lives as long as its server transaction, so every 2xx of every fork still reaches it
     /// (RFC 6026: they all go up); other calls are gone by then (see [`Relay::settle`]).
     pub fn on_terminated(&mut self, tx: TxId) {
+        if let Some(dialogs) = &mut self.dialogs {
+            dialogs.on_terminated(tx);
+        }
         self.branch_of.remove(&tx);
         shrink_if_sparse(&mut self.branch_of);
         if let Some(call) = self.calls.remove(&tx) {
@@ -964,6 +1010,126 @@ impl Relay {
             self.apply(server, actions, now, layer, out);
         }
         shrink_heap_if_sparse(&mut self.timer_c_queue);
+        if let Some(dialogs) = &self.dialogs {
+            let byes = dialogs.on_timer(now);
+            self.send_byes(byes, now, layer, out);
+            self.dialogs_after_router();
+        }
+    }
+
+    /// Carries out the `ctl dlg end` requests waiting for this loop (the shell's wake-up):
+    /// each confirmed call is ended with BYEs, and the control client told what was done.
+    pub fn on_wake(
+        &mut self,
+        now: Instant,
+        layer: &mut TransactionLayer,
+        out: &mut Vec<LayerOutput>,
+    ) {
+        let Some(dialogs) = &self.dialogs else {
+            return;
+        };
+        for request in dialogs.take_end_requests() {
+            let Some(dialogs) = &self.dialogs else {
+                return;
+            };
+            let answer = match dialogs.end(request.id, now) {
+                Ok(byes) => {
+                    let sent = self.send_byes(byes, now, layer, out);
+                    Ok(format!("ended: BYE sent to {}", sent.join(" and ")))
+                }
+                Err(why) => Err(why.to_owned()),
+            };
+            // The client may have given up waiting: nothing to tell then.
+            let _ = request.reply.send(answer);
+        }
+        self.dialogs_after_router();
+    }
+
+    /// Sends the proxy's BYEs (`crate::dialog::bye`) through client transactions: to the
+    /// party's recorded address, from our listener of that transport and family, along the
+    /// route set on its side of us. Returns the parties they went to.
+    fn send_byes(
+        &mut self,
+        byes: Vec<crate::dialog::Bye>,
+        now: Instant,
+        layer: &mut TransactionLayer,
+        out: &mut Vec<LayerOutput>,
+    ) -> Vec<&'static str> {
+        let mut sent = Vec::new();
+        for bye in byes {
+            let call_id = String::from_utf8_lossy(&bye.call_id).into_owned();
+            let party = bye.to_side.as_str();
+            let Some(mut dest) = bye.destination.clone() else {
+                warn!(
+                    call_id,
+                    party, "BYE not sent: no address known for the party"
+                );
+                continue;
+            };
+            let Some(local) = self
+                .bound
+                .iter()
+                .find(|l| l.kind == dest.kind && l.addr.is_ipv4() == dest.addr.is_ipv4())
+                .map(|l| l.addr)
+            else {
+                warn!(call_id, party, transport = %dest.kind, "BYE not sent: no listener for the party's transport");
+                continue;
+            };
+            dest.local = Some(local);
+            self.next_unique += 1;
+            let base = format!(
+                "z9hG4bK{:016x}.",
+                std::hash::BuildHasher::hash_one(
+                    &std::collections::hash_map::RandomState::new(),
+                    (&bye.call_id, party)
+                )
+            );
+            let via = format!(
+                "SIP/2.0/{} {};branch={}",
+                dest.kind.via_name(),
+                self.me.local().sent_by(dest.kind, Some(local), dest.addr),
+                branch_id(&base, self.loop_index, self.next_unique)
+            );
+            let me = &self.me;
+            let routes = bye.routes(|value| {
+                crate::sip::NameAddr::parse(value).is_ok_and(|na| me.is_myself(&na.uri))
+            });
+            let Some(message) = bye
+                .render(&via, &routes)
+                .and_then(|b| Message::parse(b).ok())
+            else {
+                warn!(
+                    call_id,
+                    party, "BYE not sent: no target URI known for the party"
+                );
+                continue;
+            };
+            let addr = dest.addr;
+            match layer.send_request(message, dest, now, out) {
+                Ok(tx) => {
+                    info!(call_id, party, %addr, "BYE sent");
+                    if let Some(dialogs) = &mut self.dialogs {
+                        dialogs.bye_sent(tx, &bye);
+                    }
+                    sent.push(party);
+                }
+                Err(error) => warn!(call_id, party, ?error, "BYE not sent"),
+            }
+        }
+        sent
+    }
+
+    /// Hands the records of the calls that just ended (by the relay's events, or by the
+    /// router's decision: a dialog managed, then answered by the script itself) to the router's
+    /// `on_dialog_end` and to the CDR file.
+    fn dialogs_after_router(&mut self) {
+        let Some(dialogs) = &self.dialogs else {
+            return;
+        };
+        for cdr in dialogs.take_ended() {
+            self.router.on_dialog_end(&cdr);
+            dialogs.write(&cdr);
+        }
     }
 
     /// Timer C is never cancelled (§16.8 resets it on every provisional, and a call ends long
@@ -1002,6 +1168,10 @@ impl Relay {
                 }
                 ContextAction::ForwardUpstream(response)
                 | ContextAction::FinalUpstream(response) => {
+                    if let (Some(dialogs), Some(call)) = (&self.dialogs, self.calls.get(&server)) {
+                        dialogs.on_upstream_response(&call.request, &response, now);
+                        self.dialogs_after_router();
+                    }
                     let status = response.status().unwrap_or(500);
                     layer.respond(server, status, response.to_bytes(), now, out);
                 }
@@ -1085,6 +1255,7 @@ impl Relay {
             uri: &uri,
             branch: &branch_id,
             now: wall_clock(),
+            tracked: call.tracked,
         };
         // A Path (the route) wins over the received address (RFC 5626 §5.3 order).
         let pinned = target.destination.filter(|_| target.route.is_empty());
@@ -1235,6 +1406,7 @@ impl Relay {
                 uri: &run.uri,
                 branch: &branch_id,
                 now: now_wall,
+                tracked: call.tracked,
             };
             let first_copy = first.take().map(|(copy, _)| copy);
             let built = copy_for(
@@ -1331,6 +1503,7 @@ impl Relay {
                     handle,
                 } = *suspended;
                 let routed = self.router.resume(handle, &mut request, result);
+                self.dialogs_after_router();
                 let tx = match &purpose {
                     Purpose::Request { tx, .. } | Purpose::Cancel { tx } => Some(*tx),
                     Purpose::Ack => None,
@@ -1471,6 +1644,8 @@ struct CopyParts<'a> {
     branch: &'a str,
     /// The wall-clock time, for the Record-Route signature.
     now: SystemTime,
+    /// The signature marks a call the script tracks.
+    tracked: bool,
 }
 
 impl StatelessForward {
@@ -1480,6 +1655,7 @@ impl StatelessForward {
             uri: &self.uri,
             branch: &self.branch,
             now: self.now,
+            tracked: false,
         }
     }
 }
@@ -1494,6 +1670,7 @@ fn spec<'a>(
     ForwardSpec {
         target: parts.uri,
         record_route,
+        tracked: parts.tracked,
         inbound,
         outbound,
         branch: parts.branch,

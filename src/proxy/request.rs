@@ -89,6 +89,23 @@ impl ProxyIdentity {
         self.signer.sign_request(req, now)
     }
 
+    /// [`ProxyIdentity::record_route_signature`], marking a call the script tracks when
+    /// `tracked` (`route_sign`, "Tracked calls").
+    pub fn tracked_record_route_signature(
+        &self,
+        req: &Message,
+        tracked: bool,
+        now: SystemTime,
+    ) -> String {
+        self.signer.sign_request_for(req, tracked, now)
+    }
+
+    /// Whether the Route §16.4 consumed (`done`, found valid by [`ProxyIdentity::check_route`])
+    /// was signed by this server, since it started, for a call the script tracked.
+    pub fn signed_for_tracked_call(&self, done: &Preprocessed) -> bool {
+        self.signer.signed_for_tracked_call(done.signature)
+    }
+
     /// §16.7 step 8: re-signs our entries in the Record-Route of a response about to go
     /// upstream as the caller's copy (`route_sign`), bound to the response's tags and Contact
     /// (as the router left it, e.g. after `fix_nated_contact`). Returns whether it changed.
@@ -341,6 +358,8 @@ pub struct ForwardSpec<'a> {
     pub target: &'a [u8],
     /// Insert Record-Route (step 4), e.g. for dialog-creating requests.
     pub record_route: bool,
+    /// Its signature marks a call the script tracks (`route_sign`, "Tracked calls").
+    pub tracked: bool,
     /// Transport and local address the request arrived on.
     pub inbound: (TransportKind, SocketAddr),
     /// Transport and local address the copy leaves from.
@@ -389,7 +408,9 @@ pub fn forward_copy(req: &Message, spec: &ForwardSpec) -> Result<Message, ParseE
     if spec.record_route {
         let (in_kind, in_addr) = spec.inbound;
         let (out_kind, out_addr) = spec.outbound;
-        let signature = spec.me.record_route_signature(req, spec.now);
+        let signature = spec
+            .me
+            .tracked_record_route_signature(req, spec.tracked, spec.now);
         let inbound_uri = spec.me.record_route_uri(in_kind, in_addr, &signature);
         let outbound_uri = spec.me.record_route_uri(out_kind, out_addr, &signature);
         if inbound_uri != outbound_uri {
@@ -794,6 +815,7 @@ mod tests {
         ForwardSpec {
             target: target.as_bytes(),
             record_route: false,
+            tracked: false,
             inbound: US_UDP,
             outbound: US_UDP,
             branch: "z9hG4bKtest",

@@ -95,7 +95,8 @@ pub enum ContextAction {
     StartTimerC { branch: BranchId, at: Instant },
     /// Every branch has failed, no 2xx went upstream and new branches are still allowed. The
     /// caller now calls `add_targets` (a new serial group) or `send_final`. `best` is the
-    /// response `send_final` would send right now (§16.7 steps 6-7 applied), for inspection.
+    /// response `send_final` would send right now (§16.7 steps 6-7 applied), for inspection,
+    /// except that a 503 is still a 503 (`send_final` turns it into a 500).
     BranchSetFailed { best: Message },
     /// The best final response goes upstream (§16.7 steps 6-9); the context sends no other
     /// final except 2xx to INVITE that still arrive (§16.7 step 5).
@@ -130,6 +131,15 @@ enum Phase {
     AwaitingDecision,
     /// A final response (a 2xx or the best non-2xx) went upstream.
     FinalSent,
+}
+
+/// Whether [`ResponseContext::best_response`] applies §16.7 step 6's 503-to-500 conversion.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Upstream {
+    /// The response goes upstream now.
+    Convert503,
+    /// The failure route inspects it (`BranchSetFailed`); it may still become a 500.
+    Keep503,
 }
 
 /// The response context of one proxied request (§16.7).
@@ -418,7 +428,7 @@ impl ResponseContext {
             return;
         }
         self.phase = Phase::FinalSent;
-        if let Some(best) = self.best_response() {
+        if let Some(best) = self.best_response(Upstream::Convert503) {
             out.push(ContextAction::FinalUpstream(best));
         }
     }
@@ -532,7 +542,7 @@ impl ResponseContext {
         if self.closed {
             self.phase = Phase::AwaitingDecision;
             self.send_final(out);
-        } else if let Some(best) = self.best_response() {
+        } else if let Some(best) = self.best_response(Upstream::Keep503) {
             self.phase = Phase::AwaitingDecision;
             out.push(ContextAction::BranchSetFailed { best });
         } else {
@@ -566,7 +576,11 @@ impl ResponseContext {
     /// 415, 420, 484) is preferred and in 5xx anything is preferred over 503. A chosen 503
     /// becomes a synthesized 500, none at all a synthesized 408. A 401/407 gets the
     /// WWW-Authenticate and Proxy-Authenticate values of every other 401/407 (step 7).
-    fn best_response(&self) -> Option<Message> {
+    /// The failure route sees a chosen 503 as it is ([`Upstream::Keep503`]): the conversion
+    /// protects the upstream client, while a script deciding on failover (a gateway in
+    /// maintenance, `[dispatcher] mark_on`) must tell 503 from 500, as Kamailio's
+    /// `t_check_status("503")` does.
+    fn best_response(&self, upstream: Upstream) -> Option<Message> {
         let rank = |s: &Stored| -> (u8, u8) {
             let class = if s.code >= 600 {
                 0
@@ -586,7 +600,10 @@ impl ResponseContext {
             return self.synthesize(408, "Request Timeout");
         };
         let mut best = match (&chosen.response, chosen.code) {
-            (_, 503) => return self.synthesize(500, "Server Internal Error"),
+            (_, 503) if upstream == Upstream::Convert503 => {
+                return self.synthesize(500, "Server Internal Error")
+            }
+            (None, 503) => return self.synthesize(503, "Service Unavailable"),
             (Some(response), _) => response.clone(),
             (None, 487) => return self.synthesize(487, "Request Terminated"),
             (None, code) => return self.synthesize(code, "Request Timeout"),
@@ -884,7 +901,11 @@ Content-Length: 0\r\n\r\n";
         let (mut ctx, _) = invite(vec![target("sip:a@127.0.0.1", 1000)], t0);
         let mut out = Vec::new();
         ctx.on_response(BranchId(0), resp(503, &[]), t0, &mut out);
-        let best = set_failed(&out).unwrap();
+        // The failure route sees the 503 (failover decisions need it), upstream gets a 500.
+        assert_eq!(set_failed(&out).unwrap().status(), Some(503));
+        out.clear();
+        ctx.send_final(&mut out);
+        let best = final_up(&out).unwrap();
         assert_eq!(best.status(), Some(500));
         assert_eq!(best.top_via().unwrap().branch(), Some(&b"z9hG4bKup1"[..]));
         assert!(best.to().unwrap().tag().is_some());
@@ -1198,6 +1219,13 @@ Content-Length: 0\r\n\r\n";
             ContextAction::BranchSetFailed { best } => Some(best.status()),
             _ => None,
         });
-        assert_eq!(best, Some(Some(500)));
+        assert_eq!(best, Some(Some(503)), "the failure route sees the 503");
+        out.clear();
+        ctx.send_final(&mut out);
+        let up = out.iter().find_map(|a| match a {
+            ContextAction::FinalUpstream(best) => best.status(),
+            _ => None,
+        });
+        assert_eq!(up, Some(500));
     }
 }

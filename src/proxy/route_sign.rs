@@ -22,7 +22,8 @@
 //! and both an expiry: the route set is fixed when the dialog starts (§12.2.1.2), so the
 //! signature's lifetime bounds how long the dialog can be routed through this proxy.
 //!
-//! The value is `;mrs=<copy><expiry>.<mac>`: the copy letter (`q` or `s`), the expiry in Unix
+//! The value is `;mrs=<copy><expiry>.<mac>`: the copy letter (`q` or `s`; `t` or `u` for a
+//! call the script tracks, see below), the expiry in Unix
 //! seconds as 8 hex digits, and the first 8 bytes (16 hex digits, 64 bits) of an HMAC-SHA256,
 //! keyed from the server key (`crate::secret`), over the copy, the expiry and the bound fields.
 //! E.g. `;mrs=s66f0a3b1.0f8e2d7c6b5a4938`. Servers sharing the key check each other's
@@ -40,6 +41,16 @@
 //! re-INVITE or UPDATE with a new Contact) that changes the user part or parameters keeps
 //! working, one that moves a party to another host or port does not (its peer's requests are
 //! refused, the mover's own still route).
+//!
+//! ## Tracked calls
+//!
+//! For a call the script tracks (`req:dlg_manage()`, `crate::dialog`) the copies are `t`
+//! (callee's) and `u` (caller's) instead of `q` and `s`; the letter is under the MAC. A request
+//! whose route set says its call was tracked by this server since it started, but whose call
+//! the dialog table no longer knows, belongs to a call that ended: `req:dlg_known()` says
+//! `ended` rather than `untracked` ([`RouteSigner::signed_for_tracked_call`]), long after the
+//! dialog's linger. The time of writing is the expiry less the lifetime, so this reads right
+//! while `record_route_lifetime_secs` is unchanged.
 //!
 //! ## Old signatures
 //!
@@ -85,17 +96,23 @@ pub enum Holder {
 }
 
 impl Holder {
-    fn letter(self) -> u8 {
-        match self {
-            Holder::Callee => b'q',
-            Holder::Caller => b's',
+    /// The copy letter: `q`/`s`, or `t`/`u` for a tracked call.
+    fn letter(self, tracked: bool) -> u8 {
+        match (self, tracked) {
+            (Holder::Callee, false) => b'q',
+            (Holder::Caller, false) => b's',
+            (Holder::Callee, true) => b't',
+            (Holder::Caller, true) => b'u',
         }
     }
 
-    fn from_letter(letter: u8) -> Option<Holder> {
+    /// The holder and whether the call is tracked.
+    fn from_letter(letter: u8) -> Option<(Holder, bool)> {
         match letter.to_ascii_lowercase() {
-            b'q' => Some(Holder::Callee),
-            b's' => Some(Holder::Caller),
+            b'q' => Some((Holder::Callee, false)),
+            b's' => Some((Holder::Caller, false)),
+            b't' => Some((Holder::Callee, true)),
+            b'u' => Some((Holder::Caller, true)),
             _ => None,
         }
     }
@@ -106,6 +123,8 @@ impl Holder {
 pub enum Signature {
     Current {
         holder: Holder,
+        /// Written for a call the script tracks (`t`, `u`).
+        tracked: bool,
         /// Unix seconds.
         expires: u32,
         mac: [u8; MAC_BYTES],
@@ -129,8 +148,9 @@ impl Signature {
         let expires = decode_hex::<4>(&value[1..9]);
         let mac = decode_hex::<MAC_BYTES>(&value[10..]);
         match (holder, expires, mac) {
-            (Some(holder), Some(expires), Some(mac)) => Signature::Current {
+            (Some((holder, tracked)), Some(expires), Some(mac)) => Signature::Current {
                 holder,
+                tracked,
                 expires: u32::from_be_bytes(expires),
                 mac,
             },
@@ -185,6 +205,8 @@ impl Verdict {
 #[derive(Clone, Copy, Debug)]
 pub struct Binding<'a> {
     pub holder: Holder,
+    /// A call the script tracks (`t`/`u` copies).
+    pub tracked: bool,
     pub call_id: &'a [u8],
     pub caller_tag: &'a [u8],
     /// Empty in the callee's copy: the callee's tag is not known when the request is forwarded.
@@ -271,7 +293,7 @@ impl RouteSigner {
         let mac = self.mac(binding, expires, rest);
         format!(
             "{}{expires:08x}.{}",
-            char::from(binding.holder.letter()),
+            char::from(binding.holder.letter(binding.tracked)),
             hex(&mac[..MAC_BYTES])
         )
     }
@@ -279,9 +301,15 @@ impl RouteSigner {
     /// The callee's copy (`q`) for the Record-Route entries of `request`, about to be forwarded
     /// (§16.6 step 4): over its Call-ID, From tag, first Contact and Record-Route so far.
     pub fn sign_request(&self, request: &Message, now: SystemTime) -> String {
+        self.sign_request_for(request, false, now)
+    }
+
+    /// [`RouteSigner::sign_request`], for a call the script tracks when `tracked`.
+    pub fn sign_request_for(&self, request: &Message, tracked: bool, now: SystemTime) -> String {
         let from = request.from().ok();
         let binding = Binding {
             holder: Holder::Callee,
+            tracked,
             call_id: request.call_id().unwrap_or_default(),
             caller_tag: from.as_ref().and_then(NameAddr::tag).unwrap_or_default(),
             callee_tag: b"",
@@ -348,6 +376,7 @@ impl RouteSigner {
         // Our entries: (index in `values`, where the signature starts in the value).
         let mut ours: Vec<(usize, usize)> = Vec::new();
         let mut group: Option<&[u8]> = None;
+        let mut tracked = false;
         for (index, (_, value)) in values.iter().enumerate() {
             let na = NameAddr::parse(value)?;
             let callees_copy = na
@@ -374,6 +403,10 @@ impl RouteSigner {
                 (Some(_), _) => break,
             };
             group = Some(signature);
+            tracked = matches!(
+                Signature::parse(signature),
+                Signature::Current { tracked: true, .. }
+            );
             ours.push((index, signature.as_ptr() as usize - value.as_ptr() as usize));
             if ours.len() == 2 {
                 break;
@@ -386,6 +419,7 @@ impl RouteSigner {
         let to = response.to().ok();
         let binding = Binding {
             holder: Holder::Caller,
+            tracked,
             call_id: response.call_id().unwrap_or_default(),
             caller_tag: from.as_ref().and_then(NameAddr::tag).unwrap_or_default(),
             callee_tag: to.as_ref().and_then(NameAddr::tag).unwrap_or_default(),
@@ -458,6 +492,7 @@ impl RouteSigner {
             }
             Signature::Current {
                 holder,
+                tracked,
                 expires,
                 mac,
             } => {
@@ -467,6 +502,7 @@ impl RouteSigner {
                 };
                 let binding = Binding {
                     holder,
+                    tracked,
                     call_id,
                     caller_tag,
                     callee_tag,
@@ -490,6 +526,25 @@ impl RouteSigner {
         }
     }
 
+    /// Whether `signature` (one that [`RouteSigner::check`] found valid) was written by this
+    /// server, since it started, for a call the script tracked: then a call its dialog table
+    /// no longer knows has ended (see the module doc).
+    pub fn signed_for_tracked_call(&self, signature: Option<Signature>) -> bool {
+        match signature {
+            Some(Signature::Current {
+                tracked: true,
+                expires,
+                ..
+            }) => {
+                // Strictly after: a copy written in the second this run started may be the
+                // previous run's (seconds are all a token carries); judged untracked, as
+                // before this check existed.
+                u64::from(expires).saturating_sub(self.lifetime.as_secs()) > self.started
+            }
+            _ => false,
+        }
+    }
+
     fn mac<'r>(
         &self,
         binding: &Binding<'_>,
@@ -497,7 +552,7 @@ impl RouteSigner {
         rest: impl IntoIterator<Item = &'r [u8]>,
     ) -> [u8; 32] {
         let mut ctx = hmac::Context::with_key(&self.key);
-        ctx.update(&[binding.holder.letter()]);
+        ctx.update(&[binding.holder.letter(binding.tracked)]);
         ctx.update(&expires.to_be_bytes());
         field(&mut ctx, binding.call_id);
         field(&mut ctx, binding.caller_tag);
@@ -723,10 +778,15 @@ mod tests {
 
     /// The callee's copy for [`invite`] and the caller's for [`ok`], both written at T0.
     fn both_copies() -> (String, String) {
+        copies(false, T0)
+    }
+
+    /// [`both_copies`] for a tracked call or not, written at `secs`.
+    fn copies(tracked: bool, secs: u64) -> (String, String) {
         let signer = signer();
-        let q = signer.sign_request(&invite(), at(T0));
+        let q = signer.sign_request_for(&invite(), tracked, at(secs));
         let mut response = ok(&q);
-        assert!(signer.sign_response(&mut response, is_us, at(T0)));
+        assert!(signer.sign_response(&mut response, is_us, at(secs)));
         let ours = response
             .values(HeaderName::RecordRoute)
             .nth(1)
@@ -751,6 +811,38 @@ mod tests {
                 Signature::Current { .. }
             ));
         }
+    }
+
+    #[test]
+    fn a_tracked_call_s_copies_say_so_and_only_this_run_calls_them_its_own() {
+        let signer = signer();
+        let (t, u) = copies(true, T0 + 10);
+        assert!(t.starts_with('t'), "{t}");
+        assert!(u.starts_with('u'), "{u}");
+        // Alice's BYE with her (caller's) copy: valid, and the call was tracked by this run.
+        let bye = in_dialog(
+            "BYE",
+            "sip:bob@192.0.2.2:5080",
+            "a1",
+            "b1",
+            &["<sip:down.example.com;lr>"],
+        );
+        let now = at(T0 + 60);
+        assert_eq!(signer.check(&bye, signature(&u), now), Verdict::Valid);
+        assert!(signer.signed_for_tracked_call(signature(&u)));
+        // The letter is under the MAC: turned into an untracked copy, it no longer matches.
+        let relabelled = format!("s{}", &u[1..]);
+        assert_eq!(
+            signer.check(&bye, signature(&relabelled), now),
+            Verdict::Mismatch
+        );
+        // An untracked call's copy, and a tracked one written before this run started (a
+        // restart forgot its calls: untracked, not ended), are not this run's tracked calls.
+        let (_, s) = both_copies();
+        assert!(!signer.signed_for_tracked_call(signature(&s)));
+        let restarted = RouteSigner::new(b"key").started_at(at(T0 + 10));
+        assert_eq!(restarted.check(&bye, signature(&u), now), Verdict::Valid);
+        assert!(!restarted.signed_for_tracked_call(signature(&u)));
     }
 
     #[test]

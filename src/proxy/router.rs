@@ -81,6 +81,10 @@ pub struct RouteInfo {
     pub own_route_signed: bool,
     /// What the signature check found, for the log when the request is not routed.
     pub signature: super::route_sign::Verdict,
+    /// That signature was written by this server, since it started, for a call the script
+    /// tracked (`req:dlg_manage()`): if the dialog table no longer knows the call, it ended
+    /// (`req:dlg_known()` says `ended`, not `untracked`).
+    pub tracked_call: bool,
 }
 
 /// Where a response given to [`Router::on_reply`] came from: what a NAT check needs.
@@ -179,6 +183,15 @@ pub trait Router {
 
     /// The transaction of `handle` ended; no hook will see it again.
     fn release(&mut self, _handle: RouteHandle) {}
+
+    /// Gives the router its event loop's dialog table (`crate::dialog`), where the script's
+    /// `req:dlg_manage()` creates dialogs the relay then follows. Routers that manage no
+    /// dialogs ignore it.
+    fn attach_dialogs(&mut self, _dialogs: crate::dialog::SharedTable) {}
+
+    /// A tracked call ended; `cdr` is its record (the script's `on_dialog_end`), written to
+    /// the CDR file as well.
+    fn on_dialog_end(&mut self, _cdr: &crate::dialog::Cdr) {}
 
     /// Continues a [`Decision::Resolve`] with the DNS answer; `request` is the one given to
     /// [`Router::route`] (the router gives back its edited copy). The handle of the result

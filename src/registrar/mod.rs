@@ -132,10 +132,13 @@ pub fn aor_of(uri: &Uri, home: &LocalIdentity) -> Option<String> {
         push_user(&mut aor, &scan::unescape(user));
         aor.push('@');
     }
-    aor.push_str(&sip.host.to_string().to_ascii_lowercase());
+    let host = aor.len();
+    sip.host.with_text(|text| aor.push_str(text));
+    aor[host..].make_ascii_lowercase();
     if let Some(port) = sip.port {
         if !home.is_myself(uri) {
-            aor.push_str(&format!(":{port}"));
+            aor.push(':');
+            aor.push_str(scan::decimal(u64::from(port), &mut [0; 20]));
         }
     }
     Some(aor)
@@ -372,15 +375,42 @@ pub fn process_from(
     rules: &Rules,
     now: SystemTime,
 ) -> Outcome {
+    match request_aor(req, aors) {
+        Ok(aor) => process_for_aor(req, meta, nated, &aor, current, rules, now),
+        Err(refusal) => refusal,
+    }
+}
+
+/// Step 5: the normalized AOR of a REGISTER's To, or the refusal (a request that is not a
+/// REGISTER first, as in [`process_for_aor`]).
+fn request_aor(req: &Message, aors: &AorRule) -> Result<String, Outcome> {
+    if req.method() != Some(&Method::Register) {
+        return Err(refuse(
+            500,
+            "Server Internal Error (registrar: not a REGISTER)",
+        ));
+    }
+    let Ok(to) = req.to() else {
+        return Err(refuse(400, "Bad Request (To: malformed)"));
+    };
+    aors.of(&to.uri)
+        .ok_or_else(|| refuse(404, "Not Found (To: not a sip or sips address-of-record)"))
+}
+
+/// [`process_from`] once step 5 has given `aor`, the normalized AOR of the request's To (the
+/// [`Registrar`] has it already: it is the store key).
+fn process_for_aor(
+    req: &Message,
+    meta: &Meta,
+    nated: bool,
+    aor: &str,
+    current: &[Binding],
+    rules: &Rules,
+    now: SystemTime,
+) -> Outcome {
     if req.method() != Some(&Method::Register) {
         return refuse(500, "Server Internal Error (registrar: not a REGISTER)");
     }
-    let Ok(to) = req.to() else {
-        return refuse(400, "Bad Request (To: malformed)");
-    };
-    let Some(aor) = aors.of(&to.uri) else {
-        return refuse(404, "Not Found (To: not a sip or sips address-of-record)");
-    };
     let Ok(call_id) = req.call_id() else {
         return refuse(400, "Bad Request (Call-ID: malformed)");
     };
@@ -449,7 +479,7 @@ pub fn process_from(
         .map(|ua| String::from_utf8_lossy(ua).into_owned());
     for r in requested {
         let binding = (r.expires > 0).then(|| Binding {
-            aor: aor.clone(),
+            aor: aor.to_owned(),
             contact: r.contact,
             // SystemTime spans far more than 2^32 seconds: the fallback is unreachable.
             expires_at: now
@@ -634,8 +664,26 @@ pub fn ok_headers(req: &Message, bindings: &[Binding], now: SystemTime) -> Vec<(
     if !path.is_empty() {
         headers.push(("Path".to_owned(), path.join(", ")));
     }
-    headers.push(("Date".to_owned(), rfc1123_date(now)));
+    headers.push(("Date".to_owned(), cached_date(now)));
     headers
+}
+
+/// [`rfc1123_date`] of `now`, formatted once per second per thread: every 200 to a REGISTER
+/// carries one.
+fn cached_date(now: SystemTime) -> String {
+    thread_local! {
+        static LAST: std::cell::RefCell<(u64, String)> = const {
+            std::cell::RefCell::new((u64::MAX, String::new()))
+        };
+    }
+    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    LAST.with_borrow_mut(|(at, date)| {
+        if *at != secs {
+            *date = rfc1123_date(now);
+            *at = secs;
+        }
+        date.clone()
+    })
 }
 
 fn build_response(
@@ -653,8 +701,12 @@ fn build_response(
 }
 
 fn contact_value(b: &Binding, now: SystemTime) -> String {
-    let secs = b.seconds_left(now);
-    let mut v = format!("<{}>;expires={}", b.contact, secs.min(u64::from(u32::MAX)));
+    let secs = b.seconds_left(now).min(u64::from(u32::MAX));
+    let mut v = String::with_capacity(b.contact.len() + 24);
+    v.push('<');
+    v.push_str(&b.contact);
+    v.push_str(">;expires=");
+    v.push_str(scan::decimal(secs, &mut [0; 20]));
     if b.q < 1000 {
         v.push_str(";q=");
         v.push_str(&format_q(b.q));
@@ -840,7 +892,7 @@ impl Registrar {
         };
         let mut outcome = None;
         let stored = self.store.update(&key, now, &mut |current| {
-            let o = process_from(req, meta, nated, &self.aors, &current, &self.rules, now);
+            let o = process_for_aor(req, meta, nated, &key, &current, &self.rules, now);
             let write = match &o {
                 Outcome::Updated {
                     bindings,

@@ -725,6 +725,14 @@ fn rfc1123_dates() {
 }
 
 #[test]
+fn the_cached_date_follows_the_clock() {
+    for t in [1_700_000_000, 1_700_000_000, 1_700_000_001, 951_782_400, 0] {
+        let now = UNIX_EPOCH + secs(t) + Duration::from_millis(999);
+        assert_eq!(cached_date(now), rfc1123_date(now), "{t}");
+    }
+}
+
+#[test]
 fn q_values_are_written_as_qvalues() {
     for (q, text) in [
         (0, "0"),

@@ -115,6 +115,8 @@ pub struct Hooks {
     pub on_reply: Option<Function>,
     pub on_failure: Option<Function>,
     pub on_branch: Option<Function>,
+    /// A tracked call ended (`crate::dialog`): the custom CDR sink.
+    pub on_dialog_end: Option<Function>,
 }
 
 /// A loaded script: its Lua state and hooks.
@@ -365,6 +367,7 @@ fn find_hooks(lua: &Lua, name: &str) -> Result<Hooks, ScriptError> {
         on_reply: hook("on_reply")?,
         on_failure: hook("on_failure")?,
         on_branch: hook("on_branch")?,
+        on_dialog_end: hook("on_dialog_end")?,
     })
 }
 

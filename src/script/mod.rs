@@ -55,6 +55,8 @@ pub struct Services {
     /// The server's metrics (`sip.metrics`, and the engine's own families): one registry per
     /// server, so the engine's families and the script's are served together.
     pub metrics: Arc<crate::metrics::Registry>,
+    /// Destination sets and their health (`sip.ds`, `req:ds_select`): `[dispatcher]`.
+    pub dispatcher: Arc<crate::dispatcher::Dispatcher>,
     /// The wall-clock time primitives see (digest nonces, location expiry): `None` is the
     /// system clock (the server); a test run may pretend another time (`moonroute.run{time =
     /// ...}`), e.g. to find a nonce stale.
@@ -69,6 +71,7 @@ impl Default for Services {
             auth: None,
             pike: Arc::new(crate::flood::Pike::default()),
             metrics: crate::metrics::Registry::new(),
+            dispatcher: Arc::new(crate::dispatcher::Dispatcher::empty()),
             clock: None,
         }
     }

@@ -72,6 +72,7 @@ pub fn check(path: &Path) -> Result<String, ScriptError> {
         ("on_reply", hooks.on_reply.is_some()),
         ("on_failure", hooks.on_failure.is_some()),
         ("on_branch", hooks.on_branch.is_some()),
+        ("on_dialog_end", hooks.on_dialog_end.is_some()),
     ] {
         if present {
             defined.push(name);
@@ -236,6 +237,7 @@ pub fn run_with(
         consumed_own_route: done.consumed_own_route,
         own_route_signed: signature.routes(request.method()),
         signature,
+        tracked_call: signature.routes(request.method()) && me.signed_for_tracked_call(&done),
     };
     let vars = engine
         .lua()
@@ -319,6 +321,7 @@ fn services(
         auth: fixtures.subscribers.map(authenticator).transpose()?,
         pike: Arc::new(crate::flood::Pike::default()),
         metrics: crate::metrics::Registry::new(),
+        dispatcher: Arc::new(crate::dispatcher::Dispatcher::empty()),
         clock,
     })
 }
@@ -692,6 +695,7 @@ fn lua_route_signature(spec: Value) -> mlua::Result<String> {
     };
     let binding = Binding {
         holder: Holder::Caller,
+        tracked: spec.get::<Option<bool>>("tracked")?.unwrap_or(false),
         call_id: call_id.as_bytes(),
         caller_tag: from_tag.as_bytes(),
         callee_tag: to_tag.as_bytes(),

@@ -25,6 +25,7 @@ use bytes::Bytes;
 use mlua::{AnyUserData, Function, Table, Thread};
 use tracing::{debug, error, info, warn};
 
+use super::api::dialog as dialog_api;
 use super::api::{Role, ScriptMsg};
 use super::engine::{Engine, Env, Limits, LogSink, ScriptError, ScriptSource, Step};
 use super::Services;
@@ -57,12 +58,18 @@ pub struct ScriptHost {
 }
 
 /// The hooks whose calls are counted and timed, in [`HookMetrics`] order.
-const HOOKS: [&str; 4] = ["on_request", "on_reply", "on_failure", "on_branch"];
+const HOOKS: [&str; 5] = [
+    "on_request",
+    "on_reply",
+    "on_failure",
+    "on_branch",
+    "on_dialog_end",
+];
 
 /// `moonroute_script_hook_calls_total{hook}`, `..._errors_total{hook}` and
 /// `moonroute_script_hook_duration_seconds{hook}`, resolved once per hook so a call costs
 /// three relaxed atomic updates and two clock reads.
-pub(crate) struct HookMetrics([HookCells; 4]);
+pub(crate) struct HookMetrics([HookCells; HOOKS.len()]);
 
 /// The metric handles of one hook.
 pub(crate) struct HookCells {
@@ -202,6 +209,10 @@ impl ScriptHost {
         };
         let auth =
             crate::auth::Authenticator::open(&settings, &config.data_dir).map_err(ScriptError)?;
+        let dispatcher = Arc::new(
+            crate::dispatcher::Dispatcher::from_config(&config.dispatcher).map_err(ScriptError)?,
+        );
+        crate::dispatcher::register_metrics(&metrics, &dispatcher);
         let services = Services {
             kv: Arc::new(super::kv::KvStore::new(super::KV_MAX_KEYS)),
             registrar: Some(Arc::new(registrar)),
@@ -211,6 +222,7 @@ impl ScriptHost {
                     .with_blocks_counter(engine.pike_blocks),
             ),
             metrics,
+            dispatcher,
             clock: None,
         };
         ScriptHost::load(
@@ -320,6 +332,8 @@ struct Pinned {
     vars: Table,
     /// `on_request` waiting in `sip.resolve` for its DNS answer.
     suspended: Option<Suspension>,
+    /// The current dialog of that suspended run (`api::dialog`).
+    dialog: dialog_api::Current,
 }
 
 /// An `on_request` run suspended in `sip.resolve`.
@@ -346,6 +360,8 @@ pub struct ScriptRouter {
     /// Stands in for a request while the script holds it (cheap to clone: shared bytes).
     placeholder: Message,
     log: LogSink,
+    /// The loop's dialog table, given to every Lua state this router loads.
+    dialogs: Option<crate::dialog::SharedTable>,
 }
 
 impl ScriptRouter {
@@ -359,6 +375,7 @@ impl ScriptRouter {
             next_handle: 0,
             placeholder: placeholder(),
             log: LogSink::Tracing,
+            dialogs: None,
         }
     }
 
@@ -392,6 +409,9 @@ impl ScriptRouter {
         let started = Instant::now();
         match Engine::load(&source, self.host.limits, env) {
             Ok(engine) => {
+                if let Some(table) = &self.dialogs {
+                    dialog_api::attach(engine.lua(), table.clone());
+                }
                 info!(
                     loop_index = self.loop_index,
                     version = engine.version(),
@@ -425,9 +445,24 @@ impl ScriptRouter {
             engine,
             vars,
             suspended: None,
+            dialog: dialog_api::Current::default(),
         };
         self.calls.insert(self.next_handle, pinned);
         RouteHandle(self.next_handle)
+    }
+
+    /// After `on_request` (or a slice of it, resumed after DNS): the current dialog waits
+    /// with a suspended run, else a dialog the script managed but did not relay is settled.
+    fn settle_dialog(&mut self, engine: &Engine, routed: &Routed) {
+        let current = dialog_api::take_current(engine.lua());
+        match (&routed.decision, routed.handle) {
+            (Decision::Resolve { .. }, Some(handle)) => {
+                if let Some(pinned) = self.calls.get_mut(&handle.0) {
+                    pinned.dialog = current;
+                }
+            }
+            _ => dialog_api::settle_managed(engine.lua(), current, routed),
+        }
     }
 
     /// Turns the end of an `on_request` run into the routing decision. `handle` is the pin a
@@ -478,11 +513,13 @@ impl ScriptRouter {
             }
             Ok(RequestRun::Done(state, Err(e))) => {
                 *request = state.msg;
+                super::api::dispatcher::end_call(engine.lua(), &vars);
                 unpin(self);
                 error!(call_id = %call_id(request), error = %e, "on_request failed");
                 return failed_decision(&method);
             }
             Err(e) => {
+                super::api::dispatcher::end_call(engine.lua(), &vars);
                 unpin(self);
                 error!(call_id = %call_id(request), error = %e, "on_request failed");
                 return failed_decision(&method);
@@ -495,14 +532,18 @@ impl ScriptRouter {
         };
         guard_preloaded_route(&mut state, &decision);
         *request = state.msg;
+        // A call counted at a dispatcher destination is counted until the transaction ends
+        // (`release`).
         let keeps_state = matches!(decision, Decision::Relay { .. })
             && (engine.hooks().on_reply.is_some()
                 || engine.hooks().on_failure.is_some()
-                || engine.hooks().on_branch.is_some());
+                || engine.hooks().on_branch.is_some()
+                || super::api::dispatcher::holds_call(engine.lua(), &vars));
         let handle = match (keeps_state, handle) {
             (true, Some(handle)) => Some(handle),
             (true, None) => Some(self.pin(engine, vars)),
             (false, _) => {
+                super::api::dispatcher::end_call(engine.lua(), &vars);
                 unpin(self);
                 None
             }
@@ -557,13 +598,17 @@ impl Router for ScriptRouter {
             return Decision::reply(500, "Server Internal Error (script out of memory)").into();
         };
         let taken = std::mem::replace(request, self.placeholder.clone());
+        dialog_api::take_current(engine.lua());
         let started = Instant::now();
         let run = run_request_hook(&engine, taken, meta, info, vars.clone());
         self.host
             .hook_metrics
             .of("on_request")
             .record(started, run_failed(&run), true);
-        self.conclude(engine, vars, run, method, request, (None, 0))
+        let lua_engine = engine.clone();
+        let routed = self.conclude(engine, vars, run, method, request, (None, 0));
+        self.settle_dialog(&lua_engine, &routed);
+        routed
     }
 
     fn resume(
@@ -583,13 +628,17 @@ impl Router for ScriptRouter {
         let vars = pinned.vars.clone();
         let resolves = suspension.resolves;
         let method = suspension.method.clone();
+        dialog_api::restore_current(engine.lua(), pinned.dialog);
         let started = Instant::now();
         let run = resume_request_hook(&engine, suspension.thread, suspension.request, &answer);
         self.host
             .hook_metrics
             .of("on_request")
             .record(started, run_failed(&run), false);
-        self.conclude(engine, vars, run, method, request, (Some(handle), resolves))
+        let lua_engine = engine.clone();
+        let routed = self.conclude(engine, vars, run, method, request, (Some(handle), resolves));
+        self.settle_dialog(&lua_engine, &routed);
+        routed
     }
 
     fn on_branch(&mut self, handle: RouteHandle, request: &Message, target: &Target) -> BranchEdit {
@@ -688,9 +737,37 @@ impl Router for ScriptRouter {
         }
     }
 
+    fn on_dialog_end(&mut self, cdr: &crate::dialog::Cdr) {
+        let Some(engine) = self.current_engine() else {
+            return;
+        };
+        let Some(hook) = engine.hooks().on_dialog_end.clone() else {
+            return;
+        };
+        let started = Instant::now();
+        let result = dialog_api::cdr_table(engine.lua(), cdr)
+            .map_err(|e| ScriptError(e.to_string()))
+            .and_then(|dlg| engine.call(&hook, dlg));
+        self.host
+            .hook_metrics
+            .of("on_dialog_end")
+            .record(started, result.is_err(), true);
+        if let Err(e) = result {
+            error!(call_id = %cdr.call_id, error = %e, "on_dialog_end failed");
+        }
+    }
+
+    fn attach_dialogs(&mut self, dialogs: crate::dialog::SharedTable) {
+        if let Some(engine) = &self.engine {
+            dialog_api::attach(engine.lua(), dialogs.clone());
+        }
+        self.dialogs = Some(dialogs);
+    }
+
     fn release(&mut self, handle: RouteHandle) {
-        if self.calls.remove(&handle.0).is_none() {
-            debug!(handle = handle.0, "released an unknown route handle");
+        match self.calls.remove(&handle.0) {
+            Some(pinned) => super::api::dispatcher::end_call(pinned.engine.lua(), &pinned.vars),
+            None => debug!(handle = handle.0, "released an unknown route handle"),
         }
         crate::memory::shrink_if_sparse(&mut self.calls);
     }

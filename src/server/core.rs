@@ -19,6 +19,7 @@ use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
+use crate::dispatcher::probe::Prober;
 use crate::location::{CommitState, CommitTicket, LocationStore};
 use crate::logging::{self, Lossy, REFUSED};
 use crate::metrics::EngineMetrics;
@@ -77,6 +78,32 @@ pub struct CoreFactory {
     route_lifetime: Duration,
     /// The engine's metric handles, shared by every loop (see [`CoreFactory::with_metrics`]).
     metrics: Arc<EngineMetrics>,
+    /// `[dialog]`: each loop's dialog table limits, the profile counts all loops share, and
+    /// the CDR file.
+    dialogs: DialogSetup,
+    /// The dispatcher whose destinations the first loop probes
+    /// ([`CoreFactory::with_dispatcher`]).
+    dispatcher: Option<Arc<crate::dispatcher::Dispatcher>>,
+}
+
+/// What each loop's dialog table is made with (`crate::dialog`).
+struct DialogSetup {
+    limits: crate::dialog::Limits,
+    profiles: Arc<crate::dialog::Profiles>,
+    cdr: Option<Arc<crate::dialog::CdrSink>>,
+    metrics: Arc<crate::dialog::DialogMetrics>,
+    directory: Arc<crate::dialog::Directory>,
+}
+
+impl DialogSetup {
+    fn tracker(&self, index: usize, router: &mut dyn Router) -> crate::dialog::DialogTracker {
+        let table = crate::dialog::DialogTable::new(self.limits, Arc::clone(&self.profiles))
+            .with_metrics(Arc::clone(&self.metrics))
+            .with_directory(Arc::clone(&self.directory), index);
+        let table = std::rc::Rc::new(std::cell::RefCell::new(table));
+        router.attach_dialogs(std::rc::Rc::clone(&table));
+        crate::dialog::DialogTracker::new(table, self.cdr.clone())
+    }
 }
 
 impl CoreFactory {
@@ -118,12 +145,32 @@ impl CoreFactory {
             route_signer: RouteSigner::random().with_lifetime(config.proxy.record_route_lifetime()),
             route_lifetime: config.proxy.record_route_lifetime(),
             metrics: EngineMetrics::detached(),
+            dialogs: DialogSetup {
+                limits: config.dialog.limits(),
+                profiles: crate::dialog::Profiles::new(),
+                cdr: crate::dialog::CdrSink::from_config(config),
+                metrics: crate::dialog::DialogMetrics::detached(),
+                directory: crate::dialog::Directory::new(),
+            },
+            dispatcher: None,
         }
+    }
+
+    /// Probes the destinations of `dispatcher` from the first event loop (`[dispatcher]
+    /// probe_interval_*`; nothing when probing is off).
+    pub fn with_dispatcher(
+        mut self,
+        dispatcher: Arc<crate::dispatcher::Dispatcher>,
+    ) -> CoreFactory {
+        self.dispatcher = Some(dispatcher);
+        self
     }
 
     /// Counts into `metrics` (the server's registry, see `metrics::engine`): the loops and
     /// the transport shell. Without it the counts go to a registry nobody serves.
     pub fn with_metrics(mut self, metrics: Arc<EngineMetrics>) -> CoreFactory {
+        self.dialogs.metrics =
+            crate::dialog::DialogMetrics::register(metrics.registry(), &self.dialogs.profiles);
         self.metrics = metrics;
         self
     }
@@ -141,6 +188,11 @@ impl CoreFactory {
     pub fn with_keepalives(mut self, store: Arc<dyn LocationStore>) -> CoreFactory {
         self.keepalive = self.keepalive_config.map(|settings| (settings, store));
         self
+    }
+
+    /// The calls every loop tracks, for `moonroute ctl dlg`.
+    pub fn dialog_directory(&self) -> Arc<crate::dialog::Directory> {
+        Arc::clone(&self.dialogs.directory)
     }
 
     /// Whether the `[proxy]` built-in router is configured to relay anything.
@@ -165,15 +217,32 @@ impl CoreFactory {
             })
             .collect();
         let identity = LocalIdentity::of_listeners(&self.domains, &bound);
+        let mut router = (self.router)(index, &identity);
+        let dialogs = self.dialogs.tracker(index, router.as_mut());
+        let probes = match (index, &self.dispatcher) {
+            (0, Some(dispatcher)) => Prober::new(
+                Arc::clone(dispatcher),
+                index,
+                bound.clone(),
+                self.tag_hasher.hash_one(("dispatcher", index)),
+                Instant::now(),
+            ),
+            _ => None,
+        };
         let relay = Relay::new(
             ProxyIdentity::new(identity.clone()).with_signer(self.route_signer.clone()),
             SUPPORTED.to_vec(),
             index,
             bound,
             self.timer_c,
-            (self.router)(index, &identity),
-        );
+            router,
+        )
+        .with_dialogs(dialogs);
         let mut core = Core::new(identity, self.layer, relay, index, loops);
+        // `ctl dlg end` reaches this loop's calls through its wake signal.
+        self.dialogs
+            .directory
+            .attach_loop(index, Arc::clone(&core.wake));
         core.tag_hasher = self.tag_hasher.clone();
         core.force_rport = self.force_rport;
         if index == 0 {
@@ -184,6 +253,7 @@ impl CoreFactory {
                 nonce: self.tag_hasher.hash_one(index),
             });
         }
+        core.probes = probes;
         core.max_backlog = self.max_backlog;
         core.overload = Overload::new(self.overload_after, index);
         core.transactions
@@ -243,6 +313,8 @@ pub struct Core {
     force_rport: bool,
     /// Keep-alives of NATed bindings (the first loop only).
     keepalive: Option<Keepalives>,
+    /// Probes of the dispatcher's destinations (the first loop only).
+    probes: Option<Prober>,
     /// Requests and responses received, parse errors (the server's handles, shared).
     metrics: Arc<EngineMetrics>,
     /// Set while timers or transport failures (not a received message) drive the layer: the
@@ -261,7 +333,10 @@ struct Keepalives {
 impl Worker for Core {
     fn on_input(&mut self, input: Input, now: Instant, out: &mut Vec<Output>) {
         match input {
-            Input::Message { data, meta } => self.on_message(data, meta, now, out),
+            Input::Message { data, meta } => {
+                self.overload.on_message();
+                self.on_message(data, meta, now, out)
+            }
             Input::FramingError { head, error, meta } => {
                 self.on_framing_error(head, &error, &meta, out)
             }
@@ -270,6 +345,9 @@ impl Worker for Core {
                     keepalive.scheduler.on_unreachable(kind, addr);
                 }
                 let mut pending = std::mem::take(&mut self.pending);
+                if let Some(probes) = &mut self.probes {
+                    probes.on_unreachable(kind, addr, &mut self.transactions, &mut pending);
+                }
                 self.timer_driven = true;
                 self.relay
                     .on_unreachable(kind, addr, &mut self.transactions, &mut pending);
@@ -279,6 +357,16 @@ impl Worker for Core {
             Input::Wake => {
                 let mut pending = std::mem::take(&mut self.pending);
                 self.release_parked(now, &mut pending);
+                self.relay
+                    .on_wake(now, &mut self.transactions, &mut pending);
+                self.drain(pending, now, out);
+            }
+            Input::Resolved { id, result } if Prober::owns_resolution(id) => {
+                let mut pending = std::mem::take(&mut self.pending);
+                if let Some(probes) = &mut self.probes {
+                    let layer = &mut self.transactions;
+                    probes.on_resolved(id, result, now, &self.identity, layer, &mut pending);
+                }
                 self.drain(pending, now, out);
             }
             Input::Resolved { id, result } => {
@@ -303,6 +391,7 @@ impl Worker for Core {
             self.relay.next_deadline(),
             self.parked.front().map(|p| p.deadline),
             self.keepalive.as_ref().map(|k| k.scheduler.next_deadline()),
+            self.probes.as_ref().map(Prober::next_deadline),
         ]
         .into_iter()
         .flatten()
@@ -319,6 +408,7 @@ impl Worker for Core {
         self.drain(pending, now, out);
         self.timer_driven = false;
         self.keepalive_round(now, out);
+        self.probe_round(now, out);
     }
 
     fn wake_signal(&self) -> Option<Arc<Notify>> {
@@ -367,6 +457,7 @@ impl Core {
             wake: Arc::new(Notify::new()),
             force_rport: false,
             keepalive: None,
+            probes: None,
             timer_driven: false,
             max_backlog: crate::config::Limits::default().max_backlog,
             overload: Overload::new(
@@ -558,6 +649,23 @@ impl Core {
         }
     }
 
+    /// Sends the dispatcher's due probes and fails those past their timeout.
+    fn probe_round(&mut self, now: Instant, out: &mut Vec<Output>) {
+        let Some(probes) = &mut self.probes else {
+            return;
+        };
+        if now < probes.next_deadline() {
+            return;
+        }
+        let (mut pending, mut resolves) = (std::mem::take(&mut self.pending), Vec::new());
+        let layer = &mut self.transactions;
+        probes.on_tick(now, &self.identity, layer, &mut pending, &mut resolves);
+        self.drain(pending, now, out);
+        for (id, query) in resolves {
+            out.push(Output::Resolve { id, query });
+        }
+    }
+
     /// The loop owning the client transaction of a response, when it is not this one.
     fn owner_elsewhere(&self, response: &Message) -> Option<usize> {
         let via = response.top_via().ok()?;
@@ -645,6 +753,13 @@ impl Core {
                 self.relay
                     .forward_ack(request, meta, now, &mut self.transactions, next)
             }
+            Upcall::Client { tx, event, .. }
+                if self.probes.as_ref().is_some_and(|p| p.owns(tx)) =>
+            {
+                if let Some(probes) = &mut self.probes {
+                    probes.on_client_event(tx, event, now);
+                }
+            }
             Upcall::Client { tx, event, source } => {
                 // A timer's event (Timer B/F, a transport failure) runs outside any message's
                 // span: enter the span of the request the branch carries.
@@ -659,7 +774,12 @@ impl Core {
             Upcall::StrayResponse { response, meta } => {
                 self.forward_stray_response(response, &meta, next)
             }
-            Upcall::Terminated { tx } => self.relay.on_terminated(tx),
+            Upcall::Terminated { tx } => {
+                if let Some(probes) = &mut self.probes {
+                    probes.on_terminated(tx);
+                }
+                self.relay.on_terminated(tx)
+            }
             Upcall::Server { .. } => {}
         }
     }

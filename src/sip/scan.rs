@@ -271,6 +271,22 @@ pub fn parse_decimal(s: &[u8], max: u64) -> Option<u64> {
     (v <= max).then_some(v)
 }
 
+/// `v` in decimal, the inverse of [`parse_decimal`], written into `buf` without `fmt` (for
+/// numbers written on every message or stored binding: ports, expiry seconds).
+pub fn decimal(v: u64, buf: &mut [u8; 20]) -> &str {
+    let mut i = buf.len();
+    let mut rest = v;
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    std::str::from_utf8(&buf[i..]).unwrap_or_default()
+}
+
 /// ASCII case-insensitive equality.
 pub fn eq_ic(a: &[u8], b: &[u8]) -> bool {
     a.eq_ignore_ascii_case(b)
@@ -351,5 +367,10 @@ mod tests {
         assert_eq!(parse_decimal(b"300", 255), None);
         assert_eq!(parse_decimal(b"-1", 255), None);
         assert_eq!(parse_decimal(b"36893488147419103232", u64::MAX), None);
+        let mut buf = [0; 20];
+        for v in [0, 7, 10, 5060, 65535, 3600, u64::from(u32::MAX), u64::MAX] {
+            assert_eq!(decimal(v, &mut buf), v.to_string());
+            assert_eq!(parse_decimal(v.to_string().as_bytes(), u64::MAX), Some(v));
+        }
     }
 }

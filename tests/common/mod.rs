@@ -48,13 +48,16 @@ pub fn without_signature(value: &str) -> String {
         .unwrap_or(sig.len());
     let token = &sig.as_bytes()[..len];
     let well_formed = len == 26
-        && matches!(token[0], b'q' | b's')
+        && matches!(token[0], b'q' | b's' | b't' | b'u')
         && token[9] == b'.'
         && token[1..9]
             .iter()
             .chain(&token[10..])
             .all(u8::is_ascii_hexdigit);
-    assert!(well_formed, "a signature `[qs]<8 hex>.<16 hex>` in {value}");
+    assert!(
+        well_formed,
+        "a signature `[qstu]<8 hex>.<16 hex>` in {value}"
+    );
     format!("{}{}", &value[..at], &sig[len..])
 }
 

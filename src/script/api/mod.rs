@@ -20,6 +20,8 @@ use mlua::{Lua, Table, UserData, UserDataFields, UserDataMethods, Value, Variadi
 use tracing::{debug, error, info, warn};
 
 mod auth;
+pub mod dialog;
+pub(crate) mod dispatcher;
 mod flood;
 mod metrics;
 mod nat;
@@ -397,6 +399,8 @@ impl UserData for ScriptMsg {
         auth::add_methods(methods);
         nat::add_methods(methods);
         flood::add_methods(methods);
+        dialog::add_methods(methods);
+        dispatcher::add_methods(methods);
     }
 }
 
@@ -782,7 +786,9 @@ pub fn install(lua: &Lua, script: Rc<str>, env: Env) -> mlua::Result<()> {
     auth::install(lua, &sip)?;
     nat::install(lua, &sip)?;
     flood::install(lua, &sip)?;
+    dialog::install(lua, &sip)?;
     metrics::install(lua, &sip)?;
+    dispatcher::install(lua, &sip)?;
     lua.globals().set("sip", sip)?;
     lua.set_app_data(env);
     Ok(())

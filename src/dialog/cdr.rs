@@ -1,0 +1,479 @@
+//! Accounting: the call detail record of an ended dialog (Kamailio's `acc` with `acc_extra`),
+//! one JSON object per line, and the file it is appended to.
+//!
+//! Fields (times are Unix seconds with milliseconds; `answer` is null for a failed attempt):
+//! `call_id`, `from_uri`, `from_tag`, `to_uri`, `to_tag`, `src` (the caller's transport,
+//! address and port), `ruri` (the INVITE's Request-URI), `dst` (where the answered branch went),
+//! `start`, `answer`, `end`, `duration` (answer to end), `setup` (start to answer or end),
+//! `status` (the INVITE's final status), `reason` (see [`EndReason`]), `hangup` (`caller`,
+//! `callee`, `proxy`, or null for an unanswered call) and `extra` (the dialog variables marked
+//! for accounting).
+//!
+//! Durability: each record is one `write` to a file opened with `O_APPEND`, so a record is
+//! whole or absent and survives a crash of the process (it is in the kernel's page cache), not
+//! a power loss before the kernel writes it back (no `fsync` per call). The file is rotated by
+//! size: `cdr.jsonl` becomes `cdr.jsonl.1` (older ones shift up to `keep`).
+
+use std::fmt::Write as _;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use super::table::{Dialog, Side};
+
+/// Why a dialog ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EndReason {
+    /// A BYE from this party.
+    Bye(Side),
+    /// CANCELled before the answer.
+    Cancelled,
+    /// A final failure response to the INVITE.
+    Failed,
+    /// Its max duration (`req:dlg_set_timeout`) cut it: the proxy sent BYEs.
+    MaxDuration,
+    /// No answer within the early lifetime, or no BYE within the dialog lifetime.
+    Timeout,
+    /// `moonroute ctl dlg end`.
+    Control,
+}
+
+impl EndReason {
+    pub const COUNT: usize = 7;
+
+    pub const ALL: [EndReason; EndReason::COUNT] = [
+        EndReason::Bye(Side::Caller),
+        EndReason::Bye(Side::Callee),
+        EndReason::Cancelled,
+        EndReason::Failed,
+        EndReason::MaxDuration,
+        EndReason::Timeout,
+        EndReason::Control,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndReason::Bye(Side::Caller) => "caller_bye",
+            EndReason::Bye(Side::Callee) => "callee_bye",
+            EndReason::Cancelled => "cancelled",
+            EndReason::Failed => "failed",
+            EndReason::MaxDuration => "max_duration",
+            EndReason::Timeout => "timeout",
+            EndReason::Control => "ctl",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        EndReason::ALL
+            .iter()
+            .position(|r| *r == self)
+            .unwrap_or(EndReason::COUNT - 1)
+    }
+
+    /// Who ended an answered call.
+    pub fn hangup(self) -> &'static str {
+        match self {
+            EndReason::Bye(side) => side.as_str(),
+            _ => "proxy",
+        }
+    }
+}
+
+/// The record of one ended dialog (see the module doc for the fields).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Cdr {
+    pub call_id: String,
+    pub from_uri: String,
+    pub from_tag: String,
+    pub to_uri: String,
+    pub to_tag: Option<String>,
+    pub src: String,
+    pub ruri: String,
+    pub dst: Option<String>,
+    pub start: SystemTime,
+    pub answer: Option<SystemTime>,
+    pub end: SystemTime,
+    pub status: u16,
+    pub reason: EndReason,
+    pub extra: Vec<(String, String)>,
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+impl Cdr {
+    /// The record of `dialog`, which has ended.
+    pub fn of(dialog: &Dialog) -> Cdr {
+        let end = dialog.ended.map_or_else(SystemTime::now, |e| e.wall);
+        Cdr {
+            call_id: text(&dialog.call_id),
+            from_uri: text(&dialog.from_uri),
+            from_tag: text(&dialog.from_tag),
+            to_uri: text(&dialog.to_uri),
+            to_tag: dialog.to_tag.as_deref().map(text),
+            src: format!(
+                "{}:{}",
+                dialog.caller_transport.via_name().to_ascii_lowercase(),
+                dialog.caller_source
+            ),
+            ruri: text(&dialog.request_uri),
+            dst: dialog.callee_target.as_deref().map(text),
+            start: dialog.created.wall,
+            answer: dialog.answered.map(|a| a.wall),
+            end,
+            status: dialog.status,
+            reason: dialog.end_reason.unwrap_or(EndReason::Timeout),
+            extra: dialog
+                .vars
+                .iter()
+                .filter(|v| v.acc)
+                .map(|v| (v.name.to_string(), v.value.to_string()))
+                .collect(),
+        }
+    }
+
+    pub fn answered(&self) -> bool {
+        self.answer.is_some()
+    }
+
+    /// Answer to end, in seconds (0 for an unanswered call).
+    pub fn duration(&self) -> f64 {
+        self.answer.map_or(0.0, |a| seconds_between(a, self.end))
+    }
+
+    /// Start to answer (or to end for an unanswered call), in seconds.
+    pub fn setup(&self) -> f64 {
+        seconds_between(self.start, self.answer.unwrap_or(self.end))
+    }
+
+    /// The JSON Lines record, newline included.
+    pub fn to_json_line(&self) -> String {
+        let mut out = String::with_capacity(512);
+        out.push('{');
+        field_str(&mut out, "call_id", &self.call_id);
+        field_str(&mut out, "from_uri", &self.from_uri);
+        field_str(&mut out, "from_tag", &self.from_tag);
+        field_str(&mut out, "to_uri", &self.to_uri);
+        field_opt(&mut out, "to_tag", self.to_tag.as_deref());
+        field_str(&mut out, "src", &self.src);
+        field_str(&mut out, "ruri", &self.ruri);
+        field_opt(&mut out, "dst", self.dst.as_deref());
+        field_raw(&mut out, "start", &epoch(self.start));
+        field_raw(
+            &mut out,
+            "answer",
+            &self.answer.map_or_else(|| "null".to_owned(), epoch),
+        );
+        field_raw(&mut out, "end", &epoch(self.end));
+        field_raw(&mut out, "duration", &format!("{:.3}", self.duration()));
+        field_raw(&mut out, "setup", &format!("{:.3}", self.setup()));
+        field_raw(&mut out, "status", &self.status.to_string());
+        field_str(&mut out, "reason", self.reason.as_str());
+        let hangup = self.answered().then(|| self.reason.hangup());
+        field_opt(&mut out, "hangup", hangup);
+        out.push_str("\"extra\":{");
+        for (i, (name, value)) in self.extra.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            json_string(&mut out, name);
+            out.push(':');
+            json_string(&mut out, value);
+        }
+        out.push_str("}}\n");
+        out
+    }
+}
+
+fn seconds_between(from: SystemTime, to: SystemTime) -> f64 {
+    to.duration_since(from).unwrap_or_default().as_secs_f64()
+}
+
+fn epoch(t: SystemTime) -> String {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    format!("{}.{:03}", d.as_secs(), d.subsec_millis())
+}
+
+fn field_str(out: &mut String, name: &str, value: &str) {
+    json_string(out, name);
+    out.push(':');
+    json_string(out, value);
+    out.push(',');
+}
+
+fn field_opt(out: &mut String, name: &str, value: Option<&str>) {
+    match value {
+        Some(v) => field_str(out, name, v),
+        None => field_raw(out, name, "null"),
+    }
+}
+
+fn field_raw(out: &mut String, name: &str, value: &str) {
+    json_string(out, name);
+    out.push(':');
+    out.push_str(value);
+    out.push(',');
+}
+
+/// A JSON string (RFC 8259 §7): quotes, backslashes and control characters escaped, so no
+/// header value can break a record or forge a line.
+fn json_string(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 || c == '\u{2028}' || c == '\u{2029}' => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+/// The CDR file in the data directory, rotated by size (see the module doc).
+pub struct CdrFile {
+    path: PathBuf,
+    file: File,
+    size: u64,
+    max_size: u64,
+    keep: usize,
+}
+
+/// The CDR file's name in the data directory.
+pub const FILE_NAME: &str = "cdr.jsonl";
+
+impl CdrFile {
+    /// Opens (creating, mode 0600) `dir/cdr.jsonl` for appending; rotated past `max_size`
+    /// bytes, keeping `keep` older files.
+    pub fn open(dir: &Path, max_size: u64, keep: usize) -> io::Result<CdrFile> {
+        crate::file_modes::create_private_dir(dir)?;
+        let path = dir.join(FILE_NAME);
+        let file = open_append(&path)?;
+        let size = file.metadata()?.len();
+        Ok(CdrFile {
+            path,
+            file,
+            size,
+            max_size,
+            keep,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends one record (one `write`), rotating first when the file is full.
+    pub fn append(&mut self, cdr: &Cdr) -> io::Result<()> {
+        let line = cdr.to_json_line();
+        if self.size > 0 && self.size + line.len() as u64 > self.max_size {
+            self.rotate()?;
+        }
+        self.file.write_all(line.as_bytes())?;
+        self.size += line.len() as u64;
+        Ok(())
+    }
+
+    fn rotate(&mut self) -> io::Result<()> {
+        let numbered = |n: usize| {
+            let mut name = self.path.clone().into_os_string();
+            name.push(format!(".{n}"));
+            PathBuf::from(name)
+        };
+        if self.keep == 0 {
+            fs::remove_file(&self.path)?;
+        } else {
+            for n in (1..self.keep).rev() {
+                let from = numbered(n);
+                if from.exists() {
+                    fs::rename(&from, numbered(n + 1))?;
+                }
+            }
+            fs::rename(&self.path, numbered(1))?;
+        }
+        self.file = open_append(&self.path)?;
+        self.size = 0;
+        Ok(())
+    }
+}
+
+/// Where the event loops put their CDRs: `<data_dir>/cdr.jsonl`, opened at the first record
+/// (a server whose script tracks no dialog creates no file). Shared by every loop; a record
+/// costs one `write` under the lock. A write that fails is logged and counted, and the call
+/// goes on.
+pub struct CdrSink {
+    dir: PathBuf,
+    max_size: u64,
+    keep: usize,
+    failed_attempts: bool,
+    file: Mutex<Option<CdrFile>>,
+    written: AtomicU64,
+    lost: AtomicU64,
+}
+
+impl CdrSink {
+    /// The sink of `[dialog]`; `None` when `cdr = false`.
+    pub fn from_config(config: &crate::config::Config) -> Option<Arc<CdrSink>> {
+        let dialog = &config.dialog;
+        dialog.cdr.then(|| {
+            Arc::new(CdrSink {
+                dir: config.data_dir.clone(),
+                max_size: dialog.cdr_max_mb.saturating_mul(1 << 20),
+                keep: dialog.cdr_keep,
+                failed_attempts: dialog.cdr_failed_attempts,
+                file: Mutex::new(None),
+                written: AtomicU64::new(0),
+                lost: AtomicU64::new(0),
+            })
+        })
+    }
+
+    /// Appends `cdr` (a failed attempt only when configured).
+    pub fn write(&self, cdr: &Cdr) {
+        if !cdr.answered() && !self.failed_attempts {
+            return;
+        }
+        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        if file.is_none() {
+            match CdrFile::open(&self.dir, self.max_size, self.keep) {
+                Ok(opened) => *file = Some(opened),
+                Err(e) => return self.lost(cdr, &e),
+            }
+        }
+        if let Some(open) = file.as_mut() {
+            match open.append(cdr) {
+                Ok(()) => {
+                    self.written.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    // Reopened at the next record (the directory may have been fixed).
+                    *file = None;
+                    self.lost(cdr, &e);
+                }
+            }
+        }
+    }
+
+    /// Records written and lost since start.
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.written.load(Ordering::Relaxed),
+            self.lost.load(Ordering::Relaxed),
+        )
+    }
+
+    fn lost(&self, cdr: &Cdr, error: &io::Error) {
+        self.lost.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(call_id = %cdr.call_id, dir = %self.dir.display(), %error, "CDR not written");
+    }
+}
+
+fn open_append(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(crate::file_modes::PRIVATE_FILE)
+        .open(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+    use std::time::Duration;
+
+    fn sample() -> Cdr {
+        let start = UNIX_EPOCH + Duration::from_millis(1_700_000_000_250);
+        Cdr {
+            call_id: "abc@host".into(),
+            from_uri: "sip:alice@example.com".into(),
+            from_tag: "1".into(),
+            to_uri: "sip:bob@example.com".into(),
+            to_tag: Some("2".into()),
+            src: "udp:127.0.0.1:5070".into(),
+            ruri: "sip:bob@example.com".into(),
+            dst: Some("sip:bob@127.0.0.1:5080".into()),
+            start,
+            answer: Some(start + Duration::from_millis(1500)),
+            end: start + Duration::from_millis(61_500),
+            status: 200,
+            reason: EndReason::Bye(Side::Callee),
+            extra: vec![("tenant".into(), "a\"b\n{".into())],
+        }
+    }
+
+    #[test]
+    fn a_record_is_one_line_of_json_with_times_duration_and_who_hung_up() {
+        let line = sample().to_json_line();
+        assert_eq!(
+            line,
+            "{\"call_id\":\"abc@host\",\"from_uri\":\"sip:alice@example.com\",\"from_tag\":\"1\",\
+             \"to_uri\":\"sip:bob@example.com\",\"to_tag\":\"2\",\"src\":\"udp:127.0.0.1:5070\",\
+             \"ruri\":\"sip:bob@example.com\",\"dst\":\"sip:bob@127.0.0.1:5080\",\
+             \"start\":1700000000.250,\"answer\":1700000001.750,\"end\":1700000061.750,\
+             \"duration\":60.000,\"setup\":1.500,\"status\":200,\"reason\":\"callee_bye\",\
+             \"hangup\":\"callee\",\"extra\":{\"tenant\":\"a\\\"b\\n{\"}}\n"
+        );
+    }
+
+    #[test]
+    fn a_failed_attempt_has_no_answer_and_nobody_hung_up() {
+        let mut cdr = sample();
+        cdr.answer = None;
+        cdr.status = 487;
+        cdr.reason = EndReason::Cancelled;
+        cdr.extra.clear();
+        let line = cdr.to_json_line();
+        assert!(line.contains("\"answer\":null,"), "{line}");
+        assert!(line.contains("\"duration\":0.000,\"setup\":61.500,\"status\":487,\"reason\":\"cancelled\",\"hangup\":null"), "{line}");
+    }
+
+    #[test]
+    fn control_characters_cannot_forge_a_line() {
+        let mut cdr = sample();
+        cdr.call_id = "x\u{1}\r\n{\"forged\":1}".into();
+        let line = cdr.to_json_line();
+        assert_eq!(line.matches('\n').count(), 1);
+        assert!(line.contains("x\\u0001\\r\\n{\\\"forged\\\":1}"));
+    }
+
+    #[test]
+    fn the_file_is_private_appended_and_rotated_by_size() {
+        let dir = std::env::temp_dir().join(format!("moonroute-cdr-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let line_len = sample().to_json_line().len() as u64;
+        let mut file = CdrFile::open(&dir, line_len * 2, 2).unwrap();
+        for _ in 0..7 {
+            file.append(&sample()).unwrap();
+        }
+        let mode = fs::metadata(file.path()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let lines = |name: &str| {
+            fs::read_to_string(dir.join(name))
+                .map(|s| s.lines().count())
+                .unwrap_or(0)
+        };
+        // 7 records, 2 per file: the current file has 1, .1 and .2 have 2 each, the oldest
+        // 2 are gone.
+        assert_eq!(lines("cdr.jsonl"), 1);
+        assert_eq!(lines("cdr.jsonl.1"), 2);
+        assert_eq!(lines("cdr.jsonl.2"), 2);
+        assert!(!dir.join("cdr.jsonl.3").exists());
+        // Reopening appends.
+        drop(file);
+        let mut file = CdrFile::open(&dir, line_len * 2, 2).unwrap();
+        file.append(&sample()).unwrap();
+        assert_eq!(lines("cdr.jsonl"), 2);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

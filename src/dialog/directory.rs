@@ -1,0 +1,193 @@
+//! What `moonroute ctl dlg` reads: a summary of every tracked call of every event loop.
+//!
+//! A loop's table is confined to its thread; the control socket runs elsewhere. So each table
+//! writes a short summary of its calls here when one is created, answered, ends and is
+//! removed: four short locked map updates per call, in shards picked by hash so loops rarely
+//! meet, and nothing per in-dialog message.
+//!
+//! It also carries `ctl dlg end` to the loop owning the call: each loop's inbox of end
+//! requests, and the loop's wake signal (the shell then gives its Worker an `Input::Wake`).
+
+use std::collections::hash_map::RandomState;
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use tokio::sync::Notify;
+
+use super::table::{Dialog, DialogId, State};
+
+const SHARDS: usize = 16;
+
+/// A call as `ctl dlg` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Summary {
+    pub loop_index: usize,
+    /// Its handle in its loop's table (what `ctl dlg end` names).
+    pub id: DialogId,
+    pub call_id: String,
+    pub from_uri: String,
+    pub from_tag: String,
+    pub to_uri: String,
+    pub to_tag: Option<String>,
+    pub state: State,
+    /// `udp:192.0.2.4:5060`: where the INVITE came from.
+    pub src: String,
+    pub callee_contact: Option<String>,
+    pub created: SystemTime,
+    pub answered: Option<SystemTime>,
+    pub ended: Option<SystemTime>,
+    /// Profiles as `name=value`.
+    pub profiles: Vec<String>,
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+impl Summary {
+    fn of(loop_index: usize, dialog: &Dialog) -> Summary {
+        Summary {
+            loop_index,
+            id: dialog.id,
+            call_id: text(&dialog.call_id),
+            from_uri: text(&dialog.from_uri),
+            from_tag: text(&dialog.from_tag),
+            to_uri: text(&dialog.to_uri),
+            to_tag: dialog.to_tag.as_deref().map(text),
+            state: dialog.state,
+            src: format!(
+                "{}:{}",
+                dialog.caller_transport.via_name().to_ascii_lowercase(),
+                dialog.caller_source
+            ),
+            callee_contact: dialog.callee.contact.as_deref().map(text),
+            created: dialog.created.wall,
+            answered: dialog.answered.map(|a| a.wall),
+            ended: dialog.ended.map(|e| e.wall),
+            profiles: dialog
+                .profiles
+                .iter()
+                .map(|m| format!("{}={}", m.name(), m.value()))
+                .collect(),
+        }
+    }
+}
+
+type Key = (usize, DialogId);
+
+/// The summaries of every loop's calls, and their inboxes (see the module doc).
+pub struct Directory {
+    shards: Vec<Mutex<HashMap<Key, Summary>>>,
+    hasher: RandomState,
+    /// By loop index: the loop's end requests and wake signal, once it started.
+    inboxes: Mutex<Vec<Option<Inbox>>>,
+}
+
+struct Inbox {
+    requests: Vec<EndRequest>,
+    wake: Arc<Notify>,
+}
+
+/// A `ctl dlg end` for a loop: the call, and where the loop says what it did (the BYEs sent,
+/// or why not).
+pub struct EndRequest {
+    pub id: DialogId,
+    pub reply: mpsc::Sender<Result<String, String>>,
+}
+
+/// End requests one loop may have waiting (the control socket is local and serial; this only
+/// bounds a runaway client).
+const MAX_END_REQUESTS: usize = 1024;
+
+impl Default for Directory {
+    fn default() -> Self {
+        Directory {
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            hasher: RandomState::new(),
+            inboxes: Mutex::default(),
+        }
+    }
+}
+
+impl Directory {
+    pub fn new() -> Arc<Directory> {
+        Arc::new(Directory::default())
+    }
+
+    /// Records (or updates) `dialog` of loop `loop_index`.
+    pub fn publish(&self, loop_index: usize, dialog: &Dialog) {
+        let key = (loop_index, dialog.id);
+        self.shard(&key)
+            .insert(key, Summary::of(loop_index, dialog));
+    }
+
+    pub fn remove(&self, loop_index: usize, id: DialogId) {
+        let key = (loop_index, id);
+        let mut shard = self.shard(&key);
+        shard.remove(&key);
+        crate::memory::shrink_if_sparse(&mut shard);
+    }
+
+    /// Every call, oldest first.
+    pub fn list(&self) -> Vec<Summary> {
+        let mut all: Vec<Summary> = self
+            .shards
+            .iter()
+            .flat_map(|shard| lock(shard).values().cloned().collect::<Vec<_>>())
+            .collect();
+        all.sort_by(|a, b| (a.created, &a.call_id).cmp(&(b.created, &b.call_id)));
+        all
+    }
+
+    /// Loop `loop_index` takes end requests, and is woken by `wake` when one arrives.
+    pub fn attach_loop(&self, loop_index: usize, wake: Arc<Notify>) {
+        let mut inboxes = lock(&self.inboxes);
+        if inboxes.len() <= loop_index {
+            inboxes.resize_with(loop_index + 1, || None);
+        }
+        inboxes[loop_index] = Some(Inbox {
+            requests: Vec::new(),
+            wake,
+        });
+    }
+
+    /// Asks the loop owning `call` to end it; the answer comes on the returned channel.
+    pub fn request_end(
+        &self,
+        call: &Summary,
+    ) -> Result<mpsc::Receiver<Result<String, String>>, &'static str> {
+        let mut inboxes = lock(&self.inboxes);
+        let inbox = inboxes
+            .get_mut(call.loop_index)
+            .and_then(Option::as_mut)
+            .ok_or("its event loop takes no commands")?;
+        if inbox.requests.len() >= MAX_END_REQUESTS {
+            return Err("its event loop has too many end requests waiting");
+        }
+        let (reply, answer) = mpsc::channel();
+        inbox.requests.push(EndRequest { id: call.id, reply });
+        inbox.wake.notify_one();
+        Ok(answer)
+    }
+
+    /// The end requests waiting for loop `loop_index` (none and no allocation, usually).
+    pub fn take_end_requests(&self, loop_index: usize) -> Vec<EndRequest> {
+        lock(&self.inboxes)
+            .get_mut(loop_index)
+            .and_then(Option::as_mut)
+            .map(|inbox| std::mem::take(&mut inbox.requests))
+            .unwrap_or_default()
+    }
+
+    fn shard(&self, key: &Key) -> MutexGuard<'_, HashMap<Key, Summary>> {
+        lock(&self.shards[self.hasher.hash_one(key) as usize & (SHARDS - 1)])
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}

@@ -1,0 +1,282 @@
+//! Dispatcher primitives over [`crate::dispatcher`] (Kamailio's `dispatcher` module):
+//! - `req:ds_select(set, algorithm)` (`ds_select_domain`): the selected destination becomes
+//!   the target set (§16.5), the others are remembered, in failover order, in the
+//!   transaction's script state; `req:ds_next([status])` in `on_failure` (`ds_next_domain`)
+//!   replaces the target set with the next destination still usable, and with a status code
+//!   reports the failure (`[dispatcher] mark_on`); `req:ds_destination()` is the destination
+//!   the request was last sent to.
+//! - `sip.ds.select(set, algorithm[, key])`: the ordered URIs only; `sip.ds.mark(uri, state)`
+//!   (`ds_mark_dst`), `sip.ds.state(uri)`, `sip.ds.list([set])` (`ds_list`),
+//!   `sip.ds.is_from_list(ip[, set])` (`ds_is_from_list`).
+//!
+//! The failover cursor lives in `req.vars` under a key only this module holds (a table in the
+//! Lua registry), so it follows the transaction to `on_failure` like the script's own state
+//! and cannot be overwritten by a script's `req.vars` key.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use mlua::{AnyUserData, Lua, MultiValue, Table, UserData, UserDataMethods, Value};
+
+use super::{env, runtime, Role, ScriptMsg};
+use crate::dispatcher::{hash_key, target_uri, Algorithm, Dispatcher, State};
+use crate::proxy::response_context::Target;
+
+/// Registry name of the `req.vars` key holding the failover cursor.
+const CURSOR_KEY: &str = "moonroute.dispatcher.cursor";
+
+/// What `ds_select` left for `ds_next`: where the request went, what is left to try.
+struct Cursor {
+    current: Arc<str>,
+    remaining: Vec<Arc<str>>,
+    /// An INVITE: counted as a call in progress at `current` (`call_load`) until the
+    /// transaction ends ([`end_call`]) or fails over.
+    call: Option<Arc<Dispatcher>>,
+}
+
+impl Cursor {
+    /// The call, if one is counted, leaves `current`.
+    fn end_call(&mut self) {
+        if let Some(dispatcher) = self.call.take() {
+            dispatcher.call_ended(&self.current);
+        }
+    }
+}
+
+impl UserData for Cursor {}
+
+pub(super) fn add_methods<M: UserDataMethods<ScriptMsg>>(methods: &mut M) {
+    methods.add_method_mut("ds_select", |lua, m, (set, algorithm): (u32, Value)| {
+        m.require(&[Role::Request, Role::Failure], "ds_select")?;
+        let algorithm = algorithm_of(&algorithm, "ds_select")?;
+        let dispatcher = dispatcher(lua, "ds_select")?;
+        let key = hash_key(algorithm, &m.msg);
+        let mut order = match dispatcher.select(set, algorithm, key.as_deref()) {
+            Ok(order) => order,
+            Err(e) => return nil_and(lua, &e.to_string()),
+        };
+        let first = order.remove(0);
+        m.targets = vec![target(m, &first)];
+        if let Some(previous) = cursor(lua, m)? {
+            previous.borrow_mut::<Cursor>()?.end_call();
+        }
+        let call = is_call(m).then(|| {
+            dispatcher.call_started(&first);
+            dispatcher.clone()
+        });
+        store_cursor(lua, m, first.clone(), order, call)?;
+        Ok(MultiValue::from_vec(vec![Value::String(
+            lua.create_string(&*first)?,
+        )]))
+    });
+    methods.add_method_mut("ds_next", |lua, m, status: Option<u16>| {
+        m.require(&[Role::Failure], "ds_next")?;
+        let dispatcher = dispatcher(lua, "ds_next")?;
+        let Some(cursor) = cursor(lua, m)? else {
+            return Err(runtime(
+                "ds_next: no req:ds_select() in on_request for this call",
+            ));
+        };
+        let mut cursor = cursor.borrow_mut::<Cursor>()?;
+        if let Some(status) = status {
+            dispatcher.call_failed(&cursor.current, status);
+        }
+        let current = cursor.current.clone();
+        let counted = cursor.call.is_some();
+        cursor.end_call();
+        match dispatcher.next(Some(&current), &mut cursor.remaining) {
+            Some(next) => {
+                m.targets = vec![target(m, &next)];
+                cursor.current = next.clone();
+                if counted {
+                    dispatcher.call_started(&next);
+                    cursor.call = Some(dispatcher);
+                }
+                Ok(Some(next.to_string()))
+            }
+            None => Ok(None),
+        }
+    });
+    methods.add_method("ds_destination", |lua, m, ()| {
+        let Some(cursor) = cursor(lua, m)? else {
+            return Ok(None);
+        };
+        let current = cursor.borrow::<Cursor>()?.current.to_string();
+        Ok(Some(current))
+    });
+}
+
+/// The target for `destination`: its URI with the Request-URI's user ([`target_uri`]).
+fn target(m: &ScriptMsg, destination: &str) -> Target {
+    let uri = target_uri(destination, m.msg.request_uri_bytes());
+    Target::new(Bytes::from(uri), 1000)
+}
+
+fn cursor_key(lua: &Lua) -> mlua::Result<Table> {
+    lua.named_registry_value(CURSOR_KEY)
+}
+
+fn store_cursor(
+    lua: &Lua,
+    m: &ScriptMsg,
+    current: Arc<str>,
+    remaining: Vec<Arc<str>>,
+    call: Option<Arc<Dispatcher>>,
+) -> mlua::Result<()> {
+    let mut cursor = Cursor {
+        current,
+        remaining,
+        call,
+    };
+    let Some(vars) = &m.vars else {
+        cursor.end_call(); // nothing would end it
+        return Ok(());
+    };
+    let cursor = lua.create_userdata(cursor)?;
+    vars.raw_set(cursor_key(lua)?, cursor)
+}
+
+/// A call is an INVITE (its transaction lasts while the call is set up; `call_load` counts
+/// them). Other requests are routed but not counted.
+fn is_call(m: &ScriptMsg) -> bool {
+    m.msg.method() == Some(&crate::sip::Method::Invite)
+}
+
+/// Whether the transaction whose vars are `vars` counts a call at a destination: its state
+/// must then be kept until the transaction ends, for [`end_call`].
+pub(crate) fn holds_call(lua: &Lua, vars: &Table) -> bool {
+    let Ok(key) = cursor_key(lua) else {
+        return false;
+    };
+    let cursor: Option<AnyUserData> = vars.raw_get(key).ok().flatten();
+    cursor
+        .and_then(|c| c.borrow::<Cursor>().ok().map(|c| c.call.is_some()))
+        .unwrap_or(false)
+}
+
+/// The transaction whose vars are `vars` ended: the call it counted, if any, ends.
+pub(crate) fn end_call(lua: &Lua, vars: &Table) {
+    let Ok(key) = cursor_key(lua) else {
+        return;
+    };
+    let cursor: Option<AnyUserData> = vars.raw_get(key).ok().flatten();
+    if let Some(mut cursor) = cursor.and_then(|c| c.borrow_mut::<Cursor>().ok()) {
+        cursor.end_call();
+    }
+}
+
+fn cursor(lua: &Lua, m: &ScriptMsg) -> mlua::Result<Option<AnyUserData>> {
+    match &m.vars {
+        Some(vars) => vars.raw_get(cursor_key(lua)?),
+        None => Ok(None),
+    }
+}
+
+fn dispatcher(lua: &Lua, primitive: &str) -> mlua::Result<Arc<Dispatcher>> {
+    Ok(env(lua, primitive)?.services.dispatcher.clone())
+}
+
+/// An algorithm given by name (`"round_robin"`) or Kamailio number (`4`).
+fn algorithm_of(value: &Value, primitive: &str) -> mlua::Result<Algorithm> {
+    let name = match value {
+        Value::String(s) => s.to_str()?.to_owned(),
+        Value::Integer(n) => n.to_string(),
+        other => {
+            return Err(runtime(format!(
+                "{primitive}: the algorithm is a name or a number, not {}",
+                other.type_name()
+            )))
+        }
+    };
+    Algorithm::parse(&name).map_err(|e| runtime(format!("{primitive}: {e}")))
+}
+
+fn nil_and(lua: &Lua, reason: &str) -> mlua::Result<MultiValue> {
+    Ok(MultiValue::from_vec(vec![
+        Value::Nil,
+        Value::String(lua.create_string(reason)?),
+    ]))
+}
+
+/// Installs `sip.ds`.
+pub(super) fn install(lua: &Lua, sip: &Table) -> mlua::Result<()> {
+    lua.set_named_registry_value(CURSOR_KEY, lua.create_table()?)?;
+    let ds = lua.create_table()?;
+    ds.set(
+        "select",
+        lua.create_function(
+            |lua, (set, algorithm, key): (u32, Value, Option<mlua::LuaString>)| {
+                let algorithm = algorithm_of(&algorithm, "sip.ds.select")?;
+                if algorithm.is_hash() && key.is_none() {
+                    return Err(runtime(format!(
+                        "sip.ds.select: {algorithm} needs the key to hash: sip.ds.select({set}, \"{algorithm}\", req.call_id)"
+                    )));
+                }
+                let key = key.map(|k| k.as_bytes().to_vec());
+                match dispatcher(lua, "sip.ds.select")?.select(set, algorithm, key.as_deref()) {
+                    Ok(order) => Ok(MultiValue::from_vec(vec![Value::Table(
+                        lua.create_sequence_from(order.iter().map(|u| u.to_string()))?,
+                    )])),
+                    Err(e) => nil_and(lua, &e.to_string()),
+                }
+            },
+        )?,
+    )?;
+    ds.set(
+        "mark",
+        lua.create_function(|lua, (uri, state): (String, String)| {
+            let state = State::parse(&state).map_err(|e| runtime(format!("sip.ds.mark: {e}")))?;
+            dispatcher(lua, "sip.ds.mark")?
+                .mark(&uri, state, "the script")
+                .map_err(|e| runtime(format!("sip.ds.mark: {e}")))?;
+            Ok(true)
+        })?,
+    )?;
+    ds.set(
+        "state",
+        lua.create_function(|lua, uri: String| {
+            Ok(dispatcher(lua, "sip.ds.state")?
+                .state(&uri)
+                .map(State::name))
+        })?,
+    )?;
+    ds.set(
+        "list",
+        lua.create_function(|lua, set: Option<u32>| {
+            let views = dispatcher(lua, "sip.ds.list")?.list(set, Instant::now());
+            let list = lua.create_table()?;
+            for view in views {
+                let t = lua.create_table()?;
+                t.set("set", view.set)?;
+                t.set("uri", view.uri)?;
+                t.set("state", view.state.name())?;
+                t.set("weight", view.weight)?;
+                t.set("priority", view.priority)?;
+                t.set("attrs", view.attrs)?;
+                t.set("calls", view.calls)?;
+                t.set("sent", view.sent)?;
+                t.set("failovers", view.failovers)?;
+                t.set("probes_failed", view.probes_failed)?;
+                if let Some((outcome, age)) = view.last_probe {
+                    t.set("last_probe", outcome.to_string())?;
+                    t.set("last_probe_age", age.as_secs_f64())?;
+                }
+                list.push(t)?;
+            }
+            Ok(list)
+        })?,
+    )?;
+    ds.set(
+        "is_from_list",
+        lua.create_function(|lua, (ip, set): (String, Option<u32>)| {
+            let ip: std::net::IpAddr = ip.trim().parse().map_err(|_| {
+                runtime(format!(
+                    "sip.ds.is_from_list: {ip:?} is not an IP address (req.src_ip is one)"
+                ))
+            })?;
+            Ok(dispatcher(lua, "sip.ds.is_from_list")?.is_from_list(ip, set))
+        })?,
+    )?;
+    sip.set("ds", ds)
+}
