@@ -346,6 +346,36 @@ mod tests {
         )]
     }
 
+    /// A prober over `uris` (UDP listener, fresh transaction layer) after its first tick.
+    struct Ticked {
+        ds: Arc<Dispatcher>,
+        identity: LocalIdentity,
+        layer: TransactionLayer,
+        now: Instant,
+        prober: Prober,
+        out: Vec<LayerOutput>,
+        resolves: Vec<(u64, dns::Query)>,
+    }
+
+    fn first_tick(uris: &[&str]) -> Ticked {
+        let ds = dispatcher(uris);
+        let identity = LocalIdentity::of_listeners(&[], &udp_listener());
+        let mut layer = TransactionLayer::new(LayerConfig::default());
+        let now = Instant::now();
+        let mut prober = Prober::new(ds.clone(), 0, udp_listener(), 7, now).unwrap();
+        let (mut out, mut resolves) = (Vec::new(), Vec::new());
+        prober.on_tick(now, &identity, &mut layer, &mut out, &mut resolves);
+        Ticked {
+            ds,
+            identity,
+            layer,
+            now,
+            prober,
+            out,
+            resolves,
+        }
+    }
+
     fn sent_requests(out: &[LayerOutput]) -> Vec<(Destination, Message)> {
         out.iter()
             .filter_map(|o| match o {
@@ -386,13 +416,15 @@ mod tests {
 
     #[test]
     fn a_probe_is_an_options_to_the_destination_and_its_answer_sets_the_state() {
-        let ds = dispatcher(&["sip:127.0.0.2:5070", "sip:gw@127.0.0.3:5080;transport=udp"]);
-        let identity = LocalIdentity::of_listeners(&[], &udp_listener());
-        let mut layer = TransactionLayer::new(LayerConfig::default());
-        let now = Instant::now();
-        let mut prober = Prober::new(ds.clone(), 0, udp_listener(), 7, now).unwrap();
-        let (mut out, mut resolves) = (Vec::new(), Vec::new());
-        prober.on_tick(now, &identity, &mut layer, &mut out, &mut resolves);
+        let Ticked {
+            ds,
+            identity,
+            mut layer,
+            now,
+            mut prober,
+            mut out,
+            mut resolves,
+        } = first_tick(&["sip:127.0.0.2:5070", "sip:gw@127.0.0.3:5080;transport=udp"]);
         assert!(resolves.is_empty(), "IP literals need no DNS");
         let sent = sent_requests(&out);
         assert_eq!(sent.len(), 2);
@@ -449,13 +481,15 @@ mod tests {
 
     #[test]
     fn a_named_destination_is_resolved_first_and_a_503_is_not_alive() {
-        let ds = dispatcher(&["sip:gw.example.net"]);
-        let identity = LocalIdentity::of_listeners(&[], &udp_listener());
-        let mut layer = TransactionLayer::new(LayerConfig::default());
-        let now = Instant::now();
-        let mut prober = Prober::new(ds.clone(), 0, udp_listener(), 7, now).unwrap();
-        let (mut out, mut resolves) = (Vec::new(), Vec::new());
-        prober.on_tick(now, &identity, &mut layer, &mut out, &mut resolves);
+        let Ticked {
+            ds,
+            identity,
+            mut layer,
+            now,
+            mut prober,
+            mut out,
+            mut resolves,
+        } = first_tick(&["sip:gw.example.net"]);
         assert!(out.is_empty());
         let (id, query) = resolves.pop().unwrap();
         assert!(Prober::owns_resolution(id));
@@ -485,13 +519,7 @@ mod tests {
 
     #[test]
     fn a_destination_no_listener_reaches_fails_its_probe_at_once() {
-        let ds = dispatcher(&["sip:127.0.0.2:5070;transport=tcp"]);
-        let identity = LocalIdentity::of_listeners(&[], &udp_listener());
-        let mut layer = TransactionLayer::new(LayerConfig::default());
-        let now = Instant::now();
-        let mut prober = Prober::new(ds.clone(), 0, udp_listener(), 7, now).unwrap();
-        let (mut out, mut resolves) = (Vec::new(), Vec::new());
-        prober.on_tick(now, &identity, &mut layer, &mut out, &mut resolves);
+        let Ticked { ds, out, .. } = first_tick(&["sip:127.0.0.2:5070;transport=tcp"]);
         assert!(out.is_empty());
         assert_eq!(
             ds.state("sip:127.0.0.2:5070;transport=tcp"),
