@@ -213,8 +213,10 @@ impl ScriptHost {
             crate::dispatcher::Dispatcher::from_config(&config.dispatcher).map_err(ScriptError)?,
         );
         crate::dispatcher::register_metrics(&metrics, &dispatcher);
+        let kv = Arc::new(open_kv(&config.kv).map_err(ScriptError)?);
+        kv.register_metrics(&metrics);
         let services = Services {
-            kv: Arc::new(super::kv::KvStore::new(super::KV_MAX_KEYS)),
+            kv,
             registrar: Some(Arc::new(registrar)),
             auth: Some(Arc::new(auth)),
             pike: Arc::new(
@@ -311,6 +313,21 @@ impl ScriptHost {
         *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(source);
         self.version.store(version, Ordering::Release);
         self.version_gauge.set(version as f64);
+    }
+}
+
+/// The `sip.kv` store `[kv]` asks for: this node's memory, or a Redis server shared with other
+/// nodes (the node starts when Redis is not there yet: `sip.kv` calls fail until it is).
+fn open_kv(config: &crate::config::Kv) -> Result<super::kv::KvStore, String> {
+    match config.backend {
+        crate::config::KvBackend::Memory => Ok(super::kv::KvStore::new(super::KV_MAX_KEYS)),
+        crate::config::KvBackend::Redis => {
+            let link = crate::redis_link::RedisLink::open(&config.redis_url)?;
+            if let Err(error) = link.ping(std::time::Duration::from_secs(2)) {
+                tracing::warn!(url = %link.url_for_logs(), %error, "sip.kv: Redis does not answer yet");
+            }
+            Ok(super::kv::KvStore::on_redis(link))
+        }
     }
 }
 
@@ -941,6 +958,7 @@ fn register_service_metrics(
     metrics: &crate::metrics::Registry,
     store: &Arc<dyn crate::location::LocationStore>,
 ) -> ServiceMetrics {
+    store.register_metrics(metrics);
     let bindings = Arc::downgrade(store);
     metrics.gauge_fn(
         "moonroute_location_bindings",
