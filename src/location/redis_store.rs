@@ -19,7 +19,10 @@
 //! with a compare-and-set Lua script run atomically by Redis ([`CAS`]): it writes only if the
 //! record is still the one read, else the update reads again and runs the rules again (at most
 //! [`MAX_ATTEMPTS`] times). Two nodes registering one AOR at once therefore never lose one
-//! another's bindings, and a stale CSeq is refused whichever node sees it.
+//! another's bindings, and a stale CSeq is refused whichever node sees it. Within one node,
+//! updates of one AOR also take a local lock (one of [`STRIPES`], by hash), so the event loops
+//! of a node do not race one another: only nodes do, and a compare-and-set fails only when
+//! another node wrote the AOR meanwhile.
 //!
 //! # Durability
 //!
@@ -41,7 +44,9 @@
 //! connection-bound (TCP/TLS) or NATed binding is reached directly, not through its owning
 //! node; NAT keep-alives go out from every node.
 
-use std::sync::Arc;
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tracing::warn;
@@ -57,7 +62,10 @@ const COUNT_KEY: &str = "moonroute:loc:count";
 
 /// How many times an update reads and runs the rules again when another node wrote the AOR
 /// between its read and its write.
-const MAX_ATTEMPTS: usize = 16;
+const MAX_ATTEMPTS: usize = 32;
+
+/// Local locks serialising one node's updates of an AOR (by hash of the AOR).
+const STRIPES: usize = 64;
 
 /// AORs a sweep takes from the expiry set per round trip.
 const SWEEP_BATCH: usize = 500;
@@ -92,6 +100,8 @@ return 1
 /// The [`LocationStore`] on Redis (see the module documentation).
 pub struct RedisLocation {
     link: Arc<RedisLink>,
+    stripes: Vec<Mutex<()>>,
+    hasher: RandomState,
     cas: redis::Script,
     max_bindings: usize,
 }
@@ -116,6 +126,8 @@ impl RedisLocation {
     pub fn new(link: Arc<RedisLink>, max_bindings: usize) -> RedisLocation {
         RedisLocation {
             link,
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            hasher: RandomState::new(),
             cas: redis::Script::new(CAS),
             max_bindings,
         }
@@ -123,6 +135,15 @@ impl RedisLocation {
 
     pub fn link(&self) -> &Arc<RedisLink> {
         &self.link
+    }
+
+    /// This node's lock for updates of `aor` (a poisoned one is taken as it is: it guards
+    /// no data).
+    fn lock(&self, aor: &str) -> MutexGuard<'_, ()> {
+        let index = (self.hasher.hash_one(aor) % STRIPES as u64) as usize;
+        self.stripes[index]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn record_key(aor: &str) -> String {
@@ -197,6 +218,7 @@ impl RedisLocation {
     /// Removes the expired bindings of `aor` (and so moves its score in the expiry set to
     /// its next expiry); returns how many.
     fn sweep_one(&self, aor: &str, now: SystemTime) -> Result<usize, String> {
+        let _local = self.lock(aor);
         for _ in 0..MAX_ATTEMPTS {
             let read = self.read(aor)?;
             let live: Vec<Binding> = read
@@ -238,6 +260,7 @@ impl LocationStore for RedisLocation {
     }
 
     fn replace(&self, aor: &str, bindings: Vec<Binding>) -> Result<Commit, String> {
+        let _local = self.lock(aor);
         for _ in 0..MAX_ATTEMPTS {
             let read = self.read(aor)?;
             if self.compare_and_set(aor, &read, &bindings)? {
@@ -325,6 +348,7 @@ impl LocationStore for RedisLocation {
         now: SystemTime,
         f: &mut dyn FnMut(Vec<Binding>) -> Option<Vec<Binding>>,
     ) -> Result<Commit, String> {
+        let _local = self.lock(aor);
         for _ in 0..MAX_ATTEMPTS {
             let read = self.read(aor)?;
             let live: Vec<Binding> = read

@@ -70,6 +70,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+/// What the message of [`KvError::Unavailable`] starts with (the router answers 503 to a
+/// request whose script failed with it).
+pub const UNAVAILABLE: &str = "the shared store is unavailable";
+
 /// Number of independently locked shards.
 pub const SHARDS: usize = 64;
 
@@ -110,7 +114,7 @@ impl fmt::Display for KvError {
             KvError::ValueTooLong => write!(f, "the value is longer than {MAX_VALUE_LEN} bytes"),
             KvError::KeyTooLong => write!(f, "the key is longer than {MAX_KEY_LEN} bytes"),
             KvError::NotAnInteger => write!(f, "the stored value is not an integer"),
-            KvError::Unavailable(e) => write!(f, "the shared store is unavailable ({e})"),
+            KvError::Unavailable(e) => write!(f, "{UNAVAILABLE} ({e})"),
         }
     }
 }

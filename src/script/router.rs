@@ -533,13 +533,13 @@ impl ScriptRouter {
                 super::api::dispatcher::end_call(engine.lua(), &vars);
                 unpin(self);
                 error!(call_id = %call_id(request), error = %e, "on_request failed");
-                return failed_decision(&method);
+                return failed_decision_for(&method, &e.to_string());
             }
             Err(e) => {
                 super::api::dispatcher::end_call(engine.lua(), &vars);
                 unpin(self);
                 error!(call_id = %call_id(request), error = %e, "on_request failed");
-                return failed_decision(&method);
+                return failed_decision_for(&method, &e.to_string());
             }
         };
         let mut state = state;
@@ -603,6 +603,25 @@ fn failed_decision(method: &Option<Method>) -> Routed {
         Some(Method::Ack) => Decision::drop().into(),
         _ => Decision::reply(500, "Server Internal Error").into(),
     }
+}
+
+/// [`failed_decision`] for a hook that failed with `error`: a shared store (`sip.kv` on
+/// Redis) that could not be reached makes it 503 with Retry-After (RFC 3261 §21.5.4: a
+/// temporary condition; another node, or this one later, may serve the request).
+fn failed_decision_for(method: &Option<Method>, error: &str) -> Routed {
+    if method == &Some(Method::Ack) || !error.contains(super::kv::UNAVAILABLE) {
+        return failed_decision(method);
+    }
+    Decision::Reply {
+        code: 503,
+        reason: std::borrow::Cow::Borrowed("Service Unavailable (shared store unreachable)"),
+        headers: vec![(
+            "Retry-After".to_owned(),
+            crate::registrar::UNREACHABLE_RETRY_AFTER.to_string(),
+        )],
+        wait_for: None,
+    }
+    .into()
 }
 
 impl Router for ScriptRouter {
