@@ -290,3 +290,163 @@ fn kv_incr_from_two_nodes_at_once_counts_exactly() {
     assert!(nodes[1].try_delete("greeting").unwrap());
     assert_eq!(nodes[0].try_get("greeting", now()).unwrap(), None);
 }
+
+// ----- the README's "Several servers", run as written -----------------------------------------
+
+/// The README's ports and what this test uses instead (in the range of this suite).
+const README_PORTS: [(&str, &str); 3] = [("6379", "25383"), ("5061", "25071"), ("5062", "25072")];
+
+/// The command lines of the fenced block after `<!-- several-servers: NAME -->` in README.md,
+/// with the test's ports.
+fn readme_commands(name: &str) -> Vec<String> {
+    let readme =
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+            .unwrap();
+    let marker = format!("<!-- several-servers: {name} -->");
+    let after = &readme[readme.find(&marker).expect("the README has the marker") + marker.len()..];
+    let block = after
+        .split("```sh\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\n```").next())
+        .expect("a sh block after the marker");
+    block
+        .lines()
+        .map(|line| {
+            README_PORTS
+                .iter()
+                .fold(line.to_owned(), |line, (from, to)| line.replace(from, to))
+        })
+        .collect()
+}
+
+/// `line` as a process in `dir`: `cargo run --release --` is the moonroute binary cargo built
+/// for the tests (the same program with the same arguments); other lines run as they are.
+fn readme_command(line: &str, dir: &std::path::Path) -> std::process::Command {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let (program, args) = match words.as_slice() {
+        ["cargo", "run", "--release", "--", args @ ..] => (env!("CARGO_BIN_EXE_moonroute"), args),
+        [program, args @ ..] => (*program, args),
+        [] => panic!("an empty command line"),
+    };
+    let mut command = std::process::Command::new(program);
+    command.args(args).current_dir(dir);
+    command
+}
+
+/// A background process of the README; dropped, it is killed.
+struct Background(std::process::Child);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `line` in the background and waits (at most 20 s) for a line of its output holding
+/// `ready`.
+fn start_and_wait(line: &str, dir: &std::path::Path, ready: &str) -> Background {
+    use std::io::BufRead;
+    use std::process::Stdio;
+    let mut child = readme_command(line, dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{line}: {e}"));
+    let (tx, rx) = std::sync::mpsc::channel();
+    for output in [
+        Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+        Box::new(child.stderr.take().unwrap()),
+    ] {
+        let (tx, ready) = (tx.clone(), ready.to_owned());
+        std::thread::spawn(move || {
+            for text in std::io::BufReader::new(output)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if text.contains(&ready) {
+                    let _ = tx.send(());
+                }
+            }
+        });
+    }
+    rx.recv_timeout(Duration::from_secs(20))
+        .unwrap_or_else(|_| panic!("`{line}` did not print {ready:?}"));
+    Background(child)
+}
+
+fn run_to_end(line: &str, dir: &std::path::Path) -> String {
+    let output = readme_command(line, dir).output().unwrap();
+    let text = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "`{line}` failed: {text}");
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_several_servers_walkthrough_works_as_written() {
+    if common::redis_server::binary().is_none() {
+        return;
+    }
+    // The commands run in the repository (`scripts/default.lua`, `./var`): here a copy.
+    let dir = TempDir::new().unwrap();
+    std::fs::create_dir(dir.path().join("scripts")).unwrap();
+    std::fs::copy(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/default.lua"),
+        dir.path().join("scripts/default.lua"),
+    )
+    .unwrap();
+    let start = readme_commands("start");
+    assert_eq!(start.len(), 5, "{start:?}");
+    let _redis = start_and_wait(&start[0], dir.path(), "Ready to accept connections");
+    let _node1 = start_and_wait(&start[1], dir.path(), "moonroute running");
+    let _node2 = start_and_wait(&start[2], dir.path(), "moonroute running");
+    run_to_end(&start[3], dir.path());
+    run_to_end(&start[4], dir.path());
+
+    // alice's phone registers on node 1, with her password.
+    let node1: SocketAddr = "127.0.0.1:25071".parse().unwrap();
+    let node2: SocketAddr = "127.0.0.1:25072".parse().unwrap();
+    let mut alice = TestUa::udp("alice").await;
+    alice.from_domain = Some("example.com".to_owned());
+    alice.outbound = Some(node1);
+    let first = alice
+        .request("REGISTER", "sip:alice@example.com")
+        .header("Expires", "600")
+        .await;
+    let challenge = alice.expect_final(401).await;
+    let challenge = common::auth::Challenge::parse(
+        &header_text(&challenge, "WWW-Authenticate").expect("a challenge"),
+    );
+    let credentials = common::auth::answer_challenge(
+        &challenge,
+        &common::auth::Answer {
+            user: "alice",
+            password: "alice-pw",
+            method: "REGISTER",
+            uri: "sip:alice@example.com",
+            nc: 1,
+        },
+    );
+    alice
+        .request("REGISTER", "sip:alice@example.com")
+        .retry_of(&first)
+        .header("Expires", "600")
+        .header("Authorization", &credentials)
+        .await;
+    alice.expect_final(200).await;
+
+    // A caller on node 2 reaches her.
+    let mut bob = TestUa::udp("bob").await.via_proxy(node2);
+    bob.invite("sip:alice@example.com").await;
+    let invite = alice.expect_request("INVITE").await;
+    alice.respond(&invite, 486, "Busy Here").await;
+    bob.expect_final(486).await;
+
+    // Node 2 lists her binding.
+    let show = readme_commands("show");
+    let listing = run_to_end(&show[0], dir.path());
+    assert!(listing.contains("AOR: sip:alice@example.com"), "{listing}");
+    assert!(listing.contains(&alice.local.to_string()), "{listing}");
+}
