@@ -450,3 +450,115 @@ async fn the_readme_several_servers_walkthrough_works_as_written() {
     assert!(listing.contains("AOR: sip:alice@example.com"), "{listing}");
     assert!(listing.contains(&alice.local.to_string()), "{listing}");
 }
+
+// ----- SIGKILL of a node under registration load ----------------------------------------------
+
+/// REGISTERs in flight at most, and how many 200s node 1 sends before it is killed.
+const KILL_WINDOW: usize = 100;
+const KILL_AFTER: usize = 400;
+
+/// A REGISTER of `sip:u<i>@moonroute.test` from `local`.
+fn numbered_register(i: usize, local: SocketAddr) -> String {
+    format!(
+        "REGISTER sip:{DOMAIN} SIP/2.0\r\nVia: SIP/2.0/UDP {local};branch=z9hG4bK-kill-{i};rport\r\n\
+         Max-Forwards: 70\r\nFrom: <sip:u{i}@{DOMAIN}>;tag=k{i}\r\nTo: <sip:u{i}@{DOMAIN}>\r\n\
+         Call-ID: kill-{i}\r\nCSeq: 1 REGISTER\r\nContact: <sip:u{i}@{local}>\r\n\
+         Expires: 3600\r\nContent-Length: 0\r\n\r\n"
+    )
+}
+
+/// The AOR number of a 200 to a [`numbered_register`].
+fn acknowledged(datagram: &[u8]) -> Option<usize> {
+    let message = Message::parse(bytes::Bytes::copy_from_slice(datagram)).ok()?;
+    if message.status() != Some(200) {
+        return None;
+    }
+    let call_id = String::from_utf8_lossy(message.call_id().ok()?).into_owned();
+    call_id.strip_prefix("kill-")?.parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_mid_registration_load_loses_no_acknowledged_binding() {
+    use std::collections::HashSet;
+    let Some(redis) = RedisServer::start(25384) else {
+        return;
+    };
+    let dir = TempDir::new().unwrap();
+    let config = dir.path().join("node1.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = [\"udp:127.0.0.1:25073\"]\nworkers = 2\ndomains = [\"{DOMAIN}\"]\n\
+             script = {script:?}\ndata_dir = {data:?}\nlog_level = \"info\"\n\
+             [control]\nsocket = \"\"\n[lua]\nwatch = false\n\
+             [location]\nstore = \"redis\"\nredis_url = \"{url}\"\n\
+             [limits]\noverload_after_ms = 0\n[pike]\nmax_requests = 1000000\n",
+            script = common::default_script_without_auth(),
+            data = dir.path().join("data"),
+            url = redis.url(),
+        ),
+    )
+    .unwrap();
+    let node1 = start_and_wait(
+        &format!(
+            "{} run --config {}",
+            env!("CARGO_BIN_EXE_moonroute"),
+            config.display()
+        ),
+        dir.path(),
+        "moonroute running",
+    );
+    let node1_addr: SocketAddr = "127.0.0.1:25073".parse().unwrap();
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let local = client.local_addr().unwrap();
+    let mut acked = HashSet::new();
+    let mut sent = 0;
+    let mut buf = vec![0u8; 65535];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut node1 = Some(node1);
+    while node1.is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {KILL_AFTER} 200s",
+            acked.len()
+        );
+        while sent < acked.len() + KILL_WINDOW {
+            client
+                .send_to(numbered_register(sent, local).as_bytes(), node1_addr)
+                .await
+                .unwrap();
+            sent += 1;
+        }
+        let (n, _) = tokio::time::timeout(WAIT, client.recv_from(&mut buf))
+            .await
+            .expect("node 1 answers")
+            .unwrap();
+        acked.extend(acknowledged(&buf[..n]));
+        if acked.len() >= KILL_AFTER {
+            // SIGKILL, REGISTERs still in flight.
+            drop(node1.take());
+        }
+    }
+    // The 200s already delivered count too.
+    while let Ok((n, _)) = client.try_recv_from(&mut buf) {
+        acked.extend(acknowledged(&buf[..n]));
+    }
+    let node2 = start_node(0, &redis.url());
+    let registrar = node2.host.services().registrar.clone().unwrap();
+    let now = SystemTime::now();
+    let lost: Vec<usize> = acked
+        .iter()
+        .copied()
+        .filter(|i| {
+            registrar
+                .lookup(&format!("sip:u{i}@{DOMAIN}"), now)
+                .is_empty()
+        })
+        .collect();
+    eprintln!(
+        "sent {sent} REGISTERs, {} acknowledged before the SIGKILL, {} lost",
+        acked.len(),
+        lost.len()
+    );
+    assert!(lost.is_empty(), "acknowledged and lost: {lost:?}");
+}
