@@ -332,3 +332,29 @@ impl RedisLink {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logs_never_show_the_password() {
+        let link = RedisLink::open("redis://:s3cret@127.0.0.1:1/0").unwrap();
+        assert_eq!(link.url_for_logs(), "redis://***@127.0.0.1:1/0");
+        let link = RedisLink::open("redis://127.0.0.1:1/2").unwrap();
+        assert_eq!(link.url_for_logs(), "redis://127.0.0.1:1/2");
+    }
+
+    #[test]
+    fn an_unreachable_server_fails_fast_after_the_first_failure() {
+        // Port 1 on loopback: refused at once.
+        let link = RedisLink::open("redis://127.0.0.1:1/0").unwrap();
+        assert!(link.query::<String>(redis::cmd("PING")).is_err());
+        assert!(!link.is_up());
+        let started = Instant::now();
+        let error = link.query::<String>(redis::cmd("PING")).unwrap_err();
+        assert!(error.is_unreachable(), "{error}");
+        assert!(started.elapsed() < Duration::from_millis(50), "{error}");
+        assert!(link.errors() >= 2);
+    }
+}

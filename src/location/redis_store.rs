@@ -49,7 +49,7 @@ use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use tracing::warn;
+use tracing::{debug, warn};
 
 use super::commit::Commit;
 use super::{live_sorted, record, AorCursor, Binding, LocationStore};
@@ -249,7 +249,8 @@ fn millis(at: SystemTime) -> u64 {
 impl LocationStore for RedisLocation {
     fn lookup(&self, aor: &str, now: SystemTime) -> Vec<Binding> {
         self.try_lookup(aor, now).unwrap_or_else(|error| {
-            warn!(%aor, %error, "location lookup failed");
+            // The link logged the outage once; a line per lookup would flood the log.
+            debug!(%aor, %error, "location lookup failed");
             Vec::new()
         })
     }
@@ -285,7 +286,7 @@ impl LocationStore for RedisLocation {
         ) {
             Ok(due) => due,
             Err(error) => {
-                warn!(%error, "location sweep skipped");
+                debug!(%error, "location sweep skipped");
                 return 0;
             }
         };

@@ -138,3 +138,18 @@ impl RedisKv {
         Ok((left >= 0).then(|| Duration::from_millis(left as u64)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_text_decodes_to_the_value_written() {
+        assert_eq!(decode("42".to_owned()), KvValue::Int(42));
+        assert_eq!(decode("-7".to_owned()), KvValue::Int(-7));
+        assert_eq!(decode("s:42".to_owned()), KvValue::Str("42".to_owned()));
+        assert_eq!(decode("s:".to_owned()), KvValue::Str(String::new()));
+        // Written by another program: a string as it is.
+        assert_eq!(decode("hello".to_owned()), KvValue::Str("hello".to_owned()));
+    }
+}

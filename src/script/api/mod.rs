@@ -693,7 +693,7 @@ fn add_location<M: UserDataMethods<ScriptMsg>>(methods: &mut M) {
                     Ok(m.targets.len() as i64)
                 }
                 Err(error) => {
-                    tracing::warn!(target: "moonroute::location", %aor, %error, "lookup: the location store could not answer");
+                    tracing::debug!(target: "moonroute::location", %aor, %error, "lookup: the location store could not answer");
                     m.targets = Vec::new();
                     Ok(-1)
                 }
