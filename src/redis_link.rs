@@ -12,7 +12,7 @@
 //!
 //! A command that fails (refused connection, timeout, a connection lost mid-way) marks the link
 //! down: one `warn` log line (`redis unreachable`), the metric
-//! `moonroute_redis_errors_total` counts every failure. While down, commands fail at once
+//! `moonroute_<user>_redis_errors_total` (user: `location`, `kv`) counts every failure. While down, commands fail at once
 //! without waiting (callers answer 503: a node must not stall its event loops on a dead
 //! server), except one probe per backoff interval (100 ms doubling to 5 s) that tries the
 //! server again; the first probe that succeeds brings the link up (`redis reachable again`).
@@ -173,7 +173,7 @@ impl RedisLink {
         self.up.load(Ordering::Acquire)
     }
 
-    /// Commands that failed since the link opened (`moonroute_redis_errors_total`).
+    /// Commands that failed since the link opened (`moonroute_<user>_redis_errors_total`).
     pub fn errors(&self) -> u64 {
         self.errors.load(Ordering::Relaxed)
     }
@@ -196,10 +196,16 @@ impl RedisLink {
             },
         );
         let link = Arc::downgrade(self);
-        registry.gauge_fn(
-            &format!("moonroute_{what}_redis_errors_total"),
+        let name = format!("moonroute_{what}_redis_errors_total");
+        let sample = name.clone();
+        registry.collect(
+            &name,
             "Redis commands that failed because the server was unreachable or too slow",
-            move || link.upgrade().map_or(0.0, |l| l.errors() as f64),
+            crate::metrics::Kind::Counter,
+            Box::new(move |out| {
+                let errors = link.upgrade().map_or(0, |l| l.errors());
+                out.sample(&sample, &[], errors as f64);
+            }),
         );
     }
 

@@ -152,6 +152,15 @@ async fn redis_down_gives_503_and_service_resumes_when_it_is_back() {
     let answer = bob.expect_final(503).await;
     assert_eq!(answer.status(), Some(503), "{}", show(&answer));
     assert!(header_text(&answer, "Retry-After").is_some());
+    let metrics = node.host.services().metrics.render();
+    assert!(
+        metrics.contains("\nmoonroute_location_redis_up 0\n"),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("\nmoonroute_location_redis_errors_total 0\n"),
+        "{metrics}"
+    );
 
     redis.restart();
     // The link probes again with backoff (at most 5 s apart): REGISTER until it is back.
@@ -169,6 +178,11 @@ async fn redis_down_gives_503_and_service_resumes_when_it_is_back() {
         }
     }
     call_reaches(&mut bob, &mut alice).await;
+    let metrics = node.host.services().metrics.render();
+    assert!(
+        metrics.contains("\nmoonroute_location_redis_up 1\n"),
+        "{metrics}"
+    );
     let status = node
         .host
         .services()
