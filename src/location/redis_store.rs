@@ -120,6 +120,17 @@ struct Read {
     bindings: Vec<Binding>,
 }
 
+impl Read {
+    /// The unexpired bindings, in registration order.
+    fn live(&self, now: SystemTime) -> Vec<Binding> {
+        self.bindings
+            .iter()
+            .filter(|b| b.is_live(now))
+            .cloned()
+            .collect()
+    }
+}
+
 impl RedisLocation {
     /// The store on the server behind `link`, holding at most `max_bindings` bindings (all
     /// nodes together).
@@ -221,12 +232,7 @@ impl RedisLocation {
         let _local = self.lock(aor);
         for _ in 0..MAX_ATTEMPTS {
             let read = self.read(aor)?;
-            let live: Vec<Binding> = read
-                .bindings
-                .iter()
-                .filter(|b| b.is_live(now))
-                .cloned()
-                .collect();
+            let live = read.live(now);
             let gone = read.bindings.len() - live.len();
             if self.compare_and_set(aor, &read, &live)? {
                 return Ok(gone);
@@ -352,12 +358,7 @@ impl LocationStore for RedisLocation {
         let _local = self.lock(aor);
         for _ in 0..MAX_ATTEMPTS {
             let read = self.read(aor)?;
-            let live: Vec<Binding> = read
-                .bindings
-                .iter()
-                .filter(|b| b.is_live(now))
-                .cloned()
-                .collect();
+            let live = read.live(now);
             let Some(new) = f(live) else {
                 return Ok(Commit::Done);
             };
