@@ -38,6 +38,10 @@
 # KEEP=1 (keep the work directory), PERF=1 (perf record of the server's stacks during each run, at
 # PERF_FREQ Hz, default 999, stacks by PERF_CALLGRAPH, default dwarf: the release build has no
 # frame pointers; implies keeping the work directory).
+# LOCATION=redis: the location store on a redis-server started for the whole run
+# (127.0.0.1:$REDIS_PORT, default 15379, on $REDIS_CPUS, default 1; bench/lib.sh
+# start_bench_redis): every call's lookup is a round trip to Redis. Its CPU over each run is
+# printed too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.sh
@@ -53,9 +57,9 @@ need_free_udp_port "$uas_port"
 bin=$(moonroute_bin)
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/moonroute-calls-default.XXXXXX")
-UAS_PID= UAC_PID= server=
+UAS_PID= UAC_PID= server= redis_pid=
 cleanup() {
-  stop_pid "$UAC_PID"; stop_pid "$UAS_PID"
+  stop_pid "$UAC_PID"; stop_pid "$UAS_PID"; stop_pid "$redis_pid"
   if [ -n "$server" ]; then stop_server "$server" >/dev/null || true; fi
   if [ -z "${KEEP:-}${PERF:-}" ] && [ "${failed_runs:-1}" = 0 ]; then rm -rf "$work"; fi
 }
@@ -63,6 +67,9 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 ticks=$(getconf CLK_TCK)
 failed_runs=0
+if [ "${LOCATION:-sled}" = redis ]; then
+  start_bench_redis "$work" "${REDIS_PORT:-15379}" "${REDIS_CPUS:-1}"
+fi
 
 # write_config DIR SCRIPT: the server's configuration for one run.
 write_config() {
@@ -83,6 +90,9 @@ socket = "$1/ctl"
 # SIPp's [authentication] computes MD5 only.
 algorithms = ["MD5"]
 TOML
+  if [ -n "$redis_pid" ]; then
+    printf '\n[location]\nstore = "redis"\nredis_url = "%s"\n' "$REDIS_URL" >>"$1/moonroute.toml"
+  fi
 }
 
 # start_server DIR: moonroute on $SERVER_CPUS (CPU 0) with DIR/moonroute.toml; sets server.
@@ -139,6 +149,8 @@ run_mode() {
   echo "== $mode: $(uptime | sed 's/.*load average/load average/') before the run"
   local cpu_before wait_before snap_before start end cpu_after wait_after snap_after
   cpu_before=$(cpu_ticks "$server")
+  local redis_before=0 redis_after=0
+  [ -z "$redis_pid" ] || redis_before=$(cpu_ticks "$redis_pid")
   wait_before=$(sched_wait_ms "$server")
   snap_before=$(cpu_snapshot)
   start=$(date +%s.%N)
@@ -159,6 +171,7 @@ run_mode() {
   end=$(date +%s.%N)
   need_alive "$server" "$dir/moonroute.log"
   cpu_after=$(cpu_ticks "$server")
+  [ -z "$redis_pid" ] || redis_after=$(cpu_ticks "$redis_pid")
   wait_after=$(sched_wait_ms "$server")
   snap_after=$(cpu_snapshot)
   stop_pid "$UAS_PID"; UAS_PID=
@@ -172,6 +185,10 @@ run_mode() {
   printf 'wall: %.2f s  offered: %s calls/s  achieved: %.1f calls/s\n' "$wall" "$rate" "$achieved"
   printf 'server CPU: %.2f s => %.3f CPU ms per call => %.0f calls/s per core at 100%% CPU\n' \
     "$cpu_s" "$per_call" "$(if [ "$(echo "$per_call > 0" | bc)" = 1 ]; then echo "1000 / $per_call" | bc -l; else echo 0; fi)"
+  if [ -n "$redis_pid" ] && [ "$OK" -gt 0 ]; then
+    printf 'redis-server CPU: %.3f CPU ms per call\n' \
+      "$(echo "($redis_after - $redis_before) / $ticks * 1000 / $OK" | bc -l)"
+  fi
   printf 'server run-queue wait: %s ms; %s\n' "$((wait_after - wait_before))" \
     "$(cpu_busy_pct "$snap_before" "$snap_after")"
   print_hand_overs "$bin" "$dir/ctl" "$OK"

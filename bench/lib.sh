@@ -231,7 +231,7 @@ thread_times_diff() {
 }
 
 # write_location_config FILE: a moonroute config for the registrar benches, from the variables
-# PORT, DATA_DIR, CTL, STORE (sled|memory), WORKERS, LOG_LEVEL, MAX_BINDINGS, CACHE_MB, and
+# PORT, DATA_DIR, CTL, STORE (sled|memory|redis; redis at REDIS_URL), WORKERS, LOG_LEVEL, MAX_BINDINGS, CACHE_MB, and
 # TRANSACTION_MEMORY_MB when set (limits.transaction_memory_mb; the server's default otherwise),
 # and MAX_TRANSACTIONS when set (limits.max_transactions, deprecated: the server warns).
 # default.lua (bench_default_script: 127.0.0.1 trusted) registers AORs of the listen address;
@@ -268,6 +268,7 @@ socket = "$CTL"
 
 [location]
 store = "$STORE"
+redis_url = "${REDIS_URL:-redis://127.0.0.1:6379/0}"
 max_bindings = $MAX_BINDINGS
 cache_mb = $CACHE_MB
 
@@ -385,7 +386,34 @@ bench_workdir() {
   trap 'exit 130' INT TERM
 }
 
+# start_bench_redis DIR PORT CPUS: a redis-server for STORE=redis on 127.0.0.1:PORT (data in
+# DIR, append-only file with appendfsync $APPENDFSYNC, default everysec), pinned to CPUS; sets
+# redis_pid and REDIS_URL, and waits until it answers.
+start_bench_redis() {
+  command -v redis-server >/dev/null || { echo "STORE=redis needs redis-server (apt-get install redis-server)" >&2; exit 2; }
+  need_free_tcp_port "$2"
+  taskset -c "$3" redis-server --bind 127.0.0.1 --port "$2" --dir "$1" --save "" \
+    --appendonly yes --appendfsync "${APPENDFSYNC:-everysec}" --protected-mode no \
+    --logfile "$1/redis.log" &
+  redis_pid=$!
+  REDIS_URL="redis://127.0.0.1:$2/0"
+  local i
+  for i in $(seq 1 100); do
+    grep -q "Ready to accept connections" "$1/redis.log" 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "redis-server did not start:" >&2; cat "$1/redis.log" >&2; exit 1
+}
+
+# need_free_tcp_port PORT: exits when something listens on 127.0.0.1:PORT/tcp.
+need_free_tcp_port() {
+  if ss -Htln "sport = :$1" | grep -q .; then
+    echo "tcp port $1 is in use" >&2; exit 1
+  fi
+}
+
 bench_cleanup() {
+  [ -z "${redis_pid:-}" ] || stop_pid "$redis_pid"
   stop_pid "$UAC_PID"
   if [ -n "$server" ]; then stop_server "$server" >/dev/null || true; fi
 }

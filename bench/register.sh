@@ -25,7 +25,10 @@
 # algorithms = ["MD5"], SIPp's only one); users r1..rU are provisioned with `ctl user add`
 # before the run and bench/register_auth_uac.xml answers each 401 (two REGISTERs per
 # registration). Without AUTH the script is default.lua with AUTHENTICATE = false.
-# Environment: STORE (sled|memory, default sled), WORKERS (event loops, default 1),
+# STORE=redis: the location store on a redis-server the script starts (127.0.0.1:$REDIS_PORT,
+# default 15379, pinned to $REDIS_CPUS, default 1, append-only file with appendfsync
+# $APPENDFSYNC, default everysec); its CPU time is printed too (a REGISTER costs both).
+# Environment: STORE (sled|memory|redis, default sled), WORKERS (event loops, default 1),
 # SERVER_CPUS (taskset list for the server, default 0), USERS (refresh mode, see above),
 # MAX_CALLS (SIPp -l, default 5000), TIMEOUT (SIPp -timeout, default 3 x COUNT/RATE + 30 s),
 # CACHE_MB (sled page cache, default 16), MAX_BINDINGS (default 1000000 or 2 x COUNT),
@@ -53,6 +56,10 @@ bin=$(moonroute_bin)
 
 bench_workdir register
 
+redis_pid=
+if [ "$STORE" = redis ]; then
+  start_bench_redis "$work" "${REDIS_PORT:-15379}" "${REDIS_CPUS:-1}"
+fi
 write_location_config "$work/moonroute.toml"
 taskset -c "${SERVER_CPUS:-0}" "$bin" run --config "$work/moonroute.toml" 2>"$work/moonroute.log" &
 server=$!
@@ -73,7 +80,9 @@ echo "moonroute $bin: store=$STORE workers=$WORKERS (CPU ${SERVER_CPUS:-0}), SIP
 echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 rss_start=$(rss_kb "$server")
 ticks=$(getconf CLK_TCK)
+redis_cpu_before=$([ -z "$redis_pid" ] || cpu_ticks "$redis_pid")
 measured_register_run "$PORT" "$rate" "$count" "$timeout" "$work" "$work/moonroute.log"
+redis_cpu_after=$([ -z "$redis_pid" ] || cpu_ticks "$redis_pid")
 rss_end=$(rss_kb "$server")
 hwm_end=$(hwm_kb "$server")
 du_live=$(du_kb "$DATA_DIR")
@@ -89,6 +98,12 @@ if [ "$OK" -gt 0 ]; then
     "$(if [ "$(echo "$cpu_s > 0" | bc)" = 1 ]; then echo "$OK / $cpu_s" | bc -l; else echo 0; fi)"
 else
   printf 'server CPU: %.2f s  (no successful REGISTER)\n' "$cpu_s"
+fi
+if [ -n "$redis_pid" ] && [ "$OK" -gt 0 ]; then
+  redis_s=$(echo "($redis_cpu_after - $redis_cpu_before) / $ticks" | bc -l)
+  printf 'redis-server CPU: %.2f s  => %.1f CPU ms per 1000 REGISTERs; server + redis: %.1f\n' \
+    "$redis_s" "$(echo "$redis_s * 1000000 / $OK" | bc -l)" \
+    "$(echo "($cpu_s + $redis_s) * 1000000 / $OK" | bc -l)"
 fi
 echo "server waited for its CPU (run queue) $((wait_after - wait_before)) ms over the run;" \
   "machine (tick-sampled): $(cpu_busy_pct "$snap_before" "$snap_after");" \

@@ -167,7 +167,12 @@ function on_request(req)
   end
 
   -- Fork to every registered contact of the user (highest q first, RFC 3261 §16.6).
-  if req:lookup("location") == 0 then
+  local contacts = req:lookup("location")
+  if contacts < 0 then
+    -- The location store could not answer (a shared Redis unreachable): not a 404.
+    return req:reply(503, "Service Unavailable", { ["Retry-After"] = "5" })
+  end
+  if contacts == 0 then
     return req:reply(404, "Not Found")
   end
   return req:t_relay()

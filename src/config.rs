@@ -62,6 +62,8 @@ pub struct Config {
     pub registrar: Registrar,
     /// The location database (registrations).
     pub location: Location,
+    /// The `sip.kv` store.
+    pub kv: Kv,
     /// TLS: the server's certificate, and how peers' certificates are verified.
     pub tls: Tls,
     /// DNS resolution of next hops (RFC 3263).
@@ -526,14 +528,25 @@ pub enum LocationBackend {
     Sled,
     /// In memory only: registrations are lost on restart (labs, tests).
     Memory,
+    /// Shared by several nodes on a Redis server (`redis_url`): a 200 to REGISTER is sent
+    /// only once Redis acknowledged the write ([`crate::location::RedisLocation`]).
+    Redis,
 }
+
+/// The default Redis server of `[location]` and `[kv]`.
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/0";
 
 /// The location database.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Location {
-    /// `"sled"` (durable, under `<data_dir>/location`) or `"memory"`. Default: `"sled"`.
+    /// `"sled"` (durable, under `<data_dir>/location`), `"redis"` (shared by several nodes,
+    /// at `redis_url`) or `"memory"`. Default: `"sled"`. Also spelled `backend`.
+    #[serde(alias = "backend")]
     pub store: LocationBackend,
+    /// The Redis server of `store = "redis"` (`--location-redis URL`).
+    /// Default: `"redis://127.0.0.1:6379/0"`.
+    pub redis_url: String,
     /// Most bindings held, across all AORs; beyond it REGISTERs that add bindings get 500.
     /// Default: 1000000.
     pub max_bindings: usize,
@@ -546,6 +559,7 @@ impl Default for Location {
     fn default() -> Self {
         Location {
             store: LocationBackend::Sled,
+            redis_url: DEFAULT_REDIS_URL.to_owned(),
             max_bindings: 1_000_000,
             cache_mb: 16,
         }
@@ -558,6 +572,36 @@ impl Location {
             return Err("location: max_bindings and cache_mb must be at least 1".to_owned());
         }
         Ok(())
+    }
+}
+
+/// Where `sip.kv` keeps its entries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvBackend {
+    /// This node's memory: seen by every event loop of the node, not by other nodes.
+    Memory,
+    /// A Redis server (`redis_url`) shared by several nodes: counters and bans are common.
+    Redis,
+}
+
+/// The `sip.kv` store (`[kv]`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Kv {
+    /// `"memory"` or `"redis"`. Default: `"memory"`.
+    pub backend: KvBackend,
+    /// The Redis server of `backend = "redis"` (`--kv-redis URL`).
+    /// Default: `"redis://127.0.0.1:6379/0"`.
+    pub redis_url: String,
+}
+
+impl Default for Kv {
+    fn default() -> Self {
+        Kv {
+            backend: KvBackend::Memory,
+            redis_url: DEFAULT_REDIS_URL.to_owned(),
+        }
     }
 }
 
@@ -909,6 +953,7 @@ impl Default for Config {
             metrics: Metrics::default(),
             registrar: Registrar::default(),
             location: Location::default(),
+            kv: Kv::default(),
             tls: Tls::default(),
             dns: Dns::default(),
             nat: Nat::default(),
@@ -1017,6 +1062,10 @@ pub struct Overrides {
     pub log_format: Option<LogFormat>,
     /// `metrics.listen`; an empty value turns metrics off.
     pub metrics_listen: Option<String>,
+    /// `--location-redis URL`: `[location] store = "redis"` at this URL.
+    pub location_redis: Option<String>,
+    /// `--kv-redis URL`: `[kv] backend = "redis"` at this URL.
+    pub kv_redis: Option<String>,
 }
 
 /// Why a configuration could not be used. The message names the file when there is one.
@@ -1126,6 +1175,14 @@ impl Config {
         }
         if let Some(listen) = overrides.metrics_listen {
             self.metrics.listen = listen;
+        }
+        if let Some(url) = overrides.location_redis {
+            self.location.store = LocationBackend::Redis;
+            self.location.redis_url = url;
+        }
+        if let Some(url) = overrides.kv_redis {
+            self.kv.backend = KvBackend::Redis;
+            self.kv.redis_url = url;
         }
     }
 

@@ -14,6 +14,7 @@ pub mod memory;
 pub mod metrics;
 pub mod nat;
 pub mod proxy;
+pub mod redis_link;
 pub mod registrar;
 pub mod script;
 pub mod secret;

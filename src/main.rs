@@ -165,6 +165,13 @@ struct RunArgs {
     /// Log line format: human (the default) or json (one object per line).
     #[arg(long, value_name = "FORMAT")]
     log_format: Option<LogFormat>,
+    /// Keep registrations on this Redis server, shared with other nodes
+    /// (`[location] store = "redis"`), e.g. redis://127.0.0.1:6379/0.
+    #[arg(long, value_name = "URL")]
+    location_redis: Option<String>,
+    /// Keep `sip.kv` on this Redis server, shared with other nodes (`[kv] backend = "redis"`).
+    #[arg(long, value_name = "URL")]
+    kv_redis: Option<String>,
 }
 
 impl RunArgs {
@@ -181,6 +188,8 @@ impl RunArgs {
             control_socket: self.control_socket,
             metrics_listen: self.metrics_listen,
             log_format: self.log_format,
+            location_redis: self.location_redis,
+            kv_redis: self.kv_redis,
         };
         (self.config, overrides)
     }
@@ -462,18 +471,23 @@ fn control_handler(
             },
             Some("status") => {
                 let (reloads, failed) = host.reload_counts();
-                let bindings = host
+                let registrar = host.services().registrar.as_ref();
+                let bindings = registrar.map_or(0, |r| r.store().count());
+                let location_health = registrar
+                    .and_then(|r| r.store().health())
+                    .map_or_else(String::new, |h| format!(", {h}"));
+                let kv_health = host
                     .services()
-                    .registrar
-                    .as_ref()
-                    .map_or(0, |r| r.store().count());
+                    .kv
+                    .health()
+                    .map_or_else(String::new, |h| format!("kv: {h}\n"));
                 let subscribers = host
                     .services()
                     .auth
                     .as_ref()
                     .map_or(0, |a| a.subscribers().count());
                 Reply::ok(format!(
-                "moonroute {}\nuptime: {}\nscript: {} (version {})\nreloads: {reloads} accepted, {failed} refused\nlive transactions: {}\nlocation: {bindings} bindings\nsubscribers: {subscribers}\n",
+                "moonroute {}\nuptime: {}\nscript: {} (version {})\nreloads: {reloads} accepted, {failed} refused\nlive transactions: {}\nlocation: {bindings} bindings{location_health}\n{kv_health}subscribers: {subscribers}\n",
                 env!("CARGO_PKG_VERSION"),
                 uptime_text(metrics.uptime()),
                 host.path().display(),

@@ -12,7 +12,8 @@
 //! [`LocationStore`] is the interface. [`MemoryLocation`] keeps bindings in memory only;
 //! [`SledLocation`] is the durable store: the same in-memory index serves every lookup, and
 //! each change is also written to sled, made durable by group commit ([`commit`]), in the
-//! record format of [`record`].
+//! record format of [`record`]. [`RedisLocation`] keeps them on a Redis server shared by
+//! several nodes ([`redis_store`]).
 //!
 //! # Fixture format
 //!
@@ -46,9 +47,11 @@ use std::time::{Duration, SystemTime};
 
 pub mod commit;
 pub mod record;
+mod redis_store;
 mod sled_store;
 
 pub use commit::{Commit, CommitState, CommitTicket};
+pub use redis_store::RedisLocation;
 pub use sled_store::{LoadReport, SledLocation};
 
 use crate::sip::name_addr::parse_qvalue;
@@ -195,6 +198,28 @@ pub trait LocationStore: Send + Sync {
         now: SystemTime,
         f: &mut dyn FnMut(Vec<Binding>) -> Option<Vec<Binding>>,
     ) -> Result<Commit, String>;
+
+    /// [`LocationStore::lookup`], or why the store could not answer (a shared store over the
+    /// network that is unreachable): the caller must not take that for "no bindings" (a false
+    /// 404 makes callers give up). Stores in this process always answer.
+    fn try_lookup(&self, aor: &str, now: SystemTime) -> Result<Vec<Binding>, String> {
+        Ok(self.lookup(aor, now))
+    }
+
+    /// False while a shared store is unreachable: its failed calls are answered 503 with
+    /// Retry-After (try again later, or another node), not 500.
+    fn reachable(&self) -> bool {
+        true
+    }
+
+    /// One line on the backend's health for `ctl status` (`None`: nothing to say beyond the
+    /// count).
+    fn health(&self) -> Option<String> {
+        None
+    }
+
+    /// Registers the backend's own metrics (a shared store's link), if it has any.
+    fn register_metrics(&self, _registry: &crate::metrics::Registry) {}
 }
 
 /// Where a walk over a store's AORs resumes ([`LocationStore::aors_page`]); opaque.
@@ -207,7 +232,8 @@ pub struct AorCursor {
 }
 
 /// The store `[location]` asks for: [`SledLocation`] in `<data_dir>/location` (created
-/// private if missing, loaded before this returns, its keys migrated to `keys`) or a
+/// private if missing, loaded before this returns, its keys migrated to `keys`), a
+/// [`RedisLocation`] at `redis_url` (keys used as they are: one rule per cluster), or a
 /// [`MemoryLocation`].
 pub fn open_configured(
     config: &crate::config::Location,
@@ -219,6 +245,17 @@ pub fn open_configured(
         LocationBackend::Memory => Ok(std::sync::Arc::new(MemoryLocation::new(
             config.max_bindings,
         ))),
+        LocationBackend::Redis => {
+            let link = crate::redis_link::RedisLink::open(&config.redis_url)?;
+            // A node may start before Redis: it answers 503 until Redis is there.
+            if let Err(error) = link.ping(std::time::Duration::from_secs(2)) {
+                tracing::warn!(url = %link.url_for_logs(), %error, "location store: Redis does not answer yet; registrations get 503 until it does");
+            }
+            Ok(std::sync::Arc::new(RedisLocation::new(
+                link,
+                config.max_bindings,
+            )))
+        }
         LocationBackend::Sled => {
             let dir = data_dir.join("location");
             let (store, _report) = SledLocation::open_rekeyed(

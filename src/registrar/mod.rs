@@ -810,6 +810,10 @@ impl SaveResult {
     }
 }
 
+/// Retry-After (seconds) of the 503 a REGISTER gets while a shared location store is
+/// unreachable: long enough for a Redis restart, short enough that phones come back soon.
+pub const UNREACHABLE_RETRY_AFTER: u32 = 5;
+
 /// The registrar: [`process`] over a [`LocationStore`].
 #[derive(Clone)]
 pub struct Registrar {
@@ -904,6 +908,17 @@ impl Registrar {
             write
         });
         match (stored, outcome) {
+            // A shared store that cannot be reached: try again later, or another node
+            // (§21.5.4); the bindings are unchanged.
+            (Err(e), _) if !self.store.reachable() => SaveResult::refused(
+                aor,
+                503,
+                format!("Service Unavailable (location store: {e})"),
+                vec![(
+                    "Retry-After".to_owned(),
+                    UNREACHABLE_RETRY_AFTER.to_string(),
+                )],
+            ),
             (Err(e), _) => SaveResult::refused(
                 aor,
                 500,
@@ -950,6 +965,15 @@ impl Registrar {
         self.aors
             .of_text(aor_uri)
             .map_or_else(Vec::new, |aor| self.store.lookup(&aor, now))
+    }
+
+    /// [`Registrar::lookup`], or an error when the store could not answer (a shared store
+    /// that is unreachable): not the same as no bindings.
+    pub fn try_lookup(&self, aor_uri: &str, now: SystemTime) -> Result<Vec<Binding>, String> {
+        match self.aors.of_text(aor_uri) {
+            Some(aor) => self.store.try_lookup(&aor, now),
+            None => Ok(Vec::new()),
+        }
     }
 }
 

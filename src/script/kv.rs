@@ -57,12 +57,22 @@
 //! global lock. A poisoned shard mutex is recovered rather than propagated:
 //! every critical section leaves its map consistent, so a panic elsewhere
 //! must not take the store down.
+//!
+//! # Several nodes
+//!
+//! A store made with [`KvStore::on_redis`] keeps its entries on a Redis server shared by
+//! several nodes instead ([`super::kv_redis`]); calls then fail with [`KvError::Unavailable`]
+//! while Redis cannot be reached (the script's request gets 500).
 
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+/// What the message of [`KvError::Unavailable`] starts with (the router answers 503 to a
+/// request whose script failed with it).
+pub const UNAVAILABLE: &str = "the shared store is unavailable";
 
 /// Number of independently locked shards.
 pub const SHARDS: usize = 64;
@@ -93,6 +103,8 @@ pub enum KvError {
     KeyTooLong,
     /// `incr` was called on a key holding a string.
     NotAnInteger,
+    /// The shared store (Redis) could not be reached, or refused the command.
+    Unavailable(String),
 }
 
 impl fmt::Display for KvError {
@@ -102,6 +114,7 @@ impl fmt::Display for KvError {
             KvError::ValueTooLong => write!(f, "the value is longer than {MAX_VALUE_LEN} bytes"),
             KvError::KeyTooLong => write!(f, "the key is longer than {MAX_KEY_LEN} bytes"),
             KvError::NotAnInteger => write!(f, "the stored value is not an integer"),
+            KvError::Unavailable(e) => write!(f, "{UNAVAILABLE} ({e})"),
         }
     }
 }
@@ -131,6 +144,8 @@ pub struct KvStore {
     /// Only changed while holding the lock of the shard being changed.
     count: AtomicUsize,
     max_keys: usize,
+    /// Entries on Redis instead of in the shards.
+    remote: Option<super::kv_redis::RedisKv>,
 }
 
 impl fmt::Debug for KvStore {
@@ -182,6 +197,61 @@ impl KvStore {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             count: AtomicUsize::new(0),
             max_keys,
+            remote: None,
+        }
+    }
+
+    /// A store whose entries are on the Redis server behind `link`, shared with every node
+    /// using that server.
+    pub fn on_redis(link: std::sync::Arc<crate::redis_link::RedisLink>) -> KvStore {
+        KvStore {
+            remote: Some(super::kv_redis::RedisKv::new(link)),
+            ..KvStore::new(0)
+        }
+    }
+
+    /// Registers the shared store's metrics (`moonroute_kv_redis_*`); nothing in memory.
+    pub fn register_metrics(&self, registry: &crate::metrics::Registry) {
+        if let Some(remote) = &self.remote {
+            remote.link().register_metrics(registry, "kv");
+        }
+    }
+
+    /// One line on the shared store's health for `ctl status` (`None` in memory).
+    pub fn health(&self) -> Option<String> {
+        self.remote.as_ref().map(|r| {
+            let link = r.link();
+            format!(
+                "redis {} {} ({} commands, {} failed)",
+                link.url_for_logs(),
+                if link.is_up() { "up" } else { "UNREACHABLE" },
+                link.commands(),
+                link.errors()
+            )
+        })
+    }
+
+    /// [`KvStore::get`], or why the shared store could not answer.
+    pub fn try_get(&self, key: &str, now: Instant) -> Result<Option<KvValue>, KvError> {
+        match &self.remote {
+            Some(remote) => remote.get(key),
+            None => Ok(self.get(key, now)),
+        }
+    }
+
+    /// [`KvStore::ttl`], or why the shared store could not answer.
+    pub fn try_ttl(&self, key: &str, now: Instant) -> Result<Option<Duration>, KvError> {
+        match &self.remote {
+            Some(remote) => remote.ttl(key),
+            None => Ok(self.ttl(key, now)),
+        }
+    }
+
+    /// [`KvStore::delete`], or why the shared store could not answer.
+    pub fn try_delete(&self, key: &str) -> Result<bool, KvError> {
+        match &self.remote {
+            Some(remote) => remote.delete(key),
+            None => Ok(self.delete(key)),
         }
     }
 
@@ -260,6 +330,9 @@ impl KvStore {
     ) -> Result<(), KvError> {
         check_key(key)?;
         check_value(&value)?;
+        if let Some(remote) = &self.remote {
+            return remote.set(key, value, ttl);
+        }
         let expires = expiry(ttl, now);
         let mut shard = self.shard(key);
         if let Some(e) = shard.get_mut(key) {
@@ -289,6 +362,9 @@ impl KvStore {
         now: Instant,
     ) -> Result<i64, KvError> {
         check_key(key)?;
+        if let Some(remote) = &self.remote {
+            return remote.incr(key, by, ttl);
+        }
         let mut shard = self.shard(key);
         if let Some(e) = shard.get_mut(key) {
             if e.is_live(now) {

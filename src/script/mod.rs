@@ -24,6 +24,7 @@
 pub mod api;
 pub mod engine;
 pub mod kv;
+pub mod kv_redis;
 pub mod offline;
 pub mod router;
 pub mod watch;
@@ -85,11 +86,17 @@ impl Services {
 
     /// The unexpired contacts registered for the AOR of `uri`, highest q first.
     pub fn location_lookup(&self, uri: &str, now: SystemTime) -> Vec<Target> {
+        self.try_location_lookup(uri, now).unwrap_or_default()
+    }
+
+    /// [`Services::location_lookup`], or why the location store could not answer (a shared
+    /// store that is unreachable).
+    pub fn try_location_lookup(&self, uri: &str, now: SystemTime) -> Result<Vec<Target>, String> {
         let Some(registrar) = &self.registrar else {
-            return Vec::new();
+            return Ok(Vec::new());
         };
-        registrar
-            .lookup(uri, now)
+        Ok(registrar
+            .try_lookup(uri, now)?
             .into_iter()
             .map(|b| {
                 // A NATed contact is reached through the address it registered from, unless
@@ -105,7 +112,7 @@ impl Services {
                     destination,
                 }
             })
-            .collect()
+            .collect())
     }
 
     /// Processes a REGISTER (§10.3): the answer to send, as a reply decision. A durable

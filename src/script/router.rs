@@ -213,8 +213,10 @@ impl ScriptHost {
             crate::dispatcher::Dispatcher::from_config(&config.dispatcher).map_err(ScriptError)?,
         );
         crate::dispatcher::register_metrics(&metrics, &dispatcher);
+        let kv = Arc::new(open_kv(&config.kv).map_err(ScriptError)?);
+        kv.register_metrics(&metrics);
         let services = Services {
-            kv: Arc::new(super::kv::KvStore::new(super::KV_MAX_KEYS)),
+            kv,
             registrar: Some(Arc::new(registrar)),
             auth: Some(Arc::new(auth)),
             pike: Arc::new(
@@ -311,6 +313,21 @@ impl ScriptHost {
         *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(source);
         self.version.store(version, Ordering::Release);
         self.version_gauge.set(version as f64);
+    }
+}
+
+/// The `sip.kv` store `[kv]` asks for: this node's memory, or a Redis server shared with other
+/// nodes (the node starts when Redis is not there yet: `sip.kv` calls fail until it is).
+fn open_kv(config: &crate::config::Kv) -> Result<super::kv::KvStore, String> {
+    match config.backend {
+        crate::config::KvBackend::Memory => Ok(super::kv::KvStore::new(super::KV_MAX_KEYS)),
+        crate::config::KvBackend::Redis => {
+            let link = crate::redis_link::RedisLink::open(&config.redis_url)?;
+            if let Err(error) = link.ping(std::time::Duration::from_secs(2)) {
+                tracing::warn!(url = %link.url_for_logs(), %error, "sip.kv: Redis does not answer yet");
+            }
+            Ok(super::kv::KvStore::on_redis(link))
+        }
     }
 }
 
@@ -516,13 +533,13 @@ impl ScriptRouter {
                 super::api::dispatcher::end_call(engine.lua(), &vars);
                 unpin(self);
                 error!(call_id = %call_id(request), error = %e, "on_request failed");
-                return failed_decision(&method);
+                return failed_decision_for(&method, &e.to_string());
             }
             Err(e) => {
                 super::api::dispatcher::end_call(engine.lua(), &vars);
                 unpin(self);
                 error!(call_id = %call_id(request), error = %e, "on_request failed");
-                return failed_decision(&method);
+                return failed_decision_for(&method, &e.to_string());
             }
         };
         let mut state = state;
@@ -586,6 +603,25 @@ fn failed_decision(method: &Option<Method>) -> Routed {
         Some(Method::Ack) => Decision::drop().into(),
         _ => Decision::reply(500, "Server Internal Error").into(),
     }
+}
+
+/// [`failed_decision`] for a hook that failed with `error`: a shared store (`sip.kv` on
+/// Redis) that could not be reached makes it 503 with Retry-After (RFC 3261 §21.5.4: a
+/// temporary condition; another node, or this one later, may serve the request).
+fn failed_decision_for(method: &Option<Method>, error: &str) -> Routed {
+    if method == &Some(Method::Ack) || !error.contains(super::kv::UNAVAILABLE) {
+        return failed_decision(method);
+    }
+    Decision::Reply {
+        code: 503,
+        reason: std::borrow::Cow::Borrowed("Service Unavailable (shared store unreachable)"),
+        headers: vec![(
+            "Retry-After".to_owned(),
+            crate::registrar::UNREACHABLE_RETRY_AFTER.to_string(),
+        )],
+        wait_for: None,
+    }
+    .into()
 }
 
 impl Router for ScriptRouter {
@@ -941,6 +977,7 @@ fn register_service_metrics(
     metrics: &crate::metrics::Registry,
     store: &Arc<dyn crate::location::LocationStore>,
 ) -> ServiceMetrics {
+    store.register_metrics(metrics);
     let bindings = Arc::downgrade(store);
     metrics.gauge_fn(
         "moonroute_location_bindings",

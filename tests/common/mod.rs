@@ -3,6 +3,7 @@
 pub mod dns_server;
 pub mod exposition;
 pub mod flood;
+pub mod redis_server;
 pub mod refused_log;
 pub mod ua;
 

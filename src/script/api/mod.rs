@@ -685,9 +685,19 @@ fn add_location<M: UserDataMethods<ScriptMsg>>(methods: &mut M) {
                 Some(uri) => uri,
                 None => m.msg.request_uri_bytes().map(lossy).unwrap_or_default(),
             };
-            let bindings = env.services.location_lookup(&aor, env.services.now());
-            m.targets = bindings;
-            Ok(m.targets.len())
+            // -1: the location store could not answer (a shared Redis unreachable); the
+            // script answers 503, never a 404 that would make the caller give up.
+            match env.services.try_location_lookup(&aor, env.services.now()) {
+                Ok(bindings) => {
+                    m.targets = bindings;
+                    Ok(m.targets.len() as i64)
+                }
+                Err(error) => {
+                    tracing::debug!(target: "moonroute::location", %aor, %error, "lookup: the location store could not answer");
+                    m.targets = Vec::new();
+                    Ok(-1)
+                }
+            }
         },
     );
     methods.add_method_mut("save", |lua, m, _table: Option<String>| {
@@ -929,11 +939,16 @@ fn kv_table(lua: &Lua) -> mlua::Result<Table> {
     kv.set(
         "get",
         lua.create_function(move |lua, key: String| {
-            Ok(match store(lua)?.get(&key, Instant::now()) {
-                Some(KvValue::Int(i)) => Value::Integer(i),
-                Some(KvValue::Str(s)) => Value::String(lua.create_string(&s)?),
-                None => Value::Nil,
-            })
+            Ok(
+                match store(lua)?
+                    .try_get(&key, Instant::now())
+                    .map_err(kv_error)?
+                {
+                    Some(KvValue::Int(i)) => Value::Integer(i),
+                    Some(KvValue::Str(s)) => Value::String(lua.create_string(&s)?),
+                    None => Value::Nil,
+                },
+            )
         })?,
     )?;
     kv.set(
@@ -972,13 +987,16 @@ fn kv_table(lua: &Lua) -> mlua::Result<Table> {
     )?;
     kv.set(
         "delete",
-        lua.create_function(move |lua, key: String| Ok(store(lua)?.delete(&key)))?,
+        lua.create_function(move |lua, key: String| {
+            store(lua)?.try_delete(&key).map_err(kv_error)
+        })?,
     )?;
     kv.set(
         "ttl",
         lua.create_function(move |lua, key: String| {
             Ok(store(lua)?
-                .ttl(&key, Instant::now())
+                .try_ttl(&key, Instant::now())
+                .map_err(kv_error)?
                 .map(|d| d.as_secs_f64()))
         })?,
     )?;

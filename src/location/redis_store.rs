@@ -1,0 +1,393 @@
+//! [`RedisLocation`]: the location store shared by several nodes on one Redis server.
+//!
+//! # Data model
+//!
+//! - `moonroute:loc:<AOR>`: one string per AOR, the AOR's bindings in the record format of
+//!   [`super::record`] (registration order kept; every binding carries its own expiry, so
+//!   bindings expire one by one, not per AOR);
+//! - `moonroute:loc:expiry`: a sorted set of AORs scored by the earliest expiry of their
+//!   bindings (milliseconds since the Unix epoch): what a sweep visits;
+//! - `moonroute:loc:aors`: a sorted set of AORs, all scored 0, so it is in name order: `ctl ul`
+//!   and walks over the AORs ([`LocationStore::aors_page`]) resume after a name;
+//! - `moonroute:loc:count`: the number of stored bindings (expired ones not yet swept
+//!   included), for `ctl status` and the `max_bindings` bound.
+//!
+//! # Updates from several nodes (RFC 3261 §10.3)
+//!
+//! The §10.3 rules (Call-ID/CSeq ordering, `Contact: *`, expiry) are the registrar's, in Rust,
+//! and stay in one place: an update reads the AOR's record, runs them, and writes the result
+//! with a compare-and-set Lua script run atomically by Redis ([`CAS`]): it writes only if the
+//! record is still the one read, else the update reads again and runs the rules again (at most
+//! [`MAX_ATTEMPTS`] times). Two nodes registering one AOR at once therefore never lose one
+//! another's bindings, and a stale CSeq is refused whichever node sees it. Within one node,
+//! updates of one AOR also take a local lock (one of [`STRIPES`], by hash), so the event loops
+//! of a node do not race one another: only nodes do, and a compare-and-set fails only when
+//! another node wrote the AOR meanwhile.
+//!
+//! # Durability
+//!
+//! The write is acknowledged when Redis answered the script, and only then does the
+//! registrar's 200 go out. How much survives a Redis crash is Redis's persistence setting:
+//! with `appendonly yes` and `appendfsync always` every acknowledged binding survives; with
+//! `appendfsync everysec` (Redis's default, far cheaper) up to one second of them may be lost
+//! with the Redis host (not with a moonroute node: a node killed with SIGKILL loses nothing,
+//! its bindings are in Redis).
+//!
+//! # Redis unreachable
+//!
+//! Every call makes at most a few round trips through the node's [`RedisLink`]; one that
+//! fails returns an error, [`LocationStore::reachable`] turns false, and the registrar answers
+//! 503 with Retry-After, `req:lookup` returns -1 (the shipped script answers 503, never a
+//! false 404).
+//!
+//! Not done yet (next slice): the node a binding arrived through is not recorded, so a
+//! connection-bound (TCP/TLS) or NATed binding is reached directly, not through its owning
+//! node; NAT keep-alives go out from every node.
+
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tracing::{debug, warn};
+
+use super::commit::Commit;
+use super::{live_sorted, record, AorCursor, Binding, LocationStore};
+use crate::redis_link::{LinkError, RedisLink};
+
+const RECORD_PREFIX: &str = "moonroute:loc:";
+const EXPIRY_KEY: &str = "moonroute:loc:expiry";
+const AORS_KEY: &str = "moonroute:loc:aors";
+const COUNT_KEY: &str = "moonroute:loc:count";
+
+/// How many times an update reads and runs the rules again when another node wrote the AOR
+/// between its read and its write.
+const MAX_ATTEMPTS: usize = 32;
+
+/// Local locks serialising one node's updates of an AOR (by hash of the AOR).
+const STRIPES: usize = 64;
+
+/// AORs a sweep takes from the expiry set per round trip.
+const SWEEP_BATCH: usize = 500;
+
+/// The compare-and-set of one AOR's record. KEYS: record, expiry set, AOR set, count.
+/// ARGV: the record read ("" when absent), the new record ("" removes the AOR), the earliest
+/// expiry of the new record (ms), the change in the number of bindings, the AOR, the bound on
+/// the number of bindings. Returns 1 when written, 0 when the record changed since it was
+/// read, -1 when the store is full.
+const CAS: &str = r"
+local current = redis.call('GET', KEYS[1])
+if current == false then current = '' end
+if current ~= ARGV[1] then return 0 end
+local delta = tonumber(ARGV[4])
+if delta > 0 then
+  local total = tonumber(redis.call('GET', KEYS[4]) or '0')
+  if total + delta > tonumber(ARGV[6]) then return -1 end
+end
+if ARGV[2] == '' then
+  redis.call('DEL', KEYS[1])
+  redis.call('ZREM', KEYS[2], ARGV[5])
+  redis.call('ZREM', KEYS[3], ARGV[5])
+else
+  redis.call('SET', KEYS[1], ARGV[2])
+  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[5])
+  redis.call('ZADD', KEYS[3], 0, ARGV[5])
+end
+if delta ~= 0 then redis.call('INCRBY', KEYS[4], delta) end
+return 1
+";
+
+/// The [`LocationStore`] on Redis (see the module documentation).
+pub struct RedisLocation {
+    link: Arc<RedisLink>,
+    stripes: Vec<Mutex<()>>,
+    hasher: RandomState,
+    cas: redis::Script,
+    max_bindings: usize,
+}
+
+impl std::fmt::Debug for RedisLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisLocation")
+            .field("link", &self.link)
+            .finish()
+    }
+}
+
+/// What an update read: the record as stored (to compare and set) and its bindings.
+struct Read {
+    raw: Vec<u8>,
+    bindings: Vec<Binding>,
+}
+
+impl Read {
+    /// The unexpired bindings, in registration order.
+    fn live(&self, now: SystemTime) -> Vec<Binding> {
+        self.bindings
+            .iter()
+            .filter(|b| b.is_live(now))
+            .cloned()
+            .collect()
+    }
+}
+
+impl RedisLocation {
+    /// The store on the server behind `link`, holding at most `max_bindings` bindings (all
+    /// nodes together).
+    pub fn new(link: Arc<RedisLink>, max_bindings: usize) -> RedisLocation {
+        RedisLocation {
+            link,
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            hasher: RandomState::new(),
+            cas: redis::Script::new(CAS),
+            max_bindings,
+        }
+    }
+
+    pub fn link(&self) -> &Arc<RedisLink> {
+        &self.link
+    }
+
+    /// This node's lock for updates of `aor` (a poisoned one is taken as it is: it guards
+    /// no data).
+    fn lock(&self, aor: &str) -> MutexGuard<'_, ()> {
+        let index = (self.hasher.hash_one(aor) % STRIPES as u64) as usize;
+        self.stripes[index]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn record_key(aor: &str) -> String {
+        format!("{RECORD_PREFIX}{aor}")
+    }
+
+    fn read(&self, aor: &str) -> Result<Read, String> {
+        let raw: Option<Vec<u8>> = self
+            .link
+            .query(redis::cmd("GET").arg(Self::record_key(aor)).clone())
+            .map_err(unreachable)?;
+        let raw = raw.unwrap_or_default();
+        if raw.is_empty() {
+            return Ok(Read {
+                raw,
+                bindings: Vec::new(),
+            });
+        }
+        let bindings = record::decode(aor.as_bytes(), &raw)
+            .map_err(|e| format!("the record of {aor} in Redis is unreadable: {e}"))?;
+        Ok(Read { raw, bindings })
+    }
+
+    /// Writes `new` in place of what `read` found; `Ok(false)` when another node wrote first.
+    fn compare_and_set(&self, aor: &str, read: &Read, new: &[Binding]) -> Result<bool, String> {
+        let encoded = if new.is_empty() {
+            Vec::new()
+        } else {
+            record::encode(new)
+        };
+        let earliest = new
+            .iter()
+            .map(|b| millis(b.expires_at))
+            .min()
+            .unwrap_or(0)
+            .to_string();
+        let delta = (new.len() as i64 - read.bindings.len() as i64).to_string();
+        let key = Self::record_key(aor);
+        let max = self.max_bindings.to_string();
+        let answer: i64 = self
+            .link
+            .script(
+                &self.cas,
+                &[
+                    key.as_bytes(),
+                    EXPIRY_KEY.as_bytes(),
+                    AORS_KEY.as_bytes(),
+                    COUNT_KEY.as_bytes(),
+                ],
+                &[
+                    &read.raw,
+                    &encoded,
+                    earliest.as_bytes(),
+                    delta.as_bytes(),
+                    aor.as_bytes(),
+                    max.as_bytes(),
+                ],
+            )
+            .map_err(unreachable)?;
+        match answer {
+            1 => Ok(true),
+            0 => Ok(false),
+            _ => Err(format!(
+                "location store full ({} bindings)",
+                self.max_bindings
+            )),
+        }
+    }
+}
+
+impl RedisLocation {
+    /// Removes the expired bindings of `aor` (and so moves its score in the expiry set to
+    /// its next expiry); returns how many.
+    fn sweep_one(&self, aor: &str, now: SystemTime) -> Result<usize, String> {
+        let _local = self.lock(aor);
+        for _ in 0..MAX_ATTEMPTS {
+            let read = self.read(aor)?;
+            let live = read.live(now);
+            let gone = read.bindings.len() - live.len();
+            if self.compare_and_set(aor, &read, &live)? {
+                return Ok(gone);
+            }
+        }
+        Err(format!("{aor} is being updated by other nodes"))
+    }
+}
+
+fn unreachable(error: LinkError) -> String {
+    error.to_string()
+}
+
+/// Milliseconds since the Unix epoch (0 before it).
+fn millis(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis().min(u128::from(u64::MAX)) as u64)
+}
+
+impl LocationStore for RedisLocation {
+    fn lookup(&self, aor: &str, now: SystemTime) -> Vec<Binding> {
+        self.try_lookup(aor, now).unwrap_or_else(|error| {
+            // The link logged the outage once; a line per lookup would flood the log.
+            debug!(%aor, %error, "location lookup failed");
+            Vec::new()
+        })
+    }
+
+    fn try_lookup(&self, aor: &str, now: SystemTime) -> Result<Vec<Binding>, String> {
+        let read = self.read(aor)?;
+        Ok(live_sorted(&read.bindings, now))
+    }
+
+    fn replace(&self, aor: &str, bindings: Vec<Binding>) -> Result<Commit, String> {
+        let _local = self.lock(aor);
+        for _ in 0..MAX_ATTEMPTS {
+            let read = self.read(aor)?;
+            if self.compare_and_set(aor, &read, &bindings)? {
+                return Ok(Commit::Done);
+            }
+        }
+        Err(format!("{aor} is being updated by other nodes, try again"))
+    }
+
+    /// Removes the expired bindings of the AORs whose earliest expiry has passed (every node
+    /// may sweep: each AOR's write is a compare-and-set).
+    fn sweep(&self, now: SystemTime) -> usize {
+        let due: Vec<String> = match self.link.query(
+            redis::cmd("ZRANGEBYSCORE")
+                .arg(EXPIRY_KEY)
+                .arg("-inf")
+                .arg(millis(now))
+                .arg("LIMIT")
+                .arg(0)
+                .arg(SWEEP_BATCH)
+                .clone(),
+        ) {
+            Ok(due) => due,
+            Err(error) => {
+                debug!(%error, "location sweep skipped");
+                return 0;
+            }
+        };
+        let mut removed = 0;
+        for aor in due {
+            match self.sweep_one(&aor, now) {
+                Ok(gone) => removed += gone,
+                Err(error) => warn!(%aor, %error, "location sweep: AOR not swept"),
+            }
+        }
+        removed
+    }
+
+    fn count(&self) -> usize {
+        self.link
+            .query::<Option<i64>>(redis::cmd("GET").arg(COUNT_KEY).clone())
+            .ok()
+            .flatten()
+            .map_or(0, |n| n.max(0) as usize)
+    }
+
+    fn aors(&self) -> Vec<String> {
+        self.link
+            .query(redis::cmd("ZRANGE").arg(AORS_KEY).arg(0).arg(-1).clone())
+            .unwrap_or_default()
+    }
+
+    /// In name order (the AOR set is scored 0): a walk resumes after the last name listed.
+    fn aors_page(&self, cursor: &AorCursor, limit: usize) -> (Vec<String>, Option<AorCursor>) {
+        let limit = limit.max(1);
+        let from = cursor
+            .after
+            .as_ref()
+            .map_or_else(|| "-".to_owned(), |after| format!("({after}"));
+        let page: Vec<String> = self
+            .link
+            .query(
+                redis::cmd("ZRANGEBYLEX")
+                    .arg(AORS_KEY)
+                    .arg(from)
+                    .arg("+")
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(limit)
+                    .clone(),
+            )
+            .unwrap_or_default();
+        let next = (page.len() == limit).then(|| AorCursor {
+            shard: 0,
+            after: page.last().cloned(),
+        });
+        (page, next)
+    }
+
+    /// Read, run `f`, compare-and-set; again from the read when another node wrote the AOR
+    /// meanwhile. `f` may run several times: it is the registrar's sans-IO rules.
+    fn update(
+        &self,
+        aor: &str,
+        now: SystemTime,
+        f: &mut dyn FnMut(Vec<Binding>) -> Option<Vec<Binding>>,
+    ) -> Result<Commit, String> {
+        let _local = self.lock(aor);
+        for _ in 0..MAX_ATTEMPTS {
+            let read = self.read(aor)?;
+            let live = read.live(now);
+            let Some(new) = f(live) else {
+                return Ok(Commit::Done);
+            };
+            if self.compare_and_set(aor, &read, &new)? {
+                return Ok(Commit::Done);
+            }
+        }
+        Err(format!("{aor} is being updated by other nodes, try again"))
+    }
+
+    fn reachable(&self) -> bool {
+        self.link.is_up()
+    }
+
+    fn register_metrics(&self, registry: &crate::metrics::Registry) {
+        self.link.register_metrics(registry, "location");
+    }
+
+    fn health(&self) -> Option<String> {
+        Some(format!(
+            "redis {} {} ({} commands, {} failed)",
+            self.link.url_for_logs(),
+            if self.link.is_up() {
+                "up"
+            } else {
+                "UNREACHABLE"
+            },
+            self.link.commands(),
+            self.link.errors()
+        ))
+    }
+}
