@@ -26,6 +26,7 @@ need_free_udp_port "$port"
 bin=$(moonroute_bin)
 out=${OUT:-$(mktemp -d "${TMPDIR:-/tmp}/moonroute-callgrind.XXXXXX")}
 mkdir -p "$out"
+rm -rf "$out"/cg.* "$out"/data "$out"/*.csv
 vpid= UAS_PID= UAC_PID=
 cleanup() { stop_pid "$UAC_PID"; stop_pid "$UAS_PID"; stop_pid "$vpid"; }
 trap cleanup EXIT
