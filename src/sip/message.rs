@@ -82,16 +82,12 @@ pub struct Message {
     /// nothing left to find (the core validates every request on receipt; `req:sanity()` then
     /// costs nothing for a message the script has not touched).
     valid: bool,
-    /// The top Via as parsed the first time it was asked for since the last edit: the core,
-    /// the transaction layer, the proxy and the script each read it, and parsing it once is
-    /// enough (a top Via that does not parse is not kept: the error is found again). Boxed:
-    /// messages travel inside events and transaction state, which a layout kept inline would
-    /// make ~80 bytes larger.
-    top_via: OnceCell<Box<ViaLayout>>,
-    /// The Request-URI, From, To and first Contact as parsed the first time they were asked
-    /// for (the Request-URI when the message was parsed): the core, the transaction layer, the
-    /// proxy, the dialog tracker and the script each read them. Boxed for the same reason as
-    /// `top_via`, and allocated when first needed.
+    /// The top Via, Request-URI, From, To and first Contact as parsed the first time they were
+    /// asked for (the Request-URI when the message was parsed): the core, the transaction
+    /// layer, the proxy, the dialog tracker and the script each read them, and parsing each
+    /// once is enough (a value that does not parse is not kept: the error is found again).
+    /// Boxed, and allocated when first needed: messages travel inside events and transaction
+    /// state, which layouts kept inline would make several hundred bytes larger.
     parsed: OnceCell<Box<Parsed>>,
 }
 
@@ -101,6 +97,8 @@ pub struct Message {
 /// is simply never used again (no edit has to remember to drop it).
 #[derive(Clone, Debug, Default)]
 struct Parsed {
+    /// Of the first Via field (whose first value is the top Via).
+    top_via: Cell<Option<Kept<ViaLayout>>>,
     request_uri: Cell<Option<Kept<UriLayout>>>,
     from: Cell<Option<Kept<NameAddrLayout>>>,
     to: Cell<Option<Kept<NameAddrLayout>>>,
@@ -260,7 +258,6 @@ impl Message {
             wire_end: wire_end as u32,
             edited: false,
             valid: false,
-            top_via: OnceCell::new(),
             parsed,
         })
     }
@@ -316,7 +313,6 @@ impl Message {
             wire_end: 0,
             edited: true,
             valid: false,
-            top_via: OnceCell::new(),
             parsed: OnceCell::new(),
         };
         msg.top_via().ok()?;
@@ -452,22 +448,16 @@ impl Message {
             .map(|v| v.map_err(|e| e.in_context("Via")).and_then(Via::parse))
     }
 
+    /// The first value of the first Via field (what [`Message::vias`] yields first), parsed
+    /// once per message (see [`Parsed`]).
     pub fn top_via(&self) -> Result<Via<'_>> {
-        let first = self.headers.iter().find(|h| h.name == HeaderName::Via);
-        let Some(first) = first.map(|h| self.text(h.value)) else {
-            return Err(ParseError::bad("Via", "missing"));
+        let field = self.single(HeaderName::Via, "Via")?;
+        let parse = |field| {
+            let first = scan::split_commas(field).next();
+            let first = first.unwrap_or(Err(ParseError::bad("Via", "missing")));
+            first.map_err(|e| e.in_context("Via")).and_then(Via::parse)
         };
-        if let Some(layout) = self.top_via.get() {
-            return Ok(Via::rebuild(layout, first));
-        }
-        let via = self
-            .vias()
-            .next()
-            .unwrap_or(Err(ParseError::bad("Via", "missing")));
-        if let Ok(v) = &via {
-            let _ = self.top_via.set(Box::new(v.layout(first)));
-        }
-        via
+        self.kept(|p| &p.top_via, field, parse, Via::layout, Via::rebuild)
     }
 
     pub fn from(&self) -> Result<NameAddr<'_>> {
@@ -777,7 +767,6 @@ impl Message {
     fn touched(&mut self) {
         self.edited = true;
         self.valid = false;
-        self.top_via.take();
     }
 
     /// After removing fields or values of `name`: what [`Message::validate`] checks of the

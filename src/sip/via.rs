@@ -210,7 +210,7 @@ impl<'a> Via<'a> {
     }
 
     /// The Via `layout` describes, over the same `base` it was taken from (the caller keeps
-    /// the two together: a message drops its layouts on every edit).
+    /// the two together: a message keeps each layout with the place of its text).
     pub(crate) fn rebuild(layout: &ViaLayout, base: &'a [u8]) -> Via<'a> {
         Via {
             protocol: at(base, layout.protocol),
