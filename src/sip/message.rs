@@ -653,13 +653,17 @@ impl Message {
         &self.buf
     }
 
-    /// Heap bytes this message keeps alive: the buffer it was parsed from, its header index
-    /// and the text of its edits (what a transaction holding it costs; see
+    /// Heap bytes this message keeps alive: the buffer it was parsed from, its header index,
+    /// the text of its edits and its kept parses (what a transaction holding it costs; see
     /// `transaction::layer`'s memory budget).
     pub fn heap_bytes(&self) -> usize {
         self.buf.len()
             + self.headers.capacity() * std::mem::size_of::<HeaderEntry>()
             + self.own.capacity()
+            + self
+                .parsed
+                .get()
+                .map_or(0, |_| std::mem::size_of::<Parsed>())
     }
 
     /// `part`, a slice borrowed from this message, as owned bytes: shared with the received
