@@ -8,6 +8,7 @@ pub mod dispatcher;
 pub mod dns;
 pub mod file_modes;
 pub mod flood;
+pub mod id_map;
 pub mod location;
 pub mod logging;
 pub mod memory;

@@ -37,6 +37,7 @@ use super::cdr::{Cdr, EndReason};
 use super::directory::Directory;
 use super::metrics::DialogMetrics;
 use super::profiles::{JoinError, Membership, Profiles};
+use crate::id_map::IdMap;
 use crate::sip::Uri;
 use crate::transport::{ConnectionId, Destination, TransportKind};
 
@@ -464,7 +465,7 @@ pub struct Counters {
 pub struct DialogTable {
     limits: Limits,
     profiles: Arc<Profiles>,
-    dialogs: HashMap<DialogId, Dialog>,
+    dialogs: IdMap<DialogId, Dialog>,
     /// Call-ID → its dialogs (one, but for a caller reusing a Call-ID with another From tag).
     index: HashMap<Bytes, Vec<DialogId>>,
     /// Deadlines, possibly stale: an entry counts only if the dialog still has that deadline.
@@ -505,7 +506,7 @@ impl DialogTable {
         DialogTable {
             limits,
             profiles,
-            dialogs: HashMap::new(),
+            dialogs: IdMap::default(),
             index: HashMap::new(),
             timers: BinaryHeap::new(),
             next_id: 1,

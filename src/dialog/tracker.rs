@@ -10,7 +10,6 @@
 //! router, so the two never meet.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
@@ -19,6 +18,7 @@ use bytes::Bytes;
 use tracing::{info, warn};
 
 use super::{Bye, Cdr, CdrSink, DialogId, DialogTable, Expired, Side, Stamp, State};
+use crate::id_map::IdMap;
 use crate::sip::{Contact, HeaderName, Message, Method};
 use crate::transaction::layer::TxId;
 use crate::transport::Destination;
@@ -31,7 +31,7 @@ pub struct DialogTracker {
     sink: Option<Arc<CdrSink>>,
     /// The proxy's BYEs waiting for their final response: Call-ID and party, for the log.
     /// One entry per BYE for at most its transaction's life (Timer F, 32 s).
-    byes: HashMap<TxId, (Bytes, Side)>,
+    byes: IdMap<TxId, (Bytes, Side)>,
 }
 
 fn stamp(now: Instant) -> Stamp {
@@ -43,7 +43,7 @@ impl DialogTracker {
         DialogTracker {
             table,
             sink,
-            byes: HashMap::new(),
+            byes: IdMap::default(),
         }
     }
 

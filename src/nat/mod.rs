@@ -25,7 +25,7 @@ pub mod keepalive;
 
 use std::net::{IpAddr, SocketAddr};
 
-use crate::sip::{Contact, HeaderName, Message};
+use crate::sip::{Contact, Message};
 use crate::transport::TransportKind;
 
 /// Addresses that are not globally reachable: a Contact or Via naming one was written by a UA
@@ -112,10 +112,7 @@ pub fn detect(request: &Message, source: SocketAddr, kind: TransportKind) -> Nat
 /// Whether the first Contact of `message` names a private address ([`is_private`]) other than
 /// `source`'s.
 fn contact_private(message: &Message, source: SocketAddr) -> bool {
-    let Some(Ok(value)) = message.values(HeaderName::Contact).next() else {
-        return false;
-    };
-    let Ok(Contact::Addr(addr)) = Contact::parse(value) else {
+    let Some(Ok(Contact::Addr(addr))) = message.contacts().next() else {
         return false;
     };
     let ip = addr.uri.as_sip().and_then(|sip| sip.host.ip());

@@ -19,9 +19,10 @@
 
 use std::borrow::Cow;
 
+use crate::id_map::IdMap;
 use crate::location::CommitTicket;
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BinaryHeap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -194,12 +195,12 @@ pub struct Relay {
     router: Box<dyn Router>,
     next_unique: u64,
     /// Boxed: a call is large, and the map's spare slots should not be.
-    calls: HashMap<TxId, Box<Call>>,
+    calls: IdMap<TxId, Box<Call>>,
     /// Client transaction → (server transaction, branch).
-    branch_of: HashMap<TxId, (TxId, BranchId)>,
+    branch_of: IdMap<TxId, (TxId, BranchId)>,
     timer_c_queue: BinaryHeap<Reverse<(Instant, TxId, usize)>>,
     /// DNS resolutions asked for and not answered yet, by id.
-    resolving: HashMap<u64, Resolving>,
+    resolving: IdMap<u64, Resolving>,
     next_resolve: u64,
     /// Resolutions to ask the shell for; see [`Relay::take_resolves`].
     resolve_requests: Vec<(u64, dns::Query)>,
@@ -257,10 +258,10 @@ impl Relay {
             timer_c,
             router,
             next_unique: 0,
-            calls: HashMap::new(),
-            branch_of: HashMap::new(),
+            calls: IdMap::default(),
+            branch_of: IdMap::default(),
             timer_c_queue: BinaryHeap::new(),
-            resolving: HashMap::new(),
+            resolving: IdMap::default(),
             next_resolve: 0,
             resolve_requests: Vec::new(),
             callee_mistakes: Throttle::new(CALLEE_MISTAKE_LOG_PERIOD, CALLEE_MISTAKE_LOG_KEYS),

@@ -13,7 +13,6 @@
 //! its last transaction ends (reference counting).
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,6 +28,7 @@ use super::api::dialog as dialog_api;
 use super::api::{Role, ScriptMsg};
 use super::engine::{Engine, Env, Limits, LogSink, ScriptError, ScriptSource, Step};
 use super::Services;
+use crate::id_map::IdMap;
 use crate::metrics::{Counter, Gauge, Histogram, Registry, DURATION_BUCKETS};
 use crate::proxy::request::{remove_preloaded_route, route_set};
 use crate::proxy::response_context::Target;
@@ -372,7 +372,7 @@ pub struct ScriptRouter {
     identity: LocalIdentity,
     loop_index: usize,
     engine: Option<Rc<Engine>>,
-    calls: HashMap<u64, Pinned>,
+    calls: IdMap<u64, Pinned>,
     next_handle: u64,
     /// Stands in for a request while the script holds it (cheap to clone: shared bytes).
     placeholder: Message,
@@ -388,7 +388,7 @@ impl ScriptRouter {
             identity,
             loop_index,
             engine: None,
-            calls: HashMap::new(),
+            calls: IdMap::default(),
             next_handle: 0,
             placeholder: placeholder(),
             log: LogSink::Tracing,

@@ -11,7 +11,7 @@
 //! spelling and folding, so a proxy forwards what it does not understand untouched (§16.6).
 //! An unedited message serializes to the very bytes it was parsed from.
 
-use std::cell::OnceCell;
+use std::cell::{Cell, OnceCell};
 use std::net::SocketAddr;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -20,11 +20,11 @@ use memchr::memchr;
 use super::error::{ParseError, Result};
 use super::header::HeaderName;
 use super::method::Method;
-use super::name_addr::{parse_delta_seconds, Contact, NameAddr};
+use super::name_addr::{parse_delta_seconds, Contact, ContactLayout, NameAddr, NameAddrLayout};
 use super::params::Params;
 use super::scan;
 use super::typed::{self, CSeq};
-use super::uri::Uri;
+use super::uri::{Uri, UriLayout};
 use super::via::{Via, ViaLayout};
 
 /// Upper bound on header fields in one message, so hostile input cannot grow the index without
@@ -82,12 +82,34 @@ pub struct Message {
     /// nothing left to find (the core validates every request on receipt; `req:sanity()` then
     /// costs nothing for a message the script has not touched).
     valid: bool,
-    /// The top Via as parsed the first time it was asked for since the last edit: the core,
-    /// the transaction layer, the proxy and the script each read it, and parsing it once is
-    /// enough (a top Via that does not parse is not kept: the error is found again). Boxed:
-    /// messages travel inside events and transaction state, which a layout kept inline would
-    /// make ~80 bytes larger.
-    top_via: OnceCell<Box<ViaLayout>>,
+    /// The top Via, Request-URI, From, To and first Contact as parsed the first time they were
+    /// asked for (the Request-URI when the message was parsed): the core, the transaction
+    /// layer, the proxy, the dialog tracker and the script each read them, and parsing each
+    /// once is enough (a value that does not parse is not kept: the error is found again).
+    /// Boxed, and allocated when first needed: messages travel inside events and transaction
+    /// state, which layouts kept inline would make several hundred bytes larger.
+    parsed: OnceCell<Box<Parsed>>,
+}
+
+/// Parses kept by a message, each with the place of the text it was parsed from, and used only
+/// while the value asked for is still that text. The edit buffer only grows, so a place names
+/// one text for the message's whole life: an edited field has a new place, and its old parse
+/// is simply never used again (no edit has to remember to drop it).
+#[derive(Clone, Debug, Default)]
+struct Parsed {
+    /// Of the first Via field (whose first value is the top Via).
+    top_via: Cell<Option<Kept<ViaLayout>>>,
+    request_uri: Cell<Option<Kept<UriLayout>>>,
+    from: Cell<Option<Kept<NameAddrLayout>>>,
+    to: Cell<Option<Kept<NameAddrLayout>>>,
+    first_contact: Cell<Option<Kept<ContactLayout>>>,
+}
+
+/// A value's layout and where its text lies in the message.
+#[derive(Clone, Copy, Debug)]
+struct Kept<L> {
+    text: Span,
+    layout: L,
 }
 
 /// A header field as seen by callers: its classified name and borrowed text.
@@ -150,7 +172,7 @@ impl Message {
             line_at(b, pos).ok_or(ParseError::bad("start line", "message has no line end"))?;
         let start_line = Span::orig(pos, line_end);
         refuse_bare_cr(&b[pos..line_end])?;
-        let kind = parse_start_line(&b[pos..line_end], pos)?;
+        let (kind, uri_layout) = parse_start_line(&b[pos..line_end], pos)?;
         pos = next;
 
         let mut headers: Vec<HeaderEntry> = Vec::with_capacity(16);
@@ -219,6 +241,12 @@ impl Message {
         };
         let wire_end = body_start + body_len;
         let body = buf.slice(body_start..wire_end);
+        let parsed = OnceCell::new();
+        if let (Kind::Request { uri, .. }, Some(layout)) = (&kind, uri_layout) {
+            let kept = Parsed::default();
+            kept.request_uri.set(Some(Kept { text: *uri, layout }));
+            let _ = parsed.set(Box::new(kept));
+        }
         Ok(Message {
             buf,
             own: Vec::new(),
@@ -230,7 +258,7 @@ impl Message {
             wire_end: wire_end as u32,
             edited: false,
             valid: false,
-            top_via: OnceCell::new(),
+            parsed,
         })
     }
 
@@ -285,7 +313,7 @@ impl Message {
             wire_end: 0,
             edited: true,
             valid: false,
-            top_via: OnceCell::new(),
+            parsed: OnceCell::new(),
         };
         msg.top_via().ok()?;
         Some(msg)
@@ -336,7 +364,13 @@ impl Message {
         let raw = self
             .request_uri_bytes()
             .ok_or(ParseError::bad("Request-URI", "a response has none"))?;
-        Uri::parse(raw)
+        self.kept(
+            |p| &p.request_uri,
+            raw,
+            Uri::parse,
+            Uri::layout,
+            Uri::rebuild,
+        )
     }
 
     pub fn status(&self) -> Option<u16> {
@@ -414,30 +448,78 @@ impl Message {
             .map(|v| v.map_err(|e| e.in_context("Via")).and_then(Via::parse))
     }
 
+    /// The first value of the first Via field (what [`Message::vias`] yields first), parsed
+    /// once per message (see [`Parsed`]).
     pub fn top_via(&self) -> Result<Via<'_>> {
-        let first = self.headers.iter().find(|h| h.name == HeaderName::Via);
-        let Some(first) = first.map(|h| self.text(h.value)) else {
-            return Err(ParseError::bad("Via", "missing"));
+        let field = self.single(HeaderName::Via, "Via")?;
+        let parse = |field| {
+            let first = scan::split_commas(field).next();
+            let first = first.unwrap_or(Err(ParseError::bad("Via", "missing")));
+            first.map_err(|e| e.in_context("Via")).and_then(Via::parse)
         };
-        if let Some(layout) = self.top_via.get() {
-            return Ok(Via::rebuild(layout, first));
-        }
-        let via = self
-            .vias()
-            .next()
-            .unwrap_or(Err(ParseError::bad("Via", "missing")));
-        if let Ok(v) = &via {
-            let _ = self.top_via.set(Box::new(v.layout(first)));
-        }
-        via
+        self.kept(|p| &p.top_via, field, parse, Via::layout, Via::rebuild)
     }
 
     pub fn from(&self) -> Result<NameAddr<'_>> {
-        NameAddr::parse(self.single(HeaderName::From, "From")?).map_err(|e| e.in_context("From"))
+        let value = self.single(HeaderName::From, "From")?;
+        let parse = |v| NameAddr::parse(v).map_err(|e| e.in_context("From"));
+        self.kept(
+            |p| &p.from,
+            value,
+            parse,
+            NameAddr::layout,
+            NameAddr::rebuild,
+        )
     }
 
     pub fn to(&self) -> Result<NameAddr<'_>> {
-        NameAddr::parse(self.single(HeaderName::To, "To")?).map_err(|e| e.in_context("To"))
+        let value = self.single(HeaderName::To, "To")?;
+        let parse = |v| NameAddr::parse(v).map_err(|e| e.in_context("To"));
+        self.kept(|p| &p.to, value, parse, NameAddr::layout, NameAddr::rebuild)
+    }
+
+    /// What `text`, a slice of this message, parses to: the parse kept in `slot` when it was
+    /// taken from this very text (see [`Parsed`]), else `parse`d now and kept.
+    fn kept<'m, L: Copy, T>(
+        &'m self,
+        slot: fn(&Parsed) -> &Cell<Option<Kept<L>>>,
+        text: &'m [u8],
+        parse: impl FnOnce(&'m [u8]) -> Result<T>,
+        layout: impl FnOnce(&T, &[u8]) -> L,
+        rebuild: impl FnOnce(&L, &'m [u8]) -> T,
+    ) -> Result<T> {
+        let Some(span) = self.span_of(text) else {
+            return parse(text);
+        };
+        let cell = slot(self.parsed.get_or_init(Box::default));
+        if let Some(kept) = cell.get().filter(|k| k.text == span) {
+            return Ok(rebuild(&kept.layout, text));
+        }
+        let value = parse(text)?;
+        cell.set(Some(Kept {
+            text: span,
+            layout: layout(&value, text),
+        }));
+        Ok(value)
+    }
+
+    /// Where `part`, a non-empty slice of this message's text, lies.
+    fn span_of(&self, part: &[u8]) -> Option<Span> {
+        let within = |base: &[u8]| {
+            let start = (part.as_ptr() as usize).checked_sub(base.as_ptr() as usize)?;
+            (start + part.len() <= base.len()).then_some(start)
+        };
+        if part.is_empty() {
+            return None;
+        }
+        if let Some(start) = within(&self.buf) {
+            return Some(Span::orig(start, start + part.len()));
+        }
+        within(&self.own).map(|start| Span {
+            own: true,
+            start: start as u32,
+            end: (start + part.len()) as u32,
+        })
     }
 
     /// The From tag: `self.from().ok().and_then(|f| f.tag())`, without parsing the URI once
@@ -477,11 +559,27 @@ impl Message {
             .map(typed::parse_max_forwards)
     }
 
+    /// Every Contact value; the first is parsed once per message (see [`Parsed`]).
     pub fn contacts(&self) -> impl Iterator<Item = Result<Contact<'_>>> + '_ {
-        self.values(HeaderName::Contact).map(|v| {
+        let mut values = self.values(HeaderName::Contact);
+        let first = values.next().map(|v| {
+            v.and_then(|v| {
+                let parse = Contact::parse;
+                self.kept(
+                    |p| &p.first_contact,
+                    v,
+                    parse,
+                    Contact::layout,
+                    Contact::rebuild,
+                )
+            })
+            .map_err(|e| e.in_context("Contact"))
+        });
+        let rest = values.map(|v| {
             v.and_then(Contact::parse)
                 .map_err(|e| e.in_context("Contact"))
-        })
+        });
+        first.into_iter().chain(rest)
     }
 
     fn name_addrs(
@@ -555,13 +653,17 @@ impl Message {
         &self.buf
     }
 
-    /// Heap bytes this message keeps alive: the buffer it was parsed from, its header index
-    /// and the text of its edits (what a transaction holding it costs; see
+    /// Heap bytes this message keeps alive: the buffer it was parsed from, its header index,
+    /// the text of its edits and its kept parses (what a transaction holding it costs; see
     /// `transaction::layer`'s memory budget).
     pub fn heap_bytes(&self) -> usize {
         self.buf.len()
             + self.headers.capacity() * std::mem::size_of::<HeaderEntry>()
             + self.own.capacity()
+            + self
+                .parsed
+                .get()
+                .map_or(0, |_| std::mem::size_of::<Parsed>())
     }
 
     /// `part`, a slice borrowed from this message, as owned bytes: shared with the received
@@ -669,7 +771,6 @@ impl Message {
     fn touched(&mut self) {
         self.edited = true;
         self.valid = false;
-        self.top_via.take();
     }
 
     /// After removing fields or values of `name`: what [`Message::validate`] checks of the
@@ -692,7 +793,7 @@ impl Message {
 
     /// Replaces the Request-URI (§16.6 step 2); `uri` must parse.
     pub fn set_request_uri(&mut self, uri: &[u8]) -> Result<()> {
-        Uri::parse(uri)?;
+        let layout = Uri::parse(uri)?.layout(uri);
         let Kind::Request { method, .. } = &self.kind else {
             return Err(ParseError::bad("Request-URI", "a response has none"));
         };
@@ -709,6 +810,11 @@ impl Message {
         }
         self.start_line = span;
         self.touched();
+        let kept = Some(Kept {
+            text: uri_span,
+            layout,
+        });
+        self.parsed.get_or_init(Box::default).request_uri.set(kept);
         Ok(())
     }
 
@@ -1030,9 +1136,9 @@ fn parse_header_line(b: &[u8], pos: usize, end: usize) -> Result<HeaderEntry> {
 /// Request-Line = Method SP Request-URI SP SIP-Version; Status-Line = SIP-Version SP
 /// Status-Code SP Reason-Phrase (§7.1, §7.2). Exactly one SP between elements (RFC 4475
 /// §3.1.2.9, §3.1.2.10).
-fn parse_start_line(line: &[u8], offset: usize) -> Result<Kind> {
+fn parse_start_line(line: &[u8], offset: usize) -> Result<(Kind, Option<UriLayout>)> {
     if line.len() >= 4 && scan::eq_ic(&line[..4], b"SIP/") {
-        return parse_status_line(line, offset);
+        return parse_status_line(line, offset).map(|kind| (kind, None));
     }
     let sp1 = memchr(b' ', line).ok_or(ParseError::bad("start line", "not a SIP request line"))?;
     let sp2 = memchr::memrchr(b' ', line)
@@ -1044,11 +1150,14 @@ fn parse_start_line(line: &[u8], offset: usize) -> Result<Kind> {
     if uri.is_empty() || uri.iter().any(|&c| c == b' ' || c == b'\t') {
         return Err(ParseError::bad("Request-URI", "contains white space"));
     }
-    Uri::parse(uri).map_err(|e| e.in_context("Request-URI"))?;
-    Ok(Kind::Request {
+    let layout = Uri::parse(uri)
+        .map_err(|e| e.in_context("Request-URI"))?
+        .layout(uri);
+    let kind = Kind::Request {
         method,
         uri: Span::orig(offset + sp1 + 1, offset + sp2),
-    })
+    };
+    Ok((kind, Some(layout)))
 }
 
 fn parse_status_line(line: &[u8], offset: usize) -> Result<Kind> {

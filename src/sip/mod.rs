@@ -7,6 +7,7 @@
 
 pub mod error;
 pub mod header;
+pub(crate) mod layout;
 pub mod message;
 pub mod method;
 pub mod name_addr;

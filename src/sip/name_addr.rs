@@ -7,9 +7,10 @@
 use std::borrow::Cow;
 
 use super::error::{ParseError, Result};
+use super::layout::{at, at_opt, place, place_opt, Place};
 use super::params::Params;
 use super::scan;
-use super::uri::Uri;
+use super::uri::{Uri, UriLayout};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NameAddr<'a> {
@@ -172,6 +173,58 @@ impl<'a> Contact<'a> {
         let Contact::Addr(a) = self else { return None };
         let v = a.params.value("q")?;
         Some(parse_qvalue(v).ok_or(ParseError::bad("Contact", "bad q parameter")))
+    }
+}
+
+/// Where the parts of a parsed [`NameAddr`] lie in its text (see [`super::layout`]).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct NameAddrLayout {
+    display: Option<Place>,
+    uri: UriLayout,
+    params: Place,
+    angle: bool,
+}
+
+impl<'a> NameAddr<'a> {
+    /// The layout of this value, parsed from a slice of `base`.
+    pub(crate) fn layout(&self, base: &[u8]) -> NameAddrLayout {
+        NameAddrLayout {
+            display: place_opt(base, self.display),
+            uri: self.uri.layout(base),
+            params: place(base, self.params.raw()),
+            angle: self.angle,
+        }
+    }
+
+    /// The value `layout` describes, over the same `base` it was taken from.
+    pub(crate) fn rebuild(layout: &NameAddrLayout, base: &'a [u8]) -> NameAddr<'a> {
+        NameAddr {
+            display: at_opt(base, layout.display),
+            uri: Uri::rebuild(&layout.uri, base),
+            params: Params::from_validated(at(base, layout.params)),
+            angle: layout.angle,
+        }
+    }
+}
+
+/// Where the parts of a parsed [`Contact`] lie in its text: `None` for `*`.
+pub(crate) type ContactLayout = Option<NameAddrLayout>;
+
+impl<'a> Contact<'a> {
+    /// The layout of this value, parsed from a slice of `base`.
+    pub(crate) fn layout(&self, base: &[u8]) -> ContactLayout {
+        match self {
+            Contact::Star => None,
+            Contact::Addr(addr) => Some(addr.layout(base)),
+        }
+    }
+
+    /// The value `layout` describes, over the same `base` it was taken from.
+    pub(crate) fn rebuild(layout: &ContactLayout, base: &'a [u8]) -> Contact<'a> {
+        match layout {
+            None => Contact::Star,
+            Some(addr) => Contact::Addr(NameAddr::rebuild(addr, base)),
+        }
     }
 }
 

@@ -9,6 +9,7 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use super::error::{ParseError, Result};
+use super::layout::{at, at_opt, place, place_opt, HostLayout, Place};
 use super::params::Params;
 use super::scan;
 
@@ -436,6 +437,95 @@ impl<'a> TelUri<'a> {
 
     pub fn raw(&self) -> &'a [u8] {
         self.raw
+    }
+}
+
+/// Where the parts of a parsed [`Uri`] lie in its text (see [`super::layout`]).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum UriLayout {
+    Sip {
+        secure: bool,
+        user: Option<Place>,
+        password: Option<Place>,
+        host: HostLayout,
+        port: Option<u16>,
+        params: Place,
+        headers: Option<Place>,
+        raw: Place,
+    },
+    Tel {
+        number: Place,
+        params: Place,
+        raw: Place,
+    },
+    Other {
+        scheme: Place,
+        raw: Place,
+    },
+}
+
+impl<'a> Uri<'a> {
+    /// The layout of this URI, parsed from a slice of `base`.
+    pub(crate) fn layout(&self, base: &[u8]) -> UriLayout {
+        match self {
+            Uri::Sip(u) => UriLayout::Sip {
+                secure: u.secure,
+                user: place_opt(base, u.user),
+                password: place_opt(base, u.password),
+                host: HostLayout::of(base, &u.host),
+                port: u.port,
+                params: place(base, u.params.raw()),
+                headers: place_opt(base, u.headers),
+                raw: place(base, u.raw),
+            },
+            Uri::Tel(t) => UriLayout::Tel {
+                number: place(base, t.number),
+                params: place(base, t.params.raw()),
+                raw: place(base, t.raw),
+            },
+            Uri::Other { scheme, raw } => UriLayout::Other {
+                scheme: place(base, scheme),
+                raw: place(base, raw),
+            },
+        }
+    }
+
+    /// The URI `layout` describes, over the same `base` it was taken from.
+    pub(crate) fn rebuild(layout: &UriLayout, base: &'a [u8]) -> Uri<'a> {
+        match *layout {
+            UriLayout::Sip {
+                secure,
+                user,
+                password,
+                host,
+                port,
+                params,
+                headers,
+                raw,
+            } => Uri::Sip(SipUri {
+                secure,
+                user: at_opt(base, user),
+                password: at_opt(base, password),
+                host: host.rebuild(base),
+                port,
+                params: Params::from_validated(at(base, params)),
+                headers: at_opt(base, headers),
+                raw: at(base, raw),
+            }),
+            UriLayout::Tel {
+                number,
+                params,
+                raw,
+            } => Uri::Tel(TelUri {
+                number: at(base, number),
+                params: Params::from_validated(at(base, params)),
+                raw: at(base, raw),
+            }),
+            UriLayout::Other { scheme, raw } => Uri::Other {
+                scheme: at(base, scheme),
+                raw: at(base, raw),
+            },
+        }
     }
 }
 

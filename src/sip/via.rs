@@ -5,6 +5,7 @@ use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 
 use super::error::{ParseError, Result};
+use super::layout::{at, place, HostLayout, Place};
 use super::params::Params;
 use super::scan;
 use super::uri::{parse_hostport, Host};
@@ -185,29 +186,13 @@ impl<'a> Via<'a> {
 /// read by nearly every layer, is parsed once ([`Via::rebuild`] puts it back together).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct ViaLayout {
-    protocol: (u32, u32),
-    version: (u32, u32),
-    transport: (u32, u32),
+    protocol: Place,
+    version: Place,
+    transport: Place,
     host: HostLayout,
     port: Option<u16>,
-    params: (u32, u32),
-    raw: (u32, u32),
-}
-
-#[derive(Clone, Copy, Debug)]
-enum HostLayout {
-    Domain((u32, u32)),
-    Ip(IpAddr),
-}
-
-/// `part`'s place in `base` (of which it is a sub-slice).
-fn place(base: &[u8], part: &[u8]) -> (u32, u32) {
-    let start = (part.as_ptr() as usize).saturating_sub(base.as_ptr() as usize);
-    (start as u32, (start + part.len()) as u32)
-}
-
-fn at(base: &[u8], (start, end): (u32, u32)) -> &[u8] {
-    base.get(start as usize..end as usize).unwrap_or_default()
+    params: Place,
+    raw: Place,
 }
 
 impl<'a> Via<'a> {
@@ -217,10 +202,7 @@ impl<'a> Via<'a> {
             protocol: place(base, self.protocol),
             version: place(base, self.version),
             transport: place(base, self.transport),
-            host: match self.host {
-                Host::Domain(name) => HostLayout::Domain(place(base, name.as_bytes())),
-                Host::Ip(ip) => HostLayout::Ip(ip),
-            },
+            host: HostLayout::of(base, &self.host),
             port: self.port,
             params: place(base, self.params.raw()),
             raw: place(base, self.raw),
@@ -228,19 +210,13 @@ impl<'a> Via<'a> {
     }
 
     /// The Via `layout` describes, over the same `base` it was taken from (the caller keeps
-    /// the two together: a message drops its layouts on every edit).
+    /// the two together: a message keeps each layout with the place of its text).
     pub(crate) fn rebuild(layout: &ViaLayout, base: &'a [u8]) -> Via<'a> {
         Via {
             protocol: at(base, layout.protocol),
             version: at(base, layout.version),
             transport: at(base, layout.transport),
-            host: match layout.host {
-                // A host name is ASCII (checked when parsed).
-                HostLayout::Domain(span) => {
-                    Host::Domain(std::str::from_utf8(at(base, span)).unwrap_or_default())
-                }
-                HostLayout::Ip(ip) => Host::Ip(ip),
-            },
+            host: layout.host.rebuild(base),
             port: layout.port,
             params: Params::from_validated(at(base, layout.params)),
             raw: at(base, layout.raw),

@@ -33,6 +33,7 @@ use super::key::{ClientKey, ServerKey};
 use super::server_invite::InviteServer;
 use super::server_non_invite::NonInviteServer;
 use super::{Action, Event, Timer, TimerValues};
+use crate::id_map::IdMap;
 use crate::logging::{call_id, REFUSED};
 use crate::memory::{shrink_heap_if_sparse, shrink_if_sparse};
 use crate::metrics::engine::{OverloadReason, TransactionKind, TransactionMetrics};
@@ -221,9 +222,9 @@ impl Ord for TimerEntry {
 pub struct TransactionLayer {
     config: LayerConfig,
     next_id: u64,
-    clients: HashMap<TxId, Box<ClientEntry>>,
+    clients: IdMap<TxId, Box<ClientEntry>>,
     client_keys: HashMap<ClientKey, TxId>,
-    servers: HashMap<TxId, Box<ServerEntry>>,
+    servers: IdMap<TxId, Box<ServerEntry>>,
     server_keys: HashMap<ServerKey, TxId>,
     /// What this layer's transactions are charged in all (its share of the budget).
     charged: usize,
@@ -261,9 +262,9 @@ impl TransactionLayer {
         TransactionLayer {
             config,
             next_id: 1,
-            clients: HashMap::new(),
+            clients: IdMap::default(),
             client_keys: HashMap::new(),
-            servers: HashMap::new(),
+            servers: IdMap::default(),
             server_keys: HashMap::new(),
             charged: 0,
             timers: BinaryHeap::new(),
