@@ -1,7 +1,8 @@
 //! What the dispatcher costs per call: `Dispatcher::select` for each algorithm over a set of
 //! 3 and of 16 active destinations (the hash algorithms with the key taken from an INVITE by
-//! `hash_key`), and `req:ds_select` + `req:t_relay()` in a script against the same script
-//! relaying to a fixed URI (the difference is what `sip.ds.select` adds to a routed call).
+//! `hash_key`), and `req:ds_select` + `req:t_relay()` in a script, or `sip.ds.select` with the
+//! first URI as `req.du`, against the same script relaying to a fixed URI (the difference is
+//! what the dispatcher adds to a routed call).
 //!
 //! Run with `cargo bench --bench dispatcher -- --warm-up-time 1 --measurement-time 3`.
 
@@ -37,6 +38,19 @@ function on_request(req)
 end
 function on_failure(req, res)
   if req:ds_next(res.status) then return req:t_relay() end
+end
+"#;
+
+/// `sip.ds.select` (the ordered URIs as a Lua table) with the first as `req.du`: Kamailio's
+/// `ds_select_dst`, the Request-URI untouched.
+const SIP_DS_SELECT: &str = r#"
+function on_request(req)
+  local order = sip.ds.select(1, "call_id", req.call_id)
+  if not order then return req:reply(503, "Service Unavailable") end
+  req.du = order[1]
+  return req:t_relay()
+end
+function on_failure(req, res)
 end
 "#;
 
@@ -112,7 +126,11 @@ fn script(c: &mut Criterion) {
     };
     let mut group = c.benchmark_group("ds_script");
     group.throughput(Throughput::Elements(1));
-    for (name, text) in [("route_ds_select", DS_SELECT), ("route_fixed", FIXED)] {
+    for (name, text) in [
+        ("route_ds_select", DS_SELECT),
+        ("route_sip_ds_select_du", SIP_DS_SELECT),
+        ("route_fixed", FIXED),
+    ] {
         let mut router = router(&dir, &format!("{name}.lua"), text);
         group.bench_function(name, |b| {
             b.iter(|| {

@@ -35,6 +35,12 @@ local CALLERS = {}
 -- Destinations tried per call at most (the first one and its failovers).
 local MAX_ATTEMPTS = 3
 
+-- How long a destination may stay silent (no 100 Trying, no answer at all) before the call
+-- moves on to the next one, in milliseconds (Kamailio's fr_timer, set with t_set_fr). Without
+-- it a call sent to a gateway whose plug was pulled waits for Timer B, 32 s: longer than most
+-- callers wait. A gateway that answers, even only with 100 Trying, is waited for as usual.
+local SILENT_AFTER_MS = 2000
+
 function on_request(req)
   local ok, why, code = req:sanity()
   if not ok then
@@ -80,12 +86,15 @@ function on_request(req)
     return req:reply(503, "Service Unavailable")
   end
   req.vars.attempts = 1
+  -- Also for the failover branches on_failure starts.
+  req:t_set_fr(SILENT_AFTER_MS)
   return req:t_relay()
 end
 
--- Every branch failed: try the next destination still up. A timeout (408) or a 503 takes the
--- failed destination out ([dispatcher] mark_on); a 4xx, 486 or 6xx is the callee's answer and
--- goes back to the caller.
+-- Every branch failed: try the next destination still up. A timeout (408: silent for
+-- SILENT_AFTER_MS, or no final within Timer B) or a 503 takes the failed destination out
+-- ([dispatcher] mark_on); a 4xx, 486 or 6xx is the callee's answer and goes back to the
+-- caller.
 function on_failure(req, res)
   local status = res.status
   local destination_failed = status == 408 or status >= 500

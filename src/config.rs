@@ -764,6 +764,16 @@ pub struct Timers {
     /// Timer C, in seconds: an INVITE branch with no final response is cancelled after it
     /// (§16.8 requires more than 3 minutes). Default: 181.
     pub timer_c_secs: u64,
+    /// Kamailio's `fr_timer`, in milliseconds: a relayed request's branch that hears nothing
+    /// (an INVITE: not even a 100; another request: no final) within it is given up as a 408
+    /// and the failure route runs (failover to the next gateway in seconds, not Timer B's
+    /// 64*T1). The script's `req:t_set_fr()` sets it per transaction. Default: off (Timer
+    /// B/F end such a branch).
+    pub fr_timer_ms: Option<u64>,
+    /// Kamailio's `fr_inv_timer`, in milliseconds: Timer C (§16.8) in milliseconds, how long
+    /// an INVITE branch may ring without a final before it is CANCELled. Default:
+    /// `timer_c_secs`.
+    pub fr_inv_timer_ms: Option<u64>,
 }
 
 impl Default for Timers {
@@ -773,7 +783,24 @@ impl Default for Timers {
             t2_ms: 4000,
             t4_ms: 5000,
             timer_c_secs: 181,
+            fr_timer_ms: None,
+            fr_inv_timer_ms: None,
         }
+    }
+}
+
+impl Timers {
+    /// Timer C of proxied INVITE branches: `fr_inv_timer_ms`, else `timer_c_secs`.
+    pub fn timer_c(&self) -> std::time::Duration {
+        match self.fr_inv_timer_ms {
+            Some(ms) => std::time::Duration::from_millis(ms),
+            None => std::time::Duration::from_secs(self.timer_c_secs),
+        }
+    }
+
+    /// The failure timer of relayed branches (`fr_timer_ms`), `None` when off.
+    pub fn fr_timer(&self) -> Option<std::time::Duration> {
+        self.fr_timer_ms.map(std::time::Duration::from_millis)
     }
 }
 
@@ -834,6 +861,12 @@ impl Timers {
     fn validate(&self) -> Result<(), String> {
         if self.t1_ms == 0 || self.t4_ms == 0 || self.timer_c_secs == 0 {
             return Err("timers: t1_ms, t4_ms and timer_c_secs must be at least 1".to_owned());
+        }
+        if self.fr_timer_ms == Some(0) || self.fr_inv_timer_ms == Some(0) {
+            return Err(
+                "timers: fr_timer_ms and fr_inv_timer_ms must be at least 1 (leave them out for the default)"
+                    .to_owned(),
+            );
         }
         if self.t2_ms < self.t1_ms {
             return Err(format!(

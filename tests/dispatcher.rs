@@ -538,19 +538,7 @@ async fn a_destination_pulled_mid_run_costs_no_call() {
 #[tokio::test]
 async fn the_shipped_balancer_keeps_every_call_when_a_destination_is_pulled() {
     let dir = tempfile::tempdir().unwrap();
-    let shipped =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/balancer.lua"))
-            .unwrap();
-    let allowed = shipped.replace(
-        "local CALLERS = {}",
-        "local CALLERS = { [\"127.0.0.1\"] = true }",
-    );
-    assert_ne!(
-        allowed, shipped,
-        "balancer.lua lists its callers in CALLERS"
-    );
-    let script = dir.path().join("balancer.lua");
-    std::fs::write(&script, allowed).unwrap();
+    let script = shipped_balancer(&dir, &[]);
     let (tx, mut seen) = mpsc::unbounded_channel();
     let gateways = destinations(3, tx).await;
     let t1_ms = 100;
@@ -602,6 +590,133 @@ async fn the_shipped_balancer_keeps_every_call_when_a_destination_is_pulled() {
     assert_eq!(dispatcher.state(&gateways[0].uri), Some(State::Inactive));
     assert_eq!(used.iter().sum::<usize>(), 30);
     assert!(used[1] > 0 && used[2] > 0, "{used:?}");
+}
+
+/// The shipped `scripts/balancer.lua` in `dir`, with the test's caller allowed and the
+/// `(from, to)` replacements made (each must apply).
+fn shipped_balancer(dir: &tempfile::TempDir, changes: &[(&str, &str)]) -> PathBuf {
+    let shipped =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/balancer.lua"))
+            .unwrap();
+    let mut text = shipped.clone();
+    for (from, to) in [(
+        "local CALLERS = {}",
+        "local CALLERS = { [\"127.0.0.1\"] = true }",
+    )]
+    .iter()
+    .chain(changes)
+    {
+        assert!(text.contains(from), "balancer.lua has {from:?}");
+        text = text.replace(from, to);
+    }
+    let script = dir.path().join("balancer.lua");
+    std::fs::write(&script, text).unwrap();
+    script
+}
+
+/// `moonroute ctl --socket SOCKET ARGS...`, the real client binary: its output.
+fn ctl(socket: &Path, args: &[&str]) -> String {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_moonroute"))
+        .arg("ctl")
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "ctl {args:?}: {output:?}");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The shipped balancer (its `t_set_fr(2000)`) with a gateway silent from the start and no
+/// probing to notice it: the call sent there fails over to the next gateway after the 2 s
+/// failure timer, not after Timer B (64*T1 = 32 s with the default T1), and the failover
+/// takes the silent one down, as `moonroute ctl ds list` shows over the control socket.
+#[tokio::test]
+async fn a_silent_gateway_costs_a_call_the_failure_timer_not_timer_b() {
+    let dir = tempfile::tempdir().unwrap();
+    // Round robin: the silent one gets one of the first three calls, whatever the Call-IDs.
+    let script = shipped_balancer(
+        &dir,
+        &[(
+            "local ALGORITHM = \"call_id\"",
+            "local ALGORITHM = \"round_robin\"",
+        )],
+    );
+    let (tx, mut seen) = mpsc::unbounded_channel();
+    let gateways = destinations(3, tx).await;
+    gateways[0].answer.store(SILENT, Ordering::Relaxed);
+    let server = start(&script, &gateways);
+    let dispatcher = Arc::clone(&server.host.services().dispatcher);
+    let socket = dir.path().join("ctl.sock");
+    let handler_dispatcher = Arc::clone(&dispatcher);
+    let handler: moonroute::control::Handler = Arc::new(move |args: &[String]| match args {
+        [ds, rest @ ..] if ds == "ds" => {
+            moonroute::control::ds::command(rest, &handler_dispatcher, std::time::Instant::now())
+        }
+        _ => moonroute::control::Reply::error("only ds here"),
+    });
+    let _control = moonroute::control::ControlServer::bind(&socket, handler)
+        .await
+        .unwrap();
+    let before = tokio::task::spawn_blocking({
+        let socket = socket.clone();
+        move || ctl(&socket, &["ds", "list", "1"])
+    })
+    .await
+    .unwrap();
+    assert_eq!(before.matches("state=active").count(), 3, "{before}");
+
+    let timer_b = Duration::from_millis(64 * 500);
+    let mut caller = TestUa::udp("caller").await;
+    let mut slowest = Duration::ZERO;
+    for call in 0..6 {
+        let started = std::time::Instant::now();
+        caller
+            .invite(&format!("sip:+15551234@{}", server.udp))
+            .to(server.udp)
+            .await;
+        let answer = loop {
+            let response = caller.recv_response(timer_b).await;
+            if response.status().unwrap() >= 200 {
+                break response;
+            }
+        };
+        let took = started.elapsed();
+        expect_status(&answer, 200);
+        assert_ne!(
+            received(&mut seen).await,
+            0,
+            "call {call}: the silent one answered"
+        );
+        let mut dialog = caller.ack_2xx(&answer).await;
+        caller.bye(&mut dialog).await;
+        caller.expect_final(200).await;
+        received(&mut seen).await;
+        slowest = slowest.max(took);
+    }
+    // One call waited for the failure timer (it cannot fire early); none for Timer B.
+    assert!(slowest >= Duration::from_millis(1900), "{slowest:?}");
+    assert!(
+        slowest < timer_b / 2,
+        "{slowest:?}: the failover waited for Timer B"
+    );
+    assert_eq!(dispatcher.state(&gateways[0].uri), Some(State::Inactive));
+    let after = tokio::task::spawn_blocking(move || ctl(&socket, &["ds", "list", "1"]))
+        .await
+        .unwrap();
+    let line = after
+        .lines()
+        .find(|l| l.trim_start().starts_with(&format!("{} ", gateways[0].uri)))
+        .unwrap_or_else(|| panic!("{after}"));
+    assert!(line.contains("state=inactive"), "{line}");
+    assert!(line.contains("failovers=1"), "{line}");
+    let metrics = server.host.services().metrics.render();
+    let state = format!(
+        "moonroute_dispatcher_state{{destination=\"{}\",state=\"inactive\"}} 1",
+        gateways[0].uri
+    );
+    assert!(metrics.contains(&state), "{metrics}");
+    eprintln!("slowest call {slowest:?}; {line}");
 }
 
 /// The README's walk-through: its configuration parses and validates, with three gateways

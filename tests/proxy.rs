@@ -77,12 +77,14 @@ impl Router for TestRouter {
             return Decision::Relay {
                 targets: Vec::new(),
                 record_route: false,
+                timers: Default::default(),
             }
             .into();
         }
         Decision::Relay {
             targets: self.first.clone(),
             record_route: true,
+            timers: Default::default(),
         }
         .into()
     }
@@ -92,8 +94,9 @@ impl Router for TestRouter {
         _handle: Option<RouteHandle>,
         _request: &Message,
         _best: &Message,
+        _branches: &[moonroute::proxy::response_context::BranchOutcome],
     ) -> FailureDecision {
-        FailureDecision::Targets(std::mem::take(&mut self.then))
+        FailureDecision::Targets(std::mem::take(&mut self.then), Default::default())
     }
 }
 

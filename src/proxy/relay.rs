@@ -6,6 +6,13 @@
 //! (§9.1, §16.10), Timer C (§16.8), passing responses up through the server transaction
 //! (§16.7), and forwarding ACKs for 2xx statelessly along their route (§16.11).
 //!
+//! Failure timers (Kamailio's `fr_timer` / `fr_inv_timer`, set per transaction by the
+//! router's [`FailureTimers`], `[timers] fr_timer_ms` / `fr_inv_timer_ms` by default): an
+//! attempt that hears nothing within `fr_timer` moves on to the next address of its next hop
+//! or, with none left, gives its branch up as a 408 ([`ResponseContext::give_up`]), so a
+//! failure route can fail over within seconds instead of Timer B's 32; `fr_inv_timer` is the
+//! transaction's Timer C.
+//!
 //! Branches this proxy creates carry the owning loop's index (`z9hG4bK<hash>.<loop>.<n>`), so a
 //! response that the kernel delivers to another loop can be handed back ([`owner_of_branch`]).
 //!
@@ -36,7 +43,8 @@ use super::request::{
 };
 use super::response_context::{BranchId, BranchState, ContextAction, ResponseContext, Target};
 use super::router::{
-    BranchEdit, Decision, FailureDecision, ReplySource, RouteHandle, RouteInfo, Routed, Router,
+    BranchEdit, Decision, FailureDecision, FailureTimers, ReplySource, RouteHandle, RouteInfo,
+    Routed, Router,
 };
 use crate::dialog::DialogTracker;
 use crate::dns::{self, Candidate, ResolveError};
@@ -83,6 +91,8 @@ struct Call {
     branches: Vec<Option<BranchRun>>,
     /// A CANCEL came from upstream (§16.10): branches not yet sent are not sent.
     cancelled: bool,
+    /// The failure timer of its attempts (`fr_timer`); `None`: Timer B/F only.
+    fr_timer: Option<Duration>,
 }
 
 /// What the script keeps for a call it routed (its pinned state: the `vars` table, the request
@@ -192,6 +202,8 @@ pub struct Relay {
     loop_index: usize,
     bound: Vec<ListenAddr>,
     timer_c: Duration,
+    /// `[timers] fr_timer_ms`: the failure timer of transactions that set none.
+    fr_timer: Option<Duration>,
     router: Box<dyn Router>,
     next_unique: u64,
     /// Boxed: a call is large, and the map's spare slots should not be.
@@ -199,6 +211,11 @@ pub struct Relay {
     /// Client transaction → (server transaction, branch).
     branch_of: IdMap<TxId, (TxId, BranchId)>,
     timer_c_queue: BinaryHeap<Reverse<(Instant, TxId, usize)>>,
+    /// Failure timers of attempts: (due, server transaction, branch, the attempt's client
+    /// transaction). Never cancelled: a firing whose attempt was answered or replaced is
+    /// ignored, and each attempt has one entry, so the queue holds at most the attempts of the
+    /// last `fr_timer`.
+    fr_queue: BinaryHeap<Reverse<(Instant, TxId, usize, TxId)>>,
     /// DNS resolutions asked for and not answered yet, by id.
     resolving: IdMap<u64, Resolving>,
     next_resolve: u64,
@@ -256,17 +273,26 @@ impl Relay {
             loop_index,
             bound,
             timer_c,
+            fr_timer: None,
             router,
             next_unique: 0,
             calls: IdMap::default(),
             branch_of: IdMap::default(),
             timer_c_queue: BinaryHeap::new(),
+            fr_queue: BinaryHeap::new(),
             resolving: IdMap::default(),
             next_resolve: 0,
             resolve_requests: Vec::new(),
             callee_mistakes: Throttle::new(CALLEE_MISTAKE_LOG_PERIOD, CALLEE_MISTAKE_LOG_KEYS),
             dialogs: None,
         }
+    }
+
+    /// Gives every attempt that hears nothing within `fr_timer` up (Kamailio's `fr_timer`,
+    /// `[timers] fr_timer_ms`), unless its transaction sets its own (`t_set_fr`).
+    pub fn with_fr_timer(mut self, fr_timer: Option<Duration>) -> Relay {
+        self.fr_timer = fr_timer;
+        self
     }
 
     /// Tracks the dialogs the router manages (`req:dlg_manage()`) in `dialogs`.
@@ -277,8 +303,9 @@ impl Relay {
 
     pub fn next_deadline(&self) -> Option<Instant> {
         let timer_c = self.timer_c_queue.peek().map(|Reverse((at, _, _))| *at);
+        let fr = self.fr_queue.peek().map(|Reverse((at, ..))| *at);
         let dialogs = self.dialogs.as_ref().and_then(DialogTracker::next_deadline);
-        timer_c.into_iter().chain(dialogs).min()
+        timer_c.into_iter().chain(fr).chain(dialogs).min()
     }
 
     /// Relayed requests still in progress.
@@ -448,11 +475,12 @@ impl Relay {
             }
         }
         let handle = routed.handle;
-        let (targets, record_route) = match routed.decision {
+        let (targets, record_route, timers) = match routed.decision {
             Decision::Relay {
                 targets,
                 record_route,
-            } => (targets, record_route),
+                timers,
+            } => (targets, record_route, timers),
             other => {
                 if let Some(handle) = handle {
                     self.router.release(handle);
@@ -488,7 +516,7 @@ impl Relay {
             request.clone(),
             targets,
             is_invite,
-            self.timer_c,
+            timers.no_answer.unwrap_or(self.timer_c),
             now,
             &mut actions,
         );
@@ -505,6 +533,7 @@ impl Relay {
             handle,
             branches: Vec::new(),
             cancelled: false,
+            fr_timer: timers.no_response.or(self.fr_timer),
         };
         self.calls.insert(tx, Box::new(call));
         self.apply(tx, actions, now, layer, out);
@@ -719,7 +748,10 @@ impl Relay {
         let decision = match routed.decision {
             // Stateful relay of a CANCEL without its INVITE makes no sense: forward it.
             Decision::Relay { targets, .. } => Decision::Forward {
-                target: targets.into_iter().next().map(|t| t.uri),
+                target: targets
+                    .into_iter()
+                    .next()
+                    .map(|t| t.next_hop_uri.unwrap_or(t.uri)),
                 record_route: false,
             },
             other => other,
@@ -800,7 +832,14 @@ impl Relay {
             Decision::Relay {
                 targets,
                 record_route,
-            } => (targets.into_iter().next().map(|t| t.uri), record_route),
+                ..
+            } => (
+                targets
+                    .into_iter()
+                    .next()
+                    .map(|t| t.next_hop_uri.unwrap_or(t.uri)),
+                record_route,
+            ),
             Decision::Forward {
                 target,
                 record_route,
@@ -1011,11 +1050,57 @@ impl Relay {
             self.apply(server, actions, now, layer, out);
         }
         shrink_heap_if_sparse(&mut self.timer_c_queue);
+        while let Some(Reverse((at, server, branch, client))) = self.fr_queue.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.fr_queue.pop();
+            self.on_fr_timer(server, BranchId(branch), client, now, layer, out);
+        }
+        shrink_heap_if_sparse(&mut self.fr_queue);
         if let Some(dialogs) = &self.dialogs {
             let byes = dialogs.on_timer(now);
             self.send_byes(byes, now, layer, out);
             self.dialogs_after_router();
         }
+    }
+
+    /// The failure timer of attempt `client` of `branch` fired: if the attempt is still the
+    /// branch's and has heard nothing, the branch moves on to its next address (RFC 3263
+    /// §4.3, as on a timeout) or, with none left, is given up as a 408.
+    fn on_fr_timer(
+        &mut self,
+        server: TxId,
+        branch: BranchId,
+        client: TxId,
+        now: Instant,
+        layer: &mut TransactionLayer,
+        out: &mut Vec<LayerOutput>,
+    ) {
+        let Some(call) = self.calls.get(&server) else {
+            return;
+        };
+        let current = call
+            .branches
+            .get(branch.0)
+            .and_then(|run| run.as_ref()?.current.as_ref());
+        let Some((_, dest)) = current.filter(|(tx, _)| *tx == client) else {
+            return;
+        };
+        if !call.context.awaits_response(branch) {
+            return;
+        }
+        let span = crate::logging::message_span(&call.request);
+        let _entered = span.enter();
+        info!(addr = %dest.addr, transport = %dest.kind, after_ms = call.fr_timer.map_or(0, |d| d.as_millis() as u64), "no response within the failure timer (fr_timer)");
+        if self.fail_over(server, branch, client, now, layer, out) {
+            return;
+        }
+        let mut actions = Vec::new();
+        if let Some(call) = self.calls.get_mut(&server) {
+            call.context.give_up(branch, now, &mut actions);
+        }
+        self.apply(server, actions, now, layer, out);
     }
 
     /// Carries out the `ctl dlg end` requests waiting for this loop (the shell's wake-up):
@@ -1191,12 +1276,32 @@ impl Relay {
                     let Some(call) = self.calls.get_mut(&server) else {
                         continue;
                     };
-                    match self.router.on_failure(call.handle, &call.request, &best) {
-                        FailureDecision::Targets(targets) if !targets.is_empty() => {
+                    let outcomes = match call.handle {
+                        Some(_) => call.context.outcomes(),
+                        None => Vec::new(),
+                    };
+                    match self
+                        .router
+                        .on_failure(call.handle, &call.request, &best, &outcomes)
+                    {
+                        FailureDecision::Targets(targets, timers) if !targets.is_empty() => {
+                            apply_timers(call, timers);
                             call.context.add_targets(targets, now, &mut more)
                         }
                         _ => call.context.send_final(&mut more),
                     }
+                }
+                ContextAction::BranchFailed(branch) => {
+                    let Some(call) = self.calls.get(&server) else {
+                        continue;
+                    };
+                    let (Some(handle), Some(outcome)) = (call.handle, call.context.outcome(branch))
+                    else {
+                        continue;
+                    };
+                    let response = || call.context.branch_response(branch);
+                    self.router
+                        .on_branch_failure(handle, &call.request, &outcome, &response);
                 }
             }
             queue.extend(more);
@@ -1258,8 +1363,11 @@ impl Relay {
             now: wall_clock(),
             tracked: call.tracked,
         };
-        // A Path (the route) wins over the received address (RFC 5626 §5.3 order).
-        let pinned = target.destination.filter(|_| target.route.is_empty());
+        // The script's destination URI wins; then a Path (the route) over the received
+        // address (RFC 5626 §5.3 order).
+        let pinned = target
+            .destination
+            .filter(|_| target.route.is_empty() && target.next_hop_uri.is_none());
         if let Some((kind, addr)) = pinned {
             let first = first_copy(&self.me, &parts, call.inbound, call.record_route);
             make_room(&mut call.branches, branch);
@@ -1290,7 +1398,12 @@ impl Relay {
         }
         let planned =
             first_copy(&self.me, &parts, call.inbound, call.record_route).and_then(|first| {
-                let hop = next_hop(parts.request, parts.uri).map_err(|_| "no next hop")?;
+                let hop = match &target.next_hop_uri {
+                    // `req.du`: where to, whatever the Request-URI and Route say.
+                    Some(uri) => next_hop_of_uri(uri)
+                        .map_err(|_| "the destination URI (du) has no next hop")?,
+                    None => next_hop(parts.request, parts.uri).map_err(|_| "no next hop")?,
+                };
                 Ok((hop, first))
             });
         make_room(&mut call.branches, branch);
@@ -1437,6 +1550,10 @@ impl Relay {
                     debug!(addr = %dest.addr, transport = %dest.kind, "branch sent");
                     run.current = Some((client, dest));
                     self.branch_of.insert(client, (server, branch));
+                    if let Some(fr) = call.fr_timer {
+                        self.fr_queue
+                            .push(Reverse((now + fr, server, branch.0, client)));
+                    }
                     return;
                 }
                 Err(error) => warn!(?error, "cannot start a client transaction"),
@@ -1606,6 +1723,17 @@ impl Relay {
     }
 }
 
+/// The failure timers a failure route set for the branches it adds (`t_set_fr` in
+/// `on_failure`), from now on.
+fn apply_timers(call: &mut Call, timers: FailureTimers) {
+    if let Some(no_answer) = timers.no_answer {
+        call.context.set_timer_c(no_answer);
+    }
+    if let Some(no_response) = timers.no_response {
+        call.fr_timer = Some(no_response);
+    }
+}
+
 /// `request` addressed to `uri` (the target's Request-URI, §16.6 step 2), for a branch copy
 /// edited before [`Relay::build_branch`] (which then takes the Request-URI from the copy).
 /// An unusable URI is left for the branch build to refuse.
@@ -1765,6 +1893,9 @@ impl Relay {
         self.calls.get(server)?.request.call_id().ok()
     }
 }
+
+#[cfg(test)]
+mod failure_timer_tests;
 
 #[cfg(test)]
 mod tests {

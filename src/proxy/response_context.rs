@@ -64,6 +64,10 @@ pub struct Target {
     /// registered on for TCP/TLS (never a new one). Ignored when `route` is not empty: a Path
     /// wins (RFC 3327 §5.3, RFC 5626 §5.3 order).
     pub destination: Option<(crate::transport::TransportKind, std::net::SocketAddr)>,
+    /// The script's destination URI (`req.du`, Kamailio's `$du`): the branch goes to this
+    /// URI's next hop (RFC 3263), its Request-URI and Route headers left as they are. Wins
+    /// over `route` and `destination`. Set only by the router, never from the message.
+    pub next_hop_uri: Option<Bytes>,
 }
 
 impl Target {
@@ -74,6 +78,7 @@ impl Target {
             q,
             route: Vec::new(),
             destination: None,
+            next_hop_uri: None,
         }
     }
 }
@@ -101,9 +106,46 @@ pub enum ContextAction {
     /// The best final response goes upstream (§16.7 steps 6-9); the context sends no other
     /// final except 2xx to INVITE that still arrive (§16.7 step 5).
     FinalUpstream(Message),
+    /// `branch` ended without a 2xx (a final 3xx-6xx, or the 408/503/487 it counts as): its
+    /// outcome is [`ResponseContext::outcome`], the response [`ResponseContext::branch_response`]
+    /// (Kamailio's `event_route[tm:branch-failure]`). Emitted before any `BranchSetFailed`
+    /// the same event causes.
+    BranchFailed(BranchId),
+}
+
+/// How one branch ended, as the router's failure hooks see it (`res.branches`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BranchOutcome {
+    /// The branch's target (its Request-URI, §16.6 step 2).
+    pub uri: Bytes,
+    /// The final status; 0 while the branch is still waiting for one.
+    pub code: u16,
+    /// The reason phrase received, or the one of the response this proxy counts it as.
+    pub reason: String,
+    /// No final response in time (Timer B/F, Timer C, the failure timer of `t_set_fr`): the
+    /// branch counts as a 408 of this proxy's making.
+    pub timeout: bool,
+    /// The code is this proxy's (408 timeout, 503 unreachable, 487 cancelled before it was
+    /// sent), not a response the next hop sent.
+    pub local: bool,
+}
+
+/// What ended a branch.
+#[derive(Clone, Debug)]
+enum Ending {
+    /// A final response came, with this reason phrase.
+    Received(Bytes),
+    /// Nothing final in time: a 408 (§16.7 step 6, §16.8).
+    TimedOut,
+    /// The proxy's own 503 (unreachable) or 487 (cancelled before it was sent).
+    Local,
 }
 
 struct Branch {
+    /// The target's Request-URI (shared with the target, no copy).
+    uri: Bytes,
+    /// The final status and what ended the branch, once it is `Done`.
+    ending: Option<(u16, Ending)>,
     state: BranchState,
     /// A CANCEL is wanted for this branch (step 10, §16.10) but may wait for a provisional.
     cancel_wanted: bool,
@@ -117,6 +159,8 @@ struct Branch {
 
 /// A final non-2xx response kept for choosing the best one (§16.7 step 4).
 struct Stored {
+    /// The branch it came from.
+    branch: usize,
     code: u16,
     /// `None`: the branch counts as this code without a response of its own (408 for Timer
     /// B/F/C, 503 for an unreachable next hop); synthesized only if it is chosen.
@@ -224,7 +268,8 @@ impl ResponseContext {
         match code {
             100..=199 => self.on_provisional(branch, code, response, forwardable, now, out),
             200..=299 => {
-                self.finish_branch(branch);
+                let reason = response_reason(&response);
+                self.finish_branch(branch, code, Ending::Received(reason));
                 // RFC 6026 §8.2: every 2xx to INVITE is forwarded, even after a final went
                 // upstream; for other methods only until the first final (step 5).
                 if forwardable && (self.is_invite || self.phase != Phase::FinalSent) {
@@ -241,9 +286,12 @@ impl ResponseContext {
                     // A final was already counted for this branch (e.g. a 487 after Timer C).
                     return repaired;
                 }
-                self.finish_branch(branch);
+                let reason = response_reason(&response);
+                self.finish_branch(branch, code, Ending::Received(reason));
+                out.push(ContextAction::BranchFailed(branch));
                 if forwardable {
                     self.stored.push(Stored {
+                        branch: branch.0,
                         code,
                         response: Some(response),
                     });
@@ -323,9 +371,49 @@ impl ResponseContext {
         if self.branch_state(branch) == Some(BranchState::Pending)
             || self.branch_state(branch) == Some(BranchState::Proceeding)
         {
-            self.fail_as_408(branch);
+            self.fail_as_408(branch, out);
             self.advance(now, out);
         }
+    }
+
+    /// Whether `branch` is still waiting for its first response: nothing heard on an INVITE
+    /// branch (a provisional ends that wait, §17.1.1.2), no final on another. What the failure
+    /// timer of [`ResponseContext::give_up`] applies to.
+    pub fn awaits_response(&self, branch: BranchId) -> bool {
+        match self.branch_state(branch) {
+            Some(BranchState::Pending) => true,
+            Some(BranchState::Proceeding) => !self.is_invite,
+            _ => false,
+        }
+    }
+
+    /// The failure timer of `branch` fired (Kamailio's `fr_timer`, `t_set_fr`): if it still
+    /// [awaits a response](ResponseContext::awaits_response) it is given up and counts as a
+    /// 408 (§16.7 step 6), as on Timer B/F but sooner. Its client transaction runs on and
+    /// absorbs what still comes (§17.1): a provisional that arrives later is answered with a
+    /// CANCEL (§9.1, as after Timer C), a 2xx still goes upstream (RFC 6026). False when the
+    /// firing no longer applies.
+    pub fn give_up(
+        &mut self,
+        branch: BranchId,
+        now: Instant,
+        out: &mut Vec<ContextAction>,
+    ) -> bool {
+        if !self.awaits_response(branch) {
+            return false;
+        }
+        if let Some(b) = self.branches.get_mut(branch.0) {
+            b.abandoned = true;
+        }
+        self.fail_as_408(branch, out);
+        self.advance(now, out);
+        true
+    }
+
+    /// The duration of Timer C for the branches started from now on and the resets to come
+    /// (Kamailio's `fr_inv_timer`, the second argument of `t_set_fr`).
+    pub fn set_timer_c(&mut self, timer_c: Duration) {
+        self.timer_c = timer_c;
     }
 
     /// The branch could not be sent (no route to its next hop, or a transport error): it counts
@@ -352,8 +440,10 @@ impl ResponseContext {
             self.branch_state(branch),
             Some(BranchState::Pending | BranchState::Proceeding)
         ) {
-            self.finish_branch(branch);
+            self.finish_branch(branch, code, Ending::Local);
+            out.push(ContextAction::BranchFailed(branch));
             self.stored.push(Stored {
+                branch: branch.0,
                 code,
                 response: None,
             });
@@ -384,7 +474,7 @@ impl ResponseContext {
         // Nothing heard (§16.8: "as if the transaction received a 408"), or the CANCEL was
         // not answered in time.
         b.abandoned = true;
-        self.fail_as_408(branch);
+        self.fail_as_408(branch, out);
         self.advance(now, out);
     }
 
@@ -491,15 +581,58 @@ impl ResponseContext {
         self.branches.get(branch.0).map(|b| b.state)
     }
 
-    fn finish_branch(&mut self, branch: BranchId) {
-        if let Some(b) = self.branches.get_mut(branch.0) {
-            b.state = BranchState::Done;
+    /// How each branch started so far ended, in the order they were started (`res.branches`).
+    pub fn outcomes(&self) -> Vec<BranchOutcome> {
+        (0..self.branches.len())
+            .filter_map(|i| self.outcome(BranchId(i)))
+            .collect()
+    }
+
+    /// How `branch` ended (code 0 while it has not).
+    pub fn outcome(&self, branch: BranchId) -> Option<BranchOutcome> {
+        let b = self.branches.get(branch.0)?;
+        let (code, ending) = match &b.ending {
+            Some((code, ending)) => (*code, Some(ending)),
+            None => (0, None),
+        };
+        let reason = match ending {
+            Some(Ending::Received(reason)) => String::from_utf8_lossy(reason).into_owned(),
+            Some(_) => local_reason(code).to_owned(),
+            None => String::new(),
+        };
+        Some(BranchOutcome {
+            uri: b.uri.clone(),
+            code,
+            reason,
+            timeout: matches!(ending, Some(Ending::TimedOut)),
+            local: matches!(ending, Some(Ending::TimedOut | Ending::Local)),
+        })
+    }
+
+    /// The final response `branch` ended with: the one received (its top Via removed), or
+    /// the one this proxy counts it as (408, 503, 487), synthesized. `None` once the
+    /// context let go of them ([`ResponseContext::shed`]) or while the branch runs.
+    pub fn branch_response(&self, branch: BranchId) -> Option<Message> {
+        let (code, _) = self.branches.get(branch.0)?.ending.as_ref()?;
+        let stored = self.stored.iter().find(|s| s.branch == branch.0);
+        match stored.and_then(|s| s.response.as_ref()) {
+            Some(response) => Some(response.clone()),
+            None => self.synthesize(*code, local_reason(*code)),
         }
     }
 
-    fn fail_as_408(&mut self, branch: BranchId) {
-        self.finish_branch(branch);
+    fn finish_branch(&mut self, branch: BranchId, code: u16, ending: Ending) {
+        if let Some(b) = self.branches.get_mut(branch.0) {
+            b.state = BranchState::Done;
+            b.ending = Some((code, ending));
+        }
+    }
+
+    fn fail_as_408(&mut self, branch: BranchId, out: &mut Vec<ContextAction>) {
+        self.finish_branch(branch, 408, Ending::TimedOut);
+        out.push(ContextAction::BranchFailed(branch));
         self.stored.push(Stored {
+            branch: branch.0,
             code: 408,
             response: None,
         });
@@ -557,6 +690,8 @@ impl ResponseContext {
             let branch = BranchId(self.branches.len());
             let timer_c_at = self.is_invite.then(|| now + self.timer_c);
             self.branches.push(Branch {
+                uri: target.uri.clone(),
+                ending: None,
                 state: BranchState::Pending,
                 cancel_wanted: false,
                 cancel_sent: false,
@@ -644,6 +779,24 @@ impl ResponseContext {
     }
 }
 
+/// The reason phrase of a response this proxy counts a branch as.
+fn local_reason(code: u16) -> &'static str {
+    match code {
+        408 => "Request Timeout",
+        487 => "Request Terminated",
+        503 => "Service Unavailable",
+        _ => "Server Internal Error",
+    }
+}
+
+/// The reason phrase of a received response, shared with its bytes.
+fn response_reason(response: &Message) -> Bytes {
+    response
+        .reason()
+        .map(|r| response.share(r))
+        .unwrap_or_default()
+}
+
 /// Sorts targets by decreasing q (stable, so equal q keep their order) and splits them into
 /// groups of equal q (§8.1.3.4).
 fn group_by_q(mut targets: Vec<Target>) -> Vec<Vec<Target>> {
@@ -727,6 +880,120 @@ Content-Length: 0\r\n\r\n";
             })
             .flatten()
             .collect()
+    }
+
+    fn branch_failures(out: &[ContextAction]) -> Vec<usize> {
+        out.iter()
+            .filter_map(|a| match a {
+                ContextAction::BranchFailed(b) => Some(b.0),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The actions other than `BranchFailed`.
+    fn others(out: &[ContextAction]) -> Vec<&ContextAction> {
+        out.iter()
+            .filter(|a| !matches!(a, ContextAction::BranchFailed(_)))
+            .collect()
+    }
+
+    #[test]
+    fn give_up_counts_a_silent_branch_as_a_timeout_and_cancels_a_late_provisional() {
+        let t0 = Instant::now();
+        let mut ctx = two_parallel(t0);
+        let mut out = Vec::new();
+        ctx.on_response(BranchId(1), resp(100, &[]), t0, &mut out);
+        assert!(ctx.awaits_response(BranchId(0)));
+        assert!(
+            !ctx.awaits_response(BranchId(1)),
+            "an INVITE branch heard a 100"
+        );
+        assert!(!ctx.give_up(BranchId(1), t0, &mut out));
+        out.clear();
+        assert!(ctx.give_up(BranchId(0), t0, &mut out));
+        assert_eq!(branch_failures(&out), [0]);
+        assert!(!ctx.give_up(BranchId(0), t0, &mut out), "once");
+        let outcome = ctx.outcome(BranchId(0)).unwrap();
+        assert_eq!(&outcome.uri[..], b"sip:a@127.0.0.1");
+        assert_eq!(
+            (outcome.code, outcome.timeout, outcome.local),
+            (408, true, true)
+        );
+        assert_eq!(
+            ctx.branch_response(BranchId(0)).and_then(|r| r.status()),
+            Some(408)
+        );
+        out.clear();
+        ctx.on_response(BranchId(0), resp(180, &[]), t0, &mut out);
+        assert_eq!(
+            cancels(&out),
+            vec![0],
+            "§9.1: the CANCEL waited for a provisional"
+        );
+        assert!(forwarded(&out).is_empty());
+        ctx.on_response(BranchId(1), resp(486, &[]), t0, &mut out);
+        let outcomes = ctx.outcomes();
+        assert_eq!(outcomes.len(), 2);
+        assert_eq!((outcomes[1].code, outcomes[1].local), (486, false));
+        assert_eq!(outcomes[1].reason, "Test");
+        assert_eq!(
+            ctx.branch_response(BranchId(1)).and_then(|r| r.status()),
+            Some(486)
+        );
+        assert_eq!(set_failed(&out).and_then(Message::status), Some(408));
+    }
+
+    #[test]
+    fn a_non_invite_branch_awaits_its_final_after_a_provisional() {
+        let t0 = Instant::now();
+        let mut out = Vec::new();
+        let mut ctx = ResponseContext::new(
+            request(),
+            vec![target("sip:a@127.0.0.1", 1000)],
+            false,
+            TIMER_C,
+            t0,
+            &mut out,
+        );
+        ctx.on_response(BranchId(0), resp(100, &[]), t0, &mut out);
+        assert!(ctx.awaits_response(BranchId(0)));
+        out.clear();
+        assert!(ctx.give_up(BranchId(0), t0, &mut out));
+        assert!(cancels(&out).is_empty(), "non-INVITE is never cancelled");
+        assert_eq!(set_failed(&out).and_then(Message::status), Some(408));
+    }
+
+    #[test]
+    fn unreachable_and_unsent_branches_are_the_proxys_own_outcomes() {
+        let t0 = Instant::now();
+        let mut ctx = two_parallel(t0);
+        let mut out = Vec::new();
+        ctx.on_branch_unreachable(BranchId(0), t0, &mut out);
+        ctx.on_branch_ended(BranchId(1), 487, t0, &mut out);
+        assert_eq!(branch_failures(&out), [0, 1]);
+        let outcomes = ctx.outcomes();
+        assert_eq!(
+            outcomes
+                .iter()
+                .map(|o| (o.code, o.timeout, o.local, o.reason.as_str()))
+                .collect::<Vec<_>>(),
+            [
+                (503, false, true, "Service Unavailable"),
+                (487, false, true, "Request Terminated")
+            ]
+        );
+    }
+
+    #[test]
+    fn set_timer_c_applies_to_the_resets_that_follow() {
+        let t0 = Instant::now();
+        let mut ctx = two_parallel(t0);
+        ctx.set_timer_c(Duration::from_secs(5));
+        let mut out = Vec::new();
+        ctx.on_response(BranchId(0), resp(180, &[]), t0, &mut out);
+        assert!(out.iter().any(|a| matches!(a,
+            ContextAction::StartTimerC { at, .. } if *at == t0 + Duration::from_secs(5))));
     }
 
     fn set_failed(out: &[ContextAction]) -> Option<&Message> {
@@ -813,7 +1080,11 @@ Content-Length: 0\r\n\r\n";
         ctx.on_response(BranchId(1), resp(487, &[]), t0, &mut out);
         assert!(!ctx.is_finished());
         ctx.on_response(BranchId(2), resp(487, &[]), t0, &mut out);
-        assert!(out.is_empty(), "no non-2xx final after a 2xx: {out:?}");
+        assert_eq!(branch_failures(&out), [1, 2]);
+        assert!(
+            others(&out).is_empty(),
+            "no non-2xx final after a 2xx: {out:?}"
+        );
         assert!(ctx.is_finished());
     }
 
@@ -844,7 +1115,7 @@ Content-Length: 0\r\n\r\n";
         let mut out = Vec::new();
         ctx.on_response(BranchId(0), resp(500, &[]), t0, &mut out);
         ctx.on_response(BranchId(1), resp(486, &[]), t0, &mut out);
-        assert!(out.is_empty());
+        assert!(others(&out).is_empty());
         ctx.on_response(BranchId(2), resp(404, &[]), t0, &mut out);
         assert_eq!(set_failed(&out).and_then(Message::status), Some(486));
         assert!(final_up(&out).is_none());
@@ -1076,7 +1347,7 @@ Content-Length: 0\r\n\r\n";
         assert_eq!(cancels(&out), vec![0]);
         out.clear();
         ctx.on_response(BranchId(0), resp(487, &[]), t0, &mut out);
-        assert!(out.is_empty(), "{out:?}");
+        assert!(others(&out).is_empty(), "{out:?}");
         ctx.on_response(BranchId(1), resp(180, &[]), t0, &mut out);
         assert_eq!(cancels(&out), vec![1]);
         out.clear();

@@ -12,7 +12,7 @@ use crate::location::CommitTicket;
 
 use bytes::Bytes;
 
-use super::response_context::Target;
+use super::response_context::{BranchOutcome, Target};
 use crate::sip::{HeaderName, Message, Method};
 use crate::transport::Meta;
 
@@ -32,6 +32,8 @@ pub enum Decision {
     Relay {
         targets: Vec<Target>,
         record_route: bool,
+        /// The transaction's failure timers (`t_set_fr`); the defaults unless set.
+        timers: FailureTimers,
     },
     /// Forward it statelessly (§16.11): to `target` when given (the next hop only: the
     /// Request-URI is not rewritten, like Kamailio's `forward(uri)`), else where its Route set
@@ -130,14 +132,38 @@ pub enum BranchEdit {
     Skip,
 }
 
+/// A transaction's failure timers, Kamailio's `fr_timer` and `fr_inv_timer` as `t_set_fr`
+/// sets them for one transaction; `None` keeps the `[timers]` default.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FailureTimers {
+    /// `fr_timer`: a branch that hears nothing (an INVITE branch: no provisional, §17.1.1.2;
+    /// another: no final) within this is given up and counts as a 408, long before Timer B
+    /// or F (64*T1) would end it.
+    pub no_response: Option<std::time::Duration>,
+    /// `fr_inv_timer`: Timer C (§16.8) for the transaction's INVITE branches, which CANCELs
+    /// a branch ringing with no final for that long.
+    pub no_answer: Option<std::time::Duration>,
+}
+
+impl FailureTimers {
+    /// `self`, with the timers `later` sets replacing these.
+    pub fn updated(self, later: FailureTimers) -> FailureTimers {
+        FailureTimers {
+            no_response: later.no_response.or(self.no_response),
+            no_answer: later.no_answer.or(self.no_answer),
+        }
+    }
+}
+
 /// What a router answers when a branch set failed.
 #[derive(Debug, Default)]
 pub enum FailureDecision {
     /// Send the best response upstream (§16.7 step 6).
     #[default]
     SendBest,
-    /// Try these targets next (a new serial group: failover, voicemail).
-    Targets(Vec<Target>),
+    /// Try these targets next (a new serial group: failover, voicemail), with the failure
+    /// timers set for them (the transaction's so far, unless changed).
+    Targets(Vec<Target>, FailureTimers),
 }
 
 /// The seam between the engine and routing policy. One router per event loop; it sees the
@@ -171,14 +197,29 @@ pub trait Router {
         true
     }
 
-    /// Every branch failed and `best` would go upstream (Kamailio's failure_route).
+    /// Every branch failed and `best` would go upstream (Kamailio's failure_route);
+    /// `branches` says how each branch of the transaction ended, in the order they started.
     fn on_failure(
         &mut self,
         _handle: Option<RouteHandle>,
         _request: &Message,
         _best: &Message,
+        _branches: &[BranchOutcome],
     ) -> FailureDecision {
         FailureDecision::SendBest
+    }
+
+    /// One branch ended without a 2xx (Kamailio's `event_route[tm:branch-failure]`):
+    /// `outcome` says how, `response` gives the final it ended with (received, or the 408/503
+    /// this proxy counts it as), built only when called. Informational: the branch set goes
+    /// on, and [`Router::on_failure`] still decides once every branch has ended.
+    fn on_branch_failure(
+        &mut self,
+        _handle: RouteHandle,
+        _request: &Message,
+        _outcome: &BranchOutcome,
+        _response: &dyn Fn() -> Option<Message>,
+    ) {
     }
 
     /// The transaction of `handle` ended; no hook will see it again.
@@ -258,6 +299,7 @@ impl BuiltinRouter {
             return Decision::Relay {
                 targets: Vec::new(),
                 record_route: false,
+                timers: FailureTimers::default(),
             };
         }
         let record_route = request.method() != Some(&Method::Register);
@@ -266,12 +308,14 @@ impl BuiltinRouter {
             return Decision::Relay {
                 targets: vec![Target::new(route.clone(), 1000)],
                 record_route,
+                timers: FailureTimers::default(),
             };
         }
         if self.relay_to_request_uri {
             return Decision::Relay {
                 targets: Vec::new(),
                 record_route,
+                timers: FailureTimers::default(),
             };
         }
         not_implemented()

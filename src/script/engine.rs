@@ -117,6 +117,8 @@ pub struct Hooks {
     pub on_branch: Option<Function>,
     /// A tracked call ended (`crate::dialog`): the custom CDR sink.
     pub on_dialog_end: Option<Function>,
+    /// One branch ended without a 2xx (Kamailio's `event_route[tm:branch-failure]`).
+    pub on_branch_failure: Option<Function>,
 }
 
 /// A loaded script: its Lua state and hooks.
@@ -368,6 +370,7 @@ fn find_hooks(lua: &Lua, name: &str) -> Result<Hooks, ScriptError> {
         on_failure: hook("on_failure")?,
         on_branch: hook("on_branch")?,
         on_dialog_end: hook("on_dialog_end")?,
+        on_branch_failure: hook("on_branch_failure")?,
     })
 }
 

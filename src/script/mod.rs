@@ -110,6 +110,7 @@ impl Services {
                     q: b.q,
                     route: b.path.into_iter().map(bytes::Bytes::from).collect(),
                     destination,
+                    next_hop_uri: None,
                 }
             })
             .collect())

@@ -73,6 +73,7 @@ pub fn check(path: &Path) -> Result<String, ScriptError> {
         ("on_failure", hooks.on_failure.is_some()),
         ("on_branch", hooks.on_branch.is_some()),
         ("on_dialog_end", hooks.on_dialog_end.is_some()),
+        ("on_branch_failure", hooks.on_branch_failure.is_some()),
     ] {
         if present {
             defined.push(name);
@@ -388,6 +389,7 @@ fn describe_state(before: &Message, mut state: ScriptMsg, vars: &Table) -> Outco
         Decision::Relay {
             targets,
             record_route,
+            ..
         } => {
             outcome.decision = "relay";
             outcome.record_route = record_route;

@@ -31,7 +31,7 @@ use super::Services;
 use crate::id_map::IdMap;
 use crate::metrics::{Counter, Gauge, Histogram, Registry, DURATION_BUCKETS};
 use crate::proxy::request::{remove_preloaded_route, route_set};
-use crate::proxy::response_context::Target;
+use crate::proxy::response_context::{BranchOutcome, Target};
 use crate::proxy::router::{
     BranchEdit, Decision, FailureDecision, ReplySource, RouteHandle, RouteInfo, Routed, Router,
 };
@@ -58,12 +58,13 @@ pub struct ScriptHost {
 }
 
 /// The hooks whose calls are counted and timed, in [`HookMetrics`] order.
-const HOOKS: [&str; 5] = [
+const HOOKS: [&str; 6] = [
     "on_request",
     "on_reply",
     "on_failure",
     "on_branch",
     "on_dialog_end",
+    "on_branch_failure",
 ];
 
 /// `moonroute_script_hook_calls_total{hook}`, `..._errors_total{hook}` and
@@ -543,10 +544,11 @@ impl ScriptRouter {
             }
         };
         let mut state = state;
-        let decision = match state.decision.take() {
+        let mut decision = match state.decision.take() {
             Some((decision, _)) => decision,
             None => undecided(&method, &state.msg),
         };
+        super::api::tm::complete(&state, &mut decision);
         guard_preloaded_route(&mut state, &decision);
         *request = state.msg;
         // A call counted at a dispatcher destination is counted until the transaction ends
@@ -555,6 +557,7 @@ impl ScriptRouter {
             && (engine.hooks().on_reply.is_some()
                 || engine.hooks().on_failure.is_some()
                 || engine.hooks().on_branch.is_some()
+                || engine.hooks().on_branch_failure.is_some()
                 || super::api::dispatcher::holds_call(engine.lua(), &vars));
         let handle = match (keeps_state, handle) {
             (true, Some(handle)) => Some(handle),
@@ -745,6 +748,7 @@ impl Router for ScriptRouter {
         handle: Option<RouteHandle>,
         request: &Message,
         best: &Message,
+        branches: &[BranchOutcome],
     ) -> FailureDecision {
         let Some((engine, hook, vars)) =
             handle.and_then(|h| self.pinned_hook(h, |hooks| &hooks.on_failure))
@@ -755,22 +759,52 @@ impl Router for ScriptRouter {
             (request.clone(), Role::Failure),
             (best.clone(), Role::Response),
         ];
-        match call_pair(
+        let Some([mut req, _]) = call_pair_with(
             &engine,
             &hook,
             &vars,
             pair,
+            |res| res.branches = Some(branches.to_vec()),
             request,
             self.host.hook_metrics.of("on_failure"),
-        ) {
-            Some(
-                [ScriptMsg {
-                    decision: Some((Decision::Relay { targets, .. }, _)),
-                    ..
-                }, _],
-            ) => FailureDecision::Targets(targets),
+        ) else {
+            return FailureDecision::SendBest;
+        };
+        let Some((mut decision, _)) = req.decision.take() else {
+            return FailureDecision::SendBest;
+        };
+        super::api::tm::complete(&req, &mut decision);
+        match decision {
+            Decision::Relay {
+                targets, timers, ..
+            } => FailureDecision::Targets(targets, timers),
             _ => FailureDecision::SendBest,
         }
+    }
+
+    fn on_branch_failure(
+        &mut self,
+        handle: RouteHandle,
+        request: &Message,
+        outcome: &BranchOutcome,
+        response: &dyn Fn() -> Option<Message>,
+    ) {
+        let Some((engine, hook, vars)) = self.pinned_hook(handle, |h| &h.on_branch_failure) else {
+            return;
+        };
+        let Some(response) = response() else {
+            return;
+        };
+        let pair = [(request.clone(), Role::View), (response, Role::Response)];
+        call_pair_with(
+            &engine,
+            &hook,
+            &vars,
+            pair,
+            |res| res.branch = Some(outcome.clone()),
+            request,
+            self.host.hook_metrics.of("on_branch_failure"),
+        );
     }
 
     fn on_dialog_end(&mut self, cdr: &crate::dialog::Cdr) {

@@ -59,6 +59,8 @@ pub struct CoreFactory {
     tag_hasher: RandomState,
     layer: LayerConfig,
     timer_c: Duration,
+    /// `[timers] fr_timer_ms`.
+    fr_timer: Option<Duration>,
     router: RouterFactory,
     builtin_relays: bool,
     /// `[nat] force_rport`.
@@ -130,7 +132,8 @@ impl CoreFactory {
             advertise: config.advertise.clone(),
             tag_hasher: RandomState::new(),
             layer,
-            timer_c: Duration::from_secs(config.timers.timer_c_secs),
+            timer_c: config.timers.timer_c(),
+            fr_timer: config.timers.fr_timer(),
             router,
             builtin_relays,
             force_rport: config.nat.force_rport,
@@ -237,6 +240,7 @@ impl CoreFactory {
             self.timer_c,
             router,
         )
+        .with_fr_timer(self.fr_timer)
         .with_dialogs(dialogs);
         let mut core = Core::new(identity, self.layer, relay, index, loops);
         // `ctl dlg end` reaches this loop's calls through its wake signal.

@@ -25,11 +25,12 @@ pub(crate) mod dispatcher;
 mod flood;
 mod metrics;
 mod nat;
+pub(crate) mod tm;
 
 use super::engine::{Env, LogSink};
 use super::kv::{KvError, KvValue};
 use crate::proxy::response_context::Target;
-use crate::proxy::router::{Decision, RouteInfo};
+use crate::proxy::router::{Decision, FailureTimers, RouteInfo};
 use crate::proxy::Verdict;
 use crate::sip::{Host, Message, Method, Uri};
 use crate::transport::Meta;
@@ -80,6 +81,14 @@ pub struct ScriptMsg {
     pub preloaded_route: Vec<Bytes>,
     /// `req:follow_preloaded_route()` was called.
     pub follows_preloaded_route: bool,
+    /// `req:t_set_fr()`: the failure timers of the branches the decision starts (`tm`).
+    pub timers: FailureTimers,
+    /// `req.du`: where the branches the decision starts are sent (`tm`).
+    pub du: Option<Bytes>,
+    /// `res` in `on_failure`: how each branch ended (`res.branches`, `tm`).
+    pub branches: Option<Vec<crate::proxy::response_context::BranchOutcome>>,
+    /// `res` in `on_branch_failure`: how its branch ended (`res.branch`, `tm`).
+    pub branch: Option<crate::proxy::response_context::BranchOutcome>,
 }
 
 impl ScriptMsg {
@@ -100,6 +109,10 @@ impl ScriptMsg {
             sent_to: None,
             preloaded_route: Vec::new(),
             follows_preloaded_route: false,
+            timers: FailureTimers::default(),
+            du: None,
+            branches: None,
+            branch: None,
         }
     }
 
@@ -389,6 +402,7 @@ impl UserData for ScriptMsg {
         });
         fields.add_field_method_get("body", |lua, m| lua.create_string(m.msg.body().as_ref()));
         fields.add_field_method_get("vars", |_, m| Ok(m.vars.clone()));
+        tm::add_fields(fields);
     }
 
     fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
@@ -401,6 +415,7 @@ impl UserData for ScriptMsg {
         flood::add_methods(methods);
         dialog::add_methods(methods);
         dispatcher::add_methods(methods);
+        tm::add_methods(methods);
     }
 }
 
@@ -566,6 +581,7 @@ fn add_decisions<M: UserDataMethods<ScriptMsg>>(methods: &mut M) {
             Decision::Relay {
                 targets,
                 record_route,
+                timers: FailureTimers::default(),
             },
             "t_relay",
         )
@@ -599,6 +615,7 @@ fn add_decisions<M: UserDataMethods<ScriptMsg>>(methods: &mut M) {
             Decision::Relay {
                 targets,
                 record_route,
+                timers: FailureTimers::default(),
             },
             "fork",
         )
