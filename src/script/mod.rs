@@ -93,8 +93,11 @@ impl Services {
             .into_iter()
             .map(|b| {
                 // A NATed contact is reached through the address it registered from, unless
-                // a Path leads there (the edge proxy owns the flow then).
-                let destination = match (b.nated, b.path.is_empty()) {
+                // a Path leads there (the edge proxy owns the flow then). So is a WebSocket
+                // client, always: its Contact host is an `.invalid` name, and only the
+                // connection it registered over reaches it (RFC 7118 §5, RFC 5626 §5.3).
+                let over_websocket = b.received.is_some_and(|(kind, _)| kind.is_websocket());
+                let destination = match (b.nated || over_websocket, b.path.is_empty()) {
                     (true, true) => b.received,
                     _ => None,
                 };

@@ -1135,11 +1135,7 @@ fn stateless_response_destination(
     via: &crate::sip::Via<'_>,
 ) -> Option<crate::transport::Destination> {
     let kind = TransportKind::from_name(via.transport)?;
-    let default_port = if kind == TransportKind::Tls {
-        5061
-    } else {
-        5060
-    };
+    let default_port = kind.default_port();
     let addr = via.recorded_response_addr(default_port)?;
     Some(crate::transport::Destination {
         kind,

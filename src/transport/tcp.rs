@@ -113,6 +113,9 @@ pub(crate) async fn run_acceptor(
         match listener.accept().await {
             Ok((stream, peer)) => match kind {
                 TransportKind::Tls => super::tls::accept(&ctx, stream, peer),
+                TransportKind::Ws | TransportKind::Wss => {
+                    super::ws::accept(&ctx, stream, peer, kind)
+                }
                 _ => accept(&ctx, stream, peer),
             },
             Err(error) if is_per_connection(&error) => {

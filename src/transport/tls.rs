@@ -92,6 +92,18 @@ impl TlsContext {
     }
 }
 
+impl TlsContext {
+    /// The acceptor of `tls:` and `wss:` listeners; `None` when the server has neither.
+    pub(crate) fn acceptor(&self) -> Option<&TlsAcceptor> {
+        self.acceptor.as_ref()
+    }
+
+    /// `tls.max_handshakes`.
+    pub(crate) fn max_handshakes(&self) -> usize {
+        self.max_handshakes
+    }
+}
+
 impl fmt::Debug for TlsContext {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TlsContext")
@@ -320,11 +332,12 @@ impl ServerCertVerifier for SipDomainVerifier {
 
 // ----- accepting ---------------------------------------------------------------------------
 
-/// Holds one of the loop's handshake slots; gives it back when dropped.
-struct HandshakeSlot(Rc<LoopContext>);
+/// Holds one of the loop's handshake slots; gives it back when dropped (`wss:` connections
+/// take one too, `ws`).
+pub(crate) struct HandshakeSlot(Rc<LoopContext>);
 
 impl HandshakeSlot {
-    fn take(ctx: &Rc<LoopContext>) -> Option<HandshakeSlot> {
+    pub(crate) fn take(ctx: &Rc<LoopContext>) -> Option<HandshakeSlot> {
         let busy: &Cell<usize> = &ctx.tls_handshakes;
         if busy.get() >= ctx.tls.max_handshakes {
             return None;
