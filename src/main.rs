@@ -257,7 +257,8 @@ fn run(args: RunArgs) -> Result<(), Box<dyn Error>> {
         let factory = CoreFactory::with_router(&config, host.router_factory())
             .with_route_signer(signer)
             .with_metrics(Arc::clone(&metrics))
-            .with_dispatcher(Arc::clone(&host.services().dispatcher));
+            .with_dispatcher(Arc::clone(&host.services().dispatcher))
+            .with_flows(Arc::clone(&host.services().flows));
         match &host.services().registrar {
             Some(registrar) => Arc::new(factory.with_keepalives(registrar.store().clone())),
             None => Arc::new(factory),

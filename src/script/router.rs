@@ -223,6 +223,7 @@ impl ScriptHost {
             ),
             metrics,
             dispatcher,
+            flows: Arc::default(),
             clock: None,
         };
         ScriptHost::load(

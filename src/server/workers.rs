@@ -50,6 +50,9 @@ impl Server {
         let tls = Arc::new(TlsContext::new(&config.tls, listens_tls)?);
         let (listen_addrs, per_loop) = bind_all(&config.listen, workers)?;
         let registry = Arc::new(ConnectionRegistry::new(limits.connections));
+        if let Some(flows) = factory.flows() {
+            flows.attach(&registry);
+        }
         let metrics = factory.metrics().unwrap_or_else(EngineMetrics::detached);
         let open = Arc::downgrade(&registry);
         metrics.connections_open(move |kind| open.upgrade().map_or(0, |r| r.count_of(kind)));

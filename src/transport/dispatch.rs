@@ -27,7 +27,9 @@ use super::registry::ConnectionRegistry;
 use super::tls::TlsContext;
 use super::udp_batch::{Flush, Outbox};
 use super::ws::WsSettings;
-use super::{load, tcp, tls, ws, Destination, Input, Output, TransportKind, TransportLimits, Worker};
+use super::{
+    load, tcp, tls, ws, Destination, Input, Output, TransportKind, TransportLimits, Worker,
+};
 use crate::dns::{Query, ResolveError, Resolver};
 use crate::metrics::engine::{response_code, DnsMetrics};
 use crate::metrics::EngineMetrics;

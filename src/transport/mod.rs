@@ -511,6 +511,13 @@ pub trait WorkerFactory: Send + Sync + 'static {
         self.make_worker(index)
     }
 
+    /// The flows the script's location lookups check (WebSocket bindings whose connection
+    /// closed are skipped); attached to the server's connections when it starts. `None`:
+    /// nobody asks.
+    fn flows(&self) -> Option<std::sync::Arc<registry::Flows>> {
+        None
+    }
+
     /// The engine's metric handles the transport shell counts into (messages, connections,
     /// DNS); `None`: a registry of its own that nobody serves.
     fn metrics(&self) -> Option<std::sync::Arc<crate::metrics::EngineMetrics>> {

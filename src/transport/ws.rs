@@ -98,7 +98,9 @@ impl WsSettings {
             return false;
         };
         let origin = normalize_origin(origin);
-        self.allowed_origins.iter().any(|allowed| *allowed == origin)
+        self.allowed_origins
+            .iter()
+            .any(|allowed| *allowed == origin)
     }
 }
 
@@ -243,9 +245,7 @@ async fn open_and_serve(
         }
     };
     match opened {
-        Ok(Ok(Either::Plain(Opened::Ready(ws)))) => {
-            serve(ctx, ws, kind, local, registration).await
-        }
+        Ok(Ok(Either::Plain(Opened::Ready(ws)))) => serve(ctx, ws, kind, local, registration).await,
         Ok(Ok(Either::Tls(Opened::Ready(ws)))) => serve(ctx, ws, kind, local, registration).await,
         Ok(_) => {}
         Err(_) => {
@@ -532,7 +532,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     "connection dropped"
                 );
             }
-            CloseReason::CloseRequested => debug!(%conn, %peer, %kind, "connection closed on request"),
+            CloseReason::CloseRequested => {
+                debug!(%conn, %peer, %kind, "connection closed on request")
+            }
             CloseReason::Aborted => debug!(%conn, %peer, %kind, "connection aborted"),
             CloseReason::ReadFailed(WsError::Capacity(error)) => warn!(
                 target: REFUSED,
@@ -579,7 +581,10 @@ pub(crate) fn send(ctx: &Rc<LoopContext>, dest: Destination, data: Bytes) {
     // `transport=ws` names secure WebSocket too (RFC 7118 §5.2): either kind will do.
     let connection = tcp::connection_by_id(ctx, &dest)
         .or_else(|| ctx.registry.find_peer(dest.kind, dest.addr))
-        .or_else(|| ctx.registry.find_peer(other_websocket(dest.kind), dest.addr));
+        .or_else(|| {
+            ctx.registry
+                .find_peer(other_websocket(dest.kind), dest.addr)
+        });
     match connection {
         Some(connection) => tcp::queue_on(&connection, data),
         None => tcp::no_connection(ctx, &dest),
@@ -621,10 +626,7 @@ mod tests {
             Ok("sip")
         );
         assert_eq!(
-            check_upgrade(
-                &none,
-                &headers(&[("sec-websocket-protocol", "xmpp, sip")])
-            ),
+            check_upgrade(&none, &headers(&[("sec-websocket-protocol", "xmpp, sip")])),
             Ok("sip")
         );
         for offered in [&[][..], &[("sec-websocket-protocol", "xmpp")][..]] {
@@ -642,7 +644,11 @@ mod tests {
         let evil = headers(&[sip, ("origin", "https://evil.example")]);
         let refused = check_upgrade(&none, &evil).unwrap_err();
         assert_eq!(refused.status, StatusCode::FORBIDDEN);
-        assert!(refused.reason.contains("evil.example"), "{}", refused.reason);
+        assert!(
+            refused.reason.contains("evil.example"),
+            "{}",
+            refused.reason
+        );
 
         let listed = settings(&["https://Phone.example.com/"]);
         let ok = headers(&[sip, ("origin", "https://phone.example.com")]);
