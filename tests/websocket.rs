@@ -256,7 +256,8 @@ async fn a_binding_is_gone_with_its_connection() {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message as WsMessage;
     let running = start(|_, _| {});
-    // A browser tab registers, then is closed.
+    // A browser tab registers (without Content-Length: the WebSocket message delimits the
+    // SIP message, RFC 7118 §5), then is closed.
     let url = format!("ws://{}/", running.ws);
     let stream = TcpStream::connect(running.ws).await.unwrap();
     let request = websocket_request(&url, Some("sip"), Some(PAGE_ORIGIN));
@@ -269,8 +270,7 @@ async fn a_binding_is_gone_with_its_connection() {
          Max-Forwards: 70\r\n\
          To: <{0}>\r\nFrom: <{0}>;tag=5hxf9\r\n\
          Call-ID: ws-closed-1\r\nCSeq: 1 REGISTER\r\n\
-         Contact: <sip:alice@df7jal23ls0d.invalid;transport=ws>;expires=600\r\n\
-         Content-Length: 0\r\n\r\n",
+         Contact: <sip:alice@df7jal23ls0d.invalid;transport=ws>;expires=600\r\n\r\n",
         aor("alice")
     );
     tab.send(WsMessage::text(register)).await.unwrap();
@@ -339,4 +339,67 @@ async fn secure_websocket_uses_the_tls_identity() {
     );
     alice.respond(&invite, 486, "Busy Here").await;
     bob.expect_final(486).await;
+}
+
+#[tokio::test]
+async fn slow_openings_and_oversized_messages_close_the_connection() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio::io::AsyncReadExt;
+    use tokio_tungstenite::tungstenite::Message as WsMessage;
+    let running = start(|config, _| {
+        config.websocket.handshake_timeout_ms = 200;
+        config.limits.max_message_size = 4096;
+    });
+    // A client that connects and never sends its Upgrade is dropped at the deadline.
+    let mut silent = TcpStream::connect(running.ws).await.unwrap();
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(WAIT, silent.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "closed at the handshake deadline: {read:?}"
+    );
+
+    // A WebSocket message larger than limits.max_message_size ends the connection.
+    let url = format!("ws://{}/", running.ws);
+    let stream = TcpStream::connect(running.ws).await.unwrap();
+    let request = websocket_request(&url, Some("sip"), None);
+    let (mut ws, _) = tokio_tungstenite::client_async(request, stream)
+        .await
+        .unwrap();
+    let huge = format!(
+        "OPTIONS sip:{DOMAIN} SIP/2.0\r\nX-Pad: {}\r\n\r\n",
+        "a".repeat(8192)
+    );
+    // The server may close before taking it all: a send error is a close too.
+    let _ = ws.send(WsMessage::text(huge)).await;
+    let end = tokio::time::timeout(WAIT, async {
+        loop {
+            match ws.next().await {
+                Some(Ok(WsMessage::Close(_))) | Some(Err(_)) | None => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(end.is_ok(), "the server closed the connection");
+}
+
+#[tokio::test]
+async fn websocket_connections_count_toward_the_per_ip_cap() {
+    let running = start(|config, _| {
+        config.limits.max_connections_per_ip = Some(1);
+    });
+    let mut first = TestUa::websocket("first", running.ws, None, None).await;
+    register(&mut first, "first").await;
+    // The address's one connection is taken: the next is closed before its Upgrade.
+    let url = format!("ws://{}/", running.ws);
+    let stream = TcpStream::connect(running.ws).await.unwrap();
+    let request = websocket_request(&url, Some("sip"), None);
+    let second = tokio::time::timeout(WAIT, tokio_tungstenite::client_async(request, stream))
+        .await
+        .expect("the server answers in time");
+    assert!(
+        second.is_err(),
+        "a second connection from 127.0.0.1 is refused"
+    );
 }

@@ -672,5 +672,21 @@ mod tests {
         assert!(!TransportKind::Udp.is_reliable());
         assert!(TransportKind::Tcp.is_reliable());
         assert!(TransportKind::Tls.is_reliable());
+        assert_eq!(TransportKind::Ws.via_name(), "WS");
+        assert_eq!(TransportKind::Wss.via_name(), "WSS");
+        assert!(TransportKind::Wss.is_reliable() && TransportKind::Wss.is_websocket());
+        // RFC 7118 §5.2: `transport=ws` for both.
+        assert_eq!(TransportKind::Wss.uri_param(), "ws");
+        assert_eq!(TransportKind::from_name(b"ws"), Some(TransportKind::Ws));
+        assert_eq!(TransportKind::from_name(b"WSS"), Some(TransportKind::Wss));
+    }
+
+    #[test]
+    fn listen_addr_parses_websocket_listeners() {
+        let ws: ListenAddr = "ws:127.0.0.1:8080".parse().unwrap();
+        assert_eq!(ws.kind, TransportKind::Ws);
+        let wss: ListenAddr = "WSS:[::1]:8443,advertise=sip.example.com".parse().unwrap();
+        assert_eq!(wss.kind, TransportKind::Wss);
+        assert_eq!(wss.to_string(), "wss:[::1]:8443,advertise=sip.example.com");
     }
 }
