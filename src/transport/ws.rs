@@ -98,9 +98,7 @@ impl WsSettings {
             return false;
         };
         let origin = normalize_origin(origin);
-        self.allowed_origins
-            .iter()
-            .any(|allowed| *allowed == origin)
+        self.allowed_origins.contains(&origin)
     }
 }
 
@@ -196,13 +194,6 @@ pub(crate) fn accept(
     tokio::task::spawn_local(task);
 }
 
-/// What opening a connection came to.
-enum Opened<S> {
-    Ready(WebSocketStream<S>),
-    /// Failed; logged already.
-    Failed,
-}
-
 async fn open_and_serve(
     ctx: Rc<LoopContext>,
     stream: TcpStream,
@@ -232,9 +223,13 @@ async fn open_and_serve(
                     }
                 };
                 drop(slot);
-                Ok(Either::Tls(upgrade(&ctx, tls, &handle).await))
+                let ws = upgrade(&ctx, tls, &handle).await.ok_or(())?;
+                Ok(Opened::Tls(Box::new(ws)))
             }
-            _ => Ok(Either::Plain(upgrade(&ctx, stream, &handle).await)),
+            _ => {
+                let ws = upgrade(&ctx, stream, &handle).await.ok_or(())?;
+                Ok(Opened::Plain(Box::new(ws)))
+            }
         }
     };
     let opened = tokio::select! {
@@ -245,9 +240,10 @@ async fn open_and_serve(
         }
     };
     match opened {
-        Ok(Ok(Either::Plain(Opened::Ready(ws)))) => serve(ctx, ws, kind, local, registration).await,
-        Ok(Ok(Either::Tls(Opened::Ready(ws)))) => serve(ctx, ws, kind, local, registration).await,
-        Ok(_) => {}
+        Ok(Ok(Opened::Plain(ws))) => serve(ctx, *ws, kind, local, registration).await,
+        Ok(Ok(Opened::Tls(ws))) => serve(ctx, *ws, kind, local, registration).await,
+        // Failed: logged already.
+        Ok(Err(())) => {}
         Err(_) => {
             // The address's pending place is free once this is logged.
             drop(registration);
@@ -269,18 +265,20 @@ async fn open_and_serve(
     }
 }
 
-enum Either<A, B> {
-    Plain(A),
-    Tls(B),
+/// A connection opened, over plain TCP or over TLS (boxed: the stream states are large, and
+/// the future holding this lives only during the opening).
+enum Opened {
+    Plain(Box<WebSocketStream<TcpStream>>),
+    Tls(Box<WebSocketStream<tokio_rustls::server::TlsStream<TcpStream>>>),
 }
 
 /// The HTTP Upgrade (RFC 6455 §4.2) with the checks of [`check_upgrade`]; a refused one is
-/// answered with its status and logged as refused.
+/// answered with its status and logged as refused (`None` then, and on any failure).
 async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(
     ctx: &Rc<LoopContext>,
     stream: S,
     handle: &ConnectionHandle,
-) -> Opened<S> {
+) -> Option<WebSocketStream<S>> {
     let settings = Arc::clone(&ctx.websocket);
     let mut refusal = None;
     let callback = |request: &Request, mut response: Response| match check_upgrade(
@@ -308,7 +306,7 @@ async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(
     match (upgraded, refusal) {
         (Ok(ws), _) => {
             debug!(conn = %handle.id(), peer = %handle.peer(), %kind, "WebSocket connection open");
-            Opened::Ready(ws)
+            Some(ws)
         }
         (Err(_), Some(refused)) => {
             ctx.metrics
@@ -322,11 +320,11 @@ async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(
                 reason = %format_args!("{}; answered {}, connection closed", refused.reason, refused.status.as_u16()),
                 "connection refused"
             );
-            Opened::Failed
+            None
         }
         (Err(error), None) => {
             debug!(conn = %handle.id(), peer = %handle.peer(), %kind, %error, "WebSocket handshake failed; closing");
-            Opened::Failed
+            None
         }
     }
 }
