@@ -353,13 +353,7 @@ pub(crate) async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
     registration: Registration,
 ) {
     let handle = registration.handle().clone();
-    let meta = Meta {
-        kind,
-        source: handle.peer(),
-        local,
-        conn: Some(handle.id()),
-        worker: ctx.index,
-    };
+    let meta = connection_meta(&ctx, kind, local, &handle);
     let now = Instant::now();
     let idle_deadline = now + ctx.limits.tcp_idle_timeout;
     let timeouts = ctx.limits.message_timeouts;
@@ -381,6 +375,22 @@ pub(crate) async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
     };
     let reason = connection.serve().await;
     connection.log_close(&reason);
+}
+
+/// Where the messages of connection `handle` (transport `kind`, our address `local`) come from.
+pub(crate) fn connection_meta(
+    ctx: &LoopContext,
+    kind: TransportKind,
+    local: SocketAddr,
+    handle: &ConnectionHandle,
+) -> Meta {
+    Meta {
+        kind,
+        source: handle.peer(),
+        local,
+        conn: Some(handle.id()),
+        worker: ctx.index,
+    }
 }
 
 /// Why a connection was closed.

@@ -97,11 +97,6 @@ impl TlsContext {
     pub(crate) fn acceptor(&self) -> Option<&TlsAcceptor> {
         self.acceptor.as_ref()
     }
-
-    /// `tls.max_handshakes`.
-    pub(crate) fn max_handshakes(&self) -> usize {
-        self.max_handshakes
-    }
 }
 
 impl fmt::Debug for TlsContext {
@@ -337,13 +332,31 @@ impl ServerCertVerifier for SipDomainVerifier {
 pub(crate) struct HandshakeSlot(Rc<LoopContext>);
 
 impl HandshakeSlot {
-    pub(crate) fn take(ctx: &Rc<LoopContext>) -> Option<HandshakeSlot> {
+    fn take(ctx: &Rc<LoopContext>) -> Option<HandshakeSlot> {
         let busy: &Cell<usize> = &ctx.tls_handshakes;
         if busy.get() >= ctx.tls.max_handshakes {
             return None;
         }
         busy.set(busy.get() + 1);
         Some(HandshakeSlot(Rc::clone(ctx)))
+    }
+
+    /// [`HandshakeSlot::take`], or when every slot is busy the refusal of the `kind`
+    /// connection from `peer` logged and counted (the caller closes it).
+    pub(crate) fn take_or_refuse(
+        ctx: &Rc<LoopContext>,
+        kind: TransportKind,
+        peer: SocketAddr,
+    ) -> Option<HandshakeSlot> {
+        let slot = HandshakeSlot::take(ctx);
+        if slot.is_none() {
+            let reason = format!(
+                "tls.max_handshakes ({}) handshakes in progress on this event loop",
+                ctx.tls.max_handshakes
+            );
+            tcp::refuse(ctx, kind, peer, ConnectionRefusal::MaxHandshakes, &reason);
+        }
+        slot
     }
 }
 
@@ -369,13 +382,8 @@ pub(crate) fn accept(ctx: &Rc<LoopContext>, stream: TcpStream, peer: SocketAddr)
         Ok(registration) => registration,
         Err(reached) => return tcp::refuse_limit(ctx, TransportKind::Tls, peer, reached),
     };
-    let Some(slot) = HandshakeSlot::take(ctx) else {
-        let reason = format!(
-            "tls.max_handshakes ({}) handshakes in progress on this event loop",
-            ctx.tls.max_handshakes
-        );
-        let refusal = ConnectionRefusal::MaxHandshakes;
-        return tcp::refuse(ctx, TransportKind::Tls, peer, refusal, &reason);
+    let Some(slot) = HandshakeSlot::take_or_refuse(ctx, TransportKind::Tls, peer) else {
+        return;
     };
     ctx.metrics
         .transport

@@ -176,15 +176,9 @@ pub(crate) fn accept(
         Err(reached) => return tcp::refuse_limit(ctx, kind, peer, reached),
     };
     let slot = match kind {
-        TransportKind::Wss => match HandshakeSlot::take(ctx) {
+        TransportKind::Wss => match HandshakeSlot::take_or_refuse(ctx, kind, peer) {
             Some(slot) => Some(slot),
-            None => {
-                let reason = format!(
-                    "tls.max_handshakes ({}) handshakes in progress on this event loop",
-                    ctx.tls.max_handshakes()
-                );
-                return tcp::refuse(ctx, kind, peer, ConnectionRefusal::MaxHandshakes, &reason);
-            }
+            None => return,
         },
         _ => None,
     };
@@ -375,13 +369,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     registration: Registration,
 ) {
     let handle = registration.handle().clone();
-    let meta = Meta {
-        kind,
-        source: handle.peer(),
-        local,
-        conn: Some(handle.id()),
-        worker: ctx.index,
-    };
+    let meta = tcp::connection_meta(&ctx, kind, local, &handle);
     let now = Instant::now();
     let clock = MessageClock::inbound(ctx.limits.message_timeouts, now.into_std());
     let mut connection = Connection {

@@ -353,12 +353,7 @@ impl TestUa {
         let (tx, rx) = mpsc::unbounded_channel();
         let stream = TcpStream::connect(proxy).await.expect("connect TCP");
         let local = stream.local_addr().unwrap();
-        let server_name = rustls::pki_types::ServerName::try_from(server_name.to_owned())
-            .expect("a valid server name");
-        let stream = connector
-            .connect(server_name, stream)
-            .await
-            .expect("TLS handshake with the proxy");
+        let stream = tls_connect(&connector, server_name, stream).await;
         let mut ua = TestUa::with_net(name, local, Net::Tcp(HashMap::new()), tx, rx);
         ua.tls = true;
         ua.adopt(stream, proxy);
@@ -384,12 +379,7 @@ impl TestUa {
         let mut ua = TestUa::with_net(name, local, Net::Tcp(HashMap::new()), tx, rx);
         let bridge = match tls {
             Some((connector, server_name)) => {
-                let server_name = rustls::pki_types::ServerName::try_from(server_name.to_owned())
-                    .expect("a valid server name");
-                let stream = connector
-                    .connect(server_name, stream)
-                    .await
-                    .expect("TLS handshake with the proxy");
+                let stream = tls_connect(&connector, server_name, stream).await;
                 ua.tls = true;
                 websocket_bridge(request, stream).await
             }
@@ -1010,6 +1000,20 @@ impl<'u> IntoFuture for Outgoing<'u> {
     fn into_future(self) -> Self::IntoFuture {
         Box::pin(self.send())
     }
+}
+
+/// The TLS client side of `stream`, the server's certificate checked for `server_name`.
+async fn tls_connect(
+    connector: &tokio_rustls::TlsConnector,
+    server_name: &str,
+    stream: TcpStream,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let server_name = rustls::pki_types::ServerName::try_from(server_name.to_owned())
+        .expect("a valid server name");
+    connector
+        .connect(server_name, stream)
+        .await
+        .expect("TLS handshake with the proxy")
 }
 
 /// The HTTP Upgrade request of a WebSocket client to `url`, offering `protocol` and sending
