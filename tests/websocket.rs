@@ -6,8 +6,9 @@
 //! Covered: the Upgrade's checks (the `sip` subprotocol, the `Origin` allow-list), REGISTER
 //! and a call between two WebSocket clients (Via `WS`, one Record-Route with `transport=ws`,
 //! the callee's BYE back to the caller on its connection), a WebSocket caller and a UDP phone
-//! (double Record-Route, Via on both legs), secure WebSocket, and a binding whose connection
-//! closed (reachable no more).
+//! (double Record-Route, Via on both legs), secure WebSocket, a binding whose connection
+//! closed (reachable no more), the handshake deadline, the message size limit, the per-IP
+//! connection cap, and digest authentication under the shipped policy.
 //!
 //! Nothing sleeps: every wait is for a message or a close, bounded by a timeout.
 
@@ -32,6 +33,7 @@ const PAGE_ORIGIN: &str = "https://phone.moonroute.test";
 
 struct Running {
     server: ServerHandle,
+    host: Arc<ScriptHost>,
     ws: SocketAddr,
     udp: SocketAddr,
     _dir: TempDir,
@@ -79,6 +81,7 @@ fn start(edit: impl FnOnce(&mut Config, &std::path::Path)) -> Running {
         ws: server.local_addr(TransportKind::Ws).unwrap(),
         udp: server.local_addr(TransportKind::Udp).unwrap(),
         server,
+        host,
         _dir: dir,
     }
 }
@@ -402,4 +405,51 @@ async fn websocket_connections_count_toward_the_per_ip_cap() {
         second.is_err(),
         "a second connection from 127.0.0.1 is refused"
     );
+}
+
+#[tokio::test]
+async fn a_websocket_phone_registers_with_digest_auth_under_the_shipped_policy() {
+    use common::auth::{answer_challenge, Answer, Challenge};
+    let running = start(|config, _| {
+        // As shipped: AUTHENTICATE = true.
+        config.script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/default.lua");
+    });
+    let auth = running
+        .host
+        .services()
+        .auth
+        .clone()
+        .expect("an authenticator");
+    auth.subscribers()
+        .add(
+            &format!("alice@{DOMAIN}"),
+            &moonroute::auth::Subscriber::with_password("alice", DOMAIN, "alice-pw"),
+        )
+        .unwrap();
+    let mut alice = TestUa::websocket("alice", running.ws, None, Some(PAGE_ORIGIN)).await;
+    alice.from_domain = Some(DOMAIN.to_owned());
+    let first = alice
+        .request("REGISTER", &aor("alice"))
+        .header("Expires", "600")
+        .await;
+    let challenge = alice.expect_final(401).await;
+    let challenge =
+        Challenge::parse(&header_text(&challenge, "WWW-Authenticate").expect("a challenge"));
+    let credentials = answer_challenge(
+        &challenge,
+        &Answer {
+            user: "alice",
+            password: "alice-pw",
+            method: "REGISTER",
+            uri: &aor("alice"),
+            nc: 1,
+        },
+    );
+    alice
+        .request("REGISTER", &aor("alice"))
+        .retry_of(&first)
+        .header("Expires", "600")
+        .header("Authorization", &credentials)
+        .await;
+    alice.expect_final(200).await;
 }
