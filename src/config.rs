@@ -66,6 +66,8 @@ pub struct Config {
     pub kv: Kv,
     /// TLS: the server's certificate, and how peers' certificates are verified.
     pub tls: Tls,
+    /// SIP over WebSocket listeners (`ws:`, `wss:`; RFC 7118).
+    pub websocket: WebSocket,
     /// DNS resolution of next hops (RFC 3263).
     pub dns: Dns,
     /// NAT traversal: RFC 3581 `rport` and keep-alives of NATed registrations.
@@ -371,6 +373,56 @@ impl Pike {
             return Err(
                 "pike: window_ms, max_requests and max_tracked_ips must be at least 1".to_owned(),
             );
+        }
+        Ok(())
+    }
+}
+
+/// SIP over WebSocket (RFC 7118): what `ws:` and `wss:` listeners accept. A `wss:` listener
+/// presents the `[tls]` certificate. Message sizes, idle timeout, send queue and per-IP
+/// connection caps are those of `[limits]`, as for TCP.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebSocket {
+    /// Web origins whose pages may open a connection (the `Origin` header of the HTTP
+    /// Upgrade, RFC 6455 §10.2), e.g. `https://phone.example.com`; `*` allows every origin.
+    /// A request without `Origin` does not come from a browser page and is accepted. A page
+    /// from an origin not listed is refused (403): otherwise any web page a phone user opens
+    /// could use their browser, and its network address, to talk SIP to this server
+    /// (cross-site WebSocket hijacking). Default: empty (no browser page allowed).
+    pub allowed_origins: Vec<String>,
+    /// Longest the opening of a connection may take, TLS handshake (`wss:`) and HTTP Upgrade
+    /// together, in milliseconds. Default: 5000.
+    pub handshake_timeout_ms: u64,
+    /// A WebSocket Ping is sent after this many seconds without traffic from the client, so
+    /// NATs keep the flow and a dead client is noticed (its connection then closes after
+    /// `limits.tcp_idle_timeout_secs` of silence). 0: no pings. Default: 30.
+    pub ping_interval_secs: u64,
+}
+
+impl Default for WebSocket {
+    fn default() -> Self {
+        WebSocket {
+            allowed_origins: Vec::new(),
+            handshake_timeout_ms: 5000,
+            ping_interval_secs: 30,
+        }
+    }
+}
+
+impl WebSocket {
+    fn validate(&self) -> Result<(), String> {
+        if self.handshake_timeout_ms == 0 {
+            return Err("websocket.handshake_timeout_ms: must be at least 1".to_owned());
+        }
+        if let Some(bad) = self
+            .allowed_origins
+            .iter()
+            .find(|o| o.trim() != "*" && !o.contains("://"))
+        {
+            return Err(format!(
+                "websocket.allowed_origins: {bad:?} is not an origin (scheme://host[:port]) or *"
+            ));
         }
         Ok(())
     }
@@ -988,6 +1040,7 @@ impl Default for Config {
             location: Location::default(),
             kv: Kv::default(),
             tls: Tls::default(),
+            websocket: WebSocket::default(),
             dns: Dns::default(),
             nat: Nat::default(),
             auth: Auth::default(),
@@ -1250,6 +1303,7 @@ impl Config {
         self.registrar.validate().map_err(invalid)?;
         self.location.validate().map_err(invalid)?;
         self.tls.validate().map_err(invalid)?;
+        self.websocket.validate().map_err(invalid)?;
         self.dns.validate().map_err(invalid)?;
         self.nat.validate().map_err(invalid)?;
         self.auth.validate().map_err(invalid)?;

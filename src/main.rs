@@ -124,7 +124,8 @@ struct RunArgs {
     /// Configuration file (TOML). Without it, the defaults are used.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Address to listen on, e.g. udp:127.0.0.1:5060 or tcp:[::1]:5060, with what it
+    /// Address to listen on, e.g. udp:127.0.0.1:5060, tcp:[::1]:5060, tls:..., ws:127.0.0.1:8080
+    /// or wss:... (SIP over WebSocket), with what it
     /// advertises when that is not its own: udp:0.0.0.0:5060,advertise=sip.example.com:5060
     /// (repeatable; replaces the file's list).
     #[arg(long, value_name = "TRANSPORT:IP:PORT[,advertise=HOST[:PORT]]")]
@@ -266,7 +267,8 @@ fn run(args: RunArgs) -> Result<(), Box<dyn Error>> {
         let factory = CoreFactory::with_router(&config, host.router_factory())
             .with_route_signer(signer)
             .with_metrics(Arc::clone(&metrics))
-            .with_dispatcher(Arc::clone(&host.services().dispatcher));
+            .with_dispatcher(Arc::clone(&host.services().dispatcher))
+            .with_flows(Arc::clone(&host.services().flows));
         match &host.services().registrar {
             Some(registrar) => Arc::new(factory.with_keepalives(registrar.store().clone())),
             None => Arc::new(factory),

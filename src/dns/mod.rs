@@ -148,7 +148,7 @@ fn literal(host: &str) -> Option<(Vec<IpAddr>, &str)> {
 /// [`Resolver::locate`] checks that (and, without a `transport` parameter, uses TCP for a
 /// `sip:` URI when the server has no UDP, RFC 3263 §4.1).
 pub fn numeric(query: &Query) -> Option<Result<Vec<Candidate>, ResolveError>> {
-    numeric_among(query, &select::ALL)
+    numeric_among(query, &select::NUMERIC)
 }
 
 fn numeric_among(

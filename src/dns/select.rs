@@ -14,12 +14,14 @@ use crate::transport::TransportKind;
 pub(crate) const ALL: [TransportKind; 3] =
     [TransportKind::Udp, TransportKind::Tcp, TransportKind::Tls];
 
+/// The transports an IP-literal URI may name: [`ALL`] and WebSocket (RFC 7118 §5.2,
+/// `transport=ws`), which only an open connection reaches (`transport::ws`) and which DNS
+/// never offers.
+pub(crate) const NUMERIC: [TransportKind; 5] = crate::transport::TRANSPORTS;
+
 /// The default port of a transport (RFC 3261 §19.1.2): 5061 for TLS, 5060 otherwise.
 pub(crate) fn default_port(kind: TransportKind) -> u16 {
-    match kind {
-        TransportKind::Tls => 5061,
-        TransportKind::Udp | TransportKind::Tcp => 5060,
-    }
+    kind.default_port()
 }
 
 /// The transport a `transport` parameter asks for, as the URI's scheme allows.
@@ -32,6 +34,7 @@ pub(crate) fn given_transport(query: &Query) -> Result<Option<TransportKind>, Re
     match (query.transport, query.secure) {
         (None, _) => Ok(None),
         (Some(TransportKind::Udp), true) => Err(ResolveError::NoUsableTransport),
+        (Some(kind), true) if kind.is_websocket() => Ok(Some(TransportKind::Wss)),
         (Some(_), true) => Ok(Some(TransportKind::Tls)),
         (Some(kind), false) => Ok(Some(kind)),
     }
@@ -104,6 +107,10 @@ pub(crate) fn srv_prefix(kind: TransportKind) -> &'static str {
         TransportKind::Udp => "_sip._udp",
         TransportKind::Tcp => "_sip._tcp",
         TransportKind::Tls => "_sips._tcp",
+        // Never looked up: a WebSocket peer is reached only on the connection it opened
+        // (RFC 7118 §5), so resolution never offers these transports.
+        TransportKind::Ws => "_sip._ws",
+        TransportKind::Wss => "_sips._ws",
     }
 }
 

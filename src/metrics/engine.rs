@@ -65,22 +65,20 @@ fn method_index(method: &Method) -> usize {
     }
 }
 
-const TRANSPORTS: [TransportKind; 3] = [TransportKind::Udp, TransportKind::Tcp, TransportKind::Tls];
+use crate::transport::TRANSPORTS;
 
 fn transport_index(kind: TransportKind) -> usize {
     match kind {
         TransportKind::Udp => 0,
         TransportKind::Tcp => 1,
         TransportKind::Tls => 2,
+        TransportKind::Ws => 3,
+        TransportKind::Wss => 4,
     }
 }
 
 fn transport_label(kind: TransportKind) -> &'static str {
-    match kind {
-        TransportKind::Udp => "udp",
-        TransportKind::Tcp => "tcp",
-        TransportKind::Tls => "tls",
-    }
+    kind.scheme()
 }
 
 /// The four transaction machines of RFC 3261 §17, as the `kind` label names them.
@@ -149,15 +147,19 @@ pub enum ConnectionRefusal {
     Limit(Limit),
     /// `tls.max_handshakes` on the accepting event loop.
     MaxHandshakes,
+    /// A WebSocket Upgrade refused: no `sip` subprotocol, or an `Origin` not allowed
+    /// (`crate::transport::ws`).
+    Upgrade,
 }
 
 impl ConnectionRefusal {
-    const ALL: [ConnectionRefusal; 5] = [
+    const ALL: [ConnectionRefusal; 6] = [
         ConnectionRefusal::Limit(Limit::Connections),
         ConnectionRefusal::Limit(Limit::InboundConnections),
         ConnectionRefusal::Limit(Limit::ConnectionsPerIp),
         ConnectionRefusal::Limit(Limit::PendingConnectionsPerIp),
         ConnectionRefusal::MaxHandshakes,
+        ConnectionRefusal::Upgrade,
     ];
 
     fn index(self) -> usize {
@@ -167,6 +169,7 @@ impl ConnectionRefusal {
             ConnectionRefusal::Limit(Limit::ConnectionsPerIp) => 2,
             ConnectionRefusal::Limit(Limit::PendingConnectionsPerIp) => 3,
             ConnectionRefusal::MaxHandshakes => 4,
+            ConnectionRefusal::Upgrade => 5,
         }
     }
 
@@ -174,6 +177,7 @@ impl ConnectionRefusal {
         match self {
             ConnectionRefusal::Limit(limit) => limit.key(),
             ConnectionRefusal::MaxHandshakes => "max_handshakes",
+            ConnectionRefusal::Upgrade => "websocket_upgrade",
         }
     }
 }
@@ -365,15 +369,15 @@ impl TransactionMetrics {
 /// The transport shell's counters, by transport.
 #[derive(Clone, Debug, Default)]
 pub struct TransportMetrics {
-    messages_in: [Counter; 3],
-    messages_out: [Counter; 3],
-    parse_errors: [Counter; 3],
-    opened_inbound: [Counter; 3],
-    opened_outbound: [Counter; 3],
+    messages_in: [Counter; 5],
+    messages_out: [Counter; 5],
+    parse_errors: [Counter; 5],
+    opened_inbound: [Counter; 5],
+    opened_outbound: [Counter; 5],
     /// By transport, then [`ConnectionRefusal::index`].
-    refused: [[Counter; 5]; 3],
+    refused: [[Counter; 6]; 5],
     /// By transport, then [`StreamTimeout::index`].
-    timed_out: [[Counter; 3]; 3],
+    timed_out: [[Counter; 3]; 5],
     hand_overs: Counter,
     hand_overs_dropped: Counter,
     udp_batches: UdpBatchSizes,

@@ -60,12 +60,21 @@ pub struct NatCheck {
     /// Responses ([`detect_response`]): the response came from another address than its
     /// request was sent to (over UDP: or another port).
     pub source_differs: bool,
+    /// The message came over WebSocket (RFC 7118 §5): its Contact and Via hosts are
+    /// `.invalid` names and only its connection reaches it, so it is handled as behind a NAT
+    /// (Kamailio's `nat_uac_test` flag 64): `fix_nated_contact` gives its dialogs a Contact
+    /// at the connection's address, `save` pins its bindings to the connection.
+    pub websocket: bool,
 }
 
 impl NatCheck {
     /// True when any check points at a NAT.
     pub fn is_nated(&self) -> bool {
-        self.contact_private || self.via_private || self.via_differs || self.source_differs
+        self.contact_private
+            || self.via_private
+            || self.via_differs
+            || self.source_differs
+            || self.websocket
     }
 
     /// The checks that matched, for a log line: e.g. `contact-private,via-differs`.
@@ -75,6 +84,7 @@ impl NatCheck {
             (self.via_private, "via-private"),
             (self.via_differs, "via-differs"),
             (self.source_differs, "source-differs"),
+            (self.websocket, "websocket"),
         ];
         let matched: Vec<&str> = names.iter().filter(|(m, _)| *m).map(|(_, n)| *n).collect();
         matched.join(",")
@@ -88,11 +98,7 @@ impl NatCheck {
 /// that does not parse is not looked at (the registrar and the proxy judge those).
 pub fn detect(request: &Message, source: SocketAddr, kind: TransportKind) -> NatCheck {
     let mut check = NatCheck::default();
-    let default_port = if kind == TransportKind::Tls {
-        5061
-    } else {
-        5060
-    };
+    let default_port = kind.default_port();
     let differs = |ip: IpAddr, port: Option<u16>| {
         ip.to_canonical() != source.ip().to_canonical()
             || (!kind.is_stream() && port.unwrap_or(default_port) != source.port())
@@ -106,6 +112,7 @@ pub fn detect(request: &Message, source: SocketAddr, kind: TransportKind) -> Nat
         }
     }
     check.contact_private = contact_private(request, source);
+    check.websocket = kind.is_websocket();
     check
 }
 
@@ -134,6 +141,7 @@ pub fn detect_response(
     NatCheck {
         contact_private: contact_private(response, source),
         source_differs: ip_differs || (!kind.is_stream() && source.port() != sent_to.port()),
+        websocket: kind.is_websocket(),
         ..NatCheck::default()
     }
 }
@@ -271,6 +279,10 @@ mod tests {
         // Streams come from ephemeral ports.
         assert!(!detect(&req, addr("192.0.2.7:31000"), TransportKind::Tcp).is_nated());
         assert!(detect(&req, addr("198.51.100.1:31000"), TransportKind::Tcp).is_nated());
+        // A WebSocket client is reached on its connection only, whatever it says.
+        let check = detect(&req, addr("192.0.2.7:31000"), TransportKind::Wss);
+        assert!(check.is_nated());
+        assert_eq!(check.reasons(), "websocket");
     }
 
     #[test]

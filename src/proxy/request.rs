@@ -77,7 +77,7 @@ impl ProxyIdentity {
         format!(
             "sip:{};transport={};lr;{SIGNATURE_PARAM}={signature}",
             self.host_port(kind, addr),
-            kind.scheme()
+            kind.uri_param()
         )
     }
 

@@ -58,6 +58,9 @@ pub struct Services {
     pub metrics: Arc<crate::metrics::Registry>,
     /// Destination sets and their health (`sip.ds`, `req:ds_select`): `[dispatcher]`.
     pub dispatcher: Arc<crate::dispatcher::Dispatcher>,
+    /// Which WebSocket connections are open: `location_lookup` skips bindings whose
+    /// connection closed (RFC 7118 §5). Attached to the server when it starts.
+    pub flows: Arc<crate::transport::registry::Flows>,
     /// The wall-clock time primitives see (digest nonces, location expiry): `None` is the
     /// system clock (the server); a test run may pretend another time (`moonroute.run{time =
     /// ...}`), e.g. to find a nonce stale.
@@ -73,6 +76,7 @@ impl Default for Services {
             pike: Arc::new(crate::flood::Pike::default()),
             metrics: crate::metrics::Registry::new(),
             dispatcher: Arc::new(crate::dispatcher::Dispatcher::empty()),
+            flows: Arc::default(),
             clock: None,
         }
     }
@@ -98,10 +102,17 @@ impl Services {
         Ok(registrar
             .try_lookup(uri, now)?
             .into_iter()
+            .filter(|b| match b.received {
+                Some((kind, addr)) if kind.is_websocket() => self.flows.websocket_open(addr),
+                _ => true,
+            })
             .map(|b| {
                 // A NATed contact is reached through the address it registered from, unless
-                // a Path leads there (the edge proxy owns the flow then).
-                let destination = match (b.nated, b.path.is_empty()) {
+                // a Path leads there (the edge proxy owns the flow then). So is a WebSocket
+                // client, always: its Contact host is an `.invalid` name, and only the
+                // connection it registered over reaches it (RFC 7118 §5, RFC 5626 §5.3).
+                let over_websocket = b.received.is_some_and(|(kind, _)| kind.is_websocket());
+                let destination = match (b.nated || over_websocket, b.path.is_empty()) {
                     (true, true) => b.received,
                     _ => None,
                 };

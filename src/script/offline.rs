@@ -323,6 +323,7 @@ fn services(
         pike: Arc::new(crate::flood::Pike::default()),
         metrics: crate::metrics::Registry::new(),
         dispatcher: Arc::new(crate::dispatcher::Dispatcher::empty()),
+        flows: Arc::default(),
         clock,
     })
 }

@@ -226,6 +226,7 @@ impl ScriptHost {
             ),
             metrics,
             dispatcher,
+            flows: Arc::default(),
             clock: None,
         };
         ScriptHost::load(

@@ -80,6 +80,8 @@ pub struct CoreFactory {
     route_lifetime: Duration,
     /// The engine's metric handles, shared by every loop (see [`CoreFactory::with_metrics`]).
     metrics: Arc<EngineMetrics>,
+    /// The script's view of open WebSocket flows (see [`CoreFactory::with_flows`]).
+    flows: Option<Arc<crate::transport::registry::Flows>>,
     /// `[dialog]`: each loop's dialog table limits, the profile counts all loops share, and
     /// the CDR file.
     dialogs: DialogSetup,
@@ -148,6 +150,7 @@ impl CoreFactory {
             route_signer: RouteSigner::random().with_lifetime(config.proxy.record_route_lifetime()),
             route_lifetime: config.proxy.record_route_lifetime(),
             metrics: EngineMetrics::detached(),
+            flows: None,
             dialogs: DialogSetup {
                 limits: config.dialog.limits(),
                 profiles: crate::dialog::Profiles::new(),
@@ -183,6 +186,13 @@ impl CoreFactory {
     /// the key is random per process. Its signatures live `[proxy] record_route_lifetime_secs`.
     pub fn with_route_signer(mut self, signer: RouteSigner) -> CoreFactory {
         self.route_signer = signer.with_lifetime(self.route_lifetime);
+        self
+    }
+
+    /// Lets location lookups through `flows` (the script host's) see which WebSocket
+    /// connections are open, so bindings whose connection closed are skipped (RFC 7118 §5).
+    pub fn with_flows(mut self, flows: Arc<crate::transport::registry::Flows>) -> CoreFactory {
+        self.flows = Some(flows);
         self
     }
 
@@ -283,6 +293,10 @@ impl WorkerFactory for CoreFactory {
 
     fn metrics(&self) -> Option<Arc<EngineMetrics>> {
         Some(Arc::clone(&self.metrics))
+    }
+
+    fn flows(&self) -> Option<Arc<crate::transport::registry::Flows>> {
+        self.flows.clone()
     }
 }
 
@@ -1139,11 +1153,7 @@ fn stateless_response_destination(
     via: &crate::sip::Via<'_>,
 ) -> Option<crate::transport::Destination> {
     let kind = TransportKind::from_name(via.transport)?;
-    let default_port = if kind == TransportKind::Tls {
-        5061
-    } else {
-        5060
-    };
+    let default_port = kind.default_port();
     let addr = via.recorded_response_addr(default_port)?;
     Some(crate::transport::Destination {
         kind,

@@ -20,6 +20,7 @@ use crate::metrics::EngineMetrics;
 use crate::transport::dispatch::{LoopContext, LoopDns, Shared, UdpEndpoint};
 use crate::transport::registry::ConnectionRegistry;
 use crate::transport::tls::TlsContext;
+use crate::transport::ws::WsSettings;
 use crate::transport::{
     load, tcp, udp, Input, ListenAddr, TransportKind, TransportLimits, WorkerFactory,
 };
@@ -44,10 +45,14 @@ impl Server {
     pub fn start(config: &Config, factory: Arc<dyn WorkerFactory>) -> io::Result<ServerHandle> {
         let workers = config.worker_count();
         let limits = TransportLimits::from(&config.limits);
-        let listens_tls = config.listen.iter().any(|l| l.kind == TransportKind::Tls);
+        let listens_tls = config.listen.iter().any(|l| l.kind.is_secure());
+        let websocket = Arc::new(WsSettings::new(&config.websocket));
         let tls = Arc::new(TlsContext::new(&config.tls, listens_tls)?);
         let (listen_addrs, per_loop) = bind_all(&config.listen, workers)?;
         let registry = Arc::new(ConnectionRegistry::new(limits.connections));
+        if let Some(flows) = factory.flows() {
+            flows.attach(&registry);
+        }
         let metrics = factory.metrics().unwrap_or_else(EngineMetrics::detached);
         let open = Arc::downgrade(&registry);
         metrics.connections_open(move |kind| open.upgrade().map_or(0, |r| r.count_of(kind)));
@@ -68,6 +73,7 @@ impl Server {
                 registry: Arc::clone(&registry),
                 limits,
                 tls: Arc::clone(&tls),
+                websocket: Arc::clone(&websocket),
                 shutdown: shutdown_rx.clone(),
                 ready: ready_tx.clone(),
                 hand_over: Arc::clone(&hand_over),
@@ -145,7 +151,7 @@ impl Drop for ServerHandle {
 #[derive(Default)]
 struct LoopSockets {
     udp: Vec<(SocketAddr, std::net::UdpSocket)>,
-    /// TCP and TLS listeners (TLS runs over TCP), with their transport.
+    /// TCP, TLS and WebSocket listeners (all over TCP), with their transport.
     streams: Vec<(TransportKind, SocketAddr, std::net::TcpListener)>,
 }
 
@@ -168,7 +174,7 @@ fn bind_all(
                 }
                 bound
             }
-            TransportKind::Tcp | TransportKind::Tls => {
+            TransportKind::Tcp | TransportKind::Tls | TransportKind::Ws | TransportKind::Wss => {
                 let (bound, listeners) =
                     tcp::bind_group(listen.addr, workers).map_err(|e| bind_error(listen, e))?;
                 for (sockets_of_loop, listener) in per_loop.iter_mut().zip(listeners) {
@@ -212,7 +218,15 @@ fn check_listen_addrs(listen: &[ListenAddr]) -> io::Result<()> {
         {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("tcp: and tls: cannot both listen on {}", addr.addr),
+                format!(
+                    "{}: and {}: cannot both listen on {} (both are TCP)",
+                    listen[..index]
+                        .iter()
+                        .find(|l| shares_tcp_port(l))
+                        .map_or("tcp", |l| l.kind.scheme()),
+                    addr.kind.scheme(),
+                    addr.addr
+                ),
             ));
         }
     }
@@ -239,6 +253,7 @@ struct LoopSetup {
     registry: Arc<ConnectionRegistry>,
     limits: TransportLimits,
     tls: Arc<TlsContext>,
+    websocket: Arc<WsSettings>,
     shutdown: watch::Receiver<bool>,
     ready: mpsc::Sender<io::Result<()>>,
     hand_over: Arc<[tokio::sync::mpsc::Sender<Input>]>,
@@ -297,6 +312,7 @@ async fn serve_until_shutdown(setup: LoopSetup) {
         registry,
         limits,
         tls,
+        websocket,
         mut shutdown,
         ready,
         hand_over,
@@ -308,7 +324,9 @@ async fn serve_until_shutdown(setup: LoopSetup) {
     } = setup;
     let worker = factory.make_bound_worker(index, loops, &bound);
     let mut supported: Vec<TransportKind> = Vec::new();
-    for listen in &bound {
+    // Nothing resolves to a WebSocket transport: its clients are reached on their own
+    // connections only (RFC 7118 §5).
+    for listen in bound.iter().filter(|l| !l.kind.is_websocket()) {
         if !supported.contains(&listen.kind) {
             supported.push(listen.kind);
         }
@@ -318,6 +336,7 @@ async fn serve_until_shutdown(setup: LoopSetup) {
         registry,
         limits,
         tls,
+        websocket,
         hand_over,
         metrics,
     };

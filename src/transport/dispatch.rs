@@ -26,7 +26,10 @@ use tracing::{debug, error, warn};
 use super::registry::ConnectionRegistry;
 use super::tls::TlsContext;
 use super::udp_batch::{Flush, Outbox};
-use super::{load, tcp, tls, Destination, Input, Output, TransportKind, TransportLimits, Worker};
+use super::ws::WsSettings;
+use super::{
+    load, tcp, tls, ws, Destination, Input, Output, TransportKind, TransportLimits, Worker,
+};
 use crate::dns::{Query, ResolveError, Resolver};
 use crate::metrics::engine::{response_code, DnsMetrics};
 use crate::metrics::EngineMetrics;
@@ -64,6 +67,8 @@ pub(crate) struct LoopContext {
     pub(crate) tls: Arc<TlsContext>,
     /// TLS handshakes of accepted connections in progress on this loop.
     pub(crate) tls_handshakes: Cell<usize>,
+    /// What `ws:` and `wss:` listeners accept, shared by every loop.
+    pub(crate) websocket: Arc<WsSettings>,
     /// Every loop's hand-over queue, this one's included, by loop index.
     hand_over: Arc<[mpsc::Sender<Input>]>,
     /// Hand-overs decided while the current task runs, sent when it yields (see
@@ -118,6 +123,7 @@ pub(crate) struct Shared {
     pub(crate) registry: Arc<ConnectionRegistry>,
     pub(crate) limits: TransportLimits,
     pub(crate) tls: Arc<TlsContext>,
+    pub(crate) websocket: Arc<WsSettings>,
     /// Every loop's hand-over queue, by loop index.
     pub(crate) hand_over: Arc<[mpsc::Sender<Input>]>,
     pub(crate) metrics: Arc<EngineMetrics>,
@@ -135,6 +141,7 @@ impl LoopContext {
             registry,
             limits,
             tls,
+            websocket,
             hand_over,
             metrics,
         } = shared;
@@ -153,6 +160,7 @@ impl LoopContext {
             limits,
             tls,
             tls_handshakes: Cell::new(0),
+            websocket,
             hand_over,
             hand_overs_waiting: RefCell::new(Vec::new()),
             hand_overs_queued: Notify::new(),
@@ -366,6 +374,7 @@ impl LoopContext {
             TransportKind::Udp => self.queue_udp(&dest, data),
             TransportKind::Tcp => tcp::send(self, dest, data),
             TransportKind::Tls => tls::send(self, dest, data),
+            TransportKind::Ws | TransportKind::Wss => ws::send(self, dest, data),
         }
     }
 

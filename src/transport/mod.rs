@@ -18,6 +18,9 @@
 //! - [`registry`]: the process-wide table of open stream connections, so responses go back on
 //!   the connection the request came in on (RFC 3261 §18.2.2) and requests reuse connections;
 //!   it enforces the connection limits, overall, for inbound connections and per source.
+//! - `ws`: SIP over WebSocket and secure WebSocket (RFC 7118), server side: HTTP Upgrade with
+//!   the `sip` subprotocol, one SIP message per WebSocket message, reachable only through the
+//!   client's own connection.
 //! - `udp_batch`: UDP datagrams received and sent many per system call (`recvmmsg`,
 //!   `sendmmsg`).
 //! - `dispatch`: one event loop's glue: runs inputs through its Worker, carries out outputs.
@@ -34,6 +37,7 @@ pub(crate) mod tcp;
 pub(crate) mod tls;
 pub(crate) mod udp;
 pub(crate) mod udp_batch;
+pub(crate) mod ws;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -51,23 +55,71 @@ pub enum TransportKind {
     Tcp,
     /// TLS over TCP (RFC 3261 §26.2); `[tls]` in the configuration.
     Tls,
+    /// SIP over WebSocket (RFC 7118): server side only, one SIP message per WebSocket message.
+    Ws,
+    /// SIP over secure WebSocket (RFC 7118), TLS from `[tls]`.
+    Wss,
 }
 
+/// Every transport, in the order metrics and listings use.
+pub const TRANSPORTS: [TransportKind; 5] = [
+    TransportKind::Udp,
+    TransportKind::Tcp,
+    TransportKind::Tls,
+    TransportKind::Ws,
+    TransportKind::Wss,
+];
+
 impl TransportKind {
-    /// The name used in the Via sent-protocol (RFC 3261 §20.42): `UDP`, `TCP` or `TLS`.
+    /// The name used in the Via sent-protocol (RFC 3261 §20.42, RFC 7118 §5.1): `UDP`, `TCP`,
+    /// `TLS`, `WS` or `WSS`.
     pub fn via_name(self) -> &'static str {
         match self {
             TransportKind::Udp => "UDP",
             TransportKind::Tcp => "TCP",
             TransportKind::Tls => "TLS",
+            TransportKind::Ws => "WS",
+            TransportKind::Wss => "WSS",
         }
     }
 
     /// The transport a Via sent-protocol or a URI `transport` parameter names (any case).
+    /// `ws` in a URI means WebSocket either way (RFC 7118 §5.2: a secure one is `sips:` with
+    /// `transport=ws`); `wss`, which some clients write, is read as WSS.
     pub fn from_name(name: &[u8]) -> Option<TransportKind> {
-        [TransportKind::Udp, TransportKind::Tcp, TransportKind::Tls]
+        TRANSPORTS
             .into_iter()
             .find(|k| k.via_name().as_bytes().eq_ignore_ascii_case(name))
+    }
+
+    /// The value of a SIP URI `transport` parameter naming this transport (RFC 3261 §19.1.1,
+    /// RFC 7118 §5.2: `ws` for plain and secure WebSocket alike).
+    pub fn uri_param(self) -> &'static str {
+        match self {
+            TransportKind::Wss => "ws",
+            other => other.scheme(),
+        }
+    }
+
+    /// Whether this is SIP over WebSocket (RFC 7118), plain or secure. A WebSocket client is
+    /// only reachable over the connection it opened (§5: its Contact and Via hosts are
+    /// `.invalid` names), so nothing is ever sent to one on a new connection.
+    pub fn is_websocket(self) -> bool {
+        matches!(self, TransportKind::Ws | TransportKind::Wss)
+    }
+
+    /// Whether the transport runs over TLS (`tls`, `wss`).
+    pub fn is_secure(self) -> bool {
+        matches!(self, TransportKind::Tls | TransportKind::Wss)
+    }
+
+    /// The port a Via sent-by or URI without one means: 5061 for TLS, 5060 otherwise
+    /// (RFC 3261 §18.1.1, §19.1.2; RFC 7118 defines none of its own for SIP URIs).
+    pub fn default_port(self) -> u16 {
+        match self {
+            TransportKind::Tls => 5061,
+            _ => 5060,
+        }
     }
 
     /// Whether the transport is reliable (RFC 3261 §17.1.1.2: timers A/E/G are not used then).
@@ -75,17 +127,23 @@ impl TransportKind {
         !matches!(self, TransportKind::Udp)
     }
 
-    /// Whether messages arrive as a byte stream that must be framed (RFC 3261 §18.3).
+    /// Whether messages travel over a connection (TCP, TLS, WebSocket): responses go back on
+    /// it (RFC 3261 §18.2.2), a NATed contact is reached only through it (RFC 5626 §5.3).
+    /// TCP and TLS are byte streams framed by Content-Length (§18.3); a WebSocket carries one
+    /// message per WebSocket message (RFC 7118 §5).
     pub fn is_stream(self) -> bool {
         !matches!(self, TransportKind::Udp)
     }
 
-    /// The lower-case scheme used in [`ListenAddr`] strings: `udp`, `tcp` or `tls`.
+    /// The lower-case scheme used in [`ListenAddr`] strings: `udp`, `tcp`, `tls`, `ws` or
+    /// `wss`.
     pub fn scheme(self) -> &'static str {
         match self {
             TransportKind::Udp => "udp",
             TransportKind::Tcp => "tcp",
             TransportKind::Tls => "tls",
+            TransportKind::Ws => "ws",
+            TransportKind::Wss => "wss",
         }
     }
 }
@@ -183,10 +241,10 @@ impl FromStr for ListenAddr {
         let (scheme, addr) = socket
             .split_once(':')
             .ok_or_else(|| error("missing transport"))?;
-        let kind = [TransportKind::Udp, TransportKind::Tcp, TransportKind::Tls]
+        let kind = TRANSPORTS
             .into_iter()
             .find(|kind| kind.scheme().eq_ignore_ascii_case(scheme))
-            .ok_or_else(|| error("unknown transport (use udp, tcp or tls)"))?;
+            .ok_or_else(|| error("unknown transport (use udp, tcp, tls, ws or wss)"))?;
         let addr = addr
             .parse()
             .map_err(|_| error("not an IP address and port"))?;
@@ -395,11 +453,7 @@ pub enum Output {
 /// has closed), else to the source address at the port the Via asks for (RFC 3581 `rport`,
 /// else sent-by, else the transport's default port), from the socket the request arrived on.
 pub fn response_destination(top_via: &crate::sip::Via<'_>, meta: &Meta) -> Destination {
-    let default_port = if meta.kind == TransportKind::Tls {
-        5061
-    } else {
-        5060
-    };
+    let default_port = meta.kind.default_port();
     let addr = if meta.kind.is_reliable() {
         meta.source
     } else {
@@ -455,6 +509,13 @@ pub trait WorkerFactory: Send + Sync + 'static {
         _bound: &[ListenAddr],
     ) -> Box<dyn Worker> {
         self.make_worker(index)
+    }
+
+    /// The flows the script's location lookups check (WebSocket bindings whose connection
+    /// closed are skipped); attached to the server's connections when it starts. `None`:
+    /// nobody asks.
+    fn flows(&self) -> Option<std::sync::Arc<registry::Flows>> {
+        None
     }
 
     /// The engine's metric handles the transport shell counts into (messages, connections,
@@ -611,5 +672,21 @@ mod tests {
         assert!(!TransportKind::Udp.is_reliable());
         assert!(TransportKind::Tcp.is_reliable());
         assert!(TransportKind::Tls.is_reliable());
+        assert_eq!(TransportKind::Ws.via_name(), "WS");
+        assert_eq!(TransportKind::Wss.via_name(), "WSS");
+        assert!(TransportKind::Wss.is_reliable() && TransportKind::Wss.is_websocket());
+        // RFC 7118 §5.2: `transport=ws` for both.
+        assert_eq!(TransportKind::Wss.uri_param(), "ws");
+        assert_eq!(TransportKind::from_name(b"ws"), Some(TransportKind::Ws));
+        assert_eq!(TransportKind::from_name(b"WSS"), Some(TransportKind::Wss));
+    }
+
+    #[test]
+    fn listen_addr_parses_websocket_listeners() {
+        let ws: ListenAddr = "ws:127.0.0.1:8080".parse().unwrap();
+        assert_eq!(ws.kind, TransportKind::Ws);
+        let wss: ListenAddr = "WSS:[::1]:8443,advertise=sip.example.com".parse().unwrap();
+        assert_eq!(wss.kind, TransportKind::Wss);
+        assert_eq!(wss.to_string(), "wss:[::1]:8443,advertise=sip.example.com");
     }
 }

@@ -45,6 +45,30 @@ use tokio::sync::{mpsc, Notify};
 
 use super::{ConnectionId, TransportKind};
 
+/// The open WebSocket connections of one server as the location service sees them: a binding
+/// registered over WebSocket is reachable only through its connection (RFC 7118 §5; RFC 5626
+/// §5.3 flows), so a lookup skips it once that has closed. Made before the server (the script
+/// host holds it), attached to the server's registry when it starts.
+#[derive(Debug, Default)]
+pub struct Flows(std::sync::OnceLock<std::sync::Weak<ConnectionRegistry>>);
+
+impl Flows {
+    /// Binds these flows to `registry` (the first server started with them).
+    pub(crate) fn attach(&self, registry: &Arc<ConnectionRegistry>) {
+        // A second server keeps the first one's: one script host serves one server.
+        let _ = self.0.set(Arc::downgrade(registry));
+    }
+
+    /// Whether the WebSocket connection from `peer` is still open; `true` when no running
+    /// server is attached (an offline test run: nothing to judge by).
+    pub fn websocket_open(&self, peer: SocketAddr) -> bool {
+        match self.0.get().and_then(std::sync::Weak::upgrade) {
+            Some(registry) => registry.has_websocket(peer),
+            None => true,
+        }
+    }
+}
+
 /// Ids are unique per process, even across several servers in one process (tests).
 static NEXT_CONNECTION_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -324,6 +348,14 @@ impl ConnectionRegistry {
         let tables = self.lock();
         let id = tables.by_peer.get(&(kind, peer))?;
         tables.by_id.get(id).cloned()
+    }
+
+    /// Whether a WebSocket connection (plain or secure) from `peer` is open.
+    pub fn has_websocket(&self, peer: SocketAddr) -> bool {
+        let tables = self.lock();
+        [TransportKind::Ws, TransportKind::Wss]
+            .into_iter()
+            .any(|kind| tables.by_peer.contains_key(&(kind, peer)))
     }
 
     /// The most recently registered open connection to `peer` over `kind` that was opened

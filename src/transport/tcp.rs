@@ -113,6 +113,9 @@ pub(crate) async fn run_acceptor(
         match listener.accept().await {
             Ok((stream, peer)) => match kind {
                 TransportKind::Tls => super::tls::accept(&ctx, stream, peer),
+                TransportKind::Ws | TransportKind::Wss => {
+                    super::ws::accept(&ctx, stream, peer, kind)
+                }
                 _ => accept(&ctx, stream, peer),
             },
             Err(error) if is_per_connection(&error) => {
@@ -350,13 +353,7 @@ pub(crate) async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
     registration: Registration,
 ) {
     let handle = registration.handle().clone();
-    let meta = Meta {
-        kind,
-        source: handle.peer(),
-        local,
-        conn: Some(handle.id()),
-        worker: ctx.index,
-    };
+    let meta = connection_meta(&ctx, kind, local, &handle);
     let now = Instant::now();
     let idle_deadline = now + ctx.limits.tcp_idle_timeout;
     let timeouts = ctx.limits.message_timeouts;
@@ -378,6 +375,22 @@ pub(crate) async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
     };
     let reason = connection.serve().await;
     connection.log_close(&reason);
+}
+
+/// Where the messages of connection `handle` (transport `kind`, our address `local`) come from.
+pub(crate) fn connection_meta(
+    ctx: &LoopContext,
+    kind: TransportKind,
+    local: SocketAddr,
+    handle: &ConnectionHandle,
+) -> Meta {
+    Meta {
+        kind,
+        source: handle.peer(),
+        local,
+        conn: Some(handle.id()),
+        worker: ctx.index,
+    }
 }
 
 /// Why a connection was closed.

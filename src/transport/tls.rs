@@ -92,6 +92,13 @@ impl TlsContext {
     }
 }
 
+impl TlsContext {
+    /// The acceptor of `tls:` and `wss:` listeners; `None` when the server has neither.
+    pub(crate) fn acceptor(&self) -> Option<&TlsAcceptor> {
+        self.acceptor.as_ref()
+    }
+}
+
 impl fmt::Debug for TlsContext {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TlsContext")
@@ -320,8 +327,9 @@ impl ServerCertVerifier for SipDomainVerifier {
 
 // ----- accepting ---------------------------------------------------------------------------
 
-/// Holds one of the loop's handshake slots; gives it back when dropped.
-struct HandshakeSlot(Rc<LoopContext>);
+/// Holds one of the loop's handshake slots; gives it back when dropped (`wss:` connections
+/// take one too, `ws`).
+pub(crate) struct HandshakeSlot(Rc<LoopContext>);
 
 impl HandshakeSlot {
     fn take(ctx: &Rc<LoopContext>) -> Option<HandshakeSlot> {
@@ -331,6 +339,24 @@ impl HandshakeSlot {
         }
         busy.set(busy.get() + 1);
         Some(HandshakeSlot(Rc::clone(ctx)))
+    }
+
+    /// [`HandshakeSlot::take`], or when every slot is busy the refusal of the `kind`
+    /// connection from `peer` logged and counted (the caller closes it).
+    pub(crate) fn take_or_refuse(
+        ctx: &Rc<LoopContext>,
+        kind: TransportKind,
+        peer: SocketAddr,
+    ) -> Option<HandshakeSlot> {
+        let slot = HandshakeSlot::take(ctx);
+        if slot.is_none() {
+            let reason = format!(
+                "tls.max_handshakes ({}) handshakes in progress on this event loop",
+                ctx.tls.max_handshakes
+            );
+            tcp::refuse(ctx, kind, peer, ConnectionRefusal::MaxHandshakes, &reason);
+        }
+        slot
     }
 }
 
@@ -356,13 +382,8 @@ pub(crate) fn accept(ctx: &Rc<LoopContext>, stream: TcpStream, peer: SocketAddr)
         Ok(registration) => registration,
         Err(reached) => return tcp::refuse_limit(ctx, TransportKind::Tls, peer, reached),
     };
-    let Some(slot) = HandshakeSlot::take(ctx) else {
-        let reason = format!(
-            "tls.max_handshakes ({}) handshakes in progress on this event loop",
-            ctx.tls.max_handshakes
-        );
-        let refusal = ConnectionRefusal::MaxHandshakes;
-        return tcp::refuse(ctx, TransportKind::Tls, peer, refusal, &reason);
+    let Some(slot) = HandshakeSlot::take_or_refuse(ctx, TransportKind::Tls, peer) else {
+        return;
     };
     ctx.metrics
         .transport

@@ -8,6 +8,7 @@ pub mod refused_log;
 pub mod ua;
 
 pub mod auth;
+pub mod certs;
 
 use std::path::PathBuf;
 use std::sync::OnceLock;

@@ -1,8 +1,9 @@
 //! A SIP user agent on real loopback sockets, for integration tests: enough of a UAC and a UAS
 //! (RFC 3261 §8, §12, §13, §17) to drive calls through the proxy and check what comes out.
 //!
-//! One `TestUa` is one user (`alice`, `bob`) on one transport (UDP, TCP, or TLS with a rustls
-//! configuration the test provides). It sends requests to its
+//! One `TestUa` is one user (`alice`, `bob`) on one transport (UDP, TCP, TLS with a rustls
+//! configuration the test provides, or WebSocket / secure WebSocket as a browser stack speaks
+//! it: RFC 7118, `.invalid` Via and Contact hosts, one SIP message per WebSocket message). It sends requests to its
 //! outbound proxy when it has one (else to the host:port of the Request-URI), in-dialog requests
 //! to the first Route hop. It never retransmits (tests run on loopback), but it behaves like a
 //! transaction layer on the receiving side:
@@ -267,6 +268,9 @@ pub struct TestUa {
     /// The stream connections are TLS: Via says `TLS`, the URI `;transport=tls`. A TLS UA only
     /// sends on connections it already has (it cannot open new ones).
     tls: bool,
+    /// A WebSocket client (RFC 7118 §5): the `.invalid` host its Via and Contact carry.
+    /// Like a TLS UA it only sends on the connection it has.
+    websocket: Option<String>,
     inbound_tx: mpsc::UnboundedSender<Inbound>,
     inbound: mpsc::UnboundedReceiver<Inbound>,
     pending: VecDeque<Message>,
@@ -349,15 +353,40 @@ impl TestUa {
         let (tx, rx) = mpsc::unbounded_channel();
         let stream = TcpStream::connect(proxy).await.expect("connect TCP");
         let local = stream.local_addr().unwrap();
-        let server_name = rustls::pki_types::ServerName::try_from(server_name.to_owned())
-            .expect("a valid server name");
-        let stream = connector
-            .connect(server_name, stream)
-            .await
-            .expect("TLS handshake with the proxy");
+        let stream = tls_connect(&connector, server_name, stream).await;
         let mut ua = TestUa::with_net(name, local, Net::Tcp(HashMap::new()), tx, rx);
         ua.tls = true;
         ua.adopt(stream, proxy);
+        ua.outbound = Some(proxy);
+        ua
+    }
+
+    /// A WebSocket client of `proxy` (its outbound proxy), as a browser stack is (RFC 7118):
+    /// the HTTP Upgrade offers the `sip` subprotocol (and `origin`, when given, as a browser
+    /// page's would), then over `tls` (a connector and the server name) for secure WebSocket.
+    /// Its Via and Contact host is a random `.invalid` name. Panics if the Upgrade is refused.
+    pub async fn websocket(
+        name: &str,
+        proxy: SocketAddr,
+        tls: Option<(tokio_rustls::TlsConnector, &str)>,
+        origin: Option<&str>,
+    ) -> TestUa {
+        let stream = TcpStream::connect(proxy).await.expect("connect TCP");
+        let local = stream.local_addr().unwrap();
+        let scheme = if tls.is_some() { "wss" } else { "ws" };
+        let request = websocket_request(&format!("{scheme}://{proxy}/"), Some("sip"), origin);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut ua = TestUa::with_net(name, local, Net::Tcp(HashMap::new()), tx, rx);
+        let bridge = match tls {
+            Some((connector, server_name)) => {
+                let stream = tls_connect(&connector, server_name, stream).await;
+                ua.tls = true;
+                websocket_bridge(request, stream).await
+            }
+            None => websocket_bridge(request, stream).await,
+        };
+        ua.websocket = Some(format!("{name}{}.invalid", unique()));
+        ua.adopt(bridge, proxy);
         ua.outbound = Some(proxy);
         ua
     }
@@ -435,6 +464,7 @@ impl TestUa {
             from_domain: None,
             net,
             tls: false,
+            websocket: None,
             inbound_tx,
             inbound,
             pending: VecDeque::new(),
@@ -467,6 +497,8 @@ impl TestUa {
 
     fn transport(&self) -> &'static str {
         match self.net {
+            Net::Tcp(_) if self.websocket.is_some() && self.tls => "WSS",
+            Net::Tcp(_) if self.websocket.is_some() => "WS",
             Net::Udp(_) => "UDP",
             Net::Tcp(_) if self.tls => "TLS",
             Net::Tcp(_) => "TCP",
@@ -475,12 +507,23 @@ impl TestUa {
 
     /// `sip:name@host:port`, with `;transport=tcp` over TCP and `;transport=tls` over TLS.
     pub fn uri(&self) -> String {
+        if let Some(host) = &self.websocket {
+            return format!("sip:{}@{host};transport=ws", self.name);
+        }
         let tp = match self.net {
             Net::Udp(_) => "",
             Net::Tcp(_) if self.tls => ";transport=tls",
             Net::Tcp(_) => ";transport=tcp",
         };
         format!("sip:{}@{}{tp}", self.name, self.local)
+    }
+
+    /// The Via sent-by: the local address, or a WebSocket client's `.invalid` host.
+    fn sent_by(&self) -> String {
+        match &self.websocket {
+            Some(host) => host.clone(),
+            None => self.local.to_string(),
+        }
     }
 
     fn contact(&self) -> String {
@@ -919,10 +962,11 @@ impl Outgoing<'_> {
             None => (from, to, call_id, cseq),
         };
         let mut request = format!(
-            "{method} {} SIP/2.0\r\nVia: SIP/2.0/{} {local};branch={};rport\r\n\
+            "{method} {} SIP/2.0\r\nVia: SIP/2.0/{} {};branch={};rport\r\n\
              Max-Forwards: {}\r\n",
             self.request_uri,
             ua.transport(),
+            ua.sent_by(),
             ua.new_branch(),
             self.max_forwards
         );
@@ -956,6 +1000,98 @@ impl<'u> IntoFuture for Outgoing<'u> {
     fn into_future(self) -> Self::IntoFuture {
         Box::pin(self.send())
     }
+}
+
+/// The TLS client side of `stream`, the server's certificate checked for `server_name`.
+async fn tls_connect(
+    connector: &tokio_rustls::TlsConnector,
+    server_name: &str,
+    stream: TcpStream,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let server_name = rustls::pki_types::ServerName::try_from(server_name.to_owned())
+        .expect("a valid server name");
+    connector
+        .connect(server_name, stream)
+        .await
+        .expect("TLS handshake with the proxy")
+}
+
+/// The HTTP Upgrade request of a WebSocket client to `url`, offering `protocol` and sending
+/// `origin` when given.
+pub fn websocket_request(
+    url: &str,
+    protocol: Option<&str>,
+    origin: Option<&str>,
+) -> tokio_tungstenite::tungstenite::handshake::client::Request {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = url.into_client_request().expect("a WebSocket URL");
+    let headers = request.headers_mut();
+    if let Some(protocol) = protocol {
+        headers.insert("Sec-WebSocket-Protocol", protocol.parse().unwrap());
+    }
+    if let Some(origin) = origin {
+        headers.insert("Origin", origin.parse().unwrap());
+    }
+    request
+}
+
+/// Opens a WebSocket over `stream` with `request`, and returns a byte stream the UA reads and
+/// writes as if it were a TCP connection: each SIP message written to it goes out as one text
+/// message, each message received is written into it (RFC 7118 §5).
+async fn websocket_bridge<S>(
+    request: tokio_tungstenite::tungstenite::handshake::client::Request,
+    stream: S,
+) -> tokio::io::DuplexStream
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message as WsMessage;
+    let (mut ws, response) = tokio_tungstenite::client_async(request, stream)
+        .await
+        .expect("the WebSocket Upgrade is accepted");
+    let protocol = response.headers().get("Sec-WebSocket-Protocol");
+    assert_eq!(
+        protocol.and_then(|p| p.to_str().ok()),
+        Some("sip"),
+        "the server confirms the sip subprotocol (RFC 7118 §4)"
+    );
+    let (ua_side, mut bridge_side) = tokio::io::duplex(256 * 1024);
+    tokio::spawn(async move {
+        let mut buf = BytesMut::with_capacity(8192);
+        loop {
+            while let Some(frame) = next_frame(&mut buf) {
+                let text = String::from_utf8(frame.to_vec()).expect("SIP is UTF-8");
+                if ws.send(WsMessage::text(text)).await.is_err() {
+                    return;
+                }
+            }
+            tokio::select! {
+                read = bridge_side.read_buf(&mut buf) => match read {
+                    Ok(0) | Err(_) => {
+                        let _ = ws.close(None).await;
+                        return;
+                    }
+                    Ok(_) => {}
+                },
+                received = ws.next() => match received {
+                    Some(Ok(WsMessage::Text(text))) => {
+                        if bridge_side.write_all(text.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                    Some(Ok(WsMessage::Binary(data))) => {
+                        if bridge_side.write_all(&data).await.is_err() {
+                            return;
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) | None => return,
+                },
+            }
+        }
+    });
+    ua_side
 }
 
 /// Reads one stream connection, splitting messages by Content-Length (§18.3), until it closes.
