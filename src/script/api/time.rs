@@ -184,8 +184,14 @@ mod tests {
         assert!(holds("Mon-Fri 08:00-18:00", "2026-12-11T17:59"));
         assert!(!holds("Mon-Fri 08:00-18:00", "2026-12-11T18:00"));
         assert!(!holds("Mon-Fri 08:00-18:00", "2026-12-12T10:00"));
-        assert!(holds("mon-fri 08:00-12:00,13:00-18:00; sat 09:00-12:00", "2026-12-12T09:30"));
-        assert!(!holds("Mon-Fri 08:00-12:00,13:00-18:00", "2026-12-08T12:30"));
+        assert!(holds(
+            "mon-fri 08:00-12:00,13:00-18:00; sat 09:00-12:00",
+            "2026-12-12T09:30"
+        ));
+        assert!(!holds(
+            "Mon-Fri 08:00-12:00,13:00-18:00",
+            "2026-12-08T12:30"
+        ));
         assert!(holds("Sun", "2026-12-13T23:59"));
         assert!(holds("Fri-Mon", "2026-12-13T12:00"));
         assert!(!holds("Fri-Mon", "2026-12-09T12:00"));
@@ -205,16 +211,27 @@ mod tests {
         // 07:30 UTC on a winter Monday is 08:30 in Paris (UTC+1), 07:30 in London.
         let instant: jiff::Timestamp = "2026-12-07T07:30:00Z".parse().unwrap();
         let tz = |z: &str| jiff::tz::TimeZone::get(z).unwrap();
-        assert!(matches(&windows, &instant.to_zoned_datetime(tz("Europe/Paris"))));
-        assert!(!matches(&windows, &instant.to_zoned_datetime(tz("Europe/London"))));
+        assert!(matches(
+            &windows,
+            &instant.to_zoned_datetime(tz("Europe/Paris"))
+        ));
+        assert!(!matches(
+            &windows,
+            &instant.to_zoned_datetime(tz("Europe/London"))
+        ));
         // In July Paris is UTC+2: 06:30 UTC is 08:30 there.
         let summer: jiff::Timestamp = "2026-07-06T06:30:00Z".parse().unwrap();
-        assert!(matches(&windows, &summer.to_zoned_datetime(tz("Europe/Paris"))));
+        assert!(matches(
+            &windows,
+            &summer.to_zoned_datetime(tz("Europe/Paris"))
+        ));
     }
 
     #[test]
     fn bad_specs_say_why() {
-        assert!(parse("Mon-Fry").unwrap_err().contains("\"Fry\" is not a day"));
+        assert!(parse("Mon-Fry")
+            .unwrap_err()
+            .contains("\"Fry\" is not a day"));
         assert!(parse("8-18").unwrap_err().contains("HH:MM"));
         assert!(parse("25:00-26:00").is_err());
         assert!(parse("Mon;").is_err());
