@@ -24,6 +24,7 @@
 pub mod api;
 pub mod engine;
 pub mod kv;
+pub mod lint;
 pub mod offline;
 pub mod router;
 pub mod watch;

@@ -58,7 +58,8 @@ use crate::transport::{ListenAddr, Meta, TransportKind};
 /// The address an offline run pretends to listen on.
 const LOCAL: &str = "127.0.0.1:5060";
 
-/// `moonroute check`: loads the script as a reload would; a one-line summary or the error.
+/// `moonroute check`: loads the script as a reload would, then lints it (`script::lint`): a
+/// one-line summary, or the load error, or one `file:line: message` line per mistake found.
 pub fn check(path: &Path) -> Result<String, ScriptError> {
     let source = read_source(path, 1)?;
     let env = Env {
@@ -67,6 +68,15 @@ pub fn check(path: &Path) -> Result<String, ScriptError> {
         log: LogSink::Capture(Rc::default()),
     };
     let engine = Engine::load(&source, Limits::default(), env)?;
+    let names = EngineNames::new(engine.lua())?;
+    let findings = super::lint::lint(&source.text, &names);
+    if !findings.is_empty() {
+        let lines: Vec<String> = findings
+            .iter()
+            .map(|f| format!("{}:{}: {}", source.name, f.line, f.message))
+            .collect();
+        return Err(ScriptError(lines.join("\n")));
+    }
     let hooks = engine.hooks();
     let mut defined = vec!["on_request"];
     for (name, present) in [
@@ -80,6 +90,52 @@ pub fn check(path: &Path) -> Result<String, ScriptError> {
         }
     }
     Ok(format!("{}: ok ({})", source.name, defined.join(", ")))
+}
+
+/// The names a loaded engine knows, for the lint: a message object is asked whether it has
+/// a field (its fallback `__index` answers "no"), the `sip` table is walked.
+struct EngineNames<'a> {
+    lua: &'a Lua,
+    probe: mlua::AnyUserData,
+}
+
+impl<'a> EngineNames<'a> {
+    fn new(lua: &'a Lua) -> Result<EngineNames<'a>, ScriptError> {
+        let request = parse_message(
+            b"OPTIONS sip:probe.invalid SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1;branch=z9hG4bKprobe\r\nFrom: <sip:probe.invalid>;tag=p\r\nTo: <sip:probe.invalid>\r\nCall-ID: probe\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n",
+        )?;
+        let probe = lua
+            .create_userdata(ScriptMsg::new(request, Role::Request))
+            .map_err(|e| ScriptError(e.to_string()))?;
+        Ok(EngineNames { lua, probe })
+    }
+}
+
+impl super::lint::Names for EngineNames<'_> {
+    fn message_has(&self, name: &str) -> bool {
+        use mlua::ObjectLike as _;
+        self.probe.get::<Value>(name).is_ok()
+    }
+
+    fn sip_keys(&self, path: &[String]) -> Option<Vec<String>> {
+        let mut table: Table = self.lua.globals().get("sip").ok()?;
+        for key in path {
+            table = match table.raw_get::<Value>(key.as_str()).ok()? {
+                Value::Table(t) => t,
+                _ => return None,
+            };
+        }
+        let mut keys = Vec::new();
+        for pair in table.pairs::<Value, Value>() {
+            let (key, value) = pair.ok()?;
+            // A namespace holds functions and namespaces; a table of data takes any key.
+            if !matches!(value, Value::Function(_) | Value::Table(_)) {
+                return None;
+            }
+            keys.push(key.to_string().ok()?);
+        }
+        Some(keys)
+    }
 }
 
 /// Options of a test run.
