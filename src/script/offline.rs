@@ -1108,8 +1108,10 @@ fn open_session(
     })?;
     let location: Option<String> = spec.get("location")?;
     let subscribers: Option<String> = spec.get("subscribers")?;
-    let mut options = TestOptions::default();
-    options.clock = epoch_time(spec, what)?;
+    let mut options = TestOptions {
+        clock: epoch_time(spec, what)?,
+        ..TestOptions::default()
+    };
     if let Some(domains) = spec.get::<Option<Vec<String>>>("domains")? {
         options.domains = domains;
     }
