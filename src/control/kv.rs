@@ -85,8 +85,9 @@ fn line(key: &str, value: &KvValue, ttl: Option<Duration>) -> String {
 mod tests {
     use super::*;
 
+    /// Runs a command line as typed after `moonroute ctl`: `kv list ban:`.
     fn run(store: &KvStore, line: &str, now: Instant) -> Reply {
-        let args: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
+        let args: Vec<String> = line.split_whitespace().skip(1).map(str::to_owned).collect();
         command(&args, store, now)
     }
 
