@@ -8,7 +8,7 @@
 # -> three UAS SIPp gateways (127.0.0.1:$UAS_PORT, +1, +2), dispatcher set 1, round robin.
 # KILL_AT seconds into the run the third gateway's SIPp gets SIGKILL: its port goes silent.
 # Calls the balancer sends it then hear nothing and fail over after the script's failure timer
-# (req:t_set_fr(2000)); the failed failover (408, [dispatcher] mark_on) or a failed probe
+# (req:t_set_fr(0, 2000)); the failed failover (408, [dispatcher] mark_on) or a failed probe
 # takes it down. Each call is INVITE/100/180/200/ACK/BYE/200 (bench/call-uac.xml, whose 200 must
 # come within 5 s of the INVITE).
 #

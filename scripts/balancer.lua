@@ -87,7 +87,7 @@ function on_request(req)
   end
   req.vars.attempts = 1
   -- Also for the failover branches on_failure starts.
-  req:t_set_fr(SILENT_AFTER_MS)
+  req:t_set_fr(0, SILENT_AFTER_MS) -- 0: ringing time as configured
   return req:t_relay()
 end
 

@@ -113,7 +113,8 @@ struct CtlArgs {
     /// `stats moonroute_transactions`), ul show [AOR], ul rm AOR [CONTACT],
     /// ul add AOR CONTACT [EXPIRES], ul count, user add USER@DOMAIN [PASSWORD] [--realm
     /// REALM] (the password is read from stdin when not given), user rm USER@DOMAIN, user list,
-    /// ds list [SET], ds set URI active|inactive|disabled|probing, ds reload.
+    /// ds list [SET], ds set URI active|inactive|disabled|probing, ds reload, kv get KEY,
+    /// kv set KEY VALUE [TTL], kv del KEY, kv list [PREFIX].
     #[arg(required = true, trailing_var_arg = true)]
     command: Vec<String>,
 }
@@ -452,7 +453,7 @@ async fn sweep_expired(host: Arc<ScriptHost>) {
 /// What `moonroute ctl` can ask, for the error replies.
 const COMMANDS: &str =
     "reload, status, stats [PREFIX], ul show|rm|add|count, user add|rm|list, dlg list|show|end|count, \
-     ds list|set|reload";
+     ds list|set|reload, kv get|set|del|list";
 
 fn control_handler(
     host: Arc<ScriptHost>,
@@ -517,6 +518,11 @@ fn control_handler(
             Some("ds") => moonroute::control::ds::command(
                 &args[1..],
                 &host.services().dispatcher,
+                std::time::Instant::now(),
+            ),
+            Some("kv") => moonroute::control::kv::command(
+                &args[1..],
+                &host.services().kv,
                 std::time::Instant::now(),
             ),
             Some(other) => Reply::error(format!("unknown command {other:?}; commands: {COMMANDS}")),

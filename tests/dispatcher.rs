@@ -627,7 +627,7 @@ fn ctl(socket: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-/// The shipped balancer (its `t_set_fr(2000)`) with a gateway silent from the start and no
+/// The shipped balancer (its `t_set_fr(0, 2000)`) with a gateway silent from the start and no
 /// probing to notice it: the call sent there fails over to the next gateway after the 2 s
 /// failure timer, not after Timer B (64*T1 = 32 s with the default T1), and the failover
 /// takes the silent one down, as `moonroute ctl ds list` shows over the control socket.

@@ -64,7 +64,7 @@ const DU_FAILOVER: &str = r#"
 function on_request(req)
   req.du = req:header("X-First")
   req.vars.second = req:header("X-Second")
-  req:t_set_fr(1000)
+  req:t_set_fr(0, 1000)
   return req:t_relay()
 end
 
@@ -89,7 +89,7 @@ function on_failure(req, res)
 end
 "#;
 
-/// The first next hop is silent: `t_set_fr(1000)` gives it up after 1 s (Timer F would take
+/// The first next hop is silent: `t_set_fr(0, 1000)` gives it up after 1 s (Timer F would take
 /// 32 s), the failure route sees the 408 and sends the request to the second next hop with a
 /// `du` of its own; both copies keep the Request-URI and carry no Route.
 #[tokio::test]

@@ -1550,7 +1550,6 @@ fn check_accepts_the_shipped_scripts() {
         "scripts/redirect.lua",
         "scripts/stateless.lua",
         "tests/data/scripts/vars.lua",
-        "tests/data/scripts/errors.lua",
     ] {
         let output = moonroute(&["check", script]);
         assert!(output.status.success(), "{script}: {}", describe(&output));
@@ -1561,6 +1560,46 @@ fn check_accepts_the_shipped_scripts() {
             describe(&output)
         );
     }
+}
+
+/// The mistakes issue 24 found `check` saying ok for: each is flagged at its line.
+#[test]
+fn check_flags_what_only_a_message_would_reveal() {
+    let dir = TempDir::new().unwrap();
+    let script = write_script(
+        &dir,
+        "mistakes.lua",
+        "function on_request(req)
+  if req.method == 'OPTIONS' then
+    req:reply(200)
+  end
+  if req.ruri_usr == 'x' then return req:sl_send_reply(404, 'x') end
+  return req:t_relay()
+end
+function on_faliure(req, res)
+end
+function on_failure(req, res)
+  return req:reply(480)
+end
+",
+    );
+    let output = moonroute(&["check", script.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(1), "{}", describe(&output));
+    let stderr = text(&output.stderr);
+    let name = script.display();
+    for expected in [
+        format!("{name}:5: req.ruri_usr: req has no such field or method (did you mean req.ruri_user?)"),
+        format!("{name}:5: req:sl_send_reply: req has no such field or method"),
+        format!("{name}:6: req:t_relay after req:reply (line 3) on a path that did not return"),
+        format!("{name}:8: function on_faliure is not a hook the engine calls (did you mean on_failure?)"),
+        format!("{name}:11: req:reply is not available on req in on_failure"),
+    ] {
+        assert!(stderr.contains(&expected), "{expected}\n{}", describe(&output));
+    }
+    // errors.lua answers twice on purpose (to test the run-time error): check sees it too.
+    let output = moonroute(&["check", "tests/data/scripts/errors.lua"]);
+    assert_eq!(output.status.code(), Some(1), "{}", describe(&output));
+    assert!(text(&output.stderr).contains("errors.lua:17: req:reply after req:reply (line 16)"));
 }
 
 #[test]

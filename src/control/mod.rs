@@ -11,6 +11,7 @@
 //! - [`dlg`]: `dlg list|show|count|end`, the calls the event loops track.
 //! - [`ds`]: `ds list|set|reload`, the dispatcher's destinations (Kamailio's
 //!   `dispatcher.list`, `dispatcher.set_state`, `dispatcher.reload`).
+//! - [`kv`]: `kv get|set|del|list`, the `sip.kv` store (Kamailio's `htable.*` RPCs).
 //! - [`ul`]: the `ul show|rm|add|count` commands on the location database (Kamailio's
 //!   `kamctl ul`), which `moonroute`'s handler runs for `ul`.
 //!
@@ -43,6 +44,7 @@
 mod client;
 pub mod dlg;
 pub mod ds;
+pub mod kv;
 mod server;
 pub mod stats;
 pub mod ul;

@@ -411,7 +411,7 @@ impl ResponseContext {
     }
 
     /// The duration of Timer C for the branches started from now on and the resets to come
-    /// (Kamailio's `fr_inv_timer`, the second argument of `t_set_fr`).
+    /// (Kamailio's `fr_inv_timer`, the first argument of `t_set_fr`).
     pub fn set_timer_c(&mut self, timer_c: Duration) {
         self.timer_c = timer_c;
     }
@@ -716,21 +716,13 @@ impl ResponseContext {
     /// maintenance, `[dispatcher] mark_on`) must tell 503 from 500, as Kamailio's
     /// `t_check_status("503")` does.
     fn best_response(&self, upstream: Upstream) -> Option<Message> {
-        let rank = |s: &Stored| -> (u8, u8) {
-            let class = if s.code >= 600 {
-                0
-            } else {
-                (s.code / 100) as u8
-            };
-            let preference = match s.code {
-                401 | 407 | 415 | 420 | 484 => 0,
-                503 => 2,
-                _ => 1,
-            };
-            (class, preference)
-        };
+        let ranked = |s: &Stored| rank(s.code);
         // min_by_key keeps the first of equal keys: first received wins ties.
-        let Some((index, chosen)) = self.stored.iter().enumerate().min_by_key(|(_, s)| rank(s))
+        let Some((index, chosen)) = self
+            .stored
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, s)| ranked(s))
         else {
             return self.synthesize(408, "Request Timeout");
         };
@@ -809,6 +801,18 @@ fn group_by_q(mut targets: Vec<Target>) -> Vec<Vec<Target>> {
         }
     }
     groups
+}
+
+/// §16.7 step 6's order of final responses, lowest best: a 6xx, else the lowest class; in
+/// 4xx one that helps resubmission (401, 407, 415, 420, 484) first, in 5xx a 503 last.
+pub fn rank(code: u16) -> (u8, u8) {
+    let class = if code >= 600 { 0 } else { (code / 100) as u8 };
+    let preference = match code {
+        401 | 407 | 415 | 420 | 484 => 0,
+        503 => 2,
+        _ => 1,
+    };
+    (class, preference)
 }
 
 #[cfg(test)]

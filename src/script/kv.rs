@@ -420,6 +420,34 @@ impl KvStore {
         }
     }
 
+    /// The live entries whose key starts with `prefix`, sorted by key, at most `limit` of
+    /// them, each with its time left (`None`: never expires); and whether more matched.
+    /// Locks one shard at a time (`moonroute ctl kv list`), so loops keep working.
+    pub fn list(
+        &self,
+        prefix: &str,
+        limit: usize,
+        now: Instant,
+    ) -> (Vec<(String, KvValue, Option<Duration>)>, bool) {
+        let mut found = Vec::new();
+        for shard in &self.shards {
+            let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            found.extend(
+                shard
+                    .iter()
+                    .filter(|(key, e)| key.starts_with(prefix) && e.is_live(now))
+                    .map(|(key, e)| {
+                        let left = e.expires.map(|at| at.duration_since(now));
+                        (key.clone(), e.value.clone(), left)
+                    }),
+            );
+        }
+        found.sort_by(|a, b| a.0.cmp(&b.0));
+        let more = found.len() > limit;
+        found.truncate(limit);
+        (found, more)
+    }
+
     /// Number of stored entries, including expired ones not yet swept.
     pub fn len(&self) -> usize {
         self.count.load(Ordering::Relaxed)

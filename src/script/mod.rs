@@ -25,6 +25,7 @@ pub mod api;
 pub mod engine;
 pub mod kv;
 pub mod kv_redis;
+pub mod lint;
 pub mod offline;
 pub mod router;
 pub mod watch;

@@ -28,7 +28,7 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use mlua::{Lua, Table, Value};
 
-use super::api::ScriptMsg;
+use super::api::{Role, ScriptMsg};
 use super::engine::{Engine, Env, Limits, LogSink, ScriptError, ScriptSource};
 use super::kv::KvStore;
 use super::router::{
@@ -39,6 +39,7 @@ use super::{Services, KV_MAX_KEYS};
 use crate::auth::{Authenticator, Subscribers};
 use crate::dns::{Candidate, Query, ResolveError, Resolver};
 use crate::location::MemoryLocation;
+use crate::proxy::response_context::Target;
 use crate::proxy::route_sign::{Binding, Holder};
 use crate::proxy::router::{Decision, RouteInfo};
 use crate::proxy::RouteSigner;
@@ -57,7 +58,8 @@ use crate::transport::{ListenAddr, Meta, TransportKind};
 /// The address an offline run pretends to listen on.
 const LOCAL: &str = "127.0.0.1:5060";
 
-/// `moonroute check`: loads the script as a reload would; a one-line summary or the error.
+/// `moonroute check`: loads the script as a reload would, then lints it (`script::lint`): a
+/// one-line summary, or the load error, or one `file:line: message` line per mistake found.
 pub fn check(path: &Path) -> Result<String, ScriptError> {
     let source = read_source(path, 1)?;
     let env = Env {
@@ -66,6 +68,15 @@ pub fn check(path: &Path) -> Result<String, ScriptError> {
         log: LogSink::Capture(Rc::default()),
     };
     let engine = Engine::load(&source, Limits::default(), env)?;
+    let names = EngineNames::new(engine.lua())?;
+    let findings = super::lint::lint(&source.text, &names);
+    if !findings.is_empty() {
+        let lines: Vec<String> = findings
+            .iter()
+            .map(|f| format!("{}:{}: {}", source.name, f.line, f.message))
+            .collect();
+        return Err(ScriptError(lines.join("\n")));
+    }
     let hooks = engine.hooks();
     let mut defined = vec!["on_request"];
     for (name, present) in [
@@ -80,6 +91,52 @@ pub fn check(path: &Path) -> Result<String, ScriptError> {
         }
     }
     Ok(format!("{}: ok ({})", source.name, defined.join(", ")))
+}
+
+/// The names a loaded engine knows, for the lint: a message object is asked whether it has
+/// a field (its fallback `__index` answers "no"), the `sip` table is walked.
+struct EngineNames<'a> {
+    lua: &'a Lua,
+    probe: mlua::AnyUserData,
+}
+
+impl<'a> EngineNames<'a> {
+    fn new(lua: &'a Lua) -> Result<EngineNames<'a>, ScriptError> {
+        let request = parse_message(
+            b"OPTIONS sip:probe.invalid SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1;branch=z9hG4bKprobe\r\nFrom: <sip:probe.invalid>;tag=p\r\nTo: <sip:probe.invalid>\r\nCall-ID: probe\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n",
+        )?;
+        let probe = lua
+            .create_userdata(ScriptMsg::new(request, Role::Request))
+            .map_err(|e| ScriptError(e.to_string()))?;
+        Ok(EngineNames { lua, probe })
+    }
+}
+
+impl super::lint::Names for EngineNames<'_> {
+    fn message_has(&self, name: &str) -> bool {
+        use mlua::ObjectLike as _;
+        self.probe.get::<Value>(name).is_ok()
+    }
+
+    fn sip_keys(&self, path: &[String]) -> Option<Vec<String>> {
+        let mut table: Table = self.lua.globals().get("sip").ok()?;
+        for key in path {
+            table = match table.raw_get::<Value>(key.as_str()).ok()? {
+                Value::Table(t) => t,
+                _ => return None,
+            };
+        }
+        let mut keys = Vec::new();
+        for pair in table.pairs::<Value, Value>() {
+            let (key, value) = pair.ok()?;
+            // A namespace holds functions and namespaces; a table of data takes any key.
+            if !matches!(value, Value::Function(_) | Value::Table(_)) {
+                return None;
+            }
+            keys.push(key.to_string().ok()?);
+        }
+        Some(keys)
+    }
 }
 
 /// Options of a test run.
@@ -144,6 +201,18 @@ pub struct Outcome {
     pub logs: Vec<String>,
     /// The hook failed (the server answers 500).
     pub error: Option<String>,
+    /// The samples of the script's metrics after the run (`name{labels}`, value).
+    pub metrics: Vec<(String, f64)>,
+    /// With responses fed: each branch, in the order it started.
+    pub branches: Vec<BranchOutcome>,
+    /// With responses fed: every response `on_reply` saw, in order.
+    pub replies: Vec<u16>,
+    /// With responses fed: each `on_failure` call.
+    pub failures: Vec<FailureOutcome>,
+    /// With responses fed: the final response the caller gets (a 2xx, or the best).
+    pub final_code: Option<u16>,
+    /// Errors of `on_branch`/`on_reply` (the server logs them and applies its default).
+    pub hook_errors: Vec<String>,
 }
 
 /// `moonroute test SCRIPT --message FILE`: runs the script and formats the outcome.
@@ -201,79 +270,384 @@ pub fn run_with(
     fixtures: &Fixtures<'_>,
     options: &TestOptions,
 ) -> Result<Outcome, ScriptError> {
-    let mut request = parse_message(message)?;
-    let local: std::net::SocketAddr = LOCAL.parse().map_err(|_| ScriptError("bad local".into()))?;
-    let meta = Meta {
-        kind: options.source.kind,
-        source: options.source.addr,
-        local,
-        conn: None,
-        worker: 0,
-    };
-    // As the server core does (`src/server/core.rs`): forced on datagrams only.
-    let force_rport = options.force_rport && meta.kind == TransportKind::Udp;
-    request
-        .stamp_received_rport(meta.source, force_rport)
-        .map_err(|e| ScriptError(format!("the message's Via: {e}")))?;
-    let identity = LocalIdentity::new(&options.domains, [local]);
-    let had_route = request.routes().next().is_some();
-    let me = ProxyIdentity::new(identity.clone()).with_signer(RouteSigner::new(OFFLINE_KEY));
-    let done = preprocess_routes(&mut request, &me)
-        .map_err(|e| ScriptError(format!("the message's Route: {e}")))?;
-    let signature = me.check_route(
-        &request,
-        &done,
-        options.clock.unwrap_or_else(SystemTime::now),
-    );
-    let logs = Rc::new(RefCell::new(Vec::new()));
-    let env = Env {
-        services: Arc::new(services(fixtures, options.clock, &identity)?),
-        identity,
-        log: LogSink::Capture(logs.clone()),
-    };
-    let engine = Engine::load(source, Limits::default(), env)?;
-    let before = request.clone();
-    let info = RouteInfo {
-        had_route,
-        consumed_own_route: done.consumed_own_route,
-        own_route_signed: signature.routes(request.method()),
-        signature,
-        tracked_call: signature.routes(request.method()) && me.signed_for_tracked_call(&done),
-    };
-    let vars = engine
-        .lua()
-        .create_table()
-        .map_err(|e| ScriptError(e.to_string()))?;
-    let mut run = run_request_hook(&engine, request, &meta, info, vars.clone())?;
-    let mut resolves = 0;
-    let (state, result) = loop {
-        match run {
-            RequestRun::Done(state, result) => break (state, result),
-            RequestRun::Suspended {
-                query,
-                thread,
-                request,
-            } => {
-                resolves += 1;
-                let answer = if resolves > MAX_RESOLVES_PER_REQUEST {
-                    Err(ResolveError::Failed("too many sip.resolve calls".into()))
-                } else {
-                    resolve_offline(&query)
-                };
-                run = resume_request_hook(&engine, thread, request, &answer)?;
+    Session::new(source, fixtures, options)?.run(message, options, &[])
+}
+
+/// One branch's outcome fed to an offline run (`moonroute.run{responses = ...}`): the
+/// responses its target sends, provisional ones first, or none at all (`timeout`: the
+/// engine's 408, which `on_reply` does not see).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Feed {
+    Responses(Vec<u16>),
+    /// Provisional responses (possibly none), then no final answer.
+    Timeout(Vec<u16>),
+}
+
+/// What happened to one branch of a run fed with responses.
+#[derive(Clone, Debug)]
+pub struct BranchOutcome {
+    pub target: String,
+    /// The final code, or 408 for a timeout.
+    pub code: u16,
+    pub timeout: bool,
+    /// `on_branch` dropped the branch (`branch:drop()`): it got no request, so no outcome.
+    pub dropped: bool,
+    /// `on_branch` edited the branch's request: its Request-URI then.
+    pub ruri: String,
+}
+
+/// What `on_failure` decided in a run fed with responses.
+#[derive(Clone, Debug)]
+pub struct FailureOutcome {
+    /// The best response it saw (§16.7 step 6, with 503 kept as it is).
+    pub code: u16,
+    /// New targets, when it relayed again; empty: the best response goes upstream.
+    pub targets: Vec<String>,
+    pub error: Option<String>,
+}
+
+/// An engine state kept across runs (`moonroute.session{...}`): the Lua state (its globals),
+/// `sip.kv`, the location store, the authenticator (its nonce counts) and the metrics live as
+/// long as the session, as they do in a server; each run is one request.
+pub struct Session {
+    engine: Engine,
+    services: Services,
+    identity: LocalIdentity,
+    logs: Rc<RefCell<Vec<String>>>,
+}
+
+impl Session {
+    pub fn new(
+        source: &ScriptSource,
+        fixtures: &Fixtures<'_>,
+        options: &TestOptions,
+    ) -> Result<Session, ScriptError> {
+        let local: std::net::SocketAddr =
+            LOCAL.parse().map_err(|_| ScriptError("bad local".into()))?;
+        let identity = LocalIdentity::new(&options.domains, [local]);
+        let services = services(fixtures, options.clock, &identity)?;
+        let logs = Rc::new(RefCell::new(Vec::new()));
+        let env = Env {
+            services: Arc::new(services.share(options.clock)),
+            identity: identity.clone(),
+            log: LogSink::Capture(logs.clone()),
+        };
+        let engine = Engine::load(source, Limits::default(), env)?;
+        Ok(Session {
+            engine,
+            services,
+            identity,
+            logs,
+        })
+    }
+
+    /// The store behind `sip.kv`, to pre-fill or read.
+    pub fn kv(&self) -> &KvStore {
+        &self.services.kv
+    }
+
+    /// The metric samples (`name{labels}`, value) the script's `sip.metrics` made.
+    pub fn metrics(&self) -> Vec<(String, f64)> {
+        self.services
+            .metrics
+            .render()
+            .lines()
+            .filter(|line| !line.starts_with('#'))
+            .filter_map(|line| {
+                let (name, value) = line.rsplit_once(' ')?;
+                Some((name.to_owned(), value.parse().ok()?))
+            })
+            .collect()
+    }
+
+    /// Runs `on_request` on `message`; when it relays and `feed` is not empty, the branches
+    /// get `feed`'s outcomes in order, running `on_branch`, `on_reply` and `on_failure` as the
+    /// server would.
+    pub fn run(
+        &mut self,
+        message: &[u8],
+        options: &TestOptions,
+        feed: &[Feed],
+    ) -> Result<Outcome, ScriptError> {
+        let mut request = parse_message(message)?;
+        let local: std::net::SocketAddr =
+            LOCAL.parse().map_err(|_| ScriptError("bad local".into()))?;
+        let meta = Meta {
+            kind: options.source.kind,
+            source: options.source.addr,
+            local,
+            conn: None,
+            worker: 0,
+        };
+        // As the server core does (`src/server/core.rs`): forced on datagrams only.
+        let force_rport = options.force_rport && meta.kind == TransportKind::Udp;
+        request
+            .stamp_received_rport(meta.source, force_rport)
+            .map_err(|e| ScriptError(format!("the message's Via: {e}")))?;
+        let had_route = request.routes().next().is_some();
+        let me =
+            ProxyIdentity::new(self.identity.clone()).with_signer(RouteSigner::new(OFFLINE_KEY));
+        let done = preprocess_routes(&mut request, &me)
+            .map_err(|e| ScriptError(format!("the message's Route: {e}")))?;
+        let signature = me.check_route(
+            &request,
+            &done,
+            options.clock.unwrap_or_else(SystemTime::now),
+        );
+        // The clock of this run: a session's runs may each pretend another time.
+        self.engine.lua().set_app_data(Env {
+            services: Arc::new(self.services.share(options.clock)),
+            identity: self.identity.clone(),
+            log: LogSink::Capture(self.logs.clone()),
+        });
+        self.logs.borrow_mut().clear();
+        let engine = &self.engine;
+        let before = request.clone();
+        let info = RouteInfo {
+            had_route,
+            consumed_own_route: done.consumed_own_route,
+            own_route_signed: signature.routes(request.method()),
+            signature,
+            tracked_call: signature.routes(request.method()) && me.signed_for_tracked_call(&done),
+        };
+        let vars = engine
+            .lua()
+            .create_table()
+            .map_err(|e| ScriptError(e.to_string()))?;
+        let mut run = run_request_hook(engine, request, &meta, info, vars.clone())?;
+        let mut resolves = 0;
+        let (mut state, result) = loop {
+            match run {
+                RequestRun::Done(state, result) => break (state, result),
+                RequestRun::Suspended {
+                    query,
+                    thread,
+                    request,
+                } => {
+                    resolves += 1;
+                    let answer = if resolves > MAX_RESOLVES_PER_REQUEST {
+                        Err(ResolveError::Failed("too many sip.resolve calls".into()))
+                    } else {
+                        resolve_offline(&query)
+                    };
+                    run = resume_request_hook(engine, thread, request, &answer)?;
+                }
+            }
+        };
+        let (mut outcome, decision) = describe_state(&before, &mut state, &vars);
+        if let Err(e) = result {
+            outcome.decision = "reply";
+            outcome.primitive = None;
+            outcome.code = Some(500);
+            outcome.reason = Some("Server Internal Error".into());
+            outcome.error = Some(e.0);
+        } else if let (Decision::Relay { targets, .. }, false) = (decision, feed.is_empty()) {
+            let targets = if targets.is_empty() {
+                let uri = state.msg.request_uri_bytes().unwrap_or_default();
+                vec![Target::new(Bytes::copy_from_slice(uri), 1000)]
+            } else {
+                targets
+            };
+            self.drive_branches(&state.msg, targets, &vars, feed, &mut outcome)?;
+        }
+        outcome.vars = table_entries(&vars);
+        outcome.logs = self.logs.borrow().clone();
+        outcome.metrics = self.metrics();
+        Ok(outcome)
+    }
+
+    /// The branches of a relayed request, group by group (§16.6, highest q first), each fed
+    /// the next entry of `feed`; when every branch failed, `on_failure` with the best
+    /// response, and its new targets fed the same way.
+    fn drive_branches(
+        &self,
+        request: &Message,
+        mut targets: Vec<Target>,
+        vars: &Table,
+        feed: &[Feed],
+        outcome: &mut Outcome,
+    ) -> Result<(), ScriptError> {
+        let hooks = self.engine.hooks();
+        let mut feed = feed.iter();
+        let mut request = request.clone();
+        // Failure routes may relay again: bounded as the server bounds serial forking.
+        for _round in 0..MAX_FAILURE_ROUNDS {
+            let mut finals = Vec::new();
+            targets.sort_by_key(|t| std::cmp::Reverse(t.q));
+            for group in targets.chunk_by(|a, b| a.q == b.q) {
+                for target in group {
+                    let mut branch = request.clone();
+                    branch.set_request_uri(&target.uri).map_err(|e| {
+                        ScriptError(format!("branch to {}: {e}", lossy(&target.uri)))
+                    })?;
+                    let mut dropped = false;
+                    if let Some(hook) = &hooks.on_branch {
+                        let [_, b] = self.call_hook(
+                            hook,
+                            vars,
+                            [
+                                (request.clone(), Role::View),
+                                (branch.clone(), Role::Branch),
+                            ],
+                            outcome,
+                        )?;
+                        dropped = b.dropped;
+                        if b.edited {
+                            branch = b.msg;
+                        }
+                    }
+                    let ruri = lossy(branch.request_uri_bytes().unwrap_or_default());
+                    let target_text = lossy(&target.uri);
+                    if dropped {
+                        outcome.branches.push(BranchOutcome {
+                            target: target_text,
+                            code: 0,
+                            timeout: false,
+                            dropped,
+                            ruri,
+                        });
+                        continue;
+                    }
+                    let entry = feed.next().ok_or_else(|| {
+                        ScriptError(format!(
+                            "responses: no outcome given for branch {} ({target_text})",
+                            outcome.branches.len() + 1
+                        ))
+                    })?;
+                    let (codes, timeout) = match entry {
+                        Feed::Responses(codes) => (codes.as_slice(), false),
+                        Feed::Timeout(codes) => (codes.as_slice(), true),
+                    };
+                    for &code in codes {
+                        let response = synthetic_response(&branch, code)?;
+                        if let Some(hook) = &hooks.on_reply {
+                            self.call_hook(
+                                hook,
+                                vars,
+                                [(request.clone(), Role::View), (response, Role::Response)],
+                                outcome,
+                            )?;
+                        }
+                        outcome.replies.push(code);
+                    }
+                    let code = match (timeout, codes.last()) {
+                        (true, _) => 408,
+                        (false, Some(&code)) if code >= 200 => code,
+                        _ => {
+                            return Err(ScriptError(format!(
+                                "responses: branch {} ({target_text}) has no final response (end it with a code >= 200, or use \"timeout\")",
+                                outcome.branches.len() + 1
+                            )))
+                        }
+                    };
+                    finals.push(code);
+                    outcome.branches.push(BranchOutcome {
+                        target: target_text,
+                        code,
+                        timeout,
+                        dropped,
+                        ruri,
+                    });
+                }
+                if finals.iter().any(|c| (200..300).contains(c)) {
+                    break;
+                }
+            }
+            if let Some(&ok) = finals.iter().find(|c| (200..300).contains(*c)) {
+                outcome.final_code = Some(ok);
+                return Ok(());
+            }
+            let best = finals
+                .iter()
+                .copied()
+                .min_by_key(|&code| crate::proxy::response_context::rank(code))
+                .unwrap_or(408);
+            outcome.final_code = Some(best);
+            let Some(hook) = &hooks.on_failure else {
+                return Ok(());
+            };
+            let response = synthetic_response(&request, best)?;
+            let pair = [(request.clone(), Role::Failure), (response, Role::Response)];
+            let mut failure = FailureOutcome {
+                code: best,
+                targets: Vec::new(),
+                error: None,
+            };
+            let result = self.call_hook(hook, vars, pair, outcome);
+            let next = match result {
+                Ok([mut req, _]) => match req.decision.take() {
+                    Some((Decision::Relay { targets, .. }, _)) if !targets.is_empty() => {
+                        request = req.msg;
+                        Some(targets)
+                    }
+                    _ => None,
+                },
+                Err(e) => {
+                    failure.error = Some(e.0);
+                    None
+                }
+            };
+            failure.targets = next.iter().flatten().map(|t| lossy(&t.uri)).collect();
+            outcome.failures.push(failure);
+            match next {
+                Some(next) => targets = next,
+                None => return Ok(()),
             }
         }
-    };
-    let mut outcome = describe_state(&before, state, &vars);
-    outcome.logs = logs.borrow().clone();
-    if let Err(e) = result {
-        outcome.decision = "reply";
-        outcome.primitive = None;
-        outcome.code = Some(500);
-        outcome.reason = Some("Server Internal Error".into());
-        outcome.error = Some(e.0);
+        Err(ScriptError(format!(
+            "on_failure relayed {MAX_FAILURE_ROUNDS} times in a row: stopped"
+        )))
     }
-    Ok(outcome)
+
+    /// Calls `hook` with two message objects; a Lua error fails the run unless it is
+    /// `on_failure`'s (then the engine sends the best response, and the outcome says why).
+    fn call_hook(
+        &self,
+        hook: &mlua::Function,
+        vars: &Table,
+        pair: [(Message, Role); 2],
+        outcome: &mut Outcome,
+    ) -> Result<[ScriptMsg; 2], ScriptError> {
+        let lua = self.engine.lua();
+        let failure = pair[0].1 == Role::Failure;
+        let [a, b] = pair.map(|(msg, role)| {
+            let mut state = ScriptMsg::new(msg, role);
+            state.vars = Some(vars.clone());
+            lua.create_userdata(state)
+        });
+        let (a, b) = (
+            a.map_err(|e| ScriptError(e.to_string()))?,
+            b.map_err(|e| ScriptError(e.to_string()))?,
+        );
+        if let Err(e) = self.engine.call(hook, (a.clone(), b.clone())) {
+            if !failure {
+                // The server logs it and applies its default; a test wants to see it.
+                outcome.hook_errors.push(e.0.clone());
+            }
+            return Err(e);
+        }
+        let take = |ud: mlua::AnyUserData| {
+            ud.take::<ScriptMsg>()
+                .map_err(|e| ScriptError(e.to_string()))
+        };
+        Ok([take(a)?, take(b)?])
+    }
+}
+
+/// How many times in a row `on_failure` may relay again within one offline run.
+const MAX_FAILURE_ROUNDS: usize = 16;
+
+/// A response to `request` with `code`, as a UAS would send it (a To tag on all but 100).
+fn synthetic_response(request: &Message, code: u16) -> Result<Message, ScriptError> {
+    let reason = super::api::default_reason(code);
+    let builder = crate::sip::ResponseBuilder::new(request, code, reason);
+    let builder = if code > 100 {
+        builder.to_tag(b"offline")
+    } else {
+        builder
+    };
+    Message::parse(builder.build())
+        .map_err(|e| ScriptError(format!("a {code} response to the request: {e}")))
 }
 
 fn parse_message(text: &[u8]) -> Result<Message, ScriptError> {
@@ -328,6 +702,22 @@ fn services(
     })
 }
 
+impl Services {
+    /// The same stores and tables, with another clock (one run of a session).
+    fn share(&self, clock: Option<SystemTime>) -> Services {
+        Services {
+            kv: self.kv.clone(),
+            registrar: self.registrar.clone(),
+            auth: self.auth.clone(),
+            pike: self.pike.clone(),
+            metrics: self.metrics.clone(),
+            dispatcher: self.dispatcher.clone(),
+            flows: self.flows.clone(),
+            clock,
+        }
+    }
+}
+
 /// The authenticator of a run with a subscriber fixture: the server's defaults (`[auth]`:
 /// SHA-256 and MD5, 300 s nonces) with [`OFFLINE_AUTH_SECRET`]. A fresh replay table per run,
 /// as each run is a fresh server.
@@ -344,14 +734,16 @@ fn authenticator(fixture: &str) -> Result<Arc<Authenticator>, ScriptError> {
     )))
 }
 
-fn describe_state(before: &Message, mut state: ScriptMsg, vars: &Table) -> Outcome {
+/// The outcome of `on_request` as the script left `state`, and its decision (the engine's
+/// default when it made none); `state.msg` is the request as it would be relayed.
+fn describe_state(before: &Message, state: &mut ScriptMsg, vars: &Table) -> (Outcome, Decision) {
     let primitive = state.decision.as_ref().map(|(_, p)| *p);
     let decision = match state.decision.take() {
         Some((d, _)) => d,
         None => undecided(&state.msg.method().cloned(), &state.msg),
     };
     // As the server does: a pre-loaded Route the script did not choose to follow is removed.
-    guard_preloaded_route(&mut state, &decision);
+    guard_preloaded_route(state, &decision);
     let after = &state.msg;
     let (added, removed) = header_changes(before, after);
     let mut outcome = Outcome {
@@ -370,11 +762,17 @@ fn describe_state(before: &Message, mut state: ScriptMsg, vars: &Table) -> Outco
         vars: table_entries(vars),
         logs: Vec::new(),
         error: None,
+        metrics: Vec::new(),
+        branches: Vec::new(),
+        replies: Vec::new(),
+        failures: Vec::new(),
+        final_code: None,
+        hook_errors: Vec::new(),
     };
     let as_targets = |targets: &[crate::proxy::response_context::Target]| {
         targets.iter().map(|t| (lossy(&t.uri), t.q)).collect()
     };
-    match decision {
+    match &decision {
         Decision::Reply {
             code,
             reason,
@@ -382,9 +780,9 @@ fn describe_state(before: &Message, mut state: ScriptMsg, vars: &Table) -> Outco
             ..
         } => {
             outcome.decision = "reply";
-            outcome.code = Some(code);
-            outcome.reason = Some(reason.into_owned());
-            outcome.reply_headers = headers;
+            outcome.code = Some(*code);
+            outcome.reason = Some(reason.to_string());
+            outcome.reply_headers = headers.clone();
             outcome.targets = as_targets(&state.targets);
         }
         Decision::Relay {
@@ -393,11 +791,11 @@ fn describe_state(before: &Message, mut state: ScriptMsg, vars: &Table) -> Outco
             ..
         } => {
             outcome.decision = "relay";
-            outcome.record_route = record_route;
+            outcome.record_route = *record_route;
             outcome.targets = if targets.is_empty() {
                 vec![(outcome.ruri_after.clone(), 1000)]
             } else {
-                as_targets(&targets)
+                as_targets(targets)
             };
         }
         Decision::Forward {
@@ -405,20 +803,22 @@ fn describe_state(before: &Message, mut state: ScriptMsg, vars: &Table) -> Outco
             record_route,
         } => {
             outcome.decision = "forward";
-            outcome.record_route = record_route;
+            outcome.record_route = *record_route;
             outcome.targets = vec![(
-                target.map_or_else(|| outcome.ruri_after.clone(), |t| lossy(&t)),
+                target
+                    .as_ref()
+                    .map_or_else(|| outcome.ruri_after.clone(), |t| lossy(t)),
                 1000,
             )];
         }
         Decision::Drop { reason } => {
             outcome.decision = "drop";
-            outcome.reason = reason.map(std::borrow::Cow::into_owned);
+            outcome.reason = reason.as_ref().map(|r| r.to_string());
         }
         // Offline runs answer sip.resolve themselves, so the hook never ends suspended.
         Decision::Resolve { .. } => outcome.decision = "resolve",
     }
-    outcome
+    (outcome, decision)
 }
 
 /// `sip.resolve` in an offline run: IP literals and `localhost` are answered at once; a host
@@ -580,12 +980,28 @@ pub fn run_lua_tests(path: &Path) -> Result<String, ScriptError> {
             lua_run(lua, &base, &spec)
         })
         .map_err(|e| ScriptError(e.to_string()))?;
+    let session_runs = runs.clone();
+    let session_base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let session = lua
+        .create_function(move |_, spec: Table| {
+            check_keys(&spec, &[SESSION_KEYS], "moonroute.session")?;
+            let (session, clock) = open_session(&session_base, &spec, "moonroute.session")?;
+            Ok(LuaSession {
+                session,
+                clock,
+                runs: session_runs.clone(),
+            })
+        })
+        .map_err(|e| ScriptError(e.to_string()))?;
     let route_signature = lua
         .create_function(|_, spec: Value| lua_route_signature(spec))
         .map_err(|e| ScriptError(e.to_string()))?;
     let moonroute = lua.create_table().map_err(|e| ScriptError(e.to_string()))?;
     moonroute
         .set("run", run)
+        .map_err(|e| ScriptError(e.to_string()))?;
+    moonroute
+        .set("session", session)
         .map_err(|e| ScriptError(e.to_string()))?;
     moonroute
         .set("route_signature", route_signature)
@@ -606,30 +1022,102 @@ pub fn run_lua_tests(path: &Path) -> Result<String, ScriptError> {
     Ok(format!("{}: ok ({} runs)\n", test.name, runs.get()))
 }
 
-fn lua_run(lua: &Lua, base: &Path, spec: &Table) -> mlua::Result<Table> {
-    let script: String = spec.get("script")?;
-    let message: String = spec.get("message")?;
+/// The keys `moonroute.session{...}` takes (what lives as long as the engine state).
+const SESSION_KEYS: &[&str] = &["script", "location", "subscribers", "domains", "kv", "time"];
+/// The keys of one run (`session:run{...}`).
+const RUN_KEYS: &[&str] = &["message", "time", "source", "force_rport", "responses"];
+
+/// Refuses a key of `spec` not in `allowed`: a misspelt key (`subscriber=`) would otherwise
+/// quietly mean "not given".
+fn check_keys(spec: &Table, allowed: &[&[&str]], what: &str) -> mlua::Result<()> {
+    for pair in spec.pairs::<Value, Value>() {
+        let (key, _) = pair?;
+        let name = match &key {
+            Value::String(s) => s.to_string_lossy(),
+            other => {
+                return Err(mlua::Error::runtime(format!(
+                    "{what}: keys are names, not a {}",
+                    other.type_name()
+                )))
+            }
+        };
+        let all = allowed.iter().flat_map(|list| list.iter().copied());
+        if !all.clone().any(|k| k == name) {
+            let hint = super::api::names::did_you_mean(&name, all.clone())
+                .map(|s| format!(" (did you mean {s}?)"))
+                .unwrap_or_default();
+            let keys: Vec<&str> = all.collect();
+            return Err(mlua::Error::runtime(format!(
+                "{what}: unknown key {name:?}{hint}; the keys are {}",
+                keys.join(", ")
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn epoch_time(spec: &Table, what: &str) -> mlua::Result<Option<SystemTime>> {
+    match spec.get::<Option<f64>>("time")? {
+        Some(time) if time.is_finite() && time >= 0.0 => Ok(Some(
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs_f64(time),
+        )),
+        Some(_) => Err(mlua::Error::runtime(format!(
+            "{what}: time must be seconds since the epoch (os.time())"
+        ))),
+        None => Ok(None),
+    }
+}
+
+/// A session of a Lua test file: the engine state and where its script was found.
+struct LuaSession {
+    session: Session,
+    /// The session's clock unless a run gives its own `time`.
+    clock: Option<SystemTime>,
+    runs: Rc<std::cell::Cell<u32>>,
+}
+
+impl mlua::UserData for LuaSession {
+    fn add_methods<M: mlua::UserDataMethods<Self>>(methods: &mut M) {
+        methods.add_method_mut("run", |lua, s, spec: Table| {
+            check_keys(&spec, &[RUN_KEYS], "session:run")?;
+            s.runs.set(s.runs.get() + 1);
+            let clock = s.clock;
+            session_run(lua, &mut s.session, clock, &spec, "session:run")
+        });
+        methods.add_method("kv", |lua, s, key: String| {
+            kv_value(lua, s.session.kv().get(&key, std::time::Instant::now()))
+        });
+        methods.add_method("metrics", |lua, s, ()| {
+            metrics_table(lua, &s.session.metrics())
+        });
+    }
+}
+
+fn kv_value(lua: &Lua, value: Option<crate::script::kv::KvValue>) -> mlua::Result<Value> {
+    Ok(match value {
+        Some(crate::script::kv::KvValue::Int(i)) => Value::Integer(i),
+        Some(crate::script::kv::KvValue::Str(s)) => Value::String(lua.create_string(&s)?),
+        None => Value::Nil,
+    })
+}
+
+/// Starts a session from `spec`'s session keys (script, fixtures, domains, kv, time).
+fn open_session(
+    base: &Path,
+    spec: &Table,
+    what: &str,
+) -> mlua::Result<(Session, Option<SystemTime>)> {
+    let script: String = spec.get::<Option<String>>("script")?.ok_or_else(|| {
+        mlua::Error::runtime(format!("{what}: `script` is required (the script's path)"))
+    })?;
     let location: Option<String> = spec.get("location")?;
     let subscribers: Option<String> = spec.get("subscribers")?;
-    let mut options = TestOptions::default();
-    if let Some(time) = spec.get::<Option<f64>>("time")? {
-        if !(time.is_finite() && time >= 0.0) {
-            return Err(mlua::Error::runtime(
-                "moonroute.run: time must be seconds since the epoch (os.time())",
-            ));
-        }
-        options.clock = Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs_f64(time));
-    }
-    if let Some(source) = spec.get::<Option<String>>("source")? {
-        options.source = source
-            .parse()
-            .map_err(|e| mlua::Error::runtime(format!("moonroute.run: source: {e}")))?;
-    }
+    let mut options = TestOptions {
+        clock: epoch_time(spec, what)?,
+        ..TestOptions::default()
+    };
     if let Some(domains) = spec.get::<Option<Vec<String>>>("domains")? {
         options.domains = domains;
-    }
-    if let Some(force_rport) = spec.get::<Option<bool>>("force_rport")? {
-        options.force_rport = force_rport;
     }
     // Scripts are found relative to the working directory first, then to the test file.
     let script_path = {
@@ -641,19 +1129,138 @@ fn lua_run(lua: &Lua, base: &Path, spec: &Table) -> mlua::Result<Table> {
         }
     };
     let source = read_source(&script_path, 1).map_err(|e| mlua::Error::runtime(e.0))?;
-    let message = message.replace("\r\n", "\n").replace('\n', "\r\n");
     let fixtures = Fixtures {
         location: location.as_deref(),
         subscribers: subscribers.as_deref(),
     };
-    let outcome = run_with(
-        &source,
-        message.trim_start().as_bytes(),
-        &fixtures,
-        &options,
-    )
-    .map_err(|e| mlua::Error::runtime(format!("moonroute.run: {e}")))?;
+    let session = Session::new(&source, &fixtures, &options)
+        .map_err(|e| mlua::Error::runtime(format!("{what}: {e}")))?;
+    if let Some(kv) = spec.get::<Option<Table>>("kv")? {
+        prefill(session.kv(), &kv, what)?;
+    }
+    Ok((session, options.clock))
+}
+
+/// `kv = {key = value, ...}`: integers and strings, no expiry.
+fn prefill(store: &KvStore, kv: &Table, what: &str) -> mlua::Result<()> {
+    for pair in kv.pairs::<String, Value>() {
+        let (key, value) = pair?;
+        let value = match value {
+            Value::Integer(i) => crate::script::kv::KvValue::Int(i),
+            Value::Number(n) if n.fract() == 0.0 => crate::script::kv::KvValue::Int(n as i64),
+            Value::String(s) => crate::script::kv::KvValue::Str(s.to_str()?.to_owned()),
+            other => {
+                return Err(mlua::Error::runtime(format!(
+                    "{what}: kv.{key}: values are integers or strings, not {}",
+                    other.type_name()
+                )))
+            }
+        };
+        store
+            .set(&key, value, None, std::time::Instant::now())
+            .map_err(|e| mlua::Error::runtime(format!("{what}: kv.{key}: {e}")))?;
+    }
+    Ok(())
+}
+
+/// `responses = {486, "timeout", {180, 486}, {183, "timeout"}}`: one entry per branch.
+fn feed_from(spec: &Table, what: &str) -> mlua::Result<Vec<Feed>> {
+    let Some(list) = spec.get::<Option<Table>>("responses")? else {
+        return Ok(Vec::new());
+    };
+    let bad = |entry: &str| {
+        mlua::Error::runtime(format!(
+            "{what}: responses: {entry} is not a branch outcome (a code 100-699, \"timeout\", or a list of them ending with a final code or \"timeout\")"
+        ))
+    };
+    let code = |value: &Value| -> Option<u16> {
+        value
+            .as_integer()
+            .or_else(|| {
+                value
+                    .as_number()
+                    .filter(|n| n.fract() == 0.0)
+                    .map(|n| n as i64)
+            })
+            .and_then(|c| u16::try_from(c).ok())
+            .filter(|c| (100..700).contains(c))
+    };
+    let is_timeout = |value: &Value| value.as_string().is_some_and(|s| s == "timeout");
+    let mut feed = Vec::new();
+    for entry in list.sequence_values::<Value>() {
+        let entry = entry?;
+        let shown = format!("{entry:?}");
+        let steps: Vec<Value> = match &entry {
+            Value::Table(steps) => steps
+                .sequence_values::<Value>()
+                .collect::<mlua::Result<_>>()?,
+            other => vec![other.clone()],
+        };
+        let mut codes = Vec::new();
+        let mut timeout = false;
+        for (i, step) in steps.iter().enumerate() {
+            if is_timeout(step) && i + 1 == steps.len() {
+                timeout = true;
+            } else {
+                codes.push(code(step).ok_or_else(|| bad(&shown))?);
+            }
+        }
+        if steps.is_empty() {
+            return Err(bad(&shown));
+        }
+        feed.push(if timeout {
+            Feed::Timeout(codes)
+        } else {
+            Feed::Responses(codes)
+        });
+    }
+    Ok(feed)
+}
+
+fn session_run(
+    lua: &Lua,
+    session: &mut Session,
+    clock: Option<SystemTime>,
+    spec: &Table,
+    what: &str,
+) -> mlua::Result<Table> {
+    let message: String = spec.get::<Option<String>>("message")?.ok_or_else(|| {
+        mlua::Error::runtime(format!(
+            "{what}: `message` is required (the request's text)"
+        ))
+    })?;
+    let mut options = TestOptions {
+        clock: epoch_time(spec, what)?.or(clock),
+        ..TestOptions::default()
+    };
+    if let Some(source) = spec.get::<Option<String>>("source")? {
+        options.source = source
+            .parse()
+            .map_err(|e| mlua::Error::runtime(format!("{what}: source: {e}")))?;
+    }
+    if let Some(force_rport) = spec.get::<Option<bool>>("force_rport")? {
+        options.force_rport = force_rport;
+    }
+    let feed = feed_from(spec, what)?;
+    let message = message.replace("\r\n", "\n").replace('\n', "\r\n");
+    let outcome = session
+        .run(message.trim_start().as_bytes(), &options, &feed)
+        .map_err(|e| mlua::Error::runtime(format!("{what}: {e}")))?;
     outcome_table(lua, &outcome)
+}
+
+fn lua_run(lua: &Lua, base: &Path, spec: &Table) -> mlua::Result<Table> {
+    check_keys(spec, &[SESSION_KEYS, RUN_KEYS], "moonroute.run")?;
+    let (mut session, clock) = open_session(base, spec, "moonroute.run")?;
+    session_run(lua, &mut session, clock, spec, "moonroute.run")
+}
+
+fn metrics_table(lua: &Lua, samples: &[(String, f64)]) -> mlua::Result<Table> {
+    let t = lua.create_table()?;
+    for (name, value) in samples {
+        t.set(name.as_str(), *value)?;
+    }
+    Ok(t)
 }
 
 /// `moonroute.route_signature{call_id=..., from_tag=..., to_tag=..., ruri=..., routes={...},
@@ -799,6 +1406,39 @@ fn outcome_table(lua: &Lua, o: &Outcome) -> mlua::Result<Table> {
         }
     }
     t.set("vars", vars)?;
+    t.set("metrics", metrics_table(lua, &o.metrics)?)?;
+    let branches = lua.create_table()?;
+    for b in &o.branches {
+        let entry = lua.create_table()?;
+        entry.set("target", b.target.as_str())?;
+        entry.set("ruri", b.ruri.as_str())?;
+        if b.dropped {
+            entry.set("dropped", true)?;
+        } else {
+            entry.set("code", b.code)?;
+            entry.set("timeout", b.timeout)?;
+        }
+        branches.push(entry)?;
+    }
+    t.set("branches", branches)?;
+    t.set(
+        "replies",
+        lua.create_sequence_from(o.replies.iter().copied())?,
+    )?;
+    let failures = lua.create_table()?;
+    for f in &o.failures {
+        let entry = lua.create_table()?;
+        entry.set("code", f.code)?;
+        entry.set("targets", lua.create_sequence_from(f.targets.clone())?)?;
+        entry.set("error", f.error.clone())?;
+        failures.push(entry)?;
+    }
+    t.set("failures", failures)?;
+    t.set("final", o.final_code)?;
+    t.set(
+        "hook_errors",
+        lua.create_sequence_from(o.hook_errors.clone())?,
+    )?;
     Ok(t)
 }
 
@@ -1046,5 +1686,184 @@ Content-Length: 0\r\n\r\n";
         assert!(o.error.is_some());
         let o = run("function on_request(req) req.vars.t = os.time() return req:drop() end");
         assert_eq!(o.error, None);
+    }
+
+    fn fed(text: &str, feed: &[Feed]) -> Outcome {
+        let options = TestOptions::default();
+        let mut session = Session::new(&source(text), &Fixtures::default(), &options).unwrap();
+        session.run(INVITE, &options, feed).unwrap()
+    }
+
+    #[test]
+    fn reading_an_unknown_field_is_an_error_at_the_line() {
+        let o =
+            run("function on_request(req)\n  local u = req.ruri_usr\n  return req:reply(404)\nend");
+        let error = o.error.unwrap();
+        assert!(error.starts_with("unit.lua:2:"), "{error}");
+        assert!(error.contains("req.ruri_usr: no such field"), "{error}");
+        assert!(error.contains("did you mean req.ruri_user?"), "{error}");
+        let o = run("function on_request(req) return req:sl_send_reply(404) end");
+        assert!(o
+            .error
+            .unwrap()
+            .contains("req.sl_send_reply: no such field or method"));
+    }
+
+    #[test]
+    fn from_and_to_parts() {
+        let o = run("function on_request(req)
+               req.vars.f = req.from_user .. '@' .. req.from_domain
+               req.vars.t = req.to_user .. '@' .. req.to_domain
+               return req:reply(404)
+             end");
+        assert_eq!(o.error, None);
+        assert!(o
+            .vars
+            .contains(&("f".into(), VarValue::Str("alice@127.0.0.1".into()))));
+        assert!(o
+            .vars
+            .contains(&("t".into(), VarValue::Str("bob@127.0.0.1".into()))));
+    }
+
+    #[test]
+    fn regular_expressions() {
+        let o = run(r#"function on_request(req)
+               req.vars.m = sip.re.match("^[a-z]{3,7}$", req.from_user)
+               req.vars.n = sip.re.match("^\\+?[0-9]{7,15}$", req.from_user)
+               req.vars.none = sip.re.match("x", nil)
+               local host, port = sip.re.find("^sip:[^@]+@([^:;]+):([0-9]+)", req.ruri)
+               req.vars.hp = host .. "/" .. port
+               req.vars.whole = sip.re.find("b.b", req.ruri)
+               return req:reply(404)
+             end"#);
+        assert_eq!(o.error, None);
+        let var = |k: &str| o.vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        assert_eq!(var("m"), Some(VarValue::Bool(true)));
+        assert_eq!(var("n"), Some(VarValue::Bool(false)));
+        assert_eq!(var("none"), Some(VarValue::Bool(false)));
+        assert_eq!(var("hp"), Some(VarValue::Str("127.0.0.1/5060".into())));
+        assert_eq!(var("whole"), Some(VarValue::Str("bob".into())));
+        let o = run("function on_request(req) return sip.re.match('(', 'x') end");
+        assert!(o.error.unwrap().contains("sip.re.match: bad pattern"));
+    }
+
+    #[test]
+    fn the_clock_is_the_runs() {
+        // 2026-12-07 08:30 UTC, a Monday: 09:30 in Paris.
+        let options = TestOptions {
+            clock: Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_796_632_200)),
+            ..TestOptions::default()
+        };
+        let o = run_once(
+            &source(
+                r#"function on_request(req)
+               req.vars.t = os.time()
+               req.vars.now = sip.time.now()
+               req.vars.d = os.date("!%Y-%m-%d %H:%M")
+               req.vars.open = sip.time.match("Mon-Fri 09:00-18:00", "Europe/Paris")
+               req.vars.london = sip.time.match("Mon-Fri 09:00-18:00", "Europe/London")
+               req.vars.fixed = os.time({year = 2000, month = 1, day = 1, hour = 0})
+               return req:reply(404)
+             end"#,
+            ),
+            INVITE,
+            None,
+            &options,
+        )
+        .unwrap();
+        assert_eq!(o.error, None);
+        let var = |k: &str| o.vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        assert_eq!(var("t"), Some(VarValue::Int(1_796_632_200)));
+        assert_eq!(var("now"), Some(VarValue::Int(1_796_632_200)));
+        assert_eq!(var("d"), Some(VarValue::Str("2026-12-07 08:30".into())));
+        assert_eq!(var("open"), Some(VarValue::Bool(true)));
+        assert_eq!(var("london"), Some(VarValue::Bool(false)));
+        assert!(matches!(var("fixed"), Some(VarValue::Int(_))));
+        let o = run("function on_request(req) return sip.time.match('Mon', 'Mars/Olympus') end");
+        assert!(o.error.unwrap().contains("unknown time zone"));
+    }
+
+    const VOICEMAIL: &str = "
+        function on_request(req)
+          return req:fork({'sip:desk@127.0.0.1:5081', 'sip:mobile@127.0.0.1:5082'})
+        end
+        function on_branch(req, branch)
+          if branch.ruri_port == 5082 then branch:append_header('X-Mobile', 'yes') end
+        end
+        function on_reply(req, res)
+          req.vars.seen = (req.vars.seen or '') .. res.status .. ' '
+        end
+        function on_failure(req, res)
+          if res.status == 486 or res.status == 408 or res.status == 480 then
+            req.ruri = 'sip:vm@127.0.0.1:5090'
+            return req:t_relay()
+          end
+        end";
+
+    #[test]
+    fn fed_responses_run_every_hook() {
+        let o = fed(
+            VOICEMAIL,
+            &[
+                Feed::Responses(vec![180, 486]),
+                Feed::Timeout(vec![]),
+                Feed::Responses(vec![200]),
+            ],
+        );
+        assert_eq!(o.error, None);
+        assert_eq!(o.replies, [180, 486, 200]);
+        assert_eq!(o.branches.len(), 3);
+        assert_eq!((o.branches[1].code, o.branches[1].timeout), (408, true));
+        assert_eq!(o.failures.len(), 1);
+        assert_eq!(o.failures[0].code, 486);
+        assert_eq!(o.failures[0].targets, ["sip:vm@127.0.0.1:5090"]);
+        assert_eq!(o.final_code, Some(200));
+        assert!(o
+            .vars
+            .contains(&("seen".into(), VarValue::Str("180 486 200 ".into()))));
+        // A 2xx on the first branch: no failure route.
+        let o = fed(
+            VOICEMAIL,
+            &[Feed::Responses(vec![200]), Feed::Responses(vec![487])],
+        );
+        assert!(o.failures.is_empty());
+        assert_eq!(o.final_code, Some(200));
+        // A 6xx wins over a 486, and the script lets it through.
+        let o = fed(
+            VOICEMAIL,
+            &[Feed::Responses(vec![486]), Feed::Responses(vec![603])],
+        );
+        assert_eq!(o.failures[0].code, 603);
+        assert!(o.failures[0].targets.is_empty());
+        assert_eq!(o.final_code, Some(603));
+    }
+
+    #[test]
+    fn a_session_keeps_state_between_runs() {
+        let options = TestOptions::default();
+        let script = source(
+            "
+            calls = 0
+            function on_request(req)
+              calls = calls + 1
+              req.vars.calls = calls
+              req.vars.kv = sip.kv.incr('n')
+              return req:reply(404)
+            end",
+        );
+        let mut session = Session::new(&script, &Fixtures::default(), &options).unwrap();
+        session
+            .kv()
+            .set(
+                "n",
+                crate::script::kv::KvValue::Int(40),
+                None,
+                std::time::Instant::now(),
+            )
+            .unwrap();
+        session.run(INVITE, &options, &[]).unwrap();
+        let o = session.run(INVITE, &options, &[]).unwrap();
+        assert!(o.vars.contains(&("calls".into(), VarValue::Int(2))));
+        assert!(o.vars.contains(&("kv".into(), VarValue::Int(42))));
     }
 }

@@ -25,6 +25,7 @@ use mlua::{AnyUserData, Function, Table, Thread};
 use tracing::{debug, error, info, warn};
 
 use super::api::dialog as dialog_api;
+use super::api::names::HOOKS;
 use super::api::{Role, ScriptMsg};
 use super::engine::{Engine, Env, Limits, LogSink, ScriptError, ScriptSource, Step};
 use super::Services;
@@ -56,16 +57,6 @@ pub struct ScriptHost {
     /// Calls, errors and duration of each hook.
     hook_metrics: HookMetrics,
 }
-
-/// The hooks whose calls are counted and timed, in [`HookMetrics`] order.
-const HOOKS: [&str; 6] = [
-    "on_request",
-    "on_reply",
-    "on_failure",
-    "on_branch",
-    "on_dialog_end",
-    "on_branch_failure",
-];
 
 /// `moonroute_script_hook_calls_total{hook}`, `..._errors_total{hook}` and
 /// `moonroute_script_hook_duration_seconds{hook}`, resolved once per hook so a call costs

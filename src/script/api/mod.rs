@@ -24,7 +24,10 @@ pub mod dialog;
 pub(crate) mod dispatcher;
 mod flood;
 mod metrics;
+pub mod names;
 mod nat;
+pub mod re;
+pub mod time;
 pub(crate) mod tm;
 
 use super::engine::{Env, LogSink};
@@ -377,9 +380,21 @@ impl UserData for ScriptMsg {
         fields.add_field_method_get("from_uri", |_, m| {
             Ok(m.msg.from().ok().map(|n| lossy(n.uri.raw())))
         });
+        fields.add_field_method_get("from_user", |_, m| {
+            Ok(m.msg.from().ok().and_then(|n| uri_user(&n.uri)))
+        });
+        fields.add_field_method_get("from_domain", |_, m| {
+            Ok(m.msg.from().ok().and_then(|n| uri_domain(&n.uri)))
+        });
         fields.add_field_method_get("from_tag", |_, m| Ok(m.msg.from_tag().map(lossy)));
         fields.add_field_method_get("to_uri", |_, m| {
             Ok(m.msg.to().ok().map(|n| lossy(n.uri.raw())))
+        });
+        fields.add_field_method_get("to_user", |_, m| {
+            Ok(m.msg.to().ok().and_then(|n| uri_user(&n.uri)))
+        });
+        fields.add_field_method_get("to_domain", |_, m| {
+            Ok(m.msg.to().ok().and_then(|n| uri_domain(&n.uri)))
         });
         fields.add_field_method_get("to_tag", |_, m| Ok(m.msg.to_tag().map(lossy)));
         fields.add_field_method_get("call_id", |_, m| Ok(m.msg.call_id().ok().map(lossy)));
@@ -453,6 +468,26 @@ fn add_accessors<M: UserDataMethods<ScriptMsg>>(methods: &mut M) {
     methods.add_meta_method("__tostring", |_, m, ()| {
         Ok(String::from_utf8_lossy(m.msg.start_line()).into_owned())
     });
+    // Reached only when no field or method has the name (mlua looks in those first): a
+    // misspelt field is an error at the script's line, not a silent nil.
+    methods.add_meta_method(mlua::MetaMethod::Index, |_, m, key: Value| {
+        Err::<(), _>(names::unknown_field(m.role, &key))
+    });
+}
+
+/// The user part of a From/To URI (Kamailio's `$fU`/`$tU`): a SIP URI's user, or a tel URI's
+/// number (RFC 3966), as written (no unescaping).
+fn uri_user(uri: &Uri<'_>) -> Option<String> {
+    match uri {
+        Uri::Sip(sip) => sip.user.map(lossy),
+        Uri::Tel(tel) => Some(lossy(tel.number)),
+        _ => None,
+    }
+}
+
+/// The host part of a From/To SIP URI (`$fd`/`$td`), without port.
+fn uri_domain(uri: &Uri<'_>) -> Option<String> {
+    uri.as_sip().map(|sip| sip.host.to_string())
 }
 
 fn add_edits<M: UserDataMethods<ScriptMsg>>(methods: &mut M) {
@@ -816,6 +851,8 @@ pub fn install(lua: &Lua, script: Rc<str>, env: Env) -> mlua::Result<()> {
     dialog::install(lua, &sip)?;
     metrics::install(lua, &sip)?;
     dispatcher::install(lua, &sip)?;
+    re::install(lua, &sip)?;
+    time::install(lua, &sip)?;
     lua.globals().set("sip", sip)?;
     lua.set_app_data(env);
     Ok(())

@@ -1,5 +1,5 @@
 //! Transaction primitives (Kamailio's `tm` module) beyond the decisions themselves:
-//! - `req:t_set_fr(invite_ms [, noanswer_ms])` (`t_set_fr`): the failure timers of the
+//! - `req:t_set_fr(fr_inv_ms [, fr_ms])` (`t_set_fr`, Kamailio's argument order): the failure timers of the
 //!   branches the request's decision starts, and of those a failure route adds later
 //!   ([`FailureTimers`]; `proxy::relay` runs them, RFC 3261 §16.7, §16.8);
 //! - `req.du` (`$du`): the destination URI of those branches, where they are sent without
@@ -24,13 +24,12 @@ const MAX_TIMER_MS: u64 = 86_400_000;
 pub(super) fn add_methods<M: UserDataMethods<ScriptMsg>>(methods: &mut M) {
     methods.add_method_mut(
         "t_set_fr",
-        |_, m, (invite_ms, noanswer_ms): (i64, Option<i64>)| {
+        |_, m, (fr_inv_ms, fr_ms): (i64, Option<i64>)| {
             m.require(&[Role::Request, Role::Failure], "t_set_fr")?;
-            let no_response = timer(invite_ms, "invite_ms")?;
-            let no_answer = noanswer_ms
-                .map(|ms| timer(ms, "noanswer_ms"))
-                .transpose()?
-                .flatten();
+            // Kamailio's order: `t_set_fr(fr_inv_timeout [, fr_timeout])`, so a script ported
+            // from a Kamailio config keeps its meaning.
+            let no_answer = timer(fr_inv_ms, "fr_inv_ms")?;
+            let no_response = fr_ms.map(|ms| timer(ms, "fr_ms")).transpose()?.flatten();
             m.timers = FailureTimers {
                 no_response,
                 no_answer,
