@@ -301,6 +301,13 @@ fn kv_incr_from_two_nodes_at_once_counts_exactly() {
         Some(KvValue::Str("42".to_owned()))
     );
     assert!(nodes[1].incr("greeting", 1, None, now()).is_err());
+    // `ctl kv list` on any node lists the shared entries (SCAN), a glob character literally.
+    nodes[0].set("ban:*", KvValue::Int(1), None, now()).unwrap();
+    let (listed, more) = nodes[1].list("", 10, now()).unwrap();
+    let keys: Vec<&str> = listed.iter().map(|(k, _, _)| k.as_str()).collect();
+    assert_eq!((keys, more), (vec!["ban:*", "calls", "greeting"], false));
+    assert_eq!(nodes[1].list("ban:*", 10, now()).unwrap().0.len(), 1);
+    assert_eq!(nodes[1].list("ban:x", 10, now()).unwrap().0.len(), 0);
     assert!(nodes[1].try_delete("greeting").unwrap());
     assert_eq!(nodes[0].try_get("greeting", now()).unwrap(), None);
 }

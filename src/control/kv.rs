@@ -59,7 +59,10 @@ fn set(store: &KvStore, key: &str, value: &str, ttl: Option<Duration>, now: Inst
 }
 
 fn list(store: &KvStore, prefix: &str, now: Instant) -> Reply {
-    let (entries, more) = store.list(prefix, LIST_LIMIT, now);
+    let (entries, more) = match store.list(prefix, LIST_LIMIT, now) {
+        Ok(listing) => listing,
+        Err(e) => return Reply::error(format!("kv list: {e}")),
+    };
     let mut text = String::new();
     for (key, value, ttl) in &entries {
         text.push_str(&line(key, value, *ttl));

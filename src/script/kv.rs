@@ -136,6 +136,9 @@ impl Entry {
 
 type Shard = HashMap<String, Entry>;
 
+/// What `KvStore::list` finds: entries (key, value, time left) and whether more matched.
+pub type KvListing = (Vec<(String, KvValue, Option<Duration>)>, bool);
+
 /// A bounded, sharded key-value store with per-entry expiry, shared by all
 /// event loops. See the [module documentation](self).
 pub struct KvStore {
@@ -422,13 +425,12 @@ impl KvStore {
 
     /// The live entries whose key starts with `prefix`, sorted by key, at most `limit` of
     /// them, each with its time left (`None`: never expires); and whether more matched.
-    /// Locks one shard at a time (`moonroute ctl kv list`), so loops keep working.
-    pub fn list(
-        &self,
-        prefix: &str,
-        limit: usize,
-        now: Instant,
-    ) -> (Vec<(String, KvValue, Option<Duration>)>, bool) {
+    /// Locks one shard at a time (`moonroute ctl kv list`), so loops keep working; on a
+    /// shared store, asks Redis.
+    pub fn list(&self, prefix: &str, limit: usize, now: Instant) -> Result<KvListing, KvError> {
+        if let Some(remote) = &self.remote {
+            return remote.list(prefix, limit);
+        }
         let mut found = Vec::new();
         for shard in &self.shards {
             let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
@@ -445,7 +447,7 @@ impl KvStore {
         found.sort_by(|a, b| a.0.cmp(&b.0));
         let more = found.len() > limit;
         found.truncate(limit);
-        (found, more)
+        Ok((found, more))
     }
 
     /// Number of stored entries, including expired ones not yet swept.

@@ -55,6 +55,19 @@ fn millis(ttl: Duration) -> u64 {
     ttl.as_millis().clamp(1, u128::from(u64::MAX)) as u64
 }
 
+/// `text` matched literally in a Redis glob pattern (SCAN MATCH): `*`, `?`, `[`, `]` and `\\`
+/// escaped, so a prefix typed by an operator never matches more than itself.
+fn glob_escaped(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            escaped.push('\\');
+        }
+        escaped.push(c);
+    }
+    escaped
+}
+
 /// The value a stored text stands for.
 fn decode(text: String) -> KvValue {
     if let Some(s) = text.strip_prefix(STRING_TAG) {
@@ -129,6 +142,52 @@ impl RedisKv {
         Ok(removed > 0)
     }
 
+    /// The live entries whose key starts with `prefix`, sorted, at most `limit`, and whether
+    /// more matched (`moonroute ctl kv list` on a shared store): SCAN with the prefix as a
+    /// glob-escaped MATCH, so Redis is never blocked the way KEYS would block it.
+    pub fn list(
+        &self,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<(Vec<(String, KvValue, Option<Duration>)>, bool), KvError> {
+        let pattern = format!("{}*", glob_escaped(&key_of(prefix)));
+        let mut keys = Vec::new();
+        let mut cursor = 0u64;
+        loop {
+            let (next, batch): (u64, Vec<String>) = self
+                .link
+                .query(
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(&pattern)
+                        .arg("COUNT")
+                        .arg(1000)
+                        .clone(),
+                )
+                .map_err(unavailable)?;
+            keys.extend(batch);
+            cursor = next;
+            if cursor == 0 || keys.len() > limit {
+                break;
+            }
+        }
+        keys.sort();
+        let more = keys.len() > limit;
+        keys.truncate(limit);
+        let mut found = Vec::with_capacity(keys.len());
+        for stored in keys {
+            let Some(key) = stored.strip_prefix(PREFIX) else {
+                continue;
+            };
+            // An entry that expired between SCAN and GET is simply not listed.
+            if let Some(value) = self.get(key)? {
+                found.push((key.to_owned(), value, self.ttl(key)?));
+            }
+        }
+        Ok((found, more))
+    }
+
     pub fn ttl(&self, key: &str) -> Result<Option<Duration>, KvError> {
         let left: i64 = self
             .link
@@ -142,6 +201,12 @@ impl RedisKv {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_listed_prefix_matches_only_itself() {
+        assert_eq!(glob_escaped("ban:1.2.3.4"), "ban:1.2.3.4");
+        assert_eq!(glob_escaped("a*b?[c]\\"), "a\\*b\\?\\[c\\]\\\\");
+    }
 
     #[test]
     fn stored_text_decodes_to_the_value_written() {
