@@ -145,11 +145,7 @@ impl RedisKv {
     /// The live entries whose key starts with `prefix`, sorted, at most `limit`, and whether
     /// more matched (`moonroute ctl kv list` on a shared store): SCAN with the prefix as a
     /// glob-escaped MATCH, so Redis is never blocked the way KEYS would block it.
-    pub fn list(
-        &self,
-        prefix: &str,
-        limit: usize,
-    ) -> Result<(Vec<(String, KvValue, Option<Duration>)>, bool), KvError> {
+    pub fn list(&self, prefix: &str, limit: usize) -> Result<super::kv::KvListing, KvError> {
         let pattern = format!("{}*", glob_escaped(&key_of(prefix)));
         let mut keys = Vec::new();
         let mut cursor = 0u64;
