@@ -121,7 +121,10 @@ impl Call {
         std::mem::size_of::<Call>()
             + slot
             + self.request.heap_bytes()
-            + self.failover_request.as_ref().map_or(0, Message::heap_bytes)
+            + self
+                .failover_request
+                .as_ref()
+                .map_or(0, Message::heap_bytes)
             + self.branch_base.capacity()
             + self.branches.capacity() * std::mem::size_of::<Option<BranchRun>>()
             + branches

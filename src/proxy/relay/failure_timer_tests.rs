@@ -440,5 +440,8 @@ fn header_edits_of_the_failure_route_reach_only_its_new_branches() {
         header(second, "X-Original-To"),
         [&b"sip:+15551234@example.com"[..]]
     );
-    assert_eq!(second.request_uri_bytes(), Some(&b"sip:gw@127.0.0.10:5080"[..]));
+    assert_eq!(
+        second.request_uri_bytes(),
+        Some(&b"sip:gw@127.0.0.10:5080"[..])
+    );
 }
