@@ -1300,8 +1300,8 @@ impl Relay {
                             request,
                         } if !targets.is_empty() => {
                             apply_timers(call, timers);
-                            if request.is_some() {
-                                call.failover_request = request;
+                            if let Some(request) = request {
+                                call.failover_request = Some(*request);
                             }
                             call.context.add_targets(targets, now, &mut more)
                         }

@@ -168,7 +168,7 @@ pub enum FailureDecision {
     Targets {
         targets: Vec<Target>,
         timers: FailureTimers,
-        request: Option<Message>,
+        request: Option<Box<Message>>,
     },
     /// Answer upstream with this final response (300-699) instead of the best one (§16.7
     /// step 6: the proxy chooses what goes upstream), built from the request (§8.2.6).

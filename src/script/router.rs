@@ -766,7 +766,7 @@ impl Router for ScriptRouter {
             return FailureDecision::SendBest;
         };
         super::api::tm::complete(&req, &mut decision);
-        failure_decision(decision, req.edited.then_some(req.msg))
+        failure_decision(decision, req.edited.then(|| Box::new(req.msg)))
     }
 
     fn on_branch_failure(
@@ -956,7 +956,7 @@ fn call_pair_with(
 
 /// What the engine does after `on_failure` decided: new branches copy the request as the
 /// script left it when it edited it; `reply` answers upstream with the script's final.
-fn failure_decision(decision: Decision, edited: Option<Message>) -> FailureDecision {
+fn failure_decision(decision: Decision, edited: Option<Box<Message>>) -> FailureDecision {
     match decision {
         Decision::Relay {
             targets, timers, ..

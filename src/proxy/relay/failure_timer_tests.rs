@@ -78,7 +78,7 @@ impl Router for FailoverRouter {
         let edited = self.then_header.map(|(name, value)| {
             let mut edited = request.clone();
             edited.append_header(name, value.as_bytes()).unwrap();
-            edited
+            Box::new(edited)
         });
         match self.then.take() {
             Some(next) => FailureDecision::Targets {
