@@ -16,7 +16,8 @@
 //! When the last branch of the last group fails and new branches are still allowed, the context
 //! does not answer upstream by itself: it emits [`ContextAction::BranchSetFailed`] so the core
 //! (a script's failure route) may call [`ResponseContext::add_targets`] (serial forking /
-//! failover) or [`ResponseContext::send_final`] (which emits [`ContextAction::FinalUpstream`]).
+//! failover), [`ResponseContext::send_final`] (which emits [`ContextAction::FinalUpstream`])
+//! or [`ResponseContext::send_reply`] (the failure route's own final instead of the best).
 //! After a 6xx (§16.7 step 5: "MUST NOT create any new branches") or an upstream CANCEL
 //! (§16.10) no branch may be added, so the final goes upstream at once.
 
@@ -171,9 +172,9 @@ struct Stored {
 enum Phase {
     /// Branches are running or about to be started.
     Running,
-    /// `BranchSetFailed` was emitted; waiting for `add_targets` or `send_final`.
+    /// `BranchSetFailed` was emitted; waiting for `add_targets`, `send_final` or `send_reply`.
     AwaitingDecision,
-    /// A final response (a 2xx or the best non-2xx) went upstream.
+    /// A final response (a 2xx, the best non-2xx or the failure route's own) went upstream.
     FinalSent,
 }
 
