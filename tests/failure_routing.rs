@@ -3,7 +3,9 @@
 //! as the caller and the next hops, one of them silent. `req.du` sends a branch to a next hop
 //! without rewriting the Request-URI or adding a Route, and a failure route's new branch does
 //! not inherit it; `req:t_set_fr()` gives a silent next hop up long before Timer F;
-//! `on_branch_failure` and `res.branches` see the proxy's own 408. Nothing sleeps.
+//! `on_branch_failure` and `res.branches` see the proxy's own 408; `req:reply` in
+//! `on_failure` answers the caller, and header edits there reach the new branches. Nothing
+//! sleeps.
 
 mod common;
 
@@ -187,4 +189,93 @@ async fn a_bad_failure_timer_costs_the_request_a_500() {
         .to(server.udp)
         .await;
     expect_status(&caller.recv_response(WAIT).await, 500);
+}
+
+const REPLY_IN_FAILURE: &str = r#"
+function on_request(req)
+  req.du = req:header("X-First")
+  return req:t_relay()
+end
+
+function on_failure(req, res)
+  if res.status == 486 then
+    return req:reply(tonumber(req:header("X-Reply")), "Temporarily Unavailable",
+      {["X-Failure"] = "callee busy"})
+  end
+end
+"#;
+
+/// `req:reply` in `on_failure` (Kamailio's `t_reply` in a failure route) answers the caller
+/// with the script's failure instead of the callee's 486; a 2xx there is the script's error,
+/// and the caller gets the best response (the 486).
+#[tokio::test]
+async fn the_failure_route_answers_with_its_own_reply() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(&dir, REPLY_IN_FAILURE);
+    let mut callee = TestUa::udp("callee").await;
+    let mut caller = TestUa::udp("caller").await;
+    for (reply, expected) in [("480", 480), ("200", 486)] {
+        caller
+            .request("MESSAGE", "sip:bob@127.0.0.77:5099")
+            .header("X-First", &format!("sip:{}", callee.local))
+            .header("X-Reply", reply)
+            .to(server.udp)
+            .await;
+        let request = callee.recv_request(WAIT).await;
+        callee.respond(&request, 486, "Busy Here").await;
+        let answer = caller.recv_response(WAIT).await;
+        expect_status(&answer, expected);
+        let failure: Vec<_> = answer.headers_named("X-Failure").collect();
+        if expected == 480 {
+            assert_eq!(answer.reason(), Some(&b"Temporarily Unavailable"[..]));
+            assert_eq!(failure, [&b"callee busy"[..]]);
+            let to = answer.headers_named("To").next().unwrap();
+            assert!(String::from_utf8_lossy(to).contains(";tag="));
+        } else {
+            assert!(failure.is_empty());
+        }
+    }
+}
+
+const EDIT_IN_FAILURE: &str = r#"
+function on_request(req)
+  req.du = req:header("X-First")
+  req.vars.second = req:header("X-Second")
+  return req:t_relay()
+end
+
+function on_failure(req, res)
+  if not req.vars.tried then
+    req.vars.tried = true
+    req:append_header("X-Original-To", req.ruri)
+    req.du = req.vars.second
+    return req:t_relay()
+  end
+end
+"#;
+
+/// A header `on_failure` adds reaches the branch it starts (failover to a second UAS), not
+/// the one sent before.
+#[tokio::test]
+async fn header_edits_in_the_failure_route_reach_the_new_branch() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(&dir, EDIT_IN_FAILURE);
+    let mut first = TestUa::udp("first").await;
+    let mut second = TestUa::udp("second").await;
+    let mut caller = TestUa::udp("caller").await;
+    let ruri = "sip:bob@127.0.0.77:5099";
+    caller
+        .request("MESSAGE", ruri)
+        .header("X-First", &format!("sip:{}", first.local))
+        .header("X-Second", &format!("sip:{}", second.local))
+        .to(server.udp)
+        .await;
+    let to_first = first.recv_request(WAIT).await;
+    assert!(to_first.headers_named("X-Original-To").next().is_none());
+    first.respond(&to_first, 486, "Busy Here").await;
+    let to_second = second.recv_request(WAIT).await;
+    let original: Vec<_> = to_second.headers_named("X-Original-To").collect();
+    assert_eq!(original, [ruri.as_bytes()]);
+    second.respond(&to_second, 200, "OK").await;
+    expect_status(&caller.recv_response(WAIT).await, 200);
 }

@@ -96,7 +96,11 @@ impl Router for TestRouter {
         _best: &Message,
         _branches: &[moonroute::proxy::response_context::BranchOutcome],
     ) -> FailureDecision {
-        FailureDecision::Targets(std::mem::take(&mut self.then), Default::default())
+        FailureDecision::Targets {
+            targets: std::mem::take(&mut self.then),
+            timers: Default::default(),
+            request: None,
+        }
     }
 }
 

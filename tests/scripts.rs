@@ -1081,8 +1081,8 @@ function on_failure(req, res)
   if req.vars.mode == "failure-boom" then
     error("failure boom")
   elseif req.vars.mode == "failure-reply" then
-    -- reply is not available in on_failure: an error, the best response goes upstream
-    return req:reply(480)
+    -- a 2xx is no failure's answer: an error, the best response goes upstream
+    return req:reply(200)
   end
 end
 "#;
@@ -1579,7 +1579,7 @@ end
 function on_faliure(req, res)
 end
 function on_failure(req, res)
-  return req:reply(480)
+  return req:forward('sip:a@127.0.0.1')
 end
 ",
     );
@@ -1592,7 +1592,7 @@ end
         format!("{name}:5: req:sl_send_reply: req has no such field or method"),
         format!("{name}:6: req:t_relay after req:reply (line 3) on a path that did not return"),
         format!("{name}:8: function on_faliure is not a hook the engine calls (did you mean on_failure?)"),
-        format!("{name}:11: req:reply is not available on req in on_failure"),
+        format!("{name}:11: req:forward is not available on req in on_failure"),
     ] {
         assert!(stderr.contains(&expected), "{expected}\n{}", describe(&output));
     }

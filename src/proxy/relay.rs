@@ -93,6 +93,10 @@ struct Call {
     cancelled: bool,
     /// The failure timer of its attempts (`fr_timer`); `None`: Timer B/F only.
     fr_timer: Option<Duration>,
+    /// The request as the failure route left it (headers it added, a Request-URI it
+    /// rewrote): what the branches it starts copy instead of `request`. Branches sent
+    /// before keep theirs.
+    failover_request: Option<Message>,
 }
 
 /// What the script keeps for a call it routed (its pinned state: the `vars` table, the request
@@ -117,6 +121,10 @@ impl Call {
         std::mem::size_of::<Call>()
             + slot
             + self.request.heap_bytes()
+            + self
+                .failover_request
+                .as_ref()
+                .map_or(0, Message::heap_bytes)
             + self.branch_base.capacity()
             + self.branches.capacity() * std::mem::size_of::<Option<BranchRun>>()
             + branches
@@ -534,6 +542,7 @@ impl Relay {
             branches: Vec::new(),
             cancelled: false,
             fr_timer: timers.no_response.or(self.fr_timer),
+            failover_request: None,
         };
         self.calls.insert(tx, Box::new(call));
         self.apply(tx, actions, now, layer, out);
@@ -1280,14 +1289,27 @@ impl Relay {
                         Some(_) => call.context.outcomes(),
                         None => Vec::new(),
                     };
+                    let request = call.failover_request.as_ref().unwrap_or(&call.request);
                     match self
                         .router
-                        .on_failure(call.handle, &call.request, &best, &outcomes)
+                        .on_failure(call.handle, request, &best, &outcomes)
                     {
-                        FailureDecision::Targets(targets, timers) if !targets.is_empty() => {
+                        FailureDecision::Targets {
+                            targets,
+                            timers,
+                            request,
+                        } if !targets.is_empty() => {
                             apply_timers(call, timers);
+                            if let Some(request) = request {
+                                call.failover_request = Some(*request);
+                            }
                             call.context.add_targets(targets, now, &mut more)
                         }
+                        FailureDecision::Reply {
+                            code,
+                            reason,
+                            headers,
+                        } => call.context.send_reply(code, &reason, &headers, &mut more),
                         _ => call.context.send_final(&mut more),
                     }
                 }
@@ -1325,9 +1347,18 @@ impl Relay {
         let Some(call) = self.calls.get_mut(&server) else {
             return;
         };
+        let base = call.failover_request.as_ref().unwrap_or(&call.request);
         let edit = match call.handle {
-            Some(handle) => self.router.on_branch(handle, &call.request, target),
+            Some(handle) => self.router.on_branch(handle, base, target),
             None => BranchEdit::Unchanged,
+        };
+        // A branch of the failure route copies its request: kept with the branch, so that a
+        // retry on the next DNS candidate copies the same one.
+        let edit = match (edit, &call.failover_request) {
+            (BranchEdit::Unchanged, Some(failover)) => {
+                BranchEdit::Edited(with_request_uri(failover.clone(), &target.uri))
+            }
+            (edit, _) => edit,
         };
         let edit = match (edit, target.route.is_empty()) {
             (BranchEdit::Unchanged, false) => match preload_route(&call.request, &target.route) {

@@ -162,8 +162,21 @@ pub enum FailureDecision {
     #[default]
     SendBest,
     /// Try these targets next (a new serial group: failover, voicemail), with the failure
-    /// timers set for them (the transaction's so far, unless changed).
-    Targets(Vec<Target>, FailureTimers),
+    /// timers set for them (the transaction's so far, unless changed). `request`, when the
+    /// router edited the request (headers, Request-URI), is what the new branches copy
+    /// instead of the original; branches already sent are unchanged.
+    Targets {
+        targets: Vec<Target>,
+        timers: FailureTimers,
+        request: Option<Box<Message>>,
+    },
+    /// Answer upstream with this final response (300-699) instead of the best one (§16.7
+    /// step 6: the proxy chooses what goes upstream), built from the request (§8.2.6).
+    Reply {
+        code: u16,
+        reason: Cow<'static, str>,
+        headers: Vec<(String, String)>,
+    },
 }
 
 /// The seam between the engine and routing policy. One router per event loop; it sees the

@@ -473,6 +473,12 @@ mod tests {
     }
 
     #[test]
+    fn a_failure_route_may_answer_with_reply() {
+        let found = messages("function on_request(req) return req:t_relay() end\nfunction on_failure(req, res)\n  req:append_header('X-Why', 'busy')\n  return req:reply(480, 'Gone', {['X-Why'] = 'busy'})\nend");
+        assert!(found.is_empty(), "{found:?}");
+    }
+
+    #[test]
     fn two_decisions_on_one_path() {
         let found = messages(
             "function on_request(req)

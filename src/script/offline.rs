@@ -39,7 +39,7 @@ use super::{Services, KV_MAX_KEYS};
 use crate::auth::{Authenticator, Subscribers};
 use crate::dns::{Candidate, Query, ResolveError, Resolver};
 use crate::location::MemoryLocation;
-use crate::proxy::response_context::Target;
+use crate::proxy::response_context::{BranchOutcome as ProxyOutcome, Target};
 use crate::proxy::route_sign::{Binding, Holder};
 use crate::proxy::router::{Decision, RouteInfo};
 use crate::proxy::RouteSigner;
@@ -303,6 +303,9 @@ pub struct FailureOutcome {
     pub code: u16,
     /// New targets, when it relayed again; empty: the best response goes upstream.
     pub targets: Vec<String>,
+    /// The code of its own failure when it answered with `req:reply` (it goes upstream
+    /// instead of the best response).
+    pub reply: Option<u16>,
     pub error: Option<String>,
 }
 
@@ -470,6 +473,8 @@ impl Session {
         let hooks = self.engine.hooks();
         let mut feed = feed.iter();
         let mut request = request.clone();
+        // How each branch ended, every round: `res.branches` in on_failure, as the server's.
+        let mut ended: Vec<ProxyOutcome> = Vec::new();
         // Failure routes may relay again: bounded as the server bounds serial forking.
         for _round in 0..MAX_FAILURE_ROUNDS {
             let mut finals = Vec::new();
@@ -541,6 +546,22 @@ impl Session {
                         }
                     };
                     finals.push(code);
+                    let proxy_outcome = ProxyOutcome {
+                        uri: target.uri.clone(),
+                        code,
+                        reason: super::api::default_reason(code).to_owned(),
+                        timeout,
+                        local: timeout,
+                    };
+                    if let (Some(hook), true) = (&hooks.on_branch_failure, code >= 300) {
+                        let response = synthetic_response(&branch, code)?;
+                        let pair = [(request.clone(), Role::View), (response, Role::Response)];
+                        let this = proxy_outcome.clone();
+                        self.call_hook_with(hook, vars, pair, outcome, |res| {
+                            res.branch = Some(this)
+                        })?;
+                    }
+                    ended.push(proxy_outcome);
                     outcome.branches.push(BranchOutcome {
                         target: target_text,
                         code,
@@ -571,14 +592,26 @@ impl Session {
             let mut failure = FailureOutcome {
                 code: best,
                 targets: Vec::new(),
+                reply: None,
                 error: None,
             };
-            let result = self.call_hook(hook, vars, pair, outcome);
+            let branches = ended.clone();
+            let result = self.call_hook_with(hook, vars, pair, outcome, |res| {
+                res.branches = Some(branches)
+            });
             let next = match result {
                 Ok([mut req, _]) => match req.decision.take() {
                     Some((Decision::Relay { targets, .. }, _)) if !targets.is_empty() => {
+                        // The new branches copy the request as on_failure left it.
                         request = req.msg;
                         Some(targets)
+                    }
+                    // Its own failure goes upstream instead of the best (the method refuses
+                    // a 2xx here).
+                    Some((Decision::Reply { code, .. }, _)) => {
+                        failure.reply = Some(code);
+                        outcome.final_code = Some(code);
+                        None
                     }
                     _ => None,
                 },
@@ -608,10 +641,25 @@ impl Session {
         pair: [(Message, Role); 2],
         outcome: &mut Outcome,
     ) -> Result<[ScriptMsg; 2], ScriptError> {
+        self.call_hook_with(hook, vars, pair, outcome, |_| {})
+    }
+
+    /// [`Self::call_hook`], with `prepare` run on the second object (`res.branches`,
+    /// `res.branch`) before the call.
+    fn call_hook_with(
+        &self,
+        hook: &mlua::Function,
+        vars: &Table,
+        pair: [(Message, Role); 2],
+        outcome: &mut Outcome,
+        prepare: impl FnOnce(&mut ScriptMsg),
+    ) -> Result<[ScriptMsg; 2], ScriptError> {
         let lua = self.engine.lua();
         let failure = pair[0].1 == Role::Failure;
-        let [a, b] = pair.map(|(msg, role)| {
-            let mut state = ScriptMsg::new(msg, role);
+        let [(msg_a, role_a), (msg_b, role_b)] = pair;
+        let mut states = [ScriptMsg::new(msg_a, role_a), ScriptMsg::new(msg_b, role_b)];
+        prepare(&mut states[1]);
+        let [a, b] = states.map(|mut state| {
             state.vars = Some(vars.clone());
             lua.create_userdata(state)
         });
@@ -1430,6 +1478,7 @@ fn outcome_table(lua: &Lua, o: &Outcome) -> mlua::Result<Table> {
         let entry = lua.create_table()?;
         entry.set("code", f.code)?;
         entry.set("targets", lua.create_sequence_from(f.targets.clone())?)?;
+        entry.set("reply", f.reply)?;
         entry.set("error", f.error.clone())?;
         failures.push(entry)?;
     }
@@ -1836,6 +1885,69 @@ Content-Length: 0\r\n\r\n";
         assert_eq!(o.failures[0].code, 603);
         assert!(o.failures[0].targets.is_empty());
         assert_eq!(o.final_code, Some(603));
+    }
+
+    const FAILURE_REPLY: &str = "
+        function on_request(req)
+          return req:t_relay('sip:desk@127.0.0.1:5081')
+        end
+        function on_branch(req, branch)
+          req.vars.original = (req.vars.original or '') .. tostring(branch:header('X-Original-To')) .. ' '
+        end
+        function on_branch_failure(req, res)
+          req.vars.branch_failed = (req.vars.branch_failed or '') .. res.branch.code .. ' '
+        end
+        function on_failure(req, res)
+          local seen = {}
+          for _, b in ipairs(res.branches) do
+            seen[#seen + 1] = b.uri .. '/' .. b.code .. '/' .. tostring(b.timeout)
+          end
+          req.vars.branches = table.concat(seen, ',')
+          if res.status == 408 then
+            req:append_header('X-Original-To', req.ruri)
+            return req:t_relay('sip:mobile@127.0.0.1:5082')
+          end
+          return req:reply(tonumber(req:header('X-Reply') or '480'), 'Gone')
+        end";
+
+    #[test]
+    fn fed_responses_run_the_failure_hooks_like_the_server() {
+        let var = |o: &Outcome, name: &str| {
+            o.vars
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+        };
+        let str_var = |s: &str| Some(VarValue::Str(s.into()));
+        let o = fed(
+            FAILURE_REPLY,
+            &[Feed::Timeout(vec![]), Feed::Responses(vec![180, 486])],
+        );
+        assert_eq!(o.error, None);
+        // The header added in on_failure reaches the second branch only.
+        assert_eq!(var(&o, "original"), str_var("nil sip:bob@127.0.0.1:5060 "));
+        assert_eq!(var(&o, "branch_failed"), str_var("408 486 "));
+        assert_eq!(
+            var(&o, "branches"),
+            str_var("sip:desk@127.0.0.1:5081/408/true,sip:mobile@127.0.0.1:5082/486/false")
+        );
+        assert_eq!(o.failures.len(), 2);
+        assert_eq!(o.failures[1].code, 486);
+        assert_eq!(o.failures[1].reply, Some(480));
+        assert_eq!(o.final_code, Some(480), "the script's reply, not the 486");
+        // A 2xx there is the script's error: the best response goes upstream.
+        let script = FAILURE_REPLY.replace("or '480'", "or '200'");
+        let o = fed(
+            &script,
+            &[Feed::Timeout(vec![]), Feed::Responses(vec![486])],
+        );
+        assert!(o.failures[1]
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("not 200"));
+        assert_eq!(o.failures[1].reply, None);
+        assert_eq!(o.final_code, Some(486));
     }
 
     #[test]

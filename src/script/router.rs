@@ -766,12 +766,7 @@ impl Router for ScriptRouter {
             return FailureDecision::SendBest;
         };
         super::api::tm::complete(&req, &mut decision);
-        match decision {
-            Decision::Relay {
-                targets, timers, ..
-            } => FailureDecision::Targets(targets, timers),
-            _ => FailureDecision::SendBest,
-        }
+        failure_decision(decision, req.edited.then(|| Box::new(req.msg)))
     }
 
     fn on_branch_failure(
@@ -957,6 +952,31 @@ fn call_pair_with(
         return None;
     }
     Some([a.take::<ScriptMsg>().ok()?, b.take::<ScriptMsg>().ok()?])
+}
+
+/// What the engine does after `on_failure` decided: new branches copy the request as the
+/// script left it when it edited it; `reply` answers upstream with the script's final.
+fn failure_decision(decision: Decision, edited: Option<Box<Message>>) -> FailureDecision {
+    match decision {
+        Decision::Relay {
+            targets, timers, ..
+        } => FailureDecision::Targets {
+            targets,
+            timers,
+            request: edited,
+        },
+        Decision::Reply {
+            code,
+            reason,
+            headers,
+            ..
+        } => FailureDecision::Reply {
+            code,
+            reason,
+            headers,
+        },
+        _ => FailureDecision::SendBest,
+    }
 }
 
 /// Whether an `on_request` run ended in a Lua error (budget and memory exhaustion included).

@@ -37,6 +37,10 @@ struct FailoverRouter {
     timers: FailureTimers,
     /// Set by the failure route for the branches it adds.
     then_timers: FailureTimers,
+    /// A header the failure route adds to the request its new branches copy.
+    then_header: Option<(&'static str, &'static str)>,
+    /// The failure route answers with this instead of failing over.
+    then_reply: Option<(u16, &'static str, &'static str, &'static str)>,
     seen: Arc<Mutex<Seen>>,
 }
 
@@ -59,13 +63,29 @@ impl Router for FailoverRouter {
     fn on_failure(
         &mut self,
         _handle: Option<RouteHandle>,
-        _request: &Message,
+        request: &Message,
         _best: &Message,
         branches: &[BranchOutcome],
     ) -> FailureDecision {
         self.seen.lock().unwrap().failures.push(branches.to_vec());
+        if let Some((code, reason, name, value)) = self.then_reply.take() {
+            return FailureDecision::Reply {
+                code,
+                reason: reason.into(),
+                headers: vec![(name.to_owned(), value.to_owned())],
+            };
+        }
+        let edited = self.then_header.map(|(name, value)| {
+            let mut edited = request.clone();
+            edited.append_header(name, value.as_bytes()).unwrap();
+            Box::new(edited)
+        });
         match self.then.take() {
-            Some(next) => FailureDecision::Targets(vec![target(next)], self.then_timers),
+            Some(next) => FailureDecision::Targets {
+                targets: vec![target(next)],
+                timers: self.then_timers,
+                request: edited,
+            },
             None => FailureDecision::SendBest,
         }
     }
@@ -115,6 +135,8 @@ fn router(
         then,
         timers,
         then_timers: FailureTimers::default(),
+        then_header: None,
+        then_reply: None,
         seen: Arc::default(),
     }
 }
@@ -346,4 +368,80 @@ fn noanswer_timer_cancels_a_ringing_branch() {
     rig.input(answer(&invite, 180), DEAD, 100);
     assert!(requests_to(&rig.run_until(5099), DEAD, "CANCEL").is_empty());
     assert_eq!(requests_to(&rig.run_until(5100), DEAD, "CANCEL").len(), 1);
+}
+
+fn header<'a>(message: &'a Message, name: &'a str) -> Vec<&'a [u8]> {
+    message.headers_named(name).collect()
+}
+
+#[test]
+fn a_reply_from_the_failure_route_goes_upstream_instead_of_the_best() {
+    let mut router = router(ALIVE, None, FailureTimers::default());
+    router.then_reply = Some((480, "Gone Fishing", "X-Why", "busy-elsewhere"));
+    let mut rig = rig(None, router);
+    let out = rig.input(Bytes::from_static(INVITE.as_bytes()), CALLER, 0);
+    let invite = requests_to(&out, ALIVE, "INVITE")[0].clone();
+    let out = rig.input(answer(&invite, 486), ALIVE, 100);
+    let finals: Vec<_> = out
+        .iter()
+        .filter(|(a, m)| *a == addr(CALLER) && m.status().is_some_and(|s| s >= 200))
+        .map(|(_, m)| m)
+        .collect();
+    let [reply] = &finals[..] else {
+        panic!("one final to the caller: {out:?}")
+    };
+    assert_eq!(reply.status(), Some(480));
+    assert_eq!(reply.reason(), Some(&b"Gone Fishing"[..]));
+    assert_eq!(header(reply, "X-Why"), [&b"busy-elsewhere"[..]]);
+    // Built from the caller's request (§8.2.6): its Via, Call-ID, CSeq, and a To tag of ours.
+    let via = reply.header(crate::sip::HeaderName::Via).unwrap();
+    assert!(via.starts_with(b"SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK-fr-1"));
+    let to = String::from_utf8_lossy(reply.header(crate::sip::HeaderName::To).unwrap());
+    assert!(to.contains(";tag=mr"), "{to}");
+    assert_eq!(
+        reply.header(crate::sip::HeaderName::CallId),
+        Some(&b"fr-timer-1@127.0.0.1"[..])
+    );
+    // The callee's 486 is ACKed hop by hop, never relayed.
+    assert!(statuses_to(&out, CALLER).iter().all(|s| *s != 486));
+}
+
+#[test]
+fn a_2xx_or_provisional_reply_from_the_failure_route_sends_the_best_instead() {
+    for code in [183, 200] {
+        let mut router = router(ALIVE, None, FailureTimers::default());
+        router.then_reply = Some((code, "Nope", "X-Why", "x"));
+        let mut rig = rig(None, router);
+        let out = rig.input(Bytes::from_static(INVITE.as_bytes()), CALLER, 0);
+        let invite = requests_to(&out, ALIVE, "INVITE")[0].clone();
+        let out = rig.input(answer(&invite, 486), ALIVE, 100);
+        assert_eq!(statuses_to(&out, CALLER), [486], "{code}");
+    }
+}
+
+#[test]
+fn header_edits_of_the_failure_route_reach_only_its_new_branches() {
+    let mut router = router(DEAD, Some(ALIVE), fr(1000));
+    router.then_header = Some(("X-Original-To", "sip:+15551234@example.com"));
+    let mut rig = rig(None, router);
+    let out = rig.input(Bytes::from_static(INVITE.as_bytes()), CALLER, 0);
+    let first = requests_to(&out, DEAD, "INVITE")[0].clone();
+    assert!(header(&first, "X-Original-To").is_empty());
+    let out = rig.run_until(1000);
+    // The first branch's retransmissions stay as it was sent.
+    for request in requests_to(&out, DEAD, "INVITE") {
+        assert!(header(request, "X-Original-To").is_empty());
+    }
+    let to_alive = requests_to(&out, ALIVE, "INVITE");
+    let [second] = &to_alive[..] else {
+        panic!("failed over once: {out:?}")
+    };
+    assert_eq!(
+        header(second, "X-Original-To"),
+        [&b"sip:+15551234@example.com"[..]]
+    );
+    assert_eq!(
+        second.request_uri_bytes(),
+        Some(&b"sip:gw@127.0.0.10:5080"[..])
+    );
 }

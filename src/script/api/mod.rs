@@ -43,8 +43,9 @@ use crate::transport::Meta;
 pub enum Role {
     /// `req` in `on_request`: every primitive.
     Request,
-    /// `req` in `on_failure`: may add targets (`t_relay`, `fork`, `lookup`) and edit the
-    /// Request-URI used by `t_relay()`.
+    /// `req` in `on_failure`: may add targets (`t_relay`, `fork`, `lookup`), answer with a
+    /// failure of its own (`reply` 300-699), and edit the Request-URI and headers the new
+    /// branches copy.
     Failure,
     /// `req` in `on_reply` and `on_branch`: read-only.
     View,
@@ -577,10 +578,17 @@ fn add_decisions<M: UserDataMethods<ScriptMsg>>(methods: &mut M) {
     methods.add_method_mut(
         "reply",
         |_, m, (code, reason, headers): (u16, Option<String>, Option<Table>)| {
-            m.require(&[Role::Request], "reply")?;
+            m.require(&[Role::Request, Role::Failure], "reply")?;
             if !(100..=699).contains(&code) || code == 100 {
                 return Err(runtime(format!(
                     "reply: {code} is not a status code 101-699"
+                )));
+            }
+            if m.role == Role::Failure && code < 300 {
+                // §16.7 step 6: the proxy may choose the final it sends for a failed branch
+                // set, but a 2xx (or a provisional) would claim a call no branch accepted.
+                return Err(runtime(format!(
+                    "reply: on_failure answers with a failure (300-699), not {code}"
                 )));
             }
             if m.msg.method() == Some(&Method::Ack) {

@@ -91,7 +91,7 @@ pub const MESSAGE_NAMES: &[&str] = &[
 /// Primitives allowed on `req` in some hooks only (`ScriptMsg::require`), with the roles that
 /// may call them: the lint flags a call of one in another hook.
 pub const RESTRICTED: &[(&str, &[Role])] = &[
-    ("reply", &[Role::Request]),
+    ("reply", &[Role::Request, Role::Failure]),
     ("forward", &[Role::Request]),
     ("redirect", &[Role::Request]),
     ("save", &[Role::Request]),
