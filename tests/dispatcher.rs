@@ -522,12 +522,7 @@ async fn a_destination_pulled_mid_run_costs_no_call() {
         .unwrap()
         .to_owned();
     assert!(line.contains("state=inactive"), "{line}");
-    let metrics = server.host.services().metrics.render();
-    let state = format!(
-        "moonroute_dispatcher_state{{destination=\"{}\",state=\"inactive\"}} 1",
-        gateways[2].uri
-    );
-    assert!(metrics.contains(&state), "{metrics}");
+    assert_metrics_say_inactive(&server, &gateways[2].uri);
     eprintln!("{to_silent} calls started before the silent destination was marked down; {line}");
 }
 
@@ -590,6 +585,13 @@ async fn the_shipped_balancer_keeps_every_call_when_a_destination_is_pulled() {
     assert_eq!(dispatcher.state(&gateways[0].uri), Some(State::Inactive));
     assert_eq!(used.iter().sum::<usize>(), 30);
     assert!(used[1] > 0 && used[2] > 0, "{used:?}");
+}
+
+/// The metrics show destination `uri` inactive.
+fn assert_metrics_say_inactive(server: &Running, uri: &str) {
+    let metrics = server.host.services().metrics.render();
+    let state = format!("moonroute_dispatcher_state{{destination=\"{uri}\",state=\"inactive\"}} 1");
+    assert!(metrics.contains(&state), "{metrics}");
 }
 
 /// The shipped `scripts/balancer.lua` in `dir`, with the test's caller allowed and the
@@ -710,12 +712,7 @@ async fn a_silent_gateway_costs_a_call_the_failure_timer_not_timer_b() {
         .unwrap_or_else(|| panic!("{after}"));
     assert!(line.contains("state=inactive"), "{line}");
     assert!(line.contains("failovers=1"), "{line}");
-    let metrics = server.host.services().metrics.render();
-    let state = format!(
-        "moonroute_dispatcher_state{{destination=\"{}\",state=\"inactive\"}} 1",
-        gateways[0].uri
-    );
-    assert!(metrics.contains(&state), "{metrics}");
+    assert_metrics_say_inactive(&server, &gateways[0].uri);
     eprintln!("slowest call {slowest:?}; {line}");
 }
 

@@ -62,6 +62,25 @@ impl Running {
     }
 }
 
+/// A MESSAGE for `ruri` through the server, naming the next hops the scripts below read:
+/// `X-First`, then `X-Second`, then any `extra` headers.
+async fn send_via(
+    caller: &mut TestUa,
+    server: &Running,
+    ruri: &str,
+    hops: &[&TestUa],
+    extra: &[(&str, &str)],
+) {
+    let mut request = caller.request("MESSAGE", ruri);
+    for (name, hop) in ["X-First", "X-Second"].into_iter().zip(hops) {
+        request = request.header(name, &format!("sip:{}", hop.local));
+    }
+    for (name, value) in extra {
+        request = request.header(name, value);
+    }
+    request.to(server.udp).await;
+}
+
 const DU_FAILOVER: &str = r#"
 function on_request(req)
   req.du = req:header("X-First")
@@ -104,12 +123,7 @@ async fn du_and_t_set_fr_fail_a_silent_next_hop_over_to_another() {
     // Nothing listens there: a branch sent by its Request-URI would never reach a UA.
     let ruri = "sip:+15551234@127.0.0.77:5099";
     let started = Instant::now();
-    caller
-        .request("MESSAGE", ruri)
-        .header("X-First", &format!("sip:{}", silent.local))
-        .header("X-Second", &format!("sip:{}", second.local))
-        .to(server.udp)
-        .await;
+    send_via(&mut caller, &server, ruri, &[&silent, &second], &[]).await;
     let to_silent = silent.recv_request(WAIT).await;
     assert_eq!(to_silent.request_uri_bytes().unwrap(), ruri.as_bytes());
     assert!(to_silent.headers_named("Route").next().is_none());
@@ -158,11 +172,14 @@ async fn a_received_rejection_is_the_next_hops_outcome() {
     let server = start(&dir, REJECTED);
     let mut gateway = TestUa::udp("gateway").await;
     let mut caller = TestUa::udp("caller").await;
-    caller
-        .request("MESSAGE", "sip:bob@127.0.0.77:5099")
-        .header("X-First", &format!("sip:{}", gateway.local))
-        .to(server.udp)
-        .await;
+    send_via(
+        &mut caller,
+        &server,
+        "sip:bob@127.0.0.77:5099",
+        &[&gateway],
+        &[],
+    )
+    .await;
     let request = gateway.recv_request(WAIT).await;
     gateway.respond(&request, 486, "Busy Here").await;
     let answer = caller.recv_response(WAIT).await;
@@ -215,12 +232,15 @@ async fn the_failure_route_answers_with_its_own_reply() {
     let mut callee = TestUa::udp("callee").await;
     let mut caller = TestUa::udp("caller").await;
     for (reply, expected) in [("480", 480), ("200", 486)] {
-        caller
-            .request("MESSAGE", "sip:bob@127.0.0.77:5099")
-            .header("X-First", &format!("sip:{}", callee.local))
-            .header("X-Reply", reply)
-            .to(server.udp)
-            .await;
+        let extra = [("X-Reply", reply)];
+        send_via(
+            &mut caller,
+            &server,
+            "sip:bob@127.0.0.77:5099",
+            &[&callee],
+            &extra,
+        )
+        .await;
         let request = callee.recv_request(WAIT).await;
         callee.respond(&request, 486, "Busy Here").await;
         let answer = caller.recv_response(WAIT).await;
@@ -264,12 +284,7 @@ async fn header_edits_in_the_failure_route_reach_the_new_branch() {
     let mut second = TestUa::udp("second").await;
     let mut caller = TestUa::udp("caller").await;
     let ruri = "sip:bob@127.0.0.77:5099";
-    caller
-        .request("MESSAGE", ruri)
-        .header("X-First", &format!("sip:{}", first.local))
-        .header("X-Second", &format!("sip:{}", second.local))
-        .to(server.udp)
-        .await;
+    send_via(&mut caller, &server, ruri, &[&first, &second], &[]).await;
     let to_first = first.recv_request(WAIT).await;
     assert!(to_first.headers_named("X-Original-To").next().is_none());
     first.respond(&to_first, 486, "Busy Here").await;
