@@ -786,6 +786,12 @@ function on_request(req)
 end
 "#;
 
+fn call_script(dir: &tempfile::TempDir) -> PathBuf {
+    let path = dir.path().join("calls.lua");
+    std::fs::write(&path, CALL_SCRIPT).unwrap();
+    path
+}
+
 /// Calls in progress at each destination of set 1, in configured order.
 fn calls(server: &Running) -> Vec<u64> {
     let dispatcher = &server.host.services().dispatcher;
@@ -835,8 +841,7 @@ async fn transactions_over(server: &Running, within: Duration) {
 #[tokio::test]
 async fn call_load_counts_a_tracked_call_from_invite_to_bye() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("calls.lua");
-    std::fs::write(&path, CALL_SCRIPT).unwrap();
+    let path = call_script(&dir);
     let (tx, mut seen) = mpsc::unbounded_channel();
     let gateways = destinations(2, tx).await;
     let server = start_with(Setup {
@@ -886,8 +891,7 @@ async fn call_load_counts_a_tracked_call_from_invite_to_bye() {
 #[tokio::test]
 async fn call_load_stops_counting_a_tracked_call_at_its_failure() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("calls.lua");
-    std::fs::write(&path, CALL_SCRIPT).unwrap();
+    let path = call_script(&dir);
     let (tx, mut seen) = mpsc::unbounded_channel();
     let gateways = destinations(1, tx).await;
     gateways[0].answer.store(486, Ordering::Relaxed);
