@@ -291,6 +291,8 @@ function in_dialog(req)
     -- An ACK for a 2xx without a route set through us is not ours to route.
     return req:drop()
   end
+  -- No Route of ours: nothing says where this dialog is (Kamailio's default WITHINDLG route
+  -- answers the same, sl_send_reply("404", "Not here")).
   return req:reply(404, "Not Here")
 end
 

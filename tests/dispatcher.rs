@@ -17,6 +17,7 @@ use std::time::Duration;
 use common::ua::{expect_status, TestUa, WAIT};
 use moonroute::config::{Config, LocationBackend};
 use moonroute::dispatcher::{DestinationConfig, SetConfig, State};
+use moonroute::metrics::EngineMetrics;
 use moonroute::script::ScriptHost;
 use moonroute::server::core::CoreFactory;
 use moonroute::server::{Server, ServerHandle};
@@ -46,6 +47,7 @@ struct Running {
     _server: ServerHandle,
     host: Arc<ScriptHost>,
     udp: SocketAddr,
+    metrics: Arc<EngineMetrics>,
 }
 
 /// What a destination answers calls with; [`SILENT`]: nothing, not even probes (a gateway
@@ -152,6 +154,8 @@ fn start_with(setup: Setup<'_>) -> Running {
     config.lua.watch = false;
     config.location.store = LocationBackend::Memory;
     config.timers.t1_ms = setup.t1_ms;
+    // No CDR file in the working directory's default data_dir (tests/dialog.rs covers it).
+    config.dialog.cdr = false;
     match setup.probing {
         None => config.dispatcher.probe_interval_secs = 0,
         Some((interval, timeout)) => {
@@ -175,13 +179,16 @@ fn start_with(setup: Setup<'_>) -> Running {
     };
     config.dispatcher.set = vec![set(1, &|_| 1), set(2, &|i| i as u32 + 1)];
     let host = ScriptHost::from_config(&config).expect("the script loads");
+    let metrics = EngineMetrics::detached();
     let factory = CoreFactory::with_router(&config, host.router_factory())
-        .with_dispatcher(Arc::clone(&host.services().dispatcher));
+        .with_dispatcher(Arc::clone(&host.services().dispatcher))
+        .with_metrics(Arc::clone(&metrics));
     let server = Server::start(&config, Arc::new(factory)).expect("server starts");
     Running {
         udp: server.local_addr(TransportKind::Udp).unwrap(),
         _server: server,
         host,
+        metrics,
     }
 }
 
@@ -756,4 +763,146 @@ fn the_readme_balancer_walkthrough_holds() {
         .output()
         .unwrap();
     assert!(output.status.success(), "{output:?}");
+}
+
+/// Calls over `call_load`, record-routed; an INVITE with `X-Track` is tracked as a dialog
+/// (`req:dlg_manage()`), the others are not.
+const CALL_SCRIPT: &str = r#"
+function on_request(req)
+    if req:has_to_tag() then
+        if req:loose_route() then
+            return req:t_relay()
+        end
+        return req:reply(404, "Not Here")
+    end
+    if req:is_method("INVITE") and req:header("X-Track") then
+        req:dlg_manage()
+    end
+    req:record_route()
+    if not req:ds_select(1, "call_load") then
+        return req:reply(503, "No Destination")
+    end
+    req:t_relay()
+end
+"#;
+
+fn call_script(dir: &tempfile::TempDir) -> PathBuf {
+    let path = dir.path().join("calls.lua");
+    std::fs::write(&path, CALL_SCRIPT).unwrap();
+    path
+}
+
+/// Calls in progress at each destination of set 1, in configured order.
+fn calls(server: &Running) -> Vec<u64> {
+    let dispatcher = &server.host.services().dispatcher;
+    dispatcher
+        .list(Some(1), std::time::Instant::now())
+        .iter()
+        .map(|v| v.calls)
+        .collect()
+}
+
+/// An INVITE through the proxy, answered 200 and ACKed; the destination that got it and the
+/// caller's dialog.
+async fn call(
+    caller: &mut TestUa,
+    proxy: SocketAddr,
+    seen: &mut mpsc::UnboundedReceiver<usize>,
+    tracked: bool,
+) -> (usize, common::ua::Dialog) {
+    let mut invite = caller.invite(&format!("sip:gateway@{proxy}")).to(proxy);
+    if tracked {
+        invite = invite.header("X-Track", "yes");
+    }
+    invite.await;
+    let answer = caller.expect_final(200).await;
+    let destination = received(seen).await;
+    (destination, caller.ack_2xx(&answer).await)
+}
+
+/// Waits until no transaction is live (the answered INVITEs' transactions are over: RFC 6026,
+/// 64*T1 after their 2xx), polling the gauge for at most `within`.
+async fn transactions_over(server: &Running, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    while server.metrics.transactions.live() > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} transactions still live after {within:?}",
+            server.metrics.transactions.live()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `call_load` with the dialog module (Kamailio's alg 10 with `dialog`): a tracked call counts
+/// at its destination from the INVITE to its BYE, however long it outlives its INVITE
+/// transaction, and steers the next call elsewhere; an untracked call counts only while its
+/// INVITE transaction lives. T1 = 50 ms so the transactions end (64*T1 = 3.2 s) within the test.
+#[tokio::test]
+async fn call_load_counts_a_tracked_call_from_invite_to_bye() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = call_script(&dir);
+    let (tx, mut seen) = mpsc::unbounded_channel();
+    let gateways = destinations(2, tx).await;
+    let server = start_with(Setup {
+        t1_ms: 50,
+        ..Setup::new(&path, &gateways)
+    });
+    let mut caller = TestUa::udp("caller").await.via_proxy(server.udp);
+
+    let (tracked_at, mut tracked) = call(&mut caller, server.udp, &mut seen, true).await;
+    let (untracked_at, mut untracked) = call(&mut caller, server.udp, &mut seen, false).await;
+    assert_ne!(
+        tracked_at, untracked_at,
+        "the second call avoids the loaded one"
+    );
+    assert_eq!(calls(&server), vec![1, 1]);
+
+    transactions_over(&server, Duration::from_secs(20)).await;
+    let mut expected = vec![0, 0];
+    expected[tracked_at] = 1;
+    assert_eq!(
+        calls(&server),
+        expected,
+        "only the tracked call still counts"
+    );
+    // The next call goes where the call in progress is not.
+    let (next_at, mut next) = call(&mut caller, server.udp, &mut seen, true).await;
+    assert_eq!(next_at, untracked_at);
+
+    caller.bye(&mut tracked).await;
+    caller.expect_final(200).await;
+    expected[tracked_at] = 0;
+    expected[next_at] = 1;
+    assert_eq!(
+        calls(&server),
+        expected,
+        "the BYE ended the tracked call's count"
+    );
+    caller.bye(&mut next).await;
+    caller.expect_final(200).await;
+    caller.bye(&mut untracked).await;
+    caller.expect_final(200).await;
+    assert_eq!(calls(&server), vec![0, 0]);
+}
+
+/// A tracked call that fails stops counting when its failure goes upstream, not when its
+/// transaction ends (the ACK, then Timer I): the dialog ends with it.
+#[tokio::test]
+async fn call_load_stops_counting_a_tracked_call_at_its_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = call_script(&dir);
+    let (tx, mut seen) = mpsc::unbounded_channel();
+    let gateways = destinations(1, tx).await;
+    gateways[0].answer.store(486, Ordering::Relaxed);
+    let server = start(&path, &gateways);
+    let mut caller = TestUa::udp("caller").await.via_proxy(server.udp);
+    caller
+        .invite(&format!("sip:gateway@{}", server.udp))
+        .header("X-Track", "yes")
+        .to(server.udp)
+        .await;
+    caller.expect_final(486).await;
+    received(&mut seen).await;
+    assert_eq!(calls(&server), vec![0]);
 }

@@ -616,9 +616,9 @@ async fn max_forwards_zero_gets_483() {
 
 #[tokio::test]
 async fn timer_c_cancels_a_ringing_branch() {
+    // Default T1: Timer C is the only timer that runs out here (a 20 ms T1 also gave bob
+    // 1.28 s of Timer B to ring, short on a loaded machine).
     let mut config = relay_config();
-    config.timers.t1_ms = 20;
-    config.timers.t2_ms = 80;
     config.timers.timer_c_secs = 1;
     let server = start(&config);
     let proxy = udp_addr(&server);
@@ -645,9 +645,8 @@ async fn timer_c_cancels_a_ringing_branch() {
 
 #[tokio::test]
 async fn silent_callee_gets_408() {
+    // Default T1 (Timer B 32 s): Timer C alone ends the silent branch, deterministically.
     let mut config = relay_config();
-    config.timers.t1_ms = 20;
-    config.timers.t2_ms = 80;
     config.timers.timer_c_secs = 1;
     let server = start(&config);
     let proxy = udp_addr(&server);
@@ -656,7 +655,7 @@ async fn silent_callee_gets_408() {
     alice.invite(&bob.uri()).await;
     bob.expect_request("INVITE").await; // and never answers (retransmissions are absorbed)
     alice.expect_response(100).await;
-    // Timer B (64*T1 = 1.28 s) or Timer C (1 s, nothing heard): the branch counts as 408.
+    // Timer C (1 s) with nothing heard: the branch counts as 408 (§16.8), no CANCEL.
     alice.expect_final(408).await;
     probe_is_next(&mut alice, proxy).await;
 }

@@ -527,8 +527,9 @@ async fn options_over_ipv6_loopback() {
 
 /// The transaction layer end to end: an INVITE refused with a non-2xx final is answered from an
 /// INVITE server transaction, whose Timer G retransmits the answer over UDP (driven by the
-/// shell's timer hook) until the ACK arrives (§17.2.1). Short timers from the config keep it
-/// quick.
+/// shell's timer hook) until the ACK arrives (§17.2.1). A short T1 from the config keeps it
+/// quick: the first retransmission comes after T1 (100 ms), and the test has Timer H (64*T1 =
+/// 6.4 s) to send its ACK before the transaction gives up (40 ms left it 2.56 s).
 #[tokio::test]
 async fn refused_invite_is_retransmitted_until_acked() {
     let mut config = Config {
@@ -536,8 +537,8 @@ async fn refused_invite_is_retransmitted_until_acked() {
         workers: 1,
         ..Config::default()
     };
-    config.timers.t1_ms = 40;
-    config.timers.t2_ms = 160;
+    config.timers.t1_ms = 100;
+    config.timers.t2_ms = 400;
     let server = Server::start(&config, Arc::new(CoreFactory::new(&config))).unwrap();
     let mut udp = Udp::new(&server).await;
     udp.auto_ack = false;

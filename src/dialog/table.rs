@@ -37,6 +37,7 @@ use super::cdr::{Cdr, EndReason};
 use super::directory::Directory;
 use super::metrics::DialogMetrics;
 use super::profiles::{JoinError, Membership, Profiles};
+use crate::dispatcher::CallSlot;
 use crate::id_map::IdMap;
 use crate::sip::Uri;
 use crate::transport::{ConnectionId, Destination, TransportKind};
@@ -268,6 +269,9 @@ pub struct Dialog {
     pub max_duration: Option<Duration>,
     pub vars: Vec<Var>,
     pub profiles: Vec<Membership>,
+    /// The call counted at the dispatcher destination it was sent to (`call_load`), held
+    /// until the dialog terminates ([`DialogTable::count_dispatched`]).
+    pub dispatched: Option<CallSlot>,
 }
 
 impl Dialog {
@@ -367,9 +371,11 @@ impl Dialog {
         self.state = State::Terminated;
         self.end_reason = Some(reason);
         self.ended = Some(now);
-        // Profiles count live calls: leave them now, not when the entry is dropped.
+        // Profiles and the dispatcher count live calls: leave them now, not when the entry
+        // is dropped after its linger.
         let freed = self.profiles.iter().map(Membership::footprint).sum();
         self.profiles.clear();
+        self.dispatched = None;
         freed
     }
 
@@ -662,6 +668,7 @@ impl DialogTable {
             max_duration: self.limits.default_max_duration,
             vars: Vec::new(),
             profiles: Vec::new(),
+            dispatched: None,
         };
         let size = dialog.footprint();
         if self.dialogs.len() >= self.limits.max_dialogs {
@@ -759,6 +766,27 @@ impl DialogTable {
         });
         dialog.profiles.push(membership);
         Ok(())
+    }
+
+    /// The call now counts at a dispatcher destination (`call_load`) for the dialog's life:
+    /// `slot` is dropped when the dialog terminates (BYE, failure, CANCEL, timeout, `ctl`),
+    /// replacing the one it held (a failover to the next destination). A terminated or
+    /// unknown dialog gives the slot back.
+    pub fn count_dispatched(&mut self, id: DialogId, slot: CallSlot) -> Result<(), CallSlot> {
+        match self.dialogs.get_mut(&id) {
+            Some(dialog) if dialog.state != State::Terminated => {
+                dialog.dispatched = Some(slot);
+                Ok(())
+            }
+            _ => Err(slot),
+        }
+    }
+
+    /// The call no longer counts at its dispatcher destination (it failed there).
+    pub fn release_dispatched(&mut self, id: DialogId) {
+        if let Some(dialog) = self.dialogs.get_mut(&id) {
+            dialog.dispatched = None;
+        }
     }
 
     /// Sets the max duration (`req:dlg_set_timeout`), counted from the answer; for a call

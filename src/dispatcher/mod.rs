@@ -423,19 +423,12 @@ impl Dispatcher {
         }
     }
 
-    /// A call (an INVITE transaction) to `uri` started or ended: the load `call_load` uses.
-    pub fn call_started(&self, uri: &str) {
-        if let Ok(destination) = self.destination(uri) {
-            destination.calls.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    pub fn call_ended(&self, uri: &str) {
-        if let Ok(destination) = self.destination(uri) {
-            let _ = destination
-                .calls
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
-        }
+    /// A call to `uri` starts: counted there (the load `call_load` uses) until the returned
+    /// slot is dropped. `None` when no set lists `uri` (a reload removed it).
+    pub fn count_call(&self, uri: &str) -> Option<CallSlot> {
+        let destination = self.destination(uri).ok()?;
+        destination.calls.fetch_add(1, Ordering::Relaxed);
+        Some(CallSlot { destination })
     }
 
     fn destination(&self, uri: &str) -> Result<Arc<Destination>, String> {
@@ -511,6 +504,37 @@ impl Dispatcher {
     }
 }
 
+/// One call counted at a destination (`calls`, what `call_load` balances on) for as long as
+/// the slot lives: whoever owns the call (the transaction's script state, or the call's dialog
+/// once it is tracked) holds it, and dropping it, whatever ended the call, takes the call off
+/// exactly once. It holds the destination itself, so a reload that keeps the destination keeps
+/// the count right, and one that removes it loses nothing but the removed counter.
+pub struct CallSlot {
+    destination: Arc<Destination>,
+}
+
+impl CallSlot {
+    /// The destination this call counts at.
+    pub fn uri(&self) -> &str {
+        &self.destination.uri
+    }
+}
+
+impl std::fmt::Debug for CallSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CallSlot({})", self.destination.uri)
+    }
+}
+
+impl Drop for CallSlot {
+    fn drop(&mut self) {
+        let _ = self
+            .destination
+            .calls
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+    }
+}
+
 /// Destinations the metrics list at most (each is five to eight series).
 pub const MAX_METRIC_DESTINATIONS: usize = 2_000;
 
@@ -524,7 +548,7 @@ pub fn register_metrics(registry: &crate::metrics::Registry, dispatcher: &Arc<Di
     let families: [(&str, &str, Kind, Read); 4] = [
         (
             "moonroute_dispatcher_calls",
-            "INVITE transactions in progress through this node per dispatcher destination (call_load uses them).",
+            "Calls in progress through this node per dispatcher destination (call_load uses them): from the INVITE to the end of its dialog when tracked (req:dlg_manage()), else of its transaction.",
             Kind::Gauge,
             |v| v.calls as f64,
         ),

@@ -231,16 +231,16 @@ fn call_failures_mark_the_destination_when_configured() {
 #[test]
 fn call_load_follows_calls_in_progress() {
     let dispatcher = active(three([1, 1, 1]));
-    dispatcher.call_started(A);
-    dispatcher.call_started(A);
-    dispatcher.call_started(B);
+    let a1 = dispatcher.count_call(A).unwrap();
+    let a2 = dispatcher.count_call(A).unwrap();
+    let _b = dispatcher.count_call(B).unwrap();
+    assert!(dispatcher.count_call("sip:unknown").is_none());
     for _ in 0..5 {
         let order = dispatcher.select(1, Algorithm::CallLoad, None).unwrap();
         assert_eq!(&*order[0], C);
     }
-    dispatcher.call_ended(A);
-    dispatcher.call_ended(A);
-    dispatcher.call_ended(A); // never below zero
+    drop(a1);
+    drop(a2);
     let views = dispatcher.list(Some(1), Instant::now());
     assert_eq!(
         views.iter().map(|v| v.calls).collect::<Vec<_>>(),
@@ -348,7 +348,7 @@ fn metrics_show_each_destination_once_with_its_state_and_counters() {
     dispatcher.mark(B, State::Inactive, "test").unwrap();
     let mut order = dispatcher.select(1, Algorithm::Priority, None).unwrap();
     let first = order.remove(0);
-    dispatcher.call_started(&first);
+    let _call = dispatcher.count_call(&first).unwrap();
     dispatcher.next(Some(&first), &mut order);
     let registry = crate::metrics::Registry::new();
     register_metrics(&registry, &dispatcher);

@@ -1584,6 +1584,34 @@ Content-Length: 0\r\n\r\n";
         );
     }
 
+    /// `req:reply` takes final codes (200-699); 100 (the transaction layer's), provisionals
+    /// and codes past 699 are script errors at the calling line: the request gets a 500.
+    #[test]
+    fn reply_takes_final_codes_only_and_names_the_line_of_a_bad_one() {
+        for code in [200, 699] {
+            let o = run(&format!(
+                "function on_request(req)\n  return req:reply({code})\nend"
+            ));
+            assert_eq!((o.code, o.error), (Some(code), None), "{code}");
+        }
+        for (code, says) in [
+            (100, "transaction layer"),
+            (101, "provisional"),
+            (199, "provisional"),
+            (700, "not a final status code (200-699)"),
+        ] {
+            let o = run(&format!(
+                "function on_request(req)\n\n  return req:reply({code}, 'x')\nend"
+            ));
+            assert_eq!(o.code, Some(500), "{code}");
+            let error = o.error.unwrap();
+            assert!(
+                error.starts_with("unit.lua:3:") && error.contains(says),
+                "{code}: {error}"
+            );
+        }
+    }
+
     #[test]
     fn runaway_and_memory_hungry_hooks_are_stopped() {
         let o = run("function on_request(req) while true do end end");

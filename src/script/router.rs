@@ -462,13 +462,21 @@ impl ScriptRouter {
     }
 
     /// After `on_request` (or a slice of it, resumed after DNS): the current dialog waits
-    /// with a suspended run, else a dialog the script managed but did not relay is settled.
+    /// with a suspended run; a relayed call's dispatcher count moves to the dialog the script
+    /// manages for it; a dialog the script managed but did not relay is settled.
     fn settle_dialog(&mut self, engine: &Engine, routed: &Routed) {
         let current = dialog_api::take_current(engine.lua());
         match (&routed.decision, routed.handle) {
             (Decision::Resolve { .. }, Some(handle)) => {
                 if let Some(pinned) = self.calls.get_mut(&handle.0) {
                     pinned.dialog = current;
+                }
+            }
+            (Decision::Relay { .. }, Some(handle)) => {
+                if let (Some(id), true, Some(pinned)) =
+                    (current.id, current.managed, self.calls.get(&handle.0))
+                {
+                    super::api::dispatcher::bind_dialog(engine.lua(), &pinned.vars, id);
                 }
             }
             _ => dialog_api::settle_managed(engine.lua(), current, routed),

@@ -21,6 +21,7 @@ use tracing::warn;
 
 use super::{runtime, Role, ScriptMsg};
 use crate::dialog::{DialogId, DialogTable, Known, Limits, Profiles, Refusal, SharedTable, Stamp};
+use crate::dispatcher::CallSlot;
 use crate::proxy::router::{Decision, Routed};
 use crate::sip::Method;
 
@@ -93,6 +94,21 @@ pub fn settle_managed(lua: &Lua, current: Current, routed: &Routed) {
         }
         _ => table.abandon(id),
     }
+}
+
+/// Dialog `id` holds `slot`, the call's count at its dispatcher destination, until it
+/// terminates; `slot` comes back when the dialog is gone or over.
+pub(crate) fn count_dispatched(lua: &Lua, id: DialogId, slot: CallSlot) -> Option<CallSlot> {
+    dialogs(lua)
+        .table
+        .borrow_mut()
+        .count_dispatched(id, slot)
+        .err()
+}
+
+/// Dialog `id` drops its count at its dispatcher destination (the call failed there).
+pub(crate) fn release_dispatched(lua: &Lua, id: DialogId) {
+    dialogs(lua).table.borrow_mut().release_dispatched(id);
 }
 
 /// The loop's table; a state without one (offline runs: `moonroute test`) gets its own.

@@ -12,6 +12,12 @@
 //! The failover cursor lives in `req.vars` under a key only this module holds (a table in the
 //! Lua registry), so it follows the transaction to `on_failure` like the script's own state
 //! and cannot be overwritten by a script's `req.vars` key.
+//!
+//! An INVITE counts as a call at its destination (`call_load`) through a
+//! [`CallSlot`]: the cursor holds it while the transaction is the only owner of the call; once
+//! `on_request` relays a call it tracks (`req:dlg_manage()`), the dialog holds it
+//! ([`bind_dialog`]) until the call ends, as Kamailio's alg 10 counts with the `dialog`
+//! module.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -19,27 +25,51 @@ use std::time::Instant;
 use bytes::Bytes;
 use mlua::{AnyUserData, Lua, MultiValue, Table, UserData, UserDataMethods, Value};
 
+use super::dialog as dialog_api;
 use super::{env, runtime, Role, ScriptMsg};
-use crate::dispatcher::{hash_key, target_uri, Algorithm, Dispatcher, State};
+use crate::dialog::DialogId;
+use crate::dispatcher::{hash_key, target_uri, Algorithm, CallSlot, Dispatcher, State};
 use crate::proxy::response_context::Target;
 
 /// Registry name of the `req.vars` key holding the failover cursor.
 const CURSOR_KEY: &str = "moonroute.dispatcher.cursor";
 
-/// What `ds_select` left for `ds_next`: where the request went, what is left to try.
+/// What `ds_select` left for `ds_next`: where the request went, what is left to try, and
+/// who holds the call's count at `current` (`call_load`).
 struct Cursor {
     current: Arc<str>,
     remaining: Vec<Arc<str>>,
-    /// An INVITE: counted as a call in progress at `current` (`call_load`) until the
-    /// transaction ends ([`end_call`]) or fails over.
-    call: Option<Arc<Dispatcher>>,
+    /// An INVITE: a call, counted at `current` wherever it goes.
+    is_call: bool,
+    /// The count while the transaction holds it: the call is not tracked as a dialog (or not
+    /// yet: `on_request` is still running). Dropped when the transaction ends.
+    call: Option<CallSlot>,
+    /// The dialog tracking the call (`req:dlg_manage()`), bound when `on_request` relayed
+    /// it ([`bind_dialog`]): from then on the dialog holds the count, until it terminates.
+    dialog: Option<DialogId>,
 }
 
 impl Cursor {
-    /// The call, if one is counted, leaves `current`.
-    fn end_call(&mut self) {
-        if let Some(dispatcher) = self.call.take() {
-            dispatcher.call_ended(&self.current);
+    /// The call, if it is one, counts at `current`: in its dialog when it has one.
+    fn count(&mut self, lua: &Lua, dispatcher: &Dispatcher) {
+        if !self.is_call {
+            return;
+        }
+        let Some(slot) = dispatcher.count_call(&self.current) else {
+            return;
+        };
+        self.call = match self.dialog {
+            Some(id) => dialog_api::count_dispatched(lua, id, slot),
+            None => Some(slot),
+        };
+    }
+
+    /// The call no longer counts at `current` (it failed there, or another selection
+    /// replaces this one).
+    fn uncount(&mut self, lua: &Lua) {
+        self.call = None;
+        if let Some(id) = self.dialog {
+            dialog_api::release_dispatched(lua, id);
         }
     }
 }
@@ -58,14 +88,21 @@ pub(super) fn add_methods<M: UserDataMethods<ScriptMsg>>(methods: &mut M) {
         };
         let first = order.remove(0);
         m.targets = vec![target(m, &first)];
+        let mut dialog = None;
         if let Some(previous) = cursor(lua, m)? {
-            previous.borrow_mut::<Cursor>()?.end_call();
+            let mut previous = previous.borrow_mut::<Cursor>()?;
+            previous.uncount(lua);
+            dialog = previous.dialog;
         }
-        let call = is_call(m).then(|| {
-            dispatcher.call_started(&first);
-            dispatcher.clone()
-        });
-        store_cursor(lua, m, first.clone(), order, call)?;
+        let mut cursor = Cursor {
+            current: first.clone(),
+            remaining: order,
+            is_call: is_call(m),
+            call: None,
+            dialog,
+        };
+        cursor.count(lua, &dispatcher);
+        store_cursor(lua, m, cursor)?;
         Ok(MultiValue::from_vec(vec![Value::String(
             lua.create_string(&*first)?,
         )]))
@@ -83,16 +120,12 @@ pub(super) fn add_methods<M: UserDataMethods<ScriptMsg>>(methods: &mut M) {
             dispatcher.call_failed(&cursor.current, status);
         }
         let current = cursor.current.clone();
-        let counted = cursor.call.is_some();
-        cursor.end_call();
+        cursor.uncount(lua);
         match dispatcher.next(Some(&current), &mut cursor.remaining) {
             Some(next) => {
                 m.targets = vec![target(m, &next)];
                 cursor.current = next.clone();
-                if counted {
-                    dispatcher.call_started(&next);
-                    cursor.call = Some(dispatcher);
-                }
+                cursor.count(lua, &dispatcher);
                 Ok(Some(next.to_string()))
             }
             None => Ok(None),
@@ -117,52 +150,56 @@ fn cursor_key(lua: &Lua) -> mlua::Result<Table> {
     lua.named_registry_value(CURSOR_KEY)
 }
 
-fn store_cursor(
-    lua: &Lua,
-    m: &ScriptMsg,
-    current: Arc<str>,
-    remaining: Vec<Arc<str>>,
-    call: Option<Arc<Dispatcher>>,
-) -> mlua::Result<()> {
-    let mut cursor = Cursor {
-        current,
-        remaining,
-        call,
-    };
+/// Keeps `cursor` in the transaction's vars; without vars (nothing would follow the
+/// transaction) it is dropped, and with it the call's count.
+fn store_cursor(lua: &Lua, m: &ScriptMsg, cursor: Cursor) -> mlua::Result<()> {
     let Some(vars) = &m.vars else {
-        cursor.end_call(); // nothing would end it
         return Ok(());
     };
     let cursor = lua.create_userdata(cursor)?;
     vars.raw_set(cursor_key(lua)?, cursor)
 }
 
-/// A call is an INVITE (its transaction lasts while the call is set up; `call_load` counts
-/// them). Other requests are routed but not counted.
+/// A call is an INVITE; `call_load` counts it from its selection to the end of its dialog
+/// when the script tracks it (`req:dlg_manage()`), else to the end of its transaction (RFC
+/// 6026: 32 s after a 2xx). Other requests are routed but not counted.
 fn is_call(m: &ScriptMsg) -> bool {
     m.msg.method() == Some(&crate::sip::Method::Invite)
 }
 
-/// Whether the transaction whose vars are `vars` counts a call at a destination: its state
-/// must then be kept until the transaction ends, for [`end_call`].
+fn cursor_of(lua: &Lua, vars: &Table) -> Option<AnyUserData> {
+    let key = cursor_key(lua).ok()?;
+    vars.raw_get(key).ok().flatten()
+}
+
+/// Whether the transaction whose vars are `vars` holds a call's count itself: its state must
+/// then be kept until the transaction ends, for [`end_call`].
 pub(crate) fn holds_call(lua: &Lua, vars: &Table) -> bool {
-    let Ok(key) = cursor_key(lua) else {
-        return false;
-    };
-    let cursor: Option<AnyUserData> = vars.raw_get(key).ok().flatten();
-    cursor
+    cursor_of(lua, vars)
         .and_then(|c| c.borrow::<Cursor>().ok().map(|c| c.call.is_some()))
         .unwrap_or(false)
 }
 
-/// The transaction whose vars are `vars` ended: the call it counted, if any, ends.
-pub(crate) fn end_call(lua: &Lua, vars: &Table) {
-    let Ok(key) = cursor_key(lua) else {
+/// `on_request` relayed the call whose vars are `vars`, tracked as dialog `id`
+/// (`req:dlg_manage()`): the dialog holds its count from now on, so it counts until the call
+/// ends (BYE, a failure, CANCEL, a timeout), as Kamailio's `call_load` does with `dialog`.
+pub(crate) fn bind_dialog(lua: &Lua, vars: &Table, id: DialogId) {
+    let Some(cursor) = cursor_of(lua, vars) else {
         return;
     };
-    let cursor: Option<AnyUserData> = vars.raw_get(key).ok().flatten();
-    if let Some(mut cursor) = cursor.and_then(|c| c.borrow_mut::<Cursor>().ok()) {
-        cursor.end_call();
+    if let Ok(mut cursor) = cursor.borrow_mut::<Cursor>() {
+        cursor.dialog = Some(id);
+        if let Some(slot) = cursor.call.take() {
+            cursor.call = dialog_api::count_dispatched(lua, id, slot);
+        }
+    }
+}
+
+/// The transaction whose vars are `vars` ended: the count it held, if any, ends (a dialog's
+/// count goes on).
+pub(crate) fn end_call(lua: &Lua, vars: &Table) {
+    if let Some(mut cursor) = cursor_of(lua, vars).and_then(|c| c.borrow_mut::<Cursor>().ok()) {
+        cursor.call = None;
     }
 }
 

@@ -579,11 +579,7 @@ fn add_decisions<M: UserDataMethods<ScriptMsg>>(methods: &mut M) {
         "reply",
         |_, m, (code, reason, headers): (u16, Option<String>, Option<Table>)| {
             m.require(&[Role::Request, Role::Failure], "reply")?;
-            if !(100..=699).contains(&code) || code == 100 {
-                return Err(runtime(format!(
-                    "reply: {code} is not a status code 101-699"
-                )));
-            }
+            final_status(code)?;
             if m.role == Role::Failure && code < 300 {
                 // §16.7 step 6: the proxy may choose the final it sends for a failed branch
                 // set, but a 2xx (or a provisional) would claim a call no branch accepted.
@@ -779,6 +775,26 @@ fn add_location<M: UserDataMethods<ScriptMsg>>(methods: &mut M) {
         m.decide(decision, "save")?;
         Ok(code)
     });
+}
+
+/// The status codes `req:reply` takes: a final answer, 200-699 (RFC 3261 §21). The reply is
+/// the request's decision, its only answer from here: a provisional one (§21.1) would leave
+/// the caller without a final response and the server transaction in Proceeding, which no
+/// timer ends (§17.2.1, §17.2.2). The transaction layer sends `100 Trying` itself (§16.2,
+/// §17.2.1); ringing and progress (18x) come from the callee through `req:t_relay()`.
+fn final_status(code: u16) -> mlua::Result<()> {
+    match code {
+        200..=699 => Ok(()),
+        100 => Err(runtime(
+            "reply: 100 Trying is the transaction layer's: the engine sends it for every relayed INVITE",
+        )),
+        101..=199 => Err(runtime(format!(
+            "reply: {code} is provisional, and req:reply is the request's only answer: give a final one (200-699); the callee's 18x pass through req:t_relay()"
+        ))),
+        _ => Err(runtime(format!(
+            "reply: {code} is not a final status code (200-699)"
+        ))),
+    }
 }
 
 /// The reason phrases of RFC 3261 §21 for the codes a script is likely to send.
