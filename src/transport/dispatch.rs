@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, Notify};
 use tracing::{debug, error, warn};
 
 use super::registry::ConnectionRegistry;
+use super::timer_grid::TimerGrid;
 use super::tls::TlsContext;
 use super::udp_batch::{Flush, Outbox};
 use super::ws::WsSettings;
@@ -55,6 +56,8 @@ pub(crate) struct LoopContext {
     worker: RefCell<Box<dyn Worker>>,
     /// The deadline the timer task sleeps for, so inputs only wake it when it must run sooner.
     armed_deadline: Cell<Option<Instant>>,
+    /// Where the Worker's deadlines are rounded to, so timers due close together share a wake-up.
+    timer_grid: TimerGrid,
     timer_changed: Notify,
     udp: Vec<Rc<UdpEndpoint>>,
     /// Datagrams to send from `udp`, waiting for [`LoopContext::flush_udp`].
@@ -149,6 +152,7 @@ impl LoopContext {
             index,
             worker: RefCell::new(worker),
             armed_deadline: Cell::new(None),
+            timer_grid: TimerGrid::new(Instant::now()),
             timer_changed: Notify::new(),
             udp_ids: udp
                 .iter()
@@ -318,7 +322,7 @@ impl LoopContext {
 
     /// Wakes the timer task when the Worker now needs it sooner than it is sleeping for.
     fn rearm_timer_if_earlier(&self) {
-        let wanted = self.worker.borrow().next_deadline();
+        let wanted = self.next_wake();
         let armed = self.armed_deadline.get();
         if let Some(wanted) = wanted {
             if armed.is_none_or(|armed| wanted < armed) {
@@ -328,11 +332,17 @@ impl LoopContext {
         }
     }
 
+    /// When the timer task must wake for the Worker: its next deadline on the loop's grid.
+    fn next_wake(&self) -> Option<Instant> {
+        let deadline = self.worker.borrow().next_deadline()?;
+        Some(self.timer_grid.wake_at(deadline))
+    }
+
     /// This loop's timer task: sleeps until the Worker's next deadline, runs its timers, and
     /// starts over; wakes early when an input brings the deadline forward.
     pub(crate) async fn run_timers(self: Rc<Self>) {
         loop {
-            let deadline = self.worker.borrow().next_deadline();
+            let deadline = self.next_wake();
             self.armed_deadline.set(deadline);
             let Some(at) = deadline else {
                 self.timer_changed.notified().await;

@@ -34,6 +34,7 @@ pub mod registry;
 pub(crate) mod dispatch;
 pub(crate) mod load;
 pub(crate) mod tcp;
+pub(crate) mod timer_grid;
 pub(crate) mod tls;
 pub(crate) mod udp;
 pub(crate) mod udp_batch;
