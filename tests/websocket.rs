@@ -34,6 +34,7 @@ const PAGE_ORIGIN: &str = "https://phone.moonroute.test";
 struct Running {
     server: ServerHandle,
     host: Arc<ScriptHost>,
+    /// The `ws:` listener; the `wss:` one for a server without `ws:`.
     ws: SocketAddr,
     udp: SocketAddr,
     _dir: TempDir,
@@ -78,7 +79,10 @@ fn start(edit: impl FnOnce(&mut Config, &std::path::Path)) -> Running {
         .with_flows(Arc::clone(&host.services().flows));
     let server = Server::start(&config, Arc::new(factory)).expect("server starts");
     Running {
-        ws: server.local_addr(TransportKind::Ws).unwrap(),
+        ws: server
+            .local_addr(TransportKind::Ws)
+            .or_else(|| server.local_addr(TransportKind::Wss))
+            .expect("a ws: (or, without one, a wss:) listener"),
         udp: server.local_addr(TransportKind::Udp).unwrap(),
         server,
         host,
@@ -342,6 +346,56 @@ async fn secure_websocket_uses_the_tls_identity() {
     );
     alice.respond(&invite, 486, "Busy Here").await;
     bob.expect_final(486).await;
+}
+
+/// A server with `wss:` and no `ws:` listener (the usual deployment): the clients' Contacts,
+/// rewritten to their connections' addresses, say `transport=ws` as RFC 7118 §5.2 has it for
+/// secure WebSocket too, and in-dialog requests to them (the ACK, forwarded statelessly, and
+/// the BYE) leave from the `wss:` listener on the callee's connection.
+#[tokio::test]
+async fn a_call_between_secure_websocket_clients_without_a_ws_listener() {
+    let ca = common::certs::Ca::new();
+    let running = start(|config, dir| {
+        config.listen = vec![
+            "udp:127.0.0.1:0".parse::<ListenAddr>().unwrap(),
+            "wss:127.0.0.1:0".parse::<ListenAddr>().unwrap(),
+        ];
+        let (cert, key) = ca.localhost_files(dir);
+        config.tls.certificate = cert;
+        config.tls.private_key = key;
+    });
+    let wss = running.wss();
+    let tls = || Some((ca.connector(), "localhost"));
+    let mut alice = TestUa::websocket("alice", wss, tls(), Some(PAGE_ORIGIN)).await;
+    let mut bob = TestUa::websocket("bob", wss, tls(), Some(PAGE_ORIGIN)).await;
+    register(&mut alice, "alice").await;
+    register(&mut bob, "bob").await;
+
+    alice.invite(&aor("bob")).await;
+    let invite = bob.expect_request("INVITE").await;
+    assert!(vias(&invite)[0].starts_with("SIP/2.0/WSS 127.0.0.1:"));
+    bob.respond(&invite, 200, "OK").await;
+    let answer = alice.expect_final(200).await;
+    let contact = header_text(&answer, "Contact").unwrap_or_default();
+    assert!(contact.contains(";transport=ws"), "{contact}");
+    alice.ack_2xx(&answer).await;
+    let ack = bob.expect_request("ACK").await;
+    assert!(
+        vias(&ack)[0].starts_with("SIP/2.0/WSS 127.0.0.1:"),
+        "{:?}",
+        vias(&ack)
+    );
+
+    let mut bob_dialog = common::ua::Dialog::from_uas(&invite, &answer);
+    bob.bye(&mut bob_dialog).await;
+    let bye = alice.expect_request("BYE").await;
+    assert!(
+        vias(&bye)[0].starts_with("SIP/2.0/WSS 127.0.0.1:"),
+        "{:?}",
+        vias(&bye)
+    );
+    alice.respond(&bye, 200, "OK").await;
+    bob.expect_final(200).await;
 }
 
 #[tokio::test]
