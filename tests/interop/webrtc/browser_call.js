@@ -1,12 +1,13 @@
 // Two web phones (phone.html) in headless Chromium call each other through a running moonroute
 // over wss (issue 21): run by `.ci/interop browser`.
 //
-//   node browser_call.js --server wss://127.0.0.1:PORT --domain 127.0.0.1:PORT
-//        --cert CERT.pem --key KEY.pem --page-port PORT [--chromium /usr/bin/chromium]
-//        [--screenshot target/interop/ws-call.png] [--log-dir DIR]
+//   node browser_call.js --server wss://127.0.0.1:PORT --domain 127.0.0.1[:PORT]
+//        (--cert CERT.pem --key KEY.pem --page-port PORT | --page URL)
+//        [--chromium /usr/bin/chromium] [--screenshot target/interop/ws-call.png] [--log-dir DIR]
 //
 // serve.js serves the page over HTTPS on 127.0.0.1:--page-port with the server's certificate
-// (moonroute's [websocket] allowed_origins must list https://127.0.0.1:PORT). One Chromium
+// (moonroute's [websocket] allowed_origins must list https://127.0.0.1:PORT), or --page names
+// the page already served (.ci/webphone: the README's serve.js command). One Chromium
 // (--headless=new, fake microphone and camera, the permission prompt granted, the self-signed
 // certificate accepted) opens two tabs: bob's phone (answers at once) and alice's. Steps, one
 // PASS/FAIL line each:
@@ -264,12 +265,13 @@ async function scenario(steps, page) {
   const steps = new Steps('browser');
   let pageServer;
   try {
-    const served = await steps.step('the web phone is served over https', async () => {
+    const given = arg('page', '');
+    const page = given || (await steps.step('the web phone is served over https', async () => {
       const s = await servePhone({ port: arg('page-port'), cert: arg('cert'), key: arg('key') });
       pageServer = s.server;
       return s.url;
-    });
-    await scenario(steps, served);
+    }));
+    await scenario(steps, page);
   } catch {
     // printed
   } finally {
