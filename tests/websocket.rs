@@ -109,6 +109,28 @@ fn record_routes(m: &Message) -> Vec<String> {
         .collect()
 }
 
+/// The callee of `invite` (answered with `answer`) hangs up: the BYE reaches the caller on its
+/// connection with moonroute's Via `via` (`SIP/2.0/WS` or `SIP/2.0/WSS`) on top, and the
+/// caller's 200 gets back.
+async fn callee_hangs_up(
+    callee: &mut TestUa,
+    caller: &mut TestUa,
+    invite: &Message,
+    answer: &Message,
+    via: &str,
+) {
+    let mut dialog = common::ua::Dialog::from_uas(invite, answer);
+    callee.bye(&mut dialog).await;
+    let bye = caller.expect_request("BYE").await;
+    assert!(
+        vias(&bye)[0].starts_with(&format!("{via} 127.0.0.1:")),
+        "{:?}",
+        vias(&bye)
+    );
+    caller.respond(&bye, 200, "OK").await;
+    callee.expect_final(200).await;
+}
+
 /// The HTTP answer to a WebSocket Upgrade that `request` makes to `server`.
 async fn upgrade_status(
     server: SocketAddr,
@@ -191,11 +213,7 @@ async fn two_websocket_clients_register_and_call_each_other() {
 
     // The callee hangs up: the BYE reaches the caller on its connection (its Contact was
     // rewritten to the connection's address: WebSocket clients count as NATed).
-    let mut bob_dialog = common::ua::Dialog::from_uas(&invite, &answer);
-    bob.bye(&mut bob_dialog).await;
-    let bye = alice.expect_request("BYE").await;
-    alice.respond(&bye, 200, "OK").await;
-    bob.expect_final(200).await;
+    callee_hangs_up(&mut bob, &mut alice, &invite, &answer, "SIP/2.0/WS").await;
 
     // And a MESSAGE back the other way, out of dialog.
     alice
@@ -246,16 +264,7 @@ async fn a_websocket_client_calls_a_udp_phone_through_two_record_routes() {
     alice.ack_2xx(&answer).await;
     carol.expect_request("ACK").await;
 
-    let mut carol_dialog = common::ua::Dialog::from_uas(&invite, &answer);
-    carol.bye(&mut carol_dialog).await;
-    let bye = alice.expect_request("BYE").await;
-    assert!(
-        vias(&bye)[0].starts_with("SIP/2.0/WS 127.0.0.1:"),
-        "{:?}",
-        vias(&bye)
-    );
-    alice.respond(&bye, 200, "OK").await;
-    carol.expect_final(200).await;
+    callee_hangs_up(&mut carol, &mut alice, &invite, &answer, "SIP/2.0/WS").await;
 }
 
 #[tokio::test]
@@ -386,16 +395,7 @@ async fn a_call_between_secure_websocket_clients_without_a_ws_listener() {
         vias(&ack)
     );
 
-    let mut bob_dialog = common::ua::Dialog::from_uas(&invite, &answer);
-    bob.bye(&mut bob_dialog).await;
-    let bye = alice.expect_request("BYE").await;
-    assert!(
-        vias(&bye)[0].starts_with("SIP/2.0/WSS 127.0.0.1:"),
-        "{:?}",
-        vias(&bye)
-    );
-    alice.respond(&bye, 200, "OK").await;
-    bob.expect_final(200).await;
+    callee_hangs_up(&mut bob, &mut alice, &invite, &answer, "SIP/2.0/WSS").await;
 }
 
 #[tokio::test]
