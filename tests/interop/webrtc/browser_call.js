@@ -14,7 +14,8 @@
 //   1. both register (JsSIP answers moonroute's digest challenge);
 //   2. alice calls bob: both reach "established" (INVITE, 200, ACK through moonroute);
 //   3. audio flows peer to peer: getStats shows audio sent and received (inbound-rtp: 25
-//      packets at least) in both tabs, the selected ICE pair printed; a screenshot of alice's page is saved (bob's next to it);
+//      packets at least) in both tabs, the selected ICE pair printed; a screenshot of alice's
+//      page is saved (bob's next to it, -callee.png);
 //   4. alice hangs up: both see the call end, bob by alice's BYE.
 // Chromium is driven over the DevTools protocol on a pipe (--remote-debugging-pipe): no
 // debugging port any local process could reach, no port to clash. Every wait is on an event
@@ -43,7 +44,9 @@ class DevTools {
     this.nextId = 1;
     this.pending = new Map();
     this.handlers = [];
-    this.closed = new Promise((resolve) => browser.once('exit', (code, signal) => resolve(`chromium exited (${signal || code})`)));
+    this.closed = new Promise((resolve) =>
+      browser.once('exit', (code, signal) => resolve(`chromium exited (${signal || code})`)),
+    );
     this.out = browser.stdio[3];
     let buffered = '';
     browser.stdio[4].on('data', (chunk) => {
@@ -73,9 +76,14 @@ class DevTools {
     const id = this.nextId++;
     const message = { id, method, params };
     if (sessionId) message.sessionId = sessionId;
-    const answer = new Promise((resolve, reject) => this.pending.set(id, { method, resolve, reject }));
+    const answer = new Promise((resolve, reject) =>
+      this.pending.set(id, { method, resolve, reject }),
+    );
     this.out.write(`${JSON.stringify(message)}\0`);
-    return Promise.race([answer, this.closed.then((why) => Promise.reject(new Error(`${method}: ${why}`)))]);
+    return Promise.race([
+      answer,
+      this.closed.then((why) => Promise.reject(new Error(`${method}: ${why}`))),
+    ]);
   }
 
   on(handler) {
@@ -86,7 +94,10 @@ class DevTools {
 /** One tab: a target attached with its own session, its console written to `logFile`. */
 class Tab {
   static async open(devtools, name, logFile) {
-    const { targetId } = await devtools.send('Target.createTarget', { url: 'about:blank', newWindow: true });
+    const { targetId } = await devtools.send('Target.createTarget', {
+      url: 'about:blank',
+      newWindow: true,
+    });
     const { sessionId } = await devtools.send('Target.attachToTarget', { targetId, flatten: true });
     const tab = new Tab(devtools, name, sessionId, logFile);
     devtools.on((m) => m.sessionId === sessionId && tab.event(m));
@@ -105,7 +116,9 @@ class Tab {
 
   event({ method, params }) {
     if (method === 'Runtime.consoleAPICalled' && this.log) {
-      const text = params.args.map((a) => (a.value !== undefined ? a.value : a.description)).join(' ');
+      const text = params.args
+        .map((a) => (a.value !== undefined ? a.value : a.description))
+        .join(' ');
       this.log.write(`${params.type}: ${text}\n`);
     } else if (method === 'Runtime.exceptionThrown') {
       const d = params.exceptionDetails;
@@ -132,7 +145,9 @@ class Tab {
       this.sessionId,
     );
     if (exceptionDetails) {
-      throw new Error(`${this.name}: ${expression}: ${exceptionDetails.exception ? exceptionDetails.exception.description : exceptionDetails.text}`);
+      throw new Error(
+        `${this.name}: ${expression}: ${exceptionDetails.exception ? exceptionDetails.exception.description : exceptionDetails.text}`,
+      );
     }
     return result.value;
   }
@@ -141,11 +156,18 @@ class Tab {
   async until(want, states, what) {
     const list = JSON.stringify(states);
     const state = await within(WAIT_MS, `${this.name}: ${what}`, this.eval(`phone.until(${list})`));
-    if (state !== want) throw new Error(`${this.name}: ${await this.eval('document.getElementById("status").textContent')}`);
+    if (state !== want)
+      throw new Error(
+        `${this.name}: ${await this.eval('document.getElementById("status").textContent')}`,
+      );
   }
 
   async screenshot(file) {
-    const { data } = await this.devtools.send('Page.captureScreenshot', { format: 'png' }, this.sessionId);
+    const { data } = await this.devtools.send(
+      'Page.captureScreenshot',
+      { format: 'png' },
+      this.sessionId,
+    );
     fs.mkdirSync(path.dirname(file), { recursive: true });
     fs.writeFileSync(file, Buffer.from(data, 'base64'));
   }
@@ -171,7 +193,9 @@ function launchChromium(profile) {
   ];
   // Chromium's sandbox refuses to run as root (CI containers).
   if (process.getuid && process.getuid() === 0) flags.push('--no-sandbox');
-  const browser = spawn(CHROMIUM, [...flags, 'about:blank'], { stdio: ['ignore', 'ignore', 'pipe', 'pipe', 'pipe'] });
+  const browser = spawn(CHROMIUM, [...flags, 'about:blank'], {
+    stdio: ['ignore', 'ignore', 'pipe', 'pipe', 'pipe'],
+  });
   const log = LOG_DIR ? fs.createWriteStream(path.join(LOG_DIR, 'chromium.log')) : null;
   browser.stderr.on('data', (chunk) => log && log.write(chunk));
   return browser;
@@ -188,7 +212,9 @@ async function audioFlows(tab) {
     bytes = await tab.eval('phone.audioBytes()');
     if (bytes.sent > 0 && bytes.packetsReceived >= MIN_PACKETS) return bytes;
     if (Date.now() > deadline) {
-      throw new Error(`${tab.name}: no audio both ways after ${WAIT_MS / 1000}s (sent ${bytes.sent} bytes, received ${bytes.received} in ${bytes.packetsReceived} packets; want ${MIN_PACKETS})`);
+      throw new Error(
+        `${tab.name}: no audio both ways after ${WAIT_MS / 1000}s (sent ${bytes.sent} bytes, received ${bytes.received} in ${bytes.packetsReceived} packets; want ${MIN_PACKETS})`,
+      );
     }
     await new Promise((resolve) => setTimeout(resolve, 250));
   }
@@ -202,13 +228,30 @@ async function scenario(steps, page) {
   const tabs = [];
   try {
     const version = await steps.step('headless Chromium starts', async () => {
-      const { product } = await within(WAIT_MS, 'Chromium on its DevTools pipe', devtools.send('Browser.getVersion'));
+      const { product } = await within(
+        WAIT_MS,
+        'Chromium on its DevTools pipe',
+        devtools.send('Browser.getVersion'),
+      );
       return product;
     });
     const open = async (user, extra) => {
-      const tab = await Tab.open(devtools, user, LOG_DIR ? path.join(LOG_DIR, `browser-${user}.console`) : null);
+      const tab = await Tab.open(
+        devtools,
+        user,
+        LOG_DIR ? path.join(LOG_DIR, `browser-${user}.console`) : null,
+      );
       tabs.push(tab);
-      const query = new URLSearchParams({ server: SERVER, user, domain: DOMAIN, password: `${user}-pw`, register: '1', debug: '1', ice: 'loopback', ...extra });
+      const query = new URLSearchParams({
+        server: SERVER,
+        user,
+        domain: DOMAIN,
+        password: `${user}-pw`,
+        register: '1',
+        debug: '1',
+        ice: 'loopback',
+        ...extra,
+      });
       await tab.navigate(`${page}?${query}`);
       return tab;
     };
@@ -223,20 +266,26 @@ async function scenario(steps, page) {
       ]);
       return `${version}, page ${page}`;
     });
-    await steps.step('alice calls bob, bob answers: the call is established in both tabs', async () => {
-      await alice.eval('phone.call("bob")');
-      await Promise.all([
-        alice.until('established', ['established', 'failed', 'ended'], 'the call established'),
-        bob.until('established', ['established', 'failed', 'ended'], 'the call established'),
-      ]);
-    });
-    await steps.step('audio flows peer to peer (getStats: audio bytes both ways in both tabs)', async () => {
-      const [a, b] = await Promise.all([audioFlows(alice), audioFlows(bob)]);
-      await alice.screenshot(SCREENSHOT);
-      await bob.screenshot(SCREENSHOT.replace(/(\.png)?$/, '-callee.png'));
-      console.log(`     media path (alice's view): ${a.path}`);
-      return `alice sent ${a.sent} B, received ${a.received} B in ${a.packetsReceived} packets; bob sent ${b.sent} B, received ${b.received} B in ${b.packetsReceived} packets; screenshot ${SCREENSHOT}`;
-    });
+    await steps.step(
+      'alice calls bob, bob answers: the call is established in both tabs',
+      async () => {
+        await alice.eval('phone.call("bob")');
+        await Promise.all([
+          alice.until('established', ['established', 'failed', 'ended'], 'the call established'),
+          bob.until('established', ['established', 'failed', 'ended'], 'the call established'),
+        ]);
+      },
+    );
+    await steps.step(
+      'audio flows peer to peer (getStats: audio bytes both ways in both tabs)',
+      async () => {
+        const [a, b] = await Promise.all([audioFlows(alice), audioFlows(bob)]);
+        await alice.screenshot(SCREENSHOT);
+        await bob.screenshot(SCREENSHOT.replace(/(\.png)?$/, '-callee.png'));
+        console.log(`     media path (alice's view): ${a.path}`);
+        return `alice sent ${a.sent} B, received ${a.received} B in ${a.packetsReceived} packets; bob sent ${b.sent} B, received ${b.received} B in ${b.packetsReceived} packets; screenshot ${SCREENSHOT}`;
+      },
+    );
     await steps.step('alice hangs up: both calls end (BYE through moonroute)', async () => {
       await alice.eval('phone.hangup()');
       await Promise.all([
@@ -252,11 +301,19 @@ async function scenario(steps, page) {
   } finally {
     for (const tab of tabs) {
       if (LOG_DIR) {
-        const events = await within(2000, 'the page log', tab.eval('phone.events.join("\\n")')).catch(() => '');
+        const events = await within(
+          2000,
+          'the page log',
+          tab.eval('phone.events.join("\\n")'),
+        ).catch(() => '');
         fs.writeFileSync(path.join(LOG_DIR, `browser-${tab.name}.events`), `${events}\n`);
       }
     }
-    await within(5000, 'Chromium to close', devtools.send('Browser.close').then(() => exited)).catch(() => browser.kill('SIGKILL'));
+    await within(
+      5000,
+      'Chromium to close',
+      devtools.send('Browser.close').then(() => exited),
+    ).catch(() => browser.kill('SIGKILL'));
     fs.rmSync(profile, { recursive: true, force: true });
   }
 }
@@ -266,11 +323,13 @@ async function scenario(steps, page) {
   let pageServer;
   try {
     const given = arg('page', '');
-    const page = given || (await steps.step('the web phone is served over https', async () => {
-      const s = await servePhone({ port: arg('page-port'), cert: arg('cert'), key: arg('key') });
-      pageServer = s.server;
-      return s.url;
-    }));
+    const page =
+      given ||
+      (await steps.step('the web phone is served over https', async () => {
+        const s = await servePhone({ port: arg('page-port'), cert: arg('cert'), key: arg('key') });
+        pageServer = s.server;
+        return s.url;
+      }));
     await scenario(steps, page);
   } catch {
     // printed

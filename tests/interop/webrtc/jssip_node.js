@@ -159,7 +159,8 @@ async function register(agent) {
   const registered = once(agent.ua, 'registered', ['registrationFailed']);
   agent.ua.register();
   const { response } = await within(WAIT_MS, `${agent.name}'s 200 to REGISTER`, registered);
-  if (!agent.socket.got(401, 'REGISTER')) throw new Error('registered without a 401 digest challenge');
+  if (!agent.socket.got(401, 'REGISTER'))
+    throw new Error('registered without a 401 digest challenge');
   return `401 challenge answered, 200 with Contact expires=${response.getHeader('Contact').match(/expires=(\d+)/i)?.[1] ?? '?'}`;
 }
 
@@ -177,11 +178,20 @@ async function message(from, to) {
     from.ua.sendMessage(`sip:${to.name}@${DOMAIN}`, body, {
       eventHandlers: {
         succeeded: (e) => resolve(e.response),
-        failed: (e) => reject(new Error(`MESSAGE failed: ${e.cause}${e.response ? ` (${e.response.status_code} ${e.response.reason_phrase})` : ''}`)),
+        failed: (e) =>
+          reject(
+            new Error(
+              `MESSAGE failed: ${e.cause}${e.response ? ` (${e.response.status_code} ${e.response.reason_phrase})` : ''}`,
+            ),
+          ),
       },
     });
   });
-  const [response] = await within(WAIT_MS, `the MESSAGE at ${to.name} and its 200 at ${from.name}`, Promise.all([answered, delivered]));
+  const [response] = await within(
+    WAIT_MS,
+    `the MESSAGE at ${to.name} and its 200 at ${from.name}`,
+    Promise.all([answered, delivered]),
+  );
   const challenged = from.socket.got(407, 'MESSAGE') ? '407 challenge answered, ' : '';
   return `${challenged}${response.status_code} ${response.reason_phrase}, body delivered`;
 }
@@ -193,7 +203,11 @@ async function call(caller, callee, transport) {
     const onSession = (e) => {
       if (e.originator !== 'remote') return;
       callee.ua.removeListener('newRTCSession', onSession);
-      resolve({ session: e.session, request: e.request, confirmed: once(e.session, 'confirmed', ['failed', 'ended']) });
+      resolve({
+        session: e.session,
+        request: e.request,
+        confirmed: once(e.session, 'confirmed', ['failed', 'ended']),
+      });
       e.session.answer(media);
     };
     callee.ua.on('newRTCSession', onSession);
@@ -207,18 +221,29 @@ async function call(caller, callee, transport) {
   const via = remote.request.getHeader('Via');
   const recordRoute = remote.request.getHeader('Record-Route') || '';
   const wantVia = `SIP/2.0/${transport.toUpperCase()}`;
-  if (!via.toUpperCase().startsWith(wantVia)) throw new Error(`the INVITE's top Via is "${via}" (want ${wantVia} of moonroute)`);
-  if (!/transport=ws/i.test(recordRoute)) throw new Error(`the INVITE's Record-Route is "${recordRoute}" (want transport=ws)`);
+  if (!via.toUpperCase().startsWith(wantVia))
+    throw new Error(`the INVITE's top Via is "${via}" (want ${wantVia} of moonroute)`);
+  if (!/transport=ws/i.test(recordRoute))
+    throw new Error(`the INVITE's Record-Route is "${recordRoute}" (want transport=ws)`);
   const challenged = caller.socket.got(407, 'INVITE') ? '407 challenge answered; ' : '';
-  return { session, remote: remote.session, detail: `${challenged}Via ${via.split(';')[0]}, Record-Route ${recordRoute}` };
+  return {
+    session,
+    remote: remote.session,
+    detail: `${challenged}Via ${via.split(';')[0]}, Record-Route ${recordRoute}`,
+  };
 }
 
 async function hangUp(caller, callee, sessions) {
   const calleeEnded = once(sessions.remote, 'ended', ['failed']);
   const callerEnded = once(sessions.session, 'ended', ['failed']);
   sessions.session.terminate();
-  const [atCallee] = await within(WAIT_MS, `the BYE at ${callee.name} and its 200 at ${caller.name}`, Promise.all([calleeEnded, callerEnded]));
-  if (atCallee.originator !== 'remote') throw new Error(`bob's call ended by ${atCallee.originator} (want the remote's BYE)`);
+  const [atCallee] = await within(
+    WAIT_MS,
+    `the BYE at ${callee.name} and its 200 at ${caller.name}`,
+    Promise.all([calleeEnded, callerEnded]),
+  );
+  if (atCallee.originator !== 'remote')
+    throw new Error(`bob's call ended by ${atCallee.originator} (want the remote's BYE)`);
   return `${callee.name}'s call ended by the remote BYE (${atCallee.cause})`;
 }
 

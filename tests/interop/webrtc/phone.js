@@ -42,7 +42,8 @@
     phone.state = state;
     const status = $('status');
     status.textContent = detail ? `${state}: ${detail}` : state;
-    status.className = state === 'established' ? 'established' : /failed/.test(state) ? 'failed' : '';
+    status.className =
+      state === 'established' ? 'established' : /failed/.test(state) ? 'failed' : '';
     log(status.textContent);
     const inCall = ['ringing', 'calling', 'established'].includes(state);
     $('hangup').disabled = !inCall;
@@ -91,7 +92,10 @@
   function loopbackCandidates(sdp) {
     return sdp
       .split('\r\n')
-      .filter((line) => !line.startsWith('a=candidate:') || / (127\.\d+\.\d+\.\d+|::1) \d+ typ /.test(line))
+      .filter(
+        (line) =>
+          !line.startsWith('a=candidate:') || / (127\.\d+\.\d+\.\d+|::1) \d+ typ /.test(line),
+      )
       .join('\r\n');
   }
 
@@ -103,7 +107,8 @@
     phone.session = session;
     const peer = session.remote_identity.uri.user;
     session.on('peerconnection', () => attachRemoteAudio(session));
-    if (loopbackOnly) session.on('sdp', (e) => e.originator === 'local' && (e.sdp = loopbackCandidates(e.sdp)));
+    if (loopbackOnly)
+      session.on('sdp', (e) => e.originator === 'local' && (e.sdp = loopbackCandidates(e.sdp)));
     if (session.connection) attachRemoteAudio(session);
     session.on('progress', () => originator === 'local' && setState('calling', `${peer} rings`));
     session.on('confirmed', () => setState('established', `with ${peer}`));
@@ -120,7 +125,10 @@
   const media = { mediaConstraints: { audio: true, video: false } };
   phone.call = (target) => {
     const to = target || $('target').value.trim();
-    phone.ua.call(to.includes('@') ? `sip:${to.replace(/^sip:/, '')}` : `sip:${to}@${$('domain').value.trim()}`, media);
+    phone.ua.call(
+      to.includes('@') ? `sip:${to.replace(/^sip:/, '')}` : `sip:${to}@${$('domain').value.trim()}`,
+      media,
+    );
   };
   phone.answer = () => phone.session && phone.session.answer(media);
   phone.hangup = () => phone.session && !phone.session.isEnded() && phone.session.terminate();
@@ -132,7 +140,8 @@
     const stats = await pc.getStats();
     let pair;
     stats.forEach((s) => {
-      if (s.type === 'transport' && s.selectedCandidatePairId) pair = stats.get(s.selectedCandidatePairId);
+      if (s.type === 'transport' && s.selectedCandidatePairId)
+        pair = stats.get(s.selectedCandidatePairId);
       if (s.kind !== 'audio') return;
       if (s.type === 'inbound-rtp') {
         bytes.received += s.bytesReceived || 0;

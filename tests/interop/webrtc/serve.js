@@ -35,8 +35,14 @@ function jssipBundle() {
 /** Starts the page server; resolves with { server, url }. */
 function servePhone({ port = 8444, cert = '', key = '' } = {}) {
   const files = {
-    '/': { type: 'text/html; charset=utf-8', body: fs.readFileSync(path.join(__dirname, 'phone.html')) },
-    '/phone.js': { type: 'text/javascript; charset=utf-8', body: fs.readFileSync(path.join(__dirname, 'phone.js')) },
+    '/': {
+      type: 'text/html; charset=utf-8',
+      body: fs.readFileSync(path.join(__dirname, 'phone.html')),
+    },
+    '/phone.js': {
+      type: 'text/javascript; charset=utf-8',
+      body: fs.readFileSync(path.join(__dirname, 'phone.js')),
+    },
     '/jssip.js': { type: 'text/javascript; charset=utf-8', body: jssipBundle() },
   };
   const handler = (req, res) => {
@@ -54,7 +60,10 @@ function servePhone({ port = 8444, cert = '', key = '' } = {}) {
   return new Promise((resolve, reject) => {
     server.once('error', reject);
     server.listen(Number(port), '127.0.0.1', () => {
-      resolve({ server, url: `${secure ? 'https' : 'http'}://127.0.0.1:${server.address().port}/` });
+      resolve({
+        server,
+        url: `${secure ? 'https' : 'http'}://127.0.0.1:${server.address().port}/`,
+      });
     });
   });
 }

@@ -19,7 +19,9 @@ class Steps {
       return detail;
     } catch (error) {
       this.failed += 1;
-      console.log(`FAIL ${this.scenario}: ${name}: ${error && error.message ? error.message : error}`);
+      console.log(
+        `FAIL ${this.scenario}: ${name}: ${error && error.message ? error.message : error}`,
+      );
       throw error;
     }
   }
@@ -29,7 +31,10 @@ class Steps {
 function within(ms, what, promise) {
   let timer;
   const deadline = new Promise((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`timed out after ${ms / 1000}s waiting for ${what}`)), ms);
+    timer = setTimeout(
+      () => reject(new Error(`timed out after ${ms / 1000}s waiting for ${what}`)),
+      ms,
+    );
   });
   return Promise.race([promise, deadline]).finally(() => clearTimeout(timer));
 }
@@ -49,7 +54,8 @@ function once(emitter, event, failures = []) {
     for (const f of failures) {
       ko[f] = (e) => {
         done();
-        const why = e && (e.cause || (e.response && `${e.response.status_code} ${e.response.reason_phrase}`));
+        const why =
+          e && (e.cause || (e.response && `${e.response.status_code} ${e.response.reason_phrase}`));
         reject(new Error(`${f}${why ? `: ${why}` : ''}`));
       };
       emitter.on(f, ko[f]);
