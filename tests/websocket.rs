@@ -34,6 +34,7 @@ const PAGE_ORIGIN: &str = "https://phone.moonroute.test";
 struct Running {
     server: ServerHandle,
     host: Arc<ScriptHost>,
+    /// The `ws:` listener; the `wss:` one for a server without `ws:`.
     ws: SocketAddr,
     udp: SocketAddr,
     _dir: TempDir,
@@ -78,7 +79,10 @@ fn start(edit: impl FnOnce(&mut Config, &std::path::Path)) -> Running {
         .with_flows(Arc::clone(&host.services().flows));
     let server = Server::start(&config, Arc::new(factory)).expect("server starts");
     Running {
-        ws: server.local_addr(TransportKind::Ws).unwrap(),
+        ws: server
+            .local_addr(TransportKind::Ws)
+            .or_else(|| server.local_addr(TransportKind::Wss))
+            .expect("a ws: (or, without one, a wss:) listener"),
         udp: server.local_addr(TransportKind::Udp).unwrap(),
         server,
         host,
@@ -103,6 +107,28 @@ fn record_routes(m: &Message) -> Vec<String> {
     m.values(HeaderName::RecordRoute)
         .map(|v| common::without_signature(&String::from_utf8_lossy(v.unwrap())))
         .collect()
+}
+
+/// The callee of `invite` (answered with `answer`) hangs up: the BYE reaches the caller on its
+/// connection with moonroute's Via `via` (`SIP/2.0/WS` or `SIP/2.0/WSS`) on top, and the
+/// caller's 200 gets back.
+async fn callee_hangs_up(
+    callee: &mut TestUa,
+    caller: &mut TestUa,
+    invite: &Message,
+    answer: &Message,
+    via: &str,
+) {
+    let mut dialog = common::ua::Dialog::from_uas(invite, answer);
+    callee.bye(&mut dialog).await;
+    let bye = caller.expect_request("BYE").await;
+    assert!(
+        vias(&bye)[0].starts_with(&format!("{via} 127.0.0.1:")),
+        "{:?}",
+        vias(&bye)
+    );
+    caller.respond(&bye, 200, "OK").await;
+    callee.expect_final(200).await;
 }
 
 /// The HTTP answer to a WebSocket Upgrade that `request` makes to `server`.
@@ -187,11 +213,7 @@ async fn two_websocket_clients_register_and_call_each_other() {
 
     // The callee hangs up: the BYE reaches the caller on its connection (its Contact was
     // rewritten to the connection's address: WebSocket clients count as NATed).
-    let mut bob_dialog = common::ua::Dialog::from_uas(&invite, &answer);
-    bob.bye(&mut bob_dialog).await;
-    let bye = alice.expect_request("BYE").await;
-    alice.respond(&bye, 200, "OK").await;
-    bob.expect_final(200).await;
+    callee_hangs_up(&mut bob, &mut alice, &invite, &answer, "SIP/2.0/WS").await;
 
     // And a MESSAGE back the other way, out of dialog.
     alice
@@ -242,16 +264,7 @@ async fn a_websocket_client_calls_a_udp_phone_through_two_record_routes() {
     alice.ack_2xx(&answer).await;
     carol.expect_request("ACK").await;
 
-    let mut carol_dialog = common::ua::Dialog::from_uas(&invite, &answer);
-    carol.bye(&mut carol_dialog).await;
-    let bye = alice.expect_request("BYE").await;
-    assert!(
-        vias(&bye)[0].starts_with("SIP/2.0/WS 127.0.0.1:"),
-        "{:?}",
-        vias(&bye)
-    );
-    alice.respond(&bye, 200, "OK").await;
-    carol.expect_final(200).await;
+    callee_hangs_up(&mut carol, &mut alice, &invite, &answer, "SIP/2.0/WS").await;
 }
 
 #[tokio::test]
@@ -342,6 +355,47 @@ async fn secure_websocket_uses_the_tls_identity() {
     );
     alice.respond(&invite, 486, "Busy Here").await;
     bob.expect_final(486).await;
+}
+
+/// A server with `wss:` and no `ws:` listener (the usual deployment): the clients' Contacts,
+/// rewritten to their connections' addresses, say `transport=ws` as RFC 7118 §5.2 has it for
+/// secure WebSocket too, and in-dialog requests to them (the ACK, forwarded statelessly, and
+/// the BYE) leave from the `wss:` listener on the callee's connection.
+#[tokio::test]
+async fn a_call_between_secure_websocket_clients_without_a_ws_listener() {
+    let ca = common::certs::Ca::new();
+    let running = start(|config, dir| {
+        config.listen = vec![
+            "udp:127.0.0.1:0".parse::<ListenAddr>().unwrap(),
+            "wss:127.0.0.1:0".parse::<ListenAddr>().unwrap(),
+        ];
+        let (cert, key) = ca.localhost_files(dir);
+        config.tls.certificate = cert;
+        config.tls.private_key = key;
+    });
+    let wss = running.wss();
+    let tls = || Some((ca.connector(), "localhost"));
+    let mut alice = TestUa::websocket("alice", wss, tls(), Some(PAGE_ORIGIN)).await;
+    let mut bob = TestUa::websocket("bob", wss, tls(), Some(PAGE_ORIGIN)).await;
+    register(&mut alice, "alice").await;
+    register(&mut bob, "bob").await;
+
+    alice.invite(&aor("bob")).await;
+    let invite = bob.expect_request("INVITE").await;
+    assert!(vias(&invite)[0].starts_with("SIP/2.0/WSS 127.0.0.1:"));
+    bob.respond(&invite, 200, "OK").await;
+    let answer = alice.expect_final(200).await;
+    let contact = header_text(&answer, "Contact").unwrap_or_default();
+    assert!(contact.contains(";transport=ws"), "{contact}");
+    alice.ack_2xx(&answer).await;
+    let ack = bob.expect_request("ACK").await;
+    assert!(
+        vias(&ack)[0].starts_with("SIP/2.0/WSS 127.0.0.1:"),
+        "{:?}",
+        vias(&ack)
+    );
+
+    callee_hangs_up(&mut bob, &mut alice, &invite, &answer, "SIP/2.0/WSS").await;
 }
 
 #[tokio::test]

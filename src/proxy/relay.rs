@@ -1866,12 +1866,10 @@ fn copy_for(
     inbound: (TransportKind, SocketAddr),
     record_route: bool,
 ) -> Result<(Message, Destination), &'static str> {
-    let local = bound
-        .iter()
-        .find(|l| l.kind == candidate.kind && l.addr.is_ipv4() == candidate.addr.is_ipv4())
-        .map(|l| l.addr)
+    let listener = listener_for(bound, candidate.kind, candidate.addr)
         .ok_or("no listener for the next hop's transport")?;
-    let outbound = (candidate.kind, local);
+    let (kind, local) = (listener.kind, listener.addr);
+    let outbound = (kind, local);
     let copy = match first {
         Some(first) if outbound == inbound => first,
         _ => forward_copy(
@@ -1881,7 +1879,7 @@ fn copy_for(
         .map_err(|_| "cannot build the forwarded copy")?,
     };
     let dest = Destination {
-        kind: candidate.kind,
+        kind,
         addr: candidate.addr,
         conn: None,
         local: Some(local),
@@ -1889,6 +1887,20 @@ fn copy_for(
         reuse_only: false,
     };
     Ok((copy, dest))
+}
+
+/// Our listener for a next hop over `kind` at `to`, in its address family. A WebSocket hop may
+/// leave from the listener of the other WebSocket kind: a URI says `transport=ws` for secure
+/// WebSocket too (RFC 7118 §5.2), so a `wss:`-only server reaches a client whose Contact says
+/// `transport=ws` (the ACK and BYE of its calls) on the client's connection, whichever kind
+/// it is (the WebSocket transport sends on either).
+fn listener_for(bound: &[ListenAddr], kind: TransportKind, to: SocketAddr) -> Option<&ListenAddr> {
+    let same_family = |l: &&ListenAddr| l.addr.is_ipv4() == to.is_ipv4();
+    let mut usable = bound.iter().filter(same_family);
+    usable
+        .clone()
+        .find(|l| l.kind == kind)
+        .or_else(|| usable.find(|l| kind.is_websocket() && l.kind.is_websocket()))
 }
 
 fn query_of(hop: &NextHop) -> dns::Query {
@@ -1940,5 +1952,33 @@ mod tests {
         assert_eq!(owner_of_branch(b"z9hG4bKsomebodyelse"), None);
         assert_eq!(owner_of_branch(b"z9hG4bK0123456789abcdex.1.2"), None);
         assert_eq!(owner_of_branch(b"z9hG4bK0123456789abcdef.1.2.3"), None);
+    }
+
+    #[test]
+    fn a_websocket_hop_leaves_from_either_websocket_listener() {
+        let listen = |s: &str| s.parse::<ListenAddr>().unwrap();
+        let (udp, ws, wss) = (
+            listen("udp:127.0.0.1:5060"),
+            listen("ws:127.0.0.1:8080"),
+            listen("wss:127.0.0.1:8443"),
+        );
+        let client: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        let secure_only = [udp.clone(), wss.clone()];
+        // `transport=ws` (RFC 7118 §5.2) names a wss: client too.
+        assert_eq!(
+            listener_for(&secure_only, TransportKind::Ws, client),
+            Some(&wss)
+        );
+        assert_eq!(
+            listener_for(&secure_only, TransportKind::Udp, client),
+            Some(&udp)
+        );
+        assert_eq!(listener_for(&secure_only, TransportKind::Tcp, client), None);
+        let v6: SocketAddr = "[::1]:40000".parse().unwrap();
+        assert_eq!(listener_for(&secure_only, TransportKind::Ws, v6), None);
+        // With both, each kind its own.
+        let both = [wss.clone(), ws.clone()];
+        assert_eq!(listener_for(&both, TransportKind::Ws, client), Some(&ws));
+        assert_eq!(listener_for(&both, TransportKind::Wss, client), Some(&wss));
     }
 }
