@@ -8,7 +8,8 @@
 //! the callee's BYE back to the caller on its connection), a WebSocket caller and a UDP phone
 //! (double Record-Route, Via on both legs), secure WebSocket, a binding whose connection
 //! closed (reachable no more), the handshake deadline, the message size limit, the per-IP
-//! connection cap, and digest authentication under the shipped policy.
+//! connection cap, and digest authentication under the shipped policy; a real phone,
+//! baresip over UDP, called by a WebSocket client (`a_websocket_client_calls_baresip`).
 //!
 //! Nothing sleeps: every wait is for a message or a close, bounded by a timeout.
 
@@ -452,4 +453,202 @@ async fn a_websocket_phone_registers_with_digest_auth_under_the_shipped_policy()
         .header("Authorization", &credentials)
         .await;
     alice.expect_final(200).await;
+}
+
+/// A headless baresip (UDP) registered as bob through `running`: SIP on 127.0.0.1:44710, its
+/// ctrl_tcp on 44711, RTP on 44720-44739, auto-answer, its SIP trace (`-s`) in `trace`. Killed
+/// when dropped.
+struct Baresip {
+    child: std::process::Child,
+    events: tokio::io::BufReader<TcpStream>,
+    seen: String,
+}
+
+const BARESIP_SIP: u16 = 44710;
+const BARESIP_CTRL: u16 = 44711;
+
+impl Baresip {
+    async fn start(running: &Running, dir: &std::path::Path, trace: &std::path::Path) -> Baresip {
+        let conf = dir.join("baresip");
+        std::fs::create_dir_all(&conf).unwrap();
+        std::fs::write(
+            conf.join("config"),
+            format!(
+                "sip_listen 127.0.0.1:{BARESIP_SIP}\nnet_interface 127.0.0.1\n\
+                 rtp_ports 44720-44739\npoll_method epoll\n\
+                 audio_player aubridge,nil\naudio_alert aubridge,nil\naudio_source ausine,440\n\
+                 module_path /usr/lib/baresip/modules\nmodule g711.so\nmodule ausine.so\n\
+                 module aubridge.so\nmodule_app account.so\nmodule_app menu.so\n\
+                 module_app ctrl_tcp.so\nctrl_tcp_listen 127.0.0.1:{BARESIP_CTRL}\n"
+            ),
+        )
+        .unwrap();
+        // Its registrar and outbound proxy: moonroute's UDP listener; no digest (the script
+        // here authenticates nobody).
+        std::fs::write(
+            conf.join("accounts"),
+            format!(
+                "<sip:bob@{DOMAIN}>;outbound=\"sip:{};transport=udp\";answermode=auto;regint=600\n",
+                running.udp
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(trace).unwrap();
+        let child = std::process::Command::new("baresip")
+            .arg("-f")
+            .arg(&conf)
+            .args(["-s", "-t", "60"])
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("baresip starts");
+        // Its control socket appears once it has started: connect, bounded.
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let ctrl = loop {
+            match TcpStream::connect(("127.0.0.1", BARESIP_CTRL)).await {
+                Ok(stream) => break stream,
+                Err(e) => {
+                    assert!(tokio::time::Instant::now() < deadline, "baresip ctrl_tcp: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        };
+        Baresip {
+            child,
+            events: tokio::io::BufReader::new(ctrl),
+            seen: String::new(),
+        }
+    }
+
+    /// Waits (bounded) for the ctrl_tcp event `kind` (`"type":"KIND"` in its JSON).
+    async fn expect_event(&mut self, kind: &str) {
+        use tokio::io::AsyncReadExt;
+        let needle = format!("\"type\":\"{kind}\"");
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !self.seen.contains(&needle) {
+            let mut buf = [0u8; 4096];
+            let n = tokio::time::timeout_at(deadline, self.events.read(&mut buf))
+                .await
+                .unwrap_or_else(|_| panic!("no {kind} from baresip; its events: {}", self.seen))
+                .expect("baresip's ctrl_tcp");
+            assert!(n > 0, "baresip closed ctrl_tcp before {kind}: {}", self.seen);
+            self.seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    }
+
+    /// One ctrl_tcp command (a netstring).
+    async fn command(&mut self, json: &str) {
+        use tokio::io::AsyncWriteExt;
+        let netstring = format!("{}:{json},", json.len());
+        self.events
+            .get_mut()
+            .write_all(netstring.as_bytes())
+            .await
+            .unwrap();
+    }
+}
+
+impl Drop for Baresip {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The header lines of the first `METHOD` baresip's SIP trace shows it received.
+fn traced_request(trace: &std::path::Path, method: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(trace).unwrap_or_default();
+    let start = text
+        .find(&format!("{method} sip:"))
+        .unwrap_or_else(|| panic!("no {method} in baresip's trace:\n{text}"));
+    text[start..]
+        .lines()
+        .take_while(|line| !line.trim().is_empty())
+        .map(|line| line.trim().to_owned())
+        .collect()
+}
+
+/// The issue's interop item: a WebSocket client (RFC 7118) calls a real phone, baresip 1.0 on
+/// UDP, registered through the shipped policy. The INVITE reaches baresip with moonroute's
+/// UDP Via on top of the client's WS Via and one Record-Route per leg (RFC 5658: the UDP one
+/// on top, the `transport=ws` one below, as baresip's SIP trace shows); baresip auto-answers,
+/// the ACK follows the route set to it, and its BYE comes back on the client's WebSocket
+/// connection. Signalling only (WebRTC media to RTP needs a media relay).
+///
+/// Needs `baresip` (Debian `baresip-core`): without it the test says so and passes, unless
+/// `MOONROUTE_REQUIRE_BARESIP=1` (set by `.ci/interop ws_baresip`) makes that a failure. Uses
+/// 127.0.0.1 ports 44710-44739 for baresip.
+#[tokio::test]
+async fn a_websocket_client_calls_baresip() {
+    if std::process::Command::new("baresip")
+        .arg("-h")
+        .output()
+        .is_err()
+    {
+        assert!(
+            std::env::var_os("MOONROUTE_REQUIRE_BARESIP").is_none(),
+            "baresip is not installed (apt-get install baresip-core)"
+        );
+        eprintln!("SKIPPED a_websocket_client_calls_baresip: baresip is not installed");
+        return;
+    }
+    let running = start(|_, _| {});
+    let dir = TempDir::new().unwrap();
+    let trace = dir.path().join("baresip.log");
+    let mut bob = Baresip::start(&running, dir.path(), &trace).await;
+    bob.expect_event("REGISTER_OK").await;
+
+    let mut alice = TestUa::websocket("alice", running.ws, None, None).await;
+    register(&mut alice, "alice").await;
+    alice.invite(&aor("bob")).await;
+    let answer = alice.expect_final(200).await;
+    // baresip copied the INVITE's Record-Route into its 200 (RFC 3261 §12.1.1).
+    assert_eq!(
+        record_routes(&answer),
+        vec![
+            format!("<sip:{};transport=udp;lr>", running.udp),
+            format!("<sip:{};transport=ws;lr>", running.ws),
+        ]
+    );
+    let invite = traced_request(&trace, "INVITE");
+    let via: Vec<&String> = invite.iter().filter(|l| l.starts_with("Via:")).collect();
+    assert!(
+        via.len() == 2
+            && via[0].starts_with(&format!("Via: SIP/2.0/UDP {};", running.udp))
+            && via[1].starts_with("Via: SIP/2.0/WS alice"),
+        "the INVITE's Vias at baresip: {via:?}"
+    );
+    let record_route: Vec<&String> = invite
+        .iter()
+        .filter(|l| l.starts_with("Record-Route:"))
+        .collect();
+    assert!(
+        record_route.len() == 2
+            && record_route[0].contains(&format!("<sip:{};transport=udp;lr", running.udp))
+            && record_route[1].contains(&format!("<sip:{};transport=ws;lr", running.ws)),
+        "the INVITE's Record-Routes at baresip: {record_route:?}"
+    );
+
+    alice.ack_2xx(&answer).await;
+    bob.expect_event("CALL_ESTABLISHED").await;
+    let ack = traced_request(&trace, "ACK");
+    assert!(
+        ack.iter()
+            .any(|l| l.starts_with(&format!("Via: SIP/2.0/UDP {};", running.udp))),
+        "the ACK reached baresip through moonroute: {ack:?}"
+    );
+
+    // baresip hangs up: its BYE follows the route set back to the WebSocket connection.
+    bob.command(r#"{"command":"hangup","token":"hangup"}"#).await;
+    let bye = alice.expect_request("BYE").await;
+    let bye_via = vias(&bye);
+    assert!(
+        bye_via.len() == 2
+            && bye_via[0].starts_with("SIP/2.0/WS 127.0.0.1:")
+            && bye_via[1].starts_with(&format!("SIP/2.0/UDP 127.0.0.1:{BARESIP_SIP}")),
+        "{bye_via:?}"
+    );
+    alice.respond(&bye, 200, "OK").await;
+    bob.expect_event("CALL_CLOSED").await;
 }
