@@ -18,7 +18,8 @@
 # Bounded: counts above; every ws_load run gives up after TIMEOUT seconds (default 90).
 # Environment: CONNECTIONS, UDP_PORT (44060), WSS_PORT (44061), TLS_PORT (44062), WS_PORT (44063),
 # TCP_PORT (44064), IDLE_CONCURRENCY (50), TIMEOUT, MOONROUTE=path (skip the server build),
-# KEEP=1 (keep the temporary directory).
+# WS_LOAD=path and TLS_LOAD=path (both: skip building the examples), KEEP=1 (keep the
+# temporary directory).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.sh
@@ -38,8 +39,12 @@ load_cpus=${LOAD_CPUS:-1}
 target=${CARGO_TARGET_DIR:-target}
 
 bin=$(moonroute_bin)
-cargo build --release --quiet --example ws_load --example tls_load
-load=$target/release/examples/ws_load
+if [ -n "${WS_LOAD:-}" ] && [ -n "${TLS_LOAD:-}" ]; then
+  load=$WS_LOAD certs=$TLS_LOAD
+else
+  cargo build --release --quiet --example ws_load --example tls_load
+  load=$target/release/examples/ws_load certs=$target/release/examples/tls_load
+fi
 
 need_free_udp_port "$udp_port"
 for p in "$wss_port" "$tls_port" "$ws_port" "$tcp_port"; do need_free_tcp_port "$p"; done
@@ -54,7 +59,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-"$target/release/examples/tls_load" certs --out "$work/certs" >/dev/null
+"$certs" certs --out "$work/certs" >/dev/null
 # The shipped script authenticates; the load's REGISTERs and MESSAGEs carry no credentials.
 default_script_without_auth >"$work/default-noauth.lua"
 max=$((idle + connections + 1000))

@@ -224,7 +224,9 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
         return Err("wss and tls need --ca CA.pem".into());
     }
     if args.mode == "message" && (args.connections < 2 || args.connections % 2 != 0) {
-        return Err("message needs an even number of --connections (sender, receiver pairs)".into());
+        return Err(
+            "message needs an even number of --connections (sender, receiver pairs)".into(),
+        );
     }
     Ok(args)
 }
@@ -306,9 +308,10 @@ impl Dialer {
         let mut request = format!("{scheme}://{}/", self.server)
             .into_client_request()
             .map_err(|e| e.to_string())?;
-        request
-            .headers_mut()
-            .insert("Sec-WebSocket-Protocol", "sip".parse().expect("a header value"));
+        request.headers_mut().insert(
+            "Sec-WebSocket-Protocol",
+            "sip".parse().expect("a header value"),
+        );
         let (ws, _) = tokio_tungstenite::client_async(request, io)
             .await
             .map_err(|e| format!("WebSocket upgrade: {e}"))?;
@@ -565,9 +568,7 @@ fn ok_response(request: &[u8]) -> String {
     let mut response = String::from("SIP/2.0 200 OK\r\n");
     for line in head.split("\r\n").skip(1) {
         let name = line.split(':').next().unwrap_or("").trim();
-        let copied = [
-            "via", "v", "from", "f", "call-id", "i", "cseq", "to", "t",
-        ];
+        let copied = ["via", "v", "from", "f", "call-id", "i", "cseq", "to", "t"];
         if let Some(kind) = copied.iter().find(|c| name.eq_ignore_ascii_case(c)) {
             response.push_str(line);
             if (*kind == "to" || *kind == "t") && !line.contains(";tag=") {
@@ -602,7 +603,10 @@ async fn open_links(args: &Args, dialer: &Arc<Dialer>) -> Result<Vec<Arc<Link>>,
             links[index] = Some(link.map_err(|e| format!("connection {index}: {e}"))?);
         }
     }
-    Ok(links.into_iter().map(|l| l.expect("every link opened")).collect())
+    Ok(links
+        .into_iter()
+        .map(|l| l.expect("every link opened"))
+        .collect())
 }
 
 // ----- the measured runs ----------------------------------------------------------------------
@@ -750,7 +754,9 @@ async fn message(args: &Args, dialer: Arc<Dialer>) -> Result<bool, String> {
         });
     }
     while let Some(joined) = set.join_next().await {
-        joined.map_err(|e| e.to_string())?.map_err(|e| format!("setup: {e}"))?;
+        joined
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("setup: {e}"))?;
     }
     println!(
         "opened and registered {} {:?} connections ({} pairs)",

@@ -455,9 +455,9 @@ async fn a_websocket_phone_registers_with_digest_auth_under_the_shipped_policy()
     alice.expect_final(200).await;
 }
 
-/// A headless baresip (UDP) registered as bob through `running`: SIP on 127.0.0.1:44710, its
-/// ctrl_tcp on 44711, RTP on 44720-44739, auto-answer, its SIP trace (`-s`) in `trace`. Killed
-/// when dropped.
+/// A headless baresip (UDP) registered as bob through `running`: SIP on 127.0.0.1:44710 (and
+/// 44711, its TLS), its ctrl_tcp on 44715, RTP on 44720-44739, auto-answer, its SIP trace
+/// (`-s`) in `trace`. Killed when dropped.
 struct Baresip {
     child: std::process::Child,
     events: tokio::io::BufReader<TcpStream>,
@@ -465,7 +465,7 @@ struct Baresip {
 }
 
 const BARESIP_SIP: u16 = 44710;
-const BARESIP_CTRL: u16 = 44711;
+const BARESIP_CTRL: u16 = 44715;
 
 impl Baresip {
     async fn start(running: &Running, dir: &std::path::Path, trace: &std::path::Path) -> Baresip {
@@ -477,6 +477,7 @@ impl Baresip {
                 "sip_listen 127.0.0.1:{BARESIP_SIP}\nnet_interface 127.0.0.1\n\
                  rtp_ports 44720-44739\npoll_method epoll\n\
                  audio_player aubridge,nil\naudio_alert aubridge,nil\naudio_source ausine,440\n\
+                 ausrc_srate 48000\nausrc_channels 2\nauplay_srate 48000\n\
                  module_path /usr/lib/baresip/modules\nmodule g711.so\nmodule ausine.so\n\
                  module aubridge.so\nmodule_app account.so\nmodule_app menu.so\n\
                  module_app ctrl_tcp.so\nctrl_tcp_listen 127.0.0.1:{BARESIP_CTRL}\n"
@@ -509,7 +510,10 @@ impl Baresip {
             match TcpStream::connect(("127.0.0.1", BARESIP_CTRL)).await {
                 Ok(stream) => break stream,
                 Err(e) => {
-                    assert!(tokio::time::Instant::now() < deadline, "baresip ctrl_tcp: {e}");
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "baresip ctrl_tcp: {e}"
+                    );
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 }
             }
@@ -532,7 +536,11 @@ impl Baresip {
                 .await
                 .unwrap_or_else(|_| panic!("no {kind} from baresip; its events: {}", self.seen))
                 .expect("baresip's ctrl_tcp");
-            assert!(n > 0, "baresip closed ctrl_tcp before {kind}: {}", self.seen);
+            assert!(
+                n > 0,
+                "baresip closed ctrl_tcp before {kind}: {}",
+                self.seen
+            );
             self.seen.push_str(&String::from_utf8_lossy(&buf[..n]));
         }
     }
@@ -597,7 +605,22 @@ async fn a_websocket_client_calls_baresip() {
     let dir = TempDir::new().unwrap();
     let trace = dir.path().join("baresip.log");
     let mut bob = Baresip::start(&running, dir.path(), &trace).await;
-    bob.expect_event("REGISTER_OK").await;
+    // baresip registers as it starts, maybe before its control socket took our connection
+    // (so its REGISTER_OK event can be missed): wait for the binding itself, bounded.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while running
+        .host
+        .services()
+        .location_lookup(&aor("bob"), std::time::SystemTime::now())
+        .is_empty()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "baresip did not register:\n{}",
+            std::fs::read_to_string(&trace).unwrap_or_default()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 
     let mut alice = TestUa::websocket("alice", running.ws, None, None).await;
     register(&mut alice, "alice").await;
@@ -640,7 +663,8 @@ async fn a_websocket_client_calls_baresip() {
     );
 
     // baresip hangs up: its BYE follows the route set back to the WebSocket connection.
-    bob.command(r#"{"command":"hangup","token":"hangup"}"#).await;
+    bob.command(r#"{"command":"hangup","token":"hangup"}"#)
+        .await;
     let bye = alice.expect_request("BYE").await;
     let bye_via = vias(&bye);
     assert!(
@@ -651,4 +675,108 @@ async fn a_websocket_client_calls_baresip() {
     );
     alice.respond(&bye, 200, "OK").await;
     bob.expect_event("CALL_CLOSED").await;
+}
+
+/// Reads one SIP message from a raw stream (RFC 3261 §18.3 framing), bounded by [`WAIT`].
+async fn read_message(
+    stream: &mut TcpStream,
+    framer: &mut moonroute::transport::framing::StreamFramer,
+) -> Message {
+    use moonroute::transport::framing::Frame;
+    use tokio::io::AsyncReadExt;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(Frame::Message(bytes)) = framer.next_frame().expect("a framable stream") {
+            return Message::parse(bytes).expect("a SIP message");
+        }
+        let n = tokio::time::timeout_at(deadline, stream.read_buf(framer.read_space(4096)))
+            .await
+            .expect("a message in time")
+            .expect("the connection reads");
+        assert!(n > 0, "the server closed the connection");
+    }
+}
+
+/// A REGISTER of alice over a raw TCP connection with outbound's Contact parameters (RFC 5626
+/// §4.2): `+sip.instance`, `reg-id`, `;ob`, and a Contact address nothing listens on (a phone
+/// that accepts no connection).
+fn outbound_register(local: SocketAddr, call_id: &str, cseq: u32) -> String {
+    format!(
+        "REGISTER sip:{DOMAIN} SIP/2.0\r\n\
+         Via: SIP/2.0/TCP {local};branch=z9hG4bK-ob-{call_id}-{cseq}\r\n\
+         Max-Forwards: 70\r\n\
+         To: <{0}>\r\nFrom: <{0}>;tag=ob{cseq}\r\n\
+         Call-ID: {call_id}\r\nCSeq: {cseq} REGISTER\r\n\
+         Supported: outbound, path\r\n\
+         Contact: <sip:alice@127.0.0.1:44790;transport=tcp;ob>;reg-id=1;\
+         +sip.instance=\"<urn:uuid:00000000-0000-1000-8000-00000000a11c>\"\r\n\
+         Expires: 600\r\nContent-Length: 0\r\n\r\n",
+        aor("alice")
+    )
+}
+
+/// RFC 5626 over TCP: the 200 to an outbound REGISTER carries `Require: outbound`; a request
+/// for the AOR goes over the connection the REGISTER came on (not to the Contact's address);
+/// re-registering the same instance and reg-id over a new connection replaces the flow; once
+/// that connection is closed the binding is skipped.
+#[tokio::test]
+async fn an_outbound_tcp_flow_is_reached_over_its_connection_and_replaced() {
+    use moonroute::transport::framing::StreamFramer;
+    use tokio::io::AsyncWriteExt;
+    let running = start(|config, _| {
+        config
+            .listen
+            .push("tcp:127.0.0.1:0".parse::<ListenAddr>().unwrap())
+    });
+    let tcp = running.server.local_addr(TransportKind::Tcp).unwrap();
+    let mut carol = TestUa::udp("carol").await.via_proxy(running.udp);
+
+    let mut flows = Vec::new();
+    for (n, call_id) in ["ob-1", "ob-2"].into_iter().enumerate() {
+        let mut stream = TcpStream::connect(tcp).await.unwrap();
+        let local = stream.local_addr().unwrap();
+        let mut framer = StreamFramer::new(65536);
+        stream
+            .write_all(outbound_register(local, call_id, 1).as_bytes())
+            .await
+            .unwrap();
+        let ok = read_message(&mut stream, &mut framer).await;
+        assert_eq!(ok.status(), Some(200));
+        assert_eq!(header_text(&ok, "Require").as_deref(), Some("outbound"));
+        // One binding: the second connection's flow replaced the first (§6).
+        assert_eq!(ok.values(HeaderName::Contact).count(), 1, "{n}");
+
+        carol
+            .request("MESSAGE", &aor("alice"))
+            .body("text/plain", "over the flow")
+            .await;
+        let message = read_message(&mut stream, &mut framer).await;
+        assert_eq!(&message.body()[..], b"over the flow");
+        let answer = moonroute::sip::ResponseBuilder::new(&message, 200, "OK")
+            .to_tag(b"ob")
+            .build();
+        stream.write_all(&answer).await.unwrap();
+        carol.expect_final(200).await;
+        flows.push(stream);
+    }
+    // The flow's connection closes: the binding is skipped (no attempt on its Contact).
+    let open = running.server.connection_count();
+    drop(flows);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while running.server.connection_count() + 1 >= open {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the server saw no close"
+        );
+        tokio::task::yield_now().await;
+    }
+    carol.request("MESSAGE", &aor("alice")).await;
+    // No contact left (the shipped policy's 404), and no connection tried to 127.0.0.1:44790.
+    let refused = carol.recv_response(WAIT).await;
+    assert_eq!(
+        refused.status(),
+        Some(404),
+        "{}",
+        common::ua::show(&refused)
+    );
 }

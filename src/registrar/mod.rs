@@ -28,8 +28,10 @@
 //! REGISTER whose first hop is this server (one Via) or an edge proxy that supports outbound
 //! (`ob` in the last Path URI, [`outbound_applies`]), names a flow: it replaces the binding
 //! of the same instance and reg-id whatever its Contact URI (a phone that re-registers over
-//! a new connection, the old one being dead), and the 200 carries `Require: outbound`.
-//! Elsewhere reg-id is stored but ignored (plain RFC 3261 bindings, no 439).
+//! a new connection, the old one being dead), the binding is tied to the connection it came
+//! over (the lookup reaches it only there, `script::Services::location_lookup`), and the
+//! 200 carries `Require: outbound`. Elsewhere reg-id is ignored, not stored (plain RFC 3261
+//! bindings; no 439).
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -346,9 +348,7 @@ pub fn outbound_applies(req: &Message) -> bool {
 fn uses_outbound(req: &Message) -> bool {
     outbound_applies(req)
         && req.contacts().filter_map(Result::ok).any(|c| match c {
-            Contact::Addr(addr) => {
-                addr.params.has("reg-id") && addr.params.has("+sip.instance")
-            }
+            Contact::Addr(addr) => addr.params.has("reg-id") && addr.params.has("+sip.instance"),
             Contact::Star => false,
         })
 }
@@ -398,9 +398,11 @@ enum Slot {
 /// Every stored binding records the request's Call-ID and CSeq (step 7), its source
 /// transport and address and our local address from `meta`, the Path values (RFC 3327 §5.3;
 /// stored whether or not the UA sent `Supported: path`, as edge proxies commonly serve UAs
-/// that do not), the `+sip.instance` and `reg-id` Contact parameters (RFC 5626, stored only:
-/// bindings are still matched by contact URI, outbound's flow handling is not implemented) and
-/// User-Agent. A contact listed twice in one request: the later one wins.
+/// that do not), the `+sip.instance` Contact parameter, its `reg-id` when
+/// [`outbound_applies`] (RFC 5626 §6; ignored otherwise) and User-Agent. With outbound, a
+/// contact with both also matches the binding of the same instance and reg-id (the new flow
+/// replaces the old one), under the same Call-ID/CSeq rule. A contact listed twice in one
+/// request: the later one wins.
 pub fn process(
     req: &Message,
     meta: &Meta,
@@ -527,7 +529,10 @@ fn process_for_aor(
         .header(HeaderName::UserAgent)
         .map(|ua| String::from_utf8_lossy(ua).into_owned());
     for r in requested {
-        let flow = r.flow().filter(|_| outbound).map(|(i, id)| (i.to_owned(), id));
+        let flow = r
+            .flow()
+            .filter(|_| outbound)
+            .map(|(i, id)| (i.to_owned(), id));
         let binding = (r.expires > 0).then(|| Binding {
             aor: aor.to_owned(),
             contact: r.contact,
@@ -542,7 +547,8 @@ fn process_for_aor(
             local: Some(meta.local),
             path: path.clone(),
             instance: r.instance,
-            reg_id: r.reg_id,
+            // RFC 5626 §6: without outbound, the registrar ignores reg-id.
+            reg_id: r.reg_id.filter(|_| outbound),
             user_agent: user_agent.clone(),
             nated,
         });

@@ -885,7 +885,10 @@ fn a_new_flow_of_the_same_instance_and_reg_id_replaces_the_old_one() {
     );
     let (bindings, changed) = updated(run(&req, std::slice::from_ref(&old)));
     assert!(changed);
-    assert_eq!(contacts(&bindings), ["sip:alice@new2.invalid;transport=ws;ob"]);
+    assert_eq!(
+        contacts(&bindings),
+        ["sip:alice@new2.invalid;transport=ws;ob"]
+    );
     assert_eq!(bindings[0].reg_id, Some(1));
     // Another reg-id of the same instance is another flow: both stay (§4.2: one per
     // connection to each outbound proxy).
