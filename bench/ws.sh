@@ -121,16 +121,6 @@ stop_moonroute() {
   server=
 }
 
-# log_noise LOG: how many lines the server logged (log_level warn), and the commonest ones.
-log_noise() {
-  local n
-  n=$(wc -l <"$1")
-  if [ "$n" -gt 0 ]; then
-    echo "  server log: $n lines; commonest (timestamps stripped):"
-    sed -E 's/^[^ ]+ +//' "$1" | cut -c1-160 | sort | uniq -c | sort -rn | head -5 | sed 's/^/    /'
-  fi
-}
-
 port_of() {
   case $1 in wss) echo "$wss_port" ;; tls) echo "$tls_port" ;; ws) echo "$ws_port" ;; tcp) echo "$tcp_port" ;; esac
 }
