@@ -264,7 +264,7 @@ struct Dialer {
 /// An open connection, before or after its reader/writer tasks start.
 enum Opened {
     Stream(Box<dyn Io>),
-    WebSocket(tokio_tungstenite::WebSocketStream<Box<dyn Io>>),
+    WebSocket(Box<tokio_tungstenite::WebSocketStream<Box<dyn Io>>>),
 }
 
 trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
@@ -315,7 +315,7 @@ impl Dialer {
         let (ws, _) = tokio_tungstenite::client_async(request, io)
             .await
             .map_err(|e| format!("WebSocket upgrade: {e}"))?;
-        Ok(Opened::WebSocket(ws))
+        Ok(Opened::WebSocket(Box::new(ws)))
     }
 }
 
@@ -383,7 +383,7 @@ impl Link {
                 tokio::spawn(read_stream(read, pending, replies));
             }
             Opened::WebSocket(ws) => {
-                let (sink, stream) = ws.split();
+                let (sink, stream) = (*ws).split();
                 tokio::spawn(write_websocket(sink, outgoing));
                 tokio::spawn(read_websocket(stream, pending, replies));
             }
@@ -420,7 +420,7 @@ impl Link {
         };
         let outcome = match tokio::time::timeout(op_timeout, result).await {
             Ok(Ok(response)) => Ok(response),
-            Ok(Err(e)) => Err(format!("{e}")),
+            Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err("no final response in time".to_owned()),
         };
         self.pending.lock().unwrap().remove(&call_id);
