@@ -130,6 +130,16 @@ print_udp_batches() {
     }' <<<"$stats"
 }
 
+# log_noise LOG: how many lines the server logged (log_level warn), and the commonest ones.
+log_noise() {
+  local n
+  n=$(wc -l <"$1")
+  if [ "$n" -gt 0 ]; then
+    echo "  server log: $n lines; commonest (timestamps stripped):"
+    sed -E 's/^[^ ]+ +//' "$1" | cut -c1-160 | sort | uniq -c | sort -rn | head -5 | sed 's/^/    /'
+  fi
+}
+
 # --- registrar and location benches (register.sh, location_scale.sh) ---
 
 # moonroute_bin: the binary to run. MOONROUTE=path uses that one as is; otherwise builds the

@@ -179,16 +179,6 @@ idle_rss() {
   server=
 }
 
-# log_noise LOG: how many lines the server logged (log_level warn), and the commonest ones.
-log_noise() {
-  local n
-  n=$(wc -l <"$1")
-  if [ "$n" -gt 0 ]; then
-    echo "  server log: $n lines; commonest (timestamps stripped):"
-    sed -E 's/^[^ ]+ +//' "$1" | cut -c1-160 | sort | uniq -c | sort -rn | head -5 | sed 's/^/    /'
-  fi
-}
-
 echo "moonroute: $bin (1 worker, CPU $server_cpus); tls_load on CPU $load_cpus; work dir $work"
 start_moonroute "$work/moonroute.log"
 

@@ -8,7 +8,8 @@
 //! the callee's BYE back to the caller on its connection), a WebSocket caller and a UDP phone
 //! (double Record-Route, Via on both legs), secure WebSocket, a binding whose connection
 //! closed (reachable no more), the handshake deadline, the message size limit, the per-IP
-//! connection cap, and digest authentication under the shipped policy.
+//! connection cap, and digest authentication under the shipped policy; a real phone,
+//! baresip over UDP, called by a WebSocket client (`a_websocket_client_calls_baresip`).
 //!
 //! Nothing sleeps: every wait is for a message or a close, bounded by a timeout.
 
@@ -506,4 +507,330 @@ async fn a_websocket_phone_registers_with_digest_auth_under_the_shipped_policy()
         .header("Authorization", &credentials)
         .await;
     alice.expect_final(200).await;
+}
+
+/// A headless baresip (UDP) registered as bob through `running`: SIP on 127.0.0.1:44710 (and
+/// 44711, its TLS), its ctrl_tcp on 44715, RTP on 44720-44739, auto-answer, its SIP trace
+/// (`-s`) in `trace`. Killed when dropped.
+struct Baresip {
+    child: std::process::Child,
+    events: tokio::io::BufReader<TcpStream>,
+    seen: String,
+}
+
+const BARESIP_SIP: u16 = 44710;
+const BARESIP_CTRL: u16 = 44715;
+
+impl Baresip {
+    async fn start(running: &Running, dir: &std::path::Path, trace: &std::path::Path) -> Baresip {
+        let conf = dir.join("baresip");
+        std::fs::create_dir_all(&conf).unwrap();
+        std::fs::write(
+            conf.join("config"),
+            format!(
+                "sip_listen 127.0.0.1:{BARESIP_SIP}\nnet_interface 127.0.0.1\n\
+                 rtp_ports 44720-44739\npoll_method epoll\n\
+                 audio_player aubridge,nil\naudio_alert aubridge,nil\naudio_source ausine,440\n\
+                 ausrc_srate 48000\nausrc_channels 2\nauplay_srate 48000\n\
+                 module_path /usr/lib/baresip/modules\nmodule g711.so\nmodule ausine.so\n\
+                 module aubridge.so\nmodule_app account.so\nmodule_app menu.so\n\
+                 module_app ctrl_tcp.so\nctrl_tcp_listen 127.0.0.1:{BARESIP_CTRL}\n"
+            ),
+        )
+        .unwrap();
+        // Its registrar and outbound proxy: moonroute's UDP listener; no digest (the script
+        // here authenticates nobody).
+        std::fs::write(
+            conf.join("accounts"),
+            format!(
+                "<sip:bob@{DOMAIN}>;outbound=\"sip:{};transport=udp\";answermode=auto;regint=600\n",
+                running.udp
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(trace).unwrap();
+        let child = std::process::Command::new("baresip")
+            .arg("-f")
+            .arg(&conf)
+            .args(["-s", "-t", "60"])
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("baresip starts");
+        // Its control socket appears once it has started: connect, bounded.
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let ctrl = loop {
+            match TcpStream::connect(("127.0.0.1", BARESIP_CTRL)).await {
+                Ok(stream) => break stream,
+                Err(e) => {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "baresip ctrl_tcp: {e}"
+                    );
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        };
+        Baresip {
+            child,
+            events: tokio::io::BufReader::new(ctrl),
+            seen: String::new(),
+        }
+    }
+
+    /// Waits (bounded) for the ctrl_tcp event `kind` (`"type":"KIND"` in its JSON).
+    async fn expect_event(&mut self, kind: &str) {
+        use tokio::io::AsyncReadExt;
+        let needle = format!("\"type\":\"{kind}\"");
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !self.seen.contains(&needle) {
+            let mut buf = [0u8; 4096];
+            let n = tokio::time::timeout_at(deadline, self.events.read(&mut buf))
+                .await
+                .unwrap_or_else(|_| panic!("no {kind} from baresip; its events: {}", self.seen))
+                .expect("baresip's ctrl_tcp");
+            assert!(
+                n > 0,
+                "baresip closed ctrl_tcp before {kind}: {}",
+                self.seen
+            );
+            self.seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    }
+
+    /// One ctrl_tcp command (a netstring).
+    async fn command(&mut self, json: &str) {
+        use tokio::io::AsyncWriteExt;
+        let netstring = format!("{}:{json},", json.len());
+        self.events
+            .get_mut()
+            .write_all(netstring.as_bytes())
+            .await
+            .unwrap();
+    }
+}
+
+impl Drop for Baresip {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The header lines of the first `METHOD` baresip's SIP trace shows it received.
+fn traced_request(trace: &std::path::Path, method: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(trace).unwrap_or_default();
+    let start = text
+        .find(&format!("{method} sip:"))
+        .unwrap_or_else(|| panic!("no {method} in baresip's trace:\n{text}"));
+    text[start..]
+        .lines()
+        .take_while(|line| !line.trim().is_empty())
+        .map(|line| line.trim().to_owned())
+        .collect()
+}
+
+/// The issue's interop item: a WebSocket client (RFC 7118) calls a real phone, baresip 1.0 on
+/// UDP, registered through the shipped policy. The INVITE reaches baresip with moonroute's
+/// UDP Via on top of the client's WS Via and one Record-Route per leg (RFC 5658: the UDP one
+/// on top, the `transport=ws` one below, as baresip's SIP trace shows); baresip auto-answers,
+/// the ACK follows the route set to it, and its BYE comes back on the client's WebSocket
+/// connection. Signalling only (WebRTC media to RTP needs a media relay).
+///
+/// Needs `baresip` (Debian `baresip-core`): without it the test says so and passes, unless
+/// `MOONROUTE_REQUIRE_BARESIP=1` (set by `.ci/interop ws_baresip`) makes that a failure. Uses
+/// 127.0.0.1 ports 44710-44739 for baresip.
+#[tokio::test]
+async fn a_websocket_client_calls_baresip() {
+    if std::process::Command::new("baresip")
+        .arg("-h")
+        .output()
+        .is_err()
+    {
+        assert!(
+            std::env::var_os("MOONROUTE_REQUIRE_BARESIP").is_none(),
+            "baresip is not installed (apt-get install baresip-core)"
+        );
+        eprintln!("SKIPPED a_websocket_client_calls_baresip: baresip is not installed");
+        return;
+    }
+    let running = start(|_, _| {});
+    let dir = TempDir::new().unwrap();
+    let trace = dir.path().join("baresip.log");
+    let mut bob = Baresip::start(&running, dir.path(), &trace).await;
+    // baresip registers as it starts, maybe before its control socket took our connection
+    // (so its REGISTER_OK event can be missed): wait for the binding itself, bounded.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while running
+        .host
+        .services()
+        .location_lookup(&aor("bob"), std::time::SystemTime::now())
+        .is_empty()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "baresip did not register:\n{}",
+            std::fs::read_to_string(&trace).unwrap_or_default()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+
+    let mut alice = TestUa::websocket("alice", running.ws, None, None).await;
+    register(&mut alice, "alice").await;
+    alice.invite(&aor("bob")).await;
+    let answer = alice.expect_final(200).await;
+    // baresip copied the INVITE's Record-Route into its 200 (RFC 3261 §12.1.1).
+    assert_eq!(
+        record_routes(&answer),
+        vec![
+            format!("<sip:{};transport=udp;lr>", running.udp),
+            format!("<sip:{};transport=ws;lr>", running.ws),
+        ]
+    );
+    let invite = traced_request(&trace, "INVITE");
+    let via: Vec<&String> = invite.iter().filter(|l| l.starts_with("Via:")).collect();
+    assert!(
+        via.len() == 2
+            && via[0].starts_with(&format!("Via: SIP/2.0/UDP {};", running.udp))
+            && via[1].starts_with("Via: SIP/2.0/WS alice"),
+        "the INVITE's Vias at baresip: {via:?}"
+    );
+    let record_route: Vec<&String> = invite
+        .iter()
+        .filter(|l| l.starts_with("Record-Route:"))
+        .collect();
+    assert!(
+        record_route.len() == 2
+            && record_route[0].contains(&format!("<sip:{};transport=udp;lr", running.udp))
+            && record_route[1].contains(&format!("<sip:{};transport=ws;lr", running.ws)),
+        "the INVITE's Record-Routes at baresip: {record_route:?}"
+    );
+
+    alice.ack_2xx(&answer).await;
+    bob.expect_event("CALL_ESTABLISHED").await;
+    let ack = traced_request(&trace, "ACK");
+    assert!(
+        ack.iter()
+            .any(|l| l.starts_with(&format!("Via: SIP/2.0/UDP {};", running.udp))),
+        "the ACK reached baresip through moonroute: {ack:?}"
+    );
+
+    // baresip hangs up: its BYE follows the route set back to the WebSocket connection.
+    bob.command(r#"{"command":"hangup","token":"hangup"}"#)
+        .await;
+    let bye = alice.expect_request("BYE").await;
+    let bye_via = vias(&bye);
+    assert!(
+        bye_via.len() == 2
+            && bye_via[0].starts_with("SIP/2.0/WS 127.0.0.1:")
+            && bye_via[1].starts_with(&format!("SIP/2.0/UDP 127.0.0.1:{BARESIP_SIP}")),
+        "{bye_via:?}"
+    );
+    alice.respond(&bye, 200, "OK").await;
+    bob.expect_event("CALL_CLOSED").await;
+}
+
+/// Reads one SIP message from a raw stream (RFC 3261 §18.3 framing), bounded by [`WAIT`].
+async fn read_message(
+    stream: &mut TcpStream,
+    framer: &mut moonroute::transport::framing::StreamFramer,
+) -> Message {
+    use moonroute::transport::framing::Frame;
+    use tokio::io::AsyncReadExt;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(Frame::Message(bytes)) = framer.next_frame().expect("a framable stream") {
+            return Message::parse(bytes).expect("a SIP message");
+        }
+        let n = tokio::time::timeout_at(deadline, stream.read_buf(framer.read_space(4096)))
+            .await
+            .expect("a message in time")
+            .expect("the connection reads");
+        assert!(n > 0, "the server closed the connection");
+    }
+}
+
+/// A REGISTER of alice over a raw TCP connection with outbound's Contact parameters (RFC 5626
+/// §4.2): `+sip.instance`, `reg-id`, `;ob`, and a Contact address nothing listens on (a phone
+/// that accepts no connection).
+fn outbound_register(local: SocketAddr, call_id: &str, cseq: u32) -> String {
+    format!(
+        "REGISTER sip:{DOMAIN} SIP/2.0\r\n\
+         Via: SIP/2.0/TCP {local};branch=z9hG4bK-ob-{call_id}-{cseq}\r\n\
+         Max-Forwards: 70\r\n\
+         To: <{0}>\r\nFrom: <{0}>;tag=ob{cseq}\r\n\
+         Call-ID: {call_id}\r\nCSeq: {cseq} REGISTER\r\n\
+         Supported: outbound, path\r\n\
+         Contact: <sip:alice@127.0.0.1:44790;transport=tcp;ob>;reg-id=1;\
+         +sip.instance=\"<urn:uuid:00000000-0000-1000-8000-00000000a11c>\"\r\n\
+         Expires: 600\r\nContent-Length: 0\r\n\r\n",
+        aor("alice")
+    )
+}
+
+/// RFC 5626 over TCP: the 200 to an outbound REGISTER carries `Require: outbound`; a request
+/// for the AOR goes over the connection the REGISTER came on (not to the Contact's address);
+/// re-registering the same instance and reg-id over a new connection replaces the flow; once
+/// that connection is closed the binding is skipped.
+#[tokio::test]
+async fn an_outbound_tcp_flow_is_reached_over_its_connection_and_replaced() {
+    use moonroute::transport::framing::StreamFramer;
+    use tokio::io::AsyncWriteExt;
+    let running = start(|config, _| {
+        config
+            .listen
+            .push("tcp:127.0.0.1:0".parse::<ListenAddr>().unwrap())
+    });
+    let tcp = running.server.local_addr(TransportKind::Tcp).unwrap();
+    let mut carol = TestUa::udp("carol").await.via_proxy(running.udp);
+
+    let mut flows = Vec::new();
+    for (n, call_id) in ["ob-1", "ob-2"].into_iter().enumerate() {
+        let mut stream = TcpStream::connect(tcp).await.unwrap();
+        let local = stream.local_addr().unwrap();
+        let mut framer = StreamFramer::new(65536);
+        stream
+            .write_all(outbound_register(local, call_id, 1).as_bytes())
+            .await
+            .unwrap();
+        let ok = read_message(&mut stream, &mut framer).await;
+        assert_eq!(ok.status(), Some(200));
+        assert_eq!(header_text(&ok, "Require").as_deref(), Some("outbound"));
+        // One binding: the second connection's flow replaced the first (§6).
+        assert_eq!(ok.values(HeaderName::Contact).count(), 1, "{n}");
+
+        carol
+            .request("MESSAGE", &aor("alice"))
+            .body("text/plain", "over the flow")
+            .await;
+        let message = read_message(&mut stream, &mut framer).await;
+        assert_eq!(&message.body()[..], b"over the flow");
+        let answer = moonroute::sip::ResponseBuilder::new(&message, 200, "OK")
+            .to_tag(b"ob")
+            .build();
+        stream.write_all(&answer).await.unwrap();
+        carol.expect_final(200).await;
+        flows.push(stream);
+    }
+    // The flow's connection closes: the binding is skipped (no attempt on its Contact).
+    let open = running.server.connection_count();
+    drop(flows);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while running.server.connection_count() + 1 >= open {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the server saw no close"
+        );
+        tokio::task::yield_now().await;
+    }
+    carol.request("MESSAGE", &aor("alice")).await;
+    // No contact left (the shipped policy's 404), and no connection tried to 127.0.0.1:44790.
+    let refused = carol.recv_response(WAIT).await;
+    assert_eq!(
+        refused.status(),
+        Some(404),
+        "{}",
+        common::ua::show(&refused)
+    );
 }

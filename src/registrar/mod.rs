@@ -23,6 +23,15 @@
 //!
 //! All binding updates of one request apply together or not at all (§10.3: "committed if and
 //! only if all binding updates and additions succeed").
+//!
+//! Outbound (RFC 5626 §6, RFC 7118 §5): a Contact with both `+sip.instance` and `reg-id`, in a
+//! REGISTER whose first hop is this server (one Via) or an edge proxy that supports outbound
+//! (`ob` in the last Path URI, [`outbound_applies`]), names a flow: it replaces the binding
+//! of the same instance and reg-id whatever its Contact URI (a phone that re-registers over
+//! a new connection, the old one being dead), the binding is tied to the connection it came
+//! over (the lookup reaches it only there, `script::Services::location_lookup`), and the
+//! 200 carries `Require: outbound`. Elsewhere reg-id is ignored, not stored (plain RFC 3261
+//! bindings; no 439).
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -305,6 +314,45 @@ struct Requested<'m> {
     reg_id: Option<u32>,
 }
 
+impl Requested<'_> {
+    /// The flow this contact names (RFC 5626 §6): its instance and reg-id, when it has both.
+    fn flow(&self) -> Option<(&str, u32)> {
+        Some((self.instance.as_deref()?, self.reg_id?))
+    }
+}
+
+/// Whether `stored` is the binding of the flow `(instance, reg_id)` (RFC 5626 §6: "the
+/// registrar MUST ... replace" a binding with the same instance-id and reg-id).
+fn same_flow(stored: &Binding, (instance, reg_id): (&str, u32)) -> bool {
+    stored.reg_id == Some(reg_id) && stored.instance.as_deref() == Some(instance)
+}
+
+/// Whether outbound's flow rules apply to this REGISTER (RFC 5626 §6): this server is its first
+/// hop (a single Via value) or the last Path URI carries `ob` (the edge proxy that added it
+/// keeps the flow). A REGISTER relayed by a proxy unaware of outbound gets plain RFC 3261
+/// bindings: its flow would not be the one the phone's connection ends on.
+pub fn outbound_applies(req: &Message) -> bool {
+    if req.values(HeaderName::Via).take(2).count() == 1 {
+        return true;
+    }
+    req.paths()
+        .last()
+        .and_then(Result::ok)
+        .and_then(|p| p.uri.as_sip().map(|u| u.params.has("ob")))
+        .unwrap_or(false)
+}
+
+/// Whether the 200 to `req` carries `Require: outbound` (RFC 5626 §6: "the registrar MUST
+/// include the 'outbound' option-tag in a Require header field in its response" when it
+/// applied outbound to a Contact with `reg-id` and `+sip.instance`).
+fn uses_outbound(req: &Message) -> bool {
+    outbound_applies(req)
+        && req.contacts().filter_map(Result::ok).any(|c| match c {
+            Contact::Addr(addr) => addr.params.has("reg-id") && addr.params.has("+sip.instance"),
+            Contact::Star => false,
+        })
+}
+
 /// A current binding's fate.
 enum Slot {
     Keep,
@@ -350,9 +398,11 @@ enum Slot {
 /// Every stored binding records the request's Call-ID and CSeq (step 7), its source
 /// transport and address and our local address from `meta`, the Path values (RFC 3327 §5.3;
 /// stored whether or not the UA sent `Supported: path`, as edge proxies commonly serve UAs
-/// that do not), the `+sip.instance` and `reg-id` Contact parameters (RFC 5626, stored only:
-/// bindings are still matched by contact URI, outbound's flow handling is not implemented) and
-/// User-Agent. A contact listed twice in one request: the later one wins.
+/// that do not), the `+sip.instance` Contact parameter, its `reg-id` when
+/// [`outbound_applies`] (RFC 5626 §6; ignored otherwise) and User-Agent. With outbound, a
+/// contact with both also matches the binding of the same instance and reg-id (the new flow
+/// replaces the old one), under the same Call-ID/CSeq rule. A contact listed twice in one
+/// request: the later one wins.
 pub fn process(
     req: &Message,
     meta: &Meta,
@@ -467,6 +517,7 @@ fn process_for_aor(
     }
 
     // Step 7, second half: match against the current bindings, then commit all or nothing.
+    let outbound = outbound_applies(req);
     let parsed: Vec<Option<Uri<'_>>> = live
         .iter()
         .map(|b| Uri::parse(b.contact.as_bytes()).ok())
@@ -478,6 +529,10 @@ fn process_for_aor(
         .header(HeaderName::UserAgent)
         .map(|ua| String::from_utf8_lossy(ua).into_owned());
     for r in requested {
+        let flow = r
+            .flow()
+            .filter(|_| outbound)
+            .map(|(i, id)| (i.to_owned(), id));
         let binding = (r.expires > 0).then(|| Binding {
             aor: aor.to_owned(),
             contact: r.contact,
@@ -492,12 +547,18 @@ fn process_for_aor(
             local: Some(meta.local),
             path: path.clone(),
             instance: r.instance,
-            reg_id: r.reg_id,
+            // RFC 5626 §6: without outbound, the registrar ignores reg-id.
+            reg_id: r.reg_id.filter(|_| outbound),
             user_agent: user_agent.clone(),
             nated,
         });
         let matches: Vec<usize> = (0..live.len())
-            .filter(|&i| stored_matches(&live[i], parsed[i].as_ref(), &r.uri))
+            .filter(|&i| {
+                stored_matches(&live[i], parsed[i].as_ref(), &r.uri)
+                    || flow
+                        .as_ref()
+                        .is_some_and(|(instance, id)| same_flow(&live[i], (instance, *id)))
+            })
             .collect();
         for &i in &matches {
             match order(&live[i], &call_id, cseq) {
@@ -648,7 +709,8 @@ pub fn ok_response(req: &Message, bindings: &[Binding], now: SystemTime, to_tag:
 /// The header fields of the 200 (OK) to a REGISTER beyond those copied from the request
 /// (§8.2.6.2), in order: one `Contact: <uri>;expires=N[;q=Q]` per unexpired binding (§10.3
 /// step 8: "a complete list of bindings"; N the seconds left, rounded up; q only when not 1),
-/// the request's Path values echoed in one `Path` field when it had any (RFC 3327 §5.3), and
+/// the request's Path values echoed in one `Path` field when it had any (RFC 3327 §5.3),
+/// `Require: outbound` when a Contact's flow was bound with outbound's rules (RFC 5626 §6), and
 /// a `Date` (§20.17; a UA may use it to set its clock).
 pub fn ok_headers(req: &Message, bindings: &[Binding], now: SystemTime) -> Vec<(String, String)> {
     let mut headers: Vec<(String, String)> = bindings
@@ -663,6 +725,9 @@ pub fn ok_headers(req: &Message, bindings: &[Binding], now: SystemTime) -> Vec<(
         .collect();
     if !path.is_empty() {
         headers.push(("Path".to_owned(), path.join(", ")));
+    }
+    if uses_outbound(req) {
+        headers.push(("Require".to_owned(), "outbound".to_owned()));
     }
     headers.push(("Date".to_owned(), cached_date(now)));
     headers

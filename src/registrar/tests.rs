@@ -860,3 +860,104 @@ fn save_reports_a_full_store_as_500() {
     );
     assert_eq!(reg.store().count(), 0);
 }
+
+// ----- RFC 5626 §6: outbound flows --------------------------------------------------------
+
+const INSTANCE: &str = "+sip.instance=\"<urn:uuid:00000000-0000-1000-8000-000A95A0E128>\"";
+
+/// A binding of flow 1 of [`INSTANCE`] at `contact`, as a REGISTER over one connection wrote it.
+fn flow_binding(contact: &str, call_id: &str) -> Binding {
+    Binding {
+        instance: Some("<urn:uuid:00000000-0000-1000-8000-000A95A0E128>".to_owned()),
+        reg_id: Some(1),
+        ..stored(contact, call_id, 1, 600)
+    }
+}
+
+#[test]
+fn a_new_flow_of_the_same_instance_and_reg_id_replaces_the_old_one() {
+    // The phone's connection died; it re-registers over a new one, with a new Contact host.
+    let old = flow_binding("sip:alice@old1.invalid;transport=ws", "c1");
+    let req = register(
+        "c2",
+        1,
+        &format!("Contact: <sip:alice@new2.invalid;transport=ws;ob>;{INSTANCE};reg-id=1\r\n"),
+    );
+    let (bindings, changed) = updated(run(&req, std::slice::from_ref(&old)));
+    assert!(changed);
+    assert_eq!(
+        contacts(&bindings),
+        ["sip:alice@new2.invalid;transport=ws;ob"]
+    );
+    assert_eq!(bindings[0].reg_id, Some(1));
+    // Another reg-id of the same instance is another flow: both stay (§4.2: one per
+    // connection to each outbound proxy).
+    let second = register(
+        "c3",
+        1,
+        &format!("Contact: <sip:alice@other.invalid;transport=ws;ob>;{INSTANCE};reg-id=2\r\n"),
+    );
+    let (bindings, _) = updated(run(&second, &[old]));
+    assert_eq!(bindings.len(), 2);
+}
+
+#[test]
+fn a_flow_replacement_obeys_the_cseq_rule() {
+    let old = Binding {
+        cseq: 5,
+        ..flow_binding("sip:alice@old1.invalid;transport=ws", "c1")
+    };
+    let stale = register(
+        "c1",
+        4,
+        &format!("Contact: <sip:alice@new2.invalid;transport=ws;ob>;{INSTANCE};reg-id=1\r\n"),
+    );
+    assert_eq!(refused(run(&stale, std::slice::from_ref(&old))).0, 500);
+}
+
+#[test]
+fn reg_id_is_ignored_behind_a_proxy_without_outbound() {
+    let old = flow_binding("sip:alice@192.0.2.10:5062", "c1");
+    let contact = format!("Contact: <sip:alice@192.0.2.10:6000;ob>;{INSTANCE};reg-id=1\r\n");
+    // Two Vias, and a Path without `ob`: plain RFC 3261, a second binding and no Require.
+    let relayed = |path: &str| {
+        register(
+            "c2",
+            1,
+            &format!("Via: SIP/2.0/UDP 192.0.2.20;branch=z9hG4bK-e\r\nPath: {path}\r\n{contact}"),
+        )
+    };
+    let plain = relayed("<sip:edge.example.com;lr>");
+    assert!(!outbound_applies(&plain));
+    let (bindings, _) = updated(run(&plain, std::slice::from_ref(&old)));
+    assert_eq!(bindings.len(), 2);
+    assert!(!ok_headers(&plain, &bindings, t0())
+        .iter()
+        .any(|(name, _)| name == "Require"));
+    // The same with `ob` on the edge proxy's Path: outbound applies.
+    let edge = relayed("<sip:edge.example.com;lr;ob>");
+    assert!(outbound_applies(&edge));
+    let (bindings, _) = updated(run(&edge, &[old]));
+    assert_eq!(contacts(&bindings), ["sip:alice@192.0.2.10:6000;ob"]);
+}
+
+#[test]
+fn the_200_requires_outbound_only_for_a_flow() {
+    let with_flow = register(
+        "c1",
+        1,
+        &format!("Contact: <sip:alice@a.invalid;transport=ws;ob>;{INSTANCE};reg-id=1\r\n"),
+    );
+    let headers = ok_headers(&with_flow, &[], t0());
+    assert!(headers.contains(&("Require".to_owned(), "outbound".to_owned())));
+    // reg-id without an instance is no flow (RFC 5626 §6: the registrar ignores it).
+    for contact in [
+        "Contact: <sip:alice@a.invalid;transport=ws>;reg-id=1\r\n".to_owned(),
+        format!("Contact: <sip:alice@a.invalid;transport=ws>;{INSTANCE}\r\n"),
+    ] {
+        let plain = register("c1", 1, &contact);
+        assert!(!ok_headers(&plain, &[], t0())
+            .iter()
+            .any(|(name, _)| name == "Require"));
+    }
+}

@@ -104,16 +104,16 @@ impl Services {
             .try_lookup(uri, now)?
             .into_iter()
             .filter(|b| match b.received {
-                Some((kind, addr)) if kind.is_websocket() => self.flows.websocket_open(addr),
+                Some((kind, addr)) if is_flow(b) => self.flows.open(kind, addr),
                 _ => true,
             })
             .map(|b| {
                 // A NATed contact is reached through the address it registered from, unless
-                // a Path leads there (the edge proxy owns the flow then). So is a WebSocket
-                // client, always: its Contact host is an `.invalid` name, and only the
-                // connection it registered over reaches it (RFC 7118 §5, RFC 5626 §5.3).
-                let over_websocket = b.received.is_some_and(|(kind, _)| kind.is_websocket());
-                let destination = match (b.nated || over_websocket, b.path.is_empty()) {
+                // a Path leads there (the edge proxy owns the flow then). So is a flow, always:
+                // a WebSocket client's Contact host is an `.invalid` name, and an outbound
+                // phone's Contact need not be reachable; only the connection it registered over
+                // reaches it (RFC 7118 §5, RFC 5626 §5.3).
+                let destination = match (b.nated || is_flow(&b), b.path.is_empty()) {
                     (true, true) => b.received,
                     _ => None,
                 };
@@ -164,5 +164,16 @@ impl Services {
             headers: result.headers,
             wait_for: result.commit.ticket(),
         }
+    }
+}
+
+/// Whether `binding` is bound to the connection it was registered over (RFC 5626 §5.3): it
+/// came over WebSocket (RFC 7118 §5), or over TCP/TLS with the outbound rules that stored its
+/// `reg-id` (the registrar keeps reg-id only then, `registrar::outbound_applies`).
+fn is_flow(binding: &crate::location::Binding) -> bool {
+    match binding.received {
+        Some((kind, _)) if kind.is_websocket() => true,
+        Some((kind, _)) => kind.is_stream() && binding.reg_id.is_some() && binding.path.is_empty(),
+        None => false,
     }
 }

@@ -67,6 +67,19 @@ impl Flows {
             None => true,
         }
     }
+
+    /// Whether the connection over `kind` from `peer` (an outbound flow a binding was
+    /// registered over, RFC 5626 §5.3) is still open; `true` when no running server is
+    /// attached.
+    pub fn open(&self, kind: TransportKind, peer: SocketAddr) -> bool {
+        if kind.is_websocket() {
+            return self.websocket_open(peer);
+        }
+        match self.0.get().and_then(std::sync::Weak::upgrade) {
+            Some(registry) => registry.has_peer(kind, peer),
+            None => true,
+        }
+    }
 }
 
 /// Ids are unique per process, even across several servers in one process (tests).
@@ -356,6 +369,11 @@ impl ConnectionRegistry {
         [TransportKind::Ws, TransportKind::Wss]
             .into_iter()
             .any(|kind| tables.by_peer.contains_key(&(kind, peer)))
+    }
+
+    /// Whether a connection over `kind` from or to `peer` is open.
+    pub fn has_peer(&self, kind: TransportKind, peer: SocketAddr) -> bool {
+        self.lock().by_peer.contains_key(&(kind, peer))
     }
 
     /// The most recently registered open connection to `peer` over `kind` that was opened
