@@ -91,6 +91,14 @@ pub struct Binding {
     /// `req:save()`): requests reach the contact through `received`, not its own address,
     /// and it gets keep-alives ([`crate::nat::keepalive`]).
     pub nated: bool,
+    /// The node this binding was registered through (its `[cluster] node_uri`), when the
+    /// location store is shared by several nodes ([`crate::cluster`]).
+    pub node: Option<String>,
+    /// The Route to the owning node for a binding only that node can reach (connection-bound,
+    /// or behind a NAT whose pinhole it holds): the node's URI with a flow token it signed
+    /// ([`crate::cluster::FlowSigner`]). Other nodes relay through it (RFC 3327 §5.3 semantics,
+    /// RFC 5626 §5.3's edge proxy); `None` for a binding every node reaches directly.
+    pub owner_route: Option<String>,
 }
 
 impl Binding {
@@ -118,6 +126,8 @@ impl Binding {
             reg_id: None,
             user_agent: None,
             nated: false,
+            node: None,
+            owner_route: None,
         }
     }
 
@@ -220,6 +230,12 @@ pub trait LocationStore: Send + Sync {
 
     /// Registers the backend's own metrics (a shared store's link), if it has any.
     fn register_metrics(&self, _registry: &crate::metrics::Registry) {}
+
+    /// The Redis link of a store shared by several nodes (`crate::cluster` runs its heartbeat
+    /// on it); `None` for a store of this process alone.
+    fn shared_link(&self) -> Option<std::sync::Arc<crate::redis_link::RedisLink>> {
+        None
+    }
 }
 
 /// Where a walk over a store's AORs resumes ([`LocationStore::aors_page`]); opaque.

@@ -40,9 +40,9 @@
 //! 503 with Retry-After, `req:lookup` returns -1 (the shipped script answers 503, never a
 //! false 404).
 //!
-//! Not done yet (next slice): the node a binding arrived through is not recorded, so a
-//! connection-bound (TCP/TLS) or NATed binding is reached directly, not through its owning
-//! node; NAT keep-alives go out from every node.
+//! Each binding records the node it was registered through, and how other nodes reach it
+//! when only that node can ([`crate::cluster`]). Not done yet: NAT keep-alives go out from
+//! every node, not from the owner only.
 
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
@@ -375,6 +375,10 @@ impl LocationStore for RedisLocation {
 
     fn register_metrics(&self, registry: &crate::metrics::Registry) {
         self.link.register_metrics(registry, "location");
+    }
+
+    fn shared_link(&self) -> Option<Arc<RedisLink>> {
+        Some(Arc::clone(&self.link))
     }
 
     fn health(&self) -> Option<String> {
