@@ -94,6 +94,10 @@ pub struct RedisLink {
     down: Mutex<Option<Down>>,
     errors: AtomicU64,
     commands: AtomicU64,
+    /// Times the link came back after being down.
+    reconnects: AtomicU64,
+    /// The last failure, and when.
+    last_error: Mutex<Option<(Instant, String)>>,
 }
 
 impl std::fmt::Debug for RedisLink {
@@ -155,6 +159,8 @@ impl RedisLink {
             down: Mutex::new(None),
             errors: AtomicU64::new(0),
             commands: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
+            last_error: Mutex::new(None),
         }))
     }
 
@@ -181,6 +187,36 @@ impl RedisLink {
     /// Commands sent since the link opened.
     pub fn commands(&self) -> u64 {
         self.commands.load(Ordering::Relaxed)
+    }
+
+    /// Times the server came back after being unreachable.
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects.load(Ordering::Relaxed)
+    }
+
+    /// The link's health for `ctl status`: `redis URL connected, 1200 commands, 3 failed,
+    /// 1 reconnect, last error 42 s ago: ...`.
+    pub fn health(&self) -> String {
+        let state = if self.is_up() {
+            "connected"
+        } else {
+            "UNREACHABLE"
+        };
+        let reconnects = self.reconnects();
+        let mut text = format!(
+            "redis {} {state}, {} commands, {} failed, {reconnects} reconnect{}",
+            self.url_for_logs(),
+            self.commands(),
+            self.errors(),
+            if reconnects == 1 { "" } else { "s" },
+        );
+        if let Some((at, error)) = &*self.last_error.lock().unwrap_or_else(|p| p.into_inner()) {
+            text.push_str(&format!(
+                ", last error {} s ago: {error}",
+                at.elapsed().as_secs()
+            ));
+        }
+        text
     }
 
     /// Registers the link's metrics for its user `what` (`location`, `kv`):
@@ -323,12 +359,15 @@ impl RedisLink {
     fn mark_up(&self) {
         if !self.up.swap(true, Ordering::AcqRel) {
             *self.down.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            self.reconnects.fetch_add(1, Ordering::Relaxed);
             info!(url = %self.url_for_logs(), "redis reachable again");
         }
     }
 
     fn mark_down(&self, error: &str) {
         self.errors.fetch_add(1, Ordering::Relaxed);
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((Instant::now(), error.to_owned()));
         if self.up.swap(false, Ordering::AcqRel) {
             *self.down.lock().unwrap_or_else(|p| p.into_inner()) = Some(Down {
                 next_probe: Instant::now() + PROBE_MIN,

@@ -144,7 +144,7 @@ async fn a_phone_registered_on_node_1_is_called_through_nodes_2_and_3() {
         listing.text
     );
     let health = registrar.store().health().unwrap();
-    assert!(health.contains(" up "), "{health}");
+    assert!(health.contains(" connected,"), "{health}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -206,7 +206,8 @@ async fn redis_down_gives_503_and_service_resumes_when_it_is_back() {
         .store()
         .health()
         .unwrap();
-    assert!(status.contains(" up "), "{status}");
+    assert!(status.contains(" connected,"), "{status}");
+    assert!(status.contains(", 1 reconnect, last error"), "{status}");
 }
 
 /// The sent-by (`host:port`) of every Via of `m`, top first.
@@ -642,6 +643,26 @@ async fn the_readme_several_servers_walkthrough_works_as_written() {
     let listing = run_to_end(&show[0], dir.path());
     assert!(listing.contains("AOR: sip:alice@example.com"), "{listing}");
     assert!(listing.contains(&alice.local.to_string()), "{listing}");
+    assert!(
+        listing.contains("    Node: sip:127.0.0.1:25071;transport=udp\n"),
+        "{listing}"
+    );
+
+    // `ctl status` names the backends, their health, and the nodes alive.
+    let status_line = show[0].replace("ul show sip:alice@example.com", "status");
+    let status = run_to_end(&status_line, dir.path());
+    assert!(
+        status.contains("bindings, redis redis://127.0.0.1:25383/0 connected, "),
+        "{status}"
+    );
+    assert!(
+        status.contains("\nkv: redis redis://127.0.0.1:25383/0 connected, "),
+        "{status}"
+    );
+    assert!(
+        status.contains("\ncluster: this node sip:127.0.0.1:25072;transport=udp, "),
+        "{status}"
+    );
 }
 
 // ----- SIGKILL of a node under registration load ----------------------------------------------

@@ -528,6 +528,10 @@ fn no_persist(_: &str, _: &[Binding]) -> Result<(), String> {
 }
 
 impl LocationStore for MemoryLocation {
+    fn health(&self) -> Option<String> {
+        Some("memory (this node only, lost on restart)".to_owned())
+    }
+
     fn lookup(&self, aor: &str, now: SystemTime) -> Vec<Binding> {
         self.shard(aor)
             .get(aor)

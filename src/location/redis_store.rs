@@ -382,16 +382,6 @@ impl LocationStore for RedisLocation {
     }
 
     fn health(&self) -> Option<String> {
-        Some(format!(
-            "redis {} {} ({} commands, {} failed)",
-            self.link.url_for_logs(),
-            if self.link.is_up() {
-                "up"
-            } else {
-                "UNREACHABLE"
-            },
-            self.link.commands(),
-            self.link.errors()
-        ))
+        Some(self.link.health())
     }
 }
