@@ -6,7 +6,9 @@
 //! event loop's commands are pipelined on it), reconnected with exponential backoff by the
 //! crate. It runs on a runtime of its own, on one thread (`moonroute-redis`): the stores'
 //! interfaces are synchronous (they are called from the event loops' sans-IO code), so a
-//! caller hands a command to that runtime and waits for the answer, at most [`REPLY_TIMEOUT`].
+//! caller hands a command to that runtime and waits for the answer, at most [`REPLY_TIMEOUT`];
+//! a caller that can park what depends on the answer uses [`RedisLink::script_then`] and does
+//! not wait (a REGISTER's write).
 //!
 //! # When Redis is unreachable
 //!
@@ -296,6 +298,51 @@ impl RedisLink {
                 invocation.invoke_async(&mut manager).await
             })
         })
+    }
+
+    /// [`RedisLink::script`] without waiting: `done` gets the answer on the link's thread
+    /// (at once, on the caller's thread, while the server is down and no probe is due). For a
+    /// caller that parks what depends on the answer instead of blocking its event loop.
+    pub fn script_then<T: FromRedisValue + Send + 'static>(
+        self: &Arc<Self>,
+        script: &redis::Script,
+        keys: Vec<Vec<u8>>,
+        args: Vec<Vec<u8>>,
+        done: impl FnOnce(Result<T, LinkError>) + Send + 'static,
+    ) {
+        if !self.may_send() {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+            return done(Err(LinkError::Unreachable(
+                "down, waiting to retry".to_owned(),
+            )));
+        }
+        self.commands.fetch_add(1, Ordering::Relaxed);
+        let script = script.clone();
+        let mut manager = self.manager.clone();
+        let link = Arc::clone(self);
+        self.runtime.spawn(async move {
+            let mut invocation = script.prepare_invoke();
+            for key in &keys {
+                invocation.key(key.as_slice());
+            }
+            for arg in &args {
+                invocation.arg(arg.as_slice());
+            }
+            let answer = tokio::time::timeout(REPLY_TIMEOUT, invocation.invoke_async(&mut manager))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(redis::RedisError::from(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no answer within {} ms", REPLY_TIMEOUT.as_millis()),
+                    )))
+                })
+                .map_err(|error| classify(&error));
+            match &answer {
+                Ok(_) | Err(LinkError::Refused(_)) => link.mark_up(),
+                Err(LinkError::Unreachable(error)) => link.mark_down(error),
+            }
+            done(answer);
+        });
     }
 
     /// Hands `job` to the link's runtime and waits for its answer; fails at once while the

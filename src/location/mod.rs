@@ -50,7 +50,7 @@ pub mod record;
 mod redis_store;
 mod sled_store;
 
-pub use commit::{Commit, CommitState, CommitTicket};
+pub use commit::{Acknowledgement, Commit, CommitState, CommitTicket};
 pub use redis_store::RedisLocation;
 pub use sled_store::{LoadReport, SledLocation};
 
@@ -208,6 +208,20 @@ pub trait LocationStore: Send + Sync {
         now: SystemTime,
         f: &mut dyn FnMut(Vec<Binding>) -> Option<Vec<Binding>>,
     ) -> Result<Commit, String>;
+
+    /// [`LocationStore::update`] for a caller that waits for the write without blocking (an
+    /// event loop parking its answer on the [`Commit`]): a remote store may return once `f`
+    /// has run on what it read, before its write is acknowledged. If another writer changed
+    /// the AOR between that read and the write, the ticket fails (the caller answers 500, as
+    /// RFC 3261 §10.3 wants for a commit that fails) instead of running `f` again.
+    fn update_parked(
+        &self,
+        aor: &str,
+        now: SystemTime,
+        f: &mut dyn FnMut(Vec<Binding>) -> Option<Vec<Binding>>,
+    ) -> Result<Commit, String> {
+        self.update(aor, now, f)
+    }
 
     /// [`LocationStore::lookup`], or why the store could not answer (a shared store over the
     /// network that is unreachable): the caller must not take that for "no bindings" (a false

@@ -927,7 +927,7 @@ impl Registrar {
                 && this_request.0 == Some(b.call_id.as_bytes())
                 && this_request.1 == Some(b.cseq)
         };
-        let stored = self.store.update(&key, now, &mut |current| {
+        let stored = self.store.update_parked(&key, now, &mut |current| {
             let mut o = process_for_aor(req, meta, nated, &key, &current, &self.rules, now);
             if let (Some(node), Outcome::Updated { bindings, .. }) = (&self.node, &mut o) {
                 for b in bindings.iter_mut().filter(|b| written_here(b)) {
