@@ -131,23 +131,13 @@ impl CommitTicket {
             Ticket::Flush { seq, log } => (*seq, log),
             Ticket::Answer(answer) => return answer.wait(deadline),
         };
-        let mut progress = log.lock();
-        loop {
-            match log.state_locked(seq, &progress) {
-                CommitState::Durable => return Ok(()),
-                CommitState::Failed(e) => return Err(e),
-                CommitState::Pending => {}
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err("timed out waiting for the disk flush".to_owned());
-            }
-            progress = log
-                .flushed
-                .wait_timeout(progress, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
+        wait_until(
+            log.lock(),
+            &log.flushed,
+            deadline,
+            "timed out waiting for the disk flush",
+            |progress| log.state_locked(seq, progress),
+        )
     }
 }
 
@@ -193,23 +183,39 @@ impl Acknowledgement {
     }
 
     fn wait(&self, deadline: Instant) -> Result<(), String> {
-        let mut state = self.lock();
-        loop {
-            match &state.0 {
-                CommitState::Durable => return Ok(()),
-                CommitState::Failed(e) => return Err(e.clone()),
-                CommitState::Pending => {}
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err("timed out waiting for the store's answer".to_owned());
-            }
-            state = self
-                .settled
-                .wait_timeout(state, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+        wait_until(
+            self.lock(),
+            &self.settled,
+            deadline,
+            "timed out waiting for the store's answer",
+            |state| state.0.clone(),
+        )
+    }
+}
+
+/// Waits on `condvar` (with `guard` held between checks) until `state` is no longer pending or
+/// `deadline` passes.
+fn wait_until<T>(
+    mut guard: MutexGuard<'_, T>,
+    condvar: &Condvar,
+    deadline: Instant,
+    timed_out: &str,
+    state: impl Fn(&T) -> CommitState,
+) -> Result<(), String> {
+    loop {
+        match state(&guard) {
+            CommitState::Durable => return Ok(()),
+            CommitState::Failed(e) => return Err(e),
+            CommitState::Pending => {}
         }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(timed_out.to_owned());
+        }
+        guard = condvar
+            .wait_timeout(guard, left)
+            .unwrap_or_else(|p| p.into_inner())
+            .0;
     }
 }
 
