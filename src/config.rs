@@ -605,6 +605,10 @@ pub struct Location {
     /// sled's page cache, in MiB (lookups never read the disk: this only speeds up writes).
     /// Default: 16.
     pub cache_mb: u64,
+    /// With `store = "redis"`: the SIP URI the other nodes reach this node at, recorded with
+    /// every binding registered here (`crate::cluster`), e.g. `"sip:10.0.0.1:5060;transport=tcp"`.
+    /// Default: empty, the first listen address as it advertises itself.
+    pub node_uri: String,
 }
 
 impl Default for Location {
@@ -614,6 +618,7 @@ impl Default for Location {
             redis_url: DEFAULT_REDIS_URL.to_owned(),
             max_bindings: 1_000_000,
             cache_mb: 16,
+            node_uri: String::new(),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! moonroute: a scriptable SIP server. A Rust engine (codec, transports, transactions, proxy,
 //! registrar) whose routing decisions are made by a Lua script.
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod dialog;

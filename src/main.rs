@@ -486,18 +486,25 @@ fn control_handler(
                 let location_health = registrar
                     .and_then(|r| r.store().health())
                     .map_or_else(String::new, |h| format!(", {h}"));
-                let kv_health = host
-                    .services()
-                    .kv
-                    .health()
-                    .map_or_else(String::new, |h| format!("kv: {h}\n"));
+                let kv_health = format!("kv: {}\n", host.services().kv.health());
+                let cluster = registrar
+                    .and_then(|r| r.node())
+                    .map_or_else(String::new, |node| {
+                        let alive = node.alive();
+                        format!(
+                            "cluster: this node {}, {} alive: {}\n",
+                            node.uri(),
+                            alive.len(),
+                            alive.join(" ")
+                        )
+                    });
                 let subscribers = host
                     .services()
                     .auth
                     .as_ref()
                     .map_or(0, |a| a.subscribers().count());
                 Reply::ok(format!(
-                "moonroute {}\nuptime: {}\nscript: {} (version {})\nreloads: {reloads} accepted, {failed} refused\nlive transactions: {}\nlocation: {bindings} bindings{location_health}\n{kv_health}subscribers: {subscribers}\n",
+                "moonroute {}\nuptime: {}\nscript: {} (version {})\nreloads: {reloads} accepted, {failed} refused\nlive transactions: {}\nlocation: {bindings} bindings{location_health}\n{kv_health}{cluster}subscribers: {subscribers}\n",
                 env!("CARGO_PKG_VERSION"),
                 uptime_text(metrics.uptime()),
                 host.path().display(),

@@ -542,7 +542,11 @@ fn ctl_stats_and_status_and_the_endpoint_of_the_real_binary() {
         assert_eq!(code, Some(0), "{err}");
         assert!(out.contains("\nuptime: "), "{out}");
         assert!(out.contains("\nlive transactions: 0\n"), "{out}");
-        assert!(out.contains("\nlocation: 0 bindings\n"), "{out}");
+        assert!(
+            out.contains("\nlocation: 0 bindings, sled (this node only, durable)\n"),
+            "{out}"
+        );
+        assert!(out.contains("\nkv: memory (this node only)\n"), "{out}");
     });
     let _ = server.kill();
     let _ = server.wait();

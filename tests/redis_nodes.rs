@@ -9,7 +9,11 @@
 //!   the binding acknowledged before the outage is still there;
 //! - two nodes (two connections) updating one AOR at once lose no binding (§10.3 atomicity
 //!   through the store's compare-and-set);
-//! - `sip.kv.incr` from two nodes at once counts exactly.
+//! - `sip.kv.incr` from two nodes at once counts exactly;
+//! - routing through the owning node (`moonroute::cluster`): a phone registered over TCP on
+//!   node 1 is called through node 3 and the INVITE comes over its own connection, from node 1;
+//!   a UDP phone registered on node 1 is called from node 2 directly;
+//! - the owning node down: its TCP contact's branch is 480, the other contacts still ring.
 //!
 //! Nothing sleeps to wait for behaviour: every wait is for a message or a thread, bounded.
 
@@ -23,6 +27,7 @@ use common::redis_server::RedisServer;
 use common::ua::{header_text, show, TestUa, WAIT};
 use moonroute::config::{Config, KvBackend, LocationBackend};
 use moonroute::location::{Binding, LocationStore, RedisLocation};
+use moonroute::proxy::route_sign::RouteSigner;
 use moonroute::redis_link::RedisLink;
 use moonroute::script::kv::KvStore;
 use moonroute::script::ScriptHost;
@@ -44,11 +49,17 @@ struct Node {
 }
 
 fn start_node(port: u16, redis_url: &str) -> Node {
+    start_node_on(&[format!("udp:127.0.0.1:{port}")], redis_url)
+}
+
+/// A node listening on `listen` (its first address is its node URI).
+fn start_node_on(listen: &[String], redis_url: &str) -> Node {
     let dir = TempDir::new().unwrap();
     let mut config = Config {
-        listen: vec![format!("udp:127.0.0.1:{port}")
-            .parse::<ListenAddr>()
-            .unwrap()],
+        listen: listen
+            .iter()
+            .map(|l| l.parse::<ListenAddr>().unwrap())
+            .collect(),
         domains: vec![DOMAIN.to_owned()],
         workers: 1,
         script: common::default_script_without_auth(),
@@ -63,7 +74,10 @@ fn start_node(port: u16, redis_url: &str) -> Node {
     config.kv.redis_url = redis_url.to_owned();
     config.validate().unwrap();
     let host = ScriptHost::from_config(&config).expect("the script and the stores load");
-    let factory = CoreFactory::with_router(&config, host.router_factory());
+    // As `moonroute run` does: Record-Route and owner routes signed with the server key.
+    let signer = RouteSigner::new(&moonroute::secret::server_key(&config).unwrap());
+    let factory =
+        CoreFactory::with_router(&config, host.router_factory()).with_route_signer(signer);
     let server = Server::start(&config, Arc::new(factory)).expect("the node starts");
     Node {
         udp: server.local_addr(TransportKind::Udp).unwrap(),
@@ -130,7 +144,7 @@ async fn a_phone_registered_on_node_1_is_called_through_nodes_2_and_3() {
         listing.text
     );
     let health = registrar.store().health().unwrap();
-    assert!(health.contains(" up "), "{health}");
+    assert!(health.contains(" connected,"), "{health}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -192,7 +206,166 @@ async fn redis_down_gives_503_and_service_resumes_when_it_is_back() {
         .store()
         .health()
         .unwrap();
-    assert!(status.contains(" up "), "{status}");
+    assert!(status.contains(" connected,"), "{status}");
+    assert!(status.contains(", 1 reconnect, last error"), "{status}");
+}
+
+/// The sent-by (`host:port`) of every Via of `m`, top first.
+fn via_sent_bys(m: &Message) -> Vec<String> {
+    m.vias()
+        .map(|via| {
+            let via = via.unwrap();
+            format!("{}:{}", via.host, via.port.unwrap_or(5060))
+        })
+        .collect()
+}
+
+/// `caller` INVITEs `callee`'s AOR; the INVITE `callee` receives (answered 486, which must
+/// come back to the caller).
+async fn call_and_get_invite(caller: &mut TestUa, callee: &mut TestUa, user: &str) -> Message {
+    caller.invite(&format!("sip:{user}@{DOMAIN}")).await;
+    let invite = callee.expect_request("INVITE").await;
+    callee.respond(&invite, 486, "Busy Here").await;
+    let answer = caller.expect_final(486).await;
+    assert_eq!(answer.status(), Some(486), "{}", show(&answer));
+    invite
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_phone_on_node_1_is_called_through_node_1_and_a_udp_phone_directly() {
+    let Some(redis) = RedisServer::start(25385) else {
+        return;
+    };
+    let nodes: Vec<Node> = (25081..=25083)
+        .map(|port| {
+            let listen = [
+                format!("udp:127.0.0.1:{port}"),
+                format!("tcp:127.0.0.1:{port}"),
+            ];
+            start_node_on(&listen, &redis.url())
+        })
+        .collect();
+    let node_addr = |i: usize| nodes[i].udp.to_string();
+
+    // Over TCP on node 1: only node 1 holds the connection (its Contact is the connection's
+    // own address, where nothing listens).
+    let mut tcp_phone = TestUa::tcp("tina", nodes[0].udp).await;
+    tcp_phone.from_domain = Some(DOMAIN.to_owned());
+    let ok = register(&mut tcp_phone).await;
+    assert_eq!(ok.status(), Some(200), "{}", show(&ok));
+    let mut caller = phone("bob", nodes[2].udp).await;
+    let invite = call_and_get_invite(&mut caller, &mut tcp_phone, "tina").await;
+    let vias = via_sent_bys(&invite);
+    assert_eq!(
+        vias[..2],
+        [node_addr(0), node_addr(2)],
+        "node 3 relayed to node 1, which relayed on the phone's connection: {}",
+        show(&invite)
+    );
+    assert!(
+        header_text(&invite, "Route").is_none(),
+        "node 1 consumed its owner route: {}",
+        show(&invite)
+    );
+    // Node 1 record-routed: the dialog's requests from the caller come back to the flow.
+    let record_route = header_text(&invite, "Record-Route").unwrap_or_default();
+    assert!(record_route.contains(&node_addr(0)), "{record_route}");
+
+    // A UDP phone registered on node 1 is reached from node 2 directly.
+    let mut udp_phone = phone("ursula", nodes[0].udp).await;
+    let ok = register(&mut udp_phone).await;
+    assert_eq!(ok.status(), Some(200), "{}", show(&ok));
+    let mut caller = phone("bob", nodes[1].udp).await;
+    let invite = call_and_get_invite(&mut caller, &mut udp_phone, "ursula").await;
+    let vias = via_sent_bys(&invite);
+    assert_eq!(vias.len(), 2, "{}", show(&invite));
+    assert_eq!(vias[0], node_addr(1), "{}", show(&invite));
+
+    // `ctl ul` on node 3 names the owning node of both.
+    let registrar = nodes[2].host.services().registrar.clone().unwrap();
+    let listing =
+        moonroute::control::ul::command(&["show".to_owned()], &registrar, SystemTime::now());
+    let owner = format!("Node: sip:{};transport=udp", node_addr(0));
+    assert_eq!(listing.text.matches(&owner).count(), 2, "{}", listing.text);
+    assert_eq!(
+        listing
+            .text
+            .matches("(other nodes route through it)")
+            .count(),
+        1,
+        "{}",
+        listing.text
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_contact_on_a_dead_node_gets_480_and_the_other_contacts_still_ring() {
+    let Some(redis) = RedisServer::start(25386) else {
+        return;
+    };
+    let listen = |port: u16| {
+        [
+            format!("udp:127.0.0.1:{port}"),
+            format!("tcp:127.0.0.1:{port}"),
+        ]
+    };
+    let node1 = start_node_on(&listen(25084), &redis.url());
+    let node2 = start_node_on(&listen(25085), &redis.url());
+    // carol: one phone over TCP on node 1, one over UDP on node 2; dave: only over TCP on 1.
+    let mut carol_tcp = TestUa::tcp("carol", node1.udp).await;
+    carol_tcp.from_domain = Some(DOMAIN.to_owned());
+    let mut dave_tcp = TestUa::tcp("dave", node1.udp).await;
+    dave_tcp.from_domain = Some(DOMAIN.to_owned());
+    let mut carol_udp = phone("carol", node2.udp).await;
+    for ua in [&mut carol_tcp, &mut dave_tcp, &mut carol_udp] {
+        let ok = register(ua).await;
+        assert_eq!(ok.status(), Some(200), "{}", show(&ok));
+    }
+    let alive = |node: &Node| {
+        node.host
+            .services()
+            .registrar
+            .as_ref()
+            .unwrap()
+            .node()
+            .unwrap()
+            .alive()
+            .len()
+    };
+    // Both heartbeats seen, then node 1 stops (its loops, its heartbeat).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while alive(&node2) < 2 {
+        assert!(Instant::now() < deadline, "node 2 never saw node 1");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(node1);
+    while alive(&node2) > 1 {
+        assert!(Instant::now() < deadline, "node 2 never saw node 1 go");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let mut caller = phone("bob", node2.udp).await;
+    caller.invite(&format!("sip:dave@{DOMAIN}")).await;
+    let answer = caller.expect_final(480).await;
+    assert_eq!(answer.status(), Some(480), "{}", show(&answer));
+
+    // carol's UDP phone rings and answers (a 200 beats the 480 of the dead node's branch).
+    caller.invite(&format!("sip:carol@{DOMAIN}")).await;
+    let invite = carol_udp.expect_request("INVITE").await;
+    assert_eq!(via_sent_bys(&invite)[0], node2.udp.to_string());
+    carol_udp.respond(&invite, 200, "OK").await;
+    let answer = caller.expect_final(200).await;
+    caller.ack_2xx(&answer).await;
+    carol_udp.expect_request("ACK").await;
+    let metrics = node2.host.services().metrics.render();
+    assert!(
+        metrics.contains("\nmoonroute_cluster_owner_down_total 2\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("\nmoonroute_cluster_nodes_alive 1\n"),
+        "{metrics}"
+    );
 }
 
 fn binding(aor: &str, contact: &str, cseq: u32) -> Binding {
@@ -470,6 +643,26 @@ async fn the_readme_several_servers_walkthrough_works_as_written() {
     let listing = run_to_end(&show[0], dir.path());
     assert!(listing.contains("AOR: sip:alice@example.com"), "{listing}");
     assert!(listing.contains(&alice.local.to_string()), "{listing}");
+    assert!(
+        listing.contains("    Node: sip:127.0.0.1:25071;transport=udp\n"),
+        "{listing}"
+    );
+
+    // `ctl status` names the backends, their health, and the nodes alive.
+    let status_line = show[0].replace("ul show sip:alice@example.com", "status");
+    let status = run_to_end(&status_line, dir.path());
+    assert!(
+        status.contains("bindings, redis redis://127.0.0.1:25383/0 connected, "),
+        "{status}"
+    );
+    assert!(
+        status.contains("\nkv: redis redis://127.0.0.1:25383/0 connected, "),
+        "{status}"
+    );
+    assert!(
+        status.contains("\ncluster: this node sip:127.0.0.1:25072;transport=udp, "),
+        "{status}"
+    );
 }
 
 // ----- SIGKILL of a node under registration load ----------------------------------------------

@@ -197,6 +197,16 @@ fn write_binding(out: &mut String, b: &Binding, now: SystemTime) {
     if !b.path.is_empty() {
         let _ = writeln!(out, "    Path: {}", clean(&b.path.join(", ")));
     }
+    if let Some(node) = &b.node {
+        // The node of a cluster it registered through; another node reaches a connection or
+        // NAT pinhole only through it (`crate::cluster`).
+        let through = if b.owner_route.is_some() {
+            " (other nodes route through it)"
+        } else {
+            ""
+        };
+        let _ = writeln!(out, "    Node: {}{through}", clean(node));
+    }
     if let Some(instance) = &b.instance {
         let _ = writeln!(out, "    +sip.instance: {}", clean(instance));
     }
@@ -470,6 +480,8 @@ mod tests {
             reg_id: Some(1),
             user_agent: Some("softphone/1.0\r\n x".to_owned()),
             nated: false,
+            node: None,
+            owner_route: None,
         }
     }
 

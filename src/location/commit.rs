@@ -10,6 +10,10 @@
 //! parks it, subscribes its wake signal ([`CommitTicket::subscribe`]), and sends the answer
 //! once [`CommitTicket::state`] says durable. Blocking callers (the control socket) use
 //! [`CommitTicket::wait`].
+//!
+//! A store on a remote server (Redis) has no flush: a write is acknowledged when the server
+//! answers it. Its tickets come from an [`Acknowledgement`] the store settles when the answer
+//! arrives, and the event loop parks the answer on them the same way.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -18,9 +22,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 /// Where a write stands.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum CommitState {
     /// Written, not yet flushed.
+    #[default]
     Pending,
     /// On disk.
     Durable,
@@ -55,24 +60,40 @@ impl Commit {
     }
 }
 
-/// A numbered write of a [`CommitLog`].
+/// A write that is not acknowledged yet: a numbered write of a [`CommitLog`] (a disk flush),
+/// or one [`Acknowledgement`] (a remote store's answer).
 #[derive(Clone)]
 pub struct CommitTicket {
-    seq: u64,
-    log: Arc<CommitLog>,
+    inner: Ticket,
+}
+
+#[derive(Clone)]
+enum Ticket {
+    Flush { seq: u64, log: Arc<CommitLog> },
+    Answer(Arc<Acknowledgement>),
 }
 
 impl std::fmt::Debug for CommitTicket {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CommitTicket")
-            .field("seq", &self.seq)
-            .finish()
+        match &self.inner {
+            Ticket::Flush { seq, .. } => f.debug_struct("CommitTicket").field("seq", seq).finish(),
+            Ticket::Answer(_) => f
+                .debug_struct("CommitTicket")
+                .field("answer", &self.state())
+                .finish(),
+        }
     }
 }
 
 impl PartialEq for CommitTicket {
     fn eq(&self, other: &Self) -> bool {
-        self.seq == other.seq && Arc::ptr_eq(&self.log, &other.log)
+        match (&self.inner, &other.inner) {
+            (Ticket::Flush { seq: a, log: x }, Ticket::Flush { seq: b, log: y }) => {
+                a == b && Arc::ptr_eq(x, y)
+            }
+            (Ticket::Answer(a), Ticket::Answer(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
     }
 }
 
@@ -80,36 +101,121 @@ impl Eq for CommitTicket {}
 
 impl CommitTicket {
     pub fn state(&self) -> CommitState {
-        self.log.state_of(self.seq)
+        match &self.inner {
+            Ticket::Flush { seq, log } => log.state_of(*seq),
+            Ticket::Answer(answer) => answer.lock().0.clone(),
+        }
     }
 
-    /// Asks for `signal` to be notified after every flush from now on (once per signal: an
-    /// event loop subscribes its one signal the first time it parks an answer).
+    /// Asks for `signal` to be notified when the write may have become durable: after every
+    /// flush of the log from now on (once per signal: an event loop subscribes its one signal
+    /// the first time it parks an answer), or when the remote store answers.
     pub fn subscribe(&self, signal: &Arc<Notify>) {
-        self.log.subscribe(signal);
+        match &self.inner {
+            Ticket::Flush { log, .. } => log.subscribe(signal),
+            Ticket::Answer(answer) => {
+                let mut state = answer.lock();
+                if state.0 == CommitState::Pending {
+                    state.1.push(Arc::clone(signal));
+                } else {
+                    signal.notify_one();
+                }
+            }
+        }
     }
 
     /// Blocks until the write is durable, its flush failed, or `timeout` passed.
     pub fn wait(&self, timeout: Duration) -> Result<(), String> {
         let deadline = Instant::now() + timeout;
-        let mut progress = self.log.lock();
-        loop {
-            match self.log.state_locked(self.seq, &progress) {
-                CommitState::Durable => return Ok(()),
-                CommitState::Failed(e) => return Err(e),
-                CommitState::Pending => {}
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err("timed out waiting for the disk flush".to_owned());
-            }
-            progress = self
-                .log
-                .flushed
-                .wait_timeout(progress, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+        let (seq, log) = match &self.inner {
+            Ticket::Flush { seq, log } => (*seq, log),
+            Ticket::Answer(answer) => return answer.wait(deadline),
+        };
+        wait_until(
+            log.lock(),
+            &log.flushed,
+            deadline,
+            "timed out waiting for the disk flush",
+            |progress| log.state_locked(seq, progress),
+        )
+    }
+}
+
+/// The acknowledgement of one write to a remote store (Redis): pending until the store answers,
+/// then durable or failed. The side that sends the write keeps it and calls
+/// [`Acknowledgement::settle`]; the event loop holding the answer parks on its
+/// [`Acknowledgement::ticket`] as it does on a disk flush.
+#[derive(Default)]
+pub struct Acknowledgement {
+    state: Mutex<(CommitState, Vec<Arc<Notify>>)>,
+    settled: Condvar,
+}
+
+impl Acknowledgement {
+    pub fn new() -> Arc<Acknowledgement> {
+        Arc::new(Acknowledgement::default())
+    }
+
+    pub fn ticket(self: &Arc<Self>) -> CommitTicket {
+        CommitTicket {
+            inner: Ticket::Answer(Arc::clone(self)),
         }
+    }
+
+    /// The store answered: `Ok` durable, `Err` failed. Wakes whoever parked on it.
+    pub fn settle(&self, result: Result<(), String>) {
+        let subscribers = {
+            let mut state = self.lock();
+            state.0 = match result {
+                Ok(()) => CommitState::Durable,
+                Err(error) => CommitState::Failed(error),
+            };
+            std::mem::take(&mut state.1)
+        };
+        self.settled.notify_all();
+        for signal in subscribers {
+            signal.notify_one();
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, (CommitState, Vec<Arc<Notify>>)> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn wait(&self, deadline: Instant) -> Result<(), String> {
+        wait_until(
+            self.lock(),
+            &self.settled,
+            deadline,
+            "timed out waiting for the store's answer",
+            |state| state.0.clone(),
+        )
+    }
+}
+
+/// Waits on `condvar` (with `guard` held between checks) until `state` is no longer pending or
+/// `deadline` passes.
+fn wait_until<T>(
+    mut guard: MutexGuard<'_, T>,
+    condvar: &Condvar,
+    deadline: Instant,
+    timed_out: &str,
+    state: impl Fn(&T) -> CommitState,
+) -> Result<(), String> {
+    loop {
+        match state(&guard) {
+            CommitState::Durable => return Ok(()),
+            CommitState::Failed(e) => return Err(e),
+            CommitState::Pending => {}
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(timed_out.to_owned());
+        }
+        guard = condvar
+            .wait_timeout(guard, left)
+            .unwrap_or_else(|p| p.into_inner())
+            .0;
     }
 }
 
@@ -152,8 +258,10 @@ impl CommitLog {
         drop(self.lock());
         self.wanted.notify_one();
         CommitTicket {
-            seq,
-            log: Arc::clone(self),
+            inner: Ticket::Flush {
+                seq,
+                log: Arc::clone(self),
+            },
         }
     }
 
@@ -162,8 +270,10 @@ impl CommitLog {
     pub fn barrier(self: &Arc<Self>) -> Option<CommitTicket> {
         let seq = self.written.load(Ordering::Acquire);
         (seq > 0).then(|| CommitTicket {
-            seq,
-            log: Arc::clone(self),
+            inner: Ticket::Flush {
+                seq,
+                log: Arc::clone(self),
+            },
         })
     }
 
@@ -351,5 +461,37 @@ mod tests {
         });
         log.close();
         flusher.join().unwrap();
+    }
+
+    #[test]
+    fn an_acknowledgement_settles_its_tickets_and_wakes_their_loops() {
+        let ack = Acknowledgement::new();
+        let ticket = ack.ticket();
+        assert_eq!(ticket.state(), CommitState::Pending);
+        let signal = Arc::new(Notify::new());
+        ticket.subscribe(&signal);
+        let settler = {
+            let ack = Arc::clone(&ack);
+            std::thread::spawn(move || ack.settle(Ok(())))
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            tokio::time::timeout(Duration::from_secs(10), signal.notified())
+                .await
+                .unwrap();
+        });
+        settler.join().unwrap();
+        assert_eq!(ticket.state(), CommitState::Durable);
+        ticket.wait(Duration::ZERO).unwrap();
+
+        let failed = Acknowledgement::new();
+        failed.settle(Err("changed meanwhile".to_owned()));
+        let late = failed.ticket();
+        let signal = Arc::new(Notify::new());
+        late.subscribe(&signal);
+        assert_eq!(late.wait(Duration::ZERO).unwrap_err(), "changed meanwhile");
     }
 }

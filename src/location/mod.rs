@@ -50,7 +50,7 @@ pub mod record;
 mod redis_store;
 mod sled_store;
 
-pub use commit::{Commit, CommitState, CommitTicket};
+pub use commit::{Acknowledgement, Commit, CommitState, CommitTicket};
 pub use redis_store::RedisLocation;
 pub use sled_store::{LoadReport, SledLocation};
 
@@ -91,6 +91,14 @@ pub struct Binding {
     /// `req:save()`): requests reach the contact through `received`, not its own address,
     /// and it gets keep-alives ([`crate::nat::keepalive`]).
     pub nated: bool,
+    /// The node this binding was registered through (its `[cluster] node_uri`), when the
+    /// location store is shared by several nodes ([`crate::cluster`]).
+    pub node: Option<String>,
+    /// The Route to the owning node for a binding only that node can reach (connection-bound,
+    /// or behind a NAT whose pinhole it holds): the node's URI with a flow token it signed
+    /// ([`crate::cluster::FlowSigner`]). Other nodes relay through it (RFC 3327 §5.3 semantics,
+    /// RFC 5626 §5.3's edge proxy); `None` for a binding every node reaches directly.
+    pub owner_route: Option<String>,
 }
 
 impl Binding {
@@ -118,6 +126,8 @@ impl Binding {
             reg_id: None,
             user_agent: None,
             nated: false,
+            node: None,
+            owner_route: None,
         }
     }
 
@@ -199,6 +209,20 @@ pub trait LocationStore: Send + Sync {
         f: &mut dyn FnMut(Vec<Binding>) -> Option<Vec<Binding>>,
     ) -> Result<Commit, String>;
 
+    /// [`LocationStore::update`] for a caller that waits for the write without blocking (an
+    /// event loop parking its answer on the [`Commit`]): a remote store may return once `f`
+    /// has run on what it read, before its write is acknowledged. If another writer changed
+    /// the AOR between that read and the write, the ticket fails (the caller answers 500, as
+    /// RFC 3261 §10.3 wants for a commit that fails) instead of running `f` again.
+    fn update_parked(
+        &self,
+        aor: &str,
+        now: SystemTime,
+        f: &mut dyn FnMut(Vec<Binding>) -> Option<Vec<Binding>>,
+    ) -> Result<Commit, String> {
+        self.update(aor, now, f)
+    }
+
     /// [`LocationStore::lookup`], or why the store could not answer (a shared store over the
     /// network that is unreachable): the caller must not take that for "no bindings" (a false
     /// 404 makes callers give up). Stores in this process always answer.
@@ -220,6 +244,12 @@ pub trait LocationStore: Send + Sync {
 
     /// Registers the backend's own metrics (a shared store's link), if it has any.
     fn register_metrics(&self, _registry: &crate::metrics::Registry) {}
+
+    /// The Redis link of a store shared by several nodes (`crate::cluster` runs its heartbeat
+    /// on it); `None` for a store of this process alone.
+    fn shared_link(&self) -> Option<std::sync::Arc<crate::redis_link::RedisLink>> {
+        None
+    }
 }
 
 /// Where a walk over a store's AORs resumes ([`LocationStore::aors_page`]); opaque.
@@ -512,6 +542,10 @@ fn no_persist(_: &str, _: &[Binding]) -> Result<(), String> {
 }
 
 impl LocationStore for MemoryLocation {
+    fn health(&self) -> Option<String> {
+        Some("memory (this node only, lost on restart)".to_owned())
+    }
+
     fn lookup(&self, aor: &str, now: SystemTime) -> Vec<Binding> {
         self.shard(aor)
             .get(aor)

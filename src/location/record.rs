@@ -1,10 +1,13 @@
-//! The on-disk form of one AOR's bindings (a [`super::SledLocation`] record).
+//! The on-disk form of one AOR's bindings (a [`super::SledLocation`] record, and the value of
+//! a [`super::RedisLocation`] key).
 //!
-//! Key: the normalized AOR (UTF-8). Value: the magic `MRB2` (moonroute bindings, version 2),
+//! Key: the normalized AOR (UTF-8). Value: the magic `MRB3` (moonroute bindings, version 3),
 //! a `u16` binding count, then per binding, in registration order, its fields in
-//! [`super::Binding`]'s order; the last, a flags byte (bit 0: `nated`), is what version 2
-//! added. Version 1 records (`MRB1`, written before NAT traversal, without the flags byte)
-//! are still read, as bindings without flags; they are rewritten as version 2 when changed. Strings are a `u32` length plus UTF-8 bytes; optional fields a
+//! [`super::Binding`]'s order: a flags byte (bit 0: `nated`) is what version 2 added, the
+//! owning node and its route (two optional strings, [`crate::cluster`]) what version 3 added.
+//! Version 1 records (`MRB1`, written before NAT traversal, without the flags byte) and
+//! version 2 records (`MRB2`, before clusters) are still read, as bindings without what they
+//! lack; they are rewritten as version 3 when changed. Strings are a `u32` length plus UTF-8 bytes; optional fields a
 //! presence byte (0 or 1) then the value; integers big-endian; the expiry in milliseconds since
 //! the Unix epoch; socket addresses as text (`1.2.3.4:5060`, `[::1]:5060`).
 //!
@@ -20,7 +23,8 @@ use crate::sip::scan::decimal;
 use crate::sip::Host;
 use crate::transport::TransportKind;
 
-const MAGIC: &[u8; 4] = b"MRB2";
+const MAGIC: &[u8; 4] = b"MRB3";
+const MAGIC_V2: &[u8; 4] = b"MRB2";
 const MAGIC_V1: &[u8; 4] = b"MRB1";
 
 /// Bit 0 of the flags byte: the binding was registered from behind a NAT.
@@ -31,13 +35,17 @@ const FLAG_NATED: u8 = 1;
 const MAX_FIELD: usize = 64 * 1024;
 
 pub fn encode(bindings: &[Binding]) -> Vec<u8> {
-    encode_version(bindings, 2)
+    encode_version(bindings, 3)
 }
 
-/// The record in format `version` (1 only to test that old records stay readable).
+/// The record in format `version` (1 and 2 only to test that old records stay readable).
 fn encode_version(bindings: &[Binding], version: u8) -> Vec<u8> {
     let mut out = Vec::with_capacity(64 + bindings.len() * 256);
-    out.extend_from_slice(if version == 1 { MAGIC_V1 } else { MAGIC });
+    out.extend_from_slice(match version {
+        1 => MAGIC_V1,
+        2 => MAGIC_V2,
+        _ => MAGIC,
+    });
     put_u16(&mut out, bindings.len().min(usize::from(u16::MAX)) as u16);
     for b in bindings.iter().take(usize::from(u16::MAX)) {
         put_str(&mut out, &b.contact);
@@ -66,6 +74,10 @@ fn encode_version(bindings: &[Binding], version: u8) -> Vec<u8> {
         if version >= 2 {
             out.push(if b.nated { FLAG_NATED } else { 0 });
         }
+        if version >= 3 {
+            put_opt(&mut out, b.node.as_ref(), |out, s| put_str(out, s));
+            put_opt(&mut out, b.owner_route.as_ref(), |out, s| put_str(out, s));
+        }
     }
     out
 }
@@ -77,7 +89,8 @@ pub fn decode(key: &[u8], value: &[u8]) -> Result<Vec<Binding>, String> {
         .to_owned();
     let mut r = Reader { data: value };
     let version = match r.take(4)? {
-        m if m == MAGIC => 2,
+        m if m == MAGIC => 3,
+        m if m == MAGIC_V2 => 2,
         m if m == MAGIC_V1 => 1,
         _ => return Err("not a moonroute binding record (bad magic)".to_owned()),
     };
@@ -170,6 +183,14 @@ impl<'a> Reader<'a> {
             .map_err(|_| "field is not UTF-8".to_owned())
     }
 
+    fn opt_string(&mut self) -> Result<Option<String>, String> {
+        if self.present()? {
+            Ok(Some(self.string()?))
+        } else {
+            Ok(None)
+        }
+    }
+
     fn present(&mut self) -> Result<bool, String> {
         match self.take(1)?[0] {
             0 => Ok(false),
@@ -219,15 +240,16 @@ impl<'a> Reader<'a> {
         } else {
             None
         };
-        let user_agent = if self.present()? {
-            Some(self.string()?)
-        } else {
-            None
-        };
+        let user_agent = self.opt_string()?;
         let flags = if version >= 2 { self.take(1)?[0] } else { 0 };
         if flags & !FLAG_NATED != 0 {
             return Err(format!("unknown binding flags {flags:#04x}"));
         }
+        let (node, owner_route) = if version >= 3 {
+            (self.opt_string()?, self.opt_string()?)
+        } else {
+            (None, None)
+        };
         Ok(Binding {
             aor: aor.to_owned(),
             contact,
@@ -242,6 +264,8 @@ impl<'a> Reader<'a> {
             reg_id,
             user_agent,
             nated: flags & FLAG_NATED != 0,
+            node,
+            owner_route,
         })
     }
 }
@@ -277,6 +301,8 @@ mod tests {
             reg_id: Some(1),
             user_agent: Some("softphone/1.0".to_owned()),
             nated: true,
+            node: Some("sip:192.0.2.5:5060;transport=tcp".to_owned()),
+            owner_route: Some("<sip:192.0.2.5:5060;transport=tcp;lr;mr-flow=x>".to_owned()),
         }
     }
 
@@ -291,6 +317,8 @@ mod tests {
             reg_id: None,
             user_agent: None,
             nated: false,
+            node: None,
+            owner_route: None,
             ..full()
         }
     }
@@ -332,14 +360,16 @@ mod tests {
         let expected = vec![
             Binding {
                 nated: false,
-                ..full
+                node: None,
+                owner_route: None,
+                ..full.clone()
             },
-            bare,
+            bare.clone(),
         ];
         assert_eq!(read, expected, "a version 1 binding has no flags");
-        // Written back, it is a version 2 record.
+        // Written back, it is a version 3 record.
         let new = encode(&read);
-        assert_eq!(&new[..4], b"MRB2");
+        assert_eq!(&new[..4], b"MRB3");
         assert_eq!(decode(b"sip:alice@example.com", &new).unwrap(), expected);
         for n in 0..old.len() {
             assert!(decode(b"sip:a@b", &old[..n]).is_err(), "prefix {n}");
@@ -347,9 +377,33 @@ mod tests {
     }
 
     #[test]
+    fn version_2_records_stay_readable_without_an_owner() {
+        let (full, bare) = (full(), bare());
+        let old = encode_version(&[full.clone(), bare.clone()], 2);
+        assert_eq!(&old[..4], b"MRB2");
+        let expected = vec![
+            Binding {
+                node: None,
+                owner_route: None,
+                ..full
+            },
+            bare,
+        ];
+        assert_eq!(decode(b"sip:alice@example.com", &old).unwrap(), expected);
+        for n in 0..old.len() {
+            assert!(decode(b"sip:a@b", &old[..n]).is_err(), "prefix {n}");
+        }
+    }
+
+    #[test]
     fn unknown_flags_are_an_error() {
-        let mut data = encode(&[bare()]);
+        // In version 2 the flags byte ends a binding.
+        let mut data = encode_version(&[bare()], 2);
         *data.last_mut().unwrap() = 0x80;
+        assert!(decode(b"sip:a@b", &data).is_err());
+        let mut data = encode(&[bare()]);
+        let flags = data.len() - 3;
+        data[flags] = 0x80;
         assert!(decode(b"sip:a@b", &data).is_err());
     }
 

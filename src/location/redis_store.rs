@@ -24,6 +24,13 @@
 //! of a node do not race one another: only nodes do, and a compare-and-set fails only when
 //! another node wrote the AOR meanwhile.
 //!
+//! A REGISTER ([`LocationStore::update_parked`]) waits for the read only: the compare-and-set
+//! is sent without waiting, the registrar's 200 is parked on its [`Acknowledgement`] (as a
+//! sled write's is on its disk flush), and the event loop serves other requests meanwhile. If
+//! another writer changed the AOR between the read and the write, that REGISTER gets 500 (a
+//! commit that failed, §10.3) and the phone sends it again; within a node this happens only
+//! for two REGISTERs of one AOR in the same round trip.
+//!
 //! # Durability
 //!
 //! The write is acknowledged when Redis answered the script, and only then does the
@@ -40,9 +47,9 @@
 //! 503 with Retry-After, `req:lookup` returns -1 (the shipped script answers 503, never a
 //! false 404).
 //!
-//! Not done yet (next slice): the node a binding arrived through is not recorded, so a
-//! connection-bound (TCP/TLS) or NATed binding is reached directly, not through its owning
-//! node; NAT keep-alives go out from every node.
+//! Each binding records the node it was registered through, and how other nodes reach it
+//! when only that node can ([`crate::cluster`]). Not done yet: NAT keep-alives go out from
+//! every node, not from the owner only.
 
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
@@ -51,7 +58,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tracing::{debug, warn};
 
-use super::commit::Commit;
+use super::commit::{Acknowledgement, Commit};
 use super::{live_sorted, record, AorCursor, Binding, LocationStore};
 use crate::redis_link::{LinkError, RedisLink};
 
@@ -180,6 +187,39 @@ impl RedisLocation {
 
     /// Writes `new` in place of what `read` found; `Ok(false)` when another node wrote first.
     fn compare_and_set(&self, aor: &str, read: &Read, new: &[Binding]) -> Result<bool, String> {
+        let (keys, args) = self.cas_input(aor, read, new);
+        let keys: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+        let args: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
+        let answer: i64 = self
+            .link
+            .script(&self.cas, &keys, &args)
+            .map_err(unreachable)?;
+        self.cas_result(answer)
+    }
+
+    /// [`RedisLocation::compare_and_set`] without waiting: the returned ticket settles when
+    /// Redis answers (failed when another node wrote first).
+    fn compare_and_set_parked(&self, aor: &str, read: &Read, new: &[Binding]) -> Commit {
+        let (keys, args) = self.cas_input(aor, read, new);
+        let acknowledgement = Acknowledgement::new();
+        let ticket = acknowledgement.ticket();
+        let max_bindings = self.max_bindings;
+        self.link
+            .script_then::<i64>(&self.cas, keys, args, move |answer| {
+                let result = answer
+                    .map_err(unreachable)
+                    .and_then(|answer| cas_answer(answer, max_bindings))
+                    .and_then(|written| match written {
+                        true => Ok(()),
+                        false => Err("the AOR was changed by another node meanwhile".to_owned()),
+                    });
+                acknowledgement.settle(result);
+            });
+        Commit::Pending(ticket)
+    }
+
+    /// The keys and arguments of [`CAS`].
+    fn cas_input(&self, aor: &str, read: &Read, new: &[Binding]) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
         let encoded = if new.is_empty() {
             Vec::new()
         } else {
@@ -192,36 +232,34 @@ impl RedisLocation {
             .unwrap_or(0)
             .to_string();
         let delta = (new.len() as i64 - read.bindings.len() as i64).to_string();
-        let key = Self::record_key(aor);
-        let max = self.max_bindings.to_string();
-        let answer: i64 = self
-            .link
-            .script(
-                &self.cas,
-                &[
-                    key.as_bytes(),
-                    EXPIRY_KEY.as_bytes(),
-                    AORS_KEY.as_bytes(),
-                    COUNT_KEY.as_bytes(),
-                ],
-                &[
-                    &read.raw,
-                    &encoded,
-                    earliest.as_bytes(),
-                    delta.as_bytes(),
-                    aor.as_bytes(),
-                    max.as_bytes(),
-                ],
-            )
-            .map_err(unreachable)?;
-        match answer {
-            1 => Ok(true),
-            0 => Ok(false),
-            _ => Err(format!(
-                "location store full ({} bindings)",
-                self.max_bindings
-            )),
-        }
+        let keys = vec![
+            Self::record_key(aor).into_bytes(),
+            EXPIRY_KEY.as_bytes().to_vec(),
+            AORS_KEY.as_bytes().to_vec(),
+            COUNT_KEY.as_bytes().to_vec(),
+        ];
+        let args = vec![
+            read.raw.clone(),
+            encoded,
+            earliest.into_bytes(),
+            delta.into_bytes(),
+            aor.as_bytes().to_vec(),
+            self.max_bindings.to_string().into_bytes(),
+        ];
+        (keys, args)
+    }
+
+    fn cas_result(&self, answer: i64) -> Result<bool, String> {
+        cas_answer(answer, self.max_bindings)
+    }
+}
+
+/// What [`CAS`] answered: written, or not because the record changed; an error when full.
+fn cas_answer(answer: i64, max_bindings: usize) -> Result<bool, String> {
+    match answer {
+        1 => Ok(true),
+        0 => Ok(false),
+        _ => Err(format!("location store full ({max_bindings} bindings)")),
     }
 }
 
@@ -369,6 +407,22 @@ impl LocationStore for RedisLocation {
         Err(format!("{aor} is being updated by other nodes, try again"))
     }
 
+    /// Reads (one round trip, waited for), runs `f`, and sends the compare-and-set without
+    /// waiting: the registrar parks its 200 on the ticket, and the event loop serves other
+    /// requests until Redis acknowledges the write.
+    fn update_parked(
+        &self,
+        aor: &str,
+        now: SystemTime,
+        f: &mut dyn FnMut(Vec<Binding>) -> Option<Vec<Binding>>,
+    ) -> Result<Commit, String> {
+        let read = self.read(aor)?;
+        let Some(new) = f(read.live(now)) else {
+            return Ok(Commit::Done);
+        };
+        Ok(self.compare_and_set_parked(aor, &read, &new))
+    }
+
     fn reachable(&self) -> bool {
         self.link.is_up()
     }
@@ -377,17 +431,11 @@ impl LocationStore for RedisLocation {
         self.link.register_metrics(registry, "location");
     }
 
+    fn shared_link(&self) -> Option<Arc<RedisLink>> {
+        Some(Arc::clone(&self.link))
+    }
+
     fn health(&self) -> Option<String> {
-        Some(format!(
-            "redis {} {} ({} commands, {} failed)",
-            self.link.url_for_logs(),
-            if self.link.is_up() {
-                "up"
-            } else {
-                "UNREACHABLE"
-            },
-            self.link.commands(),
-            self.link.errors()
-        ))
+        Some(self.link.health())
     }
 }

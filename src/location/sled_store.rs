@@ -339,6 +339,10 @@ fn move_record(
 }
 
 impl LocationStore for SledLocation {
+    fn health(&self) -> Option<String> {
+        Some("sled (this node only, durable)".to_owned())
+    }
+
     fn lookup(&self, aor: &str, now: SystemTime) -> Vec<Binding> {
         self.index.lookup(aor, now)
     }

@@ -353,7 +353,10 @@ impl Relay {
         // Built before the router takes the request: a router waiting for DNS holds it.
         let trying = (request.method() == Some(&Method::Invite))
             .then(|| ResponseBuilder::new(&request, 100, "Trying").build());
-        let routed = self.router.route(&mut request, &meta, info);
+        let routed = match owner_delivery(&request, &info) {
+            Some(routed) => routed,
+            None => self.router.route(&mut request, &meta, info),
+        };
         self.dialogs_after_router();
         let purpose = Purpose::Request {
             tx,
@@ -562,6 +565,7 @@ impl Relay {
             own_route_signed,
             signature,
             tracked_call: own_route_signed && self.me.signed_for_tracked_call(&done),
+            owner_flow: done.owner_flow,
         })
     }
 
@@ -1347,6 +1351,10 @@ impl Relay {
         let Some(call) = self.calls.get_mut(&server) else {
             return;
         };
+        if let Some(why) = &target.unavailable {
+            info!(target = %String::from_utf8_lossy(&target.uri), reason = %why, "branch not sent: 480");
+            return call.context.on_branch_ended(branch, UNAVAILABLE, now, more);
+        }
         let base = call.failover_request.as_ref().unwrap_or(&call.request);
         let edit = match call.handle {
             Some(handle) => self.router.on_branch(handle, base, target),
@@ -1914,6 +1922,33 @@ fn query_of(hop: &NextHop) -> dns::Query {
 
 /// The one line of a stateless forward (§16.11: an ACK for a 2xx, or the script's `forward`)
 /// that could not be sent: the message is dropped.
+/// A request another node of the cluster sent here over an owner route this server signed
+/// (`route_sign`, "Owner routes"): that node's router chose the binding, this one only holds
+/// its flow. It is relayed to its Request-URI on that flow, with our Record-Route so the
+/// dialog's requests from the caller's side come back through us to the flow too (RFC 5626
+/// §5.3, an edge proxy's part). `None` for every other request (the router decides).
+/// What a branch to a target the router marked unavailable counts as (its owning node is
+/// down): 480 (Temporarily Unavailable, §21.4.18), which goes upstream as it is when no branch
+/// does better, where a 503 would become a 500 (§16.7 step 6).
+const UNAVAILABLE: u16 = 480;
+
+fn owner_delivery(request: &Message, info: &RouteInfo) -> Option<Routed> {
+    let flow = info.owner_flow?;
+    // Only a new request with nothing left to follow: our token names where it goes.
+    if request.routes().next().is_some() || request.method() == Some(&Method::Ack) {
+        return None;
+    }
+    let uri = request.request_uri_bytes().map(|u| request.share(u))?;
+    debug!(flow = ?flow, "owner route: delivering on the flow this node holds");
+    let mut target = Target::new(uri, 1000);
+    target.destination = Some(flow);
+    Some(Routed::from(Decision::Relay {
+        targets: vec![target],
+        record_route: true,
+        timers: FailureTimers::default(),
+    }))
+}
+
 fn forward_failed(forward: &StatelessForward, destination: Option<&[u8]>, reason: &str) {
     let to = destination.unwrap_or(&forward.uri);
     info!(target: REFUSED, call_id = %call_id(&forward.request), to = %String::from_utf8_lossy(to), reason = %format_args!("cannot forward statelessly: {reason}"), "message dropped");

@@ -12,7 +12,7 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use std::net::SocketAddr;
 use std::time::SystemTime;
 
-use super::route_sign::{RouteSigner, Signature, Verdict, SIGNATURE_PARAM};
+use super::route_sign::{RouteSigner, Signature, Verdict, FLOW_PARAM, SIGNATURE_PARAM};
 use crate::server::core::LocalIdentity;
 use crate::sip::header::HeaderName;
 use crate::sip::scan;
@@ -246,6 +246,10 @@ pub struct Preprocessed {
     /// The signature (`route_sign`) of what was consumed, `None` when it carried none; whether
     /// it is ours for this request is [`ProxyIdentity::check_route`]'s to say.
     pub signature: Option<Signature>,
+    /// The flow named by an owner route this server signed (`route_sign`, "Owner routes")
+    /// among what was consumed: another node of the cluster sent the request here to be
+    /// delivered on that flow.
+    pub owner_flow: Option<(TransportKind, std::net::SocketAddr)>,
 }
 
 /// §16.4 route information preprocessing.
@@ -281,6 +285,7 @@ pub fn preprocess_routes(
         }
     }
     let mut removed: Vec<Vec<u8>> = Vec::new();
+    let mut owner_flow = None;
     while removed.len() < 2 {
         let Some(top) = routes.first() else { break };
         let na = NameAddr::parse(top).map_err(|e| e.in_context("Route"))?;
@@ -299,6 +304,10 @@ pub fn preprocess_routes(
             break;
         }
         group.get_or_insert(signature);
+        owner_flow = owner_flow.or_else(|| {
+            let token = na.uri.as_sip()?.param(FLOW_PARAM)?;
+            me.signer.check_flow(token)
+        });
         removed.push(routes.remove(0));
     }
     let changed = strict_prev_hop || !removed.is_empty();
@@ -308,6 +317,7 @@ pub fn preprocess_routes(
     Ok(Preprocessed {
         consumed_own_route: changed,
         signature: group.flatten(),
+        owner_flow,
     })
 }
 

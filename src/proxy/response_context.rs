@@ -69,6 +69,10 @@ pub struct Target {
     /// URI's next hop (RFC 3263), its Request-URI and Route headers left as they are. Wins
     /// over `route` and `destination`. Set only by the router, never from the message.
     pub next_hop_uri: Option<Bytes>,
+    /// Why this contact cannot be reached now (its owning node in a cluster is down,
+    /// `crate::cluster`): its branch ends at once as 480 (Temporarily Unavailable), the other
+    /// targets are forked as usual.
+    pub unavailable: Option<String>,
 }
 
 impl Target {
@@ -80,6 +84,7 @@ impl Target {
             route: Vec::new(),
             destination: None,
             next_hop_uri: None,
+            unavailable: None,
         }
     }
 }

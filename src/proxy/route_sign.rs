@@ -52,6 +52,20 @@
 //! dialog's linger. The time of writing is the expiry less the lifetime, so this reads right
 //! while `record_route_lifetime_secs` is unchanged.
 //!
+//! ## Owner routes
+//!
+//! Nodes sharing a location store (`crate::cluster`) reach a binding that only its own node
+//! can (a TCP/TLS/WebSocket connection, a NAT pinhole) through that node: at REGISTER time the
+//! node stores with the binding a Route to itself carrying a flow token,
+//! `<sip:node;transport=udp;lr;mr-flow=tcp:192.0.2.1:40312:0f8e2d7c6b5a4938>`, the flow (the
+//! transport and the address the REGISTER came from) and 64 bits of an HMAC-SHA256 over it,
+//! keyed from the server key with a label of its own. Another node's lookup puts it in the
+//! branch's Route (RFC 3327 §5.3: as a Path would be); the owner, consuming its own entry
+//! (§16.4), finds a flow it signed itself and delivers the request on that flow (RFC 5626
+//! §5.3, as an edge proxy does with its flow token). Only the owner checks its token, so the
+//! nodes need not share a key. A token names a flow, not a dialog: whoever learns one can
+//! reach that registered contact through its node, as any caller can by its AOR.
+//!
 //! ## Old signatures
 //!
 //! Before this format a signature was 16 hex digits over Call-ID and caller tag, with no expiry
@@ -59,7 +73,7 @@
 //! one lifetime after the server started; nothing else.
 
 use std::cell::Cell;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ring::hmac;
@@ -68,6 +82,7 @@ use tracing::info;
 use crate::auth::digest::hex;
 use crate::sip::scan::{push_unfolded, split_commas};
 use crate::sip::{Contact, HeaderName, Host, Message, Method, NameAddr, ParseError, Uri};
+use crate::transport::TransportKind;
 
 /// The URI parameter holding the signature.
 pub const SIGNATURE_PARAM: &str = "mrs";
@@ -85,6 +100,10 @@ const TOKEN_LEN: usize = 1 + 8 + 1 + MAC_BYTES * 2;
 /// Labels separating the uses of the server key (digest nonces, and each signature format).
 const KEY_LABEL: &[u8] = b"moonroute record-route v2";
 const LEGACY_KEY_LABEL: &[u8] = b"moonroute record-route v1";
+const FLOW_KEY_LABEL: &[u8] = b"moonroute owner flow v1";
+
+/// The URI parameter of an owner route ([`RouteSigner::sign_flow`]) holding its flow token.
+pub const FLOW_PARAM: &str = "mr-flow";
 
 /// Whose route set a copy of our Record-Route entry is in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -220,6 +239,8 @@ pub struct Binding<'a> {
 pub struct RouteSigner {
     key: hmac::Key,
     legacy_key: hmac::Key,
+    /// Signs the flow tokens of owner routes ("Owner routes" in the module doc).
+    flow_key: hmac::Key,
     lifetime: Duration,
     /// Unix seconds when the server started: old-format signatures route BYE for one lifetime
     /// after it.
@@ -240,6 +261,7 @@ impl RouteSigner {
         RouteSigner {
             key: derive(&master, KEY_LABEL),
             legacy_key: derive(&master, LEGACY_KEY_LABEL),
+            flow_key: derive(&master, FLOW_KEY_LABEL),
             lifetime: DEFAULT_LIFETIME,
             started: unix_seconds(SystemTime::now()),
         }
@@ -255,6 +277,7 @@ impl RouteSigner {
         RouteSigner {
             key: random_key(),
             legacy_key: random_key(),
+            flow_key: random_key(),
             lifetime: DEFAULT_LIFETIME,
             started: unix_seconds(SystemTime::now()),
         }
@@ -457,6 +480,32 @@ impl RouteSigner {
             }
         }
         Ok(fields)
+    }
+
+    /// The flow token of an owner route for a binding that arrived over `kind` from `addr`
+    /// ("Owner routes" in the module doc): `tcp:192.0.2.1:40312:0f8e2d7c6b5a4938`.
+    pub fn sign_flow(&self, kind: TransportKind, addr: SocketAddr) -> String {
+        let flow = format!("{}:{addr}", kind.scheme());
+        let mac = hmac::sign(&self.flow_key, flow.as_bytes());
+        format!("{flow}:{}", hex(&mac.as_ref()[..MAC_BYTES]))
+    }
+
+    /// The flow a token of [`RouteSigner::sign_flow`] names, if this server signed it.
+    pub fn check_flow(&self, token: &[u8]) -> Option<(TransportKind, SocketAddr)> {
+        let token = std::str::from_utf8(token).ok()?;
+        let (flow, mac) = token.rsplit_once(':')?;
+        let expected = hmac::sign(&self.flow_key, flow.as_bytes());
+        if !constant_time_eq(
+            hex(&expected.as_ref()[..MAC_BYTES]).as_bytes(),
+            mac.as_bytes(),
+        ) {
+            return None;
+        }
+        let (kind, addr) = flow.split_once(':')?;
+        Some((
+            TransportKind::from_name(kind.as_bytes())?,
+            addr.parse().ok()?,
+        ))
     }
 
     /// Judges an in-dialog request after §16.4 consumed our Route entries: `signature` is what

@@ -87,6 +87,10 @@ pub struct RouteInfo {
     /// tracked (`req:dlg_manage()`): if the dialog table no longer knows the call, it ended
     /// (`req:dlg_known()` says `ended`, not `untracked`).
     pub tracked_call: bool,
+    /// §16.4 consumed an owner route this server signed (`route_sign`, "Owner routes"):
+    /// another node of the cluster routed the request to a binding whose flow this server
+    /// holds, and the relay delivers it there without asking the router again.
+    pub owner_flow: Option<(crate::transport::TransportKind, SocketAddr)>,
 }
 
 /// Where a response given to [`Router::on_reply`] came from: what a NAT check needs.

@@ -551,6 +551,9 @@ fn process_for_aor(
             reg_id: r.reg_id.filter(|_| outbound),
             user_agent: user_agent.clone(),
             nated,
+            // Stamped by the registrar of a node of a cluster ([`Registrar::with_node`]).
+            node: None,
+            owner_route: None,
         });
         let matches: Vec<usize> = (0..live.len())
             .filter(|&i| {
@@ -888,6 +891,8 @@ pub struct Registrar {
     aors: AorRule,
     /// REGISTERs answered 200 (`moonroute_registrations_total`).
     registrations: Counter,
+    /// This node, when the store is shared by several ([`crate::cluster`]).
+    node: Option<Arc<crate::cluster::Node>>,
 }
 
 impl Registrar {
@@ -899,7 +904,27 @@ impl Registrar {
             rules,
             aors: AorRule::default(),
             registrations: Counter::default(),
+            node: None,
         }
+    }
+
+    /// Bindings registered here record `node` as theirs, and lookups reach other nodes'
+    /// connection-bound bindings through them ([`crate::cluster`]).
+    pub fn with_node(mut self, node: Arc<crate::cluster::Node>) -> Registrar {
+        self.node = Some(node);
+        self
+    }
+
+    /// This node of a cluster, if the store is shared.
+    pub fn node(&self) -> Option<&Arc<crate::cluster::Node>> {
+        self.node.as_ref()
+    }
+
+    /// How this node reaches `binding` ([`crate::cluster::Reach`]); directly without a cluster.
+    pub fn reach(&self, binding: &Binding) -> crate::cluster::Reach {
+        self.node
+            .as_ref()
+            .map_or(crate::cluster::Reach::Direct, |node| node.reach(binding))
     }
 
     /// AORs named by `aors`: the rule the store's keys were migrated to when it opened.
@@ -960,8 +985,20 @@ impl Registrar {
             return Self::result(req, now, None, refusal);
         };
         let mut outcome = None;
-        let stored = self.store.update(&key, now, &mut |current| {
-            let o = process_for_aor(req, meta, nated, &key, &current, &self.rules, now);
+        // What marks the bindings this request writes (those read back keep their node).
+        let this_request = (req.call_id().ok(), req.cseq().ok().map(|c| c.seq));
+        let written_here = |b: &Binding| {
+            b.node.is_none()
+                && this_request.0 == Some(b.call_id.as_bytes())
+                && this_request.1 == Some(b.cseq)
+        };
+        let stored = self.store.update_parked(&key, now, &mut |current| {
+            let mut o = process_for_aor(req, meta, nated, &key, &current, &self.rules, now);
+            if let (Some(node), Outcome::Updated { bindings, .. }) = (&self.node, &mut o) {
+                for b in bindings.iter_mut().filter(|b| written_here(b)) {
+                    node.stamp(b);
+                }
+            }
             let write = match &o {
                 Outcome::Updated {
                     bindings,

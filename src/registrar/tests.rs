@@ -98,6 +98,8 @@ fn stored(contact: &str, call_id: &str, cseq: u32, expires_in: u64) -> Binding {
         reg_id: None,
         user_agent: None,
         nated: false,
+        node: None,
+        owner_route: None,
     }
 }
 
@@ -321,6 +323,8 @@ fn new_binding_records_the_request() {
             reg_id: Some(1),
             user_agent: Some("phone/1.0".to_owned()),
             nated: false,
+            node: None,
+            owner_route: None,
         }]
     );
 }

@@ -220,18 +220,13 @@ impl KvStore {
         }
     }
 
-    /// One line on the shared store's health for `ctl status` (`None` in memory).
-    pub fn health(&self) -> Option<String> {
-        self.remote.as_ref().map(|r| {
-            let link = r.link();
-            format!(
-                "redis {} {} ({} commands, {} failed)",
-                link.url_for_logs(),
-                if link.is_up() { "up" } else { "UNREACHABLE" },
-                link.commands(),
-                link.errors()
-            )
-        })
+    /// One line on the store's health for `ctl status`: its backend, and for Redis the link's
+    /// state.
+    pub fn health(&self) -> String {
+        match &self.remote {
+            Some(remote) => remote.link().health(),
+            None => "memory (this node only)".to_owned(),
+        }
     }
 
     /// [`KvStore::get`], or why the shared store could not answer.

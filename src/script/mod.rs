@@ -34,6 +34,7 @@ use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use crate::cluster::Reach;
 use crate::proxy::response_context::Target;
 use crate::proxy::router::Decision;
 use crate::sip::Message;
@@ -117,12 +118,23 @@ impl Services {
                     (true, true) => b.received,
                     _ => None,
                 };
+                // Another node of the cluster holds its flow: through that node, or not at
+                // all while it is down (`crate::cluster`).
+                let (owner_route, unavailable) = match registrar.reach(&b) {
+                    Reach::Direct => (None, None),
+                    Reach::ThroughOwner(route) => (Some(bytes::Bytes::from(route)), None),
+                    Reach::OwnerDown(node) => (None, Some(format!("its node {node} is down"))),
+                };
                 Target {
                     uri: bytes::Bytes::from(b.contact),
                     q: b.q,
-                    route: b.path.into_iter().map(bytes::Bytes::from).collect(),
+                    route: owner_route
+                        .into_iter()
+                        .chain(b.path.into_iter().map(bytes::Bytes::from))
+                        .collect(),
                     destination,
                     next_hop_uri: None,
+                    unavailable,
                 }
             })
             .collect())

@@ -412,6 +412,8 @@ impl Session {
             own_route_signed: signature.routes(request.method()),
             signature,
             tracked_call: signature.routes(request.method()) && me.signed_for_tracked_call(&done),
+            // A test run has no cluster: the script routes the request.
+            owner_flow: None,
         };
         let vars = engine
             .lua()

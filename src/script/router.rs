@@ -187,16 +187,24 @@ impl ScriptHost {
             .map_err(ScriptError)?;
         let metrics = crate::metrics::Registry::new();
         let engine = register_service_metrics(&metrics, &store);
-        let registrar = crate::registrar::Registrar::new(
+        let shared = store.shared_link();
+        let mut registrar = crate::registrar::Registrar::new(
             store,
             crate::registrar::Rules::from(&config.registrar),
         )
         .with_aor_rule(aors)
         .with_registrations_counter(engine.registrations);
+        let server_key = crate::secret::server_key(config).map_err(ScriptError)?;
+        if let Some(link) = shared {
+            if let Some(node) = cluster_node(config, &server_key, link) {
+                node.register_metrics(&metrics);
+                registrar = registrar.with_node(node);
+            }
+        }
         // Nonces are signed with the server key (`[auth] secret`, else `<data_dir>/secret`), so
         // they survive a restart: phones are not answered `stale` after one.
         let settings = crate::auth::Settings {
-            secret: crate::secret::server_key(config).map_err(ScriptError)?,
+            secret: server_key,
             ..crate::auth::Settings::from_config(&config.auth)
         };
         let auth =
@@ -311,6 +319,27 @@ impl ScriptHost {
 
 /// The `sip.kv` store `[kv]` asks for: this node's memory, or a Redis server shared with other
 /// nodes (the node starts when Redis is not there yet: `sip.kv` calls fail until it is).
+/// This node of a cluster on the shared location store behind `link` (`crate::cluster`):
+/// `[location] node_uri`, else the first listener; `None` (with a warning: other nodes then
+/// reach its TCP and NATed phones directly, which may fail) when neither names it.
+fn cluster_node(
+    config: &crate::config::Config,
+    server_key: &[u8],
+    link: Arc<crate::redis_link::RedisLink>,
+) -> Option<Arc<crate::cluster::Node>> {
+    let uri = match config.location.node_uri.trim() {
+        "" => crate::cluster::default_node_uri(&config.domains, &config.listen),
+        uri => Some(uri.to_owned()),
+    };
+    let Some(uri) = uri else {
+        warn!("cluster: no node URI (first listener on port 0 and no [location] node_uri): other nodes reach this node's TCP and NATed phones directly");
+        return None;
+    };
+    info!(node = %uri, "cluster: this node's URI");
+    let signer = crate::proxy::route_sign::RouteSigner::new(server_key);
+    Some(crate::cluster::Node::start(uri, signer, link))
+}
+
 fn open_kv(config: &crate::config::Kv) -> Result<super::kv::KvStore, String> {
     match config.backend {
         crate::config::KvBackend::Memory => Ok(super::kv::KvStore::new(super::KV_MAX_KEYS)),
