@@ -31,6 +31,9 @@ pub enum CommitState {
     Durable,
     /// The flush covering it failed: the write may be lost.
     Failed(String),
+    /// A remote store could not be reached to confirm the write: the client should try again
+    /// later (RFC 3261 §21.5.4, 503 with Retry-After), not give up as on a failure.
+    Unavailable(String),
 }
 
 /// What a store write needs before it may be acknowledged.
@@ -164,12 +167,21 @@ impl Acknowledgement {
 
     /// The store answered: `Ok` durable, `Err` failed. Wakes whoever parked on it.
     pub fn settle(&self, result: Result<(), String>) {
+        self.settle_as(match result {
+            Ok(()) => CommitState::Durable,
+            Err(error) => CommitState::Failed(error),
+        });
+    }
+
+    /// The store could not be reached to answer: the parked request is asked to retry later.
+    pub fn settle_unavailable(&self, error: String) {
+        self.settle_as(CommitState::Unavailable(error));
+    }
+
+    fn settle_as(&self, settled: CommitState) {
         let subscribers = {
             let mut state = self.lock();
-            state.0 = match result {
-                Ok(()) => CommitState::Durable,
-                Err(error) => CommitState::Failed(error),
-            };
+            state.0 = settled;
             std::mem::take(&mut state.1)
         };
         self.settled.notify_all();
@@ -205,7 +217,7 @@ fn wait_until<T>(
     loop {
         match state(&guard) {
             CommitState::Durable => return Ok(()),
-            CommitState::Failed(e) => return Err(e),
+            CommitState::Failed(e) | CommitState::Unavailable(e) => return Err(e),
             CommitState::Pending => {}
         }
         let left = deadline.saturating_duration_since(Instant::now());
@@ -493,5 +505,21 @@ mod tests {
         let signal = Arc::new(Notify::new());
         late.subscribe(&signal);
         assert_eq!(late.wait(Duration::ZERO).unwrap_err(), "changed meanwhile");
+    }
+
+    /// A store lost before it confirmed the write is "try later" (503), not "failed" (500).
+    #[test]
+    fn an_unreachable_store_settles_as_unavailable_not_failed() {
+        let ack = Acknowledgement::new();
+        let ticket = ack.ticket();
+        ack.settle_unavailable("Redis unreachable: connection refused".to_owned());
+        assert_eq!(
+            ticket.state(),
+            CommitState::Unavailable("Redis unreachable: connection refused".to_owned())
+        );
+        assert_eq!(
+            ticket.wait(Duration::ZERO).unwrap_err(),
+            "Redis unreachable: connection refused"
+        );
     }
 }

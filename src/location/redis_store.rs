@@ -45,7 +45,9 @@
 //! Every call makes at most a few round trips through the node's [`RedisLink`]; one that
 //! fails returns an error, [`LocationStore::reachable`] turns false, and the registrar answers
 //! 503 with Retry-After, `req:lookup` returns -1 (the shipped script answers 503, never a
-//! false 404).
+//! false 404). A REGISTER parked on a compare-and-set that Redis never confirmed (the
+//! connection lost after the read) gets the same 503 with Retry-After
+//! ([`CommitState::Unavailable`](super::CommitState::Unavailable)), not a 500.
 //!
 //! Each binding records the node it was registered through, and how other nodes reach it
 //! when only that node can ([`crate::cluster`]). Not done yet: NAT keep-alives go out from
@@ -205,15 +207,21 @@ impl RedisLocation {
         let ticket = acknowledgement.ticket();
         let max_bindings = self.max_bindings;
         self.link
-            .script_then::<i64>(&self.cas, keys, args, move |answer| {
-                let result = answer
-                    .map_err(unreachable)
-                    .and_then(|answer| cas_answer(answer, max_bindings))
-                    .and_then(|written| match written {
-                        true => Ok(()),
-                        false => Err("the AOR was changed by another node meanwhile".to_owned()),
-                    });
-                acknowledgement.settle(result);
+            .script_then::<i64>(&self.cas, keys, args, move |answer| match answer {
+                Err(error) if error.is_unreachable() => {
+                    acknowledgement.settle_unavailable(unreachable(error))
+                }
+                answer => acknowledgement.settle(
+                    answer
+                        .map_err(unreachable)
+                        .and_then(|answer| cas_answer(answer, max_bindings))
+                        .and_then(|written| match written {
+                            true => Ok(()),
+                            false => {
+                                Err("the AOR was changed by another node meanwhile".to_owned())
+                            }
+                        }),
+                ),
             });
         Commit::Pending(ticket)
     }

@@ -27,6 +27,7 @@ use crate::nat::keepalive::{self, Action as KeepaliveAction, Peer, Scheduler, Se
 use crate::proxy::relay::{owner_of_branch, Handled, Relay};
 use crate::proxy::router::{BuiltinRouter, Router};
 use crate::proxy::{is_our_stateless_branch, ProxyIdentity, RouteSigner};
+use crate::registrar::UNREACHABLE_RETRY_AFTER;
 use crate::server::affinity::Affinity;
 use crate::server::overload::Overload;
 use crate::sip::{prescan, HeaderName, Message, Method, ParseError, ResponseBuilder, Uri};
@@ -885,14 +886,14 @@ impl Core {
         while index < self.parked.len() {
             let failure = match self.parked[index].ticket.state() {
                 CommitState::Durable => None,
-                CommitState::Failed(error) => Some(error),
                 CommitState::Pending if now >= self.parked[index].deadline => {
-                    Some("disk flush timed out".to_owned())
+                    Some(CommitState::Failed("disk flush timed out".to_owned()))
                 }
                 CommitState::Pending => {
                     index += 1;
                     continue;
                 }
+                failed => Some(failed),
             };
             let Some(parked) = self.parked.remove(index) else {
                 break;
@@ -906,7 +907,19 @@ impl Core {
                     now,
                     next,
                 ),
-                Some(error) => {
+                Some(CommitState::Unavailable(error)) => {
+                    warn!(call_id = %Lossy(parked.request.call_id().unwrap_or(b"")), %error, "location store unreachable before it confirmed the write: answering 503");
+                    let reason = format!("Service Unavailable (location store: {error})");
+                    let retry_after = UNREACHABLE_RETRY_AFTER.to_string();
+                    let headers = [("Retry-After", retry_after.as_str())];
+                    let response = self.build_response(&parked.request, 503, &reason, &headers);
+                    self.send_answer(parked.tx, &parked.request, 503, response, now, next);
+                }
+                Some(failed) => {
+                    let error = match failed {
+                        CommitState::Failed(error) => error,
+                        other => format!("{other:?}"),
+                    };
                     warn!(call_id = %Lossy(parked.request.call_id().unwrap_or(b"")), %error, "location store write not durable: answering 500");
                     let reason = format!("Server Internal Error (location store: {error})");
                     let response = self.build_response(&parked.request, 500, &reason, &[]);
