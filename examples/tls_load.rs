@@ -43,14 +43,16 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     SanType,
 };
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsConnector;
 
 use moonroute::sip::{Contact, HeaderName, Message};
+
+#[path = "common/load.rs"]
+mod load;
 
 const T1: Duration = Duration::from_millis(500);
 const T2: Duration = Duration::from_secs(4);
@@ -102,27 +104,8 @@ fn main() -> ExitCode {
             }
         };
     }
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
     let limit = args.timeout;
-    let outcome = runtime.block_on(async move {
-        match tokio::time::timeout(limit, run(args)).await {
-            Ok(result) => result,
-            Err(_) => Err(format!("gave up after --timeout {} s", limit.as_secs_f64())),
-        }
-    });
-    // Held connections and tasks go with the runtime.
-    runtime.shutdown_timeout(Duration::from_millis(100));
-    match outcome {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::FAILURE,
-        Err(e) => {
-            eprintln!("tls_load: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    load::run_bounded("tls_load", limit, run(args))
 }
 
 fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
@@ -264,25 +247,7 @@ fn write_certs(dir: &Path) -> Result<(), String> {
 }
 
 fn connector(args: &Args) -> Result<TlsConnector, String> {
-    let path = args.ca.as_ref().expect("checked");
-    let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(&pem) {
-        let cert = cert.map_err(|e| format!("{}: {e}", path.display()))?;
-        roots
-            .add(cert)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-    }
-    if roots.is_empty() {
-        return Err(format!("{}: no certificate", path.display()));
-    }
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let mut config = load::trusting(args.ca.as_ref().expect("checked"))?;
     if !args.resume {
         config.resumption = rustls::client::Resumption::disabled();
     }

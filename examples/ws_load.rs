@@ -48,8 +48,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
@@ -59,6 +58,9 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 use moonroute::sip::Message;
+
+#[path = "common/load.rs"]
+mod load;
 use moonroute::transport::framing::{Frame, StreamFramer};
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -130,26 +132,8 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
     let limit = args.timeout;
-    let outcome = runtime.block_on(async move {
-        match tokio::time::timeout(limit, run(args)).await {
-            Ok(result) => result,
-            Err(_) => Err(format!("gave up after --timeout {} s", limit.as_secs_f64())),
-        }
-    });
-    runtime.shutdown_timeout(Duration::from_millis(100));
-    match outcome {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::FAILURE,
-        Err(e) => {
-            eprintln!("ws_load: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    load::run_bounded("ws_load", limit, run(args))
 }
 
 fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
@@ -319,23 +303,8 @@ impl Dialer {
     }
 }
 
-fn connector(path: &PathBuf) -> Result<TlsConnector, String> {
-    let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(&pem) {
-        let cert = cert.map_err(|e| format!("{}: {e}", path.display()))?;
-        roots
-            .add(cert)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    Ok(TlsConnector::from(Arc::new(config)))
+fn connector(path: &std::path::Path) -> Result<TlsConnector, String> {
+    Ok(TlsConnector::from(Arc::new(load::trusting(path)?)))
 }
 
 /// Where answers to the requests a connection sent are waited for, by Call-ID.
