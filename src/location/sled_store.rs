@@ -75,6 +75,35 @@ impl std::fmt::Debug for SledLocation {
     }
 }
 
+/// How long opening waits for the database's file lock: a store just closed in this process
+/// (or a server that is still exiting) lets go of it only when sled's last background thread
+/// has finished, a moment after the close returned.
+const LOCK_WAIT: Duration = Duration::from_secs(3);
+
+/// Opens sled at `dir`, waiting up to [`LOCK_WAIT`] while another instance still holds its
+/// lock; a lock held for longer (another server on the same directory) is an error.
+fn open_db(dir: &Path, cache_bytes: u64) -> sled::Result<sled::Db> {
+    let deadline = Instant::now() + LOCK_WAIT;
+    loop {
+        let opened = sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_bytes)
+            // Our flusher decides when to flush; sled's own timer would only add flushes.
+            .flush_every_ms(None)
+            .open();
+        match opened {
+            // sled 0.34 reports a held lock as an `Other` I/O error with this text.
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            other => return other,
+        }
+    }
+}
+
 impl SledLocation {
     /// Opens (or creates, mode 0700: `crate::file_modes`) the store in directory `dir`, loads
     /// it and starts the flusher; stored keys are used as they are.
@@ -113,12 +142,7 @@ impl SledLocation {
         // Private whatever the umask: who is registered where is nobody else's business.
         crate::file_modes::prepare_store(dir)
             .map_err(|e| format!("cannot open the location database {}: {e}", dir.display()))?;
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(cache_bytes)
-            // Our flusher decides when to flush; sled's own timer would only add flushes.
-            .flush_every_ms(None)
-            .open()
+        let db = open_db(dir, cache_bytes)
             .map_err(|e| format!("cannot open the location database {}: {e}", dir.display()))?;
         let tree = db
             .open_tree(TREE)
