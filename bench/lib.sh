@@ -525,3 +525,46 @@ tree_context_switches() {
   for p in $(kamailio_pids "$1"); do cat /proc/"$p"/task/*/status 2>/dev/null; done \
     | awk '/^(non)?voluntary_ctxt_switches:/ { s += $2 } END { printf "%d", s }'
 }
+
+# stream_bench_toml WORK MAX TIMEOUT: the [limits] and [tls] sections of a connection benchmark
+# (tls.sh, ws.sh): room for MAX connections from 127.0.0.1, idle ones kept past the run's
+# TIMEOUT, the certificates `tls_load certs` wrote under WORK/certs.
+stream_bench_toml() {
+  local work=$1 max=$2 timeout=$3
+  cat <<TOML
+[limits]
+max_connections = $max
+# Every connection here comes from 127.0.0.1, and the idle ones never send a message: the
+# per-address limits and the first-message deadline are lifted for the measurement.
+max_inbound_connections = $max
+max_connections_per_ip = $max
+max_pending_connections_per_ip = $max
+tcp_header_timeout_ms = $(((timeout + 30) * 1000))
+tcp_message_timeout_ms = $(((timeout + 30) * 1000))
+
+[tls]
+certificate = "$work/certs/server.pem"
+private_key = "$work/certs/server.key"
+ca_file = "$work/certs/ca.pem"
+TOML
+}
+
+# start_stream_server BIN CONFIG LOG CPUS UDP_PORT STREAM_PORT...: starts moonroute on CPUS and
+# waits for its UDP port and every stream listener; sets $server (exits if it did not start).
+start_stream_server() {
+  local bin=$1 config=$2 log=$3 cpus=$4 udp=$5 p
+  shift 5
+  taskset -c "$cpus" "$bin" run --config "$config" 2>"$log" &
+  server=$!
+  if ! wait_udp_port "$udp" || ! kill -0 "$server" 2>/dev/null; then
+    echo "moonroute did not start:" >&2
+    cat "$log" >&2
+    exit 1
+  fi
+  for p in "$@"; do
+    for _ in $(seq 1 100); do
+      ss -Htln "sport = :$p" 2>/dev/null | grep -q . && break
+      sleep 0.05
+    done
+  done
+}

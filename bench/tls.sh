@@ -80,36 +80,12 @@ socket = "$work/ctl"
 [location]
 store = "memory"
 
-[limits]
-max_connections = $((idle + 1000))
-# Every connection here comes from 127.0.0.1, and the idle ones never send a message: the
-# per-address limits and the first-message deadline are lifted for the measurement.
-max_inbound_connections = $((idle + 1000))
-max_connections_per_ip = $((idle + 1000))
-max_pending_connections_per_ip = $((idle + 1000))
-tcp_header_timeout_ms = $(((timeout + 30) * 1000))
-tcp_message_timeout_ms = $(((timeout + 30) * 1000))
-
-[tls]
-certificate = "$work/certs/server.pem"
-private_key = "$work/certs/server.key"
-ca_file = "$work/certs/ca.pem"
 TOML
+stream_bench_toml "$work" $((idle + 1000)) "$timeout" >>"$work/moonroute.toml"
 
 # start_moonroute LOG: a fresh server on the ports above, CPU $server_cpus; sets $server.
 start_moonroute() {
-  taskset -c "$server_cpus" "$bin" run --config "$work/moonroute.toml" 2>"$1" &
-  server=$!
-  if ! wait_udp_port "$udp_port" || ! kill -0 "$server" 2>/dev/null; then
-    echo "moonroute did not start:" >&2
-    cat "$1" >&2
-    exit 1
-  fi
-  # The TLS listener too.
-  for _ in $(seq 1 100); do
-    ss -Htln "sport = :$tls_port" 2>/dev/null | grep -q . && break
-    sleep 0.05
-  done
+  start_stream_server "$bin" "$work/moonroute.toml" "$1" "$server_cpus" "$udp_port" "$tls_port"
 }
 
 ticks=$(getconf CLK_TCK)

@@ -81,38 +81,13 @@ socket = "$work/ctl"
 [location]
 store = "memory"
 
-[limits]
-max_connections = $max
-# Every connection here comes from 127.0.0.1, and the idle ones never send a message: the
-# per-address limits and the first-message deadline are lifted for the measurement.
-max_inbound_connections = $max
-max_connections_per_ip = $max
-max_pending_connections_per_ip = $max
-tcp_header_timeout_ms = $(((timeout + 30) * 1000))
-tcp_message_timeout_ms = $(((timeout + 30) * 1000))
-
-[tls]
-certificate = "$work/certs/server.pem"
-private_key = "$work/certs/server.key"
-ca_file = "$work/certs/ca.pem"
 TOML
+stream_bench_toml "$work" "$max" "$timeout" >>"$work/moonroute.toml"
 
 # start_moonroute LOG: a fresh server, CPU $server_cpus; sets $server once every listener is up.
 start_moonroute() {
-  taskset -c "$server_cpus" "$bin" run --config "$work/moonroute.toml" 2>"$1" &
-  server=$!
-  if ! wait_udp_port "$udp_port" || ! kill -0 "$server" 2>/dev/null; then
-    echo "moonroute did not start:" >&2
-    cat "$1" >&2
-    exit 1
-  fi
-  local p
-  for p in "$wss_port" "$tls_port" "$ws_port" "$tcp_port"; do
-    for _ in $(seq 1 100); do
-      ss -Htln "sport = :$p" 2>/dev/null | grep -q . && break
-      sleep 0.05
-    done
-  done
+  start_stream_server "$bin" "$work/moonroute.toml" "$1" "$server_cpus" "$udp_port" \
+    "$wss_port" "$tls_port" "$ws_port" "$tcp_port"
 }
 
 stop_moonroute() {
