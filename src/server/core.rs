@@ -884,48 +884,49 @@ impl Core {
     fn release_parked(&mut self, now: Instant, next: &mut Vec<LayerOutput>) {
         let mut index = 0;
         while index < self.parked.len() {
+            // Failed (or not on disk in time): 500, the bindings may be lost. Unavailable: the
+            // remote store went away before it confirmed; 503 asks the phone to come back.
             let failure = match self.parked[index].ticket.state() {
                 CommitState::Durable => None,
+                CommitState::Failed(error) => Some((500, error)),
+                CommitState::Unavailable(error) => Some((503, error)),
                 CommitState::Pending if now >= self.parked[index].deadline => {
-                    Some(CommitState::Failed("disk flush timed out".to_owned()))
+                    Some((500, "disk flush timed out".to_owned()))
                 }
                 CommitState::Pending => {
                     index += 1;
                     continue;
                 }
-                failed => Some(failed),
             };
             let Some(parked) = self.parked.remove(index) else {
                 break;
             };
-            match failure {
-                None => self.send_answer(
+            let Some((code, error)) = failure else {
+                self.send_answer(
                     parked.tx,
                     &parked.request,
                     parked.code,
                     parked.response,
                     now,
                     next,
-                ),
-                Some(CommitState::Unavailable(error)) => {
-                    warn!(call_id = %Lossy(parked.request.call_id().unwrap_or(b"")), %error, "location store unreachable before it confirmed the write: answering 503");
-                    let reason = format!("Service Unavailable (location store: {error})");
-                    let retry_after = UNREACHABLE_RETRY_AFTER.to_string();
-                    let headers = [("Retry-After", retry_after.as_str())];
-                    let response = self.build_response(&parked.request, 503, &reason, &headers);
-                    self.send_answer(parked.tx, &parked.request, 503, response, now, next);
-                }
-                Some(failed) => {
-                    let error = match failed {
-                        CommitState::Failed(error) => error,
-                        other => format!("{other:?}"),
-                    };
-                    warn!(call_id = %Lossy(parked.request.call_id().unwrap_or(b"")), %error, "location store write not durable: answering 500");
-                    let reason = format!("Server Internal Error (location store: {error})");
-                    let response = self.build_response(&parked.request, 500, &reason, &[]);
-                    self.send_answer(parked.tx, &parked.request, 500, response, now, next);
-                }
-            }
+                );
+                continue;
+            };
+            let call_id = Lossy(parked.request.call_id().unwrap_or(b""));
+            let retry_after = UNREACHABLE_RETRY_AFTER.to_string();
+            let (reason, headers): (String, &[(&str, &str)]) = if code == 503 {
+                warn!(%call_id, %error, "location store unreachable before it confirmed the write: answering 503");
+                let reason = format!("Service Unavailable (location store: {error})");
+                (reason, &[("Retry-After", retry_after.as_str())])
+            } else {
+                warn!(%call_id, %error, "location store write not durable: answering 500");
+                (
+                    format!("Server Internal Error (location store: {error})"),
+                    &[],
+                )
+            };
+            let response = self.build_response(&parked.request, code, &reason, headers);
+            self.send_answer(parked.tx, &parked.request, code, response, now, next);
         }
     }
 
