@@ -174,7 +174,10 @@ pub(super) fn add_methods<M: UserDataMethods<ScriptMsg>>(methods: &mut M) {
     });
     methods.add_method("dlg_known", |lua, m, ()| {
         m.require(&[Role::Request], "dlg_known")?;
-        let Some((call_id, from_tag, to_tag)) = crate::dialog::tags(&m.msg) else {
+        // `crate::dialog::tags`, through the tag lookups that skip parsing From's and To's
+        // URIs in a message the engine validated (`Message::from_tag`).
+        let tags = || Some((m.msg.call_id().ok()?, m.msg.from_tag()?, m.msg.to_tag()?));
+        let Some((call_id, from_tag, to_tag)) = tags() else {
             return Ok((false, Some("not_in_dialog")));
         };
         let Some(uri) = m.msg.request_uri_bytes() else {

@@ -19,6 +19,7 @@
 //! ([`bind_dialog`]) until the call ends, as Kamailio's alg 10 counts with the `dialog`
 //! module.
 
+use std::cell::Cell;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -150,6 +151,17 @@ fn cursor_key(lua: &Lua) -> mlua::Result<Table> {
     lua.named_registry_value(CURSOR_KEY)
 }
 
+/// Whether a state ever stored a cursor (app data). A script that never calls `ds_select`
+/// (the shipped one) then skips the registry read of [`CURSOR_KEY`] that [`end_call`] and
+/// [`bind_dialog`] would make for every request (a protected call: ~1k instructions each).
+#[derive(Default)]
+struct CursorsStored(Cell<bool>);
+
+fn cursors_stored(lua: &Lua) -> bool {
+    lua.app_data_ref::<CursorsStored>()
+        .is_some_and(|stored| stored.0.get())
+}
+
 /// Keeps `cursor` in the transaction's vars; without vars (nothing would follow the
 /// transaction) it is dropped, and with it the call's count.
 fn store_cursor(lua: &Lua, m: &ScriptMsg, cursor: Cursor) -> mlua::Result<()> {
@@ -157,7 +169,11 @@ fn store_cursor(lua: &Lua, m: &ScriptMsg, cursor: Cursor) -> mlua::Result<()> {
         return Ok(());
     };
     let cursor = lua.create_userdata(cursor)?;
-    vars.raw_set(cursor_key(lua)?, cursor)
+    vars.raw_set(cursor_key(lua)?, cursor)?;
+    if let Some(stored) = lua.app_data_ref::<CursorsStored>() {
+        stored.0.set(true);
+    }
+    Ok(())
 }
 
 /// A call is an INVITE; `call_load` counts it from its selection to the end of its dialog
@@ -168,6 +184,9 @@ fn is_call(m: &ScriptMsg) -> bool {
 }
 
 fn cursor_of(lua: &Lua, vars: &Table) -> Option<AnyUserData> {
+    if !cursors_stored(lua) {
+        return None;
+    }
     let key = cursor_key(lua).ok()?;
     vars.raw_get(key).ok().flatten()
 }
@@ -205,8 +224,8 @@ pub(crate) fn end_call(lua: &Lua, vars: &Table) {
 
 fn cursor(lua: &Lua, m: &ScriptMsg) -> mlua::Result<Option<AnyUserData>> {
     match &m.vars {
-        Some(vars) => vars.raw_get(cursor_key(lua)?),
-        None => Ok(None),
+        Some(vars) if cursors_stored(lua) => vars.raw_get(cursor_key(lua)?),
+        _ => Ok(None),
     }
 }
 
@@ -239,6 +258,7 @@ fn nil_and(lua: &Lua, reason: &str) -> mlua::Result<MultiValue> {
 /// Installs `sip.ds`.
 pub(super) fn install(lua: &Lua, sip: &Table) -> mlua::Result<()> {
     lua.set_named_registry_value(CURSOR_KEY, lua.create_table()?)?;
+    lua.set_app_data(CursorsStored::default());
     let ds = lua.create_table()?;
     ds.set(
         "select",

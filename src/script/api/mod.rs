@@ -150,6 +150,23 @@ impl ScriptMsg {
         Ok(&mut self.msg)
     }
 
+    /// `test` of the URI `text` (false when it does not parse). The shipped script asks
+    /// `req:is_myself(req.ruri)` and `req:is_myself(req.from_uri)`: when `text` is the
+    /// message's own Request-URI or From URI, the parse the message keeps is used instead of
+    /// parsing the text again.
+    fn uri_is(&self, text: &[u8], test: impl FnOnce(&Uri<'_>) -> bool) -> bool {
+        if self.msg.request_uri_bytes() == Some(text) {
+            if let Ok(uri) = self.msg.request_uri() {
+                return test(&uri);
+            }
+        } else if let Ok(from) = self.msg.from() {
+            if from.uri.raw() == text {
+                return test(&from.uri);
+            }
+        }
+        Uri::parse(text).is_ok_and(|uri| test(&uri))
+    }
+
     fn ruri_parts(&self) -> Option<RuriParts> {
         let uri = self.msg.request_uri().ok()?;
         let sip = uri.as_sip()?;
@@ -447,14 +464,10 @@ fn add_accessors<M: UserDataMethods<ScriptMsg>>(methods: &mut M) {
         let method = m.msg.method().map(Method::as_str).unwrap_or_default();
         Ok(names.iter().any(|n| n.eq_ignore_ascii_case(method)))
     });
-    methods.add_method("is_myself", |lua, _, uri: String| {
+    methods.add_method("is_myself", |lua, m, uri: String| {
         let env = env(lua, "is_myself")?;
-        let trimmed = uri
-            .trim()
-            .trim_start_matches('<')
-            .trim_end_matches('>')
-            .to_owned();
-        Ok(Uri::parse(trimmed.as_bytes()).is_ok_and(|u| env.identity.is_myself(&u)))
+        let trimmed = uri.trim().trim_start_matches('<').trim_end_matches('>');
+        Ok(m.uri_is(trimmed.as_bytes(), |u| env.identity.is_myself(u)))
     });
     methods.add_method("targets", |lua, m, ()| {
         let list = lua.create_table()?;
