@@ -288,7 +288,12 @@ pub fn preprocess_routes(
     let mut owner_flow = None;
     while removed.len() < 2 {
         let Some(top) = routes.first() else { break };
-        let na = NameAddr::parse(top).map_err(|e| e.in_context("Route"))?;
+        // Until a value is removed, the top one is still the message's first Route value,
+        // whose parse the message keeps (validation took it).
+        let na = match removed.is_empty().then(|| req.routes().next()).flatten() {
+            Some(kept) => kept,
+            None => NameAddr::parse(top).map_err(|e| e.in_context("Route")),
+        }?;
         if !me.is_myself(&na.uri) {
             break;
         }

@@ -103,6 +103,10 @@ struct Parsed {
     from: Cell<Option<Kept<NameAddrLayout>>>,
     to: Cell<Option<Kept<NameAddrLayout>>>,
     first_contact: Cell<Option<Kept<ContactLayout>>>,
+    /// Of the first Route value: read by validation, the relay and §16.4 preprocessing.
+    first_route: Cell<Option<Kept<NameAddrLayout>>>,
+    /// Of the first Record-Route value: read by validation and §16.7 step 8's re-signing.
+    first_record_route: Cell<Option<Kept<NameAddrLayout>>>,
 }
 
 /// A value's layout and where its text lies in the message.
@@ -591,12 +595,40 @@ impl Message {
             .map(move |v| v.and_then(NameAddr::parse).map_err(|e| e.in_context(ctx)))
     }
 
-    pub fn routes(&self) -> impl Iterator<Item = Result<NameAddr<'_>>> + '_ {
-        self.name_addrs(HeaderName::Route, "Route")
+    /// [`Message::name_addrs`] with the first value parsed once per message, kept in `slot`.
+    fn name_addrs_first_kept(
+        &self,
+        name: HeaderName,
+        ctx: &'static str,
+        slot: fn(&Parsed) -> &Cell<Option<Kept<NameAddrLayout>>>,
+    ) -> impl Iterator<Item = Result<NameAddr<'_>>> + '_ {
+        let mut values = self.values(name);
+        let first = values.next().map(|v| {
+            v.and_then(|v| {
+                self.kept(
+                    slot,
+                    v,
+                    NameAddr::parse,
+                    NameAddr::layout,
+                    NameAddr::rebuild,
+                )
+            })
+            .map_err(|e| e.in_context(ctx))
+        });
+        let rest = values.map(move |v| v.and_then(NameAddr::parse).map_err(|e| e.in_context(ctx)));
+        first.into_iter().chain(rest)
     }
 
+    /// Every Route value; the first (the one §16.4 looks at) is parsed once per message.
+    pub fn routes(&self) -> impl Iterator<Item = Result<NameAddr<'_>>> + '_ {
+        self.name_addrs_first_kept(HeaderName::Route, "Route", |p| &p.first_route)
+    }
+
+    /// Every Record-Route value; the first is parsed once per message.
     pub fn record_routes(&self) -> impl Iterator<Item = Result<NameAddr<'_>>> + '_ {
-        self.name_addrs(HeaderName::RecordRoute, "Record-Route")
+        self.name_addrs_first_kept(HeaderName::RecordRoute, "Record-Route", |p| {
+            &p.first_record_route
+        })
     }
 
     /// Path (RFC 3327), same grammar as Route.
@@ -791,8 +823,13 @@ impl Message {
         self.valid = valid;
     }
 
-    /// Replaces the Request-URI (§16.6 step 2); `uri` must parse.
+    /// Replaces the Request-URI (§16.6 step 2); `uri` must parse. Setting the Request-URI the
+    /// request already has is no edit (a proxy forwarding an in-dialog request to its own
+    /// Request-URI, or a script setting it back): the URI was parsed with the start line.
     pub fn set_request_uri(&mut self, uri: &[u8]) -> Result<()> {
+        if self.request_uri_bytes() == Some(uri) && self.request_uri().is_ok() {
+            return Ok(());
+        }
         let layout = Uri::parse(uri)?.layout(uri);
         let Kind::Request { method, .. } = &self.kind else {
             return Err(ParseError::bad("Request-URI", "a response has none"));
@@ -1232,5 +1269,38 @@ Content-Length: 0\r\n\
         m.check_valid().unwrap();
         assert!(m.remove_first_value(HeaderName::Via).unwrap());
         assert!(m.validate().is_err());
+    }
+
+    #[test]
+    fn the_kept_first_route_follows_edits_of_route() {
+        let text = INVITE.replace(
+            "Max-Forwards: 70\r\n",
+            "Max-Forwards: 70\r\nRoute: <sip:p1.example.com;lr>, <sip:p2.example.com;lr>\r\n\
+             Record-Route: <sip:p0.example.com;lr>\r\n",
+        );
+        let mut m = Message::parse(Bytes::from(text)).unwrap();
+        m.check_valid().unwrap();
+        let top = |m: &Message| m.routes().next().unwrap().unwrap().uri.raw().to_vec();
+        assert_eq!(top(&m), b"sip:p1.example.com;lr");
+        assert_eq!(top(&m), b"sip:p1.example.com;lr");
+        let rr = m.record_routes().next().unwrap().unwrap();
+        assert_eq!(rr.uri.raw(), b"sip:p0.example.com;lr");
+        assert!(m.remove_first_value(HeaderName::Route).unwrap());
+        assert_eq!(top(&m), b"sip:p2.example.com;lr");
+        m.set_header("Route", b"<sip:p3.example.com;lr>").unwrap();
+        assert_eq!(top(&m), b"sip:p3.example.com;lr");
+        assert_eq!(m.routes().count(), 1);
+    }
+
+    #[test]
+    fn setting_the_request_uri_it_has_is_no_edit() {
+        let mut m = Message::parse(Bytes::from_static(INVITE.as_bytes())).unwrap();
+        m.set_request_uri(b"sip:bob@biloxi.example.com").unwrap();
+        assert!(!m.is_edited());
+        assert_eq!(m.to_bytes(), INVITE.as_bytes());
+        m.set_request_uri(b"sip:bob@192.0.2.4").unwrap();
+        assert!(m.is_edited());
+        assert_eq!(m.request_uri_bytes(), Some(&b"sip:bob@192.0.2.4"[..]));
+        assert!(m.set_request_uri(b"sip:bob@192.0.2.4 x").is_err());
     }
 }
