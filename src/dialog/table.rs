@@ -277,8 +277,8 @@ pub struct Dialog {
 impl Dialog {
     /// Heap and inline bytes this dialog holds: what the memory budget counts. Besides the
     /// dialog's own fields: its slot in the table (counted twice: a hash map keeps up to as
-    /// much room spare), its `ctl dlg` summary (`directory`, the same strings again), its
-    /// index entry and timer entries.
+    /// much room spare), its `ctl dlg` summary (`directory`, counted as the same strings
+    /// again, although its entry now shares the dialog's), its index entry and timer entries.
     pub fn footprint(&self) -> usize {
         let bytes = |b: &Bytes| b.len();
         let opt = |b: &Option<Bytes>| b.as_ref().map_or(0, Bytes::len);
