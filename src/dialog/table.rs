@@ -1202,6 +1202,11 @@ fn host_of<'a>(uri: &crate::sip::SipUri<'a>) -> crate::sip::Host<'a> {
 /// and port, as the signed Record-Route binds it (`proxy::route_sign`), so a target refresh
 /// that changes only the user part or parameters keeps working. Non-SIP URIs compare whole.
 fn same_target(target: &[u8], request_uri: &[u8]) -> bool {
+    // The usual case, an in-dialog request sent to the Contact as it was given: one parse
+    // (the URI must still be one) instead of two and the comparison.
+    if target == request_uri {
+        return Uri::parse(target).is_ok();
+    }
     let (Ok(a), Ok(b)) = (Uri::parse(target), Uri::parse(request_uri)) else {
         return false;
     };
@@ -1211,4 +1216,22 @@ fn same_target(target: &[u8], request_uri: &[u8]) -> bool {
     let default_port = |u: &crate::sip::SipUri<'_>| if u.secure { 5061 } else { 5060 };
     host_of(a).eq_host(&host_of(b))
         && a.port.unwrap_or(default_port(a)) == b.port.unwrap_or(default_port(b))
+}
+
+#[cfg(test)]
+mod same_target_tests {
+    use super::same_target;
+
+    #[test]
+    fn the_contact_itself_or_its_host_and_port_is_the_target() {
+        let contact = b"sip:bob@192.0.2.5:5080;transport=udp";
+        assert!(same_target(contact, contact));
+        assert!(same_target(contact, b"sip:other@192.0.2.5:5080"));
+        assert!(!same_target(contact, b"sip:bob@192.0.2.6:5080"));
+        assert!(same_target(b"tel:+15551234", b"tel:+15551234"));
+        assert!(
+            !same_target(b"sip:bob@", b"sip:bob@"),
+            "identical text that is no URI is no target"
+        );
+    }
 }
