@@ -243,6 +243,19 @@ fn field_opt(out: &mut String, name: &str, value: Option<&str>) {
 /// header value can break a record or forge a line; U+2028 and U+2029 too (JavaScript reads
 /// them as line ends). The text between escapes is copied a run at a time.
 fn json_string(out: &mut String, s: &str) {
+    /// Control characters, `"`, `\` and 0xE2, the first byte of U+2028 and U+2029.
+    const MAY_ESCAPE: [bool; 256] = {
+        let mut table = [false; 256];
+        let mut b = 0;
+        while b < 0x20 {
+            table[b] = true;
+            b += 1;
+        }
+        table[b'"' as usize] = true;
+        table[b'\\' as usize] = true;
+        table[0xe2] = true;
+        table
+    };
     out.push('"');
     let bytes = s.as_bytes();
     let (mut run, mut i) = (0, 0);
@@ -271,7 +284,11 @@ fn json_string(out: &mut String, s: &str) {
                 ("\\u2029", 3)
             }
             _ => {
+                // Up to the next byte that may need escaping.
                 i += 1;
+                while i < bytes.len() && !MAY_ESCAPE[usize::from(bytes[i])] {
+                    i += 1;
+                }
                 continue;
             }
         };
