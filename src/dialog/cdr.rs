@@ -17,6 +17,7 @@
 use std::fmt::Write as _;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,6 +25,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::table::{Dialog, Side};
+use crate::sip::Host;
+use crate::transport::TransportKind;
 
 /// Why a dialog ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -106,6 +109,26 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// `udp:192.0.2.4:5060`: the transport and address a call came from (the CDR's and `ctl
+/// dlg`'s `src`). IPv4 is written without `fmt` (one record per call).
+pub(super) fn source_text(kind: TransportKind, addr: SocketAddr) -> String {
+    match addr {
+        SocketAddr::V4(v4) => {
+            let mut out = String::with_capacity(32);
+            out.push_str(kind.scheme());
+            out.push(':');
+            Host::Ip(IpAddr::V4(*v4.ip())).with_text(|ip| out.push_str(ip));
+            out.push(':');
+            out.push_str(crate::sip::scan::decimal(
+                u64::from(v4.port()),
+                &mut [0u8; 20],
+            ));
+            out
+        }
+        SocketAddr::V6(_) => format!("{}:{addr}", kind.scheme()),
+    }
+}
+
 impl Cdr {
     /// The record of `dialog`, which has ended.
     pub fn of(dialog: &Dialog) -> Cdr {
@@ -116,11 +139,7 @@ impl Cdr {
             from_tag: text(&dialog.from_tag),
             to_uri: text(&dialog.to_uri),
             to_tag: dialog.to_tag.as_deref().map(text),
-            src: format!(
-                "{}:{}",
-                dialog.caller_transport.via_name().to_ascii_lowercase(),
-                dialog.caller_source
-            ),
+            src: source_text(dialog.caller_transport, dialog.caller_source),
             ruri: text(&dialog.request_uri),
             dst: dialog.callee_target.as_deref().map(text),
             start: dialog.created.wall,
@@ -506,6 +525,19 @@ mod tests {
         let line = cdr.to_json_line();
         assert_eq!(line.matches('\n').count(), 1);
         assert!(line.contains("x\\u0001\\r\\n{\\\"forged\\\":1}"));
+    }
+
+    #[test]
+    fn the_source_is_transport_address_and_port() {
+        let v4: SocketAddr = "192.0.2.4:5060".parse().unwrap();
+        assert_eq!(source_text(TransportKind::Udp, v4), "udp:192.0.2.4:5060");
+        let v4: SocketAddr = "10.0.0.255:7".parse().unwrap();
+        assert_eq!(source_text(TransportKind::Wss, v4), "wss:10.0.0.255:7");
+        let v6: SocketAddr = "[2001:db8::1]:5061".parse().unwrap();
+        assert_eq!(
+            source_text(TransportKind::Tls, v6),
+            "tls:[2001:db8::1]:5061"
+        );
     }
 
     #[test]

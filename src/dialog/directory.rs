@@ -106,11 +106,7 @@ impl Entry {
             to_uri: text(&self.to_uri),
             to_tag: self.to_tag.as_deref().map(text),
             state: self.state,
-            src: format!(
-                "{}:{}",
-                self.caller_transport.via_name().to_ascii_lowercase(),
-                self.caller_source
-            ),
+            src: super::cdr::source_text(self.caller_transport, self.caller_source),
             callee_contact: self.callee_contact.as_deref().map(text),
             created: self.created,
             answered: self.answered,
