@@ -1102,9 +1102,13 @@ impl DialogTable {
     /// The dialog and the sending side of an in-dialog request: the caller's requests carry
     /// its tag in From, the callee's in To (§12.2.1.1).
     fn leg(&self, call_id: &[u8], from_tag: &[u8], to_tag: &[u8]) -> Option<(&Dialog, Side)> {
+        // One lookup of the Call-ID (SipHash: a peer chooses it) for both tags.
+        let ids = self.index.get(call_id)?;
         [from_tag, to_tag].into_iter().find_map(|caller_tag| {
-            let id = self.find(call_id, caller_tag)?;
-            let dialog = &self.dialogs[&id];
+            let dialog = ids
+                .iter()
+                .filter_map(|id| self.dialogs.get(id))
+                .find(|d| d.from_tag == caller_tag)?;
             dialog
                 .side_of(from_tag, Some(to_tag))
                 .map(|side| (dialog, side))
