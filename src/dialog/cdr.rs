@@ -17,6 +17,7 @@
 use std::fmt::Write as _;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,6 +25,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::table::{Dialog, Side};
+use crate::sip::Host;
+use crate::transport::TransportKind;
 
 /// Why a dialog ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -106,6 +109,26 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// `udp:192.0.2.4:5060`: the transport and address a call came from (the CDR's and `ctl
+/// dlg`'s `src`). IPv4 is written without `fmt` (one record per call).
+pub(super) fn source_text(kind: TransportKind, addr: SocketAddr) -> String {
+    match addr {
+        SocketAddr::V4(v4) => {
+            let mut out = String::with_capacity(32);
+            out.push_str(kind.scheme());
+            out.push(':');
+            Host::Ip(IpAddr::V4(*v4.ip())).with_text(|ip| out.push_str(ip));
+            out.push(':');
+            out.push_str(crate::sip::scan::decimal(
+                u64::from(v4.port()),
+                &mut [0u8; 20],
+            ));
+            out
+        }
+        SocketAddr::V6(_) => format!("{}:{addr}", kind.scheme()),
+    }
+}
+
 impl Cdr {
     /// The record of `dialog`, which has ended.
     pub fn of(dialog: &Dialog) -> Cdr {
@@ -116,11 +139,7 @@ impl Cdr {
             from_tag: text(&dialog.from_tag),
             to_uri: text(&dialog.to_uri),
             to_tag: dialog.to_tag.as_deref().map(text),
-            src: format!(
-                "{}:{}",
-                dialog.caller_transport.via_name().to_ascii_lowercase(),
-                dialog.caller_source
-            ),
+            src: source_text(dialog.caller_transport, dialog.caller_source),
             ruri: text(&dialog.request_uri),
             dst: dialog.callee_target.as_deref().map(text),
             start: dialog.created.wall,
@@ -151,7 +170,8 @@ impl Cdr {
         seconds_between(self.start, self.answer.unwrap_or(self.end))
     }
 
-    /// The JSON Lines record, newline included.
+    /// The JSON Lines record, newline included. Written straight into one buffer (no string
+    /// per number, strings escaped by runs): one record per ended call.
     pub fn to_json_line(&self) -> String {
         let mut out = String::with_capacity(512);
         out.push('{');
@@ -163,16 +183,22 @@ impl Cdr {
         field_str(&mut out, "src", &self.src);
         field_str(&mut out, "ruri", &self.ruri);
         field_opt(&mut out, "dst", self.dst.as_deref());
-        field_raw(&mut out, "start", &epoch(self.start));
-        field_raw(
-            &mut out,
-            "answer",
-            &self.answer.map_or_else(|| "null".to_owned(), epoch),
-        );
-        field_raw(&mut out, "end", &epoch(self.end));
-        field_raw(&mut out, "duration", &format!("{:.3}", self.duration()));
-        field_raw(&mut out, "setup", &format!("{:.3}", self.setup()));
-        field_raw(&mut out, "status", &self.status.to_string());
+        field_name(&mut out, "start");
+        push_epoch(&mut out, self.start);
+        field_name(&mut out, "answer");
+        match self.answer {
+            Some(answer) => push_epoch(&mut out, answer),
+            None => out.push_str("null,"),
+        }
+        field_name(&mut out, "end");
+        push_epoch(&mut out, self.end);
+        field_name(&mut out, "duration");
+        let _ = write!(out, "{:.3},", self.duration());
+        field_name(&mut out, "setup");
+        let _ = write!(out, "{:.3},", self.setup());
+        field_name(&mut out, "status");
+        push_decimal(&mut out, u64::from(self.status));
+        out.push(',');
         field_str(&mut out, "reason", self.reason.as_str());
         let hangup = self.answered().then(|| self.reason.hangup());
         field_opt(&mut out, "hangup", hangup);
@@ -194,14 +220,30 @@ fn seconds_between(from: SystemTime, to: SystemTime) -> f64 {
     to.duration_since(from).unwrap_or_default().as_secs_f64()
 }
 
-fn epoch(t: SystemTime) -> String {
+/// Unix seconds with milliseconds (`1700000000.250`) and a comma.
+fn push_epoch(out: &mut String, t: SystemTime) {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    format!("{}.{:03}", d.as_secs(), d.subsec_millis())
+    push_decimal(out, d.as_secs());
+    out.push('.');
+    let millis = d.subsec_millis();
+    for digit in [millis / 100, millis / 10 % 10, millis % 10] {
+        out.push(char::from(b'0' + digit as u8));
+    }
+    out.push(',');
+}
+
+fn push_decimal(out: &mut String, v: u64) {
+    out.push_str(crate::sip::scan::decimal(v, &mut [0u8; 20]));
+}
+
+/// `"name":`
+fn field_name(out: &mut String, name: &str) {
+    json_string(out, name);
+    out.push(':');
 }
 
 fn field_str(out: &mut String, name: &str, value: &str) {
-    json_string(out, name);
-    out.push(':');
+    field_name(out, name);
     json_string(out, value);
     out.push(',');
 }
@@ -209,34 +251,72 @@ fn field_str(out: &mut String, name: &str, value: &str) {
 fn field_opt(out: &mut String, name: &str, value: Option<&str>) {
     match value {
         Some(v) => field_str(out, name, v),
-        None => field_raw(out, name, "null"),
+        None => {
+            field_name(out, name);
+            out.push_str("null,");
+        }
     }
-}
-
-fn field_raw(out: &mut String, name: &str, value: &str) {
-    json_string(out, name);
-    out.push(':');
-    out.push_str(value);
-    out.push(',');
 }
 
 /// A JSON string (RFC 8259 §7): quotes, backslashes and control characters escaped, so no
-/// header value can break a record or forge a line.
+/// header value can break a record or forge a line; U+2028 and U+2029 too (JavaScript reads
+/// them as line ends). The text between escapes is copied a run at a time.
 fn json_string(out: &mut String, s: &str) {
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 || c == '\u{2028}' || c == '\u{2029}' => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
+    /// Control characters, `"`, `\` and 0xE2, the first byte of U+2028 and U+2029.
+    const MAY_ESCAPE: [bool; 256] = {
+        let mut table = [false; 256];
+        let mut b = 0;
+        while b < 0x20 {
+            table[b] = true;
+            b += 1;
         }
+        table[b'"' as usize] = true;
+        table[b'\\' as usize] = true;
+        table[0xe2] = true;
+        table
+    };
+    out.push('"');
+    let bytes = s.as_bytes();
+    let (mut run, mut i) = (0, 0);
+    while i < bytes.len() {
+        let (escaped, width): (&str, usize) = match bytes[i] {
+            b'"' => ("\\\"", 1),
+            b'\\' => ("\\\\", 1),
+            b'\n' => ("\\n", 1),
+            b'\r' => ("\\r", 1),
+            b'\t' => ("\\t", 1),
+            b @ 0..=0x1f => {
+                out.push_str(&s[run..i]);
+                let hex = |n: u8| char::from(b"0123456789abcdef"[usize::from(n)]);
+                out.push_str("\\u00");
+                out.push(hex(b >> 4));
+                out.push(hex(b & 0xf));
+                i += 1;
+                run = i;
+                continue;
+            }
+            // U+2028 and U+2029: E2 80 A8 and E2 80 A9 in UTF-8.
+            0xe2 if bytes.get(i + 1) == Some(&0x80) && bytes.get(i + 2) == Some(&0xa8) => {
+                ("\\u2028", 3)
+            }
+            0xe2 if bytes.get(i + 1) == Some(&0x80) && bytes.get(i + 2) == Some(&0xa9) => {
+                ("\\u2029", 3)
+            }
+            _ => {
+                // Up to the next byte that may need escaping.
+                i += 1;
+                while i < bytes.len() && !MAY_ESCAPE[usize::from(bytes[i])] {
+                    i += 1;
+                }
+                continue;
+            }
+        };
+        out.push_str(&s[run..i]);
+        out.push_str(escaped);
+        i += width;
+        run = i;
     }
+    out.push_str(&s[run..]);
     out.push('"');
 }
 
@@ -445,6 +525,52 @@ mod tests {
         let line = cdr.to_json_line();
         assert_eq!(line.matches('\n').count(), 1);
         assert!(line.contains("x\\u0001\\r\\n{\\\"forged\\\":1}"));
+    }
+
+    #[test]
+    fn the_source_is_transport_address_and_port() {
+        let v4: SocketAddr = "192.0.2.4:5060".parse().unwrap();
+        assert_eq!(source_text(TransportKind::Udp, v4), "udp:192.0.2.4:5060");
+        let v4: SocketAddr = "10.0.0.255:7".parse().unwrap();
+        assert_eq!(source_text(TransportKind::Wss, v4), "wss:10.0.0.255:7");
+        let v6: SocketAddr = "[2001:db8::1]:5061".parse().unwrap();
+        assert_eq!(
+            source_text(TransportKind::Tls, v6),
+            "tls:[2001:db8::1]:5061"
+        );
+    }
+
+    #[test]
+    fn strings_escape_as_character_by_character() {
+        fn by_char(s: &str) -> String {
+            let mut out = String::from("\"");
+            for c in s.chars() {
+                match c {
+                    '"' => out.push_str("\\\""),
+                    '\\' => out.push_str("\\\\"),
+                    '\n' => out.push_str("\\n"),
+                    '\r' => out.push_str("\\r"),
+                    '\t' => out.push_str("\\t"),
+                    c if (c as u32) < 0x20 || c == '\u{2028}' || c == '\u{2029}' => {
+                        out.push_str(&format!("\\u{:04x}", c as u32))
+                    }
+                    c => out.push(c),
+                }
+            }
+            out + "\""
+        }
+        for s in [
+            "",
+            "plain",
+            "a\"b\\c\n\r\t\u{0}\u{1f}\u{7f}",
+            "caf\u{e9} \u{2028}x\u{2029}\u{2027}\u{202a}\u{20ac}\u{1f600}",
+            "\u{2028}",
+            "\u{e2}\u{80}",
+        ] {
+            let mut out = String::new();
+            json_string(&mut out, s);
+            assert_eq!(out, by_char(s), "{s:?}");
+        }
     }
 
     #[test]

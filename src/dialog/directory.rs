@@ -1,9 +1,9 @@
 //! What `moonroute ctl dlg` reads: a summary of every tracked call of every event loop.
 //!
 //! A loop's table is confined to its thread; the control socket runs elsewhere. So each table
-//! writes a short summary of its calls here when one is created, answered, ends and is
-//! removed: four short locked map updates per call, in shards picked by hash so loops rarely
-//! meet, and nothing per in-dialog message.
+//! writes what `ctl dlg` shows of its calls here when one is created, answered, ends and is
+//! removed: four short locked map updates per call (the dialog's strings shared, not copied),
+//! in shards picked by hash so loops rarely meet, and nothing per in-dialog message.
 //!
 //! It also carries `ctl dlg end` to the loop owning the call: each loop's inbox of end
 //! requests, and the loop's wake signal (the shell then gives its Worker an `Input::Wake`).
@@ -11,12 +11,15 @@
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::hash::BuildHasher;
+use std::net::SocketAddr;
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
+use bytes::Bytes;
 use tokio::sync::Notify;
 
 use super::table::{Dialog, DialogId, State};
+use crate::transport::TransportKind;
 
 const SHARDS: usize = 16;
 
@@ -46,23 +49,42 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-impl Summary {
-    fn of(loop_index: usize, dialog: &Dialog) -> Summary {
-        Summary {
-            loop_index,
+/// What the directory keeps of a call between its updates: the dialog's fields as they are
+/// (its `Bytes` shared, not copied), turned into a [`Summary`] only when `ctl dlg` asks.
+/// A call is published three times (created, answered, ended): building the summary's eight
+/// strings each time cost more than the rest of the dialog tracking per call.
+#[derive(Clone, Debug)]
+struct Entry {
+    id: DialogId,
+    call_id: Bytes,
+    from_uri: Bytes,
+    from_tag: Bytes,
+    to_uri: Bytes,
+    to_tag: Option<Bytes>,
+    state: State,
+    caller_transport: TransportKind,
+    caller_source: SocketAddr,
+    callee_contact: Option<Bytes>,
+    created: SystemTime,
+    answered: Option<SystemTime>,
+    ended: Option<SystemTime>,
+    /// Profiles as `name=value` (none, and no allocation, for most calls).
+    profiles: Vec<String>,
+}
+
+impl Entry {
+    fn of(dialog: &Dialog) -> Entry {
+        Entry {
             id: dialog.id,
-            call_id: text(&dialog.call_id),
-            from_uri: text(&dialog.from_uri),
-            from_tag: text(&dialog.from_tag),
-            to_uri: text(&dialog.to_uri),
-            to_tag: dialog.to_tag.as_deref().map(text),
+            call_id: dialog.call_id.clone(),
+            from_uri: dialog.from_uri.clone(),
+            from_tag: dialog.from_tag.clone(),
+            to_uri: dialog.to_uri.clone(),
+            to_tag: dialog.to_tag.clone(),
             state: dialog.state,
-            src: format!(
-                "{}:{}",
-                dialog.caller_transport.via_name().to_ascii_lowercase(),
-                dialog.caller_source
-            ),
-            callee_contact: dialog.callee.contact.as_deref().map(text),
+            caller_transport: dialog.caller_transport,
+            caller_source: dialog.caller_source,
+            callee_contact: dialog.callee.contact.clone(),
             created: dialog.created.wall,
             answered: dialog.answered.map(|a| a.wall),
             ended: dialog.ended.map(|e| e.wall),
@@ -73,13 +95,32 @@ impl Summary {
                 .collect(),
         }
     }
+
+    fn summary(&self, loop_index: usize) -> Summary {
+        Summary {
+            loop_index,
+            id: self.id,
+            call_id: text(&self.call_id),
+            from_uri: text(&self.from_uri),
+            from_tag: text(&self.from_tag),
+            to_uri: text(&self.to_uri),
+            to_tag: self.to_tag.as_deref().map(text),
+            state: self.state,
+            src: super::cdr::source_text(self.caller_transport, self.caller_source),
+            callee_contact: self.callee_contact.as_deref().map(text),
+            created: self.created,
+            answered: self.answered,
+            ended: self.ended,
+            profiles: self.profiles.clone(),
+        }
+    }
 }
 
 type Key = (usize, DialogId);
 
 /// The summaries of every loop's calls, and their inboxes (see the module doc).
 pub struct Directory {
-    shards: Vec<Mutex<HashMap<Key, Summary>>>,
+    shards: Vec<Mutex<HashMap<Key, Entry>>>,
     hasher: RandomState,
     /// By loop index: the loop's end requests and wake signal, once it started.
     inboxes: Mutex<Vec<Option<Inbox>>>,
@@ -119,8 +160,8 @@ impl Directory {
     /// Records (or updates) `dialog` of loop `loop_index`.
     pub fn publish(&self, loop_index: usize, dialog: &Dialog) {
         let key = (loop_index, dialog.id);
-        self.shard(&key)
-            .insert(key, Summary::of(loop_index, dialog));
+        let entry = Entry::of(dialog);
+        self.shard(&key).insert(key, entry);
     }
 
     pub fn remove(&self, loop_index: usize, id: DialogId) {
@@ -135,7 +176,12 @@ impl Directory {
         let mut all: Vec<Summary> = self
             .shards
             .iter()
-            .flat_map(|shard| lock(shard).values().cloned().collect::<Vec<_>>())
+            .flat_map(|shard| {
+                lock(shard)
+                    .iter()
+                    .map(|(&(loop_index, _), entry)| entry.summary(loop_index))
+                    .collect::<Vec<_>>()
+            })
             .collect();
         all.sort_by(|a, b| (a.created, &a.call_id).cmp(&(b.created, &b.call_id)));
         all
@@ -181,7 +227,7 @@ impl Directory {
             .unwrap_or_default()
     }
 
-    fn shard(&self, key: &Key) -> MutexGuard<'_, HashMap<Key, Summary>> {
+    fn shard(&self, key: &Key) -> MutexGuard<'_, HashMap<Key, Entry>> {
         lock(&self.shards[self.hasher.hash_one(key) as usize & (SHARDS - 1)])
     }
 }

@@ -277,8 +277,8 @@ pub struct Dialog {
 impl Dialog {
     /// Heap and inline bytes this dialog holds: what the memory budget counts. Besides the
     /// dialog's own fields: its slot in the table (counted twice: a hash map keeps up to as
-    /// much room spare), its `ctl dlg` summary (`directory`, the same strings again), its
-    /// index entry and timer entries.
+    /// much room spare), its `ctl dlg` summary (`directory`, counted as the same strings
+    /// again, although its entry now shares the dialog's), its index entry and timer entries.
     pub fn footprint(&self) -> usize {
         let bytes = |b: &Bytes| b.len();
         let opt = |b: &Option<Bytes>| b.as_ref().map_or(0, Bytes::len);
@@ -1102,9 +1102,13 @@ impl DialogTable {
     /// The dialog and the sending side of an in-dialog request: the caller's requests carry
     /// its tag in From, the callee's in To (§12.2.1.1).
     fn leg(&self, call_id: &[u8], from_tag: &[u8], to_tag: &[u8]) -> Option<(&Dialog, Side)> {
+        // One lookup of the Call-ID (SipHash: a peer chooses it) for both tags.
+        let ids = self.index.get(call_id)?;
         [from_tag, to_tag].into_iter().find_map(|caller_tag| {
-            let id = self.find(call_id, caller_tag)?;
-            let dialog = &self.dialogs[&id];
+            let dialog = ids
+                .iter()
+                .filter_map(|id| self.dialogs.get(id))
+                .find(|d| d.from_tag == caller_tag)?;
             dialog
                 .side_of(from_tag, Some(to_tag))
                 .map(|side| (dialog, side))
@@ -1202,6 +1206,11 @@ fn host_of<'a>(uri: &crate::sip::SipUri<'a>) -> crate::sip::Host<'a> {
 /// and port, as the signed Record-Route binds it (`proxy::route_sign`), so a target refresh
 /// that changes only the user part or parameters keeps working. Non-SIP URIs compare whole.
 fn same_target(target: &[u8], request_uri: &[u8]) -> bool {
+    // The usual case, an in-dialog request sent to the Contact as it was given: one parse
+    // (the URI must still be one) instead of two and the comparison.
+    if target == request_uri {
+        return Uri::parse(target).is_ok();
+    }
     let (Ok(a), Ok(b)) = (Uri::parse(target), Uri::parse(request_uri)) else {
         return false;
     };
@@ -1211,4 +1220,22 @@ fn same_target(target: &[u8], request_uri: &[u8]) -> bool {
     let default_port = |u: &crate::sip::SipUri<'_>| if u.secure { 5061 } else { 5060 };
     host_of(a).eq_host(&host_of(b))
         && a.port.unwrap_or(default_port(a)) == b.port.unwrap_or(default_port(b))
+}
+
+#[cfg(test)]
+mod same_target_tests {
+    use super::same_target;
+
+    #[test]
+    fn the_contact_itself_or_its_host_and_port_is_the_target() {
+        let contact = b"sip:bob@192.0.2.5:5080;transport=udp";
+        assert!(same_target(contact, contact));
+        assert!(same_target(contact, b"sip:other@192.0.2.5:5080"));
+        assert!(!same_target(contact, b"sip:bob@192.0.2.6:5080"));
+        assert!(same_target(b"tel:+15551234", b"tel:+15551234"));
+        assert!(
+            !same_target(b"sip:bob@", b"sip:bob@"),
+            "identical text that is no URI is no target"
+        );
+    }
 }

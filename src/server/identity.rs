@@ -32,6 +32,9 @@ pub struct LocalIdentity {
     /// The listeners with their transports and what they advertise; empty when the identity
     /// was made from addresses alone ([`LocalIdentity::new`]).
     listeners: Vec<ListenAddr>,
+    /// By listener: the host part of [`SentBy::of_socket`] of its address, written once here
+    /// rather than formatted for each Via and Record-Route (five times per relayed call).
+    listener_hosts: Vec<String>,
 }
 
 impl LocalIdentity {
@@ -42,6 +45,7 @@ impl LocalIdentity {
             domain_ips: domains.iter().filter_map(|d| ip_literal(d)).collect(),
             listen: listen.into_iter().collect(),
             listeners: Vec::new(),
+            listener_hosts: Vec::new(),
         }
     }
 
@@ -50,6 +54,7 @@ impl LocalIdentity {
     pub fn of_listeners(domains: &[String], listeners: &[ListenAddr]) -> Self {
         LocalIdentity {
             listeners: listeners.to_vec(),
+            listener_hosts: listeners.iter().map(|l| socket_host(l.addr.ip())).collect(),
             ..LocalIdentity::new(domains, listeners.iter().map(|l| l.addr))
         }
     }
@@ -122,15 +127,26 @@ impl LocalIdentity {
             None => self
                 .listeners
                 .iter()
-                .find(|l| l.kind == kind && l.addr.is_ipv4() == peer.is_ipv4()),
+                .position(|l| l.kind == kind && l.addr.is_ipv4() == peer.is_ipv4()),
         };
-        let advertised = listener.and_then(|l| Some((l, l.advertise.as_ref()?)));
-        match (advertised, local.or(listener.map(|l| l.addr))) {
+        let advertised = listener.and_then(|i| {
+            let l = &self.listeners[i];
+            Some((l, l.advertise.as_ref()?))
+        });
+        let listener_addr = listener.map(|i| (i, self.listeners[i].addr));
+        match (advertised, local.or(listener_addr.map(|(_, addr)| addr))) {
             (Some((listener, advertise)), _) => SentBy {
                 host: Cow::Borrowed(advertise.host()),
                 port: advertise.port_for(listener.addr.port()),
             },
-            (None, Some(addr)) => SentBy::of_socket(addr),
+            // The listener's own socket (every UDP message): its text written at start.
+            (None, Some(addr)) => match listener_addr {
+                Some((i, listener_addr)) if listener_addr == addr => SentBy {
+                    host: Cow::Borrowed(&self.listener_hosts[i]),
+                    port: addr.port(),
+                },
+                _ => SentBy::of_socket(addr),
+            },
             // No socket at all: the family's wildcard, as the socket that sends would be.
             (None, None) => SentBy::of_socket(match peer {
                 SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
@@ -143,17 +159,19 @@ impl LocalIdentity {
     /// listener of that family and port (a stream connection it accepted), else for a stream a
     /// listener of that family on its IP or the wildcard (a connection this server opened,
     /// from an ephemeral port: the peer reaches us at the listener, not there).
-    fn listener_of(&self, kind: TransportKind, local: SocketAddr) -> Option<&ListenAddr> {
+    fn listener_of(&self, kind: TransportKind, local: SocketAddr) -> Option<usize> {
         let same_kind = || {
             self.listeners
                 .iter()
-                .filter(move |l| l.kind == kind && l.addr.is_ipv4() == local.is_ipv4())
+                .enumerate()
+                .filter(move |(_, l)| l.kind == kind && l.addr.is_ipv4() == local.is_ipv4())
         };
-        let covers = |l: &&ListenAddr| l.addr.ip() == local.ip() || l.addr.ip().is_unspecified();
+        let covers = |l: &ListenAddr| l.addr.ip() == local.ip() || l.addr.ip().is_unspecified();
         same_kind()
-            .find(|l| l.addr == local)
-            .or_else(|| same_kind().find(|l| covers(l) && l.addr.port() == local.port()))
-            .or_else(|| same_kind().find(|l| kind.is_stream() && covers(l)))
+            .find(|(_, l)| l.addr == local)
+            .or_else(|| same_kind().find(|(_, l)| covers(l) && l.addr.port() == local.port()))
+            .or_else(|| same_kind().find(|(_, l)| kind.is_stream() && covers(l)))
+            .map(|(i, _)| i)
     }
 }
 
@@ -169,20 +187,30 @@ impl SentBy<'_> {
     /// A socket address as a hostport: `192.0.2.1:5060`, `[2001:db8::1]:5060`. The scope of a
     /// link-local IPv6 address is not part of the grammar and is left out.
     pub fn of_socket(addr: SocketAddr) -> SentBy<'static> {
-        let host = match addr.ip() {
-            IpAddr::V4(ip) => ip.to_string(),
-            IpAddr::V6(ip) => format!("[{ip}]"),
-        };
         SentBy {
-            host: Cow::Owned(host),
+            host: Cow::Owned(socket_host(addr.ip())),
             port: addr.port(),
         }
     }
 }
 
+/// The host part of [`SentBy::of_socket`]: IPv4 written without `fmt`, IPv6 in brackets
+/// without its scope.
+fn socket_host(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(_) => Host::Ip(ip).with_text(str::to_owned),
+        IpAddr::V6(ip) => format!("[{ip}]"),
+    }
+}
+
 impl fmt::Display for SentBy<'_> {
+    /// `host:port`, without `fmt`'s argument machinery: written for every Via and
+    /// Record-Route this server adds.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.host, self.port)
+        let mut port = [0u8; 20];
+        f.write_str(&self.host)?;
+        f.write_str(":")?;
+        f.write_str(crate::sip::scan::decimal(u64::from(self.port), &mut port))
     }
 }
 

@@ -91,10 +91,17 @@ impl PartialEq for SentBy {
 impl Eq for SentBy {}
 
 impl Hash for SentBy {
+    /// The host lowercased (equal hosts in any case hash alike, as [`PartialEq`] needs), fed
+    /// to the hasher a chunk at a time: one `write` per key, not one per byte (every received
+    /// request hashes its key).
     fn hash<H: Hasher>(&self, state: &mut H) {
         self.port.hash(state);
-        for b in self.host.iter() {
-            state.write_u8(b.to_ascii_lowercase());
+        let mut lower = [0u8; 64];
+        for chunk in self.host.chunks(lower.len()) {
+            let lower = &mut lower[..chunk.len()];
+            lower.copy_from_slice(chunk);
+            lower.make_ascii_lowercase();
+            state.write(lower);
         }
     }
 }
@@ -281,6 +288,22 @@ mod tests {
             other_port, invite,
             "same branch from another sent-by is another transaction"
         );
+    }
+
+    #[test]
+    fn sent_by_hosts_equal_in_any_case_hash_alike() {
+        use std::hash::BuildHasher;
+        let long = "Proxy-1.".repeat(12) + "Example.COM";
+        let hasher = std::collections::hash_map::RandomState::new();
+        for host in ["Host.Example.COM", long.as_str()] {
+            let key = |host: String| SentBy {
+                host: Bytes::from(host),
+                port: Some(5060),
+            };
+            let (mixed, lower) = (key(host.to_string()), key(host.to_ascii_lowercase()));
+            assert_eq!(mixed, lower);
+            assert_eq!(hasher.hash_one(&mixed), hasher.hash_one(&lower), "{host}");
+        }
     }
 
     #[test]
