@@ -878,7 +878,7 @@ pub(in crate::pagecache) fn make_stable(
     iobufs: &Arc<IoBufs>,
     lsn: Lsn,
 ) -> Result<usize> {
-    make_stable_inner(iobufs, lsn, false)
+    make_stable_inner(iobufs, lsn, false, WriteBy::Pool)
 }
 
 /// Blocks until the specified log sequence number
@@ -894,13 +894,14 @@ pub(in crate::pagecache) fn make_durable(
     iobufs: &Arc<IoBufs>,
     lsn: Lsn,
 ) -> Result<usize> {
-    make_stable_inner(iobufs, lsn, true)
+    make_stable_inner(iobufs, lsn, true, WriteBy::Pool)
 }
 
 pub(in crate::pagecache) fn make_stable_inner(
     iobufs: &Arc<IoBufs>,
     lsn: Lsn,
     partial_durability: bool,
+    write_by: WriteBy,
 ) -> Result<usize> {
     let _measure = Measure::new(&M.make_stable);
 
@@ -933,7 +934,7 @@ pub(in crate::pagecache) fn make_stable_inner(
             // nothing to write, don't bother sealing
             // current IO buffer.
         } else {
-            maybe_seal_and_write_iobuf(iobufs, &iobuf, header, false)?;
+            seal_and_write_iobuf(iobufs, &iobuf, header, false, write_by)?;
             stable = iobufs.stable();
             // NB we have to continue here to possibly clear
             // the next io buffer, which may have dirty
@@ -1011,7 +1012,19 @@ pub(in crate::pagecache) fn make_stable_inner(
 pub(in crate::pagecache) fn flush(iobufs: &Arc<IoBufs>) -> Result<usize> {
     let _cc = concurrency_control::read();
     let max_reserved_lsn = iobufs.max_reserved_lsn.load(Acquire);
-    make_stable(iobufs, max_reserved_lsn)
+    // moonroute patch: the flushing thread blocks until the buffer is
+    // on disk anyway, so it writes the buffer it sealed itself
+    // instead of waking an IO thread to do it and waiting for it.
+    make_stable_inner(iobufs, max_reserved_lsn, false, WriteBy::Caller)
+}
+
+/// moonroute patch: who writes a buffer sealed with no writer left in it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(in crate::pagecache) enum WriteBy {
+    /// A thread of the IO pool (the caller goes on).
+    Pool,
+    /// The sealing thread, before it returns (it would wait anyway).
+    Caller,
 }
 
 /// Attempt to seal the current IO buffer, possibly
@@ -1022,6 +1035,16 @@ pub(in crate::pagecache) fn maybe_seal_and_write_iobuf(
     iobuf: &Arc<IoBuf>,
     header: Header,
     from_reserve: bool,
+) -> Result<()> {
+    seal_and_write_iobuf(iobufs, iobuf, header, from_reserve, WriteBy::Pool)
+}
+
+fn seal_and_write_iobuf(
+    iobufs: &Arc<IoBufs>,
+    iobuf: &Arc<IoBuf>,
+    header: Header,
+    from_reserve: bool,
+    write_by: WriteBy,
 ) -> Result<()> {
     if header::is_sealed(header) {
         // this buffer is already sealed. nothing to do here.
@@ -1178,27 +1201,14 @@ pub(in crate::pagecache) fn maybe_seal_and_write_iobuf(
             "asynchronously writing iobuf with lsn {} to log from maybe_seal",
             lsn
         );
+        if write_by == WriteBy::Caller {
+            write_sealed_iobuf(iobufs, iobuf, lsn);
+            return Ok(());
+        }
         let iobufs = iobufs.clone();
         let iobuf = iobuf.clone();
         let _result = threadpool::spawn(move || {
-            if let Err(e) = iobufs.write_to_log(&iobuf) {
-                error!(
-                    "hit error while writing iobuf with lsn {}: {:?}",
-                    lsn, e
-                );
-
-                // store error before notifying so that waiting threads will see
-                // it
-                iobufs.config.set_global_error(e);
-
-                let intervals = iobufs.intervals.lock();
-
-                // having held the mutex makes this linearized
-                // with the notify below.
-                drop(intervals);
-
-                let _notified = iobufs.interval_updated.notify_all();
-            }
+            write_sealed_iobuf(&iobufs, &iobuf, lsn)
         })?;
 
         #[cfg(feature = "event_log")]
@@ -1207,6 +1217,26 @@ pub(in crate::pagecache) fn maybe_seal_and_write_iobuf(
         Ok(())
     } else {
         Ok(())
+    }
+}
+
+/// Writes a sealed buffer; a failure becomes the global error, and the
+/// threads waiting for stability are woken to see it.
+fn write_sealed_iobuf(iobufs: &Arc<IoBufs>, iobuf: &Arc<IoBuf>, lsn: Lsn) {
+    if let Err(e) = iobufs.write_to_log(iobuf) {
+        error!("hit error while writing iobuf with lsn {}: {:?}", lsn, e);
+
+        // store error before notifying so that waiting threads will see
+        // it
+        iobufs.config.set_global_error(e);
+
+        let intervals = iobufs.intervals.lock();
+
+        // having held the mutex makes this linearized
+        // with the notify below.
+        drop(intervals);
+
+        let _notified = iobufs.interval_updated.notify_all();
     }
 }
 
