@@ -224,20 +224,24 @@ sched_wait_ms() {
   cat /proc/"$1"/task/*/schedstat 2>/dev/null | awk '{ s += $2 } END { printf "%d", s / 1e6 }'
 }
 
-# thread_times PID: one line per thread of PID: "TID NAME RUN_NS WAIT_NS" (schedstat: time on
-# a CPU, time runnable but waiting). thread_times_diff BEFORE_FILE AFTER_FILE prints, per thread
-# name (threads of one name summed), the CPU and run-queue milliseconds in between.
+# thread_times PID: one line per thread of PID: "TID NAME RUN_NS WAIT_NS WAKES" (schedstat: time
+# on a CPU, time runnable but waiting; status: voluntary context switches, i.e. how often the
+# thread slept and was woken). thread_times_diff BEFORE_FILE AFTER_FILE prints, per thread name
+# (threads of one name summed, a thread started in between counted from zero), the CPU and
+# run-queue milliseconds and the wake-ups in between: "name CPU/RUNQ/WAKES".
 thread_times() {
   local t
   for t in /proc/"$1"/task/*; do
     [ -r "$t/schedstat" ] || continue
-    echo "${t##*/} $(tr ' ' '_' <"$t/comm") $(cut -d' ' -f1,2 "$t/schedstat")"
+    echo "${t##*/} $(tr ' ' '_' <"$t/comm") $(cut -d' ' -f1,2 "$t/schedstat")" \
+      "$(awk '/^voluntary_ctxt_switches:/ {print $2}' "$t/status")"
   done 2>/dev/null
 }
 thread_times_diff() {
-  awk 'NR == FNR { run[$1] = $3; wait[$1] = $4; next }
-       { r[$2] += ($3 - run[$1]) / 1e6; w[$2] += ($4 - wait[$1]) / 1e6 }
-       END { for (n in r) if (r[n] >= 1 || w[n] >= 1) printf " %s %.0f/%.0f", n, r[n], w[n] }' "$1" "$2"
+  awk 'NR == FNR { run[$1] = $3; wait[$1] = $4; wakes[$1] = $5; next }
+       { r[$2] += ($3 - run[$1]) / 1e6; w[$2] += ($4 - wait[$1]) / 1e6; k[$2] += $5 - wakes[$1] }
+       END { for (n in r) if (r[n] >= 1 || w[n] >= 1 || k[n] >= 1)
+               printf " %s %.0f/%.0f/%d", n, r[n], w[n], k[n] }' "$1" "$2"
 }
 
 # write_location_config FILE: a moonroute config for the registrar benches, from the variables

@@ -94,7 +94,7 @@ printf '  wall: %.2f s  achieved: %.1f REGISTER/s  server CPU: %.2f s (%.1f ms p
   "$(if [ "$OK" -gt 0 ]; then echo "$cpu_s * 1000000 / $OK" | bc -l; else echo 0; fi)"
 echo "  server waited for its CPU (run queue) $((wait_after - wait_before)) ms over the run;" \
   "machine (tick-sampled): $(cpu_busy_pct "$snap_before" "$snap_after")"
-echo "  server threads over the run (name CPU ms/run-queue ms):$(thread_times_diff "$work/threads-before" "$work/threads-after")"
+echo "  server threads over the run (name CPU ms/run-queue ms/wake-ups):$(thread_times_diff "$work/threads-before" "$work/threads-after")"
 echo "  UDP over the run (all sockets): $(udp_drops "$udp_before" "$udp_after");" \
   "dropped on the server's socket: ${drops:-?}"
 printf '  server RSS: %s kB before, %s kB after (peak %s kB) => %.0f bytes per binding (%s bindings)\n' \

@@ -108,7 +108,7 @@ fi
 echo "server waited for its CPU (run queue) $((wait_after - wait_before)) ms over the run;" \
   "machine (tick-sampled): $(cpu_busy_pct "$snap_before" "$snap_after");" \
   "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
-echo "server threads over the run (name CPU ms/run-queue ms):$(thread_times_diff "$work/threads-before" "$work/threads-after")"
+echo "server threads over the run (name CPU ms/run-queue ms/wake-ups):$(thread_times_diff "$work/threads-before" "$work/threads-after")"
 echo "UDP over the run (all sockets): $(udp_drops "$udp_before" "$udp_after");" \
   "dropped on the server's socket: ${drops:-?}"
 echo "server RSS: ${rss_start} kB at start, ${rss_end} kB at the end (peak ${hwm_end} kB)"

@@ -240,6 +240,9 @@ struct Progress {
     failed: Option<(u64, String)>,
     /// Set when the store closes: the flusher does one last flush and exits.
     closing: bool,
+    /// The flusher is waiting on `wanted` (not flushing, not spacing its flushes): only then
+    /// does a write need to wake it.
+    flusher_idle: bool,
 }
 
 /// The numbering of writes and the flusher's progress, shared by the store, its flusher thread
@@ -266,9 +269,13 @@ impl CommitLog {
     /// starts later covers it) and wakes the flusher.
     pub fn written(self: &Arc<Self>) -> CommitTicket {
         let seq = self.written.fetch_add(1, Ordering::AcqRel) + 1;
-        // Taking the lock orders this notification after the flusher's check of `written`.
-        drop(self.lock());
-        self.wanted.notify_one();
+        // Under the lock, the flusher is either waiting (idle: wake it) or will check
+        // `written` before it waits again (after the flush it is doing or spacing), so the
+        // wake-up, a system call, is spent only when one is needed: under load, one per
+        // batch instead of one per write.
+        if self.lock().flusher_idle {
+            self.wanted.notify_one();
+        }
         CommitTicket {
             inner: Ticket::Flush {
                 seq,
@@ -336,10 +343,12 @@ impl CommitLog {
                     if written > covered || progress.closing {
                         break (written, progress.closing);
                     }
+                    progress.flusher_idle = true;
                     progress = self
                         .wanted
                         .wait(progress)
                         .unwrap_or_else(|p| p.into_inner());
+                    progress.flusher_idle = false;
                 }
             };
             // Under load, writes keep coming while a flush runs; flushing again at once would
@@ -416,6 +425,39 @@ mod tests {
         flusher.join().unwrap();
         let n = flushes.load(Ordering::SeqCst);
         assert!((1..=101).contains(&n), "{n} flushes");
+    }
+
+    /// Writes made while a flush runs do not wake the flusher (it is not waiting): it must
+    /// still see them when that flush ends and flush again without being asked.
+    #[test]
+    fn writes_made_during_a_flush_get_the_next_one_unasked() {
+        let log = CommitLog::new();
+        let (entered_tx, entered) = std::sync::mpsc::channel();
+        let (release, release_rx) = std::sync::mpsc::channel::<()>();
+        let flusher = {
+            let log = Arc::clone(&log);
+            std::thread::spawn(move || {
+                log.run_flusher(Duration::ZERO, move || {
+                    entered_tx.send(()).ok();
+                    release_rx.recv_timeout(Duration::from_secs(10)).ok();
+                    Ok(())
+                })
+            })
+        };
+        let first = log.written();
+        entered.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert!(!log.lock().flusher_idle);
+        let during: Vec<CommitTicket> = (0..3).map(|_| log.written()).collect();
+        release.send(()).unwrap();
+        first.wait(Duration::from_secs(10)).unwrap();
+        entered.recv_timeout(Duration::from_secs(10)).unwrap();
+        release.send(()).unwrap();
+        for t in &during {
+            t.wait(Duration::from_secs(10)).unwrap();
+        }
+        log.close();
+        release.send(()).ok();
+        flusher.join().unwrap();
     }
 
     #[test]

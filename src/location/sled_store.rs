@@ -35,10 +35,10 @@ const TREE: &str = "bindings";
 /// (one loop, SIPp on the other core): flushing again as soon as the last flush ended gave
 /// ~3.4 registrations per flush (11816 flushes) and 86-101 CPU ms per 1000 REGISTERs, sled's
 /// IO threads busy with tiny flushes; 500 µs apart gave 63.5-65 ms with every 200 under 5 ms.
-/// Each flush hands its write to sled's IO thread pool, whose `notify_all` wakes all 7 of its
-/// idle threads: at 3,000 REGISTER/s, 500 µs apart still made ~4 registrations per flush and
-/// sled's threads took ~20 % of the server's CPU. 2 ms apart (at most 500 flushes a second)
-/// makes the batches several times larger for at most 2 ms more before a 200.
+/// Each flush costs a write and a `sync_file_range` (~0.2 ms of CPU; before the patch in
+/// `vendor/sled` it also woke all 7 of sled's IO threads): at 3,000 REGISTER/s, 500 µs apart
+/// still made ~4 registrations per flush. 2 ms apart (at most 500 flushes a second) makes the
+/// batches several times larger for at most 2 ms more before a 200.
 /// A quiet store is not delayed: its last flush is long past.
 const MIN_FLUSH_INTERVAL: Duration = Duration::from_millis(2);
 
