@@ -43,14 +43,9 @@ if [ "${ROUTER:-builtin}" = script ]; then
 else
   routing=(--static-route "sip:127.0.0.1:$uas_port")
 fi
-taskset -c "${SERVER_CPUS:-0}" "$bin" run ${CONFIG:+--config "$CONFIG"} --listen "udp:127.0.0.1:$port" --workers "${WORKERS:-1}" \
-  "${routing[@]}" --control-socket "$work/ctl" --log-level "${LOG_LEVEL:-warn}" 2>"$work/moonroute.log" &
-server=$!
-if ! wait_udp_port "$port" || ! kill -0 "$server" 2>/dev/null; then
-  echo "moonroute did not start on udp:127.0.0.1:$port:" >&2
-  cat "$work/moonroute.log" >&2
-  exit 1
-fi
+launch_moonroute "$bin" "${SERVER_CPUS:-0}" "$work/moonroute.log" "$port" "" \
+  run ${CONFIG:+--config "$CONFIG"} --listen "udp:127.0.0.1:$port" --workers "${WORKERS:-1}" \
+  "${routing[@]}" --control-socket "$work/ctl" --log-level "${LOG_LEVEL:-warn}"
 
 ticks=$(getconf CLK_TCK)
 cpu_before=$(cpu_ticks "$server")

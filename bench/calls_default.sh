@@ -97,13 +97,7 @@ TOML
 
 # start_server DIR: moonroute on $SERVER_CPUS (CPU 0) with DIR/moonroute.toml; sets server.
 start_server() {
-  taskset -c "${SERVER_CPUS:-0}" "$bin" run --config "$1/moonroute.toml" 2>"$1/moonroute.log" &
-  server=$!
-  if ! wait_udp_port "$port" || ! kill -0 "$server" 2>/dev/null; then
-    echo "moonroute did not start on udp:127.0.0.1:$port:" >&2
-    cat "$1/moonroute.log" >&2
-    exit 1
-  fi
+  launch_moonroute "$bin" "${SERVER_CPUS:-0}" "$1/moonroute.log" "$port" "" run --config "$1/moonroute.toml"
 }
 
 # register_callee DIR: one registration of callee@127.0.0.1 from the UAS port (SIPp, CPU 1,

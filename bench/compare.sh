@@ -84,13 +84,7 @@ watch = false
 [control]
 socket = "$dir/ctl"
 TOML
-  taskset -c "$server_cpus" "$bin" run --config "$dir/moonroute.toml" 2>"$dir/moonroute.log" &
-  server=$!
-  if ! wait_udp_port "$port" 200 || ! kill -0 "$server" 2>/dev/null; then
-    echo "moonroute did not start on udp:127.0.0.1:$port:" >&2
-    cat "$dir/moonroute.log" >&2
-    exit 1
-  fi
+  launch_moonroute "$bin" "$server_cpus" "$dir/moonroute.log" "$port" 200 run --config "$dir/moonroute.toml"
 }
 
 start_named() {

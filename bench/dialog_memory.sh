@@ -75,11 +75,7 @@ watch = false
 [control]
 socket = "$dir/ctl"
 TOML
-  taskset -c 0 "$bin" run --config "$dir/moonroute.toml" 2>"$dir/moonroute.log" &
-  server=$!
-  if ! wait_udp_port "$port" || ! kill -0 "$server" 2>/dev/null; then
-    echo "moonroute did not start:" >&2; cat "$dir/moonroute.log" >&2; exit 1
-  fi
+  launch_moonroute "$bin" 0 "$dir/moonroute.log" "$port" "" run --config "$dir/moonroute.toml"
   if ! taskset -c 1 sipp -sf bench/register_callee.xml -i 127.0.0.1 -p "$uas_port" -m 1 \
       -timeout 10s -timeout_error 127.0.0.1:"$port" -nostdin >"$dir/register.log" 2>&1; then
     echo "the callee's registration failed; see $dir/register.log" >&2; exit 1

@@ -101,13 +101,7 @@ destinations = [
 ]
 TOML
 
-taskset -c "${SERVER_CPUS:-0}" "$bin" run --config "$work/balancer.toml" 2>"$work/moonroute.log" &
-server=$!
-if ! wait_udp_port "$port" || ! kill -0 "$server" 2>/dev/null; then
-  echo "moonroute did not start on udp:127.0.0.1:$port:" >&2
-  cat "$work/moonroute.log" >&2
-  exit 1
-fi
+launch_moonroute "$bin" "${SERVER_CPUS:-0}" "$work/moonroute.log" "$port" "" run --config "$work/balancer.toml"
 # Every gateway active before the first call (probes answered; at once without probing).
 for try in $(seq 1 101); do
   [ "$("$bin" ctl --socket "$work/ctl" ds list 1 | grep -c 'state=active')" = 3 ] && break

@@ -16,6 +16,21 @@ wait_udp_port() {
   return 1
 }
 
+# launch_moonroute BIN CPUS LOG UDP_PORT TRIES ARGS...: runs `BIN ARGS...` on CPUS with its
+# stderr in LOG and waits for it on UDP_PORT (TRIES as wait_udp_port; empty for its default);
+# sets $server, or prints the log and exits when the server did not start.
+launch_moonroute() {
+  local bin=$1 cpus=$2 log=$3 udp=$4 tries=${5:-100}
+  shift 5
+  taskset -c "$cpus" "$bin" "$@" 2>"$log" &
+  server=$!
+  if ! wait_udp_port "$udp" "$tries" || ! kill -0 "$server" 2>/dev/null; then
+    echo "moonroute did not start on udp:127.0.0.1:$udp:" >&2
+    cat "$log" >&2
+    exit 1
+  fi
+}
+
 # cpu_ticks PID: utime+stime of PID in clock ticks (fields 14 and 15 of /proc/PID/stat).
 cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
 
@@ -558,13 +573,7 @@ TOML
 start_stream_server() {
   local bin=$1 config=$2 log=$3 cpus=$4 udp=$5 p
   shift 5
-  taskset -c "$cpus" "$bin" run --config "$config" 2>"$log" &
-  server=$!
-  if ! wait_udp_port "$udp" || ! kill -0 "$server" 2>/dev/null; then
-    echo "moonroute did not start:" >&2
-    cat "$log" >&2
-    exit 1
-  fi
+  launch_moonroute "$bin" "$cpus" "$log" "$udp" "" run --config "$config"
   for p in "$@"; do
     for _ in $(seq 1 100); do
       ss -Htln "sport = :$p" 2>/dev/null | grep -q . && break

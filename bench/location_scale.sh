@@ -52,13 +52,7 @@ status=0
 
 # start_server LOG: launches the server on CPU 0 (sets server), waits up to 120 s for the port.
 start_server() {
-  taskset -c "${SERVER_CPUS:-0}" "$bin" run --config "$work/moonroute.toml" 2>"$1" &
-  server=$!
-  if ! wait_udp_port "$PORT" 2400 || ! kill -0 "$server" 2>/dev/null; then
-    echo "moonroute did not start on udp:127.0.0.1:$PORT:" >&2
-    cat "$1" >&2
-    exit 1
-  fi
+  launch_moonroute "$bin" "${SERVER_CPUS:-0}" "$1" "$PORT" 2400 run --config "$work/moonroute.toml"
 }
 ul_count() { # what the store holds, where the binary has `ctl ul count`
   local counts

@@ -61,13 +61,7 @@ if [ "$STORE" = redis ]; then
   start_bench_redis "$work" "${REDIS_PORT:-15379}" "${REDIS_CPUS:-1}"
 fi
 write_location_config "$work/moonroute.toml"
-taskset -c "${SERVER_CPUS:-0}" "$bin" run --config "$work/moonroute.toml" 2>"$work/moonroute.log" &
-server=$!
-if ! wait_udp_port "$PORT" 200 || ! kill -0 "$server" 2>/dev/null; then
-  echo "moonroute did not start on udp:127.0.0.1:$PORT:" >&2
-  cat "$work/moonroute.log" >&2
-  exit 1
-fi
+launch_moonroute "$bin" "${SERVER_CPUS:-0}" "$work/moonroute.log" "$PORT" 200 run --config "$work/moonroute.toml"
 
 if [ -n "${AUTH:-}" ]; then
   [ -n "${USERS:-}" ] || { echo "AUTH=1 needs USERS=U (the provisioned users)" >&2; exit 2; }

@@ -36,12 +36,9 @@ write_version() { # write_version N [broken]: save-by-rename of VERSION vN
 write_version 0
 
 start_uas "$uas_port" "$calls" "$timeout" "$work"
-taskset -c "${SERVER_CPUS:-0}" "$bin" run --listen "udp:127.0.0.1:$port" --workers "${WORKERS:-1}" \
-  --script "$script" --control-socket "$work/ctl" --log-level info 2>"$work/moonroute.log" &
-server=$!
-if ! wait_udp_port "$port" || ! kill -0 "$server" 2>/dev/null; then
-  echo "moonroute did not start:" >&2; cat "$work/moonroute.log" >&2; exit 1
-fi
+launch_moonroute "$bin" "${SERVER_CPUS:-0}" "$work/moonroute.log" "$port" "" \
+  run --listen "udp:127.0.0.1:$port" --workers "${WORKERS:-1}" \
+  --script "$script" --control-socket "$work/ctl" --log-level info
 
 run_uac "$port" "$rate" "$calls" "$timeout" "$work" &
 uac_wait=$!

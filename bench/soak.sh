@@ -92,13 +92,7 @@ socket = "$work/ctl"
 listen = "127.0.0.1:$metrics_port"
 TOML
 
-taskset -c 0 "$bin" run --config "$work/moonroute.toml" 2>"$work/moonroute.log" &
-server=$!
-if ! wait_udp_port "$port" || ! kill -0 "$server" 2>/dev/null; then
-  echo "moonroute did not start on udp:127.0.0.1:$port:" >&2
-  cat "$work/moonroute.log" >&2
-  exit 1
-fi
+launch_moonroute "$bin" 0 "$work/moonroute.log" "$port" "" run --config "$work/moonroute.toml"
 if ! taskset -c 1 sipp -sf bench/register_callee.xml -i 127.0.0.1 -p "$uas_port" -m 1 \
     -timeout 10s -timeout_error -trace_err -error_file "$work/register-errors.log" \
     127.0.0.1:"$port" -nostdin >"$work/register.log" 2>&1; then
