@@ -6,7 +6,7 @@
 #       -v moonroute-data:/var/lib/moonroute moonroute
 #   docker exec moonroute moonroute ctl --config /etc/moonroute/moonroute.toml status
 #
-# See README.md, "Deploying", for the configuration and the script.
+# See docs/deploying.md for the configuration and the script.
 
 # --- build: the whole toolchain, thrown away afterwards -----------------------------------
 FROM rust:1-bookworm AS builder

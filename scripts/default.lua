@@ -182,7 +182,7 @@ end
 -- CDR in <data_dir>/cdr.jsonl, and req:dlg_known() for its in-dialog requests. True when the
 -- call is tracked; a full dialog table is logged and the call goes on untracked. To limit a
 -- user to two calls at once (across event loops), replace each `track_call(req)` line above
--- with these two (README, "Calls"):
+-- with these two (docs/routing-scripts.md, "Calls"):
 --   if track_call(req) and not sip.dlg.profile_add("caller", req.from_uri, 2) then
 --     return req:reply(486, "Busy Here") end
 function track_call(req)

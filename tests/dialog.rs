@@ -499,12 +499,12 @@ async fn the_script_s_timeout_wins_over_the_configured_one() {
     assert!((0.5..30.0).contains(&duration), "{line}");
 }
 
-/// The README's two Lua lines ("Calls: dialogs, limits, CDRs"), in place of each
+/// docs/routing-scripts.md's two Lua lines ("Calls: dialogs, limits, CDRs"), in place of each
 /// `track_call(req)` line of scripts/default.lua (digest authentication off).
-fn default_script_with_the_readme_limit(dir: &Path) -> PathBuf {
-    let readme = include_str!("../README.md");
-    let section = &readme[readme
-        .find("### Calls: dialogs, limits, CDRs")
+fn default_script_with_the_documented_limit(dir: &Path) -> PathBuf {
+    let doc = include_str!("../docs/routing-scripts.md");
+    let section = &doc[doc
+        .find("## Calls: dialogs, limits, CDRs")
         .expect("the section")..];
     let block = &section[section.find("```lua\n").expect("a Lua block") + 7..];
     let lines = &block[..block.find("```").expect("its end")];
@@ -527,9 +527,9 @@ fn default_script_with_the_readme_limit(dir: &Path) -> PathBuf {
 }
 
 #[tokio::test]
-async fn the_readme_s_two_lines_limit_a_user_of_default_lua_to_two_calls() {
+async fn the_documented_two_lines_limit_a_user_of_default_lua_to_two_calls() {
     let dir = TempDir::new().unwrap();
-    let proxy = start(&default_script_with_the_readme_limit(dir.path()));
+    let proxy = start(&default_script_with_the_documented_limit(dir.path()));
     let mut bob = registered_bob(&proxy).await;
     let mut alice = phone("alice", ALICE_IP, &proxy, DOMAIN).await;
 

@@ -723,22 +723,24 @@ async fn a_silent_gateway_costs_a_call_the_failure_timer_not_timer_b() {
     eprintln!("slowest call {slowest:?}; {line}");
 }
 
-/// The README's walk-through: its configuration parses and validates, with three gateways
+/// docs/load-balancing.md's walk-through: its configuration parses and validates, with three gateways
 /// probed, and the copied balancer with a caller listed passes `moonroute check`.
 #[test]
-fn the_readme_balancer_walkthrough_holds() {
-    let readme =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
-    let section = readme
-        .split("## Load balancing gateways")
+fn the_documented_balancer_walkthrough_holds() {
+    let doc = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/load-balancing.md"),
+    )
+    .unwrap();
+    let section = doc
+        .split("# Load balancing gateways")
         .nth(1)
-        .expect("the README has the walk-through");
+        .expect("docs/load-balancing.md has the walk-through");
     let toml = section
         .split("```toml\n")
         .nth(1)
         .and_then(|rest| rest.split("```").next())
         .expect("a toml block");
-    let config = Config::parse(toml).expect("the README's configuration parses");
+    let config = Config::parse(toml).expect("the documented configuration parses");
     config.validate().expect("and validates");
     assert_eq!(config.script, Path::new("balancer.lua"));
     assert_eq!(config.dispatcher.set[0].destinations.len(), 3);

@@ -1,7 +1,8 @@
-//! docs/scripting.md's Lua, run: every `lua` block parses (Lua 5.4, with the `...` that stands
-//! for elided code taken out), every block that is a whole script (it defines `on_request`)
-//! passes `moonroute check` (load and lint), and the failure-routing recipes route as the
-//! docs say, with branch outcomes fed offline (`moonroute::script::offline::Session`).
+//! The documentation's Lua, run: every `lua` block of docs/scripting.md, of README.md and of
+//! the docs that show Lua parses (Lua 5.4, with the `...` that stands for elided code taken
+//! out), every block that is a whole script (it defines `on_request`) passes `moonroute check`
+//! (load and lint), and the failure-routing recipes route as the docs say, with branch
+//! outcomes fed offline (`moonroute::script::offline::Session`).
 
 use std::path::Path;
 
@@ -10,19 +11,34 @@ use moonroute::script::ScriptSource;
 
 const DOC: &str = include_str!("../docs/scripting.md");
 
-/// The `lua` blocks of the document, with the line each starts on.
-fn lua_blocks() -> Vec<(usize, String)> {
+/// The documents whose Lua is checked: the API reference, and the others that show Lua.
+const DOCS: [(&str, &str); 4] = [
+    ("docs/scripting.md", DOC),
+    ("README.md", include_str!("../README.md")),
+    (
+        "docs/routing-scripts.md",
+        include_str!("../docs/routing-scripts.md"),
+    ),
+    ("docs/first-call.md", include_str!("../docs/first-call.md")),
+];
+
+/// The `lua` blocks of the documents, each with where it starts (`FILE:LINE`).
+fn lua_blocks() -> Vec<(String, String)> {
     let mut blocks = Vec::new();
-    let mut current: Option<(usize, String)> = None;
-    for (number, line) in DOC.lines().enumerate() {
-        match (&mut current, line.trim_end()) {
-            (None, "```lua") => current = Some((number + 2, String::new())),
-            (Some(_), "```") => blocks.extend(current.take()),
-            (Some((_, text)), line) => {
-                text.push_str(line);
-                text.push('\n');
+    for (file, text) in DOCS {
+        let mut current: Option<(String, String)> = None;
+        for (number, line) in text.lines().enumerate() {
+            match (&mut current, line.trim_end()) {
+                (None, "```lua") => {
+                    current = Some((format!("{file}:{}", number + 2), String::new()))
+                }
+                (Some(_), "```") => blocks.extend(current.take()),
+                (Some((_, block)), line) => {
+                    block.push_str(line);
+                    block.push('\n');
+                }
+                (None, _) => {}
             }
-            (None, _) => {}
         }
     }
     blocks
@@ -51,12 +67,12 @@ fn every_lua_block_parses() {
     let blocks = lua_blocks();
     assert!(blocks.len() > 40, "{} blocks", blocks.len());
     let mut broken = Vec::new();
-    for (line, block) in &blocks {
+    for (at, block) in &blocks {
         let text = without_elisions(block);
         if let Err(errors) =
             full_moon::parse_fallible(&text, full_moon::LuaVersion::lua54()).into_result()
         {
-            broken.push(format!("docs/scripting.md:{line}: {}", errors[0]));
+            broken.push(format!("{at}: {}", errors[0]));
         }
     }
     assert!(broken.is_empty(), "{}", broken.join("\n"));
@@ -67,15 +83,15 @@ fn every_whole_script_passes_check() {
     let dir = tempfile::TempDir::new().unwrap();
     let mut failed = Vec::new();
     let mut checked = 0;
-    for (line, block) in lua_blocks() {
+    for (index, (at, block)) in lua_blocks().into_iter().enumerate() {
         if !block.contains("function on_request(") {
             continue;
         }
-        let path = dir.path().join(format!("block_{line}.lua"));
+        let path = dir.path().join(format!("block_{index}.lua"));
         std::fs::write(&path, without_elisions(&block)).unwrap();
         checked += 1;
         if let Err(error) = offline::check(&path) {
-            failed.push(format!("docs/scripting.md:{line}: {error}"));
+            failed.push(format!("{at}: {error}"));
         }
     }
     assert!(checked >= 5, "{checked} scripts");

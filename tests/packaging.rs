@@ -2,12 +2,16 @@
 //! (`contrib/moonroute.service`, `contrib/moonroute.toml`), and the Docker image
 //! (`Dockerfile`, `contrib/docker.toml`).
 //!
-//! The files are checked for the invariants the README promises (non-root, paths the sandbox
+//! The files are checked for the invariants docs/deploying.md promises (non-root, paths the sandbox
 //! lets the server write, the config the commands name), and the shipped configurations are
 //! run for real: the real binary, started with the unit's `ExecStart` arguments and the image's
 //! `CMD` on the shipped file (its absolute paths moved into a temporary directory, its ports
 //! to free ones on 127.0.0.1), answers the unit's `ExecReload` and the image's `HEALTHCHECK`
 //! commands, and stops with status 0 on the stop signal both name.
+//!
+//! The documentation that ships with them is checked too: `moonroute.example.toml`, the
+//! configuration reference, documents every key with its default, and every relative link of
+//! README.md and docs/*.md resolves.
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
@@ -1036,4 +1040,251 @@ fn the_server_stays_within_the_units_system_call_filter() {
         "outside the unit's sandbox:\n{}",
         breaches.join("\n")
     );
+}
+
+// ---- the configuration reference: moonroute.example.toml ---------------------------------
+
+/// Keys the configuration reference must document even though `Config::default()` leaves
+/// them unset (so they are not serialized): the deprecated limits and the optional ones, as
+/// `section.key`.
+const UNSET_BY_DEFAULT: &[&str] = &[
+    "advertise",
+    "limits.max_inbound_connections",
+    "limits.max_connections_per_ip",
+    "limits.max_pending_connections_per_ip",
+    "limits.max_transactions",
+    "limits.max_receive_lag_ms",
+    "timers.fr_timer_ms",
+    "timers.fr_inv_timer_ms",
+];
+
+/// Every `section.key` of a TOML table (top-level keys without a section), tables of tables
+/// flattened; an array (of tables too: `[[dispatcher.set]]`) is one key.
+fn key_paths(table: &toml::Table, prefix: &str, paths: &mut BTreeSet<String>) {
+    for (key, value) in table {
+        let path = match prefix {
+            "" => key.clone(),
+            _ => format!("{prefix}.{key}"),
+        };
+        match value {
+            toml::Value::Table(inner) => key_paths(inner, &path, paths),
+            _ => {
+                paths.insert(path);
+            }
+        }
+    }
+}
+
+/// The keys `moonroute.example.toml` documents, as `section.key`, set (`key = ...`) or shown
+/// commented out (`# key = ...`), each with a comment of its own right above it (or above the
+/// keys it is grouped with), mapped to the line that sets or shows it. An array of tables
+/// (`[[dispatcher.set]]`, shown commented out) is one key, mapped to an empty line: its
+/// entries are data, not keys.
+fn documented_keys(example: &str) -> std::collections::BTreeMap<String, String> {
+    let mut keys = std::collections::BTreeMap::new();
+    let mut section = String::new();
+    let mut commented = false;
+    let mut in_array = false;
+    for line in example.lines() {
+        let shown = line.strip_prefix("# ").unwrap_or(line);
+        if let Some(name) = shown
+            .strip_prefix("[[")
+            .and_then(|rest| rest.strip_suffix("]]"))
+        {
+            assert!(
+                commented,
+                "moonroute.example.toml: `{line}` has no comment saying what it is"
+            );
+            keys.insert(name.to_owned(), String::new());
+            in_array = true;
+            continue;
+        }
+        if let Some(name) = line
+            .strip_prefix('[')
+            .and_then(|rest| rest.strip_suffix(']'))
+        {
+            section = name.to_owned();
+            (commented, in_array) = (false, false);
+            continue;
+        }
+        if in_array {
+            continue;
+        }
+        let key = shown.split_once(" = ").map(|(key, _)| key).filter(|key| {
+            !key.is_empty() && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        });
+        match key {
+            Some(key) => {
+                assert!(
+                    commented,
+                    "moonroute.example.toml: `{line}` has no comment saying what it does"
+                );
+                let path = match section.as_str() {
+                    "" => key.to_owned(),
+                    _ => format!("{section}.{key}"),
+                };
+                keys.insert(path, shown.to_owned());
+            }
+            None if line.starts_with('#') => commented = true,
+            None if line.trim().is_empty() => commented = false,
+            None => {}
+        }
+    }
+    keys
+}
+
+/// moonroute.example.toml is the configuration reference: it parses into `Config` and
+/// validates, every key the server has a default for is there with that default (the file
+/// equals `Config::default()` but for the metrics endpoint it turns on), the keys without a
+/// default are shown commented out, every key has its comment, and every key shown
+/// commented out is a real key (unknown keys are errors, so its line parses on its own).
+#[test]
+fn the_example_configuration_documents_every_key() {
+    let example = repo_file("moonroute.example.toml");
+    let config = Config::parse(&example).expect("moonroute.example.toml parses");
+    config.validate().expect("and validates");
+    let mut defaults = Config::default();
+    defaults.metrics.listen = "127.0.0.1:9060".to_owned();
+    assert_eq!(
+        config, defaults,
+        "moonroute.example.toml holds the defaults"
+    );
+
+    let documented = documented_keys(&example);
+    let mut expected = BTreeSet::new();
+    let serialized = toml::Table::try_from(Config::default()).expect("Config serializes");
+    key_paths(&serialized, "", &mut expected);
+    expected.extend(UNSET_BY_DEFAULT.iter().map(|key| key.to_string()));
+    let missing: Vec<&String> = expected
+        .iter()
+        .filter(|key| !documented.contains_key(*key))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "moonroute.example.toml does not document {missing:?}"
+    );
+    assert!(expected.len() >= 75, "{} keys", expected.len());
+
+    for (path, line) in documented.iter().filter(|(_, line)| !line.is_empty()) {
+        let text = match path.rsplit_once('.') {
+            Some((section, _)) => format!("[{section}]\n{line}\n"),
+            None => format!("{line}\n"),
+        };
+        Config::parse(&text)
+            .unwrap_or_else(|e| panic!("moonroute.example.toml: `{line}` ([{path}]): {e}"));
+    }
+}
+
+// ---- the documentation's links ------------------------------------------------------------
+
+/// The anchors GitHub gives the headings of a markdown text: lower case, punctuation dropped,
+/// spaces as hyphens, repeats numbered (`-1`, `-2`).
+fn heading_anchors(markdown: &str) -> BTreeSet<String> {
+    let mut anchors = BTreeSet::new();
+    let mut fenced = false;
+    for line in markdown.lines() {
+        if line.starts_with("```") {
+            fenced = !fenced;
+        }
+        let Some(heading) = line.strip_prefix('#').filter(|_| !fenced) else {
+            continue;
+        };
+        let slug: String = heading
+            .trim_start_matches('#')
+            .trim()
+            .to_lowercase()
+            .chars()
+            .filter_map(|c| match c {
+                ' ' => Some('-'),
+                c if c.is_alphanumeric() || c == '-' || c == '_' => Some(c),
+                _ => None,
+            })
+            .collect();
+        let mut anchor = slug.clone();
+        let mut n = 0;
+        while !anchors.insert(anchor.clone()) {
+            n += 1;
+            anchor = format!("{slug}-{n}");
+        }
+    }
+    anchors
+}
+
+/// The targets of the inline links `[text](target)` of a markdown text, outside fenced code
+/// blocks and code spans, with their line numbers.
+fn link_targets(markdown: &str) -> Vec<(usize, String)> {
+    let mut targets = Vec::new();
+    let mut fenced = false;
+    for (index, line) in markdown.lines().enumerate() {
+        if line.trim_start().starts_with("```") {
+            fenced = !fenced;
+            continue;
+        }
+        if fenced {
+            continue;
+        }
+        // Code spans hold Lua and TOML, whose brackets are no links.
+        let prose: String = line.split('`').step_by(2).collect::<Vec<_>>().join("``");
+        let mut rest = prose.as_str();
+        while let Some(at) = rest.find("](") {
+            rest = &rest[at + 2..];
+            if let Some(end) = rest.find(')') {
+                targets.push((index + 1, rest[..end].to_owned()));
+                rest = &rest[end..];
+            }
+        }
+    }
+    targets
+}
+
+/// Every relative link of README.md and docs/*.md names a file of the repository, and every
+/// `#anchor` a heading of the file it points into.
+#[test]
+fn every_relative_link_in_the_documentation_resolves() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = vec![root.join("README.md")];
+    for entry in std::fs::read_dir(root.join("docs")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|ext| ext == "md") {
+            files.push(path);
+        }
+    }
+    assert!(files.len() > 10, "README.md and the docs: {files:?}");
+    let mut broken = Vec::new();
+    let mut checked = 0;
+    for file in &files {
+        let text = std::fs::read_to_string(file).unwrap();
+        for (line, target) in link_targets(&text) {
+            if target.contains("://") || target.starts_with("mailto:") {
+                continue;
+            }
+            let (path, anchor) = match target.split_once('#') {
+                Some((path, anchor)) => (path, Some(anchor)),
+                None => (target.as_str(), None),
+            };
+            let linked = match path {
+                "" => file.clone(),
+                _ => file.parent().unwrap().join(path),
+            };
+            let shown = format!(
+                "{}:{line}: ({target})",
+                file.strip_prefix(root).unwrap().display()
+            );
+            checked += 1;
+            if !linked.exists() {
+                broken.push(format!("{shown}: no such file"));
+                continue;
+            }
+            let Some(anchor) = anchor else { continue };
+            let linked_text = match linked.extension().is_some_and(|ext| ext == "md") {
+                true => std::fs::read_to_string(&linked).unwrap(),
+                false => continue,
+            };
+            if !heading_anchors(&linked_text).contains(anchor) {
+                broken.push(format!("{shown}: no heading with that anchor"));
+            }
+        }
+    }
+    assert!(checked > 50, "{checked} links checked");
+    assert!(broken.is_empty(), "broken links:\n{}", broken.join("\n"));
 }

@@ -485,19 +485,20 @@ fn kv_incr_from_two_nodes_at_once_counts_exactly() {
     assert_eq!(nodes[0].try_get("greeting", now()).unwrap(), None);
 }
 
-// ----- the README's "Several servers", run as written -----------------------------------------
+// ----- docs/several-servers.md, run as written -------------------------------------------------
 
-/// The README's ports and what this test uses instead (in the range of this suite).
-const README_PORTS: [(&str, &str); 3] = [("6379", "25383"), ("5061", "25071"), ("5062", "25072")];
+/// The doc's ports and what this test uses instead (in the range of this suite).
+const DOC_PORTS: [(&str, &str); 3] = [("6379", "25383"), ("5061", "25071"), ("5062", "25072")];
 
-/// The command lines of the fenced block after `<!-- several-servers: NAME -->` in README.md,
-/// with the test's ports.
-fn readme_commands(name: &str) -> Vec<String> {
-    let readme =
-        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
-            .unwrap();
+/// The command lines of the fenced block after `<!-- several-servers: NAME -->` in
+/// docs/several-servers.md, with the test's ports.
+fn doc_commands(name: &str) -> Vec<String> {
+    let doc = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/several-servers.md"),
+    )
+    .unwrap();
     let marker = format!("<!-- several-servers: {name} -->");
-    let after = &readme[readme.find(&marker).expect("the README has the marker") + marker.len()..];
+    let after = &doc[doc.find(&marker).expect("the doc has the marker") + marker.len()..];
     let block = after
         .split("```sh\n")
         .nth(1)
@@ -506,7 +507,7 @@ fn readme_commands(name: &str) -> Vec<String> {
     block
         .lines()
         .map(|line| {
-            README_PORTS
+            DOC_PORTS
                 .iter()
                 .fold(line.to_owned(), |line, (from, to)| line.replace(from, to))
         })
@@ -515,7 +516,7 @@ fn readme_commands(name: &str) -> Vec<String> {
 
 /// `line` as a process in `dir`: `cargo run --release --` is the moonroute binary cargo built
 /// for the tests (the same program with the same arguments); other lines run as they are.
-fn readme_command(line: &str, dir: &std::path::Path) -> std::process::Command {
+fn doc_command(line: &str, dir: &std::path::Path) -> std::process::Command {
     let words: Vec<&str> = line.split_whitespace().collect();
     let (program, args) = match words.as_slice() {
         ["cargo", "run", "--release", "--", args @ ..] => (env!("CARGO_BIN_EXE_moonroute"), args),
@@ -527,7 +528,7 @@ fn readme_command(line: &str, dir: &std::path::Path) -> std::process::Command {
     command
 }
 
-/// A background process of the README; dropped, it is killed.
+/// A background process of the doc; dropped, it is killed.
 struct Background(std::process::Child);
 
 impl Drop for Background {
@@ -542,7 +543,7 @@ impl Drop for Background {
 fn start_and_wait(line: &str, dir: &std::path::Path, ready: &str) -> Background {
     use std::io::BufRead;
     use std::process::Stdio;
-    let mut child = readme_command(line, dir)
+    let mut child = doc_command(line, dir)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -571,7 +572,7 @@ fn start_and_wait(line: &str, dir: &std::path::Path, ready: &str) -> Background 
 }
 
 fn run_to_end(line: &str, dir: &std::path::Path) -> String {
-    let output = readme_command(line, dir).output().unwrap();
+    let output = doc_command(line, dir).output().unwrap();
     let text = String::from_utf8_lossy(&output.stdout).into_owned()
         + &String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "`{line}` failed: {text}");
@@ -579,7 +580,7 @@ fn run_to_end(line: &str, dir: &std::path::Path) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_readme_several_servers_walkthrough_works_as_written() {
+async fn the_documented_several_servers_walkthrough_works_as_written() {
     if common::redis_server::binary().is_none() {
         return;
     }
@@ -591,7 +592,7 @@ async fn the_readme_several_servers_walkthrough_works_as_written() {
         dir.path().join("scripts/default.lua"),
     )
     .unwrap();
-    let start = readme_commands("start");
+    let start = doc_commands("start");
     assert_eq!(start.len(), 5, "{start:?}");
     let _redis = start_and_wait(&start[0], dir.path(), "Ready to accept connections");
     let _node1 = start_and_wait(&start[1], dir.path(), "moonroute running");
@@ -639,7 +640,7 @@ async fn the_readme_several_servers_walkthrough_works_as_written() {
     bob.expect_final(486).await;
 
     // Node 2 lists her binding.
-    let show = readme_commands("show");
+    let show = doc_commands("show");
     let listing = run_to_end(&show[0], dir.path());
     assert!(listing.contains("AOR: sip:alice@example.com"), "{listing}");
     assert!(listing.contains(&alice.local.to_string()), "{listing}");

@@ -7,7 +7,7 @@
 //
 // serve.js serves the page over HTTPS on 127.0.0.1:--page-port with the server's certificate
 // (moonroute's [websocket] allowed_origins must list https://127.0.0.1:PORT), or --page names
-// the page already served (.ci/webphone: the README's serve.js command). One Chromium
+// the page already served (.ci/webphone: the serve.js command of docs/webphone.md). One Chromium
 // (--headless=new, fake microphone and camera, the permission prompt granted, the self-signed
 // certificate accepted) opens two tabs: bob's phone (answers at once) and alice's. Steps, one
 // PASS/FAIL line each:

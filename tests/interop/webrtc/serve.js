@@ -6,7 +6,7 @@
 // a browser grants it the microphone and WebRTC like an https page). Only those three files
 // are served, to 127.0.0.1 only. JsSIP's npm package carries no browser bundle (from 3.13):
 // it is built at start with esbuild from the installed package (npm ci in this directory, or
-// NODE_PATH naming the node_modules of a temporary install). Used by the README's browser
+// NODE_PATH naming the node_modules of a temporary install). Used by docs/webphone.md's browser
 // phone block and by browser_call.js (.ci/interop browser).
 'use strict';
 
