@@ -1,0 +1,1 @@
+//! Failure routing from a script (ported below).
