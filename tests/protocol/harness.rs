@@ -578,8 +578,3 @@ pub fn expect_status(response: &Message, code: u16) {
         show(response)
     );
 }
-
-/// A next hop at the agent's URI, with q = 1.0.
-pub fn target(ua: &Ua) -> Target {
-    Target::new(Bytes::from(ua.uri()), 1000)
-}

@@ -547,6 +547,28 @@ fn a_retransmitted_2xx_reaches_the_caller() {
     h.expect_request(bob, "ACK");
 }
 
+/// The callee's 180 is delayed on the network and arrives after its 200: the caller gets the
+/// 200, and the late provisional is not relayed after the final (§16.7 step 5 relays a
+/// provisional only while the transaction has no final; RFC 6026 §7.2 Accepted state).
+#[test]
+fn a_provisional_arriving_after_the_2xx_is_not_relayed() {
+    let (mut h, alice, bob) = alice_and_bob(None);
+    let bob_uri = h.ua(bob).uri();
+    let proxy = h.proxy();
+    h.ua(alice).invite(&bob_uri);
+    let incoming = h.expect_request(bob, "INVITE");
+    h.fault(proxy, Fault::Delay(Duration::from_millis(200)), 1);
+    h.ua(bob).respond(&incoming, 180, "Ringing");
+    h.run();
+    h.ua(bob).respond(&incoming, 200, "OK");
+    h.expect_response(alice, 100);
+    let answer = h.expect_response(alice, 200);
+    h.ua(alice).ack_2xx(&answer);
+    h.expect_request(bob, "ACK");
+    h.advance(Duration::from_millis(200));
+    h.expect_nothing(alice);
+}
+
 #[test]
 fn stray_and_malformed_responses_are_dropped() {
     let (mut h, alice, _bob) = alice_and_bob(None);
