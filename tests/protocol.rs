@@ -18,3 +18,5 @@ mod ua;
 mod failure_routing;
 #[path = "protocol/proxy.rs"]
 mod proxy;
+#[path = "protocol/registrar.rs"]
+mod registrar;

@@ -60,6 +60,9 @@ pub const PROXY: &str = "127.0.0.1:5060";
 /// server and an agent shows up as a panic, not a hang.
 const MAX_STEPS: usize = 100_000;
 
+/// The longest a test waits, in real time, for another thread (a durable write) to finish.
+const WAIT: Duration = Duration::from_secs(5);
+
 /// A configuration for the harness: a UDP and a TCP listener on 127.0.0.1:5060, two event
 /// loops, memory location store, no control socket, no CDR, no dispatcher probes.
 pub fn config() -> Config {
@@ -485,9 +488,48 @@ impl Harness {
 
     // ----- what agents received -------------------------------------------------------------
 
+    /// Runs the network until `id` holds a message `ready` accepts. When nothing more moves
+    /// and none is there, a loop may be waiting for a durable write, which another thread
+    /// reports through the loop's wake signal: that signal is waited for, up to [`WAIT`].
+    fn settle_for(&mut self, id: UaId, ready: fn(&Ua) -> bool) {
+        self.run();
+        while !ready(&self.uas[id.0]) && self.wait_for_wake(WAIT) {
+            self.run();
+        }
+    }
+
+    /// Blocks until a loop's wake signal is notified (then gives that loop [`Input::Wake`])
+    /// or `within` has passed; whether one was.
+    fn wait_for_wake(&mut self, within: Duration) -> bool {
+        let signals: Vec<(usize, Arc<tokio::sync::Notify>)> = (self.wakes.iter().enumerate())
+            .filter_map(|(index, signal)| Some((index, Arc::clone(signal.as_ref()?))))
+            .collect();
+        let mut waits: Vec<_> = signals
+            .iter()
+            .map(|(index, signal)| (*index, Box::pin(signal.notified())))
+            .collect();
+        let waker = Waker::from(Arc::new(ThreadWaker(std::thread::current())));
+        let mut context = Context::from_waker(&waker);
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            for (index, wait) in &mut waits {
+                if wait.as_mut().poll(&mut context).is_ready() {
+                    let index = *index;
+                    self.on_input(index, Input::Wake);
+                    return true;
+                }
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            std::thread::park_timeout(left);
+        }
+    }
+
     /// Runs the network, then the next response `id` received (panics when there is none).
     pub fn recv_response(&mut self, id: UaId) -> Message {
-        self.run();
+        self.settle_for(id, Ua::has_response);
         let ua = &mut self.uas[id.0];
         ua.take_response()
             .unwrap_or_else(|| panic!("{}: no response arrived", ua.name))
@@ -513,7 +555,7 @@ impl Harness {
 
     /// Runs the network, then the next request `id` received, which must be a `method`.
     pub fn expect_request(&mut self, id: UaId, method: &str) -> Message {
-        self.run();
+        self.settle_for(id, Ua::has_request);
         let ua = &mut self.uas[id.0];
         let name = ua.name.clone();
         let request = ua
@@ -562,6 +604,15 @@ impl Harness {
 enum Owner {
     Server,
     Ua(usize),
+}
+
+/// Wakes the test's thread when a wake signal is notified.
+struct ThreadWaker(std::thread::Thread);
+
+impl std::task::Wake for ThreadWaker {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
 }
 
 /// The message as text, for assertion messages.

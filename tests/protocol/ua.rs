@@ -134,6 +134,9 @@ pub struct Ua {
     pub outbound: Option<SocketAddr>,
     /// Absorb retransmitted requests (answering with the last response sent). On by default.
     pub absorb_retransmissions: bool,
+    /// The host of the From URI of out-of-dialog requests (`sip:name@domain`, the user's
+    /// AOR); `None`: the agent's own address.
+    pub from_domain: Option<String>,
     /// Counter for branches, tags and Call-IDs.
     next: u64,
     cseq: u32,
@@ -161,6 +164,7 @@ impl Ua {
             local,
             outbound: None,
             absorb_retransmissions: true,
+            from_domain: None,
             next: 0,
             cseq: 0,
             outbox: Vec::new(),
@@ -365,6 +369,14 @@ impl Ua {
         }
     }
 
+    pub(super) fn has_response(&self) -> bool {
+        self.inbox.iter().any(Message::is_response)
+    }
+
+    pub(super) fn has_request(&self) -> bool {
+        self.inbox.iter().any(Message::is_request)
+    }
+
     pub(super) fn take_response(&mut self) -> Option<Message> {
         let i = self.inbox.iter().position(Message::is_response)?;
         self.inbox.remove(i)
@@ -490,8 +502,9 @@ impl Outgoing<'_> {
             None => {
                 ua.cseq += 1;
                 let hop = ua.outbound.unwrap_or_else(|| hop_addr(&self.request_uri));
+                let from_host = ua.from_domain.clone().unwrap_or_else(|| local.to_string());
                 (
-                    format!("<sip:{}@{local}>;tag={}-{n}", ua.name, ua.name),
+                    format!("<sip:{}@{from_host}>;tag={}-{n}", ua.name, ua.name),
                     format!("<{}>", self.request_uri),
                     format!("{n}-{}-{}@{}", ua.name, local.port(), local.ip()),
                     ua.cseq,
