@@ -15,8 +15,10 @@
 //!   with [`Input::Resolved`] from [`Harness::dns`] (RFC 3263 §4: a name absent from the
 //!   table does not exist); [`Output::Close`] is ignored (user agents here are datagram only).
 //! - [`Worker::next_deadline`] / [`Worker::on_timer`] are run when the simulated clock reaches
-//!   them, and [`Worker::wake_signal`] is polled after every step (a durable write reports
-//!   itself through it), so waiting for a write is as deterministic as the rest.
+//!   them, and [`Worker::wake_signal`] is polled whenever nothing else moves. A durable write
+//!   is flushed by the store's own thread, the one thing not simulated: when a test expects a
+//!   message that has not come, the harness blocks on the wake signals (bounded by [`WAIT`],
+//!   an event, not a sleep) and gives the woken loop [`Input::Wake`].
 //!
 //! [`Harness::run`] delivers until nothing moves without time passing; [`Harness::advance`]
 //! moves the clock, stopping at each deadline on the way (Timer A's doubling, Timer C at
