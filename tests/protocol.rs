@@ -5,6 +5,9 @@
 //! behaviour (sockets, connections, framing) stays in the socket tests (`tests/proxy.rs`,
 //! `tests/transport.rs`, ...).
 
+/// The socket UA's dialog state and message builders, shared by the simulated one.
+#[path = "common/ua.rs"]
+mod common_ua;
 #[path = "common/refused_log.rs"]
 mod refused_log;
 

@@ -53,6 +53,7 @@ pub use moonroute::sip::{HeaderName, Message};
 pub use moonroute::transport::{Input, ListenAddr, Meta, Output, TransportKind};
 use moonroute::transport::{Worker, WorkerFactory};
 
+pub use super::common_ua::{expect_status, show};
 use super::ua::Ua;
 
 /// The server's UDP and TCP address in every harness test.
@@ -615,19 +616,4 @@ impl std::task::Wake for ThreadWaker {
     fn wake(self: Arc<Self>) {
         self.0.unpark();
     }
-}
-
-/// The message as text, for assertion messages.
-pub fn show(m: &Message) -> String {
-    String::from_utf8_lossy(&m.to_bytes()).into_owned()
-}
-
-/// Asserts a response's status code, showing the whole response when it differs.
-pub fn expect_status(response: &Message, code: u16) {
-    assert_eq!(
-        response.status(),
-        Some(code),
-        "expected {code}, got\n{}",
-        show(response)
-    );
 }

@@ -3,7 +3,8 @@
 //! What it sends goes to its outbox, which the harness carries; what the harness delivers goes
 //! through its transaction-layer rules, then waits in its inbox for the test.
 //!
-//! Like `tests/common/ua.rs` (the socket UA), it never retransmits on its own, but on the
+//! It is `tests/common/ua.rs` (the socket UA, whose dialog state and message builders it
+//! shares) without the sockets and the waiting. It never retransmits on its own, but on the
 //! receiving side:
 //! - non-2xx final responses to an INVITE are ACKed automatically, every time one arrives
 //!   (§17.1.1.3), and a retransmitted final response is absorbed;
@@ -18,88 +19,12 @@ use std::net::SocketAddr;
 
 use bytes::Bytes;
 
-use moonroute::sip::{Contact, HeaderName, Message, Method, NameAddr, ResponseBuilder, Uri};
+use moonroute::sip::{HeaderName, Message, Method, ResponseBuilder};
 
-/// The body of INVITEs and of 2xx answers to them.
-pub fn sdp(user: &str) -> String {
-    format!(
-        "v=0\r\no={user} 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n\
-         m=audio 49170 RTP/AVP 0\r\n"
-    )
-}
+pub use super::common_ua::{derived_request, hop_addr, sdp, Dialog};
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
-}
-
-/// Where a SIP URI (or a name-addr holding one) points: its host must be an IP literal.
-pub fn hop_addr(uri_or_name_addr: &str) -> SocketAddr {
-    let bytes = uri_or_name_addr.as_bytes();
-    let uri = match NameAddr::parse(bytes) {
-        Ok(na) => na.uri,
-        Err(_) => Uri::parse(bytes).unwrap_or_else(|e| panic!("bad URI {uri_or_name_addr}: {e}")),
-    };
-    let sip = uri
-        .as_sip()
-        .unwrap_or_else(|| panic!("not a SIP URI: {uri_or_name_addr}"));
-    let ip = sip
-        .host
-        .ip()
-        .unwrap_or_else(|| panic!("hops must be IP literals: {uri_or_name_addr}"));
-    SocketAddr::new(ip, sip.port.unwrap_or(5060))
-}
-
-/// The dialog state of §12: what a UA needs to send requests inside a call.
-#[derive(Clone, Debug)]
-pub struct Dialog {
-    pub call_id: String,
-    /// From of requests we send (name-addr with our tag).
-    pub local: String,
-    /// To of requests we send (name-addr with the peer's tag).
-    pub remote: String,
-    pub remote_tag: String,
-    /// Route header values in the order they are written (§12.1.1, §12.1.2).
-    pub route_set: Vec<String>,
-    /// The peer's Contact URI: Request-URI of in-dialog requests.
-    pub remote_target: String,
-    pub local_cseq: u32,
-}
-
-impl Dialog {
-    /// The UAC's view after a dialog-creating response (§12.1.2): the route set is the
-    /// response's Record-Route reversed.
-    pub fn from_uac(request: &Message, response: &Message) -> Dialog {
-        let mut route_set = record_routes(response);
-        route_set.reverse();
-        Dialog {
-            call_id: text(request.call_id().expect("Call-ID")),
-            local: text(request.header(HeaderName::From).expect("From")),
-            remote: text(response.header(HeaderName::To).expect("To")),
-            remote_tag: text(response.to().expect("To").tag().expect("To tag")),
-            route_set,
-            remote_target: contact_uri(response).expect("Contact in the response"),
-            local_cseq: request.cseq().expect("CSeq").seq,
-        }
-    }
-
-    /// The UAS's view after answering (§12.1.1): the route set is the request's Record-Route
-    /// in order.
-    pub fn from_uas(request: &Message, response: &Message) -> Dialog {
-        Dialog {
-            call_id: text(request.call_id().expect("Call-ID")),
-            local: text(response.header(HeaderName::To).expect("To")),
-            remote: text(request.header(HeaderName::From).expect("From")),
-            remote_tag: text(request.from().expect("From").tag().expect("From tag")),
-            route_set: record_routes(request),
-            remote_target: contact_uri(request).expect("Contact in the request"),
-            local_cseq: 0,
-        }
-    }
-
-    /// Where in-dialog requests go: the first Route hop, else the remote target.
-    pub fn next_hop(&self) -> SocketAddr {
-        hop_addr(self.route_set.first().unwrap_or(&self.remote_target))
-    }
 }
 
 /// Record-Route values, one per entry, in message order.
@@ -107,13 +32,6 @@ pub fn record_routes(m: &Message) -> Vec<String> {
     m.values(HeaderName::RecordRoute)
         .map(|v| text(v.expect("Record-Route parses")))
         .collect()
-}
-
-fn contact_uri(m: &Message) -> Option<String> {
-    match m.contacts().next()?.ok()? {
-        Contact::Addr(addr) => Some(text(addr.uri.raw())),
-        Contact::Star => None,
-    }
 }
 
 /// The top Via branch and CSeq method: what identifies a transaction (§17.1.3, §17.2.3).
@@ -426,28 +344,6 @@ impl Ua {
         }
         new.then_some(m)
     }
-}
-
-/// An ACK or CANCEL built from the request it refers to (§9.1, §17.1.1.3).
-pub fn derived_request(original: &Message, method: &str, to: Option<&[u8]>) -> String {
-    let header = |name| text(original.header(name).unwrap_or(b""));
-    let top_via = original.values(HeaderName::Via).next().unwrap().unwrap();
-    let mut out = format!(
-        "{method} {} SIP/2.0\r\nVia: {}\r\nMax-Forwards: 70\r\n",
-        text(original.request_uri_bytes().unwrap()),
-        text(top_via)
-    );
-    for route in original.headers_named("Route") {
-        out += &format!("Route: {}\r\n", text(route));
-    }
-    out += &format!(
-        "From: {}\r\nTo: {}\r\nCall-ID: {}\r\nCSeq: {} {method}\r\nContent-Length: 0\r\n\r\n",
-        header(HeaderName::From),
-        text(to.unwrap_or(b"")),
-        header(HeaderName::CallId),
-        original.cseq().unwrap().seq
-    );
-    out
 }
 
 /// A request being put together; `.send()` sends it and returns it as sent.
