@@ -1,0 +1,619 @@
+//! An in-process harness for the sans-IO core: one moonroute server's event loops (each a
+//! [`Worker`] made by the public [`CoreFactory`], routed by a Lua script, a test [`Router`] or
+//! the built-in router), simulated user agents ([`Ua`]) at addresses such as 127.0.0.1:5070 or
+//! 127.0.0.9:5060, an in-memory network between them, DNS answered from a table, and a
+//! simulated clock. Nothing is bound, nothing sleeps, no tokio runtime runs: the harness is
+//! the event loop, and a test decides when time passes.
+//!
+//! The driving contract is the one the tokio shell (`transport::dispatch`) follows:
+//! - every [`Output::Send`] is carried to whoever owns the destination address: a listener of
+//!   the server (the datagram is given to one of its loops as an [`Input::Message`]) or a user
+//!   agent. A stream send to an address nobody owns is refused like a TCP connect, answered
+//!   with [`Input::Unreachable`] to the loop that sent (RFC 3261 §8.1.3.1, §17.1.4); a
+//!   datagram to nobody is lost, and kept in [`Harness::lost`] for the test to look at.
+//! - [`Output::HandOver`] gives the input to the named loop; [`Output::Resolve`] is answered
+//!   with [`Input::Resolved`] from [`Harness::dns`] (RFC 3263 §4: a name absent from the
+//!   table does not exist); [`Output::Close`] is ignored (user agents here are datagram only).
+//! - [`Worker::next_deadline`] / [`Worker::on_timer`] are run when the simulated clock reaches
+//!   them, and [`Worker::wake_signal`] is polled whenever nothing else moves. A durable write
+//!   is flushed by the store's own thread, the one thing not simulated: when a test expects a
+//!   message that has not come, the harness blocks on the wake signals (bounded by [`WAIT`],
+//!   an event, not a sleep) and gives the woken loop [`Input::Wake`].
+//!
+//! [`Harness::run`] delivers until nothing moves without time passing; [`Harness::advance`]
+//! moves the clock, stopping at each deadline on the way (Timer A's doubling, Timer C at
+//! exactly 181 s). The network can drop, duplicate or delay what is sent to an address
+//! ([`Fault`]). A datagram reaches the loop that a hash of its source picks, as
+//! `SO_REUSEPORT` spreads flows, so two loops exercise the hand-over between loops.
+//!
+//! Every path into moonroute's internals used by the protocol tests is named in this file
+//! (the `use moonroute::...` lines below), so a move of a type is fixed here.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::pin;
+use std::sync::Arc;
+use std::task::{Context, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+pub use moonroute::config::{Config, LocationBackend};
+pub use moonroute::dns::{Candidate, Query, ResolveError};
+pub use moonroute::proxy::response_context::{BranchOutcome, Target};
+pub use moonroute::proxy::router::{
+    Decision, FailureDecision, RouteHandle, RouteInfo, Routed, Router,
+};
+pub use moonroute::script::kv::KvValue;
+pub use moonroute::script::ScriptHost;
+pub use moonroute::server::core::CoreFactory;
+pub use moonroute::sip::{HeaderName, Message};
+pub use moonroute::transport::{Input, ListenAddr, Meta, Output, TransportKind};
+use moonroute::transport::{Worker, WorkerFactory};
+
+pub use super::common_ua::{expect_status, show};
+use super::ua::Ua;
+
+/// The server's UDP and TCP address in every harness test.
+pub const PROXY: &str = "127.0.0.1:5060";
+
+/// The longest a test may run the network without the clock moving: a loop between the
+/// server and an agent shows up as a panic, not a hang.
+const MAX_STEPS: usize = 100_000;
+
+/// The longest a test waits, in real time, for another thread (a durable write) to finish.
+const WAIT: Duration = Duration::from_secs(5);
+
+/// A configuration for the harness: a UDP and a TCP listener on 127.0.0.1:5060, two event
+/// loops, memory location store, no control socket, no CDR, no dispatcher probes.
+pub fn config() -> Config {
+    let mut config = Config {
+        listen: vec![
+            format!("udp:{PROXY}").parse::<ListenAddr>().unwrap(),
+            format!("tcp:{PROXY}").parse::<ListenAddr>().unwrap(),
+        ],
+        workers: 2,
+        ..Config::default()
+    };
+    config.control.socket = PathBuf::new();
+    config.lua.watch = false;
+    config.location.store = LocationBackend::Memory;
+    config.dialog.cdr = false;
+    config.dispatcher.probe_interval_secs = 0;
+    config
+}
+
+/// Which user agent: an index into the harness's agents.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UaId(usize);
+
+/// What the network does to the next messages sent to one address.
+#[derive(Clone, Copy, Debug)]
+pub enum Fault {
+    /// Lose them.
+    Drop,
+    /// Deliver each twice.
+    Duplicate,
+    /// Deliver each this much later.
+    Delay(Duration),
+}
+
+/// One message on the simulated wire.
+#[derive(Clone, Debug)]
+struct Packet {
+    kind: TransportKind,
+    from: SocketAddr,
+    to: SocketAddr,
+    data: Bytes,
+    /// The loop that sent it (`None`: a user agent), told when a stream send is refused.
+    sender: Option<usize>,
+}
+
+struct FaultRule {
+    to: SocketAddr,
+    fault: Fault,
+    remaining: usize,
+}
+
+pub struct Harness {
+    now: Instant,
+    loops: Vec<Box<dyn Worker>>,
+    /// Each loop's wake signal (a durable write done), polled after every step.
+    wakes: Vec<Option<Arc<tokio::sync::Notify>>>,
+    listeners: Vec<ListenAddr>,
+    uas: Vec<Ua>,
+    /// Inputs for a loop that do not come off the wire: hand-overs, DNS answers, refusals.
+    inputs: VecDeque<(usize, Input)>,
+    /// Messages on the wire, deliverable now.
+    wire: VecDeque<Packet>,
+    /// Messages a [`Fault::Delay`] holds until their instant.
+    delayed: Vec<(Instant, Packet)>,
+    faults: Vec<FaultRule>,
+    /// DNS answers by host name; a name absent here does not exist.
+    pub dns: HashMap<String, Vec<Candidate>>,
+    /// Datagrams sent to an address nobody owns (a foreign host), in order.
+    pub lost: Vec<(SocketAddr, Bytes)>,
+    /// Every message a loop sent, when and where, in order (a packet capture at the server).
+    pub sent_by_server: Vec<(Instant, SocketAddr, Bytes)>,
+    /// The script host when the server is routed by Lua.
+    script: Option<Arc<ScriptHost>>,
+    /// Keeps the script's directory while the harness lives.
+    _dir: Option<tempfile::TempDir>,
+    out: Vec<Output>,
+}
+
+impl Harness {
+    /// A server routed by the built-in router (`[proxy]` of `config`).
+    pub fn new(config: &Config) -> Harness {
+        Harness::start(config, CoreFactory::new(config), None, None)
+    }
+
+    /// A server whose every loop routes with a clone of `router`.
+    pub fn with_router<R: Router + Clone + Send + Sync + 'static>(
+        config: &Config,
+        router: R,
+    ) -> Harness {
+        let factory = CoreFactory::with_router(
+            config,
+            Arc::new(move |_loop_index, _: &_| Box::new(router.clone()) as Box<dyn Router>),
+        );
+        Harness::start(config, factory, None, None)
+    }
+
+    /// A server routed by the Lua script `text` (written to a temporary directory).
+    pub fn with_script(config: &Config, text: &str) -> Harness {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let path = dir.path().join("route.lua");
+        std::fs::write(&path, text).expect("write the script");
+        let mut config = config.clone();
+        config.script = path;
+        config.data_dir = dir.path().join("data");
+        let host = ScriptHost::from_config(&config).expect("the script loads");
+        let factory = CoreFactory::with_router(&config, host.router_factory());
+        Harness::start(&config, factory, Some(host), Some(dir))
+    }
+
+    fn start(
+        config: &Config,
+        factory: CoreFactory,
+        script: Option<Arc<ScriptHost>>,
+        dir: Option<tempfile::TempDir>,
+    ) -> Harness {
+        let listeners = config.listen.clone();
+        let count = config.workers.max(1);
+        let loops: Vec<Box<dyn Worker>> = (0..count)
+            .map(|index| factory.make_bound_worker(index, count, &listeners))
+            .collect();
+        let wakes = loops.iter().map(|w| w.wake_signal()).collect();
+        Harness {
+            now: Instant::now(),
+            loops,
+            wakes,
+            listeners,
+            uas: Vec::new(),
+            inputs: VecDeque::new(),
+            wire: VecDeque::new(),
+            delayed: Vec::new(),
+            faults: Vec::new(),
+            dns: HashMap::new(),
+            lost: Vec::new(),
+            sent_by_server: Vec::new(),
+            script,
+            _dir: dir,
+            out: Vec::new(),
+        }
+    }
+
+    /// The simulated clock.
+    pub fn now(&self) -> Instant {
+        self.now
+    }
+
+    /// The server's UDP address.
+    pub fn proxy(&self) -> SocketAddr {
+        PROXY.parse().unwrap()
+    }
+
+    /// A user agent named `name` on UDP at `addr` (nothing is bound).
+    pub fn add_ua(&mut self, name: &str, addr: &str) -> UaId {
+        let addr: SocketAddr = addr.parse().expect("an IP address and port");
+        assert!(
+            self.owner(TransportKind::Udp, addr).is_none(),
+            "{addr} is taken"
+        );
+        self.uas.push(Ua::new(name, addr));
+        UaId(self.uas.len() - 1)
+    }
+
+    /// A user agent whose out-of-dialog requests go to the server.
+    pub fn add_ua_via_proxy(&mut self, name: &str, addr: &str) -> UaId {
+        let id = self.add_ua(name, addr);
+        let proxy = self.proxy();
+        self.ua(id).outbound = Some(proxy);
+        id
+    }
+
+    pub fn ua(&mut self, id: UaId) -> &mut Ua {
+        &mut self.uas[id.0]
+    }
+
+    /// The next `count` messages sent to `to` (by anyone) suffer `fault`.
+    pub fn fault(&mut self, to: SocketAddr, fault: Fault, count: usize) {
+        self.faults.push(FaultRule {
+            to,
+            fault,
+            remaining: count,
+        });
+    }
+
+    /// What the Lua script stored under `key` in `sip.kv`.
+    pub fn kv(&self, key: &str) -> String {
+        let host = self.script.as_ref().expect("a server routed by a script");
+        match host.services().kv.get(key, std::time::Instant::now()) {
+            Some(KvValue::Str(s)) => s,
+            other => panic!("{key}: {other:?}"),
+        }
+    }
+
+    // ----- driving --------------------------------------------------------------------------
+
+    /// Delivers everything deliverable and runs every timer due, until nothing moves without
+    /// the clock moving.
+    pub fn run(&mut self) {
+        for _ in 0..MAX_STEPS {
+            if !self.step() {
+                return;
+            }
+        }
+        panic!("the network did not settle in {MAX_STEPS} steps: a message loop?");
+    }
+
+    /// Moves the clock by `by`, stopping at every deadline and delayed message on the way.
+    pub fn advance(&mut self, by: Duration) {
+        let until = self.now + by;
+        self.run();
+        while let Some(next) = self.next_event().filter(|&at| at <= until) {
+            self.now = self.now.max(next);
+            self.run();
+        }
+        self.now = until;
+        self.run();
+    }
+
+    /// The earliest instant at which something happens by itself.
+    fn next_event(&self) -> Option<Instant> {
+        let deadlines = self.loops.iter().filter_map(|w| w.next_deadline());
+        let delayed = self.delayed.iter().map(|(at, _)| *at);
+        deadlines.chain(delayed).min()
+    }
+
+    /// One round: agents' outboxes onto the wire, then one input to a loop or one delivery,
+    /// else the due timers and wake signals. Whether anything happened.
+    fn step(&mut self) -> bool {
+        for i in 0..self.uas.len() {
+            let from = self.uas[i].local;
+            for (to, data) in self.uas[i].take_outbox() {
+                self.put_on_wire(Packet {
+                    kind: TransportKind::Udp,
+                    from,
+                    to,
+                    data,
+                    sender: None,
+                });
+            }
+        }
+        let now = self.now;
+        let due = self.delayed.iter().position(|(at, _)| *at <= now);
+        if let Some(i) = due {
+            let (_, packet) = self.delayed.remove(i);
+            self.deliver(packet);
+            return true;
+        }
+        if let Some((index, input)) = self.inputs.pop_front() {
+            self.on_input(index, input);
+            return true;
+        }
+        if let Some(packet) = self.wire.pop_front() {
+            self.deliver(packet);
+            return true;
+        }
+        let mut moved = false;
+        for index in 0..self.loops.len() {
+            if self.loops[index]
+                .next_deadline()
+                .is_some_and(|at| at <= now)
+            {
+                let mut out = std::mem::take(&mut self.out);
+                self.loops[index].on_timer(now, &mut out);
+                self.apply(index, &mut out);
+                self.out = out;
+                moved = true;
+            }
+            if self.woken(index) {
+                self.on_input(index, Input::Wake);
+                moved = true;
+            }
+        }
+        moved
+    }
+
+    /// Whether loop `index`'s wake signal was notified since it was last looked at.
+    fn woken(&self, index: usize) -> bool {
+        let Some(signal) = &self.wakes[index] else {
+            return false;
+        };
+        let notified = pin!(signal.notified());
+        let mut context = Context::from_waker(Waker::noop());
+        notified.poll(&mut context).is_ready()
+    }
+
+    fn put_on_wire(&mut self, packet: Packet) {
+        let rule = self
+            .faults
+            .iter_mut()
+            .find(|r| r.to == packet.to && r.remaining > 0);
+        let Some(rule) = rule else {
+            self.wire.push_back(packet);
+            return;
+        };
+        rule.remaining -= 1;
+        match rule.fault {
+            Fault::Drop => {}
+            Fault::Duplicate => {
+                self.wire.push_back(packet.clone());
+                self.wire.push_back(packet);
+            }
+            Fault::Delay(by) => self.delayed.push((self.now + by, packet)),
+        }
+    }
+
+    /// Who receives what is sent to `addr` over `kind`.
+    fn owner(&self, kind: TransportKind, addr: SocketAddr) -> Option<Owner> {
+        if self
+            .listeners
+            .iter()
+            .any(|l| l.kind == kind && l.addr == addr)
+        {
+            return Some(Owner::Server);
+        }
+        self.uas
+            .iter()
+            .position(|ua| ua.local == addr)
+            .map(Owner::Ua)
+    }
+
+    fn deliver(&mut self, packet: Packet) {
+        match self.owner(packet.kind, packet.to) {
+            Some(Owner::Server) => {
+                let index = self.loop_for(packet.from);
+                let meta = Meta {
+                    kind: packet.kind,
+                    source: packet.from,
+                    local: packet.to,
+                    conn: None,
+                    worker: index,
+                };
+                let input = Input::Message {
+                    data: packet.data,
+                    meta,
+                };
+                self.on_input(index, input);
+            }
+            Some(Owner::Ua(i)) => self.uas[i].receive(packet.data, packet.from),
+            None if packet.kind.is_stream() => {
+                // A connection nobody accepts: refused, reported to the loop that sent.
+                if let Some(index) = packet.sender {
+                    let input = Input::Unreachable {
+                        kind: packet.kind,
+                        addr: packet.to,
+                    };
+                    self.inputs.push_back((index, input));
+                }
+            }
+            None => self.lost.push((packet.to, packet.data)),
+        }
+    }
+
+    /// The loop a datagram from `source` reaches: a hash of the flow, like SO_REUSEPORT.
+    fn loop_for(&self, source: SocketAddr) -> usize {
+        let ip: u32 = match source.ip() {
+            std::net::IpAddr::V4(v4) => v4.into(),
+            std::net::IpAddr::V6(v6) => v6.octets().iter().map(|&b| u32::from(b)).sum(),
+        };
+        (ip as usize + usize::from(source.port())) % self.loops.len()
+    }
+
+    fn on_input(&mut self, index: usize, input: Input) {
+        let mut out = std::mem::take(&mut self.out);
+        self.loops[index].on_input(input, self.now, &mut out);
+        self.apply(index, &mut out);
+        self.out = out;
+    }
+
+    /// Carries out what loop `index` asked for.
+    fn apply(&mut self, index: usize, out: &mut Vec<Output>) {
+        for output in out.drain(..) {
+            match output {
+                Output::Send { dest, data } => {
+                    let from = self.listener_for(dest.kind, dest.local);
+                    self.sent_by_server
+                        .push((self.now, dest.addr, data.clone()));
+                    self.put_on_wire(Packet {
+                        kind: dest.kind,
+                        from,
+                        to: dest.addr,
+                        data,
+                        sender: Some(index),
+                    });
+                }
+                Output::HandOver { worker, input } => self.inputs.push_back((worker, input)),
+                Output::Resolve { id, query } => {
+                    let result = self.resolve(&query);
+                    self.inputs
+                        .push_back((index, Input::Resolved { id, result }));
+                }
+                Output::Close(_) => {}
+            }
+        }
+    }
+
+    /// The address a loop's message leaves from: the listener it names, else the first one of
+    /// the transport.
+    fn listener_for(&self, kind: TransportKind, local: Option<SocketAddr>) -> SocketAddr {
+        let of_kind = || self.listeners.iter().filter(|l| l.kind == kind);
+        of_kind()
+            .find(|l| Some(l.addr) == local)
+            .or_else(|| of_kind().next())
+            .map(|l| l.addr)
+            .unwrap_or_else(|| panic!("the server has no {kind} listener"))
+    }
+
+    fn resolve(&self, query: &Query) -> Result<Vec<Candidate>, ResolveError> {
+        let host = query.host.trim_start_matches('[').trim_end_matches(']');
+        if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+            let kind = query.transport.unwrap_or(TransportKind::Udp);
+            let port = query.port.unwrap_or(kind.default_port());
+            return Ok(vec![Candidate {
+                kind,
+                addr: SocketAddr::new(ip, port),
+                tls_name: None,
+            }]);
+        }
+        self.dns
+            .get(host)
+            .cloned()
+            .ok_or_else(|| ResolveError::NotFound {
+                host: host.to_owned(),
+            })
+    }
+
+    // ----- what agents received -------------------------------------------------------------
+
+    /// Runs the network until `id` holds a message `ready` accepts. When nothing more moves
+    /// and none is there, a loop may be waiting for a durable write, which another thread
+    /// reports through the loop's wake signal: that signal is waited for, up to [`WAIT`].
+    fn settle_for(&mut self, id: UaId, ready: fn(&Ua) -> bool) {
+        self.run();
+        while !ready(&self.uas[id.0]) && self.wait_for_wake(WAIT) {
+            self.run();
+        }
+    }
+
+    /// Blocks until a loop's wake signal is notified (then gives that loop [`Input::Wake`])
+    /// or `within` has passed; whether one was.
+    fn wait_for_wake(&mut self, within: Duration) -> bool {
+        let signals: Vec<(usize, Arc<tokio::sync::Notify>)> = (self.wakes.iter().enumerate())
+            .filter_map(|(index, signal)| Some((index, Arc::clone(signal.as_ref()?))))
+            .collect();
+        let mut waits: Vec<_> = signals
+            .iter()
+            .map(|(index, signal)| (*index, Box::pin(signal.notified())))
+            .collect();
+        let waker = Waker::from(Arc::new(ThreadWaker(std::thread::current())));
+        let mut context = Context::from_waker(&waker);
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            for (index, wait) in &mut waits {
+                if wait.as_mut().poll(&mut context).is_ready() {
+                    let index = *index;
+                    self.on_input(index, Input::Wake);
+                    return true;
+                }
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            std::thread::park_timeout(left);
+        }
+    }
+
+    /// Runs the network, then the next response `id` received (panics when there is none).
+    pub fn recv_response(&mut self, id: UaId) -> Message {
+        self.settle_for(id, Ua::has_response);
+        let ua = &mut self.uas[id.0];
+        ua.take_response()
+            .unwrap_or_else(|| panic!("{}: no response arrived", ua.name))
+    }
+
+    /// The next response, which must have status `code`.
+    pub fn expect_response(&mut self, id: UaId, code: u16) -> Message {
+        let response = self.recv_response(id);
+        expect_status(&response, code);
+        response
+    }
+
+    /// Responses until the final one (skipping provisionals), which must have status `code`.
+    pub fn expect_final(&mut self, id: UaId, code: u16) -> Message {
+        loop {
+            let response = self.recv_response(id);
+            if response.status().unwrap() >= 200 {
+                expect_status(&response, code);
+                return response;
+            }
+        }
+    }
+
+    /// Runs the network, then the next request `id` received, which must be a `method`.
+    pub fn expect_request(&mut self, id: UaId, method: &str) -> Message {
+        self.settle_for(id, Ua::has_request);
+        let ua = &mut self.uas[id.0];
+        let name = ua.name.clone();
+        let request = ua
+            .take_request()
+            .unwrap_or_else(|| panic!("{name}: no request arrived (wanted {method})"));
+        let got = request.method().unwrap().as_str();
+        assert_eq!(
+            got,
+            method,
+            "{name}: expected a {method}, got\n{}",
+            show(&request)
+        );
+        request
+    }
+
+    /// Runs the network and asserts that `id` has received nothing it has not read.
+    pub fn expect_nothing(&mut self, id: UaId) {
+        self.run();
+        let ua = &mut self.uas[id.0];
+        if let Some(message) = ua.take_any() {
+            panic!("{}: unexpected\n{}", ua.name, show(&message));
+        }
+    }
+
+    /// Sends an OPTIONS from `id` to the server and asserts that the next response is its
+    /// 200: whatever else the server sent `id` before (a stray or duplicate) fails the test.
+    pub fn probe_is_next(&mut self, id: UaId) {
+        let proxy = self.proxy();
+        let options = self
+            .ua(id)
+            .request("OPTIONS", &format!("sip:{proxy}"))
+            .to(proxy)
+            .send();
+        let answer = self.recv_response(id);
+        assert_eq!(
+            answer.call_id().unwrap(),
+            options.call_id().unwrap(),
+            "{}: the next response should answer the probe, got\n{}",
+            self.uas[id.0].name,
+            show(&answer)
+        );
+        expect_status(&answer, 200);
+    }
+}
+
+enum Owner {
+    Server,
+    Ua(usize),
+}
+
+/// Wakes the test's thread when a wake signal is notified.
+struct ThreadWaker(std::thread::Thread);
+
+impl std::task::Wake for ThreadWaker {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
+}
