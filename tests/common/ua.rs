@@ -148,7 +148,7 @@ impl Dialog {
 }
 
 /// Record-Route values, one per entry, in message order.
-fn record_routes(m: &Message) -> Vec<String> {
+pub fn record_routes(m: &Message) -> Vec<String> {
     m.values(HeaderName::RecordRoute)
         .map(|v| text(v.expect("Record-Route parses")))
         .collect()
@@ -162,7 +162,7 @@ fn contact_uri(m: &Message) -> Option<String> {
 }
 
 /// The top Via branch and CSeq method: what identifies a transaction (§17.1.3, §17.2.3).
-fn tx_key(m: &Message) -> (Vec<u8>, String) {
+fn tx_key(m: &Message) -> TxKey {
     let branch = m.top_via().ok().and_then(|v| v.branch()).unwrap_or(b"");
     let method = m.cseq().map(|c| c.method.as_str().to_string());
     (branch.to_vec(), method.unwrap_or_default())
@@ -170,6 +170,395 @@ fn tx_key(m: &Message) -> (Vec<u8>, String) {
 
 /// Which 2xx an ACK answers: Call-ID, CSeq number, To tag.
 type AckKey = (Vec<u8>, u32, Vec<u8>);
+
+// ----- the sans-IO half, shared with the harness's simulated UA (tests/protocol/ua.rs) -------
+
+/// A transaction: the top Via branch and the CSeq method (§17.1.3, §17.2.3).
+type TxKey = (Vec<u8>, String);
+
+/// What a test UA remembers of its transactions and dialogs, without I/O: the requests it
+/// sent and where, the final responses it has seen, the ACKs of 2xx responses, where each
+/// received request came from and how it was answered, its To tags. The socket [`TestUa`] and
+/// the harness's simulated UA each keep one and only move the bytes it asks for.
+#[derive(Default)]
+pub struct UaBook {
+    /// CSeq of the last out-of-dialog request.
+    pub cseq: u32,
+    /// Requests sent, by transaction, with where they went.
+    sent: HashMap<TxKey, (Message, SocketAddr)>,
+    /// Final responses seen, by transaction, status and To tag (two callees of a forked
+    /// INVITE each send a 2xx: they are two answers, not a retransmission).
+    finals_seen: HashSet<(Vec<u8>, String, u16, Vec<u8>)>,
+    /// ACKs of 2xx responses, to repeat on a retransmitted 2xx.
+    acks_sent: HashMap<AckKey, (Bytes, SocketAddr)>,
+    /// Where each received request came from (connection or datagram source).
+    sources: HashMap<TxKey, SocketAddr>,
+    /// The last response to each received request, to repeat on a retransmission.
+    answered: HashMap<TxKey, Bytes>,
+    /// Our To tag per (Call-ID, From tag): stable for every response in a dialog.
+    to_tags: HashMap<(Vec<u8>, Vec<u8>), String>,
+}
+
+/// How a UA's transaction layer treats what arrives.
+#[derive(Clone, Copy)]
+pub struct ArrivalRules {
+    /// Responses go back on the connection (TCP, TLS, WebSocket), not to the Via (§18.2.2).
+    pub stream: bool,
+    /// Absorb a retransmitted request, answering it with the last response sent.
+    pub absorb_retransmissions: bool,
+    /// ACK non-2xx final responses to INVITE as they arrive.
+    pub auto_ack: bool,
+}
+
+/// A message after the transaction-layer rules: for the test unless absorbed, and what to send
+/// in answer (a repeated response or ACK).
+pub struct Arrival {
+    pub message: Option<Message>,
+    pub send: Option<(Bytes, SocketAddr)>,
+}
+
+/// The UA as a response names it.
+pub struct Responder<'a> {
+    pub name: &'a str,
+    /// The Contact header value (`<uri>`).
+    pub contact: &'a str,
+    /// See [`ArrivalRules::stream`].
+    pub stream: bool,
+}
+
+/// The UA as a request names it.
+pub struct Sender<'a> {
+    pub name: &'a str,
+    /// See [`TestUa::from_domain`].
+    pub from_domain: Option<&'a str>,
+    pub local: SocketAddr,
+    /// Where out-of-dialog requests go; `None`: the host:port of the Request-URI.
+    pub outbound: Option<SocketAddr>,
+    /// The whole Via value, with a new branch.
+    pub via: String,
+    /// The Contact header value (`<uri>`).
+    pub contact: String,
+}
+
+impl UaBook {
+    /// Keeps a request as sent to `dest` (to build its ACK or CANCEL) and returns it parsed.
+    pub fn record_sent(&mut self, request: String, dest: SocketAddr) -> Message {
+        let msg = Message::parse(Bytes::from(request)).expect("the UA's own request parses");
+        self.sent.insert(tx_key(&msg), (msg.clone(), dest));
+        msg
+    }
+
+    /// The dialog a 2xx to our INVITE creates (§12.1.2), and the one its ACK is sent in: a
+    /// transaction of its own with the INVITE's CSeq number (§13.2.2.4).
+    pub fn dialog_of_2xx(&self, response: &Message) -> (Dialog, Dialog) {
+        let status = response.status().expect("a response");
+        assert!(
+            (200..300).contains(&status),
+            "ack_2xx wants a 2xx, got {status}"
+        );
+        let (invite, _) = self
+            .sent
+            .get(&tx_key(response))
+            .expect("a response to our INVITE");
+        let dialog = Dialog::from_uac(invite, response);
+        let mut for_ack = dialog.clone();
+        for_ack.local_cseq -= 1; // the ACK repeats the INVITE's number
+        (dialog, for_ack)
+    }
+
+    /// Keeps the ACK of a 2xx in `dialog`, to repeat when the 2xx is (§13.2.2.4).
+    pub fn record_ack(&mut self, ack: &Message, dialog: &Dialog) {
+        let key = (
+            ack.call_id().unwrap().to_vec(),
+            dialog.local_cseq,
+            dialog.remote_tag.clone().into_bytes(),
+        );
+        self.acks_sent
+            .insert(key, (ack.source_bytes().clone(), dialog.next_hop()));
+    }
+
+    /// CANCEL of a pending request we sent (§9.1): same Request-URI, Call-ID, From, To, CSeq
+    /// number, top Via and Route, and where it goes (where the request went).
+    pub fn cancel_of(&self, request: &Message) -> (String, SocketAddr) {
+        let (original, dest) = self
+            .sent
+            .get(&tx_key(request))
+            .expect("cancel a request this UA sent");
+        let cancel = derived_request(original, "CANCEL", original.header(HeaderName::To));
+        (cancel, *dest)
+    }
+
+    /// The ACK of a non-2xx final response to INVITE (§17.1.1.3): same branch, Request-URI,
+    /// Route; To from the response. `None` for a response to a request we did not build.
+    fn ack_non_2xx(&self, response: &Message) -> Option<(Bytes, SocketAddr)> {
+        let (invite, dest) = self.sent.get(&tx_key(response))?;
+        let ack = derived_request(invite, "ACK", response.header(HeaderName::To));
+        Some((Bytes::from(ack), *dest))
+    }
+
+    /// Answers `request` (§8.2.6): a stable To tag per dialog (`fresh` numbers a new one),
+    /// Record-Route copied into 1xx/2xx to INVITE (§12.1.1), Contact in those and in every
+    /// 2xx, an SDP answer in a 2xx to INVITE. Returns the response and where it goes: where
+    /// the request came from (§18.2.2).
+    pub fn response(
+        &mut self,
+        me: &Responder<'_>,
+        request: &Message,
+        code: u16,
+        reason: &str,
+        extra: &[(&str, &str)],
+        fresh: impl FnOnce() -> u64,
+    ) -> (Bytes, SocketAddr) {
+        let key = tx_key(request);
+        let source = *self
+            .sources
+            .get(&key)
+            .expect("respond to a request this UA received");
+        let is_invite = request.method() == Some(&Method::Invite);
+        let dialog_key = (
+            request.call_id().expect("Call-ID").to_vec(),
+            request
+                .from()
+                .ok()
+                .and_then(|f| f.tag())
+                .unwrap_or(b"")
+                .to_vec(),
+        );
+        let tag = self
+            .to_tags
+            .entry(dialog_key)
+            .or_insert_with(|| format!("{}-{}", me.name, fresh()))
+            .clone();
+        let answer = sdp(me.name);
+        let mut builder = ResponseBuilder::new(request, code, reason).to_tag(tag.as_bytes());
+        if is_invite && (101..300).contains(&code) {
+            for rr in request.headers_named("Record-Route") {
+                builder = builder.header("Record-Route", rr);
+            }
+        }
+        if (is_invite && (101..300).contains(&code)) || (200..300).contains(&code) {
+            builder = builder.header("Contact", me.contact.as_bytes());
+        }
+        for (name, value) in extra {
+            builder = builder.header(name, value.as_bytes());
+        }
+        if is_invite && (200..300).contains(&code) {
+            builder = builder.body("application/sdp", answer.as_bytes());
+        }
+        let bytes = builder.build();
+        let dest = if me.stream {
+            source
+        } else {
+            request.top_via().expect("Via").response_addr(source, 5060)
+        };
+        self.answered.insert(key, bytes.clone());
+        (bytes, dest)
+    }
+
+    /// What a transaction layer does with a message arriving from `source`.
+    pub fn arrive(&mut self, mut m: Message, source: SocketAddr, rules: ArrivalRules) -> Arrival {
+        let absorbed = |send| Arrival {
+            message: None,
+            send,
+        };
+        let key = tx_key(&m);
+        if m.is_request() {
+            if rules.absorb_retransmissions && self.sources.contains_key(&key) {
+                let dest = if rules.stream {
+                    Some(source)
+                } else {
+                    m.top_via().ok().map(|via| via.response_addr(source, 5060))
+                };
+                let last = self.answered.get(&key).cloned();
+                return absorbed(last.zip(dest));
+            }
+            m.stamp_received(source).expect("Via is stampable"); // §18.2.1
+            self.sources.insert(key, source);
+            return Arrival {
+                message: Some(m),
+                send: None,
+            };
+        }
+        let status = m.status().expect("a response");
+        if status < 200 {
+            return Arrival {
+                message: Some(m),
+                send: None,
+            };
+        }
+        let is_invite = key.1 == "INVITE";
+        let mut send = None;
+        if is_invite && status >= 300 && rules.auto_ack {
+            send = self.ack_non_2xx(&m);
+        }
+        let to_tag = m.to().ok().and_then(|to| to.tag()).unwrap_or(b"").to_vec();
+        let new = self
+            .finals_seen
+            .insert((key.0, key.1, status, to_tag.clone()));
+        if !new && is_invite && status < 300 {
+            let call_id = m.call_id().map(<[u8]>::to_vec);
+            let seq = m.cseq().map(|c| c.seq);
+            if let (Ok(call_id), Ok(seq)) = (call_id, seq) {
+                send = self.acks_sent.get(&(call_id, seq, to_tag)).cloned();
+            }
+        }
+        Arrival {
+            message: new.then_some(m),
+            send,
+        }
+    }
+}
+
+/// A request a test UA sends, before its text is written (§8.1.1).
+pub struct Draft {
+    method: String,
+    request_uri: String,
+    headers: Vec<(String, String)>,
+    body: Option<(String, String)>,
+    dialog: Option<Dialog>,
+    /// The request this one repeats (with credentials, or a REGISTER refresh).
+    retry: Option<Message>,
+    dest: Option<SocketAddr>,
+    max_forwards: u32,
+}
+
+impl Draft {
+    /// The request's text and where it goes: in a dialog, its From, To, Call-ID, CSeq, route
+    /// set and next hop (§12.2.1.1); else a new From tag and Call-ID numbered `n` and the next
+    /// `cseq`; a retry repeats its predecessor's with CSeq + 1.
+    pub fn write(&self, me: &Sender<'_>, cseq: &mut u32, n: u64) -> (String, SocketAddr) {
+        let method = &self.method;
+        let local = me.local;
+        let (from, to, call_id, seq, routes, hop) = match &self.dialog {
+            Some(d) => (
+                d.local.clone(),
+                d.remote.clone(),
+                d.call_id.clone(),
+                d.local_cseq,
+                d.route_set.clone(),
+                d.next_hop(),
+            ),
+            None => {
+                *cseq += 1;
+                let hop = me.outbound.unwrap_or_else(|| hop_addr(&self.request_uri));
+                let from_host = me
+                    .from_domain
+                    .map_or_else(|| local.to_string(), str::to_owned);
+                (
+                    format!("<sip:{}@{from_host}>;tag={}-{n}", me.name, me.name),
+                    format!("<{}>", self.request_uri),
+                    format!("{n}-{}-{}@{}", me.name, local.port(), local.ip()),
+                    *cseq,
+                    Vec::new(),
+                    hop,
+                )
+            }
+        };
+        let (from, to, call_id, seq) = match &self.retry {
+            Some(previous) => (
+                text(previous.header(HeaderName::From).expect("From")),
+                text(previous.header(HeaderName::To).expect("To")),
+                text(previous.call_id().expect("Call-ID")),
+                previous.cseq().expect("CSeq").seq + 1,
+            ),
+            None => (from, to, call_id, seq),
+        };
+        let mut request = format!(
+            "{method} {} SIP/2.0\r\nVia: {}\r\nMax-Forwards: {}\r\n",
+            self.request_uri, me.via, self.max_forwards
+        );
+        for route in &routes {
+            request += &format!("Route: {route}\r\n");
+        }
+        request += &format!(
+            "From: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {seq} {method}\r\n\
+             Contact: {}\r\n",
+            me.contact
+        );
+        for (name, value) in &self.headers {
+            request += &format!("{name}: {value}\r\n");
+        }
+        let body = match &self.body {
+            Some((content_type, body)) => {
+                request += &format!("Content-Type: {content_type}\r\n");
+                body.as_str()
+            }
+            None => "",
+        };
+        request += &format!("Content-Length: {}\r\n\r\n{body}", body.len());
+        (request, self.dest.unwrap_or(hop))
+    }
+}
+
+/// A request being put together by UA `U`; sending it returns it as sent (`.await` it for
+/// the socket UA).
+pub struct Outgoing<'u, U = TestUa> {
+    pub ua: &'u mut U,
+    pub draft: Draft,
+}
+
+impl<'u, U> Outgoing<'u, U> {
+    /// An out-of-dialog request.
+    pub fn new(ua: &'u mut U, method: &str, request_uri: &str) -> Self {
+        let draft = Draft {
+            method: method.to_string(),
+            request_uri: request_uri.to_string(),
+            headers: Vec::new(),
+            body: None,
+            dialog: None,
+            retry: None,
+            dest: None,
+            max_forwards: 70,
+        };
+        Outgoing { ua, draft }
+    }
+
+    /// A request inside `dialog` (CSeq + 1, Route set, remote target), sent to the first Route
+    /// hop. Takes the dialog by `&mut` to advance its CSeq.
+    pub fn in_dialog(ua: &'u mut U, method: &str, dialog: &mut Dialog) -> Self {
+        dialog.local_cseq += 1;
+        let mut out = Outgoing::new(ua, method, &dialog.remote_target);
+        out.draft.dialog = Some(dialog.clone());
+        out
+    }
+
+    /// Max-Forwards of the request (70 unless set).
+    pub fn max_forwards(mut self, value: u32) -> Self {
+        self.draft.max_forwards = value;
+        self
+    }
+
+    pub fn header(mut self, name: &str, value: &str) -> Self {
+        self.draft
+            .headers
+            .push((name.to_string(), value.to_string()));
+        self
+    }
+
+    pub fn body(mut self, content_type: &str, body: &str) -> Self {
+        self.draft.body = Some((content_type.to_string(), body.to_string()));
+        self
+    }
+
+    pub fn no_body(mut self) -> Self {
+        self.draft.body = None;
+        self
+    }
+
+    /// The request again after a 401/407 (RFC 3261 §8.1.3.5, §22.2), or a REGISTER refresh
+    /// (§10.2.4): the Call-ID, From (with its tag) and To of `previous`, its CSeq plus one,
+    /// a new branch.
+    pub fn retry_of(mut self, previous: &Message) -> Self {
+        self.draft.retry = Some(previous.clone());
+        self
+    }
+
+    /// Sends to `dest` instead of the outbound proxy / Route hop / Request-URI.
+    pub fn to(mut self, dest: SocketAddr) -> Self {
+        self.draft.dest = Some(dest);
+        self
+    }
+}
 
 /// The sending half of a stream connection (TCP, or TLS over TCP).
 type Writer = Box<dyn AsyncWrite + Unpin + Send>;
@@ -245,12 +634,6 @@ pub async fn next_close(closes: &mut mpsc::UnboundedReceiver<usize>, within: Dur
         .expect("still watching")
 }
 
-/// A request this UA sent, kept to build its ACK or CANCEL.
-struct Sent {
-    request: Message,
-    dest: SocketAddr,
-}
-
 pub struct TestUa {
     pub name: String,
     /// The address in our Via and Contact: the UDP socket, TCP listener or connection.
@@ -274,20 +657,8 @@ pub struct TestUa {
     inbound_tx: mpsc::UnboundedSender<Inbound>,
     inbound: mpsc::UnboundedReceiver<Inbound>,
     pending: VecDeque<Message>,
-    cseq: u32,
-    sent: HashMap<(Vec<u8>, String), Sent>,
-    /// Final responses seen, by transaction, status and To tag (two callees of a forked
-    /// INVITE each send a 2xx: they are two answers, not a retransmission).
-    finals_seen: HashSet<(Vec<u8>, String, u16, Vec<u8>)>,
-    /// ACKs of 2xx responses, by (Call-ID, CSeq number, To tag), to repeat on a retransmitted
-    /// 2xx.
-    acks_sent: HashMap<AckKey, (Bytes, SocketAddr)>,
-    /// Where each received request came from (connection or datagram source).
-    sources: HashMap<(Vec<u8>, String), SocketAddr>,
-    /// The last response to each received request, to repeat on a retransmission.
-    answered: HashMap<(Vec<u8>, String), Bytes>,
-    /// Our To tag per (Call-ID, From tag): stable for every response in a dialog.
-    to_tags: HashMap<(Vec<u8>, Vec<u8>), String>,
+    /// Its transactions and dialogs, shared with the harness's simulated UA.
+    book: UaBook,
 }
 
 impl TestUa {
@@ -468,13 +839,7 @@ impl TestUa {
             inbound_tx,
             inbound,
             pending: VecDeque::new(),
-            cseq: 0,
-            sent: HashMap::new(),
-            finals_seen: HashSet::new(),
-            acks_sent: HashMap::new(),
-            sources: HashMap::new(),
-            answered: HashMap::new(),
-            to_tags: HashMap::new(),
+            book: UaBook::default(),
         }
     }
 
@@ -560,17 +925,7 @@ impl TestUa {
 
     /// An out-of-dialog request; add headers or a body, then `.await` it (or `.send().await`).
     pub fn request(&mut self, method: &str, request_uri: &str) -> Outgoing<'_> {
-        Outgoing {
-            ua: self,
-            method: method.to_string(),
-            request_uri: request_uri.to_string(),
-            headers: Vec::new(),
-            body: None,
-            dialog: None,
-            retry: None,
-            dest: None,
-            max_forwards: 70,
-        }
+        Outgoing::new(self, method, request_uri)
     }
 
     /// An INVITE with an SDP offer.
@@ -587,11 +942,7 @@ impl TestUa {
     /// A request inside `dialog` (CSeq + 1, Route set, remote target), sent to the first Route
     /// hop. Takes the dialog by `&mut` to advance its CSeq.
     pub fn in_dialog<'a>(&'a mut self, method: &str, dialog: &'a mut Dialog) -> Outgoing<'a> {
-        dialog.local_cseq += 1;
-        let uri = dialog.remote_target.clone();
-        let mut out = self.request(method, &uri);
-        out.dialog = Some(dialog.clone());
-        out
+        Outgoing::in_dialog(self, method, dialog)
     }
 
     /// BYE inside `dialog`.
@@ -602,71 +953,22 @@ impl TestUa {
     /// The ACK for a 2xx to our INVITE (§13.2.2.4): a transaction of its own with the INVITE's
     /// CSeq number, sent along the route set learnt from the response. Returns the dialog.
     pub async fn ack_2xx(&mut self, response: &Message) -> Dialog {
-        let status = response.status().expect("a response");
-        assert!(
-            (200..300).contains(&status),
-            "ack_2xx wants a 2xx, got {status}"
-        );
-        let invite = &self
-            .sent
-            .get(&tx_key(response))
-            .expect("a response to our INVITE")
-            .request;
-        let dialog = Dialog::from_uac(invite, response);
-        let mut for_ack = dialog.clone();
-        for_ack.local_cseq -= 1; // the ACK repeats the INVITE's number
+        let (dialog, mut for_ack) = self.book.dialog_of_2xx(response);
         let ack = self.in_dialog("ACK", &mut for_ack).send().await;
-        let key = (
-            ack.call_id().unwrap().to_vec(),
-            dialog.local_cseq,
-            dialog.remote_tag.clone().into_bytes(),
-        );
-        self.acks_sent
-            .insert(key, (ack.source_bytes().clone(), dialog.next_hop()));
+        self.book.record_ack(&ack, &dialog);
         dialog
     }
 
     /// CANCEL of a pending request we sent (§9.1): same Request-URI, Call-ID, From, To, CSeq
     /// number, top Via and Route, sent where the request went.
     pub async fn cancel(&mut self, request: &Message) -> Message {
-        let Sent {
-            request: original,
-            dest,
-        } = self
-            .sent
-            .get(&tx_key(request))
-            .expect("cancel a request this UA sent");
-        let dest = *dest;
-        let cancel = derived_request(original, "CANCEL", original.header(HeaderName::To));
+        let (cancel, dest) = self.book.cancel_of(request);
         self.send_request(cancel, dest).await
-    }
-
-    /// The ACK of a non-2xx final response to INVITE (§17.1.1.3): same branch, Request-URI,
-    /// Route; To from the response.
-    async fn ack_non_2xx(&mut self, response: &Message) {
-        let Some(Sent {
-            request: invite,
-            dest,
-        }) = self.sent.get(&tx_key(response))
-        else {
-            return; // not ours (a test sending raw INVITEs): nothing to ACK with
-        };
-        let ack = derived_request(invite, "ACK", response.header(HeaderName::To));
-        let dest = *dest;
-        self.send_raw(ack.as_bytes(), dest).await;
     }
 
     async fn send_request(&mut self, request: String, dest: SocketAddr) -> Message {
         self.send_raw(request.as_bytes(), dest).await;
-        let msg = Message::parse(Bytes::from(request)).expect("the UA's own request parses");
-        self.sent.insert(
-            tx_key(&msg),
-            Sent {
-                request: msg.clone(),
-                dest,
-            },
-        );
-        msg
+        self.book.record_sent(request, dest)
     }
 
     /// The next response (a request arriving meanwhile is kept for `recv_request`). Final
@@ -735,51 +1037,16 @@ impl TestUa {
         reason: &str,
         extra: &[(&str, &str)],
     ) -> Message {
-        let key = tx_key(request);
-        let source = *self
-            .sources
-            .get(&key)
-            .expect("respond to a request this UA received");
-        let is_invite = request.method() == Some(&Method::Invite);
-        let dialog_key = (
-            request.call_id().expect("Call-ID").to_vec(),
-            request
-                .from()
-                .ok()
-                .and_then(|f| f.tag())
-                .unwrap_or(b"")
-                .to_vec(),
-        );
-        let tag = self
-            .to_tags
-            .entry(dialog_key)
-            .or_insert_with(|| format!("{}-{}", self.name, unique()))
-            .clone();
-        let contact = self.contact();
-        let answer = sdp(&self.name);
-        let record_routes: Vec<&[u8]> = request.headers_named("Record-Route").collect();
-        let mut builder = ResponseBuilder::new(request, code, reason).to_tag(tag.as_bytes());
-        if is_invite && (101..300).contains(&code) {
-            for rr in &record_routes {
-                builder = builder.header("Record-Route", rr);
-            }
-        }
-        if (is_invite && (101..300).contains(&code)) || (200..300).contains(&code) {
-            builder = builder.header("Contact", contact.as_bytes());
-        }
-        for (name, value) in extra {
-            builder = builder.header(name, value.as_bytes());
-        }
-        if is_invite && (200..300).contains(&code) {
-            builder = builder.body("application/sdp", answer.as_bytes());
-        }
-        let bytes = builder.build();
-        let dest = match self.net {
-            Net::Udp(_) => request.top_via().expect("Via").response_addr(source, 5060),
-            Net::Tcp(_) => source,
+        let stream = matches!(self.net, Net::Tcp(_));
+        let me = Responder {
+            name: &self.name,
+            contact: &self.contact(),
+            stream,
         };
+        let (bytes, dest) = self
+            .book
+            .response(&me, request, code, reason, extra, unique);
         self.send_raw(&bytes, dest).await;
-        self.answered.insert(key, bytes.clone());
         Message::parse(bytes).expect("the UA's own response parses")
     }
 
@@ -813,42 +1080,17 @@ impl TestUa {
     }
 
     /// What a transaction layer does with an arriving message; `None` when it is absorbed.
-    async fn transaction_layer(&mut self, mut m: Message, source: SocketAddr) -> Option<Message> {
-        let key = tx_key(&m);
-        if m.is_request() {
-            if self.absorb_retransmissions && self.sources.contains_key(&key) {
-                if let Some(last) = self.answered.get(&key).cloned() {
-                    let dest = match self.net {
-                        Net::Udp(_) => m.top_via().ok()?.response_addr(source, 5060),
-                        Net::Tcp(_) => source,
-                    };
-                    self.send_raw(&last, dest).await;
-                }
-                return None;
-            }
-            m.stamp_received(source).expect("Via is stampable"); // §18.2.1
-            self.sources.insert(key, source);
-            return Some(m);
+    async fn transaction_layer(&mut self, m: Message, source: SocketAddr) -> Option<Message> {
+        let rules = ArrivalRules {
+            stream: matches!(self.net, Net::Tcp(_)),
+            absorb_retransmissions: self.absorb_retransmissions,
+            auto_ack: self.auto_ack,
+        };
+        let arrival = self.book.arrive(m, source, rules);
+        if let Some((data, dest)) = arrival.send {
+            self.send_raw(&data, dest).await;
         }
-        let status = m.status().unwrap();
-        if status < 200 {
-            return Some(m);
-        }
-        let is_invite = key.1 == "INVITE";
-        if is_invite && status >= 300 && self.auto_ack {
-            self.ack_non_2xx(&m).await;
-        }
-        let to_tag = m.to().ok().and_then(|to| to.tag()).unwrap_or(b"").to_vec();
-        let new = self
-            .finals_seen
-            .insert((key.0, key.1, status, to_tag.clone()));
-        if !new && is_invite && status < 300 {
-            let ack_key = (m.call_id().ok()?.to_vec(), m.cseq().ok()?.seq, to_tag);
-            if let Some((ack, dest)) = self.acks_sent.get(&ack_key).cloned() {
-                self.send_raw(&ack, dest).await;
-            }
-        }
-        new.then_some(m)
+        arrival.message
     }
 }
 
@@ -874,122 +1116,25 @@ pub fn derived_request(original: &Message, method: &str, to: Option<&[u8]>) -> S
     out
 }
 
-/// A request being put together; `.await` sends it and returns it as sent.
-pub struct Outgoing<'u> {
-    ua: &'u mut TestUa,
-    method: String,
-    request_uri: String,
-    headers: Vec<(String, String)>,
-    body: Option<(String, String)>,
-    dialog: Option<Dialog>,
-    /// The request this one repeats (with credentials, or a REGISTER refresh).
-    retry: Option<Message>,
-    dest: Option<SocketAddr>,
-    max_forwards: u32,
-}
-
-impl Outgoing<'_> {
-    /// Max-Forwards of the request (70 unless set).
-    pub fn max_forwards(mut self, value: u32) -> Self {
-        self.max_forwards = value;
-        self
-    }
-
-    pub fn header(mut self, name: &str, value: &str) -> Self {
-        self.headers.push((name.to_string(), value.to_string()));
-        self
-    }
-
-    pub fn body(mut self, content_type: &str, body: &str) -> Self {
-        self.body = Some((content_type.to_string(), body.to_string()));
-        self
-    }
-
-    pub fn no_body(mut self) -> Self {
-        self.body = None;
-        self
-    }
-
-    /// The request again after a 401/407 (RFC 3261 §8.1.3.5, §22.2), or a REGISTER refresh
-    /// (§10.2.4): the Call-ID, From (with its tag) and To of `previous`, its CSeq plus one,
-    /// a new branch.
-    pub fn retry_of(mut self, previous: &Message) -> Self {
-        self.retry = Some(previous.clone());
-        self
-    }
-
-    /// Sends to `dest` instead of the outbound proxy / Route hop / Request-URI.
-    pub fn to(mut self, dest: SocketAddr) -> Self {
-        self.dest = Some(dest);
-        self
-    }
-
+impl Outgoing<'_, TestUa> {
     pub async fn send(self) -> Message {
-        let ua = self.ua;
-        let method = &self.method;
-        let local = ua.local;
-        let (from, to, call_id, cseq, routes, hop) = match &self.dialog {
-            Some(d) => (
-                d.local.clone(),
-                d.remote.clone(),
-                d.call_id.clone(),
-                d.local_cseq,
-                d.route_set.clone(),
-                d.next_hop(),
-            ),
-            None => {
-                ua.cseq += 1;
-                let n = unique();
-                let hop = ua.outbound.unwrap_or_else(|| hop_addr(&self.request_uri));
-                let from_host = ua.from_domain.clone().unwrap_or_else(|| local.to_string());
-                (
-                    format!("<sip:{}@{from_host}>;tag={}-{n}", ua.name, ua.name),
-                    format!("<{}>", self.request_uri),
-                    format!("{n}-{}-{}@{}", ua.name, local.port(), local.ip()),
-                    ua.cseq,
-                    Vec::new(),
-                    hop,
-                )
-            }
-        };
-        let (from, to, call_id, cseq) = match &self.retry {
-            Some(previous) => (
-                text(previous.header(HeaderName::From).expect("From")),
-                text(previous.header(HeaderName::To).expect("To")),
-                text(previous.call_id().expect("Call-ID")),
-                previous.cseq().expect("CSeq").seq + 1,
-            ),
-            None => (from, to, call_id, cseq),
-        };
-        let mut request = format!(
-            "{method} {} SIP/2.0\r\nVia: SIP/2.0/{} {};branch={};rport\r\n\
-             Max-Forwards: {}\r\n",
-            self.request_uri,
+        let Outgoing { ua, draft } = self;
+        let via = format!(
+            "SIP/2.0/{} {};branch={};rport",
             ua.transport(),
             ua.sent_by(),
-            ua.new_branch(),
-            self.max_forwards
+            ua.new_branch()
         );
-        for route in &routes {
-            request += &format!("Route: {route}\r\n");
-        }
-        request += &format!(
-            "From: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n\
-             Contact: {}\r\n",
-            ua.contact()
-        );
-        for (name, value) in &self.headers {
-            request += &format!("{name}: {value}\r\n");
-        }
-        let body = match &self.body {
-            Some((content_type, body)) => {
-                request += &format!("Content-Type: {content_type}\r\n");
-                body.as_str()
-            }
-            None => "",
+        let me = Sender {
+            name: &ua.name,
+            from_domain: ua.from_domain.as_deref(),
+            local: ua.local,
+            outbound: ua.outbound,
+            via,
+            contact: ua.contact(),
         };
-        request += &format!("Content-Length: {}\r\n\r\n{body}", body.len());
-        ua.send_request(request, self.dest.unwrap_or(hop)).await
+        let (request, dest) = draft.write(&me, &mut ua.book.cseq, unique());
+        ua.send_request(request, dest).await
     }
 }
 

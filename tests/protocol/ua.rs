@@ -14,35 +14,15 @@
 //!
 //! Hops must be IP literals; every Route is treated as loose (`;lr`).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 
 use bytes::Bytes;
 
-use moonroute::sip::{HeaderName, Message, Method, ResponseBuilder};
+use moonroute::sip::Message;
 
-pub use super::common_ua::{derived_request, hop_addr, sdp, Dialog};
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-/// Record-Route values, one per entry, in message order.
-pub fn record_routes(m: &Message) -> Vec<String> {
-    m.values(HeaderName::RecordRoute)
-        .map(|v| text(v.expect("Record-Route parses")))
-        .collect()
-}
-
-/// The top Via branch and CSeq method: what identifies a transaction (§17.1.3, §17.2.3).
-fn tx_key(m: &Message) -> (Vec<u8>, String) {
-    let branch = m.top_via().ok().and_then(|v| v.branch()).unwrap_or(b"");
-    let method = m.cseq().map(|c| c.method.as_str().to_string());
-    (branch.to_vec(), method.unwrap_or_default())
-}
-
-/// Which 2xx an ACK answers: Call-ID, CSeq number, To tag.
-type AckKey = (Vec<u8>, u32, Vec<u8>);
+pub use super::common_ua::{record_routes, sdp, Dialog};
+use super::common_ua::{ArrivalRules, Outgoing, Responder, Sender, UaBook};
 
 pub struct Ua {
     pub name: String,
@@ -57,22 +37,10 @@ pub struct Ua {
     pub from_domain: Option<String>,
     /// Counter for branches, tags and Call-IDs.
     next: u64,
-    cseq: u32,
     outbox: Vec<(SocketAddr, Bytes)>,
     inbox: VecDeque<Message>,
-    /// Requests we sent, by transaction, with where they went.
-    sent: HashMap<(Vec<u8>, String), (Message, SocketAddr)>,
-    /// Final responses seen, by transaction, status and To tag (two callees of a forked
-    /// INVITE each send a 2xx: they are two answers, not a retransmission).
-    finals_seen: HashSet<(Vec<u8>, String, u16, Vec<u8>)>,
-    /// ACKs of 2xx responses, to repeat on a retransmitted 2xx.
-    acks_sent: HashMap<AckKey, (Bytes, SocketAddr)>,
-    /// Where each received request came from.
-    sources: HashMap<(Vec<u8>, String), SocketAddr>,
-    /// The last response to each received request, to repeat on a retransmission.
-    answered: HashMap<(Vec<u8>, String), Bytes>,
-    /// Our To tag per (Call-ID, From tag): stable for every response in a dialog.
-    to_tags: HashMap<(Vec<u8>, Vec<u8>), String>,
+    /// Its transactions and dialogs (the socket UA's bookkeeping).
+    book: UaBook,
 }
 
 impl Ua {
@@ -84,15 +52,9 @@ impl Ua {
             absorb_retransmissions: true,
             from_domain: None,
             next: 0,
-            cseq: 0,
             outbox: Vec::new(),
             inbox: VecDeque::new(),
-            sent: HashMap::new(),
-            finals_seen: HashSet::new(),
-            acks_sent: HashMap::new(),
-            sources: HashMap::new(),
-            answered: HashMap::new(),
-            to_tags: HashMap::new(),
+            book: UaBook::default(),
         }
     }
 
@@ -118,17 +80,8 @@ impl Ua {
     // ----- UAC ------------------------------------------------------------------------------
 
     /// An out-of-dialog request; add headers or a body, then `.send()` it.
-    pub fn request(&mut self, method: &str, request_uri: &str) -> Outgoing<'_> {
-        Outgoing {
-            ua: self,
-            method: method.to_string(),
-            request_uri: request_uri.to_string(),
-            headers: Vec::new(),
-            body: None,
-            dialog: None,
-            dest: None,
-            max_forwards: 70,
-        }
+    pub fn request(&mut self, method: &str, request_uri: &str) -> Outgoing<'_, Ua> {
+        Outgoing::new(self, method, request_uri)
     }
 
     /// An INVITE with an SDP offer, sent.
@@ -137,7 +90,7 @@ impl Ua {
     }
 
     /// An INVITE with an SDP offer, to finish and send.
-    pub fn invite_to(&mut self, request_uri: &str) -> Outgoing<'_> {
+    pub fn invite_to(&mut self, request_uri: &str) -> Outgoing<'_, Ua> {
         let offer = sdp(&self.name);
         self.request("INVITE", request_uri)
             .body("application/sdp", &offer)
@@ -145,12 +98,8 @@ impl Ua {
 
     /// A request inside `dialog` (CSeq + 1, Route set, remote target), sent to the first Route
     /// hop.
-    pub fn in_dialog<'a>(&'a mut self, method: &str, dialog: &'a mut Dialog) -> Outgoing<'a> {
-        dialog.local_cseq += 1;
-        let uri = dialog.remote_target.clone();
-        let mut out = self.request(method, &uri);
-        out.dialog = Some(dialog.clone());
-        out
+    pub fn in_dialog<'a>(&'a mut self, method: &str, dialog: &'a mut Dialog) -> Outgoing<'a, Ua> {
+        Outgoing::in_dialog(self, method, dialog)
     }
 
     /// BYE inside `dialog`.
@@ -161,57 +110,22 @@ impl Ua {
     /// The ACK for a 2xx to our INVITE (§13.2.2.4): a transaction of its own with the INVITE's
     /// CSeq number, sent along the route set learnt from the response. Returns the dialog.
     pub fn ack_2xx(&mut self, response: &Message) -> Dialog {
-        let status = response.status().expect("a response");
-        assert!(
-            (200..300).contains(&status),
-            "ack_2xx wants a 2xx, got {status}"
-        );
-        let (invite, _) = self
-            .sent
-            .get(&tx_key(response))
-            .expect("a response to our INVITE");
-        let dialog = Dialog::from_uac(invite, response);
-        let mut for_ack = dialog.clone();
-        for_ack.local_cseq -= 1; // the ACK repeats the INVITE's number
+        let (dialog, mut for_ack) = self.book.dialog_of_2xx(response);
         let ack = self.in_dialog("ACK", &mut for_ack).send();
-        let key = (
-            ack.call_id().unwrap().to_vec(),
-            dialog.local_cseq,
-            dialog.remote_tag.clone().into_bytes(),
-        );
-        self.acks_sent
-            .insert(key, (ack.source_bytes().clone(), dialog.next_hop()));
+        self.book.record_ack(&ack, &dialog);
         dialog
     }
 
     /// CANCEL of a pending request we sent (§9.1): same Request-URI, Call-ID, From, To, CSeq
     /// number, top Via and Route, sent where the request went.
     pub fn cancel(&mut self, request: &Message) -> Message {
-        let (original, dest) = self
-            .sent
-            .get(&tx_key(request))
-            .expect("cancel a request this UA sent");
-        let dest = *dest;
-        let cancel = derived_request(original, "CANCEL", original.header(HeaderName::To));
+        let (cancel, dest) = self.book.cancel_of(request);
         self.send_request(cancel, dest)
-    }
-
-    /// The ACK of a non-2xx final response to INVITE (§17.1.1.3): same branch, Request-URI,
-    /// Route; To from the response.
-    fn ack_non_2xx(&mut self, response: &Message) {
-        let Some((invite, dest)) = self.sent.get(&tx_key(response)) else {
-            return; // not ours (a raw INVITE): nothing to ACK with
-        };
-        let ack = derived_request(invite, "ACK", response.header(HeaderName::To));
-        let dest = *dest;
-        self.send_raw(ack.as_bytes(), dest);
     }
 
     fn send_request(&mut self, request: String, dest: SocketAddr) -> Message {
         self.send_raw(request.as_bytes(), dest);
-        let msg = Message::parse(Bytes::from(request)).expect("the UA's own request parses");
-        self.sent.insert(tx_key(&msg), (msg.clone(), dest));
-        msg
+        self.book.record_sent(request, dest)
     }
 
     // ----- UAS ------------------------------------------------------------------------------
@@ -231,46 +145,15 @@ impl Ua {
         reason: &str,
         extra: &[(&str, &str)],
     ) -> Message {
-        let key = tx_key(request);
-        let source = *self
-            .sources
-            .get(&key)
-            .expect("respond to a request this UA received");
-        let is_invite = request.method() == Some(&Method::Invite);
-        let dialog_key = (
-            request.call_id().expect("Call-ID").to_vec(),
-            request
-                .from()
-                .ok()
-                .and_then(|f| f.tag())
-                .unwrap_or(b"")
-                .to_vec(),
-        );
         let n = self.unique();
-        let fresh = format!("{}-{n}", self.name);
-        let tag = self.to_tags.entry(dialog_key).or_insert(fresh).clone();
         let contact = format!("<{}>", self.uri());
-        let answer = sdp(&self.name);
-        let record_routes: Vec<&[u8]> = request.headers_named("Record-Route").collect();
-        let mut builder = ResponseBuilder::new(request, code, reason).to_tag(tag.as_bytes());
-        if is_invite && (101..300).contains(&code) {
-            for rr in &record_routes {
-                builder = builder.header("Record-Route", rr);
-            }
-        }
-        if (is_invite && (101..300).contains(&code)) || (200..300).contains(&code) {
-            builder = builder.header("Contact", contact.as_bytes());
-        }
-        for (name, value) in extra {
-            builder = builder.header(name, value.as_bytes());
-        }
-        if is_invite && (200..300).contains(&code) {
-            builder = builder.body("application/sdp", answer.as_bytes());
-        }
-        let bytes = builder.build();
-        let dest = request.top_via().expect("Via").response_addr(source, 5060);
+        let me = Responder {
+            name: &self.name,
+            contact: &contact,
+            stream: false,
+        };
+        let (bytes, dest) = self.book.response(&me, request, code, reason, extra, || n);
         self.send_raw(&bytes, dest);
-        self.answered.insert(key, bytes.clone());
         Message::parse(bytes).expect("the UA's own response parses")
     }
 
@@ -282,7 +165,16 @@ impl Ua {
         let Ok(message) = Message::parse(data) else {
             return;
         };
-        if let Some(message) = self.transaction_layer(message, source) {
+        let rules = ArrivalRules {
+            stream: false,
+            absorb_retransmissions: self.absorb_retransmissions,
+            auto_ack: true,
+        };
+        let arrival = self.book.arrive(message, source, rules);
+        if let Some((data, dest)) = arrival.send {
+            self.send_raw(&data, dest);
+        }
+        if let Some(message) = arrival.message {
             self.inbox.push_back(message);
         }
     }
@@ -308,134 +200,28 @@ impl Ua {
     pub(super) fn take_any(&mut self) -> Option<Message> {
         self.inbox.pop_front()
     }
-
-    /// What a transaction layer does with an arriving message; `None` when it is absorbed.
-    fn transaction_layer(&mut self, mut m: Message, source: SocketAddr) -> Option<Message> {
-        let key = tx_key(&m);
-        if m.is_request() {
-            if self.absorb_retransmissions && self.sources.contains_key(&key) {
-                if let Some(last) = self.answered.get(&key).cloned() {
-                    let dest = m.top_via().ok()?.response_addr(source, 5060);
-                    self.send_raw(&last, dest);
-                }
-                return None;
-            }
-            m.stamp_received(source).expect("Via is stampable"); // §18.2.1
-            self.sources.insert(key, source);
-            return Some(m);
-        }
-        let status = m.status()?;
-        if status < 200 {
-            return Some(m);
-        }
-        let is_invite = key.1 == "INVITE";
-        if is_invite && status >= 300 {
-            self.ack_non_2xx(&m);
-        }
-        let to_tag = m.to().ok().and_then(|to| to.tag()).unwrap_or(b"").to_vec();
-        let new = self
-            .finals_seen
-            .insert((key.0, key.1, status, to_tag.clone()));
-        if !new && is_invite && status < 300 {
-            let ack_key = (m.call_id().ok()?.to_vec(), m.cseq().ok()?.seq, to_tag);
-            if let Some((ack, dest)) = self.acks_sent.get(&ack_key).cloned() {
-                self.send_raw(&ack, dest);
-            }
-        }
-        new.then_some(m)
-    }
 }
 
-/// A request being put together; `.send()` sends it and returns it as sent.
-pub struct Outgoing<'u> {
-    ua: &'u mut Ua,
-    method: String,
-    request_uri: String,
-    headers: Vec<(String, String)>,
-    body: Option<(String, String)>,
-    dialog: Option<Dialog>,
-    dest: Option<SocketAddr>,
-    max_forwards: u32,
-}
-
-impl Outgoing<'_> {
-    /// Max-Forwards of the request (70 unless set).
-    pub fn max_forwards(mut self, value: u32) -> Self {
-        self.max_forwards = value;
-        self
-    }
-
-    pub fn header(mut self, name: &str, value: &str) -> Self {
-        self.headers.push((name.to_string(), value.to_string()));
-        self
-    }
-
-    pub fn body(mut self, content_type: &str, body: &str) -> Self {
-        self.body = Some((content_type.to_string(), body.to_string()));
-        self
-    }
-
-    /// Sends to `dest` instead of the outbound proxy / Route hop / Request-URI.
-    pub fn to(mut self, dest: SocketAddr) -> Self {
-        self.dest = Some(dest);
-        self
-    }
-
+impl Outgoing<'_, Ua> {
     pub fn send(self) -> Message {
-        let ua = self.ua;
-        let method = &self.method;
-        let local = ua.local;
+        let Outgoing { ua, draft } = self;
         let n = ua.unique();
-        let (from, to, call_id, cseq, routes, hop) = match &self.dialog {
-            Some(d) => (
-                d.local.clone(),
-                d.remote.clone(),
-                d.call_id.clone(),
-                d.local_cseq,
-                d.route_set.clone(),
-                d.next_hop(),
+        let local = ua.local;
+        let me = Sender {
+            name: &ua.name,
+            from_domain: ua.from_domain.as_deref(),
+            local,
+            outbound: ua.outbound,
+            via: format!(
+                "SIP/2.0/UDP {local};branch=z9hG4bK-{}-{}-{n};rport",
+                ua.name,
+                local.port()
             ),
-            None => {
-                ua.cseq += 1;
-                let hop = ua.outbound.unwrap_or_else(|| hop_addr(&self.request_uri));
-                let from_host = ua.from_domain.clone().unwrap_or_else(|| local.to_string());
-                (
-                    format!("<sip:{}@{from_host}>;tag={}-{n}", ua.name, ua.name),
-                    format!("<{}>", self.request_uri),
-                    format!("{n}-{}-{}@{}", ua.name, local.port(), local.ip()),
-                    ua.cseq,
-                    Vec::new(),
-                    hop,
-                )
-            }
+            contact: format!("<{}>", ua.uri()),
         };
-        let mut request = format!(
-            "{method} {} SIP/2.0\r\nVia: SIP/2.0/UDP {local};branch=z9hG4bK-{}-{}-{n};rport\r\n\
-             Max-Forwards: {}\r\n",
-            self.request_uri,
-            ua.name,
-            local.port(),
-            self.max_forwards
-        );
-        for route in &routes {
-            request += &format!("Route: {route}\r\n");
-        }
-        request += &format!(
-            "From: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n\
-             Contact: <{}>\r\n",
-            ua.uri()
-        );
-        for (name, value) in &self.headers {
-            request += &format!("{name}: {value}\r\n");
-        }
-        let body = match &self.body {
-            Some((content_type, body)) => {
-                request += &format!("Content-Type: {content_type}\r\n");
-                body.as_str()
-            }
-            None => "",
-        };
-        request += &format!("Content-Length: {}\r\n\r\n{body}", body.len());
-        ua.send_request(request, self.dest.unwrap_or(hop))
+        let mut cseq = ua.book.cseq;
+        let (request, dest) = draft.write(&me, &mut cseq, n);
+        ua.book.cseq = cseq;
+        ua.send_request(request, dest)
     }
 }
