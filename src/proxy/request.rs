@@ -18,7 +18,7 @@ use crate::sip::header::HeaderName;
 use crate::sip::scan;
 use crate::sip::uri::Uri;
 use crate::sip::via::MAGIC_COOKIE;
-use crate::sip::{Host, Message, NameAddr, ParseError, Via};
+use crate::sip::{extensions, Host, Message, NameAddr, ParseError, Via};
 use crate::transport::TransportKind;
 
 /// Max-Forwards a proxy adds when the request has none (§16.6 step 3).
@@ -164,7 +164,7 @@ impl Rejection {
 ///   as the final recipient (§11); this still returns 483 so a caller that does not special-case
 ///   OPTIONS never forwards it, and the caller may check the method and answer 200 instead.
 /// - item 5: every Proxy-Require option tag must be in `supported`, else 420 listing the
-///   unsupported tags (compared ignoring case; duplicates listed once).
+///   unsupported tags ([`extensions::unsupported`]).
 pub fn check_request(req: &Message, supported: &[&str]) -> Result<(), Rejection> {
     let uri = req
         .request_uri()
@@ -178,29 +178,15 @@ pub fn check_request(req: &Message, supported: &[&str]) -> Result<(), Rejection>
             return Err(Rejection::new(483, "Too Many Hops"));
         }
     }
-    let mut unsupported: Vec<&[u8]> = Vec::new();
-    for tag in req.option_tags(HeaderName::ProxyRequire) {
-        let tag = tag.map_err(|_| Rejection::new(400, "Bad Proxy-Require"))?;
-        let known = supported
-            .iter()
-            .any(|s| s.as_bytes().eq_ignore_ascii_case(tag));
-        if !known && !unsupported.iter().any(|u| u.eq_ignore_ascii_case(tag)) {
-            unsupported.push(tag);
-        }
-    }
-    if !unsupported.is_empty() {
-        // Option tags are tokens (checked by option_tags), hence ASCII.
-        let list: Vec<String> = unsupported
-            .iter()
-            .map(|t| String::from_utf8_lossy(t).into_owned())
-            .collect();
-        return Err(Rejection {
+    match extensions::unsupported(req, &[HeaderName::ProxyRequire], supported) {
+        Ok(None) => Ok(()),
+        Ok(Some(tags)) => Err(Rejection {
             code: 420,
             reason: "Bad Extension",
-            unsupported: Some(list.join(", ")),
-        });
+            unsupported: Some(tags),
+        }),
+        Err(_) => Err(Rejection::new(400, "Bad Proxy-Require")),
     }
-    Ok(())
 }
 
 /// All Route values, each as written (trimmed), in order.

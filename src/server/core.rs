@@ -34,6 +34,7 @@ use crate::proxy::router::{BuiltinRouter, Router};
 use crate::proxy::{ProxyIdentity, RouteSigner};
 use crate::server::affinity::Affinity;
 use crate::server::overload::Overload;
+use crate::sip::extensions::SUPPORTED;
 use crate::sip::{prescan, Message, Method};
 use crate::transaction::layer::{LayerConfig, LayerOutput, TransactionLayer, TxId, Upcall};
 use crate::transport::{
@@ -41,11 +42,10 @@ use crate::transport::{
     WorkerFactory,
 };
 
-/// Methods this build answers itself; grows as the engine issues land.
-pub const ALLOW: &str = "OPTIONS";
-/// Option tags of extensions this build supports (none yet: Require/Proxy-Require with any tag
-/// gets 420, §8.2.2.3).
-pub const SUPPORTED: &[&str] = &[];
+/// The Allow header (§20.5) of this server's OPTIONS answers and of every 501: the methods it
+/// answers whatever the script decides, which is OPTIONS (§11). What else it serves (REGISTER,
+/// relayed INVITEs...) is the script's choice, so it is not promised here.
+const ALLOW_ALWAYS: &str = "OPTIONS";
 pub const SERVER: &str = concat!("moonroute ", env!("CARGO_PKG_VERSION"));
 
 pub use super::identity::LocalIdentity;
@@ -681,7 +681,7 @@ impl Core {
             .collect();
         match &unsupported {
             Some(tags) => extra.push(("Unsupported", tags.as_str())),
-            None if code == 501 => extra.push(("Allow", ALLOW)),
+            None if code == 501 => extra.push(("Allow", ALLOW_ALWAYS)),
             None => {}
         }
         let response = self.build_response(request, code, &reason, &extra);

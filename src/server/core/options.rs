@@ -4,8 +4,9 @@
 use bytes::Bytes;
 use tracing::{debug, info};
 
-use super::{Core, ALLOW, SERVER, SUPPORTED};
+use super::{Core, ALLOW_ALWAYS, SERVER};
 use crate::logging::{Lossy, REFUSED};
+use crate::sip::extensions::{self, SUPPORTED};
 use crate::sip::{HeaderName, Message, Method};
 use crate::transport::Meta;
 
@@ -26,22 +27,22 @@ impl Core {
         max_forwards_zero || (for_me && !in_dialog)
     }
 
-    /// The answer to a request delivered by the transaction layer: its status and bytes.
+    /// The answer to an OPTIONS for this server ([`Core::is_for_me_options`]): its status and
+    /// bytes.
     pub(super) fn answer(&self, req: &Message, meta: &Meta) -> (u16, Bytes) {
         // Log fields are formatted only when their level is enabled: nothing is built for them
         // on the per-request path.
         let call_id = Lossy(req.call_id().unwrap_or(b""));
-        let method = req.method().cloned().unwrap_or(Method::Options);
-        if let Some(refusal) = self.check_request(req, &method) {
+        if let Some(refusal) = refusal(req) {
             let Refusal {
                 code,
                 reason,
                 unsupported,
             } = refusal;
+            let method = req.method().cloned().unwrap_or(Method::Options);
             info!(target: REFUSED, %call_id, %method, source = %meta.source, transport = %meta.kind, code, reason, "request refused");
             let extra: &[(&str, &str)] = match &unsupported {
                 Some(tags) => &[("Unsupported", tags.as_str())],
-                None if code == 501 => &[("Allow", ALLOW)],
                 None => &[],
             };
             return (code, self.build_response(req, code, reason, extra));
@@ -56,7 +57,7 @@ impl Core {
     /// §11.2: what an OPTIONS answer tells about this server.
     fn options_headers(&self) -> [(&'static str, &str); 6] {
         [
-            ("Allow", ALLOW),
+            ("Allow", ALLOW_ALWAYS),
             ("Accept", "*/*"),
             ("Accept-Encoding", "identity"),
             ("Accept-Language", "en"),
@@ -64,66 +65,34 @@ impl Core {
             ("Server", SERVER),
         ]
     }
-
-    /// The checks of §8.2.2 and §16.3 that apply to a server that does not route yet; returns
-    /// the refusal, or `None` for an OPTIONS addressed to this server.
-    fn check_request(&self, req: &Message, method: &Method) -> Option<Refusal> {
-        let refuse = |code, reason| {
-            Some(Refusal {
-                code,
-                reason,
-                unsupported: None,
-            })
-        };
-        let uri = req.request_uri().ok()?;
-        if !uri.is_routable_scheme() {
-            return refuse(416, "Unsupported URI Scheme");
-        }
-        if let Some(tags) = unsupported_option_tags(req) {
-            return Some(Refusal {
-                code: 420,
-                reason: "Bad Extension",
-                unsupported: Some(tags),
-            });
-        }
-        let for_me = self.identity.is_myself(&uri);
-        let max_forwards_zero = matches!(req.max_forwards(), Some(Ok(0)));
-        match method {
-            // §16.3 step 3: an OPTIONS with Max-Forwards 0 may be answered as its final recipient.
-            Method::Options if for_me || max_forwards_zero => None,
-            _ if max_forwards_zero => refuse(483, "Too Many Hops"),
-            _ => refuse(501, "Not Implemented"),
-        }
-    }
 }
 
-/// Why a request is refused: status, reason phrase, and for 420 the option tags to list in
-/// Unsupported (§8.2.2.3).
+/// Why an OPTIONS for this server is refused: status, reason phrase, and for 420 the option
+/// tags to list in Unsupported (§8.2.2.3).
 struct Refusal {
     code: u16,
     reason: &'static str,
     unsupported: Option<String>,
 }
 
-/// Require and Proxy-Require tags this build does not support, comma-separated (§8.2.2.3,
-/// §16.3 item 5), or `None` when all are supported.
-fn unsupported_option_tags(req: &Message) -> Option<String> {
-    let mut list = String::new();
-    let tags = [HeaderName::Require, HeaderName::ProxyRequire]
-        .into_iter()
-        .flat_map(|h| req.option_tags(h))
-        .filter_map(Result::ok);
-    for tag in tags {
-        if SUPPORTED
-            .iter()
-            .any(|s| s.as_bytes().eq_ignore_ascii_case(tag))
-        {
-            continue;
-        }
-        if !list.is_empty() {
-            list.push_str(", ");
-        }
-        list.push_str(&String::from_utf8_lossy(tag));
+/// The checks of §8.2.2 an OPTIONS for this server must pass before its 200: a Request-URI
+/// scheme this server serves (416, §8.2.2.1), and every extension it requires, by Require
+/// (§8.2.2.3) or Proxy-Require (§16.3 item 5), supported (420). `None`: answer 200.
+fn refusal(req: &Message) -> Option<Refusal> {
+    let uri = req.request_uri().ok()?;
+    if !uri.is_routable_scheme() {
+        return Some(Refusal {
+            code: 416,
+            reason: "Unsupported URI Scheme",
+            unsupported: None,
+        });
     }
-    (!list.is_empty()).then_some(list)
+    let required = [HeaderName::Require, HeaderName::ProxyRequire];
+    // Validated on receipt (`Message::check_valid`): every listed value is an option tag.
+    let unsupported = extensions::unsupported(req, &required, SUPPORTED).unwrap_or(None)?;
+    Some(Refusal {
+        code: 420,
+        reason: "Bad Extension",
+        unsupported: Some(unsupported),
+    })
 }
