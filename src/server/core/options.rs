@@ -23,8 +23,7 @@ impl Core {
         let for_me = request.request_uri().is_ok_and(|u| {
             u.as_sip().is_some_and(|sip| sip.user.is_none()) && self.identity.is_myself(&u)
         });
-        let in_dialog = request.to_tag().is_some();
-        max_forwards_zero || (for_me && !in_dialog)
+        max_forwards_zero || (for_me && !request.is_in_dialog())
     }
 
     /// The answer to an OPTIONS for this server ([`Core::is_for_me_options`]): its status and
