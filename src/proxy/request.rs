@@ -13,11 +13,11 @@ use std::net::SocketAddr;
 use std::time::SystemTime;
 
 use super::route_sign::{RouteSigner, Signature, Verdict, FLOW_PARAM, SIGNATURE_PARAM};
+use super::via_branch;
 use crate::server::core::LocalIdentity;
 use crate::sip::header::HeaderName;
 use crate::sip::scan;
 use crate::sip::uri::Uri;
-use crate::sip::via::MAGIC_COOKIE;
 use crate::sip::{extensions, Host, Message, NameAddr, ParseError, Via};
 use crate::transport::TransportKind;
 
@@ -602,17 +602,7 @@ fn loop_hash(req: &Message, top_via: Option<&Via<'_>>) -> String {
 /// branch). Characters of `unique` outside token are dropped so the branch stays a token.
 pub fn branch_for(req: &Message, unique: &str) -> String {
     let top = req.top_via().ok();
-    let hash = loop_hash(req, top.as_ref());
-    let mut b = String::with_capacity(MAGIC_COOKIE.len() + hash.len() + 1 + unique.len());
-    b.push_str("z9hG4bK");
-    b.push_str(&hash);
-    b.push('.');
-    b.extend(
-        unique
-            .chars()
-            .filter(|c| c.is_ascii() && scan::is_token_char(*c as u8)),
-    );
-    b
+    via_branch::with_loop_hash(&loop_hash(req, top.as_ref()), unique)
 }
 
 /// §16.11: the branch of a statelessly forwarded copy. It must be the same for every
@@ -637,7 +627,7 @@ pub fn stateless_branch(req: &Message) -> String {
     req.call_id().ok().hash(&mut h);
     req.request_uri_bytes().hash(&mut h);
     let mac = stateless_mac(top.as_ref(), req.call_id().ok());
-    format!("z9hG4bK{:016x}.{mac:016x}.sl", h.finish())
+    via_branch::stateless(h.finish(), mac)
 }
 
 /// True when the top Via of `response` carries a branch [`stateless_branch`] made for the Via
@@ -647,14 +637,7 @@ pub fn is_our_stateless_branch(response: &Message) -> bool {
     let Some(Ok(top)) = vias.next() else {
         return false;
     };
-    let Some(mac) = top
-        .branch()
-        .and_then(|b| b.strip_prefix(MAGIC_COOKIE))
-        .and_then(|b| b.strip_suffix(b".sl"))
-        .and_then(|b| b.get(17..))
-        .and_then(|m| std::str::from_utf8(m).ok())
-        .and_then(|m| u64::from_str_radix(m, 16).ok())
-    else {
+    let Some(mac) = top.branch().and_then(via_branch::stateless_mac) else {
         return false;
     };
     let below = match vias.next() {
@@ -690,11 +673,7 @@ pub fn detect_loop(req: &Message, me: &ProxyIdentity) -> bool {
         if !me.is_my_via(via) {
             continue;
         }
-        let Some(hash) = via
-            .branch()
-            .and_then(|b| b.strip_prefix(MAGIC_COOKIE))
-            .and_then(|rest| rest.split(|&c| c == b'.').next())
-        else {
+        let Some(hash) = via.branch().and_then(via_branch::loop_hash) else {
             continue;
         };
         if loop_hash(req, vias.get(i + 1)).as_bytes() == hash {

@@ -13,6 +13,7 @@ use tracing::{debug, warn};
 use super::Core;
 use crate::location::LocationStore;
 use crate::nat::keepalive::{self, Action as KeepaliveAction, Peer, Scheduler};
+use crate::proxy::via_branch;
 use crate::sip::Message;
 use crate::transport::{Destination, Output};
 
@@ -26,7 +27,7 @@ impl Core {
         let seq = response
             .top_via()
             .ok()
-            .and_then(|via| via.branch().and_then(keepalive::seq_of_branch));
+            .and_then(|via| via.branch().and_then(via_branch::keepalive_seq));
         match seq {
             Some(seq) => {
                 if !keepalive.scheduler.on_response(seq) {
@@ -56,7 +57,7 @@ impl Core {
             match action {
                 KeepaliveAction::SendOptions { peer, seq } => {
                     let source = self.identity.sent_by(peer.kind, peer.local, peer.addr);
-                    let branch = keepalive::branch(self.loop_index, seq);
+                    let branch = via_branch::keepalive(self.loop_index, seq);
                     let data =
                         keepalive::options_request(&peer, &source, &branch, seq, keepalive.nonce);
                     out.push(Output::Send {

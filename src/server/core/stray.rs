@@ -1,5 +1,5 @@
 //! Responses that are not this loop's: those whose client transaction another loop owns (the
-//! loop index in our branch, see `proxy::relay::owner_of_branch`) are handed over; those that
+//! loop index in our branch, see `proxy::via_branch::owner_loop`) are handed over; those that
 //! match no transaction are forwarded statelessly when their branch proves a stateless forward
 //! of this process (RFC 3261 §16.11, §18.2.2), and dropped otherwise.
 
@@ -8,7 +8,7 @@ use tracing::info;
 use super::Core;
 use crate::logging::{self, REFUSED};
 use crate::proxy::is_our_stateless_branch;
-use crate::proxy::relay::owner_of_branch;
+use crate::proxy::via_branch;
 use crate::sip::{HeaderName, Message, Uri, Via};
 use crate::transaction::layer::LayerOutput;
 use crate::transport::{Destination, Meta, TransportKind};
@@ -17,7 +17,7 @@ impl Core {
     /// The loop owning the client transaction of a response, when it is not this one.
     pub(super) fn owner_elsewhere(&self, response: &Message) -> Option<usize> {
         let via = response.top_via().ok()?;
-        let owner = owner_of_branch(via.branch()?)?;
+        let owner = via_branch::owner_loop(via.branch()?)?;
         (owner != self.loop_index && owner < self.loops).then_some(owner)
     }
 
