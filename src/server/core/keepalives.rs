@@ -1,8 +1,8 @@
-//! NAT keep-alives (RFC 5626 §4.4.1, RFC 3261 §11 OPTIONS pings as Kamailio's nathelper
-//! sends them): the rounds of the first loop, which probes the NATed bindings of the location
-//! store and removes those that stop answering, and the answers to those probes, consumed
-//! before the transaction layer (which never saw the requests). The schedule itself is
-//! `nat::keepalive`.
+//! NAT keep-alives: OPTIONS pings over UDP (RFC 3261 §11, as Kamailio's nathelper `sipping`)
+//! and CRLF pings on streams (RFC 5626 §4.4.1). The first loop runs the rounds, which probe
+//! the NATed bindings of the location store and remove those that stop answering, and
+//! consumes the answers to its OPTIONS before the transaction layer (which never saw the
+//! requests). The schedule itself is `nat::keepalive`.
 
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};

@@ -64,7 +64,8 @@ impl Core {
 }
 
 /// Where a statelessly forwarded response goes (§18.2.2): the Via's received/rport when the
-/// previous hop recorded them, else its sent-by, which must be an IP literal (no DNS yet).
+/// previous hop recorded them, else its sent-by, which must be an IP literal: a host name is
+/// not resolved here (§18.2.2's RFC 3263 §5 lookup), so such a response is dropped.
 /// A reliable transport reuses the connection the request came in on when it is still open.
 fn stateless_response_destination(via: &Via<'_>) -> Option<Destination> {
     let kind = TransportKind::from_name(via.transport)?;
