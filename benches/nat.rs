@@ -54,7 +54,7 @@ fn send_and_answer(scheduler: &mut Scheduler, actions: Vec<Action>) -> usize {
     let mut bytes = 0;
     for action in actions {
         if let Action::SendOptions { peer, seq } = action {
-            let branch = keepalive::branch(0, seq);
+            let branch = moonroute::proxy::via_branch::keepalive(0, seq);
             let source = SentBy::of_socket(peer.local.expect("local"));
             bytes += keepalive::options_request(&peer, &source, &branch, seq, 7).len();
             scheduler.on_response(seq);

@@ -262,10 +262,10 @@ fn is_target_refresh(request: &Message) -> bool {
 
 /// Call-ID and From tag of an initial request (no To tag): its dialog's key.
 fn initial_key(request: &Message) -> Option<(&[u8], &[u8])> {
-    if request.to().ok()?.tag().is_some() {
+    if request.is_in_dialog() {
         return None;
     }
-    Some((request.call_id().ok()?, request.from().ok()?.tag()?))
+    Some((request.call_id().ok()?, request.from_tag()?))
 }
 
 /// A copy of the first Contact URI (not shared with the packet: see [`super::new_dialog`]).

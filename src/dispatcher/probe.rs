@@ -11,7 +11,7 @@
 //! Where a probe goes is where a call to the destination would go: the next hop of its URI
 //! (RFC 3263: an IP literal at once, a domain through the loop's resolver, the first address
 //! a listener can reach). Responses find this loop by the loop index in the Via branch, as the
-//! proxy's own branches do (`proxy::relay::owner_of_branch`).
+//! proxy's own branches do (`proxy::via_branch::owner_loop`).
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -233,7 +233,7 @@ impl Prober {
         let _ = write!(
             text,
             "{method} {uri} SIP/2.0\r\n\
-             Via: SIP/2.0/{transport} {source};branch=z9hG4bK{nonce:016x}.{loop_index}.{seq};rport\r\n\
+             Via: SIP/2.0/{transport} {source};branch={branch};rport\r\n\
              Max-Forwards: 70\r\n\
              From: <sip:dispatcher@{host}>;tag=ds{nonce:x}\r\n\
              To: <{uri}>\r\n\
@@ -243,7 +243,11 @@ impl Prober {
              Content-Length: 0\r\n\r\n",
             transport = candidate.kind.via_name(),
             host = source.host,
-            loop_index = self.loop_index,
+            branch = crate::proxy::via_branch::Stateful {
+                hash: nonce,
+                loop_index: self.loop_index,
+                unique: seq,
+            },
             agent = crate::server::core::SERVER,
         );
         Bytes::from(text)
@@ -440,7 +444,7 @@ mod tests {
         );
         assert_eq!(request.max_forwards(), Some(Ok(70)));
         let branch = request.top_via().unwrap().branch().unwrap().to_vec();
-        assert_eq!(crate::proxy::relay::owner_of_branch(&branch), Some(0));
+        assert_eq!(crate::proxy::via_branch::owner_loop(&branch), Some(0));
         // Not again before the interval.
         out.clear();
         prober.on_tick(

@@ -4,7 +4,7 @@
 //! away leaves a binding that swallows calls until it expires. So every NATed binding gets a
 //! probe each interval, to the address its REGISTER came from:
 //! - UDP: an out-of-dialog OPTIONS (RFC 3261 §11) with `Max-Forwards: 70` and a Via branch of
-//!   its own, recognisable by [`BRANCH_PREFIX`]. Any response, even 4xx/5xx, proves the phone
+//!   its own, recognisable by its prefix (`proxy::via_branch::KEEPALIVE_PREFIX`). Any response, even 4xx/5xx, proves the phone
 //!   and the NAT mapping alive (Kamailio's nathelper `sipping`). No answer by its next probe
 //!   is a failure.
 //! - TCP/TLS: a CRLFCRLF ping on the connection the REGISTER came on (RFC 5626 §4.4.1; the
@@ -43,11 +43,6 @@ use bytes::Bytes;
 use crate::location::{AorCursor, LocationStore};
 use crate::server::identity::SentBy;
 use crate::transport::TransportKind;
-
-/// The Via branch of every keep-alive OPTIONS starts with this: the RFC 3261 magic cookie and
-/// "keepaliv" in hex, 16 hex digits as the proxy's own branches have, so a response finds its
-/// event loop by the loop index that follows (`<prefix><loop>.<seq>`).
-pub const BRANCH_PREFIX: &str = "z9hG4bK6b656570616c6976.";
 
 /// A binding to keep alive, as the location store holds it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -318,19 +313,6 @@ impl Scheduler {
             }
         }
     }
-}
-
-/// The Via branch of keep-alive `seq` sent by event loop `loop_index`.
-pub fn branch(loop_index: usize, seq: u64) -> String {
-    format!("{BRANCH_PREFIX}{loop_index}.{seq}")
-}
-
-/// The sequence number of a keep-alive branch, `None` for any other branch.
-pub fn seq_of_branch(branch: &[u8]) -> Option<u64> {
-    let rest = branch.strip_prefix(BRANCH_PREFIX.as_bytes())?;
-    let rest = std::str::from_utf8(rest).ok()?;
-    let (_loop, seq) = rest.split_once('.')?;
-    seq.parse().ok()
 }
 
 /// The keep-alive OPTIONS for `peer` (RFC 3261 §11.1, §8.1.1): Request-URI the registered
@@ -769,15 +751,7 @@ mod tests {
     #[test]
     fn the_options_request_parses_and_its_branch_is_recognised() {
         let p = peer("frank", TransportKind::Udp, "127.0.0.7:5060");
-        let b = branch(1, 42);
-        assert_eq!(seq_of_branch(b.as_bytes()), Some(42));
-        assert_eq!(seq_of_branch(b"z9hG4bK0123456789abcdef.1.42"), None);
-        assert_eq!(seq_of_branch(b"z9hG4bK6b656570616c6976.1.x"), None);
-        assert_eq!(
-            crate::proxy::relay::owner_of_branch(b.as_bytes()),
-            Some(1),
-            "the response is handed to the loop that sent the probe"
-        );
+        let b = crate::proxy::via_branch::keepalive(1, 42);
         let source = SentBy {
             host: "sip.example.com".into(),
             port: 5062,

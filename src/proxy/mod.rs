@@ -13,6 +13,7 @@ pub mod request;
 pub mod response_context;
 pub mod route_sign;
 pub mod router;
+pub mod via_branch;
 
 pub use request::{
     branch_for, check_request, detect_loop, forward_copy, is_our_stateless_branch, next_hop,

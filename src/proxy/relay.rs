@@ -14,7 +14,8 @@
 //! transaction's Timer C.
 //!
 //! Branches this proxy creates carry the owning loop's index (`z9hG4bK<hash>.<loop>.<n>`), so a
-//! response that the kernel delivers to another loop can be handed back ([`owner_of_branch`]).
+//! response that the kernel delivers to another loop can be handed back
+//! ([`via_branch::owner_loop`]).
 //!
 //! Next hops (RFC 3263): an IP literal is used at once; a host name is handed to the shell to
 //! resolve ([`Relay::take_resolves`] → [`Relay::on_resolved`]) while the branch waits, so the
@@ -46,6 +47,7 @@ use super::router::{
     BranchEdit, Decision, FailureDecision, FailureTimers, ReplySource, RouteHandle, RouteInfo,
     Routed, Router,
 };
+use super::via_branch;
 use crate::dialog::DialogTracker;
 use crate::dns::{self, Candidate, ResolveError};
 use crate::logging::{call_id, Throttle, REFUSED};
@@ -249,21 +251,6 @@ fn make_room(branches: &mut Vec<Option<BranchRun>>, branch: BranchId) {
         branches.reserve_exact(branch.0 + 1 - branches.len());
         branches.resize_with(branch.0 + 1, || None);
     }
-}
-
-/// The loop index in a branch this proxy created, if it is one.
-pub fn owner_of_branch(branch: &[u8]) -> Option<usize> {
-    let rest = branch.strip_prefix(b"z9hG4bK")?;
-    let mut parts = rest.split(|&b| b == b'.');
-    let hash = parts.next()?;
-    let owner = parts.next()?;
-    let counter = parts.next()?;
-    let is_hex = hash.len() == 16 && hash.iter().all(u8::is_ascii_hexdigit);
-    let is_number = |p: &[u8]| !p.is_empty() && p.iter().all(u8::is_ascii_digit);
-    if !is_hex || !is_number(owner) || !is_number(counter) || parts.next().is_some() {
-        return None;
-    }
-    std::str::from_utf8(owner).ok()?.parse().ok()
 }
 
 impl Relay {
@@ -1176,18 +1163,15 @@ impl Relay {
             };
             dest.local = Some(local);
             self.next_unique += 1;
-            let base = format!(
-                "z9hG4bK{:016x}.",
-                std::hash::BuildHasher::hash_one(
-                    &std::collections::hash_map::RandomState::new(),
-                    (&bye.call_id, party)
-                )
-            );
+            let base = via_branch::random_base(std::hash::BuildHasher::hash_one(
+                &std::collections::hash_map::RandomState::new(),
+                (&bye.call_id, party),
+            ));
             let via = format!(
                 "SIP/2.0/{} {};branch={}",
                 dest.kind.via_name(),
                 self.me.local().sent_by(dest.kind, Some(local), dest.addr),
-                branch_id(&base, self.loop_index, self.next_unique)
+                via_branch::attempt(&base, self.loop_index, self.next_unique)
             );
             let me = &self.me;
             let routes = bye.routes(|value| {
@@ -1394,7 +1378,7 @@ impl Relay {
             }
         };
         self.next_unique += 1;
-        let branch_id = branch_id(&call.branch_base, self.loop_index, self.next_unique);
+        let branch_id = via_branch::attempt(&call.branch_base, self.loop_index, self.next_unique);
         let parts = CopyParts {
             request: request.as_ref().unwrap_or(&call.request),
             uri: &uri,
@@ -1543,7 +1527,7 @@ impl Relay {
                     .calls
                     .get(&server)
                     .map_or("", |c| c.branch_base.as_str());
-                branch_id(base, self.loop_index, self.next_unique)
+                via_branch::attempt(base, self.loop_index, self.next_unique)
             }
         };
         let (me, bound, now_wall) = (&self.me, &self.bound, wall_clock());
@@ -1798,12 +1782,6 @@ fn reply(code: u16, reason: &'static str) -> Handled {
     }
 }
 
-/// The Via branch of one attempt: the request's loop hash, then the owning loop and a
-/// counter, so [`owner_of_branch`] can hand responses back.
-fn branch_id(base: &str, loop_index: usize, unique: u64) -> String {
-    format!("{base}{loop_index}.{unique}")
-}
-
 /// What a forwarded copy is built from.
 struct CopyParts<'a> {
     request: &'a Message,
@@ -1978,16 +1956,6 @@ mod failure_timer_tests;
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn branches_name_their_loop() {
-        assert_eq!(owner_of_branch(b"z9hG4bK0123456789abcdef.1.42"), Some(1));
-        assert_eq!(owner_of_branch(b"z9hG4bK0123456789abcdef.0.7"), Some(0));
-        assert_eq!(owner_of_branch(b"z9hG4bK0123456789abcdef.ack"), None);
-        assert_eq!(owner_of_branch(b"z9hG4bKsomebodyelse"), None);
-        assert_eq!(owner_of_branch(b"z9hG4bK0123456789abcdex.1.2"), None);
-        assert_eq!(owner_of_branch(b"z9hG4bK0123456789abcdef.1.2.3"), None);
-    }
 
     #[test]
     fn a_websocket_hop_leaves_from_either_websocket_listener() {

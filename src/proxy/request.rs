@@ -13,12 +13,12 @@ use std::net::SocketAddr;
 use std::time::SystemTime;
 
 use super::route_sign::{RouteSigner, Signature, Verdict, FLOW_PARAM, SIGNATURE_PARAM};
+use super::via_branch;
 use crate::server::core::LocalIdentity;
 use crate::sip::header::HeaderName;
 use crate::sip::scan;
 use crate::sip::uri::Uri;
-use crate::sip::via::MAGIC_COOKIE;
-use crate::sip::{Host, Message, NameAddr, ParseError, Via};
+use crate::sip::{extensions, Host, Message, NameAddr, ParseError, Via};
 use crate::transport::TransportKind;
 
 /// Max-Forwards a proxy adds when the request has none (§16.6 step 3).
@@ -164,7 +164,7 @@ impl Rejection {
 ///   as the final recipient (§11); this still returns 483 so a caller that does not special-case
 ///   OPTIONS never forwards it, and the caller may check the method and answer 200 instead.
 /// - item 5: every Proxy-Require option tag must be in `supported`, else 420 listing the
-///   unsupported tags (compared ignoring case; duplicates listed once).
+///   unsupported tags ([`extensions::unsupported`]).
 pub fn check_request(req: &Message, supported: &[&str]) -> Result<(), Rejection> {
     let uri = req
         .request_uri()
@@ -178,29 +178,15 @@ pub fn check_request(req: &Message, supported: &[&str]) -> Result<(), Rejection>
             return Err(Rejection::new(483, "Too Many Hops"));
         }
     }
-    let mut unsupported: Vec<&[u8]> = Vec::new();
-    for tag in req.option_tags(HeaderName::ProxyRequire) {
-        let tag = tag.map_err(|_| Rejection::new(400, "Bad Proxy-Require"))?;
-        let known = supported
-            .iter()
-            .any(|s| s.as_bytes().eq_ignore_ascii_case(tag));
-        if !known && !unsupported.iter().any(|u| u.eq_ignore_ascii_case(tag)) {
-            unsupported.push(tag);
-        }
-    }
-    if !unsupported.is_empty() {
-        // Option tags are tokens (checked by option_tags), hence ASCII.
-        let list: Vec<String> = unsupported
-            .iter()
-            .map(|t| String::from_utf8_lossy(t).into_owned())
-            .collect();
-        return Err(Rejection {
+    match extensions::unsupported(req, &[HeaderName::ProxyRequire], supported) {
+        Ok(None) => Ok(()),
+        Ok(Some(tags)) => Err(Rejection {
             code: 420,
             reason: "Bad Extension",
-            unsupported: Some(list.join(", ")),
-        });
+            unsupported: Some(tags),
+        }),
+        Err(_) => Err(Rejection::new(400, "Bad Proxy-Require")),
     }
-    Ok(())
 }
 
 /// All Route values, each as written (trimmed), in order.
@@ -616,17 +602,7 @@ fn loop_hash(req: &Message, top_via: Option<&Via<'_>>) -> String {
 /// branch). Characters of `unique` outside token are dropped so the branch stays a token.
 pub fn branch_for(req: &Message, unique: &str) -> String {
     let top = req.top_via().ok();
-    let hash = loop_hash(req, top.as_ref());
-    let mut b = String::with_capacity(MAGIC_COOKIE.len() + hash.len() + 1 + unique.len());
-    b.push_str("z9hG4bK");
-    b.push_str(&hash);
-    b.push('.');
-    b.extend(
-        unique
-            .chars()
-            .filter(|c| c.is_ascii() && scan::is_token_char(*c as u8)),
-    );
-    b
+    via_branch::with_loop_hash(&loop_hash(req, top.as_ref()), unique)
 }
 
 /// §16.11: the branch of a statelessly forwarded copy. It must be the same for every
@@ -651,7 +627,7 @@ pub fn stateless_branch(req: &Message) -> String {
     req.call_id().ok().hash(&mut h);
     req.request_uri_bytes().hash(&mut h);
     let mac = stateless_mac(top.as_ref(), req.call_id().ok());
-    format!("z9hG4bK{:016x}.{mac:016x}.sl", h.finish())
+    via_branch::stateless(h.finish(), mac)
 }
 
 /// True when the top Via of `response` carries a branch [`stateless_branch`] made for the Via
@@ -661,14 +637,7 @@ pub fn is_our_stateless_branch(response: &Message) -> bool {
     let Some(Ok(top)) = vias.next() else {
         return false;
     };
-    let Some(mac) = top
-        .branch()
-        .and_then(|b| b.strip_prefix(MAGIC_COOKIE))
-        .and_then(|b| b.strip_suffix(b".sl"))
-        .and_then(|b| b.get(17..))
-        .and_then(|m| std::str::from_utf8(m).ok())
-        .and_then(|m| u64::from_str_radix(m, 16).ok())
-    else {
+    let Some(mac) = top.branch().and_then(via_branch::stateless_mac) else {
         return false;
     };
     let below = match vias.next() {
@@ -704,11 +673,7 @@ pub fn detect_loop(req: &Message, me: &ProxyIdentity) -> bool {
         if !me.is_my_via(via) {
             continue;
         }
-        let Some(hash) = via
-            .branch()
-            .and_then(|b| b.strip_prefix(MAGIC_COOKIE))
-            .and_then(|rest| rest.split(|&c| c == b'.').next())
-        else {
+        let Some(hash) = via.branch().and_then(via_branch::loop_hash) else {
             continue;
         };
         if loop_hash(req, vias.get(i + 1)).as_bytes() == hash {

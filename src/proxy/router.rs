@@ -311,8 +311,7 @@ impl BuiltinRouter {
             // foreign hosts, and a default install must not be a relay).
             return not_implemented();
         }
-        let in_dialog = request.to_tag().is_some();
-        if in_dialog {
+        if request.is_in_dialog() {
             return Decision::Relay {
                 targets: Vec::new(),
                 record_route: false,

@@ -37,7 +37,7 @@ use std::time::SystemTime;
 use crate::cluster::Reach;
 use crate::proxy::response_context::Target;
 use crate::proxy::router::Decision;
-use crate::sip::Message;
+use crate::sip::{extensions, Message};
 use crate::transport::Meta;
 
 pub use engine::{Engine, Limits, ScriptError, ScriptSource};
@@ -156,18 +156,18 @@ impl Services {
             return Decision::reply(501, "Not Implemented (no registrar configured)");
         };
         // The registrar is the UAS here: §8.2.2.3, Require must list only what we support.
-        let unsupported: Vec<String> = request
-            .option_tags(crate::sip::HeaderName::Require)
-            .filter_map(Result::ok)
-            .map(|t| String::from_utf8_lossy(t).into_owned())
-            .collect();
-        if !unsupported.is_empty() {
-            return Decision::Reply {
-                code: 420,
-                reason: Cow::Borrowed("Bad Extension"),
-                headers: vec![("Unsupported".to_owned(), unsupported.join(", "))],
-                wait_for: None,
-            };
+        let require = [crate::sip::HeaderName::Require];
+        match extensions::unsupported(request, &require, extensions::SUPPORTED) {
+            Ok(None) => {}
+            Ok(Some(tags)) => {
+                return Decision::Reply {
+                    code: 420,
+                    reason: Cow::Borrowed("Bad Extension"),
+                    headers: vec![("Unsupported".to_owned(), tags)],
+                    wait_for: None,
+                }
+            }
+            Err(_) => return Decision::reply(400, "Bad Request (Require: bad option tag)"),
         }
         let result = registrar.save_from(request, meta, nated, now);
         Decision::Reply {

@@ -19,7 +19,7 @@
 //! receiving loop only finds the Call-ID ([`crate::sip::prescan`]).
 //!
 //! Responses keep their own rule: they go to the loop named in the branch of the Via this
-//! proxy added ([`crate::proxy::relay::owner_of_branch`]), the loop that holds the client
+//! proxy added ([`crate::proxy::via_branch::owner_loop`]), the loop that holds the client
 //! transaction (also the keep-alive probes of the first loop, `crate::nat::keepalive`).
 //!
 //! With one loop nothing is scanned or hashed.

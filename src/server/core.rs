@@ -1,52 +1,66 @@
-//! The server core until the proxy core and the Lua engine land: a sans-IO responder behind the
-//! transaction layer (RFC 3261 §17), so retransmissions are absorbed and answered from their
-//! transaction. It answers OPTIONS addressed to this server with 200 (RFC 3261 §11.2), refuses
-//! every other request with a clear error, and turns malformed input into 400/413/505 with a
-//! reason phrase naming the problem, or drops it with a log line when no answer can be routed.
+//! One event loop's engine, sans-IO: [`Core`] takes the transport shell's inputs (received
+//! messages, framing errors, unreachable hops, DNS answers, wake-ups) with an explicit `now`
+//! and returns what to send, resolve or hand to another loop ([`Worker`]). [`CoreFactory`]
+//! builds one per loop from the configuration.
 //!
-//! Received-side Via processing (§18.2.1, RFC 3581) and response routing (§18.2.2) happen here
-//! for every request, so the later layers get requests whose top Via already records where they
-//! came from.
+//! Owns the path of a received message: which loop handles it (`server::affinity`), parsing
+//! and the received-side Via processing (§18.2.1, RFC 3581), then either the transaction layer
+//! (RFC 3261 §17), whose requests go to the relay (the proxy core, §16, and through it the
+//! router) and whose responses go back through their transactions, or a stateless answer. The
+//! jobs around that path live in the submodules: `options` (OPTIONS for this server, §11),
+//! `refusals` (malformed input, §8.2, RFC 4475), `responses` (how this server words its own
+//! answers, §8.2.6), `stray` (responses for another loop or for no transaction, §16.11),
+//! `parked` (registrar answers waiting for a durable write, §10.3), `shedding` (refusing new
+//! requests under overload), `keepalives` (NAT keep-alives) and `probes` (dispatcher probes).
 
 use std::collections::hash_map::RandomState;
 use std::collections::VecDeque;
 use std::hash::BuildHasher;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::Notify;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use crate::config::Config;
 use crate::dispatcher::probe::Prober;
-use crate::location::{CommitState, CommitTicket, LocationStore};
-use crate::logging::{self, Lossy, REFUSED};
+use crate::location::{CommitState, LocationStore};
+use crate::logging::{self, REFUSED};
 use crate::metrics::EngineMetrics;
-use crate::nat::keepalive::{self, Action as KeepaliveAction, Peer, Scheduler, Settings};
-use crate::proxy::relay::{owner_of_branch, Handled, Relay};
+use crate::nat::keepalive::{Scheduler, Settings};
+use crate::proxy::relay::{Handled, Relay};
 use crate::proxy::router::{BuiltinRouter, Router};
-use crate::proxy::{is_our_stateless_branch, ProxyIdentity, RouteSigner};
-use crate::registrar::UNREACHABLE_RETRY_AFTER;
+use crate::proxy::{ProxyIdentity, RouteSigner};
 use crate::server::affinity::Affinity;
 use crate::server::overload::Overload;
-use crate::sip::{prescan, HeaderName, Message, Method, ParseError, ResponseBuilder, Uri};
-use crate::transaction::layer::{
-    LayerConfig, LayerOutput, Shedding, TransactionLayer, TxId, Upcall,
-};
+use crate::sip::extensions::SUPPORTED;
+use crate::sip::{prescan, Message, Method};
+use crate::transaction::layer::{LayerConfig, LayerOutput, TransactionLayer, TxId, Upcall};
 use crate::transport::{
-    response_destination, FramingError, Input, ListenAddr, LoadSample, Meta, Output, TransportKind,
-    Worker, WorkerFactory,
+    response_destination, Input, ListenAddr, LoadSample, Meta, Output, TransportKind, Worker,
+    WorkerFactory,
 };
 
-/// Methods this build answers itself; grows as the engine issues land.
-pub const ALLOW: &str = "OPTIONS";
-/// Option tags of extensions this build supports (none yet: Require/Proxy-Require with any tag
-/// gets 420, §8.2.2.3).
-pub const SUPPORTED: &[&str] = &[];
+/// The Allow header (§20.5) of this server's OPTIONS answers and of every 501: the methods it
+/// answers whatever the script decides, which is OPTIONS (§11). What else it serves (REGISTER,
+/// relayed INVITEs...) is the script's choice, so it is not promised here.
+const ALLOW_ALWAYS: &str = "OPTIONS";
 pub const SERVER: &str = concat!("moonroute ", env!("CARGO_PKG_VERSION"));
 
 pub use super::identity::LocalIdentity;
+
+mod keepalives;
+mod options;
+mod parked;
+mod probes;
+mod refusals;
+mod responses;
+mod shedding;
+mod stray;
+
+use keepalives::Keepalives;
+use parked::{Parked, PARK_TIMEOUT};
 
 /// Makes the Router of each event loop (one per loop: routers keep per-loop state, like the Lua
 /// states will).
@@ -341,14 +355,6 @@ pub struct Core {
     timer_driven: bool,
 }
 
-/// The keep-alives one loop sends: the schedule, and the store it reads and prunes.
-struct Keepalives {
-    scheduler: Scheduler,
-    store: Arc<dyn LocationStore>,
-    /// Makes the keep-alives' Call-IDs and From tags differ across restarts.
-    nonce: u64,
-}
-
 impl Worker for Core {
     fn on_input(&mut self, input: Input, now: Instant, out: &mut Vec<Output>) {
         match input {
@@ -439,21 +445,6 @@ impl Worker for Core {
     }
 }
 
-/// An answer held until the write it reports is on disk (a registrar's 200, RFC 3261 §10.3).
-struct Parked {
-    tx: TxId,
-    request: Message,
-    code: u16,
-    response: Bytes,
-    ticket: CommitTicket,
-    /// After this the answer becomes a 500: the disk is not keeping up.
-    deadline: Instant,
-}
-
-/// How long an answer may wait for its disk flush before the request gets 500 instead; far
-/// beyond a flush's milliseconds, well within a client's Timer F (64*T1).
-const PARK_TIMEOUT: Duration = Duration::from_secs(10);
-
 impl Core {
     pub fn new(
         identity: LocalIdentity,
@@ -486,45 +477,6 @@ impl Core {
             backlog_high_water: 0,
             metrics: EngineMetrics::detached(),
         }
-    }
-
-    /// Why new requests are refused now, if they are, and what share: all of them while too
-    /// much work waits outside the loop ([`Core::backlog`]); the share [`Overload`] decides
-    /// while the loop itself is saturated (`limits.overload_after_ms`: serving every new
-    /// request would only make every request late, and their clients retransmit).
-    fn shedding(&mut self) -> Option<Shedding> {
-        let backlog = self.backlog();
-        if backlog > self.backlog_high_water {
-            self.backlog_high_water = backlog;
-            // Each power of two once: how deep the queues get under a given load, cheaply.
-            if backlog.is_power_of_two() {
-                debug!(
-                    loop_index = self.loop_index,
-                    backlog,
-                    limit = self.max_backlog,
-                    "backlog high-water mark"
-                );
-            }
-        }
-        if backlog >= self.max_backlog {
-            return Some(Shedding {
-                reason: "limits.max_backlog reached (answers waiting for the disk, requests waiting for DNS)",
-                fraction: 1.0,
-            });
-        }
-        let fraction = self.overload.shed_fraction();
-        (fraction > 0.0).then_some(Shedding {
-            reason: "limits.overload_after_ms: the event loop is saturated",
-            fraction,
-        })
-    }
-
-    /// Requests this loop holds while waiting for something outside it: answers parked until
-    /// their write is on disk, and requests or branches waiting for DNS. Either queue grows
-    /// when what it waits for is slower than the arrival rate; past `limits.max_backlog` new
-    /// requests are refused with 503 (see [`Core::shedding`]).
-    fn backlog(&self) -> usize {
-        self.parked.len() + self.relay.resolving()
     }
 
     fn on_message(&mut self, data: Bytes, meta: Meta, now: Instant, out: &mut Vec<Output>) {
@@ -599,113 +551,6 @@ impl Core {
         self.transactions.set_shedding(shedding);
         self.transactions.on_request(msg, meta, now, &mut pending);
         self.drain(pending, now, out);
-    }
-
-    /// A response to one of this loop's keep-alive OPTIONS (any status proves the binding
-    /// alive); consumed here, before the transaction layer, which never saw the request.
-    fn is_keepalive_answer(&mut self, response: &Message) -> bool {
-        let Some(keepalive) = &mut self.keepalive else {
-            return false;
-        };
-        let seq = response
-            .top_via()
-            .ok()
-            .and_then(|via| via.branch().and_then(keepalive::seq_of_branch));
-        match seq {
-            Some(seq) => {
-                if !keepalive.scheduler.on_response(seq) {
-                    debug!(seq, "keep-alive answer for no current probe: ignored");
-                }
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// Runs a keep-alive tick when one is due: probes the NATed bindings of the next slice of
-    /// the store, and removes those whose probes failed too often (one log line each).
-    fn keepalive_round(&mut self, now: Instant, out: &mut Vec<Output>) {
-        let Some(keepalive) = &mut self.keepalive else {
-            return;
-        };
-        if now < keepalive.scheduler.next_deadline() {
-            return;
-        }
-        let wall = SystemTime::now();
-        let mut actions = Vec::new();
-        keepalive
-            .scheduler
-            .on_tick(now, &*keepalive.store, wall, &mut actions);
-        for action in actions {
-            match action {
-                KeepaliveAction::SendOptions { peer, seq } => {
-                    let source = self.identity.sent_by(peer.kind, peer.local, peer.addr);
-                    let branch = keepalive::branch(self.loop_index, seq);
-                    let data =
-                        keepalive::options_request(&peer, &source, &branch, seq, keepalive.nonce);
-                    out.push(Output::Send {
-                        dest: keepalive_destination(&peer, false),
-                        data,
-                    });
-                }
-                KeepaliveAction::SendPing { peer } => out.push(Output::Send {
-                    dest: keepalive_destination(&peer, true),
-                    data: Bytes::from_static(b"\r\n\r\n"),
-                }),
-                KeepaliveAction::Remove { peer, failures } => {
-                    let removed = keepalive::remove_binding(&*keepalive.store, &peer, wall);
-                    match removed {
-                        Ok(true) => {
-                            warn!(aor = %peer.aor, contact = %peer.contact, received = %peer.addr, transport = %peer.kind, failures, "NAT keep-alives failed: binding removed")
-                        }
-                        Ok(false) => {}
-                        Err(error) => {
-                            warn!(aor = %peer.aor, contact = %peer.contact, %error, "NAT keep-alives failed but the binding could not be removed")
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// Sends the dispatcher's due probes and fails those past their timeout.
-    fn probe_round(&mut self, now: Instant, out: &mut Vec<Output>) {
-        let Some(probes) = &mut self.probes else {
-            return;
-        };
-        if now < probes.next_deadline() {
-            return;
-        }
-        let (mut pending, mut resolves) = (std::mem::take(&mut self.pending), Vec::new());
-        let layer = &mut self.transactions;
-        probes.on_tick(now, &self.identity, layer, &mut pending, &mut resolves);
-        self.drain(pending, now, out);
-        for (id, query) in resolves {
-            out.push(Output::Resolve { id, query });
-        }
-    }
-
-    /// The loop owning the client transaction of a response, when it is not this one.
-    fn owner_elsewhere(&self, response: &Message) -> Option<usize> {
-        let via = response.top_via().ok()?;
-        let owner = owner_of_branch(via.branch()?)?;
-        (owner != self.loop_index && owner < self.loops).then_some(owner)
-    }
-
-    /// OPTIONS for this server (§11), or with Max-Forwards 0 (§16.3 step 3: answered as its
-    /// final recipient). §11: "If the OPTIONS is addressed to a proxy server, the Request-URI
-    /// is set without a user part"; one with a user part (`sip:100@us`, a scanner's favourite
-    /// probe) asks about a user's UA and goes to the routing script like any request.
-    fn is_for_me_options(&self, request: &Message) -> bool {
-        if request.method() != Some(&Method::Options) {
-            return false;
-        }
-        let max_forwards_zero = matches!(request.max_forwards(), Some(Ok(0)));
-        let for_me = request.request_uri().is_ok_and(|u| {
-            u.as_sip().is_some_and(|sip| sip.user.is_none()) && self.identity.is_myself(&u)
-        });
-        let in_dialog = request.to_tag().is_some();
-        max_forwards_zero || (for_me && !in_dialog)
     }
 
     /// Carries out what the transaction layer asked for; answering a request it delivered may
@@ -836,7 +681,7 @@ impl Core {
             .collect();
         match &unsupported {
             Some(tags) => extra.push(("Unsupported", tags.as_str())),
-            None if code == 501 => extra.push(("Allow", ALLOW)),
+            None if code == 501 => extra.push(("Allow", ALLOW_ALWAYS)),
             None => {}
         }
         let response = self.build_response(request, code, &reason, &extra);
@@ -878,278 +723,6 @@ impl Core {
             self.transactions.abandon_server(tx);
         }
     }
-
-    /// Sends the parked answers whose writes are on disk; those whose flush failed or timed
-    /// out get 500 instead (the bindings may not survive a crash, so no 200 may promise it).
-    fn release_parked(&mut self, now: Instant, next: &mut Vec<LayerOutput>) {
-        let mut index = 0;
-        while index < self.parked.len() {
-            // Failed (or not on disk in time): 500, the bindings may be lost. Unavailable: the
-            // remote store went away before it confirmed; 503 asks the phone to come back.
-            let failure = match self.parked[index].ticket.state() {
-                CommitState::Durable => None,
-                CommitState::Failed(error) => Some((500, error)),
-                CommitState::Unavailable(error) => Some((503, error)),
-                CommitState::Pending if now >= self.parked[index].deadline => {
-                    Some((500, "disk flush timed out".to_owned()))
-                }
-                CommitState::Pending => {
-                    index += 1;
-                    continue;
-                }
-            };
-            let Some(parked) = self.parked.remove(index) else {
-                break;
-            };
-            let Some((code, error)) = failure else {
-                self.send_answer(
-                    parked.tx,
-                    &parked.request,
-                    parked.code,
-                    parked.response,
-                    now,
-                    next,
-                );
-                continue;
-            };
-            let call_id = Lossy(parked.request.call_id().unwrap_or(b""));
-            let retry_after = UNREACHABLE_RETRY_AFTER.to_string();
-            let (reason, headers): (String, &[(&str, &str)]) = if code == 503 {
-                warn!(%call_id, %error, "location store unreachable before it confirmed the write: answering 503");
-                let reason = format!("Service Unavailable (location store: {error})");
-                (reason, &[("Retry-After", retry_after.as_str())])
-            } else {
-                warn!(%call_id, %error, "location store write not durable: answering 500");
-                (
-                    format!("Server Internal Error (location store: {error})"),
-                    &[],
-                )
-            };
-            let response = self.build_response(&parked.request, code, &reason, headers);
-            self.send_answer(parked.tx, &parked.request, code, response, now, next);
-        }
-    }
-
-    /// §16.11: a response that matches no transaction is forwarded statelessly when its top Via
-    /// is ours and its branch proves the request went out through a stateless forward of this
-    /// process: that Via is removed and the response goes where the next one says (§18.2.2).
-    /// Anything else is dropped (forged responses are not reflected).
-    fn forward_stray_response(
-        &self,
-        mut response: Message,
-        meta: &Meta,
-        next: &mut Vec<LayerOutput>,
-    ) {
-        let ours = response.top_via().is_ok_and(|via| {
-            let uri = match via.port {
-                Some(port) => format!("sip:{}:{port}", via.host),
-                None => format!("sip:{}", via.host),
-            };
-            Uri::parse(uri.as_bytes()).is_ok_and(|u| self.identity.is_myself(&u))
-        });
-        let ours = ours && is_our_stateless_branch(&response);
-        let status = response.status().unwrap_or(0);
-        let dropped = |response: &Message, reason: &str| {
-            info!(target: REFUSED, call_id = %logging::call_id(response), source = %meta.source, transport = %meta.kind, status, reason, "response dropped");
-        };
-        if !ours || !matches!(response.remove_first_value(HeaderName::Via), Ok(true)) {
-            return dropped(&response, "no transaction matches it and its top Via is not a stateless forward of this server");
-        }
-        self.relay.sign_stray_response(&mut response);
-        let Ok(via) = response.top_via() else {
-            return dropped(
-                &response,
-                "addressed to this server, which sent no such request",
-            );
-        };
-        let Some(dest) = stateless_response_destination(&via) else {
-            return dropped(&response, "its next Via names no address to forward it to");
-        };
-        next.push(LayerOutput::Send {
-            dest,
-            data: response.to_bytes(),
-        });
-    }
-
-    /// The answer to a request delivered by the transaction layer: its status and bytes.
-    fn answer(&self, req: &Message, meta: &Meta) -> (u16, Bytes) {
-        // Log fields are formatted only when their level is enabled: nothing is built for them
-        // on the per-request path.
-        let call_id = Lossy(req.call_id().unwrap_or(b""));
-        let method = req.method().cloned().unwrap_or(Method::Options);
-        if let Some(refusal) = self.check_request(req, &method) {
-            let Refusal {
-                code,
-                reason,
-                unsupported,
-            } = refusal;
-            info!(target: REFUSED, %call_id, %method, source = %meta.source, transport = %meta.kind, code, reason, "request refused");
-            let extra: &[(&str, &str)] = match &unsupported {
-                Some(tags) => &[("Unsupported", tags.as_str())],
-                None if code == 501 => &[("Allow", ALLOW)],
-                None => &[],
-            };
-            return (code, self.build_response(req, code, reason, extra));
-        }
-        debug!(%call_id, source = %meta.source, "answering OPTIONS");
-        (
-            200,
-            self.build_response(req, 200, "OK", &self.options_headers()),
-        )
-    }
-
-    /// §11.2: what an OPTIONS answer tells about this server.
-    fn options_headers(&self) -> [(&'static str, &str); 6] {
-        [
-            ("Allow", ALLOW),
-            ("Accept", "*/*"),
-            ("Accept-Encoding", "identity"),
-            ("Accept-Language", "en"),
-            ("Supported", &self.supported),
-            ("Server", SERVER),
-        ]
-    }
-
-    /// The checks of §8.2.2 and §16.3 that apply to a server that does not route yet; returns
-    /// the refusal, or `None` for an OPTIONS addressed to this server.
-    fn check_request(&self, req: &Message, method: &Method) -> Option<Refusal> {
-        let refuse = |code, reason| {
-            Some(Refusal {
-                code,
-                reason,
-                unsupported: None,
-            })
-        };
-        let uri = req.request_uri().ok()?;
-        if !uri.is_routable_scheme() {
-            return refuse(416, "Unsupported URI Scheme");
-        }
-        if let Some(tags) = unsupported_option_tags(req) {
-            return Some(Refusal {
-                code: 420,
-                reason: "Bad Extension",
-                unsupported: Some(tags),
-            });
-        }
-        let for_me = self.identity.is_myself(&uri);
-        let max_forwards_zero = matches!(req.max_forwards(), Some(Ok(0)));
-        match method {
-            // §16.3 step 3: an OPTIONS with Max-Forwards 0 may be answered as its final recipient.
-            Method::Options if for_me || max_forwards_zero => None,
-            _ if max_forwards_zero => refuse(483, "Too Many Hops"),
-            _ => refuse(501, "Not Implemented"),
-        }
-    }
-
-    fn refuse_unparsable(
-        &self,
-        data: Bytes,
-        error: ParseError,
-        meta: &Meta,
-        out: &mut Vec<Output>,
-    ) {
-        match Message::salvage_request(data) {
-            Some(req) => self.refuse(&req, error, meta, out),
-            None => {
-                warn!(target: REFUSED, source = %meta.source, transport = %meta.kind, reason = %format_args!("unparsable ({error}); no answer can be routed"), "message dropped")
-            }
-        }
-    }
-
-    fn refuse(&self, req: &Message, error: ParseError, meta: &Meta, out: &mut Vec<Output>) {
-        let call_id = req.call_id().ok().map(Lossy);
-        let call_id = call_id.as_ref().map(tracing::field::display);
-        if req.method() == Some(&Method::Ack) {
-            warn!(target: REFUSED, call_id, source = %meta.source, transport = %meta.kind, reason = %format_args!("malformed ACK ({error}); an ACK is never answered"), "message dropped");
-            return;
-        }
-        let code = error.status();
-        let reason = refusal_reason(&error);
-        if req.top_via().is_err() {
-            warn!(target: REFUSED, call_id, source = %meta.source, transport = %meta.kind, %reason, "message dropped: no Via to answer to");
-            return;
-        }
-        info!(target: REFUSED, call_id, source = %meta.source, transport = %meta.kind, code, %reason, "request refused");
-        self.reply(req, meta, code, &reason, &[], out);
-    }
-
-    fn on_framing_error(
-        &self,
-        head: Bytes,
-        error: &FramingError,
-        meta: &Meta,
-        out: &mut Vec<Output>,
-    ) {
-        self.metrics.transport.parse_error(meta.kind);
-        let (code, reason) = match error {
-            FramingError::TooLarge { .. } => (413, format!("Request Entity Too Large ({error})")),
-            FramingError::MissingContentLength => (
-                400,
-                "Bad Request (Content-Length is mandatory on streams)".to_string(),
-            ),
-            FramingError::BadContentLength => {
-                (400, "Bad Request (invalid Content-Length)".to_string())
-            }
-            FramingError::HeadTooLarge { .. } => (0, String::new()),
-        };
-        match (code, Message::salvage_request(head)) {
-            (0, _) | (_, None) => {
-                warn!(target: REFUSED, source = %meta.source, transport = %meta.kind, reason = %format_args!("stream framing lost ({error}); no answer possible, connection closed"), "message dropped")
-            }
-            (code, Some(req)) => {
-                let call_id = req.call_id().ok().map(Lossy);
-                let call_id = call_id.as_ref().map(tracing::field::display);
-                info!(target: REFUSED, call_id, source = %meta.source, transport = %meta.kind, code, reason = %format_args!("{reason}; connection closed"), "request refused");
-                self.reply(&req, meta, code, &reason, &[], out);
-            }
-        }
-        if let Some(conn) = meta.conn {
-            out.push(Output::Close(conn));
-        }
-    }
-
-    /// A response to `req` with a To tag stable across its retransmissions.
-    fn build_response(
-        &self,
-        req: &Message,
-        code: u16,
-        reason: &str,
-        extra: &[(&str, &str)],
-    ) -> Bytes {
-        let tag = self.to_tag(req);
-        let mut builder = ResponseBuilder::new(req, code, reason).to_tag(tag.as_bytes());
-        for (name, value) in extra {
-            builder = builder.header(name, value.as_bytes());
-        }
-        builder.build()
-    }
-
-    /// A stateless answer, for requests too malformed to have a transaction (§8.2, §16.11).
-    fn reply(
-        &self,
-        req: &Message,
-        meta: &Meta,
-        code: u16,
-        reason: &str,
-        extra: &[(&str, &str)],
-        out: &mut Vec<Output>,
-    ) {
-        let Ok(via) = req.top_via() else { return };
-        let data = self.build_response(req, code, reason, extra);
-        out.push(Output::Send {
-            dest: response_destination(&via, meta),
-            data,
-        });
-    }
-
-    /// A To tag stable for one request and its retransmissions (§8.2.6.2, §17.2.1).
-    fn to_tag(&self, req: &Message) -> String {
-        let from_tag = req.from_tag().unwrap_or(b"");
-        let branch = req.top_via().ok().and_then(|v| v.branch()).unwrap_or(b"");
-        let call_id = req.header(HeaderName::CallId).unwrap_or(b"");
-        let h = self.tag_hasher.hash_one((call_id, from_tag, branch));
-        format!("mr{h:016x}")
-    }
 }
 
 /// Passes a received message to event loop `owner`, which handles it as if it had received it.
@@ -1158,78 +731,4 @@ fn hand_over(owner: usize, data: Bytes, meta: Meta, out: &mut Vec<Output>) {
         worker: owner,
         input: Input::Message { data, meta },
     });
-}
-
-/// Where a statelessly forwarded response goes (§18.2.2): the Via's received/rport when the
-/// previous hop recorded them, else its sent-by, which must be an IP literal (no DNS yet).
-/// A reliable transport reuses the connection the request came in on when it is still open.
-fn stateless_response_destination(
-    via: &crate::sip::Via<'_>,
-) -> Option<crate::transport::Destination> {
-    let kind = TransportKind::from_name(via.transport)?;
-    let default_port = kind.default_port();
-    let addr = via.recorded_response_addr(default_port)?;
-    Some(crate::transport::Destination {
-        kind,
-        addr,
-        conn: None,
-        local: None,
-        tls_name: None,
-        reuse_only: false,
-    })
-}
-
-/// Where a keep-alive goes: the binding's received address, from the socket it registered
-/// on; a stream ping only on an open connection.
-fn keepalive_destination(peer: &Peer, stream: bool) -> crate::transport::Destination {
-    crate::transport::Destination {
-        kind: peer.kind,
-        addr: peer.addr,
-        conn: None,
-        local: peer.local,
-        tls_name: None,
-        reuse_only: stream,
-    }
-}
-
-/// Why a request is refused: status, reason phrase, and for 420 the option tags to list in
-/// Unsupported (§8.2.2.3).
-struct Refusal {
-    code: u16,
-    reason: &'static str,
-    unsupported: Option<String>,
-}
-
-/// Require and Proxy-Require tags this build does not support, comma-separated (§8.2.2.3,
-/// §16.3 item 5), or `None` when all are supported.
-fn unsupported_option_tags(req: &Message) -> Option<String> {
-    let mut list = String::new();
-    let tags = [HeaderName::Require, HeaderName::ProxyRequire]
-        .into_iter()
-        .flat_map(|h| req.option_tags(h))
-        .filter_map(Result::ok);
-    for tag in tags {
-        if SUPPORTED
-            .iter()
-            .any(|s| s.as_bytes().eq_ignore_ascii_case(tag))
-        {
-            continue;
-        }
-        if !list.is_empty() {
-            list.push_str(", ");
-        }
-        list.push_str(&String::from_utf8_lossy(tag));
-    }
-    (!list.is_empty()).then_some(list)
-}
-
-/// A reason phrase that names the problem, e.g. "Bad Request (CSeq: method does not match the
-/// request method)".
-fn refusal_reason(error: &ParseError) -> String {
-    let standard = match error.status() {
-        505 => "Version Not Supported",
-        413 => "Request Entity Too Large",
-        _ => "Bad Request",
-    };
-    format!("{standard} ({error})")
 }

@@ -537,6 +537,13 @@ impl Message {
         self.tag_of(HeaderName::To, Self::to)
     }
 
+    /// Whether this request is sent inside a dialog: its To has a tag (RFC 3261 §12.2; a
+    /// request outside a dialog has none, §8.1.1.2). Proxies route such requests by their
+    /// Route set (§16.4, §16.12) rather than as initial requests.
+    pub fn is_in_dialog(&self) -> bool {
+        self.to_tag().is_some()
+    }
+
     fn tag_of<'m>(
         &'m self,
         name: HeaderName,

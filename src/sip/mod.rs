@@ -6,6 +6,7 @@
 //! building responses to requests (§8.2.6).
 
 pub mod error;
+pub mod extensions;
 pub mod header;
 pub(crate) mod layout;
 pub mod message;

@@ -56,6 +56,22 @@ fn typical_invite() {
     );
 }
 
+/// §12.2: a To tag puts a request inside a dialog, whether the message was validated (the
+/// tag found by scanning) or not (found by parsing To).
+#[test]
+fn in_dialog_is_a_to_tag() {
+    let initial = parse(INVITE);
+    assert!(!initial.is_in_dialog());
+    let bye = parse(&INVITE.replace(
+        "To: Bob <sip:bob@biloxi.example.com>",
+        "To: Bob <sip:bob@biloxi.example.com>;tag=a6c85cf",
+    ));
+    assert!(bye.is_in_dialog());
+    let mut validated = bye.clone();
+    validated.check_valid().unwrap();
+    assert!(validated.is_in_dialog());
+}
+
 #[test]
 fn unedited_message_is_byte_exact() {
     let m = parse(INVITE);

@@ -306,7 +306,7 @@ impl TransactionLayer {
     /// must be refused.
     fn sheds(&mut self, request: &Message) -> Option<&'static str> {
         let shedding = self.shedding?;
-        if request.method() == Some(&Method::Cancel) || in_dialog(request) {
+        if request.method() == Some(&Method::Cancel) || request.is_in_dialog() {
             return None;
         }
         self.shed_credit += shedding.fraction;
@@ -954,11 +954,6 @@ pub struct Shedding {
 
 /// The To tag of the 503s sent without a transaction, recognised in their ACKs.
 const STATELESS_503_TAG: &[u8] = b"mr503";
-
-/// A request inside a dialog: its To has a tag (RFC 3261 §12.2.2).
-fn in_dialog(request: &Message) -> bool {
-    request.to().is_ok_and(|to| to.tag().is_some())
-}
 
 /// An ACK for a 503 this layer sent without a transaction (its To tag is ours).
 fn acknowledges_our_503(ack: &Message) -> bool {
