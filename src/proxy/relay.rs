@@ -17,17 +17,17 @@
 //! response that the kernel delivers to another loop can be handed back ([`owner_of_branch`]).
 //!
 //! Next hops (RFC 3263): an IP literal is used at once; a host name is handed to the shell to
-//! resolve ([`Relay::take_resolves`] → [`Relay::on_resolved`]) while the branch waits, so the
+//! resolve ([`RelayAction::Resolve`] → [`Relay::on_resolved`]) while the branch waits, so the
 //! loop never blocks on DNS. A branch then works through the ordered addresses (§4.3): on a
 //! transport error, a timeout (Timer B/F) or a 503 it moves to the next address with a new
 //! client transaction and branch ID; the response context and the script see only the
 //! outcome of the last attempt. With no address left the branch counts as unreachable (503,
 //! which goes upstream as 500).
 
-use std::borrow::Cow;
+mod actions;
+pub use actions::{ClientPurpose, RelayAction, RelayActions, Reply};
 
 use crate::id_map::IdMap;
-use crate::location::CommitTicket;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 use std::net::SocketAddr;
@@ -46,32 +46,24 @@ use super::router::{
     BranchEdit, Decision, FailureDecision, FailureTimers, ReplySource, RouteHandle, RouteInfo,
     Routed, Router,
 };
-use crate::dialog::DialogTracker;
+use crate::dialog::{Bye, DialogTracker};
 use crate::dns::{self, Candidate, ResolveError};
 use crate::logging::{call_id, Throttle, REFUSED};
 use crate::memory::{shrink_heap_if_sparse, shrink_if_sparse};
 use crate::sip::{Message, Method, ResponseBuilder};
-use crate::transaction::client_invite::cancel_for;
-use crate::transaction::layer::{LayerOutput, TransactionLayer, TxId};
+use crate::transaction::layer::{SendError, TxId};
 use crate::transaction::Event;
 use crate::transport::{response_destination, Destination, ListenAddr, Meta, TransportKind};
 
 /// What became of a request handed to the relay.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Handled {
+#[derive(Debug)]
+enum Handled {
     /// It is being relayed; its answer will come through the server transaction.
     Relayed,
     /// It was forwarded statelessly or dropped: its server transaction was abandoned.
     Done,
-    /// Answer it here (the caller builds the response).
-    Reply {
-        code: u16,
-        reason: Cow<'static, str>,
-        unsupported: Option<String>,
-        headers: Vec<(String, String)>,
-        /// Send it only once this write is on disk.
-        wait_for: Option<CommitTicket>,
-    },
+    /// Answer it here (the core builds the response).
+    Reply(Reply),
 }
 
 /// One relayed request.
@@ -148,6 +140,23 @@ struct BranchRun {
     /// The target's destination override (a contact behind a NAT): sent there only, on an
     /// open connection for streams ([`Destination::reuse_only`]).
     pinned: bool,
+}
+
+/// The Via branch ID of a branch's next attempt, and the copy built for its first attempt
+/// (reused when it leaves on the inbound transport).
+struct NextAttempt {
+    branch_id: String,
+    first: Option<Message>,
+}
+
+/// A `ctl dlg end` request waiting for its BYEs to be started.
+struct PendingEnd {
+    id: u64,
+    reply: std::sync::mpsc::Sender<Result<String, String>>,
+    /// The parties a BYE went to.
+    sent: Vec<&'static str>,
+    /// BYEs not started yet.
+    waiting: usize,
 }
 
 /// What waits for a DNS answer.
@@ -227,13 +236,14 @@ pub struct Relay {
     /// DNS resolutions asked for and not answered yet, by id.
     resolving: IdMap<u64, Resolving>,
     next_resolve: u64,
-    /// Resolutions to ask the shell for; see [`Relay::take_resolves`].
-    resolve_requests: Vec<(u64, dns::Query)>,
     /// Callees whose answer carried only our Via, logged once per address per period (per
     /// event loop: a callee answering calls of several loops is logged by each).
     callee_mistakes: Throttle<SocketAddr>,
     /// This loop's dialogs (`crate::dialog`), shared with the router; `None`: not tracked.
     dialogs: Option<DialogTracker>,
+    /// `ctl dlg end` requests whose BYEs are being started.
+    ends: Vec<PendingEnd>,
+    next_end: u64,
 }
 
 /// How long a callee's answers carrying only our Via go unlogged after one was logged.
@@ -290,9 +300,10 @@ impl Relay {
             fr_queue: BinaryHeap::new(),
             resolving: IdMap::default(),
             next_resolve: 0,
-            resolve_requests: Vec::new(),
             callee_mistakes: Throttle::new(CALLEE_MISTAKE_LOG_PERIOD, CALLEE_MISTAKE_LOG_KEYS),
             dialogs: None,
+            ends: Vec::new(),
+            next_end: 0,
         }
     }
 
@@ -327,20 +338,29 @@ impl Relay {
     pub fn on_request(
         &mut self,
         tx: TxId,
+        request: Message,
+        meta: Meta,
+        now: Instant,
+        out: &mut RelayActions,
+    ) {
+        // The answer, if any, mirrors the request as received (§8.2.6.2), not as routed.
+        let handled = self.route_request(tx, request.clone(), meta, now, out);
+        reply_if_asked(tx, request, meta, handled, out);
+    }
+
+    fn route_request(
+        &mut self,
+        tx: TxId,
         mut request: Message,
         meta: Meta,
         now: Instant,
-        layer: &mut TransactionLayer,
-        out: &mut Vec<LayerOutput>,
+        out: &mut RelayActions,
     ) -> Handled {
         if let Err(r) = check_request(&request, &self.supported) {
-            return Handled::Reply {
-                code: r.code,
-                reason: Cow::Borrowed(r.reason),
+            return Handled::Reply(Reply {
                 unsupported: r.unsupported,
-                headers: Vec::new(),
-                wait_for: None,
-            };
+                ..Reply::new(r.code, r.reason)
+            });
         }
         if detect_loop(&request, &self.me) {
             return reply(482, "Loop Detected");
@@ -363,14 +383,13 @@ impl Relay {
             branch_base,
             trying,
         };
-        self.after_route(purpose, request, meta, routed, now, layer, out)
+        self.after_route(purpose, request, meta, routed, now, out)
             .unwrap_or(Handled::Done)
     }
 
     /// Carries out what the router decided for a request, a CANCEL or an ACK; a
     /// [`Decision::Resolve`] suspends it until [`Relay::on_resolved`]. The answer the caller
     /// owes (none for an ACK).
-    #[allow(clippy::too_many_arguments)]
     fn after_route(
         &mut self,
         purpose: Purpose,
@@ -378,13 +397,12 @@ impl Relay {
         meta: Meta,
         routed: Routed,
         now: Instant,
-        layer: &mut TransactionLayer,
-        out: &mut Vec<LayerOutput>,
+        out: &mut RelayActions,
     ) -> Option<Handled> {
         let Routed { decision, handle } = routed;
         if let Decision::Resolve { query } = decision {
-            let purpose = self.trying_while_waiting(purpose, now, layer, out);
-            return self.suspend(purpose, request, meta, handle, query);
+            let purpose = Self::trying_while_waiting(purpose, out);
+            return self.suspend(purpose, request, meta, handle, query, out);
         }
         let routed = Routed { decision, handle };
         match purpose {
@@ -394,10 +412,10 @@ impl Relay {
                 trying,
             } => {
                 let request_tx = (tx, branch_base, trying);
-                Some(self.relay_routed(request_tx, request, meta, routed, now, layer, out))
+                Some(self.relay_routed(request_tx, request, meta, routed, now, out))
             }
             Purpose::Cancel { tx } => {
-                Some(self.cancel_routed(tx, &request, &meta, routed, layer, out))
+                Some(self.cancel_routed(tx, &request, &meta, routed, out))
             }
             Purpose::Ack => {
                 self.ack_routed(&request, &meta, routed, out);
@@ -408,20 +426,18 @@ impl Relay {
 
     /// An INVITE waiting for DNS gets its 100 Trying now (§16.2, §17.2.1: within 200 ms), so
     /// the caller stops retransmitting however long the lookup takes.
-    fn trying_while_waiting(
-        &mut self,
-        purpose: Purpose,
-        now: Instant,
-        layer: &mut TransactionLayer,
-        out: &mut Vec<LayerOutput>,
-    ) -> Purpose {
+    fn trying_while_waiting(purpose: Purpose, out: &mut RelayActions) -> Purpose {
         match purpose {
             Purpose::Request {
                 tx,
                 branch_base,
                 trying: Some(trying),
             } => {
-                layer.respond(tx, 100, trying, now, out);
+                out.push(RelayAction::ServerRespond {
+                    tx,
+                    status: 100,
+                    response: trying,
+                });
                 Purpose::Request {
                     tx,
                     branch_base,
@@ -440,6 +456,7 @@ impl Relay {
         meta: Meta,
         handle: Option<RouteHandle>,
         query: dns::Query,
+        out: &mut RelayActions,
     ) -> Option<Handled> {
         let answer = match purpose {
             Purpose::Ack => None,
@@ -455,7 +472,7 @@ impl Relay {
             meta,
             handle,
         };
-        let asked = self.ask_resolve(query, Resolving::Route(Box::new(suspended)));
+        let asked = self.ask_resolve(query, Resolving::Route(Box::new(suspended)), out);
         match asked {
             Ok(()) => Some(Handled::Relayed),
             Err(what) => {
@@ -468,7 +485,6 @@ impl Relay {
     }
 
     /// §16.5-§16.7 for a routed request in server transaction `tx`.
-    #[allow(clippy::too_many_arguments)]
     fn relay_routed(
         &mut self,
         (tx, branch_base, trying): (TxId, String, Option<Bytes>),
@@ -476,13 +492,13 @@ impl Relay {
         meta: Meta,
         routed: Routed,
         now: Instant,
-        layer: &mut TransactionLayer,
-        out: &mut Vec<LayerOutput>,
+        out: &mut RelayActions,
     ) -> Handled {
         if request.is_edited() {
             // The router may have changed the top Via (`req:force_rport()`): responses follow.
             if let Ok(via) = request.top_via() {
-                layer.set_response_destination(tx, response_destination(&via, &meta));
+                let dest = response_destination(&via, &meta);
+                out.push(RelayAction::SetResponseDestination { tx, dest });
             }
         }
         let handle = routed.handle;
@@ -496,7 +512,7 @@ impl Relay {
                 if let Some(handle) = handle {
                     self.router.release(handle);
                 }
-                return self.carry_out_stateless(tx, other, &request, &meta, layer, out);
+                return self.carry_out_stateless(tx, other, &request, &meta, out);
             }
         };
         if let Some(dialogs) = &self.dialogs {
@@ -519,7 +535,11 @@ impl Relay {
         if let Some(trying) = trying {
             // §16.2: a stateful proxy answers an INVITE it forwards with 100 Trying at once,
             // so the upstream client stops retransmitting (§17.1.1.2).
-            layer.respond(tx, 100, trying, now, out);
+            out.push(RelayAction::ServerRespond {
+                tx,
+                status: 100,
+                response: trying,
+            });
         }
         let is_invite = request.method() == Some(&Method::Invite);
         let mut actions = Vec::new();
@@ -548,7 +568,7 @@ impl Relay {
             failover_request: None,
         };
         self.calls.insert(tx, Box::new(call));
-        self.apply(tx, actions, now, layer, out);
+        self.apply(tx, actions, now, out);
         Handled::Relayed
     }
 
@@ -595,8 +615,7 @@ impl Relay {
         decision: Decision,
         request: &Message,
         meta: &Meta,
-        layer: &mut TransactionLayer,
-        out: &mut Vec<LayerOutput>,
+        out: &mut RelayActions,
     ) -> Handled {
         match decision {
             Decision::Reply {
@@ -605,13 +624,13 @@ impl Relay {
                 headers,
                 wait_for,
             } => {
-                return Handled::Reply {
+                return Handled::Reply(Reply {
                     code,
                     reason,
                     unsupported: None,
                     headers,
                     wait_for,
-                }
+                })
             }
             Decision::Forward {
                 target,
@@ -626,7 +645,7 @@ impl Relay {
                 info!(target: REFUSED, call_id = %call_id(request), source = %meta.source, transport = %meta.kind, reason = "the routing script dropped it (no answer sent)", "request dropped");
             }
         }
-        layer.abandon_server(tx);
+        out.push(RelayAction::AbandonServer { tx });
         Handled::Done
     }
 
@@ -639,7 +658,7 @@ impl Relay {
         destination: Option<Bytes>,
         record_route: bool,
         meta: &Meta,
-        out: &mut Vec<LayerOutput>,
+        out: &mut RelayActions,
     ) {
         let Some(ruri) = self.request_uri_target(request).map(|t| t.uri).or_else(|| {
             // Addressed to us with nothing to follow: only an explicit destination helps.
@@ -683,7 +702,7 @@ impl Relay {
             }
             None => {
                 // Too many lookups in flight: already logged, and the sender retransmits.
-                let _ = self.ask_resolve(query, Resolving::Forward(Box::new(forward)));
+                let _ = self.ask_resolve(query, Resolving::Forward(Box::new(forward)), out);
             }
         }
     }
@@ -695,7 +714,7 @@ impl Relay {
         forward: &StatelessForward,
         mut first: Option<Message>,
         candidates: &[Candidate],
-        out: &mut Vec<LayerOutput>,
+        out: &mut RelayActions,
     ) {
         for candidate in candidates {
             let built = copy_for(
@@ -708,7 +727,7 @@ impl Relay {
                 forward.record_route,
             );
             if let Ok((copy, dest)) = built {
-                out.push(LayerOutput::Send {
+                out.push(RelayAction::SendStateless {
                     dest,
                     data: copy.to_bytes(),
                 });
@@ -724,11 +743,22 @@ impl Relay {
     pub fn on_unmatched_cancel(
         &mut self,
         tx: TxId,
+        request: Message,
+        meta: Meta,
+        now: Instant,
+        out: &mut RelayActions,
+    ) {
+        let handled = self.route_unmatched_cancel(tx, request.clone(), meta, now, out);
+        reply_if_asked(tx, request, meta, handled, out);
+    }
+
+    fn route_unmatched_cancel(
+        &mut self,
+        tx: TxId,
         mut request: Message,
         meta: Meta,
         now: Instant,
-        layer: &mut TransactionLayer,
-        out: &mut Vec<LayerOutput>,
+        out: &mut RelayActions,
     ) -> Handled {
         let Some(info) = self.preprocess(&mut request) else {
             return reply(400, "Bad Request (Route)");
@@ -740,7 +770,6 @@ impl Relay {
             meta,
             routed,
             now,
-            layer,
             out,
         )
         .unwrap_or(Handled::Done)
@@ -752,8 +781,7 @@ impl Relay {
         request: &Message,
         meta: &Meta,
         routed: Routed,
-        layer: &mut TransactionLayer,
-        out: &mut Vec<LayerOutput>,
+        out: &mut RelayActions,
     ) -> Handled {
         if let Some(handle) = routed.handle {
             self.router.release(handle);
@@ -769,7 +797,7 @@ impl Relay {
             },
             other => other,
         };
-        self.carry_out_stateless(tx, decision, request, meta, layer, out)
+        self.carry_out_stateless(tx, decision, request, meta, out)
     }
 
     /// A CANCEL from upstream matched INVITE server transaction `invite` (§16.10).
@@ -777,8 +805,7 @@ impl Relay {
         &mut self,
         invite: TxId,
         now: Instant,
-        layer: &mut TransactionLayer,
-        out: &mut Vec<LayerOutput>,
+        out: &mut RelayActions,
     ) {
         let mut actions = Vec::new();
         if let Some(call) = self.calls.get_mut(&invite) {
@@ -797,7 +824,7 @@ impl Relay {
                 call.context.on_branch_ended(branch, 487, now, &mut actions);
             }
         }
-        self.apply(invite, actions, now, layer, out);
+        self.apply(invite, actions, now, out);
     }
 
     /// An ACK that matched no transaction: the ACK for a 2xx (or for a non-2xx of a request
@@ -808,8 +835,7 @@ impl Relay {
         mut ack: Message,
         meta: Meta,
         now: Instant,
-        layer: &mut TransactionLayer,
-        out: &mut Vec<LayerOutput>,
+        out: &mut RelayActions,
     ) {
         let dropped = |ack: &Message, reason: &str| {
             info!(target: REFUSED, call_id = %call_id(ack), source = %meta.source, transport = %meta.kind, reason, "ACK dropped");
@@ -828,7 +854,7 @@ impl Relay {
             return dropped(&ack, "addressed to this proxy with no Route: it acknowledges no transaction or dialog here");
         }
         let routed = self.router.route(&mut ack, &meta, info);
-        self.after_route(Purpose::Ack, ack, meta, routed, now, layer, out);
+        self.after_route(Purpose::Ack, ack, meta, routed, now, out);
     }
 
     fn ack_routed(
@@ -836,7 +862,7 @@ impl Relay {
         ack: &Message,
         meta: &Meta,
         routed: Routed,
-        out: &mut Vec<LayerOutput>,
+        out: &mut RelayActions,
     ) {
         if let Some(handle) = routed.handle {
             self.router.release(handle);
@@ -871,6 +897,53 @@ impl Relay {
 
     // ----- client transaction events ------------------------------------------------
 
+    /// The outcome of [`RelayAction::StartClient`]: the client transaction `dest` is
+    /// reached through, or why none was started (the branch then tries its next address).
+    pub fn on_client_started(
+        &mut self,
+        purpose: ClientPurpose,
+        dest: Destination,
+        started: Result<TxId, SendError>,
+        now: Instant,
+        out: &mut RelayActions,
+    ) {
+        let (server, branch, branch_id) = match purpose {
+            ClientPurpose::Branch {
+                server,
+                branch,
+                branch_id,
+            } => (server, branch, branch_id),
+            ClientPurpose::Bye { bye, end } => return self.bye_started(bye, end, dest.addr, started),
+        };
+        match started {
+            Ok(client) => {
+                let Some(call) = self.calls.get_mut(&server) else {
+                    return;
+                };
+                let Some(Some(run)) = call.branches.get_mut(branch.0) else {
+                    return;
+                };
+                debug!(addr = %dest.addr, transport = %dest.kind, "branch sent");
+                run.current = Some((client, dest));
+                self.branch_of.insert(client, (server, branch));
+                if let Some(fr) = call.fr_timer {
+                    self.fr_queue
+                        .push(Reverse((now + fr, server, branch.0, client)));
+                }
+            }
+            Err(error) => {
+                warn!(?error, "cannot start a client transaction");
+                let mut more = Vec::new();
+                let next = NextAttempt {
+                    branch_id,
+                    first: None,
+                };
+                self.attempt(server, branch, next, now, out, &mut more);
+                self.apply(server, more, now, out);
+            }
+        }
+    }
+
     /// An event of a branch's client transaction; `source` is where a response came from
     /// ([`crate::transaction::layer::Upcall::Client`]), given to the router's `on_reply`.
     pub fn on_client_event(
@@ -879,8 +952,7 @@ impl Relay {
         event: Event,
         source: Option<Meta>,
         now: Instant,
-        layer: &mut TransactionLayer,
-        out: &mut Vec<LayerOutput>,
+        out: &mut RelayActions,
     ) {
         let Some(&(server, branch)) = self.branch_of.get(&client) else {
             if let Some(dialogs) = &mut self.dialogs {
@@ -897,7 +969,7 @@ impl Relay {
             Event::Response(response) => response.status() == Some(503),
             Event::Ack(_) | Event::AckTimeout => false,
         };
-        if fails_over && self.fail_over(server, branch, client, now, layer, out) {
+        if fails_over && self.fail_over(server, branch, client, now, out) {
             return;
         }
         let mut actions = Vec::new();
@@ -958,7 +1030,7 @@ impl Relay {
                 Event::Ack(_) | Event::AckTimeout => {}
             }
         }
-        self.apply(server, actions, now, layer, out);
+        self.apply(server, actions, now, out);
     }
 
     /// The shell could not send to `(kind, addr)`: every branch heading there has a transport
@@ -967,8 +1039,7 @@ impl Relay {
         &mut self,
         kind: TransportKind,
         addr: SocketAddr,
-        layer: &mut TransactionLayer,
-        out: &mut Vec<LayerOutput>,
+        out: &mut RelayActions,
     ) {
         let failed: Vec<TxId> = self
             .calls
@@ -980,7 +1051,7 @@ impl Relay {
             .collect();
         for tx in failed {
             // The events come back through the layer as Upcall::Client and reach the branch.
-            layer.on_transport_error(tx, out);
+            out.push(RelayAction::FailClient { client: tx });
         }
     }
 
@@ -1045,8 +1116,7 @@ impl Relay {
     pub fn on_timer(
         &mut self,
         now: Instant,
-        layer: &mut TransactionLayer,
-        out: &mut Vec<LayerOutput>,
+        out: &mut RelayActions,
     ) {
         while let Some(Reverse((at, server, branch))) = self.timer_c_queue.peek().copied() {
             if at > now {
@@ -1060,7 +1130,7 @@ impl Relay {
                 call.context.on_timer_c(BranchId(branch), now, &mut actions);
             }
             let _entered = span.as_ref().map(tracing::Span::enter);
-            self.apply(server, actions, now, layer, out);
+            self.apply(server, actions, now, out);
         }
         shrink_heap_if_sparse(&mut self.timer_c_queue);
         while let Some(Reverse((at, server, branch, client))) = self.fr_queue.peek().copied() {
@@ -1068,12 +1138,12 @@ impl Relay {
                 break;
             }
             self.fr_queue.pop();
-            self.on_fr_timer(server, BranchId(branch), client, now, layer, out);
+            self.on_fr_timer(server, BranchId(branch), client, now, out);
         }
         shrink_heap_if_sparse(&mut self.fr_queue);
         if let Some(dialogs) = &self.dialogs {
             let byes = dialogs.on_timer(now);
-            self.send_byes(byes, now, layer, out);
+            self.send_byes(byes, None, out);
             self.dialogs_after_router();
         }
     }
@@ -1087,8 +1157,7 @@ impl Relay {
         branch: BranchId,
         client: TxId,
         now: Instant,
-        layer: &mut TransactionLayer,
-        out: &mut Vec<LayerOutput>,
+        out: &mut RelayActions,
     ) {
         let Some(call) = self.calls.get(&server) else {
             return;
@@ -1106,24 +1175,20 @@ impl Relay {
         let span = crate::logging::message_span(&call.request);
         let _entered = span.enter();
         info!(addr = %dest.addr, transport = %dest.kind, after_ms = call.fr_timer.map_or(0, |d| d.as_millis() as u64), "no response within the failure timer (fr_timer)");
-        if self.fail_over(server, branch, client, now, layer, out) {
+        if self.fail_over(server, branch, client, now, out) {
             return;
         }
         let mut actions = Vec::new();
         if let Some(call) = self.calls.get_mut(&server) {
             call.context.give_up(branch, now, &mut actions);
         }
-        self.apply(server, actions, now, layer, out);
+        self.apply(server, actions, now, out);
     }
 
     /// Carries out the `ctl dlg end` requests waiting for this loop (the shell's wake-up):
-    /// each confirmed call is ended with BYEs, and the control client told what was done.
-    pub fn on_wake(
-        &mut self,
-        now: Instant,
-        layer: &mut TransactionLayer,
-        out: &mut Vec<LayerOutput>,
-    ) {
+    /// each confirmed call is ended with BYEs, and the control client told what was done
+    /// once they are sent ([`Relay::on_client_started`]).
+    pub fn on_wake(&mut self, now: Instant, out: &mut RelayActions) {
         let Some(dialogs) = &self.dialogs else {
             return;
         };
@@ -1131,30 +1196,36 @@ impl Relay {
             let Some(dialogs) = &self.dialogs else {
                 return;
             };
-            let answer = match dialogs.end(request.id, now) {
+            match dialogs.end(request.id, now) {
                 Ok(byes) => {
-                    let sent = self.send_byes(byes, now, layer, out);
-                    Ok(format!("ended: BYE sent to {}", sent.join(" and ")))
+                    self.next_end += 1;
+                    let end = self.next_end;
+                    let waiting = self.send_byes(byes, Some(end), out);
+                    self.ends.push(PendingEnd {
+                        id: end,
+                        reply: request.reply,
+                        sent: Vec::new(),
+                        waiting,
+                    });
+                    self.answer_end_if_done(end);
                 }
-                Err(why) => Err(why.to_owned()),
-            };
-            // The client may have given up waiting: nothing to tell then.
-            let _ = request.reply.send(answer);
+                // The client may have given up waiting: nothing to tell then.
+                Err(why) => drop(request.reply.send(Err(why.to_owned()))),
+            }
         }
         self.dialogs_after_router();
     }
 
-    /// Sends the proxy's BYEs (`crate::dialog::bye`) through client transactions: to the
-    /// party's recorded address, from our listener of that transport and family, along the
-    /// route set on its side of us. Returns the parties they went to.
+    /// Asks for the proxy's BYEs (`crate::dialog::bye`) to be sent through client
+    /// transactions: to the party's recorded address, from our listener of that transport and
+    /// family, along the route set on its side of us. Returns how many were asked for.
     fn send_byes(
         &mut self,
         byes: Vec<crate::dialog::Bye>,
-        now: Instant,
-        layer: &mut TransactionLayer,
-        out: &mut Vec<LayerOutput>,
-    ) -> Vec<&'static str> {
-        let mut sent = Vec::new();
+        end: Option<u64>,
+        out: &mut RelayActions,
+    ) -> usize {
+        let mut asked = 0;
         for bye in byes {
             let call_id = String::from_utf8_lossy(&bye.call_id).into_owned();
             let party = bye.to_side.as_str();
@@ -1203,19 +1274,61 @@ impl Relay {
                 );
                 continue;
             };
-            let addr = dest.addr;
-            match layer.send_request(message, dest, now, out) {
-                Ok(tx) => {
-                    info!(call_id, party, %addr, "BYE sent");
-                    if let Some(dialogs) = &mut self.dialogs {
-                        dialogs.bye_sent(tx, &bye);
-                    }
-                    sent.push(party);
+            out.push(RelayAction::StartClient {
+                request: message,
+                dest,
+                purpose: ClientPurpose::Bye { bye, end },
+            });
+            asked += 1;
+        }
+        asked
+    }
+
+    /// The outcome of one of the proxy's BYEs ([`Relay::send_byes`]).
+    fn bye_started(
+        &mut self,
+        bye: Bye,
+        end: Option<u64>,
+        addr: SocketAddr,
+        started: Result<TxId, SendError>,
+    ) {
+        let call_id = String::from_utf8_lossy(&bye.call_id).into_owned();
+        let party = bye.to_side.as_str();
+        let sent = match started {
+            Ok(tx) => {
+                info!(call_id, party, %addr, "BYE sent");
+                if let Some(dialogs) = &mut self.dialogs {
+                    dialogs.bye_sent(tx, &bye);
                 }
-                Err(error) => warn!(call_id, party, ?error, "BYE not sent"),
+                true
+            }
+            Err(error) => {
+                warn!(call_id, party, ?error, "BYE not sent");
+                false
+            }
+        };
+        let Some(end) = end else {
+            return;
+        };
+        if let Some(pending) = self.ends.iter_mut().find(|p| p.id == end) {
+            pending.waiting = pending.waiting.saturating_sub(1);
+            if sent {
+                pending.sent.push(party);
             }
         }
-        sent
+        self.answer_end_if_done(end);
+    }
+
+    /// Tells the control client of end request `end` which BYEs went, once all were tried.
+    fn answer_end_if_done(&mut self, end: u64) {
+        let Some(index) = self.ends.iter().position(|p| p.id == end && p.waiting == 0) else {
+            return;
+        };
+        let done = self.ends.swap_remove(index);
+        // The client may have given up waiting: nothing to tell then.
+        let _ = done
+            .reply
+            .send(Ok(format!("ended: BYE sent to {}", done.sent.join(" and "))));
     }
 
     /// Hands the records of the calls that just ended (by the relay's events, or by the
@@ -1255,15 +1368,14 @@ impl Relay {
         server: TxId,
         actions: Vec<ContextAction>,
         now: Instant,
-        layer: &mut TransactionLayer,
-        out: &mut Vec<LayerOutput>,
+        out: &mut RelayActions,
     ) {
         let mut queue: VecDeque<ContextAction> = actions.into();
         while let Some(action) = queue.pop_front() {
             let mut more = Vec::new();
             match action {
                 ContextAction::StartBranch { branch, target } => {
-                    self.start_branch(server, branch, &target, now, layer, out, &mut more)
+                    self.start_branch(server, branch, &target, now, out, &mut more)
                 }
                 ContextAction::ForwardUpstream(response)
                 | ContextAction::FinalUpstream(response) => {
@@ -1272,11 +1384,15 @@ impl Relay {
                         self.dialogs_after_router();
                     }
                     let status = response.status().unwrap_or(500);
-                    layer.respond(server, status, response.to_bytes(), now, out);
+                    out.push(RelayAction::ServerRespond {
+                        tx: server,
+                        status,
+                        response: response.to_bytes(),
+                    });
                 }
                 ContextAction::Cancel(branches) => {
                     for branch in branches {
-                        self.cancel_branch(server, branch, now, layer, out);
+                        self.cancel_branch(server, branch, out);
                     }
                 }
                 ContextAction::StartTimerC { branch, at } => {
@@ -1334,18 +1450,19 @@ impl Relay {
         }
         self.settle(server);
         let kept = self.calls.get(&server).map_or(0, |call| call.footprint());
-        layer.charge_user_state(server, kept);
+        out.push(RelayAction::ChargeServer {
+            tx: server,
+            bytes: kept,
+        });
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn start_branch(
         &mut self,
         server: TxId,
         branch: BranchId,
         target: &Target,
         now: Instant,
-        layer: &mut TransactionLayer,
-        out: &mut Vec<LayerOutput>,
+        out: &mut RelayActions,
         more: &mut Vec<ContextAction>,
     ) {
         let Some(call) = self.calls.get_mut(&server) else {
@@ -1423,15 +1540,13 @@ impl Relay {
                 pinned: true,
             });
             return match first {
-                Ok(first) => self.attempt(
-                    server,
-                    branch,
-                    Some((first, branch_id)),
-                    now,
-                    layer,
-                    out,
-                    more,
-                ),
+                Ok(first) => {
+                    let next = NextAttempt {
+                        branch_id,
+                        first: Some(first),
+                    };
+                    self.attempt(server, branch, next, now, out, more)
+                }
                 Err(reason) => self.branch_unreachable(server, branch, reason, now, more),
             };
         }
@@ -1463,15 +1578,11 @@ impl Relay {
                 if let Some(run) = self.run_mut(server, branch) {
                     run.remaining = candidates.into();
                 }
-                self.attempt(
-                    server,
-                    branch,
-                    Some((first, branch_id)),
-                    now,
-                    layer,
-                    out,
-                    more,
-                );
+                let next = NextAttempt {
+                    branch_id,
+                    first: Some(first),
+                };
+                self.attempt(server, branch, next, now, out, more);
             }
             Some(Err(error)) => {
                 info!(host = %hop.host, %error, "next hop unusable");
@@ -1479,7 +1590,7 @@ impl Relay {
             }
             None => {
                 if self
-                    .ask_resolve(query, Resolving::Branch { server, branch })
+                    .ask_resolve(query, Resolving::Branch { server, branch }, out)
                     .is_err()
                 {
                     self.branch_unreachable(
@@ -1521,31 +1632,35 @@ impl Relay {
         }
     }
 
-    /// Sends the branch to the next of its remaining addresses that takes it (RFC 3263 §4.3),
-    /// with a new branch ID unless `first` brings the copy built for the first attempt. With
-    /// no address left the branch is unreachable (503).
-    #[allow(clippy::too_many_arguments)]
+    /// A new Via branch ID for the next attempt of a branch of the call in `server`.
+    fn next_attempt(&mut self, server: TxId) -> NextAttempt {
+        self.next_unique += 1;
+        let base = self
+            .calls
+            .get(&server)
+            .map_or("", |c| c.branch_base.as_str());
+        NextAttempt {
+            branch_id: branch_id(base, self.loop_index, self.next_unique),
+            first: None,
+        }
+    }
+
+    /// Asks for the branch to be sent to the next of its remaining addresses that takes a
+    /// copy (RFC 3263 §4.3), with `next`'s branch ID and, where it leaves that way, its copy
+    /// built for the first attempt. With no address left the branch is unreachable (503).
     fn attempt(
         &mut self,
         server: TxId,
         branch: BranchId,
-        mut first: Option<(Message, String)>,
+        next: NextAttempt,
         now: Instant,
-        layer: &mut TransactionLayer,
-        out: &mut Vec<LayerOutput>,
+        out: &mut RelayActions,
         more: &mut Vec<ContextAction>,
     ) {
-        let branch_id = match &first {
-            Some((_, id)) => id.clone(),
-            None => {
-                self.next_unique += 1;
-                let base = self
-                    .calls
-                    .get(&server)
-                    .map_or("", |c| c.branch_base.as_str());
-                branch_id(base, self.loop_index, self.next_unique)
-            }
-        };
+        let NextAttempt {
+            branch_id,
+            mut first,
+        } = next;
         let (me, bound, now_wall) = (&self.me, &self.bound, wall_clock());
         let Some(call) = self.calls.get_mut(&server) else {
             return;
@@ -1561,41 +1676,35 @@ impl Relay {
                 now: now_wall,
                 tracked: call.tracked,
             };
-            let first_copy = first.take().map(|(copy, _)| copy);
             let built = copy_for(
                 me,
                 bound,
                 &parts,
-                first_copy,
+                first.take(),
                 &candidate,
                 call.inbound,
                 call.record_route,
             );
-            let (copy, dest) = match built {
-                Ok((copy, dest)) => (
-                    copy,
-                    Destination {
+            match built {
+                Ok((copy, dest)) => {
+                    let dest = Destination {
                         reuse_only: run.pinned && dest.kind.is_stream(),
                         ..dest
-                    },
-                ),
+                    };
+                    let purpose = ClientPurpose::Branch {
+                        server,
+                        branch,
+                        branch_id,
+                    };
+                    return out.push(RelayAction::StartClient {
+                        request: copy,
+                        dest,
+                        purpose,
+                    });
+                }
                 Err(reason) => {
                     debug!(addr = %candidate.addr, transport = %candidate.kind, reason, "skipping address");
-                    continue;
                 }
-            };
-            match layer.send_request(copy, dest.clone(), now, out) {
-                Ok(client) => {
-                    debug!(addr = %dest.addr, transport = %dest.kind, "branch sent");
-                    run.current = Some((client, dest));
-                    self.branch_of.insert(client, (server, branch));
-                    if let Some(fr) = call.fr_timer {
-                        self.fr_queue
-                            .push(Reverse((now + fr, server, branch.0, client)));
-                    }
-                    return;
-                }
-                Err(error) => warn!(?error, "cannot start a client transaction"),
             }
         }
         let uri = String::from_utf8_lossy(&run.uri).into_owned();
@@ -1612,8 +1721,7 @@ impl Relay {
         branch: BranchId,
         client: TxId,
         now: Instant,
-        layer: &mut TransactionLayer,
-        out: &mut Vec<LayerOutput>,
+        out: &mut RelayActions,
     ) -> bool {
         let Some(call) = self.calls.get_mut(&server) else {
             return false;
@@ -1634,24 +1742,23 @@ impl Relay {
         }
         self.branch_of.remove(&client);
         let mut more = Vec::new();
-        self.attempt(server, branch, None, now, layer, out, &mut more);
-        self.apply(server, more, now, layer, out);
+        let next = self.next_attempt(server);
+        self.attempt(server, branch, next, now, out, &mut more);
+        self.apply(server, more, now, out);
         true
     }
 
-    /// The shell's answer to resolution `id` ([`Relay::take_resolves`]).
-    /// Returns the answer the caller owes a request whose router was waiting for it: its
-    /// server transaction, the request, and what to answer.
+    /// The shell's answer to resolution `id` ([`RelayAction::Resolve`]); a request whose
+    /// router was waiting for it is routed on.
     pub fn on_resolved(
         &mut self,
         id: u64,
         result: Result<Vec<Candidate>, ResolveError>,
         now: Instant,
-        layer: &mut TransactionLayer,
-        out: &mut Vec<LayerOutput>,
-    ) -> Option<(TxId, Message, Meta, Handled)> {
+        out: &mut RelayActions,
+    ) {
         match self.resolving.remove(&id) {
-            None => None,
+            None => {}
             Some(Resolving::Route(suspended)) => {
                 let Suspended {
                     purpose,
@@ -1666,19 +1773,14 @@ impl Relay {
                     Purpose::Ack => None,
                 };
                 let original = request.clone();
-                let handled = self.after_route(purpose, request, meta, routed, now, layer, out);
-                tx.zip(handled)
-                    .map(|(tx, handled)| (tx, original, meta, handled))
+                let handled = self.after_route(purpose, request, meta, routed, now, out);
+                if let Some((tx, handled)) = tx.zip(handled) {
+                    reply_if_asked(tx, original, meta, handled, out);
+                }
             }
             Some(Resolving::Forward(forward)) => match result {
-                Ok(candidates) => {
-                    self.send_stateless(&forward, None, &candidates, out);
-                    None
-                }
-                Err(error) => {
-                    forward_failed(&forward, None, &error.to_string());
-                    None
-                }
+                Ok(candidates) => self.send_stateless(&forward, None, &candidates, out),
+                Err(error) => forward_failed(&forward, None, &error.to_string()),
             },
             Some(Resolving::Branch { server, branch }) => {
                 let waiting = self.calls.get(&server).is_some_and(|call| {
@@ -1686,7 +1788,7 @@ impl Relay {
                 });
                 if !waiting {
                     // Timer C, or a CANCEL, ended the branch while it was resolving.
-                    return None;
+                    return;
                 }
                 let mut more = Vec::new();
                 match result {
@@ -1694,14 +1796,14 @@ impl Relay {
                         if let Some(run) = self.run_mut(server, branch) {
                             run.remaining = candidates.into();
                         }
-                        self.attempt(server, branch, None, now, layer, out, &mut more);
+                        let next = self.next_attempt(server);
+                        self.attempt(server, branch, next, now, out, &mut more);
                     }
                     Err(error) => {
                         self.branch_unreachable(server, branch, &error.to_string(), now, &mut more)
                     }
                 }
-                self.apply(server, more, now, layer, out);
-                None
+                self.apply(server, more, now, out);
             }
         }
     }
@@ -1711,15 +1813,14 @@ impl Relay {
         self.resolving.len()
     }
 
-    /// The DNS resolutions the relay needs, each to be answered with [`Relay::on_resolved`].
-    /// The caller drains this after every call into the relay.
-    pub fn take_resolves(&mut self) -> Vec<(u64, dns::Query)> {
-        std::mem::take(&mut self.resolve_requests)
-    }
-
     /// Asks the shell to resolve `query` for `what`; gives `what` back when too many
     /// resolutions are in flight already.
-    fn ask_resolve(&mut self, query: dns::Query, what: Resolving) -> Result<(), Resolving> {
+    fn ask_resolve(
+        &mut self,
+        query: dns::Query,
+        what: Resolving,
+        out: &mut RelayActions,
+    ) -> Result<(), Resolving> {
         if self.resolving.len() >= MAX_RESOLVING {
             warn!(host = %query.host, limit = MAX_RESOLVING, "too many DNS lookups in flight");
             return Err(what);
@@ -1728,18 +1829,12 @@ impl Relay {
         let id = self.next_resolve;
         debug!(host = %query.host, id, "resolving next hop");
         self.resolving.insert(id, what);
-        self.resolve_requests.push((id, query));
+        out.push(RelayAction::Resolve { id, query });
         Ok(())
     }
 
-    fn cancel_branch(
-        &mut self,
-        server: TxId,
-        branch: BranchId,
-        now: Instant,
-        layer: &mut TransactionLayer,
-        out: &mut Vec<LayerOutput>,
-    ) {
+    /// Cancels the current attempt of `branch`, if one was sent (§16.10).
+    fn cancel_branch(&mut self, server: TxId, branch: BranchId, out: &mut RelayActions) {
         let Some((client, dest)) = self
             .calls
             .get(&server)
@@ -1748,17 +1843,7 @@ impl Relay {
         else {
             return;
         };
-        let Some(invite) = layer.client_request(client) else {
-            return;
-        };
-        let Ok(cancel) = Message::parse(cancel_for(invite)) else {
-            return;
-        };
-        // The CANCEL's own transaction: its 200 needs no action (§16.10: the branch's final
-        // arrives through the INVITE's transaction).
-        if let Err(e) = layer.send_request(cancel, dest, now, out) {
-            debug!(error = ?e, "CANCEL not sent");
-        }
+        out.push(RelayAction::CancelClient { client, dest });
     }
 }
 
@@ -1788,14 +1873,20 @@ fn wall_clock() -> SystemTime {
     SystemTime::now()
 }
 
-fn reply(code: u16, reason: &'static str) -> Handled {
-    Handled::Reply {
-        code,
-        reason: Cow::Borrowed(reason),
-        unsupported: None,
-        headers: Vec::new(),
-        wait_for: None,
+/// Asks the core to answer server transaction `tx` when `handled` says so.
+fn reply_if_asked(tx: TxId, request: Message, meta: Meta, handled: Handled, out: &mut RelayActions) {
+    if let Handled::Reply(reply) = handled {
+        out.push(RelayAction::Reply {
+            tx,
+            request,
+            meta,
+            reply,
+        });
     }
+}
+
+fn reply(code: u16, reason: &'static str) -> Handled {
+    Handled::Reply(Reply::new(code, reason))
 }
 
 /// The Via branch of one attempt: the request's loop hash, then the owning loop and a
