@@ -25,7 +25,17 @@
 //! which goes upstream as 500).
 
 mod actions;
+mod branch;
+mod byes;
+mod context;
+mod stateless;
+mod timers;
+
 pub use actions::{ClientPurpose, RelayAction, RelayActions, Reply};
+pub use branch::Attempt;
+use branch::BranchRun;
+use byes::PendingEnd;
+use stateless::{forward_failed, StatelessForward};
 
 use crate::id_map::IdMap;
 use std::cmp::Reverse;
@@ -37,19 +47,13 @@ use bytes::Bytes;
 
 use tracing::{debug, info, warn};
 
-use super::request::{
-    branch_for, check_request, detect_loop, forward_copy, next_hop, next_hop_of_uri, preload_route,
-    preprocess_routes, stateless_branch, ForwardSpec, NextHop, ProxyIdentity,
-};
+use super::request::{branch_for, check_request, detect_loop, preprocess_routes, ProxyIdentity};
 use super::response_context::{BranchId, BranchState, ContextAction, ResponseContext, Target};
-use super::router::{
-    BranchEdit, Decision, FailureDecision, FailureTimers, ReplySource, RouteHandle, RouteInfo,
-    Routed, Router,
-};
-use crate::dialog::{Bye, DialogTracker};
+use super::router::{Decision, FailureTimers, ReplySource, RouteHandle, RouteInfo, Routed, Router};
+use crate::dialog::DialogTracker;
 use crate::dns::{self, Candidate, ResolveError};
 use crate::logging::{call_id, Throttle, REFUSED};
-use crate::memory::{shrink_heap_if_sparse, shrink_if_sparse};
+use crate::memory::shrink_if_sparse;
 use crate::sip::{Message, Method, ResponseBuilder};
 use crate::transaction::layer::{SendError, TxId};
 use crate::transaction::Event;
@@ -125,40 +129,6 @@ impl Call {
     }
 }
 
-/// One branch working through the addresses of its next hop (RFC 3263 §4.3): one client
-/// transaction at a time, each with a new branch ID; only the last outcome reaches the
-/// response context.
-struct BranchRun {
-    /// The branch's own copy of the request when the router edited it (else the call's).
-    request: Option<Message>,
-    /// The branch's Request-URI (§16.6 step 2).
-    uri: Bytes,
-    /// The current attempt's client transaction and destination; `None` while resolving.
-    current: Option<(TxId, Destination)>,
-    /// Addresses not tried yet, in order.
-    remaining: VecDeque<Candidate>,
-    /// The target's destination override (a contact behind a NAT): sent there only, on an
-    /// open connection for streams ([`Destination::reuse_only`]).
-    pinned: bool,
-}
-
-/// The Via branch ID of a branch's next attempt, and the copy built for its first attempt
-/// (reused when it leaves on the inbound transport).
-struct NextAttempt {
-    branch_id: String,
-    first: Option<Message>,
-}
-
-/// A `ctl dlg end` request waiting for its BYEs to be started.
-struct PendingEnd {
-    id: u64,
-    reply: std::sync::mpsc::Sender<Result<String, String>>,
-    /// The parties a BYE went to.
-    sent: Vec<&'static str>,
-    /// BYEs not started yet.
-    waiting: usize,
-}
-
 /// What waits for a DNS answer.
 enum Resolving {
     Branch {
@@ -194,19 +164,6 @@ struct Suspended {
     meta: Meta,
     handle: RouteHandle,
 }
-
-struct StatelessForward {
-    request: Message,
-    uri: Bytes,
-    branch: String,
-    inbound: (TransportKind, SocketAddr),
-    record_route: bool,
-    /// The wall-clock time it was routed (what its Record-Route signature counts from).
-    now: SystemTime,
-}
-
-/// Timer C entries kept beyond four per call before the queue is compacted.
-const STALE_TIMER_C_SLACK: usize = 1024;
 
 /// Most DNS resolutions one loop waits for at once; beyond it new branches fail as
 /// unreachable (503) and stateless forwards are dropped, so a flood of requests for names
@@ -250,16 +207,6 @@ pub struct Relay {
 const CALLEE_MISTAKE_LOG_PERIOD: Duration = Duration::from_secs(600);
 /// Callee addresses remembered for that, per event loop.
 const CALLEE_MISTAKE_LOG_KEYS: usize = 1024;
-
-/// Room in a call's branch list for `branch`, exactly: most calls have one branch, and a
-/// `Vec` left to grow by itself would allocate four (Rust's least capacity) and keep them for
-/// the call's 32 s after its 2xx.
-fn make_room(branches: &mut Vec<Option<BranchRun>>, branch: BranchId) {
-    if branches.len() <= branch.0 {
-        branches.reserve_exact(branch.0 + 1 - branches.len());
-        branches.resize_with(branch.0 + 1, || None);
-    }
-}
 
 /// The loop index in a branch this proxy created, if it is one.
 pub fn owner_of_branch(branch: &[u8]) -> Option<usize> {
@@ -318,13 +265,6 @@ impl Relay {
     pub fn with_dialogs(mut self, dialogs: DialogTracker) -> Relay {
         self.dialogs = Some(dialogs);
         self
-    }
-
-    pub fn next_deadline(&self) -> Option<Instant> {
-        let timer_c = self.timer_c_queue.peek().map(|Reverse((at, _, _))| *at);
-        let fr = self.fr_queue.peek().map(|Reverse((at, ..))| *at);
-        let dialogs = self.dialogs.as_ref().and_then(DialogTracker::next_deadline);
-        timer_c.into_iter().chain(fr).chain(dialogs).min()
     }
 
     /// Relayed requests still in progress.
@@ -414,9 +354,7 @@ impl Relay {
                 let request_tx = (tx, branch_base, trying);
                 Some(self.relay_routed(request_tx, request, meta, routed, now, out))
             }
-            Purpose::Cancel { tx } => {
-                Some(self.cancel_routed(tx, &request, &meta, routed, out))
-            }
+            Purpose::Cancel { tx } => Some(self.cancel_routed(tx, &request, &meta, routed, out)),
             Purpose::Ack => {
                 self.ack_routed(&request, &meta, routed, out);
                 None
@@ -607,136 +545,6 @@ impl Relay {
         Some(Target::new(uri, 1000))
     }
 
-    /// A decision that keeps no response context: a reply (through the server transaction),
-    /// a stateless forward (§16.11) or a drop; the last two abandon the server transaction.
-    fn carry_out_stateless(
-        &mut self,
-        tx: TxId,
-        decision: Decision,
-        request: &Message,
-        meta: &Meta,
-        out: &mut RelayActions,
-    ) -> Handled {
-        match decision {
-            Decision::Reply {
-                code,
-                reason,
-                headers,
-                wait_for,
-            } => {
-                return Handled::Reply(Reply {
-                    code,
-                    reason,
-                    unsupported: None,
-                    headers,
-                    wait_for,
-                })
-            }
-            Decision::Forward {
-                target,
-                record_route,
-            } => self.forward_stateless(request, target, record_route, meta, out),
-            Decision::Drop {
-                reason: Some(reason),
-            } => {
-                info!(target: REFUSED, call_id = %call_id(request), source = %meta.source, transport = %meta.kind, reason = %format_args!("the routing script dropped it: {reason}"), "request dropped");
-            }
-            Decision::Drop { reason: None } | Decision::Relay { .. } | Decision::Resolve { .. } => {
-                info!(target: REFUSED, call_id = %call_id(request), source = %meta.source, transport = %meta.kind, reason = "the routing script dropped it (no answer sent)", "request dropped");
-            }
-        }
-        out.push(RelayAction::AbandonServer { tx });
-        Handled::Done
-    }
-
-    /// §16.11: forwards `request` without a transaction, to `destination` when given (the
-    /// Request-URI is left as it is, like Kamailio's `forward(uri)` / `$du`), else where its
-    /// Route set or Request-URI says.
-    fn forward_stateless(
-        &mut self,
-        request: &Message,
-        destination: Option<Bytes>,
-        record_route: bool,
-        meta: &Meta,
-        out: &mut RelayActions,
-    ) {
-        let Some(ruri) = self.request_uri_target(request).map(|t| t.uri).or_else(|| {
-            // Addressed to us with nothing to follow: only an explicit destination helps.
-            destination.as_ref()?;
-            request.request_uri_bytes().map(|u| request.share(u))
-        }) else {
-            return info!(target: REFUSED, call_id = %call_id(request), source = %meta.source, transport = %meta.kind, reason = "addressed to this proxy with no Route to follow: nothing to forward it to", "request dropped");
-        };
-        let forward = StatelessForward {
-            request: request.clone(),
-            uri: ruri,
-            branch: stateless_branch(request),
-            inbound: (meta.kind, meta.local),
-            record_route,
-            now: wall_clock(),
-        };
-        let planned = first_copy(
-            &self.me,
-            &forward.parts(),
-            forward.inbound,
-            forward.record_route,
-        )
-        .and_then(|first| {
-            let hop = match destination.as_deref() {
-                Some(uri) => {
-                    next_hop_of_uri(uri).map_err(|_| "the destination is not a SIP URI")?
-                }
-                None => next_hop(&forward.request, &forward.uri).map_err(|_| "no next hop")?,
-            };
-            Ok((first, hop))
-        });
-        let (first, hop) = match planned {
-            Ok(planned) => planned,
-            Err(reason) => return forward_failed(&forward, destination.as_deref(), reason),
-        };
-        let query = query_of(&hop);
-        match dns::numeric(&query) {
-            Some(Ok(candidates)) => self.send_stateless(&forward, Some(first), &candidates, out),
-            Some(Err(error)) => {
-                forward_failed(&forward, destination.as_deref(), &error.to_string())
-            }
-            None => {
-                // Too many lookups in flight: already logged, and the sender retransmits.
-                let _ = self.ask_resolve(query, Resolving::Forward(Box::new(forward)), out);
-            }
-        }
-    }
-
-    /// Sends a stateless forward to the first of `candidates` we have a listener for; `first`
-    /// is the copy built for the inbound transport, reused when that is how it leaves.
-    fn send_stateless(
-        &self,
-        forward: &StatelessForward,
-        mut first: Option<Message>,
-        candidates: &[Candidate],
-        out: &mut RelayActions,
-    ) {
-        for candidate in candidates {
-            let built = copy_for(
-                &self.me,
-                &self.bound,
-                &forward.parts(),
-                first.take(),
-                candidate,
-                forward.inbound,
-                forward.record_route,
-            );
-            if let Ok((copy, dest)) = built {
-                out.push(RelayAction::SendStateless {
-                    dest,
-                    data: copy.to_bytes(),
-                });
-                return;
-            }
-        }
-        forward_failed(forward, None, "no listener for any address of the next hop");
-    }
-
     /// A CANCEL that matched no transaction (§16.10: it "MUST statelessly forward" it; the
     /// INVITE may have been forwarded statelessly). The router decides where, as for any
     /// request; a router that does not forward it has it answered (481 by default).
@@ -764,49 +572,12 @@ impl Relay {
             return reply(400, "Bad Request (Route)");
         };
         let routed = self.router.route(&mut request, &meta, info);
-        self.after_route(
-            Purpose::Cancel { tx },
-            request,
-            meta,
-            routed,
-            now,
-            out,
-        )
-        .unwrap_or(Handled::Done)
-    }
-
-    fn cancel_routed(
-        &mut self,
-        tx: TxId,
-        request: &Message,
-        meta: &Meta,
-        routed: Routed,
-        out: &mut RelayActions,
-    ) -> Handled {
-        if let Some(handle) = routed.handle {
-            self.router.release(handle);
-        }
-        let decision = match routed.decision {
-            // Stateful relay of a CANCEL without its INVITE makes no sense: forward it.
-            Decision::Relay { targets, .. } => Decision::Forward {
-                target: targets
-                    .into_iter()
-                    .next()
-                    .map(|t| t.next_hop_uri.unwrap_or(t.uri)),
-                record_route: false,
-            },
-            other => other,
-        };
-        self.carry_out_stateless(tx, decision, request, meta, out)
+        self.after_route(Purpose::Cancel { tx }, request, meta, routed, now, out)
+            .unwrap_or(Handled::Done)
     }
 
     /// A CANCEL from upstream matched INVITE server transaction `invite` (§16.10).
-    pub fn cancel(
-        &mut self,
-        invite: TxId,
-        now: Instant,
-        out: &mut RelayActions,
-    ) {
+    pub fn cancel(&mut self, invite: TxId, now: Instant, out: &mut RelayActions) {
         let mut actions = Vec::new();
         if let Some(call) = self.calls.get_mut(&invite) {
             if let Some(dialogs) = &self.dialogs {
@@ -857,44 +628,6 @@ impl Relay {
         self.after_route(Purpose::Ack, ack, meta, routed, now, out);
     }
 
-    fn ack_routed(
-        &mut self,
-        ack: &Message,
-        meta: &Meta,
-        routed: Routed,
-        out: &mut RelayActions,
-    ) {
-        if let Some(handle) = routed.handle {
-            self.router.release(handle);
-        }
-        let (target, record_route) = match routed.decision {
-            Decision::Relay {
-                targets,
-                record_route,
-                ..
-            } => (
-                targets
-                    .into_iter()
-                    .next()
-                    .map(|t| t.next_hop_uri.unwrap_or(t.uri)),
-                record_route,
-            ),
-            Decision::Forward {
-                target,
-                record_route,
-            } => (target, record_route),
-            Decision::Drop {
-                reason: Some(reason),
-            } => {
-                return info!(target: REFUSED, call_id = %call_id(ack), source = %meta.source, transport = %meta.kind, reason = %format_args!("the routing script dropped it: {reason}"), "ACK dropped");
-            }
-            Decision::Reply { .. } | Decision::Drop { .. } | Decision::Resolve { .. } => {
-                return info!(target: REFUSED, call_id = %call_id(ack), source = %meta.source, transport = %meta.kind, reason = "the routing script dropped it", "ACK dropped");
-            }
-        };
-        self.forward_stateless(ack, target, record_route, meta, out);
-    }
-
     // ----- client transaction events ------------------------------------------------
 
     /// The outcome of [`RelayAction::StartClient`]: the client transaction `dest` is
@@ -907,40 +640,9 @@ impl Relay {
         now: Instant,
         out: &mut RelayActions,
     ) {
-        let (server, branch, branch_id) = match purpose {
-            ClientPurpose::Branch {
-                server,
-                branch,
-                branch_id,
-            } => (server, branch, branch_id),
-            ClientPurpose::Bye { bye, end } => return self.bye_started(bye, end, dest.addr, started),
-        };
-        match started {
-            Ok(client) => {
-                let Some(call) = self.calls.get_mut(&server) else {
-                    return;
-                };
-                let Some(Some(run)) = call.branches.get_mut(branch.0) else {
-                    return;
-                };
-                debug!(addr = %dest.addr, transport = %dest.kind, "branch sent");
-                run.current = Some((client, dest));
-                self.branch_of.insert(client, (server, branch));
-                if let Some(fr) = call.fr_timer {
-                    self.fr_queue
-                        .push(Reverse((now + fr, server, branch.0, client)));
-                }
-            }
-            Err(error) => {
-                warn!(?error, "cannot start a client transaction");
-                let mut more = Vec::new();
-                let next = NextAttempt {
-                    branch_id,
-                    first: None,
-                };
-                self.attempt(server, branch, next, now, out, &mut more);
-                self.apply(server, more, now, out);
-            }
+        match purpose {
+            ClientPurpose::Branch(attempt) => self.branch_started(attempt, dest, started, now, out),
+            ClientPurpose::Bye { bye, end } => self.bye_started(bye, end, dest.addr, started),
         }
     }
 
@@ -1113,224 +815,6 @@ impl Relay {
         shrink_if_sparse(&mut self.branch_of);
     }
 
-    pub fn on_timer(
-        &mut self,
-        now: Instant,
-        out: &mut RelayActions,
-    ) {
-        while let Some(Reverse((at, server, branch))) = self.timer_c_queue.peek().copied() {
-            if at > now {
-                break;
-            }
-            self.timer_c_queue.pop();
-            let mut actions = Vec::new();
-            let mut span = None;
-            if let Some(call) = self.calls.get_mut(&server) {
-                span = Some(crate::logging::message_span(&call.request));
-                call.context.on_timer_c(BranchId(branch), now, &mut actions);
-            }
-            let _entered = span.as_ref().map(tracing::Span::enter);
-            self.apply(server, actions, now, out);
-        }
-        shrink_heap_if_sparse(&mut self.timer_c_queue);
-        while let Some(Reverse((at, server, branch, client))) = self.fr_queue.peek().copied() {
-            if at > now {
-                break;
-            }
-            self.fr_queue.pop();
-            self.on_fr_timer(server, BranchId(branch), client, now, out);
-        }
-        shrink_heap_if_sparse(&mut self.fr_queue);
-        if let Some(dialogs) = &self.dialogs {
-            let byes = dialogs.on_timer(now);
-            self.send_byes(byes, None, out);
-            self.dialogs_after_router();
-        }
-    }
-
-    /// The failure timer of attempt `client` of `branch` fired: if the attempt is still the
-    /// branch's and has heard nothing, the branch moves on to its next address (RFC 3263
-    /// §4.3, as on a timeout) or, with none left, is given up as a 408.
-    fn on_fr_timer(
-        &mut self,
-        server: TxId,
-        branch: BranchId,
-        client: TxId,
-        now: Instant,
-        out: &mut RelayActions,
-    ) {
-        let Some(call) = self.calls.get(&server) else {
-            return;
-        };
-        let current = call
-            .branches
-            .get(branch.0)
-            .and_then(|run| run.as_ref()?.current.as_ref());
-        let Some((_, dest)) = current.filter(|(tx, _)| *tx == client) else {
-            return;
-        };
-        if !call.context.awaits_response(branch) {
-            return;
-        }
-        let span = crate::logging::message_span(&call.request);
-        let _entered = span.enter();
-        info!(addr = %dest.addr, transport = %dest.kind, after_ms = call.fr_timer.map_or(0, |d| d.as_millis() as u64), "no response within the failure timer (fr_timer)");
-        if self.fail_over(server, branch, client, now, out) {
-            return;
-        }
-        let mut actions = Vec::new();
-        if let Some(call) = self.calls.get_mut(&server) {
-            call.context.give_up(branch, now, &mut actions);
-        }
-        self.apply(server, actions, now, out);
-    }
-
-    /// Carries out the `ctl dlg end` requests waiting for this loop (the shell's wake-up):
-    /// each confirmed call is ended with BYEs, and the control client told what was done
-    /// once they are sent ([`Relay::on_client_started`]).
-    pub fn on_wake(&mut self, now: Instant, out: &mut RelayActions) {
-        let Some(dialogs) = &self.dialogs else {
-            return;
-        };
-        for request in dialogs.take_end_requests() {
-            let Some(dialogs) = &self.dialogs else {
-                return;
-            };
-            match dialogs.end(request.id, now) {
-                Ok(byes) => {
-                    self.next_end += 1;
-                    let end = self.next_end;
-                    let waiting = self.send_byes(byes, Some(end), out);
-                    self.ends.push(PendingEnd {
-                        id: end,
-                        reply: request.reply,
-                        sent: Vec::new(),
-                        waiting,
-                    });
-                    self.answer_end_if_done(end);
-                }
-                // The client may have given up waiting: nothing to tell then.
-                Err(why) => drop(request.reply.send(Err(why.to_owned()))),
-            }
-        }
-        self.dialogs_after_router();
-    }
-
-    /// Asks for the proxy's BYEs (`crate::dialog::bye`) to be sent through client
-    /// transactions: to the party's recorded address, from our listener of that transport and
-    /// family, along the route set on its side of us. Returns how many were asked for.
-    fn send_byes(
-        &mut self,
-        byes: Vec<crate::dialog::Bye>,
-        end: Option<u64>,
-        out: &mut RelayActions,
-    ) -> usize {
-        let mut asked = 0;
-        for bye in byes {
-            let call_id = String::from_utf8_lossy(&bye.call_id).into_owned();
-            let party = bye.to_side.as_str();
-            let Some(mut dest) = bye.destination.clone() else {
-                warn!(
-                    call_id,
-                    party, "BYE not sent: no address known for the party"
-                );
-                continue;
-            };
-            let Some(local) = self
-                .bound
-                .iter()
-                .find(|l| l.kind == dest.kind && l.addr.is_ipv4() == dest.addr.is_ipv4())
-                .map(|l| l.addr)
-            else {
-                warn!(call_id, party, transport = %dest.kind, "BYE not sent: no listener for the party's transport");
-                continue;
-            };
-            dest.local = Some(local);
-            self.next_unique += 1;
-            let base = format!(
-                "z9hG4bK{:016x}.",
-                std::hash::BuildHasher::hash_one(
-                    &std::collections::hash_map::RandomState::new(),
-                    (&bye.call_id, party)
-                )
-            );
-            let via = format!(
-                "SIP/2.0/{} {};branch={}",
-                dest.kind.via_name(),
-                self.me.local().sent_by(dest.kind, Some(local), dest.addr),
-                branch_id(&base, self.loop_index, self.next_unique)
-            );
-            let me = &self.me;
-            let routes = bye.routes(|value| {
-                crate::sip::NameAddr::parse(value).is_ok_and(|na| me.is_myself(&na.uri))
-            });
-            let Some(message) = bye
-                .render(&via, &routes)
-                .and_then(|b| Message::parse(b).ok())
-            else {
-                warn!(
-                    call_id,
-                    party, "BYE not sent: no target URI known for the party"
-                );
-                continue;
-            };
-            out.push(RelayAction::StartClient {
-                request: message,
-                dest,
-                purpose: ClientPurpose::Bye { bye, end },
-            });
-            asked += 1;
-        }
-        asked
-    }
-
-    /// The outcome of one of the proxy's BYEs ([`Relay::send_byes`]).
-    fn bye_started(
-        &mut self,
-        bye: Bye,
-        end: Option<u64>,
-        addr: SocketAddr,
-        started: Result<TxId, SendError>,
-    ) {
-        let call_id = String::from_utf8_lossy(&bye.call_id).into_owned();
-        let party = bye.to_side.as_str();
-        let sent = match started {
-            Ok(tx) => {
-                info!(call_id, party, %addr, "BYE sent");
-                if let Some(dialogs) = &mut self.dialogs {
-                    dialogs.bye_sent(tx, &bye);
-                }
-                true
-            }
-            Err(error) => {
-                warn!(call_id, party, ?error, "BYE not sent");
-                false
-            }
-        };
-        let Some(end) = end else {
-            return;
-        };
-        if let Some(pending) = self.ends.iter_mut().find(|p| p.id == end) {
-            pending.waiting = pending.waiting.saturating_sub(1);
-            if sent {
-                pending.sent.push(party);
-            }
-        }
-        self.answer_end_if_done(end);
-    }
-
-    /// Tells the control client of end request `end` which BYEs went, once all were tried.
-    fn answer_end_if_done(&mut self, end: u64) {
-        let Some(index) = self.ends.iter().position(|p| p.id == end && p.waiting == 0) else {
-            return;
-        };
-        let done = self.ends.swap_remove(index);
-        // The client may have given up waiting: nothing to tell then.
-        let _ = done
-            .reply
-            .send(Ok(format!("ended: BYE sent to {}", done.sent.join(" and "))));
-    }
-
     /// Hands the records of the calls that just ended (by the relay's events, or by the
     /// router's decision: a dialog managed, then answered by the script itself) to the router's
     /// `on_dialog_end` and to the CDR file.
@@ -1344,409 +828,7 @@ impl Relay {
         }
     }
 
-    /// Timer C is never cancelled (§16.8 resets it on every provisional, and a call ends long
-    /// before its 3 minutes): entries of calls gone or of an earlier reset are dropped once
-    /// they outnumber the calls, or at 1,000 calls/s the queue would hold 180,000 of them.
-    fn compact_timer_c(&mut self) {
-        let calls = &self.calls;
-        let due: Vec<_> = std::mem::take(&mut self.timer_c_queue)
-            .into_iter()
-            .filter(|Reverse((at, server, branch))| {
-                calls
-                    .get(server)
-                    .is_some_and(|call| call.context.timer_c_at(BranchId(*branch)) == Some(*at))
-            })
-            .collect();
-        self.timer_c_queue = BinaryHeap::from(due);
-        shrink_heap_if_sparse(&mut self.timer_c_queue);
-    }
-
     // ----- carrying out the response context's actions ------------------------------
-
-    fn apply(
-        &mut self,
-        server: TxId,
-        actions: Vec<ContextAction>,
-        now: Instant,
-        out: &mut RelayActions,
-    ) {
-        let mut queue: VecDeque<ContextAction> = actions.into();
-        while let Some(action) = queue.pop_front() {
-            let mut more = Vec::new();
-            match action {
-                ContextAction::StartBranch { branch, target } => {
-                    self.start_branch(server, branch, &target, now, out, &mut more)
-                }
-                ContextAction::ForwardUpstream(response)
-                | ContextAction::FinalUpstream(response) => {
-                    if let (Some(dialogs), Some(call)) = (&self.dialogs, self.calls.get(&server)) {
-                        dialogs.on_upstream_response(&call.request, &response, now);
-                        self.dialogs_after_router();
-                    }
-                    let status = response.status().unwrap_or(500);
-                    out.push(RelayAction::ServerRespond {
-                        tx: server,
-                        status,
-                        response: response.to_bytes(),
-                    });
-                }
-                ContextAction::Cancel(branches) => {
-                    for branch in branches {
-                        self.cancel_branch(server, branch, out);
-                    }
-                }
-                ContextAction::StartTimerC { branch, at } => {
-                    self.timer_c_queue.push(Reverse((at, server, branch.0)));
-                    if self.timer_c_queue.len() > 4 * self.calls.len() + STALE_TIMER_C_SLACK {
-                        self.compact_timer_c();
-                    }
-                }
-                ContextAction::BranchSetFailed { best } => {
-                    let Some(call) = self.calls.get_mut(&server) else {
-                        continue;
-                    };
-                    let outcomes = match call.handle {
-                        Some(_) => call.context.outcomes(),
-                        None => Vec::new(),
-                    };
-                    let request = call.failover_request.as_ref().unwrap_or(&call.request);
-                    match self
-                        .router
-                        .on_failure(call.handle, request, &best, &outcomes)
-                    {
-                        FailureDecision::Targets {
-                            targets,
-                            timers,
-                            request,
-                        } if !targets.is_empty() => {
-                            apply_timers(call, timers);
-                            if let Some(request) = request {
-                                call.failover_request = Some(*request);
-                            }
-                            call.context.add_targets(targets, now, &mut more)
-                        }
-                        FailureDecision::Reply {
-                            code,
-                            reason,
-                            headers,
-                        } => call.context.send_reply(code, &reason, &headers, &mut more),
-                        _ => call.context.send_final(&mut more),
-                    }
-                }
-                ContextAction::BranchFailed(branch) => {
-                    let Some(call) = self.calls.get(&server) else {
-                        continue;
-                    };
-                    let (Some(handle), Some(outcome)) = (call.handle, call.context.outcome(branch))
-                    else {
-                        continue;
-                    };
-                    let response = || call.context.branch_response(branch);
-                    self.router
-                        .on_branch_failure(handle, &call.request, &outcome, &response);
-                }
-            }
-            queue.extend(more);
-        }
-        self.settle(server);
-        let kept = self.calls.get(&server).map_or(0, |call| call.footprint());
-        out.push(RelayAction::ChargeServer {
-            tx: server,
-            bytes: kept,
-        });
-    }
-
-    fn start_branch(
-        &mut self,
-        server: TxId,
-        branch: BranchId,
-        target: &Target,
-        now: Instant,
-        out: &mut RelayActions,
-        more: &mut Vec<ContextAction>,
-    ) {
-        let Some(call) = self.calls.get_mut(&server) else {
-            return;
-        };
-        if let Some(why) = &target.unavailable {
-            info!(target = %String::from_utf8_lossy(&target.uri), reason = %why, "branch not sent: 480");
-            return call.context.on_branch_ended(branch, UNAVAILABLE, now, more);
-        }
-        let base = call.failover_request.as_ref().unwrap_or(&call.request);
-        let edit = match call.handle {
-            Some(handle) => self.router.on_branch(handle, base, target),
-            None => BranchEdit::Unchanged,
-        };
-        // A branch of the failure route copies its request: kept with the branch, so that a
-        // retry on the next DNS candidate copies the same one.
-        let edit = match (edit, &call.failover_request) {
-            (BranchEdit::Unchanged, Some(failover)) => {
-                BranchEdit::Edited(with_request_uri(failover.clone(), &target.uri))
-            }
-            (edit, _) => edit,
-        };
-        let edit = match (edit, target.route.is_empty()) {
-            (BranchEdit::Unchanged, false) => match preload_route(&call.request, &target.route) {
-                Ok(request) => BranchEdit::Edited(with_request_uri(request, &target.uri)),
-                Err(_) => BranchEdit::Skip,
-            },
-            (BranchEdit::Edited(request), false) => match preload_route(&request, &target.route) {
-                Ok(request) => BranchEdit::Edited(request),
-                Err(_) => BranchEdit::Skip,
-            },
-            (edit, _) => edit,
-        };
-        let (request, uri) = match edit {
-            BranchEdit::Unchanged => (None, target.uri.clone()),
-            BranchEdit::Edited(request) => {
-                let uri = request
-                    .request_uri_bytes()
-                    .map(|u| request.share(u))
-                    .unwrap_or_else(|| target.uri.clone());
-                (Some(request), uri)
-            }
-            BranchEdit::Skip => {
-                info!(target = %String::from_utf8_lossy(&target.uri), "branch skipped by the router");
-                return call.context.on_branch_unreachable(branch, now, more);
-            }
-        };
-        self.next_unique += 1;
-        let branch_id = branch_id(&call.branch_base, self.loop_index, self.next_unique);
-        let parts = CopyParts {
-            request: request.as_ref().unwrap_or(&call.request),
-            uri: &uri,
-            branch: &branch_id,
-            now: wall_clock(),
-            tracked: call.tracked,
-        };
-        // The script's destination URI wins; then a Path (the route) over the received
-        // address (RFC 5626 §5.3 order).
-        let pinned = target
-            .destination
-            .filter(|_| target.route.is_empty() && target.next_hop_uri.is_none());
-        if let Some((kind, addr)) = pinned {
-            let first = first_copy(&self.me, &parts, call.inbound, call.record_route);
-            make_room(&mut call.branches, branch);
-            let only = Candidate {
-                kind,
-                addr,
-                tls_name: None,
-            };
-            call.branches[branch.0] = Some(BranchRun {
-                request,
-                uri,
-                current: None,
-                remaining: VecDeque::from([only]),
-                pinned: true,
-            });
-            return match first {
-                Ok(first) => {
-                    let next = NextAttempt {
-                        branch_id,
-                        first: Some(first),
-                    };
-                    self.attempt(server, branch, next, now, out, more)
-                }
-                Err(reason) => self.branch_unreachable(server, branch, reason, now, more),
-            };
-        }
-        let planned =
-            first_copy(&self.me, &parts, call.inbound, call.record_route).and_then(|first| {
-                let hop = match &target.next_hop_uri {
-                    // `req.du`: where to, whatever the Request-URI and Route say.
-                    Some(uri) => next_hop_of_uri(uri)
-                        .map_err(|_| "the destination URI (du) has no next hop")?,
-                    None => next_hop(parts.request, parts.uri).map_err(|_| "no next hop")?,
-                };
-                Ok((hop, first))
-            });
-        make_room(&mut call.branches, branch);
-        call.branches[branch.0] = Some(BranchRun {
-            request,
-            uri,
-            current: None,
-            remaining: VecDeque::new(),
-            pinned: false,
-        });
-        let (hop, first) = match planned {
-            Ok(planned) => planned,
-            Err(reason) => return self.branch_unreachable(server, branch, reason, now, more),
-        };
-        let query = query_of(&hop);
-        match dns::numeric(&query) {
-            Some(Ok(candidates)) => {
-                if let Some(run) = self.run_mut(server, branch) {
-                    run.remaining = candidates.into();
-                }
-                let next = NextAttempt {
-                    branch_id,
-                    first: Some(first),
-                };
-                self.attempt(server, branch, next, now, out, more);
-            }
-            Some(Err(error)) => {
-                info!(host = %hop.host, %error, "next hop unusable");
-                self.branch_unreachable(server, branch, "next hop unusable", now, more)
-            }
-            None => {
-                if self
-                    .ask_resolve(query, Resolving::Branch { server, branch }, out)
-                    .is_err()
-                {
-                    self.branch_unreachable(
-                        server,
-                        branch,
-                        "too many DNS lookups in flight",
-                        now,
-                        more,
-                    )
-                }
-            }
-        }
-    }
-
-    fn run_mut(&mut self, server: TxId, branch: BranchId) -> Option<&mut BranchRun> {
-        self.calls
-            .get_mut(&server)?
-            .branches
-            .get_mut(branch.0)?
-            .as_mut()
-    }
-
-    fn branch_unreachable(
-        &mut self,
-        server: TxId,
-        branch: BranchId,
-        reason: &str,
-        now: Instant,
-        more: &mut Vec<ContextAction>,
-    ) {
-        if let Some(call) = self.calls.get_mut(&server) {
-            let uri = call
-                .branches
-                .get(branch.0)
-                .and_then(Option::as_ref)
-                .map(|run| &run.uri);
-            info!(target = %String::from_utf8_lossy(uri.map_or(&b""[..], |u| u)), reason, "branch unreachable");
-            call.context.on_branch_unreachable(branch, now, more);
-        }
-    }
-
-    /// A new Via branch ID for the next attempt of a branch of the call in `server`.
-    fn next_attempt(&mut self, server: TxId) -> NextAttempt {
-        self.next_unique += 1;
-        let base = self
-            .calls
-            .get(&server)
-            .map_or("", |c| c.branch_base.as_str());
-        NextAttempt {
-            branch_id: branch_id(base, self.loop_index, self.next_unique),
-            first: None,
-        }
-    }
-
-    /// Asks for the branch to be sent to the next of its remaining addresses that takes a
-    /// copy (RFC 3263 §4.3), with `next`'s branch ID and, where it leaves that way, its copy
-    /// built for the first attempt. With no address left the branch is unreachable (503).
-    fn attempt(
-        &mut self,
-        server: TxId,
-        branch: BranchId,
-        next: NextAttempt,
-        now: Instant,
-        out: &mut RelayActions,
-        more: &mut Vec<ContextAction>,
-    ) {
-        let NextAttempt {
-            branch_id,
-            mut first,
-        } = next;
-        let (me, bound, now_wall) = (&self.me, &self.bound, wall_clock());
-        let Some(call) = self.calls.get_mut(&server) else {
-            return;
-        };
-        let Some(Some(run)) = call.branches.get_mut(branch.0) else {
-            return;
-        };
-        while let Some(candidate) = run.remaining.pop_front() {
-            let parts = CopyParts {
-                request: run.request.as_ref().unwrap_or(&call.request),
-                uri: &run.uri,
-                branch: &branch_id,
-                now: now_wall,
-                tracked: call.tracked,
-            };
-            let built = copy_for(
-                me,
-                bound,
-                &parts,
-                first.take(),
-                &candidate,
-                call.inbound,
-                call.record_route,
-            );
-            match built {
-                Ok((copy, dest)) => {
-                    let dest = Destination {
-                        reuse_only: run.pinned && dest.kind.is_stream(),
-                        ..dest
-                    };
-                    let purpose = ClientPurpose::Branch {
-                        server,
-                        branch,
-                        branch_id,
-                    };
-                    return out.push(RelayAction::StartClient {
-                        request: copy,
-                        dest,
-                        purpose,
-                    });
-                }
-                Err(reason) => {
-                    debug!(addr = %candidate.addr, transport = %candidate.kind, reason, "skipping address");
-                }
-            }
-        }
-        let uri = String::from_utf8_lossy(&run.uri).into_owned();
-        info!(target = %uri, "branch unreachable: no address of its next hop could be used");
-        call.context.on_branch_unreachable(branch, now, more);
-    }
-
-    /// RFC 3263 §4.3: the current attempt of a branch failed (transport error, timeout or
-    /// 503); if the branch has addresses left it moves on, unseen by the response context.
-    /// False when there is nothing to fail over to: the outcome then goes to the context.
-    fn fail_over(
-        &mut self,
-        server: TxId,
-        branch: BranchId,
-        client: TxId,
-        now: Instant,
-        out: &mut RelayActions,
-    ) -> bool {
-        let Some(call) = self.calls.get_mut(&server) else {
-            return false;
-        };
-        let open = matches!(
-            call.context.branch_state(branch),
-            Some(BranchState::Pending | BranchState::Proceeding)
-        );
-        let Some(Some(run)) = call.branches.get_mut(branch.0) else {
-            return false;
-        };
-        let is_current = run.current.as_ref().is_some_and(|(tx, _)| *tx == client);
-        if call.cancelled || !open || !is_current || run.remaining.is_empty() {
-            return false;
-        }
-        if let Some((_, dest)) = run.current.take() {
-            info!(addr = %dest.addr, transport = %dest.kind, left = run.remaining.len(), "next hop failed; trying its next address");
-        }
-        self.branch_of.remove(&client);
-        let mut more = Vec::new();
-        let next = self.next_attempt(server);
-        self.attempt(server, branch, next, now, out, &mut more);
-        self.apply(server, more, now, out);
-        true
-    }
 
     /// The shell's answer to resolution `id` ([`RelayAction::Resolve`]); a request whose
     /// router was waiting for it is routed on.
@@ -1832,38 +914,6 @@ impl Relay {
         out.push(RelayAction::Resolve { id, query });
         Ok(())
     }
-
-    /// Cancels the current attempt of `branch`, if one was sent (§16.10).
-    fn cancel_branch(&mut self, server: TxId, branch: BranchId, out: &mut RelayActions) {
-        let Some((client, dest)) = self
-            .calls
-            .get(&server)
-            .and_then(|c| c.branches.get(branch.0))
-            .and_then(|run| run.as_ref()?.current.clone())
-        else {
-            return;
-        };
-        out.push(RelayAction::CancelClient { client, dest });
-    }
-}
-
-/// The failure timers a failure route set for the branches it adds (`t_set_fr` in
-/// `on_failure`), from now on.
-fn apply_timers(call: &mut Call, timers: FailureTimers) {
-    if let Some(no_answer) = timers.no_answer {
-        call.context.set_timer_c(no_answer);
-    }
-    if let Some(no_response) = timers.no_response {
-        call.fr_timer = Some(no_response);
-    }
-}
-
-/// `request` addressed to `uri` (the target's Request-URI, §16.6 step 2), for a branch copy
-/// edited before [`Relay::build_branch`] (which then takes the Request-URI from the copy).
-/// An unusable URI is left for the branch build to refuse.
-fn with_request_uri(mut request: Message, uri: &[u8]) -> Message {
-    let _ = request.set_request_uri(uri);
-    request
 }
 
 /// The wall-clock time, the one clock the relay reads itself: Record-Route signatures expire in
@@ -1874,7 +924,13 @@ fn wall_clock() -> SystemTime {
 }
 
 /// Asks the core to answer server transaction `tx` when `handled` says so.
-fn reply_if_asked(tx: TxId, request: Message, meta: Meta, handled: Handled, out: &mut RelayActions) {
+fn reply_if_asked(
+    tx: TxId,
+    request: Message,
+    meta: Meta,
+    handled: Handled,
+    out: &mut RelayActions,
+) {
     if let Handled::Reply(reply) = handled {
         out.push(RelayAction::Reply {
             tx,
@@ -1895,134 +951,11 @@ fn branch_id(base: &str, loop_index: usize, unique: u64) -> String {
     format!("{base}{loop_index}.{unique}")
 }
 
-/// What a forwarded copy is built from.
-struct CopyParts<'a> {
-    request: &'a Message,
-    /// The new Request-URI (§16.6 step 2).
-    uri: &'a [u8],
-    branch: &'a str,
-    /// The wall-clock time, for the Record-Route signature.
-    now: SystemTime,
-    /// The signature marks a call the script tracks.
-    tracked: bool,
-}
-
-impl StatelessForward {
-    fn parts(&self) -> CopyParts<'_> {
-        CopyParts {
-            request: &self.request,
-            uri: &self.uri,
-            branch: &self.branch,
-            now: self.now,
-            tracked: false,
-        }
-    }
-}
-
-fn spec<'a>(
-    me: &'a ProxyIdentity,
-    parts: &'a CopyParts<'a>,
-    inbound: (TransportKind, SocketAddr),
-    outbound: (TransportKind, SocketAddr),
-    record_route: bool,
-) -> ForwardSpec<'a> {
-    ForwardSpec {
-        target: parts.uri,
-        record_route,
-        tracked: parts.tracked,
-        inbound,
-        outbound,
-        branch: parts.branch,
-        me,
-        now: parts.now,
-    }
-}
-
-/// The copy as it would leave on the inbound transport (§16.6 steps 1-8), sent when that is
-/// how it leaves. Its next hop is [`next_hop`] of the request it was built from (step 6 may
-/// have moved a strict router's URI from Route into its Request-URI).
-fn first_copy(
-    me: &ProxyIdentity,
-    parts: &CopyParts<'_>,
-    inbound: (TransportKind, SocketAddr),
-    record_route: bool,
-) -> Result<Message, &'static str> {
-    forward_copy(
-        parts.request,
-        &spec(me, parts, inbound, inbound, record_route),
-    )
-    .map_err(|_| "cannot build the forwarded copy")
-}
-
-/// The copy for one address of the next hop and where it goes: from our listener of that
-/// transport and address family (its Via and Record-Route name it, §16.6 steps 4 and 8).
-fn copy_for(
-    me: &ProxyIdentity,
-    bound: &[ListenAddr],
-    parts: &CopyParts<'_>,
-    first: Option<Message>,
-    candidate: &Candidate,
-    inbound: (TransportKind, SocketAddr),
-    record_route: bool,
-) -> Result<(Message, Destination), &'static str> {
-    let listener = listener_for(bound, candidate.kind, candidate.addr)
-        .ok_or("no listener for the next hop's transport")?;
-    let (kind, local) = (listener.kind, listener.addr);
-    let outbound = (kind, local);
-    let copy = match first {
-        Some(first) if outbound == inbound => first,
-        _ => forward_copy(
-            parts.request,
-            &spec(me, parts, inbound, outbound, record_route),
-        )
-        .map_err(|_| "cannot build the forwarded copy")?,
-    };
-    let dest = Destination {
-        kind,
-        addr: candidate.addr,
-        conn: None,
-        local: Some(local),
-        tls_name: candidate.tls_name.clone(),
-        reuse_only: false,
-    };
-    Ok((copy, dest))
-}
-
-/// Our listener for a next hop over `kind` at `to`, in its address family. A WebSocket hop may
-/// leave from the listener of the other WebSocket kind: a URI says `transport=ws` for secure
-/// WebSocket too (RFC 7118 §5.2), so a `wss:`-only server reaches a client whose Contact says
-/// `transport=ws` (the ACK and BYE of its calls) on the client's connection, whichever kind
-/// it is (the WebSocket transport sends on either).
-fn listener_for(bound: &[ListenAddr], kind: TransportKind, to: SocketAddr) -> Option<&ListenAddr> {
-    let same_family = |l: &&ListenAddr| l.addr.is_ipv4() == to.is_ipv4();
-    let mut usable = bound.iter().filter(same_family);
-    usable
-        .clone()
-        .find(|l| l.kind == kind)
-        .or_else(|| usable.find(|l| kind.is_websocket() && l.kind.is_websocket()))
-}
-
-fn query_of(hop: &NextHop) -> dns::Query {
-    dns::Query {
-        host: hop.host.clone(),
-        port: hop.port,
-        transport: hop.transport,
-        secure: hop.secure,
-    }
-}
-
-/// The one line of a stateless forward (§16.11: an ACK for a 2xx, or the script's `forward`)
-/// that could not be sent: the message is dropped.
 /// A request another node of the cluster sent here over an owner route this server signed
 /// (`route_sign`, "Owner routes"): that node's router chose the binding, this one only holds
 /// its flow. It is relayed to its Request-URI on that flow, with our Record-Route so the
 /// dialog's requests from the caller's side come back through us to the flow too (RFC 5626
 /// §5.3, an edge proxy's part). `None` for every other request (the router decides).
-/// What a branch to a target the router marked unavailable counts as (its owning node is
-/// down): 480 (Temporarily Unavailable, §21.4.18), which goes upstream as it is when no branch
-/// does better, where a 503 would become a 500 (§16.7 step 6).
-const UNAVAILABLE: u16 = 480;
-
 fn owner_delivery(request: &Message, info: &RouteInfo) -> Option<Routed> {
     let flow = info.owner_flow?;
     // Only a new request with nothing left to follow: our token names where it goes.
@@ -2038,11 +971,6 @@ fn owner_delivery(request: &Message, info: &RouteInfo) -> Option<Routed> {
         record_route: true,
         timers: FailureTimers::default(),
     }))
-}
-
-fn forward_failed(forward: &StatelessForward, destination: Option<&[u8]>, reason: &str) {
-    let to = destination.unwrap_or(&forward.uri);
-    info!(target: REFUSED, call_id = %call_id(&forward.request), to = %String::from_utf8_lossy(to), reason = %format_args!("cannot forward statelessly: {reason}"), "message dropped");
 }
 
 impl Relay {
@@ -2065,6 +993,8 @@ impl Relay {
 
 #[cfg(test)]
 mod failure_timer_tests;
+#[cfg(test)]
+mod sans_io_tests;
 
 #[cfg(test)]
 mod tests {
@@ -2078,33 +1008,5 @@ mod tests {
         assert_eq!(owner_of_branch(b"z9hG4bKsomebodyelse"), None);
         assert_eq!(owner_of_branch(b"z9hG4bK0123456789abcdex.1.2"), None);
         assert_eq!(owner_of_branch(b"z9hG4bK0123456789abcdef.1.2.3"), None);
-    }
-
-    #[test]
-    fn a_websocket_hop_leaves_from_either_websocket_listener() {
-        let listen = |s: &str| s.parse::<ListenAddr>().unwrap();
-        let (udp, ws, wss) = (
-            listen("udp:127.0.0.1:5060"),
-            listen("ws:127.0.0.1:8080"),
-            listen("wss:127.0.0.1:8443"),
-        );
-        let client: SocketAddr = "127.0.0.1:40000".parse().unwrap();
-        let secure_only = [udp.clone(), wss.clone()];
-        // `transport=ws` (RFC 7118 §5.2) names a wss: client too.
-        assert_eq!(
-            listener_for(&secure_only, TransportKind::Ws, client),
-            Some(&wss)
-        );
-        assert_eq!(
-            listener_for(&secure_only, TransportKind::Udp, client),
-            Some(&udp)
-        );
-        assert_eq!(listener_for(&secure_only, TransportKind::Tcp, client), None);
-        let v6: SocketAddr = "[::1]:40000".parse().unwrap();
-        assert_eq!(listener_for(&secure_only, TransportKind::Ws, v6), None);
-        // With both, each kind its own.
-        let both = [wss.clone(), ws.clone()];
-        assert_eq!(listener_for(&both, TransportKind::Ws, client), Some(&ws));
-        assert_eq!(listener_for(&both, TransportKind::Wss, client), Some(&wss));
     }
 }

@@ -36,8 +36,8 @@ use crate::transaction::layer::{
     LayerConfig, LayerOutput, Shedding, TransactionLayer, TxId, Upcall,
 };
 use crate::transport::{
-    response_destination, Destination, FramingError, Input, ListenAddr, LoadSample, Meta, Output, TransportKind,
-    Worker, WorkerFactory,
+    response_destination, Destination, FramingError, Input, ListenAddr, LoadSample, Meta, Output,
+    TransportKind, Worker, WorkerFactory,
 };
 
 /// Methods this build answers itself; grows as the engine issues land.
@@ -769,7 +769,9 @@ impl Core {
                     self.relay
                         .on_client_started(purpose, dest, started, now, &mut actions);
                 }
-                RelayAction::CancelClient { client, dest } => self.cancel_client(client, dest, now, next),
+                RelayAction::CancelClient { client, dest } => {
+                    self.cancel_client(client, dest, now, next)
+                }
                 RelayAction::FailClient { client } => {
                     self.transactions.on_transport_error(client, next)
                 }
@@ -832,10 +834,9 @@ impl Core {
                 cancelled: None,
                 request,
                 meta,
-            } => {
-                self.relay
-                    .on_unmatched_cancel(tx, request, meta, now, &mut actions)
-            }
+            } => self
+                .relay
+                .on_unmatched_cancel(tx, request, meta, now, &mut actions),
             Upcall::Ack { request, meta } => {
                 self.relay.forward_ack(request, meta, now, &mut actions)
             }

@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 
 use bytes::Bytes;
 
-use super::BranchId;
+use super::Attempt;
 use crate::dialog::Bye;
 use crate::dns;
 use crate::location::CommitTicket;
@@ -94,13 +94,8 @@ impl Reply {
 /// Why the relay started a client transaction: what its outcome goes to.
 #[derive(Debug)]
 pub enum ClientPurpose {
-    /// An attempt of `branch` of the call in server transaction `server`, carrying Via branch
-    /// `branch_id` (kept for the next address if this one cannot be used, RFC 3263 §4.3).
-    Branch {
-        server: TxId,
-        branch: BranchId,
-        branch_id: String,
-    },
+    /// An attempt of a branch of a relayed call.
+    Branch(Attempt),
     /// A BYE the proxy sends to end a call (`crate::dialog`); `end` is the control request it
     /// answers, if any.
     Bye { bye: Bye, end: Option<u64> },
