@@ -98,7 +98,7 @@ pub enum ClientPurpose {
     Branch(Attempt),
     /// A BYE the proxy sends to end a call (`crate::dialog`); `end` is the control request it
     /// answers, if any.
-    Bye { bye: Bye, end: Option<u64> },
+    Bye { bye: Box<Bye>, end: Option<u64> },
 }
 
 /// The relay's outputs, in the order they are to be carried out. The core keeps one and

@@ -115,7 +115,10 @@ impl Relay {
             out.push(RelayAction::StartClient {
                 request: message,
                 dest,
-                purpose: ClientPurpose::Bye { bye, end },
+                purpose: ClientPurpose::Bye {
+                    bye: Box::new(bye),
+                    end,
+                },
             });
             asked += 1;
         }
@@ -125,7 +128,7 @@ impl Relay {
     /// The outcome of one of the proxy's BYEs ([`Relay::send_byes`]).
     pub(super) fn bye_started(
         &mut self,
-        bye: Bye,
+        bye: Box<Bye>,
         end: Option<u64>,
         addr: SocketAddr,
         started: Result<TxId, SendError>,
