@@ -16,6 +16,14 @@
 //! Branches this proxy creates carry the owning loop's index (`z9hG4bK<hash>.<loop>.<n>`), so a
 //! response that the kernel delivers to another loop can be handed back ([`owner_of_branch`]).
 //!
+//! The relay holds no transaction layer and no socket: each entry point (a request, a client
+//! transaction's event, a DNS answer, a timer, an unreachable address) is given the instant
+//! and pushes [`RelayAction`]s for the core to carry out ([`actions`]); the core reports the
+//! client transactions it starts back ([`Relay::on_client_started`]). This file keeps the
+//! calls and the entry points; a branch's life is in [`branch`], what goes without a
+//! transaction in [`stateless`], the timers in [`timers`], the response context's decisions
+//! in [`context`], the proxy's own BYEs in [`byes`].
+//!
 //! Next hops (RFC 3263): an IP literal is used at once; a host name is handed to the shell to
 //! resolve ([`RelayAction::Resolve`] → [`Relay::on_resolved`]) while the branch waits, so the
 //! loop never blocks on DNS. A branch then works through the ordered addresses (§4.3): on a
@@ -141,16 +149,20 @@ enum Resolving {
     Route(Box<Suspended>),
 }
 
+/// A new request in server transaction `tx` on its way to being relayed (§16.5-§16.7).
+struct NewRequest {
+    tx: TxId,
+    /// The loop hash of the request as received (§16.3 item 4).
+    branch_base: String,
+    /// An INVITE's 100 Trying, until it is sent (when relayed, or at once when the router
+    /// waits for DNS).
+    trying: Option<Bytes>,
+}
+
 /// What a routed request is on its way to.
 enum Purpose {
-    /// A new request in server transaction `tx` (§16.5-§16.7); `branch_base` is the loop
-    /// hash of the request as received (§16.3 item 4). `trying`: an INVITE's 100 Trying,
-    /// until it is sent (when relayed, or at once when the router waits for DNS).
-    Request {
-        tx: TxId,
-        branch_base: String,
-        trying: Option<Bytes>,
-    },
+    /// A new request (§16.5-§16.7).
+    Request(NewRequest),
     /// A CANCEL that matched no transaction, in its own server transaction (§16.10).
     Cancel { tx: TxId },
     /// An ACK for a 2xx, forwarded statelessly (§16.11).
@@ -318,11 +330,11 @@ impl Relay {
             None => self.router.route(&mut request, &meta, info),
         };
         self.dialogs_after_router();
-        let purpose = Purpose::Request {
+        let purpose = Purpose::Request(NewRequest {
             tx,
             branch_base,
             trying,
-        };
+        });
         self.after_route(purpose, request, meta, routed, now, out)
             .unwrap_or(Handled::Done)
     }
@@ -346,14 +358,7 @@ impl Relay {
         }
         let routed = Routed { decision, handle };
         match purpose {
-            Purpose::Request {
-                tx,
-                branch_base,
-                trying,
-            } => {
-                let request_tx = (tx, branch_base, trying);
-                Some(self.relay_routed(request_tx, request, meta, routed, now, out))
-            }
+            Purpose::Request(new) => Some(self.relay_routed(new, request, meta, routed, now, out)),
             Purpose::Cancel { tx } => Some(self.cancel_routed(tx, &request, &meta, routed, out)),
             Purpose::Ack => {
                 self.ack_routed(&request, &meta, routed, out);
@@ -366,21 +371,21 @@ impl Relay {
     /// the caller stops retransmitting however long the lookup takes.
     fn trying_while_waiting(purpose: Purpose, out: &mut RelayActions) -> Purpose {
         match purpose {
-            Purpose::Request {
+            Purpose::Request(NewRequest {
                 tx,
                 branch_base,
                 trying: Some(trying),
-            } => {
+            }) => {
                 out.push(RelayAction::ServerRespond {
                     tx,
                     status: 100,
                     response: trying,
                 });
-                Purpose::Request {
+                Purpose::Request(NewRequest {
                     tx,
                     branch_base,
                     trying: None,
-                }
+                })
             }
             other => other,
         }
@@ -425,13 +430,18 @@ impl Relay {
     /// §16.5-§16.7 for a routed request in server transaction `tx`.
     fn relay_routed(
         &mut self,
-        (tx, branch_base, trying): (TxId, String, Option<Bytes>),
+        new: NewRequest,
         request: Message,
         meta: Meta,
         routed: Routed,
         now: Instant,
         out: &mut RelayActions,
     ) -> Handled {
+        let NewRequest {
+            tx,
+            branch_base,
+            trying,
+        } = new;
         if request.is_edited() {
             // The router may have changed the top Via (`req:force_rport()`): responses follow.
             if let Ok(via) = request.top_via() {
@@ -851,7 +861,7 @@ impl Relay {
                 let routed = self.router.resume(handle, &mut request, result);
                 self.dialogs_after_router();
                 let tx = match &purpose {
-                    Purpose::Request { tx, .. } | Purpose::Cancel { tx } => Some(*tx),
+                    Purpose::Request(NewRequest { tx, .. }) | Purpose::Cancel { tx } => Some(*tx),
                     Purpose::Ack => None,
                 };
                 let original = request.clone();

@@ -45,7 +45,9 @@ pub(super) struct BranchRun {
     pub(super) request: Option<Message>,
     /// The branch's Request-URI (§16.6 step 2).
     pub(super) uri: Bytes,
-    /// The current attempt's client transaction and destination; `None` while resolving.
+    /// The current attempt's client transaction and destination; `None` while resolving, and
+    /// from asking for an attempt ([`RelayAction::StartClient`]) until the core reports it
+    /// started ([`Relay::on_client_started`], within the same input).
     pub(super) current: Option<(TxId, Destination)>,
     /// Addresses not tried yet, in order.
     pub(super) remaining: VecDeque<Candidate>,
@@ -65,7 +67,7 @@ fn make_room(branches: &mut Vec<Option<BranchRun>>, branch: BranchId) {
 }
 
 /// `request` addressed to `uri` (the target's Request-URI, §16.6 step 2), for a branch copy
-/// edited before [`Relay::build_branch`] (which then takes the Request-URI from the copy).
+/// edited before its copy for an address is built (which then takes the Request-URI from it).
 /// An unusable URI is left for the branch build to refuse.
 fn with_request_uri(mut request: Message, uri: &[u8]) -> Message {
     let _ = request.set_request_uri(uri);
