@@ -17,18 +17,36 @@
 //! response that the kernel delivers to another loop can be handed back
 //! ([`via_branch::owner_loop`]).
 //!
+//! The relay holds no transaction layer and no socket: each entry point (a request, a client
+//! transaction's event, a DNS answer, a timer, an unreachable address) is given the instant
+//! and pushes [`RelayAction`]s for the core to carry out ([`actions`]); the core reports the
+//! client transactions it starts back ([`Relay::on_client_started`]). This file keeps the
+//! calls and the entry points; a branch's life is in [`branch`], what goes without a
+//! transaction in [`stateless`], the timers in [`timers`], the response context's decisions
+//! in [`context`], the proxy's own BYEs in [`byes`].
+//!
 //! Next hops (RFC 3263): an IP literal is used at once; a host name is handed to the shell to
-//! resolve ([`Relay::take_resolves`] → [`Relay::on_resolved`]) while the branch waits, so the
+//! resolve ([`RelayAction::Resolve`] → [`Relay::on_resolved`]) while the branch waits, so the
 //! loop never blocks on DNS. A branch then works through the ordered addresses (§4.3): on a
 //! transport error, a timeout (Timer B/F) or a 503 it moves to the next address with a new
 //! client transaction and branch ID; the response context and the script see only the
 //! outcome of the last attempt. With no address left the branch counts as unreachable (503,
 //! which goes upstream as 500).
 
-use std::borrow::Cow;
+mod actions;
+mod branch;
+mod byes;
+mod context;
+mod stateless;
+mod timers;
+
+pub use actions::{ClientPurpose, RelayAction, RelayActions, Reply};
+pub use branch::Attempt;
+use branch::BranchRun;
+use byes::PendingEnd;
+use stateless::{forward_failed, StatelessForward};
 
 use crate::id_map::IdMap;
-use crate::location::CommitTicket;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 use std::net::SocketAddr;
@@ -38,42 +56,27 @@ use bytes::Bytes;
 
 use tracing::{debug, info, warn};
 
-use super::request::{
-    branch_for, check_request, detect_loop, forward_copy, next_hop, next_hop_of_uri, preload_route,
-    preprocess_routes, stateless_branch, ForwardSpec, NextHop, ProxyIdentity,
-};
+use super::request::{branch_for, check_request, detect_loop, preprocess_routes, ProxyIdentity};
 use super::response_context::{BranchId, BranchState, ContextAction, ResponseContext, Target};
-use super::router::{
-    BranchEdit, Decision, FailureDecision, FailureTimers, ReplySource, RouteHandle, RouteInfo,
-    Routed, Router,
-};
-use super::via_branch;
+use super::router::{Decision, FailureTimers, ReplySource, RouteHandle, RouteInfo, Routed, Router};
 use crate::dialog::DialogTracker;
 use crate::dns::{self, Candidate, ResolveError};
 use crate::logging::{call_id, Throttle, REFUSED};
-use crate::memory::{shrink_heap_if_sparse, shrink_if_sparse};
+use crate::memory::shrink_if_sparse;
 use crate::sip::{Message, Method, ResponseBuilder};
-use crate::transaction::client_invite::cancel_for;
-use crate::transaction::layer::{LayerOutput, TransactionLayer, TxId};
+use crate::transaction::layer::{SendError, TxId};
 use crate::transaction::Event;
 use crate::transport::{response_destination, Destination, ListenAddr, Meta, TransportKind};
 
 /// What became of a request handed to the relay.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Handled {
+#[derive(Debug)]
+enum Handled {
     /// It is being relayed; its answer will come through the server transaction.
     Relayed,
     /// It was forwarded statelessly or dropped: its server transaction was abandoned.
     Done,
-    /// Answer it here (the caller builds the response).
-    Reply {
-        code: u16,
-        reason: Cow<'static, str>,
-        unsupported: Option<String>,
-        headers: Vec<(String, String)>,
-        /// Send it only once this write is on disk.
-        wait_for: Option<CommitTicket>,
-    },
+    /// Answer it here (the core builds the response).
+    Reply(Reply),
 }
 
 /// One relayed request.
@@ -135,23 +138,6 @@ impl Call {
     }
 }
 
-/// One branch working through the addresses of its next hop (RFC 3263 §4.3): one client
-/// transaction at a time, each with a new branch ID; only the last outcome reaches the
-/// response context.
-struct BranchRun {
-    /// The branch's own copy of the request when the router edited it (else the call's).
-    request: Option<Message>,
-    /// The branch's Request-URI (§16.6 step 2).
-    uri: Bytes,
-    /// The current attempt's client transaction and destination; `None` while resolving.
-    current: Option<(TxId, Destination)>,
-    /// Addresses not tried yet, in order.
-    remaining: VecDeque<Candidate>,
-    /// The target's destination override (a contact behind a NAT): sent there only, on an
-    /// open connection for streams ([`Destination::reuse_only`]).
-    pinned: bool,
-}
-
 /// What waits for a DNS answer.
 enum Resolving {
     Branch {
@@ -164,16 +150,20 @@ enum Resolving {
     Route(Box<Suspended>),
 }
 
+/// A new request in server transaction `tx` on its way to being relayed (§16.5-§16.7).
+struct NewRequest {
+    tx: TxId,
+    /// The loop hash of the request as received (§16.3 item 4).
+    branch_base: String,
+    /// An INVITE's 100 Trying, until it is sent (when relayed, or at once when the router
+    /// waits for DNS).
+    trying: Option<Bytes>,
+}
+
 /// What a routed request is on its way to.
 enum Purpose {
-    /// A new request in server transaction `tx` (§16.5-§16.7); `branch_base` is the loop
-    /// hash of the request as received (§16.3 item 4). `trying`: an INVITE's 100 Trying,
-    /// until it is sent (when relayed, or at once when the router waits for DNS).
-    Request {
-        tx: TxId,
-        branch_base: String,
-        trying: Option<Bytes>,
-    },
+    /// A new request (§16.5-§16.7).
+    Request(NewRequest),
     /// A CANCEL that matched no transaction, in its own server transaction (§16.10).
     Cancel { tx: TxId },
     /// An ACK for a 2xx, forwarded statelessly (§16.11).
@@ -187,19 +177,6 @@ struct Suspended {
     meta: Meta,
     handle: RouteHandle,
 }
-
-struct StatelessForward {
-    request: Message,
-    uri: Bytes,
-    branch: String,
-    inbound: (TransportKind, SocketAddr),
-    record_route: bool,
-    /// The wall-clock time it was routed (what its Record-Route signature counts from).
-    now: SystemTime,
-}
-
-/// Timer C entries kept beyond four per call before the queue is compacted.
-const STALE_TIMER_C_SLACK: usize = 1024;
 
 /// Most DNS resolutions one loop waits for at once; beyond it new branches fail as
 /// unreachable (503) and stateless forwards are dropped, so a flood of requests for names
@@ -229,29 +206,20 @@ pub struct Relay {
     /// DNS resolutions asked for and not answered yet, by id.
     resolving: IdMap<u64, Resolving>,
     next_resolve: u64,
-    /// Resolutions to ask the shell for; see [`Relay::take_resolves`].
-    resolve_requests: Vec<(u64, dns::Query)>,
     /// Callees whose answer carried only our Via, logged once per address per period (per
     /// event loop: a callee answering calls of several loops is logged by each).
     callee_mistakes: Throttle<SocketAddr>,
     /// This loop's dialogs (`crate::dialog`), shared with the router; `None`: not tracked.
     dialogs: Option<DialogTracker>,
+    /// `ctl dlg end` requests whose BYEs are being started.
+    ends: Vec<PendingEnd>,
+    next_end: u64,
 }
 
 /// How long a callee's answers carrying only our Via go unlogged after one was logged.
 const CALLEE_MISTAKE_LOG_PERIOD: Duration = Duration::from_secs(600);
 /// Callee addresses remembered for that, per event loop.
 const CALLEE_MISTAKE_LOG_KEYS: usize = 1024;
-
-/// Room in a call's branch list for `branch`, exactly: most calls have one branch, and a
-/// `Vec` left to grow by itself would allocate four (Rust's least capacity) and keep them for
-/// the call's 32 s after its 2xx.
-fn make_room(branches: &mut Vec<Option<BranchRun>>, branch: BranchId) {
-    if branches.len() <= branch.0 {
-        branches.reserve_exact(branch.0 + 1 - branches.len());
-        branches.resize_with(branch.0 + 1, || None);
-    }
-}
 
 impl Relay {
     pub fn new(
@@ -277,9 +245,10 @@ impl Relay {
             fr_queue: BinaryHeap::new(),
             resolving: IdMap::default(),
             next_resolve: 0,
-            resolve_requests: Vec::new(),
             callee_mistakes: Throttle::new(CALLEE_MISTAKE_LOG_PERIOD, CALLEE_MISTAKE_LOG_KEYS),
             dialogs: None,
+            ends: Vec::new(),
+            next_end: 0,
         }
     }
 
@@ -296,13 +265,6 @@ impl Relay {
         self
     }
 
-    pub fn next_deadline(&self) -> Option<Instant> {
-        let timer_c = self.timer_c_queue.peek().map(|Reverse((at, _, _))| *at);
-        let fr = self.fr_queue.peek().map(|Reverse((at, ..))| *at);
-        let dialogs = self.dialogs.as_ref().and_then(DialogTracker::next_deadline);
-        timer_c.into_iter().chain(fr).chain(dialogs).min()
-    }
-
     /// Relayed requests still in progress.
     pub fn calls(&self) -> usize {
         self.calls.len()
@@ -314,20 +276,29 @@ impl Relay {
     pub fn on_request(
         &mut self,
         tx: TxId,
+        request: Message,
+        meta: Meta,
+        now: Instant,
+        out: &mut RelayActions,
+    ) {
+        // The answer, if any, mirrors the request as received (§8.2.6.2), not as routed.
+        let handled = self.route_request(tx, request.clone(), meta, now, out);
+        reply_if_asked(tx, request, meta, handled, out);
+    }
+
+    fn route_request(
+        &mut self,
+        tx: TxId,
         mut request: Message,
         meta: Meta,
         now: Instant,
-        layer: &mut TransactionLayer,
-        out: &mut Vec<LayerOutput>,
+        out: &mut RelayActions,
     ) -> Handled {
         if let Err(r) = check_request(&request, &self.supported) {
-            return Handled::Reply {
-                code: r.code,
-                reason: Cow::Borrowed(r.reason),
+            return Handled::Reply(Reply {
                 unsupported: r.unsupported,
-                headers: Vec::new(),
-                wait_for: None,
-            };
+                ..Reply::new(r.code, r.reason)
+            });
         }
         if detect_loop(&request, &self.me) {
             return reply(482, "Loop Detected");
@@ -345,19 +316,18 @@ impl Relay {
             None => self.router.route(&mut request, &meta, info),
         };
         self.dialogs_after_router();
-        let purpose = Purpose::Request {
+        let purpose = Purpose::Request(NewRequest {
             tx,
             branch_base,
             trying,
-        };
-        self.after_route(purpose, request, meta, routed, now, layer, out)
+        });
+        self.after_route(purpose, request, meta, routed, now, out)
             .unwrap_or(Handled::Done)
     }
 
     /// Carries out what the router decided for a request, a CANCEL or an ACK; a
     /// [`Decision::Resolve`] suspends it until [`Relay::on_resolved`]. The answer the caller
     /// owes (none for an ACK).
-    #[allow(clippy::too_many_arguments)]
     fn after_route(
         &mut self,
         purpose: Purpose,
@@ -365,27 +335,17 @@ impl Relay {
         meta: Meta,
         routed: Routed,
         now: Instant,
-        layer: &mut TransactionLayer,
-        out: &mut Vec<LayerOutput>,
+        out: &mut RelayActions,
     ) -> Option<Handled> {
         let Routed { decision, handle } = routed;
         if let Decision::Resolve { query } = decision {
-            let purpose = self.trying_while_waiting(purpose, now, layer, out);
-            return self.suspend(purpose, request, meta, handle, query);
+            let purpose = Self::trying_while_waiting(purpose, out);
+            return self.suspend(purpose, request, meta, handle, query, out);
         }
         let routed = Routed { decision, handle };
         match purpose {
-            Purpose::Request {
-                tx,
-                branch_base,
-                trying,
-            } => {
-                let request_tx = (tx, branch_base, trying);
-                Some(self.relay_routed(request_tx, request, meta, routed, now, layer, out))
-            }
-            Purpose::Cancel { tx } => {
-                Some(self.cancel_routed(tx, &request, &meta, routed, layer, out))
-            }
+            Purpose::Request(new) => Some(self.relay_routed(new, request, meta, routed, now, out)),
+            Purpose::Cancel { tx } => Some(self.cancel_routed(tx, &request, &meta, routed, out)),
             Purpose::Ack => {
                 self.ack_routed(&request, &meta, routed, out);
                 None
@@ -395,25 +355,23 @@ impl Relay {
 
     /// An INVITE waiting for DNS gets its 100 Trying now (§16.2, §17.2.1: within 200 ms), so
     /// the caller stops retransmitting however long the lookup takes.
-    fn trying_while_waiting(
-        &mut self,
-        purpose: Purpose,
-        now: Instant,
-        layer: &mut TransactionLayer,
-        out: &mut Vec<LayerOutput>,
-    ) -> Purpose {
+    fn trying_while_waiting(purpose: Purpose, out: &mut RelayActions) -> Purpose {
         match purpose {
-            Purpose::Request {
+            Purpose::Request(NewRequest {
                 tx,
                 branch_base,
                 trying: Some(trying),
-            } => {
-                layer.respond(tx, 100, trying, now, out);
-                Purpose::Request {
+            }) => {
+                out.push(RelayAction::ServerRespond {
+                    tx,
+                    status: 100,
+                    response: trying,
+                });
+                Purpose::Request(NewRequest {
                     tx,
                     branch_base,
                     trying: None,
-                }
+                })
             }
             other => other,
         }
@@ -427,6 +385,7 @@ impl Relay {
         meta: Meta,
         handle: Option<RouteHandle>,
         query: dns::Query,
+        out: &mut RelayActions,
     ) -> Option<Handled> {
         let answer = match purpose {
             Purpose::Ack => None,
@@ -442,7 +401,7 @@ impl Relay {
             meta,
             handle,
         };
-        let asked = self.ask_resolve(query, Resolving::Route(Box::new(suspended)));
+        let asked = self.ask_resolve(query, Resolving::Route(Box::new(suspended)), out);
         match asked {
             Ok(()) => Some(Handled::Relayed),
             Err(what) => {
@@ -455,21 +414,25 @@ impl Relay {
     }
 
     /// §16.5-§16.7 for a routed request in server transaction `tx`.
-    #[allow(clippy::too_many_arguments)]
     fn relay_routed(
         &mut self,
-        (tx, branch_base, trying): (TxId, String, Option<Bytes>),
+        new: NewRequest,
         request: Message,
         meta: Meta,
         routed: Routed,
         now: Instant,
-        layer: &mut TransactionLayer,
-        out: &mut Vec<LayerOutput>,
+        out: &mut RelayActions,
     ) -> Handled {
+        let NewRequest {
+            tx,
+            branch_base,
+            trying,
+        } = new;
         if request.is_edited() {
             // The router may have changed the top Via (`req:force_rport()`): responses follow.
             if let Ok(via) = request.top_via() {
-                layer.set_response_destination(tx, response_destination(&via, &meta));
+                let dest = response_destination(&via, &meta);
+                out.push(RelayAction::SetResponseDestination { tx, dest });
             }
         }
         let handle = routed.handle;
@@ -483,7 +446,7 @@ impl Relay {
                 if let Some(handle) = handle {
                     self.router.release(handle);
                 }
-                return self.carry_out_stateless(tx, other, &request, &meta, layer, out);
+                return self.carry_out_stateless(tx, other, &request, &meta, out);
             }
         };
         if let Some(dialogs) = &self.dialogs {
@@ -506,7 +469,11 @@ impl Relay {
         if let Some(trying) = trying {
             // §16.2: a stateful proxy answers an INVITE it forwards with 100 Trying at once,
             // so the upstream client stops retransmitting (§17.1.1.2).
-            layer.respond(tx, 100, trying, now, out);
+            out.push(RelayAction::ServerRespond {
+                tx,
+                status: 100,
+                response: trying,
+            });
         }
         let is_invite = request.method() == Some(&Method::Invite);
         let mut actions = Vec::new();
@@ -535,7 +502,7 @@ impl Relay {
             failover_request: None,
         };
         self.calls.insert(tx, Box::new(call));
-        self.apply(tx, actions, now, layer, out);
+        self.apply(tx, actions, now, out);
         Handled::Relayed
     }
 
@@ -574,199 +541,39 @@ impl Relay {
         Some(Target::new(uri, 1000))
     }
 
-    /// A decision that keeps no response context: a reply (through the server transaction),
-    /// a stateless forward (§16.11) or a drop; the last two abandon the server transaction.
-    fn carry_out_stateless(
-        &mut self,
-        tx: TxId,
-        decision: Decision,
-        request: &Message,
-        meta: &Meta,
-        layer: &mut TransactionLayer,
-        out: &mut Vec<LayerOutput>,
-    ) -> Handled {
-        match decision {
-            Decision::Reply {
-                code,
-                reason,
-                headers,
-                wait_for,
-            } => {
-                return Handled::Reply {
-                    code,
-                    reason,
-                    unsupported: None,
-                    headers,
-                    wait_for,
-                }
-            }
-            Decision::Forward {
-                target,
-                record_route,
-            } => self.forward_stateless(request, target, record_route, meta, out),
-            Decision::Drop {
-                reason: Some(reason),
-            } => {
-                info!(target: REFUSED, call_id = %call_id(request), source = %meta.source, transport = %meta.kind, reason = %format_args!("the routing script dropped it: {reason}"), "request dropped");
-            }
-            Decision::Drop { reason: None } | Decision::Relay { .. } | Decision::Resolve { .. } => {
-                info!(target: REFUSED, call_id = %call_id(request), source = %meta.source, transport = %meta.kind, reason = "the routing script dropped it (no answer sent)", "request dropped");
-            }
-        }
-        layer.abandon_server(tx);
-        Handled::Done
-    }
-
-    /// §16.11: forwards `request` without a transaction, to `destination` when given (the
-    /// Request-URI is left as it is, like Kamailio's `forward(uri)` / `$du`), else where its
-    /// Route set or Request-URI says.
-    fn forward_stateless(
-        &mut self,
-        request: &Message,
-        destination: Option<Bytes>,
-        record_route: bool,
-        meta: &Meta,
-        out: &mut Vec<LayerOutput>,
-    ) {
-        let Some(ruri) = self.request_uri_target(request).map(|t| t.uri).or_else(|| {
-            // Addressed to us with nothing to follow: only an explicit destination helps.
-            destination.as_ref()?;
-            request.request_uri_bytes().map(|u| request.share(u))
-        }) else {
-            return info!(target: REFUSED, call_id = %call_id(request), source = %meta.source, transport = %meta.kind, reason = "addressed to this proxy with no Route to follow: nothing to forward it to", "request dropped");
-        };
-        let forward = StatelessForward {
-            request: request.clone(),
-            uri: ruri,
-            branch: stateless_branch(request),
-            inbound: (meta.kind, meta.local),
-            record_route,
-            now: wall_clock(),
-        };
-        let planned = first_copy(
-            &self.me,
-            &forward.parts(),
-            forward.inbound,
-            forward.record_route,
-        )
-        .and_then(|first| {
-            let hop = match destination.as_deref() {
-                Some(uri) => {
-                    next_hop_of_uri(uri).map_err(|_| "the destination is not a SIP URI")?
-                }
-                None => next_hop(&forward.request, &forward.uri).map_err(|_| "no next hop")?,
-            };
-            Ok((first, hop))
-        });
-        let (first, hop) = match planned {
-            Ok(planned) => planned,
-            Err(reason) => return forward_failed(&forward, destination.as_deref(), reason),
-        };
-        let query = query_of(&hop);
-        match dns::numeric(&query) {
-            Some(Ok(candidates)) => self.send_stateless(&forward, Some(first), &candidates, out),
-            Some(Err(error)) => {
-                forward_failed(&forward, destination.as_deref(), &error.to_string())
-            }
-            None => {
-                // Too many lookups in flight: already logged, and the sender retransmits.
-                let _ = self.ask_resolve(query, Resolving::Forward(Box::new(forward)));
-            }
-        }
-    }
-
-    /// Sends a stateless forward to the first of `candidates` we have a listener for; `first`
-    /// is the copy built for the inbound transport, reused when that is how it leaves.
-    fn send_stateless(
-        &self,
-        forward: &StatelessForward,
-        mut first: Option<Message>,
-        candidates: &[Candidate],
-        out: &mut Vec<LayerOutput>,
-    ) {
-        for candidate in candidates {
-            let built = copy_for(
-                &self.me,
-                &self.bound,
-                &forward.parts(),
-                first.take(),
-                candidate,
-                forward.inbound,
-                forward.record_route,
-            );
-            if let Ok((copy, dest)) = built {
-                out.push(LayerOutput::Send {
-                    dest,
-                    data: copy.to_bytes(),
-                });
-                return;
-            }
-        }
-        forward_failed(forward, None, "no listener for any address of the next hop");
-    }
-
     /// A CANCEL that matched no transaction (§16.10: it "MUST statelessly forward" it; the
     /// INVITE may have been forwarded statelessly). The router decides where, as for any
     /// request; a router that does not forward it has it answered (481 by default).
     pub fn on_unmatched_cancel(
         &mut self,
         tx: TxId,
+        request: Message,
+        meta: Meta,
+        now: Instant,
+        out: &mut RelayActions,
+    ) {
+        let handled = self.route_unmatched_cancel(tx, request.clone(), meta, now, out);
+        reply_if_asked(tx, request, meta, handled, out);
+    }
+
+    fn route_unmatched_cancel(
+        &mut self,
+        tx: TxId,
         mut request: Message,
         meta: Meta,
         now: Instant,
-        layer: &mut TransactionLayer,
-        out: &mut Vec<LayerOutput>,
+        out: &mut RelayActions,
     ) -> Handled {
         let Some(info) = self.preprocess(&mut request) else {
             return reply(400, "Bad Request (Route)");
         };
         let routed = self.router.route(&mut request, &meta, info);
-        self.after_route(
-            Purpose::Cancel { tx },
-            request,
-            meta,
-            routed,
-            now,
-            layer,
-            out,
-        )
-        .unwrap_or(Handled::Done)
-    }
-
-    fn cancel_routed(
-        &mut self,
-        tx: TxId,
-        request: &Message,
-        meta: &Meta,
-        routed: Routed,
-        layer: &mut TransactionLayer,
-        out: &mut Vec<LayerOutput>,
-    ) -> Handled {
-        if let Some(handle) = routed.handle {
-            self.router.release(handle);
-        }
-        let decision = match routed.decision {
-            // Stateful relay of a CANCEL without its INVITE makes no sense: forward it.
-            Decision::Relay { targets, .. } => Decision::Forward {
-                target: targets
-                    .into_iter()
-                    .next()
-                    .map(|t| t.next_hop_uri.unwrap_or(t.uri)),
-                record_route: false,
-            },
-            other => other,
-        };
-        self.carry_out_stateless(tx, decision, request, meta, layer, out)
+        self.after_route(Purpose::Cancel { tx }, request, meta, routed, now, out)
+            .unwrap_or(Handled::Done)
     }
 
     /// A CANCEL from upstream matched INVITE server transaction `invite` (§16.10).
-    pub fn cancel(
-        &mut self,
-        invite: TxId,
-        now: Instant,
-        layer: &mut TransactionLayer,
-        out: &mut Vec<LayerOutput>,
-    ) {
+    pub fn cancel(&mut self, invite: TxId, now: Instant, out: &mut RelayActions) {
         let mut actions = Vec::new();
         if let Some(call) = self.calls.get_mut(&invite) {
             if let Some(dialogs) = &self.dialogs {
@@ -784,7 +591,7 @@ impl Relay {
                 call.context.on_branch_ended(branch, 487, now, &mut actions);
             }
         }
-        self.apply(invite, actions, now, layer, out);
+        self.apply(invite, actions, now, out);
     }
 
     /// An ACK that matched no transaction: the ACK for a 2xx (or for a non-2xx of a request
@@ -795,8 +602,7 @@ impl Relay {
         mut ack: Message,
         meta: Meta,
         now: Instant,
-        layer: &mut TransactionLayer,
-        out: &mut Vec<LayerOutput>,
+        out: &mut RelayActions,
     ) {
         let dropped = |ack: &Message, reason: &str| {
             info!(target: REFUSED, call_id = %call_id(ack), source = %meta.source, transport = %meta.kind, reason, "ACK dropped");
@@ -815,48 +621,26 @@ impl Relay {
             return dropped(&ack, "addressed to this proxy with no Route: it acknowledges no transaction or dialog here");
         }
         let routed = self.router.route(&mut ack, &meta, info);
-        self.after_route(Purpose::Ack, ack, meta, routed, now, layer, out);
-    }
-
-    fn ack_routed(
-        &mut self,
-        ack: &Message,
-        meta: &Meta,
-        routed: Routed,
-        out: &mut Vec<LayerOutput>,
-    ) {
-        if let Some(handle) = routed.handle {
-            self.router.release(handle);
-        }
-        let (target, record_route) = match routed.decision {
-            Decision::Relay {
-                targets,
-                record_route,
-                ..
-            } => (
-                targets
-                    .into_iter()
-                    .next()
-                    .map(|t| t.next_hop_uri.unwrap_or(t.uri)),
-                record_route,
-            ),
-            Decision::Forward {
-                target,
-                record_route,
-            } => (target, record_route),
-            Decision::Drop {
-                reason: Some(reason),
-            } => {
-                return info!(target: REFUSED, call_id = %call_id(ack), source = %meta.source, transport = %meta.kind, reason = %format_args!("the routing script dropped it: {reason}"), "ACK dropped");
-            }
-            Decision::Reply { .. } | Decision::Drop { .. } | Decision::Resolve { .. } => {
-                return info!(target: REFUSED, call_id = %call_id(ack), source = %meta.source, transport = %meta.kind, reason = "the routing script dropped it", "ACK dropped");
-            }
-        };
-        self.forward_stateless(ack, target, record_route, meta, out);
+        self.after_route(Purpose::Ack, ack, meta, routed, now, out);
     }
 
     // ----- client transaction events ------------------------------------------------
+
+    /// The outcome of [`RelayAction::StartClient`]: the client transaction `dest` is
+    /// reached through, or why none was started (the branch then tries its next address).
+    pub fn on_client_started(
+        &mut self,
+        purpose: ClientPurpose,
+        dest: Destination,
+        started: Result<TxId, SendError>,
+        now: Instant,
+        out: &mut RelayActions,
+    ) {
+        match purpose {
+            ClientPurpose::Branch(attempt) => self.branch_started(attempt, dest, started, now, out),
+            ClientPurpose::Bye { bye, end } => self.bye_started(bye, end, dest.addr, started),
+        }
+    }
 
     /// An event of a branch's client transaction; `source` is where a response came from
     /// ([`crate::transaction::layer::Upcall::Client`]), given to the router's `on_reply`.
@@ -866,8 +650,7 @@ impl Relay {
         event: Event,
         source: Option<Meta>,
         now: Instant,
-        layer: &mut TransactionLayer,
-        out: &mut Vec<LayerOutput>,
+        out: &mut RelayActions,
     ) {
         let Some(&(server, branch)) = self.branch_of.get(&client) else {
             if let Some(dialogs) = &mut self.dialogs {
@@ -884,7 +667,7 @@ impl Relay {
             Event::Response(response) => response.status() == Some(503),
             Event::Ack(_) | Event::AckTimeout => false,
         };
-        if fails_over && self.fail_over(server, branch, client, now, layer, out) {
+        if fails_over && self.fail_over(server, branch, client, now, out) {
             return;
         }
         let mut actions = Vec::new();
@@ -945,7 +728,7 @@ impl Relay {
                 Event::Ack(_) | Event::AckTimeout => {}
             }
         }
-        self.apply(server, actions, now, layer, out);
+        self.apply(server, actions, now, out);
     }
 
     /// The shell could not send to `(kind, addr)`: every branch heading there has a transport
@@ -954,8 +737,7 @@ impl Relay {
         &mut self,
         kind: TransportKind,
         addr: SocketAddr,
-        layer: &mut TransactionLayer,
-        out: &mut Vec<LayerOutput>,
+        out: &mut RelayActions,
     ) {
         let failed: Vec<TxId> = self
             .calls
@@ -967,7 +749,7 @@ impl Relay {
             .collect();
         for tx in failed {
             // The events come back through the layer as Upcall::Client and reach the branch.
-            layer.on_transport_error(tx, out);
+            out.push(RelayAction::FailClient { client: tx });
         }
     }
 
@@ -1029,179 +811,6 @@ impl Relay {
         shrink_if_sparse(&mut self.branch_of);
     }
 
-    pub fn on_timer(
-        &mut self,
-        now: Instant,
-        layer: &mut TransactionLayer,
-        out: &mut Vec<LayerOutput>,
-    ) {
-        while let Some(Reverse((at, server, branch))) = self.timer_c_queue.peek().copied() {
-            if at > now {
-                break;
-            }
-            self.timer_c_queue.pop();
-            let mut actions = Vec::new();
-            let mut span = None;
-            if let Some(call) = self.calls.get_mut(&server) {
-                span = Some(crate::logging::message_span(&call.request));
-                call.context.on_timer_c(BranchId(branch), now, &mut actions);
-            }
-            let _entered = span.as_ref().map(tracing::Span::enter);
-            self.apply(server, actions, now, layer, out);
-        }
-        shrink_heap_if_sparse(&mut self.timer_c_queue);
-        while let Some(Reverse((at, server, branch, client))) = self.fr_queue.peek().copied() {
-            if at > now {
-                break;
-            }
-            self.fr_queue.pop();
-            self.on_fr_timer(server, BranchId(branch), client, now, layer, out);
-        }
-        shrink_heap_if_sparse(&mut self.fr_queue);
-        if let Some(dialogs) = &self.dialogs {
-            let byes = dialogs.on_timer(now);
-            self.send_byes(byes, now, layer, out);
-            self.dialogs_after_router();
-        }
-    }
-
-    /// The failure timer of attempt `client` of `branch` fired: if the attempt is still the
-    /// branch's and has heard nothing, the branch moves on to its next address (RFC 3263
-    /// §4.3, as on a timeout) or, with none left, is given up as a 408.
-    fn on_fr_timer(
-        &mut self,
-        server: TxId,
-        branch: BranchId,
-        client: TxId,
-        now: Instant,
-        layer: &mut TransactionLayer,
-        out: &mut Vec<LayerOutput>,
-    ) {
-        let Some(call) = self.calls.get(&server) else {
-            return;
-        };
-        let current = call
-            .branches
-            .get(branch.0)
-            .and_then(|run| run.as_ref()?.current.as_ref());
-        let Some((_, dest)) = current.filter(|(tx, _)| *tx == client) else {
-            return;
-        };
-        if !call.context.awaits_response(branch) {
-            return;
-        }
-        let span = crate::logging::message_span(&call.request);
-        let _entered = span.enter();
-        info!(addr = %dest.addr, transport = %dest.kind, after_ms = call.fr_timer.map_or(0, |d| d.as_millis() as u64), "no response within the failure timer (fr_timer)");
-        if self.fail_over(server, branch, client, now, layer, out) {
-            return;
-        }
-        let mut actions = Vec::new();
-        if let Some(call) = self.calls.get_mut(&server) {
-            call.context.give_up(branch, now, &mut actions);
-        }
-        self.apply(server, actions, now, layer, out);
-    }
-
-    /// Carries out the `ctl dlg end` requests waiting for this loop (the shell's wake-up):
-    /// each confirmed call is ended with BYEs, and the control client told what was done.
-    pub fn on_wake(
-        &mut self,
-        now: Instant,
-        layer: &mut TransactionLayer,
-        out: &mut Vec<LayerOutput>,
-    ) {
-        let Some(dialogs) = &self.dialogs else {
-            return;
-        };
-        for request in dialogs.take_end_requests() {
-            let Some(dialogs) = &self.dialogs else {
-                return;
-            };
-            let answer = match dialogs.end(request.id, now) {
-                Ok(byes) => {
-                    let sent = self.send_byes(byes, now, layer, out);
-                    Ok(format!("ended: BYE sent to {}", sent.join(" and ")))
-                }
-                Err(why) => Err(why.to_owned()),
-            };
-            // The client may have given up waiting: nothing to tell then.
-            let _ = request.reply.send(answer);
-        }
-        self.dialogs_after_router();
-    }
-
-    /// Sends the proxy's BYEs (`crate::dialog::bye`) through client transactions: to the
-    /// party's recorded address, from our listener of that transport and family, along the
-    /// route set on its side of us. Returns the parties they went to.
-    fn send_byes(
-        &mut self,
-        byes: Vec<crate::dialog::Bye>,
-        now: Instant,
-        layer: &mut TransactionLayer,
-        out: &mut Vec<LayerOutput>,
-    ) -> Vec<&'static str> {
-        let mut sent = Vec::new();
-        for bye in byes {
-            let call_id = String::from_utf8_lossy(&bye.call_id).into_owned();
-            let party = bye.to_side.as_str();
-            let Some(mut dest) = bye.destination.clone() else {
-                warn!(
-                    call_id,
-                    party, "BYE not sent: no address known for the party"
-                );
-                continue;
-            };
-            let Some(local) = self
-                .bound
-                .iter()
-                .find(|l| l.kind == dest.kind && l.addr.is_ipv4() == dest.addr.is_ipv4())
-                .map(|l| l.addr)
-            else {
-                warn!(call_id, party, transport = %dest.kind, "BYE not sent: no listener for the party's transport");
-                continue;
-            };
-            dest.local = Some(local);
-            self.next_unique += 1;
-            let base = via_branch::random_base(std::hash::BuildHasher::hash_one(
-                &std::collections::hash_map::RandomState::new(),
-                (&bye.call_id, party),
-            ));
-            let via = format!(
-                "SIP/2.0/{} {};branch={}",
-                dest.kind.via_name(),
-                self.me.local().sent_by(dest.kind, Some(local), dest.addr),
-                via_branch::attempt(&base, self.loop_index, self.next_unique)
-            );
-            let me = &self.me;
-            let routes = bye.routes(|value| {
-                crate::sip::NameAddr::parse(value).is_ok_and(|na| me.is_myself(&na.uri))
-            });
-            let Some(message) = bye
-                .render(&via, &routes)
-                .and_then(|b| Message::parse(b).ok())
-            else {
-                warn!(
-                    call_id,
-                    party, "BYE not sent: no target URI known for the party"
-                );
-                continue;
-            };
-            let addr = dest.addr;
-            match layer.send_request(message, dest, now, out) {
-                Ok(tx) => {
-                    info!(call_id, party, %addr, "BYE sent");
-                    if let Some(dialogs) = &mut self.dialogs {
-                        dialogs.bye_sent(tx, &bye);
-                    }
-                    sent.push(party);
-                }
-                Err(error) => warn!(call_id, party, ?error, "BYE not sent"),
-            }
-        }
-        sent
-    }
-
     /// Hands the records of the calls that just ended (by the relay's events, or by the
     /// router's decision: a dialog managed, then answered by the script itself) to the router's
     /// `on_dialog_end` and to the CDR file.
@@ -1215,427 +824,19 @@ impl Relay {
         }
     }
 
-    /// Timer C is never cancelled (§16.8 resets it on every provisional, and a call ends long
-    /// before its 3 minutes): entries of calls gone or of an earlier reset are dropped once
-    /// they outnumber the calls, or at 1,000 calls/s the queue would hold 180,000 of them.
-    fn compact_timer_c(&mut self) {
-        let calls = &self.calls;
-        let due: Vec<_> = std::mem::take(&mut self.timer_c_queue)
-            .into_iter()
-            .filter(|Reverse((at, server, branch))| {
-                calls
-                    .get(server)
-                    .is_some_and(|call| call.context.timer_c_at(BranchId(*branch)) == Some(*at))
-            })
-            .collect();
-        self.timer_c_queue = BinaryHeap::from(due);
-        shrink_heap_if_sparse(&mut self.timer_c_queue);
-    }
-
     // ----- carrying out the response context's actions ------------------------------
 
-    fn apply(
-        &mut self,
-        server: TxId,
-        actions: Vec<ContextAction>,
-        now: Instant,
-        layer: &mut TransactionLayer,
-        out: &mut Vec<LayerOutput>,
-    ) {
-        let mut queue: VecDeque<ContextAction> = actions.into();
-        while let Some(action) = queue.pop_front() {
-            let mut more = Vec::new();
-            match action {
-                ContextAction::StartBranch { branch, target } => {
-                    self.start_branch(server, branch, &target, now, layer, out, &mut more)
-                }
-                ContextAction::ForwardUpstream(response)
-                | ContextAction::FinalUpstream(response) => {
-                    if let (Some(dialogs), Some(call)) = (&self.dialogs, self.calls.get(&server)) {
-                        dialogs.on_upstream_response(&call.request, &response, now);
-                        self.dialogs_after_router();
-                    }
-                    let status = response.status().unwrap_or(500);
-                    layer.respond(server, status, response.to_bytes(), now, out);
-                }
-                ContextAction::Cancel(branches) => {
-                    for branch in branches {
-                        self.cancel_branch(server, branch, now, layer, out);
-                    }
-                }
-                ContextAction::StartTimerC { branch, at } => {
-                    self.timer_c_queue.push(Reverse((at, server, branch.0)));
-                    if self.timer_c_queue.len() > 4 * self.calls.len() + STALE_TIMER_C_SLACK {
-                        self.compact_timer_c();
-                    }
-                }
-                ContextAction::BranchSetFailed { best } => {
-                    let Some(call) = self.calls.get_mut(&server) else {
-                        continue;
-                    };
-                    let outcomes = match call.handle {
-                        Some(_) => call.context.outcomes(),
-                        None => Vec::new(),
-                    };
-                    let request = call.failover_request.as_ref().unwrap_or(&call.request);
-                    match self
-                        .router
-                        .on_failure(call.handle, request, &best, &outcomes)
-                    {
-                        FailureDecision::Targets {
-                            targets,
-                            timers,
-                            request,
-                        } if !targets.is_empty() => {
-                            apply_timers(call, timers);
-                            if let Some(request) = request {
-                                call.failover_request = Some(*request);
-                            }
-                            call.context.add_targets(targets, now, &mut more)
-                        }
-                        FailureDecision::Reply {
-                            code,
-                            reason,
-                            headers,
-                        } => call.context.send_reply(code, &reason, &headers, &mut more),
-                        _ => call.context.send_final(&mut more),
-                    }
-                }
-                ContextAction::BranchFailed(branch) => {
-                    let Some(call) = self.calls.get(&server) else {
-                        continue;
-                    };
-                    let (Some(handle), Some(outcome)) = (call.handle, call.context.outcome(branch))
-                    else {
-                        continue;
-                    };
-                    let response = || call.context.branch_response(branch);
-                    self.router
-                        .on_branch_failure(handle, &call.request, &outcome, &response);
-                }
-            }
-            queue.extend(more);
-        }
-        self.settle(server);
-        let kept = self.calls.get(&server).map_or(0, |call| call.footprint());
-        layer.charge_user_state(server, kept);
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn start_branch(
-        &mut self,
-        server: TxId,
-        branch: BranchId,
-        target: &Target,
-        now: Instant,
-        layer: &mut TransactionLayer,
-        out: &mut Vec<LayerOutput>,
-        more: &mut Vec<ContextAction>,
-    ) {
-        let Some(call) = self.calls.get_mut(&server) else {
-            return;
-        };
-        if let Some(why) = &target.unavailable {
-            info!(target = %String::from_utf8_lossy(&target.uri), reason = %why, "branch not sent: 480");
-            return call.context.on_branch_ended(branch, UNAVAILABLE, now, more);
-        }
-        let base = call.failover_request.as_ref().unwrap_or(&call.request);
-        let edit = match call.handle {
-            Some(handle) => self.router.on_branch(handle, base, target),
-            None => BranchEdit::Unchanged,
-        };
-        // A branch of the failure route copies its request: kept with the branch, so that a
-        // retry on the next DNS candidate copies the same one.
-        let edit = match (edit, &call.failover_request) {
-            (BranchEdit::Unchanged, Some(failover)) => {
-                BranchEdit::Edited(with_request_uri(failover.clone(), &target.uri))
-            }
-            (edit, _) => edit,
-        };
-        let edit = match (edit, target.route.is_empty()) {
-            (BranchEdit::Unchanged, false) => match preload_route(&call.request, &target.route) {
-                Ok(request) => BranchEdit::Edited(with_request_uri(request, &target.uri)),
-                Err(_) => BranchEdit::Skip,
-            },
-            (BranchEdit::Edited(request), false) => match preload_route(&request, &target.route) {
-                Ok(request) => BranchEdit::Edited(request),
-                Err(_) => BranchEdit::Skip,
-            },
-            (edit, _) => edit,
-        };
-        let (request, uri) = match edit {
-            BranchEdit::Unchanged => (None, target.uri.clone()),
-            BranchEdit::Edited(request) => {
-                let uri = request
-                    .request_uri_bytes()
-                    .map(|u| request.share(u))
-                    .unwrap_or_else(|| target.uri.clone());
-                (Some(request), uri)
-            }
-            BranchEdit::Skip => {
-                info!(target = %String::from_utf8_lossy(&target.uri), "branch skipped by the router");
-                return call.context.on_branch_unreachable(branch, now, more);
-            }
-        };
-        self.next_unique += 1;
-        let branch_id = via_branch::attempt(&call.branch_base, self.loop_index, self.next_unique);
-        let parts = CopyParts {
-            request: request.as_ref().unwrap_or(&call.request),
-            uri: &uri,
-            branch: &branch_id,
-            now: wall_clock(),
-            tracked: call.tracked,
-        };
-        // The script's destination URI wins; then a Path (the route) over the received
-        // address (RFC 5626 §5.3 order).
-        let pinned = target
-            .destination
-            .filter(|_| target.route.is_empty() && target.next_hop_uri.is_none());
-        if let Some((kind, addr)) = pinned {
-            let first = first_copy(&self.me, &parts, call.inbound, call.record_route);
-            make_room(&mut call.branches, branch);
-            let only = Candidate {
-                kind,
-                addr,
-                tls_name: None,
-            };
-            call.branches[branch.0] = Some(BranchRun {
-                request,
-                uri,
-                current: None,
-                remaining: VecDeque::from([only]),
-                pinned: true,
-            });
-            return match first {
-                Ok(first) => self.attempt(
-                    server,
-                    branch,
-                    Some((first, branch_id)),
-                    now,
-                    layer,
-                    out,
-                    more,
-                ),
-                Err(reason) => self.branch_unreachable(server, branch, reason, now, more),
-            };
-        }
-        let planned =
-            first_copy(&self.me, &parts, call.inbound, call.record_route).and_then(|first| {
-                let hop = match &target.next_hop_uri {
-                    // `req.du`: where to, whatever the Request-URI and Route say.
-                    Some(uri) => next_hop_of_uri(uri)
-                        .map_err(|_| "the destination URI (du) has no next hop")?,
-                    None => next_hop(parts.request, parts.uri).map_err(|_| "no next hop")?,
-                };
-                Ok((hop, first))
-            });
-        make_room(&mut call.branches, branch);
-        call.branches[branch.0] = Some(BranchRun {
-            request,
-            uri,
-            current: None,
-            remaining: VecDeque::new(),
-            pinned: false,
-        });
-        let (hop, first) = match planned {
-            Ok(planned) => planned,
-            Err(reason) => return self.branch_unreachable(server, branch, reason, now, more),
-        };
-        let query = query_of(&hop);
-        match dns::numeric(&query) {
-            Some(Ok(candidates)) => {
-                if let Some(run) = self.run_mut(server, branch) {
-                    run.remaining = candidates.into();
-                }
-                self.attempt(
-                    server,
-                    branch,
-                    Some((first, branch_id)),
-                    now,
-                    layer,
-                    out,
-                    more,
-                );
-            }
-            Some(Err(error)) => {
-                info!(host = %hop.host, %error, "next hop unusable");
-                self.branch_unreachable(server, branch, "next hop unusable", now, more)
-            }
-            None => {
-                if self
-                    .ask_resolve(query, Resolving::Branch { server, branch })
-                    .is_err()
-                {
-                    self.branch_unreachable(
-                        server,
-                        branch,
-                        "too many DNS lookups in flight",
-                        now,
-                        more,
-                    )
-                }
-            }
-        }
-    }
-
-    fn run_mut(&mut self, server: TxId, branch: BranchId) -> Option<&mut BranchRun> {
-        self.calls
-            .get_mut(&server)?
-            .branches
-            .get_mut(branch.0)?
-            .as_mut()
-    }
-
-    fn branch_unreachable(
-        &mut self,
-        server: TxId,
-        branch: BranchId,
-        reason: &str,
-        now: Instant,
-        more: &mut Vec<ContextAction>,
-    ) {
-        if let Some(call) = self.calls.get_mut(&server) {
-            let uri = call
-                .branches
-                .get(branch.0)
-                .and_then(Option::as_ref)
-                .map(|run| &run.uri);
-            info!(target = %String::from_utf8_lossy(uri.map_or(&b""[..], |u| u)), reason, "branch unreachable");
-            call.context.on_branch_unreachable(branch, now, more);
-        }
-    }
-
-    /// Sends the branch to the next of its remaining addresses that takes it (RFC 3263 §4.3),
-    /// with a new branch ID unless `first` brings the copy built for the first attempt. With
-    /// no address left the branch is unreachable (503).
-    #[allow(clippy::too_many_arguments)]
-    fn attempt(
-        &mut self,
-        server: TxId,
-        branch: BranchId,
-        mut first: Option<(Message, String)>,
-        now: Instant,
-        layer: &mut TransactionLayer,
-        out: &mut Vec<LayerOutput>,
-        more: &mut Vec<ContextAction>,
-    ) {
-        let branch_id = match &first {
-            Some((_, id)) => id.clone(),
-            None => {
-                self.next_unique += 1;
-                let base = self
-                    .calls
-                    .get(&server)
-                    .map_or("", |c| c.branch_base.as_str());
-                via_branch::attempt(base, self.loop_index, self.next_unique)
-            }
-        };
-        let (me, bound, now_wall) = (&self.me, &self.bound, wall_clock());
-        let Some(call) = self.calls.get_mut(&server) else {
-            return;
-        };
-        let Some(Some(run)) = call.branches.get_mut(branch.0) else {
-            return;
-        };
-        while let Some(candidate) = run.remaining.pop_front() {
-            let parts = CopyParts {
-                request: run.request.as_ref().unwrap_or(&call.request),
-                uri: &run.uri,
-                branch: &branch_id,
-                now: now_wall,
-                tracked: call.tracked,
-            };
-            let first_copy = first.take().map(|(copy, _)| copy);
-            let built = copy_for(
-                me,
-                bound,
-                &parts,
-                first_copy,
-                &candidate,
-                call.inbound,
-                call.record_route,
-            );
-            let (copy, dest) = match built {
-                Ok((copy, dest)) => (
-                    copy,
-                    Destination {
-                        reuse_only: run.pinned && dest.kind.is_stream(),
-                        ..dest
-                    },
-                ),
-                Err(reason) => {
-                    debug!(addr = %candidate.addr, transport = %candidate.kind, reason, "skipping address");
-                    continue;
-                }
-            };
-            match layer.send_request(copy, dest.clone(), now, out) {
-                Ok(client) => {
-                    debug!(addr = %dest.addr, transport = %dest.kind, "branch sent");
-                    run.current = Some((client, dest));
-                    self.branch_of.insert(client, (server, branch));
-                    if let Some(fr) = call.fr_timer {
-                        self.fr_queue
-                            .push(Reverse((now + fr, server, branch.0, client)));
-                    }
-                    return;
-                }
-                Err(error) => warn!(?error, "cannot start a client transaction"),
-            }
-        }
-        let uri = String::from_utf8_lossy(&run.uri).into_owned();
-        info!(target = %uri, "branch unreachable: no address of its next hop could be used");
-        call.context.on_branch_unreachable(branch, now, more);
-    }
-
-    /// RFC 3263 §4.3: the current attempt of a branch failed (transport error, timeout or
-    /// 503); if the branch has addresses left it moves on, unseen by the response context.
-    /// False when there is nothing to fail over to: the outcome then goes to the context.
-    fn fail_over(
-        &mut self,
-        server: TxId,
-        branch: BranchId,
-        client: TxId,
-        now: Instant,
-        layer: &mut TransactionLayer,
-        out: &mut Vec<LayerOutput>,
-    ) -> bool {
-        let Some(call) = self.calls.get_mut(&server) else {
-            return false;
-        };
-        let open = matches!(
-            call.context.branch_state(branch),
-            Some(BranchState::Pending | BranchState::Proceeding)
-        );
-        let Some(Some(run)) = call.branches.get_mut(branch.0) else {
-            return false;
-        };
-        let is_current = run.current.as_ref().is_some_and(|(tx, _)| *tx == client);
-        if call.cancelled || !open || !is_current || run.remaining.is_empty() {
-            return false;
-        }
-        if let Some((_, dest)) = run.current.take() {
-            info!(addr = %dest.addr, transport = %dest.kind, left = run.remaining.len(), "next hop failed; trying its next address");
-        }
-        self.branch_of.remove(&client);
-        let mut more = Vec::new();
-        self.attempt(server, branch, None, now, layer, out, &mut more);
-        self.apply(server, more, now, layer, out);
-        true
-    }
-
-    /// The shell's answer to resolution `id` ([`Relay::take_resolves`]).
-    /// Returns the answer the caller owes a request whose router was waiting for it: its
-    /// server transaction, the request, and what to answer.
+    /// The shell's answer to resolution `id` ([`RelayAction::Resolve`]); a request whose
+    /// router was waiting for it is routed on.
     pub fn on_resolved(
         &mut self,
         id: u64,
         result: Result<Vec<Candidate>, ResolveError>,
         now: Instant,
-        layer: &mut TransactionLayer,
-        out: &mut Vec<LayerOutput>,
-    ) -> Option<(TxId, Message, Meta, Handled)> {
+        out: &mut RelayActions,
+    ) {
         match self.resolving.remove(&id) {
-            None => None,
+            None => {}
             Some(Resolving::Route(suspended)) => {
                 let Suspended {
                     purpose,
@@ -1646,23 +847,18 @@ impl Relay {
                 let routed = self.router.resume(handle, &mut request, result);
                 self.dialogs_after_router();
                 let tx = match &purpose {
-                    Purpose::Request { tx, .. } | Purpose::Cancel { tx } => Some(*tx),
+                    Purpose::Request(NewRequest { tx, .. }) | Purpose::Cancel { tx } => Some(*tx),
                     Purpose::Ack => None,
                 };
                 let original = request.clone();
-                let handled = self.after_route(purpose, request, meta, routed, now, layer, out);
-                tx.zip(handled)
-                    .map(|(tx, handled)| (tx, original, meta, handled))
+                let handled = self.after_route(purpose, request, meta, routed, now, out);
+                if let Some((tx, handled)) = tx.zip(handled) {
+                    reply_if_asked(tx, original, meta, handled, out);
+                }
             }
             Some(Resolving::Forward(forward)) => match result {
-                Ok(candidates) => {
-                    self.send_stateless(&forward, None, &candidates, out);
-                    None
-                }
-                Err(error) => {
-                    forward_failed(&forward, None, &error.to_string());
-                    None
-                }
+                Ok(candidates) => self.send_stateless(&forward, None, &candidates, out),
+                Err(error) => forward_failed(&forward, None, &error.to_string()),
             },
             Some(Resolving::Branch { server, branch }) => {
                 let waiting = self.calls.get(&server).is_some_and(|call| {
@@ -1670,7 +866,7 @@ impl Relay {
                 });
                 if !waiting {
                     // Timer C, or a CANCEL, ended the branch while it was resolving.
-                    return None;
+                    return;
                 }
                 let mut more = Vec::new();
                 match result {
@@ -1678,14 +874,14 @@ impl Relay {
                         if let Some(run) = self.run_mut(server, branch) {
                             run.remaining = candidates.into();
                         }
-                        self.attempt(server, branch, None, now, layer, out, &mut more);
+                        let next = self.next_attempt(server);
+                        self.attempt(server, branch, next, now, out, &mut more);
                     }
                     Err(error) => {
                         self.branch_unreachable(server, branch, &error.to_string(), now, &mut more)
                     }
                 }
-                self.apply(server, more, now, layer, out);
-                None
+                self.apply(server, more, now, out);
             }
         }
     }
@@ -1695,15 +891,14 @@ impl Relay {
         self.resolving.len()
     }
 
-    /// The DNS resolutions the relay needs, each to be answered with [`Relay::on_resolved`].
-    /// The caller drains this after every call into the relay.
-    pub fn take_resolves(&mut self) -> Vec<(u64, dns::Query)> {
-        std::mem::take(&mut self.resolve_requests)
-    }
-
     /// Asks the shell to resolve `query` for `what`; gives `what` back when too many
     /// resolutions are in flight already.
-    fn ask_resolve(&mut self, query: dns::Query, what: Resolving) -> Result<(), Resolving> {
+    fn ask_resolve(
+        &mut self,
+        query: dns::Query,
+        what: Resolving,
+        out: &mut RelayActions,
+    ) -> Result<(), Resolving> {
         if self.resolving.len() >= MAX_RESOLVING {
             warn!(host = %query.host, limit = MAX_RESOLVING, "too many DNS lookups in flight");
             return Err(what);
@@ -1712,57 +907,9 @@ impl Relay {
         let id = self.next_resolve;
         debug!(host = %query.host, id, "resolving next hop");
         self.resolving.insert(id, what);
-        self.resolve_requests.push((id, query));
+        out.push(RelayAction::Resolve { id, query });
         Ok(())
     }
-
-    fn cancel_branch(
-        &mut self,
-        server: TxId,
-        branch: BranchId,
-        now: Instant,
-        layer: &mut TransactionLayer,
-        out: &mut Vec<LayerOutput>,
-    ) {
-        let Some((client, dest)) = self
-            .calls
-            .get(&server)
-            .and_then(|c| c.branches.get(branch.0))
-            .and_then(|run| run.as_ref()?.current.clone())
-        else {
-            return;
-        };
-        let Some(invite) = layer.client_request(client) else {
-            return;
-        };
-        let Ok(cancel) = Message::parse(cancel_for(invite)) else {
-            return;
-        };
-        // The CANCEL's own transaction: its 200 needs no action (§16.10: the branch's final
-        // arrives through the INVITE's transaction).
-        if let Err(e) = layer.send_request(cancel, dest, now, out) {
-            debug!(error = ?e, "CANCEL not sent");
-        }
-    }
-}
-
-/// The failure timers a failure route set for the branches it adds (`t_set_fr` in
-/// `on_failure`), from now on.
-fn apply_timers(call: &mut Call, timers: FailureTimers) {
-    if let Some(no_answer) = timers.no_answer {
-        call.context.set_timer_c(no_answer);
-    }
-    if let Some(no_response) = timers.no_response {
-        call.fr_timer = Some(no_response);
-    }
-}
-
-/// `request` addressed to `uri` (the target's Request-URI, §16.6 step 2), for a branch copy
-/// edited before [`Relay::build_branch`] (which then takes the Request-URI from the copy).
-/// An unusable URI is left for the branch build to refuse.
-fn with_request_uri(mut request: Message, uri: &[u8]) -> Message {
-    let _ = request.set_request_uri(uri);
-    request
 }
 
 /// The wall-clock time, the one clock the relay reads itself: Record-Route signatures expire in
@@ -1772,144 +919,33 @@ fn wall_clock() -> SystemTime {
     SystemTime::now()
 }
 
+/// Asks the core to answer server transaction `tx` when `handled` says so.
+fn reply_if_asked(
+    tx: TxId,
+    request: Message,
+    meta: Meta,
+    handled: Handled,
+    out: &mut RelayActions,
+) {
+    if let Handled::Reply(reply) = handled {
+        out.push(RelayAction::Reply {
+            tx,
+            request,
+            meta,
+            reply,
+        });
+    }
+}
+
 fn reply(code: u16, reason: &'static str) -> Handled {
-    Handled::Reply {
-        code,
-        reason: Cow::Borrowed(reason),
-        unsupported: None,
-        headers: Vec::new(),
-        wait_for: None,
-    }
+    Handled::Reply(Reply::new(code, reason))
 }
 
-/// What a forwarded copy is built from.
-struct CopyParts<'a> {
-    request: &'a Message,
-    /// The new Request-URI (§16.6 step 2).
-    uri: &'a [u8],
-    branch: &'a str,
-    /// The wall-clock time, for the Record-Route signature.
-    now: SystemTime,
-    /// The signature marks a call the script tracks.
-    tracked: bool,
-}
-
-impl StatelessForward {
-    fn parts(&self) -> CopyParts<'_> {
-        CopyParts {
-            request: &self.request,
-            uri: &self.uri,
-            branch: &self.branch,
-            now: self.now,
-            tracked: false,
-        }
-    }
-}
-
-fn spec<'a>(
-    me: &'a ProxyIdentity,
-    parts: &'a CopyParts<'a>,
-    inbound: (TransportKind, SocketAddr),
-    outbound: (TransportKind, SocketAddr),
-    record_route: bool,
-) -> ForwardSpec<'a> {
-    ForwardSpec {
-        target: parts.uri,
-        record_route,
-        tracked: parts.tracked,
-        inbound,
-        outbound,
-        branch: parts.branch,
-        me,
-        now: parts.now,
-    }
-}
-
-/// The copy as it would leave on the inbound transport (§16.6 steps 1-8), sent when that is
-/// how it leaves. Its next hop is [`next_hop`] of the request it was built from (step 6 may
-/// have moved a strict router's URI from Route into its Request-URI).
-fn first_copy(
-    me: &ProxyIdentity,
-    parts: &CopyParts<'_>,
-    inbound: (TransportKind, SocketAddr),
-    record_route: bool,
-) -> Result<Message, &'static str> {
-    forward_copy(
-        parts.request,
-        &spec(me, parts, inbound, inbound, record_route),
-    )
-    .map_err(|_| "cannot build the forwarded copy")
-}
-
-/// The copy for one address of the next hop and where it goes: from our listener of that
-/// transport and address family (its Via and Record-Route name it, §16.6 steps 4 and 8).
-fn copy_for(
-    me: &ProxyIdentity,
-    bound: &[ListenAddr],
-    parts: &CopyParts<'_>,
-    first: Option<Message>,
-    candidate: &Candidate,
-    inbound: (TransportKind, SocketAddr),
-    record_route: bool,
-) -> Result<(Message, Destination), &'static str> {
-    let listener = listener_for(bound, candidate.kind, candidate.addr)
-        .ok_or("no listener for the next hop's transport")?;
-    let (kind, local) = (listener.kind, listener.addr);
-    let outbound = (kind, local);
-    let copy = match first {
-        Some(first) if outbound == inbound => first,
-        _ => forward_copy(
-            parts.request,
-            &spec(me, parts, inbound, outbound, record_route),
-        )
-        .map_err(|_| "cannot build the forwarded copy")?,
-    };
-    let dest = Destination {
-        kind,
-        addr: candidate.addr,
-        conn: None,
-        local: Some(local),
-        tls_name: candidate.tls_name.clone(),
-        reuse_only: false,
-    };
-    Ok((copy, dest))
-}
-
-/// Our listener for a next hop over `kind` at `to`, in its address family. A WebSocket hop may
-/// leave from the listener of the other WebSocket kind: a URI says `transport=ws` for secure
-/// WebSocket too (RFC 7118 §5.2), so a `wss:`-only server reaches a client whose Contact says
-/// `transport=ws` (the ACK and BYE of its calls) on the client's connection, whichever kind
-/// it is (the WebSocket transport sends on either).
-fn listener_for(bound: &[ListenAddr], kind: TransportKind, to: SocketAddr) -> Option<&ListenAddr> {
-    let same_family = |l: &&ListenAddr| l.addr.is_ipv4() == to.is_ipv4();
-    let mut usable = bound.iter().filter(same_family);
-    usable
-        .clone()
-        .find(|l| l.kind == kind)
-        .or_else(|| usable.find(|l| kind.is_websocket() && l.kind.is_websocket()))
-}
-
-fn query_of(hop: &NextHop) -> dns::Query {
-    dns::Query {
-        host: hop.host.clone(),
-        port: hop.port,
-        transport: hop.transport,
-        secure: hop.secure,
-    }
-}
-
-/// The one line of a stateless forward (§16.11: an ACK for a 2xx, or the script's `forward`)
-/// that could not be sent: the message is dropped.
 /// A request another node of the cluster sent here over an owner route this server signed
 /// (`route_sign`, "Owner routes"): that node's router chose the binding, this one only holds
 /// its flow. It is relayed to its Request-URI on that flow, with our Record-Route so the
 /// dialog's requests from the caller's side come back through us to the flow too (RFC 5626
 /// §5.3, an edge proxy's part). `None` for every other request (the router decides).
-/// What a branch to a target the router marked unavailable counts as (its owning node is
-/// down): 480 (Temporarily Unavailable, §21.4.18), which goes upstream as it is when no branch
-/// does better, where a 503 would become a 500 (§16.7 step 6).
-const UNAVAILABLE: u16 = 480;
-
 fn owner_delivery(request: &Message, info: &RouteInfo) -> Option<Routed> {
     let flow = info.owner_flow?;
     // Only a new request with nothing left to follow: our token names where it goes.
@@ -1925,11 +961,6 @@ fn owner_delivery(request: &Message, info: &RouteInfo) -> Option<Routed> {
         record_route: true,
         timers: FailureTimers::default(),
     }))
-}
-
-fn forward_failed(forward: &StatelessForward, destination: Option<&[u8]>, reason: &str) {
-    let to = destination.unwrap_or(&forward.uri);
-    info!(target: REFUSED, call_id = %call_id(&forward.request), to = %String::from_utf8_lossy(to), reason = %format_args!("cannot forward statelessly: {reason}"), "message dropped");
 }
 
 impl Relay {
@@ -1952,36 +983,5 @@ impl Relay {
 
 #[cfg(test)]
 mod failure_timer_tests;
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_websocket_hop_leaves_from_either_websocket_listener() {
-        let listen = |s: &str| s.parse::<ListenAddr>().unwrap();
-        let (udp, ws, wss) = (
-            listen("udp:127.0.0.1:5060"),
-            listen("ws:127.0.0.1:8080"),
-            listen("wss:127.0.0.1:8443"),
-        );
-        let client: SocketAddr = "127.0.0.1:40000".parse().unwrap();
-        let secure_only = [udp.clone(), wss.clone()];
-        // `transport=ws` (RFC 7118 §5.2) names a wss: client too.
-        assert_eq!(
-            listener_for(&secure_only, TransportKind::Ws, client),
-            Some(&wss)
-        );
-        assert_eq!(
-            listener_for(&secure_only, TransportKind::Udp, client),
-            Some(&udp)
-        );
-        assert_eq!(listener_for(&secure_only, TransportKind::Tcp, client), None);
-        let v6: SocketAddr = "[::1]:40000".parse().unwrap();
-        assert_eq!(listener_for(&secure_only, TransportKind::Ws, v6), None);
-        // With both, each kind its own.
-        let both = [wss.clone(), ws.clone()];
-        assert_eq!(listener_for(&both, TransportKind::Ws, client), Some(&ws));
-        assert_eq!(listener_for(&both, TransportKind::Wss, client), Some(&wss));
-    }
-}
+mod sans_io_tests;

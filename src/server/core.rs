@@ -29,17 +29,18 @@ use crate::location::{CommitState, LocationStore};
 use crate::logging::{self, REFUSED};
 use crate::metrics::EngineMetrics;
 use crate::nat::keepalive::{Scheduler, Settings};
-use crate::proxy::relay::{Handled, Relay};
+use crate::proxy::relay::{Relay, RelayAction, RelayActions, Reply};
 use crate::proxy::router::{BuiltinRouter, Router};
 use crate::proxy::{ProxyIdentity, RouteSigner};
 use crate::server::affinity::Affinity;
 use crate::server::overload::Overload;
 use crate::sip::extensions::SUPPORTED;
 use crate::sip::{prescan, Message, Method};
+use crate::transaction::client_invite::cancel_for;
 use crate::transaction::layer::{LayerConfig, LayerOutput, TransactionLayer, TxId, Upcall};
 use crate::transport::{
-    response_destination, Input, ListenAddr, LoadSample, Meta, Output, TransportKind, Worker,
-    WorkerFactory,
+    response_destination, Destination, Input, ListenAddr, LoadSample, Meta, Output, TransportKind,
+    Worker, WorkerFactory,
 };
 
 /// The Allow header (§20.5) of this server's OPTIONS answers and of every 501: the methods it
@@ -331,6 +332,8 @@ pub struct Core {
     affinity: Affinity,
     /// Reused for every call into the layer.
     pending: Vec<LayerOutput>,
+    /// Reused for every call into the relay.
+    relay_actions: RelayActions,
     /// Answers waiting for a durable write, oldest first.
     parked: VecDeque<Parked>,
     /// Notified by the location store's flusher after each flush.
@@ -374,16 +377,18 @@ impl Worker for Core {
                     probes.on_unreachable(kind, addr, &mut self.transactions, &mut pending);
                 }
                 self.timer_driven = true;
-                self.relay
-                    .on_unreachable(kind, addr, &mut self.transactions, &mut pending);
+                let mut actions = std::mem::take(&mut self.relay_actions);
+                self.relay.on_unreachable(kind, addr, &mut actions);
+                self.apply_relay_actions(actions, now, &mut pending, out);
                 self.drain(pending, now, out);
                 self.timer_driven = false;
             }
             Input::Wake => {
                 let mut pending = std::mem::take(&mut self.pending);
                 self.release_parked(now, &mut pending);
-                self.relay
-                    .on_wake(now, &mut self.transactions, &mut pending);
+                let mut actions = std::mem::take(&mut self.relay_actions);
+                self.relay.on_wake(now, &mut actions);
+                self.apply_relay_actions(actions, now, &mut pending, out);
                 self.drain(pending, now, out);
             }
             Input::Resolved { id, result } if Prober::owns_resolution(id) => {
@@ -399,12 +404,9 @@ impl Worker for Core {
                 let span = self.relay.call_id_of_resolution(id).map(logging::call_span);
                 let _entered = span.as_ref().map(tracing::Span::enter);
                 let mut pending = std::mem::take(&mut self.pending);
-                let owed =
-                    self.relay
-                        .on_resolved(id, result, now, &mut self.transactions, &mut pending);
-                if let Some((tx, request, meta, handled)) = owed {
-                    self.answer_if_asked(tx, &request, &meta, handled, now, &mut pending);
-                }
+                let mut actions = std::mem::take(&mut self.relay_actions);
+                self.relay.on_resolved(id, result, now, &mut actions);
+                self.apply_relay_actions(actions, now, &mut pending, out);
                 self.drain(pending, now, out);
             }
         }
@@ -427,8 +429,9 @@ impl Worker for Core {
         let mut pending = std::mem::take(&mut self.pending);
         self.timer_driven = true;
         self.transactions.on_timer(now, &mut pending);
-        self.relay
-            .on_timer(now, &mut self.transactions, &mut pending);
+        let mut actions = std::mem::take(&mut self.relay_actions);
+        self.relay.on_timer(now, &mut actions);
+        self.apply_relay_actions(actions, now, &mut pending, out);
         self.release_parked(now, &mut pending);
         self.drain(pending, now, out);
         self.timer_driven = false;
@@ -463,6 +466,7 @@ impl Core {
             loops,
             affinity: Affinity::new(loop_index, loops),
             pending: Vec::new(),
+            relay_actions: RelayActions::default(),
             parked: VecDeque::new(),
             wake: Arc::new(Notify::new()),
             force_rport: false,
@@ -561,29 +565,102 @@ impl Core {
             for output in pending.drain(..) {
                 match output {
                     LayerOutput::Send { dest, data } => out.push(Output::Send { dest, data }),
-                    LayerOutput::Up(up) => self.on_upcall(up, now, &mut next),
+                    LayerOutput::Up(up) => self.on_upcall(up, now, &mut next, out),
                 }
             }
             std::mem::swap(&mut pending, &mut next);
         }
         self.pending = pending;
-        for (id, query) in self.relay.take_resolves() {
-            out.push(Output::Resolve { id, query });
+    }
+
+    /// Carries out what the relay asked for ([`RelayAction`]), in order: on the transaction
+    /// layer (its outputs into `next`), and DNS lookups for the shell (into `out`). A client
+    /// transaction started is reported back to the relay, which may ask for more.
+    fn apply_relay_actions(
+        &mut self,
+        mut actions: RelayActions,
+        now: Instant,
+        next: &mut Vec<LayerOutput>,
+        out: &mut Vec<Output>,
+    ) {
+        while let Some(action) = actions.pop() {
+            match action {
+                RelayAction::ServerRespond {
+                    tx,
+                    status,
+                    response,
+                } => self.transactions.respond(tx, status, response, now, next),
+                RelayAction::Reply {
+                    tx,
+                    request,
+                    meta,
+                    reply,
+                } => self.send_relay_reply(tx, &request, &meta, reply, now, next),
+                RelayAction::SetResponseDestination { tx, dest } => {
+                    self.transactions.set_response_destination(tx, dest)
+                }
+                RelayAction::AbandonServer { tx } => self.transactions.abandon_server(tx),
+                RelayAction::ChargeServer { tx, bytes } => {
+                    self.transactions.charge_user_state(tx, bytes)
+                }
+                RelayAction::StartClient {
+                    request,
+                    dest,
+                    purpose,
+                } => {
+                    let started = self
+                        .transactions
+                        .send_request(request, dest.clone(), now, next);
+                    self.relay
+                        .on_client_started(purpose, dest, started, now, &mut actions);
+                }
+                RelayAction::CancelClient { client, dest } => {
+                    self.cancel_client(client, dest, now, next)
+                }
+                RelayAction::FailClient { client } => {
+                    self.transactions.on_transport_error(client, next)
+                }
+                RelayAction::SendStateless { dest, data } => {
+                    next.push(LayerOutput::Send { dest, data })
+                }
+                RelayAction::Resolve { id, query } => out.push(Output::Resolve { id, query }),
+            }
+        }
+        self.relay_actions = actions;
+    }
+
+    /// Cancels INVITE client transaction `client` (§9.1): a CANCEL built from its request, in
+    /// a transaction of its own whose 200 needs no action (§16.10: the branch's final arrives
+    /// through the INVITE's transaction).
+    fn cancel_client(
+        &mut self,
+        client: TxId,
+        dest: Destination,
+        now: Instant,
+        next: &mut Vec<LayerOutput>,
+    ) {
+        let Some(invite) = self.transactions.client_request(client) else {
+            return;
+        };
+        let Ok(cancel) = Message::parse(cancel_for(invite)) else {
+            return;
+        };
+        if let Err(e) = self.transactions.send_request(cancel, dest, now, next) {
+            debug!(error = ?e, "CANCEL not sent");
         }
     }
 
-    fn on_upcall(&mut self, up: Upcall, now: Instant, next: &mut Vec<LayerOutput>) {
+    fn on_upcall(
+        &mut self,
+        up: Upcall,
+        now: Instant,
+        next: &mut Vec<LayerOutput>,
+        out: &mut Vec<Output>,
+    ) {
+        let mut actions = std::mem::take(&mut self.relay_actions);
         match up {
             Upcall::Request { tx, request, meta } => {
-                let handled = self.relay.on_request(
-                    tx,
-                    request.clone(),
-                    meta,
-                    now,
-                    &mut self.transactions,
-                    next,
-                );
-                self.answer_if_asked(tx, &request, &meta, handled, now, next);
+                self.relay.on_request(tx, request, meta, now, &mut actions)
             }
             Upcall::Cancel {
                 tx,
@@ -595,27 +672,18 @@ impl Core {
                 debug!(source = %meta.source, "answering CANCEL");
                 let response = self.build_response(&request, 200, "OK", &[]);
                 self.transactions.respond(tx, 200, response, now, next);
-                self.relay.cancel(invite, now, &mut self.transactions, next);
+                self.relay.cancel(invite, now, &mut actions);
             }
             Upcall::Cancel {
                 tx,
                 cancelled: None,
                 request,
                 meta,
-            } => {
-                let handled = self.relay.on_unmatched_cancel(
-                    tx,
-                    request.clone(),
-                    meta,
-                    now,
-                    &mut self.transactions,
-                    next,
-                );
-                self.answer_if_asked(tx, &request, &meta, handled, now, next);
-            }
+            } => self
+                .relay
+                .on_unmatched_cancel(tx, request, meta, now, &mut actions),
             Upcall::Ack { request, meta } => {
-                self.relay
-                    .forward_ack(request, meta, now, &mut self.transactions, next)
+                self.relay.forward_ack(request, meta, now, &mut actions)
             }
             Upcall::Client { tx, event, .. }
                 if self.probes.as_ref().is_some_and(|p| p.owns(tx)) =>
@@ -633,7 +701,7 @@ impl Core {
                 };
                 let _entered = span.as_ref().map(tracing::Span::enter);
                 self.relay
-                    .on_client_event(tx, event, source, now, &mut self.transactions, next)
+                    .on_client_event(tx, event, source, now, &mut actions)
             }
             Upcall::StrayResponse { response, meta } => {
                 self.forward_stray_response(response, &meta, next)
@@ -646,28 +714,26 @@ impl Core {
             }
             Upcall::Server { .. } => {}
         }
+        self.apply_relay_actions(actions, now, next, out);
     }
 
-    /// Sends the answer the relay asked for, if it asked for one.
-    fn answer_if_asked(
+    /// Sends the answer the relay asked for ([`RelayAction::Reply`]).
+    fn send_relay_reply(
         &mut self,
         tx: TxId,
         request: &Message,
         meta: &Meta,
-        handled: Handled,
+        reply: Reply,
         now: Instant,
         next: &mut Vec<LayerOutput>,
     ) {
-        let Handled::Reply {
+        let Reply {
             code,
             reason,
             unsupported,
             headers,
             wait_for,
-        } = handled
-        else {
-            return;
-        };
+        } = reply;
         // A refusal the router decided gets the one `moonroute::refused` line; answers that are
         // routine (2xx, the 401/407 of digest authentication) stay at debug.
         if code >= 300 && code != 401 && code != 407 {
