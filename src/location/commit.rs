@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tokio::sync::Notify;
+use crate::wake::WakeSignal;
 
 /// Where a write stands.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -113,7 +113,7 @@ impl CommitTicket {
     /// Asks for `signal` to be notified when the write may have become durable: after every
     /// flush of the log from now on (once per signal: an event loop subscribes its one signal
     /// the first time it parks an answer), or when the remote store answers.
-    pub fn subscribe(&self, signal: &Arc<Notify>) {
+    pub fn subscribe(&self, signal: &Arc<WakeSignal>) {
         match &self.inner {
             Ticket::Flush { log, .. } => log.subscribe(signal),
             Ticket::Answer(answer) => {
@@ -121,7 +121,7 @@ impl CommitTicket {
                 if state.0 == CommitState::Pending {
                     state.1.push(Arc::clone(signal));
                 } else {
-                    signal.notify_one();
+                    signal.wake();
                 }
             }
         }
@@ -150,7 +150,7 @@ impl CommitTicket {
 /// [`Acknowledgement::ticket`] as it does on a disk flush.
 #[derive(Default)]
 pub struct Acknowledgement {
-    state: Mutex<(CommitState, Vec<Arc<Notify>>)>,
+    state: Mutex<(CommitState, Vec<Arc<WakeSignal>>)>,
     settled: Condvar,
 }
 
@@ -186,11 +186,11 @@ impl Acknowledgement {
         };
         self.settled.notify_all();
         for signal in subscribers {
-            signal.notify_one();
+            signal.wake();
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, (CommitState, Vec<Arc<Notify>>)> {
+    fn lock(&self) -> MutexGuard<'_, (CommitState, Vec<Arc<WakeSignal>>)> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -256,7 +256,7 @@ pub struct CommitLog {
     wanted: Condvar,
     /// Signalled after every flush.
     flushed: Condvar,
-    subscribers: Mutex<Vec<Arc<Notify>>>,
+    subscribers: Mutex<Vec<Arc<WakeSignal>>>,
     flushes: AtomicU64,
 }
 
@@ -315,7 +315,7 @@ impl CommitLog {
         }
     }
 
-    fn subscribe(&self, signal: &Arc<Notify>) {
+    fn subscribe(&self, signal: &Arc<WakeSignal>) {
         let mut subscribers = self.subscribers.lock().unwrap_or_else(|p| p.into_inner());
         if !subscribers.iter().any(|s| Arc::ptr_eq(s, signal)) {
             subscribers.push(Arc::clone(signal));
@@ -375,7 +375,7 @@ impl CommitLog {
             self.flushed.notify_all();
             let subscribers = self.subscribers.lock().unwrap_or_else(|p| p.into_inner());
             for signal in subscribers.iter() {
-                signal.notify_one();
+                signal.wake();
             }
             if closing {
                 return;
@@ -491,7 +491,7 @@ mod tests {
     #[test]
     fn subscribers_are_notified_after_a_flush() {
         let log = CommitLog::new();
-        let signal = Arc::new(Notify::new());
+        let signal = WakeSignal::new();
         let ticket = log.written();
         ticket.subscribe(&signal);
         ticket.subscribe(&signal);
@@ -507,7 +507,7 @@ mod tests {
         runtime.block_on(async {
             tokio::time::timeout(Duration::from_secs(10), async {
                 while ticket.state() != CommitState::Durable {
-                    signal.notified().await;
+                    signal.woken().await;
                 }
             })
             .await
@@ -522,7 +522,7 @@ mod tests {
         let ack = Acknowledgement::new();
         let ticket = ack.ticket();
         assert_eq!(ticket.state(), CommitState::Pending);
-        let signal = Arc::new(Notify::new());
+        let signal = WakeSignal::new();
         ticket.subscribe(&signal);
         let settler = {
             let ack = Arc::clone(&ack);
@@ -533,7 +533,7 @@ mod tests {
             .build()
             .unwrap();
         runtime.block_on(async {
-            tokio::time::timeout(Duration::from_secs(10), signal.notified())
+            tokio::time::timeout(Duration::from_secs(10), signal.woken())
                 .await
                 .unwrap();
         });
@@ -544,7 +544,7 @@ mod tests {
         let failed = Acknowledgement::new();
         failed.settle(Err("changed meanwhile".to_owned()));
         let late = failed.ticket();
-        let signal = Arc::new(Notify::new());
+        let signal = WakeSignal::new();
         late.subscribe(&signal);
         assert_eq!(late.wait(Duration::ZERO).unwrap_err(), "changed meanwhile");
     }

@@ -41,7 +41,7 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 
 use crate::location::{AorCursor, LocationStore};
-use crate::server::identity::SentBy;
+use crate::proxy::identity::{SentBy, SERVER};
 use crate::transport::TransportKind;
 
 /// The Via branch of every keep-alive OPTIONS starts with this: the RFC 3261 magic cookie and
@@ -335,7 +335,7 @@ pub fn seq_of_branch(branch: &[u8]) -> Option<u64> {
 
 /// The keep-alive OPTIONS for `peer` (RFC 3261 §11.1, §8.1.1): Request-URI the registered
 /// contact, Via naming `source` (what we advertise for the socket the binding registered on,
-/// `crate::server::identity`) with `rport` so the answer comes back through the NAT,
+/// `crate::proxy::identity`) with `rport` so the answer comes back through the NAT,
 /// `Max-Forwards: 70`, From/To/Call-ID/CSeq of a request outside any dialog, in our host.
 /// `nonce` makes Call-IDs unique across restarts.
 pub fn options_request(
@@ -361,7 +361,7 @@ pub fn options_request(
          Content-Length: 0\r\n\r\n",
         contact = peer.contact,
         transport = peer.kind.via_name(),
-        agent = crate::server::core::SERVER,
+        agent = SERVER,
     );
     Bytes::from(text)
 }

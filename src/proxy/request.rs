@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::time::SystemTime;
 
 use super::route_sign::{RouteSigner, Signature, Verdict, FLOW_PARAM, SIGNATURE_PARAM};
-use crate::server::core::LocalIdentity;
+use crate::proxy::identity::LocalIdentity;
 use crate::sip::header::HeaderName;
 use crate::sip::scan;
 use crate::sip::uri::Uri;

@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
@@ -38,19 +37,16 @@ use crate::transport::{
     response_destination, FramingError, Input, ListenAddr, LoadSample, Meta, Output, TransportKind,
     Worker, WorkerFactory,
 };
+use crate::wake::WakeSignal;
 
 /// Methods this build answers itself; grows as the engine issues land.
 pub const ALLOW: &str = "OPTIONS";
 /// Option tags of extensions this build supports (none yet: Require/Proxy-Require with any tag
 /// gets 420, §8.2.2.3).
 pub const SUPPORTED: &[&str] = &[];
-pub const SERVER: &str = concat!("moonroute ", env!("CARGO_PKG_VERSION"));
+pub use crate::proxy::identity::{LocalIdentity, SERVER};
 
-pub use super::identity::LocalIdentity;
-
-/// Makes the Router of each event loop (one per loop: routers keep per-loop state, like the Lua
-/// states will).
-pub type RouterFactory = Arc<dyn Fn(usize, &LocalIdentity) -> Box<dyn Router> + Send + Sync>;
+pub use crate::proxy::router::RouterFactory;
 
 pub struct CoreFactory {
     domains: Vec<String>,
@@ -155,7 +151,10 @@ impl CoreFactory {
             dialogs: DialogSetup {
                 limits: config.dialog.limits(),
                 profiles: crate::dialog::Profiles::new(),
-                cdr: crate::dialog::CdrSink::from_config(config),
+                cdr: config
+                    .dialog
+                    .cdr_settings(&config.data_dir)
+                    .map(crate::dialog::CdrSink::new),
                 metrics: crate::dialog::DialogMetrics::detached(),
                 directory: crate::dialog::Directory::new(),
             },
@@ -214,12 +213,15 @@ impl CoreFactory {
         self.builtin_relays
     }
 
-    /// The same core with routing decided by `router` (tests, and the script engine later).
+    /// The cores of `config` with routing decided by `router` (the script's, or a test's).
     pub fn with_router(config: &Config, router: RouterFactory) -> CoreFactory {
-        CoreFactory {
-            router,
-            ..CoreFactory::new(config)
-        }
+        CoreFactory::new(config).routed_by(router)
+    }
+
+    /// Routing decided by `router` instead of the `[proxy]` built-in router.
+    pub fn routed_by(mut self, router: RouterFactory) -> CoreFactory {
+        self.router = router;
+        self
     }
 
     fn core(&self, index: usize, loops: usize, bound: &[ListenAddr]) -> Core {
@@ -320,7 +322,7 @@ pub struct Core {
     /// Answers waiting for a durable write, oldest first.
     parked: VecDeque<Parked>,
     /// Notified by the location store's flusher after each flush.
-    wake: Arc<Notify>,
+    wake: Arc<WakeSignal>,
     /// `limits.max_backlog`: see [`Core::backlog`].
     max_backlog: usize,
     /// Whether this loop is saturated, and what share of new requests it refuses
@@ -430,7 +432,7 @@ impl Worker for Core {
         self.probe_round(now, out);
     }
 
-    fn wake_signal(&self) -> Option<Arc<Notify>> {
+    fn wake_signal(&self) -> Option<Arc<WakeSignal>> {
         Some(Arc::clone(&self.wake))
     }
 
@@ -473,7 +475,7 @@ impl Core {
             affinity: Affinity::new(loop_index, loops),
             pending: Vec::new(),
             parked: VecDeque::new(),
-            wake: Arc::new(Notify::new()),
+            wake: WakeSignal::new(),
             force_rport: false,
             keepalive: None,
             probes: None,

@@ -393,7 +393,7 @@ pub enum Input {
         kind: TransportKind,
         addr: SocketAddr,
     },
-    /// The Worker's [`Worker::wake_signal`] was notified: something it waits for outside the
+    /// The Worker's [`Worker::wake_signal`] was woken: something it waits for outside the
     /// loop (a durable write) may be done.
     Wake,
     /// The answer to [`Output::Resolve`] `id`: the next hop's addresses in the order to try
@@ -484,10 +484,10 @@ pub trait Worker: 'static {
     /// Runs what became due at `now` (at or after the last [`Worker::next_deadline`]).
     fn on_timer(&mut self, _now: Instant, _out: &mut Vec<Output>) {}
 
-    /// A signal other threads notify when something this Worker waits for is ready; the shell
+    /// A signal other threads wake when something this Worker waits for is ready; the shell
     /// then gives the Worker an [`Input::Wake`]. Asked once, when the loop starts. `None`
     /// (the default): the Worker waits for nothing outside its loop.
-    fn wake_signal(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
+    fn wake_signal(&self) -> Option<std::sync::Arc<crate::wake::WakeSignal>> {
         None
     }
 
