@@ -36,6 +36,29 @@ pub enum CommitState {
     Unavailable(String),
 }
 
+/// Why a write was not confirmed durable ([`CommitTicket::wait`]). Its text is the store's
+/// own, as the shell logs and answers it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CommitError {
+    /// The flush covering it failed: the write may be lost ([`CommitState::Failed`]).
+    Failed(String),
+    /// A remote store could not be reached to confirm it ([`CommitState::Unavailable`]).
+    Unavailable(String),
+    /// Neither came within the wait.
+    TimedOut(&'static str),
+}
+
+impl std::fmt::Display for CommitError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CommitError::Failed(reason) | CommitError::Unavailable(reason) => f.write_str(reason),
+            CommitError::TimedOut(what) => f.write_str(what),
+        }
+    }
+}
+
+impl std::error::Error for CommitError {}
+
 /// What a store write needs before it may be acknowledged.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Commit {
@@ -55,7 +78,7 @@ impl Commit {
     }
 
     /// Blocks until durable (at most `timeout`); for callers that are not event loops.
-    pub fn wait(&self, timeout: Duration) -> Result<(), String> {
+    pub fn wait(&self, timeout: Duration) -> Result<(), CommitError> {
         match self {
             Commit::Done => Ok(()),
             Commit::Pending(ticket) => ticket.wait(timeout),
@@ -128,7 +151,7 @@ impl CommitTicket {
     }
 
     /// Blocks until the write is durable, its flush failed, or `timeout` passed.
-    pub fn wait(&self, timeout: Duration) -> Result<(), String> {
+    pub fn wait(&self, timeout: Duration) -> Result<(), CommitError> {
         let deadline = Instant::now() + timeout;
         let (seq, log) = match &self.inner {
             Ticket::Flush { seq, log } => (*seq, log),
@@ -194,7 +217,7 @@ impl Acknowledgement {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn wait(&self, deadline: Instant) -> Result<(), String> {
+    fn wait(&self, deadline: Instant) -> Result<(), CommitError> {
         wait_until(
             self.lock(),
             &self.settled,
@@ -211,18 +234,19 @@ fn wait_until<T>(
     mut guard: MutexGuard<'_, T>,
     condvar: &Condvar,
     deadline: Instant,
-    timed_out: &str,
+    timed_out: &'static str,
     state: impl Fn(&T) -> CommitState,
-) -> Result<(), String> {
+) -> Result<(), CommitError> {
     loop {
         match state(&guard) {
             CommitState::Durable => return Ok(()),
-            CommitState::Failed(e) | CommitState::Unavailable(e) => return Err(e),
+            CommitState::Failed(e) => return Err(CommitError::Failed(e)),
+            CommitState::Unavailable(e) => return Err(CommitError::Unavailable(e)),
             CommitState::Pending => {}
         }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(timed_out.to_owned());
+            return Err(CommitError::TimedOut(timed_out));
         }
         guard = condvar
             .wait_timeout(guard, left)
@@ -480,7 +504,7 @@ mod tests {
         };
         assert_eq!(
             first.wait(Duration::from_secs(10)).unwrap_err(),
-            "disk full"
+            CommitError::Failed("disk full".to_owned())
         );
         let second = log.written();
         second.wait(Duration::from_secs(10)).unwrap();
@@ -546,7 +570,10 @@ mod tests {
         let late = failed.ticket();
         let signal = WakeSignal::new();
         late.subscribe(&signal);
-        assert_eq!(late.wait(Duration::ZERO).unwrap_err(), "changed meanwhile");
+        assert_eq!(
+            late.wait(Duration::ZERO).unwrap_err(),
+            CommitError::Failed("changed meanwhile".to_owned())
+        );
     }
 
     /// A store lost before it confirmed the write is "try later" (503), not "failed" (500).
@@ -559,8 +586,13 @@ mod tests {
             ticket.state(),
             CommitState::Unavailable("Redis unreachable: connection refused".to_owned())
         );
+        let unavailable = ticket.wait(Duration::ZERO).unwrap_err();
         assert_eq!(
-            ticket.wait(Duration::ZERO).unwrap_err(),
+            unavailable,
+            CommitError::Unavailable("Redis unreachable: connection refused".to_owned())
+        );
+        assert_eq!(
+            unavailable.to_string(),
             "Redis unreachable: connection refused"
         );
     }

@@ -51,7 +51,7 @@ pub mod record;
 mod redis_store;
 mod sled_store;
 
-pub use commit::{Acknowledgement, Commit, CommitState, CommitTicket};
+pub use commit::{Acknowledgement, Commit, CommitError, CommitState, CommitTicket};
 pub use open::open_configured;
 pub use redis_store::RedisLocation;
 pub use sled_store::{LoadReport, SledLocation};
