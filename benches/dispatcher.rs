@@ -14,9 +14,9 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use moonroute::dispatcher::algorithm::ALGORITHMS;
 use moonroute::dispatcher::{hash_key, DestinationConfig, Dispatcher, Rules, SetConfig};
+use moonroute::proxy::identity::LocalIdentity;
 use moonroute::proxy::router::{RouteInfo, Router};
 use moonroute::script::{Limits, ScriptHost, ScriptRouter, Services};
-use moonroute::server::core::LocalIdentity;
 use moonroute::sip::Message;
 use moonroute::transport::{Meta, TransportKind};
 

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 use criterion::{criterion_group, criterion_main, Criterion};
 use moonroute::location::{Binding, LocationStore, MemoryLocation};
 use moonroute::nat::keepalive::{self, Action, Scheduler, Settings};
-use moonroute::server::identity::SentBy;
+use moonroute::proxy::identity::SentBy;
 use moonroute::transport::TransportKind;
 
 /// A memory store with `n` NATed UDP bindings, one per AOR, as `req:fix_nated_contact()`

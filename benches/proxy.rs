@@ -11,10 +11,10 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use moonroute::proxy::identity::LocalIdentity;
 use moonroute::proxy::{
     forward_copy, preprocess_routes, ForwardSpec, ProxyIdentity, RouteSigner, Verdict,
 };
-use moonroute::server::core::LocalIdentity;
 use moonroute::sip::Message;
 use moonroute::transport::TransportKind;
 

@@ -23,11 +23,11 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use moonroute::dialog::{DialogTable, Limits as DialogLimits, Profiles, SharedTable};
 use moonroute::location::MemoryLocation;
+use moonroute::proxy::identity::LocalIdentity;
 use moonroute::proxy::route_sign::Verdict;
 use moonroute::proxy::router::{ReplySource, RouteInfo, Router};
 use moonroute::registrar::{AorRule, Registrar, Rules};
 use moonroute::script::{Limits, ScriptHost, ScriptRouter, Services};
-use moonroute::server::core::LocalIdentity;
 use moonroute::sip::Message;
 use moonroute::transport::{Meta, TransportKind};
 

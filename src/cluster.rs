@@ -41,9 +41,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tracing::{info, warn};
 
 use crate::location::Binding;
+use crate::proxy::identity::LocalIdentity;
 use crate::proxy::route_sign::{RouteSigner, FLOW_PARAM};
 use crate::redis_link::RedisLink;
-use crate::server::core::LocalIdentity;
 use crate::transport::{ListenAddr, TransportKind};
 
 /// How often a node writes its heartbeat.

@@ -209,6 +209,16 @@ impl Dialog {
             ..crate::dialog::Limits::default()
         }
     }
+
+    /// Where CDRs go (`<data_dir>/cdr.jsonl`); `None` when `cdr = false`.
+    pub fn cdr_settings(&self, data_dir: &std::path::Path) -> Option<crate::dialog::CdrSettings> {
+        self.cdr.then(|| crate::dialog::CdrSettings {
+            dir: data_dir.to_path_buf(),
+            max_size: self.cdr_max_mb.saturating_mul(1 << 20),
+            keep: self.cdr_keep,
+            failed_attempts: self.cdr_failed_attempts,
+        })
+    }
 }
 
 impl Dispatcher {
@@ -551,23 +561,39 @@ impl Auth {
         if self.max_tracked_nonces == 0 {
             return Err("auth.max_tracked_nonces: must be at least 1".to_owned());
         }
+        self.algorithms().map(drop)
+    }
+
+    /// `algorithms` parsed, preferred first: the one parse [`Config::validate`] checks and
+    /// [`Auth::settings`] uses.
+    fn algorithms(&self) -> Result<Vec<crate::auth::Algorithm>, String> {
         if self.algorithms.is_empty() {
             return Err("auth.algorithms: at least one of \"SHA-256\", \"MD5\"".to_owned());
         }
-        for (index, name) in self.algorithms.iter().enumerate() {
+        let mut parsed = Vec::with_capacity(self.algorithms.len());
+        for name in &self.algorithms {
             let Some(algorithm) = crate::auth::Algorithm::parse(name) else {
                 return Err(format!(
                     "auth.algorithms: {name:?} is not supported (\"SHA-256\" or \"MD5\")"
                 ));
             };
-            if self.algorithms[..index]
-                .iter()
-                .any(|other| crate::auth::Algorithm::parse(other) == Some(algorithm))
-            {
+            if parsed.contains(&algorithm) {
                 return Err(format!("auth.algorithms: {name:?} is listed twice"));
             }
+            parsed.push(algorithm);
         }
-        Ok(())
+        Ok(parsed)
+    }
+
+    /// The authenticator's settings, nonces signed with `server_key` (`crate::secret`). An
+    /// invalid `algorithms` (refused by [`Config::validate`]) offers the default ones.
+    pub fn settings(&self, server_key: Vec<u8>) -> crate::auth::Settings {
+        crate::auth::Settings {
+            secret: server_key,
+            nonce_lifetime: std::time::Duration::from_secs(self.nonce_expires_secs),
+            algorithms: self.algorithms().unwrap_or_default(),
+            max_tracked_nonces: self.max_tracked_nonces,
+        }
     }
 }
 
@@ -771,10 +797,21 @@ pub struct Registrar {
 
 impl Default for Registrar {
     fn default() -> Self {
+        let rules = crate::registrar::Rules::default();
         Registrar {
-            default_expires: 3600,
-            min_expires: 60,
-            max_expires: 86400,
+            default_expires: rules.default_expires,
+            min_expires: rules.min_expires,
+            max_expires: rules.max_expires,
+        }
+    }
+}
+
+impl From<&Registrar> for crate::registrar::Rules {
+    fn from(c: &Registrar) -> crate::registrar::Rules {
+        crate::registrar::Rules {
+            default_expires: c.default_expires,
+            min_expires: c.min_expires,
+            max_expires: c.max_expires,
         }
     }
 }

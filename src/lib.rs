@@ -24,3 +24,4 @@ pub mod server;
 pub mod sip;
 pub mod transaction;
 pub mod transport;
+pub mod wake;

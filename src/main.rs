@@ -16,11 +16,9 @@ use moonroute::config::{Config, LogFormat, Overrides};
 use moonroute::control::{ControlServer, Reply};
 use moonroute::metrics::http::MetricsEndpoint;
 use moonroute::metrics::EngineMetrics;
-use moonroute::proxy::RouteSigner;
 use moonroute::script::watch::ScriptWatcher;
 use moonroute::script::{offline, ScriptHost};
-use moonroute::server::core::CoreFactory;
-use moonroute::server::Server;
+use moonroute::server::{Server, Wiring};
 use moonroute::transport::{Advertise, ListenAddr};
 
 /// mimalloc instead of glibc's malloc: the event loops allocate and free per message, and
@@ -260,28 +258,11 @@ fn run(args: RunArgs) -> Result<(), Box<dyn Error>> {
         warn!("{deprecated}");
     }
 
-    let host = ScriptHost::from_config(&config)?;
-    // Record-Route signatures survive restarts: the key is `[auth] secret` or
-    // `<data_dir>/secret` (created at the first start).
-    let signer = RouteSigner::new(&moonroute::secret::server_key(&config)?);
-    let metrics = EngineMetrics::register(&host.services().metrics);
-    let builtin = CoreFactory::new(&config)
-        .with_route_signer(signer.clone())
-        .with_metrics(Arc::clone(&metrics));
-    let factory = if builtin.relays() {
-        info!("[proxy] static_route/relay_to_request_uri set: the built-in router replaces the script");
-        Arc::new(builtin)
-    } else {
-        let factory = CoreFactory::with_router(&config, host.router_factory())
-            .with_route_signer(signer)
-            .with_metrics(Arc::clone(&metrics))
-            .with_dispatcher(Arc::clone(&host.services().dispatcher))
-            .with_flows(Arc::clone(&host.services().flows));
-        match &host.services().registrar {
-            Some(registrar) => Arc::new(factory.with_keepalives(registrar.store().clone())),
-            None => Arc::new(factory),
-        }
-    };
+    let Wiring {
+        host,
+        metrics,
+        factory,
+    } = Wiring::from_config(&config)?;
     let dialogs = factory.dialog_directory();
     let server = Server::start(&config, factory)?;
     for listen in server.listen_addrs() {

@@ -121,21 +121,6 @@ pub struct Settings {
     pub max_tracked_nonces: usize,
 }
 
-impl Settings {
-    pub fn from_config(config: &crate::config::Auth) -> Settings {
-        Settings {
-            secret: config.secret.as_bytes().to_vec(),
-            nonce_lifetime: Duration::from_secs(config.nonce_expires_secs),
-            algorithms: config
-                .algorithms
-                .iter()
-                .filter_map(|a| Algorithm::parse(a))
-                .collect(),
-            max_tracked_nonces: config.max_tracked_nonces,
-        }
-    }
-}
-
 /// Challenges and checks credentials; one per server, shared by the event loops.
 pub struct Authenticator {
     nonces: nonce::Nonces,

@@ -162,7 +162,7 @@ mod tests {
     #[test]
     fn add_list_rm_on_the_server() {
         let dir = tempfile::TempDir::new().unwrap();
-        let settings = crate::auth::Settings::from_config(&crate::config::Auth::default());
+        let settings = crate::config::Auth::default().settings(Vec::new());
         let auth = Authenticator::open(&settings, dir.path()).unwrap();
         let args = client_args(
             &strings(&["user", "add", "alice@example.com", "pw"]),

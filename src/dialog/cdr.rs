@@ -401,20 +401,35 @@ pub struct CdrSink {
     lost: AtomicU64,
 }
 
+/// Where and how a [`CdrSink`] writes (`[dialog] cdr_*`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CdrSettings {
+    /// The directory of `cdr.jsonl` (the data directory).
+    pub dir: PathBuf,
+    /// The size in bytes past which the file is rotated.
+    pub max_size: u64,
+    /// Rotated files kept.
+    pub keep: usize,
+    /// Whether calls that were never answered get a record too.
+    pub failed_attempts: bool,
+}
+
 impl CdrSink {
-    /// The sink of `[dialog]`; `None` when `cdr = false`.
-    pub fn from_config(config: &crate::config::Config) -> Option<Arc<CdrSink>> {
-        let dialog = &config.dialog;
-        dialog.cdr.then(|| {
-            Arc::new(CdrSink {
-                dir: config.data_dir.clone(),
-                max_size: dialog.cdr_max_mb.saturating_mul(1 << 20),
-                keep: dialog.cdr_keep,
-                failed_attempts: dialog.cdr_failed_attempts,
-                file: Mutex::new(None),
-                written: AtomicU64::new(0),
-                lost: AtomicU64::new(0),
-            })
+    pub fn new(settings: CdrSettings) -> Arc<CdrSink> {
+        let CdrSettings {
+            dir,
+            max_size,
+            keep,
+            failed_attempts,
+        } = settings;
+        Arc::new(CdrSink {
+            dir,
+            max_size,
+            keep,
+            failed_attempts,
+            file: Mutex::new(None),
+            written: AtomicU64::new(0),
+            lost: AtomicU64::new(0),
         })
     }
 

@@ -16,10 +16,10 @@ use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use tokio::sync::Notify;
 
 use super::table::{Dialog, DialogId, State};
 use crate::transport::TransportKind;
+use crate::wake::WakeSignal;
 
 const SHARDS: usize = 16;
 
@@ -128,7 +128,7 @@ pub struct Directory {
 
 struct Inbox {
     requests: Vec<EndRequest>,
-    wake: Arc<Notify>,
+    wake: Arc<WakeSignal>,
 }
 
 /// A `ctl dlg end` for a loop: the call, and where the loop says what it did (the BYEs sent,
@@ -188,7 +188,7 @@ impl Directory {
     }
 
     /// Loop `loop_index` takes end requests, and is woken by `wake` when one arrives.
-    pub fn attach_loop(&self, loop_index: usize, wake: Arc<Notify>) {
+    pub fn attach_loop(&self, loop_index: usize, wake: Arc<WakeSignal>) {
         let mut inboxes = lock(&self.inboxes);
         if inboxes.len() <= loop_index {
             inboxes.resize_with(loop_index + 1, || None);
@@ -214,7 +214,7 @@ impl Directory {
         }
         let (reply, answer) = mpsc::channel();
         inbox.requests.push(EndRequest { id: call.id, reply });
-        inbox.wake.notify_one();
+        inbox.wake.wake();
         Ok(answer)
     }
 

@@ -27,7 +27,7 @@ pub mod tracker;
 #[cfg(test)]
 pub(crate) mod tests;
 
-pub use cdr::{Cdr, CdrFile, CdrSink, EndReason};
+pub use cdr::{Cdr, CdrFile, CdrSettings, CdrSink, EndReason};
 pub use directory::{Directory, Summary};
 pub use metrics::DialogMetrics;
 pub use profiles::{Membership, Profiles};

@@ -24,8 +24,8 @@ use tracing::debug;
 
 use super::{Dispatcher, ProbeOutcome};
 use crate::dns::{self, Candidate, ResolveError};
+use crate::proxy::identity::{LocalIdentity, SERVER};
 use crate::proxy::request::next_hop_of_uri;
-use crate::server::identity::LocalIdentity;
 use crate::sip::Message;
 use crate::transaction::layer::{LayerOutput, TransactionLayer, TxId};
 use crate::transaction::Event;
@@ -248,7 +248,7 @@ impl Prober {
                 loop_index: self.loop_index,
                 unique: seq,
             },
-            agent = crate::server::core::SERVER,
+            agent = SERVER,
         );
         Bytes::from(text)
     }

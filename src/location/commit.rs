@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tokio::sync::Notify;
+use crate::wake::WakeSignal;
 
 /// Where a write stands.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -35,6 +35,29 @@ pub enum CommitState {
     /// later (RFC 3261 §21.5.4, 503 with Retry-After), not give up as on a failure.
     Unavailable(String),
 }
+
+/// Why a write was not confirmed durable ([`CommitTicket::wait`]). Its text is the store's
+/// own, as the shell logs and answers it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CommitError {
+    /// The flush covering it failed: the write may be lost ([`CommitState::Failed`]).
+    Failed(String),
+    /// A remote store could not be reached to confirm it ([`CommitState::Unavailable`]).
+    Unavailable(String),
+    /// Neither came within the wait.
+    TimedOut(&'static str),
+}
+
+impl std::fmt::Display for CommitError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CommitError::Failed(reason) | CommitError::Unavailable(reason) => f.write_str(reason),
+            CommitError::TimedOut(what) => f.write_str(what),
+        }
+    }
+}
+
+impl std::error::Error for CommitError {}
 
 /// What a store write needs before it may be acknowledged.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -55,7 +78,7 @@ impl Commit {
     }
 
     /// Blocks until durable (at most `timeout`); for callers that are not event loops.
-    pub fn wait(&self, timeout: Duration) -> Result<(), String> {
+    pub fn wait(&self, timeout: Duration) -> Result<(), CommitError> {
         match self {
             Commit::Done => Ok(()),
             Commit::Pending(ticket) => ticket.wait(timeout),
@@ -113,7 +136,7 @@ impl CommitTicket {
     /// Asks for `signal` to be notified when the write may have become durable: after every
     /// flush of the log from now on (once per signal: an event loop subscribes its one signal
     /// the first time it parks an answer), or when the remote store answers.
-    pub fn subscribe(&self, signal: &Arc<Notify>) {
+    pub fn subscribe(&self, signal: &Arc<WakeSignal>) {
         match &self.inner {
             Ticket::Flush { log, .. } => log.subscribe(signal),
             Ticket::Answer(answer) => {
@@ -121,14 +144,14 @@ impl CommitTicket {
                 if state.0 == CommitState::Pending {
                     state.1.push(Arc::clone(signal));
                 } else {
-                    signal.notify_one();
+                    signal.wake();
                 }
             }
         }
     }
 
     /// Blocks until the write is durable, its flush failed, or `timeout` passed.
-    pub fn wait(&self, timeout: Duration) -> Result<(), String> {
+    pub fn wait(&self, timeout: Duration) -> Result<(), CommitError> {
         let deadline = Instant::now() + timeout;
         let (seq, log) = match &self.inner {
             Ticket::Flush { seq, log } => (*seq, log),
@@ -150,7 +173,7 @@ impl CommitTicket {
 /// [`Acknowledgement::ticket`] as it does on a disk flush.
 #[derive(Default)]
 pub struct Acknowledgement {
-    state: Mutex<(CommitState, Vec<Arc<Notify>>)>,
+    state: Mutex<(CommitState, Vec<Arc<WakeSignal>>)>,
     settled: Condvar,
 }
 
@@ -186,15 +209,15 @@ impl Acknowledgement {
         };
         self.settled.notify_all();
         for signal in subscribers {
-            signal.notify_one();
+            signal.wake();
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, (CommitState, Vec<Arc<Notify>>)> {
+    fn lock(&self) -> MutexGuard<'_, (CommitState, Vec<Arc<WakeSignal>>)> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn wait(&self, deadline: Instant) -> Result<(), String> {
+    fn wait(&self, deadline: Instant) -> Result<(), CommitError> {
         wait_until(
             self.lock(),
             &self.settled,
@@ -211,18 +234,19 @@ fn wait_until<T>(
     mut guard: MutexGuard<'_, T>,
     condvar: &Condvar,
     deadline: Instant,
-    timed_out: &str,
+    timed_out: &'static str,
     state: impl Fn(&T) -> CommitState,
-) -> Result<(), String> {
+) -> Result<(), CommitError> {
     loop {
         match state(&guard) {
             CommitState::Durable => return Ok(()),
-            CommitState::Failed(e) | CommitState::Unavailable(e) => return Err(e),
+            CommitState::Failed(e) => return Err(CommitError::Failed(e)),
+            CommitState::Unavailable(e) => return Err(CommitError::Unavailable(e)),
             CommitState::Pending => {}
         }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(timed_out.to_owned());
+            return Err(CommitError::TimedOut(timed_out));
         }
         guard = condvar
             .wait_timeout(guard, left)
@@ -256,7 +280,7 @@ pub struct CommitLog {
     wanted: Condvar,
     /// Signalled after every flush.
     flushed: Condvar,
-    subscribers: Mutex<Vec<Arc<Notify>>>,
+    subscribers: Mutex<Vec<Arc<WakeSignal>>>,
     flushes: AtomicU64,
 }
 
@@ -315,7 +339,7 @@ impl CommitLog {
         }
     }
 
-    fn subscribe(&self, signal: &Arc<Notify>) {
+    fn subscribe(&self, signal: &Arc<WakeSignal>) {
         let mut subscribers = self.subscribers.lock().unwrap_or_else(|p| p.into_inner());
         if !subscribers.iter().any(|s| Arc::ptr_eq(s, signal)) {
             subscribers.push(Arc::clone(signal));
@@ -375,7 +399,7 @@ impl CommitLog {
             self.flushed.notify_all();
             let subscribers = self.subscribers.lock().unwrap_or_else(|p| p.into_inner());
             for signal in subscribers.iter() {
-                signal.notify_one();
+                signal.wake();
             }
             if closing {
                 return;
@@ -480,7 +504,7 @@ mod tests {
         };
         assert_eq!(
             first.wait(Duration::from_secs(10)).unwrap_err(),
-            "disk full"
+            CommitError::Failed("disk full".to_owned())
         );
         let second = log.written();
         second.wait(Duration::from_secs(10)).unwrap();
@@ -491,7 +515,7 @@ mod tests {
     #[test]
     fn subscribers_are_notified_after_a_flush() {
         let log = CommitLog::new();
-        let signal = Arc::new(Notify::new());
+        let signal = WakeSignal::new();
         let ticket = log.written();
         ticket.subscribe(&signal);
         ticket.subscribe(&signal);
@@ -507,7 +531,7 @@ mod tests {
         runtime.block_on(async {
             tokio::time::timeout(Duration::from_secs(10), async {
                 while ticket.state() != CommitState::Durable {
-                    signal.notified().await;
+                    signal.woken().await;
                 }
             })
             .await
@@ -522,7 +546,7 @@ mod tests {
         let ack = Acknowledgement::new();
         let ticket = ack.ticket();
         assert_eq!(ticket.state(), CommitState::Pending);
-        let signal = Arc::new(Notify::new());
+        let signal = WakeSignal::new();
         ticket.subscribe(&signal);
         let settler = {
             let ack = Arc::clone(&ack);
@@ -533,7 +557,7 @@ mod tests {
             .build()
             .unwrap();
         runtime.block_on(async {
-            tokio::time::timeout(Duration::from_secs(10), signal.notified())
+            tokio::time::timeout(Duration::from_secs(10), signal.woken())
                 .await
                 .unwrap();
         });
@@ -544,9 +568,12 @@ mod tests {
         let failed = Acknowledgement::new();
         failed.settle(Err("changed meanwhile".to_owned()));
         let late = failed.ticket();
-        let signal = Arc::new(Notify::new());
+        let signal = WakeSignal::new();
         late.subscribe(&signal);
-        assert_eq!(late.wait(Duration::ZERO).unwrap_err(), "changed meanwhile");
+        assert_eq!(
+            late.wait(Duration::ZERO).unwrap_err(),
+            CommitError::Failed("changed meanwhile".to_owned())
+        );
     }
 
     /// A store lost before it confirmed the write is "try later" (503), not "failed" (500).
@@ -559,8 +586,13 @@ mod tests {
             ticket.state(),
             CommitState::Unavailable("Redis unreachable: connection refused".to_owned())
         );
+        let unavailable = ticket.wait(Duration::ZERO).unwrap_err();
         assert_eq!(
-            ticket.wait(Duration::ZERO).unwrap_err(),
+            unavailable,
+            CommitError::Unavailable("Redis unreachable: connection refused".to_owned())
+        );
+        assert_eq!(
+            unavailable.to_string(),
             "Redis unreachable: connection refused"
         );
     }

@@ -46,11 +46,13 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 pub mod commit;
+mod open;
 pub mod record;
 mod redis_store;
 mod sled_store;
 
-pub use commit::{Acknowledgement, Commit, CommitState, CommitTicket};
+pub use commit::{Acknowledgement, Commit, CommitError, CommitState, CommitTicket};
+pub use open::open_configured;
 pub use redis_store::RedisLocation;
 pub use sled_store::{LoadReport, SledLocation};
 
@@ -259,45 +261,6 @@ pub struct AorCursor {
     shard: usize,
     /// The last AOR listed from that shard (`None`: none yet).
     after: Option<String>,
-}
-
-/// The store `[location]` asks for: [`SledLocation`] in `<data_dir>/location` (created
-/// private if missing, loaded before this returns, its keys migrated to `keys`), a
-/// [`RedisLocation`] at `redis_url` (keys used as they are: one rule per cluster), or a
-/// [`MemoryLocation`].
-pub fn open_configured(
-    config: &crate::config::Location,
-    data_dir: &std::path::Path,
-    keys: &dyn AorKeys,
-) -> Result<std::sync::Arc<dyn LocationStore>, String> {
-    use crate::config::LocationBackend;
-    match config.store {
-        LocationBackend::Memory => Ok(std::sync::Arc::new(MemoryLocation::new(
-            config.max_bindings,
-        ))),
-        LocationBackend::Redis => {
-            let link = crate::redis_link::RedisLink::open(&config.redis_url)?;
-            // A node may start before Redis: it answers 503 until Redis is there.
-            if let Err(error) = link.ping(std::time::Duration::from_secs(2)) {
-                tracing::warn!(url = %link.url_for_logs(), %error, "location store: Redis does not answer yet; registrations get 503 until it does");
-            }
-            Ok(std::sync::Arc::new(RedisLocation::new(
-                link,
-                config.max_bindings,
-            )))
-        }
-        LocationBackend::Sled => {
-            let dir = data_dir.join("location");
-            let (store, _report) = SledLocation::open_rekeyed(
-                &dir,
-                config.max_bindings,
-                config.cache_mb.saturating_mul(1024 * 1024),
-                SystemTime::now(),
-                keys,
-            )?;
-            Ok(std::sync::Arc::new(store))
-        }
-    }
 }
 
 /// Number of shards of [`MemoryLocation`]: enough that event loops on different threads

@@ -531,7 +531,7 @@ mod tests {
     }
 
     fn home() -> crate::registrar::AorRule {
-        crate::registrar::AorRule::new(crate::server::core::LocalIdentity::new(
+        crate::registrar::AorRule::new(crate::proxy::identity::LocalIdentity::new(
             &["example.com".to_owned()],
             ["127.0.0.1:5060".parse().unwrap()],
         ))

@@ -1,8 +1,8 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::*;
+use crate::proxy::identity::LocalIdentity;
 use crate::registrar::AorRule;
-use crate::server::core::LocalIdentity;
 
 fn t0() -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(1_700_000_000)

@@ -41,7 +41,7 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 
 use crate::location::{AorCursor, LocationStore};
-use crate::server::identity::SentBy;
+use crate::proxy::identity::{SentBy, SERVER};
 use crate::transport::TransportKind;
 
 /// A binding to keep alive, as the location store holds it.
@@ -317,7 +317,7 @@ impl Scheduler {
 
 /// The keep-alive OPTIONS for `peer` (RFC 3261 §11.1, §8.1.1): Request-URI the registered
 /// contact, Via naming `source` (what we advertise for the socket the binding registered on,
-/// `crate::server::identity`) with `rport` so the answer comes back through the NAT,
+/// `crate::proxy::identity`) with `rport` so the answer comes back through the NAT,
 /// `Max-Forwards: 70`, From/To/Call-ID/CSeq of a request outside any dialog, in our host.
 /// `nonce` makes Call-IDs unique across restarts.
 pub fn options_request(
@@ -343,7 +343,7 @@ pub fn options_request(
          Content-Length: 0\r\n\r\n",
         contact = peer.contact,
         transport = peer.kind.via_name(),
-        agent = crate::server::core::SERVER,
+        agent = SERVER,
     );
     Bytes::from(text)
 }

@@ -8,6 +8,7 @@
 //!
 //! [`Message`]: crate::sip::Message
 
+pub mod identity;
 pub mod relay;
 pub mod request;
 pub mod response_context;

@@ -14,7 +14,7 @@ use std::time::SystemTime;
 
 use super::route_sign::{RouteSigner, Signature, Verdict, FLOW_PARAM, SIGNATURE_PARAM};
 use super::via_branch;
-use crate::server::core::LocalIdentity;
+use crate::proxy::identity::LocalIdentity;
 use crate::sip::header::HeaderName;
 use crate::sip::scan;
 use crate::sip::uri::Uri;

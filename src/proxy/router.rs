@@ -7,14 +7,20 @@
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use crate::location::CommitTicket;
 
 use bytes::Bytes;
 
+use super::identity::LocalIdentity;
 use super::response_context::{BranchOutcome, Target};
 use crate::sip::{HeaderName, Message, Method};
 use crate::transport::Meta;
+
+/// Makes the Router of each event loop, given the loop's index and who this server is (one
+/// router per loop: routers keep per-loop state, such as each loop's Lua state).
+pub type RouterFactory = Arc<dyn Fn(usize, &LocalIdentity) -> Box<dyn Router> + Send + Sync>;
 
 /// What to do with a new request.
 #[derive(Debug, Clone, PartialEq, Eq)]

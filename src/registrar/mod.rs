@@ -38,10 +38,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 
-use crate::config;
 use crate::location::{AorKeys, Binding, Commit, LocationStore};
 use crate::metrics::Counter;
-use crate::server::core::LocalIdentity;
+use crate::proxy::identity::LocalIdentity;
 use crate::sip::{scan, Contact, HeaderName, Message, Method, NameAddr, ResponseBuilder, Uri};
 use crate::transport::Meta;
 
@@ -68,19 +67,15 @@ pub struct Rules {
     pub max_expires: u32,
 }
 
-impl From<&config::Registrar> for Rules {
-    fn from(c: &config::Registrar) -> Rules {
-        Rules {
-            default_expires: c.default_expires,
-            min_expires: c.min_expires,
-            max_expires: c.max_expires,
-        }
-    }
-}
-
 impl Default for Rules {
+    /// An hour when the REGISTER names none, at least a minute, at most a day (the
+    /// `[registrar]` defaults).
     fn default() -> Rules {
-        Rules::from(&config::Registrar::default())
+        Rules {
+            default_expires: 3600,
+            min_expires: 60,
+            max_expires: 86400,
+        }
     }
 }
 

@@ -28,7 +28,7 @@ use mlua::{
 
 use super::api;
 use super::Services;
-use crate::server::core::LocalIdentity;
+use crate::proxy::identity::LocalIdentity;
 
 /// Instructions between two checks of the budget: small enough to stop a tight loop within
 /// microseconds of its budget, large enough that the check costs nothing measurable.

@@ -49,9 +49,9 @@ pub const OFFLINE_KEY: &[u8] = b"moonroute offline test key";
 /// The secret offline runs sign digest nonces with (never a server's), the same for every
 /// run: a challenge's nonce from one run is accepted by the next.
 pub const OFFLINE_AUTH_SECRET: &[u8] = b"moonroute offline digest nonce secret";
+use crate::proxy::identity::LocalIdentity;
 use crate::proxy::{preprocess_routes, ProxyIdentity};
 use crate::registrar::{AorRule, Registrar, Rules};
-use crate::server::core::LocalIdentity;
 use crate::sip::{Message, Uri};
 use crate::transport::{ListenAddr, Meta, TransportKind};
 
@@ -774,10 +774,7 @@ impl Services {
 fn authenticator(fixture: &str) -> Result<Arc<Authenticator>, ScriptError> {
     let subscribers = Subscribers::from_fixture(fixture)
         .map_err(|e| ScriptError(format!("subscriber fixture: {e}")))?;
-    let settings = crate::auth::Settings {
-        secret: OFFLINE_AUTH_SECRET.to_vec(),
-        ..crate::auth::Settings::from_config(&crate::config::Auth::default())
-    };
+    let settings = crate::config::Auth::default().settings(OFFLINE_AUTH_SECRET.to_vec());
     Ok(Arc::new(Authenticator::new(
         &settings,
         Arc::new(subscribers),

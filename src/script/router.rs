@@ -31,12 +31,13 @@ use super::engine::{Engine, Env, Limits, LogSink, ScriptError, ScriptSource, Ste
 use super::Services;
 use crate::id_map::IdMap;
 use crate::metrics::{Counter, Gauge, Histogram, Registry, DURATION_BUCKETS};
+use crate::proxy::identity::LocalIdentity;
 use crate::proxy::request::{remove_preloaded_route, route_set};
 use crate::proxy::response_context::{BranchOutcome, Target};
+use crate::proxy::router::RouterFactory;
 use crate::proxy::router::{
     BranchEdit, Decision, FailureDecision, ReplySource, RouteHandle, RouteInfo, Routed, Router,
 };
-use crate::server::core::{LocalIdentity, RouterFactory};
 use crate::sip::{Message, Method};
 use crate::transport::Meta;
 
@@ -174,8 +175,20 @@ impl ScriptHost {
     /// The script named by `config`, with the services a server gives it: a fresh `sip.kv`
     /// store, the registrar over the configured location store (`[location]`; the durable
     /// one is loaded from disk here, before the server answers anything) and the digest
-    /// authenticator over `<data_dir>/subscribers` (`[auth]`).
+    /// authenticator over `<data_dir>/subscribers` (`[auth]`). Reads the server key
+    /// (`crate::secret::server_key`); a server that has it already gives it to
+    /// [`ScriptHost::with_server_key`].
     pub fn from_config(config: &crate::config::Config) -> Result<Arc<ScriptHost>, ScriptError> {
+        let server_key = crate::secret::server_key(config).map_err(ScriptError)?;
+        ScriptHost::with_server_key(config, server_key)
+    }
+
+    /// [`ScriptHost::from_config`] with the server key read already: it signs digest nonces
+    /// and, in a cluster, this node's flow tokens.
+    pub fn with_server_key(
+        config: &crate::config::Config,
+        server_key: Vec<u8>,
+    ) -> Result<Arc<ScriptHost>, ScriptError> {
         // AORs of our own domains are port-free; the stored keys follow the rule before the
         // first lookup. The listen addresses as configured: one on port 0 names us on any
         // port (the port is chosen when the loops bind, after the store is loaded).
@@ -194,7 +207,6 @@ impl ScriptHost {
         )
         .with_aor_rule(aors)
         .with_registrations_counter(engine.registrations);
-        let server_key = crate::secret::server_key(config).map_err(ScriptError)?;
         if let Some(link) = shared {
             if let Some(node) = cluster_node(config, &server_key, link) {
                 node.register_metrics(&metrics);
@@ -203,10 +215,7 @@ impl ScriptHost {
         }
         // Nonces are signed with the server key (`[auth] secret`, else `<data_dir>/secret`), so
         // they survive a restart: phones are not answered `stale` after one.
-        let settings = crate::auth::Settings {
-            secret: server_key,
-            ..crate::auth::Settings::from_config(&config.auth)
-        };
+        let settings = config.auth.settings(server_key);
         let auth =
             crate::auth::Authenticator::open(&settings, &config.data_dir).map_err(ScriptError)?;
         let dispatcher = Arc::new(

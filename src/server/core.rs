@@ -20,7 +20,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::Notify;
 use tracing::{debug, info};
 
 use crate::config::Config;
@@ -42,14 +41,14 @@ use crate::transport::{
     response_destination, Destination, Input, ListenAddr, LoadSample, Meta, Output, TransportKind,
     Worker, WorkerFactory,
 };
+use crate::wake::WakeSignal;
 
 /// The Allow header (§20.5) of this server's OPTIONS answers and of every 501: the methods it
 /// answers whatever the script decides, which is OPTIONS (§11). What else it serves (REGISTER,
 /// relayed INVITEs...) is the script's choice, so it is not promised here.
 const ALLOW_ALWAYS: &str = "OPTIONS";
-pub const SERVER: &str = concat!("moonroute ", env!("CARGO_PKG_VERSION"));
-
-pub use super::identity::LocalIdentity;
+pub use crate::proxy::identity::{LocalIdentity, SERVER};
+pub use crate::proxy::router::RouterFactory;
 
 mod keepalives;
 mod options;
@@ -62,10 +61,6 @@ mod stray;
 
 use keepalives::Keepalives;
 use parked::{Parked, PARK_TIMEOUT};
-
-/// Makes the Router of each event loop (one per loop: routers keep per-loop state, like the Lua
-/// states will).
-pub type RouterFactory = Arc<dyn Fn(usize, &LocalIdentity) -> Box<dyn Router> + Send + Sync>;
 
 pub struct CoreFactory {
     domains: Vec<String>,
@@ -170,7 +165,10 @@ impl CoreFactory {
             dialogs: DialogSetup {
                 limits: config.dialog.limits(),
                 profiles: crate::dialog::Profiles::new(),
-                cdr: crate::dialog::CdrSink::from_config(config),
+                cdr: config
+                    .dialog
+                    .cdr_settings(&config.data_dir)
+                    .map(crate::dialog::CdrSink::new),
                 metrics: crate::dialog::DialogMetrics::detached(),
                 directory: crate::dialog::Directory::new(),
             },
@@ -229,12 +227,15 @@ impl CoreFactory {
         self.builtin_relays
     }
 
-    /// The same core with routing decided by `router` (tests, and the script engine later).
+    /// The cores of `config` with routing decided by `router` (the script's, or a test's).
     pub fn with_router(config: &Config, router: RouterFactory) -> CoreFactory {
-        CoreFactory {
-            router,
-            ..CoreFactory::new(config)
-        }
+        CoreFactory::new(config).routed_by(router)
+    }
+
+    /// Routing decided by `router` instead of the `[proxy]` built-in router.
+    pub fn routed_by(mut self, router: RouterFactory) -> CoreFactory {
+        self.router = router;
+        self
     }
 
     fn core(&self, index: usize, loops: usize, bound: &[ListenAddr]) -> Core {
@@ -337,7 +338,7 @@ pub struct Core {
     /// Answers waiting for a durable write, oldest first.
     parked: VecDeque<Parked>,
     /// Notified by the location store's flusher after each flush.
-    wake: Arc<Notify>,
+    wake: Arc<WakeSignal>,
     /// `limits.max_backlog`: see [`Core::backlog`].
     max_backlog: usize,
     /// Whether this loop is saturated, and what share of new requests it refuses
@@ -439,7 +440,7 @@ impl Worker for Core {
         self.probe_round(now, out);
     }
 
-    fn wake_signal(&self) -> Option<Arc<Notify>> {
+    fn wake_signal(&self) -> Option<Arc<WakeSignal>> {
         Some(Arc::clone(&self.wake))
     }
 
@@ -468,7 +469,7 @@ impl Core {
             pending: Vec::new(),
             relay_actions: RelayActions::default(),
             parked: VecDeque::new(),
-            wake: Arc::new(Notify::new()),
+            wake: WakeSignal::new(),
             force_rport: false,
             keepalive: None,
             probes: None,

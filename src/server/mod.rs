@@ -27,8 +27,9 @@
 
 pub mod affinity;
 pub mod core;
-pub mod identity;
 pub mod overload;
+pub mod wiring;
 mod workers;
 
+pub use wiring::Wiring;
 pub use workers::{Server, ServerHandle};

@@ -34,6 +34,7 @@ use super::{
 use crate::dns::{Query, ResolveError, Resolver};
 use crate::metrics::engine::{response_code, DnsMetrics};
 use crate::metrics::EngineMetrics;
+use crate::wake::WakeSignal;
 
 /// A UDP socket of this loop and the listen address it was bound to.
 pub(crate) struct UdpEndpoint {
@@ -52,7 +53,7 @@ const HAND_OVER_BYTES: u64 = 2048;
 
 /// The state shared by the transport tasks of one event loop. See the module docs.
 pub(crate) struct LoopContext {
-    pub(crate) index: usize,
+    index: usize,
     worker: RefCell<Box<dyn Worker>>,
     /// The deadline the timer task sleeps for, so inputs only wake it when it must run sooner.
     armed_deadline: Cell<Option<Instant>>,
@@ -64,14 +65,14 @@ pub(crate) struct LoopContext {
     udp_outbox: RefCell<Outbox>,
     /// The UDP sockets as the kernel lists them, for their queues' load samples.
     udp_ids: Vec<load::UdpSocketId>,
-    pub(crate) registry: Arc<ConnectionRegistry>,
-    pub(crate) limits: TransportLimits,
+    registry: Arc<ConnectionRegistry>,
+    limits: TransportLimits,
     /// The server's TLS configurations, shared by every loop.
-    pub(crate) tls: Arc<TlsContext>,
+    tls: Arc<TlsContext>,
     /// TLS handshakes of accepted connections in progress on this loop.
-    pub(crate) tls_handshakes: Cell<usize>,
+    tls_handshakes: Cell<usize>,
     /// What `ws:` and `wss:` listeners accept, shared by every loop.
-    pub(crate) websocket: Arc<WsSettings>,
+    websocket: Arc<WsSettings>,
     /// Every loop's hand-over queue, this one's included, by loop index.
     hand_over: Arc<[mpsc::Sender<Input>]>,
     /// Hand-overs decided while the current task runs, sent when it yields (see
@@ -80,7 +81,7 @@ pub(crate) struct LoopContext {
     hand_overs_queued: Notify,
     dns: LoopDns,
     /// The server's metric handles (messages, responses sent, connections).
-    pub(crate) metrics: Arc<EngineMetrics>,
+    metrics: Arc<EngineMetrics>,
 }
 
 /// This loop's DNS resolver (RFC 3263), made on first use so a server that never resolves a
@@ -173,6 +174,49 @@ impl LoopContext {
         }
     }
 
+    /// This event loop's index.
+    pub(crate) fn index(&self) -> usize {
+        self.index
+    }
+
+    /// The connections of every loop, by id and by peer (RFC 3261 §18.2.2: a response goes
+    /// back on its request's connection).
+    pub(crate) fn registry(&self) -> &Arc<ConnectionRegistry> {
+        &self.registry
+    }
+
+    pub(crate) fn limits(&self) -> &TransportLimits {
+        &self.limits
+    }
+
+    pub(crate) fn tls(&self) -> &TlsContext {
+        &self.tls
+    }
+
+    pub(crate) fn websocket(&self) -> &Arc<WsSettings> {
+        &self.websocket
+    }
+
+    pub(crate) fn metrics(&self) -> &EngineMetrics {
+        &self.metrics
+    }
+
+    /// Takes one of this loop's TLS handshake slots (`tls.max_handshakes`); `false` when all
+    /// are busy. Give it back with [`LoopContext::end_handshake`].
+    pub(crate) fn begin_handshake(&self) -> bool {
+        let busy = self.tls_handshakes.get();
+        if busy >= self.tls.max_handshakes() {
+            return false;
+        }
+        self.tls_handshakes.set(busy + 1);
+        true
+    }
+
+    pub(crate) fn end_handshake(&self) {
+        self.tls_handshakes
+            .set(self.tls_handshakes.get().saturating_sub(1));
+    }
+
     /// Passes `input` to loop `worker`. Not at once: waking another loop's thread costs a
     /// system call and a context switch, so what a burst of received messages hands over goes
     /// in one go when the task that received them yields (its socket is drained, or its tokio
@@ -229,14 +273,14 @@ impl LoopContext {
     }
 
     /// Feeds the Worker an [`Input::Wake`] each time its wake signal is notified.
-    pub(crate) async fn run_wakes(self: Rc<Self>, signal: Arc<Notify>) {
+    pub(crate) async fn run_wakes(self: Rc<Self>, signal: Arc<WakeSignal>) {
         loop {
-            signal.notified().await;
+            signal.woken().await;
             self.handle(Input::Wake).await;
         }
     }
 
-    pub(crate) fn wake_signal(&self) -> Option<Arc<Notify>> {
+    pub(crate) fn wake_signal(&self) -> Option<Arc<WakeSignal>> {
         self.worker.borrow().wake_signal()
     }
 

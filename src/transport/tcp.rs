@@ -140,16 +140,16 @@ fn is_per_connection(error: &io::Error) -> bool {
 }
 
 fn accept(ctx: &Rc<LoopContext>, stream: TcpStream, peer: SocketAddr) {
-    let queue_len = ctx.limits.tcp_send_queue;
+    let queue_len = ctx.limits().tcp_send_queue;
     match ctx
-        .registry
+        .registry()
         .register_inbound(TransportKind::Tcp, peer, queue_len)
     {
         Ok(registration) => {
-            ctx.metrics
+            ctx.metrics()
                 .transport
                 .connection_opened(TransportKind::Tcp, true);
-            debug!(conn = %registration.id(), %peer, worker = ctx.index, "accepted TCP connection");
+            debug!(conn = %registration.id(), %peer, worker = ctx.index(), "accepted TCP connection");
             tokio::task::spawn_local(run_connection(Rc::clone(ctx), stream, registration));
         }
         // Dropping the stream closes it.
@@ -182,7 +182,7 @@ pub(crate) fn refuse(
     refusal: ConnectionRefusal,
     reason: &dyn std::fmt::Display,
 ) {
-    ctx.metrics.transport.connection_refused(kind, refusal);
+    ctx.metrics().transport.connection_refused(kind, refusal);
     warn!(target: REFUSED, source = %peer, transport = %kind, reason = %format_args!("{reason}; connection closed at once"), "connection refused");
 }
 
@@ -190,7 +190,7 @@ pub(crate) fn refuse(
 /// open connection to `dest.addr`, else on a new connection to it.
 pub(crate) fn send(ctx: &Rc<LoopContext>, dest: Destination, data: Bytes) {
     let connection = connection_by_id(ctx, &dest)
-        .or_else(|| ctx.registry.find_peer(TransportKind::Tcp, dest.addr));
+        .or_else(|| ctx.registry().find_peer(TransportKind::Tcp, dest.addr));
     match connection {
         Some(connection) => queue_on(&connection, data),
         None if dest.reuse_only => no_connection(ctx, &dest),
@@ -215,7 +215,7 @@ pub(crate) fn no_connection(ctx: &Rc<LoopContext>, dest: &Destination) {
 /// The connection `dest.conn` names, if it is still open.
 pub(crate) fn connection_by_id(ctx: &LoopContext, dest: &Destination) -> Option<ConnectionHandle> {
     let id = dest.conn?;
-    let connection = ctx.registry.get(id);
+    let connection = ctx.registry().get(id);
     if connection.is_none() {
         debug!(conn = %id, dest = %dest.addr, "connection closed; sending by address instead");
     }
@@ -248,8 +248,11 @@ pub(crate) fn register_outbound(
     name: Option<std::sync::Arc<str>>,
     first: Bytes,
 ) -> Option<Registration> {
-    let queue_len = ctx.limits.tcp_send_queue;
-    match ctx.registry.register_outbound(kind, peer, queue_len, name) {
+    let queue_len = ctx.limits().tcp_send_queue;
+    match ctx
+        .registry()
+        .register_outbound(kind, peer, queue_len, name)
+    {
         Ok(registration) => {
             queue_on(registration.handle(), first);
             Some(registration)
@@ -271,7 +274,7 @@ pub(crate) async fn connect(
     peer: SocketAddr,
     registration: &mut Registration,
 ) -> Option<TcpStream> {
-    let connect_timeout = ctx.limits.tcp_connect_timeout;
+    let connect_timeout = ctx.limits().tcp_connect_timeout;
     let handle = registration.handle().clone();
     let connected = tokio::select! {
         connected = tokio::time::timeout(connect_timeout, TcpStream::connect(peer)) => connected,
@@ -283,8 +286,8 @@ pub(crate) async fn connect(
     let queued = registration.queue().len();
     match connected {
         Ok(Ok(stream)) => {
-            ctx.metrics.transport.connection_opened(kind, false);
-            debug!(conn = %handle.id(), %peer, %kind, worker = ctx.index, "opened TCP connection");
+            ctx.metrics().transport.connection_opened(kind, false);
+            debug!(conn = %handle.id(), %peer, %kind, worker = ctx.index(), "opened TCP connection");
             Some(stream)
         }
         Ok(Err(error)) => {
@@ -355,14 +358,14 @@ pub(crate) async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
     let handle = registration.handle().clone();
     let meta = connection_meta(&ctx, kind, local, &handle);
     let now = Instant::now();
-    let idle_deadline = now + ctx.limits.tcp_idle_timeout;
-    let timeouts = ctx.limits.message_timeouts;
+    let idle_deadline = now + ctx.limits().tcp_idle_timeout;
+    let timeouts = ctx.limits().message_timeouts;
     // Only an accepted connection is pending here, and it owes its first message.
     let clock = match registration.is_pending() {
         true => MessageClock::inbound(timeouts, now.into_std()),
         false => MessageClock::outbound(timeouts),
     };
-    let framer = StreamFramer::new(ctx.limits.max_message_size);
+    let framer = StreamFramer::new(ctx.limits().max_message_size);
     let mut connection = Connection {
         ctx,
         stream,
@@ -389,7 +392,7 @@ pub(crate) fn connection_meta(
         source: handle.peer(),
         local,
         conn: Some(handle.id()),
-        worker: ctx.index,
+        worker: ctx.index(),
     }
 }
 
@@ -505,7 +508,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     let meta = self.meta;
                     self.clock.message_received();
                     self.registration.proven();
-                    self.ctx.metrics.transport.message_in(meta.kind);
+                    self.ctx.metrics().transport.message_in(meta.kind);
                     self.ctx.handle(Input::Message { data, meta }).await;
                 }
                 Frame::KeepAlivePing => {
@@ -546,7 +549,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
 
     /// Writes what is queued now, up to one queue's worth, stopping at a close request.
     async fn flush_queue(&mut self) -> Result<(), CloseReason> {
-        for _ in 0..self.ctx.limits.tcp_send_queue {
+        for _ in 0..self.ctx.limits().tcp_send_queue {
             match self.registration.queue().try_recv() {
                 Ok(Outbound::Data(data)) => self.write(&data).await?,
                 Ok(Outbound::Close) | Err(_) => break,
@@ -576,7 +579,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// within the idle timeout. Flushes: a TLS stream may hold back part of a record
     /// otherwise (a plain TCP stream has nothing to flush).
     async fn write(&mut self, data: &[u8]) -> Result<(), CloseReason> {
-        let deadline = Instant::now() + self.ctx.limits.tcp_idle_timeout;
+        let deadline = Instant::now() + self.ctx.limits().tcp_idle_timeout;
         let stream = &mut self.stream;
         let write_and_flush = async move {
             stream.write_all(data).await?;
@@ -600,7 +603,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// Restarts the idle timeout now, and returns now.
     fn touch(&mut self) -> Instant {
         let now = Instant::now();
-        self.idle_deadline = now + self.ctx.limits.tcp_idle_timeout;
+        self.idle_deadline = now + self.ctx.limits().tcp_idle_timeout;
         now
     }
 
@@ -616,7 +619,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             CloseReason::PeerClosed => debug!(%conn, %peer, "peer closed the connection"),
             CloseReason::IdleTimeout => debug!(
                 %conn, %peer,
-                idle_secs = self.ctx.limits.tcp_idle_timeout.as_secs(),
+                idle_secs = self.ctx.limits().tcp_idle_timeout.as_secs(),
                 "closing idle connection"
             ),
             CloseReason::Overdue(overdue) => self.report_overdue(*overdue),
@@ -642,7 +645,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// whole in time.
     fn report_overdue(&self, overdue: Overdue) {
         let kind = self.meta.kind;
-        let timeouts = self.ctx.limits.message_timeouts;
+        let timeouts = self.ctx.limits().message_timeouts;
         let what = match (overdue, self.framer.progress()) {
             (Overdue::Header, MessageProgress::Between) => format!(
                 "no SIP message within {} ms of connecting",
@@ -658,7 +661,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             ),
         };
         self.ctx
-            .metrics
+            .metrics()
             .transport
             .connection_timed_out(kind, StreamTimeout::Message(overdue));
         warn!(

@@ -29,7 +29,6 @@
 
 mod identity;
 
-use std::cell::Cell;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
@@ -93,6 +92,11 @@ impl TlsContext {
 }
 
 impl TlsContext {
+    /// `tls.max_handshakes`: TLS handshakes one event loop runs at a time.
+    pub(crate) fn max_handshakes(&self) -> usize {
+        self.max_handshakes
+    }
+
     /// The acceptor of `tls:` and `wss:` listeners; `None` when the server has neither.
     pub(crate) fn acceptor(&self) -> Option<&TlsAcceptor> {
         self.acceptor.as_ref()
@@ -333,12 +337,7 @@ pub(crate) struct HandshakeSlot(Rc<LoopContext>);
 
 impl HandshakeSlot {
     fn take(ctx: &Rc<LoopContext>) -> Option<HandshakeSlot> {
-        let busy: &Cell<usize> = &ctx.tls_handshakes;
-        if busy.get() >= ctx.tls.max_handshakes {
-            return None;
-        }
-        busy.set(busy.get() + 1);
-        Some(HandshakeSlot(Rc::clone(ctx)))
+        ctx.begin_handshake().then(|| HandshakeSlot(Rc::clone(ctx)))
     }
 
     /// [`HandshakeSlot::take`], or when every slot is busy the refusal of the `kind`
@@ -352,7 +351,7 @@ impl HandshakeSlot {
         if slot.is_none() {
             let reason = format!(
                 "tls.max_handshakes ({}) handshakes in progress on this event loop",
-                ctx.tls.max_handshakes
+                ctx.tls().max_handshakes()
             );
             tcp::refuse(ctx, kind, peer, ConnectionRefusal::MaxHandshakes, &reason);
         }
@@ -362,21 +361,20 @@ impl HandshakeSlot {
 
 impl Drop for HandshakeSlot {
     fn drop(&mut self) {
-        let busy = &self.0.tls_handshakes;
-        busy.set(busy.get().saturating_sub(1));
+        self.0.end_handshake();
     }
 }
 
 /// A connection accepted on a `tls:` listener: registered, then served after its handshake.
 /// Dropping `stream` closes a refused one.
 pub(crate) fn accept(ctx: &Rc<LoopContext>, stream: TcpStream, peer: SocketAddr) {
-    let Some(acceptor) = ctx.tls.acceptor.clone() else {
+    let Some(acceptor) = ctx.tls().acceptor.clone() else {
         warn!(%peer, "refusing TLS connection: no server certificate configured");
         return;
     };
-    let queue_len = ctx.limits.tcp_send_queue;
+    let queue_len = ctx.limits().tcp_send_queue;
     let registration = match ctx
-        .registry
+        .registry()
         .register_inbound(TransportKind::Tls, peer, queue_len)
     {
         Ok(registration) => registration,
@@ -385,10 +383,10 @@ pub(crate) fn accept(ctx: &Rc<LoopContext>, stream: TcpStream, peer: SocketAddr)
     let Some(slot) = HandshakeSlot::take_or_refuse(ctx, TransportKind::Tls, peer) else {
         return;
     };
-    ctx.metrics
+    ctx.metrics()
         .transport
         .connection_opened(TransportKind::Tls, true);
-    debug!(conn = %registration.id(), %peer, worker = ctx.index, "accepted TLS connection");
+    debug!(conn = %registration.id(), %peer, worker = ctx.index(), "accepted TLS connection");
     let task = accept_and_serve(Rc::clone(ctx), acceptor, stream, registration, slot);
     tokio::task::spawn_local(task);
 }
@@ -404,7 +402,7 @@ async fn accept_and_serve(
     let Some(local) = tcp::prepare(&stream, &handle) else {
         return;
     };
-    let timeout = ctx.tls.handshake_timeout;
+    let timeout = ctx.tls().handshake_timeout;
     let handshake = tokio::select! {
         handshake = tokio::time::timeout(timeout, acceptor.accept(stream)) => handshake,
         () = handle.abort_signal().aborted() => {
@@ -425,7 +423,7 @@ async fn accept_and_serve(
         Err(_) => {
             // The address's pending place is free once this is logged.
             drop(registration);
-            ctx.metrics
+            ctx.metrics()
                 .transport
                 .connection_timed_out(TransportKind::Tls, StreamTimeout::Handshake);
             warn!(
@@ -464,8 +462,10 @@ pub(crate) fn send(ctx: &Rc<LoopContext>, dest: Destination, data: Bytes) {
     let existing = match dest.tls_name {
         // Only a connection whose certificate was checked for this domain proves it (an
         // accepted connection from that address proves nothing).
-        Some(_) => ctx.registry.find_named(TransportKind::Tls, dest.addr, &key),
-        None => ctx.registry.find_peer(TransportKind::Tls, dest.addr),
+        Some(_) => ctx
+            .registry()
+            .find_named(TransportKind::Tls, dest.addr, &key),
+        None => ctx.registry().find_peer(TransportKind::Tls, dest.addr),
     };
     if let Some(connection) = existing {
         return tcp::queue_on(&connection, data);
@@ -523,8 +523,8 @@ async fn connect_and_serve(
         ctx.report_unreachable(TransportKind::Tls, peer);
         return;
     };
-    let timeout = ctx.tls.handshake_timeout;
-    let connector = ctx.tls.connector.clone();
+    let timeout = ctx.tls().handshake_timeout;
+    let connector = ctx.tls().connector.clone();
     let handshake = tokio::select! {
         handshake = tokio::time::timeout(timeout, connector.connect(name.clone(), stream)) => handshake,
         () = handle.abort_signal().aborted() => {

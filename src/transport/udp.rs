@@ -87,7 +87,7 @@ pub(crate) async fn run_receiver(ctx: Rc<LoopContext>, endpoint: Rc<UdpEndpoint>
             debug!(local = %endpoint.local, %error, "UDP receive error");
             continue;
         }
-        ctx.metrics.transport.udp_received_batch(inbox.len());
+        ctx.metrics().transport.udp_received_batch(inbox.len());
         for (datagram, source) in inbox.datagrams() {
             handle_datagram(&ctx, &endpoint, datagram, source);
             // What it produced leaves before the next datagram is handled (one system call
@@ -123,16 +123,16 @@ fn handle_datagram(
         source,
         local: endpoint.local,
         conn: None,
-        worker: ctx.index,
+        worker: ctx.index(),
     };
-    ctx.metrics.transport.message_in(TransportKind::Udp);
+    ctx.metrics().transport.message_in(TransportKind::Udp);
     let data = Bytes::copy_from_slice(datagram);
     ctx.process(Input::Message { data, meta });
 }
 
 /// Whether a datagram should reach the Worker; logs why not.
 fn accept_datagram(ctx: &LoopContext, datagram: &[u8], source: SocketAddr) -> bool {
-    let limit = ctx.limits.max_message_size;
+    let limit = ctx.limits().max_message_size;
     if datagram.len() > limit {
         warn!(
             target: crate::logging::REFUSED,

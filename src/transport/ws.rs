@@ -180,8 +180,8 @@ pub(crate) fn accept(
     peer: SocketAddr,
     kind: TransportKind,
 ) {
-    let queue_len = ctx.limits.tcp_send_queue;
-    let registration = match ctx.registry.register_inbound(kind, peer, queue_len) {
+    let queue_len = ctx.limits().tcp_send_queue;
+    let registration = match ctx.registry().register_inbound(kind, peer, queue_len) {
         Ok(registration) => registration,
         Err(reached) => return tcp::refuse_limit(ctx, kind, peer, reached),
     };
@@ -192,8 +192,8 @@ pub(crate) fn accept(
         },
         _ => None,
     };
-    ctx.metrics.transport.connection_opened(kind, true);
-    debug!(conn = %registration.id(), %peer, %kind, worker = ctx.index, "accepted WebSocket connection");
+    ctx.metrics().transport.connection_opened(kind, true);
+    debug!(conn = %registration.id(), %peer, %kind, worker = ctx.index(), "accepted WebSocket connection");
     let task = open_and_serve(Rc::clone(ctx), stream, kind, registration, slot);
     tokio::task::spawn_local(task);
 }
@@ -209,13 +209,13 @@ async fn open_and_serve(
     let Some(local) = tcp::prepare(&stream, &handle) else {
         return;
     };
-    let timeout = ctx.websocket.handshake_timeout;
+    let timeout = ctx.websocket().handshake_timeout;
     let deadline = Instant::now() + timeout;
     let peer = handle.peer();
     let opened = async {
         match kind {
             TransportKind::Wss => {
-                let Some(acceptor) = ctx.tls.acceptor() else {
+                let Some(acceptor) = ctx.tls().acceptor() else {
                     warn!(%peer, "refusing WSS connection: no server certificate configured");
                     return Err(());
                 };
@@ -251,7 +251,7 @@ async fn open_and_serve(
         Err(_) => {
             // The address's pending place is free once this is logged.
             drop(registration);
-            ctx.metrics
+            ctx.metrics()
                 .transport
                 .connection_timed_out(kind, StreamTimeout::Handshake);
             warn!(
@@ -283,7 +283,7 @@ async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
     handle: &ConnectionHandle,
 ) -> Option<WebSocketStream<S>> {
-    let settings = Arc::clone(&ctx.websocket);
+    let settings = Arc::clone(ctx.websocket());
     let mut refusal = None;
     let callback = |request: &Request, mut response: Response| match check_upgrade(
         &settings,
@@ -303,7 +303,7 @@ async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(
             Err(answer)
         }
     };
-    let config = ws_config(ctx.limits.max_message_size);
+    let config = ws_config(ctx.limits().max_message_size);
     let upgraded =
         tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config)).await;
     let kind = handle.kind();
@@ -313,7 +313,7 @@ async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(
             Some(ws)
         }
         (Err(_), Some(refused)) => {
-            ctx.metrics
+            ctx.metrics()
                 .transport
                 .connection_refused(kind, ConnectionRefusal::Upgrade);
             warn!(
@@ -381,7 +381,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     let handle = registration.handle().clone();
     let meta = tcp::connection_meta(&ctx, kind, local, &handle);
     let now = Instant::now();
-    let clock = MessageClock::inbound(ctx.limits.message_timeouts, now.into_std());
+    let clock = MessageClock::inbound(ctx.limits().message_timeouts, now.into_std());
     let mut connection = Connection {
         ctx,
         ws,
@@ -448,8 +448,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// Waits for the next thing to do. Queued writes go before reads, so a client that sends
     /// faster than it reads is slowed down rather than buffered.
     async fn next_event(&mut self) -> Event {
-        let idle_at = self.heard_at + self.ctx.limits.tcp_idle_timeout;
-        let (wake_at, timer) = match self.ctx.websocket.ping_interval {
+        let idle_at = self.heard_at + self.ctx.limits().tcp_idle_timeout;
+        let (wake_at, timer) = match self.ctx.websocket().ping_interval {
             Some(interval) if !self.pinged && self.heard_at + interval < idle_at => {
                 (self.heard_at + interval, Event::Ping)
             }
@@ -479,14 +479,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         let meta = self.meta;
         self.clock.message_received();
         self.registration.proven();
-        self.ctx.metrics.transport.message_in(meta.kind);
+        self.ctx.metrics().transport.message_in(meta.kind);
         self.ctx.handle(Input::Message { data, meta }).await;
     }
 
     /// Writes `message`, giving up if the connection is aborted or the client does not take
     /// it within the idle timeout.
     async fn write(&mut self, message: Message) -> Result<(), CloseReason> {
-        let deadline = Instant::now() + self.ctx.limits.tcp_idle_timeout;
+        let deadline = Instant::now() + self.ctx.limits().tcp_idle_timeout;
         let written = tokio::select! {
             biased;
             () = self.handle.abort_signal().aborted() => return Err(CloseReason::Aborted),
@@ -507,12 +507,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             CloseReason::PeerClosed => debug!(%conn, %peer, %kind, "peer closed the connection"),
             CloseReason::IdleTimeout => debug!(
                 %conn, %peer, %kind,
-                idle_secs = self.ctx.limits.tcp_idle_timeout.as_secs(),
+                idle_secs = self.ctx.limits().tcp_idle_timeout.as_secs(),
                 "closing idle WebSocket connection"
             ),
             CloseReason::NoFirstMessage => {
-                let timeout = self.ctx.limits.message_timeouts.header;
-                self.ctx.metrics.transport.connection_timed_out(
+                let timeout = self.ctx.limits().message_timeouts.header;
+                self.ctx.metrics().transport.connection_timed_out(
                     kind,
                     StreamTimeout::Message(super::message_clock::Overdue::Header),
                 );
@@ -537,7 +537,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 source = %peer,
                 transport = %kind,
                 %conn,
-                reason = %format_args!("{error} (limits.max_message_size is {}); connection closed", self.ctx.limits.max_message_size),
+                reason = %format_args!("{error} (limits.max_message_size is {}); connection closed", self.ctx.limits().max_message_size),
                 "message dropped"
             ),
             CloseReason::ReadFailed(error) => {
@@ -576,9 +576,9 @@ pub(crate) fn send(ctx: &Rc<LoopContext>, dest: Destination, data: Bytes) {
     }
     // `transport=ws` names secure WebSocket too (RFC 7118 §5.2): either kind will do.
     let connection = tcp::connection_by_id(ctx, &dest)
-        .or_else(|| ctx.registry.find_peer(dest.kind, dest.addr))
+        .or_else(|| ctx.registry().find_peer(dest.kind, dest.addr))
         .or_else(|| {
-            ctx.registry
+            ctx.registry()
                 .find_peer(other_websocket(dest.kind), dest.addr)
         });
     match connection {

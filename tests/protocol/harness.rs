@@ -33,7 +33,6 @@ use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::pin::pin;
 use std::sync::Arc;
 use std::task::{Context, Waker};
 use std::time::{Duration, Instant};
@@ -52,6 +51,7 @@ pub use moonroute::server::core::CoreFactory;
 pub use moonroute::sip::{HeaderName, Message};
 pub use moonroute::transport::{Input, ListenAddr, Meta, Output, TransportKind};
 use moonroute::transport::{Worker, WorkerFactory};
+use moonroute::wake::WakeSignal;
 
 pub use super::common_ua::{expect_status, show};
 use super::ua::Ua;
@@ -121,7 +121,7 @@ pub struct Harness {
     now: Instant,
     loops: Vec<Box<dyn Worker>>,
     /// Each loop's wake signal (a durable write done), polled after every step.
-    wakes: Vec<Option<Arc<tokio::sync::Notify>>>,
+    wakes: Vec<Option<Arc<WakeSignal>>>,
     listeners: Vec<ListenAddr>,
     uas: Vec<Ua>,
     /// Inputs for a loop that do not come off the wire: hand-overs, DNS answers, refusals.
@@ -341,12 +341,9 @@ impl Harness {
 
     /// Whether loop `index`'s wake signal was notified since it was last looked at.
     fn woken(&self, index: usize) -> bool {
-        let Some(signal) = &self.wakes[index] else {
-            return false;
-        };
-        let notified = pin!(signal.notified());
-        let mut context = Context::from_waker(Waker::noop());
-        notified.poll(&mut context).is_ready()
+        self.wakes[index]
+            .as_ref()
+            .is_some_and(|signal| signal.take())
     }
 
     fn put_on_wire(&mut self, packet: Packet) {
@@ -504,12 +501,12 @@ impl Harness {
     /// Blocks until a loop's wake signal is notified (then gives that loop [`Input::Wake`])
     /// or `within` has passed; whether one was.
     fn wait_for_wake(&mut self, within: Duration) -> bool {
-        let signals: Vec<(usize, Arc<tokio::sync::Notify>)> = (self.wakes.iter().enumerate())
+        let signals: Vec<(usize, Arc<WakeSignal>)> = (self.wakes.iter().enumerate())
             .filter_map(|(index, signal)| Some((index, Arc::clone(signal.as_ref()?))))
             .collect();
         let mut waits: Vec<_> = signals
             .iter()
-            .map(|(index, signal)| (*index, Box::pin(signal.notified())))
+            .map(|(index, signal)| (*index, Box::pin(signal.woken())))
             .collect();
         let waker = Waker::from(Arc::new(ThreadWaker(std::thread::current())));
         let mut context = Context::from_waker(&waker);

@@ -241,9 +241,9 @@ mod tests {
     use std::rc::Rc;
 
     use super::*;
+    use crate::proxy::identity::LocalIdentity;
     use crate::script::engine::{Engine, Env, Limits, LogSink, ScriptSource};
     use crate::script::Services;
-    use crate::server::core::LocalIdentity;
 
     fn load(services: &Arc<Services>, text: &str) -> Result<Engine, String> {
         let env = Env {

@@ -16,6 +16,10 @@ use std::net::{IpAddr, SocketAddr};
 use crate::sip::{Host, Uri};
 use crate::transport::{ListenAddr, TransportKind};
 
+/// This server's product token, written in the Server and User-Agent headers of what it
+/// originates (RFC 3261 §20.35, §20.41).
+pub const SERVER: &str = concat!("moonroute ", env!("CARGO_PKG_VERSION"));
+
 /// Which URIs name this server (Kamailio's `myself`): a configured domain, one of the listen
 /// addresses (any port when listening on port 0; a wildcard listener matches any IP of its
 /// family), or an advertised address at its port. IP addresses compare as addresses, so
