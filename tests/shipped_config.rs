@@ -90,8 +90,10 @@ fn start(config: &Config) -> Running {
     let factory = CoreFactory::with_router(config, host.router_factory());
     let server = Server::start(config, Arc::new(factory)).unwrap_or_else(|e| {
         panic!(
-            "server on {:?} starts (is something listening on 0.0.0.0:5060?): {e}",
-            config.listen
+            "server on {:?} starts (is something listening on 0.0.0.0:5060?): {e}\n\
+             UDP sockets on port {SIP_PORT} now (/proc/net/udp and udp6):\n{}",
+            config.listen,
+            sockets_on_sip_port()
         )
     });
     Running {
@@ -282,6 +284,26 @@ fn sipp_installed() -> bool {
         .stderr(Stdio::null())
         .status()
         .is_ok()
+}
+
+/// The lines of `/proc/net/udp` and `/proc/net/udp6` for sockets on port 5060 (with their
+/// inode, to find the process holding one when a test cannot bind it).
+fn sockets_on_sip_port() -> String {
+    let port = format!(":{SIP_PORT:04X} ");
+    ["/proc/net/udp", "/proc/net/udp6"]
+        .iter()
+        .filter_map(|path| std::fs::read_to_string(path).ok())
+        .flat_map(|table| {
+            let lines: Vec<String> = table.lines().map(str::to_owned).collect();
+            lines
+        })
+        .filter(|line| {
+            line.split_whitespace()
+                .nth(1)
+                .is_some_and(|local| (local.to_owned() + " ").ends_with(&port))
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// `/proc/net/udp`'s spelling of an IPv4 socket address (little-endian hosts).
