@@ -5,6 +5,7 @@
 use hickory_resolver::proto::rr::rdata::{NAPTR, SRV};
 use hickory_resolver::proto::rr::Name;
 
+pub(crate) use super::target::{default_kind, default_port, given_transport};
 use super::{Candidate, Query, ResolveError};
 use crate::transport::TransportKind;
 
@@ -13,45 +14,6 @@ use crate::transport::TransportKind;
 /// RFC 3261 §18), then TCP, then TLS.
 pub(crate) const ALL: [TransportKind; 3] =
     [TransportKind::Udp, TransportKind::Tcp, TransportKind::Tls];
-
-/// The transports an IP-literal URI may name: [`ALL`] and WebSocket (RFC 7118 §5.2,
-/// `transport=ws`), which only an open connection reaches (`transport::ws`) and which DNS
-/// never offers.
-pub(crate) const NUMERIC: [TransportKind; 5] = crate::transport::TRANSPORTS;
-
-/// The default port of a transport (RFC 3261 §19.1.2): 5061 for TLS, 5060 otherwise.
-pub(crate) fn default_port(kind: TransportKind) -> u16 {
-    kind.default_port()
-}
-
-/// The transport a `transport` parameter asks for, as the URI's scheme allows.
-///
-/// For a `sips:` URI (RFC 3261 §26.2.2: every hop secured with TLS) `transport=tcp` means TLS
-/// over TCP (RFC 3263 §4.1 speaks of "TCP for a SIPS URI"; RFC 5630 §3.1.3 deprecates
-/// `transport=tls` in favour of `sips:` with `transport=tcp`), and `transport=udp` is refused:
-/// no silent downgrade to an unsecured hop.
-pub(crate) fn given_transport(query: &Query) -> Result<Option<TransportKind>, ResolveError> {
-    match (query.transport, query.secure) {
-        (None, _) => Ok(None),
-        (Some(TransportKind::Udp), true) => Err(ResolveError::NoUsableTransport),
-        (Some(kind), true) if kind.is_websocket() => Ok(Some(TransportKind::Wss)),
-        (Some(_), true) => Ok(Some(TransportKind::Tls)),
-        (Some(kind), false) => Ok(Some(kind)),
-    }
-}
-
-/// The transport used when neither the URI nor DNS names one (§4.1: "UDP for a SIP URI, and TCP
-/// for a SIPS URI", the latter meaning TLS over TCP), among `supported`. When UDP is not
-/// supported a `sip:` URI falls back to TCP, which §4.1 allows ("another transport, such as TCP,
-/// MAY be used"); never to TLS, as a port meant for UDP/TCP would not speak it.
-pub(crate) fn default_kind(secure: bool, supported: &[TransportKind]) -> Option<TransportKind> {
-    let preferred: &[TransportKind] = if secure {
-        &[TransportKind::Tls]
-    } else {
-        &[TransportKind::Udp, TransportKind::Tcp]
-    };
-    preferred.iter().copied().find(|k| supported.contains(k))
-}
 
 /// What RFC 3263 says to look up for a host that is not an IP literal.
 #[derive(Clone, Debug, PartialEq, Eq)]

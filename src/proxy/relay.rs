@@ -60,7 +60,7 @@ use super::request::{branch_for, check_request, detect_loop, preprocess_routes, 
 use super::response_context::{BranchId, BranchState, ContextAction, ResponseContext, Target};
 use super::router::{Decision, FailureTimers, ReplySource, RouteHandle, RouteInfo, Routed, Router};
 use crate::dialog::DialogTracker;
-use crate::dns::{self, Candidate, ResolveError};
+use crate::dns::target::{self as dns, Candidate, ResolveError};
 use crate::logging::{call_id, Throttle, REFUSED};
 use crate::memory::shrink_if_sparse;
 use crate::sip::{Message, Method, ResponseBuilder};

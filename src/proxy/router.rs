@@ -55,7 +55,7 @@ pub enum Decision {
     /// Not decided yet: the router waits for the DNS answer to `query` (the script called
     /// `sip.resolve`). The relay resolves it off the loop and calls [`Router::resume`] with
     /// the answer and the [`Routed::handle`] given with this decision.
-    Resolve { query: crate::dns::Query },
+    Resolve { query: crate::dns::target::Query },
 }
 
 impl Decision {
@@ -264,7 +264,7 @@ pub trait Router {
         &mut self,
         _handle: RouteHandle,
         _request: &mut Message,
-        _answer: Result<Vec<crate::dns::Candidate>, crate::dns::ResolveError>,
+        _answer: Result<Vec<crate::dns::target::Candidate>, crate::dns::target::ResolveError>,
     ) -> Routed {
         Decision::reply(500, "Server Internal Error (nothing to resume)").into()
     }

@@ -12,7 +12,7 @@ use bytes::Bytes;
 
 use super::Attempt;
 use crate::dialog::Bye;
-use crate::dns;
+use crate::dns::target as dns;
 use crate::location::CommitTicket;
 use crate::sip::Message;
 use crate::transaction::layer::TxId;

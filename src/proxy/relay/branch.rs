@@ -12,7 +12,7 @@ use tracing::{debug, info, warn};
 
 use super::stateless::{copy_for, first_copy, query_of, CopyParts};
 use super::{wall_clock, ClientPurpose, Relay, RelayAction, RelayActions, Resolving};
-use crate::dns::{self, Candidate};
+use crate::dns::target::{self as dns, Candidate};
 use crate::proxy::request::{next_hop, next_hop_of_uri, preload_route};
 use crate::proxy::response_context::{BranchId, BranchState, ContextAction, Target};
 use crate::proxy::router::BranchEdit;

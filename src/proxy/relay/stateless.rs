@@ -11,7 +11,7 @@ use tracing::info;
 
 use super::Reply;
 use super::{wall_clock, Handled, Relay, RelayAction, RelayActions, Resolving};
-use crate::dns::{self, Candidate};
+use crate::dns::target::{self as dns, Candidate};
 use crate::logging::{call_id, REFUSED};
 use crate::proxy::request::{
     forward_copy, next_hop, next_hop_of_uri, stateless_branch, ForwardSpec, NextHop, ProxyIdentity,
