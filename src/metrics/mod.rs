@@ -631,5 +631,18 @@ fn format_value(value: f64) -> String {
     }
 }
 
+/// A counter family with one label, registered at start; a clash of names is a bug of the
+/// server, not of its input, so it panics.
+pub(crate) fn counter_family(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    label: &str,
+) -> Arc<Family<Counter>> {
+    registry
+        .counter_family(name, help, &[label])
+        .unwrap_or_else(|error| panic!("{error}"))
+}
+
 #[cfg(test)]
 mod tests;

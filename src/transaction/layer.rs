@@ -30,13 +30,13 @@ use tracing::{debug, warn};
 use super::client_invite::InviteClient;
 use super::client_non_invite::NonInviteClient;
 use super::key::{ClientKey, ServerKey};
+use super::metrics::{OverloadReason, TransactionKind, TransactionMetrics};
 use super::server_invite::InviteServer;
 use super::server_non_invite::NonInviteServer;
 use super::{Action, Event, Timer, TimerValues};
 use crate::id_map::IdMap;
 use crate::logging::{call_id, REFUSED};
 use crate::memory::{shrink_heap_if_sparse, shrink_if_sparse};
-use crate::metrics::engine::{OverloadReason, TransactionKind, TransactionMetrics};
 use crate::sip::{Message, Method, ResponseBuilder};
 use crate::transport::{response_destination, Destination, Meta};
 

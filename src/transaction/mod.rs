@@ -17,6 +17,7 @@ pub mod client_invite;
 pub mod client_non_invite;
 pub mod key;
 pub mod layer;
+pub mod metrics;
 pub mod server_invite;
 pub mod server_non_invite;
 #[cfg(test)]
