@@ -15,9 +15,10 @@ use std::sync::Arc;
 
 use common::ua::{expect_status, header_text, show, TestUa, WAIT};
 use moonroute::config::{Config, LocationBackend};
+use moonroute::proxy::identity::LocalIdentity;
 use moonroute::script::engine::{Env, LogSink};
 use moonroute::script::{Engine, Limits, ScriptHost, Services};
-use moonroute::server::core::{CoreFactory, LocalIdentity};
+use moonroute::server::core::CoreFactory;
 use moonroute::server::{Server, ServerHandle};
 use moonroute::sip::{HeaderName, Message};
 use moonroute::transport::{ListenAddr, TransportKind};

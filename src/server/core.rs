@@ -47,8 +47,8 @@ use crate::wake::WakeSignal;
 /// answers whatever the script decides, which is OPTIONS (§11). What else it serves (REGISTER,
 /// relayed INVITEs...) is the script's choice, so it is not promised here.
 const ALLOW_ALWAYS: &str = "OPTIONS";
-pub use crate::proxy::identity::{LocalIdentity, SERVER};
-pub use crate::proxy::router::RouterFactory;
+use crate::proxy::identity::LocalIdentity;
+use crate::proxy::router::RouterFactory;
 
 mod keepalives;
 mod options;

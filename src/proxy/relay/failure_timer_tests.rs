@@ -9,11 +9,13 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::config::Config;
+use crate::proxy::identity::LocalIdentity;
 use crate::proxy::response_context::{BranchOutcome, Target};
+use crate::proxy::router::RouterFactory;
 use crate::proxy::router::{
     Decision, FailureDecision, FailureTimers, RouteHandle, RouteInfo, Routed, Router,
 };
-use crate::server::core::{CoreFactory, LocalIdentity, RouterFactory};
+use crate::server::core::CoreFactory;
 use crate::sip::{Message, ResponseBuilder};
 use crate::transport::{Input, Meta, Output, TransportKind, Worker, WorkerFactory};
 

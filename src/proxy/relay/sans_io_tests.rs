@@ -9,11 +9,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::{ClientPurpose, Relay, RelayAction, RelayActions};
+use crate::proxy::identity::LocalIdentity;
 use crate::proxy::request::ProxyIdentity;
 use crate::proxy::response_context::{BranchOutcome, Target};
 use crate::proxy::router::{Decision, FailureDecision, FailureTimers, Routed, Router};
 use crate::proxy::router::{RouteHandle, RouteInfo};
-use crate::server::core::LocalIdentity;
 use crate::sip::{Message, ResponseBuilder};
 use crate::transaction::layer::{SendError, TxId};
 use crate::transaction::Event;

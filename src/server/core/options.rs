@@ -4,8 +4,9 @@
 use bytes::Bytes;
 use tracing::{debug, info};
 
-use super::{Core, ALLOW_ALWAYS, SERVER};
+use super::{Core, ALLOW_ALWAYS};
 use crate::logging::{Lossy, REFUSED};
+use crate::proxy::identity::SERVER;
 use crate::sip::extensions::{self, SUPPORTED};
 use crate::sip::{HeaderName, Message, Method};
 use crate::transport::Meta;
