@@ -13,7 +13,7 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use moonroute::auth::digest::{expected_response, Credentials, QopAuth};
 use moonroute::auth::nonce::Nonces;
-use moonroute::auth::{Algorithm, Authenticator, Role, Settings, Subscriber, Verdict};
+use moonroute::auth::{Algorithm, Role, Settings, Subscriber, Verdict};
 use moonroute::sip::Message;
 
 const REALM: &str = "127.0.0.1";
@@ -84,7 +84,7 @@ fn register(user: usize, nonce: &str, algorithm: Algorithm, cseq: u64) -> Messag
 
 fn bench_authorize(c: &mut Criterion, algorithm: Algorithm) {
     let dir = tempfile::TempDir::new().expect("temporary directory");
-    let auth = Authenticator::open(&settings(vec![algorithm]), dir.path()).expect("opens");
+    let auth = moonroute::auth::open(&settings(vec![algorithm]), dir.path()).expect("opens");
     for user in 0..USERS {
         let subscriber = Subscriber::with_password(&format!("r{user}"), REALM, "bench-pw");
         auth.subscribers()
@@ -139,7 +139,7 @@ fn authorize_sha256(c: &mut Criterion) {
 
 fn challenge_and_nonce(c: &mut Criterion) {
     let dir = tempfile::TempDir::new().expect("temporary directory");
-    let both = Authenticator::open(
+    let both = moonroute::auth::open(
         &settings(vec![Algorithm::Sha256, Algorithm::Md5]),
         dir.path(),
     )

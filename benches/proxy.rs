@@ -1,4 +1,4 @@
-//! Proxy path costs of signed Record-Route (`src/proxy/route_sign.rs`): one HMAC when a
+//! Proxy path costs of signed Record-Route (`moonroute-proto/src/proxy/route_sign.rs`): one HMAC when a
 //! request is record-routed, one when a response's Record-Route is re-signed for the caller
 //! (§16.7 step 8), one when an in-dialog request's Route is checked.
 //!

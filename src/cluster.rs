@@ -91,6 +91,23 @@ impl std::fmt::Debug for Node {
     }
 }
 
+impl crate::registrar::ClusterNode for Node {
+    /// Records that `binding` was registered through this node, and, when only this node
+    /// can reach it (a connection, or a NAT pinhole, and no Path leading elsewhere), the
+    /// owner route other nodes reach it by.
+    fn stamp(&self, binding: &mut Binding) {
+        binding.node = Some(self.uri.clone());
+        binding.owner_route = match binding.received {
+            Some((kind, addr))
+                if binding.path.is_empty() && (kind.is_stream() || binding.nated) =>
+            {
+                Some(self.owner_route(kind, addr))
+            }
+            _ => None,
+        };
+    }
+}
+
 impl Node {
     /// The node at `uri`, signing its owner routes with `signer` (from the server key), its
     /// heartbeat on `link` (started here, on a thread of its own, until the node is dropped).
@@ -106,21 +123,6 @@ impl Node {
 
     pub fn uri(&self) -> &str {
         &self.uri
-    }
-
-    /// Records that `binding` was registered through this node, and, when only this node
-    /// can reach it (a connection, or a NAT pinhole, and no Path leading elsewhere), the
-    /// owner route other nodes reach it by.
-    pub fn stamp(&self, binding: &mut Binding) {
-        binding.node = Some(self.uri.clone());
-        binding.owner_route = match binding.received {
-            Some((kind, addr))
-                if binding.path.is_empty() && (kind.is_stream() || binding.nated) =>
-            {
-                Some(self.owner_route(kind, addr))
-            }
-            _ => None,
-        };
     }
 
     /// `<node-uri;lr;mr-flow=TOKEN>` for the flow `kind` from `addr`.
@@ -270,6 +272,7 @@ fn unix_millis(at: SystemTime) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::registrar::ClusterNode;
 
     fn node(uri: &str) -> Node {
         Node {

@@ -284,7 +284,7 @@ impl Dispatcher {
     }
 }
 
-/// NAT traversal (RFC 3581; keep-alives as in RFC 5626 §4.4.1). See `src/nat/`.
+/// NAT traversal (RFC 3581; keep-alives as in RFC 5626 §4.4.1). See `moonroute-proto/src/nat/`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Nat {

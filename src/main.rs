@@ -468,8 +468,10 @@ fn control_handler(
                     .and_then(|r| r.store().health())
                     .map_or_else(String::new, |h| format!(", {h}"));
                 let kv_health = format!("kv: {}\n", host.services().kv.health());
-                let cluster = registrar
-                    .and_then(|r| r.node())
+                let cluster = host
+                    .services()
+                    .cluster
+                    .as_ref()
                     .map_or_else(String::new, |node| {
                         let alive = node.alive();
                         format!(

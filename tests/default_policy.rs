@@ -443,7 +443,7 @@ async fn a_registered_path_is_the_only_route_followed() {
 /// In a dialog this server record-routed, the route set it signed is followed to the end,
 /// including a hop after this server (here an edge proxy in front of alice, which
 /// Record-Routed above us), for a caller from outside too; a hop the caller adds after ours is
-/// not followed (the signature binds the rest of the route set, `src/proxy/route_sign.rs`). A
+/// not followed (the signature binds the rest of the route set, `moonroute-proto/src/proxy/route_sign.rs`). A
 /// hand-written in-dialog request with a foreign Route (with or without an unsigned Route naming
 /// us on top) is answered 404 and goes nowhere.
 #[tokio::test]

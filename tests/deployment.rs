@@ -1,5 +1,5 @@
 //! The shipped `scripts/default.lua`, unchanged, with everything on at once (issue 7): digest
-//! authentication (RFC 3261 §22, RFC 2617, RFC 8760), NAT traversal (RFC 3581, `src/nat`,
+//! authentication (RFC 3261 §22, RFC 2617, RFC 8760), NAT traversal (RFC 3581, `moonroute-proto/src/nat`,
 //! keep-alives) and flood protection (pike + ban list), over real UDP and TCP on loopback,
 //! with sled (location and subscribers) in a temporary data directory. The users are
 //! provisioned through `moonroute::auth::Subscribers` before the server starts.
@@ -21,7 +21,7 @@
 //! `route(AUTH)`): a UA cannot answer a challenge to an ACK, and re-challenging every BYE
 //! would cost a round trip per request for nothing the initial INVITE did not prove. What
 //! makes that safe: `loose_route()` is true only for a Route this proxy signed for the dialog
-//! (`src/proxy/route_sign.rs`), so a stranger's hand-written in-dialog request with
+//! (`moonroute-proto/src/proxy/route_sign.rs`), so a stranger's hand-written in-dialog request with
 //! `Route: <sip:proxy;lr>` or a tampered signature is answered 404 and relayed nowhere, while
 //! the signing key (`<data_dir>/secret`) keeps dialogs routable across a restart.
 //!

@@ -1,4 +1,4 @@
-//! Dialog tracking, call limits and CDRs (issue 22, `src/dialog/`) end to end: the shipped
+//! Dialog tracking, call limits and CDRs (issue 22, `moonroute-proto/src/dialog/`) end to end: the shipped
 //! `scripts/default.lua` (digest authentication off) or a small limiting script, real UDP
 //! sockets of 127.0.0.1, CDRs in a temporary data directory.
 //!

@@ -404,7 +404,7 @@ async fn human_lines_can_be_grepped_by_call_id() {
     );
 }
 
-/// An in-dialog request whose Record-Route signature expired (`src/proxy/route_sign.rs`) gets
+/// An in-dialog request whose Record-Route signature expired (`moonroute-proto/src/proxy/route_sign.rs`) gets
 /// one `info` line saying so, with how long ago and its Call-ID, then the one refusal line of
 /// the script's answer. The signature is written here with the key the server made in its data
 /// directory, as the server would have written it 90 s too early.

@@ -1,4 +1,4 @@
-//! NAT traversal end to end (RFC 3581, `src/nat`): the real server routed by
+//! NAT traversal end to end (RFC 3581, `moonroute-proto/src/nat`): the real server routed by
 //! `scripts/default.lua` (`req:nat_detect()`, `req:fix_nated_contact()`, `req:save()`,
 //! `req:lookup()`) or by `tests/data/scripts/nat.lua`, with test user agents on loopback.
 //!

@@ -321,17 +321,7 @@ async fn a_contact_on_a_dead_node_gets_480_and_the_other_contacts_still_ring() {
         let ok = register(ua).await;
         assert_eq!(ok.status(), Some(200), "{}", show(&ok));
     }
-    let alive = |node: &Node| {
-        node.host
-            .services()
-            .registrar
-            .as_ref()
-            .unwrap()
-            .node()
-            .unwrap()
-            .alive()
-            .len()
-    };
+    let alive = |node: &Node| node.host.services().cluster.as_ref().unwrap().alive().len();
     // Both heartbeats seen, then node 1 stops (its loops, its heartbeat).
     let deadline = Instant::now() + Duration::from_secs(20);
     while alive(&node2) < 2 {

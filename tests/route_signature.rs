@@ -1,5 +1,5 @@
 //! Record-Route signatures bound to the dialog's parties, with an expiry (issue 17 item 2,
-//! `src/proxy/route_sign.rs`), end to end: the shipped `scripts/default.lua` (digest
+//! `moonroute-proto/src/proxy/route_sign.rs`), end to end: the shipped `scripts/default.lua` (digest
 //! authentication off: "our users" are a From in our domain) or a stateless script, on real UDP
 //! and TCP sockets of 127.0.0.1, sled in a temporary data directory, Record-Route signed with
 //! the server key as `moonroute run` does.

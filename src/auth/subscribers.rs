@@ -13,96 +13,30 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
 
-use super::digest::Algorithm;
+use moonroute_proto::auth::subscriber::{split_user, Subscriber, SubscriberTable};
 
 const RECORD_MAGIC: &str = "moonroute-subscriber 1";
 
-/// One subscriber's credentials.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Subscriber {
-    pub realm: String,
-    /// Lowercase hex HA1 with MD5 (32 digits).
-    pub ha1_md5: String,
-    /// Lowercase hex HA1 with SHA-256 (64 digits).
-    pub ha1_sha256: String,
+fn encode(subscriber: &Subscriber) -> String {
+    format!(
+        "{RECORD_MAGIC}\n{}\n{}\n{}\n",
+        subscriber.realm, subscriber.ha1_md5, subscriber.ha1_sha256
+    )
 }
 
-impl Subscriber {
-    /// The credentials of `user` in `realm` with `password` (what `ctl user add` computes).
-    pub fn with_password(user: &str, realm: &str, password: &str) -> Subscriber {
-        Subscriber {
-            realm: realm.to_owned(),
-            ha1_md5: Algorithm::Md5.ha1(user, realm, password),
-            ha1_sha256: Algorithm::Sha256.ha1(user, realm, password),
-        }
+fn decode(bytes: &[u8]) -> Option<Subscriber> {
+    let text = std::str::from_utf8(bytes).ok()?;
+    let mut lines = text.split('\n');
+    if lines.next()? != RECORD_MAGIC {
+        return None;
     }
-
-    pub fn ha1(&self, algorithm: Algorithm) -> &str {
-        match algorithm {
-            Algorithm::Md5 => &self.ha1_md5,
-            Algorithm::Sha256 => &self.ha1_sha256,
-        }
-    }
-
-    /// Checks the fields (realm printable, HA1s lowercase hex of the right length).
-    pub fn validate(&self) -> Result<(), String> {
-        if self.realm.is_empty() || self.realm.chars().any(|c| c.is_control() || c == '"') {
-            return Err(format!("invalid realm {:?}", self.realm));
-        }
-        let hex_of = |s: &str, len: usize| {
-            s.len() == len
-                && s.bytes()
-                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        };
-        if !hex_of(&self.ha1_md5, 32) || !hex_of(&self.ha1_sha256, 64) {
-            return Err("HA1 values must be 32 (MD5) and 64 (SHA-256) lowercase hex digits".into());
-        }
-        Ok(())
-    }
-
-    fn encode(&self) -> String {
-        format!(
-            "{RECORD_MAGIC}\n{}\n{}\n{}\n",
-            self.realm, self.ha1_md5, self.ha1_sha256
-        )
-    }
-
-    fn decode(bytes: &[u8]) -> Option<Subscriber> {
-        let text = std::str::from_utf8(bytes).ok()?;
-        let mut lines = text.split('\n');
-        if lines.next()? != RECORD_MAGIC {
-            return None;
-        }
-        let subscriber = Subscriber {
-            realm: lines.next()?.to_owned(),
-            ha1_md5: lines.next()?.to_owned(),
-            ha1_sha256: lines.next()?.to_owned(),
-        };
-        subscriber.validate().ok()?;
-        Some(subscriber)
-    }
-}
-
-/// `user@domain` checked and normalized (an optional `sip:` prefix dropped, domain
-/// lowercased): `(user, domain)`.
-pub fn split_user(user_at_domain: &str) -> Result<(String, String), String> {
-    let text = user_at_domain.trim();
-    let text = text
-        .strip_prefix("sip:")
-        .or_else(|| text.strip_prefix("sips:"))
-        .unwrap_or(text);
-    let (user, domain) = text
-        .rsplit_once('@')
-        .ok_or_else(|| format!("{user_at_domain:?} is not USER@DOMAIN"))?;
-    let bad = |s: &str| {
-        s.is_empty()
-            || s.chars()
-                .any(|c| c.is_control() || c.is_whitespace() || c == '"' || c == '@')
+    let subscriber = Subscriber {
+        realm: lines.next()?.to_owned(),
+        ha1_md5: lines.next()?.to_owned(),
+        ha1_sha256: lines.next()?.to_owned(),
     };
-    if bad(user) || bad(domain) || domain.contains([':', ';', '/']) {
-        return Err(format!("{user_at_domain:?} is not USER@DOMAIN"));
-    }
-    Ok((user.to_owned(), domain.to_ascii_lowercase()))
+    subscriber.validate().ok()?;
+    Some(subscriber)
 }
 
 /// The table.
@@ -240,7 +174,7 @@ impl Subscribers {
         }
         let old = self.remove_index(&key)?;
         self.db
-            .insert(key.as_bytes(), subscriber.encode().as_bytes())
+            .insert(key.as_bytes(), encode(subscriber).as_bytes())
             .map_err(db_error)?;
         self.by_realm
             .insert(
@@ -274,7 +208,7 @@ impl Subscribers {
             .filter_map(Result::ok)
             .filter_map(|(key, value)| {
                 let key = String::from_utf8(key.to_vec()).ok()?;
-                Some((key, Subscriber::decode(&value)?.realm))
+                Some((key, decode(&value)?.realm))
             })
             .collect()
     }
@@ -285,24 +219,12 @@ impl Subscribers {
             .map(|(_, subscriber)| subscriber)
     }
 
-    /// The credentials of `username` in `realm` and the subscriber's domain (lowercase): the
-    /// host its AOR must have, which is not the realm when it was added with `--realm`.
-    pub fn find_with_domain(&self, username: &str, realm: &str) -> Option<(String, Subscriber)> {
-        let key = self
-            .by_realm
-            .get(format!("{username}@{realm}").as_bytes())
-            .ok()??;
-        let subscriber = Subscriber::decode(&self.db.get(&key).ok()??)?;
-        let (_, domain) = std::str::from_utf8(&key).ok()?.rsplit_once('@')?;
-        (subscriber.realm == realm).then(|| (domain.to_owned(), subscriber))
-    }
-
     /// Removes the realm index entry of `key`; returns whether `key` had a record.
     fn remove_index(&self, key: &str) -> Result<bool, String> {
         let Some(old) = self.db.get(key.as_bytes()).map_err(db_error)? else {
             return Ok(false);
         };
-        if let (Some(old), Some((user, _))) = (Subscriber::decode(&old), key.rsplit_once('@')) {
+        if let (Some(old), Some((user, _))) = (decode(&old), key.rsplit_once('@')) {
             self.by_realm
                 .remove(format!("{user}@{}", old.realm).as_bytes())
                 .map_err(db_error)?;
@@ -326,6 +248,20 @@ fn strip_comment(line: &str) -> &str {
 
 fn db_error(e: sled::Error) -> String {
     format!("subscriber table: {e}")
+}
+
+impl SubscriberTable for Subscribers {
+    /// The credentials of `username` in `realm` and the subscriber's domain (lowercase): the
+    /// host its AOR must have, which is not the realm when it was added with `--realm`.
+    fn find_with_domain(&self, username: &str, realm: &str) -> Option<(String, Subscriber)> {
+        let key = self
+            .by_realm
+            .get(format!("{username}@{realm}").as_bytes())
+            .ok()??;
+        let subscriber = decode(&self.db.get(&key).ok()??)?;
+        let (_, domain) = std::str::from_utf8(&key).ok()?.rsplit_once('@')?;
+        (subscriber.realm == realm).then(|| (domain.to_owned(), subscriber))
+    }
 }
 
 #[cfg(test)]
@@ -432,12 +368,10 @@ mod tests {
         let mut s = Subscriber::with_password("a", "r", "p");
         s.ha1_md5 = "zz".into();
         assert!(s.validate().is_err());
-        assert_eq!(Subscriber::decode(b"garbage"), None);
+        assert_eq!(decode(b"garbage"), None);
         let good = Subscriber::with_password("a", "r", "p");
-        assert_eq!(Subscriber::decode(good.encode().as_bytes()), Some(good));
+        assert_eq!(decode(encode(&good).as_bytes()), Some(good));
         // The password never appears in the record.
-        assert!(!Subscriber::with_password("a", "r", "hunter2")
-            .encode()
-            .contains("hunter2"));
+        assert!(!encode(&Subscriber::with_password("a", "r", "hunter2")).contains("hunter2"));
     }
 }

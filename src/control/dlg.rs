@@ -208,11 +208,28 @@ fn clean(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dialog::tests::invite;
-    use crate::dialog::{DialogTable, Limits, Profiles, Stamp};
+    use crate::dialog::{DialogTable, Limits, NewDialog, Profiles, Stamp};
+    use crate::transport::TransportKind;
     use bytes::Bytes;
     use std::sync::Arc;
     use std::time::{Duration, Instant};
+
+    /// alice's INVITE to bob from udp:127.0.0.1:5070 as a new dialog; `call_id` as given,
+    /// even with characters no parsed message has (the listing must escape them).
+    fn invite(call_id: &str) -> NewDialog {
+        NewDialog {
+            call_id: Bytes::copy_from_slice(call_id.as_bytes()),
+            from_uri: Bytes::from_static(b"sip:alice@example.com"),
+            from_tag: Bytes::from_static(b"ftag"),
+            to_uri: Bytes::from_static(b"sip:bob@example.com"),
+            caller_contact: Some(Bytes::from_static(b"sip:alice@127.0.0.1:5070")),
+            caller_cseq: 1,
+            source: "127.0.0.1:5070".parse().unwrap(),
+            transport: TransportKind::Udp,
+            conn: None,
+            request_uri: Bytes::from_static(b"sip:bob@example.com"),
+        }
+    }
 
     fn args(words: &[&str]) -> Vec<String> {
         words.iter().map(|w| w.to_string()).collect()

@@ -12,7 +12,7 @@
 //! ([`client_args`] turns the first form into it; [`command`] serves the second).
 
 use super::Reply;
-use crate::auth::subscribers::split_user;
+use crate::auth::subscriber::split_user;
 use crate::auth::{Authenticator, Subscriber};
 
 /// The `user` commands, for usage and error messages.
@@ -163,7 +163,7 @@ mod tests {
     fn add_list_rm_on_the_server() {
         let dir = tempfile::TempDir::new().unwrap();
         let settings = crate::config::Auth::default().settings(Vec::new());
-        let auth = Authenticator::open(&settings, dir.path()).unwrap();
+        let auth = crate::auth::open(&settings, dir.path()).unwrap();
         let args = client_args(
             &strings(&["user", "add", "alice@example.com", "pw"]),
             || panic!(),

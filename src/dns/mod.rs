@@ -29,7 +29,8 @@
 //! zone cannot make it loop or grow without limit.
 
 mod select;
-pub mod target;
+
+pub use moonroute_proto::dns::target;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};

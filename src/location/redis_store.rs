@@ -370,8 +370,7 @@ impl LocationStore for RedisLocation {
     fn aors_page(&self, cursor: &AorCursor, limit: usize) -> (Vec<String>, Option<AorCursor>) {
         let limit = limit.max(1);
         let from = cursor
-            .after
-            .as_ref()
+            .last_listed()
             .map_or_else(|| "-".to_owned(), |after| format!("({after}"));
         let page: Vec<String> = self
             .link
@@ -386,10 +385,7 @@ impl LocationStore for RedisLocation {
                     .clone(),
             )
             .unwrap_or_default();
-        let next = (page.len() == limit).then(|| AorCursor {
-            shard: 0,
-            after: page.last().cloned(),
-        });
+        let next = (page.len() == limit).then(|| AorCursor::after(page.last().cloned()));
         (page, next)
     }
 
@@ -437,10 +433,6 @@ impl LocationStore for RedisLocation {
 
     fn register_metrics(&self, registry: &crate::metrics::Registry) {
         self.link.register_metrics(registry, "location");
-    }
-
-    fn shared_link(&self) -> Option<Arc<RedisLink>> {
-        Some(Arc::clone(&self.link))
     }
 
     fn health(&self) -> Option<String> {

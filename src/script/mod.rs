@@ -51,6 +51,9 @@ pub const KV_MAX_KEYS: usize = 1_000_000;
 pub struct Services {
     pub kv: Arc<kv::KvStore>,
     pub registrar: Option<Arc<crate::registrar::Registrar>>,
+    /// This node, when the location store is shared by several (`crate::cluster`): lookups
+    /// reach other nodes' connection-bound bindings through them.
+    pub cluster: Option<Arc<crate::cluster::Node>>,
     /// Digest authentication (`req:authorize`); `None` offline (`moonroute test`).
     pub auth: Option<Arc<crate::auth::Authenticator>>,
     /// Per-source request rates (`sip.pike_check`).
@@ -74,6 +77,7 @@ impl Default for Services {
         Services {
             kv: Arc::new(kv::KvStore::new(KV_MAX_KEYS)),
             registrar: None,
+            cluster: None,
             auth: None,
             pike: Arc::new(crate::flood::Pike::default()),
             metrics: crate::metrics::Registry::new(),
@@ -85,6 +89,13 @@ impl Default for Services {
 }
 
 impl Services {
+    /// How this node reaches `binding`: directly without a cluster ([`crate::cluster::Node::reach`]).
+    fn reach(&self, binding: &crate::location::Binding) -> Reach {
+        self.cluster
+            .as_ref()
+            .map_or(Reach::Direct, |node| node.reach(binding))
+    }
+
     /// The time primitives use: the system clock unless a test run set [`Services::clock`].
     pub fn now(&self) -> SystemTime {
         self.clock.unwrap_or_else(SystemTime::now)
@@ -120,7 +131,7 @@ impl Services {
                 };
                 // Another node of the cluster holds its flow: through that node, or not at
                 // all while it is down (`crate::cluster`).
-                let (owner_route, unavailable) = match registrar.reach(&b) {
+                let (owner_route, unavailable) = match self.reach(&b) {
                     Reach::Direct => (None, None),
                     Reach::ThroughOwner(route) => (Some(bytes::Bytes::from(route)), None),
                     Reach::OwnerDown(node) => (None, Some(format!("its node {node} is down"))),

@@ -736,6 +736,7 @@ fn services(
     };
     Ok(Services {
         kv: Arc::new(KvStore::new(KV_MAX_KEYS)),
+        cluster: None,
         registrar: Some(Arc::new(
             Registrar::new(
                 Arc::new(store),
@@ -758,6 +759,7 @@ impl Services {
         Services {
             kv: self.kv.clone(),
             registrar: self.registrar.clone(),
+            cluster: self.cluster.clone(),
             auth: self.auth.clone(),
             pike: self.pike.clone(),
             metrics: self.metrics.clone(),

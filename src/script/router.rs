@@ -196,28 +196,26 @@ impl ScriptHost {
             &config.domains,
             config.listen.iter().map(|l| l.addr),
         ));
-        let store = crate::location::open_configured(&config.location, &config.data_dir, &aors)
-            .map_err(ScriptError)?;
+        let crate::location::Opened { store, shared_link } =
+            crate::location::open_configured(&config.location, &config.data_dir, &aors)
+                .map_err(ScriptError)?;
         let metrics = crate::metrics::Registry::new();
         let engine = register_service_metrics(&metrics, &store);
-        let shared = store.shared_link();
         let mut registrar = crate::registrar::Registrar::new(
             store,
             crate::registrar::Rules::from(&config.registrar),
         )
         .with_aor_rule(aors)
         .with_registrations_counter(engine.registrations);
-        if let Some(link) = shared {
-            if let Some(node) = cluster_node(config, &server_key, link) {
-                node.register_metrics(&metrics);
-                registrar = registrar.with_node(node);
-            }
+        let cluster = shared_link.and_then(|link| cluster_node(config, &server_key, link));
+        if let Some(node) = &cluster {
+            node.register_metrics(&metrics);
+            registrar = registrar.with_node(node.clone());
         }
         // Nonces are signed with the server key (`[auth] secret`, else `<data_dir>/secret`), so
         // they survive a restart: phones are not answered `stale` after one.
         let settings = config.auth.settings(server_key);
-        let auth =
-            crate::auth::Authenticator::open(&settings, &config.data_dir).map_err(ScriptError)?;
+        let auth = crate::auth::open(&settings, &config.data_dir).map_err(ScriptError)?;
         let dispatcher = Arc::new(
             crate::dispatcher::Dispatcher::from_config(&config.dispatcher).map_err(ScriptError)?,
         );
@@ -227,6 +225,7 @@ impl ScriptHost {
         let services = Services {
             kv,
             registrar: Some(Arc::new(registrar)),
+            cluster,
             auth: Some(Arc::new(auth)),
             pike: Arc::new(
                 crate::flood::Pike::new((&config.pike).into())

@@ -50,6 +50,8 @@ const ALLOW_ALWAYS: &str = "OPTIONS";
 use crate::proxy::identity::LocalIdentity;
 use crate::proxy::router::RouterFactory;
 
+#[cfg(test)]
+mod failure_timer_tests;
 mod keepalives;
 mod options;
 mod parked;
@@ -117,7 +119,11 @@ impl DialogSetup {
             .with_directory(Arc::clone(&self.directory), index);
         let table = std::rc::Rc::new(std::cell::RefCell::new(table));
         router.attach_dialogs(std::rc::Rc::clone(&table));
-        crate::dialog::DialogTracker::new(table, self.cdr.clone())
+        let cdr = self
+            .cdr
+            .clone()
+            .map(|sink| sink as Arc<dyn crate::dialog::CdrWriter>);
+        crate::dialog::DialogTracker::new(table, cdr)
     }
 }
 

@@ -28,8 +28,6 @@
 //! - `dispatch`: one event loop's glue: runs inputs through its Worker, carries out outputs.
 //! - `load`: how busy each event loop is ([`LoadSample`]), for the Worker's overload control.
 
-pub mod address;
-pub mod advertise;
 pub mod framing;
 pub mod message_clock;
 pub mod registry;
@@ -48,6 +46,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+
+pub use moonroute_proto::transport::{address, advertise};
 
 pub use address::{
     response_destination, ConnectionId, Destination, ListenAddr, Meta, ParseListenAddrError,

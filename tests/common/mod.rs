@@ -37,7 +37,7 @@ pub fn default_script_without_auth() -> PathBuf {
 }
 
 /// A Record-Route value without this proxy's signature parameter (`;mrs=`, the copy letter `q`
-/// or `s`, 8 hex digits of expiry, `.`, 16 hex digits, `src/proxy/route_sign.rs`), so the rest
+/// or `s`, 8 hex digits of expiry, `.`, 16 hex digits, `moonroute-proto/src/proxy/route_sign.rs`), so the rest
 /// can be compared exactly; a value without one is returned as it is.
 #[allow(dead_code)] // not every test binary compares Record-Route values
 pub fn without_signature(value: &str) -> String {
