@@ -26,7 +26,7 @@ use std::time::{Duration, SystemTime};
 use crate::sip::{Message, Method, Uri};
 
 pub use digest::Algorithm;
-pub use subscriber::{Subscriber, SubscriberTable};
+pub use subscriber::{Subscriber, SubscriberError, SubscriberTable};
 
 /// The outcome of checking a request's credentials for one realm.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -40,9 +40,9 @@ impl Subscriber {
     }
 
     /// Checks the fields (realm printable, HA1s lowercase hex of the right length).
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), SubscriberError> {
         if self.realm.is_empty() || self.realm.chars().any(|c| c.is_control() || c == '"') {
-            return Err(format!("invalid realm {:?}", self.realm));
+            return Err(SubscriberError::InvalidRealm(self.realm.clone()));
         }
         let hex_of = |s: &str, len: usize| {
             s.len() == len
@@ -50,7 +50,7 @@ impl Subscriber {
                     .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
         };
         if !hex_of(&self.ha1_md5, 32) || !hex_of(&self.ha1_sha256, 64) {
-            return Err("HA1 values must be 32 (MD5) and 64 (SHA-256) lowercase hex digits".into());
+            return Err(SubscriberError::MalformedHa1);
         }
         Ok(())
     }
@@ -58,7 +58,7 @@ impl Subscriber {
 
 /// `user@domain` checked and normalized (an optional `sip:` prefix dropped, domain
 /// lowercased): `(user, domain)`.
-pub fn split_user(user_at_domain: &str) -> Result<(String, String), String> {
+pub fn split_user(user_at_domain: &str) -> Result<(String, String), SubscriberError> {
     let text = user_at_domain.trim();
     let text = text
         .strip_prefix("sip:")
@@ -66,14 +66,45 @@ pub fn split_user(user_at_domain: &str) -> Result<(String, String), String> {
         .unwrap_or(text);
     let (user, domain) = text
         .rsplit_once('@')
-        .ok_or_else(|| format!("{user_at_domain:?} is not USER@DOMAIN"))?;
+        .ok_or_else(|| SubscriberError::NotUserAtDomain(user_at_domain.to_owned()))?;
     let bad = |s: &str| {
         s.is_empty()
             || s.chars()
                 .any(|c| c.is_control() || c.is_whitespace() || c == '"' || c == '@')
     };
     if bad(user) || bad(domain) || domain.contains([':', ';', '/']) {
-        return Err(format!("{user_at_domain:?} is not USER@DOMAIN"));
+        return Err(SubscriberError::NotUserAtDomain(user_at_domain.to_owned()));
     }
     Ok((user.to_owned(), domain.to_ascii_lowercase()))
+}
+
+/// Why a subscriber's name or credentials are refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SubscriberError {
+    /// Not `user@domain` (with an optional `sip:` or `sips:`): the text given.
+    NotUserAtDomain(String),
+    /// An empty realm, or one with a control character or `"`.
+    InvalidRealm(String),
+    /// HA1 values that are not 32 (MD5) and 64 (SHA-256) lowercase hex digits.
+    MalformedHa1,
+}
+
+impl std::fmt::Display for SubscriberError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SubscriberError::NotUserAtDomain(text) => write!(f, "{text:?} is not USER@DOMAIN"),
+            SubscriberError::InvalidRealm(realm) => write!(f, "invalid realm {realm:?}"),
+            SubscriberError::MalformedHa1 => {
+                f.write_str("HA1 values must be 32 (MD5) and 64 (SHA-256) lowercase hex digits")
+            }
+        }
+    }
+}
+
+impl std::error::Error for SubscriberError {}
+
+impl From<SubscriberError> for String {
+    fn from(error: SubscriberError) -> String {
+        error.to_string()
+    }
 }
