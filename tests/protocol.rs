@@ -17,6 +17,8 @@ mod harness;
 #[path = "protocol/ua.rs"]
 mod ua;
 
+#[path = "protocol/dialog.rs"]
+mod dialog;
 #[path = "protocol/failure_routing.rs"]
 mod failure_routing;
 #[path = "protocol/proxy.rs"]

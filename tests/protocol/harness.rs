@@ -40,6 +40,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 pub use moonroute::config::{Config, LocationBackend};
+pub use moonroute::dialog::Directory;
 pub use moonroute::dns::{Candidate, Query, ResolveError};
 pub use moonroute::proxy::response_context::{BranchOutcome, Target};
 pub use moonroute::proxy::router::{
@@ -83,6 +84,35 @@ pub fn config() -> Config {
     config.dialog.cdr = false;
     config.dispatcher.probe_interval_secs = 0;
     config
+}
+
+/// Where the simulated clock starts: an hour behind the real one. The dialog table stamps an
+/// event with the wall-clock time of the loop's `now` (`dialog::Stamp::at`: the real wall
+/// clock less how long ago `now` was), so while the simulated clock stays behind the real one
+/// a CDR's answer and end follow the simulated clock exactly: a call cut after 1 simulated
+/// second lasts 1.000 s in its CDR. A call's start is not simulated: the script's
+/// `dlg_manage` has no `now` and stamps it with the real clocks (`dialog::Stamp::now`), so it
+/// is an hour after the answer here, and the tests comparing them stay on sockets
+/// (`tests/dialog.rs`).
+const CLOCK_BEHIND_REAL: Duration = Duration::from_secs(3600);
+
+fn simulated_start() -> Instant {
+    let real = Instant::now();
+    real.checked_sub(CLOCK_BEHIND_REAL).unwrap_or(real)
+}
+
+/// The shipped `scripts/default.lua` with `AUTHENTICATE` off: "our users" are a From in our
+/// domain, without digest authentication.
+pub fn default_script_without_auth() -> String {
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/default.lua");
+    let text = std::fs::read_to_string(shipped).expect("scripts/default.lua");
+    const FLAG: &str = "local AUTHENTICATE = true";
+    assert_eq!(
+        text.matches(FLAG).count(),
+        1,
+        "the script has `{FLAG}` once"
+    );
+    text.replacen(FLAG, "local AUTHENTICATE = false", 1)
 }
 
 /// Which user agent: an index into the harness's agents.
@@ -139,8 +169,11 @@ pub struct Harness {
     pub sent_by_server: Vec<(Instant, SocketAddr, Bytes)>,
     /// The script host when the server is routed by Lua.
     script: Option<Arc<ScriptHost>>,
-    /// Keeps the script's directory while the harness lives.
-    _dir: Option<tempfile::TempDir>,
+    /// The calls every loop tracks, as `moonroute ctl dlg` reads them.
+    dialogs: Arc<Directory>,
+    /// The script's directory (its data directory is `data` in it), kept while the harness
+    /// lives.
+    dir: Option<tempfile::TempDir>,
     out: Vec<Output>,
 }
 
@@ -182,13 +215,14 @@ impl Harness {
         dir: Option<tempfile::TempDir>,
     ) -> Harness {
         let listeners = config.listen.clone();
+        let dialogs = factory.dialog_directory();
         let count = config.workers.max(1);
         let loops: Vec<Box<dyn Worker>> = (0..count)
             .map(|index| factory.make_bound_worker(index, count, &listeners))
             .collect();
         let wakes = loops.iter().map(|w| w.wake_signal()).collect();
         Harness {
-            now: Instant::now(),
+            now: simulated_start(),
             loops,
             wakes,
             listeners,
@@ -201,7 +235,8 @@ impl Harness {
             lost: Vec::new(),
             sent_by_server: Vec::new(),
             script,
-            _dir: dir,
+            dialogs,
+            dir,
             out: Vec::new(),
         }
     }
@@ -248,10 +283,30 @@ impl Harness {
         });
     }
 
+    /// The script host of a server routed by Lua.
+    pub fn script(&self) -> &ScriptHost {
+        self.script.as_ref().expect("a server routed by a script")
+    }
+
+    /// The calls every loop tracks (what `moonroute ctl dlg` reads and ends calls through).
+    pub fn dialogs(&self) -> Arc<Directory> {
+        Arc::clone(&self.dialogs)
+    }
+
+    /// The data directory of a server routed by Lua (registrations, `cdr.jsonl`).
+    pub fn data_dir(&self) -> PathBuf {
+        let dir = self.dir.as_ref().expect("a server routed by a script");
+        dir.path().join("data")
+    }
+
     /// What the Lua script stored under `key` in `sip.kv`.
     pub fn kv(&self, key: &str) -> String {
-        let host = self.script.as_ref().expect("a server routed by a script");
-        match host.services().kv.get(key, std::time::Instant::now()) {
+        match self
+            .script()
+            .services()
+            .kv
+            .get(key, std::time::Instant::now())
+        {
             Some(KvValue::Str(s)) => s,
             other => panic!("{key}: {other:?}"),
         }
@@ -501,6 +556,12 @@ impl Harness {
     /// Blocks until a loop's wake signal is notified (then gives that loop [`Input::Wake`])
     /// or `within` has passed; whether one was.
     fn wait_for_wake(&mut self, within: Duration) -> bool {
+        self.wait_for_wake_or(within, &|| false)
+    }
+
+    /// [`Harness::wait_for_wake`], returning early (false) once `stop` holds; whoever makes
+    /// it hold unparks this thread.
+    fn wait_for_wake_or(&mut self, within: Duration, stop: &dyn Fn() -> bool) -> bool {
         let signals: Vec<(usize, Arc<WakeSignal>)> = (self.wakes.iter().enumerate())
             .filter_map(|(index, signal)| Some((index, Arc::clone(signal.as_ref()?))))
             .collect();
@@ -520,11 +581,43 @@ impl Harness {
                 }
             }
             let left = deadline.saturating_duration_since(std::time::Instant::now());
-            if left.is_zero() {
+            if left.is_zero() || stop() {
                 return false;
             }
             std::thread::park_timeout(left);
         }
+    }
+
+    /// Runs `job` on another thread, as the control socket runs a command off the event loops,
+    /// while the network runs here: a job that queues work for a loop (`ctl dlg end`) wakes
+    /// it through its wake signal and waits for its answer. The job's result (it must finish
+    /// within [`WAIT`]).
+    pub fn off_loop<T: Send>(&mut self, job: impl FnOnce() -> T + Send) -> T {
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let me = std::thread::current();
+        std::thread::scope(|scope| {
+            let finished = Arc::clone(&done);
+            let worker = scope.spawn(move || {
+                let result = job();
+                finished.store(true, std::sync::atomic::Ordering::Release);
+                me.unpark();
+                result
+            });
+            let deadline = std::time::Instant::now() + WAIT;
+            loop {
+                self.run();
+                if done.load(std::sync::atomic::Ordering::Acquire) {
+                    break;
+                }
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                assert!(
+                    !left.is_zero(),
+                    "the off-loop job did not finish in {WAIT:?}"
+                );
+                self.wait_for_wake_or(left, &|| done.load(std::sync::atomic::Ordering::Acquire));
+            }
+            worker.join().expect("the off-loop job")
+        })
     }
 
     /// Runs the network, then the next response `id` received (panics when there is none).
