@@ -5,6 +5,8 @@
 //! behaviour (sockets, connections, framing) stays in the socket tests (`tests/proxy.rs`,
 //! `tests/transport.rs`, ...).
 
+#[path = "common/auth.rs"]
+mod common_auth;
 /// The socket UA's dialog state and message builders, shared by the simulated one.
 #[path = "common/ua.rs"]
 mod common_ua;
@@ -17,6 +19,8 @@ mod harness;
 #[path = "protocol/ua.rs"]
 mod ua;
 
+#[path = "protocol/default_policy.rs"]
+mod default_policy;
 #[path = "protocol/dialog.rs"]
 mod dialog;
 #[path = "protocol/failure_routing.rs"]

@@ -13,7 +13,13 @@
 //!   datagram to nobody is lost, and kept in [`Harness::lost`] for the test to look at.
 //! - [`Output::HandOver`] gives the input to the named loop; [`Output::Resolve`] is answered
 //!   with [`Input::Resolved`] from [`Harness::dns`] (RFC 3263 §4: a name absent from the
-//!   table does not exist); [`Output::Close`] is ignored (user agents here are datagram only).
+//!   table does not exist); [`Output::Close`] closes a stream connection.
+//! - stream (TCP) agents ([`Harness::add_tcp_ua`]) talk to the server over connections: an
+//!   agent's first message to the TCP listener opens one (owned by the loop a hash of its
+//!   address picks, as the accepting loop), the server's send to a stream agent goes on the
+//!   connection it names, else an open one to that address, else a new one from an
+//!   ephemeral port (unless `reuse_only`), and a message on a connection arrives with its
+//!   [`ConnectionId`], so responses go back on the request's connection (§18.2.2).
 //! - [`Worker::next_deadline`] / [`Worker::on_timer`] are run when the simulated clock reaches
 //!   them, and [`Worker::wake_signal`] is polled whenever nothing else moves. A durable write
 //!   is flushed by the store's own thread, the one thing not simulated: when a test expects a
@@ -50,8 +56,8 @@ pub use moonroute::script::kv::KvValue;
 pub use moonroute::script::ScriptHost;
 pub use moonroute::server::core::CoreFactory;
 pub use moonroute::sip::{HeaderName, Message};
+use moonroute::transport::{ConnectionId, Destination, Worker, WorkerFactory};
 pub use moonroute::transport::{Input, ListenAddr, Meta, Output, TransportKind};
-use moonroute::transport::{Worker, WorkerFactory};
 use moonroute::wake::WakeSignal;
 
 pub use super::common_ua::{expect_status, show};
@@ -139,6 +145,20 @@ struct Packet {
     data: Bytes,
     /// The loop that sent it (`None`: a user agent), told when a stream send is refused.
     sender: Option<usize>,
+    /// The stream connection it travels on (an index into the harness's connections).
+    conn: Option<usize>,
+}
+
+/// A stream (TCP) connection between the server and a stream user agent.
+#[derive(Debug)]
+struct Connection {
+    ua: usize,
+    /// The server's end: its listener (the agent connected) or an address of its own (the
+    /// server connected, from an ephemeral port).
+    server_end: SocketAddr,
+    /// The loop that owns it: the one that accepted it, or the one that opened it.
+    worker: usize,
+    open: bool,
 }
 
 struct FaultRule {
@@ -161,8 +181,15 @@ pub struct Harness {
     /// Messages a [`Fault::Delay`] holds until their instant.
     delayed: Vec<(Instant, Packet)>,
     faults: Vec<FaultRule>,
+    /// Stream connections, by [`ConnectionId`] (its index), open or closed.
+    connections: Vec<Connection>,
     /// DNS answers by host name; a name absent here does not exist.
     pub dns: HashMap<String, Vec<Candidate>>,
+    /// Address records by host name: a name here is a host at that address, reached at the
+    /// URI's port and transport (RFC 3263 §4.2, no NAPTR or SRV records).
+    pub dns_a: HashMap<String, std::net::IpAddr>,
+    /// Every host name the server asked the DNS for, in order (IP literals are not asked).
+    pub dns_queries: Vec<String>,
     /// Datagrams sent to an address nobody owns (a foreign host), in order.
     pub lost: Vec<(SocketAddr, Bytes)>,
     /// Every message a loop sent, when and where, in order (a packet capture at the server).
@@ -231,7 +258,10 @@ impl Harness {
             wire: VecDeque::new(),
             delayed: Vec::new(),
             faults: Vec::new(),
+            connections: Vec::new(),
             dns: HashMap::new(),
+            dns_a: HashMap::new(),
+            dns_queries: Vec::new(),
             lost: Vec::new(),
             sent_by_server: Vec::new(),
             script,
@@ -259,6 +289,22 @@ impl Harness {
             "{addr} is taken"
         );
         self.uas.push(Ua::new(name, addr));
+        UaId(self.uas.len() - 1)
+    }
+
+    /// A user agent on TCP at `addr`: it accepts connections there, and opens one to where
+    /// it sends when it has none (its port is the connection's, as a phone bound to its port
+    /// would); its out-of-dialog requests go to the server's TCP listener.
+    pub fn add_tcp_ua(&mut self, name: &str, addr: &str) -> UaId {
+        let addr: SocketAddr = addr.parse().expect("an IP address and port");
+        assert!(
+            self.owner(TransportKind::Tcp, addr).is_none(),
+            "{addr} is taken"
+        );
+        let mut ua = Ua::new(name, addr);
+        ua.stream = true;
+        ua.outbound = Some(self.proxy());
+        self.uas.push(ua);
         UaId(self.uas.len() - 1)
     }
 
@@ -350,12 +396,17 @@ impl Harness {
         for i in 0..self.uas.len() {
             let from = self.uas[i].local;
             for (to, data) in self.uas[i].take_outbox() {
+                let (kind, conn) = match self.uas[i].stream {
+                    true => (TransportKind::Tcp, self.agent_connection(i, to)),
+                    false => (TransportKind::Udp, None),
+                };
                 self.put_on_wire(Packet {
-                    kind: TransportKind::Udp,
+                    kind,
                     from,
                     to,
                     data,
                     sender: None,
+                    conn,
                 });
             }
         }
@@ -432,11 +483,66 @@ impl Harness {
         }
         self.uas
             .iter()
-            .position(|ua| ua.local == addr)
+            .position(|ua| ua.local == addr && ua.stream == kind.is_stream())
             .map(Owner::Ua)
     }
 
+    /// The open connection agent `ua` sends to `to` on: one it has with that end, else a new
+    /// one to the server's TCP listener there (`None`: nobody listens, the send is lost).
+    fn agent_connection(&mut self, ua: usize, to: SocketAddr) -> Option<usize> {
+        let open =
+            (self.connections.iter()).position(|c| c.open && c.ua == ua && c.server_end == to);
+        if open.is_some() {
+            return open;
+        }
+        let Some(Owner::Server) = self.owner(TransportKind::Tcp, to) else {
+            return None;
+        };
+        let worker = self.loop_for(self.uas[ua].local);
+        Some(self.connect(ua, to, worker))
+    }
+
+    fn connect(&mut self, ua: usize, server_end: SocketAddr, worker: usize) -> usize {
+        self.connections.push(Connection {
+            ua,
+            server_end,
+            worker,
+            open: true,
+        });
+        self.connections.len() - 1
+    }
+
+    /// The connection a stream send of loop `index` to `dest` goes on: the one it names if
+    /// still open, else an open one to that address, else (unless `reuse_only`) a new one
+    /// to a stream agent listening there, from an ephemeral port of the server. `None`: the
+    /// send is refused.
+    fn server_connection(&mut self, index: usize, dest: &Destination) -> Option<usize> {
+        let named = dest.conn.map(|ConnectionId(id)| id as usize);
+        if let Some(id) = named.filter(|&id| self.connections.get(id).is_some_and(|c| c.open)) {
+            return Some(id);
+        }
+        let to_addr = |c: &Connection| c.open && self.uas[c.ua].local == dest.addr;
+        if let Some(id) = self.connections.iter().position(to_addr) {
+            return Some(id);
+        }
+        if dest.reuse_only {
+            return None;
+        }
+        let Some(Owner::Ua(ua)) = self.owner(dest.kind, dest.addr) else {
+            return None;
+        };
+        let port = 40_000 + u16::try_from(self.connections.len()).expect("few connections");
+        let ephemeral = SocketAddr::new(self.proxy().ip(), port);
+        Some(self.connect(ua, ephemeral, index))
+    }
+
     fn deliver(&mut self, packet: Packet) {
+        if let Some(id) = packet.conn {
+            return self.deliver_on(id, packet);
+        }
+        if packet.kind.is_stream() {
+            return self.refuse(packet);
+        }
         match self.owner(packet.kind, packet.to) {
             Some(Owner::Server) => {
                 let index = self.loop_for(packet.from);
@@ -454,18 +560,47 @@ impl Harness {
                 self.on_input(index, input);
             }
             Some(Owner::Ua(i)) => self.uas[i].receive(packet.data, packet.from),
-            None if packet.kind.is_stream() => {
-                // A connection nobody accepts: refused, reported to the loop that sent.
-                if let Some(index) = packet.sender {
-                    let input = Input::Unreachable {
-                        kind: packet.kind,
-                        addr: packet.to,
-                    };
-                    self.inputs.push_back((index, input));
-                }
+            None => self.lost.push((packet.to, packet.data)),
+        }
+    }
+
+    /// A stream message with no connection to travel on: a connection nobody accepts. The
+    /// server's is refused, reported to the loop that sent it (§8.1.3.1); an agent's is lost.
+    fn refuse(&mut self, packet: Packet) {
+        match packet.sender {
+            Some(index) => {
+                let input = Input::Unreachable {
+                    kind: packet.kind,
+                    addr: packet.to,
+                };
+                self.inputs.push_back((index, input));
             }
             None => self.lost.push((packet.to, packet.data)),
         }
+    }
+
+    /// Delivers what travels on connection `id` to its other end (nothing once it closed).
+    fn deliver_on(&mut self, id: usize, packet: Packet) {
+        let connection = &self.connections[id];
+        if !connection.open {
+            return;
+        }
+        let (ua, server_end, worker) = (connection.ua, connection.server_end, connection.worker);
+        if packet.sender.is_some() {
+            return self.uas[ua].receive(packet.data, server_end);
+        }
+        let meta = Meta {
+            kind: packet.kind,
+            source: self.uas[ua].local,
+            local: server_end,
+            conn: Some(ConnectionId(id as u64)),
+            worker,
+        };
+        let input = Input::Message {
+            data: packet.data,
+            meta,
+        };
+        self.on_input(worker, input);
     }
 
     /// The loop a datagram from `source` reaches: a hash of the flow, like SO_REUSEPORT.
@@ -492,21 +627,34 @@ impl Harness {
                     let from = self.listener_for(dest.kind, dest.local);
                     self.sent_by_server
                         .push((self.now, dest.addr, data.clone()));
+                    let conn = match dest.kind.is_stream() {
+                        true => self.server_connection(index, &dest),
+                        false => None,
+                    };
                     self.put_on_wire(Packet {
                         kind: dest.kind,
                         from,
                         to: dest.addr,
                         data,
                         sender: Some(index),
+                        conn,
                     });
                 }
                 Output::HandOver { worker, input } => self.inputs.push_back((worker, input)),
                 Output::Resolve { id, query } => {
+                    let host = query.host.trim_start_matches('[').trim_end_matches(']');
+                    if host.parse::<std::net::IpAddr>().is_err() {
+                        self.dns_queries.push(host.to_owned());
+                    }
                     let result = self.resolve(&query);
                     self.inputs
                         .push_back((index, Input::Resolved { id, result }));
                 }
-                Output::Close(_) => {}
+                Output::Close(ConnectionId(id)) => {
+                    if let Some(connection) = self.connections.get_mut(id as usize) {
+                        connection.open = false;
+                    }
+                }
             }
         }
     }
@@ -524,7 +672,8 @@ impl Harness {
 
     fn resolve(&self, query: &Query) -> Result<Vec<Candidate>, ResolveError> {
         let host = query.host.trim_start_matches('[').trim_end_matches(']');
-        if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        let address = host.parse::<std::net::IpAddr>().ok();
+        if let Some(ip) = address.or_else(|| self.dns_a.get(host).copied()) {
             let kind = query.transport.unwrap_or(TransportKind::Udp);
             let port = query.port.unwrap_or(kind.default_port());
             return Ok(vec![Candidate {

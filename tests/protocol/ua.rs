@@ -12,7 +12,8 @@
 //! - a retransmitted request is absorbed and answered with the last response sent for it
 //!   (nothing is sent when it was not answered yet).
 //!
-//! Hops must be IP literals; every Route is treated as loose (`;lr`).
+//! Hops must be IP literals; every Route is treated as loose (`;lr`). Over TCP
+//! ([`Ua::stream`]) the harness carries what it sends on connections.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -30,6 +31,9 @@ pub struct Ua {
     pub local: SocketAddr,
     /// Where out-of-dialog requests go; `None`: the host:port of the Request-URI.
     pub outbound: Option<SocketAddr>,
+    /// Over TCP (the harness carries what it sends on connections): Via says `TCP`, the URI
+    /// `;transport=tcp`, responses go back on the request's connection (§18.2.2).
+    pub stream: bool,
     /// Absorb retransmitted requests (answering with the last response sent). On by default.
     pub absorb_retransmissions: bool,
     /// The host of the From URI of out-of-dialog requests (`sip:name@domain`, the user's
@@ -49,6 +53,7 @@ impl Ua {
             name: name.to_owned(),
             local,
             outbound: None,
+            stream: false,
             absorb_retransmissions: true,
             from_domain: None,
             next: 0,
@@ -58,9 +63,10 @@ impl Ua {
         }
     }
 
-    /// `sip:name@host:port`.
+    /// `sip:name@host:port`, with `;transport=tcp` over TCP.
     pub fn uri(&self) -> String {
-        format!("sip:{}@{}", self.name, self.local)
+        let transport = if self.stream { ";transport=tcp" } else { "" };
+        format!("sip:{}@{}{transport}", self.name, self.local)
     }
 
     fn unique(&mut self) -> u64 {
@@ -150,7 +156,7 @@ impl Ua {
         let me = Responder {
             name: &self.name,
             contact: &contact,
-            stream: false,
+            stream: self.stream,
         };
         let (bytes, dest) = self.book.response(&me, request, code, reason, extra, || n);
         self.send_raw(&bytes, dest);
@@ -166,7 +172,7 @@ impl Ua {
             return;
         };
         let rules = ArrivalRules {
-            stream: false,
+            stream: self.stream,
             absorb_retransmissions: self.absorb_retransmissions,
             auto_ack: true,
         };
@@ -213,7 +219,8 @@ impl Outgoing<'_, Ua> {
             local,
             outbound: ua.outbound,
             via: format!(
-                "SIP/2.0/UDP {local};branch=z9hG4bK-{}-{}-{n};rport",
+                "SIP/2.0/{} {local};branch=z9hG4bK-{}-{}-{n};rport",
+                if ua.stream { "TCP" } else { "UDP" },
                 ua.name,
                 local.port()
             ),
