@@ -29,3 +29,5 @@ mod failure_routing;
 mod proxy;
 #[path = "protocol/registrar.rs"]
 mod registrar;
+#[path = "protocol/route_signature.rs"]
+mod route_signature;

@@ -224,6 +224,17 @@ impl Harness {
 
     /// A server routed by the Lua script `text` (written to a temporary directory).
     pub fn with_script(config: &Config, text: &str) -> Harness {
+        Harness::with_script_using(config, text, |factory, _| factory)
+    }
+
+    /// [`Harness::with_script`], the cores' factory finished by `finish` (given the
+    /// configuration the server runs with: its data directory is the harness's), as
+    /// `moonroute run` finishes it (a route signer from the server key, ...).
+    pub fn with_script_using(
+        config: &Config,
+        text: &str,
+        finish: impl FnOnce(CoreFactory, &Config) -> CoreFactory,
+    ) -> Harness {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let path = dir.path().join("route.lua");
         std::fs::write(&path, text).expect("write the script");
@@ -231,7 +242,10 @@ impl Harness {
         config.script = path;
         config.data_dir = dir.path().join("data");
         let host = ScriptHost::from_config(&config).expect("the script loads");
-        let factory = CoreFactory::with_router(&config, host.router_factory());
+        let factory = finish(
+            CoreFactory::with_router(&config, host.router_factory()),
+            &config,
+        );
         Harness::start(&config, factory, Some(host), Some(dir))
     }
 
@@ -288,7 +302,7 @@ impl Harness {
             self.owner(TransportKind::Udp, addr).is_none(),
             "{addr} is taken"
         );
-        self.uas.push(Ua::new(name, addr));
+        self.uas.push(Ua::new(name, addr, self.uas.len()));
         UaId(self.uas.len() - 1)
     }
 
@@ -301,7 +315,7 @@ impl Harness {
             self.owner(TransportKind::Tcp, addr).is_none(),
             "{addr} is taken"
         );
-        let mut ua = Ua::new(name, addr);
+        let mut ua = Ua::new(name, addr, self.uas.len());
         ua.stream = true;
         ua.outbound = Some(self.proxy());
         self.uas.push(ua);

@@ -27,8 +27,12 @@ use super::common_ua::{ArrivalRules, Outgoing, Responder, Sender, UaBook};
 
 pub struct Ua {
     pub name: String,
-    /// The address in our Via and Contact, and where the harness delivers to us.
+    /// Where the harness delivers to us, and the address in our Via and Contact unless we are
+    /// behind a NAT.
     pub local: SocketAddr,
+    /// Behind a NAT: the private address we believe we have, in our Via, Contact and From
+    /// (the server sees `local`).
+    pub private: Option<SocketAddr>,
     /// Where out-of-dialog requests go; `None`: the host:port of the Request-URI.
     pub outbound: Option<SocketAddr>,
     /// Over TCP (the harness carries what it sends on connections): Via says `TCP`, the URI
@@ -48,15 +52,19 @@ pub struct Ua {
 }
 
 impl Ua {
-    pub fn new(name: &str, local: SocketAddr) -> Ua {
+    /// Agent number `index` of the harness: its tags, branches and Call-IDs are numbered
+    /// apart from every other agent's, so two agents of one name (two phones of one user)
+    /// never answer with the same To tag.
+    pub fn new(name: &str, local: SocketAddr, index: usize) -> Ua {
         Ua {
             name: name.to_owned(),
             local,
+            private: None,
             outbound: None,
             stream: false,
             absorb_retransmissions: true,
             from_domain: None,
-            next: 0,
+            next: index as u64 * 1_000_000,
             outbox: Vec::new(),
             inbox: VecDeque::new(),
             book: UaBook::default(),
@@ -66,7 +74,8 @@ impl Ua {
     /// `sip:name@host:port`, with `;transport=tcp` over TCP.
     pub fn uri(&self) -> String {
         let transport = if self.stream { ";transport=tcp" } else { "" };
-        format!("sip:{}@{}{transport}", self.name, self.local)
+        let addr = self.private.unwrap_or(self.local);
+        format!("sip:{}@{addr}{transport}", self.name)
     }
 
     fn unique(&mut self) -> u64 {
@@ -212,7 +221,7 @@ impl Outgoing<'_, Ua> {
     pub fn send(self) -> Message {
         let Outgoing { ua, draft } = self;
         let n = ua.unique();
-        let local = ua.local;
+        let local = ua.private.unwrap_or(ua.local);
         let me = Sender {
             name: &ua.name,
             from_domain: ua.from_domain.as_deref(),
