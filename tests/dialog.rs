@@ -10,12 +10,15 @@
 //! Nothing sleeps: every wait is for a message, bounded by a timeout. A CDR is written before
 //! the message that ends its call is relayed, so it is on file once that message arrives.
 
+#[path = "common/cdr.rs"]
+mod cdr;
 mod common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use cdr::{field, number};
 use common::ua::{Dialog, TestUa};
 use moonroute::config::{Config, LocationBackend};
 use moonroute::script::ScriptHost;
@@ -65,30 +68,7 @@ fn start(script: &Path) -> Running {
 
 /// The CDR lines written so far.
 fn cdrs(proxy: &Running) -> Vec<String> {
-    std::fs::read_to_string(proxy.dir.path().join("cdr.jsonl"))
-        .map(|text| text.lines().map(str::to_owned).collect())
-        .unwrap_or_default()
-}
-
-/// The raw JSON value of `name` in a CDR line (`"x"` with its quotes, a number, `null`).
-fn field<'a>(line: &'a str, name: &str) -> &'a str {
-    let key = format!("\"{name}\":");
-    let start = line
-        .find(&key)
-        .unwrap_or_else(|| panic!("{name} in {line}"))
-        + key.len();
-    let rest = &line[start..];
-    let end = match rest.strip_prefix('"') {
-        Some(quoted) => quoted.find('"').map_or(rest.len(), |i| i + 2),
-        None => rest.find([',', '}']).unwrap_or(rest.len()),
-    };
-    &rest[..end]
-}
-
-fn number(line: &str, name: &str) -> f64 {
-    field(line, name)
-        .parse()
-        .unwrap_or_else(|_| panic!("{name} is a number in {line}"))
+    cdr::lines(proxy.dir.path())
 }
 
 fn aor(user: &str) -> String {

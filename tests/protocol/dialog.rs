@@ -14,8 +14,10 @@
 
 use std::time::{Duration, SystemTime};
 
-use super::harness::{config, default_script_without_auth, Config, Harness, HeaderName, Message};
-use super::harness::{UaId, PROXY};
+use super::common_cdr::{self as cdr, field, number};
+use super::harness::{
+    config, default_script_without_auth, Config, Harness, HeaderName, Message, UaId, PROXY,
+};
 use super::ua::{sdp, Dialog};
 
 const DOMAIN: &str = "moonroute.test";
@@ -47,30 +49,7 @@ fn start() -> Harness {
 
 /// The CDR lines written so far.
 fn cdrs(h: &Harness) -> Vec<String> {
-    std::fs::read_to_string(h.data_dir().join("cdr.jsonl"))
-        .map(|text| text.lines().map(str::to_owned).collect())
-        .unwrap_or_default()
-}
-
-/// The raw JSON value of `name` in a CDR line (`"x"` with its quotes, a number, `null`).
-fn field<'a>(line: &'a str, name: &str) -> &'a str {
-    let key = format!("\"{name}\":");
-    let start = line
-        .find(&key)
-        .unwrap_or_else(|| panic!("{name} in {line}"))
-        + key.len();
-    let rest = &line[start..];
-    let end = match rest.strip_prefix('"') {
-        Some(quoted) => quoted.find('"').map_or(rest.len(), |i| i + 2),
-        None => rest.find([',', '}']).unwrap_or(rest.len()),
-    };
-    &rest[..end]
-}
-
-fn number(line: &str, name: &str) -> f64 {
-    field(line, name)
-        .parse()
-        .unwrap_or_else(|_| panic!("{name} is a number in {line}"))
+    cdr::lines(&h.data_dir())
 }
 
 fn aor(user: &str) -> String {
