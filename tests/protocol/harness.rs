@@ -13,7 +13,13 @@
 //!   datagram to nobody is lost, and kept in [`Harness::lost`] for the test to look at.
 //! - [`Output::HandOver`] gives the input to the named loop; [`Output::Resolve`] is answered
 //!   with [`Input::Resolved`] from [`Harness::dns`] (RFC 3263 §4: a name absent from the
-//!   table does not exist); [`Output::Close`] is ignored (user agents here are datagram only).
+//!   table does not exist); [`Output::Close`] closes a stream connection.
+//! - stream (TCP) agents ([`Harness::add_tcp_ua`]) talk to the server over connections: an
+//!   agent's first message to the TCP listener opens one (owned by the loop a hash of its
+//!   address picks, as the accepting loop), the server's send to a stream agent goes on the
+//!   connection it names, else an open one to that address, else a new one from an
+//!   ephemeral port (unless `reuse_only`), and a message on a connection arrives with its
+//!   [`ConnectionId`], so responses go back on the request's connection (§18.2.2).
 //! - [`Worker::next_deadline`] / [`Worker::on_timer`] are run when the simulated clock reaches
 //!   them, and [`Worker::wake_signal`] is polled whenever nothing else moves. A durable write
 //!   is flushed by the store's own thread, the one thing not simulated: when a test expects a
@@ -40,6 +46,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 pub use moonroute::config::{Config, LocationBackend};
+pub use moonroute::dialog::Directory;
 pub use moonroute::dns::{Candidate, Query, ResolveError};
 pub use moonroute::proxy::response_context::{BranchOutcome, Target};
 pub use moonroute::proxy::router::{
@@ -49,8 +56,8 @@ pub use moonroute::script::kv::KvValue;
 pub use moonroute::script::ScriptHost;
 pub use moonroute::server::core::CoreFactory;
 pub use moonroute::sip::{HeaderName, Message};
+use moonroute::transport::{ConnectionId, Destination, Worker, WorkerFactory};
 pub use moonroute::transport::{Input, ListenAddr, Meta, Output, TransportKind};
-use moonroute::transport::{Worker, WorkerFactory};
 use moonroute::wake::WakeSignal;
 
 pub use super::common_ua::{expect_status, show};
@@ -85,6 +92,35 @@ pub fn config() -> Config {
     config
 }
 
+/// Where the simulated clock starts: an hour behind the real one. The dialog table stamps an
+/// event with the wall-clock time of the loop's `now` (`dialog::Stamp::at`: the real wall
+/// clock less how long ago `now` was), so while the simulated clock stays behind the real one
+/// a CDR's answer and end follow the simulated clock exactly: a call cut after 1 simulated
+/// second lasts 1.000 s in its CDR. A call's start is not simulated: the script's
+/// `dlg_manage` has no `now` and stamps it with the real clocks (`dialog::Stamp::now`), so it
+/// is an hour after the answer here, and the tests comparing them stay on sockets
+/// (`tests/dialog.rs`).
+const CLOCK_BEHIND_REAL: Duration = Duration::from_secs(3600);
+
+fn simulated_start() -> Instant {
+    let real = Instant::now();
+    real.checked_sub(CLOCK_BEHIND_REAL).unwrap_or(real)
+}
+
+/// The shipped `scripts/default.lua` with `AUTHENTICATE` off: "our users" are a From in our
+/// domain, without digest authentication.
+pub fn default_script_without_auth() -> String {
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/default.lua");
+    let text = std::fs::read_to_string(shipped).expect("scripts/default.lua");
+    const FLAG: &str = "local AUTHENTICATE = true";
+    assert_eq!(
+        text.matches(FLAG).count(),
+        1,
+        "the script has `{FLAG}` once"
+    );
+    text.replacen(FLAG, "local AUTHENTICATE = false", 1)
+}
+
 /// Which user agent: an index into the harness's agents.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct UaId(usize);
@@ -109,6 +145,20 @@ struct Packet {
     data: Bytes,
     /// The loop that sent it (`None`: a user agent), told when a stream send is refused.
     sender: Option<usize>,
+    /// The stream connection it travels on (an index into the harness's connections).
+    conn: Option<usize>,
+}
+
+/// A stream (TCP) connection between the server and a stream user agent.
+#[derive(Debug)]
+struct Connection {
+    ua: usize,
+    /// The server's end: its listener (the agent connected) or an address of its own (the
+    /// server connected, from an ephemeral port).
+    server_end: SocketAddr,
+    /// The loop that owns it: the one that accepted it, or the one that opened it.
+    worker: usize,
+    open: bool,
 }
 
 struct FaultRule {
@@ -131,16 +181,26 @@ pub struct Harness {
     /// Messages a [`Fault::Delay`] holds until their instant.
     delayed: Vec<(Instant, Packet)>,
     faults: Vec<FaultRule>,
+    /// Stream connections, by [`ConnectionId`] (its index), open or closed.
+    connections: Vec<Connection>,
     /// DNS answers by host name; a name absent here does not exist.
     pub dns: HashMap<String, Vec<Candidate>>,
+    /// Address records by host name: a name here is a host at that address, reached at the
+    /// URI's port and transport (RFC 3263 §4.2, no NAPTR or SRV records).
+    pub dns_a: HashMap<String, std::net::IpAddr>,
+    /// Every host name the server asked the DNS for, in order (IP literals are not asked).
+    pub dns_queries: Vec<String>,
     /// Datagrams sent to an address nobody owns (a foreign host), in order.
     pub lost: Vec<(SocketAddr, Bytes)>,
     /// Every message a loop sent, when and where, in order (a packet capture at the server).
     pub sent_by_server: Vec<(Instant, SocketAddr, Bytes)>,
     /// The script host when the server is routed by Lua.
     script: Option<Arc<ScriptHost>>,
-    /// Keeps the script's directory while the harness lives.
-    _dir: Option<tempfile::TempDir>,
+    /// The calls every loop tracks, as `moonroute ctl dlg` reads them.
+    dialogs: Arc<Directory>,
+    /// The script's directory (its data directory is `data` in it), kept while the harness
+    /// lives.
+    dir: Option<tempfile::TempDir>,
     out: Vec<Output>,
 }
 
@@ -164,6 +224,17 @@ impl Harness {
 
     /// A server routed by the Lua script `text` (written to a temporary directory).
     pub fn with_script(config: &Config, text: &str) -> Harness {
+        Harness::with_script_using(config, text, |factory, _| factory)
+    }
+
+    /// [`Harness::with_script`], the cores' factory finished by `finish` (given the
+    /// configuration the server runs with: its data directory is the harness's), as
+    /// `moonroute run` finishes it (a route signer from the server key, ...).
+    pub fn with_script_using(
+        config: &Config,
+        text: &str,
+        finish: impl FnOnce(CoreFactory, &Config) -> CoreFactory,
+    ) -> Harness {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let path = dir.path().join("route.lua");
         std::fs::write(&path, text).expect("write the script");
@@ -171,7 +242,10 @@ impl Harness {
         config.script = path;
         config.data_dir = dir.path().join("data");
         let host = ScriptHost::from_config(&config).expect("the script loads");
-        let factory = CoreFactory::with_router(&config, host.router_factory());
+        let factory = finish(
+            CoreFactory::with_router(&config, host.router_factory()),
+            &config,
+        );
         Harness::start(&config, factory, Some(host), Some(dir))
     }
 
@@ -182,13 +256,14 @@ impl Harness {
         dir: Option<tempfile::TempDir>,
     ) -> Harness {
         let listeners = config.listen.clone();
+        let dialogs = factory.dialog_directory();
         let count = config.workers.max(1);
         let loops: Vec<Box<dyn Worker>> = (0..count)
             .map(|index| factory.make_bound_worker(index, count, &listeners))
             .collect();
         let wakes = loops.iter().map(|w| w.wake_signal()).collect();
         Harness {
-            now: Instant::now(),
+            now: simulated_start(),
             loops,
             wakes,
             listeners,
@@ -197,11 +272,15 @@ impl Harness {
             wire: VecDeque::new(),
             delayed: Vec::new(),
             faults: Vec::new(),
+            connections: Vec::new(),
             dns: HashMap::new(),
+            dns_a: HashMap::new(),
+            dns_queries: Vec::new(),
             lost: Vec::new(),
             sent_by_server: Vec::new(),
             script,
-            _dir: dir,
+            dialogs,
+            dir,
             out: Vec::new(),
         }
     }
@@ -223,7 +302,23 @@ impl Harness {
             self.owner(TransportKind::Udp, addr).is_none(),
             "{addr} is taken"
         );
-        self.uas.push(Ua::new(name, addr));
+        self.uas.push(Ua::new(name, addr, self.uas.len()));
+        UaId(self.uas.len() - 1)
+    }
+
+    /// A user agent on TCP at `addr`: it accepts connections there, and opens one to where
+    /// it sends when it has none (its port is the connection's, as a phone bound to its port
+    /// would); its out-of-dialog requests go to the server's TCP listener.
+    pub fn add_tcp_ua(&mut self, name: &str, addr: &str) -> UaId {
+        let addr: SocketAddr = addr.parse().expect("an IP address and port");
+        assert!(
+            self.owner(TransportKind::Tcp, addr).is_none(),
+            "{addr} is taken"
+        );
+        let mut ua = Ua::new(name, addr, self.uas.len());
+        ua.stream = true;
+        ua.outbound = Some(self.proxy());
+        self.uas.push(ua);
         UaId(self.uas.len() - 1)
     }
 
@@ -248,10 +343,30 @@ impl Harness {
         });
     }
 
+    /// The script host of a server routed by Lua.
+    pub fn script(&self) -> &ScriptHost {
+        self.script.as_ref().expect("a server routed by a script")
+    }
+
+    /// The calls every loop tracks (what `moonroute ctl dlg` reads and ends calls through).
+    pub fn dialogs(&self) -> Arc<Directory> {
+        Arc::clone(&self.dialogs)
+    }
+
+    /// The data directory of a server routed by Lua (registrations, `cdr.jsonl`).
+    pub fn data_dir(&self) -> PathBuf {
+        let dir = self.dir.as_ref().expect("a server routed by a script");
+        dir.path().join("data")
+    }
+
     /// What the Lua script stored under `key` in `sip.kv`.
     pub fn kv(&self, key: &str) -> String {
-        let host = self.script.as_ref().expect("a server routed by a script");
-        match host.services().kv.get(key, std::time::Instant::now()) {
+        match self
+            .script()
+            .services()
+            .kv
+            .get(key, std::time::Instant::now())
+        {
             Some(KvValue::Str(s)) => s,
             other => panic!("{key}: {other:?}"),
         }
@@ -295,12 +410,17 @@ impl Harness {
         for i in 0..self.uas.len() {
             let from = self.uas[i].local;
             for (to, data) in self.uas[i].take_outbox() {
+                let (kind, conn) = match self.uas[i].stream {
+                    true => (TransportKind::Tcp, self.agent_connection(i, to)),
+                    false => (TransportKind::Udp, None),
+                };
                 self.put_on_wire(Packet {
-                    kind: TransportKind::Udp,
+                    kind,
                     from,
                     to,
                     data,
                     sender: None,
+                    conn,
                 });
             }
         }
@@ -377,11 +497,66 @@ impl Harness {
         }
         self.uas
             .iter()
-            .position(|ua| ua.local == addr)
+            .position(|ua| ua.local == addr && ua.stream == kind.is_stream())
             .map(Owner::Ua)
     }
 
+    /// The open connection agent `ua` sends to `to` on: one it has with that end, else a new
+    /// one to the server's TCP listener there (`None`: nobody listens, the send is lost).
+    fn agent_connection(&mut self, ua: usize, to: SocketAddr) -> Option<usize> {
+        let open =
+            (self.connections.iter()).position(|c| c.open && c.ua == ua && c.server_end == to);
+        if open.is_some() {
+            return open;
+        }
+        let Some(Owner::Server) = self.owner(TransportKind::Tcp, to) else {
+            return None;
+        };
+        let worker = self.loop_for(self.uas[ua].local);
+        Some(self.connect(ua, to, worker))
+    }
+
+    fn connect(&mut self, ua: usize, server_end: SocketAddr, worker: usize) -> usize {
+        self.connections.push(Connection {
+            ua,
+            server_end,
+            worker,
+            open: true,
+        });
+        self.connections.len() - 1
+    }
+
+    /// The connection a stream send of loop `index` to `dest` goes on: the one it names if
+    /// still open, else an open one to that address, else (unless `reuse_only`) a new one
+    /// to a stream agent listening there, from an ephemeral port of the server. `None`: the
+    /// send is refused.
+    fn server_connection(&mut self, index: usize, dest: &Destination) -> Option<usize> {
+        let named = dest.conn.map(|ConnectionId(id)| id as usize);
+        if let Some(id) = named.filter(|&id| self.connections.get(id).is_some_and(|c| c.open)) {
+            return Some(id);
+        }
+        let to_addr = |c: &Connection| c.open && self.uas[c.ua].local == dest.addr;
+        if let Some(id) = self.connections.iter().position(to_addr) {
+            return Some(id);
+        }
+        if dest.reuse_only {
+            return None;
+        }
+        let Some(Owner::Ua(ua)) = self.owner(dest.kind, dest.addr) else {
+            return None;
+        };
+        let port = 40_000 + u16::try_from(self.connections.len()).expect("few connections");
+        let ephemeral = SocketAddr::new(self.proxy().ip(), port);
+        Some(self.connect(ua, ephemeral, index))
+    }
+
     fn deliver(&mut self, packet: Packet) {
+        if let Some(id) = packet.conn {
+            return self.deliver_on(id, packet);
+        }
+        if packet.kind.is_stream() {
+            return self.refuse(packet);
+        }
         match self.owner(packet.kind, packet.to) {
             Some(Owner::Server) => {
                 let index = self.loop_for(packet.from);
@@ -399,18 +574,47 @@ impl Harness {
                 self.on_input(index, input);
             }
             Some(Owner::Ua(i)) => self.uas[i].receive(packet.data, packet.from),
-            None if packet.kind.is_stream() => {
-                // A connection nobody accepts: refused, reported to the loop that sent.
-                if let Some(index) = packet.sender {
-                    let input = Input::Unreachable {
-                        kind: packet.kind,
-                        addr: packet.to,
-                    };
-                    self.inputs.push_back((index, input));
-                }
+            None => self.lost.push((packet.to, packet.data)),
+        }
+    }
+
+    /// A stream message with no connection to travel on: a connection nobody accepts. The
+    /// server's is refused, reported to the loop that sent it (§8.1.3.1); an agent's is lost.
+    fn refuse(&mut self, packet: Packet) {
+        match packet.sender {
+            Some(index) => {
+                let input = Input::Unreachable {
+                    kind: packet.kind,
+                    addr: packet.to,
+                };
+                self.inputs.push_back((index, input));
             }
             None => self.lost.push((packet.to, packet.data)),
         }
+    }
+
+    /// Delivers what travels on connection `id` to its other end (nothing once it closed).
+    fn deliver_on(&mut self, id: usize, packet: Packet) {
+        let connection = &self.connections[id];
+        if !connection.open {
+            return;
+        }
+        let (ua, server_end, worker) = (connection.ua, connection.server_end, connection.worker);
+        if packet.sender.is_some() {
+            return self.uas[ua].receive(packet.data, server_end);
+        }
+        let meta = Meta {
+            kind: packet.kind,
+            source: self.uas[ua].local,
+            local: server_end,
+            conn: Some(ConnectionId(id as u64)),
+            worker,
+        };
+        let input = Input::Message {
+            data: packet.data,
+            meta,
+        };
+        self.on_input(worker, input);
     }
 
     /// The loop a datagram from `source` reaches: a hash of the flow, like SO_REUSEPORT.
@@ -437,21 +641,34 @@ impl Harness {
                     let from = self.listener_for(dest.kind, dest.local);
                     self.sent_by_server
                         .push((self.now, dest.addr, data.clone()));
+                    let conn = match dest.kind.is_stream() {
+                        true => self.server_connection(index, &dest),
+                        false => None,
+                    };
                     self.put_on_wire(Packet {
                         kind: dest.kind,
                         from,
                         to: dest.addr,
                         data,
                         sender: Some(index),
+                        conn,
                     });
                 }
                 Output::HandOver { worker, input } => self.inputs.push_back((worker, input)),
                 Output::Resolve { id, query } => {
+                    let host = query.host.trim_start_matches('[').trim_end_matches(']');
+                    if host.parse::<std::net::IpAddr>().is_err() {
+                        self.dns_queries.push(host.to_owned());
+                    }
                     let result = self.resolve(&query);
                     self.inputs
                         .push_back((index, Input::Resolved { id, result }));
                 }
-                Output::Close(_) => {}
+                Output::Close(ConnectionId(id)) => {
+                    if let Some(connection) = self.connections.get_mut(id as usize) {
+                        connection.open = false;
+                    }
+                }
             }
         }
     }
@@ -469,7 +686,8 @@ impl Harness {
 
     fn resolve(&self, query: &Query) -> Result<Vec<Candidate>, ResolveError> {
         let host = query.host.trim_start_matches('[').trim_end_matches(']');
-        if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        let address = host.parse::<std::net::IpAddr>().ok();
+        if let Some(ip) = address.or_else(|| self.dns_a.get(host).copied()) {
             let kind = query.transport.unwrap_or(TransportKind::Udp);
             let port = query.port.unwrap_or(kind.default_port());
             return Ok(vec![Candidate {
@@ -501,6 +719,12 @@ impl Harness {
     /// Blocks until a loop's wake signal is notified (then gives that loop [`Input::Wake`])
     /// or `within` has passed; whether one was.
     fn wait_for_wake(&mut self, within: Duration) -> bool {
+        self.wait_for_wake_or(within, &|| false)
+    }
+
+    /// [`Harness::wait_for_wake`], returning early (false) once `stop` holds; whoever makes
+    /// it hold unparks this thread.
+    fn wait_for_wake_or(&mut self, within: Duration, stop: &dyn Fn() -> bool) -> bool {
         let signals: Vec<(usize, Arc<WakeSignal>)> = (self.wakes.iter().enumerate())
             .filter_map(|(index, signal)| Some((index, Arc::clone(signal.as_ref()?))))
             .collect();
@@ -520,11 +744,43 @@ impl Harness {
                 }
             }
             let left = deadline.saturating_duration_since(std::time::Instant::now());
-            if left.is_zero() {
+            if left.is_zero() || stop() {
                 return false;
             }
             std::thread::park_timeout(left);
         }
+    }
+
+    /// Runs `job` on another thread, as the control socket runs a command off the event loops,
+    /// while the network runs here: a job that queues work for a loop (`ctl dlg end`) wakes
+    /// it through its wake signal and waits for its answer. The job's result (it must finish
+    /// within [`WAIT`]).
+    pub fn off_loop<T: Send>(&mut self, job: impl FnOnce() -> T + Send) -> T {
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let me = std::thread::current();
+        std::thread::scope(|scope| {
+            let finished = Arc::clone(&done);
+            let worker = scope.spawn(move || {
+                let result = job();
+                finished.store(true, std::sync::atomic::Ordering::Release);
+                me.unpark();
+                result
+            });
+            let deadline = std::time::Instant::now() + WAIT;
+            loop {
+                self.run();
+                if done.load(std::sync::atomic::Ordering::Acquire) {
+                    break;
+                }
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                assert!(
+                    !left.is_zero(),
+                    "the off-loop job did not finish in {WAIT:?}"
+                );
+                self.wait_for_wake_or(left, &|| done.load(std::sync::atomic::Ordering::Acquire));
+            }
+            worker.join().expect("the off-loop job")
+        })
     }
 
     /// Runs the network, then the next response `id` received (panics when there is none).

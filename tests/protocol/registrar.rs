@@ -5,21 +5,11 @@
 //! a call to the registered AOR reaches the contact (§16.5: the location service gives the
 //! target).
 
-use super::harness::{config, show, Config, Harness, HeaderName, LocationBackend};
+use super::harness::{
+    config, default_script_without_auth, show, Config, Harness, HeaderName, LocationBackend,
+};
 
 const DOMAIN: &str = "moonroute.test";
-
-fn default_script_without_auth() -> String {
-    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/default.lua");
-    let text = std::fs::read_to_string(shipped).expect("scripts/default.lua");
-    const FLAG: &str = "local AUTHENTICATE = true";
-    assert_eq!(
-        text.matches(FLAG).count(),
-        1,
-        "the script has `{FLAG}` once"
-    );
-    text.replacen(FLAG, "local AUTHENTICATE = false", 1)
-}
 
 fn durable_config() -> Config {
     let mut config = config();

@@ -12,7 +12,8 @@
 //! - a retransmitted request is absorbed and answered with the last response sent for it
 //!   (nothing is sent when it was not answered yet).
 //!
-//! Hops must be IP literals; every Route is treated as loose (`;lr`).
+//! Hops must be IP literals; every Route is treated as loose (`;lr`). Over TCP
+//! ([`Ua::stream`]) the harness carries what it sends on connections.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -26,10 +27,17 @@ use super::common_ua::{ArrivalRules, Outgoing, Responder, Sender, UaBook};
 
 pub struct Ua {
     pub name: String,
-    /// The address in our Via and Contact, and where the harness delivers to us.
+    /// Where the harness delivers to us, and the address in our Via and Contact unless we are
+    /// behind a NAT.
     pub local: SocketAddr,
+    /// Behind a NAT: the private address we believe we have, in our Via, Contact and From
+    /// (the server sees `local`).
+    pub private: Option<SocketAddr>,
     /// Where out-of-dialog requests go; `None`: the host:port of the Request-URI.
     pub outbound: Option<SocketAddr>,
+    /// Over TCP (the harness carries what it sends on connections): Via says `TCP`, the URI
+    /// `;transport=tcp`, responses go back on the request's connection (§18.2.2).
+    pub stream: bool,
     /// Absorb retransmitted requests (answering with the last response sent). On by default.
     pub absorb_retransmissions: bool,
     /// The host of the From URI of out-of-dialog requests (`sip:name@domain`, the user's
@@ -44,23 +52,30 @@ pub struct Ua {
 }
 
 impl Ua {
-    pub fn new(name: &str, local: SocketAddr) -> Ua {
+    /// Agent number `index` of the harness: its tags, branches and Call-IDs are numbered
+    /// apart from every other agent's, so two agents of one name (two phones of one user)
+    /// never answer with the same To tag.
+    pub fn new(name: &str, local: SocketAddr, index: usize) -> Ua {
         Ua {
             name: name.to_owned(),
             local,
+            private: None,
             outbound: None,
+            stream: false,
             absorb_retransmissions: true,
             from_domain: None,
-            next: 0,
+            next: index as u64 * 1_000_000,
             outbox: Vec::new(),
             inbox: VecDeque::new(),
             book: UaBook::default(),
         }
     }
 
-    /// `sip:name@host:port`.
+    /// `sip:name@host:port`, with `;transport=tcp` over TCP.
     pub fn uri(&self) -> String {
-        format!("sip:{}@{}", self.name, self.local)
+        let transport = if self.stream { ";transport=tcp" } else { "" };
+        let addr = self.private.unwrap_or(self.local);
+        format!("sip:{}@{addr}{transport}", self.name)
     }
 
     fn unique(&mut self) -> u64 {
@@ -150,7 +165,7 @@ impl Ua {
         let me = Responder {
             name: &self.name,
             contact: &contact,
-            stream: false,
+            stream: self.stream,
         };
         let (bytes, dest) = self.book.response(&me, request, code, reason, extra, || n);
         self.send_raw(&bytes, dest);
@@ -166,7 +181,7 @@ impl Ua {
             return;
         };
         let rules = ArrivalRules {
-            stream: false,
+            stream: self.stream,
             absorb_retransmissions: self.absorb_retransmissions,
             auto_ack: true,
         };
@@ -206,14 +221,15 @@ impl Outgoing<'_, Ua> {
     pub fn send(self) -> Message {
         let Outgoing { ua, draft } = self;
         let n = ua.unique();
-        let local = ua.local;
+        let local = ua.private.unwrap_or(ua.local);
         let me = Sender {
             name: &ua.name,
             from_domain: ua.from_domain.as_deref(),
             local,
             outbound: ua.outbound,
             via: format!(
-                "SIP/2.0/UDP {local};branch=z9hG4bK-{}-{}-{n};rport",
+                "SIP/2.0/{} {local};branch=z9hG4bK-{}-{}-{n};rport",
+                if ua.stream { "TCP" } else { "UDP" },
                 ua.name,
                 local.port()
             ),

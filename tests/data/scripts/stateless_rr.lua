@@ -1,4 +1,4 @@
--- A registrar and stateless proxy that record-routes (tests/route_signature.rs): calls to a
+-- A registrar and stateless proxy that record-routes (tests/protocol/route_signature.rs): calls to a
 -- registered user are forwarded statelessly (§16.11) to the first contact; in-dialog requests
 -- follow our signed Route, or get 404.
 function on_request(req)
