@@ -74,16 +74,17 @@ fn asking_again_returns_the_same_family_and_conflicts_are_errors() {
     let wrong_labels = registry.counter_family("calls_total", "Calls.", &["x"]);
     assert!(wrong_labels
         .unwrap_err()
-        .0
+        .to_string()
         .contains("already exists with labels [dir]"));
     let wrong_kind = registry.gauge_family("calls_total", "Calls.", &["dir"]);
     assert!(wrong_kind
         .unwrap_err()
-        .0
+        .to_string()
         .contains("already exists as a counter"));
     assert!(first
         .try_with(&[])
         .unwrap_err()
+        .to_string()
         .contains("expects labels [dir]"));
 }
 
