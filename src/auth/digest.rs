@@ -567,14 +567,23 @@ mod tests {
             credentials.response,
             expected_response(Algorithm::Sha256, &ha1, "GET", &credentials)
         );
-        for bad in [
-            &b"Basic x"[..],
-            b"Digest nonce=n",
-            b"Digest realm=r",
-            b"Digest realm=r, nonce=n, algorithm=MD5-sess",
+        // `moonroute.digest` puts these texts in its Lua error.
+        for (bad, why) in [
+            (&b"Basic x"[..], "the challenge: not Digest credentials"),
+            (b"Digest nonce=n", "the challenge has no realm"),
+            (b"Digest realm=r", "the challenge has no nonce"),
+            (
+                b"Digest realm=r, nonce=n, algorithm=MD5-sess",
+                "unsupported algorithm \"MD5-sess\"",
+            ),
         ] {
-            assert!(super::answer(bad, &answer).is_err());
+            assert_eq!(super::answer(bad, &answer).unwrap_err().to_string(), why);
         }
+        let error = super::answer(challenge, &Answer { nc: 0, ..answer }).unwrap_err();
+        assert_eq!(
+            (error.clone(), error.to_string().as_str()),
+            (AnswerError::NcZero, "nc counts from 1")
+        );
     }
 
     #[test]

@@ -442,11 +442,47 @@ mod tests {
         // In version 2 the flags byte ends a binding.
         let mut data = encode_version(&[bare()], 2);
         *data.last_mut().unwrap() = 0x80;
-        assert!(decode(b"sip:a@b", &data).is_err());
+        assert_eq!(
+            decode(b"sip:a@b", &data),
+            Err(DecodeError::UnknownFlags(0x80))
+        );
         let mut data = encode(&[bare()]);
         let flags = data.len() - 3;
         data[flags] = 0x80;
-        assert!(decode(b"sip:a@b", &data).is_err());
+        let error = decode(b"sip:a@b", &data).unwrap_err();
+        assert_eq!(error.to_string(), "unknown binding flags 0x80");
+    }
+
+    /// The log line that skips a bad record says what is wrong in these words.
+    #[test]
+    fn decode_errors_say_what_is_wrong() {
+        let data = encode(&[bare()]);
+        let text = |key: &[u8], value: &[u8]| decode(key, value).unwrap_err().to_string();
+        assert_eq!(
+            text(b"sip:a@b", b"{\"json\": true}"),
+            "not a moonroute binding record (bad magic)"
+        );
+        assert_eq!(text(&[0xff, 0xfe], &data), "key is not UTF-8");
+        assert_eq!(text(b"sip:a@b", &data[..6]), "record ends early");
+        let mut longer = data.clone();
+        longer.extend_from_slice(b"xy");
+        assert_eq!(text(b"sip:a@b", &longer), "2 trailing bytes");
+        let bad_q = encode(&[Binding { q: 1001, ..bare() }]);
+        assert_eq!(text(b"sip:a@b", &bad_q), "bad q 1001");
+        assert_eq!(
+            DecodeError::BadAddress("x".to_owned()).to_string(),
+            "bad socket address \"x\""
+        );
+        assert_eq!(
+            DecodeError::BadTransport("quic".to_owned()).to_string(),
+            "bad transport \"quic\""
+        );
+        assert_eq!(DecodeError::FieldTooLong(9).to_string(), "field of 9 bytes");
+        assert_eq!(DecodeError::FieldNotUtf8.to_string(), "field is not UTF-8");
+        assert_eq!(
+            DecodeError::BadPresence(7).to_string(),
+            "bad presence byte 7"
+        );
     }
 
     #[test]

@@ -251,6 +251,58 @@ fn fixture_errors_name_the_line() {
     }
 }
 
+/// `moonroute test --location` prints these texts: they stay what they were as strings.
+#[test]
+fn fixture_errors_keep_their_texts() {
+    let cases = [
+        (
+            "tel:+123 sip:a@192.0.2.1",
+            "line 1: 'tel:+123' is not a sip: or sips: address-of-record",
+        ),
+        ("sip:a@example.com", "line 1: missing CONTACT after the AOR"),
+        (
+            "sip:a@example.com <sip:a@192.0.2.1>",
+            "line 1: '<sip:a@192.0.2.1>' is not a valid URI",
+        ),
+        (
+            "\nsip:a@example.com sip:a@192.0.2.1 q=2",
+            "line 2: bad q value '2' (0 to 1, 3 decimals)",
+        ),
+        (
+            "sip:a@example.com sip:a@192.0.2.1 expires=-1",
+            "line 1: bad expires '-1' (seconds)",
+        ),
+        (
+            "sip:a@example.com sip:a@192.0.2.1 weight=3",
+            "line 1: unknown option 'weight=3' (expected q=QVALUE or expires=SECONDS)",
+        ),
+        (
+            "sip:a@example.com sip:a@192.0.2.1 expires=18446744073709551615",
+            "line 1: expires=18446744073709551615 is too far in the future",
+        ),
+        (
+            "sip:a@example.com sip:a@192.0.2.1\nsip:a@EXAMPLE.COM sip:a@192.0.2.1",
+            "line 2: sip:a@192.0.2.1 is already bound to sip:a@example.com",
+        ),
+    ];
+    for (text, expected) in cases {
+        let err = MemoryLocation::from_fixture(text, t0(), &AorRule::default()).unwrap_err();
+        assert_eq!(err.to_string(), expected, "{text:?}");
+    }
+    let err = MemoryLocation::from_fixture("sip:a@example.com", t0(), &AorRule::default());
+    assert_eq!(
+        err.unwrap_err(),
+        FixtureError::Line {
+            number: 1,
+            problem: FixtureProblem::MissingContact
+        }
+    );
+    assert_eq!(
+        StoreError::Full { max_bindings: 3 }.to_string(),
+        "location store full (3 bindings)"
+    );
+}
+
 /// Walks `store` in pages of `limit`, returning the pages.
 fn walk(store: &dyn LocationStore, limit: usize) -> Vec<Vec<String>> {
     let mut pages = Vec::new();
