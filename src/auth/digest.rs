@@ -446,6 +446,12 @@ impl std::fmt::Display for AnswerError {
     }
 }
 
+impl From<ParseError> for AnswerError {
+    fn from(error: ParseError) -> Self {
+        AnswerError::Challenge(error)
+    }
+}
+
 impl std::error::Error for AnswerError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
@@ -461,7 +467,7 @@ impl std::error::Error for AnswerError {
 /// `cnonce` when the challenge offers it (RFC 2617 §3.2.2), and the response computed as
 /// [`expected_response`] does. What a UA does; the server never needs it (offline tests do).
 pub fn answer(challenge: &[u8], answer: &Answer<'_>) -> Result<String, AnswerError> {
-    let params = split_params(challenge).map_err(AnswerError::Challenge)?;
+    let params = split_params(challenge)?;
     let param = |name: &str| {
         params
             .iter()

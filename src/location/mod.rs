@@ -15,6 +15,9 @@
 //! record format of [`record`]. [`RedisLocation`] keeps them on a Redis server shared by
 //! several nodes ([`redis_store`]).
 //!
+//! A store that refuses a write or cannot answer says why with a [`StoreError`]: its bound on
+//! bindings, or the backend's own words (the registrar answers 500 or 503 with that text).
+//!
 //! # Fixture format
 //!
 //! [`MemoryLocation::from_fixture`] (used by `moonroute test --location FIXTURE`) reads one
