@@ -112,14 +112,14 @@ fn end(directory: &Directory, call_id: &str) -> Reply {
     let mut out = String::new();
     let mut failed = false;
     for call in &calls {
-        let answer = directory
-            .request_end(call)
-            .map_err(str::to_owned)
-            .and_then(|answer| {
-                answer
-                    .recv_timeout(END_WAIT)
-                    .unwrap_or_else(|_| Err("its event loop did not answer in 5 s".to_owned()))
-            });
+        let answer = match directory.request_end(call) {
+            Ok(answer) => match answer.recv_timeout(END_WAIT) {
+                Ok(Ok(ended)) => Ok(ended.to_string()),
+                Ok(Err(why)) => Err(why.to_string()),
+                Err(_) => Err("its event loop did not answer in 5 s".to_owned()),
+            },
+            Err(why) => Err(why.to_string()),
+        };
         let line = match answer {
             Ok(done) => done,
             Err(why) => {

@@ -61,7 +61,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tracing::{debug, warn};
 
 use super::commit::{Acknowledgement, Commit};
-use super::{live_sorted, record, AorCursor, Binding, LocationStore};
+use super::{live_sorted, record, AorCursor, Binding, LocationStore, StoreError};
 use crate::redis_link::{LinkError, RedisLink};
 
 const RECORD_PREFIX: &str = "moonroute:loc:";
@@ -170,7 +170,7 @@ impl RedisLocation {
         format!("{RECORD_PREFIX}{aor}")
     }
 
-    fn read(&self, aor: &str) -> Result<Read, String> {
+    fn read(&self, aor: &str) -> Result<Read, StoreError> {
         let raw: Option<Vec<u8>> = self
             .link
             .query(redis::cmd("GET").arg(Self::record_key(aor)).clone())
@@ -182,13 +182,14 @@ impl RedisLocation {
                 bindings: Vec::new(),
             });
         }
-        let bindings = record::decode(aor.as_bytes(), &raw)
-            .map_err(|e| format!("the record of {aor} in Redis is unreadable: {e}"))?;
+        let bindings = record::decode(aor.as_bytes(), &raw).map_err(|e| {
+            StoreError::Backend(format!("the record of {aor} in Redis is unreadable: {e}"))
+        })?;
         Ok(Read { raw, bindings })
     }
 
     /// Writes `new` in place of what `read` found; `Ok(false)` when another node wrote first.
-    fn compare_and_set(&self, aor: &str, read: &Read, new: &[Binding]) -> Result<bool, String> {
+    fn compare_and_set(&self, aor: &str, read: &Read, new: &[Binding]) -> Result<bool, StoreError> {
         let (keys, args) = self.cas_input(aor, read, new);
         let keys: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
         let args: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
@@ -217,9 +218,9 @@ impl RedisLocation {
                         .and_then(|answer| cas_answer(answer, max_bindings))
                         .and_then(|written| match written {
                             true => Ok(()),
-                            false => {
-                                Err("the AOR was changed by another node meanwhile".to_owned())
-                            }
+                            false => Err(StoreError::Backend(
+                                "the AOR was changed by another node meanwhile".to_owned(),
+                            )),
                         }),
                 ),
             });
@@ -257,24 +258,24 @@ impl RedisLocation {
         (keys, args)
     }
 
-    fn cas_result(&self, answer: i64) -> Result<bool, String> {
+    fn cas_result(&self, answer: i64) -> Result<bool, StoreError> {
         cas_answer(answer, self.max_bindings)
     }
 }
 
 /// What [`CAS`] answered: written, or not because the record changed; an error when full.
-fn cas_answer(answer: i64, max_bindings: usize) -> Result<bool, String> {
+fn cas_answer(answer: i64, max_bindings: usize) -> Result<bool, StoreError> {
     match answer {
         1 => Ok(true),
         0 => Ok(false),
-        _ => Err(format!("location store full ({max_bindings} bindings)")),
+        _ => Err(StoreError::Full { max_bindings }),
     }
 }
 
 impl RedisLocation {
     /// Removes the expired bindings of `aor` (and so moves its score in the expiry set to
     /// its next expiry); returns how many.
-    fn sweep_one(&self, aor: &str, now: SystemTime) -> Result<usize, String> {
+    fn sweep_one(&self, aor: &str, now: SystemTime) -> Result<usize, StoreError> {
         let _local = self.lock(aor);
         for _ in 0..MAX_ATTEMPTS {
             let read = self.read(aor)?;
@@ -284,12 +285,14 @@ impl RedisLocation {
                 return Ok(gone);
             }
         }
-        Err(format!("{aor} is being updated by other nodes"))
+        Err(StoreError::Backend(format!(
+            "{aor} is being updated by other nodes"
+        )))
     }
 }
 
-fn unreachable(error: LinkError) -> String {
-    error.to_string()
+fn unreachable(error: LinkError) -> StoreError {
+    StoreError::Backend(error.to_string())
 }
 
 /// Milliseconds since the Unix epoch (0 before it).
@@ -307,12 +310,12 @@ impl LocationStore for RedisLocation {
         })
     }
 
-    fn try_lookup(&self, aor: &str, now: SystemTime) -> Result<Vec<Binding>, String> {
+    fn try_lookup(&self, aor: &str, now: SystemTime) -> Result<Vec<Binding>, StoreError> {
         let read = self.read(aor)?;
         Ok(live_sorted(&read.bindings, now))
     }
 
-    fn replace(&self, aor: &str, bindings: Vec<Binding>) -> Result<Commit, String> {
+    fn replace(&self, aor: &str, bindings: Vec<Binding>) -> Result<Commit, StoreError> {
         let _local = self.lock(aor);
         for _ in 0..MAX_ATTEMPTS {
             let read = self.read(aor)?;
@@ -320,7 +323,9 @@ impl LocationStore for RedisLocation {
                 return Ok(Commit::Done);
             }
         }
-        Err(format!("{aor} is being updated by other nodes, try again"))
+        Err(StoreError::Backend(format!(
+            "{aor} is being updated by other nodes, try again"
+        )))
     }
 
     /// Removes the expired bindings of the AORs whose earliest expiry has passed (every node
@@ -396,7 +401,7 @@ impl LocationStore for RedisLocation {
         aor: &str,
         now: SystemTime,
         f: &mut dyn FnMut(Vec<Binding>) -> Option<Vec<Binding>>,
-    ) -> Result<Commit, String> {
+    ) -> Result<Commit, StoreError> {
         let _local = self.lock(aor);
         for _ in 0..MAX_ATTEMPTS {
             let read = self.read(aor)?;
@@ -408,7 +413,9 @@ impl LocationStore for RedisLocation {
                 return Ok(Commit::Done);
             }
         }
-        Err(format!("{aor} is being updated by other nodes, try again"))
+        Err(StoreError::Backend(format!(
+            "{aor} is being updated by other nodes, try again"
+        )))
     }
 
     /// Reads (one round trip, waited for), runs `f`, and sends the compare-and-set without
@@ -419,7 +426,7 @@ impl LocationStore for RedisLocation {
         aor: &str,
         now: SystemTime,
         f: &mut dyn FnMut(Vec<Binding>) -> Option<Vec<Binding>>,
-    ) -> Result<Commit, String> {
+    ) -> Result<Commit, StoreError> {
         let read = self.read(aor)?;
         let Some(new) = f(read.live(now)) else {
             return Ok(Commit::Done);

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tracing::{info, warn};
 
 use super::commit::{Commit, CommitLog};
-use super::{record, AorCursor, AorKeys, Binding, LocationStore, MemoryLocation};
+use super::{record, AorCursor, AorKeys, Binding, LocationStore, MemoryLocation, StoreError};
 
 /// The sled tree holding the records.
 const TREE: &str = "bindings";
@@ -170,11 +170,7 @@ impl SledLocation {
             let (log, db) = (Arc::clone(&log), db.clone());
             std::thread::Builder::new()
                 .name("moonroute-location-flush".to_owned())
-                .spawn(move || {
-                    log.run_flusher(MIN_FLUSH_INTERVAL, || {
-                        db.flush().map(drop).map_err(|e| e.to_string())
-                    })
-                })
+                .spawn(move || log.run_flusher(MIN_FLUSH_INTERVAL, || db.flush().map(drop)))
                 .map_err(|e| format!("cannot start the location flusher: {e}"))?
         };
         let store = SledLocation {
@@ -193,14 +189,14 @@ impl SledLocation {
     }
 
     /// Writes one AOR's record (or removes it when `bindings` is empty).
-    fn persist(tree: &sled::Tree, aor: &str, bindings: &[Binding]) -> Result<(), String> {
+    fn persist(tree: &sled::Tree, aor: &str, bindings: &[Binding]) -> Result<(), StoreError> {
         let result = if bindings.is_empty() {
             tree.remove(aor.as_bytes()).map(drop)
         } else {
             tree.insert(aor.as_bytes(), record::encode(bindings))
                 .map(drop)
         };
-        result.map_err(|e| format!("write to disk failed: {e}"))
+        result.map_err(|e| StoreError::Backend(format!("write to disk failed: {e}")))
     }
 
     /// The commit a caller waits for: its own write, or with `wrote` false the last write
@@ -314,7 +310,7 @@ fn move_record(
     let Move { from, to, live } = one;
     let there = match tree.get(to.as_bytes()) {
         Ok(None) => Ok(Vec::new()),
-        Ok(Some(value)) => record::decode(to.as_bytes(), &value),
+        Ok(Some(value)) => record::decode(to.as_bytes(), &value).map_err(|e| e.to_string()),
         Err(error) => Err(error.to_string()),
     };
     let there: Vec<Binding> = match there {
@@ -371,7 +367,7 @@ impl LocationStore for SledLocation {
         self.index.lookup(aor, now)
     }
 
-    fn replace(&self, aor: &str, bindings: Vec<Binding>) -> Result<Commit, String> {
+    fn replace(&self, aor: &str, bindings: Vec<Binding>) -> Result<Commit, StoreError> {
         let tree = &self.tree;
         self.index
             .replace_persisting(aor, bindings, &mut |aor, b| Self::persist(tree, aor, b))?;
@@ -401,7 +397,7 @@ impl LocationStore for SledLocation {
         aor: &str,
         now: SystemTime,
         f: &mut dyn FnMut(Vec<Binding>) -> Option<Vec<Binding>>,
-    ) -> Result<Commit, String> {
+    ) -> Result<Commit, StoreError> {
         let tree = &self.tree;
         let wrote = self
             .index

@@ -108,7 +108,11 @@ impl Services {
 
     /// [`Services::location_lookup`], or why the location store could not answer (a shared
     /// store that is unreachable).
-    pub fn try_location_lookup(&self, uri: &str, now: SystemTime) -> Result<Vec<Target>, String> {
+    pub fn try_location_lookup(
+        &self,
+        uri: &str,
+        now: SystemTime,
+    ) -> Result<Vec<Target>, crate::location::StoreError> {
         let Some(registrar) = &self.registrar else {
             return Ok(Vec::new());
         };

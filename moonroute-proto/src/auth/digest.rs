@@ -152,6 +152,8 @@ impl std::fmt::Display for ParseError {
     }
 }
 
+impl std::error::Error for ParseError {}
+
 /// The realm named in a Digest credentials value, cheaply, to pick the value for a realm
 /// without judging the rest (a malformed value for another realm is not ours to refuse).
 pub fn realm_of(value: &[u8]) -> Option<Cow<'_, str>> {
@@ -417,26 +419,67 @@ pub struct Answer<'a> {
     pub cnonce: &'a str,
 }
 
+/// Why [`answer`] could not answer a challenge.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AnswerError {
+    /// The challenge's parameters do not parse.
+    Challenge(ParseError),
+    NoRealm,
+    NoNonce,
+    /// An `algorithm` this server does not know (RFC 8760 §2.1 names them).
+    UnsupportedAlgorithm(String),
+    /// `nc` is 0: the nonce count starts at 1 (RFC 2617 §3.2.2).
+    NcZero,
+}
+
+impl std::fmt::Display for AnswerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AnswerError::Challenge(error) => write!(f, "the challenge: {error}"),
+            AnswerError::NoRealm => f.write_str("the challenge has no realm"),
+            AnswerError::NoNonce => f.write_str("the challenge has no nonce"),
+            AnswerError::UnsupportedAlgorithm(token) => {
+                write!(f, "unsupported algorithm {token:?}")
+            }
+            AnswerError::NcZero => f.write_str("nc counts from 1"),
+        }
+    }
+}
+
+impl From<ParseError> for AnswerError {
+    fn from(error: ParseError) -> Self {
+        AnswerError::Challenge(error)
+    }
+}
+
+impl std::error::Error for AnswerError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            AnswerError::Challenge(error) => Some(error),
+            _ => None,
+        }
+    }
+}
+
 /// The `Authorization`/`Proxy-Authorization` value answering `challenge` (a
 /// `WWW-Authenticate`/`Proxy-Authenticate` value, RFC 3261 §25.1 `challenge`): its realm,
 /// nonce, algorithm (MD5 when absent, RFC 2617 §3.2.1) and opaque, `qop=auth` with `nc` and
 /// `cnonce` when the challenge offers it (RFC 2617 §3.2.2), and the response computed as
 /// [`expected_response`] does. What a UA does; the server never needs it (offline tests do).
-pub fn answer(challenge: &[u8], answer: &Answer<'_>) -> Result<String, String> {
-    let params = split_params(challenge).map_err(|e| format!("the challenge: {e}"))?;
+pub fn answer(challenge: &[u8], answer: &Answer<'_>) -> Result<String, AnswerError> {
+    let params = split_params(challenge)?;
     let param = |name: &str| {
         params
             .iter()
             .find(|(n, _)| n.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_ref())
     };
-    let realm = param("realm").ok_or("the challenge has no realm")?;
-    let nonce = param("nonce").ok_or("the challenge has no nonce")?;
+    let realm = param("realm").ok_or(AnswerError::NoRealm)?;
+    let nonce = param("nonce").ok_or(AnswerError::NoNonce)?;
     let algorithm = match param("algorithm") {
         None => Algorithm::Md5,
-        Some(token) => {
-            Algorithm::parse(token).ok_or_else(|| format!("unsupported algorithm {token:?}"))?
-        }
+        Some(token) => Algorithm::parse(token)
+            .ok_or_else(|| AnswerError::UnsupportedAlgorithm(token.to_owned()))?,
     };
     // qop-options is a quoted, comma-separated list (RFC 2617 §3.2.1).
     let offers_auth = param("qop").is_some_and(|options| {
@@ -445,7 +488,7 @@ pub fn answer(challenge: &[u8], answer: &Answer<'_>) -> Result<String, String> {
             .any(|option| option.trim().eq_ignore_ascii_case("auth"))
     });
     if answer.nc == 0 {
-        return Err("nc counts from 1".into());
+        return Err(AnswerError::NcZero);
     }
     let credentials = Credentials {
         username: answer.username.to_owned(),
@@ -530,14 +573,23 @@ mod tests {
             credentials.response,
             expected_response(Algorithm::Sha256, &ha1, "GET", &credentials)
         );
-        for bad in [
-            &b"Basic x"[..],
-            b"Digest nonce=n",
-            b"Digest realm=r",
-            b"Digest realm=r, nonce=n, algorithm=MD5-sess",
+        // `moonroute.digest` puts these texts in its Lua error.
+        for (bad, why) in [
+            (&b"Basic x"[..], "the challenge: not Digest credentials"),
+            (b"Digest nonce=n", "the challenge has no realm"),
+            (b"Digest realm=r", "the challenge has no nonce"),
+            (
+                b"Digest realm=r, nonce=n, algorithm=MD5-sess",
+                "unsupported algorithm \"MD5-sess\"",
+            ),
         ] {
-            assert!(super::answer(bad, &answer).is_err());
+            assert_eq!(super::answer(bad, &answer).unwrap_err().to_string(), why);
         }
+        let error = super::answer(challenge, &Answer { nc: 0, ..answer }).unwrap_err();
+        assert_eq!(
+            (error.clone(), error.to_string().as_str()),
+            (AnswerError::NcZero, "nc counts from 1")
+        );
     }
 
     #[test]

@@ -135,8 +135,50 @@ struct Inbox {
 /// or why not).
 pub struct EndRequest {
     pub id: DialogId,
-    pub reply: mpsc::Sender<Result<String, String>>,
+    pub reply: mpsc::Sender<EndAnswer>,
 }
+
+/// What a loop did with an [`EndRequest`].
+pub type EndAnswer = Result<Ended, EndError>;
+
+/// A call the proxy ended with its own BYEs (RFC 3261 §15.1.1, sent from the middle).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ended {
+    /// The parties a BYE went to (`caller`, `callee`), in the order they were sent.
+    pub parties: Vec<&'static str>,
+}
+
+impl std::fmt::Display for Ended {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ended: BYE sent to {}", self.parties.join(" and "))
+    }
+}
+
+/// Why a call was not ended by `ctl dlg end`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EndError {
+    /// The event loop owning the call takes no commands (not started, or stopped).
+    LoopTakesNoCommands,
+    /// The loop has [`MAX_END_REQUESTS`] requests waiting already.
+    TooManyWaiting,
+    /// The call ended meanwhile.
+    NoSuchCall,
+    /// The call is early: only its caller can end it, with a CANCEL (RFC 3261 §9.1).
+    NotAnswered,
+}
+
+impl std::fmt::Display for EndError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            EndError::LoopTakesNoCommands => "its event loop takes no commands",
+            EndError::TooManyWaiting => "its event loop has too many end requests waiting",
+            EndError::NoSuchCall => "no such call (it ended)",
+            EndError::NotAnswered => "the call is not answered yet (only the caller can cancel it)",
+        })
+    }
+}
+
+impl std::error::Error for EndError {}
 
 /// End requests one loop may have waiting (the control socket is local and serial; this only
 /// bounds a runaway client).
@@ -200,17 +242,14 @@ impl Directory {
     }
 
     /// Asks the loop owning `call` to end it; the answer comes on the returned channel.
-    pub fn request_end(
-        &self,
-        call: &Summary,
-    ) -> Result<mpsc::Receiver<Result<String, String>>, &'static str> {
+    pub fn request_end(&self, call: &Summary) -> Result<mpsc::Receiver<EndAnswer>, EndError> {
         let mut inboxes = lock(&self.inboxes);
         let inbox = inboxes
             .get_mut(call.loop_index)
             .and_then(Option::as_mut)
-            .ok_or("its event loop takes no commands")?;
+            .ok_or(EndError::LoopTakesNoCommands)?;
         if inbox.requests.len() >= MAX_END_REQUESTS {
-            return Err("its event loop has too many end requests waiting");
+            return Err(EndError::TooManyWaiting);
         }
         let (reply, answer) = mpsc::channel();
         inbox.requests.push(EndRequest { id: call.id, reply });

@@ -430,6 +430,34 @@ fn ctl_end_sends_byes_for_an_answered_call() {
     assert!(table.end(id, t0()).is_none());
 }
 
+/// `ctl dlg end` prints these texts after the Call-ID.
+#[test]
+fn end_answers_keep_their_texts() {
+    use super::directory::{EndError, Ended};
+    let ended = Ended {
+        parties: vec!["caller", "callee"],
+    };
+    assert_eq!(ended.to_string(), "ended: BYE sent to caller and callee");
+    let texts = [
+        (
+            EndError::LoopTakesNoCommands,
+            "its event loop takes no commands",
+        ),
+        (
+            EndError::TooManyWaiting,
+            "its event loop has too many end requests waiting",
+        ),
+        (EndError::NoSuchCall, "no such call (it ended)"),
+        (
+            EndError::NotAnswered,
+            "the call is not answered yet (only the caller can cancel it)",
+        ),
+    ];
+    for (error, text) in texts {
+        assert_eq!(error.to_string(), text);
+    }
+}
+
 #[test]
 fn an_invite_is_read_into_a_new_dialog() {
     let raw = "INVITE sip:bob@example.com SIP/2.0\r\n\

@@ -17,6 +17,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use tracing::{info, warn};
 
+use super::directory::EndError;
 use super::{Bye, Cdr, CdrWriter, DialogId, DialogTable, Expired, Side, Stamp, State};
 use crate::id_map::IdMap;
 use crate::sip::{Contact, HeaderName, Message, Method};
@@ -160,13 +161,11 @@ impl DialogTracker {
     /// Ends confirmed call `id` from outside (`ctl dlg end`): returns its BYEs, or why not.
     /// An early call is left alone (Kamailio's `dlg.end_dlg` too): a CANCEL is the caller's to
     /// send, and its INVITE ends by itself.
-    pub fn end(&self, id: DialogId, now: Instant) -> Result<Vec<Bye>, &'static str> {
+    pub fn end(&self, id: DialogId, now: Instant) -> Result<Vec<Bye>, EndError> {
         let state = self.table.borrow().get(id).map(|d| d.state);
         match state {
-            None | Some(State::Terminated) => Err("no such call (it ended)"),
-            Some(State::Early) => {
-                Err("the call is not answered yet (only the caller can cancel it)")
-            }
+            None | Some(State::Terminated) => Err(EndError::NoSuchCall),
+            Some(State::Early) => Err(EndError::NotAnswered),
             Some(State::Confirmed) => {
                 let ended = self.table.borrow_mut().end(id, stamp(now));
                 Ok(ended.map(|e| self.ended_here(e)).unwrap_or_default())

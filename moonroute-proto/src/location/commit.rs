@@ -188,17 +188,18 @@ impl Acknowledgement {
         }
     }
 
-    /// The store answered: `Ok` durable, `Err` failed. Wakes whoever parked on it.
-    pub fn settle(&self, result: Result<(), String>) {
+    /// The store answered: `Ok` durable, `Err` failed (its text is what the state keeps).
+    /// Wakes whoever parked on it.
+    pub fn settle<E: std::fmt::Display>(&self, result: Result<(), E>) {
         self.settle_as(match result {
             Ok(()) => CommitState::Durable,
-            Err(error) => CommitState::Failed(error),
+            Err(error) => CommitState::Failed(error.to_string()),
         });
     }
 
     /// The store could not be reached to answer: the parked request is asked to retry later.
-    pub fn settle_unavailable(&self, error: String) {
-        self.settle_as(CommitState::Unavailable(error));
+    pub fn settle_unavailable(&self, error: impl std::fmt::Display) {
+        self.settle_as(CommitState::Unavailable(error.to_string()));
     }
 
     fn settle_as(&self, settled: CommitState) {
@@ -349,11 +350,12 @@ impl CommitLog {
     /// The flusher's body: waits for unflushed writes, flushes them with `flush` (which must
     /// make every write completed before it was called durable), publishes the result, and
     /// repeats until [`CommitLog::close`]. Writes arriving during a flush share the next one;
-    /// flushes start at least `min_interval` apart.
-    pub fn run_flusher(
+    /// flushes start at least `min_interval` apart. A failed flush's error is logged and its
+    /// text kept in [`CommitState::Failed`] for the writes it covered.
+    pub fn run_flusher<E: std::fmt::Display>(
         &self,
         min_interval: Duration,
-        mut flush: impl FnMut() -> Result<(), String>,
+        mut flush: impl FnMut() -> Result<(), E>,
     ) {
         let mut last_start = None;
         loop {
@@ -392,7 +394,7 @@ impl CommitLog {
                     Ok(()) => progress.durable = progress.durable.max(target),
                     Err(error) => {
                         tracing::error!(target: "moonroute::location::commit", %error, "location store: flush to disk failed; the registrations waiting for it get 500");
-                        progress.failed = Some((target, error));
+                        progress.failed = Some((target, error.to_string()));
                     }
                 }
             }
@@ -437,7 +439,7 @@ mod tests {
             std::thread::spawn(move || {
                 log.run_flusher(Duration::ZERO, || {
                     flushes.fetch_add(1, Ordering::SeqCst);
-                    Ok(())
+                    Ok::<(), String>(())
                 })
             })
         };
@@ -465,7 +467,7 @@ mod tests {
                 log.run_flusher(Duration::ZERO, move || {
                     entered_tx.send(()).ok();
                     release_rx.recv_timeout(Duration::from_secs(10)).ok();
-                    Ok(())
+                    Ok::<(), String>(())
                 })
             })
         };
@@ -523,7 +525,7 @@ mod tests {
         assert_eq!(log.subscribers.lock().unwrap().len(), 1);
         let flusher = {
             let log = Arc::clone(&log);
-            std::thread::spawn(move || log.run_flusher(Duration::ZERO, || Ok(())))
+            std::thread::spawn(move || log.run_flusher(Duration::ZERO, || Ok::<(), String>(())))
         };
         block_on(async {
             while ticket.state() != CommitState::Durable {
@@ -543,7 +545,7 @@ mod tests {
         ticket.subscribe(&signal);
         let settler = {
             let ack = Arc::clone(&ack);
-            std::thread::spawn(move || ack.settle(Ok(())))
+            std::thread::spawn(move || ack.settle(Ok::<(), String>(())))
         };
         block_on(signal.woken());
         settler.join().unwrap();

@@ -14,6 +14,9 @@
 //! changes are made durable by group commit ([`commit`]) in the record format of [`record`],
 //! and one on a Redis server shared by several nodes.
 //!
+//! A store that refuses a write or cannot answer says why with a [`StoreError`]: its bound on
+//! bindings, or the backend's own words (the registrar answers 500 or 503 with that text).
+//!
 //! # Fixture format
 //!
 //! [`MemoryLocation::from_fixture`] (used by `moonroute test --location FIXTURE`) reads one
@@ -168,10 +171,9 @@ pub trait LocationStore: Send + Sync {
     /// from memory.
     fn lookup(&self, aor: &str, now: SystemTime) -> Vec<Binding>;
 
-    /// Replaces the whole binding list of `aor` (empty = remove the AOR). Returns an error
-    /// string if the store refuses (e.g. a capacity limit, a write error); the AOR is then
-    /// left unchanged.
-    fn replace(&self, aor: &str, bindings: Vec<Binding>) -> Result<Commit, String>;
+    /// Replaces the whole binding list of `aor` (empty = remove the AOR). Returns why if the
+    /// store refuses (e.g. a capacity limit, a write error); the AOR is then left unchanged.
+    fn replace(&self, aor: &str, bindings: Vec<Binding>) -> Result<Commit, StoreError>;
 
     /// Removes expired bindings (from memory and from disk); returns how many.
     fn sweep(&self, now: SystemTime) -> usize;
@@ -202,7 +204,7 @@ pub trait LocationStore: Send + Sync {
         aor: &str,
         now: SystemTime,
         f: &mut dyn FnMut(Vec<Binding>) -> Option<Vec<Binding>>,
-    ) -> Result<Commit, String>;
+    ) -> Result<Commit, StoreError>;
 
     /// [`LocationStore::update`] for a caller that waits for the write without blocking (an
     /// event loop parking its answer on the [`Commit`]): a remote store may return once `f`
@@ -214,14 +216,14 @@ pub trait LocationStore: Send + Sync {
         aor: &str,
         now: SystemTime,
         f: &mut dyn FnMut(Vec<Binding>) -> Option<Vec<Binding>>,
-    ) -> Result<Commit, String> {
+    ) -> Result<Commit, StoreError> {
         self.update(aor, now, f)
     }
 
     /// [`LocationStore::lookup`], or why the store could not answer (a shared store over the
     /// network that is unreachable): the caller must not take that for "no bindings" (a false
     /// 404 makes callers give up). Stores in this process always answer.
-    fn try_lookup(&self, aor: &str, now: SystemTime) -> Result<Vec<Binding>, String> {
+    fn try_lookup(&self, aor: &str, now: SystemTime) -> Result<Vec<Binding>, StoreError> {
         Ok(self.lookup(aor, now))
     }
 
@@ -240,6 +242,115 @@ pub trait LocationStore: Send + Sync {
     /// Registers the backend's own metrics (a shared store's link), if it has any.
     fn register_metrics(&self, _registry: &crate::metrics::Registry) {}
 }
+
+/// Why a location store refused a write or could not answer ([`LocationStore`]); the AOR is
+/// left unchanged. Its text is what the registrar puts after "location store: " in its 500 or
+/// 503 reason phrase (RFC 3261 §10.3 step 7 and §21.5.4) and what the control socket prints.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreError {
+    /// The write would grow the store past its bound on bindings ([`MemoryLocation::new`]).
+    Full { max_bindings: usize },
+    /// The backend failed, in its own words: a disk write, a remote store that cannot be
+    /// reached or that other nodes keep changing.
+    Backend(String),
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreError::Full { max_bindings } => {
+                write!(f, "location store full ({max_bindings} bindings)")
+            }
+            StoreError::Backend(reason) => f.write_str(reason),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+/// Why [`MemoryLocation::from_fixture`] refused a fixture.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FixtureError {
+    /// Line `number` (from 1) is wrong.
+    Line {
+        number: usize,
+        problem: FixtureProblem,
+    },
+    /// The store refused the bindings (more than it holds).
+    Store(StoreError),
+}
+
+impl std::fmt::Display for FixtureError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FixtureError::Line { number, problem } => write!(f, "line {number}: {problem}"),
+            FixtureError::Store(error) => error.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for FixtureError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            FixtureError::Line { .. } => None,
+            FixtureError::Store(error) => Some(error),
+        }
+    }
+}
+
+impl From<StoreError> for FixtureError {
+    fn from(error: StoreError) -> Self {
+        FixtureError::Store(error)
+    }
+}
+
+/// What is wrong with one fixture line (the format of the module documentation).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FixtureProblem {
+    /// The first field is not a `sip:` or `sips:` AOR.
+    NotAnAor(String),
+    MissingContact,
+    /// The second field is not a URI.
+    BadContact(String),
+    /// The value of `q=` is not a qvalue (RFC 3261 §20.10).
+    BadQ(String),
+    /// The value of `expires=` is not a number of seconds.
+    BadExpires(String),
+    UnknownOption(String),
+    /// `expires=` overflows the clock.
+    ExpiresTooFar(u64),
+    /// The contact is bound to the AOR by an earlier line.
+    AlreadyBound {
+        contact: String,
+        aor: String,
+    },
+}
+
+impl std::fmt::Display for FixtureProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FixtureProblem::NotAnAor(text) => {
+                write!(f, "'{text}' is not a sip: or sips: address-of-record")
+            }
+            FixtureProblem::MissingContact => f.write_str("missing CONTACT after the AOR"),
+            FixtureProblem::BadContact(text) => write!(f, "'{text}' is not a valid URI"),
+            FixtureProblem::BadQ(v) => write!(f, "bad q value '{v}' (0 to 1, 3 decimals)"),
+            FixtureProblem::BadExpires(v) => write!(f, "bad expires '{v}' (seconds)"),
+            FixtureProblem::UnknownOption(option) => write!(
+                f,
+                "unknown option '{option}' (expected q=QVALUE or expires=SECONDS)"
+            ),
+            FixtureProblem::ExpiresTooFar(expires) => {
+                write!(f, "expires={expires} is too far in the future")
+            }
+            FixtureProblem::AlreadyBound { contact, aor } => {
+                write!(f, "{contact} is already bound to {aor}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for FixtureProblem {}
 
 /// Where a walk over a store's AORs resumes ([`LocationStore::aors_page`]); opaque.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -328,21 +439,21 @@ impl MemoryLocation {
         text: &str,
         now: SystemTime,
         keys: &dyn AorKeys,
-    ) -> Result<MemoryLocation, String> {
+    ) -> Result<MemoryLocation, FixtureError> {
         let mut by_aor: HashMap<String, Vec<Binding>> = HashMap::new();
         for (index, line) in text.lines().enumerate() {
             let number = index + 1;
-            let Some(binding) = parse_fixture_line(line, number, now, keys)
-                .map_err(|e| format!("line {number}: {e}"))?
+            let at_line = |problem| FixtureError::Line { number, problem };
+            let Some(binding) = parse_fixture_line(line, number, now, keys).map_err(at_line)?
             else {
                 continue;
             };
             let slot = by_aor.entry(binding.aor.clone()).or_default();
             if slot.iter().any(|b| b.contact == binding.contact) {
-                return Err(format!(
-                    "line {number}: {} is already bound to {}",
-                    binding.contact, binding.aor
-                ));
+                return Err(at_line(FixtureProblem::AlreadyBound {
+                    contact: binding.contact,
+                    aor: binding.aor,
+                }));
             }
             slot.push(binding);
         }
@@ -359,17 +470,17 @@ impl MemoryLocation {
         shard: &mut Shard,
         aor: &str,
         bindings: Vec<Binding>,
-    ) -> Result<(), String> {
+    ) -> Result<(), StoreError> {
         let old = shard.get(aor).map_or(0, Vec::len);
         let new = bindings.len();
         if new > old {
             let grow = new - old;
-            let max = self.max_bindings;
+            let max_bindings = self.max_bindings;
             self.count
                 .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                    n.checked_add(grow).filter(|total| *total <= max)
+                    n.checked_add(grow).filter(|total| *total <= max_bindings)
                 })
-                .map_err(|_| format!("location store full ({max} bindings)"))?;
+                .map_err(|_| StoreError::Full { max_bindings })?;
         } else {
             self.count.fetch_sub(old - new, Ordering::AcqRel);
         }
@@ -410,7 +521,7 @@ pub fn live_sorted(bindings: &[Binding], now: SystemTime) -> Vec<Binding> {
 /// Writes an AOR's new binding list to a store's backing medium (empty: remove the AOR),
 /// called with the AOR's shard locked, before memory changes: a write that fails leaves
 /// memory as it was.
-pub type Persist<'a> = &'a mut dyn FnMut(&str, &[Binding]) -> Result<(), String>;
+pub type Persist<'a> = &'a mut dyn FnMut(&str, &[Binding]) -> Result<(), StoreError>;
 
 impl MemoryLocation {
     /// [`LocationStore::update`], with `persist` called before a new list is kept. Returns
@@ -421,7 +532,7 @@ impl MemoryLocation {
         now: SystemTime,
         f: &mut dyn FnMut(Vec<Binding>) -> Option<Vec<Binding>>,
         persist: Persist<'_>,
-    ) -> Result<bool, String> {
+    ) -> Result<bool, StoreError> {
         let mut shard = self.shard(aor);
         let current: Vec<Binding> = shard.get(aor).map_or_else(Vec::new, |b| {
             b.iter().filter(|b| b.is_live(now)).cloned().collect()
@@ -443,7 +554,7 @@ impl MemoryLocation {
         aor: &str,
         bindings: Vec<Binding>,
         persist: Persist<'_>,
-    ) -> Result<(), String> {
+    ) -> Result<(), StoreError> {
         let mut shard = self.shard(aor);
         self.check_capacity(&shard, aor, bindings.len())?;
         persist(aor, &bindings)?;
@@ -489,20 +600,19 @@ impl MemoryLocation {
 
     /// Refuses a list that would grow the store past its bound (checked again, atomically,
     /// when stored; this early check keeps a refused write off the disk).
-    fn check_capacity(&self, shard: &Shard, aor: &str, new: usize) -> Result<(), String> {
+    fn check_capacity(&self, shard: &Shard, aor: &str, new: usize) -> Result<(), StoreError> {
         let old = shard.get(aor).map_or(0, Vec::len);
         let total = self.count.load(Ordering::Acquire);
         if new > old && total.saturating_add(new - old) > self.max_bindings {
-            return Err(format!(
-                "location store full ({} bindings)",
-                self.max_bindings
-            ));
+            return Err(StoreError::Full {
+                max_bindings: self.max_bindings,
+            });
         }
         Ok(())
     }
 }
 
-fn no_persist(_: &str, _: &[Binding]) -> Result<(), String> {
+fn no_persist(_: &str, _: &[Binding]) -> Result<(), StoreError> {
     Ok(())
 }
 
@@ -517,7 +627,7 @@ impl LocationStore for MemoryLocation {
             .map_or_else(Vec::new, |b| live_sorted(b, now))
     }
 
-    fn replace(&self, aor: &str, bindings: Vec<Binding>) -> Result<Commit, String> {
+    fn replace(&self, aor: &str, bindings: Vec<Binding>) -> Result<Commit, StoreError> {
         self.replace_persisting(aor, bindings, &mut no_persist)
             .map(|()| Commit::Done)
     }
@@ -578,7 +688,7 @@ impl LocationStore for MemoryLocation {
         aor: &str,
         now: SystemTime,
         f: &mut dyn FnMut(Vec<Binding>) -> Option<Vec<Binding>>,
-    ) -> Result<Commit, String> {
+    ) -> Result<Commit, StoreError> {
         self.update_persisting(aor, now, f, &mut no_persist)
             .map(|_| Commit::Done)
     }
@@ -601,7 +711,7 @@ fn parse_fixture_line(
     number: usize,
     now: SystemTime,
     keys: &dyn AorKeys,
-) -> Result<Option<Binding>, String> {
+) -> Result<Option<Binding>, FixtureProblem> {
     let mut fields = strip_comment(line).split_whitespace();
     let Some(aor_text) = fields.next() else {
         return Ok(None);
@@ -609,34 +719,29 @@ fn parse_fixture_line(
     let aor = Uri::parse(aor_text.as_bytes())
         .ok()
         .and(keys.key_of(aor_text))
-        .ok_or_else(|| format!("'{aor_text}' is not a sip: or sips: address-of-record"))?;
-    let contact = fields.next().ok_or("missing CONTACT after the AOR")?;
+        .ok_or_else(|| FixtureProblem::NotAnAor(aor_text.to_owned()))?;
+    let contact = fields.next().ok_or(FixtureProblem::MissingContact)?;
     if Uri::parse(contact.as_bytes()).is_err() {
-        return Err(format!("'{contact}' is not a valid URI"));
+        return Err(FixtureProblem::BadContact(contact.to_owned()));
     }
     let mut q = 1000;
     let mut expires = FIXTURE_DEFAULT_EXPIRES;
     for option in fields {
         match option.split_once('=') {
             Some(("q", v)) => {
-                q = parse_qvalue(v.as_bytes())
-                    .ok_or_else(|| format!("bad q value '{v}' (0 to 1, 3 decimals)"))?;
+                q = parse_qvalue(v.as_bytes()).ok_or_else(|| FixtureProblem::BadQ(v.to_owned()))?;
             }
             Some(("expires", v)) => {
                 expires = v
                     .parse()
-                    .map_err(|_| format!("bad expires '{v}' (seconds)"))?;
+                    .map_err(|_| FixtureProblem::BadExpires(v.to_owned()))?;
             }
-            _ => {
-                return Err(format!(
-                    "unknown option '{option}' (expected q=QVALUE or expires=SECONDS)"
-                ))
-            }
+            _ => return Err(FixtureProblem::UnknownOption(option.to_owned())),
         }
     }
     let expires_at = now
         .checked_add(Duration::from_secs(expires))
-        .ok_or_else(|| format!("expires={expires} is too far in the future"))?;
+        .ok_or(FixtureProblem::ExpiresTooFar(expires))?;
     Ok(Some(Binding::new(
         &aor,
         contact,

@@ -82,17 +82,60 @@ fn encode_version(bindings: &[Binding], version: u8) -> Vec<u8> {
     out
 }
 
+/// What is wrong with a record ([`decode`]); its text names the fault for the log line that
+/// skips the record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DecodeError {
+    KeyNotUtf8,
+    /// Neither `MRB3`, `MRB2` nor `MRB1`: not a moonroute record, or a newer layout.
+    BadMagic,
+    EndsEarly,
+    /// A string field longer than any a binding holds.
+    FieldTooLong(usize),
+    FieldNotUtf8,
+    /// An optional field's presence byte is neither 0 nor 1.
+    BadPresence(u8),
+    BadAddress(String),
+    /// A q-value above 1000 thousandths.
+    BadQ(u16),
+    BadTransport(String),
+    /// Flag bits this version does not define.
+    UnknownFlags(u8),
+    /// Bytes after the last binding.
+    TrailingBytes(usize),
+}
+
+impl std::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DecodeError::KeyNotUtf8 => f.write_str("key is not UTF-8"),
+            DecodeError::BadMagic => f.write_str("not a moonroute binding record (bad magic)"),
+            DecodeError::EndsEarly => f.write_str("record ends early"),
+            DecodeError::FieldTooLong(len) => write!(f, "field of {len} bytes"),
+            DecodeError::FieldNotUtf8 => f.write_str("field is not UTF-8"),
+            DecodeError::BadPresence(byte) => write!(f, "bad presence byte {byte}"),
+            DecodeError::BadAddress(text) => write!(f, "bad socket address {text:?}"),
+            DecodeError::BadQ(q) => write!(f, "bad q {q}"),
+            DecodeError::BadTransport(name) => write!(f, "bad transport {name:?}"),
+            DecodeError::UnknownFlags(flags) => write!(f, "unknown binding flags {flags:#04x}"),
+            DecodeError::TrailingBytes(n) => write!(f, "{n} trailing bytes"),
+        }
+    }
+}
+
+impl std::error::Error for DecodeError {}
+
 /// The bindings stored under `key`, or what is wrong with the record.
-pub fn decode(key: &[u8], value: &[u8]) -> Result<Vec<Binding>, String> {
+pub fn decode(key: &[u8], value: &[u8]) -> Result<Vec<Binding>, DecodeError> {
     let aor = std::str::from_utf8(key)
-        .map_err(|_| "key is not UTF-8".to_owned())?
+        .map_err(|_| DecodeError::KeyNotUtf8)?
         .to_owned();
     let mut r = Reader { data: value };
     let version = match r.take(4)? {
         m if m == MAGIC => 3,
         m if m == MAGIC_V2 => 2,
         m if m == MAGIC_V1 => 1,
-        _ => return Err("not a moonroute binding record (bad magic)".to_owned()),
+        _ => return Err(DecodeError::BadMagic),
     };
     let count = r.u16()?;
     let mut bindings = Vec::with_capacity(usize::from(count).min(1024));
@@ -100,7 +143,7 @@ pub fn decode(key: &[u8], value: &[u8]) -> Result<Vec<Binding>, String> {
         bindings.push(r.binding(&aor, version)?);
     }
     if !r.data.is_empty() {
-        return Err(format!("{} trailing bytes", r.data.len()));
+        return Err(DecodeError::TrailingBytes(r.data.len()));
     }
     Ok(bindings)
 }
@@ -145,45 +188,45 @@ struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
         if self.data.len() < n {
-            return Err("record ends early".to_owned());
+            return Err(DecodeError::EndsEarly);
         }
         let (head, rest) = self.data.split_at(n);
         self.data = rest;
         Ok(head)
     }
 
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], String> {
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
         let mut a = [0; N];
         a.copy_from_slice(self.take(N)?);
         Ok(a)
     }
 
-    fn u16(&mut self) -> Result<u16, String> {
+    fn u16(&mut self) -> Result<u16, DecodeError> {
         Ok(u16::from_be_bytes(self.array()?))
     }
 
-    fn u32(&mut self) -> Result<u32, String> {
+    fn u32(&mut self) -> Result<u32, DecodeError> {
         Ok(u32::from_be_bytes(self.array()?))
     }
 
-    fn u64(&mut self) -> Result<u64, String> {
+    fn u64(&mut self) -> Result<u64, DecodeError> {
         Ok(u64::from_be_bytes(self.array()?))
     }
 
-    fn string(&mut self) -> Result<String, String> {
+    fn string(&mut self) -> Result<String, DecodeError> {
         let len = self.u32()? as usize;
         if len > MAX_FIELD {
-            return Err(format!("field of {len} bytes"));
+            return Err(DecodeError::FieldTooLong(len));
         }
         let bytes = self.take(len)?;
         std::str::from_utf8(bytes)
             .map(str::to_owned)
-            .map_err(|_| "field is not UTF-8".to_owned())
+            .map_err(|_| DecodeError::FieldNotUtf8)
     }
 
-    fn opt_string(&mut self) -> Result<Option<String>, String> {
+    fn opt_string(&mut self) -> Result<Option<String>, DecodeError> {
         if self.present()? {
             Ok(Some(self.string()?))
         } else {
@@ -191,33 +234,32 @@ impl<'a> Reader<'a> {
         }
     }
 
-    fn present(&mut self) -> Result<bool, String> {
+    fn present(&mut self) -> Result<bool, DecodeError> {
         match self.take(1)?[0] {
             0 => Ok(false),
             1 => Ok(true),
-            other => Err(format!("bad presence byte {other}")),
+            other => Err(DecodeError::BadPresence(other)),
         }
     }
 
-    fn addr(&mut self) -> Result<SocketAddr, String> {
+    fn addr(&mut self) -> Result<SocketAddr, DecodeError> {
         let text = self.string()?;
-        text.parse()
-            .map_err(|_| format!("bad socket address {text:?}"))
+        text.parse().map_err(|_| DecodeError::BadAddress(text))
     }
 
-    fn binding(&mut self, aor: &str, version: u8) -> Result<Binding, String> {
+    fn binding(&mut self, aor: &str, version: u8) -> Result<Binding, DecodeError> {
         let contact = self.string()?;
         let expires_at = UNIX_EPOCH + Duration::from_millis(self.u64()?);
         let q = self.u16()?;
         if q > 1000 {
-            return Err(format!("bad q {q}"));
+            return Err(DecodeError::BadQ(q));
         }
         let call_id = self.string()?;
         let cseq = self.u32()?;
         let received = if self.present()? {
             let name = self.string()?;
-            let kind = TransportKind::from_name(name.as_bytes())
-                .ok_or_else(|| format!("bad transport {name:?}"))?;
+            let kind =
+                TransportKind::from_name(name.as_bytes()).ok_or(DecodeError::BadTransport(name))?;
             Some((kind, self.addr()?))
         } else {
             None
@@ -243,7 +285,7 @@ impl<'a> Reader<'a> {
         let user_agent = self.opt_string()?;
         let flags = if version >= 2 { self.take(1)?[0] } else { 0 };
         if flags & !FLAG_NATED != 0 {
-            return Err(format!("unknown binding flags {flags:#04x}"));
+            return Err(DecodeError::UnknownFlags(flags));
         }
         let (node, owner_route) = if version >= 3 {
             (self.opt_string()?, self.opt_string()?)
@@ -400,11 +442,47 @@ mod tests {
         // In version 2 the flags byte ends a binding.
         let mut data = encode_version(&[bare()], 2);
         *data.last_mut().unwrap() = 0x80;
-        assert!(decode(b"sip:a@b", &data).is_err());
+        assert_eq!(
+            decode(b"sip:a@b", &data),
+            Err(DecodeError::UnknownFlags(0x80))
+        );
         let mut data = encode(&[bare()]);
         let flags = data.len() - 3;
         data[flags] = 0x80;
-        assert!(decode(b"sip:a@b", &data).is_err());
+        let error = decode(b"sip:a@b", &data).unwrap_err();
+        assert_eq!(error.to_string(), "unknown binding flags 0x80");
+    }
+
+    /// The log line that skips a bad record says what is wrong in these words.
+    #[test]
+    fn decode_errors_say_what_is_wrong() {
+        let data = encode(&[bare()]);
+        let text = |key: &[u8], value: &[u8]| decode(key, value).unwrap_err().to_string();
+        assert_eq!(
+            text(b"sip:a@b", b"{\"json\": true}"),
+            "not a moonroute binding record (bad magic)"
+        );
+        assert_eq!(text(&[0xff, 0xfe], &data), "key is not UTF-8");
+        assert_eq!(text(b"sip:a@b", &data[..6]), "record ends early");
+        let mut longer = data.clone();
+        longer.extend_from_slice(b"xy");
+        assert_eq!(text(b"sip:a@b", &longer), "2 trailing bytes");
+        let bad_q = encode(&[Binding { q: 1001, ..bare() }]);
+        assert_eq!(text(b"sip:a@b", &bad_q), "bad q 1001");
+        assert_eq!(
+            DecodeError::BadAddress("x".to_owned()).to_string(),
+            "bad socket address \"x\""
+        );
+        assert_eq!(
+            DecodeError::BadTransport("quic".to_owned()).to_string(),
+            "bad transport \"quic\""
+        );
+        assert_eq!(DecodeError::FieldTooLong(9).to_string(), "field of 9 bytes");
+        assert_eq!(DecodeError::FieldNotUtf8.to_string(), "field is not UTF-8");
+        assert_eq!(
+            DecodeError::BadPresence(7).to_string(),
+            "bad presence byte 7"
+        );
     }
 
     #[test]

@@ -128,7 +128,8 @@ fn capacity_limit_refuses_growth_only() {
     let err = store
         .replace(bob, vec![binding(bob, "sip:b@192.0.2.9", 1000, 5)])
         .unwrap_err();
-    assert!(err.contains("full"), "{err}");
+    assert!(matches!(err, StoreError::Full { .. }), "{err}");
+    assert!(err.to_string().contains("full"), "{err}");
     assert!(store.lookup(bob, t0()).is_empty());
     // Replacing without growing is always allowed, and shrinking frees room.
     store
@@ -224,30 +225,57 @@ sip:bob@127.0.0.1:5080     sip:bob@192.0.2.20
     assert_eq!(store.lookup("sip:alice@127.0.0.1", t0()).len(), 2);
 }
 
+/// Errors name the line; `moonroute test --location` prints these texts, which stay what
+/// they were as strings.
 #[test]
 fn fixture_errors_name_the_line() {
     let cases = [
-        ("tel:+123 sip:a@192.0.2.1", "line 1:"),
-        ("sip:a@example.com", "missing CONTACT"),
-        ("sip:a@example.com <sip:a@192.0.2.1>", "not a valid URI"),
-        ("\nsip:a@example.com sip:a@192.0.2.1 q=2", "line 2: bad q"),
+        (
+            "tel:+123 sip:a@192.0.2.1",
+            "line 1: 'tel:+123' is not a sip: or sips: address-of-record",
+        ),
+        ("sip:a@example.com", "line 1: missing CONTACT after the AOR"),
+        (
+            "sip:a@example.com <sip:a@192.0.2.1>",
+            "line 1: '<sip:a@192.0.2.1>' is not a valid URI",
+        ),
+        (
+            "\nsip:a@example.com sip:a@192.0.2.1 q=2",
+            "line 2: bad q value '2' (0 to 1, 3 decimals)",
+        ),
         (
             "sip:a@example.com sip:a@192.0.2.1 expires=-1",
-            "bad expires",
+            "line 1: bad expires '-1' (seconds)",
         ),
         (
             "sip:a@example.com sip:a@192.0.2.1 weight=3",
-            "unknown option",
+            "line 1: unknown option 'weight=3' (expected q=QVALUE or expires=SECONDS)",
+        ),
+        (
+            "sip:a@example.com sip:a@192.0.2.1 expires=18446744073709551615",
+            "line 1: expires=18446744073709551615 is too far in the future",
         ),
         (
             "sip:a@example.com sip:a@192.0.2.1\nsip:a@EXAMPLE.COM sip:a@192.0.2.1",
-            "line 2: sip:a@192.0.2.1 is already bound",
+            "line 2: sip:a@192.0.2.1 is already bound to sip:a@example.com",
         ),
     ];
     for (text, expected) in cases {
         let err = MemoryLocation::from_fixture(text, t0(), &AorRule::default()).unwrap_err();
-        assert!(err.contains(expected), "{text:?}: {err}");
+        assert_eq!(err.to_string(), expected, "{text:?}");
     }
+    let err = MemoryLocation::from_fixture("sip:a@example.com", t0(), &AorRule::default());
+    assert_eq!(
+        err.unwrap_err(),
+        FixtureError::Line {
+            number: 1,
+            problem: FixtureProblem::MissingContact
+        }
+    );
+    assert_eq!(
+        StoreError::Full { max_bindings: 3 }.to_string(),
+        "location store full (3 bindings)"
+    );
 }
 
 /// Walks `store` in pages of `limit`, returning the pages.

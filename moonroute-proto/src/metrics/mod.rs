@@ -243,13 +243,12 @@ impl<M: Metric> Family<M> {
     }
 
     /// [`Family::with`], with a wrong number of values as an error.
-    pub fn try_with(&self, values: &[&str]) -> Result<M, String> {
+    pub fn try_with(&self, values: &[&str]) -> Result<M, LabelCountError> {
         if values.len() != self.label_names.len() {
-            return Err(format!(
-                "expects labels [{}], got {} value(s)",
-                self.label_names.join(", "),
-                values.len()
-            ));
+            return Err(LabelCountError {
+                label_names: self.label_names.clone(),
+                got: values.len(),
+            });
         }
         let key: Vec<String> = values.iter().map(|v| (*v).to_owned()).collect();
         let children = self.children.read().unwrap_or_else(|e| e.into_inner());
@@ -325,17 +324,90 @@ impl Entry {
     }
 }
 
-/// Why a family could not be registered.
+/// Why a family could not be registered; each names the metric.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RegisterError(pub String);
+pub enum RegisterError {
+    /// Not `[a-zA-Z_:][a-zA-Z0-9_:]*` ([`valid_metric_name`]).
+    InvalidName {
+        name: String,
+    },
+    /// Not a label name ([`valid_label_name`]), or `le` on a histogram (its bucket label).
+    InvalidLabel {
+        name: String,
+        label: String,
+    },
+    LabelTwice {
+        name: String,
+        label: String,
+    },
+    /// Histogram bucket bounds not ascending, or NaN.
+    BadBounds {
+        name: String,
+    },
+    /// The name is taken by a family of the same kind with other label names.
+    OtherLabels {
+        name: String,
+        label_names: Vec<String>,
+    },
+    /// The name is taken by a family of another kind.
+    OtherKind {
+        name: String,
+        kind: Kind,
+    },
+}
 
 impl std::fmt::Display for RegisterError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        match self {
+            RegisterError::InvalidName { name } => write!(
+                f,
+                "invalid metric name {name:?}: use letters, digits, '_' and ':', not starting with a digit"
+            ),
+            RegisterError::InvalidLabel { name, label } => write!(
+                f,
+                "metric {name}: invalid label name {label:?}: use letters, digits and '_', not starting with a digit or \"__\""
+            ),
+            RegisterError::LabelTwice { name, label } => {
+                write!(f, "metric {name}: label {label:?} is listed twice")
+            }
+            RegisterError::BadBounds { name } => {
+                write!(f, "metric {name}: histogram bounds must be ascending numbers")
+            }
+            RegisterError::OtherLabels { name, label_names } => write!(
+                f,
+                "metric {name} already exists with labels [{}]",
+                label_names.join(", ")
+            ),
+            RegisterError::OtherKind { name, kind } => {
+                write!(f, "metric {name} already exists as a {}", kind.as_str())
+            }
+        }
     }
 }
 
 impl std::error::Error for RegisterError {}
+
+/// A family's child asked for with the wrong number of label values ([`Family::try_with`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LabelCountError {
+    /// The family's label names.
+    pub label_names: Vec<String>,
+    /// How many values were given.
+    pub got: usize,
+}
+
+impl std::fmt::Display for LabelCountError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "expects labels [{}], got {} value(s)",
+            self.label_names.join(", "),
+            self.got
+        )
+    }
+}
+
+impl std::error::Error for LabelCountError {}
 
 /// Every metric family of one server, by name.
 #[derive(Default)]
@@ -409,9 +481,9 @@ impl Registry {
         bounds: &[f64],
     ) -> Result<Arc<Family<Histogram>>, RegisterError> {
         if !bounds.windows(2).all(|pair| pair[0] < pair[1]) || bounds.iter().any(|b| b.is_nan()) {
-            return Err(RegisterError(format!(
-                "metric {name}: histogram bounds must be ascending numbers"
-            )));
+            return Err(RegisterError::BadBounds {
+                name: name.to_owned(),
+            });
         }
         self.family(
             name,
@@ -493,14 +565,14 @@ impl Registry {
         if let Some(entry) = entries.get(name) {
             return match unwrap(entry) {
                 Some(family) if family.label_names == label_names => Ok(family),
-                Some(family) => Err(RegisterError(format!(
-                    "metric {name} already exists with labels [{}]",
-                    family.label_names.join(", ")
-                ))),
-                None => Err(RegisterError(format!(
-                    "metric {name} already exists as a {}",
-                    entry.kind().as_str()
-                ))),
+                Some(family) => Err(RegisterError::OtherLabels {
+                    name: name.to_owned(),
+                    label_names: family.label_names.clone(),
+                }),
+                None => Err(RegisterError::OtherKind {
+                    name: name.to_owned(),
+                    kind: entry.kind(),
+                }),
             };
         }
         let family = Arc::new(Family::new(name, help, label_names, bounds));
@@ -511,20 +583,22 @@ impl Registry {
 
 fn check_names(name: &str, label_names: &[&str], kind: Kind) -> Result<(), RegisterError> {
     if !valid_metric_name(name) {
-        return Err(RegisterError(format!(
-            "invalid metric name {name:?}: use letters, digits, '_' and ':', not starting with a digit"
-        )));
+        return Err(RegisterError::InvalidName {
+            name: name.to_owned(),
+        });
     }
     for (index, label) in label_names.iter().enumerate() {
         if !valid_label_name(label) || (kind == Kind::Histogram && *label == "le") {
-            return Err(RegisterError(format!(
-                "metric {name}: invalid label name {label:?}: use letters, digits and '_', not starting with a digit or \"__\""
-            )));
+            return Err(RegisterError::InvalidLabel {
+                name: name.to_owned(),
+                label: (*label).to_owned(),
+            });
         }
         if label_names[..index].contains(label) {
-            return Err(RegisterError(format!(
-                "metric {name}: label {label:?} is listed twice"
-            )));
+            return Err(RegisterError::LabelTwice {
+                name: name.to_owned(),
+                label: (*label).to_owned(),
+            });
         }
     }
     Ok(())

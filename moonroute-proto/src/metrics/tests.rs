@@ -74,17 +74,17 @@ fn asking_again_returns_the_same_family_and_conflicts_are_errors() {
     let wrong_labels = registry.counter_family("calls_total", "Calls.", &["x"]);
     assert!(wrong_labels
         .unwrap_err()
-        .0
+        .to_string()
         .contains("already exists with labels [dir]"));
     let wrong_kind = registry.gauge_family("calls_total", "Calls.", &["dir"]);
     assert!(wrong_kind
         .unwrap_err()
-        .0
+        .to_string()
         .contains("already exists as a counter"));
-    assert!(first
-        .try_with(&[])
-        .unwrap_err()
-        .contains("expects labels [dir]"));
+    assert_eq!(
+        first.try_with(&[]).unwrap_err().to_string(),
+        "expects labels [dir], got 0 value(s)"
+    );
 }
 
 #[test]
@@ -138,4 +138,48 @@ fn values_are_formatted_for_prometheus() {
     gauge.add(1.5);
     gauge.add(-0.5);
     assert_eq!(gauge.get(), 1.0);
+}
+
+/// Scripts get these texts in their Lua errors (`sip.metrics.*`): they stay what they were as
+/// strings.
+#[test]
+fn registration_errors_keep_their_texts() {
+    let registry = Registry::new();
+    let text = |error: RegisterError| error.to_string();
+    assert_eq!(
+        text(registry.counter_family("9x", "", &[]).unwrap_err()),
+        "invalid metric name \"9x\": use letters, digits, '_' and ':', not starting with a digit"
+    );
+    assert_eq!(
+        text(registry.histogram_family("h", "", &["le"], &[1.0]).unwrap_err()),
+        "metric h: invalid label name \"le\": use letters, digits and '_', not starting with a digit or \"__\""
+    );
+    assert_eq!(
+        text(registry.gauge_family("g", "", &["a", "a"]).unwrap_err()),
+        "metric g: label \"a\" is listed twice"
+    );
+    assert_eq!(
+        text(
+            registry
+                .histogram_family("h", "", &[], &[2.0, 1.0])
+                .unwrap_err()
+        ),
+        "metric h: histogram bounds must be ascending numbers"
+    );
+    registry.counter_family("c_total", "", &["a", "b"]).unwrap();
+    assert_eq!(
+        registry.counter_family("c_total", "", &["a"]).unwrap_err(),
+        RegisterError::OtherLabels {
+            name: "c_total".to_owned(),
+            label_names: vec!["a".to_owned(), "b".to_owned()],
+        }
+    );
+    assert_eq!(
+        text(registry.counter_family("c_total", "", &["a"]).unwrap_err()),
+        "metric c_total already exists with labels [a, b]"
+    );
+    assert_eq!(
+        text(registry.gauge_family("c_total", "", &[]).unwrap_err()),
+        "metric c_total already exists as a counter"
+    );
 }

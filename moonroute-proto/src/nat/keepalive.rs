@@ -40,7 +40,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 
-use crate::location::{AorCursor, LocationStore};
+use crate::location::{AorCursor, LocationStore, StoreError};
 use crate::proxy::identity::{SentBy, SERVER};
 use crate::transport::TransportKind;
 
@@ -355,7 +355,7 @@ pub fn remove_binding(
     store: &dyn LocationStore,
     peer: &Peer,
     now: SystemTime,
-) -> Result<bool, String> {
+) -> Result<bool, StoreError> {
     let mut removed = false;
     store.update(&peer.aor, now, &mut |mut bindings| {
         let before = bindings.len();

@@ -38,7 +38,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 
-use crate::location::{AorKeys, Binding, Commit, LocationStore};
+use crate::location::{AorKeys, Binding, Commit, LocationStore, StoreError};
 use crate::metrics::Counter;
 use crate::proxy::identity::LocalIdentity;
 use crate::sip::{scan, Contact, HeaderName, Message, Method, NameAddr, ResponseBuilder, Uri};
@@ -1060,7 +1060,7 @@ impl Registrar {
 
     /// [`Registrar::lookup`], or an error when the store could not answer (a shared store
     /// that is unreachable): not the same as no bindings.
-    pub fn try_lookup(&self, aor_uri: &str, now: SystemTime) -> Result<Vec<Binding>, String> {
+    pub fn try_lookup(&self, aor_uri: &str, now: SystemTime) -> Result<Vec<Binding>, StoreError> {
         match self.aors.of_text(aor_uri) {
             Some(aor) => self.store.try_lookup(&aor, now),
             None => Ok(Vec::new()),

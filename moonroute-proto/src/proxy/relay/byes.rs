@@ -8,6 +8,7 @@ use std::time::Instant;
 use tracing::{info, warn};
 
 use super::{ClientPurpose, Relay, RelayAction, RelayActions};
+use crate::dialog::directory::{EndAnswer, Ended};
 use crate::dialog::Bye;
 use crate::proxy::via_branch;
 use crate::sip::Message;
@@ -16,7 +17,7 @@ use crate::transaction::layer::{SendError, TxId};
 /// A `ctl dlg end` request waiting for its BYEs to be started.
 pub(super) struct PendingEnd {
     pub(super) id: u64,
-    pub(super) reply: std::sync::mpsc::Sender<Result<String, String>>,
+    pub(super) reply: std::sync::mpsc::Sender<EndAnswer>,
     /// The parties a BYE went to.
     pub(super) sent: Vec<&'static str>,
     /// BYEs not started yet.
@@ -49,7 +50,7 @@ impl Relay {
                     self.answer_end_if_done(end);
                 }
                 // The client may have given up waiting: nothing to tell then.
-                Err(why) => drop(request.reply.send(Err(why.to_owned()))),
+                Err(why) => drop(request.reply.send(Err(why))),
             }
         }
         self.dialogs_after_router();
@@ -165,9 +166,6 @@ impl Relay {
         };
         let done = self.ends.swap_remove(index);
         // The client may have given up waiting: nothing to tell then.
-        let _ = done.reply.send(Ok(format!(
-            "ended: BYE sent to {}",
-            done.sent.join(" and ")
-        )));
+        let _ = done.reply.send(Ok(Ended { parties: done.sent }));
     }
 }
