@@ -81,7 +81,7 @@ fn start(script: &str) -> Running {
     config.location.store = LocationBackend::Sled;
     config.validate().unwrap();
     let host = ScriptHost::from_config(&config).expect("the script and the store load");
-    let key = moonroute::secret::server_key(&config).unwrap();
+    let key = config.server_key().unwrap();
     let factory = CoreFactory::with_router(&config, host.router_factory())
         .with_route_signer(RouteSigner::new(&key));
     let server = Server::start(&config, Arc::new(factory)).expect("server starts");

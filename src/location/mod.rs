@@ -52,7 +52,7 @@ mod redis_store;
 mod sled_store;
 
 pub use commit::{Acknowledgement, Commit, CommitError, CommitState, CommitTicket};
-pub use open::open_configured;
+pub use open::{open_configured, LocationBackend, LocationConfig};
 pub use redis_store::RedisLocation;
 pub use sled_store::{LoadReport, SledLocation};
 
