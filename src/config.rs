@@ -306,6 +306,17 @@ impl Nat {
     }
 }
 
+/// The limiter's rules from `[pike]`.
+impl From<&Pike> for crate::flood::pike::PikeRules {
+    fn from(config: &Pike) -> Self {
+        crate::flood::pike::PikeRules {
+            window: std::time::Duration::from_millis(config.window_ms),
+            max_requests: config.max_requests,
+            max_tracked: config.max_tracked_ips,
+        }
+    }
+}
+
 impl Pike {
     fn validate(&self) -> Result<(), String> {
         if self.window_ms == 0 || self.max_requests == 0 || self.max_tracked_ips == 0 {
