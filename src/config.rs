@@ -5,6 +5,14 @@
 //! unknown key is an error, so a typo cannot silently leave a default in force. See
 //! `moonroute.example.toml` at the repository root for every key with its default.
 //!
+//! A section read by one module only is that module's type, re-exported here under the
+//! section's name (`[dns]` is `crate::dns::DnsConfig`, `[tls]`, `[websocket]`, `[dispatcher]`,
+//! `[location]` likewise); the other sections are converted here into the types their modules
+//! own (`[limits]` into `crate::transport::TransportLimits`, `[registrar]` into
+//! `crate::registrar::Rules`...). So this module imports the others and none imports it: the
+//! server (`crate::server::Wiring`, `main.rs`) reads the configuration and hands each part its
+//! settings.
+//!
 //! Defaults follow RFC 3261 where it has an opinion: port 5060 for UDP and TCP (§18.1.1,
 //! §19.1.2), and a maximum message size above the 65,535-byte UDP limit is pointless for
 //! datagrams but may be raised for streams (§18.3).
@@ -15,7 +23,14 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::transport::{Advertise, ListenAddr, TransportKind};
+pub use crate::dispatcher::DispatcherConfig as Dispatcher;
+pub use crate::dns::DnsConfig as Dns;
+use crate::file_modes::SecretFiles;
+pub use crate::location::{LocationBackend, LocationConfig as Location};
+pub use crate::redis_link::DEFAULT_URL as DEFAULT_REDIS_URL;
+pub use crate::transport::tls::TlsConfig as Tls;
+pub use crate::transport::ws::WsConfig as WebSocket;
+use crate::transport::{Advertise, ListenAddr, TransportKind, TransportLimits};
 
 /// The whole configuration. Field docs give the defaults.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -124,66 +139,6 @@ impl Default for Dialog {
     }
 }
 
-/// The dispatcher (`src/dispatcher/`): destination sets, the probes that watch them and when
-/// a failed call takes a destination out. Kamailio's `dispatcher` module parameters.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Dispatcher {
-    /// A file of `[[set]]` tables (same shape as `[[dispatcher.set]]`), read at start and
-    /// again by `moonroute ctl ds reload`; a bad file is refused and the old sets keep
-    /// serving. Relative to the working directory. Default: none.
-    pub sets_file: Option<PathBuf>,
-    /// Seconds between probes of each destination; 0 turns probing off (destinations are
-    /// then trusted: they start `active`). Default: 10.
-    pub probe_interval_secs: u64,
-    /// The interval in milliseconds instead, when not 0 (tests and labs). Default: 0.
-    pub probe_interval_ms: u64,
-    /// A probe without a final answer after this many milliseconds failed (its transaction's
-    /// retransmissions, RFC 3261 §17.1.2.2, cover a lost datagram well before). At most the
-    /// interval. Default: 4000.
-    pub probe_timeout_ms: u64,
-    /// The probe request's method (Kamailio's `ds_ping_method`). Default: `OPTIONS`.
-    pub probe_method: String,
-    /// Failed probes in a row that take an `active` destination down (Kamailio's
-    /// `ds_probing_threshhold`). Default: 1.
-    pub down_after: u32,
-    /// Alive answers in a row that bring an `inactive` destination back (Kamailio's
-    /// `ds_inactive_threshhold`): a gateway that just rebooted often answers OPTIONS before
-    /// it takes calls. Default: 2.
-    pub up_after: u32,
-    /// Probe answers that prove a destination alive: codes (`"404"`) or classes (`"2xx"`)
-    /// (Kamailio's `ds_ping_reply_codes`). Default: `["2xx", "401", "403", "404", "405",
-    /// "407", "501"]`: a SIP stack that answers at all, but not 408, 480, 503 or 6xx.
-    pub alive_codes: Vec<String>,
-    /// Call failures that take the destination down at once (the script reports them with
-    /// `req:ds_next(res.status)` or `sip.ds.mark`): codes, classes or `"timeout"` (a 408).
-    /// Default: `["timeout", "503"]`.
-    pub mark_on: Vec<String>,
-    /// The destination sets. Default: none.
-    pub set: Vec<crate::dispatcher::SetConfig>,
-}
-
-impl Default for Dispatcher {
-    fn default() -> Self {
-        Dispatcher {
-            sets_file: None,
-            probe_interval_secs: 10,
-            probe_interval_ms: 0,
-            probe_timeout_ms: 4000,
-            probe_method: "OPTIONS".to_owned(),
-            down_after: 1,
-            up_after: 2,
-            alive_codes: crate::dispatcher::health::DEFAULT_ALIVE
-                .map(str::to_owned)
-                .to_vec(),
-            mark_on: crate::dispatcher::health::DEFAULT_MARK_ON
-                .map(str::to_owned)
-                .to_vec(),
-            set: Vec::new(),
-        }
-    }
-}
-
 impl Dialog {
     fn validate(&self) -> Result<(), String> {
         if self.max_dialogs == 0 || self.memory_mb == 0 || self.lifetime_secs == 0 {
@@ -222,32 +177,6 @@ impl Dialog {
 }
 
 impl Dispatcher {
-    /// The probe interval, `None` when probing is off.
-    pub fn probe_interval(&self) -> Option<std::time::Duration> {
-        let interval = match self.probe_interval_ms {
-            0 => std::time::Duration::from_secs(self.probe_interval_secs),
-            ms => std::time::Duration::from_millis(ms),
-        };
-        (!interval.is_zero()).then_some(interval)
-    }
-
-    /// The health rules of `src/dispatcher/health.rs`.
-    pub fn rules(&self) -> Result<crate::dispatcher::Rules, String> {
-        let codes = |key: &str, items: &[String]| {
-            crate::dispatcher::health::CodeSet::parse(items)
-                .map_err(|e| format!("dispatcher.{key}: {e}"))
-        };
-        Ok(crate::dispatcher::Rules {
-            interval: self.probe_interval(),
-            timeout: std::time::Duration::from_millis(self.probe_timeout_ms),
-            down_after: self.down_after,
-            up_after: self.up_after,
-            alive: codes("alive_codes", &self.alive_codes)?,
-            mark_on: codes("mark_on", &self.mark_on)?,
-            method: self.probe_method.clone(),
-        })
-    }
-
     fn validate(&self) -> Result<(), String> {
         if self.down_after == 0 || self.up_after == 0 {
             return Err("dispatcher: down_after and up_after must be at least 1".to_owned());
@@ -377,6 +306,17 @@ impl Nat {
     }
 }
 
+/// The limiter's rules from `[pike]`.
+impl From<&Pike> for crate::flood::pike::PikeRules {
+    fn from(config: &Pike) -> Self {
+        crate::flood::pike::PikeRules {
+            window: std::time::Duration::from_millis(config.window_ms),
+            max_requests: config.max_requests,
+            max_tracked: config.max_tracked_ips,
+        }
+    }
+}
+
 impl Pike {
     fn validate(&self) -> Result<(), String> {
         if self.window_ms == 0 || self.max_requests == 0 || self.max_tracked_ips == 0 {
@@ -385,38 +325,6 @@ impl Pike {
             );
         }
         Ok(())
-    }
-}
-
-/// SIP over WebSocket (RFC 7118): what `ws:` and `wss:` listeners accept. A `wss:` listener
-/// presents the `[tls]` certificate. Message sizes, idle timeout, send queue and per-IP
-/// connection caps are those of `[limits]`, as for TCP.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct WebSocket {
-    /// Web origins whose pages may open a connection (the `Origin` header of the HTTP
-    /// Upgrade, RFC 6455 §10.2), e.g. `https://phone.example.com`; `*` allows every origin.
-    /// A request without `Origin` does not come from a browser page and is accepted. A page
-    /// from an origin not listed is refused (403): otherwise any web page a phone user opens
-    /// could use their browser, and its network address, to talk SIP to this server
-    /// (cross-site WebSocket hijacking). Default: empty (no browser page allowed).
-    pub allowed_origins: Vec<String>,
-    /// Longest the opening of a connection may take, TLS handshake (`wss:`) and HTTP Upgrade
-    /// together, in milliseconds. Default: 5000.
-    pub handshake_timeout_ms: u64,
-    /// A WebSocket Ping is sent after this many seconds without traffic from the client, so
-    /// NATs keep the flow and a dead client is noticed (its connection then closes after
-    /// `limits.tcp_idle_timeout_secs` of silence). 0: no pings. Default: 30.
-    pub ping_interval_secs: u64,
-}
-
-impl Default for WebSocket {
-    fn default() -> Self {
-        WebSocket {
-            allowed_origins: Vec::new(),
-            handshake_timeout_ms: 5000,
-            ping_interval_secs: 30,
-        }
     }
 }
 
@@ -438,38 +346,6 @@ impl WebSocket {
     }
 }
 
-/// TLS (RFC 3261 §26.2, RFC 5922): the certificate presented on `tls:` listeners, and how the
-/// certificates of servers we connect to are verified.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Tls {
-    /// PEM file with the certificate chain (leaf first). Needed when a `tls:` address is
-    /// listened on. Default: empty.
-    pub certificate: PathBuf,
-    /// PEM file with the private key of `certificate`. Default: empty.
-    pub private_key: PathBuf,
-    /// PEM bundle of CA certificates that server certificates are verified against. Empty:
-    /// the system's roots. Default: empty.
-    pub ca_file: PathBuf,
-    /// Longest a TLS handshake may take, in milliseconds. Default: 5000.
-    pub handshake_timeout_ms: u64,
-    /// TLS handshakes of accepted connections in progress at once, per event loop; beyond it
-    /// new TLS connections are closed at once. Default: 256.
-    pub max_handshakes: usize,
-}
-
-impl Default for Tls {
-    fn default() -> Self {
-        Tls {
-            certificate: PathBuf::new(),
-            private_key: PathBuf::new(),
-            ca_file: PathBuf::new(),
-            handshake_timeout_ms: 5000,
-            max_handshakes: 256,
-        }
-    }
-}
-
 impl Tls {
     fn validate(&self) -> Result<(), String> {
         if self.handshake_timeout_ms == 0 {
@@ -479,36 +355,6 @@ impl Tls {
             return Err("tls.max_handshakes: must be at least 1".to_owned());
         }
         Ok(())
-    }
-}
-
-/// DNS resolution of next hops (RFC 3263), by [`crate::dns::Resolver`].
-///
-/// With `nameservers` set, names are absolute (no `search`/`ndots` of resolv.conf) and
-/// `/etc/hosts` is not read; each query is tried twice (UDP, TCP when an answer is truncated).
-/// One resolution of a next hop ends within 7 × `timeout_ms`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Dns {
-    /// Name servers to ask, as `IP:PORT`. Empty: those of `/etc/resolv.conf`. Default: empty.
-    pub nameservers: Vec<SocketAddr>,
-    /// How long to wait for one answer, in milliseconds. Default: 2000.
-    pub timeout_ms: u64,
-    /// Most answers kept in the cache (entries live for their TTL). Default: 4096.
-    pub cache_size: usize,
-    /// Longest a negative answer (no such name or record) is cached, in seconds: the SOA's
-    /// negative TTL (RFC 2308) capped at this; 0 disables negative caching. Default: 30.
-    pub negative_ttl_secs: u64,
-}
-
-impl Default for Dns {
-    fn default() -> Self {
-        Dns {
-            nameservers: Vec::new(),
-            timeout_ms: 2000,
-            cache_size: 4096,
-            negative_ttl_secs: 30,
-        }
     }
 }
 
@@ -593,58 +439,6 @@ impl Auth {
             nonce_lifetime: std::time::Duration::from_secs(self.nonce_expires_secs),
             algorithms: self.algorithms().unwrap_or_default(),
             max_tracked_nonces: self.max_tracked_nonces,
-        }
-    }
-}
-
-/// Which location store keeps registrations, and its limits.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LocationBackend {
-    /// Durable: sled under `<data_dir>/location`; a 200 to REGISTER is sent only once the
-    /// binding is flushed to disk.
-    Sled,
-    /// In memory only: registrations are lost on restart (labs, tests).
-    Memory,
-    /// Shared by several nodes on a Redis server (`redis_url`): a 200 to REGISTER is sent
-    /// only once Redis acknowledged the write ([`crate::location::RedisLocation`]).
-    Redis,
-}
-
-/// The default Redis server of `[location]` and `[kv]`.
-pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/0";
-
-/// The location database.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Location {
-    /// `"sled"` (durable, under `<data_dir>/location`), `"redis"` (shared by several nodes,
-    /// at `redis_url`) or `"memory"`. Default: `"sled"`. Also spelled `backend`.
-    #[serde(alias = "backend")]
-    pub store: LocationBackend,
-    /// The Redis server of `store = "redis"` (`--location-redis URL`).
-    /// Default: `"redis://127.0.0.1:6379/0"`.
-    pub redis_url: String,
-    /// Most bindings held, across all AORs; beyond it REGISTERs that add bindings get 500.
-    /// Default: 1000000.
-    pub max_bindings: usize,
-    /// sled's page cache, in MiB (lookups never read the disk: this only speeds up writes).
-    /// Default: 16.
-    pub cache_mb: u64,
-    /// With `store = "redis"`: the SIP URI the other nodes reach this node at, recorded with
-    /// every binding registered here (`crate::cluster`), e.g. `"sip:10.0.0.1:5060;transport=tcp"`.
-    /// Default: empty, the first listen address as it advertises itself.
-    pub node_uri: String,
-}
-
-impl Default for Location {
-    fn default() -> Self {
-        Location {
-            store: LocationBackend::Sled,
-            redis_url: DEFAULT_REDIS_URL.to_owned(),
-            max_bindings: 1_000_000,
-            cache_mb: 16,
-            node_uri: String::new(),
         }
     }
 }
@@ -1249,6 +1043,24 @@ impl std::error::Error for ConfigError {
 }
 
 impl Config {
+    /// The server key (`crate::secret`): `[auth] secret`, or the key in `<data_dir>/secret`.
+    pub fn server_key(&self) -> Result<Vec<u8>, String> {
+        crate::secret::server_key(&self.auth.secret, &self.data_dir)
+    }
+
+    /// The files holding secrets that `crate::file_modes::startup_warnings` checks;
+    /// `config_file` is the configuration file the server was started with, if any.
+    pub fn secret_files<'a>(&'a self, config_file: Option<&'a Path>) -> SecretFiles<'a> {
+        let key_in_config = !self.auth.secret.is_empty();
+        SecretFiles {
+            data_dir: &self.data_dir,
+            key_file: (!key_in_config).then(|| self.data_dir.join(crate::secret::KEY_FILE)),
+            config_with_secret: config_file.filter(|_| key_in_config),
+            tls_private_key: Some(self.tls.private_key.as_path())
+                .filter(|key| !key.as_os_str().is_empty()),
+        }
+    }
+
     /// Reads, parses and validates a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -1396,6 +1208,28 @@ impl Config {
 /// The smallest `max_message_size` accepted: RFC 3261 §18.1.1 expects messages up to
 /// 1300 bytes to be usual, so anything much smaller would reject ordinary traffic.
 pub const MIN_MESSAGE_SIZE: usize = 1024;
+
+/// The bounds `[limits]` sets on the transports.
+impl From<&Limits> for TransportLimits {
+    fn from(limits: &Limits) -> Self {
+        TransportLimits {
+            max_message_size: limits.max_message_size,
+            tcp_idle_timeout: std::time::Duration::from_secs(limits.tcp_idle_timeout_secs),
+            tcp_connect_timeout: std::time::Duration::from_secs(limits.tcp_connect_timeout_secs),
+            tcp_send_queue: limits.tcp_send_queue,
+            connections: crate::transport::registry::ConnectionLimits {
+                max_connections: limits.max_connections,
+                max_inbound: limits.inbound_connections(),
+                max_per_source: limits.connections_per_ip(),
+                max_pending_per_source: limits.pending_connections_per_ip(),
+            },
+            message_timeouts: crate::transport::message_clock::MessageTimeouts {
+                header: std::time::Duration::from_millis(limits.tcp_header_timeout_ms),
+                message: std::time::Duration::from_millis(limits.tcp_message_timeout_ms),
+            },
+        }
+    }
+}
 
 impl Limits {
     fn validate(&self) -> Result<(), String> {

@@ -24,9 +24,7 @@
 use std::fs::{self, Permissions};
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-use std::path::Path;
-
-use crate::config::Config;
+use std::path::{Path, PathBuf};
 
 /// Mode of a directory moonroute creates for its data.
 pub const PRIVATE_DIR: u32 = 0o700;
@@ -142,10 +140,23 @@ fn restrict_tree(root: &Path) -> (usize, usize) {
     (changed, failed)
 }
 
+/// What an operator sets up that holds secrets, as the configuration names it
+/// (`crate::config::Config::secret_files`): what [`startup_warnings`] checks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SecretFiles<'a> {
+    /// The data directory (`data_dir`).
+    pub data_dir: &'a Path,
+    /// The server key file (`crate::secret`), when the key is not `[auth] secret`.
+    pub key_file: Option<PathBuf>,
+    /// The configuration file the server was started with, when it holds `[auth] secret`.
+    pub config_with_secret: Option<&'a Path>,
+    /// `[tls] private_key`, when set.
+    pub tls_private_key: Option<&'a Path>,
+}
+
 /// What others can read among the things an operator sets up (see the module doc), one
-/// sentence each, with the command that fixes it. Nothing is changed. `config_file` is the
-/// configuration file the server was started with, if any.
-pub fn startup_warnings(config: &Config, config_file: Option<&Path>) -> Vec<String> {
+/// sentence each, with the command that fixes it. Nothing is changed.
+pub fn startup_warnings(files: &SecretFiles<'_>) -> Vec<String> {
     let mut warnings = Vec::new();
     let mut check = |path: &Path, bits: u32, what: &str, why: &str, fix: &str| {
         let Ok(meta) = fs::metadata(path) else {
@@ -165,21 +176,15 @@ pub fn startup_warnings(config: &Config, config_file: Option<&Path>) -> Vec<Stri
         }
     };
     check(
-        &config.data_dir,
+        files.data_dir,
         GROUP_AND_OTHERS,
         "the data directory",
         " (the subscribers' HA1s, the server key)",
         "700",
     );
-    if config.auth.secret.is_empty() {
-        check(
-            &config.data_dir.join(crate::secret::KEY_FILE),
-            GROUP_AND_OTHERS,
-            "the server key",
-            "",
-            "600",
-        );
-    } else if let Some(file) = config_file {
+    if let Some(key_file) = &files.key_file {
+        check(key_file, GROUP_AND_OTHERS, "the server key", "", "600");
+    } else if let Some(file) = files.config_with_secret {
         check(
             file,
             OTHERS,
@@ -188,21 +193,15 @@ pub fn startup_warnings(config: &Config, config_file: Option<&Path>) -> Vec<Stri
             "o-rwx",
         );
     }
-    if !config.tls.private_key.as_os_str().is_empty() {
-        check(
-            &config.tls.private_key,
-            OTHERS,
-            "the TLS private key",
-            "",
-            "o-rwx",
-        );
+    if let Some(key) = files.tls_private_key {
+        check(key, OTHERS, "the TLS private key", "", "o-rwx");
     }
     warnings
 }
 
 /// Logs [`startup_warnings`], one warning line each.
-pub fn warn_at_start(config: &Config, config_file: Option<&Path>) {
-    for warning in startup_warnings(config, config_file) {
+pub fn warn_at_start(files: &SecretFiles<'_>) {
+    for warning in startup_warnings(files) {
         tracing::warn!("{warning}");
     }
 }
@@ -210,6 +209,7 @@ pub fn warn_at_start(config: &Config, config_file: Option<&Path>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
 
     fn mode_of(path: &Path) -> u32 {
         fs::symlink_metadata(path).unwrap().permissions().mode() & 0o7777
@@ -297,13 +297,13 @@ mod tests {
             data_dir: data.clone(),
             ..Config::default()
         };
-        assert!(startup_warnings(&config, None).is_empty());
+        assert!(startup_warnings(&config.secret_files(None)).is_empty());
 
         let secret = data.join(crate::secret::KEY_FILE);
         fs::write(&secret, "00").unwrap();
         set_mode(&secret, 0o640);
         set_mode(&data, 0o750);
-        let warnings = startup_warnings(&config, None);
+        let warnings = startup_warnings(&config.secret_files(None));
         assert_eq!(warnings.len(), 2, "{warnings:?}");
         assert!(warnings[0].contains("data directory") && warnings[0].contains("mode 0750"));
         assert!(warnings[0].ends_with(&format!("chmod 700 {}", data.display())));
@@ -321,10 +321,10 @@ mod tests {
         set_mode(&file, 0o640);
         config.tls.private_key = key.clone();
         config.auth.secret = "s".into();
-        assert!(startup_warnings(&config, Some(&file)).is_empty());
+        assert!(startup_warnings(&config.secret_files(Some(&file))).is_empty());
         set_mode(&key, 0o644);
         set_mode(&file, 0o644);
-        let warnings = startup_warnings(&config, Some(&file));
+        let warnings = startup_warnings(&config.secret_files(Some(&file)));
         assert_eq!(warnings.len(), 2, "{warnings:?}");
         assert!(warnings[0].contains("holds [auth] secret") && warnings[0].contains("chmod o-rwx"));
         assert!(warnings[1].contains("TLS private key") && warnings[1].contains("all users"));

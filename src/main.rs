@@ -253,7 +253,7 @@ fn run(args: RunArgs) -> Result<(), Box<dyn Error>> {
     config.validate()?;
     init_logging(&config.log_level, config.log_format)?;
     // What an operator set up and others can read (what moonroute creates is private anyway).
-    moonroute::file_modes::warn_at_start(&config, config_file.as_deref());
+    moonroute::file_modes::warn_at_start(&config.secret_files(config_file.as_deref()));
     for deprecated in config.limits.deprecations() {
         warn!("{deprecated}");
     }

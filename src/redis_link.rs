@@ -29,6 +29,9 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{FromRedisValue, RedisResult};
 use tracing::{info, warn};
 
+/// The default Redis server of `[location]` and `[kv]`.
+pub const DEFAULT_URL: &str = "redis://127.0.0.1:6379/0";
+
 /// Longest wait for one command's answer (a reconnection included) before the caller gives up
 /// and answers 503.
 pub const REPLY_TIMEOUT: Duration = Duration::from_millis(1500);

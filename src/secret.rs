@@ -20,20 +20,19 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use ring::rand::{SecureRandom, SystemRandom};
 
-use crate::config::Config;
-
 /// The key file's name under the data directory.
 pub const KEY_FILE: &str = "secret";
 
 /// Bytes of a generated key.
 const KEY_LEN: usize = 32;
 
-/// The server key for `config` (see the module doc for the rule).
-pub fn server_key(config: &Config) -> Result<Vec<u8>, String> {
-    if !config.auth.secret.is_empty() {
-        return Ok(config.auth.secret.as_bytes().to_vec());
+/// The server key (see the module doc for the rule): `configured` (`[auth] secret`) when it is
+/// set, otherwise the key in `<data_dir>/secret`.
+pub fn server_key(configured: &str, data_dir: &Path) -> Result<Vec<u8>, String> {
+    if !configured.is_empty() {
+        return Ok(configured.as_bytes().to_vec());
     }
-    load_or_create(&config.data_dir)
+    load_or_create(data_dir)
 }
 
 /// The key in `<data_dir>/secret`, generated there first when the file does not exist.
@@ -156,14 +155,8 @@ mod tests {
     #[test]
     fn auth_secret_wins_over_the_file() {
         let dir = tempfile::TempDir::new().unwrap();
-        let mut config = Config {
-            data_dir: dir.path().to_path_buf(),
-            ..Config::default()
-        };
-        config.auth.secret = "shared".into();
-        assert_eq!(server_key(&config).unwrap(), b"shared");
+        assert_eq!(server_key("shared", dir.path()).unwrap(), b"shared");
         assert!(!dir.path().join(KEY_FILE).exists());
-        config.auth.secret.clear();
-        assert_eq!(server_key(&config).unwrap().len(), KEY_LEN);
+        assert_eq!(server_key("", dir.path()).unwrap().len(), KEY_LEN);
     }
 }

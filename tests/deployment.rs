@@ -136,7 +136,7 @@ fn start_in(dir: TempDir, edit: impl FnOnce(&mut Config)) -> Running {
             .unwrap();
     }
     let store = host.services().registrar.as_ref().unwrap().store().clone();
-    let signer = RouteSigner::new(&moonroute::secret::server_key(&config).unwrap());
+    let signer = RouteSigner::new(&config.server_key().unwrap());
     let factory = CoreFactory::with_router(&config, host.router_factory())
         .with_keepalives(store)
         .with_route_signer(signer);

@@ -75,7 +75,7 @@ fn start_node_on(listen: &[String], redis_url: &str) -> Node {
     config.validate().unwrap();
     let host = ScriptHost::from_config(&config).expect("the script and the stores load");
     // As `moonroute run` does: Record-Route and owner routes signed with the server key.
-    let signer = RouteSigner::new(&moonroute::secret::server_key(&config).unwrap());
+    let signer = RouteSigner::new(&config.server_key().unwrap());
     let factory =
         CoreFactory::with_router(&config, host.router_factory()).with_route_signer(signer);
     let server = Server::start(&config, Arc::new(factory)).expect("the node starts");

@@ -2,6 +2,7 @@
 //! servers, PBXs), with health probing. Kamailio's `dispatcher`, OpenSIPS's `load_balancer`.
 //!
 //! Owns:
+//! - `config`: the `[dispatcher]` section ([`DispatcherConfig`]) and the health rules it sets.
 //! - `set`: destination sets as configured (`[[dispatcher.set]]`, the sets file) and their
 //!   validation.
 //! - `algorithm`: which destination a request goes to, and the failover order of the others
@@ -21,6 +22,7 @@
 //! bound in `script::api::dispatcher`.
 
 pub mod algorithm;
+mod config;
 pub mod health;
 pub mod probe;
 pub mod set;
@@ -35,6 +37,7 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 pub use algorithm::Algorithm;
+pub use config::DispatcherConfig;
 pub use health::{ProbeOutcome, Rules, State, Transition};
 pub use set::{DestinationConfig, SetConfig};
 
@@ -260,7 +263,7 @@ impl Dispatcher {
     }
 
     /// The `[dispatcher]` section of `config`.
-    pub fn from_config(config: &crate::config::Dispatcher) -> Result<Dispatcher, String> {
+    pub fn from_config(config: &DispatcherConfig) -> Result<Dispatcher, String> {
         Dispatcher::new(
             config.rules()?,
             config.set.clone(),

@@ -27,7 +27,11 @@
 //! Bounds: one `locate` issues at most [`MAX_QUERIES`] lookups (cache hits included), returns
 //! at most [`MAX_CANDIDATES`] candidates, and ends within [`Resolver::deadline`], so a hostile
 //! zone cannot make it loop or grow without limit.
+//!
+//! Also owns `[dns]` ([`DnsConfig`], read by `crate::config`) and the lookup counters
+//! ([`metrics`]).
 
+pub mod metrics;
 mod select;
 
 pub use moonroute_proto::dns::target;
@@ -45,8 +49,9 @@ use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::net::NetError;
 use hickory_resolver::proto::rr::{Name, RData, RecordType};
 use hickory_resolver::TokioResolver;
+use serde::{Deserialize, Serialize};
 
-use crate::metrics::engine::{DnsMetrics, DnsType};
+use self::metrics::{DnsMetrics, DnsType};
 use crate::transport::TransportKind;
 use select::{Candidates, Plan, XorShift};
 use target::numeric_among;
@@ -57,6 +62,36 @@ pub const MAX_CANDIDATES: usize = 16;
 /// Most DNS lookups (A and AAAA counted apart, cache hits included) one [`Resolver::locate`]
 /// issues.
 pub const MAX_QUERIES: usize = 20;
+
+/// DNS resolution of next hops (RFC 3263), by [`crate::dns::Resolver`].
+///
+/// With `nameservers` set, names are absolute (no `search`/`ndots` of resolv.conf) and
+/// `/etc/hosts` is not read; each query is tried twice (UDP, TCP when an answer is truncated).
+/// One resolution of a next hop ends within 7 × `timeout_ms`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DnsConfig {
+    /// Name servers to ask, as `IP:PORT`. Empty: those of `/etc/resolv.conf`. Default: empty.
+    pub nameservers: Vec<SocketAddr>,
+    /// How long to wait for one answer, in milliseconds. Default: 2000.
+    pub timeout_ms: u64,
+    /// Most answers kept in the cache (entries live for their TTL). Default: 4096.
+    pub cache_size: usize,
+    /// Longest a negative answer (no such name or record) is cached, in seconds: the SOA's
+    /// negative TTL (RFC 2308) capped at this; 0 disables negative caching. Default: 30.
+    pub negative_ttl_secs: u64,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        DnsConfig {
+            nameservers: Vec::new(),
+            timeout_ms: 2000,
+            cache_size: 4096,
+            negative_ttl_secs: 30,
+        }
+    }
+}
 
 /// RFC 3263 resolver: hickory's resolver and cache, plus the NAPTR/SRV/A logic.
 ///
@@ -89,7 +124,7 @@ impl Resolver {
     /// * Cache: hickory's, of `cache_size` answers, positive answers kept for their TTL,
     ///   negative ones (NXDOMAIN/NODATA) for the SOA negative TTL (RFC 2308) capped at
     ///   `negative_ttl_secs` (`negative_max_ttl`). A negative answer without SOA is not cached.
-    pub fn from_config(config: &crate::config::Dns) -> Result<Resolver, ResolveError> {
+    pub fn from_config(config: &DnsConfig) -> Result<Resolver, ResolveError> {
         let provider = TokioRuntimeProvider::default();
         let mut builder = if config.nameservers.is_empty() {
             TokioResolver::builder(provider).map_err(|e| {
@@ -598,7 +633,7 @@ mod tests {
             .build()
             .unwrap();
         rt.block_on(async {
-            match Resolver::from_config(&crate::config::Dns::default()) {
+            match Resolver::from_config(&DnsConfig::default()) {
                 Ok(r) => assert!(r.deadline() > Duration::ZERO),
                 Err(ResolveError::Failed(why)) => assert!(why.contains("resolv.conf"), "{why}"),
                 Err(other) => panic!("{other:?}"),

@@ -60,16 +60,6 @@ impl Default for PikeRules {
     }
 }
 
-impl From<&crate::config::Pike> for PikeRules {
-    fn from(config: &crate::config::Pike) -> Self {
-        PikeRules {
-            window: Duration::from_millis(config.window_ms),
-            max_requests: config.max_requests,
-            max_tracked: config.max_tracked_ips,
-        }
-    }
-}
-
 /// What the limiter counts requests by: an IPv4 address or an IPv6 /64 prefix.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Source {

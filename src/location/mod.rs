@@ -8,6 +8,6 @@ mod redis_store;
 mod sled_store;
 
 pub use moonroute_proto::location::*;
-pub use open::{open_configured, Opened};
+pub use open::{open_configured, LocationBackend, LocationConfig, Opened};
 pub use redis_store::RedisLocation;
 pub use sled_store::{LoadReport, SledLocation};

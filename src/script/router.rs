@@ -179,7 +179,7 @@ impl ScriptHost {
     /// (`crate::secret::server_key`); a server that has it already gives it to
     /// [`ScriptHost::with_server_key`].
     pub fn from_config(config: &crate::config::Config) -> Result<Arc<ScriptHost>, ScriptError> {
-        let server_key = crate::secret::server_key(config).map_err(ScriptError)?;
+        let server_key = config.server_key().map_err(ScriptError)?;
         ScriptHost::with_server_key(config, server_key)
     }
 

@@ -314,8 +314,8 @@ impl WorkerFactory for CoreFactory {
         Box::new(self.core(index, loops, bound))
     }
 
-    fn metrics(&self) -> Option<Arc<EngineMetrics>> {
-        Some(Arc::clone(&self.metrics))
+    fn metrics(&self) -> Option<crate::transport::metrics::ShellMetrics> {
+        Some(self.metrics.shell())
     }
 
     fn flows(&self) -> Option<Arc<crate::transport::registry::Flows>> {

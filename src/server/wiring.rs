@@ -30,7 +30,7 @@ impl Wiring {
     pub fn from_config(config: &Config) -> Result<Wiring, ScriptError> {
         // Digest nonces and Record-Route signatures survive restarts: the key is `[auth]
         // secret` or `<data_dir>/secret` (created at the first start).
-        let server_key = crate::secret::server_key(config).map_err(ScriptError)?;
+        let server_key = config.server_key().map_err(ScriptError)?;
         let signer = RouteSigner::new(&server_key);
         let host = ScriptHost::with_server_key(config, server_key)?;
         let metrics = EngineMetrics::register(&host.services().metrics);

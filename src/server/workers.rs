@@ -16,8 +16,8 @@ use tokio::task::LocalSet;
 use tracing::error;
 
 use crate::config::Config;
-use crate::metrics::EngineMetrics;
 use crate::transport::dispatch::{LoopContext, LoopDns, Shared, UdpEndpoint};
+use crate::transport::metrics::ShellMetrics;
 use crate::transport::registry::ConnectionRegistry;
 use crate::transport::tls::TlsContext;
 use crate::transport::ws::WsSettings;
@@ -53,7 +53,7 @@ impl Server {
         if let Some(flows) = factory.flows() {
             flows.attach(&registry);
         }
-        let metrics = factory.metrics().unwrap_or_else(EngineMetrics::detached);
+        let metrics = Arc::new(factory.metrics().unwrap_or_else(ShellMetrics::detached));
         let open = Arc::downgrade(&registry);
         metrics.connections_open(move |kind| open.upgrade().map_or(0, |r| r.count_of(kind)));
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -261,7 +261,7 @@ struct LoopSetup {
     bound: Vec<ListenAddr>,
     loops: usize,
     dns: crate::config::Dns,
-    metrics: Arc<EngineMetrics>,
+    metrics: Arc<ShellMetrics>,
 }
 
 /// Inputs one loop may hold for another before hand-overs are dropped: bounds memory when a

@@ -23,6 +23,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, Notify};
 use tracing::{debug, error, warn};
 
+use super::metrics::{response_code, ShellMetrics};
 use super::registry::ConnectionRegistry;
 use super::timer_grid::TimerGrid;
 use super::tls::TlsContext;
@@ -31,9 +32,8 @@ use super::ws::WsSettings;
 use super::{
     load, tcp, tls, ws, Destination, Input, Output, TransportKind, TransportLimits, Worker,
 };
-use crate::dns::{Query, ResolveError, Resolver};
-use crate::metrics::engine::{response_code, DnsMetrics};
-use crate::metrics::EngineMetrics;
+use crate::dns::metrics::DnsMetrics;
+use crate::dns::{DnsConfig, Query, ResolveError, Resolver};
 use crate::wake::WakeSignal;
 
 /// A UDP socket of this loop and the listen address it was bound to.
@@ -81,13 +81,13 @@ pub(crate) struct LoopContext {
     hand_overs_queued: Notify,
     dns: LoopDns,
     /// The server's metric handles (messages, responses sent, connections).
-    metrics: Arc<EngineMetrics>,
+    metrics: Arc<ShellMetrics>,
 }
 
 /// This loop's DNS resolver (RFC 3263), made on first use so a server that never resolves a
 /// name never reads the system's resolver configuration.
 pub(crate) struct LoopDns {
-    config: crate::config::Dns,
+    config: DnsConfig,
     /// The transports this server has listeners for: the only ones worth resolving to.
     supported: Vec<TransportKind>,
     resolver: std::cell::OnceCell<Result<Resolver, ResolveError>>,
@@ -96,7 +96,7 @@ pub(crate) struct LoopDns {
 
 impl LoopDns {
     pub(crate) fn new(
-        config: crate::config::Dns,
+        config: DnsConfig,
         supported: Vec<TransportKind>,
         metrics: DnsMetrics,
     ) -> LoopDns {
@@ -130,7 +130,7 @@ pub(crate) struct Shared {
     pub(crate) websocket: Arc<WsSettings>,
     /// Every loop's hand-over queue, by loop index.
     pub(crate) hand_over: Arc<[mpsc::Sender<Input>]>,
-    pub(crate) metrics: Arc<EngineMetrics>,
+    pub(crate) metrics: Arc<ShellMetrics>,
 }
 
 impl LoopContext {
@@ -197,7 +197,7 @@ impl LoopContext {
         &self.websocket
     }
 
-    pub(crate) fn metrics(&self) -> &EngineMetrics {
+    pub(crate) fn metrics(&self) -> &ShellMetrics {
         &self.metrics
     }
 

@@ -25,11 +25,13 @@
 //!   client's own connection.
 //! - `udp_batch`: UDP datagrams received and sent many per system call (`recvmmsg`,
 //!   `sendmmsg`).
+//! - [`metrics`]: the shell's metric families and the handles it counts into.
 //! - `dispatch`: one event loop's glue: runs inputs through its Worker, carries out outputs.
 //! - `load`: how busy each event loop is ([`LoadSample`]), for the Worker's overload control.
 
 pub mod framing;
 pub mod message_clock;
+pub mod metrics;
 pub mod registry;
 
 pub(crate) mod dispatch;
@@ -224,14 +226,15 @@ pub trait WorkerFactory: Send + Sync + 'static {
         None
     }
 
-    /// The engine's metric handles the transport shell counts into (messages, connections,
-    /// DNS); `None`: a registry of its own that nobody serves.
-    fn metrics(&self) -> Option<std::sync::Arc<crate::metrics::EngineMetrics>> {
+    /// The metric handles the transport shell counts into (messages, connections, DNS);
+    /// `None`: handles that nobody serves.
+    fn metrics(&self) -> Option<metrics::ShellMetrics> {
         None
     }
 }
 
-/// Resource limits the transports enforce (from `[limits]` in the configuration).
+/// Resource limits the transports enforce (from `[limits]` in the configuration, converted by
+/// `crate::config`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TransportLimits {
     /// Largest message accepted: a whole datagram, or header block plus body on a stream.
@@ -247,27 +250,6 @@ pub struct TransportLimits {
     pub connections: registry::ConnectionLimits,
     /// How long one message may take to arrive on a stream.
     pub message_timeouts: message_clock::MessageTimeouts,
-}
-
-impl From<&crate::config::Limits> for TransportLimits {
-    fn from(limits: &crate::config::Limits) -> Self {
-        TransportLimits {
-            max_message_size: limits.max_message_size,
-            tcp_idle_timeout: Duration::from_secs(limits.tcp_idle_timeout_secs),
-            tcp_connect_timeout: Duration::from_secs(limits.tcp_connect_timeout_secs),
-            tcp_send_queue: limits.tcp_send_queue,
-            connections: registry::ConnectionLimits {
-                max_connections: limits.max_connections,
-                max_inbound: limits.inbound_connections(),
-                max_per_source: limits.connections_per_ip(),
-                max_pending_per_source: limits.pending_connections_per_ip(),
-            },
-            message_timeouts: message_clock::MessageTimeouts {
-                header: Duration::from_millis(limits.tcp_header_timeout_ms),
-                message: Duration::from_millis(limits.tcp_message_timeout_ms),
-            },
-        }
-    }
 }
 
 /// Lets `group_size` sockets, one per event loop, bind the same address (SO_REUSEPORT); the

@@ -37,10 +37,10 @@ use tracing::{debug, info, warn};
 use super::dispatch::LoopContext;
 use super::framing::{Frame, FramingFailure, StreamFramer};
 use super::message_clock::{MessageClock, MessageProgress, Overdue};
+use super::metrics::{ConnectionRefusal, StreamTimeout};
 use super::registry::{ConnectionHandle, LimitReached, Outbound, QueueError, Registration};
 use super::{share_port, socket_local_addr, Destination, FramingError, Input, Meta, TransportKind};
 use crate::logging::REFUSED;
-use crate::metrics::engine::{ConnectionRefusal, StreamTimeout};
 
 /// Most bytes read from a connection at once; bounds the framer's buffer growth per read.
 const READ_CHUNK: usize = 16 * 1024;

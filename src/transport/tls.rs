@@ -1,6 +1,7 @@
 //! TLS over TCP (RFC 3261 §26.2, RFC 5922), with rustls.
 //!
 //! Owns:
+//! - `[tls]` ([`TlsConfig`], read by `crate::config`);
 //! - the rustls configurations, built once per server ([`TlsContext`]) from `[tls]`: the
 //!   server's certificate chain and key for `tls:` listeners, and the roots that servers we
 //!   connect to are verified against (`ca_file`, else the system's roots). Every configuration
@@ -32,7 +33,7 @@ mod identity;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -47,16 +48,48 @@ use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, InconsistentKeys, RootCertStore,
     ServerConfig, SignatureScheme,
 };
+use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tracing::{debug, warn};
 
 use super::dispatch::LoopContext;
+use super::metrics::{ConnectionRefusal, StreamTimeout};
 use super::registry::Registration;
 use super::{tcp, Destination, TransportKind};
-use crate::config;
 use crate::logging::REFUSED;
-use crate::metrics::engine::{ConnectionRefusal, StreamTimeout};
+
+/// TLS (RFC 3261 §26.2, RFC 5922): the certificate presented on `tls:` listeners, and how the
+/// certificates of servers we connect to are verified.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM file with the certificate chain (leaf first). Needed when a `tls:` address is
+    /// listened on. Default: empty.
+    pub certificate: PathBuf,
+    /// PEM file with the private key of `certificate`. Default: empty.
+    pub private_key: PathBuf,
+    /// PEM bundle of CA certificates that server certificates are verified against. Empty:
+    /// the system's roots. Default: empty.
+    pub ca_file: PathBuf,
+    /// Longest a TLS handshake may take, in milliseconds. Default: 5000.
+    pub handshake_timeout_ms: u64,
+    /// TLS handshakes of accepted connections in progress at once, per event loop; beyond it
+    /// new TLS connections are closed at once. Default: 256.
+    pub max_handshakes: usize,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            certificate: PathBuf::new(),
+            private_key: PathBuf::new(),
+            ca_file: PathBuf::new(),
+            handshake_timeout_ms: 5000,
+            max_handshakes: 256,
+        }
+    }
+}
 
 /// The TLS configurations of one server, shared by its event loops.
 pub(crate) struct TlsContext {
@@ -72,7 +105,7 @@ impl TlsContext {
     /// Builds the configurations from `[tls]`; `listening` says whether a `tls:` address is
     /// listened on (the certificate and key are needed then). Errors name the file and the
     /// problem.
-    pub(crate) fn new(tls: &config::Tls, listening: bool) -> io::Result<TlsContext> {
+    pub(crate) fn new(tls: &TlsConfig, listening: bool) -> io::Result<TlsContext> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let acceptor = match listening {
             true => Some(TlsAcceptor::from(Arc::new(server_config(
@@ -118,7 +151,7 @@ fn config_error(message: String) -> io::Error {
 }
 
 /// The server side: the certificate chain and key of `[tls]`.
-fn server_config(tls: &config::Tls, provider: Arc<CryptoProvider>) -> io::Result<ServerConfig> {
+fn server_config(tls: &TlsConfig, provider: Arc<CryptoProvider>) -> io::Result<ServerConfig> {
     if tls.certificate.as_os_str().is_empty() || tls.private_key.as_os_str().is_empty() {
         return Err(config_error(
             "a tls: listen address is configured but [tls] certificate and private_key are not \
@@ -191,7 +224,7 @@ fn read_file(path: &Path, key: &str) -> io::Result<Vec<u8>> {
 
 /// The client side: server certificates verified against `ca_file` or the system's roots,
 /// and matched per RFC 5922 by [`SipDomainVerifier`].
-fn client_config(tls: &config::Tls, provider: Arc<CryptoProvider>) -> io::Result<ClientConfig> {
+fn client_config(tls: &TlsConfig, provider: Arc<CryptoProvider>) -> io::Result<ClientConfig> {
     let roots = if tls.ca_file.as_os_str().is_empty() {
         system_roots()
     } else {
@@ -706,7 +739,7 @@ mod tests {
 
     #[test]
     fn listening_needs_a_certificate_and_key() {
-        let error = TlsContext::new(&config::Tls::default(), true).unwrap_err();
+        let error = TlsContext::new(&TlsConfig::default(), true).unwrap_err();
         assert!(
             error
                 .to_string()
@@ -714,6 +747,6 @@ mod tests {
             "{error}"
         );
         // Without a tls: listener nothing is needed.
-        assert!(TlsContext::new(&config::Tls::default(), false).is_ok());
+        assert!(TlsContext::new(&TlsConfig::default(), false).is_ok());
     }
 }

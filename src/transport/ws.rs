@@ -25,6 +25,8 @@
 //!   §5: its Contact and Via hosts are `.invalid` names; RFC 5626 flow semantics), so a
 //!   message goes on `Destination::conn` or an open connection from that address, and is
 //!   otherwise reported unreachable: this server never opens WebSocket connections.
+//!
+//! Also owns `[websocket]` ([`WsConfig`], read by `crate::config`).
 
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -33,6 +35,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
+use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -45,18 +48,49 @@ use tracing::{debug, info, warn};
 
 use super::dispatch::LoopContext;
 use super::message_clock::MessageClock;
+use super::metrics::{ConnectionRefusal, StreamTimeout};
 use super::registry::{ConnectionHandle, Outbound, Registration};
 use super::tls::HandshakeSlot;
 use super::{tcp, Destination, Input, Meta, TransportKind};
-use crate::config;
 use crate::logging::REFUSED;
-use crate::metrics::engine::{ConnectionRefusal, StreamTimeout};
 
 /// The CRLF keep-alive ping of a stream flow (RFC 5626 §3.5.1).
 const KEEPALIVE_PING: &[u8] = b"\r\n\r\n";
 
 /// The WebSocket subprotocol of SIP (RFC 7118 §4, registered in §7.1).
 const SIP_SUBPROTOCOL: &str = "sip";
+
+/// SIP over WebSocket (RFC 7118): what `ws:` and `wss:` listeners accept. A `wss:` listener
+/// presents the `[tls]` certificate. Message sizes, idle timeout, send queue and per-IP
+/// connection caps are those of `[limits]`, as for TCP.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WsConfig {
+    /// Web origins whose pages may open a connection (the `Origin` header of the HTTP
+    /// Upgrade, RFC 6455 §10.2), e.g. `https://phone.example.com`; `*` allows every origin.
+    /// A request without `Origin` does not come from a browser page and is accepted. A page
+    /// from an origin not listed is refused (403): otherwise any web page a phone user opens
+    /// could use their browser, and its network address, to talk SIP to this server
+    /// (cross-site WebSocket hijacking). Default: empty (no browser page allowed).
+    pub allowed_origins: Vec<String>,
+    /// Longest the opening of a connection may take, TLS handshake (`wss:`) and HTTP Upgrade
+    /// together, in milliseconds. Default: 5000.
+    pub handshake_timeout_ms: u64,
+    /// A WebSocket Ping is sent after this many seconds without traffic from the client, so
+    /// NATs keep the flow and a dead client is noticed (its connection then closes after
+    /// `limits.tcp_idle_timeout_secs` of silence). 0: no pings. Default: 30.
+    pub ping_interval_secs: u64,
+}
+
+impl Default for WsConfig {
+    fn default() -> Self {
+        WsConfig {
+            allowed_origins: Vec::new(),
+            handshake_timeout_ms: 5000,
+            ping_interval_secs: 30,
+        }
+    }
+}
 
 /// What `ws:` and `wss:` listeners accept (`[websocket]`), shared by the event loops.
 #[derive(Clone, Debug)]
@@ -70,7 +104,7 @@ pub(crate) struct WsSettings {
 }
 
 impl WsSettings {
-    pub(crate) fn new(config: &config::WebSocket) -> WsSettings {
+    pub(crate) fn new(config: &WsConfig) -> WsSettings {
         let origins: Vec<String> = config
             .allowed_origins
             .iter()
@@ -104,7 +138,7 @@ impl WsSettings {
 
 impl Default for WsSettings {
     fn default() -> Self {
-        WsSettings::new(&config::WebSocket::default())
+        WsSettings::new(&WsConfig::default())
     }
 }
 
@@ -608,9 +642,9 @@ mod tests {
     }
 
     fn settings(origins: &[&str]) -> WsSettings {
-        WsSettings::new(&config::WebSocket {
+        WsSettings::new(&WsConfig {
             allowed_origins: origins.iter().map(|o| o.to_string()).collect(),
-            ..config::WebSocket::default()
+            ..WsConfig::default()
         })
     }
 

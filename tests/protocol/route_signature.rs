@@ -56,7 +56,7 @@ fn start(script: &str) -> (Harness, Vec<u8>) {
     config.validate().unwrap();
     let key = RefCell::new(Vec::new());
     let h = Harness::with_script_using(&config, &text, |factory, config| {
-        let server_key = moonroute::secret::server_key(config).expect("the server key");
+        let server_key = config.server_key().expect("the server key");
         let signer = RouteSigner::new(&server_key);
         *key.borrow_mut() = server_key;
         factory.with_route_signer(signer)

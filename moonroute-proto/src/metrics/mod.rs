@@ -700,6 +700,68 @@ fn format_value(value: f64) -> String {
     }
 }
 
+/// Status codes counted one by one (RFC 3261 §7.2, §21: 100 to 699).
+const FIRST_CODE: u16 = 100;
+const LAST_CODE: u16 = 699;
+
+/// One counter per status code 100..=699, rendered at scrape time for the codes seen only
+/// (600 mostly-zero series would drown the useful ones). Clones share the counts.
+#[derive(Clone, Debug)]
+pub struct StatusCounters(Arc<[Counter]>);
+
+impl Default for StatusCounters {
+    fn default() -> Self {
+        StatusCounters(
+            (FIRST_CODE..=LAST_CODE)
+                .map(|_| Counter::default())
+                .collect(),
+        )
+    }
+}
+
+impl StatusCounters {
+    /// Counts one response with this status code; codes outside 100..=699 are not counted
+    /// (the parser refuses them).
+    pub fn inc(&self, code: u16) {
+        if let Some(counter) = code
+            .checked_sub(FIRST_CODE)
+            .and_then(|index| self.0.get(usize::from(index)))
+        {
+            counter.inc();
+        }
+    }
+
+    pub fn get(&self, code: u16) -> u64 {
+        code.checked_sub(FIRST_CODE)
+            .and_then(|index| self.0.get(usize::from(index)))
+            .map_or(0, Counter::get)
+    }
+
+    /// The samples of the codes counted at least once, ascending, as `name{code="NNN"}`.
+    pub fn write(&self, out: &mut Exposition, name: &str) {
+        for (code, counter) in (FIRST_CODE..=LAST_CODE).zip(self.0.iter()) {
+            let value = counter.get();
+            if value > 0 {
+                out.sample(name, &[("code", &code.to_string())], value as f64);
+            }
+        }
+    }
+
+    /// Registers the family `name` in `registry`, rendered by [`StatusCounters::write`].
+    pub fn register(registry: &Registry, name: &str, help: &str) -> StatusCounters {
+        let counters = StatusCounters::default();
+        let rendered = counters.clone();
+        let owned = name.to_owned();
+        registry.collect(
+            name,
+            help,
+            Kind::Counter,
+            Box::new(move |out| rendered.write(out, &owned)),
+        );
+        counters
+    }
+}
+
 /// A counter family with one label, registered at start; a clash of names is a bug of the
 /// server, not of its input, so it panics.
 pub fn counter_family(
