@@ -128,8 +128,24 @@ impl CdrSink {
         })
     }
 
+    /// Records written and lost since start.
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.written.load(Ordering::Relaxed),
+            self.lost.load(Ordering::Relaxed),
+        )
+    }
+
+    fn lost(&self, cdr: &Cdr, error: &io::Error) {
+        self.lost.fetch_add(1, Ordering::Relaxed);
+        // The target the line had before the file moved out of `dialog::cdr`.
+        tracing::error!(target: "moonroute::dialog::cdr", call_id = %cdr.call_id, dir = %self.dir.display(), %error, "CDR not written");
+    }
+}
+
+impl CdrWriter for CdrSink {
     /// Appends `cdr` (a failed attempt only when configured).
-    fn write_record(&self, cdr: &Cdr) {
+    fn write(&self, cdr: &Cdr) {
         if !cdr.answered() && !self.failed_attempts {
             return;
         }
@@ -152,25 +168,6 @@ impl CdrSink {
                 }
             }
         }
-    }
-
-    /// Records written and lost since start.
-    pub fn counts(&self) -> (u64, u64) {
-        (
-            self.written.load(Ordering::Relaxed),
-            self.lost.load(Ordering::Relaxed),
-        )
-    }
-
-    fn lost(&self, cdr: &Cdr, error: &io::Error) {
-        self.lost.fetch_add(1, Ordering::Relaxed);
-        tracing::error!(call_id = %cdr.call_id, dir = %self.dir.display(), %error, "CDR not written");
-    }
-}
-
-impl CdrWriter for CdrSink {
-    fn write(&self, cdr: &Cdr) {
-        self.write_record(cdr);
     }
 }
 
